@@ -1,0 +1,109 @@
+//! `seb-agent run`: bring enforcement up (or adopt it), then serve the broker socket.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use anyhow::{Context, Result, anyhow};
+use tokio::{signal::unix::SignalKind, sync::watch};
+use tracing::info;
+
+use crate::{
+    audit::AuditStore,
+    cgroupfs::{self, CgroupNames},
+    config::Config,
+    enforcement::{BrokerSockets, LinkState, PinLayout, loader, maps, policy},
+    recorder::Recorder,
+    server::{self, Broker},
+};
+
+/// The cgroups of the config, resolved against the cgroup2 mount. A missing one is a
+/// config error: enforcing less than asked for is not an option.
+pub struct ResolvedCgroups {
+    pub mount: PathBuf,
+    pub scopes: Vec<PathBuf>,
+    pub exempt_ids: Vec<u64>,
+}
+
+pub fn resolve_cgroups(config: &Config) -> Result<ResolvedCgroups> {
+    let mount = cgroupfs::cgroup2_mount()?;
+    let mut scopes = Vec::new();
+    for (i, relative) in config.enforcement.scope.iter().enumerate() {
+        let dir = cgroupfs::resolve(&mount, relative);
+        cgroupfs::cgroup_id(&dir).with_context(|| format!("config field `enforcement.scope[{i}]`"))?;
+        scopes.push(dir);
+    }
+    let mut exempt_ids = Vec::new();
+    for (i, relative) in config.enforcement.exempt_cgroups.iter().enumerate() {
+        let dir = cgroupfs::resolve(&mount, relative);
+        exempt_ids.push(cgroupfs::cgroup_id(&dir).with_context(|| format!("config field `enforcement.exempt_cgroups[{i}]`"))?);
+    }
+    Ok(ResolvedCgroups { mount, scopes, exempt_ids })
+}
+
+/// Enforcement in place: policy written, programs attached and pinned.
+pub struct Enforced {
+    pub ebpf: aya::Ebpf,
+    pub links: Vec<LinkState>,
+    pub layout: PinLayout,
+}
+
+/// Write the policy, then attach: the programs never run against an empty policy that
+/// is about to be filled.
+pub fn enforce(config: &Config, cgroups: &ResolvedCgroups) -> Result<Enforced> {
+    let endpoints = config.endpoints()?;
+    let compiled = policy::compile(&endpoints).context("config field `enforcement.protected`")?;
+    let layout = PinLayout::new(&config.bpf.pin_path);
+    let mut ebpf = loader::load(&layout)?;
+    maps::write_policy(&mut ebpf, &compiled)?;
+    maps::write_exemptions(&mut ebpf, &cgroups.exempt_ids)?;
+    let links = loader::attach_all(&mut ebpf, &layout, &cgroups.scopes)?;
+    info!(
+        prefixes_v4 = compiled.v4.len(),
+        prefixes_v6 = compiled.v6.len(),
+        exempt = cgroups.exempt_ids.len(),
+        "policy applied"
+    );
+    Ok(Enforced { ebpf, links, layout })
+}
+
+pub async fn run(config: Config) -> Result<()> {
+    let cgroups = resolve_cgroups(&config)?;
+    let mut enforced = enforce(&config, &cgroups)?;
+    let adopted = enforced.links.iter().filter(|l| l.origin == loader::LinkOrigin::Adopted).count();
+    info!(links = enforced.links.len(), adopted, pin_path = %enforced.layout.root.display(), "kernel enforcement active");
+
+    let store = AuditStore::open(&config.audit.database)?;
+    let recorder = Recorder::new(&mut enforced.ebpf, store, CgroupNames::new(cgroups.mount.clone()))?;
+    let stop_recorder = Arc::new(AtomicBool::new(false));
+    let recorder = recorder.spawn(stop_recorder.clone());
+
+    let sockets = BrokerSockets::open(&enforced.layout)?;
+    let listener = server::bind(&config.broker.socket, config.broker.socket_group.as_deref())?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let broker = Arc::new(Broker { sockets });
+    let serving = tokio::spawn(server::serve(listener, broker, shutdown_rx));
+    info!(socket = %config.broker.socket.display(), "broker ready");
+
+    wait_for_shutdown_signal().await?;
+    info!("shutting down; kernel enforcement stays pinned");
+    let _ = shutdown_tx.send(true);
+    let _ = serving.await;
+    stop_recorder.store(true, Ordering::Release);
+    recorder.join().map_err(|_| anyhow!("the recorder thread panicked"))?;
+    Ok(())
+}
+
+async fn wait_for_shutdown_signal() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}

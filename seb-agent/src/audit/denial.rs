@@ -1,0 +1,67 @@
+//! A kernel denial as recorded for a security team.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use serde::{Deserialize, Serialize};
+use seb_common::{DenialEvent, FAMILY_V4, Hook};
+
+use crate::config::Protocol;
+
+/// Record kind of kernel denials in the audit store.
+pub const KIND: &str = "kernel_denial";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelDenial {
+    /// Wall-clock time of the denial, RFC 3339.
+    pub time: String,
+    /// Nanoseconds since the Unix epoch.
+    pub time_ns: u64,
+    /// Process and thread ids; absent when the packet left outside the task's context.
+    pub pid: Option<u32>,
+    pub tgid: Option<u32>,
+    pub uid: u32,
+    pub gid: Option<u32>,
+    pub comm: Option<String>,
+    /// Executable, read from /proc when the process is still there.
+    pub exe: Option<String>,
+    pub cgroup_id: u64,
+    /// Path relative to the cgroup2 mount, when the cgroup still exists.
+    pub cgroup_path: Option<String>,
+    pub address: String,
+    pub port: u16,
+    pub protocol: String,
+    /// The kernel hook that denied: connect4, connect6, sendmsg4, sendmsg6, egress4, egress6.
+    pub hook: String,
+    pub socket_cookie: u64,
+}
+
+impl KernelDenial {
+    /// From a ring-buffer event; `time_ns` already converted from boot time.
+    pub fn from_event(event: &DenialEvent, time_ns: u64) -> Self {
+        let address: IpAddr = if event.family == FAMILY_V4 {
+            Ipv4Addr::new(event.daddr[0], event.daddr[1], event.daddr[2], event.daddr[3]).into()
+        } else {
+            Ipv6Addr::from(event.daddr).into()
+        };
+        let has_task = event.pid_tgid != 0;
+        let comm_len = event.comm.iter().position(|&b| b == 0).unwrap_or(event.comm.len());
+        let time = humantime::format_rfc3339_nanos(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(time_ns));
+        Self {
+            time: time.to_string(),
+            time_ns,
+            pid: has_task.then_some(event.pid_tgid as u32),
+            tgid: has_task.then_some((event.pid_tgid >> 32) as u32),
+            uid: event.uid_gid as u32,
+            gid: has_task.then_some((event.uid_gid >> 32) as u32),
+            comm: (comm_len > 0).then(|| String::from_utf8_lossy(&event.comm[..comm_len]).into_owned()),
+            exe: None,
+            cgroup_id: event.cgroup_id,
+            cgroup_path: None,
+            address: address.to_string(),
+            port: event.dport,
+            protocol: Protocol::from_number(event.protocol),
+            hook: Hook::from_u8(event.hook).map_or_else(|| format!("hook-{}", event.hook), |h| h.name().into()),
+            socket_cookie: event.socket_cookie,
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! The cgroup v2 hierarchy: where it is mounted, and cgroup ids (the directory's inode
+//! number on cgroup2, as `bpf_get_current_cgroup_id` reports) to paths and back.
+
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// The cgroup2 mount point, read from /proc/mounts (never assumed: hybrid hosts mount it
+/// at /sys/fs/cgroup/unified, unified ones at /sys/fs/cgroup).
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    find_cgroup2_mount(&mounts).context("no cgroup2 filesystem is mounted (see /proc/mounts)")
+}
+
+fn find_cgroup2_mount(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_source, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount_path(target)))
+    })
+}
+
+/// /proc/mounts escapes spaces and a few other bytes as octal.
+fn unescape_mount_path(path: &str) -> String {
+    path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+}
+
+/// A cgroup directory relative to the cgroup2 mount (as written in the config).
+pub fn resolve(mount: &Path, relative: &str) -> PathBuf {
+    mount.join(relative.trim_start_matches('/'))
+}
+
+/// The cgroup id of a cgroup2 directory.
+pub fn cgroup_id(dir: &Path) -> Result<u64> {
+    let meta = fs::metadata(dir).with_context(|| format!("cgroup {} does not exist", dir.display()))?;
+    if !meta.is_dir() {
+        bail!("{} is not a cgroup directory", dir.display());
+    }
+    Ok(meta.ino())
+}
+
+/// Maps cgroup ids back to paths for denial records; rescans the tree on a miss, at
+/// most once per `RESCAN_INTERVAL`, so a burst of denials cannot turn into a walk storm.
+pub struct CgroupNames {
+    mount: PathBuf,
+    paths: HashMap<u64, String>,
+    last_scan: Option<Instant>,
+}
+
+const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+impl CgroupNames {
+    pub fn new(mount: PathBuf) -> Self {
+        Self { mount, paths: HashMap::new(), last_scan: None }
+    }
+
+    /// The path (relative to the mount, starting with `/`), if the cgroup still exists.
+    pub fn path_of(&mut self, id: u64) -> Option<String> {
+        if let Some(path) = self.paths.get(&id) {
+            return Some(path.clone());
+        }
+        if self.last_scan.is_some_and(|at| at.elapsed() < RESCAN_INTERVAL) {
+            return None;
+        }
+        self.rescan();
+        self.paths.get(&id).cloned()
+    }
+
+    fn rescan(&mut self) {
+        self.last_scan = Some(Instant::now());
+        self.paths.clear();
+        let mut pending = vec![self.mount.clone()];
+        while let Some(dir) = pending.pop() {
+            let Ok(meta) = fs::metadata(&dir) else { continue };
+            let relative = dir.strip_prefix(&self.mount).map(|p| format!("/{}", p.display())).unwrap_or_default();
+            self.paths.insert(meta.ino(), relative);
+            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    pending.push(entry.path());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_among_v1_hierarchies() {
+        let mounts = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\n\
+                      cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(find_cgroup2_mount(mounts), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(find_cgroup2_mount("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"), None);
+        assert_eq!(
+            find_cgroup2_mount("none /mnt/my\\040cg cgroup2 rw 0 0\n"),
+            Some(PathBuf::from("/mnt/my cg"))
+        );
+    }
+
+    #[test]
+    fn names_ids_of_a_directory_tree() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir_all(root.path().join("a/b")).unwrap();
+        let id = cgroup_id(&root.path().join("a/b")).unwrap();
+        let mut names = CgroupNames::new(root.path().to_path_buf());
+        assert_eq!(names.path_of(id).as_deref(), Some("/a/b"));
+        assert_eq!(names.path_of(u64::MAX), None);
+    }
+}

@@ -1,0 +1,347 @@
+//! `agent.toml`: the agent's configuration. Every field and its default is documented in
+//! the README; an error names the field and what is wrong with it, and the agent refuses
+//! to start rather than run unenforced.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub bpf: BpfConfig,
+    #[serde(default)]
+    pub enforcement: EnforcementConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
+    pub broker: BrokerConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BpfConfig {
+    /// Directory on a bpffs where programs' links and maps are pinned.
+    #[serde(default = "default_pin_path")]
+    pub pin_path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnforcementConfig {
+    /// Cgroup v2 directories (relative to the cgroup2 mount) whose whole subtree is
+    /// enforced. `"/"` is the node's entire tree.
+    #[serde(default = "default_scope")]
+    pub scope: Vec<String>,
+    /// Cgroup v2 directories (relative to the cgroup2 mount) whose processes, and their
+    /// descendants', are never denied: the kubelet, the CNI, system daemons.
+    #[serde(default)]
+    pub exempt_cgroups: Vec<String>,
+    /// Production endpoints that only the broker may reach.
+    #[serde(default)]
+    pub protected: Vec<ProtectedEndpoint>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProtectedEndpoint {
+    /// An address or CIDR, IPv4 or IPv6.
+    pub cidr: String,
+    /// A destination port; omitted means every port.
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    /// Every IP protocol, raw packets included.
+    #[default]
+    Any,
+}
+
+impl Protocol {
+    /// The IP protocol number, `ANY_PROTOCOL` for `Any`.
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
+            Self::Any => seb_common::ANY_PROTOCOL,
+        }
+    }
+
+    pub fn from_number(number: u8) -> String {
+        match number {
+            6 => "tcp".into(),
+            17 => "udp".into(),
+            1 => "icmp".into(),
+            58 => "icmpv6".into(),
+            255 => "raw".into(),
+            seb_common::ANY_PROTOCOL => "unknown".into(),
+            other => format!("ip-proto-{other}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// The SQLite audit store.
+    #[serde(default = "default_database")]
+    pub database: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// The Unix socket agents propose on.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Group that owns the socket (mode 0660); omitted keeps root's group.
+    #[serde(default)]
+    pub socket_group: Option<String>,
+}
+
+fn default_pin_path() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/seb")
+}
+fn default_scope() -> Vec<String> {
+    vec!["/".into()]
+}
+fn default_database() -> PathBuf {
+    PathBuf::from("/var/lib/seb/audit.db")
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/seb/broker.sock")
+}
+
+impl Default for BpfConfig {
+    fn default() -> Self {
+        Self { pin_path: default_pin_path() }
+    }
+}
+impl Default for EnforcementConfig {
+    fn default() -> Self {
+        Self { scope: default_scope(), exempt_cgroups: Vec::new(), protected: Vec::new() }
+    }
+}
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { database: default_database() }
+    }
+}
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self { socket: default_socket(), socket_group: None }
+    }
+}
+
+/// A configuration error: which field, and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub field: String,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "config field `{}`: {}", self.field, self.problem)
+    }
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError { field: field.into(), problem: problem.into() }
+}
+
+/// A protected endpoint after validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    pub net: IpNet,
+    pub port: Option<u16>,
+    pub protocol: Protocol,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid("<file>", format!("cannot read {}: {e}", path.display())))?;
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(toml_error)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.bpf.pin_path.is_absolute() {
+            return Err(invalid("bpf.pin_path", "must be an absolute path on a bpffs"));
+        }
+        if self.enforcement.scope.is_empty() {
+            return Err(invalid(
+                "enforcement.scope",
+                "is empty: nothing would be enforced; use [\"/\"] for the whole cgroup tree",
+            ));
+        }
+        for (i, path) in self.enforcement.scope.iter().enumerate() {
+            check_cgroup_path(&format!("enforcement.scope[{i}]"), path)?;
+        }
+        for (i, path) in self.enforcement.exempt_cgroups.iter().enumerate() {
+            check_cgroup_path(&format!("enforcement.exempt_cgroups[{i}]"), path)?;
+        }
+        self.endpoints()?;
+        if !self.audit.database.is_absolute() {
+            return Err(invalid("audit.database", "must be an absolute path"));
+        }
+        if !self.broker.socket.is_absolute() {
+            return Err(invalid("broker.socket", "must be an absolute path"));
+        }
+        Ok(())
+    }
+
+    /// The protected endpoints, parsed.
+    pub fn endpoints(&self) -> Result<Vec<Endpoint>, ConfigError> {
+        self.enforcement
+            .protected
+            .iter()
+            .enumerate()
+            .map(|(i, endpoint)| endpoint.parse(i))
+            .collect()
+    }
+}
+
+impl ProtectedEndpoint {
+    fn parse(&self, index: usize) -> Result<Endpoint, ConfigError> {
+        let field = format!("enforcement.protected[{index}].cidr");
+        let net = parse_net(&self.cidr).map_err(|problem| invalid(&field, problem))?;
+        if net.trunc() != net {
+            return Err(invalid(
+                field,
+                format!("`{}` has host bits set; did you mean `{}`?", self.cidr, net.trunc()),
+            ));
+        }
+        if self.port == Some(0) {
+            return Err(invalid(
+                format!("enforcement.protected[{index}].port"),
+                "0 is not a port; omit the field to protect every port",
+            ));
+        }
+        if self.port.is_some() && self.protocol == Protocol::Any {
+            return Err(invalid(
+                format!("enforcement.protected[{index}].protocol"),
+                "a port needs protocol \"tcp\" or \"udp\"",
+            ));
+        }
+        Ok(Endpoint { net, port: self.port, protocol: self.protocol })
+    }
+}
+
+/// An address alone means a single host (/32 or /128).
+pub fn parse_net(text: &str) -> Result<IpNet, String> {
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net);
+    }
+    match text.parse::<std::net::IpAddr>() {
+        Ok(addr) => Ok(IpNet::from(addr)),
+        Err(_) => Err(format!("`{text}` is not an IP address or CIDR")),
+    }
+}
+
+fn check_cgroup_path(field: &str, path: &str) -> Result<(), ConfigError> {
+    if !path.starts_with('/') {
+        return Err(invalid(field, format!("`{path}` must start with `/` (relative to the cgroup2 mount)")));
+    }
+    if path.split('/').any(|part| part == "..") {
+        return Err(invalid(field, format!("`{path}` must not contain `..`")));
+    }
+    Ok(())
+}
+
+/// Turn a TOML/serde error into one that names the field.
+fn toml_error(error: toml::de::Error) -> ConfigError {
+    let message = error.message().to_string();
+    // serde's messages name unknown fields and bad values; keep them, add the location.
+    let field = message
+        .split('`')
+        .nth(1)
+        .filter(|_| message.starts_with("unknown field") || message.starts_with("missing field"))
+        .unwrap_or("<toml>")
+        .to_string();
+    let location = error.span().map(|span| format!(" (at byte {})", span.start)).unwrap_or_default();
+    invalid(field, format!("{message}{location}"))
+}
+
+/// Parse `host:port` for the egress probe.
+pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| format!("`{text}` is not an address:port (IPv6 as [addr]:port)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_apply_to_an_empty_file() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.bpf.pin_path, PathBuf::from("/sys/fs/bpf/seb"));
+        assert_eq!(config.enforcement.scope, vec!["/".to_string()]);
+        assert!(config.enforcement.protected.is_empty());
+    }
+
+    #[test]
+    fn endpoints_parse_cidrs_addresses_and_ports() {
+        let config = Config::parse(
+            r#"
+            [[enforcement.protected]]
+            cidr = "10.0.0.0/8"
+            [[enforcement.protected]]
+            cidr = "2001:db8::1"
+            port = 443
+            protocol = "tcp"
+            "#,
+        )
+        .unwrap();
+        let endpoints = config.endpoints().unwrap();
+        assert_eq!(endpoints[0].net, "10.0.0.0/8".parse::<IpNet>().unwrap());
+        assert_eq!(endpoints[0].protocol, Protocol::Any);
+        assert_eq!(endpoints[1].net, "2001:db8::1/128".parse::<IpNet>().unwrap());
+        assert_eq!(endpoints[1].port, Some(443));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("[bpf]\npin_path = \"relative\"", "bpf.pin_path"),
+            ("[enforcement]\nscope = []", "enforcement.scope"),
+            ("[enforcement]\nscope = [\"kubepods\"]", "enforcement.scope[0]"),
+            ("[enforcement]\nexempt_cgroups = [\"/a/../b\"]", "enforcement.exempt_cgroups[0]"),
+            ("[[enforcement.protected]]\ncidr = \"10.0.0.300/32\"", "enforcement.protected[0].cidr"),
+            ("[[enforcement.protected]]\ncidr = \"10.0.0.1/8\"", "enforcement.protected[0].cidr"),
+            ("[[enforcement.protected]]\ncidr = \"10.0.0.1\"\nport = 0\nprotocol = \"tcp\"", "enforcement.protected[0].port"),
+            ("[[enforcement.protected]]\ncidr = \"10.0.0.1\"\nport = 443", "enforcement.protected[0].protocol"),
+            ("[enforcement]\nsope = [\"/\"]", "sope"),
+            ("[[enforcement.protected]]\nport = 443", "cidr"),
+        ];
+        for (text, field) in cases {
+            let error = Config::parse(text).expect_err(text);
+            assert_eq!(error.field, field, "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_bad_protocol_is_reported_with_its_value() {
+        let error = Config::parse("[[enforcement.protected]]\ncidr = \"10.0.0.1\"\nprotocol = \"sctp\"").unwrap_err();
+        assert!(error.to_string().contains("sctp"), "{error}");
+    }
+}

@@ -1,0 +1,55 @@
+//! `seb-agent denials`: kernel denials from the audit store, for a security team.
+
+use std::{io::Write, path::Path, time::Duration};
+
+use anyhow::Result;
+
+use crate::audit::{AuditStore, KernelDenial, denial};
+
+const PAGE: usize = 1000;
+const FOLLOW_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Print denials (JSON lines, or a table); with `follow`, keep printing new ones.
+pub fn print(database: &Path, json: bool, follow: bool) -> Result<()> {
+    let store = AuditStore::open_read_only(database)?;
+    let mut out = std::io::stdout().lock();
+    if !json {
+        writeln!(out, "{:<35} {:<9} {:>8} {:<16} {:<40} {:<6} {:<28}", "TIME", "HOOK", "PID", "COMM", "DESTINATION", "PROTO", "CGROUP")?;
+    }
+    let mut after = 0;
+    loop {
+        let records = store.records_after(denial::KIND, after, PAGE)?;
+        for record in &records {
+            let denial: KernelDenial = record.parse()?;
+            if json {
+                serde_json::to_writer(&mut out, &denial)?;
+                writeln!(out)?;
+            } else {
+                writeln!(out, "{}", table_row(&denial))?;
+            }
+            after = record.seq;
+        }
+        out.flush()?;
+        if records.len() == PAGE {
+            continue;
+        }
+        if !follow {
+            return Ok(());
+        }
+        std::thread::sleep(FOLLOW_INTERVAL);
+    }
+}
+
+fn table_row(d: &KernelDenial) -> String {
+    let destination = if d.address.contains(':') { format!("[{}]:{}", d.address, d.port) } else { format!("{}:{}", d.address, d.port) };
+    format!(
+        "{:<35} {:<9} {:>8} {:<16} {:<40} {:<6} {:<28}",
+        d.time,
+        d.hook,
+        d.tgid.map_or("-".into(), |t| t.to_string()),
+        d.comm.as_deref().unwrap_or("-"),
+        destination,
+        d.protocol,
+        d.cgroup_path.as_deref().unwrap_or("-"),
+    )
+}

@@ -1,0 +1,144 @@
+//! The broker's own connections: the only ones the kernel lets through to a protected
+//! endpoint.
+//!
+//! Before connecting, the broker registers the socket's cookie (`SO_COOKIE`, unique for
+//! the life of the boot and never reused) with its own tgid. The kernel then allows a
+//! connect to a protected endpoint only on a registered socket *and* only from the
+//! registering process. Hence:
+//! - another process, in the broker's cgroup or anywhere, has no registered socket;
+//! - a child the broker forks or execs creates unregistered sockets, and an inherited
+//!   registered one fails the tgid check (broker sockets are also close-on-exec);
+//! - a process that reuses the broker's PID after it exits has no registered socket,
+//!   since cookies are never reused.
+//! The registration is removed when the connection is dropped.
+
+use std::{
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context, Result, anyhow};
+use aya::maps::{HashMap, MapData};
+use seb_common::{BrokerSocket, map_names};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpSocket, TcpStream};
+
+use super::PinLayout;
+
+type Registry = HashMap<MapData, u64, BrokerSocket>;
+
+/// Handle on the pinned broker-socket map, shared by every connection the broker makes.
+#[derive(Clone)]
+pub struct BrokerSockets {
+    map: Arc<Mutex<Registry>>,
+    tgid: u32,
+}
+
+impl BrokerSockets {
+    /// Open the pinned registry. Entries of an earlier broker process are purged: their
+    /// sockets are gone with it, and their cookies can never come back.
+    pub fn open(layout: &PinLayout) -> Result<Self> {
+        let path = layout.map(map_names::BROKER_SOCKETS);
+        let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        let map: Registry = HashMap::try_from(aya::maps::Map::HashMap(data))?;
+        let sockets = Self { map: Arc::new(Mutex::new(map)), tgid: std::process::id() };
+        sockets.purge_other_processes()?;
+        Ok(sockets)
+    }
+
+    /// Open the registry of the agent whose pins are under `pin_path`.
+    pub fn open_at(pin_path: &Path) -> Result<Self> {
+        Self::open(&PinLayout::new(pin_path))
+    }
+
+    fn purge_other_processes(&self) -> Result<()> {
+        let mut map = self.map.lock().map_err(|_| anyhow!("broker socket registry poisoned"))?;
+        let stale: Vec<u64> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, registered)| registered.tgid != self.tgid)
+            .map(|(cookie, _)| cookie)
+            .collect();
+        for cookie in stale {
+            map.remove(&cookie)?;
+        }
+        Ok(())
+    }
+
+    /// Register a socket this process owns; the registration lasts as long as the guard.
+    pub fn register(&self, socket: BorrowedFd<'_>) -> Result<Registration> {
+        let cookie = socket_cookie(socket)?;
+        let mut map = self.map.lock().map_err(|_| anyhow!("broker socket registry poisoned"))?;
+        map.insert(cookie, BrokerSocket { tgid: self.tgid, _pad: 0 }, 0)
+            .context("registering a broker socket (is the registry full?)")?;
+        Ok(Registration { sockets: self.clone(), cookie })
+    }
+
+    /// Number of sockets registered now.
+    pub fn len(&self) -> usize {
+        self.map.lock().map(|map| map.keys().count()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Open a TCP connection as the broker.
+    pub async fn connect_tcp(&self, addr: SocketAddr) -> Result<BrokerStream> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .context("creating a socket")?;
+        socket.set_nonblocking(true)?;
+        let registration = self.register(socket.as_fd())?;
+        let socket = TcpSocket::from_std_stream(socket.into());
+        let stream = socket.connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+        Ok(BrokerStream { stream, _registration: registration })
+    }
+}
+
+/// A registered socket; dropping it removes the registration.
+pub struct Registration {
+    sockets: BrokerSockets,
+    cookie: u64,
+}
+
+impl Registration {
+    pub fn cookie(&self) -> u64 {
+        self.cookie
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.sockets.map.lock() {
+            let _ = map.remove(&self.cookie);
+        }
+    }
+}
+
+/// A TCP connection the kernel lets through to protected endpoints.
+pub struct BrokerStream {
+    pub stream: TcpStream,
+    _registration: Registration,
+}
+
+/// `SO_COOKIE`: the kernel's unique, never-reused id of a socket.
+pub fn socket_cookie(socket: BorrowedFd<'_>) -> Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, and a u64 buffer of the advertised length.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_COOKIE)");
+    }
+    Ok(cookie)
+}

@@ -1,0 +1,80 @@
+//! Writing policy into the kernel maps and reading the kernel's counters.
+//!
+//! Updates add and replace entries first and delete stale ones last, so a change never
+//! opens a window in which a still-protected endpoint is unprotected.
+
+use std::collections::HashSet;
+
+use anyhow::{Context, Result, anyhow};
+use aya::{
+    Ebpf, Pod,
+    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+};
+use seb_common::{EndpointRules, counters, map_names};
+
+use super::policy::{CompiledPolicy, TrieEntry};
+
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
+    ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} is missing from the object"))
+}
+
+pub fn write_policy(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<()> {
+    write_trie(map_mut(ebpf, map_names::PROTECTED_V4)?, &policy.v4)
+        .context("updating the IPv4 protected endpoints")?;
+    write_trie(map_mut(ebpf, map_names::PROTECTED_V6)?, &policy.v6)
+        .context("updating the IPv6 protected endpoints")?;
+    Ok(())
+}
+
+fn write_trie<const N: usize>(map: &mut Map, entries: &[TrieEntry<N>]) -> Result<()>
+where
+    [u8; N]: Pod,
+{
+    let mut trie: LpmTrie<&mut MapData, [u8; N], EndpointRules> = LpmTrie::try_from(map)?;
+    let existing: Vec<Key<[u8; N]>> = trie.keys().collect::<Result<_, _>>()?;
+    for entry in entries {
+        trie.insert(&Key::new(entry.prefix_len, entry.addr), entry.rules, 0)?;
+    }
+    let wanted: HashSet<(u32, [u8; N])> = entries.iter().map(|e| (e.prefix_len, e.addr)).collect();
+    for key in existing {
+        if !wanted.contains(&(key.prefix_len(), key.data())) {
+            trie.remove(&key)?;
+        }
+    }
+    Ok(())
+}
+
+pub fn write_exemptions(ebpf: &mut Ebpf, cgroup_ids: &[u64]) -> Result<()> {
+    let mut map: HashMap<&mut MapData, u64, u8> = HashMap::try_from(map_mut(ebpf, map_names::EXEMPT_CGROUPS)?)?;
+    let existing: Vec<u64> = map.keys().collect::<Result<_, _>>()?;
+    for id in cgroup_ids {
+        map.insert(id, 1, 0)?;
+    }
+    for id in existing.iter().filter(|id| !cgroup_ids.contains(id)) {
+        map.remove(id)?;
+    }
+    Ok(())
+}
+
+/// The kernel's per-CPU counters, summed.
+pub struct Counters {
+    array: PerCpuArray<MapData, u64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CounterValues {
+    pub denials: u64,
+    pub ring_drops: u64,
+}
+
+impl Counters {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        let map = ebpf.take_map(map_names::COUNTERS).ok_or_else(|| anyhow!("map {} is missing", map_names::COUNTERS))?;
+        Ok(Self { array: PerCpuArray::try_from(map)? })
+    }
+
+    pub fn read(&self) -> Result<CounterValues> {
+        let sum = |index| -> Result<u64> { Ok(self.array.get(&index, 0)?.iter().sum()) };
+        Ok(CounterValues { denials: sum(counters::DENIALS)?, ring_drops: sum(counters::RING_DROPS)? })
+    }
+}

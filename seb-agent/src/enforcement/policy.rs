@@ -1,0 +1,176 @@
+//! Compiling protected endpoints into LPM-trie entries.
+//!
+//! The kernel does one longest-prefix match per connect and then scans that prefix's
+//! rules. For that to be exact, every prefix carries the rules of each configured prefix
+//! that covers it: with `10.0.0.0/8 any` and `10.1.2.3/32 tcp:443`, a connect to
+//! 10.1.2.3:80 matches the /32 and must still be denied by the /8's rule.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::IpNet;
+use seb_common::{ANY_PORT, ANY_PROTOCOL, EndpointRules, MAX_RULES_PER_PREFIX, PortRule};
+
+use crate::config::Endpoint;
+
+/// One trie entry: prefix length, the network's address bytes, and its rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrieEntry<const N: usize> {
+    pub prefix_len: u32,
+    pub addr: [u8; N],
+    pub rules: EndpointRules,
+}
+
+/// The compiled policy for both address families.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CompiledPolicy {
+    pub v4: Vec<TrieEntry<4>>,
+    pub v6: Vec<TrieEntry<16>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("protected prefix {prefix} needs {count} port rules (its own and those of covering prefixes); the most one prefix can hold is {max}")]
+pub struct TooManyRules {
+    pub prefix: IpNet,
+    pub count: usize,
+    pub max: usize,
+}
+
+pub fn compile(endpoints: &[Endpoint]) -> Result<CompiledPolicy, TooManyRules> {
+    let mut own: BTreeMap<IpNet, BTreeSet<PortRule>> = BTreeMap::new();
+    for endpoint in endpoints {
+        let rule = PortRule {
+            port: endpoint.port.unwrap_or(ANY_PORT),
+            protocol: endpoint.protocol.number(),
+            _pad: 0,
+        };
+        own.entry(endpoint.net.trunc()).or_default().insert(rule);
+    }
+    let mut policy = CompiledPolicy::default();
+    for net in own.keys() {
+        let rules = inherited_rules(net, &own);
+        let rules = encode(*net, rules)?;
+        match net {
+            IpNet::V4(v4) => policy.v4.push(TrieEntry {
+                prefix_len: v4.prefix_len().into(),
+                addr: v4.network().octets(),
+                rules,
+            }),
+            IpNet::V6(v6) => policy.v6.push(TrieEntry {
+                prefix_len: v6.prefix_len().into(),
+                addr: v6.network().octets(),
+                rules,
+            }),
+        }
+    }
+    Ok(policy)
+}
+
+/// The rules of `net` and of every configured prefix that contains it: at most one
+/// map probe per shorter prefix length, so compiling 10,000 CIDRs stays fast.
+fn inherited_rules(net: &IpNet, own: &BTreeMap<IpNet, BTreeSet<PortRule>>) -> BTreeSet<PortRule> {
+    let mut rules = BTreeSet::new();
+    for len in 0..=net.prefix_len() {
+        let Ok(cover) = IpNet::new(net.addr(), len) else { continue };
+        if let Some(cover_rules) = own.get(&cover.trunc()) {
+            rules.extend(cover_rules.iter().copied());
+        }
+    }
+    rules
+}
+
+/// Pack a rule set, dropping rules another one already covers.
+fn encode(net: IpNet, rules: BTreeSet<PortRule>) -> Result<EndpointRules, TooManyRules> {
+    let covers = |wide: &PortRule, narrow: &PortRule| {
+        wide != narrow
+            && (wide.protocol == ANY_PROTOCOL || wide.protocol == narrow.protocol)
+            && (wide.port == ANY_PORT || wide.port == narrow.port)
+    };
+    let kept: Vec<PortRule> =
+        rules.iter().filter(|rule| !rules.iter().any(|other| covers(other, rule))).copied().collect();
+    if kept.len() > MAX_RULES_PER_PREFIX {
+        return Err(TooManyRules { prefix: net, count: kept.len(), max: MAX_RULES_PER_PREFIX });
+    }
+    let mut packed = EndpointRules { count: kept.len() as u32, ..Default::default() };
+    packed.rules[..kept.len()].copy_from_slice(&kept);
+    Ok(packed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Protocol;
+
+    fn endpoint(cidr: &str, port: Option<u16>, protocol: Protocol) -> Endpoint {
+        Endpoint { net: cidr.parse().unwrap(), port, protocol }
+    }
+
+    /// What the kernel does with the compiled tries: longest prefix, then the rules.
+    fn kernel_denies(policy: &CompiledPolicy, addr: [u8; 4], protocol: u8, port: u16) -> bool {
+        let best = policy
+            .v4
+            .iter()
+            .filter(|e| {
+                let net = ipnet::Ipv4Net::new(e.addr.into(), e.prefix_len as u8).unwrap();
+                net.contains(&std::net::Ipv4Addr::from(addr))
+            })
+            .max_by_key(|e| e.prefix_len);
+        best.is_some_and(|e| e.rules.matches(protocol, port))
+    }
+
+    #[test]
+    fn a_longer_prefix_keeps_the_rules_of_the_prefixes_covering_it() {
+        let policy = compile(&[
+            endpoint("10.0.0.0/8", None, Protocol::Any),
+            endpoint("10.1.2.3/32", Some(443), Protocol::Tcp),
+        ])
+        .unwrap();
+        assert!(kernel_denies(&policy, [10, 1, 2, 3], 6, 80), "the /8 rule still applies");
+        assert!(kernel_denies(&policy, [10, 9, 9, 9], 17, 53));
+        assert!(!kernel_denies(&policy, [11, 1, 2, 3], 6, 443));
+        // The /32 inherited "any", which covers its own tcp:443, so one rule remains.
+        let host = policy.v4.iter().find(|e| e.prefix_len == 32).unwrap();
+        assert_eq!(host.rules.count, 1);
+    }
+
+    #[test]
+    fn ports_and_protocols_are_exact() {
+        let policy = compile(&[
+            endpoint("192.0.2.0/24", Some(443), Protocol::Tcp),
+            endpoint("192.0.2.10/32", Some(6443), Protocol::Tcp),
+        ])
+        .unwrap();
+        assert!(kernel_denies(&policy, [192, 0, 2, 10], 6, 443));
+        assert!(kernel_denies(&policy, [192, 0, 2, 10], 6, 6443));
+        assert!(!kernel_denies(&policy, [192, 0, 2, 10], 17, 443));
+        assert!(!kernel_denies(&policy, [192, 0, 2, 11], 6, 6443));
+    }
+
+    #[test]
+    fn ipv6_prefixes_compile_to_the_v6_trie() {
+        let policy = compile(&[endpoint("2001:db8::/32", None, Protocol::Any)]).unwrap();
+        assert!(policy.v4.is_empty());
+        assert_eq!(policy.v6.len(), 1);
+        assert_eq!(policy.v6[0].prefix_len, 32);
+        assert_eq!(&policy.v6[0].addr[..4], &[0x20, 0x01, 0x0d, 0xb8]);
+    }
+
+    #[test]
+    fn too_many_rules_on_one_prefix_is_an_error_naming_it() {
+        let endpoints: Vec<_> =
+            (1..=9).map(|port| endpoint("198.51.100.7/32", Some(port), Protocol::Tcp)).collect();
+        let error = compile(&endpoints).unwrap_err();
+        assert_eq!(error.prefix.to_string(), "198.51.100.7/32");
+    }
+
+    #[test]
+    fn ten_thousand_cidrs_compile() {
+        let endpoints: Vec<_> = (0..10_000u32)
+            .map(|i| {
+                let addr = std::net::Ipv4Addr::from(0x0a00_0000 | (i << 8));
+                endpoint(&format!("{addr}/24"), Some(443), Protocol::Tcp)
+            })
+            .collect();
+        let policy = compile(&endpoints).unwrap();
+        assert_eq!(policy.v4.len(), 10_000);
+    }
+}

@@ -1,0 +1,12 @@
+//! seb node broker: the agent daemon's library.
+
+pub mod agent;
+pub mod audit;
+pub mod bpffs;
+pub mod cgroupfs;
+pub mod config;
+pub mod denials;
+pub mod enforcement;
+pub mod protocol;
+pub mod recorder;
+pub mod server;

@@ -1,0 +1,124 @@
+//! The broker socket protocol: each message is a 4-byte big-endian length followed by
+//! that many bytes of JSON. Every message carries the protocol version `v`.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::UnixStream,
+};
+
+pub const VERSION: u32 = 1;
+/// Largest message accepted, either way.
+pub const MAX_MESSAGE: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Liveness of the broker.
+    Ping,
+    /// Admin diagnostic (uid 0 only): can the broker itself reach a protected endpoint?
+    /// Opens a TCP connection as the broker and closes it without sending data.
+    ProbeEgress { addr: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Pong { version: String },
+    ProbeEgress { addr: String, connected: bool, error: Option<String> },
+    /// The request could not be served; `code` is stable, `message` is for people.
+    Error { code: ErrorCode, message: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    Malformed,
+    TooLarge,
+    UnsupportedVersion,
+    Forbidden,
+    Internal,
+}
+
+/// A message with its protocol version.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    pub v: u32,
+    #[serde(flatten)]
+    pub body: T,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection closed")]
+    Closed,
+    #[error("message of {0} bytes exceeds the limit of {MAX_MESSAGE}")]
+    TooLarge(usize),
+    #[error("truncated message: {0}")]
+    Truncated(std::io::Error),
+}
+
+pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Vec<u8>, FrameError> {
+    let mut len = [0u8; 4];
+    match reader.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(FrameError::Truncated(e)),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_MESSAGE {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).await.map_err(FrameError::Truncated)?;
+    Ok(body)
+}
+
+pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, body: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(body.len()).map_err(|_| std::io::Error::other("message too large"))?;
+    writer.write_all(&len.to_be_bytes()).await?;
+    writer.write_all(body).await?;
+    writer.flush().await
+}
+
+/// One request, one response: the client side used by the CLI.
+pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
+    let mut stream = UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("connecting to the broker at {}", socket.display()))?;
+    let body = serde_json::to_vec(&Envelope { v: VERSION, body: request })?;
+    write_frame(&mut stream, &body).await?;
+    let reply = read_frame(&mut stream).await.context("reading the broker's reply")?;
+    let envelope: Envelope<Response> = serde_json::from_slice(&reply).context("the broker's reply is not valid")?;
+    if envelope.v != VERSION {
+        bail!("the broker speaks protocol version {}, this client {VERSION}", envelope.v);
+    }
+    Ok(envelope.body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_a_stable_wire_form() {
+        let json = serde_json::to_value(Envelope { v: VERSION, body: Request::ProbeEgress { addr: "[::1]:443".into() } })
+            .unwrap();
+        assert_eq!(json, serde_json::json!({"v": 1, "type": "probe_egress", "addr": "[::1]:443"}));
+        let ping: Envelope<Request> = serde_json::from_str(r#"{"v":1,"type":"ping"}"#).unwrap();
+        assert_eq!(ping.body, Request::Ping);
+    }
+
+    #[tokio::test]
+    async fn oversized_and_truncated_frames_are_errors() {
+        let mut oversized: &[u8] = &(MAX_MESSAGE as u32 + 1).to_be_bytes();
+        assert!(matches!(read_frame(&mut oversized).await, Err(FrameError::TooLarge(_))));
+        let mut truncated: &[u8] = &[0, 0, 0, 10, b'{'];
+        assert!(matches!(read_frame(&mut truncated).await, Err(FrameError::Truncated(_))));
+        let mut empty: &[u8] = &[];
+        assert!(matches!(read_frame(&mut empty).await, Err(FrameError::Closed)));
+    }
+}

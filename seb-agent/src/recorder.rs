@@ -1,0 +1,167 @@
+//! Draining kernel denials from the ring buffer into the audit store.
+//!
+//! Runs on its own thread: poll the ring buffer, drain it, enrich each event (executable,
+//! cgroup path, wall-clock time) and write the batch in one durable transaction. Events
+//! the kernel could not queue (ring full) are counted in a kernel counter; every increase
+//! becomes a `ring_loss` record, so a loss is never silent.
+
+use std::{
+    os::fd::AsRawFd,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow};
+use aya::{
+    Ebpf,
+    maps::{MapData, RingBuf},
+};
+use seb_common::{DenialEvent, map_names};
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use crate::{
+    audit::{AuditStore, KernelDenial, denial},
+    cgroupfs::CgroupNames,
+    enforcement::maps::Counters,
+};
+
+/// Record kind for lost denials.
+pub const RING_LOSS_KIND: &str = "ring_loss";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RingLoss {
+    /// Denials lost since the previous `ring_loss` record.
+    pub lost: u64,
+    /// The kernel's running total of lost denials.
+    pub lost_total: u64,
+}
+
+pub struct Recorder {
+    ring: RingBuf<MapData>,
+    counters: Counters,
+    store: AuditStore,
+    names: CgroupNames,
+    recorded_losses: u64,
+}
+
+const POLL_TIMEOUT_MS: i32 = 200;
+const LOSS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Recorder {
+    pub fn new(ebpf: &mut Ebpf, store: AuditStore, names: CgroupNames) -> Result<Self> {
+        let ring = ebpf.take_map(map_names::DENIALS).ok_or_else(|| anyhow!("map {} is missing", map_names::DENIALS))?;
+        let ring = RingBuf::try_from(ring)?;
+        let counters = Counters::take(ebpf)?;
+        let recorded_losses = match store.last(RING_LOSS_KIND)? {
+            Some(record) => record.parse::<RingLoss>()?.lost_total,
+            None => 0,
+        };
+        Ok(Self { ring, counters, store, names, recorded_losses })
+    }
+
+    /// Run until `stop` is set; drains once more before returning.
+    pub fn spawn(mut self, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+        std::thread::Builder::new()
+            .name("seb-recorder".into())
+            .spawn(move || {
+                let mut last_loss_check = Instant::now() - LOSS_CHECK_INTERVAL;
+                loop {
+                    let stopping = stop.load(Ordering::Acquire);
+                    if let Err(e) = self.drain() {
+                        error!(error = %format!("{e:#}"), "recording kernel denials failed");
+                    }
+                    if last_loss_check.elapsed() >= LOSS_CHECK_INTERVAL || stopping {
+                        last_loss_check = Instant::now();
+                        if let Err(e) = self.record_losses() {
+                            error!(error = %format!("{e:#}"), "recording ring-buffer losses failed");
+                        }
+                    }
+                    if stopping {
+                        return;
+                    }
+                    self.wait_readable();
+                }
+            })
+            .expect("spawning the recorder thread")
+    }
+
+    fn wait_readable(&self) {
+        let mut fd = libc::pollfd { fd: self.ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut fd, 1, POLL_TIMEOUT_MS) };
+    }
+
+    /// Record everything queued; returns how many denials were written.
+    pub fn drain(&mut self) -> Result<usize> {
+        let mut events = Vec::new();
+        while let Some(item) = self.ring.next() {
+            if item.len() < size_of::<DenialEvent>() {
+                warn!(len = item.len(), "ignoring a short ring-buffer record");
+                continue;
+            }
+            // SAFETY: the kernel wrote a DenialEvent; read unaligned from its bytes.
+            events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<DenialEvent>()) });
+        }
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let clock = BootClock::now();
+        let records: Vec<(i64, KernelDenial)> = events
+            .iter()
+            .map(|event| {
+                let time_ns = clock.wall_ns(event.boot_ns);
+                let mut denial = KernelDenial::from_event(event, time_ns);
+                if let Some(tgid) = denial.tgid {
+                    denial.exe = std::fs::read_link(format!("/proc/{tgid}/exe"))
+                        .ok()
+                        .map(|p| p.to_string_lossy().into_owned());
+                }
+                denial.cgroup_path = self.names.path_of(denial.cgroup_id);
+                (time_ns as i64, denial)
+            })
+            .collect();
+        self.store.append_all(denial::KIND, &records).context("writing kernel denials")?;
+        for (_, denial) in &records {
+            info!(hook = %denial.hook, address = %denial.address, port = denial.port, tgid = ?denial.tgid, comm = ?denial.comm, "kernel denied egress");
+        }
+        Ok(records.len())
+    }
+
+    fn record_losses(&mut self) -> Result<()> {
+        let total = self.counters.read()?.ring_drops;
+        if total > self.recorded_losses {
+            let loss = RingLoss { lost: total - self.recorded_losses, lost_total: total };
+            warn!(lost = loss.lost, "kernel denials were lost to a full ring buffer");
+            self.store.append(RING_LOSS_KIND, BootClock::now().wall_now_ns() as i64, &loss)?;
+            self.recorded_losses = total;
+        }
+        Ok(())
+    }
+}
+
+/// Converts `bpf_ktime_get_boot_ns` stamps to wall-clock time.
+struct BootClock {
+    boot_ns: u64,
+    wall_ns: u64,
+}
+
+impl BootClock {
+    fn now() -> Self {
+        let boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).expect("CLOCK_BOOTTIME");
+        let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Self { boot_ns: boot.tv_sec() as u64 * 1_000_000_000 + boot.tv_nsec() as u64, wall_ns: wall.as_nanos() as u64 }
+    }
+
+    fn wall_ns(&self, boot_ns: u64) -> u64 {
+        self.wall_ns.saturating_sub(self.boot_ns.saturating_sub(boot_ns))
+    }
+
+    fn wall_now_ns(&self) -> u64 {
+        self.wall_ns
+    }
+}

@@ -1,0 +1,130 @@
+//! The broker's Unix socket: agents' requests come in here.
+
+use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc};
+
+use anyhow::{Context, Result};
+use tokio::{
+    net::{UnixListener, UnixStream},
+    sync::watch,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::parse_socket_addr,
+    enforcement::BrokerSockets,
+    protocol::{Envelope, ErrorCode, FrameError, Request, Response, VERSION, read_frame, write_frame},
+};
+
+/// What request handlers need.
+pub struct Broker {
+    pub sockets: BrokerSockets,
+}
+
+/// Bind the socket: mode 0660, owned by `group` when given.
+pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => debug!(path = %path.display(), "removed a stale broker socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale {}", path.display())),
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    if let Some(group) = group {
+        let gid = nix::unistd::Group::from_name(group)?
+            .with_context(|| format!("config field `broker.socket_group`: no group named `{group}`"))?
+            .gid;
+        nix::unistd::chown(path, None, Some(gid))?;
+    }
+    Ok(listener)
+}
+
+/// Serve until `shutdown` flips.
+pub async fn serve(listener: UnixListener, broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let broker = broker.clone();
+                    tokio::spawn(async move { handle_connection(stream, broker).await });
+                }
+                Err(e) => warn!(error = %e, "accepting a broker connection failed"),
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Serve one connection; a bad message gets an error reply and closes this connection only.
+async fn handle_connection(mut stream: UnixStream, broker: Arc<Broker>) {
+    let Ok(peer) = stream.peer_cred() else {
+        warn!("a broker connection without peer credentials was dropped");
+        return;
+    };
+    loop {
+        let frame = match read_frame(&mut stream).await {
+            Ok(frame) => frame,
+            Err(FrameError::Closed) => return,
+            Err(e @ FrameError::TooLarge(_)) => {
+                let _ = reply(&mut stream, error(ErrorCode::TooLarge, e.to_string())).await;
+                return;
+            }
+            Err(e) => {
+                debug!(error = %e, "dropping a connection with a truncated message");
+                return;
+            }
+        };
+        let response = match parse_request(&frame) {
+            Ok(request) => handle(request, peer.uid(), &broker).await,
+            Err(response) => {
+                let _ = reply(&mut stream, response).await;
+                return;
+            }
+        };
+        if reply(&mut stream, response).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn parse_request(frame: &[u8]) -> Result<Request, Response> {
+    let value: serde_json::Value = serde_json::from_slice(frame)
+        .map_err(|e| error(ErrorCode::Malformed, format!("the message is not JSON: {e}")))?;
+    match value.get("v").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(VERSION) => {}
+        Some(v) => return Err(error(ErrorCode::UnsupportedVersion, format!("protocol version {v} is not supported; this broker speaks {VERSION}"))),
+        None => return Err(error(ErrorCode::Malformed, "the message has no protocol version field `v`")),
+    }
+    let envelope: Envelope<Request> =
+        serde_json::from_value(value).map_err(|e| error(ErrorCode::Malformed, format!("invalid request: {e}")))?;
+    Ok(envelope.body)
+}
+
+async fn handle(request: Request, uid: u32, broker: &Broker) -> Response {
+    match request {
+        Request::Ping => Response::Pong { version: env!("CARGO_PKG_VERSION").into() },
+        Request::ProbeEgress { addr } => {
+            if uid != 0 {
+                return error(ErrorCode::Forbidden, "probe_egress is for the node's administrator (uid 0)");
+            }
+            let target = match parse_socket_addr(&addr) {
+                Ok(target) => target,
+                Err(problem) => return error(ErrorCode::Malformed, problem),
+            };
+            let result = broker.sockets.connect_tcp(target).await;
+            info!(%addr, connected = result.is_ok(), "broker egress probe");
+            Response::ProbeEgress { addr, connected: result.is_ok(), error: result.err().map(|e| format!("{e:#}")) }
+        }
+    }
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Error { code, message: message.into() }
+}
+
+async fn reply(stream: &mut UnixStream, response: Response) -> std::io::Result<()> {
+    let body = serde_json::to_vec(&Envelope { v: VERSION, body: response }).map_err(std::io::Error::other)?;
+    write_frame(stream, &body).await
+}

@@ -1,0 +1,247 @@
+//! Types shared by seb's eBPF programs (kernel side) and `seb-agent` (user side).
+//!
+//! Every type here is `#[repr(C)]` with explicit padding, so both sides agree on the
+//! layout byte for byte. Changing a layout changes the pinned maps' value sizes: the
+//! agent then refuses to adopt the old pins and says so.
+#![no_std]
+
+/// Names of the maps in the eBPF object; the agent opens them by these names and pins
+/// them under `<pin_path>/maps/<NAME>`.
+pub mod map_names {
+    pub const PROTECTED_V4: &str = "SEB_PROTECTED_V4";
+    pub const PROTECTED_V6: &str = "SEB_PROTECTED_V6";
+    pub const BROKER_SOCKETS: &str = "SEB_BROKER_SOCKETS";
+    pub const EXEMPT_CGROUPS: &str = "SEB_EXEMPT_CGROUPS";
+    pub const DENIALS: &str = "SEB_DENIALS";
+    pub const COUNTERS: &str = "SEB_COUNTERS";
+}
+
+/// Capacity of the protected-endpoint tries (per address family).
+pub const MAX_PROTECTED_PREFIXES: u32 = 65_536;
+/// How many broker sockets may be registered at once.
+pub const MAX_BROKER_SOCKETS: u32 = 16_384;
+/// How many cgroups may be exempted.
+pub const MAX_EXEMPT_CGROUPS: u32 = 4_096;
+/// Cgroup ancestry levels checked for an exemption (a cgroup v2 tree is rarely deeper).
+pub const MAX_CGROUP_DEPTH: u32 = 16;
+/// Size of the denial ring buffer in bytes (a power of two, a multiple of the page size).
+pub const DENIAL_RING_BYTES: u32 = 1 << 20;
+
+/// Port/protocol rules attached to one prefix in a protected-endpoint trie.
+pub const MAX_RULES_PER_PREFIX: usize = 8;
+
+/// `PortRule::port` value meaning "every port".
+pub const ANY_PORT: u16 = 0;
+/// `PortRule::protocol` value meaning "every IP protocol" (TCP, UDP, raw, ...).
+pub const ANY_PROTOCOL: u8 = 0;
+
+/// One (protocol, port) pair protected for a prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortRule {
+    /// Destination port in host byte order; `ANY_PORT` matches all.
+    pub port: u16,
+    /// IP protocol number (6 TCP, 17 UDP, ...); `ANY_PROTOCOL` matches all.
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+impl PortRule {
+    #[inline(always)]
+    pub fn matches(&self, protocol: u8, port: u16) -> bool {
+        (self.protocol == ANY_PROTOCOL || self.protocol == protocol)
+            && (self.port == ANY_PORT || self.port == port)
+    }
+}
+
+/// Value of a protected-endpoint trie entry.
+///
+/// The agent stores in each prefix the rules of every configured prefix that covers it,
+/// so the longest-prefix match alone decides: one trie lookup per packet or connect.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointRules {
+    pub count: u32,
+    pub rules: [PortRule; MAX_RULES_PER_PREFIX],
+}
+
+impl EndpointRules {
+    #[inline(always)]
+    pub fn matches(&self, protocol: u8, port: u16) -> bool {
+        let mut i = 0;
+        while i < MAX_RULES_PER_PREFIX {
+            if i as u32 >= self.count {
+                return false;
+            }
+            if self.rules[i].matches(protocol, port) {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
+    /// Whether any rule applies to `protocol` when the packet does not show a port (a
+    /// later fragment, a transport without ports). `ANY_PROTOCOL` here means the
+    /// protocol itself is unknown (IPv6 extension headers): every rule applies.
+    #[inline(always)]
+    pub fn matches_protocol(&self, protocol: u8) -> bool {
+        let mut i = 0;
+        while i < MAX_RULES_PER_PREFIX {
+            if i as u32 >= self.count {
+                return false;
+            }
+            let rule = self.rules[i];
+            if protocol == ANY_PROTOCOL || rule.protocol == ANY_PROTOCOL || rule.protocol == protocol {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+/// Value of a broker-socket registration, keyed by the socket cookie (`SO_COOKIE`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BrokerSocket {
+    /// Thread-group id of the broker that registered the socket. Connects through the
+    /// socket from any other process (a forked child holding an inherited fd) are denied.
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+/// Which hook denied a connection.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Connect4 = 1,
+    Connect6 = 2,
+    Sendmsg4 = 3,
+    Sendmsg6 = 4,
+    Egress4 = 5,
+    Egress6 = 6,
+}
+
+impl Hook {
+    pub fn from_u8(value: u8) -> Option<Self> {
+        Some(match value {
+            1 => Self::Connect4,
+            2 => Self::Connect6,
+            3 => Self::Sendmsg4,
+            4 => Self::Sendmsg6,
+            5 => Self::Egress4,
+            6 => Self::Egress6,
+            _ => return None,
+        })
+    }
+
+    /// The name used in audit records and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Connect4 => "connect4",
+            Self::Connect6 => "connect6",
+            Self::Sendmsg4 => "sendmsg4",
+            Self::Sendmsg6 => "sendmsg6",
+            Self::Egress4 => "egress4",
+            Self::Egress6 => "egress6",
+        }
+    }
+}
+
+/// `DenialEvent::family` for IPv4 destinations (including IPv4-mapped IPv6 ones).
+pub const FAMILY_V4: u8 = 4;
+/// `DenialEvent::family` for IPv6 destinations.
+pub const FAMILY_V6: u8 = 6;
+
+/// One kernel denial, sent to the agent through the `SEB_DENIALS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DenialEvent {
+    /// `bpf_ktime_get_boot_ns()` at the denial.
+    pub boot_ns: u64,
+    /// `bpf_get_current_pid_tgid()`; zero where the hook has no task context (egress).
+    pub pid_tgid: u64,
+    /// `bpf_get_current_uid_gid()`, or the socket owner's uid on egress.
+    pub uid_gid: u64,
+    /// Cgroup v2 id of the caller (connect/sendmsg) or of the socket (egress).
+    pub cgroup_id: u64,
+    pub socket_cookie: u64,
+    /// Destination address, network byte order; IPv4 in the first four bytes.
+    pub daddr: [u8; 16],
+    /// Destination port in host byte order (0 where the protocol has none).
+    pub dport: u16,
+    pub family: u8,
+    pub protocol: u8,
+    /// A `Hook` value.
+    pub hook: u8,
+    pub _pad: [u8; 3],
+    pub comm: [u8; 16],
+}
+
+/// Indexes into the per-CPU `SEB_COUNTERS` array.
+pub mod counters {
+    /// Denials that could not be written to the ring buffer (it was full).
+    pub const RING_DROPS: u32 = 0;
+    /// All denials, delivered or not.
+    pub const DENIALS: u32 = 1;
+    pub const LEN: u32 = 2;
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: plain-old-data, `#[repr(C)]` with explicit padding and no pointers.
+    unsafe impl aya::Pod for PortRule {}
+    unsafe impl aya::Pod for EndpointRules {}
+    unsafe impl aya::Pod for BrokerSocket {}
+    unsafe impl aya::Pod for DenialEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_match_protocol_and_port_wildcards() {
+        let mut rules = EndpointRules::default();
+        rules.rules[0] = PortRule { port: 443, protocol: 6, _pad: 0 };
+        rules.rules[1] = PortRule { port: ANY_PORT, protocol: 17, _pad: 0 };
+        rules.count = 2;
+        assert!(rules.matches(6, 443));
+        assert!(!rules.matches(6, 80));
+        assert!(rules.matches(17, 53));
+        assert!(!rules.matches(1, 0));
+        rules.rules[2] = PortRule { port: ANY_PORT, protocol: ANY_PROTOCOL, _pad: 0 };
+        rules.count = 3;
+        assert!(rules.matches(1, 0));
+    }
+
+    #[test]
+    fn unknown_port_matches_every_rule_of_the_protocol() {
+        let mut rules = EndpointRules::default();
+        rules.rules[0] = PortRule { port: 443, protocol: 6, _pad: 0 };
+        rules.count = 1;
+        assert!(rules.matches_protocol(6));
+        assert!(!rules.matches_protocol(17));
+        assert!(rules.matches_protocol(ANY_PROTOCOL), "an unknown protocol fails closed");
+    }
+
+    #[test]
+    fn rules_beyond_count_are_ignored() {
+        let mut rules = EndpointRules::default();
+        rules.rules[1] = PortRule { port: 443, protocol: 6, _pad: 0 };
+        rules.count = 1; // rules[0] is the zero rule "any/any"...
+        assert!(rules.matches(6, 443));
+        rules.count = 0; // ...and with count 0 nothing matches
+        assert!(!rules.matches(6, 443));
+    }
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<PortRule>(), 4);
+        assert_eq!(core::mem::size_of::<EndpointRules>(), 4 + 4 * MAX_RULES_PER_PREFIX);
+        assert_eq!(core::mem::size_of::<BrokerSocket>(), 8);
+        assert_eq!(core::mem::size_of::<DenialEvent>(), 8 * 5 + 16 + 2 + 1 + 1 + 1 + 3 + 16);
+    }
+}

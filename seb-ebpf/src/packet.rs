@@ -1,0 +1,92 @@
+//! Reading the destination of an egress packet for the backstop hook.
+
+use aya_ebpf::{
+    bindings::{__sk_buff, bpf_sock},
+    helpers::generated::bpf_sk_fullsock,
+    programs::SkBuffContext,
+};
+
+use seb_common::ANY_PROTOCOL;
+
+use crate::decision::Destination;
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMPV6: u8 = 58;
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+
+/// TCP stream and UDP datagram sockets pass connect4/6 or sendmsg4/6 before any packet
+/// leaves, so the backstop leaves them (and their replies to accepted peers) alone.
+#[inline(always)]
+pub fn socket_has_address_hooks(skb: *mut __sk_buff) -> bool {
+    // SAFETY: `sk` is a readable context field in cgroup_skb programs; the pointer is
+    // only dereferenced after bpf_sk_fullsock vouches for it.
+    unsafe {
+        let sk: *mut bpf_sock = (*skb).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return false;
+        }
+        let full = bpf_sk_fullsock(sk);
+        if full.is_null() {
+            return false;
+        }
+        let (kind, protocol) = ((*full).type_, (*full).protocol);
+        (kind == SOCK_STREAM && protocol == IPPROTO_TCP as u32)
+            || (kind == SOCK_DGRAM && protocol == IPPROTO_UDP as u32)
+    }
+}
+
+/// The destination from the IP header; the skb starts at the network header here.
+#[inline(always)]
+pub fn destination(ctx: &SkBuffContext) -> Option<Destination> {
+    let first: u8 = ctx.load(0).ok()?;
+    match first >> 4 {
+        4 => destination_v4(ctx, first),
+        6 => destination_v6(ctx),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn destination_v4(ctx: &SkBuffContext, first: u8) -> Option<Destination> {
+    let header_len = ((first & 0x0f) as usize) * 4;
+    let frag: u16 = u16::from_be(ctx.load(6).ok()?);
+    let protocol: u8 = ctx.load(9).ok()?;
+    let addr: [u8; 4] = ctx.load(16).ok()?;
+    let mut dest = Destination::v4(addr, 0, protocol);
+    // Only the first fragment carries ports; a later one matches any port (fail closed).
+    let first_fragment = frag & 0x1fff == 0;
+    dest.port = if first_fragment { transport_port(ctx, protocol, header_len) } else { None };
+    Some(dest)
+}
+
+#[inline(always)]
+fn destination_v6(ctx: &SkBuffContext) -> Option<Destination> {
+    let next_header: u8 = ctx.load(6).ok()?;
+    let addr: [u8; 16] = ctx.load(24).ok()?;
+    let words = [
+        u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]),
+        u32::from_ne_bytes([addr[4], addr[5], addr[6], addr[7]]),
+        u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]]),
+        u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]),
+    ];
+    // Extension headers are not walked: the transport is then unknown and every rule
+    // of the prefix applies (fail closed).
+    let protocol = match next_header {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMPV6 => next_header,
+        _ => ANY_PROTOCOL,
+    };
+    let mut dest = Destination::from_v6_words(words, 0, protocol);
+    dest.port = transport_port(ctx, protocol, 40);
+    Some(dest)
+}
+
+#[inline(always)]
+fn transport_port(ctx: &SkBuffContext, protocol: u8, offset: usize) -> Option<u16> {
+    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+        return None;
+    }
+    let port: u16 = ctx.load(offset + 2).ok()?;
+    Some(u16::from_be(port))
+}
