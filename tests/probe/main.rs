@@ -1,1 +1,278 @@
-fn main() {}
+//! `seb-probe`: the workload side of seb's integration tests.
+//!
+//! It places itself in a cgroup and a network namespace, then tries one way of reaching
+//! an address and prints what the kernel answered, as JSON, with the socket's cookie so
+//! the test can find the matching denial record.
+
+use std::{
+    fs::File,
+    io::Write,
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use nix::sched::{CloneFlags, setns};
+use seb_agent::enforcement::{BrokerSockets, broker_sockets::socket_cookie};
+use serde_json::{Value, json};
+use socket2::{Domain, Protocol, Socket, Type};
+
+#[derive(Parser)]
+struct Cli {
+    /// Cgroup v2 directory to join first.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Network namespace (as made by `ip netns add`) to join first.
+    #[arg(long)]
+    netns: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Try one egress path once and print the outcome.
+    Try { method: Method, addr: SocketAddr },
+    /// Try repeatedly for a while; print how many attempts got each outcome.
+    Repeat { method: Method, addr: SocketAddr, #[arg(long)] millis: u64 },
+    /// Run a command inside the cgroup and namespace.
+    Exec { command: Vec<String> },
+    /// Act as the broker does (register a socket in the pinned registry), then check
+    /// that a forked child, an inherited socket and an exec'd child are all refused.
+    AsBroker { #[arg(long)] pin_path: PathBuf, addr: SocketAddr },
+    /// Create a process with exactly this PID (clone3 set_tid) and try from it.
+    ReusePid { pid: i32, method: Method, addr: SocketAddr },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Method {
+    /// TCP connect(); IPv4, IPv6 or IPv4-mapped by the address given.
+    Tcp,
+    /// connect() on a UDP socket.
+    UdpConnect,
+    /// sendto() on an unconnected UDP socket.
+    UdpSendto,
+    /// An IORING_OP_CONNECT through io_uring.
+    IoUring,
+    /// sendto() on a raw IP socket (a UDP header built by hand).
+    Raw,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = enter(&cli).and_then(|()| run(cli.command)) {
+        eprintln!("seb-probe: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn enter(cli: &Cli) -> Result<()> {
+    if let Some(cgroup) = &cli.cgroup {
+        // Writing 0 moves the writing process.
+        std::fs::write(cgroup.join("cgroup.procs"), "0").with_context(|| format!("joining {}", cgroup.display()))?;
+    }
+    if let Some(netns) = &cli.netns {
+        let ns = File::open(format!("/run/netns/{netns}")).with_context(|| format!("opening netns {netns}"))?;
+        setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).context("setns")?;
+    }
+    Ok(())
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Try { method, addr } => print(attempt(method, addr)),
+        Command::Repeat { method, addr, millis } => {
+            let (mut denied, mut other) = (0u64, Vec::new());
+            let until = Instant::now() + Duration::from_millis(millis);
+            while Instant::now() < until {
+                let outcome = attempt(method, addr);
+                if outcome["result"] == "EPERM" { denied += 1 } else { other.push(outcome) }
+            }
+            print(json!({"denied": denied, "other": other}))
+        }
+        Command::Exec { command } => {
+            let error = exec(&command);
+            bail!("exec {command:?}: {error}")
+        }
+        Command::AsBroker { pin_path, addr } => as_broker(&pin_path, addr),
+        Command::ReusePid { pid, method, addr } => reuse_pid(pid, method, addr),
+    }
+}
+
+fn print(value: Value) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, &value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// One attempt: `{"result": "ok" | "EPERM" | "<other error>", "cookie": n, "pid": n}`.
+fn attempt(method: Method, addr: SocketAddr) -> Value {
+    let socket = match new_socket(method, addr) {
+        Ok(socket) => socket,
+        Err(e) => return json!({"result": format!("socket: {e}")}),
+    };
+    let cookie = socket_cookie(socket.as_fd()).ok();
+    let result = match method {
+        Method::Tcp | Method::UdpConnect => socket.connect_timeout(&addr.into(), Duration::from_secs(2)),
+        Method::UdpSendto => socket.send_to(b"seb", &addr.into()).map(drop),
+        Method::IoUring => io_uring_connect(&socket, addr),
+        Method::Raw => socket.send_to(&udp_datagram(addr.port()), &SocketAddr::new(addr.ip(), 0).into()).map(drop),
+    };
+    json!({"result": outcome(result), "cookie": cookie, "pid": std::process::id()})
+}
+
+fn new_socket(method: Method, addr: SocketAddr) -> std::io::Result<Socket> {
+    let domain = Domain::for_address(addr);
+    match method {
+        Method::Tcp | Method::IoUring => Socket::new(domain, Type::STREAM, Some(Protocol::TCP)),
+        Method::UdpConnect | Method::UdpSendto => Socket::new(domain, Type::DGRAM, Some(Protocol::UDP)),
+        Method::Raw => Socket::new(domain, Type::RAW, Some(Protocol::UDP)),
+    }
+}
+
+fn outcome(result: std::io::Result<()>) -> String {
+    match result {
+        Ok(()) => "ok".into(),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => "EPERM".into(),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// An 8-byte UDP header and a payload; the kernel fills in the IP header.
+fn udp_datagram(port: u16) -> Vec<u8> {
+    let payload = b"seb";
+    let len = (8 + payload.len()) as u16;
+    let mut datagram = Vec::new();
+    datagram.extend_from_slice(&40000u16.to_be_bytes());
+    datagram.extend_from_slice(&port.to_be_bytes());
+    datagram.extend_from_slice(&len.to_be_bytes());
+    datagram.extend_from_slice(&0u16.to_be_bytes());
+    datagram.extend_from_slice(payload);
+    datagram
+}
+
+fn io_uring_connect(socket: &Socket, addr: SocketAddr) -> std::io::Result<()> {
+    let mut ring = io_uring::IoUring::new(4)?;
+    let sockaddr = socket2::SockAddr::from(addr);
+    let entry = io_uring::opcode::Connect::new(io_uring::types::Fd(socket.as_raw_fd()), sockaddr.as_ptr().cast(), sockaddr.len())
+        .build()
+        .user_data(1);
+    // SAFETY: the sockaddr outlives the submission, which completes before we return.
+    unsafe { ring.submission().push(&entry).map_err(std::io::Error::other)? };
+    ring.submit_and_wait(1)?;
+    let completion = ring.completion().next().ok_or_else(|| std::io::Error::other("no completion"))?;
+    match completion.result() {
+        result if result >= 0 => Ok(()),
+        errno => Err(std::io::Error::from_raw_os_error(-errno)),
+    }
+}
+
+fn exec(command: &[String]) -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let Some((program, args)) = command.split_first() else {
+        return std::io::Error::other("no command");
+    };
+    std::process::Command::new(program).args(args).exec()
+}
+
+/// The broker's own path, then each way a process near the broker might borrow it.
+fn as_broker(pin_path: &std::path::Path, addr: SocketAddr) -> Result<()> {
+    let sockets = BrokerSockets::open_at(pin_path)?;
+    let tcp = || Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP));
+
+    let own = tcp()?;
+    let _own_registration = sockets.register(own.as_fd())?;
+    let registered_connect = outcome(own.connect_timeout(&addr.into(), Duration::from_secs(2)));
+
+    // Registered but not yet connected: a child that inherits it must still be refused.
+    let inherited = tcp()?;
+    let _inherited_registration = sockets.register(inherited.as_fd())?;
+
+    let forked_new_socket = in_child(|| Ok(attempt(Method::Tcp, addr)["result"].clone()))?;
+    let forked_inherited_socket =
+        in_child(|| Ok(json!(outcome(inherited.connect_timeout(&addr.into(), Duration::from_secs(2))))))?;
+    let exe = std::env::current_exe()?;
+    let exec_output = std::process::Command::new(exe).args(["try", "tcp", &addr.to_string()]).output()?;
+    let exec_child: Value = serde_json::from_slice(&exec_output.stdout).context("exec'd probe output")?;
+
+    print(json!({
+        "pid": std::process::id(),
+        "registered_connect": registered_connect,
+        "forked_child_new_socket": forked_new_socket,
+        "forked_child_inherited_socket": forked_inherited_socket,
+        "exec_child": exec_child["result"],
+    }))
+}
+
+/// Run `f` in a forked child and return what it reported through a pipe.
+fn in_child(f: impl FnOnce() -> Result<Value>) -> Result<Value> {
+    let (read, write) = nix::unistd::pipe()?;
+    // SAFETY: the child only runs `f`, writes to the pipe and exits.
+    match unsafe { nix::unistd::fork()? } {
+        nix::unistd::ForkResult::Child => {
+            drop(read);
+            let value = f().unwrap_or_else(|e| json!(format!("child error: {e:#}")));
+            let mut out = File::from(write);
+            let _ = out.write_all(value.to_string().as_bytes());
+            // SAFETY: leave without running the parent's destructors twice.
+            unsafe { libc::_exit(0) };
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(write);
+            let text = std::io::read_to_string(File::from(read))?;
+            nix::sys::wait::waitpid(child, None)?;
+            Ok(serde_json::from_str(&text).with_context(|| format!("child said {text:?}"))?)
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// clone3 with `set_tid`: the child gets exactly `pid` (it must be free), as a process
+/// that reuses a dead broker's PID would.
+fn reuse_pid(pid: i32, method: Method, addr: SocketAddr) -> Result<()> {
+    let (read, write) = nix::unistd::pipe()?;
+    let tids = [pid];
+    let args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: tids.as_ptr() as u64,
+        set_tid_size: 1,
+        ..Default::default()
+    };
+    // SAFETY: fork-like clone3 (no CLONE_VM); the child writes to the pipe and exits.
+    let ret = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, size_of::<CloneArgs>()) };
+    if ret < 0 {
+        bail!("clone3 with set_tid={pid}: {}", std::io::Error::last_os_error());
+    }
+    if ret == 0 {
+        drop(read);
+        let mut value = attempt(method, addr);
+        value["pid"] = json!(std::process::id());
+        let mut out = File::from(write);
+        let _ = out.write_all(value.to_string().as_bytes());
+        // SAFETY: as in `in_child`.
+        unsafe { libc::_exit(0) };
+    }
+    drop(write);
+    let text = std::io::read_to_string(File::from(read))?;
+    nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(ret as i32), None)?;
+    print(serde_json::from_str(&text).with_context(|| format!("child said {text:?}"))?)
+}

@@ -1,0 +1,183 @@
+//! Kernel enforcement, end to end: real programs attached to a test cgroup, real
+//! connects from processes in it, answers straight from the kernel.
+
+use std::{path::Path, process::Command, thread, time::Duration};
+
+mod harness;
+
+use harness::{Sandbox, parse_json_output, probe_exe, wait_gone};
+use serde_json::Value;
+
+/// Protected: 127.0.0.2 on every port and protocol, and [::1]:8443 over TCP.
+/// Not protected: 127.0.0.3, and [::1]:9443.
+const POLICY: &str = r#"
+[[enforcement.protected]]
+cidr = "127.0.0.2/32"
+
+[[enforcement.protected]]
+cidr = "::1"
+port = 8443
+protocol = "tcp"
+"#;
+
+fn sandbox(label: &str) -> Sandbox {
+    let mut sandbox = Sandbox::new(label).expect("creating the sandbox");
+    sandbox.write_config(POLICY).unwrap();
+    sandbox.listen("[::]:8443".parse().unwrap()).unwrap();
+    sandbox.listen("[::]:9443".parse().unwrap()).unwrap();
+    sandbox
+}
+
+fn cookie(outcome: &Value) -> u64 {
+    outcome["cookie"].as_u64().unwrap_or_else(|| panic!("no socket cookie in {outcome}"))
+}
+
+#[test]
+fn the_kernel_denies_every_egress_path_to_a_protected_endpoint() {
+    let mut sandbox = sandbox("paths");
+    sandbox.start_agent().unwrap();
+
+    // (method, address, the hook that must deny it)
+    let denied = [
+        ("tcp", "127.0.0.2:8443", "connect4"),
+        ("tcp", "[::1]:8443", "connect6"),
+        ("tcp", "[::ffff:127.0.0.2]:8443", "connect6"),
+        ("udp-connect", "127.0.0.2:8443", "connect4"),
+        ("udp-sendto", "127.0.0.2:8443", "sendmsg4"),
+        ("io-uring", "127.0.0.2:8443", "connect4"),
+        ("raw", "127.0.0.2:8443", "egress4"),
+    ];
+    for (method, addr, hook) in denied {
+        let outcome = sandbox.attempt("workload", method, addr).unwrap();
+        assert_eq!(outcome["result"], "EPERM", "{method} to {addr} from a workload: {outcome}");
+        let denial = sandbox.wait_for_denial(cookie(&outcome)).unwrap();
+        assert_eq!(denial["hook"], hook, "{method} to {addr}: {denial}");
+        let expected_address = addr.rsplit_once(':').unwrap().0.trim_matches(['[', ']']).trim_start_matches("::ffff:");
+        assert_eq!(denial["address"], expected_address, "{denial}");
+        assert_eq!(denial["cgroup_path"], format!("{}/workload", sandbox.cgroup_relative), "{denial}");
+        if method != "raw" {
+            // Raw packets are judged on egress, where there is no task context.
+            assert_eq!(denial["port"], 8443, "{denial}");
+            assert_eq!(denial["tgid"], outcome["pid"], "{denial}");
+            assert_eq!(denial["comm"], "seb-probe", "{denial}");
+            assert!(denial["exe"].as_str().is_some_and(|exe| exe.ends_with("seb-probe")), "{denial}");
+        }
+    }
+
+    // The broker itself, in the same enforced scope, gets through.
+    let probe = sandbox.agent_cli(&["probe-egress", "127.0.0.2:8443"]).unwrap();
+    let probe = parse_json_output(&probe, "probe-egress").unwrap();
+    assert_eq!(probe["connected"], true, "the broker's own connection: {probe}");
+
+    // Unprotected destinations are untouched.
+    for (method, addr) in [
+        ("tcp", "127.0.0.3:8443"),
+        ("tcp", "[::1]:9443"),
+        ("udp-connect", "127.0.0.3:8443"),
+        ("udp-sendto", "127.0.0.3:8443"),
+        ("io-uring", "127.0.0.3:8443"),
+        ("raw", "127.0.0.3:8443"),
+        ("udp-sendto", "[::1]:8443"), // [::1]:8443 is protected for TCP only
+    ] {
+        let outcome = sandbox.attempt("workload", method, addr).unwrap();
+        assert_eq!(outcome["result"], "ok", "{method} to unprotected {addr}: {outcome}");
+    }
+
+    // A cgroup exempted by config (a kubelet, say) keeps working.
+    let outcome = sandbox.attempt("exempt", "tcp", "127.0.0.2:8443").unwrap();
+    assert_eq!(outcome["result"], "ok", "exempt cgroup: {outcome}");
+}
+
+#[test]
+fn only_the_running_broker_passes_not_its_neighbours_children_or_successors() {
+    let mut sandbox = sandbox("identity");
+    sandbox.start_agent().unwrap();
+    let addr = "127.0.0.2:8443";
+
+    // Another process in the broker's own cgroup.
+    let neighbour = sandbox.attempt("broker", "tcp", addr).unwrap();
+    assert_eq!(neighbour["result"], "EPERM", "a process in the broker's cgroup: {neighbour}");
+
+    // A process registered exactly as the broker registers its sockets, and its children.
+    let pin_path = sandbox.pin_path.to_string_lossy().into_owned();
+    let report = sandbox.probe("broker", &["as-broker", "--pin-path", &pin_path, addr]).unwrap();
+    assert_eq!(report["registered_connect"], "ok", "{report}");
+    assert_eq!(report["forked_child_new_socket"], "EPERM", "{report}");
+    assert_eq!(report["forked_child_inherited_socket"], "EPERM", "{report}");
+    assert_eq!(report["exec_child"], "EPERM", "{report}");
+
+    // A process that takes over that broker's PID after it exited.
+    let old_pid = report["pid"].as_i64().unwrap();
+    wait_gone(Path::new(&format!("/proc/{old_pid}")));
+    let successor = sandbox.probe("broker", &["reuse-pid", &old_pid.to_string(), "tcp", addr]).unwrap();
+    assert_eq!(successor["pid"], old_pid, "clone3 set_tid must reproduce the PID: {successor}");
+    assert_eq!(successor["result"], "EPERM", "a process reusing the broker's PID: {successor}");
+}
+
+#[test]
+fn enforcement_outlives_the_agent_and_a_restart_readopts_it_without_a_gap() {
+    let mut sandbox = sandbox("restart");
+    sandbox.start_agent().unwrap();
+    let links = sandbox.pinned_links().unwrap();
+    assert_eq!(links.len(), 5, "{links:?}");
+
+    sandbox.kill_agent().unwrap();
+    let while_down = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
+    assert_eq!(while_down["result"], "EPERM", "with the agent killed: {while_down}");
+
+    // Connect in a loop for the whole restart: every attempt must be denied.
+    let hammer = thread::spawn({
+        let (cgroup, netns) = (sandbox.cgroup.join("workload"), sandbox.netns.clone());
+        move || {
+            let output = Command::new(probe_exe())
+                .arg("--cgroup")
+                .arg(cgroup)
+                .args(["--netns", &netns, "repeat", "tcp", "127.0.0.2:8443", "--millis", "1500"])
+                .output()
+                .unwrap();
+            parse_json_output(&output, "seb-probe repeat").unwrap()
+        }
+    });
+    thread::sleep(Duration::from_millis(200));
+    let logs = sandbox.start_agent().unwrap();
+    let hammered = hammer.join().unwrap();
+    assert!(hammered["denied"].as_u64().unwrap() > 0, "{hammered}");
+    assert_eq!(hammered["other"], serde_json::json!([]), "attempts not denied during the restart: {hammered}");
+
+    let active = logs
+        .iter()
+        .find(|line| line["fields"]["message"] == "kernel enforcement active")
+        .unwrap_or_else(|| panic!("no 'kernel enforcement active' log: {logs:?}"));
+    assert_eq!(active["fields"]["adopted"], 5, "all links re-adopted: {active}");
+    assert_eq!(sandbox.pinned_links().unwrap(), links, "the same links stay pinned");
+
+    // The denial made while the agent was dead waited in the pinned ring buffer.
+    let denial = sandbox.wait_for_denial(cookie(&while_down)).unwrap();
+    assert_eq!(denial["hook"], "connect4");
+
+    // And the restarted broker gets through again.
+    let probe = sandbox.agent_cli(&["probe-egress", "127.0.0.2:8443"]).unwrap();
+    assert_eq!(parse_json_output(&probe, "probe-egress").unwrap()["connected"], true);
+}
+
+#[test]
+fn a_bad_config_names_the_field_and_nothing_is_attached() {
+    let sandbox = Sandbox::new("config").unwrap();
+    let own = &sandbox.cgroup_relative;
+    // Every case names the sandbox's own cgroup as scope: never the machine's root.
+    let cases = [
+        (format!("[enforcement]\nscope = [\"{own}\"]\n[[enforcement.protected]]\ncidr = \"10.0.0.256\"\n"), "enforcement.protected[0].cidr"),
+        (format!("[enforcement]\nscope = [\"{own}\", \"{own}/no-such-cgroup\"]\n"), "enforcement.scope[1]"),
+        (format!("[enforcement]\nscope = [\"{own}\"]\nexempt_cgroups = [\"{own}/no-such-cgroup\"]\n"), "enforcement.exempt_cgroups[0]"),
+        (format!("[enforcement]\nscope = [\"{own}\"]\nexempt = []\n"), "exempt"),
+    ];
+    for (text, field) in cases {
+        let config = format!("[bpf]\npin_path = \"{}\"\n{text}", sandbox.pin_path.display());
+        std::fs::write(&sandbox.config, config).unwrap();
+        let output = sandbox.agent_cli(&["run"]).unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{text}: {stderr}");
+        assert!(stderr.contains(&format!("`{field}`")), "the error should name `{field}`: {stderr}");
+        assert!(!sandbox.pin_path.join("links").exists(), "nothing may be attached after a config error");
+    }
+}

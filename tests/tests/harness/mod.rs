@@ -1,0 +1,287 @@
+//! Harness for seb's privileged integration tests.
+#![allow(dead_code)] // each test file uses its own part of it
+//!
+//! A [`Sandbox`] is one isolated world: its own cgroup v2 subtree (never the machine's
+//! root cgroup), its own network namespace (loopback only), its own bpffs pin directory,
+//! audit database and broker socket. Everything is removed on drop.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener, UdpSocket},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Once,
+        atomic::{AtomicU32, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+
+/// Where the test binaries are (target/<profile>/).
+fn bin_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_seb-probe")).parent().expect("bin dir").to_path_buf()
+}
+
+pub fn probe_exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_seb-probe"))
+}
+
+/// The agent binary, built on first use with the same profile as the tests.
+pub fn agent_exe() -> PathBuf {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "-p", "seb-agent", "--bin", "seb-agent"]);
+        if bin_dir().ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("running cargo build -p seb-agent");
+        assert!(status.success(), "building seb-agent failed");
+    });
+    bin_dir().join("seb-agent")
+}
+
+/// These tests load eBPF programs and create cgroups and namespaces: they need root.
+/// They fail (never skip) without it, so a green run always means they ran.
+pub fn require_root() {
+    assert!(nix::unistd::geteuid().is_root(), "seb's integration tests must run as root (they attach eBPF programs)");
+}
+
+pub struct Sandbox {
+    pub name: String,
+    pub cgroup: PathBuf,
+    /// The cgroup path relative to the cgroup2 mount, as the config names it.
+    pub cgroup_relative: String,
+    pub netns: String,
+    pub dir: PathBuf,
+    pub pin_path: PathBuf,
+    pub config: PathBuf,
+    pub database: PathBuf,
+    pub socket: PathBuf,
+    agent: Option<Child>,
+    listeners: Vec<Listener>,
+}
+
+enum Listener {
+    Tcp(#[allow(dead_code)] TcpListener),
+    Udp(#[allow(dead_code)] UdpSocket),
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl Sandbox {
+    /// A fresh sandbox with cgroups `<root>/{broker,workload,exempt}` and a network
+    /// namespace with loopback up.
+    pub fn new(label: &str) -> Result<Self> {
+        require_root();
+        let name = format!("seb-it-{label}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let mount = seb_agent::cgroupfs::cgroup2_mount()?;
+        let cgroup = mount.join(&name);
+        for child in ["", "broker", "workload", "exempt"] {
+            fs::create_dir_all(cgroup.join(child)).with_context(|| format!("creating cgroup {name}/{child}"))?;
+        }
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        run(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]))?;
+        let dir = std::env::temp_dir().join(&name);
+        fs::create_dir_all(&dir)?;
+        Ok(Self {
+            cgroup_relative: format!("/{name}"),
+            pin_path: PathBuf::from("/sys/fs/bpf").join(&name),
+            config: dir.join("agent.toml"),
+            database: dir.join("audit.db"),
+            socket: dir.join("broker.sock"),
+            netns: name.clone(),
+            name,
+            cgroup,
+            dir,
+            agent: None,
+            listeners: Vec::new(),
+        })
+    }
+
+    /// Write the agent config: enforce the sandbox cgroup, exempt `<root>/exempt`.
+    pub fn write_config(&self, protected: &str) -> Result<()> {
+        let text = format!(
+            "[bpf]\npin_path = \"{}\"\n\n[enforcement]\nscope = [\"{}\"]\nexempt_cgroups = [\"{}/exempt\"]\n\n{protected}\n\
+             [audit]\ndatabase = \"{}\"\n\n[broker]\nsocket = \"{}\"\n",
+            self.pin_path.display(),
+            self.cgroup_relative,
+            self.cgroup_relative,
+            self.database.display(),
+            self.socket.display(),
+        );
+        fs::write(&self.config, text)?;
+        Ok(())
+    }
+
+    /// Listen on `addr` (TCP and UDP) inside the namespace. An IPv6 wildcard accepts
+    /// IPv4 (and IPv4-mapped) connections too.
+    pub fn listen(&mut self, addr: SocketAddr) -> Result<()> {
+        let netns = self.netns.clone();
+        let (tcp, udp) = thread::spawn(move || -> Result<(TcpListener, UdpSocket)> {
+            let ns = fs::File::open(format!("/run/netns/{netns}"))?;
+            // setns(CLONE_NEWNET) moves only this thread; its sockets stay in the namespace.
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+            Ok((TcpListener::bind(addr)?, UdpSocket::bind(addr)?))
+        })
+        .join()
+        .expect("listener thread")?;
+        self.listeners.push(Listener::Tcp(tcp));
+        self.listeners.push(Listener::Udp(udp));
+        Ok(())
+    }
+
+    /// Start `seb-agent run` inside `<root>/broker` and the namespace; wait until it answers.
+    pub fn start_agent(&mut self) -> Result<Vec<Value>> {
+        ensure!(self.agent.is_none(), "agent already running");
+        let broker_cgroup = self.cgroup.join("broker");
+        let mut child = Command::new(probe_exe())
+            .arg("--cgroup")
+            .arg(&broker_cgroup)
+            .args(["--netns", &self.netns, "exec", "--"])
+            .arg(agent_exe())
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("SEB_LOG_FORMAT", "json")
+            .stderr(Stdio::piped())
+            .spawn()?;
+        // Collect the agent's JSON log lines until it reports readiness.
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut logs = Vec::new();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                let lines: Vec<String> = rx.try_iter().collect();
+                bail!("the agent exited with {status} before it was ready:\n{}", lines.join("\n"));
+            }
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => {
+                    let value: Value = serde_json::from_str(&line).unwrap_or(Value::String(line));
+                    let ready = value["fields"]["message"] == "broker ready";
+                    logs.push(value);
+                    if ready {
+                        break;
+                    }
+                }
+                Err(_) if Instant::now() > deadline => bail!("the agent was not ready within 20 s: {logs:?}"),
+                Err(_) => {}
+            }
+        }
+        self.agent = Some(child);
+        Ok(logs)
+    }
+
+    /// SIGKILL the agent: no chance to clean anything up.
+    pub fn kill_agent(&mut self) -> Result<()> {
+        if let Some(mut child) = self.agent.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// The agent's pid (it exec'd in place of the probe that placed it).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
+    /// Run the probe in `<root>/<cgroup>` and the namespace.
+    pub fn probe(&self, cgroup: &str, args: &[&str]) -> Result<Value> {
+        let output = Command::new(probe_exe())
+            .arg("--cgroup")
+            .arg(self.cgroup.join(cgroup))
+            .args(["--netns", &self.netns])
+            .args(args)
+            .output()?;
+        parse_json_output(&output, "seb-probe")
+    }
+
+    /// Try one egress method from a workload process.
+    pub fn attempt(&self, cgroup: &str, method: &str, addr: &str) -> Result<Value> {
+        self.probe(cgroup, &["try", method, addr])
+    }
+
+    /// Run `seb-agent <args> --config <sandbox config>`.
+    pub fn agent_cli(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new(agent_exe()).args(args).arg("--config").arg(&self.config).output()?)
+    }
+
+    /// Kernel denials recorded so far, from `seb-agent denials --json`.
+    pub fn denials(&self) -> Result<Vec<Value>> {
+        let output = self.agent_cli(&["denials", "--json"])?;
+        ensure!(output.status.success(), "seb-agent denials failed: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout)?
+            .lines()
+            .map(|line| serde_json::from_str(line).context("a denial line is not JSON"))
+            .collect()
+    }
+
+    /// Wait until a denial for this socket cookie is recorded.
+    pub fn wait_for_denial(&self, cookie: u64) -> Result<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(found) = self.denials()?.into_iter().find(|d| d["socket_cookie"] == cookie) {
+                return Ok(found);
+            }
+            ensure!(Instant::now() < deadline, "no denial recorded for socket cookie {cookie}");
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Names of the pinned links.
+    pub fn pinned_links(&self) -> Result<Vec<String>> {
+        let mut names: Vec<String> = fs::read_dir(self.pin_path.join("links"))?
+            .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_>>()?;
+        names.sort();
+        Ok(names)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = self.kill_agent();
+        self.listeners.clear();
+        let _ = seb_agent::enforcement::loader::unload(&seb_agent::enforcement::PinLayout::new(&self.pin_path));
+        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+        for child in ["broker", "workload", "exempt", ""] {
+            let _ = fs::remove_dir(self.cgroup.join(child));
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn parse_json_output(output: &Output, what: &str) -> Result<Value> {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.trim()).with_context(|| {
+        format!("{what} printed {stdout:?} (stderr: {})", String::from_utf8_lossy(&output.stderr))
+    })
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let output = command.output().with_context(|| format!("running {command:?}"))?;
+    ensure!(output.status.success(), "{command:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(())
+}
+
+/// Wait until `path` no longer exists (a reaped process's /proc entry).
+pub fn wait_gone(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while path.exists() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+}
