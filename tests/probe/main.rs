@@ -35,7 +35,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Try one egress path once and print the outcome.
-    Try { method: Method, addr: SocketAddr },
+    Try {
+        method: Method,
+        addr: SocketAddr,
+        /// Stay alive this long afterwards, so the agent can still read /proc/<pid>/exe.
+        #[arg(long, default_value_t = 0)]
+        linger_ms: u64,
+    },
     /// Try repeatedly for a while; print how many attempts got each outcome.
     Repeat { method: Method, addr: SocketAddr, #[arg(long)] millis: u64 },
     /// Run a command inside the cgroup and namespace.
@@ -45,6 +51,21 @@ enum Command {
     AsBroker { #[arg(long)] pin_path: PathBuf, addr: SocketAddr },
     /// Create a process with exactly this PID (clone3 set_tid) and try from it.
     ReusePid { pid: i32, method: Method, addr: SocketAddr },
+    /// Time `connect()` on one UDP socket, repeated; prints nanoseconds per call.
+    BenchUdpConnect {
+        addr: SocketAddr,
+        #[arg(long)]
+        iterations: u32,
+        /// Register the socket as the broker does (pins of that agent).
+        #[arg(long)]
+        register: Option<PathBuf>,
+    },
+    /// Time a full TCP connect (and reset) to a listener this probe runs at `addr`.
+    BenchTcpConnect {
+        addr: SocketAddr,
+        #[arg(long)]
+        iterations: u32,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -83,7 +104,11 @@ fn enter(cli: &Cli) -> Result<()> {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Try { method, addr } => print(attempt(method, addr)),
+        Command::Try { method, addr, linger_ms } => {
+            print(attempt(method, addr))?;
+            std::thread::sleep(Duration::from_millis(linger_ms));
+            Ok(())
+        }
         Command::Repeat { method, addr, millis } => {
             let (mut denied, mut other) = (0u64, Vec::new());
             let until = Instant::now() + Duration::from_millis(millis);
@@ -99,6 +124,8 @@ fn run(command: Command) -> Result<()> {
         }
         Command::AsBroker { pin_path, addr } => as_broker(&pin_path, addr),
         Command::ReusePid { pid, method, addr } => reuse_pid(pid, method, addr),
+        Command::BenchUdpConnect { addr, iterations, register } => bench_udp_connect(addr, iterations, register),
+        Command::BenchTcpConnect { addr, iterations } => bench_tcp_connect(addr, iterations),
     }
 }
 
@@ -275,4 +302,42 @@ fn reuse_pid(pid: i32, method: Method, addr: SocketAddr) -> Result<()> {
     let text = std::io::read_to_string(File::from(read))?;
     nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(ret as i32), None)?;
     print(serde_json::from_str(&text).with_context(|| format!("child said {text:?}"))?)
+}
+
+fn bench_udp_connect(addr: SocketAddr, iterations: u32, register: Option<PathBuf>) -> Result<()> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let sockets = register.map(|pin| BrokerSockets::open_at(&pin)).transpose()?;
+    let _registration = sockets.as_ref().map(|s| s.register(socket.as_fd())).transpose()?;
+    let target = socket2::SockAddr::from(addr);
+    socket.connect(&target).context("first connect")?; // warm up: autobind, route cache
+    let start = Instant::now();
+    for _ in 0..iterations {
+        socket.connect(&target)?;
+    }
+    let ns = start.elapsed().as_nanos() as f64 / f64::from(iterations);
+    print(json!({"ns_per_op": ns}))
+}
+
+fn bench_tcp_connect(addr: SocketAddr, iterations: u32) -> Result<()> {
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+    let target = socket2::SockAddr::from(addr);
+    // Connect, accept and close in one thread: on loopback the handshake completes inside
+    // connect(), so no accept queue can fill up and no SYN is ever retransmitted.
+    let connect_once = || -> Result<()> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        // Reset on close: no TIME_WAIT, so ephemeral ports never run out.
+        socket.set_linger(Some(Duration::ZERO))?;
+        socket.connect(&target)?;
+        drop(listener.accept()?);
+        Ok(())
+    };
+    for _ in 0..100 {
+        connect_once()?;
+    }
+    let start = Instant::now();
+    for _ in 0..iterations {
+        connect_once()?;
+    }
+    let ns = start.elapsed().as_nanos() as f64 / f64::from(iterations);
+    print(json!({"ns_per_op": ns}))
 }

@@ -1,12 +1,33 @@
 //! Kernel enforcement, end to end: real programs attached to a test cgroup, real
 //! connects from processes in it, answers straight from the kernel.
 
-use std::{path::Path, process::Command, thread, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Once,
+    thread,
+    time::Duration,
+};
 
-mod harness;
-
-use harness::{Sandbox, parse_json_output, probe_exe, wait_gone};
+use seb_sandbox::{Sandbox, Tools, parse_json_output, wait_gone};
 use serde_json::Value;
+
+/// The probe from this test build, and the agent built with the same profile.
+fn tools() -> Tools {
+    static BUILD: Once = Once::new();
+    let probe = PathBuf::from(env!("CARGO_BIN_EXE_seb-probe"));
+    let dir = probe.parent().expect("target dir").to_path_buf();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "-p", "seb-agent", "--bin", "seb-agent"]);
+        if dir.ends_with("release") {
+            build.arg("--release");
+        }
+        assert!(build.status().expect("running cargo").success(), "building seb-agent failed");
+    });
+    Tools::in_dir(&dir)
+}
 
 /// Protected: 127.0.0.2 on every port and protocol, and [::1]:8443 over TCP.
 /// Not protected: 127.0.0.3, and [::1]:9443.
@@ -21,7 +42,7 @@ protocol = "tcp"
 "#;
 
 fn sandbox(label: &str) -> Sandbox {
-    let mut sandbox = Sandbox::new(label).expect("creating the sandbox");
+    let mut sandbox = Sandbox::new(label, tools()).expect("creating the sandbox");
     sandbox.write_config(POLICY).unwrap();
     sandbox.listen("[::]:8443".parse().unwrap()).unwrap();
     sandbox.listen("[::]:9443".parse().unwrap()).unwrap();
@@ -48,7 +69,8 @@ fn the_kernel_denies_every_egress_path_to_a_protected_endpoint() {
         ("raw", "127.0.0.2:8443", "egress4"),
     ];
     for (method, addr, hook) in denied {
-        let outcome = sandbox.attempt("workload", method, addr).unwrap();
+        // Lingering keeps /proc/<pid>/exe readable until the agent has recorded the denial.
+        let outcome = sandbox.probe("workload", &["try", method, addr, "--linger-ms", "500"]).unwrap();
         assert_eq!(outcome["result"], "EPERM", "{method} to {addr} from a workload: {outcome}");
         let denial = sandbox.wait_for_denial(cookie(&outcome)).unwrap();
         assert_eq!(denial["hook"], hook, "{method} to {addr}: {denial}");
@@ -127,9 +149,9 @@ fn enforcement_outlives_the_agent_and_a_restart_readopts_it_without_a_gap() {
 
     // Connect in a loop for the whole restart: every attempt must be denied.
     let hammer = thread::spawn({
-        let (cgroup, netns) = (sandbox.cgroup.join("workload"), sandbox.netns.clone());
+        let (cgroup, netns, probe) = (sandbox.cgroup.join("workload"), sandbox.netns.clone(), sandbox.tools.probe.clone());
         move || {
-            let output = Command::new(probe_exe())
+            let output = Command::new(probe)
                 .arg("--cgroup")
                 .arg(cgroup)
                 .args(["--netns", &netns, "repeat", "tcp", "127.0.0.2:8443", "--millis", "1500"])
@@ -162,7 +184,7 @@ fn enforcement_outlives_the_agent_and_a_restart_readopts_it_without_a_gap() {
 
 #[test]
 fn a_bad_config_names_the_field_and_nothing_is_attached() {
-    let sandbox = Sandbox::new("config").unwrap();
+    let sandbox = Sandbox::new("config", tools()).unwrap();
     let own = &sandbox.cgroup_relative;
     // Every case names the sandbox's own cgroup as scope: never the machine's root.
     let cases = [

@@ -1,1 +1,107 @@
-fn main() {}
+//! `cargo xtask`: build, test, bench and demo for seb.
+
+mod bench_connect;
+mod ebpf;
+mod toolchain;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the eBPF object (installing its toolchain if needed) and the agent.
+    Build {
+        /// Fail if the committed eBPF object differs from a fresh build (CI).
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run every test, the privileged integration tests included (as root).
+    Test,
+    /// Run a benchmark; prints JSON.
+    Bench { which: Bench },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Bench {
+    /// Added latency of connect() with the programs attached.
+    Connect,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Build { check } => build(check),
+        Task::Test => test(),
+        Task::Bench { which: Bench::Connect } => bench_connect::run(),
+    };
+    if let Err(error) = result {
+        eprintln!("xtask: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+fn build(check: bool) -> Result<()> {
+    ebpf::build(if check { ebpf::Mode::Check } else { ebpf::Mode::Update })?;
+    run(Command::new("cargo").current_dir(workspace_root()).args(["build", "--release", "-p", "seb-agent"]))
+}
+
+fn test() -> Result<()> {
+    require_root()?;
+    toolchain::ensure_packages(&[("ip", "iproute2")])?;
+    // In CI the committed object must be what the sources build; locally it is refreshed.
+    ebpf::build(if in_ci() { ebpf::Mode::Check } else { ebpf::Mode::Update })?;
+    run(Command::new("cargo").current_dir(workspace_root()).args(["test", "--workspace"]))
+}
+
+fn require_root() -> Result<()> {
+    ensure!(
+        nix_is_root(),
+        "this task attaches eBPF programs and creates cgroups and network namespaces: run it as root"
+    );
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| status.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// Run a command, inheriting stdio; fail with its name if it fails.
+pub fn run(command: &mut Command) -> Result<()> {
+    let status = command.status().with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Run a command and return its stdout.
+pub fn output_of(command: &mut Command) -> Result<String> {
+    let output = command.output().with_context(|| format!("starting {command:?}"))?;
+    if !output.status.success() {
+        bail!("{command:?} failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(String::from_utf8(output.stdout)?)
+}

@@ -1,5 +1,4 @@
-//! Harness for seb's privileged integration tests.
-#![allow(dead_code)] // each test file uses its own part of it
+//! Sandboxes for seb's privileged integration tests and benchmarks.
 //!
 //! A [`Sandbox`] is one isolated world: its own cgroup v2 subtree (never the machine's
 //! root cgroup), its own network namespace (loopback only), its own bpffs pin directory,
@@ -12,10 +11,7 @@ use std::{
     os::fd::AsFd,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::{
-        Once,
-        atomic::{AtomicU32, Ordering},
-    },
+    sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -23,38 +19,31 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
-/// Where the test binaries are (target/<profile>/).
-fn bin_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_seb-probe")).parent().expect("bin dir").to_path_buf()
+/// The binaries a sandbox runs.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    /// `seb-probe`: places itself in a cgroup and namespace, then acts.
+    pub probe: PathBuf,
+    /// `seb-agent`.
+    pub agent: PathBuf,
 }
 
-pub fn probe_exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_seb-probe"))
+impl Tools {
+    /// Both binaries from one target directory (`target/<profile>`).
+    pub fn in_dir(dir: &Path) -> Self {
+        Self { probe: dir.join("seb-probe"), agent: dir.join("seb-agent") }
+    }
 }
 
-/// The agent binary, built on first use with the same profile as the tests.
-pub fn agent_exe() -> PathBuf {
-    static BUILD: Once = Once::new();
-    BUILD.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "--quiet", "-p", "seb-agent", "--bin", "seb-agent"]);
-        if bin_dir().ends_with("release") {
-            build.arg("--release");
-        }
-        let status = build.status().expect("running cargo build -p seb-agent");
-        assert!(status.success(), "building seb-agent failed");
-    });
-    bin_dir().join("seb-agent")
-}
-
-/// These tests load eBPF programs and create cgroups and namespaces: they need root.
-/// They fail (never skip) without it, so a green run always means they ran.
-pub fn require_root() {
-    assert!(nix::unistd::geteuid().is_root(), "seb's integration tests must run as root (they attach eBPF programs)");
+/// Sandboxes load eBPF programs and create cgroups and namespaces: they need root.
+/// Tests fail (never skip) without it, so a green run always means they ran.
+pub fn require_root() -> Result<()> {
+    ensure!(nix::unistd::geteuid().is_root(), "seb's sandboxes must run as root (they attach eBPF programs)");
+    Ok(())
 }
 
 pub struct Sandbox {
+    pub tools: Tools,
     pub name: String,
     pub cgroup: PathBuf,
     /// The cgroup path relative to the cgroup2 mount, as the config names it.
@@ -79,8 +68,8 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 impl Sandbox {
     /// A fresh sandbox with cgroups `<root>/{broker,workload,exempt}` and a network
     /// namespace with loopback up.
-    pub fn new(label: &str) -> Result<Self> {
-        require_root();
+    pub fn new(label: &str, tools: Tools) -> Result<Self> {
+        require_root()?;
         let name = format!("seb-it-{label}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         let mount = seb_agent::cgroupfs::cgroup2_mount()?;
         let cgroup = mount.join(&name);
@@ -92,6 +81,7 @@ impl Sandbox {
         let dir = std::env::temp_dir().join(&name);
         fs::create_dir_all(&dir)?;
         Ok(Self {
+            tools,
             cgroup_relative: format!("/{name}"),
             pin_path: PathBuf::from("/sys/fs/bpf").join(&name),
             config: dir.join("agent.toml"),
@@ -142,11 +132,11 @@ impl Sandbox {
     pub fn start_agent(&mut self) -> Result<Vec<Value>> {
         ensure!(self.agent.is_none(), "agent already running");
         let broker_cgroup = self.cgroup.join("broker");
-        let mut child = Command::new(probe_exe())
+        let mut child = Command::new(&self.tools.probe)
             .arg("--cgroup")
             .arg(&broker_cgroup)
             .args(["--netns", &self.netns, "exec", "--"])
-            .arg(agent_exe())
+            .arg(&self.tools.agent)
             .arg("run")
             .arg("--config")
             .arg(&self.config)
@@ -201,7 +191,7 @@ impl Sandbox {
 
     /// Run the probe in `<root>/<cgroup>` and the namespace.
     pub fn probe(&self, cgroup: &str, args: &[&str]) -> Result<Value> {
-        let output = Command::new(probe_exe())
+        let output = Command::new(&self.tools.probe)
             .arg("--cgroup")
             .arg(self.cgroup.join(cgroup))
             .args(["--netns", &self.netns])
@@ -217,7 +207,7 @@ impl Sandbox {
 
     /// Run `seb-agent <args> --config <sandbox config>`.
     pub fn agent_cli(&self, args: &[&str]) -> Result<Output> {
-        Ok(Command::new(agent_exe()).args(args).arg("--config").arg(&self.config).output()?)
+        Ok(Command::new(&self.tools.agent).args(args).arg("--config").arg(&self.config).output()?)
     }
 
     /// Kernel denials recorded so far, from `seb-agent denials --json`.

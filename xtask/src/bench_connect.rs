@@ -1,0 +1,155 @@
+//! `cargo xtask bench connect`: what the kernel programs add to `connect()`.
+//!
+//! One run, rounds interleaved so drift of the machine hits every configuration alike:
+//! - UDP `connect()` on one socket, repeated: no packet is sent, so this isolates the
+//!   cgroup hook. Baseline (no programs), protected-miss, broker-allowed.
+//! - A full TCP connect (handshake, then reset) on loopback: baseline, our programs
+//!   (miss), and the same policy as an nftables rule set with an interval set (the
+//!   packet-filter alternative; it runs on packets, so UDP connect() never meets it).
+//!
+//! Each with 1 and with 10,000 protected CIDRs. Everything runs in sandboxes: a test
+//! cgroup subtree, network namespaces, loopback addresses.
+
+use std::{fmt::Write as _, process::Command};
+
+use anyhow::{Context, Result, ensure};
+use seb_sandbox::{Sandbox, Tools};
+use serde_json::{Value, json};
+
+use crate::{toolchain, workspace_root};
+
+const ROUNDS: usize = 15;
+const UDP_ITERATIONS: &str = "200000";
+const TCP_ITERATIONS: &str = "3000";
+const CIDR_COUNTS: [usize; 2] = [1, 10_000];
+const TARGET_ADDED_NS: f64 = 300.0;
+
+/// 127.0.0.2 is protected (the broker-allowed path); 127.0.0.3 is not (the miss path).
+const PROTECTED_ADDR: &str = "127.0.0.2:9";
+const UNPROTECTED_UDP: &str = "127.0.0.3:9";
+const UNPROTECTED_TCP: &str = "127.0.0.3:8080";
+
+pub fn run() -> Result<()> {
+    crate::require_root()?;
+    toolchain::ensure_packages(&[("ip", "iproute2"), ("nft", "nftables")])?;
+    crate::run(Command::new("cargo").current_dir(workspace_root()).args([
+        "build", "--release", "--quiet", "-p", "seb-agent", "-p", "seb-tests", "--bins",
+    ]))?;
+    let tools = Tools::in_dir(&workspace_root().join("target/release"));
+    let mut results = Vec::new();
+    for count in CIDR_COUNTS {
+        eprintln!("xtask: bench connect with {count} protected CIDRs ({ROUNDS} rounds)");
+        results.push(measure(&tools, count)?);
+    }
+    let worst_added = results
+        .iter()
+        .flat_map(|r| [r["udp_connect"]["added_miss_ns"].as_f64(), r["udp_connect"]["added_broker_allowed_ns"].as_f64()])
+        .flatten()
+        .fold(f64::MIN, f64::max);
+    let report = json!({
+        "bench": "connect",
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "cpus": std::thread::available_parallelism().map(usize::from).unwrap_or(0),
+        "rounds": ROUNDS,
+        "statistic": "median over rounds; added = median of per-round differences to the baseline",
+        "target_added_ns": TARGET_ADDED_NS,
+        "worst_added_udp_connect_ns": worst_added,
+        "meets_target": worst_added < TARGET_ADDED_NS,
+        "results": results,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    let dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("connect.json"), serde_json::to_vec_pretty(&report)?)?;
+    Ok(())
+}
+
+fn measure(tools: &Tools, cidrs: usize) -> Result<Value> {
+    let mut enforced = Sandbox::new(&format!("bench{cidrs}"), tools.clone())?;
+    enforced.write_config(&protected_toml(cidrs))?;
+    enforced.start_agent()?;
+    // An unenforced cgroup and a second namespace that carries the nftables rule set.
+    let plain = Sandbox::new(&format!("bench{cidrs}nft"), tools.clone())?;
+    load_nft(&plain.netns, cidrs)?;
+    let pin = enforced.pin_path.to_string_lossy().into_owned();
+
+    let mut samples: [Vec<f64>; 6] = Default::default();
+    for _ in 0..ROUNDS {
+        let sample = |sandbox_cgroup: &Sandbox, cgroup: &str, netns: &str, args: &[&str]| -> Result<f64> {
+            let output = Command::new(&tools.probe)
+                .arg("--cgroup")
+                .arg(sandbox_cgroup.cgroup.join(cgroup))
+                .args(["--netns", netns])
+                .args(args)
+                .output()?;
+            let value = seb_sandbox::parse_json_output(&output, "seb-probe bench")?;
+            value["ns_per_op"].as_f64().context("no ns_per_op")
+        };
+        let udp = |addr| vec!["bench-udp-connect", addr, "--iterations", UDP_ITERATIONS];
+        let tcp = vec!["bench-tcp-connect", UNPROTECTED_TCP, "--iterations", TCP_ITERATIONS];
+        let mut allowed = udp(PROTECTED_ADDR);
+        allowed.extend(["--register", pin.as_str()]);
+        samples[0].push(sample(&plain, "workload", &enforced.netns, &udp(UNPROTECTED_UDP))?);
+        samples[1].push(sample(&enforced, "workload", &enforced.netns, &udp(UNPROTECTED_UDP))?);
+        samples[2].push(sample(&enforced, "broker", &enforced.netns, &allowed)?);
+        samples[3].push(sample(&plain, "workload", &enforced.netns, &tcp)?);
+        samples[4].push(sample(&enforced, "workload", &enforced.netns, &tcp)?);
+        samples[5].push(sample(&plain, "workload", &plain.netns, &tcp)?);
+    }
+    let added = |config: &[f64], baseline: &[f64]| {
+        median(&config.iter().zip(baseline).map(|(c, b)| c - b).collect::<Vec<_>>())
+    };
+    let [udp_base, udp_miss, udp_allowed, tcp_base, tcp_bpf, tcp_nft] = &samples;
+    Ok(json!({
+        "protected_cidrs": cidrs,
+        "udp_connect": {
+            "baseline_ns": median(udp_base),
+            "miss_ns": median(udp_miss),
+            "broker_allowed_ns": median(udp_allowed),
+            "added_miss_ns": added(udp_miss, udp_base),
+            "added_broker_allowed_ns": added(udp_allowed, udp_base),
+        },
+        "tcp_connect": {
+            "baseline_ns": median(tcp_base),
+            "seb_miss_ns": median(tcp_bpf),
+            "nftables_miss_ns": median(tcp_nft),
+            "added_seb_ns": added(tcp_bpf, tcp_base),
+            "added_nftables_ns": added(tcp_nft, tcp_base),
+        },
+    }))
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 0 { (sorted[mid - 1] + sorted[mid]) / 2.0 } else { sorted[mid] }
+}
+
+/// 127.0.0.2 plus `count - 1` distinct /24s (map entries only; nothing is sent there).
+fn protected_cidrs(count: usize) -> Vec<String> {
+    let mut cidrs = vec!["127.0.0.2/32".to_string()];
+    cidrs.extend((1..count).map(|i| format!("10.{}.{}.0/24", (i >> 8) & 0xff, i & 0xff)));
+    cidrs
+}
+
+fn protected_toml(count: usize) -> String {
+    protected_cidrs(count).iter().fold(String::new(), |mut text, cidr| {
+        let _ = write!(text, "[[enforcement.protected]]\ncidr = \"{cidr}\"\n");
+        text
+    })
+}
+
+/// The same policy for nftables: reject output to any protected CIDR.
+fn load_nft(netns: &str, count: usize) -> Result<()> {
+    let rules = format!(
+        "table inet seb_bench {{\n  set protected_v4 {{\n    type ipv4_addr; flags interval;\n    elements = {{ {} }}\n  }}\n  \
+         chain output {{\n    type filter hook output priority filter; policy accept;\n    ip daddr @protected_v4 reject\n  }}\n}}\n",
+        protected_cidrs(count).join(", ")
+    );
+    let path = std::env::temp_dir().join(format!("{netns}.nft"));
+    std::fs::write(&path, rules)?;
+    let status = Command::new("ip").args(["netns", "exec", netns, "nft", "-f"]).arg(&path).status()?;
+    ensure!(status.success(), "loading the nftables rule set into {netns}");
+    Ok(())
+}
