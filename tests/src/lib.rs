@@ -70,7 +70,7 @@ impl Sandbox {
     /// namespace with loopback up.
     pub fn new(label: &str, tools: Tools) -> Result<Self> {
         require_root()?;
-        let name = format!("seb-it-{label}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let name = format!("seb-sbx-{label}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         let mount = seb_agent::cgroupfs::cgroup2_mount()?;
         let cgroup = mount.join(&name);
         for child in ["", "broker", "workload", "exempt"] {

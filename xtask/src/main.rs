@@ -1,6 +1,7 @@
 //! `cargo xtask`: build, test, bench and demo for seb.
 
 mod bench_connect;
+mod demo;
 mod ebpf;
 mod toolchain;
 
@@ -31,6 +32,8 @@ enum Task {
     Test,
     /// Run a benchmark; prints JSON.
     Bench { which: Bench },
+    /// The whole flow on this node, narrated (a sandboxed cgroup and namespace).
+    Demo,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -45,6 +48,7 @@ fn main() {
         Task::Build { check } => build(check),
         Task::Test => test(),
         Task::Bench { which: Bench::Connect } => bench_connect::run(),
+        Task::Demo => demo::run(),
     };
     if let Err(error) = result {
         eprintln!("xtask: {error:#}");
