@@ -34,8 +34,11 @@ pub fn ensure_ebpf_toolchain() -> Result<()> {
     Ok(())
 }
 
+/// bpf-linker loads rustc's own libLLVM, which only rustup's nightly environment puts on
+/// the library path: ask through it, as the eBPF build will run it.
 fn bpf_linker_ready() -> bool {
-    output_of(Command::new("bpf-linker").arg("--version")).is_ok_and(|v| v.contains(BPF_LINKER_VERSION))
+    output_of(Command::new("rustup").args(["run", NIGHTLY, "bpf-linker", "--version"]))
+        .is_ok_and(|v| v.contains(BPF_LINKER_VERSION))
 }
 
 fn llvm_major(rustc_verbose: &str) -> Result<String> {
