@@ -2,6 +2,7 @@
 
 use std::{
     path::PathBuf,
+    time::Duration,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -10,10 +11,12 @@ use std::{
 
 use anyhow::{Context, Result, anyhow};
 use tokio::{signal::unix::SignalKind, sync::watch};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
-    audit::AuditStore,
+    admission::Admission,
+    audit::{Ledger, keys},
+    cert::{TrustAnchors, ValidityPolicy},
     cgroupfs::{self, CgroupNames},
     config::Config,
     enforcement::{BrokerSockets, LinkState, PinLayout, loader, maps, policy},
@@ -77,15 +80,19 @@ pub async fn run(config: Config) -> Result<()> {
     let adopted = enforced.links.iter().filter(|l| l.origin == loader::LinkOrigin::Adopted).count();
     info!(links = enforced.links.len(), adopted, pin_path = %enforced.layout.root.display(), "kernel enforcement active");
 
-    let store = AuditStore::open(&config.audit.database)?;
-    let recorder = Recorder::new(&mut enforced.ebpf, store, CgroupNames::new(cgroups.mount.clone()))?;
+    let key = keys::load_or_create(&config.audit.signing_key)?;
+    let (ledger, ledger_thread) = Ledger::start(&config.audit.database, key)?;
+    let admission = admission_from(&config)?;
+    // Start-up reads the ledger synchronously; allowed on a runtime worker this way.
+    let names = CgroupNames::new(cgroups.mount.clone());
+    let recorder = tokio::task::block_in_place(|| Recorder::new(&mut enforced.ebpf, ledger.clone(), names))?;
     let stop_recorder = Arc::new(AtomicBool::new(false));
     let recorder = recorder.spawn(stop_recorder.clone());
 
     let sockets = BrokerSockets::open(&enforced.layout)?;
     let listener = server::bind(&config.broker.socket, config.broker.socket_group.as_deref())?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let broker = Arc::new(Broker { sockets });
+    let broker = Arc::new(Broker { sockets, admission, ledger });
     let serving = tokio::spawn(server::serve(listener, broker, shutdown_rx));
     info!(socket = %config.broker.socket.display(), "broker ready");
 
@@ -95,7 +102,28 @@ pub async fn run(config: Config) -> Result<()> {
     let _ = serving.await;
     stop_recorder.store(true, Ordering::Release);
     recorder.join().map_err(|_| anyhow!("the recorder thread panicked"))?;
+    // Every ledger handle is gone now; the ledger finishes its queue and stops.
+    ledger_thread.join().map_err(|_| anyhow!("the ledger thread panicked"))?;
     Ok(())
+}
+
+fn admission_from(config: &Config) -> Result<Admission> {
+    let anchors = match &config.admission.trust_anchors {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("config field `admission.trust_anchors`: cannot read {}", path.display()))?;
+            Some(TrustAnchors::from_pem(&pem).with_context(|| format!("config field `admission.trust_anchors` ({})", path.display()))?)
+        }
+        None => {
+            warn!("admission.trust_anchors is not set: every proposal will be denied");
+            None
+        }
+    };
+    let validity = ValidityPolicy {
+        max_ttl: Duration::from_secs(config.admission.max_ttl_seconds),
+        clock_skew: Duration::from_secs(config.admission.clock_skew_seconds),
+    };
+    Ok(Admission::new(anchors, validity))
 }
 
 async fn wait_for_shutdown_signal() -> Result<()> {

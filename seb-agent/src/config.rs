@@ -22,6 +22,35 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub broker: BrokerConfig,
+    #[serde(default)]
+    pub admission: AdmissionConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionConfig {
+    /// PEM file with the trusted SAB CA certificates. Without it every proposal is denied.
+    #[serde(default)]
+    pub trust_anchors: Option<PathBuf>,
+    /// Longest certificate validity accepted, in seconds.
+    #[serde(default = "default_max_ttl")]
+    pub max_ttl_seconds: u64,
+    /// Clock difference tolerated at both ends of the validity window, in seconds.
+    #[serde(default = "default_clock_skew")]
+    pub clock_skew_seconds: u64,
+}
+
+fn default_max_ttl() -> u64 {
+    3600
+}
+fn default_clock_skew() -> u64 {
+    30
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self { trust_anchors: None, max_ttl_seconds: default_max_ttl(), clock_skew_seconds: default_clock_skew() }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -99,6 +128,10 @@ pub struct AuditConfig {
     /// The SQLite audit store.
     #[serde(default = "default_database")]
     pub database: PathBuf,
+    /// The broker's Ed25519 signing key (PKCS#8 PEM), created on first start; its public
+    /// half is written beside it as `<file>.pub`.
+    #[serde(default = "default_signing_key")]
+    pub signing_key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -121,6 +154,9 @@ fn default_scope() -> Vec<String> {
 fn default_database() -> PathBuf {
     PathBuf::from("/var/lib/seb/audit.db")
 }
+fn default_signing_key() -> PathBuf {
+    PathBuf::from("/var/lib/seb/broker.key")
+}
 fn default_socket() -> PathBuf {
     PathBuf::from("/run/seb/broker.sock")
 }
@@ -137,7 +173,7 @@ impl Default for EnforcementConfig {
 }
 impl Default for AuditConfig {
     fn default() -> Self {
-        Self { database: default_database() }
+        Self { database: default_database(), signing_key: default_signing_key() }
     }
 }
 impl Default for BrokerConfig {
@@ -206,6 +242,15 @@ impl Config {
         }
         if !self.broker.socket.is_absolute() {
             return Err(invalid("broker.socket", "must be an absolute path"));
+        }
+        if !self.audit.signing_key.is_absolute() {
+            return Err(invalid("audit.signing_key", "must be an absolute path"));
+        }
+        if self.admission.max_ttl_seconds == 0 {
+            return Err(invalid("admission.max_ttl_seconds", "must be at least 1"));
+        }
+        if self.admission.clock_skew_seconds > 600 {
+            return Err(invalid("admission.clock_skew_seconds", "more than 600 s of skew would blur the validity window"));
         }
         Ok(())
     }

@@ -18,7 +18,7 @@ pub fn print(database: &Path, json: bool, follow: bool) -> Result<()> {
     }
     let mut after = 0;
     loop {
-        let records = store.records_after(denial::KIND, after, PAGE)?;
+        let records = store.records_after(Some(denial::KIND), after, PAGE)?;
         for record in &records {
             let denial: KernelDenial = record.parse()?;
             if json {

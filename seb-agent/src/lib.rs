@@ -1,9 +1,12 @@
 //! seb node broker: the agent daemon's library.
 
+pub mod admission;
 pub mod agent;
 pub mod audit;
 pub mod bpffs;
+pub mod cert;
 pub mod cgroupfs;
+pub mod cli;
 pub mod config;
 pub mod denials;
 pub mod enforcement;

@@ -1,18 +1,27 @@
 //! `seb-agent`: the node broker daemon and its command-line tools.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
 use seb_agent::{
+    admission::state::RevocationTarget,
     agent,
+    audit::keys,
+    cert::{MutationRequest, dev_sab::Algorithm},
+    cli::{self, call_broker},
     config::Config,
     denials,
     enforcement::{PinLayout, loader},
-    protocol::{self, Request, Response},
+    protocol::{Request, Response},
 };
 
 const DEFAULT_CONFIG: &str = "/etc/seb/agent.toml";
+const DEFAULT_SOCKET: &str = "/run/seb/broker.sock";
 
 #[derive(Parser)]
 #[command(name = "seb-agent", version, about = "seb node broker: certified mutations in, kernel-enforced egress out")]
@@ -21,25 +30,110 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Args)]
+struct ConfigArg {
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+}
+
+impl ConfigArg {
+    fn load(&self) -> Result<Config> {
+        Ok(Config::load(&self.config)?)
+    }
+}
+
+/// Where the audit database is: given directly, or from the config.
+#[derive(Args)]
+struct DatabaseArg {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Read this audit database instead of the one named in the config.
+    #[arg(long)]
+    database: Option<PathBuf>,
+}
+
+impl DatabaseArg {
+    fn path(&self) -> Result<PathBuf> {
+        match &self.database {
+            Some(path) => Ok(path.clone()),
+            None => Ok(self.config.load()?.audit.database),
+        }
+    }
+}
+
+/// The broker socket: given directly, or from the config, or the default.
+#[derive(Args)]
+struct SocketArg {
+    /// The broker socket (default: from --config if given, else /run/seb/broker.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl SocketArg {
+    fn path(&self) -> Result<PathBuf> {
+        if let Some(socket) = &self.socket {
+            return Ok(socket.clone());
+        }
+        match &self.config {
+            Some(config) => Ok(Config::load(config)?.broker.socket),
+            None => Ok(PathBuf::from(DEFAULT_SOCKET)),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the broker: attach (or re-adopt) kernel enforcement and serve the broker socket.
-    Run {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-    },
+    Run(ConfigArg),
     /// Validate a configuration file and print it with every default filled in.
-    CheckConfig {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+    CheckConfig(ConfigArg),
+    /// Propose a mutation: print the broker's decision as JSON; exit 1 if denied.
+    Propose {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// The SAB certificate (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+        /// The request it certifies (JSON).
+        #[arg(long)]
+        request: PathBuf,
+    },
+    /// Revoke a certificate serial or a contract id (takes effect at the next admission).
+    Revoke {
+        #[command(flatten)]
+        socket: SocketArg,
+        #[arg(long, conflicts_with = "contract", required_unless_present = "contract")]
+        serial: Option<String>,
+        #[arg(long)]
+        contract: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Show or set the active policy and revocation epochs.
+    Epoch {
+        #[command(flatten)]
+        socket: SocketArg,
+        #[arg(long)]
+        policy: Option<u64>,
+        #[arg(long)]
+        revocation: Option<u64>,
+    },
+    /// The development SAB: a CA and certificates binding execution contracts.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+    /// The signed audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
     },
     /// Print kernel denials from the audit store.
     Denials {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-        /// Read this audit database instead of the one named in the config.
-        #[arg(long)]
-        database: Option<PathBuf>,
+        #[command(flatten)]
+        database: DatabaseArg,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -48,16 +142,81 @@ enum Command {
         follow: bool,
     },
     /// Detach the kernel programs and remove every pin (enforcement ends).
-    Unload {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-    },
+    Unload(ConfigArg),
     /// Ask the running broker to open a TCP connection to ADDR as itself (admin only).
     ProbeEgress {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[command(flatten)]
+        socket: SocketArg,
         /// host:port, IPv6 as [addr]:port.
         addr: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Create a dev SAB CA in DIR (sab-ca.pem, sab-ca.key).
+    Ca {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "seb dev SAB")]
+        name: String,
+        #[arg(long, value_enum, default_value = "ed25519")]
+        algorithm: Algorithm,
+    },
+    /// Issue a certificate binding a contract (JSON); prints PEM or writes --out.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        contract: PathBuf,
+        /// Fill the contract's request digest, provider, operation and target from this request.
+        #[arg(long)]
+        request: Option<PathBuf>,
+        /// Validity in seconds.
+        #[arg(long, default_value_t = 300)]
+        ttl: u64,
+        #[arg(long, value_enum, default_value = "ed25519")]
+        algorithm: Algorithm,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Print a certificate's serial, validity and contract as JSON.
+    Inspect { cert: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// List records, oldest first.
+    List {
+        #[command(flatten)]
+        database: DatabaseArg,
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one record.
+    Show {
+        #[command(flatten)]
+        database: DatabaseArg,
+        seq: i64,
+    },
+    /// Every record with hashes and signatures, one JSON object per line.
+    Export {
+        #[command(flatten)]
+        database: DatabaseArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify the hash chain and signatures; exit 1 and name the first bad record if broken.
+    Verify {
+        #[command(flatten)]
+        database: DatabaseArg,
+        /// The broker's public key (default: `audit.signing_key` + ".pub" from the config).
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -83,35 +242,90 @@ fn init_tracing() {
     }
 }
 
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string(value)?);
+    Ok(())
+}
+
 fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Run { config } => {
-            let config = Config::load(&config)?;
+        Command::Run(config) => {
+            let config = config.load()?;
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(agent::run(config))?;
         }
-        Command::CheckConfig { config } => {
-            let config = Config::load(&config)?;
-            print!("{}", toml::to_string_pretty(&config)?);
-        }
-        Command::Denials { config, database, json, follow } => {
-            let database = match database {
-                Some(database) => database,
-                None => Config::load(&config)?.audit.database,
+        Command::CheckConfig(config) => print!("{}", toml::to_string_pretty(&config.load()?)?),
+        Command::Propose { socket, cert, request } => {
+            let certificate = std::fs::read_to_string(&cert).with_context(|| format!("reading {}", cert.display()))?;
+            let request: MutationRequest = serde_json::from_str(
+                &std::fs::read_to_string(&request).with_context(|| format!("reading {}", request.display()))?,
+            )
+            .with_context(|| format!("{} is not a valid request", request.display()))?;
+            let Response::Decision(decision) = call_broker(&socket.path()?, Request::Propose { certificate, request })? else {
+                bail!("the broker answered something other than a decision");
             };
-            denials::print(&database, json, follow)?;
+            print_json(&decision)?;
+            return Ok(if decision.admitted { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
-        Command::Unload { config } => {
-            let config = Config::load(&config)?;
+        Command::Revoke { socket, serial, contract, reason } => {
+            let (target, value) = match (serial, contract) {
+                (Some(serial), _) => (RevocationTarget::Serial, serial),
+                (None, Some(contract)) => (RevocationTarget::ContractId, contract),
+                (None, None) => bail!("give --serial or --contract"),
+            };
+            print_json(&call_broker(&socket.path()?, Request::Revoke { target, value, reason })?)?;
+        }
+        Command::Epoch { socket, policy, revocation } => {
+            let request =
+                if policy.is_none() && revocation.is_none() { Request::GetEpochs } else { Request::SetEpochs { policy, revocation } };
+            print_json(&call_broker(&socket.path()?, request)?)?;
+        }
+        Command::Cert { command } => cert(command)?,
+        Command::Audit { command } => return audit(command),
+        Command::Denials { database, json, follow } => denials::print(&database.path()?, json, follow)?,
+        Command::Unload(config) => {
+            let config = config.load()?;
             let removed = loader::unload(&PinLayout::new(&config.bpf.pin_path))?;
             eprintln!("removed {removed} pins from {}", config.bpf.pin_path.display());
         }
-        Command::ProbeEgress { config, addr } => {
-            let config = Config::load(&config)?;
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let response = runtime.block_on(protocol::call(&config.broker.socket, &Request::ProbeEgress { addr }))?;
-            println!("{}", serde_json::to_string(&response)?);
+        Command::ProbeEgress { socket, addr } => {
+            let response = call_broker(&socket.path()?, Request::ProbeEgress { addr })?;
+            print_json(&response)?;
             let connected = matches!(response, Response::ProbeEgress { connected: true, .. });
             return Ok(if connected { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cert(command: CertCommand) -> Result<()> {
+    match command {
+        CertCommand::Ca { dir, name, algorithm } => cli::cert::create_ca(&dir, &name, algorithm),
+        CertCommand::Issue { dir, contract, request, ttl, algorithm, out } => {
+            let pem = cli::cert::issue(&dir, &contract, request.as_deref(), Duration::from_secs(ttl), algorithm)?;
+            match out {
+                Some(out) => std::fs::write(&out, pem).with_context(|| format!("writing {}", out.display())),
+                None => {
+                    print!("{pem}");
+                    Ok(())
+                }
+            }
+        }
+        CertCommand::Inspect { cert } => print_json(&cli::cert::inspect(&cert)?),
+    }
+}
+
+fn audit(command: AuditCommand) -> Result<ExitCode> {
+    match command {
+        AuditCommand::List { database, kind, json } => cli::audit::list(&database.path()?, kind.as_deref(), json)?,
+        AuditCommand::Show { database, seq } => cli::audit::show(&database.path()?, seq)?,
+        AuditCommand::Export { database, .. } => cli::audit::export(&database.path()?)?,
+        AuditCommand::Verify { database, public_key, json } => {
+            let public_key = match public_key {
+                Some(path) => path,
+                None => keys::public_key_path(&database.config.load()?.audit.signing_key),
+            };
+            let ok = cli::audit::verify(&database.path()?, &public_key, json)?;
+            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -14,7 +14,7 @@ pub const VERSION: u32 = 1;
 /// Largest message accepted, either way.
 pub const MAX_MESSAGE: usize = 1 << 20;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Liveness of the broker.
@@ -22,6 +22,27 @@ pub enum Request {
     /// Admin diagnostic (uid 0 only): can the broker itself reach a protected endpoint?
     /// Opens a TCP connection as the broker and closes it without sending data.
     ProbeEgress { addr: String },
+    /// An agent's proposal: a SAB certificate and the request it certifies.
+    Propose {
+        certificate: String,
+        request: crate::cert::MutationRequest,
+    },
+    /// Admin (uid 0): revoke a certificate serial or a contract id.
+    Revoke {
+        target: crate::admission::state::RevocationTarget,
+        value: String,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// Admin (uid 0): set the active epochs (either or both).
+    SetEpochs {
+        #[serde(default)]
+        policy: Option<u64>,
+        #[serde(default)]
+        revocation: Option<u64>,
+    },
+    /// The active epochs.
+    GetEpochs,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +50,9 @@ pub enum Request {
 pub enum Response {
     Pong { version: String },
     ProbeEgress { addr: String, connected: bool, error: Option<String> },
+    Decision(crate::admission::Decision),
+    Revoked { record_seq: i64 },
+    Epochs(crate::admission::state::Epochs),
     /// The request could not be served; `code` is stable, `message` is for people.
     Error { code: ErrorCode, message: String },
 }

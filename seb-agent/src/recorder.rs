@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use crate::{
-    audit::{AuditStore, KernelDenial, denial},
+    audit::{KernelDenial, Ledger, denial},
     cgroupfs::CgroupNames,
     enforcement::maps::Counters,
 };
@@ -44,7 +44,7 @@ pub struct RingLoss {
 pub struct Recorder {
     ring: RingBuf<MapData>,
     counters: Counters,
-    store: AuditStore,
+    ledger: Ledger,
     names: CgroupNames,
     recorded_losses: u64,
 }
@@ -53,15 +53,26 @@ const POLL_TIMEOUT_MS: i32 = 200;
 const LOSS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Recorder {
-    pub fn new(ebpf: &mut Ebpf, store: AuditStore, names: CgroupNames) -> Result<Self> {
+    pub fn new(ebpf: &mut Ebpf, ledger: Ledger, names: CgroupNames) -> Result<Self> {
         let ring = ebpf.take_map(map_names::DENIALS).ok_or_else(|| anyhow!("map {} is missing", map_names::DENIALS))?;
         let ring = RingBuf::try_from(ring)?;
         let counters = Counters::take(ebpf)?;
-        let recorded_losses = match store.last(RING_LOSS_KIND)? {
-            Some(record) => record.parse::<RingLoss>()?.lost_total,
-            None => 0,
-        };
-        Ok(Self { ring, counters, store, names, recorded_losses })
+        let recorded_losses = ledger.run_blocking(|batch| {
+            let last: Option<String> = batch
+                .conn()
+                .query_row(
+                    "SELECT body FROM records WHERE kind = ?1 ORDER BY seq DESC LIMIT 1",
+                    [RING_LOSS_KIND],
+                    |row| row.get(0),
+                )
+                .map(Some)
+                .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })?;
+            Ok(match last {
+                Some(body) => serde_json::from_str::<RingLoss>(&body)?.lost_total,
+                None => 0,
+            })
+        })?;
+        Ok(Self { ring, counters, ledger, names, recorded_losses })
     }
 
     /// Run until `stop` is set; drains once more before returning.
@@ -125,11 +136,19 @@ impl Recorder {
                 (time_ns as i64, denial)
             })
             .collect();
-        self.store.append_all(denial::KIND, &records).context("writing kernel denials")?;
-        for (_, denial) in &records {
+        let logged: Vec<(i64, KernelDenial)> = records.clone();
+        self.ledger
+            .run_blocking(move |batch| {
+                for (time_ns, denial) in &records {
+                    batch.append(denial::KIND, *time_ns, denial)?;
+                }
+                Ok(())
+            })
+            .context("writing kernel denials")?;
+        for (_, denial) in &logged {
             info!(hook = %denial.hook, address = %denial.address, port = denial.port, tgid = ?denial.tgid, comm = ?denial.comm, "kernel denied egress");
         }
-        Ok(records.len())
+        Ok(logged.len())
     }
 
     fn record_losses(&mut self) -> Result<()> {
@@ -137,8 +156,10 @@ impl Recorder {
         if total > self.recorded_losses {
             let loss = RingLoss { lost: total - self.recorded_losses, lost_total: total };
             warn!(lost = loss.lost, "kernel denials were lost to a full ring buffer");
-            self.store.append(RING_LOSS_KIND, BootClock::now().wall_now_ns() as i64, &loss)?;
-            self.recorded_losses = total;
+            let lost_total = loss.lost_total;
+            let time_ns = BootClock::now().wall_now_ns() as i64;
+            self.ledger.run_blocking(move |batch| batch.append(RING_LOSS_KIND, time_ns, &loss).map(drop))?;
+            self.recorded_losses = lost_total;
         }
         Ok(())
     }

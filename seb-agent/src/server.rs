@@ -9,7 +9,11 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
+use tokio::net::unix::UCred;
+
 use crate::{
+    admission::{Admission, Caller, Proposal, state},
+    audit::Ledger,
     config::parse_socket_addr,
     enforcement::BrokerSockets,
     protocol::{Envelope, ErrorCode, FrameError, Request, Response, VERSION, read_frame, write_frame},
@@ -18,6 +22,8 @@ use crate::{
 /// What request handlers need.
 pub struct Broker {
     pub sockets: BrokerSockets,
+    pub admission: Admission,
+    pub ledger: Ledger,
 }
 
 /// Bind the socket: mode 0660, owned by `group` when given.
@@ -77,7 +83,7 @@ async fn handle_connection(mut stream: UnixStream, broker: Arc<Broker>) {
             }
         };
         let response = match parse_request(&frame) {
-            Ok(request) => handle(request, peer.uid(), &broker).await,
+            Ok(request) => handle(request, &peer, &broker).await,
             Err(response) => {
                 let _ = reply(&mut stream, response).await;
                 return;
@@ -102,12 +108,56 @@ fn parse_request(frame: &[u8]) -> Result<Request, Response> {
     Ok(envelope.body)
 }
 
-async fn handle(request: Request, uid: u32, broker: &Broker) -> Response {
+async fn handle(request: Request, peer: &UCred, broker: &Broker) -> Response {
+    let admin = peer.uid() == 0;
+    let forbidden = |what: &str| error(ErrorCode::Forbidden, format!("{what} is for the node's administrator (uid 0)"));
     match request {
         Request::Ping => Response::Pong { version: env!("CARGO_PKG_VERSION").into() },
+        Request::Propose { certificate, request } => {
+            let Some(pid) = peer.pid() else {
+                return error(ErrorCode::Forbidden, "the caller's pid is unknown (SO_PEERCRED)");
+            };
+            let caller = match Caller::identify(peer.uid(), peer.gid(), pid) {
+                Ok(caller) => caller,
+                Err(e) => return error(ErrorCode::Forbidden, format!("the caller cannot be identified: {e:#}")),
+            };
+            let proposal = Proposal { certificate, request };
+            let decision = broker.admission.decide(&broker.ledger, &caller, &proposal).await;
+            info!(
+                decision_id = %decision.decision_id,
+                admitted = decision.admitted,
+                reason = %decision.reason,
+                pid,
+                "admission decision"
+            );
+            Response::Decision(decision)
+        }
+        Request::Revoke { target, value, reason } => {
+            if !admin {
+                return forbidden("revoke");
+            }
+            let reason = reason.unwrap_or_default();
+            match broker.ledger.run(move |batch| state::revoke(batch, target, &value, &reason)).await {
+                Ok(record_seq) => Response::Revoked { record_seq },
+                Err(e) => error(ErrorCode::Internal, format!("{e:#}")),
+            }
+        }
+        Request::SetEpochs { policy, revocation } => {
+            if !admin {
+                return forbidden("set_epochs");
+            }
+            match broker.ledger.run(move |batch| state::set_epochs(batch, policy, revocation)).await {
+                Ok(epochs) => Response::Epochs(epochs),
+                Err(e) => error(ErrorCode::Malformed, format!("{e:#}")),
+            }
+        }
+        Request::GetEpochs => match broker.ledger.run(|batch| state::epochs(batch.conn())).await {
+            Ok(epochs) => Response::Epochs(epochs),
+            Err(e) => error(ErrorCode::Internal, format!("{e:#}")),
+        },
         Request::ProbeEgress { addr } => {
-            if uid != 0 {
-                return error(ErrorCode::Forbidden, "probe_egress is for the node's administrator (uid 0)");
+            if !admin {
+                return forbidden("probe_egress");
             }
             let target = match parse_socket_addr(&addr) {
                 Ok(target) => target,

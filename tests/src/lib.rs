@@ -33,6 +33,23 @@ impl Tools {
     pub fn in_dir(dir: &Path) -> Self {
         Self { probe: dir.join("seb-probe"), agent: dir.join("seb-agent") }
     }
+
+    /// For integration tests: the probe cargo built for them (`CARGO_BIN_EXE_seb-probe`),
+    /// and the agent, built once with the same profile.
+    pub fn for_tests(probe: &str) -> Self {
+        static BUILD: std::sync::Once = std::sync::Once::new();
+        let dir = Path::new(probe).parent().expect("target dir").to_path_buf();
+        BUILD.call_once(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut build = Command::new(cargo);
+            build.args(["build", "--quiet", "-p", "seb-agent", "--bin", "seb-agent"]);
+            if dir.ends_with("release") {
+                build.arg("--release");
+            }
+            assert!(build.status().expect("running cargo").success(), "building seb-agent failed");
+        });
+        Self::in_dir(&dir)
+    }
 }
 
 /// Sandboxes load eBPF programs and create cgroups and namespaces: they need root.
@@ -96,15 +113,26 @@ impl Sandbox {
         })
     }
 
+    /// The broker's audit-signing key, and its public half.
+    pub fn signing_key(&self) -> PathBuf {
+        self.dir.join("broker.key")
+    }
+    pub fn public_key(&self) -> PathBuf {
+        self.dir.join("broker.key.pub")
+    }
+
     /// Write the agent config: enforce the sandbox cgroup, exempt `<root>/exempt`.
-    pub fn write_config(&self, protected: &str) -> Result<()> {
+    /// `extra` is TOML placed after the enforcement table (protected endpoints, an
+    /// `[admission]` table).
+    pub fn write_config(&self, extra: &str) -> Result<()> {
         let text = format!(
-            "[bpf]\npin_path = \"{}\"\n\n[enforcement]\nscope = [\"{}\"]\nexempt_cgroups = [\"{}/exempt\"]\n\n{protected}\n\
-             [audit]\ndatabase = \"{}\"\n\n[broker]\nsocket = \"{}\"\n",
+            "[bpf]\npin_path = \"{}\"\n\n[enforcement]\nscope = [\"{}\"]\nexempt_cgroups = [\"{}/exempt\"]\n\n{extra}\n\
+             [audit]\ndatabase = \"{}\"\nsigning_key = \"{}\"\n\n[broker]\nsocket = \"{}\"\n",
             self.pin_path.display(),
             self.cgroup_relative,
             self.cgroup_relative,
             self.database.display(),
+            self.signing_key().display(),
             self.socket.display(),
         );
         fs::write(&self.config, text)?;
@@ -173,6 +201,16 @@ impl Sandbox {
         }
         self.agent = Some(child);
         Ok(logs)
+    }
+
+    /// SIGTERM the agent and wait: a graceful stop.
+    pub fn stop_agent(&mut self) -> Result<()> {
+        if let Some(mut child) = self.agent.take() {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+            let status = child.wait()?;
+            ensure!(status.success(), "the agent stopped with {status}");
+        }
+        Ok(())
     }
 
     /// SIGKILL the agent: no chance to clean anything up.

@@ -1,32 +1,13 @@
 //! Kernel enforcement, end to end: real programs attached to a test cgroup, real
 //! connects from processes in it, answers straight from the kernel.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    sync::Once,
-    thread,
-    time::Duration,
-};
+use std::{path::Path, process::Command, thread, time::Duration};
 
 use seb_sandbox::{Sandbox, Tools, parse_json_output, wait_gone};
 use serde_json::Value;
 
-/// The probe from this test build, and the agent built with the same profile.
 fn tools() -> Tools {
-    static BUILD: Once = Once::new();
-    let probe = PathBuf::from(env!("CARGO_BIN_EXE_seb-probe"));
-    let dir = probe.parent().expect("target dir").to_path_buf();
-    BUILD.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "--quiet", "-p", "seb-agent", "--bin", "seb-agent"]);
-        if dir.ends_with("release") {
-            build.arg("--release");
-        }
-        assert!(build.status().expect("running cargo").success(), "building seb-agent failed");
-    });
-    Tools::in_dir(&dir)
+    Tools::for_tests(env!("CARGO_BIN_EXE_seb-probe"))
 }
 
 /// Protected: 127.0.0.2 on every port and protocol, and [::1]:8443 over TCP.

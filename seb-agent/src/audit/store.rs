@@ -1,17 +1,21 @@
-//! SQLite-backed audit records (WAL, `synchronous=FULL`: a record is on disk when
-//! `append` returns).
+//! SQLite audit store: the record chain and the admission state derived from it (used
+//! serials, revocations, epochs). WAL with `synchronous=FULL`: a commit is on disk when
+//! it returns. Writes go through the [`super::Ledger`] only.
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use rusqlite::{Connection, OpenFlags, params};
-use serde::{Serialize, de::DeserializeOwned};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde::de::DeserializeOwned;
 
+use super::chain::{Head, StoredRecord};
+
+/// Read access to an audit store (a live one, or a copy a security team holds).
 pub struct AuditStore {
     conn: Connection,
 }
 
-/// One stored record.
+/// One stored record's content.
 #[derive(Debug, Clone)]
 pub struct Record {
     pub seq: i64,
@@ -28,29 +32,62 @@ impl Record {
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS records (
-    seq     INTEGER PRIMARY KEY,
-    kind    TEXT    NOT NULL,
-    time_ns INTEGER NOT NULL,
-    body    TEXT    NOT NULL
+    seq       INTEGER PRIMARY KEY,
+    kind      TEXT    NOT NULL,
+    time_ns   INTEGER NOT NULL,
+    body      TEXT    NOT NULL,
+    prev_hash BLOB    NOT NULL,
+    hash      BLOB    NOT NULL,
+    signature BLOB    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS records_by_kind ON records(kind, seq);
+CREATE TABLE IF NOT EXISTS used_serials (
+    serial       TEXT PRIMARY KEY,
+    decision_seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revoked (
+    kind       TEXT    NOT NULL,
+    value      TEXT    NOT NULL,
+    record_seq INTEGER NOT NULL,
+    PRIMARY KEY (kind, value)
+);
+CREATE TABLE IF NOT EXISTS epochs (
+    name       TEXT PRIMARY KEY,
+    value      INTEGER NOT NULL,
+    record_seq INTEGER NOT NULL
+);
 ";
 
-impl AuditStore {
-    /// Open (creating if needed) for writing.
-    pub fn open(path: &Path) -> Result<Self> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let conn = Connection::open(path).with_context(|| format!("opening audit store {}", path.display()))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA).context("creating the audit schema")?;
-        Ok(Self { conn })
+/// Open for writing (the ledger's connection), creating the schema.
+pub fn open_writable(path: &Path) -> Result<Connection> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    let conn = Connection::open(path).with_context(|| format!("opening audit store {}", path.display()))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.execute_batch(SCHEMA).context("creating the audit schema")?;
+    Ok(conn)
+}
 
-    /// Open an existing store for reading only (a security team's copy, or a live one).
+pub fn head(conn: &Connection) -> Result<Head> {
+    let head = conn
+        .query_row("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1", [], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
+        })
+        .optional()?;
+    Ok(match head {
+        None => Head::EMPTY,
+        Some((seq, hash)) => Head { seq, hash: hash.try_into().map_err(|_| anyhow::anyhow!("record {seq} has a malformed hash"))? },
+    })
+}
+
+fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+    Ok(Record { seq: row.get(0)?, kind: row.get(1)?, time_ns: row.get(2)?, body: row.get(3)? })
+}
+
+impl AuditStore {
     pub fn open_read_only(path: &Path) -> Result<Self> {
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .with_context(|| format!("opening audit store {} (does it exist?)", path.display()))?;
@@ -58,63 +95,44 @@ impl AuditStore {
         Ok(Self { conn })
     }
 
-    /// Append records in one transaction; durable when this returns.
-    pub fn append_all<T: Serialize>(&mut self, kind: &str, items: &[(i64, T)]) -> Result<()> {
-        let tx = self.conn.transaction()?;
-        {
-            let mut insert = tx.prepare_cached("INSERT INTO records (kind, time_ns, body) VALUES (?1, ?2, ?3)")?;
-            for (time_ns, item) in items {
-                insert.execute(params![kind, time_ns, serde_json::to_string(item)?])?;
-            }
-        }
-        tx.commit().context("committing audit records")
-    }
-
-    pub fn append<T: Serialize>(&mut self, kind: &str, time_ns: i64, item: &T) -> Result<()> {
-        self.append_all(kind, std::slice::from_ref(&(time_ns, item)))
-    }
-
-    /// Records of `kind` with a sequence number above `after`, oldest first.
-    pub fn records_after(&self, kind: &str, after: i64, limit: usize) -> Result<Vec<Record>> {
+    /// Records above `after`, oldest first; of one kind, or all.
+    pub fn records_after(&self, kind: Option<&str>, after: i64, limit: usize) -> Result<Vec<Record>> {
         let mut query = self.conn.prepare_cached(
-            "SELECT seq, kind, time_ns, body FROM records WHERE kind = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            "SELECT seq, kind, time_ns, body FROM records WHERE (?1 IS NULL OR kind = ?1) AND seq > ?2 ORDER BY seq LIMIT ?3",
         )?;
-        let rows = query.query_map(params![kind, after, limit as i64], |row| {
-            Ok(Record { seq: row.get(0)?, kind: row.get(1)?, time_ns: row.get(2)?, body: row.get(3)? })
-        })?;
+        let rows = query.query_map(params![kind, after, limit as i64], record_from_row)?;
         rows.collect::<Result<_, _>>().context("reading audit records")
     }
 
-    /// The newest record of `kind`.
-    pub fn last(&self, kind: &str) -> Result<Option<Record>> {
+    pub fn get(&self, seq: i64) -> Result<Option<Record>> {
+        let mut query = self.conn.prepare_cached("SELECT seq, kind, time_ns, body FROM records WHERE seq = ?1")?;
+        Ok(query.query_row(params![seq], record_from_row).optional()?)
+    }
+
+    /// Every record with its chain fields, in storage order of `seq`.
+    pub fn for_each_stored(&self, mut f: impl FnMut(StoredRecord) -> Result<bool>) -> Result<()> {
         let mut query = self
             .conn
-            .prepare_cached("SELECT seq, kind, time_ns, body FROM records WHERE kind = ?1 ORDER BY seq DESC LIMIT 1")?;
-        let mut rows = query.query_map(params![kind], |row| {
-            Ok(Record { seq: row.get(0)?, kind: row.get(1)?, time_ns: row.get(2)?, body: row.get(3)? })
-        })?;
-        rows.next().transpose().context("reading the audit store")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn appended_records_read_back_in_order_and_survive_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.db");
-        {
-            let mut store = AuditStore::open(&path).unwrap();
-            store.append_all("k", &[(1, "a"), (2, "b")]).unwrap();
-            store.append("other", 3, &"c").unwrap();
+            .prepare("SELECT seq, kind, time_ns, body, prev_hash, hash, signature FROM records ORDER BY seq")?;
+        let mut rows = query.query([])?;
+        while let Some(row) = rows.next()? {
+            let record = StoredRecord {
+                seq: row.get(0)?,
+                kind: row.get(1)?,
+                time_ns: row.get(2)?,
+                body: row.get(3)?,
+                prev_hash: row.get(4)?,
+                hash: row.get(5)?,
+                signature: row.get(6)?,
+            };
+            if !f(record)? {
+                break;
+            }
         }
-        let store = AuditStore::open_read_only(&path).unwrap();
-        let records = store.records_after("k", 0, 10).unwrap();
-        let bodies: Vec<String> = records.iter().map(|r| r.parse().unwrap()).collect();
-        assert_eq!(bodies, ["a", "b"]);
-        assert_eq!(store.records_after("k", records[0].seq, 10).unwrap().len(), 1);
-        assert_eq!(store.last("other").unwrap().unwrap().parse::<String>().unwrap(), "c");
+        Ok(())
+    }
+
+    pub fn head(&self) -> Result<Head> {
+        head(&self.conn)
     }
 }

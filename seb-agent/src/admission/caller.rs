@@ -1,0 +1,148 @@
+//! Who is on the other end of the broker socket.
+//!
+//! SO_PEERCRED names the process at connect time. Its identity (exe, cgroup, pod) is
+//! read from /proc; the process is pinned with a pidfd and its start time (field 22 of
+//! /proc/<pid>/stat), and both are checked again before the decision is recorded, so a
+//! process that exited and whose PID was reused mid-call is detected.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::cert::contract::AgentIdentity;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CallerIdentity {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: i32,
+    pub exe: Option<String>,
+    pub cgroup: Option<String>,
+    pub pod_uid: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Caller {
+    pub identity: CallerIdentity,
+    start_time: u64,
+    pidfd: OwnedFd,
+}
+
+impl Caller {
+    pub fn identify(uid: u32, gid: u32, pid: i32) -> Result<Self> {
+        // Pin the process first: whatever /proc says below is then about this process.
+        // SAFETY: plain syscall; the returned fd is owned here.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("pidfd_open({pid})"));
+        }
+        // SAFETY: fd is a fresh, valid descriptor.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let start_time = start_time(pid)?;
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| p.to_string_lossy().into_owned());
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .ok()
+            .and_then(|text| text.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string)));
+        let pod_uid = cgroup.as_deref().and_then(pod_uid_of);
+        Ok(Self { identity: CallerIdentity { uid, gid, pid, exe, cgroup, pod_uid }, start_time, pidfd })
+    }
+
+    /// Still the same live process as when identified.
+    pub fn still_same(&self) -> bool {
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), 0, std::ptr::null::<libc::siginfo_t>(), 0)
+        } == 0;
+        alive && start_time(self.identity.pid).is_ok_and(|t| t == self.start_time)
+    }
+
+    /// Whether the caller is the agent the contract names; `Err` says what differs.
+    pub fn matches(&self, wanted: &AgentIdentity) -> Result<(), String> {
+        let me = &self.identity;
+        if let Some(uid) = wanted.uid {
+            if uid != me.uid {
+                return Err(format!("the contract is for uid {uid}, the caller is uid {}", me.uid));
+            }
+        }
+        if let Some(exe) = &wanted.exe {
+            if me.exe.as_deref() != Some(exe) {
+                return Err(format!("the contract is for executable {exe}, the caller runs {:?}", me.exe));
+            }
+        }
+        if let Some(cgroup) = &wanted.cgroup {
+            let inside = me.cgroup.as_deref().is_some_and(|c| c == cgroup || c.starts_with(&format!("{}/", cgroup.trim_end_matches('/'))));
+            if !inside {
+                return Err(format!("the contract is for cgroup {cgroup}, the caller is in {:?}", me.cgroup));
+            }
+        }
+        if let Some(pod) = &wanted.pod_uid {
+            if me.pod_uid.as_deref() != Some(pod) {
+                return Err(format!("the contract is for pod {pod}, the caller is in {:?}", me.pod_uid));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Field 22 of /proc/<pid>/stat: start time in clock ticks since boot.
+fn start_time(pid: i32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may contain spaces and parentheses: skip past its last ')'.
+    let after_comm = stat.rsplit_once(')').map(|(_, rest)| rest).context("malformed /proc/<pid>/stat")?;
+    // after_comm starts at field 3; field 22 is the 20th from there.
+    let field = after_comm.split_whitespace().nth(19).context("short /proc/<pid>/stat")?;
+    let ticks = field.parse().context("non-numeric start time")?;
+    if ticks == 0 {
+        bail!("process {pid} has no start time");
+    }
+    Ok(ticks)
+}
+
+/// The pod UID in a kubelet cgroup path: `.../pod<uid>/...` (cgroupfs driver) or
+/// `...-pod<uid_with_underscores>.slice` (systemd driver).
+pub fn pod_uid_of(cgroup: &str) -> Option<String> {
+    cgroup.split('/').find_map(|segment| {
+        let start = segment.find("pod")? + 3;
+        let candidate: String = segment[start..].chars().take(36).collect();
+        let uid = candidate.replace('_', "-");
+        let well_formed = uid.len() == 36
+            && uid.chars().enumerate().all(|(i, c)| if [8, 13, 18, 23].contains(&i) { c == '-' } else { c.is_ascii_hexdigit() });
+        well_formed.then_some(uid)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_uids_are_found_under_both_cgroup_drivers() {
+        let uid = "0f3c2a1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b";
+        assert_eq!(pod_uid_of(&format!("/kubepods/burstable/pod{uid}/abc123")).as_deref(), Some(uid));
+        let systemd = format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-1.scope", uid.replace('-', "_"));
+        assert_eq!(pod_uid_of(&systemd).as_deref(), Some(uid));
+        assert_eq!(pod_uid_of("/system.slice/kubelet.service"), None);
+    }
+
+    #[test]
+    fn the_caller_is_this_process_and_matches_only_its_own_identity() {
+        let me = Caller::identify(0, 0, std::process::id() as i32).unwrap();
+        assert!(me.still_same());
+        let exe = std::env::current_exe().unwrap().to_string_lossy().into_owned();
+        assert_eq!(me.identity.exe.as_deref(), Some(exe.as_str()));
+        assert!(me.matches(&AgentIdentity { uid: Some(0), exe: Some(exe), ..Default::default() }).is_ok());
+        assert!(me.matches(&AgentIdentity { uid: Some(1000), ..Default::default() }).is_err());
+        assert!(me.matches(&AgentIdentity { exe: Some("/usr/bin/other".into()), ..Default::default() }).is_err());
+    }
+
+    #[test]
+    fn a_process_that_exited_is_no_longer_the_same_caller() {
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let caller = Caller::identify(0, 0, child.id() as i32).unwrap();
+        assert!(caller.still_same());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!caller.still_same());
+    }
+}

@@ -1,0 +1,149 @@
+//! Admission state kept in the audit store: epochs, revocations and used serials.
+//! Read and written only inside ledger transactions, so every admission sees every
+//! change committed before it, and every change is itself an audit record.
+
+use anyhow::{Result, bail};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use super::{Reason, Rejection};
+use crate::{
+    audit::{Batch, now_ns},
+    cert::Verified,
+};
+
+pub const EPOCH_KIND: &str = "epoch_change";
+pub const REVOCATION_KIND: &str = "revocation";
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Epochs {
+    pub policy: Option<u64>,
+    pub revocation: Option<u64>,
+}
+
+pub fn epochs(conn: &Connection) -> Result<Epochs> {
+    let get = |name: &str| -> Result<Option<u64>> {
+        Ok(conn
+            .query_row("SELECT value FROM epochs WHERE name = ?1", [name], |row| row.get::<_, i64>(0))
+            .optional()?
+            .map(|v| v as u64))
+    };
+    Ok(Epochs { policy: get("policy")?, revocation: get("revocation")? })
+}
+
+/// Set epochs. The revocation epoch only moves forward: going back would revive
+/// certificates the SAB retired.
+pub fn set_epochs(batch: &mut Batch<'_>, policy: Option<u64>, revocation: Option<u64>) -> Result<Epochs> {
+    let current = epochs(batch.conn())?;
+    if let (Some(new), Some(old)) = (revocation, current.revocation) {
+        if new < old {
+            bail!("the revocation epoch only moves forward: it is {old}, {new} was asked");
+        }
+    }
+    let next = Epochs { policy: policy.or(current.policy), revocation: revocation.or(current.revocation) };
+    let seq = batch.append(EPOCH_KIND, now_ns(), &serde_json::json!({"previous": current, "current": next}))?;
+    for (name, value) in [("policy", policy), ("revocation", revocation)] {
+        if let Some(value) = value {
+            batch.conn().execute(
+                "INSERT INTO epochs (name, value, record_seq) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET value = excluded.value, record_seq = excluded.record_seq",
+                params![name, value as i64, seq],
+            )?;
+        }
+    }
+    Ok(next)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevocationTarget {
+    Serial,
+    ContractId,
+}
+
+impl RevocationTarget {
+    fn column(self) -> &'static str {
+        match self {
+            Self::Serial => "serial",
+            Self::ContractId => "contract_id",
+        }
+    }
+}
+
+pub fn revoke(batch: &mut Batch<'_>, target: RevocationTarget, value: &str, reason: &str) -> Result<i64> {
+    let value = normalise(target, value);
+    let seq = batch.append(
+        REVOCATION_KIND,
+        now_ns(),
+        &serde_json::json!({"target": target, "value": value, "reason": reason}),
+    )?;
+    batch.conn().execute(
+        "INSERT OR IGNORE INTO revoked (kind, value, record_seq) VALUES (?1, ?2, ?3)",
+        params![target.column(), value, seq],
+    )?;
+    Ok(seq)
+}
+
+/// Serials compare as lower-case hex without separators.
+fn normalise(target: RevocationTarget, value: &str) -> String {
+    match target {
+        RevocationTarget::Serial => value.chars().filter(char::is_ascii_hexdigit).collect::<String>().to_ascii_lowercase(),
+        RevocationTarget::ContractId => value.to_string(),
+    }
+}
+
+fn is_revoked(conn: &Connection, target: RevocationTarget, value: &str) -> Result<bool> {
+    Ok(conn
+        .query_row("SELECT 1 FROM revoked WHERE kind = ?1 AND value = ?2", params![target.column(), value], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// The stateful predicates, in order. Unknown state denies (fail closed).
+pub fn check(conn: &Connection, verified: &Verified) -> Result<Result<(), Rejection>> {
+    let contract = &verified.contract;
+    let reject = |reason, message: String| Ok(Err(Rejection { reason, message }));
+    let Epochs { policy: Some(policy), revocation: Some(revocation) } = epochs(conn)? else {
+        return reject(Reason::EpochsUnset, "the broker has no active policy and revocation epochs (seb-agent epoch)".into());
+    };
+    if contract.policy_epoch != policy {
+        return reject(
+            Reason::PolicyEpochMismatch,
+            format!("certified under policy epoch {}, the active one is {policy}", contract.policy_epoch),
+        );
+    }
+    if contract.revocation_epoch < revocation {
+        return reject(
+            Reason::RevocationEpochStale,
+            format!("certified at revocation epoch {}, the active one is {revocation}", contract.revocation_epoch),
+        );
+    }
+    if contract.revocation_epoch > revocation {
+        return reject(
+            Reason::RevocationStateBehind,
+            format!(
+                "certified at revocation epoch {}, but this broker only knows {revocation}: its revocation state may be missing entries",
+                contract.revocation_epoch
+            ),
+        );
+    }
+    if is_revoked(conn, RevocationTarget::Serial, &verified.serial)? {
+        return reject(Reason::SerialRevoked, format!("certificate serial {} is revoked", verified.serial));
+    }
+    if is_revoked(conn, RevocationTarget::ContractId, &contract.contract_id)? {
+        return reject(Reason::ContractRevoked, format!("contract {} is revoked", contract.contract_id));
+    }
+    let used: Option<i64> = conn
+        .query_row("SELECT decision_seq FROM used_serials WHERE serial = ?1", [&verified.serial], |row| row.get(0))
+        .optional()?;
+    if let Some(seq) = used {
+        return reject(Reason::Replayed, format!("certificate serial {} was already used (decision record {seq})", verified.serial));
+    }
+    Ok(Ok(()))
+}
+
+/// Mark the serial used by the admitting decision.
+pub fn consume(conn: &Connection, serial: &str, decision_seq: i64) -> Result<()> {
+    conn.execute("INSERT INTO used_serials (serial, decision_seq) VALUES (?1, ?2)", params![serial, decision_seq])?;
+    Ok(())
+}

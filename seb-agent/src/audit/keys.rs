@@ -1,0 +1,51 @@
+//! The broker's Ed25519 audit-signing key.
+
+use std::{fs, io::Write, os::unix::fs::OpenOptionsExt, path::Path};
+
+use anyhow::{Context, Result};
+use ed25519_dalek::{
+    SigningKey, VerifyingKey,
+    pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, spki::der::pem::LineEnding},
+};
+
+/// Load the key, creating it (mode 0600) on first start. Its public half is written
+/// beside it as `<name>.pub` for offline verification.
+pub fn load_or_create(path: &Path) -> Result<SigningKey> {
+    let key = match fs::read_to_string(path) {
+        Ok(pem) => SigningKey::from_pkcs8_pem(&pem)
+            .with_context(|| format!("{} is not an Ed25519 PKCS#8 private key", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(path)?,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let public = key.verifying_key().to_public_key_pem(LineEnding::LF)?;
+    fs::write(public_key_path(path), public)?;
+    Ok(key)
+}
+
+fn create(path: &Path) -> Result<SigningKey> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let key = SigningKey::generate(&mut rand_core::OsRng);
+    let pem = key.to_pkcs8_pem(LineEnding::LF)?;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(pem.as_bytes())?;
+    file.sync_all()?;
+    Ok(key)
+}
+
+pub fn public_key_path(key_path: &Path) -> std::path::PathBuf {
+    let mut name = key_path.file_name().unwrap_or_default().to_os_string();
+    name.push(".pub");
+    key_path.with_file_name(name)
+}
+
+pub fn load_public(path: &Path) -> Result<VerifyingKey> {
+    let pem = fs::read_to_string(path).with_context(|| format!("reading public key {}", path.display()))?;
+    VerifyingKey::from_public_key_pem(&pem).with_context(|| format!("{} is not an Ed25519 public key", path.display()))
+}

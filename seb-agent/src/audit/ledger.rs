@@ -1,0 +1,201 @@
+//! The ledger: the one writer of the audit store.
+//!
+//! Work arrives as closures that run inside a database transaction: stateful admission
+//! checks, appending records, state changes. The ledger thread takes every job waiting,
+//! runs each under its own savepoint, commits the batch once (one fsync for many
+//! decisions) and only then answers each job. So a caller never hears of a decision that
+//! is not on disk, and all state checks and writes are serialised.
+
+use std::{
+    path::Path,
+    sync::mpsc,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow};
+use ed25519_dalek::SigningKey;
+use rusqlite::{Connection, Transaction, TransactionBehavior, params};
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tracing::error;
+
+use super::{
+    chain::{self, Head},
+    now_ns, store,
+};
+
+/// Record kind of the periodic signed checkpoints.
+pub const CHECKPOINT_KIND: &str = "checkpoint";
+const CHECKPOINT_RECORDS: u64 = 1024;
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
+const MAX_BATCH: usize = 512;
+const QUEUE: usize = 4096;
+
+/// A checkpoint: the chain head at a point, signed like every record. Exported
+/// checkpoints let a verifier also detect truncation of the newest records.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub through_seq: i64,
+    pub head_hash: String,
+    pub records_since_previous: u64,
+}
+
+type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Job = Box<dyn FnOnce(&mut Batch<'_>) -> (bool, Completion) + Send>;
+
+/// Handle for submitting work; cheap to clone.
+#[derive(Clone)]
+pub struct Ledger {
+    jobs: mpsc::SyncSender<Job>,
+}
+
+/// What a job sees: the open transaction and the chain head.
+pub struct Batch<'a> {
+    tx: Transaction<'a>,
+    head: Head,
+    key: &'a SigningKey,
+    appended: u64,
+}
+
+impl Batch<'_> {
+    /// Append a signed, chained record; returns its sequence number.
+    pub fn append<T: Serialize + ?Sized>(&mut self, kind: &str, time_ns: i64, body: &T) -> Result<i64> {
+        let body = serde_json::to_string(body)?;
+        let sealed = chain::seal(&self.head, self.key, kind, time_ns, &body);
+        self.tx
+            .prepare_cached(
+                "INSERT INTO records (seq, kind, time_ns, body, prev_hash, hash, signature) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![sealed.seq, kind, time_ns, body, &sealed.prev_hash[..], &sealed.hash[..], &sealed.signature[..]])?;
+        self.head = Head { seq: sealed.seq, hash: sealed.hash };
+        self.appended += 1;
+        Ok(sealed.seq)
+    }
+
+    /// The transaction, for state reads and writes.
+    pub fn conn(&self) -> &Connection {
+        &self.tx
+    }
+}
+
+impl Ledger {
+    /// Open the store and start the ledger thread; it stops when every handle is dropped.
+    pub fn start(path: &Path, key: SigningKey) -> Result<(Self, JoinHandle<()>)> {
+        let conn = store::open_writable(path)?;
+        let head = store::head(&conn)?;
+        let (jobs, queue) = mpsc::sync_channel::<Job>(QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("seb-ledger".into())
+            .spawn(move || run_ledger(conn, key, head, queue))
+            .context("starting the ledger thread")?;
+        Ok((Self { jobs }, thread))
+    }
+
+    /// Queue work; the receiver yields its result once the batch is durably committed.
+    pub fn submit<R: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Batch<'_>) -> Result<R> + Send + 'static,
+    ) -> oneshot::Receiver<Result<R>> {
+        let (reply, result) = oneshot::channel();
+        let job: Job = Box::new(move |batch| {
+            let outcome = work(batch);
+            let ok = outcome.is_ok();
+            let completion: Completion = Box::new(move |committed| {
+                let _ = reply.send(committed.map_err(|e| anyhow!("committing the audit store: {e}")).and(outcome));
+            });
+            (ok, completion)
+        });
+        if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
+            // The ledger is gone: fail the job rather than lose it silently.
+            drop(job);
+        }
+        result
+    }
+
+    pub async fn run<R: Send + 'static>(&self, work: impl FnOnce(&mut Batch<'_>) -> Result<R> + Send + 'static) -> Result<R> {
+        self.submit(work).await.map_err(|_| anyhow!("the audit ledger stopped"))?
+    }
+
+    pub fn run_blocking<R: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Batch<'_>) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        self.submit(work).blocking_recv().map_err(|_| anyhow!("the audit ledger stopped"))?
+    }
+}
+
+fn run_ledger(mut conn: Connection, key: SigningKey, mut head: Head, queue: mpsc::Receiver<Job>) {
+    let mut since_checkpoint = 0u64;
+    let mut last_checkpoint = Instant::now();
+    while let Ok(first) = queue.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let (result, completions) = run_batch(&mut conn, &key, &mut head, jobs, &mut since_checkpoint, &mut last_checkpoint);
+        let result = result.map_err(|e| format!("{e:#}"));
+        if let Err(e) = &result {
+            error!(error = %e, "an audit batch failed; its callers are told so");
+        }
+        for completion in completions {
+            completion(result.clone());
+        }
+    }
+}
+
+fn run_batch(
+    conn: &mut Connection,
+    key: &SigningKey,
+    head: &mut Head,
+    jobs: Vec<Job>,
+    since_checkpoint: &mut u64,
+    last_checkpoint: &mut Instant,
+) -> (Result<()>, Vec<Completion>) {
+    let mut completions = Vec::with_capacity(jobs.len());
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            // Still run each job so it can answer; nothing it wrote is kept.
+            return (Err(e.into()), Vec::new());
+        }
+    };
+    let mut batch = Batch { tx, head: *head, key, appended: 0 };
+    for job in jobs {
+        let before = (batch.head, batch.appended);
+        let _ = batch.tx.execute_batch("SAVEPOINT job");
+        let (ok, completion) = job(&mut batch);
+        if ok {
+            let _ = batch.tx.execute_batch("RELEASE job");
+        } else {
+            let _ = batch.tx.execute_batch("ROLLBACK TO job; RELEASE job");
+            (batch.head, batch.appended) = before;
+        }
+        completions.push(completion);
+    }
+    *since_checkpoint += batch.appended;
+    let due = *since_checkpoint >= CHECKPOINT_RECORDS || (*since_checkpoint > 0 && last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL);
+    if due {
+        let checkpoint = Checkpoint {
+            through_seq: batch.head.seq,
+            head_hash: hex::encode(batch.head.hash),
+            records_since_previous: *since_checkpoint,
+        };
+        if let Err(e) = batch.append(CHECKPOINT_KIND, now_ns(), &checkpoint) {
+            return (Err(e), completions);
+        }
+        *since_checkpoint = 0;
+        *last_checkpoint = Instant::now();
+    }
+    let new_head = batch.head;
+    match batch.tx.commit() {
+        Ok(()) => {
+            *head = new_head;
+            (Ok(()), completions)
+        }
+        Err(e) => (Err(e.into()), completions),
+    }
+}

@@ -1,0 +1,143 @@
+//! The execution contract a SAB certificate binds, and the mutation request it binds.
+//!
+//! Both are hashed and embedded as RFC 8785 (JCS) canonical JSON, so the same content
+//! always has the same bytes and the same digest, whoever serialised it.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// OID of the certificate extension holding the contract, under the UUID arc 2.25
+/// (ITU-T X.667, no registration needed): the integer value of UUID
+/// 00000000-0000-0000-7240-78fd9dd48203, random in its low 63 bits so that certificate tooling
+/// with 64-bit arcs can encode it. Its value is a DER UTF8String with the contract's
+/// canonical JSON. The extension must be marked critical.
+pub const CONTRACT_OID: &[u64] = &[2, 25, 8232713149503275523];
+pub const CONTRACT_OID_TEXT: &str = "2.25.8232713149503275523";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Kubernetes,
+    Aws,
+    Http,
+}
+
+/// What an agent asks the broker to do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MutationRequest {
+    pub provider: Provider,
+    /// Provider operation, e.g. `s3:PutObject`, `patch`, `POST`.
+    pub operation: String,
+    /// The exact target: an ARN, a Kubernetes object path, a URL.
+    pub target: String,
+    /// Operation parameters (the object body, the patch, ...).
+    #[serde(default)]
+    pub params: serde_json::Value,
+}
+
+impl MutationRequest {
+    /// `sha256:<hex>` of the request's canonical JSON.
+    pub fn digest(&self) -> String {
+        digest_of(self)
+    }
+}
+
+/// Who may present the certificate. Every field given must match the caller.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentIdentity {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Absolute path of the caller's executable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+    /// The caller's cgroup v2 path (relative to the mount), or an ancestor of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// The Kubernetes pod UID the caller runs in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+}
+
+impl AgentIdentity {
+    pub fn is_empty(&self) -> bool {
+        self.uid.is_none() && self.exe.is_none() && self.cgroup.is_none() && self.pod_uid.is_none()
+    }
+}
+
+/// The identity the broker mints to execute the mutation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ScopedIdentity {
+    /// STS AssumeRole with a session policy for exactly this mutation.
+    AwsRole { role_arn: String },
+    /// A TokenRequest token for this ServiceAccount.
+    KubernetesServiceAccount { namespace: String, name: String },
+    /// A short-lived client certificate from the broker's issuing CA.
+    X509Client { subject: String },
+}
+
+/// The execution contract.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutionContract {
+    pub contract_id: String,
+    pub agent: AgentIdentity,
+    pub provider: Provider,
+    pub operation: String,
+    pub target: String,
+    /// `sha256:<hex>` of the certified request's canonical JSON.
+    pub request_digest: String,
+    /// `sha256:<hex>` of the certified live state of the target (checked for drift).
+    pub precondition: String,
+    pub policy_epoch: u64,
+    pub revocation_epoch: u64,
+    /// `sha256:<hex>` of the evidence the SAB assessed.
+    pub evidence_digest: String,
+    pub identity: ScopedIdentity,
+}
+
+impl ExecutionContract {
+    /// RFC 8785 canonical JSON: the bytes embedded in the certificate.
+    pub fn canonical_json(&self) -> String {
+        canonical_json(self)
+    }
+}
+
+pub fn canonical_json<T: Serialize>(value: &T) -> String {
+    serde_jcs::to_string(value).expect("contract types serialise to JSON")
+}
+
+/// `sha256:<hex>` of a value's canonical JSON.
+pub fn digest_of<T: Serialize>(value: &T) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(canonical_json(value).as_bytes())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_request_digest_ignores_key_order_and_whitespace() {
+        let a: MutationRequest = serde_json::from_str(
+            r#"{"provider":"aws","operation":"s3:PutObject","target":"arn:aws:s3:::b/k","params":{"body":"x","acl":"private"}}"#,
+        )
+        .unwrap();
+        let b: MutationRequest = serde_json::from_str(
+            r#"{ "params": {"acl": "private", "body": "x"}, "target": "arn:aws:s3:::b/k",
+                 "operation": "s3:PutObject", "provider": "aws" }"#,
+        )
+        .unwrap();
+        assert_eq!(a.digest(), b.digest());
+        let mut c = a.clone();
+        c.params["body"] = "y".into();
+        assert_ne!(a.digest(), c.digest());
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys() {
+        let value = serde_json::json!({"b": 1, "a": [true, null], "c": "é"});
+        assert_eq!(canonical_json(&value), r#"{"a":[true,null],"b":1,"c":"é"}"#);
+    }
+}

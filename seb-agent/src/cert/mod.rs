@@ -1,0 +1,8 @@
+//! SAB certificates: the execution contract they bind, verification, and a dev SAB.
+
+pub mod contract;
+pub mod dev_sab;
+pub mod verify;
+
+pub use contract::{ExecutionContract, MutationRequest, Provider};
+pub use verify::{Rejection, TrustAnchors, ValidityPolicy, Verified};

@@ -1,0 +1,65 @@
+//! `seb-agent cert`: the dev SAB and certificate inspection.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use x509_parser::{pem::Pem, prelude::*};
+
+use crate::cert::{
+    ExecutionContract, MutationRequest,
+    contract::CONTRACT_OID_TEXT,
+    dev_sab::{self, Algorithm, CaFiles, IssueOptions},
+};
+
+pub fn create_ca(dir: &Path, name: &str, algorithm: Algorithm) -> Result<()> {
+    let files = dev_sab::create_ca(dir, name, algorithm)?;
+    eprintln!("created SAB CA {} (key {})", files.cert.display(), files.key.display());
+    eprintln!("trust it with `admission.trust_anchors = \"{}\"`", files.cert.display());
+    Ok(())
+}
+
+/// Issue a certificate for a contract file. With `request`, the contract's request
+/// digest, provider, operation and target are filled in from that request.
+pub fn issue(dir: &Path, contract_path: &Path, request: Option<&Path>, ttl: Duration, algorithm: Algorithm) -> Result<String> {
+    let text = std::fs::read_to_string(contract_path).with_context(|| format!("reading {}", contract_path.display()))?;
+    let mut value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", contract_path.display()))?;
+    if let Some(path) = request {
+        let request: MutationRequest = serde_json::from_str(&std::fs::read_to_string(path)?)
+            .with_context(|| format!("{} is not a valid request", path.display()))?;
+        value["request_digest"] = json!(request.digest());
+        value["provider"] = serde_json::to_value(request.provider)?;
+        value["operation"] = json!(request.operation);
+        value["target"] = json!(request.target);
+    }
+    let contract: ExecutionContract =
+        serde_json::from_value(value).with_context(|| format!("{} is not a valid execution contract", contract_path.display()))?;
+    dev_sab::issue(&CaFiles::in_dir(dir), &contract, &IssueOptions { algorithm, ttl, ..Default::default() })
+}
+
+/// The certificate's serial, validity and contract, as JSON.
+pub fn inspect(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let pem = Pem::iter_from_buffer(text.as_bytes()).next().context("no PEM certificate in the file")??;
+    let (_, cert) = X509Certificate::from_der(&pem.contents).context("not an X.509 certificate")?;
+    let contract = cert
+        .extensions()
+        .iter()
+        .find(|ext| ext.oid.to_id_string() == CONTRACT_OID_TEXT)
+        .map(|ext| -> Result<serde_json::Value> {
+            let (_, text) = x509_parser::der_parser::asn1_rs::Utf8String::from_der(ext.value)
+                .map_err(|e| anyhow::anyhow!("the contract extension is not a UTF8String: {e}"))?;
+            Ok(json!({"critical": ext.critical, "canonical": text.string(), "contract": serde_json::from_str::<serde_json::Value>(&text.string())?}))
+        })
+        .transpose()?;
+    Ok(json!({
+        "serial": hex::encode(cert.raw_serial()),
+        "subject": cert.subject().to_string(),
+        "issuer": cert.issuer().to_string(),
+        "not_before": cert.validity().not_before.to_string(),
+        "not_after": cert.validity().not_after.to_string(),
+        "signature_algorithm": cert.signature_algorithm.algorithm.to_id_string(),
+        "contract_extension": contract,
+    }))
+}
