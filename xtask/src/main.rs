@@ -1,5 +1,6 @@
 //! `cargo xtask`: build, test, bench and demo for seb.
 
+mod bench_admission;
 mod bench_connect;
 mod demo;
 mod ebpf;
@@ -40,6 +41,8 @@ enum Task {
 enum Bench {
     /// Added latency of connect() with the programs attached.
     Connect,
+    /// Admission latency and throughput over the broker socket.
+    Admission,
 }
 
 fn main() {
@@ -48,6 +51,7 @@ fn main() {
         Task::Build { check } => build(check),
         Task::Test => test(),
         Task::Bench { which: Bench::Connect } => bench_connect::run(),
+        Task::Bench { which: Bench::Admission } => bench_admission::run(),
         Task::Demo => demo::run(),
     };
     if let Err(error) = result {
