@@ -117,15 +117,17 @@ fn is_broker_socket(cookie: u64, tgid: Option<u32>) -> bool {
     }
 }
 
+/// Whether the caller's cgroup, or one of its ancestors, is exempt. `ancestor(level)`
+/// gives the id at that depth, 0 past the cgroup itself.
 #[inline(always)]
-fn current_task_is_exempt() -> bool {
+fn is_exempt(ancestor: impl Fn(i32) -> u64) -> bool {
     let mut level = 0;
     while level < MAX_CGROUP_DEPTH {
-        // SAFETY: plain helper call; 0 means "deeper than the task's cgroup".
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        let id = ancestor(level as i32);
         if id == 0 {
             return false;
         }
+        // SAFETY: the value is only tested for presence.
         if unsafe { EXEMPT_CGROUPS.get(&id) }.is_some() {
             return true;
         }
@@ -135,20 +137,15 @@ fn current_task_is_exempt() -> bool {
 }
 
 #[inline(always)]
+fn current_task_is_exempt() -> bool {
+    // SAFETY: plain helper call.
+    is_exempt(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
+}
+
+#[inline(always)]
 fn socket_cgroup_is_exempt(skb: *mut __sk_buff) -> bool {
-    let mut level = 0;
-    while level < MAX_CGROUP_DEPTH {
-        // SAFETY: as above, for the skb's socket cgroup.
-        let id = unsafe { bpf_skb_ancestor_cgroup_id(skb, level as i32) };
-        if id == 0 {
-            return false;
-        }
-        if unsafe { EXEMPT_CGROUPS.get(&id) }.is_some() {
-            return true;
-        }
-        level += 1;
-    }
-    false
+    // SAFETY: helper call on this program's own skb.
+    is_exempt(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) })
 }
 
 #[inline(always)]

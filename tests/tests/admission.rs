@@ -81,24 +81,25 @@ fn request() -> MutationRequest {
 
 /// The contract certifying `request()` for this test process.
 fn contract() -> ExecutionContract {
-    let request = request();
-    ExecutionContract {
+    let mut contract = ExecutionContract {
         contract_id: format!("c-{}", uuid_like()),
         agent: AgentIdentity {
             uid: Some(0),
             exe: Some(std::env::current_exe().unwrap().to_string_lossy().into_owned()),
             ..Default::default()
         },
-        provider: request.provider,
-        operation: request.operation.clone(),
-        target: request.target.clone(),
-        request_digest: request.digest(),
+        provider: Provider::Http,
+        operation: String::new(),
+        target: String::new(),
+        request_digest: String::new(),
         precondition: "sha256:00".into(),
         policy_epoch: 1,
         revocation_epoch: 1,
         evidence_digest: "sha256:11".into(),
         identity: ScopedIdentity::AwsRole { role_arn: "arn:aws:iam::123456789012:role/seb-demo".into() },
-    }
+    };
+    contract.bind_request(&request());
+    contract
 }
 
 fn uuid_like() -> String {

@@ -124,19 +124,21 @@ fn bench_request() -> MutationRequest {
 /// Certified for this process (the bench client).
 fn bench_contract(request: &MutationRequest) -> Result<ExecutionContract> {
     let exe: PathBuf = std::env::current_exe()?;
-    Ok(ExecutionContract {
+    let mut contract = ExecutionContract {
         contract_id: "c-bench".into(),
         agent: AgentIdentity { uid: Some(0), exe: Some(exe.to_string_lossy().into_owned()), ..Default::default() },
         provider: request.provider,
-        operation: request.operation.clone(),
-        target: request.target.clone(),
-        request_digest: request.digest(),
+        operation: String::new(),
+        target: String::new(),
+        request_digest: String::new(),
         precondition: "sha256:00".into(),
         policy_epoch: 1,
         revocation_epoch: 1,
         evidence_digest: "sha256:00".into(),
         identity: ScopedIdentity::AwsRole { role_arn: "arn:aws:iam::123456789012:role/seb-bench".into() },
-    })
+    };
+    contract.bind_request(request);
+    Ok(contract)
 }
 
 fn percentile(values: &[f64], p: f64) -> f64 {

@@ -102,10 +102,9 @@ fn start_time(pid: i32) -> Result<u64> {
 /// The pod UID in a kubelet cgroup path: `.../pod<uid>/...` (cgroupfs driver) or
 /// `...-pod<uid_with_underscores>.slice` (systemd driver).
 pub fn pod_uid_of(cgroup: &str) -> Option<String> {
-    cgroup.split('/').find_map(|segment| {
-        let start = segment.find("pod")? + 3;
-        let candidate: String = segment[start..].chars().take(36).collect();
-        let uid = candidate.replace('_', "-");
+    // "kubepods" itself contains "pod": try every occurrence.
+    cgroup.split('/').flat_map(|segment| segment.match_indices("pod").map(move |(at, _)| &segment[at + 3..])).find_map(|rest| {
+        let uid: String = rest.chars().take(36).collect::<String>().replace('_', "-");
         let well_formed = uid.len() == 36
             && uid.chars().enumerate().all(|(i, c)| if [8, 13, 18, 23].contains(&i) { c == '-' } else { c.is_ascii_hexdigit() });
         well_formed.then_some(uid)

@@ -99,6 +99,14 @@ pub struct ExecutionContract {
 }
 
 impl ExecutionContract {
+    /// Bind exactly this request: provider, operation, target and digest.
+    pub fn bind_request(&mut self, request: &MutationRequest) {
+        self.provider = request.provider;
+        self.operation = request.operation.clone();
+        self.target = request.target.clone();
+        self.request_digest = request.digest();
+    }
+
     /// RFC 8785 canonical JSON: the bytes embedded in the certificate.
     pub fn canonical_json(&self) -> String {
         canonical_json(self)

@@ -25,16 +25,20 @@ pub fn issue(dir: &Path, contract_path: &Path, request: Option<&Path>, ttl: Dura
     let text = std::fs::read_to_string(contract_path).with_context(|| format!("reading {}", contract_path.display()))?;
     let mut value: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", contract_path.display()))?;
+    if request.is_some() {
+        // Filled in from the request below; placeholders keep the contract parseable.
+        let object = value.as_object_mut().context("the contract must be a JSON object")?;
+        for (field, placeholder) in [("provider", "http"), ("operation", ""), ("target", ""), ("request_digest", "")] {
+            object.entry(field).or_insert(json!(placeholder));
+        }
+    }
+    let mut contract: ExecutionContract =
+        serde_json::from_value(value).with_context(|| format!("{} is not a valid execution contract", contract_path.display()))?;
     if let Some(path) = request {
         let request: MutationRequest = serde_json::from_str(&std::fs::read_to_string(path)?)
             .with_context(|| format!("{} is not a valid request", path.display()))?;
-        value["request_digest"] = json!(request.digest());
-        value["provider"] = serde_json::to_value(request.provider)?;
-        value["operation"] = json!(request.operation);
-        value["target"] = json!(request.target);
+        contract.bind_request(&request);
     }
-    let contract: ExecutionContract =
-        serde_json::from_value(value).with_context(|| format!("{} is not a valid execution contract", contract_path.display()))?;
     dev_sab::issue(&CaFiles::in_dir(dir), &contract, &IssueOptions { algorithm, ttl, ..Default::default() })
 }
 
