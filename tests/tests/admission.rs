@@ -284,3 +284,62 @@ fn the_cli_propose_prints_the_decision_and_exits_non_zero_on_denial() {
     let decision: serde_json::Value = serde_json::from_slice(&second.stdout).unwrap();
     assert_eq!(decision["reason"], "replayed");
 }
+
+/// Raw frames over a blocking socket, to send what no well-behaved client would.
+mod raw {
+    use std::{
+        io::{Read, Write},
+        os::unix::net::UnixStream,
+    };
+
+    pub fn send(stream: &mut UnixStream, declared_len: u32, body: &[u8]) {
+        stream.write_all(&declared_len.to_be_bytes()).unwrap();
+        stream.write_all(body).unwrap();
+    }
+
+    /// The next reply, or None if the broker closed the connection.
+    pub fn reply(stream: &mut UnixStream) -> Option<serde_json::Value> {
+        let mut len = [0u8; 4];
+        stream.read_exact(&mut len).ok()?;
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        stream.read_exact(&mut body).ok()?;
+        Some(serde_json::from_slice(&body).unwrap())
+    }
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_closes_only_that_connection() {
+    use std::os::unix::net::UnixStream;
+    let f = Fixture::new("protocol", true);
+    let socket = &f.sandbox.socket;
+    let mut bystander = UnixStream::connect(socket).unwrap();
+
+    let cases: [(&str, u32, Vec<u8>, Option<&str>); 5] = [
+        ("oversized", 2 << 20, Vec::new(), Some("too_large")),
+        ("not JSON", 9, b"{not json".to_vec(), Some("malformed")),
+        ("no version", 15, br#"{"type":"ping"}"#.to_vec(), Some("malformed")),
+        ("future version", 22, br#"{"v":99,"type":"ping"}"#.to_vec(), Some("unsupported_version")),
+        ("unknown type", 31, br#"{"v":1,"type":"launch_missiles"}"#.to_vec(), Some("malformed")),
+    ];
+    for (what, len, body, code) in cases {
+        let mut stream = UnixStream::connect(socket).unwrap();
+        raw::send(&mut stream, len, &body);
+        let reply = raw::reply(&mut stream).unwrap_or_else(|| panic!("{what}: no error reply"));
+        assert_eq!(reply["type"], "error", "{what}: {reply}");
+        assert_eq!(reply["code"].as_str(), code, "{what}: {reply}");
+        assert!(!reply["message"].as_str().unwrap().is_empty(), "{what}: {reply}");
+        assert!(raw::reply(&mut stream).is_none(), "{what}: the connection must be closed after the error");
+    }
+
+    // Truncated: fewer bytes than declared, then end of input. Closed without a reply.
+    let mut truncated = UnixStream::connect(socket).unwrap();
+    raw::send(&mut truncated, 100, b"{\"v\":1");
+    truncated.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(raw::reply(&mut truncated).is_none());
+
+    // The other connection was never disturbed, and can make several requests in turn.
+    for _ in 0..2 {
+        raw::send(&mut bystander, 21, br#"{"v":1,"type":"ping"}"#);
+        assert_eq!(raw::reply(&mut bystander).unwrap()["type"], "pong");
+    }
+}

@@ -184,3 +184,31 @@ fn a_bad_config_names_the_field_and_nothing_is_attached() {
         assert!(!sandbox.pin_path.join("links").exists(), "nothing may be attached after a config error");
     }
 }
+
+#[test]
+fn denials_lost_to_a_full_ring_buffer_are_counted_never_silent() {
+    let mut sandbox = sandbox("ringloss");
+    sandbox.start_agent().unwrap();
+    // With the agent down nothing drains the ring buffer: a few seconds of denied
+    // connects overflow it many times over.
+    sandbox.kill_agent().unwrap();
+    let hammered = sandbox.probe("workload", &["repeat", "tcp", "127.0.0.2:8443", "--millis", "3000"]).unwrap();
+    assert_eq!(hammered["other"], serde_json::json!([]), "{hammered}");
+    let denied = hammered["denied"].as_u64().unwrap();
+
+    sandbox.start_agent().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let lost_total = loop {
+        let listing = sandbox.agent_cli(&["audit", "list", "--kind", "ring_loss", "--json"]).unwrap();
+        let losses: Vec<Value> =
+            String::from_utf8(listing.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        if let Some(last) = losses.last() {
+            break last["body"]["lost_total"].as_u64().unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "no ring_loss record after the overflow");
+        thread::sleep(Duration::from_millis(200));
+    };
+    let delivered = sandbox.denials().unwrap().len() as u64;
+    assert!(lost_total > 0 && delivered > 0, "delivered {delivered}, lost {lost_total}");
+    assert_eq!(delivered + lost_total, denied, "every denial is either recorded or counted as lost");
+}
