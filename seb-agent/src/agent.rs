@@ -2,11 +2,11 @@
 
 use std::{
     path::PathBuf,
-    time::Duration,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use anyhow::{Context, Result, anyhow};
@@ -43,7 +43,9 @@ pub fn resolve_cgroups(config: &Config) -> Result<ResolvedCgroups> {
     let mut exempt_ids = Vec::new();
     for (i, relative) in config.enforcement.exempt_cgroups.iter().enumerate() {
         let dir = cgroupfs::resolve(&mount, relative);
-        exempt_ids.push(cgroupfs::cgroup_id(&dir).with_context(|| format!("config field `enforcement.exempt_cgroups[{i}]`"))?);
+        exempt_ids.push(
+            cgroupfs::cgroup_id(&dir).with_context(|| format!("config field `enforcement.exempt_cgroups[{i}]`"))?,
+        );
     }
     Ok(ResolvedCgroups { mount, scopes, exempt_ids })
 }
@@ -112,7 +114,10 @@ fn admission_from(config: &Config) -> Result<Admission> {
         Some(path) => {
             let pem = std::fs::read_to_string(path)
                 .with_context(|| format!("config field `admission.trust_anchors`: cannot read {}", path.display()))?;
-            Some(TrustAnchors::from_pem(&pem).with_context(|| format!("config field `admission.trust_anchors` ({})", path.display()))?)
+            Some(
+                TrustAnchors::from_pem(&pem)
+                    .with_context(|| format!("config field `admission.trust_anchors` ({})", path.display()))?,
+            )
         }
         None => {
             warn!("admission.trust_anchors is not set: every proposal will be denied");

@@ -101,10 +101,7 @@ mod tests {
                       cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
         assert_eq!(find_cgroup2_mount(mounts), Some(PathBuf::from("/sys/fs/cgroup/unified")));
         assert_eq!(find_cgroup2_mount("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"), None);
-        assert_eq!(
-            find_cgroup2_mount("none /mnt/my\\040cg cgroup2 rw 0 0\n"),
-            Some(PathBuf::from("/mnt/my cg"))
-        );
+        assert_eq!(find_cgroup2_mount("none /mnt/my\\040cg cgroup2 rw 0 0\n"), Some(PathBuf::from("/mnt/my cg")));
     }
 
     #[test]

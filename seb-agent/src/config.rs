@@ -250,19 +250,17 @@ impl Config {
             return Err(invalid("admission.max_ttl_seconds", "must be at least 1"));
         }
         if self.admission.clock_skew_seconds > 600 {
-            return Err(invalid("admission.clock_skew_seconds", "more than 600 s of skew would blur the validity window"));
+            return Err(invalid(
+                "admission.clock_skew_seconds",
+                "more than 600 s of skew would blur the validity window",
+            ));
         }
         Ok(())
     }
 
     /// The protected endpoints, parsed.
     pub fn endpoints(&self) -> Result<Vec<Endpoint>, ConfigError> {
-        self.enforcement
-            .protected
-            .iter()
-            .enumerate()
-            .map(|(i, endpoint)| endpoint.parse(i))
-            .collect()
+        self.enforcement.protected.iter().enumerate().map(|(i, endpoint)| endpoint.parse(i)).collect()
     }
 }
 
@@ -271,10 +269,7 @@ impl ProtectedEndpoint {
         let field = format!("enforcement.protected[{index}].cidr");
         let net = parse_net(&self.cidr).map_err(|problem| invalid(&field, problem))?;
         if net.trunc() != net {
-            return Err(invalid(
-                field,
-                format!("`{}` has host bits set; did you mean `{}`?", self.cidr, net.trunc()),
-            ));
+            return Err(invalid(field, format!("`{}` has host bits set; did you mean `{}`?", self.cidr, net.trunc())));
         }
         if self.port == Some(0) {
             return Err(invalid(
@@ -373,7 +368,10 @@ mod tests {
             ("[enforcement]\nexempt_cgroups = [\"/a/../b\"]", "enforcement.exempt_cgroups[0]"),
             ("[[enforcement.protected]]\ncidr = \"10.0.0.300/32\"", "enforcement.protected[0].cidr"),
             ("[[enforcement.protected]]\ncidr = \"10.0.0.1/8\"", "enforcement.protected[0].cidr"),
-            ("[[enforcement.protected]]\ncidr = \"10.0.0.1\"\nport = 0\nprotocol = \"tcp\"", "enforcement.protected[0].port"),
+            (
+                "[[enforcement.protected]]\ncidr = \"10.0.0.1\"\nport = 0\nprotocol = \"tcp\"",
+                "enforcement.protected[0].port",
+            ),
             ("[[enforcement.protected]]\ncidr = \"10.0.0.1\"\nport = 443", "enforcement.protected[0].protocol"),
             ("[enforcement]\nsope = [\"/\"]", "sope"),
             ("[[enforcement.protected]]\nport = 443", "cidr"),

@@ -14,7 +14,11 @@ pub fn print(database: &Path, json: bool, follow: bool) -> Result<()> {
     let store = AuditStore::open_read_only(database)?;
     let mut out = std::io::stdout().lock();
     if !json {
-        writeln!(out, "{:<35} {:<9} {:>8} {:<16} {:<40} {:<6} {:<28}", "TIME", "HOOK", "PID", "COMM", "DESTINATION", "PROTO", "CGROUP")?;
+        writeln!(
+            out,
+            "{:<35} {:<9} {:>8} {:<16} {:<40} {:<6} {:<28}",
+            "TIME", "HOOK", "PID", "COMM", "DESTINATION", "PROTO", "CGROUP"
+        )?;
     }
     let mut after = 0;
     loop {
@@ -41,7 +45,11 @@ pub fn print(database: &Path, json: bool, follow: bool) -> Result<()> {
 }
 
 fn table_row(d: &KernelDenial) -> String {
-    let destination = if d.address.contains(':') { format!("[{}]:{}", d.address, d.port) } else { format!("{}:{}", d.address, d.port) };
+    let destination = if d.address.contains(':') {
+        format!("[{}]:{}", d.address, d.port)
+    } else {
+        format!("{}:{}", d.address, d.port)
+    };
     format!(
         "{:<35} {:<9} {:>8} {:<16} {:<40} {:<6} {:<28}",
         d.time,

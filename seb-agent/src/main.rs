@@ -1,10 +1,6 @@
 //! `seb-agent`: the node broker daemon and its command-line tools.
 
-use std::{
-    path::PathBuf,
-    process::ExitCode,
-    time::Duration,
-};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -260,7 +256,8 @@ fn run(command: Command) -> Result<ExitCode> {
                 &std::fs::read_to_string(&request).with_context(|| format!("reading {}", request.display()))?,
             )
             .with_context(|| format!("{} is not a valid request", request.display()))?;
-            let Response::Decision(decision) = call_broker(&socket.path()?, Request::Propose { certificate, request })? else {
+            let Response::Decision(decision) = call_broker(&socket.path()?, Request::Propose { certificate, request })?
+            else {
                 bail!("the broker answered something other than a decision");
             };
             print_json(&decision)?;
@@ -275,8 +272,11 @@ fn run(command: Command) -> Result<ExitCode> {
             print_json(&call_broker(&socket.path()?, Request::Revoke { target, value, reason })?)?;
         }
         Command::Epoch { socket, policy, revocation } => {
-            let request =
-                if policy.is_none() && revocation.is_none() { Request::GetEpochs } else { Request::SetEpochs { policy, revocation } };
+            let request = if policy.is_none() && revocation.is_none() {
+                Request::GetEpochs
+            } else {
+                Request::SetEpochs { policy, revocation }
+            };
             print_json(&call_broker(&socket.path()?, request)?)?;
         }
         Command::Cert { command } => cert(command)?,

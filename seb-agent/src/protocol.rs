@@ -23,10 +23,7 @@ pub enum Request {
     /// Opens a TCP connection as the broker and closes it without sending data.
     ProbeEgress { addr: String },
     /// An agent's proposal: a SAB certificate and the request it certifies.
-    Propose {
-        certificate: String,
-        request: crate::cert::MutationRequest,
-    },
+    Propose { certificate: String, request: crate::cert::MutationRequest },
     /// Admin (uid 0): revoke a certificate serial or a contract id.
     Revoke {
         target: crate::admission::state::RevocationTarget,
@@ -48,13 +45,24 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
-    Pong { version: String },
-    ProbeEgress { addr: String, connected: bool, error: Option<String> },
+    Pong {
+        version: String,
+    },
+    ProbeEgress {
+        addr: String,
+        connected: bool,
+        error: Option<String>,
+    },
     Decision(crate::admission::Decision),
-    Revoked { record_seq: i64 },
+    Revoked {
+        record_seq: i64,
+    },
     Epochs(crate::admission::state::Epochs),
     /// The request could not be served; `code` is stable, `message` is for people.
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,8 +137,9 @@ mod tests {
 
     #[test]
     fn requests_have_a_stable_wire_form() {
-        let json = serde_json::to_value(Envelope { v: VERSION, body: Request::ProbeEgress { addr: "[::1]:443".into() } })
-            .unwrap();
+        let json =
+            serde_json::to_value(Envelope { v: VERSION, body: Request::ProbeEgress { addr: "[::1]:443".into() } })
+                .unwrap();
         assert_eq!(json, serde_json::json!({"v": 1, "type": "probe_egress", "addr": "[::1]:443"}));
         let ping: Envelope<Request> = serde_json::from_str(r#"{"v":1,"type":"ping"}"#).unwrap();
         assert_eq!(ping.body, Request::Ping);

@@ -128,9 +128,8 @@ impl Recorder {
                 let time_ns = clock.wall_ns(event.boot_ns);
                 let mut denial = KernelDenial::from_event(event, time_ns);
                 if let Some(tgid) = denial.tgid {
-                    denial.exe = std::fs::read_link(format!("/proc/{tgid}/exe"))
-                        .ok()
-                        .map(|p| p.to_string_lossy().into_owned());
+                    denial.exe =
+                        std::fs::read_link(format!("/proc/{tgid}/exe")).ok().map(|p| p.to_string_lossy().into_owned());
                 }
                 denial.cgroup_path = self.names.path_of(denial.cgroup_id);
                 (time_ns as i64, denial)

@@ -100,7 +100,12 @@ fn parse_request(frame: &[u8]) -> Result<Request, Response> {
         .map_err(|e| error(ErrorCode::Malformed, format!("the message is not JSON: {e}")))?;
     match value.get("v").and_then(serde_json::Value::as_u64) {
         Some(v) if v == u64::from(VERSION) => {}
-        Some(v) => return Err(error(ErrorCode::UnsupportedVersion, format!("protocol version {v} is not supported; this broker speaks {VERSION}"))),
+        Some(v) => {
+            return Err(error(
+                ErrorCode::UnsupportedVersion,
+                format!("protocol version {v} is not supported; this broker speaks {VERSION}"),
+            ));
+        }
         None => return Err(error(ErrorCode::Malformed, "the message has no protocol version field `v`")),
     }
     let envelope: Envelope<Request> =

@@ -49,8 +49,7 @@ pub struct PortRule {
 impl PortRule {
     #[inline(always)]
     pub fn matches(&self, protocol: u8, port: u16) -> bool {
-        (self.protocol == ANY_PROTOCOL || self.protocol == protocol)
-            && (self.port == ANY_PORT || self.port == port)
+        (self.protocol == ANY_PROTOCOL || self.protocol == protocol) && (self.port == ANY_PORT || self.port == port)
     }
 }
 

@@ -6,9 +6,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
-            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
-            bpf_get_socket_cookie, bpf_get_socket_uid, bpf_ktime_get_boot_ns,
-            bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_get_socket_uid,
+            bpf_ktime_get_boot_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
         },
     },
     maps::lpm_trie::Key,
@@ -158,7 +157,15 @@ fn bump(index: u32) {
 
 /// Send a denial to the agent; a full ring buffer is counted, never silent.
 #[inline(always)]
-fn report(dest: &Destination, hook: Hook, cookie: u64, pid_tgid: u64, uid_gid: u64, cgroup_id: u64, task_context: bool) {
+fn report(
+    dest: &Destination,
+    hook: Hook,
+    cookie: u64,
+    pid_tgid: u64,
+    uid_gid: u64,
+    cgroup_id: u64,
+    task_context: bool,
+) {
     bump(counters::DENIALS);
     let Some(mut entry) = DENIALS.reserve::<DenialEvent>(0) else {
         bump(counters::RING_DROPS);

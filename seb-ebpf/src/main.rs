@@ -17,14 +17,14 @@ mod decision;
 mod packet;
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, __sk_buff},
+    bindings::{__sk_buff, bpf_sock_addr},
     macros::{cgroup_skb, cgroup_sock_addr, map},
     maps::{HashMap, LpmTrie, PerCpuArray, RingBuf},
     programs::{SkBuffContext, SockAddrContext},
 };
 use seb_common::{
-    BrokerSocket, DENIAL_RING_BYTES, EndpointRules, FAMILY_V4, Hook,
-    MAX_BROKER_SOCKETS, MAX_EXEMPT_CGROUPS, MAX_PROTECTED_PREFIXES, counters,
+    BrokerSocket, DENIAL_RING_BYTES, EndpointRules, FAMILY_V4, Hook, MAX_BROKER_SOCKETS, MAX_EXEMPT_CGROUPS,
+    MAX_PROTECTED_PREFIXES, counters,
 };
 
 use crate::decision::Destination;
@@ -33,12 +33,10 @@ use crate::decision::Destination;
 const NO_PREALLOC: u32 = 1;
 
 #[map(name = "SEB_PROTECTED_V4")]
-static PROTECTED_V4: LpmTrie<[u8; 4], EndpointRules> =
-    LpmTrie::pinned(MAX_PROTECTED_PREFIXES, NO_PREALLOC);
+static PROTECTED_V4: LpmTrie<[u8; 4], EndpointRules> = LpmTrie::pinned(MAX_PROTECTED_PREFIXES, NO_PREALLOC);
 
 #[map(name = "SEB_PROTECTED_V6")]
-static PROTECTED_V6: LpmTrie<[u8; 16], EndpointRules> =
-    LpmTrie::pinned(MAX_PROTECTED_PREFIXES, NO_PREALLOC);
+static PROTECTED_V6: LpmTrie<[u8; 16], EndpointRules> = LpmTrie::pinned(MAX_PROTECTED_PREFIXES, NO_PREALLOC);
 
 #[map(name = "SEB_BROKER_SOCKETS")]
 static BROKER_SOCKETS: HashMap<u64, BrokerSocket> = HashMap::pinned(MAX_BROKER_SOCKETS, 0);
@@ -95,14 +93,7 @@ fn sock_addr_v6(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: as above; user_ip6 must be read one 32-bit word at a time.
     let (w0, w1, w2, w3, port, protocol) = unsafe {
-        (
-            (*sa).user_ip6[0],
-            (*sa).user_ip6[1],
-            (*sa).user_ip6[2],
-            (*sa).user_ip6[3],
-            (*sa).user_port,
-            (*sa).protocol,
-        )
+        ((*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3], (*sa).user_port, (*sa).protocol)
     };
     let dest = Destination::from_v6_words([w0, w1, w2, w3], port_from_ctx(port), protocol as u8);
     decision::judge_sock_addr(ctx, &dest, hook)

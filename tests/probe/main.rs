@@ -43,12 +43,21 @@ enum Command {
         linger_ms: u64,
     },
     /// Try repeatedly for a while; print how many attempts got each outcome.
-    Repeat { method: Method, addr: SocketAddr, #[arg(long)] millis: u64 },
+    Repeat {
+        method: Method,
+        addr: SocketAddr,
+        #[arg(long)]
+        millis: u64,
+    },
     /// Run a command inside the cgroup and namespace.
     Exec { command: Vec<String> },
     /// Act as the broker does (register a socket in the pinned registry), then check
     /// that a forked child, an inherited socket and an exec'd child are all refused.
-    AsBroker { #[arg(long)] pin_path: PathBuf, addr: SocketAddr },
+    AsBroker {
+        #[arg(long)]
+        pin_path: PathBuf,
+        addr: SocketAddr,
+    },
     /// Create a process with exactly this PID (clone3 set_tid) and try from it.
     ReusePid { pid: i32, method: Method, addr: SocketAddr },
     /// Time `connect()` on one UDP socket, repeated; prints nanoseconds per call.
@@ -185,9 +194,13 @@ fn udp_datagram(port: u16) -> Vec<u8> {
 fn io_uring_connect(socket: &Socket, addr: SocketAddr) -> std::io::Result<()> {
     let mut ring = io_uring::IoUring::new(4)?;
     let sockaddr = socket2::SockAddr::from(addr);
-    let entry = io_uring::opcode::Connect::new(io_uring::types::Fd(socket.as_raw_fd()), sockaddr.as_ptr().cast(), sockaddr.len())
-        .build()
-        .user_data(1);
+    let entry = io_uring::opcode::Connect::new(
+        io_uring::types::Fd(socket.as_raw_fd()),
+        sockaddr.as_ptr().cast(),
+        sockaddr.len(),
+    )
+    .build()
+    .user_data(1);
     // SAFETY: the sockaddr outlives the submission, which completes before we return.
     unsafe { ring.submission().push(&entry).map_err(std::io::Error::other)? };
     ring.submit_and_wait(1)?;

@@ -295,9 +295,8 @@ impl Drop for Sandbox {
 
 pub fn parse_json_output(output: &Output, what: &str) -> Result<Value> {
     let stdout = String::from_utf8_lossy(&output.stdout);
-    serde_json::from_str(stdout.trim()).with_context(|| {
-        format!("{what} printed {stdout:?} (stderr: {})", String::from_utf8_lossy(&output.stderr))
-    })
+    serde_json::from_str(stdout.trim())
+        .with_context(|| format!("{what} printed {stdout:?} (stderr: {})", String::from_utf8_lossy(&output.stderr)))
 }
 
 fn run(command: &mut Command) -> Result<()> {

@@ -153,7 +153,10 @@ fn certificate_predicates_each_admit_and_deny() {
     assert_denied(&f.propose(&f.issue(&contract, &missing), &request), Reason::MissingContract);
     let not_critical = IssueOptions { contract_critical: false, ..Default::default() };
     assert_denied(&f.propose(&f.issue(&contract, &not_critical), &request), Reason::MalformedContract);
-    assert_denied(&f.propose("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n", &request), Reason::MalformedCertificate);
+    assert_denied(
+        &f.propose("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n", &request),
+        Reason::MalformedCertificate,
+    );
 }
 
 /// Flip one byte inside the contract JSON of a PEM certificate; the rest stays intact.
@@ -172,7 +175,8 @@ fn caller_and_request_predicates_each_admit_and_deny() {
     let (contract, request) = (contract(), request());
     assert_admitted(&f.decide(&contract, &request));
 
-    let other_uid = ExecutionContract { agent: AgentIdentity { uid: Some(1000), ..Default::default() }, ..contract.clone() };
+    let other_uid =
+        ExecutionContract { agent: AgentIdentity { uid: Some(1000), ..Default::default() }, ..contract.clone() };
     assert_denied(&f.decide(&other_uid, &request), Reason::CallerMismatch);
     let other_exe = ExecutionContract {
         agent: AgentIdentity { exe: Some("/usr/local/bin/some-other-agent".into()), ..Default::default() },

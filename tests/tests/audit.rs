@@ -43,8 +43,9 @@ fn verify(sandbox: &Sandbox, database: &Path) -> (i32, Value) {
         .arg(sandbox.public_key())
         .output()
         .unwrap();
-    let report = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)));
+    let report = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+    });
     (output.status.code().unwrap_or(-1), report)
 }
 
@@ -68,7 +69,11 @@ fn verify_passes_untouched_and_names_the_first_tampered_record() {
 
     // A changed record: a denial rewritten as an admission.
     let changed = tampered(&sandbox, "changed", |c| {
-        c.execute("UPDATE records SET body = replace(body, '\"admitted\":false', '\"admitted\":true') WHERE seq = 4", []).unwrap();
+        c.execute(
+            "UPDATE records SET body = replace(body, '\"admitted\":false', '\"admitted\":true') WHERE seq = 4",
+            [],
+        )
+        .unwrap();
     });
     let (code, report) = verify(&sandbox, &changed);
     assert_eq!((code, report["first_bad_record"].as_i64()), (1, Some(4)), "{report}");
@@ -109,8 +114,9 @@ fn verify_passes_untouched_and_names_the_first_tampered_record() {
 
     // A record appended at the end, correctly linked and hashed, but not signed by the broker.
     let appended = tampered(&sandbox, "appended", |c| {
-        let (seq, hash): (i64, Vec<u8>) =
-            c.query_row("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        let (seq, hash): (i64, Vec<u8>) = c
+            .query_row("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap();
         let body = r#"{"admitted":true}"#;
         let prev: [u8; 32] = hash.clone().try_into().unwrap();
         let forged = seb_agent::audit::chain::record_hash(seq + 1, &prev, "decision", 1, body);
@@ -129,7 +135,8 @@ fn verify_passes_untouched_and_names_the_first_tampered_record() {
 fn every_decision_and_kernel_denial_is_a_record() {
     let sandbox = populated_store();
     let output = sandbox.agent_cli(&["audit", "list", "--json"]).unwrap();
-    let records: Vec<Value> = String::from_utf8(output.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let records: Vec<Value> =
+        String::from_utf8(output.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let count = |kind: &str| records.iter().filter(|r| r["kind"] == kind).count();
     assert_eq!(count("epoch_change"), 1);
     assert_eq!(count("revocation"), 1);

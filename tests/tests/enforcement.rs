@@ -130,7 +130,8 @@ fn enforcement_outlives_the_agent_and_a_restart_readopts_it_without_a_gap() {
 
     // Connect in a loop for the whole restart: every attempt must be denied.
     let hammer = thread::spawn({
-        let (cgroup, netns, probe) = (sandbox.cgroup.join("workload"), sandbox.netns.clone(), sandbox.tools.probe.clone());
+        let (cgroup, netns, probe) =
+            (sandbox.cgroup.join("workload"), sandbox.netns.clone(), sandbox.tools.probe.clone());
         move || {
             let output = Command::new(probe)
                 .arg("--cgroup")
@@ -169,9 +170,15 @@ fn a_bad_config_names_the_field_and_nothing_is_attached() {
     let own = &sandbox.cgroup_relative;
     // Every case names the sandbox's own cgroup as scope: never the machine's root.
     let cases = [
-        (format!("[enforcement]\nscope = [\"{own}\"]\n[[enforcement.protected]]\ncidr = \"10.0.0.256\"\n"), "enforcement.protected[0].cidr"),
+        (
+            format!("[enforcement]\nscope = [\"{own}\"]\n[[enforcement.protected]]\ncidr = \"10.0.0.256\"\n"),
+            "enforcement.protected[0].cidr",
+        ),
         (format!("[enforcement]\nscope = [\"{own}\", \"{own}/no-such-cgroup\"]\n"), "enforcement.scope[1]"),
-        (format!("[enforcement]\nscope = [\"{own}\"]\nexempt_cgroups = [\"{own}/no-such-cgroup\"]\n"), "enforcement.exempt_cgroups[0]"),
+        (
+            format!("[enforcement]\nscope = [\"{own}\"]\nexempt_cgroups = [\"{own}/no-such-cgroup\"]\n"),
+            "enforcement.exempt_cgroups[0]",
+        ),
         (format!("[enforcement]\nscope = [\"{own}\"]\nexempt = []\n"), "exempt"),
     ];
     for (text, field) in cases {

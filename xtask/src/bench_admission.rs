@@ -30,7 +30,14 @@ pub fn run() -> Result<()> {
     crate::require_root()?;
     toolchain::ensure_packages(&[("ip", "iproute2")])?;
     crate::run(std::process::Command::new("cargo").current_dir(workspace_root()).args([
-        "build", "--release", "--quiet", "-p", "seb-agent", "-p", "seb-tests", "--bins",
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "seb-agent",
+        "-p",
+        "seb-tests",
+        "--bins",
     ]))?;
     let mut sandbox = Sandbox::new("benchadm", Tools::in_dir(&workspace_root().join("target/release")))?;
     let ca = dev_sab::create_ca(&sandbox.dir.join("sab"), "seb bench SAB", Algorithm::Ed25519)?;
@@ -43,9 +50,8 @@ pub fn run() -> Result<()> {
     let total = SEQUENTIAL + CLIENTS * PER_CLIENT;
     eprintln!("xtask: issuing {total} single-use certificates");
     let contract = bench_contract(&request)?;
-    let certificates: Vec<String> = (0..total)
-        .map(|_| dev_sab::issue(&ca, &contract, &IssueOptions::default()))
-        .collect::<Result<_>>()?;
+    let certificates: Vec<String> =
+        (0..total).map(|_| dev_sab::issue(&ca, &contract, &IssueOptions::default())).collect::<Result<_>>()?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let socket = sandbox.socket.clone();
@@ -99,7 +105,10 @@ async fn client(socket: PathBuf, certificates: Vec<String>, request: MutationReq
     let mut stream = UnixStream::connect(&socket).await.context("connecting to the broker")?;
     let mut latencies = Vec::with_capacity(certificates.len());
     for certificate in certificates {
-        let body = serde_json::to_vec(&Envelope { v: VERSION, body: Request::Propose { certificate, request: request.clone() } })?;
+        let body = serde_json::to_vec(&Envelope {
+            v: VERSION,
+            body: Request::Propose { certificate, request: request.clone() },
+        })?;
         let started = Instant::now();
         write_frame(&mut stream, &body).await?;
         let reply = read_frame(&mut stream).await?;

@@ -33,7 +33,14 @@ pub fn run() -> Result<()> {
     crate::require_root()?;
     toolchain::ensure_packages(&[("ip", "iproute2"), ("nft", "nftables")])?;
     crate::run(Command::new("cargo").current_dir(workspace_root()).args([
-        "build", "--release", "--quiet", "-p", "seb-agent", "-p", "seb-tests", "--bins",
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "seb-agent",
+        "-p",
+        "seb-tests",
+        "--bins",
     ]))?;
     let tools = Tools::in_dir(&workspace_root().join("target/release"));
     let mut results = Vec::new();
@@ -43,7 +50,9 @@ pub fn run() -> Result<()> {
     }
     let worst_added = results
         .iter()
-        .flat_map(|r| [r["udp_connect"]["added_miss_ns"].as_f64(), r["udp_connect"]["added_broker_allowed_ns"].as_f64()])
+        .flat_map(|r| {
+            [r["udp_connect"]["added_miss_ns"].as_f64(), r["udp_connect"]["added_broker_allowed_ns"].as_f64()]
+        })
         .flatten()
         .fold(f64::MIN, f64::max);
     let report = json!({
@@ -96,9 +105,8 @@ fn measure(tools: &Tools, cidrs: usize) -> Result<Value> {
         samples[4].push(sample(&enforced, "workload", &enforced.netns, &tcp)?);
         samples[5].push(sample(&plain, "workload", &plain.netns, &tcp)?);
     }
-    let added = |config: &[f64], baseline: &[f64]| {
-        median(&config.iter().zip(baseline).map(|(c, b)| c - b).collect::<Vec<_>>())
-    };
+    let added =
+        |config: &[f64], baseline: &[f64]| median(&config.iter().zip(baseline).map(|(c, b)| c - b).collect::<Vec<_>>());
     let [udp_base, udp_miss, udp_allowed, tcp_base, tcp_bpf, tcp_nft] = &samples;
     Ok(json!({
         "protected_cidrs": cidrs,
@@ -123,7 +131,7 @@ fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let mid = sorted.len() / 2;
-    if sorted.len() % 2 == 0 { (sorted[mid - 1] + sorted[mid]) / 2.0 } else { sorted[mid] }
+    if sorted.len().is_multiple_of(2) { (sorted[mid - 1] + sorted[mid]) / 2.0 } else { sorted[mid] }
 }
 
 /// 127.0.0.2 plus `count - 1` distinct /24s (map entries only; nothing is sent there).

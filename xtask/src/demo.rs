@@ -17,7 +17,14 @@ pub fn run() -> Result<()> {
     crate::require_root()?;
     toolchain::ensure_packages(&[("ip", "iproute2")])?;
     crate::run(Command::new("cargo").current_dir(workspace_root()).args([
-        "build", "--release", "--quiet", "-p", "seb-agent", "-p", "seb-tests", "--bins",
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "seb-agent",
+        "-p",
+        "seb-tests",
+        "--bins",
     ]))?;
     let tools = Tools::in_dir(&workspace_root().join("target/release"));
 

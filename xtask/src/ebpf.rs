@@ -26,14 +26,19 @@ pub fn build(mode: Mode) -> Result<()> {
         if std::env::var_os("SEB_REQUIRE_EBPF_TOOLCHAIN").is_some() {
             return Err(why.context("the eBPF toolchain is required here (SEB_REQUIRE_EBPF_TOOLCHAIN)"));
         }
-        eprintln!("xtask: WARNING: cannot build the eBPF object here ({why:#}); using the committed {}", committed_object().display());
+        eprintln!(
+            "xtask: WARNING: cannot build the eBPF object here ({why:#}); using the committed {}",
+            committed_object().display()
+        );
         return Ok(());
     }
     let dir = workspace_root().join("seb-ebpf");
     let mut cargo = Command::new("cargo");
     cargo.current_dir(&dir).args([&format!("+{}", toolchain::NIGHTLY), "build", "--release"]);
     // Settings of the outer (stable) cargo must not leak into the nightly BPF build.
-    for var in ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTC_WRAPPER", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR"] {
+    for var in
+        ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTC_WRAPPER", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR"]
+    {
         cargo.env_remove(var);
     }
     run(&mut cargo).context("building seb-ebpf")?;

@@ -74,7 +74,10 @@ fn test() -> Result<()> {
     toolchain::ensure_packages(&[("ip", "iproute2")])?;
     // In CI the committed object must be what the sources build; locally it is refreshed.
     ebpf::build(if in_ci() { ebpf::Mode::Check } else { ebpf::Mode::Update })?;
-    run(Command::new("cargo").current_dir(workspace_root()).args(["test", "--workspace"]))
+    let cargo = |args: &[&str]| run(Command::new("cargo").current_dir(workspace_root()).args(args));
+    cargo(&["fmt", "--all", "--", "--check"]).context("formatting differs: run `cargo fmt --all`")?;
+    cargo(&["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"])?;
+    cargo(&["test", "--workspace"])
 }
 
 fn require_root() -> Result<()> {
@@ -88,7 +91,9 @@ fn require_root() -> Result<()> {
 fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|status| status.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .and_then(|status| {
+            status.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
         .unwrap_or(false)
 }
 

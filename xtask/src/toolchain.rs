@@ -70,7 +70,12 @@ fn llvm_prefix() -> Result<PathBuf> {
 pub fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
-        .filter(|(command, _)| Command::new("sh").args(["-c", &format!("command -v {command}")]).output().map_or(true, |o| !o.status.success()))
+        .filter(|(command, _)| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {command}")])
+                .output()
+                .map_or(true, |o| !o.status.success())
+        })
         .map(|(_, package)| *package)
         .collect();
     if missing.is_empty() {

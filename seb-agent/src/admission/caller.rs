@@ -52,7 +52,13 @@ impl Caller {
     pub fn still_same(&self) -> bool {
         // SAFETY: signal 0 only checks that the process exists.
         let alive = unsafe {
-            libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), 0, std::ptr::null::<libc::siginfo_t>(), 0)
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                0,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
         } == 0;
         alive && start_time(self.identity.pid).is_ok_and(|t| t == self.start_time)
     }
@@ -60,26 +66,29 @@ impl Caller {
     /// Whether the caller is the agent the contract names; `Err` says what differs.
     pub fn matches(&self, wanted: &AgentIdentity) -> Result<(), String> {
         let me = &self.identity;
-        if let Some(uid) = wanted.uid {
-            if uid != me.uid {
-                return Err(format!("the contract is for uid {uid}, the caller is uid {}", me.uid));
-            }
+        if let Some(uid) = wanted.uid
+            && uid != me.uid
+        {
+            return Err(format!("the contract is for uid {uid}, the caller is uid {}", me.uid));
         }
-        if let Some(exe) = &wanted.exe {
-            if me.exe.as_deref() != Some(exe) {
-                return Err(format!("the contract is for executable {exe}, the caller runs {:?}", me.exe));
-            }
+        if let Some(exe) = &wanted.exe
+            && me.exe.as_deref() != Some(exe)
+        {
+            return Err(format!("the contract is for executable {exe}, the caller runs {:?}", me.exe));
         }
         if let Some(cgroup) = &wanted.cgroup {
-            let inside = me.cgroup.as_deref().is_some_and(|c| c == cgroup || c.starts_with(&format!("{}/", cgroup.trim_end_matches('/'))));
+            let inside = me
+                .cgroup
+                .as_deref()
+                .is_some_and(|c| c == cgroup || c.starts_with(&format!("{}/", cgroup.trim_end_matches('/'))));
             if !inside {
                 return Err(format!("the contract is for cgroup {cgroup}, the caller is in {:?}", me.cgroup));
             }
         }
-        if let Some(pod) = &wanted.pod_uid {
-            if me.pod_uid.as_deref() != Some(pod) {
-                return Err(format!("the contract is for pod {pod}, the caller is in {:?}", me.pod_uid));
-            }
+        if let Some(pod) = &wanted.pod_uid
+            && me.pod_uid.as_deref() != Some(pod)
+        {
+            return Err(format!("the contract is for pod {pod}, the caller is in {:?}", me.pod_uid));
         }
         Ok(())
     }
@@ -103,12 +112,17 @@ fn start_time(pid: i32) -> Result<u64> {
 /// `...-pod<uid_with_underscores>.slice` (systemd driver).
 pub fn pod_uid_of(cgroup: &str) -> Option<String> {
     // "kubepods" itself contains "pod": try every occurrence.
-    cgroup.split('/').flat_map(|segment| segment.match_indices("pod").map(move |(at, _)| &segment[at + 3..])).find_map(|rest| {
-        let uid: String = rest.chars().take(36).collect::<String>().replace('_', "-");
-        let well_formed = uid.len() == 36
-            && uid.chars().enumerate().all(|(i, c)| if [8, 13, 18, 23].contains(&i) { c == '-' } else { c.is_ascii_hexdigit() });
-        well_formed.then_some(uid)
-    })
+    cgroup.split('/').flat_map(|segment| segment.match_indices("pod").map(move |(at, _)| &segment[at + 3..])).find_map(
+        |rest| {
+            let uid: String = rest.chars().take(36).collect::<String>().replace('_', "-");
+            let well_formed = uid.len() == 36
+                && uid
+                    .chars()
+                    .enumerate()
+                    .all(|(i, c)| if [8, 13, 18, 23].contains(&i) { c == '-' } else { c.is_ascii_hexdigit() });
+            well_formed.then_some(uid)
+        },
+    )
 }
 
 #[cfg(test)]
@@ -119,7 +133,10 @@ mod tests {
     fn pod_uids_are_found_under_both_cgroup_drivers() {
         let uid = "0f3c2a1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b";
         assert_eq!(pod_uid_of(&format!("/kubepods/burstable/pod{uid}/abc123")).as_deref(), Some(uid));
-        let systemd = format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-1.scope", uid.replace('-', "_"));
+        let systemd = format!(
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-1.scope",
+            uid.replace('-', "_")
+        );
         assert_eq!(pod_uid_of(&systemd).as_deref(), Some(uid));
         assert_eq!(pod_uid_of("/system.slice/kubelet.service"), None);
     }

@@ -79,7 +79,12 @@ impl Admission {
 
     /// The predicates that need no broker state. The verified certificate is returned
     /// whenever it verified, so a later denial still names its serial and contract.
-    pub fn precheck(&self, caller: &Caller, proposal: &Proposal, now: SystemTime) -> (Option<Verified>, Result<(), Rejection>) {
+    pub fn precheck(
+        &self,
+        caller: &Caller,
+        proposal: &Proposal,
+        now: SystemTime,
+    ) -> (Option<Verified>, Result<(), Rejection>) {
         let Some(anchors) = self.anchors.as_ref() else {
             let message = "this broker has no SAB trust anchors configured (admission.trust_anchors)".into();
             return (None, Err(Rejection { reason: Reason::UntrustedIssuer, message }));
@@ -104,7 +109,10 @@ impl Admission {
             if caller.still_same() {
                 Ok(())
             } else {
-                Err(Rejection { reason: Reason::CallerChanged, message: "the calling process exited or was replaced during the call".into() })
+                Err(Rejection {
+                    reason: Reason::CallerChanged,
+                    message: "the calling process exited or was replaced during the call".into(),
+                })
             }
         });
         let identity = caller.identity.clone();
@@ -120,7 +128,9 @@ impl Admission {
                 let verdict = match (&verified, precheck) {
                     (Some(verified), Ok(())) => state::check(batch.conn(), verified)?,
                     (_, Err(rejection)) => Err(rejection),
-                    (None, Ok(())) => Err(Rejection { reason: Reason::Internal, message: "no verified certificate".into() }),
+                    (None, Ok(())) => {
+                        Err(Rejection { reason: Reason::Internal, message: "no verified certificate".into() })
+                    }
                 };
                 let admitted = verdict.is_ok();
                 let (reason, message) = match verdict {
@@ -164,17 +174,29 @@ fn check_request(verified: &Verified, request: &MutationRequest) -> Result<(), R
     let contract = &verified.contract;
     let mismatch = |reason, message: String| Err(Rejection { reason, message });
     if request.provider != contract.provider {
-        return mismatch(Reason::ProviderMismatch, format!("request provider {:?}, certified {:?}", request.provider, contract.provider));
+        return mismatch(
+            Reason::ProviderMismatch,
+            format!("request provider {:?}, certified {:?}", request.provider, contract.provider),
+        );
     }
     if request.operation != contract.operation {
-        return mismatch(Reason::OperationMismatch, format!("request operation {}, certified {}", request.operation, contract.operation));
+        return mismatch(
+            Reason::OperationMismatch,
+            format!("request operation {}, certified {}", request.operation, contract.operation),
+        );
     }
     if request.target != contract.target {
-        return mismatch(Reason::TargetMismatch, format!("request target {}, certified {}", request.target, contract.target));
+        return mismatch(
+            Reason::TargetMismatch,
+            format!("request target {}, certified {}", request.target, contract.target),
+        );
     }
     let digest = request.digest();
     if digest != contract.request_digest {
-        return mismatch(Reason::RequestMismatch, format!("request digest {digest}, certified {}", contract.request_digest));
+        return mismatch(
+            Reason::RequestMismatch,
+            format!("request digest {digest}, certified {}", contract.request_digest),
+        );
     }
     Ok(())
 }

@@ -35,10 +35,10 @@ pub fn epochs(conn: &Connection) -> Result<Epochs> {
 /// certificates the SAB retired.
 pub fn set_epochs(batch: &mut Batch<'_>, policy: Option<u64>, revocation: Option<u64>) -> Result<Epochs> {
     let current = epochs(batch.conn())?;
-    if let (Some(new), Some(old)) = (revocation, current.revocation) {
-        if new < old {
-            bail!("the revocation epoch only moves forward: it is {old}, {new} was asked");
-        }
+    if let (Some(new), Some(old)) = (revocation, current.revocation)
+        && new < old
+    {
+        bail!("the revocation epoch only moves forward: it is {old}, {new} was asked");
     }
     let next = Epochs { policy: policy.or(current.policy), revocation: revocation.or(current.revocation) };
     let seq = batch.append(EPOCH_KIND, now_ns(), &serde_json::json!({"previous": current, "current": next}))?;
@@ -87,7 +87,9 @@ pub fn revoke(batch: &mut Batch<'_>, target: RevocationTarget, value: &str, reas
 /// Serials compare as lower-case hex without separators.
 fn normalise(target: RevocationTarget, value: &str) -> String {
     match target {
-        RevocationTarget::Serial => value.chars().filter(char::is_ascii_hexdigit).collect::<String>().to_ascii_lowercase(),
+        RevocationTarget::Serial => {
+            value.chars().filter(char::is_ascii_hexdigit).collect::<String>().to_ascii_lowercase()
+        }
         RevocationTarget::ContractId => value.to_string(),
     }
 }
@@ -104,7 +106,10 @@ pub fn check(conn: &Connection, verified: &Verified) -> Result<Result<(), Reject
     let contract = &verified.contract;
     let reject = |reason, message: String| Ok(Err(Rejection { reason, message }));
     let Epochs { policy: Some(policy), revocation: Some(revocation) } = epochs(conn)? else {
-        return reject(Reason::EpochsUnset, "the broker has no active policy and revocation epochs (seb-agent epoch)".into());
+        return reject(
+            Reason::EpochsUnset,
+            "the broker has no active policy and revocation epochs (seb-agent epoch)".into(),
+        );
     };
     if contract.policy_epoch != policy {
         return reject(
@@ -137,7 +142,10 @@ pub fn check(conn: &Connection, verified: &Verified) -> Result<Result<(), Reject
         .query_row("SELECT decision_seq FROM used_serials WHERE serial = ?1", [&verified.serial], |row| row.get(0))
         .optional()?;
     if let Some(seq) = used {
-        return reject(Reason::Replayed, format!("certificate serial {} was already used (decision record {seq})", verified.serial));
+        return reject(
+            Reason::Replayed,
+            format!("certificate serial {} was already used (decision record {seq})", verified.serial),
+        );
     }
     Ok(Ok(()))
 }

@@ -2,8 +2,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use serde::{Deserialize, Serialize};
 use seb_common::{DenialEvent, FAMILY_V4, Hook};
+use serde::{Deserialize, Serialize};
 
 use crate::config::Protocol;
 

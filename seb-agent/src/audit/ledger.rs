@@ -113,7 +113,10 @@ impl Ledger {
         result
     }
 
-    pub async fn run<R: Send + 'static>(&self, work: impl FnOnce(&mut Batch<'_>) -> Result<R> + Send + 'static) -> Result<R> {
+    pub async fn run<R: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Batch<'_>) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
         self.submit(work).await.map_err(|_| anyhow!("the audit ledger stopped"))?
     }
 
@@ -136,7 +139,8 @@ fn run_ledger(mut conn: Connection, key: SigningKey, mut head: Head, queue: mpsc
                 Err(_) => break,
             }
         }
-        let (result, completions) = run_batch(&mut conn, &key, &mut head, jobs, &mut since_checkpoint, &mut last_checkpoint);
+        let (result, completions) =
+            run_batch(&mut conn, &key, &mut head, jobs, &mut since_checkpoint, &mut last_checkpoint);
         let result = result.map_err(|e| format!("{e:#}"));
         if let Err(e) = &result {
             error!(error = %e, "an audit batch failed; its callers are told so");
@@ -177,7 +181,8 @@ fn run_batch(
         completions.push(completion);
     }
     *since_checkpoint += batch.appended;
-    let due = *since_checkpoint >= CHECKPOINT_RECORDS || (*since_checkpoint > 0 && last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL);
+    let due = *since_checkpoint >= CHECKPOINT_RECORDS
+        || (*since_checkpoint > 0 && last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL);
     if due {
         let checkpoint = Checkpoint {
             through_seq: batch.head.seq,

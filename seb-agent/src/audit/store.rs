@@ -79,7 +79,9 @@ pub fn head(conn: &Connection) -> Result<Head> {
         .optional()?;
     Ok(match head {
         None => Head::EMPTY,
-        Some((seq, hash)) => Head { seq, hash: hash.try_into().map_err(|_| anyhow::anyhow!("record {seq} has a malformed hash"))? },
+        Some((seq, hash)) => {
+            Head { seq, hash: hash.try_into().map_err(|_| anyhow::anyhow!("record {seq} has a malformed hash"))? }
+        }
     })
 }
 

@@ -91,7 +91,8 @@ impl Default for IssueOptions {
 
 /// Issue a certificate binding `contract`, signed by the CA in `ca`; returns its PEM.
 pub fn issue(ca: &CaFiles, contract: &ExecutionContract, options: &IssueOptions) -> Result<String> {
-    let ca_key = KeyPair::from_pem(&fs::read_to_string(&ca.key).with_context(|| format!("reading {}", ca.key.display()))?)?;
+    let ca_key =
+        KeyPair::from_pem(&fs::read_to_string(&ca.key).with_context(|| format!("reading {}", ca.key.display()))?)?;
     let ca_pem = fs::read_to_string(&ca.cert).with_context(|| format!("reading {}", ca.cert.display()))?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
     let key = KeyPair::generate_for(options.algorithm.rcgen())?;

@@ -78,7 +78,8 @@ impl TrustAnchors {
     /// Verify a PEM bundle (leaf first, then any intermediates) at time `now`.
     pub fn verify(&self, pem: &str, policy: ValidityPolicy, now: SystemTime) -> Result<Verified, Rejection> {
         let chain = parse_bundle(pem)?;
-        let (leaf_der, intermediates) = chain.split_first().ok_or_else(|| reject(Reason::MalformedCertificate, "no certificate given"))?;
+        let (leaf_der, intermediates) =
+            chain.split_first().ok_or_else(|| reject(Reason::MalformedCertificate, "no certificate given"))?;
         let (_, leaf) = X509Certificate::from_der(leaf_der)
             .map_err(|e| reject(Reason::MalformedCertificate, format!("not an X.509 certificate: {e}")))?;
         self.verify_chain(&leaf, intermediates, now)?;
@@ -94,7 +95,12 @@ impl TrustAnchors {
 
     /// Walk up from the leaf through the given intermediates to an anchor, checking each
     /// signature against its issuer's key.
-    fn verify_chain(&self, leaf: &X509Certificate<'_>, intermediates: &[Vec<u8>], now: SystemTime) -> Result<(), Rejection> {
+    fn verify_chain(
+        &self,
+        leaf: &X509Certificate<'_>,
+        intermediates: &[Vec<u8>],
+        now: SystemTime,
+    ) -> Result<(), Rejection> {
         let anchors: Vec<X509Certificate<'_>> =
             self.ders.iter().filter_map(|der| X509Certificate::from_der(der).ok().map(|(_, c)| c)).collect();
         let mut parsed = Vec::new();
@@ -106,20 +112,29 @@ impl TrustAnchors {
         let mut current = leaf;
         for _ in 0..=parsed.len() {
             if let Some(anchor) = anchors.iter().find(|a| a.subject() == current.issuer()) {
-                current
-                    .verify_signature(Some(anchor.public_key()))
-                    .map_err(|_| reject(Reason::UntrustedIssuer, "the signature does not verify against the trusted SAB anchor"))?;
+                current.verify_signature(Some(anchor.public_key())).map_err(|_| {
+                    reject(Reason::UntrustedIssuer, "the signature does not verify against the trusted SAB anchor")
+                })?;
                 if !anchor.validity().is_valid_at(asn1_time(now)) {
-                    return Err(reject(Reason::UntrustedIssuer, "the SAB anchor itself is outside its validity window"));
+                    return Err(reject(
+                        Reason::UntrustedIssuer,
+                        "the SAB anchor itself is outside its validity window",
+                    ));
                 }
                 return Ok(());
             }
             let Some(issuer) = parsed.iter().find(|c| c.subject() == current.issuer() && c.is_ca()) else { break };
             current.verify_signature(Some(issuer.public_key())).map_err(|_| {
-                reject(Reason::UntrustedIssuer, format!("the signature by intermediate `{}` does not verify", issuer.subject()))
+                reject(
+                    Reason::UntrustedIssuer,
+                    format!("the signature by intermediate `{}` does not verify", issuer.subject()),
+                )
             })?;
             if !issuer.validity().is_valid_at(asn1_time(now)) {
-                return Err(reject(Reason::UntrustedIssuer, format!("intermediate `{}` is outside its validity window", issuer.subject())));
+                return Err(reject(
+                    Reason::UntrustedIssuer,
+                    format!("intermediate `{}` is outside its validity window", issuer.subject()),
+                ));
             }
             current = issuer;
         }
@@ -147,7 +162,10 @@ fn check_validity(leaf: &X509Certificate<'_>, policy: ValidityPolicy, now: Syste
     let skew = policy.clock_skew.as_secs() as i64;
     let (not_before, not_after) = (leaf.validity().not_before.timestamp(), leaf.validity().not_after.timestamp());
     if now_s + skew < not_before {
-        return Err(reject(Reason::NotYetValid, format!("valid from {} (now {})", leaf.validity().not_before, asn1_time(now))));
+        return Err(reject(
+            Reason::NotYetValid,
+            format!("valid from {} (now {})", leaf.validity().not_before, asn1_time(now)),
+        ));
     }
     if now_s - skew > not_after {
         return Err(reject(Reason::Expired, format!("expired at {}", leaf.validity().not_after)));
@@ -180,7 +198,10 @@ fn check_critical_extensions(leaf: &X509Certificate<'_>) -> Result<(), Rejection
     ];
     for ext in leaf.extensions() {
         if ext.critical && !known.contains(&ext.oid) {
-            return Err(reject(Reason::UnsupportedCriticalExtension, format!("critical extension {} is not understood", ext.oid)));
+            return Err(reject(
+                Reason::UnsupportedCriticalExtension,
+                format!("critical extension {} is not understood", ext.oid),
+            ));
         }
     }
     Ok(())

@@ -10,7 +10,8 @@ use crate::audit::{AuditStore, Record, format_time, keys, verify};
 const PAGE: usize = 1000;
 
 fn record_json(record: &Record) -> serde_json::Value {
-    let body: serde_json::Value = serde_json::from_str(&record.body).unwrap_or(serde_json::Value::String(record.body.clone()));
+    let body: serde_json::Value =
+        serde_json::from_str(&record.body).unwrap_or(serde_json::Value::String(record.body.clone()));
     json!({"seq": record.seq, "kind": record.kind, "time": format_time(record.time_ns), "body": body})
 }
 
@@ -25,7 +26,14 @@ pub fn list(database: &Path, kind: Option<&str>, json: bool) -> Result<()> {
             if json {
                 writeln!(out, "{}", record_json(record))?;
             } else {
-                writeln!(out, "{:>8}  {}  {:<14}  {}", record.seq, format_time(record.time_ns), record.kind, summary(record))?;
+                writeln!(
+                    out,
+                    "{:>8}  {}  {:<14}  {}",
+                    record.seq,
+                    format_time(record.time_ns),
+                    record.kind,
+                    summary(record)
+                )?;
             }
             after = record.seq;
         }
@@ -91,14 +99,18 @@ pub fn verify(database: &Path, public_key: &Path, json: bool) -> Result<bool> {
     let store = AuditStore::open_read_only(database)?;
     let outcome = verify::verify(&store, &key)?;
     let report = match &outcome {
-        Ok(verified) => json!({"ok": true, "records": verified.records, "checkpoints": verified.checkpoints, "head_hash": verified.head_hash}),
+        Ok(verified) => {
+            json!({"ok": true, "records": verified.records, "checkpoints": verified.checkpoints, "head_hash": verified.head_hash})
+        }
         Err(failure) => json!({"ok": false, "first_bad_record": failure.seq, "problem": failure.fault.to_string()}),
     };
     if json {
         println!("{report}");
     } else {
         match &outcome {
-            Ok(v) => println!("audit chain OK: {} records, {} checkpoints, head {}", v.records, v.checkpoints, v.head_hash),
+            Ok(v) => {
+                println!("audit chain OK: {} records, {} checkpoints, head {}", v.records, v.checkpoints, v.head_hash)
+            }
             Err(failure) => println!("audit chain BROKEN at record {}: {}", failure.seq, failure.fault),
         }
     }

@@ -21,8 +21,15 @@ pub fn create_ca(dir: &Path, name: &str, algorithm: Algorithm) -> Result<()> {
 
 /// Issue a certificate for a contract file. With `request`, the contract's request
 /// digest, provider, operation and target are filled in from that request.
-pub fn issue(dir: &Path, contract_path: &Path, request: Option<&Path>, ttl: Duration, algorithm: Algorithm) -> Result<String> {
-    let text = std::fs::read_to_string(contract_path).with_context(|| format!("reading {}", contract_path.display()))?;
+pub fn issue(
+    dir: &Path,
+    contract_path: &Path,
+    request: Option<&Path>,
+    ttl: Duration,
+    algorithm: Algorithm,
+) -> Result<String> {
+    let text =
+        std::fs::read_to_string(contract_path).with_context(|| format!("reading {}", contract_path.display()))?;
     let mut value: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", contract_path.display()))?;
     if request.is_some() {
@@ -32,8 +39,8 @@ pub fn issue(dir: &Path, contract_path: &Path, request: Option<&Path>, ttl: Dura
             object.entry(field).or_insert(json!(placeholder));
         }
     }
-    let mut contract: ExecutionContract =
-        serde_json::from_value(value).with_context(|| format!("{} is not a valid execution contract", contract_path.display()))?;
+    let mut contract: ExecutionContract = serde_json::from_value(value)
+        .with_context(|| format!("{} is not a valid execution contract", contract_path.display()))?;
     if let Some(path) = request {
         let request: MutationRequest = serde_json::from_str(&std::fs::read_to_string(path)?)
             .with_context(|| format!("{} is not a valid request", path.display()))?;

@@ -10,6 +10,7 @@
 //!   registered one fails the tgid check (broker sockets are also close-on-exec);
 //! - a process that reuses the broker's PID after it exits has no registered socket,
 //!   since cookies are never reused.
+//!
 //! The registration is removed when the connection is dropped.
 
 use std::{
@@ -87,8 +88,8 @@ impl BrokerSockets {
 
     /// Open a TCP connection as the broker.
     pub async fn connect_tcp(&self, addr: SocketAddr) -> Result<BrokerStream> {
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-            .context("creating a socket")?;
+        let socket =
+            Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).context("creating a socket")?;
         socket.set_nonblocking(true)?;
         let registration = self.register(socket.as_fd())?;
         let socket = TcpSocket::from_std_stream(socket.into());

@@ -19,10 +19,8 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
 }
 
 pub fn write_policy(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<()> {
-    write_trie(map_mut(ebpf, map_names::PROTECTED_V4)?, &policy.v4)
-        .context("updating the IPv4 protected endpoints")?;
-    write_trie(map_mut(ebpf, map_names::PROTECTED_V6)?, &policy.v6)
-        .context("updating the IPv6 protected endpoints")?;
+    write_trie(map_mut(ebpf, map_names::PROTECTED_V4)?, &policy.v4).context("updating the IPv4 protected endpoints")?;
+    write_trie(map_mut(ebpf, map_names::PROTECTED_V6)?, &policy.v6).context("updating the IPv6 protected endpoints")?;
     Ok(())
 }
 
@@ -69,7 +67,8 @@ pub struct CounterValues {
 
 impl Counters {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
-        let map = ebpf.take_map(map_names::COUNTERS).ok_or_else(|| anyhow!("map {} is missing", map_names::COUNTERS))?;
+        let map =
+            ebpf.take_map(map_names::COUNTERS).ok_or_else(|| anyhow!("map {} is missing", map_names::COUNTERS))?;
         Ok(Self { array: PerCpuArray::try_from(map)? })
     }
 

@@ -28,7 +28,9 @@ pub struct CompiledPolicy {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("protected prefix {prefix} needs {count} port rules (its own and those of covering prefixes); the most one prefix can hold is {max}")]
+#[error(
+    "protected prefix {prefix} needs {count} port rules (its own and those of covering prefixes); the most one prefix can hold is {max}"
+)]
 pub struct TooManyRules {
     pub prefix: IpNet,
     pub count: usize,
@@ -38,11 +40,7 @@ pub struct TooManyRules {
 pub fn compile(endpoints: &[Endpoint]) -> Result<CompiledPolicy, TooManyRules> {
     let mut own: BTreeMap<IpNet, BTreeSet<PortRule>> = BTreeMap::new();
     for endpoint in endpoints {
-        let rule = PortRule {
-            port: endpoint.port.unwrap_or(ANY_PORT),
-            protocol: endpoint.protocol.number(),
-            _pad: 0,
-        };
+        let rule = PortRule { port: endpoint.port.unwrap_or(ANY_PORT), protocol: endpoint.protocol.number(), _pad: 0 };
         own.entry(endpoint.net.trunc()).or_default().insert(rule);
     }
     let mut policy = CompiledPolicy::default();
@@ -50,16 +48,12 @@ pub fn compile(endpoints: &[Endpoint]) -> Result<CompiledPolicy, TooManyRules> {
         let rules = inherited_rules(net, &own);
         let rules = encode(*net, rules)?;
         match net {
-            IpNet::V4(v4) => policy.v4.push(TrieEntry {
-                prefix_len: v4.prefix_len().into(),
-                addr: v4.network().octets(),
-                rules,
-            }),
-            IpNet::V6(v6) => policy.v6.push(TrieEntry {
-                prefix_len: v6.prefix_len().into(),
-                addr: v6.network().octets(),
-                rules,
-            }),
+            IpNet::V4(v4) => {
+                policy.v4.push(TrieEntry { prefix_len: v4.prefix_len().into(), addr: v4.network().octets(), rules })
+            }
+            IpNet::V6(v6) => {
+                policy.v6.push(TrieEntry { prefix_len: v6.prefix_len().into(), addr: v6.network().octets(), rules })
+            }
         }
     }
     Ok(policy)
@@ -119,11 +113,9 @@ mod tests {
 
     #[test]
     fn a_longer_prefix_keeps_the_rules_of_the_prefixes_covering_it() {
-        let policy = compile(&[
-            endpoint("10.0.0.0/8", None, Protocol::Any),
-            endpoint("10.1.2.3/32", Some(443), Protocol::Tcp),
-        ])
-        .unwrap();
+        let policy =
+            compile(&[endpoint("10.0.0.0/8", None, Protocol::Any), endpoint("10.1.2.3/32", Some(443), Protocol::Tcp)])
+                .unwrap();
         assert!(kernel_denies(&policy, [10, 1, 2, 3], 6, 80), "the /8 rule still applies");
         assert!(kernel_denies(&policy, [10, 9, 9, 9], 17, 53));
         assert!(!kernel_denies(&policy, [11, 1, 2, 3], 6, 443));
@@ -156,8 +148,7 @@ mod tests {
 
     #[test]
     fn too_many_rules_on_one_prefix_is_an_error_naming_it() {
-        let endpoints: Vec<_> =
-            (1..=9).map(|port| endpoint("198.51.100.7/32", Some(port), Protocol::Tcp)).collect();
+        let endpoints: Vec<_> = (1..=9).map(|port| endpoint("198.51.100.7/32", Some(port), Protocol::Tcp)).collect();
         let error = compile(&endpoints).unwrap_err();
         assert_eq!(error.prefix.to_string(), "198.51.100.7/32");
     }
