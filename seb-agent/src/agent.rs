@@ -20,6 +20,8 @@ use crate::{
     cgroupfs::{self, CgroupNames},
     config::Config,
     enforcement::{BrokerSockets, LinkState, PinLayout, loader, maps, policy},
+    execute::{aws::AwsExecutor, broker_http::BrokerHttp},
+    propose::Executors,
     recorder::Recorder,
     server::{self, Broker},
 };
@@ -92,9 +94,10 @@ pub async fn run(config: Config) -> Result<()> {
     let recorder = recorder.spawn(stop_recorder.clone());
 
     let sockets = BrokerSockets::open(&enforced.layout)?;
+    let executors = executors_from(&config, &sockets)?;
     let listener = server::bind(&config.broker.socket, config.broker.socket_group.as_deref())?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let broker = Arc::new(Broker { sockets, admission, ledger });
+    let broker = Arc::new(Broker { sockets, admission, executors, ledger });
     let serving = tokio::spawn(server::serve(listener, broker, shutdown_rx));
     info!(socket = %config.broker.socket.display(), "broker ready");
 
@@ -107,6 +110,12 @@ pub async fn run(config: Config) -> Result<()> {
     // Every ledger handle is gone now; the ledger finishes its queue and stops.
     ledger_thread.join().map_err(|_| anyhow!("the ledger thread panicked"))?;
     Ok(())
+}
+
+fn executors_from(config: &Config, sockets: &BrokerSockets) -> Result<Executors> {
+    let http = BrokerHttp::new(sockets.clone());
+    let aws = config.aws.clone().map(|aws| AwsExecutor::new(aws, http.clone())).transpose()?;
+    Ok(Executors { aws })
 }
 
 fn admission_from(config: &Config) -> Result<Admission> {

@@ -24,6 +24,9 @@ pub struct Config {
     pub broker: BrokerConfig,
     #[serde(default)]
     pub admission: AdmissionConfig,
+    /// The AWS executor; without this table AWS proposals are admitted but not executed.
+    #[serde(default)]
+    pub aws: Option<crate::execute::aws::AwsConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

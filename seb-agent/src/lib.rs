@@ -10,6 +10,8 @@ pub mod cli;
 pub mod config;
 pub mod denials;
 pub mod enforcement;
+pub mod execute;
+pub mod propose;
 pub mod protocol;
 pub mod recorder;
 pub mod server;

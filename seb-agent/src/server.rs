@@ -13,6 +13,7 @@ use tokio::net::unix::UCred;
 
 use crate::{
     admission::{Admission, Caller, Proposal, state},
+    propose::{Executors, propose},
     audit::Ledger,
     config::parse_socket_addr,
     enforcement::BrokerSockets,
@@ -23,6 +24,7 @@ use crate::{
 pub struct Broker {
     pub sockets: BrokerSockets,
     pub admission: Admission,
+    pub executors: Executors,
     pub ledger: Ledger,
 }
 
@@ -127,7 +129,7 @@ async fn handle(request: Request, peer: &UCred, broker: &Broker) -> Response {
                 Err(e) => return error(ErrorCode::Forbidden, format!("the caller cannot be identified: {e:#}")),
             };
             let proposal = Proposal { certificate, request };
-            let decision = broker.admission.decide(&broker.ledger, &caller, &proposal).await;
+            let decision = propose(&broker.admission, &broker.executors, &broker.ledger, &caller, &proposal).await;
             info!(
                 decision_id = %decision.decision_id,
                 admitted = decision.admitted,

@@ -16,6 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod broker;
+pub mod moto;
+
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 

@@ -9,64 +9,19 @@ use seb_agent::{
     cert::{
         ExecutionContract, MutationRequest, Provider,
         contract::{AgentIdentity, ScopedIdentity},
-        dev_sab::{self, Algorithm, CaFiles, IssueOptions},
+        dev_sab::{self, Algorithm, IssueOptions},
     },
-    protocol::{self, Request, Response},
+    protocol::{Request, Response},
 };
-use seb_sandbox::{Sandbox, Tools};
+use seb_sandbox::{Sandbox, Tools, broker::Broker};
 
 fn tools() -> Tools {
     Tools::for_tests(env!("CARGO_BIN_EXE_seb-probe"))
 }
 
 /// A sandboxed broker trusting a fresh dev SAB, with epochs 1/1 unless told otherwise.
-struct Fixture {
-    sandbox: Sandbox,
-    ca: CaFiles,
-    runtime: tokio::runtime::Runtime,
-}
-
-impl Fixture {
-    fn new(label: &str, set_epochs: bool) -> Self {
-        let mut sandbox = Sandbox::new(label, tools()).unwrap();
-        let ca = dev_sab::create_ca(&sandbox.dir.join("sab"), "seb test SAB", Algorithm::Ed25519).unwrap();
-        sandbox
-            .write_config(&format!("[admission]\ntrust_anchors = \"{}\"\nmax_ttl_seconds = 3600\n", ca.cert.display()))
-            .unwrap();
-        sandbox.start_agent().unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let fixture = Self { sandbox, ca, runtime };
-        if set_epochs {
-            fixture.admin(Request::SetEpochs { policy: Some(1), revocation: Some(1) });
-        }
-        fixture
-    }
-
-    fn call(&self, request: Request) -> Response {
-        self.runtime.block_on(protocol::call(&self.sandbox.socket, &request)).unwrap()
-    }
-
-    fn admin(&self, request: Request) -> Response {
-        let response = self.call(request);
-        assert!(!matches!(response, Response::Error { .. }), "{response:?}");
-        response
-    }
-
-    fn propose(&self, certificate: &str, request: &MutationRequest) -> Decision {
-        match self.call(Request::Propose { certificate: certificate.into(), request: request.clone() }) {
-            Response::Decision(decision) => decision,
-            other => panic!("expected a decision, got {other:?}"),
-        }
-    }
-
-    fn issue(&self, contract: &ExecutionContract, options: &IssueOptions) -> String {
-        dev_sab::issue(&self.ca, contract, options).unwrap()
-    }
-
-    /// A fresh certificate for `contract`, proposed with `request`.
-    fn decide(&self, contract: &ExecutionContract, request: &MutationRequest) -> Decision {
-        self.propose(&self.issue(contract, &IssueOptions::default()), request)
-    }
+fn broker(label: &str, set_epochs: bool) -> Broker {
+    Broker::start(Sandbox::new(label, tools()).unwrap(), "", set_epochs).unwrap()
 }
 
 fn request() -> MutationRequest {
@@ -124,7 +79,7 @@ fn assert_denied(decision: &Decision, reason: Reason) {
 
 #[test]
 fn certificate_predicates_each_admit_and_deny() {
-    let f = Fixture::new("certs", true);
+    let f = broker("certs", true);
     let (contract, request) = (contract(), request());
 
     // Ed25519 and ECDSA P-256 certificates from the trusted SAB are admitted.
@@ -171,7 +126,7 @@ fn alter_contract(pem: &str) -> String {
 
 #[test]
 fn caller_and_request_predicates_each_admit_and_deny() {
-    let f = Fixture::new("request", true);
+    let f = broker("request", true);
     let (contract, request) = (contract(), request());
     assert_admitted(&f.decide(&contract, &request));
 
@@ -207,7 +162,7 @@ fn own_cgroup() -> String {
 
 #[test]
 fn epoch_revocation_and_replay_predicates_each_admit_and_deny() {
-    let f = Fixture::new("state", false);
+    let f = broker("state", false);
     let (contract, request) = (contract(), request());
 
     // No epochs known yet: fail closed.
@@ -249,7 +204,7 @@ fn dev_serial(pem: &str) -> String {
 
 #[test]
 fn a_used_serial_is_refused_again_even_after_a_broker_restart() {
-    let mut f = Fixture::new("replay", true);
+    let mut f = broker("replay", true);
     let (contract, request) = (contract(), request());
     let certificate = f.issue(&contract, &IssueOptions::default());
     assert_admitted(&f.propose(&certificate, &request));
@@ -264,7 +219,7 @@ fn a_used_serial_is_refused_again_even_after_a_broker_restart() {
 
 #[test]
 fn the_cli_propose_prints_the_decision_and_exits_non_zero_on_denial() {
-    let f = Fixture::new("cli", true);
+    let f = broker("cli", true);
     let agent = f.sandbox.tools.agent.to_string_lossy().into_owned();
     let contract = ExecutionContract {
         agent: AgentIdentity { uid: Some(0), exe: Some(agent), ..Default::default() },
@@ -314,7 +269,7 @@ mod raw {
 #[test]
 fn bad_input_gets_a_clear_error_and_closes_only_that_connection() {
     use std::os::unix::net::UnixStream;
-    let f = Fixture::new("protocol", true);
+    let f = broker("protocol", true);
     let socket = &f.sandbox.socket;
     let mut bystander = UnixStream::connect(socket).unwrap();
 

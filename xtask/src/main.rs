@@ -72,6 +72,7 @@ fn build(check: bool) -> Result<()> {
 fn test() -> Result<()> {
     require_root()?;
     toolchain::ensure_packages(&[("ip", "iproute2")])?;
+    toolchain::ensure_moto()?;
     // In CI the committed object must be what the sources build; locally it is refreshed.
     ebpf::build(if in_ci() { ebpf::Mode::Check } else { ebpf::Mode::Update })?;
     let cargo = |args: &[&str]| run(Command::new("cargo").current_dir(workspace_root()).args(args));

@@ -93,3 +93,13 @@ pub fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
     }
     Ok(())
 }
+
+/// moto, the AWS API emulator the execution tests and the demo use as the production API.
+pub fn ensure_moto() -> Result<()> {
+    if Command::new("moto_server").arg("--help").output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing moto[server] (the AWS API emulator)");
+    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "moto[server]>=5.1,<6"]))
+        .context("installing moto[server] with pip")
+}

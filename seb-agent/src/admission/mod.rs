@@ -33,7 +33,7 @@ pub struct Proposal {
 }
 
 /// The broker's answer, also the core of the decision record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Decision {
     pub decision_id: String,
     pub admitted: bool,
@@ -43,6 +43,9 @@ pub struct Decision {
     pub record_seq: i64,
     pub serial: Option<String>,
     pub contract_id: Option<String>,
+    /// What execution did, for an admitted proposal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<crate::execute::Outcome>,
 }
 
 /// The decision record: what a security team reads.
@@ -100,73 +103,117 @@ impl Admission {
         (Some(verified), verdict)
     }
 
-    /// Decide, record durably, and only then answer.
-    pub async fn decide(&self, ledger: &Ledger, caller: &Caller, proposal: &Proposal) -> Decision {
-        let decision_id = uuid::Uuid::new_v4().to_string();
-        let (verified, precheck) = self.precheck(caller, proposal, SystemTime::now());
-        // The caller must still be the process that connected, right before recording.
-        let precheck = precheck.and_then(|()| {
-            if caller.still_same() {
-                Ok(())
-            } else {
-                Err(Rejection {
-                    reason: Reason::CallerChanged,
-                    message: "the calling process exited or was replaced during the call".into(),
-                })
-            }
-        });
-        let identity = caller.identity.clone();
-        let request = RequestSummary {
-            provider: proposal.request.provider,
-            operation: proposal.request.operation.clone(),
-            target: proposal.request.target.clone(),
-            digest: proposal.request.digest(),
-        };
-        let id = decision_id.clone();
-        let recorded = ledger
-            .run(move |batch| {
-                let verdict = match (&verified, precheck) {
-                    (Some(verified), Ok(())) => state::check(batch.conn(), verified)?,
-                    (_, Err(rejection)) => Err(rejection),
-                    (None, Ok(())) => {
-                        Err(Rejection { reason: Reason::Internal, message: "no verified certificate".into() })
-                    }
-                };
-                let admitted = verdict.is_ok();
-                let (reason, message) = match verdict {
-                    Ok(()) => (Reason::Admitted, "every admission predicate holds".to_string()),
-                    Err(rejection) => (rejection.reason, rejection.message),
-                };
-                let serial = verified.as_ref().map(|v| v.serial.clone());
-                let contract_id = verified.as_ref().map(|v| v.contract.contract_id.clone());
-                let record = DecisionRecord {
-                    decision_id: id.clone(),
-                    admitted,
-                    reason,
-                    message: message.clone(),
-                    caller: identity,
-                    serial: serial.clone(),
-                    contract_id: contract_id.clone(),
-                    request,
-                    active_epochs: state::epochs(batch.conn())?,
-                };
-                let seq = batch.append(DECISION_KIND, now_ns(), &record)?;
-                if let (true, Some(serial)) = (admitted, &serial) {
-                    state::consume(batch.conn(), serial, seq)?;
-                }
-                Ok(Decision { decision_id: id, admitted, reason, message, record_seq: seq, serial, contract_id })
-            })
-            .await;
-        recorded.unwrap_or_else(|e| Decision {
-            decision_id,
-            admitted: false,
-            reason: Reason::Internal,
-            message: format!("the decision could not be recorded, so it is a denial: {e:#}"),
-            record_seq: 0,
-            serial: None,
-            contract_id: None,
-        })
+    /// Start a decision: the stateless predicates.
+    pub fn begin(&self, caller: &Caller, proposal: &Proposal) -> Pending {
+        let (verified, verdict) = self.precheck(caller, proposal, SystemTime::now());
+        Pending {
+            decision_id: uuid::Uuid::new_v4().to_string(),
+            verified,
+            verdict,
+            caller: caller.identity.clone(),
+            request: RequestSummary {
+                provider: proposal.request.provider,
+                operation: proposal.request.operation.clone(),
+                target: proposal.request.target.clone(),
+                digest: proposal.request.digest(),
+            },
+        }
     }
+
+    /// Decide with no live-state check (no executor for the provider), record, answer.
+    pub async fn decide(&self, ledger: &Ledger, caller: &Caller, proposal: &Proposal) -> Decision {
+        let mut pending = self.begin(caller, proposal);
+        pending.require_same_caller(caller);
+        record(ledger, pending).await
+    }
+}
+
+/// A decision under way.
+pub struct Pending {
+    pub decision_id: String,
+    pub verified: Option<Verified>,
+    pub verdict: Result<(), Rejection>,
+    caller: CallerIdentity,
+    request: RequestSummary,
+}
+
+impl Pending {
+    pub fn admissible(&self) -> bool {
+        self.verdict.is_ok() && self.verified.is_some()
+    }
+
+    pub fn reject(&mut self, reason: Reason, message: impl Into<String>) {
+        if self.verdict.is_ok() {
+            self.verdict = Err(Rejection { reason, message: message.into() });
+        }
+    }
+
+    /// The broker-state predicates, read only: so that a replayed or revoked certificate
+    /// costs no identity minting. `record` checks them again, atomically.
+    pub async fn check_state(&mut self, ledger: &Ledger) {
+        let Some(verified) = self.verified.clone().filter(|_| self.verdict.is_ok()) else { return };
+        match ledger.run(move |batch| state::check(batch.conn(), &verified)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(rejection)) => self.verdict = Err(rejection),
+            Err(e) => self.reject(Reason::Internal, format!("the broker state could not be read: {e:#}")),
+        }
+    }
+
+    /// The caller must still be the process that connected, right before recording.
+    pub fn require_same_caller(&mut self, caller: &Caller) {
+        if !caller.still_same() {
+            self.reject(Reason::CallerChanged, "the calling process exited or was replaced during the call");
+        }
+    }
+}
+
+/// Record the decision durably (checking broker state once more, atomically with
+/// consuming the serial), and only then return it.
+pub async fn record(ledger: &Ledger, pending: Pending) -> Decision {
+    let Pending { decision_id, verified, verdict: precheck, caller: identity, request } = pending;
+    let id = decision_id.clone();
+    let recorded = ledger
+        .run(move |batch| {
+            let verdict = match (&verified, precheck) {
+                (Some(verified), Ok(())) => state::check(batch.conn(), verified)?,
+                (_, Err(rejection)) => Err(rejection),
+                (None, Ok(())) => Err(Rejection { reason: Reason::Internal, message: "no verified certificate".into() }),
+            };
+            let admitted = verdict.is_ok();
+            let (reason, message) = match verdict {
+                Ok(()) => (Reason::Admitted, "every admission predicate holds".to_string()),
+                Err(rejection) => (rejection.reason, rejection.message),
+            };
+            let serial = verified.as_ref().map(|v| v.serial.clone());
+            let contract_id = verified.as_ref().map(|v| v.contract.contract_id.clone());
+            let record = DecisionRecord {
+                decision_id: id.clone(),
+                admitted,
+                reason,
+                message: message.clone(),
+                caller: identity,
+                serial: serial.clone(),
+                contract_id: contract_id.clone(),
+                request,
+                active_epochs: state::epochs(batch.conn())?,
+            };
+            let seq = batch.append(DECISION_KIND, now_ns(), &record)?;
+            if let (true, Some(serial)) = (admitted, &serial) {
+                state::consume(batch.conn(), serial, seq)?;
+            }
+            Ok(Decision { decision_id: id, admitted, reason, message, record_seq: seq, serial, contract_id, outcome: None })
+        })
+        .await;
+    recorded.unwrap_or_else(|e| Decision {
+        decision_id,
+        admitted: false,
+        reason: Reason::Internal,
+        message: format!("the decision could not be recorded, so it is a denial: {e:#}"),
+        record_seq: 0,
+        serial: None,
+        contract_id: None,
+        outcome: None,
+    })
 }
 
 /// The presented request must be exactly the certified one.

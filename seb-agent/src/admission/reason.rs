@@ -31,7 +31,9 @@ pub enum Reason {
     SerialRevoked,
     ContractRevoked,
     Replayed,
-    // Live state (executors).
+    // Execution.
+    UnsupportedOperation,
+    LiveStateUnavailable,
     Drift,
     Internal,
 }
@@ -61,6 +63,8 @@ impl Reason {
             Self::SerialRevoked => "serial_revoked",
             Self::ContractRevoked => "contract_revoked",
             Self::Replayed => "replayed",
+            Self::UnsupportedOperation => "unsupported_operation",
+            Self::LiveStateUnavailable => "live_state_unavailable",
             Self::Drift => "drift",
             Self::Internal => "internal",
         }

@@ -124,6 +124,14 @@ pub struct BrokerStream {
     _registration: Registration,
 }
 
+impl BrokerStream {
+    /// The stream and its registration, for layering (TLS, HTTP); keep the registration
+    /// alive as long as the stream.
+    pub fn into_parts(self) -> (TcpStream, Registration) {
+        (self.stream, self._registration)
+    }
+}
+
 /// `SO_COOKIE`: the kernel's unique, never-reused id of a socket.
 pub fn socket_cookie(socket: BorrowedFd<'_>) -> Result<u64> {
     let mut cookie: u64 = 0;

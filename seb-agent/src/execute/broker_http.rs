@@ -1,0 +1,101 @@
+//! HTTP requests from the broker's own, kernel-registered sockets.
+//!
+//! Every request opens a fresh connection through [`BrokerSockets`], so it is the one
+//! kind of connection the kernel lets through to a protected endpoint, and no connection
+//! (nor a credential riding on it) outlives the mutation. `https` uses rustls with the
+//! webpki roots.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::enforcement::BrokerSockets;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends requests as the broker.
+#[derive(Clone)]
+pub struct BrokerHttp {
+    sockets: BrokerSockets,
+    tls: Arc<tokio_rustls::rustls::ClientConfig>,
+}
+
+impl BrokerHttp {
+    pub fn new(sockets: BrokerSockets) -> Self {
+        let roots = tokio_rustls::rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        let tls = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Self { sockets, tls: Arc::new(tls) }
+    }
+
+    pub async fn send(&self, request: Request<Bytes>) -> Result<Response<Bytes>> {
+        tokio::time::timeout(TIMEOUT, self.send_inner(request)).await.context("the request timed out")?
+    }
+
+    async fn send_inner(&self, request: Request<Bytes>) -> Result<Response<Bytes>> {
+        let uri = request.uri().clone();
+        let (host, port, tls) = endpoint_of(&uri)?;
+        let addr = resolve(&host, port).await?;
+        let stream = self.sockets.connect_tcp(addr).await?;
+        let (stream, registration) = stream.into_parts();
+        let response = if tls {
+            let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.clone())
+                .with_context(|| format!("`{host}` is not a valid TLS server name"))?;
+            let stream = tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, stream).await?;
+            exchange(stream, request).await
+        } else {
+            exchange(stream, request).await
+        };
+        // The socket is closed by now; dropping the registration removes its cookie.
+        drop(registration);
+        response.with_context(|| format!("{} {uri}", "request to"))
+    }
+}
+
+/// One HTTP/1.1 exchange on an already connected stream.
+pub async fn exchange<S>(stream: S, request: Request<Bytes>) -> Result<Response<Bytes>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let driver = tokio::spawn(connection);
+    let (parts, body) = request.into_parts();
+    let response = sender.send_request(Request::from_parts(parts, Full::new(body))).await?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    drop(sender);
+    let _ = driver.await;
+    Ok(Response::from_parts(parts, body))
+}
+
+fn endpoint_of(uri: &Uri) -> Result<(String, u16, bool)> {
+    let tls = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        other => bail!("unsupported scheme {other:?} in {uri}"),
+    };
+    let host = uri.host().with_context(|| format!("no host in {uri}"))?.trim_matches(['[', ']']).to_string();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    Ok((host, port, tls))
+}
+
+async fn resolve(host: &str, port: u16) -> Result<SocketAddr> {
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    tokio::net::lookup_host((host, port))
+        .await
+        .with_context(|| format!("resolving {host}"))?
+        .next()
+        .with_context(|| format!("{host} has no address"))
+}

@@ -1,0 +1,63 @@
+//! A running sandboxed broker that trusts a fresh dev SAB: propose, administer, issue.
+
+use anyhow::Result;
+use seb_agent::{
+    admission::Decision,
+    cert::{
+        ExecutionContract, MutationRequest,
+        dev_sab::{self, Algorithm, CaFiles, IssueOptions},
+    },
+    protocol::{self, Request, Response},
+};
+
+use crate::Sandbox;
+
+pub struct Broker {
+    pub sandbox: Sandbox,
+    pub ca: CaFiles,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Broker {
+    /// Start the sandbox's agent trusting a new SAB CA; `extra` is more config (endpoints,
+    /// executors); with `epochs`, the policy and revocation epochs are set to 1.
+    pub fn start(mut sandbox: Sandbox, extra: &str, epochs: bool) -> Result<Self> {
+        let ca = dev_sab::create_ca(&sandbox.dir.join("sab"), "seb test SAB", Algorithm::Ed25519)?;
+        let admission = format!("[admission]\ntrust_anchors = \"{}\"\nmax_ttl_seconds = 3600\n", ca.cert.display());
+        sandbox.write_config(&format!("{extra}\n{admission}"))?;
+        sandbox.start_agent()?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let broker = Self { sandbox, ca, runtime };
+        if epochs {
+            broker.admin(Request::SetEpochs { policy: Some(1), revocation: Some(1) });
+        }
+        Ok(broker)
+    }
+
+    pub fn call(&self, request: Request) -> Response {
+        self.runtime.block_on(protocol::call(&self.sandbox.socket, &request)).expect("calling the broker")
+    }
+
+    /// An admin request that must succeed.
+    pub fn admin(&self, request: Request) -> Response {
+        let response = self.call(request);
+        assert!(!matches!(response, Response::Error { .. }), "{response:?}");
+        response
+    }
+
+    pub fn propose(&self, certificate: &str, request: &MutationRequest) -> Decision {
+        match self.call(Request::Propose { certificate: certificate.into(), request: request.clone() }) {
+            Response::Decision(decision) => decision,
+            other => panic!("expected a decision, got {other:?}"),
+        }
+    }
+
+    pub fn issue(&self, contract: &ExecutionContract, options: &IssueOptions) -> String {
+        dev_sab::issue(&self.ca, contract, options).expect("issuing a certificate")
+    }
+
+    /// A fresh certificate for `contract`, proposed with `request`.
+    pub fn decide(&self, contract: &ExecutionContract, request: &MutationRequest) -> Decision {
+        self.propose(&self.issue(contract, &IssueOptions::default()), request)
+    }
+}

@@ -1,0 +1,220 @@
+//! Execution against a real AWS API emulator (moto, SigV4 and IAM enforced), running in
+//! the sandbox's namespace on a protected loopback address: the broker mints a scoped STS
+//! session per mutation and performs it; the agent's own credentials and direct calls fail.
+
+use seb_agent::{
+    admission::{Decision, Reason},
+    cert::{
+        ExecutionContract, MutationRequest, Provider,
+        contract::{AgentIdentity, ScopedIdentity},
+    },
+    enforcement::BrokerSockets,
+    execute::{
+        MintedIdentity, OutcomeStatus,
+        aws::{AwsConfig, AwsExecutor, AwsOperation, operation::state_digest},
+        broker_http::BrokerHttp,
+    },
+};
+use seb_sandbox::{
+    Sandbox, Tools,
+    broker::Broker,
+    moto::{self, AwsWorld, Moto},
+};
+use serde_json::json;
+
+fn tools() -> Tools {
+    Tools::for_tests(env!("CARGO_BIN_EXE_seb-probe"))
+}
+
+const API: &str = "127.0.0.2:8443";
+
+struct World {
+    // Declared first so moto stops before the sandbox goes.
+    _moto: Moto,
+    broker: Broker,
+    aws: AwsWorld,
+}
+
+fn world(label: &str) -> World {
+    let sandbox = Sandbox::new(label, tools()).unwrap();
+    let moto = moto::start(&sandbox.netns, API.parse().unwrap()).unwrap();
+    let aws = moto::seed(&sandbox.netns, &format!("http://{API}")).unwrap();
+    let credentials = sandbox.dir.join("aws-broker.json");
+    std::fs::write(&credentials, serde_json::to_string(&aws.broker).unwrap()).unwrap();
+    let extra = format!(
+        "[[enforcement.protected]]\ncidr = \"127.0.0.2\"\nport = 8443\nprotocol = \"tcp\"\n\n\
+         [aws]\nendpoint = \"http://{API}\"\ncredentials_file = \"{}\"\n",
+        credentials.display()
+    );
+    World { _moto: moto, broker: Broker::start(sandbox, &extra, true).unwrap(), aws }
+}
+
+impl World {
+    fn netns(&self) -> &str {
+        &self.broker.sandbox.netns
+    }
+
+    /// What the SAB does: read the target's live state and digest it.
+    fn live_digest(&self, request: &MutationRequest) -> String {
+        let operation = AwsOperation::parse(request).unwrap();
+        let response = moto::call(self.netns(), &self.aws.endpoint, operation.state_read(), &self.aws.sab).unwrap();
+        state_digest(&operation.canonical_state(&response).unwrap())
+    }
+
+    /// A contract for `request` for this test process, certified against live state now.
+    fn contract(&self, request: &MutationRequest) -> ExecutionContract {
+        let mut contract = ExecutionContract {
+            contract_id: format!("c-{}", request.digest()),
+            agent: AgentIdentity { uid: Some(0), exe: Some(std::env::current_exe().unwrap().to_string_lossy().into()), ..Default::default() },
+            provider: Provider::Aws,
+            operation: String::new(),
+            target: String::new(),
+            request_digest: String::new(),
+            precondition: self.live_digest(request),
+            policy_epoch: 1,
+            revocation_epoch: 1,
+            evidence_digest: "sha256:00".into(),
+            identity: ScopedIdentity::AwsRole { role_arn: self.aws.role_arn.clone() },
+        };
+        contract.bind_request(request);
+        contract
+    }
+
+    fn object(&self, key: &str) -> Option<String> {
+        let request = put_object(&self.aws.bucket, key, "");
+        let operation = AwsOperation::parse(&request).unwrap();
+        let response = moto::call(self.netns(), &self.aws.endpoint, operation.state_read(), &self.aws.sab).unwrap();
+        (response.status() == 200).then(|| String::from_utf8(response.body().to_vec()).unwrap())
+    }
+}
+
+fn put_object(bucket: &str, key: &str, body: &str) -> MutationRequest {
+    serde_json::from_value(json!({
+        "provider": "aws", "operation": "s3:PutObject",
+        "target": format!("arn:aws:s3:::{bucket}/{key}"), "params": {"body": body}
+    }))
+    .unwrap()
+}
+
+fn authorize_ingress(group: &str, port: u16) -> MutationRequest {
+    serde_json::from_value(json!({
+        "provider": "aws", "operation": "ec2:AuthorizeSecurityGroupIngress",
+        "target": format!("arn:aws:ec2:{}:{}:security-group/{group}", moto::REGION, moto::ACCOUNT),
+        "params": {"ip_permissions": [{"protocol": "tcp", "from_port": port, "to_port": port, "cidrs": ["10.0.0.0/8"]}]}
+    }))
+    .unwrap()
+}
+
+#[track_caller]
+fn assert_executed(decision: &Decision) -> &seb_agent::execute::Outcome {
+    assert!(decision.admitted, "{decision:?}");
+    let outcome = decision.outcome.as_ref().expect("an admitted proposal has an outcome");
+    assert_eq!(outcome.status, OutcomeStatus::Succeeded, "{outcome:?}");
+    assert_eq!(outcome.decision_seq, decision.record_seq);
+    assert!(outcome.record_seq > decision.record_seq, "the outcome is recorded after its decision: {outcome:?}");
+    outcome
+}
+
+#[test]
+fn certified_s3_and_ec2_mutations_execute_with_a_session_minted_for_each() {
+    let w = world("exec");
+    let request = put_object(&w.aws.bucket, "config/app.json", "replicas=3");
+    let decision = w.broker.decide(&w.contract(&request), &request);
+    let outcome = assert_executed(&decision);
+    assert_eq!(outcome.api_status, Some(200));
+    let Some(MintedIdentity::AwsSession { role_arn, role_session_name, source_identity, duration_seconds, .. }) = &outcome.identity
+    else {
+        panic!("an AWS session is minted: {outcome:?}");
+    };
+    assert_eq!(role_arn, &w.aws.role_arn);
+    assert_eq!(role_session_name, &format!("seb-{}", decision.decision_id));
+    assert_eq!(source_identity, &decision.decision_id);
+    assert_eq!(*duration_seconds, 900);
+    assert_eq!(w.object("config/app.json").as_deref(), Some("replicas=3"));
+    assert_eq!(outcome.resulting_state_digest.as_deref(), Some(w.live_digest(&request).as_str()));
+
+    let request = authorize_ingress(&w.aws.security_group, 443);
+    let before = w.live_digest(&request);
+    let decision = w.broker.decide(&w.contract(&request), &request);
+    let outcome = assert_executed(&decision);
+    let after = w.live_digest(&request);
+    assert_ne!(before, after, "the security group changed");
+    assert_eq!(outcome.resulting_state_digest.as_deref(), Some(after.as_str()));
+
+    // Both outcomes are records chained after their decisions, and the chain verifies.
+    let verify = w.broker.sandbox.agent_cli(&["audit", "verify", "--json"]).unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    let listing = w.broker.sandbox.agent_cli(&["audit", "list", "--kind", "outcome", "--json"]).unwrap();
+    assert_eq!(String::from_utf8(listing.stdout).unwrap().lines().count(), 2);
+}
+
+#[test]
+fn drift_from_the_certified_precondition_is_denied_and_nothing_is_executed() {
+    let w = world("drift");
+    let first = put_object(&w.aws.bucket, "config/app.json", "replicas=3");
+    let stale = w.contract(&put_object(&w.aws.bucket, "config/app.json", "replicas=5"));
+    assert_executed(&w.broker.decide(&w.contract(&first), &first));
+
+    // Certified while the object did not exist yet; it exists now.
+    let second = put_object(&w.aws.bucket, "config/app.json", "replicas=5");
+    let decision = w.broker.decide(&stale, &second);
+    assert!(!decision.admitted);
+    assert_eq!(decision.reason, Reason::Drift, "{decision:?}");
+    assert!(decision.outcome.is_none(), "nothing is executed on drift");
+    assert_eq!(w.object("config/app.json").as_deref(), Some("replicas=3"), "the object is untouched");
+
+    // Re-certified against the live state, the same change goes through.
+    assert_executed(&w.broker.decide(&w.contract(&second), &second));
+    assert_eq!(w.object("config/app.json").as_deref(), Some("replicas=5"));
+}
+
+#[test]
+fn the_agents_own_credentials_are_refused_and_its_direct_connection_is_blocked() {
+    let w = world("agentcreds");
+    let request = put_object(&w.aws.bucket, "config/app.json", "replicas=9");
+    let operation = AwsOperation::parse(&request).unwrap();
+
+    // From outside the enforced cgroup the API is reachable, and IAM refuses the agent.
+    let response = moto::call(w.netns(), &w.aws.endpoint, operation.mutation(), &w.aws.agent).unwrap();
+    assert_eq!(response.status(), 403, "{}", String::from_utf8_lossy(response.body()));
+    assert!(String::from_utf8_lossy(response.body()).contains("AccessDenied"));
+    assert_eq!(w.object("config/app.json"), None);
+
+    // From inside it, the kernel does not even let the agent connect.
+    let outcome = w.broker.sandbox.attempt("workload", "tcp", API).unwrap();
+    assert_eq!(outcome["result"], "EPERM", "{outcome}");
+
+    // Through the broker, certified, it happens.
+    assert_executed(&w.broker.decide(&w.contract(&request), &request));
+    assert_eq!(w.object("config/app.json").as_deref(), Some("replicas=9"));
+}
+
+#[test]
+fn a_minted_session_carries_the_certified_session_policy_and_stays_within_its_role() {
+    let mut w = world("session");
+    w.broker.sandbox.kill_agent().unwrap();
+    let request = put_object(&w.aws.bucket, "config/app.json", "x");
+    let operation = AwsOperation::parse(&request).unwrap();
+    let policy = operation.session_policy();
+    assert_eq!(
+        policy["Statement"],
+        json!([
+            {"Effect": "Allow", "Action": ["s3:PutObject"], "Resource": ["arn:aws:s3:::seb-demo/config/app.json"]},
+            {"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": ["arn:aws:s3:::seb-demo/config/app.json"]},
+        ])
+    );
+    let pin_path = w.broker.sandbox.pin_path.clone();
+    let dir = w.broker.sandbox.dir.clone();
+    let (aws, netns) = (w.aws.clone(), w.netns().to_string());
+    let other = put_object(&aws.other_bucket, "anything", "x");
+    let status = moto::in_netns(&netns, move || async move {
+        let credentials = dir.join("aws-broker.json");
+        let config = AwsConfig { endpoint: Some(aws.endpoint.clone()), region: moto::REGION.into(), credentials_file: credentials };
+        let executor = AwsExecutor::new(config, BrokerHttp::new(BrokerSockets::open_at(&pin_path)?))?;
+        let session = executor.mint(&aws.role_arn, "d-test", &policy).await?;
+        let (status, _) = executor.mutate(&AwsOperation::parse(&other)?, &session).await?;
+        Ok(status)
+    })
+    .unwrap();
+    assert_eq!(status, 403, "the minted session must not write outside the executor role");
+}
