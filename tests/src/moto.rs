@@ -150,3 +150,29 @@ pub fn seed(netns: &str, endpoint: &str) -> Result<AwsWorld> {
     let security_group = group.text_at(&["groupId"]).context("no security group id")?;
     Ok(AwsWorld { endpoint: endpoint.into(), broker, agent, sab, role_arn, bucket, other_bucket, security_group })
 }
+
+/// What the SAB does before certifying: read the target's live state and digest it.
+pub fn live_digest(netns: &str, world: &AwsWorld, request: &seb_agent::cert::MutationRequest) -> Result<String> {
+    let operation = seb_agent::execute::aws::AwsOperation::parse(request)?;
+    let response = call(netns, &world.endpoint, operation.state_read(), &world.sab)?;
+    Ok(seb_agent::execute::aws::operation::state_digest(&operation.canonical_state(&response)?))
+}
+
+/// `s3:PutObject` of `body` at `bucket/key`.
+pub fn put_object(bucket: &str, key: &str, body: &str) -> seb_agent::cert::MutationRequest {
+    serde_json::from_value(json!({
+        "provider": "aws", "operation": "s3:PutObject",
+        "target": format!("arn:aws:s3:::{bucket}/{key}"), "params": {"body": body}
+    }))
+    .expect("valid request")
+}
+
+/// `ec2:AuthorizeSecurityGroupIngress` of tcp/`port` from 10.0.0.0/8.
+pub fn authorize_ingress(group: &str, port: u16) -> seb_agent::cert::MutationRequest {
+    serde_json::from_value(json!({
+        "provider": "aws", "operation": "ec2:AuthorizeSecurityGroupIngress",
+        "target": format!("arn:aws:ec2:{REGION}:{ACCOUNT}:security-group/{group}"),
+        "params": {"ip_permissions": [{"protocol": "tcp", "from_port": port, "to_port": port, "cidrs": ["10.0.0.0/8"]}]}
+    }))
+    .expect("valid request")
+}

@@ -11,14 +11,14 @@ use seb_agent::{
     enforcement::BrokerSockets,
     execute::{
         MintedIdentity, OutcomeStatus,
-        aws::{AwsConfig, AwsExecutor, AwsOperation, operation::state_digest},
+        aws::{AwsConfig, AwsExecutor, AwsOperation},
         broker_http::BrokerHttp,
     },
 };
 use seb_sandbox::{
     Sandbox, Tools,
     broker::Broker,
-    moto::{self, AwsWorld, Moto},
+    moto::{self, AwsWorld, Moto, authorize_ingress, put_object},
 };
 use serde_json::json;
 
@@ -54,11 +54,8 @@ impl World {
         &self.broker.sandbox.netns
     }
 
-    /// What the SAB does: read the target's live state and digest it.
     fn live_digest(&self, request: &MutationRequest) -> String {
-        let operation = AwsOperation::parse(request).unwrap();
-        let response = moto::call(self.netns(), &self.aws.endpoint, operation.state_read(), &self.aws.sab).unwrap();
-        state_digest(&operation.canonical_state(&response).unwrap())
+        moto::live_digest(self.netns(), &self.aws, request).unwrap()
     }
 
     /// A contract for `request` for this test process, certified against live state now.
@@ -86,23 +83,6 @@ impl World {
         let response = moto::call(self.netns(), &self.aws.endpoint, operation.state_read(), &self.aws.sab).unwrap();
         (response.status() == 200).then(|| String::from_utf8(response.body().to_vec()).unwrap())
     }
-}
-
-fn put_object(bucket: &str, key: &str, body: &str) -> MutationRequest {
-    serde_json::from_value(json!({
-        "provider": "aws", "operation": "s3:PutObject",
-        "target": format!("arn:aws:s3:::{bucket}/{key}"), "params": {"body": body}
-    }))
-    .unwrap()
-}
-
-fn authorize_ingress(group: &str, port: u16) -> MutationRequest {
-    serde_json::from_value(json!({
-        "provider": "aws", "operation": "ec2:AuthorizeSecurityGroupIngress",
-        "target": format!("arn:aws:ec2:{}:{}:security-group/{group}", moto::REGION, moto::ACCOUNT),
-        "params": {"ip_permissions": [{"protocol": "tcp", "from_port": port, "to_port": port, "cidrs": ["10.0.0.0/8"]}]}
-    }))
-    .unwrap()
 }
 
 #[track_caller]

@@ -63,6 +63,14 @@ fn summary(record: &Record) -> String {
             body["comm"].as_str().unwrap_or("-"),
             body["tgid"],
         ),
+        "outcome" => format!(
+            "{} HTTP {} as {} for decision {} (record {})",
+            body["status"].as_str().unwrap_or("?").to_uppercase(),
+            body["api_status"],
+            body["identity"]["role_session_name"].as_str().unwrap_or("-"),
+            body["decision_id"].as_str().unwrap_or("?"),
+            body["decision_seq"],
+        ),
         _ => record.body.clone(),
     }
 }

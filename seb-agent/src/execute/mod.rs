@@ -57,7 +57,11 @@ pub struct Outcome {
     pub duration_ms: f64,
     pub timings: Timings,
     pub error: Option<String>,
-    /// Sequence number of the outcome's own record.
-    #[serde(default)]
+    /// Sequence number of the outcome's own record (in answers; not in the record itself).
+    #[serde(default, skip_serializing_if = "is_unset")]
     pub record_seq: i64,
+}
+
+fn is_unset(seq: &i64) -> bool {
+    *seq == 0
 }
