@@ -38,7 +38,13 @@ struct Prepared {
     timings: Timings,
 }
 
-pub async fn propose(admission: &Admission, executors: &Executors, ledger: &Ledger, caller: &Caller, proposal: &Proposal) -> Decision {
+pub async fn propose(
+    admission: &Admission,
+    executors: &Executors,
+    ledger: &Ledger,
+    caller: &Caller,
+    proposal: &Proposal,
+) -> Decision {
     let started = Instant::now();
     let mut pending = admission.begin(caller, proposal);
     let executor = match proposal.request.provider {
@@ -53,7 +59,9 @@ pub async fn propose(admission: &Admission, executors: &Executors, ledger: &Ledg
                 Ok((ready, live_digest)) => {
                     let precondition = &pending.verified.as_ref().expect("admissible").contract.precondition;
                     if &live_digest != precondition {
-                        let message = format!("the target's live state is {live_digest}, the certified precondition {precondition}");
+                        let message = format!(
+                            "the target's live state is {live_digest}, the certified precondition {precondition}"
+                        );
                         pending.reject(Reason::Drift, message);
                     } else {
                         prepared = Some(ready);
@@ -94,7 +102,8 @@ async fn prepare(
     proposal: &Proposal,
 ) -> Result<(Prepared, String), (Reason, String)> {
     let contract = &pending.verified.as_ref().expect("admissible").contract;
-    let operation = AwsOperation::parse(&proposal.request).map_err(|e| (Reason::UnsupportedOperation, format!("{e:#}")))?;
+    let operation =
+        AwsOperation::parse(&proposal.request).map_err(|e| (Reason::UnsupportedOperation, format!("{e:#}")))?;
     let ScopedIdentity::AwsRole { role_arn } = &contract.identity else {
         return Err((Reason::MalformedContract, "an aws contract must name an aws_role identity".into()));
     };
@@ -106,10 +115,9 @@ async fn prepare(
         .map_err(|e| (Reason::LiveStateUnavailable, format!("minting the scoped identity failed: {e:#}")))?;
     timings.mint_ms = ms(clock);
     let clock = Instant::now();
-    let (_, digest) = executor
-        .live_state(&operation, &session)
-        .await
-        .map_err(|e| (Reason::LiveStateUnavailable, format!("the live state could not be read, so nothing is admitted: {e:#}")))?;
+    let (_, digest) = executor.live_state(&operation, &session).await.map_err(|e| {
+        (Reason::LiveStateUnavailable, format!("the live state could not be read, so nothing is admitted: {e:#}"))
+    })?;
     timings.drift_check_ms = ms(clock);
     Ok((Prepared { operation, session, timings }, digest))
 }

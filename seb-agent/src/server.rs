@@ -13,10 +13,10 @@ use tokio::net::unix::UCred;
 
 use crate::{
     admission::{Admission, Caller, Proposal, state},
-    propose::{Executors, propose},
     audit::Ledger,
     config::parse_socket_addr,
     enforcement::BrokerSockets,
+    propose::{Executors, propose},
     protocol::{Envelope, ErrorCode, FrameError, Request, Response, VERSION, read_frame, write_frame},
 };
 

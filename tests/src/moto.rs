@@ -18,7 +18,7 @@ use seb_agent::execute::{
 use serde_json::json;
 
 /// How many unauthenticated actions `seed` takes; IAM is enforced from the next one on.
-const SEED_ACTIONS: u32 = 14;
+const SEED_ACTIONS: u32 = 17;
 pub const ACCOUNT: &str = "123456789012";
 pub const REGION: &str = "us-east-1";
 
@@ -32,6 +32,9 @@ pub struct AwsWorld {
     pub agent: AwsCredentials,
     /// The assurance authority's read identity, for computing preconditions.
     pub sab: AwsCredentials,
+    /// Long-lived credentials allowed to write the bucket: the baseline a broker is
+    /// compared against.
+    pub static_writer: AwsCredentials,
     pub role_arn: String,
     /// A bucket the executor role may write to, and one it may not.
     pub bucket: String,
@@ -86,7 +89,12 @@ where
 }
 
 /// One signed AWS call from inside the namespace, over a plain (unregistered) socket.
-pub fn call(netns: &str, endpoint: &str, call: ServiceCall, credentials: &AwsCredentials) -> Result<http::Response<Bytes>> {
+pub fn call(
+    netns: &str,
+    endpoint: &str,
+    call: ServiceCall,
+    credentials: &AwsCredentials,
+) -> Result<http::Response<Bytes>> {
     let service = call.service;
     let mut request = call.into_request(endpoint)?;
     sign_request(&mut request, credentials, service, REGION)?;
@@ -97,7 +105,13 @@ pub fn call(netns: &str, endpoint: &str, call: ServiceCall, credentials: &AwsCre
     })
 }
 
-fn query(netns: &str, endpoint: &str, service: &'static str, params: &[(&str, &str)], credentials: &AwsCredentials) -> Result<Element> {
+fn query(
+    netns: &str,
+    endpoint: &str,
+    service: &'static str,
+    params: &[(&str, &str)],
+    credentials: &AwsCredentials,
+) -> Result<Element> {
     let params: Vec<(&str, String)> = params.iter().map(|(k, v)| (*k, v.to_string())).collect();
     let response = call(netns, endpoint, ServiceCall::query(service, &params), credentials)?;
     if !response.status().is_success() {
@@ -110,14 +124,21 @@ fn query(netns: &str, endpoint: &str, service: &'static str, params: &[(&str, &s
 /// `SEED_ACTIONS` unauthenticated actions.
 pub fn seed(netns: &str, endpoint: &str) -> Result<AwsWorld> {
     let anyone = AwsCredentials { access_key_id: "seed".into(), secret_access_key: "seed".into(), session_token: None };
-    let iam = |params: &[(&str, &str)]| query(netns, endpoint, "iam", &[&[("Version", "2010-05-08")], params].concat(), &anyone);
+    let iam = |params: &[(&str, &str)]| {
+        query(netns, endpoint, "iam", &[&[("Version", "2010-05-08")], params].concat(), &anyone)
+    };
     let role_arn = format!("arn:aws:iam::{ACCOUNT}:role/seb-executor");
     let (bucket, other_bucket) = ("seb-demo".to_string(), "seb-other".to_string());
     let user = |name: &str, policy: serde_json::Value| -> Result<AwsCredentials> {
         iam(&[("Action", "CreateUser"), ("UserName", name)])?;
         let key = iam(&[("Action", "CreateAccessKey"), ("UserName", name)])?;
         let key = key.at(&["CreateAccessKeyResult", "AccessKey"]).context("no access key")?;
-        iam(&[("Action", "PutUserPolicy"), ("UserName", name), ("PolicyName", "only"), ("PolicyDocument", &policy.to_string())])?;
+        iam(&[
+            ("Action", "PutUserPolicy"),
+            ("UserName", name),
+            ("PolicyName", "only"),
+            ("PolicyDocument", &policy.to_string()),
+        ])?;
         Ok(AwsCredentials {
             access_key_id: key.text_at(&["AccessKeyId"]).context("no key id")?,
             secret_access_key: key.text_at(&["SecretAccessKey"]).context("no secret")?,
@@ -128,15 +149,27 @@ pub fn seed(netns: &str, endpoint: &str) -> Result<AwsWorld> {
     let broker = user("seb-broker", allow(&["sts:AssumeRole"], &role_arn))?;
     let agent = user("ai-agent", allow(&["s3:GetObject", "ec2:Describe*"], "*"))?;
     let sab = user("sab-reader", allow(&["s3:GetObject", "s3:GetBucketPolicy", "ec2:Describe*", "iam:List*"], "*"))?;
+    let static_writer = user("static-writer", allow(&["s3:PutObject"], &format!("arn:aws:s3:::{bucket}/*")))?;
     let trust = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": format!("arn:aws:iam::{ACCOUNT}:user/seb-broker")}, "Action": "sts:AssumeRole"}]});
     iam(&[("Action", "CreateRole"), ("RoleName", "seb-executor"), ("AssumeRolePolicyDocument", &trust.to_string())])?;
     let role_policy = json!({"Version": "2012-10-17", "Statement": [
         {"Effect": "Allow", "Action": ["s3:PutObject", "s3:GetObject", "s3:DeleteObject"], "Resource": format!("arn:aws:s3:::{bucket}/*")},
         {"Effect": "Allow", "Action": ["ec2:AuthorizeSecurityGroupIngress", "ec2:RevokeSecurityGroupIngress", "ec2:DescribeSecurityGroups"], "Resource": "*"}
     ]});
-    iam(&[("Action", "PutRolePolicy"), ("RoleName", "seb-executor"), ("PolicyName", "executor"), ("PolicyDocument", &role_policy.to_string())])?;
+    iam(&[
+        ("Action", "PutRolePolicy"),
+        ("RoleName", "seb-executor"),
+        ("PolicyName", "executor"),
+        ("PolicyDocument", &role_policy.to_string()),
+    ])?;
     for name in [&bucket, &other_bucket] {
-        let create = ServiceCall { service: "s3", method: http::Method::PUT, path: format!("/{name}"), body: Bytes::new(), content_type: None };
+        let create = ServiceCall {
+            service: "s3",
+            method: http::Method::PUT,
+            path: format!("/{name}"),
+            body: Bytes::new(),
+            content_type: None,
+        };
         let response = call(netns, endpoint, create, &anyone)?;
         ensure!(response.status().is_success(), "creating bucket {name}: {}", response.status());
     }
@@ -144,11 +177,26 @@ pub fn seed(netns: &str, endpoint: &str) -> Result<AwsWorld> {
         netns,
         endpoint,
         "ec2",
-        &[("Action", "CreateSecurityGroup"), ("Version", "2016-11-15"), ("GroupName", "seb-demo"), ("GroupDescription", "seb demo")],
+        &[
+            ("Action", "CreateSecurityGroup"),
+            ("Version", "2016-11-15"),
+            ("GroupName", "seb-demo"),
+            ("GroupDescription", "seb demo"),
+        ],
         &anyone,
     )?;
     let security_group = group.text_at(&["groupId"]).context("no security group id")?;
-    Ok(AwsWorld { endpoint: endpoint.into(), broker, agent, sab, role_arn, bucket, other_bucket, security_group })
+    Ok(AwsWorld {
+        endpoint: endpoint.into(),
+        broker,
+        agent,
+        sab,
+        static_writer,
+        role_arn,
+        bucket,
+        other_bucket,
+        security_group,
+    })
 }
 
 /// What the SAB does before certifying: read the target's live state and digest it.

@@ -62,7 +62,11 @@ impl World {
     fn contract(&self, request: &MutationRequest) -> ExecutionContract {
         let mut contract = ExecutionContract {
             contract_id: format!("c-{}", request.digest()),
-            agent: AgentIdentity { uid: Some(0), exe: Some(std::env::current_exe().unwrap().to_string_lossy().into()), ..Default::default() },
+            agent: AgentIdentity {
+                uid: Some(0),
+                exe: Some(std::env::current_exe().unwrap().to_string_lossy().into()),
+                ..Default::default()
+            },
             provider: Provider::Aws,
             operation: String::new(),
             target: String::new(),
@@ -102,7 +106,8 @@ fn certified_s3_and_ec2_mutations_execute_with_a_session_minted_for_each() {
     let decision = w.broker.decide(&w.contract(&request), &request);
     let outcome = assert_executed(&decision);
     assert_eq!(outcome.api_status, Some(200));
-    let Some(MintedIdentity::AwsSession { role_arn, role_session_name, source_identity, duration_seconds, .. }) = &outcome.identity
+    let Some(MintedIdentity::AwsSession { role_arn, role_session_name, source_identity, duration_seconds, .. }) =
+        &outcome.identity
     else {
         panic!("an AWS session is minted: {outcome:?}");
     };
@@ -189,7 +194,11 @@ fn a_minted_session_carries_the_certified_session_policy_and_stays_within_its_ro
     let other = put_object(&aws.other_bucket, "anything", "x");
     let status = moto::in_netns(&netns, move || async move {
         let credentials = dir.join("aws-broker.json");
-        let config = AwsConfig { endpoint: Some(aws.endpoint.clone()), region: moto::REGION.into(), credentials_file: credentials };
+        let config = AwsConfig {
+            endpoint: Some(aws.endpoint.clone()),
+            region: moto::REGION.into(),
+            credentials_file: credentials,
+        };
         let executor = AwsExecutor::new(config, BrokerHttp::new(BrokerSockets::open_at(&pin_path)?))?;
         let session = executor.mint(&aws.role_arn, "d-test", &policy).await?;
         let (status, _) = executor.mutate(&AwsOperation::parse(&other)?, &session).await?;

@@ -18,7 +18,7 @@ use seb_sandbox::{Sandbox, Tools};
 use serde_json::json;
 use tokio::net::UnixStream;
 
-use crate::{toolchain, workspace_root};
+use crate::{stats::percentile, toolchain, workspace_root};
 
 const SEQUENTIAL: usize = 2_000;
 const CLIENTS: usize = 64;
@@ -148,12 +148,6 @@ fn bench_contract(request: &MutationRequest) -> Result<ExecutionContract> {
     };
     contract.bind_request(request);
     Ok(contract)
-}
-
-fn percentile(values: &[f64], p: f64) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn summary(latencies: &[f64]) -> serde_json::Value {

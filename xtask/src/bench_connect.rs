@@ -16,7 +16,7 @@ use anyhow::{Context, Result, ensure};
 use seb_sandbox::{Sandbox, Tools};
 use serde_json::{Value, json};
 
-use crate::{toolchain, workspace_root};
+use crate::{stats::median, toolchain, workspace_root};
 
 const ROUNDS: usize = 15;
 const UDP_ITERATIONS: &str = "200000";
@@ -125,13 +125,6 @@ fn measure(tools: &Tools, cidrs: usize) -> Result<Value> {
             "added_nftables_ns": added(tcp_nft, tcp_base),
         },
     }))
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let mid = sorted.len() / 2;
-    if sorted.len().is_multiple_of(2) { (sorted[mid - 1] + sorted[mid]) / 2.0 } else { sorted[mid] }
 }
 
 /// 127.0.0.2 plus `count - 1` distinct /24s (map entries only; nothing is sent there).

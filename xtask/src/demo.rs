@@ -39,7 +39,14 @@ pub fn run() -> Result<()> {
     toolchain::ensure_packages(&[("ip", "iproute2")])?;
     toolchain::ensure_moto()?;
     crate::run(Command::new("cargo").current_dir(workspace_root()).args([
-        "build", "--release", "--quiet", "-p", "seb-agent", "-p", "seb-tests", "--bins",
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "seb-agent",
+        "-p",
+        "seb-tests",
+        "--bins",
     ]))?;
     let sandbox = Sandbox::new("demo", Tools::in_dir(&workspace_root().join("target/release")))?;
     println!("seb demo: an AI agent changes production (moto, an AWS API emulator) only through the broker.");
@@ -82,7 +89,12 @@ impl Demo {
         self.say(&format!("connect({API}) from the agent's cgroup -> {}", direct["result"]));
         ensure!(direct["result"] == "EPERM", "the kernel must refuse the agent: {direct}");
         let put = put_object(&self.aws.bucket, "config/app.json", "replicas=3");
-        let response = moto::call(&self.sandbox.netns, &self.aws.endpoint, AwsOperation::parse(&put)?.mutation(), &self.aws.agent)?;
+        let response = moto::call(
+            &self.sandbox.netns,
+            &self.aws.endpoint,
+            AwsOperation::parse(&put)?.mutation(),
+            &self.aws.agent,
+        )?;
         self.say(&format!(
             "and even where it could connect, its own credentials are refused: HTTP {} (AccessDenied)",
             response.status().as_u16()
@@ -133,7 +145,10 @@ impl Demo {
         print!("{verify}");
         ensure!(verify.contains("audit chain OK"), "the audit chain must verify");
         print!("{}", self.cli(&["audit", "list"])?);
-        println!("\nDone. Every decision, outcome and kernel denial above is a signed record in {}.", self.sandbox.database.display());
+        println!(
+            "\nDone. Every decision, outcome and kernel denial above is a signed record in {}.",
+            self.sandbox.database.display()
+        );
         println!("The sandbox (cgroup, namespace, moto, pins) is removed now.");
         Ok(())
     }
@@ -202,7 +217,12 @@ impl Demo {
         let decision: Value = serde_json::from_slice(&output.stdout)
             .with_context(|| format!("seb-agent propose printed: {}", String::from_utf8_lossy(&output.stderr)))?;
         let verdict = if decision["admitted"] == true { "ADMITTED" } else { "DENIED" };
-        self.say(&format!("agent: seb-agent propose ({} {}) -> {verdict}: {}", request.operation, request.target, decision["reason"].as_str().unwrap_or("?")));
+        self.say(&format!(
+            "agent: seb-agent propose ({} {}) -> {verdict}: {}",
+            request.operation,
+            request.target,
+            decision["reason"].as_str().unwrap_or("?")
+        ));
         if decision["admitted"] != true {
             self.say(&format!("  {}", decision["message"].as_str().unwrap_or_default()));
         }

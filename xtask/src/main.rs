@@ -2,8 +2,10 @@
 
 mod bench_admission;
 mod bench_connect;
+mod bench_execution;
 mod demo;
 mod ebpf;
+mod stats;
 mod toolchain;
 
 use std::{
@@ -43,6 +45,8 @@ enum Bench {
     Connect,
     /// Admission latency and throughput over the broker socket.
     Admission,
+    /// Broker overhead per AWS mutation against direct calls with static credentials.
+    Execution,
 }
 
 fn main() {
@@ -52,6 +56,7 @@ fn main() {
         Task::Test => test(),
         Task::Bench { which: Bench::Connect } => bench_connect::run(),
         Task::Bench { which: Bench::Admission } => bench_admission::run(),
+        Task::Bench { which: Bench::Execution } => bench_execution::run(),
         Task::Demo => demo::run(),
     };
     if let Err(error) = result {

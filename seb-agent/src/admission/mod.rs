@@ -177,7 +177,9 @@ pub async fn record(ledger: &Ledger, pending: Pending) -> Decision {
             let verdict = match (&verified, precheck) {
                 (Some(verified), Ok(())) => state::check(batch.conn(), verified)?,
                 (_, Err(rejection)) => Err(rejection),
-                (None, Ok(())) => Err(Rejection { reason: Reason::Internal, message: "no verified certificate".into() }),
+                (None, Ok(())) => {
+                    Err(Rejection { reason: Reason::Internal, message: "no verified certificate".into() })
+                }
             };
             let admitted = verdict.is_ok();
             let (reason, message) = match verdict {
@@ -201,7 +203,16 @@ pub async fn record(ledger: &Ledger, pending: Pending) -> Decision {
             if let (true, Some(serial)) = (admitted, &serial) {
                 state::consume(batch.conn(), serial, seq)?;
             }
-            Ok(Decision { decision_id: id, admitted, reason, message, record_seq: seq, serial, contract_id, outcome: None })
+            Ok(Decision {
+                decision_id: id,
+                admitted,
+                reason,
+                message,
+                record_seq: seq,
+                serial,
+                contract_id,
+                outcome: None,
+            })
         })
         .await;
     recorded.unwrap_or_else(|e| Decision {

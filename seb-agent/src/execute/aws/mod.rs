@@ -56,10 +56,12 @@ pub struct Session {
 
 impl AwsExecutor {
     pub fn new(config: AwsConfig, http: BrokerHttp) -> Result<Self> {
-        let text = std::fs::read_to_string(&config.credentials_file)
-            .with_context(|| format!("config field `aws.credentials_file`: cannot read {}", config.credentials_file.display()))?;
-        let base: AwsCredentials = serde_json::from_str(&text)
-            .with_context(|| format!("config field `aws.credentials_file`: {} is not valid", config.credentials_file.display()))?;
+        let text = std::fs::read_to_string(&config.credentials_file).with_context(|| {
+            format!("config field `aws.credentials_file`: cannot read {}", config.credentials_file.display())
+        })?;
+        let base: AwsCredentials = serde_json::from_str(&text).with_context(|| {
+            format!("config field `aws.credentials_file`: {} is not valid", config.credentials_file.display())
+        })?;
         Ok(Self { http, config, base })
     }
 
@@ -95,12 +97,14 @@ impl AwsExecutor {
             ("DurationSeconds", SESSION_SECONDS.to_string()),
             ("Policy", policy.to_string()),
         ];
-        let response = self.call(ServiceCall::query("sts", &params), &self.base).await.context("calling STS AssumeRole")?;
+        let response =
+            self.call(ServiceCall::query("sts", &params), &self.base).await.context("calling STS AssumeRole")?;
         if !response.status().is_success() {
             bail!("STS AssumeRole into {role_arn} failed: {}", api_error(&response));
         }
         let root = Element::parse(response.body())?;
-        let credentials = root.at(&["AssumeRoleResult", "Credentials"]).context("AssumeRole returned no credentials")?;
+        let credentials =
+            root.at(&["AssumeRoleResult", "Credentials"]).context("AssumeRole returned no credentials")?;
         let field = |name: &str| credentials.text_at(&[name]).with_context(|| format!("AssumeRole returned no {name}"));
         let credentials = AwsCredentials {
             access_key_id: field("AccessKeyId")?,
@@ -131,7 +135,12 @@ impl AwsExecutor {
         let started = Instant::now();
         let response = self.call(operation.mutation(), &session.credentials).await?;
         let status = response.status().as_u16();
-        tracing::debug!(status, elapsed_ms = started.elapsed().as_secs_f64() * 1e3, action = operation.action(), "AWS mutation");
+        tracing::debug!(
+            status,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            action = operation.action(),
+            "AWS mutation"
+        );
         Ok((status, (!response.status().is_success()).then(|| api_error(&response))))
     }
 }

@@ -41,12 +41,37 @@ pub enum RuleAction {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum AwsOperation {
-    S3PutObject { bucket: String, key: String, body: Vec<u8> },
-    S3DeleteObject { bucket: String, key: String },
-    S3PutBucketPolicy { bucket: String, policy: String },
-    Ec2SecurityGroupRule { action: RuleAction, region: String, account: String, group_id: String, permissions: Vec<IpPermission> },
-    Ec2TerminateInstance { region: String, account: String, instance_id: String },
-    IamRolePolicy { attach: bool, account: String, role: String, policy_arn: String },
+    S3PutObject {
+        bucket: String,
+        key: String,
+        body: Vec<u8>,
+    },
+    S3DeleteObject {
+        bucket: String,
+        key: String,
+    },
+    S3PutBucketPolicy {
+        bucket: String,
+        policy: String,
+    },
+    Ec2SecurityGroupRule {
+        action: RuleAction,
+        region: String,
+        account: String,
+        group_id: String,
+        permissions: Vec<IpPermission>,
+    },
+    Ec2TerminateInstance {
+        region: String,
+        account: String,
+        instance_id: String,
+    },
+    IamRolePolicy {
+        attach: bool,
+        account: String,
+        role: String,
+        policy_arn: String,
+    },
 }
 
 /// One HTTP call to an AWS service.
@@ -64,7 +89,8 @@ impl ServiceCall {
     /// percent-encoded as the AWS SDKs do (RFC 3986 unreserved characters only), so
     /// servers that re-encode the form before checking the signature agree with it.
     pub fn query(service: &'static str, params: &[(&str, String)]) -> Self {
-        let body = params.iter().map(|(k, v)| format!("{}={}", uri_encode(k), uri_encode(v))).collect::<Vec<_>>().join("&");
+        let body =
+            params.iter().map(|(k, v)| format!("{}={}", uri_encode(k), uri_encode(v))).collect::<Vec<_>>().join("&");
         Self {
             service,
             method: Method::POST,
@@ -103,7 +129,8 @@ impl AwsOperation {
             "s3:PutBucketPolicy" => {
                 let bucket = target.strip_prefix("arn:aws:s3:::").filter(|b| !b.contains('/') && !b.is_empty());
                 let bucket = bucket.context("s3:PutBucketPolicy targets arn:aws:s3:::<bucket>")?.to_string();
-                let policy = params.get("policy").filter(|p| p.is_object()).context("s3:PutBucketPolicy needs params.policy")?;
+                let policy =
+                    params.get("policy").filter(|p| p.is_object()).context("s3:PutBucketPolicy needs params.policy")?;
                 Self::S3PutBucketPolicy { bucket, policy: canonical_json(policy) }
             }
             op @ ("ec2:AuthorizeSecurityGroupIngress"
@@ -117,8 +144,9 @@ impl AwsOperation {
                     _ => RuleAction::RevokeEgress,
                 };
                 let (region, account, group_id) = ec2_resource(target, "security-group/")?;
-                let permissions: Vec<IpPermission> = serde_json::from_value(params["ip_permissions"].clone())
-                    .context("security group changes need params.ip_permissions: [{protocol, from_port, to_port, cidrs}]")?;
+                let permissions: Vec<IpPermission> = serde_json::from_value(params["ip_permissions"].clone()).context(
+                    "security group changes need params.ip_permissions: [{protocol, from_port, to_port, cidrs}]",
+                )?;
                 if permissions.is_empty() {
                     bail!("params.ip_permissions is empty");
                 }
@@ -129,10 +157,18 @@ impl AwsOperation {
                 Self::Ec2TerminateInstance { region, account, instance_id }
             }
             op @ ("iam:AttachRolePolicy" | "iam:DetachRolePolicy") => {
-                let rest = target.strip_prefix("arn:aws:iam::").context("IAM role targets arn:aws:iam::<account>:role/<name>")?;
-                let (account, role) = rest.split_once(":role/").context("IAM role targets arn:aws:iam::<account>:role/<name>")?;
+                let rest = target
+                    .strip_prefix("arn:aws:iam::")
+                    .context("IAM role targets arn:aws:iam::<account>:role/<name>")?;
+                let (account, role) =
+                    rest.split_once(":role/").context("IAM role targets arn:aws:iam::<account>:role/<name>")?;
                 let policy_arn = params["policy_arn"].as_str().context("params.policy_arn is required")?.to_string();
-                Self::IamRolePolicy { attach: op == "iam:AttachRolePolicy", account: account.into(), role: role.into(), policy_arn }
+                Self::IamRolePolicy {
+                    attach: op == "iam:AttachRolePolicy",
+                    account: account.into(),
+                    role: role.into(),
+                    policy_arn,
+                }
             }
             other => bail!("AWS operation `{other}` is not supported"),
         })
@@ -159,7 +195,9 @@ impl AwsOperation {
     /// The certified resource's ARN.
     pub fn resource(&self) -> String {
         match self {
-            Self::S3PutObject { bucket, key, .. } | Self::S3DeleteObject { bucket, key } => format!("arn:aws:s3:::{bucket}/{key}"),
+            Self::S3PutObject { bucket, key, .. } | Self::S3DeleteObject { bucket, key } => {
+                format!("arn:aws:s3:::{bucket}/{key}")
+            }
             Self::S3PutBucketPolicy { bucket, .. } => format!("arn:aws:s3:::{bucket}"),
             Self::Ec2SecurityGroupRule { region, account, group_id, .. } => {
                 format!("arn:aws:ec2:{region}:{account}:security-group/{group_id}")
@@ -191,7 +229,9 @@ impl AwsOperation {
             }
             Self::IamRolePolicy { policy_arn, .. } => {
                 statements[0]["Condition"] = json!({"ArnEquals": {"iam:PolicyARN": policy_arn}});
-                statements.push(json!({"Effect": "Allow", "Action": ["iam:ListAttachedRolePolicies"], "Resource": [resource]}));
+                statements.push(
+                    json!({"Effect": "Allow", "Action": ["iam:ListAttachedRolePolicies"], "Resource": [resource]}),
+                );
             }
         }
         json!({"Version": "2012-10-17", "Statement": statements})
@@ -224,7 +264,8 @@ impl AwsOperation {
             Self::Ec2SecurityGroupRule { action, group_id, permissions, .. } => {
                 let name = self.action().trim_start_matches("ec2:");
                 let _ = action;
-                let mut params = vec![("Action", name.to_string()), ("Version", EC2_VERSION.into()), ("GroupId", group_id.clone())];
+                let mut params =
+                    vec![("Action", name.to_string()), ("Version", EC2_VERSION.into()), ("GroupId", group_id.clone())];
                 let mut keys = Vec::new();
                 for (i, permission) in permissions.iter().enumerate() {
                     let n = i + 1;
@@ -240,7 +281,11 @@ impl AwsOperation {
             }
             Self::Ec2TerminateInstance { instance_id, .. } => ServiceCall::query(
                 "ec2",
-                &[("Action", "TerminateInstances".into()), ("Version", EC2_VERSION.into()), ("InstanceId.1", instance_id.clone())],
+                &[
+                    ("Action", "TerminateInstances".into()),
+                    ("Version", EC2_VERSION.into()),
+                    ("InstanceId.1", instance_id.clone()),
+                ],
             ),
             Self::IamRolePolicy { attach, role, policy_arn, .. } => ServiceCall::query(
                 "iam",
@@ -273,15 +318,27 @@ impl AwsOperation {
             },
             Self::Ec2SecurityGroupRule { group_id, .. } => ServiceCall::query(
                 "ec2",
-                &[("Action", "DescribeSecurityGroups".into()), ("Version", EC2_VERSION.into()), ("GroupId.1", group_id.clone())],
+                &[
+                    ("Action", "DescribeSecurityGroups".into()),
+                    ("Version", EC2_VERSION.into()),
+                    ("GroupId.1", group_id.clone()),
+                ],
             ),
             Self::Ec2TerminateInstance { instance_id, .. } => ServiceCall::query(
                 "ec2",
-                &[("Action", "DescribeInstances".into()), ("Version", EC2_VERSION.into()), ("InstanceId.1", instance_id.clone())],
+                &[
+                    ("Action", "DescribeInstances".into()),
+                    ("Version", EC2_VERSION.into()),
+                    ("InstanceId.1", instance_id.clone()),
+                ],
             ),
             Self::IamRolePolicy { role, .. } => ServiceCall::query(
                 "iam",
-                &[("Action", "ListAttachedRolePolicies".into()), ("Version", IAM_VERSION.into()), ("RoleName", role.clone())],
+                &[
+                    ("Action", "ListAttachedRolePolicies".into()),
+                    ("Version", IAM_VERSION.into()),
+                    ("RoleName", role.clone()),
+                ],
             ),
         }
     }
@@ -394,7 +451,8 @@ pub fn api_error(response: &Response<Bytes>) -> String {
 }
 
 fn s3_object(target: &str) -> Result<(String, String)> {
-    let rest = target.strip_prefix("arn:aws:s3:::").context("S3 objects are targeted as arn:aws:s3:::<bucket>/<key>")?;
+    let rest =
+        target.strip_prefix("arn:aws:s3:::").context("S3 objects are targeted as arn:aws:s3:::<bucket>/<key>")?;
     let (bucket, key) = rest.split_once('/').context("S3 objects are targeted as arn:aws:s3:::<bucket>/<key>")?;
     if bucket.is_empty() || key.is_empty() {
         bail!("S3 objects are targeted as arn:aws:s3:::<bucket>/<key>");
@@ -426,7 +484,9 @@ fn uri_encode(text: &str) -> String {
 /// Path-style S3 addressing, keys percent-encoded segment by segment.
 fn s3_path(bucket: &str, key: Option<&str>) -> String {
     match key {
-        Some(key) => format!("/{}/{}", uri_encode(bucket), key.split('/').map(uri_encode).collect::<Vec<_>>().join("/")),
+        Some(key) => {
+            format!("/{}/{}", uri_encode(bucket), key.split('/').map(uri_encode).collect::<Vec<_>>().join("/"))
+        }
         None => format!("/{}", uri_encode(bucket)),
     }
 }
@@ -436,12 +496,14 @@ mod tests {
     use super::*;
 
     fn request(operation: &str, target: &str, params: Value) -> MutationRequest {
-        serde_json::from_value(json!({"provider": "aws", "operation": operation, "target": target, "params": params})).unwrap()
+        serde_json::from_value(json!({"provider": "aws", "operation": operation, "target": target, "params": params}))
+            .unwrap()
     }
 
     #[test]
     fn the_session_policy_allows_exactly_the_certified_action_and_resource() {
-        let op = AwsOperation::parse(&request("s3:PutObject", "arn:aws:s3:::b/dir/k.json", json!({"body": "x"}))).unwrap();
+        let op =
+            AwsOperation::parse(&request("s3:PutObject", "arn:aws:s3:::b/dir/k.json", json!({"body": "x"}))).unwrap();
         let policy = op.session_policy();
         assert_eq!(policy["Statement"][0]["Action"], json!(["s3:PutObject"]));
         assert_eq!(policy["Statement"][0]["Resource"], json!(["arn:aws:s3:::b/dir/k.json"]));
@@ -468,7 +530,8 @@ mod tests {
 
     #[test]
     fn malformed_targets_and_params_are_named() {
-        let e = AwsOperation::parse(&request("s3:PutObject", "arn:aws:s3:::bucket-only", json!({"body": "x"}))).unwrap_err();
+        let e = AwsOperation::parse(&request("s3:PutObject", "arn:aws:s3:::bucket-only", json!({"body": "x"})))
+            .unwrap_err();
         assert!(e.to_string().contains("arn:aws:s3:::<bucket>/<key>"), "{e}");
         let e = AwsOperation::parse(&request("s3:PutObject", "arn:aws:s3:::b/k", json!({}))).unwrap_err();
         assert!(e.to_string().contains("params.body"), "{e}");

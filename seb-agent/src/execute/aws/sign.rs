@@ -31,7 +31,12 @@ impl std::fmt::Debug for AwsCredentials {
 }
 
 /// Sign in place; the request must already carry its Host header.
-pub fn sign_request(request: &mut http::Request<Bytes>, credentials: &AwsCredentials, service: &str, region: &str) -> Result<()> {
+pub fn sign_request(
+    request: &mut http::Request<Bytes>,
+    credentials: &AwsCredentials,
+    service: &str,
+    region: &str,
+) -> Result<()> {
     let identity: Identity = Credentials::new(
         &credentials.access_key_id,
         &credentials.secret_access_key,

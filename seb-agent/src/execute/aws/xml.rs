@@ -21,8 +21,10 @@ impl Element {
                     ..Default::default()
                 }),
                 Event::Empty(empty) => {
-                    let element =
-                        Element { name: String::from_utf8_lossy(empty.local_name().as_ref()).into_owned(), ..Default::default() };
+                    let element = Element {
+                        name: String::from_utf8_lossy(empty.local_name().as_ref()).into_owned(),
+                        ..Default::default()
+                    };
                     stack.last_mut().expect("root").children.push(element);
                 }
                 Event::Text(text) => stack.last_mut().expect("root").text.push_str(&text.decode()?),
@@ -68,7 +70,9 @@ impl Element {
 
     /// The `<item>` children under a path (EC2's list encoding).
     pub fn items(&self, path: &[&str]) -> Vec<&Element> {
-        self.at(path).map(|e| e.children.iter().filter(|c| c.name == "item" || c.name == "member").collect()).unwrap_or_default()
+        self.at(path)
+            .map(|e| e.children.iter().filter(|c| c.name == "item" || c.name == "member").collect())
+            .unwrap_or_default()
     }
 }
 

@@ -1,0 +1,161 @@
+//! `cargo xtask bench execution`: what the broker adds to one AWS mutation (admission,
+//! STS minting, drift read, durable records) against the same S3 PutObject sent directly
+//! with static credentials. Both run in one sandbox against moto on loopback, interleaved
+//! in rounds; every mutation opens a fresh connection either way.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use seb_agent::{
+    admission::Decision,
+    cert::{
+        ExecutionContract, Provider,
+        contract::{AgentIdentity, ScopedIdentity},
+        dev_sab::{self, Algorithm, IssueOptions},
+    },
+    execute::{
+        aws::{AwsOperation, sign::sign_request},
+        broker_http::exchange,
+    },
+    protocol::{Envelope, Request, Response, VERSION, read_frame, write_frame},
+};
+use seb_sandbox::{
+    Sandbox, Tools,
+    moto::{self, put_object},
+};
+use serde_json::json;
+
+use crate::{stats::percentile, toolchain, workspace_root};
+
+const ROUNDS: usize = 20;
+const PER_ROUND: usize = 10;
+const API: &str = "127.0.0.2:8443";
+
+pub fn run() -> Result<()> {
+    crate::require_root()?;
+    toolchain::ensure_packages(&[("ip", "iproute2")])?;
+    toolchain::ensure_moto()?;
+    crate::run(std::process::Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "seb-agent",
+        "-p",
+        "seb-tests",
+        "--bins",
+    ]))?;
+    let mut sandbox = Sandbox::new("benchexec", Tools::in_dir(&workspace_root().join("target/release")))?;
+    let _moto = moto::start(&sandbox.netns, API.parse()?)?;
+    let aws = moto::seed(&sandbox.netns, &format!("http://{API}"))?;
+    let ca = dev_sab::create_ca(&sandbox.dir.join("sab"), "seb bench SAB", Algorithm::Ed25519)?;
+    let credentials = sandbox.dir.join("aws-broker.json");
+    std::fs::write(&credentials, serde_json::to_string(&aws.broker)?)?;
+    sandbox.write_config(&format!(
+        "[[enforcement.protected]]\ncidr = \"127.0.0.2\"\nport = 8443\nprotocol = \"tcp\"\n\n\
+         [admission]\ntrust_anchors = \"{}\"\n\n[aws]\nendpoint = \"http://{API}\"\ncredentials_file = \"{}\"\n",
+        ca.cert.display(),
+        credentials.display()
+    ))?;
+    sandbox.start_agent()?;
+    let epochs = sandbox.agent_cli(&["epoch", "--policy", "1", "--revocation", "1"])?;
+    ensure!(epochs.status.success(), "setting epochs");
+
+    // Every mutation writes a new key, so every precondition is "no such object".
+    let request_for = |path: &str, i: usize| put_object(&aws.bucket, &format!("bench/{path}-{i}"), "x");
+    let absent = moto::live_digest(&sandbox.netns, &aws, &request_for("probe", 0))?;
+    let exe = std::env::current_exe()?.to_string_lossy().into_owned();
+    let total = ROUNDS * PER_ROUND;
+    let certificates: Vec<(String, _)> = (0..total)
+        .map(|i| {
+            let request = request_for("broker", i);
+            let mut contract = ExecutionContract {
+                contract_id: format!("c-bench-{i}"),
+                agent: AgentIdentity { uid: Some(0), exe: Some(exe.clone()), ..Default::default() },
+                provider: Provider::Aws,
+                operation: String::new(),
+                target: String::new(),
+                request_digest: String::new(),
+                precondition: absent.clone(),
+                policy_epoch: 1,
+                revocation_epoch: 1,
+                evidence_digest: "sha256:00".into(),
+                identity: ScopedIdentity::AwsRole { role_arn: aws.role_arn.clone() },
+            };
+            contract.bind_request(&request);
+            Ok((dev_sab::issue(&ca, &contract, &IssueOptions::default())?, request))
+        })
+        .collect::<Result<_>>()?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut broker = runtime.block_on(tokio::net::UnixStream::connect(&sandbox.socket))?;
+    let (mut direct_ms, mut broker_ms, mut stages) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let requests: Vec<_> = (0..PER_ROUND).map(|i| request_for("direct", round * PER_ROUND + i)).collect();
+        let (endpoint, writer) = (aws.endpoint.clone(), aws.static_writer.clone());
+        direct_ms.extend(moto::in_netns(&sandbox.netns, move || async move {
+            let mut times = Vec::new();
+            for request in requests {
+                let started = Instant::now();
+                let mut http = AwsOperation::parse(&request)?.mutation().into_request(&endpoint)?;
+                sign_request(&mut http, &writer, "s3", moto::REGION)?;
+                let stream = tokio::net::TcpStream::connect(API).await?;
+                let response = exchange(stream, http).await?;
+                ensure!(response.status().is_success(), "direct PutObject failed: {}", response.status());
+                times.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+            Ok(times)
+        })?);
+        for (certificate, request) in &certificates[round * PER_ROUND..(round + 1) * PER_ROUND] {
+            let started = Instant::now();
+            let decision = runtime.block_on(propose(&mut broker, certificate.clone(), request.clone()))?;
+            broker_ms.push(started.elapsed().as_secs_f64() * 1e3);
+            let outcome = decision.outcome.context("no outcome")?;
+            ensure!(
+                decision.admitted && outcome.api_status == Some(200),
+                "a brokered mutation failed: {:?}",
+                outcome.error
+            );
+            stages.push(outcome.timings);
+        }
+    }
+    let overhead_p50 = percentile(&broker_ms, 0.5) - percentile(&direct_ms, 0.5);
+    let overhead_p99 = percentile(&broker_ms, 0.99) - percentile(&direct_ms, 0.99);
+    let median_of =
+        |f: fn(&seb_agent::execute::Timings) -> f64| percentile(&stages.iter().map(f).collect::<Vec<_>>(), 0.5);
+    let report = json!({
+        "bench": "execution",
+        "api": "moto (AWS API emulator) on loopback, SigV4 and IAM enforced",
+        "operation": "s3:PutObject of a new object",
+        "mutations_each": total,
+        "direct_static_credentials_ms": {"p50": percentile(&direct_ms, 0.5), "p99": percentile(&direct_ms, 0.99)},
+        "through_broker_ms": {"p50": percentile(&broker_ms, 0.5), "p99": percentile(&broker_ms, 0.99)},
+        "broker_overhead_ms": {"p50": overhead_p50, "p99": overhead_p99},
+        "broker_stage_medians_ms": {
+            "sts_assume_role": median_of(|t| t.mint_ms),
+            "drift_read": median_of(|t| t.drift_check_ms),
+            "mutation": median_of(|t| t.execute_ms),
+        },
+        "included_in_broker": "socket round trip, certificate and caller checks, state checks, STS AssumeRole, drift read, \
+                               mutation, resulting-state read, decision and outcome records (signed, chained, fsynced)",
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    let dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("execution.json"), serde_json::to_vec_pretty(&report)?)?;
+    Ok(())
+}
+
+async fn propose(
+    stream: &mut tokio::net::UnixStream,
+    certificate: String,
+    request: seb_agent::cert::MutationRequest,
+) -> Result<Decision> {
+    let body = serde_json::to_vec(&Envelope { v: VERSION, body: Request::Propose { certificate, request } })?;
+    write_frame(stream, &body).await?;
+    let reply: Envelope<Response> = serde_json::from_slice(&read_frame(stream).await?)?;
+    match reply.body {
+        Response::Decision(decision) => Ok(decision),
+        other => bail!("expected a decision: {other:?}"),
+    }
+}
