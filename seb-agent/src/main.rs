@@ -260,7 +260,7 @@ fn run(command: Command) -> Result<ExitCode> {
             else {
                 bail!("the broker answered something other than a decision");
             };
-            print_json(&decision)?;
+            print_json(&*decision)?;
             return Ok(if decision.admitted { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
         Command::Revoke { socket, serial, contract, reason } => {

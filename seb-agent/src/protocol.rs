@@ -53,7 +53,7 @@ pub enum Response {
         connected: bool,
         error: Option<String>,
     },
-    Decision(crate::admission::Decision),
+    Decision(Box<crate::admission::Decision>),
     Revoked {
         record_seq: i64,
     },

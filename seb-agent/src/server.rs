@@ -137,7 +137,7 @@ async fn handle(request: Request, peer: &UCred, broker: &Broker) -> Response {
                 pid,
                 "admission decision"
             );
-            Response::Decision(decision)
+            Response::Decision(Box::new(decision))
         }
         Request::Revoke { target, value, reason } => {
             if !admin {

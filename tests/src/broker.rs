@@ -47,7 +47,7 @@ impl Broker {
 
     pub fn propose(&self, certificate: &str, request: &MutationRequest) -> Decision {
         match self.call(Request::Propose { certificate: certificate.into(), request: request.clone() }) {
-            Response::Decision(decision) => decision,
+            Response::Decision(decision) => *decision,
             other => panic!("expected a decision, got {other:?}"),
         }
     }

@@ -6,7 +6,6 @@ use std::{path::PathBuf, time::Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use seb_agent::{
-    admission::Decision,
     cert::{
         ExecutionContract, MutationRequest,
         contract::{AgentIdentity, ScopedIdentity},
@@ -115,7 +114,7 @@ async fn client(socket: PathBuf, certificates: Vec<String>, request: MutationReq
         latencies.push(started.elapsed().as_secs_f64() * 1e6);
         let envelope: Envelope<Response> = serde_json::from_slice(&reply)?;
         match envelope.body {
-            Response::Decision(Decision { admitted: true, .. }) => {}
+            Response::Decision(decision) if decision.admitted => {}
             other => bail!("an admission was expected: {other:?}"),
         }
     }

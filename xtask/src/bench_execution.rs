@@ -155,7 +155,7 @@ async fn propose(
     write_frame(stream, &body).await?;
     let reply: Envelope<Response> = serde_json::from_slice(&read_frame(stream).await?)?;
     match reply.body {
-        Response::Decision(decision) => Ok(decision),
+        Response::Decision(decision) => Ok(*decision),
         other => bail!("expected a decision: {other:?}"),
     }
 }
