@@ -20,7 +20,7 @@ use crate::{
     cgroupfs::{self, CgroupNames},
     config::Config,
     enforcement::{BrokerSockets, LinkState, PinLayout, loader, maps, policy},
-    execute::{aws::AwsExecutor, broker_http::BrokerHttp},
+    execute::{aws::AwsExecutor, broker_http::BrokerHttp, reconcile::reconcile},
     propose::Executors,
     recorder::Recorder,
     server::{self, Broker},
@@ -97,6 +97,8 @@ pub async fn run(config: Config) -> Result<()> {
     let executors = executors_from(&config, &sockets)?;
     let listener = server::bind(&config.broker.socket, config.broker.socket_group.as_deref())?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Before serving: every admitted decision gets its outcome, even across a crash.
+    reconcile(&ledger, &executors).await?;
     let broker = Arc::new(Broker { sockets, admission, executors, ledger });
     let serving = tokio::spawn(server::serve(listener, broker, shutdown_rx));
     info!(socket = %config.broker.socket.display(), "broker ready");

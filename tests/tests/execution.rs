@@ -207,3 +207,56 @@ fn a_minted_session_carries_the_certified_session_policy_and_stays_within_its_ro
     .unwrap();
     assert_eq!(status, 403, "the minted session must not write outside the executor role");
 }
+
+#[test]
+fn a_decision_left_without_an_outcome_by_a_crash_is_reconciled_on_restart() {
+    use seb_agent::{
+        admission::{CallerIdentity, DECISION_KIND, DecisionRecord, RequestSummary, state::Epochs},
+        audit::{Ledger, keys, now_ns},
+    };
+    let mut w = world("reconcile");
+    let request = put_object(&w.aws.bucket, "config/app.json", "replicas=3");
+    assert_executed(&w.broker.decide(&w.contract(&request), &request));
+    w.broker.sandbox.stop_agent().unwrap();
+
+    // What a broker killed between recording a decision and its outcome leaves behind.
+    let key = keys::load_or_create(&w.broker.sandbox.signing_key()).unwrap();
+    let (ledger, thread) = Ledger::start(&w.broker.sandbox.database, key).unwrap();
+    let decision = DecisionRecord {
+        decision_id: "d-crashed".into(),
+        admitted: true,
+        reason: Reason::Admitted,
+        message: "every admission predicate holds".into(),
+        caller: CallerIdentity { uid: 0, gid: 0, pid: 1, exe: None, cgroup: None, pod_uid: None },
+        serial: Some("0badc0de".into()),
+        contract_id: Some("c-crashed".into()),
+        request: RequestSummary {
+            provider: Provider::Aws,
+            operation: request.operation.clone(),
+            target: request.target.clone(),
+            digest: request.digest(),
+        },
+        identity: Some(ScopedIdentity::AwsRole { role_arn: w.aws.role_arn.clone() }),
+        active_epochs: Epochs { policy: Some(1), revocation: Some(1) },
+    };
+    let seq = ledger.run_blocking(move |batch| batch.append(DECISION_KIND, now_ns(), &decision)).unwrap();
+    drop(ledger);
+    thread.join().unwrap();
+
+    w.broker.sandbox.start_agent().unwrap();
+    let listing = w.broker.sandbox.agent_cli(&["audit", "list", "--kind", "outcome", "--json"]).unwrap();
+    let outcomes: Vec<serde_json::Value> =
+        String::from_utf8(listing.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let reconciled =
+        outcomes.iter().find(|o| o["body"]["decision_seq"] == seq).expect("an outcome for the orphaned decision");
+    assert_eq!(reconciled["body"]["status"], "unknown", "{reconciled}");
+    assert_eq!(
+        reconciled["body"]["resulting_state_digest"],
+        w.live_digest(&request),
+        "the live state was read: {reconciled}"
+    );
+    assert_eq!(reconciled["body"]["identity"]["role_session_name"], "seb-d-crashed");
+    assert_eq!(outcomes.len(), 2, "exactly one outcome per admitted decision");
+    let verify = w.broker.sandbox.agent_cli(&["audit", "verify"]).unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+}

@@ -59,6 +59,10 @@ pub struct DecisionRecord {
     pub serial: Option<String>,
     pub contract_id: Option<String>,
     pub request: RequestSummary,
+    /// The identity the contract lets the broker mint, for reading live state again
+    /// if the broker stops before the outcome is recorded.
+    #[serde(default)]
+    pub identity: Option<crate::cert::contract::ScopedIdentity>,
     pub active_epochs: state::Epochs,
 }
 
@@ -197,6 +201,7 @@ pub async fn record(ledger: &Ledger, pending: Pending) -> Decision {
                 serial: serial.clone(),
                 contract_id: contract_id.clone(),
                 request,
+                identity: verified.as_ref().map(|v| v.contract.identity.clone()),
                 active_epochs: state::epochs(batch.conn())?,
             };
             let seq = batch.append(DECISION_KIND, now_ns(), &record)?;

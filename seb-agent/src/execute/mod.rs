@@ -3,6 +3,7 @@
 
 pub mod aws;
 pub mod broker_http;
+pub mod reconcile;
 
 use serde::{Deserialize, Serialize};
 

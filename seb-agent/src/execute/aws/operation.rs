@@ -174,6 +174,32 @@ impl AwsOperation {
         })
     }
 
+    /// The operation on `target` with no parameters: enough to read its live state.
+    pub fn for_reading(operation: &str, target: &str) -> Result<Self> {
+        let params = match operation {
+            "s3:PutObject" => json!({"body": ""}),
+            "s3:PutBucketPolicy" => json!({"policy": {}}),
+            "iam:AttachRolePolicy" | "iam:DetachRolePolicy" => json!({"policy_arn": ""}),
+            op if op.starts_with("ec2:") && op.contains("SecurityGroup") => {
+                json!({"ip_permissions": [{"protocol": "-1", "from_port": 0, "to_port": 0, "cidrs": []}]})
+            }
+            _ => Value::Null,
+        };
+        let request = MutationRequest {
+            provider: crate::cert::Provider::Aws,
+            operation: operation.into(),
+            target: target.into(),
+            params,
+        };
+        Self::parse(&request)
+    }
+
+    /// A session policy allowing only the read of the live state.
+    pub fn read_policy(&self) -> Value {
+        let full = self.session_policy();
+        json!({"Version": "2012-10-17", "Statement": full["Statement"].as_array().map(|s| s[1..].to_vec()).unwrap_or_default()})
+    }
+
     /// The IAM action of the mutation itself.
     pub fn action(&self) -> &'static str {
         match self {
