@@ -5,6 +5,7 @@ use seb_agent::{
     admission::Decision,
     cert::{
         ExecutionContract, MutationRequest,
+        contract::{AgentIdentity, ScopedIdentity},
         dev_sab::{self, Algorithm, CaFiles, IssueOptions},
     },
     protocol::{self, Request, Response},
@@ -60,4 +61,36 @@ impl Broker {
     pub fn decide(&self, contract: &ExecutionContract, request: &MutationRequest) -> Decision {
         self.propose(&self.issue(contract, &IssueOptions::default()), request)
     }
+}
+
+/// A contract certifying exactly `request` for `agent`, under epochs 1/1, with the given
+/// precondition and identity to mint.
+pub fn certified(
+    contract_id: &str,
+    agent: AgentIdentity,
+    request: &MutationRequest,
+    precondition: &str,
+    identity: ScopedIdentity,
+) -> ExecutionContract {
+    let mut contract = ExecutionContract {
+        contract_id: contract_id.into(),
+        agent,
+        provider: request.provider,
+        operation: String::new(),
+        target: String::new(),
+        request_digest: String::new(),
+        precondition: precondition.into(),
+        policy_epoch: 1,
+        revocation_epoch: 1,
+        evidence_digest: request.digest(),
+        identity,
+    };
+    contract.bind_request(request);
+    contract
+}
+
+/// This process as the certified agent: its uid and executable.
+pub fn this_process() -> AgentIdentity {
+    let exe = std::env::current_exe().map(|p| p.to_string_lossy().into_owned()).ok();
+    AgentIdentity { uid: Some(nix::unistd::geteuid().as_raw()), exe, ..Default::default() }
 }

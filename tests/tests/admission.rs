@@ -13,7 +13,10 @@ use seb_agent::{
     },
     protocol::{Request, Response},
 };
-use seb_sandbox::{Sandbox, Tools, broker::Broker};
+use seb_sandbox::{
+    Sandbox, Tools,
+    broker::{Broker, certified, this_process},
+};
 
 fn tools() -> Tools {
     Tools::for_tests(env!("CARGO_BIN_EXE_seb-probe"))
@@ -36,25 +39,8 @@ fn request() -> MutationRequest {
 
 /// The contract certifying `request()` for this test process.
 fn contract() -> ExecutionContract {
-    let mut contract = ExecutionContract {
-        contract_id: format!("c-{}", uuid_like()),
-        agent: AgentIdentity {
-            uid: Some(0),
-            exe: Some(std::env::current_exe().unwrap().to_string_lossy().into_owned()),
-            ..Default::default()
-        },
-        provider: Provider::Http,
-        operation: String::new(),
-        target: String::new(),
-        request_digest: String::new(),
-        precondition: "sha256:00".into(),
-        policy_epoch: 1,
-        revocation_epoch: 1,
-        evidence_digest: "sha256:11".into(),
-        identity: ScopedIdentity::AwsRole { role_arn: "arn:aws:iam::123456789012:role/seb-demo".into() },
-    };
-    contract.bind_request(&request());
-    contract
+    let role = ScopedIdentity::AwsRole { role_arn: "arn:aws:iam::123456789012:role/seb-demo".into() };
+    certified(&format!("c-{}", uuid_like()), this_process(), &request(), "sha256:00", role)
 }
 
 fn uuid_like() -> String {

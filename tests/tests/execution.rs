@@ -4,10 +4,7 @@
 
 use seb_agent::{
     admission::{Decision, Reason},
-    cert::{
-        ExecutionContract, MutationRequest, Provider,
-        contract::{AgentIdentity, ScopedIdentity},
-    },
+    cert::{ExecutionContract, MutationRequest, Provider, contract::ScopedIdentity},
     enforcement::BrokerSockets,
     execute::{
         MintedIdentity, OutcomeStatus,
@@ -17,7 +14,7 @@ use seb_agent::{
 };
 use seb_sandbox::{
     Sandbox, Tools,
-    broker::Broker,
+    broker::{Broker, certified, this_process},
     moto::{self, AwsWorld, Moto, authorize_ingress, put_object},
 };
 use serde_json::json;
@@ -60,25 +57,8 @@ impl World {
 
     /// A contract for `request` for this test process, certified against live state now.
     fn contract(&self, request: &MutationRequest) -> ExecutionContract {
-        let mut contract = ExecutionContract {
-            contract_id: format!("c-{}", request.digest()),
-            agent: AgentIdentity {
-                uid: Some(0),
-                exe: Some(std::env::current_exe().unwrap().to_string_lossy().into()),
-                ..Default::default()
-            },
-            provider: Provider::Aws,
-            operation: String::new(),
-            target: String::new(),
-            request_digest: String::new(),
-            precondition: self.live_digest(request),
-            policy_epoch: 1,
-            revocation_epoch: 1,
-            evidence_digest: "sha256:00".into(),
-            identity: ScopedIdentity::AwsRole { role_arn: self.aws.role_arn.clone() },
-        };
-        contract.bind_request(request);
-        contract
+        let role = ScopedIdentity::AwsRole { role_arn: self.aws.role_arn.clone() };
+        certified(&format!("c-{}", request.digest()), this_process(), request, &self.live_digest(request), role)
     }
 
     fn object(&self, key: &str) -> Option<String> {

@@ -8,16 +8,19 @@ use anyhow::{Context, Result, bail, ensure};
 use seb_agent::{
     cert::{
         ExecutionContract, MutationRequest,
-        contract::{AgentIdentity, ScopedIdentity},
+        contract::ScopedIdentity,
         dev_sab::{self, Algorithm, IssueOptions},
     },
     protocol::{Envelope, Request, Response, VERSION, read_frame, write_frame},
 };
-use seb_sandbox::{Sandbox, Tools};
+use seb_sandbox::{
+    Sandbox,
+    broker::{certified, this_process},
+};
 use serde_json::json;
 use tokio::net::UnixStream;
 
-use crate::{stats::percentile, toolchain, workspace_root};
+use crate::{stats::percentile, workspace_root};
 
 const SEQUENTIAL: usize = 2_000;
 const CLIENTS: usize = 64;
@@ -26,19 +29,8 @@ const TARGET_P99_US: f64 = 1_000.0;
 const TARGET_PER_SECOND: f64 = 5_000.0;
 
 pub fn run() -> Result<()> {
-    crate::require_root()?;
-    toolchain::ensure_packages(&[("ip", "iproute2")])?;
-    crate::run(std::process::Command::new("cargo").current_dir(workspace_root()).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "seb-agent",
-        "-p",
-        "seb-tests",
-        "--bins",
-    ]))?;
-    let mut sandbox = Sandbox::new("benchadm", Tools::in_dir(&workspace_root().join("target/release")))?;
+    let tools = crate::release_tools()?;
+    let mut sandbox = Sandbox::new("benchadm", tools.clone())?;
     let ca = dev_sab::create_ca(&sandbox.dir.join("sab"), "seb bench SAB", Algorithm::Ed25519)?;
     sandbox.write_config(&format!("[admission]\ntrust_anchors = \"{}\"\n", ca.cert.display()))?;
     sandbox.start_agent()?;
@@ -131,22 +123,8 @@ fn bench_request() -> MutationRequest {
 
 /// Certified for this process (the bench client).
 fn bench_contract(request: &MutationRequest) -> Result<ExecutionContract> {
-    let exe: PathBuf = std::env::current_exe()?;
-    let mut contract = ExecutionContract {
-        contract_id: "c-bench".into(),
-        agent: AgentIdentity { uid: Some(0), exe: Some(exe.to_string_lossy().into_owned()), ..Default::default() },
-        provider: request.provider,
-        operation: String::new(),
-        target: String::new(),
-        request_digest: String::new(),
-        precondition: "sha256:00".into(),
-        policy_epoch: 1,
-        revocation_epoch: 1,
-        evidence_digest: "sha256:00".into(),
-        identity: ScopedIdentity::AwsRole { role_arn: "arn:aws:iam::123456789012:role/seb-bench".into() },
-    };
-    contract.bind_request(request);
-    Ok(contract)
+    let role = ScopedIdentity::AwsRole { role_arn: "arn:aws:iam::123456789012:role/seb-bench".into() };
+    Ok(certified("c-bench", this_process(), request, "sha256:00", role))
 }
 
 fn summary(latencies: &[f64]) -> serde_json::Value {

@@ -30,19 +30,8 @@ const UNPROTECTED_UDP: &str = "127.0.0.3:9";
 const UNPROTECTED_TCP: &str = "127.0.0.3:8080";
 
 pub fn run() -> Result<()> {
-    crate::require_root()?;
-    toolchain::ensure_packages(&[("ip", "iproute2"), ("nft", "nftables")])?;
-    crate::run(Command::new("cargo").current_dir(workspace_root()).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "seb-agent",
-        "-p",
-        "seb-tests",
-        "--bins",
-    ]))?;
-    let tools = Tools::in_dir(&workspace_root().join("target/release"));
+    let tools = crate::release_tools()?;
+    toolchain::ensure_packages(&[("nft", "nftables")])?;
     let mut results = Vec::new();
     for count in CIDR_COUNTS {
         eprintln!("xtask: bench connect with {count} protected CIDRs ({ROUNDS} rounds)");

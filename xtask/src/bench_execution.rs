@@ -9,8 +9,7 @@ use anyhow::{Context, Result, bail, ensure};
 use seb_agent::{
     admission::Decision,
     cert::{
-        ExecutionContract, Provider,
-        contract::{AgentIdentity, ScopedIdentity},
+        contract::ScopedIdentity,
         dev_sab::{self, Algorithm, IssueOptions},
     },
     execute::{
@@ -20,7 +19,8 @@ use seb_agent::{
     protocol::{Envelope, Request, Response, VERSION, read_frame, write_frame},
 };
 use seb_sandbox::{
-    Sandbox, Tools,
+    Sandbox,
+    broker::{certified, this_process},
     moto::{self, put_object},
 };
 use serde_json::json;
@@ -32,20 +32,9 @@ const PER_ROUND: usize = 10;
 const API: &str = "127.0.0.2:8443";
 
 pub fn run() -> Result<()> {
-    crate::require_root()?;
-    toolchain::ensure_packages(&[("ip", "iproute2")])?;
     toolchain::ensure_moto()?;
-    crate::run(std::process::Command::new("cargo").current_dir(workspace_root()).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "seb-agent",
-        "-p",
-        "seb-tests",
-        "--bins",
-    ]))?;
-    let mut sandbox = Sandbox::new("benchexec", Tools::in_dir(&workspace_root().join("target/release")))?;
+    let tools = crate::release_tools()?;
+    let mut sandbox = Sandbox::new("benchexec", tools.clone())?;
     let _moto = moto::start(&sandbox.netns, API.parse()?)?;
     let aws = moto::seed(&sandbox.netns, &format!("http://{API}"))?;
     let ca = dev_sab::create_ca(&sandbox.dir.join("sab"), "seb bench SAB", Algorithm::Ed25519)?;
@@ -64,25 +53,12 @@ pub fn run() -> Result<()> {
     // Every mutation writes a new key, so every precondition is "no such object".
     let request_for = |path: &str, i: usize| put_object(&aws.bucket, &format!("bench/{path}-{i}"), "x");
     let absent = moto::live_digest(&sandbox.netns, &aws, &request_for("probe", 0))?;
-    let exe = std::env::current_exe()?.to_string_lossy().into_owned();
     let total = ROUNDS * PER_ROUND;
     let certificates: Vec<(String, _)> = (0..total)
         .map(|i| {
             let request = request_for("broker", i);
-            let mut contract = ExecutionContract {
-                contract_id: format!("c-bench-{i}"),
-                agent: AgentIdentity { uid: Some(0), exe: Some(exe.clone()), ..Default::default() },
-                provider: Provider::Aws,
-                operation: String::new(),
-                target: String::new(),
-                request_digest: String::new(),
-                precondition: absent.clone(),
-                policy_epoch: 1,
-                revocation_epoch: 1,
-                evidence_digest: "sha256:00".into(),
-                identity: ScopedIdentity::AwsRole { role_arn: aws.role_arn.clone() },
-            };
-            contract.bind_request(&request);
+            let role = ScopedIdentity::AwsRole { role_arn: aws.role_arn.clone() };
+            let contract = certified(&format!("c-bench-{i}"), this_process(), &request, &absent, role);
             Ok((dev_sab::issue(&ca, &contract, &IssueOptions::default())?, request))
         })
         .collect::<Result<_>>()?;

@@ -9,19 +9,20 @@ use std::{path::Path, process::Command};
 use anyhow::{Context, Result, ensure};
 use seb_agent::{
     cert::{
-        ExecutionContract, MutationRequest, Provider,
+        MutationRequest,
         contract::{AgentIdentity, ScopedIdentity},
         dev_sab::{self, Algorithm, CaFiles, IssueOptions},
     },
     execute::aws::AwsOperation,
 };
 use seb_sandbox::{
-    Sandbox, Tools,
+    Sandbox,
+    broker::certified,
     moto::{self, AwsWorld, authorize_ingress, put_object},
 };
 use serde_json::Value;
 
-use crate::{toolchain, workspace_root};
+use crate::toolchain;
 
 /// moto, the stand-in production API, inside the demo's namespace.
 const API: &str = "127.0.0.2:8443";
@@ -35,20 +36,9 @@ struct Demo {
 }
 
 pub fn run() -> Result<()> {
-    crate::require_root()?;
-    toolchain::ensure_packages(&[("ip", "iproute2")])?;
     toolchain::ensure_moto()?;
-    crate::run(Command::new("cargo").current_dir(workspace_root()).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "seb-agent",
-        "-p",
-        "seb-tests",
-        "--bins",
-    ]))?;
-    let sandbox = Sandbox::new("demo", Tools::in_dir(&workspace_root().join("target/release")))?;
+    let tools = crate::release_tools()?;
+    let sandbox = Sandbox::new("demo", tools.clone())?;
     println!("seb demo: an AI agent changes production (moto, an AWS API emulator) only through the broker.");
     println!("Everything runs in cgroup {} and network namespace {}.", sandbox.cgroup.display(), sandbox.netns);
 
@@ -171,20 +161,9 @@ impl Demo {
     /// What the SAB does: read the live state, bind the request and the agent's cgroup.
     fn certify(&self, request: &MutationRequest, contract_id: &str) -> Result<std::path::PathBuf> {
         let precondition = moto::live_digest(&self.sandbox.netns, &self.aws, request)?;
-        let mut contract = ExecutionContract {
-            contract_id: contract_id.into(),
-            agent: AgentIdentity { cgroup: Some(self.agent_cgroup.clone()), ..Default::default() },
-            provider: Provider::Aws,
-            operation: String::new(),
-            target: String::new(),
-            request_digest: String::new(),
-            precondition: precondition.clone(),
-            policy_epoch: 1,
-            revocation_epoch: 1,
-            evidence_digest: request.digest(),
-            identity: ScopedIdentity::AwsRole { role_arn: self.aws.role_arn.clone() },
-        };
-        contract.bind_request(request);
+        let agent = AgentIdentity { cgroup: Some(self.agent_cgroup.clone()), ..Default::default() };
+        let role = ScopedIdentity::AwsRole { role_arn: self.aws.role_arn.clone() };
+        let contract = certified(contract_id, agent, request, &precondition, role);
         let path = self.sandbox.dir.join(format!("{contract_id}.pem"));
         std::fs::write(&path, dev_sab::issue(&self.ca, &contract, &IssueOptions::default())?)?;
         self.say(&format!(

@@ -103,6 +103,24 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// For jobs that run sandboxes: root, iproute2, and release builds of the agent and
+/// the probe.
+pub fn release_tools() -> Result<seb_sandbox::Tools> {
+    require_root()?;
+    toolchain::ensure_packages(&[("ip", "iproute2")])?;
+    run(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "seb-agent",
+        "-p",
+        "seb-tests",
+        "--bins",
+    ]))?;
+    Ok(seb_sandbox::Tools::in_dir(&workspace_root().join("target/release")))
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
