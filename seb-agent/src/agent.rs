@@ -20,8 +20,7 @@ use crate::{
     cgroupfs::{self, CgroupNames},
     config::Config,
     enforcement::{BrokerSockets, LinkState, PinLayout, loader, maps, policy},
-    execute::{aws::AwsExecutor, broker_http::BrokerHttp, reconcile::reconcile},
-    propose::Executors,
+    execute::{Executors, aws::AwsExecutor, broker_http::BrokerHttp, https::HttpsExecutor, reconcile::reconcile},
     recorder::Recorder,
     server::{self, Broker},
 };
@@ -117,7 +116,8 @@ pub async fn run(config: Config) -> Result<()> {
 fn executors_from(config: &Config, sockets: &BrokerSockets) -> Result<Executors> {
     let http = BrokerHttp::new(sockets.clone());
     let aws = config.aws.clone().map(|aws| AwsExecutor::new(aws, http.clone())).transpose()?;
-    Ok(Executors { aws })
+    let https = config.http.clone().map(|config| HttpsExecutor::new(config, http.clone())).transpose()?;
+    Ok(Executors { aws, https })
 }
 
 fn admission_from(config: &Config) -> Result<Admission> {

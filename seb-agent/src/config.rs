@@ -27,6 +27,9 @@ pub struct Config {
     /// The AWS executor; without this table AWS proposals are admitted but not executed.
     #[serde(default)]
     pub aws: Option<crate::execute::aws::AwsConfig>,
+    /// The HTTPS executor for internal APIs (mutual TLS with minted client certificates).
+    #[serde(default)]
+    pub http: Option<crate::execute::https::HttpConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

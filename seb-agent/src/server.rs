@@ -16,7 +16,8 @@ use crate::{
     audit::Ledger,
     config::parse_socket_addr,
     enforcement::BrokerSockets,
-    propose::{Executors, propose},
+    execute::Executors,
+    propose::propose,
     protocol::{Envelope, ErrorCode, FrameError, Request, Response, VERSION, read_frame, write_frame},
 };
 

@@ -18,6 +18,7 @@ use std::{
 
 pub mod broker;
 pub mod moto;
+pub mod mtls;
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;

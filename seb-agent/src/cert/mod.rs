@@ -1,5 +1,6 @@
 //! SAB certificates: the execution contract they bind, verification, and a dev SAB.
 
+pub mod ca;
 pub mod contract;
 pub mod dev_sab;
 pub mod verify;

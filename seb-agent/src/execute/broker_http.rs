@@ -13,6 +13,7 @@ use http::{Request, Response, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 use crate::enforcement::BrokerSockets;
 
@@ -22,27 +23,33 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct BrokerHttp {
     sockets: BrokerSockets,
-    tls: Arc<tokio_rustls::rustls::ClientConfig>,
+    tls: Arc<ClientConfig>,
+}
+
+/// rustls with the ring provider and its default protocol versions.
+pub fn tls_builder() -> tokio_rustls::rustls::ConfigBuilder<ClientConfig, tokio_rustls::rustls::WantsVerifier> {
+    ClientConfig::builder_with_provider(Arc::new(tokio_rustls::rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
 }
 
 impl BrokerHttp {
     pub fn new(sockets: BrokerSockets) -> Self {
-        let roots = tokio_rustls::rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-        let tls = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
-            tokio_rustls::rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        let tls = tls_builder().with_root_certificates(roots).with_no_client_auth();
         Self { sockets, tls: Arc::new(tls) }
     }
 
     pub async fn send(&self, request: Request<Bytes>) -> Result<Response<Bytes>> {
-        tokio::time::timeout(TIMEOUT, self.send_inner(request)).await.context("the request timed out")?
+        self.send_with(request, self.tls.clone()).await
     }
 
-    async fn send_inner(&self, request: Request<Bytes>) -> Result<Response<Bytes>> {
+    /// Send with a TLS configuration of the caller's (its own roots, a client certificate).
+    pub async fn send_with(&self, request: Request<Bytes>, tls: Arc<ClientConfig>) -> Result<Response<Bytes>> {
+        tokio::time::timeout(TIMEOUT, self.send_inner(request, tls)).await.context("the request timed out")?
+    }
+
+    async fn send_inner(&self, request: Request<Bytes>, tls_config: Arc<ClientConfig>) -> Result<Response<Bytes>> {
         let uri = request.uri().clone();
         let (host, port, tls) = endpoint_of(&uri)?;
         let addr = resolve(&host, port).await?;
@@ -51,7 +58,7 @@ impl BrokerHttp {
         let response = if tls {
             let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.clone())
                 .with_context(|| format!("`{host}` is not a valid TLS server name"))?;
-            let stream = tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, stream).await?;
+            let stream = tokio_rustls::TlsConnector::from(tls_config).connect(name, stream).await?;
             exchange(stream, request).await
         } else {
             exchange(stream, request).await

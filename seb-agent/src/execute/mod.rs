@@ -3,9 +3,17 @@
 
 pub mod aws;
 pub mod broker_http;
+pub mod https;
 pub mod reconcile;
 
+use std::time::Instant;
+
 use serde::{Deserialize, Serialize};
+
+use crate::{
+    admission::Reason,
+    cert::{ExecutionContract, MutationRequest, Provider, contract::ScopedIdentity},
+};
 
 /// Record kind of execution outcomes.
 pub const OUTCOME_KIND: &str = "outcome";
@@ -21,6 +29,15 @@ pub enum MintedIdentity {
         access_key_id: String,
         expiration: String,
         duration_seconds: u32,
+    },
+    X509Client {
+        subject: String,
+        /// Hex serial of the minted client certificate.
+        serial: String,
+        /// `urn:seb:decision:<id>`, the certificate's URI SAN.
+        decision_uri: String,
+        /// Expiry, seconds since the Unix epoch.
+        not_after: i64,
     },
 }
 
@@ -65,4 +82,144 @@ pub struct Outcome {
 
 fn is_unset(seq: &i64) -> bool {
     *seq == 0
+}
+
+/// The executors this broker has, by provider.
+#[derive(Default)]
+pub struct Executors {
+    pub aws: Option<aws::AwsExecutor>,
+    pub https: Option<https::HttpsExecutor>,
+}
+
+/// A minted identity and the operation it may perform, between the drift check and
+/// execution.
+pub enum Prepared {
+    Aws { operation: aws::AwsOperation, session: aws::Session },
+    Https { operation: https::HttpOperation, session: https::ClientSession },
+}
+
+/// What executing a prepared mutation did.
+pub struct Executed {
+    pub status: OutcomeStatus,
+    pub api_status: Option<u16>,
+    pub error: Option<String>,
+    pub identity: MintedIdentity,
+    pub resulting_state_digest: Option<String>,
+    pub execute_ms: f64,
+}
+
+type Refusal = (Reason, String);
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+impl Executors {
+    pub fn handles(&self, provider: Provider) -> bool {
+        match provider {
+            Provider::Aws => self.aws.is_some(),
+            Provider::Http => self.https.is_some(),
+            Provider::Kubernetes => false,
+        }
+    }
+
+    /// Mint the contract's identity and read the target's live state; returns the
+    /// prepared mutation and the live state's digest. Errors carry their reason code.
+    pub async fn prepare(
+        &self,
+        contract: &ExecutionContract,
+        request: &MutationRequest,
+        decision_id: &str,
+        timings: &mut Timings,
+    ) -> Result<(Prepared, String), Refusal> {
+        let unsupported = |e: anyhow::Error| (Reason::UnsupportedOperation, format!("{e:#}"));
+        let unavailable = |what: &str, e: anyhow::Error| (Reason::LiveStateUnavailable, format!("{what}: {e:#}"));
+        let clock = Instant::now();
+        match (request.provider, &contract.identity, &self.aws, &self.https) {
+            (Provider::Aws, ScopedIdentity::AwsRole { role_arn }, Some(executor), _) => {
+                let operation = aws::AwsOperation::parse(request).map_err(unsupported)?;
+                let session = executor
+                    .mint(role_arn, decision_id, &operation.session_policy())
+                    .await
+                    .map_err(|e| unavailable("minting the scoped identity failed", e))?;
+                timings.mint_ms = ms(clock);
+                let clock = Instant::now();
+                let (_, digest) = executor
+                    .live_state(&operation, &session)
+                    .await
+                    .map_err(|e| unavailable("the live state could not be read, so nothing is admitted", e))?;
+                timings.drift_check_ms = ms(clock);
+                Ok((Prepared::Aws { operation, session }, digest))
+            }
+            (Provider::Http, ScopedIdentity::X509Client { subject }, _, Some(executor)) => {
+                let operation = https::HttpOperation::parse(request).map_err(unsupported)?;
+                let session = executor
+                    .mint(subject, decision_id)
+                    .map_err(|e| unavailable("minting the client certificate failed", e))?;
+                timings.mint_ms = ms(clock);
+                let clock = Instant::now();
+                let (_, digest) = executor
+                    .live_state(&operation, &session)
+                    .await
+                    .map_err(|e| unavailable("the live state could not be read, so nothing is admitted", e))?;
+                timings.drift_check_ms = ms(clock);
+                Ok((Prepared::Https { operation, session }, digest))
+            }
+            (provider, identity, _, _) => Err((
+                Reason::MalformedContract,
+                format!("a {provider:?} contract cannot mint {identity:?} on this broker"),
+            )),
+        }
+    }
+
+    /// Perform the prepared mutation and read the resulting state.
+    pub async fn execute(&self, prepared: Prepared) -> Executed {
+        let clock = Instant::now();
+        let (result, identity, resulting) = match (prepared, &self.aws, &self.https) {
+            (Prepared::Aws { operation, session }, Some(executor), _) => {
+                let result = executor.mutate(&operation, &session).await;
+                let resulting = executor.live_state(&operation, &session).await.ok().map(|(_, digest)| digest);
+                (result, session.identity, resulting)
+            }
+            (Prepared::Https { operation, session }, _, Some(executor)) => {
+                let result = executor.mutate(&operation, &session).await;
+                let resulting = executor.live_state(&operation, &session).await.ok().map(|(_, digest)| digest);
+                (result, session.identity, resulting)
+            }
+            (Prepared::Aws { session, .. }, ..) => (Err(anyhow::anyhow!("no AWS executor")), session.identity, None),
+            (Prepared::Https { session, .. }, ..) => {
+                (Err(anyhow::anyhow!("no HTTPS executor")), session.identity, None)
+            }
+        };
+        let (status, api_status, error) = match result {
+            Ok((code, None)) => (OutcomeStatus::Succeeded, Some(code), None),
+            Ok((code, Some(error))) => (OutcomeStatus::Failed, Some(code), Some(error)),
+            Err(e) => (OutcomeStatus::Failed, None, Some(format!("{e:#}"))),
+        };
+        Executed { status, api_status, error, identity, resulting_state_digest: resulting, execute_ms: ms(clock) }
+    }
+
+    /// Read a target's live state with a read-only identity (reconciliation).
+    pub async fn read_live_state(
+        &self,
+        request: &crate::admission::RequestSummary,
+        identity: &ScopedIdentity,
+        decision_id: &str,
+    ) -> anyhow::Result<(MintedIdentity, String)> {
+        match (request.provider, identity, &self.aws, &self.https) {
+            (Provider::Aws, ScopedIdentity::AwsRole { role_arn }, Some(executor), _) => {
+                let operation = aws::AwsOperation::for_reading(&request.operation, &request.target)?;
+                let session = executor.mint(role_arn, decision_id, &operation.read_policy()).await?;
+                let (_, digest) = executor.live_state(&operation, &session).await?;
+                Ok((session.identity, digest))
+            }
+            (Provider::Http, ScopedIdentity::X509Client { subject }, _, Some(executor)) => {
+                let operation = https::HttpOperation::for_reading(&request.target)?;
+                let session = executor.mint(subject, decision_id)?;
+                let (_, digest) = executor.live_state(&operation, &session).await?;
+                Ok((session.identity, digest))
+            }
+            _ => anyhow::bail!("no executor on this broker can read this target"),
+        }
+    }
 }

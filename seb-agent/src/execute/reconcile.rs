@@ -5,12 +5,10 @@
 use anyhow::Result;
 use tracing::{info, warn};
 
-use super::{OUTCOME_KIND, Outcome, OutcomeStatus, Timings, aws::AwsOperation};
+use super::{Executors, OUTCOME_KIND, Outcome, OutcomeStatus, Timings};
 use crate::{
     admission::{DECISION_KIND, DecisionRecord},
     audit::{Ledger, now_ns},
-    cert::{Provider, contract::ScopedIdentity},
-    propose::Executors,
 };
 
 /// Admitted decisions with no outcome record: (decision seq, the decision).
@@ -69,13 +67,7 @@ async fn live_state(
     executors: &Executors,
     decision: &DecisionRecord,
 ) -> Result<(Option<super::MintedIdentity>, String)> {
-    let (Provider::Aws, Some(aws), Some(ScopedIdentity::AwsRole { role_arn })) =
-        (decision.request.provider, executors.aws.as_ref(), decision.identity.as_ref())
-    else {
-        anyhow::bail!("no executor can read this target");
-    };
-    let operation = AwsOperation::for_reading(&decision.request.operation, &decision.request.target)?;
-    let session = aws.mint(role_arn, &decision.decision_id, &operation.read_policy()).await?;
-    let (_, digest) = aws.live_state(&operation, &session).await?;
-    Ok((Some(session.identity), digest))
+    let identity = decision.identity.as_ref().ok_or_else(|| anyhow::anyhow!("the decision names no identity"))?;
+    let (minted, digest) = executors.read_live_state(&decision.request, identity, &decision.decision_id).await?;
+    Ok((Some(minted), digest))
 }

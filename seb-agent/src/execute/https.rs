@@ -1,0 +1,205 @@
+//! The HTTPS executor, for internal APIs: per mutation, the broker mints a short-lived
+//! X.509 client certificate from its issuing CA (subject from the contract, the decision
+//! id as a URI SAN `urn:seb:decision:<id>`), and speaks mTLS with it.
+//!
+//! Canonical live state of a target URL: `{"status"}` of a GET, plus the body as
+//! canonical JSON when it is JSON, or its `sha256` otherwise.
+
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http::{Method, Request, Uri};
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose, SanType, SerialNumber};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tokio_rustls::rustls::{
+    ClientConfig, RootCertStore,
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject},
+};
+
+use super::{
+    MintedIdentity,
+    broker_http::{BrokerHttp, tls_builder},
+};
+use crate::cert::{
+    MutationRequest,
+    ca::{self, CaFiles},
+    contract::canonical_json,
+};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// PEM CA certificates that internal APIs' server certificates chain to.
+    pub trust_anchors: PathBuf,
+    /// The broker's issuing CA for client certificates; created on first start.
+    #[serde(default = "default_client_ca_cert")]
+    pub client_ca_cert: PathBuf,
+    #[serde(default = "default_client_ca_key")]
+    pub client_ca_key: PathBuf,
+    /// Lifetime of each minted client certificate, in seconds.
+    #[serde(default = "default_ttl")]
+    pub client_cert_ttl_seconds: u64,
+}
+
+fn default_client_ca_cert() -> PathBuf {
+    PathBuf::from("/var/lib/seb/client-ca.pem")
+}
+fn default_client_ca_key() -> PathBuf {
+    PathBuf::from("/var/lib/seb/client-ca.key")
+}
+fn default_ttl() -> u64 {
+    300
+}
+
+/// One HTTP mutation of an internal API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpOperation {
+    pub method: Method,
+    pub url: Uri,
+    pub body: Option<Bytes>,
+}
+
+impl HttpOperation {
+    pub fn parse(request: &MutationRequest) -> Result<Self> {
+        let method = match request.operation.as_str() {
+            "PUT" => Method::PUT,
+            "POST" => Method::POST,
+            "PATCH" => Method::PATCH,
+            "DELETE" => Method::DELETE,
+            other => bail!("HTTP operation `{other}` is not a mutation (PUT, POST, PATCH or DELETE)"),
+        };
+        let url: Uri = request.target.parse().with_context(|| format!("`{}` is not a URL", request.target))?;
+        if url.scheme_str() != Some("https") {
+            bail!("HTTP targets must be https:// URLs (mutual TLS with a minted client certificate)");
+        }
+        let body = request.params.get("body").map(|body| Bytes::from(body.to_string()));
+        Ok(Self { method, url, body })
+    }
+
+    /// The operation on `target` with no body: enough to read its live state.
+    pub fn for_reading(target: &str) -> Result<Self> {
+        let request = MutationRequest {
+            provider: crate::cert::Provider::Http,
+            operation: "PUT".into(),
+            target: target.into(),
+            params: Value::Null,
+        };
+        Self::parse(&request)
+    }
+
+    fn request(&self, method: Method, body: Option<Bytes>) -> Result<Request<Bytes>> {
+        let host = self.url.authority().context("URL without host")?.to_string();
+        let body = body.unwrap_or_default();
+        let mut builder = Request::builder().method(method).uri(self.url.clone()).header(http::header::HOST, host);
+        if !body.is_empty() {
+            builder = builder.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        Ok(builder.header(http::header::CONTENT_LENGTH, body.len()).body(body)?)
+    }
+}
+
+/// A minted client certificate, as TLS configuration.
+pub struct ClientSession {
+    tls: Arc<ClientConfig>,
+    pub identity: MintedIdentity,
+}
+
+pub struct HttpsExecutor {
+    http: BrokerHttp,
+    roots: RootCertStore,
+    issuing_ca: CaFiles,
+    ttl: time::Duration,
+}
+
+impl HttpsExecutor {
+    pub fn new(config: HttpConfig, http: BrokerHttp) -> Result<Self> {
+        let mut roots = RootCertStore::empty();
+        let anchors = CertificateDer::pem_file_iter(&config.trust_anchors).with_context(|| {
+            format!("config field `http.trust_anchors`: cannot read {}", config.trust_anchors.display())
+        })?;
+        for cert in anchors {
+            roots.add(cert.context("config field `http.trust_anchors`: not a PEM certificate")?)?;
+        }
+        let issuing_ca = CaFiles { cert: config.client_ca_cert, key: config.client_ca_key };
+        if !issuing_ca.cert.exists() {
+            ca::create(&issuing_ca, "seb broker client CA", &rcgen::PKCS_ECDSA_P256_SHA256)?;
+        }
+        Ok(Self { http, roots, issuing_ca, ttl: time::Duration::seconds(config.client_cert_ttl_seconds as i64) })
+    }
+
+    /// Mint a client certificate for one decision.
+    pub fn mint(&self, subject: &str, decision_id: &str) -> Result<ClientSession> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, subject);
+        let decision_uri = format!("urn:seb:decision:{decision_id}");
+        params.subject_alt_names = vec![SanType::URI(decision_uri.as_str().try_into()?)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let serial = ca::random_serial();
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::seconds(30);
+        params.not_after = now + self.ttl;
+        let cert = params.signed_by(&key, &self.issuing_ca.issuer()?)?;
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let tls = tls_builder()
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(vec![cert.der().clone()], key_der)?;
+        let identity = MintedIdentity::X509Client {
+            subject: subject.into(),
+            serial: hex::encode(serial),
+            decision_uri,
+            not_after: params.not_after.unix_timestamp(),
+        };
+        Ok(ClientSession { tls: Arc::new(tls), identity })
+    }
+
+    pub async fn live_state(&self, operation: &HttpOperation, session: &ClientSession) -> Result<(Value, String)> {
+        let response = self.http.send_with(operation.request(Method::GET, None)?, session.tls.clone()).await?;
+        let status = response.status().as_u16();
+        if status >= 500 {
+            bail!("reading {} failed: HTTP {status}", operation.url);
+        }
+        let body = response.body();
+        let state = match serde_json::from_slice::<Value>(body) {
+            Ok(json) => json!({"status": status, "body": canonical_json(&json)}),
+            Err(_) if body.is_empty() => json!({"status": status}),
+            Err(_) => json!({"status": status, "sha256": hex::encode(Sha256::digest(body))}),
+        };
+        let digest = crate::cert::contract::digest_of(&state);
+        Ok((state, digest))
+    }
+
+    pub async fn mutate(&self, operation: &HttpOperation, session: &ClientSession) -> Result<(u16, Option<String>)> {
+        let request = operation.request(operation.method.clone(), operation.body.clone())?;
+        let response = self.http.send_with(request, session.tls.clone()).await?;
+        let status = response.status();
+        let error = (!status.is_success())
+            .then(|| format!("HTTP {}: {}", status.as_u16(), String::from_utf8_lossy(response.body())));
+        Ok((status.as_u16(), error))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_https_mutations_are_accepted() {
+        let request = |operation: &str, target: &str| MutationRequest {
+            provider: crate::cert::Provider::Http,
+            operation: operation.into(),
+            target: target.into(),
+            params: json!({"body": {"replicas": 3}}),
+        };
+        let op = HttpOperation::parse(&request("PUT", "https://api.internal:8443/v1/config")).unwrap();
+        assert_eq!(op.body.as_deref(), Some(br#"{"replicas":3}"#.as_slice()));
+        assert!(HttpOperation::parse(&request("GET", "https://api.internal/x")).is_err());
+        assert!(HttpOperation::parse(&request("PUT", "http://api.internal/x")).is_err());
+    }
+}

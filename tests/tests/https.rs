@@ -1,0 +1,125 @@
+//! The HTTPS executor against an internal API that demands mutual TLS, on a protected
+//! loopback address in the sandbox's namespace: the broker mints a client certificate
+//! per decision; the agent can neither connect nor present a certificate of its own.
+
+use seb_agent::{
+    admission::Reason,
+    cert::{
+        MutationRequest,
+        contract::{ScopedIdentity, digest_of},
+    },
+    execute::{MintedIdentity, OutcomeStatus},
+};
+use seb_sandbox::{
+    Sandbox, Tools,
+    broker::{Broker, certified, this_process},
+    mtls::{self, InternalApi},
+};
+use serde_json::json;
+
+fn tools() -> Tools {
+    Tools::for_tests(env!("CARGO_BIN_EXE_seb-probe"))
+}
+
+const API: &str = "127.0.0.3:9443";
+const SUBJECT: &str = "seb-executor@config-service";
+
+struct World {
+    api: InternalApi,
+    broker: Broker,
+}
+
+fn world(label: &str) -> World {
+    let sandbox = Sandbox::new(label, tools()).unwrap();
+    let api = mtls::start(&sandbox.netns, API.parse().unwrap(), &sandbox.dir).unwrap();
+    let extra = format!(
+        "[[enforcement.protected]]\ncidr = \"127.0.0.3\"\nport = 9443\nprotocol = \"tcp\"\n\n\
+         [http]\ntrust_anchors = \"{}\"\nclient_ca_cert = \"{}\"\nclient_ca_key = \"{}\"\nclient_cert_ttl_seconds = 120\n",
+        api.server_ca.display(),
+        api.client_ca.cert.display(),
+        api.client_ca.key.display()
+    );
+    World { broker: Broker::start(sandbox, &extra, true).unwrap(), api }
+}
+
+fn put(body: serde_json::Value) -> MutationRequest {
+    serde_json::from_value(json!({
+        "provider": "http", "operation": "PUT", "target": format!("https://{API}/v1/config"), "params": {"body": body}
+    }))
+    .unwrap()
+}
+
+/// The canonical state the API shows for /v1/config (what a SAB certifies).
+fn state(value: Option<&serde_json::Value>) -> String {
+    match value {
+        None => digest_of(&json!({"status": 404})),
+        Some(body) => digest_of(&json!({"status": 200, "body": seb_agent::cert::contract::canonical_json(body)})),
+    }
+}
+
+#[test]
+fn a_certified_change_goes_through_with_a_client_certificate_minted_for_it() {
+    let w = world("https");
+    let body = json!({"replicas": 3});
+    let request = put(body.clone());
+    let role = ScopedIdentity::X509Client { subject: SUBJECT.into() };
+    let decision =
+        w.broker.decide(&certified("c-http-1", this_process(), &request, &state(None), role.clone()), &request);
+    assert!(decision.admitted, "{decision:?}");
+    let outcome = decision.outcome.clone().unwrap();
+    assert_eq!(outcome.status, OutcomeStatus::Succeeded, "{outcome:?}");
+    assert_eq!(outcome.resulting_state_digest, Some(state(Some(&body))));
+    let Some(MintedIdentity::X509Client { subject, decision_uri, not_after, .. }) = outcome.identity else {
+        panic!("a client certificate is minted: {outcome:?}");
+    };
+    assert_eq!(subject, SUBJECT);
+    assert_eq!(decision_uri, format!("urn:seb:decision:{}", decision.decision_id));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!(not_after <= now + 120, "the certificate lives at most the configured 120 s");
+
+    // The API saw exactly that certificate, and stored exactly the certified body.
+    let seen = w.api.seen.lock().unwrap().clone();
+    let put_seen = seen.iter().find(|s| s.method == "PUT").expect("the API saw the PUT");
+    assert_eq!(put_seen.client_subject, SUBJECT);
+    assert_eq!(put_seen.client_uris, vec![decision_uri]);
+    let stored = w.api.store.lock().unwrap().get("/v1/config").cloned().unwrap();
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&stored).unwrap(), body);
+
+    // Certified against the state before that change: drift, and the API is not called.
+    let stale = put(json!({"replicas": 5}));
+    let decision = w.broker.decide(&certified("c-http-2", this_process(), &stale, &state(None), role), &stale);
+    assert_eq!(decision.reason, Reason::Drift, "{decision:?}");
+    assert_eq!(w.api.seen.lock().unwrap().iter().filter(|s| s.method == "PUT").count(), 1);
+}
+
+#[test]
+fn the_agent_can_neither_connect_nor_authenticate_on_its_own() {
+    let w = world("httpsagent");
+    let outcome = w.broker.sandbox.attempt("workload", "tcp", API).unwrap();
+    assert_eq!(outcome["result"], "EPERM", "{outcome}");
+
+    // Even from outside enforcement, a client without a minted certificate is refused.
+    let server_ca = w.api.server_ca.clone();
+    let handshake = seb_sandbox::moto::in_netns(&w.broker.sandbox.netns, move || async move {
+        use tokio_rustls::rustls::{
+            RootCertStore,
+            pki_types::{CertificateDer, ServerName, pem::PemObject},
+        };
+        let mut roots = RootCertStore::empty();
+        for der in CertificateDer::pem_file_iter(&server_ca)? {
+            roots.add(der?)?;
+        }
+        let config = seb_agent::execute::broker_http::tls_builder().with_root_certificates(roots).with_no_client_auth();
+        let stream = tokio::net::TcpStream::connect(API).await?;
+        let name = ServerName::try_from("127.0.0.3")?;
+        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, stream).await?;
+        // TLS 1.3 reports a refused client certificate on the first read.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tls.write_all(b"GET /v1/config HTTP/1.1\r\nhost: x\r\n\r\n").await?;
+        let mut buf = [0u8; 64];
+        Ok(tls.read(&mut buf).await.map(|n| n > 0))
+    })
+    .unwrap();
+    assert!(!matches!(handshake, Ok(true)), "a client without a certificate must be refused: {handshake:?}");
+    assert!(w.api.seen.lock().unwrap().is_empty(), "the API served nobody");
+}
