@@ -98,7 +98,8 @@ pub async fn run(config: Config) -> Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // Before serving: every admitted decision gets its outcome, even across a crash.
     reconcile(&ledger, &executors).await?;
-    let broker = Arc::new(Broker { sockets, admission, executors, ledger });
+    let passthrough = config.passthrough.clone();
+    let broker = Arc::new(Broker { sockets, admission, executors, passthrough, ledger });
     let serving = tokio::spawn(server::serve(listener, broker, shutdown_rx));
     info!(socket = %config.broker.socket.display(), "broker ready");
 

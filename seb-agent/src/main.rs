@@ -96,6 +96,14 @@ enum Command {
         #[arg(long)]
         request: PathBuf,
     },
+    /// A read-only passthrough read through the broker (no certificate); prints JSON.
+    Read {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// `{"provider", "operation", "target"}` (JSON).
+        #[arg(long)]
+        request: PathBuf,
+    },
     /// Revoke a certificate serial or a contract id (takes effect at the next admission).
     Revoke {
         #[command(flatten)]
@@ -262,6 +270,13 @@ fn run(command: Command) -> Result<ExitCode> {
             };
             print_json(&*decision)?;
             return Ok(if decision.admitted { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
+        Command::Read { socket, request } => {
+            let request: MutationRequest = serde_json::from_str(
+                &std::fs::read_to_string(&request).with_context(|| format!("reading {}", request.display()))?,
+            )
+            .with_context(|| format!("{} is not a valid request", request.display()))?;
+            print_json(&call_broker(&socket.path()?, Request::Read { request })?)?;
         }
         Command::Revoke { socket, serial, contract, reason } => {
             let (target, value) = match (serial, contract) {

@@ -40,6 +40,8 @@ pub enum Request {
     },
     /// The active epochs.
     GetEpochs,
+    /// A read-only passthrough request (`provider`, `operation`, `target`), no certificate.
+    Read { request: crate::cert::MutationRequest },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +60,7 @@ pub enum Response {
         record_seq: i64,
     },
     Epochs(crate::admission::state::Epochs),
+    Read(crate::execute::passthrough::ReadResult),
     /// The request could not be served; `code` is stable, `message` is for people.
     Error {
         code: ErrorCode,

@@ -14,9 +14,13 @@ use tokio::net::unix::UCred;
 use crate::{
     admission::{Admission, Caller, Proposal, state},
     audit::Ledger,
+    audit::now_ns,
     config::parse_socket_addr,
     enforcement::BrokerSockets,
-    execute::Executors,
+    execute::{
+        Executors,
+        passthrough::{self, PassthroughConfig},
+    },
     propose::propose,
     protocol::{Envelope, ErrorCode, FrameError, Request, Response, VERSION, read_frame, write_frame},
 };
@@ -26,8 +30,12 @@ pub struct Broker {
     pub sockets: BrokerSockets,
     pub admission: Admission,
     pub executors: Executors,
+    pub passthrough: PassthroughConfig,
     pub ledger: Ledger,
 }
+
+/// Record kind of passthrough reads.
+pub const READ_KIND: &str = "read";
 
 /// Bind the socket: mode 0660, owned by `group` when given.
 pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener> {
@@ -139,6 +147,32 @@ async fn handle(request: Request, peer: &UCred, broker: &Broker) -> Response {
                 "admission decision"
             );
             Response::Decision(Box::new(decision))
+        }
+        Request::Read { request } => {
+            let caller = match peer.pid().map(|pid| Caller::identify(peer.uid(), peer.gid(), pid)) {
+                Some(Ok(caller)) => caller.identity,
+                _ => return error(ErrorCode::Forbidden, "the caller cannot be identified"),
+            };
+            let read_id = uuid::Uuid::new_v4().to_string();
+            let result = passthrough::read(&broker.passthrough, &broker.executors, &request, &read_id).await;
+            let record = serde_json::json!({
+                "read_id": read_id,
+                "caller": caller,
+                "provider": request.provider,
+                "operation": request.operation,
+                "target": request.target,
+                "status": result.as_ref().ok().map(|r| r.status),
+                "state_digest": result.as_ref().ok().map(|r| r.state_digest.clone()),
+                "error": result.as_ref().err().map(|e| format!("{e:#}")),
+            });
+            // Recorded, refused or not, before the caller hears anything.
+            if let Err(e) = broker.ledger.run(move |batch| batch.append(READ_KIND, now_ns(), &record)).await {
+                return error(ErrorCode::Internal, format!("the read could not be recorded: {e:#}"));
+            }
+            match result {
+                Ok(read) => Response::Read(read),
+                Err(e) => error(ErrorCode::Forbidden, format!("{e:#}")),
+            }
         }
         Request::Revoke { target, value, reason } => {
             if !admin {

@@ -18,7 +18,7 @@ use seb_agent::execute::{
 use serde_json::json;
 
 /// How many unauthenticated actions `seed` takes; IAM is enforced from the next one on.
-const SEED_ACTIONS: u32 = 17;
+const SEED_ACTIONS: u32 = 19;
 pub const ACCOUNT: &str = "123456789012";
 pub const REGION: &str = "us-east-1";
 
@@ -36,6 +36,8 @@ pub struct AwsWorld {
     /// compared against.
     pub static_writer: AwsCredentials,
     pub role_arn: String,
+    /// A read-only role, for passthrough reads.
+    pub reader_role_arn: String,
     /// A bucket the executor role may write to, and one it may not.
     pub bucket: String,
     pub other_bucket: String,
@@ -146,7 +148,7 @@ pub fn seed(netns: &str, endpoint: &str) -> Result<AwsWorld> {
         })
     };
     let allow = |actions: &[&str], resource: &str| json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": resource}]});
-    let broker = user("seb-broker", allow(&["sts:AssumeRole"], &role_arn))?;
+    let broker = user("seb-broker", allow(&["sts:AssumeRole"], &format!("arn:aws:iam::{ACCOUNT}:role/seb-*")))?;
     let agent = user("ai-agent", allow(&["s3:GetObject", "ec2:Describe*"], "*"))?;
     let sab = user("sab-reader", allow(&["s3:GetObject", "s3:GetBucketPolicy", "ec2:Describe*", "iam:List*"], "*"))?;
     let static_writer = user("static-writer", allow(&["s3:PutObject"], &format!("arn:aws:s3:::{bucket}/*")))?;
@@ -161,6 +163,15 @@ pub fn seed(netns: &str, endpoint: &str) -> Result<AwsWorld> {
         ("RoleName", "seb-executor"),
         ("PolicyName", "executor"),
         ("PolicyDocument", &role_policy.to_string()),
+    ])?;
+    let reader_role_arn = format!("arn:aws:iam::{ACCOUNT}:role/seb-reader");
+    iam(&[("Action", "CreateRole"), ("RoleName", "seb-reader"), ("AssumeRolePolicyDocument", &trust.to_string())])?;
+    let read_policy = allow(&["s3:GetObject", "s3:GetBucketPolicy", "ec2:Describe*", "iam:List*"], "*");
+    iam(&[
+        ("Action", "PutRolePolicy"),
+        ("RoleName", "seb-reader"),
+        ("PolicyName", "reader"),
+        ("PolicyDocument", &read_policy.to_string()),
     ])?;
     for name in [&bucket, &other_bucket] {
         let create = ServiceCall {
@@ -193,6 +204,7 @@ pub fn seed(netns: &str, endpoint: &str) -> Result<AwsWorld> {
         sab,
         static_writer,
         role_arn,
+        reader_role_arn,
         bucket,
         other_bucket,
         security_group,

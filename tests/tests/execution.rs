@@ -40,8 +40,10 @@ fn world(label: &str) -> World {
     std::fs::write(&credentials, serde_json::to_string(&aws.broker).unwrap()).unwrap();
     let extra = format!(
         "[[enforcement.protected]]\ncidr = \"127.0.0.2\"\nport = 8443\nprotocol = \"tcp\"\n\n\
-         [aws]\nendpoint = \"http://{API}\"\ncredentials_file = \"{}\"\n",
-        credentials.display()
+         [aws]\nendpoint = \"http://{API}\"\ncredentials_file = \"{}\"\n\n\
+         [passthrough]\naws_role_arn = \"{}\"\naws_operations = [\"s3:GetObject\", \"ec2:DescribeSecurityGroups\"]\n",
+        credentials.display(),
+        aws.reader_role_arn
     );
     World { _moto: moto, broker: Broker::start(sandbox, &extra, true).unwrap(), aws }
 }
@@ -239,4 +241,37 @@ fn a_decision_left_without_an_outcome_by_a_crash_is_reconciled_on_restart() {
     assert_eq!(outcomes.len(), 2, "exactly one outcome per admitted decision");
     let verify = w.broker.sandbox.agent_cli(&["audit", "verify"]).unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+}
+
+#[test]
+fn passthrough_reads_need_no_certificate_only_read_and_are_recorded() {
+    use seb_agent::protocol::{Request, Response};
+    let w = world("passthrough");
+    let request = put_object(&w.aws.bucket, "config/app.json", "replicas=3");
+    assert_executed(&w.broker.decide(&w.contract(&request), &request));
+
+    let read: MutationRequest = serde_json::from_value(json!({
+        "provider": "aws", "operation": "s3:GetObject", "target": "arn:aws:s3:::seb-demo/config/app.json"
+    }))
+    .unwrap();
+    let Response::Read(result) = w.broker.call(Request::Read { request: read }) else {
+        panic!("expected a read result")
+    };
+    assert_eq!(result.status, 200);
+    assert_eq!(result.body.as_deref(), Some("replicas=3"));
+    assert_eq!(result.state_digest, w.live_digest(&request), "the digest a SAB certifies as precondition");
+
+    // A mutation is never a passthrough read, certificate or not.
+    let Response::Error { message, .. } = w.broker.call(Request::Read { request: request.clone() }) else {
+        panic!("a mutation must not pass through");
+    };
+    assert!(message.contains("not a passthrough read"), "{message}");
+    assert_eq!(w.object("config/app.json").as_deref(), Some("replicas=3"));
+
+    let listing = w.broker.sandbox.agent_cli(&["audit", "list", "--kind", "read", "--json"]).unwrap();
+    let reads: Vec<serde_json::Value> =
+        String::from_utf8(listing.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(reads.len(), 2, "both reads, served and refused, are recorded: {reads:?}");
+    assert_eq!(reads[0]["body"]["status"], 200);
+    assert!(reads[1]["body"]["error"].as_str().is_some());
 }

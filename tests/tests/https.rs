@@ -34,7 +34,8 @@ fn world(label: &str) -> World {
     let api = mtls::start(&sandbox.netns, API.parse().unwrap(), &sandbox.dir).unwrap();
     let extra = format!(
         "[[enforcement.protected]]\ncidr = \"127.0.0.3\"\nport = 9443\nprotocol = \"tcp\"\n\n\
-         [http]\ntrust_anchors = \"{}\"\nclient_ca_cert = \"{}\"\nclient_ca_key = \"{}\"\nclient_cert_ttl_seconds = 120\n",
+         [http]\ntrust_anchors = \"{}\"\nclient_ca_cert = \"{}\"\nclient_ca_key = \"{}\"\nclient_cert_ttl_seconds = 120\n\n\
+         [passthrough]\nhttp_subject = \"seb-reader\"\nhttp_prefixes = [\"https://{API}/v1/\"]\n",
         api.server_ca.display(),
         api.client_ca.cert.display(),
         api.client_ca.key.display()
@@ -122,4 +123,26 @@ fn the_agent_can_neither_connect_nor_authenticate_on_its_own() {
     .unwrap();
     assert!(!matches!(handshake, Ok(true)), "a client without a certificate must be refused: {handshake:?}");
     assert!(w.api.seen.lock().unwrap().is_empty(), "the API served nobody");
+}
+
+#[test]
+fn passthrough_gets_are_served_with_a_reader_certificate_and_only_under_their_prefixes() {
+    use seb_agent::protocol::{Request, Response};
+    let w = world("httpsread");
+    w.api.store.lock().unwrap().insert("/v1/config".into(), bytes::Bytes::from_static(br#"{"replicas":3}"#));
+    let get = |target: &str| -> MutationRequest {
+        serde_json::from_value(json!({"provider": "http", "operation": "GET", "target": target})).unwrap()
+    };
+    let Response::Read(result) = w.broker.call(Request::Read { request: get(&format!("https://{API}/v1/config")) })
+    else {
+        panic!("expected a read result");
+    };
+    assert_eq!(result.status, 200);
+    assert_eq!(result.body.as_deref(), Some(r#"{"replicas":3}"#));
+    assert_eq!(result.state_digest, state(Some(&json!({"replicas": 3}))));
+    assert_eq!(w.api.seen.lock().unwrap().last().unwrap().client_subject, "seb-reader");
+
+    let outside = w.broker.call(Request::Read { request: get(&format!("https://{API}/admin/keys")) });
+    assert!(matches!(outside, Response::Error { .. }), "{outside:?}");
+    assert_eq!(w.api.seen.lock().unwrap().len(), 1, "nothing outside the prefixes reached the API");
 }

@@ -160,19 +160,21 @@ impl HttpsExecutor {
     }
 
     pub async fn live_state(&self, operation: &HttpOperation, session: &ClientSession) -> Result<(Value, String)> {
+        let (status, body, _) = self.get(operation, session).await?;
+        let state = canonical_state(status, &body);
+        let digest = crate::cert::contract::digest_of(&state);
+        Ok((state, digest))
+    }
+
+    /// GET the target: status, body, and the digest of its canonical state.
+    pub async fn get(&self, operation: &HttpOperation, session: &ClientSession) -> Result<(u16, Bytes, String)> {
         let response = self.http.send_with(operation.request(Method::GET, None)?, session.tls.clone()).await?;
         let status = response.status().as_u16();
         if status >= 500 {
             bail!("reading {} failed: HTTP {status}", operation.url);
         }
-        let body = response.body();
-        let state = match serde_json::from_slice::<Value>(body) {
-            Ok(json) => json!({"status": status, "body": canonical_json(&json)}),
-            Err(_) if body.is_empty() => json!({"status": status}),
-            Err(_) => json!({"status": status, "sha256": hex::encode(Sha256::digest(body))}),
-        };
-        let digest = crate::cert::contract::digest_of(&state);
-        Ok((state, digest))
+        let digest = crate::cert::contract::digest_of(&canonical_state(status, response.body()));
+        Ok((status, response.into_body(), digest))
     }
 
     pub async fn mutate(&self, operation: &HttpOperation, session: &ClientSession) -> Result<(u16, Option<String>)> {
@@ -182,6 +184,14 @@ impl HttpsExecutor {
         let error = (!status.is_success())
             .then(|| format!("HTTP {}: {}", status.as_u16(), String::from_utf8_lossy(response.body())));
         Ok((status.as_u16(), error))
+    }
+}
+
+fn canonical_state(status: u16, body: &[u8]) -> Value {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(json) => json!({"status": status, "body": canonical_json(&json)}),
+        Err(_) if body.is_empty() => json!({"status": status}),
+        Err(_) => json!({"status": status, "sha256": hex::encode(Sha256::digest(body))}),
     }
 }
 

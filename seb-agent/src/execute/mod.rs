@@ -4,6 +4,7 @@
 pub mod aws;
 pub mod broker_http;
 pub mod https;
+pub mod passthrough;
 pub mod reconcile;
 
 use std::time::Instant;
