@@ -20,7 +20,10 @@ use crate::{
     cgroupfs::{self, CgroupNames},
     config::Config,
     enforcement::{BrokerSockets, LinkState, PinLayout, loader, maps, policy},
-    execute::{Executors, aws::AwsExecutor, broker_http::BrokerHttp, https::HttpsExecutor, reconcile::reconcile},
+    execute::{
+        Executors, aws::AwsExecutor, broker_http::BrokerHttp, https::HttpsExecutor, kubernetes::KubernetesExecutor,
+        reconcile::reconcile,
+    },
     recorder::Recorder,
     server::{self, Broker},
 };
@@ -118,7 +121,9 @@ fn executors_from(config: &Config, sockets: &BrokerSockets) -> Result<Executors>
     let http = BrokerHttp::new(sockets.clone());
     let aws = config.aws.clone().map(|aws| AwsExecutor::new(aws, http.clone())).transpose()?;
     let https = config.http.clone().map(|config| HttpsExecutor::new(config, http.clone())).transpose()?;
-    Ok(Executors { aws, https })
+    let kubernetes =
+        config.kubernetes.clone().map(|config| KubernetesExecutor::new(config, http.clone())).transpose()?;
+    Ok(Executors { aws, https, kubernetes })
 }
 
 fn admission_from(config: &Config) -> Result<Admission> {

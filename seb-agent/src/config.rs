@@ -30,6 +30,9 @@ pub struct Config {
     /// The HTTPS executor for internal APIs (mutual TLS with minted client certificates).
     #[serde(default)]
     pub http: Option<crate::execute::https::HttpConfig>,
+    /// The Kubernetes executor (TokenRequest per decision).
+    #[serde(default)]
+    pub kubernetes: Option<crate::execute::kubernetes::KubernetesConfig>,
     /// Reads that go through the broker without a certificate.
     #[serde(default)]
     pub passthrough: crate::execute::passthrough::PassthroughConfig,

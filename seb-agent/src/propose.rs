@@ -38,10 +38,16 @@ pub async fn propose(
             let contract = &verified.contract;
             match executors.prepare(contract, &proposal.request, &pending.decision_id, &mut timings).await {
                 Ok((ready, live)) if live == contract.precondition => prepared = Some(ready),
-                Ok((_, live)) => pending.reject(
-                    Reason::Drift,
-                    format!("the target's live state is {live}, the certified precondition {}", contract.precondition),
-                ),
+                Ok((ready, live)) => {
+                    executors.discard(ready).await;
+                    pending.reject(
+                        Reason::Drift,
+                        format!(
+                            "the target's live state is {live}, the certified precondition {}",
+                            contract.precondition
+                        ),
+                    )
+                }
                 Err((reason, message)) => pending.reject(reason, message),
             }
         }
@@ -49,6 +55,9 @@ pub async fn propose(
     pending.require_same_caller(caller);
     let mut decision = admission::record(ledger, pending).await;
     if !decision.admitted {
+        if let Some(prepared) = prepared {
+            executors.discard(prepared).await;
+        }
         return decision;
     }
     let mut outcome = Outcome {

@@ -17,8 +17,10 @@ use std::{
 };
 
 pub mod broker;
+pub mod kube_standin;
 pub mod moto;
 pub mod mtls;
+pub mod tls_server;
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;

@@ -4,6 +4,7 @@
 pub mod aws;
 pub mod broker_http;
 pub mod https;
+pub mod kubernetes;
 pub mod passthrough;
 pub mod reconcile;
 
@@ -30,6 +31,15 @@ pub enum MintedIdentity {
         access_key_id: String,
         expiration: String,
         duration_seconds: u32,
+    },
+    KubernetesToken {
+        namespace: String,
+        service_account: String,
+        /// The token's `jti`: its credential id in API server audit events.
+        credential_id: String,
+        expiration: String,
+        /// The Secret the token is bound to (deleted after the mutation).
+        bound_secret: String,
     },
     X509Client {
         subject: String,
@@ -90,6 +100,7 @@ fn is_unset(seq: &i64) -> bool {
 pub struct Executors {
     pub aws: Option<aws::AwsExecutor>,
     pub https: Option<https::HttpsExecutor>,
+    pub kubernetes: Option<kubernetes::KubernetesExecutor>,
 }
 
 /// A minted identity and the operation it may perform, between the drift check and
@@ -97,6 +108,7 @@ pub struct Executors {
 pub enum Prepared {
     Aws { operation: aws::AwsOperation, session: aws::Session },
     Https { operation: https::HttpOperation, session: https::ClientSession },
+    Kubernetes { operation: kubernetes::KubeOperation, session: Box<kubernetes::KubeSession> },
 }
 
 /// What executing a prepared mutation did.
@@ -120,7 +132,7 @@ impl Executors {
         match provider {
             Provider::Aws => self.aws.is_some(),
             Provider::Http => self.https.is_some(),
-            Provider::Kubernetes => false,
+            Provider::Kubernetes => self.kubernetes.is_some(),
         }
     }
 
@@ -136,6 +148,23 @@ impl Executors {
         let unsupported = |e: anyhow::Error| (Reason::UnsupportedOperation, format!("{e:#}"));
         let unavailable = |what: &str, e: anyhow::Error| (Reason::LiveStateUnavailable, format!("{what}: {e:#}"));
         let clock = Instant::now();
+        if let (Provider::Kubernetes, ScopedIdentity::KubernetesServiceAccount { namespace, name }, Some(executor)) =
+            (request.provider, &contract.identity, &self.kubernetes)
+        {
+            let operation = kubernetes::KubeOperation::parse(request).map_err(unsupported)?;
+            let mut session = executor
+                .mint(namespace, name, decision_id)
+                .await
+                .map_err(|e| unavailable("minting the token failed", e))?;
+            timings.mint_ms = ms(clock);
+            let clock = Instant::now();
+            let (_, digest) = executor
+                .live_state(&operation, &mut session)
+                .await
+                .map_err(|e| unavailable("the live state could not be read, so nothing is admitted", e))?;
+            timings.drift_check_ms = ms(clock);
+            return Ok((Prepared::Kubernetes { operation, session: Box::new(session) }, digest));
+        }
         match (request.provider, &contract.identity, &self.aws, &self.https) {
             (Provider::Aws, ScopedIdentity::AwsRole { role_arn }, Some(executor), _) => {
                 let operation = aws::AwsOperation::parse(request).map_err(unsupported)?;
@@ -176,20 +205,27 @@ impl Executors {
     /// Perform the prepared mutation and read the resulting state.
     pub async fn execute(&self, prepared: Prepared) -> Executed {
         let clock = Instant::now();
-        let (result, identity, resulting) = match (prepared, &self.aws, &self.https) {
-            (Prepared::Aws { operation, session }, Some(executor), _) => {
+        let (result, identity, resulting) = match (prepared, &self.aws, &self.https, &self.kubernetes) {
+            (Prepared::Aws { operation, session }, Some(executor), _, _) => {
                 let result = executor.mutate(&operation, &session).await;
                 let resulting = executor.live_state(&operation, &session).await.ok().map(|(_, digest)| digest);
                 (result, session.identity, resulting)
             }
-            (Prepared::Https { operation, session }, _, Some(executor)) => {
+            (Prepared::Https { operation, session }, _, Some(executor), _) => {
                 let result = executor.mutate(&operation, &session).await;
                 let resulting = executor.live_state(&operation, &session).await.ok().map(|(_, digest)| digest);
+                (result, session.identity, resulting)
+            }
+            (Prepared::Kubernetes { operation, mut session }, _, _, Some(executor)) => {
+                let (result, resulting) = executor.execute(&operation, &mut session).await;
                 (result, session.identity, resulting)
             }
             (Prepared::Aws { session, .. }, ..) => (Err(anyhow::anyhow!("no AWS executor")), session.identity, None),
             (Prepared::Https { session, .. }, ..) => {
                 (Err(anyhow::anyhow!("no HTTPS executor")), session.identity, None)
+            }
+            (Prepared::Kubernetes { session, .. }, ..) => {
+                (Err(anyhow::anyhow!("no Kubernetes executor")), session.identity, None)
             }
         };
         let (status, api_status, error) = match result {
@@ -198,6 +234,14 @@ impl Executors {
             Err(e) => (OutcomeStatus::Failed, None, Some(format!("{e:#}"))),
         };
         Executed { status, api_status, error, identity, resulting_state_digest: resulting, execute_ms: ms(clock) }
+    }
+
+    /// Drop a prepared mutation that will not run (a denial after the drift check):
+    /// credentials that can be cut short are.
+    pub async fn discard(&self, prepared: Prepared) {
+        if let (Prepared::Kubernetes { session, .. }, Some(executor)) = (prepared, &self.kubernetes) {
+            executor.revoke(&session).await;
+        }
     }
 
     /// Read a target's live state with a read-only identity (reconciliation).
@@ -219,6 +263,11 @@ impl Executors {
                 let session = executor.mint(subject, decision_id)?;
                 let (_, digest) = executor.live_state(&operation, &session).await?;
                 Ok((session.identity, digest))
+            }
+            (Provider::Kubernetes, ScopedIdentity::KubernetesServiceAccount { namespace, name }, ..) => {
+                let executor = self.kubernetes.as_ref().ok_or_else(|| anyhow::anyhow!("no Kubernetes executor"))?;
+                let operation = kubernetes::KubeOperation::for_reading(&request.target)?;
+                executor.read(&operation, namespace, name, decision_id).await
             }
             _ => anyhow::bail!("no executor on this broker can read this target"),
         }

@@ -1,0 +1,404 @@
+//! The Kubernetes executor (kube-rs). Per decision, the broker:
+//! 1. creates a Secret `seb-token-<decision>` in the ServiceAccount's namespace;
+//! 2. mints a token for the contract's ServiceAccount with the TokenRequest API, bound to
+//!    that Secret (600 s, the API's floor), and notes its credential id (the JWT's `jti`);
+//! 3. reads the target with that token (drift) and keeps its `resourceVersion`;
+//! 4. performs the mutation with the `resourceVersion` as precondition, so the drift
+//!    check and the write are atomic (a concurrent change makes the API refuse it);
+//! 5. deletes the Secret, so the token stops authenticating well before it expires.
+//!
+//! Every request goes over the broker's kernel-registered sockets: kube's client is
+//! built on a tower service that sends through [`BrokerHttp`].
+//!
+//! Targets are `<apiVersion>/<Kind>/<namespace>/<name>` (e.g. `apps/v1/Deployment/prod/web`).
+//! Operations: `create` (`params.object`), `patch` (JSON merge, `params.patch`),
+//! `apply` (server-side apply, `params.object`), `scale` (`params.replicas`), `delete`.
+//! Canonical state: the object without `metadata.{resourceVersion, uid,
+//! creationTimestamp, generation, managedFields}` and without `status`; `{"exists": false}`
+//! when it is absent.
+
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body_util::{BodyExt, Full};
+use k8s_openapi::api::{
+    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
+    core::v1::{Secret, ServiceAccount},
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams, Preconditions},
+    core::{ApiResource, GroupVersionKind},
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio_rustls::rustls::{
+    ClientConfig, RootCertStore,
+    pki_types::{CertificateDer, pem::PemObject},
+};
+
+use super::{
+    MintedIdentity,
+    broker_http::{BrokerHttp, tls_builder},
+};
+use crate::cert::{
+    MutationRequest,
+    contract::{canonical_json, digest_of},
+};
+
+/// The TokenRequest API refuses shorter tokens.
+pub const TOKEN_SECONDS: i64 = 600;
+const FIELD_MANAGER: &str = "seb-broker";
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// The API server, e.g. `https://10.96.0.1:443`.
+    pub api_server: String,
+    /// CA bundle of the API server.
+    #[serde(default = "default_ca")]
+    pub ca_file: PathBuf,
+    /// The broker's own ServiceAccount token (allowed to create Secrets and tokens for
+    /// the ServiceAccounts it brokers, nothing else).
+    #[serde(default = "default_token")]
+    pub token_file: PathBuf,
+}
+
+fn default_ca() -> PathBuf {
+    PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
+}
+fn default_token() -> PathBuf {
+    PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
+}
+
+/// One Kubernetes mutation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KubeOperation {
+    pub verb: Verb,
+    pub gvk: GroupVersionKind,
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verb {
+    Create(Value),
+    Patch(Value),
+    Apply(Value),
+    Scale(i64),
+    Delete,
+}
+
+impl KubeOperation {
+    /// The target alone: enough to read its live state.
+    pub fn for_reading(target: &str) -> Result<Self> {
+        let request = MutationRequest {
+            provider: crate::cert::Provider::Kubernetes,
+            operation: "delete".into(),
+            target: target.into(),
+            params: Value::Null,
+        };
+        Self::parse(&request)
+    }
+
+    pub fn parse(request: &MutationRequest) -> Result<Self> {
+        let usage =
+            || format!("Kubernetes targets are <apiVersion>/<Kind>/<namespace>/<name>, not `{}`", request.target);
+        let parts: Vec<&str> = request.target.split('/').collect();
+        let (api_version, kind, namespace, name) = match parts.as_slice() {
+            [version, kind, ns, name] => (version.to_string(), *kind, *ns, *name),
+            [group, version, kind, ns, name] => (format!("{group}/{version}"), *kind, *ns, *name),
+            _ => bail!(usage()),
+        };
+        let (group, version) = api_version.rsplit_once('/').map_or(("", api_version.as_str()), |(g, v)| (g, v));
+        let params = &request.params;
+        let verb = match request.operation.as_str() {
+            "create" => Verb::Create(params.get("object").cloned().context("create needs params.object")?),
+            "patch" => {
+                Verb::Patch(params.get("patch").cloned().context("patch needs params.patch (a JSON merge patch)")?)
+            }
+            "apply" => Verb::Apply(params.get("object").cloned().context("apply needs params.object")?),
+            "scale" => Verb::Scale(params["replicas"].as_i64().context("scale needs params.replicas")?),
+            "delete" => Verb::Delete,
+            other => bail!("Kubernetes operation `{other}` is not one of create, patch, apply, scale, delete"),
+        };
+        Ok(Self {
+            verb,
+            gvk: GroupVersionKind::gvk(group, version, kind),
+            namespace: namespace.into(),
+            name: name.into(),
+        })
+    }
+
+    fn api(&self, client: &Client) -> Api<DynamicObject> {
+        Api::namespaced_with(client.clone(), &self.namespace, &ApiResource::from_gvk(&self.gvk))
+    }
+}
+
+/// The object's state without the fields the API server changes on its own.
+pub fn canonical_state(object: Option<&DynamicObject>) -> Value {
+    let Some(object) = object else { return json!({"exists": false}) };
+    let mut value = serde_json::to_value(object).unwrap_or_default();
+    if let Some(metadata) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        for volatile in ["resourceVersion", "uid", "creationTimestamp", "generation", "managedFields"] {
+            metadata.remove(volatile);
+        }
+    }
+    if let Some(object) = value.as_object_mut() {
+        object.remove("status");
+    }
+    json!({"exists": true, "object": canonical_json(&value)})
+}
+
+/// A minted token, as a client, and what it was bound to.
+pub struct KubeSession {
+    /// The minted token's client: reads and the mutation.
+    client: Client,
+    /// The broker's own client: the Secret's lifecycle.
+    base: Client,
+    secret: String,
+    namespace: String,
+    pub identity: MintedIdentity,
+    /// The target's resourceVersion at the drift check.
+    resource_version: Option<String>,
+}
+
+pub struct KubernetesExecutor {
+    http: BrokerHttp,
+    tls: Arc<ClientConfig>,
+    api_server: Uri,
+    token_file: PathBuf,
+}
+
+impl KubernetesExecutor {
+    pub fn new(config: KubernetesConfig, http: BrokerHttp) -> Result<Self> {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&config.ca_file)
+            .with_context(|| format!("config field `kubernetes.ca_file`: cannot read {}", config.ca_file.display()))?
+        {
+            roots.add(cert.context("config field `kubernetes.ca_file`: not a PEM certificate")?)?;
+        }
+        let api_server: Uri = config.api_server.parse().context("config field `kubernetes.api_server` is not a URL")?;
+        let tls = Arc::new(tls_builder().with_root_certificates(roots).with_no_client_auth());
+        Ok(Self { http, tls, api_server, token_file: config.token_file })
+    }
+
+    /// A kube client speaking through the broker's sockets with `token`.
+    fn client(&self, token: String, namespace: &str) -> Client {
+        let (http, tls, base) = (self.http.clone(), self.tls.clone(), self.api_server.clone());
+        let service = tower::service_fn(move |request: Request<kube::client::Body>| {
+            let (http, tls, base, token) = (http.clone(), tls.clone(), base.clone(), token.clone());
+            async move {
+                let (mut parts, body) = request.into_parts();
+                let path = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+                parts.uri = format!("{}{path}", base.to_string().trim_end_matches('/')).parse()?;
+                parts.headers.insert(http::header::AUTHORIZATION, format!("Bearer {token}").parse()?);
+                parts
+                    .headers
+                    .insert(http::header::HOST, base.authority().map(|a| a.as_str()).unwrap_or_default().parse()?);
+                let body = body.collect().await?.to_bytes();
+                parts.headers.insert(http::header::CONTENT_LENGTH, body.len().into());
+                let response = http.send_with(Request::from_parts(parts, body), tls).await?;
+                Ok::<Response<Full<Bytes>>, tower::BoxError>(response.map(Full::new))
+            }
+        });
+        Client::new(service, namespace)
+    }
+
+    /// Secret, then a TokenRequest bound to it, for the contract's ServiceAccount.
+    pub async fn mint(&self, namespace: &str, service_account: &str, decision_id: &str) -> Result<KubeSession> {
+        let base_token = std::fs::read_to_string(&self.token_file)
+            .with_context(|| format!("reading the broker's token {}", self.token_file.display()))?;
+        let base = self.client(base_token.trim().to_string(), namespace);
+        let secret_name = format!(
+            "seb-token-{}",
+            decision_id.chars().filter(char::is_ascii_alphanumeric).take(20).collect::<String>().to_lowercase()
+        );
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(secret_name.clone()),
+                labels: Some([("seb.io/decision".to_string(), decision_id.chars().take(63).collect())].into()),
+                ..Default::default()
+            },
+            type_: Some("Opaque".into()),
+            ..Default::default()
+        };
+        let secret = Api::<Secret>::namespaced(base.clone(), namespace).create(&PostParams::default(), &secret).await?;
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: Vec::new(),
+                expiration_seconds: Some(TOKEN_SECONDS),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Secret".into()),
+                    name: Some(secret_name.clone()),
+                    uid: secret.metadata.uid.clone(),
+                }),
+            },
+            ..Default::default()
+        };
+        let token = Api::<ServiceAccount>::namespaced(base.clone(), namespace)
+            .create_token_request(service_account, &PostParams::default(), &request)
+            .await?;
+        let status = token.status.context("the TokenRequest has no status")?;
+        let identity = MintedIdentity::KubernetesToken {
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+            credential_id: jti(&status.token).unwrap_or_default(),
+            expiration: status.expiration_timestamp.0.to_string(),
+            bound_secret: secret_name.clone(),
+        };
+        Ok(KubeSession {
+            client: self.client(status.token, namespace),
+            base,
+            secret: secret_name,
+            namespace: namespace.into(),
+            identity,
+            resource_version: None,
+        })
+    }
+
+    /// Mint, read the target's state, revoke: for reconciliation.
+    pub async fn read(
+        &self,
+        operation: &KubeOperation,
+        namespace: &str,
+        service_account: &str,
+        id: &str,
+    ) -> Result<(MintedIdentity, String)> {
+        let mut session = self.mint(namespace, service_account, id).await?;
+        let state = self.live_state(operation, &mut session).await;
+        self.revoke(&session).await;
+        Ok((session.identity, state?.1))
+    }
+
+    /// Read the target; remembers its resourceVersion for the write's precondition.
+    pub async fn live_state(&self, operation: &KubeOperation, session: &mut KubeSession) -> Result<(Value, String)> {
+        let object = operation.api(&session.client).get_opt(&operation.name).await?;
+        session.resource_version = object.as_ref().and_then(|o| o.metadata.resource_version.clone());
+        let state = canonical_state(object.as_ref());
+        let digest = digest_of(&state);
+        Ok((state, digest))
+    }
+
+    /// Perform the mutation with the drift check's resourceVersion as precondition, read
+    /// the resulting state, then delete the token's Secret. Returns the API status (and
+    /// error) and the resulting state's digest.
+    pub async fn execute(
+        &self,
+        operation: &KubeOperation,
+        session: &mut KubeSession,
+    ) -> (Result<(u16, Option<String>)>, Option<String>) {
+        let result = match self.write(operation, session).await {
+            Ok(()) => Ok((200, None)),
+            Err(kube::Error::Api(status)) => Ok((status.code, Some(format!("{}: {}", status.reason, status.message)))),
+            Err(e) => Err(e.into()),
+        };
+        let resulting = self.live_state(operation, session).await.ok().map(|(_, digest)| digest);
+        self.revoke(session).await;
+        (result, resulting)
+    }
+
+    async fn write(&self, operation: &KubeOperation, session: &KubeSession) -> Result<(), kube::Error> {
+        let api = operation.api(&session.client);
+        let version = session.resource_version.clone();
+        let with_version = |mut value: Value| {
+            if let Some(object) = value.as_object_mut() {
+                let metadata = object.entry("metadata").or_insert_with(|| json!({}));
+                metadata["resourceVersion"] = json!(version);
+            }
+            value
+        };
+        match &operation.verb {
+            Verb::Create(object) => {
+                let object: DynamicObject = serde_json::from_value(object.clone()).map_err(kube::Error::SerdeError)?;
+                api.create(&PostParams::default(), &object).await.map(drop)
+            }
+            Verb::Patch(patch) => api
+                .patch(&operation.name, &PatchParams::default(), &Patch::Merge(with_version(patch.clone())))
+                .await
+                .map(drop),
+            Verb::Apply(object) => {
+                let params = PatchParams::apply(FIELD_MANAGER).force();
+                api.patch(&operation.name, &params, &Patch::Apply(with_version(object.clone()))).await.map(drop)
+            }
+            Verb::Scale(replicas) => {
+                let patch = with_version(json!({"spec": {"replicas": replicas}}));
+                api.patch_scale(&operation.name, &PatchParams::default(), &Patch::Merge(patch)).await.map(drop)
+            }
+            Verb::Delete => {
+                let params = DeleteParams {
+                    preconditions: Some(Preconditions { resource_version: version, uid: None }),
+                    ..Default::default()
+                };
+                api.delete(&operation.name, &params).await.map(drop)
+            }
+        }
+    }
+
+    /// Delete the bound Secret, as the broker: the token stops authenticating.
+    pub async fn revoke(&self, session: &KubeSession) {
+        let api = Api::<Secret>::namespaced(session.base.clone(), &session.namespace);
+        if let Err(e) = api.delete(&session.secret, &DeleteParams::default()).await {
+            tracing::warn!(secret = %session.secret, error = %e, "deleting the token's Secret failed; the token expires on its own");
+        }
+    }
+}
+
+/// The `jti` claim of a JWT (its credential id in API audit events).
+fn jti(token: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    claims["jti"].as_str().map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(operation: &str, target: &str, params: Value) -> MutationRequest {
+        serde_json::from_value(
+            json!({"provider": "kubernetes", "operation": operation, "target": target, "params": params}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn targets_name_group_version_kind_namespace_and_name() {
+        let op =
+            KubeOperation::parse(&request("scale", "apps/v1/Deployment/prod/web", json!({"replicas": 3}))).unwrap();
+        assert_eq!(op.gvk, GroupVersionKind::gvk("apps", "v1", "Deployment"));
+        assert_eq!((op.namespace.as_str(), op.name.as_str()), ("prod", "web"));
+        assert_eq!(op.verb, Verb::Scale(3));
+        let core = KubeOperation::parse(&request("delete", "v1/ConfigMap/prod/settings", Value::Null)).unwrap();
+        assert_eq!(core.gvk, GroupVersionKind::gvk("", "v1", "ConfigMap"));
+        assert!(KubeOperation::parse(&request("delete", "Deployment/web", Value::Null)).is_err());
+        assert!(KubeOperation::parse(&request("exec", "v1/Pod/prod/x", Value::Null)).is_err());
+    }
+
+    #[test]
+    fn canonical_state_ignores_what_the_server_changes() {
+        let object = |rv: &str, replicas: i64| -> DynamicObject {
+            serde_json::from_value(json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "web", "namespace": "prod", "resourceVersion": rv, "uid": "u", "generation": 4},
+                "spec": {"replicas": replicas}, "status": {"readyReplicas": 1}
+            }))
+            .unwrap()
+        };
+        assert_eq!(canonical_state(Some(&object("1", 3))), canonical_state(Some(&object("2", 3))));
+        assert_ne!(canonical_state(Some(&object("1", 3))), canonical_state(Some(&object("1", 4))));
+        assert_eq!(canonical_state(None), json!({"exists": false}));
+    }
+
+    #[test]
+    fn the_credential_id_is_the_tokens_jti() {
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"jti":"abc-123","sub":"x"}"#);
+        assert_eq!(jti(&format!("h.{claims}.s")).as_deref(), Some("abc-123"));
+        assert_eq!(jti("not-a-jwt"), None);
+    }
+}

@@ -1,0 +1,223 @@
+//! A stand-in Kubernetes API server: it speaks the API's wire format for the requests the
+//! broker's Kubernetes executor makes (Secrets, TokenRequest, objects, scale), checks
+//! bearer tokens the way the real one would for this flow (the broker's own token for
+//! Secrets and tokens; a minted token, alive only while its bound Secret exists, for
+//! objects), and enforces resourceVersion preconditions. It is no Kubernetes: tests that
+//! use it show request shapes at the HTTP boundary, not a cluster's behaviour.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use anyhow::Result;
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response};
+use serde_json::{Value, json};
+
+use crate::tls_server;
+
+/// The broker's own ServiceAccount token, as the stand-in knows it.
+pub const BROKER_TOKEN: &str = "broker-sa-token";
+
+/// One request as the stand-in saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub authorization: String,
+    pub content_type: String,
+    pub body: Value,
+}
+
+#[derive(Default)]
+struct State {
+    objects: HashMap<String, Value>,
+    /// Live Secrets by name, and minted tokens by the Secret they are bound to.
+    secrets: HashMap<String, String>,
+    tokens: HashMap<String, String>,
+    seen: Vec<Seen>,
+}
+
+pub struct KubeStandIn {
+    pub ca: PathBuf,
+    state: Arc<Mutex<State>>,
+    /// When set, the next GET of an object is followed by a concurrent change to it.
+    pub race_after_get: Arc<AtomicBool>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl KubeStandIn {
+    pub fn put_object(&self, path: &str, object: Value) {
+        self.state.lock().unwrap().objects.insert(path.into(), object);
+    }
+    pub fn object(&self, path: &str) -> Option<Value> {
+        self.state.lock().unwrap().objects.get(path).cloned()
+    }
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.lock().unwrap().seen.clone()
+    }
+    pub fn live_secrets(&self) -> Vec<String> {
+        self.state.lock().unwrap().secrets.keys().cloned().collect()
+    }
+}
+
+pub fn start(netns: &str, addr: SocketAddr, dir: &Path) -> Result<KubeStandIn> {
+    let (ca, cert, key) = tls_server::server_identity(dir, "kube-apiserver", addr)?;
+    let state = Arc::new(Mutex::new(State::default()));
+    let race = Arc::new(AtomicBool::new(false));
+    let (state2, race2) = (state.clone(), race.clone());
+    let stop = tls_server::spawn(netns, addr, tls_server::config(cert, key, None)?, move |request, _| {
+        let response = handle(request, &state2, &race2);
+        async move { response }
+    })?;
+    Ok(KubeStandIn { ca: ca.cert, state, race_after_get: race, _stop: stop })
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Response<Full<Bytes>> {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code});
+    reply(code, body)
+}
+
+fn reply(code: u16, body: Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("response")
+}
+
+fn handle(request: Request<Bytes>, state: &Mutex<State>, race: &AtomicBool) -> Response<Full<Bytes>> {
+    let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let seen = Seen {
+        method: request.method().to_string(),
+        path: request.uri().path().to_string(),
+        authorization: header("authorization"),
+        content_type: header("content-type"),
+        body: serde_json::from_slice(request.body()).unwrap_or(Value::Null),
+    };
+    let mut state = state.lock().unwrap();
+    state.seen.push(seen.clone());
+    let token = seen.authorization.strip_prefix("Bearer ").unwrap_or_default().to_string();
+    let segments: Vec<&str> = seen.path.trim_start_matches('/').split('/').collect();
+    // /api/v1/namespaces/<ns>/secrets[/<name>] and /api/v1/namespaces/<ns>/serviceaccounts/<sa>/token
+    if let ["api", "v1", "namespaces", namespace, kind @ ("secrets" | "serviceaccounts"), rest @ ..] =
+        segments.as_slice()
+    {
+        if token != BROKER_TOKEN {
+            return status(403, "Forbidden", "only the broker's ServiceAccount may manage Secrets and tokens here");
+        }
+        return match (*kind, seen.method.as_str(), rest) {
+            ("secrets", "POST", []) => {
+                let name = seen.body["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                state.secrets.insert(name.clone(), format!("uid-{name}"));
+                reply(
+                    201,
+                    json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                    "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}"), "resourceVersion": "1"}}),
+                )
+            }
+            ("secrets", "DELETE", [name]) => match state.secrets.remove(*name) {
+                Some(_) => reply(
+                    200,
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 200}),
+                ),
+                None => status(404, "NotFound", "no such secret"),
+            },
+            ("serviceaccounts", "POST", [service_account, "token"]) => {
+                let bound = &seen.body["spec"]["boundObjectRef"];
+                let secret = bound["name"].as_str().unwrap_or_default().to_string();
+                if state.secrets.get(&secret).map(String::as_str) != bound["uid"].as_str() {
+                    return status(400, "BadRequest", "the bound Secret does not exist with that uid");
+                }
+                let jti = format!("jti-{}", state.tokens.len() + 1);
+                let claims = json!({"jti": jti, "sub": format!("system:serviceaccount:{namespace}:{service_account}")});
+                let encode = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+                let minted = format!("{}.{}.signature", encode(&json!({"alg": "RS256"})), encode(&claims));
+                state.tokens.insert(minted.clone(), secret);
+                reply(
+                    201,
+                    json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "metadata": {},
+                    "spec": seen.body["spec"], "status": {"token": minted, "expirationTimestamp": "2026-11-26T23:59:59Z"}}),
+                )
+            }
+            _ => status(404, "NotFound", "not served by the stand-in"),
+        };
+    }
+    // Objects: only a minted token whose bound Secret still exists authenticates.
+    let alive = state.tokens.get(&token).is_some_and(|secret| state.secrets.contains_key(secret));
+    if !alive {
+        return status(401, "Unauthorized", "the token is unknown or its bound Secret was deleted");
+    }
+    let scale = seen.path.ends_with("/scale");
+    let path = seen.path.trim_end_matches("/scale").to_string();
+    match seen.method.as_str() {
+        "GET" => {
+            let Some(object) = state.objects.get(&path).cloned() else {
+                return status(404, "NotFound", "no such object");
+            };
+            if race.swap(false, Ordering::SeqCst) {
+                let object = state.objects.get_mut(&path).expect("present");
+                object["spec"]["replicas"] = json!(99);
+                bump(object);
+            }
+            reply(200, object)
+        }
+        "PATCH" => {
+            let Some(object) = state.objects.get_mut(&path) else { return status(404, "NotFound", "no such object") };
+            if seen.body["metadata"]["resourceVersion"] != object["metadata"]["resourceVersion"] {
+                return status(
+                    409,
+                    "Conflict",
+                    "the object has been modified; please apply your changes to the latest version",
+                );
+            }
+            let mut patch = seen.body.clone();
+            patch["metadata"].as_object_mut().map(|m| m.remove("resourceVersion"));
+            merge(object, &patch);
+            bump(object);
+            let object = object.clone();
+            if scale {
+                reply(
+                    200,
+                    json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": object["metadata"],
+                    "spec": {"replicas": object["spec"]["replicas"]}}),
+                )
+            } else {
+                reply(200, object)
+            }
+        }
+        _ => status(405, "MethodNotAllowed", "not served by the stand-in"),
+    }
+}
+
+fn bump(object: &mut Value) {
+    let version: u64 = object["metadata"]["resourceVersion"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0);
+    object["metadata"]["resourceVersion"] = json!((version + 1).to_string());
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match patch.as_object() {
+        Some(fields) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            for (key, value) in fields {
+                if value.is_null() {
+                    target.as_object_mut().expect("object").remove(key);
+                } else {
+                    merge(target.as_object_mut().expect("object").entry(key.clone()).or_insert(Value::Null), value);
+                }
+            }
+        }
+        None => *target = patch.clone(),
+    }
+}

@@ -1,0 +1,144 @@
+//! The Kubernetes executor at the HTTP boundary: kube-rs's real client and types, through
+//! the broker's sockets, against a stand-in API server (no cluster can be run here).
+//! What is shown: the requests the broker sends, with which token, in which order, and
+//! that it honours the answers. What a real API server does with them is not shown.
+
+use seb_agent::{
+    admission::Reason,
+    cert::{
+        MutationRequest,
+        contract::{ScopedIdentity, digest_of},
+    },
+    execute::{MintedIdentity, OutcomeStatus, kubernetes::canonical_state},
+};
+use seb_sandbox::{
+    Sandbox, Tools,
+    broker::{Broker, certified, this_process},
+    kube_standin::{self, BROKER_TOKEN, KubeStandIn},
+};
+use serde_json::json;
+
+fn tools() -> Tools {
+    Tools::for_tests(env!("CARGO_BIN_EXE_seb-probe"))
+}
+
+const API: &str = "127.0.0.4:6443";
+const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/prod/deployments/web";
+
+struct World {
+    cluster: KubeStandIn,
+    broker: Broker,
+}
+
+fn world(label: &str) -> World {
+    let sandbox = Sandbox::new(label, tools()).unwrap();
+    let cluster = kube_standin::start(&sandbox.netns, API.parse().unwrap(), &sandbox.dir).unwrap();
+    cluster.put_object(
+        DEPLOYMENT,
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+               "metadata": {"name": "web", "namespace": "prod", "resourceVersion": "41", "uid": "d-uid"},
+               "spec": {"replicas": 2}, "status": {"readyReplicas": 2}}),
+    );
+    let token = sandbox.dir.join("broker-token");
+    std::fs::write(&token, BROKER_TOKEN).unwrap();
+    let extra = format!(
+        "[[enforcement.protected]]\ncidr = \"127.0.0.4\"\nport = 6443\nprotocol = \"tcp\"\n\n\
+         [kubernetes]\napi_server = \"https://{API}\"\nca_file = \"{}\"\ntoken_file = \"{}\"\n",
+        cluster.ca.display(),
+        token.display()
+    );
+    World { broker: Broker::start(sandbox, &extra, true).unwrap(), cluster }
+}
+
+impl World {
+    /// What a SAB certifies: the digest of the object's canonical state now.
+    fn state(&self) -> String {
+        let object = self.cluster.object(DEPLOYMENT).map(|o| serde_json::from_value(o).unwrap());
+        digest_of(&canonical_state(object.as_ref()))
+    }
+}
+
+fn scale(replicas: i64) -> MutationRequest {
+    serde_json::from_value(json!({
+        "provider": "kubernetes", "operation": "scale", "target": "apps/v1/Deployment/prod/web", "params": {"replicas": replicas}
+    }))
+    .unwrap()
+}
+
+fn deployer() -> ScopedIdentity {
+    ScopedIdentity::KubernetesServiceAccount { namespace: "prod".into(), name: "deployer".into() }
+}
+
+#[test]
+fn a_certified_scale_mints_a_bound_token_writes_with_the_resource_version_and_kills_the_token() {
+    let w = world("kube");
+    let request = scale(5);
+    let decision = w.broker.decide(&certified("c-k8s-1", this_process(), &request, &w.state(), deployer()), &request);
+    assert!(decision.admitted, "{decision:?}");
+    let outcome = decision.outcome.clone().unwrap();
+    assert_eq!(outcome.status, OutcomeStatus::Succeeded, "{outcome:?}");
+    let Some(MintedIdentity::KubernetesToken { credential_id, bound_secret, service_account, .. }) = &outcome.identity
+    else {
+        panic!("a token is minted: {outcome:?}");
+    };
+    assert_eq!(credential_id, "jti-1", "the token's jti is recorded");
+    assert_eq!(service_account, "deployer");
+    assert_eq!(w.cluster.object(DEPLOYMENT).unwrap()["spec"]["replicas"], 5);
+    assert_eq!(outcome.resulting_state_digest, Some(w.state()));
+
+    // The request shapes, in order.
+    let seen = w.cluster.seen();
+    let broker = format!("Bearer {BROKER_TOKEN}");
+    let summary: Vec<(String, String)> = seen.iter().map(|s| (s.method.clone(), s.path.clone())).collect();
+    let expected: Vec<(String, String)> = [
+        ("POST", "/api/v1/namespaces/prod/secrets".to_string()),
+        ("POST", "/api/v1/namespaces/prod/serviceaccounts/deployer/token".to_string()),
+        ("GET", DEPLOYMENT.to_string()),
+        ("PATCH", format!("{DEPLOYMENT}/scale")),
+        ("GET", DEPLOYMENT.to_string()),
+        ("DELETE", format!("/api/v1/namespaces/prod/secrets/{bound_secret}")),
+    ]
+    .into_iter()
+    .map(|(m, p)| (m.to_string(), p))
+    .collect();
+    assert_eq!(summary, expected);
+    let token_request = &seen[1];
+    assert_eq!(token_request.authorization, broker);
+    assert_eq!(token_request.body["spec"]["expirationSeconds"], 600, "the API's floor");
+    assert_eq!(
+        token_request.body["spec"]["boundObjectRef"],
+        json!({"apiVersion": "v1", "kind": "Secret", "name": bound_secret, "uid": format!("uid-{bound_secret}")})
+    );
+    let patch = &seen[3];
+    assert_ne!(patch.authorization, broker, "the mutation uses the minted token, not the broker's");
+    assert_eq!(patch.content_type, "application/merge-patch+json");
+    assert_eq!(patch.body, json!({"metadata": {"resourceVersion": "41"}, "spec": {"replicas": 5}}));
+    assert_eq!(seen[5].authorization, broker, "the broker deletes the bound Secret");
+    assert!(w.cluster.live_secrets().is_empty(), "the token's Secret is gone, and the token with it");
+}
+
+#[test]
+fn drift_and_a_concurrent_write_are_both_refused_and_leave_no_token_behind() {
+    let w = world("kubedrift");
+    let stale = w.state();
+    let request = scale(3);
+    assert!(w.broker.decide(&certified("c-k8s-a", this_process(), &request, &stale, deployer()), &request).admitted);
+
+    // Certified against the state before that change.
+    let again = scale(7);
+    let decision = w.broker.decide(&certified("c-k8s-b", this_process(), &again, &stale, deployer()), &again);
+    assert_eq!(decision.reason, Reason::Drift, "{decision:?}");
+    assert_eq!(w.cluster.object(DEPLOYMENT).unwrap()["spec"]["replicas"], 3);
+    assert!(w.cluster.live_secrets().is_empty(), "the token minted for the drift check is revoked");
+
+    // Someone else writes right after the drift check: the resourceVersion precondition
+    // makes the API refuse the broker's write instead of overwriting theirs.
+    w.cluster.race_after_get.store(true, std::sync::atomic::Ordering::SeqCst);
+    let decision = w.broker.decide(&certified("c-k8s-c", this_process(), &again, &w.state(), deployer()), &again);
+    assert!(decision.admitted, "{decision:?}");
+    let outcome = decision.outcome.unwrap();
+    assert_eq!(outcome.status, OutcomeStatus::Failed, "{outcome:?}");
+    assert_eq!(outcome.api_status, Some(409));
+    assert_eq!(w.cluster.object(DEPLOYMENT).unwrap()["spec"]["replicas"], 99, "the concurrent write stands");
+    assert!(w.cluster.live_secrets().is_empty());
+}
