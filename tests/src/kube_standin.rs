@@ -159,6 +159,26 @@ fn handle(request: Request<Bytes>, state: &Mutex<State>, race: &AtomicBool) -> R
     let scale = seen.path.ends_with("/scale");
     let path = seen.path.trim_end_matches("/scale").to_string();
     match seen.method.as_str() {
+        "POST" => {
+            let name = seen.body["metadata"]["name"].as_str().unwrap_or_default();
+            let path = format!("{path}/{name}");
+            if state.objects.contains_key(&path) {
+                return status(409, "AlreadyExists", "the object already exists");
+            }
+            let mut object = seen.body.clone();
+            object["metadata"]["resourceVersion"] = json!("1");
+            state.objects.insert(path, object.clone());
+            reply(201, object)
+        }
+        "DELETE" => {
+            let Some(object) = state.objects.get(&path) else { return status(404, "NotFound", "no such object") };
+            let wanted = &seen.body["preconditions"]["resourceVersion"];
+            if !wanted.is_null() && wanted != &object["metadata"]["resourceVersion"] {
+                return status(409, "Conflict", "the precondition on resourceVersion failed");
+            }
+            state.objects.remove(&path);
+            reply(200, json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 200}))
+        }
         "GET" => {
             let Some(object) = state.objects.get(&path).cloned() else {
                 return status(404, "NotFound", "no such object");

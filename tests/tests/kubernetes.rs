@@ -142,3 +142,54 @@ fn drift_and_a_concurrent_write_are_both_refused_and_leave_no_token_behind() {
     assert_eq!(w.cluster.object(DEPLOYMENT).unwrap()["spec"]["replicas"], 99, "the concurrent write stands");
     assert!(w.cluster.live_secrets().is_empty());
 }
+
+fn request(operation: &str, params: serde_json::Value) -> MutationRequest {
+    serde_json::from_value(json!({
+        "provider": "kubernetes", "operation": operation, "target": "v1/ConfigMap/prod/settings", "params": params
+    }))
+    .unwrap()
+}
+
+#[test]
+fn create_merge_patch_server_side_apply_and_delete_each_carry_their_precondition() {
+    let w = world("kubeverbs");
+    let path = "/api/v1/namespaces/prod/configmaps/settings";
+    let object = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings", "namespace": "prod"}, "data": {"mode": "a"}});
+    let state = || {
+        let object = w.cluster.object(path).map(|o| serde_json::from_value(o).unwrap());
+        digest_of(&canonical_state(object.as_ref()))
+    };
+    let run = |id: &str, request: &MutationRequest| {
+        let decision = w.broker.decide(&certified(id, this_process(), request, &state(), deployer()), request);
+        let outcome = decision.outcome.clone().unwrap_or_else(|| panic!("{decision:?}"));
+        assert_eq!(outcome.status, OutcomeStatus::Succeeded, "{id}: {outcome:?}");
+        w.cluster
+            .seen()
+            .into_iter()
+            .rev()
+            .find(|s| s.path.starts_with("/api/v1/namespaces/prod/configmaps") && s.method != "GET")
+            .expect("the write")
+    };
+
+    // Create: certified against "does not exist".
+    let create = run("c-create", &request("create", json!({"object": object})));
+    assert_eq!((create.method.as_str(), create.path.as_str()), ("POST", "/api/v1/namespaces/prod/configmaps"));
+    assert_eq!(w.cluster.object(path).unwrap()["data"]["mode"], "a");
+
+    let patch = run("c-patch", &request("patch", json!({"patch": {"data": {"mode": "b"}}})));
+    assert_eq!(patch.content_type, "application/merge-patch+json");
+    assert_eq!(patch.body["metadata"]["resourceVersion"], "1");
+    assert_eq!(w.cluster.object(path).unwrap()["data"]["mode"], "b");
+
+    let applied = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings", "namespace": "prod"}, "data": {"mode": "c"}});
+    let apply = run("c-apply", &request("apply", json!({"object": applied})));
+    assert_eq!(apply.content_type, "application/apply-patch+yaml");
+    assert_eq!(apply.body["metadata"]["resourceVersion"], "2");
+    assert_eq!(w.cluster.object(path).unwrap()["data"]["mode"], "c");
+
+    let delete = run("c-delete", &request("delete", json!(null)));
+    assert_eq!(delete.method, "DELETE");
+    assert_eq!(delete.body["preconditions"]["resourceVersion"], "3");
+    assert!(w.cluster.object(path).is_none());
+    assert!(w.cluster.live_secrets().is_empty());
+}
