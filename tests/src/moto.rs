@@ -18,9 +18,13 @@ use seb_agent::execute::{
 use serde_json::json;
 
 /// How many unauthenticated actions `seed` takes; IAM is enforced from the next one on.
-const SEED_ACTIONS: u32 = 19;
+const SEED_ACTIONS: u32 = 21;
 pub const ACCOUNT: &str = "123456789012";
 pub const REGION: &str = "us-east-1";
+/// A role whose attached policies the executor role may change.
+pub const TARGET_ROLE: &str = "app-service";
+/// A managed policy the executor may attach to it.
+pub const ATTACHABLE_POLICY: &str = "arn:aws:iam::123456789012:policy/app-extra";
 
 /// The AWS world the tests and the demo work in.
 #[derive(Debug, Clone)]
@@ -156,7 +160,9 @@ pub fn seed(netns: &str, endpoint: &str) -> Result<AwsWorld> {
     iam(&[("Action", "CreateRole"), ("RoleName", "seb-executor"), ("AssumeRolePolicyDocument", &trust.to_string())])?;
     let role_policy = json!({"Version": "2012-10-17", "Statement": [
         {"Effect": "Allow", "Action": ["s3:PutObject", "s3:GetObject", "s3:DeleteObject"], "Resource": format!("arn:aws:s3:::{bucket}/*")},
-        {"Effect": "Allow", "Action": ["ec2:AuthorizeSecurityGroupIngress", "ec2:RevokeSecurityGroupIngress", "ec2:DescribeSecurityGroups"], "Resource": "*"}
+        {"Effect": "Allow", "Action": ["s3:PutBucketPolicy", "s3:GetBucketPolicy"], "Resource": format!("arn:aws:s3:::{bucket}")},
+        {"Effect": "Allow", "Action": ["ec2:AuthorizeSecurityGroupIngress", "ec2:RevokeSecurityGroupIngress", "ec2:DescribeSecurityGroups"], "Resource": "*"},
+        {"Effect": "Allow", "Action": ["iam:AttachRolePolicy", "iam:DetachRolePolicy", "iam:ListAttachedRolePolicies"], "Resource": format!("arn:aws:iam::{ACCOUNT}:role/{TARGET_ROLE}")}
     ]});
     iam(&[
         ("Action", "PutRolePolicy"),
@@ -164,6 +170,9 @@ pub fn seed(netns: &str, endpoint: &str) -> Result<AwsWorld> {
         ("PolicyName", "executor"),
         ("PolicyDocument", &role_policy.to_string()),
     ])?;
+    iam(&[("Action", "CreateRole"), ("RoleName", TARGET_ROLE), ("AssumeRolePolicyDocument", &trust.to_string())])?;
+    let extra = allow(&["s3:ListBucket"], "*").to_string();
+    iam(&[("Action", "CreatePolicy"), ("PolicyName", "app-extra"), ("PolicyDocument", &extra)])?;
     let reader_role_arn = format!("arn:aws:iam::{ACCOUNT}:role/seb-reader");
     iam(&[("Action", "CreateRole"), ("RoleName", "seb-reader"), ("AssumeRolePolicyDocument", &trust.to_string())])?;
     let read_policy = allow(&["s3:GetObject", "s3:GetBucketPolicy", "ec2:Describe*", "iam:List*"], "*");

@@ -275,3 +275,37 @@ fn passthrough_reads_need_no_certificate_only_read_and_are_recorded() {
     assert_eq!(reads[0]["body"]["status"], 200);
     assert!(reads[1]["body"]["error"].as_str().is_some());
 }
+
+#[test]
+fn every_supported_s3_ec2_and_iam_mutation_executes_against_the_emulator() {
+    let w = world("awsops");
+    let run = |request: serde_json::Value| {
+        let request: MutationRequest = serde_json::from_value(request).unwrap();
+        let decision = w.broker.decide(&w.contract(&request), &request);
+        let outcome = assert_executed(&decision).clone();
+        assert_eq!(outcome.resulting_state_digest, Some(w.live_digest(&request)), "{outcome:?}");
+        outcome
+    };
+    let object = format!("arn:aws:s3:::{}/config/app.json", w.aws.bucket);
+    run(json!({"provider": "aws", "operation": "s3:PutObject", "target": object, "params": {"body": "x"}}));
+    run(json!({"provider": "aws", "operation": "s3:DeleteObject", "target": object}));
+    assert_eq!(w.object("config/app.json"), None);
+
+    let policy = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Deny", "Principal": "*", "Action": "s3:DeleteBucket",
+        "Resource": format!("arn:aws:s3:::{}", w.aws.bucket)}]});
+    run(
+        json!({"provider": "aws", "operation": "s3:PutBucketPolicy", "target": format!("arn:aws:s3:::{}", w.aws.bucket),
+        "params": {"policy": policy}}),
+    );
+
+    let group = format!("arn:aws:ec2:{}:{}:security-group/{}", moto::REGION, moto::ACCOUNT, w.aws.security_group);
+    let rule =
+        json!({"ip_permissions": [{"protocol": "tcp", "from_port": 22, "to_port": 22, "cidrs": ["192.0.2.0/24"]}]});
+    run(json!({"provider": "aws", "operation": "ec2:AuthorizeSecurityGroupIngress", "target": group, "params": rule}));
+    run(json!({"provider": "aws", "operation": "ec2:RevokeSecurityGroupIngress", "target": group, "params": rule}));
+
+    let role = format!("arn:aws:iam::{}:role/{}", moto::ACCOUNT, moto::TARGET_ROLE);
+    let managed = json!({"policy_arn": moto::ATTACHABLE_POLICY});
+    run(json!({"provider": "aws", "operation": "iam:AttachRolePolicy", "target": role, "params": managed}));
+    run(json!({"provider": "aws", "operation": "iam:DetachRolePolicy", "target": role, "params": managed}));
+}
