@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 use tokio::net::unix::UCred;
 
 use crate::{
-    admission::{Admission, Caller, Proposal, state},
+    admission::{self, Admission, Caller, Pending, Proposal, state},
     audit::Ledger,
     audit::now_ns,
     config::parse_socket_addr,
@@ -130,15 +130,21 @@ async fn handle(request: Request, peer: &UCred, broker: &Broker) -> Response {
     match request {
         Request::Ping => Response::Pong { version: env!("CARGO_PKG_VERSION").into() },
         Request::Propose { certificate, request } => {
-            let Some(pid) = peer.pid() else {
-                return error(ErrorCode::Forbidden, "the caller's pid is unknown (SO_PEERCRED)");
-            };
-            let caller = match Caller::identify(peer.uid(), peer.gid(), pid) {
-                Ok(caller) => caller,
-                Err(e) => return error(ErrorCode::Forbidden, format!("the caller cannot be identified: {e:#}")),
-            };
             let proposal = Proposal { certificate, request };
-            let decision = propose(&broker.admission, &broker.executors, &broker.ledger, &caller, &proposal).await;
+            let pid = peer.pid().unwrap_or(0);
+            let identified = match peer.pid() {
+                Some(pid) => Caller::identify(peer.uid(), peer.gid(), pid)
+                    .map_err(|e| format!("the caller cannot be identified: {e:#}")),
+                None => Err("the caller's pid is unknown (SO_PEERCRED)".to_string()),
+            };
+            let decision = match identified {
+                Ok(caller) => propose(&broker.admission, &broker.executors, &broker.ledger, &caller, &proposal).await,
+                // Still a decision: denied, and recorded before the answer.
+                Err(message) => {
+                    let pending = Pending::unidentified(peer.uid(), peer.gid(), pid, &proposal, message);
+                    admission::record(&broker.ledger, pending).await
+                }
+            };
             info!(
                 decision_id = %decision.decision_id,
                 admitted = decision.admitted,

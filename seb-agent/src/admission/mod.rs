@@ -142,6 +142,22 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// A proposal from a caller that could not be identified: a denial, still recorded.
+    pub fn unidentified(uid: u32, gid: u32, pid: i32, proposal: &Proposal, message: String) -> Self {
+        Self {
+            decision_id: uuid::Uuid::new_v4().to_string(),
+            verified: None,
+            verdict: Err(Rejection { reason: Reason::CallerChanged, message }),
+            caller: CallerIdentity { uid, gid, pid, exe: None, cgroup: None, pod_uid: None },
+            request: RequestSummary {
+                provider: proposal.request.provider,
+                operation: proposal.request.operation.clone(),
+                target: proposal.request.target.clone(),
+                digest: proposal.request.digest(),
+            },
+        }
+    }
+
     pub fn admissible(&self) -> bool {
         self.verdict.is_ok() && self.verified.is_some()
     }
