@@ -24,6 +24,7 @@ use crate::{
         Executors, aws::AwsExecutor, broker_http::BrokerHttp, https::HttpsExecutor, kubernetes::KubernetesExecutor,
         reconcile::reconcile,
     },
+    metrics::{self, EpochLabels, MapLabels, Metrics, Readiness},
     recorder::Recorder,
     server::{self, Broker},
 };
@@ -91,7 +92,9 @@ pub async fn run(config: Config) -> Result<()> {
     let admission = admission_from(&config)?;
     // Start-up reads the ledger synchronously; allowed on a runtime worker this way.
     let names = CgroupNames::new(cgroups.mount.clone());
-    let recorder = tokio::task::block_in_place(|| Recorder::new(&mut enforced.ebpf, ledger.clone(), names))?;
+    let metrics = Arc::new(Metrics::new());
+    let recorder =
+        tokio::task::block_in_place(|| Recorder::new(&mut enforced.ebpf, ledger.clone(), names, metrics.clone()))?;
     let stop_recorder = Arc::new(AtomicBool::new(false));
     let recorder = recorder.spawn(stop_recorder.clone());
 
@@ -102,7 +105,22 @@ pub async fn run(config: Config) -> Result<()> {
     // Before serving: every admitted decision gets its outcome, even across a crash.
     reconcile(&ledger, &executors).await?;
     let passthrough = config.passthrough.clone();
-    let broker = Arc::new(Broker { sockets, admission, executors, passthrough, ledger });
+    let readiness = Readiness { pins: enforced.links.iter().map(|link| link.pin.clone()).collect() };
+    let broker = Arc::new(Broker {
+        sockets,
+        admission,
+        executors,
+        passthrough,
+        ledger: ledger.clone(),
+        metrics: metrics.clone(),
+        links: enforced.links.clone(),
+        layout: enforced.layout.clone(),
+        readiness: readiness.clone(),
+    });
+    if config.metrics.enabled {
+        metrics::serve(config.metrics.listen, metrics.clone(), readiness, shutdown_rx.clone()).await?;
+        tokio::spawn(refresh_gauges(metrics, ledger, enforced.layout.clone(), shutdown_rx.clone()));
+    }
     let serving = tokio::spawn(server::serve(listener, broker, shutdown_rx));
     info!(socket = %config.broker.socket.display(), "broker ready");
 
@@ -115,6 +133,26 @@ pub async fn run(config: Config) -> Result<()> {
     // Every ledger handle is gone now; the ledger finishes its queue and stops.
     ledger_thread.join().map_err(|_| anyhow!("the ledger thread panicked"))?;
     Ok(())
+}
+
+/// Map sizes and epochs, for the gauges; every few seconds.
+async fn refresh_gauges(metrics: Arc<Metrics>, ledger: Ledger, layout: PinLayout, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        if let Ok(counts) = maps::entry_counts(&layout) {
+            for (map, count) in counts {
+                metrics.map_entries.get_or_create(&MapLabels { map }).set(count as i64);
+            }
+        }
+        if let Ok(epochs) = ledger.run(|batch| crate::admission::state::epochs(batch.conn())).await {
+            for (epoch, value) in [("policy", epochs.policy), ("revocation", epochs.revocation)] {
+                metrics.epochs.get_or_create(&EpochLabels { epoch: epoch.into() }).set(value.map_or(-1, |v| v as i64));
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 fn executors_from(config: &Config, sockets: &BrokerSockets) -> Result<Executors> {

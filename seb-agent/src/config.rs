@@ -36,6 +36,31 @@ pub struct Config {
     /// Reads that go through the broker without a certificate.
     #[serde(default)]
     pub passthrough: crate::execute::passthrough::PassthroughConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `/metrics`, `/healthz` and `/readyz`.
+    #[serde(default = "default_metrics_enabled")]
+    pub enabled: bool,
+    #[serde(default = "default_metrics_listen")]
+    pub listen: SocketAddr,
+}
+
+fn default_metrics_enabled() -> bool {
+    true
+}
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { enabled: default_metrics_enabled(), listen: default_metrics_listen() }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

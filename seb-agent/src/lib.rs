@@ -11,6 +11,7 @@ pub mod config;
 pub mod denials;
 pub mod enforcement;
 pub mod execute;
+pub mod metrics;
 pub mod propose;
 pub mod protocol;
 pub mod recorder;

@@ -115,6 +115,11 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Attached programs, map sizes, epochs and the last kernel denial (admin only).
+    Status {
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// Show or set the active policy and revocation epochs.
     Epoch {
         #[command(flatten)]
@@ -285,6 +290,12 @@ fn run(command: Command) -> Result<ExitCode> {
                 (None, None) => bail!("give --serial or --contract"),
             };
             print_json(&call_broker(&socket.path()?, Request::Revoke { target, value, reason })?)?;
+        }
+        Command::Status { socket } => {
+            let Response::Status(report) = call_broker(&socket.path()?, Request::Status)? else {
+                bail!("the broker answered something other than a status");
+            };
+            println!("{}", serde_json::to_string_pretty(&*report)?);
         }
         Command::Epoch { socket, policy, revocation } => {
             let request = if policy.is_none() && revocation.is_none() {

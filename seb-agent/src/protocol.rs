@@ -42,6 +42,8 @@ pub enum Request {
     GetEpochs,
     /// A read-only passthrough request (`provider`, `operation`, `target`), no certificate.
     Read { request: crate::cert::MutationRequest },
+    /// Admin (uid 0): attached programs, map sizes, epochs, the last denial.
+    Status,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,11 +63,25 @@ pub enum Response {
     },
     Epochs(crate::admission::state::Epochs),
     Read(crate::execute::passthrough::ReadResult),
+    Status(Box<StatusReport>),
     /// The request could not be served; `code` is stable, `message` is for people.
     Error {
         code: ErrorCode,
         message: String,
     },
+}
+
+/// What `seb-agent status` shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub version: String,
+    /// Every link is still pinned (and so attached).
+    pub ready: bool,
+    pub links: Vec<crate::enforcement::LinkState>,
+    pub map_entries: std::collections::BTreeMap<String, u64>,
+    pub epochs: crate::admission::state::Epochs,
+    pub ring_lost_total: u64,
+    pub last_denial: Option<crate::audit::KernelDenial>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

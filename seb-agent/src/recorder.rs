@@ -28,6 +28,7 @@ use crate::{
     audit::{KernelDenial, Ledger, denial},
     cgroupfs::CgroupNames,
     enforcement::maps::Counters,
+    metrics::{DenialLabels, Metrics},
 };
 
 /// Record kind for lost denials.
@@ -47,13 +48,14 @@ pub struct Recorder {
     ledger: Ledger,
     names: CgroupNames,
     recorded_losses: u64,
+    metrics: Arc<Metrics>,
 }
 
 const POLL_TIMEOUT_MS: i32 = 200;
 const LOSS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Recorder {
-    pub fn new(ebpf: &mut Ebpf, ledger: Ledger, names: CgroupNames) -> Result<Self> {
+    pub fn new(ebpf: &mut Ebpf, ledger: Ledger, names: CgroupNames, metrics: Arc<Metrics>) -> Result<Self> {
         let ring = ebpf.take_map(map_names::DENIALS).ok_or_else(|| anyhow!("map {} is missing", map_names::DENIALS))?;
         let ring = RingBuf::try_from(ring)?;
         let counters = Counters::take(ebpf)?;
@@ -72,7 +74,7 @@ impl Recorder {
                 None => 0,
             })
         })?;
-        Ok(Self { ring, counters, ledger, names, recorded_losses })
+        Ok(Self { ring, counters, ledger, names, recorded_losses, metrics })
     }
 
     /// Run until `stop` is set; drains once more before returning.
@@ -145,6 +147,16 @@ impl Recorder {
             })
             .context("writing kernel denials")?;
         for (_, denial) in &logged {
+            let destination = if denial.address.contains(':') {
+                format!("[{}]:{}", denial.address, denial.port)
+            } else {
+                format!("{}:{}", denial.address, denial.port)
+            };
+            let cgroup = denial.cgroup_path.clone().unwrap_or_else(|| denial.cgroup_id.to_string());
+            self.metrics
+                .kernel_denials
+                .get_or_create(&DenialLabels { hook: denial.hook.clone(), destination, cgroup })
+                .inc();
             info!(hook = %denial.hook, address = %denial.address, port = denial.port, tgid = ?denial.tgid, comm = ?denial.comm, "kernel denied egress");
         }
         Ok(logged.len())
@@ -156,6 +168,7 @@ impl Recorder {
             let loss = RingLoss { lost: total - self.recorded_losses, lost_total: total };
             warn!(lost = loss.lost, "kernel denials were lost to a full ring buffer");
             let lost_total = loss.lost_total;
+            self.metrics.ring_lost.inc_by(loss.lost);
             let time_ns = BootClock::now().wall_now_ns() as i64;
             self.ledger.run_blocking(move |batch| batch.append(RING_LOSS_KIND, time_ns, &loss).map(drop))?;
             self.recorded_losses = lost_total;

@@ -9,6 +9,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
+use rusqlite::OptionalExtension;
 use tokio::net::unix::UCred;
 
 use crate::{
@@ -17,12 +18,15 @@ use crate::{
     audit::now_ns,
     config::parse_socket_addr,
     enforcement::BrokerSockets,
+    enforcement::{LinkState, PinLayout, maps},
     execute::{
         Executors,
         passthrough::{self, PassthroughConfig},
     },
+    metrics::{AdmissionLabels, ExecutionLabels, Metrics, Readiness},
     propose::propose,
-    protocol::{Envelope, ErrorCode, FrameError, Request, Response, VERSION, read_frame, write_frame},
+    protocol::{Envelope, ErrorCode, FrameError, Request, Response, StatusReport, VERSION, read_frame, write_frame},
+    recorder::{RING_LOSS_KIND, RingLoss},
 };
 
 /// What request handlers need.
@@ -32,6 +36,10 @@ pub struct Broker {
     pub executors: Executors,
     pub passthrough: PassthroughConfig,
     pub ledger: Ledger,
+    pub metrics: Arc<Metrics>,
+    pub links: Vec<LinkState>,
+    pub layout: PinLayout,
+    pub readiness: Readiness,
 }
 
 /// Record kind of passthrough reads.
@@ -145,6 +153,18 @@ async fn handle(request: Request, peer: &UCred, broker: &Broker) -> Response {
                     admission::record(&broker.ledger, pending).await
                 }
             };
+            let verdict = if decision.admitted { "admitted" } else { "denied" };
+            let labels = AdmissionLabels { decision: verdict.into(), reason: decision.reason.as_str().into() };
+            broker.metrics.admissions.get_or_create(&labels).inc();
+            if let Some(outcome) = &decision.outcome {
+                let status = serde_json::to_value(outcome.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default();
+                let provider = format!("{:?}", proposal.request.provider).to_lowercase();
+                let labels = ExecutionLabels { provider, status };
+                broker.metrics.execution_seconds.get_or_create(&labels).observe(outcome.duration_ms / 1e3);
+            }
             info!(
                 decision_id = %decision.decision_id,
                 admitted = decision.admitted,
@@ -199,6 +219,15 @@ async fn handle(request: Request, peer: &UCred, broker: &Broker) -> Response {
                 Err(e) => error(ErrorCode::Malformed, format!("{e:#}")),
             }
         }
+        Request::Status => {
+            if !admin {
+                return forbidden("status");
+            }
+            match status(broker).await {
+                Ok(report) => Response::Status(Box::new(report)),
+                Err(e) => error(ErrorCode::Internal, format!("{e:#}")),
+            }
+        }
         Request::GetEpochs => match broker.ledger.run(|batch| state::epochs(batch.conn())).await {
             Ok(epochs) => Response::Epochs(epochs),
             Err(e) => error(ErrorCode::Internal, format!("{e:#}")),
@@ -216,6 +245,38 @@ async fn handle(request: Request, peer: &UCred, broker: &Broker) -> Response {
             Response::ProbeEgress { addr, connected: result.is_ok(), error: result.err().map(|e| format!("{e:#}")) }
         }
     }
+}
+
+async fn status(broker: &Broker) -> anyhow::Result<StatusReport> {
+    let map_entries = maps::entry_counts(&broker.layout)?;
+    let (epochs, last_denial, ring_lost_total) = broker
+        .ledger
+        .run(|batch| {
+            let last_body = |kind: &str| -> anyhow::Result<Option<String>> {
+                Ok(batch
+                    .conn()
+                    .query_row("SELECT body FROM records WHERE kind = ?1 ORDER BY seq DESC LIMIT 1", [kind], |row| {
+                        row.get(0)
+                    })
+                    .optional()?)
+            };
+            let last_denial = last_body(crate::audit::denial::KIND)?.map(|b| serde_json::from_str(&b)).transpose()?;
+            let lost = last_body(RING_LOSS_KIND)?
+                .map(|b| serde_json::from_str::<RingLoss>(&b))
+                .transpose()?
+                .map_or(0, |loss| loss.lost_total);
+            Ok((state::epochs(batch.conn())?, last_denial, lost))
+        })
+        .await?;
+    Ok(StatusReport {
+        version: env!("CARGO_PKG_VERSION").into(),
+        ready: broker.readiness.ready(),
+        links: broker.links.clone(),
+        map_entries,
+        epochs,
+        ring_lost_total,
+        last_denial,
+    })
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {

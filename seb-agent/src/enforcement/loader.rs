@@ -60,16 +60,16 @@ impl PinLayout {
 }
 
 /// How a link came to be attached in this start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LinkOrigin {
     Adopted,
     Attached,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LinkState {
-    pub program: &'static str,
+    pub program: String,
     pub cgroup: PathBuf,
     pub cgroup_id: u64,
     pub pin: PathBuf,
@@ -123,7 +123,7 @@ pub fn attach_all(ebpf: &mut Ebpf, layout: &PinLayout, scopes: &[PathBuf]) -> Re
                 }
             };
             info!(program, cgroup = %scope.display(), ?origin, "enforcing");
-            states.push(LinkState { program, cgroup: scope.clone(), cgroup_id, pin, origin });
+            states.push(LinkState { program: program.into(), cgroup: scope.clone(), cgroup_id, pin, origin });
         }
     }
     unpin_unwanted(layout, &wanted)?;

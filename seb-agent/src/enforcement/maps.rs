@@ -77,3 +77,21 @@ impl Counters {
         Ok(CounterValues { denials: sum(counters::DENIALS)?, ring_drops: sum(counters::RING_DROPS)? })
     }
 }
+
+/// Entries in each pinned map that holds policy or registrations.
+pub fn entry_counts(layout: &super::PinLayout) -> Result<std::collections::BTreeMap<String, u64>> {
+    use aya::maps::Map;
+    let open = |name: &str| -> Result<MapData> { Ok(MapData::from_pin(layout.map(name))?) };
+    let mut counts = std::collections::BTreeMap::new();
+    let v4: LpmTrie<MapData, [u8; 4], EndpointRules> = LpmTrie::try_from(Map::LpmTrie(open(map_names::PROTECTED_V4)?))?;
+    counts.insert(map_names::PROTECTED_V4.to_string(), v4.keys().count() as u64);
+    let v6: LpmTrie<MapData, [u8; 16], EndpointRules> =
+        LpmTrie::try_from(Map::LpmTrie(open(map_names::PROTECTED_V6)?))?;
+    counts.insert(map_names::PROTECTED_V6.to_string(), v6.keys().count() as u64);
+    let sockets: HashMap<MapData, u64, seb_common::BrokerSocket> =
+        HashMap::try_from(Map::HashMap(open(map_names::BROKER_SOCKETS)?))?;
+    counts.insert(map_names::BROKER_SOCKETS.to_string(), sockets.keys().count() as u64);
+    let exempt: HashMap<MapData, u64, u8> = HashMap::try_from(Map::HashMap(open(map_names::EXEMPT_CGROUPS)?))?;
+    counts.insert(map_names::EXEMPT_CGROUPS.to_string(), exempt.keys().count() as u64);
+    Ok(counts)
+}

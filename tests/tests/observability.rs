@@ -1,0 +1,78 @@
+//! Metrics, health and `seb-agent status`, from a real agent in a sandbox.
+
+use std::time::{Duration, Instant};
+
+use seb_sandbox::{Sandbox, Tools, moto::in_netns};
+use serde_json::Value;
+
+fn tools() -> Tools {
+    Tools::for_tests(env!("CARGO_BIN_EXE_seb-probe"))
+}
+
+/// GET a path from the agent's metrics endpoint, inside the sandbox's namespace.
+fn get(netns: &str, path: &str) -> (u16, String) {
+    let request = format!("GET {path} HTTP/1.0\r\nhost: localhost\r\n\r\n");
+    let text = in_netns(netns, move || async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect("127.0.0.1:9464").await?;
+        stream.write_all(request.as_bytes()).await?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await?;
+        Ok(text)
+    })
+    .unwrap();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default())
+}
+
+#[test]
+fn metrics_health_and_status_report_what_the_agent_sees() {
+    let mut sandbox = Sandbox::new("metrics", tools()).unwrap();
+    sandbox.write_config("[[enforcement.protected]]\ncidr = \"127.0.0.2/32\"\n").unwrap();
+    sandbox.start_agent().unwrap();
+    let netns = sandbox.netns.clone();
+
+    let denied = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
+    sandbox.wait_for_denial(denied["cookie"].as_u64().unwrap()).unwrap();
+    let garbage = sandbox.dir.join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    let request = sandbox.dir.join("request.json");
+    std::fs::write(&request, r#"{"provider":"http","operation":"PUT","target":"https://api.internal/x"}"#).unwrap();
+    let proposal = sandbox
+        .agent_cli(&["propose", "--cert", garbage.to_str().unwrap(), "--request", request.to_str().unwrap()])
+        .unwrap();
+    assert_eq!(proposal.status.code(), Some(1));
+
+    assert_eq!(get(&netns, "/healthz").0, 200);
+    assert_eq!(get(&netns, "/readyz").0, 200);
+    let workload = format!("{}/workload", sandbox.cgroup_relative);
+    let expected = [
+        format!(r#"seb_kernel_denials_total{{hook="connect4",destination="127.0.0.2:8443",cgroup="{workload}"}} 1"#),
+        r#"seb_admissions_total{decision="denied",reason="untrusted_issuer"} 1"#.to_string(),
+        r#"seb_map_entries{map="SEB_PROTECTED_V4"} 1"#.to_string(),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let metrics = loop {
+        let (status, body) = get(&netns, "/metrics");
+        assert_eq!(status, 200);
+        if expected.iter().all(|line| body.contains(line.as_str())) {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "missing metrics in:\n{body}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(metrics.contains("seb_ringbuf_lost_events_total 0"), "{metrics}");
+
+    let output = sandbox.agent_cli(&["status"]).unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let status: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(status["ready"], true);
+    assert_eq!(status["links"].as_array().unwrap().len(), 5);
+    assert_eq!(status["map_entries"]["SEB_PROTECTED_V4"], 1);
+    assert_eq!(status["last_denial"]["socket_cookie"], denied["cookie"]);
+
+    // A link unpinned behind the agent's back: no longer ready.
+    let pin = status["links"][0]["pin"].as_str().unwrap().to_string();
+    std::fs::remove_file(&pin).unwrap();
+    assert_eq!(get(&netns, "/readyz").0, 503);
+}
