@@ -145,61 +145,71 @@ impl Executors {
         decision_id: &str,
         timings: &mut Timings,
     ) -> Result<(Prepared, String), Refusal> {
-        let unsupported = |e: anyhow::Error| (Reason::UnsupportedOperation, format!("{e:#}"));
-        let unavailable = |what: &str, e: anyhow::Error| (Reason::LiveStateUnavailable, format!("{what}: {e:#}"));
         let clock = Instant::now();
-        if let (Provider::Kubernetes, ScopedIdentity::KubernetesServiceAccount { namespace, name }, Some(executor)) =
-            (request.provider, &contract.identity, &self.kubernetes)
-        {
-            let operation = kubernetes::KubeOperation::parse(request).map_err(unsupported)?;
-            let mut session = executor
-                .mint(namespace, name, decision_id)
-                .await
-                .map_err(|e| unavailable("minting the token failed", e))?;
-            timings.mint_ms = ms(clock);
-            let clock = Instant::now();
-            let (_, digest) = executor
-                .live_state(&operation, &mut session)
-                .await
-                .map_err(|e| unavailable("the live state could not be read, so nothing is admitted", e))?;
-            timings.drift_check_ms = ms(clock);
-            return Ok((Prepared::Kubernetes { operation, session: Box::new(session) }, digest));
-        }
-        match (request.provider, &contract.identity, &self.aws, &self.https) {
-            (Provider::Aws, ScopedIdentity::AwsRole { role_arn }, Some(executor), _) => {
+        let mut prepared = self.mint(contract, request, decision_id).await?;
+        timings.mint_ms = ms(clock);
+        let clock = Instant::now();
+        let digest = self.live_digest(&mut prepared).await.map_err(|e| {
+            (Reason::LiveStateUnavailable, format!("the live state could not be read, so nothing is admitted: {e:#}"))
+        })?;
+        timings.drift_check_ms = ms(clock);
+        Ok((prepared, digest))
+    }
+
+    /// The identity the contract names, for the operation the request names.
+    async fn mint(
+        &self,
+        contract: &ExecutionContract,
+        request: &MutationRequest,
+        decision_id: &str,
+    ) -> Result<Prepared, Refusal> {
+        let unsupported = |e: anyhow::Error| (Reason::UnsupportedOperation, format!("{e:#}"));
+        let unavailable =
+            |e: anyhow::Error| (Reason::LiveStateUnavailable, format!("minting the scoped identity failed: {e:#}"));
+        match (request.provider, &contract.identity) {
+            (Provider::Aws, ScopedIdentity::AwsRole { role_arn }) if self.aws.is_some() => {
+                let executor = self.aws.as_ref().expect("checked");
                 let operation = aws::AwsOperation::parse(request).map_err(unsupported)?;
-                let session = executor
-                    .mint(role_arn, decision_id, &operation.session_policy())
-                    .await
-                    .map_err(|e| unavailable("minting the scoped identity failed", e))?;
-                timings.mint_ms = ms(clock);
-                let clock = Instant::now();
-                let (_, digest) = executor
-                    .live_state(&operation, &session)
-                    .await
-                    .map_err(|e| unavailable("the live state could not be read, so nothing is admitted", e))?;
-                timings.drift_check_ms = ms(clock);
-                Ok((Prepared::Aws { operation, session }, digest))
+                let session =
+                    executor.mint(role_arn, decision_id, &operation.session_policy()).await.map_err(unavailable)?;
+                Ok(Prepared::Aws { operation, session })
             }
-            (Provider::Http, ScopedIdentity::X509Client { subject }, _, Some(executor)) => {
+            (Provider::Http, ScopedIdentity::X509Client { subject }) if self.https.is_some() => {
+                let executor = self.https.as_ref().expect("checked");
                 let operation = https::HttpOperation::parse(request).map_err(unsupported)?;
-                let session = executor
-                    .mint(subject, decision_id)
-                    .map_err(|e| unavailable("minting the client certificate failed", e))?;
-                timings.mint_ms = ms(clock);
-                let clock = Instant::now();
-                let (_, digest) = executor
-                    .live_state(&operation, &session)
-                    .await
-                    .map_err(|e| unavailable("the live state could not be read, so nothing is admitted", e))?;
-                timings.drift_check_ms = ms(clock);
-                Ok((Prepared::Https { operation, session }, digest))
+                let session = executor.mint(subject, decision_id).map_err(unavailable)?;
+                Ok(Prepared::Https { operation, session })
             }
-            (provider, identity, _, _) => Err((
+            (Provider::Kubernetes, ScopedIdentity::KubernetesServiceAccount { namespace, name })
+                if self.kubernetes.is_some() =>
+            {
+                let executor = self.kubernetes.as_ref().expect("checked");
+                let operation = kubernetes::KubeOperation::parse(request).map_err(unsupported)?;
+                let session = executor.mint(namespace, name, decision_id).await.map_err(unavailable)?;
+                Ok(Prepared::Kubernetes { operation, session: Box::new(session) })
+            }
+            (provider, identity) => Err((
                 Reason::MalformedContract,
                 format!("a {provider:?} contract cannot mint {identity:?} on this broker"),
             )),
         }
+    }
+
+    /// The digest of the prepared target's live state, read with its minted identity.
+    async fn live_digest(&self, prepared: &mut Prepared) -> anyhow::Result<String> {
+        let missing = || anyhow::anyhow!("no executor for this provider");
+        let (_, digest) = match prepared {
+            Prepared::Aws { operation, session } => {
+                self.aws.as_ref().ok_or_else(missing)?.live_state(operation, session).await?
+            }
+            Prepared::Https { operation, session } => {
+                self.https.as_ref().ok_or_else(missing)?.live_state(operation, session).await?
+            }
+            Prepared::Kubernetes { operation, session } => {
+                self.kubernetes.as_ref().ok_or_else(missing)?.live_state(operation, session).await?
+            }
+        };
+        Ok(digest)
     }
 
     /// Perform the prepared mutation and read the resulting state.
