@@ -7,6 +7,7 @@ pub mod bpffs;
 pub mod cert;
 pub mod cgroupfs;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod denials;
 pub mod enforcement;

@@ -83,6 +83,11 @@ impl SocketArg {
 enum Command {
     /// Run the broker: attach (or re-adopt) kernel enforcement and serve the broker socket.
     Run(ConfigArg),
+    /// Write the custom resource definitions (generated from the Rust types) to DIR.
+    Crds {
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
     /// Validate a configuration file and print it with every default filled in.
     CheckConfig(ConfigArg),
     /// Propose a mutation: print the broker's decision as JSON; exit 1 if denied.
@@ -261,6 +266,12 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Run(config) => {
             let config = config.load()?;
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(agent::run(config))?;
+        }
+        Command::Crds { out_dir } => {
+            std::fs::create_dir_all(&out_dir)?;
+            for (name, text) in seb_agent::cluster::crd::rendered() {
+                std::fs::write(out_dir.join(name), text)?;
+            }
         }
         Command::CheckConfig(config) => print!("{}", toml::to_string_pretty(&config.load()?)?),
         Command::Propose { socket, cert, request } => {

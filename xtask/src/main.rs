@@ -4,6 +4,7 @@ mod bench_admission;
 mod bench_connect;
 mod bench_execution;
 mod demo;
+mod deploy_check;
 mod ebpf;
 mod stats;
 mod toolchain;
@@ -37,6 +38,8 @@ enum Task {
     Bench { which: Bench },
     /// The whole flow on this node, narrated (a sandboxed cgroup and namespace).
     Demo,
+    /// Render deploy/, validate every object offline, check the CRDs against the Rust types.
+    DeployCheck,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -58,6 +61,7 @@ fn main() {
         Task::Bench { which: Bench::Admission } => bench_admission::run(),
         Task::Bench { which: Bench::Execution } => bench_execution::run(),
         Task::Demo => demo::run(),
+        Task::DeployCheck => deploy_check::run_check(),
     };
     if let Err(error) = result {
         eprintln!("xtask: {error:#}");
@@ -83,6 +87,7 @@ fn test() -> Result<()> {
     let cargo = |args: &[&str]| run(Command::new("cargo").current_dir(workspace_root()).args(args));
     cargo(&["fmt", "--all", "--", "--check"]).context("formatting differs: run `cargo fmt --all`")?;
     cargo(&["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"])?;
+    deploy_check::run_check()?;
     cargo(&["test", "--workspace"])
 }
 

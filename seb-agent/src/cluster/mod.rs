@@ -1,0 +1,3 @@
+//! Cluster mode: the custom resources a cluster's brokers share.
+
+pub mod crd;
