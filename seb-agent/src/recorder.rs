@@ -134,6 +134,9 @@ impl Recorder {
                         std::fs::read_link(format!("/proc/{tgid}/exe")).ok().map(|p| p.to_string_lossy().into_owned());
                 }
                 denial.cgroup_path = self.names.path_of(denial.cgroup_id);
+                if let Some(path) = &denial.cgroup_path {
+                    (denial.pod_uid, denial.container_id) = crate::cluster::pods::pod_of_cgroup(path);
+                }
                 (time_ns as i64, denial)
             })
             .collect();

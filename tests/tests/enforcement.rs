@@ -219,3 +219,21 @@ fn denials_lost_to_a_full_ring_buffer_are_counted_never_silent() {
     assert!(lost_total > 0 && delivered > 0, "delivered {delivered}, lost {lost_total}");
     assert_eq!(delivered + lost_total, denied, "every denial is either recorded or counted as lost");
 }
+
+#[test]
+fn a_denial_from_a_pod_cgroup_names_the_pod_and_container() {
+    let mut sandbox = sandbox("pod");
+    sandbox.start_agent().unwrap();
+    // A cgroup laid out as the kubelet's cgroupfs driver lays out a container.
+    let (pod_uid, container) = ("0f3c2a1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b", format!("{:064x}", 42));
+    let pod = sandbox.cgroup.join("workload").join(format!("pod{pod_uid}"));
+    std::fs::create_dir_all(pod.join(&container)).unwrap();
+    let relative = format!("workload/pod{pod_uid}/{container}");
+    let outcome = sandbox.probe(&relative, &["try", "tcp", "127.0.0.2:8443"]).unwrap();
+    assert_eq!(outcome["result"], "EPERM", "{outcome}");
+    let denial = sandbox.wait_for_denial(cookie(&outcome)).unwrap();
+    assert_eq!(denial["pod_uid"], pod_uid, "{denial}");
+    assert_eq!(denial["container_id"], container, "{denial}");
+    std::fs::remove_dir(pod.join(&container)).unwrap();
+    std::fs::remove_dir(&pod).unwrap();
+}

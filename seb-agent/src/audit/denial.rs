@@ -27,6 +27,11 @@ pub struct KernelDenial {
     pub cgroup_id: u64,
     /// Path relative to the cgroup2 mount, when the cgroup still exists.
     pub cgroup_path: Option<String>,
+    /// The Kubernetes pod UID and container id, when the cgroup belongs to a pod.
+    #[serde(default)]
+    pub pod_uid: Option<String>,
+    #[serde(default)]
+    pub container_id: Option<String>,
     pub address: String,
     pub port: u16,
     pub protocol: String,
@@ -57,6 +62,8 @@ impl KernelDenial {
             exe: None,
             cgroup_id: event.cgroup_id,
             cgroup_path: None,
+            pod_uid: None,
+            container_id: None,
             address: address.to_string(),
             port: event.dport,
             protocol: Protocol::from_number(event.protocol),
