@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use crate::{
-    audit::{KernelDenial, Ledger, denial},
+    audit::{KernelDenial, Ledger, denial, now_ns, store},
     cgroupfs::CgroupNames,
     enforcement::maps::Counters,
     metrics::{DenialLabels, Metrics},
@@ -59,21 +59,7 @@ impl Recorder {
         let ring = ebpf.take_map(map_names::DENIALS).ok_or_else(|| anyhow!("map {} is missing", map_names::DENIALS))?;
         let ring = RingBuf::try_from(ring)?;
         let counters = Counters::take(ebpf)?;
-        let recorded_losses = ledger.run_blocking(|batch| {
-            let last: Option<String> = batch
-                .conn()
-                .query_row(
-                    "SELECT body FROM records WHERE kind = ?1 ORDER BY seq DESC LIMIT 1",
-                    [RING_LOSS_KIND],
-                    |row| row.get(0),
-                )
-                .map(Some)
-                .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })?;
-            Ok(match last {
-                Some(body) => serde_json::from_str::<RingLoss>(&body)?.lost_total,
-                None => 0,
-            })
-        })?;
+        let recorded_losses = ledger.run_blocking(|batch| recorded_loss_total(batch.conn()))?;
         Ok(Self { ring, counters, ledger, names, recorded_losses, metrics })
     }
 
@@ -172,11 +158,19 @@ impl Recorder {
             warn!(lost = loss.lost, "kernel denials were lost to a full ring buffer");
             let lost_total = loss.lost_total;
             self.metrics.ring_lost.inc_by(loss.lost);
-            let time_ns = BootClock::now().wall_now_ns() as i64;
+            let time_ns = now_ns();
             self.ledger.run_blocking(move |batch| batch.append(RING_LOSS_KIND, time_ns, &loss).map(drop))?;
             self.recorded_losses = lost_total;
         }
         Ok(())
+    }
+}
+
+/// The kernel's running loss total as last recorded (0 before any loss).
+pub fn recorded_loss_total(conn: &rusqlite::Connection) -> Result<u64> {
+    match store::last_body(conn, RING_LOSS_KIND)? {
+        Some(body) => Ok(serde_json::from_str::<RingLoss>(&body)?.lost_total),
+        None => Ok(0),
     }
 }
 
@@ -195,9 +189,5 @@ impl BootClock {
 
     fn wall_ns(&self, boot_ns: u64) -> u64 {
         self.wall_ns.saturating_sub(self.boot_ns.saturating_sub(boot_ns))
-    }
-
-    fn wall_now_ns(&self) -> u64 {
-        self.wall_ns
     }
 }

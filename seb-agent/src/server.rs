@@ -9,13 +9,12 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use rusqlite::OptionalExtension;
 use tokio::net::unix::UCred;
 
 use crate::{
-    admission::{self, Admission, Caller, Pending, Proposal, state},
+    admission::{self, Admission, Caller, CallerIdentity, Pending, Proposal, state},
     audit::Ledger,
-    audit::now_ns,
+    audit::{now_ns, store},
     config::parse_socket_addr,
     enforcement::BrokerSockets,
     enforcement::{LinkState, PinLayout, maps},
@@ -26,7 +25,7 @@ use crate::{
     metrics::{AdmissionLabels, ExecutionLabels, Metrics, Readiness},
     propose::propose,
     protocol::{Envelope, ErrorCode, FrameError, Request, Response, StatusReport, VERSION, read_frame, write_frame},
-    recorder::{RING_LOSS_KIND, RingLoss},
+    recorder::recorded_loss_total,
 };
 
 /// What request handlers need.
@@ -139,17 +138,11 @@ async fn handle(request: Request, peer: &UCred, broker: &Broker) -> Response {
         Request::Ping => Response::Pong { version: env!("CARGO_PKG_VERSION").into() },
         Request::Propose { certificate, request } => {
             let proposal = Proposal { certificate, request };
-            let pid = peer.pid().unwrap_or(0);
-            let identified = match peer.pid() {
-                Some(pid) => Caller::identify(peer.uid(), peer.gid(), pid)
-                    .map_err(|e| format!("the caller cannot be identified: {e:#}")),
-                None => Err("the caller's pid is unknown (SO_PEERCRED)".to_string()),
-            };
-            let decision = match identified {
+            let decision = match identify(peer) {
                 Ok(caller) => propose(&broker.admission, &broker.executors, &broker.ledger, &caller, &proposal).await,
                 // Still a decision: denied, and recorded before the answer.
                 Err(message) => {
-                    let pending = Pending::unidentified(peer.uid(), peer.gid(), pid, &proposal, message);
+                    let pending = Pending::unidentified(unidentified(peer), &proposal, message);
                     admission::record(&broker.ledger, pending).await
                 }
             };
@@ -169,18 +162,21 @@ async fn handle(request: Request, peer: &UCred, broker: &Broker) -> Response {
                 decision_id = %decision.decision_id,
                 admitted = decision.admitted,
                 reason = %decision.reason,
-                pid,
+                pid = ?peer.pid(),
                 "admission decision"
             );
             Response::Decision(Box::new(decision))
         }
         Request::Read { request } => {
-            let caller = match peer.pid().map(|pid| Caller::identify(peer.uid(), peer.gid(), pid)) {
-                Some(Ok(caller)) => caller.identity,
-                _ => return error(ErrorCode::Forbidden, "the caller cannot be identified"),
-            };
             let read_id = uuid::Uuid::new_v4().to_string();
-            let result = passthrough::read(&broker.passthrough, &broker.executors, &request, &read_id).await;
+            // An unidentifiable reader is refused, and the refusal recorded like any other.
+            let (caller, result) = match identify(peer) {
+                Ok(caller) => (
+                    caller.identity,
+                    passthrough::read(&broker.passthrough, &broker.executors, &request, &read_id).await,
+                ),
+                Err(message) => (unidentified(peer), Err(anyhow::anyhow!(message))),
+            };
             let record = serde_json::json!({
                 "read_id": read_id,
                 "caller": caller,
@@ -247,25 +243,25 @@ async fn handle(request: Request, peer: &UCred, broker: &Broker) -> Response {
     }
 }
 
+/// The caller behind SO_PEERCRED, pinned and read from /proc.
+fn identify(peer: &UCred) -> Result<Caller, String> {
+    let pid = peer.pid().ok_or("the caller's pid is unknown (SO_PEERCRED)")?;
+    Caller::identify(peer.uid(), peer.gid(), pid).map_err(|e| format!("the caller cannot be identified: {e:#}"))
+}
+
+fn unidentified(peer: &UCred) -> CallerIdentity {
+    CallerIdentity::unidentified(peer.uid(), peer.gid(), peer.pid().unwrap_or(0))
+}
+
 async fn status(broker: &Broker) -> anyhow::Result<StatusReport> {
     let map_entries = maps::entry_counts(&broker.layout)?;
     let (epochs, last_denial, ring_lost_total) = broker
         .ledger
         .run(|batch| {
-            let last_body = |kind: &str| -> anyhow::Result<Option<String>> {
-                Ok(batch
-                    .conn()
-                    .query_row("SELECT body FROM records WHERE kind = ?1 ORDER BY seq DESC LIMIT 1", [kind], |row| {
-                        row.get(0)
-                    })
-                    .optional()?)
-            };
-            let last_denial = last_body(crate::audit::denial::KIND)?.map(|b| serde_json::from_str(&b)).transpose()?;
-            let lost = last_body(RING_LOSS_KIND)?
-                .map(|b| serde_json::from_str::<RingLoss>(&b))
-                .transpose()?
-                .map_or(0, |loss| loss.lost_total);
-            Ok((state::epochs(batch.conn())?, last_denial, lost))
+            let last_denial = store::last_body(batch.conn(), crate::audit::denial::KIND)?
+                .map(|body| serde_json::from_str(&body))
+                .transpose()?;
+            Ok((state::epochs(batch.conn())?, last_denial, recorded_loss_total(batch.conn())?))
         })
         .await?;
     Ok(StatusReport {

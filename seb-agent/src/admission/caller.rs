@@ -22,6 +22,13 @@ pub struct CallerIdentity {
     pub pod_uid: Option<String>,
 }
 
+impl CallerIdentity {
+    /// What SO_PEERCRED alone says, for a caller /proc could not tell more about.
+    pub fn unidentified(uid: u32, gid: u32, pid: i32) -> Self {
+        Self { uid, gid, pid, exe: None, cgroup: None, pod_uid: None }
+    }
+}
+
 #[derive(Debug)]
 pub struct Caller {
     pub identity: CallerIdentity,

@@ -74,6 +74,17 @@ pub struct RequestSummary {
     pub digest: String,
 }
 
+impl RequestSummary {
+    pub fn of(request: &MutationRequest) -> Self {
+        Self {
+            provider: request.provider,
+            operation: request.operation.clone(),
+            target: request.target.clone(),
+            digest: request.digest(),
+        }
+    }
+}
+
 pub struct Admission {
     anchors: Option<TrustAnchors>,
     validity: ValidityPolicy,
@@ -115,12 +126,7 @@ impl Admission {
             verified,
             verdict,
             caller: caller.identity.clone(),
-            request: RequestSummary {
-                provider: proposal.request.provider,
-                operation: proposal.request.operation.clone(),
-                target: proposal.request.target.clone(),
-                digest: proposal.request.digest(),
-            },
+            request: RequestSummary::of(&proposal.request),
         }
     }
 
@@ -143,18 +149,13 @@ pub struct Pending {
 
 impl Pending {
     /// A proposal from a caller that could not be identified: a denial, still recorded.
-    pub fn unidentified(uid: u32, gid: u32, pid: i32, proposal: &Proposal, message: String) -> Self {
+    pub fn unidentified(caller: CallerIdentity, proposal: &Proposal, message: String) -> Self {
         Self {
             decision_id: uuid::Uuid::new_v4().to_string(),
             verified: None,
             verdict: Err(Rejection { reason: Reason::CallerChanged, message }),
-            caller: CallerIdentity { uid, gid, pid, exe: None, cgroup: None, pod_uid: None },
-            request: RequestSummary {
-                provider: proposal.request.provider,
-                operation: proposal.request.operation.clone(),
-                target: proposal.request.target.clone(),
-                digest: proposal.request.digest(),
-            },
+            caller,
+            request: RequestSummary::of(&proposal.request),
         }
     }
 

@@ -50,9 +50,9 @@ impl KernelDenial {
         };
         let has_task = event.pid_tgid != 0;
         let comm_len = event.comm.iter().position(|&b| b == 0).unwrap_or(event.comm.len());
-        let time = humantime::format_rfc3339_nanos(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(time_ns));
+
         Self {
-            time: time.to_string(),
+            time: super::format_time(time_ns as i64),
             time_ns,
             pid: has_task.then_some(event.pid_tgid as u32),
             tgid: has_task.then_some((event.pid_tgid >> 32) as u32),

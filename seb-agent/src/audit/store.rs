@@ -71,6 +71,13 @@ pub fn open_writable(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// The body of the newest record of `kind`.
+pub fn last_body(conn: &Connection, kind: &str) -> Result<Option<String>> {
+    Ok(conn
+        .query_row("SELECT body FROM records WHERE kind = ?1 ORDER BY seq DESC LIMIT 1", [kind], |row| row.get(0))
+        .optional()?)
+}
+
 pub fn head(conn: &Connection) -> Result<Head> {
     let head = conn
         .query_row("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1", [], |row| {
@@ -132,9 +139,5 @@ impl AuditStore {
             }
         }
         Ok(())
-    }
-
-    pub fn head(&self) -> Result<Head> {
-        head(&self.conn)
     }
 }

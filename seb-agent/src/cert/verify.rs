@@ -67,14 +67,6 @@ impl TrustAnchors {
         Ok(Self { ders })
     }
 
-    pub fn len(&self) -> usize {
-        self.ders.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ders.is_empty()
-    }
-
     /// Verify a PEM bundle (leaf first, then any intermediates) at time `now`.
     pub fn verify(&self, pem: &str, policy: ValidityPolicy, now: SystemTime) -> Result<Verified, Rejection> {
         let chain = parse_bundle(pem)?;

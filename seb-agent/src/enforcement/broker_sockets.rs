@@ -77,15 +77,6 @@ impl BrokerSockets {
         Ok(Registration { sockets: self.clone(), cookie })
     }
 
-    /// Number of sockets registered now.
-    pub fn len(&self) -> usize {
-        self.map.lock().map(|map| map.keys().count()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Open a TCP connection as the broker.
     pub async fn connect_tcp(&self, addr: SocketAddr) -> Result<BrokerStream> {
         let socket =
@@ -102,12 +93,6 @@ impl BrokerSockets {
 pub struct Registration {
     sockets: BrokerSockets,
     cookie: u64,
-}
-
-impl Registration {
-    pub fn cookie(&self) -> u64 {
-        self.cookie
-    }
 }
 
 impl Drop for Registration {

@@ -65,7 +65,7 @@ impl BrokerHttp {
         };
         // The socket is closed by now; dropping the registration removes its cookie.
         drop(registration);
-        response.with_context(|| format!("{} {uri}", "request to"))
+        response.with_context(|| format!("request to {uri}"))
     }
 }
 

@@ -5,7 +5,8 @@
 //! 3. reads the target with that token (drift) and keeps its `resourceVersion`;
 //! 4. performs the mutation with the `resourceVersion` as precondition, so the drift
 //!    check and the write are atomic (a concurrent change makes the API refuse it);
-//! 5. deletes the Secret, so the token stops authenticating well before it expires.
+//! 5. reads the resulting state, then deletes the Secret, so the token stops
+//!    authenticating well before it expires.
 //!
 //! Every request goes over the broker's kernel-registered sockets: kube's client is
 //! built on a tower service that sends through [`BrokerHttp`].
@@ -284,22 +285,14 @@ impl KubernetesExecutor {
         Ok((state, digest))
     }
 
-    /// Perform the mutation with the drift check's resourceVersion as precondition, read
-    /// the resulting state, then delete the token's Secret. Returns the API status (and
-    /// error) and the resulting state's digest.
-    pub async fn execute(
-        &self,
-        operation: &KubeOperation,
-        session: &mut KubeSession,
-    ) -> (Result<(u16, Option<String>)>, Option<String>) {
-        let result = match self.write(operation, session).await {
+    /// Perform the mutation with the drift check's resourceVersion as precondition. The
+    /// caller revokes the token (`revoke`) once it has read the resulting state.
+    pub async fn mutate(&self, operation: &KubeOperation, session: &KubeSession) -> Result<(u16, Option<String>)> {
+        match self.write(operation, session).await {
             Ok(()) => Ok((200, None)),
             Err(kube::Error::Api(status)) => Ok((status.code, Some(format!("{}: {}", status.reason, status.message)))),
             Err(e) => Err(e.into()),
-        };
-        let resulting = self.live_state(operation, session).await.ok().map(|(_, digest)| digest);
-        self.revoke(session).await;
-        (result, resulting)
+        }
     }
 
     async fn write(&self, operation: &KubeOperation, session: &KubeSession) -> Result<(), kube::Error> {

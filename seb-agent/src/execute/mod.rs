@@ -111,6 +111,16 @@ pub enum Prepared {
     Kubernetes { operation: kubernetes::KubeOperation, session: Box<kubernetes::KubeSession> },
 }
 
+impl Prepared {
+    pub fn identity(&self) -> &MintedIdentity {
+        match self {
+            Self::Aws { session, .. } => &session.identity,
+            Self::Https { session, .. } => &session.identity,
+            Self::Kubernetes { session, .. } => &session.identity,
+        }
+    }
+}
+
 /// What executing a prepared mutation did.
 pub struct Executed {
     pub status: OutcomeStatus,
@@ -213,37 +223,35 @@ impl Executors {
     }
 
     /// Perform the prepared mutation and read the resulting state.
-    pub async fn execute(&self, prepared: Prepared) -> Executed {
+    pub async fn execute(&self, mut prepared: Prepared) -> Executed {
         let clock = Instant::now();
-        let (result, identity, resulting) = match (prepared, &self.aws, &self.https, &self.kubernetes) {
-            (Prepared::Aws { operation, session }, Some(executor), _, _) => {
-                let result = executor.mutate(&operation, &session).await;
-                let resulting = executor.live_state(&operation, &session).await.ok().map(|(_, digest)| digest);
-                (result, session.identity, resulting)
-            }
-            (Prepared::Https { operation, session }, _, Some(executor), _) => {
-                let result = executor.mutate(&operation, &session).await;
-                let resulting = executor.live_state(&operation, &session).await.ok().map(|(_, digest)| digest);
-                (result, session.identity, resulting)
-            }
-            (Prepared::Kubernetes { operation, mut session }, _, _, Some(executor)) => {
-                let (result, resulting) = executor.execute(&operation, &mut session).await;
-                (result, session.identity, resulting)
-            }
-            (Prepared::Aws { session, .. }, ..) => (Err(anyhow::anyhow!("no AWS executor")), session.identity, None),
-            (Prepared::Https { session, .. }, ..) => {
-                (Err(anyhow::anyhow!("no HTTPS executor")), session.identity, None)
-            }
-            (Prepared::Kubernetes { session, .. }, ..) => {
-                (Err(anyhow::anyhow!("no Kubernetes executor")), session.identity, None)
-            }
-        };
+        let result = self.mutate(&prepared).await;
+        let resulting_state_digest = self.live_digest(&mut prepared).await.ok();
+        let identity = prepared.identity().clone();
+        // Revokes what can be revoked (a Kubernetes token) now that the state is read.
+        self.discard(prepared).await;
         let (status, api_status, error) = match result {
             Ok((code, None)) => (OutcomeStatus::Succeeded, Some(code), None),
             Ok((code, Some(error))) => (OutcomeStatus::Failed, Some(code), Some(error)),
             Err(e) => (OutcomeStatus::Failed, None, Some(format!("{e:#}"))),
         };
-        Executed { status, api_status, error, identity, resulting_state_digest: resulting, execute_ms: ms(clock) }
+        Executed { status, api_status, error, identity, resulting_state_digest, execute_ms: ms(clock) }
+    }
+
+    /// Send the prepared mutation: the API status, and its error if it refused.
+    async fn mutate(&self, prepared: &Prepared) -> anyhow::Result<(u16, Option<String>)> {
+        let missing = || anyhow::anyhow!("no executor for this provider");
+        match prepared {
+            Prepared::Aws { operation, session } => {
+                self.aws.as_ref().ok_or_else(missing)?.mutate(operation, session).await
+            }
+            Prepared::Https { operation, session } => {
+                self.https.as_ref().ok_or_else(missing)?.mutate(operation, session).await
+            }
+            Prepared::Kubernetes { operation, session } => {
+                self.kubernetes.as_ref().ok_or_else(missing)?.mutate(operation, session).await
+            }
+        }
     }
 
     /// Drop a prepared mutation that will not run (a denial after the drift check):

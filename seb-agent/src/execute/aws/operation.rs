@@ -287,9 +287,8 @@ impl AwsOperation {
                 body: Bytes::from(policy.clone()),
                 content_type: Some("application/json"),
             },
-            Self::Ec2SecurityGroupRule { action, group_id, permissions, .. } => {
+            Self::Ec2SecurityGroupRule { group_id, permissions, .. } => {
                 let name = self.action().trim_start_matches("ec2:");
-                let _ = action;
                 let mut params =
                     vec![("Action", name.to_string()), ("Version", EC2_VERSION.into()), ("GroupId", group_id.clone())];
                 let mut keys = Vec::new();
