@@ -14,16 +14,20 @@ use tokio::{signal::unix::SignalKind, sync::watch};
 use tracing::{info, warn};
 
 use crate::{
-    admission::Admission,
+    admission::{Admission, ClusterGate},
     audit::{Ledger, keys},
     cert::{TrustAnchors, ValidityPolicy},
     cgroupfs::{self, CgroupNames},
+    cluster::{self, directory::SharedDirectory, freshness::Freshness, sync::ClusterSync},
     config::Config,
-    enforcement::{BrokerSockets, LinkState, PinLayout, loader, maps, policy},
+    enforcement::{
+        BrokerSockets, EndpointSource, Enforcer, PinLayout, SharedEnforcer, Sources, hostnames, loader, maps, policy,
+    },
     execute::{
         Executors, aws::AwsExecutor, broker_http::BrokerHttp, https::HttpsExecutor, kubernetes::KubernetesExecutor,
         reconcile::reconcile,
     },
+    kube_api::{KubeApi, Token},
     metrics::{self, EpochLabels, MapLabels, Metrics, Readiness},
     recorder::Recorder,
     server::{self, Broker},
@@ -55,57 +59,85 @@ pub fn resolve_cgroups(config: &Config) -> Result<ResolvedCgroups> {
     Ok(ResolvedCgroups { mount, scopes, exempt_ids })
 }
 
-/// Enforcement in place: policy written, programs attached and pinned.
-pub struct Enforced {
-    pub ebpf: aya::Ebpf,
-    pub links: Vec<LinkState>,
-    pub layout: PinLayout,
-}
-
-/// Write the policy, then attach: the programs never run against an empty policy that
-/// is about to be filled.
-pub fn enforce(config: &Config, cgroups: &ResolvedCgroups) -> Result<Enforced> {
+/// The config's share of what is enforced.
+pub fn config_sources(config: &Config) -> Result<Sources> {
     let endpoints = config.endpoints()?;
-    let compiled = policy::compile(&endpoints).context("config field `enforcement.protected`")?;
-    let layout = PinLayout::new(&config.bpf.pin_path);
-    let mut ebpf = loader::load(&layout)?;
-    maps::write_policy(&mut ebpf, &compiled)?;
-    maps::write_exemptions(&mut ebpf, &cgroups.exempt_ids)?;
-    let links = loader::attach_all(&mut ebpf, &layout, &cgroups.scopes)?;
-    info!(
-        prefixes_v4 = compiled.v4.len(),
-        prefixes_v6 = compiled.v6.len(),
-        exempt = cgroups.exempt_ids.len(),
-        "policy applied"
-    );
-    Ok(Enforced { ebpf, links, layout })
+    policy::compile(&endpoints).context("config field `enforcement.protected`")?;
+    Ok(Sources {
+        endpoints: [(EndpointSource::Config, endpoints)].into(),
+        scope: config.enforcement.scope.iter().cloned().collect(),
+        exempt: config.enforcement.exempt_cgroups.iter().cloned().collect(),
+        // Until the cluster state is read, what an earlier run enforced stays enforced.
+        keep_pinned: config.cluster.is_some(),
+        ..Default::default()
+    })
 }
 
 pub async fn run(config: Config) -> Result<()> {
     let cgroups = resolve_cgroups(&config)?;
-    let mut enforced = enforce(&config, &cgroups)?;
-    let adopted = enforced.links.iter().filter(|l| l.origin == loader::LinkOrigin::Adopted).count();
-    info!(links = enforced.links.len(), adopted, pin_path = %enforced.layout.root.display(), "kernel enforcement active");
+    let sources = config_sources(&config)?;
+    let layout = PinLayout::new(&config.bpf.pin_path);
+    let mut enforcer = Enforcer::load(layout.clone(), cgroups.mount.clone())?;
+    enforcer.apply(&sources)?;
+    let adopted = enforcer.links().iter().filter(|l| l.origin == loader::LinkOrigin::Adopted).count();
+    info!(links = enforcer.links().len(), adopted, pin_path = %layout.root.display(), "kernel enforcement active");
 
     let key = keys::load_or_create(&config.audit.signing_key)?;
     let (ledger, ledger_thread) = Ledger::start(&config.audit.database, key)?;
-    let admission = admission_from(&config)?;
+    let mut admission = admission_from(&config)?;
     // Start-up reads the ledger synchronously; allowed on a runtime worker this way.
     let names = CgroupNames::new(cgroups.mount.clone());
     let metrics = Arc::new(Metrics::new());
-    let recorder =
-        tokio::task::block_in_place(|| Recorder::new(&mut enforced.ebpf, ledger.clone(), names, metrics.clone()))?;
+    let directory = SharedDirectory::default();
+    let recorder = tokio::task::block_in_place(|| {
+        Recorder::new(enforcer.ebpf_mut(), ledger.clone(), names, metrics.clone(), directory.clone())
+    })?;
     let stop_recorder = Arc::new(AtomicBool::new(false));
     let recorder = recorder.spawn(stop_recorder.clone());
+    let enforcer = SharedEnforcer::new(enforcer, sources);
 
-    let sockets = BrokerSockets::open(&enforced.layout)?;
+    let sockets = BrokerSockets::open(&layout)?;
     let executors = executors_from(&config, &sockets)?;
     let listener = server::bind(&config.broker.socket, config.broker.socket_group.as_deref())?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut freshness = None;
+    if let (Some(cluster), Some(kubernetes)) = (&config.cluster, &config.kubernetes) {
+        let node = cluster.node_name()?;
+        let fresh = Freshness::new(cluster.staleness());
+        admission = admission.with_cluster(ClusterGate {
+            node_name: node.clone(),
+            require_node_binding: cluster.require_node_binding,
+            freshness: fresh.clone(),
+        });
+        let api = KubeApi::new(kubernetes, BrokerHttp::new(sockets.clone()))?;
+        let sync = ClusterSync::new(
+            ledger.clone(),
+            enforcer.clone(),
+            sockets.clone(),
+            fresh.clone(),
+            metrics.clone(),
+            directory.clone(),
+            cgroups.mount.clone(),
+        );
+        tasks.extend(cluster::watch::spawn(
+            api.client(Token::Broker, "default"),
+            cluster,
+            &node,
+            sync,
+            shutdown_rx.clone(),
+        ));
+        freshness = Some(fresh);
+    }
+    if !config.enforcement.protected_hosts.is_empty() {
+        let resolver = hostnames::resolver(config.enforcement.resolver)?;
+        let hosts = config.enforcement.protected_hosts.clone();
+        tasks.push(tokio::spawn(hostnames::follow(hosts, resolver, enforcer.clone(), shutdown_rx.clone())));
+    }
     // Before serving: every admitted decision gets its outcome, even across a crash.
     reconcile(&ledger, &executors).await?;
     let passthrough = config.passthrough.clone();
-    let readiness = Readiness { pins: enforced.links.iter().map(|link| link.pin.clone()).collect() };
+    let readiness = Readiness { enforcer: enforcer.clone(), cluster: freshness.clone() };
     let broker = Arc::new(Broker {
         sockets,
         admission,
@@ -113,13 +145,13 @@ pub async fn run(config: Config) -> Result<()> {
         passthrough,
         ledger: ledger.clone(),
         metrics: metrics.clone(),
-        links: enforced.links.clone(),
-        layout: enforced.layout.clone(),
+        enforcer,
+        layout: layout.clone(),
         readiness: readiness.clone(),
     });
     if config.metrics.enabled {
         metrics::serve(config.metrics.listen, metrics.clone(), readiness, shutdown_rx.clone()).await?;
-        tokio::spawn(refresh_gauges(metrics, ledger, enforced.layout.clone(), shutdown_rx.clone()));
+        tokio::spawn(refresh_gauges(metrics, ledger, layout, freshness, shutdown_rx.clone()));
     }
     let serving = tokio::spawn(server::serve(listener, broker, shutdown_rx));
     info!(socket = %config.broker.socket.display(), "broker ready");
@@ -128,6 +160,9 @@ pub async fn run(config: Config) -> Result<()> {
     info!("shutting down; kernel enforcement stays pinned");
     let _ = shutdown_tx.send(true);
     let _ = serving.await;
+    for task in tasks {
+        let _ = task.await;
+    }
     stop_recorder.store(true, Ordering::Release);
     recorder.join().map_err(|_| anyhow!("the recorder thread panicked"))?;
     // Every ledger handle is gone now; the ledger finishes its queue and stops.
@@ -136,8 +171,17 @@ pub async fn run(config: Config) -> Result<()> {
 }
 
 /// Map sizes and epochs, for the gauges; every few seconds.
-async fn refresh_gauges(metrics: Arc<Metrics>, ledger: Ledger, layout: PinLayout, mut shutdown: watch::Receiver<bool>) {
+async fn refresh_gauges(
+    metrics: Arc<Metrics>,
+    ledger: Ledger,
+    layout: PinLayout,
+    freshness: Option<Freshness>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
+        if let Some(age) = freshness.as_ref().and_then(Freshness::age) {
+            metrics.cluster_state_age.set(age.as_secs_f64());
+        }
         if let Ok(counts) = maps::entry_counts(&layout) {
             for (map, count) in counts {
                 metrics.map_entries.get_or_create(&MapLabels { map }).set(count as i64);

@@ -32,12 +32,16 @@ pub struct Config {
     pub http: Option<crate::execute::https::HttpConfig>,
     /// The Kubernetes executor (TokenRequest per decision).
     #[serde(default)]
-    pub kubernetes: Option<crate::execute::kubernetes::KubernetesConfig>,
+    pub kubernetes: Option<crate::kube_api::KubernetesConfig>,
     /// Reads that go through the broker without a certificate.
     #[serde(default)]
     pub passthrough: crate::execute::passthrough::PassthroughConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Cluster mode: follow the cluster's SebPolicy and SebRevocation, enforce the pods the
+    /// policy selects, protect the API server's addresses. Needs `[kubernetes]`.
+    #[serde(default)]
+    pub cluster: Option<crate::cluster::watch::ClusterConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -112,6 +116,13 @@ pub struct EnforcementConfig {
     /// Production endpoints that only the broker may reach.
     #[serde(default)]
     pub protected: Vec<ProtectedEndpoint>,
+    /// Production host names: their addresses are protected, refreshed as their DNS
+    /// records expire.
+    #[serde(default)]
+    pub protected_hosts: Vec<crate::enforcement::hostnames::ProtectedHost>,
+    /// The DNS server for `protected_hosts` (`addr:port`); default: the system's resolver.
+    #[serde(default)]
+    pub resolver: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -205,7 +216,13 @@ impl Default for BpfConfig {
 }
 impl Default for EnforcementConfig {
     fn default() -> Self {
-        Self { scope: default_scope(), exempt_cgroups: Vec::new(), protected: Vec::new() }
+        Self {
+            scope: default_scope(),
+            exempt_cgroups: Vec::new(),
+            protected: Vec::new(),
+            protected_hosts: Vec::new(),
+            resolver: None,
+        }
     }
 }
 impl Default for AuditConfig {
@@ -261,11 +278,22 @@ impl Config {
         if !self.bpf.pin_path.is_absolute() {
             return Err(invalid("bpf.pin_path", "must be an absolute path on a bpffs"));
         }
-        if self.enforcement.scope.is_empty() {
+        if self.enforcement.scope.is_empty() && self.cluster.is_none() {
             return Err(invalid(
                 "enforcement.scope",
-                "is empty: nothing would be enforced; use [\"/\"] for the whole cgroup tree",
+                "is empty: nothing would be enforced; use [\"/\"] for the whole cgroup tree (only cluster mode, where the SebPolicy selects pods, may leave it empty)",
             ));
+        }
+        if let Some(cluster) = &self.cluster {
+            if self.kubernetes.is_none() {
+                return Err(invalid(
+                    "cluster",
+                    "cluster mode needs the `[kubernetes]` table (how to reach the API server)",
+                ));
+            }
+            if cluster.staleness_seconds == 0 {
+                return Err(invalid("cluster.staleness_seconds", "must be at least 1"));
+            }
         }
         for (i, path) in self.enforcement.scope.iter().enumerate() {
             check_cgroup_path(&format!("enforcement.scope[{i}]"), path)?;
@@ -274,6 +302,13 @@ impl Config {
             check_cgroup_path(&format!("enforcement.exempt_cgroups[{i}]"), path)?;
         }
         self.endpoints()?;
+        for (i, host) in self.enforcement.protected_hosts.iter().enumerate() {
+            let field = |name: &str| format!("enforcement.protected_hosts[{i}].{name}");
+            if host.host.is_empty() || host.host.parse::<std::net::IpAddr>().is_ok() {
+                return Err(invalid(field("host"), "must be a DNS name (addresses go in `enforcement.protected`)"));
+            }
+            check_port(field("port"), field("protocol"), host.port, host.protocol)?;
+        }
         if !self.audit.database.is_absolute() {
             return Err(invalid("audit.database", "must be an absolute path"));
         }
@@ -297,31 +332,41 @@ impl Config {
 
     /// The protected endpoints, parsed.
     pub fn endpoints(&self) -> Result<Vec<Endpoint>, ConfigError> {
-        self.enforcement.protected.iter().enumerate().map(|(i, endpoint)| endpoint.parse(i)).collect()
+        self.enforcement
+            .protected
+            .iter()
+            .enumerate()
+            .map(|(i, endpoint)| endpoint.parse("enforcement.protected", i))
+            .collect()
     }
 }
 
 impl ProtectedEndpoint {
-    fn parse(&self, index: usize) -> Result<Endpoint, ConfigError> {
-        let field = format!("enforcement.protected[{index}].cidr");
+    /// Validate the entry at `list[index]`; errors name that field.
+    pub fn parse(&self, list: &str, index: usize) -> Result<Endpoint, ConfigError> {
+        let field = format!("{list}[{index}].cidr");
         let net = parse_net(&self.cidr).map_err(|problem| invalid(&field, problem))?;
         if net.trunc() != net {
             return Err(invalid(field, format!("`{}` has host bits set; did you mean `{}`?", self.cidr, net.trunc())));
         }
-        if self.port == Some(0) {
-            return Err(invalid(
-                format!("enforcement.protected[{index}].port"),
-                "0 is not a port; omit the field to protect every port",
-            ));
-        }
-        if self.port.is_some() && self.protocol == Protocol::Any {
-            return Err(invalid(
-                format!("enforcement.protected[{index}].protocol"),
-                "a port needs protocol \"tcp\" or \"udp\"",
-            ));
-        }
+        check_port(format!("{list}[{index}].port"), format!("{list}[{index}].protocol"), self.port, self.protocol)?;
         Ok(Endpoint { net, port: self.port, protocol: self.protocol })
     }
+}
+
+fn check_port(
+    port_field: String,
+    protocol_field: String,
+    port: Option<u16>,
+    protocol: Protocol,
+) -> Result<(), ConfigError> {
+    if port == Some(0) {
+        return Err(invalid(port_field, "0 is not a port; omit the field to protect every port"));
+    }
+    if port.is_some() && protocol == Protocol::Any {
+        return Err(invalid(protocol_field, "a port needs protocol \"tcp\" or \"udp\""));
+    }
+    Ok(())
 }
 
 /// An address alone means a single host (/32 or /128).
@@ -335,7 +380,7 @@ pub fn parse_net(text: &str) -> Result<IpNet, String> {
     }
 }
 
-fn check_cgroup_path(field: &str, path: &str) -> Result<(), ConfigError> {
+pub fn check_cgroup_path(field: &str, path: &str) -> Result<(), ConfigError> {
     if !path.starts_with('/') {
         return Err(invalid(field, format!("`{path}` must start with `/` (relative to the cgroup2 mount)")));
     }
@@ -412,6 +457,12 @@ mod tests {
             ("[[enforcement.protected]]\ncidr = \"10.0.0.1\"\nport = 443", "enforcement.protected[0].protocol"),
             ("[enforcement]\nsope = [\"/\"]", "sope"),
             ("[[enforcement.protected]]\nport = 443", "cidr"),
+            ("[[enforcement.protected_hosts]]\nhost = \"10.0.0.1\"", "enforcement.protected_hosts[0].host"),
+            (
+                "[[enforcement.protected_hosts]]\nhost = \"sts.amazonaws.com\"\nport = 443",
+                "enforcement.protected_hosts[0].protocol",
+            ),
+            ("[cluster]\nnode_name = \"n\"", "cluster"),
         ];
         for (text, field) in cases {
             let error = Config::parse(text).expect_err(text);

@@ -12,6 +12,7 @@ pub mod config;
 pub mod denials;
 pub mod enforcement;
 pub mod execute;
+pub mod kube_api;
 pub mod metrics;
 pub mod propose;
 pub mod protocol;

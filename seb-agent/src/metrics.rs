@@ -4,7 +4,6 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    path::PathBuf,
     sync::{Arc, Mutex},
 };
 
@@ -19,6 +18,8 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::sync::watch;
+
+use crate::{cluster::freshness::Freshness, enforcement::SharedEnforcer};
 use tracing::warn;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -38,6 +39,13 @@ pub struct DenialLabels {
     pub hook: String,
     pub destination: String,
     pub cgroup: String,
+    /// `<namespace>/<name>` when the cgroup is a known pod's, else empty.
+    pub pod: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    pub resource: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -58,6 +66,13 @@ pub struct Metrics {
     pub ring_lost: Counter,
     pub map_entries: Family<MapLabels, Gauge>,
     pub epochs: Family<EpochLabels, Gauge>,
+    /// From a revocation being written to the API to this node applying it.
+    pub revocation_propagation: Histogram,
+    /// Seconds since the API server last answered (cluster mode); -1 before it ever did.
+    pub cluster_state_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub cluster_sync_errors: Family<ResourceLabels, Counter>,
+    /// Broker connections cut because their decision's certificate was revoked.
+    pub sockets_cut: Counter,
 }
 
 impl Default for Metrics {
@@ -76,6 +91,12 @@ impl Metrics {
         let ring_lost = Counter::default();
         let map_entries = Family::<MapLabels, Gauge>::default();
         let epochs = Family::<EpochLabels, Gauge>::default();
+        let revocation_propagation =
+            Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
+        let cluster_state_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        cluster_state_age.set(-1.0);
+        let cluster_sync_errors = Family::<ResourceLabels, Counter>::default();
+        let sockets_cut = Counter::default();
         let mut registry = Registry::with_prefix("seb");
         registry.register("admissions", "Admission decisions by decision and reason code", admissions.clone());
         registry.register("execution_duration_seconds", "Broker time per executed mutation", execution_seconds.clone());
@@ -83,6 +104,22 @@ impl Metrics {
         registry.register("ringbuf_lost_events", "Kernel denials lost to a full ring buffer", ring_lost.clone());
         registry.register("map_entries", "Entries in the kernel maps", map_entries.clone());
         registry.register("active_epoch", "The active policy and revocation epochs", epochs.clone());
+        registry.register(
+            "revocation_propagation_seconds",
+            "From a SebRevocation change being written to this node applying it",
+            revocation_propagation.clone(),
+        );
+        registry.register(
+            "cluster_state_age_seconds",
+            "Seconds since the API server last answered this node's broker",
+            cluster_state_age.clone(),
+        );
+        registry.register(
+            "cluster_sync_errors",
+            "Cluster resources that could not be read or applied",
+            cluster_sync_errors.clone(),
+        );
+        registry.register("revoked_connections_cut", "Broker connections cut by a revocation", sockets_cut.clone());
         Self {
             registry: Mutex::new(registry),
             admissions,
@@ -91,6 +128,10 @@ impl Metrics {
             ring_lost,
             map_entries,
             epochs,
+            revocation_propagation,
+            cluster_state_age,
+            cluster_sync_errors,
+            sockets_cut,
         }
     }
 
@@ -103,15 +144,22 @@ impl Metrics {
     }
 }
 
-/// Readiness: every link the agent attached is still pinned.
+/// Readiness: every link the agent attached is still pinned, and in cluster mode the
+/// cluster state has been read (where the policy selects no pod here, no link is needed).
 #[derive(Clone)]
 pub struct Readiness {
-    pub pins: Vec<PathBuf>,
+    pub enforcer: SharedEnforcer,
+    pub cluster: Option<Freshness>,
 }
 
 impl Readiness {
     pub fn ready(&self) -> bool {
-        !self.pins.is_empty() && self.pins.iter().all(|pin| pin.exists())
+        let links = self.enforcer.links();
+        let attached = links.iter().all(|link| link.pin.exists());
+        match &self.cluster {
+            None => attached && !links.is_empty(),
+            Some(freshness) => attached && freshness.is_synced(),
+        }
     }
 }
 
@@ -153,7 +201,11 @@ fn respond(path: &str, metrics: &Metrics, readiness: &Readiness) -> Response<Ful
         "/metrics" => (200, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode()),
         "/healthz" => (200, "text/plain", "ok\n".to_string()),
         "/readyz" if readiness.ready() => (200, "text/plain", "ready\n".to_string()),
-        "/readyz" => (503, "text/plain", "not ready: kernel programs are not all attached\n".to_string()),
+        "/readyz" => (
+            503,
+            "text/plain",
+            "not ready: kernel programs are not all attached, or the cluster state is not read\n".to_string(),
+        ),
         _ => (404, "text/plain", "not found\n".to_string()),
     };
     Response::builder()

@@ -18,6 +18,7 @@ use tracing::info;
 use crate::{
     admission::{self, Admission, Caller, Decision, Proposal, Reason},
     audit::{Ledger, now_ns},
+    enforcement::broker_sockets::ExecutionTag,
     execute::{Executors, OUTCOME_KIND, Outcome, OutcomeStatus, Timings},
 };
 
@@ -30,13 +31,22 @@ pub async fn propose(
 ) -> Decision {
     let started = Instant::now();
     let mut pending = admission.begin(caller, proposal);
+    // Every socket opened for this decision carries it, so a revocation can cut them.
+    let tag = pending.verified.as_ref().map(|verified| ExecutionTag {
+        decision_id: pending.decision_id.clone(),
+        serial: verified.serial.clone(),
+        contract_id: verified.contract.contract_id.clone(),
+        policy_epoch: verified.contract.policy_epoch,
+        revocation_epoch: verified.contract.revocation_epoch,
+    });
     let mut timings = Timings::default();
     let mut prepared = None;
     if executors.handles(proposal.request.provider) && pending.admissible() {
         pending.check_state(ledger).await;
         if let Some(verified) = pending.verified.clone().filter(|_| pending.admissible()) {
             let contract = &verified.contract;
-            match executors.prepare(contract, &proposal.request, &pending.decision_id, &mut timings).await {
+            let preparing = executors.prepare(contract, &proposal.request, &pending.decision_id, &mut timings);
+            match ExecutionTag::within(tag.clone(), preparing).await {
                 Ok((ready, live)) if live == contract.precondition => prepared = Some(ready),
                 Ok((ready, live)) => {
                     executors.discard(ready).await;
@@ -53,6 +63,7 @@ pub async fn propose(
         }
     }
     pending.require_same_caller(caller);
+    pending.require_fresh(admission);
     let mut decision = admission::record(ledger, pending).await;
     if !decision.admitted {
         if let Some(prepared) = prepared {
@@ -74,7 +85,7 @@ pub async fn propose(
     };
     match prepared {
         Some(prepared) => {
-            let executed = executors.execute(prepared).await;
+            let executed = ExecutionTag::within(tag, executors.execute(prepared)).await;
             info!(decision_id = %decision.decision_id, status = ?executed.status, "executed");
             outcome.status = executed.status;
             outcome.api_status = executed.api_status;

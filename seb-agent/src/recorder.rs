@@ -27,6 +27,7 @@ use tracing::{error, info, warn};
 use crate::{
     audit::{KernelDenial, Ledger, denial, now_ns, store},
     cgroupfs::CgroupNames,
+    cluster::directory::SharedDirectory,
     enforcement::maps::Counters,
     metrics::{DenialLabels, Metrics},
 };
@@ -49,18 +50,25 @@ pub struct Recorder {
     names: CgroupNames,
     recorded_losses: u64,
     metrics: Arc<Metrics>,
+    directory: SharedDirectory,
 }
 
 const POLL_TIMEOUT_MS: i32 = 200;
 const LOSS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Recorder {
-    pub fn new(ebpf: &mut Ebpf, ledger: Ledger, names: CgroupNames, metrics: Arc<Metrics>) -> Result<Self> {
+    pub fn new(
+        ebpf: &mut Ebpf,
+        ledger: Ledger,
+        names: CgroupNames,
+        metrics: Arc<Metrics>,
+        directory: SharedDirectory,
+    ) -> Result<Self> {
         let ring = ebpf.take_map(map_names::DENIALS).ok_or_else(|| anyhow!("map {} is missing", map_names::DENIALS))?;
         let ring = RingBuf::try_from(ring)?;
         let counters = Counters::take(ebpf)?;
         let recorded_losses = ledger.run_blocking(|batch| recorded_loss_total(batch.conn()))?;
-        Ok(Self { ring, counters, ledger, names, recorded_losses, metrics })
+        Ok(Self { ring, counters, ledger, names, recorded_losses, metrics, directory })
     }
 
     /// Run until `stop` is set; drains once more before returning.
@@ -120,8 +128,8 @@ impl Recorder {
                         std::fs::read_link(format!("/proc/{tgid}/exe")).ok().map(|p| p.to_string_lossy().into_owned());
                 }
                 denial.cgroup_path = self.names.path_of(denial.cgroup_id);
-                if let Some(path) = &denial.cgroup_path {
-                    (denial.pod_uid, denial.container_id) = crate::cluster::pods::pod_of_cgroup(path);
+                if let Ok(directory) = self.directory.read() {
+                    denial.attribute(&directory);
                 }
                 (time_ns as i64, denial)
             })
@@ -144,7 +152,12 @@ impl Recorder {
             let cgroup = denial.cgroup_path.clone().unwrap_or_else(|| denial.cgroup_id.to_string());
             self.metrics
                 .kernel_denials
-                .get_or_create(&DenialLabels { hook: denial.hook.clone(), destination, cgroup })
+                .get_or_create(&DenialLabels {
+                    hook: denial.hook.clone(),
+                    destination,
+                    cgroup,
+                    pod: denial.pod_label(),
+                })
                 .inc();
             info!(hook = %denial.hook, address = %denial.address, port = denial.port, tgid = ?denial.tgid, comm = ?denial.comm, "kernel denied egress");
         }

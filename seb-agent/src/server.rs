@@ -17,7 +17,7 @@ use crate::{
     audit::{now_ns, store},
     config::parse_socket_addr,
     enforcement::BrokerSockets,
-    enforcement::{LinkState, PinLayout, maps},
+    enforcement::{PinLayout, SharedEnforcer, maps},
     execute::{
         Executors,
         passthrough::{self, PassthroughConfig},
@@ -36,7 +36,7 @@ pub struct Broker {
     pub passthrough: PassthroughConfig,
     pub ledger: Ledger,
     pub metrics: Arc<Metrics>,
-    pub links: Vec<LinkState>,
+    pub enforcer: SharedEnforcer,
     pub layout: PinLayout,
     pub readiness: Readiness,
 }
@@ -267,7 +267,7 @@ async fn status(broker: &Broker) -> anyhow::Result<StatusReport> {
     Ok(StatusReport {
         version: env!("CARGO_PKG_VERSION").into(),
         ready: broker.readiness.ready(),
-        links: broker.links.clone(),
+        links: broker.enforcer.links(),
         map_entries,
         epochs,
         ring_lost_total,

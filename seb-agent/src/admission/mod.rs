@@ -19,6 +19,7 @@ pub use reason::Reason;
 use crate::{
     audit::{Ledger, now_ns},
     cert::{MutationRequest, Rejection, TrustAnchors, ValidityPolicy, Verified},
+    cluster::freshness::Freshness,
 };
 
 /// Record kind of admission decisions.
@@ -88,11 +89,58 @@ impl RequestSummary {
 pub struct Admission {
     anchors: Option<TrustAnchors>,
     validity: ValidityPolicy,
+    cluster: Option<ClusterGate>,
+}
+
+/// What cluster mode adds to admission.
+pub struct ClusterGate {
+    /// This node's name: a contract bound to another node is refused.
+    pub node_name: String,
+    /// Refuse contracts bound to neither a node nor a pod (each can then be used on one
+    /// node only, where the node-local used-serial record stops a replay).
+    pub require_node_binding: bool,
+    pub freshness: Freshness,
 }
 
 impl Admission {
     pub fn new(anchors: Option<TrustAnchors>, validity: ValidityPolicy) -> Self {
-        Self { anchors, validity }
+        Self { anchors, validity, cluster: None }
+    }
+
+    pub fn with_cluster(mut self, gate: ClusterGate) -> Self {
+        self.cluster = Some(gate);
+        self
+    }
+
+    /// The cluster-mode predicates: the contract is this node's, and the cluster state
+    /// is current.
+    fn check_cluster(&self, agent: &crate::cert::contract::AgentIdentity) -> Result<(), Rejection> {
+        let Some(gate) = &self.cluster else { return Ok(()) };
+        let reject = |reason, message: String| Err(Rejection { reason, message });
+        match &agent.node {
+            Some(node) if *node != gate.node_name => {
+                return reject(
+                    Reason::CallerMismatch,
+                    format!("the contract is for node {node}, this broker serves node {}", gate.node_name),
+                );
+            }
+            None if gate.require_node_binding && agent.pod_uid.is_none() => {
+                return reject(
+                    Reason::NotNodeBound,
+                    "in cluster mode a contract must bind agent.node or agent.pod_uid, so that it can be used on one node only".into(),
+                );
+            }
+            _ => {}
+        }
+        self.require_fresh()
+    }
+
+    /// Fail closed while the node's cluster state is missing or stale.
+    pub fn require_fresh(&self) -> Result<(), Rejection> {
+        match self.cluster.as_ref().and_then(|gate| gate.freshness.stale()) {
+            Some(message) => Err(Rejection { reason: Reason::ClusterStateStale, message }),
+            None => Ok(()),
+        }
     }
 
     /// The predicates that need no broker state. The verified certificate is returned
@@ -114,6 +162,7 @@ impl Admission {
         let verdict = caller
             .matches(&verified.contract.agent)
             .map_err(|message| Rejection { reason: Reason::CallerMismatch, message })
+            .and_then(|()| self.check_cluster(&verified.contract.agent))
             .and_then(|()| check_request(&verified, &proposal.request));
         (Some(verified), verdict)
     }
@@ -134,6 +183,7 @@ impl Admission {
     pub async fn decide(&self, ledger: &Ledger, caller: &Caller, proposal: &Proposal) -> Decision {
         let mut pending = self.begin(caller, proposal);
         pending.require_same_caller(caller);
+        pending.require_fresh(self);
         record(ledger, pending).await
     }
 }
@@ -177,6 +227,13 @@ impl Pending {
             Ok(Ok(())) => {}
             Ok(Err(rejection)) => self.verdict = Err(rejection),
             Err(e) => self.reject(Reason::Internal, format!("the broker state could not be read: {e:#}")),
+        }
+    }
+
+    /// The cluster state must still be current, right before recording.
+    pub fn require_fresh(&mut self, admission: &Admission) {
+        if let Err(rejection) = admission.require_fresh() {
+            self.reject(rejection.reason, rejection.message);
         }
     }
 

@@ -18,6 +18,8 @@ pub enum Reason {
     // The caller.
     CallerMismatch,
     CallerChanged,
+    /// Cluster mode: the contract binds neither a node nor a pod, so it could be replayed elsewhere.
+    NotNodeBound,
     // The request against the contract.
     ProviderMismatch,
     OperationMismatch,
@@ -31,6 +33,8 @@ pub enum Reason {
     SerialRevoked,
     ContractRevoked,
     Replayed,
+    /// Cluster mode: the node's copy of the cluster state is missing or too old.
+    ClusterStateStale,
     // Execution.
     UnsupportedOperation,
     LiveStateUnavailable,
@@ -52,6 +56,7 @@ impl Reason {
             Self::MalformedContract => "malformed_contract",
             Self::CallerMismatch => "caller_mismatch",
             Self::CallerChanged => "caller_changed",
+            Self::NotNodeBound => "not_node_bound",
             Self::ProviderMismatch => "provider_mismatch",
             Self::OperationMismatch => "operation_mismatch",
             Self::TargetMismatch => "target_mismatch",
@@ -63,6 +68,7 @@ impl Reason {
             Self::SerialRevoked => "serial_revoked",
             Self::ContractRevoked => "contract_revoked",
             Self::Replayed => "replayed",
+            Self::ClusterStateStale => "cluster_state_stale",
             Self::UnsupportedOperation => "unsupported_operation",
             Self::LiveStateUnavailable => "live_state_unavailable",
             Self::Drift => "drift",

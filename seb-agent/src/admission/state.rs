@@ -84,8 +84,63 @@ pub fn revoke(batch: &mut Batch<'_>, target: RevocationTarget, value: &str, reas
     Ok(seq)
 }
 
+/// A revocation state to converge to, from the cluster's `SebRevocation`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RevocationState {
+    pub epoch: u64,
+    pub serials: Vec<String>,
+    pub contract_ids: Vec<String>,
+    /// Named in each record: which object, at which resourceVersion.
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RevocationApplied {
+    pub epochs: Epochs,
+    /// Serials and contract ids revoked by this update (already revoked ones are not).
+    pub newly_revoked: Vec<(RevocationTarget, String)>,
+    /// The state's epoch when it is behind this node's: not applied, since epochs only
+    /// move forward.
+    pub epoch_behind: Option<u64>,
+}
+
+/// Converge to `state` in one transaction: the epoch moves forward, and every serial and
+/// contract id it lists is revoked. Nothing is un-revoked: a revocation is final.
+pub fn apply_revocations(batch: &mut Batch<'_>, state: &RevocationState) -> Result<RevocationApplied> {
+    let current = epochs(batch.conn())?;
+    let mut applied = RevocationApplied { epochs: current, ..Default::default() };
+    match current.revocation {
+        Some(active) if state.epoch < active => applied.epoch_behind = Some(state.epoch),
+        Some(active) if state.epoch == active => {}
+        _ => applied.epochs = set_epochs(batch, None, Some(state.epoch))?,
+    }
+    let reason = format!("listed in {}", state.source);
+    let targets = state
+        .serials
+        .iter()
+        .map(|serial| (RevocationTarget::Serial, serial))
+        .chain(state.contract_ids.iter().map(|id| (RevocationTarget::ContractId, id)));
+    for (target, value) in targets {
+        let value = normalise(target, value);
+        if !is_revoked(batch.conn(), target, &value)? {
+            revoke(batch, target, &value, &reason)?;
+            applied.newly_revoked.push((target, value));
+        }
+    }
+    Ok(applied)
+}
+
+/// Set the policy epoch if it differs; returns the epochs in force.
+pub fn apply_policy_epoch(batch: &mut Batch<'_>, policy: u64) -> Result<Epochs> {
+    let current = epochs(batch.conn())?;
+    if current.policy == Some(policy) {
+        return Ok(current);
+    }
+    set_epochs(batch, Some(policy), None)
+}
+
 /// Serials compare as lower-case hex without separators.
-fn normalise(target: RevocationTarget, value: &str) -> String {
+pub fn normalise(target: RevocationTarget, value: &str) -> String {
     match target {
         RevocationTarget::Serial => {
             value.chars().filter(char::is_ascii_hexdigit).collect::<String>().to_ascii_lowercase()

@@ -32,6 +32,14 @@ pub struct KernelDenial {
     pub pod_uid: Option<String>,
     #[serde(default)]
     pub container_id: Option<String>,
+    /// The pod's namespace and name and the container's name, when the node's pod
+    /// watcher knows the pod (cluster mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_name: Option<String>,
     pub address: String,
     pub port: u16,
     pub protocol: String,
@@ -41,6 +49,25 @@ pub struct KernelDenial {
 }
 
 impl KernelDenial {
+    /// Name the pod and container the denied cgroup belongs to, as far as they are known.
+    pub fn attribute(&mut self, directory: &crate::cluster::directory::PodDirectory) {
+        let Some(path) = &self.cgroup_path else { return };
+        (self.pod_uid, self.container_id) = crate::cluster::pods::pod_of_cgroup(path);
+        if let Some(pod) = self.pod_uid.as_deref().and_then(|uid| directory.pod(uid)) {
+            self.pod_namespace = Some(pod.namespace.clone());
+            self.pod_name = Some(pod.name.clone());
+            self.container_name = self.container_id.as_ref().and_then(|id| pod.containers.get(id)).cloned();
+        }
+    }
+
+    /// `<namespace>/<name>` of the pod, or empty.
+    pub fn pod_label(&self) -> String {
+        match (&self.pod_namespace, &self.pod_name) {
+            (Some(namespace), Some(name)) => format!("{namespace}/{name}"),
+            _ => String::new(),
+        }
+    }
+
     /// From a ring-buffer event; `time_ns` already converted from boot time.
     pub fn from_event(event: &DenialEvent, time_ns: u64) -> Self {
         let address: IpAddr = if event.family == FAMILY_V4 {
@@ -64,6 +91,9 @@ impl KernelDenial {
             cgroup_path: None,
             pod_uid: None,
             container_id: None,
+            pod_namespace: None,
+            pod_name: None,
+            container_name: None,
             address: address.to_string(),
             port: event.dport,
             protocol: Protocol::from_number(event.protocol),

@@ -58,11 +58,18 @@ pub struct AgentIdentity {
     /// The Kubernetes pod UID the caller runs in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_uid: Option<String>,
+    /// The node whose broker may admit it (cluster mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl AgentIdentity {
     pub fn is_empty(&self) -> bool {
-        self.uid.is_none() && self.exe.is_none() && self.cgroup.is_none() && self.pod_uid.is_none()
+        self.uid.is_none()
+            && self.exe.is_none()
+            && self.cgroup.is_none()
+            && self.pod_uid.is_none()
+            && self.node.is_none()
     }
 }
 

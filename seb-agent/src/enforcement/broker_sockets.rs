@@ -11,9 +11,14 @@
 //! - a process that reuses the broker's PID after it exits has no registered socket,
 //!   since cookies are never reused.
 //!
-//! The registration is removed when the connection is dropped.
+//! The registration is removed when the connection is dropped. A socket opened while
+//! executing a decision carries that decision's [`ExecutionTag`]: revoking its
+//! certificate or contract removes the registration at once ([`BrokerSockets::cut`]),
+//! and the egress program drops the connection's next packet.
 
 use std::{
+    collections::HashMap as StdHashMap,
+    future::Future,
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::Path,
@@ -30,10 +35,38 @@ use super::PinLayout;
 
 type Registry = HashMap<MapData, u64, BrokerSocket>;
 
+/// The decision a socket is opened for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecutionTag {
+    pub decision_id: String,
+    pub serial: String,
+    pub contract_id: String,
+    pub policy_epoch: u64,
+    pub revocation_epoch: u64,
+}
+
+tokio::task_local! {
+    static EXECUTING: Option<ExecutionTag>;
+}
+
+impl ExecutionTag {
+    /// The decision the current task is executing, if any.
+    pub fn current() -> Option<Self> {
+        EXECUTING.try_with(Clone::clone).ok().flatten()
+    }
+
+    /// Run `work` on behalf of `tag`: every broker socket it opens carries the tag.
+    pub fn within<F: Future>(tag: Option<Self>, work: F) -> impl Future<Output = F::Output> {
+        EXECUTING.scope(tag, work)
+    }
+}
+
 /// Handle on the pinned broker-socket map, shared by every connection the broker makes.
 #[derive(Clone)]
 pub struct BrokerSockets {
     map: Arc<Mutex<Registry>>,
+    /// Open sockets by cookie, with the decision each serves.
+    tags: Arc<Mutex<StdHashMap<u64, Option<ExecutionTag>>>>,
     tgid: u32,
 }
 
@@ -44,7 +77,7 @@ impl BrokerSockets {
         let path = layout.map(map_names::BROKER_SOCKETS);
         let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
         let map: Registry = HashMap::try_from(aya::maps::Map::HashMap(data))?;
-        let sockets = Self { map: Arc::new(Mutex::new(map)), tgid: std::process::id() };
+        let sockets = Self { map: Arc::new(Mutex::new(map)), tags: Arc::default(), tgid: std::process::id() };
         sockets.purge_other_processes()?;
         Ok(sockets)
     }
@@ -74,7 +107,25 @@ impl BrokerSockets {
         let mut map = self.map.lock().map_err(|_| anyhow!("broker socket registry poisoned"))?;
         map.insert(cookie, BrokerSocket { tgid: self.tgid, _pad: 0 }, 0)
             .context("registering a broker socket (is the registry full?)")?;
+        if let Ok(mut tags) = self.tags.lock() {
+            tags.insert(cookie, ExecutionTag::current());
+        }
         Ok(Registration { sockets: self.clone(), cookie })
+    }
+
+    /// Remove the kernel registration of every open socket whose decision `revoked`
+    /// names; returns their cookies. The connections stay open in user space, but the
+    /// kernel lets no further packet of theirs out to a protected endpoint.
+    pub fn cut(&self, revoked: impl Fn(&ExecutionTag) -> bool) -> Result<Vec<u64>> {
+        let mut map = self.map.lock().map_err(|_| anyhow!("broker socket registry poisoned"))?;
+        let mut tags = self.tags.lock().map_err(|_| anyhow!("broker socket tags poisoned"))?;
+        let cookies: Vec<u64> =
+            tags.iter().filter(|(_, tag)| tag.as_ref().is_some_and(&revoked)).map(|(cookie, _)| *cookie).collect();
+        for cookie in &cookies {
+            map.remove(cookie).with_context(|| format!("removing broker socket {cookie}"))?;
+            tags.remove(cookie);
+        }
+        Ok(cookies)
     }
 
     /// Open a TCP connection as the broker.
@@ -97,7 +148,11 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        if let Ok(mut map) = self.sockets.map.lock() {
+        // Already gone when the socket was cut.
+        if let Ok(mut tags) = self.sockets.tags.lock()
+            && tags.remove(&self.cookie).is_some()
+            && let Ok(mut map) = self.sockets.map.lock()
+        {
             let _ = map.remove(&self.cookie);
         }
     }

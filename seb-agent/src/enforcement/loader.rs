@@ -96,8 +96,13 @@ pub fn load(layout: &PinLayout) -> Result<Ebpf> {
 }
 
 /// Attach every program to every scope cgroup, adopting valid pinned links, then unpin
-/// links that are no longer wanted.
-pub fn attach_all(ebpf: &mut Ebpf, layout: &PinLayout, scopes: &[PathBuf]) -> Result<Vec<LinkState>> {
+/// links that are no longer wanted, unless `keep_others` (the scope is not fully known yet).
+pub fn attach_all(
+    ebpf: &mut Ebpf,
+    layout: &PinLayout,
+    scopes: &[PathBuf],
+    keep_others: bool,
+) -> Result<Vec<LinkState>> {
     let hash = object_hash();
     let map_ids = pinned_map_ids(layout)?;
     let mut states = Vec::new();
@@ -126,12 +131,18 @@ pub fn attach_all(ebpf: &mut Ebpf, layout: &PinLayout, scopes: &[PathBuf]) -> Re
             states.push(LinkState { program: program.into(), cgroup: scope.clone(), cgroup_id, pin, origin });
         }
     }
-    unpin_unwanted(layout, &wanted)?;
+    if !keep_others {
+        unpin_unwanted(layout, &wanted)?;
+    }
     Ok(states)
 }
 
 fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
     let program = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} is missing from the object"))?;
+    // Loaded by an earlier apply of this agent.
+    if program.fd().is_ok() {
+        return Ok(());
+    }
     let result = if name == "seb_egress" {
         let program: &mut CgroupSkb = program.try_into()?;
         program.load()

@@ -1,9 +1,12 @@
 //! The kernel enforcement layer, user side: programs, maps and broker registrations.
 
 pub mod broker_sockets;
+pub mod enforcer;
+pub mod hostnames;
 pub mod loader;
 pub mod maps;
 pub mod policy;
 
 pub use broker_sockets::BrokerSockets;
+pub use enforcer::{EndpointSource, Enforcer, SharedEnforcer, Sources};
 pub use loader::{LinkOrigin, LinkState, PinLayout};

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use http::{Request, Response, Uri};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
@@ -49,40 +50,66 @@ impl BrokerHttp {
         tokio::time::timeout(TIMEOUT, self.send_inner(request, tls)).await.context("the request timed out")?
     }
 
-    async fn send_inner(&self, request: Request<Bytes>, tls_config: Arc<ClientConfig>) -> Result<Response<Bytes>> {
+    async fn send_inner(&self, request: Request<Bytes>, tls: Arc<ClientConfig>) -> Result<Response<Bytes>> {
+        let uri = request.uri().clone();
+        let response = self.open_inner(request.map(Full::new), tls).await?;
+        collect(response).await.with_context(|| format!("reading the response of {uri}"))
+    }
+
+    /// Send, and hand back the response as it streams (a watch): the connection and its
+    /// kernel registration last until the body is read to its end or dropped. Only the
+    /// response head is bound by the timeout.
+    pub async fn open(&self, request: Request<Full<Bytes>>, tls: Arc<ClientConfig>) -> Result<Response<Incoming>> {
+        tokio::time::timeout(TIMEOUT, self.open_inner(request, tls)).await.context("the request timed out")?
+    }
+
+    async fn open_inner(
+        &self,
+        request: Request<Full<Bytes>>,
+        tls_config: Arc<ClientConfig>,
+    ) -> Result<Response<Incoming>> {
         let uri = request.uri().clone();
         let (host, port, tls) = endpoint_of(&uri)?;
         let addr = resolve(&host, port).await?;
-        let stream = self.sockets.connect_tcp(addr).await?;
-        let (stream, registration) = stream.into_parts();
+        let (stream, registration) = self.sockets.connect_tcp(addr).await?.into_parts();
         let response = if tls {
             let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.clone())
                 .with_context(|| format!("`{host}` is not a valid TLS server name"))?;
             let stream = tokio_rustls::TlsConnector::from(tls_config).connect(name, stream).await?;
-            exchange(stream, request).await
+            start_exchange(stream, request, registration).await
         } else {
-            exchange(stream, request).await
+            start_exchange(stream, request, registration).await
         };
-        // The socket is closed by now; dropping the registration removes its cookie.
-        drop(registration);
         response.with_context(|| format!("request to {uri}"))
     }
 }
 
-/// One HTTP/1.1 exchange on an already connected stream.
+/// One HTTP/1.1 exchange on an already connected stream, the response read whole.
 pub async fn exchange<S>(stream: S, request: Request<Bytes>) -> Result<Response<Bytes>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    let driver = tokio::spawn(connection);
-    let (parts, body) = request.into_parts();
-    let response = sender.send_request(Request::from_parts(parts, Full::new(body))).await?;
+    collect(start_exchange(stream, request.map(Full::new), ()).await?).await
+}
+
+async fn collect(response: Response<Incoming>) -> Result<Response<Bytes>> {
     let (parts, body) = response.into_parts();
-    let body = body.collect().await?.to_bytes();
-    drop(sender);
-    let _ = driver.await;
-    Ok(Response::from_parts(parts, body))
+    Ok(Response::from_parts(parts, body.collect().await?.to_bytes()))
+}
+
+/// Send one HTTP/1.1 request on a connected stream. The connection task owns `keep` (the
+/// socket's kernel registration), so it is removed exactly when the connection ends.
+async fn start_exchange<S, K>(stream: S, request: Request<Full<Bytes>>, keep: K) -> Result<Response<Incoming>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    K: Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+        drop(keep);
+    });
+    Ok(sender.send_request(request).await?)
 }
 
 fn endpoint_of(uri: &Uri) -> Result<(String, u16, bool)> {

@@ -18,13 +18,8 @@
 //! creationTimestamp, generation, managedFields}` and without `status`; `{"exists": false}`
 //! when it is absent.
 
-use std::{path::PathBuf, sync::Arc};
-
 use anyhow::{Context, Result, bail};
 use base64::Engine;
-use bytes::Bytes;
-use http::{Request, Response, Uri};
-use http_body_util::{BodyExt, Full};
 use k8s_openapi::api::{
     authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
     core::v1::{Secret, ServiceAccount},
@@ -34,46 +29,21 @@ use kube::{
     api::{DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams, Preconditions},
     core::{ApiResource, GroupVersionKind},
 };
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio_rustls::rustls::{
-    ClientConfig, RootCertStore,
-    pki_types::{CertificateDer, pem::PemObject},
-};
 
-use super::{
-    MintedIdentity,
-    broker_http::{BrokerHttp, tls_builder},
-};
-use crate::cert::{
-    MutationRequest,
-    contract::{canonical_json, digest_of},
+use super::{MintedIdentity, broker_http::BrokerHttp};
+pub use crate::kube_api::KubernetesConfig;
+use crate::{
+    cert::{
+        MutationRequest,
+        contract::{canonical_json, digest_of},
+    },
+    kube_api::{KubeApi, Token},
 };
 
 /// The TokenRequest API refuses shorter tokens.
 pub const TOKEN_SECONDS: i64 = 600;
 const FIELD_MANAGER: &str = "seb-broker";
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct KubernetesConfig {
-    /// The API server, e.g. `https://10.96.0.1:443`.
-    pub api_server: String,
-    /// CA bundle of the API server.
-    #[serde(default = "default_ca")]
-    pub ca_file: PathBuf,
-    /// The broker's own ServiceAccount token (allowed to create Secrets and tokens for
-    /// the ServiceAccounts it brokers, nothing else).
-    #[serde(default = "default_token")]
-    pub token_file: PathBuf,
-}
-
-fn default_ca() -> PathBuf {
-    PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
-}
-fn default_token() -> PathBuf {
-    PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
-}
 
 /// One Kubernetes mutation.
 #[derive(Debug, Clone, PartialEq)]
@@ -168,52 +138,17 @@ pub struct KubeSession {
 }
 
 pub struct KubernetesExecutor {
-    http: BrokerHttp,
-    tls: Arc<ClientConfig>,
-    api_server: Uri,
-    token_file: PathBuf,
+    api: KubeApi,
 }
 
 impl KubernetesExecutor {
     pub fn new(config: KubernetesConfig, http: BrokerHttp) -> Result<Self> {
-        let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(&config.ca_file)
-            .with_context(|| format!("config field `kubernetes.ca_file`: cannot read {}", config.ca_file.display()))?
-        {
-            roots.add(cert.context("config field `kubernetes.ca_file`: not a PEM certificate")?)?;
-        }
-        let api_server: Uri = config.api_server.parse().context("config field `kubernetes.api_server` is not a URL")?;
-        let tls = Arc::new(tls_builder().with_root_certificates(roots).with_no_client_auth());
-        Ok(Self { http, tls, api_server, token_file: config.token_file })
-    }
-
-    /// A kube client speaking through the broker's sockets with `token`.
-    fn client(&self, token: String, namespace: &str) -> Client {
-        let (http, tls, base) = (self.http.clone(), self.tls.clone(), self.api_server.clone());
-        let service = tower::service_fn(move |request: Request<kube::client::Body>| {
-            let (http, tls, base, token) = (http.clone(), tls.clone(), base.clone(), token.clone());
-            async move {
-                let (mut parts, body) = request.into_parts();
-                let path = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
-                parts.uri = format!("{}{path}", base.to_string().trim_end_matches('/')).parse()?;
-                parts.headers.insert(http::header::AUTHORIZATION, format!("Bearer {token}").parse()?);
-                parts
-                    .headers
-                    .insert(http::header::HOST, base.authority().map(|a| a.as_str()).unwrap_or_default().parse()?);
-                let body = body.collect().await?.to_bytes();
-                parts.headers.insert(http::header::CONTENT_LENGTH, body.len().into());
-                let response = http.send_with(Request::from_parts(parts, body), tls).await?;
-                Ok::<Response<Full<Bytes>>, tower::BoxError>(response.map(Full::new))
-            }
-        });
-        Client::new(service, namespace)
+        Ok(Self { api: KubeApi::new(&config, http)? })
     }
 
     /// Secret, then a TokenRequest bound to it, for the contract's ServiceAccount.
     pub async fn mint(&self, namespace: &str, service_account: &str, decision_id: &str) -> Result<KubeSession> {
-        let base_token = std::fs::read_to_string(&self.token_file)
-            .with_context(|| format!("reading the broker's token {}", self.token_file.display()))?;
-        let base = self.client(base_token.trim().to_string(), namespace);
+        let base = self.api.client(Token::Broker, namespace);
         let secret_name = format!(
             "seb-token-{}",
             decision_id.chars().filter(char::is_ascii_alphanumeric).take(20).collect::<String>().to_lowercase()
@@ -253,7 +188,7 @@ impl KubernetesExecutor {
             bound_secret: secret_name.clone(),
         };
         Ok(KubeSession {
-            client: self.client(status.token, namespace),
+            client: self.api.client(Token::Minted(status.token), namespace),
             base,
             secret: secret_name,
             namespace: namespace.into(),

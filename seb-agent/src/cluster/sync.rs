@@ -1,0 +1,254 @@
+//! Applying the cluster's resources to this node: `SebRevocation` to the admission state
+//! (one ledger transaction, so the next admission sees it) and to the kernel (the broker
+//! connections of revoked decisions are cut); `SebPolicy` to the policy epoch and to the
+//! enforcement sources (endpoints, scope, exemptions, pod selectors).
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context, Result};
+use kube::ResourceExt;
+use tracing::{info, warn};
+
+use super::{
+    crd::{EnforcementScopeSpec, SebPolicy, SebRevocation},
+    directory::SharedDirectory,
+    freshness::{Freshness, Resource},
+};
+use crate::{
+    admission::state::{self, RevocationApplied, RevocationState},
+    audit::Ledger,
+    config::ProtectedEndpoint,
+    enforcement::{BrokerSockets, EndpointSource, SharedEnforcer},
+    metrics::{Metrics, ResourceLabels},
+};
+
+/// Annotation the CLI sets on every write: when the change was made, for the
+/// propagation-lag metric.
+pub const WRITTEN_AT: &str = "seb.io/written-at";
+
+/// What one revocation update did on this node.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RevocationReport {
+    pub applied: RevocationApplied,
+    /// Cookies of the broker connections cut.
+    pub cut: Vec<u64>,
+}
+
+#[derive(Clone)]
+pub struct ClusterSync {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ledger: Ledger,
+    enforcer: SharedEnforcer,
+    sockets: BrokerSockets,
+    freshness: Freshness,
+    metrics: Arc<Metrics>,
+    directory: SharedDirectory,
+    /// The policy's pod and namespace selectors, for choosing pods as they change.
+    scope: Mutex<EnforcementScopeSpec>,
+    mount: std::path::PathBuf,
+    /// resourceVersion last applied, per resource.
+    versions: Mutex<[Option<String>; 2]>,
+}
+
+impl ClusterSync {
+    pub fn new(
+        ledger: Ledger,
+        enforcer: SharedEnforcer,
+        sockets: BrokerSockets,
+        freshness: Freshness,
+        metrics: Arc<Metrics>,
+        directory: SharedDirectory,
+        mount: std::path::PathBuf,
+    ) -> Self {
+        let inner = Inner {
+            ledger,
+            enforcer,
+            sockets,
+            freshness,
+            metrics,
+            directory,
+            scope: Mutex::default(),
+            mount,
+            versions: Mutex::default(),
+        };
+        Self { inner: Arc::new(inner) }
+    }
+
+    pub fn freshness(&self) -> &Freshness {
+        &self.inner.freshness
+    }
+    pub fn directory(&self) -> &SharedDirectory {
+        &self.inner.directory
+    }
+    pub fn enforcer(&self) -> &SharedEnforcer {
+        &self.inner.enforcer
+    }
+
+    pub fn applied_version(&self, resource: Resource, version: Option<String>) {
+        if let Ok(mut versions) = self.inner.versions.lock() {
+            versions[resource as usize] = version;
+        }
+    }
+
+    pub fn is_applied(&self, resource: Resource, version: Option<String>) -> bool {
+        self.inner.versions.lock().is_ok_and(|versions| version.is_some() && versions[resource as usize] == version)
+    }
+
+    pub fn error(&self, resource: &str, error: &anyhow::Error) {
+        warn!(resource, error = %format!("{error:#}"), "cluster state not applied");
+        self.inner.metrics.cluster_sync_errors.get_or_create(&ResourceLabels { resource: resource.into() }).inc();
+    }
+
+    /// Apply a `SebRevocation`: durable in the ledger first, then the kernel.
+    pub async fn revocation(&self, object: &SebRevocation) -> Result<RevocationReport> {
+        let update = RevocationState {
+            epoch: object.spec.revocation_epoch,
+            serials: object.spec.serials.clone(),
+            contract_ids: object.spec.contract_ids.clone(),
+            source: format!(
+                "SebRevocation/{} resourceVersion {}",
+                object.name_any(),
+                object.resource_version().unwrap_or_default()
+            ),
+        };
+        let applied = self
+            .inner
+            .ledger
+            .run(move |batch| state::apply_revocations(batch, &update))
+            .await
+            .context("recording the revocation state")?;
+        if let Some(behind) = applied.epoch_behind {
+            warn!(
+                object = %object.name_any(),
+                listed = behind,
+                active = ?applied.epochs.revocation,
+                "the SebRevocation's epoch is behind this node's; epochs only move forward"
+            );
+        }
+        let serials: BTreeSet<String> =
+            object.spec.serials.iter().map(|s| state::normalise(state::RevocationTarget::Serial, s)).collect();
+        let contracts: BTreeSet<&String> = object.spec.contract_ids.iter().collect();
+        let active = applied.epochs.revocation.unwrap_or(0);
+        let cut = self.inner.sockets.cut(|tag| {
+            serials.contains(&tag.serial) || contracts.contains(&tag.contract_id) || tag.revocation_epoch < active
+        })?;
+        self.inner.metrics.sockets_cut.inc_by(cut.len() as u64);
+        self.inner.freshness.synced(Resource::Revocation);
+        if let Some(lag) = written_ago(object) {
+            self.inner.metrics.revocation_propagation.observe(lag.as_secs_f64());
+        }
+        if !applied.newly_revoked.is_empty() || !cut.is_empty() {
+            info!(revoked = applied.newly_revoked.len(), cut = cut.len(), epoch = active, "revocation applied");
+        }
+        Ok(RevocationReport { applied, cut })
+    }
+
+    /// Apply a `SebPolicy`. An invalid one changes nothing (neither epoch nor kernel).
+    pub async fn policy(&self, object: &SebPolicy) -> Result<()> {
+        let spec = object.spec.clone();
+        let endpoints = spec
+            .protected
+            .iter()
+            .enumerate()
+            .map(|(i, endpoint)| {
+                let protocol = match endpoint.protocol.as_deref() {
+                    None => Ok(Default::default()),
+                    Some(text) => serde_json::from_value(serde_json::Value::String(text.into())).with_context(|| {
+                        format!(
+                            "SebPolicy {}: spec.protected[{i}].protocol `{text}` is not tcp, udp or any",
+                            object.name_any()
+                        )
+                    }),
+                }?;
+                let endpoint = ProtectedEndpoint { cidr: endpoint.cidr.clone(), port: endpoint.port, protocol };
+                endpoint.parse("spec.protected", i).with_context(|| format!("SebPolicy {}", object.name_any()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let cgroup_fields =
+            spec.scope.cgroups.iter().enumerate().map(|(i, path)| (format!("spec.scope.cgroups[{i}]"), path));
+        let exempt_fields =
+            spec.exempt_cgroups.iter().enumerate().map(|(i, path)| (format!("spec.exemptCgroups[{i}]"), path));
+        for (field, path) in cgroup_fields.chain(exempt_fields) {
+            crate::config::check_cgroup_path(&field, path)
+                .with_context(|| format!("SebPolicy {}", object.name_any()))?;
+        }
+        let pod_scopes = self.selected_pod_cgroups(&spec.scope);
+        let previous = self.inner.scope.lock().map(|scope| scope.clone()).unwrap_or_default();
+        let (scope, exempt) = (spec.scope.cgroups.clone(), spec.exempt_cgroups.clone());
+        let enforcer = self.inner.enforcer.clone();
+        tokio::task::block_in_place(|| {
+            enforcer.update(|sources| {
+                sources.endpoints.insert(EndpointSource::Policy, endpoints);
+                sources.cluster_scope = scope.into_iter().collect();
+                sources.cluster_exempt = exempt.into_iter().collect();
+                sources.pod_scopes = pod_scopes;
+            })
+        })
+        .with_context(|| format!("applying SebPolicy {} to the kernel", object.name_any()))?;
+        if let Ok(mut scope) = self.inner.scope.lock() {
+            *scope = spec.scope.clone();
+        }
+        let epoch = spec.policy_epoch;
+        let epochs = self
+            .inner
+            .ledger
+            .run(move |batch| state::apply_policy_epoch(batch, epoch))
+            .await
+            .context("recording the policy epoch")?;
+        let cut = self.inner.sockets.cut(|tag| tag.policy_epoch != epoch)?;
+        self.inner.metrics.sockets_cut.inc_by(cut.len() as u64);
+        self.inner.freshness.synced(Resource::Policy);
+        if previous != spec.scope || !cut.is_empty() {
+            info!(policy_epoch = ?epochs.policy, cut = cut.len(), "policy applied");
+        }
+        Ok(())
+    }
+
+    /// The pods on this node changed (or a namespace's labels): enforce the selected ones.
+    pub fn pods_changed(&self) -> Result<bool> {
+        let scope = self.inner.scope.lock().map(|scope| scope.clone()).unwrap_or_default();
+        let pod_scopes = self.selected_pod_cgroups(&scope);
+        let enforcer = self.inner.enforcer.clone();
+        tokio::task::block_in_place(|| enforcer.update(|sources| sources.pod_scopes = pod_scopes))
+    }
+
+    /// The pod-level cgroups of the selected pods that exist on this node.
+    fn selected_pod_cgroups(&self, scope: &EnforcementScopeSpec) -> BTreeSet<std::path::PathBuf> {
+        let Ok(directory) = self.inner.directory.read() else { return BTreeSet::new() };
+        directory
+            .selected(scope)
+            .into_iter()
+            .filter_map(|pod| match super::pods::find_pod(&self.inner.mount, &pod.uid) {
+                Ok(Some(cgroups)) => Some(cgroups.pod.path),
+                // The kubelet has not made its cgroup yet; the periodic refresh retries.
+                Ok(None) => None,
+                Err(e) => {
+                    warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e, "resolving a pod's cgroup");
+                    None
+                }
+            })
+            .collect()
+    }
+}
+
+/// How long ago the object's latest change was written: the CLI's annotation, else the
+/// newest managed-fields time (second resolution).
+fn written_ago(object: &SebRevocation) -> Option<Duration> {
+    let written =
+        object.annotations().get(WRITTEN_AT).and_then(|text| humantime::parse_rfc3339(text).ok()).or_else(|| {
+            object
+                .managed_fields()
+                .iter()
+                .filter_map(|entry| entry.time.as_ref())
+                .map(|time| SystemTime::from(time.0))
+                .max()
+        })?;
+    SystemTime::now().duration_since(written).ok()
+}

@@ -1,0 +1,180 @@
+//! The kernel enforcement the agent holds, and what it is built from.
+//!
+//! What is enforced is a function of its sources: the config (always), and, as they
+//! arrive, the cluster's `SebPolicy`, the API server's discovered addresses, resolved
+//! host names and the pods on this node that the policy selects. Every change of a
+//! source recomputes the whole [`Desired`] state and applies the difference: policy first
+//! (entries added before stale ones go), then links (new ones attached before unwanted
+//! ones are unpinned), so no change opens a window.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context, Result, anyhow};
+use tracing::{info, warn};
+
+use super::{LinkState, PinLayout, loader, maps, policy};
+use crate::{cgroupfs, config::Endpoint};
+
+/// Where the protected endpoints came from; each source replaces only its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum EndpointSource {
+    Config,
+    Policy,
+    ApiServer,
+    HostNames,
+}
+
+/// Everything enforcement is computed from.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    pub endpoints: BTreeMap<EndpointSource, Vec<Endpoint>>,
+    /// Enforced cgroup subtrees, relative to the cgroup2 mount: the config's, the policy's.
+    pub scope: BTreeSet<String>,
+    pub cluster_scope: BTreeSet<String>,
+    /// Enforced pod cgroups, absolute (the pods the policy's selectors pick).
+    pub pod_scopes: BTreeSet<PathBuf>,
+    /// Exempt cgroups, relative to the cgroup2 mount: the config's, the policy's.
+    pub exempt: BTreeSet<String>,
+    pub cluster_exempt: BTreeSet<String>,
+    /// Keep links pinned by an earlier run that the sources do not name (yet): in
+    /// cluster mode, until the policy and this node's pods have been read.
+    pub keep_pinned: bool,
+}
+
+/// The state to put into the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    pub policy: policy::CompiledPolicy,
+    pub scopes: Vec<PathBuf>,
+    pub exempt_ids: Vec<u64>,
+    pub keep_pinned: bool,
+}
+
+impl Sources {
+    /// Resolve against the cgroup tree. A cgroup that does not exist on this node is
+    /// left out with a warning (a pod that just went, a slice this node lacks); the config's
+    /// own cgroups were checked at start.
+    pub fn desired(&self, mount: &std::path::Path) -> Result<Desired> {
+        let endpoints: Vec<Endpoint> = self.endpoints.values().flatten().copied().collect();
+        let policy = policy::compile(&endpoints).context("compiling the protected endpoints")?;
+        let mut scopes: Vec<PathBuf> = Vec::new();
+        let relative = self.scope.iter().chain(&self.cluster_scope).map(|relative| cgroupfs::resolve(mount, relative));
+        for dir in relative.chain(self.pod_scopes.iter().cloned()) {
+            if dir.is_dir() {
+                scopes.push(dir);
+            } else {
+                warn!(cgroup = %dir.display(), "an enforced cgroup does not exist on this node");
+            }
+        }
+        scopes.sort();
+        scopes.dedup();
+        let mut exempt_ids = Vec::new();
+        for relative in self.exempt.iter().chain(&self.cluster_exempt) {
+            match cgroupfs::cgroup_id(&cgroupfs::resolve(mount, relative)) {
+                Ok(id) => exempt_ids.push(id),
+                Err(e) => warn!(cgroup = %relative, error = %e, "an exempt cgroup does not exist on this node"),
+            }
+        }
+        exempt_ids.sort_unstable();
+        Ok(Desired { policy, scopes, exempt_ids, keep_pinned: self.keep_pinned })
+    }
+}
+
+/// The loaded programs and maps, and the links attached for the current scope.
+pub struct Enforcer {
+    ebpf: aya::Ebpf,
+    layout: PinLayout,
+    mount: PathBuf,
+    links: Vec<LinkState>,
+    applied: Option<Desired>,
+}
+
+impl Enforcer {
+    /// Load (reusing pinned maps) without touching what is enforced yet.
+    pub fn load(layout: PinLayout, mount: PathBuf) -> Result<Self> {
+        let ebpf = loader::load(&layout)?;
+        Ok(Self { ebpf, layout, mount, links: Vec::new(), applied: None })
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut aya::Ebpf {
+        &mut self.ebpf
+    }
+    pub fn layout(&self) -> &PinLayout {
+        &self.layout
+    }
+    pub fn links(&self) -> &[LinkState] {
+        &self.links
+    }
+
+    /// Bring the kernel to what `sources` say. Policy is written before links are
+    /// attached, so no program ever runs against a policy about to be filled.
+    /// Returns whether anything changed.
+    pub fn apply(&mut self, sources: &Sources) -> Result<bool> {
+        let desired = sources.desired(&self.mount)?;
+        if self.applied.as_ref() == Some(&desired) {
+            return Ok(false);
+        }
+        maps::write_policy(&mut self.ebpf, &desired.policy)?;
+        maps::write_exemptions(&mut self.ebpf, &desired.exempt_ids)?;
+        self.links = loader::attach_all(&mut self.ebpf, &self.layout, &desired.scopes, desired.keep_pinned)?;
+        info!(
+            prefixes_v4 = desired.policy.v4.len(),
+            prefixes_v6 = desired.policy.v6.len(),
+            exempt = desired.exempt_ids.len(),
+            cgroups = desired.scopes.len(),
+            "enforcement applied"
+        );
+        self.applied = Some(desired);
+        Ok(true)
+    }
+}
+
+/// The enforcer and its sources, shared by everything that changes a source.
+#[derive(Clone)]
+pub struct SharedEnforcer {
+    inner: Arc<Mutex<(Enforcer, Sources)>>,
+}
+
+impl SharedEnforcer {
+    pub fn new(enforcer: Enforcer, sources: Sources) -> Self {
+        Self { inner: Arc::new(Mutex::new((enforcer, sources))) }
+    }
+
+    /// Change the sources and apply the result at once. If it cannot be applied (an
+    /// invalid policy, a full map), the sources stay as they were and so does the kernel.
+    pub fn update(&self, change: impl FnOnce(&mut Sources)) -> Result<bool> {
+        let mut guard = self.inner.lock().map_err(|_| anyhow!("the enforcer lock is poisoned"))?;
+        let (enforcer, sources) = &mut *guard;
+        let mut next = sources.clone();
+        change(&mut next);
+        let changed = enforcer.apply(&next)?;
+        *sources = next;
+        Ok(changed)
+    }
+
+    /// Replace one source's endpoints.
+    pub fn set_endpoints(&self, source: EndpointSource, endpoints: Vec<Endpoint>) -> Result<bool> {
+        self.update(|sources| {
+            sources.endpoints.insert(source, endpoints);
+        })
+    }
+
+    /// Apply the current sources again: a pod's cgroup may have appeared since.
+    pub fn refresh(&self) -> Result<bool> {
+        self.update(|_| {})
+    }
+
+    pub fn with<T>(&self, read: impl FnOnce(&mut Enforcer, &Sources) -> T) -> Result<T> {
+        let mut guard = self.inner.lock().map_err(|_| anyhow!("the enforcer lock is poisoned"))?;
+        let (enforcer, sources) = &mut *guard;
+        Ok(read(enforcer, sources))
+    }
+
+    pub fn links(&self) -> Vec<LinkState> {
+        self.with(|enforcer, _| enforcer.links().to_vec()).unwrap_or_default()
+    }
+}

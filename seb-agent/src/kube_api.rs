@@ -1,0 +1,110 @@
+//! kube-rs clients that reach the API server only through the broker's own,
+//! kernel-registered sockets: the API server is a protected endpoint like any other.
+//! The Kubernetes executor uses them with minted tokens; cluster mode watches its
+//! resources with the broker's own ServiceAccount token.
+
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::{Context, Result};
+use http::{Request, Uri};
+use http_body_util::{BodyExt, Full};
+use kube::Client;
+use serde::{Deserialize, Serialize};
+use tokio_rustls::rustls::{
+    ClientConfig, RootCertStore,
+    pki_types::{CertificateDer, pem::PemObject},
+};
+
+use crate::{
+    enforcement::broker_sockets::ExecutionTag,
+    execute::broker_http::{BrokerHttp, tls_builder},
+};
+
+/// `[kubernetes]`: how the broker reaches the API server.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// The API server, e.g. `https://10.96.0.1:443`.
+    pub api_server: String,
+    /// CA bundle of the API server.
+    #[serde(default = "default_ca")]
+    pub ca_file: PathBuf,
+    /// The broker's own ServiceAccount token (allowed to create Secrets and tokens for
+    /// the ServiceAccounts it brokers, and to read the cluster state it watches).
+    #[serde(default = "default_token")]
+    pub token_file: PathBuf,
+}
+
+fn default_ca() -> PathBuf {
+    PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
+}
+fn default_token() -> PathBuf {
+    PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
+}
+
+/// Which bearer token a client sends.
+#[derive(Clone)]
+pub enum Token {
+    /// The broker's own, read from `token_file` for every request (kubelet rotates it).
+    Broker,
+    /// A token minted for one decision.
+    Minted(String),
+}
+
+/// The API server, reached as the broker.
+#[derive(Clone)]
+pub struct KubeApi {
+    http: BrokerHttp,
+    tls: Arc<ClientConfig>,
+    base: Uri,
+    token_file: PathBuf,
+}
+
+impl KubeApi {
+    pub fn new(config: &KubernetesConfig, http: BrokerHttp) -> Result<Self> {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&config.ca_file)
+            .with_context(|| format!("config field `kubernetes.ca_file`: cannot read {}", config.ca_file.display()))?
+        {
+            roots.add(cert.context("config field `kubernetes.ca_file`: not a PEM certificate")?)?;
+        }
+        let base: Uri = config.api_server.parse().context("config field `kubernetes.api_server` is not a URL")?;
+        let tls = Arc::new(tls_builder().with_root_certificates(roots).with_no_client_auth());
+        Ok(Self { http, tls, base, token_file: config.token_file.clone() })
+    }
+
+    fn bearer(&self, token: &Token) -> Result<String> {
+        match token {
+            Token::Minted(token) => Ok(token.clone()),
+            Token::Broker => Ok(std::fs::read_to_string(&self.token_file)
+                .with_context(|| format!("reading the broker's token {}", self.token_file.display()))?
+                .trim()
+                .to_string()),
+        }
+    }
+
+    /// A kube client sending `token`. Responses stream (watches work); each request
+    /// opens its own broker socket. The decision being executed, if any, goes with every
+    /// request, since kube runs them on a worker task of its own.
+    pub fn client(&self, token: Token, namespace: &str) -> Client {
+        let api = self.clone();
+        let tag = ExecutionTag::current();
+        let service = tower::service_fn(move |request: Request<kube::client::Body>| {
+            let (api, token, tag) = (api.clone(), token.clone(), tag.clone());
+            ExecutionTag::within(tag, async move {
+                let (mut parts, body) = request.into_parts();
+                let path = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+                parts.uri = format!("{}{path}", api.base.to_string().trim_end_matches('/')).parse()?;
+                parts.headers.insert(http::header::AUTHORIZATION, format!("Bearer {}", api.bearer(&token)?).parse()?);
+                parts
+                    .headers
+                    .insert(http::header::HOST, api.base.authority().map(|a| a.as_str()).unwrap_or_default().parse()?);
+                let body = body.collect().await?.to_bytes();
+                parts.headers.insert(http::header::CONTENT_LENGTH, body.len().into());
+                let response = api.http.open(Request::from_parts(parts, Full::new(body)), api.tls.clone()).await?;
+                Ok::<_, tower::BoxError>(response)
+            })
+        });
+        Client::new(service, namespace)
+    }
+}
