@@ -79,6 +79,33 @@ impl SocketArg {
     }
 }
 
+/// Write the cluster's resources instead of one node's state.
+#[derive(Args)]
+struct ClusterArg {
+    /// Write the cluster's SebRevocation / SebPolicy (kubeconfig or in-cluster credentials).
+    #[arg(long)]
+    cluster: bool,
+}
+
+impl ClusterArg {
+    /// The resource names: from `[cluster]` in the config when given, else `default`.
+    fn names(&self, socket: &SocketArg) -> Result<(String, String)> {
+        let cluster = match &socket.config {
+            Some(path) => Config::load(path)?.cluster,
+            None => None,
+        };
+        Ok(cluster.map_or_else(|| ("default".into(), "default".into()), |c| (c.policy, c.revocation)))
+    }
+}
+
+fn kube_client() -> Result<(tokio::runtime::Runtime, kube::Client)> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let client = runtime
+        .block_on(kube::Client::try_default())
+        .context("connecting to the cluster (KUBECONFIG, ~/.kube/config or the in-cluster ServiceAccount)")?;
+    Ok((runtime, client))
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the broker: attach (or re-adopt) kernel enforcement and serve the broker socket.
@@ -109,10 +136,13 @@ enum Command {
         #[arg(long)]
         request: PathBuf,
     },
-    /// Revoke a certificate serial or a contract id (takes effect at the next admission).
+    /// Revoke a certificate serial or a contract id (takes effect at the next admission,
+    /// and cuts connections of executions under it). With --cluster, every node's.
     Revoke {
         #[command(flatten)]
         socket: SocketArg,
+        #[command(flatten)]
+        cluster: ClusterArg,
         #[arg(long, conflicts_with = "contract", required_unless_present = "contract")]
         serial: Option<String>,
         #[arg(long)]
@@ -125,10 +155,13 @@ enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
-    /// Show or set the active policy and revocation epochs.
+    /// Show or set the active policy and revocation epochs. With --cluster, set them in
+    /// the cluster's SebPolicy and SebRevocation.
     Epoch {
         #[command(flatten)]
         socket: SocketArg,
+        #[command(flatten)]
+        cluster: ClusterArg,
         #[arg(long)]
         policy: Option<u64>,
         #[arg(long)]
@@ -294,13 +327,19 @@ fn run(command: Command) -> Result<ExitCode> {
             .with_context(|| format!("{} is not a valid request", request.display()))?;
             print_json(&call_broker(&socket.path()?, Request::Read { request })?)?;
         }
-        Command::Revoke { socket, serial, contract, reason } => {
+        Command::Revoke { socket, cluster, serial, contract, reason } => {
             let (target, value) = match (serial, contract) {
                 (Some(serial), _) => (RevocationTarget::Serial, serial),
                 (None, Some(contract)) => (RevocationTarget::ContractId, contract),
                 (None, None) => bail!("give --serial or --contract"),
             };
-            print_json(&call_broker(&socket.path()?, Request::Revoke { target, value, reason })?)?;
+            if cluster.cluster {
+                let (_, name) = cluster.names(&socket)?;
+                let (runtime, client) = kube_client()?;
+                print_json(&runtime.block_on(cli::cluster::revoke(client, &name, target, &value))?)?;
+            } else {
+                print_json(&call_broker(&socket.path()?, Request::Revoke { target, value, reason })?)?;
+            }
         }
         Command::Status { socket } => {
             let Response::Status(report) = call_broker(&socket.path()?, Request::Status)? else {
@@ -308,7 +347,22 @@ fn run(command: Command) -> Result<ExitCode> {
             };
             println!("{}", serde_json::to_string_pretty(&*report)?);
         }
-        Command::Epoch { socket, policy, revocation } => {
+        Command::Epoch { socket, cluster, policy, revocation } if cluster.cluster => {
+            let (policy_name, revocation_name) = cluster.names(&socket)?;
+            if policy.is_none() && revocation.is_none() {
+                bail!("with --cluster, give --policy and/or --revocation");
+            }
+            let (runtime, client) = kube_client()?;
+            if let Some(epoch) = revocation {
+                let written =
+                    runtime.block_on(cli::cluster::set_revocation_epoch(client.clone(), &revocation_name, epoch))?;
+                print_json(&written)?;
+            }
+            if let Some(epoch) = policy {
+                print_json(&runtime.block_on(cli::cluster::set_policy_epoch(client, &policy_name, epoch))?)?;
+            }
+        }
+        Command::Epoch { socket, policy, revocation, .. } => {
             let request = if policy.is_none() && revocation.is_none() {
                 Request::GetEpochs
             } else {

@@ -82,6 +82,20 @@ pub struct StatusReport {
     pub epochs: crate::admission::state::Epochs,
     pub ring_lost_total: u64,
     pub last_denial: Option<crate::audit::KernelDenial>,
+    /// Cluster mode: this node and how current its copy of the cluster state is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub node: String,
+    /// SebPolicy and SebRevocation have both been read and applied.
+    pub synced: bool,
+    /// Why admissions are denied now, if they are.
+    pub stale: Option<String>,
+    /// Seconds since the API server last answered.
+    pub api_age_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,11 +12,14 @@ use tracing::{debug, info, warn};
 use tokio::net::unix::UCred;
 
 use crate::{
-    admission::{self, Admission, Caller, CallerIdentity, Pending, Proposal, state},
+    admission::{
+        self, Admission, Caller, CallerIdentity, Pending, Proposal,
+        state::{self, RevocationTarget},
+    },
     audit::Ledger,
     audit::{now_ns, store},
     config::parse_socket_addr,
-    enforcement::BrokerSockets,
+    enforcement::{BrokerSockets, broker_sockets::Retired},
     enforcement::{PinLayout, SharedEnforcer, maps},
     execute::{
         Executors,
@@ -201,7 +204,16 @@ async fn handle(request: Request, peer: &UCred, broker: &Broker) -> Response {
                 return forbidden("revoke");
             }
             let reason = reason.unwrap_or_default();
-            match broker.ledger.run(move |batch| state::revoke(batch, target, &value, &reason)).await {
+            let normalised = state::normalise(target, &value);
+            let recorded = broker.ledger.run(move |batch| state::revoke(batch, target, &value, &reason)).await;
+            let retired = match target {
+                RevocationTarget::Serial => Retired { serials: [normalised].into(), ..Default::default() },
+                RevocationTarget::ContractId => Retired { contract_ids: [normalised].into(), ..Default::default() },
+            };
+            match recorded.and_then(|record_seq| {
+                broker.sockets.cut(&retired)?;
+                Ok(record_seq)
+            }) {
                 Ok(record_seq) => Response::Revoked { record_seq },
                 Err(e) => error(ErrorCode::Internal, format!("{e:#}")),
             }
@@ -210,8 +222,24 @@ async fn handle(request: Request, peer: &UCred, broker: &Broker) -> Response {
             if !admin {
                 return forbidden("set_epochs");
             }
+            if broker.admission.follows_cluster() {
+                return error(
+                    ErrorCode::Forbidden,
+                    "this broker follows the cluster's SebPolicy and SebRevocation: set epochs there (seb-agent epoch --cluster)",
+                );
+            }
             match broker.ledger.run(move |batch| state::set_epochs(batch, policy, revocation)).await {
-                Ok(epochs) => Response::Epochs(epochs),
+                Ok(epochs) => {
+                    let retired = Retired {
+                        revocation_epoch: epochs.revocation,
+                        policy_epoch: epochs.policy,
+                        ..Default::default()
+                    };
+                    if let Err(e) = broker.sockets.cut(&retired) {
+                        return error(ErrorCode::Internal, format!("{e:#}"));
+                    }
+                    Response::Epochs(epochs)
+                }
                 Err(e) => error(ErrorCode::Malformed, format!("{e:#}")),
             }
         }
@@ -272,6 +300,7 @@ async fn status(broker: &Broker) -> anyhow::Result<StatusReport> {
         epochs,
         ring_lost_total,
         last_denial,
+        cluster: broker.admission.cluster_status(),
     })
 }
 

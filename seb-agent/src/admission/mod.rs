@@ -112,6 +112,20 @@ impl Admission {
         self
     }
 
+    pub fn cluster_status(&self) -> Option<crate::protocol::ClusterStatus> {
+        self.cluster.as_ref().map(|gate| crate::protocol::ClusterStatus {
+            node: gate.node_name.clone(),
+            synced: gate.freshness.is_synced(),
+            stale: gate.freshness.stale(),
+            api_age_seconds: gate.freshness.age().map(|age| age.as_secs_f64()),
+        })
+    }
+
+    /// Whether the epochs come from the cluster (and not from this node's CLI).
+    pub fn follows_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
     /// The cluster-mode predicates: the contract is this node's, and the cluster state
     /// is current.
     fn check_cluster(&self, agent: &crate::cert::contract::AgentIdentity) -> Result<(), Rejection> {

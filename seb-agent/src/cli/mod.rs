@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod cert;
+pub mod cluster;
 
 use std::path::Path;
 

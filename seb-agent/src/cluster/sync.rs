@@ -22,7 +22,7 @@ use crate::{
     admission::state::{self, RevocationApplied, RevocationState},
     audit::Ledger,
     config::ProtectedEndpoint,
-    enforcement::{BrokerSockets, EndpointSource, SharedEnforcer},
+    enforcement::{BrokerSockets, EndpointSource, SharedEnforcer, broker_sockets::Retired},
     metrics::{Metrics, ResourceLabels},
 };
 
@@ -132,12 +132,12 @@ impl ClusterSync {
                 "the SebRevocation's epoch is behind this node's; epochs only move forward"
             );
         }
-        let serials: BTreeSet<String> =
-            object.spec.serials.iter().map(|s| state::normalise(state::RevocationTarget::Serial, s)).collect();
-        let contracts: BTreeSet<&String> = object.spec.contract_ids.iter().collect();
         let active = applied.epochs.revocation.unwrap_or(0);
-        let cut = self.inner.sockets.cut(|tag| {
-            serials.contains(&tag.serial) || contracts.contains(&tag.contract_id) || tag.revocation_epoch < active
+        let cut = self.inner.sockets.cut(&Retired {
+            serials: object.spec.serials.iter().map(|s| state::normalise(state::RevocationTarget::Serial, s)).collect(),
+            contract_ids: object.spec.contract_ids.iter().cloned().collect(),
+            revocation_epoch: applied.epochs.revocation,
+            policy_epoch: None,
         })?;
         self.inner.metrics.sockets_cut.inc_by(cut.len() as u64);
         self.inner.freshness.synced(Resource::Revocation);
@@ -202,7 +202,7 @@ impl ClusterSync {
             .run(move |batch| state::apply_policy_epoch(batch, epoch))
             .await
             .context("recording the policy epoch")?;
-        let cut = self.inner.sockets.cut(|tag| tag.policy_epoch != epoch)?;
+        let cut = self.inner.sockets.cut(&Retired { policy_epoch: Some(epoch), ..Default::default() })?;
         self.inner.metrics.sockets_cut.inc_by(cut.len() as u64);
         self.inner.freshness.synced(Resource::Policy);
         if previous != spec.scope || !cut.is_empty() {

@@ -25,7 +25,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{HashMap, MapData};
 use seb_common::{BrokerSocket, map_names};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -43,6 +43,34 @@ pub struct ExecutionTag {
     pub contract_id: String,
     pub policy_epoch: u64,
     pub revocation_epoch: u64,
+}
+
+/// Decisions whose connections must not reach production any more: revoked serials and
+/// contracts, and the epochs in force (a decision certified under an older revocation
+/// epoch, or another policy epoch, is retired with it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Retired {
+    pub serials: std::collections::BTreeSet<String>,
+    pub contract_ids: std::collections::BTreeSet<String>,
+    pub revocation_epoch: Option<u64>,
+    pub policy_epoch: Option<u64>,
+}
+
+impl Retired {
+    pub fn covers(&self, tag: &ExecutionTag) -> bool {
+        self.serials.contains(&tag.serial)
+            || self.contract_ids.contains(&tag.contract_id)
+            || self.revocation_epoch.is_some_and(|active| tag.revocation_epoch < active)
+            || self.policy_epoch.is_some_and(|active| tag.policy_epoch != active)
+    }
+
+    /// Fold in a newer state: lists grow, epochs are replaced when given.
+    fn merge(&mut self, newer: &Retired) {
+        self.serials.extend(newer.serials.iter().cloned());
+        self.contract_ids.extend(newer.contract_ids.iter().cloned());
+        self.revocation_epoch = newer.revocation_epoch.or(self.revocation_epoch);
+        self.policy_epoch = newer.policy_epoch.or(self.policy_epoch);
+    }
 }
 
 tokio::task_local! {
@@ -67,6 +95,7 @@ pub struct BrokerSockets {
     map: Arc<Mutex<Registry>>,
     /// Open sockets by cookie, with the decision each serves.
     tags: Arc<Mutex<StdHashMap<u64, Option<ExecutionTag>>>>,
+    retired: Arc<Mutex<Retired>>,
     tgid: u32,
 }
 
@@ -77,7 +106,12 @@ impl BrokerSockets {
         let path = layout.map(map_names::BROKER_SOCKETS);
         let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
         let map: Registry = HashMap::try_from(aya::maps::Map::HashMap(data))?;
-        let sockets = Self { map: Arc::new(Mutex::new(map)), tags: Arc::default(), tgid: std::process::id() };
+        let sockets = Self {
+            map: Arc::new(Mutex::new(map)),
+            tags: Arc::default(),
+            retired: Arc::default(),
+            tgid: std::process::id(),
+        };
         sockets.purge_other_processes()?;
         Ok(sockets)
     }
@@ -103,24 +137,36 @@ impl BrokerSockets {
 
     /// Register a socket this process owns; the registration lasts as long as the guard.
     pub fn register(&self, socket: BorrowedFd<'_>) -> Result<Registration> {
+        let tag = ExecutionTag::current();
+        if let Some(tag) = &tag
+            && self.retired.lock().map_err(|_| anyhow!("retired decisions poisoned"))?.covers(tag)
+        {
+            bail!("decision {} was revoked while it executed: no further connection is opened for it", tag.decision_id);
+        }
         let cookie = socket_cookie(socket)?;
         let mut map = self.map.lock().map_err(|_| anyhow!("broker socket registry poisoned"))?;
         map.insert(cookie, BrokerSocket { tgid: self.tgid, _pad: 0 }, 0)
             .context("registering a broker socket (is the registry full?)")?;
         if let Ok(mut tags) = self.tags.lock() {
-            tags.insert(cookie, ExecutionTag::current());
+            tags.insert(cookie, tag);
         }
         Ok(Registration { sockets: self.clone(), cookie })
     }
 
-    /// Remove the kernel registration of every open socket whose decision `revoked`
-    /// names; returns their cookies. The connections stay open in user space, but the
-    /// kernel lets no further packet of theirs out to a protected endpoint.
-    pub fn cut(&self, revoked: impl Fn(&ExecutionTag) -> bool) -> Result<Vec<u64>> {
+    /// Retire decisions: remove the kernel registration of every open socket serving one
+    /// (returning their cookies), and refuse to register new ones for them. The
+    /// connections stay open in user space, but the kernel lets no further packet of
+    /// theirs out to a protected endpoint.
+    pub fn cut(&self, newly: &Retired) -> Result<Vec<u64>> {
+        let mut retired = self.retired.lock().map_err(|_| anyhow!("retired decisions poisoned"))?;
+        retired.merge(newly);
         let mut map = self.map.lock().map_err(|_| anyhow!("broker socket registry poisoned"))?;
         let mut tags = self.tags.lock().map_err(|_| anyhow!("broker socket tags poisoned"))?;
-        let cookies: Vec<u64> =
-            tags.iter().filter(|(_, tag)| tag.as_ref().is_some_and(&revoked)).map(|(cookie, _)| *cookie).collect();
+        let cookies: Vec<u64> = tags
+            .iter()
+            .filter(|(_, tag)| tag.as_ref().is_some_and(|tag| retired.covers(tag)))
+            .map(|(cookie, _)| *cookie)
+            .collect();
         for cookie in &cookies {
             map.remove(cookie).with_context(|| format!("removing broker socket {cookie}"))?;
             tags.remove(cookie);
