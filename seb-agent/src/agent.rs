@@ -68,7 +68,7 @@ pub fn config_sources(config: &Config) -> Result<Sources> {
         scope: config.enforcement.scope.iter().cloned().collect(),
         exempt: config.enforcement.exempt_cgroups.iter().cloned().collect(),
         // Until the cluster state is read, what an earlier run enforced stays enforced.
-        keep_pinned: config.cluster.is_some(),
+        keep_previous: config.cluster.is_some(),
         ..Default::default()
     })
 }
@@ -118,7 +118,10 @@ pub async fn run(config: Config) -> Result<()> {
             fresh.clone(),
             metrics.clone(),
             directory.clone(),
-            cgroups.mount.clone(),
+            {
+                let (cluster, mount) = (cluster.clone(), cgroups.mount.clone());
+                move || cluster.kubepods(&mount)
+            },
         );
         tasks.extend(cluster::watch::spawn(
             api.client(Token::Broker, "default"),

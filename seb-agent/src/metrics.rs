@@ -158,7 +158,7 @@ impl Readiness {
         let attached = links.iter().all(|link| link.pin.exists());
         match &self.cluster {
             None => attached && !links.is_empty(),
-            Some(freshness) => attached && freshness.is_synced(),
+            Some(freshness) => attached && freshness.is_synced() && freshness.is_settled(),
         }
     }
 }

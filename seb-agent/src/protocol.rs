@@ -92,6 +92,8 @@ pub struct ClusterStatus {
     pub node: String,
     /// SebPolicy and SebRevocation have both been read and applied.
     pub synced: bool,
+    /// Every watcher (pods, namespaces, API server addresses too) has listed once.
+    pub settled: bool,
     /// Why admissions are denied now, if they are.
     pub stale: Option<String>,
     /// Seconds since the API server last answered.

@@ -22,21 +22,33 @@ pub struct Broker {
 impl Broker {
     /// Start the sandbox's agent trusting a new SAB CA; `extra` is more config (endpoints,
     /// executors); with `epochs`, the policy and revocation epochs are set to 1.
-    pub fn start(mut sandbox: Sandbox, extra: &str, epochs: bool) -> Result<Self> {
-        let ca = dev_sab::create_ca(&sandbox.dir.join("sab"), "seb test SAB", Algorithm::Ed25519)?;
-        let admission = format!("[admission]\ntrust_anchors = \"{}\"\nmax_ttl_seconds = 3600\n", ca.cert.display());
-        sandbox.write_config(&format!("{extra}\n{admission}"))?;
-        sandbox.start_agent()?;
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let broker = Self { sandbox, ca, runtime };
+    pub fn start(sandbox: Sandbox, extra: &str, epochs: bool) -> Result<Self> {
+        let scope = vec![sandbox.cgroup_relative.clone()];
+        let broker = Self::start_scoped(sandbox, &scope, extra)?;
         if epochs {
             broker.admin(Request::SetEpochs { policy: Some(1), revocation: Some(1) });
         }
         Ok(broker)
     }
 
+    /// The same, enforcing only `scope` (cgroup paths relative to the mount), epochs unset.
+    pub fn start_scoped(mut sandbox: Sandbox, scope: &[String], extra: &str) -> Result<Self> {
+        let ca = dev_sab::create_ca(&sandbox.dir.join("sab"), "seb test SAB", Algorithm::Ed25519)?;
+        let admission = format!("[admission]\ntrust_anchors = \"{}\"\nmax_ttl_seconds = 3600\n", ca.cert.display());
+        sandbox.write_config_scoped(scope, &format!("{extra}\n{admission}"))?;
+        sandbox.start_agent()?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        Ok(Self { sandbox, ca, runtime })
+    }
+
+    /// One request; a broker that does not answer within 30 s fails the test.
     pub fn call(&self, request: Request) -> Response {
-        self.runtime.block_on(protocol::call(&self.sandbox.socket, &request)).expect("calling the broker")
+        let call = protocol::call(&self.sandbox.socket, &request);
+        let answer =
+            self.runtime.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(30), call).await });
+        answer
+            .unwrap_or_else(|_| panic!("the broker did not answer {request:?} within 30 s"))
+            .expect("calling the broker")
     }
 
     /// An admin request that must succeed.

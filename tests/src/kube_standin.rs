@@ -2,8 +2,10 @@
 //! broker's Kubernetes executor makes (Secrets, TokenRequest, objects, scale), checks
 //! bearer tokens the way the real one would for this flow (the broker's own token for
 //! Secrets and tokens; a minted token, alive only while its bound Secret exists, for
-//! objects), and enforces resourceVersion preconditions. It is no Kubernetes: tests that
-//! use it show request shapes at the HTTP boundary, not a cluster's behaviour.
+//! objects), and enforces resourceVersion preconditions. The resources a broker watches
+//! (its own CRDs, pods, namespaces, the API server's Service and EndpointSlices) live in
+//! [`Store`], with list and watch. It is no Kubernetes: tests that use it show request
+//! shapes at the HTTP boundary, not a cluster's behaviour.
 
 use std::{
     collections::HashMap,
@@ -18,11 +20,14 @@ use std::{
 use anyhow::Result;
 use base64::Engine;
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use serde_json::{Value, json};
 
-use crate::tls_server;
+use crate::{
+    kube_store::{self, Store},
+    tls_server,
+};
 
 /// The broker's own ServiceAccount token, as the stand-in knows it.
 pub const BROKER_TOKEN: &str = "broker-sa-token";
@@ -49,6 +54,10 @@ struct State {
 pub struct KubeStandIn {
     pub ca: PathBuf,
     state: Arc<Mutex<State>>,
+    /// The watched resources; tests write them directly, as a cluster's users would.
+    pub store: Arc<Mutex<Store>>,
+    /// When set, every request gets 503 and open watches end: an unreachable API server.
+    offline: Arc<AtomicBool>,
     /// When set, the next GET of an object is followed by a concurrent change to it.
     pub race_after_get: Arc<AtomicBool>,
     _stop: tokio::sync::oneshot::Sender<()>,
@@ -64,6 +73,12 @@ impl KubeStandIn {
     pub fn seen(&self) -> Vec<Seen> {
         self.state.lock().unwrap().seen.clone()
     }
+    pub fn set_offline(&self, offline: bool) {
+        self.offline.store(offline, Ordering::SeqCst);
+        if offline {
+            self.store.lock().unwrap().drop_watches();
+        }
+    }
     pub fn live_secrets(&self) -> Vec<String> {
         self.state.lock().unwrap().secrets.keys().cloned().collect()
     }
@@ -72,13 +87,31 @@ impl KubeStandIn {
 pub fn start(netns: &str, addr: SocketAddr, dir: &Path) -> Result<KubeStandIn> {
     let (ca, cert, key) = tls_server::server_identity(dir, "kube-apiserver", addr)?;
     let state = Arc::new(Mutex::new(State::default()));
+    let store = Arc::new(Mutex::new(Store::default()));
     let race = Arc::new(AtomicBool::new(false));
-    let (state2, race2) = (state.clone(), race.clone());
+    let offline = Arc::new(AtomicBool::new(false));
+    let (state2, store2, race2, offline2) = (state.clone(), store.clone(), race.clone(), offline.clone());
     let stop = tls_server::spawn(netns, addr, tls_server::config(cert, key, None)?, move |request, _| {
-        let response = handle(request, &state2, &race2);
+        let response = if offline2.load(Ordering::SeqCst) {
+            kube_store::full(503, json!({"kind": "Status", "code": 503, "message": "the API server is unavailable"}))
+        } else if Store::serves(request.uri().path()) {
+            serve_store(&request, &store2)
+        } else {
+            handle(request, &state2, &race2).map(BodyExt::boxed)
+        };
         async move { response }
     })?;
-    Ok(KubeStandIn { ca: ca.cert, state, race_after_get: race, _stop: stop })
+    Ok(KubeStandIn { ca: ca.cert, state, store, offline, race_after_get: race, _stop: stop })
+}
+
+/// The watched resources: only the broker's own token reads or writes them here.
+fn serve_store(request: &Request<Bytes>, store: &Mutex<Store>) -> Response<kube_store::Body> {
+    let authorization = request.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if authorization != format!("Bearer {BROKER_TOKEN}") {
+        return kube_store::full(403, json!({"kind": "Status", "code": 403, "message": "forbidden"}));
+    }
+    let body: Value = serde_json::from_slice(request.body()).unwrap_or(Value::Null);
+    store.lock().unwrap().handle(request.method().as_str(), request.uri().path(), request.uri().query(), &body)
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Response<Full<Bytes>> {

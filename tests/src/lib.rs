@@ -18,6 +18,7 @@ use std::{
 
 pub mod broker;
 pub mod kube_standin;
+pub mod kube_store;
 pub mod moto;
 pub mod mtls;
 pub mod tls_server;
@@ -131,11 +132,17 @@ impl Sandbox {
     /// `extra` is TOML placed after the enforcement table (protected endpoints, an
     /// `[admission]` table).
     pub fn write_config(&self, extra: &str) -> Result<()> {
+        self.write_config_scoped(std::slice::from_ref(&self.cgroup_relative), extra)
+    }
+
+    /// The same, enforcing only `scope` (cgroup paths relative to the mount).
+    pub fn write_config_scoped(&self, scope: &[String], extra: &str) -> Result<()> {
+        let scope: Vec<String> = scope.iter().map(|path| format!("\"{path}\"")).collect();
         let text = format!(
-            "[bpf]\npin_path = \"{}\"\n\n[enforcement]\nscope = [\"{}\"]\nexempt_cgroups = [\"{}/exempt\"]\n\n{extra}\n\
+            "[bpf]\npin_path = \"{}\"\n\n[enforcement]\nscope = [{}]\nexempt_cgroups = [\"{}/exempt\"]\n\n{extra}\n\
              [audit]\ndatabase = \"{}\"\nsigning_key = \"{}\"\n\n[broker]\nsocket = \"{}\"\n",
             self.pin_path.display(),
-            self.cgroup_relative,
+            scope.join(", "),
             self.cgroup_relative,
             self.database.display(),
             self.signing_key().display(),
@@ -244,6 +251,17 @@ impl Sandbox {
         parse_json_output(&output, "seb-probe")
     }
 
+    /// Run a program in `<root>/<cgroup>` and the namespace, with extra environment.
+    pub fn run_in(&self, cgroup: &str, program: &Path, args: &[&str], env: &[(&str, &Path)]) -> Result<Output> {
+        let mut command = Command::new(&self.tools.probe);
+        command.arg("--cgroup").arg(self.cgroup.join(cgroup)).args(["--netns", &self.netns, "exec", "--"]);
+        command.arg(program).args(args);
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        Ok(command.output()?)
+    }
+
     /// Try one egress method from a workload process.
     pub fn attempt(&self, cgroup: &str, method: &str, addr: &str) -> Result<Value> {
         self.probe(cgroup, &["try", method, addr])
@@ -292,11 +310,22 @@ impl Drop for Sandbox {
         self.listeners.clear();
         let _ = seb_agent::enforcement::loader::unload(&seb_agent::enforcement::PinLayout::new(&self.pin_path));
         let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
-        for child in ["broker", "workload", "exempt", ""] {
-            let _ = fs::remove_dir(self.cgroup.join(child));
-        }
+        remove_cgroup_tree(&self.cgroup);
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Remove a cgroup and every cgroup below it, deepest first (a cgroup directory holds
+/// only kernel files, which go with it).
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
 }
 
 pub fn parse_json_output(output: &Output, what: &str) -> Result<Value> {

@@ -4,7 +4,7 @@ use std::{future::Future, net::SocketAddr, os::fd::AsFd, path::Path, sync::Arc};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::{Request, Response, service::service_fn};
 use hyper_util::rt::TokioIo;
 use rcgen::{CertificateParams, KeyPair, SanType};
@@ -54,7 +54,7 @@ pub fn config(
 }
 
 /// Serve `handler` on `addr` inside `netns` until the returned sender is dropped.
-pub fn spawn<H, Fut>(
+pub fn spawn<H, Fut, B>(
     netns: &str,
     addr: SocketAddr,
     tls: ServerConfig,
@@ -62,7 +62,9 @@ pub fn spawn<H, Fut>(
 ) -> Result<tokio::sync::oneshot::Sender<()>>
 where
     H: Fn(Request<Bytes>, Peer) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (ready_tx, ready) = std::sync::mpsc::channel();

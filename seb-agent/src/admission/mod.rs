@@ -116,6 +116,7 @@ impl Admission {
         self.cluster.as_ref().map(|gate| crate::protocol::ClusterStatus {
             node: gate.node_name.clone(),
             synced: gate.freshness.is_synced(),
+            settled: gate.freshness.is_settled(),
             stale: gate.freshness.stale(),
             api_age_seconds: gate.freshness.age().map(|age| age.as_secs_f64()),
         })

@@ -51,7 +51,11 @@ pub fn issue(
 
 /// The certificate's serial, validity and contract, as JSON.
 pub fn inspect(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    inspect_pem(&std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)
+}
+
+/// The same, of a PEM text.
+pub fn inspect_pem(text: &str) -> Result<serde_json::Value> {
     let pem = Pem::iter_from_buffer(text.as_bytes()).next().context("no PEM certificate in the file")??;
     let (_, cert) = X509Certificate::from_der(&pem.contents).context("not an X.509 certificate")?;
     let contract = cert

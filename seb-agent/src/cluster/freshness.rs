@@ -30,6 +30,9 @@ struct Inner {
     last_contact_ms: AtomicU64,
     policy_synced: AtomicBool,
     revocation_synced: AtomicBool,
+    /// Every watcher has listed once: what the kernel enforces is the cluster's, not a
+    /// previous run's.
+    settled: AtomicBool,
 }
 
 impl Freshness {
@@ -41,6 +44,7 @@ impl Freshness {
                 last_contact_ms: AtomicU64::new(u64::MAX),
                 policy_synced: AtomicBool::new(false),
                 revocation_synced: AtomicBool::new(false),
+                settled: AtomicBool::new(false),
             }),
         }
     }
@@ -75,6 +79,14 @@ impl Freshness {
     /// Both resources have been read and applied (readiness).
     pub fn is_synced(&self) -> bool {
         self.inner.policy_synced.load(Ordering::Acquire) && self.inner.revocation_synced.load(Ordering::Acquire)
+    }
+
+    pub fn settle(&self) {
+        self.inner.settled.store(true, Ordering::Release);
+    }
+
+    pub fn is_settled(&self) -> bool {
+        self.inner.settled.load(Ordering::Acquire)
     }
 
     /// Time since the API server last answered, if it ever did.

@@ -36,17 +36,21 @@ pub struct ContainerCgroup {
     pub cgroup: CgroupRef,
 }
 
-/// Where the kubelet keeps pods: the first of `kubepods.slice` or `kubepods` under the mount.
-fn kubepods(mount: &Path) -> Option<PathBuf> {
+/// Where the kubelet keeps pods: the first of `kubepods.slice` or `kubepods` under the
+/// mount (a kubelet with another `--cgroup-root` is configured with `cluster.kubepods_cgroup`).
+pub fn kubepods(mount: &Path) -> Option<PathBuf> {
     ["kubepods.slice", "kubepods"].iter().map(|name| mount.join(name)).find(|dir| dir.is_dir())
 }
 
-/// The cgroups of the pod with `pod_uid`, or None if it has none on this node.
-pub fn find_pod(mount: &Path, pod_uid: &str) -> Result<Option<PodCgroups>> {
-    let Some(root) = kubepods(mount) else { return Ok(None) };
+/// The cgroups of the pod with `pod_uid` under `root` (the kubepods cgroup), or None if
+/// it has none on this node.
+pub fn find_pod(root: &Path, pod_uid: &str) -> Result<Option<PodCgroups>> {
+    if !root.is_dir() {
+        return Ok(None);
+    }
     // The pod directory is at most two levels below kubepods (QoS level, then the pod).
-    let mut candidates = vec![root.clone()];
-    for entry in fs::read_dir(&root)?.flatten() {
+    let mut candidates = vec![root.to_path_buf()];
+    for entry in fs::read_dir(root)?.flatten() {
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
             candidates.push(entry.path());
         }
@@ -113,13 +117,13 @@ mod tests {
         ] {
             fs::create_dir_all(dir).unwrap();
         }
-        let found = find_pod(mount.path(), POD).unwrap().expect("the pod");
+        let found = find_pod(&kubepods(mount.path()).unwrap(), POD).unwrap().expect("the pod");
         assert_eq!(found.pod.path, pod);
         assert_eq!(found.pod.id, cgroupfs::cgroup_id(&pod).unwrap());
         let ids: Vec<&str> = found.containers.iter().map(|c| c.container_id.as_str()).collect();
         assert_eq!(ids, [container(1), container(2)]);
         assert_eq!(found.containers[0].cgroup.id, cgroupfs::cgroup_id(&pod.join(container(1))).unwrap());
-        assert!(find_pod(mount.path(), "99999999-9999-9999-9999-999999999999").unwrap().is_none());
+        assert!(find_pod(&kubepods(mount.path()).unwrap(), "99999999-9999-9999-9999-999999999999").unwrap().is_none());
     }
 
     #[test]
@@ -133,10 +137,11 @@ mod tests {
             OTHER.replace('-', "_")
         ));
         fs::create_dir_all(besteffort.join(format!("crio-{}.scope", container(8)))).unwrap();
-        let found = find_pod(mount.path(), POD).unwrap().expect("the guaranteed pod");
+        let root = kubepods(mount.path()).unwrap();
+        let found = find_pod(&root, POD).unwrap().expect("the guaranteed pod");
         assert_eq!(found.pod.path, guaranteed);
         assert_eq!(found.containers[0].container_id, container(7));
-        let other = find_pod(mount.path(), OTHER).unwrap().expect("the besteffort pod");
+        let other = find_pod(&root, OTHER).unwrap().expect("the besteffort pod");
         assert_eq!(other.containers[0].container_id, container(8));
     }
 

@@ -52,9 +52,12 @@ struct Inner {
     directory: SharedDirectory,
     /// The policy's pod and namespace selectors, for choosing pods as they change.
     scope: Mutex<EnforcementScopeSpec>,
-    mount: std::path::PathBuf,
+    /// The kubelet's pod cgroup, looked for again while it is missing.
+    kubepods: Box<dyn Fn() -> Option<std::path::PathBuf> + Send + Sync>,
     /// resourceVersion last applied, per resource.
     versions: Mutex<[Option<String>; 2]>,
+    /// Kinds whose watchers have listed once, and those that must have.
+    listed: Mutex<(BTreeSet<String>, BTreeSet<String>)>,
 }
 
 impl ClusterSync {
@@ -65,7 +68,7 @@ impl ClusterSync {
         freshness: Freshness,
         metrics: Arc<Metrics>,
         directory: SharedDirectory,
-        mount: std::path::PathBuf,
+        kubepods: impl Fn() -> Option<std::path::PathBuf> + Send + Sync + 'static,
     ) -> Self {
         let inner = Inner {
             ledger,
@@ -75,8 +78,9 @@ impl ClusterSync {
             metrics,
             directory,
             scope: Mutex::default(),
-            mount,
+            kubepods: Box::new(kubepods),
             versions: Mutex::default(),
+            listed: Mutex::default(),
         };
         Self { inner: Arc::new(inner) }
     }
@@ -89,6 +93,30 @@ impl ClusterSync {
     }
     pub fn enforcer(&self) -> &SharedEnforcer {
         &self.inner.enforcer
+    }
+
+    /// The kinds whose first list must be applied before the node is settled.
+    pub fn require_lists(&self, kinds: impl IntoIterator<Item = String>) {
+        if let Ok(mut listed) = self.inner.listed.lock() {
+            listed.1.extend(kinds);
+        }
+    }
+
+    /// A watcher's list was applied. Once every one has been, what an earlier run left
+    /// in the kernel and the cluster no longer names is removed.
+    pub fn listed(&self, kind: &str) -> Result<()> {
+        let settled = {
+            let mut listed = self.inner.listed.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+            listed.0.insert(kind.to_string());
+            listed.1.is_subset(&listed.0)
+        };
+        if settled && !self.inner.freshness.is_settled() {
+            let enforcer = self.inner.enforcer.clone();
+            tokio::task::block_in_place(|| enforcer.update(|sources| sources.keep_previous = false))?;
+            self.inner.freshness.settle();
+            info!("every watcher has listed: the kernel enforces the cluster's state alone");
+        }
+        Ok(())
     }
 
     pub fn applied_version(&self, resource: Resource, version: Option<String>) {
@@ -222,10 +250,17 @@ impl ClusterSync {
     /// The pod-level cgroups of the selected pods that exist on this node.
     fn selected_pod_cgroups(&self, scope: &EnforcementScopeSpec) -> BTreeSet<std::path::PathBuf> {
         let Ok(directory) = self.inner.directory.read() else { return BTreeSet::new() };
-        directory
-            .selected(scope)
+        let selected = directory.selected(scope);
+        if selected.is_empty() {
+            return BTreeSet::new();
+        }
+        let Some(root) = (self.inner.kubepods)() else {
+            warn!(pods = selected.len(), "pods are selected, but this node has no kubepods cgroup");
+            return BTreeSet::new();
+        };
+        selected
             .into_iter()
-            .filter_map(|pod| match super::pods::find_pod(&self.inner.mount, &pod.uid) {
+            .filter_map(|pod| match super::pods::find_pod(&root, &pod.uid) {
                 Ok(Some(cgroups)) => Some(cgroups.pod.path),
                 // The kubelet has not made its cgroup yet; the periodic refresh retries.
                 Ok(None) => None,

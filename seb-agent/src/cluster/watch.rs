@@ -56,6 +56,10 @@ pub struct ClusterConfig {
     /// Protect the `kubernetes` Service's ClusterIPs and its EndpointSlices' addresses.
     #[serde(default = "default_true")]
     pub discover_api_server: bool,
+    /// The kubelet's pod cgroup (relative to the cgroup2 mount); default: `/kubepods.slice`
+    /// or `/kubepods`, whichever exists.
+    #[serde(default)]
+    pub kubepods_cgroup: Option<String>,
 }
 
 fn default_object() -> String {
@@ -73,6 +77,14 @@ impl ClusterConfig {
         self.node_name.clone().or_else(|| std::env::var("NODE_NAME").ok()).filter(|name| !name.is_empty()).context(
             "config field `cluster.node_name` is not set and neither is NODE_NAME (the DaemonSet sets it from spec.nodeName)",
         )
+    }
+
+    /// The kubepods cgroup directory on this node.
+    pub fn kubepods(&self, mount: &std::path::Path) -> Option<std::path::PathBuf> {
+        match &self.kubepods_cgroup {
+            Some(relative) => Some(crate::cgroupfs::resolve(mount, relative)),
+            None => super::pods::kubepods(mount),
+        }
     }
 
     pub fn staleness(&self) -> Duration {
@@ -134,8 +146,15 @@ async fn follow<K, F, Fut>(
                 }
             }
         };
-        if let Err(e) = handle(change).await {
-            sync.error(&kind, &e);
+        let relisted = matches!(change, Change::Relisted(_));
+        match handle(change).await {
+            Ok(()) if relisted => {
+                if let Err(e) = sync.listed(&kind) {
+                    sync.error(&kind, &e);
+                }
+            }
+            Ok(()) => {}
+            Err(e) => sync.error(&kind, &e),
         }
     }
 }
@@ -198,6 +217,12 @@ pub fn spawn(
     sync: ClusterSync,
     shutdown: signal::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
+    // Before any watcher starts, so none can settle the node early.
+    let mut kinds = vec!["SebRevocation", "SebPolicy", "Pod", "Namespace"];
+    if config.discover_api_server {
+        kinds.extend(["Service", "EndpointSlice"]);
+    }
+    sync.require_lists(kinds.into_iter().map(String::from));
     let mut tasks = vec![
         tokio::spawn(follow_one::<SebRevocation, _, _>(
             client.clone(),

@@ -40,9 +40,9 @@ pub struct Sources {
     /// Exempt cgroups, relative to the cgroup2 mount: the config's, the policy's.
     pub exempt: BTreeSet<String>,
     pub cluster_exempt: BTreeSet<String>,
-    /// Keep links pinned by an earlier run that the sources do not name (yet): in
-    /// cluster mode, until the policy and this node's pods have been read.
-    pub keep_pinned: bool,
+    /// Keep what an earlier run put in the kernel (links, protected prefixes) that the
+    /// sources do not name (yet): in cluster mode, until every watcher has listed once.
+    pub keep_previous: bool,
 }
 
 /// The state to put into the kernel.
@@ -51,7 +51,7 @@ pub struct Desired {
     pub policy: policy::CompiledPolicy,
     pub scopes: Vec<PathBuf>,
     pub exempt_ids: Vec<u64>,
-    pub keep_pinned: bool,
+    pub keep_previous: bool,
 }
 
 impl Sources {
@@ -80,7 +80,7 @@ impl Sources {
             }
         }
         exempt_ids.sort_unstable();
-        Ok(Desired { policy, scopes, exempt_ids, keep_pinned: self.keep_pinned })
+        Ok(Desired { policy, scopes, exempt_ids, keep_previous: self.keep_previous })
     }
 }
 
@@ -118,9 +118,9 @@ impl Enforcer {
         if self.applied.as_ref() == Some(&desired) {
             return Ok(false);
         }
-        maps::write_policy(&mut self.ebpf, &desired.policy)?;
+        maps::write_policy(&mut self.ebpf, &desired.policy, desired.keep_previous)?;
         maps::write_exemptions(&mut self.ebpf, &desired.exempt_ids)?;
-        self.links = loader::attach_all(&mut self.ebpf, &self.layout, &desired.scopes, desired.keep_pinned)?;
+        self.links = loader::attach_all(&mut self.ebpf, &self.layout, &desired.scopes, desired.keep_previous)?;
         info!(
             prefixes_v4 = desired.policy.v4.len(),
             prefixes_v6 = desired.policy.v6.len(),

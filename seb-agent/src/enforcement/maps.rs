@@ -18,13 +18,16 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
     ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} is missing from the object"))
 }
 
-pub fn write_policy(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<()> {
-    write_trie(map_mut(ebpf, map_names::PROTECTED_V4)?, &policy.v4).context("updating the IPv4 protected endpoints")?;
-    write_trie(map_mut(ebpf, map_names::PROTECTED_V6)?, &policy.v6).context("updating the IPv6 protected endpoints")?;
+/// Write the compiled policy; with `keep_stale`, entries it does not name stay.
+pub fn write_policy(ebpf: &mut Ebpf, policy: &CompiledPolicy, keep_stale: bool) -> Result<()> {
+    write_trie(map_mut(ebpf, map_names::PROTECTED_V4)?, &policy.v4, keep_stale)
+        .context("updating the IPv4 protected endpoints")?;
+    write_trie(map_mut(ebpf, map_names::PROTECTED_V6)?, &policy.v6, keep_stale)
+        .context("updating the IPv6 protected endpoints")?;
     Ok(())
 }
 
-fn write_trie<const N: usize>(map: &mut Map, entries: &[TrieEntry<N>]) -> Result<()>
+fn write_trie<const N: usize>(map: &mut Map, entries: &[TrieEntry<N>], keep_stale: bool) -> Result<()>
 where
     [u8; N]: Pod,
 {
@@ -32,6 +35,9 @@ where
     let existing: Vec<Key<[u8; N]>> = trie.keys().collect::<Result<_, _>>()?;
     for entry in entries {
         trie.insert(&Key::new(entry.prefix_len, entry.addr), entry.rules, 0)?;
+    }
+    if keep_stale {
+        return Ok(());
     }
     let wanted: HashSet<(u32, [u8; N])> = entries.iter().map(|e| (e.prefix_len, e.addr)).collect();
     for key in existing {

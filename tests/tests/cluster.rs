@@ -1,0 +1,310 @@
+//! Cluster mode, end to end on this node: the agent's kube-rs watchers read SebPolicy,
+//! SebRevocation, pods, namespaces and the API server's Service and EndpointSlices from a
+//! stand-in API server (no cluster can be run here: the stand-in speaks the list/watch
+//! wire format, it is no Kubernetes), and what they read changes admissions and what the
+//! kernel denies, in real cgroups, in the sandbox's namespace.
+
+use std::{
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use seb_agent::{
+    admission::{Decision, Reason},
+    cert::{MutationRequest, contract::ScopedIdentity},
+    protocol::{Request, Response, StatusReport},
+};
+use seb_sandbox::{
+    Sandbox, Tools,
+    broker::{Broker, certified, this_process},
+    kube_standin::{self, BROKER_TOKEN, KubeStandIn},
+    kube_store::{ENDPOINT_SLICES, NAMESPACES, PODS, SEB_POLICIES, SEB_REVOCATIONS, SERVICES},
+};
+use serde_json::{Value, json};
+
+fn tools() -> Tools {
+    Tools::for_tests(env!("CARGO_BIN_EXE_seb-probe"))
+}
+
+const API: &str = "127.0.0.61:6443";
+const SLICE_ADDRESS: &str = "127.0.0.63";
+const NODE: &str = "node-a";
+
+/// Poll `check` for up to 20 s.
+fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn policy(epoch: u64, extra: Value) -> Value {
+    let mut object = json!({"metadata": {"name": "default"}, "spec": {"policyEpoch": epoch, "protected": [
+        {"cidr": "127.0.0.71", "port": 80, "protocol": "tcp"}
+    ]}});
+    if let (Some(spec), Some(extra)) = (object["spec"].as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    object
+}
+
+fn revocation(epoch: u64, serials: &[&str], contracts: &[&str]) -> Value {
+    json!({"metadata": {"name": "default"}, "spec": {"revocationEpoch": epoch, "serials": serials, "contractIds": contracts}})
+}
+
+struct World {
+    cluster: KubeStandIn,
+    broker: Broker,
+    token: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+/// A stand-in API server holding the cluster state, and an agent in cluster mode following
+/// it, with the kubelet's pod cgroups under the sandbox. `scope`: the config's enforced
+/// cgroups (default: the whole sandbox).
+fn world(label: &str, scope: Option<&[String]>, seed: impl FnOnce(&KubeStandIn)) -> World {
+    let sandbox = Sandbox::new(label, tools()).unwrap();
+    let cluster = kube_standin::start(&sandbox.netns, API.parse().unwrap(), &sandbox.dir).unwrap();
+    {
+        let mut store = cluster.store.lock().unwrap();
+        store.put(NAMESPACES, json!({"metadata": {"name": "agents"}}));
+        store.put(
+            SERVICES,
+            json!({"metadata": {"name": "kubernetes", "namespace": "default"},
+                   "spec": {"clusterIP": "127.0.0.61", "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]}}),
+        );
+        store.put(
+            ENDPOINT_SLICES,
+            json!({"metadata": {"name": "kubernetes", "namespace": "default",
+                                "labels": {"kubernetes.io/service-name": "kubernetes"}},
+                   "addressType": "IPv4", "endpoints": [{"addresses": [SLICE_ADDRESS]}],
+                   "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]}),
+        );
+    }
+    seed(&cluster);
+    let token = sandbox.dir.join("broker-token");
+    std::fs::write(&token, BROKER_TOKEN).unwrap();
+    let kubeconfig = sandbox.dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: sbx\n  cluster:\n    server: https://{API}\n    certificate-authority: {}\n\
+             users:\n- name: admin\n  user:\n    token: {BROKER_TOKEN}\ncontexts:\n- name: sbx\n  context:\n    cluster: sbx\n    user: admin\n\
+             current-context: sbx\n",
+            cluster.ca.display()
+        ),
+    )
+    .unwrap();
+    let extra = format!(
+        "[kubernetes]\napi_server = \"https://{API}\"\nca_file = \"{}\"\ntoken_file = \"{}\"\n\n\
+         [cluster]\nnode_name = \"{NODE}\"\nstaleness_seconds = 2\nkubepods_cgroup = \"{}/kubepods\"\n",
+        cluster.ca.display(),
+        token.display(),
+        sandbox.cgroup_relative,
+    );
+    let broker = match scope {
+        None => Broker::start(sandbox, &extra, false).unwrap(),
+        Some(scope) => Broker::start_scoped(sandbox, scope, &extra).unwrap(),
+    };
+    let world = World { cluster, broker, token, kubeconfig };
+    eventually("the cluster state to be read", || world.status().cluster.filter(|c| c.synced && c.settled));
+    world
+}
+
+impl World {
+    fn status(&self) -> StatusReport {
+        match self.broker.admin(Request::Status) {
+            Response::Status(report) => *report,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn epochs(&self) -> (Option<u64>, Option<u64>) {
+        match self.broker.admin(Request::GetEpochs) {
+            Response::Epochs(epochs) => (epochs.policy, epochs.revocation),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Propose a fresh certificate for `contract_id`, bound as `node` says, at these epochs.
+    fn propose(&self, contract_id: &str, node: Option<&str>, epochs: (u64, u64)) -> (Decision, String) {
+        let request = request();
+        let mut agent = this_process();
+        agent.node = node.map(String::from);
+        let mut contract = certified(contract_id, agent, &request, "sha256:none", role());
+        (contract.policy_epoch, contract.revocation_epoch) = epochs;
+        let pem = self.broker.issue(&contract, &Default::default());
+        (self.broker.propose(&pem, &request), pem)
+    }
+
+    /// `seb-agent <args>` as an administrator would run it, with this cluster's kubeconfig
+    /// (from the exempt cgroup: the API server's address is protected).
+    /// Its output: one JSON object per resource written.
+    fn cli(&self, args: &[&str]) -> Vec<Value> {
+        let sandbox = &self.broker.sandbox;
+        let output = sandbox.run_in("exempt", &sandbox.tools.agent, args, &[("KUBECONFIG", &self.kubeconfig)]).unwrap();
+        assert!(output.status.success(), "seb-agent {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+    }
+
+    fn attempt(&self, cgroup: &str, addr: &str) -> String {
+        self.broker.sandbox.attempt(cgroup, "tcp", addr).unwrap()["result"].as_str().unwrap().to_string()
+    }
+}
+
+fn request() -> MutationRequest {
+    serde_json::from_value(json!({"provider": "aws", "operation": "s3:PutObject", "target": "arn:aws:s3:::b/k"}))
+        .unwrap()
+}
+
+fn role() -> ScopedIdentity {
+    ScopedIdentity::AwsRole { role_arn: "arn:aws:iam::123456789012:role/writer".into() }
+}
+
+fn serial_of(pem: &str) -> String {
+    let cert = seb_agent::cli::cert::inspect_pem(pem).unwrap();
+    cert["serial"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn the_cluster_resources_set_epochs_endpoints_and_revocations_and_admission_fails_closed_without_them() {
+    let w = world("cluster", None, |cluster| {
+        let mut store = cluster.store.lock().unwrap();
+        store.put(SEB_POLICIES, policy(3, json!({})));
+        store.put(SEB_REVOCATIONS, revocation(2, &[], &[]));
+    });
+    let _ = &w.token;
+    assert_eq!(w.epochs(), (Some(3), Some(2)), "the epochs come from the cluster's resources");
+    let refused = w.broker.call(Request::SetEpochs { policy: Some(9), revocation: None });
+    assert!(matches!(refused, Response::Error { .. }), "a node-local epoch change is refused: {refused:?}");
+
+    // The policy's endpoint and the API server's discovered addresses are protected.
+    assert_eq!(w.attempt("workload", "127.0.0.71:80"), "EPERM");
+    assert_eq!(w.attempt("workload", API), "EPERM", "the kubernetes Service's ClusterIP");
+    assert_eq!(w.attempt("workload", &format!("{SLICE_ADDRESS}:6443")), "EPERM", "an EndpointSlice address");
+    assert_ne!(w.attempt("workload", "127.0.0.72:80"), "EPERM", "an address nobody protects");
+
+    // Node binding: the contract names this node, or its pod, or it is refused.
+    let (admitted, _) = w.propose("c-node", Some(NODE), (3, 2));
+    assert!(admitted.admitted, "{admitted:?}");
+    let (elsewhere, _) = w.propose("c-other-node", Some("node-b"), (3, 2));
+    assert_eq!(elsewhere.reason, Reason::CallerMismatch, "{elsewhere:?}");
+    let (unbound, _) = w.propose("c-unbound", None, (3, 2));
+    assert_eq!(unbound.reason, Reason::NotNodeBound, "{unbound:?}");
+
+    // A revocation written to the SebRevocation reaches this node's admission state.
+    w.cluster.store.lock().unwrap().put(SEB_REVOCATIONS, revocation(2, &[], &["c-revoked"]));
+    let revoked = eventually("the contract revocation", || {
+        let (decision, _) = w.propose("c-revoked", Some(NODE), (3, 2));
+        (decision.reason == Reason::ContractRevoked).then_some(decision)
+    });
+    assert!(!revoked.admitted);
+
+    // `seb-agent revoke --cluster` and `epoch --cluster` write the resources.
+    let (decision, pem) = w.propose("c-serial", Some(NODE), (3, 2));
+    assert!(decision.admitted, "{decision:?}");
+    let serial = serial_of(&pem);
+    let written = w.cli(&["revoke", "--cluster", "--serial", &serial]);
+    assert_eq!(written[0]["serials"], 1, "{written:?}");
+    let stored = w.cluster.store.lock().unwrap().get(SEB_REVOCATIONS, "default").unwrap();
+    assert_eq!(stored["spec"]["serials"], json!([serial]));
+    assert!(stored["metadata"]["annotations"]["seb.io/written-at"].is_string(), "{stored}");
+    let written = w.cli(&["epoch", "--cluster", "--revocation", "5", "--policy", "4"]);
+    assert_eq!((written[0]["kind"].as_str(), written[1]["kind"].as_str()), (Some("SebRevocation"), Some("SebPolicy")));
+    eventually("the new epochs", || (w.epochs() == (Some(4), Some(5))).then_some(()));
+    let (stale, _) = w.propose("c-old-epoch", Some(NODE), (4, 2));
+    assert_eq!(stale.reason, Reason::RevocationEpochStale, "{stale:?}");
+    let backwards = w.broker.sandbox.run_in(
+        "exempt",
+        &w.broker.sandbox.tools.agent,
+        &["epoch", "--cluster", "--revocation", "1"],
+        &[("KUBECONFIG", &w.kubeconfig)],
+    );
+    assert!(!backwards.unwrap().status.success(), "the revocation epoch does not move back");
+
+    // The API server goes away: within the staleness bound, admissions are denied.
+    w.cluster.set_offline(true);
+    let stale = eventually("admissions to fail closed", || {
+        let (decision, _) = w.propose("c-offline", Some(NODE), (4, 5));
+        (decision.reason == Reason::ClusterStateStale).then_some(decision)
+    });
+    assert!(stale.message.contains("staleness bound"), "{stale:?}");
+    w.cluster.set_offline(false);
+    eventually("admissions to resume", || w.propose("c-back", Some(NODE), (4, 5)).0.admitted.then_some(()));
+
+    // Deleting the SebRevocation does not un-revoke anything: admissions wait for it.
+    w.cluster.store.lock().unwrap().delete(SEB_REVOCATIONS, "default");
+    eventually("admissions to wait for the SebRevocation", || {
+        let (decision, _) = w.propose("c-deleted", Some(NODE), (4, 5));
+        (decision.reason == Reason::ClusterStateStale).then_some(())
+    });
+}
+
+fn pod(uid: &str, name: &str, node: &str, labels: Value, container: &str) -> Value {
+    json!({"metadata": {"uid": uid, "name": name, "namespace": "agents", "labels": labels},
+           "spec": {"nodeName": node, "containers": [{"name": "agent", "image": "agent"}]},
+           "status": {"containerStatuses": [{"name": "agent", "containerID": format!("containerd://{container}"),
+                      "image": "agent", "imageID": "", "ready": true, "restartCount": 0}]}})
+}
+
+/// Make the kubelet's cgroups for a pod and its container under the sandbox; returns the
+/// container's cgroup relative to the sandbox root.
+fn pod_cgroups(root: &Path, uid: &str, container: &str) -> String {
+    let relative = format!("kubepods/burstable/pod{uid}/{container}");
+    std::fs::create_dir_all(root.join(&relative)).unwrap();
+    relative
+}
+
+#[test]
+fn pods_the_policy_selects_are_enforced_as_they_come_and_go_and_denials_name_them() {
+    const ENFORCED: &str = "0f3c2a1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b";
+    const OTHER: &str = "11111111-2222-3333-4444-555555555555";
+    let (c1, c2) = (format!("{:064x}", 1), format!("{:064x}", 2));
+    let mut cgroups = (String::new(), String::new());
+    let w = world("pods", Some(&[]), |cluster| {
+        let mut store = cluster.store.lock().unwrap();
+        let selector = json!({"scope": {"podSelector": {"seb.io/enforce": "true"}}});
+        store.put(SEB_POLICIES, policy(1, selector));
+        store.put(SEB_REVOCATIONS, revocation(1, &[], &[]));
+        store.put(PODS, pod(ENFORCED, "agent-0", NODE, json!({"seb.io/enforce": "true"}), &c1));
+        store.put(PODS, pod(OTHER, "web-0", NODE, json!({}), &c2));
+        store.put(
+            PODS,
+            pod("33333333-2222-3333-4444-555555555555", "far", "node-b", json!({"seb.io/enforce": "true"}), &c1),
+        );
+    });
+    // The kubelet's cgroups, and where the agent looks for them.
+    let root = w.broker.sandbox.cgroup.clone();
+    cgroups.0 = pod_cgroups(&root, ENFORCED, &c1);
+    cgroups.1 = pod_cgroups(&root, OTHER, &c2);
+    let _ = &cgroups;
+    eventually("the selected pod to be enforced", || (w.attempt(&cgroups.0, "127.0.0.71:80") == "EPERM").then_some(()));
+    assert_ne!(w.attempt(&cgroups.1, "127.0.0.71:80"), "EPERM", "a pod the policy does not select");
+    assert_ne!(w.attempt("workload", "127.0.0.71:80"), "EPERM", "outside every pod: the config enforces nothing");
+
+    // The denial names the pod and the container.
+    let outcome = w.broker.sandbox.attempt(&cgroups.0, "tcp", "127.0.0.71:80").unwrap();
+    let denial = w.broker.sandbox.wait_for_denial(outcome["cookie"].as_u64().unwrap()).unwrap();
+    assert_eq!(denial["pod_uid"], ENFORCED);
+    assert_eq!(denial["pod_namespace"], "agents");
+    assert_eq!(denial["pod_name"], "agent-0");
+    assert_eq!(denial["container_id"], c1);
+    assert_eq!(denial["container_name"], "agent");
+
+    // Labelled later: enforced. Deleted: its links go.
+    w.cluster.store.lock().unwrap().put(PODS, pod(OTHER, "web-0", NODE, json!({"seb.io/enforce": "true"}), &c2));
+    eventually("the newly labelled pod to be enforced", || {
+        (w.attempt(&cgroups.1, "127.0.0.71:80") == "EPERM").then_some(())
+    });
+    let links_before = w.broker.sandbox.pinned_links().unwrap().len();
+    w.cluster.store.lock().unwrap().delete(PODS, "agent-0");
+    eventually("the deleted pod's links to go", || {
+        (w.broker.sandbox.pinned_links().unwrap().len() < links_before).then_some(())
+    });
+    assert_ne!(w.attempt(&cgroups.0, "127.0.0.71:80"), "EPERM", "a pod no longer listed is not enforced");
+}
