@@ -14,6 +14,7 @@ pub mod map_names {
     pub const EXEMPT_CGROUPS: &str = "SEB_EXEMPT_CGROUPS";
     pub const DENIALS: &str = "SEB_DENIALS";
     pub const COUNTERS: &str = "SEB_COUNTERS";
+    pub const CUT_SOCKETS: &str = "SEB_CUT_SOCKETS";
 }
 
 /// Capacity of the protected-endpoint tries (per address family).

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use seb_common::{DenialEvent, EndpointRules, FAMILY_V4, FAMILY_V6, Hook, MAX_CGROUP_DEPTH, counters};
 
-use crate::{ALLOW, BROKER_SOCKETS, COUNTERS, DENIALS, DENY, EXEMPT_CGROUPS, PROTECTED_V4, PROTECTED_V6};
+use crate::{ALLOW, BROKER_SOCKETS, COUNTERS, CUT_SOCKETS, DENIALS, DENY, EXEMPT_CGROUPS, PROTECTED_V4, PROTECTED_V6};
 
 /// Where a connection or packet is going.
 pub struct Destination {
@@ -99,6 +99,23 @@ pub fn judge_packet<C: EbpfContext>(ctx: &C, skb: *mut __sk_buff, dest: &Destina
     }
     let (uid, cgroup_id) = unsafe { (bpf_get_socket_uid(skb) as u64, bpf_skb_cgroup_id(skb)) };
     report(dest, hook, cookie, 0, uid | (uid << 32), cgroup_id, false);
+    DENY
+}
+
+/// Decision for a packet of a TCP or UDP socket: dropped only if the broker cut the
+/// socket (its decision was revoked while the connection was open).
+#[inline(always)]
+pub fn judge_cut(ctx: &aya_ebpf::programs::SkBuffContext, skb: *mut __sk_buff) -> i32 {
+    // SAFETY: helper valid in cgroup_skb programs, on this program's own skb.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is only tested for presence.
+    if unsafe { CUT_SOCKETS.get(&cookie) }.is_none() {
+        return ALLOW;
+    }
+    let dest = crate::packet::destination(ctx).unwrap_or(Destination::v4([0; 4], 0, 0));
+    let hook = if dest.family == FAMILY_V4 { Hook::Egress4 } else { Hook::Egress6 };
+    let (uid, cgroup_id) = unsafe { (bpf_get_socket_uid(skb) as u64, bpf_skb_cgroup_id(skb)) };
+    report(&dest, hook, cookie, 0, uid | (uid << 32), cgroup_id, false);
     DENY
 }
 

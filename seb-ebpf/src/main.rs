@@ -7,7 +7,8 @@
 //!   trie, since the kernel hands those to the IPv4 path where `connect4` never runs.
 //! - `sendmsg4`/`sendmsg6`: unconnected UDP (`sendto`, QUIC).
 //! - `egress`: a `cgroup_skb/egress` backstop for sockets with no connect or sendmsg
-//!   hook (raw, ping, SCTP, ...), judged on the packet's real IP header.
+//!   hook (raw, ping, SCTP, ...), judged on the packet's real IP header; and for broker
+//!   connections cut by a revocation, whose packets it drops whatever their kind.
 //!
 //! The fast path, a destination that is not protected, is one LPM-trie lookup.
 #![no_std]
@@ -43,6 +44,10 @@ static BROKER_SOCKETS: HashMap<u64, BrokerSocket> = HashMap::pinned(MAX_BROKER_S
 
 #[map(name = "SEB_EXEMPT_CGROUPS")]
 static EXEMPT_CGROUPS: HashMap<u64, u8> = HashMap::pinned(MAX_EXEMPT_CGROUPS, 0);
+
+/// Broker sockets whose decision was revoked while they were open.
+#[map(name = "SEB_CUT_SOCKETS")]
+static CUT_SOCKETS: HashMap<u64, u8> = HashMap::pinned(MAX_BROKER_SOCKETS, 0);
 
 #[map(name = "SEB_DENIALS")]
 static DENIALS: RingBuf = RingBuf::pinned(DENIAL_RING_BYTES, 0);
@@ -109,8 +114,9 @@ fn port_from_ctx(port: u32) -> u16 {
 fn egress(ctx: &SkBuffContext) -> i32 {
     let skb: *mut __sk_buff = ctx.skb.skb;
     if packet::socket_has_address_hooks(skb) {
-        // TCP and UDP sockets were already judged at connect() or sendmsg().
-        return ALLOW;
+        // TCP and UDP sockets were already judged at connect() or sendmsg(), except a
+        // broker connection cut since.
+        return decision::judge_cut(ctx, skb);
     }
     let Some(dest) = packet::destination(ctx) else {
         return ALLOW;

@@ -21,6 +21,7 @@ pub mod kube_standin;
 pub mod kube_store;
 pub mod moto;
 pub mod mtls;
+pub mod revocation;
 pub mod tls_server;
 
 use anyhow::{Context, Result, bail, ensure};

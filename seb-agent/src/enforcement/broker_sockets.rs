@@ -35,6 +35,13 @@ use super::PinLayout;
 
 type Registry = HashMap<MapData, u64, BrokerSocket>;
 
+/// The two pinned maps: registered sockets, and those cut by a revocation (whose packets
+/// the egress program drops).
+struct Maps {
+    registry: Registry,
+    cut: HashMap<MapData, u64, u8>,
+}
+
 /// The decision a socket is opened for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecutionTag {
@@ -92,7 +99,7 @@ impl ExecutionTag {
 /// Handle on the pinned broker-socket map, shared by every connection the broker makes.
 #[derive(Clone)]
 pub struct BrokerSockets {
-    map: Arc<Mutex<Registry>>,
+    maps: Arc<Mutex<Maps>>,
     /// Open sockets by cookie, with the decision each serves.
     tags: Arc<Mutex<StdHashMap<u64, Option<ExecutionTag>>>>,
     retired: Arc<Mutex<Retired>>,
@@ -103,11 +110,17 @@ impl BrokerSockets {
     /// Open the pinned registry. Entries of an earlier broker process are purged: their
     /// sockets are gone with it, and their cookies can never come back.
     pub fn open(layout: &PinLayout) -> Result<Self> {
-        let path = layout.map(map_names::BROKER_SOCKETS);
-        let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-        let map: Registry = HashMap::try_from(aya::maps::Map::HashMap(data))?;
+        let open = |name: &str| -> Result<aya::maps::Map> {
+            let path = layout.map(name);
+            let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+            Ok(aya::maps::Map::HashMap(data))
+        };
+        let maps = Maps {
+            registry: HashMap::try_from(open(map_names::BROKER_SOCKETS)?)?,
+            cut: HashMap::try_from(open(map_names::CUT_SOCKETS)?)?,
+        };
         let sockets = Self {
-            map: Arc::new(Mutex::new(map)),
+            maps: Arc::new(Mutex::new(maps)),
             tags: Arc::default(),
             retired: Arc::default(),
             tgid: std::process::id(),
@@ -122,17 +135,27 @@ impl BrokerSockets {
     }
 
     fn purge_other_processes(&self) -> Result<()> {
-        let mut map = self.map.lock().map_err(|_| anyhow!("broker socket registry poisoned"))?;
-        let stale: Vec<u64> = map
+        let mut maps = self.lock()?;
+        let stale: Vec<u64> = maps
+            .registry
             .iter()
             .filter_map(Result::ok)
             .filter(|(_, registered)| registered.tgid != self.tgid)
             .map(|(cookie, _)| cookie)
             .collect();
         for cookie in stale {
-            map.remove(&cookie)?;
+            maps.registry.remove(&cookie)?;
+        }
+        // Cut sockets died with the process that opened them.
+        let cut: Vec<u64> = maps.cut.keys().filter_map(Result::ok).collect();
+        for cookie in cut {
+            maps.cut.remove(&cookie)?;
         }
         Ok(())
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Maps>> {
+        self.maps.lock().map_err(|_| anyhow!("broker socket registry poisoned"))
     }
 
     /// Register a socket this process owns; the registration lasts as long as the guard.
@@ -144,8 +167,9 @@ impl BrokerSockets {
             bail!("decision {} was revoked while it executed: no further connection is opened for it", tag.decision_id);
         }
         let cookie = socket_cookie(socket)?;
-        let mut map = self.map.lock().map_err(|_| anyhow!("broker socket registry poisoned"))?;
-        map.insert(cookie, BrokerSocket { tgid: self.tgid, _pad: 0 }, 0)
+        self.lock()?
+            .registry
+            .insert(cookie, BrokerSocket { tgid: self.tgid, _pad: 0 }, 0)
             .context("registering a broker socket (is the registry full?)")?;
         if let Ok(mut tags) = self.tags.lock() {
             tags.insert(cookie, tag);
@@ -153,14 +177,14 @@ impl BrokerSockets {
         Ok(Registration { sockets: self.clone(), cookie })
     }
 
-    /// Retire decisions: remove the kernel registration of every open socket serving one
-    /// (returning their cookies), and refuse to register new ones for them. The
-    /// connections stay open in user space, but the kernel lets no further packet of
-    /// theirs out to a protected endpoint.
+    /// Retire decisions: cut every open socket serving one (returning their cookies),
+    /// and refuse to register new ones for them. A cut socket is no longer registered,
+    /// and the egress program drops each further packet of it: the connection stays
+    /// open in user space, but nothing more of it leaves the node.
     pub fn cut(&self, newly: &Retired) -> Result<Vec<u64>> {
         let mut retired = self.retired.lock().map_err(|_| anyhow!("retired decisions poisoned"))?;
         retired.merge(newly);
-        let mut map = self.map.lock().map_err(|_| anyhow!("broker socket registry poisoned"))?;
+        let mut maps = self.lock()?;
         let mut tags = self.tags.lock().map_err(|_| anyhow!("broker socket tags poisoned"))?;
         let cookies: Vec<u64> = tags
             .iter()
@@ -168,10 +192,21 @@ impl BrokerSockets {
             .map(|(cookie, _)| *cookie)
             .collect();
         for cookie in &cookies {
-            map.remove(cookie).with_context(|| format!("removing broker socket {cookie}"))?;
-            tags.remove(cookie);
+            // Dropped first, deregistered second: no moment in which it is neither.
+            maps.cut.insert(cookie, 1, 0).with_context(|| format!("cutting broker socket {cookie}"))?;
+            maps.registry.remove(cookie).with_context(|| format!("removing broker socket {cookie}"))?;
+            tags.insert(*cookie, None);
         }
         Ok(cookies)
+    }
+
+    /// Whether the kernel holds a registration for this socket cookie.
+    pub fn is_registered(&self, cookie: u64) -> Result<bool> {
+        match self.lock()?.registry.get(&cookie, 0) {
+            Ok(_) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Open a TCP connection as the broker.
@@ -194,12 +229,13 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        // Already gone when the socket was cut.
-        if let Ok(mut tags) = self.sockets.tags.lock()
-            && tags.remove(&self.cookie).is_some()
-            && let Ok(mut map) = self.sockets.map.lock()
-        {
-            let _ = map.remove(&self.cookie);
+        if let Ok(mut tags) = self.sockets.tags.lock() {
+            tags.remove(&self.cookie);
+        }
+        if let Ok(mut maps) = self.sockets.lock() {
+            // One of the two is already gone; the socket is closed, so neither is needed.
+            let _ = maps.registry.remove(&self.cookie);
+            let _ = maps.cut.remove(&self.cookie);
         }
     }
 }
@@ -211,6 +247,11 @@ pub struct BrokerStream {
 }
 
 impl BrokerStream {
+    /// The socket's cookie, its key in the kernel's registry.
+    pub fn cookie(&self) -> Result<u64> {
+        socket_cookie(self.stream.as_fd())
+    }
+
     /// The stream and its registration, for layering (TLS, HTTP); keep the registration
     /// alive as long as the stream.
     pub fn into_parts(self) -> (TcpStream, Registration) {

@@ -99,5 +99,7 @@ pub fn entry_counts(layout: &super::PinLayout) -> Result<std::collections::BTree
     counts.insert(map_names::BROKER_SOCKETS.to_string(), sockets.keys().count() as u64);
     let exempt: HashMap<MapData, u64, u8> = HashMap::try_from(Map::HashMap(open(map_names::EXEMPT_CGROUPS)?))?;
     counts.insert(map_names::EXEMPT_CGROUPS.to_string(), exempt.keys().count() as u64);
+    let cut: HashMap<MapData, u64, u8> = HashMap::try_from(Map::HashMap(open(map_names::CUT_SOCKETS)?))?;
+    counts.insert(map_names::CUT_SOCKETS.to_string(), cut.keys().count() as u64);
     Ok(counts)
 }
