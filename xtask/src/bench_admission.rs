@@ -20,7 +20,7 @@ use seb_sandbox::{
 use serde_json::json;
 use tokio::net::UnixStream;
 
-use crate::{stats::percentile, workspace_root};
+use crate::stats::percentile;
 
 const SEQUENTIAL: usize = 2_000;
 const CLIENTS: usize = 64;
@@ -84,11 +84,7 @@ pub fn run() -> Result<()> {
         "meets_throughput_target": per_second >= TARGET_PER_SECOND,
         "audit_chain": serde_json::from_slice::<serde_json::Value>(&verify.stdout).unwrap_or_default(),
     });
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    let dir = workspace_root().join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("admission.json"), serde_json::to_vec_pretty(&report)?)?;
-    Ok(())
+    crate::stats::publish("admission", &report)
 }
 
 /// One connection, proposals one after another; returns each latency in microseconds.

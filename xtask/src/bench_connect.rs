@@ -16,7 +16,7 @@ use anyhow::{Context, Result, ensure};
 use seb_sandbox::{Sandbox, Tools};
 use serde_json::{Value, json};
 
-use crate::{stats::median, toolchain, workspace_root};
+use crate::{stats::median, toolchain};
 
 const ROUNDS: usize = 15;
 const UDP_ITERATIONS: &str = "200000";
@@ -55,11 +55,7 @@ pub fn run() -> Result<()> {
         "meets_target": worst_added < TARGET_ADDED_NS,
         "results": results,
     });
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    let dir = workspace_root().join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("connect.json"), serde_json::to_vec_pretty(&report)?)?;
-    Ok(())
+    crate::stats::publish("connect", &report)
 }
 
 fn measure(tools: &Tools, cidrs: usize) -> Result<Value> {

@@ -25,7 +25,7 @@ use seb_sandbox::{
 };
 use serde_json::json;
 
-use crate::{stats::percentile, toolchain, workspace_root};
+use crate::{stats::percentile, toolchain};
 
 const ROUNDS: usize = 20;
 const PER_ROUND: usize = 10;
@@ -115,11 +115,7 @@ pub fn run() -> Result<()> {
         "included_in_broker": "socket round trip, certificate and caller checks, state checks, STS AssumeRole, drift read, \
                                mutation, resulting-state read, decision and outcome records (signed, chained, fsynced)",
     });
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    let dir = workspace_root().join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("execution.json"), serde_json::to_vec_pretty(&report)?)?;
-    Ok(())
+    crate::stats::publish("execution", &report)
 }
 
 async fn propose(

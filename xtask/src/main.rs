@@ -3,6 +3,7 @@
 mod bench_admission;
 mod bench_connect;
 mod bench_execution;
+mod bench_revocation;
 mod demo;
 mod deploy_check;
 mod ebpf;
@@ -50,6 +51,9 @@ enum Bench {
     Admission,
     /// Broker overhead per AWS mutation against direct calls with static credentials.
     Execution,
+    /// From a cluster revocation applied on the node to the next denied admission and
+    /// the kernel map update.
+    Revocation,
 }
 
 fn main() {
@@ -60,6 +64,7 @@ fn main() {
         Task::Bench { which: Bench::Connect } => bench_connect::run(),
         Task::Bench { which: Bench::Admission } => bench_admission::run(),
         Task::Bench { which: Bench::Execution } => bench_execution::run(),
+        Task::Bench { which: Bench::Revocation } => bench_revocation::run(),
         Task::Demo => demo::run(),
         Task::DeployCheck => deploy_check::run_check(),
     };
