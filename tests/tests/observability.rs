@@ -47,7 +47,9 @@ fn metrics_health_and_status_report_what_the_agent_sees() {
     assert_eq!(get(&netns, "/readyz").0, 200);
     let workload = format!("{}/workload", sandbox.cgroup_relative);
     let expected = [
-        format!(r#"seb_kernel_denials_total{{hook="connect4",destination="127.0.0.2:8443",cgroup="{workload}",pod=""}} 1"#),
+        format!(
+            r#"seb_kernel_denials_total{{hook="connect4",destination="127.0.0.2:8443",cgroup="{workload}",pod=""}} 1"#
+        ),
         r#"seb_admissions_total{decision="denied",reason="untrusted_issuer"} 1"#.to_string(),
         r#"seb_map_entries{map="SEB_PROTECTED_V4"} 1"#.to_string(),
     ];

@@ -44,7 +44,7 @@ pub fn run() -> Result<()> {
         let sockets = rig.sockets.clone();
         let poller = thread::spawn(move || -> Result<Instant> {
             while sockets.is_registered(cookie)? {
-                std::hint::spin_loop();
+                thread::yield_now();
             }
             Ok(Instant::now())
         });
@@ -74,9 +74,7 @@ pub fn run() -> Result<()> {
         admission_ms.push(denied.duration_since(started).as_secs_f64() * 1e3);
         kernel_ms.push(unregistered.duration_since(started).as_secs_f64() * 1e3);
     }
-    let summary = |values: &[f64]| {
-        json!({"p50_ms": percentile(values, 0.5), "p99_ms": percentile(values, 0.99), "max_ms": percentile(values, 1.0)})
-    };
+    let summary = |values: &[f64]| json!({"p50_ms": percentile(values, 0.5), "p99_ms": percentile(values, 0.99), "max_ms": percentile(values, 1.0)});
     let report = json!({
         "bench": "revocation",
         "cpus": thread::available_parallelism().map(usize::from).unwrap_or(0),

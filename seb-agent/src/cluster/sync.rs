@@ -134,8 +134,18 @@ impl ClusterSync {
         self.inner.metrics.cluster_sync_errors.get_or_create(&ResourceLabels { resource: resource.into() }).inc();
     }
 
-    /// Apply a `SebRevocation`: durable in the ledger first, then the kernel.
+    /// Apply a `SebRevocation`: the kernel first (cutting connections is only ever more
+    /// restrictive, so it need not wait), then the admission state, durably in the ledger.
     pub async fn revocation(&self, object: &SebRevocation) -> Result<RevocationReport> {
+        // Connections of decisions certified under an epoch older than the listed one go
+        // too; an epoch behind this node's changes nothing (epochs only move forward).
+        let cut = self.inner.sockets.cut(&Retired {
+            serials: object.spec.serials.iter().map(|s| state::normalise(state::RevocationTarget::Serial, s)).collect(),
+            contract_ids: object.spec.contract_ids.iter().cloned().collect(),
+            revocation_epoch: Some(object.spec.revocation_epoch),
+            policy_epoch: None,
+        })?;
+        self.inner.metrics.sockets_cut.inc_by(cut.len() as u64);
         let update = RevocationState {
             epoch: object.spec.revocation_epoch,
             serials: object.spec.serials.clone(),
@@ -160,20 +170,17 @@ impl ClusterSync {
                 "the SebRevocation's epoch is behind this node's; epochs only move forward"
             );
         }
-        let active = applied.epochs.revocation.unwrap_or(0);
-        let cut = self.inner.sockets.cut(&Retired {
-            serials: object.spec.serials.iter().map(|s| state::normalise(state::RevocationTarget::Serial, s)).collect(),
-            contract_ids: object.spec.contract_ids.iter().cloned().collect(),
-            revocation_epoch: applied.epochs.revocation,
-            policy_epoch: None,
-        })?;
-        self.inner.metrics.sockets_cut.inc_by(cut.len() as u64);
         self.inner.freshness.synced(Resource::Revocation);
         if let Some(lag) = written_ago(object) {
             self.inner.metrics.revocation_propagation.observe(lag.as_secs_f64());
         }
         if !applied.newly_revoked.is_empty() || !cut.is_empty() {
-            info!(revoked = applied.newly_revoked.len(), cut = cut.len(), epoch = active, "revocation applied");
+            info!(
+                revoked = applied.newly_revoked.len(),
+                cut = cut.len(),
+                epoch = ?applied.epochs.revocation,
+                "revocation applied"
+            );
         }
         Ok(RevocationReport { applied, cut })
     }

@@ -71,11 +71,12 @@ impl Retired {
             || self.policy_epoch.is_some_and(|active| tag.policy_epoch != active)
     }
 
-    /// Fold in a newer state: lists grow, epochs are replaced when given.
+    /// Fold in a newer state: lists grow, the revocation epoch only moves forward, the
+    /// policy epoch is replaced when given.
     fn merge(&mut self, newer: &Retired) {
         self.serials.extend(newer.serials.iter().cloned());
         self.contract_ids.extend(newer.contract_ids.iter().cloned());
-        self.revocation_epoch = newer.revocation_epoch.or(self.revocation_epoch);
+        self.revocation_epoch = self.revocation_epoch.max(newer.revocation_epoch);
         self.policy_epoch = newer.policy_epoch.or(self.policy_epoch);
     }
 }
