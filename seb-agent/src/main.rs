@@ -117,6 +117,8 @@ enum Command {
     },
     /// Validate a configuration file and print it with every default filled in.
     CheckConfig(ConfigArg),
+    /// Validate SebPolicy and SebRevocation objects (JSON) as a broker would apply them.
+    CheckClusterState { files: Vec<PathBuf> },
     /// Propose a mutation: print the broker's decision as JSON; exit 1 if denied.
     Propose {
         #[command(flatten)]
@@ -307,6 +309,12 @@ fn run(command: Command) -> Result<ExitCode> {
             }
         }
         Command::CheckConfig(config) => print!("{}", toml::to_string_pretty(&config.load()?)?),
+        Command::CheckClusterState { files } => {
+            for file in files {
+                let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+                cli::cluster::check_object(&text).with_context(|| format!("{}", file.display()))?;
+            }
+        }
         Command::Propose { socket, cert, request } => {
             let certificate = std::fs::read_to_string(&cert).with_context(|| format!("reading {}", cert.display()))?;
             let request: MutationRequest = serde_json::from_str(

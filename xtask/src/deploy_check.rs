@@ -1,6 +1,7 @@
 //! `cargo xtask deploy-check`: the kustomize base renders, every object validates against
 //! the Kubernetes schemas offline (`kubernetes-validate`), the ConfigMap's agent.toml is a
-//! valid config, and the committed CRDs are exactly what the Rust types generate.
+//! valid config, the example cluster state is what brokers accept, and the committed CRDs
+//! are exactly what the Rust types generate.
 
 use std::process::Command;
 
@@ -36,6 +37,15 @@ pub fn run_check() -> Result<()> {
         .arg(deploy.join("agent.toml"))
         .stdout(std::process::Stdio::null()))
     .context("deploy/agent.toml (the ConfigMap) is not a valid agent config")?;
+
+    let state = deploy.join("cluster-state");
+    output_of(Command::new("kubectl").arg("kustomize").arg(&state)).context("rendering deploy/cluster-state/")?;
+    let mut check = Command::new(&agent);
+    check.arg("check-cluster-state");
+    for name in ["sebpolicy.json", "sebrevocation.json"] {
+        check.arg(state.join(name));
+    }
+    run(&mut check).context("deploy/cluster-state/ holds an object a broker would refuse")?;
 
     let rendered = output_of(Command::new("kubectl").arg("kustomize").arg(&deploy))
         .context("rendering deploy/ with `kubectl kustomize` (kubectl is needed)")?;

@@ -188,32 +188,7 @@ impl ClusterSync {
     /// Apply a `SebPolicy`. An invalid one changes nothing (neither epoch nor kernel).
     pub async fn policy(&self, object: &SebPolicy) -> Result<()> {
         let spec = object.spec.clone();
-        let endpoints = spec
-            .protected
-            .iter()
-            .enumerate()
-            .map(|(i, endpoint)| {
-                let protocol = match endpoint.protocol.as_deref() {
-                    None => Ok(Default::default()),
-                    Some(text) => serde_json::from_value(serde_json::Value::String(text.into())).with_context(|| {
-                        format!(
-                            "SebPolicy {}: spec.protected[{i}].protocol `{text}` is not tcp, udp or any",
-                            object.name_any()
-                        )
-                    }),
-                }?;
-                let endpoint = ProtectedEndpoint { cidr: endpoint.cidr.clone(), port: endpoint.port, protocol };
-                endpoint.parse("spec.protected", i).with_context(|| format!("SebPolicy {}", object.name_any()))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let cgroup_fields =
-            spec.scope.cgroups.iter().enumerate().map(|(i, path)| (format!("spec.scope.cgroups[{i}]"), path));
-        let exempt_fields =
-            spec.exempt_cgroups.iter().enumerate().map(|(i, path)| (format!("spec.exemptCgroups[{i}]"), path));
-        for (field, path) in cgroup_fields.chain(exempt_fields) {
-            crate::config::check_cgroup_path(&field, path)
-                .with_context(|| format!("SebPolicy {}", object.name_any()))?;
-        }
+        let endpoints = validate_policy(object)?;
         let pod_scopes = self.selected_pod_cgroups(&spec.scope);
         let previous = self.inner.scope.lock().map(|scope| scope.clone()).unwrap_or_default();
         let (scope, exempt) = (spec.scope.cgroups.clone(), spec.exempt_cgroups.clone());
@@ -278,6 +253,35 @@ impl ClusterSync {
             })
             .collect()
     }
+}
+
+/// Check a `SebPolicy` as the broker will apply it; returns its protected endpoints.
+/// Errors name the object and the field.
+pub fn validate_policy(object: &SebPolicy) -> Result<Vec<crate::config::Endpoint>> {
+    let name = object.name_any();
+    let spec = &object.spec;
+    let endpoints = spec
+        .protected
+        .iter()
+        .enumerate()
+        .map(|(i, endpoint)| {
+            let protocol = match endpoint.protocol.as_deref() {
+                None => Ok(Default::default()),
+                Some(text) => serde_json::from_value(serde_json::Value::String(text.into())).with_context(|| {
+                    format!("SebPolicy {name}: spec.protected[{i}].protocol `{text}` is not tcp, udp or any")
+                }),
+            }?;
+            let endpoint = ProtectedEndpoint { cidr: endpoint.cidr.clone(), port: endpoint.port, protocol };
+            endpoint.parse("spec.protected", i).with_context(|| format!("SebPolicy {name}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    crate::enforcement::policy::compile(&endpoints).with_context(|| format!("SebPolicy {name}"))?;
+    let cgroups = spec.scope.cgroups.iter().enumerate().map(|(i, path)| (format!("spec.scope.cgroups[{i}]"), path));
+    let exempt = spec.exempt_cgroups.iter().enumerate().map(|(i, path)| (format!("spec.exemptCgroups[{i}]"), path));
+    for (field, path) in cgroups.chain(exempt) {
+        crate::config::check_cgroup_path(&field, path).with_context(|| format!("SebPolicy {name}"))?;
+    }
+    Ok(endpoints)
 }
 
 /// How long ago the object's latest change was written: the CLI's annotation, else the
