@@ -27,6 +27,7 @@ use tracing::{info, warn};
 
 use super::{
     crd::{SebPolicy, SebRevocation},
+    directory::PodDirectory,
     discovery::{self, ApiServerAddresses},
     freshness::Resource as Tracked,
     sync::ClusterSync,
@@ -240,8 +241,20 @@ pub fn spawn(
             shutdown.clone(),
             apply_policy,
         )),
-        tokio::spawn(follow_pods(client.clone(), node.to_string(), sync.clone(), shutdown.clone())),
-        tokio::spawn(follow_namespaces(client.clone(), sync.clone(), shutdown.clone())),
+        tokio::spawn(follow_directory(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+            sync.clone(),
+            shutdown.clone(),
+            record_pods,
+        )),
+        tokio::spawn(follow_directory(
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default(),
+            sync.clone(),
+            shutdown.clone(),
+            record_namespaces,
+        )),
         tokio::spawn(probe(client.clone(), config.clone(), sync.clone(), shutdown.clone())),
     ];
     if config.discover_api_server {
@@ -251,43 +264,43 @@ pub fn spawn(
     tasks
 }
 
-async fn follow_pods(client: Client, node: String, sync: ClusterSync, shutdown: signal::Receiver<bool>) {
-    let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+/// Pods or namespaces: each change is recorded in the directory, then the pods the
+/// policy selects are enforced again.
+async fn follow_directory<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    sync: ClusterSync,
+    shutdown: signal::Receiver<bool>,
+    record: fn(&mut PodDirectory, &Change<K>),
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    K::DynamicType: Default,
+{
     let handler_sync = sync.clone();
-    follow(Api::<Pod>::all(client), config, sync, shutdown, move |change| {
+    follow(api, config, sync, shutdown, move |change| {
         let sync = handler_sync.clone();
         async move {
-            {
-                let mut directory = sync.directory().write().map_err(|_| anyhow::anyhow!("pod directory poisoned"))?;
-                match &change {
-                    Change::Relisted(pods) => directory.replace_pods(pods),
-                    Change::Applied(pod) => directory.upsert_pod(pod),
-                    Change::Deleted(pod) => directory.remove_pod(pod),
-                }
-            }
+            record(&mut *sync.directory().write().map_err(|_| anyhow::anyhow!("pod directory poisoned"))?, &change);
             sync.pods_changed().map(drop)
         }
     })
     .await
 }
 
-async fn follow_namespaces(client: Client, sync: ClusterSync, shutdown: signal::Receiver<bool>) {
-    let handler_sync = sync.clone();
-    follow(Api::<Namespace>::all(client), watcher::Config::default(), sync, shutdown, move |change| {
-        let sync = handler_sync.clone();
-        async move {
-            {
-                let mut directory = sync.directory().write().map_err(|_| anyhow::anyhow!("pod directory poisoned"))?;
-                match &change {
-                    Change::Relisted(namespaces) => directory.replace_namespaces(namespaces),
-                    Change::Applied(namespace) => directory.upsert_namespace(namespace),
-                    Change::Deleted(namespace) => directory.remove_namespace(namespace),
-                }
-            }
-            sync.pods_changed().map(drop)
-        }
-    })
-    .await
+fn record_pods(directory: &mut PodDirectory, change: &Change<Pod>) {
+    match change {
+        Change::Relisted(pods) => directory.replace_pods(pods),
+        Change::Applied(pod) => directory.upsert_pod(pod),
+        Change::Deleted(pod) => directory.remove_pod(pod),
+    }
+}
+
+fn record_namespaces(directory: &mut PodDirectory, change: &Change<Namespace>) {
+    match change {
+        Change::Relisted(namespaces) => directory.replace_namespaces(namespaces),
+        Change::Applied(namespace) => directory.upsert_namespace(namespace),
+        Change::Deleted(namespace) => directory.remove_namespace(namespace),
+    }
 }
 
 /// The `kubernetes` Service and its EndpointSlices, kept protected as they change.
