@@ -33,30 +33,21 @@ use crate::{
     server::{self, Broker},
 };
 
-/// The cgroups of the config, resolved against the cgroup2 mount. A missing one is a
-/// config error: enforcing less than asked for is not an option.
-pub struct ResolvedCgroups {
-    pub mount: PathBuf,
-    pub scopes: Vec<PathBuf>,
-    pub exempt_ids: Vec<u64>,
-}
-
-pub fn resolve_cgroups(config: &Config) -> Result<ResolvedCgroups> {
+/// The cgroup2 mount, once every cgroup the config names is found under it. A missing
+/// one is a config error: enforcing less than asked for is not an option.
+pub fn check_cgroups(config: &Config) -> Result<PathBuf> {
     let mount = cgroupfs::cgroup2_mount()?;
-    let mut scopes = Vec::new();
-    for (i, relative) in config.enforcement.scope.iter().enumerate() {
-        let dir = cgroupfs::resolve(&mount, relative);
-        cgroupfs::cgroup_id(&dir).with_context(|| format!("config field `enforcement.scope[{i}]`"))?;
-        scopes.push(dir);
+    let fields = [
+        ("enforcement.scope", &config.enforcement.scope),
+        ("enforcement.exempt_cgroups", &config.enforcement.exempt_cgroups),
+    ];
+    for (field, paths) in fields {
+        for (i, relative) in paths.iter().enumerate() {
+            cgroupfs::cgroup_id(&cgroupfs::resolve(&mount, relative))
+                .with_context(|| format!("config field `{field}[{i}]`"))?;
+        }
     }
-    let mut exempt_ids = Vec::new();
-    for (i, relative) in config.enforcement.exempt_cgroups.iter().enumerate() {
-        let dir = cgroupfs::resolve(&mount, relative);
-        exempt_ids.push(
-            cgroupfs::cgroup_id(&dir).with_context(|| format!("config field `enforcement.exempt_cgroups[{i}]`"))?,
-        );
-    }
-    Ok(ResolvedCgroups { mount, scopes, exempt_ids })
+    Ok(mount)
 }
 
 /// The config's share of what is enforced.
@@ -74,10 +65,10 @@ pub fn config_sources(config: &Config) -> Result<Sources> {
 }
 
 pub async fn run(config: Config) -> Result<()> {
-    let cgroups = resolve_cgroups(&config)?;
+    let mount = check_cgroups(&config)?;
     let sources = config_sources(&config)?;
     let layout = PinLayout::new(&config.bpf.pin_path);
-    let mut enforcer = Enforcer::load(layout.clone(), cgroups.mount.clone())?;
+    let mut enforcer = Enforcer::load(layout.clone(), mount.clone())?;
     enforcer.apply(&sources)?;
     let adopted = enforcer.links().iter().filter(|l| l.origin == loader::LinkOrigin::Adopted).count();
     info!(links = enforcer.links().len(), adopted, pin_path = %layout.root.display(), "kernel enforcement active");
@@ -86,7 +77,7 @@ pub async fn run(config: Config) -> Result<()> {
     let (ledger, ledger_thread) = Ledger::start(&config.audit.database, key)?;
     let mut admission = admission_from(&config)?;
     // Start-up reads the ledger synchronously; allowed on a runtime worker this way.
-    let names = CgroupNames::new(cgroups.mount.clone());
+    let names = CgroupNames::new(mount.clone());
     let metrics = Arc::new(Metrics::new());
     let directory = SharedDirectory::default();
     let recorder = tokio::task::block_in_place(|| {
@@ -119,7 +110,7 @@ pub async fn run(config: Config) -> Result<()> {
             metrics.clone(),
             directory.clone(),
             {
-                let (cluster, mount) = (cluster.clone(), cgroups.mount.clone());
+                let (cluster, mount) = (cluster.clone(), mount.clone());
                 move || cluster.kubepods(&mount)
             },
         );

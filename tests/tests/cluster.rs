@@ -66,8 +66,9 @@ struct World {
 
 /// A stand-in API server holding the cluster state, and an agent in cluster mode following
 /// it, with the kubelet's pod cgroups under the sandbox. `scope`: the config's enforced
-/// cgroups (default: the whole sandbox).
-fn world(label: &str, scope: Option<&[String]>, seed: impl FnOnce(&KubeStandIn)) -> World {
+/// cgroups (default: the whole sandbox). The probe reads the resources every third of
+/// `staleness` seconds; anything a test sees sooner came through a watch.
+fn world(label: &str, scope: Option<&[String]>, staleness: u64, seed: impl FnOnce(&KubeStandIn, &Sandbox)) -> World {
     let sandbox = Sandbox::new(label, tools()).unwrap();
     let cluster = kube_standin::start(&sandbox.netns, API.parse().unwrap(), &sandbox.dir).unwrap();
     {
@@ -86,7 +87,7 @@ fn world(label: &str, scope: Option<&[String]>, seed: impl FnOnce(&KubeStandIn))
                    "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]}),
         );
     }
-    seed(&cluster);
+    seed(&cluster, &sandbox);
     let token = sandbox.dir.join("broker-token");
     std::fs::write(&token, BROKER_TOKEN).unwrap();
     let kubeconfig = sandbox.dir.join("kubeconfig");
@@ -102,7 +103,7 @@ fn world(label: &str, scope: Option<&[String]>, seed: impl FnOnce(&KubeStandIn))
     .unwrap();
     let extra = format!(
         "[kubernetes]\napi_server = \"https://{API}\"\nca_file = \"{}\"\ntoken_file = \"{}\"\n\n\
-         [cluster]\nnode_name = \"{NODE}\"\nstaleness_seconds = 2\nkubepods_cgroup = \"{}/kubepods\"\n",
+         [cluster]\nnode_name = \"{NODE}\"\nstaleness_seconds = {staleness}\nkubepods_cgroup = \"{}/kubepods\"\n",
         cluster.ca.display(),
         token.display(),
         sandbox.cgroup_relative,
@@ -173,7 +174,7 @@ fn serial_of(pem: &str) -> String {
 
 #[test]
 fn the_cluster_resources_set_epochs_endpoints_and_revocations_and_admission_fails_closed_without_them() {
-    let w = world("cluster", None, |cluster| {
+    let w = world("cluster", None, 2, |cluster, _| {
         let mut store = cluster.store.lock().unwrap();
         store.put(SEB_POLICIES, policy(3, json!({})));
         store.put(SEB_REVOCATIONS, revocation(2, &[], &[]));
@@ -266,7 +267,11 @@ fn pods_the_policy_selects_are_enforced_as_they_come_and_go_and_denials_name_the
     const OTHER: &str = "11111111-2222-3333-4444-555555555555";
     let (c1, c2) = (format!("{:064x}", 1), format!("{:064x}", 2));
     let mut cgroups = (String::new(), String::new());
-    let w = world("pods", Some(&[]), |cluster| {
+    // The probe runs every 30 s: every change below reaches the agent through its watches.
+    let w = world("pods", Some(&[]), 90, |cluster, sandbox| {
+        // The kubelet's cgroups, where the agent is told to look for them.
+        cgroups.0 = pod_cgroups(&sandbox.cgroup, ENFORCED, &c1);
+        cgroups.1 = pod_cgroups(&sandbox.cgroup, OTHER, &c2);
         let mut store = cluster.store.lock().unwrap();
         let selector = json!({"scope": {"podSelector": {"seb.io/enforce": "true"}}});
         store.put(SEB_POLICIES, policy(1, selector));
@@ -278,11 +283,6 @@ fn pods_the_policy_selects_are_enforced_as_they_come_and_go_and_denials_name_the
             pod("33333333-2222-3333-4444-555555555555", "far", "node-b", json!({"seb.io/enforce": "true"}), &c1),
         );
     });
-    // The kubelet's cgroups, and where the agent looks for them.
-    let root = w.broker.sandbox.cgroup.clone();
-    cgroups.0 = pod_cgroups(&root, ENFORCED, &c1);
-    cgroups.1 = pod_cgroups(&root, OTHER, &c2);
-    let _ = &cgroups;
     eventually("the selected pod to be enforced", || (w.attempt(&cgroups.0, "127.0.0.71:80") == "EPERM").then_some(()));
     assert_ne!(w.attempt(&cgroups.1, "127.0.0.71:80"), "EPERM", "a pod the policy does not select");
     assert_ne!(w.attempt("workload", "127.0.0.71:80"), "EPERM", "outside every pod: the config enforces nothing");

@@ -189,41 +189,41 @@ impl ClusterSync {
     pub async fn policy(&self, object: &SebPolicy) -> Result<()> {
         let spec = object.spec.clone();
         let endpoints = validate_policy(object)?;
-        let pod_scopes = self.selected_pod_cgroups(&spec.scope);
-        let previous = self.inner.scope.lock().map(|scope| scope.clone()).unwrap_or_default();
-        let (scope, exempt) = (spec.scope.cgroups.clone(), spec.exempt_cgroups.clone());
-        let enforcer = self.inner.enforcer.clone();
-        tokio::task::block_in_place(|| {
-            enforcer.update(|sources| {
-                sources.endpoints.insert(EndpointSource::Policy, endpoints);
-                sources.cluster_scope = scope.into_iter().collect();
-                sources.cluster_exempt = exempt.into_iter().collect();
-                sources.pod_scopes = pod_scopes;
+        {
+            // Held while pods are chosen and applied, so a pod change racing this policy
+            // change sees either both old or both new.
+            let mut current = self.inner.scope.lock().map_err(|_| anyhow::anyhow!("the policy scope is poisoned"))?;
+            let pod_scopes = self.selected_pod_cgroups(&spec.scope);
+            let (scope, exempt) = (spec.scope.cgroups.clone(), spec.exempt_cgroups.clone());
+            let enforcer = self.inner.enforcer.clone();
+            tokio::task::block_in_place(|| {
+                enforcer.update(|sources| {
+                    sources.endpoints.insert(EndpointSource::Policy, endpoints);
+                    sources.cluster_scope = scope.into_iter().collect();
+                    sources.cluster_exempt = exempt.into_iter().collect();
+                    sources.pod_scopes = pod_scopes;
+                })
             })
-        })
-        .with_context(|| format!("applying SebPolicy {} to the kernel", object.name_any()))?;
-        if let Ok(mut scope) = self.inner.scope.lock() {
-            *scope = spec.scope.clone();
+            .with_context(|| format!("applying SebPolicy {} to the kernel", object.name_any()))?;
+            *current = spec.scope.clone();
         }
+        // As for revocations: the kernel first, the durable record second.
         let epoch = spec.policy_epoch;
-        let epochs = self
-            .inner
+        let cut = self.inner.sockets.cut(&Retired { policy_epoch: Some(epoch), ..Default::default() })?;
+        self.inner.metrics.sockets_cut.inc_by(cut.len() as u64);
+        self.inner
             .ledger
             .run(move |batch| state::apply_policy_epoch(batch, epoch))
             .await
             .context("recording the policy epoch")?;
-        let cut = self.inner.sockets.cut(&Retired { policy_epoch: Some(epoch), ..Default::default() })?;
-        self.inner.metrics.sockets_cut.inc_by(cut.len() as u64);
         self.inner.freshness.synced(Resource::Policy);
-        if previous != spec.scope || !cut.is_empty() {
-            info!(policy_epoch = ?epochs.policy, cut = cut.len(), "policy applied");
-        }
+        info!(policy = %object.name_any(), policy_epoch = epoch, cut = cut.len(), "policy applied");
         Ok(())
     }
 
     /// The pods on this node changed (or a namespace's labels): enforce the selected ones.
     pub fn pods_changed(&self) -> Result<bool> {
-        let scope = self.inner.scope.lock().map(|scope| scope.clone()).unwrap_or_default();
+        let scope = self.inner.scope.lock().map_err(|_| anyhow::anyhow!("the policy scope is poisoned"))?;
         let pod_scopes = self.selected_pod_cgroups(&scope);
         let enforcer = self.inner.enforcer.clone();
         tokio::task::block_in_place(|| enforcer.update(|sources| sources.pod_scopes = pod_scopes))
