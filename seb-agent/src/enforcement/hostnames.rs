@@ -60,9 +60,10 @@ impl HostAddresses {
     }
 }
 
-/// A resolver: the system's (`/etc/resolv.conf`), or the given name server.
+/// A resolver: the system's (`/etc/resolv.conf`), or the given name server. It keeps
+/// no cache of its own: each refresh asks again, and the TTL it is told sets the next.
 pub fn resolver(name_server: Option<SocketAddr>) -> Result<TokioResolver> {
-    let builder = match name_server {
+    let mut builder = match name_server {
         Some(addr) => {
             let servers = NameServerConfigGroup::from_ips_clear(&[addr.ip()], addr.port(), true);
             TokioResolver::builder_with_config(
@@ -72,21 +73,27 @@ pub fn resolver(name_server: Option<SocketAddr>) -> Result<TokioResolver> {
         }
         None => TokioResolver::builder_tokio()?,
     };
+    builder.options_mut().cache_size = 0;
     Ok(builder.build())
 }
 
-/// Resolve every host, publish the endpoints, and repeat as the records expire.
-pub async fn follow(
+/// The host names and what is known of their addresses.
+pub struct Hosts {
     hosts: Vec<ProtectedHost>,
-    resolver: TokioResolver,
-    enforcer: SharedEnforcer,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut known: Vec<HostAddresses> = vec![HostAddresses::default(); hosts.len()];
-    loop {
+    known: Vec<HostAddresses>,
+}
+
+impl Hosts {
+    pub fn new(hosts: Vec<ProtectedHost>) -> Self {
+        let known = vec![HostAddresses::default(); hosts.len()];
+        Self { hosts, known }
+    }
+
+    /// Resolve every host once; returns when to resolve again.
+    pub async fn refresh(&mut self, resolver: &TokioResolver) -> Instant {
         let now = Instant::now();
         let mut next = now + MAX_REFRESH;
-        for (host, addresses) in hosts.iter().zip(known.iter_mut()) {
+        for (host, addresses) in self.hosts.iter().zip(self.known.iter_mut()) {
             match resolver.lookup_ip(host.host.as_str()).await {
                 Ok(lookup) => {
                     let valid_until = Instant::from_std(lookup.valid_until());
@@ -99,32 +106,46 @@ pub async fn follow(
                 }
             }
         }
-        let endpoints = endpoints(&hosts, &known);
+        next.max(now + MIN_REFRESH).min(now + MAX_REFRESH)
+    }
+
+    /// The protected endpoints: every known address with its host's port and protocol.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.hosts
+            .iter()
+            .zip(&self.known)
+            .flat_map(|(host, addresses)| {
+                addresses.addresses().map(|address| Endpoint {
+                    net: address.into(),
+                    port: host.port,
+                    protocol: host.protocol,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Resolve every host, publish the endpoints, and repeat as the records expire.
+pub async fn follow(
+    hosts: Vec<ProtectedHost>,
+    resolver: TokioResolver,
+    enforcer: SharedEnforcer,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut hosts = Hosts::new(hosts);
+    loop {
+        let next = hosts.refresh(&resolver).await;
+        let endpoints = hosts.endpoints();
         match tokio::task::block_in_place(|| enforcer.set_endpoints(EndpointSource::HostNames, endpoints.clone())) {
             Ok(true) => info!(addresses = endpoints.len(), "protected host names resolved"),
             Ok(false) => {}
             Err(e) => warn!(error = %format!("{e:#}"), "applying resolved host names"),
         }
-        let wait = next.saturating_duration_since(Instant::now()).clamp(MIN_REFRESH, MAX_REFRESH);
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep_until(next) => {}
             _ = shutdown.changed() => return,
         }
     }
-}
-
-fn endpoints(hosts: &[ProtectedHost], known: &[HostAddresses]) -> Vec<Endpoint> {
-    hosts
-        .iter()
-        .zip(known)
-        .flat_map(|(host, addresses)| {
-            addresses.addresses().map(|address| Endpoint {
-                net: address.into(),
-                port: host.port,
-                protocol: host.protocol,
-            })
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -142,5 +163,71 @@ mod tests {
         assert_eq!(addresses.addresses().collect::<Vec<_>>(), [a, b]);
         addresses.answer([b], start + Duration::from_secs(150), start + Duration::from_secs(61));
         assert_eq!(addresses.addresses().collect::<Vec<_>>(), [b]);
+    }
+
+    /// A name server on loopback answering `sts.example.test` with the addresses and TTL
+    /// the test sets, and counting the queries.
+    async fn name_server(
+        answer: std::sync::Arc<std::sync::Mutex<(Vec<std::net::Ipv4Addr>, u32)>>,
+    ) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use hickory_proto::{
+            op::{Message, MessageType},
+            rr::{RData, Record, rdata::A},
+        };
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let queries = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = queries.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((len, peer)) = socket.recv_from(&mut buf).await {
+                let Ok(query) = Message::from_vec(&buf[..len]) else { continue };
+                let mut reply = Message::new();
+                reply.set_id(query.id()).set_message_type(MessageType::Response).set_recursion_available(true);
+                reply.add_queries(query.queries().to_vec());
+                if let Some(question) = query.queries().first()
+                    && question.query_type() == hickory_proto::rr::RecordType::A
+                {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let (addresses, ttl) = answer.lock().unwrap().clone();
+                    for address in addresses {
+                        reply.add_answer(Record::from_rdata(question.name().clone(), ttl, RData::A(A(address))));
+                    }
+                }
+                let _ = socket.send_to(&reply.to_vec().unwrap(), peer).await;
+            }
+        });
+        (addr, queries)
+    }
+
+    #[tokio::test]
+    async fn a_host_is_resolved_again_when_its_record_expires_and_old_addresses_outlive_their_answer() {
+        let answer = std::sync::Arc::new(std::sync::Mutex::new((vec!["192.0.2.7".parse().unwrap()], 2)));
+        let (server, queries) = name_server(answer.clone()).await;
+        let resolver = resolver(Some(server)).unwrap();
+        let host = ProtectedHost { host: "sts.example.test".into(), port: Some(443), protocol: Protocol::Tcp };
+        let mut hosts = Hosts::new(vec![host]);
+        let started = Instant::now();
+        let next = hosts.refresh(&resolver).await;
+        let first = hosts.endpoints();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].net.to_string(), "192.0.2.7/32");
+        assert_eq!((first[0].port, first[0].protocol), (Some(443), Protocol::Tcp));
+        let wait = next.duration_since(started);
+        assert!(
+            wait >= Duration::from_millis(1500) && wait <= Duration::from_millis(2500),
+            "the TTL sets the refresh: {wait:?}"
+        );
+
+        // The name moves within the TTL: the old address stays until its answer expires.
+        *answer.lock().unwrap() = (vec!["192.0.2.8".parse().unwrap()], 60);
+        hosts.refresh(&resolver).await;
+        let both: Vec<String> = hosts.endpoints().iter().map(|e| e.net.to_string()).collect();
+        assert_eq!(both, ["192.0.2.7/32", "192.0.2.8/32"]);
+        tokio::time::sleep_until(next + Duration::from_millis(100)).await;
+        hosts.refresh(&resolver).await;
+        let moved: Vec<String> = hosts.endpoints().iter().map(|e| e.net.to_string()).collect();
+        assert_eq!(moved, ["192.0.2.8/32"]);
+        assert!(queries.load(std::sync::atomic::Ordering::SeqCst) >= 3, "each refresh asked the server");
     }
 }
