@@ -306,11 +306,6 @@ fn record_namespaces(directory: &mut PodDirectory, change: &Change<Namespace>) {
 /// The `kubernetes` Service and its EndpointSlices, kept protected as they change.
 fn discover_api_server(client: Client, sync: ClusterSync, shutdown: signal::Receiver<bool>) -> Vec<JoinHandle<()>> {
     let addresses = Arc::new(Mutex::new(ApiServerAddresses::default()));
-    let publish = |sync: &ClusterSync, addresses: &Mutex<ApiServerAddresses>| -> Result<()> {
-        let endpoints = addresses.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.endpoints();
-        let enforcer = sync.enforcer();
-        tokio::task::block_in_place(|| enforcer.set_endpoints(EndpointSource::ApiServer, endpoints)).map(drop)
-    };
     let services = Api::<Service>::namespaced(client.clone(), discovery::NAMESPACE);
     let slices = Api::<EndpointSlice>::namespaced(client, discovery::NAMESPACE);
     let (service_sync, service_addresses) = (sync.clone(), addresses.clone());
@@ -321,25 +316,22 @@ fn discover_api_server(client: Client, sync: ClusterSync, shutdown: signal::Rece
         shutdown.clone(),
         move |change| {
             let (sync, addresses) = (service_sync.clone(), service_addresses.clone());
-            async move {
-                update_addresses(&addresses, "service/", change, discovery::service_endpoints)?;
-                publish(&sync, &addresses)
-            }
+            async move { update_addresses(&sync, &addresses, "service/", change, discovery::service_endpoints) }
         },
     );
     let (slice_sync, slice_addresses) = (sync.clone(), addresses);
     let slice_task =
         follow(slices, watcher::Config::default().labels(discovery::SLICE_LABEL), sync, shutdown, move |change| {
             let (sync, addresses) = (slice_sync.clone(), slice_addresses.clone());
-            async move {
-                update_addresses(&addresses, "slice/", change, discovery::slice_endpoints)?;
-                publish(&sync, &addresses)
-            }
+            async move { update_addresses(&sync, &addresses, "slice/", change, discovery::slice_endpoints) }
         });
     vec![tokio::spawn(service_task), tokio::spawn(slice_task)]
 }
 
+/// Record a Service or EndpointSlice change and protect the resulting addresses. The lock
+/// is held until they are applied, so the two watchers never apply each other's stale view.
 fn update_addresses<K: ResourceExt>(
+    sync: &ClusterSync,
     addresses: &Mutex<ApiServerAddresses>,
     prefix: &str,
     change: Change<K>,
@@ -354,7 +346,8 @@ fn update_addresses<K: ResourceExt>(
         Change::Applied(object) => addresses.set(key(&object), endpoints(&object)),
         Change::Deleted(object) => addresses.remove(&key(&object)),
     }
-    Ok(())
+    let enforcer = sync.enforcer();
+    tokio::task::block_in_place(|| enforcer.set_endpoints(EndpointSource::ApiServer, addresses.endpoints())).map(drop)
 }
 
 /// Read both resources every third of the staleness bound: an answer is contact, and a
