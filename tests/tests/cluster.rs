@@ -265,19 +265,26 @@ fn pod_cgroups(root: &Path, uid: &str, container: &str) -> String {
 fn pods_the_policy_selects_are_enforced_as_they_come_and_go_and_denials_name_them() {
     const ENFORCED: &str = "0f3c2a1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b";
     const OTHER: &str = "11111111-2222-3333-4444-555555555555";
-    let (c1, c2) = (format!("{:064x}", 1), format!("{:064x}", 2));
-    let mut cgroups = (String::new(), String::new());
+    const IN_NAMESPACE: &str = "44444444-2222-3333-4444-555555555555";
+    let (c1, c2, c3) = (format!("{:064x}", 1), format!("{:064x}", 2), format!("{:064x}", 3));
+    let mut cgroups = (String::new(), String::new(), String::new());
     // The probe runs every 30 s: every change below reaches the agent through its watches.
     let w = world("pods", Some(&[]), 90, |cluster, sandbox| {
         // The kubelet's cgroups, where the agent is told to look for them.
         cgroups.0 = pod_cgroups(&sandbox.cgroup, ENFORCED, &c1);
         cgroups.1 = pod_cgroups(&sandbox.cgroup, OTHER, &c2);
+        cgroups.2 = pod_cgroups(&sandbox.cgroup, IN_NAMESPACE, &c3);
         let mut store = cluster.store.lock().unwrap();
-        let selector = json!({"scope": {"podSelector": {"seb.io/enforce": "true"}}});
+        let selector = json!({"scope": {"podSelector": {"seb.io/enforce": "true"},
+                                        "namespaceSelector": {"seb.io/agents": "true"}}});
         store.put(SEB_POLICIES, policy(1, selector));
         store.put(SEB_REVOCATIONS, revocation(1, &[], &[]));
         store.put(PODS, pod(ENFORCED, "agent-0", NODE, json!({"seb.io/enforce": "true"}), &c1));
         store.put(PODS, pod(OTHER, "web-0", NODE, json!({}), &c2));
+        let mut in_namespace = pod(IN_NAMESPACE, "ml-0", NODE, json!({}), &c3);
+        in_namespace["metadata"]["namespace"] = json!("ai");
+        store.put(PODS, in_namespace);
+        store.put(NAMESPACES, json!({"metadata": {"name": "ai"}}));
         store.put(
             PODS,
             pod("33333333-2222-3333-4444-555555555555", "far", "node-b", json!({"seb.io/enforce": "true"}), &c1),
@@ -307,4 +314,15 @@ fn pods_the_policy_selects_are_enforced_as_they_come_and_go_and_denials_name_the
         (w.broker.sandbox.pinned_links().unwrap().len() < links_before).then_some(())
     });
     assert_ne!(w.attempt(&cgroups.0, "127.0.0.71:80"), "EPERM", "a pod no longer listed is not enforced");
+
+    // A pod without the label, once its namespace gets the namespace selector's label.
+    assert_ne!(w.attempt(&cgroups.2, "127.0.0.71:80"), "EPERM", "its namespace is not selected yet");
+    w.cluster
+        .store
+        .lock()
+        .unwrap()
+        .put(NAMESPACES, json!({"metadata": {"name": "ai", "labels": {"seb.io/agents": "true"}}}));
+    eventually("the pod of the labelled namespace to be enforced", || {
+        (w.attempt(&cgroups.2, "127.0.0.71:80") == "EPERM").then_some(())
+    });
 }
