@@ -11,6 +11,7 @@ use std::{
 
 use seb_agent::{
     admission::{self, Reason},
+    cluster::crd::{SebPolicy, SebPolicySpec},
     enforcement::broker_sockets::ExecutionTag,
 };
 use seb_sandbox::{
@@ -45,12 +46,11 @@ fn a_cluster_revocation_reaches_the_admission_state_and_the_kernel_maps() {
         let refused = ExecutionTag::within(Some(revoked_tag), sockets.connect_tcp(addr)).await;
         let error = format!("{:#}", refused.err().expect("a revoked decision opens no connection"));
         assert!(error.contains("was revoked"), "{error}");
-        drop(kept);
         let (stream, registration) = revoked.into_parts();
-        Ok((stream.into_std()?, registration, revoked_cookie, kept_cookie))
+        Ok((stream.into_std()?, registration, revoked_cookie, kept, kept_cookie))
     })
     .unwrap();
-    let (mut stream, _registration, revoked_cookie, kept_cookie) = in_flight;
+    let (mut stream, _registration, revoked_cookie, _kept, kept_cookie) = in_flight;
     // Its next packet is the kernel's to drop: the egress program denies it.
     let denials_before = rig.kernel_denials().unwrap();
     stream.set_nonblocking(false).unwrap();
@@ -76,9 +76,28 @@ fn a_cluster_revocation_reaches_the_admission_state_and_the_kernel_maps() {
         .expect("a revocation record");
     assert!(body.contains("c-revoked") && body.contains("SebRevocation/default"), "{body}");
 
-    // A higher epoch retires every decision certified under an older one.
+    // A higher epoch retires every decision certified under an older one, in flight too.
     let proposal = rig.proposal("c-old-epoch").unwrap();
-    runtime.block_on(rig.sync.revocation(&Rig::revocation(2, &["c-revoked"]))).unwrap();
+    let report = runtime.block_on(rig.sync.revocation(&Rig::revocation(2, &["c-revoked"]))).unwrap();
+    assert_eq!(report.cut, [kept_cookie], "the connection certified under epoch 1 is cut");
     let stale = runtime.block_on(admission.decide(&ledger, &caller, &proposal));
     assert_eq!(stale.reason, Reason::RevocationEpochStale, "{stale:?}");
+
+    // So does a new policy epoch.
+    let sockets = rig.sockets.clone();
+    let (_current, current_cookie) = moto::in_netns(&netns, move || async move {
+        let tag = Rig::tag("d-3", "c3", "c-current", 2);
+        let stream = ExecutionTag::within(Some(tag), sockets.connect_tcp(ENDPOINT.parse()?)).await?;
+        let cookie = stream.cookie()?;
+        let (stream, registration) = stream.into_parts();
+        Ok(((stream.into_std()?, registration), cookie))
+    })
+    .unwrap();
+    assert!(rig.sockets.is_registered(current_cookie).unwrap());
+    let sync = rig.sync.clone();
+    let policy = SebPolicy::new("default", SebPolicySpec { policy_epoch: 2, ..Default::default() });
+    runtime.block_on(runtime.spawn(async move { sync.policy(&policy).await })).unwrap().unwrap();
+    assert!(!rig.sockets.is_registered(current_cookie).unwrap(), "certified under policy epoch 1, now 2");
+    let epochs = ledger.run_blocking(|batch| admission::state::epochs(batch.conn())).unwrap();
+    assert_eq!((epochs.policy, epochs.revocation), (Some(2), Some(2)));
 }
