@@ -10,14 +10,11 @@ use http::{Request, Uri};
 use http_body_util::{BodyExt, Full};
 use kube::Client;
 use serde::{Deserialize, Serialize};
-use tokio_rustls::rustls::{
-    ClientConfig, RootCertStore,
-    pki_types::{CertificateDer, pem::PemObject},
-};
+use tokio_rustls::rustls::ClientConfig;
 
 use crate::{
     enforcement::broker_sockets::ExecutionTag,
-    execute::broker_http::{BrokerHttp, tls_builder},
+    execute::broker_http::{BrokerHttp, roots_from_pem_file, tls_builder},
 };
 
 /// `[kubernetes]`: how the broker reaches the API server.
@@ -62,12 +59,7 @@ pub struct KubeApi {
 
 impl KubeApi {
     pub fn new(config: &KubernetesConfig, http: BrokerHttp) -> Result<Self> {
-        let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(&config.ca_file)
-            .with_context(|| format!("config field `kubernetes.ca_file`: cannot read {}", config.ca_file.display()))?
-        {
-            roots.add(cert.context("config field `kubernetes.ca_file`: not a PEM certificate")?)?;
-        }
+        let roots = roots_from_pem_file(&config.ca_file, "kubernetes.ca_file")?;
         let base: Uri = config.api_server.parse().context("config field `kubernetes.api_server` is not a URL")?;
         let tls = Arc::new(tls_builder().with_root_certificates(roots).with_no_client_auth());
         Ok(Self { http, tls, base, token_file: config.token_file.clone() })

@@ -49,10 +49,6 @@ impl Freshness {
         }
     }
 
-    pub fn bound(&self) -> Duration {
-        self.inner.bound
-    }
-
     /// The API server answered.
     pub fn contact(&self) {
         let now = self.inner.origin.elapsed().as_millis() as u64;

@@ -103,9 +103,6 @@ impl Enforcer {
     pub fn ebpf_mut(&mut self) -> &mut aya::Ebpf {
         &mut self.ebpf
     }
-    pub fn layout(&self) -> &PinLayout {
-        &self.layout
-    }
     pub fn links(&self) -> &[LinkState] {
         &self.links
     }
@@ -163,18 +160,7 @@ impl SharedEnforcer {
         })
     }
 
-    /// Apply the current sources again: a pod's cgroup may have appeared since.
-    pub fn refresh(&self) -> Result<bool> {
-        self.update(|_| {})
-    }
-
-    pub fn with<T>(&self, read: impl FnOnce(&mut Enforcer, &Sources) -> T) -> Result<T> {
-        let mut guard = self.inner.lock().map_err(|_| anyhow!("the enforcer lock is poisoned"))?;
-        let (enforcer, sources) = &mut *guard;
-        Ok(read(enforcer, sources))
-    }
-
     pub fn links(&self) -> Vec<LinkState> {
-        self.with(|enforcer, _| enforcer.links().to_vec()).unwrap_or_default()
+        self.inner.lock().map(|guard| guard.0.links().to_vec()).unwrap_or_default()
     }
 }

@@ -27,6 +27,19 @@ pub struct BrokerHttp {
     tls: Arc<ClientConfig>,
 }
 
+/// The CA certificates in the PEM file `path`, which the config field `field` names;
+/// errors say which field and what is wrong.
+pub fn roots_from_pem_file(path: &std::path::Path, field: &str) -> Result<RootCertStore> {
+    use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("config field `{field}`: cannot read {}", path.display()))?
+    {
+        roots.add(cert.with_context(|| format!("config field `{field}`: not a PEM certificate"))?)?;
+    }
+    Ok(roots)
+}
+
 /// rustls with the ring provider and its default protocol versions.
 pub fn tls_builder() -> tokio_rustls::rustls::ConfigBuilder<ClientConfig, tokio_rustls::rustls::WantsVerifier> {
     ClientConfig::builder_with_provider(Arc::new(tokio_rustls::rustls::crypto::ring::default_provider()))

@@ -17,12 +17,12 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio_rustls::rustls::{
     ClientConfig, RootCertStore,
-    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject},
+    pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer},
 };
 
 use super::{
     MintedIdentity,
-    broker_http::{BrokerHttp, tls_builder},
+    broker_http::{BrokerHttp, roots_from_pem_file, tls_builder},
 };
 use crate::cert::{
     MutationRequest,
@@ -117,13 +117,7 @@ pub struct HttpsExecutor {
 
 impl HttpsExecutor {
     pub fn new(config: HttpConfig, http: BrokerHttp) -> Result<Self> {
-        let mut roots = RootCertStore::empty();
-        let anchors = CertificateDer::pem_file_iter(&config.trust_anchors).with_context(|| {
-            format!("config field `http.trust_anchors`: cannot read {}", config.trust_anchors.display())
-        })?;
-        for cert in anchors {
-            roots.add(cert.context("config field `http.trust_anchors`: not a PEM certificate")?)?;
-        }
+        let roots = roots_from_pem_file(&config.trust_anchors, "http.trust_anchors")?;
         let issuing_ca = CaFiles { cert: config.client_ca_cert, key: config.client_ca_key };
         if !issuing_ca.cert.exists() {
             ca::create(&issuing_ca, "seb broker client CA", &rcgen::PKCS_ECDSA_P256_SHA256)?;
