@@ -128,6 +128,7 @@ impl Recorder {
                         std::fs::read_link(format!("/proc/{tgid}/exe")).ok().map(|p| p.to_string_lossy().into_owned());
                 }
                 denial.cgroup_path = self.names.path_of(denial.cgroup_id);
+                denial.task_cgroup_path = denial.task_cgroup_id.and_then(|id| self.names.path_of(id));
                 if let Ok(directory) = self.directory.read() {
                     denial.attribute(&directory);
                 }

@@ -15,12 +15,36 @@ pub mod map_names {
     pub const DENIALS: &str = "SEB_DENIALS";
     pub const COUNTERS: &str = "SEB_COUNTERS";
     pub const CUT_SOCKETS: &str = "SEB_CUT_SOCKETS";
+    pub const BROKER_PROCESSES: &str = "SEB_BROKER_PROCESSES";
+    pub const EXEMPT_SOCKETS: &str = "SEB_EXEMPT_SOCKETS";
+    pub const SOCKET_ORIGINS: &str = "SEB_SOCKET_ORIGINS";
+    pub const SCOPE_CGROUPS: &str = "SEB_SCOPE_CGROUPS";
+    pub const LOCAL_PROTECTED: &str = "SEB_LOCAL_PROTECTED";
+    pub const LOCAL_V4: &str = "SEB_LOCAL_V4";
+    pub const LOCAL_V6: &str = "SEB_LOCAL_V6";
 }
 
 /// Capacity of the protected-endpoint tries (per address family).
 pub const MAX_PROTECTED_PREFIXES: u32 = 65_536;
 /// How many broker sockets may be registered at once.
 pub const MAX_BROKER_SOCKETS: u32 = 16_384;
+/// How many broker processes may hold registrations at once (the agent, and the tools
+/// that register as it does in tests).
+pub const MAX_BROKER_PROCESSES: u32 = 64;
+/// Sockets created in exempt cgroups, remembered so that an exemption follows the
+/// socket, not the task that happens to use it (LRU: an evicted socket is no longer
+/// exempt, which fails closed).
+pub const MAX_EXEMPT_SOCKETS: u32 = 65_536;
+/// Sockets created in the scope: cookie -> the cgroup they were created in, so a denial
+/// names the socket's cgroup as well as the task's (LRU: an evicted socket is recorded
+/// with the task's cgroup alone).
+pub const MAX_SOCKET_ORIGINS: u32 = 65_536;
+/// Network namespaces with a protected endpoint on a local address.
+pub const MAX_LOCAL_NAMESPACES: u32 = 64;
+/// Local address prefixes tracked per family.
+pub const MAX_LOCAL_PREFIXES: u32 = 4_096;
+/// How many cgroups may be enforced (the scope, and the pods selected in cluster mode).
+pub const MAX_SCOPE_CGROUPS: u32 = 16_384;
 /// How many cgroups may be exempted.
 pub const MAX_EXEMPT_CGROUPS: u32 = 4_096;
 /// Cgroup ancestry levels checked for an exemption (a cgroup v2 tree is rarely deeper).
@@ -109,6 +133,10 @@ pub struct BrokerSocket {
     /// socket from any other process (a forked child holding an inherited fd) are denied.
     pub tgid: u32,
     pub _pad: u32,
+    /// The registering process's generation in `SEB_BROKER_PROCESSES`. The kernel drops
+    /// that entry when the process exits, so the registration dies with it, even if a
+    /// later process gets the same PID and holds a duplicate of the socket.
+    pub generation: u64,
 }
 
 /// Which hook denied a connection.
@@ -121,6 +149,9 @@ pub enum Hook {
     Sendmsg6 = 4,
     Egress4 = 5,
     Egress6 = 6,
+    /// A `socket()` call for a family that bypasses the IP hooks (`AF_PACKET`, `AF_XDP`):
+    /// the caller was killed before the call returned.
+    SockCreate = 7,
 }
 
 impl Hook {
@@ -132,6 +163,7 @@ impl Hook {
             4 => Self::Sendmsg6,
             5 => Self::Egress4,
             6 => Self::Egress6,
+            7 => Self::SockCreate,
             _ => return None,
         })
     }
@@ -145,6 +177,7 @@ impl Hook {
             Self::Sendmsg6 => "sendmsg6",
             Self::Egress4 => "egress4",
             Self::Egress6 => "egress6",
+            Self::SockCreate => "socket_syscall",
         }
     }
 }
@@ -153,6 +186,13 @@ impl Hook {
 pub const FAMILY_V4: u8 = 4;
 /// `DenialEvent::family` for IPv6 destinations.
 pub const FAMILY_V6: u8 = 6;
+/// `DenialEvent::family` for a socket creation denial (no destination).
+pub const FAMILY_NONE: u8 = 0;
+
+/// Socket families that emit frames without passing the IP stack's hooks: denied at
+/// socket creation in the enforced scope.
+pub const AF_PACKET: u32 = 17;
+pub const AF_XDP: u32 = 44;
 
 /// One kernel denial, sent to the agent through the `SEB_DENIALS` ring buffer.
 #[repr(C)]
@@ -164,8 +204,11 @@ pub struct DenialEvent {
     pub pid_tgid: u64,
     /// `bpf_get_current_uid_gid()`, or the socket owner's uid on egress.
     pub uid_gid: u64,
-    /// Cgroup v2 id of the caller (connect/sendmsg) or of the socket (egress).
+    /// Cgroup v2 id of the calling task; zero where the hook has no task context (egress).
     pub cgroup_id: u64,
+    /// Cgroup v2 id of the socket: the cgroup whose programs judged it. It differs from
+    /// the task's when the task moved, or was handed the socket, after creating it.
+    pub socket_cgroup_id: u64,
     pub socket_cookie: u64,
     /// Destination address, network byte order; IPv4 in the first four bytes.
     pub daddr: [u8; 16],
@@ -175,7 +218,12 @@ pub struct DenialEvent {
     pub protocol: u8,
     /// A `Hook` value.
     pub hook: u8,
-    pub _pad: [u8; 3],
+    /// For `Hook::SockCreate`: the socket's family and type (`AF_PACKET`, `SOCK_RAW`).
+    pub socket_family: u8,
+    pub socket_type: u8,
+    /// 1 when the caller asked for the unspecified address (`0.0.0.0`, `::`) and
+    /// `daddr` is the local address the kernel would have connected it to.
+    pub unspecified: u8,
     pub comm: [u8; 16],
 }
 
@@ -241,7 +289,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<PortRule>(), 4);
         assert_eq!(core::mem::size_of::<EndpointRules>(), 4 + 4 * MAX_RULES_PER_PREFIX);
-        assert_eq!(core::mem::size_of::<BrokerSocket>(), 8);
-        assert_eq!(core::mem::size_of::<DenialEvent>(), 8 * 5 + 16 + 2 + 1 + 1 + 1 + 3 + 16);
+        assert_eq!(core::mem::size_of::<BrokerSocket>(), 16);
+        assert_eq!(core::mem::size_of::<DenialEvent>(), 8 * 6 + 16 + 2 + 1 + 1 + 1 + 3 + 16);
     }
 }

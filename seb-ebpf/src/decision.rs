@@ -7,16 +7,23 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_get_socket_uid,
-            bpf_ktime_get_boot_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+            bpf_ktime_get_boot_ns, bpf_send_signal, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
         },
     },
     maps::lpm_trie::Key,
+    programs::{BtfTracePointContext, SockAddrContext, SockContext},
 };
-use seb_common::{DenialEvent, EndpointRules, FAMILY_V4, FAMILY_V6, Hook, MAX_CGROUP_DEPTH, counters};
+use seb_common::{
+    AF_PACKET, AF_XDP, DenialEvent, EndpointRules, FAMILY_NONE, FAMILY_V4, FAMILY_V6, Hook, MAX_CGROUP_DEPTH, counters,
+};
 
-use crate::{ALLOW, BROKER_SOCKETS, COUNTERS, CUT_SOCKETS, DENIALS, DENY, EXEMPT_CGROUPS, PROTECTED_V4, PROTECTED_V6};
+use crate::{
+    ALLOW, BROKER_PROCESSES, BROKER_SOCKETS, COUNTERS, CUT_SOCKETS, DENIALS, DENY, EXEMPT_CGROUPS, EXEMPT_SOCKETS,
+    PROTECTED_V4, PROTECTED_V6, SCOPE_CGROUPS, SOCKET_ORIGINS, local,
+};
 
 /// Where a connection or packet is going.
+#[derive(Clone, Copy)]
 pub struct Destination {
     pub family: u8,
     /// Network byte order; IPv4 in the first four bytes.
@@ -25,6 +32,8 @@ pub struct Destination {
     /// an unknown transport). Then every rule of the protocol applies: fail closed.
     pub port: Option<u16>,
     pub protocol: u8,
+    /// The caller asked for the unspecified address; `addr` is where it really goes.
+    pub unspecified: bool,
 }
 
 impl Destination {
@@ -32,7 +41,7 @@ impl Destination {
     pub fn v4(addr: [u8; 4], port: u16, protocol: u8) -> Self {
         let mut full = [0u8; 16];
         full[..4].copy_from_slice(&addr);
-        Self { family: FAMILY_V4, addr: full, port: Some(port), protocol }
+        Self { family: FAMILY_V4, addr: full, port: Some(port), protocol, unspecified: false }
     }
 
     /// From the four network-order words of a sockaddr_in6, unwrapping IPv4-mapped
@@ -47,12 +56,25 @@ impl Destination {
         addr[4..8].copy_from_slice(&words[1].to_ne_bytes());
         addr[8..12].copy_from_slice(&words[2].to_ne_bytes());
         addr[12..16].copy_from_slice(&words[3].to_ne_bytes());
-        Self { family: FAMILY_V6, addr, port: Some(port), protocol }
+        Self { family: FAMILY_V6, addr, port: Some(port), protocol, unspecified: false }
+    }
+
+    #[inline(always)]
+    pub fn is_unspecified(&self) -> bool {
+        let words = if self.family == FAMILY_V4 { 4 } else { 16 };
+        let mut i = 0;
+        while i < 16 {
+            if i < words && self.addr[i] != 0 {
+                return false;
+            }
+            i += 1;
+        }
+        true
     }
 
     /// Whether a protected-endpoint rule covers this destination.
     #[inline(always)]
-    fn is_protected(&self) -> bool {
+    pub fn is_protected(&self) -> bool {
         let rules: Option<&EndpointRules> = if self.family == FAMILY_V4 {
             let mut data = [0u8; 4];
             data.copy_from_slice(&self.addr[..4]);
@@ -68,21 +90,105 @@ impl Destination {
     }
 }
 
-/// Decision for connect()/sendmsg(): the caller is the current task.
+/// Decision for connect()/sendmsg(): the caller is the current task; the socket is the
+/// one whose cgroup attached these programs.
 #[inline(always)]
-pub fn judge_sock_addr<C: EbpfContext>(ctx: &C, dest: &Destination, hook: Hook) -> i32 {
-    if !dest.is_protected() {
+pub fn judge_sock_addr(ctx: &SockAddrContext, dest: Destination, hook: Hook) -> i32 {
+    let Some(judged) = protected_destination(ctx, dest, hook) else {
         return ALLOW;
-    }
+    };
     // SAFETY: helpers valid in sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if is_broker_socket(cookie, Some(tgid)) || current_task_is_exempt() {
+    if is_live_broker_socket(cookie, Some(tgid)) || (current_task_is_exempt() && socket_is_exempt(cookie)) {
         return ALLOW;
     }
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    report(dest, hook, cookie, bpf_get_current_pid_tgid(), bpf_get_current_uid_gid(), cgroup_id, true);
+    // SAFETY: plain helper call; the origin is only read.
+    let task_cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let socket_cgroup_id = unsafe { SOCKET_ORIGINS.get(&cookie) }.copied().unwrap_or(0);
+    let report_to = Report { cookie, pid_tgid: bpf_get_current_pid_tgid(), uid_gid: bpf_get_current_uid_gid() };
+    report_to.send(&judged, hook, task_cgroup_id, socket_cgroup_id, true);
     DENY
+}
+
+/// The protected destination a connect or send would reach, if any: the address given,
+/// what an unspecified address turns into, or a local wildcard listener that also serves
+/// a protected endpoint.
+#[inline(always)]
+fn protected_destination(ctx: &SockAddrContext, dest: Destination, hook: Hook) -> Option<Destination> {
+    let Some(candidates) = local::resolve_unspecified(ctx, &dest, hook) else {
+        if dest.is_protected() || local::reaches_local_protected(ctx, &dest) {
+            return Some(dest);
+        }
+        return None;
+    };
+    for candidate in candidates {
+        if candidate.is_protected() {
+            return Some(candidate);
+        }
+    }
+    // The kernel connects to the first specified candidate (asked-for source, bound
+    // source, loopback); judge what answers there.
+    for candidate in candidates {
+        if !candidate.is_unspecified() {
+            if local::reaches_local_protected(ctx, &candidate) {
+                return Some(candidate);
+            }
+            return None;
+        }
+    }
+    None
+}
+
+/// Remember the cgroup a socket of the scope is made in, so a later denial names the
+/// socket's cgroup as well as the task's.
+#[inline(always)]
+pub fn remember_origin(ctx: &SockContext) -> i32 {
+    // SAFETY: plain helper calls.
+    let (cookie, cgroup_id) = unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), bpf_get_current_cgroup_id()) };
+    // A full map evicts the oldest entry; a denial then names the task's cgroup only.
+    let _ = SOCKET_ORIGINS.insert(&cookie, &cgroup_id, 0);
+    ALLOW
+}
+
+/// x86_64 syscall numbers and the offset of the first argument (`di`) in `pt_regs`; the
+/// agent attaches the program on x86_64 only.
+const NR_SOCKET: i64 = 41;
+const NR_SOCKETPAIR: i64 = 53;
+const PT_REGS_DI: usize = 112;
+const PT_REGS_SI: usize = 104;
+const AF_INET: u32 = 2;
+const SOCK_PACKET: u32 = 10;
+const SOCK_TYPE_MASK: u32 = 0xf;
+const SIGKILL: u32 = 9;
+
+/// Decision at `socket()` for every task on the node: a link-layer family requested from
+/// the scope (and not exempt) kills the caller before the call returns.
+#[inline(always)]
+pub fn judge_socket_syscall(ctx: &BtfTracePointContext) -> i32 {
+    let id: i64 = ctx.arg(1);
+    if id != NR_SOCKET && id != NR_SOCKETPAIR {
+        return 0;
+    }
+    let regs: *const u8 = ctx.arg(0);
+    // SAFETY: `regs` is the kernel's BTF-typed `struct pt_regs *`; the verifier checks
+    // both loads against its layout.
+    let (family, kind) =
+        unsafe { (*(regs.add(PT_REGS_DI) as *const u64) as u32, *(regs.add(PT_REGS_SI) as *const u64) as u32) };
+    // socket(AF_INET, SOCK_PACKET) is turned into a packet socket by the kernel.
+    let link_layer =
+        family == AF_PACKET || family == AF_XDP || (family == AF_INET && kind & SOCK_TYPE_MASK == SOCK_PACKET);
+    if !link_layer || !current_task_in_scope() || current_task_is_exempt() {
+        return 0;
+    }
+    // SAFETY: plain helper calls; the signal goes to the calling process.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    unsafe { bpf_send_signal(SIGKILL) };
+    let mut dest = Destination::v4([0; 4], 0, 0);
+    dest.family = FAMILY_NONE;
+    let report_to = Report { cookie: 0, pid_tgid: bpf_get_current_pid_tgid(), uid_gid: bpf_get_current_uid_gid() };
+    report_to.send_socket(&dest, family as u8, (kind & SOCK_TYPE_MASK) as u8, cgroup_id);
+    0
 }
 
 /// Decision for an egress packet: the caller is the socket's owner, since the packet
@@ -94,11 +200,11 @@ pub fn judge_packet<C: EbpfContext>(ctx: &C, skb: *mut __sk_buff, dest: &Destina
     }
     // SAFETY: helpers valid in cgroup_skb programs, on this program's own skb.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if is_broker_socket(cookie, None) || socket_cgroup_is_exempt(skb) {
+    if is_live_broker_socket(cookie, None) || socket_cgroup_is_exempt(skb) {
         return ALLOW;
     }
     let (uid, cgroup_id) = unsafe { (bpf_get_socket_uid(skb) as u64, bpf_skb_cgroup_id(skb)) };
-    report(dest, hook, cookie, 0, uid | (uid << 32), cgroup_id, false);
+    Report { cookie, pid_tgid: 0, uid_gid: uid | (uid << 32) }.send(dest, hook, 0, cgroup_id, false);
     DENY
 }
 
@@ -115,22 +221,34 @@ pub fn judge_cut(ctx: &aya_ebpf::programs::SkBuffContext, skb: *mut __sk_buff) -
     let dest = crate::packet::destination(ctx).unwrap_or(Destination::v4([0; 4], 0, 0));
     let hook = if dest.family == FAMILY_V4 { Hook::Egress4 } else { Hook::Egress6 };
     let (uid, cgroup_id) = unsafe { (bpf_get_socket_uid(skb) as u64, bpf_skb_cgroup_id(skb)) };
-    report(&dest, hook, cookie, 0, uid | (uid << 32), cgroup_id, false);
+    Report { cookie, pid_tgid: 0, uid_gid: uid | (uid << 32) }.send(&dest, hook, 0, cgroup_id, false);
     DENY
 }
 
-/// A socket the running broker registered. With `tgid`, the caller must also be the
-/// registering process, so a child holding an inherited fd is refused.
+/// A socket registered by a broker process that is still alive (its generation still
+/// in `BROKER_PROCESSES`). With `tgid`, the caller must also be the registering
+/// process, so a child holding an inherited fd is refused.
 #[inline(always)]
-fn is_broker_socket(cookie: u64, tgid: Option<u32>) -> bool {
-    // SAFETY: the value is only read, and only within this program run.
-    match unsafe { BROKER_SOCKETS.get(&cookie) } {
-        None => false,
-        Some(registered) => match tgid {
-            Some(tgid) => registered.tgid == tgid,
-            None => true,
-        },
+fn is_live_broker_socket(cookie: u64, tgid: Option<u32>) -> bool {
+    // SAFETY: the values are only read, and only within this program run.
+    let Some(registered) = (unsafe { BROKER_SOCKETS.get(&cookie) }) else { return false };
+    if tgid.is_some_and(|tgid| registered.tgid != tgid) {
+        return false;
     }
+    // SAFETY: as above.
+    match unsafe { BROKER_PROCESSES.get(&registered.tgid) } {
+        Some(generation) => *generation == registered.generation,
+        None => false,
+    }
+}
+
+/// Whether the socket was created in an exempt cgroup: an exemption covers a socket
+/// and a task only together, so neither a socket handed to an exempt process nor a
+/// process moved into an exempt cgroup with its socket gets through.
+#[inline(always)]
+fn socket_is_exempt(cookie: u64) -> bool {
+    // SAFETY: the value is only tested for presence.
+    unsafe { EXEMPT_SOCKETS.get(&cookie) }.is_some()
 }
 
 /// Whether the caller's cgroup, or one of its ancestors, is exempt. `ancestor(level)`
@@ -145,6 +263,25 @@ fn is_exempt(ancestor: impl Fn(i32) -> u64) -> bool {
         }
         // SAFETY: the value is only tested for presence.
         if unsafe { EXEMPT_CGROUPS.get(&id) }.is_some() {
+            return true;
+        }
+        level += 1;
+    }
+    false
+}
+
+/// Whether the caller's cgroup, or one of its ancestors, is enforced.
+#[inline(always)]
+fn current_task_in_scope() -> bool {
+    let mut level = 0;
+    while level < MAX_CGROUP_DEPTH {
+        // SAFETY: plain helper call.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            return false;
+        }
+        // SAFETY: the value is only tested for presence.
+        if unsafe { SCOPE_CGROUPS.get(&id) }.is_some() {
             return true;
         }
         level += 1;
@@ -172,37 +309,59 @@ fn bump(index: u32) {
     }
 }
 
-/// Send a denial to the agent; a full ring buffer is counted, never silent.
-#[inline(always)]
-fn report(
-    dest: &Destination,
-    hook: Hook,
+/// Who a denial is reported for.
+struct Report {
     cookie: u64,
     pid_tgid: u64,
     uid_gid: u64,
-    cgroup_id: u64,
-    task_context: bool,
-) {
-    bump(counters::DENIALS);
-    let Some(mut entry) = DENIALS.reserve::<DenialEvent>(0) else {
-        bump(counters::RING_DROPS);
-        return;
-    };
-    let comm = if task_context { bpf_get_current_comm().unwrap_or([0; 16]) } else { [0; 16] };
-    entry.write(DenialEvent {
-        // SAFETY: plain helper call.
-        boot_ns: unsafe { bpf_ktime_get_boot_ns() },
-        pid_tgid,
-        uid_gid,
-        cgroup_id,
-        socket_cookie: cookie,
-        daddr: dest.addr,
-        dport: dest.port.unwrap_or(0),
-        family: dest.family,
-        protocol: dest.protocol,
-        hook: hook as u8,
-        _pad: [0; 3],
-        comm,
-    });
-    entry.submit(0);
+}
+
+impl Report {
+    #[inline(always)]
+    fn send(&self, dest: &Destination, hook: Hook, cgroup_id: u64, socket_cgroup_id: u64, task_context: bool) {
+        self.write(dest, hook, cgroup_id, socket_cgroup_id, (0, 0), task_context);
+    }
+
+    #[inline(always)]
+    fn send_socket(&self, dest: &Destination, family: u8, kind: u8, cgroup_id: u64) {
+        self.write(dest, Hook::SockCreate, cgroup_id, cgroup_id, (family, kind), true);
+    }
+
+    /// Send a denial to the agent; a full ring buffer is counted, never silent.
+    #[inline(always)]
+    fn write(
+        &self,
+        dest: &Destination,
+        hook: Hook,
+        cgroup_id: u64,
+        socket_cgroup_id: u64,
+        (socket_family, socket_type): (u8, u8),
+        task_context: bool,
+    ) {
+        bump(counters::DENIALS);
+        let Some(mut entry) = DENIALS.reserve::<DenialEvent>(0) else {
+            bump(counters::RING_DROPS);
+            return;
+        };
+        let comm = if task_context { bpf_get_current_comm().unwrap_or([0; 16]) } else { [0; 16] };
+        entry.write(DenialEvent {
+            // SAFETY: plain helper call.
+            boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+            pid_tgid: self.pid_tgid,
+            uid_gid: self.uid_gid,
+            cgroup_id,
+            socket_cgroup_id,
+            socket_cookie: self.cookie,
+            daddr: dest.addr,
+            dport: dest.port.unwrap_or(0),
+            family: dest.family,
+            protocol: dest.protocol,
+            hook: hook as u8,
+            socket_family,
+            socket_type,
+            unspecified: dest.unspecified as u8,
+            comm,
+        });
+        entry.submit(0);
+    }
 }

@@ -10,22 +10,37 @@
 //!   hook (raw, ping, SCTP, ...), judged on the packet's real IP header; and for broker
 //!   connections cut by a revocation, whose packets it drops whatever their kind.
 //!
-//! The fast path, a destination that is not protected, is one LPM-trie lookup.
+//! - `sock_create`: remembers the cgroup each of the scope's sockets is made in.
+//! - `link_layer` (`sys_enter`): kills a task in the scope that asks for a socket of a
+//!   family that emits frames without passing the IP hooks (`AF_PACKET`, `AF_XDP`).
+//! - `exempt_origin`: attached to exempt cgroups only; remembers the sockets created
+//!   there, so an exemption belongs to the socket's origin and the task alike.
+//! - `broker_exit`: a raw tracepoint on process exit that retires a dead broker's
+//!   registrations at once, whatever later reuses its PID.
+//!
+//! The fast path, a destination that is not protected, is one LPM-trie lookup and one
+//! hash lookup (is a protected endpoint local to this network namespace?).
 #![no_std]
 #![no_main]
 
 mod decision;
+mod local;
 mod packet;
 
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock_addr},
-    macros::{cgroup_skb, cgroup_sock_addr, map},
-    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf},
-    programs::{SkBuffContext, SockAddrContext},
+    helpers::{
+        bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    },
+    macros::{btf_tracepoint, cgroup_skb, cgroup_sock, cgroup_sock_addr, map, raw_tracepoint},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, RawTracePointContext, SkBuffContext, SockAddrContext, SockContext},
 };
 use seb_common::{
-    BrokerSocket, DENIAL_RING_BYTES, EndpointRules, FAMILY_V4, Hook, MAX_BROKER_SOCKETS, MAX_EXEMPT_CGROUPS,
-    MAX_PROTECTED_PREFIXES, counters,
+    BrokerSocket, DENIAL_RING_BYTES, EndpointRules, FAMILY_V4, Hook, MAX_BROKER_PROCESSES, MAX_BROKER_SOCKETS,
+    MAX_EXEMPT_CGROUPS, MAX_EXEMPT_SOCKETS, MAX_LOCAL_NAMESPACES, MAX_LOCAL_PREFIXES, MAX_PROTECTED_PREFIXES,
+    MAX_SCOPE_CGROUPS, MAX_SOCKET_ORIGINS, counters,
 };
 
 use crate::decision::Destination;
@@ -44,6 +59,36 @@ static BROKER_SOCKETS: HashMap<u64, BrokerSocket> = HashMap::pinned(MAX_BROKER_S
 
 #[map(name = "SEB_EXEMPT_CGROUPS")]
 static EXEMPT_CGROUPS: HashMap<u64, u8> = HashMap::pinned(MAX_EXEMPT_CGROUPS, 0);
+
+/// Live broker processes: tgid -> generation. The exit tracepoint removes a process's
+/// entry as it dies, which invalidates every registration made under it.
+#[map(name = "SEB_BROKER_PROCESSES")]
+static BROKER_PROCESSES: HashMap<u32, u64> = HashMap::pinned(MAX_BROKER_PROCESSES, 0);
+
+/// Cookies of sockets created in an exempt cgroup.
+/// Value: the exempt cgroup the socket was made in.
+#[map(name = "SEB_EXEMPT_SOCKETS")]
+static EXEMPT_SOCKETS: LruHashMap<u64, u64> = LruHashMap::pinned(MAX_EXEMPT_SOCKETS, 0);
+
+/// The enforced cgroups, for the hooks that are not attached to a cgroup (LSM).
+#[map(name = "SEB_SCOPE_CGROUPS")]
+static SCOPE_CGROUPS: HashMap<u64, u8> = HashMap::pinned(MAX_SCOPE_CGROUPS, 0);
+
+/// Cookie -> cgroup id of the scope's sockets, taken at creation.
+#[map(name = "SEB_SOCKET_ORIGINS")]
+static SOCKET_ORIGINS: LruHashMap<u64, u64> = LruHashMap::pinned(MAX_SOCKET_ORIGINS, 0);
+
+/// Per network namespace (by cookie): the rules of protected endpoints whose address is
+/// local there, so a wildcard listener serving them answers on every local address.
+#[map(name = "SEB_LOCAL_PROTECTED")]
+static LOCAL_PROTECTED: HashMap<u64, EndpointRules> = HashMap::pinned(MAX_LOCAL_NAMESPACES, 0);
+
+/// Local address prefixes -> the network namespace (cookie) they are local in.
+#[map(name = "SEB_LOCAL_V4")]
+static LOCAL_V4: LpmTrie<[u8; 4], u64> = LpmTrie::pinned(MAX_LOCAL_PREFIXES, NO_PREALLOC);
+
+#[map(name = "SEB_LOCAL_V6")]
+static LOCAL_V6: LpmTrie<[u8; 16], u64> = LpmTrie::pinned(MAX_LOCAL_PREFIXES, NO_PREALLOC);
 
 /// Broker sockets whose decision was revoked while they were open.
 #[map(name = "SEB_CUT_SOCKETS")]
@@ -84,13 +129,52 @@ pub fn seb_egress(ctx: SkBuffContext) -> i32 {
     egress(&ctx)
 }
 
+#[cgroup_sock(sock_create)]
+pub fn seb_sock_create(ctx: SockContext) -> i32 {
+    decision::remember_origin(&ctx)
+}
+
+#[cgroup_sock(sock_create)]
+pub fn seb_exempt_origin(ctx: SockContext) -> i32 {
+    // SAFETY: helpers valid in cgroup sock programs.
+    let (cookie, cgroup_id) = unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), bpf_get_current_cgroup_id()) };
+    // A full map evicts the oldest entry: that socket loses its exemption (fail closed).
+    let _ = EXEMPT_SOCKETS.insert(&cookie, &cgroup_id, 0);
+    ALLOW
+}
+
+/// `sys_enter`: a `socket()` or `socketpair()` call for a link-layer family from a task
+/// in the scope. AF_PACKET sockets never reach the cgroup `sock_create` hook (only inet
+/// sockets run it), and this kernel refuses BPF-LSM and `fmod_ret` programs, which could
+/// fail the call with EPERM: the caller is killed before the call returns, so the socket
+/// never reaches user space.
+#[btf_tracepoint(function = "sys_enter")]
+pub fn seb_link_layer(ctx: BtfTracePointContext) -> i32 {
+    decision::judge_socket_syscall(&ctx)
+}
+
+/// `sched_process_exit` runs in the exiting task; the thread-group leader's exit ends
+/// the process, and with it any broker registration it held.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn seb_broker_exit(_ctx: RawTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // SAFETY: the value is only tested for presence.
+    if tgid == pid && unsafe { BROKER_PROCESSES.get(&tgid) }.is_some() {
+        let _ = BROKER_PROCESSES.remove(&tgid);
+    }
+    0
+}
+
+use aya_ebpf::EbpfContext;
+
 #[inline(always)]
 fn sock_addr_v4(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: the verifier permits these context reads for sock_addr programs.
     let (ip, port, protocol) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
     let dest = Destination::v4(ip.to_ne_bytes(), port_from_ctx(port), protocol as u8);
-    decision::judge_sock_addr(ctx, &dest, hook)
+    decision::judge_sock_addr(ctx, dest, hook)
 }
 
 #[inline(always)]
@@ -101,7 +185,7 @@ fn sock_addr_v6(ctx: &SockAddrContext, hook: Hook) -> i32 {
         ((*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3], (*sa).user_port, (*sa).protocol)
     };
     let dest = Destination::from_v6_words([w0, w1, w2, w3], port_from_ctx(port), protocol as u8);
-    decision::judge_sock_addr(ctx, &dest, hook)
+    decision::judge_sock_addr(ctx, dest, hook)
 }
 
 /// `user_port` holds the port in network byte order in its low 16 bits.

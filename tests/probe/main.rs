@@ -13,6 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod packet;
+
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use nix::sched::{CloneFlags, setns};
@@ -28,6 +30,9 @@ struct Cli {
     /// Network namespace (as made by `ip netns add`) to join first.
     #[arg(long)]
     netns: Option<String>,
+    /// Drop to this uid (and gid) after joining, as an unprivileged workload.
+    #[arg(long)]
+    uid: Option<u32>,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,6 +46,12 @@ enum Command {
         /// Stay alive this long afterwards, so the agent can still read /proc/<pid>/exe.
         #[arg(long, default_value_t = 0)]
         linger_ms: u64,
+        /// Bind the socket to this local address first.
+        #[arg(long)]
+        bind: Option<SocketAddr>,
+        /// After creating the socket, move this process into this cgroup, then try.
+        #[arg(long)]
+        move_to: Option<PathBuf>,
     },
     /// Try repeatedly for a while; print how many attempts got each outcome.
     Repeat {
@@ -60,6 +71,14 @@ enum Command {
     },
     /// Create a process with exactly this PID (clone3 set_tid) and try from it.
     ReusePid { pid: i32, method: Method, addr: SocketAddr },
+    /// A broker that registers a socket and dies without cleaning up, while a helper
+    /// keeps a duplicate of it; then a process created with the dead broker's PID
+    /// connects through that duplicate.
+    DeadBroker {
+        #[arg(long)]
+        pin_path: PathBuf,
+        addr: SocketAddr,
+    },
     /// Time `connect()` on one UDP socket, repeated; prints nanoseconds per call.
     BenchUdpConnect {
         addr: SocketAddr,
@@ -77,7 +96,7 @@ enum Command {
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Method {
     /// TCP connect(); IPv4, IPv6 or IPv4-mapped by the address given.
     Tcp,
@@ -89,6 +108,18 @@ enum Method {
     IoUring,
     /// sendto() on a raw IP socket (a UDP header built by hand).
     Raw,
+    /// An AF_PACKET SOCK_RAW socket on loopback: a whole frame, IP and UDP headers built
+    /// by hand, that never passes the IP stack's hooks.
+    Packet,
+    /// An AF_PACKET SOCK_DGRAM socket on loopback: the IP packet built by hand.
+    PacketDgram,
+}
+
+/// What to do between creating the socket and using it.
+#[derive(Default)]
+struct Setup {
+    bind: Option<SocketAddr>,
+    move_to: Option<PathBuf>,
 }
 
 fn main() {
@@ -108,13 +139,19 @@ fn enter(cli: &Cli) -> Result<()> {
         let ns = File::open(format!("/run/netns/{netns}")).with_context(|| format!("opening netns {netns}"))?;
         setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).context("setns")?;
     }
+    if let Some(uid) = cli.uid {
+        nix::unistd::setgroups(&[]).context("setgroups")?;
+        nix::unistd::setgid(nix::unistd::Gid::from_raw(uid)).context("setgid")?;
+        nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).context("setuid")?;
+    }
     Ok(())
 }
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Try { method, addr, linger_ms } => {
-            print(attempt(method, addr))?;
+        Command::Try { method, addr, linger_ms, bind, move_to } => {
+            let setup = Setup { bind, move_to };
+            print(attempt_with(method, addr, &setup))?;
             std::thread::sleep(Duration::from_millis(linger_ms));
             Ok(())
         }
@@ -133,6 +170,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::AsBroker { pin_path, addr } => as_broker(&pin_path, addr),
         Command::ReusePid { pid, method, addr } => reuse_pid(pid, method, addr),
+        Command::DeadBroker { pin_path, addr } => dead_broker(&pin_path, addr),
         Command::BenchUdpConnect { addr, iterations, register } => bench_udp_connect(addr, iterations, register),
         Command::BenchTcpConnect { addr, iterations } => bench_tcp_connect(addr, iterations),
     }
@@ -147,18 +185,36 @@ fn print(value: Value) -> Result<()> {
 
 /// One attempt: `{"result": "ok" | "EPERM" | "<other error>", "cookie": n, "pid": n}`.
 fn attempt(method: Method, addr: SocketAddr) -> Value {
+    attempt_with(method, addr, &Setup::default())
+}
+
+fn attempt_with(method: Method, addr: SocketAddr, setup: &Setup) -> Value {
     let socket = match new_socket(method, addr) {
         Ok(socket) => socket,
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            return json!({"result": "EPERM", "stage": "socket", "pid": std::process::id()});
+        }
         Err(e) => return json!({"result": format!("socket: {e}")}),
     };
     let cookie = socket_cookie(socket.as_fd()).ok();
+    if let Some(local) = setup.bind
+        && let Err(e) = socket.bind(&local.into())
+    {
+        return json!({"result": format!("bind {local}: {e}")});
+    }
+    if let Some(cgroup) = &setup.move_to
+        && let Err(e) = std::fs::write(cgroup.join("cgroup.procs"), "0")
+    {
+        return json!({"result": format!("moving to {}: {e}", cgroup.display())});
+    }
     let result = match method {
         Method::Tcp | Method::UdpConnect => socket.connect_timeout(&addr.into(), Duration::from_secs(2)),
         Method::UdpSendto => socket.send_to(b"seb", &addr.into()).map(drop),
         Method::IoUring => io_uring_connect(&socket, addr),
         Method::Raw => socket.send_to(&udp_datagram(addr.port()), &SocketAddr::new(addr.ip(), 0).into()).map(drop),
+        Method::Packet | Method::PacketDgram => packet::send(&socket, method == Method::Packet, addr),
     };
-    json!({"result": outcome(result), "cookie": cookie, "pid": std::process::id()})
+    json!({"result": outcome(result), "stage": "use", "cookie": cookie, "pid": std::process::id()})
 }
 
 fn new_socket(method: Method, addr: SocketAddr) -> std::io::Result<Socket> {
@@ -167,6 +223,8 @@ fn new_socket(method: Method, addr: SocketAddr) -> std::io::Result<Socket> {
         Method::Tcp | Method::IoUring => Socket::new(domain, Type::STREAM, Some(Protocol::TCP)),
         Method::UdpConnect | Method::UdpSendto => Socket::new(domain, Type::DGRAM, Some(Protocol::UDP)),
         Method::Raw => Socket::new(domain, Type::RAW, Some(Protocol::UDP)),
+        Method::Packet => packet::socket(Type::RAW),
+        Method::PacketDgram => packet::socket(Type::DGRAM),
     }
 }
 
@@ -286,9 +344,55 @@ struct CloneArgs {
     cgroup: u64,
 }
 
-/// clone3 with `set_tid`: the child gets exactly `pid` (it must be free), as a process
-/// that reuses a dead broker's PID would.
-fn reuse_pid(pid: i32, method: Method, addr: SocketAddr) -> Result<()> {
+/// The dead-broker scenario; see `Command::DeadBroker`.
+fn dead_broker(pin_path: &std::path::Path, addr: SocketAddr) -> Result<()> {
+    let (report_read, report_write) = nix::unistd::pipe()?;
+    let (go_read, go_write) = nix::unistd::pipe()?;
+    // SAFETY: the children only use what they inherit, then _exit.
+    let broker = match unsafe { nix::unistd::fork()? } {
+        nix::unistd::ForkResult::Parent { child } => child,
+        nix::unistd::ForkResult::Child => {
+            let result = (|| -> Result<()> {
+                let sockets = BrokerSockets::open_at(pin_path)?;
+                let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+                // Never dropped: the registration stays as a SIGKILLed broker leaves it.
+                std::mem::forget(sockets.register(socket.as_fd())?);
+                let broker_pid = std::process::id() as i32;
+                // SAFETY: the holder only waits, clones and reports.
+                if let nix::unistd::ForkResult::Child = unsafe { nix::unistd::fork()? } {
+                    let mut go = [0u8; 1];
+                    let _ = nix::unistd::read(go_read.as_raw_fd(), &mut go);
+                    let value = in_process_with_pid(
+                        broker_pid,
+                        || json!({"result": outcome(socket.connect_timeout(&addr.into(), Duration::from_secs(2)))}),
+                    )
+                    .unwrap_or_else(|e| json!(format!("holder error: {e:#}")));
+                    let mut out = File::from(report_write);
+                    let _ = out.write_all(value.to_string().as_bytes());
+                    // SAFETY: leave without running destructors twice.
+                    unsafe { libc::_exit(0) };
+                }
+                std::mem::forget(socket);
+                Ok(())
+            })();
+            // SAFETY: as above; the broker dies without deregistering anything.
+            unsafe { libc::_exit(i32::from(result.is_err())) };
+        }
+    };
+    drop(report_write);
+    drop(go_read);
+    nix::sys::wait::waitpid(broker, None)?; // reaped: its PID is free again
+    nix::unistd::write(&go_write, b"g")?;
+    let text = std::io::read_to_string(File::from(report_read))?;
+    let report: Value = serde_json::from_str(&text).with_context(|| format!("holder said {text:?}"))?;
+    if !report.is_object() {
+        bail!("the holder failed: {report}");
+    }
+    print(json!({"broker_pid": broker.as_raw(), "pid": report["pid"], "result": report["result"]}))
+}
+
+/// Run `f` in a child created with exactly `pid` and return what it reported.
+fn in_process_with_pid(pid: i32, f: impl FnOnce() -> Value) -> Result<Value> {
     let (read, write) = nix::unistd::pipe()?;
     let tids = [pid];
     let args = CloneArgs {
@@ -304,7 +408,7 @@ fn reuse_pid(pid: i32, method: Method, addr: SocketAddr) -> Result<()> {
     }
     if ret == 0 {
         drop(read);
-        let mut value = attempt(method, addr);
+        let mut value = f();
         value["pid"] = json!(std::process::id());
         let mut out = File::from(write);
         let _ = out.write_all(value.to_string().as_bytes());
@@ -314,7 +418,13 @@ fn reuse_pid(pid: i32, method: Method, addr: SocketAddr) -> Result<()> {
     drop(write);
     let text = std::io::read_to_string(File::from(read))?;
     nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(ret as i32), None)?;
-    print(serde_json::from_str(&text).with_context(|| format!("child said {text:?}"))?)
+    Ok(serde_json::from_str(&text).with_context(|| format!("child said {text:?}"))?)
+}
+
+/// clone3 with `set_tid`: the child gets exactly `pid` (it must be free), as a process
+/// that reuses a dead broker's PID would.
+fn reuse_pid(pid: i32, method: Method, addr: SocketAddr) -> Result<()> {
+    print(in_process_with_pid(pid, || attempt(method, addr))?)
 }
 
 fn bench_udp_connect(addr: SocketAddr, iterations: u32, register: Option<PathBuf>) -> Result<()> {

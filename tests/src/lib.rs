@@ -170,6 +170,35 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Set sysctls inside the sandbox's network namespace (it is the sandbox's own).
+    pub fn sysctl(&self, settings: &[&str]) -> Result<()> {
+        run(Command::new("ip").args(["netns", "exec", &self.netns, "sysctl", "-qw"]).args(settings))
+    }
+
+    /// Drain every listener without waiting: how many connections and datagrams arrived
+    /// since the last call. A denied attempt must leave this at zero.
+    pub fn received(&self) -> Result<usize> {
+        let mut count = 0;
+        for listener in &self.listeners {
+            match listener {
+                Listener::Tcp(tcp) => {
+                    tcp.set_nonblocking(true)?;
+                    while tcp.accept().is_ok() {
+                        count += 1;
+                    }
+                }
+                Listener::Udp(udp) => {
+                    udp.set_nonblocking(true)?;
+                    let mut buffer = [0u8; 2048];
+                    while udp.recv_from(&mut buffer).is_ok() {
+                        count += 1;
+                    }
+                }
+            }
+        }
+        Ok(count)
+    }
+
     /// Start `seb-agent run` inside `<root>/broker` and the namespace; wait until it answers.
     pub fn start_agent(&mut self) -> Result<Vec<Value>> {
         ensure!(self.agent.is_none(), "agent already running");
@@ -252,6 +281,21 @@ impl Sandbox {
         parse_json_output(&output, "seb-probe")
     }
 
+    /// Run the probe in `<root>/<cgroup>` and the namespace; its raw output and pid, for
+    /// a probe that may not live to print anything.
+    pub fn probe_raw(&self, cgroup: &str, args: &[&str]) -> Result<(Output, u32)> {
+        let child = Command::new(&self.tools.probe)
+            .arg("--cgroup")
+            .arg(self.cgroup.join(cgroup))
+            .args(["--netns", &self.netns])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let pid = child.id();
+        Ok((child.wait_with_output()?, pid))
+    }
+
     /// Run a program in `<root>/<cgroup>` and the namespace, with extra environment.
     pub fn run_in(&self, cgroup: &str, program: &Path, args: &[&str], env: &[(&str, &Path)]) -> Result<Output> {
         let mut command = Command::new(&self.tools.probe);
@@ -283,9 +327,10 @@ impl Sandbox {
             .collect()
     }
 
-    /// Wait until a denial for this socket cookie is recorded.
+    /// Wait until a denial for this socket cookie is recorded (generously: a loaded CI
+    /// machine records thousands of denials from a hammering test more slowly).
     pub fn wait_for_denial(&self, cookie: u64) -> Result<Value> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(found) = self.denials()?.into_iter().find(|d| d["socket_cookie"] == cookie) {
                 return Ok(found);

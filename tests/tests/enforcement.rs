@@ -22,11 +22,15 @@ port = 8443
 protocol = "tcp"
 "#;
 
+/// Listeners bound to their own addresses: a wildcard listener would also answer as the
+/// protected 127.0.0.2, which `wildcard_and_unspecified_destinations_are_judged_as_what_they_reach`
+/// covers.
 fn sandbox(label: &str) -> Sandbox {
     let mut sandbox = Sandbox::new(label, tools()).expect("creating the sandbox");
     sandbox.write_config(POLICY).unwrap();
-    sandbox.listen("[::]:8443".parse().unwrap()).unwrap();
-    sandbox.listen("[::]:9443".parse().unwrap()).unwrap();
+    for addr in ["127.0.0.2:8443", "127.0.0.3:8443", "[::1]:8443", "[::1]:9443"] {
+        sandbox.listen(addr.parse().unwrap()).unwrap();
+    }
     sandbox
 }
 
@@ -58,6 +62,7 @@ fn the_kernel_denies_every_egress_path_to_a_protected_endpoint() {
         let expected_address = addr.rsplit_once(':').unwrap().0.trim_matches(['[', ']']).trim_start_matches("::ffff:");
         assert_eq!(denial["address"], expected_address, "{denial}");
         assert_eq!(denial["cgroup_path"], format!("{}/workload", sandbox.cgroup_relative), "{denial}");
+        assert!(denial.get("task_cgroup_path").is_none(), "the task did not move: {denial}");
         if method != "raw" {
             // Raw packets are judged on egress, where there is no task context.
             assert_eq!(denial["port"], 8443, "{denial}");
@@ -66,6 +71,8 @@ fn the_kernel_denies_every_egress_path_to_a_protected_endpoint() {
             assert!(denial["exe"].as_str().is_some_and(|exe| exe.ends_with("seb-probe")), "{denial}");
         }
     }
+
+    assert_eq!(sandbox.received().unwrap(), 0, "a denied attempt reached a listener");
 
     // The broker itself, in the same enforced scope, gets through.
     let probe = sandbox.agent_cli(&["probe-egress", "127.0.0.2:8443"]).unwrap();
@@ -89,6 +96,164 @@ fn the_kernel_denies_every_egress_path_to_a_protected_endpoint() {
     // A cgroup exempted by config (a kubelet, say) keeps working.
     let outcome = sandbox.attempt("exempt", "tcp", "127.0.0.2:8443").unwrap();
     assert_eq!(outcome["result"], "ok", "exempt cgroup: {outcome}");
+    assert!(sandbox.received().unwrap() > 0, "the allowed attempts reached their listeners");
+}
+
+/// `0.0.0.0`, `::` and `::ffff:0.0.0.0` are not destinations: Linux connects them to the
+/// bound source address or loopback. And a wildcard listener answers on every local
+/// address, so where a protected endpoint is local, its port is reachable through any
+/// local address. Both are judged as the protected service they reach.
+#[test]
+fn wildcard_and_unspecified_destinations_are_judged_as_what_they_reach() {
+    let mut sandbox = Sandbox::new("local", tools()).unwrap();
+    let policy = ["tcp", "udp"].map(|protocol| {
+        format!("[[enforcement.protected]]\ncidr = \"127.0.0.2/32\"\nport = 8443\nprotocol = \"{protocol}\"\n")
+    });
+    sandbox.write_config(&policy.concat()).unwrap();
+    // One dual-stack wildcard listener serves the protected 127.0.0.2:8443 and every
+    // other local address on 8443; 9443 is not protected anywhere.
+    sandbox.listen("[::]:8443".parse().unwrap()).unwrap();
+    sandbox.listen("[::]:9443".parse().unwrap()).unwrap();
+    sandbox.start_agent().unwrap();
+
+    // (method, destination, bound source, the address the record must name, unspecified?)
+    let denied = [
+        ("tcp", "0.0.0.0:8443", None, "127.0.0.1", true),
+        ("tcp", "[::]:8443", None, "::1", true),
+        ("tcp", "[::ffff:0.0.0.0]:8443", None, "127.0.0.1", true),
+        ("tcp", "0.0.0.0:8443", Some("127.0.0.2:0"), "127.0.0.2", true),
+        ("udp-sendto", "0.0.0.0:8443", None, "127.0.0.1", true),
+        ("udp-connect", "[::]:8443", None, "::1", true),
+        ("tcp", "127.0.0.1:8443", None, "127.0.0.1", false),
+        ("tcp", "127.0.0.9:8443", None, "127.0.0.9", false),
+        ("udp-sendto", "[::1]:8443", None, "::1", false),
+    ];
+    for uid in [None, Some("65534")] {
+        for (method, addr, bind, judged, unspecified) in denied {
+            let mut args = vec!["try", method, addr, "--linger-ms", "300"];
+            if let Some(bind) = bind {
+                args.extend(["--bind", bind]);
+            }
+            let outcome = match uid {
+                Some(uid) => sandbox.probe("workload", &[&["--uid", uid][..], &args].concat()).unwrap(),
+                None => sandbox.probe("workload", &args).unwrap(),
+            };
+            assert_eq!(outcome["result"], "EPERM", "{method} to {addr} (bound {bind:?}, uid {uid:?}): {outcome}");
+            let denial = sandbox.wait_for_denial(cookie(&outcome)).unwrap();
+            assert_eq!(denial["address"], judged, "{method} to {addr}: {denial}");
+            assert_eq!(denial["port"], 8443, "{denial}");
+            assert_eq!(denial["unspecified"].as_bool().unwrap_or(false), unspecified, "{denial}");
+            assert_eq!(denial["uid"].as_u64(), Some(uid.map_or(0, |u| u.parse().unwrap())), "{denial}");
+        }
+    }
+    assert_eq!(sandbox.received().unwrap(), 0, "a denied attempt reached the wildcard listener");
+
+    // Ports no protected endpoint uses stay reachable through the same addresses.
+    for (method, addr) in [("tcp", "127.0.0.1:9443"), ("tcp", "0.0.0.0:9443"), ("tcp", "[::]:9443")] {
+        let outcome = sandbox.attempt("workload", method, addr).unwrap();
+        assert_eq!(outcome["result"], "ok", "{method} to {addr}: {outcome}");
+    }
+    assert_eq!(sandbox.received().unwrap(), 3);
+}
+
+/// AF_PACKET sockets hand frames to the device: no routing, no netfilter, no cgroup
+/// socket-address hook ever sees them. A task in the scope that asks for one is killed
+/// before `socket()` returns (this kernel refuses the BPF-LSM programs that could fail
+/// the call with EPERM instead).
+#[test]
+fn link_layer_sockets_are_refused_in_the_scope() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut sandbox = Sandbox::new("packet", tools()).unwrap();
+    sandbox.write_config(POLICY).unwrap();
+    sandbox.listen("127.0.0.2:8443".parse().unwrap()).unwrap();
+    // Let hand-made frames from 127.0.0.1 to 127.0.0.2 be delivered on `lo`, as frames
+    // to a real endpoint would be: otherwise the IP stack drops them as martians.
+    sandbox.sysctl(&["net.ipv4.conf.lo.route_localnet=1", "net.ipv4.conf.lo.accept_local=1"]).unwrap();
+    sandbox.start_agent().unwrap();
+    for uid in [None, Some("65534")] {
+        for method in ["packet", "packet-dgram"] {
+            let try_args = ["try", method, "127.0.0.2:8443"];
+            let args = match uid {
+                Some(uid) => [&["--uid", uid][..], &try_args].concat(),
+                None => try_args.to_vec(),
+            };
+            let (output, pid) = sandbox.probe_raw("workload", &args).unwrap();
+            assert_eq!(output.status.signal(), Some(9), "{method} as {uid:?}: killed, not {:?}", output);
+            assert!(output.stdout.is_empty(), "the probe never saw its socket: {output:?}");
+            let denial = wait_for(&sandbox, |d| d["hook"] == "socket_syscall" && d["tgid"] == pid);
+            assert_eq!(denial["action"], "killed", "{denial}");
+            assert_eq!(denial["socket_family"], "packet", "{denial}");
+            assert_eq!(denial["cgroup_path"], format!("{}/workload", sandbox.cgroup_relative), "{denial}");
+            assert_eq!(denial["comm"], "seb-probe", "{denial}");
+        }
+    }
+    assert_eq!(sandbox.received().unwrap(), 0);
+
+    // The same frame from an exempt cgroup really reaches the protected listener: the
+    // vector is real, and exemption still works.
+    let outcome = sandbox.attempt("exempt", "packet", "127.0.0.2:8443").unwrap();
+    assert_eq!(outcome["result"], "ok", "{outcome}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sandbox.received().unwrap() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the exempt frame never arrived");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An exemption belongs to where the socket was made as much as to the task: a socket
+/// made in the scope stays enforced when its process moves into an exempt or unenforced
+/// cgroup, and the record names both cgroups.
+#[test]
+fn a_socket_moved_out_of_the_scope_stays_enforced() {
+    let mut sandbox = Sandbox::new("moved", tools()).unwrap();
+    let root = sandbox.cgroup_relative.clone();
+    let scope = [format!("{root}/workload"), format!("{root}/exempt")];
+    sandbox.write_config_scoped(&scope, POLICY).unwrap();
+    sandbox.listen("127.0.0.2:8443".parse().unwrap()).unwrap();
+    sandbox.start_agent().unwrap();
+    // <root>/broker is outside the scope; <root>/exempt is exempt.
+    for target in ["exempt", "broker"] {
+        let move_to = sandbox.cgroup.join(target);
+        let move_to = move_to.to_str().unwrap();
+        let args = ["try", "tcp", "127.0.0.2:8443", "--move-to", move_to, "--linger-ms", "300"];
+        let outcome = sandbox.probe("workload", &args).unwrap();
+        assert_eq!(outcome["result"], "EPERM", "socket made in the scope, used from {target}: {outcome}");
+        let denial = sandbox.wait_for_denial(cookie(&outcome)).unwrap();
+        assert_eq!(denial["cgroup_path"], format!("{root}/workload"), "the socket's cgroup: {denial}");
+        assert_eq!(denial["task_cgroup_path"], format!("{root}/{target}"), "the task's cgroup: {denial}");
+    }
+    assert_eq!(sandbox.received().unwrap(), 0);
+    let outcome = sandbox.attempt("exempt", "tcp", "127.0.0.2:8443").unwrap();
+    assert_eq!(outcome["result"], "ok", "a socket made in the exempt cgroup: {outcome}");
+}
+
+/// A registration is worth nothing once its broker is gone: not through a duplicate of
+/// the socket kept by another process, not from a process created with the dead
+/// broker's PID.
+#[test]
+fn a_dead_brokers_registration_is_refused_even_under_its_pid() {
+    let mut sandbox = sandbox("deadbroker");
+    sandbox.start_agent().unwrap();
+    let pin_path = sandbox.pin_path.to_string_lossy().into_owned();
+    let report = sandbox.probe("broker", &["dead-broker", "--pin-path", &pin_path, "127.0.0.2:8443"]).unwrap();
+    assert_eq!(report["pid"], report["broker_pid"], "clone3 set_tid must reproduce the PID: {report}");
+    assert_eq!(report["result"], "EPERM", "the dead broker's socket, from its PID: {report}");
+    assert_eq!(sandbox.received().unwrap(), 0);
+    // The running broker is unaffected.
+    let probe = sandbox.agent_cli(&["probe-egress", "127.0.0.2:8443"]).unwrap();
+    assert_eq!(parse_json_output(&probe, "probe-egress").unwrap()["connected"], true);
+}
+
+/// Wait for a denial record that `matches`.
+fn wait_for(sandbox: &Sandbox, matches: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(found) = sandbox.denials().unwrap().into_iter().find(&matches) {
+            return found;
+        }
+        assert!(std::time::Instant::now() < deadline, "no matching denial: {:?}", sandbox.denials().unwrap());
+        thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -122,7 +287,7 @@ fn enforcement_outlives_the_agent_and_a_restart_readopts_it_without_a_gap() {
     let mut sandbox = sandbox("restart");
     sandbox.start_agent().unwrap();
     let links = sandbox.pinned_links().unwrap();
-    assert_eq!(links.len(), 5, "{links:?}");
+    assert_eq!(links.len(), 9, "{links:?}");
 
     sandbox.kill_agent().unwrap();
     let while_down = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
@@ -152,7 +317,7 @@ fn enforcement_outlives_the_agent_and_a_restart_readopts_it_without_a_gap() {
         .iter()
         .find(|line| line["fields"]["message"] == "kernel enforcement active")
         .unwrap_or_else(|| panic!("no 'kernel enforcement active' log: {logs:?}"));
-    assert_eq!(active["fields"]["adopted"], 5, "all links re-adopted: {active}");
+    assert_eq!(active["fields"]["adopted"], 9, "all links re-adopted: {active}");
     assert_eq!(sandbox.pinned_links().unwrap(), links, "the same links stay pinned");
 
     // The denial made while the agent was dead waited in the pinned ring buffer.

@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use seb_common::{DenialEvent, FAMILY_V4, Hook};
+use seb_common::{AF_PACKET, AF_XDP, DenialEvent, FAMILY_NONE, FAMILY_V4, Hook};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Protocol;
@@ -24,9 +24,17 @@ pub struct KernelDenial {
     pub comm: Option<String>,
     /// Executable, read from /proc when the process is still there.
     pub exe: Option<String>,
+    /// The cgroup that was judged: the socket's (its programs ran). For a socket
+    /// creation, the creating task's.
     pub cgroup_id: u64,
     /// Path relative to the cgroup2 mount, when the cgroup still exists.
     pub cgroup_path: Option<String>,
+    /// The calling task's cgroup, when it is not the socket's (the task moved after
+    /// creating the socket, or was handed it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_cgroup_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_cgroup_path: Option<String>,
     /// The Kubernetes pod UID and container id, when the cgroup belongs to a pod.
     #[serde(default)]
     pub pod_uid: Option<String>,
@@ -40,12 +48,31 @@ pub struct KernelDenial {
     pub pod_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_name: Option<String>,
+    /// The protected destination that was judged (empty for a socket creation).
     pub address: String,
     pub port: u16,
     pub protocol: String,
-    /// The kernel hook that denied: connect4, connect6, sendmsg4, sendmsg6, egress4, egress6.
+    /// The caller asked for the unspecified address (`0.0.0.0`, `::`); `address` is the
+    /// local address the kernel would have connected it to.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unspecified: bool,
+    /// For a socket creation: the family (`packet`, `xdp`) and type number refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_family: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_type: Option<u8>,
+    /// The kernel hook that denied: connect4, connect6, sendmsg4, sendmsg6, egress4,
+    /// egress6, socket_syscall (the caller was killed: see `action`).
     pub hook: String,
+    /// What the kernel did: `refused` (the call failed with EPERM, or the packet was
+    /// dropped) or `killed` (the caller was killed before the call returned).
+    #[serde(default = "refused")]
+    pub action: String,
     pub socket_cookie: u64,
+}
+
+fn refused() -> String {
+    "refused".into()
 }
 
 impl KernelDenial {
@@ -70,11 +97,15 @@ impl KernelDenial {
 
     /// From a ring-buffer event; `time_ns` already converted from boot time.
     pub fn from_event(event: &DenialEvent, time_ns: u64) -> Self {
-        let address: IpAddr = if event.family == FAMILY_V4 {
-            Ipv4Addr::new(event.daddr[0], event.daddr[1], event.daddr[2], event.daddr[3]).into()
-        } else {
-            Ipv6Addr::from(event.daddr).into()
+        let address = match event.family {
+            FAMILY_NONE => String::new(),
+            FAMILY_V4 => {
+                IpAddr::from(Ipv4Addr::new(event.daddr[0], event.daddr[1], event.daddr[2], event.daddr[3])).to_string()
+            }
+            _ => IpAddr::from(Ipv6Addr::from(event.daddr)).to_string(),
         };
+        let judged_cgroup = if event.socket_cgroup_id != 0 { event.socket_cgroup_id } else { event.cgroup_id };
+        let socket_creation = event.family == FAMILY_NONE;
         let has_task = event.pid_tgid != 0;
         let comm_len = event.comm.iter().position(|&b| b == 0).unwrap_or(event.comm.len());
 
@@ -87,17 +118,27 @@ impl KernelDenial {
             gid: has_task.then_some((event.uid_gid >> 32) as u32),
             comm: (comm_len > 0).then(|| String::from_utf8_lossy(&event.comm[..comm_len]).into_owned()),
             exe: None,
-            cgroup_id: event.cgroup_id,
+            cgroup_id: judged_cgroup,
             cgroup_path: None,
+            task_cgroup_id: (event.cgroup_id != 0 && event.cgroup_id != judged_cgroup).then_some(event.cgroup_id),
+            task_cgroup_path: None,
             pod_uid: None,
             container_id: None,
             pod_namespace: None,
             pod_name: None,
             container_name: None,
-            address: address.to_string(),
+            address,
             port: event.dport,
             protocol: Protocol::from_number(event.protocol),
+            unspecified: event.unspecified != 0,
+            socket_family: socket_creation.then(|| match u32::from(event.socket_family) {
+                AF_PACKET => "packet".to_string(),
+                AF_XDP => "xdp".to_string(),
+                other => format!("family-{other}"),
+            }),
+            socket_type: socket_creation.then_some(event.socket_type),
             hook: Hook::from_u8(event.hook).map_or_else(|| format!("hook-{}", event.hook), |h| h.name().into()),
+            action: if socket_creation { "killed".into() } else { refused() },
             socket_cookie: event.socket_cookie,
         }
     }

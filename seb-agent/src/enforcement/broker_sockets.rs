@@ -8,8 +8,10 @@
 //! - another process, in the broker's cgroup or anywhere, has no registered socket;
 //! - a child the broker forks or execs creates unregistered sockets, and an inherited
 //!   registered one fails the tgid check (broker sockets are also close-on-exec);
-//! - a process that reuses the broker's PID after it exits has no registered socket,
-//!   since cookies are never reused.
+//! - a process that reuses the broker's PID after it exits gets nothing from a kept
+//!   duplicate of a registered socket: each registration carries the broker process's
+//!   generation in `SEB_BROKER_PROCESSES`, and the kernel removes that entry the moment
+//!   the process exits (the `sched_process_exit` tracepoint).
 //!
 //! The registration is removed when the connection is dropped. A socket opened while
 //! executing a decision carries that decision's [`ExecutionTag`]: revoking its
@@ -35,11 +37,12 @@ use super::PinLayout;
 
 type Registry = HashMap<MapData, u64, BrokerSocket>;
 
-/// The two pinned maps: registered sockets, and those cut by a revocation (whose packets
-/// the egress program drops).
+/// The pinned maps: registered sockets, those cut by a revocation (whose packets the
+/// egress program drops), and the live broker processes.
 struct Maps {
     registry: Registry,
     cut: HashMap<MapData, u64, u8>,
+    processes: HashMap<MapData, u32, u64>,
 }
 
 /// The decision a socket is opened for.
@@ -105,28 +108,40 @@ pub struct BrokerSockets {
     tags: Arc<Mutex<StdHashMap<u64, Option<ExecutionTag>>>>,
     retired: Arc<Mutex<Retired>>,
     tgid: u32,
+    generation: u64,
 }
 
 impl BrokerSockets {
-    /// Open the pinned registry. Entries of an earlier broker process are purged: their
-    /// sockets are gone with it, and their cookies can never come back.
+    /// Open the pinned registry and enter this process as a live broker. Entries of
+    /// broker processes that are gone are purged: their sockets died with them, or are
+    /// refused by the kernel anyway (their generation is no longer live).
     pub fn open(layout: &PinLayout) -> Result<Self> {
         let open = |name: &str| -> Result<aya::maps::Map> {
             let path = layout.map(name);
             let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
             Ok(aya::maps::Map::HashMap(data))
         };
-        let maps = Maps {
+        let mut maps = Maps {
             registry: HashMap::try_from(open(map_names::BROKER_SOCKETS)?)?,
             cut: HashMap::try_from(open(map_names::CUT_SOCKETS)?)?,
+            processes: HashMap::try_from(open(map_names::BROKER_PROCESSES)?)?,
         };
-        let sockets = Self {
-            maps: Arc::new(Mutex::new(maps)),
-            tags: Arc::default(),
-            retired: Arc::default(),
-            tgid: std::process::id(),
+        let tgid = std::process::id();
+        // One generation per process, however often it opens the registry.
+        let generation = match maps.processes.get(&tgid, 0) {
+            Ok(generation) => generation,
+            Err(aya::maps::MapError::KeyNotFound) => {
+                let generation = rand_core::RngCore::next_u64(&mut rand_core::OsRng);
+                maps.processes
+                    .insert(tgid, generation, 0)
+                    .context("entering this process as a live broker (is SEB_BROKER_PROCESSES full?)")?;
+                generation
+            }
+            Err(e) => return Err(e).context("reading the live broker processes"),
         };
-        sockets.purge_other_processes()?;
+        let sockets =
+            Self { maps: Arc::new(Mutex::new(maps)), tags: Arc::default(), retired: Arc::default(), tgid, generation };
+        sockets.purge_dead_processes()?;
         Ok(sockets)
     }
 
@@ -135,19 +150,35 @@ impl BrokerSockets {
         Self::open(&PinLayout::new(pin_path))
     }
 
-    fn purge_other_processes(&self) -> Result<()> {
+    fn purge_dead_processes(&self) -> Result<()> {
         let mut maps = self.lock()?;
+        // The exit tracepoint removes a process as it dies; an entry left from before it
+        // was attached is dropped here once its process is gone.
+        let dead: Vec<u32> = maps
+            .processes
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|tgid| *tgid != self.tgid && !Path::new(&format!("/proc/{tgid}")).exists())
+            .collect();
+        for tgid in dead {
+            maps.processes.remove(&tgid)?;
+        }
+        let live: StdHashMap<u32, u64> = maps.processes.iter().filter_map(Result::ok).collect();
         let stale: Vec<u64> = maps
             .registry
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, registered)| registered.tgid != self.tgid)
+            .filter(|(_, registered)| live.get(&registered.tgid) != Some(&registered.generation))
             .map(|(cookie, _)| cookie)
             .collect();
         for cookie in stale {
             maps.registry.remove(&cookie)?;
         }
-        // Cut sockets died with the process that opened them.
+        // Cut sockets died with the processes that opened them; while another broker
+        // process lives, its cut sockets stay cut.
+        if live.keys().any(|tgid| *tgid != self.tgid) {
+            return Ok(());
+        }
         let cut: Vec<u64> = maps.cut.keys().filter_map(Result::ok).collect();
         for cookie in cut {
             maps.cut.remove(&cookie)?;
@@ -170,7 +201,7 @@ impl BrokerSockets {
         let cookie = socket_cookie(socket)?;
         self.lock()?
             .registry
-            .insert(cookie, BrokerSocket { tgid: self.tgid, _pad: 0 }, 0)
+            .insert(cookie, BrokerSocket { tgid: self.tgid, _pad: 0, generation: self.generation }, 0)
             .context("registering a broker socket (is the registry full?)")?;
         if let Ok(mut tags) = self.tags.lock() {
             tags.insert(cookie, tag);

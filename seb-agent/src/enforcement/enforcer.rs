@@ -16,7 +16,12 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use tracing::{info, warn};
 
-use super::{LinkState, PinLayout, loader, maps, policy};
+use super::{
+    LinkState, PinLayout,
+    loader::{self, AttachTargets},
+    local::{self, LocalProtection},
+    maps, policy,
+};
 use crate::{cgroupfs, config::Endpoint};
 
 /// Where the protected endpoints came from; each source replaces only its own.
@@ -49,8 +54,9 @@ pub struct Sources {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desired {
     pub policy: policy::CompiledPolicy,
-    pub scopes: Vec<PathBuf>,
+    pub targets: AttachTargets,
     pub exempt_ids: Vec<u64>,
+    pub local: LocalProtection,
     pub keep_previous: bool,
 }
 
@@ -73,14 +79,28 @@ impl Sources {
         scopes.sort();
         scopes.dedup();
         let mut exempt_ids = Vec::new();
+        let mut exempt = Vec::new();
         for relative in self.exempt.iter().chain(&self.cluster_exempt) {
-            match cgroupfs::cgroup_id(&cgroupfs::resolve(mount, relative)) {
-                Ok(id) => exempt_ids.push(id),
+            let dir = cgroupfs::resolve(mount, relative);
+            match cgroupfs::cgroup_id(&dir) {
+                Ok(id) => {
+                    exempt_ids.push(id);
+                    exempt.push(dir);
+                }
                 Err(e) => warn!(cgroup = %relative, error = %e, "an exempt cgroup does not exist on this node"),
             }
         }
         exempt_ids.sort_unstable();
-        Ok(Desired { policy, scopes, exempt_ids, keep_previous: self.keep_previous })
+        exempt.sort();
+        exempt.dedup();
+        let local = local::current(&endpoints).context("finding the protected endpoints local to this node")?;
+        Ok(Desired {
+            policy,
+            targets: AttachTargets { scopes, exempt },
+            exempt_ids,
+            local,
+            keep_previous: self.keep_previous,
+        })
     }
 }
 
@@ -116,13 +136,18 @@ impl Enforcer {
             return Ok(false);
         }
         maps::write_policy(&mut self.ebpf, &desired.policy, desired.keep_previous)?;
+        maps::write_local(&mut self.ebpf, &desired.local)?;
         maps::write_exemptions(&mut self.ebpf, &desired.exempt_ids)?;
-        self.links = loader::attach_all(&mut self.ebpf, &self.layout, &desired.scopes, desired.keep_previous)?;
+        let scope_ids =
+            desired.targets.scopes.iter().map(|dir| cgroupfs::cgroup_id(dir)).collect::<Result<Vec<_>>>()?;
+        maps::write_scope(&mut self.ebpf, &scope_ids, desired.keep_previous)?;
+        self.links = loader::attach_all(&mut self.ebpf, &self.layout, &desired.targets, desired.keep_previous)?;
         info!(
             prefixes_v4 = desired.policy.v4.len(),
             prefixes_v6 = desired.policy.v6.len(),
             exempt = desired.exempt_ids.len(),
-            cgroups = desired.scopes.len(),
+            cgroups = desired.targets.scopes.len(),
+            local_rules = desired.local.rules.map_or(0, |rules| rules.count),
             "enforcement applied"
         );
         self.applied = Some(desired);

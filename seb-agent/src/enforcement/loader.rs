@@ -5,11 +5,14 @@
 //! - `maps/<NAME>`: every map, pinned by name; the loader reuses an existing pin, so
 //!   policy, broker registrations and undelivered denials survive an agent restart.
 //! - `links/<program>-<cgroup id>-<object hash>`: one cgroup link per program and
-//!   enforced cgroup. A pinned link stays attached after the agent exits (fail closed).
+//!   enforced (or exempt) cgroup, and `links/<program>-global-<object hash>` for the
+//!   process-exit tracepoint. A pinned link stays attached after the agent exits (fail
+//!   closed).
 //!
-//! On start, a link pinned for this object and these maps is adopted as it is; anything
-//! else is replaced by attaching the new link first and unpinning the old one second, so
-//! there is never a moment without a program attached.
+//! On start, a link pinned for this object and these maps is adopted only if the kernel
+//! says it is still attached where it belongs (a detached link keeps its program but
+//! enforces nothing); anything else is replaced by attaching the new link first and
+//! unpinning the old one second, so there is never a moment without a program attached.
 
 use std::{
     collections::BTreeSet,
@@ -21,22 +24,64 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
-    programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr,
-        links::{FdLink, PinnedLink},
-        loaded_programs,
-    },
+    programs::{CgroupAttachMode, CgroupSkbAttachType, links::FdLink, loaded_programs},
 };
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
+use super::link_info::pinned_link;
 use crate::{bpffs, cgroupfs};
 
 /// The kernel programs, built from `seb-ebpf` by `cargo xtask build`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("CARGO_MANIFEST_DIR"), "/bpf/seb.bpf.o"));
 
-/// The programs in the object and how each attaches.
-pub const PROGRAMS: [&str; 5] = ["seb_connect4", "seb_connect6", "seb_sendmsg4", "seb_sendmsg6", "seb_egress"];
+/// Where a program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachTo {
+    /// Every enforced cgroup.
+    Scope,
+    /// Every exempt cgroup.
+    Exempt,
+    /// Once, for the whole node (a tracepoint that only touches this agent's maps).
+    Global,
+}
+
+/// The programs in the object and where each attaches.
+pub const PROGRAMS: [(&str, AttachTo); 9] = [
+    ("seb_connect4", AttachTo::Scope),
+    ("seb_connect6", AttachTo::Scope),
+    ("seb_sendmsg4", AttachTo::Scope),
+    ("seb_sendmsg6", AttachTo::Scope),
+    ("seb_egress", AttachTo::Scope),
+    ("seb_sock_create", AttachTo::Scope),
+    ("seb_exempt_origin", AttachTo::Exempt),
+    ("seb_broker_exit", AttachTo::Global),
+    ("seb_link_layer", AttachTo::Global),
+];
+
+/// The BTF tracepoint each such program attaches to.
+fn btf_tracepoint(program: &str) -> Option<&'static str> {
+    match program {
+        "seb_link_layer" => Some("sys_enter"),
+        _ => None,
+    }
+}
+
+/// Whether this agent's build can run a program: `seb_link_layer` reads x86_64 syscall
+/// numbers and registers.
+pub fn supported(program: &str) -> bool {
+    program != "seb_link_layer" || cfg!(target_arch = "x86_64")
+}
+
+/// The process-exit tracepoint that retires a dead broker's registrations.
+const EXIT_TRACEPOINT: &str = "sched_process_exit";
+
+/// The cgroups programs are attached to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AttachTargets {
+    pub scopes: Vec<PathBuf>,
+    pub exempt: Vec<PathBuf>,
+}
 
 /// Paths of the pinned state.
 #[derive(Debug, Clone)]
@@ -70,10 +115,17 @@ pub enum LinkOrigin {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LinkState {
     pub program: String,
+    /// The cgroup it is attached to; empty, with id 0, for the global tracepoint.
     pub cgroup: PathBuf,
     pub cgroup_id: u64,
     pub pin: PathBuf,
     pub origin: LinkOrigin,
+}
+
+impl LinkState {
+    pub fn is_global(&self) -> bool {
+        self.cgroup_id == 0
+    }
 }
 
 /// Short hash of the object, so links of another build are recognised and replaced.
@@ -95,40 +147,51 @@ pub fn load(layout: &PinLayout) -> Result<Ebpf> {
     })
 }
 
-/// Attach every program to every scope cgroup, adopting valid pinned links, then unpin
-/// links that are no longer wanted, unless `keep_others` (the scope is not fully known yet).
+/// Attach every program where it belongs, adopting valid pinned links, then unpin links
+/// that are no longer wanted, unless `keep_others` (the scope is not fully known yet).
 pub fn attach_all(
     ebpf: &mut Ebpf,
     layout: &PinLayout,
-    scopes: &[PathBuf],
+    targets: &AttachTargets,
     keep_others: bool,
 ) -> Result<Vec<LinkState>> {
     let hash = object_hash();
     let map_ids = pinned_map_ids(layout)?;
     let mut states = Vec::new();
     let mut wanted = BTreeSet::new();
-    for program in PROGRAMS {
+    let programs = PROGRAMS.iter().filter(|(program, _)| supported(program));
+    for (program, _) in programs.clone() {
         load_program(ebpf, program)?;
     }
-    for scope in scopes {
-        let cgroup_id = cgroupfs::cgroup_id(scope)?;
-        for program in PROGRAMS {
+    for &(program, attach_to) in programs {
+        let cgroups: Vec<Option<&PathBuf>> = match attach_to {
+            AttachTo::Scope => targets.scopes.iter().map(Some).collect(),
+            AttachTo::Exempt => targets.exempt.iter().map(Some).collect(),
+            AttachTo::Global => vec![None],
+        };
+        for cgroup in cgroups {
+            let cgroup_id = cgroup.map(|dir| cgroupfs::cgroup_id(dir)).transpose()?.unwrap_or(0);
             // bpffs refuses names with dots.
-            let name = format!("{program}-{cgroup_id}-{hash}");
+            let name = match cgroup {
+                Some(_) => format!("{program}-{cgroup_id}-{hash}"),
+                None => format!("{program}-global-{hash}"),
+            };
             let pin = layout.links().join(&name);
             wanted.insert(name);
-            let origin = match adopt(&pin, &map_ids) {
+            let expected = Expected { cgroup_id: cgroup.map(|_| cgroup_id), map_ids: &map_ids };
+            let origin = match adopt(&pin, &expected) {
                 Ok(()) => LinkOrigin::Adopted,
                 Err(why) => {
                     if pin.exists() {
                         warn!(pin = %pin.display(), %why, "replacing a pinned link");
                     }
-                    attach_and_pin(ebpf, program, scope, &pin)?;
+                    attach_and_pin(ebpf, program, cgroup.map(PathBuf::as_path), &pin)?;
                     LinkOrigin::Attached
                 }
             };
-            info!(program, cgroup = %scope.display(), ?origin, "enforcing");
-            states.push(LinkState { program: program.into(), cgroup: scope.clone(), cgroup_id, pin, origin });
+            let cgroup = cgroup.cloned().unwrap_or_default();
+            info!(program, cgroup = %cgroup.display(), ?origin, "enforcing");
+            states.push(LinkState { program: program.into(), cgroup, cgroup_id, pin, origin });
         }
     }
     if !keep_others {
@@ -143,28 +206,49 @@ fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
     if program.fd().is_ok() {
         return Ok(());
     }
-    let result = if name == "seb_egress" {
-        let program: &mut CgroupSkb = program.try_into()?;
-        program.load()
-    } else {
-        let program: &mut CgroupSockAddr = program.try_into()?;
-        program.load()
+    let result = match program {
+        aya::programs::Program::CgroupSkb(program) => program.load(),
+        aya::programs::Program::CgroupSockAddr(program) => program.load(),
+        aya::programs::Program::CgroupSock(program) => program.load(),
+        aya::programs::Program::RawTracePoint(program) => program.load(),
+        aya::programs::Program::BtfTracePoint(program) => {
+            let tracepoint =
+                btf_tracepoint(name).ok_or_else(|| anyhow!("no tracepoint is named for program {name}"))?;
+            let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF (needed by BTF tracepoints)")?;
+            program.load(tracepoint, &btf)
+        }
+        _ => bail!("program {name} has a type this agent does not attach"),
     };
     result.with_context(|| format!("the kernel refused program {name}"))
 }
 
-/// A pinned link is adopted when its program still uses the pinned maps: a program
-/// bound to maps that are no longer pinned would ignore every policy update.
-fn adopt(pin: &Path, map_ids: &BTreeSet<u32>) -> Result<()> {
+/// What a pinned link must be to be adopted.
+struct Expected<'a> {
+    /// The cgroup it must still be attached to; `None` for the global tracepoint.
+    cgroup_id: Option<u64>,
+    map_ids: &'a BTreeSet<u32>,
+}
+
+/// A pinned link is adopted when the kernel says it is attached where it belongs and
+/// its program still uses the pinned maps: a program bound to maps that are no longer
+/// pinned would ignore every policy update, and a detached link enforces nothing.
+fn adopt(pin: &Path, expected: &Expected<'_>) -> Result<()> {
     if !pin.exists() {
         bail!("not pinned");
     }
-    let link: FdLink = PinnedLink::from_pin(pin).context("opening the pinned link")?.into();
-    let program_id = link.info().context("reading link info")?.program_id();
+    let (cgroup_id, map_ids) = (expected.cgroup_id, expected.map_ids);
+    let kernel = pinned_link(pin)?;
+    if kernel.cgroup_id != cgroup_id {
+        match kernel.cgroup_id {
+            Some(0) => bail!("the link was detached from its cgroup"),
+            Some(other) => bail!("the link is attached to cgroup {other}, not {cgroup_id:?}"),
+            None => bail!("the link is not a cgroup link"),
+        }
+    }
     let program = loaded_programs()
         .filter_map(Result::ok)
-        .find(|program| program.id() == program_id)
-        .ok_or_else(|| anyhow!("the link's program {program_id} is gone"))?;
+        .find(|program| program.id() == kernel.program_id)
+        .ok_or_else(|| anyhow!("the link's program {} is gone", kernel.program_id))?;
     let used: BTreeSet<u32> = program.map_ids()?.unwrap_or_default().into_iter().collect();
     if !used.is_subset(map_ids) {
         bail!("the link's program uses maps {used:?} but the pinned maps are {map_ids:?}");
@@ -172,20 +256,45 @@ fn adopt(pin: &Path, map_ids: &BTreeSet<u32>) -> Result<()> {
     Ok(())
 }
 
-fn attach_and_pin(ebpf: &mut Ebpf, name: &str, cgroup: &Path, pin: &Path) -> Result<()> {
-    let cgroup_dir = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+/// Check a link this agent holds against the kernel: still pinned, still attached where
+/// it was, still running a program on the pinned maps.
+pub fn verify_link(layout: &PinLayout, state: &LinkState) -> Result<()> {
+    let map_ids = pinned_map_ids(layout)?;
+    let cgroup_id = (!state.is_global()).then_some(state.cgroup_id);
+    adopt(&state.pin, &Expected { cgroup_id, map_ids: &map_ids })
+}
+
+fn attach_and_pin(ebpf: &mut Ebpf, name: &str, cgroup: Option<&Path>, pin: &Path) -> Result<()> {
     let program = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} is missing"))?;
     // cgroup bpf links are always multi-attach; the kernel refuses explicit flags on
     // link creation, so the "single" mode (flags 0) is the right one here.
     let mode = CgroupAttachMode::Single;
-    let link: FdLink = if name == "seb_egress" {
-        let program: &mut CgroupSkb = program.try_into()?;
-        let id = program.attach(&cgroup_dir, CgroupSkbAttachType::Egress, mode)?;
-        program.take_link(id)?.try_into()?
-    } else {
-        let program: &mut CgroupSockAddr = program.try_into()?;
-        let id = program.attach(&cgroup_dir, mode)?;
-        program.take_link(id)?.try_into()?
+    let open_cgroup = || -> Result<File> {
+        let dir = cgroup.ok_or_else(|| anyhow!("program {name} attaches to a cgroup"))?;
+        File::open(dir).with_context(|| format!("opening cgroup {}", dir.display()))
+    };
+    let link: FdLink = match program {
+        aya::programs::Program::CgroupSkb(program) => {
+            let id = program.attach(open_cgroup()?, CgroupSkbAttachType::Egress, mode)?;
+            program.take_link(id)?.try_into()?
+        }
+        aya::programs::Program::CgroupSockAddr(program) => {
+            let id = program.attach(open_cgroup()?, mode)?;
+            program.take_link(id)?.try_into()?
+        }
+        aya::programs::Program::CgroupSock(program) => {
+            let id = program.attach(open_cgroup()?, mode)?;
+            program.take_link(id)?.try_into()?
+        }
+        aya::programs::Program::RawTracePoint(program) => {
+            let id = program.attach(EXIT_TRACEPOINT)?;
+            program.take_link(id)?.into()
+        }
+        aya::programs::Program::BtfTracePoint(program) => {
+            let id = program.attach()?;
+            program.take_link(id)?.into()
+        }
+        _ => bail!("program {name} has a type this agent does not attach"),
     };
     // An old link at this path stays attached until its pin is gone; the new one is
     // attached already, so removing the old pin first leaves no gap.

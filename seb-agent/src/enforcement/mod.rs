@@ -3,7 +3,9 @@
 pub mod broker_sockets;
 pub mod enforcer;
 pub mod hostnames;
+mod link_info;
 pub mod loader;
+pub mod local;
 pub mod maps;
 pub mod policy;
 

@@ -14,10 +14,10 @@ use crate::config::Endpoint;
 
 /// One trie entry: prefix length, the network's address bytes, and its rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TrieEntry<const N: usize> {
+pub struct TrieEntry<const N: usize, R = EndpointRules> {
     pub prefix_len: u32,
     pub addr: [u8; N],
-    pub rules: EndpointRules,
+    pub rules: R,
 }
 
 /// The compiled policy for both address families.

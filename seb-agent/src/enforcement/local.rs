@@ -1,0 +1,167 @@
+//! Protected endpoints whose address is local to this network namespace.
+//!
+//! A listener bound to the wildcard address answers on every local address, so where a
+//! protected endpoint's address is local (a host-network API server, a protected
+//! loopback address), its port is reachable through any other local address too. The
+//! kernel programs judge such destinations as the protected service; they need to know
+//! which rules are local here and which addresses are local.
+//!
+//! Local addresses are read with getifaddrs: an address on a loopback interface makes
+//! its whole prefix local (Linux routes all of 127.0.0.0/8 to `lo`), any other address
+//! only itself. This is the agent's own network namespace: the node's, for a
+//! host-network DaemonSet, which is where a protected endpoint can be local.
+
+use std::net::IpAddr;
+
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+use nix::{ifaddrs::getifaddrs, net::if_::InterfaceFlags};
+use seb_common::{ANY_PORT, ANY_PROTOCOL, EndpointRules, MAX_RULES_PER_PREFIX, PortRule};
+use std::collections::BTreeSet;
+
+use crate::config::Endpoint;
+
+/// What the kernel needs to judge local destinations in one network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalProtection {
+    pub netns_cookie: u64,
+    /// Local address prefixes.
+    pub prefixes: Vec<IpNet>,
+    /// Rules of protected endpoints on a local address; `None` when there are none.
+    pub rules: Option<EndpointRules>,
+}
+
+/// Read this namespace's local addresses and pick the protected endpoints among them.
+pub fn current(endpoints: &[Endpoint]) -> Result<LocalProtection> {
+    let prefixes = local_prefixes()?;
+    Ok(LocalProtection { netns_cookie: own_netns_cookie()?, rules: local_rules(endpoints, &prefixes), prefixes })
+}
+
+fn local_prefixes() -> Result<Vec<IpNet>> {
+    let mut prefixes = BTreeSet::new();
+    for interface in getifaddrs().context("listing local addresses (getifaddrs)")? {
+        let Some(address) = interface.address.as_ref() else { continue };
+        let ip: IpAddr = if let Some(v4) = address.as_sockaddr_in() {
+            v4.ip().into()
+        } else if let Some(v6) = address.as_sockaddr_in6() {
+            v6.ip().into()
+        } else {
+            continue;
+        };
+        let prefix_len = if interface.flags.contains(InterfaceFlags::IFF_LOOPBACK) {
+            interface.netmask.as_ref().and_then(netmask_len).unwrap_or(host_len(ip))
+        } else {
+            host_len(ip)
+        };
+        if let Ok(net) = IpNet::new(ip, prefix_len) {
+            prefixes.insert(net.trunc());
+        }
+    }
+    Ok(prefixes.into_iter().collect())
+}
+
+fn host_len(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() { 32 } else { 128 }
+}
+
+fn netmask_len(mask: &nix::sys::socket::SockaddrStorage) -> Option<u8> {
+    if let Some(v4) = mask.as_sockaddr_in() {
+        return Some(u32::from(v4.ip()).count_ones() as u8);
+    }
+    mask.as_sockaddr_in6().map(|v6| u128::from(v6.ip()).count_ones() as u8)
+}
+
+/// The rules of every protected endpoint whose prefix overlaps a local prefix. More
+/// distinct rules than one entry holds collapse to "every port and protocol": broader,
+/// never narrower.
+pub fn local_rules(endpoints: &[Endpoint], prefixes: &[IpNet]) -> Option<EndpointRules> {
+    let overlaps = |a: &IpNet, b: &IpNet| a.contains(&b.network()) || b.contains(&a.network());
+    let rules: BTreeSet<PortRule> = endpoints
+        .iter()
+        .filter(|endpoint| prefixes.iter().any(|local| overlaps(&endpoint.net, local)))
+        .map(|endpoint| PortRule {
+            port: endpoint.port.unwrap_or(ANY_PORT),
+            protocol: endpoint.protocol.number(),
+            _pad: 0,
+        })
+        .collect();
+    if rules.is_empty() {
+        return None;
+    }
+    let mut encoded = EndpointRules::default();
+    if rules.len() > MAX_RULES_PER_PREFIX {
+        encoded.rules[0] = PortRule { port: ANY_PORT, protocol: ANY_PROTOCOL, _pad: 0 };
+        encoded.count = 1;
+        return Some(encoded);
+    }
+    for (slot, rule) in encoded.rules.iter_mut().zip(&rules) {
+        *slot = *rule;
+    }
+    encoded.count = rules.len() as u32;
+    Some(encoded)
+}
+
+/// `SO_NETNS_COOKIE` of a socket made here: the id `bpf_get_netns_cookie` returns.
+fn own_netns_cookie() -> Result<u64> {
+    use std::os::fd::AsRawFd;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
+        .context("opening a socket to read the network namespace cookie")?;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, and a u64 buffer of the advertised length.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_NETNS_COOKIE)");
+    }
+    Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Protocol;
+
+    fn endpoint(net: &str, port: Option<u16>) -> Endpoint {
+        Endpoint { net: net.parse().unwrap(), port, protocol: Protocol::Tcp }
+    }
+
+    #[test]
+    fn only_endpoints_on_local_prefixes_count() {
+        let local: Vec<IpNet> = vec!["127.0.0.0/8".parse().unwrap(), "10.0.0.5/32".parse().unwrap()];
+        let rules = local_rules(
+            &[endpoint("127.0.0.2/32", Some(8443)), endpoint("10.0.0.0/24", Some(6443)), endpoint("10.1.0.0/16", None)],
+            &local,
+        )
+        .unwrap();
+        assert_eq!(rules.count, 2);
+        assert!(rules.matches(6, 8443) && rules.matches(6, 6443));
+        assert!(!rules.matches(6, 443), "10.1.0.0/16 is not local");
+        assert_eq!(local_rules(&[endpoint("192.0.2.0/24", None)], &local), None);
+    }
+
+    #[test]
+    fn too_many_local_rules_collapse_to_everything() {
+        let local: Vec<IpNet> = vec!["127.0.0.0/8".parse().unwrap()];
+        let many: Vec<Endpoint> =
+            (0..=MAX_RULES_PER_PREFIX as u16).map(|i| endpoint("127.0.0.9/32", Some(1000 + i))).collect();
+        let rules = local_rules(&many, &local).unwrap();
+        assert!(rules.matches(17, 1), "collapsed to every port and protocol");
+    }
+
+    #[test]
+    fn this_namespace_has_loopback_and_a_cookie() {
+        let view = current(&[endpoint("127.0.0.2/32", Some(1))]).unwrap();
+        assert!(view.netns_cookie != 0);
+        assert!(view.prefixes.iter().any(|p| p.contains(&"127.0.0.2".parse::<IpAddr>().unwrap())), "{view:?}");
+        assert!(view.rules.is_some());
+    }
+}

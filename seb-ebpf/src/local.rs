@@ -1,0 +1,155 @@
+//! Destinations the kernel turns into local ones.
+//!
+//! - The unspecified address (`0.0.0.0`, `::`, `::ffff:0.0.0.0`) is not a destination:
+//!   Linux connects it to the source address asked for, else the bound one, else
+//!   loopback. Each of those is judged, and the first protected one is what the caller
+//!   reaches.
+//! - A listener bound to the wildcard address answers on every local address. Where a
+//!   protected endpoint's address is local to the caller's network namespace, reaching
+//!   its port through any other local address (loopback, the node's own IP) reaches the
+//!   protected service: such a destination is judged as that service.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{bpf_sock, bpf_sock_addr, bpf_sock_tuple},
+    helpers::generated::{bpf_get_netns_cookie, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
+    maps::lpm_trie::Key,
+    programs::SockAddrContext,
+};
+use seb_common::{FAMILY_V4, Hook};
+
+use crate::{LOCAL_PROTECTED, LOCAL_V4, LOCAL_V6, decision::Destination};
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const LOOPBACK_V4: [u8; 4] = [127, 0, 0, 1];
+/// Look sockets up in the namespace of the socket being connected.
+const CURRENT_NETNS: u64 = u64::MAX;
+
+/// Where an unspecified destination really goes, in the kernel's order of preference;
+/// `None` for a destination that is specified.
+#[inline(always)]
+pub fn resolve_unspecified(ctx: &SockAddrContext, dest: &Destination, hook: Hook) -> Option<[Destination; 3]> {
+    if !dest.is_unspecified() {
+        return None;
+    }
+    let port = dest.port.unwrap_or(0);
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: `sk` is a full socket in sock_addr programs; msg_src_* is readable in the
+    // sendmsg hooks only, which is where it is read.
+    let (bound4, bound6, asked4, asked6) = unsafe {
+        let sk: *mut bpf_sock = (*sa).__bindgen_anon_1.sk;
+        let bound6 = [(*sk).src_ip6[0], (*sk).src_ip6[1], (*sk).src_ip6[2], (*sk).src_ip6[3]];
+        let (asked4, asked6) = match hook {
+            Hook::Sendmsg4 => ((*sa).msg_src_ip4, [0; 4]),
+            Hook::Sendmsg6 => {
+                (0, [(*sa).msg_src_ip6[0], (*sa).msg_src_ip6[1], (*sa).msg_src_ip6[2], (*sa).msg_src_ip6[3]])
+            }
+            _ => (0, [0; 4]),
+        };
+        ((*sk).src_ip4, bound6, asked4, asked6)
+    };
+    let mut candidates = if dest.family == FAMILY_V4 {
+        [
+            Destination::v4(asked4.to_ne_bytes(), port, dest.protocol),
+            Destination::v4(bound4.to_ne_bytes(), port, dest.protocol),
+            Destination::v4(LOOPBACK_V4, port, dest.protocol),
+        ]
+    } else {
+        // `::` is sent to ::1 (or to 127.0.0.1 from a socket bound to a mapped address).
+        [
+            Destination::from_v6_words(asked6, port, dest.protocol),
+            Destination::from_v6_words(bound6, port, dest.protocol),
+            Destination::from_v6_words([0, 0, 0, u32::to_be(1)], port, dest.protocol),
+        ]
+    };
+    for candidate in candidates.iter_mut() {
+        candidate.unspecified = true;
+    }
+    Some(candidates)
+}
+
+/// Whether a wildcard listener that also serves a local protected endpoint answers at
+/// `dest`. Costs one hash lookup unless this namespace has such an endpoint on the port.
+#[inline(always)]
+pub fn reaches_local_protected(ctx: &SockAddrContext, dest: &Destination) -> bool {
+    let Some(port) = dest.port else { return false };
+    // SAFETY: helper valid in sock_addr programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only use within this program run.
+    let Some(rules) = (unsafe { LOCAL_PROTECTED.get(&netns) }) else { return false };
+    if !rules.matches(dest.protocol, port) || !is_local(dest, netns) {
+        return false;
+    }
+    answered_by_wildcard(ctx, dest, port)
+}
+
+#[inline(always)]
+fn is_local(dest: &Destination, netns: u64) -> bool {
+    let found = if dest.family == FAMILY_V4 {
+        let mut data = [0u8; 4];
+        data.copy_from_slice(&dest.addr[..4]);
+        LOCAL_V4.get(Key::new(32, data))
+    } else {
+        LOCAL_V6.get(Key::new(128, dest.addr))
+    };
+    found.is_some_and(|owner| *owner == netns)
+}
+
+/// Look up the socket that would take a connection to `dest` and tell whether it is
+/// bound to the wildcard address.
+#[inline(always)]
+fn answered_by_wildcard(ctx: &SockAddrContext, dest: &Destination, port: u16) -> bool {
+    // SAFETY: an all-zero tuple is valid; only the family's half is read by the kernel.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if dest.family == FAMILY_V4 {
+        // SAFETY: writing the IPv4 variant of a plain-data union.
+        unsafe {
+            let v4 = &mut tuple.__bindgen_anon_1.ipv4;
+            v4.daddr = u32::from_ne_bytes([dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]]);
+            v4.dport = port.to_be();
+        }
+        core::mem::size_of::<u32>() * 2 + core::mem::size_of::<u16>() * 2
+    } else {
+        // SAFETY: as above, the IPv6 variant.
+        unsafe {
+            let v6 = &mut tuple.__bindgen_anon_1.ipv6;
+            let a = &dest.addr;
+            v6.daddr = [
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+            ];
+            v6.dport = port.to_be();
+        }
+        core::mem::size_of::<u32>() * 8 + core::mem::size_of::<u16>() * 2
+    };
+    let tuple_ptr = &mut tuple as *mut bpf_sock_tuple;
+    // SAFETY: helpers valid in sock_addr programs; a found socket is released below.
+    let sk = unsafe {
+        match dest.protocol {
+            IPPROTO_TCP => bpf_sk_lookup_tcp(ctx.as_ptr(), tuple_ptr, size as u32, CURRENT_NETNS, 0),
+            IPPROTO_UDP => bpf_sk_lookup_udp(ctx.as_ptr(), tuple_ptr, size as u32, CURRENT_NETNS, 0),
+            _ => return false,
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: `sk` is a referenced full socket until released.
+    let wildcard = unsafe {
+        match (*sk).family {
+            AF_INET => (*sk).src_ip4 == 0,
+            AF_INET6 => {
+                (*sk).src_ip6[0] == 0 && (*sk).src_ip6[1] == 0 && (*sk).src_ip6[2] == 0 && (*sk).src_ip6[3] == 0
+            }
+            _ => false,
+        }
+    };
+    // SAFETY: releases the reference taken by the lookup.
+    unsafe { bpf_sk_release(sk.cast()) };
+    wildcard
+}

@@ -1,0 +1,75 @@
+//! Link-layer egress: AF_PACKET sockets, which hand frames to the device without
+//! passing the IP stack, its routing or any cgroup socket-address hook.
+
+use std::net::{IpAddr, SocketAddr};
+
+use socket2::{Domain, Socket, Type};
+
+const ETH_P_IP: u16 = 0x0800;
+
+/// An AF_PACKET socket for IPv4 frames (needs CAP_NET_RAW).
+pub fn socket(kind: Type) -> std::io::Result<Socket> {
+    Socket::new(Domain::PACKET, kind, Some((ETH_P_IP.to_be() as i32).into()))
+}
+
+/// Send one UDP datagram to `addr` out of `lo`: with `ethernet`, a whole frame; else
+/// the IP packet, the kernel adding the link header.
+pub fn send(socket: &Socket, ethernet: bool, addr: SocketAddr) -> std::io::Result<()> {
+    let IpAddr::V4(destination) = addr.ip() else {
+        return Err(std::io::Error::other("the packet probe speaks IPv4 only"));
+    };
+    let mut packet = ipv4_udp(destination.octets(), addr.port());
+    if ethernet {
+        // Loopback frames: zero MACs, then the ethertype.
+        let mut frame = vec![0u8; 12];
+        frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
+        frame.append(&mut packet);
+        packet = frame;
+    }
+    let index = nix::net::if_::if_nametoindex("lo").map_err(std::io::Error::from)?;
+    // SAFETY: a zeroed sockaddr_ll filled with valid values.
+    let mut link: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    link.sll_family = libc::AF_PACKET as u16;
+    link.sll_protocol = ETH_P_IP.to_be();
+    link.sll_ifindex = index as i32;
+    link.sll_halen = 6;
+    // SAFETY: sendto with a valid buffer and a sockaddr_ll of its size.
+    let sent = unsafe {
+        libc::sendto(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&link as *const libc::sockaddr_ll).cast(),
+            size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if sent < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// 127.0.0.1 -> `destination`, UDP from port 40000, payload "seb".
+fn ipv4_udp(destination: [u8; 4], port: u16) -> Vec<u8> {
+    let payload = b"seb";
+    let udp_len = 8 + payload.len() as u16;
+    let total = 20 + udp_len;
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 127, 0, 0, 1];
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&destination);
+    let checksum = !ones_complement_sum(&ip);
+    ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+    ip.extend_from_slice(&40000u16.to_be_bytes());
+    ip.extend_from_slice(&port.to_be_bytes());
+    ip.extend_from_slice(&udp_len.to_be_bytes());
+    ip.extend_from_slice(&0u16.to_be_bytes()); // no UDP checksum (allowed over IPv4)
+    ip.extend_from_slice(payload);
+    ip
+}
+
+fn ones_complement_sum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 =
+        bytes.chunks(2).map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
