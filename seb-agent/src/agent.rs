@@ -31,6 +31,7 @@ use crate::{
     metrics::{self, EpochLabels, MapLabels, Metrics, Readiness},
     recorder::Recorder,
     server::{self, Broker},
+    tamper,
 };
 
 /// The cgroup2 mount, once every cgroup the config names is found under it. A missing
@@ -131,6 +132,7 @@ pub async fn run(config: Config) -> Result<()> {
     // Before serving: every admitted decision gets its outcome, even across a crash.
     reconcile(&ledger, &executors).await?;
     let passthrough = config.passthrough.clone();
+    tasks.push(tokio::spawn(tamper::watch(enforcer.clone(), ledger.clone(), metrics.clone(), shutdown_rx.clone())));
     let readiness = Readiness { enforcer: enforcer.clone(), cluster: freshness.clone() };
     let broker = Arc::new(Broker {
         sockets,

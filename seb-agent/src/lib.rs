@@ -18,3 +18,4 @@ pub mod propose;
 pub mod protocol;
 pub mod recorder;
 pub mod server;
+pub mod tamper;

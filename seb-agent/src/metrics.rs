@@ -58,8 +58,16 @@ pub struct EpochLabels {
     pub epoch: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TamperLabels {
+    /// `link` or `map`.
+    pub kind: String,
+}
+
 pub struct Metrics {
     registry: Mutex<Registry>,
+    /// Divergences between the kernel and what the agent installed, found and repaired.
+    pub tamper_findings: Family<TamperLabels, Counter>,
     pub admissions: Family<AdmissionLabels, Counter>,
     pub execution_seconds: Family<ExecutionLabels, Histogram>,
     pub kernel_denials: Family<DenialLabels, Counter>,
@@ -97,7 +105,13 @@ impl Metrics {
         cluster_state_age.set(-1.0);
         let cluster_sync_errors = Family::<ResourceLabels, Counter>::default();
         let sockets_cut = Counter::default();
+        let tamper_findings = Family::<TamperLabels, Counter>::default();
         let mut registry = Registry::with_prefix("seb");
+        registry.register(
+            "tamper_findings",
+            "Links or maps found differing from what the agent installed (each repaired and recorded)",
+            tamper_findings.clone(),
+        );
         registry.register("admissions", "Admission decisions by decision and reason code", admissions.clone());
         registry.register("execution_duration_seconds", "Broker time per executed mutation", execution_seconds.clone());
         registry.register("kernel_denials", "Connections and packets the kernel denied", kernel_denials.clone());
@@ -122,6 +136,7 @@ impl Metrics {
         registry.register("revoked_connections_cut", "Broker connections cut by a revocation", sockets_cut.clone());
         Self {
             registry: Mutex::new(registry),
+            tamper_findings,
             admissions,
             execution_seconds,
             kernel_denials,
@@ -155,7 +170,9 @@ pub struct Readiness {
 impl Readiness {
     pub fn ready(&self) -> bool {
         let links = self.enforcer.links();
-        let attached = links.iter().all(|link| link.pin.exists());
+        // The last check of the kernel found everything as installed (a repaired
+        // divergence counts only once a later check confirms the repair).
+        let attached = links.iter().all(|link| link.pin.exists()) && self.enforcer.integrity().intact;
         match &self.cluster {
             None => attached && !links.is_empty(),
             Some(freshness) => attached && freshness.is_synced() && freshness.is_settled(),

@@ -78,6 +78,9 @@ pub struct StatusReport {
     /// Every link is still pinned (and so attached).
     pub ready: bool,
     pub links: Vec<crate::enforcement::LinkState>,
+    /// The last check of the kernel against what the agent installed.
+    #[serde(default)]
+    pub integrity: crate::enforcement::integrity::Integrity,
     pub map_entries: std::collections::BTreeMap<String, u64>,
     pub epochs: crate::admission::state::Epochs,
     pub ring_lost_total: u64,

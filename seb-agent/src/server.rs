@@ -296,6 +296,7 @@ async fn status(broker: &Broker) -> anyhow::Result<StatusReport> {
         version: env!("CARGO_PKG_VERSION").into(),
         ready: broker.readiness.ready(),
         links: broker.enforcer.links(),
+        integrity: broker.enforcer.integrity(),
         map_entries,
         epochs,
         ring_lost_total,

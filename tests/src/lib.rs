@@ -22,6 +22,7 @@ pub mod kube_store;
 pub mod moto;
 pub mod mtls;
 pub mod revocation;
+pub mod tamper;
 pub mod tls_server;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -337,6 +338,17 @@ impl Sandbox {
             }
             ensure!(Instant::now() < deadline, "no denial recorded for socket cookie {cookie}");
             thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The agent's status, straight from the broker socket (quicker than the CLI).
+    pub fn status(&self) -> Result<Value> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let response =
+            runtime.block_on(seb_agent::protocol::call(&self.socket, &seb_agent::protocol::Request::Status))?;
+        match response {
+            seb_agent::protocol::Response::Status(report) => Ok(serde_json::to_value(report)?),
+            other => bail!("status answered {other:?}"),
         }
     }
 

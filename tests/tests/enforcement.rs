@@ -402,3 +402,100 @@ fn a_denial_from_a_pod_cgroup_names_the_pod_and_container() {
     std::fs::remove_dir(pod.join(&container)).unwrap();
     std::fs::remove_dir(&pod).unwrap();
 }
+
+/// Root detaches one of seb's links (the guard that would refuse it needs BPF-LSM,
+/// which this kernel does not load): connects get through for a moment; within a
+/// second the agent notices, reports not ready, re-attaches, and records it.
+#[test]
+fn a_detached_link_is_noticed_reported_repaired_and_recorded() {
+    let mut sandbox = sandbox("tamper");
+    sandbox.start_agent().unwrap();
+    let pin = pin_of(&sandbox, "seb_connect4");
+
+    seb_sandbox::tamper::detach_pinned_link(&pin).unwrap();
+    let detached_at = std::time::Instant::now();
+    let through = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
+    let (mut saw_unready, mut noticed_after) = (false, None);
+    while detached_at.elapsed() < Duration::from_secs(5) {
+        let status = sandbox.status().unwrap();
+        saw_unready |= status["ready"] == false;
+        if noticed_after.is_none() && status["integrity"]["tampered_checks"].as_u64() >= Some(1) {
+            noticed_after = Some(detached_at.elapsed());
+        }
+        if noticed_after.is_some() && status["ready"] == true {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let noticed_after = noticed_after.expect("the agent never noticed the detached link");
+    assert!(noticed_after < Duration::from_secs(1), "noticed after {noticed_after:?}");
+    assert!(saw_unready, "status never reported not ready while the link was detached");
+    assert_eq!(through["result"], "ok", "while detached, the connect got through (the attack is real): {through}");
+
+    let status = sandbox.status().unwrap();
+    assert_eq!(status["ready"], true, "ready again once repaired: {status}");
+    let findings = &status["integrity"]["last_findings"];
+    assert!(
+        findings
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["object"] == pin.to_str().unwrap() && f["problem"].as_str().unwrap().contains("detached")),
+        "{status}"
+    );
+    assert_eq!(status["integrity"]["repaired"], true, "{status}");
+    let records = audit_records(&sandbox, "tamper");
+    assert!(records.iter().any(|r| r["body"]["findings"][0]["object"] == pin.to_str().unwrap()), "{records:?}");
+
+    // Enforced again.
+    let outcome = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
+    assert_eq!(outcome["result"], "EPERM", "after the repair: {outcome}");
+
+    // A policy entry removed behind the agent's back is written again too.
+    seb_sandbox::tamper::remove_protected_v4(&sandbox.pin_path, [127, 0, 0, 2], 32).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let records = audit_records(&sandbox, "tamper");
+        if records.iter().any(|r| r["body"]["findings"][0]["object"] == "SEB_PROTECTED_V4") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the removed prefix was never noticed: {records:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let outcome = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
+    assert_eq!(outcome["result"], "EPERM", "after the map repair: {outcome}");
+}
+
+/// A link detached while the agent was down is not adopted as enforcement: the agent
+/// attaches a new one.
+#[test]
+fn a_restart_never_adopts_a_detached_link() {
+    let mut sandbox = sandbox("readopt");
+    sandbox.start_agent().unwrap();
+    let pin = pin_of(&sandbox, "seb_connect4");
+    sandbox.kill_agent().unwrap();
+    seb_sandbox::tamper::detach_pinned_link(&pin).unwrap();
+    let through = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
+    assert_eq!(through["result"], "ok", "detached and nobody watching: {through}");
+
+    let logs = sandbox.start_agent().unwrap();
+    let active = logs.iter().find(|line| line["fields"]["message"] == "kernel enforcement active").unwrap();
+    assert_eq!(active["fields"]["adopted"], 8, "the detached link is not adopted: {active}");
+    let replaced = logs
+        .iter()
+        .find(|line| line["fields"]["message"] == "replacing a pinned link")
+        .unwrap_or_else(|| panic!("no replacement logged: {logs:?}"));
+    assert!(replaced["fields"]["why"].as_str().unwrap().contains("detached"), "{replaced}");
+    let outcome = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
+    assert_eq!(outcome["result"], "EPERM", "{outcome}");
+}
+
+fn pin_of(sandbox: &Sandbox, program: &str) -> std::path::PathBuf {
+    let name = sandbox.pinned_links().unwrap().into_iter().find(|name| name.starts_with(program)).unwrap();
+    sandbox.pin_path.join("links").join(name)
+}
+
+fn audit_records(sandbox: &Sandbox, kind: &str) -> Vec<Value> {
+    let listing = sandbox.agent_cli(&["audit", "list", "--kind", kind, "--json"]).unwrap();
+    String::from_utf8(listing.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}

@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use super::{
     LinkState, PinLayout,
+    integrity::{self, Finding, Integrity},
     loader::{self, AttachTargets},
     local::{self, LocalProtection},
     maps, policy,
@@ -55,6 +56,8 @@ pub struct Sources {
 pub struct Desired {
     pub policy: policy::CompiledPolicy,
     pub targets: AttachTargets,
+    /// Ids of `targets.scopes`, for the hooks that are not attached to a cgroup.
+    pub scope_ids: Vec<u64>,
     pub exempt_ids: Vec<u64>,
     pub local: LocalProtection,
     pub keep_previous: bool,
@@ -94,8 +97,10 @@ impl Sources {
         exempt.sort();
         exempt.dedup();
         let local = local::current(&endpoints).context("finding the protected endpoints local to this node")?;
+        let scope_ids = scopes.iter().map(|dir| cgroupfs::cgroup_id(dir)).collect::<Result<Vec<_>>>()?;
         Ok(Desired {
             policy,
+            scope_ids,
             targets: AttachTargets { scopes, exempt },
             exempt_ids,
             local,
@@ -153,17 +158,60 @@ impl Enforcer {
         self.applied = Some(desired);
         Ok(true)
     }
+
+    /// Every way the kernel differs from what was last applied.
+    pub fn verify(&mut self) -> Vec<Finding> {
+        match &self.applied {
+            Some(desired) => integrity::check(&mut self.ebpf, &self.layout, &self.links, desired),
+            None => Vec::new(),
+        }
+    }
+
+    /// Write and attach everything again, whatever was applied before.
+    pub fn reapply(&mut self, sources: &Sources) -> Result<()> {
+        self.applied = None;
+        self.apply(sources).map(drop)
+    }
 }
 
 /// The enforcer and its sources, shared by everything that changes a source.
 #[derive(Clone)]
 pub struct SharedEnforcer {
     inner: Arc<Mutex<(Enforcer, Sources)>>,
+    integrity: Arc<Mutex<Integrity>>,
 }
 
 impl SharedEnforcer {
     pub fn new(enforcer: Enforcer, sources: Sources) -> Self {
-        Self { inner: Arc::new(Mutex::new((enforcer, sources))) }
+        // Just applied, and every adopted link verified: intact until a check says not.
+        let integrity = Integrity { intact: true, ..Default::default() };
+        Self { inner: Arc::new(Mutex::new((enforcer, sources))), integrity: Arc::new(Mutex::new(integrity)) }
+    }
+
+    /// Check the kernel against what was applied, and repair what differs. Returns the
+    /// findings; the kernel counts as intact again only after a later check finds none.
+    /// Changes of the node itself (a new local address) are applied first, quietly.
+    pub fn check_integrity(&self) -> Result<Vec<Finding>> {
+        let mut guard = self.inner.lock().map_err(|_| anyhow!("the enforcer lock is poisoned"))?;
+        let (enforcer, sources) = &mut *guard;
+        enforcer.apply(sources)?;
+        let findings = enforcer.verify();
+        let repaired = if findings.is_empty() { Ok(()) } else { enforcer.reapply(sources) };
+        let mut integrity = self.integrity.lock().map_err(|_| anyhow!("the integrity state is poisoned"))?;
+        let now = crate::audit::format_time(crate::audit::now_ns());
+        integrity.checked_at = now.clone();
+        integrity.intact = findings.is_empty();
+        if !findings.is_empty() {
+            integrity.last_findings = findings.clone();
+            integrity.last_findings_at = now;
+            integrity.repaired = repaired.is_ok();
+            integrity.tampered_checks += 1;
+        }
+        repaired.map(|()| findings)
+    }
+
+    pub fn integrity(&self) -> Integrity {
+        self.integrity.lock().map(|guard| guard.clone()).unwrap_or_default()
     }
 
     /// Change the sources and apply the result at once. If it cannot be applied (an

@@ -3,6 +3,7 @@
 pub mod broker_sockets;
 pub mod enforcer;
 pub mod hostnames;
+pub mod integrity;
 mod link_info;
 pub mod loader;
 pub mod local;

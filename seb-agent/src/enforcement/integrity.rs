@@ -1,0 +1,117 @@
+//! Checking that the kernel still enforces what the agent put there.
+//!
+//! Root can detach a link (`BPF_LINK_DETACH`), unpin it, or rewrite a map entry; a
+//! detached cgroup link keeps its pin and its program but enforces nothing. So the agent
+//! asks the kernel, at least once a second, for each link: is it pinned, attached to
+//! the cgroup it was made for, running a program on the pinned maps; and for each map
+//! that holds policy: does it hold exactly what was written. Any divergence is a
+//! finding: the caller records it, reports not ready, and repairs by writing and
+//! attaching everything again.
+
+use std::collections::BTreeSet;
+
+use aya::{
+    Ebpf, Pod,
+    maps::{HashMap, LpmTrie, MapData},
+};
+use seb_common::{EndpointRules, map_names};
+use serde::{Deserialize, Serialize};
+
+use super::{LinkState, PinLayout, enforcer::Desired, loader, policy::TrieEntry};
+
+/// One way the kernel differs from what the agent installed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finding {
+    /// `link` or `map`: a bounded label for metrics.
+    pub kind: String,
+    /// The link's pin, or the map's name.
+    pub object: String,
+    pub problem: String,
+}
+
+impl Finding {
+    fn link(state: &LinkState, problem: impl std::fmt::Display) -> Self {
+        Self { kind: "link".into(), object: state.pin.display().to_string(), problem: problem.to_string() }
+    }
+    fn map(name: &str, problem: impl Into<String>) -> Self {
+        Self { kind: "map".into(), object: name.into(), problem: problem.into() }
+    }
+}
+
+/// Every divergence between the kernel and `desired`, as installed through `links`.
+pub fn check(ebpf: &mut Ebpf, layout: &PinLayout, links: &[LinkState], desired: &Desired) -> Vec<Finding> {
+    let mut findings: Vec<Finding> = links
+        .iter()
+        .filter_map(|link| loader::verify_link(layout, link).err().map(|why| Finding::link(link, format!("{why:#}"))))
+        .collect();
+    let exact = !desired.keep_previous;
+    findings.extend(check_trie(ebpf, map_names::PROTECTED_V4, &desired.policy.v4, exact));
+    findings.extend(check_trie(ebpf, map_names::PROTECTED_V6, &desired.policy.v6, exact));
+    findings.extend(check_set(ebpf, map_names::EXEMPT_CGROUPS, &desired.exempt_ids, true));
+    findings.extend(check_set(ebpf, map_names::SCOPE_CGROUPS, &desired.scope_ids, exact));
+    findings
+}
+
+fn check_trie<const N: usize>(ebpf: &mut Ebpf, name: &str, wanted: &[TrieEntry<N>], exact: bool) -> Option<Finding>
+where
+    [u8; N]: Pod,
+{
+    let map = ebpf.map_mut(name)?;
+    let trie: LpmTrie<&mut MapData, [u8; N], EndpointRules> = match LpmTrie::try_from(map) {
+        Ok(trie) => trie,
+        Err(e) => return Some(Finding::map(name, format!("cannot be read: {e}"))),
+    };
+    let mut actual = BTreeSet::new();
+    for entry in trie.iter() {
+        match entry {
+            Ok((key, rules)) => {
+                actual.insert((key.prefix_len(), key.data().to_vec(), rules_key(&rules)));
+            }
+            Err(e) => return Some(Finding::map(name, format!("cannot be read: {e}"))),
+        }
+    }
+    let wanted: BTreeSet<_> = wanted.iter().map(|e| (e.prefix_len, e.addr.to_vec(), rules_key(&e.rules))).collect();
+    let missing = wanted.difference(&actual).count();
+    let extra = if exact { actual.difference(&wanted).count() } else { 0 };
+    (missing + extra > 0).then(|| {
+        Finding::map(name, format!("{missing} protected prefixes missing or changed, {extra} not written by the agent"))
+    })
+}
+
+/// The rules an entry really holds (slots past `count` are ignored by the kernel).
+fn rules_key(rules: &EndpointRules) -> Vec<(u16, u8)> {
+    let count = (rules.count as usize).min(rules.rules.len());
+    rules.rules[..count].iter().map(|rule| (rule.port, rule.protocol)).collect()
+}
+
+fn check_set(ebpf: &mut Ebpf, name: &str, wanted: &[u64], exact: bool) -> Option<Finding> {
+    let map = ebpf.map_mut(name)?;
+    let set: HashMap<&mut MapData, u64, u8> = match HashMap::try_from(map) {
+        Ok(set) => set,
+        Err(e) => return Some(Finding::map(name, format!("cannot be read: {e}"))),
+    };
+    let actual: BTreeSet<u64> = match set.keys().collect::<Result<_, _>>() {
+        Ok(actual) => actual,
+        Err(e) => return Some(Finding::map(name, format!("cannot be read: {e}"))),
+    };
+    let wanted: BTreeSet<u64> = wanted.iter().copied().collect();
+    let missing = wanted.difference(&actual).count();
+    let extra = if exact { actual.difference(&wanted).count() } else { 0 };
+    (missing + extra > 0)
+        .then(|| Finding::map(name, format!("{missing} cgroups missing, {extra} not written by the agent")))
+}
+
+/// What the last check found, for `status` and `/readyz`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Integrity {
+    /// When the kernel was last checked (RFC 3339); empty before the first check.
+    pub checked_at: String,
+    /// The last check found the kernel as installed.
+    pub intact: bool,
+    /// What the most recent check with findings found, and whether it was repaired.
+    pub last_findings: Vec<Finding>,
+    pub last_findings_at: String,
+    pub repaired: bool,
+    /// Checks that found a divergence since the agent started.
+    pub tampered_checks: u64,
+}
