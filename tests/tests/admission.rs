@@ -538,6 +538,14 @@ fn a_chain_bomb_is_refused_within_a_few_milliseconds_of_cpu() {
     let same_key = forge::leaf(forge::leaf_params(&contract), &Issuer::new(attacker.clone(), &decoy_key)).unwrap();
     let denied = f.propose(&[same_key.as_str(), &decoys[..4].concat()].concat(), &request);
     assert_denied(&denied, Reason::ChainBudgetExceeded);
+    assert!(denied.message.contains("signature checks"), "{denied:?}");
+    // The same with pathLenConstraint 1: the third level's candidates are refused before
+    // their signature, but considering them is counted too.
+    let limited: String =
+        (0..4).map(|_| forge::ca_params("attacker CA", Some(1)).self_signed(&decoy_key).unwrap().pem()).collect();
+    let denied = f.propose(&[same_key.as_str(), &limited].concat(), &request);
+    assert_denied(&denied, Reason::ChainBudgetExceeded);
+    assert!(denied.message.contains("candidate issuers"), "{denied:?}");
 
     // The broker is unharmed.
     assert_admitted(&f.decide(&contract, &request));
