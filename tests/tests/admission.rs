@@ -349,6 +349,15 @@ fn the_path_is_validated_as_rfc_5280_asks() {
         assert!(denied.message.contains("seb test"), "the message names the issuer: {denied:?} ({name:?})");
     }
 
+    // An intermediate with a critical extension the broker does not understand.
+    let mut constrained = forge::ca_params("seb test CA with an unknown critical extension", Some(0));
+    let mut unknown = CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 99999, 2], vec![0x05, 0x00]);
+    unknown.set_criticality(true);
+    constrained.custom_extensions.push(unknown);
+    let (issuer, issuer_pem) = forge::issued(constrained, &root).unwrap();
+    let denied = propose(&[&forge::leaf(forge::leaf_params(&contract), &issuer).unwrap(), &issuer_pem]);
+    assert_denied(&denied, Reason::UnsupportedCriticalExtension);
+
     // Path lengths: the dev SAB signs leaves only (pathLen 0), so a CA under it may not
     // issue; nor may a CA under the root's pathLen-0 intermediate.
     let (under_sab, under_sab_pem) = forge::issued(forge::ca_params("seb test sub-SAB", None), &sab).unwrap();

@@ -114,7 +114,7 @@ impl TrustAnchors {
             .iter()
             .map(|der| {
                 let cert = parse_certificate(der, "an intermediate")?;
-                extensions::read(der)?;
+                check_critical_extensions(&extensions::read(der)?)?;
                 Ok(cert)
             })
             .collect::<Result<Vec<_>, Rejection>>()?;
