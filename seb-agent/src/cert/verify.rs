@@ -251,3 +251,27 @@ fn asn1_time(now: SystemTime) -> ASN1Time {
     let secs = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
     ASN1Time::from_timestamp(secs).unwrap_or_else(|_| ASN1Time::now())
 }
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
+
+    use super::*;
+
+    fn anchor_pem(is_ca: IsCa, key_usages: Vec<KeyUsagePurpose>) -> String {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = is_ca;
+        params.key_usages = key_usages;
+        params.self_signed(&KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap()).unwrap().pem()
+    }
+
+    #[test]
+    fn an_anchor_must_be_a_ca_allowed_to_sign_certificates() {
+        let ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        assert!(TrustAnchors::from_pem(&anchor_pem(ca, vec![KeyUsagePurpose::KeyCertSign])).is_ok());
+        let not_ca = TrustAnchors::from_pem(&anchor_pem(IsCa::NoCa, vec![KeyUsagePurpose::KeyCertSign]));
+        assert!(format!("{:#}", not_ca.err().unwrap()).contains("is not a CA"));
+        let no_usage = TrustAnchors::from_pem(&anchor_pem(ca, vec![KeyUsagePurpose::DigitalSignature]));
+        assert!(format!("{:#}", no_usage.err().unwrap()).contains("keyCertSign"));
+    }
+}
