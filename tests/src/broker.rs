@@ -32,9 +32,23 @@ impl Broker {
     }
 
     /// The same, enforcing only `scope` (cgroup paths relative to the mount), epochs unset.
-    pub fn start_scoped(mut sandbox: Sandbox, scope: &[String], extra: &str) -> Result<Self> {
+    pub fn start_scoped(sandbox: Sandbox, scope: &[String], extra: &str) -> Result<Self> {
+        Self::launch(sandbox, scope, extra, "")
+    }
+
+    /// As `start` with epochs 1/1, also trusting the CA certificates in `extra_anchors` (PEM).
+    pub fn start_trusting(sandbox: Sandbox, extra_anchors: &str) -> Result<Self> {
+        let scope = vec![sandbox.cgroup_relative.clone()];
+        let broker = Self::launch(sandbox, &scope, "", extra_anchors)?;
+        broker.admin(Request::SetEpochs { policy: Some(1), revocation: Some(1) });
+        Ok(broker)
+    }
+
+    fn launch(mut sandbox: Sandbox, scope: &[String], extra: &str, extra_anchors: &str) -> Result<Self> {
         let ca = dev_sab::create_ca(&sandbox.dir.join("sab"), "seb test SAB", Algorithm::Ed25519)?;
-        let admission = format!("[admission]\ntrust_anchors = \"{}\"\nmax_ttl_seconds = 3600\n", ca.cert.display());
+        let anchors = sandbox.dir.join("trust-anchors.pem");
+        std::fs::write(&anchors, std::fs::read_to_string(&ca.cert)? + extra_anchors)?;
+        let admission = format!("[admission]\ntrust_anchors = \"{}\"\nmax_ttl_seconds = 3600\n", anchors.display());
         sandbox.write_config_scoped(scope, &format!("{extra}\n{admission}"))?;
         sandbox.start_agent()?;
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -4,11 +4,12 @@
 
 use std::{path::PathBuf, time::Duration};
 
+use rcgen::{BasicConstraints, CustomExtension, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose};
 use seb_agent::{
     admission::{Decision, Reason, state::RevocationTarget},
     cert::{
-        ExecutionContract, MutationRequest, Provider,
-        contract::{AgentIdentity, ScopedIdentity},
+        ExecutionContract, MutationRequest, Provider, TrustAnchors, ValidityPolicy,
+        contract::{AgentIdentity, CONTRACT_OID, CONTRACT_OID_TEXT, SAB_EKU_OID_TEXT, ScopedIdentity},
         dev_sab::{self, Algorithm, IssueOptions},
     },
     protocol::{Request, Response},
@@ -16,6 +17,7 @@ use seb_agent::{
 use seb_sandbox::{
     Sandbox, Tools,
     broker::{Broker, certified, this_process},
+    forge,
 };
 
 fn tools() -> Tools {
@@ -287,4 +289,273 @@ fn bad_input_gets_a_clear_error_and_closes_only_that_connection() {
         raw::send(&mut bystander, 21, br#"{"v":1,"type":"ping"}"#);
         assert_eq!(raw::reply(&mut bystander).unwrap()["type"], "pong");
     }
+}
+
+/// A broker that also trusts a root with no path length limit, and that root's issuer.
+fn broker_with_root(label: &str) -> (Broker, forge::Ca) {
+    let (root, root_pem) = forge::root(forge::ca_params("seb test root", None)).unwrap();
+    (Broker::start_trusting(Sandbox::new(label, tools()).unwrap(), &root_pem).unwrap(), root)
+}
+
+#[test]
+fn the_path_is_validated_as_rfc_5280_asks() {
+    let (f, root) = broker_with_root("path");
+    let (contract, request) = (contract(), request());
+    let sab = f.ca.issuer().unwrap();
+    let propose = |chain: &[&str]| f.propose(&chain.concat(), &request);
+
+    // A CA under the root, allowed to sign leaves, issues one: admitted.
+    let (intermediate, intermediate_pem) =
+        forge::issued(forge::ca_params("seb test issuing CA", Some(0)), &root).unwrap();
+    assert_admitted(&propose(&[
+        &forge::leaf(forge::leaf_params(&contract), &intermediate).unwrap(),
+        &intermediate_pem,
+    ]));
+
+    // The leaf: a CA certificate, no digitalSignature, no SAB extended key usage.
+    let mut ca_leaf = forge::leaf_params(&contract);
+    ca_leaf.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign];
+    let denied = propose(&[&forge::leaf(ca_leaf, &sab).unwrap()]);
+    assert_denied(&denied, Reason::LeafIsCa);
+    let mut no_signing = forge::leaf_params(&contract);
+    no_signing.key_usages = vec![KeyUsagePurpose::KeyEncipherment];
+    assert_denied(&propose(&[&forge::leaf(no_signing, &sab).unwrap()]), Reason::LeafLacksDigitalSignature);
+    let mut no_key_usage = forge::leaf_params(&contract);
+    no_key_usage.key_usages = Vec::new();
+    assert_denied(&propose(&[&forge::leaf(no_key_usage, &sab).unwrap()]), Reason::LeafLacksDigitalSignature);
+    let mut tls_client = forge::leaf_params(&contract);
+    tls_client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let denied = propose(&[&forge::leaf(tls_client, &sab).unwrap()]);
+    assert_denied(&denied, Reason::LeafLacksSabEku);
+    assert!(denied.message.contains(SAB_EKU_OID_TEXT), "{denied:?}");
+
+    // An issuer that is not a CA, and CAs not allowed to sign certificates.
+    let mut not_ca = forge::ca_params("seb test not a CA", None);
+    not_ca.is_ca = IsCa::ExplicitNoCa;
+    let mut no_usage = forge::ca_params("seb test CA without keyUsage", Some(0));
+    no_usage.key_usages = Vec::new();
+    let mut crl_only = forge::ca_params("seb test CRL signer", Some(0));
+    crl_only.key_usages = vec![KeyUsagePurpose::CrlSign];
+    for (params, reason) in [
+        (not_ca, Reason::IssuerNotCa),
+        (no_usage, Reason::IssuerLacksKeyCertSign),
+        (crl_only, Reason::IssuerLacksKeyCertSign),
+    ] {
+        let name = params.distinguished_name.get(&DnType::CommonName).cloned();
+        let (issuer, issuer_pem) = forge::issued(params, &root).unwrap();
+        let denied = propose(&[&forge::leaf(forge::leaf_params(&contract), &issuer).unwrap(), &issuer_pem]);
+        assert_denied(&denied, reason);
+        assert!(denied.message.contains("seb test"), "the message names the issuer: {denied:?} ({name:?})");
+    }
+
+    // An intermediate with a critical extension the broker does not understand.
+    let mut constrained = forge::ca_params("seb test CA with an unknown critical extension", Some(0));
+    let mut unknown = CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 99999, 2], vec![0x05, 0x00]);
+    unknown.set_criticality(true);
+    constrained.custom_extensions.push(unknown);
+    let (issuer, issuer_pem) = forge::issued(constrained, &root).unwrap();
+    let denied = propose(&[&forge::leaf(forge::leaf_params(&contract), &issuer).unwrap(), &issuer_pem]);
+    assert_denied(&denied, Reason::UnsupportedCriticalExtension);
+
+    // Path lengths: the dev SAB signs leaves only (pathLen 0), so a CA under it may not
+    // issue; nor may a CA under the root's pathLen-0 intermediate.
+    let (under_sab, under_sab_pem) = forge::issued(forge::ca_params("seb test sub-SAB", None), &sab).unwrap();
+    let denied = propose(&[&forge::leaf(forge::leaf_params(&contract), &under_sab).unwrap(), &under_sab_pem]);
+    assert_denied(&denied, Reason::PathLenExceeded);
+    assert!(denied.message.contains("seb test SAB") && denied.message.contains("allows 0"), "{denied:?}");
+    let (deeper, deeper_pem) = forge::issued(forge::ca_params("seb test deeper CA", None), &intermediate).unwrap();
+    let denied =
+        propose(&[&forge::leaf(forge::leaf_params(&contract), &deeper).unwrap(), &deeper_pem, &intermediate_pem]);
+    assert_denied(&denied, Reason::PathLenExceeded);
+    assert!(denied.message.contains("seb test issuing CA"), "{denied:?}");
+}
+
+#[test]
+fn the_contract_extension_is_exactly_one_strict_der_value() {
+    let f = broker("der", true);
+    let (contract, request) = (contract(), request());
+    let sab = f.ca.issuer().unwrap();
+    let json = contract.canonical_json();
+    let utf8 = dev_sab::contract_extension_value(&contract).unwrap();
+    // A leaf whose contract extension holds `value` (critical), instead of the dev SAB's.
+    let with_value = |value: Vec<u8>| {
+        let mut params =
+            dev_sab::leaf_params(&contract, &IssueOptions { omit_contract: true, ..Default::default() }).unwrap();
+        let mut extension = CustomExtension::from_oid_content(CONTRACT_OID, value);
+        extension.set_criticality(true);
+        params.custom_extensions.push(extension);
+        forge::leaf(params, &sab).unwrap()
+    };
+    assert_admitted(&f.propose(&with_value(utf8.clone()), &request));
+
+    // Two contract extensions: the same one twice, or another contract after it.
+    let other = ExecutionContract { contract_id: "c-other".into(), ..contract.clone() };
+    for second in [utf8.clone(), dev_sab::contract_extension_value(&other).unwrap()] {
+        let mut params = forge::leaf_params(&contract);
+        let mut extension = CustomExtension::from_oid_content(CONTRACT_OID, second);
+        extension.set_criticality(true);
+        params.custom_extensions.push(extension);
+        let denied = f.propose(&forge::leaf(params, &sab).unwrap(), &request);
+        assert_denied(&denied, Reason::DuplicateExtension);
+        assert!(denied.message.contains(CONTRACT_OID_TEXT), "{denied:?}");
+    }
+
+    // Loose DER in the value: trailing bytes, a non-minimal length, another string type.
+    let long_length = [&[0x0c, 0x83, 0x00][..], &(json.len() as u16).to_be_bytes(), json.as_bytes()].concat();
+    let printable = [&[0x13][..], &utf8[1..]].concat();
+    let octets = [&[0x04][..], &utf8[1..]].concat();
+    for (value, says) in [
+        ([&utf8[..], &[0x00]].concat(), "1 trailing bytes"),
+        (long_length, "not minimal"),
+        (printable, "PrintableString where UTF8String is required"),
+        (octets, "OCTET STRING where UTF8String is required"),
+    ] {
+        let denied = f.propose(&with_value(value), &request);
+        assert_denied(&denied, Reason::ExtensionNotDer);
+        assert!(denied.message.contains("contract extension") && denied.message.contains(says), "{denied:?}");
+    }
+
+    // A critical flag of 0x7f, which a BER reader takes for TRUE, signed by the SAB.
+    let oid = x509_parser::oid_registry::Oid::from(CONTRACT_OID).unwrap();
+    let flag = [&[0x06, oid.as_bytes().len() as u8][..], oid.as_bytes(), &[0x01, 0x01]].concat();
+    let genuine = f.issue(&contract, &IssueOptions::default());
+    let loose = forge::patch_and_resign(&genuine, sab.key(), |tbs| {
+        forge::replace_once(tbs, &[&flag[..], &[0xff]].concat(), &[&flag[..], &[0x7f]].concat())
+    })
+    .unwrap();
+    let denied = f.propose(&loose, &request);
+    assert_denied(&denied, Reason::ExtensionNotDer);
+    assert!(denied.message.contains(CONTRACT_OID_TEXT) && denied.message.contains("BOOLEAN"), "{denied:?}");
+    // The same patch with the genuine 0xff is admitted: only the flag was wrong.
+    let resigned = forge::patch_and_resign(&genuine, sab.key(), |_| {}).unwrap();
+    assert_admitted(&f.propose(&resigned, &request));
+}
+
+#[test]
+fn numbers_beyond_the_i_json_range_are_refused() {
+    let f = broker("numbers", true);
+    let role = ScopedIdentity::AwsRole { role_arn: "arn:aws:iam::123456789012:role/seb-demo".into() };
+    let with_n = |n: serde_json::Value| MutationRequest { params: serde_json::json!({"replicas": n}), ..request() };
+    let certify = |request: &MutationRequest| {
+        certified(&format!("c-{}", uuid_like()), this_process(), request, "sha256:00", role.clone())
+    };
+
+    let max = (1i64 << 53) - 1;
+    let safe = with_n(max.into());
+    assert_admitted(&f.decide(&certify(&safe), &safe));
+    // 2^53 + 1 and 2^53 have one canonical JSON: certified for one, the other is presented.
+    for (certified_n, presented_n) in [(1i64 << 53, (1i64 << 53) + 1), (-(1i64 << 53), -(1i64 << 53) - 1)] {
+        let (certified_request, presented) = (with_n(certified_n.into()), with_n(presented_n.into()));
+        assert_eq!(certified_request.digest(), presented.digest(), "RFC 8785 cannot tell them apart");
+        let denied = f.decide(&certify(&certified_request), &presented);
+        assert_denied(&denied, Reason::NumberOutOfRange);
+        assert!(denied.message.contains(&format!("params.replicas = {presented_n}")), "{denied:?}");
+    }
+
+    // In the contract: an epoch beyond the range, an epoch with a fraction.
+    let contract = certify(&safe);
+    let sab = f.ca.issuer().unwrap();
+    let json = contract.canonical_json();
+    for (field, text, reason) in [
+        ("policy_epoch", "9007199254740993", Reason::NumberOutOfRange),
+        ("revocation_epoch", "1.5", Reason::NumberNotInteger),
+    ] {
+        let edited = json.replace(&format!("\"{field}\":1"), &format!("\"{field}\":{text}"));
+        assert_ne!(edited, json);
+        let mut params =
+            dev_sab::leaf_params(&contract, &IssueOptions { omit_contract: true, ..Default::default() }).unwrap();
+        let value = x509_parser::der_parser::asn1_rs::ToDer::to_der_vec(
+            &x509_parser::der_parser::asn1_rs::Utf8String::new(&edited),
+        )
+        .unwrap();
+        let mut extension = CustomExtension::from_oid_content(CONTRACT_OID, value);
+        extension.set_criticality(true);
+        params.custom_extensions.push(extension);
+        let denied = f.propose(&forge::leaf(params, &sab).unwrap(), &safe);
+        assert_denied(&denied, reason);
+        assert!(denied.message.contains(&format!("contract.{field} = {text}")), "{denied:?}");
+    }
+    // The dev SAB does not certify such a contract in the first place.
+    let beyond = ExecutionContract { policy_epoch: 1 << 53, ..contract };
+    let refused = dev_sab::issue(&f.ca, &beyond, &IssueOptions::default()).unwrap_err();
+    assert!(format!("{refused:#}").contains("contract.policy_epoch"), "{refused:#}");
+}
+
+/// CPU time the broker process has used so far.
+fn broker_cpu(f: &Broker) -> Duration {
+    let pid = nix::unistd::Pid::from_raw(f.sandbox.agent_pid().unwrap() as i32);
+    let clock = nix::time::clock_getcpuclockid(pid).unwrap();
+    Duration::from(nix::time::clock_gettime(clock).unwrap())
+}
+
+#[test]
+fn a_chain_bomb_is_refused_within_a_few_milliseconds_of_cpu() {
+    let f = broker("bomb", true);
+    let (contract, request) = (contract(), request());
+
+    // A leaf and thousands of self-signed attacker CAs (970 KB, just under the frame
+    // limit), all under the name the leaf names.
+    let attacker = forge::ca_params("attacker CA", None);
+    let (attacker_ca, _) = forge::root(attacker.clone()).unwrap();
+    let leaf = forge::leaf(forge::leaf_params(&contract), &attacker_ca).unwrap();
+    let decoy_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let mut bomb = leaf.clone();
+    let mut decoys = Vec::new();
+    while bomb.len() < 970_000 {
+        let mut params = attacker.clone();
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&seb_agent::cert::ca::random_serial()));
+        decoys.push(params.self_signed(&decoy_key).unwrap().pem());
+        bomb += decoys.last().unwrap();
+    }
+    assert!(decoys.len() > 1500, "{} decoys", decoys.len());
+
+    let before = broker_cpu(&f);
+    let denied = f.propose(&bomb, &request);
+    let spent = broker_cpu(&f) - before;
+    assert_denied(&denied, Reason::BundleTooLarge);
+    assert!(denied.message.contains("bytes"), "{denied:?}");
+    let before = broker_cpu(&f);
+    assert_denied(&f.propose(&leaf, &request), Reason::UntrustedIssuer);
+    let small = broker_cpu(&f) - before;
+    eprintln!(
+        "broker CPU: {spent:?} for a chain bomb of {} certificates ({} bytes), {small:?} for one certificate",
+        decoys.len() + 1,
+        bomb.len()
+    );
+    // Most of it is reading the 1 MB frame and recording the decision; checking each
+    // certificate's signature would take hundreds of milliseconds.
+    assert!(spent < Duration::from_millis(50), "the chain bomb cost {spent:?} of broker CPU");
+    // The verification alone, in this process.
+    let anchors = TrustAnchors::from_pem(&std::fs::read_to_string(&f.ca.cert).unwrap()).unwrap();
+    let policy = ValidityPolicy { max_ttl: Duration::from_secs(3600), clock_skew: Duration::from_secs(30) };
+    let thread_cpu = || Duration::from(nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).unwrap());
+    let start = thread_cpu();
+    assert_eq!(anchors.verify(&bomb, policy, std::time::SystemTime::now()).unwrap_err().reason, Reason::BundleTooLarge);
+    let verifying = thread_cpu() - start;
+    eprintln!("verifying the chain bomb: {verifying:?} of CPU");
+    assert!(verifying < Duration::from_millis(10), "verifying the chain bomb took {verifying:?} of CPU");
+
+    // Small, but more certificates than the longest path needs.
+    let six = [leaf.as_str(), &decoys[..5].concat()].concat();
+    let denied = f.propose(&six, &request);
+    assert_denied(&denied, Reason::BundleTooLarge);
+    assert!(denied.message.contains("4 intermediates"), "{denied:?}");
+
+    // Within the caps, four CAs with one name and one key: every order of them is a path
+    // whose signatures verify, more than the signature budget allows.
+    let same_key = forge::leaf(forge::leaf_params(&contract), &Issuer::new(attacker.clone(), &decoy_key)).unwrap();
+    let denied = f.propose(&[same_key.as_str(), &decoys[..4].concat()].concat(), &request);
+    assert_denied(&denied, Reason::ChainBudgetExceeded);
+    assert!(denied.message.contains("signature checks"), "{denied:?}");
+    // The same with pathLenConstraint 1: the third level's candidates are refused before
+    // their signature, but considering them is counted too.
+    let limited: String =
+        (0..4).map(|_| forge::ca_params("attacker CA", Some(1)).self_signed(&decoy_key).unwrap().pem()).collect();
+    let denied = f.propose(&[same_key.as_str(), &limited].concat(), &request);
+    assert_denied(&denied, Reason::ChainBudgetExceeded);
+    assert!(denied.message.contains("candidate issuers"), "{denied:?}");
+
+    // The broker is unharmed.
+    assert_admitted(&f.decide(&contract, &request));
 }

@@ -321,10 +321,12 @@ pub async fn record(ledger: &Ledger, pending: Pending) -> Decision {
     })
 }
 
-/// The presented request must be exactly the certified one.
+/// The presented request must be exactly the certified one, and have a digest that names
+/// it alone.
 fn check_request(verified: &Verified, request: &MutationRequest) -> Result<(), Rejection> {
     let contract = &verified.contract;
     let mismatch = |reason, message: String| Err(Rejection { reason, message });
+    request.check_numbers().map_err(Rejection::from)?;
     if request.provider != contract.provider {
         return mismatch(
             Reason::ProviderMismatch,

@@ -33,7 +33,8 @@ impl CaFiles {
     }
 }
 
-/// Create a CA (valid for a year) at `files`; the key is written with mode 0600.
+/// Create a CA (valid for a year) at `files`; the key is written with mode 0600. It
+/// signs end-entity certificates only (pathLenConstraint 0).
 pub fn create(files: &CaFiles, name: &str, algorithm: &'static SignatureAlgorithm) -> Result<()> {
     for path in [&files.cert, &files.key] {
         if let Some(dir) = path.parent() {
@@ -43,7 +44,7 @@ pub fn create(files: &CaFiles, name: &str, algorithm: &'static SignatureAlgorith
     let key = KeyPair::generate_for(algorithm)?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name.push(DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     params.not_before = OffsetDateTime::now_utc() - time::Duration::minutes(5);
     params.not_after = OffsetDateTime::now_utc() + time::Duration::days(365);

@@ -6,6 +6,8 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::ijson::{self, NumberError, Numbers};
+
 /// OID of the certificate extension holding the contract, under the UUID arc 2.25
 /// (ITU-T X.667, no registration needed): the integer value of UUID
 /// 00000000-0000-0000-7240-78fd9dd48203, random in its low 63 bits so that certificate tooling
@@ -13,6 +15,12 @@ use sha2::{Digest, Sha256};
 /// canonical JSON. The extension must be marked critical.
 pub const CONTRACT_OID: &[u64] = &[2, 25, 8232713149503275523];
 pub const CONTRACT_OID_TEXT: &str = "2.25.8232713149503275523";
+
+/// Extended key usage a SAB leaf must carry: "binds an execution contract for the seb
+/// broker", the first arc under the contract OID. A certificate issued for anything else by
+/// the same CA (a TLS server, a client) is thereby not a SAB certificate.
+pub const SAB_EKU_OID: &[u64] = &[2, 25, 8232713149503275523, 1];
+pub const SAB_EKU_OID_TEXT: &str = "2.25.8232713149503275523.1";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -37,9 +45,16 @@ pub struct MutationRequest {
 }
 
 impl MutationRequest {
-    /// `sha256:<hex>` of the request's canonical JSON.
+    /// `sha256:<hex>` of the request's canonical JSON. Exact only for a request whose
+    /// numbers pass [`Self::check_numbers`].
     pub fn digest(&self) -> String {
         digest_of(self)
+    }
+
+    /// Every number in the parameters is within the I-JSON range, so the digest names
+    /// exactly this request.
+    pub fn check_numbers(&self) -> Result<(), NumberError> {
+        ijson::check(&self.params, Numbers::Any, "params")
     }
 }
 
@@ -117,6 +132,12 @@ impl ExecutionContract {
     /// RFC 8785 canonical JSON: the bytes embedded in the certificate.
     pub fn canonical_json(&self) -> String {
         canonical_json(self)
+    }
+
+    /// Every number (uid, epochs) is an integer within the I-JSON range.
+    pub fn check_numbers(&self) -> Result<(), NumberError> {
+        let value = serde_json::to_value(self).expect("contract types serialise to JSON");
+        ijson::check(&value, Numbers::Integers, "contract")
     }
 }
 

@@ -3,12 +3,15 @@
 
 use std::{path::Path, time::Duration};
 
-use anyhow::Result;
-use rcgen::{CertificateParams, CustomExtension, DnType, KeyPair, SerialNumber, SignatureAlgorithm};
+use anyhow::{Context, Result};
+use rcgen::{
+    CertificateParams, CustomExtension, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SerialNumber,
+    SignatureAlgorithm,
+};
 use time::OffsetDateTime;
 use x509_parser::der_parser::asn1_rs::{ToDer, Utf8String};
 
-use super::contract::{CONTRACT_OID, ExecutionContract};
+use super::contract::{CONTRACT_OID, ExecutionContract, SAB_EKU_OID};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Algorithm {
@@ -67,7 +70,17 @@ impl Default for IssueOptions {
 pub fn issue(ca: &CaFiles, contract: &ExecutionContract, options: &IssueOptions) -> Result<String> {
     let issuer = ca.issuer()?;
     let key = KeyPair::generate_for(options.algorithm.rcgen())?;
+    Ok(leaf_params(contract, options)?.signed_by(&key, &issuer)?.pem())
+}
+
+/// The leaf's parameters: an end entity for digital signatures with the SAB extended key
+/// usage, binding `contract`.
+pub fn leaf_params(contract: &ExecutionContract, options: &IssueOptions) -> Result<CertificateParams> {
+    contract.check_numbers().context("the contract cannot be certified")?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::Other(SAB_EKU_OID.to_vec())];
     params.distinguished_name.push(DnType::CommonName, contract.contract_id.as_str());
     let start = OffsetDateTime::now_utc() + time::Duration::seconds(options.start_offset_secs);
     params.not_before = start;
@@ -84,7 +97,7 @@ pub fn issue(ca: &CaFiles, contract: &ExecutionContract, options: &IssueOptions)
         unknown.set_criticality(true);
         params.custom_extensions.push(unknown);
     }
-    Ok(params.signed_by(&key, &issuer)?.pem())
+    Ok(params)
 }
 
 /// The extension value: a DER UTF8String holding the contract's canonical JSON.

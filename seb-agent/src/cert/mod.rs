@@ -3,6 +3,10 @@
 pub mod ca;
 pub mod contract;
 pub mod dev_sab;
+pub mod extensions;
+pub mod ijson;
+pub mod path;
+pub mod profile;
 pub mod verify;
 
 pub use contract::{ExecutionContract, MutationRequest, Provider};

@@ -1,14 +1,14 @@
-//! Verifying a SAB certificate: chain to a trusted anchor, validity window, extensions,
-//! and the embedded contract.
+//! Verifying a SAB certificate: a bounded bundle, strict DER extensions, the leaf's
+//! profile, a path to a trusted anchor within a budget, the validity window, and the
+//! embedded contract.
 //!
 //! rustls-webpki refuses certificates with unknown critical extensions, and the contract
-//! extension must be critical, so the chain is checked here with x509-parser's signature
+//! extension must be critical, so the path is checked here with x509-parser's signature
 //! verification (ring): Ed25519 and ECDSA P-256.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use x509_parser::{
-    der_parser::asn1_rs::{FromDer, Utf8String},
     oid_registry::{
         OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER, OID_X509_EXT_BASIC_CONSTRAINTS, OID_X509_EXT_EXTENDED_KEY_USAGE,
         OID_X509_EXT_KEY_USAGE, OID_X509_EXT_SUBJECT_ALT_NAME, OID_X509_EXT_SUBJECT_KEY_IDENTIFIER, Oid,
@@ -17,12 +17,23 @@ use x509_parser::{
     prelude::*,
 };
 
-use super::contract::{CONTRACT_OID, ExecutionContract};
+use super::{
+    contract::{CONTRACT_OID, ExecutionContract},
+    extensions::{self, Extension, ExtensionError},
+    ijson::{self, NumberError, Numbers},
+    path::{self, Anchor},
+    profile,
+};
 use crate::admission::Reason;
 
-/// Trusted SAB certificate authorities, parsed once.
+/// The largest PEM bundle accepted, checked before anything in it is decoded.
+pub const MAX_BUNDLE_BYTES: usize = 64 * 1024;
+/// Intermediates accepted after the leaf; so also the longest path.
+pub const MAX_INTERMEDIATES: usize = 4;
+
+/// Trusted SAB certificate authorities, checked once when loaded.
 pub struct TrustAnchors {
-    ders: Vec<Vec<u8>>,
+    anchors: Vec<Anchor>,
 }
 
 /// A verified certificate: its serial and the contract it binds.
@@ -49,94 +60,93 @@ pub struct Rejection {
     pub message: String,
 }
 
-fn reject(reason: Reason, message: impl Into<String>) -> Rejection {
+pub(super) fn reject(reason: Reason, message: impl Into<String>) -> Rejection {
     Rejection { reason, message: message.into() }
 }
 
+impl From<ExtensionError> for Rejection {
+    fn from(error: ExtensionError) -> Self {
+        let reason = match error {
+            ExtensionError::Certificate { .. } => Reason::MalformedCertificate,
+            ExtensionError::NotDer { .. } => Reason::ExtensionNotDer,
+            ExtensionError::Duplicate { .. } => Reason::DuplicateExtension,
+        };
+        reject(reason, error.to_string())
+    }
+}
+
+impl From<NumberError> for Rejection {
+    fn from(error: NumberError) -> Self {
+        let reason = match error {
+            NumberError::OutOfRange { .. } => Reason::NumberOutOfRange,
+            NumberError::NotInteger { .. } => Reason::NumberNotInteger,
+        };
+        reject(reason, error.to_string())
+    }
+}
+
 impl TrustAnchors {
-    /// From PEM text holding one or more CA certificates.
+    /// From PEM text holding one or more CA certificates, each allowed to sign
+    /// certificates.
     pub fn from_pem(text: &str) -> anyhow::Result<Self> {
-        let mut ders = Vec::new();
+        let mut anchors = Vec::new();
         for pem in Pem::iter_from_buffer(text.as_bytes()) {
             let pem = pem?;
             let (_, cert) = X509Certificate::from_der(&pem.contents)?;
-            anyhow::ensure!(cert.is_ca(), "trust anchor `{}` is not a CA certificate", cert.subject());
-            ders.push(pem.contents);
+            extensions::read(&pem.contents).map_err(|e| anyhow::anyhow!("trust anchor `{}`: {e}", cert.subject()))?;
+            profile::check_issuer(&cert, 0)
+                .map_err(|e| anyhow::anyhow!("trust anchor `{}` cannot be an anchor: {e}", cert.subject()))?;
+            let subject = cert.subject().as_raw().to_vec();
+            anchors.push(Anchor { der: pem.contents, subject });
         }
-        anyhow::ensure!(!ders.is_empty(), "no certificate in the trust anchor file");
-        Ok(Self { ders })
+        anyhow::ensure!(!anchors.is_empty(), "no certificate in the trust anchor file");
+        Ok(Self { anchors })
     }
 
     /// Verify a PEM bundle (leaf first, then any intermediates) at time `now`.
     pub fn verify(&self, pem: &str, policy: ValidityPolicy, now: SystemTime) -> Result<Verified, Rejection> {
         let chain = parse_bundle(pem)?;
-        let (leaf_der, intermediates) =
+        let (leaf_der, intermediate_ders) =
             chain.split_first().ok_or_else(|| reject(Reason::MalformedCertificate, "no certificate given"))?;
-        let (_, leaf) = X509Certificate::from_der(leaf_der)
-            .map_err(|e| reject(Reason::MalformedCertificate, format!("not an X.509 certificate: {e}")))?;
-        self.verify_chain(&leaf, intermediates, now)?;
+        let leaf = parse_certificate(leaf_der, "the certificate")?;
+        let leaf_extensions = extensions::read(leaf_der)?;
+        let intermediates = intermediate_ders
+            .iter()
+            .map(|der| {
+                let cert = parse_certificate(der, "an intermediate")?;
+                check_critical_extensions(&extensions::read(der)?)?;
+                Ok(cert)
+            })
+            .collect::<Result<Vec<_>, Rejection>>()?;
+        profile::check_leaf(&leaf)?;
+        path::build(&leaf, &intermediates, &self.anchors, asn1_time(now))?;
         check_validity(&leaf, policy, now)?;
-        check_critical_extensions(&leaf)?;
-        let contract = contract_of(&leaf)?;
+        check_critical_extensions(&leaf_extensions)?;
+        let contract = contract_of(&leaf_extensions)?;
         Ok(Verified {
             serial: hex::encode(leaf.raw_serial()),
             contract,
             not_after: UNIX_EPOCH + Duration::from_secs(leaf.validity().not_after.timestamp().max(0) as u64),
         })
     }
-
-    /// Walk up from the leaf through the given intermediates to an anchor, checking each
-    /// signature against its issuer's key.
-    fn verify_chain(
-        &self,
-        leaf: &X509Certificate<'_>,
-        intermediates: &[Vec<u8>],
-        now: SystemTime,
-    ) -> Result<(), Rejection> {
-        let anchors: Vec<X509Certificate<'_>> =
-            self.ders.iter().filter_map(|der| X509Certificate::from_der(der).ok().map(|(_, c)| c)).collect();
-        let mut parsed = Vec::new();
-        for der in intermediates {
-            let (_, cert) = X509Certificate::from_der(der)
-                .map_err(|e| reject(Reason::MalformedCertificate, format!("an intermediate is not X.509: {e}")))?;
-            parsed.push(cert);
-        }
-        let mut current = leaf;
-        for _ in 0..=parsed.len() {
-            if let Some(anchor) = anchors.iter().find(|a| a.subject() == current.issuer()) {
-                current.verify_signature(Some(anchor.public_key())).map_err(|_| {
-                    reject(Reason::UntrustedIssuer, "the signature does not verify against the trusted SAB anchor")
-                })?;
-                if !anchor.validity().is_valid_at(asn1_time(now)) {
-                    return Err(reject(
-                        Reason::UntrustedIssuer,
-                        "the SAB anchor itself is outside its validity window",
-                    ));
-                }
-                return Ok(());
-            }
-            let Some(issuer) = parsed.iter().find(|c| c.subject() == current.issuer() && c.is_ca()) else { break };
-            current.verify_signature(Some(issuer.public_key())).map_err(|_| {
-                reject(
-                    Reason::UntrustedIssuer,
-                    format!("the signature by intermediate `{}` does not verify", issuer.subject()),
-                )
-            })?;
-            if !issuer.validity().is_valid_at(asn1_time(now)) {
-                return Err(reject(
-                    Reason::UntrustedIssuer,
-                    format!("intermediate `{}` is outside its validity window", issuer.subject()),
-                ));
-            }
-            current = issuer;
-        }
-        Err(reject(Reason::UntrustedIssuer, format!("issuer `{}` is not a trusted SAB anchor", current.issuer())))
-    }
 }
 
+/// The bundle's certificates, DER; its size and count are checked before decoding more.
 fn parse_bundle(pem: &str) -> Result<Vec<Vec<u8>>, Rejection> {
+    if pem.len() > MAX_BUNDLE_BYTES {
+        return Err(reject(
+            Reason::BundleTooLarge,
+            format!("the PEM bundle is {} bytes; at most {MAX_BUNDLE_BYTES} are accepted", pem.len()),
+        ));
+    }
     let mut chain = Vec::new();
     for block in Pem::iter_from_buffer(pem.as_bytes()) {
+        if chain.len() > MAX_INTERMEDIATES {
+            return Err(reject(
+                Reason::BundleTooLarge,
+                format!("the PEM bundle holds more than the leaf and {MAX_INTERMEDIATES} intermediates"),
+            ));
+        }
         let block = block.map_err(|e| reject(Reason::MalformedCertificate, format!("not PEM: {e}")))?;
         if block.label != "CERTIFICATE" {
             return Err(reject(Reason::MalformedCertificate, format!("unexpected PEM block `{}`", block.label)));
@@ -147,6 +157,16 @@ fn parse_bundle(pem: &str) -> Result<Vec<Vec<u8>>, Rejection> {
         return Err(reject(Reason::MalformedCertificate, "no PEM certificate found"));
     }
     Ok(chain)
+}
+
+fn parse_certificate<'a>(der: &'a [u8], what: &str) -> Result<X509Certificate<'a>, Rejection> {
+    match X509Certificate::from_der(der) {
+        Ok(([], cert)) => Ok(cert),
+        Ok((rest, _)) => {
+            Err(reject(Reason::MalformedCertificate, format!("{what} is followed by {} stray bytes", rest.len())))
+        }
+        Err(e) => Err(reject(Reason::MalformedCertificate, format!("{what} is not an X.509 certificate: {e}"))),
+    }
 }
 
 fn check_validity(leaf: &X509Certificate<'_>, policy: ValidityPolicy, now: SystemTime) -> Result<(), Rejection> {
@@ -172,48 +192,53 @@ fn check_validity(leaf: &X509Certificate<'_>, policy: ValidityPolicy, now: Syste
     Ok(())
 }
 
-fn contract_oid() -> Oid<'static> {
-    Oid::from(CONTRACT_OID).expect("valid OID")
-}
-
 /// Critical extensions the broker understands; any other one means the certificate
 /// asks for semantics the broker would ignore, so it is refused.
-fn check_critical_extensions(leaf: &X509Certificate<'_>) -> Result<(), Rejection> {
+fn check_critical_extensions(extensions: &[Extension<'_>]) -> Result<(), Rejection> {
+    let contract = Oid::from(CONTRACT_OID).expect("valid OID");
     let known = [
-        OID_X509_EXT_BASIC_CONSTRAINTS,
-        OID_X509_EXT_KEY_USAGE,
-        OID_X509_EXT_EXTENDED_KEY_USAGE,
-        OID_X509_EXT_SUBJECT_ALT_NAME,
-        OID_X509_EXT_SUBJECT_KEY_IDENTIFIER,
-        OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER,
-        contract_oid(),
+        &OID_X509_EXT_BASIC_CONSTRAINTS,
+        &OID_X509_EXT_KEY_USAGE,
+        &OID_X509_EXT_EXTENDED_KEY_USAGE,
+        &OID_X509_EXT_SUBJECT_ALT_NAME,
+        &OID_X509_EXT_SUBJECT_KEY_IDENTIFIER,
+        &OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER,
+        &contract,
     ];
-    for ext in leaf.extensions() {
-        if ext.critical && !known.contains(&ext.oid) {
+    for ext in extensions {
+        if ext.critical && !known.iter().any(|oid| oid.as_bytes() == ext.oid) {
             return Err(reject(
                 Reason::UnsupportedCriticalExtension,
-                format!("critical extension {} is not understood", ext.oid),
+                format!("critical extension {} is not understood", ext.oid()),
             ));
         }
     }
     Ok(())
 }
 
-fn contract_of(leaf: &X509Certificate<'_>) -> Result<ExecutionContract, Rejection> {
-    let oid = contract_oid();
-    let ext = leaf
-        .extensions()
+/// The one contract extension: critical, a strict DER UTF8String, I-JSON numbers, a valid
+/// contract in canonical form, naming an agent.
+fn contract_of(extensions: &[Extension<'_>]) -> Result<ExecutionContract, Rejection> {
+    let oid = Oid::from(CONTRACT_OID).expect("valid OID");
+    let ext = extensions
         .iter()
-        .find(|ext| ext.oid == oid)
+        .find(|ext| ext.oid == oid.as_bytes())
         .ok_or_else(|| reject(Reason::MissingContract, "the certificate carries no execution contract"))?;
     if !ext.critical {
         return Err(reject(Reason::MalformedContract, "the contract extension must be critical"));
     }
-    let (_, text) = Utf8String::from_der(ext.value)
-        .map_err(|e| reject(Reason::MalformedContract, format!("the contract extension is not a UTF8String: {e}")))?;
-    let contract: ExecutionContract = serde_json::from_str(&text.string())
+    let text = extensions::utf8_string(ext.value).map_err(|detail| {
+        reject(
+            Reason::ExtensionNotDer,
+            format!("the contract extension's value is not a strict DER UTF8String: {detail}"),
+        )
+    })?;
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| reject(Reason::MalformedContract, format!("the contract is not JSON: {e}")))?;
+    ijson::check(&value, Numbers::Integers, "contract")?;
+    let contract: ExecutionContract = serde_json::from_value(value)
         .map_err(|e| reject(Reason::MalformedContract, format!("the contract is not valid: {e}")))?;
-    if contract.canonical_json() != text.string() {
+    if contract.canonical_json() != text {
         return Err(reject(Reason::MalformedContract, "the contract is not in RFC 8785 canonical form"));
     }
     if contract.agent.is_empty() {
@@ -225,4 +250,28 @@ fn contract_of(leaf: &X509Certificate<'_>) -> Result<ExecutionContract, Rejectio
 fn asn1_time(now: SystemTime) -> ASN1Time {
     let secs = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
     ASN1Time::from_timestamp(secs).unwrap_or_else(|_| ASN1Time::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
+
+    use super::*;
+
+    fn anchor_pem(is_ca: IsCa, key_usages: Vec<KeyUsagePurpose>) -> String {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = is_ca;
+        params.key_usages = key_usages;
+        params.self_signed(&KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap()).unwrap().pem()
+    }
+
+    #[test]
+    fn an_anchor_must_be_a_ca_allowed_to_sign_certificates() {
+        let ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        assert!(TrustAnchors::from_pem(&anchor_pem(ca, vec![KeyUsagePurpose::KeyCertSign])).is_ok());
+        let not_ca = TrustAnchors::from_pem(&anchor_pem(IsCa::NoCa, vec![KeyUsagePurpose::KeyCertSign]));
+        assert!(format!("{:#}", not_ca.err().unwrap()).contains("is not a CA"));
+        let no_usage = TrustAnchors::from_pem(&anchor_pem(ca, vec![KeyUsagePurpose::DigitalSignature]));
+        assert!(format!("{:#}", no_usage.err().unwrap()).contains("keyCertSign"));
+    }
 }

@@ -10,6 +10,7 @@ use crate::cert::{
     ExecutionContract, MutationRequest,
     contract::CONTRACT_OID_TEXT,
     dev_sab::{self, Algorithm, CaFiles, IssueOptions},
+    extensions,
 };
 
 pub fn create_ca(dir: &Path, name: &str, algorithm: Algorithm) -> Result<()> {
@@ -44,6 +45,7 @@ pub fn issue(
     if let Some(path) = request {
         let request: MutationRequest = serde_json::from_str(&std::fs::read_to_string(path)?)
             .with_context(|| format!("{} is not a valid request", path.display()))?;
+        request.check_numbers().with_context(|| format!("{} cannot be certified", path.display()))?;
         contract.bind_request(&request);
     }
     dev_sab::issue(&CaFiles::in_dir(dir), &contract, &IssueOptions { algorithm, ttl, ..Default::default() })
@@ -58,14 +60,15 @@ pub fn inspect(path: &Path) -> Result<serde_json::Value> {
 pub fn inspect_pem(text: &str) -> Result<serde_json::Value> {
     let pem = Pem::iter_from_buffer(text.as_bytes()).next().context("no PEM certificate in the file")??;
     let (_, cert) = X509Certificate::from_der(&pem.contents).context("not an X.509 certificate")?;
-    let contract = cert
-        .extensions()
+    // The broker's strict reader, so that what is shown is what the broker would read.
+    let extensions = extensions::read(&pem.contents)?;
+    let contract = extensions
         .iter()
-        .find(|ext| ext.oid.to_id_string() == CONTRACT_OID_TEXT)
+        .find(|ext| ext.oid().to_id_string() == CONTRACT_OID_TEXT)
         .map(|ext| -> Result<serde_json::Value> {
-            let (_, text) = x509_parser::der_parser::asn1_rs::Utf8String::from_der(ext.value)
-                .map_err(|e| anyhow::anyhow!("the contract extension is not a UTF8String: {e}"))?;
-            Ok(json!({"critical": ext.critical, "canonical": text.string(), "contract": serde_json::from_str::<serde_json::Value>(&text.string())?}))
+            let text = extensions::utf8_string(ext.value)
+                .map_err(|e| anyhow::anyhow!("the contract extension is not a strict DER UTF8String: {e}"))?;
+            Ok(json!({"critical": ext.critical, "canonical": text, "contract": serde_json::from_str::<serde_json::Value>(text)?}))
         })
         .transpose()?;
     Ok(json!({

@@ -1,0 +1,143 @@
+//! Building a path from the leaf through the bundle's intermediates to a trust anchor,
+//! within a budget.
+//!
+//! Issuers are found by name, so an attacker can offer many candidates for one name, and
+//! each candidate costs a signature check. As rustls-webpki's `Budget` does, each
+//! verification may check a bounded number of signatures and consider a bounded number of
+//! candidate issuers; past either bound it is refused, whatever paths remain untried.
+
+use x509_parser::prelude::*;
+
+use super::{
+    profile,
+    verify::{Rejection, reject},
+};
+use crate::admission::Reason;
+
+/// Signature checks per verification: a path of the longest accepted length needs
+/// `MAX_INTERMEDIATES + 1`; the rest allows for a few dead ends (say, an anchor and its
+/// successor under one name).
+pub const MAX_SIGNATURE_CHECKS: u32 = 16;
+/// Candidate issuers considered per verification, including those refused before their
+/// signature was checked.
+pub const MAX_ISSUER_CANDIDATES: u32 = 32;
+
+/// A trust anchor: its DER, and its subject's DER to find it by without parsing.
+pub struct Anchor {
+    pub der: Vec<u8>,
+    pub subject: Vec<u8>,
+}
+
+struct Budget {
+    signatures: u32,
+    candidates: u32,
+}
+
+impl Budget {
+    fn spend_candidate(&mut self) -> Result<(), Rejection> {
+        self.candidates += 1;
+        if self.candidates > MAX_ISSUER_CANDIDATES {
+            return Err(reject(
+                Reason::ChainBudgetExceeded,
+                format!("more than {MAX_ISSUER_CANDIDATES} candidate issuers were considered"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn spend_signature(&mut self) -> Result<(), Rejection> {
+        self.signatures += 1;
+        if self.signatures > MAX_SIGNATURE_CHECKS {
+            return Err(reject(
+                Reason::ChainBudgetExceeded,
+                format!("more than {MAX_SIGNATURE_CHECKS} signature checks were needed"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Find a path from `leaf` to one of `anchors`, each certificate signed by the next, each
+/// issuer a CA allowed to sign certificates (see [`profile::check_issuer`]) and valid at
+/// `now`. The intermediates are used at most once each.
+pub fn build(
+    leaf: &X509Certificate<'_>,
+    intermediates: &[X509Certificate<'_>],
+    anchors: &[Anchor],
+    now: ASN1Time,
+) -> Result<(), Rejection> {
+    assert!(intermediates.len() < 64, "the bundle is capped well below 64 certificates");
+    let mut search = Search { intermediates, anchors, now, budget: Budget { signatures: 0, candidates: 0 } };
+    search.from(leaf, 0, 0)
+}
+
+struct Search<'s, 'c> {
+    intermediates: &'s [X509Certificate<'c>],
+    anchors: &'s [Anchor],
+    now: ASN1Time,
+    budget: Budget,
+}
+
+impl Search<'_, '_> {
+    /// A path up from `current`, which has `below` intermediates under it; `used` marks
+    /// the intermediates already on the path.
+    fn from(&mut self, current: &X509Certificate<'_>, below: usize, used: u64) -> Result<(), Rejection> {
+        let wanted = current.issuer().as_raw();
+        // Why the path failed, the most specific first: a refused issuer says more than a
+        // name no one answers to.
+        let mut failure: Option<Rejection> = None;
+        let (anchors, intermediates) = (self.anchors, self.intermediates);
+        for anchor in anchors.iter().filter(|a| a.subject == wanted) {
+            let (_, anchor) = X509Certificate::from_der(&anchor.der).expect("anchors parsed when loaded");
+            match self.signed_by(current, &anchor, below, "the trusted SAB anchor") {
+                Ok(()) => return Ok(()),
+                Err(e) if e.reason == Reason::ChainBudgetExceeded => return Err(e),
+                Err(e) => keep_most_specific(&mut failure, e),
+            }
+        }
+        for (index, issuer) in intermediates.iter().enumerate() {
+            if used & (1 << index) != 0 || issuer.subject().as_raw() != wanted {
+                continue;
+            }
+            let step = self
+                .signed_by(current, issuer, below, &format!("intermediate `{}`", issuer.subject()))
+                .and_then(|()| self.from(issuer, below + 1, used | (1 << index)));
+            match step {
+                Ok(()) => return Ok(()),
+                Err(e) if e.reason == Reason::ChainBudgetExceeded => return Err(e),
+                Err(e) => keep_most_specific(&mut failure, e),
+            }
+        }
+        Err(failure.unwrap_or_else(|| {
+            reject(Reason::UntrustedIssuer, format!("issuer `{}` is not a trusted SAB anchor", current.issuer()))
+        }))
+    }
+
+    /// `issuer` may issue and did issue `current`: its constraints first (no signature
+    /// is spent on an issuer that could not be used), then the signature, then its
+    /// validity.
+    fn signed_by(
+        &mut self,
+        current: &X509Certificate<'_>,
+        issuer: &X509Certificate<'_>,
+        below: usize,
+        what: &str,
+    ) -> Result<(), Rejection> {
+        self.budget.spend_candidate()?;
+        profile::check_issuer(issuer, below)?;
+        self.budget.spend_signature()?;
+        current
+            .verify_signature(Some(issuer.public_key()))
+            .map_err(|_| reject(Reason::UntrustedIssuer, format!("the signature does not verify against {what}")))?;
+        if !issuer.validity().is_valid_at(self.now) {
+            return Err(reject(Reason::UntrustedIssuer, format!("{what} is outside its validity window")));
+        }
+        Ok(())
+    }
+}
+
+fn keep_most_specific(failure: &mut Option<Rejection>, rejection: Rejection) {
+    if failure.as_ref().is_none_or(|f| f.reason == Reason::UntrustedIssuer) {
+        *failure = Some(rejection);
+    }
+}
