@@ -23,7 +23,13 @@ pub async fn serve(mut stream: UnixStream, peer: Peer, broker: Arc<Broker>, slot
         slot.waiting();
         let read = tokio::select! {
             biased;
-            _ = slot.cancelled() => return,
+            _ = slot.cancelled() => {
+                // Best effort, never waiting: say why before closing.
+                let message = "the broker closed this waiting connection: it needed the room (broker.max_connections, \
+                               broker.max_connections_per_uid) or is shutting down";
+                let _ = try_reply(&stream, error(ErrorCode::Busy, message));
+                return;
+            }
             read = read_request(&mut stream, &broker) => read,
         };
         let (frame, _share) = match read {
@@ -103,6 +109,13 @@ fn parse_request(frame: &[u8]) -> Result<Request, Response> {
     let envelope: Envelope<Request> =
         serde_json::from_value(value).map_err(|e| error(ErrorCode::Malformed, format!("invalid request: {e}")))?;
     Ok(envelope.body)
+}
+
+/// Write a reply now if the socket has room for it, else not at all.
+pub fn try_reply(stream: &UnixStream, response: Response) -> std::io::Result<()> {
+    let body = serde_json::to_vec(&Envelope { v: VERSION, body: response }).map_err(std::io::Error::other)?;
+    let frame = [&(body.len() as u32).to_be_bytes()[..], &body].concat();
+    stream.try_write(&frame).map(drop)
 }
 
 /// Write a reply; a peer that does not take it within the frame timeout is cut.

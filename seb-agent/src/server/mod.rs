@@ -33,8 +33,8 @@ use crate::{
     audit::Ledger,
     enforcement::{BrokerSockets, PinLayout, SharedEnforcer},
     execute::{Executors, passthrough::PassthroughConfig},
-    metrics::{Metrics, Readiness},
-    protocol::{Envelope, ErrorCode, Response, VERSION},
+    metrics::{Limit, Metrics, Readiness},
+    protocol::{ErrorCode, Response},
 };
 
 /// What request handlers need.
@@ -88,6 +88,9 @@ pub async fn serve(listener: UnixListener, broker: Arc<Broker>, mut shutdown: wa
                     backoff.reset();
                     if let Some(serving) = open(stream, &broker, &connections, &drain) {
                         tasks.spawn(serving);
+                        // Let the new connection read the request it may already have sent
+                        // (and so become busy) before a burst of newer ones can displace it.
+                        tokio::task::yield_now().await;
                     }
                 }
                 Err(e) => {
@@ -127,6 +130,10 @@ fn open(
     let peer = match Peer::of_socket(stream.as_fd()) {
         Ok(peer) => peer,
         Err(e) => {
+            // No descriptor for the pidfd is the same exhaustion as a failed accept.
+            if e.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error) == Some(libc::EMFILE) {
+                broker.metrics.count_limit(Limit::FileDescriptors);
+            }
             debug!(error = %format!("{e:#}"), "a broker connection whose caller cannot be pinned was dropped");
             return None;
         }
@@ -136,10 +143,7 @@ fn open(
         Err(Refused(limit)) => {
             // Best effort, never waiting: the connection is closed either way.
             let message = format!("every broker connection is serving a request ({})", limit.as_str());
-            if let Ok(body) = serde_json::to_vec(&Envelope { v: VERSION, body: error(ErrorCode::Busy, message) }) {
-                let frame = [&(body.len() as u32).to_be_bytes()[..], &body].concat();
-                let _ = stream.try_write(&frame);
-            }
+            let _ = connection::try_reply(&stream, error(ErrorCode::Busy, message));
             None
         }
     }
