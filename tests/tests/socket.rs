@@ -290,8 +290,9 @@ fn lowest_free_descriptor(pid: u32) -> u64 {
 fn out_of_descriptors_the_broker_backs_off_and_recovers() {
     let f = broker("emfile", "", "");
     let (socket, pid) = (&f.sandbox.socket, f.sandbox.agent_pid().unwrap());
-    // No descriptor left: accept() fails with EMFILE while connections wait.
-    set_nofile(pid, lowest_free_descriptor(pid));
+    // No descriptor left: accept() fails with EMFILE while connections wait. (Below the
+    // first free number, so that a descriptor closed above it frees nothing.)
+    set_nofile(pid, lowest_free_descriptor(pid) - 4);
     let _waiting: Vec<UnixStream> = (0..100).filter_map(|_| connect(socket, Duration::from_millis(1))).collect();
     std::thread::sleep(Duration::from_millis(200));
     let before = cpu_time(pid);
