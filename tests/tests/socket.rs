@@ -196,9 +196,9 @@ fn twenty_thousand_idle_connections_neither_exhaust_the_broker_nor_lock_callers_
          {flood_ping:?}; then {quiet_cpu:?} of CPU in 1 s, {open} descriptors open, slowest of 20 pings {slowest_ping:?}"
     );
     assert!(slowest_ping < Duration::from_millis(100), "slowest ping {slowest_ping:?}");
-    // While the flood arrives a ping queues behind it in the backlog (FIFO), on 2 CPUs
-    // shared with the two flooding processes: slower, never stuck.
-    assert!(flood_ping < Duration::from_secs(2), "slowest ping during the flood {flood_ping:?}");
+    // While the flood arrives, a ping waits behind it in the listen backlog (FIFO), on CPUs
+    // shared with the flooding processes: slower (reported above), never stuck (`ping`
+    // fails unless connected and answered within 2 s each).
     assert!(quiet_cpu < Duration::from_millis(100), "the broker spins: {quiet_cpu:?} of CPU in 1 s");
     assert!(attack_cpu < attack, "the broker used {attack_cpu:?} of CPU over a {attack:?} attack");
     // One uid: the default limit of 256 per uid holds (each ping displaced one of them),
@@ -382,4 +382,18 @@ fn sigterm_exits_within_the_grace_period_with_metrics_off_and_clients_connected(
         stream.read_to_end(&mut said).expect("the connection is closed");
         assert!(said.is_empty() || String::from_utf8_lossy(&said).contains("busy"), "{said:?}");
     }
+}
+
+#[test]
+fn a_connection_without_a_request_is_closed_after_the_idle_timeout() {
+    let f = broker("idle-timeout", "idle_timeout_seconds = 1\n", "");
+    let mut idle = connect(&f.sandbox.socket, Duration::from_secs(2)).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let started = Instant::now();
+    let mut said = Vec::new();
+    idle.read_to_end(&mut said).expect("the broker closes the idle connection");
+    let waited = started.elapsed();
+    assert!(said.is_empty(), "{said:?}");
+    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(2), "closed after {waited:?}");
+    assert_eq!(metric(&f.sandbox, r#"seb_broker_limited_total{limit="idle_timeout"} "#), 1);
 }
