@@ -397,3 +397,59 @@ fn a_connection_without_a_request_is_closed_after_the_idle_timeout() {
     assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(2), "closed after {waited:?}");
     assert_eq!(metric(&f.sandbox, r#"seb_broker_limited_total{limit="idle_timeout"} "#), 1);
 }
+
+/// An HTTP server in the sandbox's namespace that answers every request with a 500, `delay`
+/// after it arrived.
+fn slow_http_server(netns: &str, addr: &str, delay: Duration) {
+    let (netns, addr) = (format!("/run/netns/{netns}"), addr.to_string());
+    let (bound, listening) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&netns).unwrap();
+        nix::sched::setns(std::os::fd::AsFd::as_fd(&ns), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let listener = std::net::TcpListener::bind(&addr).unwrap();
+        bound.send(()).unwrap();
+        for mut stream in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let _ = stream.read(&mut [0u8; 16 * 1024]);
+                std::thread::sleep(delay);
+                let _ = stream.write_all(b"HTTP/1.1 500 Slow\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            });
+        }
+    });
+    listening.recv().unwrap();
+}
+
+#[test]
+fn sigterm_lets_a_request_under_way_finish_within_the_grace_period() {
+    let mut sandbox = Sandbox::new("drain", tools()).unwrap();
+    slow_http_server(&sandbox.netns, "127.0.0.1:18081", Duration::from_secs(1));
+    let credentials = sandbox.dir.join("aws-broker.json");
+    std::fs::write(&credentials, r#"{"access_key_id":"AKIDEXAMPLE","secret_access_key":"secret"}"#).unwrap();
+    sandbox.broker_settings = "shutdown_grace_seconds = 3\n".into();
+    let extra = format!(
+        "[aws]\nendpoint = \"http://127.0.0.1:18081\"\ncredentials_file = \"{}\"\n\n[metrics]\nenabled = false\n",
+        credentials.display()
+    );
+    let mut f = Broker::start(sandbox, &extra, true).unwrap();
+    // A certified proposal whose identity minting (the AWS endpoint) takes a second.
+    let role = ScopedIdentity::AwsRole { role_arn: "arn:aws:iam::123456789012:role/seb-demo".into() };
+    let contract = certified("c-drain", seb_sandbox::broker::this_process(), &request(), "sha256:00", role);
+    let body = serde_json::to_vec(&serde_json::json!({
+        "v": 1, "type": "propose", "certificate": f.issue(&contract, &Default::default()), "request": request(),
+    }))
+    .unwrap();
+    let mut stream = connect(&f.sandbox.socket, Duration::from_secs(2)).unwrap();
+    send(&mut stream, &body).unwrap();
+    let answer = std::thread::spawn(move || {
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        receive(&mut stream)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+
+    let took = f.sandbox.stop_agent_within(Duration::from_secs(3)).unwrap();
+    let decision = answer.join().unwrap().expect("the request under way is answered before the broker exits");
+    eprintln!("SIGTERM to exit with a request under way: {took:?}; it was answered: {decision}");
+    assert_eq!(decision["type"], "decision", "{decision}");
+    assert!(decision["record_seq"].as_i64().unwrap() > 0, "{decision}");
+    assert!(took >= Duration::from_millis(500), "the broker did not wait for the request: {took:?}");
+}
