@@ -200,7 +200,9 @@ fn twenty_thousand_idle_connections_neither_exhaust_the_broker_nor_lock_callers_
     // shared with the flooding processes: slower (reported above), never stuck (`ping`
     // fails unless connected and answered within 2 s each).
     assert!(quiet_cpu < Duration::from_millis(100), "the broker spins: {quiet_cpu:?} of CPU in 1 s");
-    assert!(attack_cpu < attack, "the broker used {attack_cpu:?} of CPU over a {attack:?} attack");
+    // Accepting, pinning and displacing costs CPU per connection, never more: < 0.5 ms
+    // each even in a debug build (a spinning accept loop shows in `quiet_cpu`).
+    assert!(attack_cpu < Duration::from_secs(10), "the broker used {attack_cpu:?} of CPU for 20,000 connections");
     // One uid: the default limit of 256 per uid holds (each ping displaced one of them),
     // two descriptors each (socket, pidfd).
     let connections = metric(&f.sandbox, "seb_broker_connections ");

@@ -1,7 +1,7 @@
 //! One connection: read a request within the time and memory limits, answer it, repeat.
 //! A bad message gets an error reply and closes this connection only.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use tokio::{net::UnixStream, time::timeout};
 use tracing::debug;
@@ -16,6 +16,14 @@ use crate::{
     protocol::{Envelope, ErrorCode, FrameError, Request, Response, VERSION, read_body, read_len, write_frame},
 };
 
+/// What a waiting connection is told when it is closed to make room or on shutdown;
+/// encoded once, as floods displace connections by the thousand.
+static DISPLACED: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    let message = "the broker closed this waiting connection: it needed the room (broker.max_connections, \
+                   broker.max_connections_per_uid) or is shutting down";
+    frame(error(ErrorCode::Busy, message)).unwrap_or_default()
+});
+
 /// Serve `stream` until the peer closes it, a limit cuts it, it is displaced, or the
 /// broker drains (a request under way is still answered).
 pub async fn serve(mut stream: UnixStream, peer: Peer, broker: Arc<Broker>, slot: ConnectionSlot) {
@@ -25,9 +33,7 @@ pub async fn serve(mut stream: UnixStream, peer: Peer, broker: Arc<Broker>, slot
             biased;
             _ = slot.cancelled() => {
                 // Best effort, never waiting: say why before closing.
-                let message = "the broker closed this waiting connection: it needed the room (broker.max_connections, \
-                               broker.max_connections_per_uid) or is shutting down";
-                let _ = try_reply(&stream, error(ErrorCode::Busy, message));
+                let _ = stream.try_write(&DISPLACED);
                 return;
             }
             read = read_request(&mut stream, &broker) => read,
@@ -111,11 +117,15 @@ fn parse_request(frame: &[u8]) -> Result<Request, Response> {
     Ok(envelope.body)
 }
 
+/// A response as one frame: length prefix and body.
+fn frame(response: Response) -> std::io::Result<Vec<u8>> {
+    let body = serde_json::to_vec(&Envelope { v: VERSION, body: response }).map_err(std::io::Error::other)?;
+    Ok([&(body.len() as u32).to_be_bytes()[..], &body].concat())
+}
+
 /// Write a reply now if the socket has room for it, else not at all.
 pub fn try_reply(stream: &UnixStream, response: Response) -> std::io::Result<()> {
-    let body = serde_json::to_vec(&Envelope { v: VERSION, body: response }).map_err(std::io::Error::other)?;
-    let frame = [&(body.len() as u32).to_be_bytes()[..], &body].concat();
-    stream.try_write(&frame).map(drop)
+    stream.try_write(&frame(response)?).map(drop)
 }
 
 /// Write a reply; a peer that does not take it within the frame timeout is cut.
