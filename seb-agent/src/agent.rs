@@ -6,7 +6,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, anyhow};
@@ -30,9 +30,15 @@ use crate::{
     kube_api::{KubeApi, Token},
     metrics::{self, EpochLabels, MapLabels, Metrics, Readiness},
     recorder::Recorder,
-    server::{self, Broker},
+    server::{
+        self, Broker,
+        limits::{FrameMemory, SocketLimits},
+    },
     tamper,
 };
+
+/// Beyond the grace period, for the ledger to commit what is queued and the threads to stop.
+const SHUTDOWN_SLACK: Duration = Duration::from_secs(2);
 
 /// The cgroup2 mount, once every cgroup the config names is found under it. A missing
 /// one is a config error: enforcing less than asked for is not an option.
@@ -66,6 +72,8 @@ pub fn config_sources(config: &Config) -> Result<Sources> {
 }
 
 pub async fn run(config: Config) -> Result<()> {
+    let descriptors = server::limits::ensure_descriptors(config.broker.max_connections)?;
+    let limits = SocketLimits::from_config(&config.broker);
     let mount = check_cgroups(&config)?;
     let sources = config_sources(&config)?;
     let layout = PinLayout::new(&config.bpf.pin_path);
@@ -144,26 +152,47 @@ pub async fn run(config: Config) -> Result<()> {
         enforcer,
         layout: layout.clone(),
         readiness: readiness.clone(),
+        limits,
+        frame_memory: FrameMemory::new(limits.frame_memory),
     });
     if config.metrics.enabled {
         metrics::serve(config.metrics.listen, metrics.clone(), readiness, shutdown_rx.clone()).await?;
-        tokio::spawn(refresh_gauges(metrics, ledger, layout, freshness, shutdown_rx.clone()));
+        tasks.push(tokio::spawn(refresh_gauges(metrics, ledger.clone(), layout, freshness, shutdown_rx.clone())));
     }
     let serving = tokio::spawn(server::serve(listener, broker, shutdown_rx));
-    info!(socket = %config.broker.socket.display(), "broker ready");
+    info!(
+        socket = %config.broker.socket.display(),
+        max_connections = limits.max_connections,
+        max_connections_per_uid = limits.max_connections_per_uid,
+        descriptors,
+        "broker ready"
+    );
 
     wait_for_shutdown_signal().await?;
-    info!("shutting down; kernel enforcement stays pinned");
+    info!(grace_s = limits.shutdown_grace.as_secs(), "shutting down; kernel enforcement stays pinned");
+    let deadline = Instant::now() + limits.shutdown_grace + SHUTDOWN_SLACK;
     let _ = shutdown_tx.send(true);
+    // The socket drains within the grace period; background tasks get the same time.
     let _ = serving.await;
     for task in tasks {
-        let _ = task.await;
+        let abort = task.abort_handle();
+        if tokio::time::timeout_at(deadline.into(), task).await.is_err() {
+            abort.abort();
+        }
     }
     stop_recorder.store(true, Ordering::Release);
     recorder.join().map_err(|_| anyhow!("the recorder thread panicked"))?;
-    // Every ledger handle is gone now; the ledger finishes its queue and stops.
-    ledger_thread.join().map_err(|_| anyhow!("the ledger thread panicked"))?;
-    Ok(())
+    // The last handle: the ledger commits what is queued, then stops.
+    drop(ledger);
+    let ledger_stopped = tokio::task::spawn_blocking(move || ledger_thread.join());
+    match tokio::time::timeout_at(deadline.into(), ledger_stopped).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(_) => Err(anyhow!("the ledger thread panicked")),
+        Err(_) => {
+            warn!("the audit ledger did not stop in time; what it committed is kept");
+            Ok(())
+        }
+    }
 }
 
 /// Map sizes and epochs, for the gauges; every few seconds.
@@ -223,7 +252,11 @@ fn admission_from(config: &Config) -> Result<Admission> {
         max_ttl: Duration::from_secs(config.admission.max_ttl_seconds),
         clock_skew: Duration::from_secs(config.admission.clock_skew_seconds),
     };
-    Ok(Admission::new(anchors, validity))
+    let admission = Admission::new(anchors, validity);
+    Ok(match config.admission.max_parallel_verifications {
+        Some(limit) => admission.with_parallel_verifications(limit),
+        None => admission,
+    })
 }
 
 async fn wait_for_shutdown_signal() -> Result<()> {

@@ -79,6 +79,10 @@ pub struct AdmissionConfig {
     /// Clock difference tolerated at both ends of the validity window, in seconds.
     #[serde(default = "default_clock_skew")]
     pub clock_skew_seconds: u64,
+    /// Certificate verifications running at once, off the async workers; omitted means
+    /// one per CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallel_verifications: Option<usize>,
 }
 
 fn default_max_ttl() -> u64 {
@@ -90,7 +94,12 @@ fn default_clock_skew() -> u64 {
 
 impl Default for AdmissionConfig {
     fn default() -> Self {
-        Self { trust_anchors: None, max_ttl_seconds: default_max_ttl(), clock_skew_seconds: default_clock_skew() }
+        Self {
+            trust_anchors: None,
+            max_ttl_seconds: default_max_ttl(),
+            clock_skew_seconds: default_clock_skew(),
+            max_parallel_verifications: None,
+        }
     }
 }
 
@@ -191,6 +200,45 @@ pub struct BrokerConfig {
     /// Group that owns the socket (mode 0660); omitted keeps root's group.
     #[serde(default)]
     pub socket_group: Option<String>,
+    /// Open connections, at most. At the limit a new connection displaces the one that
+    /// has waited longest for its next request.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Open connections per caller uid, at most (the same rule, within that uid).
+    #[serde(default = "default_max_connections_per_uid")]
+    pub max_connections_per_uid: usize,
+    /// A connection with no request for this long is closed, in seconds.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_seconds: u64,
+    /// A request must arrive whole, and its reply be taken, within this long, in seconds.
+    #[serde(default = "default_frame_timeout")]
+    pub frame_timeout_seconds: u64,
+    /// Memory for requests larger than 16 KiB that are still arriving, all connections
+    /// together, in MiB; a request that does not fit is answered `busy`.
+    #[serde(default = "default_frame_memory")]
+    pub frame_memory_mib: usize,
+    /// On SIGTERM, requests under way get this long to finish, in seconds.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_seconds: u64,
+}
+
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_max_connections_per_uid() -> usize {
+    256
+}
+fn default_idle_timeout() -> u64 {
+    60
+}
+fn default_frame_timeout() -> u64 {
+    10
+}
+fn default_frame_memory() -> usize {
+    64
+}
+fn default_shutdown_grace() -> u64 {
+    10
 }
 
 fn default_pin_path() -> PathBuf {
@@ -232,7 +280,16 @@ impl Default for AuditConfig {
 }
 impl Default for BrokerConfig {
     fn default() -> Self {
-        Self { socket: default_socket(), socket_group: None }
+        Self {
+            socket: default_socket(),
+            socket_group: None,
+            max_connections: default_max_connections(),
+            max_connections_per_uid: default_max_connections_per_uid(),
+            idle_timeout_seconds: default_idle_timeout(),
+            frame_timeout_seconds: default_frame_timeout(),
+            frame_memory_mib: default_frame_memory(),
+            shutdown_grace_seconds: default_shutdown_grace(),
+        }
     }
 }
 
@@ -315,6 +372,13 @@ impl Config {
         if !self.broker.socket.is_absolute() {
             return Err(invalid("broker.socket", "must be an absolute path"));
         }
+        self.broker.validate()?;
+        if self.admission.max_parallel_verifications == Some(0) {
+            return Err(invalid(
+                "admission.max_parallel_verifications",
+                "must be at least 1 (omit it for one per CPU)",
+            ));
+        }
         if !self.audit.signing_key.is_absolute() {
             return Err(invalid("audit.signing_key", "must be an absolute path"));
         }
@@ -340,6 +404,44 @@ impl Config {
             .collect()
     }
 }
+
+impl BrokerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let at_least_one = [
+            ("broker.max_connections", self.max_connections as u64),
+            ("broker.max_connections_per_uid", self.max_connections_per_uid as u64),
+            ("broker.idle_timeout_seconds", self.idle_timeout_seconds),
+            ("broker.frame_timeout_seconds", self.frame_timeout_seconds),
+            ("broker.frame_memory_mib", self.frame_memory_mib as u64),
+            ("broker.shutdown_grace_seconds", self.shutdown_grace_seconds),
+        ];
+        for (field, value) in at_least_one {
+            if value == 0 {
+                return Err(invalid(field, "must be at least 1"));
+            }
+        }
+        if self.max_connections > MAX_CONNECTIONS {
+            return Err(invalid("broker.max_connections", format!("must be at most {MAX_CONNECTIONS}")));
+        }
+        if self.max_connections_per_uid > self.max_connections {
+            return Err(invalid(
+                "broker.max_connections_per_uid",
+                format!("{} exceeds `broker.max_connections` ({})", self.max_connections_per_uid, self.max_connections),
+            ));
+        }
+        if self.frame_memory_mib > 4096 {
+            return Err(invalid("broker.frame_memory_mib", "must be at most 4096"));
+        }
+        if self.shutdown_grace_seconds > 300 {
+            return Err(invalid("broker.shutdown_grace_seconds", "must be at most 300"));
+        }
+        Ok(())
+    }
+}
+
+/// The largest `broker.max_connections` accepted (each connection holds two descriptors:
+/// its socket and its caller's pidfd).
+pub const MAX_CONNECTIONS: usize = 65_536;
 
 impl ProtectedEndpoint {
     /// Validate the entry at `list[index]`; errors name that field.
@@ -419,6 +521,10 @@ mod tests {
         assert_eq!(config.bpf.pin_path, PathBuf::from("/sys/fs/bpf/seb"));
         assert_eq!(config.enforcement.scope, vec!["/".to_string()]);
         assert!(config.enforcement.protected.is_empty());
+        let broker = &config.broker;
+        assert_eq!((broker.max_connections, broker.max_connections_per_uid), (1024, 256));
+        assert_eq!((broker.idle_timeout_seconds, broker.frame_timeout_seconds), (60, 10));
+        assert_eq!((broker.frame_memory_mib, broker.shutdown_grace_seconds), (64, 10));
     }
 
     #[test]
@@ -463,6 +569,13 @@ mod tests {
                 "enforcement.protected_hosts[0].protocol",
             ),
             ("[cluster]\nnode_name = \"n\"", "cluster"),
+            ("[broker]\nmax_connections = 0", "broker.max_connections"),
+            ("[broker]\nmax_connections = 10\nmax_connections_per_uid = 11", "broker.max_connections_per_uid"),
+            ("[broker]\nidle_timeout_seconds = 0", "broker.idle_timeout_seconds"),
+            ("[broker]\nframe_timeout_seconds = 0", "broker.frame_timeout_seconds"),
+            ("[broker]\nframe_memory_mib = 0", "broker.frame_memory_mib"),
+            ("[broker]\nshutdown_grace_seconds = 0", "broker.shutdown_grace_seconds"),
+            ("[admission]\nmax_parallel_verifications = 0", "admission.max_parallel_verifications"),
         ];
         for (text, field) in cases {
             let error = Config::parse(text).expect_err(text);

@@ -300,7 +300,11 @@ fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Run(config) => {
             let config = config.load()?;
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(agent::run(config))?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let result = runtime.block_on(agent::run(config));
+            // A blocking task still running (a certificate being verified) does not hold the exit.
+            runtime.shutdown_timeout(Duration::from_millis(500));
+            result?;
         }
         Command::Crds { out_dir } => {
             std::fs::create_dir_all(&out_dir)?;

@@ -13,7 +13,7 @@ use http_body_util::Full;
 use hyper::{Request, Response, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus_client::{
-    encoding::EncodeLabelSet,
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
@@ -64,6 +64,50 @@ pub struct TamperLabels {
     pub kind: String,
 }
 
+/// A limit on the broker socket that bit: a fixed set, so the label stays bounded.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Limit {
+    /// `broker.max_connections`: a waiting connection was displaced, or a new one refused.
+    Connections,
+    /// `broker.max_connections_per_uid`: the same, within one uid.
+    ConnectionsPerUid,
+    /// `broker.idle_timeout_seconds`.
+    IdleTimeout,
+    /// `broker.frame_timeout_seconds`, reading a request or writing its reply.
+    FrameTimeout,
+    /// `broker.frame_memory_mib`.
+    FrameMemory,
+    /// The audit ledger's queue was full.
+    LedgerQueue,
+    /// The process ran out of file descriptors (EMFILE, ENFILE) accepting a connection.
+    FileDescriptors,
+}
+
+impl Limit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connections => "connections",
+            Self::ConnectionsPerUid => "connections_per_uid",
+            Self::IdleTimeout => "idle_timeout",
+            Self::FrameTimeout => "frame_timeout",
+            Self::FrameMemory => "frame_memory",
+            Self::LedgerQueue => "ledger_queue",
+            Self::FileDescriptors => "file_descriptors",
+        }
+    }
+}
+
+impl EncodeLabelValue for Limit {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: Limit,
+}
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     /// Divergences between the kernel and what the agent installed, found and repaired.
@@ -81,6 +125,10 @@ pub struct Metrics {
     pub cluster_sync_errors: Family<ResourceLabels, Counter>,
     /// Broker connections cut because their decision's certificate was revoked.
     pub sockets_cut: Counter,
+    /// Open connections on the broker socket.
+    pub connections: Gauge,
+    /// Times a limit on the broker socket refused, displaced or cut something.
+    pub limited: Family<LimitLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -106,6 +154,8 @@ impl Metrics {
         let cluster_sync_errors = Family::<ResourceLabels, Counter>::default();
         let sockets_cut = Counter::default();
         let tamper_findings = Family::<TamperLabels, Counter>::default();
+        let connections = Gauge::default();
+        let limited = Family::<LimitLabels, Counter>::default();
         let mut registry = Registry::with_prefix("seb");
         registry.register(
             "tamper_findings",
@@ -134,6 +184,12 @@ impl Metrics {
             cluster_sync_errors.clone(),
         );
         registry.register("revoked_connections_cut", "Broker connections cut by a revocation", sockets_cut.clone());
+        registry.register("broker_connections", "Open connections on the broker socket", connections.clone());
+        registry.register(
+            "broker_limited",
+            "Times a broker socket limit refused, displaced or cut a connection or request",
+            limited.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             tamper_findings,
@@ -147,7 +203,14 @@ impl Metrics {
             cluster_state_age,
             cluster_sync_errors,
             sockets_cut,
+            connections,
+            limited,
         }
+    }
+
+    /// Count one bite of `limit`.
+    pub fn count_limit(&self, limit: Limit) {
+        self.limited.get_or_create(&LimitLabels { limit }).inc();
     }
 
     pub fn encode(&self) -> String {

@@ -17,7 +17,7 @@ use tracing::info;
 
 use crate::{
     admission::{self, Admission, Caller, Decision, Proposal, Reason},
-    audit::{Ledger, now_ns},
+    audit::{Ledger, LedgerBusy, now_ns},
     enforcement::broker_sockets::ExecutionTag,
     execute::{Executors, OUTCOME_KIND, Outcome, OutcomeStatus, Timings},
 };
@@ -28,9 +28,9 @@ pub async fn propose(
     ledger: &Ledger,
     caller: &Caller,
     proposal: &Proposal,
-) -> Decision {
+) -> Result<Decision, LedgerBusy> {
     let started = Instant::now();
-    let mut pending = admission.begin(caller, proposal);
+    let mut pending = admission.begin(caller, proposal).await;
     // Every socket opened for this decision carries it, so a revocation can cut them.
     let tag = pending.verified.as_ref().map(|verified| ExecutionTag {
         decision_id: pending.decision_id.clone(),
@@ -42,7 +42,7 @@ pub async fn propose(
     let mut timings = Timings::default();
     let mut prepared = None;
     if executors.handles(proposal.request.provider) && pending.admissible() {
-        pending.check_state(ledger).await;
+        pending.check_state(ledger).await?;
         if let Some(verified) = pending.verified.clone().filter(|_| pending.admissible()) {
             let contract = &verified.contract;
             let preparing = executors.prepare(contract, &proposal.request, &pending.decision_id, &mut timings);
@@ -64,13 +64,16 @@ pub async fn propose(
     }
     pending.require_same_caller(caller);
     pending.require_fresh(admission);
-    let mut decision = admission::record(ledger, pending).await;
-    if !decision.admitted {
-        if let Some(prepared) = prepared {
-            executors.discard(prepared).await;
+    let recorded = admission::record(ledger, pending).await;
+    let mut decision = match recorded {
+        Ok(decision) if decision.admitted => decision,
+        refused => {
+            if let Some(prepared) = prepared {
+                executors.discard(prepared).await;
+            }
+            return refused;
         }
-        return decision;
-    }
+    };
     let mut outcome = Outcome {
         decision_id: decision.decision_id.clone(),
         decision_seq: decision.record_seq,
@@ -100,11 +103,12 @@ pub async fn propose(
     }
     outcome.duration_ms = started.elapsed().as_secs_f64() * 1e3;
     decision.outcome = Some(record_outcome(ledger, outcome).await);
-    decision
+    Ok(decision)
 }
 
-/// Chain the outcome to its decision. If it cannot be written, say so in the answer:
-/// the mutation already happened, and the restart reconciliation will record it.
+/// Chain the outcome to its decision (waiting for room in the ledger's queue: the
+/// mutation happened). If it cannot be written, say so in the answer: the restart
+/// reconciliation will record it.
 async fn record_outcome(ledger: &Ledger, mut outcome: Outcome) -> Outcome {
     let body = outcome.clone();
     match ledger.run(move |batch| batch.append(OUTCOME_KIND, now_ns(), &body)).await {

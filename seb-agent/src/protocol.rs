@@ -111,6 +111,10 @@ pub enum ErrorCode {
     UnsupportedVersion,
     Forbidden,
     Internal,
+    /// A limit was reached (connections, request memory, the audit queue): try again later.
+    Busy,
+    /// The request did not arrive whole in time.
+    Timeout,
 }
 
 /// A message with its protocol version.
@@ -131,7 +135,17 @@ pub enum FrameError {
     Truncated(std::io::Error),
 }
 
+/// Bytes read at a time: a body's buffer grows with what arrived, never to the announced
+/// length up front.
+const READ_CHUNK: usize = 64 * 1024;
+
 pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Vec<u8>, FrameError> {
+    let len = read_len(reader).await?;
+    read_body(reader, len).await
+}
+
+/// A frame's length prefix, checked against [`MAX_MESSAGE`].
+pub async fn read_len<R: AsyncRead + Unpin>(reader: &mut R) -> Result<usize, FrameError> {
     let mut len = [0u8; 4];
     match reader.read_exact(&mut len).await {
         Ok(_) => {}
@@ -142,8 +156,23 @@ pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Vec<u8>,
     if len > MAX_MESSAGE {
         return Err(FrameError::TooLarge(len));
     }
-    let mut body = vec![0u8; len];
-    reader.read_exact(&mut body).await.map_err(FrameError::Truncated)?;
+    Ok(len)
+}
+
+/// A frame's body of `len` bytes; memory is taken as the bytes arrive.
+pub async fn read_body<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> Result<Vec<u8>, FrameError> {
+    let mut body = Vec::new();
+    while body.len() < len {
+        if body.capacity() == body.len() {
+            // Double, from one chunk, up to the announced length: at most twice what arrived.
+            body.reserve_exact(body.capacity().max(READ_CHUNK).min(len - body.len()));
+        }
+        let room = (body.capacity() - body.len()).min(len - body.len());
+        let read = (&mut *reader).take(room as u64).read_buf(&mut body).await.map_err(FrameError::Truncated)?;
+        if read == 0 {
+            return Err(FrameError::Truncated(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
     Ok(body)
 }
 
@@ -191,5 +220,18 @@ mod tests {
         assert!(matches!(read_frame(&mut truncated).await, Err(FrameError::Truncated(_))));
         let mut empty: &[u8] = &[];
         assert!(matches!(read_frame(&mut empty).await, Err(FrameError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_body_arrives_intact_across_many_reads_and_no_further() {
+        let payload: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let (mut client, mut server) = tokio::io::duplex(1 << 12);
+        let sent = payload.clone();
+        let writer = tokio::spawn(async move { client.write_all(&sent).await.unwrap() });
+        let body = read_body(&mut server, payload.len() - 1).await.unwrap();
+        assert_eq!(body, payload[..payload.len() - 1]);
+        assert!(body.capacity() < payload.len() * 2);
+        assert_eq!(read_body(&mut server, 1).await.unwrap(), payload[payload.len() - 1..]);
+        writer.await.unwrap();
     }
 }

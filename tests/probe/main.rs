@@ -79,6 +79,28 @@ enum Command {
         pin_path: PathBuf,
         addr: SocketAddr,
     },
+    /// Open `count` connections to a Unix socket and hold them, idle, until stdin closes;
+    /// prints `{"opened": n}` once they are open.
+    Hold {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        count: usize,
+    },
+    /// Connect to the broker, fork a child that keeps the connection, let the parent exit
+    /// and give its PID to a new process (clone3 set_tid); then the child proposes
+    /// (certificate and request from files) and the broker's reply is printed. With
+    /// `--control` the parent stays alive instead and no PID is reused.
+    ProposeAfterPidReuse {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        request: PathBuf,
+        #[arg(long)]
+        control: bool,
+    },
     /// Time `connect()` on one UDP socket, repeated; prints nanoseconds per call.
     BenchUdpConnect {
         addr: SocketAddr,
@@ -171,6 +193,10 @@ fn run(command: Command) -> Result<()> {
         Command::AsBroker { pin_path, addr } => as_broker(&pin_path, addr),
         Command::ReusePid { pid, method, addr } => reuse_pid(pid, method, addr),
         Command::DeadBroker { pin_path, addr } => dead_broker(&pin_path, addr),
+        Command::Hold { socket, count } => hold(&socket, count),
+        Command::ProposeAfterPidReuse { socket, cert, request, control } => {
+            propose_after_pid_reuse(&socket, &cert, &request, control)
+        }
         Command::BenchUdpConnect { addr, iterations, register } => bench_udp_connect(addr, iterations, register),
         Command::BenchTcpConnect { addr, iterations } => bench_tcp_connect(addr, iterations),
     }
@@ -391,9 +417,9 @@ fn dead_broker(pin_path: &std::path::Path, addr: SocketAddr) -> Result<()> {
     print(json!({"broker_pid": broker.as_raw(), "pid": report["pid"], "result": report["result"]}))
 }
 
-/// Run `f` in a child created with exactly `pid` and return what it reported.
-fn in_process_with_pid(pid: i32, f: impl FnOnce() -> Value) -> Result<Value> {
-    let (read, write) = nix::unistd::pipe()?;
+/// Fork-like clone3 whose child gets exactly `pid` (it must be free): 0 in the child,
+/// the PID in the parent.
+fn clone_with_pid(pid: i32) -> Result<i32> {
     let tids = [pid];
     let args = CloneArgs {
         exit_signal: libc::SIGCHLD as u64,
@@ -401,11 +427,18 @@ fn in_process_with_pid(pid: i32, f: impl FnOnce() -> Value) -> Result<Value> {
         set_tid_size: 1,
         ..Default::default()
     };
-    // SAFETY: fork-like clone3 (no CLONE_VM); the child writes to the pipe and exits.
+    // SAFETY: fork-like clone3 (no CLONE_VM); callers' children only act and exit.
     let ret = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, size_of::<CloneArgs>()) };
     if ret < 0 {
         bail!("clone3 with set_tid={pid}: {}", std::io::Error::last_os_error());
     }
+    Ok(ret as i32)
+}
+
+/// Run `f` in a child created with exactly `pid` and return what it reported.
+fn in_process_with_pid(pid: i32, f: impl FnOnce() -> Value) -> Result<Value> {
+    let (read, write) = nix::unistd::pipe()?;
+    let ret = clone_with_pid(pid)?;
     if ret == 0 {
         drop(read);
         let mut value = f();
@@ -417,7 +450,7 @@ fn in_process_with_pid(pid: i32, f: impl FnOnce() -> Value) -> Result<Value> {
     }
     drop(write);
     let text = std::io::read_to_string(File::from(read))?;
-    nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(ret as i32), None)?;
+    nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(ret), None)?;
     serde_json::from_str(&text).with_context(|| format!("child said {text:?}"))
 }
 
@@ -425,6 +458,116 @@ fn in_process_with_pid(pid: i32, f: impl FnOnce() -> Value) -> Result<Value> {
 /// that reuses a dead broker's PID would.
 fn reuse_pid(pid: i32, method: Method, addr: SocketAddr) -> Result<()> {
     print(in_process_with_pid(pid, || attempt(method, addr))?)
+}
+
+fn hold(socket: &std::path::Path, count: usize) -> Result<()> {
+    let address = socket2::SockAddr::unix(socket)?;
+    let mut held = Vec::with_capacity(count);
+    while held.len() < count {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let stream = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+        stream.set_nonblocking(true)?;
+        // A full backlog is EAGAIN: wait for the listener to take connections.
+        while let Err(e) = stream.connect(&address) {
+            if e.kind() != std::io::ErrorKind::WouldBlock || Instant::now() > deadline {
+                bail!("connection {}: {e}", held.len() + 1);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        held.push(stream);
+    }
+    print(json!({"opened": held.len()}))?;
+    std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
+    Ok(())
+}
+
+/// The process tree: this process (Q) forks the caller (P), which connects and forks the
+/// child (C) that keeps the connection. P exits and Q reaps it, so its PID is free; Q
+/// gives it to a new process (I) running this same program. Then C proposes over P's
+/// connection: a broker that looks the PID up afresh finds I, alive, same executable.
+fn propose_after_pid_reuse(
+    socket: &std::path::Path,
+    cert: &std::path::Path,
+    request: &std::path::Path,
+    control: bool,
+) -> Result<()> {
+    use nix::unistd::{ForkResult, Pid, fork, pipe};
+    use std::io::{BufRead, BufReader, Read};
+
+    let certificate = std::fs::read_to_string(cert)?;
+    let request: Value = serde_json::from_str(&std::fs::read_to_string(request)?)?;
+    let body = serde_json::to_vec(&json!({"v": 1, "type": "propose", "certificate": certificate, "request": request}))?;
+    let (go_read, go_write) = pipe()?;
+    let (result_read, result_write) = pipe()?;
+    // SAFETY: single-threaded; the children only do what is written below, then exit.
+    let caller = match unsafe { fork()? } {
+        ForkResult::Parent { child } => child,
+        ForkResult::Child => {
+            let stream = std::os::unix::net::UnixStream::connect(socket).expect("connecting to the broker");
+            // SAFETY: as above.
+            match unsafe { fork().expect("fork") } {
+                ForkResult::Child => {
+                    let mut go = [0u8; 1];
+                    let _ = File::from(go_read).read_exact(&mut go);
+                    let mut stream = stream;
+                    let reply = (|| -> std::io::Result<Value> {
+                        stream.write_all(&(body.len() as u32).to_be_bytes())?;
+                        stream.write_all(&body)?;
+                        let mut len = [0u8; 4];
+                        stream.read_exact(&mut len)?;
+                        let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
+                        stream.read_exact(&mut reply)?;
+                        Ok(serde_json::from_slice(&reply).unwrap_or(Value::Null))
+                    })()
+                    .unwrap_or_else(|e| json!({"io_error": e.to_string()}));
+                    let mut out = File::from(result_write);
+                    let _ = writeln!(out, "{reply}");
+                    // SAFETY: leave without running destructors twice.
+                    unsafe { libc::_exit(0) };
+                }
+                ForkResult::Parent { child } => {
+                    if control {
+                        let _ = nix::sys::wait::waitpid(child, None);
+                    }
+                    // SAFETY: as above.
+                    unsafe { libc::_exit(0) };
+                }
+            }
+        }
+    };
+    drop(go_read);
+    drop(result_write);
+    let mut impostor = None;
+    if control {
+        File::from(go_write).write_all(b"g")?;
+    } else {
+        nix::sys::wait::waitpid(caller, None)?;
+        let (hold_read, hold_write) = pipe()?;
+        let pid = clone_with_pid(caller.as_raw())?;
+        if pid == 0 {
+            // The impostor: alive, same executable, same cgroup, until told to go.
+            drop(hold_write);
+            let mut byte = [0u8; 1];
+            let _ = File::from(hold_read).read(&mut byte);
+            // SAFETY: as above.
+            unsafe { libc::_exit(0) };
+        }
+        drop(hold_read);
+        impostor = Some((pid, hold_write));
+        File::from(go_write).write_all(b"g")?;
+    }
+    let mut line = String::new();
+    BufReader::new(File::from(result_read)).read_line(&mut line)?;
+    if control {
+        nix::sys::wait::waitpid(caller, None)?;
+    }
+    let impostor_pid = impostor.map(|(pid, hold)| {
+        drop(hold);
+        let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+        pid
+    });
+    let reply: Value = serde_json::from_str(line.trim()).with_context(|| format!("the child said {line:?}"))?;
+    print(json!({"caller_pid": caller.as_raw(), "impostor_pid": impostor_pid, "reply": reply}))
 }
 
 fn bench_udp_connect(addr: SocketAddr, iterations: u32, register: Option<PathBuf>) -> Result<()> {

@@ -81,6 +81,8 @@ pub struct Sandbox {
     pub config: PathBuf,
     pub database: PathBuf,
     pub socket: PathBuf,
+    /// More `[broker]` settings (TOML lines) for the next config written.
+    pub broker_settings: String,
     agent: Option<Child>,
     listeners: Vec<Listener>,
 }
@@ -118,6 +120,7 @@ impl Sandbox {
             name,
             cgroup,
             dir,
+            broker_settings: String::new(),
             agent: None,
             listeners: Vec::new(),
         })
@@ -143,13 +146,14 @@ impl Sandbox {
         let scope: Vec<String> = scope.iter().map(|path| format!("\"{path}\"")).collect();
         let text = format!(
             "[bpf]\npin_path = \"{}\"\n\n[enforcement]\nscope = [{}]\nexempt_cgroups = [\"{}/exempt\"]\n\n{extra}\n\
-             [audit]\ndatabase = \"{}\"\nsigning_key = \"{}\"\n\n[broker]\nsocket = \"{}\"\n",
+             [audit]\ndatabase = \"{}\"\nsigning_key = \"{}\"\n\n[broker]\nsocket = \"{}\"\n{}\n",
             self.pin_path.display(),
             scope.join(", "),
             self.cgroup_relative,
             self.database.display(),
             self.signing_key().display(),
             self.socket.display(),
+            self.broker_settings,
         );
         fs::write(&self.config, text)?;
         Ok(())
@@ -258,6 +262,26 @@ impl Sandbox {
         Ok(())
     }
 
+    /// SIGTERM the agent and give it `limit` to exit (successfully); past that it is
+    /// killed and this is an error. Returns how long it took.
+    pub fn stop_agent_within(&mut self, limit: Duration) -> Result<Duration> {
+        let Some(mut child) = self.agent.take() else { bail!("no agent running") };
+        let started = Instant::now();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                ensure!(status.success(), "the agent stopped with {status}");
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > limit {
+                child.kill()?;
+                child.wait()?;
+                bail!("the agent did not exit within {limit:?} of SIGTERM (killed)");
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// SIGKILL the agent: no chance to clean anything up.
     pub fn kill_agent(&mut self) -> Result<()> {
         if let Some(mut child) = self.agent.take() {
@@ -270,6 +294,22 @@ impl Sandbox {
     /// The agent's pid (it exec'd in place of the probe that placed it).
     pub fn agent_pid(&self) -> Option<u32> {
         self.agent.as_ref().map(Child::id)
+    }
+
+    /// GET `path` from the agent's metrics endpoint (default address), inside the
+    /// namespace: the status code and the body.
+    pub fn http_get(&self, path: &str) -> Result<(u16, String)> {
+        let request = format!("GET {path} HTTP/1.0\r\nhost: localhost\r\n\r\n");
+        let text = moto::in_netns(&self.netns, move || async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect("127.0.0.1:9464").await?;
+            stream.write_all(request.as_bytes()).await?;
+            let mut text = String::new();
+            stream.read_to_string(&mut text).await?;
+            Ok(text)
+        })?;
+        let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        Ok((status, text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()))
     }
 
     /// Run the probe in `<root>/<cgroup>` and the namespace.

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use seb_sandbox::{Sandbox, Tools, moto::in_netns};
+use seb_sandbox::{Sandbox, Tools};
 use serde_json::Value;
 
 fn tools() -> Tools {
@@ -10,19 +10,8 @@ fn tools() -> Tools {
 }
 
 /// GET a path from the agent's metrics endpoint, inside the sandbox's namespace.
-fn get(netns: &str, path: &str) -> (u16, String) {
-    let request = format!("GET {path} HTTP/1.0\r\nhost: localhost\r\n\r\n");
-    let text = in_netns(netns, move || async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect("127.0.0.1:9464").await?;
-        stream.write_all(request.as_bytes()).await?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await?;
-        Ok(text)
-    })
-    .unwrap();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default())
+fn get(sandbox: &Sandbox, path: &str) -> (u16, String) {
+    sandbox.http_get(path).unwrap()
 }
 
 #[test]
@@ -30,7 +19,6 @@ fn metrics_health_and_status_report_what_the_agent_sees() {
     let mut sandbox = Sandbox::new("metrics", tools()).unwrap();
     sandbox.write_config("[[enforcement.protected]]\ncidr = \"127.0.0.2/32\"\n").unwrap();
     sandbox.start_agent().unwrap();
-    let netns = sandbox.netns.clone();
 
     let denied = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
     sandbox.wait_for_denial(denied["cookie"].as_u64().unwrap()).unwrap();
@@ -43,8 +31,8 @@ fn metrics_health_and_status_report_what_the_agent_sees() {
         .unwrap();
     assert_eq!(proposal.status.code(), Some(1));
 
-    assert_eq!(get(&netns, "/healthz").0, 200);
-    assert_eq!(get(&netns, "/readyz").0, 200);
+    assert_eq!(get(&sandbox, "/healthz").0, 200);
+    assert_eq!(get(&sandbox, "/readyz").0, 200);
     let workload = format!("{}/workload", sandbox.cgroup_relative);
     let expected = [
         format!(
@@ -55,7 +43,7 @@ fn metrics_health_and_status_report_what_the_agent_sees() {
     ];
     let deadline = Instant::now() + Duration::from_secs(15);
     let metrics = loop {
-        let (status, body) = get(&netns, "/metrics");
+        let (status, body) = get(&sandbox, "/metrics");
         assert_eq!(status, 200);
         if expected.iter().all(|line| body.contains(line.as_str())) {
             break body;
@@ -76,5 +64,5 @@ fn metrics_health_and_status_report_what_the_agent_sees() {
     // A link unpinned behind the agent's back: no longer ready.
     let pin = status["links"][0]["pin"].as_str().unwrap().to_string();
     std::fs::remove_file(&pin).unwrap();
-    assert_eq!(get(&netns, "/readyz").0, 503);
+    assert_eq!(get(&sandbox, "/readyz").0, 503);
 }

@@ -65,9 +65,9 @@ fn a_cluster_revocation_reaches_the_admission_state_and_the_kernel_maps() {
     // The admission state: the revoked contract is denied, the other one admitted.
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let caller = Rig::caller().unwrap();
-    let denied = runtime.block_on(admission.decide(&ledger, &caller, &revoked_proposal));
+    let denied = runtime.block_on(admission.decide(&ledger, &caller, &revoked_proposal)).unwrap();
     assert_eq!(denied.reason, Reason::ContractRevoked, "{denied:?}");
-    let admitted = runtime.block_on(admission.decide(&ledger, &caller, &kept_proposal));
+    let admitted = runtime.block_on(admission.decide(&ledger, &caller, &kept_proposal)).unwrap();
     assert!(admitted.admitted, "{admitted:?}");
     // The revocation is an audit record naming the object it came from.
     let body = ledger
@@ -80,7 +80,7 @@ fn a_cluster_revocation_reaches_the_admission_state_and_the_kernel_maps() {
     let proposal = rig.proposal("c-old-epoch").unwrap();
     let report = runtime.block_on(rig.sync.revocation(&Rig::revocation(2, &["c-revoked"]))).unwrap();
     assert_eq!(report.cut, [kept_cookie], "the connection certified under epoch 1 is cut");
-    let stale = runtime.block_on(admission.decide(&ledger, &caller, &proposal));
+    let stale = runtime.block_on(admission.decide(&ledger, &caller, &proposal)).unwrap();
     assert_eq!(stale.reason, Reason::RevocationEpochStale, "{stale:?}");
 
     // So does a new policy epoch.

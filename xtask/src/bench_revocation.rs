@@ -52,7 +52,7 @@ pub fn run() -> Result<()> {
         let admissions = runtime.spawn(async move {
             let caller = Rig::caller()?;
             for proposal in proposals {
-                let decision = admission.decide(&ledger, &caller, &proposal).await;
+                let decision = admission.decide(&ledger, &caller, &proposal).await?;
                 match decision.reason {
                     Reason::ContractRevoked => return Ok(Instant::now()),
                     Reason::Admitted => {}

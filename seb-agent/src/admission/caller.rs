@@ -1,11 +1,18 @@
 //! Who is on the other end of the broker socket.
 //!
-//! SO_PEERCRED names the process at connect time. Its identity (exe, cgroup, pod) is
-//! read from /proc; the process is pinned with a pidfd and its start time (field 22 of
-//! /proc/<pid>/stat), and both are checked again before the decision is recorded, so a
-//! process that exited and whose PID was reused mid-call is detected.
+//! At accept, SO_PEERCRED names the connecting process and SO_PEERPIDFD pins it: the
+//! pidfd refers to that very process for the life of the connection, even once its PID
+//! names another process. For each request its identity (exe, cgroup, pod) is read from
+//! /proc/<pid>, and only then is the pidfd checked to still refer to a live process: if
+//! it does, the PID was that process's throughout the read (a PID is not reused while
+//! its process, zombie or not, still exists). A caller that has exited is refused. The
+//! check is made again before a decision is recorded, with the start time (field 22 of
+//! /proc/<pid>/stat) as a second witness.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::{
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    sync::Arc,
+};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -29,16 +36,31 @@ impl CallerIdentity {
     }
 }
 
-#[derive(Debug)]
-pub struct Caller {
-    pub identity: CallerIdentity,
-    start_time: u64,
-    pidfd: OwnedFd,
+/// The process that opened a connection, pinned by a pidfd.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: i32,
+    pidfd: Arc<OwnedFd>,
 }
 
-impl Caller {
-    pub fn identify(uid: u32, gid: u32, pid: i32) -> Result<Self> {
-        // Pin the process first: whatever /proc says below is then about this process.
+/// `SO_PEERPIDFD` (Linux 6.5): a pidfd for the peer process, taken at connect time.
+const SO_PEERPIDFD: libc::c_int = 77;
+
+impl Peer {
+    /// The process at the other end of a connected Unix socket.
+    pub fn of_socket(socket: BorrowedFd<'_>) -> Result<Self> {
+        let cred: libc::ucred = getsockopt(socket, libc::SO_PEERCRED).context("SO_PEERCRED")?;
+        let fd: libc::c_int = getsockopt(socket, SO_PEERPIDFD).context("SO_PEERPIDFD (needs Linux 6.5 or later)")?;
+        // SAFETY: the kernel just created this descriptor for us.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self { uid: cred.uid, gid: cred.gid, pid: cred.pid, pidfd: Arc::new(pidfd) })
+    }
+
+    /// A process named by its PID (pinned now, so only as good as the PID is now): this
+    /// process, for tests and tools.
+    pub fn of_pid(uid: u32, gid: u32, pid: i32) -> Result<Self> {
         // SAFETY: plain syscall; the returned fd is owned here.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         if fd < 0 {
@@ -46,28 +68,81 @@ impl Caller {
         }
         // SAFETY: fd is a fresh, valid descriptor.
         let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let start_time = start_time(pid)?;
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| p.to_string_lossy().into_owned());
-        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .ok()
-            .and_then(|text| text.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string)));
-        let pod_uid = cgroup.as_deref().and_then(pod_uid_of);
-        Ok(Self { identity: CallerIdentity { uid, gid, pid, exe, cgroup, pod_uid }, start_time, pidfd })
+        Ok(Self { uid, gid, pid, pidfd: Arc::new(pidfd) })
     }
 
-    /// Still the same live process as when identified.
-    pub fn still_same(&self) -> bool {
+    /// The pinned process still exists, so its PID is still its own.
+    pub fn alive(&self) -> bool {
         // SAFETY: signal 0 only checks that the process exists.
-        let alive = unsafe {
+        unsafe {
             libc::syscall(
                 libc::SYS_pidfd_send_signal,
                 self.pidfd.as_raw_fd(),
                 0,
                 std::ptr::null::<libc::siginfo_t>(),
                 0,
-            )
-        } == 0;
-        alive && start_time(self.identity.pid).is_ok_and(|t| t == self.start_time)
+            ) == 0
+        }
+    }
+
+    /// Read the process's identity from /proc, then check it is still the pinned one.
+    pub fn identify(&self) -> Result<Caller> {
+        let pid = self.pid;
+        let start_time = start_time(pid);
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| p.to_string_lossy().into_owned());
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .ok()
+            .and_then(|text| text.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string)));
+        if !self.alive() {
+            bail!(
+                "the process that opened this connection (pid {pid}) has exited; what /proc/{pid} shows now is not the caller"
+            );
+        }
+        let start_time = start_time?;
+        let pod_uid = cgroup.as_deref().and_then(pod_uid_of);
+        let identity = CallerIdentity { uid: self.uid, gid: self.gid, pid, exe, cgroup, pod_uid };
+        Ok(Caller { identity, start_time, peer: self.clone() })
+    }
+
+    /// What SO_PEERCRED alone says.
+    pub fn unidentified(&self) -> CallerIdentity {
+        CallerIdentity::unidentified(self.uid, self.gid, self.pid)
+    }
+}
+
+fn getsockopt<T: Copy>(socket: BorrowedFd<'_>, option: libc::c_int) -> std::io::Result<T> {
+    let mut value = std::mem::MaybeUninit::<T>::zeroed();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` has room for `len` bytes; the kernel writes at most that many.
+    let ret =
+        unsafe { libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, option, value.as_mut_ptr().cast(), &mut len) };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if len as usize != size_of::<T>() {
+        return Err(std::io::Error::other(format!("getsockopt returned {len} bytes, {} expected", size_of::<T>())));
+    }
+    // SAFETY: the kernel filled all of it.
+    Ok(unsafe { value.assume_init() })
+}
+
+/// A caller identified for one request.
+#[derive(Debug)]
+pub struct Caller {
+    pub identity: CallerIdentity,
+    start_time: u64,
+    peer: Peer,
+}
+
+impl Caller {
+    /// This process, identified as the broker identifies a caller (tests and tools).
+    pub fn identify(uid: u32, gid: u32, pid: i32) -> Result<Self> {
+        Peer::of_pid(uid, gid, pid)?.identify()
+    }
+
+    /// Still the same live process as when identified.
+    pub fn still_same(&self) -> bool {
+        self.peer.alive() && start_time(self.identity.pid).is_ok_and(|t| t == self.start_time)
     }
 
     /// Whether the caller is the agent the contract names; `Err` says what differs.
@@ -157,6 +232,24 @@ mod tests {
         assert!(me.matches(&AgentIdentity { uid: Some(0), exe: Some(exe), ..Default::default() }).is_ok());
         assert!(me.matches(&AgentIdentity { uid: Some(1000), ..Default::default() }).is_err());
         assert!(me.matches(&AgentIdentity { exe: Some("/usr/bin/other".into()), ..Default::default() }).is_err());
+    }
+
+    #[test]
+    fn a_socket_peer_is_pinned_at_connect_and_refused_once_it_exits() {
+        use std::os::{fd::AsFd, unix::net::UnixStream};
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let peer = Peer::of_socket(ours.as_fd()).unwrap();
+        assert_eq!(peer.pid, std::process::id() as i32);
+        assert!(peer.identify().is_ok());
+        drop(theirs);
+
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let peer = Peer::of_pid(0, 0, child.id() as i32).unwrap();
+        assert!(peer.identify().is_ok());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let error = peer.identify().unwrap_err().to_string();
+        assert!(error.contains("has exited"), "{error}");
     }
 
     #[test]

@@ -9,15 +9,15 @@ pub mod caller;
 pub mod reason;
 pub mod state;
 
-use std::time::SystemTime;
+use std::{sync::Arc, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-pub use caller::{Caller, CallerIdentity};
+pub use caller::{Caller, CallerIdentity, Peer};
 pub use reason::Reason;
 
 use crate::{
-    audit::{Ledger, now_ns},
+    audit::{Ledger, LedgerBusy, is_busy, now_ns},
     cert::{MutationRequest, Rejection, TrustAnchors, ValidityPolicy, Verified},
     cluster::freshness::Freshness,
 };
@@ -87,9 +87,11 @@ impl RequestSummary {
 }
 
 pub struct Admission {
-    anchors: Option<TrustAnchors>,
+    anchors: Option<Arc<TrustAnchors>>,
     validity: ValidityPolicy,
     cluster: Option<ClusterGate>,
+    /// Certificate verification is CPU-bound: it runs on the blocking pool, this many at once.
+    verifications: Arc<tokio::sync::Semaphore>,
 }
 
 /// What cluster mode adds to admission.
@@ -103,8 +105,21 @@ pub struct ClusterGate {
 }
 
 impl Admission {
+    /// Up to one certificate verification per CPU at once.
     pub fn new(anchors: Option<TrustAnchors>, validity: ValidityPolicy) -> Self {
-        Self { anchors, validity, cluster: None }
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        Self {
+            anchors: anchors.map(Arc::new),
+            validity,
+            cluster: None,
+            verifications: Arc::new(tokio::sync::Semaphore::new(cpus)),
+        }
+    }
+
+    /// At most `limit` certificate verifications at once.
+    pub fn with_parallel_verifications(mut self, limit: usize) -> Self {
+        self.verifications = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
+        self
     }
 
     pub fn with_cluster(mut self, gate: ClusterGate) -> Self {
@@ -158,19 +173,30 @@ impl Admission {
         }
     }
 
+    /// Verify the certificate chain and contract on the blocking pool, so that many
+    /// proposals at once never hold the runtime's workers.
+    async fn verify(&self, certificate: &str, now: SystemTime) -> Result<Verified, Rejection> {
+        let Some(anchors) = self.anchors.clone() else {
+            let message = "this broker has no SAB trust anchors configured (admission.trust_anchors)".into();
+            return Err(Rejection { reason: Reason::UntrustedIssuer, message });
+        };
+        let internal = |message: String| Rejection { reason: Reason::Internal, message };
+        let _permit = self.verifications.acquire().await.map_err(|e| internal(e.to_string()))?;
+        let (certificate, validity) = (certificate.to_owned(), self.validity);
+        tokio::task::spawn_blocking(move || anchors.verify(&certificate, validity, now))
+            .await
+            .unwrap_or_else(|e| Err(internal(format!("certificate verification failed: {e}"))))
+    }
+
     /// The predicates that need no broker state. The verified certificate is returned
     /// whenever it verified, so a later denial still names its serial and contract.
-    pub fn precheck(
+    pub async fn precheck(
         &self,
         caller: &Caller,
         proposal: &Proposal,
         now: SystemTime,
     ) -> (Option<Verified>, Result<(), Rejection>) {
-        let Some(anchors) = self.anchors.as_ref() else {
-            let message = "this broker has no SAB trust anchors configured (admission.trust_anchors)".into();
-            return (None, Err(Rejection { reason: Reason::UntrustedIssuer, message }));
-        };
-        let verified = match anchors.verify(&proposal.certificate, self.validity, now) {
+        let verified = match self.verify(&proposal.certificate, now).await {
             Ok(verified) => verified,
             Err(rejection) => return (None, Err(rejection)),
         };
@@ -183,8 +209,8 @@ impl Admission {
     }
 
     /// Start a decision: the stateless predicates.
-    pub fn begin(&self, caller: &Caller, proposal: &Proposal) -> Pending {
-        let (verified, verdict) = self.precheck(caller, proposal, SystemTime::now());
+    pub async fn begin(&self, caller: &Caller, proposal: &Proposal) -> Pending {
+        let (verified, verdict) = self.precheck(caller, proposal, SystemTime::now()).await;
         Pending {
             decision_id: uuid::Uuid::new_v4().to_string(),
             verified,
@@ -195,8 +221,8 @@ impl Admission {
     }
 
     /// Decide with no live-state check (no executor for the provider), record, answer.
-    pub async fn decide(&self, ledger: &Ledger, caller: &Caller, proposal: &Proposal) -> Decision {
-        let mut pending = self.begin(caller, proposal);
+    pub async fn decide(&self, ledger: &Ledger, caller: &Caller, proposal: &Proposal) -> Result<Decision, LedgerBusy> {
+        let mut pending = self.begin(caller, proposal).await;
         pending.require_same_caller(caller);
         pending.require_fresh(self);
         record(ledger, pending).await
@@ -236,13 +262,15 @@ impl Pending {
 
     /// The broker-state predicates, read only: so that a replayed or revoked certificate
     /// costs no identity minting. `record` checks them again, atomically.
-    pub async fn check_state(&mut self, ledger: &Ledger) {
-        let Some(verified) = self.verified.clone().filter(|_| self.verdict.is_ok()) else { return };
-        match ledger.run(move |batch| state::check(batch.conn(), &verified)).await {
+    pub async fn check_state(&mut self, ledger: &Ledger) -> Result<(), LedgerBusy> {
+        let Some(verified) = self.verified.clone().filter(|_| self.verdict.is_ok()) else { return Ok(()) };
+        match ledger.try_run(move |batch| state::check(batch.conn(), &verified)).await {
             Ok(Ok(())) => {}
             Ok(Err(rejection)) => self.verdict = Err(rejection),
+            Err(e) if is_busy(&e) => return Err(LedgerBusy),
             Err(e) => self.reject(Reason::Internal, format!("the broker state could not be read: {e:#}")),
         }
+        Ok(())
     }
 
     /// The cluster state must still be current, right before recording.
@@ -261,12 +289,13 @@ impl Pending {
 }
 
 /// Record the decision durably (checking broker state once more, atomically with
-/// consuming the serial), and only then return it.
-pub async fn record(ledger: &Ledger, pending: Pending) -> Decision {
+/// consuming the serial), and only then return it. A full ledger queue is no decision:
+/// the caller is told the broker is busy.
+pub async fn record(ledger: &Ledger, pending: Pending) -> Result<Decision, LedgerBusy> {
     let Pending { decision_id, verified, verdict: precheck, caller: identity, request } = pending;
     let id = decision_id.clone();
     let recorded = ledger
-        .run(move |batch| {
+        .try_run(move |batch| {
             let verdict = match (&verified, precheck) {
                 (Some(verified), Ok(())) => state::check(batch.conn(), verified)?,
                 (_, Err(rejection)) => Err(rejection),
@@ -309,16 +338,19 @@ pub async fn record(ledger: &Ledger, pending: Pending) -> Decision {
             })
         })
         .await;
-    recorded.unwrap_or_else(|e| Decision {
-        decision_id,
-        admitted: false,
-        reason: Reason::Internal,
-        message: format!("the decision could not be recorded, so it is a denial: {e:#}"),
-        record_seq: 0,
-        serial: None,
-        contract_id: None,
-        outcome: None,
-    })
+    match recorded {
+        Err(e) if is_busy(&e) => Err(LedgerBusy),
+        recorded => Ok(recorded.unwrap_or_else(|e| Decision {
+            decision_id,
+            admitted: false,
+            reason: Reason::Internal,
+            message: format!("the decision could not be recorded, so it is a denial: {e:#}"),
+            record_seq: 0,
+            serial: None,
+            contract_id: None,
+            outcome: None,
+        })),
+    }
 }
 
 /// The presented request must be exactly the certified one, and have a digest that names

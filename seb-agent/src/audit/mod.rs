@@ -10,7 +10,7 @@ pub mod store;
 pub mod verify;
 
 pub use denial::KernelDenial;
-pub use ledger::{Batch, Ledger};
+pub use ledger::{Batch, Ledger, LedgerBusy, is_busy};
 pub use store::{AuditStore, Record};
 
 /// Nanoseconds since the Unix epoch, now.

@@ -1,0 +1,141 @@
+//! One connection: read a request within the time and memory limits, answer it, repeat.
+//! A bad message gets an error reply and closes this connection only.
+
+use std::sync::{Arc, LazyLock};
+
+use tokio::{net::UnixStream, time::timeout};
+use tracing::debug;
+
+use super::{
+    Broker, error, handlers,
+    limits::{ConnectionSlot, FrameShare},
+};
+use crate::{
+    admission::Peer,
+    metrics::Limit,
+    protocol::{Envelope, ErrorCode, FrameError, Request, Response, VERSION, read_body, read_len, write_frame},
+};
+
+/// What a waiting connection is told when it is closed to make room or on shutdown;
+/// encoded once, as floods displace connections by the thousand.
+static DISPLACED: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    let message = "the broker closed this waiting connection: it needed the room (broker.max_connections, \
+                   broker.max_connections_per_uid) or is shutting down";
+    frame(error(ErrorCode::Busy, message)).unwrap_or_default()
+});
+
+/// Serve `stream` until the peer closes it, a limit cuts it, it is displaced, or the
+/// broker drains (a request under way is still answered).
+pub async fn serve(mut stream: UnixStream, peer: Peer, broker: Arc<Broker>, slot: ConnectionSlot) {
+    loop {
+        slot.waiting();
+        let read = tokio::select! {
+            biased;
+            _ = slot.cancelled() => {
+                // Best effort, never waiting: say why before closing.
+                let _ = stream.try_write(&DISPLACED);
+                return;
+            }
+            read = read_request(&mut stream, &broker) => read,
+        };
+        let (frame, _share) = match read {
+            Ok(frame) => frame,
+            Err(Some(response)) => {
+                let _ = reply(&mut stream, &broker, response).await;
+                return;
+            }
+            Err(None) => return,
+        };
+        slot.busy();
+        let response = match parse_request(&frame) {
+            Ok(request) => handlers::handle(request, &peer, &broker).await,
+            Err(response) => {
+                let _ = reply(&mut stream, &broker, response).await;
+                return;
+            }
+        };
+        drop(frame);
+        if reply(&mut stream, &broker, response).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The next request's bytes, with its share of the frame memory. `Err(Some(_))` is the
+/// error to answer before closing; `Err(None)` closes without one.
+async fn read_request(stream: &mut UnixStream, broker: &Broker) -> Result<(Vec<u8>, FrameShare), Option<Response>> {
+    let limits = &broker.limits;
+    let len = match timeout(limits.idle_timeout, read_len(stream)).await {
+        Err(_) => {
+            broker.metrics.count_limit(Limit::IdleTimeout);
+            return Err(None);
+        }
+        Ok(Ok(len)) => len,
+        Ok(Err(FrameError::Closed)) => return Err(None),
+        Ok(Err(e @ FrameError::TooLarge(_))) => return Err(Some(error(ErrorCode::TooLarge, e.to_string()))),
+        Ok(Err(e)) => {
+            debug!(error = %e, "dropping a connection with a truncated message");
+            return Err(None);
+        }
+    };
+    let Some(share) = broker.frame_memory.take(len) else {
+        broker.metrics.count_limit(Limit::FrameMemory);
+        let message = format!(
+            "the broker is receiving too many large requests (broker.frame_memory_mib); a {len}-byte request does not fit now"
+        );
+        return Err(Some(error(ErrorCode::Busy, message)));
+    };
+    match timeout(limits.frame_timeout, read_body(stream, len)).await {
+        Err(_) => {
+            broker.metrics.count_limit(Limit::FrameTimeout);
+            let message = format!("the {len}-byte request did not arrive within {} s", limits.frame_timeout.as_secs());
+            Err(Some(error(ErrorCode::Timeout, message)))
+        }
+        Ok(Ok(body)) => Ok((body, share)),
+        Ok(Err(e)) => {
+            debug!(error = %e, "dropping a connection with a truncated message");
+            Err(None)
+        }
+    }
+}
+
+fn parse_request(frame: &[u8]) -> Result<Request, Response> {
+    let value: serde_json::Value = serde_json::from_slice(frame)
+        .map_err(|e| error(ErrorCode::Malformed, format!("the message is not JSON: {e}")))?;
+    match value.get("v").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(VERSION) => {}
+        Some(v) => {
+            return Err(error(
+                ErrorCode::UnsupportedVersion,
+                format!("protocol version {v} is not supported; this broker speaks {VERSION}"),
+            ));
+        }
+        None => return Err(error(ErrorCode::Malformed, "the message has no protocol version field `v`")),
+    }
+    let envelope: Envelope<Request> =
+        serde_json::from_value(value).map_err(|e| error(ErrorCode::Malformed, format!("invalid request: {e}")))?;
+    Ok(envelope.body)
+}
+
+/// A response as one frame: length prefix and body.
+fn frame(response: Response) -> std::io::Result<Vec<u8>> {
+    let body = serde_json::to_vec(&Envelope { v: VERSION, body: response }).map_err(std::io::Error::other)?;
+    Ok([&(body.len() as u32).to_be_bytes()[..], &body].concat())
+}
+
+/// Write a reply now if the socket has room for it, else not at all.
+pub fn try_reply(stream: &UnixStream, response: Response) -> std::io::Result<()> {
+    stream.try_write(&frame(response)?).map(drop)
+}
+
+/// Write a reply; a peer that does not take it within the frame timeout is cut.
+async fn reply(stream: &mut UnixStream, broker: &Broker, response: Response) -> std::io::Result<()> {
+    let body = serde_json::to_vec(&Envelope { v: VERSION, body: response }).map_err(std::io::Error::other)?;
+    match timeout(broker.limits.frame_timeout, write_frame(stream, &body)).await {
+        Ok(written) => written,
+        Err(_) => {
+            broker.metrics.count_limit(Limit::FrameTimeout);
+            Err(std::io::ErrorKind::TimedOut.into())
+        }
+    }
+}

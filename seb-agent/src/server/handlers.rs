@@ -1,0 +1,234 @@
+//! One handler per request kind.
+//!
+//! Requests that act on the caller's identity (a proposal, a read, the administrator's
+//! requests) first check that the process which opened the connection is still alive; a
+//! caller that has exited (its PID perhaps another process's by now) is refused, and the
+//! refusal recorded.
+
+use tracing::{info, warn};
+
+use super::{Broker, error};
+use crate::{
+    admission::{
+        self, Caller, Peer, Pending, Proposal,
+        state::{self, RevocationTarget},
+    },
+    audit::{is_busy, now_ns, store},
+    cert::MutationRequest,
+    config::parse_socket_addr,
+    enforcement::{broker_sockets::Retired, maps},
+    execute::passthrough,
+    metrics::{AdmissionLabels, ExecutionLabels, Limit},
+    propose::propose,
+    protocol::{ErrorCode, Request, Response, StatusReport},
+    recorder::recorded_loss_total,
+};
+
+/// Record kind of passthrough reads.
+pub const READ_KIND: &str = "read";
+/// Record kind of administrator requests refused because their caller had exited.
+pub const REFUSAL_KIND: &str = "refusal";
+
+pub async fn handle(request: Request, peer: &Peer, broker: &Broker) -> Response {
+    match request {
+        Request::Ping => Response::Pong { version: env!("CARGO_PKG_VERSION").into() },
+        Request::Propose { certificate, request } => {
+            handle_propose(Proposal { certificate, request }, peer, broker).await
+        }
+        Request::Read { request } => handle_read(request, peer, broker).await,
+        Request::Revoke { target, value, reason } => match administrator(peer, broker, "revoke").await {
+            Ok(()) => handle_revoke(target, value, reason.unwrap_or_default(), broker).await,
+            Err(refusal) => refusal,
+        },
+        Request::SetEpochs { policy, revocation } => match administrator(peer, broker, "set_epochs").await {
+            Ok(()) => handle_set_epochs(policy, revocation, broker).await,
+            Err(refusal) => refusal,
+        },
+        Request::GetEpochs => match broker.ledger.try_run(|batch| state::epochs(batch.conn())).await {
+            Ok(epochs) => Response::Epochs(epochs),
+            Err(e) => ledger_error(broker, e),
+        },
+        Request::Status => match administrator(peer, broker, "status").await {
+            Ok(()) => handle_status(broker).await,
+            Err(refusal) => refusal,
+        },
+        Request::ProbeEgress { addr } => match administrator(peer, broker, "probe_egress").await {
+            Ok(()) => handle_probe_egress(addr, broker).await,
+            Err(refusal) => refusal,
+        },
+    }
+}
+
+async fn handle_propose(proposal: Proposal, peer: &Peer, broker: &Broker) -> Response {
+    let decision = match peer.identify() {
+        Ok(caller) => propose(&broker.admission, &broker.executors, &broker.ledger, &caller, &proposal).await,
+        // Still a decision: denied, and recorded before the answer.
+        Err(e) => {
+            let pending = Pending::unidentified(peer.unidentified(), &proposal, format!("{e:#}"));
+            admission::record(&broker.ledger, pending).await
+        }
+    };
+    let Ok(decision) = decision else {
+        broker.metrics.count_limit(Limit::LedgerQueue);
+        return busy();
+    };
+    let verdict = if decision.admitted { "admitted" } else { "denied" };
+    let labels = AdmissionLabels { decision: verdict.into(), reason: decision.reason.as_str().into() };
+    broker.metrics.admissions.get_or_create(&labels).inc();
+    if let Some(outcome) = &decision.outcome {
+        let status =
+            serde_json::to_value(outcome.status).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        let provider = format!("{:?}", proposal.request.provider).to_lowercase();
+        let labels = ExecutionLabels { provider, status };
+        broker.metrics.execution_seconds.get_or_create(&labels).observe(outcome.duration_ms / 1e3);
+    }
+    info!(
+        decision_id = %decision.decision_id,
+        admitted = decision.admitted,
+        reason = %decision.reason,
+        pid = peer.pid,
+        "admission decision"
+    );
+    Response::Decision(Box::new(decision))
+}
+
+async fn handle_read(request: MutationRequest, peer: &Peer, broker: &Broker) -> Response {
+    let read_id = uuid::Uuid::new_v4().to_string();
+    // An unidentifiable reader is refused, and the refusal recorded like any other.
+    let (caller, result) = match peer.identify() {
+        Ok(Caller { identity, .. }) => {
+            (identity, passthrough::read(&broker.passthrough, &broker.executors, &request, &read_id).await)
+        }
+        Err(e) => (peer.unidentified(), Err(e)),
+    };
+    let record = serde_json::json!({
+        "read_id": read_id,
+        "caller": caller,
+        "provider": request.provider,
+        "operation": request.operation,
+        "target": request.target,
+        "status": result.as_ref().ok().map(|r| r.status),
+        "state_digest": result.as_ref().ok().map(|r| r.state_digest.clone()),
+        "error": result.as_ref().err().map(|e| format!("{e:#}")),
+    });
+    // Recorded, refused or not, before the caller hears anything.
+    if let Err(e) = broker.ledger.try_run(move |batch| batch.append(READ_KIND, now_ns(), &record)).await {
+        return ledger_error(broker, e.context("the read could not be recorded"));
+    }
+    match result {
+        Ok(read) => Response::Read(read),
+        Err(e) => error(ErrorCode::Forbidden, format!("{e:#}")),
+    }
+}
+
+async fn handle_revoke(target: RevocationTarget, value: String, reason: String, broker: &Broker) -> Response {
+    let normalised = state::normalise(target, &value);
+    let recorded = broker.ledger.try_run(move |batch| state::revoke(batch, target, &value, &reason)).await;
+    let record_seq = match recorded {
+        Ok(record_seq) => record_seq,
+        Err(e) => return ledger_error(broker, e),
+    };
+    let retired = match target {
+        RevocationTarget::Serial => Retired { serials: [normalised].into(), ..Default::default() },
+        RevocationTarget::ContractId => Retired { contract_ids: [normalised].into(), ..Default::default() },
+    };
+    match broker.sockets.cut(&retired) {
+        Ok(_) => Response::Revoked { record_seq },
+        Err(e) => error(ErrorCode::Internal, format!("{e:#}")),
+    }
+}
+
+async fn handle_set_epochs(policy: Option<u64>, revocation: Option<u64>, broker: &Broker) -> Response {
+    if broker.admission.follows_cluster() {
+        return error(
+            ErrorCode::Forbidden,
+            "this broker follows the cluster's SebPolicy and SebRevocation: set epochs there (seb-agent epoch --cluster)",
+        );
+    }
+    let epochs = match broker.ledger.try_run(move |batch| state::set_epochs(batch, policy, revocation)).await {
+        Ok(epochs) => epochs,
+        Err(e) if is_busy(&e) => return ledger_error(broker, e),
+        Err(e) => return error(ErrorCode::Malformed, format!("{e:#}")),
+    };
+    let retired = Retired { revocation_epoch: epochs.revocation, policy_epoch: epochs.policy, ..Default::default() };
+    match broker.sockets.cut(&retired) {
+        Ok(_) => Response::Epochs(epochs),
+        Err(e) => error(ErrorCode::Internal, format!("{e:#}")),
+    }
+}
+
+async fn handle_status(broker: &Broker) -> Response {
+    let map_entries = match maps::entry_counts(&broker.layout) {
+        Ok(counts) => counts,
+        Err(e) => return error(ErrorCode::Internal, format!("{e:#}")),
+    };
+    let read = broker
+        .ledger
+        .try_run(|batch| {
+            let last_denial = store::last_body(batch.conn(), crate::audit::denial::KIND)?
+                .map(|body| serde_json::from_str(&body))
+                .transpose()?;
+            Ok((state::epochs(batch.conn())?, last_denial, recorded_loss_total(batch.conn())?))
+        })
+        .await;
+    let (epochs, last_denial, ring_lost_total) = match read {
+        Ok(read) => read,
+        Err(e) => return ledger_error(broker, e),
+    };
+    Response::Status(Box::new(StatusReport {
+        version: env!("CARGO_PKG_VERSION").into(),
+        ready: broker.readiness.ready(),
+        links: broker.enforcer.links(),
+        integrity: broker.enforcer.integrity(),
+        map_entries,
+        epochs,
+        ring_lost_total,
+        last_denial,
+        cluster: broker.admission.cluster_status(),
+    }))
+}
+
+async fn handle_probe_egress(addr: String, broker: &Broker) -> Response {
+    let target = match parse_socket_addr(&addr) {
+        Ok(target) => target,
+        Err(problem) => return error(ErrorCode::Malformed, problem),
+    };
+    let result = broker.sockets.connect_tcp(target).await;
+    info!(%addr, connected = result.is_ok(), "broker egress probe");
+    Response::ProbeEgress { addr, connected: result.is_ok(), error: result.err().map(|e| format!("{e:#}")) }
+}
+
+/// Administrator requests: uid 0, and the process that connected is still alive (a
+/// refusal of the latter is recorded).
+async fn administrator(peer: &Peer, broker: &Broker, what: &str) -> Result<(), Response> {
+    if peer.uid != 0 {
+        return Err(error(ErrorCode::Forbidden, format!("{what} is for the node's administrator (uid 0)")));
+    }
+    if peer.alive() {
+        return Ok(());
+    }
+    let message = format!("the process that opened this connection (pid {}) has exited", peer.pid);
+    let record = serde_json::json!({
+        "request": what,
+        "caller": peer.unidentified(),
+        "reason": admission::Reason::CallerChanged,
+        "message": message,
+    });
+    if let Err(e) = broker.ledger.try_run(move |batch| batch.append(REFUSAL_KIND, now_ns(), &record)).await {
+        warn!(error = %format!("{e:#}"), "a refused administrator request could not be recorded");
+    }
+    Err(error(ErrorCode::Forbidden, message))
+}
+
+/// A ledger failure as an answer: `busy` for a full queue (counted), else `internal`.
+fn ledger_error(broker: &Broker, e: anyhow::Error) -> Response {
+    if is_busy(&e) {
+        broker.metrics.count_limit(Limit::LedgerQueue);
+        return busy();
+    }
+    error(ErrorCode::Internal, format!("{e:#}"))
+}
+
+fn busy() -> Response {
+    error(ErrorCode::Busy, crate::audit::LedgerBusy.to_string())
+}

@@ -1,0 +1,320 @@
+//! What one outsider can hold on the broker socket: connections (in all, and per uid),
+//! time, and memory for requests still arriving.
+//!
+//! At the connection limit a new connection displaces the open one that has waited
+//! longest for its next request (as nginx reuses idle keep-alive connections): a flood of
+//! idle or trickling connections can never lock callers out, and a request being served
+//! is never cut. Only when every connection is busy is a new one refused.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::BrokerConfig,
+    metrics::{Limit, Metrics},
+    protocol::MAX_MESSAGE,
+};
+
+/// Requests up to this size need no share of `broker.frame_memory_mib`: small requests
+/// (a ping, a proposal with its certificate) get through even while it is taken.
+pub const UNMETERED_FRAME: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy)]
+pub struct SocketLimits {
+    pub max_connections: usize,
+    pub max_connections_per_uid: usize,
+    pub idle_timeout: Duration,
+    pub frame_timeout: Duration,
+    pub frame_memory: usize,
+    pub shutdown_grace: Duration,
+}
+
+impl SocketLimits {
+    pub fn from_config(config: &BrokerConfig) -> Self {
+        Self {
+            max_connections: config.max_connections,
+            max_connections_per_uid: config.max_connections_per_uid,
+            idle_timeout: Duration::from_secs(config.idle_timeout_seconds),
+            frame_timeout: Duration::from_secs(config.frame_timeout_seconds),
+            frame_memory: config.frame_memory_mib << 20,
+            shutdown_grace: Duration::from_secs(config.shutdown_grace_seconds),
+        }
+    }
+}
+
+/// The open connections, and who waits longest for a request.
+pub struct Connections {
+    limits: SocketLimits,
+    metrics: Arc<Metrics>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    next: u64,
+    open: HashMap<u64, Slot>,
+    per_uid: HashMap<u32, usize>,
+    /// Waiting connections by when they started waiting (a sequence number) → id.
+    waiting: BTreeMap<u64, u64>,
+}
+
+struct Slot {
+    uid: u32,
+    waiting_since: Option<u64>,
+    cancel: CancellationToken,
+}
+
+/// Why a new connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused(pub Limit);
+
+impl State {
+    fn sequence(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
+
+    /// Forget a connection; its counts are free at once.
+    fn remove(&mut self, id: u64) -> Option<Slot> {
+        let slot = self.open.remove(&id)?;
+        if let Some(since) = slot.waiting_since {
+            self.waiting.remove(&since);
+        }
+        if let Some(count) = self.per_uid.get_mut(&slot.uid) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_uid.remove(&slot.uid);
+            }
+        }
+        Some(slot)
+    }
+
+    /// Cut the connection (of `uid`, if given) that has waited longest.
+    fn displace(&mut self, uid: Option<u32>) -> bool {
+        let victim = self.waiting.values().copied().find(|id| uid.is_none_or(|uid| self.open[id].uid == uid));
+        match victim.and_then(|id| self.remove(id)) {
+            Some(slot) => {
+                slot.cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Connections {
+    pub fn new(limits: SocketLimits, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self { limits, metrics, state: Mutex::default() })
+    }
+
+    /// Make room for a connection from `uid`: the returned handle is cancelled when it is
+    /// displaced or the broker drains (`drain` is cancelled).
+    pub fn open(self: &Arc<Self>, uid: u32, drain: &CancellationToken) -> Result<ConnectionSlot, Refused> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.per_uid.get(&uid).copied().unwrap_or(0) >= self.limits.max_connections_per_uid {
+            self.metrics.count_limit(Limit::ConnectionsPerUid);
+            if !state.displace(Some(uid)) {
+                return Err(Refused(Limit::ConnectionsPerUid));
+            }
+        }
+        if state.open.len() >= self.limits.max_connections {
+            self.metrics.count_limit(Limit::Connections);
+            if !state.displace(None) {
+                return Err(Refused(Limit::Connections));
+            }
+        }
+        let (id, since) = (state.sequence(), state.sequence());
+        let cancel = drain.child_token();
+        state.open.insert(id, Slot { uid, waiting_since: Some(since), cancel: cancel.clone() });
+        state.waiting.insert(since, id);
+        *state.per_uid.entry(uid).or_default() += 1;
+        self.metrics.connections.set(state.open.len() as i64);
+        Ok(ConnectionSlot { id, cancel, connections: self.clone() })
+    }
+
+    fn set_waiting(&self, id: u64, waiting: bool) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let since = waiting.then(|| state.sequence());
+        let Some(slot) = state.open.get_mut(&id) else { return };
+        let previous = std::mem::replace(&mut slot.waiting_since, since);
+        if let Some(previous) = previous {
+            state.waiting.remove(&previous);
+        }
+        if let Some(since) = since {
+            state.waiting.insert(since, id);
+        }
+    }
+
+    fn close(&self, id: u64) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.remove(id);
+        self.metrics.connections.set(state.open.len() as i64);
+    }
+}
+
+/// One connection's place; released on drop.
+pub struct ConnectionSlot {
+    id: u64,
+    cancel: CancellationToken,
+    connections: Arc<Connections>,
+}
+
+impl ConnectionSlot {
+    /// Waiting for a request: this connection may be displaced.
+    pub fn waiting(&self) {
+        self.connections.set_waiting(self.id, true);
+    }
+
+    /// Serving a request: this connection is not displaced.
+    pub fn busy(&self) {
+        self.connections.set_waiting(self.id, false);
+    }
+
+    /// Displaced, or the broker is draining.
+    pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.cancel.cancelled()
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.connections.close(self.id);
+    }
+}
+
+/// Memory for large requests while they arrive, shared by every connection.
+pub struct FrameMemory {
+    budget: Arc<Semaphore>,
+}
+
+/// A request's share of [`FrameMemory`], given back on drop.
+pub struct FrameShare(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
+
+impl FrameMemory {
+    pub fn new(bytes: usize) -> Self {
+        // At least one largest message fits, whatever the config says.
+        Self { budget: Arc::new(Semaphore::new(bytes.max(MAX_MESSAGE))) }
+    }
+
+    /// Take `len` bytes for a request of that announced length, or `None` when that much
+    /// is not free now. Small requests take nothing.
+    pub fn take(&self, len: usize) -> Option<FrameShare> {
+        if len <= UNMETERED_FRAME {
+            return Some(FrameShare(None));
+        }
+        let permits = u32::try_from(len).ok()?;
+        self.budget.clone().try_acquire_many_owned(permits).ok().map(|permit| FrameShare(Some(permit)))
+    }
+}
+
+/// Descriptors kept for everything but connections: the store, kernel maps and links,
+/// executors' and the cluster watchers' sockets.
+pub const RESERVED_DESCRIPTORS: u64 = 512;
+
+/// Raise the soft descriptor limit to the hard one, and make sure `max_connections`
+/// connections (two descriptors each: the socket and the caller's pidfd) fit under it,
+/// so that the connection limit bites before the descriptors run out.
+pub fn ensure_descriptors(max_connections: usize) -> anyhow::Result<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+        }
+    }
+    let needed = 2 * max_connections as u64 + RESERVED_DESCRIPTORS;
+    if limit.rlim_cur < needed {
+        anyhow::bail!(
+            "config field `broker.max_connections`: {max_connections} connections need {needed} file descriptors, \
+             and this process may open {} (RLIMIT_NOFILE); lower the field or raise the limit",
+            limit.rlim_cur
+        );
+    }
+    Ok(limit.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(total: usize, per_uid: usize) -> SocketLimits {
+        SocketLimits {
+            max_connections: total,
+            max_connections_per_uid: per_uid,
+            idle_timeout: Duration::from_secs(60),
+            frame_timeout: Duration::from_secs(10),
+            frame_memory: 4 << 20,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn at_the_limit_the_longest_waiting_connection_makes_room() {
+        let metrics = Arc::new(Metrics::new());
+        let connections = Connections::new(limits(3, 3), metrics.clone());
+        let drain = CancellationToken::new();
+        let a = connections.open(1000, &drain).unwrap();
+        let b = connections.open(1000, &drain).unwrap();
+        let c = connections.open(2000, &drain).unwrap();
+        // `a` is serving a request: it is never displaced. `b` has waited longest.
+        a.busy();
+        let d = connections.open(2000, &drain).unwrap();
+        assert!(b.is_cancelled() && !a.is_cancelled() && !c.is_cancelled() && !d.is_cancelled());
+        // Everyone busy: a newcomer is refused.
+        c.busy();
+        d.busy();
+        assert_eq!(connections.open(3000, &drain).err(), Some(Refused(Limit::Connections)));
+        assert!(metrics.encode().contains(r#"seb_broker_limited_total{limit="connections"} 2"#));
+        drop(b);
+        assert!(metrics.encode().contains("seb_broker_connections 3"), "{}", metrics.encode());
+        // The broker drains: every connection hears it.
+        drain.cancel();
+        assert!(a.is_cancelled() && c.is_cancelled() && d.is_cancelled());
+    }
+
+    #[test]
+    fn a_uid_at_its_limit_displaces_only_its_own_connections() {
+        let connections = Connections::new(limits(10, 2), Arc::new(Metrics::new()));
+        let drain = CancellationToken::new();
+        let other = connections.open(2000, &drain).unwrap();
+        let first = connections.open(1000, &drain).unwrap();
+        let second = connections.open(1000, &drain).unwrap();
+        let third = connections.open(1000, &drain).unwrap();
+        assert!(first.is_cancelled() && !other.is_cancelled() && !second.is_cancelled() && !third.is_cancelled());
+        second.busy();
+        third.busy();
+        assert_eq!(connections.open(1000, &drain).err(), Some(Refused(Limit::ConnectionsPerUid)));
+        // A connection that served its request and waits again is displaceable again.
+        second.waiting();
+        assert!(connections.open(1000, &drain).is_ok());
+        assert!(second.is_cancelled());
+    }
+
+    #[test]
+    fn large_requests_share_the_frame_memory_and_small_ones_need_none() {
+        let memory = FrameMemory::new(3 << 20);
+        let first = memory.take(MAX_MESSAGE).unwrap();
+        let _second = memory.take(MAX_MESSAGE).unwrap();
+        let _third = memory.take(MAX_MESSAGE).unwrap();
+        assert!(memory.take(MAX_MESSAGE).is_none());
+        assert!(memory.take(UNMETERED_FRAME).is_some(), "a small request always gets through");
+        drop(first);
+        assert!(memory.take(MAX_MESSAGE).is_some());
+    }
+}
