@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::{
     admission::{Admission, ClusterGate},
-    audit::{Ledger, keys},
+    audit::{Ledger, LedgerFiles, keys},
     cert::{TrustAnchors, ValidityPolicy},
     cgroupfs::{self, CgroupNames},
     cluster::{self, directory::SharedDirectory, freshness::Freshness, sync::ClusterSync},
@@ -74,7 +74,8 @@ pub async fn run(config: Config) -> Result<()> {
     info!(links = enforcer.links().len(), adopted, pin_path = %layout.root.display(), "kernel enforcement active");
 
     let key = keys::load_or_create(&config.audit.signing_key)?;
-    let (ledger, ledger_thread) = Ledger::start(&config.audit.database, key)?;
+    let files = LedgerFiles::new(&config.audit.database, &config.audit.signing_key);
+    let (ledger, ledger_thread) = Ledger::start(&files, key, crate::admission::state::DERIVED)?;
     let mut admission = admission_from(&config)?;
     // Start-up reads the ledger synchronously; allowed on a runtime worker this way.
     let names = CgroupNames::new(mount.clone());

@@ -128,6 +128,18 @@ impl Sandbox {
     pub fn public_key(&self) -> PathBuf {
         self.dir.join("broker.key.pub")
     }
+    /// The head file the broker keeps beside its key.
+    pub fn head_file(&self) -> PathBuf {
+        self.dir.join("broker.key.head")
+    }
+
+    /// The broker's ledger on this sandbox's store, in this process (the agent stopped).
+    pub fn start_ledger(&self) -> Result<(seb_agent::audit::Ledger, thread::JoinHandle<()>)> {
+        use seb_agent::audit::{Ledger, LedgerFiles, keys};
+        let key = keys::load_or_create(&self.signing_key())?;
+        let files = LedgerFiles::new(&self.database, &self.signing_key());
+        Ledger::start(&files, key, seb_agent::admission::state::DERIVED)
+    }
 
     /// Write the agent config: enforce the sandbox cgroup, exempt `<root>/exempt`.
     /// `extra` is TOML placed after the enforcement table (protected endpoints, an

@@ -17,7 +17,7 @@ pub use caller::{Caller, CallerIdentity};
 pub use reason::Reason;
 
 use crate::{
-    audit::{Ledger, now_ns},
+    audit::Ledger,
     cert::{MutationRequest, Rejection, TrustAnchors, ValidityPolicy, Verified},
     cluster::freshness::Freshness,
 };
@@ -293,10 +293,7 @@ pub async fn record(ledger: &Ledger, pending: Pending) -> Decision {
                 identity: verified.as_ref().map(|v| v.contract.identity.clone()),
                 active_epochs: state::epochs(batch.conn())?,
             };
-            let seq = batch.append(DECISION_KIND, now_ns(), &record)?;
-            if let (true, Some(serial)) = (admitted, &serial) {
-                state::consume(batch.conn(), serial, seq)?;
-            }
+            let seq = state::record_decision(batch, &record)?;
             Ok(Decision {
                 decision_id: id,
                 admitted,

@@ -7,22 +7,24 @@
 //! is not on disk, and all state checks and writes are serialised.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     sync::mpsc,
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use ed25519_dalek::SigningKey;
 use rusqlite::{Connection, Transaction, TransactionBehavior, params};
 use serde::Serialize;
 use tokio::sync::oneshot;
-use tracing::error;
+use tracing::{error, info};
 
 use super::{
-    chain::{self, Head},
-    now_ns, store,
+    chain::{self, Head, StoredRecord},
+    head, now_ns,
+    store::{self, OpenFiles},
+    verify::{self, Signatures},
 };
 
 /// Record kind of the periodic signed checkpoints.
@@ -41,8 +43,35 @@ pub struct Checkpoint {
     pub records_since_previous: u64,
 }
 
+/// State derived from the records (the admission state). Its tables are temporary tables
+/// of the ledger's connection: no other process can change them, and they are rebuilt
+/// from the verified chain at each start, then kept current by the jobs that append the
+/// records they derive from (with the same `apply`).
+#[derive(Clone, Copy)]
+pub struct Derived {
+    /// Creates the (temporary) tables.
+    pub schema: &'static str,
+    /// How one record changes the state.
+    pub apply: fn(&Connection, &StoredRecord) -> Result<()>,
+}
+
+/// The ledger's files: the store, and the head file kept beside the signing key.
+#[derive(Debug, Clone)]
+pub struct LedgerFiles {
+    pub database: PathBuf,
+    pub head: PathBuf,
+}
+
+impl LedgerFiles {
+    pub fn new(database: &Path, signing_key: &Path) -> Self {
+        Self { database: database.to_path_buf(), head: head::path_for(signing_key) }
+    }
+}
+
 type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
-type Job = Box<dyn FnOnce(&mut Batch<'_>) -> (bool, Completion) + Send>;
+/// Runs the work in the batch, or (`None`) only hands back its completion, for a batch
+/// that failed before the job's turn.
+type Job = Box<dyn FnOnce(Option<&mut Batch<'_>>) -> (bool, Completion) + Send>;
 
 /// Handle for submitting work; cheap to clone.
 #[derive(Clone)]
@@ -50,9 +79,9 @@ pub struct Ledger {
     jobs: mpsc::SyncSender<Job>,
 }
 
-/// What a job sees: the open transaction and the chain head.
+/// What a job sees: its savepoint in the open transaction, and the chain head.
 pub struct Batch<'a> {
-    tx: Transaction<'a>,
+    conn: &'a Connection,
     head: Head,
     key: &'a SigningKey,
     appended: u64,
@@ -61,33 +90,69 @@ pub struct Batch<'a> {
 impl Batch<'_> {
     /// Append a signed, chained record; returns its sequence number.
     pub fn append<T: Serialize + ?Sized>(&mut self, kind: &str, time_ns: i64, body: &T) -> Result<i64> {
+        Ok(self.append_record(kind, time_ns, body)?.seq)
+    }
+
+    /// The same, returning the record as stored (to derive state from it).
+    pub fn append_record<T: Serialize + ?Sized>(&mut self, kind: &str, time_ns: i64, body: &T) -> Result<StoredRecord> {
         let body = serde_json::to_string(body)?;
         let sealed = chain::seal(&self.head, self.key, kind, time_ns, &body);
-        self.tx
+        self.conn
             .prepare_cached(
                 "INSERT INTO records (seq, kind, time_ns, body, prev_hash, hash, signature) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
             .execute(params![sealed.seq, kind, time_ns, body, &sealed.prev_hash[..], &sealed.hash[..], &sealed.signature[..]])?;
         self.head = Head { seq: sealed.seq, hash: sealed.hash };
         self.appended += 1;
-        Ok(sealed.seq)
+        Ok(StoredRecord {
+            seq: sealed.seq,
+            kind: kind.into(),
+            time_ns,
+            body,
+            prev_hash: sealed.prev_hash.to_vec(),
+            hash: sealed.hash.to_vec(),
+            signature: sealed.signature.to_vec(),
+        })
     }
 
     /// The transaction, for state reads and writes.
     pub fn conn(&self) -> &Connection {
-        &self.tx
+        self.conn
     }
 }
 
+/// What the ledger thread owns.
+struct Writer {
+    conn: Connection,
+    key: SigningKey,
+    head: Head,
+    files: LedgerFiles,
+    open_files: OpenFiles,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+}
+
 impl Ledger {
-    /// Open the store and start the ledger thread; it stops when every handle is dropped.
-    pub fn start(path: &Path, key: SigningKey) -> Result<(Self, JoinHandle<()>)> {
-        let conn = store::open_writable(path)?;
-        let head = store::head(&conn)?;
+    /// Open the store, verify it against the head file, rebuild the derived state, and
+    /// start the ledger thread; it stops when every handle is dropped. Refuses a store
+    /// that is missing, truncated, replaced or altered while the head file says
+    /// otherwise, naming why.
+    pub fn start(files: &LedgerFiles, key: SigningKey, derived: Derived) -> Result<(Self, JoinHandle<()>)> {
+        let (conn, head) = open_verified(files, &key, derived)?;
+        let open_files = OpenFiles::pin(&files.database)?;
+        let writer = Writer {
+            conn,
+            key,
+            head,
+            files: files.clone(),
+            open_files,
+            since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+        };
         let (jobs, queue) = mpsc::sync_channel::<Job>(QUEUE);
         let thread = std::thread::Builder::new()
             .name("seb-ledger".into())
-            .spawn(move || run_ledger(conn, key, head, queue))
+            .spawn(move || run_ledger(writer, queue))
             .context("starting the ledger thread")?;
         Ok((Self { jobs }, thread))
     }
@@ -99,7 +164,10 @@ impl Ledger {
     ) -> oneshot::Receiver<Result<R>> {
         let (reply, result) = oneshot::channel();
         let job: Job = Box::new(move |batch| {
-            let outcome = work(batch);
+            let outcome = match batch {
+                Some(batch) => work(batch),
+                None => Err(anyhow!("the audit batch failed before this job ran")),
+            };
             let ok = outcome.is_ok();
             let completion: Completion = Box::new(move |committed| {
                 let _ = reply.send(committed.map_err(|e| anyhow!("committing the audit store: {e}")).and(outcome));
@@ -128,9 +196,54 @@ impl Ledger {
     }
 }
 
-fn run_ledger(mut conn: Connection, key: SigningKey, mut head: Head, queue: mpsc::Receiver<Job>) {
-    let mut since_checkpoint = 0u64;
-    let mut last_checkpoint = Instant::now();
+/// The store, checked against the head file and verified, with the derived state rebuilt
+/// from it; and its head.
+fn open_verified(files: &LedgerFiles, key: &SigningKey, derived: Derived) -> Result<(Connection, Head)> {
+    let database = files.database.display();
+    let public = key.verifying_key();
+    let Some(trusted) = head::read(&files.head, &public)? else {
+        bail!(
+            "the audit head file {} is missing although the signing key exists, so the store {database} cannot be \
+             checked for removed records; refusing to start. If the store is known to be intact (written by a version \
+             without head files), `seb-agent audit adopt` verifies it and records its head",
+            files.head.display()
+        );
+    };
+    let exists = files.database.try_exists().with_context(|| format!("checking {database}"))?;
+    if !exists && trusted.seq > 0 {
+        bail!(
+            "the audit store {database} does not exist, but the head file {} says it held {} records; refusing to \
+             start on an empty store (restore the store)",
+            files.head.display(),
+            trusted.seq
+        );
+    }
+    let mut conn = store::open_writable(&files.database, trusted.seq == 0)?;
+    let started = Instant::now();
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch(derived.schema).context("creating the derived state")?;
+    let verified = verify::walk(&tx, &public, Some(trusted), Signatures::PastHead, |record| {
+        (derived.apply)(&tx, record).with_context(|| format!("record {}: deriving the admission state", record.seq))
+    })?
+    .map_err(|failure| {
+        anyhow!(
+            "the audit store {database} fails verification at {failure} (head file {}); refusing to start",
+            files.head.display()
+        )
+    })?;
+    tx.commit()?;
+    info!(
+        records = verified.records,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "audit store verified against its head file; admission state rebuilt from it"
+    );
+    if verified.head != trusted {
+        head::write(&files.head, &verified.head, key)?;
+    }
+    Ok((conn, verified.head))
+}
+
+fn run_ledger(mut writer: Writer, queue: mpsc::Receiver<Job>) {
     while let Ok(first) = queue.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -139,8 +252,7 @@ fn run_ledger(mut conn: Connection, key: SigningKey, mut head: Head, queue: mpsc
                 Err(_) => break,
             }
         }
-        let (result, completions) =
-            run_batch(&mut conn, &key, &mut head, jobs, &mut since_checkpoint, &mut last_checkpoint);
+        let (result, completions) = writer.run_batch(jobs);
         let result = result.map_err(|e| format!("{e:#}"));
         if let Err(e) = &result {
             error!(error = %e, "an audit batch failed; its callers are told so");
@@ -151,56 +263,71 @@ fn run_ledger(mut conn: Connection, key: SigningKey, mut head: Head, queue: mpsc
     }
 }
 
-fn run_batch(
-    conn: &mut Connection,
-    key: &SigningKey,
-    head: &mut Head,
-    jobs: Vec<Job>,
-    since_checkpoint: &mut u64,
-    last_checkpoint: &mut Instant,
-) -> (Result<()>, Vec<Completion>) {
-    let mut completions = Vec::with_capacity(jobs.len());
-    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(tx) => tx,
-        Err(e) => {
-            // Still run each job so it can answer; nothing it wrote is kept.
-            return (Err(e.into()), Vec::new());
-        }
-    };
-    let mut batch = Batch { tx, head: *head, key, appended: 0 };
-    for job in jobs {
-        let before = (batch.head, batch.appended);
-        let _ = batch.tx.execute_batch("SAVEPOINT job");
-        let (ok, completion) = job(&mut batch);
-        if ok {
-            let _ = batch.tx.execute_batch("RELEASE job");
-        } else {
-            let _ = batch.tx.execute_batch("ROLLBACK TO job; RELEASE job");
-            (batch.head, batch.appended) = before;
-        }
-        completions.push(completion);
+impl Writer {
+    /// Run the jobs in one transaction, each under its own savepoint, and commit once.
+    /// Every job's completion is returned, whatever fails.
+    fn run_batch(&mut self, jobs: Vec<Job>) -> (Result<()>, Vec<Completion>) {
+        let mut completions = Vec::with_capacity(jobs.len());
+        let mut jobs = jobs.into_iter();
+        let result = self.try_batch(&mut jobs, &mut completions);
+        // Jobs the failure left unrun still answer, with the error.
+        completions.extend(jobs.map(|job| job(None).1));
+        (result, completions)
     }
-    *since_checkpoint += batch.appended;
-    let due = *since_checkpoint >= CHECKPOINT_RECORDS
-        || (*since_checkpoint > 0 && last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL);
-    if due {
-        let checkpoint = Checkpoint {
-            through_seq: batch.head.seq,
-            head_hash: hex::encode(batch.head.hash),
-            records_since_previous: *since_checkpoint,
-        };
-        if let Err(e) = batch.append(CHECKPOINT_KIND, now_ns(), &checkpoint) {
-            return (Err(e), completions);
+
+    fn try_batch(&mut self, jobs: &mut impl Iterator<Item = Job>, completions: &mut Vec<Completion>) -> Result<()> {
+        // Fail closed rather than record into a store file nobody will see again.
+        self.open_files.check()?;
+        let mut tx =
+            self.conn.transaction_with_behavior(TransactionBehavior::Immediate).context("beginning a transaction")?;
+        let mut head = self.head;
+        let mut appended = 0;
+        for job in jobs.by_ref() {
+            let mut savepoint = match tx.savepoint() {
+                Ok(savepoint) => savepoint,
+                Err(e) => {
+                    completions.push(job(None).1);
+                    return Err(e).context("opening a savepoint");
+                }
+            };
+            let mut batch = Batch { conn: &savepoint, head, key: &self.key, appended };
+            let (ok, completion) = job(Some(&mut batch));
+            let (job_head, job_appended) = (batch.head, batch.appended);
+            completions.push(completion);
+            if ok {
+                savepoint.commit().context("releasing a savepoint")?;
+                (head, appended) = (job_head, job_appended);
+            } else {
+                savepoint.rollback().context("rolling back a failed job")?;
+                savepoint.finish().context("releasing a rolled back savepoint")?;
+            }
         }
-        *since_checkpoint = 0;
-        *last_checkpoint = Instant::now();
-    }
-    let new_head = batch.head;
-    match batch.tx.commit() {
-        Ok(()) => {
-            *head = new_head;
-            (Ok(()), completions)
+        self.since_checkpoint += appended;
+        let due = self.since_checkpoint >= CHECKPOINT_RECORDS
+            || (self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL);
+        if due {
+            head = append_checkpoint(&tx, &self.key, head, self.since_checkpoint)?;
         }
-        Err(e) => (Err(e.into()), completions),
+        self.open_files.check()?;
+        tx.commit().context("committing")?;
+        if due {
+            self.since_checkpoint = 0;
+            self.last_checkpoint = Instant::now();
+        }
+        let moved = head != self.head;
+        self.head = head;
+        if moved {
+            // Before anyone hears of the records: a later truncation is then detectable.
+            head::write(&self.files.head, &head, &self.key)?;
+        }
+        Ok(())
     }
+}
+
+fn append_checkpoint(tx: &Transaction<'_>, key: &SigningKey, head: Head, since_previous: u64) -> Result<Head> {
+    let checkpoint =
+        Checkpoint { through_seq: head.seq, head_hash: hex::encode(head.hash), records_since_previous: since_previous };
+    let mut batch = Batch { conn: tx, head, key, appended: 0 };
+    batch.append(CHECKPOINT_KIND, now_ns(), &checkpoint)?;
+    Ok(batch.head)
 }
