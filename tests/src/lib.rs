@@ -209,7 +209,9 @@ impl Sandbox {
         let mut logs = Vec::new();
         loop {
             if let Some(status) = child.try_wait()? {
-                let lines: Vec<String> = rx.try_iter().collect();
+                // Everything it wrote: the reader stops at the end of its stderr.
+                let mut lines: Vec<String> = logs.iter().map(Value::to_string).collect();
+                lines.extend(rx.iter());
                 bail!("the agent exited with {status} before it was ready:\n{}", lines.join("\n"));
             }
             match rx.recv_timeout(Duration::from_millis(100)) {
