@@ -309,3 +309,22 @@ fn a_store_deleted_while_the_broker_runs_records_nothing_and_is_refused_at_resta
     f.sandbox.kill_agent().unwrap();
     assert_refused(&mut f, "store deleted while running", "does not exist, but the head file");
 }
+
+#[test]
+fn a_store_file_sqlite_cannot_write_is_refused_at_start_naming_it() {
+    let (mut f, _, _) = admitting_broker("immutable");
+    f.sandbox.stop_agent().unwrap();
+    let mut shm = f.sandbox.database.as_os_str().to_os_string();
+    shm.push("-shm");
+    let shm = std::path::PathBuf::from(shm);
+    std::fs::write(&shm, []).unwrap();
+    let chattr = |flag: &str| {
+        let status = std::process::Command::new("chattr").arg(flag).arg(&shm).status().unwrap();
+        assert!(status.success(), "chattr {flag} {}", shm.display());
+    };
+    chattr("+i");
+    let started = f.sandbox.start_agent();
+    chattr("-i");
+    let error = format!("{:#}", started.err().expect("the broker started with an immutable -shm file"));
+    assert!(error.contains(&format!("{} cannot be opened for writing", shm.display())), "{error}");
+}
