@@ -331,3 +331,61 @@ fn append_checkpoint(tx: &Transaction<'_>, key: &SigningKey, head: Head, since_p
     batch.append(CHECKPOINT_KIND, now_ns(), &checkpoint)?;
     Ok(batch.head)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOTHING_DERIVED: Derived = Derived { schema: "", apply: |_, _| Ok(()) };
+
+    fn start(dir: &Path) -> (Ledger, JoinHandle<()>, LedgerFiles) {
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let files = LedgerFiles { database: dir.join("audit.db"), head: dir.join("broker.key.head") };
+        if !files.head.exists() {
+            head::write(&files.head, &Head::EMPTY, &key).unwrap();
+        }
+        let (ledger, thread) = Ledger::start(&files, key, NOTHING_DERIVED).unwrap();
+        (ledger, thread, files)
+    }
+
+    fn append(ledger: &Ledger, fail: bool) -> oneshot::Receiver<Result<i64>> {
+        ledger.submit(move |batch| {
+            let seq = batch.append("test", 1, "x")?;
+            if fail { Err(anyhow!("this job fails after appending")) } else { Ok(seq) }
+        })
+    }
+
+    #[test]
+    fn a_failed_job_is_rolled_back_alone_and_the_head_file_follows_each_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, thread, files) = start(dir.path());
+        let results: Vec<_> = [false, true, false].map(|fail| append(&ledger, fail)).into_iter().collect();
+        let results: Vec<_> = results.into_iter().map(|r| r.blocking_recv().unwrap()).collect();
+        assert_eq!(results[0].as_ref().unwrap(), &1);
+        assert!(format!("{:#}", results[1].as_ref().unwrap_err()).contains("fails after appending"));
+        assert_eq!(results[2].as_ref().unwrap(), &2, "the failed job's record was rolled back, its seq reused");
+        let key = SigningKey::from_bytes(&[5; 32]).verifying_key();
+        assert_eq!(head::read(&files.head, &key).unwrap().unwrap().seq, 2);
+        drop(ledger);
+        thread.join().unwrap();
+
+        // A restart verifies the store against the head file and goes on from it.
+        let (ledger, _thread, _) = start(dir.path());
+        assert_eq!(append(&ledger, false).blocking_recv().unwrap().unwrap(), 3);
+    }
+
+    #[test]
+    fn a_store_deleted_under_the_ledger_fails_every_queued_job_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, _thread, files) = start(dir.path());
+        assert_eq!(append(&ledger, false).blocking_recv().unwrap().unwrap(), 1);
+        std::fs::remove_file(&files.database).unwrap();
+        let results: Vec<_> = (0..3).map(|_| append(&ledger, false)).collect();
+        for result in results {
+            let error = format!("{:#}", result.blocking_recv().expect("every job is answered").unwrap_err());
+            assert!(error.contains("was deleted while the broker ran"), "{error}");
+        }
+        let key = SigningKey::from_bytes(&[5; 32]).verifying_key();
+        assert_eq!(head::read(&files.head, &key).unwrap().unwrap().seq, 1, "nothing more was committed");
+    }
+}
