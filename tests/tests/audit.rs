@@ -325,6 +325,6 @@ fn a_store_file_sqlite_cannot_write_is_refused_at_start_naming_it() {
     chattr("+i");
     let started = f.sandbox.start_agent();
     chattr("-i");
-    let error = format!("{:#}", started.err().expect("the broker started with an immutable -shm file"));
+    let error = format!("{:#}", started.expect_err("the broker started with an immutable -shm file"));
     assert!(error.contains(&format!("{} cannot be opened for writing", shm.display())), "{error}");
 }

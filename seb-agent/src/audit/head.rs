@@ -2,10 +2,14 @@
 //! signing key (not beside the database), so that deleting, truncating or rolling back
 //! the store does not delete the evidence of what it held.
 //!
-//! The broker rewrites it after each group commit that appended records, before any
-//! caller hears of them (temporary file, fsync, rename, fsync of the directory). It may
-//! lag behind the store after a crash (the records past it are then checked by their
-//! signatures), never run ahead of it.
+//! The broker replaces it (temporary file, rename) after each group commit that appended
+//! records, before any caller hears of them, so it is never behind what callers were
+//! told, and never ahead of the store. It is flushed to disk (fsync of the file and the
+//! directory) at start, with each checkpoint record (every few seconds) and at stop, not
+//! at each commit: that would double a single client's admission latency. A power loss
+//! can therefore leave an older head (at most a checkpoint interval old; the records past
+//! it are then checked by their signatures), never a torn one: the rename replaces the
+//! whole file (on ext4, `auto_da_alloc` writes a renamed-over file's data first).
 
 use std::{
     fs,
@@ -39,8 +43,17 @@ fn signed_bytes(head: &Head) -> Vec<u8> {
     [DOMAIN, &head.seq.to_be_bytes(), &head.hash].concat()
 }
 
-/// Record `head` as the newest committed one, atomically and durably.
-pub fn write(path: &Path, head: &Head, key: &SigningKey) -> Result<()> {
+/// Whether a head write waits until it is on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flush {
+    /// Replaced atomically, on disk within the kernel's writeback interval.
+    Later,
+    /// Replaced atomically and on disk before returning.
+    Now,
+}
+
+/// Record `head` as the newest committed one, atomically.
+pub fn write(path: &Path, head: &Head, key: &SigningKey, flush: Flush) -> Result<()> {
     let file = HeadFile {
         seq: head.seq,
         hash: hex::encode(head.hash),
@@ -53,9 +66,14 @@ pub fn write(path: &Path, head: &Head, key: &SigningKey) -> Result<()> {
     let write = || -> std::io::Result<()> {
         let mut out = fs::File::create(&temporary)?;
         out.write_all(&serde_json::to_vec(&file)?)?;
-        out.sync_all()?;
+        if flush == Flush::Now {
+            out.sync_all()?;
+        }
         fs::rename(&temporary, path)?;
-        fs::File::open(dir)?.sync_all()
+        if flush == Flush::Now {
+            fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     };
     write().with_context(|| format!("writing the audit head file {}", path.display()))
 }
@@ -91,7 +109,7 @@ mod tests {
         let key = SigningKey::from_bytes(&[3; 32]);
         assert!(read(&path, &key.verifying_key()).unwrap().is_none());
         let head = Head { seq: 42, hash: [9; 32] };
-        write(&path, &head, &key).unwrap();
+        write(&path, &head, &key, Flush::Now).unwrap();
         assert_eq!(read(&path, &key.verifying_key()).unwrap(), Some(head));
 
         let text = fs::read_to_string(&path).unwrap().replace("42", "41");
@@ -99,7 +117,7 @@ mod tests {
         let error = format!("{:#}", read(&path, &key.verifying_key()).unwrap_err());
         assert!(error.contains("signature is not the broker's"), "{error}");
         let other = SigningKey::from_bytes(&[4; 32]);
-        write(&path, &head, &other).unwrap();
+        write(&path, &head, &other, Flush::Later).unwrap();
         assert!(read(&path, &key.verifying_key()).is_err());
     }
 }

@@ -38,7 +38,7 @@ fn create(path: &Path) -> Result<SigningKey> {
         fs::create_dir_all(dir)?;
     }
     let key = SigningKey::generate(&mut rand_core::OsRng);
-    head::write(&head::path_for(path), &Head::EMPTY, &key)?;
+    head::write(&head::path_for(path), &Head::EMPTY, &key, head::Flush::Now)?;
     let pem = key.to_pkcs8_pem(LineEnding::LF)?;
     let mut file = fs::OpenOptions::new()
         .write(true)

@@ -22,7 +22,8 @@ use tracing::{error, info};
 
 use super::{
     chain::{self, Head, StoredRecord},
-    head, now_ns,
+    head::{self, Flush},
+    now_ns,
     store::{self, OpenFiles},
     verify::{self, Signatures},
 };
@@ -238,7 +239,7 @@ fn open_verified(files: &LedgerFiles, key: &SigningKey, derived: Derived) -> Res
         "audit store verified against its head file; admission state rebuilt from it"
     );
     if verified.head != trusted {
-        head::write(&files.head, &verified.head, key)?;
+        head::write(&files.head, &verified.head, key, Flush::Now)?;
     }
     Ok((conn, verified.head))
 }
@@ -260,6 +261,9 @@ fn run_ledger(mut writer: Writer, queue: mpsc::Receiver<Job>) {
         for completion in completions {
             completion(result.clone());
         }
+    }
+    if let Err(e) = head::write(&writer.files.head, &writer.head, &writer.key, Flush::Now) {
+        error!(error = %format!("{e:#}"), "the audit head file could not be flushed at stop");
     }
 }
 
@@ -318,7 +322,8 @@ impl Writer {
         self.head = head;
         if moved {
             // Before anyone hears of the records: a later truncation is then detectable.
-            head::write(&self.files.head, &head, &self.key)?;
+            let flush = if due { Flush::Now } else { Flush::Later };
+            head::write(&self.files.head, &head, &self.key, flush)?;
         }
         Ok(())
     }
@@ -342,7 +347,7 @@ mod tests {
         let key = SigningKey::from_bytes(&[5; 32]);
         let files = LedgerFiles { database: dir.join("audit.db"), head: dir.join("broker.key.head") };
         if !files.head.exists() {
-            head::write(&files.head, &Head::EMPTY, &key).unwrap();
+            head::write(&files.head, &Head::EMPTY, &key, Flush::Now).unwrap();
         }
         let (ledger, thread) = Ledger::start(&files, key, NOTHING_DERIVED).unwrap();
         (ledger, thread, files)

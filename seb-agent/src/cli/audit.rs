@@ -152,7 +152,7 @@ pub fn adopt(database: &Path, signing_key: &Path) -> Result<()> {
         Ok(verified) => verified,
         Err(failure) => bail!("the audit store {} fails verification at {failure}: not adopted", database.display()),
     };
-    head::write(&path, &verified.head, &key)?;
+    head::write(&path, &verified.head, &key, head::Flush::Now)?;
     let replaced = previous.map_or("none".into(), |h| format!("record {} ({})", h.seq, hex::encode(h.hash)));
     warn!(
         database = %database.display(),
