@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow};
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 use tokio::{signal::unix::SignalKind, sync::watch};
 use tracing::{info, warn};
 
@@ -65,6 +66,7 @@ pub fn config_sources(config: &Config) -> Result<Sources> {
 }
 
 pub async fn run(config: Config) -> Result<()> {
+    report_sigbus()?;
     let mount = check_cgroups(&config)?;
     let sources = config_sources(&config)?;
     let layout = PinLayout::new(&config.bpf.pin_path);
@@ -223,6 +225,23 @@ fn admission_from(config: &Config) -> Result<Admission> {
         clock_skew: Duration::from_secs(config.admission.clock_skew_seconds),
     };
     Ok(Admission::new(anchors, validity))
+}
+
+/// A memory-mapped file cut short under the broker (SQLite's `-shm`, truncated while it
+/// runs) kills it with SIGBUS. Say so on stderr first: a signal handler can do nothing
+/// else safely. The handler is reset on entry, so the faulting access, run again, then
+/// ends the process as before.
+fn report_sigbus() -> Result<()> {
+    extern "C" fn on_sigbus(_: libc::c_int) {
+        const MESSAGE: &[u8] = b"seb-agent: fatal SIGBUS: a memory-mapped file was cut short or made unreadable \
+under the broker (the audit store's -shm file?)\n";
+        // SAFETY: write(2) is async-signal-safe; the buffer is static.
+        unsafe { libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len()) };
+    }
+    let action = SigAction::new(SigHandler::Handler(on_sigbus), SaFlags::SA_RESETHAND, SigSet::empty());
+    // SAFETY: the handler only calls write(2).
+    unsafe { sigaction(Signal::SIGBUS, &action) }.context("installing the SIGBUS handler")?;
+    Ok(())
 }
 
 async fn wait_for_shutdown_signal() -> Result<()> {
