@@ -185,18 +185,7 @@ impl Sandbox {
     /// Start `seb-agent run` inside `<root>/broker` and the namespace; wait until it answers.
     pub fn start_agent(&mut self) -> Result<Vec<Value>> {
         ensure!(self.agent.is_none(), "agent already running");
-        let broker_cgroup = self.cgroup.join("broker");
-        let mut child = Command::new(&self.tools.probe)
-            .arg("--cgroup")
-            .arg(&broker_cgroup)
-            .args(["--netns", &self.netns, "exec", "--"])
-            .arg(&self.tools.agent)
-            .arg("run")
-            .arg("--config")
-            .arg(&self.config)
-            .env("SEB_LOG_FORMAT", "json")
-            .stderr(Stdio::piped())
-            .spawn()?;
+        let mut child = self.agent_command().stderr(Stdio::piped()).spawn()?;
         // Collect the agent's JSON log lines until it reports readiness.
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -229,6 +218,21 @@ impl Sandbox {
         }
         self.agent = Some(child);
         Ok(logs)
+    }
+
+    /// `seb-agent run` inside `<root>/broker` and the namespace, not yet started.
+    pub fn agent_command(&self) -> Command {
+        let mut command = Command::new(&self.tools.probe);
+        command
+            .arg("--cgroup")
+            .arg(self.cgroup.join("broker"))
+            .args(["--netns", &self.netns, "exec", "--"])
+            .arg(&self.tools.agent)
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("SEB_LOG_FORMAT", "json");
+        command
     }
 
     /// SIGTERM the agent and wait: a graceful stop.

@@ -328,3 +328,26 @@ fn a_store_file_sqlite_cannot_write_is_refused_at_start_naming_it() {
     let error = format!("{:#}", started.expect_err("the broker started with an immutable -shm file"));
     assert!(error.contains(&format!("{} cannot be opened for writing", shm.display())), "{error}");
 }
+
+#[test]
+fn a_shm_file_cut_short_under_the_running_broker_is_reported_before_it_dies() {
+    use std::os::unix::process::ExitStatusExt;
+    let sandbox = Sandbox::new("sigbus", tools()).unwrap();
+    sandbox.write_config("").unwrap();
+    let log = sandbox.dir.join("agent.stderr");
+    let mut agent = sandbox.agent_command().stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !sandbox.agent_cli(&["epoch", "--policy", "1", "--revocation", "1"]).unwrap().status.success() {
+        assert!(std::time::Instant::now() < deadline, "the broker did not answer");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    let mut shm = sandbox.database.as_os_str().to_os_string();
+    shm.push("-shm");
+    std::fs::OpenOptions::new().write(true).open(&shm).unwrap().set_len(0).unwrap();
+    assert!(!sandbox.agent_cli(&["epoch", "--policy", "2"]).unwrap().status.success());
+    let status = agent.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "{status}");
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(stderr.contains("fatal SIGBUS") && stderr.contains("-shm"), "{stderr}");
+}
