@@ -74,7 +74,7 @@ fn apply(conn: &Connection, record: &StoredRecord) -> Result<()> {
             let decision: Consumption = serde_json::from_str(&record.body).with_context(parse_error)?;
             if let (true, Some(serial)) = (decision.admitted, decision.serial) {
                 conn.execute(
-                    "INSERT INTO used_serials (serial, decision_seq) VALUES (?1, ?2)",
+                    "INSERT OR IGNORE INTO used_serials (serial, decision_seq) VALUES (?1, ?2)",
                     params![serial, record.seq],
                 )?;
             }

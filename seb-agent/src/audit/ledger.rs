@@ -393,4 +393,16 @@ mod tests {
         let key = SigningKey::from_bytes(&[5; 32]).verifying_key();
         assert_eq!(head::read(&files.head, &key).unwrap().unwrap().seq, 1, "nothing more was committed");
     }
+
+    #[test]
+    fn a_store_replaced_under_the_ledger_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, _thread, files) = start(dir.path());
+        assert_eq!(append(&ledger, false).blocking_recv().unwrap().unwrap(), 1);
+        let copy = dir.path().join("copy.db");
+        std::fs::copy(&files.database, &copy).unwrap();
+        std::fs::rename(&copy, &files.database).unwrap();
+        let error = format!("{:#}", append(&ledger, false).blocking_recv().unwrap().unwrap_err());
+        assert!(error.contains("audit.db was replaced while the broker ran"), "{error}");
+    }
 }

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::de::DeserializeOwned;
 
-use super::chain::{Head, StoredRecord};
+use super::chain::StoredRecord;
 
 /// Read access to an audit store (a live one, or a copy a security team holds).
 pub struct AuditStore {
@@ -87,20 +87,6 @@ pub fn last_body(conn: &Connection, kind: &str) -> Result<Option<String>> {
     Ok(conn
         .query_row("SELECT body FROM records WHERE kind = ?1 ORDER BY seq DESC LIMIT 1", [kind], |row| row.get(0))
         .optional()?)
-}
-
-pub fn head(conn: &Connection) -> Result<Head> {
-    let head = conn
-        .query_row("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1", [], |row| {
-            Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
-        })
-        .optional()?;
-    Ok(match head {
-        None => Head::EMPTY,
-        Some((seq, hash)) => {
-            Head { seq, hash: hash.try_into().map_err(|_| anyhow::anyhow!("record {seq} has a malformed hash"))? }
-        }
-    })
 }
 
 fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
@@ -201,15 +187,12 @@ impl OpenFiles {
     pub fn check(&self) -> Result<()> {
         for (path, file) in &self.files {
             let open = file.metadata().with_context(|| format!("checking {}", path.display()))?;
-            let deleted =
-                || anyhow::anyhow!("the audit store file {} was deleted while the broker ran", path.display());
-            if open.nlink() == 0 {
-                return Err(deleted());
-            }
             match std::fs::metadata(path) {
                 Ok(now) if (now.dev(), now.ino()) == (open.dev(), open.ino()) => {}
                 Ok(_) => bail!("the audit store file {} was replaced while the broker ran", path.display()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(deleted()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    bail!("the audit store file {} was deleted while the broker ran", path.display())
+                }
                 Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
             }
         }
