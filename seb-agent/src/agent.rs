@@ -10,12 +10,13 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow};
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 use tokio::{signal::unix::SignalKind, sync::watch};
 use tracing::{info, warn};
 
 use crate::{
     admission::{Admission, ClusterGate},
-    audit::{Ledger, keys},
+    audit::{Ledger, LedgerFiles, keys},
     cert::{TrustAnchors, ValidityPolicy},
     cgroupfs::{self, CgroupNames},
     cluster::{self, directory::SharedDirectory, freshness::Freshness, sync::ClusterSync},
@@ -74,6 +75,7 @@ pub fn config_sources(config: &Config) -> Result<Sources> {
 pub async fn run(config: Config) -> Result<()> {
     let descriptors = server::limits::ensure_descriptors(config.broker.max_connections)?;
     let limits = SocketLimits::from_config(&config.broker);
+    report_sigbus()?;
     let mount = check_cgroups(&config)?;
     let sources = config_sources(&config)?;
     let layout = PinLayout::new(&config.bpf.pin_path);
@@ -83,7 +85,8 @@ pub async fn run(config: Config) -> Result<()> {
     info!(links = enforcer.links().len(), adopted, pin_path = %layout.root.display(), "kernel enforcement active");
 
     let key = keys::load_or_create(&config.audit.signing_key)?;
-    let (ledger, ledger_thread) = Ledger::start(&config.audit.database, key)?;
+    let files = LedgerFiles::new(&config.audit.database, &config.audit.signing_key);
+    let (ledger, ledger_thread) = Ledger::start(&files, key, crate::admission::state::DERIVED)?;
     let mut admission = admission_from(&config)?;
     // Start-up reads the ledger synchronously; allowed on a runtime worker this way.
     let names = CgroupNames::new(mount.clone());
@@ -257,6 +260,23 @@ fn admission_from(config: &Config) -> Result<Admission> {
         Some(limit) => admission.with_parallel_verifications(limit),
         None => admission,
     })
+}
+
+/// A memory-mapped file cut short under the broker (SQLite's `-shm`, truncated while it
+/// runs) kills it with SIGBUS. Say so on stderr first: a signal handler can do nothing
+/// else safely. The handler is reset on entry, so the faulting access, run again, then
+/// ends the process as before.
+fn report_sigbus() -> Result<()> {
+    extern "C" fn on_sigbus(_: libc::c_int) {
+        const MESSAGE: &[u8] = b"seb-agent: fatal SIGBUS: a memory-mapped file was cut short or made unreadable \
+under the broker (the audit store's -shm file?)\n";
+        // SAFETY: write(2) is async-signal-safe; the buffer is static.
+        unsafe { libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len()) };
+    }
+    let action = SigAction::new(SigHandler::Handler(on_sigbus), SaFlags::SA_RESETHAND, SigSet::empty());
+    // SAFETY: the handler only calls write(2).
+    unsafe { sigaction(Signal::SIGBUS, &action) }.context("installing the SIGBUS handler")?;
+    Ok(())
 }
 
 async fn wait_for_shutdown_signal() -> Result<()> {

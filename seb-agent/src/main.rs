@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use seb_agent::{
     admission::state::RevocationTarget,
     agent,
-    audit::keys,
+    audit::{head as audit_head, keys},
     cert::{MutationRequest, dev_sab::Algorithm},
     cli::{self, call_broker},
     config::Config,
@@ -264,8 +264,19 @@ enum AuditCommand {
         /// The broker's public key (default: `audit.signing_key` + ".pub" from the config).
         #[arg(long)]
         public_key: Option<PathBuf>,
+        /// The broker's head file, to detect removed newest records (default, when the
+        /// public key comes from the config: `audit.signing_key` + ".head").
+        #[arg(long)]
+        head: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+    },
+    /// Verify the store fully and record its head in the head file, as the one the broker
+    /// trusts from now on: for a store written by a version without head files, or a
+    /// deliberate recovery. Run it while the broker is stopped.
+    Adopt {
+        #[command(flatten)]
+        config: ConfigArg,
     },
 }
 
@@ -422,13 +433,23 @@ fn audit(command: AuditCommand) -> Result<ExitCode> {
         AuditCommand::List { database, kind, json } => cli::audit::list(&database.path()?, kind.as_deref(), json)?,
         AuditCommand::Show { database, seq } => cli::audit::show(&database.path()?, seq)?,
         AuditCommand::Export { database, .. } => cli::audit::export(&database.path()?)?,
-        AuditCommand::Verify { database, public_key, json } => {
-            let public_key = match public_key {
-                Some(path) => path,
-                None => keys::public_key_path(&database.config.load()?.audit.signing_key),
+        AuditCommand::Verify { database, public_key, head, json } => {
+            let (public_key, head) = match public_key {
+                Some(path) => (path, head),
+                None => {
+                    let signing_key = database.config.load()?.audit.signing_key;
+                    (
+                        keys::public_key_path(&signing_key),
+                        Some(head.unwrap_or_else(|| audit_head::path_for(&signing_key))),
+                    )
+                }
             };
-            let ok = cli::audit::verify(&database.path()?, &public_key, json)?;
+            let ok = cli::audit::verify(&database.path()?, &public_key, head.as_deref(), json)?;
             return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
+        AuditCommand::Adopt { config } => {
+            let audit = config.load()?.audit;
+            cli::audit::adopt(&audit.database, &audit.signing_key)?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -133,6 +133,18 @@ impl Sandbox {
     pub fn public_key(&self) -> PathBuf {
         self.dir.join("broker.key.pub")
     }
+    /// The head file the broker keeps beside its key.
+    pub fn head_file(&self) -> PathBuf {
+        self.dir.join("broker.key.head")
+    }
+
+    /// The broker's ledger on this sandbox's store, in this process (the agent stopped).
+    pub fn start_ledger(&self) -> Result<(seb_agent::audit::Ledger, thread::JoinHandle<()>)> {
+        use seb_agent::audit::{Ledger, LedgerFiles, keys};
+        let key = keys::load_or_create(&self.signing_key())?;
+        let files = LedgerFiles::new(&self.database, &self.signing_key());
+        Ledger::start(&files, key, seb_agent::admission::state::DERIVED)
+    }
 
     /// Write the agent config: enforce the sandbox cgroup, exempt `<root>/exempt`.
     /// `extra` is TOML placed after the enforcement table (protected endpoints, an
@@ -208,18 +220,7 @@ impl Sandbox {
     /// Start `seb-agent run` inside `<root>/broker` and the namespace; wait until it answers.
     pub fn start_agent(&mut self) -> Result<Vec<Value>> {
         ensure!(self.agent.is_none(), "agent already running");
-        let broker_cgroup = self.cgroup.join("broker");
-        let mut child = Command::new(&self.tools.probe)
-            .arg("--cgroup")
-            .arg(&broker_cgroup)
-            .args(["--netns", &self.netns, "exec", "--"])
-            .arg(&self.tools.agent)
-            .arg("run")
-            .arg("--config")
-            .arg(&self.config)
-            .env("SEB_LOG_FORMAT", "json")
-            .stderr(Stdio::piped())
-            .spawn()?;
+        let mut child = self.agent_command().stderr(Stdio::piped()).spawn()?;
         // Collect the agent's JSON log lines until it reports readiness.
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -232,7 +233,9 @@ impl Sandbox {
         let mut logs = Vec::new();
         loop {
             if let Some(status) = child.try_wait()? {
-                let lines: Vec<String> = rx.try_iter().collect();
+                // Everything it wrote: the reader stops at the end of its stderr.
+                let mut lines: Vec<String> = logs.iter().map(Value::to_string).collect();
+                lines.extend(rx.iter());
                 bail!("the agent exited with {status} before it was ready:\n{}", lines.join("\n"));
             }
             match rx.recv_timeout(Duration::from_millis(100)) {
@@ -250,6 +253,21 @@ impl Sandbox {
         }
         self.agent = Some(child);
         Ok(logs)
+    }
+
+    /// `seb-agent run` inside `<root>/broker` and the namespace, not yet started.
+    pub fn agent_command(&self) -> Command {
+        let mut command = Command::new(&self.tools.probe);
+        command
+            .arg("--cgroup")
+            .arg(self.cgroup.join("broker"))
+            .args(["--netns", &self.netns, "exec", "--"])
+            .arg(&self.tools.agent)
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("SEB_LOG_FORMAT", "json");
+        command
     }
 
     /// SIGTERM the agent and wait: a graceful stop.

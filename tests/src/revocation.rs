@@ -16,7 +16,7 @@ use seb_agent::{
         Admission, Caller, Proposal,
         state::{self},
     },
-    audit::{Ledger, keys},
+    audit::Ledger,
     cert::{MutationRequest, TrustAnchors, ValidityPolicy, contract::ScopedIdentity, dev_sab},
     cgroupfs,
     cluster::{
@@ -84,7 +84,7 @@ impl Rig {
         let counters = Counters::take(enforcer.ebpf_mut())?;
         let enforcer = SharedEnforcer::new(enforcer, sources);
         let sockets = BrokerSockets::open(&layout)?;
-        let (ledger, _thread) = Ledger::start(&sandbox.database, keys::load_or_create(&sandbox.signing_key())?)?;
+        let (ledger, _thread) = sandbox.start_ledger()?;
         ledger.run_blocking(|batch| state::set_epochs(batch, Some(1), Some(1)))?;
         let ca = dev_sab::create_ca(&sandbox.dir.join("sab"), "seb rig SAB", dev_sab::Algorithm::Ed25519)?;
         let anchors = TrustAnchors::from_pem(&fs::read_to_string(&ca.cert)?)?;

@@ -1,10 +1,19 @@
 //! The audit chain against direct tampering with the SQLite file: `seb-agent audit verify`
-//! must fail and name the first bad record, offline, from the file and the public key.
+//! must fail and name the first bad record, offline, from the file and the public key
+//! (and the head file, for removed newest records); the broker must refuse to start on
+//! such a store, and never admit a used certificate again.
 
 use std::path::Path;
 
 use rusqlite::{Connection, params};
-use seb_sandbox::{Sandbox, Tools};
+use seb_agent::{
+    admission::Reason,
+    cert::{ExecutionContract, MutationRequest, contract::ScopedIdentity, dev_sab::IssueOptions},
+};
+use seb_sandbox::{
+    Sandbox, Tools,
+    broker::{Broker, certified, this_process},
+};
 use serde_json::Value;
 
 fn tools() -> Tools {
@@ -147,4 +156,198 @@ fn every_decision_and_kernel_denial_is_a_record() {
     assert_eq!(decision["body"]["reason"], "untrusted_issuer");
     assert!(decision["body"]["message"].as_str().unwrap().contains("no SAB trust anchors"), "{decision}");
     assert_eq!(decision["body"]["caller"]["uid"], 0);
+}
+
+/// `audit verify --json` with the head file the broker kept beside its key.
+fn verify_with_head(sandbox: &Sandbox, database: &Path) -> (i32, Value) {
+    let output = std::process::Command::new(&sandbox.tools.agent)
+        .args(["audit", "verify", "--json", "--database"])
+        .arg(database)
+        .arg("--public-key")
+        .arg(sandbox.public_key())
+        .arg("--head")
+        .arg(sandbox.head_file())
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+    });
+    (output.status.code().unwrap_or(-1), report)
+}
+
+#[test]
+fn verify_with_the_head_file_detects_removed_newest_records_and_names_an_unreadable_record() {
+    let sandbox = populated_store();
+    let (code, report) = verify_with_head(&sandbox, &sandbox.database);
+    assert_eq!(code, 0, "{report}");
+    let records = report["records"].as_i64().unwrap();
+    assert_eq!(report["head_file_seq"].as_i64(), Some(records), "the head file names the newest record: {report}");
+
+    // The two newest records removed: the rest still chains, but the head file's record is gone.
+    let truncated = tampered(&sandbox, "truncated", |c| {
+        c.execute("DELETE FROM records WHERE seq > ?1", [records - 2]).unwrap();
+    });
+    let (code, report) = verify_with_head(&sandbox, &truncated);
+    assert_eq!((code, report["first_bad_record"].as_i64()), (1, Some(records)), "{report}");
+    assert!(report["problem"].as_str().unwrap().contains("the newest records were removed"), "{report}");
+    // Without the head file nothing is claimed about the newest records.
+    let (code, report) = verify(&sandbox, &truncated);
+    assert_eq!((code, &report["head_file_seq"]), (0, &Value::Null), "{report}");
+
+    // A body stored as a BLOB: the record is named, not a generic read error.
+    let blob = tampered(&sandbox, "blob", |c| {
+        c.execute("UPDATE records SET body = CAST(body AS BLOB) WHERE seq = 3", []).unwrap();
+    });
+    let (code, report) = verify(&sandbox, &blob);
+    assert_eq!((code, report["first_bad_record"].as_i64()), (1, Some(3)), "{report}");
+    assert!(report["problem"].as_str().unwrap().contains("cannot be read"), "{report}");
+}
+
+/// A broker trusting a fresh dev SAB, epochs 1/1, and an AWS request certified for this
+/// process (no executor: admission only).
+fn admitting_broker(label: &str) -> (Broker, MutationRequest, ExecutionContract) {
+    let broker = Broker::start(Sandbox::new(label, tools()).unwrap(), "", true).unwrap();
+    let request: MutationRequest = serde_json::from_value(serde_json::json!({
+        "provider": "aws", "operation": "s3:PutObject", "target": "arn:aws:s3:::seb-demo/config.json",
+        "params": {"body": "replicas=3"}
+    }))
+    .unwrap();
+    let role = ScopedIdentity::AwsRole { role_arn: "arn:aws:iam::123456789012:role/seb-demo".into() };
+    let contract = certified(&format!("c-{label}"), this_process(), &request, "sha256:00", role);
+    (broker, request, contract)
+}
+
+fn remove_store(database: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut path = database.as_os_str().to_os_string();
+        path.push(suffix);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("removing {path:?}: {e}"),
+            _ => {}
+        }
+    }
+}
+
+/// Start the stopped broker on a tampered store: it must refuse, saying why.
+#[track_caller]
+fn assert_refused(broker: &mut Broker, case: &str, why: &str) {
+    let error = match broker.sandbox.start_agent() {
+        Ok(_) => panic!("{case}: the broker started on the tampered store"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(error.contains("refusing to start") && error.contains(why), "{case}: {error}");
+}
+
+#[test]
+fn state_tampering_is_refused_at_start_and_never_admits_a_certificate_twice() {
+    let (mut f, request, contract) = admitting_broker("replaystate");
+    let certificate = f.issue(&contract, &IssueOptions::default());
+    let admitted = f.propose(&certificate, &request);
+    assert!(admitted.admitted, "{admitted:?}");
+    let (seq, serial) = (admitted.record_seq, admitted.serial.clone().unwrap());
+    assert_eq!(f.propose(&certificate, &request).reason, Reason::Replayed);
+    f.sandbox.stop_agent().unwrap();
+    let pristine = f.sandbox.dir.join("pristine.db");
+    std::fs::copy(&f.sandbox.database, &pristine).unwrap();
+    let restore = |f: &Broker| {
+        remove_store(&f.sandbox.database);
+        std::fs::copy(&pristine, &f.sandbox.database).unwrap();
+    };
+
+    // Each way to forget that the serial was used: the decision record that used it
+    // deleted, its serial changed by one character, the admission turned into a denial,
+    // the newest records cut off.
+    let flipped = format!("{}{}", &serial[..serial.len() - 1], if serial.ends_with('0') { '1' } else { '0' });
+    let edits = [
+        ("decision deleted", format!("DELETE FROM records WHERE seq = {seq}"), format!("record {} is missing", seq)),
+        (
+            "serial changed",
+            format!("UPDATE records SET body = replace(body, '\"{serial}\"', '\"{flipped}\"') WHERE seq = {seq}"),
+            format!("record {seq}: its content does not match its hash"),
+        ),
+        (
+            "admission turned into a denial",
+            format!(
+                "UPDATE records SET body = replace(body, '\"admitted\":true', '\"admitted\":false') WHERE seq = {seq}"
+            ),
+            format!("record {seq}: its content does not match its hash"),
+        ),
+        (
+            "newest records truncated",
+            format!("DELETE FROM records WHERE seq >= {seq}"),
+            "the newest records were removed".into(),
+        ),
+    ];
+    for (case, sql, why) in edits {
+        restore(&f);
+        let conn = Connection::open(&f.sandbox.database).unwrap();
+        assert!(conn.execute(&sql, []).unwrap() > 0, "{case}");
+        drop(conn);
+        assert_refused(&mut f, case, &why);
+    }
+    remove_store(&f.sandbox.database);
+    assert_refused(&mut f, "store deleted while stopped", "does not exist, but the head file");
+
+    // The untouched store: the certificate stays used.
+    restore(&f);
+    f.sandbox.start_agent().unwrap();
+    assert_eq!(f.propose(&certificate, &request).reason, Reason::Replayed);
+}
+
+#[test]
+fn a_store_deleted_while_the_broker_runs_records_nothing_and_is_refused_at_restart() {
+    let (mut f, request, contract) = admitting_broker("deletedlive");
+    let certificate = f.issue(&contract, &IssueOptions::default());
+    assert!(f.propose(&certificate, &request).admitted);
+
+    remove_store(&f.sandbox.database);
+    let next = f.decide(&contract, &request);
+    assert!(!next.admitted && next.reason == Reason::Internal, "{next:?}");
+    assert!(next.message.contains("was deleted while the broker ran"), "{next:?}");
+    assert_eq!(f.propose(&certificate, &request).reason, Reason::Internal, "still failing closed");
+
+    f.sandbox.kill_agent().unwrap();
+    assert_refused(&mut f, "store deleted while running", "does not exist, but the head file");
+}
+
+#[test]
+fn a_store_file_sqlite_cannot_write_is_refused_at_start_naming_it() {
+    let (mut f, _, _) = admitting_broker("immutable");
+    f.sandbox.stop_agent().unwrap();
+    let mut shm = f.sandbox.database.as_os_str().to_os_string();
+    shm.push("-shm");
+    let shm = std::path::PathBuf::from(shm);
+    std::fs::write(&shm, []).unwrap();
+    let chattr = |flag: &str| {
+        let status = std::process::Command::new("chattr").arg(flag).arg(&shm).status().unwrap();
+        assert!(status.success(), "chattr {flag} {}", shm.display());
+    };
+    chattr("+i");
+    let started = f.sandbox.start_agent();
+    chattr("-i");
+    let error = format!("{:#}", started.expect_err("the broker started with an immutable -shm file"));
+    assert!(error.contains(&format!("{} cannot be opened for writing", shm.display())), "{error}");
+}
+
+#[test]
+fn a_shm_file_cut_short_under_the_running_broker_is_reported_before_it_dies() {
+    use std::os::unix::process::ExitStatusExt;
+    let sandbox = Sandbox::new("sigbus", tools()).unwrap();
+    sandbox.write_config("").unwrap();
+    let log = sandbox.dir.join("agent.stderr");
+    let mut agent = sandbox.agent_command().stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !sandbox.agent_cli(&["epoch", "--policy", "1", "--revocation", "1"]).unwrap().status.success() {
+        assert!(std::time::Instant::now() < deadline, "the broker did not answer");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    let mut shm = sandbox.database.as_os_str().to_os_string();
+    shm.push("-shm");
+    std::fs::OpenOptions::new().write(true).open(&shm).unwrap().set_len(0).unwrap();
+    assert!(!sandbox.agent_cli(&["epoch", "--policy", "2"]).unwrap().status.success());
+    let status = agent.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "{status}");
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(stderr.contains("fatal SIGBUS") && stderr.contains("-shm"), "{stderr}");
 }

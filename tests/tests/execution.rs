@@ -194,7 +194,7 @@ fn a_minted_session_carries_the_certified_session_policy_and_stays_within_its_ro
 fn a_decision_left_without_an_outcome_by_a_crash_is_reconciled_on_restart() {
     use seb_agent::{
         admission::{CallerIdentity, DECISION_KIND, DecisionRecord, RequestSummary, state::Epochs},
-        audit::{Ledger, keys, now_ns},
+        audit::now_ns,
     };
     let mut w = world("reconcile");
     let request = put_object(&w.aws.bucket, "config/app.json", "replicas=3");
@@ -202,8 +202,7 @@ fn a_decision_left_without_an_outcome_by_a_crash_is_reconciled_on_restart() {
     w.broker.sandbox.stop_agent().unwrap();
 
     // What a broker killed between recording a decision and its outcome leaves behind.
-    let key = keys::load_or_create(&w.broker.sandbox.signing_key()).unwrap();
-    let (ledger, thread) = Ledger::start(&w.broker.sandbox.database, key).unwrap();
+    let (ledger, thread) = w.broker.sandbox.start_ledger().unwrap();
     let decision = DecisionRecord {
         decision_id: "d-crashed".into(),
         admitted: true,

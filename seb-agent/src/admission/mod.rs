@@ -17,7 +17,7 @@ pub use caller::{Caller, CallerIdentity, Peer};
 pub use reason::Reason;
 
 use crate::{
-    audit::{Ledger, LedgerBusy, is_busy, now_ns},
+    audit::{Ledger, LedgerBusy, is_busy},
     cert::{MutationRequest, Rejection, TrustAnchors, ValidityPolicy, Verified},
     cluster::freshness::Freshness,
 };
@@ -322,10 +322,7 @@ pub async fn record(ledger: &Ledger, pending: Pending) -> Result<Decision, Ledge
                 identity: verified.as_ref().map(|v| v.contract.identity.clone()),
                 active_epochs: state::epochs(batch.conn())?,
             };
-            let seq = batch.append(DECISION_KIND, now_ns(), &record)?;
-            if let (true, Some(serial)) = (admitted, &serial) {
-                state::consume(batch.conn(), serial, seq)?;
-            }
+            let seq = state::record_decision(batch, &record)?;
             Ok(Decision {
                 decision_id: id,
                 admitted,

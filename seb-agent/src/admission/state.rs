@@ -1,19 +1,114 @@
-//! Admission state kept in the audit store: epochs, revocations and used serials.
-//! Read and written only inside ledger transactions, so every admission sees every
-//! change committed before it, and every change is itself an audit record.
+//! Admission state: epochs, revocations and used serials. Derived from the signed audit
+//! records alone: rebuilt from the verified chain at each start, into temporary tables
+//! of the ledger's connection that no other process can reach, and changed only by
+//! the jobs that append the records it derives from. Read and written only inside
+//! ledger transactions, so every admission sees every change committed before it.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use super::{Reason, Rejection};
+use super::{DECISION_KIND, Reason, Rejection};
 use crate::{
-    audit::{Batch, now_ns},
+    audit::{Batch, chain::StoredRecord, ledger::Derived, now_ns},
     cert::Verified,
 };
 
 pub const EPOCH_KIND: &str = "epoch_change";
 pub const REVOCATION_KIND: &str = "revocation";
+
+/// Tables of these names in the store file (where earlier versions kept the state,
+/// outside the signed chain) are dropped.
+const SCHEMA: &str = "
+DROP TABLE IF EXISTS main.used_serials;
+DROP TABLE IF EXISTS main.revoked;
+DROP TABLE IF EXISTS main.epochs;
+CREATE TEMP TABLE used_serials (
+    serial       TEXT PRIMARY KEY,
+    decision_seq INTEGER NOT NULL
+);
+CREATE TEMP TABLE revoked (
+    kind       TEXT    NOT NULL,
+    value      TEXT    NOT NULL,
+    record_seq INTEGER NOT NULL,
+    PRIMARY KEY (kind, value)
+);
+CREATE TEMP TABLE epochs (
+    name       TEXT PRIMARY KEY,
+    value      INTEGER NOT NULL,
+    record_seq INTEGER NOT NULL
+);
+";
+
+/// The admission state, for [`crate::audit::Ledger::start`].
+pub const DERIVED: Derived = Derived { schema: SCHEMA, apply };
+
+/// What an epoch change record holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct EpochChange {
+    previous: Epochs,
+    current: Epochs,
+}
+
+/// What a revocation record holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct Revocation {
+    target: RevocationTarget,
+    value: String,
+    reason: String,
+}
+
+/// The part of a decision record the state derives from.
+#[derive(Debug, Deserialize)]
+struct Consumption {
+    admitted: bool,
+    serial: Option<String>,
+}
+
+/// Change the state as `record` says; the one place a record becomes state, at start
+/// and while running.
+fn apply(conn: &Connection, record: &StoredRecord) -> Result<()> {
+    let parse_error = || format!("record {} is not a readable {}", record.seq, record.kind);
+    match record.kind.as_str() {
+        DECISION_KIND => {
+            let decision: Consumption = serde_json::from_str(&record.body).with_context(parse_error)?;
+            if let (true, Some(serial)) = (decision.admitted, decision.serial) {
+                conn.execute(
+                    "INSERT OR IGNORE INTO used_serials (serial, decision_seq) VALUES (?1, ?2)",
+                    params![serial, record.seq],
+                )?;
+            }
+        }
+        EPOCH_KIND => {
+            let change: EpochChange = serde_json::from_str(&record.body).with_context(parse_error)?;
+            for (name, value) in [("policy", change.current.policy), ("revocation", change.current.revocation)] {
+                if let Some(value) = value {
+                    conn.execute(
+                        "INSERT INTO epochs (name, value, record_seq) VALUES (?1, ?2, ?3)
+                         ON CONFLICT(name) DO UPDATE SET value = excluded.value, record_seq = excluded.record_seq",
+                        params![name, value as i64, record.seq],
+                    )?;
+                }
+            }
+        }
+        REVOCATION_KIND => {
+            let revocation: Revocation = serde_json::from_str(&record.body).with_context(parse_error)?;
+            conn.execute(
+                "INSERT OR IGNORE INTO revoked (kind, value, record_seq) VALUES (?1, ?2, ?3)",
+                params![revocation.target.column(), revocation.value, record.seq],
+            )?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Append a record and apply it to the state, in the same savepoint.
+fn append_applied<T: Serialize>(batch: &mut Batch<'_>, kind: &str, body: &T) -> Result<i64> {
+    let record = batch.append_record(kind, now_ns(), body)?;
+    apply(batch.conn(), &record)?;
+    Ok(record.seq)
+}
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Epochs {
@@ -41,16 +136,7 @@ pub fn set_epochs(batch: &mut Batch<'_>, policy: Option<u64>, revocation: Option
         bail!("the revocation epoch only moves forward: it is {old}, {new} was asked");
     }
     let next = Epochs { policy: policy.or(current.policy), revocation: revocation.or(current.revocation) };
-    let seq = batch.append(EPOCH_KIND, now_ns(), &serde_json::json!({"previous": current, "current": next}))?;
-    for (name, value) in [("policy", policy), ("revocation", revocation)] {
-        if let Some(value) = value {
-            batch.conn().execute(
-                "INSERT INTO epochs (name, value, record_seq) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(name) DO UPDATE SET value = excluded.value, record_seq = excluded.record_seq",
-                params![name, value as i64, seq],
-            )?;
-        }
-    }
+    append_applied(batch, EPOCH_KIND, &EpochChange { previous: current, current: next })?;
     Ok(next)
 }
 
@@ -71,17 +157,8 @@ impl RevocationTarget {
 }
 
 pub fn revoke(batch: &mut Batch<'_>, target: RevocationTarget, value: &str, reason: &str) -> Result<i64> {
-    let value = normalise(target, value);
-    let seq = batch.append(
-        REVOCATION_KIND,
-        now_ns(),
-        &serde_json::json!({"target": target, "value": value, "reason": reason}),
-    )?;
-    batch.conn().execute(
-        "INSERT OR IGNORE INTO revoked (kind, value, record_seq) VALUES (?1, ?2, ?3)",
-        params![target.column(), value, seq],
-    )?;
-    Ok(seq)
+    let revocation = Revocation { target, value: normalise(target, value), reason: reason.into() };
+    append_applied(batch, REVOCATION_KIND, &revocation)
 }
 
 /// A revocation state to converge to, from the cluster's `SebRevocation`.
@@ -205,8 +282,7 @@ pub fn check(conn: &Connection, verified: &Verified) -> Result<Result<(), Reject
     Ok(Ok(()))
 }
 
-/// Mark the serial used by the admitting decision.
-pub fn consume(conn: &Connection, serial: &str, decision_seq: i64) -> Result<()> {
-    conn.execute("INSERT INTO used_serials (serial, decision_seq) VALUES (?1, ?2)", params![serial, decision_seq])?;
-    Ok(())
+/// Record a decision; an admission consumes its serial, in the same savepoint.
+pub fn record_decision<T: Serialize>(batch: &mut Batch<'_>, decision: &T) -> Result<i64> {
+    append_applied(batch, DECISION_KIND, decision)
 }

@@ -3,6 +3,8 @@
 use std::{fs, io::Write, os::unix::fs::OpenOptionsExt, path::Path};
 
 use anyhow::{Context, Result};
+
+use super::{chain::Head, head};
 use ed25519_dalek::{
     SigningKey, VerifyingKey,
     pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, spki::der::pem::LineEnding},
@@ -11,22 +13,32 @@ use ed25519_dalek::{
 /// Load the key, creating it (mode 0600) on first start. Its public half is written
 /// beside it as `<name>.pub` for offline verification.
 pub fn load_or_create(path: &Path) -> Result<SigningKey> {
-    let key = match fs::read_to_string(path) {
-        Ok(pem) => SigningKey::from_pkcs8_pem(&pem)
-            .with_context(|| format!("{} is not an Ed25519 PKCS#8 private key", path.display()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(path)?,
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    let key = match load(path) {
+        Ok(key) => key,
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) => {
+            create(path)?
+        }
+        Err(e) => return Err(e),
     };
     let public = key.verifying_key().to_public_key_pem(LineEnding::LF)?;
     fs::write(public_key_path(path), public)?;
     Ok(key)
 }
 
+/// Load an existing key.
+pub fn load(path: &Path) -> Result<SigningKey> {
+    let pem = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    SigningKey::from_pkcs8_pem(&pem).with_context(|| format!("{} is not an Ed25519 PKCS#8 private key", path.display()))
+}
+
+/// A new key, with a head file for its (empty) store written first: from then on, a
+/// key without a head file means the head file was removed.
 fn create(path: &Path) -> Result<SigningKey> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;
     }
     let key = SigningKey::generate(&mut rand_core::OsRng);
+    head::write(&head::path_for(path), &Head::EMPTY, &key, head::Flush::Now)?;
     let pem = key.to_pkcs8_pem(LineEnding::LF)?;
     let mut file = fs::OpenOptions::new()
         .write(true)

@@ -12,21 +12,24 @@
 //! ([`Ledger::run`]), and threads outside the runtime block ([`Ledger::run_blocking`]).
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use ed25519_dalek::SigningKey;
 use rusqlite::{Connection, Transaction, TransactionBehavior, params};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
-use tracing::error;
+use tracing::{error, info};
 
 use super::{
-    chain::{self, Head},
-    now_ns, store,
+    chain::{self, Head, StoredRecord},
+    head::{self, Flush},
+    now_ns,
+    store::{self, OpenFiles},
+    verify::{self, Signatures},
 };
 
 /// Record kind of the periodic signed checkpoints.
@@ -56,8 +59,35 @@ pub struct Checkpoint {
     pub records_since_previous: u64,
 }
 
+/// State derived from the records (the admission state). Its tables are temporary tables
+/// of the ledger's connection: no other process can change them, and they are rebuilt
+/// from the verified chain at each start, then kept current by the jobs that append the
+/// records they derive from (with the same `apply`).
+#[derive(Clone, Copy)]
+pub struct Derived {
+    /// Creates the (temporary) tables.
+    pub schema: &'static str,
+    /// How one record changes the state.
+    pub apply: fn(&Connection, &StoredRecord) -> Result<()>,
+}
+
+/// The ledger's files: the store, and the head file kept beside the signing key.
+#[derive(Debug, Clone)]
+pub struct LedgerFiles {
+    pub database: PathBuf,
+    pub head: PathBuf,
+}
+
+impl LedgerFiles {
+    pub fn new(database: &Path, signing_key: &Path) -> Self {
+        Self { database: database.to_path_buf(), head: head::path_for(signing_key) }
+    }
+}
+
 type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
-type Job = Box<dyn FnOnce(&mut Batch<'_>) -> (bool, Completion) + Send>;
+/// Runs the work in the batch, or (`None`) only hands back its completion, for a batch
+/// that failed before the job's turn.
+type Job = Box<dyn FnOnce(Option<&mut Batch<'_>>) -> (bool, Completion) + Send>;
 
 /// Handle for submitting work; cheap to clone.
 #[derive(Clone)]
@@ -65,9 +95,9 @@ pub struct Ledger {
     jobs: mpsc::Sender<Job>,
 }
 
-/// What a job sees: the open transaction and the chain head.
+/// What a job sees: its savepoint in the open transaction, and the chain head.
 pub struct Batch<'a> {
-    tx: Transaction<'a>,
+    conn: &'a Connection,
     head: Head,
     key: &'a SigningKey,
     appended: u64,
@@ -76,38 +106,79 @@ pub struct Batch<'a> {
 impl Batch<'_> {
     /// Append a signed, chained record; returns its sequence number.
     pub fn append<T: Serialize + ?Sized>(&mut self, kind: &str, time_ns: i64, body: &T) -> Result<i64> {
+        Ok(self.append_record(kind, time_ns, body)?.seq)
+    }
+
+    /// The same, returning the record as stored (to derive state from it).
+    pub fn append_record<T: Serialize + ?Sized>(&mut self, kind: &str, time_ns: i64, body: &T) -> Result<StoredRecord> {
         let body = serde_json::to_string(body)?;
         let sealed = chain::seal(&self.head, self.key, kind, time_ns, &body);
-        self.tx
+        self.conn
             .prepare_cached(
                 "INSERT INTO records (seq, kind, time_ns, body, prev_hash, hash, signature) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
             .execute(params![sealed.seq, kind, time_ns, body, &sealed.prev_hash[..], &sealed.hash[..], &sealed.signature[..]])?;
         self.head = Head { seq: sealed.seq, hash: sealed.hash };
         self.appended += 1;
-        Ok(sealed.seq)
+        Ok(StoredRecord {
+            seq: sealed.seq,
+            kind: kind.into(),
+            time_ns,
+            body,
+            prev_hash: sealed.prev_hash.to_vec(),
+            hash: sealed.hash.to_vec(),
+            signature: sealed.signature.to_vec(),
+        })
     }
 
     /// The transaction, for state reads and writes.
     pub fn conn(&self) -> &Connection {
-        &self.tx
+        self.conn
     }
 }
 
+/// What the ledger thread owns.
+struct Writer {
+    conn: Connection,
+    key: SigningKey,
+    head: Head,
+    files: LedgerFiles,
+    open_files: OpenFiles,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+}
+
 impl Ledger {
-    /// Open the store and start the ledger thread; it stops when every handle is dropped.
-    pub fn start(path: &Path, key: SigningKey) -> Result<(Self, JoinHandle<()>)> {
-        Self::start_with_queue(path, key, QUEUE)
+    /// Open the store, verify it against the head file, rebuild the derived state, and
+    /// start the ledger thread; it stops when every handle is dropped. Refuses a store
+    /// that is missing, truncated, replaced or altered while the head file says
+    /// otherwise, naming why.
+    pub fn start(files: &LedgerFiles, key: SigningKey, derived: Derived) -> Result<(Self, JoinHandle<()>)> {
+        Self::start_with_queue(files, key, derived, QUEUE)
     }
 
     /// The same with a queue of `queue` jobs.
-    pub fn start_with_queue(path: &Path, key: SigningKey, queue: usize) -> Result<(Self, JoinHandle<()>)> {
-        let conn = store::open_writable(path)?;
-        let head = store::head(&conn)?;
+    pub fn start_with_queue(
+        files: &LedgerFiles,
+        key: SigningKey,
+        derived: Derived,
+        queue: usize,
+    ) -> Result<(Self, JoinHandle<()>)> {
+        let (conn, head) = open_verified(files, &key, derived)?;
+        let open_files = OpenFiles::pin(&files.database)?;
+        let writer = Writer {
+            conn,
+            key,
+            head,
+            files: files.clone(),
+            open_files,
+            since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+        };
         let (jobs, queue) = mpsc::channel::<Job>(queue);
         let thread = std::thread::Builder::new()
             .name("seb-ledger".into())
-            .spawn(move || run_ledger(conn, key, head, queue))
+            .spawn(move || run_ledger(writer, queue))
             .context("starting the ledger thread")?;
         Ok((Self { jobs }, thread))
     }
@@ -119,7 +190,10 @@ impl Ledger {
     ) -> (Job, oneshot::Receiver<Result<R>>) {
         let (reply, result) = oneshot::channel();
         let job: Job = Box::new(move |batch| {
-            let outcome = work(batch);
+            let outcome = match batch {
+                Some(batch) => work(batch),
+                None => Err(anyhow!("the audit batch failed before this job ran")),
+            };
             let ok = outcome.is_ok();
             let completion: Completion = Box::new(move |committed| {
                 let _ = reply.send(committed.map_err(|e| anyhow!("committing the audit store: {e}")).and(outcome));
@@ -159,15 +233,69 @@ impl Ledger {
         &self,
         work: impl FnOnce(&mut Batch<'_>) -> Result<R> + Send + 'static,
     ) -> Result<R> {
+        self.submit_blocking(work).blocking_recv().map_err(|_| anyhow!("the audit ledger stopped"))?
+    }
+
+    /// Queue `work` from outside the runtime, blocking for room; the receiver yields its
+    /// result once committed (a stopped ledger drops it, which the receiver reports).
+    fn submit_blocking<R: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Batch<'_>) -> Result<R> + Send + 'static,
+    ) -> oneshot::Receiver<Result<R>> {
         let (job, result) = Self::job(work);
-        self.jobs.blocking_send(job).map_err(|_| anyhow!("the audit ledger stopped"))?;
-        result.blocking_recv().map_err(|_| anyhow!("the audit ledger stopped"))?
+        let _ = self.jobs.blocking_send(job);
+        result
     }
 }
 
-fn run_ledger(mut conn: Connection, key: SigningKey, mut head: Head, mut queue: mpsc::Receiver<Job>) {
-    let mut since_checkpoint = 0u64;
-    let mut last_checkpoint = Instant::now();
+/// The store, checked against the head file and verified, with the derived state rebuilt
+/// from it; and its head.
+fn open_verified(files: &LedgerFiles, key: &SigningKey, derived: Derived) -> Result<(Connection, Head)> {
+    let database = files.database.display();
+    let public = key.verifying_key();
+    let Some(trusted) = head::read(&files.head, &public)? else {
+        bail!(
+            "the audit head file {} is missing although the signing key exists, so the store {database} cannot be \
+             checked for removed records; refusing to start. If the store is known to be intact (written by a version \
+             without head files), `seb-agent audit adopt` verifies it and records its head",
+            files.head.display()
+        );
+    };
+    let exists = files.database.try_exists().with_context(|| format!("checking {database}"))?;
+    if !exists && trusted.seq > 0 {
+        bail!(
+            "the audit store {database} does not exist, but the head file {} says it held {} records; refusing to \
+             start on an empty store (restore the store)",
+            files.head.display(),
+            trusted.seq
+        );
+    }
+    let mut conn = store::open_writable(&files.database, trusted.seq == 0)?;
+    let started = Instant::now();
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch(derived.schema).context("creating the derived state")?;
+    let verified = verify::walk(&tx, &public, Some(trusted), Signatures::PastHead, |record| {
+        (derived.apply)(&tx, record).with_context(|| format!("record {}: deriving the admission state", record.seq))
+    })?
+    .map_err(|failure| {
+        anyhow!(
+            "the audit store {database} fails verification at {failure} (head file {}); refusing to start",
+            files.head.display()
+        )
+    })?;
+    tx.commit()?;
+    info!(
+        records = verified.records,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "audit store verified against its head file; admission state rebuilt from it"
+    );
+    if verified.head != trusted {
+        head::write(&files.head, &verified.head, key, Flush::Now)?;
+    }
+    Ok((conn, verified.head))
+}
+
+fn run_ledger(mut writer: Writer, mut queue: mpsc::Receiver<Job>) {
     while let Some(first) = queue.blocking_recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -176,8 +304,7 @@ fn run_ledger(mut conn: Connection, key: SigningKey, mut head: Head, mut queue: 
                 Err(_) => break,
             }
         }
-        let (result, completions) =
-            run_batch(&mut conn, &key, &mut head, jobs, &mut since_checkpoint, &mut last_checkpoint);
+        let (result, completions) = writer.run_batch(jobs);
         let result = result.map_err(|e| format!("{e:#}"));
         if let Err(e) = &result {
             error!(error = %e, "an audit batch failed; its callers are told so");
@@ -186,74 +313,158 @@ fn run_ledger(mut conn: Connection, key: SigningKey, mut head: Head, mut queue: 
             completion(result.clone());
         }
     }
+    if let Err(e) = head::write(&writer.files.head, &writer.head, &writer.key, Flush::Now) {
+        error!(error = %format!("{e:#}"), "the audit head file could not be flushed at stop");
+    }
 }
 
-fn run_batch(
-    conn: &mut Connection,
-    key: &SigningKey,
-    head: &mut Head,
-    jobs: Vec<Job>,
-    since_checkpoint: &mut u64,
-    last_checkpoint: &mut Instant,
-) -> (Result<()>, Vec<Completion>) {
-    let mut completions = Vec::with_capacity(jobs.len());
-    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(tx) => tx,
-        Err(e) => {
-            // Still run each job so it can answer; nothing it wrote is kept.
-            return (Err(e.into()), Vec::new());
-        }
-    };
-    let mut batch = Batch { tx, head: *head, key, appended: 0 };
-    for job in jobs {
-        let before = (batch.head, batch.appended);
-        let _ = batch.tx.execute_batch("SAVEPOINT job");
-        let (ok, completion) = job(&mut batch);
-        if ok {
-            let _ = batch.tx.execute_batch("RELEASE job");
-        } else {
-            let _ = batch.tx.execute_batch("ROLLBACK TO job; RELEASE job");
-            (batch.head, batch.appended) = before;
-        }
-        completions.push(completion);
+impl Writer {
+    /// Run the jobs in one transaction, each under its own savepoint, and commit once.
+    /// Every job's completion is returned, whatever fails.
+    fn run_batch(&mut self, jobs: Vec<Job>) -> (Result<()>, Vec<Completion>) {
+        let mut completions = Vec::with_capacity(jobs.len());
+        let mut jobs = jobs.into_iter();
+        let result = self.try_batch(&mut jobs, &mut completions);
+        // Jobs the failure left unrun still answer, with the error.
+        completions.extend(jobs.map(|job| job(None).1));
+        (result, completions)
     }
-    *since_checkpoint += batch.appended;
-    let due = *since_checkpoint >= CHECKPOINT_RECORDS
-        || (*since_checkpoint > 0 && last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL);
-    if due {
-        let checkpoint = Checkpoint {
-            through_seq: batch.head.seq,
-            head_hash: hex::encode(batch.head.hash),
-            records_since_previous: *since_checkpoint,
-        };
-        if let Err(e) = batch.append(CHECKPOINT_KIND, now_ns(), &checkpoint) {
-            return (Err(e), completions);
+
+    fn try_batch(&mut self, jobs: &mut impl Iterator<Item = Job>, completions: &mut Vec<Completion>) -> Result<()> {
+        // Fail closed rather than record into a store file nobody will see again.
+        self.open_files.check()?;
+        let mut tx =
+            self.conn.transaction_with_behavior(TransactionBehavior::Immediate).context("beginning a transaction")?;
+        let mut head = self.head;
+        let mut appended = 0;
+        for job in jobs.by_ref() {
+            let mut savepoint = match tx.savepoint() {
+                Ok(savepoint) => savepoint,
+                Err(e) => {
+                    completions.push(job(None).1);
+                    return Err(e).context("opening a savepoint");
+                }
+            };
+            let mut batch = Batch { conn: &savepoint, head, key: &self.key, appended };
+            let (ok, completion) = job(Some(&mut batch));
+            let (job_head, job_appended) = (batch.head, batch.appended);
+            completions.push(completion);
+            if ok {
+                savepoint.commit().context("releasing a savepoint")?;
+                (head, appended) = (job_head, job_appended);
+            } else {
+                savepoint.rollback().context("rolling back a failed job")?;
+                savepoint.finish().context("releasing a rolled back savepoint")?;
+            }
         }
-        *since_checkpoint = 0;
-        *last_checkpoint = Instant::now();
-    }
-    let new_head = batch.head;
-    match batch.tx.commit() {
-        Ok(()) => {
-            *head = new_head;
-            (Ok(()), completions)
+        self.since_checkpoint += appended;
+        let due = self.since_checkpoint >= CHECKPOINT_RECORDS
+            || (self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL);
+        if due {
+            head = append_checkpoint(&tx, &self.key, head, self.since_checkpoint)?;
         }
-        Err(e) => (Err(e.into()), completions),
+        self.open_files.check()?;
+        tx.commit().context("committing")?;
+        if due {
+            self.since_checkpoint = 0;
+            self.last_checkpoint = Instant::now();
+        }
+        let moved = head != self.head;
+        self.head = head;
+        if moved {
+            // Before anyone hears of the records: a later truncation is then detectable.
+            let flush = if due { Flush::Now } else { Flush::Later };
+            head::write(&self.files.head, &head, &self.key, flush)?;
+        }
+        Ok(())
     }
+}
+
+fn append_checkpoint(tx: &Transaction<'_>, key: &SigningKey, head: Head, since_previous: u64) -> Result<Head> {
+    let checkpoint =
+        Checkpoint { through_seq: head.seq, head_hash: hex::encode(head.hash), records_since_previous: since_previous };
+    let mut batch = Batch { conn: tx, head, key, appended: 0 };
+    batch.append(CHECKPOINT_KIND, now_ns(), &checkpoint)?;
+    Ok(batch.head)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{sync::mpsc as sync_mpsc, time::Duration};
-
     use super::*;
 
+    const NOTHING_DERIVED: Derived = Derived { schema: "", apply: |_, _| Ok(()) };
+
+    fn start(dir: &Path) -> (Ledger, JoinHandle<()>, LedgerFiles) {
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let files = LedgerFiles { database: dir.join("audit.db"), head: dir.join("broker.key.head") };
+        if !files.head.exists() {
+            head::write(&files.head, &Head::EMPTY, &key, Flush::Now).unwrap();
+        }
+        let (ledger, thread) = Ledger::start(&files, key, NOTHING_DERIVED).unwrap();
+        (ledger, thread, files)
+    }
+
+    fn append(ledger: &Ledger, fail: bool) -> oneshot::Receiver<Result<i64>> {
+        ledger.submit_blocking(move |batch| {
+            let seq = batch.append("test", 1, "x")?;
+            if fail { Err(anyhow!("this job fails after appending")) } else { Ok(seq) }
+        })
+    }
+
+    #[test]
+    fn a_failed_job_is_rolled_back_alone_and_the_head_file_follows_each_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, thread, files) = start(dir.path());
+        let results: Vec<_> = [false, true, false].map(|fail| append(&ledger, fail)).into_iter().collect();
+        let results: Vec<_> = results.into_iter().map(|r| r.blocking_recv().unwrap()).collect();
+        assert_eq!(results[0].as_ref().unwrap(), &1);
+        assert!(format!("{:#}", results[1].as_ref().unwrap_err()).contains("fails after appending"));
+        assert_eq!(results[2].as_ref().unwrap(), &2, "the failed job's record was rolled back, its seq reused");
+        let key = SigningKey::from_bytes(&[5; 32]).verifying_key();
+        assert_eq!(head::read(&files.head, &key).unwrap().unwrap().seq, 2);
+        drop(ledger);
+        thread.join().unwrap();
+
+        // A restart verifies the store against the head file and goes on from it.
+        let (ledger, _thread, _) = start(dir.path());
+        assert_eq!(append(&ledger, false).blocking_recv().unwrap().unwrap(), 3);
+    }
+
+    #[test]
+    fn a_store_deleted_under_the_ledger_fails_every_queued_job_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, _thread, files) = start(dir.path());
+        assert_eq!(append(&ledger, false).blocking_recv().unwrap().unwrap(), 1);
+        std::fs::remove_file(&files.database).unwrap();
+        let results: Vec<_> = (0..3).map(|_| append(&ledger, false)).collect();
+        for result in results {
+            let error = format!("{:#}", result.blocking_recv().expect("every job is answered").unwrap_err());
+            assert!(error.contains("was deleted while the broker ran"), "{error}");
+        }
+        let key = SigningKey::from_bytes(&[5; 32]).verifying_key();
+        assert_eq!(head::read(&files.head, &key).unwrap().unwrap().seq, 1, "nothing more was committed");
+    }
+
+    #[test]
+    fn a_store_replaced_under_the_ledger_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, _thread, files) = start(dir.path());
+        assert_eq!(append(&ledger, false).blocking_recv().unwrap().unwrap(), 1);
+        let copy = dir.path().join("copy.db");
+        std::fs::copy(&files.database, &copy).unwrap();
+        std::fs::rename(&copy, &files.database).unwrap();
+        let error = format!("{:#}", append(&ledger, false).blocking_recv().unwrap().unwrap_err());
+        assert!(error.contains("audit.db was replaced while the broker ran"), "{error}");
+    }
+
     /// A ledger with a queue of two, its thread held inside a job until `release` drops.
-    fn held_ledger(dir: &Path) -> (Ledger, JoinHandle<()>, sync_mpsc::Sender<()>) {
-        let (ledger, thread) = Ledger::start_with_queue(&dir.join("audit.db"), SigningKey::from_bytes(&[7; 32]), 2)
-            .expect("starting the ledger");
-        let (release, held) = sync_mpsc::channel::<()>();
-        let (entered, inside) = sync_mpsc::channel();
+    fn held_ledger(dir: &Path) -> (Ledger, JoinHandle<()>, std::sync::mpsc::Sender<()>) {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let files = LedgerFiles { database: dir.join("audit.db"), head: dir.join("broker.key.head") };
+        head::write(&files.head, &Head::EMPTY, &key, Flush::Now).unwrap();
+        let (ledger, thread) = Ledger::start_with_queue(&files, key, NOTHING_DERIVED, 2).expect("starting the ledger");
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (entered, inside) = std::sync::mpsc::channel();
         let holder = ledger.clone();
         std::thread::spawn(move || {
             holder.run_blocking(move |_| {
@@ -285,7 +496,7 @@ mod tests {
         });
 
         // A socket request now hears `busy` at once, from a thread that is never blocked.
-        let (answer, answered) = sync_mpsc::channel();
+        let (answer, answered) = std::sync::mpsc::channel();
         let asker = ledger.clone();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();

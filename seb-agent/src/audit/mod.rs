@@ -4,13 +4,14 @@
 
 pub mod chain;
 pub mod denial;
+pub mod head;
 pub mod keys;
 pub mod ledger;
 pub mod store;
 pub mod verify;
 
 pub use denial::KernelDenial;
-pub use ledger::{Batch, Ledger, LedgerBusy, is_busy};
+pub use ledger::{Batch, Derived, Ledger, LedgerBusy, LedgerFiles, is_busy};
 pub use store::{AuditStore, Record};
 
 /// Nanoseconds since the Unix epoch, now.

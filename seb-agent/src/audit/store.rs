@@ -1,14 +1,18 @@
-//! SQLite audit store: the record chain and the admission state derived from it (used
-//! serials, revocations, epochs). WAL with `synchronous=FULL`: a commit is on disk when
-//! it returns. Writes go through the [`super::Ledger`] only.
+//! SQLite audit store: the record chain. WAL with `synchronous=FULL`: a commit is on disk
+//! when it returns. Writes go through the [`super::Ledger`] only; state derived from the
+//! records lives in the ledger connection's temporary tables, rebuilt at each start.
 
-use std::path::Path;
+use std::{
+    fs::File,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::de::DeserializeOwned;
 
-use super::chain::{Head, StoredRecord};
+use super::chain::StoredRecord;
 
 /// Read access to an audit store (a live one, or a copy a security team holds).
 pub struct AuditStore {
@@ -41,29 +45,36 @@ CREATE TABLE IF NOT EXISTS records (
     signature BLOB    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS records_by_kind ON records(kind, seq);
-CREATE TABLE IF NOT EXISTS used_serials (
-    serial       TEXT PRIMARY KEY,
-    decision_seq INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS revoked (
-    kind       TEXT    NOT NULL,
-    value      TEXT    NOT NULL,
-    record_seq INTEGER NOT NULL,
-    PRIMARY KEY (kind, value)
-);
-CREATE TABLE IF NOT EXISTS epochs (
-    name       TEXT PRIMARY KEY,
-    value      INTEGER NOT NULL,
-    record_seq INTEGER NOT NULL
-);
 ";
 
-/// Open for writing (the ledger's connection), creating the schema.
-pub fn open_writable(path: &Path) -> Result<Connection> {
+/// `<database><suffix>`: SQLite's `-wal` and `-shm` files.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Open for writing (the ledger's connection), creating the file only if `create`, and
+/// the schema.
+pub fn open_writable(path: &Path, create: bool) -> Result<Connection> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let conn = Connection::open(path).with_context(|| format!("opening audit store {}", path.display()))?;
+    // SQLite maps the `-shm` file; one it cannot write (immutable, read-only) makes it
+    // fail later or fault (SIGBUS). Refuse up front, naming the file.
+    for file in [path.to_path_buf(), sibling(path, "-wal"), sibling(path, "-shm")] {
+        match std::fs::OpenOptions::new().read(true).write(true).open(&file) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => bail!("the audit store file {} cannot be opened for writing: {e}", file.display()),
+        }
+    }
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+    if create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let conn =
+        Connection::open_with_flags(path, flags).with_context(|| format!("opening audit store {}", path.display()))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -76,20 +87,6 @@ pub fn last_body(conn: &Connection, kind: &str) -> Result<Option<String>> {
     Ok(conn
         .query_row("SELECT body FROM records WHERE kind = ?1 ORDER BY seq DESC LIMIT 1", [kind], |row| row.get(0))
         .optional()?)
-}
-
-pub fn head(conn: &Connection) -> Result<Head> {
-    let head = conn
-        .query_row("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1", [], |row| {
-            Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
-        })
-        .optional()?;
-    Ok(match head {
-        None => Head::EMPTY,
-        Some((seq, hash)) => {
-            Head { seq, hash: hash.try_into().map_err(|_| anyhow::anyhow!("record {seq} has a malformed hash"))? }
-        }
-    })
 }
 
 fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
@@ -118,24 +115,85 @@ impl AuditStore {
         Ok(query.query_row(params![seq], record_from_row).optional()?)
     }
 
-    /// Every record with its chain fields, in storage order of `seq`.
-    pub fn for_each_stored(&self, mut f: impl FnMut(StoredRecord) -> Result<bool>) -> Result<()> {
-        let mut query = self
-            .conn
-            .prepare("SELECT seq, kind, time_ns, body, prev_hash, hash, signature FROM records ORDER BY seq")?;
-        let mut rows = query.query([])?;
-        while let Some(row) = rows.next()? {
-            let record = StoredRecord {
-                seq: row.get(0)?,
+    /// Every record with its chain fields, in order of `seq`.
+    pub fn for_each_stored(&self, f: impl FnMut(Result<StoredRecord, Unreadable>) -> Result<bool>) -> Result<()> {
+        for_each_stored(&self.conn, f)
+    }
+
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+/// A stored record whose columns do not have the types the chain needs (a BLOB body,
+/// text that is not UTF-8, a NULL).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    pub seq: i64,
+    pub problem: String,
+}
+
+/// Every record with its chain fields, in order of `seq`; `f` returns whether to go on.
+pub fn for_each_stored(
+    conn: &Connection,
+    mut f: impl FnMut(Result<StoredRecord, Unreadable>) -> Result<bool>,
+) -> Result<()> {
+    let mut query =
+        conn.prepare("SELECT seq, kind, time_ns, body, prev_hash, hash, signature FROM records ORDER BY seq")?;
+    let mut rows = query.query([])?;
+    while let Some(row) = rows.next().context("reading the audit records")? {
+        // `seq` is the row id: always an integer.
+        let seq: i64 = row.get(0)?;
+        let read = || -> rusqlite::Result<StoredRecord> {
+            Ok(StoredRecord {
+                seq,
                 kind: row.get(1)?,
                 time_ns: row.get(2)?,
                 body: row.get(3)?,
                 prev_hash: row.get(4)?,
                 hash: row.get(5)?,
                 signature: row.get(6)?,
-            };
-            if !f(record)? {
-                break;
+            })
+        };
+        if !f(read().map_err(|e| Unreadable { seq, problem: e.to_string() }))? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The store's files as the broker opened them, to notice one deleted or replaced under
+/// it: SQLite would go on writing into the unlinked file, and the records would vanish
+/// with the process.
+pub struct OpenFiles {
+    files: Vec<(PathBuf, File)>,
+}
+
+impl OpenFiles {
+    /// The database and its `-wal` (once SQLite created it, on the first read).
+    pub fn pin(database: &Path) -> Result<Self> {
+        let mut files = Vec::new();
+        for path in [database.to_path_buf(), sibling(database, "-wal")] {
+            match File::open(&path) {
+                Ok(file) => files.push((path, file)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !files.is_empty() => {}
+                Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+            }
+        }
+        Ok(Self { files })
+    }
+
+    /// Fails if a file was deleted, or its path now names another file.
+    pub fn check(&self) -> Result<()> {
+        for (path, file) in &self.files {
+            let open = file.metadata().with_context(|| format!("checking {}", path.display()))?;
+            match std::fs::metadata(path) {
+                Ok(now) if (now.dev(), now.ino()) == (open.dev(), open.ino()) => {}
+                Ok(_) => bail!("the audit store file {} was replaced while the broker ran", path.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    bail!("the audit store file {} was deleted while the broker ran", path.display())
+                }
+                Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
             }
         }
         Ok(())

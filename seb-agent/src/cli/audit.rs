@@ -2,10 +2,11 @@
 
 use std::{io::Write, path::Path};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde_json::json;
+use tracing::warn;
 
-use crate::audit::{AuditStore, Record, format_time, keys, verify};
+use crate::audit::{AuditStore, Record, format_time, head, keys, verify};
 
 const PAGE: usize = 1000;
 
@@ -88,6 +89,7 @@ pub fn export(database: &Path) -> Result<()> {
     let store = AuditStore::open_read_only(database)?;
     let mut out = std::io::stdout().lock();
     store.for_each_stored(|record| {
+        let record = record.map_err(|e| anyhow::anyhow!("record {}: cannot be read: {}", e.seq, e.problem))?;
         writeln!(
             out,
             "{}",
@@ -101,15 +103,23 @@ pub fn export(database: &Path) -> Result<()> {
     })
 }
 
-/// Verify the chain; `Ok(false)` when it is broken (the first bad record is printed).
-pub fn verify(database: &Path, public_key: &Path, json: bool) -> Result<bool> {
+/// Verify the chain, and against the head file when given; `Ok(false)` when it is broken
+/// (the first bad record is printed).
+pub fn verify(database: &Path, public_key: &Path, head_file: Option<&Path>, json: bool) -> Result<bool> {
     let key = keys::load_public(public_key)?;
-    let store = AuditStore::open_read_only(database)?;
-    let outcome = verify::verify(&store, &key)?;
-    let report = match &outcome {
-        Ok(verified) => {
-            json!({"ok": true, "records": verified.records, "checkpoints": verified.checkpoints, "head_hash": verified.head_hash})
+    let trusted = match head_file {
+        Some(path) => {
+            Some(head::read(path, &key)?.with_context(|| format!("the head file {} does not exist", path.display()))?)
         }
+        None => None,
+    };
+    let store = AuditStore::open_read_only(database)?;
+    let outcome = verify::verify(&store, &key, trusted)?;
+    let report = match &outcome {
+        Ok(verified) => json!({
+            "ok": true, "records": verified.records, "checkpoints": verified.checkpoints,
+            "head_hash": verified.head_hash, "head_file_seq": verified.head_file_seq,
+        }),
         Err(failure) => json!({"ok": false, "first_bad_record": failure.seq, "problem": failure.fault.to_string()}),
     };
     if json {
@@ -117,10 +127,40 @@ pub fn verify(database: &Path, public_key: &Path, json: bool) -> Result<bool> {
     } else {
         match &outcome {
             Ok(v) => {
-                println!("audit chain OK: {} records, {} checkpoints, head {}", v.records, v.checkpoints, v.head_hash)
+                let newest = match v.head_file_seq {
+                    Some(seq) => format!("holds the head file's record {seq}"),
+                    None => "no head file given: removal of the newest records is not checked".into(),
+                };
+                println!(
+                    "audit chain OK: {} records, {} checkpoints, head {}; {newest}",
+                    v.records, v.checkpoints, v.head_hash
+                )
             }
             Err(failure) => println!("audit chain BROKEN at record {}: {}", failure.seq, failure.fault),
         }
     }
     Ok(outcome.is_ok())
+}
+
+/// Verify the store fully and record its head as the trusted one.
+pub fn adopt(database: &Path, signing_key: &Path) -> Result<()> {
+    let key = keys::load(signing_key)?;
+    let path = head::path_for(signing_key);
+    let previous = head::read(&path, &key.verifying_key()).ok().flatten();
+    let store = AuditStore::open_read_only(database)?;
+    let verified = match verify::verify(&store, &key.verifying_key(), None)? {
+        Ok(verified) => verified,
+        Err(failure) => bail!("the audit store {} fails verification at {failure}: not adopted", database.display()),
+    };
+    head::write(&path, &verified.head, &key, head::Flush::Now)?;
+    let replaced = previous.map_or("none".into(), |h| format!("record {} ({})", h.seq, hex::encode(h.hash)));
+    warn!(
+        database = %database.display(),
+        head_file = %path.display(),
+        records = verified.records,
+        head = %verified.head_hash,
+        replaced_head = %replaced,
+        "audit store adopted: its current head is now the trusted one"
+    );
+    Ok(())
 }
