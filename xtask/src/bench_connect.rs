@@ -29,6 +29,11 @@ const TARGET_ADDED_NS: f64 = 50.0;
 const PROTECTED_ADDR: &str = "127.0.0.2:9";
 const UNPROTECTED_UDP: &str = "127.0.0.3:9";
 const UNPROTECTED_TCP: &str = "127.0.0.3:8080";
+/// A destination that is not local: routed out of a veth pair that lives wholly in the
+/// sandbox's namespace (a UDP connect() sends nothing anyway). Local destinations on a port
+/// a local protected endpoint uses (all of them here: 127.0.0.2 is protected on every
+/// port) also pay a socket lookup; remote ones do not.
+const REMOTE_UDP: &str = "192.0.2.9:9";
 
 pub fn run() -> Result<()> {
     let tools = crate::release_tools()?;
@@ -41,7 +46,11 @@ pub fn run() -> Result<()> {
     let worst_added = results
         .iter()
         .flat_map(|r| {
-            [r["udp_connect"]["added_miss_ns"].as_f64(), r["udp_connect"]["added_broker_allowed_ns"].as_f64()]
+            [
+                r["udp_connect"]["added_miss_ns"].as_f64(),
+                r["udp_connect"]["added_broker_allowed_ns"].as_f64(),
+                r["udp_connect"]["added_remote_miss_ns"].as_f64(),
+            ]
         })
         .flatten()
         .fold(f64::MIN, f64::max);
@@ -65,6 +74,7 @@ pub fn run() -> Result<()> {
 
 fn measure(tools: &Tools, cidrs: usize) -> Result<Value> {
     let mut enforced = Sandbox::new(&format!("bench{cidrs}"), tools.clone())?;
+    add_remote_route(&enforced.netns)?;
     enforced.write_config(&protected_toml(cidrs))?;
     enforced.start_agent()?;
     // An unenforced cgroup and a second namespace that carries the nftables rule set.
@@ -72,7 +82,7 @@ fn measure(tools: &Tools, cidrs: usize) -> Result<Value> {
     load_nft(&plain.netns, cidrs)?;
     let pin = enforced.pin_path.to_string_lossy().into_owned();
 
-    let mut samples: [Vec<f64>; 6] = Default::default();
+    let mut samples: [Vec<f64>; 8] = Default::default();
     for _ in 0..ROUNDS {
         let sample = |sandbox_cgroup: &Sandbox, cgroup: &str, netns: &str, args: &[&str]| -> Result<f64> {
             let output = Command::new(&tools.probe)
@@ -94,10 +104,12 @@ fn measure(tools: &Tools, cidrs: usize) -> Result<Value> {
         samples[3].push(sample(&plain, "workload", &enforced.netns, &tcp)?);
         samples[4].push(sample(&enforced, "workload", &enforced.netns, &tcp)?);
         samples[5].push(sample(&plain, "workload", &plain.netns, &tcp)?);
+        samples[6].push(sample(&plain, "workload", &enforced.netns, &udp(REMOTE_UDP))?);
+        samples[7].push(sample(&enforced, "workload", &enforced.netns, &udp(REMOTE_UDP))?);
     }
     let added =
         |config: &[f64], baseline: &[f64]| median(&config.iter().zip(baseline).map(|(c, b)| c - b).collect::<Vec<_>>());
-    let [udp_base, udp_miss, udp_allowed, tcp_base, tcp_bpf, tcp_nft] = &samples;
+    let [udp_base, udp_miss, udp_allowed, tcp_base, tcp_bpf, tcp_nft, remote_base, remote_miss] = &samples;
     Ok(json!({
         "protected_cidrs": cidrs,
         "udp_connect": {
@@ -106,6 +118,9 @@ fn measure(tools: &Tools, cidrs: usize) -> Result<Value> {
             "broker_allowed_ns": median(udp_allowed),
             "added_miss_ns": added(udp_miss, udp_base),
             "added_broker_allowed_ns": added(udp_allowed, udp_base),
+            "remote_baseline_ns": median(remote_base),
+            "remote_miss_ns": median(remote_miss),
+            "added_remote_miss_ns": added(remote_miss, remote_base),
         },
         "tcp_connect": {
             "baseline_ns": median(tcp_base),
@@ -118,6 +133,19 @@ fn measure(tools: &Tools, cidrs: usize) -> Result<Value> {
 }
 
 /// 127.0.0.2 plus `count - 1` distinct /24s (map entries only; nothing is sent there).
+/// A veth pair inside `netns`, one end with 192.0.2.1/24: a route for REMOTE_UDP.
+fn add_remote_route(netns: &str) -> Result<()> {
+    for args in [
+        &["link", "add", "seb-bench0", "type", "veth", "peer", "name", "seb-bench1"][..],
+        &["addr", "add", "192.0.2.1/24", "dev", "seb-bench0"],
+        &["link", "set", "seb-bench0", "up"],
+        &["link", "set", "seb-bench1", "up"],
+    ] {
+        crate::run(Command::new("ip").args(["-n", netns]).args(args)).context("adding the bench's dummy route")?;
+    }
+    Ok(())
+}
+
 fn protected_cidrs(count: usize) -> Vec<String> {
     let mut cidrs = vec!["127.0.0.2/32".to_string()];
     cidrs.extend((1..count).map(|i| format!("10.{}.{}.0/24", (i >> 8) & 0xff, i & 0xff)));
