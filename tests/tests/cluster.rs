@@ -331,6 +331,10 @@ fn pods_the_policy_selects_are_enforced_as_they_come_and_go_and_denials_name_the
     assert_eq!(denial["pod_name"], "agent-0");
     assert_eq!(denial["container_id"], c1);
     assert_eq!(denial["container_name"], "agent");
+    // The denial metric names a known pod, until the pod is gone.
+    let series = r#"seb_kernel_denials_total{hook="connect4",namespace="agents",pod="agent-0"}"#;
+    let metrics = || w.broker.sandbox.http_get("/metrics").unwrap().1;
+    eventually("the pod's denial series", || metrics().contains(series).then_some(()));
 
     // Labelled later: enforced. Deleted: its links go.
     w.cluster.store.lock().unwrap().put(PODS, pod(OTHER, "web-0", NODE, json!({"seb.io/enforce": "true"}), &c2));
@@ -343,6 +347,7 @@ fn pods_the_policy_selects_are_enforced_as_they_come_and_go_and_denials_name_the
         (w.broker.sandbox.pinned_links().unwrap().len() < links_before).then_some(())
     });
     assert_ne!(w.attempt(&cgroups.0, "127.0.0.71:80"), "EPERM", "a pod no longer listed is not enforced");
+    eventually("the deleted pod's denial series to go", || (!metrics().contains(series)).then_some(()));
 
     // A pod without the label, once its namespace gets the namespace selector's label.
     assert_ne!(w.attempt(&cgroups.2, "127.0.0.71:80"), "EPERM", "its namespace is not selected yet");

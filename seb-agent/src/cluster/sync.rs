@@ -97,6 +97,9 @@ impl ClusterSync {
     pub fn enforcer(&self) -> &SharedEnforcer {
         &self.inner.enforcer
     }
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
 
     /// The kinds whose first list must be applied before the node is settled.
     pub fn require_lists(&self, kinds: impl IntoIterator<Item = String>) {

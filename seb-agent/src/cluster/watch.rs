@@ -213,7 +213,12 @@ async fn follow_directory<K>(
     follow(api, config, sync, shutdown, move |change| {
         let sync = handler_sync.clone();
         async move {
-            record(&mut *sync.directory().write().map_err(|_| anyhow::anyhow!("pod directory poisoned"))?, &change);
+            {
+                let mut directory = sync.directory().write().map_err(|_| anyhow::anyhow!("pod directory poisoned"))?;
+                record(&mut directory, &change);
+                // Under the same lock the recorder counts under (see `denial_metric`).
+                sync.metrics().kernel_denials.forget_departed(&directory);
+            }
             sync.pods_changed().map(drop)
         }
     })
