@@ -41,7 +41,7 @@ pub struct Config {
     /// Cluster mode: follow the cluster's SebPolicy and SebRevocation, enforce the pods the
     /// policy selects, protect the API server's addresses. Needs `[kubernetes]`.
     #[serde(default)]
-    pub cluster: Option<crate::cluster::watch::ClusterConfig>,
+    pub cluster: Option<crate::cluster::config::ClusterConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -19,7 +19,7 @@ use prometheus_client::{
 };
 use tokio::sync::watch;
 
-use crate::{cluster::freshness::Freshness, enforcement::SharedEnforcer};
+use crate::{cluster::freshness::Freshness, denial_metric::DenialCounter, enforcement::SharedEnforcer};
 use tracing::warn;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -32,15 +32,6 @@ pub struct AdmissionLabels {
 pub struct ExecutionLabels {
     pub provider: String,
     pub status: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DenialLabels {
-    pub hook: String,
-    pub destination: String,
-    pub cgroup: String,
-    /// `<namespace>/<name>` when the cgroup is a known pod's, else empty.
-    pub pod: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -114,7 +105,7 @@ pub struct Metrics {
     pub tamper_findings: Family<TamperLabels, Counter>,
     pub admissions: Family<AdmissionLabels, Counter>,
     pub execution_seconds: Family<ExecutionLabels, Histogram>,
-    pub kernel_denials: Family<DenialLabels, Counter>,
+    pub kernel_denials: DenialCounter,
     pub ring_lost: Counter,
     pub map_entries: Family<MapLabels, Gauge>,
     pub epochs: Family<EpochLabels, Gauge>,
@@ -143,7 +134,7 @@ impl Metrics {
         let execution_seconds = Family::<ExecutionLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
         });
-        let kernel_denials = Family::<DenialLabels, Counter>::default();
+        let kernel_denials = DenialCounter::default();
         let ring_lost = Counter::default();
         let map_entries = Family::<MapLabels, Gauge>::default();
         let epochs = Family::<EpochLabels, Gauge>::default();
@@ -164,7 +155,11 @@ impl Metrics {
         );
         registry.register("admissions", "Admission decisions by decision and reason code", admissions.clone());
         registry.register("execution_duration_seconds", "Broker time per executed mutation", execution_seconds.clone());
-        registry.register("kernel_denials", "Connections and packets the kernel denied", kernel_denials.clone());
+        registry.register(
+            "kernel_denials",
+            "Connections and packets the kernel denied, by hook and (for this node's known pods) pod",
+            kernel_denials.family(),
+        );
         registry.register("ringbuf_lost_events", "Kernel denials lost to a full ring buffer", ring_lost.clone());
         registry.register("map_entries", "Entries in the kernel maps", map_entries.clone());
         registry.register("active_epoch", "The active policy and revocation epochs", epochs.clone());

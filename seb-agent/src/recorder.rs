@@ -29,7 +29,7 @@ use crate::{
     cgroupfs::CgroupNames,
     cluster::directory::SharedDirectory,
     enforcement::maps::Counters,
-    metrics::{DenialLabels, Metrics},
+    metrics::Metrics,
 };
 
 /// Record kind for lost denials.
@@ -144,22 +144,12 @@ impl Recorder {
                 Ok(())
             })
             .context("writing kernel denials")?;
+        // Counted under the directory's read lock: a pod cannot leave the directory (and
+        // have its series removed) between being found and being counted.
+        let directory = self.directory.read().ok();
         for (_, denial) in &logged {
-            let destination = if denial.address.contains(':') {
-                format!("[{}]:{}", denial.address, denial.port)
-            } else {
-                format!("{}:{}", denial.address, denial.port)
-            };
-            let cgroup = denial.cgroup_path.clone().unwrap_or_else(|| denial.cgroup_id.to_string());
-            self.metrics
-                .kernel_denials
-                .get_or_create(&DenialLabels {
-                    hook: denial.hook.clone(),
-                    destination,
-                    cgroup,
-                    pod: denial.pod_label(),
-                })
-                .inc();
+            let pod = denial.pod_uid.as_deref().zip(directory.as_ref()).and_then(|(uid, directory)| directory.pod(uid));
+            self.metrics.kernel_denials.count(&denial.hook, pod);
             info!(hook = %denial.hook, address = %denial.address, port = denial.port, tgid = ?denial.tgid, comm = ?denial.comm, "kernel denied egress");
         }
         Ok(logged.len())

@@ -52,6 +52,10 @@ pub struct Store {
     watches: Vec<Watch>,
     /// Requests seen per collection, with the query (`watch=true&...`).
     pub requests: Vec<(String, String)>,
+    /// Objects a GET by name answers with in place of the stored ones, by collection and
+    /// name: what a GET served just before a write returns while its client goes on to
+    /// see the write through a watch.
+    pub stale_reads: BTreeMap<(String, String), Value>,
 }
 
 /// `fieldSelector` (`metadata.name=`, `spec.nodeName=`) and `labelSelector` (`k=v,...`).
@@ -159,8 +163,10 @@ impl Store {
 
     pub fn delete(&mut self, collection: &str, name: &str) {
         let (collection, ..) = Self::route(collection).expect("a served collection");
-        if let Some(object) = self.objects.remove(&(collection, name.to_string())) {
+        if let Some(mut object) = self.objects.remove(&(collection, name.to_string())) {
+            // As the API server does: the deleted object carries the deletion's version.
             self.version += 1;
+            object["metadata"]["resourceVersion"] = json!(self.version.to_string());
             self.publish(collection, "DELETED", object);
         }
     }
@@ -236,7 +242,11 @@ impl Store {
                            "metadata": {"resourceVersion": self.version.to_string()}, "items": items}),
                 )
             }
-            ("GET", Some(name)) => match self.objects.get(&(collection, name)) {
+            ("GET", Some(name)) => match self
+                .stale_reads
+                .get(&(collection.to_string(), name.clone()))
+                .or_else(|| self.objects.get(&(collection, name)))
+            {
                 Some(object) => full(200, object.clone()),
                 None => status(404, "NotFound", &format!("{kind} not found")),
             },

@@ -246,6 +246,35 @@ fn the_cluster_resources_set_epochs_endpoints_and_revocations_and_admission_fail
     });
 }
 
+#[test]
+fn the_probe_never_applies_a_policy_older_than_the_one_the_watcher_applied() {
+    // The probe reads both objects every 2/3 s.
+    let w = world("probe-order", None, 2, |cluster, _| {
+        let mut store = cluster.store.lock().unwrap();
+        store.put(SEB_POLICIES, policy(3, json!({})));
+        store.put(SEB_REVOCATIONS, revocation(1, &[], &[]));
+    });
+    assert_eq!(w.attempt("workload", "127.0.0.71:80"), "EPERM");
+    let older = w.cluster.store.lock().unwrap().get(SEB_POLICIES, "default").unwrap();
+    let newer = json!({"protected": [{"cidr": "127.0.0.72", "port": 80, "protocol": "tcp"}]});
+    w.cluster.store.lock().unwrap().put(SEB_POLICIES, policy(4, newer));
+    eventually("the watcher to apply the newer policy", || (w.epochs().0 == Some(4)).then_some(()));
+
+    // Every probe GET now answers with the older object, as a GET served just before the
+    // write would: the probe reads X after the watcher applied Y.
+    let probe_gets = || {
+        let store = w.cluster.store.lock().unwrap();
+        store.requests.iter().filter(|(collection, query)| collection == SEB_POLICIES && query.is_empty()).count()
+    };
+    let before = probe_gets();
+    w.cluster.store.lock().unwrap().stale_reads.insert((SEB_POLICIES.into(), "default".into()), older);
+    eventually("three probe reads of the older policy", || (probe_gets() >= before + 3).then_some(()));
+    assert_eq!(w.epochs().0, Some(4), "the older policy's epoch came back");
+    assert_eq!(w.attempt("workload", "127.0.0.72:80"), "EPERM", "the newer policy's endpoint is enforced");
+    assert_ne!(w.attempt("workload", "127.0.0.71:80"), "EPERM", "the older policy's endpoint is not");
+    assert!(w.status().cluster.unwrap().synced);
+}
+
 fn pod(uid: &str, name: &str, node: &str, labels: Value, container: &str) -> Value {
     json!({"metadata": {"uid": uid, "name": name, "namespace": "agents", "labels": labels},
            "spec": {"nodeName": node, "containers": [{"name": "agent", "image": "agent"}]},
@@ -302,6 +331,10 @@ fn pods_the_policy_selects_are_enforced_as_they_come_and_go_and_denials_name_the
     assert_eq!(denial["pod_name"], "agent-0");
     assert_eq!(denial["container_id"], c1);
     assert_eq!(denial["container_name"], "agent");
+    // The denial metric names a known pod, until the pod is gone.
+    let series = r#"seb_kernel_denials_total{hook="connect4",namespace="agents",pod="agent-0"}"#;
+    let metrics = || w.broker.sandbox.http_get("/metrics").unwrap().1;
+    eventually("the pod's denial series", || metrics().contains(series).then_some(()));
 
     // Labelled later: enforced. Deleted: its links go.
     w.cluster.store.lock().unwrap().put(PODS, pod(OTHER, "web-0", NODE, json!({"seb.io/enforce": "true"}), &c2));
@@ -314,6 +347,7 @@ fn pods_the_policy_selects_are_enforced_as_they_come_and_go_and_denials_name_the
         (w.broker.sandbox.pinned_links().unwrap().len() < links_before).then_some(())
     });
     assert_ne!(w.attempt(&cgroups.0, "127.0.0.71:80"), "EPERM", "a pod no longer listed is not enforced");
+    eventually("the deleted pod's denial series to go", || (!metrics().contains(series)).then_some(()));
 
     // A pod without the label, once its namespace gets the namespace selector's label.
     assert_ne!(w.attempt(&cgroups.2, "127.0.0.71:80"), "EPERM", "its namespace is not selected yet");

@@ -87,14 +87,6 @@ impl KernelDenial {
         }
     }
 
-    /// `<namespace>/<name>` of the pod, or empty.
-    pub fn pod_label(&self) -> String {
-        match (&self.pod_namespace, &self.pod_name) {
-            (Some(namespace), Some(name)) => format!("{namespace}/{name}"),
-            _ => String::new(),
-        }
-    }
-
     /// From a ring-buffer event; `time_ns` already converted from boot time.
     pub fn from_event(event: &DenialEvent, time_ns: u64) -> Self {
         let address = match event.family {

@@ -17,6 +17,7 @@ use super::{
     crd::{EnforcementScopeSpec, SebPolicy, SebRevocation},
     directory::SharedDirectory,
     freshness::{Freshness, Resource},
+    order::{Gate, Observed, Outcome, Source},
 };
 use crate::{
     admission::state::{self, RevocationApplied, RevocationState},
@@ -54,8 +55,9 @@ struct Inner {
     scope: Mutex<EnforcementScopeSpec>,
     /// The kubelet's pod cgroup, looked for again while it is missing.
     kubepods: Box<dyn Fn() -> Option<std::path::PathBuf> + Send + Sync>,
-    /// resourceVersion last applied, per resource.
-    versions: Mutex<[Option<String>; 2]>,
+    /// The ordered paths by which the watcher and the probe apply the followed objects.
+    policy_gate: Gate,
+    revocation_gate: Gate,
     /// Kinds whose watchers have listed once, and those that must have.
     listed: Mutex<(BTreeSet<String>, BTreeSet<String>)>,
 }
@@ -71,6 +73,8 @@ impl ClusterSync {
         kubepods: impl Fn() -> Option<std::path::PathBuf> + Send + Sync + 'static,
     ) -> Self {
         let inner = Inner {
+            policy_gate: Gate::new(freshness.clone(), Resource::Policy),
+            revocation_gate: Gate::new(freshness.clone(), Resource::Revocation),
             ledger,
             enforcer,
             sockets,
@@ -79,7 +83,6 @@ impl ClusterSync {
             directory,
             scope: Mutex::default(),
             kubepods: Box::new(kubepods),
-            versions: Mutex::default(),
             listed: Mutex::default(),
         };
         Self { inner: Arc::new(inner) }
@@ -93,6 +96,9 @@ impl ClusterSync {
     }
     pub fn enforcer(&self) -> &SharedEnforcer {
         &self.inner.enforcer
+    }
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// The kinds whose first list must be applied before the node is settled.
@@ -119,14 +125,17 @@ impl ClusterSync {
         Ok(())
     }
 
-    pub fn applied_version(&self, resource: Resource, version: Option<String>) {
-        if let Ok(mut versions) = self.inner.versions.lock() {
-            versions[resource as usize] = version;
-        }
+    /// The watcher's or the probe's `SebPolicy`, through its ordered path ([`super::order`]).
+    pub async fn offer_policy(&self, source: Source, observed: Observed<SebPolicy>) -> Result<Outcome> {
+        self.inner.policy_gate.offer(source, observed, |object| async move { self.policy(&object).await }).await
     }
 
-    pub fn is_applied(&self, resource: Resource, version: Option<String>) -> bool {
-        self.inner.versions.lock().is_ok_and(|versions| version.is_some() && versions[resource as usize] == version)
+    /// The watcher's or the probe's `SebRevocation`, through its ordered path.
+    pub async fn offer_revocation(&self, source: Source, observed: Observed<SebRevocation>) -> Result<Outcome> {
+        self.inner
+            .revocation_gate
+            .offer(source, observed, |object| async move { self.revocation(&object).await.map(drop) })
+            .await
     }
 
     pub fn error(&self, resource: &str, error: &anyhow::Error) {
