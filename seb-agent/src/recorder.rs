@@ -160,7 +160,7 @@ impl Recorder {
                     pod: denial.pod_label(),
                 })
                 .inc();
-            info!(hook = %denial.hook, address = %denial.address, port = denial.port, tgid = ?denial.tgid, comm = ?denial.comm, "kernel denied egress");
+            info!(hook = %denial.hook, address = %denial.address, port = denial.port, tgid = denial.tgid, comm = denial.comm.as_deref(), "kernel denied egress");
         }
         Ok(logged.len())
     }

@@ -5,7 +5,40 @@ use std::{io::Write, path::Path};
 use anyhow::{Result, bail};
 use serde_json::json;
 
-use crate::audit::{AuditStore, Record, format_time, keys, verify};
+use super::output::{Output, Stdout};
+use crate::{
+    admission::{
+        DECISION_KIND,
+        state::{EPOCH_KIND, REVOCATION_KIND},
+    },
+    audit::{AuditStore, Record, denial, format_time, keys, ledger::CHECKPOINT_KIND, verify},
+    execute::OUTCOME_KIND,
+    recorder::RING_LOSS_KIND,
+    server::handlers::{READ_KIND, REFUSAL_KIND},
+    tamper,
+};
+
+/// Every kind of record the broker writes.
+pub const KINDS: [&str; 10] = [
+    DECISION_KIND,
+    OUTCOME_KIND,
+    READ_KIND,
+    REFUSAL_KIND,
+    EPOCH_KIND,
+    REVOCATION_KIND,
+    denial::KIND,
+    RING_LOSS_KIND,
+    tamper::KIND,
+    CHECKPOINT_KIND,
+];
+
+/// A `--kind` the broker never writes would list nothing, silently: refuse it.
+fn check_kind(kind: &str) -> Result<()> {
+    if !KINDS.contains(&kind) {
+        bail!("there is no record kind `{kind}`; the kinds are {}", KINDS.join(", "));
+    }
+    Ok(())
+}
 
 const PAGE: usize = 1000;
 
@@ -16,14 +49,15 @@ fn record_json(record: &Record) -> serde_json::Value {
 }
 
 /// Every record (or those of one kind), oldest first.
-pub fn list(database: &Path, kind: Option<&str>, json: bool) -> Result<()> {
+pub fn list(database: &Path, kind: Option<&str>, output: Output) -> Result<()> {
+    kind.map(check_kind).transpose()?;
     let store = AuditStore::open_read_only(database)?;
-    let mut out = std::io::stdout().lock();
+    let mut out = Stdout::lock();
     let mut after = 0;
     loop {
         let records = store.records_after(kind, after, PAGE)?;
         for record in &records {
-            if json {
+            if output.json {
                 writeln!(out, "{}", record_json(record))?;
             } else {
                 writeln!(
@@ -75,18 +109,21 @@ fn summary(record: &Record) -> String {
     }
 }
 
-pub fn show(database: &Path, seq: i64) -> Result<()> {
+pub fn show(database: &Path, seq: i64, output: Output) -> Result<()> {
     let store = AuditStore::open_read_only(database)?;
     let Some(record) = store.get(seq)? else { bail!("there is no record {seq}") };
-    println!("{}", serde_json::to_string_pretty(&record_json(&record))?);
-    Ok(())
+    let value = record_json(&record);
+    output.show(&value, |out| {
+        writeln!(out, "record {} ({}) at {}", record.seq, record.kind, format_time(record.time_ns))?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&value["body"]).map_err(std::io::Error::other)?)
+    })
 }
 
 /// Every record with its chain fields, one JSON object per line: enough to verify
 /// elsewhere, and to keep as an external witness of the chain's head.
 pub fn export(database: &Path) -> Result<()> {
     let store = AuditStore::open_read_only(database)?;
-    let mut out = std::io::stdout().lock();
+    let mut out = Stdout::lock();
     store.for_each_stored(|record| {
         writeln!(
             out,
@@ -102,7 +139,7 @@ pub fn export(database: &Path) -> Result<()> {
 }
 
 /// Verify the chain; `Ok(false)` when it is broken (the first bad record is printed).
-pub fn verify(database: &Path, public_key: &Path, json: bool) -> Result<bool> {
+pub fn verify(database: &Path, public_key: &Path, output: Output) -> Result<bool> {
     let key = keys::load_public(public_key)?;
     let store = AuditStore::open_read_only(database)?;
     let outcome = verify::verify(&store, &key)?;
@@ -112,15 +149,11 @@ pub fn verify(database: &Path, public_key: &Path, json: bool) -> Result<bool> {
         }
         Err(failure) => json!({"ok": false, "first_bad_record": failure.seq, "problem": failure.fault.to_string()}),
     };
-    if json {
-        println!("{report}");
-    } else {
-        match &outcome {
-            Ok(v) => {
-                println!("audit chain OK: {} records, {} checkpoints, head {}", v.records, v.checkpoints, v.head_hash)
-            }
-            Err(failure) => println!("audit chain BROKEN at record {}: {}", failure.seq, failure.fault),
+    output.show(&report, |out| match &outcome {
+        Ok(v) => {
+            writeln!(out, "audit chain OK: {} records, {} checkpoints, head {}", v.records, v.checkpoints, v.head_hash)
         }
-    }
+        Err(failure) => writeln!(out, "audit chain BROKEN at record {}: {}", failure.seq, failure.fault),
+    })?;
     Ok(outcome.is_ok())
 }
