@@ -346,8 +346,8 @@ fn init_tracing(json: bool) {
             Some("json") => true,
             Some("text") => false,
             Some(other) => {
-                eprintln!("seb-agent: SEB_LOG_FORMAT={other} is neither `json` nor `text`; logging as JSON");
-                true
+                eprintln!("seb-agent: SEB_LOG_FORMAT={other} is neither `json` nor `text`; ignored");
+                !terminal
             }
             None => !terminal,
         };
