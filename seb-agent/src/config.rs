@@ -561,6 +561,14 @@ mod tests {
     }
 
     #[test]
+    fn syntax_and_type_errors_give_the_line_and_column() {
+        let error = Config::parse("[broker]\n# the socket\nsocket = 3\n").unwrap_err().to_string();
+        assert!(error.contains("(at line 3, column 10)"), "{error}");
+        let error = Config::parse("[audit]\ndatabase = \"é\" x\n").unwrap_err().to_string();
+        assert!(error.contains("(at line 2, column 16)"), "{error}");
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let cases = [
             ("[bpf]\npin_path = \"relative\"", "bpf.pin_path"),

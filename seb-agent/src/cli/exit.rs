@@ -53,3 +53,48 @@ impl From<Exit> for ExitCode {
         ExitCode::from(exit as u8)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{admission::Reason, execute::Outcome};
+
+    fn decision(admitted: bool, status: Option<OutcomeStatus>) -> Decision {
+        let outcome = status.map(|status| Outcome {
+            decision_id: "d".into(),
+            decision_seq: 1,
+            status,
+            identity: None,
+            api_status: None,
+            resulting_state_digest: None,
+            duration_ms: 0.0,
+            timings: Default::default(),
+            error: None,
+            record_seq: 2,
+        });
+        let reason = if admitted { Reason::Admitted } else { Reason::Expired };
+        Decision {
+            decision_id: "d".into(),
+            admitted,
+            reason,
+            message: String::new(),
+            record_seq: 1,
+            serial: None,
+            contract_id: None,
+            outcome,
+        }
+    }
+
+    #[test]
+    fn only_an_executed_admission_is_success() {
+        assert_eq!(Exit::of_decision(&decision(true, Some(OutcomeStatus::Succeeded))), Exit::Success);
+        assert_eq!(Exit::of_decision(&decision(false, None)), Exit::Denied);
+        assert_eq!(Exit::of_decision(&decision(true, Some(OutcomeStatus::NotExecuted))), Exit::NotExecuted);
+        assert_eq!(Exit::of_decision(&decision(true, None)), Exit::NotExecuted);
+        assert_eq!(Exit::of_decision(&decision(true, Some(OutcomeStatus::Failed))), Exit::ExecutionFailed);
+        assert_eq!(Exit::of_decision(&decision(true, Some(OutcomeStatus::Unknown))), Exit::ExecutionFailed);
+        let codes =
+            [Exit::Success, Exit::Denied, Exit::Error, Exit::NotExecuted, Exit::ExecutionFailed].map(|e| e as u8);
+        assert_eq!(codes, [0, 1, 2, 3, 4], "the numbers are documented and stable");
+    }
+}
