@@ -298,6 +298,19 @@ enum AuditCommand {
         #[arg(long)]
         kind: Option<String>,
     },
+    /// Print records as they are written, until stopped: for a log shipper, with --json
+    /// (one object per line). Resume with `--since <the last seq received>`: no record is
+    /// missed or repeated.
+    Follow {
+        #[command(flatten)]
+        database: DatabaseArg,
+        /// Only records of this kind (decision, outcome, kernel_denial, tamper, ...).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Start after this record sequence number, or at this RFC 3339 time [default: the first record].
+        #[arg(long, value_name = "SEQ|TIME", default_value = "0")]
+        since: cli::audit::Since,
+    },
     /// Show one record.
     Show {
         #[command(flatten)]
@@ -542,6 +555,9 @@ fn cert(command: CertCommand, output: Output) -> Result<()> {
 fn audit(command: AuditCommand, output: Output) -> Result<Exit> {
     match command {
         AuditCommand::List { database, kind } => cli::audit::list(&database.path()?, kind.as_deref(), output)?,
+        AuditCommand::Follow { database, kind, since } => {
+            cli::audit::follow(&database.path()?, kind.as_deref(), since, output)?
+        }
         AuditCommand::Show { database, seq } => cli::audit::show(&database.path()?, seq, output)?,
         AuditCommand::Export { database } => cli::audit::export(&database.path()?)?,
         AuditCommand::Verify { database, public_key } => {

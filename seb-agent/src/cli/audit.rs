@@ -48,15 +48,60 @@ fn record_json(record: &Record) -> serde_json::Value {
     json!({"seq": record.seq, "kind": record.kind, "time": format_time(record.time_ns), "body": body})
 }
 
+/// Where `audit follow` starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    /// After this sequence number (the last one a reader has): nothing twice, nothing missed.
+    Seq(i64),
+    /// From the first record written at or after this time (nanoseconds since the epoch).
+    TimeNs(i64),
+}
+
+impl std::str::FromStr for Since {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if let Ok(seq) = text.parse::<i64>() {
+            return if seq >= 0 { Ok(Self::Seq(seq)) } else { Err("a sequence number is not negative".into()) };
+        }
+        let time = humantime::parse_rfc3339_weak(text)
+            .map_err(|_| format!("`{text}` is neither a record sequence number nor an RFC 3339 time"))?;
+        let ns = time.duration_since(std::time::UNIX_EPOCH).map_err(|_| format!("`{text}` is before 1970"))?;
+        Ok(Self::TimeNs(i64::try_from(ns.as_nanos()).map_err(|_| format!("`{text}` is too far ahead"))?))
+    }
+}
+
+/// How long `audit follow` waits before looking for new records again.
+const FOLLOW_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Every record (or those of one kind), oldest first.
 pub fn list(database: &Path, kind: Option<&str>, output: Output) -> Result<()> {
+    print_records(database, kind, Since::Seq(0), false, output)
+}
+
+/// Every record after `since`, then each new one as it is written, until stopped.
+pub fn follow(database: &Path, kind: Option<&str>, since: Since, output: Output) -> Result<()> {
+    print_records(database, kind, since, true, output)
+}
+
+fn print_records(database: &Path, kind: Option<&str>, since: Since, follow: bool, output: Output) -> Result<()> {
     kind.map(check_kind).transpose()?;
     let store = AuditStore::open_read_only(database)?;
     let mut out = Stdout::lock();
-    let mut after = 0;
+    let (mut after, mut from_time) = match since {
+        Since::Seq(seq) => (seq, None),
+        Since::TimeNs(time_ns) => (0, Some(time_ns)),
+    };
     loop {
+        // Sequence numbers are given in commit order by the one writer, so reading after the
+        // last one printed misses nothing and repeats nothing.
         let records = store.records_after(kind, after, PAGE)?;
         for record in &records {
+            after = record.seq;
+            if from_time.is_some_and(|time_ns| record.time_ns < time_ns) {
+                continue;
+            }
+            from_time = None;
             if output.json {
                 writeln!(out, "{}", record_json(record))?;
             } else {
@@ -69,11 +114,15 @@ pub fn list(database: &Path, kind: Option<&str>, output: Output) -> Result<()> {
                     summary(record)
                 )?;
             }
-            after = record.seq;
         }
-        if records.len() < PAGE {
+        out.flush()?;
+        if records.len() == PAGE {
+            continue;
+        }
+        if !follow {
             return Ok(());
         }
+        std::thread::sleep(FOLLOW_INTERVAL);
     }
 }
 
@@ -156,4 +205,18 @@ pub fn verify(database: &Path, public_key: &Path, output: Output) -> Result<bool
         Err(failure) => writeln!(out, "audit chain BROKEN at record {}: {}", failure.seq, failure.fault),
     })?;
     Ok(outcome.is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_is_a_sequence_number_or_a_time() {
+        assert_eq!("42".parse(), Ok(Since::Seq(42)));
+        assert_eq!("1970-01-01T00:00:01Z".parse(), Ok(Since::TimeNs(1_000_000_000)));
+        assert!("-1".parse::<Since>().is_err());
+        let error = "yesterday".parse::<Since>().unwrap_err();
+        assert!(error.contains("`yesterday`"), "{error}");
+    }
 }
