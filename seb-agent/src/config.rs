@@ -326,7 +326,7 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(toml_error)?;
+        let config: Config = toml::from_str(text).map_err(|e| toml_error(&e, text))?;
         config.validate()?;
         Ok(config)
     }
@@ -493,7 +493,7 @@ pub fn check_cgroup_path(field: &str, path: &str) -> Result<(), ConfigError> {
 }
 
 /// Turn a TOML/serde error into one that names the field.
-fn toml_error(error: toml::de::Error) -> ConfigError {
+fn toml_error(error: &toml::de::Error, text: &str) -> ConfigError {
     let message = error.message().to_string();
     // serde's messages name unknown fields and bad values; keep them, add the location.
     let field = message
@@ -502,8 +502,21 @@ fn toml_error(error: toml::de::Error) -> ConfigError {
         .filter(|_| message.starts_with("unknown field") || message.starts_with("missing field"))
         .unwrap_or("<toml>")
         .to_string();
-    let location = error.span().map(|span| format!(" (at byte {})", span.start)).unwrap_or_default();
+    let location = error
+        .span()
+        .map(|span| {
+            let (line, column) = line_column(text, span.start);
+            format!(" (at line {line}, column {column})")
+        })
+        .unwrap_or_default();
     invalid(field, format!("{message}{location}"))
+}
+
+/// The 1-based line and column (in characters) of a byte offset into `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (before.matches('\n').count() + 1, before[line_start..].chars().count() + 1)
 }
 
 /// Parse `host:port` for the egress probe.
@@ -545,6 +558,14 @@ mod tests {
         assert_eq!(endpoints[0].protocol, Protocol::Any);
         assert_eq!(endpoints[1].net, "2001:db8::1/128".parse::<IpNet>().unwrap());
         assert_eq!(endpoints[1].port, Some(443));
+    }
+
+    #[test]
+    fn syntax_and_type_errors_give_the_line_and_column() {
+        let error = Config::parse("[broker]\n# the socket\nsocket = 3\n").unwrap_err().to_string();
+        assert!(error.contains("(at line 3, column 10)"), "{error}");
+        let error = Config::parse("[audit]\ndatabase = \"é\" x\n").unwrap_err().to_string();
+        assert!(error.contains("(at line 2, column 16)"), "{error}");
     }
 
     #[test]

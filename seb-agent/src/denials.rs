@@ -10,9 +10,8 @@ const PAGE: usize = 1000;
 const FOLLOW_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Print denials (JSON lines, or a table); with `follow`, keep printing new ones.
-pub fn print(database: &Path, json: bool, follow: bool) -> Result<()> {
+pub fn print(database: &Path, json: bool, follow: bool, out: &mut impl Write) -> Result<()> {
     let store = AuditStore::open_read_only(database)?;
-    let mut out = std::io::stdout().lock();
     if !json {
         writeln!(
             out,
@@ -26,7 +25,7 @@ pub fn print(database: &Path, json: bool, follow: bool) -> Result<()> {
         for record in &records {
             let denial: KernelDenial = record.parse()?;
             if json {
-                serde_json::to_writer(&mut out, &denial)?;
+                serde_json::to_writer(&mut *out, &denial)?;
                 writeln!(out)?;
             } else {
                 writeln!(out, "{}", table_row(&denial))?;

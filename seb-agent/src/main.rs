@@ -1,15 +1,25 @@
 //! `seb-agent`: the node broker daemon and its command-line tools.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    io::{IsTerminal, Write},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use seb_agent::{
     admission::state::RevocationTarget,
     agent,
     audit::{head as audit_head, keys},
     cert::{MutationRequest, dev_sab::Algorithm},
-    cli::{self, call_broker},
+    cli::{
+        self, call_broker,
+        exit::{EXIT_STATUS_HELP, Exit},
+        output::{self, Output},
+        render,
+    },
     config::Config,
     denials,
     enforcement::{PinLayout, loader},
@@ -20,15 +30,25 @@ const DEFAULT_CONFIG: &str = "/etc/seb/agent.toml";
 const DEFAULT_SOCKET: &str = "/run/seb/broker.sock";
 
 #[derive(Parser)]
-#[command(name = "seb-agent", version, about = "seb node broker: certified mutations in, kernel-enforced egress out")]
+#[command(
+    name = "seb-agent",
+    version,
+    about = "seb node broker: certified mutations in, kernel-enforced egress out",
+    after_help = EXIT_STATUS_HELP
+)]
 struct Cli {
+    /// Print machine-readable JSON instead of text (lists: one JSON object per line).
+    /// For `run`, log as JSON lines.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Args)]
 struct ConfigArg {
-    #[arg(long, default_value = DEFAULT_CONFIG)]
+    /// The agent's configuration file (TOML).
+    #[arg(long, env = "SEB_CONFIG", default_value = DEFAULT_CONFIG)]
     config: PathBuf,
 }
 
@@ -60,10 +80,11 @@ impl DatabaseArg {
 /// The broker socket: given directly, or from the config, or the default.
 #[derive(Args)]
 struct SocketArg {
-    /// The broker socket (default: from --config if given, else /run/seb/broker.sock).
-    #[arg(long)]
+    /// The broker socket [default: `broker.socket` from the config if one is given, else /run/seb/broker.sock].
+    #[arg(long, env = "SEB_SOCKET")]
     socket: Option<PathBuf>,
-    #[arg(long)]
+    /// The agent's configuration file (TOML), to find the socket (and, with --cluster, the resource names).
+    #[arg(long, env = "SEB_CONFIG")]
     config: Option<PathBuf>,
 }
 
@@ -76,6 +97,10 @@ impl SocketArg {
             Some(config) => Ok(Config::load(config)?.broker.socket),
             None => Ok(PathBuf::from(DEFAULT_SOCKET)),
         }
+    }
+
+    fn call(&self, request: Request) -> Result<Response> {
+        call_broker(&self.path()?, request)
     }
 }
 
@@ -106,20 +131,32 @@ fn kube_client() -> Result<(tokio::runtime::Runtime, kube::Client)> {
     Ok((runtime, client))
 }
 
+/// A request file (JSON).
+fn read_request(path: &PathBuf) -> Result<MutationRequest> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a valid request", path.display()))
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the broker: attach (or re-adopt) kernel enforcement and serve the broker socket.
     Run(ConfigArg),
     /// Write the custom resource definitions (generated from the Rust types) to DIR.
     Crds {
-        #[arg(long)]
+        /// The directory to write the CRD YAML files to (created if missing).
+        #[arg(long, value_name = "DIR")]
         out_dir: PathBuf,
     },
     /// Validate a configuration file and print it with every default filled in.
     CheckConfig(ConfigArg),
     /// Validate SebPolicy and SebRevocation objects (JSON) as a broker would apply them.
-    CheckClusterState { files: Vec<PathBuf> },
-    /// Propose a mutation: print the broker's decision as JSON; exit 1 if denied.
+    CheckClusterState {
+        /// The object files (JSON), each one SebPolicy or SebRevocation.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Propose a mutation and print the broker's decision and, if admitted, its outcome.
+    /// Exit 0 only if it was admitted and executed (see "Exit status").
     Propose {
         #[command(flatten)]
         socket: SocketArg,
@@ -130,7 +167,7 @@ enum Command {
         #[arg(long)]
         request: PathBuf,
     },
-    /// A read-only passthrough read through the broker (no certificate); prints JSON.
+    /// A read-only passthrough read through the broker (no certificate).
     Read {
         #[command(flatten)]
         socket: SocketArg,
@@ -138,17 +175,20 @@ enum Command {
         #[arg(long)]
         request: PathBuf,
     },
-    /// Revoke a certificate serial or a contract id (takes effect at the next admission,
-    /// and cuts connections of executions under it). With --cluster, every node's.
+    /// Revoke a certificate serial or a contract id. It takes effect at the next admission
+    /// and cuts the connections of executions under it. With --cluster, on every node.
     Revoke {
         #[command(flatten)]
         socket: SocketArg,
         #[command(flatten)]
         cluster: ClusterArg,
+        /// The certificate serial to revoke (hex, colons allowed).
         #[arg(long, conflicts_with = "contract", required_unless_present = "contract")]
         serial: Option<String>,
+        /// The contract id to revoke (every certificate binding it).
         #[arg(long)]
         contract: Option<String>,
+        /// Why, recorded in the audit log.
         #[arg(long)]
         reason: Option<String>,
     },
@@ -164,8 +204,10 @@ enum Command {
         socket: SocketArg,
         #[command(flatten)]
         cluster: ClusterArg,
+        /// Set the policy epoch: certificates must name this one.
         #[arg(long)]
         policy: Option<u64>,
+        /// Set the revocation epoch (it only moves forward): certificates naming an older one are refused.
         #[arg(long)]
         revocation: Option<u64>,
     },
@@ -183,9 +225,6 @@ enum Command {
     Denials {
         #[command(flatten)]
         database: DatabaseArg,
-        /// One JSON object per line.
-        #[arg(long)]
-        json: bool,
         /// Keep printing denials as they are recorded.
         #[arg(long)]
         follow: bool,
@@ -193,11 +232,17 @@ enum Command {
     /// Detach the kernel programs and remove every pin (enforcement ends).
     Unload(ConfigArg),
     /// Ask the running broker to open a TCP connection to ADDR as itself (admin only).
+    /// Exit 1 if it could not connect.
     ProbeEgress {
         #[command(flatten)]
         socket: SocketArg,
         /// host:port, IPv6 as [addr]:port.
         addr: String,
+    },
+    /// Print a shell completion script, e.g. `seb-agent completions bash > /etc/bash_completion.d/seb-agent`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -205,17 +250,22 @@ enum Command {
 enum CertCommand {
     /// Create a dev SAB CA in DIR (sab-ca.pem, sab-ca.key).
     Ca {
+        /// The directory to create the CA's certificate and key in.
         #[arg(long)]
         dir: PathBuf,
+        /// The CA's common name.
         #[arg(long, default_value = "seb dev SAB")]
         name: String,
+        /// The CA key's algorithm.
         #[arg(long, value_enum, default_value = "ed25519")]
         algorithm: Algorithm,
     },
     /// Issue a certificate binding a contract (JSON); prints PEM or writes --out.
     Issue {
+        /// The directory holding the CA (from `cert ca`).
         #[arg(long)]
         dir: PathBuf,
+        /// The execution contract to bind (JSON).
         #[arg(long)]
         contract: PathBuf,
         /// Fill the contract's request digest, provider, operation and target from this request.
@@ -224,13 +274,18 @@ enum CertCommand {
         /// Validity in seconds.
         #[arg(long, default_value_t = 300)]
         ttl: u64,
+        /// The certificate key's algorithm.
         #[arg(long, value_enum, default_value = "ed25519")]
         algorithm: Algorithm,
+        /// Write the PEM here instead of printing it.
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Print a certificate's serial, validity and contract as JSON.
-    Inspect { cert: PathBuf },
+    /// Print a certificate's serial, validity and contract.
+    Inspect {
+        /// The certificate (PEM).
+        cert: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -239,23 +294,34 @@ enum AuditCommand {
     List {
         #[command(flatten)]
         database: DatabaseArg,
+        /// Only records of this kind (decision, outcome, kernel_denial, ...).
         #[arg(long)]
         kind: Option<String>,
+    },
+    /// Print records as they are written, until stopped: for a log shipper, with --json
+    /// (one object per line). Resume with `--since <the last seq received>`: no record is
+    /// missed or repeated.
+    Follow {
+        #[command(flatten)]
+        database: DatabaseArg,
+        /// Only records of this kind (decision, outcome, kernel_denial, tamper, ...).
         #[arg(long)]
-        json: bool,
+        kind: Option<String>,
+        /// Start after this record sequence number, or at this RFC 3339 time [default: the first record].
+        #[arg(long, value_name = "SEQ|TIME", default_value = "0")]
+        since: cli::audit::Since,
     },
     /// Show one record.
     Show {
         #[command(flatten)]
         database: DatabaseArg,
+        /// The record's sequence number.
         seq: i64,
     },
-    /// Every record with hashes and signatures, one JSON object per line.
+    /// Every record with hashes and signatures, one JSON object per line (always JSON).
     Export {
         #[command(flatten)]
         database: DatabaseArg,
-        #[arg(long)]
-        json: bool,
     },
     /// Verify the hash chain and signatures; exit 1 and name the first bad record if broken.
     Verify {
@@ -268,8 +334,6 @@ enum AuditCommand {
         /// public key comes from the config: `audit.signing_key` + ".head").
         #[arg(long)]
         head: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
     },
     /// Verify the store fully and record its head in the head file, as the one the broker
     /// trusts from now on: for a store written by a version without head files, or a
@@ -282,32 +346,45 @@ enum AuditCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
-    match run(cli.command) {
-        Ok(code) => code,
+    init_tracing(cli.json && matches!(cli.command, Command::Run(_)));
+    let output = Output { json: cli.json };
+    match run(cli.command, output) {
+        Ok(exit) => exit.into(),
+        // The reader went away (`| head`): nothing more to say.
+        Err(error) if output::is_stdout_closed(&error) => Exit::Success.into(),
         Err(error) => {
             eprintln!("seb-agent: {error:#}");
-            ExitCode::from(2)
+            Exit::Error.into()
         }
     }
 }
 
-fn init_tracing() {
+/// Logs go to standard error: JSON lines when it is not a terminal (a service manager,
+/// a log shipper) or when `SEB_LOG_FORMAT=json`; text, coloured only on a terminal, otherwise.
+fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SEB_LOG").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if std::env::var("SEB_LOG_FORMAT").is_ok_and(|f| f == "json") {
+    let terminal = std::io::stderr().is_terminal();
+    let format = std::env::var("SEB_LOG_FORMAT").ok();
+    let json = json
+        || match format.as_deref() {
+            Some("json") => true,
+            Some("text") => false,
+            Some(other) => {
+                eprintln!("seb-agent: SEB_LOG_FORMAT={other} is neither `json` nor `text`; ignored");
+                !terminal
+            }
+            None => !terminal,
+        };
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(terminal && !json);
+    if json {
         builder.json().init();
     } else {
         builder.init();
     }
 }
 
-fn print_json(value: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string(value)?);
-    Ok(())
-}
-
-fn run(command: Command) -> Result<ExitCode> {
+fn run(command: Command, output: Output) -> Result<Exit> {
     match command {
         Command::Run(config) => {
             let config = config.load()?;
@@ -318,37 +395,47 @@ fn run(command: Command) -> Result<ExitCode> {
             result?;
         }
         Command::Crds { out_dir } => {
-            std::fs::create_dir_all(&out_dir)?;
+            std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+            let mut written = Vec::new();
             for (name, text) in seb_agent::cluster::crd::rendered() {
-                std::fs::write(out_dir.join(name), text)?;
+                let path = out_dir.join(name);
+                std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+                written.push(path.display().to_string());
             }
+            output.show(&serde_json::json!({ "written": written }), |out| {
+                written.iter().try_for_each(|path| writeln!(out, "wrote {path}"))
+            })?;
         }
-        Command::CheckConfig(config) => print!("{}", toml::to_string_pretty(&config.load()?)?),
+        Command::CheckConfig(config) => {
+            let config = config.load()?;
+            output.show(&config, |out| {
+                write!(out, "{}", toml::to_string_pretty(&config).map_err(std::io::Error::other)?)
+            })?;
+        }
         Command::CheckClusterState { files } => {
-            for file in files {
-                let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            for file in &files {
+                let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
                 cli::cluster::check_object(&text).with_context(|| format!("{}", file.display()))?;
             }
+            let files: Vec<_> = files.iter().map(|f| f.display().to_string()).collect();
+            output.show(&serde_json::json!({ "valid": files }), |out| {
+                files.iter().try_for_each(|file| writeln!(out, "{file}: valid"))
+            })?;
         }
         Command::Propose { socket, cert, request } => {
             let certificate = std::fs::read_to_string(&cert).with_context(|| format!("reading {}", cert.display()))?;
-            let request: MutationRequest = serde_json::from_str(
-                &std::fs::read_to_string(&request).with_context(|| format!("reading {}", request.display()))?,
-            )
-            .with_context(|| format!("{} is not a valid request", request.display()))?;
-            let Response::Decision(decision) = call_broker(&socket.path()?, Request::Propose { certificate, request })?
-            else {
+            let request = read_request(&request)?;
+            let Response::Decision(decision) = socket.call(Request::Propose { certificate, request })? else {
                 bail!("the broker answered something other than a decision");
             };
-            print_json(&*decision)?;
-            return Ok(if decision.admitted { ExitCode::SUCCESS } else { ExitCode::from(1) });
+            output.show(&*decision, |out| render::decision(out, &decision))?;
+            return Ok(Exit::of_decision(&decision));
         }
         Command::Read { socket, request } => {
-            let request: MutationRequest = serde_json::from_str(
-                &std::fs::read_to_string(&request).with_context(|| format!("reading {}", request.display()))?,
-            )
-            .with_context(|| format!("{} is not a valid request", request.display()))?;
-            print_json(&call_broker(&socket.path()?, Request::Read { request })?)?;
+            let Response::Read(read) = socket.call(Request::Read { request: read_request(&request)? })? else {
+                bail!("the broker answered something other than a read");
+            };
+            output.show(&read, |out| render::read(out, &read))?;
         }
         Command::Revoke { socket, cluster, serial, contract, reason } => {
             let (target, value) = match (serial, contract) {
@@ -356,19 +443,32 @@ fn run(command: Command) -> Result<ExitCode> {
                 (None, Some(contract)) => (RevocationTarget::ContractId, contract),
                 (None, None) => bail!("give --serial or --contract"),
             };
+            let what = match target {
+                RevocationTarget::Serial => "serial",
+                RevocationTarget::ContractId => "contract",
+            };
             if cluster.cluster {
                 let (_, name) = cluster.names(&socket)?;
                 let (runtime, client) = kube_client()?;
-                print_json(&runtime.block_on(cli::cluster::revoke(client, &name, target, &value))?)?;
+                let written = runtime.block_on(cli::cluster::revoke(client, &name, target, &value))?;
+                output.show(&written, |out| writeln!(out, "revoked {what} {value} in the cluster: {written}"))?;
             } else {
-                print_json(&call_broker(&socket.path()?, Request::Revoke { target, value, reason })?)?;
+                let Response::Revoked { record_seq } =
+                    socket.call(Request::Revoke { target, value: value.clone(), reason })?
+                else {
+                    bail!("the broker answered something other than a revocation");
+                };
+                output
+                    .show(&serde_json::json!({ "revoked": what, "value": value, "record_seq": record_seq }), |out| {
+                        writeln!(out, "revoked {what} {value} (audit record {record_seq})")
+                    })?;
             }
         }
         Command::Status { socket } => {
-            let Response::Status(report) = call_broker(&socket.path()?, Request::Status)? else {
+            let Response::Status(report) = socket.call(Request::Status)? else {
                 bail!("the broker answered something other than a status");
             };
-            println!("{}", serde_json::to_string_pretty(&*report)?);
+            output.show(&*report, |out| render::status(out, &report))?;
         }
         Command::Epoch { socket, cluster, policy, revocation } if cluster.cluster => {
             let (policy_name, revocation_name) = cluster.names(&socket)?;
@@ -379,10 +479,11 @@ fn run(command: Command) -> Result<ExitCode> {
             if let Some(epoch) = revocation {
                 let written =
                     runtime.block_on(cli::cluster::set_revocation_epoch(client.clone(), &revocation_name, epoch))?;
-                print_json(&written)?;
+                output.show(&written, |out| writeln!(out, "{written}"))?;
             }
             if let Some(epoch) = policy {
-                print_json(&runtime.block_on(cli::cluster::set_policy_epoch(client, &policy_name, epoch))?)?;
+                let written = runtime.block_on(cli::cluster::set_policy_epoch(client, &policy_name, epoch))?;
+                output.show(&written, |out| writeln!(out, "{written}"))?;
             }
         }
         Command::Epoch { socket, policy, revocation, .. } => {
@@ -391,49 +492,86 @@ fn run(command: Command) -> Result<ExitCode> {
             } else {
                 Request::SetEpochs { policy, revocation }
             };
-            print_json(&call_broker(&socket.path()?, request)?)?;
+            let Response::Epochs(epochs) = socket.call(request)? else {
+                bail!("the broker answered something other than the epochs");
+            };
+            output.show(&epochs, |out| render::epochs(out, &epochs))?;
         }
-        Command::Cert { command } => cert(command)?,
-        Command::Audit { command } => return audit(command),
-        Command::Denials { database, json, follow } => denials::print(&database.path()?, json, follow)?,
+        Command::Cert { command } => cert(command, output)?,
+        Command::Audit { command } => return audit(command, output),
+        Command::Denials { database, follow } => {
+            denials::print(&database.path()?, output.json, follow, &mut output::Stdout::lock())?
+        }
         Command::Unload(config) => {
             let config = config.load()?;
-            let removed = loader::unload(&PinLayout::new(&config.bpf.pin_path))?;
-            eprintln!("removed {removed} pins from {}", config.bpf.pin_path.display());
+            let pins = &config.bpf.pin_path;
+            let removed = loader::unload(&PinLayout::new(pins))?;
+            output.show(&serde_json::json!({ "removed_pins": removed, "pin_path": pins }), |out| {
+                writeln!(out, "removed {removed} pins from {}", pins.display())
+            })?;
         }
         Command::ProbeEgress { socket, addr } => {
-            let response = call_broker(&socket.path()?, Request::ProbeEgress { addr })?;
-            print_json(&response)?;
-            let connected = matches!(response, Response::ProbeEgress { connected: true, .. });
-            return Ok(if connected { ExitCode::SUCCESS } else { ExitCode::from(1) });
+            let Response::ProbeEgress { addr, connected, error } = socket.call(Request::ProbeEgress { addr })? else {
+                bail!("the broker answered something other than a probe result");
+            };
+            let answer =
+                serde_json::json!({ "type": "probe_egress", "addr": addr, "connected": connected, "error": error });
+            output.show(&answer, |out| match &error {
+                None if connected => writeln!(out, "the broker connected to {addr}"),
+                error => {
+                    writeln!(out, "the broker could not connect to {addr}: {}", error.as_deref().unwrap_or("refused"))
+                }
+            })?;
+            return Ok(Exit::ok_or_denied(connected));
+        }
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "seb-agent", &mut script);
+            let mut out = output::Stdout::lock();
+            out.write_all(&script)?;
+            out.flush()?;
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Success)
 }
 
-fn cert(command: CertCommand) -> Result<()> {
+fn cert(command: CertCommand, output: Output) -> Result<()> {
     match command {
-        CertCommand::Ca { dir, name, algorithm } => cli::cert::create_ca(&dir, &name, algorithm),
+        CertCommand::Ca { dir, name, algorithm } => {
+            let files = cli::cert::create_ca(&dir, &name, algorithm)?;
+            let (cert, key) = (files.cert.display().to_string(), files.key.display().to_string());
+            output.show(&serde_json::json!({ "certificate": cert, "key": key }), |out| {
+                writeln!(out, "created SAB CA {cert} (key {key})")?;
+                writeln!(out, "trust it with `admission.trust_anchors = \"{cert}\"`")
+            })
+        }
         CertCommand::Issue { dir, contract, request, ttl, algorithm, out } => {
             let pem = cli::cert::issue(&dir, &contract, request.as_deref(), Duration::from_secs(ttl), algorithm)?;
             match out {
-                Some(out) => std::fs::write(&out, pem).with_context(|| format!("writing {}", out.display())),
-                None => {
-                    print!("{pem}");
-                    Ok(())
+                Some(path) => {
+                    std::fs::write(&path, &pem).with_context(|| format!("writing {}", path.display()))?;
+                    let written = path.display().to_string();
+                    output.show(&serde_json::json!({ "written": written }), |out| writeln!(out, "wrote {written}"))
                 }
+                None => output.show_text("pem", &pem),
             }
         }
-        CertCommand::Inspect { cert } => print_json(&cli::cert::inspect(&cert)?),
+        CertCommand::Inspect { cert } => {
+            let inspected = cli::cert::inspect(&cert)?;
+            output.show(&inspected, |out| cli::cert::render(out, &inspected))
+        }
     }
 }
 
-fn audit(command: AuditCommand) -> Result<ExitCode> {
+fn audit(command: AuditCommand, output: Output) -> Result<Exit> {
     match command {
-        AuditCommand::List { database, kind, json } => cli::audit::list(&database.path()?, kind.as_deref(), json)?,
-        AuditCommand::Show { database, seq } => cli::audit::show(&database.path()?, seq)?,
-        AuditCommand::Export { database, .. } => cli::audit::export(&database.path()?)?,
-        AuditCommand::Verify { database, public_key, head, json } => {
+        AuditCommand::List { database, kind } => cli::audit::list(&database.path()?, kind.as_deref(), output)?,
+        AuditCommand::Follow { database, kind, since } => {
+            cli::audit::follow(&database.path()?, kind.as_deref(), since, output)?
+        }
+        AuditCommand::Show { database, seq } => cli::audit::show(&database.path()?, seq, output)?,
+        AuditCommand::Export { database } => cli::audit::export(&database.path()?)?,
+        AuditCommand::Verify { database, public_key, head } => {
             let (public_key, head) = match public_key {
                 Some(path) => (path, head),
                 None => {
@@ -444,13 +582,13 @@ fn audit(command: AuditCommand) -> Result<ExitCode> {
                     )
                 }
             };
-            let ok = cli::audit::verify(&database.path()?, &public_key, head.as_deref(), json)?;
-            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
+            let ok = cli::audit::verify(&database.path()?, &public_key, head.as_deref(), output)?;
+            return Ok(Exit::ok_or_denied(ok));
         }
         AuditCommand::Adopt { config } => {
             let audit = config.load()?.audit;
             cli::audit::adopt(&audit.database, &audit.signing_key)?;
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Success)
 }

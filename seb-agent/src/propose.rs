@@ -89,7 +89,7 @@ pub async fn propose(
     match prepared {
         Some(prepared) => {
             let executed = ExecutionTag::within(tag, executors.execute(prepared)).await;
-            info!(decision_id = %decision.decision_id, status = ?executed.status, "executed");
+            info!(decision_id = %decision.decision_id, status = %executed.status, "executed");
             outcome.status = executed.status;
             outcome.api_status = executed.api_status;
             outcome.error = executed.error;
@@ -97,9 +97,7 @@ pub async fn propose(
             outcome.resulting_state_digest = executed.resulting_state_digest;
             outcome.timings.execute_ms = executed.execute_ms;
         }
-        None => {
-            outcome.error = Some(format!("this broker has no executor for provider {:?}", proposal.request.provider))
-        }
+        None => outcome.error = Some(format!("this broker has no executor for provider {}", proposal.request.provider)),
     }
     outcome.duration_ms = started.elapsed().as_secs_f64() * 1e3;
     decision.outcome = Some(record_outcome(ledger, outcome).await);

@@ -150,7 +150,7 @@ impl Recorder {
         for (_, denial) in &logged {
             let pod = denial.pod_uid.as_deref().zip(directory.as_ref()).and_then(|(uid, directory)| directory.pod(uid));
             self.metrics.kernel_denials.count(&denial.hook, pod);
-            info!(hook = %denial.hook, address = %denial.address, port = denial.port, tgid = ?denial.tgid, comm = ?denial.comm, "kernel denied egress");
+            info!(hook = %denial.hook, address = %denial.address, port = denial.port, tgid = denial.tgid, comm = denial.comm.as_deref(), "kernel denied egress");
         }
         Ok(logged.len())
     }

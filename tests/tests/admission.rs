@@ -2,7 +2,7 @@
 //! proposal and denies a bad one with its own reason code, with real certificates from
 //! the dev SAB and hand-built malformed ones.
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, process::Command, time::Duration};
 
 use rcgen::{BasicConstraints, CustomExtension, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose};
 use seb_agent::{
@@ -206,30 +206,130 @@ fn a_used_serial_is_refused_again_even_after_a_broker_restart() {
 }
 
 #[test]
-fn the_cli_propose_prints_the_decision_and_exits_non_zero_on_denial() {
+fn the_cli_exit_status_tells_admitted_but_not_executed_from_denied_and_from_errors() {
     let f = broker("cli", true);
-    let agent = f.sandbox.tools.agent.to_string_lossy().into_owned();
+    let agent = f.sandbox.tools.agent.clone();
     let contract = ExecutionContract {
-        agent: AgentIdentity { uid: Some(0), exe: Some(agent), ..Default::default() },
+        agent: AgentIdentity { uid: Some(0), exe: Some(agent.to_string_lossy().into_owned()), ..Default::default() },
         ..contract()
     };
     let dir = &f.sandbox.dir;
     let (cert_path, request_path): (PathBuf, PathBuf) = (dir.join("cert.pem"), dir.join("request.json"));
     std::fs::write(&cert_path, f.issue(&contract, &IssueOptions::default())).unwrap();
     std::fs::write(&request_path, serde_json::to_string(&request()).unwrap()).unwrap();
-    let propose = || {
-        f.sandbox
-            .agent_cli(&["propose", "--cert", cert_path.to_str().unwrap(), "--request", request_path.to_str().unwrap()])
-            .unwrap()
+    let propose = |extra: &[&str]| {
+        let mut args =
+            vec!["propose", "--cert", cert_path.to_str().unwrap(), "--request", request_path.to_str().unwrap()];
+        args.extend(extra);
+        f.sandbox.agent_cli(&args).unwrap()
     };
-    let first = propose();
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    // This broker has no AWS executor: admitted, but nothing was done, which is not success.
+    let first = propose(&["--json"]);
+    assert_eq!(first.status.code(), Some(3), "{}", String::from_utf8_lossy(&first.stderr));
     let decision: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
     assert_eq!(decision["reason"], "admitted");
-    let second = propose();
+    assert_eq!(decision["outcome"]["status"], "not_executed", "{decision}");
+    assert_eq!(decision["outcome"]["error"], "this broker has no executor for provider aws", "{decision}");
+    // Denied (a replay), in text for a person.
+    let second = propose(&[]);
     assert_eq!(second.status.code(), Some(1));
-    let decision: serde_json::Value = serde_json::from_slice(&second.stdout).unwrap();
-    assert_eq!(decision["reason"], "replayed");
+    let text = String::from_utf8(second.stdout).unwrap();
+    assert!(text.starts_with("DENIED (replayed): "), "{text}");
+
+    // SEB_SOCKET names the broker (no --config); an unreachable one is an error, 2.
+    let bare = |socket: &std::path::Path, args: &[&str]| {
+        Command::new(&agent).args(args).env("SEB_SOCKET", socket).env_remove("SEB_CONFIG").output().unwrap()
+    };
+    let epochs = bare(&f.sandbox.socket, &["epoch", "--json"]);
+    assert!(epochs.status.success(), "{}", String::from_utf8_lossy(&epochs.stderr));
+    let epochs: serde_json::Value = serde_json::from_slice(&epochs.stdout).unwrap();
+    assert_eq!((epochs["policy"].as_u64(), epochs["revocation"].as_u64()), (Some(1), Some(1)), "{epochs}");
+    let unreachable = bare(&dir.join("absent.sock"), &["status"]);
+    assert_eq!(unreachable.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unreachable.stderr).contains("absent.sock"));
+    assert!(unreachable.stdout.is_empty());
+}
+
+/// `seb-agent` with `args`, and the sandbox config when the command reads one.
+fn cli(f: &Broker, args: &[&str]) -> std::process::Output {
+    let mut command = Command::new(&f.sandbox.tools.agent);
+    command.args(args);
+    if args[0] != "cert" {
+        command.arg("--config").arg(&f.sandbox.config);
+    }
+    command.output().unwrap()
+}
+
+#[test]
+fn every_command_prints_text_by_default_and_json_with_json() {
+    let f = broker("cli-json", true);
+    assert_admitted(&f.decide(&contract(), &request()));
+    let dir = &f.sandbox.dir;
+    let cert = dir.join("inspected.pem");
+    std::fs::write(&cert, f.issue(&contract(), &IssueOptions::default())).unwrap();
+    let cert = cert.to_str().unwrap();
+    let commands: [&[&str]; 11] = [
+        &["status"],
+        &["epoch"],
+        &["epoch", "--policy", "1"],
+        &["revoke", "--serial", "0a:0b", "--reason", "rotated"],
+        &["audit", "list"],
+        &["audit", "list", "--kind", "decision"],
+        &["audit", "show", "1"],
+        &["audit", "verify"],
+        &["check-config"],
+        &["cert", "inspect", cert],
+        &["cert", "ca", "--dir"],
+    ];
+    for args in commands {
+        let with = |mode: &str| {
+            let mut args = args.to_vec();
+            let ca = dir.join(format!("ca-{mode}"));
+            if args.ends_with(&["--dir"]) {
+                args.push(ca.to_str().unwrap());
+            }
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            args
+        };
+        let mut json_args = with("json");
+        json_args.push("--json".into());
+        let json = cli(&f, &json_args.iter().map(String::as_str).collect::<Vec<_>>());
+        let stdout = String::from_utf8(json.stdout).unwrap();
+        assert!(json.status.success(), "{args:?} --json: {}", String::from_utf8_lossy(&json.stderr));
+        assert!(!stdout.is_empty(), "{args:?} --json printed nothing");
+        for line in stdout.lines() {
+            let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
+            assert!(parsed.is_ok(), "{args:?} --json printed a line that is not JSON: {line}");
+        }
+        let text = cli(&f, &with("text").iter().map(String::as_str).collect::<Vec<_>>());
+        let stdout = String::from_utf8(text.stdout).unwrap();
+        assert!(text.status.success(), "{args:?}: {}", String::from_utf8_lossy(&text.stderr));
+        let first = stdout.lines().next().unwrap_or_else(|| panic!("{args:?} printed nothing"));
+        assert!(serde_json::from_str::<serde_json::Value>(first).is_err(), "{args:?} printed JSON by default: {first}");
+    }
+
+    // A reader that goes away early ends the command quietly, with no panic.
+    for args in [&["status"][..], &["audit", "list"], &["audit", "list", "--json"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let output = Command::new(&f.sandbox.tools.agent)
+            .args(args)
+            .arg("--config")
+            .arg(&f.sandbox.config)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{args:?} into a closed pipe: {stderr}");
+        assert!(stderr.is_empty(), "{args:?} into a closed pipe: {stderr}");
+    }
+
+    // A kind the broker never writes is an error naming the kinds, not an empty list.
+    let typo = cli(&f, &["audit", "list", "--kind", "decisions"]);
+    assert_eq!(typo.status.code(), Some(2));
+    assert!(typo.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&typo.stderr);
+    assert!(stderr.contains("`decisions`") && stderr.contains("decision, outcome,"), "{stderr}");
 }
 
 /// Raw frames over a blocking socket, to send what no well-behaved client would.

@@ -75,7 +75,7 @@ fn the_kernel_denies_every_egress_path_to_a_protected_endpoint() {
     assert_eq!(sandbox.received().unwrap(), 0, "a denied attempt reached a listener");
 
     // The broker itself, in the same enforced scope, gets through.
-    let probe = sandbox.agent_cli(&["probe-egress", "127.0.0.2:8443"]).unwrap();
+    let probe = sandbox.agent_cli(&["probe-egress", "127.0.0.2:8443", "--json"]).unwrap();
     let probe = parse_json_output(&probe, "probe-egress").unwrap();
     assert_eq!(probe["connected"], true, "the broker's own connection: {probe}");
 
@@ -240,7 +240,7 @@ fn a_dead_brokers_registration_is_refused_even_under_its_pid() {
     assert_eq!(report["result"], "EPERM", "the dead broker's socket, from its PID: {report}");
     assert_eq!(sandbox.received().unwrap(), 0);
     // The running broker is unaffected.
-    let probe = sandbox.agent_cli(&["probe-egress", "127.0.0.2:8443"]).unwrap();
+    let probe = sandbox.agent_cli(&["probe-egress", "127.0.0.2:8443", "--json"]).unwrap();
     assert_eq!(parse_json_output(&probe, "probe-egress").unwrap()["connected"], true);
 }
 
@@ -325,7 +325,7 @@ fn enforcement_outlives_the_agent_and_a_restart_readopts_it_without_a_gap() {
     assert_eq!(denial["hook"], "connect4");
 
     // And the restarted broker gets through again.
-    let probe = sandbox.agent_cli(&["probe-egress", "127.0.0.2:8443"]).unwrap();
+    let probe = sandbox.agent_cli(&["probe-egress", "127.0.0.2:8443", "--json"]).unwrap();
     assert_eq!(parse_json_output(&probe, "probe-egress").unwrap()["connected"], true);
 }
 

@@ -4,7 +4,11 @@
 
 use seb_agent::{
     admission::{Decision, Reason},
-    cert::{ExecutionContract, MutationRequest, Provider, contract::ScopedIdentity},
+    cert::{
+        ExecutionContract, MutationRequest, Provider,
+        contract::{AgentIdentity, ScopedIdentity},
+        dev_sab::IssueOptions,
+    },
     enforcement::BrokerSockets,
     execute::{
         MintedIdentity, OutcomeStatus,
@@ -113,6 +117,24 @@ fn certified_s3_and_ec2_mutations_execute_with_a_session_minted_for_each() {
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
     let listing = w.broker.sandbox.agent_cli(&["audit", "list", "--kind", "outcome", "--json"]).unwrap();
     assert_eq!(String::from_utf8(listing.stdout).unwrap().lines().count(), 2);
+
+    // Through the CLI: admitted and executed is the one success, exit status 0.
+    let request = put_object(&w.aws.bucket, "config/cli.json", "replicas=4");
+    let agent = w.broker.sandbox.tools.agent.to_string_lossy().into_owned();
+    let contract = ExecutionContract {
+        agent: AgentIdentity { uid: Some(0), exe: Some(agent), ..Default::default() },
+        ..w.contract(&request)
+    };
+    let dir = &w.broker.sandbox.dir;
+    std::fs::write(dir.join("cli.pem"), w.broker.issue(&contract, &IssueOptions::default())).unwrap();
+    std::fs::write(dir.join("cli.json"), serde_json::to_string(&request).unwrap()).unwrap();
+    let cert = dir.join("cli.pem").to_string_lossy().into_owned();
+    let request_path = dir.join("cli.json").to_string_lossy().into_owned();
+    let proposed = w.broker.sandbox.agent_cli(&["propose", "--cert", &cert, "--request", &request_path]).unwrap();
+    let text = String::from_utf8_lossy(&proposed.stdout);
+    assert_eq!(proposed.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&proposed.stderr));
+    assert!(text.starts_with("ADMITTED (admitted)") && text.contains("outcome succeeded, API status 200"), "{text}");
+    assert_eq!(w.object("config/cli.json").as_deref(), Some("replicas=4"));
 }
 
 #[test]

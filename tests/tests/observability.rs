@@ -52,7 +52,7 @@ fn metrics_health_and_status_report_what_the_agent_sees() {
     assert!(metrics.contains("seb_ringbuf_lost_events_total 0"), "{metrics}");
     assert!(!metrics.contains("127.0.0.2") && !metrics.contains("workload"), "unbounded labels:\n{metrics}");
 
-    let output = sandbox.agent_cli(&["status"]).unwrap();
+    let output = sandbox.agent_cli(&["status", "--json"]).unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let status: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(status["ready"], true);

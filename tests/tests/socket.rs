@@ -359,7 +359,7 @@ fn a_caller_whose_pid_is_reused_behind_its_connection_is_refused_and_recorded() 
     assert!(decision["message"].as_str().unwrap().contains("has exited"), "{reused}");
     let seq = decision["record_seq"].as_i64().unwrap();
     assert!(seq > 0, "the refusal is recorded: {reused}");
-    let shown = f.sandbox.agent_cli(&["audit", "show", &seq.to_string()]).unwrap();
+    let shown = f.sandbox.agent_cli(&["audit", "show", &seq.to_string(), "--json"]).unwrap();
     let record = String::from_utf8_lossy(&shown.stdout);
     let record: Value = serde_json::from_str(&record).unwrap();
     assert_eq!(record["body"]["reason"], "caller_changed", "{record}");

@@ -156,7 +156,7 @@ impl Caller {
         if let Some(exe) = &wanted.exe
             && me.exe.as_deref() != Some(exe)
         {
-            return Err(format!("the contract is for executable {exe}, the caller runs {:?}", me.exe));
+            return Err(format!("the contract is for executable {exe}, the caller runs {}", known(me.exe.as_deref())));
         }
         if let Some(cgroup) = &wanted.cgroup {
             let inside = me
@@ -164,19 +164,30 @@ impl Caller {
                 .as_deref()
                 .is_some_and(|c| c == cgroup || c.starts_with(&format!("{}/", cgroup.trim_end_matches('/'))));
             if !inside {
-                return Err(format!("the contract is for cgroup {cgroup}, the caller is in {:?}", me.cgroup));
+                return Err(format!(
+                    "the contract is for cgroup {cgroup}, the caller is in {}",
+                    known(me.cgroup.as_deref())
+                ));
             }
         }
         if let Some(pod) = &wanted.pod_uid
             && me.pod_uid.as_deref() != Some(pod)
         {
-            return Err(format!("the contract is for pod {pod}, the caller is in {:?}", me.pod_uid));
+            return Err(format!(
+                "the contract is for pod {pod}, the caller is in {}",
+                me.pod_uid.as_deref().unwrap_or("no pod")
+            ));
         }
         Ok(())
     }
 }
 
 /// Field 22 of /proc/<pid>/stat: start time in clock ticks since boot.
+/// A caller's attribute in a message: what was read, or that it could not be.
+fn known(value: Option<&str>) -> &str {
+    value.unwrap_or("(unknown)")
+}
+
 fn start_time(pid: i32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name (field 2) may contain spaces and parentheses: skip past its last ')'.

@@ -359,7 +359,7 @@ fn check_request(verified: &Verified, request: &MutationRequest) -> Result<(), R
     if request.provider != contract.provider {
         return mismatch(
             Reason::ProviderMismatch,
-            format!("request provider {:?}, certified {:?}", request.provider, contract.provider),
+            format!("request provider {}, certified {}", request.provider, contract.provider),
         );
     }
     if request.operation != contract.operation {

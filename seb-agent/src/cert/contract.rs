@@ -30,6 +30,23 @@ pub enum Provider {
     Http,
 }
 
+impl Provider {
+    /// The name used on the wire and in contracts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kubernetes => "kubernetes",
+            Self::Aws => "aws",
+            Self::Http => "http",
+        }
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What an agent asks the broker to do.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -98,6 +115,17 @@ pub enum ScopedIdentity {
     KubernetesServiceAccount { namespace: String, name: String },
     /// A short-lived client certificate from the broker's issuing CA.
     X509Client { subject: String },
+}
+
+impl ScopedIdentity {
+    /// The identity's kind, as contracts name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::AwsRole { .. } => "aws_role",
+            Self::KubernetesServiceAccount { .. } => "kubernetes_service_account",
+            Self::X509Client { .. } => "x509_client",
+        }
+    }
 }
 
 /// The execution contract.

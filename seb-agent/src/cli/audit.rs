@@ -6,7 +6,40 @@ use anyhow::{Context, Result, bail};
 use serde_json::json;
 use tracing::warn;
 
-use crate::audit::{AuditStore, Record, format_time, head, keys, verify};
+use super::output::{Output, Stdout};
+use crate::{
+    admission::{
+        DECISION_KIND,
+        state::{EPOCH_KIND, REVOCATION_KIND},
+    },
+    audit::{AuditStore, Record, denial, format_time, head, keys, ledger::CHECKPOINT_KIND, verify},
+    execute::OUTCOME_KIND,
+    recorder::RING_LOSS_KIND,
+    server::handlers::{READ_KIND, REFUSAL_KIND},
+    tamper,
+};
+
+/// Every kind of record the broker writes.
+pub const KINDS: [&str; 10] = [
+    DECISION_KIND,
+    OUTCOME_KIND,
+    READ_KIND,
+    REFUSAL_KIND,
+    EPOCH_KIND,
+    REVOCATION_KIND,
+    denial::KIND,
+    RING_LOSS_KIND,
+    tamper::KIND,
+    CHECKPOINT_KIND,
+];
+
+/// A `--kind` the broker never writes would list nothing, silently: refuse it.
+fn check_kind(kind: &str) -> Result<()> {
+    if !KINDS.contains(&kind) {
+        bail!("there is no record kind `{kind}`; the kinds are {}", KINDS.join(", "));
+    }
+    Ok(())
+}
 
 const PAGE: usize = 1000;
 
@@ -16,15 +49,61 @@ fn record_json(record: &Record) -> serde_json::Value {
     json!({"seq": record.seq, "kind": record.kind, "time": format_time(record.time_ns), "body": body})
 }
 
+/// Where `audit follow` starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    /// After this sequence number (the last one a reader has): nothing twice, nothing missed.
+    Seq(i64),
+    /// From the first record written at or after this time (nanoseconds since the epoch).
+    TimeNs(i64),
+}
+
+impl std::str::FromStr for Since {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if let Ok(seq) = text.parse::<i64>() {
+            return if seq >= 0 { Ok(Self::Seq(seq)) } else { Err("a sequence number is not negative".into()) };
+        }
+        let time = humantime::parse_rfc3339_weak(text)
+            .map_err(|_| format!("`{text}` is neither a record sequence number nor an RFC 3339 time"))?;
+        let ns = time.duration_since(std::time::UNIX_EPOCH).map_err(|_| format!("`{text}` is before 1970"))?;
+        Ok(Self::TimeNs(i64::try_from(ns.as_nanos()).map_err(|_| format!("`{text}` is too far ahead"))?))
+    }
+}
+
+/// How long `audit follow` waits before looking for new records again.
+const FOLLOW_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Every record (or those of one kind), oldest first.
-pub fn list(database: &Path, kind: Option<&str>, json: bool) -> Result<()> {
+pub fn list(database: &Path, kind: Option<&str>, output: Output) -> Result<()> {
+    print_records(database, kind, Since::Seq(0), false, output)
+}
+
+/// Every record after `since`, then each new one as it is written, until stopped.
+pub fn follow(database: &Path, kind: Option<&str>, since: Since, output: Output) -> Result<()> {
+    print_records(database, kind, since, true, output)
+}
+
+fn print_records(database: &Path, kind: Option<&str>, since: Since, follow: bool, output: Output) -> Result<()> {
+    kind.map(check_kind).transpose()?;
     let store = AuditStore::open_read_only(database)?;
-    let mut out = std::io::stdout().lock();
-    let mut after = 0;
+    let mut out = Stdout::lock();
+    let (mut after, mut from_time) = match since {
+        Since::Seq(seq) => (seq, None),
+        Since::TimeNs(time_ns) => (0, Some(time_ns)),
+    };
     loop {
+        // Sequence numbers are given in commit order by the one writer, so reading after the
+        // last one printed misses nothing and repeats nothing.
         let records = store.records_after(kind, after, PAGE)?;
         for record in &records {
-            if json {
+            after = record.seq;
+            if from_time.is_some_and(|time_ns| record.time_ns < time_ns) {
+                continue;
+            }
+            from_time = None;
+            if output.json {
                 writeln!(out, "{}", record_json(record))?;
             } else {
                 writeln!(
@@ -36,11 +115,15 @@ pub fn list(database: &Path, kind: Option<&str>, json: bool) -> Result<()> {
                     summary(record)
                 )?;
             }
-            after = record.seq;
         }
-        if records.len() < PAGE {
+        out.flush()?;
+        if records.len() == PAGE {
+            continue;
+        }
+        if !follow {
             return Ok(());
         }
+        std::thread::sleep(FOLLOW_INTERVAL);
     }
 }
 
@@ -76,18 +159,21 @@ fn summary(record: &Record) -> String {
     }
 }
 
-pub fn show(database: &Path, seq: i64) -> Result<()> {
+pub fn show(database: &Path, seq: i64, output: Output) -> Result<()> {
     let store = AuditStore::open_read_only(database)?;
     let Some(record) = store.get(seq)? else { bail!("there is no record {seq}") };
-    println!("{}", serde_json::to_string_pretty(&record_json(&record))?);
-    Ok(())
+    let value = record_json(&record);
+    output.show(&value, |out| {
+        writeln!(out, "record {} ({}) at {}", record.seq, record.kind, format_time(record.time_ns))?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&value["body"]).map_err(std::io::Error::other)?)
+    })
 }
 
 /// Every record with its chain fields, one JSON object per line: enough to verify
 /// elsewhere, and to keep as an external witness of the chain's head.
 pub fn export(database: &Path) -> Result<()> {
     let store = AuditStore::open_read_only(database)?;
-    let mut out = std::io::stdout().lock();
+    let mut out = Stdout::lock();
     store.for_each_stored(|record| {
         let record = record.map_err(|e| anyhow::anyhow!("record {}: cannot be read: {}", e.seq, e.problem))?;
         writeln!(
@@ -105,7 +191,7 @@ pub fn export(database: &Path) -> Result<()> {
 
 /// Verify the chain, and against the head file when given; `Ok(false)` when it is broken
 /// (the first bad record is printed).
-pub fn verify(database: &Path, public_key: &Path, head_file: Option<&Path>, json: bool) -> Result<bool> {
+pub fn verify(database: &Path, public_key: &Path, head_file: Option<&Path>, output: Output) -> Result<bool> {
     let key = keys::load_public(public_key)?;
     let trusted = match head_file {
         Some(path) => {
@@ -122,23 +208,20 @@ pub fn verify(database: &Path, public_key: &Path, head_file: Option<&Path>, json
         }),
         Err(failure) => json!({"ok": false, "first_bad_record": failure.seq, "problem": failure.fault.to_string()}),
     };
-    if json {
-        println!("{report}");
-    } else {
-        match &outcome {
-            Ok(v) => {
-                let newest = match v.head_file_seq {
-                    Some(seq) => format!("holds the head file's record {seq}"),
-                    None => "no head file given: removal of the newest records is not checked".into(),
-                };
-                println!(
-                    "audit chain OK: {} records, {} checkpoints, head {}; {newest}",
-                    v.records, v.checkpoints, v.head_hash
-                )
-            }
-            Err(failure) => println!("audit chain BROKEN at record {}: {}", failure.seq, failure.fault),
+    output.show(&report, |out| match &outcome {
+        Ok(v) => {
+            let newest = match v.head_file_seq {
+                Some(seq) => format!("holds the head file's record {seq}"),
+                None => "no head file given: removal of the newest records is not checked".into(),
+            };
+            writeln!(
+                out,
+                "audit chain OK: {} records, {} checkpoints, head {}; {newest}",
+                v.records, v.checkpoints, v.head_hash
+            )
         }
-    }
+        Err(failure) => writeln!(out, "audit chain BROKEN at record {}: {}", failure.seq, failure.fault),
+    })?;
     Ok(outcome.is_ok())
 }
 
@@ -163,4 +246,18 @@ pub fn adopt(database: &Path, signing_key: &Path) -> Result<()> {
         "audit store adopted: its current head is now the trusted one"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_is_a_sequence_number_or_a_time() {
+        assert_eq!("42".parse(), Ok(Since::Seq(42)));
+        assert_eq!("1970-01-01T00:00:01Z".parse(), Ok(Since::TimeNs(1_000_000_000)));
+        assert!("-1".parse::<Since>().is_err());
+        let error = "yesterday".parse::<Since>().unwrap_err();
+        assert!(error.contains("`yesterday`"), "{error}");
+    }
 }

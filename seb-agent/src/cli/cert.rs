@@ -1,6 +1,10 @@
 //! `seb-agent cert`: the dev SAB and certificate inspection.
 
-use std::{path::Path, time::Duration};
+use std::{
+    io::{self, Write},
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use serde_json::json;
@@ -13,11 +17,8 @@ use crate::cert::{
     extensions,
 };
 
-pub fn create_ca(dir: &Path, name: &str, algorithm: Algorithm) -> Result<()> {
-    let files = dev_sab::create_ca(dir, name, algorithm)?;
-    eprintln!("created SAB CA {} (key {})", files.cert.display(), files.key.display());
-    eprintln!("trust it with `admission.trust_anchors = \"{}\"`", files.cert.display());
-    Ok(())
+pub fn create_ca(dir: &Path, name: &str, algorithm: Algorithm) -> Result<CaFiles> {
+    dev_sab::create_ca(dir, name, algorithm)
 }
 
 /// Issue a certificate for a contract file. With `request`, the contract's request
@@ -80,4 +81,25 @@ pub fn inspect_pem(text: &str) -> Result<serde_json::Value> {
         "signature_algorithm": cert.signature_algorithm.algorithm.to_id_string(),
         "contract_extension": contract,
     }))
+}
+
+/// What [`inspect`] found, for a person.
+pub fn render(out: &mut dyn Write, inspected: &serde_json::Value) -> io::Result<()> {
+    let field = |name: &str| inspected[name].as_str().unwrap_or("-").to_string();
+    writeln!(out, "serial     {}", field("serial"))?;
+    writeln!(out, "subject    {}", field("subject"))?;
+    writeln!(out, "issuer     {}", field("issuer"))?;
+    writeln!(out, "valid      {} to {}", field("not_before"), field("not_after"))?;
+    writeln!(out, "algorithm  {}", field("signature_algorithm"))?;
+    let extension = &inspected["contract_extension"];
+    if extension.is_null() {
+        return writeln!(out, "contract   none (the broker would refuse it: missing_contract)");
+    }
+    let critical = if extension["critical"] == true { "critical" } else { "NOT critical" };
+    writeln!(out, "contract   ({critical})")?;
+    let pretty = serde_json::to_string_pretty(&extension["contract"]).map_err(io::Error::other)?;
+    for line in pretty.lines() {
+        writeln!(out, "  {line}")?;
+    }
+    Ok(())
 }

@@ -34,6 +34,26 @@ pub struct Written {
     pub contract_ids: usize,
 }
 
+impl std::fmt::Display for Written {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.kind, self.name)?;
+        if let Some(version) = &self.resource_version {
+            write!(f, " (resourceVersion {version})")?;
+        }
+        if let Some(epoch) = self.policy_epoch {
+            write!(f, ": policy epoch {epoch}")?;
+        }
+        if let Some(epoch) = self.revocation_epoch {
+            write!(
+                f,
+                ": revocation epoch {epoch}, {} serials and {} contract ids revoked",
+                self.serials, self.contract_ids
+            )?;
+        }
+        Ok(())
+    }
+}
+
 fn stamp(metadata: &mut ObjectMeta) {
     let now = humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
     metadata.annotations.get_or_insert_with(Default::default).insert(WRITTEN_AT.into(), now);
@@ -149,7 +169,8 @@ pub fn check_object(text: &str) -> Result<()> {
         Some("SebRevocation") => {
             serde_json::from_value::<SebRevocation>(value).context("not a valid SebRevocation").map(drop)
         }
-        other => bail!("kind {other:?} is neither SebPolicy nor SebRevocation"),
+        Some(other) => bail!("kind `{other}` is neither SebPolicy nor SebRevocation"),
+        None => bail!("the object has no `kind`: it must be SebPolicy or SebRevocation"),
     }
 }
 

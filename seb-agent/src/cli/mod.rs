@@ -3,6 +3,9 @@
 pub mod audit;
 pub mod cert;
 pub mod cluster;
+pub mod exit;
+pub mod output;
+pub mod render;
 
 use std::path::Path;
 

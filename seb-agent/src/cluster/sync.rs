@@ -175,7 +175,7 @@ impl ClusterSync {
             warn!(
                 object = %object.name_any(),
                 listed = behind,
-                active = ?applied.epochs.revocation,
+                active = applied.epochs.revocation,
                 "the SebRevocation's epoch is behind this node's; epochs only move forward"
             );
         }
@@ -187,7 +187,7 @@ impl ClusterSync {
             info!(
                 revoked = applied.newly_revoked.len(),
                 cut = cut.len(),
-                epoch = ?applied.epochs.revocation,
+                epoch = applied.epochs.revocation,
                 "revocation applied"
             );
         }

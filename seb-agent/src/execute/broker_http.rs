@@ -129,7 +129,8 @@ fn endpoint_of(uri: &Uri) -> Result<(String, u16, bool)> {
     let tls = match uri.scheme_str() {
         Some("https") => true,
         Some("http") => false,
-        other => bail!("unsupported scheme {other:?} in {uri}"),
+        Some(other) => bail!("unsupported scheme `{other}` in {uri}: use https or http"),
+        None => bail!("no scheme in {uri}: use https or http"),
     };
     let host = uri.host().with_context(|| format!("no host in {uri}"))?.trim_matches(['[', ']']).to_string();
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });

@@ -65,6 +65,24 @@ pub enum OutcomeStatus {
     Unknown,
 }
 
+impl OutcomeStatus {
+    /// The name used on the wire and in records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::NotExecuted => "not_executed",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for OutcomeStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Milliseconds spent in each stage.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timings {
@@ -200,7 +218,7 @@ impl Executors {
             }
             (provider, identity) => Err((
                 Reason::MalformedContract,
-                format!("a {provider:?} contract cannot mint {identity:?} on this broker"),
+                format!("a {provider} contract cannot mint a {} identity on this broker", identity.kind()),
             )),
         }
     }

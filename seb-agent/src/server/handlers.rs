@@ -76,10 +76,10 @@ async fn handle_propose(proposal: Proposal, peer: &Peer, broker: &Broker) -> Res
     let labels = AdmissionLabels { decision: verdict.into(), reason: decision.reason.as_str().into() };
     broker.metrics.admissions.get_or_create(&labels).inc();
     if let Some(outcome) = &decision.outcome {
-        let status =
-            serde_json::to_value(outcome.status).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-        let provider = format!("{:?}", proposal.request.provider).to_lowercase();
-        let labels = ExecutionLabels { provider, status };
+        let labels = ExecutionLabels {
+            provider: proposal.request.provider.as_str().into(),
+            status: outcome.status.as_str().into(),
+        };
         broker.metrics.execution_seconds.get_or_create(&labels).observe(outcome.duration_ms / 1e3);
     }
     info!(
@@ -123,11 +123,17 @@ async fn handle_read(request: MutationRequest, peer: &Peer, broker: &Broker) -> 
 
 async fn handle_revoke(target: RevocationTarget, value: String, reason: String, broker: &Broker) -> Response {
     let normalised = state::normalise(target, &value);
+    let logged_reason = reason.clone();
     let recorded = broker.ledger.try_run(move |batch| state::revoke(batch, target, &value, &reason)).await;
     let record_seq = match recorded {
         Ok(record_seq) => record_seq,
         Err(e) => return ledger_error(broker, e),
     };
+    let what = match target {
+        RevocationTarget::Serial => "serial",
+        RevocationTarget::ContractId => "contract",
+    };
+    info!(revoked = what, value = %normalised, reason = %logged_reason, record_seq, "revoked");
     let retired = match target {
         RevocationTarget::Serial => Retired { serials: [normalised].into(), ..Default::default() },
         RevocationTarget::ContractId => Retired { contract_ids: [normalised].into(), ..Default::default() },
@@ -150,6 +156,7 @@ async fn handle_set_epochs(policy: Option<u64>, revocation: Option<u64>, broker:
         Err(e) if is_busy(&e) => return ledger_error(broker, e),
         Err(e) => return error(ErrorCode::Malformed, format!("{e:#}")),
     };
+    info!(policy_epoch = epochs.policy, revocation_epoch = epochs.revocation, "epochs set");
     let retired = Retired { revocation_epoch: epochs.revocation, policy_epoch: epochs.policy, ..Default::default() };
     match broker.sockets.cut(&retired) {
         Ok(_) => Response::Epochs(epochs),
