@@ -210,7 +210,7 @@ fn utf8_string_der(text: &[u8], overlong: bool) -> Vec<u8> {
     match len {
         _ if overlong => der.extend([0x84].into_iter().chain((len as u32).to_be_bytes())),
         0..0x80 => der.push(len as u8),
-        0..0x100 => der.extend([0x81, len as u8]),
+        0x80..0x100 => der.extend([0x81, len as u8]),
         _ => der.extend([0x82, (len >> 8) as u8, len as u8]),
     }
     der.extend(text);

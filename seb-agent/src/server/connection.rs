@@ -13,9 +13,7 @@ use super::{
 use crate::{
     admission::Peer,
     metrics::Limit,
-    protocol::{
-        Envelope, ErrorCode, FrameError, Response, VERSION, parse_request, read_body, read_len, write_frame,
-    },
+    protocol::{Envelope, ErrorCode, FrameError, Response, VERSION, parse_request, read_body, read_len, write_frame},
 };
 
 /// What a waiting connection is told when it is closed to make room or on shutdown;
