@@ -35,10 +35,13 @@ pub fn ensure_ebpf_toolchain() -> Result<()> {
 }
 
 /// cargo-fuzz, for the fuzz targets: nightly (the eBPF build's), and cargo-fuzz itself,
-/// installed when missing.
+/// each installed when missing.
 pub fn ensure_fuzz_toolchain() -> Result<()> {
-    output_of(Command::new("rustc").args([&format!("+{NIGHTLY}"), "-vV"]))
-        .context("the nightly toolchain is not installed (rustup toolchain install nightly)")?;
+    if output_of(Command::new("rustc").args([&format!("+{NIGHTLY}"), "-vV"])).is_err() {
+        eprintln!("xtask: installing the {NIGHTLY} toolchain (cargo-fuzz needs it)");
+        run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))
+            .context("installing the nightly toolchain")?;
+    }
     if output_of(Command::new("cargo").args([&format!("+{NIGHTLY}"), "fuzz", "--version"])).is_ok() {
         return Ok(());
     }
