@@ -135,6 +135,35 @@ pub enum FrameError {
     Truncated(std::io::Error),
 }
 
+/// Why a frame is not a request: the error code it is answered with, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct RequestError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// A frame's body as the broker reads it: JSON, protocol version [`VERSION`], a known
+/// request.
+pub fn parse_request(frame: &[u8]) -> Result<Request, RequestError> {
+    let error = |code, message: String| RequestError { code, message };
+    let value: serde_json::Value = serde_json::from_slice(frame)
+        .map_err(|e| error(ErrorCode::Malformed, format!("the message is not JSON: {e}")))?;
+    match value.get("v").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(VERSION) => {}
+        Some(v) => {
+            return Err(error(
+                ErrorCode::UnsupportedVersion,
+                format!("protocol version {v} is not supported; this broker speaks {VERSION}"),
+            ));
+        }
+        None => return Err(error(ErrorCode::Malformed, "the message has no protocol version field `v`".into())),
+    }
+    let envelope: Envelope<Request> =
+        serde_json::from_value(value).map_err(|e| error(ErrorCode::Malformed, format!("invalid request: {e}")))?;
+    Ok(envelope.body)
+}
+
 /// Bytes read at a time: a body's buffer grows with what arrived, never to the announced
 /// length up front.
 const READ_CHUNK: usize = 64 * 1024;

@@ -7,6 +7,7 @@ mod bench_revocation;
 mod demo;
 mod deploy_check;
 mod ebpf;
+mod fuzz;
 mod stats;
 mod toolchain;
 
@@ -39,6 +40,17 @@ enum Task {
     Bench { which: Bench },
     /// The whole flow on this node, narrated (a sandboxed cgroup and namespace).
     Demo,
+    /// Fuzz the broker's parsers (cargo-fuzz, nightly): each target for `--seconds`.
+    Fuzz {
+        /// How long to run each target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Write the anchor and seed corpus instead (`seb-agent/fuzz/corpus/`).
+        #[arg(long, conflicts_with = "target")]
+        seed: bool,
+        /// One target: frames, request, certificate or contract (all if none).
+        target: Option<String>,
+    },
     /// Render deploy/, validate every object offline, check the CRDs against the Rust types.
     DeployCheck,
 }
@@ -65,6 +77,8 @@ fn main() {
         Task::Bench { which: Bench::Admission } => bench_admission::run(),
         Task::Bench { which: Bench::Execution } => bench_execution::run(),
         Task::Bench { which: Bench::Revocation } => bench_revocation::run(),
+        Task::Fuzz { seed: true, .. } => fuzz::seed(),
+        Task::Fuzz { seconds, target, .. } => fuzz::run(seconds, target.as_deref()),
         Task::Demo => demo::run(),
         Task::DeployCheck => deploy_check::run_check(),
     };
@@ -93,8 +107,13 @@ fn test() -> Result<()> {
     cargo(&["fmt", "--all", "--", "--check"]).context("formatting differs: run `cargo fmt --all`")?;
     cargo(&["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"])?;
     deploy_check::run_check()?;
-    cargo(&["test", "--workspace"])
+    cargo(&["test", "--workspace"])?;
+    // A short slice of each fuzz target; longer runs are `cargo xtask fuzz`.
+    fuzz::run(FUZZ_SLICE_SECONDS, None)
 }
+
+/// Seconds each fuzz target runs in `cargo xtask test`.
+const FUZZ_SLICE_SECONDS: u64 = 12;
 
 fn require_root() -> Result<()> {
     ensure!(

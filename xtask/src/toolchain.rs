@@ -34,6 +34,21 @@ pub fn ensure_ebpf_toolchain() -> Result<()> {
     Ok(())
 }
 
+/// cargo-fuzz, for the fuzz targets: nightly (the eBPF build's), and cargo-fuzz itself,
+/// each installed when missing.
+pub fn ensure_fuzz_toolchain() -> Result<()> {
+    if output_of(Command::new("rustc").args([&format!("+{NIGHTLY}"), "-vV"])).is_err() {
+        eprintln!("xtask: installing the {NIGHTLY} toolchain (cargo-fuzz needs it)");
+        run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))
+            .context("installing the nightly toolchain")?;
+    }
+    if output_of(Command::new("cargo").args([&format!("+{NIGHTLY}"), "fuzz", "--version"])).is_ok() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz");
+    run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"])).context("installing cargo-fuzz")
+}
+
 /// bpf-linker loads rustc's own libLLVM, which only rustup's nightly environment puts on
 /// the library path: ask through it, as the eBPF build will run it.
 fn bpf_linker_ready() -> bool {

@@ -216,9 +216,10 @@ fn check_critical_extensions(extensions: &[Extension<'_>]) -> Result<(), Rejecti
     Ok(())
 }
 
-/// The one contract extension: critical, a strict DER UTF8String, I-JSON numbers, a valid
-/// contract in canonical form, naming an agent.
-fn contract_of(extensions: &[Extension<'_>]) -> Result<ExecutionContract, Rejection> {
+/// The contract among a leaf's `extensions`: the one contract extension, critical, a
+/// strict DER UTF8String, I-JSON numbers, a valid contract in canonical form, naming an
+/// agent.
+pub fn contract_of(extensions: &[Extension<'_>]) -> Result<ExecutionContract, Rejection> {
     let oid = Oid::from(CONTRACT_OID).expect("valid OID");
     let ext = extensions
         .iter()

@@ -13,7 +13,7 @@ use super::{
 use crate::{
     admission::Peer,
     metrics::Limit,
-    protocol::{Envelope, ErrorCode, FrameError, Request, Response, VERSION, read_body, read_len, write_frame},
+    protocol::{Envelope, ErrorCode, FrameError, Response, VERSION, parse_request, read_body, read_len, write_frame},
 };
 
 /// What a waiting connection is told when it is closed to make room or on shutdown;
@@ -49,8 +49,8 @@ pub async fn serve(mut stream: UnixStream, peer: Peer, broker: Arc<Broker>, slot
         slot.busy();
         let response = match parse_request(&frame) {
             Ok(request) => handlers::handle(request, &peer, &broker).await,
-            Err(response) => {
-                let _ = reply(&mut stream, &broker, response).await;
+            Err(refused) => {
+                let _ = reply(&mut stream, &broker, error(refused.code, refused.message)).await;
                 return;
             }
         };
@@ -97,24 +97,6 @@ async fn read_request(stream: &mut UnixStream, broker: &Broker) -> Result<(Vec<u
             Err(None)
         }
     }
-}
-
-fn parse_request(frame: &[u8]) -> Result<Request, Response> {
-    let value: serde_json::Value = serde_json::from_slice(frame)
-        .map_err(|e| error(ErrorCode::Malformed, format!("the message is not JSON: {e}")))?;
-    match value.get("v").and_then(serde_json::Value::as_u64) {
-        Some(v) if v == u64::from(VERSION) => {}
-        Some(v) => {
-            return Err(error(
-                ErrorCode::UnsupportedVersion,
-                format!("protocol version {v} is not supported; this broker speaks {VERSION}"),
-            ));
-        }
-        None => return Err(error(ErrorCode::Malformed, "the message has no protocol version field `v`")),
-    }
-    let envelope: Envelope<Request> =
-        serde_json::from_value(value).map_err(|e| error(ErrorCode::Malformed, format!("invalid request: {e}")))?;
-    Ok(envelope.body)
 }
 
 /// A response as one frame: length prefix and body.
