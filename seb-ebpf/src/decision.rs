@@ -10,7 +10,7 @@ use aya_ebpf::{
             bpf_ktime_get_boot_ns, bpf_send_signal, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
         },
     },
-    maps::lpm_trie::Key,
+    maps::{HashMap, lpm_trie::Key},
     programs::{BtfTracePointContext, SockAddrContext, SockContext},
 };
 use seb_common::{
@@ -255,6 +255,20 @@ fn socket_is_exempt(cookie: u64) -> bool {
 /// gives the id at that depth, 0 past the cgroup itself.
 #[inline(always)]
 fn is_exempt(ancestor: impl Fn(i32) -> u64) -> bool {
+    any_ancestor_in(&EXEMPT_CGROUPS, ancestor)
+}
+
+/// Whether the caller's cgroup, or one of its ancestors, is enforced.
+#[inline(always)]
+fn current_task_in_scope() -> bool {
+    // SAFETY: plain helper call.
+    any_ancestor_in(&SCOPE_CGROUPS, |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
+}
+
+/// Whether a cgroup on the path from the root (`ancestor(0)`) down to the cgroup itself
+/// is in `set`.
+#[inline(always)]
+fn any_ancestor_in(set: &HashMap<u64, u8>, ancestor: impl Fn(i32) -> u64) -> bool {
     let mut level = 0;
     while level < MAX_CGROUP_DEPTH {
         let id = ancestor(level as i32);
@@ -262,26 +276,7 @@ fn is_exempt(ancestor: impl Fn(i32) -> u64) -> bool {
             return false;
         }
         // SAFETY: the value is only tested for presence.
-        if unsafe { EXEMPT_CGROUPS.get(&id) }.is_some() {
-            return true;
-        }
-        level += 1;
-    }
-    false
-}
-
-/// Whether the caller's cgroup, or one of its ancestors, is enforced.
-#[inline(always)]
-fn current_task_in_scope() -> bool {
-    let mut level = 0;
-    while level < MAX_CGROUP_DEPTH {
-        // SAFETY: plain helper call.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
-        if id == 0 {
-            return false;
-        }
-        // SAFETY: the value is only tested for presence.
-        if unsafe { SCOPE_CGROUPS.get(&id) }.is_some() {
+        if unsafe { set.get(&id) }.is_some() {
             return true;
         }
         level += 1;

@@ -148,7 +148,9 @@ impl World {
     /// Its output: one JSON object per resource written.
     fn cli(&self, args: &[&str]) -> Vec<Value> {
         let sandbox = &self.broker.sandbox;
-        let output = sandbox.run_in("exempt", &sandbox.tools.agent, args, &[("KUBECONFIG", &self.kubeconfig)]).unwrap();
+        let args = [&["--json"], args].concat();
+        let output =
+            sandbox.run_in("exempt", &sandbox.tools.agent, &args, &[("KUBECONFIG", &self.kubeconfig)]).unwrap();
         assert!(output.status.success(), "seb-agent {args:?}: {}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8(output.stdout).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect()
     }

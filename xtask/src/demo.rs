@@ -185,7 +185,7 @@ impl Demo {
             .arg(self.sandbox.cgroup.join("workload"))
             .args(["exec", "--"])
             .arg(&self.sandbox.tools.agent)
-            .arg("propose")
+            .args(["--json", "propose"])
             .arg("--socket")
             .arg(&self.sandbox.socket)
             .arg("--cert")

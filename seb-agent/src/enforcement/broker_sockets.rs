@@ -293,20 +293,19 @@ impl BrokerStream {
 
 /// `SO_COOKIE`: the kernel's unique, never-reused id of a socket.
 pub fn socket_cookie(socket: BorrowedFd<'_>) -> Result<u64> {
-    let mut cookie: u64 = 0;
+    socket_u64(socket, libc::SO_COOKIE).context("getsockopt(SO_COOKIE)")
+}
+
+/// A 64-bit `SOL_SOCKET` option (`SO_COOKIE`, `SO_NETNS_COOKIE`).
+pub fn socket_u64(socket: BorrowedFd<'_>, option: libc::c_int) -> std::io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: valid fd, and a u64 buffer of the advertised length.
     let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
+        libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, option, (&mut value as *mut u64).cast(), &mut len)
     };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_COOKIE)");
+        return Err(std::io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }

@@ -103,26 +103,11 @@ pub fn local_rules(endpoints: &[Endpoint], prefixes: &[IpNet]) -> Option<Endpoin
 
 /// `SO_NETNS_COOKIE` of a socket made here: the id `bpf_get_netns_cookie` returns.
 fn own_netns_cookie() -> Result<u64> {
-    use std::os::fd::AsRawFd;
+    use std::os::fd::AsFd;
     let socket = std::net::UdpSocket::bind("127.0.0.1:0")
         .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
         .context("opening a socket to read the network namespace cookie")?;
-    let mut cookie: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, and a u64 buffer of the advertised length.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_NETNS_COOKIE)");
-    }
-    Ok(cookie)
+    super::broker_sockets::socket_u64(socket.as_fd(), libc::SO_NETNS_COOKIE).context("getsockopt(SO_NETNS_COOKIE)")
 }
 
 #[cfg(test)]
