@@ -76,7 +76,6 @@ pub async fn run(config: Config) -> Result<()> {
     let descriptors = server::limits::ensure_descriptors(config.broker.max_connections)?;
     let limits = SocketLimits::from_config(&config.broker);
     report_sigbus()?;
-    refuse_tracing()?;
     let mount = check_cgroups(&config)?;
     let sources = config_sources(&config)?;
     let layout = PinLayout::new(&config.bpf.pin_path);
@@ -267,19 +266,6 @@ fn admission_from(config: &Config) -> Result<Admission> {
 /// runs) kills it with SIGBUS. Say so on stderr first: a signal handler can do nothing
 /// else safely. The handler is reset on entry, so the faulting access, run again, then
 /// ends the process as before.
-/// Make the broker non-dumpable: `ptrace`, `pidfd_getfd`, `process_vm_writev` and
-/// `/proc/<pid>/mem` on it then need CAP_SYS_PTRACE, even from its own uid. Root in a
-/// container without that capability (the runtimes' default) can no longer take its
-/// registered sockets or credentials. Root on the node still can: refusing it needs a
-/// BPF-LSM `ptrace_access_check` program, which this kernel does not load.
-fn refuse_tracing() -> Result<()> {
-    // SAFETY: plain prctl on this process.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("prctl(PR_SET_DUMPABLE, 0)");
-    }
-    Ok(())
-}
-
 fn report_sigbus() -> Result<()> {
     extern "C" fn on_sigbus(_: libc::c_int) {
         const MESSAGE: &[u8] = b"seb-agent: fatal SIGBUS: a memory-mapped file was cut short or made unreadable \

@@ -101,9 +101,6 @@ enum Command {
         #[arg(long)]
         control: bool,
     },
-    /// Drop CAP_SYS_PTRACE (staying uid 0, as root in a container does by default), then
-    /// try to take a file descriptor of process `pid` with `pidfd_getfd`.
-    StealFd { pid: i32, fd: i32 },
     /// Time `connect()` on one UDP socket, repeated; prints nanoseconds per call.
     BenchUdpConnect {
         addr: SocketAddr,
@@ -196,7 +193,6 @@ fn run(command: Command) -> Result<()> {
         Command::AsBroker { pin_path, addr } => as_broker(&pin_path, addr),
         Command::ReusePid { pid, method, addr } => reuse_pid(pid, method, addr),
         Command::DeadBroker { pin_path, addr } => dead_broker(&pin_path, addr),
-        Command::StealFd { pid, fd } => steal_fd(pid, fd),
         Command::Hold { socket, count } => hold(&socket, count),
         Command::ProposeAfterPidReuse { socket, cert, request, control } => {
             propose_after_pid_reuse(&socket, &cert, &request, control)
@@ -437,48 +433,6 @@ fn clone_with_pid(pid: i32) -> Result<i32> {
         bail!("clone3 with set_tid={pid}: {}", std::io::Error::last_os_error());
     }
     Ok(ret as i32)
-}
-
-fn steal_fd(pid: i32, fd: i32) -> Result<()> {
-    const CAP_SYS_PTRACE: u32 = 19;
-    drop_capability(CAP_SYS_PTRACE)?;
-    // SAFETY: plain syscalls; the fds are closed when the process exits.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if pidfd < 0 {
-        bail!("pidfd_open({pid}): {}", std::io::Error::last_os_error());
-    }
-    let stolen = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) };
-    let result = if stolen >= 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
-    print(json!({"result": outcome(result), "uid": nix::unistd::geteuid().as_raw()}))
-}
-
-/// Remove one capability from the effective and permitted sets.
-fn drop_capability(capability: u32) -> Result<()> {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Default, Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let mut header = Header { version: 0x2008_0522, pid: 0 };
-    let mut data = [Data::default(); 2];
-    // SAFETY: capget/capset with a version-3 header and two data words.
-    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
-        bail!("capget: {}", std::io::Error::last_os_error());
-    }
-    let (word, bit) = ((capability / 32) as usize, 1u32 << (capability % 32));
-    data[word].effective &= !bit;
-    data[word].permitted &= !bit;
-    if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
-        bail!("capset: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Run `f` in a child created with exactly `pid` and return what it reported.
