@@ -40,9 +40,9 @@ impl Finding {
 
 /// Every divergence between the kernel and `desired`, as installed through `links`.
 pub fn check(ebpf: &mut Ebpf, layout: &PinLayout, links: &[LinkState], desired: &Desired) -> Vec<Finding> {
-    let mut findings: Vec<Finding> = links
-        .iter()
-        .filter_map(|link| loader::verify_link(layout, link).err().map(|why| Finding::link(link, format!("{why:#}"))))
+    let mut findings: Vec<Finding> = loader::verify_links(layout, links)
+        .into_iter()
+        .map(|(link, why)| Finding::link(link, format!("{why:#}")))
         .collect();
     let exact = !desired.keep_previous;
     findings.extend(check_trie(ebpf, map_names::PROTECTED_V4, &desired.policy.v4, exact));

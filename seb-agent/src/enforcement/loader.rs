@@ -256,12 +256,21 @@ fn adopt(pin: &Path, expected: &Expected<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Check a link this agent holds against the kernel: still pinned, still attached where
-/// it was, still running a program on the pinned maps.
-pub fn verify_link(layout: &PinLayout, state: &LinkState) -> Result<()> {
-    let map_ids = pinned_map_ids(layout)?;
-    let cgroup_id = (!state.is_global()).then_some(state.cgroup_id);
-    adopt(&state.pin, &Expected { cgroup_id, map_ids: &map_ids })
+/// Check the links this agent holds against the kernel: still pinned, still attached
+/// where they were, still running a program on the pinned maps. Returns each link that
+/// fails, with why; the pinned maps are read once for all of them.
+pub fn verify_links<'a>(layout: &PinLayout, links: &'a [LinkState]) -> Vec<(&'a LinkState, anyhow::Error)> {
+    let map_ids = match pinned_map_ids(layout) {
+        Ok(map_ids) => map_ids,
+        Err(why) => return links.iter().map(|link| (link, anyhow!("reading the pinned maps: {why:#}"))).collect(),
+    };
+    links
+        .iter()
+        .filter_map(|state| {
+            let cgroup_id = (!state.is_global()).then_some(state.cgroup_id);
+            adopt(&state.pin, &Expected { cgroup_id, map_ids: &map_ids }).err().map(|why| (state, why))
+        })
+        .collect()
 }
 
 fn attach_and_pin(ebpf: &mut Ebpf, name: &str, cgroup: Option<&Path>, pin: &Path) -> Result<()> {
