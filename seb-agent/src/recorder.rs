@@ -124,8 +124,9 @@ impl Recorder {
                 let time_ns = clock.wall_ns(event.boot_ns);
                 let mut denial = KernelDenial::from_event(event, time_ns);
                 if let Some(tgid) = denial.tgid {
-                    denial.exe =
+                    let proc_exe =
                         std::fs::read_link(format!("/proc/{tgid}/exe")).ok().map(|p| p.to_string_lossy().into_owned());
+                    denial.exe = crate::audit::denial::best_exe(denial.exe.take(), proc_exe);
                 }
                 denial.cgroup_path = self.names.path_of(denial.cgroup_id);
                 denial.task_cgroup_path = denial.task_cgroup_id.and_then(|id| self.names.path_of(id));

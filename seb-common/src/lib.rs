@@ -22,6 +22,10 @@ pub mod map_names {
     pub const LOCAL_PROTECTED: &str = "SEB_LOCAL_PROTECTED";
     pub const LOCAL_V4: &str = "SEB_LOCAL_V4";
     pub const LOCAL_V6: &str = "SEB_LOCAL_V6";
+    pub const SCOPED_TASKS: &str = "SEB_SCOPED_TASKS";
+    pub const KERNEL_LAYOUT: &str = "SEB_KERNEL_LAYOUT";
+    pub const DOOMED_TASKS: &str = "SEB_DOOMED_TASKS";
+    pub const DOOMED_COUNT: &str = "SEB_DOOMED_COUNT";
 }
 
 /// Capacity of the protected-endpoint tries (per address family).
@@ -49,6 +53,39 @@ pub const MAX_SCOPE_CGROUPS: u32 = 16_384;
 pub const MAX_EXEMPT_CGROUPS: u32 = 4_096;
 /// Cgroup ancestry levels checked for an exemption (a cgroup v2 tree is rarely deeper).
 pub const MAX_CGROUP_DEPTH: u32 = 16;
+/// Processes that have been in the scope (created, exec'd or moved there), by tgid.
+pub const MAX_SCOPED_TASKS: u32 = 65_536;
+/// Scoped processes placed outside the scope by another process, killed at their next
+/// system call.
+pub const MAX_DOOMED_TASKS: u32 = 4_096;
+
+/// The executable's path is reported as up to this many path components, leaf first,
+/// each truncated to `EXE_COMPONENT_LEN - 1` bytes.
+pub const EXE_COMPONENTS: usize = 8;
+pub const EXE_COMPONENT_LEN: usize = 48;
+
+/// Byte offsets of the kernel structure fields the tracing programs read, indexes into
+/// `SEB_KERNEL_LAYOUT`. The agent fills them from the running kernel's BTF before it
+/// attaches anything; `VALID` is 1 once it has.
+pub mod layout {
+    pub const TASK_TGID: u32 = 0;
+    pub const TASK_MM: u32 = 1;
+    pub const TASK_CGROUPS: u32 = 2;
+    pub const MM_EXE_FILE: u32 = 3;
+    /// `file.f_path.dentry`
+    pub const FILE_DENTRY: u32 = 4;
+    /// `dentry.d_name.name`
+    pub const DENTRY_NAME: u32 = 5;
+    pub const DENTRY_PARENT: u32 = 6;
+    /// `css_set.dfl_cgrp`
+    pub const CSS_SET_DFL_CGROUP: u32 = 7;
+    pub const CGROUP_LEVEL: u32 = 8;
+    pub const CGROUP_ANCESTORS: u32 = 9;
+    pub const CGROUP_KN: u32 = 10;
+    pub const KERNFS_NODE_ID: u32 = 11;
+    pub const VALID: u32 = 12;
+    pub const LEN: u32 = 13;
+}
 /// Size of the denial ring buffer in bytes (a power of two, a multiple of the page size).
 pub const DENIAL_RING_BYTES: u32 = 1 << 20;
 
@@ -152,6 +189,9 @@ pub enum Hook {
     /// A `socket()` call for a family that bypasses the IP hooks (`AF_PACKET`, `AF_XDP`):
     /// the caller was killed before the call returned.
     SockCreate = 7,
+    /// A process that had been in the scope moved itself out of it (or into an exempt
+    /// cgroup), or moved another such process out.
+    Migrate = 8,
 }
 
 impl Hook {
@@ -164,6 +204,7 @@ impl Hook {
             5 => Self::Egress4,
             6 => Self::Egress6,
             7 => Self::SockCreate,
+            8 => Self::Migrate,
             _ => return None,
         })
     }
@@ -178,6 +219,7 @@ impl Hook {
             Self::Egress4 => "egress4",
             Self::Egress6 => "egress6",
             Self::SockCreate => "socket_syscall",
+            Self::Migrate => "cgroup_migration",
         }
     }
 }
@@ -225,6 +267,10 @@ pub struct DenialEvent {
     /// `daddr` is the local address the kernel would have connected it to.
     pub unspecified: u8,
     pub comm: [u8; 16],
+    /// The caller's executable as the kernel knew it at the denial: path components of
+    /// `mm->exe_file` within its filesystem, leaf first, each NUL-terminated; empty
+    /// where there is no task context (a packet) or no executable (a kernel thread).
+    pub exe: [[u8; EXE_COMPONENT_LEN]; EXE_COMPONENTS],
 }
 
 /// Indexes into the per-CPU `SEB_COUNTERS` array.
@@ -290,6 +336,9 @@ mod tests {
         assert_eq!(core::mem::size_of::<PortRule>(), 4);
         assert_eq!(core::mem::size_of::<EndpointRules>(), 4 + 4 * MAX_RULES_PER_PREFIX);
         assert_eq!(core::mem::size_of::<BrokerSocket>(), 16);
-        assert_eq!(core::mem::size_of::<DenialEvent>(), 8 * 6 + 16 + 2 + 1 + 1 + 1 + 3 + 16);
+        assert_eq!(
+            core::mem::size_of::<DenialEvent>(),
+            8 * 6 + 16 + 2 + 1 + 1 + 1 + 3 + 16 + EXE_COMPONENTS * EXE_COMPONENT_LEN
+        );
     }
 }

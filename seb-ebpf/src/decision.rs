@@ -19,7 +19,7 @@ use seb_common::{
 
 use crate::{
     ALLOW, BROKER_PROCESSES, BROKER_SOCKETS, COUNTERS, CUT_SOCKETS, DENIALS, DENY, EXEMPT_CGROUPS, EXEMPT_SOCKETS,
-    PROTECTED_V4, PROTECTED_V6, SCOPE_CGROUPS, SOCKET_ORIGINS, local,
+    PROTECTED_V4, PROTECTED_V6, SCOPE_CGROUPS, SOCKET_ORIGINS, lineage, local, task,
 };
 
 /// Where a connection or packet is going.
@@ -100,7 +100,7 @@ pub fn judge_sock_addr(ctx: &SockAddrContext, dest: Destination, hook: Hook) -> 
     // SAFETY: helpers valid in sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if is_live_broker_socket(cookie, Some(tgid)) || (current_task_is_exempt() && socket_is_exempt(cookie)) {
+    if is_live_broker_socket(cookie, Some(tgid)) || task_and_socket_exempt(tgid, cookie) {
         return ALLOW;
     }
     // SAFETY: plain helper call; the origin is only read.
@@ -140,6 +140,13 @@ fn protected_destination(ctx: &SockAddrContext, dest: Destination, hook: Hook) -
     None
 }
 
+/// An exemption needs the task in an exempt cgroup, never in the scope before (it would
+/// have moved there), and a socket made in an exempt cgroup.
+#[inline(always)]
+fn task_and_socket_exempt(tgid: u32, cookie: u64) -> bool {
+    current_task_is_exempt() && socket_is_exempt(cookie) && !lineage::is_scoped(tgid)
+}
+
 /// Remember the cgroup a socket of the scope is made in, so a later denial names the
 /// socket's cgroup as well as the task's.
 #[inline(always)]
@@ -162,6 +169,14 @@ const SOCK_PACKET: u32 = 10;
 const SOCK_TYPE_MASK: u32 = 0xf;
 const SIGKILL: u32 = 9;
 
+/// The current task is judged: it is in an enforced cgroup that is not exempt, or it
+/// has been (then an exempt cgroup does not exempt it).
+#[inline(always)]
+fn current_task_is_judged() -> bool {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    lineage::is_scoped(tgid) || (current_task_in_scope() && !current_task_is_exempt())
+}
+
 /// Decision at `socket()` for every task on the node: a link-layer family requested from
 /// the scope (and not exempt) kills the caller before the call returns.
 #[inline(always)]
@@ -178,7 +193,7 @@ pub fn judge_socket_syscall(ctx: &BtfTracePointContext) -> i32 {
     // socket(AF_INET, SOCK_PACKET) is turned into a packet socket by the kernel.
     let link_layer =
         family == AF_PACKET || family == AF_XDP || (family == AF_INET && kind & SOCK_TYPE_MASK == SOCK_PACKET);
-    if !link_layer || !current_task_in_scope() || current_task_is_exempt() {
+    if !link_layer || !current_task_is_judged() {
         return 0;
     }
     // SAFETY: plain helper calls; the signal goes to the calling process.
@@ -200,7 +215,8 @@ pub fn judge_packet<C: EbpfContext>(ctx: &C, skb: *mut __sk_buff, dest: &Destina
     }
     // SAFETY: helpers valid in cgroup_skb programs, on this program's own skb.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if is_live_broker_socket(cookie, None) || socket_cgroup_is_exempt(skb) {
+    // The socket's cgroup is exempt and so was its creator when it made it.
+    if is_live_broker_socket(cookie, None) || (socket_cgroup_is_exempt(skb) && socket_is_exempt(cookie)) {
         return ALLOW;
     }
     let (uid, cgroup_id) = unsafe { (bpf_get_socket_uid(skb) as u64, bpf_skb_cgroup_id(skb)) };
@@ -260,7 +276,7 @@ fn is_exempt(ancestor: impl Fn(i32) -> u64) -> bool {
 
 /// Whether the caller's cgroup, or one of its ancestors, is enforced.
 #[inline(always)]
-fn current_task_in_scope() -> bool {
+pub fn current_task_in_scope() -> bool {
     // SAFETY: plain helper call.
     any_ancestor_in(&SCOPE_CGROUPS, |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
 }
@@ -268,7 +284,7 @@ fn current_task_in_scope() -> bool {
 /// Whether a cgroup on the path from the root (`ancestor(0)`) down to the cgroup itself
 /// is in `set`.
 #[inline(always)]
-fn any_ancestor_in(set: &HashMap<u64, u8>, ancestor: impl Fn(i32) -> u64) -> bool {
+pub fn any_ancestor_in(set: &HashMap<u64, u8>, ancestor: impl Fn(i32) -> u64) -> bool {
     let mut level = 0;
     while level < MAX_CGROUP_DEPTH {
         let id = ancestor(level as i32);
@@ -285,7 +301,7 @@ fn any_ancestor_in(set: &HashMap<u64, u8>, ancestor: impl Fn(i32) -> u64) -> boo
 }
 
 #[inline(always)]
-fn current_task_is_exempt() -> bool {
+pub fn current_task_is_exempt() -> bool {
     // SAFETY: plain helper call.
     is_exempt(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
 }
@@ -322,6 +338,13 @@ impl Report {
         self.write(dest, Hook::SockCreate, cgroup_id, cgroup_id, (family, kind), true);
     }
 
+    #[inline(always)]
+    fn send_migration(&self, cgroup_id: u64, scoped_in: u64) {
+        let mut dest = Destination::v4([0; 4], 0, 0);
+        dest.family = FAMILY_NONE;
+        self.write(&dest, Hook::Migrate, cgroup_id, scoped_in, (0, 0), true);
+    }
+
     /// Send a denial to the agent; a full ring buffer is counted, never silent.
     #[inline(always)]
     fn write(
@@ -339,24 +362,42 @@ impl Report {
             return;
         };
         let comm = if task_context { bpf_get_current_comm().unwrap_or([0; 16]) } else { [0; 16] };
-        entry.write(DenialEvent {
-            // SAFETY: plain helper call.
-            boot_ns: unsafe { bpf_ktime_get_boot_ns() },
-            pid_tgid: self.pid_tgid,
-            uid_gid: self.uid_gid,
-            cgroup_id,
-            socket_cgroup_id,
-            socket_cookie: self.cookie,
-            daddr: dest.addr,
-            dport: dest.port.unwrap_or(0),
-            family: dest.family,
-            protocol: dest.protocol,
-            hook: hook as u8,
-            socket_family,
-            socket_type,
-            unspecified: dest.unspecified as u8,
-            comm,
-        });
+        // SAFETY: plain helper call.
+        let boot_ns = unsafe { bpf_ktime_get_boot_ns() };
+        let event = entry.as_mut_ptr();
+        // SAFETY: `event` is the reserved ring-buffer slot, written whole before submit;
+        // the event is too large for the BPF stack, so it is built in place.
+        unsafe {
+            event.write_bytes(0, 1);
+            (*event).boot_ns = boot_ns;
+            (*event).pid_tgid = self.pid_tgid;
+            (*event).uid_gid = self.uid_gid;
+            (*event).cgroup_id = cgroup_id;
+            (*event).socket_cgroup_id = socket_cgroup_id;
+            (*event).socket_cookie = self.cookie;
+            (*event).daddr = dest.addr;
+            (*event).dport = dest.port.unwrap_or(0);
+            (*event).family = dest.family;
+            (*event).protocol = dest.protocol;
+            (*event).hook = hook as u8;
+            (*event).socket_family = socket_family;
+            (*event).socket_type = socket_type;
+            (*event).unspecified = dest.unspecified as u8;
+            (*event).comm = comm;
+            if task_context {
+                task::write_current_exe(core::ptr::addr_of_mut!((*event).exe));
+            }
+        }
         entry.submit(0);
     }
+}
+
+/// Report a process killed for a cgroup migration out of the scope: `scoped_in` is the
+/// cgroup the moved process had been scoped in.
+#[inline(always)]
+pub fn report_migration(scoped_in: u64) {
+    // SAFETY: plain helper call.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let report_to = Report { cookie: 0, pid_tgid: bpf_get_current_pid_tgid(), uid_gid: bpf_get_current_uid_gid() };
+    report_to.send_migration(cgroup_id, scoped_in);
 }

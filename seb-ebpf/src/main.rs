@@ -15,17 +15,25 @@
 //!   family that emits frames without passing the IP hooks (`AF_PACKET`, `AF_XDP`).
 //! - `exempt_origin`: attached to exempt cgroups only; remembers the sockets created
 //!   there, so an exemption belongs to the socket's origin and the task alike.
-//! - `broker_exit`: a raw tracepoint on process exit that retires a dead broker's
-//!   registrations at once, whatever later reuses its PID.
+//! - `process_exit`: a raw tracepoint on process exit that retires a dead broker's
+//!   registrations at once, whatever later reuses its PID, and forgets the process.
+//! - `process_fork`, `process_exec`, `cgroup_migrate`: follow processes that have been
+//!   in the scope (see `lineage`), so leaving it for an exempt or unenforced cgroup
+//!   escapes nothing.
 //!
 //! The fast path, a destination that is not protected, is one LPM-trie lookup and one
 //! hash lookup (is a protected endpoint local to this network namespace?).
 #![no_std]
 #![no_main]
+// For an atomic add on a shared map value (see `lineage`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod decision;
+mod lineage;
 mod local;
 mod packet;
+mod task;
 
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock_addr},
@@ -34,13 +42,13 @@ use aya_ebpf::{
         generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
     },
     macros::{btf_tracepoint, cgroup_skb, cgroup_sock, cgroup_sock_addr, map, raw_tracepoint},
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, RawTracePointContext, SkBuffContext, SockAddrContext, SockContext},
 };
 use seb_common::{
     BrokerSocket, DENIAL_RING_BYTES, EndpointRules, FAMILY_V4, Hook, MAX_BROKER_PROCESSES, MAX_BROKER_SOCKETS,
-    MAX_EXEMPT_CGROUPS, MAX_EXEMPT_SOCKETS, MAX_LOCAL_NAMESPACES, MAX_LOCAL_PREFIXES, MAX_PROTECTED_PREFIXES,
-    MAX_SCOPE_CGROUPS, MAX_SOCKET_ORIGINS, counters,
+    MAX_DOOMED_TASKS, MAX_EXEMPT_CGROUPS, MAX_EXEMPT_SOCKETS, MAX_LOCAL_NAMESPACES, MAX_LOCAL_PREFIXES,
+    MAX_PROTECTED_PREFIXES, MAX_SCOPE_CGROUPS, MAX_SCOPED_TASKS, MAX_SOCKET_ORIGINS, counters, layout,
 };
 
 use crate::decision::Destination;
@@ -94,6 +102,25 @@ static LOCAL_V6: LpmTrie<[u8; 16], u64> = LpmTrie::pinned(MAX_LOCAL_PREFIXES, NO
 #[map(name = "SEB_CUT_SOCKETS")]
 static CUT_SOCKETS: HashMap<u64, u8> = HashMap::pinned(MAX_BROKER_SOCKETS, 0);
 
+/// Processes that have been in the scope: tgid -> the cgroup they were scoped in.
+/// Entries leave when the process exits.
+#[map(name = "SEB_SCOPED_TASKS")]
+static SCOPED_TASKS: HashMap<u32, u64> = HashMap::pinned(MAX_SCOPED_TASKS, NO_PREALLOC);
+
+/// Scoped processes placed outside the scope by another: tgid -> the cgroup they were
+/// scoped in. Killed at their next system call.
+#[map(name = "SEB_DOOMED_TASKS")]
+static DOOMED_TASKS: HashMap<u32, u64> = HashMap::pinned(MAX_DOOMED_TASKS, 0);
+
+/// How many entries `SEB_DOOMED_TASKS` holds, so the check on every system call is one
+/// array read while it holds none.
+#[map(name = "SEB_DOOMED_COUNT")]
+static DOOMED_COUNT: Array<u64> = Array::pinned(1, 0);
+
+/// Field offsets of kernel structures (`seb_common::layout`), from the kernel's BTF.
+#[map(name = "SEB_KERNEL_LAYOUT")]
+static KERNEL_LAYOUT: Array<u32> = Array::pinned(layout::LEN, 0);
+
 #[map(name = "SEB_DENIALS")]
 static DENIALS: RingBuf = RingBuf::pinned(DENIAL_RING_BYTES, 0);
 
@@ -138,6 +165,10 @@ pub fn seb_sock_create(ctx: SockContext) -> i32 {
 pub fn seb_exempt_origin(ctx: SockContext) -> i32 {
     // SAFETY: helpers valid in cgroup sock programs.
     let (cookie, cgroup_id) = unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), bpf_get_current_cgroup_id()) };
+    // A process that has been in the scope makes no exempt socket.
+    if lineage::is_scoped((bpf_get_current_pid_tgid() >> 32) as u32) {
+        return ALLOW;
+    }
     // A full map evicts the oldest entry: that socket loses its exemption (fail closed).
     let _ = EXEMPT_SOCKETS.insert(&cookie, &cgroup_id, 0);
     ALLOW
@@ -150,20 +181,49 @@ pub fn seb_exempt_origin(ctx: SockContext) -> i32 {
 /// never reaches user space.
 #[btf_tracepoint(function = "sys_enter")]
 pub fn seb_link_layer(ctx: BtfTracePointContext) -> i32 {
+    if lineage::kill_if_doomed() {
+        return 0;
+    }
     decision::judge_socket_syscall(&ctx)
 }
 
 /// `sched_process_exit` runs in the exiting task; the thread-group leader's exit ends
-/// the process, and with it any broker registration it held.
+/// the process, and with it any broker registration it held and its scoping.
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
-pub fn seb_broker_exit(_ctx: RawTracePointContext) -> i32 {
+pub fn seb_process_exit(_ctx: RawTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, pid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    // SAFETY: the value is only tested for presence.
-    if tgid == pid && unsafe { BROKER_PROCESSES.get(&tgid) }.is_some() {
+    if tgid != pid {
+        return 0;
+    }
+    // SAFETY: the values are only tested for presence.
+    if unsafe { BROKER_PROCESSES.get(&tgid) }.is_some() {
         let _ = BROKER_PROCESSES.remove(&tgid);
     }
+    if lineage::is_scoped(tgid) {
+        let _ = SCOPED_TASKS.remove(&tgid);
+    }
+    lineage::forget_doomed(tgid);
     0
+}
+
+/// `sched_process_fork`: a process created by a scoped parent is scoped.
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn seb_process_fork(ctx: RawTracePointContext) -> i32 {
+    lineage::on_fork(&ctx)
+}
+
+/// `sched_process_exec`: an exec in the scope scopes the process.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn seb_process_exec(_ctx: RawTracePointContext) -> i32 {
+    lineage::on_exec()
+}
+
+/// `cgroup_attach_task`: a move into the scope scopes the process; a scoped process
+/// moving out is killed.
+#[btf_tracepoint(function = "cgroup_attach_task")]
+pub fn seb_cgroup_migrate(ctx: BtfTracePointContext) -> i32 {
+    lineage::on_migrate(&ctx)
 }
 
 use aya_ebpf::EbpfContext;

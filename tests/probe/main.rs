@@ -101,6 +101,22 @@ enum Command {
         #[arg(long)]
         control: bool,
     },
+    /// clone3 with CLONE_INTO_CGROUP: a child created straight into `cgroup` tries once;
+    /// prints the child's outcome, or how it died.
+    CloneInto {
+        #[arg(long)]
+        cgroup: PathBuf,
+        method: Method,
+        addr: SocketAddr,
+    },
+    /// Wait (up to 10 s) until another process has moved this one into `cgroup`, then try
+    /// once from there.
+    AfterMovedTo {
+        #[arg(long)]
+        cgroup: PathBuf,
+        method: Method,
+        addr: SocketAddr,
+    },
     /// Time `connect()` on one UDP socket, repeated; prints nanoseconds per call.
     BenchUdpConnect {
         addr: SocketAddr,
@@ -197,6 +213,8 @@ fn run(command: Command) -> Result<()> {
         Command::ProposeAfterPidReuse { socket, cert, request, control } => {
             propose_after_pid_reuse(&socket, &cert, &request, control)
         }
+        Command::CloneInto { cgroup, method, addr } => clone_into(&cgroup, method, addr),
+        Command::AfterMovedTo { cgroup, method, addr } => after_moved_to(&cgroup, method, addr),
         Command::BenchUdpConnect { addr, iterations, register } => bench_udp_connect(addr, iterations, register),
         Command::BenchTcpConnect { addr, iterations } => bench_tcp_connect(addr, iterations),
     }
@@ -452,6 +470,53 @@ fn in_process_with_pid(pid: i32, f: impl FnOnce() -> Value) -> Result<Value> {
     let text = std::io::read_to_string(File::from(read))?;
     nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(ret), None)?;
     serde_json::from_str(&text).with_context(|| format!("child said {text:?}"))
+}
+
+/// See `Command::CloneInto`.
+fn clone_into(cgroup: &std::path::Path, method: Method, addr: SocketAddr) -> Result<()> {
+    let dir = File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
+    let (read, write) = nix::unistd::pipe()?;
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+    let args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: dir.as_raw_fd() as u64,
+        ..Default::default()
+    };
+    // SAFETY: fork-like clone3 (no CLONE_VM); the child only tries, reports and exits.
+    let ret = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, size_of::<CloneArgs>()) };
+    if ret < 0 {
+        bail!("clone3 into {}: {}", cgroup.display(), std::io::Error::last_os_error());
+    }
+    if ret == 0 {
+        drop(read);
+        let value = attempt(method, addr);
+        let _ = File::from(write).write_all(value.to_string().as_bytes());
+        // SAFETY: leave without running the parent's destructors.
+        unsafe { libc::_exit(0) };
+    }
+    drop(write);
+    let text = std::io::read_to_string(File::from(read))?;
+    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(ret as i32), None)?;
+    let mut value: Value = serde_json::from_str(&text).unwrap_or_else(|_| json!({"result": "no report"}));
+    value["child"] = json!(ret);
+    value["child_status"] = json!(format!("{status:?}"));
+    print(value)
+}
+
+/// See `Command::AfterMovedTo`.
+fn after_moved_to(cgroup: &std::path::Path, method: Method, addr: SocketAddr) -> Result<()> {
+    let mount = seb_agent::cgroupfs::cgroup2_mount()?;
+    let wanted = format!("0::/{}", cgroup.strip_prefix(&mount)?.display());
+    print(json!({"waiting": std::process::id()}))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string("/proc/self/cgroup")?.lines().all(|line| line != wanted) {
+        if Instant::now() > deadline {
+            bail!("never moved to {}", cgroup.display());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    print(attempt(method, addr))
 }
 
 /// clone3 with `set_tid`: the child gets exactly `pid` (it must be free), as a process

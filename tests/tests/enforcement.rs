@@ -1,7 +1,14 @@
 //! Kernel enforcement, end to end: real programs attached to a test cgroup, real
 //! connects from processes in it, answers straight from the kernel.
 
-use std::{path::Path, process::Command, thread, time::Duration};
+use std::{
+    io::{BufRead, BufReader},
+    os::unix::process::ExitStatusExt,
+    path::Path,
+    process::{Command, Stdio},
+    thread,
+    time::Duration,
+};
 
 use seb_sandbox::{Sandbox, Tools, parse_json_output, wait_gone};
 use serde_json::Value;
@@ -33,6 +40,9 @@ fn sandbox(label: &str) -> Sandbox {
     }
     sandbox
 }
+
+/// Links of a sandbox agent: one per program (one scope cgroup, one exempt cgroup).
+const LINKS: usize = seb_agent::enforcement::loader::PROGRAMS.len();
 
 fn cookie(outcome: &Value) -> u64 {
     outcome["cookie"].as_u64().unwrap_or_else(|| panic!("no socket cookie in {outcome}"))
@@ -162,7 +172,6 @@ fn wildcard_and_unspecified_destinations_are_judged_as_what_they_reach() {
 /// the call with EPERM instead).
 #[test]
 fn link_layer_sockets_are_refused_in_the_scope() {
-    use std::os::unix::process::ExitStatusExt;
     let mut sandbox = Sandbox::new("packet", tools()).unwrap();
     sandbox.write_config(POLICY).unwrap();
     sandbox.listen("127.0.0.2:8443".parse().unwrap()).unwrap();
@@ -200,11 +209,14 @@ fn link_layer_sockets_are_refused_in_the_scope() {
     }
 }
 
-/// An exemption belongs to where the socket was made as much as to the task: a socket
-/// made in the scope stays enforced when its process moves into an exempt or unenforced
-/// cgroup, and the record names both cgroups.
+/// Enforcement follows a process that has been in the scope, wherever it goes. Moving
+/// itself out (to an exempt or an unenforced cgroup) after making a socket kills it before
+/// it can use it; creating a child outside the scope (clone3 `CLONE_INTO_CGROUP`) kills
+/// both; moved into an exempt cgroup by an operator, it stays enforced there. Each
+/// record names the cgroup it was scoped in, where it went, and the executable the kernel
+/// saw (the killed process is gone before the agent could read /proc).
 #[test]
-fn a_socket_moved_out_of_the_scope_stays_enforced() {
+fn a_process_that_has_been_in_the_scope_escapes_nothing_by_leaving_it() {
     let mut sandbox = Sandbox::new("moved", tools()).unwrap();
     let root = sandbox.cgroup_relative.clone();
     let scope = [format!("{root}/workload"), format!("{root}/exempt")];
@@ -213,18 +225,52 @@ fn a_socket_moved_out_of_the_scope_stays_enforced() {
     sandbox.start_agent().unwrap();
     // <root>/broker is outside the scope; <root>/exempt is exempt.
     for target in ["exempt", "broker"] {
-        let move_to = sandbox.cgroup.join(target);
-        let move_to = move_to.to_str().unwrap();
-        let args = ["try", "tcp", "127.0.0.2:8443", "--move-to", move_to, "--linger-ms", "300"];
-        let outcome = sandbox.probe("workload", &args).unwrap();
-        assert_eq!(outcome["result"], "EPERM", "socket made in the scope, used from {target}: {outcome}");
-        let denial = sandbox.wait_for_denial(cookie(&outcome)).unwrap();
-        assert_eq!(denial["cgroup_path"], format!("{root}/workload"), "the socket's cgroup: {denial}");
-        assert_eq!(denial["task_cgroup_path"], format!("{root}/{target}"), "the task's cgroup: {denial}");
+        let dir = sandbox.cgroup.join(target);
+        let args = ["try", "tcp", "127.0.0.2:8443", "--move-to", dir.to_str().unwrap()];
+        let (output, pid) = sandbox.probe_raw("workload", &args).unwrap();
+        assert_eq!(output.status.signal(), Some(9), "moved itself to {target}: {output:?}");
+        let record = wait_for(&sandbox, |d| d["hook"] == "cgroup_migration" && d["tgid"] == pid);
+        assert_eq!(record["action"], "killed", "{record}");
+        assert_eq!(record["cgroup_path"], format!("{root}/workload"), "where it was scoped: {record}");
+        assert_eq!(record["task_cgroup_path"], format!("{root}/{target}"), "where it went: {record}");
+        let exe = record["exe"].as_str().unwrap_or_default();
+        assert!(exe.ends_with("/seb-probe"), "the kernel named the executable: {record}");
+
+        let args = ["clone-into", "--cgroup", dir.to_str().unwrap(), "tcp", "127.0.0.2:8443"];
+        let (output, parent) = sandbox.probe_raw("workload", &args).unwrap();
+        assert_eq!(output.status.signal(), Some(9), "cloned a child into {target}: {output:?}");
+        let child = wait_for(&sandbox, |d| {
+            d["hook"] == "cgroup_migration"
+                && d["tgid"] != parent
+                && d["task_cgroup_path"] == format!("{root}/{target}")
+                && d["tgid"].as_u64() > Some(u64::from(parent))
+        });
+        assert_eq!(child["action"], "killed", "the child dies at its first system call: {child}");
     }
+    assert_eq!(sandbox.received().unwrap(), 0, "nothing reached the endpoint");
+
+    // Moved into the exempt cgroup by an operator (this test, outside the scope).
+    let mut waiting = Command::new(&sandbox.tools.probe)
+        .arg("--cgroup")
+        .arg(sandbox.cgroup.join("workload"))
+        .args(["--netns", &sandbox.netns, "after-moved-to", "--cgroup"])
+        .arg(sandbox.cgroup.join("exempt"))
+        .args(["tcp", "127.0.0.2:8443"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(waiting.stdout.take().unwrap()).lines();
+    let hello: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    std::fs::write(sandbox.cgroup.join("exempt/cgroup.procs"), hello["waiting"].to_string()).unwrap();
+    let outcome: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    waiting.wait().unwrap();
+    assert_eq!(outcome["result"], "EPERM", "a scoped process moved into the exempt cgroup: {outcome}");
+    let denial = sandbox.wait_for_denial(cookie(&outcome)).unwrap();
+    assert_eq!(denial["cgroup_path"], format!("{root}/exempt"), "its socket was made there: {denial}");
     assert_eq!(sandbox.received().unwrap(), 0);
+
     let outcome = sandbox.attempt("exempt", "tcp", "127.0.0.2:8443").unwrap();
-    assert_eq!(outcome["result"], "ok", "a socket made in the exempt cgroup: {outcome}");
+    assert_eq!(outcome["result"], "ok", "a process that never was in the scope, in the exempt cgroup: {outcome}");
 }
 
 /// A registration is worth nothing once its broker is gone: not through a duplicate of
@@ -287,7 +333,7 @@ fn enforcement_outlives_the_agent_and_a_restart_readopts_it_without_a_gap() {
     let mut sandbox = sandbox("restart");
     sandbox.start_agent().unwrap();
     let links = sandbox.pinned_links().unwrap();
-    assert_eq!(links.len(), 9, "{links:?}");
+    assert_eq!(links.len(), LINKS, "{links:?}");
 
     sandbox.kill_agent().unwrap();
     let while_down = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
@@ -317,7 +363,7 @@ fn enforcement_outlives_the_agent_and_a_restart_readopts_it_without_a_gap() {
         .iter()
         .find(|line| line["fields"]["message"] == "kernel enforcement active")
         .unwrap_or_else(|| panic!("no 'kernel enforcement active' log: {logs:?}"));
-    assert_eq!(active["fields"]["adopted"], 9, "all links re-adopted: {active}");
+    assert_eq!(active["fields"]["adopted"], LINKS, "all links re-adopted: {active}");
     assert_eq!(sandbox.pinned_links().unwrap(), links, "the same links stay pinned");
 
     // The denial made while the agent was dead waited in the pinned ring buffer.
@@ -480,7 +526,7 @@ fn a_restart_never_adopts_a_detached_link() {
 
     let logs = sandbox.start_agent().unwrap();
     let active = logs.iter().find(|line| line["fields"]["message"] == "kernel enforcement active").unwrap();
-    assert_eq!(active["fields"]["adopted"], 8, "the detached link is not adopted: {active}");
+    assert_eq!(active["fields"]["adopted"], LINKS - 1, "the detached link is not adopted: {active}");
     let replaced = logs
         .iter()
         .find(|line| line["fields"]["message"] == "replacing a pinned link")

@@ -57,7 +57,7 @@ fn metrics_health_and_status_report_what_the_agent_sees() {
     let status: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(status["ready"], true);
     // Six programs on the scope, one on the exempt cgroup, two node-wide.
-    assert_eq!(status["links"].as_array().unwrap().len(), 9);
+    assert_eq!(status["links"].as_array().unwrap().len(), seb_agent::enforcement::loader::PROGRAMS.len());
     assert_eq!(status["integrity"]["intact"], true, "{status}");
     assert_eq!(status["map_entries"]["SEB_PROTECTED_V4"], 1);
     assert_eq!(status["last_denial"]["socket_cookie"], denied["cookie"]);

@@ -33,6 +33,9 @@ enum Task {
         /// Fail if the committed eBPF object differs from a fresh build (CI).
         #[arg(long)]
         check: bool,
+        /// Only the eBPF object (seb-agent/bpf/seb.bpf.o), not the agent.
+        #[arg(long)]
+        ebpf_only: bool,
     },
     /// Run every test, the privileged integration tests included (as root).
     Test,
@@ -71,7 +74,7 @@ enum Bench {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Task::Build { check } => build(check),
+        Task::Build { check, ebpf_only } => build(check, ebpf_only),
         Task::Test => test(),
         Task::Bench { which: Bench::Connect } => bench_connect::run(),
         Task::Bench { which: Bench::Admission } => bench_admission::run(),
@@ -92,8 +95,11 @@ fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
-fn build(check: bool) -> Result<()> {
+fn build(check: bool, ebpf_only: bool) -> Result<()> {
     ebpf::build(if check { ebpf::Mode::Check } else { ebpf::Mode::Update })?;
+    if ebpf_only {
+        return Ok(());
+    }
     run(Command::new("cargo").current_dir(workspace_root()).args(["build", "--release", "-p", "seb-agent"]))
 }
 

@@ -22,7 +22,8 @@ pub struct KernelDenial {
     pub uid: u32,
     pub gid: Option<u32>,
     pub comm: Option<String>,
-    /// Executable, read from /proc when the process is still there.
+    /// The executable, as the kernel knew it at the denial (its path within its
+    /// filesystem), completed from /proc when the process is still there and runs it.
     pub exe: Option<String>,
     /// The cgroup that was judged: the socket's (its programs ran). For a socket
     /// creation, the creating task's.
@@ -62,7 +63,7 @@ pub struct KernelDenial {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_type: Option<u8>,
     /// The kernel hook that denied: connect4, connect6, sendmsg4, sendmsg6, egress4,
-    /// egress6, socket_syscall (the caller was killed: see `action`).
+    /// egress6, socket_syscall or cgroup_migration (the caller was killed: see `action`).
     pub hook: String,
     /// What the kernel did: `refused` (the call failed with EPERM, or the packet was
     /// dropped) or `killed` (the caller was killed before the call returned).
@@ -73,6 +74,39 @@ pub struct KernelDenial {
 
 fn refused() -> String {
     "refused".into()
+}
+
+/// The executable path the kernel reported, components leaf first, joined root first.
+/// Past `EXE_COMPONENTS` names the path is marked as truncated with a leading `...`.
+fn kernel_exe(event: &DenialEvent) -> Option<String> {
+    let names: Vec<String> = event
+        .exe
+        .iter()
+        .map(|component| {
+            let len = component.iter().position(|&b| b == 0).unwrap_or(component.len());
+            String::from_utf8_lossy(&component[..len]).into_owned()
+        })
+        .take_while(|name| !name.is_empty())
+        .collect();
+    if names.is_empty() {
+        return None;
+    }
+    let reached_root = names.last().is_some_and(|name| name == "/");
+    let mut parts: Vec<&str> = names.iter().rev().filter(|name| *name != "/").map(String::as_str).collect();
+    if !reached_root {
+        parts.insert(0, "...");
+    }
+    Some(format!("/{}", parts.join("/")).replacen("/...", "...", 1))
+}
+
+/// The executable to record: /proc's full path when the process still runs the file the
+/// kernel named (the kernel's path stops at its filesystem's root), else the kernel's.
+pub fn best_exe(kernel: Option<String>, proc_exe: Option<String>) -> Option<String> {
+    match (kernel, proc_exe) {
+        (Some(kernel), Some(proc_exe)) if proc_exe.ends_with(kernel.trim_start_matches("...")) => Some(proc_exe),
+        (Some(kernel), _) => Some(kernel),
+        (None, proc_exe) => proc_exe,
+    }
 }
 
 impl KernelDenial {
@@ -97,7 +131,8 @@ impl KernelDenial {
             _ => IpAddr::from(Ipv6Addr::from(event.daddr)).to_string(),
         };
         let judged_cgroup = if event.socket_cgroup_id != 0 { event.socket_cgroup_id } else { event.cgroup_id };
-        let socket_creation = event.family == FAMILY_NONE;
+        let socket_creation = event.family == FAMILY_NONE && event.hook == Hook::SockCreate as u8;
+        let killed = event.family == FAMILY_NONE;
         let has_task = event.pid_tgid != 0;
         let comm_len = event.comm.iter().position(|&b| b == 0).unwrap_or(event.comm.len());
 
@@ -109,7 +144,7 @@ impl KernelDenial {
             uid: event.uid_gid as u32,
             gid: has_task.then_some((event.uid_gid >> 32) as u32),
             comm: (comm_len > 0).then(|| String::from_utf8_lossy(&event.comm[..comm_len]).into_owned()),
-            exe: None,
+            exe: kernel_exe(event),
             cgroup_id: judged_cgroup,
             cgroup_path: None,
             task_cgroup_id: (event.cgroup_id != 0 && event.cgroup_id != judged_cgroup).then_some(event.cgroup_id),
@@ -130,8 +165,53 @@ impl KernelDenial {
             }),
             socket_type: socket_creation.then_some(event.socket_type),
             hook: Hook::from_u8(event.hook).map_or_else(|| format!("hook-{}", event.hook), |h| h.name().into()),
-            action: if socket_creation { "killed".into() } else { refused() },
+            action: if killed { "killed".into() } else { refused() },
             socket_cookie: event.socket_cookie,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use seb_common::{EXE_COMPONENT_LEN, EXE_COMPONENTS};
+
+    fn event_with_exe(names: &[&str]) -> DenialEvent {
+        let mut exe = [[0u8; EXE_COMPONENT_LEN]; EXE_COMPONENTS];
+        for (slot, name) in exe.iter_mut().zip(names) {
+            slot[..name.len()].copy_from_slice(name.as_bytes());
+        }
+        // SAFETY: DenialEvent is plain old data; all zeroes is a valid value.
+        let mut event: DenialEvent = unsafe { std::mem::zeroed() };
+        event.exe = exe;
+        event
+    }
+
+    #[test]
+    fn the_kernels_components_make_a_path_root_first() {
+        assert_eq!(
+            kernel_exe(&event_with_exe(&["python3.11", "bin", "usr", "/"])).as_deref(),
+            Some("/usr/bin/python3.11")
+        );
+        assert_eq!(kernel_exe(&event_with_exe(&[])), None, "no task context, no executable");
+        let deep = ["h", "g", "f", "e", "d", "c", "b", "a"];
+        assert_eq!(
+            kernel_exe(&event_with_exe(&deep)).as_deref(),
+            Some(".../a/b/c/d/e/f/g/h"),
+            "truncated, and says so"
+        );
+    }
+
+    #[test]
+    fn proc_completes_the_kernels_path_only_for_the_same_file() {
+        let kernel = Some("/bin/python3".to_string());
+        assert_eq!(best_exe(kernel.clone(), Some("/usr/bin/python3".into())).as_deref(), Some("/usr/bin/python3"));
+        assert_eq!(
+            best_exe(kernel.clone(), Some("/usr/bin/bash".into())).as_deref(),
+            Some("/bin/python3"),
+            "a reused pid"
+        );
+        assert_eq!(best_exe(kernel, None).as_deref(), Some("/bin/python3"), "the process is gone");
+        assert_eq!(best_exe(None, Some("/x".into())).as_deref(), Some("/x"));
     }
 }

@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use super::{
     LinkState, PinLayout,
     integrity::{self, Finding, Integrity},
+    kernel_btf,
     loader::{self, AttachTargets},
     local::{self, LocalProtection},
     maps, policy,
@@ -116,13 +117,16 @@ pub struct Enforcer {
     mount: PathBuf,
     links: Vec<LinkState>,
     applied: Option<Desired>,
+    kernel_layout: [u32; seb_common::layout::LEN as usize],
 }
 
 impl Enforcer {
     /// Load (reusing pinned maps) without touching what is enforced yet.
     pub fn load(layout: PinLayout, mount: PathBuf) -> Result<Self> {
-        let ebpf = loader::load(&layout)?;
-        Ok(Self { ebpf, layout, mount, links: Vec::new(), applied: None })
+        let kernel_layout = kernel_btf::kernel_layout()?;
+        let mut ebpf = loader::load(&layout)?;
+        maps::write_kernel_layout(&mut ebpf, &kernel_layout)?;
+        Ok(Self { ebpf, layout, mount, links: Vec::new(), applied: None, kernel_layout })
     }
 
     pub fn ebpf_mut(&mut self) -> &mut aya::Ebpf {
@@ -146,8 +150,14 @@ impl Enforcer {
         let scope_ids =
             desired.targets.scopes.iter().map(|dir| cgroupfs::cgroup_id(dir)).collect::<Result<Vec<_>>>()?;
         maps::write_scope(&mut self.ebpf, &scope_ids, desired.keep_previous)?;
+        maps::write_kernel_layout(&mut self.ebpf, &self.kernel_layout)?;
         self.links = loader::attach_all(&mut self.ebpf, &self.layout, &desired.targets, desired.keep_previous)?;
+        // After the fork, exec and migration hooks are attached, so no process slips
+        // between this walk and them.
+        let scoped = scoped_processes(&desired.targets.scopes, &desired.targets.exempt);
+        maps::mark_scoped(&mut self.ebpf, &scoped)?;
         info!(
+            scoped_processes = scoped.len(),
             prefixes_v4 = desired.policy.v4.len(),
             prefixes_v6 = desired.policy.v6.len(),
             exempt = desired.exempt_ids.len(),
@@ -162,7 +172,11 @@ impl Enforcer {
     /// Every way the kernel differs from what was last applied.
     pub fn verify(&mut self) -> Vec<Finding> {
         match &self.applied {
-            Some(desired) => integrity::check(&mut self.ebpf, &self.layout, &self.links, desired),
+            Some(desired) => {
+                let mut findings = integrity::check(&mut self.ebpf, &self.layout, &self.links, desired);
+                findings.extend(integrity::check_kernel_layout(&mut self.ebpf, &self.kernel_layout));
+                findings
+            }
             None => Vec::new(),
         }
     }
@@ -236,4 +250,24 @@ impl SharedEnforcer {
     pub fn links(&self) -> Vec<LinkState> {
         self.inner.lock().map(|guard| guard.0.links().to_vec()).unwrap_or_default()
     }
+}
+
+/// The processes in the enforced cgroups and their descendants, outside exempt ones:
+/// tgid and cgroup id. A cgroup that vanishes during the walk is skipped.
+fn scoped_processes(scopes: &[PathBuf], exempt: &[PathBuf]) -> Vec<(u32, u64)> {
+    let mut found = Vec::new();
+    let mut pending: Vec<PathBuf> = scopes.to_vec();
+    while let Some(dir) = pending.pop() {
+        if exempt.contains(&dir) {
+            continue;
+        }
+        let Ok(cgroup_id) = cgroupfs::cgroup_id(&dir) else { continue };
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            found.extend(procs.lines().filter_map(|line| line.trim().parse().ok()).map(|tgid| (tgid, cgroup_id)));
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            pending.extend(entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+        }
+    }
+    found
 }

@@ -101,6 +101,17 @@ fn check_set(ebpf: &mut Ebpf, name: &str, wanted: &[u64], exact: bool) -> Option
         .then(|| Finding::map(name, format!("{missing} cgroups missing, {extra} not written by the agent")))
 }
 
+/// The field offsets the tracing programs read must be the running kernel's: a rewritten
+/// offset would make them follow the wrong process or cgroup.
+pub fn check_kernel_layout(ebpf: &mut Ebpf, wanted: &[u32]) -> Option<Finding> {
+    let name = map_names::KERNEL_LAYOUT;
+    match super::maps::read_kernel_layout(ebpf) {
+        Ok(actual) if actual == wanted => None,
+        Ok(_) => Some(Finding::map(name, "the kernel field offsets differ from the kernel's BTF")),
+        Err(e) => Some(Finding::map(name, format!("cannot be read: {e:#}"))),
+    }
+}
+
 /// What the last check found, for `status` and `/readyz`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Integrity {

@@ -47,7 +47,7 @@ pub enum AttachTo {
 }
 
 /// The programs in the object and where each attaches.
-pub const PROGRAMS: [(&str, AttachTo); 9] = [
+pub const PROGRAMS: [(&str, AttachTo); 12] = [
     ("seb_connect4", AttachTo::Scope),
     ("seb_connect6", AttachTo::Scope),
     ("seb_sendmsg4", AttachTo::Scope),
@@ -55,7 +55,10 @@ pub const PROGRAMS: [(&str, AttachTo); 9] = [
     ("seb_egress", AttachTo::Scope),
     ("seb_sock_create", AttachTo::Scope),
     ("seb_exempt_origin", AttachTo::Exempt),
-    ("seb_broker_exit", AttachTo::Global),
+    ("seb_process_exit", AttachTo::Global),
+    ("seb_process_fork", AttachTo::Global),
+    ("seb_process_exec", AttachTo::Global),
+    ("seb_cgroup_migrate", AttachTo::Global),
     ("seb_link_layer", AttachTo::Global),
 ];
 
@@ -63,6 +66,17 @@ pub const PROGRAMS: [(&str, AttachTo); 9] = [
 fn btf_tracepoint(program: &str) -> Option<&'static str> {
     match program {
         "seb_link_layer" => Some("sys_enter"),
+        "seb_cgroup_migrate" => Some("cgroup_attach_task"),
+        _ => None,
+    }
+}
+
+/// The raw tracepoint each such program attaches to.
+fn raw_tracepoint(program: &str) -> Option<&'static str> {
+    match program {
+        "seb_process_exit" => Some("sched_process_exit"),
+        "seb_process_fork" => Some("sched_process_fork"),
+        "seb_process_exec" => Some("sched_process_exec"),
         _ => None,
     }
 }
@@ -72,9 +86,6 @@ fn btf_tracepoint(program: &str) -> Option<&'static str> {
 pub fn supported(program: &str) -> bool {
     program != "seb_link_layer" || cfg!(target_arch = "x86_64")
 }
-
-/// The process-exit tracepoint that retires a dead broker's registrations.
-const EXIT_TRACEPOINT: &str = "sched_process_exit";
 
 /// The cgroups programs are attached to.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -296,7 +307,9 @@ fn attach_and_pin(ebpf: &mut Ebpf, name: &str, cgroup: Option<&Path>, pin: &Path
             program.take_link(id)?.try_into()?
         }
         aya::programs::Program::RawTracePoint(program) => {
-            let id = program.attach(EXIT_TRACEPOINT)?;
+            let tracepoint =
+                raw_tracepoint(name).ok_or_else(|| anyhow!("no raw tracepoint is named for program {name}"))?;
+            let id = program.attach(tracepoint)?;
             program.take_link(id)?.into()
         }
         aya::programs::Program::BtfTracePoint(program) => {

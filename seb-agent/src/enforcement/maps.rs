@@ -8,9 +8,9 @@ use std::collections::HashSet;
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, Pod,
-    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
 };
-use seb_common::{EndpointRules, counters, map_names};
+use seb_common::{EndpointRules, counters, layout, map_names};
 
 use ipnet::IpNet;
 
@@ -135,6 +135,31 @@ fn write_cgroup_set(ebpf: &mut Ebpf, name: &str, cgroup_ids: &[u64], keep_stale:
     }
     for id in existing.iter().filter(|id| !cgroup_ids.contains(id)) {
         map.remove(id)?;
+    }
+    Ok(())
+}
+
+/// Field offsets for the tracing programs; written before any of them is attached.
+pub fn write_kernel_layout(ebpf: &mut Ebpf, values: &[u32; layout::LEN as usize]) -> Result<()> {
+    let mut array: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, map_names::KERNEL_LAYOUT)?)?;
+    for (index, value) in values.iter().enumerate() {
+        array.set(index as u32, value, 0).context("writing the kernel layout")?;
+    }
+    Ok(())
+}
+
+/// The kernel layout as the map holds it.
+pub fn read_kernel_layout(ebpf: &mut Ebpf) -> Result<Vec<u32>> {
+    let array: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, map_names::KERNEL_LAYOUT)?)?;
+    (0..layout::LEN).map(|index| Ok(array.get(&index, 0)?)).collect()
+}
+
+/// Mark processes already in the scope as scoped (those created, exec'd or moved there
+/// later are marked by the kernel itself): tgid -> the cgroup they are in.
+pub fn mark_scoped(ebpf: &mut Ebpf, processes: &[(u32, u64)]) -> Result<()> {
+    let mut map: HashMap<&mut MapData, u32, u64> = HashMap::try_from(map_mut(ebpf, map_names::SCOPED_TASKS)?)?;
+    for (tgid, cgroup_id) in processes {
+        map.insert(tgid, cgroup_id, 0).with_context(|| format!("marking process {tgid} as scoped"))?;
     }
     Ok(())
 }

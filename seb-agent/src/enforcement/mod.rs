@@ -4,6 +4,7 @@ pub mod broker_sockets;
 pub mod enforcer;
 pub mod hostnames;
 pub mod integrity;
+mod kernel_btf;
 mod link_info;
 pub mod loader;
 pub mod local;

@@ -1,0 +1,193 @@
+//! Field offsets of kernel structures, read from the running kernel's BTF
+//! (`/sys/kernel/btf/vmlinux`), for the tracing programs that follow a process's cgroup
+//! and name its executable. Only what those programs need: struct members by name,
+//! through nested and anonymous members.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result, anyhow, bail};
+use seb_common::layout;
+
+const BTF_MAGIC: u16 = 0xeb9f;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_TYPE_TAG: u32 = 18;
+
+/// The fields, as `struct` and a member path, in `seb_common::layout` order.
+const FIELDS: [(u32, &str, &[&str]); layout::VALID as usize] = [
+    (layout::TASK_TGID, "task_struct", &["tgid"]),
+    (layout::TASK_MM, "task_struct", &["mm"]),
+    (layout::TASK_CGROUPS, "task_struct", &["cgroups"]),
+    (layout::MM_EXE_FILE, "mm_struct", &["exe_file"]),
+    (layout::FILE_DENTRY, "file", &["f_path", "dentry"]),
+    (layout::DENTRY_NAME, "dentry", &["d_name", "name"]),
+    (layout::DENTRY_PARENT, "dentry", &["d_parent"]),
+    (layout::CSS_SET_DFL_CGROUP, "css_set", &["dfl_cgrp"]),
+    (layout::CGROUP_LEVEL, "cgroup", &["level"]),
+    (layout::CGROUP_ANCESTORS, "cgroup", &["ancestors"]),
+    (layout::CGROUP_KN, "cgroup", &["kn"]),
+    (layout::KERNFS_NODE_ID, "kernfs_node", &["id"]),
+];
+
+/// The values of `SEB_KERNEL_LAYOUT` for the running kernel, `VALID` set.
+pub fn kernel_layout() -> Result<[u32; layout::LEN as usize]> {
+    let path = "/sys/kernel/btf/vmlinux";
+    let data = std::fs::read(path).with_context(|| format!("reading the kernel's BTF at {path}"))?;
+    let btf = Btf::parse(&data).with_context(|| format!("parsing {path}"))?;
+    let mut values = [0u32; layout::LEN as usize];
+    for (index, structure, path) in FIELDS {
+        values[index as usize] = btf
+            .offset_of(structure, path)
+            .with_context(|| format!("finding struct {structure}.{} in the kernel's BTF", path.join(".")))?;
+    }
+    values[layout::VALID as usize] = 1;
+    Ok(values)
+}
+
+struct Type {
+    kind: u32,
+    /// The referenced type, for modifiers and typedefs.
+    target: u32,
+    /// (name offset, type id, bit offset) of each struct or union member.
+    members: Vec<(u32, u32, u32)>,
+}
+
+struct Btf<'a> {
+    types: Vec<Type>,
+    strings: &'a [u8],
+    structs: HashMap<&'a [u8], u32>,
+}
+
+impl<'a> Btf<'a> {
+    fn parse(data: &'a [u8]) -> Result<Self> {
+        let u16_at = |at: usize| data.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+        let u32_at = |at: usize| data.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        if u16_at(0) != Some(BTF_MAGIC) {
+            bail!("not little-endian BTF");
+        }
+        let header = |at| u32_at(at).map(|v| v as usize).ok_or_else(|| anyhow!("truncated header"));
+        let (header_len, type_off, type_len, str_off, str_len) =
+            (header(4)?, header(8)?, header(12)?, header(16)?, header(20)?);
+        let strings = data
+            .get(header_len + str_off..header_len + str_off + str_len)
+            .ok_or_else(|| anyhow!("string section out of bounds"))?;
+        let end = header_len + type_off + type_len;
+        let mut at = header_len + type_off;
+        // Type id 0 is void.
+        let mut types = vec![Type { kind: 0, target: 0, members: Vec::new() }];
+        let mut structs = HashMap::new();
+        while at < end {
+            let word = |i: usize| u32_at(at + 4 * i).ok_or_else(|| anyhow!("type {} truncated", types.len()));
+            let (name, info, size_or_type) = (word(0)?, word(1)?, word(2)?);
+            let (vlen, kind, kind_flag) = ((info & 0xffff) as usize, (info >> 24) & 0x1f, info >> 31 == 1);
+            at += 12;
+            let trailing = match kind {
+                1 | 14 | 17 => 4,
+                3 => 12,
+                4 | 5 | 15 | 19 => 12 * vlen,
+                6 | 13 => 8 * vlen,
+                _ => 0,
+            };
+            let mut members = Vec::new();
+            if kind == KIND_STRUCT || kind == KIND_UNION {
+                for i in 0..vlen {
+                    let member = |j: usize| u32_at(at + 12 * i + 4 * j).ok_or_else(|| anyhow!("member truncated"));
+                    let offset = member(2)?;
+                    let bits = if kind_flag { offset & 0x00ff_ffff } else { offset };
+                    members.push((member(0)?, member(1)?, bits));
+                }
+                if kind == KIND_STRUCT && name != 0 {
+                    structs.entry(c_str(strings, name)).or_insert(types.len() as u32);
+                }
+            }
+            at += trailing;
+            types.push(Type { kind, target: size_or_type, members });
+        }
+        Ok(Self { types, strings, structs })
+    }
+
+    /// Byte offset of `path` (member names, outermost first) inside `structure`.
+    fn offset_of(&self, structure: &str, path: &[&str]) -> Result<u32> {
+        let mut type_id =
+            *self.structs.get(structure.as_bytes()).ok_or_else(|| anyhow!("no struct named {structure}"))?;
+        let mut bits = 0;
+        for name in path {
+            let (member_type, member_bits) =
+                self.find_member(type_id, name.as_bytes(), 0).ok_or_else(|| anyhow!("no member {name}"))?;
+            bits += member_bits;
+            type_id = member_type;
+        }
+        if bits % 8 != 0 {
+            bail!("the member is a bitfield");
+        }
+        Ok(bits / 8)
+    }
+
+    /// A member by name, looking inside anonymous members; its type and bit offset.
+    fn find_member(&self, type_id: u32, name: &[u8], depth: u32) -> Option<(u32, u32)> {
+        let ty = self.types.get(self.resolve(type_id) as usize)?;
+        if depth > 8 {
+            return None;
+        }
+        for &(member_name, member_type, bits) in &ty.members {
+            if member_name == 0 {
+                if let Some((found, inner)) = self.find_member(member_type, name, depth + 1) {
+                    return Some((found, bits + inner));
+                }
+            } else if c_str(self.strings, member_name) == name {
+                return Some((member_type, bits));
+            }
+        }
+        None
+    }
+
+    /// Follow typedefs and qualifiers to the underlying type.
+    fn resolve(&self, mut type_id: u32) -> u32 {
+        for _ in 0..16 {
+            match self.types.get(type_id as usize) {
+                Some(ty)
+                    if matches!(ty.kind, KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG) =>
+                {
+                    type_id = ty.target
+                }
+                _ => break,
+            }
+        }
+        type_id
+    }
+}
+
+fn c_str(strings: &[u8], offset: u32) -> &[u8] {
+    let rest = strings.get(offset as usize..).unwrap_or_default();
+    &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The running kernel's layout is found whole, and matches what is known of it.
+    #[test]
+    fn the_running_kernels_layout_is_found() {
+        if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+            eprintln!("no kernel BTF here");
+            return;
+        }
+        let values = kernel_layout().unwrap();
+        assert_eq!(values[layout::VALID as usize], 1);
+        // `d_name.name` follows the 8-byte hash/len union inside `struct qstr`.
+        let btf_data = std::fs::read("/sys/kernel/btf/vmlinux").unwrap();
+        let btf = Btf::parse(&btf_data).unwrap();
+        assert_eq!(btf.offset_of("qstr", &["name"]).unwrap(), 8);
+        assert_eq!(
+            values[layout::DENTRY_NAME as usize],
+            btf.offset_of("dentry", &["d_name"]).unwrap() + 8,
+            "nested members add up"
+        );
+        assert!(btf.offset_of("dentry", &["no_such_member"]).is_err());
+    }
+}

@@ -1,0 +1,192 @@
+//! Enforcement follows a process out of the scope. A process is *scoped* once it has been
+//! in an enforced, non-exempt cgroup: created there (or by a scoped parent, which covers
+//! `CLONE_INTO_CGROUP`), exec'd there, or moved there. From then on, until it exits:
+//! - an exempt cgroup exempts none of its sockets or connections;
+//! - moving itself out of the scope or into an exempt cgroup kills it; moving another
+//!   scoped process there, or creating a process there (`CLONE_INTO_CGROUP`) from inside
+//!   the scope, kills both: the other at its next system call, before it can make a
+//!   socket. (The kernel refuses BPF-LSM programs here, which could have failed the
+//!   write to `cgroup.procs` or the clone instead.)
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_send_signal},
+    },
+    programs::{BtfTracePointContext, RawTracePointContext},
+};
+
+use crate::{DOOMED_COUNT, DOOMED_TASKS, SCOPED_TASKS, decision, task};
+
+const SIGKILL: u32 = 9;
+
+/// Whether the process `tgid` has been in the scope.
+#[inline(always)]
+pub fn is_scoped(tgid: u32) -> bool {
+    // SAFETY: the value is only tested for presence.
+    unsafe { SCOPED_TASKS.get(&tgid) }.is_some()
+}
+
+#[inline(always)]
+fn mark_scoped(tgid: u32, cgroup_id: u64) {
+    // A full map cannot take the process: it is then only enforced while it stays in the
+    // scope. The agent sizes the map far above the scope's process count.
+    let _ = SCOPED_TASKS.insert(&tgid, &cgroup_id, 0);
+}
+
+/// The current task is in an enforced cgroup that is not exempt.
+#[inline(always)]
+fn current_in_enforced_cgroup() -> bool {
+    decision::current_task_in_scope() && !decision::current_task_is_exempt()
+}
+
+#[inline(always)]
+fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+/// `sched_process_fork(parent, child)`, in the parent: a new process of a scoped or
+/// enforced parent is scoped, wherever it was placed.
+#[inline(always)]
+pub fn on_fork(ctx: &RawTracePointContext) -> i32 {
+    let parent = current_tgid();
+    if !is_scoped(parent) && !current_in_enforced_cgroup() {
+        return 0;
+    }
+    // SAFETY: raw tracepoint arguments are the tracepoint's own (parent, child).
+    let child: u64 = unsafe { *(ctx.as_ptr() as *const u64).add(1) };
+    let Some(child_tgid) = task::tgid(child) else { return 0 };
+    if child_tgid == parent {
+        return 0;
+    }
+    // SAFETY: plain helper call.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    mark_scoped(child_tgid, cgroup_id);
+    // A child placed outside the enforced cgroups (clone3 CLONE_INTO_CGROUP) by a parent
+    // inside them: neither may go on.
+    if current_in_enforced_cgroup() && !task_in_enforced_cgroup(child) {
+        doom(child_tgid, cgroup_id);
+        kill_current(child_tgid);
+    }
+    0
+}
+
+/// Whether `task` (not the current one) is in an enforced, non-exempt cgroup.
+#[inline(always)]
+fn task_in_enforced_cgroup(task: u64) -> bool {
+    let Some(cgroup) = task::default_cgroup(task) else { return false };
+    let ancestor = |level| task::ancestor_cgroup_id(cgroup, level);
+    decision::any_ancestor_in(&crate::SCOPE_CGROUPS, &ancestor)
+        && !decision::any_ancestor_in(&crate::EXEMPT_CGROUPS, &ancestor)
+}
+
+/// Kill `tgid` at its next system call: it cannot be signalled from here.
+#[inline(always)]
+fn doom(tgid: u32, scoped_in: u64) {
+    if DOOMED_TASKS.insert(&tgid, &scoped_in, 1 /* BPF_NOEXIST */).is_ok() {
+        adjust_doomed_count(1);
+    }
+}
+
+#[inline(always)]
+fn adjust_doomed_count(delta: i64) {
+    if let Some(count) = DOOMED_COUNT.get_ptr_mut(0) {
+        // SAFETY: a map value, valid for the program run; every CPU shares it, so the
+        // add is atomic (BPF_ATOMIC_ADD; `AtomicU64` is not offered on this target).
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                count,
+                delta as u64,
+            )
+        };
+    }
+}
+
+/// Forget an exiting process's doom.
+#[inline(always)]
+pub fn forget_doomed(tgid: u32) {
+    if DOOMED_COUNT.get(0).copied().unwrap_or(0) == 0 {
+        return;
+    }
+    if DOOMED_TASKS.remove(&tgid).is_ok() {
+        adjust_doomed_count(-1);
+    }
+}
+
+/// At a system call: kill the caller if it is doomed. One array read while none is.
+#[inline(always)]
+pub fn kill_if_doomed() -> bool {
+    if DOOMED_COUNT.get(0).copied().unwrap_or(0) == 0 {
+        return false;
+    }
+    let tgid = current_tgid();
+    // SAFETY: the value is only read.
+    let Some(scoped_in) = (unsafe { DOOMED_TASKS.get(&tgid) }).copied() else { return false };
+    // SAFETY: the signal goes to the calling process.
+    unsafe { bpf_send_signal(SIGKILL) };
+    if DOOMED_TASKS.remove(&tgid).is_ok() {
+        adjust_doomed_count(-1);
+    }
+    decision::report_migration(scoped_in);
+    true
+}
+
+/// `sched_process_exec`, in the task: an exec in an enforced cgroup scopes the process.
+#[inline(always)]
+pub fn on_exec() -> i32 {
+    if current_in_enforced_cgroup() {
+        // SAFETY: plain helper call.
+        mark_scoped(current_tgid(), unsafe { bpf_get_current_cgroup_id() });
+    }
+    0
+}
+
+/// `cgroup_attach_task(dst_cgrp, path, task, threadgroup)`, after the move, in the task
+/// that wrote to `cgroup.procs`.
+#[inline(always)]
+pub fn on_migrate(ctx: &BtfTracePointContext) -> i32 {
+    let moved: u64 = ctx.arg(2);
+    // SAFETY: plain helper call.
+    let current = unsafe { bpf_get_current_task() };
+    if moved == current {
+        let tgid = current_tgid();
+        if current_in_enforced_cgroup() {
+            // SAFETY: plain helper call.
+            mark_scoped(tgid, unsafe { bpf_get_current_cgroup_id() });
+        } else if is_scoped(tgid) {
+            kill_current(tgid);
+        }
+        return 0;
+    }
+    let Some(moved_tgid) = task::tgid(moved) else { return 0 };
+    let Some(cgroup) = task::default_cgroup(moved) else { return 0 };
+    let ancestor = |level| task::ancestor_cgroup_id(cgroup, level);
+    if decision::any_ancestor_in(&crate::SCOPE_CGROUPS, &ancestor)
+        && !decision::any_ancestor_in(&crate::EXEMPT_CGROUPS, &ancestor)
+    {
+        mark_scoped(moved_tgid, task::cgroup_id(cgroup));
+        return 0;
+    }
+    // A scoped process moved out by another: the process stays scoped (so an exempt
+    // cgroup exempts nothing of it); a mover that is itself scoped is killed for it.
+    let mover = current_tgid();
+    if is_scoped(moved_tgid) && (is_scoped(mover) || current_in_enforced_cgroup()) {
+        // SAFETY: the value is only read.
+        let scoped_in = unsafe { SCOPED_TASKS.get(&moved_tgid) }.copied().unwrap_or(0);
+        doom(moved_tgid, scoped_in);
+        kill_current(moved_tgid);
+    }
+    0
+}
+
+/// Kill the calling process for moving `moved` (itself or another scoped process) out of
+/// the scope, and report it with the cgroup `moved` was scoped in.
+#[inline(always)]
+fn kill_current(moved: u32) {
+    // SAFETY: the signal goes to the calling process, before it returns to user space.
+    unsafe { bpf_send_signal(SIGKILL) };
+    // SAFETY: the value is only read.
+    let scoped_in = unsafe { SCOPED_TASKS.get(&moved) }.copied().unwrap_or(0);
+    decision::report_migration(scoped_in);
+}
