@@ -15,13 +15,12 @@ pub mod map_names {
     pub const DENIALS: &str = "SEB_DENIALS";
     pub const COUNTERS: &str = "SEB_COUNTERS";
     pub const CUT_SOCKETS: &str = "SEB_CUT_SOCKETS";
+    pub const CUT_PENDING: &str = "SEB_CUT_PENDING";
     pub const BROKER_PROCESSES: &str = "SEB_BROKER_PROCESSES";
     pub const EXEMPT_SOCKETS: &str = "SEB_EXEMPT_SOCKETS";
     pub const SOCKET_ORIGINS: &str = "SEB_SOCKET_ORIGINS";
     pub const SCOPE_CGROUPS: &str = "SEB_SCOPE_CGROUPS";
     pub const LOCAL_PROTECTED: &str = "SEB_LOCAL_PROTECTED";
-    pub const LOCAL_V4: &str = "SEB_LOCAL_V4";
-    pub const LOCAL_V6: &str = "SEB_LOCAL_V6";
     pub const SCOPED_TASKS: &str = "SEB_SCOPED_TASKS";
     pub const KERNEL_LAYOUT: &str = "SEB_KERNEL_LAYOUT";
     pub const DOOMED_TASKS: &str = "SEB_DOOMED_TASKS";
@@ -36,17 +35,16 @@ pub const MAX_BROKER_SOCKETS: u32 = 16_384;
 /// that register as it does in tests).
 pub const MAX_BROKER_PROCESSES: u32 = 64;
 /// Sockets created in exempt cgroups, remembered so that an exemption follows the
-/// socket, not the task that happens to use it (LRU: an evicted socket is no longer
-/// exempt, which fails closed).
+/// socket, not the task that happens to use it. Removed when the socket closes; a full
+/// map exempts no new socket, which fails closed.
 pub const MAX_EXEMPT_SOCKETS: u32 = 65_536;
 /// Sockets created in the scope: cookie -> the cgroup they were created in, so a denial
-/// names the socket's cgroup as well as the task's (LRU: an evicted socket is recorded
-/// with the task's cgroup alone).
+/// names the socket's cgroup as well as the task's. Removed when the socket closes; past
+/// a full map a denial names the task's cgroup alone.
 pub const MAX_SOCKET_ORIGINS: u32 = 65_536;
 /// Network namespaces with a protected endpoint on a local address.
 pub const MAX_LOCAL_NAMESPACES: u32 = 64;
 /// Local address prefixes tracked per family.
-pub const MAX_LOCAL_PREFIXES: u32 = 4_096;
 /// How many cgroups may be enforced (the scope, and the pods selected in cluster mode).
 pub const MAX_SCOPE_CGROUPS: u32 = 16_384;
 /// How many cgroups may be exempted.
@@ -122,7 +120,11 @@ impl PortRule {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EndpointRules {
-    pub count: u32,
+    pub count: u8,
+    /// Non-zero when the prefix is an address local to the agent's network namespace
+    /// while a protected endpoint is local there too: a wildcard listener may answer.
+    pub local: u8,
+    pub _pad: [u8; 2],
     pub rules: [PortRule; MAX_RULES_PER_PREFIX],
 }
 
@@ -131,7 +133,7 @@ impl EndpointRules {
     pub fn matches(&self, protocol: u8, port: u16) -> bool {
         let mut i = 0;
         while i < MAX_RULES_PER_PREFIX {
-            if i as u32 >= self.count {
+            if i >= self.count as usize {
                 return false;
             }
             if self.rules[i].matches(protocol, port) {
@@ -149,7 +151,7 @@ impl EndpointRules {
     pub fn matches_protocol(&self, protocol: u8) -> bool {
         let mut i = 0;
         while i < MAX_RULES_PER_PREFIX {
-            if i as u32 >= self.count {
+            if i >= self.count as usize {
                 return false;
             }
             let rule = self.rules[i];

@@ -18,7 +18,7 @@ use seb_common::{
 };
 
 use crate::{
-    ALLOW, BROKER_PROCESSES, BROKER_SOCKETS, COUNTERS, CUT_SOCKETS, DENIALS, DENY, EXEMPT_CGROUPS, EXEMPT_SOCKETS,
+    ALLOW, BROKER_PROCESSES, BROKER_SOCKETS, COUNTERS, CUT_PENDING, CUT_SOCKETS, DENIALS, DENY, EXEMPT_CGROUPS, EXEMPT_SOCKETS,
     PROTECTED_V4, PROTECTED_V6, SCOPE_CGROUPS, SOCKET_ORIGINS, lineage, local, task,
 };
 
@@ -72,21 +72,32 @@ impl Destination {
         true
     }
 
-    /// Whether a protected-endpoint rule covers this destination.
+    /// The trie entry for this destination: its protected rules, and whether the address
+    /// is local where a protected endpoint is. `None` is the fast path: nothing to judge.
     #[inline(always)]
-    pub fn is_protected(&self) -> bool {
-        let rules: Option<&EndpointRules> = if self.family == FAMILY_V4 {
+    pub fn entry(&self) -> Option<&'static EndpointRules> {
+        if self.family == FAMILY_V4 {
             let mut data = [0u8; 4];
             data.copy_from_slice(&self.addr[..4]);
             PROTECTED_V4.get(Key::new(32, data))
         } else {
             PROTECTED_V6.get(Key::new(128, self.addr))
-        };
-        match (rules, self.port) {
-            (None, _) => false,
-            (Some(rules), Some(port)) => rules.matches(self.protocol, port),
-            (Some(rules), None) => rules.matches_protocol(self.protocol),
         }
+    }
+
+    /// Whether `rules` (this destination's entry) cover it.
+    #[inline(always)]
+    pub fn covered_by(&self, rules: &EndpointRules) -> bool {
+        match self.port {
+            Some(port) => rules.matches(self.protocol, port),
+            None => rules.matches_protocol(self.protocol),
+        }
+    }
+
+    /// Whether a protected-endpoint rule covers this destination.
+    #[inline(always)]
+    pub fn is_protected(&self) -> bool {
+        self.entry().is_some_and(|rules| self.covered_by(rules))
     }
 }
 
@@ -117,7 +128,8 @@ pub fn judge_sock_addr(ctx: &SockAddrContext, dest: Destination, hook: Hook) -> 
 #[inline(always)]
 fn protected_destination(ctx: &SockAddrContext, dest: Destination, hook: Hook) -> Option<Destination> {
     let Some(candidates) = local::resolve_unspecified(ctx, &dest, hook) else {
-        if dest.is_protected() || local::reaches_local_protected(ctx, &dest) {
+        let rules = dest.entry()?;
+        if dest.covered_by(rules) || (rules.local != 0 && local::reaches_local_protected(ctx, &dest)) {
             return Some(dest);
         }
         return None;
@@ -131,7 +143,8 @@ fn protected_destination(ctx: &SockAddrContext, dest: Destination, hook: Hook) -
     // source, loopback); judge what answers there.
     for candidate in candidates {
         if !candidate.is_unspecified() {
-            if local::reaches_local_protected(ctx, &candidate) {
+            let local = candidate.entry().is_some_and(|rules| rules.local != 0);
+            if local && local::reaches_local_protected(ctx, &candidate) {
                 return Some(candidate);
             }
             return None;
@@ -153,8 +166,17 @@ fn task_and_socket_exempt(tgid: u32, cookie: u64) -> bool {
 pub fn remember_origin(ctx: &SockContext) -> i32 {
     // SAFETY: plain helper calls.
     let (cookie, cgroup_id) = unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), bpf_get_current_cgroup_id()) };
-    // A full map evicts the oldest entry; a denial then names the task's cgroup only.
+    // A full map takes no more; a denial then names the task's cgroup only.
     let _ = SOCKET_ORIGINS.insert(&cookie, &cgroup_id, 0);
+    ALLOW
+}
+
+/// At `sock_release`: drop the closed socket's entry from `sockets`.
+#[inline(always)]
+pub fn forget_socket(ctx: &SockContext, sockets: &HashMap<u64, u64>) -> i32 {
+    // SAFETY: helper valid in cgroup sock programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = sockets.remove(&cookie);
     ALLOW
 }
 
@@ -228,6 +250,9 @@ pub fn judge_packet<C: EbpfContext>(ctx: &C, skb: *mut __sk_buff, dest: &Destina
 /// socket (its decision was revoked while the connection was open).
 #[inline(always)]
 pub fn judge_cut(ctx: &aya_ebpf::programs::SkBuffContext, skb: *mut __sk_buff) -> i32 {
+    if CUT_PENDING.get(0).copied().unwrap_or(1) == 0 {
+        return ALLOW;
+    }
     // SAFETY: helper valid in cgroup_skb programs, on this program's own skb.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is only tested for presence.

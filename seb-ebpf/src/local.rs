@@ -13,12 +13,11 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{bpf_sock, bpf_sock_addr, bpf_sock_tuple},
     helpers::generated::{bpf_get_netns_cookie, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
-    maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use seb_common::{FAMILY_V4, Hook};
 
-use crate::{LOCAL_PROTECTED, LOCAL_V4, LOCAL_V6, decision::Destination};
+use crate::{LOCAL_PROTECTED, decision::Destination};
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
@@ -72,7 +71,9 @@ pub fn resolve_unspecified(ctx: &SockAddrContext, dest: &Destination, hook: Hook
 }
 
 /// Whether a wildcard listener that also serves a local protected endpoint answers at
-/// `dest`. Costs one hash lookup unless this namespace has such an endpoint on the port.
+/// `dest`, an address the trie marks as local to the agent's network namespace. Costs
+/// one hash lookup unless the caller is in that namespace with such an endpoint on the
+/// port.
 #[inline(always)]
 pub fn reaches_local_protected(ctx: &SockAddrContext, dest: &Destination) -> bool {
     let Some(port) = dest.port else { return false };
@@ -80,22 +81,10 @@ pub fn reaches_local_protected(ctx: &SockAddrContext, dest: &Destination) -> boo
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only use within this program run.
     let Some(rules) = (unsafe { LOCAL_PROTECTED.get(&netns) }) else { return false };
-    if !rules.matches(dest.protocol, port) || !is_local(dest, netns) {
+    if !rules.matches(dest.protocol, port) {
         return false;
     }
     answered_by_wildcard(ctx, dest, port)
-}
-
-#[inline(always)]
-fn is_local(dest: &Destination, netns: u64) -> bool {
-    let found = if dest.family == FAMILY_V4 {
-        let mut data = [0u8; 4];
-        data.copy_from_slice(&dest.addr[..4]);
-        LOCAL_V4.get(Key::new(32, data))
-    } else {
-        LOCAL_V6.get(Key::new(128, dest.addr))
-    };
-    found.is_some_and(|owner| *owner == netns)
 }
 
 /// Look up the socket that would take a connection to `dest` and tell whether it is

@@ -21,8 +21,8 @@
 //!   in the scope (see `lineage`), so leaving it for an exempt or unenforced cgroup
 //!   escapes nothing.
 //!
-//! The fast path, a destination that is not protected, is one LPM-trie lookup and one
-//! hash lookup (is a protected endpoint local to this network namespace?).
+//! The fast path, a destination that is neither protected nor local where a protected
+//! endpoint is, is one LPM-trie lookup that finds nothing.
 #![no_std]
 #![no_main]
 // For an atomic add on a shared map value (see `lineage`).
@@ -42,12 +42,12 @@ use aya_ebpf::{
         generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
     },
     macros::{btf_tracepoint, cgroup_skb, cgroup_sock, cgroup_sock_addr, map, raw_tracepoint},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, RawTracePointContext, SkBuffContext, SockAddrContext, SockContext},
 };
 use seb_common::{
     BrokerSocket, DENIAL_RING_BYTES, EndpointRules, FAMILY_V4, Hook, MAX_BROKER_PROCESSES, MAX_BROKER_SOCKETS,
-    MAX_DOOMED_TASKS, MAX_EXEMPT_CGROUPS, MAX_EXEMPT_SOCKETS, MAX_LOCAL_NAMESPACES, MAX_LOCAL_PREFIXES,
+    MAX_DOOMED_TASKS, MAX_EXEMPT_CGROUPS, MAX_EXEMPT_SOCKETS, MAX_LOCAL_NAMESPACES,
     MAX_PROTECTED_PREFIXES, MAX_SCOPE_CGROUPS, MAX_SCOPED_TASKS, MAX_SOCKET_ORIGINS, counters, layout,
 };
 
@@ -76,7 +76,7 @@ static BROKER_PROCESSES: HashMap<u32, u64> = HashMap::pinned(MAX_BROKER_PROCESSE
 /// Cookies of sockets created in an exempt cgroup.
 /// Value: the exempt cgroup the socket was made in.
 #[map(name = "SEB_EXEMPT_SOCKETS")]
-static EXEMPT_SOCKETS: LruHashMap<u64, u64> = LruHashMap::pinned(MAX_EXEMPT_SOCKETS, 0);
+static EXEMPT_SOCKETS: HashMap<u64, u64> = HashMap::pinned(MAX_EXEMPT_SOCKETS, 0);
 
 /// The enforced cgroups, for the hooks that are not attached to a cgroup (LSM).
 #[map(name = "SEB_SCOPE_CGROUPS")]
@@ -84,23 +84,22 @@ static SCOPE_CGROUPS: HashMap<u64, u8> = HashMap::pinned(MAX_SCOPE_CGROUPS, 0);
 
 /// Cookie -> cgroup id of the scope's sockets, taken at creation.
 #[map(name = "SEB_SOCKET_ORIGINS")]
-static SOCKET_ORIGINS: LruHashMap<u64, u64> = LruHashMap::pinned(MAX_SOCKET_ORIGINS, 0);
+static SOCKET_ORIGINS: HashMap<u64, u64> = HashMap::pinned(MAX_SOCKET_ORIGINS, 0);
 
 /// Per network namespace (by cookie): the rules of protected endpoints whose address is
 /// local there, so a wildcard listener serving them answers on every local address.
 #[map(name = "SEB_LOCAL_PROTECTED")]
 static LOCAL_PROTECTED: HashMap<u64, EndpointRules> = HashMap::pinned(MAX_LOCAL_NAMESPACES, 0);
 
-/// Local address prefixes -> the network namespace (cookie) they are local in.
-#[map(name = "SEB_LOCAL_V4")]
-static LOCAL_V4: LpmTrie<[u8; 4], u64> = LpmTrie::pinned(MAX_LOCAL_PREFIXES, NO_PREALLOC);
-
-#[map(name = "SEB_LOCAL_V6")]
-static LOCAL_V6: LpmTrie<[u8; 16], u64> = LpmTrie::pinned(MAX_LOCAL_PREFIXES, NO_PREALLOC);
-
 /// Broker sockets whose decision was revoked while they were open.
 #[map(name = "SEB_CUT_SOCKETS")]
 static CUT_SOCKETS: HashMap<u64, u8> = HashMap::pinned(MAX_BROKER_SOCKETS, 0);
+
+/// Non-zero once the agent may have cut a socket (it sets it before the first cut and
+/// clears it at start when none is left), so TCP and UDP packets skip the lookup in
+/// `SEB_CUT_SOCKETS` while nothing is cut.
+#[map(name = "SEB_CUT_PENDING")]
+static CUT_PENDING: Array<u64> = Array::pinned(1, 0);
 
 /// Processes that have been in the scope: tgid -> the cgroup they were scoped in.
 /// Entries leave when the process exits.
@@ -161,6 +160,19 @@ pub fn seb_sock_create(ctx: SockContext) -> i32 {
     decision::remember_origin(&ctx)
 }
 
+/// Forget a closed socket of the scope. Entries are removed here rather than evicted,
+/// which keeps `sock_create` to one plain hash insert.
+#[cgroup_sock(sock_release)]
+pub fn seb_sock_release(ctx: SockContext) -> i32 {
+    decision::forget_socket(&ctx, &SOCKET_ORIGINS)
+}
+
+/// Forget a closed socket of an exempt cgroup.
+#[cgroup_sock(sock_release)]
+pub fn seb_exempt_release(ctx: SockContext) -> i32 {
+    decision::forget_socket(&ctx, &EXEMPT_SOCKETS)
+}
+
 #[cgroup_sock(sock_create)]
 pub fn seb_exempt_origin(ctx: SockContext) -> i32 {
     // SAFETY: helpers valid in cgroup sock programs.
@@ -169,7 +181,7 @@ pub fn seb_exempt_origin(ctx: SockContext) -> i32 {
     if lineage::is_scoped((bpf_get_current_pid_tgid() >> 32) as u32) {
         return ALLOW;
     }
-    // A full map evicts the oldest entry: that socket loses its exemption (fail closed).
+    // A full map takes no more: the new socket is not exempt (fail closed).
     let _ = EXEMPT_SOCKETS.insert(&cookie, &cgroup_id, 0);
     ALLOW
 }

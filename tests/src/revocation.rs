@@ -78,6 +78,10 @@ impl Rig {
             )]
             .into(),
             scope: [sandbox.cgroup_relative.clone()].into(),
+            // This process plays the broker in `<root>/broker`. Exempt, so entering it
+            // does not make this process one the scope follows (it leaves again at the
+            // end); the egress program still drops the packets of a cut connection.
+            exempt: [format!("{}/broker", sandbox.cgroup_relative)].into(),
             ..Default::default()
         };
         enforcer.apply(&sources)?;
@@ -98,7 +102,7 @@ impl Rig {
             SharedDirectory::default(),
             || None,
         );
-        // Sockets this process creates from now on are the enforced cgroup's.
+        // Sockets this process creates from now on are made inside the scope.
         let home = own_cgroup(&mount)?;
         move_to(&sandbox.cgroup.join("broker"))?;
         Ok(Self {

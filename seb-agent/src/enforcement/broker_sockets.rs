@@ -28,7 +28,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use aya::maps::{HashMap, MapData};
+use aya::maps::{Array, HashMap, MapData};
 use seb_common::{BrokerSocket, map_names};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
@@ -42,6 +42,8 @@ type Registry = HashMap<MapData, u64, BrokerSocket>;
 struct Maps {
     registry: Registry,
     cut: HashMap<MapData, u64, u8>,
+    /// Set before the first cut, cleared when none is left (see the egress program).
+    cut_pending: Array<MapData, u64>,
     processes: HashMap<MapData, u32, u64>,
 }
 
@@ -124,6 +126,11 @@ impl BrokerSockets {
         let mut maps = Maps {
             registry: HashMap::try_from(open(map_names::BROKER_SOCKETS)?)?,
             cut: HashMap::try_from(open(map_names::CUT_SOCKETS)?)?,
+            cut_pending: {
+                let path = layout.map(map_names::CUT_PENDING);
+                let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+                Array::try_from(aya::maps::Map::Array(data))?
+            },
             processes: HashMap::try_from(open(map_names::BROKER_PROCESSES)?)?,
         };
         let tgid = std::process::id();
@@ -183,6 +190,9 @@ impl BrokerSockets {
         for cookie in cut {
             maps.cut.remove(&cookie)?;
         }
+        // Nothing is cut: TCP and UDP packets may skip the lookup again. Cuts are only
+        // ever made by this process, after this.
+        maps.cut_pending.set(0, 0, 0)?;
         Ok(())
     }
 
@@ -223,6 +233,10 @@ impl BrokerSockets {
             .filter(|(_, tag)| tag.as_ref().is_some_and(|tag| retired.covers(tag)))
             .map(|(cookie, _)| *cookie)
             .collect();
+        if !cookies.is_empty() {
+            // Before the first cut: the egress program only looks cuts up once this is set.
+            maps.cut_pending.set(0, 1, 0).context("marking cuts pending")?;
+        }
         for cookie in &cookies {
             // Dropped first, deregistered second: no moment in which it is neither.
             maps.cut.insert(cookie, 1, 0).with_context(|| format!("cutting broker socket {cookie}"))?;

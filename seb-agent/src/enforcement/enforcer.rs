@@ -70,7 +70,9 @@ impl Sources {
     /// own cgroups were checked at start.
     pub fn desired(&self, mount: &std::path::Path) -> Result<Desired> {
         let endpoints: Vec<Endpoint> = self.endpoints.values().flatten().copied().collect();
-        let policy = policy::compile(&endpoints).context("compiling the protected endpoints")?;
+        let local = local::current(&endpoints).context("finding the protected endpoints local to this node")?;
+        let local_prefixes = if local.rules.is_some() { local.prefixes.as_slice() } else { &[] };
+        let policy = policy::compile(&endpoints, local_prefixes).context("compiling the protected endpoints")?;
         let mut scopes: Vec<PathBuf> = Vec::new();
         let relative = self.scope.iter().chain(&self.cluster_scope).map(|relative| cgroupfs::resolve(mount, relative));
         for dir in relative.chain(self.pod_scopes.iter().cloned()) {
@@ -97,7 +99,6 @@ impl Sources {
         exempt_ids.sort_unstable();
         exempt.sort();
         exempt.dedup();
-        let local = local::current(&endpoints).context("finding the protected endpoints local to this node")?;
         let scope_ids = scopes.iter().map(|dir| cgroupfs::cgroup_id(dir)).collect::<Result<Vec<_>>>()?;
         Ok(Desired {
             policy,

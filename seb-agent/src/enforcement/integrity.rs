@@ -78,10 +78,11 @@ where
     })
 }
 
-/// The rules an entry really holds (slots past `count` are ignored by the kernel).
-fn rules_key(rules: &EndpointRules) -> Vec<(u16, u8)> {
+/// The rules an entry really holds (slots past `count` are ignored by the kernel), and
+/// its local mark.
+fn rules_key(rules: &EndpointRules) -> (Vec<(u16, u8)>, u8) {
     let count = (rules.count as usize).min(rules.rules.len());
-    rules.rules[..count].iter().map(|rule| (rule.port, rule.protocol)).collect()
+    (rules.rules[..count].iter().map(|rule| (rule.port, rule.protocol)).collect(), rules.local)
 }
 
 fn check_set(ebpf: &mut Ebpf, name: &str, wanted: &[u64], exact: bool) -> Option<Finding> {

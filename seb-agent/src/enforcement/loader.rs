@@ -47,14 +47,16 @@ pub enum AttachTo {
 }
 
 /// The programs in the object and where each attaches.
-pub const PROGRAMS: [(&str, AttachTo); 12] = [
+pub const PROGRAMS: [(&str, AttachTo); 14] = [
     ("seb_connect4", AttachTo::Scope),
     ("seb_connect6", AttachTo::Scope),
     ("seb_sendmsg4", AttachTo::Scope),
     ("seb_sendmsg6", AttachTo::Scope),
     ("seb_egress", AttachTo::Scope),
     ("seb_sock_create", AttachTo::Scope),
+    ("seb_sock_release", AttachTo::Scope),
     ("seb_exempt_origin", AttachTo::Exempt),
+    ("seb_exempt_release", AttachTo::Exempt),
     ("seb_process_exit", AttachTo::Global),
     ("seb_process_fork", AttachTo::Global),
     ("seb_process_exec", AttachTo::Global),

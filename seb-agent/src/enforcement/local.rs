@@ -97,7 +97,7 @@ pub fn local_rules(endpoints: &[Endpoint], prefixes: &[IpNet]) -> Option<Endpoin
     for (slot, rule) in encoded.rules.iter_mut().zip(&rules) {
         *slot = *rule;
     }
-    encoded.count = rules.len() as u32;
+    encoded.count = rules.len() as u8;
     Some(encoded)
 }
 

@@ -12,8 +12,6 @@ use aya::{
 };
 use seb_common::{EndpointRules, counters, layout, map_names};
 
-use ipnet::IpNet;
-
 use super::{
     local::LocalProtection,
     policy::{CompiledPolicy, TrieEntry},
@@ -53,8 +51,9 @@ where
     Ok(())
 }
 
-/// Write which protected rules are local to the agent's network namespace, and its
-/// local addresses; entries of other namespaces, or stale ones, are removed last.
+/// Write which protected rules are local to the agent's network namespace; entries of
+/// other namespaces, or stale ones, are removed last. The local addresses themselves are
+/// marked in the protected-endpoint tries (see `policy::compile`).
 pub fn write_local(ebpf: &mut Ebpf, local: &LocalProtection) -> Result<()> {
     let mut rules: HashMap<&mut MapData, u64, EndpointRules> =
         HashMap::try_from(map_mut(ebpf, map_names::LOCAL_PROTECTED)?)?;
@@ -62,53 +61,9 @@ pub fn write_local(ebpf: &mut Ebpf, local: &LocalProtection) -> Result<()> {
     if let Some(local_rules) = &local.rules {
         rules.insert(local.netns_cookie, local_rules, 0).context("writing the local protected rules")?;
     }
-    let v4: Vec<TrieEntry<4, ()>> = local
-        .prefixes
-        .iter()
-        .filter_map(|net| match net {
-            IpNet::V4(v4) => {
-                Some(TrieEntry { prefix_len: v4.prefix_len().into(), addr: v4.network().octets(), rules: () })
-            }
-            IpNet::V6(_) => None,
-        })
-        .collect();
-    let v6: Vec<TrieEntry<16, ()>> = local
-        .prefixes
-        .iter()
-        .filter_map(|net| match net {
-            IpNet::V6(v6) => {
-                Some(TrieEntry { prefix_len: v6.prefix_len().into(), addr: v6.network().octets(), rules: () })
-            }
-            IpNet::V4(_) => None,
-        })
-        .collect();
-    write_local_trie(map_mut(ebpf, map_names::LOCAL_V4)?, &v4, local.netns_cookie)
-        .context("writing local IPv4 prefixes")?;
-    write_local_trie(map_mut(ebpf, map_names::LOCAL_V6)?, &v6, local.netns_cookie)
-        .context("writing local IPv6 prefixes")?;
-    let mut rules: HashMap<&mut MapData, u64, EndpointRules> =
-        HashMap::try_from(map_mut(ebpf, map_names::LOCAL_PROTECTED)?)?;
     for cookie in stale {
         if local.rules.is_none() || cookie != local.netns_cookie {
             rules.remove(&cookie)?;
-        }
-    }
-    Ok(())
-}
-
-fn write_local_trie<const N: usize>(map: &mut Map, entries: &[TrieEntry<N, ()>], netns_cookie: u64) -> Result<()>
-where
-    [u8; N]: Pod,
-{
-    let mut trie: LpmTrie<&mut MapData, [u8; N], u64> = LpmTrie::try_from(map)?;
-    let existing: Vec<Key<[u8; N]>> = trie.keys().collect::<Result<_, _>>()?;
-    for entry in entries {
-        trie.insert(&Key::new(entry.prefix_len, entry.addr), netns_cookie, 0)?;
-    }
-    let wanted: HashSet<(u32, [u8; N])> = entries.iter().map(|e| (e.prefix_len, e.addr)).collect();
-    for key in existing {
-        if !wanted.contains(&(key.prefix_len(), key.data())) {
-            trie.remove(&key)?;
         }
     }
     Ok(())

@@ -37,16 +37,23 @@ pub struct TooManyRules {
     pub max: usize,
 }
 
-pub fn compile(endpoints: &[Endpoint]) -> Result<CompiledPolicy, TooManyRules> {
+/// Compile `endpoints`; `local` are the prefixes local to the agent's network namespace
+/// when a protected endpoint is local there (else empty). Each becomes an entry too,
+/// marked local, so one lookup tells a destination that may reach a wildcard listener
+/// serving a protected endpoint from one that cannot.
+pub fn compile(endpoints: &[Endpoint], local: &[IpNet]) -> Result<CompiledPolicy, TooManyRules> {
     let mut own: BTreeMap<IpNet, BTreeSet<PortRule>> = BTreeMap::new();
     for endpoint in endpoints {
         let rule = PortRule { port: endpoint.port.unwrap_or(ANY_PORT), protocol: endpoint.protocol.number(), _pad: 0 };
         own.entry(endpoint.net.trunc()).or_default().insert(rule);
     }
+    let mut nets: BTreeSet<IpNet> = own.keys().copied().collect();
+    nets.extend(local.iter().map(IpNet::trunc));
     let mut policy = CompiledPolicy::default();
-    for net in own.keys() {
+    for net in &nets {
         let rules = inherited_rules(net, &own);
-        let rules = encode(*net, rules)?;
+        let mut rules = encode(*net, rules)?;
+        rules.local = u8::from(local.iter().any(|local| local.contains(net)));
         match net {
             IpNet::V4(v4) => {
                 policy.v4.push(TrieEntry { prefix_len: v4.prefix_len().into(), addr: v4.network().octets(), rules })
@@ -84,7 +91,7 @@ fn encode(net: IpNet, rules: BTreeSet<PortRule>) -> Result<EndpointRules, TooMan
     if kept.len() > MAX_RULES_PER_PREFIX {
         return Err(TooManyRules { prefix: net, count: kept.len(), max: MAX_RULES_PER_PREFIX });
     }
-    let mut packed = EndpointRules { count: kept.len() as u32, ..Default::default() };
+    let mut packed = EndpointRules { count: kept.len() as u8, ..Default::default() };
     packed.rules[..kept.len()].copy_from_slice(&kept);
     Ok(packed)
 }
@@ -93,6 +100,10 @@ fn encode(net: IpNet, rules: BTreeSet<PortRule>) -> Result<EndpointRules, TooMan
 mod tests {
     use super::*;
     use crate::config::Protocol;
+
+    fn compile_remote(endpoints: &[Endpoint]) -> Result<CompiledPolicy, TooManyRules> {
+        compile(endpoints, &[])
+    }
 
     fn endpoint(cidr: &str, port: Option<u16>, protocol: Protocol) -> Endpoint {
         Endpoint { net: cidr.parse().unwrap(), port, protocol }
@@ -113,9 +124,11 @@ mod tests {
 
     #[test]
     fn a_longer_prefix_keeps_the_rules_of_the_prefixes_covering_it() {
-        let policy =
-            compile(&[endpoint("10.0.0.0/8", None, Protocol::Any), endpoint("10.1.2.3/32", Some(443), Protocol::Tcp)])
-                .unwrap();
+        let policy = compile_remote(&[
+            endpoint("10.0.0.0/8", None, Protocol::Any),
+            endpoint("10.1.2.3/32", Some(443), Protocol::Tcp),
+        ])
+        .unwrap();
         assert!(kernel_denies(&policy, [10, 1, 2, 3], 6, 80), "the /8 rule still applies");
         assert!(kernel_denies(&policy, [10, 9, 9, 9], 17, 53));
         assert!(!kernel_denies(&policy, [11, 1, 2, 3], 6, 443));
@@ -124,9 +137,27 @@ mod tests {
         assert_eq!(host.rules.count, 1);
     }
 
+    /// Local prefixes become entries marked local, carrying the rules of the protected
+    /// prefixes covering them; protected prefixes inside a local one are marked too.
+    #[test]
+    fn local_prefixes_are_marked_and_keep_covering_rules() {
+        let local: Vec<IpNet> = vec!["127.0.0.0/8".parse().unwrap(), "10.1.2.3/32".parse().unwrap()];
+        let endpoints =
+            [endpoint("127.0.0.2/32", None, Protocol::Any), endpoint("10.0.0.0/8", Some(443), Protocol::Tcp)];
+        let policy = compile(&endpoints, &local).unwrap();
+        let entry = |len: u32, addr: [u8; 4]| policy.v4.iter().find(|e| e.prefix_len == len && e.addr == addr).unwrap();
+        assert_eq!((entry(8, [127, 0, 0, 0]).rules.local, entry(8, [127, 0, 0, 0]).rules.count), (1, 0));
+        assert_eq!(entry(32, [127, 0, 0, 2]).rules.local, 1, "protected and local");
+        let node = entry(32, [10, 1, 2, 3]);
+        assert_eq!(node.rules.local, 1);
+        assert!(kernel_denies(&policy, [10, 1, 2, 3], 6, 443), "the covering /8's rule still applies");
+        assert_eq!(entry(8, [10, 0, 0, 0]).rules.local, 0, "remote");
+        assert_eq!(compile_remote(&endpoints).unwrap().v4.len(), 2, "no local protection, no local entries");
+    }
+
     #[test]
     fn ports_and_protocols_are_exact() {
-        let policy = compile(&[
+        let policy = compile_remote(&[
             endpoint("192.0.2.0/24", Some(443), Protocol::Tcp),
             endpoint("192.0.2.10/32", Some(6443), Protocol::Tcp),
         ])
@@ -139,7 +170,7 @@ mod tests {
 
     #[test]
     fn ipv6_prefixes_compile_to_the_v6_trie() {
-        let policy = compile(&[endpoint("2001:db8::/32", None, Protocol::Any)]).unwrap();
+        let policy = compile_remote(&[endpoint("2001:db8::/32", None, Protocol::Any)]).unwrap();
         assert!(policy.v4.is_empty());
         assert_eq!(policy.v6.len(), 1);
         assert_eq!(policy.v6[0].prefix_len, 32);
@@ -149,7 +180,7 @@ mod tests {
     #[test]
     fn too_many_rules_on_one_prefix_is_an_error_naming_it() {
         let endpoints: Vec<_> = (1..=9).map(|port| endpoint("198.51.100.7/32", Some(port), Protocol::Tcp)).collect();
-        let error = compile(&endpoints).unwrap_err();
+        let error = compile_remote(&endpoints).unwrap_err();
         assert_eq!(error.prefix.to_string(), "198.51.100.7/32");
     }
 
@@ -161,7 +192,7 @@ mod tests {
                 endpoint(&format!("{addr}/24"), Some(443), Protocol::Tcp)
             })
             .collect();
-        let policy = compile(&endpoints).unwrap();
+        let policy = compile_remote(&endpoints).unwrap();
         assert_eq!(policy.v4.len(), 10_000);
     }
 }
