@@ -17,6 +17,7 @@ use std::{
 };
 
 pub mod broker;
+pub mod deploy;
 pub mod forge;
 pub mod kube_standin;
 pub mod kube_store;

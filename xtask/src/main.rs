@@ -8,6 +8,7 @@ mod demo;
 mod deploy_check;
 mod ebpf;
 mod fuzz;
+mod pod_rules;
 mod stats;
 mod toolchain;
 
@@ -51,7 +52,8 @@ enum Task {
         /// One target: frames, request, certificate or contract (all if none).
         target: Option<String>,
     },
-    /// Render deploy/, validate every object offline, check the CRDs against the Rust types.
+    /// Render every kustomization under deploy/, validate every object offline and every pod
+    /// spec against the API server's own rules, check the CRDs against the Rust types.
     DeployCheck,
 }
 
