@@ -65,7 +65,9 @@ pub fn bind(path: &Path, group: Option<nix::unistd::Gid>) -> Result<UnixListener
     let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     if let Some(gid) = group {
-        nix::unistd::chown(path, None, Some(gid))?;
+        nix::unistd::chown(path, None, Some(gid)).with_context(|| {
+            format!("config field `broker.socket_group`: giving {} to gid {gid} (the broker must be in that group, or have CAP_CHOWN)", path.display())
+        })?;
     }
     Ok(listener)
 }
