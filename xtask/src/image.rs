@@ -37,7 +37,15 @@ pub fn build() -> Result<PathBuf> {
         run(Command::new("rustup").args(["target", "add", TARGET]))?;
     }
     let root = workspace_root();
-    run(Command::new("cargo").current_dir(&root).args(["build", "--release", "--locked", "-p", "seb-agent", "--target", TARGET]))?;
+    run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "seb-agent",
+        "--target",
+        TARGET,
+    ]))?;
     let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     let binary = target_dir.join(TARGET).join("release/seb-agent");
     let static_check = output_of(Command::new("file").arg(&binary)).unwrap_or_default();
@@ -110,10 +118,16 @@ pub fn build() -> Result<PathBuf> {
     let mut entry = descriptor("application/vnd.oci.image.manifest.v1+json", &manifest);
     entry["annotations"] = json!({"org.opencontainers.image.ref.name": TAG});
     entry["platform"] = json!({"architecture": "amd64", "os": "linux"});
-    let index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [entry]});
+    let index =
+        json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [entry]});
     std::fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
     std::fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    eprintln!("xtask: image written to {} (oci:{}:{TAG}), manifest sha256:{}", layout.display(), layout.display(), manifest.0);
+    eprintln!(
+        "xtask: image written to {} (oci:{}:{TAG}), manifest sha256:{}",
+        layout.display(),
+        layout.display(),
+        manifest.0
+    );
     Ok(layout)
 }
 
@@ -137,7 +151,10 @@ pub fn check(layout: &Path) -> Result<()> {
     ensure!(config["process"]["args"][0] == ENTRYPOINT, "the runtime config runs {}", config["process"]["args"]);
     ensure!(config["process"]["user"]["uid"] == 0, "the image's user is not 0");
     std::fs::remove_dir_all(&bundle)?;
-    eprintln!("xtask: umoci unpacked the image; it holds {ENTRYPOINT} ({}) and empty mount points only", version.trim());
+    eprintln!(
+        "xtask: umoci unpacked the image; it holds {ENTRYPOINT} ({}) and empty mount points only",
+        version.trim()
+    );
     Ok(())
 }
 
