@@ -31,7 +31,7 @@ pub fn build_and_check() -> Result<()> {
 
 /// Build the image; returns the layout directory.
 pub fn build() -> Result<PathBuf> {
-    toolchain::ensure_packages(&[("musl-gcc", "musl-tools"), ("umoci", "umoci")])?;
+    toolchain::ensure_packages(&[("musl-gcc", "musl-tools"), ("umoci", "umoci"), ("file", "file")])?;
     let installed = output_of(Command::new("rustup").args(["target", "list", "--installed"]))?;
     if !installed.lines().any(|t| t.trim() == TARGET) {
         run(Command::new("rustup").args(["target", "add", TARGET]))?;
@@ -48,8 +48,12 @@ pub fn build() -> Result<PathBuf> {
     ]))?;
     let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     let binary = target_dir.join(TARGET).join("release/seb-agent");
-    let static_check = output_of(Command::new("file").arg(&binary)).unwrap_or_default();
-    ensure!(!static_check.contains("dynamically linked"), "{} is not static: {static_check}", binary.display());
+    let linkage = output_of(Command::new("file").arg(&binary))?;
+    ensure!(
+        linkage.contains("statically linked") || linkage.contains("static-pie linked"),
+        "{} is not static: {linkage}",
+        binary.display()
+    );
 
     let layout = target_dir.join("image");
     let _ = std::fs::remove_dir_all(&layout);
