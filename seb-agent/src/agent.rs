@@ -1,7 +1,6 @@
 //! `seb-agent run`: bring enforcement up (or adopt it), then serve the broker socket.
 
 use std::{
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -15,21 +14,19 @@ use tokio::{signal::unix::SignalKind, sync::watch};
 use tracing::{info, warn};
 
 use crate::{
-    admission::{Admission, ClusterGate},
+    admission::ClusterGate,
     audit::{Ledger, LedgerFiles, keys},
-    cert::{TrustAnchors, ValidityPolicy},
-    cgroupfs::{self, CgroupNames},
+    cgroupfs::CgroupNames,
     cluster::{self, directory::SharedDirectory, freshness::Freshness, sync::ClusterSync},
     config::Config,
-    enforcement::{
-        BrokerSockets, EndpointSource, Enforcer, PinLayout, SharedEnforcer, Sources, hostnames, loader, maps, policy,
-    },
+    enforcement::{BrokerSockets, Enforcer, PinLayout, SharedEnforcer, hostnames, loader, maps},
     execute::{
         Executors, aws::AwsExecutor, broker_http::BrokerHttp, https::HttpsExecutor, kubernetes::KubernetesExecutor,
         reconcile::reconcile,
     },
     kube_api::{KubeApi, Token},
     metrics::{self, EpochLabels, MapLabels, Metrics, Readiness},
+    preflight::{self, Checked},
     recorder::Recorder,
     server::{
         self, Broker,
@@ -41,53 +38,21 @@ use crate::{
 /// Beyond the grace period, for the ledger to commit what is queued and the threads to stop.
 const SHUTDOWN_SLACK: Duration = Duration::from_secs(2);
 
-/// The cgroup2 mount, once every cgroup the config names is found under it. A missing
-/// one is a config error: enforcing less than asked for is not an option.
-pub fn check_cgroups(config: &Config) -> Result<PathBuf> {
-    let mount = cgroupfs::cgroup2_mount()?;
-    let fields = [
-        ("enforcement.scope", &config.enforcement.scope),
-        ("enforcement.exempt_cgroups", &config.enforcement.exempt_cgroups),
-    ];
-    for (field, paths) in fields {
-        for (i, relative) in paths.iter().enumerate() {
-            cgroupfs::cgroup_id(&cgroupfs::resolve(&mount, relative))
-                .with_context(|| format!("config field `{field}[{i}]`"))?;
-        }
-    }
-    Ok(mount)
-}
-
-/// The config's share of what is enforced.
-pub fn config_sources(config: &Config) -> Result<Sources> {
-    let endpoints = config.endpoints()?;
-    policy::compile(&endpoints, &[]).context("config field `enforcement.protected`")?;
-    Ok(Sources {
-        endpoints: [(EndpointSource::Config, endpoints)].into(),
-        scope: config.enforcement.scope.iter().cloned().collect(),
-        exempt: config.enforcement.exempt_cgroups.iter().cloned().collect(),
-        // Until the cluster state is read, what an earlier run enforced stays enforced.
-        keep_previous: config.cluster.is_some(),
-        ..Default::default()
-    })
-}
-
 pub async fn run(config: Config) -> Result<()> {
-    let descriptors = server::limits::ensure_descriptors(config.broker.max_connections)?;
     let limits = SocketLimits::from_config(&config.broker);
     report_sigbus()?;
-    let mount = check_cgroups(&config)?;
-    let sources = config_sources(&config)?;
+    // Nothing reaches the kernel before the config's files, cgroups and audit store check out.
+    let Checked { mount, sources, mut admission, socket_gid, descriptors } = preflight::check(&config)?;
+    let key = keys::load_or_create(&config.audit.signing_key)?;
+    let files = LedgerFiles::new(&config.audit.database, &config.audit.signing_key);
+    let (ledger, ledger_thread) = Ledger::start(&files, key, crate::admission::state::DERIVED)?;
+
     let layout = PinLayout::new(&config.bpf.pin_path);
     let mut enforcer = Enforcer::load(layout.clone(), mount.clone())?;
     enforcer.apply(&sources)?;
     let adopted = enforcer.links().iter().filter(|l| l.origin == loader::LinkOrigin::Adopted).count();
     info!(links = enforcer.links().len(), adopted, pin_path = %layout.root.display(), "kernel enforcement active");
 
-    let key = keys::load_or_create(&config.audit.signing_key)?;
-    let files = LedgerFiles::new(&config.audit.database, &config.audit.signing_key);
-    let (ledger, ledger_thread) = Ledger::start(&files, key, crate::admission::state::DERIVED)?;
-    let mut admission = admission_from(&config)?;
     // Start-up reads the ledger synchronously; allowed on a runtime worker this way.
     let names = CgroupNames::new(mount.clone());
     let metrics = Arc::new(Metrics::new());
@@ -101,7 +66,7 @@ pub async fn run(config: Config) -> Result<()> {
 
     let sockets = BrokerSockets::open(&layout)?;
     let executors = executors_from(&config, &sockets)?;
-    let listener = server::bind(&config.broker.socket, config.broker.socket_group.as_deref())?;
+    let listener = server::bind(&config.broker.socket, socket_gid)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let mut freshness = None;
@@ -234,32 +199,6 @@ fn executors_from(config: &Config, sockets: &BrokerSockets) -> Result<Executors>
     let kubernetes =
         config.kubernetes.clone().map(|config| KubernetesExecutor::new(config, http.clone())).transpose()?;
     Ok(Executors { aws, https, kubernetes })
-}
-
-fn admission_from(config: &Config) -> Result<Admission> {
-    let anchors = match &config.admission.trust_anchors {
-        Some(path) => {
-            let pem = std::fs::read_to_string(path)
-                .with_context(|| format!("config field `admission.trust_anchors`: cannot read {}", path.display()))?;
-            Some(
-                TrustAnchors::from_pem(&pem)
-                    .with_context(|| format!("config field `admission.trust_anchors` ({})", path.display()))?,
-            )
-        }
-        None => {
-            warn!("admission.trust_anchors is not set: every proposal will be denied");
-            None
-        }
-    };
-    let validity = ValidityPolicy {
-        max_ttl: Duration::from_secs(config.admission.max_ttl_seconds),
-        clock_skew: Duration::from_secs(config.admission.clock_skew_seconds),
-    };
-    let admission = Admission::new(anchors, validity);
-    Ok(match config.admission.max_parallel_verifications {
-        Some(limit) => admission.with_parallel_verifications(limit),
-        None => admission,
-    })
 }
 
 /// A memory-mapped file cut short under the broker (SQLite's `-shm`, truncated while it

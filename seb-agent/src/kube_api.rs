@@ -21,8 +21,10 @@ use crate::{
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KubernetesConfig {
-    /// The API server, e.g. `https://10.96.0.1:443`.
-    pub api_server: String,
+    /// The API server, e.g. `https://10.96.0.1:443`; by default the one the kubelet names
+    /// to every pod in `KUBERNETES_SERVICE_HOST` and `KUBERNETES_SERVICE_PORT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_server: Option<String>,
     /// CA bundle of the API server.
     #[serde(default = "default_ca")]
     pub ca_file: PathBuf,
@@ -30,6 +32,33 @@ pub struct KubernetesConfig {
     /// the ServiceAccounts it brokers, and to read the cluster state it watches).
     #[serde(default = "default_token")]
     pub token_file: PathBuf,
+}
+
+impl KubernetesConfig {
+    /// The API server's URL: `api_server`, or in a pod what its environment says (the
+    /// in-cluster convention client-go and kube-rs follow).
+    pub fn api_server(&self) -> Result<Uri> {
+        let url = match &self.api_server {
+            Some(url) => url.clone(),
+            None => in_cluster_url(
+                std::env::var("KUBERNETES_SERVICE_HOST").ok().as_deref(),
+                std::env::var("KUBERNETES_SERVICE_PORT").ok().as_deref(),
+            )?,
+        };
+        url.parse().with_context(|| format!("config field `kubernetes.api_server`: `{url}` is not a URL"))
+    }
+}
+
+fn in_cluster_url(host: Option<&str>, port: Option<&str>) -> Result<String> {
+    let (Some(host), Some(port)) = (host.filter(|h| !h.is_empty()), port.filter(|p| !p.is_empty())) else {
+        anyhow::bail!(
+            "config field `kubernetes.api_server` is not set, and KUBERNETES_SERVICE_HOST and \
+             KUBERNETES_SERVICE_PORT (which the kubelet sets in every pod) are not both in the environment"
+        );
+    };
+    // An IPv6 address goes in brackets in a URL.
+    let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+    Ok(format!("https://{host}:{port}"))
 }
 
 fn default_ca() -> PathBuf {
@@ -60,7 +89,7 @@ pub struct KubeApi {
 impl KubeApi {
     pub fn new(config: &KubernetesConfig, http: BrokerHttp) -> Result<Self> {
         let roots = roots_from_pem_file(&config.ca_file, "kubernetes.ca_file")?;
-        let base: Uri = config.api_server.parse().context("config field `kubernetes.api_server` is not a URL")?;
+        let base = config.api_server()?;
         let tls = Arc::new(tls_builder().with_root_certificates(roots).with_no_client_auth());
         Ok(Self { http, tls, base, token_file: config.token_file.clone() })
     }
@@ -98,5 +127,19 @@ impl KubeApi {
             })
         });
         Client::new(service, namespace)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_cluster_url;
+
+    #[test]
+    fn in_cluster_url_from_the_pod_environment() {
+        assert_eq!(in_cluster_url(Some("10.96.0.1"), Some("443")).unwrap(), "https://10.96.0.1:443");
+        assert_eq!(in_cluster_url(Some("fd00::1"), Some("443")).unwrap(), "https://[fd00::1]:443");
+        let missing = in_cluster_url(None, Some("443")).unwrap_err().to_string();
+        assert!(missing.contains("KUBERNETES_SERVICE_HOST"), "{missing}");
+        assert!(in_cluster_url(Some("10.96.0.1"), Some("")).is_err());
     }
 }

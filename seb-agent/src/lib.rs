@@ -15,6 +15,7 @@ pub mod enforcement;
 pub mod execute;
 pub mod kube_api;
 pub mod metrics;
+pub mod preflight;
 pub mod propose;
 pub mod protocol;
 pub mod recorder;

@@ -147,8 +147,19 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out_dir: PathBuf,
     },
-    /// Validate a configuration file and print it with every default filled in.
-    CheckConfig(ConfigArg),
+    /// Check a configuration file as `run` does before it touches the kernel (every field,
+    /// every file and cgroup it names), and print it with every default filled in.
+    CheckConfig {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Check the fields only, not the files and cgroups they name (a config written
+        /// for another machine, such as a ConfigMap).
+        #[arg(long)]
+        fields_only: bool,
+    },
+    /// Mount a bpffs at /sys/fs/bpf if none is there, so pins outlive the agent (a
+    /// DaemonSet's privileged init container, with Bidirectional mount propagation).
+    MountBpffs(ConfigArg),
     /// Validate SebPolicy and SebRevocation objects (JSON) as a broker would apply them.
     CheckClusterState {
         /// The object files (JSON), each one SebPolicy or SebRevocation.
@@ -406,10 +417,20 @@ fn run(command: Command, output: Output) -> Result<Exit> {
                 written.iter().try_for_each(|path| writeln!(out, "wrote {path}"))
             })?;
         }
-        Command::CheckConfig(config) => {
+        Command::CheckConfig { config, fields_only } => {
             let config = config.load()?;
+            if !fields_only {
+                seb_agent::preflight::check(&config)?;
+            }
             output.show(&config, |out| {
                 write!(out, "{}", toml::to_string_pretty(&config).map_err(std::io::Error::other)?)
+            })?;
+        }
+        Command::MountBpffs(config) => {
+            let pin_path = config.load()?.bpf.pin_path;
+            seb_agent::bpffs::ensure_mounted(&pin_path)?;
+            output.show(&serde_json::json!({ "bpffs": pin_path }), |out| {
+                writeln!(out, "{} is on a bpffs", pin_path.display())
             })?;
         }
         Command::CheckClusterState { files } => {

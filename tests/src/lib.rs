@@ -17,9 +17,11 @@ use std::{
 };
 
 pub mod broker;
+pub mod deploy;
 pub mod forge;
 pub mod kube_standin;
 pub mod kube_store;
+pub mod kubelet;
 pub mod moto;
 pub mod mtls;
 pub mod revocation;

@@ -1,13 +1,16 @@
-//! `cargo xtask deploy-check`: the kustomize base renders, every object validates against
-//! the Kubernetes schemas offline (`kubernetes-validate`), the ConfigMap's agent.toml is a
-//! valid config, the example cluster state is what brokers accept, and the committed CRDs
-//! are exactly what the Rust types generate.
+//! `cargo xtask deploy-check`: every kustomization under deploy/ renders; every object
+//! validates against the Kubernetes schemas offline (`kubernetes-validate`) and every pod
+//! spec against the API server's and Pod Security's own rules (`pod_rules`); each
+//! overlay's agent.toml, as its ConfigMap carries it, is a valid config; the example
+//! cluster state is what brokers accept; the committed CRDs are what the Rust types generate.
 
-use std::process::Command;
+use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context, Result, bail, ensure};
+use seb_sandbox::deploy::{self, BROKER_OVERLAYS, KUSTOMIZATIONS};
+use serde_json::Value;
 
-use crate::{output_of, run, workspace_root};
+use crate::{pod_rules, run, workspace_root};
 
 /// The Kubernetes version the manifests are validated against (the machines' kubectl).
 const KUBERNETES_VERSION: &str = "1.32.0";
@@ -15,50 +18,85 @@ const KUBERNETES_VERSION: &str = "1.32.0";
 pub fn run_check() -> Result<()> {
     ensure_validator()?;
     let root = workspace_root();
-    let deploy = root.join("deploy");
+    let deploy_dir = deploy::deploy_dir();
     run(Command::new("cargo").current_dir(&root).args(["build", "--quiet", "-p", "seb-agent"]))?;
-    let agent = root.join("target/debug/seb-agent");
+    let agent =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from).join("debug/seb-agent");
+    let scratch = tempdir()?;
 
-    let generated = tempdir()?;
+    let generated = scratch.join("crds");
     run(Command::new(&agent).arg("crds").arg("--out-dir").arg(&generated))?;
     for entry in std::fs::read_dir(&generated)? {
         let entry = entry?;
-        let committed = std::fs::read_to_string(deploy.join(entry.file_name())).unwrap_or_default();
+        let committed = std::fs::read_to_string(deploy_dir.join("cluster").join(entry.file_name())).unwrap_or_default();
         if committed != std::fs::read_to_string(entry.path())? {
             bail!(
-                "deploy/{} does not match the Rust types: run `seb-agent crds --out-dir deploy` and commit it",
+                "deploy/cluster/{} does not match the Rust types: run `seb-agent crds --out-dir deploy/cluster` and commit it",
                 entry.file_name().to_string_lossy()
             );
         }
     }
 
-    run(Command::new(&agent)
-        .args(["check-config", "--config"])
-        .arg(deploy.join("agent.toml"))
-        .stdout(std::process::Stdio::null()))
-    .context("deploy/agent.toml (the ConfigMap) is not a valid agent config")?;
+    let mut count = 0;
+    for name in KUSTOMIZATIONS {
+        let dir = deploy_dir.join(name);
+        let text = deploy::render_text(&dir)?;
+        let file = scratch.join(format!("{name}.yaml"));
+        std::fs::write(&file, &text)?;
+        run(Command::new("kubernetes-validate").args(["-k", KUBERNETES_VERSION, "--strict", "--quiet"]).arg(&file))
+            .with_context(|| {
+                format!("an object deploy/{name} renders does not validate against the Kubernetes schemas")
+            })?;
+        let objects = deploy::render(&dir)?;
+        check_pod_specs(name, &objects)?;
+        if BROKER_OVERLAYS.contains(&name) {
+            check_agent_config(name, &objects, &agent, &scratch)?;
+        }
+        count += objects.len();
+    }
 
-    let state = deploy.join("cluster-state");
-    output_of(Command::new("kubectl").arg("kustomize").arg(&state)).context("rendering deploy/cluster-state/")?;
+    let state = deploy_dir.join("cluster-state");
     let mut check = Command::new(&agent);
     check.arg("check-cluster-state");
     for name in ["sebpolicy.json", "sebrevocation.json"] {
         check.arg(state.join(name));
     }
     run(&mut check).context("deploy/cluster-state/ holds an object a broker would refuse")?;
-
-    let rendered = output_of(Command::new("kubectl").arg("kustomize").arg(&deploy))
-        .context("rendering deploy/ with `kubectl kustomize` (kubectl is needed)")?;
-    let file = generated.join("rendered.yaml");
-    std::fs::write(&file, &rendered)?;
-    let objects = rendered.matches("\nkind: ").count() + usize::from(rendered.starts_with("kind: "));
-    run(Command::new("kubernetes-validate").args(["-k", KUBERNETES_VERSION, "--strict", "--quiet"]).arg(&file))
-        .context("a rendered object does not validate against the Kubernetes schemas")?;
     eprintln!(
-        "xtask: deploy/ renders {objects} objects, all valid for Kubernetes {KUBERNETES_VERSION}; CRDs match the Rust types"
+        "xtask: deploy/ renders {count} objects in {} kustomizations, all valid for Kubernetes {KUBERNETES_VERSION} \
+         and the API server's pod rules; CRDs match the Rust types",
+        KUSTOMIZATIONS.len()
     );
-    let _ = std::fs::remove_dir_all(&generated);
+    let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
+}
+
+/// The API server's and Pod Security's rules on every pod spec `deploy/<name>` renders.
+pub fn check_pod_specs(name: &str, objects: &[Value]) -> Result<()> {
+    let violations = pod_rules::violations(objects);
+    ensure!(
+        violations.is_empty(),
+        "deploy/{name} renders a pod spec the API server would refuse:\n  {}",
+        violations.join("\n  ")
+    );
+    Ok(())
+}
+
+/// The agent.toml the DaemonSet mounts, from the ConfigMap the render carries, checked
+/// field by field (its files and cgroups are the node's: the pod-as-the-kubelet-runs-it
+/// test checks those).
+fn check_agent_config(name: &str, objects: &[Value], agent: &std::path::Path, scratch: &std::path::Path) -> Result<()> {
+    let config_map = objects
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["data"]["agent.toml"].is_string())
+        .with_context(|| format!("deploy/{name} renders no ConfigMap with agent.toml"))?;
+    let file = scratch.join(format!("{name}-agent.toml"));
+    std::fs::write(&file, config_map["data"]["agent.toml"].as_str().unwrap_or_default())?;
+    run(Command::new(agent)
+        .args(["check-config", "--fields-only", "--config"])
+        .arg(&file)
+        .stdout(std::process::Stdio::null()))
+    .with_context(|| format!("deploy/{name}: its agent.toml is not a valid agent config"))
 }
 
 fn ensure_validator() -> Result<()> {
@@ -69,9 +107,58 @@ fn ensure_validator() -> Result<()> {
     run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "kubernetes-validate"]))
 }
 
-fn tempdir() -> Result<std::path::PathBuf> {
+fn tempdir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("seb-deploy-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     ensure!(dir.is_dir(), "cannot create {}", dir.display());
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use seb_sandbox::deploy::{self, KUSTOMIZATIONS};
+
+    use super::check_pod_specs;
+
+    /// deploy/base as committed, and with one line changed in its DaemonSet, rendered.
+    fn render_base(edit: impl FnOnce(String) -> String) -> Vec<serde_json::Value> {
+        let dir = std::env::temp_dir().join(format!(
+            "seb-deploy-rule-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for entry in std::fs::read_dir(deploy::deploy_dir().join("base")).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+        let daemon_set = dir.join("daemonset.yaml");
+        std::fs::write(&daemon_set, edit(std::fs::read_to_string(&daemon_set).unwrap())).unwrap();
+        let objects = deploy::render(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        objects
+    }
+
+    #[test]
+    fn every_kustomization_passes_the_pod_rules() {
+        for name in KUSTOMIZATIONS {
+            check_pod_specs(name, &deploy::render(&deploy::deploy_dir().join(name)).unwrap()).unwrap();
+        }
+    }
+
+    #[test]
+    fn bidirectional_propagation_in_an_unprivileged_container_is_caught() {
+        let objects = render_base(|text| {
+            let edited = text.replacen("privileged: true", "privileged: false", 1);
+            assert_ne!(edited, text, "the base's init container is no longer privileged: update this test");
+            edited
+        });
+        let error = check_pod_specs("base", &objects).unwrap_err().to_string();
+        assert!(
+            error.contains("initContainers[0].volumeMounts[1].mountPropagation")
+                && error.contains("only to privileged containers"),
+            "{error}"
+        );
+    }
 }

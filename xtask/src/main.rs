@@ -8,6 +8,8 @@ mod demo;
 mod deploy_check;
 mod ebpf;
 mod fuzz;
+mod image;
+mod pod_rules;
 mod stats;
 mod toolchain;
 
@@ -54,8 +56,12 @@ enum Task {
         /// One target: frames, request, certificate or contract (all if none).
         target: Option<String>,
     },
-    /// Render deploy/, validate every object offline, check the CRDs against the Rust types.
+    /// Render every kustomization under deploy/, validate every object offline and every pod
+    /// spec against the API server's own rules, check the CRDs against the Rust types.
     DeployCheck,
+    /// Build the container image without a container engine (an OCI image layout in
+    /// target/image, tag `dev`: a static agent and nothing else) and check it with umoci.
+    Image,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -84,6 +90,7 @@ fn main() {
         Task::Fuzz { seconds, target, .. } => fuzz::run(seconds, target.as_deref()),
         Task::Demo => demo::run(),
         Task::DeployCheck => deploy_check::run_check(),
+        Task::Image => image::build_and_check(),
     };
     if let Err(error) = result {
         eprintln!("xtask: {error:#}");

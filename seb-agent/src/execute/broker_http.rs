@@ -37,6 +37,7 @@ pub fn roots_from_pem_file(path: &std::path::Path, field: &str) -> Result<RootCe
     {
         roots.add(cert.with_context(|| format!("config field `{field}`: not a PEM certificate"))?)?;
     }
+    anyhow::ensure!(!roots.is_empty(), "config field `{field}`: {} holds no PEM certificate", path.display());
     Ok(roots)
 }
 

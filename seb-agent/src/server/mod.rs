@@ -53,7 +53,7 @@ pub struct Broker {
 }
 
 /// Bind the socket: mode 0660, owned by `group` when given.
-pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener> {
+pub fn bind(path: &Path, group: Option<nix::unistd::Gid>) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -64,13 +64,25 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener> {
     }
     let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-    if let Some(group) = group {
-        let gid = nix::unistd::Group::from_name(group)?
-            .with_context(|| format!("config field `broker.socket_group`: no group named `{group}`"))?
-            .gid;
-        nix::unistd::chown(path, None, Some(gid))?;
+    if let Some(gid) = group {
+        nix::unistd::chown(path, None, Some(gid)).with_context(|| {
+            format!("config field `broker.socket_group`: giving {} to gid {gid} (the broker must be in that group, or have CAP_CHOWN)", path.display())
+        })?;
     }
     Ok(listener)
+}
+
+/// `broker.socket_group`: a numeric gid as is (an image without /etc/group, a pod's
+/// `supplementalGroups`), else a group name looked up in the group database.
+pub fn socket_gid(group: &str) -> Result<nix::unistd::Gid> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(nix::unistd::Gid::from_raw(gid));
+    }
+    Ok(nix::unistd::Group::from_name(group)?
+        .with_context(|| {
+            format!("config field `broker.socket_group`: no group named `{group}` (a numeric gid needs no name)")
+        })?
+        .gid)
 }
 
 /// Serve until `shutdown` flips, then drain: connections waiting for a request close at

@@ -38,6 +38,17 @@ pub struct AwsConfig {
     pub credentials_file: PathBuf,
 }
 
+impl AwsConfig {
+    /// The broker's base identity, read from `credentials_file`.
+    pub fn base_credentials(&self) -> Result<AwsCredentials> {
+        let file = &self.credentials_file;
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("config field `aws.credentials_file`: cannot read {}", file.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("config field `aws.credentials_file`: {} is not valid", file.display()))
+    }
+}
+
 fn default_region() -> String {
     "us-east-1".into()
 }
@@ -56,12 +67,7 @@ pub struct Session {
 
 impl AwsExecutor {
     pub fn new(config: AwsConfig, http: BrokerHttp) -> Result<Self> {
-        let text = std::fs::read_to_string(&config.credentials_file).with_context(|| {
-            format!("config field `aws.credentials_file`: cannot read {}", config.credentials_file.display())
-        })?;
-        let base: AwsCredentials = serde_json::from_str(&text).with_context(|| {
-            format!("config field `aws.credentials_file`: {} is not valid", config.credentials_file.display())
-        })?;
+        let base = config.base_credentials()?;
         Ok(Self { http, config, base })
     }
 

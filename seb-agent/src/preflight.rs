@@ -1,0 +1,139 @@
+//! Everything `run` checks before it touches the kernel, and all that `check-config`
+//! checks: every cgroup the config names exists, every file it names is there and
+//! parses, the socket's group resolves, the API server and this node's name are known.
+//! `run` attaches nothing until all of it passes.
+
+use std::{path::Path, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use tracing::warn;
+
+use crate::{
+    admission::Admission,
+    audit::keys,
+    cert::{TrustAnchors, ValidityPolicy},
+    cgroupfs,
+    config::Config,
+    enforcement::{EndpointSource, Sources, policy},
+    execute::broker_http::roots_from_pem_file,
+    server,
+};
+
+/// What the checks produced, for `run` to use as is.
+pub struct Checked {
+    /// The cgroup2 mount every configured cgroup was found under.
+    pub mount: PathBuf,
+    /// The config's share of what is enforced.
+    pub sources: Sources,
+    pub admission: Admission,
+    pub socket_gid: Option<nix::unistd::Gid>,
+    /// File descriptors available to the broker (the soft limit, raised to the hard one).
+    pub descriptors: u64,
+}
+
+pub fn check(config: &Config) -> Result<Checked> {
+    let descriptors = server::limits::ensure_descriptors(config.broker.max_connections)?;
+    let mount = check_cgroups(config)?;
+    let sources = config_sources(config)?;
+    let admission = admission_from(config)?;
+    let socket_gid = config.broker.socket_group.as_deref().map(server::socket_gid).transpose()?;
+    check_state_file("audit.signing_key", &config.audit.signing_key)?;
+    if config.audit.signing_key.exists() {
+        keys::load(&config.audit.signing_key).context("config field `audit.signing_key`")?;
+    }
+    check_state_file("audit.database", &config.audit.database)?;
+    if let Some(aws) = &config.aws {
+        aws.base_credentials()?;
+    }
+    if let Some(http) = &config.http {
+        roots_from_pem_file(&http.trust_anchors, "http.trust_anchors")?;
+    }
+    if let Some(kubernetes) = &config.kubernetes {
+        kubernetes.api_server()?;
+        roots_from_pem_file(&kubernetes.ca_file, "kubernetes.ca_file")?;
+        let token = std::fs::read_to_string(&kubernetes.token_file).with_context(|| {
+            format!("config field `kubernetes.token_file`: cannot read {}", kubernetes.token_file.display())
+        })?;
+        if token.trim().is_empty() {
+            bail!("config field `kubernetes.token_file`: {} is empty", kubernetes.token_file.display());
+        }
+    }
+    if let Some(cluster) = &config.cluster {
+        cluster.node_name()?;
+    }
+    Ok(Checked { mount, sources, admission, socket_gid, descriptors })
+}
+
+/// The cgroup2 mount, once every cgroup the config names is found under it. A missing
+/// one is a config error: enforcing less than asked for is not an option.
+fn check_cgroups(config: &Config) -> Result<PathBuf> {
+    let mount = cgroupfs::cgroup2_mount()?;
+    let fields = [
+        ("enforcement.scope", &config.enforcement.scope),
+        ("enforcement.exempt_cgroups", &config.enforcement.exempt_cgroups),
+    ];
+    for (field, paths) in fields {
+        for (i, relative) in paths.iter().enumerate() {
+            cgroupfs::cgroup_id(&cgroupfs::resolve(&mount, relative))
+                .with_context(|| format!("config field `{field}[{i}]`"))?;
+        }
+    }
+    Ok(mount)
+}
+
+/// The config's share of what is enforced.
+fn config_sources(config: &Config) -> Result<Sources> {
+    let endpoints = config.endpoints()?;
+    policy::compile(&endpoints, &[]).context("config field `enforcement.protected`")?;
+    Ok(Sources {
+        endpoints: [(EndpointSource::Config, endpoints)].into(),
+        scope: config.enforcement.scope.iter().cloned().collect(),
+        exempt: config.enforcement.exempt_cgroups.iter().cloned().collect(),
+        // Until the cluster state is read, what an earlier run enforced stays enforced.
+        keep_previous: config.cluster.is_some(),
+        ..Default::default()
+    })
+}
+
+fn admission_from(config: &Config) -> Result<Admission> {
+    let anchors = match &config.admission.trust_anchors {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("config field `admission.trust_anchors`: cannot read {}", path.display()))?;
+            Some(
+                TrustAnchors::from_pem(&pem)
+                    .with_context(|| format!("config field `admission.trust_anchors` ({})", path.display()))?,
+            )
+        }
+        None => {
+            warn!("admission.trust_anchors is not set: every proposal will be denied");
+            None
+        }
+    };
+    let validity = ValidityPolicy {
+        max_ttl: Duration::from_secs(config.admission.max_ttl_seconds),
+        clock_skew: Duration::from_secs(config.admission.clock_skew_seconds),
+    };
+    let admission = Admission::new(anchors, validity);
+    Ok(match config.admission.max_parallel_verifications {
+        Some(limit) => admission.with_parallel_verifications(limit),
+        None => admission,
+    })
+}
+
+/// A file the agent creates on first start (in its state volume): if it is there it must
+/// be a file; if not, its directory must be one that can be made.
+fn check_state_file(field: &str, path: &Path) -> Result<()> {
+    if path.exists() {
+        if !path.is_file() {
+            bail!("config field `{field}`: {} is not a regular file", path.display());
+        }
+        return Ok(());
+    }
+    let existing = path.ancestors().skip(1).find(|dir| dir.exists());
+    match existing {
+        Some(dir) if dir.is_dir() => Ok(()),
+        Some(dir) => bail!("config field `{field}`: {} is not a directory", dir.display()),
+        None => bail!("config field `{field}`: no directory of {} exists", path.display()),
+    }
+}
