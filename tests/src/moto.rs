@@ -125,11 +125,22 @@ pub fn send(
 }
 
 /// One certified call (a mutation or a read), signed with `credentials`.
-pub fn call(netns: &str, endpoint: &str, call: &AwsCall, credentials: &AwsCredentials) -> Result<http::Response<Bytes>> {
+pub fn call(
+    netns: &str,
+    endpoint: &str,
+    call: &AwsCall,
+    credentials: &AwsCredentials,
+) -> Result<http::Response<Bytes>> {
     send(netns, call.http_request(endpoint)?, &call.service, credentials)
 }
 
-fn request(endpoint: &str, method: &str, path: &str, headers: &[(&str, &str)], body: String) -> Result<http::Request<Bytes>> {
+fn request(
+    endpoint: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: String,
+) -> Result<http::Request<Bytes>> {
     let uri: http::Uri = format!("{endpoint}{path}").parse()?;
     let mut builder = http::Request::builder()
         .method(method)
@@ -172,7 +183,11 @@ pub fn json_call(
 }
 
 fn text(value: &Value, pointer: &str) -> Result<String> {
-    value.pointer(pointer).and_then(Value::as_str).map(str::to_string).with_context(|| format!("no {pointer} in {value}"))
+    value
+        .pointer(pointer)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .with_context(|| format!("no {pointer} in {value}"))
 }
 
 /// Create users, keys, the executor and reader roles, buckets and a security group, in
@@ -180,16 +195,26 @@ fn text(value: &Value, pointer: &str) -> Result<String> {
 /// table, an SQS queue and an SSM parameter.
 pub fn seed(netns: &str, endpoint: &str) -> Result<AwsWorld> {
     let anyone = AwsCredentials { access_key_id: "seed".into(), secret_access_key: "seed".into(), session_token: None };
-    let iam = |form: &[(&str, &str)]| query(netns, endpoint, "iam", &[&[("Version", "2010-05-08")], form].concat(), &anyone);
+    let iam =
+        |form: &[(&str, &str)]| query(netns, endpoint, "iam", &[&[("Version", "2010-05-08")], form].concat(), &anyone);
     let role_arn = format!("arn:aws:iam::{ACCOUNT}:role/seb-executor");
     let (bucket, other_bucket) = ("seb-demo".to_string(), "seb-other".to_string());
     let user = |name: &str, policy: Value| -> Result<AwsCredentials> {
         iam(&[("Action", "CreateUser"), ("UserName", name)])?;
         let key = iam(&[("Action", "CreateAccessKey"), ("UserName", name)])?;
-        let key = |field: &str| text(&key, &format!("/CreateAccessKeyResponse/CreateAccessKeyResult/AccessKey/{field}"));
-        let credentials =
-            AwsCredentials { access_key_id: key("AccessKeyId")?, secret_access_key: key("SecretAccessKey")?, session_token: None };
-        iam(&[("Action", "PutUserPolicy"), ("UserName", name), ("PolicyName", "only"), ("PolicyDocument", &policy.to_string())])?;
+        let key =
+            |field: &str| text(&key, &format!("/CreateAccessKeyResponse/CreateAccessKeyResult/AccessKey/{field}"));
+        let credentials = AwsCredentials {
+            access_key_id: key("AccessKeyId")?,
+            secret_access_key: key("SecretAccessKey")?,
+            session_token: None,
+        };
+        iam(&[
+            ("Action", "PutUserPolicy"),
+            ("UserName", name),
+            ("PolicyName", "only"),
+            ("PolicyDocument", &policy.to_string()),
+        ])?;
         Ok(credentials)
     };
     let allow = |actions: &[&str], resource: &str| json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": resource}]});
@@ -208,14 +233,24 @@ pub fn seed(netns: &str, endpoint: &str) -> Result<AwsWorld> {
         {"Effect": "Allow", "Action": ["dynamodb:PutItem", "dynamodb:GetItem", "sqs:SetQueueAttributes", "sqs:GetQueueAttributes",
             "ssm:PutParameter", "ssm:GetParameter"], "Resource": "*"}
     ]});
-    iam(&[("Action", "PutRolePolicy"), ("RoleName", "seb-executor"), ("PolicyName", "executor"), ("PolicyDocument", &role_policy.to_string())])?;
+    iam(&[
+        ("Action", "PutRolePolicy"),
+        ("RoleName", "seb-executor"),
+        ("PolicyName", "executor"),
+        ("PolicyDocument", &role_policy.to_string()),
+    ])?;
     iam(&[("Action", "CreateRole"), ("RoleName", TARGET_ROLE), ("AssumeRolePolicyDocument", &trust.to_string())])?;
     let extra = allow(&["s3:ListBucket"], "*").to_string();
     iam(&[("Action", "CreatePolicy"), ("PolicyName", "app-extra"), ("PolicyDocument", &extra)])?;
     let reader_role_arn = format!("arn:aws:iam::{ACCOUNT}:role/seb-reader");
     iam(&[("Action", "CreateRole"), ("RoleName", "seb-reader"), ("AssumeRolePolicyDocument", &trust.to_string())])?;
     let read_policy = allow(READS, "*");
-    iam(&[("Action", "PutRolePolicy"), ("RoleName", "seb-reader"), ("PolicyName", "reader"), ("PolicyDocument", &read_policy.to_string())])?;
+    iam(&[
+        ("Action", "PutRolePolicy"),
+        ("RoleName", "seb-reader"),
+        ("PolicyName", "reader"),
+        ("PolicyDocument", &read_policy.to_string()),
+    ])?;
     for name in [&bucket, &other_bucket] {
         let response = send(netns, request(endpoint, "PUT", &format!("/{name}"), &[], String::new())?, "s3", &anyone)?;
         ensure!(response.status().is_success(), "creating bucket {name}: {}", response.status());
@@ -231,15 +266,28 @@ pub fn seed(netns: &str, endpoint: &str) -> Result<AwsWorld> {
     let peer = query(netns, endpoint, "ec2", &ec2("seb-peer"), &admin)?;
     let peer_group = text(&peer, "/CreateSecurityGroupResponse/groupId")?;
     let table = "seb-table".to_string();
-    json_call(netns, endpoint, "dynamodb", "DynamoDB_20120810.CreateTable", &json!({
+    json_call(
+        netns,
+        endpoint,
+        "dynamodb",
+        "DynamoDB_20120810.CreateTable",
+        &json!({
         "TableName": table, "BillingMode": "PAY_PER_REQUEST",
         "AttributeDefinitions": [{"AttributeName": "id", "AttributeType": "S"}],
-        "KeySchema": [{"AttributeName": "id", "KeyType": "HASH"}]}), &admin)?;
+        "KeySchema": [{"AttributeName": "id", "KeyType": "HASH"}]}),
+        &admin,
+    )?;
     let queue = json_call(netns, endpoint, "sqs", "AmazonSQS.CreateQueue", &json!({"QueueName": "seb-queue"}), &admin)?;
     let queue_url = text(&queue, "/QueueUrl")?;
     let parameter = "/seb/config".to_string();
-    json_call(netns, endpoint, "ssm", "AmazonSSM.PutParameter",
-        &json!({"Name": parameter, "Value": "replicas=3", "Type": "String"}), &admin)?;
+    json_call(
+        netns,
+        endpoint,
+        "ssm",
+        "AmazonSSM.PutParameter",
+        &json!({"Name": parameter, "Value": "replicas=3", "Type": "String"}),
+        &admin,
+    )?;
     Ok(AwsWorld {
         endpoint: endpoint.into(),
         broker,
@@ -285,7 +333,8 @@ pub fn session_policies(netns: &str, endpoint: &str) -> Result<Vec<(String, Opti
         exchange(tokio::net::TcpStream::connect(authority.as_str()).await?, http).await
     })?;
     let data: Value = serde_json::from_slice(response.body()).context("moto's model data")?;
-    let sessions = data.pointer("/sts/AssumedRole").and_then(Value::as_array).context("no STS sessions in moto's data")?;
+    let sessions =
+        data.pointer("/sts/AssumedRole").and_then(Value::as_array).context("no STS sessions in moto's data")?;
     sessions
         .iter()
         .map(|s| {
@@ -297,13 +346,15 @@ pub fn session_policies(netns: &str, endpoint: &str) -> Result<Vec<(String, Opti
 
 /// `s3:PutObject` of `body` at `bucket/key` (preset).
 pub fn put_object(bucket: &str, key: &str, body: &str) -> MutationRequest {
-    preset::request("s3:PutObject", &format!("arn:aws:s3:::{bucket}/{key}"), &json!({"body": body})).expect("valid preset")
+    preset::request("s3:PutObject", &format!("arn:aws:s3:::{bucket}/{key}"), &json!({"body": body}))
+        .expect("valid preset")
 }
 
 /// `ec2:AuthorizeSecurityGroupIngress` of tcp/`port` from 10.0.0.0/8 (preset).
 pub fn authorize_ingress(group: &str, port: u16) -> MutationRequest {
     let target = format!("arn:aws:ec2:{REGION}:{ACCOUNT}:security-group/{group}");
-    let rule = json!({"ip_permissions": [{"protocol": "tcp", "from_port": port, "to_port": port, "cidrs": ["10.0.0.0/8"]}]});
+    let rule =
+        json!({"ip_permissions": [{"protocol": "tcp", "from_port": port, "to_port": port, "cidrs": ["10.0.0.0/8"]}]});
     preset::request("ec2:AuthorizeSecurityGroupIngress", &target, &rule).expect("valid preset")
 }
 
@@ -340,7 +391,11 @@ pub fn put_item(table: &str, item: Value) -> MutationRequest {
         &format!("arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{table}"),
         "DynamoDB_20120810.PutItem",
         json!({"TableName": table, "Item": item}),
-        ("dynamodb:GetItem", "DynamoDB_20120810.GetItem", json!({"TableName": table, "Key": key, "ConsistentRead": true})),
+        (
+            "dynamodb:GetItem",
+            "DynamoDB_20120810.GetItem",
+            json!({"TableName": table, "Key": key, "ConsistentRead": true}),
+        ),
         &[],
     )
 }

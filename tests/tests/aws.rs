@@ -66,7 +66,8 @@ impl World {
     #[track_caller]
     fn executes(&self, request: &MutationRequest) {
         let decision = self.broker.decide(&self.contract(request), request);
-        let outcome = decision.outcome.as_ref().unwrap_or_else(|| panic!("{} not executed: {decision:?}", request.operation));
+        let outcome =
+            decision.outcome.as_ref().unwrap_or_else(|| panic!("{} not executed: {decision:?}", request.operation));
         assert_eq!(outcome.status, OutcomeStatus::Succeeded, "{}: {outcome:?}", request.operation);
         let resources = request.params.get("resources").cloned().unwrap_or_else(|| json!([request.target]));
         let mut statement = json!({"Effect": "Allow", "Action": [request.operation], "Resource": resources});
@@ -83,7 +84,11 @@ impl World {
         let received = moto::session_policies(self.netns(), &self.aws.endpoint).unwrap();
         for (session, expected) in self.minted.borrow().iter() {
             let (_, policy) = received.iter().find(|(name, _)| name == session).expect("the session was minted");
-            assert_eq!(policy.as_ref(), Some(expected), "{session}: exactly the certified action on the certified resources");
+            assert_eq!(
+                policy.as_ref(),
+                Some(expected),
+                "{session}: exactly the certified action on the certified resources"
+            );
         }
         assert_eq!(self.minted.borrow().len(), 6);
     }
@@ -138,7 +143,9 @@ fn s3(w: &World) {
     let request = moto::put_object(&w.aws.bucket, key, "replicas=3");
     w.executes(&request);
     let path = format!("/{}/{key}", w.aws.bucket);
-    w.drifts(&request, "S3 object bytes", |w| w.s3_put(&path, &[("content-type", "application/octet-stream")], "replicas=4"));
+    w.drifts(&request, "S3 object bytes", |w| {
+        w.s3_put(&path, &[("content-type", "application/octet-stream")], "replicas=4")
+    });
     w.drifts(&request, "S3 content type", |w| w.s3_put(&path, &[("content-type", "text/plain")], "replicas=4"));
     w.drifts(&request, "S3 user metadata", |w| {
         w.s3_put(&path, &[("content-type", "text/plain"), ("x-amz-meta-owner", "someone")], "replicas=4")
@@ -166,32 +173,78 @@ fn ec2(w: &World) {
         w.query("ec2", &[&base[..], extra].concat());
     };
     w.drifts(&next, "EC2 IPv4 range", |_| {
-        ingress(&[("IpPermissions.1.IpProtocol", "tcp"), ("IpPermissions.1.FromPort", "22"), ("IpPermissions.1.ToPort", "22"),
-            ("IpPermissions.1.IpRanges.1.CidrIp", "192.0.2.0/24")])
+        ingress(&[
+            ("IpPermissions.1.IpProtocol", "tcp"),
+            ("IpPermissions.1.FromPort", "22"),
+            ("IpPermissions.1.ToPort", "22"),
+            ("IpPermissions.1.IpRanges.1.CidrIp", "192.0.2.0/24"),
+        ])
     });
     w.drifts(&next, "EC2 IPv6 ::/0", |_| {
-        ingress(&[("IpPermissions.1.IpProtocol", "tcp"), ("IpPermissions.1.FromPort", "22"), ("IpPermissions.1.ToPort", "22"),
-            ("IpPermissions.1.Ipv6Ranges.1.CidrIpv6", "::/0")])
+        ingress(&[
+            ("IpPermissions.1.IpProtocol", "tcp"),
+            ("IpPermissions.1.FromPort", "22"),
+            ("IpPermissions.1.ToPort", "22"),
+            ("IpPermissions.1.Ipv6Ranges.1.CidrIpv6", "::/0"),
+        ])
     });
-    let list = w.query("ec2", &[("Action", "CreateManagedPrefixList"), ("Version", v), ("PrefixListName", "seb"),
-        ("MaxEntries", "5"), ("AddressFamily", "IPv4"), ("Entry.1.Cidr", "198.51.100.0/24")]);
-    let list = list.pointer("/CreateManagedPrefixListResponse/prefixList/prefixListId").and_then(Value::as_str).unwrap().to_string();
+    let list = w.query(
+        "ec2",
+        &[
+            ("Action", "CreateManagedPrefixList"),
+            ("Version", v),
+            ("PrefixListName", "seb"),
+            ("MaxEntries", "5"),
+            ("AddressFamily", "IPv4"),
+            ("Entry.1.Cidr", "198.51.100.0/24"),
+        ],
+    );
+    let list = list
+        .pointer("/CreateManagedPrefixListResponse/prefixList/prefixListId")
+        .and_then(Value::as_str)
+        .unwrap()
+        .to_string();
     w.drifts(&next, "EC2 prefix list", |_| {
-        ingress(&[("IpPermissions.1.IpProtocol", "tcp"), ("IpPermissions.1.FromPort", "25"), ("IpPermissions.1.ToPort", "25"),
-            ("IpPermissions.1.PrefixListIds.1.PrefixListId", &list)])
+        ingress(&[
+            ("IpPermissions.1.IpProtocol", "tcp"),
+            ("IpPermissions.1.FromPort", "25"),
+            ("IpPermissions.1.ToPort", "25"),
+            ("IpPermissions.1.PrefixListIds.1.PrefixListId", &list),
+        ])
     });
     w.drifts(&next, "EC2 group pair", |_| {
-        ingress(&[("IpPermissions.1.IpProtocol", "tcp"), ("IpPermissions.1.FromPort", "5432"), ("IpPermissions.1.ToPort", "5432"),
-            ("IpPermissions.1.Groups.1.GroupId", &w.aws.peer_group)])
+        ingress(&[
+            ("IpPermissions.1.IpProtocol", "tcp"),
+            ("IpPermissions.1.FromPort", "5432"),
+            ("IpPermissions.1.ToPort", "5432"),
+            ("IpPermissions.1.Groups.1.GroupId", &w.aws.peer_group),
+        ])
     });
     w.drifts(&next, "EC2 egress", |w| {
-        w.query("ec2", &[("Action", "AuthorizeSecurityGroupEgress"), ("Version", v), ("GroupId", group),
-            ("IpPermissions.1.IpProtocol", "udp"), ("IpPermissions.1.FromPort", "53"), ("IpPermissions.1.ToPort", "53"),
-            ("IpPermissions.1.Ipv6Ranges.1.CidrIpv6", "::/0")]);
+        w.query(
+            "ec2",
+            &[
+                ("Action", "AuthorizeSecurityGroupEgress"),
+                ("Version", v),
+                ("GroupId", group),
+                ("IpPermissions.1.IpProtocol", "udp"),
+                ("IpPermissions.1.FromPort", "53"),
+                ("IpPermissions.1.ToPort", "53"),
+                ("IpPermissions.1.Ipv6Ranges.1.CidrIpv6", "::/0"),
+            ],
+        );
     });
     w.drifts(&next, "EC2 tags", |w| {
-        w.query("ec2", &[("Action", "CreateTags"), ("Version", v), ("ResourceId.1", group), ("Tag.1.Key", "owner"),
-            ("Tag.1.Value", "someone")]);
+        w.query(
+            "ec2",
+            &[
+                ("Action", "CreateTags"),
+                ("Version", v),
+                ("ResourceId.1", group),
+                ("Tag.1.Key", "owner"),
+                ("Tag.1.Value", "someone"),
+            ],
+        );
     });
 }
 
@@ -199,13 +252,35 @@ fn iam(w: &World) {
     let role = format!("arn:aws:iam::{ACCOUNT}:role/{}", moto::TARGET_ROLE);
     let attach = |arn: &str| preset::request("iam:AttachRolePolicy", &role, &json!({"policy_arn": arn})).unwrap();
     w.executes(&attach(moto::ATTACHABLE_POLICY));
-    let other = w.query("iam", &[("Action", "CreatePolicy"), ("Version", "2010-05-08"), ("PolicyName", "other"),
-        ("PolicyDocument", r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:ListBucket","Resource":"*"}]}"#)]);
-    let other = other.pointer("/CreatePolicyResponse/CreatePolicyResult/Policy/Arn").and_then(Value::as_str).unwrap().to_string();
-    let detach = preset::request("iam:DetachRolePolicy", &role, &json!({"policy_arn": moto::ATTACHABLE_POLICY})).unwrap();
+    let other = w.query(
+        "iam",
+        &[
+            ("Action", "CreatePolicy"),
+            ("Version", "2010-05-08"),
+            ("PolicyName", "other"),
+            (
+                "PolicyDocument",
+                r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:ListBucket","Resource":"*"}]}"#,
+            ),
+        ],
+    );
+    let other = other
+        .pointer("/CreatePolicyResponse/CreatePolicyResult/Policy/Arn")
+        .and_then(Value::as_str)
+        .unwrap()
+        .to_string();
+    let detach =
+        preset::request("iam:DetachRolePolicy", &role, &json!({"policy_arn": moto::ATTACHABLE_POLICY})).unwrap();
     w.drifts(&detach, "IAM attached policy", |w| {
-        w.query("iam", &[("Action", "AttachRolePolicy"), ("Version", "2010-05-08"), ("RoleName", moto::TARGET_ROLE),
-            ("PolicyArn", &other)]);
+        w.query(
+            "iam",
+            &[
+                ("Action", "AttachRolePolicy"),
+                ("Version", "2010-05-08"),
+                ("RoleName", moto::TARGET_ROLE),
+                ("PolicyArn", &other),
+            ],
+        );
     });
 }
 
@@ -214,10 +289,13 @@ fn dynamodb(w: &World) {
     let request = moto::put_item(table, json!({"id": {"S": "k1"}, "replicas": {"N": "3"}}));
     w.executes(&request);
     let next = moto::put_item(table, json!({"id": {"S": "k1"}, "replicas": {"N": "5"}}));
-    let put = |item: Value| drop(w.json("dynamodb", "DynamoDB_20120810.PutItem", json!({"TableName": table, "Item": item})));
+    let put =
+        |item: Value| drop(w.json("dynamodb", "DynamoDB_20120810.PutItem", json!({"TableName": table, "Item": item})));
     w.drifts(&next, "DynamoDB attribute value", |_| put(json!({"id": {"S": "k1"}, "replicas": {"N": "4"}})));
     w.drifts(&next, "DynamoDB attribute type", |_| put(json!({"id": {"S": "k1"}, "replicas": {"S": "4"}})));
-    w.drifts(&next, "DynamoDB added attribute", |_| put(json!({"id": {"S": "k1"}, "replicas": {"S": "4"}, "owner": {"S": "x"}})));
+    w.drifts(&next, "DynamoDB added attribute", |_| {
+        put(json!({"id": {"S": "k1"}, "replicas": {"S": "4"}, "owner": {"S": "x"}}))
+    });
     w.drifts(&next, "DynamoDB deleted item", |w| {
         w.json("dynamodb", "DynamoDB_20120810.DeleteItem", json!({"TableName": table, "Key": {"id": {"S": "k1"}}}));
     });
@@ -244,7 +322,11 @@ fn sqs(w: &World) {
     w.executes(&sqs_request(w, json!({"VisibilityTimeout": "45"})));
     let next = sqs_request(w, json!({"VisibilityTimeout": "60"}));
     let set = |attributes: Value| {
-        drop(w.json("sqs", "AmazonSQS.SetQueueAttributes", json!({"QueueUrl": w.aws.queue_url, "Attributes": attributes})))
+        drop(w.json(
+            "sqs",
+            "AmazonSQS.SetQueueAttributes",
+            json!({"QueueUrl": w.aws.queue_url, "Attributes": attributes}),
+        ))
     };
     w.drifts(&next, "SQS visibility timeout", |_| set(json!({"VisibilityTimeout": "50"})));
     w.drifts(&next, "SQS delay", |_| set(json!({"DelaySeconds": "5"})));
@@ -276,7 +358,11 @@ fn ssm(w: &World) {
     w.executes(&put("replicas=4"));
     let next = put("replicas=5");
     let overwrite = |value: &str, kind: &str| {
-        drop(w.json("ssm", "AmazonSSM.PutParameter", json!({"Name": name, "Value": value, "Type": kind, "Overwrite": true})))
+        drop(w.json(
+            "ssm",
+            "AmazonSSM.PutParameter",
+            json!({"Name": name, "Value": value, "Type": kind, "Overwrite": true}),
+        ))
     };
     w.drifts(&next, "SSM value", |_| overwrite("replicas=9", "String"));
     w.drifts(&next, "SSM type", |_| overwrite("replicas=9", "StringList"));

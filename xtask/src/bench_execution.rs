@@ -38,8 +38,10 @@ const API: &str = "127.0.0.2:8443";
 struct Case {
     name: &'static str,
     service: &'static str,
-    request: Box<dyn Fn(&str, usize) -> MutationRequest>,
+    request: RequestFor,
 }
+
+type RequestFor = Box<dyn Fn(&str, usize) -> MutationRequest>;
 
 pub fn run() -> Result<()> {
     toolchain::ensure_moto()?;

@@ -22,7 +22,7 @@ use tokio_rustls::rustls::{
 };
 
 use super::{
-    Executor, MintedIdentity, Mutation, Prepared, Refusal, Timings,
+    Executor, MintedIdentity, Mutation, Performed, Prepared, Refusal, Timings,
     broker_http::{BrokerHttp, roots_from_pem_file, tls_builder},
     identity_mismatch, mint_failed, ms, read_failed, unsupported,
 };
@@ -186,7 +186,7 @@ impl<'a> Mutation<'a> for HttpsMutation<'a> {
         &self.session.identity
     }
 
-    fn perform(self: Box<Self>) -> BoxFuture<'a, (Result<(u16, Option<String>)>, Option<String>)> {
+    fn perform(self: Box<Self>) -> BoxFuture<'a, Performed> {
         Box::pin(async move {
             let result = self.executor.mutate(&self.operation, &self.session).await;
             let resulting = self.executor.get(&self.operation.url, &self.session).await.ok().map(|(_, _, d)| d);

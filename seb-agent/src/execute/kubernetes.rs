@@ -35,8 +35,8 @@ use kube::{
 use serde_json::{Value, json};
 
 use super::{
-    Executor, MintedIdentity, Mutation, Prepared, Refusal, Timings, broker_http::BrokerHttp, identity_mismatch,
-    mint_failed, ms, read_failed, unsupported,
+    Executor, MintedIdentity, Mutation, Performed, Prepared, Refusal, Timings, broker_http::BrokerHttp,
+    identity_mismatch, mint_failed, ms, read_failed, unsupported,
 };
 pub use crate::kube_api::KubernetesConfig;
 use crate::{
@@ -274,7 +274,7 @@ impl<'a> Mutation<'a> for KubeMutation<'a> {
         &self.session.identity
     }
 
-    fn perform(mut self: Box<Self>) -> BoxFuture<'a, (Result<(u16, Option<String>)>, Option<String>)> {
+    fn perform(mut self: Box<Self>) -> BoxFuture<'a, Performed> {
         Box::pin(async move {
             let result = self.executor.mutate(&self.operation, &self.session).await;
             let resulting = self.executor.live_state(&self.operation.target, &mut self.session).await.ok();

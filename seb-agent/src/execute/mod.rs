@@ -145,12 +145,16 @@ pub trait Mutation<'a>: Send + 'a {
     fn identity(&self) -> &MintedIdentity;
     /// Send the mutation: the API status and its error if it refused, and the resulting
     /// state's digest where it is read.
-    fn perform(self: Box<Self>) -> BoxFuture<'a, (anyhow::Result<(u16, Option<String>)>, Option<String>)>;
+    fn perform(self: Box<Self>) -> BoxFuture<'a, Performed>;
     /// Drop it unperformed: credentials that can be cut short are.
     fn discard(self: Box<Self>) -> BoxFuture<'a, ()>;
 }
 
 pub type Prepared<'a> = Box<dyn Mutation<'a> + 'a>;
+
+/// The API status and its error if it refused (or why nothing was sent), and the
+/// resulting state's digest where it is read.
+pub type Performed = (anyhow::Result<(u16, Option<String>)>, Option<String>);
 
 /// The refusal for a contract whose identity the provider cannot mint.
 pub fn identity_mismatch(provider: Provider, identity: &ScopedIdentity) -> Refusal {

@@ -27,8 +27,8 @@ use serde_json::Value;
 pub use sign::AwsCredentials;
 
 use super::{
-    Executor, MintedIdentity, Mutation, Prepared, Refusal, Timings, broker_http::BrokerHttp, identity_mismatch,
-    mint_failed, read_failed, unsupported,
+    Executor, MintedIdentity, Mutation, Performed, Prepared, Refusal, Timings, broker_http::BrokerHttp,
+    identity_mismatch, mint_failed, read_failed, unsupported,
 };
 use crate::{
     admission::RequestSummary,
@@ -92,7 +92,7 @@ impl<'a> Mutation<'a> for AwsMutation<'a> {
         &self.session.identity
     }
 
-    fn perform(self: Box<Self>) -> BoxFuture<'a, (Result<(u16, Option<String>)>, Option<String>)> {
+    fn perform(self: Box<Self>) -> BoxFuture<'a, Performed> {
         Box::pin(async move {
             let result = self.executor.mutate(&self.operation, &self.session).await;
             let resulting = match &self.operation.postcondition {
