@@ -166,6 +166,17 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Print the certified AWS request a preset builds (e.g. `s3:PutObject`), to certify
+    /// and propose.
+    AwsPreset {
+        /// The preset operation, e.g. `s3:PutObject`, `ec2:AuthorizeSecurityGroupIngress`.
+        operation: String,
+        /// The target ARN.
+        target: String,
+        /// The preset's parameters (JSON), e.g. `{"body": "replicas=3"}`.
+        #[arg(long, default_value = "{}")]
+        params: String,
+    },
     /// Propose a mutation and print the broker's decision and, if admitted, its outcome.
     /// Exit 0 only if it was admitted and executed (see "Exit status").
     Propose {
@@ -442,6 +453,11 @@ fn run(command: Command, output: Output) -> Result<Exit> {
             output.show(&serde_json::json!({ "valid": files }), |out| {
                 files.iter().try_for_each(|file| writeln!(out, "{file}: valid"))
             })?;
+        }
+        Command::AwsPreset { operation, target, params } => {
+            let params: serde_json::Value = serde_json::from_str(&params).context("--params is not JSON")?;
+            let request = seb_agent::execute::aws::preset::request(&operation, &target, &params)?;
+            println!("{}", serde_json::to_string_pretty(&request)?);
         }
         Command::Propose { socket, cert, request } => {
             let certificate = std::fs::read_to_string(&cert).with_context(|| format!("reading {}", cert.display()))?;

@@ -9,16 +9,23 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use bytes::Bytes;
-use seb_agent::execute::{
-    aws::{AwsCredentials, operation::ServiceCall, sign::sign_request, xml::Element},
-    broker_http::exchange,
+use seb_agent::{
+    cert::MutationRequest,
+    execute::{
+        aws::{
+            AwsCredentials, AwsOperation, canonical, preset,
+            request::{AwsCall, api_error},
+            sign::sign_request,
+        },
+        broker_http::exchange,
+    },
 };
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// How many unauthenticated actions `seed` takes; IAM is enforced from the next one on.
-const SEED_ACTIONS: u32 = 21;
+const SEED_ACTIONS: u32 = 24;
 pub const ACCOUNT: &str = "123456789012";
 pub const REGION: &str = "us-east-1";
 /// A role whose attached policies the executor role may change.
@@ -39,6 +46,8 @@ pub struct AwsWorld {
     /// Long-lived credentials allowed to write the bucket: the baseline a broker is
     /// compared against.
     pub static_writer: AwsCredentials,
+    /// Allowed everything: changes made "by another path" than the broker.
+    pub admin: AwsCredentials,
     pub role_arn: String,
     /// A read-only role, for passthrough reads.
     pub reader_role_arn: String,
@@ -46,6 +55,11 @@ pub struct AwsWorld {
     pub bucket: String,
     pub other_bucket: String,
     pub security_group: String,
+    /// A second security group, for group-pair rules.
+    pub peer_group: String,
+    pub table: String,
+    pub queue_url: String,
+    pub parameter: String,
 }
 
 pub struct Moto {
@@ -94,15 +108,14 @@ where
     .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
 }
 
-/// One signed AWS call from inside the namespace, over a plain (unregistered) socket.
-pub fn call(
+/// Sign and send one request for `service` from inside the namespace, over a plain
+/// (unregistered) socket.
+pub fn send(
     netns: &str,
-    endpoint: &str,
-    call: ServiceCall,
+    mut request: http::Request<Bytes>,
+    service: &str,
     credentials: &AwsCredentials,
 ) -> Result<http::Response<Bytes>> {
-    let service = call.service;
-    let mut request = call.into_request(endpoint)?;
     sign_request(&mut request, credentials, service, REGION)?;
     let authority = request.uri().authority().context("no authority")?.to_string();
     in_netns(netns, move || async move {
@@ -111,58 +124,114 @@ pub fn call(
     })
 }
 
-fn query(
+/// One certified call (a mutation or a read), signed with `credentials`.
+pub fn call(
     netns: &str,
     endpoint: &str,
-    service: &'static str,
-    params: &[(&str, &str)],
+    call: &AwsCall,
     credentials: &AwsCredentials,
-) -> Result<Element> {
-    let params: Vec<(&str, String)> = params.iter().map(|(k, v)| (*k, v.to_string())).collect();
-    let response = call(netns, endpoint, ServiceCall::query(service, &params), credentials)?;
-    if !response.status().is_success() {
-        bail!("{service} {:?}: {}", params.first(), seb_agent::execute::aws::operation::api_error(&response));
-    }
-    Element::parse(response.body())
+) -> Result<http::Response<Bytes>> {
+    send(netns, call.http_request(endpoint)?, &call.service, credentials)
 }
 
-/// Create users, keys, the executor role, buckets and a security group, in exactly
-/// `SEED_ACTIONS` unauthenticated actions.
+fn request(
+    endpoint: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: String,
+) -> Result<http::Request<Bytes>> {
+    let uri: http::Uri = format!("{endpoint}{path}").parse()?;
+    let mut builder = http::Request::builder()
+        .method(method)
+        .header(http::header::HOST, uri.authority().context("no authority")?.as_str())
+        .header(http::header::CONTENT_LENGTH, body.len());
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    Ok(builder.uri(uri).body(Bytes::from(body))?)
+}
+
+/// A query-protocol call; the response as JSON (see `canonical::xml_to_json`).
+pub fn query(
+    netns: &str,
+    endpoint: &str,
+    service: &str,
+    form: &[(&str, &str)],
+    credentials: &AwsCredentials,
+) -> Result<Value> {
+    let content = [("content-type", "application/x-www-form-urlencoded; charset=utf-8")];
+    let http = request(endpoint, "POST", "/", &content, preset::query_body(form))?;
+    let response = send(netns, http, service, credentials)?;
+    ensure!(response.status().is_success(), "{service} {form:?}: {}", api_error(&response));
+    canonical::xml_to_json(response.body())
+}
+
+/// A JSON-protocol call (`target` is the X-Amz-Target); the response body.
+pub fn json_call(
+    netns: &str,
+    endpoint: &str,
+    service: &str,
+    target: &str,
+    body: &Value,
+    credentials: &AwsCredentials,
+) -> Result<Value> {
+    let headers = [("x-amz-target", target), ("content-type", "application/x-amz-json-1.0")];
+    let response = send(netns, request(endpoint, "POST", "/", &headers, body.to_string())?, service, credentials)?;
+    ensure!(response.status().is_success(), "{target}: {}", api_error(&response));
+    canonical::decode(response.body(), canonical::Decode::Json)
+}
+
+fn text(value: &Value, pointer: &str) -> Result<String> {
+    value
+        .pointer(pointer)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .with_context(|| format!("no {pointer} in {value}"))
+}
+
+/// Create users, keys, the executor and reader roles, buckets and a security group, in
+/// exactly `SEED_ACTIONS` unauthenticated actions; then, as an administrator, a DynamoDB
+/// table, an SQS queue and an SSM parameter.
 pub fn seed(netns: &str, endpoint: &str) -> Result<AwsWorld> {
     let anyone = AwsCredentials { access_key_id: "seed".into(), secret_access_key: "seed".into(), session_token: None };
-    let iam = |params: &[(&str, &str)]| {
-        query(netns, endpoint, "iam", &[&[("Version", "2010-05-08")], params].concat(), &anyone)
-    };
+    let iam =
+        |form: &[(&str, &str)]| query(netns, endpoint, "iam", &[&[("Version", "2010-05-08")], form].concat(), &anyone);
     let role_arn = format!("arn:aws:iam::{ACCOUNT}:role/seb-executor");
     let (bucket, other_bucket) = ("seb-demo".to_string(), "seb-other".to_string());
-    let user = |name: &str, policy: serde_json::Value| -> Result<AwsCredentials> {
+    let user = |name: &str, policy: Value| -> Result<AwsCredentials> {
         iam(&[("Action", "CreateUser"), ("UserName", name)])?;
         let key = iam(&[("Action", "CreateAccessKey"), ("UserName", name)])?;
-        let key = key.at(&["CreateAccessKeyResult", "AccessKey"]).context("no access key")?;
+        let key =
+            |field: &str| text(&key, &format!("/CreateAccessKeyResponse/CreateAccessKeyResult/AccessKey/{field}"));
+        let credentials = AwsCredentials {
+            access_key_id: key("AccessKeyId")?,
+            secret_access_key: key("SecretAccessKey")?,
+            session_token: None,
+        };
         iam(&[
             ("Action", "PutUserPolicy"),
             ("UserName", name),
             ("PolicyName", "only"),
             ("PolicyDocument", &policy.to_string()),
         ])?;
-        Ok(AwsCredentials {
-            access_key_id: key.text_at(&["AccessKeyId"]).context("no key id")?,
-            secret_access_key: key.text_at(&["SecretAccessKey"]).context("no secret")?,
-            session_token: None,
-        })
+        Ok(credentials)
     };
     let allow = |actions: &[&str], resource: &str| json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": resource}]});
     let broker = user("seb-broker", allow(&["sts:AssumeRole"], &format!("arn:aws:iam::{ACCOUNT}:role/seb-*")))?;
     let agent = user("ai-agent", allow(&["s3:GetObject", "ec2:Describe*"], "*"))?;
-    let sab = user("sab-reader", allow(&["s3:GetObject", "s3:GetBucketPolicy", "ec2:Describe*", "iam:List*"], "*"))?;
-    let static_writer = user("static-writer", allow(&["s3:PutObject"], &format!("arn:aws:s3:::{bucket}/*")))?;
+    let sab = user("sab-reader", allow(READS, "*"))?;
+    let static_writer = user("static-writer", allow(&["s3:PutObject", "dynamodb:PutItem"], "*"))?;
+    let admin = user("admin", allow(&["*"], "*"))?;
     let trust = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": format!("arn:aws:iam::{ACCOUNT}:user/seb-broker")}, "Action": "sts:AssumeRole"}]});
     iam(&[("Action", "CreateRole"), ("RoleName", "seb-executor"), ("AssumeRolePolicyDocument", &trust.to_string())])?;
     let role_policy = json!({"Version": "2012-10-17", "Statement": [
         {"Effect": "Allow", "Action": ["s3:PutObject", "s3:GetObject", "s3:DeleteObject"], "Resource": format!("arn:aws:s3:::{bucket}/*")},
         {"Effect": "Allow", "Action": ["s3:PutBucketPolicy", "s3:GetBucketPolicy"], "Resource": format!("arn:aws:s3:::{bucket}")},
         {"Effect": "Allow", "Action": ["ec2:AuthorizeSecurityGroupIngress", "ec2:RevokeSecurityGroupIngress", "ec2:DescribeSecurityGroups"], "Resource": "*"},
-        {"Effect": "Allow", "Action": ["iam:AttachRolePolicy", "iam:DetachRolePolicy", "iam:ListAttachedRolePolicies"], "Resource": format!("arn:aws:iam::{ACCOUNT}:role/{TARGET_ROLE}")}
+        {"Effect": "Allow", "Action": ["iam:AttachRolePolicy", "iam:DetachRolePolicy", "iam:ListAttachedRolePolicies"], "Resource": format!("arn:aws:iam::{ACCOUNT}:role/{TARGET_ROLE}")},
+        {"Effect": "Allow", "Action": ["dynamodb:PutItem", "dynamodb:GetItem", "sqs:SetQueueAttributes", "sqs:GetQueueAttributes",
+            "ssm:PutParameter", "ssm:GetParameter"], "Resource": "*"}
     ]});
     iam(&[
         ("Action", "PutRolePolicy"),
@@ -175,7 +244,7 @@ pub fn seed(netns: &str, endpoint: &str) -> Result<AwsWorld> {
     iam(&[("Action", "CreatePolicy"), ("PolicyName", "app-extra"), ("PolicyDocument", &extra)])?;
     let reader_role_arn = format!("arn:aws:iam::{ACCOUNT}:role/seb-reader");
     iam(&[("Action", "CreateRole"), ("RoleName", "seb-reader"), ("AssumeRolePolicyDocument", &trust.to_string())])?;
-    let read_policy = allow(&["s3:GetObject", "s3:GetBucketPolicy", "ec2:Describe*", "iam:List*"], "*");
+    let read_policy = allow(READS, "*");
     iam(&[
         ("Action", "PutRolePolicy"),
         ("RoleName", "seb-reader"),
@@ -183,65 +252,150 @@ pub fn seed(netns: &str, endpoint: &str) -> Result<AwsWorld> {
         ("PolicyDocument", &read_policy.to_string()),
     ])?;
     for name in [&bucket, &other_bucket] {
-        let create = ServiceCall {
-            service: "s3",
-            method: http::Method::PUT,
-            path: format!("/{name}"),
-            body: Bytes::new(),
-            content_type: None,
-        };
-        let response = call(netns, endpoint, create, &anyone)?;
+        let response = send(netns, request(endpoint, "PUT", &format!("/{name}"), &[], String::new())?, "s3", &anyone)?;
         ensure!(response.status().is_success(), "creating bucket {name}: {}", response.status());
     }
-    let group = query(
+    // (No spaces in signed form values: moto re-encodes them as `+` before checking signatures.)
+    fn ec2(name: &str) -> [(&str, &str); 4] {
+        [("Version", "2016-11-15"), ("Action", "CreateSecurityGroup"), ("GroupDescription", name), ("GroupName", name)]
+    }
+    let group = query(netns, endpoint, "ec2", &ec2("seb-demo"), &anyone)?;
+    let security_group = text(&group, "/CreateSecurityGroupResponse/groupId")?;
+
+    // IAM is enforced from here on.
+    let peer = query(netns, endpoint, "ec2", &ec2("seb-peer"), &admin)?;
+    let peer_group = text(&peer, "/CreateSecurityGroupResponse/groupId")?;
+    let table = "seb-table".to_string();
+    json_call(
         netns,
         endpoint,
-        "ec2",
-        &[
-            ("Action", "CreateSecurityGroup"),
-            ("Version", "2016-11-15"),
-            ("GroupName", "seb-demo"),
-            ("GroupDescription", "seb demo"),
-        ],
-        &anyone,
+        "dynamodb",
+        "DynamoDB_20120810.CreateTable",
+        &json!({
+        "TableName": table, "BillingMode": "PAY_PER_REQUEST",
+        "AttributeDefinitions": [{"AttributeName": "id", "AttributeType": "S"}],
+        "KeySchema": [{"AttributeName": "id", "KeyType": "HASH"}]}),
+        &admin,
     )?;
-    let security_group = group.text_at(&["groupId"]).context("no security group id")?;
+    let queue = json_call(netns, endpoint, "sqs", "AmazonSQS.CreateQueue", &json!({"QueueName": "seb-queue"}), &admin)?;
+    let queue_url = text(&queue, "/QueueUrl")?;
+    let parameter = "/seb/config".to_string();
+    json_call(
+        netns,
+        endpoint,
+        "ssm",
+        "AmazonSSM.PutParameter",
+        &json!({"Name": parameter, "Value": "replicas=3", "Type": "String"}),
+        &admin,
+    )?;
     Ok(AwsWorld {
         endpoint: endpoint.into(),
         broker,
         agent,
         sab,
         static_writer,
+        admin,
         role_arn,
         reader_role_arn,
         bucket,
         other_bucket,
         security_group,
+        peer_group,
+        table,
+        queue_url,
+        parameter,
     })
 }
 
+/// What the SAB and the broker's read identity may read.
+const READS: &[&str] = &[
+    "s3:GetObject",
+    "s3:GetBucketPolicy",
+    "ec2:Describe*",
+    "iam:List*",
+    "dynamodb:GetItem",
+    "sqs:GetQueueAttributes",
+    "ssm:GetParameter",
+];
+
 /// What the SAB does before certifying: read the target's live state and digest it.
-pub fn live_digest(netns: &str, world: &AwsWorld, request: &seb_agent::cert::MutationRequest) -> Result<String> {
-    let operation = seb_agent::execute::aws::AwsOperation::parse(request)?;
-    let response = call(netns, &world.endpoint, operation.state_read(), &world.sab)?;
-    Ok(seb_agent::execute::aws::operation::state_digest(&operation.canonical_state(&response)?))
+pub fn live_digest(netns: &str, world: &AwsWorld, request: &MutationRequest) -> Result<String> {
+    let read = AwsOperation::parse(request)?.precondition;
+    read.digest(&call(netns, &world.endpoint, &read.call, &world.sab)?)
 }
 
-/// `s3:PutObject` of `body` at `bucket/key`.
-pub fn put_object(bucket: &str, key: &str, body: &str) -> seb_agent::cert::MutationRequest {
+/// The session policies moto received with each AssumeRole, by session name. moto does
+/// not enforce session policies, so tests check what the broker asked for.
+pub fn session_policies(netns: &str, endpoint: &str) -> Result<Vec<(String, Option<Value>)>> {
+    let http = request(endpoint, "GET", "/moto-api/data.json", &[], String::new())?;
+    let authority = http.uri().authority().context("no authority")?.to_string();
+    let response = in_netns(netns, move || async move {
+        exchange(tokio::net::TcpStream::connect(authority.as_str()).await?, http).await
+    })?;
+    let data: Value = serde_json::from_slice(response.body()).context("moto's model data")?;
+    let sessions =
+        data.pointer("/sts/AssumedRole").and_then(Value::as_array).context("no STS sessions in moto's data")?;
+    sessions
+        .iter()
+        .map(|s| {
+            let policy = s["policy"].as_str().map(serde_json::from_str).transpose()?;
+            Ok((s["session_name"].as_str().unwrap_or_default().to_string(), policy))
+        })
+        .collect()
+}
+
+/// `s3:PutObject` of `body` at `bucket/key` (preset).
+pub fn put_object(bucket: &str, key: &str, body: &str) -> MutationRequest {
+    preset::request("s3:PutObject", &format!("arn:aws:s3:::{bucket}/{key}"), &json!({"body": body}))
+        .expect("valid preset")
+}
+
+/// `ec2:AuthorizeSecurityGroupIngress` of tcp/`port` from 10.0.0.0/8 (preset).
+pub fn authorize_ingress(group: &str, port: u16) -> MutationRequest {
+    let target = format!("arn:aws:ec2:{REGION}:{ACCOUNT}:security-group/{group}");
+    let rule =
+        json!({"ip_permissions": [{"protocol": "tcp", "from_port": port, "to_port": port, "cidrs": ["10.0.0.0/8"]}]});
+    preset::request("ec2:AuthorizeSecurityGroupIngress", &target, &rule).expect("valid preset")
+}
+
+/// A JSON-protocol mutation with a JSON-protocol precondition read, written out in full:
+/// what a contract for any AWS API looks like.
+pub fn json_request(
+    action: &str,
+    target: &str,
+    x_amz_target: &str,
+    body: Value,
+    read: (&str, &str, Value),
+    volatile: &[&str],
+) -> MutationRequest {
+    let (read_action, read_target, read_body) = read;
+    let headers = |target: &str| json!({"x-amz-target": target, "content-type": "application/x-amz-json-1.0"});
     serde_json::from_value(json!({
-        "provider": "aws", "operation": "s3:PutObject",
-        "target": format!("arn:aws:s3:::{bucket}/{key}"), "params": {"body": body}
+        "provider": "aws", "operation": action, "target": target,
+        "params": {
+            "protocol": "json",
+            "request": {"method": "POST", "path": "/", "headers": headers(x_amz_target), "body": body.to_string()},
+            "precondition": {"action": read_action, "protocol": "json",
+                "request": {"method": "POST", "path": "/", "headers": headers(read_target), "body": read_body.to_string()},
+                "volatile": volatile}
+        }
     }))
     .expect("valid request")
 }
 
-/// `ec2:AuthorizeSecurityGroupIngress` of tcp/`port` from 10.0.0.0/8.
-pub fn authorize_ingress(group: &str, port: u16) -> seb_agent::cert::MutationRequest {
-    serde_json::from_value(json!({
-        "provider": "aws", "operation": "ec2:AuthorizeSecurityGroupIngress",
-        "target": format!("arn:aws:ec2:{REGION}:{ACCOUNT}:security-group/{group}"),
-        "params": {"ip_permissions": [{"protocol": "tcp", "from_port": port, "to_port": port, "cidrs": ["10.0.0.0/8"]}]}
-    }))
-    .expect("valid request")
+/// `dynamodb:PutItem` of `item` into `table`, certified against GetItem of its key `id`.
+pub fn put_item(table: &str, item: Value) -> MutationRequest {
+    let key = json!({"id": item["id"].clone()});
+    json_request(
+        "dynamodb:PutItem",
+        &format!("arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{table}"),
+        "DynamoDB_20120810.PutItem",
+        json!({"TableName": table, "Item": item}),
+        (
+            "dynamodb:GetItem",
+            "DynamoDB_20120810.GetItem",
+            json!({"TableName": table, "Key": key, "ConsistentRead": true}),
+        ),
+        &[],
+    )
 }

@@ -12,14 +12,14 @@ use seb_agent::{
     enforcement::BrokerSockets,
     execute::{
         MintedIdentity, OutcomeStatus,
-        aws::{AwsConfig, AwsExecutor, AwsOperation},
+        aws::{AwsConfig, AwsExecutor, AwsOperation, preset},
         broker_http::BrokerHttp,
     },
 };
 use seb_sandbox::{
     Sandbox, Tools,
     broker::{Broker, certified, this_process},
-    moto::{self, AwsWorld, Moto, authorize_ingress, put_object},
+    moto::{self, AwsWorld, Moto, put_object},
 };
 use serde_json::json;
 
@@ -69,8 +69,8 @@ impl World {
 
     fn object(&self, key: &str) -> Option<String> {
         let request = put_object(&self.aws.bucket, key, "");
-        let operation = AwsOperation::parse(&request).unwrap();
-        let response = moto::call(self.netns(), &self.aws.endpoint, operation.state_read(), &self.aws.sab).unwrap();
+        let read = AwsOperation::parse(&request).unwrap().precondition;
+        let response = moto::call(self.netns(), &self.aws.endpoint, &read.call, &self.aws.sab).unwrap();
         (response.status() == 200).then(|| String::from_utf8(response.body().to_vec()).unwrap())
     }
 }
@@ -102,9 +102,12 @@ fn certified_s3_and_ec2_mutations_execute_with_a_session_minted_for_each() {
     assert_eq!(source_identity, &decision.decision_id);
     assert_eq!(*duration_seconds, 900);
     assert_eq!(w.object("config/app.json").as_deref(), Some("replicas=3"));
-    assert_eq!(outcome.resulting_state_digest.as_deref(), Some(w.live_digest(&request).as_str()));
+    assert_eq!(outcome.resulting_state_digest, None, "no postcondition, no resulting-state read");
 
-    let request = authorize_ingress(&w.aws.security_group, 443);
+    let target = format!("arn:aws:ec2:{}:{}:security-group/{}", moto::REGION, moto::ACCOUNT, w.aws.security_group);
+    let rule = json!({"ip_permissions": [{"protocol": "tcp", "from_port": 443, "to_port": 443, "cidrs": ["10.0.0.0/8"]}],
+        "postcondition": true});
+    let request = preset::request("ec2:AuthorizeSecurityGroupIngress", &target, &rule).unwrap();
     let before = w.live_digest(&request);
     let decision = w.broker.decide(&w.contract(&request), &request);
     let outcome = assert_executed(&decision);
@@ -164,7 +167,7 @@ fn the_agents_own_credentials_are_refused_and_its_direct_connection_is_blocked()
     let operation = AwsOperation::parse(&request).unwrap();
 
     // From outside the enforced cgroup the API is reachable, and IAM refuses the agent.
-    let response = moto::call(w.netns(), &w.aws.endpoint, operation.mutation(), &w.aws.agent).unwrap();
+    let response = moto::call(w.netns(), &w.aws.endpoint, &operation.mutation, &w.aws.agent).unwrap();
     assert_eq!(response.status(), 403, "{}", String::from_utf8_lossy(response.body()));
     assert!(String::from_utf8_lossy(response.body()).contains("AccessDenied"));
     assert_eq!(w.object("config/app.json"), None);
@@ -187,10 +190,7 @@ fn a_minted_session_carries_the_certified_session_policy_and_stays_within_its_ro
     let policy = operation.session_policy();
     assert_eq!(
         policy["Statement"],
-        json!([
-            {"Effect": "Allow", "Action": ["s3:PutObject"], "Resource": ["arn:aws:s3:::seb-demo/config/app.json"]},
-            {"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": ["arn:aws:s3:::seb-demo/config/app.json"]},
-        ])
+        json!([{"Effect": "Allow", "Action": ["s3:PutObject"], "Resource": ["arn:aws:s3:::seb-demo/config/app.json"]}])
     );
     let pin_path = w.broker.sandbox.pin_path.clone();
     let dir = w.broker.sandbox.dir.clone();
@@ -202,9 +202,10 @@ fn a_minted_session_carries_the_certified_session_policy_and_stays_within_its_ro
             endpoint: Some(aws.endpoint.clone()),
             region: moto::REGION.into(),
             credentials_file: credentials,
+            read_role_arn: None,
         };
         let executor = AwsExecutor::new(config, BrokerHttp::new(BrokerSockets::open_at(&pin_path)?))?;
-        let session = executor.mint(&aws.role_arn, "d-test", &policy).await?;
+        let session = executor.mint(&aws.role_arn, "d-test", Some(&policy)).await?;
         let (status, _) = executor.mutate(&AwsOperation::parse(&other)?, &session).await?;
         Ok(status)
     })
@@ -238,6 +239,7 @@ fn a_decision_left_without_an_outcome_by_a_crash_is_reconciled_on_restart() {
             operation: request.operation.clone(),
             target: request.target.clone(),
             digest: request.digest(),
+            state_read: request.state_read().cloned(),
         },
         identity: Some(ScopedIdentity::AwsRole { role_arn: w.aws.role_arn.clone() }),
         active_epochs: Epochs { policy: Some(1), revocation: Some(1) },
@@ -301,7 +303,13 @@ fn passthrough_reads_need_no_certificate_only_read_and_are_recorded() {
 fn every_supported_s3_ec2_and_iam_mutation_executes_against_the_emulator() {
     let w = world("awsops");
     let run = |request: serde_json::Value| {
-        let request: MutationRequest = serde_json::from_value(request).unwrap();
+        let mut params = request["params"].clone();
+        if params.is_null() {
+            params = json!({});
+        }
+        params["postcondition"] = json!(true);
+        let operation = request["operation"].as_str().unwrap();
+        let request = preset::request(operation, request["target"].as_str().unwrap(), &params).unwrap();
         let decision = w.broker.decide(&w.contract(&request), &request);
         let outcome = assert_executed(&decision).clone();
         assert_eq!(outcome.resulting_state_digest, Some(w.live_digest(&request)), "{outcome:?}");

@@ -79,12 +79,8 @@ impl Demo {
         self.say(&format!("connect({API}) from the agent's cgroup -> {}", direct["result"]));
         ensure!(direct["result"] == "EPERM", "the kernel must refuse the agent: {direct}");
         let put = put_object(&self.aws.bucket, "config/app.json", "replicas=3");
-        let response = moto::call(
-            &self.sandbox.netns,
-            &self.aws.endpoint,
-            AwsOperation::parse(&put)?.mutation(),
-            &self.aws.agent,
-        )?;
+        let response =
+            moto::call(&self.sandbox.netns, &self.aws.endpoint, &AwsOperation::parse(&put)?.mutation, &self.aws.agent)?;
         self.say(&format!(
             "and even where it could connect, its own credentials are refused: HTTP {} (AccessDenied)",
             response.status().as_u16()

@@ -160,7 +160,8 @@ pub fn release_tools() -> Result<seb_sandbox::Tools> {
         "seb-tests",
         "--bins",
     ]))?;
-    Ok(seb_sandbox::Tools::in_dir(&workspace_root().join("target/release")))
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from);
+    Ok(seb_sandbox::Tools::in_dir(&target.join("release")))
 }
 
 pub fn workspace_root() -> PathBuf {

@@ -73,6 +73,9 @@ pub struct RequestSummary {
     pub operation: String,
     pub target: String,
     pub digest: String,
+    /// How the target's state is read, where the request says (to read it again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_read: Option<serde_json::Value>,
 }
 
 impl RequestSummary {
@@ -82,6 +85,7 @@ impl RequestSummary {
             operation: request.operation.clone(),
             target: request.target.clone(),
             digest: request.digest(),
+            state_read: request.state_read().cloned(),
         }
     }
 }

@@ -68,6 +68,12 @@ impl MutationRequest {
         digest_of(self)
     }
 
+    /// `params.precondition`: how the target's state is read, for providers whose
+    /// requests say (AWS); others read a target from its name alone.
+    pub fn state_read(&self) -> Option<&serde_json::Value> {
+        self.params.get("precondition")
+    }
+
     /// Every number in the parameters is within the I-JSON range, so the digest names
     /// exactly this request.
     pub fn check_numbers(&self) -> Result<(), NumberError> {

@@ -5,10 +5,11 @@
 //! Canonical live state of a target URL: `{"status"}` of a GET, plus the body as
 //! canonical JSON when it is JSON, or its `sha256` otherwise.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc, time::Instant};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use http::{Method, Request, Uri};
 use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose, SanType, SerialNumber};
 use serde::{Deserialize, Serialize};
@@ -21,13 +22,17 @@ use tokio_rustls::rustls::{
 };
 
 use super::{
-    MintedIdentity,
+    Executor, MintedIdentity, Mutation, Performed, Prepared, Refusal, Timings,
     broker_http::{BrokerHttp, roots_from_pem_file, tls_builder},
+    identity_mismatch, mint_failed, ms, read_failed, unsupported,
 };
-use crate::cert::{
-    MutationRequest,
-    ca::{self, CaFiles},
-    contract::canonical_json,
+use crate::{
+    admission::RequestSummary,
+    cert::{
+        MutationRequest, Provider,
+        ca::{self, CaFiles},
+        contract::{ScopedIdentity, canonical_json},
+    },
 };
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -72,34 +77,29 @@ impl HttpOperation {
             "DELETE" => Method::DELETE,
             other => bail!("HTTP operation `{other}` is not a mutation (PUT, POST, PATCH or DELETE)"),
         };
-        let url: Uri = request.target.parse().with_context(|| format!("`{}` is not a URL", request.target))?;
-        if url.scheme_str() != Some("https") {
-            bail!("HTTP targets must be https:// URLs (mutual TLS with a minted client certificate)");
-        }
+        let url = target_url(&request.target)?;
         let body = request.params.get("body").map(|body| Bytes::from(body.to_string()));
         Ok(Self { method, url, body })
     }
+}
 
-    /// The operation on `target` with no body: enough to read its live state.
-    pub fn for_reading(target: &str) -> Result<Self> {
-        let request = MutationRequest {
-            provider: crate::cert::Provider::Http,
-            operation: "PUT".into(),
-            target: target.into(),
-            params: Value::Null,
-        };
-        Self::parse(&request)
+/// The https:// URL a request targets.
+pub fn target_url(target: &str) -> Result<Uri> {
+    let url: Uri = target.parse().with_context(|| format!("`{target}` is not a URL"))?;
+    if url.scheme_str() != Some("https") {
+        bail!("HTTP targets must be https:// URLs (mutual TLS with a minted client certificate)");
     }
+    Ok(url)
+}
 
-    fn request(&self, method: Method, body: Option<Bytes>) -> Result<Request<Bytes>> {
-        let host = self.url.authority().context("URL without host")?.to_string();
-        let body = body.unwrap_or_default();
-        let mut builder = Request::builder().method(method).uri(self.url.clone()).header(http::header::HOST, host);
-        if !body.is_empty() {
-            builder = builder.header(http::header::CONTENT_TYPE, "application/json");
-        }
-        Ok(builder.header(http::header::CONTENT_LENGTH, body.len()).body(body)?)
+fn http_request(url: &Uri, method: Method, body: Option<Bytes>) -> Result<Request<Bytes>> {
+    let host = url.authority().context("URL without host")?.to_string();
+    let body = body.unwrap_or_default();
+    let mut builder = Request::builder().method(method).uri(url.clone()).header(http::header::HOST, host);
+    if !body.is_empty() {
+        builder = builder.header(http::header::CONTENT_TYPE, "application/json");
     }
+    Ok(builder.header(http::header::CONTENT_LENGTH, body.len()).body(body)?)
 }
 
 /// A minted client certificate, as TLS configuration.
@@ -153,31 +153,87 @@ impl HttpsExecutor {
         Ok(ClientSession { tls: Arc::new(tls), identity })
     }
 
-    pub async fn live_state(&self, operation: &HttpOperation, session: &ClientSession) -> Result<(Value, String)> {
-        let (status, body, _) = self.get(operation, session).await?;
-        let state = canonical_state(status, &body);
-        let digest = crate::cert::contract::digest_of(&state);
-        Ok((state, digest))
-    }
-
     /// GET the target: status, body, and the digest of its canonical state.
-    pub async fn get(&self, operation: &HttpOperation, session: &ClientSession) -> Result<(u16, Bytes, String)> {
-        let response = self.http.send_with(operation.request(Method::GET, None)?, session.tls.clone()).await?;
+    pub async fn get(&self, url: &Uri, session: &ClientSession) -> Result<(u16, Bytes, String)> {
+        let response = self.http.send_with(http_request(url, Method::GET, None)?, session.tls.clone()).await?;
         let status = response.status().as_u16();
         if status >= 500 {
-            bail!("reading {} failed: HTTP {status}", operation.url);
+            bail!("reading {url} failed: HTTP {status}");
         }
         let digest = crate::cert::contract::digest_of(&canonical_state(status, response.body()));
         Ok((status, response.into_body(), digest))
     }
 
     pub async fn mutate(&self, operation: &HttpOperation, session: &ClientSession) -> Result<(u16, Option<String>)> {
-        let request = operation.request(operation.method.clone(), operation.body.clone())?;
+        let request = http_request(&operation.url, operation.method.clone(), operation.body.clone())?;
         let response = self.http.send_with(request, session.tls.clone()).await?;
         let status = response.status();
         let error = (!status.is_success())
             .then(|| format!("HTTP {}: {}", status.as_u16(), String::from_utf8_lossy(response.body())));
         Ok((status.as_u16(), error))
+    }
+}
+
+/// A minted client certificate and the mutation it may perform.
+struct HttpsMutation<'a> {
+    executor: &'a HttpsExecutor,
+    operation: HttpOperation,
+    session: ClientSession,
+}
+
+impl<'a> Mutation<'a> for HttpsMutation<'a> {
+    fn identity(&self) -> &MintedIdentity {
+        &self.session.identity
+    }
+
+    fn perform(self: Box<Self>) -> BoxFuture<'a, Performed> {
+        Box::pin(async move {
+            let result = self.executor.mutate(&self.operation, &self.session).await;
+            let resulting = self.executor.get(&self.operation.url, &self.session).await.ok().map(|(_, _, d)| d);
+            (result, resulting)
+        })
+    }
+
+    fn discard(self: Box<Self>) -> BoxFuture<'a, ()> {
+        // A client certificate cannot be recalled; it expires with its short lifetime.
+        Box::pin(async {})
+    }
+}
+
+impl Executor for HttpsExecutor {
+    fn prepare<'a: 'r, 'r>(
+        &'a self,
+        identity: &'r ScopedIdentity,
+        request: &'r MutationRequest,
+        decision_id: &'r str,
+    ) -> BoxFuture<'r, Result<(Prepared<'a>, String, Timings), Refusal>> {
+        Box::pin(async move {
+            let ScopedIdentity::X509Client { subject } = identity else {
+                return Err(identity_mismatch(Provider::Http, identity));
+            };
+            let operation = HttpOperation::parse(request).map_err(unsupported)?;
+            let clock = Instant::now();
+            let session = self.mint(subject, decision_id).map_err(mint_failed)?;
+            let mint_ms = ms(clock);
+            let clock = Instant::now();
+            let (_, _, digest) = self.get(&operation.url, &session).await.map_err(read_failed)?;
+            let timings = Timings { mint_ms, drift_check_ms: ms(clock), execute_ms: 0.0 };
+            Ok((Box::new(HttpsMutation { executor: self, operation, session }) as Prepared<'a>, digest, timings))
+        })
+    }
+
+    fn read_again<'a>(
+        &'a self,
+        request: &'a RequestSummary,
+        identity: &'a ScopedIdentity,
+        decision_id: &'a str,
+    ) -> BoxFuture<'a, Result<(MintedIdentity, String)>> {
+        Box::pin(async move {
+            let ScopedIdentity::X509Client { subject } = identity else { bail!("an HTTP target needs an x509_client") };
+            let session = self.mint(subject, decision_id)?;
+            let (_, _, digest) = self.get(&target_url(&request.target)?, &session).await?;
+            Ok((session.identity, digest))
+        })
     }
 }
 

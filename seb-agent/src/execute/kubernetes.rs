@@ -18,8 +18,11 @@
 //! creationTimestamp, generation, managedFields}` and without `status`; `{"exists": false}`
 //! when it is absent.
 
+use std::time::Instant;
+
 use anyhow::{Context, Result, bail};
 use base64::Engine;
+use futures::future::BoxFuture;
 use k8s_openapi::api::{
     authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
     core::v1::{Secret, ServiceAccount},
@@ -31,12 +34,16 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use super::{MintedIdentity, broker_http::BrokerHttp};
+use super::{
+    Executor, MintedIdentity, Mutation, Performed, Prepared, Refusal, Timings, broker_http::BrokerHttp,
+    identity_mismatch, mint_failed, ms, read_failed, unsupported,
+};
 pub use crate::kube_api::KubernetesConfig;
 use crate::{
+    admission::RequestSummary,
     cert::{
-        MutationRequest,
-        contract::{canonical_json, digest_of},
+        MutationRequest, Provider,
+        contract::{ScopedIdentity, canonical_json, digest_of},
     },
     kube_api::{KubeApi, Token},
 };
@@ -49,6 +56,12 @@ const FIELD_MANAGER: &str = "seb-broker";
 #[derive(Debug, Clone, PartialEq)]
 pub struct KubeOperation {
     pub verb: Verb,
+    pub target: KubeTarget,
+}
+
+/// An object: `<apiVersion>/<Kind>/<namespace>/<name>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KubeTarget {
     pub gvk: GroupVersionKind,
     pub namespace: String,
     pub name: String,
@@ -63,28 +76,27 @@ pub enum Verb {
     Delete,
 }
 
-impl KubeOperation {
-    /// The target alone: enough to read its live state.
-    pub fn for_reading(target: &str) -> Result<Self> {
-        let request = MutationRequest {
-            provider: crate::cert::Provider::Kubernetes,
-            operation: "delete".into(),
-            target: target.into(),
-            params: Value::Null,
-        };
-        Self::parse(&request)
-    }
-
-    pub fn parse(request: &MutationRequest) -> Result<Self> {
-        let usage =
-            || format!("Kubernetes targets are <apiVersion>/<Kind>/<namespace>/<name>, not `{}`", request.target);
-        let parts: Vec<&str> = request.target.split('/').collect();
+impl KubeTarget {
+    pub fn parse(target: &str) -> Result<Self> {
+        let usage = || format!("Kubernetes targets are <apiVersion>/<Kind>/<namespace>/<name>, not `{target}`");
+        let parts: Vec<&str> = target.split('/').collect();
         let (api_version, kind, namespace, name) = match parts.as_slice() {
             [version, kind, ns, name] => (version.to_string(), *kind, *ns, *name),
             [group, version, kind, ns, name] => (format!("{group}/{version}"), *kind, *ns, *name),
             _ => bail!(usage()),
         };
         let (group, version) = api_version.rsplit_once('/').map_or(("", api_version.as_str()), |(g, v)| (g, v));
+        Ok(Self { gvk: GroupVersionKind::gvk(group, version, kind), namespace: namespace.into(), name: name.into() })
+    }
+
+    fn api(&self, client: &Client) -> Api<DynamicObject> {
+        Api::namespaced_with(client.clone(), &self.namespace, &ApiResource::from_gvk(&self.gvk))
+    }
+}
+
+impl KubeOperation {
+    pub fn parse(request: &MutationRequest) -> Result<Self> {
+        let target = KubeTarget::parse(&request.target)?;
         let params = &request.params;
         let verb = match request.operation.as_str() {
             "create" => Verb::Create(params.get("object").cloned().context("create needs params.object")?),
@@ -96,16 +108,7 @@ impl KubeOperation {
             "delete" => Verb::Delete,
             other => bail!("Kubernetes operation `{other}` is not one of create, patch, apply, scale, delete"),
         };
-        Ok(Self {
-            verb,
-            gvk: GroupVersionKind::gvk(group, version, kind),
-            namespace: namespace.into(),
-            name: name.into(),
-        })
-    }
-
-    fn api(&self, client: &Client) -> Api<DynamicObject> {
-        Api::namespaced_with(client.clone(), &self.namespace, &ApiResource::from_gvk(&self.gvk))
+        Ok(Self { verb, target })
     }
 }
 
@@ -197,27 +200,11 @@ impl KubernetesExecutor {
         })
     }
 
-    /// Mint, read the target's state, revoke: for reconciliation.
-    pub async fn read(
-        &self,
-        operation: &KubeOperation,
-        namespace: &str,
-        service_account: &str,
-        id: &str,
-    ) -> Result<(MintedIdentity, String)> {
-        let mut session = self.mint(namespace, service_account, id).await?;
-        let state = self.live_state(operation, &mut session).await;
-        self.revoke(&session).await;
-        Ok((session.identity, state?.1))
-    }
-
     /// Read the target; remembers its resourceVersion for the write's precondition.
-    pub async fn live_state(&self, operation: &KubeOperation, session: &mut KubeSession) -> Result<(Value, String)> {
-        let object = operation.api(&session.client).get_opt(&operation.name).await?;
+    pub async fn live_state(&self, target: &KubeTarget, session: &mut KubeSession) -> Result<String> {
+        let object = target.api(&session.client).get_opt(&target.name).await?;
         session.resource_version = object.as_ref().and_then(|o| o.metadata.resource_version.clone());
-        let state = canonical_state(object.as_ref());
-        let digest = digest_of(&state);
-        Ok((state, digest))
+        Ok(digest_of(&canonical_state(object.as_ref())))
     }
 
     /// Perform the mutation with the drift check's resourceVersion as precondition. The
@@ -231,7 +218,7 @@ impl KubernetesExecutor {
     }
 
     async fn write(&self, operation: &KubeOperation, session: &KubeSession) -> Result<(), kube::Error> {
-        let api = operation.api(&session.client);
+        let (api, name) = (operation.target.api(&session.client), &operation.target.name);
         let version = session.resource_version.clone();
         let with_version = |mut value: Value| {
             if let Some(object) = value.as_object_mut() {
@@ -245,24 +232,23 @@ impl KubernetesExecutor {
                 let object: DynamicObject = serde_json::from_value(object.clone()).map_err(kube::Error::SerdeError)?;
                 api.create(&PostParams::default(), &object).await.map(drop)
             }
-            Verb::Patch(patch) => api
-                .patch(&operation.name, &PatchParams::default(), &Patch::Merge(with_version(patch.clone())))
-                .await
-                .map(drop),
+            Verb::Patch(patch) => {
+                api.patch(name, &PatchParams::default(), &Patch::Merge(with_version(patch.clone()))).await.map(drop)
+            }
             Verb::Apply(object) => {
                 let params = PatchParams::apply(FIELD_MANAGER).force();
-                api.patch(&operation.name, &params, &Patch::Apply(with_version(object.clone()))).await.map(drop)
+                api.patch(name, &params, &Patch::Apply(with_version(object.clone()))).await.map(drop)
             }
             Verb::Scale(replicas) => {
                 let patch = with_version(json!({"spec": {"replicas": replicas}}));
-                api.patch_scale(&operation.name, &PatchParams::default(), &Patch::Merge(patch)).await.map(drop)
+                api.patch_scale(name, &PatchParams::default(), &Patch::Merge(patch)).await.map(drop)
             }
             Verb::Delete => {
                 let params = DeleteParams {
                     preconditions: Some(Preconditions { resource_version: version, uid: None }),
                     ..Default::default()
                 };
-                api.delete(&operation.name, &params).await.map(drop)
+                api.delete(name, &params).await.map(drop)
             }
         }
     }
@@ -273,6 +259,81 @@ impl KubernetesExecutor {
         if let Err(e) = api.delete(&session.secret, &DeleteParams::default()).await {
             tracing::warn!(secret = %session.secret, error = %e, "deleting the token's Secret failed; the token expires on its own");
         }
+    }
+}
+
+/// A minted token and the mutation it may perform.
+struct KubeMutation<'a> {
+    executor: &'a KubernetesExecutor,
+    operation: KubeOperation,
+    session: KubeSession,
+}
+
+impl<'a> Mutation<'a> for KubeMutation<'a> {
+    fn identity(&self) -> &MintedIdentity {
+        &self.session.identity
+    }
+
+    fn perform(mut self: Box<Self>) -> BoxFuture<'a, Performed> {
+        Box::pin(async move {
+            let result = self.executor.mutate(&self.operation, &self.session).await;
+            let resulting = self.executor.live_state(&self.operation.target, &mut self.session).await.ok();
+            // The state is read: the token can stop authenticating now.
+            self.executor.revoke(&self.session).await;
+            (result, resulting)
+        })
+    }
+
+    fn discard(self: Box<Self>) -> BoxFuture<'a, ()> {
+        Box::pin(async move { self.executor.revoke(&self.session).await })
+    }
+}
+
+impl Executor for KubernetesExecutor {
+    fn prepare<'a: 'r, 'r>(
+        &'a self,
+        identity: &'r ScopedIdentity,
+        request: &'r MutationRequest,
+        decision_id: &'r str,
+    ) -> BoxFuture<'r, Result<(Prepared<'a>, String, Timings), Refusal>> {
+        Box::pin(async move {
+            let ScopedIdentity::KubernetesServiceAccount { namespace, name } = identity else {
+                return Err(identity_mismatch(Provider::Kubernetes, identity));
+            };
+            let operation = KubeOperation::parse(request).map_err(unsupported)?;
+            let clock = Instant::now();
+            let mut session = self.mint(namespace, name, decision_id).await.map_err(mint_failed)?;
+            let mint_ms = ms(clock);
+            let clock = Instant::now();
+            let digest = match self.live_state(&operation.target, &mut session).await {
+                Ok(digest) => digest,
+                Err(e) => {
+                    self.revoke(&session).await;
+                    return Err(read_failed(e));
+                }
+            };
+            let timings = Timings { mint_ms, drift_check_ms: ms(clock), execute_ms: 0.0 };
+            Ok((Box::new(KubeMutation { executor: self, operation, session }) as Prepared<'a>, digest, timings))
+        })
+    }
+
+    /// Mint, read the target's state, revoke.
+    fn read_again<'a>(
+        &'a self,
+        request: &'a RequestSummary,
+        identity: &'a ScopedIdentity,
+        decision_id: &'a str,
+    ) -> BoxFuture<'a, Result<(MintedIdentity, String)>> {
+        Box::pin(async move {
+            let ScopedIdentity::KubernetesServiceAccount { namespace, name } = identity else {
+                bail!("a Kubernetes target needs a kubernetes_service_account")
+            };
+            let target = KubeTarget::parse(&request.target)?;
+            let mut session = self.mint(namespace, name, decision_id).await?;
+            let state = self.live_state(&target, &mut session).await;
+            self.revoke(&session).await;
+            Ok((session.identity, state?))
+        })
     }
 }
 
@@ -299,11 +360,11 @@ mod tests {
     fn targets_name_group_version_kind_namespace_and_name() {
         let op =
             KubeOperation::parse(&request("scale", "apps/v1/Deployment/prod/web", json!({"replicas": 3}))).unwrap();
-        assert_eq!(op.gvk, GroupVersionKind::gvk("apps", "v1", "Deployment"));
-        assert_eq!((op.namespace.as_str(), op.name.as_str()), ("prod", "web"));
+        assert_eq!(op.target.gvk, GroupVersionKind::gvk("apps", "v1", "Deployment"));
+        assert_eq!((op.target.namespace.as_str(), op.target.name.as_str()), ("prod", "web"));
         assert_eq!(op.verb, Verb::Scale(3));
         let core = KubeOperation::parse(&request("delete", "v1/ConfigMap/prod/settings", Value::Null)).unwrap();
-        assert_eq!(core.gvk, GroupVersionKind::gvk("", "v1", "ConfigMap"));
+        assert_eq!(core.target.gvk, GroupVersionKind::gvk("", "v1", "ConfigMap"));
         assert!(KubeOperation::parse(&request("delete", "Deployment/web", Value::Null)).is_err());
         assert!(KubeOperation::parse(&request("exec", "v1/Pod/prod/x", Value::Null)).is_err());
     }

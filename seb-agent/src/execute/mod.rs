@@ -10,10 +10,11 @@ pub mod reconcile;
 
 use std::time::Instant;
 
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    admission::Reason,
+    admission::{Reason, RequestSummary},
     cert::{ExecutionContract, MutationRequest, Provider, contract::ScopedIdentity},
 };
 
@@ -113,30 +114,77 @@ fn is_unset(seq: &i64) -> bool {
     *seq == 0
 }
 
+/// A refusal before anything was sent: its reason code and message.
+pub type Refusal = (Reason, String);
+
+/// What each provider's executor does for one decision.
+pub trait Executor: Send + Sync {
+    /// Mint the identity the contract names for the request, and read the target's live
+    /// state; returns the mutation ready to perform, the live state's digest, and how long
+    /// minting and reading took.
+    fn prepare<'a: 'r, 'r>(
+        &'a self,
+        identity: &'r ScopedIdentity,
+        request: &'r MutationRequest,
+        decision_id: &'r str,
+    ) -> BoxFuture<'r, Result<(Prepared<'a>, String, Timings), Refusal>>;
+
+    /// Read the live state of a recorded request's target, with a read-only identity
+    /// (reconciliation after a restart).
+    fn read_again<'a>(
+        &'a self,
+        request: &'a RequestSummary,
+        identity: &'a ScopedIdentity,
+        decision_id: &'a str,
+    ) -> BoxFuture<'a, anyhow::Result<(MintedIdentity, String)>>;
+}
+
+/// A minted identity and the mutation it may perform, between the drift check and
+/// execution.
+pub trait Mutation<'a>: Send + 'a {
+    fn identity(&self) -> &MintedIdentity;
+    /// Send the mutation: the API status and its error if it refused, and the resulting
+    /// state's digest where it is read.
+    fn perform(self: Box<Self>) -> BoxFuture<'a, Performed>;
+    /// Drop it unperformed: credentials that can be cut short are.
+    fn discard(self: Box<Self>) -> BoxFuture<'a, ()>;
+}
+
+pub type Prepared<'a> = Box<dyn Mutation<'a> + 'a>;
+
+/// The API status and its error if it refused (or why nothing was sent), and the
+/// resulting state's digest where it is read.
+pub type Performed = (anyhow::Result<(u16, Option<String>)>, Option<String>);
+
+/// The refusal for a contract whose identity the provider cannot mint.
+pub fn identity_mismatch(provider: Provider, identity: &ScopedIdentity) -> Refusal {
+    (
+        Reason::MalformedContract,
+        format!("a {provider} contract cannot mint a {} identity on this broker", identity.kind()),
+    )
+}
+
+/// The refusal for a request the provider cannot perform.
+pub fn unsupported(e: anyhow::Error) -> Refusal {
+    (Reason::UnsupportedOperation, format!("{e:#}"))
+}
+
+/// The refusal when the identity cannot be minted.
+pub fn mint_failed(e: anyhow::Error) -> Refusal {
+    (Reason::LiveStateUnavailable, format!("minting the scoped identity failed: {e:#}"))
+}
+
+/// The refusal when the live state cannot be read.
+pub fn read_failed(e: anyhow::Error) -> Refusal {
+    (Reason::LiveStateUnavailable, format!("the live state could not be read, so nothing is admitted: {e:#}"))
+}
+
 /// The executors this broker has, by provider.
 #[derive(Default)]
 pub struct Executors {
     pub aws: Option<aws::AwsExecutor>,
     pub https: Option<https::HttpsExecutor>,
     pub kubernetes: Option<kubernetes::KubernetesExecutor>,
-}
-
-/// A minted identity and the operation it may perform, between the drift check and
-/// execution.
-pub enum Prepared {
-    Aws { operation: aws::AwsOperation, session: aws::Session },
-    Https { operation: https::HttpOperation, session: https::ClientSession },
-    Kubernetes { operation: kubernetes::KubeOperation, session: Box<kubernetes::KubeSession> },
-}
-
-impl Prepared {
-    pub fn identity(&self) -> &MintedIdentity {
-        match self {
-            Self::Aws { session, .. } => &session.identity,
-            Self::Https { session, .. } => &session.identity,
-            Self::Kubernetes { session, .. } => &session.identity,
-        }
-    }
 }
 
 /// What executing a prepared mutation did.
@@ -149,105 +197,46 @@ pub struct Executed {
     pub execute_ms: f64,
 }
 
-type Refusal = (Reason, String);
-
-fn ms(since: Instant) -> f64 {
+pub(crate) fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
 impl Executors {
-    pub fn handles(&self, provider: Provider) -> bool {
+    /// The executor for `provider`, if this broker has one: the one dispatch.
+    pub fn get(&self, provider: Provider) -> Option<&dyn Executor> {
         match provider {
-            Provider::Aws => self.aws.is_some(),
-            Provider::Http => self.https.is_some(),
-            Provider::Kubernetes => self.kubernetes.is_some(),
+            Provider::Aws => self.aws.as_ref().map(|e| e as &dyn Executor),
+            Provider::Http => self.https.as_ref().map(|e| e as &dyn Executor),
+            Provider::Kubernetes => self.kubernetes.as_ref().map(|e| e as &dyn Executor),
         }
+    }
+
+    pub fn handles(&self, provider: Provider) -> bool {
+        self.get(provider).is_some()
     }
 
     /// Mint the contract's identity and read the target's live state; returns the
     /// prepared mutation and the live state's digest. Errors carry their reason code.
-    pub async fn prepare(
-        &self,
+    pub async fn prepare<'a>(
+        &'a self,
         contract: &ExecutionContract,
         request: &MutationRequest,
         decision_id: &str,
         timings: &mut Timings,
-    ) -> Result<(Prepared, String), Refusal> {
-        let clock = Instant::now();
-        let mut prepared = self.mint(contract, request, decision_id).await?;
-        timings.mint_ms = ms(clock);
-        let clock = Instant::now();
-        let digest = self.live_digest(&mut prepared).await.map_err(|e| {
-            (Reason::LiveStateUnavailable, format!("the live state could not be read, so nothing is admitted: {e:#}"))
+    ) -> Result<(Prepared<'a>, String), Refusal> {
+        let executor = self.get(request.provider).ok_or_else(|| {
+            (Reason::UnsupportedOperation, format!("this broker has no executor for provider {}", request.provider))
         })?;
-        timings.drift_check_ms = ms(clock);
+        let (prepared, digest, taken) = executor.prepare(&contract.identity, request, decision_id).await?;
+        *timings = taken;
         Ok((prepared, digest))
     }
 
-    /// The identity the contract names, for the operation the request names.
-    async fn mint(
-        &self,
-        contract: &ExecutionContract,
-        request: &MutationRequest,
-        decision_id: &str,
-    ) -> Result<Prepared, Refusal> {
-        let unsupported = |e: anyhow::Error| (Reason::UnsupportedOperation, format!("{e:#}"));
-        let unavailable =
-            |e: anyhow::Error| (Reason::LiveStateUnavailable, format!("minting the scoped identity failed: {e:#}"));
-        match (request.provider, &contract.identity) {
-            (Provider::Aws, ScopedIdentity::AwsRole { role_arn }) if self.aws.is_some() => {
-                let executor = self.aws.as_ref().expect("checked");
-                let operation = aws::AwsOperation::parse(request).map_err(unsupported)?;
-                let session =
-                    executor.mint(role_arn, decision_id, &operation.session_policy()).await.map_err(unavailable)?;
-                Ok(Prepared::Aws { operation, session })
-            }
-            (Provider::Http, ScopedIdentity::X509Client { subject }) if self.https.is_some() => {
-                let executor = self.https.as_ref().expect("checked");
-                let operation = https::HttpOperation::parse(request).map_err(unsupported)?;
-                let session = executor.mint(subject, decision_id).map_err(unavailable)?;
-                Ok(Prepared::Https { operation, session })
-            }
-            (Provider::Kubernetes, ScopedIdentity::KubernetesServiceAccount { namespace, name })
-                if self.kubernetes.is_some() =>
-            {
-                let executor = self.kubernetes.as_ref().expect("checked");
-                let operation = kubernetes::KubeOperation::parse(request).map_err(unsupported)?;
-                let session = executor.mint(namespace, name, decision_id).await.map_err(unavailable)?;
-                Ok(Prepared::Kubernetes { operation, session: Box::new(session) })
-            }
-            (provider, identity) => Err((
-                Reason::MalformedContract,
-                format!("a {provider} contract cannot mint a {} identity on this broker", identity.kind()),
-            )),
-        }
-    }
-
-    /// The digest of the prepared target's live state, read with its minted identity.
-    async fn live_digest(&self, prepared: &mut Prepared) -> anyhow::Result<String> {
-        let missing = || anyhow::anyhow!("no executor for this provider");
-        let (_, digest) = match prepared {
-            Prepared::Aws { operation, session } => {
-                self.aws.as_ref().ok_or_else(missing)?.live_state(operation, session).await?
-            }
-            Prepared::Https { operation, session } => {
-                self.https.as_ref().ok_or_else(missing)?.live_state(operation, session).await?
-            }
-            Prepared::Kubernetes { operation, session } => {
-                self.kubernetes.as_ref().ok_or_else(missing)?.live_state(operation, session).await?
-            }
-        };
-        Ok(digest)
-    }
-
-    /// Perform the prepared mutation and read the resulting state.
-    pub async fn execute(&self, mut prepared: Prepared) -> Executed {
+    /// Perform the prepared mutation (and read the resulting state where it is read).
+    pub async fn execute(&self, prepared: Prepared<'_>) -> Executed {
         let clock = Instant::now();
-        let result = self.mutate(&prepared).await;
-        let resulting_state_digest = self.live_digest(&mut prepared).await.ok();
         let identity = prepared.identity().clone();
-        // Revokes what can be revoked (a Kubernetes token) now that the state is read.
-        self.discard(prepared).await;
+        let (result, resulting_state_digest) = prepared.perform().await;
         let (status, api_status, error) = match result {
             Ok((code, None)) => (OutcomeStatus::Succeeded, Some(code), None),
             Ok((code, Some(error))) => (OutcomeStatus::Failed, Some(code), Some(error)),
@@ -256,56 +245,21 @@ impl Executors {
         Executed { status, api_status, error, identity, resulting_state_digest, execute_ms: ms(clock) }
     }
 
-    /// Send the prepared mutation: the API status, and its error if it refused.
-    async fn mutate(&self, prepared: &Prepared) -> anyhow::Result<(u16, Option<String>)> {
-        let missing = || anyhow::anyhow!("no executor for this provider");
-        match prepared {
-            Prepared::Aws { operation, session } => {
-                self.aws.as_ref().ok_or_else(missing)?.mutate(operation, session).await
-            }
-            Prepared::Https { operation, session } => {
-                self.https.as_ref().ok_or_else(missing)?.mutate(operation, session).await
-            }
-            Prepared::Kubernetes { operation, session } => {
-                self.kubernetes.as_ref().ok_or_else(missing)?.mutate(operation, session).await
-            }
-        }
-    }
-
-    /// Drop a prepared mutation that will not run (a denial after the drift check):
-    /// credentials that can be cut short are.
-    pub async fn discard(&self, prepared: Prepared) {
-        if let (Prepared::Kubernetes { session, .. }, Some(executor)) = (prepared, &self.kubernetes) {
-            executor.revoke(&session).await;
-        }
+    /// Drop a prepared mutation that will not run (a denial after the drift check).
+    pub async fn discard(&self, prepared: Prepared<'_>) {
+        prepared.discard().await
     }
 
     /// Read a target's live state with a read-only identity (reconciliation).
     pub async fn read_live_state(
         &self,
-        request: &crate::admission::RequestSummary,
+        request: &RequestSummary,
         identity: &ScopedIdentity,
         decision_id: &str,
     ) -> anyhow::Result<(MintedIdentity, String)> {
-        match (request.provider, identity, &self.aws, &self.https) {
-            (Provider::Aws, ScopedIdentity::AwsRole { role_arn }, Some(executor), _) => {
-                let operation = aws::AwsOperation::for_reading(&request.operation, &request.target)?;
-                let session = executor.mint(role_arn, decision_id, &operation.read_policy()).await?;
-                let (_, digest) = executor.live_state(&operation, &session).await?;
-                Ok((session.identity, digest))
-            }
-            (Provider::Http, ScopedIdentity::X509Client { subject }, _, Some(executor)) => {
-                let operation = https::HttpOperation::for_reading(&request.target)?;
-                let session = executor.mint(subject, decision_id)?;
-                let (_, digest) = executor.live_state(&operation, &session).await?;
-                Ok((session.identity, digest))
-            }
-            (Provider::Kubernetes, ScopedIdentity::KubernetesServiceAccount { namespace, name }, ..) => {
-                let executor = self.kubernetes.as_ref().ok_or_else(|| anyhow::anyhow!("no Kubernetes executor"))?;
-                let operation = kubernetes::KubeOperation::for_reading(&request.target)?;
-                executor.read(&operation, namespace, name, decision_id).await
-            }
-            _ => anyhow::bail!("no executor on this broker can read this target"),
-        }
+        let executor = self
+            .get(request.provider)
+            .ok_or_else(|| anyhow::anyhow!("no executor on this broker can read this target"))?;
+        executor.read_again(request, identity, decision_id).await
     }
 }

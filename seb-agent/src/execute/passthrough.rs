@@ -7,7 +7,14 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{Executors, aws::AwsOperation, https::HttpOperation};
+use super::{
+    Executors,
+    aws::{
+        preset,
+        request::{CertifiedRead, StateRead},
+    },
+    https::target_url,
+};
 use crate::cert::{MutationRequest, Provider};
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -16,8 +23,7 @@ pub struct PassthroughConfig {
     /// Role assumed (with a read-only session policy) for AWS reads.
     #[serde(default)]
     pub aws_role_arn: Option<String>,
-    /// AWS reads allowed: `s3:GetObject`, `s3:GetBucketPolicy`, `ec2:DescribeSecurityGroups`,
-    /// `ec2:DescribeInstances`, `iam:ListAttachedRolePolicies`.
+    /// AWS reads allowed, by IAM action (e.g. `s3:GetObject`, `dynamodb:GetItem`).
     #[serde(default)]
     pub aws_operations: Vec<String>,
     /// Subject of the client certificates minted for HTTPS reads.
@@ -40,18 +46,6 @@ pub struct ReadResult {
     pub state_digest: String,
 }
 
-/// The mutation whose live-state read is this read.
-fn aws_read_as(operation: &str) -> Option<&'static str> {
-    Some(match operation {
-        "s3:GetObject" => "s3:PutObject",
-        "s3:GetBucketPolicy" => "s3:PutBucketPolicy",
-        "ec2:DescribeSecurityGroups" => "ec2:AuthorizeSecurityGroupIngress",
-        "ec2:DescribeInstances" => "ec2:TerminateInstances",
-        "iam:ListAttachedRolePolicies" => "iam:AttachRolePolicy",
-        _ => return None,
-    })
-}
-
 pub async fn read(
     config: &PassthroughConfig,
     executors: &Executors,
@@ -63,14 +57,21 @@ pub async fn read(
             if !config.aws_operations.contains(&request.operation) {
                 bail!("`{}` is not a passthrough read on this broker (passthrough.aws_operations)", request.operation);
             }
-            let mutation = aws_read_as(&request.operation)
-                .with_context(|| format!("`{}` is not a supported read", request.operation))?;
+            // A full read, as a precondition certifies it, or a preset read by name.
+            let read: CertifiedRead = if request.params.is_null() {
+                preset::read(&request.operation, &request.target)?
+            } else {
+                serde_json::from_value(request.params.clone()).context("params is a certified read")?
+            };
+            if read.action != request.operation {
+                bail!("the read performs {}, the request names {}", read.action, request.operation);
+            }
+            let read = StateRead::new(&read, &request.target)?;
             let role = config.aws_role_arn.as_deref().context("passthrough.aws_role_arn is not set")?;
             let executor = executors.aws.as_ref().context("this broker has no AWS executor")?;
-            let operation = AwsOperation::for_reading(mutation, &request.target)?;
-            let session = executor.mint(role, read_id, &operation.read_policy()).await?;
-            let response = executor.call(operation.state_read(), &session.credentials).await?;
-            let digest = super::aws::operation::state_digest(&operation.canonical_state(&response)?);
+            let session = executor.mint(role, read_id, Some(&read.policy())).await?;
+            let response = executor.call(&read.call, &session.credentials).await?;
+            let digest = read.digest(&response)?;
             Ok(result(response.status().as_u16(), response.body(), digest))
         }
         Provider::Http => {
@@ -81,9 +82,8 @@ pub async fn read(
             }
             let subject = config.http_subject.as_deref().context("passthrough.http_subject is not set")?;
             let executor = executors.https.as_ref().context("this broker has no HTTPS executor")?;
-            let operation = HttpOperation::for_reading(&request.target)?;
             let session = executor.mint(subject, read_id)?;
-            let (status, body, digest) = executor.get(&operation, &session).await?;
+            let (status, body, digest) = executor.get(&target_url(&request.target)?, &session).await?;
             Ok(result(status, &body, digest))
         }
         Provider::Kubernetes => bail!("Kubernetes reads are not supported yet"),

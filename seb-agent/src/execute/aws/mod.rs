@@ -1,29 +1,45 @@
-//! The AWS executor: STS AssumeRole into the contract's role with a session policy for
-//! exactly the certified action and resource, the shortest duration STS allows, and the
-//! decision id as RoleSessionName and SourceIdentity (so CloudTrail correlates); then the
-//! drift read and the mutation with that session, over the broker's own sockets.
+//! The AWS executor: any AWS API call, as a contract certifies it (see [`request`]).
+//!
+//! Per mutation, concurrently: STS AssumeRole into the contract's role with a session
+//! policy allowing exactly the certified action on the certified resources (the shortest
+//! duration STS allows, the decision id as RoleSessionName and SourceIdentity, so
+//! CloudTrail correlates), and the precondition read with the broker's read identity.
+//! Then the certified request, signed with the minted session, over the broker's own
+//! sockets; the postcondition read follows only when the contract has one.
 
-pub mod operation;
+pub mod canonical;
+pub mod preset;
+pub mod request;
 pub mod sign;
-pub mod xml;
 
-use std::{path::PathBuf, time::Instant};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
+use futures::future::BoxFuture;
+pub use request::AwsOperation;
+use request::{AwsCall, CertifiedRead, StateRead, api_error};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-
-pub use operation::AwsOperation;
-use operation::{ServiceCall, api_error, state_digest};
 pub use sign::AwsCredentials;
-use xml::Element;
 
-use super::{MintedIdentity, broker_http::BrokerHttp};
+use super::{
+    Executor, MintedIdentity, Mutation, Performed, Prepared, Refusal, Timings, broker_http::BrokerHttp,
+    identity_mismatch, mint_failed, read_failed, unsupported,
+};
+use crate::{
+    admission::RequestSummary,
+    cert::{MutationRequest, Provider, contract::ScopedIdentity},
+};
 
 /// STS's minimum session duration.
 pub const SESSION_SECONDS: u32 = 900;
 const STS_VERSION: &str = "2011-06-15";
+/// A cached read session is renewed this long before it expires.
+const RENEW_BEFORE: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -36,6 +52,12 @@ pub struct AwsConfig {
     /// JSON `{"access_key_id", "secret_access_key"}`: the broker's base identity, which
     /// should be allowed nothing but sts:AssumeRole.
     pub credentials_file: PathBuf,
+    /// A read-only role for precondition and postcondition reads. Its session is kept and
+    /// renewed, so the precondition read runs alongside the mutation's AssumeRole.
+    /// Omitted: each read gets its own session of the contract's role, with a session
+    /// policy for that read alone (one more round trip per mutation).
+    #[serde(default)]
+    pub read_role_arn: Option<String>,
 }
 
 impl AwsConfig {
@@ -57,6 +79,8 @@ pub struct AwsExecutor {
     http: BrokerHttp,
     config: AwsConfig,
     base: AwsCredentials,
+    /// The read role's session and when to renew it.
+    reader: tokio::sync::Mutex<Option<(std::sync::Arc<AwsCredentials>, Instant)>>,
 }
 
 /// A minted session, ready to act.
@@ -65,10 +89,81 @@ pub struct Session {
     pub identity: MintedIdentity,
 }
 
+/// A certified mutation with its session, between the precondition read and execution.
+struct AwsMutation<'a> {
+    executor: &'a AwsExecutor,
+    operation: AwsOperation,
+    session: Session,
+    role_arn: String,
+    decision_id: String,
+}
+
+impl<'a> Mutation<'a> for AwsMutation<'a> {
+    fn identity(&self) -> &MintedIdentity {
+        &self.session.identity
+    }
+
+    fn perform(self: Box<Self>) -> BoxFuture<'a, Performed> {
+        Box::pin(async move {
+            let result = self.executor.mutate(&self.operation, &self.session).await;
+            let resulting = match &self.operation.postcondition {
+                Some(read) => self.executor.read_state(read, &self.role_arn, &self.decision_id).await.ok(),
+                None => None,
+            };
+            (result, resulting)
+        })
+    }
+
+    fn discard(self: Box<Self>) -> BoxFuture<'a, ()> {
+        // An STS session cannot be revoked by itself; it expires with its short duration.
+        Box::pin(async {})
+    }
+}
+
+impl Executor for AwsExecutor {
+    fn prepare<'a: 'r, 'r>(
+        &'a self,
+        identity: &'r ScopedIdentity,
+        request: &'r MutationRequest,
+        decision_id: &'r str,
+    ) -> BoxFuture<'r, Result<(Prepared<'a>, String, Timings), Refusal>> {
+        Box::pin(async move {
+            let ScopedIdentity::AwsRole { role_arn } = identity else {
+                return Err(identity_mismatch(Provider::Aws, identity));
+            };
+            let operation = AwsOperation::parse(request).map_err(unsupported)?;
+            let (session, digest, mint_ms, drift_check_ms) = self.prepare(&operation, role_arn, decision_id).await;
+            let session = session.map_err(mint_failed)?;
+            let digest = digest.map_err(read_failed)?;
+            let (role_arn, decision_id) = (role_arn.clone(), decision_id.to_string());
+            let mutation = AwsMutation { executor: self, operation, session, role_arn, decision_id };
+            Ok((Box::new(mutation) as Prepared<'a>, digest, Timings { mint_ms, drift_check_ms, execute_ms: 0.0 }))
+        })
+    }
+
+    fn read_again<'a>(
+        &'a self,
+        request: &'a RequestSummary,
+        identity: &'a ScopedIdentity,
+        decision_id: &'a str,
+    ) -> BoxFuture<'a, Result<(MintedIdentity, String)>> {
+        Box::pin(async move {
+            let ScopedIdentity::AwsRole { role_arn } = identity else { bail!("an AWS target needs an aws_role") };
+            let read: CertifiedRead = serde_json::from_value(
+                request.state_read.clone().context("the decision record names no precondition read")?,
+            )?;
+            let read = StateRead::new(&read, &request.target)?;
+            let session = self.mint(role_arn, decision_id, Some(&read.policy())).await?;
+            let response = self.call(&read.call, &session.credentials).await?;
+            Ok((session.identity, read.digest(&response)?))
+        })
+    }
+}
+
 impl AwsExecutor {
     pub fn new(config: AwsConfig, http: BrokerHttp) -> Result<Self> {
         let base = config.base_credentials()?;
-        Ok(Self { http, config, base })
+        Ok(Self { http, config, base, reader: tokio::sync::Mutex::new(None) })
     }
 
     fn endpoint(&self, service: &str) -> String {
@@ -83,35 +178,51 @@ impl AwsExecutor {
         if service == "iam" && self.config.endpoint.is_none() { "us-east-1" } else { &self.config.region }
     }
 
-    /// Send one signed call.
-    pub async fn call(&self, call: ServiceCall, credentials: &AwsCredentials) -> Result<http::Response<Bytes>> {
-        let service = call.service;
-        let mut request = call.into_request(&self.endpoint(service))?;
-        sign::sign_request(&mut request, credentials, service, self.signing_region(service))?;
+    /// Sign and send one certified call.
+    pub async fn call(&self, call: &AwsCall, credentials: &AwsCredentials) -> Result<http::Response<Bytes>> {
+        let mut request = call.http_request(&self.endpoint(&call.service))?;
+        sign::sign_request(&mut request, credentials, &call.service, self.signing_region(&call.service))?;
         self.http.send(request).await
     }
 
     /// STS AssumeRole for one decision.
-    pub async fn mint(&self, role_arn: &str, decision_id: &str, policy: &Value) -> Result<Session> {
+    pub async fn mint(&self, role_arn: &str, decision_id: &str, policy: Option<&Value>) -> Result<Session> {
         let session_name = format!("seb-{decision_id}");
-        let params = [
+        let mut form = vec![
             ("Action", "AssumeRole".to_string()),
             ("Version", STS_VERSION.into()),
             ("RoleArn", role_arn.into()),
             ("RoleSessionName", session_name.clone()),
             ("SourceIdentity", decision_id.into()),
             ("DurationSeconds", SESSION_SECONDS.to_string()),
-            ("Policy", policy.to_string()),
         ];
-        let response =
-            self.call(ServiceCall::query("sts", &params), &self.base).await.context("calling STS AssumeRole")?;
+        if let Some(policy) = policy {
+            form.push(("Policy", policy.to_string()));
+        }
+        let mut request = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(format!("{}/", self.endpoint("sts").trim_end_matches('/')))
+            .header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded; charset=utf-8")
+            .body(Bytes::from(preset::query_body(&form)))?;
+        let host = request.uri().authority().context("endpoint without host")?.to_string();
+        request.headers_mut().insert(http::header::HOST, host.parse()?);
+        let length = request.body().len();
+        request.headers_mut().insert(http::header::CONTENT_LENGTH, length.into());
+        sign::sign_request(&mut request, &self.base, "sts", self.signing_region("sts"))?;
+        let response = self.http.send(request).await.context("calling STS AssumeRole")?;
         if !response.status().is_success() {
             bail!("STS AssumeRole into {role_arn} failed: {}", api_error(&response));
         }
-        let root = Element::parse(response.body())?;
-        let credentials =
-            root.at(&["AssumeRoleResult", "Credentials"]).context("AssumeRole returned no credentials")?;
-        let field = |name: &str| credentials.text_at(&[name]).with_context(|| format!("AssumeRole returned no {name}"));
+        let document = canonical::xml_to_json(response.body())?;
+        let credentials = document
+            .pointer("/AssumeRoleResponse/AssumeRoleResult/Credentials")
+            .context("AssumeRole returned no credentials")?;
+        let field = |name: &str| {
+            credentials[name]
+                .as_str()
+                .map(|s| s.trim().to_string())
+                .with_context(|| format!("AssumeRole returned no {name}"))
+        };
         let credentials = AwsCredentials {
             access_key_id: field("AccessKeyId")?,
             secret_access_key: field("SecretAccessKey")?,
@@ -128,25 +239,63 @@ impl AwsExecutor {
         Ok(Session { credentials, identity })
     }
 
-    /// The target's canonical live state and its digest, read with `session`.
-    pub async fn live_state(&self, operation: &AwsOperation, session: &Session) -> Result<(Value, String)> {
-        let response = self.call(operation.state_read(), &session.credentials).await?;
-        let state = operation.canonical_state(&response)?;
-        let digest = state_digest(&state);
-        Ok((state, digest))
+    /// Credentials for `read`: the read role's kept session, or a session of `role_arn`
+    /// allowing this read alone.
+    async fn read_credentials(
+        &self,
+        read: &StateRead,
+        role_arn: &str,
+        decision_id: &str,
+    ) -> Result<std::sync::Arc<AwsCredentials>> {
+        let Some(reader) = &self.config.read_role_arn else {
+            let session = self.mint(role_arn, decision_id, Some(&read.policy())).await?;
+            return Ok(std::sync::Arc::new(session.credentials));
+        };
+        let mut kept = self.reader.lock().await;
+        if let Some((credentials, _)) = kept.as_ref().filter(|(_, renew_at)| Instant::now() < *renew_at) {
+            return Ok(credentials.clone());
+        }
+        let session = self.mint(reader, "broker-reader", None).await.context("assuming aws.read_role_arn")?;
+        let credentials = std::sync::Arc::new(session.credentials);
+        let renew_at = Instant::now() + Duration::from_secs(SESSION_SECONDS.into()) - RENEW_BEFORE;
+        *kept = Some((credentials.clone(), renew_at));
+        Ok(credentials)
+    }
+
+    /// The digest of the canonical state `read` shows now.
+    pub async fn read_state(&self, read: &StateRead, role_arn: &str, decision_id: &str) -> Result<String> {
+        let credentials = self.read_credentials(read, role_arn, decision_id).await?;
+        let response = self.call(&read.call, &credentials).await?;
+        read.digest(&response)
+    }
+
+    /// Mint the mutation's session and read the precondition, concurrently. Returns the
+    /// prepared call, the live digest, and how long each took.
+    pub async fn prepare(
+        &self,
+        operation: &AwsOperation,
+        role_arn: &str,
+        decision_id: &str,
+    ) -> (Result<Session>, Result<String>, f64, f64) {
+        let policy = operation.session_policy();
+        let timed = |clock: Instant| clock.elapsed().as_secs_f64() * 1e3;
+        let clock = Instant::now();
+        let mint = async {
+            let session = self.mint(role_arn, decision_id, Some(&policy)).await;
+            (session, timed(clock))
+        };
+        let read = async {
+            let digest = self.read_state(&operation.precondition, role_arn, decision_id).await;
+            (digest, timed(clock))
+        };
+        let ((session, mint_ms), (digest, read_ms)) = tokio::join!(mint, read);
+        (session, digest, mint_ms, read_ms)
     }
 
     /// Perform the mutation; returns the API status and, on failure, the API's error.
     pub async fn mutate(&self, operation: &AwsOperation, session: &Session) -> Result<(u16, Option<String>)> {
-        let started = Instant::now();
-        let response = self.call(operation.mutation(), &session.credentials).await?;
+        let response = self.call(&operation.mutation, &session.credentials).await?;
         let status = response.status().as_u16();
-        tracing::debug!(
-            status,
-            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-            action = operation.action(),
-            "AWS mutation"
-        );
         Ok((status, (!response.status().is_success()).then(|| api_error(&response))))
     }
 }

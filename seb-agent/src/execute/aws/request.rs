@@ -1,0 +1,482 @@
+//! An AWS API call as a contract certifies it: the exact HTTP request the broker signs and
+//! sends, the IAM action and resources its session policy allows, and the reads whose
+//! canonical responses are the precondition (and, optionally, the postcondition).
+//!
+//! The request is certified at the HTTP level (method, path and query, headers, body) so
+//! that one executor serves every AWS API and protocol with no per-service code: what the
+//! assurance authority assessed is byte for byte what is sent. The protocol is named so
+//! the broker can check that the request performs the certified action where the protocol
+//! says so on the wire (query `Action=`, JSON `X-Amz-Target`), and decode responses.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, bail, ensure};
+use base64::Engine;
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::canonical::{self, Decode, Pointer};
+use crate::cert::{MutationRequest, contract::digest_of};
+
+/// Bounds on what a certified request may name.
+const MAX_RESOURCES: usize = 32;
+const MAX_POINTERS: usize = 64;
+const MAX_HEADERS: usize = 32;
+
+/// Headers the broker sets itself (host, length, signature): a request may not.
+const BROKER_HEADERS: &[&str] =
+    &["host", "content-length", "authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Protocol {
+    #[serde(rename = "query")]
+    Query,
+    #[serde(rename = "json")]
+    Json,
+    #[serde(rename = "rest-json")]
+    RestJson,
+    #[serde(rename = "rest-xml")]
+    RestXml,
+}
+
+impl Protocol {
+    fn decode(self) -> Decode {
+        match self {
+            Self::Query | Self::RestXml => Decode::Xml,
+            Self::Json | Self::RestJson => Decode::Json,
+        }
+    }
+}
+
+/// The HTTP request, exactly as sent (before signing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCall {
+    pub method: String,
+    /// Path and query string as sent, percent-encoded: `/bucket/key`, `/bucket?policy`, `/`.
+    pub path: String,
+    /// Header names in lower case.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// The body, as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// Or as base64, for bodies that are not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_base64: Option<String>,
+}
+
+/// A read whose canonical response is compared (precondition) or recorded (postcondition).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertifiedRead {
+    /// The read's IAM action, `service:Operation` (e.g. `s3:GetObject`).
+    pub action: String,
+    /// SigV4 signing name and endpoint prefix; default: the action's service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Resources for a read session policy; default: the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Vec<String>>,
+    pub protocol: Protocol,
+    pub request: HttpCall,
+    /// Default: by protocol (XML for query and rest-xml, JSON for json and rest-json).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode: Option<Decode>,
+    /// Response headers that belong to the state (lower case; a trailing `*` is a prefix).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
+    /// JSON pointers (`*` for every member) to fields left out: request ids, timestamps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volatile: Vec<String>,
+    /// JSON pointers to arrays that are sets: sorted before digesting.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unordered: Vec<String>,
+}
+
+/// `params` of a certified AWS request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsParams {
+    /// SigV4 signing name and endpoint prefix; default: the action's service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    pub protocol: Protocol,
+    pub request: HttpCall,
+    /// Resources the session policy allows the action on; default: the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Vec<String>>,
+    /// IAM condition block of the session policy's statement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<Value>,
+    pub precondition: CertifiedRead,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcondition: Option<CertifiedRead>,
+}
+
+/// A certified AWS call, checked and ready to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AwsCall {
+    /// IAM action, `service:Operation`.
+    pub action: String,
+    pub service: String,
+    pub resources: Vec<String>,
+    pub condition: Option<Value>,
+    pub request: CheckedHttp,
+}
+
+/// An HTTP request checked against its protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckedHttp {
+    pub method: Method,
+    pub path: String,
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub body: Bytes,
+}
+
+/// A certified read, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateRead {
+    pub call: AwsCall,
+    decode: Decode,
+    headers: Vec<String>,
+    volatile: Vec<Pointer>,
+    unordered: Vec<Pointer>,
+}
+
+/// The mutation with its reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AwsOperation {
+    pub mutation: AwsCall,
+    pub precondition: StateRead,
+    pub postcondition: Option<StateRead>,
+}
+
+impl AwsOperation {
+    pub fn parse(request: &MutationRequest) -> Result<Self> {
+        let params: AwsParams = serde_json::from_value(request.params.clone()).context(
+            "AWS params are {protocol, request: {method, path, headers?, body?}, precondition: {action, request, \
+             volatile?}, service?, resources?, condition?, postcondition?}",
+        )?;
+        let mutation = AwsCall::new(
+            &request.operation,
+            params.service.as_deref(),
+            params.protocol,
+            &params.request,
+            params.resources.clone().unwrap_or_else(|| vec![request.target.clone()]),
+            params.condition.clone(),
+        )
+        .context("params.request")?;
+        let read = |read: &CertifiedRead, field: &str| {
+            StateRead::new(read, &request.target).with_context(|| format!("params.{field}"))
+        };
+        let precondition = read(&params.precondition, "precondition")?;
+        let postcondition = params.postcondition.as_ref().map(|r| read(r, "postcondition")).transpose()?;
+        Ok(Self { mutation, precondition, postcondition })
+    }
+
+    /// The session policy: exactly the certified action on the certified resources.
+    pub fn session_policy(&self) -> Value {
+        self.mutation.policy()
+    }
+}
+
+impl StateRead {
+    /// The read `read` of `target`.
+    pub fn new(read: &CertifiedRead, target: &str) -> Result<Self> {
+        let protocol = read.protocol;
+        let resources = read.resources.clone().unwrap_or_else(|| vec![target.to_string()]);
+        let call = AwsCall::new(&read.action, read.service.as_deref(), protocol, &read.request, resources, None)?;
+        if !matches!(call.request.method, Method::GET | Method::HEAD | Method::POST) {
+            bail!("a read is a GET, HEAD or POST, not {}", call.request.method);
+        }
+        ensure!(read.volatile.len() + read.unordered.len() <= MAX_POINTERS, "more than {MAX_POINTERS} pointers");
+        ensure!(read.headers.len() <= MAX_HEADERS, "more than {MAX_HEADERS} headers");
+        let pointers = |list: &[String]| list.iter().map(|p| Pointer::parse(p)).collect::<Result<Vec<_>>>();
+        Ok(Self {
+            call,
+            decode: read.decode.unwrap_or(protocol.decode()),
+            headers: read.headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            volatile: pointers(&read.volatile)?,
+            unordered: pointers(&read.unordered)?,
+        })
+    }
+
+    /// The session policy of a session that may do this read only.
+    pub fn policy(&self) -> Value {
+        self.call.policy()
+    }
+
+    /// The canonical state a response shows: `{"status", "headers"?, "body"}` for a
+    /// success, `{"status", "absent": <error code>}` when the service says the resource
+    /// does not exist; any other failure is an error (no state can be certified from it).
+    pub fn canonical_state(&self, response: &Response<Bytes>) -> Result<Value> {
+        let status = response.status().as_u16();
+        if !response.status().is_success() {
+            let code = error_code(response);
+            let absent = status == 404 || code.contains("NotFound") || code.starts_with("NoSuch");
+            ensure!(absent, "the read failed: {}", api_error(response));
+            return Ok(json!({"status": status, "absent": code}));
+        }
+        let mut body = canonical::decode(response.body(), self.decode)?;
+        self.volatile.iter().for_each(|p| p.remove(&mut body));
+        self.unordered.iter().for_each(|p| p.sort(&mut body));
+        let mut state = json!({"status": status, "body": body});
+        if !self.headers.is_empty() {
+            let headers: BTreeMap<&str, &str> = response
+                .headers()
+                .iter()
+                .filter(|(name, _)| self.headers.iter().any(|h| header_matches(h, name.as_str())))
+                .map(|(name, value)| (name.as_str(), value.to_str().unwrap_or("")))
+                .collect();
+            state["headers"] = json!(headers);
+        }
+        Ok(state)
+    }
+
+    /// `sha256:<hex>` of the canonical state.
+    pub fn digest(&self, response: &Response<Bytes>) -> Result<String> {
+        Ok(digest_of(&self.canonical_state(response)?))
+    }
+}
+
+fn header_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
+    }
+}
+
+impl AwsCall {
+    fn new(
+        action: &str,
+        service: Option<&str>,
+        protocol: Protocol,
+        call: &HttpCall,
+        resources: Vec<String>,
+        condition: Option<Value>,
+    ) -> Result<Self> {
+        let (prefix, operation) = action
+            .split_once(':')
+            .filter(|(s, o)| !s.is_empty() && !o.is_empty() && !o.contains(['*', '?']))
+            .with_context(|| format!("the action `{action}` is not service:Operation"))?;
+        let service = service.unwrap_or(prefix).to_string();
+        ensure!(
+            !service.is_empty() && service.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+            "`{service}` is not an AWS service name"
+        );
+        ensure!(!resources.is_empty() && resources.len() <= MAX_RESOURCES, "1 to {MAX_RESOURCES} resources");
+        for resource in &resources {
+            ensure!(resource.starts_with("arn:") || resource == "*", "resource `{resource}` is not an ARN or `*`");
+        }
+        if let Some(condition) = &condition {
+            ensure!(condition.is_object(), "the condition is an IAM condition block (an object)");
+        }
+        let request = CheckedHttp::new(call)?;
+        match protocol {
+            Protocol::Query => {
+                ensure!(request.method == Method::POST, "query-protocol calls are POSTs");
+                let named = form_urlencoded::parse(&request.body).find(|(k, _)| k == "Action").map(|(_, v)| v);
+                ensure!(
+                    named.as_deref() == Some(operation),
+                    "the request's Action is {named:?}, the certified action names {operation}"
+                );
+            }
+            Protocol::Json => {
+                ensure!(request.method == Method::POST, "JSON-protocol calls are POSTs");
+                let target = request.header("x-amz-target").context("a JSON-protocol call needs x-amz-target")?;
+                ensure!(
+                    target.rsplit_once('.').map(|(_, op)| op) == Some(operation),
+                    "the request's x-amz-target is {target}, the certified action names {operation}"
+                );
+            }
+            Protocol::RestJson | Protocol::RestXml => {}
+        }
+        Ok(Self { action: action.into(), service, resources, condition, request })
+    }
+
+    /// Allow exactly this action on exactly these resources.
+    pub fn policy(&self) -> Value {
+        let mut statement = json!({"Effect": "Allow", "Action": [self.action], "Resource": self.resources});
+        if let Some(condition) = &self.condition {
+            statement["Condition"] = condition.clone();
+        }
+        json!({"Version": "2012-10-17", "Statement": [statement]})
+    }
+
+    /// The unsigned request to `endpoint`.
+    pub fn http_request(&self, endpoint: &str) -> Result<Request<Bytes>> {
+        let uri: http::Uri = format!("{}{}", endpoint.trim_end_matches('/'), self.request.path).parse()?;
+        let host = uri.authority().context("endpoint without host")?.to_string();
+        let mut builder =
+            Request::builder().method(self.request.method.clone()).uri(uri).header(http::header::HOST, host);
+        for (name, value) in &self.request.headers {
+            builder = builder.header(name, value);
+        }
+        builder = builder.header(http::header::CONTENT_LENGTH, self.request.body.len());
+        Ok(builder.body(self.request.body.clone())?)
+    }
+}
+
+impl CheckedHttp {
+    fn new(call: &HttpCall) -> Result<Self> {
+        let method = Method::from_bytes(call.method.as_bytes())
+            .ok()
+            .filter(|m| {
+                [Method::GET, Method::HEAD, Method::PUT, Method::POST, Method::PATCH, Method::DELETE].contains(m)
+            })
+            .with_context(|| format!("`{}` is not an HTTP method AWS APIs use", call.method))?;
+        ensure!(call.path.starts_with('/'), "the path `{}` must start with `/`", call.path);
+        call.path
+            .parse::<http::uri::PathAndQuery>()
+            .with_context(|| format!("`{}` is not a valid path and query", call.path))?;
+        ensure!(call.headers.len() <= MAX_HEADERS, "more than {MAX_HEADERS} headers");
+        let mut headers = Vec::new();
+        for (name, value) in &call.headers {
+            ensure!(name == &name.to_ascii_lowercase(), "header name `{name}` must be lower case");
+            ensure!(!BROKER_HEADERS.contains(&name.as_str()), "the broker sets the `{name}` header itself");
+            headers.push((
+                http::HeaderName::from_bytes(name.as_bytes())
+                    .with_context(|| format!("`{name}` is not a header name"))?,
+                http::HeaderValue::from_str(value).with_context(|| format!("header `{name}` has an invalid value"))?,
+            ));
+        }
+        let body = match (&call.body, &call.body_base64) {
+            (Some(_), Some(_)) => bail!("give body or body_base64, not both"),
+            (Some(text), None) => Bytes::from(text.clone()),
+            (None, Some(encoded)) => Bytes::from(
+                base64::engine::general_purpose::STANDARD.decode(encoded).context("body_base64 is not base64")?,
+            ),
+            (None, None) => Bytes::new(),
+        };
+        Ok(Self { method, path: call.path.clone(), headers, body })
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).and_then(|(_, v)| v.to_str().ok())
+    }
+}
+
+/// The AWS error code of a failed call: XML `<Code>`, JSON `__type` or `code`, or the
+/// `x-amzn-errortype` header.
+pub fn error_code(response: &Response<Bytes>) -> String {
+    let header = response.headers().get("x-amzn-errortype").and_then(|v| v.to_str().ok());
+    let from_body = || -> Option<String> {
+        if let Ok(json) = serde_json::from_slice::<Value>(response.body()) {
+            let code = json.get("__type").or_else(|| json.get("code")).or_else(|| json.get("Code"))?;
+            return code.as_str().map(str::to_string);
+        }
+        let xml = canonical::xml_to_json(response.body()).ok()?;
+        find_key(&xml, "Code")
+    };
+    let code = header.map(str::to_string).or_else(from_body).unwrap_or_default();
+    // `aws.protocols#...#Code:http://...` forms: the bare code.
+    let code = code.split(':').next().unwrap_or_default();
+    code.rsplit('#').next().unwrap_or_default().to_string()
+}
+
+fn find_key(value: &Value, key: &str) -> Option<String> {
+    match value {
+        Value::Object(map) => map
+            .get(key)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .or_else(|| map.values().find_map(|v| find_key(v, key))),
+        Value::Array(items) => items.iter().find_map(|v| find_key(v, key)),
+        _ => None,
+    }
+}
+
+/// The status, AWS error code and message of a failed call.
+pub fn api_error(response: &Response<Bytes>) -> String {
+    let message = serde_json::from_slice::<Value>(response.body())
+        .ok()
+        .and_then(|json| {
+            json.get("message").or_else(|| json.get("Message")).and_then(Value::as_str).map(str::to_string)
+        })
+        .or_else(|| canonical::xml_to_json(response.body()).ok().and_then(|xml| find_key(&xml, "Message")))
+        .unwrap_or_default();
+    format!("HTTP {} {}: {message}", response.status().as_u16(), error_code(response))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(params: Value) -> MutationRequest {
+        serde_json::from_value(json!({"provider": "aws", "operation": "dynamodb:PutItem",
+            "target": "arn:aws:dynamodb:us-east-1:1:table/t", "params": params}))
+        .unwrap()
+    }
+
+    fn put_item() -> Value {
+        json!({
+            "protocol": "json",
+            "request": {"method": "POST", "path": "/", "headers": {"x-amz-target": "DynamoDB_20120810.PutItem",
+                "content-type": "application/x-amz-json-1.0"}, "body": "{\"TableName\":\"t\"}"},
+            "precondition": {"action": "dynamodb:GetItem", "protocol": "json", "request": {"method": "POST", "path": "/",
+                "headers": {"x-amz-target": "DynamoDB_20120810.GetItem", "content-type": "application/x-amz-json-1.0"},
+                "body": "{\"TableName\":\"t\"}"}, "volatile": ["/ConsumedCapacity"]}
+        })
+    }
+
+    #[test]
+    fn the_session_policy_is_the_certified_action_on_the_certified_resources() {
+        let operation = AwsOperation::parse(&request(put_item())).unwrap();
+        assert_eq!(
+            operation.session_policy(),
+            json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["dynamodb:PutItem"],
+                "Resource": ["arn:aws:dynamodb:us-east-1:1:table/t"]}]})
+        );
+        assert_eq!(operation.precondition.policy()["Statement"][0]["Action"], json!(["dynamodb:GetItem"]));
+        let sent = operation.mutation.http_request("http://127.0.0.1:1").unwrap();
+        assert_eq!(sent.headers()["x-amz-target"], "DynamoDB_20120810.PutItem");
+        assert_eq!(sent.body().as_ref(), b"{\"TableName\":\"t\"}");
+    }
+
+    #[test]
+    fn a_request_that_does_not_perform_the_certified_action_is_refused() {
+        let mut params = put_item();
+        params["request"]["headers"]["x-amz-target"] = json!("DynamoDB_20120810.DeleteTable");
+        let e = format!("{:#}", AwsOperation::parse(&request(params)).unwrap_err());
+        assert!(e.contains("certified action names PutItem"), "{e}");
+
+        let mut params = put_item();
+        params["protocol"] = json!("query");
+        params["request"]["body"] = json!("Action=DeleteTable&Version=1");
+        let e = format!("{:#}", AwsOperation::parse(&request(params)).unwrap_err());
+        assert!(e.contains("certified action names PutItem"), "{e}");
+
+        let mut params = put_item();
+        params["request"]["headers"]["x-amz-security-token"] = json!("t");
+        let e = format!("{:#}", AwsOperation::parse(&request(params)).unwrap_err());
+        assert!(e.contains("sets the `x-amz-security-token` header itself"), "{e}");
+
+        let mut params = put_item();
+        params["precondition"]["volatile"] = json!(["ConsumedCapacity"]);
+        let e = format!("{:#}", AwsOperation::parse(&request(params)).unwrap_err());
+        assert!(e.contains("params.precondition") && e.contains("must start with `/`"), "{e}");
+    }
+
+    #[test]
+    fn absence_is_a_state_and_other_failures_are_not() {
+        let operation = AwsOperation::parse(&request(put_item())).unwrap();
+        let response =
+            |status: u16, body: &str| Response::builder().status(status).body(Bytes::from(body.to_string())).unwrap();
+        let absent = operation
+            .precondition
+            .canonical_state(&response(
+                400,
+                r#"{"__type":"com.amazonaws.dynamodb.v20120810#ResourceNotFoundException"}"#,
+            ))
+            .unwrap();
+        assert_eq!(absent, json!({"status": 400, "absent": "ResourceNotFoundException"}));
+        let denied = operation.precondition.canonical_state(&response(403, "<Error><Code>AccessDenied</Code></Error>"));
+        assert!(denied.unwrap_err().to_string().contains("AccessDenied"));
+        let one = operation.precondition.digest(&response(200, r#"{"Item":{"a":{"S":"x"}},"ConsumedCapacity":1}"#));
+        let two = operation.precondition.digest(&response(200, r#"{"ConsumedCapacity":2,"Item":{"a":{"S":"x"}}}"#));
+        assert_eq!(one.unwrap(), two.unwrap());
+    }
+}
