@@ -26,7 +26,7 @@ const SEQUENTIAL: usize = 2_000;
 const CLIENTS: usize = 64;
 const PER_CLIENT: usize = 150;
 const TARGET_P99_US: f64 = 1_000.0;
-const TARGET_PER_SECOND: f64 = 5_000.0;
+const TARGET_PER_SECOND: f64 = 10_000.0;
 
 pub fn run() -> Result<()> {
     let tools = crate::release_tools()?;
