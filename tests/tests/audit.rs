@@ -442,8 +442,11 @@ fn rehash_from(conn: &Connection, from: i64) {
         .unwrap();
     for (seq, kind, time_ns, body) in rows {
         let next = head.next(&kind, time_ns, &body);
-        conn.execute("UPDATE records SET prev_hash = ?1, hash = ?2 WHERE seq = ?3", params![&head.hash[..], &next.hash[..], seq])
-            .unwrap();
+        conn.execute(
+            "UPDATE records SET prev_hash = ?1, hash = ?2 WHERE seq = ?3",
+            params![&head.hash[..], &next.hash[..], seq],
+        )
+        .unwrap();
         head = next;
     }
 }
@@ -468,7 +471,8 @@ fn a_record_of_a_group_commit_tampered_is_named_even_with_the_chain_rehashed() {
     assert_eq!(code, 0, "{report}");
 
     // The admission turned into a denial: its hash names it.
-    let denial = format!("UPDATE records SET body = replace(body, '\"admitted\":true', '\"admitted\":false') WHERE seq = {seq}");
+    let denial =
+        format!("UPDATE records SET body = replace(body, '\"admitted\":true', '\"admitted\":false') WHERE seq = {seq}");
     let changed = tampered(&f.sandbox, "groupchanged", |c| assert_eq!(c.execute(&denial, []).unwrap(), 1));
     let (code, report) = verify(&f.sandbox, &changed);
     assert_eq!((code, report["first_bad_record"].as_i64()), (1, Some(seq)), "{report}");

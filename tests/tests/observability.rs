@@ -109,10 +109,8 @@ fn build_info_and_the_latency_histograms_follow_real_admissions_executions_and_c
     let before = scrape(&broker.sandbox);
     let git = std::process::Command::new("git").args(["rev-parse", "HEAD"]).output().unwrap();
     let commit = String::from_utf8(git.stdout).unwrap().trim().to_string();
-    let rustc = std::process::Command::new(std::env::var("RUSTC").unwrap_or("rustc".into()))
-        .arg("--version")
-        .output()
-        .unwrap();
+    let rustc =
+        std::process::Command::new(std::env::var("RUSTC").unwrap_or("rustc".into())).arg("--version").output().unwrap();
     let rustc = String::from_utf8(rustc.stdout).unwrap().trim().to_string();
     let build = [
         format!("version=\"{}\"", env!("CARGO_PKG_VERSION")),
@@ -146,7 +144,10 @@ fn build_info_and_the_latency_histograms_follow_real_admissions_executions_and_c
     assert_eq!(admission("denied", "count"), Some(1.0), "{after}");
     // The admission ended before execution began, within the proposal's whole time.
     let admitted_seconds = admission("admitted", "sum").unwrap();
-    assert!(admitted_seconds > 0.0 && admitted_seconds * 1e3 < outcome.duration_ms, "{admitted_seconds} s, {outcome:?}");
+    assert!(
+        admitted_seconds > 0.0 && admitted_seconds * 1e3 < outcome.duration_ms,
+        "{admitted_seconds} s, {outcome:?}"
+    );
 
     let executed = ["provider=\"http\"", "status=\"succeeded\""];
     assert_eq!(series(&after, "seb_execution_duration_seconds_count", &executed), Some(1.0), "{after}");

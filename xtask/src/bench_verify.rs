@@ -32,6 +32,7 @@ pub fn run() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     let (busy, quiet) = result?;
     let per_second = busy["records_per_second"].as_f64().unwrap_or(0.0);
+    let verified = busy["ok"] == true && quiet["ok"] == true;
     let report = json!({
         "bench": "verify",
         "cpus": std::thread::available_parallelism().map(usize::from).unwrap_or(0),
@@ -42,7 +43,9 @@ pub fn run() -> Result<()> {
         "target_records_per_second": TARGET_PER_SECOND,
         "meets_target": per_second >= TARGET_PER_SECOND,
     });
-    crate::stats::publish("verify", &report)
+    crate::stats::publish("verify", &report)?;
+    ensure!(verified, "audit verify refused a store the ledger wrote");
+    Ok(())
 }
 
 fn tempfile_dir() -> Result<PathBuf> {
@@ -136,13 +139,18 @@ fn time_verify(agent: &Path, store: &Store) -> Result<Value> {
             .context("running seb-agent audit verify")?;
         seconds.push(started.elapsed().as_secs_f64());
         report = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
-        ensure!(output.status.success(), "audit verify failed: {report} {}", String::from_utf8_lossy(&output.stderr));
+        if !output.status.success() {
+            // Reported, not fatal yet: an older verifier (SEB_BENCH_BINARIES) may know only
+            // one signature per record.
+            return Ok(json!({"ok": false, "report": report, "stderr": String::from_utf8_lossy(&output.stderr)}));
+        }
     }
     let verified = report["records"].as_u64().unwrap_or(0);
     ensure!(verified as usize >= store.records, "verify saw {verified} records, {} were written", store.records);
     let median_s = median(&seconds);
     let signed = signed_heads(&store.database)?;
     Ok(json!({
+        "ok": true,
         "records": verified,
         "signed_group_heads": signed,
         "records_per_signature": verified as f64 / signed.max(1) as f64,

@@ -92,13 +92,16 @@ pub struct Commit {
     pub records: u64,
 }
 
+/// Called on the ledger thread after each group commit that appended records.
+pub type OnCommit = Box<dyn Fn(&Commit) + Send>;
+
 /// How the ledger runs.
 pub struct LedgerOptions {
     /// Jobs waiting, at most.
     pub queue: usize,
     /// Called on the ledger thread after each group commit that appended records (for
     /// metrics: keep it short).
-    pub on_commit: Option<Box<dyn Fn(&Commit) + Send>>,
+    pub on_commit: Option<OnCommit>,
 }
 
 impl Default for LedgerOptions {
@@ -170,7 +173,7 @@ struct Writer {
     open_files: OpenFiles,
     since_checkpoint: u64,
     last_checkpoint: Instant,
-    on_commit: Option<Box<dyn Fn(&Commit) + Send>>,
+    on_commit: Option<OnCommit>,
 }
 
 impl Ledger {

@@ -164,8 +164,11 @@ impl<'scope, 'env> Walker<'scope, 'env> {
         if record.seq > self.vouched_through {
             let from = *self.group_from.get_or_insert(record.seq);
             if !record.signature.is_empty() {
-                let signature = Signature::from_slice(&record.signature)
-                    .map_err(|_| Failure { seq: from, fault: signature_fault(from, record.seq), unsigned_from: None })?;
+                let signature = Signature::from_slice(&record.signature).map_err(|_| Failure {
+                    seq: from,
+                    fault: signature_fault(from, record.seq),
+                    unsigned_from: None,
+                })?;
                 self.checks.push(GroupHead { from, seq: record.seq, hash: next.hash, signature });
                 self.signed_heads += 1;
                 self.group_from = None;
@@ -210,7 +213,11 @@ impl<'scope, 'env> Walker<'scope, 'env> {
             return Err(failure);
         }
         if let Some(from) = self.group_from {
-            return Err(Failure { seq: from, fault: ChainFault::Unsigned { last: self.head.seq }, unsigned_from: None });
+            return Err(Failure {
+                seq: from,
+                fault: ChainFault::Unsigned { last: self.head.seq },
+                unsigned_from: None,
+            });
         }
         let trusted_seq = self.head_file.map_or(0, |h| h.seq);
         if self.head.seq < trusted_seq {
@@ -243,12 +250,15 @@ struct GroupHead {
 /// about half of one-by-one here), small enough to keep both threads busy.
 const BATCH: usize = 128;
 
+/// The helper thread: where batches go, and its answer.
+type Helper<'scope> = (SyncSender<Vec<GroupHead>>, ScopedJoinHandle<'scope, Option<Failure>>);
+
 /// Group-head signatures waiting to be checked, in batches: handed to a helper thread
 /// when it is free, else checked on the walking thread.
 struct SignatureChecks<'scope, 'env> {
     key: VerifyingKey,
     batch: Vec<GroupHead>,
-    helper: Option<(SyncSender<Vec<GroupHead>>, ScopedJoinHandle<'scope, Option<Failure>>)>,
+    helper: Option<Helper<'scope>>,
     scope: &'scope Scope<'scope, 'env>,
     failure: Option<Failure>,
 }
@@ -314,9 +324,10 @@ fn check_batch(key: &VerifyingKey, batch: &[GroupHead]) -> Option<Failure> {
         return None;
     }
     // One by one: which group, and the authoritative answer.
-    batch.iter().find(|head| chain::check_signature(&head.hash, &head.signature.to_bytes(), key).is_err()).map(
-        |head| Failure { seq: head.from, fault: signature_fault(head.from, head.seq), unsigned_from: None },
-    )
+    batch
+        .iter()
+        .find(|head| chain::check_signature(&head.hash, &head.signature.to_bytes(), key).is_err())
+        .map(|head| Failure { seq: head.from, fault: signature_fault(head.from, head.seq), unsigned_from: None })
 }
 
 /// A group `from..=seq` whose signature is not the broker's.
