@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::{
     admission::ClusterGate,
-    audit::{Ledger, LedgerFiles, keys},
+    audit::{Commit, Ledger, LedgerFiles, LedgerOptions, keys},
     cgroupfs::CgroupNames,
     cluster::{self, directory::SharedDirectory, freshness::Freshness, sync::ClusterSync},
     config::Config,
@@ -45,7 +45,13 @@ pub async fn run(config: Config) -> Result<()> {
     let Checked { mount, sources, mut admission, socket_gid, descriptors } = preflight::check(&config)?;
     let key = keys::load_or_create(&config.audit.signing_key)?;
     let files = LedgerFiles::new(&config.audit.database, &config.audit.signing_key);
-    let (ledger, ledger_thread) = Ledger::start(&files, key, crate::admission::state::DERIVED)?;
+    let metrics = Arc::new(Metrics::new());
+    let on_commit = {
+        let metrics = metrics.clone();
+        Box::new(move |commit: &Commit| metrics.committed(commit))
+    };
+    let options = LedgerOptions { on_commit: Some(on_commit), ..LedgerOptions::default() };
+    let (ledger, ledger_thread) = Ledger::start_with(&files, key, crate::admission::state::DERIVED, options)?;
 
     let layout = PinLayout::new(&config.bpf.pin_path);
     let mut enforcer = Enforcer::load(layout.clone(), mount.clone())?;
@@ -55,7 +61,6 @@ pub async fn run(config: Config) -> Result<()> {
 
     // Start-up reads the ledger synchronously; allowed on a runtime worker this way.
     let names = CgroupNames::new(mount.clone());
-    let metrics = Arc::new(Metrics::new());
     let directory = SharedDirectory::default();
     let recorder = tokio::task::block_in_place(|| {
         Recorder::new(enforcer.ebpf_mut(), ledger.clone(), names, metrics.clone(), directory.clone())

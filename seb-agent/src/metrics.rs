@@ -29,6 +29,38 @@ pub struct AdmissionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// `admitted` or `denied`.
+    pub decision: &'static str,
+}
+
+/// What this binary is: one series, value 1.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+    /// The source's git commit at build time, or `unknown`.
+    pub git_commit: &'static str,
+    pub rustc: &'static str,
+}
+
+impl BuildLabels {
+    pub const THIS: BuildLabels = BuildLabels {
+        version: env!("CARGO_PKG_VERSION"),
+        git_commit: env!("SEB_GIT_COMMIT"),
+        rustc: env!("SEB_RUSTC_VERSION"),
+    };
+}
+
+/// Upper bounds (seconds) for the broker's own latencies: admission and audit commits,
+/// from 100 µs (a decision without an fsync wait) to seconds (a stalled disk).
+const LOCAL_BUCKETS: [f64; 14] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+/// Upper bounds (seconds) for executions, which call a remote API.
+const EXECUTION_BUCKETS: [f64; 13] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Upper bounds for records per group commit.
+const GROUP_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ExecutionLabels {
     pub provider: String,
     pub status: String,
@@ -101,6 +133,12 @@ pub struct LimitLabels {
 
 pub struct Metrics {
     registry: Mutex<Registry>,
+    /// From a proposal's arrival to its decision being durably recorded.
+    pub admission_seconds: Family<DecisionLabels, Histogram>,
+    /// One group commit of the audit ledger: COMMIT and its fsync.
+    pub audit_commit_seconds: Histogram,
+    /// Records per group commit.
+    pub audit_commit_records: Histogram,
     /// Divergences between the kernel and what the agent installed, found and repaired.
     pub tamper_findings: Family<TamperLabels, Counter>,
     pub admissions: Family<AdmissionLabels, Counter>,
@@ -131,9 +169,14 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let admissions = Family::<AdmissionLabels, Counter>::default();
-        let execution_seconds = Family::<ExecutionLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
-        });
+        let execution_seconds =
+            Family::<ExecutionLabels, Histogram>::new_with_constructor(|| Histogram::new(EXECUTION_BUCKETS));
+        let admission_seconds =
+            Family::<DecisionLabels, Histogram>::new_with_constructor(|| Histogram::new(LOCAL_BUCKETS));
+        let audit_commit_seconds = Histogram::new(LOCAL_BUCKETS);
+        let audit_commit_records = Histogram::new(GROUP_BUCKETS);
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info.get_or_create(&BuildLabels::THIS).set(1);
         let kernel_denials = DenialCounter::default();
         let ring_lost = Counter::default();
         let map_entries = Family::<MapLabels, Gauge>::default();
@@ -154,7 +197,24 @@ impl Metrics {
             tamper_findings.clone(),
         );
         registry.register("admissions", "Admission decisions by decision and reason code", admissions.clone());
-        registry.register("execution_duration_seconds", "Broker time per executed mutation", execution_seconds.clone());
+        registry.register("build_info", "This binary: version, git commit and compiler; value 1", build_info);
+        registry.register(
+            "admission_duration_seconds",
+            "From a proposal's arrival to its decision being durably recorded (the precondition read and identity \
+             minting included), by decision",
+            admission_seconds.clone(),
+        );
+        registry.register(
+            "execution_duration_seconds",
+            "The mutation and the read of the resulting state, with the minted identity, by provider and status",
+            execution_seconds.clone(),
+        );
+        registry.register(
+            "audit_commit_duration_seconds",
+            "One group commit of the audit ledger: its COMMIT and fsync",
+            audit_commit_seconds.clone(),
+        );
+        registry.register("audit_commit_records", "Records per audit group commit", audit_commit_records.clone());
         registry.register(
             "kernel_denials",
             "Connections and packets the kernel denied, by hook and (for this node's known pods) pod",
@@ -187,6 +247,9 @@ impl Metrics {
         );
         Self {
             registry: Mutex::new(registry),
+            admission_seconds,
+            audit_commit_seconds,
+            audit_commit_records,
             tamper_findings,
             admissions,
             execution_seconds,
@@ -201,6 +264,20 @@ impl Metrics {
             connections,
             limited,
         }
+    }
+
+    /// A decision, durably recorded `elapsed` after its proposal arrived.
+    pub fn decided(&self, decision: &crate::admission::Decision, elapsed: std::time::Duration) {
+        let verdict = if decision.admitted { "admitted" } else { "denied" };
+        let labels = AdmissionLabels { decision: verdict.into(), reason: decision.reason.as_str().into() };
+        self.admissions.get_or_create(&labels).inc();
+        self.admission_seconds.get_or_create(&DecisionLabels { decision: verdict }).observe(elapsed.as_secs_f64());
+    }
+
+    /// A group commit of the audit ledger.
+    pub fn committed(&self, commit: &crate::audit::Commit) {
+        self.audit_commit_seconds.observe(commit.duration.as_secs_f64());
+        self.audit_commit_records.observe(commit.records as f64);
     }
 
     /// Count one bite of `limit`.

@@ -20,16 +20,20 @@ use crate::{
     audit::{Ledger, LedgerBusy, now_ns},
     enforcement::broker_sockets::ExecutionTag,
     execute::{Executors, OUTCOME_KIND, Outcome, OutcomeStatus, Timings},
+    metrics::{ExecutionLabels, Metrics},
 };
 
+/// `started` is when the proposal arrived; `metrics` sees the decision when it is
+/// recorded and the execution when it returns.
 pub async fn propose(
     admission: &Admission,
     executors: &Executors,
     ledger: &Ledger,
+    metrics: &Metrics,
     caller: &Caller,
     proposal: &Proposal,
+    started: Instant,
 ) -> Result<Decision, LedgerBusy> {
-    let started = Instant::now();
     let mut pending = admission.begin(caller, proposal).await;
     // Every socket opened for this decision carries it, so a revocation can cut them.
     let tag = pending.verified.as_ref().map(|verified| ExecutionTag {
@@ -64,17 +68,57 @@ pub async fn propose(
     }
     pending.require_same_caller(caller);
     pending.require_fresh(admission);
-    let recorded = admission::record(ledger, pending).await;
-    let mut decision = match recorded {
-        Ok(decision) if decision.admitted => decision,
-        refused => {
-            if let Some(prepared) = prepared {
-                executors.discard(prepared).await;
-            }
-            return refused;
+    let Some(prepared) = prepared else {
+        // Nothing to execute: an admission's outcome (not executed, no executor) is
+        // recorded with the decision, in the same commit.
+        let provider = proposal.request.provider;
+        let decision = admission::record_then(ledger, pending, move |batch, decision| {
+            let mut outcome = not_executed(decision, timings);
+            outcome.error = Some(format!("this broker has no executor for provider {provider}"));
+            outcome.duration_ms = started.elapsed().as_secs_f64() * 1e3;
+            outcome.record_seq = batch.append(OUTCOME_KIND, now_ns(), &outcome)?;
+            decision.outcome = Some(outcome);
+            Ok(())
+        })
+        .await?;
+        metrics.decided(&decision, started.elapsed());
+        return Ok(decision);
+    };
+    let mut decision = match admission::record(ledger, pending).await {
+        Ok(decision) => decision,
+        Err(busy) => {
+            executors.discard(prepared).await;
+            return Err(busy);
         }
     };
-    let mut outcome = Outcome {
+    metrics.decided(&decision, started.elapsed());
+    if !decision.admitted {
+        executors.discard(prepared).await;
+        return Ok(decision);
+    }
+    let mut outcome = not_executed(&decision, timings);
+    let executing = Instant::now();
+    let executed = ExecutionTag::within(tag, executors.execute(prepared)).await;
+    let labels = ExecutionLabels {
+        provider: proposal.request.provider.as_str().into(),
+        status: executed.status.as_str().into(),
+    };
+    metrics.execution_seconds.get_or_create(&labels).observe(executing.elapsed().as_secs_f64());
+    info!(decision_id = %decision.decision_id, status = %executed.status, "executed");
+    outcome.status = executed.status;
+    outcome.api_status = executed.api_status;
+    outcome.error = executed.error;
+    outcome.identity = Some(executed.identity);
+    outcome.resulting_state_digest = executed.resulting_state_digest;
+    outcome.timings.execute_ms = executed.execute_ms;
+    outcome.duration_ms = started.elapsed().as_secs_f64() * 1e3;
+    decision.outcome = Some(record_outcome(ledger, outcome).await);
+    Ok(decision)
+}
+
+/// The outcome of an admitted decision before anything is executed.
+fn not_executed(decision: &Decision, timings: Timings) -> Outcome {
+    Outcome {
         decision_id: decision.decision_id.clone(),
         decision_seq: decision.record_seq,
         status: OutcomeStatus::NotExecuted,
@@ -85,23 +129,7 @@ pub async fn propose(
         timings,
         error: None,
         record_seq: 0,
-    };
-    match prepared {
-        Some(prepared) => {
-            let executed = ExecutionTag::within(tag, executors.execute(prepared)).await;
-            info!(decision_id = %decision.decision_id, status = %executed.status, "executed");
-            outcome.status = executed.status;
-            outcome.api_status = executed.api_status;
-            outcome.error = executed.error;
-            outcome.identity = Some(executed.identity);
-            outcome.resulting_state_digest = executed.resulting_state_digest;
-            outcome.timings.execute_ms = executed.execute_ms;
-        }
-        None => outcome.error = Some(format!("this broker has no executor for provider {}", proposal.request.provider)),
     }
-    outcome.duration_ms = started.elapsed().as_secs_f64() * 1e3;
-    decision.outcome = Some(record_outcome(ledger, outcome).await);
-    Ok(decision)
 }
 
 /// Chain the outcome to its decision (waiting for room in the ledger's queue: the

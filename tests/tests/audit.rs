@@ -427,3 +427,65 @@ fn audit_follow_streams_records_and_resumes_after_restarts_without_gaps_or_repea
     assert_eq!((last["kind"].as_str(), last["body"]["value"].as_str()), (Some("revocation"), Some("c-followed")));
     assert!(seen.iter().any(|r| r["kind"] == "decision" && r["body"]["reason"] == "untrusted_issuer"));
 }
+
+/// Recompute every link and hash from record `from` on, as an attacker without the key can.
+fn rehash_from(conn: &Connection, from: i64) {
+    use seb_agent::audit::chain::Head;
+    let before: Vec<u8> = conn.query_row("SELECT hash FROM records WHERE seq = ?1", [from - 1], |r| r.get(0)).unwrap();
+    let mut head = Head { seq: from - 1, hash: before.try_into().unwrap() };
+    let rows: Vec<(i64, String, i64, String)> = conn
+        .prepare("SELECT seq, kind, time_ns, body FROM records WHERE seq >= ?1 ORDER BY seq")
+        .unwrap()
+        .query_map([from], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for (seq, kind, time_ns, body) in rows {
+        let next = head.next(&kind, time_ns, &body);
+        conn.execute(
+            "UPDATE records SET prev_hash = ?1, hash = ?2 WHERE seq = ?3",
+            params![&head.hash[..], &next.hash[..], seq],
+        )
+        .unwrap();
+        head = next;
+    }
+}
+
+#[test]
+fn a_record_of_a_group_commit_tampered_is_named_even_with_the_chain_rehashed() {
+    let (mut f, request, contract) = admitting_broker("groupsig");
+    let decision = f.decide(&contract, &request);
+    assert!(decision.admitted, "{decision:?}");
+    let (seq, outcome_seq) = (decision.record_seq, decision.outcome.as_ref().unwrap().record_seq);
+    assert_eq!(outcome_seq, seq + 1, "with no executor the outcome is recorded with its decision");
+    f.sandbox.stop_agent().unwrap();
+
+    // One commit, one signature: on the outcome, which ends the group and covers the decision.
+    let conn = Connection::open(&f.sandbox.database).unwrap();
+    let signature = |seq: i64| -> i64 {
+        conn.query_row("SELECT length(signature) FROM records WHERE seq = ?1", [seq], |r| r.get(0)).unwrap()
+    };
+    assert_eq!((signature(seq), signature(outcome_seq)), (0, 64));
+    drop(conn);
+    let (code, report) = verify(&f.sandbox, &f.sandbox.database);
+    assert_eq!(code, 0, "{report}");
+
+    // The admission turned into a denial: its hash names it.
+    let denial =
+        format!("UPDATE records SET body = replace(body, '\"admitted\":true', '\"admitted\":false') WHERE seq = {seq}");
+    let changed = tampered(&f.sandbox, "groupchanged", |c| assert_eq!(c.execute(&denial, []).unwrap(), 1));
+    let (code, report) = verify(&f.sandbox, &changed);
+    assert_eq!((code, report["first_bad_record"].as_i64()), (1, Some(seq)), "{report}");
+    assert!(report["problem"].as_str().unwrap().contains("modified"), "{report}");
+
+    // The same with every later hash recomputed: the group's signature no longer holds,
+    // and the group is named from its first record.
+    let forged = tampered(&f.sandbox, "groupforged", |c| {
+        assert_eq!(c.execute(&denial, []).unwrap(), 1);
+        rehash_from(c, seq);
+    });
+    let (code, report) = verify(&f.sandbox, &forged);
+    assert_eq!((code, report["first_bad_record"].as_i64()), (1, Some(seq)), "{report}");
+    let problem = report["problem"].as_str().unwrap();
+    assert!(problem.contains(&format!("the signature on record {outcome_seq}")), "{report}");
+}

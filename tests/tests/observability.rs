@@ -68,3 +68,118 @@ fn metrics_health_and_status_report_what_the_agent_sees() {
     std::fs::remove_file(&pin).unwrap();
     assert_eq!(get(&sandbox, "/readyz").0, 503);
 }
+
+/// The value of the series `name{...}` whose labels include each of `labels`.
+fn series(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (series_name, rest) = series.split_once('{').unwrap_or((series, ""));
+        (series_name == name && labels.iter().all(|l| rest.contains(l))).then(|| value.parse().ok())?
+    })
+}
+
+fn scrape(sandbox: &Sandbox) -> String {
+    let (status, body) = get(sandbox, "/metrics");
+    assert_eq!(status, 200);
+    body
+}
+
+#[test]
+fn build_info_and_the_latency_histograms_follow_real_admissions_executions_and_commits() {
+    use seb_agent::{
+        admission::Reason,
+        cert::contract::{ScopedIdentity, digest_of},
+        execute::OutcomeStatus,
+    };
+    use seb_sandbox::{
+        broker::{Broker, certified, this_process},
+        mtls,
+    };
+    const API: &str = "127.0.0.3:9443";
+    let sandbox = Sandbox::new("histograms", tools()).unwrap();
+    let api = mtls::start(&sandbox.netns, API.parse().unwrap(), &sandbox.dir).unwrap();
+    let extra = format!(
+        "[http]\ntrust_anchors = \"{}\"\nclient_ca_cert = \"{}\"\nclient_ca_key = \"{}\"\n",
+        api.server_ca.display(),
+        api.client_ca.cert.display(),
+        api.client_ca.key.display()
+    );
+    let broker = Broker::start(sandbox, &extra, true).unwrap();
+
+    // What this binary is, from the build.
+    let before = scrape(&broker.sandbox);
+    let git = std::process::Command::new("git").args(["rev-parse", "HEAD"]).output().unwrap();
+    let commit = String::from_utf8(git.stdout).unwrap().trim().to_string();
+    let rustc =
+        std::process::Command::new(std::env::var("RUSTC").unwrap_or("rustc".into())).arg("--version").output().unwrap();
+    let rustc = String::from_utf8(rustc.stdout).unwrap().trim().to_string();
+    let build = [
+        format!("version=\"{}\"", env!("CARGO_PKG_VERSION")),
+        format!("git_commit=\"{commit}\""),
+        format!("rustc=\"{rustc}\""),
+    ];
+    let labels: Vec<&str> = build.iter().map(String::as_str).collect();
+    assert_eq!(series(&before, "seb_build_info", &labels), Some(1.0), "{labels:?} in:\n{before}");
+    assert_eq!(series(&before, "seb_admission_duration_seconds_count", &[]), None, "no decision yet");
+
+    // One certified change executed, then its certificate replayed.
+    let request: seb_agent::cert::MutationRequest = serde_json::from_value(serde_json::json!({
+        "provider": "http", "operation": "PUT", "target": format!("https://{API}/v1/config"),
+        "params": {"body": {"replicas": 3}}
+    }))
+    .unwrap();
+    let absent = digest_of(&serde_json::json!({"status": 404}));
+    let role = ScopedIdentity::X509Client { subject: "seb-executor@config".into() };
+    let contract = certified("c-metrics", this_process(), &request, &absent, role);
+    let certificate = broker.issue(&contract, &Default::default());
+    let admitted = broker.propose(&certificate, &request);
+    let outcome = admitted.outcome.clone().expect("an outcome");
+    assert_eq!(outcome.status, OutcomeStatus::Succeeded, "{admitted:?}");
+    assert_eq!(broker.propose(&certificate, &request).reason, Reason::Replayed);
+
+    let after = scrape(&broker.sandbox);
+    let admission = |decision: &str, what: &str| {
+        series(&after, &format!("seb_admission_duration_seconds_{what}"), &[&format!("decision=\"{decision}\"")])
+    };
+    assert_eq!(admission("admitted", "count"), Some(1.0), "{after}");
+    assert_eq!(admission("denied", "count"), Some(1.0), "{after}");
+    // The admission ended before execution began, within the proposal's whole time.
+    let admitted_seconds = admission("admitted", "sum").unwrap();
+    assert!(
+        admitted_seconds > 0.0 && admitted_seconds * 1e3 < outcome.duration_ms,
+        "{admitted_seconds} s, {outcome:?}"
+    );
+
+    let executed = ["provider=\"http\"", "status=\"succeeded\""];
+    assert_eq!(series(&after, "seb_execution_duration_seconds_count", &executed), Some(1.0), "{after}");
+    // Measured around the executor: at least its own mutation time, at most the whole proposal.
+    let execution_ms = series(&after, "seb_execution_duration_seconds_sum", &executed).unwrap() * 1e3;
+    assert!(
+        execution_ms >= outcome.timings.execute_ms && execution_ms <= outcome.duration_ms,
+        "{execution_ms} ms, {outcome:?}"
+    );
+
+    // Every record the store holds was counted in a group commit, whose time was observed.
+    let records = || -> i64 {
+        let output = broker.sandbox.agent_cli(&["audit", "verify", "--json"]).unwrap();
+        let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+        report["records"].as_i64().unwrap()
+    };
+    let commit_records = || series(&scrape(&broker.sandbox), "seb_audit_commit_records_sum", &[]).unwrap() as i64;
+    // A checkpoint may land between the reads: read until the count is steady around the store's.
+    let (counted, stored) = (0..5)
+        .map(|_| (commit_records(), records(), commit_records()))
+        .find(|(first, _, again)| first == again)
+        .map(|(counted, stored, _)| (counted, stored))
+        .expect("the commit count settles");
+    assert_eq!(counted, stored, "records counted by the commit histogram and records in the store");
+    let commits = series(&after, "seb_audit_commit_duration_seconds_count", &[]).unwrap();
+    // Epochs; decision; outcome; the replay's decision: four commits at least.
+    assert!(commits >= 4.0, "{after}");
+    assert!(series(&after, "seb_audit_commit_duration_seconds_sum", &[]).unwrap() > 0.0);
+    assert_eq!(
+        series(&after, "seb_audit_commit_duration_seconds_bucket", &["le=\"+Inf\""]),
+        Some(commits),
+        "the buckets cover every commit"
+    );
+}

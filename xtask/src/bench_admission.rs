@@ -1,24 +1,21 @@
 //! `cargo xtask bench admission`: admission latency over the broker socket and
 //! admissions per second with 64 concurrent clients, every decision durably recorded
-//! (signed, chained, committed) before its reply.
+//! (chained, signed with its group commit, committed) before its reply. The proposals
+//! come from `seb-load`, built optimised like the broker.
 
-use std::{path::PathBuf, time::Instant};
+use std::{path::Path, process::Command};
 
-use anyhow::{Context, Result, bail, ensure};
-use seb_agent::{
-    cert::{
-        ExecutionContract, MutationRequest,
-        contract::ScopedIdentity,
-        dev_sab::{self, Algorithm, IssueOptions},
-    },
-    protocol::{Envelope, Request, Response, VERSION, read_frame, write_frame},
+use anyhow::{Context, Result, ensure};
+use seb_agent::cert::{
+    ExecutionContract, MutationRequest,
+    contract::{AgentIdentity, ScopedIdentity},
+    dev_sab::{self, Algorithm, IssueOptions},
 };
 use seb_sandbox::{
     Sandbox,
     broker::{certified, this_process},
 };
 use serde_json::json;
-use tokio::net::UnixStream;
 
 use crate::stats::percentile;
 
@@ -26,10 +23,11 @@ const SEQUENTIAL: usize = 2_000;
 const CLIENTS: usize = 64;
 const PER_CLIENT: usize = 150;
 const TARGET_P99_US: f64 = 1_000.0;
-const TARGET_PER_SECOND: f64 = 5_000.0;
+const TARGET_PER_SECOND: f64 = 10_000.0;
 
 pub fn run() -> Result<()> {
     let tools = crate::release_tools()?;
+    let load = tools.probe.with_file_name("seb-load");
     let mut sandbox = Sandbox::new("benchadm", tools.clone())?;
     let ca = dev_sab::create_ca(&sandbox.dir.join("sab"), "seb bench SAB", Algorithm::Ed25519)?;
     sandbox.write_config(&format!("[admission]\ntrust_anchors = \"{}\"\n", ca.cert.display()))?;
@@ -38,44 +36,33 @@ pub fn run() -> Result<()> {
     ensure!(epochs.status.success(), "setting epochs: {}", String::from_utf8_lossy(&epochs.stderr));
 
     let request = bench_request();
+    let request_file = sandbox.dir.join("request.json");
+    std::fs::write(&request_file, serde_json::to_vec(&request)?)?;
     let total = SEQUENTIAL + CLIENTS * PER_CLIENT;
     eprintln!("xtask: issuing {total} single-use certificates");
-    let contract = bench_contract(&request)?;
+    let contract = bench_contract(&request, &load)?;
     let certificates: Vec<String> =
         (0..total).map(|_| dev_sab::issue(&ca, &contract, &IssueOptions::default())).collect::<Result<_>>()?;
+    let (first, rest) = certificates.split_at(SEQUENTIAL);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let socket = sandbox.socket.clone();
-    let (sequential, concurrent) = runtime.block_on(async {
-        let (first, rest) = certificates.split_at(SEQUENTIAL);
-        eprintln!("xtask: {SEQUENTIAL} admissions from one client");
-        let sequential = client(socket.clone(), first.to_vec(), request.clone()).await?;
-        eprintln!("xtask: {} admissions from {CLIENTS} concurrent clients", rest.len());
-        let started = Instant::now();
-        let tasks: Vec<_> = rest
-            .chunks(PER_CLIENT)
-            .map(|chunk| tokio::spawn(client(socket.clone(), chunk.to_vec(), request.clone())))
-            .collect();
-        let mut latencies = Vec::new();
-        for task in tasks {
-            latencies.extend(task.await??);
-        }
-        Ok::<_, anyhow::Error>((sequential, (latencies, started.elapsed())))
-    })?;
-    let (concurrent_latencies, elapsed) = concurrent;
-    let per_second = concurrent_latencies.len() as f64 / elapsed.as_secs_f64();
+    eprintln!("xtask: {SEQUENTIAL} admissions from one client");
+    let (sequential, _) = propose_all(&load, &sandbox, first, 1, &request_file)?;
+    eprintln!("xtask: {} admissions from {CLIENTS} concurrent clients", rest.len());
+    let (concurrent_latencies, seconds) = propose_all(&load, &sandbox, rest, CLIENTS, &request_file)?;
+    let per_second = concurrent_latencies.len() as f64 / seconds;
     let verify = sandbox.agent_cli(&["audit", "verify", "--json"])?;
     ensure!(verify.status.success(), "the audit chain must verify after the run");
 
     let report = json!({
         "bench": "admission",
         "cpus": std::thread::available_parallelism().map(usize::from).unwrap_or(0),
-        "durability": "each decision signed, hash-chained and committed (SQLite WAL, synchronous=FULL) before its reply; group commit",
+        "durability": "each decision hash-chained, its group commit signed and committed (SQLite WAL, \
+                       synchronous=FULL) before its reply",
         "single_client": summary(&sequential),
         "concurrent": {
             "clients": CLIENTS,
             "admissions": concurrent_latencies.len(),
-            "seconds": elapsed.as_secs_f64(),
+            "seconds": seconds,
             "admissions_per_second": per_second,
             "latency": summary(&concurrent_latencies),
         },
@@ -87,26 +74,32 @@ pub fn run() -> Result<()> {
     crate::stats::publish("admission", &report)
 }
 
-/// One connection, proposals one after another; returns each latency in microseconds.
-async fn client(socket: PathBuf, certificates: Vec<String>, request: MutationRequest) -> Result<Vec<f64>> {
-    let mut stream = UnixStream::connect(&socket).await.context("connecting to the broker")?;
-    let mut latencies = Vec::with_capacity(certificates.len());
-    for certificate in certificates {
-        let body = serde_json::to_vec(&Envelope {
-            v: VERSION,
-            body: Request::Propose { certificate, request: request.clone() },
-        })?;
-        let started = Instant::now();
-        write_frame(&mut stream, &body).await?;
-        let reply = read_frame(&mut stream).await?;
-        latencies.push(started.elapsed().as_secs_f64() * 1e6);
-        let envelope: Envelope<Response> = serde_json::from_slice(&reply)?;
-        match envelope.body {
-            Response::Decision(decision) if decision.admitted => {}
-            other => bail!("an admission was expected: {other:?}"),
-        }
-    }
-    Ok(latencies)
+/// Propose every certificate once through `seb-load` (release, like the broker) from
+/// `clients` connections; each latency in microseconds, and the wall time in seconds.
+fn propose_all(
+    load: &Path,
+    sandbox: &Sandbox,
+    certificates: &[String],
+    clients: usize,
+    request: &Path,
+) -> Result<(Vec<f64>, f64)> {
+    let file = sandbox.dir.join(format!("certificates-{clients}.jsonl"));
+    let lines: Vec<String> = certificates.iter().map(serde_json::to_string).collect::<Result<_, _>>()?;
+    std::fs::write(&file, lines.join("\n"))?;
+    let output = Command::new(load)
+        .arg("--socket")
+        .arg(&sandbox.socket)
+        .arg("--certificates")
+        .arg(&file)
+        .arg("--request")
+        .arg(request)
+        .args(["--clients", &clients.to_string()])
+        .output()
+        .with_context(|| format!("running {}", load.display()))?;
+    ensure!(output.status.success(), "seb-load failed: {}", String::from_utf8_lossy(&output.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let latencies = serde_json::from_value(result["latencies_us"].clone())?;
+    Ok((latencies, result["seconds"].as_f64().context("seb-load reported no wall time")?))
 }
 
 fn bench_request() -> MutationRequest {
@@ -117,10 +110,12 @@ fn bench_request() -> MutationRequest {
     .expect("valid request")
 }
 
-/// Certified for this process (the bench client).
-fn bench_contract(request: &MutationRequest) -> Result<ExecutionContract> {
+/// Certified for `seb-load` run by this user.
+fn bench_contract(request: &MutationRequest, load: &Path) -> Result<ExecutionContract> {
     let role = ScopedIdentity::AwsRole { role_arn: "arn:aws:iam::123456789012:role/seb-bench".into() };
-    Ok(certified("c-bench", this_process(), request, "sha256:00", role))
+    let exe = load.canonicalize().with_context(|| format!("{} (is it built?)", load.display()))?;
+    let agent = AgentIdentity { exe: Some(exe.to_string_lossy().into_owned()), ..this_process() };
+    Ok(certified("c-bench", agent, request, "sha256:00", role))
 }
 
 fn summary(latencies: &[f64]) -> serde_json::Value {

@@ -4,6 +4,7 @@ mod bench_admission;
 mod bench_connect;
 mod bench_execution;
 mod bench_revocation;
+mod bench_verify;
 mod demo;
 mod deploy_check;
 mod ebpf;
@@ -75,6 +76,8 @@ enum Bench {
     /// From a cluster revocation applied on the node to the next denied admission and
     /// the kernel map update.
     Revocation,
+    /// Records per second of `audit verify` over a 100,000-record store.
+    Verify,
 }
 
 fn main() {
@@ -86,6 +89,7 @@ fn main() {
         Task::Bench { which: Bench::Admission } => bench_admission::run(),
         Task::Bench { which: Bench::Execution } => bench_execution::run(),
         Task::Bench { which: Bench::Revocation } => bench_revocation::run(),
+        Task::Bench { which: Bench::Verify } => bench_verify::run(),
         Task::Fuzz { seed: true, .. } => fuzz::seed(),
         Task::Fuzz { seconds, target, .. } => fuzz::run(seconds, target.as_deref()),
         Task::Demo => demo::run(),
@@ -146,10 +150,15 @@ fn nix_is_root() -> bool {
 }
 
 /// For jobs that run sandboxes: root, iproute2, and release builds of the agent and
-/// the probe.
+/// the probe; or, with `SEB_BENCH_BINARIES=<dir>`, the `seb-agent` and `seb-probe` in that
+/// directory (a saved build, to compare against).
 pub fn release_tools() -> Result<seb_sandbox::Tools> {
     require_root()?;
     toolchain::ensure_packages(&[("ip", "iproute2")])?;
+    if let Some(dir) = std::env::var_os("SEB_BENCH_BINARIES") {
+        eprintln!("xtask: using the binaries in {} (SEB_BENCH_BINARIES)", Path::new(&dir).display());
+        return Ok(seb_sandbox::Tools::in_dir(Path::new(&dir)));
+    }
     run(Command::new("cargo").current_dir(workspace_root()).args([
         "build",
         "--release",
@@ -160,8 +169,12 @@ pub fn release_tools() -> Result<seb_sandbox::Tools> {
         "seb-tests",
         "--bins",
     ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from);
-    Ok(seb_sandbox::Tools::in_dir(&target.join("release")))
+    Ok(seb_sandbox::Tools::in_dir(&target_dir().join("release")))
+}
+
+/// Where cargo builds: `CARGO_TARGET_DIR` if set, else the workspace's `target/`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }
 
 pub fn workspace_root() -> PathBuf {

@@ -15,10 +15,10 @@ pub fn median(values: &[f64]) -> f64 {
     if sorted.len().is_multiple_of(2) { (sorted[mid - 1] + sorted[mid]) / 2.0 } else { sorted[mid] }
 }
 
-/// Print a benchmark's JSON report and keep it as `target/bench/<name>.json`.
+/// Print a benchmark's JSON report and keep it as `<target dir>/bench/<name>.json`.
 pub fn publish(name: &str, report: &serde_json::Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(report)?);
-    let dir = crate::workspace_root().join("target/bench");
+    let dir = crate::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join(format!("{name}.json")), serde_json::to_vec_pretty(report)?)?;
     Ok(())

@@ -17,7 +17,7 @@ pub use caller::{Caller, CallerIdentity, Peer};
 pub use reason::Reason;
 
 use crate::{
-    audit::{Ledger, LedgerBusy, is_busy},
+    audit::{Batch, Ledger, LedgerBusy, is_busy},
     cert::{MutationRequest, Rejection, TrustAnchors, ValidityPolicy, Verified},
     cluster::freshness::Freshness,
 };
@@ -296,6 +296,16 @@ impl Pending {
 /// consuming the serial), and only then return it. A full ledger queue is no decision:
 /// the caller is told the broker is busy.
 pub async fn record(ledger: &Ledger, pending: Pending) -> Result<Decision, LedgerBusy> {
+    record_then(ledger, pending, |_, _| Ok(())).await
+}
+
+/// The same, and for an admission `then` appends more in the same savepoint (so in the
+/// same commit): both are recorded, or the decision is an `internal` denial.
+pub async fn record_then(
+    ledger: &Ledger,
+    pending: Pending,
+    then: impl FnOnce(&mut Batch<'_>, &mut Decision) -> anyhow::Result<()> + Send + 'static,
+) -> Result<Decision, LedgerBusy> {
     let Pending { decision_id, verified, verdict: precheck, caller: identity, request } = pending;
     let id = decision_id.clone();
     let recorded = ledger
@@ -327,7 +337,7 @@ pub async fn record(ledger: &Ledger, pending: Pending) -> Result<Decision, Ledge
                 active_epochs: state::epochs(batch.conn())?,
             };
             let seq = state::record_decision(batch, &record)?;
-            Ok(Decision {
+            let mut decision = Decision {
                 decision_id: id,
                 admitted,
                 reason,
@@ -336,7 +346,11 @@ pub async fn record(ledger: &Ledger, pending: Pending) -> Result<Decision, Ledge
                 serial,
                 contract_id,
                 outcome: None,
-            })
+            };
+            if admitted {
+                then(batch, &mut decision)?;
+            }
+            Ok(decision)
         })
         .await;
     match recorded {

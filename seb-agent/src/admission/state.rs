@@ -73,30 +73,26 @@ fn apply(conn: &Connection, record: &StoredRecord) -> Result<()> {
         DECISION_KIND => {
             let decision: Consumption = serde_json::from_str(&record.body).with_context(parse_error)?;
             if let (true, Some(serial)) = (decision.admitted, decision.serial) {
-                conn.execute(
-                    "INSERT OR IGNORE INTO used_serials (serial, decision_seq) VALUES (?1, ?2)",
-                    params![serial, record.seq],
-                )?;
+                conn.prepare_cached("INSERT OR IGNORE INTO used_serials (serial, decision_seq) VALUES (?1, ?2)")?
+                    .execute(params![serial, record.seq])?;
             }
         }
         EPOCH_KIND => {
             let change: EpochChange = serde_json::from_str(&record.body).with_context(parse_error)?;
             for (name, value) in [("policy", change.current.policy), ("revocation", change.current.revocation)] {
                 if let Some(value) = value {
-                    conn.execute(
+                    conn.prepare_cached(
                         "INSERT INTO epochs (name, value, record_seq) VALUES (?1, ?2, ?3)
                          ON CONFLICT(name) DO UPDATE SET value = excluded.value, record_seq = excluded.record_seq",
-                        params![name, value as i64, record.seq],
-                    )?;
+                    )?
+                    .execute(params![name, value as i64, record.seq])?;
                 }
             }
         }
         REVOCATION_KIND => {
             let revocation: Revocation = serde_json::from_str(&record.body).with_context(parse_error)?;
-            conn.execute(
-                "INSERT OR IGNORE INTO revoked (kind, value, record_seq) VALUES (?1, ?2, ?3)",
-                params![revocation.target.column(), revocation.value, record.seq],
-            )?;
+            conn.prepare_cached("INSERT OR IGNORE INTO revoked (kind, value, record_seq) VALUES (?1, ?2, ?3)")?
+                .execute(params![revocation.target.column(), revocation.value, record.seq])?;
         }
         _ => {}
     }
@@ -119,7 +115,8 @@ pub struct Epochs {
 pub fn epochs(conn: &Connection) -> Result<Epochs> {
     let get = |name: &str| -> Result<Option<u64>> {
         Ok(conn
-            .query_row("SELECT value FROM epochs WHERE name = ?1", [name], |row| row.get::<_, i64>(0))
+            .prepare_cached("SELECT value FROM epochs WHERE name = ?1")?
+            .query_row([name], |row| row.get::<_, i64>(0))
             .optional()?
             .map(|v| v as u64))
     };
@@ -228,7 +225,8 @@ pub fn normalise(target: RevocationTarget, value: &str) -> String {
 
 fn is_revoked(conn: &Connection, target: RevocationTarget, value: &str) -> Result<bool> {
     Ok(conn
-        .query_row("SELECT 1 FROM revoked WHERE kind = ?1 AND value = ?2", params![target.column(), value], |_| Ok(()))
+        .prepare_cached("SELECT 1 FROM revoked WHERE kind = ?1 AND value = ?2")?
+        .query_row(params![target.column(), value], |_| Ok(()))
         .optional()?
         .is_some())
 }
@@ -271,7 +269,8 @@ pub fn check(conn: &Connection, verified: &Verified) -> Result<Result<(), Reject
         return reject(Reason::ContractRevoked, format!("contract {} is revoked", contract.contract_id));
     }
     let used: Option<i64> = conn
-        .query_row("SELECT decision_seq FROM used_serials WHERE serial = ?1", [&verified.serial], |row| row.get(0))
+        .prepare_cached("SELECT decision_seq FROM used_serials WHERE serial = ?1")?
+        .query_row([&verified.serial], |row| row.get(0))
         .optional()?;
     if let Some(seq) = used {
         return reject(

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info};
 
 use super::{
-    chain::{self, Head, StoredRecord},
+    chain::{Head, StoredRecord},
     head::{self, Flush},
     now_ns,
     store::{self, OpenFiles},
@@ -84,6 +84,32 @@ impl LedgerFiles {
     }
 }
 
+/// One group commit that appended records.
+#[derive(Debug, Clone, Copy)]
+pub struct Commit {
+    /// Its COMMIT, the fsync included.
+    pub duration: Duration,
+    pub records: u64,
+}
+
+/// Called on the ledger thread after each group commit that appended records.
+pub type OnCommit = Box<dyn Fn(&Commit) + Send>;
+
+/// How the ledger runs.
+pub struct LedgerOptions {
+    /// Jobs waiting, at most.
+    pub queue: usize,
+    /// Called on the ledger thread after each group commit that appended records (for
+    /// metrics: keep it short).
+    pub on_commit: Option<OnCommit>,
+}
+
+impl Default for LedgerOptions {
+    fn default() -> Self {
+        Self { queue: QUEUE, on_commit: None }
+    }
+}
+
 type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
 /// Runs the work in the batch, or (`None`) only hands back its completion, for a batch
 /// that failed before the job's turn.
@@ -99,7 +125,6 @@ pub struct Ledger {
 pub struct Batch<'a> {
     conn: &'a Connection,
     head: Head,
-    key: &'a SigningKey,
     appended: u64,
 }
 
@@ -109,25 +134,27 @@ impl Batch<'_> {
         Ok(self.append_record(kind, time_ns, body)?.seq)
     }
 
-    /// The same, returning the record as stored (to derive state from it).
+    /// The same, returning the record as stored (to derive state from it). Its signature
+    /// is empty: the commit signs the last record of the group.
     pub fn append_record<T: Serialize + ?Sized>(&mut self, kind: &str, time_ns: i64, body: &T) -> Result<StoredRecord> {
         let body = serde_json::to_string(body)?;
-        let sealed = chain::seal(&self.head, self.key, kind, time_ns, &body);
+        let prev = self.head;
+        let next = prev.next(kind, time_ns, &body);
         self.conn
             .prepare_cached(
-                "INSERT INTO records (seq, kind, time_ns, body, prev_hash, hash, signature) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO records (seq, kind, time_ns, body, prev_hash, hash, signature) VALUES (?1, ?2, ?3, ?4, ?5, ?6, X'')",
             )?
-            .execute(params![sealed.seq, kind, time_ns, body, &sealed.prev_hash[..], &sealed.hash[..], &sealed.signature[..]])?;
-        self.head = Head { seq: sealed.seq, hash: sealed.hash };
+            .execute(params![next.seq, kind, time_ns, body, &prev.hash[..], &next.hash[..]])?;
+        self.head = next;
         self.appended += 1;
         Ok(StoredRecord {
-            seq: sealed.seq,
+            seq: next.seq,
             kind: kind.into(),
             time_ns,
             body,
-            prev_hash: sealed.prev_hash.to_vec(),
-            hash: sealed.hash.to_vec(),
-            signature: sealed.signature.to_vec(),
+            prev_hash: prev.hash.to_vec(),
+            hash: next.hash.to_vec(),
+            signature: Vec::new(),
         })
     }
 
@@ -146,6 +173,7 @@ struct Writer {
     open_files: OpenFiles,
     since_checkpoint: u64,
     last_checkpoint: Instant,
+    on_commit: Option<OnCommit>,
 }
 
 impl Ledger {
@@ -154,7 +182,7 @@ impl Ledger {
     /// that is missing, truncated, replaced or altered while the head file says
     /// otherwise, naming why.
     pub fn start(files: &LedgerFiles, key: SigningKey, derived: Derived) -> Result<(Self, JoinHandle<()>)> {
-        Self::start_with_queue(files, key, derived, QUEUE)
+        Self::start_with(files, key, derived, LedgerOptions::default())
     }
 
     /// The same with a queue of `queue` jobs.
@@ -164,6 +192,17 @@ impl Ledger {
         derived: Derived,
         queue: usize,
     ) -> Result<(Self, JoinHandle<()>)> {
+        Self::start_with(files, key, derived, LedgerOptions { queue, ..LedgerOptions::default() })
+    }
+
+    /// The same, as `options` say.
+    pub fn start_with(
+        files: &LedgerFiles,
+        key: SigningKey,
+        derived: Derived,
+        options: LedgerOptions,
+    ) -> Result<(Self, JoinHandle<()>)> {
+        let LedgerOptions { queue, on_commit } = options;
         let (conn, head) = open_verified(files, &key, derived)?;
         let open_files = OpenFiles::pin(&files.database)?;
         let writer = Writer {
@@ -174,6 +213,7 @@ impl Ledger {
             open_files,
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
+            on_commit,
         };
         let (jobs, queue) = mpsc::channel::<Job>(queue);
         let thread = std::thread::Builder::new()
@@ -345,7 +385,7 @@ impl Writer {
                     return Err(e).context("opening a savepoint");
                 }
             };
-            let mut batch = Batch { conn: &savepoint, head, key: &self.key, appended };
+            let mut batch = Batch { conn: &savepoint, head, appended };
             let (ok, completion) = job(Some(&mut batch));
             let (job_head, job_appended) = (batch.head, batch.appended);
             completions.push(completion);
@@ -361,10 +401,18 @@ impl Writer {
         let due = self.since_checkpoint >= CHECKPOINT_RECORDS
             || (self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL);
         if due {
-            head = append_checkpoint(&tx, &self.key, head, self.since_checkpoint)?;
+            head = append_checkpoint(&tx, head, self.since_checkpoint)?;
+        }
+        if head != self.head {
+            // One signature for the group: on its last record, covering every record before.
+            tx.prepare_cached("UPDATE records SET signature = ?1 WHERE seq = ?2")?
+                .execute(params![&head.sign(&self.key)[..], head.seq])
+                .context("signing the group's head")?;
         }
         self.open_files.check()?;
+        let committing = Instant::now();
         tx.commit().context("committing")?;
+        let commit = Commit { duration: committing.elapsed(), records: (head.seq - self.head.seq) as u64 };
         if due {
             self.since_checkpoint = 0;
             self.last_checkpoint = Instant::now();
@@ -375,15 +423,18 @@ impl Writer {
             // Before anyone hears of the records: a later truncation is then detectable.
             let flush = if due { Flush::Now } else { Flush::Later };
             head::write(&self.files.head, &head, &self.key, flush)?;
+            if let Some(on_commit) = &self.on_commit {
+                on_commit(&commit);
+            }
         }
         Ok(())
     }
 }
 
-fn append_checkpoint(tx: &Transaction<'_>, key: &SigningKey, head: Head, since_previous: u64) -> Result<Head> {
+fn append_checkpoint(tx: &Transaction<'_>, head: Head, since_previous: u64) -> Result<Head> {
     let checkpoint =
         Checkpoint { through_seq: head.seq, head_hash: hex::encode(head.hash), records_since_previous: since_previous };
-    let mut batch = Batch { conn: tx, head, key, appended: 0 };
+    let mut batch = Batch { conn: tx, head, appended: 0 };
     batch.append(CHECKPOINT_KIND, now_ns(), &checkpoint)?;
     Ok(batch.head)
 }

@@ -11,7 +11,7 @@ pub mod store;
 pub mod verify;
 
 pub use denial::KernelDenial;
-pub use ledger::{Batch, Derived, Ledger, LedgerBusy, LedgerFiles, is_busy};
+pub use ledger::{Batch, Commit, Derived, Ledger, LedgerBusy, LedgerFiles, LedgerOptions, is_busy};
 pub use store::{AuditStore, Record};
 
 /// Nanoseconds since the Unix epoch, now.

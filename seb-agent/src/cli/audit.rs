@@ -204,9 +204,10 @@ pub fn verify(database: &Path, public_key: &Path, head_file: Option<&Path>, outp
     let report = match &outcome {
         Ok(verified) => json!({
             "ok": true, "records": verified.records, "checkpoints": verified.checkpoints,
-            "head_hash": verified.head_hash, "head_file_seq": verified.head_file_seq,
+            "signed_heads": verified.signed_heads, "head_hash": verified.head_hash,
+            "head_file_seq": verified.head_file_seq,
         }),
-        Err(failure) => json!({"ok": false, "first_bad_record": failure.seq, "problem": failure.fault.to_string()}),
+        Err(failure) => json!({"ok": false, "first_bad_record": failure.seq, "problem": failure.problem()}),
     };
     output.show(&report, |out| match &outcome {
         Ok(v) => {
@@ -216,11 +217,11 @@ pub fn verify(database: &Path, public_key: &Path, head_file: Option<&Path>, outp
             };
             writeln!(
                 out,
-                "audit chain OK: {} records, {} checkpoints, head {}; {newest}",
-                v.records, v.checkpoints, v.head_hash
+                "audit chain OK: {} records in {} signed groups, {} checkpoints, head {}; {newest}",
+                v.records, v.signed_heads, v.checkpoints, v.head_hash
             )
         }
-        Err(failure) => writeln!(out, "audit chain BROKEN at record {}: {}", failure.seq, failure.fault),
+        Err(failure) => writeln!(out, "audit chain BROKEN at record {}: {}", failure.seq, failure.problem()),
     })?;
     Ok(outcome.is_ok())
 }

@@ -18,7 +18,7 @@ use crate::{
     config::parse_socket_addr,
     enforcement::{broker_sockets::Retired, maps},
     execute::passthrough,
-    metrics::{AdmissionLabels, ExecutionLabels, Limit},
+    metrics::Limit,
     propose::propose,
     protocol::{ErrorCode, Request, Response, StatusReport},
     recorder::recorded_loss_total,
@@ -60,28 +60,26 @@ pub async fn handle(request: Request, peer: &Peer, broker: &Broker) -> Response 
 }
 
 async fn handle_propose(proposal: Proposal, peer: &Peer, broker: &Broker) -> Response {
+    let started = std::time::Instant::now();
     let decision = match peer.identify() {
-        Ok(caller) => propose(&broker.admission, &broker.executors, &broker.ledger, &caller, &proposal).await,
+        Ok(caller) => {
+            let Broker { admission, executors, ledger, metrics, .. } = broker;
+            propose(admission, executors, ledger, metrics, &caller, &proposal, started).await
+        }
         // Still a decision: denied, and recorded before the answer.
         Err(e) => {
             let pending = Pending::unidentified(peer.unidentified(), &proposal, format!("{e:#}"));
-            admission::record(&broker.ledger, pending).await
+            let decision = admission::record(&broker.ledger, pending).await;
+            if let Ok(decision) = &decision {
+                broker.metrics.decided(decision, started.elapsed());
+            }
+            decision
         }
     };
     let Ok(decision) = decision else {
         broker.metrics.count_limit(Limit::LedgerQueue);
         return busy();
     };
-    let verdict = if decision.admitted { "admitted" } else { "denied" };
-    let labels = AdmissionLabels { decision: verdict.into(), reason: decision.reason.as_str().into() };
-    broker.metrics.admissions.get_or_create(&labels).inc();
-    if let Some(outcome) = &decision.outcome {
-        let labels = ExecutionLabels {
-            provider: proposal.request.provider.as_str().into(),
-            status: outcome.status.as_str().into(),
-        };
-        broker.metrics.execution_seconds.get_or_create(&labels).observe(outcome.duration_ms / 1e3);
-    }
     info!(
         decision_id = %decision.decision_id,
         admitted = decision.admitted,
