@@ -175,6 +175,15 @@ enum Command {
         #[arg(long)]
         request: PathBuf,
     },
+    /// Serve an AI agent's tools over MCP on standard input and output (for an MCP host to
+    /// start): read a resource, propose a change (live state, SAB certificate, broker), and
+    /// ask the SAB about a request awaiting approval.
+    Mcp {
+        #[command(flatten)]
+        socket: SocketArg,
+        #[command(flatten)]
+        sab: seb_agent::sab_client::SabOptions,
+    },
     /// Revoke a certificate serial or a contract id. It takes effect at the next admission
     /// and cuts the connections of executions under it. With --cluster, on every node.
     Revoke {
@@ -436,6 +445,10 @@ fn run(command: Command, output: Output) -> Result<Exit> {
                 bail!("the broker answered something other than a read");
             };
             output.show(&read, |out| render::read(out, &read))?;
+        }
+        Command::Mcp { socket, sab } => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(seb_agent::mcp::serve(socket.path()?, &sab))?;
         }
         Command::Revoke { socket, cluster, serial, contract, reason } => {
             let (target, value) = match (serial, contract) {

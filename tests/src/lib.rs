@@ -23,6 +23,7 @@ pub mod kube_store;
 pub mod moto;
 pub mod mtls;
 pub mod revocation;
+pub mod sab_standin;
 pub mod tamper;
 pub mod tls_server;
 

@@ -40,15 +40,46 @@ pub struct ReadResult {
     pub state_digest: String,
 }
 
-/// The mutation whose live-state read is this read.
+/// Each AWS passthrough read, and the mutations whose live state (the state their drift
+/// check digests) it reads.
+const AWS_READS: &[(&str, &[&str])] = &[
+    ("s3:GetObject", &["s3:PutObject", "s3:DeleteObject"]),
+    ("s3:GetBucketPolicy", &["s3:PutBucketPolicy"]),
+    (
+        "ec2:DescribeSecurityGroups",
+        &[
+            "ec2:AuthorizeSecurityGroupIngress",
+            "ec2:RevokeSecurityGroupIngress",
+            "ec2:AuthorizeSecurityGroupEgress",
+            "ec2:RevokeSecurityGroupEgress",
+        ],
+    ),
+    ("ec2:DescribeInstances", &["ec2:TerminateInstances"]),
+    ("iam:ListAttachedRolePolicies", &["iam:AttachRolePolicy", "iam:DetachRolePolicy"]),
+];
+
+/// A mutation whose live-state read is this read.
 fn aws_read_as(operation: &str) -> Option<&'static str> {
-    Some(match operation {
-        "s3:GetObject" => "s3:PutObject",
-        "s3:GetBucketPolicy" => "s3:PutBucketPolicy",
-        "ec2:DescribeSecurityGroups" => "ec2:AuthorizeSecurityGroupIngress",
-        "ec2:DescribeInstances" => "ec2:TerminateInstances",
-        "iam:ListAttachedRolePolicies" => "iam:AttachRolePolicy",
-        _ => return None,
+    AWS_READS.iter().find(|(read, _)| *read == operation).map(|(_, mutations)| mutations[0])
+}
+
+/// The passthrough read of `mutation`'s target whose digest is the mutation's
+/// precondition: what an agent reads before asking the SAB to certify it.
+pub fn state_read_for(mutation: &MutationRequest) -> Result<MutationRequest> {
+    let operation = match mutation.provider {
+        Provider::Aws => AWS_READS
+            .iter()
+            .find(|(_, mutations)| mutations.contains(&mutation.operation.as_str()))
+            .map(|(read, _)| *read)
+            .with_context(|| format!("no live-state read is known for `{}`", mutation.operation))?,
+        Provider::Http => "GET",
+        Provider::Kubernetes => bail!("Kubernetes reads are not supported yet"),
+    };
+    Ok(MutationRequest {
+        provider: mutation.provider,
+        operation: operation.into(),
+        target: mutation.target.clone(),
+        params: serde_json::Value::Null,
     })
 }
 
