@@ -99,12 +99,10 @@ pub async fn serve(socket: PathBuf, sab: &SabOptions) -> Result<()> {
 
 #[tool_router]
 impl SebTools {
-    #[tool(
-        description = "Read a production resource through the seb broker (no certificate needed). Returns the \
+    #[tool(description = "Read a production resource through the seb broker (no certificate needed). Returns the \
         HTTP status, the body, and `state_digest`: the digest of the resource's current state, which a change \
         to it is checked against. Only the reads the broker's configuration allows are served; others are \
-        refused with the reason."
-    )]
+        refused with the reason.")]
     async fn read_resource(&self, Parameters(args): Parameters<ReadArgs>) -> Result<CallToolResult, ErrorData> {
         let request = request(&args.provider, &args.operation, &args.target, Value::Null)?;
         Ok(match self.read(request).await {
@@ -113,8 +111,7 @@ impl SebTools {
         })
     }
 
-    #[tool(
-        description = "Propose one change to a production resource, and have it executed if it is allowed. \
+    #[tool(description = "Propose one change to a production resource, and have it executed if it is allowed. \
         In one call: reads the resource's live state, asks the security authority (SAB) to certify exactly this \
         change against its policy, and presents the certificate to the seb broker, which executes the change \
         with a short-lived identity. `status` in the result is one of: `executed` (done; `outcome` says what \
@@ -122,8 +119,7 @@ impl SebTools {
         with `request_id`; once it is `issued`, call this tool again with the same change and \
         `approved_request_id`), `refused` (policy forbids this change: `reasons` say why; do not retry it \
         unchanged), `denied` (the broker refused the certificate, e.g. `drift`: the resource changed since it \
-        was read; read it again and reconsider), or `not_executed` (admitted but the change failed)."
-    )]
+        was read; read it again and reconsider), or `not_executed` (admitted but the change failed).")]
     async fn propose_change(&self, Parameters(args): Parameters<ProposeArgs>) -> Result<CallToolResult, ErrorData> {
         let request = request(&args.provider, &args.operation, &args.target, args.params)?;
         let certificate = match &args.approved_request_id {
@@ -139,13 +135,11 @@ impl SebTools {
         Ok(self.propose(certificate, request).await)
     }
 
-    #[tool(
-        description = "Ask the security authority (SAB) about a change that `propose_change` left \
+    #[tool(description = "Ask the security authority (SAB) about a change that `propose_change` left \
         `pending_approval`. `status` is `pending` (still waiting for approvers; `approvals` lists who approved \
         so far), `issued` (approved: call `propose_change` again with the same change and \
         `approved_request_id`), `denied` or `refused` (`reasons` say why), or `expired` (nobody approved in \
-        time)."
-    )]
+        time).")]
     async fn request_status(&self, Parameters(args): Parameters<StatusArgs>) -> Result<CallToolResult, ErrorData> {
         Ok(match self.sab.request(&args.request_id).await {
             Ok(mut state) => {
@@ -177,7 +171,8 @@ impl SebTools {
         let read = crate::execute::passthrough::state_read_for(request)
             .map_err(|e| failure("unsupported_operation", &format!("{e:#}")))?;
         let live_state = self.read(read).await.map_err(|message| failure("live_state_unavailable", &message))?;
-        let draft = Draft { request: request.clone(), precondition: live_state.state_digest.clone(), live_state, intent };
+        let draft =
+            Draft { request: request.clone(), precondition: live_state.state_digest.clone(), live_state, intent };
         match self.sab.certify(&draft).await {
             Ok(Certified::Issued { request_id, certificate, .. }) => Ok((request_id, certificate)),
             Ok(Certified::Pending { request_id, approvals_required, approvers }) => {

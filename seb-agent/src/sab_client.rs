@@ -156,7 +156,8 @@ impl SabClient {
             .await
             .map_err(|e| anyhow::anyhow!("reading the answer (at most {MAX_ANSWER} bytes): {e}"))?
             .to_bytes();
-        let value = serde_json::from_slice(&bytes).with_context(|| format!("the SAB's answer ({status}) is not JSON"))?;
+        let value =
+            serde_json::from_slice(&bytes).with_context(|| format!("the SAB's answer ({status}) is not JSON"))?;
         Ok((status, value))
     }
 }

@@ -70,7 +70,13 @@ pub fn start(netns: &str, addr: SocketAddr, dir: &Path, sab: CaFiles, role_arn: 
         let response = handle(request, &peer, &sab, &role, &requests);
         async move { response }
     })?;
-    Ok(SabStandin { url: format!("https://{addr}"), server_ca: server_ca.cert, client_ca, dir: dir.into(), _stop: stop })
+    Ok(SabStandin {
+        url: format!("https://{addr}"),
+        server_ca: server_ca.cert,
+        client_ca,
+        dir: dir.into(),
+        _stop: stop,
+    })
 }
 
 impl SabStandin {
@@ -109,7 +115,10 @@ fn handle(
     let (status, body) = match (request.method(), path.as_str()) {
         (&Method::POST, "/v1/certify") => match certify(request.body(), peer, sab, role) {
             Ok(issued) => {
-                requests.lock().unwrap().insert(issued["request_id"].as_str().unwrap_or_default().into(), issued.clone());
+                requests
+                    .lock()
+                    .unwrap()
+                    .insert(issued["request_id"].as_str().unwrap_or_default().into(), issued.clone());
                 (StatusCode::OK, issued)
             }
             Err(e) => (StatusCode::BAD_REQUEST, error("invalid_request", &format!("{e:#}"))),

@@ -101,6 +101,7 @@ fn test() -> Result<()> {
     require_root()?;
     toolchain::ensure_packages(&[("ip", "iproute2")])?;
     toolchain::ensure_moto()?;
+    toolchain::ensure_python_test_packages()?;
     // In CI the committed object must be what the sources build; locally it is refreshed.
     ebpf::build(if in_ci() { ebpf::Mode::Check } else { ebpf::Mode::Update })?;
     let cargo = |args: &[&str]| run(Command::new("cargo").current_dir(workspace_root()).args(args));
