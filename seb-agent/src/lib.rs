@@ -18,5 +18,6 @@ pub mod metrics;
 pub mod propose;
 pub mod protocol;
 pub mod recorder;
+pub mod sab;
 pub mod server;
 pub mod tamper;
