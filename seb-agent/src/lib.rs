@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod propose;
 pub mod protocol;
 pub mod recorder;
+pub mod sab;
 pub mod sab_client;
 pub mod server;
 pub mod tamper;
