@@ -687,7 +687,10 @@ fn sab(command: SabCommand, output: Output) -> Result<Exit> {
         SabCommand::Serve { config } => {
             let config = sab::SabConfig::load(&config)?;
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            runtime.block_on(sab::serve(config))?;
+            let ledger = runtime.block_on(sab::serve(config))?;
+            // Connections still open hold the log's last handles: end them, then let the log close.
+            runtime.shutdown_timeout(Duration::from_secs(2));
+            ledger.join().map_err(|_| anyhow::anyhow!("the SAB log's thread panicked"))?;
             Ok(Exit::Success)
         }
         SabCommand::Approve { client, id, reason } => {

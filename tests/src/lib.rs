@@ -23,7 +23,7 @@ pub mod kube_store;
 pub mod moto;
 pub mod mtls;
 pub mod revocation;
-pub mod sab_standin;
+pub mod sab;
 pub mod tamper;
 pub mod tls_server;
 

@@ -25,12 +25,14 @@ pub use config::SabConfig;
 pub use service::Sab;
 
 /// `seb-agent sab serve`: load, then serve the API and watch the policies until stopped.
-pub async fn serve(config: SabConfig) -> Result<()> {
+/// Returns the log's thread: it ends, the log closed, once the runtime (holding the
+/// last handles) is shut down.
+pub async fn serve(config: SabConfig) -> Result<std::thread::JoinHandle<()>> {
     let tls = http::tls_config(&config.tls)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
-    let (sab, _ledger_thread) = Sab::start(config).await?;
+    let (sab, ledger_thread) = Sab::start(config).await?;
     let watcher = tokio::spawn(service::watch_policies(sab.clone()));
     let result = tokio::select! {
         result = http::serve(sab, listener, tls) => result,
@@ -38,7 +40,7 @@ pub async fn serve(config: SabConfig) -> Result<()> {
         _ = terminated() => Ok(()),
     };
     watcher.abort();
-    result
+    result.map(|()| ledger_thread)
 }
 
 async fn terminated() {
