@@ -20,6 +20,5 @@ pub mod propose;
 pub mod protocol;
 pub mod recorder;
 pub mod sab;
-pub mod sab_client;
 pub mod server;
 pub mod tamper;

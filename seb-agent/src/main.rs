@@ -182,7 +182,7 @@ enum Command {
         #[command(flatten)]
         socket: SocketArg,
         #[command(flatten)]
-        sab: seb_agent::sab_client::SabOptions,
+        sab: seb_agent::mcp::SabOptions,
     },
     /// Revoke a certificate serial or a contract id. It takes effect at the next admission
     /// and cuts the connections of executions under it. With --cluster, on every node.

@@ -4,6 +4,7 @@ the enforced workload cgroup, with ``SEB_SOCKET``, ``SEB_SAB_*`` and ``SEB_AGENT
 
 import asyncio
 import os
+import subprocess
 import uuid
 from typing import Any, Awaitable, Callable, Dict
 
@@ -35,6 +36,14 @@ def session(job: Callable[[ClientSession], Awaitable[Any]]) -> Any:
 
 def call(name: str, arguments: Dict[str, Any]) -> Any:
     return session(lambda client: client.call_tool(name, arguments))
+
+
+def approve(request_id: str) -> None:
+    """`seb-agent sab approve`, as the approver policy names."""
+    environment = dict(os.environ, SEB_SAB_CERT=env("SEB_TEST_APPROVER_CERT"), SEB_SAB_KEY=env("SEB_TEST_APPROVER_KEY"))
+    done = subprocess.run([env("SEB_AGENT"), "sab", "approve", request_id], env=environment,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def s3_target(key: str) -> str:
@@ -97,16 +106,38 @@ def test_propose_change_plans_certifies_and_executes_in_one_call():
     assert "certificate" not in status.structured_content
 
 
-def test_a_security_group_change_goes_through_the_same_tool():
-    result = call("propose_change", {
-        "provider": "aws", "operation": "ec2:AuthorizeSecurityGroupIngress",
-        "target": env("SEB_TEST_SECURITY_GROUP_ARN"),
-        "params": {"ip_permissions": [{"protocol": "tcp", "from_port": 8443, "to_port": 8443,
-                                       "cidrs": ["10.0.0.0/8"]}]},
-        "intent": "let the internal network reach the new service port",
-    })
-    assert not result.is_error, result
-    assert result.structured_content["outcome"]["status"] == "succeeded"
+def test_a_change_policy_forbids_is_refused_and_nothing_is_executed():
+    key = f"config/{uuid.uuid4().hex}.txt"
+    put = {"provider": "aws", "operation": "s3:PutObject", "target": s3_target(key), "params": {"body": "keep"},
+           "intent": "seed"}
+    assert not call("propose_change", put).is_error
+    result = call("propose_change", {"provider": "aws", "operation": "s3:DeleteObject", "target": s3_target(key),
+                                     "intent": "remove an object nobody uses"})
+    assert result.is_error
+    assert result.structured_content["status"] == "refused"
+    assert result.structured_content["reasons"] == ["forbidden_by: no-deletes"]
+    assert read_object(key).structured_content["body"] == "keep"
+
+
+def test_a_change_that_needs_approval_is_pending_then_runs_once_approved():
+    key = f"release/{uuid.uuid4().hex}.txt"
+    change = {"provider": "aws", "operation": "s3:PutObject", "target": s3_target(key),
+              "params": {"body": "version=2"}, "intent": "ship version 2"}
+    pending = call("propose_change", change)
+    assert not pending.is_error, pending
+    assert pending.structured_content["status"] == "pending_approval"
+    assert pending.structured_content["approvers"] == ["seb://approver/alice"]
+    request_id = pending.structured_content["request_id"]
+    assert call("request_status", {"request_id": request_id}).structured_content["status"] == "pending"
+    assert read_object(key).structured_content["status"] == 404
+
+    approve(request_id)
+    status = call("request_status", {"request_id": request_id}).structured_content
+    assert status["status"] == "issued" and status["certificate_ready"] is True
+    done = call("propose_change", dict(change, approved_request_id=request_id))
+    assert not done.is_error, done
+    assert done.structured_content["status"] == "executed"
+    assert read_object(key).structured_content["body"] == "version=2"
 
 
 def test_an_operation_with_no_known_live_state_is_an_error_before_any_certificate():
@@ -124,5 +155,5 @@ def test_an_approved_request_id_that_is_not_issued_is_refused():
         "params": {"body": "x"}, "intent": "x", "approved_request_id": "no-such-request",
     })
     assert result.is_error
-    assert result.structured_content["status"] == "sab_unavailable"
+    assert result.structured_content["status"] == "sab_error"
     assert "404" in result.structured_content["message"]

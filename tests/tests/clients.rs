@@ -2,7 +2,7 @@
 //! (`clients/python/tests`) and a real MCP client (the Python `mcp` package) driving
 //! `seb-agent mcp` over stdio (`tests/mcp`). Each runs as the agent would, in the enforced
 //! workload cgroup of a sandbox, against a real broker (kernel programs attached, moto as
-//! production on a protected address) and a SAB over mutual TLS.
+//! production on a protected address) and a real SAB (`seb-agent sab serve`, Cedar).
 
 use std::{
     path::{Path, PathBuf},
@@ -12,17 +12,40 @@ use std::{
 use seb_sandbox::{
     Sandbox, Tools,
     broker::Broker,
-    moto::{self, AwsWorld, Moto, authorize_ingress},
-    sab_standin::{self, SabStandin},
+    moto::{self, AwsWorld, Moto},
+    sab::Sab,
 };
+use serde_json::Value;
 
 const API: &str = "127.0.0.2:8443";
-const SAB: &str = "127.0.0.3:8444";
+const APPROVER: &str = "seb://approver/alice";
+
+/// Writes under `config/` are permitted; deletes are forbidden; writes under `release/`
+/// need one approval; anything else is refused by default.
+fn policies(bucket: &str, role_arn: &str) -> String {
+    format!(
+        r#"@id("config-writes")
+@identity("aws_role:{role_arn}")
+permit (principal in Seb::Node::"node-a", action == Seb::Action::"aws::s3:PutObject", resource)
+when {{ resource.resource like "{bucket}/config/*" }};
+
+@id("no-deletes")
+forbid (principal, action == Seb::Action::"aws::s3:DeleteObject", resource);
+
+@id("releases-need-approval")
+@identity("aws_role:{role_arn}")
+@approvals("1")
+@approvers("{APPROVER}")
+permit (principal in Seb::Node::"node-a", action == Seb::Action::"aws::s3:PutObject", resource)
+when {{ resource.resource like "{bucket}/release/*" }};
+"#
+    )
+}
 
 struct World {
     // Servers first, so they stop before the sandbox goes.
     _moto: Moto,
-    sab: SabStandin,
+    sab: Sab,
     broker: Broker,
     aws: AwsWorld,
 }
@@ -42,10 +65,8 @@ fn world(label: &str) -> World {
         aws.reader_role_arn
     );
     let broker = Broker::start(sandbox, &extra, true).unwrap();
-    let dir = broker.sandbox.dir.join("sab-api");
-    std::fs::create_dir_all(&dir).unwrap();
-    let sab = sab_standin::start(&broker.sandbox.netns, SAB.parse().unwrap(), &dir, broker.ca.clone(), &aws.role_arn)
-        .unwrap();
+    let issuing = broker.sandbox.dir.join("sab");
+    let sab = Sab::start(&broker.sandbox, &issuing, &policies(&aws.bucket, &aws.role_arn), "").unwrap();
     World { _moto: moto, sab, broker, aws }
 }
 
@@ -53,34 +74,44 @@ fn repository() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-/// Run pytest on `suite` as the agent: in the workload cgroup and the namespace, with
-/// the broker's socket and this agent's SAB credentials in the environment.
+/// Run pytest on `suite` as the agent: in the workload cgroup, with the broker's socket
+/// and this agent's SAB credentials in the environment (and an approver's, for the
+/// approval tests to run `seb-agent sab approve` as a person would).
 fn pytest(world: &World, suite: &str) {
     let sandbox = &world.broker.sandbox;
-    let agent = world.sab.agent("agent", &format!("{}/workload", sandbox.cgroup_relative)).unwrap();
+    let agent = world.sab.identity_cert(&world.sab.agent_identity(sandbox, "workload")).unwrap();
+    let approver = world.sab.identity_cert(APPROVER).unwrap();
     let output = Command::new(&sandbox.tools.probe)
         .arg("--cgroup")
         .arg(sandbox.cgroup.join("workload"))
-        .args(["--netns", &sandbox.netns, "exec", "--", "python3", "-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .args(["exec", "--", "python3", "-m", "pytest", "-q", "-p", "no:cacheprovider"])
         .arg(repository().join(suite))
         .env("PYTHONPATH", repository().join("clients/python/src"))
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("SEB_SOCKET", &sandbox.socket)
-        .env("SEB_SAB_URL", &agent.url)
-        .env("SEB_SAB_CERT", &agent.cert)
-        .env("SEB_SAB_KEY", &agent.key)
-        .env("SEB_SAB_CA", &agent.server_ca)
+        .env("SEB_SAB_URL", &world.sab.url)
+        .env("SEB_SAB_CERT", agent.with_extension("pem"))
+        .env("SEB_SAB_KEY", agent.with_extension("key"))
+        .env("SEB_SAB_CA", world.sab.dir.join("tls-ca.pem"))
         .env("SEB_AGENT", &sandbox.tools.agent)
+        .env("SEB_TEST_APPROVER_CERT", approver.with_extension("pem"))
+        .env("SEB_TEST_APPROVER_KEY", approver.with_extension("key"))
         .env("SEB_TEST_BUCKET", &world.aws.bucket)
-        .env("SEB_TEST_SECURITY_GROUP_ARN", authorize_ingress(&world.aws.security_group, 443).target)
         .env("SEB_TEST_PROTECTED_API", API)
         .output()
         .expect("running pytest (python3 -m pip install pytest mcp)");
     let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success(), "pytest {suite} failed:\n{report}");
-    // A suite that collected nothing would pass: insist that every test ran.
+    assert!(output.status.success(), "pytest {suite} failed:\n{report}\nSAB log:\n{}", world.sab.log());
+    // A suite that collected nothing would pass: insist that tests ran and none was skipped.
     assert!(report.contains(" passed") && !report.contains("skipped"), "pytest {suite}:\n{report}");
     println!("{report}");
+}
+
+/// The broker's decision records, from its signed log.
+fn decisions(world: &World) -> Vec<Value> {
+    let output = world.broker.sandbox.agent_cli(&["--json", "audit", "list", "--kind", "decision"]).unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect()
 }
 
 /// Both suites share one world (moto and its seed are the slow part); each test in them
@@ -90,4 +121,25 @@ fn the_python_client_and_an_mcp_client_reach_production_only_through_the_broker(
     let world = world("clients");
     pytest(&world, "clients/python/tests");
     pytest(&world, "tests/mcp");
+    // The suites asked the SAB for deletes, which policy forbids: none reached the broker.
+    let decisions = decisions(&world);
+    assert!(decisions.iter().any(|d| d["body"]["request"]["operation"] == "s3:PutObject"), "{decisions:?}");
+    assert!(!decisions.iter().any(|d| d["body"]["request"]["operation"] == "s3:DeleteObject"), "{decisions:?}");
+    // Both logs verify.
+    let verify = world.broker.sandbox.agent_cli(&["audit", "verify"]).unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    let public_key = world.sab.signing_key.with_extension("key.pub");
+    let verify = Command::new(&world.broker.sandbox.tools.agent)
+        .args(["audit", "verify", "--database"])
+        .arg(&world.sab.database)
+        .arg("--public-key")
+        .arg(&public_key)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
 }

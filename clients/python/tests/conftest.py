@@ -2,7 +2,9 @@
 starts a sandboxed broker (moto as production on a protected address) and a SAB, and
 runs pytest in the enforced workload cgroup with ``SEB_SOCKET`` and ``SEB_SAB_*`` set."""
 
+import json
 import os
+import subprocess
 import uuid
 
 import pytest
@@ -45,3 +47,17 @@ def put(bucket: str):
 
 def object_read(request: Request) -> Request:
     return Request("aws", "s3:GetObject", request.target)
+
+
+@pytest.fixture
+def approve():
+    """Approve a SAB request as a person would: ``seb-agent sab approve`` with an approver's certificate."""
+
+    def run(request_id: str) -> dict:
+        env = dict(os.environ, SEB_SAB_CERT=_env("SEB_TEST_APPROVER_CERT"), SEB_SAB_KEY=_env("SEB_TEST_APPROVER_KEY"))
+        done = subprocess.run([_env("SEB_AGENT"), "--json", "sab", "approve", request_id, "--reason", "reviewed"],
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return json.loads(done.stdout)
+
+    return run

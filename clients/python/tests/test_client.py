@@ -5,14 +5,17 @@ import errno
 import socket
 import urllib.error
 import urllib.request
+import uuid
 
 import pytest
 
 from conftest import object_read
 from seb_client import (
+    ApprovalPending,
     BrokerError,
     DirectEgressRefused,
     Request,
+    SabRefused,
     SebDenied,
     broker_only,
     state_read,
@@ -56,6 +59,39 @@ def test_apply_runs_every_step(seb, put):
     decision = seb.apply(change, "scale to 4")
     assert decision.executed and decision.reason == "admitted"
     assert seb.read(object_read(change)).body == "replicas=4"
+
+
+def test_a_change_policy_forbids_is_refused_by_the_sab_with_the_policy(seb, put):
+    change = put("replicas=1")
+    seb.apply(change, "seed the object")
+    delete = Request("aws", "s3:DeleteObject", change.target)
+    with pytest.raises(SabRefused) as refused:
+        seb.apply(delete, "clean up")
+    assert refused.value.reason == "forbidden_by"
+    assert refused.value.reasons == ["forbidden_by: no-deletes"]
+    assert seb.read(object_read(change)).body == "replicas=1"
+
+
+def test_a_change_no_policy_permits_is_refused_by_default(seb, bucket):
+    change = Request("aws", "s3:PutObject", f"arn:aws:s3:::{bucket}/elsewhere/x.txt", {"body": "x"})
+    with pytest.raises(SabRefused) as refused:
+        seb.apply(change, "write somewhere no policy names")
+    assert refused.value.reason == "no_permit"
+    assert seb.read(object_read(change)).status == 404
+
+
+def test_a_change_that_needs_approval_runs_once_a_person_approves(seb, put, approve):
+    change = put("version=2", key=f"release/{uuid.uuid4().hex}.txt")
+    with pytest.raises(ApprovalPending) as pending:
+        seb.apply(change, "ship version 2")
+    assert pending.value.approvers == ["seb://approver/alice"] and pending.value.approvals_required == 1
+    assert seb.sab.request(pending.value.request_id).status == "pending"
+    with pytest.raises(ApprovalPending):
+        seb.wait_for_certificate(pending.value.request_id, timeout=0.2, interval=0.1)
+    assert approve(pending.value.request_id)["status"] == "issued"
+    certificate = seb.wait_for_certificate(pending.value.request_id, timeout=10)
+    assert seb.propose(certificate, change).executed
+    assert seb.read(object_read(change)).body == "version=2"
 
 
 def test_a_replayed_certificate_is_denied_with_its_reason(seb, put):

@@ -51,11 +51,13 @@ class SabError(SebError):
 
 class SabRefused(SebError):
     """The SAB's policy refused to certify (or an approver denied, or the request
-    expired). ``reason`` is the first policy reason, ``reasons`` all of them."""
+    expired). ``reason`` is the code of the first reason (``forbidden_by``, ``no_permit``,
+    ...; the request's status when none is given), ``reasons`` the SAB's reasons in full
+    (``forbidden_by: <policy id>``)."""
 
     def __init__(self, request_id: str, reasons: Sequence[str], status: str = "refused") -> None:
         reasons = list(reasons) or [status]
-        super().__init__(reasons[0], f"the SAB {status} request {request_id}: {', '.join(reasons)}")
+        super().__init__(reasons[0].split(":", 1)[0].strip(), f"the SAB {status} request {request_id}: {'; '.join(reasons)}")
         self.request_id = request_id
         self.reasons = reasons
         self.status = status

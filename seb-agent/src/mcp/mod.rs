@@ -21,8 +21,11 @@ use crate::{
     cert::MutationRequest,
     execute::{OutcomeStatus, passthrough::ReadResult},
     protocol::{self, Request, Response},
-    sab_client::{Certified, Draft, SabClient, SabOptions},
 };
+
+mod sab;
+pub use sab::SabOptions;
+use sab::{AgentSab, Certified, Draft};
 
 const INSTRUCTIONS: &str = "This server is the only way to read or change the production systems (AWS, \
 Kubernetes, internal HTTPS APIs) from this machine. Direct calls to those APIs are refused by the kernel \
@@ -85,13 +88,13 @@ pub struct StatusArgs {
 #[derive(Clone)]
 pub struct SebTools {
     socket: PathBuf,
-    sab: Arc<SabClient>,
+    sab: Arc<AgentSab>,
     tool_router: ToolRouter<Self>,
 }
 
 /// Serve MCP on standard input and output until the client goes away.
 pub async fn serve(socket: PathBuf, sab: &SabOptions) -> Result<()> {
-    let tools = SebTools { socket, sab: Arc::new(SabClient::new(sab)?), tool_router: SebTools::tool_router() };
+    let tools = SebTools { socket, sab: Arc::new(AgentSab::new(sab)?), tool_router: SebTools::tool_router() };
     let service = tools.serve(rmcp::transport::stdio()).await?;
     service.waiting().await?;
     Ok(())
@@ -151,7 +154,7 @@ impl SebTools {
                 }
                 CallToolResult::structured(state)
             }
-            Err(e) => failure("sab_unavailable", &format!("{e:#}")),
+            Err(e) => failure("sab_error", &format!("{e:#}")),
         })
     }
 }
@@ -187,13 +190,13 @@ impl SebTools {
                 "status": "refused", "request_id": request_id, "reasons": reasons,
                 "next": "Policy forbids this change. Do not retry it unchanged; tell the user why.",
             }))),
-            Err(e) => Err(failure("sab_unavailable", &format!("{e:#}"))),
+            Err(e) => Err(failure("sab_error", &format!("{e:#}"))),
         }
     }
 
     /// The certificate of an approved request.
     async fn approved(&self, request_id: &str) -> Result<String, CallToolResult> {
-        let state = self.sab.request(request_id).await.map_err(|e| failure("sab_unavailable", &format!("{e:#}")))?;
+        let state = self.sab.request(request_id).await.map_err(|e| failure("sab_error", &format!("{e:#}")))?;
         match (state["status"].as_str(), state["certificate"].as_str()) {
             (Some("issued"), Some(certificate)) => Ok(certificate.to_string()),
             (status, _) => Err(CallToolResult::structured_error(json!({
