@@ -5,6 +5,7 @@ mod bench_connect;
 mod bench_execution;
 mod bench_revocation;
 mod demo;
+mod demo_agent;
 mod deploy_check;
 mod ebpf;
 mod fuzz;
@@ -138,10 +139,11 @@ fn nix_is_root() -> bool {
 pub fn release_tools() -> Result<seb_sandbox::Tools> {
     require_root()?;
     toolchain::ensure_packages(&[("ip", "iproute2")])?;
+    // Cargo's own progress shows: a first (cold) build takes several minutes.
+    eprintln!("xtask: building seb-agent and seb-probe (release; several minutes the first time)");
     run(Command::new("cargo").current_dir(workspace_root()).args([
         "build",
         "--release",
-        "--quiet",
         "-p",
         "seb-agent",
         "-p",
