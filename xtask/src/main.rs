@@ -4,6 +4,7 @@ mod bench_admission;
 mod bench_connect;
 mod bench_execution;
 mod bench_revocation;
+mod bench_sab;
 mod demo;
 mod demo_agent;
 mod deploy_check;
@@ -67,6 +68,8 @@ enum Bench {
     /// From a cluster revocation applied on the node to the next denied admission and
     /// the kernel map update.
     Revocation,
+    /// SAB certify latency and certificates per second, with 1 and 1,000 policies.
+    Sab,
 }
 
 fn main() {
@@ -78,6 +81,7 @@ fn main() {
         Task::Bench { which: Bench::Admission } => bench_admission::run(),
         Task::Bench { which: Bench::Execution } => bench_execution::run(),
         Task::Bench { which: Bench::Revocation } => bench_revocation::run(),
+        Task::Bench { which: Bench::Sab } => bench_sab::run(),
         Task::Fuzz { seed: true, .. } => fuzz::seed(),
         Task::Fuzz { seconds, target, .. } => fuzz::run(seconds, target.as_deref()),
         Task::Demo => demo::run(),

@@ -56,13 +56,30 @@ impl SabClient {
     }
 
     async fn call_once(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+        self.session().await?.call(method, path, body).await
+    }
+
+    /// A connection for many requests, one after another.
+    pub async fn session(&self) -> Result<Session> {
         let stream = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
             .with_context(|| format!("connecting to the SAB at {}:{}", self.host, self.port))?;
         let name = ServerName::try_from(self.host.clone())?;
         let tls = TlsConnector::from(self.tls.clone()).connect(name, stream).await.context("TLS with the SAB")?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
         tokio::spawn(connection);
+        Ok(Session { sender, host: self.host.clone() })
+    }
+}
+
+/// One kept-alive connection to the SAB.
+pub struct Session {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    host: String,
+}
+
+impl Session {
+    pub async fn call(&mut self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
         let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
         let request = Request::builder()
             .method(method)
@@ -70,7 +87,7 @@ impl SabClient {
             .header("host", &self.host)
             .header("content-type", "application/json")
             .body(Full::new(body))?;
-        let response = sender.send_request(request).await.context("the SAB's answer")?;
+        let response = self.sender.send_request(request).await.context("the SAB's answer")?;
         let status = response.status().as_u16();
         let bytes = response.into_body().collect().await?.to_bytes();
         let value = serde_json::from_slice(&bytes)
