@@ -97,5 +97,7 @@ class Sab:
 
 
 def _error(status: int, body: Mapping[str, Any]) -> SabError:
-    error = body.get("error") if isinstance(body.get("error"), dict) else {}
+    error = body.get("error")
+    if not isinstance(error, dict):
+        error = {}
     return SabError(str(error.get("code", f"http_{status}")), str(error.get("message", body)), status)
