@@ -127,3 +127,37 @@ fn result(status: u16, body: &Bytes, state_digest: String) -> ReadResult {
         Err(_) => ReadResult { status, body: None, body_hex: Some(hex::encode(body)), state_digest },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(provider: &str, operation: &str) -> MutationRequest {
+        serde_json::from_value(serde_json::json!({
+            "provider": provider, "operation": operation, "target": "arn:aws:s3:::b/k", "params": {"body": "x"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn each_mutation_is_read_by_the_read_that_shows_its_live_state() {
+        for (mutation, read) in [
+            ("s3:PutObject", "s3:GetObject"),
+            ("s3:DeleteObject", "s3:GetObject"),
+            ("s3:PutBucketPolicy", "s3:GetBucketPolicy"),
+            ("ec2:RevokeSecurityGroupEgress", "ec2:DescribeSecurityGroups"),
+            ("ec2:TerminateInstances", "ec2:DescribeInstances"),
+            ("iam:DetachRolePolicy", "iam:ListAttachedRolePolicies"),
+        ] {
+            let state_read = state_read_for(&request("aws", mutation)).unwrap();
+            assert_eq!((state_read.operation.as_str(), state_read.target.as_str()), (read, "arn:aws:s3:::b/k"));
+            assert_eq!(state_read.params, serde_json::Value::Null, "a read carries no parameters");
+            // And the broker serves that read as the state of a mutation of the same kind.
+            assert!(aws_read_as(read).is_some());
+        }
+        assert_eq!(state_read_for(&request("http", "PUT")).unwrap().operation, "GET");
+        let unknown = state_read_for(&request("aws", "s3:CreateBucket")).unwrap_err().to_string();
+        assert!(unknown.contains("s3:CreateBucket"), "{unknown}");
+        assert!(state_read_for(&request("kubernetes", "patch")).is_err());
+    }
+}

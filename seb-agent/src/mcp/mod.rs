@@ -265,3 +265,39 @@ impl ServerHandler for SebTools {
             .with_instructions(INSTRUCTIONS)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decision(admitted: bool, reason: &str, outcome: Option<&str>) -> Decision {
+        let outcome = outcome.map(|status| {
+            json!({"decision_id": "d", "decision_seq": 1, "status": status, "identity": null, "api_status": 200,
+                   "resulting_state_digest": null, "duration_ms": 1.0, "timings": {"mint_ms": 0.0,
+                   "drift_check_ms": 0.0, "execute_ms": 0.0}, "error": null, "record_seq": 2})
+        });
+        serde_json::from_value(json!({"decision_id": "d", "admitted": admitted, "reason": reason, "message": "m",
+                                      "record_seq": 1, "serial": null, "contract_id": null, "outcome": outcome}))
+        .unwrap()
+    }
+
+    /// What the model is told: only an executed change is a success.
+    #[test]
+    fn only_an_executed_change_is_reported_as_a_success() {
+        let executed = decided("r", &decision(true, "admitted", Some("succeeded")));
+        assert_eq!(
+            (executed.is_error, executed.structured_content.unwrap()["status"].clone()),
+            (Some(false), json!("executed"))
+        );
+        for (decision, status) in [
+            (decision(false, "drift", None), "denied"),
+            (decision(true, "admitted", Some("failed")), "not_executed"),
+            (decision(true, "admitted", Some("not_executed")), "not_executed"),
+        ] {
+            let result = decided("r", &decision);
+            let content = result.structured_content.unwrap();
+            assert_eq!((result.is_error, content["status"].clone()), (Some(true), json!(status)), "{content}");
+            assert_eq!(content["reason"], json!(decision.reason));
+        }
+    }
+}
