@@ -197,6 +197,15 @@ enum Command {
         #[arg(long)]
         request: PathBuf,
     },
+    /// Serve an AI agent's tools over MCP on standard input and output (for an MCP host to
+    /// start): read a resource, propose a change (live state, SAB certificate, broker), and
+    /// ask the SAB about a request awaiting approval.
+    Mcp {
+        #[command(flatten)]
+        socket: SocketArg,
+        #[command(flatten)]
+        sab: seb_agent::mcp::SabOptions,
+    },
     /// Revoke a certificate serial or a contract id. It takes effect at the next admission
     /// and cuts the connections of executions under it. With --cluster, on every node.
     Revoke {
@@ -261,6 +270,11 @@ enum Command {
         /// host:port, IPv6 as [addr]:port.
         addr: String,
     },
+    /// The SAB: certifies proposed actions under Cedar policies, with human approval.
+    Sab {
+        #[command(subcommand)]
+        command: SabCommand,
+    },
     /// Print a shell completion script, e.g. `seb-agent completions bash > /etc/bash_completion.d/seb-agent`.
     Completions {
         /// The shell to complete for.
@@ -307,6 +321,94 @@ enum CertCommand {
     Inspect {
         /// The certificate (PEM).
         cert: PathBuf,
+    },
+}
+
+/// Where the SAB is and how to authenticate to it.
+#[derive(Args)]
+struct SabClientArgs {
+    /// The SAB's URL (https://host:port).
+    #[arg(long, env = "SEB_SAB_URL")]
+    url: String,
+    /// Our client certificate (PEM), naming us by a seb:// URI SAN.
+    #[arg(long, env = "SEB_SAB_CERT")]
+    cert: PathBuf,
+    /// Its private key (PEM).
+    #[arg(long, env = "SEB_SAB_KEY")]
+    key: PathBuf,
+    /// The CA that issued the SAB's server certificate (PEM).
+    #[arg(long, env = "SEB_SAB_CA")]
+    ca: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum SabCommand {
+    /// Serve the SAB's HTTPS API.
+    Serve {
+        /// The SAB's configuration file (TOML).
+        #[arg(long, env = "SEB_SAB_CONFIG")]
+        config: PathBuf,
+    },
+    /// Approve a pending request (as the approver our client certificate names).
+    Approve {
+        #[command(flatten)]
+        client: SabClientArgs,
+        /// The request id.
+        id: String,
+        /// Why, recorded in the SAB's log.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Deny a pending request.
+    Deny {
+        #[command(flatten)]
+        client: SabClientArgs,
+        /// The request id.
+        id: String,
+        /// Why, recorded in the SAB's log.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// List the pending requests we may see.
+    Pending {
+        #[command(flatten)]
+        client: SabClientArgs,
+    },
+    /// Show one request's state.
+    Show {
+        #[command(flatten)]
+        client: SabClientArgs,
+        /// The request id.
+        id: String,
+    },
+    /// Validate a policy directory against the schema, as the SAB would load it.
+    Check {
+        /// The directory of *.cedar files.
+        #[arg(long)]
+        policies: PathBuf,
+    },
+    /// Print the Cedar schema policies are validated against.
+    Schema,
+    /// Create the SAB's CAs (issuing: sab-ca.*, TLS: tls-ca.*) and its server certificate in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS names or IP addresses of the SAB's server certificate.
+        #[arg(long = "server-name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        server_names: Vec<String>,
+    },
+    /// Issue a client certificate from DIR's TLS CA naming IDENTITY (seb://node/<node>/cgroup/<path>
+    /// or seb://approver/<name>); writes <OUT>.pem and <OUT>.key.
+    ClientCert {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        identity: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 30)]
+        days: u64,
     },
 }
 
@@ -474,6 +576,10 @@ fn run(command: Command, output: Output) -> Result<Exit> {
             };
             output.show(&read, |out| render::read(out, &read))?;
         }
+        Command::Mcp { socket, sab } => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(seb_agent::mcp::serve(socket.path()?, &sab))?;
+        }
         Command::Revoke { socket, cluster, serial, contract, reason } => {
             let (target, value) = match (serial, contract) {
                 (Some(serial), _) => (RevocationTarget::Serial, serial),
@@ -535,6 +641,7 @@ fn run(command: Command, output: Output) -> Result<Exit> {
             output.show(&epochs, |out| render::epochs(out, &epochs))?;
         }
         Command::Cert { command } => cert(command, output)?,
+        Command::Sab { command } => return sab(command, output),
         Command::Audit { command } => return audit(command, output),
         Command::Denials { database, follow } => {
             denials::print(&database.path()?, output.json, follow, &mut output::Stdout::lock())?
@@ -596,6 +703,73 @@ fn cert(command: CertCommand, output: Output) -> Result<()> {
         CertCommand::Inspect { cert } => {
             let inspected = cli::cert::inspect(&cert)?;
             output.show(&inspected, |out| cli::cert::render(out, &inspected))
+        }
+    }
+}
+
+fn sab(command: SabCommand, output: Output) -> Result<Exit> {
+    use seb_agent::sab::{self, client::SabClient, pki};
+    let call = |client: &SabClientArgs, method: &str, path: &str, body: Option<serde_json::Value>| {
+        let sab = SabClient::new(&client.url, &client.cert, &client.key, &client.ca)?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(sab.call(method, path, body.as_ref()))
+    };
+    let answer = |(status, body): (u16, serde_json::Value)| -> Result<Exit> {
+        output.show(&body, |out| {
+            writeln!(out, "{}", serde_json::to_string_pretty(&body).map_err(std::io::Error::other)?)
+        })?;
+        Ok(if (200..300).contains(&status) { Exit::Success } else { Exit::Denied })
+    };
+    match command {
+        SabCommand::Serve { config } => {
+            let config = sab::SabConfig::load(&config)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let ledger = runtime.block_on(sab::serve(config))?;
+            // Connections still open hold the log's last handles: end them, then let the log close.
+            runtime.shutdown_timeout(Duration::from_secs(2));
+            ledger.join().map_err(|_| anyhow::anyhow!("the SAB log's thread panicked"))?;
+            Ok(Exit::Success)
+        }
+        SabCommand::Approve { client, id, reason } => {
+            let body = serde_json::json!({ "reason": reason });
+            answer(call(&client, "POST", &format!("/v1/requests/{id}/approve"), Some(body))?)
+        }
+        SabCommand::Deny { client, id, reason } => {
+            let body = serde_json::json!({ "reason": reason });
+            answer(call(&client, "POST", &format!("/v1/requests/{id}/deny"), Some(body))?)
+        }
+        SabCommand::Pending { client } => answer(call(&client, "GET", "/v1/requests?status=pending", None)?),
+        SabCommand::Show { client, id } => answer(call(&client, "GET", &format!("/v1/requests/{id}"), None)?),
+        SabCommand::Check { policies } => {
+            let book = sab::policy::PolicyBook::load_dir(&policies, sab::config::MAX_CERTIFICATE_TTL)?;
+            let report = serde_json::json!({"valid": true, "files": book.files, "policies": book.policies, "digest": book.digest});
+            output.show(&report, |out| {
+                writeln!(out, "{} policies in {} files: valid ({})", book.policies, book.files.len(), book.digest)
+            })?;
+            Ok(Exit::Success)
+        }
+        SabCommand::Schema => {
+            output.show_text("schema", &sab::schema::text())?;
+            Ok(Exit::Success)
+        }
+        SabCommand::Init { dir, server_names } => {
+            let layout = pki::Layout::new(&dir);
+            pki::init(&layout, &server_names)?;
+            let report = serde_json::json!({
+                "issuing_ca": layout.issuing_ca().cert, "tls_ca": layout.tls_ca().cert, "server": layout.server().0,
+            });
+            output.show(&report, |out| {
+                writeln!(out, "created the SAB's CAs and server certificate in {}", dir.display())
+            })?;
+            Ok(Exit::Success)
+        }
+        SabCommand::ClientCert { dir, identity, out, days } => {
+            let ttl = Duration::from_secs(days * 86_400);
+            let (cert, key) = pki::client_certificate(&pki::Layout::new(&dir).tls_ca(), &identity, ttl, &out)?;
+            let report = serde_json::json!({"certificate": cert, "key": key, "identity": identity});
+            output
+                .show(&report, |out| writeln!(out, "wrote {} and {} for {identity}", cert.display(), key.display()))?;
+            Ok(Exit::Success)
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod kubelet;
 pub mod moto;
 pub mod mtls;
 pub mod revocation;
+pub mod sab;
 pub mod tamper;
 pub mod tls_server;
 

@@ -4,8 +4,10 @@ mod bench_admission;
 mod bench_connect;
 mod bench_execution;
 mod bench_revocation;
+mod bench_sab;
 mod bench_verify;
 mod demo;
+mod demo_agent;
 mod deploy_check;
 mod ebpf;
 mod fuzz;
@@ -78,6 +80,8 @@ enum Bench {
     Revocation,
     /// Records per second of `audit verify` over a 100,000-record store.
     Verify,
+    /// SAB certify latency and certificates per second, with 1 and 1,000 policies.
+    Sab,
 }
 
 fn main() {
@@ -90,6 +94,7 @@ fn main() {
         Task::Bench { which: Bench::Execution } => bench_execution::run(),
         Task::Bench { which: Bench::Revocation } => bench_revocation::run(),
         Task::Bench { which: Bench::Verify } => bench_verify::run(),
+        Task::Bench { which: Bench::Sab } => bench_sab::run(),
         Task::Fuzz { seed: true, .. } => fuzz::seed(),
         Task::Fuzz { seconds, target, .. } => fuzz::run(seconds, target.as_deref()),
         Task::Demo => demo::run(),
@@ -118,6 +123,7 @@ fn test() -> Result<()> {
     require_root()?;
     toolchain::ensure_packages(&[("ip", "iproute2")])?;
     toolchain::ensure_moto()?;
+    toolchain::ensure_python_test_packages()?;
     // In CI the committed object must be what the sources build; locally it is refreshed.
     ebpf::build(if in_ci() { ebpf::Mode::Check } else { ebpf::Mode::Update })?;
     let cargo = |args: &[&str]| run(Command::new("cargo").current_dir(workspace_root()).args(args));
@@ -159,10 +165,11 @@ pub fn release_tools() -> Result<seb_sandbox::Tools> {
         eprintln!("xtask: using the binaries in {} (SEB_BENCH_BINARIES)", Path::new(&dir).display());
         return Ok(seb_sandbox::Tools::in_dir(Path::new(&dir)));
     }
+    // Cargo's own progress shows: a first (cold) build takes several minutes.
+    eprintln!("xtask: building seb-agent and seb-probe (release; several minutes the first time)");
     run(Command::new("cargo").current_dir(workspace_root()).args([
         "build",
         "--release",
-        "--quiet",
         "-p",
         "seb-agent",
         "-p",

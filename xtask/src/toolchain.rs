@@ -118,3 +118,18 @@ pub fn ensure_moto() -> Result<()> {
     run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "moto[server]>=5.1,<6"]))
         .context("installing moto[server] with pip")
 }
+
+/// What the clients' suites need: pytest, and the `mcp` package as the MCP client that
+/// drives `seb-agent mcp`.
+pub fn ensure_python_test_packages() -> Result<()> {
+    if Command::new("python3")
+        .args(["-c", "import pytest, mcp.client.stdio"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: installing pytest and mcp (the clients' test suites)");
+    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "pytest>=7", "mcp>=2.3,<3"]))
+        .context("installing pytest and mcp with pip")
+}

@@ -15,12 +15,13 @@ use crate::{
     audit::{AuditStore, Record, denial, format_time, head, keys, ledger::CHECKPOINT_KIND, verify},
     execute::OUTCOME_KIND,
     recorder::RING_LOSS_KIND,
+    sab,
     server::handlers::{READ_KIND, REFUSAL_KIND},
     tamper,
 };
 
-/// Every kind of record the broker writes.
-pub const KINDS: [&str; 10] = [
+/// Every kind of record the broker and the SAB write.
+pub const KINDS: [&str; 16] = [
     DECISION_KIND,
     OUTCOME_KIND,
     READ_KIND,
@@ -31,6 +32,12 @@ pub const KINDS: [&str; 10] = [
     RING_LOSS_KIND,
     tamper::KIND,
     CHECKPOINT_KIND,
+    sab::records::CERTIFY_KIND,
+    sab::records::DECISION_KIND,
+    sab::records::APPROVAL_KIND,
+    sab::records::ISSUANCE_KIND,
+    sab::records::EXPIRY_KIND,
+    sab::records::POLICY_KIND,
 ];
 
 /// A `--kind` the broker never writes would list nothing, silently: refuse it.

@@ -46,6 +46,44 @@ pub struct ReadResult {
     pub state_digest: String,
 }
 
+/// Each AWS passthrough read, and the mutations whose live state (the state their drift
+/// check digests) it reads.
+const AWS_READS: &[(&str, &[&str])] = &[
+    ("s3:GetObject", &["s3:PutObject", "s3:DeleteObject"]),
+    ("s3:GetBucketPolicy", &["s3:PutBucketPolicy"]),
+    (
+        "ec2:DescribeSecurityGroups",
+        &[
+            "ec2:AuthorizeSecurityGroupIngress",
+            "ec2:RevokeSecurityGroupIngress",
+            "ec2:AuthorizeSecurityGroupEgress",
+            "ec2:RevokeSecurityGroupEgress",
+        ],
+    ),
+    ("ec2:DescribeInstances", &["ec2:TerminateInstances"]),
+    ("iam:ListAttachedRolePolicies", &["iam:AttachRolePolicy", "iam:DetachRolePolicy"]),
+];
+
+/// The passthrough read of `mutation`'s target whose digest is the mutation's
+/// precondition: what an agent reads before asking the SAB to certify it.
+pub fn state_read_for(mutation: &MutationRequest) -> Result<MutationRequest> {
+    let operation = match mutation.provider {
+        Provider::Aws => AWS_READS
+            .iter()
+            .find(|(_, mutations)| mutations.contains(&mutation.operation.as_str()))
+            .map(|(read, _)| *read)
+            .with_context(|| format!("no live-state read is known for `{}`", mutation.operation))?,
+        Provider::Http => "GET",
+        Provider::Kubernetes => bail!("Kubernetes reads are not supported yet"),
+    };
+    Ok(MutationRequest {
+        provider: mutation.provider,
+        operation: operation.into(),
+        target: mutation.target.clone(),
+        params: serde_json::Value::Null,
+    })
+}
+
 pub async fn read(
     config: &PassthroughConfig,
     executors: &Executors,
@@ -94,5 +132,48 @@ fn result(status: u16, body: &Bytes, state_digest: String) -> ReadResult {
     match std::str::from_utf8(body) {
         Ok(text) => ReadResult { status, body: Some(text.to_string()), body_hex: None, state_digest },
         Err(_) => ReadResult { status, body: None, body_hex: Some(hex::encode(body)), state_digest },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(provider: &str, operation: &str) -> MutationRequest {
+        serde_json::from_value(serde_json::json!({
+            "provider": provider, "operation": operation, "target": "arn:aws:s3:::b/k", "params": {"body": "x"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn each_mutation_is_read_by_the_read_that_shows_its_live_state() {
+        for (mutation, read) in [
+            ("s3:PutObject", "s3:GetObject"),
+            ("s3:DeleteObject", "s3:GetObject"),
+            ("s3:PutBucketPolicy", "s3:GetBucketPolicy"),
+            ("ec2:RevokeSecurityGroupEgress", "ec2:DescribeSecurityGroups"),
+            ("ec2:TerminateInstances", "ec2:DescribeInstances"),
+            ("iam:DetachRolePolicy", "iam:ListAttachedRolePolicies"),
+        ] {
+            let state_read = state_read_for(&request("aws", mutation)).unwrap();
+            assert_eq!((state_read.operation.as_str(), state_read.target.as_str()), (read, "arn:aws:s3:::b/k"));
+            assert_eq!(state_read.params, serde_json::Value::Null, "a read carries no parameters");
+            // And the broker has that read as a preset, so a null-params read is served.
+            let target = match read {
+                "s3:GetObject" => "arn:aws:s3:::b/k",
+                "s3:GetBucketPolicy" => "arn:aws:s3:::b",
+                "ec2:DescribeSecurityGroups" => "arn:aws:ec2:us-east-1:123456789012:security-group/sg-1",
+                "ec2:DescribeInstances" => "arn:aws:ec2:us-east-1:123456789012:instance/i-1",
+                _ => "arn:aws:iam::123456789012:role/r",
+            };
+            if let Err(e) = preset::read(read, target) {
+                panic!("{read} has no preset: {e:#}");
+            }
+        }
+        assert_eq!(state_read_for(&request("http", "PUT")).unwrap().operation, "GET");
+        let unknown = state_read_for(&request("aws", "s3:CreateBucket")).unwrap_err().to_string();
+        assert!(unknown.contains("s3:CreateBucket"), "{unknown}");
+        assert!(state_read_for(&request("kubernetes", "patch")).is_err());
     }
 }

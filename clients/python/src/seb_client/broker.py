@@ -1,0 +1,93 @@
+"""The broker's Unix socket: each message is a 4-byte big-endian length, then that many
+bytes of JSON carrying the protocol version ``v``. One request per connection."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+from typing import Any, Dict, Mapping, Optional
+
+from .errors import BrokerError, NotExecuted, SebDenied
+from .models import Decision, LiveState, Request
+
+VERSION = 1
+#: Largest message either side accepts.
+MAX_MESSAGE = 1 << 20
+DEFAULT_SOCKET = "/run/seb/broker.sock"
+
+
+class Broker:
+    """A client of the broker socket (``$SEB_SOCKET``, else ``/run/seb/broker.sock``)."""
+
+    def __init__(self, socket_path: Optional[str] = None, timeout: float = 60.0) -> None:
+        self.socket_path = socket_path or os.environ.get("SEB_SOCKET") or DEFAULT_SOCKET
+        self.timeout = timeout
+
+    def call(self, message: Mapping[str, Any]) -> Dict[str, Any]:
+        """Send one request; return the reply, or raise ``BrokerError`` for an error reply."""
+        body = json.dumps({"v": VERSION, **message}, separators=(",", ":")).encode()
+        if len(body) > MAX_MESSAGE:
+            raise BrokerError("too_large", f"the request is {len(body)} bytes, the limit {MAX_MESSAGE}")
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(self.timeout)
+                conn.connect(self.socket_path)
+                conn.sendall(struct.pack(">I", len(body)) + body)
+                (length,) = struct.unpack(">I", _read_exactly(conn, 4))
+                if length > MAX_MESSAGE:
+                    raise BrokerError("protocol", f"the broker announced a {length}-byte reply")
+                reply = json.loads(_read_exactly(conn, length))
+        except OSError as e:
+            raise BrokerError("unreachable", f"the broker at {self.socket_path}: {e}") from e
+        except ValueError as e:
+            raise BrokerError("protocol", f"the broker's reply is not JSON: {e}") from e
+        if not isinstance(reply, dict) or reply.get("v") != VERSION:
+            raise BrokerError("protocol", f"the broker does not speak protocol version {VERSION}")
+        if reply.get("type") == "error":
+            raise BrokerError(str(reply.get("code", "error")), str(reply.get("message", "")))
+        return reply
+
+    def ping(self) -> str:
+        """The broker's version."""
+        return str(self._expect(self.call({"type": "ping"}), "pong")["version"])
+
+    def read(self, request: Request) -> LiveState:
+        """A passthrough read (no certificate): the target's live state and its digest.
+        The broker serves only the reads its configuration names (else ``forbidden``)."""
+        reply = self.call({"type": "read", "request": _read_request(request)})
+        return LiveState.from_json(self._expect(reply, "read"))
+
+    def propose(self, certificate: str, request: Request) -> Decision:
+        """Present a certificate and the request it certifies. Returns the decision when the
+        change was admitted and executed; raises ``SebDenied`` (with the broker's reason code)
+        or ``NotExecuted`` (admitted, but the change did not succeed)."""
+        reply = self.call({"type": "propose", "certificate": certificate, "request": request.to_json()})
+        decision = self._expect(reply, "decision")
+        if not decision.get("admitted"):
+            raise SebDenied(decision)
+        if (decision.get("outcome") or {}).get("status") != "succeeded":
+            raise NotExecuted(decision)
+        return Decision.from_json(decision)
+
+    @staticmethod
+    def _expect(reply: Dict[str, Any], kind: str) -> Dict[str, Any]:
+        if reply.get("type") != kind:
+            raise BrokerError("protocol", f"expected a {kind!r} reply, got {reply.get('type')!r}")
+        return reply
+
+
+def _read_request(request: Request) -> Dict[str, Any]:
+    # A read carries no parameters.
+    return {"provider": request.provider, "operation": request.operation, "target": request.target}
+
+
+def _read_exactly(conn: socket.socket, size: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = conn.recv(min(size - len(chunks), 65536))
+        if not chunk:
+            raise BrokerError("protocol", "the broker closed the connection mid-reply")
+        chunks += chunk
+    return bytes(chunks)

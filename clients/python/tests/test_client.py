@@ -1,0 +1,159 @@
+"""The Python client against a real broker and SAB: every step, the whole loop, and the
+reason codes an agent gets back."""
+
+import errno
+import socket
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+from conftest import object_read
+from seb_client import (
+    ApprovalPending,
+    BrokerError,
+    DirectEgressRefused,
+    Request,
+    SabRefused,
+    SebDenied,
+    broker_only,
+    state_read,
+)
+
+
+def test_read_returns_the_live_state_and_its_digest(seb, put):
+    change = put("replicas=1")
+    seb.apply(change, "seed the object")
+    state = seb.read(object_read(change))
+    assert state.status == 200
+    assert state.body == "replicas=1"
+    assert state.state_digest.startswith("sha256:") and len(state.state_digest) == 71
+
+
+def test_plan_binds_the_live_state_the_broker_will_check(seb, put):
+    change = put("replicas=2")
+    plan = seb.plan(change, "scale to 2")
+    # What the broker's drift check digests: the same state the read shows.
+    live = seb.read(state_read(change))
+    assert (plan.live_state.status, plan.live_state.state_digest) == (live.status, live.state_digest)
+    draft = plan.draft()
+    assert draft["request"] == change.to_json()
+    assert draft["precondition"] == plan.live_state.state_digest
+    assert draft["intent"] == "scale to 2"
+
+
+def test_each_step_in_order_executes_the_change(seb, put):
+    change = put("replicas=3")
+    certificate = seb.certify(seb.plan(change, "scale to 3"))
+    assert certificate.pem.startswith("-----BEGIN CERTIFICATE-----")
+    assert certificate.contract["target"] == change.target
+    decision = seb.propose(certificate, change)
+    assert decision.admitted and decision.executed
+    assert decision.outcome["status"] == "succeeded"
+    assert seb.read(object_read(change)).body == "replicas=3"
+
+
+def test_apply_runs_every_step(seb, put):
+    change = put("replicas=4")
+    decision = seb.apply(change, "scale to 4")
+    assert decision.executed and decision.reason == "admitted"
+    assert seb.read(object_read(change)).body == "replicas=4"
+
+
+def test_a_change_policy_forbids_is_refused_by_the_sab_with_the_policy(seb, put):
+    change = put("replicas=1")
+    seb.apply(change, "seed the object")
+    delete = Request("aws", "s3:DeleteObject", change.target)
+    with pytest.raises(SabRefused) as refused:
+        seb.apply(delete, "clean up")
+    assert refused.value.reason == "forbidden_by"
+    assert refused.value.reasons == ["forbidden_by: no-deletes"]
+    assert seb.read(object_read(change)).body == "replicas=1"
+
+
+def test_a_change_no_policy_permits_is_refused_by_default(seb, bucket):
+    change = Request("aws", "s3:PutObject", f"arn:aws:s3:::{bucket}/elsewhere/x.txt", {"body": "x"})
+    with pytest.raises(SabRefused) as refused:
+        seb.apply(change, "write somewhere no policy names")
+    assert refused.value.reason == "no_permit"
+    assert seb.read(object_read(change)).status == 404
+
+
+def test_a_change_that_needs_approval_runs_once_a_person_approves(seb, put, approve):
+    change = put("version=2", key=f"release/{uuid.uuid4().hex}.txt")
+    with pytest.raises(ApprovalPending) as pending:
+        seb.apply(change, "ship version 2")
+    assert pending.value.approvers == ["seb://approver/alice"] and pending.value.approvals_required == 1
+    assert seb.sab.request(pending.value.request_id).status == "pending"
+    with pytest.raises(ApprovalPending):
+        seb.wait_for_certificate(pending.value.request_id, timeout=0.2, interval=0.1)
+    assert approve(pending.value.request_id)["status"] == "issued"
+    certificate = seb.wait_for_certificate(pending.value.request_id, timeout=10)
+    assert seb.propose(certificate, change).executed
+    assert seb.read(object_read(change)).body == "version=2"
+
+
+def test_a_replayed_certificate_is_denied_with_its_reason(seb, put):
+    change = put("replicas=5")
+    certificate = seb.certify(seb.plan(change, "scale to 5"))
+    seb.propose(certificate, change)
+    with pytest.raises(SebDenied) as denied:
+        seb.propose(certificate, change)
+    assert denied.value.reason == "replayed"
+    assert denied.value.decision["admitted"] is False
+
+
+def test_a_request_other_than_the_certified_one_is_denied(seb, put):
+    change = put("replicas=6")
+    certificate = seb.certify(seb.plan(change, "scale to 6"))
+    tampered = Request(change.provider, change.operation, change.target, {"body": "replicas=600"})
+    with pytest.raises(SebDenied) as denied:
+        seb.propose(certificate, tampered)
+    assert denied.value.reason == "request_mismatch"
+    assert seb.read(object_read(change)).status == 404
+
+
+def test_a_change_planned_on_stale_state_is_denied_as_drift(seb, put):
+    first = put("replicas=7")
+    stale = seb.certify(seb.plan(first, "scale to 7"))
+    seb.apply(put("replicas=8", key=first.target.split("/", 1)[1]), "someone else scales to 8")
+    with pytest.raises(SebDenied) as denied:
+        seb.propose(stale, first)
+    assert denied.value.reason == "drift"
+    assert seb.read(object_read(first)).body == "replicas=8"
+
+
+def test_a_read_the_broker_does_not_serve_is_refused_with_its_code(seb, bucket):
+    with pytest.raises(BrokerError) as refused:
+        seb.read(Request("aws", "s3:GetBucketPolicy", f"arn:aws:s3:::{bucket}"))
+    assert refused.value.reason == "forbidden"
+    assert "passthrough" in refused.value.message
+
+
+def test_a_direct_connection_refused_by_the_kernel_says_to_use_the_broker(protected_api):
+    host, port = protected_api.rsplit(":", 1)
+    with pytest.raises(DirectEgressRefused) as refused:
+        with broker_only():
+            socket.create_connection((host, int(port)), timeout=5)
+    assert refused.value.reason == "direct_egress_refused"
+    assert "through the seb broker" in str(refused.value)
+    assert isinstance(refused.value, PermissionError)
+    assert refused.value.__cause__.errno == errno.EPERM
+
+
+def test_a_direct_http_call_wrapped_by_the_library_is_recognised(protected_api):
+    with pytest.raises(DirectEgressRefused):
+        with broker_only():
+            urllib.request.urlopen(f"http://{protected_api}/", timeout=5)
+
+
+def test_other_connection_errors_are_not_called_kernel_refusals():
+    # Nothing listens on this unprotected port: ECONNREFUSED, not EPERM.
+    with pytest.raises(ConnectionRefusedError):
+        with broker_only():
+            socket.create_connection(("127.0.0.1", 9), timeout=5)
+    with pytest.raises(urllib.error.URLError) as failed:
+        with broker_only():
+            urllib.request.urlopen("http://127.0.0.1:9/", timeout=5)
+    assert not isinstance(failed.value, DirectEgressRefused)

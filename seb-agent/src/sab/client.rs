@@ -1,0 +1,97 @@
+//! A client of the SAB API, with a client certificate: for the CLI and tests.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio_rustls::{
+    TlsConnector,
+    rustls::{
+        ClientConfig, RootCertStore,
+        pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
+    },
+};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct SabClient {
+    host: String,
+    port: u16,
+    tls: Arc<ClientConfig>,
+}
+
+impl SabClient {
+    /// `url` is `https://host[:port]`; `ca` verifies the SAB, `cert` and `key` are ours.
+    pub fn new(url: &str, cert: &Path, key: &Path, ca: &Path) -> Result<Self> {
+        let uri: http::Uri = url.parse().with_context(|| format!("`{url}` is not a URL"))?;
+        if uri.scheme_str() != Some("https") {
+            bail!("the SAB URL must be https://, not `{url}`");
+        }
+        let host = uri.host().context("the SAB URL names no host")?.trim_matches(['[', ']']).to_string();
+        let mut roots = RootCertStore::empty();
+        for der in CertificateDer::pem_file_iter(ca).with_context(|| format!("reading {}", ca.display()))? {
+            roots.add(der?)?;
+        }
+        let chain = CertificateDer::pem_file_iter(cert)
+            .with_context(|| format!("reading {}", cert.display()))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading {}", key.display()))?;
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let tls = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&tokio_rustls::rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)?;
+        Ok(Self { host, port: uri.port_u16().unwrap_or(443), tls: Arc::new(tls) })
+    }
+
+    /// One request on a new connection: the status and the JSON body.
+    pub async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+        tokio::time::timeout(TIMEOUT, self.call_once(method, path, body))
+            .await
+            .with_context(|| format!("the SAB did not answer within {} s", TIMEOUT.as_secs()))?
+    }
+
+    async fn call_once(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+        self.session().await?.call(method, path, body).await
+    }
+
+    /// A connection for many requests, one after another.
+    pub async fn session(&self) -> Result<Session> {
+        let stream = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .with_context(|| format!("connecting to the SAB at {}:{}", self.host, self.port))?;
+        let name = ServerName::try_from(self.host.clone())?;
+        let tls = TlsConnector::from(self.tls.clone()).connect(name, stream).await.context("TLS with the SAB")?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        tokio::spawn(connection);
+        Ok(Session { sender, host: self.host.clone() })
+    }
+}
+
+/// One kept-alive connection to the SAB.
+pub struct Session {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    host: String,
+}
+
+impl Session {
+    pub async fn call(&mut self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.host)
+            .header("content-type", "application/json")
+            .body(Full::new(body))?;
+        let response = self.sender.send_request(request).await.context("the SAB's answer")?;
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        let value = serde_json::from_slice(&bytes)
+            .with_context(|| format!("the SAB answered {status} with a body that is not JSON"))?;
+        Ok((status, value))
+    }
+}

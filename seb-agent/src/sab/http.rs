@@ -1,0 +1,175 @@
+//! The HTTPS API (v1): TLS 1.3 with client certificates from the SAB's client CA
+//! required; the caller is the certificate's identity URI. Bounded: connections at once,
+//! handshake and header time, body size.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, Request, Response, body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_rustls::{
+    TlsAcceptor,
+    rustls::{
+        RootCertStore, ServerConfig,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+        server::WebPkiClientVerifier,
+        version::TLS13,
+    },
+};
+use tracing::{info, warn};
+
+use super::{
+    config::TlsConfig,
+    identity::Caller,
+    service::{Answer, Reply, Sab},
+};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 1 << 20;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS 1.3, a client certificate from `client_ca` required.
+pub fn tls_config(tls: &TlsConfig) -> Result<ServerConfig> {
+    let chain = CertificateDer::pem_file_iter(&tls.certificate)
+        .with_context(|| format!("reading {}", tls.certificate.display()))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key).with_context(|| format!("reading {}", tls.key.display()))?;
+    let mut roots = RootCertStore::empty();
+    for der in
+        CertificateDer::pem_file_iter(&tls.client_ca).with_context(|| format!("reading {}", tls.client_ca.display()))?
+    {
+        roots.add(der?)?;
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    Ok(ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?)
+}
+
+/// Serve the API on `listener` until the task is dropped.
+pub async fn serve(sab: Arc<Sab>, listener: TcpListener, tls: ServerConfig) -> Result<()> {
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let slots = Arc::new(tokio::sync::Semaphore::new(sab.config().max_connections));
+    info!(addr = %listener.local_addr()?, "SAB ready");
+    loop {
+        let permit = slots.clone().acquire_owned().await?;
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (acceptor, sab) = (acceptor.clone(), sab.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return warn!(%peer, error = %e, "TLS handshake refused"),
+                Err(_) => return warn!(%peer, "TLS handshake timed out"),
+            };
+            let caller = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|der| Caller::of_certificate(der).map_err(|e| format!("{e:#}")))
+                .unwrap_or_else(|| Err("no client certificate".into()));
+            let caller = Arc::new(caller);
+            let service = service_fn(move |request| {
+                let (sab, caller) = (sab.clone(), caller.clone());
+                async move { Ok::<_, hyper::Error>(respond(route(&sab, &caller, request).await)) }
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+            if let Err(e) = served {
+                warn!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+fn respond(reply: Reply) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(reply.status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(reply.body.to_string())))
+        .expect("a valid response")
+}
+
+async fn route(sab: &Sab, caller: &Result<Caller, String>, request: Request<Incoming>) -> Reply {
+    let caller = match caller {
+        Ok(caller) => caller,
+        Err(e) => return Reply::error(403, "bad_identity", format!("the client certificate names no caller: {e}")),
+    };
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let query = request.uri().query().map(str::to_string);
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let body = match read_body(request).await {
+        Ok(body) => body,
+        Err(reply) => return reply,
+    };
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["v1", "healthz"]) => sab.health(),
+        (&Method::POST, ["v1", "certify"]) => sab.certify(caller, &body).await,
+        (&Method::GET, ["v1", "requests"]) => {
+            let status = query
+                .as_deref()
+                .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("status=")).map(str::to_string));
+            sab.list(caller, status.as_deref()).await
+        }
+        (&Method::GET, ["v1", "requests", id]) => sab.get(caller, id).await,
+        (&Method::POST, ["v1", "requests", id, action @ ("approve" | "deny")]) => {
+            let reason = match reason_of(&body) {
+                Ok(reason) => reason,
+                Err(reply) => return reply,
+            };
+            let answer = if *action == "approve" { Answer::Approve } else { Answer::Deny };
+            sab.decide(caller, id, answer, reason).await
+        }
+        (_, ["v1", "healthz"] | ["v1", "certify"] | ["v1", "requests", ..]) => {
+            Reply::error(405, "method_not_allowed", format!("{method} is not allowed on {path}"))
+        }
+        _ => Reply::error(404, "not_found", format!("no endpoint {path}")),
+    }
+}
+
+async fn read_body(request: Request<Incoming>) -> Result<Bytes, Reply> {
+    match Limited::new(request.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(Reply::error(413, "too_large", format!("the body exceeds {MAX_BODY} bytes")))
+        }
+        Err(e) => Err(Reply::error(400, "malformed", format!("reading the body: {e}"))),
+    }
+}
+
+/// `{"reason": "..."}`, or an empty body.
+fn reason_of(body: &[u8]) -> Result<Option<String>, Reply> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        #[serde(default)]
+        reason: Option<String>,
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let body: Body = serde_json::from_slice(body)
+        .map_err(|e| Reply::error(400, "malformed", format!("the body is not {{\"reason\": \"...\"}}: {e}")))?;
+    match body.reason {
+        Some(reason) if reason.len() > 4096 => Err(Reply::error(400, "malformed", "reason exceeds 4096 bytes")),
+        reason => Ok(reason),
+    }
+}

@@ -1,0 +1,82 @@
+//! The SAB's records in its own signed, hash-chained log (the audit ledger): every
+//! certify request, decision, approval (accepted or refused), issuance, expiry and policy load.
+
+use serde::Serialize;
+
+use super::evidence::Evidence;
+use crate::cert::{ExecutionContract, MutationRequest};
+
+pub const CERTIFY_KIND: &str = "sab_certify";
+pub const DECISION_KIND: &str = "sab_decision";
+pub const APPROVAL_KIND: &str = "sab_approval";
+pub const ISSUANCE_KIND: &str = "sab_issuance";
+pub const EXPIRY_KIND: &str = "sab_expiry";
+pub const POLICY_KIND: &str = "sab_policy";
+
+/// Every kind the SAB writes.
+pub const KINDS: [&str; 6] = [CERTIFY_KIND, DECISION_KIND, APPROVAL_KIND, ISSUANCE_KIND, EXPIRY_KIND, POLICY_KIND];
+
+/// A certify request as received (the live state by digest; the issuance holds it whole).
+#[derive(Debug, Serialize)]
+pub struct CertifyRecord<'a> {
+    pub request_id: &'a str,
+    pub requester: &'a str,
+    pub request: &'a MutationRequest,
+    pub precondition: &'a str,
+    pub intent: &'a str,
+    pub live_state_digest: Option<&'a str>,
+}
+
+/// The policy decision on a request: issued at once, pending approvals, or refused.
+#[derive(Debug, Serialize)]
+pub struct DecisionRecord<'a> {
+    pub request_id: &'a str,
+    pub decision: &'a str,
+    pub policy_epoch: u64,
+    pub policy_set_digest: &'a str,
+    pub policies: &'a [String],
+    pub reasons: &'a [String],
+    pub approvals_required: u32,
+    pub approvers: &'a [String],
+}
+
+/// An approve or deny call: accepted, or refused with its error code.
+#[derive(Debug, Serialize)]
+pub struct ApprovalRecord<'a> {
+    pub request_id: &'a str,
+    pub approver: &'a str,
+    /// `approve` or `deny`.
+    pub verdict: &'a str,
+    pub accepted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'a str>,
+}
+
+/// A certificate issued: its serial, the contract it binds and the evidence behind it.
+#[derive(Debug, Serialize)]
+pub struct IssuanceRecord<'a> {
+    pub request_id: &'a str,
+    pub serial: &'a str,
+    pub not_after: &'a str,
+    pub contract: &'a ExecutionContract,
+    pub evidence_digest: &'a str,
+    pub evidence: &'a Evidence,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ExpiryRecord<'a> {
+    pub request_id: &'a str,
+    pub approvals: usize,
+    pub approvals_required: u32,
+}
+
+/// A policy load accepted: from now on certificates carry this epoch.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct PolicyRecord {
+    pub epoch: u64,
+    pub policy_set_digest: String,
+    pub files: Vec<String>,
+    pub policies: usize,
+}

@@ -1,0 +1,157 @@
+//! Certify requests the SAB remembers: pending ones wait for approvals; decided ones are
+//! kept for reading back. Bounded: at most `max_pending` pending, `max_requests` in all
+//! (the oldest decided are forgotten first; the log keeps everything).
+
+use std::{
+    collections::{HashMap, VecDeque},
+    time::SystemTime,
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{evidence::Approval, identity::Agent};
+use crate::cert::{ExecutionContract, MutationRequest};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Pending,
+    Issued,
+    Refused,
+    Denied,
+    Expired,
+}
+
+/// What the agent asked for.
+#[derive(Debug, Clone)]
+pub struct Draft {
+    pub request: MutationRequest,
+    pub precondition: String,
+    pub live_state: Option<Value>,
+    pub live_state_digest: Option<String>,
+    pub intent: String,
+}
+
+/// A certificate issued for a request.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub certificate: String,
+    pub contract: ExecutionContract,
+    pub evidence_digest: String,
+    pub serial: String,
+    pub not_after: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub id: String,
+    pub requester: Agent,
+    pub draft: Draft,
+    pub expires: SystemTime,
+    pub status: Status,
+    pub approvals: Vec<Approval>,
+    pub approvals_required: u32,
+    pub approvers: Vec<String>,
+    pub reasons: Vec<String>,
+    pub issued: Option<Issued>,
+}
+
+impl Entry {
+    /// Who may read it: the requester and the approvers named.
+    pub fn visible_to(&self, uri: &str) -> bool {
+        self.requester.uri == uri || self.approvers.iter().any(|a| a == uri)
+    }
+
+    /// Pending past its deadline.
+    pub fn overdue(&self, now: SystemTime) -> bool {
+        self.status == Status::Pending && now > self.expires
+    }
+
+    /// The state as the API shows it; the certificate only when asked for.
+    pub fn view(&self, with_certificate: bool) -> Value {
+        let mut view = json!({
+            "request_id": self.id,
+            "status": self.status,
+            "requester": self.requester.uri,
+            "request": self.draft.request,
+            "intent": self.draft.intent,
+            "approvals": self.approvals,
+            "approvals_required": self.approvals_required,
+            "approvers": self.approvers,
+            "expires_at": humantime::format_rfc3339_seconds(self.expires).to_string(),
+        });
+        if !self.reasons.is_empty() {
+            view["reasons"] = json!(self.reasons);
+        }
+        if let Some(issued) = &self.issued {
+            view["contract"] = serde_json::to_value(&issued.contract).unwrap_or_default();
+            view["evidence_digest"] = json!(issued.evidence_digest);
+            view["serial"] = json!(issued.serial);
+            view["not_after"] = json!(issued.not_after);
+            if with_certificate {
+                view["certificate"] = json!(issued.certificate);
+            }
+        }
+        view
+    }
+}
+
+pub struct Requests {
+    entries: HashMap<String, Entry>,
+    order: VecDeque<String>,
+    max_requests: usize,
+    max_pending: usize,
+}
+
+impl Requests {
+    pub fn new(max_requests: usize, max_pending: usize) -> Self {
+        Self { entries: HashMap::new(), order: VecDeque::new(), max_requests, max_pending }
+    }
+
+    pub fn pending(&self) -> usize {
+        self.entries.values().filter(|e| e.status == Status::Pending).count()
+    }
+
+    /// Room for one more pending request.
+    pub fn has_room_for_pending(&self) -> bool {
+        self.pending() < self.max_pending
+    }
+
+    /// Keep `entry`, forgetting the oldest decided requests beyond the bound.
+    pub fn insert(&mut self, entry: Entry) {
+        self.order.push_back(entry.id.clone());
+        self.entries.insert(entry.id.clone(), entry);
+        let mut kept = VecDeque::with_capacity(self.order.len());
+        while self.entries.len() > self.max_requests
+            && let Some(id) = self.order.pop_front()
+        {
+            match self.entries.get(&id) {
+                Some(entry) if entry.status == Status::Pending => kept.push_back(id),
+                _ => {
+                    self.entries.remove(&id);
+                }
+            }
+        }
+        while let Some(id) = kept.pop_back() {
+            self.order.push_front(id);
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Entry> {
+        self.entries.get(id)
+    }
+
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut Entry> {
+        self.entries.get_mut(id)
+    }
+
+    /// Pending requests past their deadline.
+    pub fn overdue(&self, now: SystemTime) -> Vec<String> {
+        self.entries.values().filter(|e| e.overdue(now)).map(|e| e.id.clone()).collect()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.order.iter().filter_map(|id| self.entries.get(id))
+    }
+}

@@ -1,0 +1,651 @@
+//! The SAB's decisions, independent of HTTP: certify, read, approve or deny, list, and
+//! policy loads with their epochs. Every step is in the SAB's log before anyone hears of it.
+
+use std::{
+    sync::{Arc, RwLock},
+    thread::JoinHandle,
+    time::SystemTime,
+};
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tracing::{error, info};
+
+use super::{
+    config::SabConfig,
+    epochs::BrokerEpochs,
+    evidence::{self, Approval, Evidence, PolicyDecision},
+    identity::Caller,
+    issuer::Issuer,
+    policy::{Grant, PolicyBook, Verdict},
+    records::{self, ApprovalRecord, CertifyRecord, DecisionRecord, ExpiryRecord, IssuanceRecord, PolicyRecord},
+    requests::{Draft, Entry, Issued, Requests, Status},
+    schema::Facts,
+};
+use crate::{
+    audit::{Derived, Ledger, LedgerFiles, is_busy, keys, now_ns, store},
+    cert::{
+        ExecutionContract, MutationRequest,
+        ca::CaFiles,
+        contract::{AgentIdentity, digest_of},
+        ijson::{self, Numbers},
+    },
+};
+
+/// The SAB keeps no state derived from its log beyond what it holds in memory.
+const NO_DERIVED: Derived = Derived { schema: "", apply: |_, _| Ok(()) };
+const MAX_INTENT: usize = 4096;
+
+/// An answer: HTTP status and JSON body.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Reply {
+    fn ok(status: u16, body: Value) -> Self {
+        Self { status, body }
+    }
+
+    pub fn error(status: u16, code: &str, message: impl Into<String>) -> Self {
+        Self { status, body: json!({"error": {"code": code, "message": message.into()}}) }
+    }
+}
+
+/// The policies in force and their epoch.
+pub struct Loaded {
+    pub book: PolicyBook,
+    pub epoch: u64,
+}
+
+pub struct Sab {
+    config: SabConfig,
+    node: String,
+    policy: RwLock<Arc<Loaded>>,
+    issuer: Issuer,
+    ledger: Ledger,
+    requests: tokio::sync::Mutex<Requests>,
+    epochs: BrokerEpochs,
+}
+
+/// The body of `POST /v1/certify`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertifyBody {
+    pub request: MutationRequest,
+    pub precondition: String,
+    #[serde(default)]
+    pub live_state: Option<Value>,
+    #[serde(default)]
+    pub intent: String,
+}
+
+/// An approver's answer to a pending request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    Approve,
+    Deny,
+}
+
+impl Answer {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Approve => "approve",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+fn ledger_error(e: anyhow::Error) -> Reply {
+    if is_busy(&e) {
+        Reply::error(503, "busy", e.to_string())
+    } else {
+        Reply::error(500, "internal", format!("the SAB log could not be written, so nothing was decided: {e:#}"))
+    }
+}
+
+impl Sab {
+    /// Open the log, the CA and the policies; make the policies' epoch the broker's.
+    pub async fn start(config: SabConfig) -> Result<(Arc<Self>, JoinHandle<()>)> {
+        let Some(node) = config.node.clone() else {
+            anyhow::bail!("cluster mode ([cluster]) is not available in this version of the SAB; use [node]");
+        };
+        let key = keys::load_or_create(&config.audit.signing_key)?;
+        let files = LedgerFiles::new(&config.audit.database, &config.audit.signing_key);
+        let (ledger, thread) = Ledger::start(&files, key, NO_DERIVED).context("opening the SAB log")?;
+        let issuer = Issuer::load(&CaFiles { cert: config.issuer.ca_cert.clone(), key: config.issuer.ca_key.clone() })?;
+        let book = PolicyBook::load_dir(&config.policies, config.certificate_ttl())?;
+        let epochs = BrokerEpochs::new(node.broker_socket.clone());
+        let last: Option<PolicyRecord> = ledger
+            .run(|batch| store::last_body(batch.conn(), records::POLICY_KIND))
+            .await?
+            .map(|body| serde_json::from_str(&body))
+            .transpose()
+            .context("the SAB log's last policy record")?;
+        let active = epochs.policy().await.context("reading the broker's epochs")?;
+        let epoch = match &last {
+            // The same policies, still in force at the broker: nothing to invalidate.
+            Some(record) if record.policy_set_digest == book.digest && active == Some(record.epoch) => record.epoch,
+            _ => {
+                let epoch = last.as_ref().map_or(0, |r| r.epoch).max(active.unwrap_or(0)) + 1;
+                epochs.publish(epoch).await.context("setting the broker's policy epoch")?;
+                write_policy_record(&ledger, &book, epoch).await?;
+                epoch
+            }
+        };
+        info!(epoch, policies = book.policies, digest = %book.digest, "SAB policies loaded");
+        let requests = Requests::new(config.max_requests, config.max_pending);
+        let sab = Self {
+            node: node.name,
+            policy: RwLock::new(Arc::new(Loaded { book, epoch })),
+            issuer,
+            ledger,
+            requests: tokio::sync::Mutex::new(requests),
+            epochs,
+            config,
+        };
+        Ok((Arc::new(sab), thread))
+    }
+
+    pub fn config(&self) -> &SabConfig {
+        &self.config
+    }
+
+    pub fn loaded(&self) -> Arc<Loaded> {
+        self.policy.read().expect("not poisoned").clone()
+    }
+
+    /// Load the policy directory again; if it changed and is valid, it becomes the
+    /// policy in force under a new epoch, set at the broker first. Returns the new epoch.
+    pub async fn reload(&self) -> Result<Option<u64>> {
+        let book = PolicyBook::load_dir(&self.config.policies, self.config.certificate_ttl())?;
+        let current = self.loaded();
+        if book.digest == current.book.digest {
+            return Ok(None);
+        }
+        let active = self.epochs.policy().await?.unwrap_or(0);
+        let epoch = current.epoch.max(active) + 1;
+        self.epochs.publish(epoch).await.context("setting the broker's policy epoch")?;
+        write_policy_record(&self.ledger, &book, epoch).await?;
+        info!(epoch, policies = book.policies, digest = %book.digest, "SAB policies reloaded");
+        *self.policy.write().expect("not poisoned") = Arc::new(Loaded { book, epoch });
+        Ok(Some(epoch))
+    }
+
+    pub fn health(&self) -> Reply {
+        Reply::ok(200, json!({"status": "ok", "policy_epoch": self.loaded().epoch}))
+    }
+
+    /// `POST /v1/certify`.
+    pub async fn certify(&self, caller: &Caller, body: &[u8]) -> Reply {
+        let Caller::Agent(agent) = caller else {
+            return Reply::error(403, "not_an_agent", format!("{} is not an agent identity", caller.uri()));
+        };
+        if agent.node != self.node {
+            return Reply::error(
+                403,
+                "wrong_node",
+                format!("this SAB serves node {}, the caller is on node {}", self.node, agent.node),
+            );
+        }
+        let draft = match parse_draft(body) {
+            Ok(draft) => draft,
+            Err(e) => return Reply::error(400, "malformed", format!("{e:#}")),
+        };
+        let id = uuid::Uuid::new_v4().to_string();
+        let loaded = self.loaded();
+        let verdict = loaded.book.evaluate(agent, &facts(&draft, SystemTime::now()));
+        let certify = json!(CertifyRecord {
+            request_id: &id,
+            requester: &agent.uri,
+            request: &draft.request,
+            precondition: &draft.precondition,
+            intent: &draft.intent,
+            live_state_digest: draft.live_state_digest.as_deref(),
+        });
+        let mut entry = Entry {
+            id: id.clone(),
+            requester: agent.clone(),
+            draft,
+            expires: SystemTime::now() + self.config.approval_timeout(),
+            status: Status::Refused,
+            approvals: Vec::new(),
+            approvals_required: 0,
+            approvers: Vec::new(),
+            reasons: Vec::new(),
+            issued: None,
+        };
+        match verdict {
+            Verdict::Refuse { reasons } => {
+                let decision = decision_record(&id, "refused", &loaded, &[], &reasons, None);
+                if let Err(e) =
+                    self.write(vec![(records::CERTIFY_KIND, certify), (records::DECISION_KIND, decision)]).await
+                {
+                    return ledger_error(e);
+                }
+                entry.reasons = reasons.clone();
+                self.requests.lock().await.insert(entry);
+                Reply::ok(403, json!({"status": "refused", "request_id": id, "reasons": reasons}))
+            }
+            Verdict::Permit { policies, grant } if grant.approvals > 0 => {
+                let mut requests = self.requests.lock().await;
+                if !requests.has_room_for_pending() {
+                    return Reply::error(503, "too_many_pending", "too many requests await approval; try again later");
+                }
+                let decision = decision_record(&id, "pending", &loaded, &policies, &[], Some(&grant));
+                if let Err(e) =
+                    self.write(vec![(records::CERTIFY_KIND, certify), (records::DECISION_KIND, decision)]).await
+                {
+                    return ledger_error(e);
+                }
+                entry.status = Status::Pending;
+                entry.approvals_required = grant.approvals;
+                entry.approvers = grant.approvers.clone();
+                requests.insert(entry);
+                Reply::ok(
+                    202,
+                    json!({"status": "pending", "request_id": id, "approvals_required": grant.approvals, "approvers": grant.approvers}),
+                )
+            }
+            Verdict::Permit { policies, grant } => {
+                let decision = decision_record(&id, "issued", &loaded, &policies, &[], Some(&grant));
+                let (issued, issuance) = match self.issue(&entry, &loaded, &policies, &grant).await {
+                    Ok(issued) => issued,
+                    Err(reply) => return reply,
+                };
+                let records = vec![
+                    (records::CERTIFY_KIND, certify),
+                    (records::DECISION_KIND, decision),
+                    (records::ISSUANCE_KIND, issuance),
+                ];
+                if let Err(e) = self.write(records).await {
+                    return ledger_error(e);
+                }
+                let reply = issued_reply(&id, &issued);
+                entry.status = Status::Issued;
+                entry.issued = Some(issued);
+                self.requests.lock().await.insert(entry);
+                Reply::ok(200, reply)
+            }
+        }
+    }
+
+    /// A certificate for `entry` under `loaded`, and its issuance record.
+    async fn issue(
+        &self,
+        entry: &Entry,
+        loaded: &Loaded,
+        policies: &[String],
+        grant: &Grant,
+    ) -> Result<(Issued, Value), Reply> {
+        let revocation = self.epochs.revocation().await.map_err(|e| {
+            Reply::error(503, "epochs_unavailable", format!("the broker's revocation epoch could not be read: {e:#}"))
+        })?;
+        let agent = &entry.requester;
+        let evidence = Evidence {
+            v: evidence::VERSION,
+            request_id: entry.id.clone(),
+            requester: serde_json::to_value(agent).unwrap_or_default(),
+            intent: entry.draft.intent.clone(),
+            request: entry.draft.request.clone(),
+            precondition: entry.draft.precondition.clone(),
+            live_state: entry.draft.live_state.clone(),
+            policy: PolicyDecision {
+                epoch: loaded.epoch,
+                policy_set_digest: loaded.book.digest.clone(),
+                decision: "permit".into(),
+                policies: policies.to_vec(),
+                approvals_required: grant.approvals,
+                approvers: grant.approvers.clone(),
+            },
+            approvals: entry.approvals.clone(),
+        };
+        let evidence_digest = evidence.digest();
+        let mut contract = ExecutionContract {
+            contract_id: entry.id.clone(),
+            agent: AgentIdentity {
+                cgroup: Some(agent.cgroup.clone()),
+                node: Some(agent.node.clone()),
+                pod_uid: agent.pod_uid.clone(),
+                ..AgentIdentity::default()
+            },
+            provider: entry.draft.request.provider,
+            operation: String::new(),
+            target: String::new(),
+            request_digest: String::new(),
+            precondition: entry.draft.precondition.clone(),
+            policy_epoch: loaded.epoch,
+            revocation_epoch: revocation,
+            evidence_digest: evidence_digest.clone(),
+            identity: grant.identity.clone(),
+        };
+        contract.bind_request(&entry.draft.request);
+        let ttl = grant.ttl.map_or(self.config.certificate_ttl(), |ttl| ttl.min(self.config.certificate_ttl()));
+        let signed = self
+            .issuer
+            .sign(&contract, ttl)
+            .map_err(|e| Reply::error(500, "internal", format!("signing the certificate: {e:#}")))?;
+        let not_after = rfc3339(signed.not_after);
+        let record = json!(IssuanceRecord {
+            request_id: &entry.id,
+            serial: &signed.serial,
+            not_after: &not_after,
+            contract: &contract,
+            evidence_digest: &evidence_digest,
+            evidence: &evidence,
+        });
+        let issued = Issued { certificate: signed.pem, contract, evidence_digest, serial: signed.serial, not_after };
+        Ok((issued, record))
+    }
+
+    /// `GET /v1/requests/{id}`: for the requester and the approvers only.
+    pub async fn get(&self, caller: &Caller, id: &str) -> Reply {
+        let mut requests = self.requests.lock().await;
+        if let Err(e) = self.expire_overdue(&mut requests).await {
+            return ledger_error(e);
+        }
+        match requests.get(id) {
+            Some(entry) if entry.visible_to(caller.uri()) => Reply::ok(200, entry.view(true)),
+            _ => not_found(id),
+        }
+    }
+
+    /// `GET /v1/requests[?status=..]`: those the caller may see, without certificates.
+    pub async fn list(&self, caller: &Caller, status: Option<&str>) -> Reply {
+        let wanted = match status {
+            None => None,
+            Some(text) => match serde_json::from_value::<Status>(json!(text)) {
+                Ok(status) => Some(status),
+                Err(_) => {
+                    return Reply::error(
+                        400,
+                        "malformed",
+                        format!("status `{text}` is not pending, issued, refused, denied or expired"),
+                    );
+                }
+            },
+        };
+        let mut requests = self.requests.lock().await;
+        if let Err(e) = self.expire_overdue(&mut requests).await {
+            return ledger_error(e);
+        }
+        let views: Vec<Value> = requests
+            .iter()
+            .filter(|e| e.visible_to(caller.uri()) && wanted.is_none_or(|s| e.status == s))
+            .map(|e| e.view(false))
+            .collect();
+        Reply::ok(200, json!({"requests": views}))
+    }
+
+    /// `POST /v1/requests/{id}/approve|deny`.
+    pub async fn decide(&self, caller: &Caller, id: &str, verdict: Answer, reason: Option<String>) -> Reply {
+        let mut requests = self.requests.lock().await;
+        if let Err(e) = self.expire_overdue(&mut requests).await {
+            return ledger_error(e);
+        }
+        let Some(entry) = requests.get(id) else { return not_found(id) };
+        let uri = caller.uri();
+        let refusal = if entry.requester.uri == uri {
+            Some(Reply::error(403, "self_approval", "the requester cannot approve or deny their own request"))
+        } else if !entry.approvers.iter().any(|a| a == uri) {
+            Some(Reply::error(403, "not_an_approver", format!("{uri} is not among this request's approvers")))
+        } else if entry.status == Status::Expired {
+            Some(Reply::error(409, "expired", format!("the request expired at {}", rfc3339(entry.expires))))
+        } else if entry.status != Status::Pending {
+            Some(Reply::error(409, "already_decided", format!("the request is already {:?}", entry.status)))
+        } else if verdict == Answer::Approve && entry.approvals.iter().any(|a| a.approver == uri) {
+            Some(Reply::error(409, "already_approved", format!("{uri} has already approved this request")))
+        } else {
+            None
+        };
+        let mut record = ApprovalRecord {
+            request_id: id,
+            approver: uri,
+            verdict: verdict.as_str(),
+            accepted: refusal.is_none(),
+            refused: None,
+            reason: reason.as_deref(),
+        };
+        if let Some(refusal) = refusal {
+            record.refused = refusal.body["error"]["code"].as_str();
+            let record = json!(record);
+            return match self.write(vec![(records::APPROVAL_KIND, record)]).await {
+                Ok(()) => refusal,
+                Err(e) => ledger_error(e),
+            };
+        }
+        let record = json!(record);
+        let mut entry = entry.clone();
+        let mut writes = vec![(records::APPROVAL_KIND, record)];
+        match verdict {
+            Answer::Deny => {
+                entry.status = Status::Denied;
+                entry.reasons = vec![match &reason {
+                    Some(reason) => format!("denied_by: {uri}: {reason}"),
+                    None => format!("denied_by: {uri}"),
+                }];
+            }
+            Answer::Approve => {
+                entry.approvals.push(Approval { approver: uri.into(), at: rfc3339(SystemTime::now()), reason });
+                if entry.approvals.len() as u32 >= entry.approvals_required
+                    && let Err(reply) = self.conclude(&mut entry, &mut writes).await
+                {
+                    return reply;
+                }
+            }
+        }
+        if let Err(e) = self.write(writes).await {
+            return ledger_error(e);
+        }
+        let view = entry.view(true);
+        if let Some(slot) = requests.get_mut(id) {
+            *slot = entry;
+        }
+        Reply::ok(200, view)
+    }
+
+    /// Enough approvals: evaluate again under the policies in force now (they may have
+    /// changed while the request waited), then issue, wait for more, or refuse.
+    async fn conclude(&self, entry: &mut Entry, writes: &mut Vec<(&'static str, Value)>) -> Result<(), Reply> {
+        let loaded = self.loaded();
+        match loaded.book.evaluate(&entry.requester, &facts(&entry.draft, SystemTime::now())) {
+            Verdict::Refuse { reasons } => {
+                writes.push((
+                    records::DECISION_KIND,
+                    decision_record(&entry.id, "refused", &loaded, &[], &reasons, None),
+                ));
+                entry.status = Status::Refused;
+                entry.reasons = reasons;
+            }
+            Verdict::Permit { policies, grant } => {
+                let counted = entry.approvals.iter().filter(|a| grant.approvers.contains(&a.approver)).count() as u32;
+                entry.approvals_required = grant.approvals;
+                entry.approvers = grant.approvers.clone();
+                if counted < grant.approvals {
+                    let decision = decision_record(&entry.id, "pending", &loaded, &policies, &[], Some(&grant));
+                    writes.push((records::DECISION_KIND, decision));
+                    return Ok(());
+                }
+                let decision = decision_record(&entry.id, "issued", &loaded, &policies, &[], Some(&grant));
+                let (issued, issuance) = self.issue(entry, &loaded, &policies, &grant).await?;
+                writes.push((records::DECISION_KIND, decision));
+                writes.push((records::ISSUANCE_KIND, issuance));
+                entry.status = Status::Issued;
+                entry.issued = Some(issued);
+            }
+        }
+        Ok(())
+    }
+
+    /// Mark pending requests past their deadline expired, recorded.
+    async fn expire_overdue(&self, requests: &mut Requests) -> Result<()> {
+        let overdue = requests.overdue(SystemTime::now());
+        if overdue.is_empty() {
+            return Ok(());
+        }
+        let writes = overdue
+            .iter()
+            .filter_map(|id| requests.get(id))
+            .map(|entry| {
+                let record = ExpiryRecord {
+                    request_id: &entry.id,
+                    approvals: entry.approvals.len(),
+                    approvals_required: entry.approvals_required,
+                };
+                (records::EXPIRY_KIND, json!(record))
+            })
+            .collect();
+        self.write(writes).await?;
+        for id in overdue {
+            if let Some(entry) = requests.get_mut(&id) {
+                entry.status = Status::Expired;
+                entry.reasons = vec!["expired: not enough approvals before the deadline".into()];
+            }
+        }
+        Ok(())
+    }
+
+    /// Append records, in order, in one commit.
+    async fn write(&self, writes: Vec<(&'static str, Value)>) -> Result<()> {
+        self.ledger
+            .try_run(move |batch| {
+                let time_ns = now_ns();
+                for (kind, body) in &writes {
+                    batch.append(kind, time_ns, body)?;
+                }
+                Ok(())
+            })
+            .await
+    }
+}
+
+async fn write_policy_record(ledger: &Ledger, book: &PolicyBook, epoch: u64) -> Result<()> {
+    let record = PolicyRecord {
+        epoch,
+        policy_set_digest: book.digest.clone(),
+        files: book.files.clone(),
+        policies: book.policies,
+    };
+    ledger.run(move |batch| batch.append(records::POLICY_KIND, now_ns(), &record).map(|_| ())).await
+}
+
+fn not_found(id: &str) -> Reply {
+    Reply::error(404, "not_found", format!("no request {id} that this caller may see"))
+}
+
+fn issued_reply(id: &str, issued: &Issued) -> Value {
+    json!({
+        "status": "issued",
+        "request_id": id,
+        "certificate": issued.certificate,
+        "contract": issued.contract,
+        "evidence_digest": issued.evidence_digest,
+        "not_after": issued.not_after,
+    })
+}
+
+fn decision_record(
+    id: &str,
+    decision: &str,
+    loaded: &Loaded,
+    policies: &[String],
+    reasons: &[String],
+    grant: Option<&Grant>,
+) -> Value {
+    json!(DecisionRecord {
+        request_id: id,
+        decision,
+        policy_epoch: loaded.epoch,
+        policy_set_digest: &loaded.book.digest,
+        policies,
+        reasons,
+        approvals_required: grant.map_or(0, |g| g.approvals),
+        approvers: grant.map_or(&[], |g| &g.approvers),
+    })
+}
+
+fn facts(draft: &Draft, now: SystemTime) -> Facts<'_> {
+    Facts {
+        request: &draft.request,
+        precondition: &draft.precondition,
+        intent: &draft.intent,
+        live_state_digest: draft.live_state_digest.as_deref(),
+        now,
+    }
+}
+
+/// The certify body, checked: numbers exact, digests well-formed, intent bounded.
+fn parse_draft(body: &[u8]) -> Result<Draft> {
+    let body: CertifyBody = serde_json::from_slice(body).context("the body is not a certify request")?;
+    body.request.check_numbers()?;
+    let hex = body.precondition.strip_prefix("sha256:").unwrap_or("");
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        anyhow::bail!("precondition `{}` is not sha256:<64 lower-case hex digits>", body.precondition);
+    }
+    if body.intent.len() > MAX_INTENT {
+        anyhow::bail!("intent is {} bytes; at most {MAX_INTENT}", body.intent.len());
+    }
+    if let Some(state) = &body.live_state {
+        ijson::check(state, Numbers::Any, "live_state")?;
+    }
+    let live_state_digest = body.live_state.as_ref().map(digest_of);
+    Ok(Draft {
+        request: body.request,
+        precondition: body.precondition,
+        live_state: body.live_state,
+        live_state_digest,
+        intent: body.intent,
+    })
+}
+
+/// Reload whenever the policy directory's files change (names, sizes, modification times).
+pub async fn watch_policies(sab: Arc<Sab>) {
+    let interval = std::time::Duration::from_millis(sab.config.reload_interval_ms);
+    let mut seen = fingerprint(&sab.config.policies);
+    loop {
+        tokio::time::sleep(interval).await;
+        let now = fingerprint(&sab.config.policies);
+        if now == seen {
+            continue;
+        }
+        match sab.reload().await {
+            Ok(Some(epoch)) => info!(epoch, "policy change accepted"),
+            Ok(None) => {}
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "policy change refused; the policies in force stay");
+                // Try again at the next change, or the next tick if the broker was the problem.
+                if e.to_string().contains("broker") {
+                    continue;
+                }
+            }
+        }
+        seen = now;
+    }
+}
+
+fn fingerprint(dir: &std::path::Path) -> Vec<(String, u64, Option<SystemTime>)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|ext| ext == "cedar"))
+                .map(|e| {
+                    let meta = e.metadata().ok();
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        meta.as_ref().map_or(0, |m| m.len()),
+                        meta.and_then(|m| m.modified().ok()),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}

@@ -1,0 +1,375 @@
+//! The SAB through its real HTTPS API and the real broker socket: Cedar permits, forbids
+//! and deny-by-default; approvals (N-of-M, and who may not approve); a policy reload that
+//! bumps the epoch so older certificates are refused; the SAB's log; and the agent
+//! identity a certificate binds (a cgroup, not an executable).
+
+use std::{path::Path, time::Duration};
+
+use seb_agent::{
+    admission::Reason,
+    cert::contract::digest_of,
+    protocol::{Request, Response},
+};
+use seb_sandbox::{
+    Sandbox, Tools,
+    broker::Broker,
+    mtls::{self, InternalApi},
+    sab::Sab,
+};
+use serde_json::{Value, json};
+
+fn tools() -> Tools {
+    Tools::for_tests(env!("CARGO_BIN_EXE_seb-probe"))
+}
+
+const API: &str = "127.0.0.3:9443";
+const APPROVERS: &str = "seb://approver/alice, seb://approver/bob, seb://approver/carol";
+
+/// Writes to /v1/ are permitted; /v1/secrets is forbidden; /v1/flags needs two approvals.
+fn policies(requester: &str) -> String {
+    format!(
+        r#"@id("config-writes")
+@identity("x509_client:seb-executor@config-service")
+permit (principal in Seb::Node::"node-a", action == Seb::Action::"http::PUT", resource)
+when {{ resource.host == "127.0.0.3" && resource.path like "/v1/*" }};
+
+@id("no-secrets")
+forbid (principal, action, resource is Seb::HttpsEndpoint) when {{ resource.path like "/v1/secrets*" }};
+
+@id("flags-need-two")
+@identity("x509_client:seb-executor@config-service")
+@approvals("2")
+@approvers("{APPROVERS}, {requester}")
+permit (principal, action == Seb::Action::"http::PUT", resource)
+when {{ resource.path like "/v1/flags*" }};
+"#
+    )
+}
+
+struct World {
+    api: InternalApi,
+    broker: Broker,
+    sab: Sab,
+    /// The identity of agents in the sandbox's `workload` cgroup.
+    agent: String,
+}
+
+fn world(label: &str, sab_extra: &str) -> World {
+    let sandbox = Sandbox::new(label, tools()).unwrap();
+    let api = mtls::start(&sandbox.netns, API.parse().unwrap(), &sandbox.dir).unwrap();
+    let extra = format!(
+        "[[enforcement.protected]]\ncidr = \"127.0.0.3\"\nport = 9443\nprotocol = \"tcp\"\n\n\
+         [http]\ntrust_anchors = \"{}\"\nclient_ca_cert = \"{}\"\nclient_ca_key = \"{}\"\nclient_cert_ttl_seconds = 120\n",
+        api.server_ca.display(),
+        api.client_ca.cert.display(),
+        api.client_ca.key.display()
+    );
+    let broker = Broker::start(sandbox, &extra, true).unwrap();
+    let issuing = broker.sandbox.dir.join("sab");
+    let requester =
+        format!("seb://node/node-a/cgroup/{}/workload", broker.sandbox.cgroup_relative.trim_start_matches('/'));
+    let sab = Sab::start(&broker.sandbox, &issuing, &policies(&requester), sab_extra).unwrap();
+    World { api, broker, agent: requester, sab }
+}
+
+fn put(path: &str, body: Value) -> Value {
+    json!({"provider": "http", "operation": "PUT", "target": format!("https://{API}{path}"), "params": {"body": body}})
+}
+
+/// The state the API shows for an absent document (what the broker's drift check computes).
+fn absent() -> String {
+    digest_of(&json!({"status": 404}))
+}
+
+fn certify_body(request: &Value) -> Value {
+    json!({"request": request, "precondition": absent(), "live_state": {"status": 404}, "intent": "roll out the new config"})
+}
+
+impl World {
+    fn certify(&self, request: &Value) -> (u16, Value) {
+        self.sab.call(&self.agent, "POST", "/v1/certify", Some(&certify_body(request)))
+    }
+
+    /// `seb-agent propose` run inside the sandbox's `cgroup`: the broker's decision.
+    fn propose_from(&self, cgroup: &str, certificate: &str, request: &Value) -> Value {
+        let dir = &self.broker.sandbox.dir;
+        let (cert, req) = (dir.join("proposal.pem"), dir.join("proposal.json"));
+        std::fs::write(&cert, certificate).unwrap();
+        std::fs::write(&req, request.to_string()).unwrap();
+        let socket = self.broker.sandbox.socket.display().to_string();
+        let args = ["--json", "propose", "--socket", &socket, "--cert", path(&cert), "--request", path(&req)];
+        let output = self.broker.sandbox.run_in(cgroup, &self.broker.sandbox.tools.agent, &args, &[]).unwrap();
+        seb_sandbox::parse_json_output(&output, "seb-agent propose").unwrap()
+    }
+
+    fn stored(&self, path: &str) -> Option<Value> {
+        self.api.store.lock().unwrap().get(path).map(|bytes| serde_json::from_slice(bytes).unwrap())
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn a_permitted_change_is_certified_then_executed_and_forbidden_or_unpermitted_ones_are_refused() {
+    let w = world("sabpermit", "");
+    let request = put("/v1/config", json!({"replicas": 3}));
+    let (status, issued) = w.certify(&request);
+    assert_eq!((status, issued["status"].as_str()), (200, Some("issued")), "{issued}");
+
+    // The SAB chose the binding, epochs and identity; the agent chose none of them.
+    let contract = &issued["contract"];
+    let cgroup = format!("{}/workload", w.broker.sandbox.cgroup_relative);
+    assert_eq!(contract["agent"], json!({"cgroup": cgroup, "node": "node-a"}), "{contract}");
+    assert_eq!(contract["identity"], json!({"kind": "x509_client", "subject": "seb-executor@config-service"}));
+    let Response::Epochs(epochs) = w.broker.call(Request::GetEpochs) else { panic!("epochs") };
+    assert_eq!(contract["policy_epoch"].as_u64(), epochs.policy, "the broker runs the SAB's policy epoch");
+    assert_eq!(contract["revocation_epoch"].as_u64(), epochs.revocation);
+    assert_eq!(contract["evidence_digest"], issued["evidence_digest"]);
+
+    let decision = w.propose_from("workload", issued["certificate"].as_str().unwrap(), &request);
+    assert_eq!(decision["admitted"], true, "{decision}");
+    assert_eq!(decision["outcome"]["status"], "succeeded", "{decision}");
+    assert_eq!(w.stored("/v1/config"), Some(json!({"replicas": 3})));
+
+    // A forbid wins over the permit, and names itself.
+    let (status, refused) = w.certify(&put("/v1/secrets/db", json!("x")));
+    assert_eq!(status, 403, "{refused}");
+    assert_eq!(refused["status"], "refused");
+    assert_eq!(refused["reasons"], json!(["forbidden_by: no-secrets"]));
+    // Nothing permits a DELETE: denied by default.
+    let delete = json!({"provider": "http", "operation": "DELETE", "target": format!("https://{API}/v1/config")});
+    let (status, refused) = w.certify(&delete);
+    assert_eq!(status, 403, "{refused}");
+    assert!(refused["reasons"][0].as_str().unwrap().starts_with("no_permit"), "{refused}");
+    // A refused request can be read back by its requester, with its reasons, and by nobody else.
+    let id = refused["request_id"].as_str().unwrap();
+    let (status, state) = w.sab.call(&w.agent, "GET", &format!("/v1/requests/{id}"), None);
+    assert_eq!((status, state["status"].as_str()), (200, Some("refused")), "{state}");
+    let other = w.sab.agent_identity(&w.broker.sandbox, "exempt");
+    assert_eq!(w.sab.call(&other, "GET", &format!("/v1/requests/{id}"), None).0, 404);
+
+    // An approver is not an agent, and an agent of another node is not this SAB's.
+    let (status, error) = w.sab.call("seb://approver/alice", "POST", "/v1/certify", Some(&certify_body(&request)));
+    assert_eq!((status, error["error"]["code"].as_str()), (403, Some("not_an_agent")), "{error}");
+    let elsewhere = "seb://node/node-b/cgroup/agents";
+    let (status, error) = w.sab.call(elsewhere, "POST", "/v1/certify", Some(&certify_body(&request)));
+    assert_eq!((status, error["error"]["code"].as_str()), (403, Some("wrong_node")), "{error}");
+    // What the agent says is checked: a precondition that is not a digest.
+    let mut bad = certify_body(&request);
+    bad["precondition"] = json!("latest");
+    let (status, error) = w.sab.call(&w.agent, "POST", "/v1/certify", Some(&bad));
+    assert_eq!((status, error["error"]["code"].as_str()), (400, Some("malformed")), "{error}");
+}
+
+#[test]
+fn a_certificate_binds_the_agents_cgroup_so_the_same_program_elsewhere_is_refused() {
+    let w = world("sabident", "");
+    let request = put("/v1/config", json!({"replicas": 4}));
+    let (status, issued) = w.certify(&request);
+    assert_eq!(status, 200, "{issued}");
+    let certificate = issued["certificate"].as_str().unwrap();
+
+    // The same executable (seb-agent propose), the same certificate and request, from a
+    // process outside the agent's cgroup: refused, and nothing reaches the API.
+    let decision = w.propose_from("exempt", certificate, &request);
+    assert_eq!(decision["admitted"], false, "{decision}");
+    assert_eq!(decision["reason"], json!(Reason::CallerMismatch), "{decision}");
+    assert!(decision["message"].as_str().unwrap().contains("workload"), "{decision}");
+    assert_eq!(w.stored("/v1/config"), None);
+
+    // From inside it: admitted and executed.
+    let decision = w.propose_from("workload", certificate, &request);
+    assert_eq!(decision["admitted"], true, "{decision}");
+    assert_eq!(w.stored("/v1/config"), Some(json!({"replicas": 4})));
+}
+
+#[test]
+fn approvals_need_n_distinct_named_approvers_other_than_the_requester() {
+    let w = world("sabapprove", "");
+    let request = put("/v1/flags/dark-mode", json!(true));
+    let (status, pending) = w.certify(&request);
+    assert_eq!(status, 202, "{pending}");
+    assert_eq!(pending["status"], "pending");
+    assert_eq!(pending["approvals_required"], 2);
+    let id = pending["request_id"].as_str().unwrap().to_string();
+    let approve = format!("/v1/requests/{id}/approve");
+
+    // Listed for the approvers (through the CLI), not for an unrelated caller.
+    let (code, listed) = w.sab.cli("seb://approver/alice", &["pending"]);
+    assert_eq!(code, 0, "{listed}");
+    assert_eq!(listed["requests"][0]["request_id"], id.as_str(), "{listed}");
+    let (_, listed) = w.sab.call("seb://approver/mallory", "GET", "/v1/requests?status=pending", None);
+    assert_eq!(listed["requests"], json!([]));
+
+    let refused = |who: &str| {
+        let (status, error) = w.sab.call(who, "POST", &approve, Some(&json!({"reason": "looks fine"})));
+        (status, error["error"]["code"].as_str().unwrap_or_default().to_string())
+    };
+    // The requester is among the approvers the policy names, and still may not approve.
+    assert_eq!(refused(&w.agent), (403, "self_approval".into()));
+    assert_eq!(refused("seb://approver/mallory"), (403, "not_an_approver".into()));
+
+    let (code, first) = w.sab.cli("seb://approver/alice", &["approve", &id, "--reason", "reviewed"]);
+    assert_eq!((code, first["status"].as_str()), (0, Some("pending")), "one of two: {first}");
+    assert_eq!(refused("seb://approver/alice"), (409, "already_approved".into()));
+    let (status, done) = w.sab.call("seb://approver/bob", "POST", &approve, None);
+    assert_eq!((status, done["status"].as_str()), (200, Some("issued")), "{done}");
+    let approvers: Vec<&str> =
+        done["approvals"].as_array().unwrap().iter().map(|a| a["approver"].as_str().unwrap()).collect();
+    assert_eq!(approvers, ["seb://approver/alice", "seb://approver/bob"]);
+    assert_eq!(refused("seb://approver/carol"), (409, "already_decided".into()));
+
+    // The requester reads the certificate back and the broker executes it.
+    let (_, state) = w.sab.call(&w.agent, "GET", &format!("/v1/requests/{id}"), None);
+    let decision = w.propose_from("workload", state["certificate"].as_str().unwrap(), &request);
+    assert_eq!(decision["admitted"], true, "{decision}");
+    assert_eq!(w.stored("/v1/flags/dark-mode"), Some(json!(true)));
+
+    // A denial ends a request; it cannot be approved afterwards.
+    let (_, pending) = w.certify(&put("/v1/flags/beta", json!(true)));
+    let id = pending["request_id"].as_str().unwrap();
+    let (code, denied) = w.sab.cli("seb://approver/carol", &["deny", id, "--reason", "not this week"]);
+    assert_eq!((code, denied["status"].as_str()), (0, Some("denied")), "{denied}");
+    assert!(denied["reasons"][0].as_str().unwrap().contains("not this week"), "{denied}");
+    let (status, error) = w.sab.call("seb://approver/alice", "POST", &format!("/v1/requests/{id}/approve"), None);
+    assert_eq!((status, error["error"]["code"].as_str()), (409, Some("already_decided")), "{error}");
+}
+
+#[test]
+fn an_approval_after_the_deadline_is_refused_and_the_request_is_expired() {
+    let w = world("sabexpire", "approval_timeout_seconds = 1");
+    let (status, pending) = w.certify(&put("/v1/flags/x", json!(1)));
+    assert_eq!(status, 202, "{pending}");
+    let id = pending["request_id"].as_str().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (status, error) = w.sab.call("seb://approver/alice", "POST", &format!("/v1/requests/{id}/approve"), None);
+    assert_eq!((status, error["error"]["code"].as_str()), (409, Some("expired")), "{error}");
+    let (_, state) = w.sab.call(&w.agent, "GET", &format!("/v1/requests/{id}"), None);
+    assert_eq!(state["status"], "expired", "{state}");
+    assert!(state.get("certificate").is_none());
+}
+
+#[test]
+fn a_policy_reload_bumps_the_epoch_and_the_broker_refuses_older_certificates() {
+    let w = world("sabreload", "");
+    let request = put("/v1/config", json!({"replicas": 5}));
+    let (_, old) = w.certify(&request);
+    let old_epoch = old["contract"]["policy_epoch"].as_u64().unwrap();
+
+    // A policy that does not validate is refused (named by file and line) and changes nothing.
+    let (_, before) = w.sab.call(&w.agent, "GET", "/v1/healthz", None);
+    std::fs::write(
+        w.sab.policies.join("broken.cedar"),
+        "@identity(\"x509_client:s\")\npermit (principal, action, resource)\nwhen { resource.nope };\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(&w.broker.sandbox.tools.agent)
+        .args(["sab", "check", "--policies"])
+        .arg(&w.sab.policies)
+        .output()
+        .unwrap();
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && error.contains("broken.cedar:3: policy broken.cedar:1"), "{error}");
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, after) = w.sab.call(&w.agent, "GET", "/v1/healthz", None);
+    assert_eq!(before["policy_epoch"], after["policy_epoch"], "an invalid policy set is not loaded");
+    assert!(w.sab.log().contains("broken.cedar:3"), "the SAB logs where the error is");
+    std::fs::remove_file(w.sab.policies.join("broken.cedar")).unwrap();
+
+    let new_epoch = w
+        .sab
+        .write_policy(
+            "extra.cedar",
+            "@identity(\"x509_client:reader\")\npermit (principal, action == Seb::Action::\"http::POST\", resource);\n",
+            old_epoch,
+        )
+        .unwrap();
+    assert_eq!(new_epoch, old_epoch + 1);
+    let Response::Epochs(epochs) = w.broker.call(Request::GetEpochs) else { panic!("epochs") };
+    assert_eq!(epochs.policy, Some(new_epoch), "the SAB set the broker's policy epoch");
+
+    let decision = w.propose_from("workload", old["certificate"].as_str().unwrap(), &request);
+    assert_eq!(decision["admitted"], false, "{decision}");
+    assert_eq!(decision["reason"], json!(Reason::PolicyEpochMismatch), "{decision}");
+    let (_, new) = w.certify(&request);
+    assert_eq!(new["contract"]["policy_epoch"].as_u64(), Some(new_epoch));
+    let decision = w.propose_from("workload", new["certificate"].as_str().unwrap(), &request);
+    assert_eq!(decision["admitted"], true, "{decision}");
+}
+
+#[test]
+fn the_sab_log_holds_every_step_verifies_and_names_a_tampered_record() {
+    let mut w = world("sablog", "");
+    let (_, issued) = w.certify(&put("/v1/config", json!({"replicas": 6})));
+    let (_, _refused) = w.certify(&put("/v1/secrets/x", json!(1)));
+    let (_, pending) = w.certify(&put("/v1/flags/y", json!(1)));
+    let id = pending["request_id"].as_str().unwrap();
+    w.sab.call("seb://approver/mallory", "POST", &format!("/v1/requests/{id}/approve"), None);
+    w.sab.stop().unwrap();
+
+    let verify = |database: &Path| {
+        let output = std::process::Command::new(&w.broker.sandbox.tools.agent)
+            .args(["audit", "verify", "--json", "--database"])
+            .arg(database)
+            .arg("--public-key")
+            .arg(w.sab.signing_key.with_extension("key.pub"))
+            .arg("--head")
+            .arg(w.sab.signing_key.with_extension("key.head"))
+            .output()
+            .unwrap();
+        let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+        (output.status.code().unwrap(), report)
+    };
+    let (code, report) = verify(&w.sab.database);
+    assert_eq!(code, 0, "{report}");
+
+    let store = seb_agent::audit::AuditStore::open_read_only(&w.sab.database).unwrap();
+    let records = store.records_after(None, 0, 1000).unwrap();
+    let kinds: Vec<&str> = records.iter().map(|r| r.kind.as_str()).collect();
+    for kind in ["sab_policy", "sab_certify", "sab_decision", "sab_issuance", "sab_approval"] {
+        assert!(kinds.contains(&kind), "{kind} in {kinds:?}");
+    }
+    // The refused approval is on record, with why.
+    let approval: Value = records.iter().find(|r| r.kind == "sab_approval").unwrap().parse().unwrap();
+    assert_eq!((approval["accepted"].as_bool(), approval["refused"].as_str()), (Some(false), Some("not_an_approver")));
+    // An auditor recomputes the evidence digest from the issuance record alone.
+    let issuance: Value = records.iter().find(|r| r.kind == "sab_issuance").unwrap().parse().unwrap();
+    assert_eq!(digest_of(&issuance["evidence"]), issued["evidence_digest"].as_str().unwrap());
+    assert_eq!(issuance["contract"], issued["contract"]);
+    assert_eq!(issuance["evidence"]["live_state"], json!({"status": 404}));
+    assert_eq!(issuance["evidence"]["intent"], "roll out the new config");
+    drop(store);
+
+    // A refusal rewritten as an issuance: the chain names that record.
+    let seq = records.iter().find(|r| r.kind == "sab_decision" && r.body.contains("\"refused\"")).unwrap().seq;
+    let copy = w.sab.dir.join("tampered.db");
+    std::fs::copy(&w.sab.database, &copy).unwrap();
+    let conn = rusqlite::Connection::open(&copy).unwrap();
+    let changed = conn
+        .execute("UPDATE records SET body = replace(body, '\"refused\"', '\"issued\"') WHERE seq = ?1", [seq])
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(conn);
+    let (code, report) = verify(&copy);
+    assert_eq!((code, report["first_bad_record"].as_i64()), (1, Some(seq)), "{report}");
+}
+
+#[test]
+fn only_clients_with_a_certificate_from_the_sabs_tls_ca_and_an_identity_get_an_answer() {
+    let w = world("sabtls", "");
+    // A certificate from another CA: the handshake fails.
+    let stranger = w.broker.sandbox.dir.join("stranger");
+    std::fs::create_dir_all(&stranger).unwrap();
+    seb_agent::sab::pki::init(&seb_agent::sab::pki::Layout::new(&stranger), &["127.0.0.1".into()]).unwrap();
+    let other_ca = seb_agent::sab::pki::Layout::new(&stranger).tls_ca();
+    let out = stranger.join("agent");
+    seb_agent::sab::pki::client_certificate(&other_ca, &w.agent, Duration::from_secs(60), &out).unwrap();
+    let result = w.sab.call_as(&out, "GET", "/v1/healthz", None);
+    assert!(result.is_err(), "{result:?}");
+    // Our CA, but the server certificate is no client certificate (no seb:// identity).
+    let server = w.sab.dir.join("server");
+    let result = w.sab.call_as(&server, "GET", "/v1/healthz", None);
+    assert!(result.is_err(), "a serverAuth-only certificate is refused as a client: {result:?}");
+}
