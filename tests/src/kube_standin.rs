@@ -48,6 +48,8 @@ struct State {
     /// Live Secrets by name, and minted tokens by the Secret they are bound to.
     secrets: HashMap<String, String>,
     tokens: HashMap<String, String>,
+    /// Pod-bound ServiceAccount tokens TokenReview knows: namespace, account, pod UID, node.
+    pod_tokens: HashMap<String, [String; 4]>,
     seen: Vec<Seen>,
 }
 
@@ -69,6 +71,11 @@ impl KubeStandIn {
     }
     pub fn object(&self, path: &str) -> Option<Value> {
         self.state.lock().unwrap().objects.get(path).cloned()
+    }
+    /// A pod-bound ServiceAccount token that TokenReview will authenticate.
+    pub fn add_pod_token(&self, token: &str, namespace: &str, account: &str, pod_uid: &str, node: &str) {
+        let pod = [namespace, account, pod_uid, node].map(String::from);
+        self.state.lock().unwrap().pod_tokens.insert(token.into(), pod);
     }
     pub fn seen(&self) -> Vec<Seen> {
         self.state.lock().unwrap().seen.clone()
@@ -140,6 +147,23 @@ fn handle(request: Request<Bytes>, state: &Mutex<State>, race: &AtomicBool) -> R
     state.seen.push(seen.clone());
     let token = seen.authorization.strip_prefix("Bearer ").unwrap_or_default().to_string();
     let segments: Vec<&str> = seen.path.trim_start_matches('/').split('/').collect();
+    // TokenReview, for the broker's own token (the reviewer's identity here).
+    if segments.as_slice() == ["apis", "authentication.k8s.io", "v1", "tokenreviews"] && seen.method == "POST" {
+        if token != BROKER_TOKEN {
+            return status(403, "Forbidden", "only the reviewer's ServiceAccount may create TokenReviews here");
+        }
+        let reviewed = seen.body["spec"]["token"].as_str().unwrap_or_default();
+        let result = match state.pod_tokens.get(reviewed) {
+            Some([namespace, account, pod_uid, node]) => json!({"authenticated": true, "user": {
+                "username": format!("system:serviceaccount:{namespace}:{account}"),
+                "extra": {"authentication.kubernetes.io/pod-uid": [pod_uid], "authentication.kubernetes.io/node-name": [node]}}}),
+            None => json!({"authenticated": false, "error": "invalid bearer token"}),
+        };
+        return reply(
+            201,
+            json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "metadata": {}, "spec": seen.body["spec"], "status": result}),
+        );
+    }
     // /api/v1/namespaces/<ns>/secrets[/<name>] and /api/v1/namespaces/<ns>/serviceaccounts/<sa>/token
     if let ["api", "v1", "namespaces", namespace, kind @ ("secrets" | "serviceaccounts"), rest @ ..] =
         segments.as_slice()

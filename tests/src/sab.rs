@@ -22,8 +22,17 @@ pub struct Sab {
     pub url: String,
     pub node: String,
     agent: PathBuf,
+    /// Cluster mode: the SAB runs in the sandbox's namespace (where the API server is).
+    cluster: Option<InCluster>,
     child: Option<Child>,
     runtime: tokio::runtime::Runtime,
+}
+
+struct InCluster {
+    probe: PathBuf,
+    cgroup: PathBuf,
+    netns: String,
+    kubeconfig: PathBuf,
 }
 
 impl Sab {
@@ -31,6 +40,27 @@ impl Sab {
     /// and `extra` TOML lines at the top of its configuration. Its issuing CA must be one
     /// the broker trusts: it is created in `issuing_dir` (`sab-ca.pem`, `sab-ca.key`) unless there.
     pub fn start(sandbox: &Sandbox, issuing_dir: &Path, policies: &str, extra: &str) -> Result<Self> {
+        Self::start_in(sandbox, issuing_dir, policies, extra, None)
+    }
+
+    /// The same in cluster mode, in the sandbox's namespace (exempt cgroup), with this kubeconfig.
+    pub fn start_cluster(sandbox: &Sandbox, issuing_dir: &Path, policies: &str, kubeconfig: &Path) -> Result<Self> {
+        let cluster = InCluster {
+            probe: sandbox.tools.probe.clone(),
+            cgroup: sandbox.cgroup.join("exempt"),
+            netns: sandbox.netns.clone(),
+            kubeconfig: kubeconfig.to_path_buf(),
+        };
+        Self::start_in(sandbox, issuing_dir, policies, "", Some(cluster))
+    }
+
+    fn start_in(
+        sandbox: &Sandbox,
+        issuing_dir: &Path,
+        policies: &str,
+        extra: &str,
+        cluster: Option<InCluster>,
+    ) -> Result<Self> {
         let dir = sandbox.dir.join(format!("sab-{}", uuid_like()));
         std::fs::create_dir_all(dir.join("policies"))?;
         pki::init(&pki::Layout::new(&dir), &["127.0.0.1".into()])?;
@@ -40,14 +70,17 @@ impl Sab {
         let (database, signing_key) = (dir.join("sab.db"), dir.join("sab.key"));
         let node = "node-a".to_string();
         let config = dir.join("sab.toml");
+        let mode = match &cluster {
+            None => format!("[node]\nname = \"{node}\"\nbroker_socket = \"{}\"\n", sandbox.socket.display()),
+            Some(_) => "[cluster]\npolicy = \"default\"\nrevocation = \"default\"\n".to_string(),
+        };
         std::fs::write(
             &config,
             format!(
                 "{extra}\nlisten = \"127.0.0.1:{port}\"\npolicies = \"{}\"\nreload_interval_ms = 100\n\n\
                  [tls]\ncertificate = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n\n\
                  [issuer]\nca_cert = \"{}\"\nca_key = \"{}\"\n\n\
-                 [audit]\ndatabase = \"{}\"\nsigning_key = \"{}\"\n\n\
-                 [node]\nname = \"{node}\"\nbroker_socket = \"{}\"\n",
+                 [audit]\ndatabase = \"{}\"\nsigning_key = \"{}\"\n\n{mode}",
                 policy_dir.display(),
                 dir.join("server.pem").display(),
                 dir.join("server.key").display(),
@@ -56,7 +89,6 @@ impl Sab {
                 issuing_dir.join("sab-ca.key").display(),
                 database.display(),
                 signing_key.display(),
-                sandbox.socket.display(),
             ),
         )?;
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -69,6 +101,7 @@ impl Sab {
             url: format!("https://127.0.0.1:{port}"),
             node,
             agent: sandbox.tools.agent.clone(),
+            cluster,
             child: None,
             runtime,
         };
@@ -78,7 +111,16 @@ impl Sab {
 
     /// Run `sab serve` and wait until its health endpoint answers.
     pub fn launch(&mut self) -> Result<()> {
-        let child = Command::new(&self.agent)
+        let mut command = match &self.cluster {
+            None => Command::new(&self.agent),
+            Some(cluster) => {
+                let mut command = Command::new(&cluster.probe);
+                command.arg("--cgroup").arg(&cluster.cgroup).args(["--netns", &cluster.netns, "exec", "--"]);
+                command.arg(&self.agent).env("KUBECONFIG", &cluster.kubeconfig);
+                command
+            }
+        };
+        let child = command
             .args(["sab", "serve", "--config"])
             .arg(&self.config)
             .env("SEB_LOG_FORMAT", "json")
@@ -139,8 +181,31 @@ impl Sab {
 
     /// One API call as the holder of `cert` (from [`Self::identity_cert`]).
     pub fn call_as(&self, cert: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
-        let client = self.client(cert)?;
-        self.runtime.block_on(client.call(method, path, body)).context("calling the SAB")
+        self.call_with(self.client(cert)?, method, path, body)
+    }
+
+    /// One call with `client`, from the SAB's network namespace when it has its own.
+    fn call_with(&self, client: SabClient, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+        let Some(cluster) = &self.cluster else {
+            return self.runtime.block_on(client.call(method, path, body)).context("calling the SAB");
+        };
+        let (method, path, body) = (method.to_string(), path.to_string(), body.cloned());
+        crate::moto::in_netns(&cluster.netns, move || async move { client.call(&method, &path, body.as_ref()).await })
+            .context("calling the SAB")
+    }
+
+    /// As `call`, also presenting `token` as a bearer token (cluster mode).
+    pub fn call_with_token(
+        &self,
+        identity: &str,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let cert = self.identity_cert(identity).expect("a client certificate");
+        let client = self.client(&cert).expect("a client").with_bearer(token);
+        self.call_with(client, method, path, body).expect("the SAB answers")
     }
 
     /// As `call_as`, for `identity` (a certificate is made for it if needed).

@@ -373,3 +373,74 @@ fn only_clients_with_a_certificate_from_the_sabs_tls_ca_and_an_identity_get_an_a
     let result = w.sab.call_as(&server, "GET", "/v1/healthz", None);
     assert!(result.is_err(), "a serverAuth-only certificate is refused as a client: {result:?}");
 }
+
+#[test]
+fn in_cluster_mode_an_agent_is_its_pod_by_tokenreview_and_epochs_live_in_the_cluster() {
+    use seb_sandbox::{
+        kube_standin::{self, BROKER_TOKEN},
+        kube_store::{SEB_POLICIES, SEB_REVOCATIONS},
+    };
+    const KUBE: &str = "127.0.0.61:6443";
+    const POD: &str = "0f3c2a1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b";
+    let sandbox = Sandbox::new("sabcluster", tools()).unwrap();
+    let cluster = kube_standin::start(&sandbox.netns, KUBE.parse().unwrap(), &sandbox.dir).unwrap();
+    cluster.store.lock().unwrap().put(
+        SEB_REVOCATIONS,
+        json!({"metadata": {"name": "default"}, "spec": {"revocationEpoch": 3, "serials": [], "contractIds": []}}),
+    );
+    cluster.add_pod_token("pod-token", "agents", "planner", POD, "node-a");
+    let kubeconfig = sandbox.dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: sbx\n  cluster:\n    server: https://{KUBE}\n    certificate-authority: {}\n\
+             users:\n- name: sab\n  user:\n    token: {BROKER_TOKEN}\ncontexts:\n- name: sbx\n  context:\n    cluster: sbx\n    user: sab\n\
+             current-context: sbx\n",
+            cluster.ca.display()
+        ),
+    )
+    .unwrap();
+    let issuing = sandbox.dir.join("issuing");
+    seb_agent::cert::dev_sab::create_ca(&issuing, "seb test SAB", seb_agent::cert::dev_sab::Algorithm::Ed25519)
+        .unwrap();
+    let agent = "seb://node/node-a/cgroup/kubepods.slice/agents";
+    let sab = Sab::start_cluster(&sandbox, &issuing, &policies(agent), &kubeconfig).unwrap();
+
+    // Its first policy load became the SebPolicy's epoch.
+    let policy_epoch = |cluster: &kube_standin::KubeStandIn| {
+        cluster.store.lock().unwrap().get(SEB_POLICIES, "default").map(|p| p["spec"]["policyEpoch"].as_u64().unwrap())
+    };
+    assert_eq!(policy_epoch(&cluster), Some(1));
+
+    let body = certify_body(&put("/v1/config", json!({"replicas": 2})));
+    let (status, error) = sab.call(agent, "POST", "/v1/certify", Some(&body));
+    assert_eq!((status, error["error"]["code"].as_str()), (401, Some("token_required")), "{error}");
+    let (status, error) = sab.call_with_token(agent, "stolen", "POST", "/v1/certify", Some(&body));
+    assert_eq!((status, error["error"]["code"].as_str()), (401, Some("token_refused")), "{error}");
+    let elsewhere = "seb://node/node-b/cgroup/kubepods.slice/agents";
+    let (status, error) = sab.call_with_token(elsewhere, "pod-token", "POST", "/v1/certify", Some(&body));
+    assert_eq!((status, error["error"]["code"].as_str()), (403, Some("wrong_node")), "{error}");
+
+    let (status, issued) = sab.call_with_token(agent, "pod-token", "POST", "/v1/certify", Some(&body));
+    assert_eq!(status, 200, "{issued}");
+    let contract = &issued["contract"];
+    assert_eq!(contract["agent"], json!({"cgroup": "/kubepods.slice/agents", "node": "node-a", "pod_uid": POD}));
+    assert_eq!((contract["policy_epoch"].as_u64(), contract["revocation_epoch"].as_u64()), (Some(1), Some(3)));
+
+    // A policy change moves the cluster's epoch.
+    std::fs::write(
+        sab.policies.join("more.cedar"),
+        "@identity(\"x509_client:r\")\npermit (principal, action == Seb::Action::\"http::POST\", resource);\n",
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while policy_epoch(&cluster) != Some(2) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the SebPolicy's epoch stayed {:?}: {}",
+            policy_epoch(&cluster),
+            sab.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

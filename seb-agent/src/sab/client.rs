@@ -22,6 +22,7 @@ pub struct SabClient {
     host: String,
     port: u16,
     tls: Arc<ClientConfig>,
+    bearer: Option<String>,
 }
 
 impl SabClient {
@@ -45,7 +46,13 @@ impl SabClient {
             .with_protocol_versions(&[&tokio_rustls::rustls::version::TLS13])?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)?;
-        Ok(Self { host, port: uri.port_u16().unwrap_or(443), tls: Arc::new(tls) })
+        Ok(Self { host, port: uri.port_u16().unwrap_or(443), tls: Arc::new(tls), bearer: None })
+    }
+
+    /// Also send `Authorization: Bearer <token>` (cluster mode: the pod's ServiceAccount token).
+    pub fn with_bearer(mut self, token: &str) -> Self {
+        self.bearer = Some(token.into());
+        self
     }
 
     /// One request on a new connection: the status and the JSON body.
@@ -68,7 +75,7 @@ impl SabClient {
         let tls = TlsConnector::from(self.tls.clone()).connect(name, stream).await.context("TLS with the SAB")?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
         tokio::spawn(connection);
-        Ok(Session { sender, host: self.host.clone() })
+        Ok(Session { sender, host: self.host.clone(), bearer: self.bearer.clone() })
     }
 }
 
@@ -76,17 +83,23 @@ impl SabClient {
 pub struct Session {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     host: String,
+    bearer: Option<String>,
 }
 
 impl Session {
     pub async fn call(&mut self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
         let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
             .uri(path)
             .header("host", &self.host)
-            .header("content-type", "application/json")
-            .body(Full::new(body))?;
+            .header("content-type", "application/json");
+        if let Some(token) = &self.bearer {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request = request.body(Full::new(body))?;
+        // A kept-alive connection takes the next request only once the last one is done.
+        self.sender.ready().await.context("the connection to the SAB")?;
         let response = self.sender.send_request(request).await.context("the SAB's answer")?;
         let status = response.status().as_u16();
         let bytes = response.into_body().collect().await?.to_bytes();

@@ -2,7 +2,8 @@
 //! and makes each accepted policy load the active policy epoch, so that certificates
 //! issued under older policies stop being admitted.
 //!
-//! Node-local: the broker's socket (`get_epochs`, and `set_epochs` as uid 0).
+//! Node-local: the broker's socket (`get_epochs`, and `set_epochs` as uid 0). Cluster:
+//! the `SebRevocation` and `SebPolicy` every node's broker follows.
 
 use std::{
     path::PathBuf,
@@ -12,7 +13,81 @@ use std::{
 
 use anyhow::{Result, bail};
 
-use crate::protocol::{self, Request, Response};
+use kube::{Api, Client};
+
+use crate::{
+    cluster::crd::{SebPolicy, SebRevocation},
+    protocol::{self, Request, Response},
+};
+
+/// Where the epochs are read and written.
+pub enum EpochSource {
+    Broker(BrokerEpochs),
+    Cluster(ClusterEpochs),
+}
+
+impl EpochSource {
+    /// The revocation epoch certificates must carry.
+    pub async fn revocation(&self) -> Result<u64> {
+        match self {
+            Self::Broker(broker) => broker.revocation().await,
+            Self::Cluster(cluster) => cluster.revocation().await,
+        }
+    }
+
+    /// The policy epoch in force.
+    pub async fn policy(&self) -> Result<Option<u64>> {
+        match self {
+            Self::Broker(broker) => broker.policy().await,
+            Self::Cluster(cluster) => cluster.policy().await,
+        }
+    }
+
+    /// Make `epoch` the policy epoch in force.
+    pub async fn publish(&self, epoch: u64) -> Result<()> {
+        match self {
+            Self::Broker(broker) => broker.publish(epoch).await,
+            Self::Cluster(cluster) => cluster.publish(epoch).await,
+        }
+    }
+}
+
+pub struct ClusterEpochs {
+    client: Client,
+    policy: String,
+    revocation: String,
+    cached: Mutex<Option<(Instant, u64)>>,
+}
+
+impl ClusterEpochs {
+    pub fn new(client: Client, policy: String, revocation: String) -> Self {
+        Self { client, policy, revocation, cached: Mutex::new(None) }
+    }
+
+    async fn revocation(&self) -> Result<u64> {
+        if let Some((at, epoch)) = *self.cached.lock().expect("not poisoned")
+            && at.elapsed() < REVOCATION_CACHE
+        {
+            return Ok(epoch);
+        }
+        let api = Api::<SebRevocation>::all(self.client.clone());
+        let Some(object) = api.get_opt(&self.revocation).await? else {
+            bail!("SebRevocation {} does not exist (seb-agent epoch --cluster --revocation N)", self.revocation);
+        };
+        let epoch = object.spec.revocation_epoch;
+        *self.cached.lock().expect("not poisoned") = Some((Instant::now(), epoch));
+        Ok(epoch)
+    }
+
+    async fn policy(&self) -> Result<Option<u64>> {
+        let api = Api::<SebPolicy>::all(self.client.clone());
+        Ok(api.get_opt(&self.policy).await?.map(|object| object.spec.policy_epoch))
+    }
+
+    async fn publish(&self, epoch: u64) -> Result<()> {
+        crate::cli::cluster::set_policy_epoch(self.client.clone(), &self.policy, epoch).await.map(|_| ())
+    }
+}
 
 /// How long a revocation epoch read from the broker is used before reading it again.
 const REVOCATION_CACHE: Duration = Duration::from_millis(500);

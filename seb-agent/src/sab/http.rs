@@ -25,6 +25,7 @@ use super::{
     config::TlsConfig,
     identity::Caller,
     service::{Answer, Reply, Sab},
+    token_review::TokenReviewer,
 };
 
 /// Largest request body accepted.
@@ -115,6 +116,12 @@ async fn route(sab: &Sab, caller: &Result<Caller, String>, request: Request<Inco
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let query = request.uri().query().map(str::to_string);
+    let bearer = request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::to_string);
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let body = match read_body(request).await {
         Ok(body) => body,
@@ -122,7 +129,13 @@ async fn route(sab: &Sab, caller: &Result<Caller, String>, request: Request<Inco
     };
     match (&method, segments.as_slice()) {
         (&Method::GET, ["v1", "healthz"]) => sab.health(),
-        (&Method::POST, ["v1", "certify"]) => sab.certify(caller, &body).await,
+        (&Method::POST, ["v1", "certify"]) => match sab.reviewer() {
+            None => sab.certify(caller, &body).await,
+            Some(reviewer) => match reviewed(reviewer, caller, bearer.as_deref()).await {
+                Ok(caller) => sab.certify(&caller, &body).await,
+                Err(reply) => reply,
+            },
+        },
         (&Method::GET, ["v1", "requests"]) => {
             let status = query
                 .as_deref()
@@ -143,6 +156,20 @@ async fn route(sab: &Sab, caller: &Result<Caller, String>, request: Request<Inco
         }
         _ => Reply::error(404, "not_found", format!("no endpoint {path}")),
     }
+}
+
+/// Cluster mode: the certificate's agent, bound to the pod its ServiceAccount token names.
+async fn reviewed(reviewer: &TokenReviewer, caller: &Caller, token: Option<&str>) -> Result<Caller, Reply> {
+    let Caller::Agent(agent) = caller else { return Ok(caller.clone()) };
+    let Some(token) = token else {
+        return Err(Reply::error(
+            401,
+            "token_required",
+            "in cluster mode an agent sends Authorization: Bearer <ServiceAccount token>",
+        ));
+    };
+    let pod = reviewer.review(token).await.map_err(|e| Reply::error(401, "token_refused", format!("{e:#}")))?;
+    pod.bind(agent.clone()).map(Caller::Agent).map_err(|e| Reply::error(403, "wrong_node", format!("{e:#}")))
 }
 
 async fn read_body(request: Request<Incoming>) -> Result<Bytes, Reply> {

@@ -18,6 +18,7 @@ pub mod records;
 pub mod requests;
 pub mod schema;
 pub mod service;
+pub mod token_review;
 
 use anyhow::{Context, Result};
 

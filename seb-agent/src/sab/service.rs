@@ -14,7 +14,7 @@ use tracing::{error, info};
 
 use super::{
     config::SabConfig,
-    epochs::BrokerEpochs,
+    epochs::{BrokerEpochs, ClusterEpochs, EpochSource},
     evidence::{self, Approval, Evidence, PolicyDecision},
     identity::Caller,
     issuer::Issuer,
@@ -22,6 +22,7 @@ use super::{
     records::{self, ApprovalRecord, CertifyRecord, DecisionRecord, ExpiryRecord, IssuanceRecord, PolicyRecord},
     requests::{Draft, Entry, Issued, Requests, Status},
     schema::Facts,
+    token_review::TokenReviewer,
 };
 use crate::{
     audit::{Derived, Ledger, LedgerFiles, is_busy, keys, now_ns, store},
@@ -62,12 +63,15 @@ pub struct Loaded {
 
 pub struct Sab {
     config: SabConfig,
-    node: String,
+    /// Node-local mode: the one node served.
+    node: Option<String>,
+    /// Cluster mode: agents' ServiceAccount tokens are checked here.
+    reviewer: Option<TokenReviewer>,
     policy: RwLock<Arc<Loaded>>,
     issuer: Issuer,
     ledger: Ledger,
     requests: tokio::sync::Mutex<Requests>,
-    epochs: BrokerEpochs,
+    epochs: EpochSource,
 }
 
 /// The body of `POST /v1/certify`.
@@ -113,28 +117,37 @@ fn ledger_error(e: anyhow::Error) -> Reply {
 impl Sab {
     /// Open the log, the CA and the policies; make the policies' epoch the broker's.
     pub async fn start(config: SabConfig) -> Result<(Arc<Self>, JoinHandle<()>)> {
-        let Some(node) = config.node.clone() else {
-            anyhow::bail!("cluster mode ([cluster]) is not available in this version of the SAB; use [node]");
+        let (node, reviewer, epochs) = match (&config.node, &config.cluster) {
+            (Some(node), _) => {
+                (Some(node.name.clone()), None, EpochSource::Broker(BrokerEpochs::new(node.broker_socket.clone())))
+            }
+            (None, Some(cluster)) => {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the cluster (in-cluster ServiceAccount or KUBECONFIG)")?;
+                let epochs = ClusterEpochs::new(client.clone(), cluster.policy.clone(), cluster.revocation.clone());
+                (None, Some(TokenReviewer::new(client)), EpochSource::Cluster(epochs))
+            }
+            (None, None) => anyhow::bail!("give [node] or [cluster]"),
         };
         let key = keys::load_or_create(&config.audit.signing_key)?;
         let files = LedgerFiles::new(&config.audit.database, &config.audit.signing_key);
         let (ledger, thread) = Ledger::start(&files, key, NO_DERIVED).context("opening the SAB log")?;
         let issuer = Issuer::load(&CaFiles { cert: config.issuer.ca_cert.clone(), key: config.issuer.ca_key.clone() })?;
         let book = PolicyBook::load_dir(&config.policies, config.certificate_ttl())?;
-        let epochs = BrokerEpochs::new(node.broker_socket.clone());
         let last: Option<PolicyRecord> = ledger
             .run(|batch| store::last_body(batch.conn(), records::POLICY_KIND))
             .await?
             .map(|body| serde_json::from_str(&body))
             .transpose()
             .context("the SAB log's last policy record")?;
-        let active = epochs.policy().await.context("reading the broker's epochs")?;
+        let active = epochs.policy().await.context("reading the policy epoch in force")?;
         let epoch = match &last {
             // The same policies, still in force at the broker: nothing to invalidate.
             Some(record) if record.policy_set_digest == book.digest && active == Some(record.epoch) => record.epoch,
             _ => {
                 let epoch = last.as_ref().map_or(0, |r| r.epoch).max(active.unwrap_or(0)) + 1;
-                epochs.publish(epoch).await.context("setting the broker's policy epoch")?;
+                epochs.publish(epoch).await.context("setting the policy epoch")?;
                 write_policy_record(&ledger, &book, epoch).await?;
                 epoch
             }
@@ -142,7 +155,8 @@ impl Sab {
         info!(epoch, policies = book.policies, digest = %book.digest, "SAB policies loaded");
         let requests = Requests::new(config.max_requests, config.max_pending);
         let sab = Self {
-            node: node.name,
+            node,
+            reviewer,
             policy: RwLock::new(Arc::new(Loaded { book, epoch })),
             issuer,
             ledger,
@@ -157,22 +171,32 @@ impl Sab {
         &self.config
     }
 
+    /// Cluster mode: the TokenReview client agents' tokens go to.
+    pub fn reviewer(&self) -> Option<&TokenReviewer> {
+        self.reviewer.as_ref()
+    }
+
     pub fn loaded(&self) -> Arc<Loaded> {
         self.policy.read().expect("not poisoned").clone()
     }
 
     /// Load the policy directory again; if it changed and is valid, it becomes the
-    /// policy in force under a new epoch, set at the broker first. Returns the new epoch.
-    pub async fn reload(&self) -> Result<Option<u64>> {
-        let book = PolicyBook::load_dir(&self.config.policies, self.config.certificate_ttl())?;
+    /// policy in force under a new epoch, set where brokers read it first. Returns the new epoch.
+    pub async fn reload(&self) -> Result<Option<u64>, ReloadError> {
+        let book =
+            PolicyBook::load_dir(&self.config.policies, self.config.certificate_ttl()).map_err(ReloadError::Invalid)?;
         let current = self.loaded();
         if book.digest == current.book.digest {
             return Ok(None);
         }
-        let active = self.epochs.policy().await?.unwrap_or(0);
-        let epoch = current.epoch.max(active) + 1;
-        self.epochs.publish(epoch).await.context("setting the broker's policy epoch")?;
-        write_policy_record(&self.ledger, &book, epoch).await?;
+        let publish = async {
+            let active = self.epochs.policy().await?.unwrap_or(0);
+            let epoch = current.epoch.max(active) + 1;
+            self.epochs.publish(epoch).await.context("setting the policy epoch")?;
+            write_policy_record(&self.ledger, &book, epoch).await?;
+            Ok::<_, anyhow::Error>(epoch)
+        };
+        let epoch = publish.await.map_err(ReloadError::NotPublished)?;
         info!(epoch, policies = book.policies, digest = %book.digest, "SAB policies reloaded");
         *self.policy.write().expect("not poisoned") = Arc::new(Loaded { book, epoch });
         Ok(Some(epoch))
@@ -187,12 +211,23 @@ impl Sab {
         let Caller::Agent(agent) = caller else {
             return Reply::error(403, "not_an_agent", format!("{} is not an agent identity", caller.uri()));
         };
-        if agent.node != self.node {
-            return Reply::error(
-                403,
-                "wrong_node",
-                format!("this SAB serves node {}, the caller is on node {}", self.node, agent.node),
-            );
+        match &self.node {
+            Some(node) if *node != agent.node => {
+                return Reply::error(
+                    403,
+                    "wrong_node",
+                    format!("this SAB serves node {node}, the caller is on node {}", agent.node),
+                );
+            }
+            // Cluster mode binds a pod, established by TokenReview before this call.
+            None if agent.pod_uid.is_none() => {
+                return Reply::error(
+                    401,
+                    "token_required",
+                    "in cluster mode an agent presents its ServiceAccount token",
+                );
+            }
+            _ => {}
         }
         let draft = match parse_draft(body) {
             Ok(draft) => draft,
@@ -285,7 +320,7 @@ impl Sab {
         grant: &Grant,
     ) -> Result<(Issued, Value), Reply> {
         let revocation = self.epochs.revocation().await.map_err(|e| {
-            Reply::error(503, "epochs_unavailable", format!("the broker's revocation epoch could not be read: {e:#}"))
+            Reply::error(503, "epochs_unavailable", format!("the revocation epoch could not be read: {e:#}"))
         })?;
         let agent = &entry.requester;
         let evidence = Evidence {
@@ -604,6 +639,17 @@ fn parse_draft(body: &[u8]) -> Result<Draft> {
     })
 }
 
+/// Why a policy change did not take effect.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The files do not validate: nothing to retry until they change.
+    #[error("{0:#}")]
+    Invalid(anyhow::Error),
+    /// Valid, but its epoch could not be set or recorded: retried.
+    #[error("{0:#}")]
+    NotPublished(anyhow::Error),
+}
+
 /// Reload whenever the policy directory's files change (names, sizes, modification times).
 pub async fn watch_policies(sab: Arc<Sab>) {
     let interval = std::time::Duration::from_millis(sab.config.reload_interval_ms);
@@ -617,12 +663,12 @@ pub async fn watch_policies(sab: Arc<Sab>) {
         match sab.reload().await {
             Ok(Some(epoch)) => info!(epoch, "policy change accepted"),
             Ok(None) => {}
-            Err(e) => {
+            Err(ReloadError::Invalid(e)) => {
                 error!(error = %format!("{e:#}"), "policy change refused; the policies in force stay");
-                // Try again at the next change, or the next tick if the broker was the problem.
-                if e.to_string().contains("broker") {
-                    continue;
-                }
+            }
+            Err(ReloadError::NotPublished(e)) => {
+                error!(error = %format!("{e:#}"), "policy change not yet in force; retrying");
+                continue;
             }
         }
         seen = now;
