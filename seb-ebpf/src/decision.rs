@@ -309,7 +309,7 @@ pub fn current_task_in_scope() -> bool {
 /// Whether a cgroup on the path from the root (`ancestor(0)`) down to the cgroup itself
 /// is in `set`.
 #[inline(always)]
-pub fn any_ancestor_in(set: &HashMap<u64, u8>, ancestor: impl Fn(i32) -> u64) -> bool {
+fn any_ancestor_in(set: &HashMap<u64, u8>, ancestor: impl Fn(i32) -> u64) -> bool {
     let mut level = 0;
     while level < MAX_CGROUP_DEPTH {
         let id = ancestor(level as i32);

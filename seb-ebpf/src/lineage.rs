@@ -75,10 +75,29 @@ pub fn on_fork(ctx: &RawTracePointContext) -> i32 {
 /// Whether `task` (not the current one) is in an enforced, non-exempt cgroup.
 #[inline(always)]
 fn task_in_enforced_cgroup(task: u64) -> bool {
-    let Some(cgroup) = task::default_cgroup(task) else { return false };
-    let ancestor = |level| task::ancestor_cgroup_id(cgroup, level);
-    decision::any_ancestor_in(&crate::SCOPE_CGROUPS, &ancestor)
-        && !decision::any_ancestor_in(&crate::EXEMPT_CGROUPS, &ancestor)
+    task::default_cgroup(task).is_some_and(cgroup_is_enforced)
+}
+
+/// Whether a `struct cgroup *` is enforced and not exempt: one walk of its ancestors.
+/// (No closure here: a closure the compiler keeps out of line gets a symbol named after
+/// the crate's build path, and the object must build byte for byte anywhere.)
+#[inline(always)]
+fn cgroup_is_enforced(cgroup: u64) -> bool {
+    let (mut enforced, mut exempt) = (false, false);
+    let mut level = 0;
+    while level < seb_common::MAX_CGROUP_DEPTH as i32 {
+        let id = task::ancestor_cgroup_id(cgroup, level);
+        if id == 0 {
+            break;
+        }
+        // SAFETY: the values are only tested for presence.
+        unsafe {
+            enforced |= crate::SCOPE_CGROUPS.get(&id).is_some();
+            exempt |= crate::EXEMPT_CGROUPS.get(&id).is_some();
+        }
+        level += 1;
+    }
+    enforced && !exempt
 }
 
 /// Kill `tgid` at its next system call: it cannot be signalled from here.
@@ -161,10 +180,7 @@ pub fn on_migrate(ctx: &BtfTracePointContext) -> i32 {
     }
     let Some(moved_tgid) = task::tgid(moved) else { return 0 };
     let Some(cgroup) = task::default_cgroup(moved) else { return 0 };
-    let ancestor = |level| task::ancestor_cgroup_id(cgroup, level);
-    if decision::any_ancestor_in(&crate::SCOPE_CGROUPS, &ancestor)
-        && !decision::any_ancestor_in(&crate::EXEMPT_CGROUPS, &ancestor)
-    {
+    if cgroup_is_enforced(cgroup) {
         mark_scoped(moved_tgid, task::cgroup_id(cgroup));
         return 0;
     }
