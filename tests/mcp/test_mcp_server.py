@@ -88,7 +88,8 @@ def test_propose_change_plans_certifies_and_executes_in_one_call():
     key = f"config/{uuid.uuid4().hex}.txt"
     result = call("propose_change", {
         "provider": "aws", "operation": "s3:PutObject", "target": s3_target(key),
-        "params": {"body": "replicas=3"}, "intent": "scale the app to 3 replicas",
+        # With a postcondition the broker reads the resulting state (and only then).
+        "params": {"body": "replicas=3", "postcondition": True}, "intent": "scale the app to 3 replicas",
     })
     assert not result.is_error, result
     outcome = result.structured_content

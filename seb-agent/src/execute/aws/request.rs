@@ -156,6 +156,18 @@ pub struct AwsOperation {
 
 impl AwsOperation {
     pub fn parse(request: &MutationRequest) -> Result<Self> {
+        // A preset's short form (`{"body": ..}` for s3:PutObject, ...) stands for the full
+        // request the preset builds from it. The expansion is deterministic, so a
+        // certificate for the short form certifies exactly that request.
+        if request.params.get("protocol").is_none() {
+            let full = super::preset::request(&request.operation, &request.target, &request.params)
+                .context("params are neither a full AWS request (they have no `protocol`) nor a preset's short form")?;
+            return Self::parse_full(&full);
+        }
+        Self::parse_full(request)
+    }
+
+    fn parse_full(request: &MutationRequest) -> Result<Self> {
         let params: AwsParams = serde_json::from_value(request.params.clone()).context(
             "AWS params are {protocol, request: {method, path, headers?, body?}, precondition: {action, request, \
              volatile?}, service?, resources?, condition?, postcondition?}",
