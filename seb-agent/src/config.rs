@@ -132,6 +132,20 @@ pub struct EnforcementConfig {
     /// The DNS server for `protected_hosts` (`addr:port`); default: the system's resolver.
     #[serde(default)]
     pub resolver: Option<SocketAddr>,
+    /// Which system call tables are watched for sockets the IP hooks never see.
+    #[serde(default)]
+    pub syscall_tables: SyscallTables,
+}
+
+/// `auto` watches every table the kernel takes calls through. `native` watches only the
+/// 64-bit one, with the syscall tracepoints (cheaper), even where `int 0x80` runs: that
+/// leaves a way to make packet sockets in the scope, so the agent warns at start.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SyscallTables {
+    #[default]
+    Auto,
+    Native,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -270,6 +284,7 @@ impl Default for EnforcementConfig {
             protected: Vec::new(),
             protected_hosts: Vec::new(),
             resolver: None,
+            syscall_tables: SyscallTables::Auto,
         }
     }
 }

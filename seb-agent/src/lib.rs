@@ -23,3 +23,4 @@ pub mod recorder;
 pub mod sab;
 pub mod server;
 pub mod tamper;
+pub mod tracefs;

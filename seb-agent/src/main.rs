@@ -157,8 +157,9 @@ enum Command {
         #[arg(long)]
         fields_only: bool,
     },
-    /// Mount a bpffs at /sys/fs/bpf if none is there, so pins outlive the agent (a
-    /// DaemonSet's privileged init container, with Bidirectional mount propagation).
+    /// Mount a bpffs at /sys/fs/bpf if none is there, so pins outlive the agent, and a
+    /// tracefs at /sys/kernel/tracing (the syscall tracepoints are found there): a
+    /// DaemonSet's privileged init container, with Bidirectional mount propagation.
     MountBpffs(ConfigArg),
     /// Validate SebPolicy and SebRevocation objects (JSON) as a broker would apply them.
     CheckClusterState {
@@ -542,8 +543,9 @@ fn run(command: Command, output: Output) -> Result<Exit> {
         Command::MountBpffs(config) => {
             let pin_path = config.load()?.bpf.pin_path;
             seb_agent::bpffs::ensure_mounted(&pin_path)?;
-            output.show(&serde_json::json!({ "bpffs": pin_path }), |out| {
-                writeln!(out, "{} is on a bpffs", pin_path.display())
+            seb_agent::tracefs::ensure_mounted()?;
+            output.show(&serde_json::json!({ "bpffs": pin_path, "tracefs": true }), |out| {
+                writeln!(out, "{} is on a bpffs; tracefs is mounted", pin_path.display())
             })?;
         }
         Command::CheckClusterState { files } => {

@@ -13,8 +13,8 @@ use crate::{
     audit::keys,
     cert::{TrustAnchors, ValidityPolicy},
     cgroupfs,
-    config::Config,
-    enforcement::{EndpointSource, Sources, policy},
+    config::{Config, SyscallTables},
+    enforcement::{EndpointSource, Sources, compat_syscalls, policy},
     execute::broker_http::roots_from_pem_file,
     server,
 };
@@ -61,6 +61,12 @@ pub fn check(config: &Config) -> Result<Checked> {
     if let Some(cluster) = &config.cluster {
         cluster.node_name()?;
     }
+    if config.enforcement.syscall_tables == SyscallTables::Native && compat_syscalls::run_here() {
+        warn!(
+            "enforcement.syscall_tables = \"native\" on a kernel that takes 32-bit system calls: a process in the \
+             scope can make packet sockets through int 0x80 unseen (boot with ia32_emulation=0, or use \"auto\")"
+        );
+    }
     Ok(Checked { mount, sources, admission, socket_gid, descriptors })
 }
 
@@ -91,6 +97,7 @@ fn config_sources(config: &Config) -> Result<Sources> {
         exempt: config.enforcement.exempt_cgroups.iter().cloned().collect(),
         // Until the cluster state is read, what an earlier run enforced stays enforced.
         keep_previous: config.cluster.is_some(),
+        syscall_tables: config.enforcement.syscall_tables,
         ..Default::default()
     })
 }

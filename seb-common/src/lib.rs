@@ -82,7 +82,10 @@ pub mod layout {
     pub const CGROUP_KN: u32 = 10;
     pub const KERNFS_NODE_ID: u32 = 11;
     pub const VALID: u32 = 12;
-    pub const LEN: u32 = 13;
+    /// `task_struct.thread_info.status` (x86_64: `TS_COMPAT` marks a 32-bit system call);
+    /// `u32::MAX` where the architecture has none.
+    pub const TASK_THREAD_STATUS: u32 = 13;
+    pub const LEN: u32 = 14;
 }
 /// Size of the denial ring buffer in bytes (a power of two, a multiple of the page size).
 pub const DENIAL_RING_BYTES: u32 = 1 << 20;

@@ -4,22 +4,22 @@ use aya_ebpf::{
     EbpfContext,
     bindings::__sk_buff,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_user,
         generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_get_socket_uid,
             bpf_ktime_get_boot_ns, bpf_send_signal, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
         },
     },
     maps::{HashMap, lpm_trie::Key},
-    programs::{BtfTracePointContext, SockAddrContext, SockContext},
+    programs::{SockAddrContext, SockContext},
 };
 use seb_common::{
     AF_PACKET, AF_XDP, DenialEvent, EndpointRules, FAMILY_NONE, FAMILY_V4, FAMILY_V6, Hook, MAX_CGROUP_DEPTH, counters,
 };
 
 use crate::{
-    ALLOW, BROKER_PROCESSES, BROKER_SOCKETS, COUNTERS, CUT_PENDING, CUT_SOCKETS, DENIALS, DENY, EXEMPT_CGROUPS, EXEMPT_SOCKETS,
-    PROTECTED_V4, PROTECTED_V6, SCOPE_CGROUPS, SOCKET_ORIGINS, lineage, local, task,
+    ALLOW, BROKER_PROCESSES, BROKER_SOCKETS, COUNTERS, CUT_PENDING, CUT_SOCKETS, DENIALS, DENY, EXEMPT_CGROUPS,
+    EXEMPT_SOCKETS, PROTECTED_V4, PROTECTED_V6, SCOPE_CGROUPS, SOCKET_ORIGINS, lineage, local, task,
 };
 
 /// Where a connection or packet is going.
@@ -182,10 +182,6 @@ pub fn forget_socket(ctx: &SockContext, sockets: &HashMap<u64, u64>) -> i32 {
 
 /// x86_64 syscall numbers and the offset of the first argument (`di`) in `pt_regs`; the
 /// agent attaches the program on x86_64 only.
-const NR_SOCKET: i64 = 41;
-const NR_SOCKETPAIR: i64 = 53;
-const PT_REGS_DI: usize = 112;
-const PT_REGS_SI: usize = 104;
 const AF_INET: u32 = 2;
 const SOCK_PACKET: u32 = 10;
 const SOCK_TYPE_MASK: u32 = 0xf;
@@ -200,22 +196,14 @@ fn current_task_is_judged() -> bool {
 }
 
 /// Decision at `socket()` for every task on the node: a link-layer family requested from
-/// the scope (and not exempt) kills the caller before the call returns.
+/// the scope (and not exempt) kills the caller before the call returns. (`socketpair()`
+/// makes no link-layer socket: the packet and XDP families refuse it.)
 #[inline(always)]
-pub fn judge_socket_syscall(ctx: &BtfTracePointContext) -> i32 {
-    let id: i64 = ctx.arg(1);
-    if id != NR_SOCKET && id != NR_SOCKETPAIR {
-        return 0;
-    }
-    let regs: *const u8 = ctx.arg(0);
-    // SAFETY: `regs` is the kernel's BTF-typed `struct pt_regs *`; the verifier checks
-    // both loads against its layout.
-    let (family, kind) =
-        unsafe { (*(regs.add(PT_REGS_DI) as *const u64) as u32, *(regs.add(PT_REGS_SI) as *const u64) as u32) };
+pub fn judge_socket_call(family: u32, kind: u32, any_family: bool) -> i32 {
     // socket(AF_INET, SOCK_PACKET) is turned into a packet socket by the kernel.
     let link_layer =
         family == AF_PACKET || family == AF_XDP || (family == AF_INET && kind & SOCK_TYPE_MASK == SOCK_PACKET);
-    if !link_layer || !current_task_is_judged() {
+    if !(link_layer || any_family) || !current_task_is_judged() {
         return 0;
     }
     // SAFETY: plain helper calls; the signal goes to the calling process.
@@ -226,6 +214,68 @@ pub fn judge_socket_syscall(ctx: &BtfTracePointContext) -> i32 {
     let report_to = Report { cookie: 0, pid_tgid: bpf_get_current_pid_tgid(), uid_gid: bpf_get_current_uid_gid() };
     report_to.send_socket(&dest, family as u8, (kind & SOCK_TYPE_MASK) as u8, cgroup_id);
     0
+}
+
+/// System call numbers (x86_64, then i386; io_uring's are the same in both tables), and
+/// where their arguments sit in `struct pt_regs`.
+const NR_SOCKET: i64 = 41;
+const IA32_SOCKETCALL: i64 = 102;
+const IA32_SOCKET: i64 = 359;
+const NR_IO_URING_SETUP: i64 = 425;
+const NR_IO_URING_ENTER: i64 = 426;
+/// `socketcall()`'s `SYS_SOCKET`.
+const SOCKETCALL_SOCKET: u32 = 1;
+const PT_REGS_BX: usize = 40;
+const PT_REGS_CX: usize = 88;
+const PT_REGS_SI: usize = 104;
+const PT_REGS_DI: usize = 112;
+
+/// Whether `id`, in either table, may make a socket or submit io_uring work: the only
+/// test most system calls meet.
+#[inline(always)]
+pub fn is_socket_call(id: i64) -> bool {
+    id == NR_SOCKET || id == IA32_SOCKETCALL || id == IA32_SOCKET || id == NR_IO_URING_SETUP || id == NR_IO_URING_ENTER
+}
+
+/// A system call that `is_socket_call`, from either table: the decisions the syscall
+/// tracepoints make for `socket()`, `io_uring_setup()` and `io_uring_enter()`.
+#[inline(always)]
+pub fn judge_sys_enter(id: i64, regs: *const u8) -> i32 {
+    if id == NR_IO_URING_SETUP || id == NR_IO_URING_ENTER {
+        lineage::kill_if_escaped();
+        return 0;
+    }
+    // The same number means another call in the other table (41 is i386 `dup`, 102 is
+    // x86_64 `getuid`).
+    let compat = task::current_syscall_is_compat();
+    if (id == NR_SOCKET) == compat {
+        return 0;
+    }
+    // SAFETY: `regs` is the kernel's BTF-typed `struct pt_regs *`; the verifier checks
+    // each load against its layout.
+    let (first, second) = unsafe {
+        if compat {
+            (*(regs.add(PT_REGS_BX) as *const u64), *(regs.add(PT_REGS_CX) as *const u64))
+        } else {
+            (*(regs.add(PT_REGS_DI) as *const u64), *(regs.add(PT_REGS_SI) as *const u64))
+        }
+    };
+    if id == IA32_SOCKETCALL && first as u32 != SOCKETCALL_SOCKET {
+        return 0;
+    }
+    if lineage::kill_if_escaped() {
+        return 0;
+    }
+    if id != IA32_SOCKETCALL {
+        return judge_socket_call(first as u32, second as u32, false);
+    }
+    // socketcall(SYS_SOCKET, args): `args` points to (family, type, protocol) as 32-bit
+    // words in the caller's memory, where another thread can change them after this
+    // read. So a task in the scope is refused whatever they say; the read names the
+    // family in the record.
+    // SAFETY: a probing read of user memory; a bad address makes the helper fail.
+    let [family, kind] = unsafe { bpf_probe_read_user((second as u32 as u64) as *const [u32; 2]) }.unwrap_or([0, 0]);
+    judge_socket_call(family, kind, true)
 }
 
 /// Decision for an egress packet: the caller is the socket's owner, since the packet

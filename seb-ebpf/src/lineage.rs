@@ -4,9 +4,11 @@
 //! - an exempt cgroup exempts none of its sockets or connections;
 //! - moving itself out of the scope or into an exempt cgroup kills it; moving another
 //!   scoped process there, or creating a process there (`CLONE_INTO_CGROUP`) from inside
-//!   the scope, kills both: the other at its next system call, before it can make a
-//!   socket. (The kernel refuses BPF-LSM programs here, which could have failed the
-//!   write to `cgroup.procs` or the clone instead.)
+//!   the scope, kills both: the other at its first `socket()` or io_uring call;
+//! - outside every enforced cgroup (moved there by anyone, an operator included), its
+//!   first `socket()` or io_uring call kills it: no hook would judge a socket made there.
+//! (The kernel refuses BPF-LSM programs here, which could have failed the write to
+//! `cgroup.procs` or the clone instead.)
 
 use aya_ebpf::{
     EbpfContext,
@@ -17,7 +19,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 
-use crate::{DOOMED_COUNT, DOOMED_TASKS, SCOPED_TASKS, decision, task};
+use crate::{DOOMED_TASKS, SCOPED_TASKS, decision, task};
 
 const SIGKILL: u32 = 9;
 
@@ -100,52 +102,37 @@ fn cgroup_is_enforced(cgroup: u64) -> bool {
     enforced && !exempt
 }
 
-/// Kill `tgid` at its next system call: it cannot be signalled from here.
+/// Kill `tgid` at its first `socket()` or io_uring call: it cannot be signalled from here.
 #[inline(always)]
 fn doom(tgid: u32, scoped_in: u64) {
-    if DOOMED_TASKS.insert(&tgid, &scoped_in, 1 /* BPF_NOEXIST */).is_ok() {
-        adjust_doomed_count(1);
-    }
-}
-
-#[inline(always)]
-fn adjust_doomed_count(delta: i64) {
-    if let Some(count) = DOOMED_COUNT.get_ptr_mut(0) {
-        // SAFETY: a map value, valid for the program run; every CPU shares it, so the
-        // add is atomic (BPF_ATOMIC_ADD; `AtomicU64` is not offered on this target).
-        unsafe {
-            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-                count,
-                delta as u64,
-            )
-        };
-    }
+    let _ = DOOMED_TASKS.insert(&tgid, &scoped_in, 0);
 }
 
 /// Forget an exiting process's doom.
 #[inline(always)]
 pub fn forget_doomed(tgid: u32) {
-    if DOOMED_COUNT.get(0).copied().unwrap_or(0) == 0 {
-        return;
-    }
-    if DOOMED_TASKS.remove(&tgid).is_ok() {
-        adjust_doomed_count(-1);
+    // SAFETY: the value is only tested for presence.
+    if unsafe { DOOMED_TASKS.get(&tgid) }.is_some() {
+        let _ = DOOMED_TASKS.remove(&tgid);
     }
 }
 
-/// At a system call: kill the caller if it is doomed. One array read while none is.
+/// At `socket()` or an io_uring call: kill the caller if it is doomed, or if it has been
+/// in the scope and is now outside every enforced cgroup.
 #[inline(always)]
-pub fn kill_if_doomed() -> bool {
-    if DOOMED_COUNT.get(0).copied().unwrap_or(0) == 0 {
-        return false;
-    }
+pub fn kill_if_escaped() -> bool {
     let tgid = current_tgid();
-    // SAFETY: the value is only read.
-    let Some(scoped_in) = (unsafe { DOOMED_TASKS.get(&tgid) }).copied() else { return false };
+    // SAFETY: the values are only read.
+    let (doomed, scoped) = unsafe { (DOOMED_TASKS.get(&tgid).copied(), SCOPED_TASKS.get(&tgid).copied()) };
+    let scoped_in = match (doomed, scoped) {
+        (Some(scoped_in), _) => scoped_in,
+        (None, Some(scoped_in)) if !decision::current_task_in_scope() => scoped_in,
+        _ => return false,
+    };
     // SAFETY: the signal goes to the calling process.
     unsafe { bpf_send_signal(SIGKILL) };
-    if DOOMED_TASKS.remove(&tgid).is_ok() {
-        adjust_doomed_count(-1);
+    if doomed.is_some() {
+        let _ = DOOMED_TASKS.remove(&tgid);
     }
     decision::report_migration(scoped_in);
     true

@@ -11,8 +11,10 @@
 //!   connections cut by a revocation, whose packets it drops whatever their kind.
 //!
 //! - `sock_create`: remembers the cgroup each of the scope's sockets is made in.
-//! - `link_layer` (`sys_enter`): kills a task in the scope that asks for a socket of a
-//!   family that emits frames without passing the IP hooks (`AF_PACKET`, `AF_XDP`).
+//! - `socket_call` (`syscalls/sys_enter_socket`): kills a task in the scope that asks for
+//!   a socket of a family that emits frames without passing the IP hooks (`AF_PACKET`,
+//!   `AF_XDP`), and a process that left the scope; `uring_setup`/`uring_enter` kill the
+//!   latter too.
 //! - `exempt_origin`: attached to exempt cgroups only; remembers the sockets created
 //!   there, so an exemption belongs to the socket's origin and the task alike.
 //! - `process_exit`: a raw tracepoint on process exit that retires a dead broker's
@@ -25,9 +27,6 @@
 //! endpoint is, is one LPM-trie lookup that finds nothing.
 #![no_std]
 #![no_main]
-// For an atomic add on a shared map value (see `lineage`).
-#![feature(core_intrinsics)]
-#![allow(internal_features)]
 
 mod decision;
 mod lineage;
@@ -41,14 +40,16 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid,
         generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
     },
-    macros::{btf_tracepoint, cgroup_skb, cgroup_sock, cgroup_sock_addr, map, raw_tracepoint},
+    macros::{btf_tracepoint, cgroup_skb, cgroup_sock, cgroup_sock_addr, map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
-    programs::{BtfTracePointContext, RawTracePointContext, SkBuffContext, SockAddrContext, SockContext},
+    programs::{
+        BtfTracePointContext, RawTracePointContext, SkBuffContext, SockAddrContext, SockContext, TracePointContext,
+    },
 };
 use seb_common::{
     BrokerSocket, DENIAL_RING_BYTES, EndpointRules, FAMILY_V4, Hook, MAX_BROKER_PROCESSES, MAX_BROKER_SOCKETS,
-    MAX_DOOMED_TASKS, MAX_EXEMPT_CGROUPS, MAX_EXEMPT_SOCKETS, MAX_LOCAL_NAMESPACES,
-    MAX_PROTECTED_PREFIXES, MAX_SCOPE_CGROUPS, MAX_SCOPED_TASKS, MAX_SOCKET_ORIGINS, counters, layout,
+    MAX_DOOMED_TASKS, MAX_EXEMPT_CGROUPS, MAX_EXEMPT_SOCKETS, MAX_LOCAL_NAMESPACES, MAX_PROTECTED_PREFIXES,
+    MAX_SCOPE_CGROUPS, MAX_SCOPED_TASKS, MAX_SOCKET_ORIGINS, counters, layout,
 };
 
 use crate::decision::Destination;
@@ -107,14 +108,9 @@ static CUT_PENDING: Array<u64> = Array::pinned(1, 0);
 static SCOPED_TASKS: HashMap<u32, u64> = HashMap::pinned(MAX_SCOPED_TASKS, NO_PREALLOC);
 
 /// Scoped processes placed outside the scope by another: tgid -> the cgroup they were
-/// scoped in. Killed at their next system call.
+/// scoped in. Killed at their first `socket()` or io_uring call.
 #[map(name = "SEB_DOOMED_TASKS")]
 static DOOMED_TASKS: HashMap<u32, u64> = HashMap::pinned(MAX_DOOMED_TASKS, 0);
-
-/// How many entries `SEB_DOOMED_TASKS` holds, so the check on every system call is one
-/// array read while it holds none.
-#[map(name = "SEB_DOOMED_COUNT")]
-static DOOMED_COUNT: Array<u64> = Array::pinned(1, 0);
 
 /// Field offsets of kernel structures (`seb_common::layout`), from the kernel's BTF.
 #[map(name = "SEB_KERNEL_LAYOUT")]
@@ -186,17 +182,51 @@ pub fn seb_exempt_origin(ctx: SockContext) -> i32 {
     ALLOW
 }
 
-/// `sys_enter`: a `socket()` or `socketpair()` call for a link-layer family from a task
-/// in the scope. AF_PACKET sockets never reach the cgroup `sock_create` hook (only inet
+/// `socket()`, from every task on the node: a syscall tracepoint, so no other system
+/// call runs it. AF_PACKET sockets never reach the cgroup `sock_create` hook (only inet
 /// sockets run it), and this kernel refuses BPF-LSM and `fmod_ret` programs, which could
 /// fail the call with EPERM: the caller is killed before the call returns, so the socket
-/// never reaches user space.
-#[btf_tracepoint(function = "sys_enter")]
-pub fn seb_link_layer(ctx: BtfTracePointContext) -> i32 {
-    if lineage::kill_if_doomed() {
+/// never reaches user space. A process that left the scope is killed here too.
+#[tracepoint(category = "syscalls", name = "sys_enter_socket")]
+pub fn seb_socket_call(ctx: TracePointContext) -> i32 {
+    if lineage::kill_if_escaped() {
         return 0;
     }
-    decision::judge_socket_syscall(&ctx)
+    // SAFETY: the record layout of every syscall tracepoint: each argument a 64-bit slot
+    // after the common header and the syscall number (events/syscalls/*/format).
+    let (family, kind) = unsafe { (ctx.read_at::<u64>(16), ctx.read_at::<u64>(24)) };
+    match (family, kind) {
+        (Ok(family), Ok(kind)) => decision::judge_socket_call(family as u32, kind as u32, false),
+        _ => 0,
+    }
+}
+
+/// `io_uring_setup()` and `io_uring_enter()`: a ring submits socket operations without
+/// `socket()`, so a process that left the scope is killed here as well.
+#[tracepoint(category = "syscalls", name = "sys_enter_io_uring_setup")]
+pub fn seb_uring_setup(_ctx: TracePointContext) -> i32 {
+    lineage::kill_if_escaped();
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_io_uring_enter")]
+pub fn seb_uring_enter(_ctx: TracePointContext) -> i32 {
+    lineage::kill_if_escaped();
+    0
+}
+
+/// `sys_enter`, attached instead of the three syscall tracepoints above where the kernel
+/// takes 32-bit system calls too: `int 0x80` from any 64-bit process reaches `socket()`
+/// and io_uring through the i386 table, which the syscall tracepoints never see. One
+/// program for both tables costs less than the tracepoints plus a second program.
+#[btf_tracepoint(function = "sys_enter")]
+pub fn seb_sys_enter(ctx: BtfTracePointContext) -> i32 {
+    let id: i64 = ctx.arg(1);
+    if !decision::is_socket_call(id) {
+        return 0;
+    }
+    let regs: *const u8 = ctx.arg(0);
+    decision::judge_sys_enter(id, regs)
 }
 
 /// `sched_process_exit` runs in the exiting task; the thread-group leader's exit ends

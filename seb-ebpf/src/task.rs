@@ -38,6 +38,21 @@ pub fn tgid(task: u64) -> Option<u32> {
     read::<i32>(task, layout::TASK_TGID).map(|tgid| tgid as u32)
 }
 
+/// x86_64's `TS_COMPAT`: the current system call came through the 32-bit gate.
+const TS_COMPAT: u32 = 0x0002;
+
+/// Whether the current task's system call is a 32-bit one (`int 0x80` works from any
+/// 64-bit process where the kernel runs 32-bit code).
+#[inline(always)]
+pub fn current_syscall_is_compat() -> bool {
+    // SAFETY: plain helper call.
+    let task = unsafe { bpf_get_current_task() };
+    match read::<u32>(task, layout::TASK_THREAD_STATUS) {
+        Some(status) => status & TS_COMPAT != 0,
+        None => false,
+    }
+}
+
 /// The cgroup v2 (default hierarchy) cgroup of a task, as a `struct cgroup *`.
 #[inline(always)]
 pub fn default_cgroup(task: u64) -> Option<u64> {

@@ -319,6 +319,8 @@ impl Node<'_> {
         let local = match path {
             "/sys/fs/cgroup" => self.sandbox.cgroup.clone(),
             "/sys/fs/bpf" => self.bpffs.clone(),
+            // The node's tracefs directory itself: tracing is node-wide.
+            "/sys/kernel/tracing" => PathBuf::from("/sys/kernel/tracing"),
             other => self.host.join(other.trim_start_matches('/')),
         };
         match kind {

@@ -10,6 +10,7 @@ use std::{
     time::Duration,
 };
 
+use seb_agent::config::SyscallTables;
 use seb_sandbox::{Sandbox, Tools, parse_json_output, wait_gone};
 use serde_json::Value;
 
@@ -42,7 +43,11 @@ fn sandbox(label: &str) -> Sandbox {
 }
 
 /// Links of a sandbox agent: one per program (one scope cgroup, one exempt cgroup).
-const LINKS: usize = seb_agent::enforcement::loader::PROGRAMS.len();
+/// The links one agent pins: one per program this node attaches (one scope cgroup).
+fn attached_links() -> usize {
+    let (programs, tables) = (seb_agent::enforcement::loader::PROGRAMS, SyscallTables::Auto);
+    programs.iter().filter(|(program, _)| seb_agent::enforcement::loader::supported(program, tables)).count()
+}
 
 fn cookie(outcome: &Value) -> u64 {
     outcome["cookie"].as_u64().unwrap_or_else(|| panic!("no socket cookie in {outcome}"))
@@ -180,7 +185,13 @@ fn link_layer_sockets_are_refused_in_the_scope() {
     sandbox.sysctl(&["net.ipv4.conf.lo.route_localnet=1", "net.ipv4.conf.lo.accept_local=1"]).unwrap();
     sandbox.start_agent().unwrap();
     for uid in [None, Some("65534")] {
-        for method in ["packet", "packet-dgram"] {
+        // Also through the 32-bit gate, which the 64-bit syscall tracepoints never see.
+        let compat: &[&str] = if seb_agent::enforcement::compat_syscalls::run_here() {
+            &["packet-compat", "packet-socketcall"]
+        } else {
+            &[]
+        };
+        for &method in ["packet", "packet-dgram"].iter().chain(compat) {
             let try_args = ["try", method, "127.0.0.2:8443"];
             let args = match uid {
                 Some(uid) => [&["--uid", uid][..], &try_args].concat(),
@@ -206,6 +217,53 @@ fn link_layer_sockets_are_refused_in_the_scope() {
     while sandbox.received().unwrap() == 0 {
         assert!(std::time::Instant::now() < deadline, "the exempt frame never arrived");
         thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `syscall_tables = "native"`: the syscall tracepoints alone (what a kernel without
+/// 32-bit system calls gets). They refuse the 64-bit `socket()` of a packet socket and
+/// kill a process an operator moved out of the scope at its first `socket()`; where the
+/// kernel does take 32-bit calls, the door the setting leaves (and warns of) is real.
+#[test]
+fn the_syscall_tracepoints_alone_refuse_packet_sockets_and_escapes() {
+    let mut sandbox = Sandbox::new("tables", tools()).unwrap();
+    // <root>/broker is outside the scope.
+    let root = sandbox.cgroup_relative.clone();
+    let scope = [format!("{root}/workload"), format!("{root}/exempt")];
+    sandbox.write_config_scoped(&scope, &format!("syscall_tables = \"native\"\n{POLICY}")).unwrap();
+    sandbox.listen("127.0.0.2:8443".parse().unwrap()).unwrap();
+    sandbox.sysctl(&["net.ipv4.conf.lo.route_localnet=1", "net.ipv4.conf.lo.accept_local=1"]).unwrap();
+    sandbox.start_agent().unwrap();
+    let links = sandbox.pinned_links().unwrap();
+    assert!(links.iter().any(|name| name.starts_with("seb_socket_call-")), "{links:?}");
+    assert!(!links.iter().any(|name| name.starts_with("seb_sys_enter-")), "{links:?}");
+    for method in ["packet", "packet-dgram"] {
+        let (output, pid) = sandbox.probe_raw("workload", &["try", method, "127.0.0.2:8443"]).unwrap();
+        assert_eq!(output.status.signal(), Some(9), "{method}: killed, not {output:?}");
+        let denial = wait_for(&sandbox, |d| d["hook"] == "socket_syscall" && d["tgid"] == pid);
+        assert_eq!(denial["action"], "killed", "{denial}");
+    }
+    assert_eq!(sandbox.received().unwrap(), 0);
+
+    let mut waiting = Command::new(&sandbox.tools.probe)
+        .arg("--cgroup")
+        .arg(sandbox.cgroup.join("workload"))
+        .args(["--netns", &sandbox.netns, "after-moved-to", "--cgroup"])
+        .arg(sandbox.cgroup.join("broker"))
+        .args(["tcp", "127.0.0.2:8443"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(waiting.stdout.take().unwrap()).lines();
+    let hello: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    std::fs::write(sandbox.cgroup.join("broker/cgroup.procs"), hello["waiting"].to_string()).unwrap();
+    assert!(lines.next().is_none(), "the moved process reported an outcome");
+    assert_eq!(waiting.wait().unwrap().signal(), Some(9), "moved out of the scope by an operator");
+    assert_eq!(sandbox.received().unwrap(), 0);
+
+    if seb_agent::enforcement::compat_syscalls::run_here() {
+        let outcome = sandbox.attempt("workload", "packet-compat", "127.0.0.2:8443").unwrap();
+        assert_eq!(outcome["result"], "ok", "the 32-bit gate is open under \"native\": {outcome}");
     }
 }
 
@@ -245,7 +303,7 @@ fn a_process_that_has_been_in_the_scope_escapes_nothing_by_leaving_it() {
                 && d["task_cgroup_path"] == format!("{root}/{target}")
                 && d["tgid"].as_u64() > Some(u64::from(parent))
         });
-        assert_eq!(child["action"], "killed", "the child dies at its first system call: {child}");
+        assert_eq!(child["action"], "killed", "the child dies at its first socket(): {child}");
     }
     assert_eq!(sandbox.received().unwrap(), 0, "nothing reached the endpoint");
 
@@ -267,6 +325,29 @@ fn a_process_that_has_been_in_the_scope_escapes_nothing_by_leaving_it() {
     assert_eq!(outcome["result"], "EPERM", "a scoped process moved into the exempt cgroup: {outcome}");
     let denial = sandbox.wait_for_denial(cookie(&outcome)).unwrap();
     assert_eq!(denial["cgroup_path"], format!("{root}/exempt"), "its socket was made there: {denial}");
+    assert_eq!(sandbox.received().unwrap(), 0);
+
+    // Moved out of the scope altogether by an operator: no hook would judge a socket
+    // made there, so its first socket() kills it.
+    let mut waiting = Command::new(&sandbox.tools.probe)
+        .arg("--cgroup")
+        .arg(sandbox.cgroup.join("workload"))
+        .args(["--netns", &sandbox.netns, "after-moved-to", "--cgroup"])
+        .arg(sandbox.cgroup.join("broker"))
+        .args(["tcp", "127.0.0.2:8443"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(waiting.stdout.take().unwrap()).lines();
+    let hello: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let pid = hello["waiting"].as_u64().unwrap();
+    std::fs::write(sandbox.cgroup.join("broker/cgroup.procs"), pid.to_string()).unwrap();
+    assert!(lines.next().is_none(), "the moved process reported an outcome");
+    assert_eq!(waiting.wait().unwrap().signal(), Some(9), "moved out of the scope by an operator");
+    let record = wait_for(&sandbox, |d| d["hook"] == "cgroup_migration" && d["tgid"] == pid);
+    assert_eq!(record["action"], "killed", "{record}");
+    assert_eq!(record["cgroup_path"], format!("{root}/workload"), "where it was scoped: {record}");
+    assert_eq!(record["task_cgroup_path"], format!("{root}/broker"), "where it was moved: {record}");
     assert_eq!(sandbox.received().unwrap(), 0);
 
     let outcome = sandbox.attempt("exempt", "tcp", "127.0.0.2:8443").unwrap();
@@ -333,7 +414,7 @@ fn enforcement_outlives_the_agent_and_a_restart_readopts_it_without_a_gap() {
     let mut sandbox = sandbox("restart");
     sandbox.start_agent().unwrap();
     let links = sandbox.pinned_links().unwrap();
-    assert_eq!(links.len(), LINKS, "{links:?}");
+    assert_eq!(links.len(), attached_links(), "{links:?}");
 
     sandbox.kill_agent().unwrap();
     let while_down = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
@@ -363,7 +444,7 @@ fn enforcement_outlives_the_agent_and_a_restart_readopts_it_without_a_gap() {
         .iter()
         .find(|line| line["fields"]["message"] == "kernel enforcement active")
         .unwrap_or_else(|| panic!("no 'kernel enforcement active' log: {logs:?}"));
-    assert_eq!(active["fields"]["adopted"], LINKS, "all links re-adopted: {active}");
+    assert_eq!(active["fields"]["adopted"], attached_links(), "all links re-adopted: {active}");
     assert_eq!(sandbox.pinned_links().unwrap(), links, "the same links stay pinned");
 
     // The denial made while the agent was dead waited in the pinned ring buffer.
@@ -526,7 +607,7 @@ fn a_restart_never_adopts_a_detached_link() {
 
     let logs = sandbox.start_agent().unwrap();
     let active = logs.iter().find(|line| line["fields"]["message"] == "kernel enforcement active").unwrap();
-    assert_eq!(active["fields"]["adopted"], LINKS - 1, "the detached link is not adopted: {active}");
+    assert_eq!(active["fields"]["adopted"], attached_links() - 1, "the detached link is not adopted: {active}");
     let replaced = logs
         .iter()
         .find(|line| line["fields"]["message"] == "replacing a pinned link")

@@ -9,6 +9,10 @@
 //!
 //! Each with 1 and with 10,000 protected CIDRs. Everything runs in sandboxes: a test
 //! cgroup subtree, network namespaces, loopback addresses.
+//!
+//! And what watching system calls for packet sockets adds to every system call on the
+//! node (the cheapest one, getppid): with both tables watched (`sys_enter`, where the
+//! kernel takes 32-bit calls) and with the 64-bit table's syscall tracepoints alone.
 
 use std::{fmt::Write as _, process::Command};
 
@@ -24,6 +28,8 @@ const TCP_ITERATIONS: &str = "3000";
 const CIDR_COUNTS: [usize; 2] = [1, 10_000];
 /// Added cost of a UDP `connect()` that the programs judge.
 const TARGET_ADDED_NS: f64 = 50.0;
+const SYSCALL_ROUNDS: usize = 5;
+const SYSCALL_ITERATIONS: &str = "2000000";
 
 /// 127.0.0.2 is protected (the broker-allowed path); 127.0.0.3 is not (the miss path).
 const PROTECTED_ADDR: &str = "127.0.0.2:9";
@@ -54,6 +60,8 @@ pub fn run() -> Result<()> {
         })
         .flatten()
         .fold(f64::MIN, f64::max);
+    eprintln!("xtask: bench connect: the cost of watching system calls ({SYSCALL_ROUNDS} rounds)");
+    let syscall = syscall_cost(&tools)?;
     let report = json!({
         "bench": "connect",
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
@@ -68,8 +76,44 @@ pub fn run() -> Result<()> {
             r["tcp_connect"]["added_seb_ns"].as_f64() <= r["tcp_connect"]["added_nftables_ns"].as_f64()
         }),
         "results": results,
+        "every_syscall": syscall,
     });
     crate::stats::publish("connect", &report)
+}
+
+/// getppid's cost with no programs, with the agent's as `auto` sets them up on this
+/// kernel, and with `syscall_tables = "native"`; the agent is unloaded between runs.
+fn syscall_cost(tools: &Tools) -> Result<Value> {
+    let mut sandbox = Sandbox::new("benchsys", tools.clone())?;
+    let measure = || -> Result<f64> {
+        let output = Command::new(&tools.probe).args(["bench-syscall", "--iterations", SYSCALL_ITERATIONS]).output()?;
+        let value = seb_sandbox::parse_json_output(&output, "seb-probe bench-syscall")?;
+        value["ns_per_op"].as_f64().context("no ns_per_op")
+    };
+    let mut samples: [Vec<f64>; 3] = Default::default();
+    for _ in 0..SYSCALL_ROUNDS {
+        samples[0].push(measure()?);
+        for (slot, tables) in [(1, "auto"), (2, "native")] {
+            sandbox.write_config(&format!("syscall_tables = \"{tables}\"\n{}", protected_toml(1)))?;
+            sandbox.start_agent()?;
+            samples[slot].push(measure()?);
+            sandbox.kill_agent()?;
+            let unload = sandbox.agent_cli(&["unload"])?;
+            ensure!(unload.status.success(), "seb-agent unload: {}", String::from_utf8_lossy(&unload.stderr));
+            // Detached programs leave after an RCU grace period.
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+    let added =
+        |config: &[f64], baseline: &[f64]| median(&config.iter().zip(baseline).map(|(c, b)| c - b).collect::<Vec<_>>());
+    let [baseline, auto, native] = &samples;
+    Ok(json!({
+        "what": "getppid in the caller's CPU time, best of five runs of 2,000,000; added = median of per-round differences",
+        "baseline_ns": median(baseline),
+        "added_auto_ns": added(auto, baseline),
+        "auto_watches_32_bit_calls": seb_agent::enforcement::compat_syscalls::run_here(),
+        "added_native_table_only_ns": added(native, baseline),
+    }))
 }
 
 fn measure(tools: &Tools, cidrs: usize) -> Result<Value> {

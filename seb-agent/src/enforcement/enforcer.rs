@@ -24,7 +24,10 @@ use super::{
     local::{self, LocalProtection},
     maps, policy,
 };
-use crate::{cgroupfs, config::Endpoint};
+use crate::{
+    cgroupfs,
+    config::{Endpoint, SyscallTables},
+};
 
 /// Where the protected endpoints came from; each source replaces only its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -50,6 +53,7 @@ pub struct Sources {
     /// Keep what an earlier run put in the kernel (links, protected prefixes) that the
     /// sources do not name (yet): in cluster mode, until every watcher has listed once.
     pub keep_previous: bool,
+    pub syscall_tables: SyscallTables,
 }
 
 /// The state to put into the kernel.
@@ -103,7 +107,7 @@ impl Sources {
         Ok(Desired {
             policy,
             scope_ids,
-            targets: AttachTargets { scopes, exempt },
+            targets: AttachTargets { scopes, exempt, syscall_tables: self.syscall_tables },
             exempt_ids,
             local,
             keep_previous: self.keep_previous,

@@ -44,6 +44,13 @@ pub fn kernel_layout() -> Result<[u32; layout::LEN as usize]> {
             .offset_of(structure, path)
             .with_context(|| format!("finding struct {structure}.{} in the kernel's BTF", path.join(".")))?;
     }
+    // Only x86_64 marks a 32-bit system call here, and only its 32-bit gate is watched.
+    values[layout::TASK_THREAD_STATUS as usize] = if cfg!(target_arch = "x86_64") {
+        btf.offset_of("task_struct", &["thread_info", "status"])
+            .context("finding struct task_struct.thread_info.status in the kernel's BTF")?
+    } else {
+        u32::MAX
+    };
     values[layout::VALID as usize] = 1;
     Ok(values)
 }
@@ -189,5 +196,8 @@ mod tests {
             "nested members add up"
         );
         assert!(btf.offset_of("dentry", &["no_such_member"]).is_err());
+        // x86_64's thread_info opens task_struct: flags, syscall_work, then status.
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(values[layout::TASK_THREAD_STATUS as usize], 16);
     }
 }

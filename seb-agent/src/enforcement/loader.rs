@@ -29,8 +29,8 @@ use aya::{
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use super::link_info::pinned_link;
-use crate::{bpffs, cgroupfs};
+use super::{compat_syscalls, link_info::pinned_link};
+use crate::{bpffs, cgroupfs, config::SyscallTables, tracefs};
 
 /// The kernel programs, built from `seb-ebpf` by `cargo xtask build`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("CARGO_MANIFEST_DIR"), "/bpf/seb.bpf.o"));
@@ -47,7 +47,7 @@ pub enum AttachTo {
 }
 
 /// The programs in the object and where each attaches.
-pub const PROGRAMS: [(&str, AttachTo); 14] = [
+pub const PROGRAMS: [(&str, AttachTo); 17] = [
     ("seb_connect4", AttachTo::Scope),
     ("seb_connect6", AttachTo::Scope),
     ("seb_sendmsg4", AttachTo::Scope),
@@ -61,13 +61,16 @@ pub const PROGRAMS: [(&str, AttachTo); 14] = [
     ("seb_process_fork", AttachTo::Global),
     ("seb_process_exec", AttachTo::Global),
     ("seb_cgroup_migrate", AttachTo::Global),
-    ("seb_link_layer", AttachTo::Global),
+    ("seb_socket_call", AttachTo::Global),
+    ("seb_uring_setup", AttachTo::Global),
+    ("seb_uring_enter", AttachTo::Global),
+    ("seb_sys_enter", AttachTo::Global),
 ];
 
 /// The BTF tracepoint each such program attaches to.
 fn btf_tracepoint(program: &str) -> Option<&'static str> {
     match program {
-        "seb_link_layer" => Some("sys_enter"),
+        "seb_sys_enter" => Some("sys_enter"),
         "seb_cgroup_migrate" => Some("cgroup_attach_task"),
         _ => None,
     }
@@ -83,10 +86,28 @@ fn raw_tracepoint(program: &str) -> Option<&'static str> {
     }
 }
 
-/// Whether this agent's build can run a program: `seb_link_layer` reads x86_64 syscall
-/// numbers and registers.
-pub fn supported(program: &str) -> bool {
-    program != "seb_link_layer" || cfg!(target_arch = "x86_64")
+/// The syscall tracepoint (`syscalls/<name>`) each such program attaches to. Only the
+/// named system call runs the program.
+fn syscall_tracepoint(program: &str) -> Option<&'static str> {
+    match program {
+        "seb_socket_call" => Some("sys_enter_socket"),
+        "seb_uring_setup" => Some("sys_enter_io_uring_setup"),
+        "seb_uring_enter" => Some("sys_enter_io_uring_enter"),
+        _ => None,
+    }
+}
+
+/// Whether a program is attached on this node. Where the kernel takes 32-bit system
+/// calls (x86_64 unless booted with `ia32_emulation=0`), `seb_sys_enter` watches both
+/// tables in place of the three syscall tracepoints, which see the 64-bit table only
+/// (unless the config asks for the native table alone).
+pub fn supported(program: &str, tables: SyscallTables) -> bool {
+    let both_tables = tables == SyscallTables::Auto && compat_syscalls::run_here();
+    match program {
+        "seb_sys_enter" => both_tables,
+        _ if syscall_tracepoint(program).is_some() => !both_tables,
+        _ => true,
+    }
 }
 
 /// The cgroups programs are attached to.
@@ -94,6 +115,7 @@ pub fn supported(program: &str) -> bool {
 pub struct AttachTargets {
     pub scopes: Vec<PathBuf>,
     pub exempt: Vec<PathBuf>,
+    pub syscall_tables: SyscallTables,
 }
 
 /// Paths of the pinned state.
@@ -172,7 +194,7 @@ pub fn attach_all(
     let map_ids = pinned_map_ids(layout)?;
     let mut states = Vec::new();
     let mut wanted = BTreeSet::new();
-    let programs = PROGRAMS.iter().filter(|(program, _)| supported(program));
+    let programs = PROGRAMS.iter().filter(|(program, _)| supported(program, targets.syscall_tables));
     for (program, _) in programs.clone() {
         load_program(ebpf, program)?;
     }
@@ -224,6 +246,7 @@ fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
         aya::programs::Program::CgroupSockAddr(program) => program.load(),
         aya::programs::Program::CgroupSock(program) => program.load(),
         aya::programs::Program::RawTracePoint(program) => program.load(),
+        aya::programs::Program::TracePoint(program) => program.load(),
         aya::programs::Program::BtfTracePoint(program) => {
             let tracepoint =
                 btf_tracepoint(name).ok_or_else(|| anyhow!("no tracepoint is named for program {name}"))?;
@@ -317,6 +340,13 @@ fn attach_and_pin(ebpf: &mut Ebpf, name: &str, cgroup: Option<&Path>, pin: &Path
         aya::programs::Program::BtfTracePoint(program) => {
             let id = program.attach()?;
             program.take_link(id)?.into()
+        }
+        aya::programs::Program::TracePoint(program) => {
+            let tracepoint =
+                syscall_tracepoint(name).ok_or_else(|| anyhow!("no syscall tracepoint is named for program {name}"))?;
+            tracefs::ensure_mounted()?;
+            let id = program.attach("syscalls", tracepoint)?;
+            program.take_link(id)?.try_into().context("a tracepoint link the kernel cannot pin (needs Linux 5.15+)")?
         }
         _ => bail!("program {name} has a type this agent does not attach"),
     };

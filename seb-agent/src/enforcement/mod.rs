@@ -1,6 +1,7 @@
 //! The kernel enforcement layer, user side: programs, maps and broker registrations.
 
 pub mod broker_sockets;
+pub mod compat_syscalls;
 pub mod enforcer;
 pub mod hostnames;
 pub mod integrity;

@@ -1,0 +1,67 @@
+//! Whether this kernel takes 32-bit system calls from 64-bit processes (`int 0x80`).
+//! Where it does, `socket()` has a second door the syscall tracepoints do not watch, and
+//! the agent watches `sys_enter` (`seb_sys_enter`) to cover it. Asked of the kernel itself, once: a
+//! child process tries the gate (a kernel booted with `ia32_emulation=0` kills it).
+
+use std::sync::OnceLock;
+
+/// Whether 32-bit system calls run here (x86_64 only; other architectures have no such
+/// gate the programs know of).
+pub fn run_here() -> bool {
+    static ANSWER: OnceLock<bool> = OnceLock::new();
+    *ANSWER.get_or_init(probe)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn probe() -> bool {
+    use nix::{
+        sys::wait::{WaitStatus, waitpid},
+        unistd::{ForkResult, fork},
+    };
+    const IA32_GETPID: i64 = 20;
+    // SAFETY: the child runs one instruction and `_exit`s, both async-signal-safe.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            let pid: i64;
+            // SAFETY: a system call that reads nothing; the registers the 32-bit gate may
+            // change are declared.
+            unsafe {
+                std::arch::asm!(
+                    "int 0x80",
+                    inlateout("rax") IA32_GETPID => pid,
+                    lateout("r8") _, lateout("r9") _, lateout("r10") _, lateout("r11") _,
+                    options(nostack),
+                );
+            }
+            // SAFETY: ends the child without running anything of the parent's.
+            unsafe { libc::_exit(if pid > 0 { 0 } else { 1 }) }
+        }
+        Ok(ForkResult::Parent { child }) => matches!(waitpid(child, None), Ok(WaitStatus::Exited(_, 0))),
+        // Cannot tell: assume the gate is open, and watch it.
+        Err(_) => true,
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn probe() -> bool {
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    /// The probe agrees with what the kernel says of itself, where it says it.
+    #[test]
+    fn the_gate_is_found_open_where_the_kernel_runs_32_bit_calls() {
+        let config = std::process::Command::new("sh").args(["-c", "zcat /proc/config.gz 2>/dev/null"]).output();
+        let config = config.map(|out| String::from_utf8_lossy(&out.stdout).into_owned()).unwrap_or_default();
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        if !cfg!(target_arch = "x86_64") || config.is_empty() {
+            eprintln!("the kernel's configuration is not readable here");
+            return;
+        }
+        let emulated = config.contains("CONFIG_IA32_EMULATION=y")
+            && !config.contains("CONFIG_IA32_EMULATION_DEFAULT_DISABLED=y")
+            && !cmdline.split_whitespace().any(|word| ["ia32_emulation=0", "ia32_emulation=false"].contains(&word));
+        assert_eq!(super::run_here(), emulated, "config says IA32 emulation is {emulated}");
+    }
+}
