@@ -13,6 +13,7 @@ pub mod http;
 pub mod identity;
 pub mod issuer;
 pub mod pki;
+pub mod pending;
 pub mod policy;
 pub mod records;
 pub mod requests;
