@@ -620,12 +620,16 @@ fn run(command: Command, output: Output) -> Result<Exit> {
             }
             let (runtime, client) = kube_client()?;
             if let Some(epoch) = revocation {
-                let written =
-                    runtime.block_on(seb_agent::cluster::writes::set_revocation_epoch(client.clone(), &revocation_name, epoch))?;
+                let written = runtime.block_on(seb_agent::cluster::writes::set_revocation_epoch(
+                    client.clone(),
+                    &revocation_name,
+                    epoch,
+                ))?;
                 output.show(&written, |out| writeln!(out, "{written}"))?;
             }
             if let Some(epoch) = policy {
-                let written = runtime.block_on(seb_agent::cluster::writes::set_policy_epoch(client, &policy_name, epoch))?;
+                let written =
+                    runtime.block_on(seb_agent::cluster::writes::set_policy_epoch(client, &policy_name, epoch))?;
                 output.show(&written, |out| writeln!(out, "{written}"))?;
             }
         }

@@ -73,6 +73,7 @@ impl SabClient {
         let stream = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
             .with_context(|| format!("connecting to the SAB at {}:{}", self.host, self.port))?;
+        stream.set_nodelay(true).context("setting TCP_NODELAY")?;
         let name = ServerName::try_from(self.host.clone())?;
         let tls = TlsConnector::from(self.tls.clone()).connect(name, stream).await.context("TLS with the SAB")?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
@@ -153,7 +154,8 @@ mod tests {
         pki::client_certificate(&layout.tls_ca(), "seb://approver/a", Duration::from_secs(60), &out).unwrap();
         let url = format!("https://127.0.0.1:{port}");
         let client =
-            SabClient::new(&url, &out.with_extension("pem"), &out.with_extension("key"), &layout.tls_ca().cert).unwrap();
+            SabClient::new(&url, &out.with_extension("pem"), &out.with_extension("key"), &layout.tls_ca().cert)
+                .unwrap();
         let error = format!("{:#}", client.call("GET", "/v1/requests", None).await.unwrap_err());
         assert!(error.contains("body over 32 MiB"), "{error}");
     }

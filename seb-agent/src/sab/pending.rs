@@ -118,9 +118,8 @@ pub fn apply(conn: &Connection, record: &StoredRecord) -> Result<()> {
 
 /// The requests awaiting approvals, oldest first.
 pub fn load(conn: &Connection) -> Result<Vec<Entry>> {
-    let mut statement = conn.prepare(
-        "SELECT seq, pending, approvals, approvals_required, approvers FROM sab_pending ORDER BY seq",
-    )?;
+    let mut statement =
+        conn.prepare("SELECT seq, pending, approvals, approvals_required, approvers FROM sab_pending ORDER BY seq")?;
     let rows = statement.query_map([], |row| {
         Ok((
             row.get::<_, i64>(0)?,

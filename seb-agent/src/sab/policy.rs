@@ -239,12 +239,7 @@ impl PolicyBook {
 
     /// Cedar's decision over the union of `sets` (disjoint): any error refuses; any
     /// satisfied forbid refuses, naming every one; else the satisfied permits grant.
-    fn decide<'a>(
-        &self,
-        request: &Request,
-        entities: &Entities,
-        sets: impl Iterator<Item = &'a PolicySet>,
-    ) -> Verdict {
+    fn decide<'a>(&self, request: &Request, entities: &Entities, sets: impl Iterator<Item = &'a PolicySet>) -> Verdict {
         let authorizer = Authorizer::new();
         let (mut errors, mut forbids, mut permits) = (Vec::new(), BTreeSet::new(), BTreeSet::new());
         for set in sets {
@@ -516,8 +511,8 @@ when { resource.host == "127.0.0.3" && resource.path like "/v1/*" };
         let endpoint = |i: u8| format!("Seb::HttpsEndpoint::\"https://127.0.0.3:9443/v1/r{}\"", i % 4);
         // Every action but the HTTP ones has resources without a path.
         let condition = if action % 5 == 0 && matches!(condition % 5, 1 | 4) { 2 } else { condition };
-        let principal = ["principal", "principal in Seb::Node::\"n1\"", "principal in Seb::Node::\"n2\""]
-            [principal as usize % 3];
+        let principal =
+            ["principal", "principal in Seb::Node::\"n1\"", "principal in Seb::Node::\"n2\""][principal as usize % 3];
         let action = [
             "action",
             "action == Seb::Action::\"http::PUT\"",
@@ -544,7 +539,8 @@ when { resource.host == "127.0.0.3" && resource.path like "/v1/*" };
         } else {
             match grant % 4 {
                 0 | 1 => "@identity(\"x509_client:a\")".into(),
-                2 => "@identity(\"x509_client:a\") @approvals(\"1\") @approvers(\"seb://approver/x\") @ttl(\"30\")".into(),
+                2 => "@identity(\"x509_client:a\") @approvals(\"1\") @approvers(\"seb://approver/x\") @ttl(\"30\")"
+                    .into(),
                 _ => "@identity(\"x509_client:b\")".into(),
             }
         };
@@ -594,7 +590,9 @@ when { resource.host == "127.0.0.3" && resource.path like "/v1/*" };
         let scoped = &book.by_action[&schema::action(&put("https://127.0.0.3:9443/v1/r1"))];
         assert_eq!(scoped.by_resource.len(), 1);
         assert_eq!(scoped.any_resource.as_ref().map(|s| s.policies().count()), Some(1));
-        let Verdict::Permit { policies, grant } = evaluate(&book, &put("https://127.0.0.3:9443/v1/r1")) else { panic!() };
+        let Verdict::Permit { policies, grant } = evaluate(&book, &put("https://127.0.0.3:9443/v1/r1")) else {
+            panic!()
+        };
         assert_eq!((policies, grant.approvals), (vec!["all".to_string(), "r1".to_string()], 1));
         let Verdict::Permit { policies, .. } = evaluate(&book, &put("https://127.0.0.3:9443/v1/r2")) else { panic!() };
         assert_eq!(policies, vec!["all"]);
