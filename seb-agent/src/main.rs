@@ -595,7 +595,7 @@ fn run(command: Command, output: Output) -> Result<Exit> {
             if cluster.cluster {
                 let (_, name) = cluster.names(&socket)?;
                 let (runtime, client) = kube_client()?;
-                let written = runtime.block_on(cli::cluster::revoke(client, &name, target, &value))?;
+                let written = runtime.block_on(seb_agent::cluster::writes::revoke(client, &name, target, &value))?;
                 output.show(&written, |out| writeln!(out, "revoked {what} {value} in the cluster: {written}"))?;
             } else {
                 let Response::Revoked { record_seq } =
@@ -622,12 +622,16 @@ fn run(command: Command, output: Output) -> Result<Exit> {
             }
             let (runtime, client) = kube_client()?;
             if let Some(epoch) = revocation {
-                let written =
-                    runtime.block_on(cli::cluster::set_revocation_epoch(client.clone(), &revocation_name, epoch))?;
+                let written = runtime.block_on(seb_agent::cluster::writes::set_revocation_epoch(
+                    client.clone(),
+                    &revocation_name,
+                    epoch,
+                ))?;
                 output.show(&written, |out| writeln!(out, "{written}"))?;
             }
             if let Some(epoch) = policy {
-                let written = runtime.block_on(cli::cluster::set_policy_epoch(client, &policy_name, epoch))?;
+                let written =
+                    runtime.block_on(seb_agent::cluster::writes::set_policy_epoch(client, &policy_name, epoch))?;
                 output.show(&written, |out| writeln!(out, "{written}"))?;
             }
         }

@@ -252,6 +252,69 @@ fn an_approval_after_the_deadline_is_refused_and_the_request_is_expired() {
 }
 
 #[test]
+fn pending_requests_survive_a_restart_with_their_approvals_requester_and_deadline() {
+    let mut w = world("sabrestart", "approval_timeout_seconds = 900");
+    let request = put("/v1/flags/restart", json!(true));
+    let (status, pending) = w.certify(&request);
+    assert_eq!(status, 202, "{pending}");
+    let id = pending["request_id"].as_str().unwrap().to_string();
+    let (code, first) = w.sab.cli("seb://approver/alice", &["approve", &id, "--reason", "before the restart"]);
+    assert_eq!((code, first["status"].as_str()), (0, Some("pending")), "{first}");
+
+    // Restarted with a shorter approval timeout: the waiting request keeps the deadline it was given.
+    let config = std::fs::read_to_string(&w.sab.config).unwrap();
+    std::fs::write(&w.sab.config, config.replace("approval_timeout_seconds = 900", "approval_timeout_seconds = 1"))
+        .unwrap();
+    w.sab.stop().unwrap();
+    w.sab.launch().unwrap();
+
+    let (code, listed) = w.sab.cli("seb://approver/bob", &["pending"]);
+    assert_eq!(code, 0, "{listed}");
+    let resumed = &listed["requests"][0];
+    assert_eq!(resumed["request_id"], id.as_str(), "{listed}");
+    assert_eq!((&resumed["expires_at"], &resumed["approvals"]), (&first["expires_at"], &first["approvals"]));
+    assert_eq!(resumed["requester"], w.agent.as_str());
+    // Who requested is still known: the requester still may not approve.
+    let (status, error) = w.sab.call(&w.agent, "POST", &format!("/v1/requests/{id}/approve"), None);
+    assert_eq!((status, error["error"]["code"].as_str()), (403, Some("self_approval")), "{error}");
+    let (status, error) = w.sab.call("seb://approver/alice", "POST", &format!("/v1/requests/{id}/approve"), None);
+    assert_eq!((status, error["error"]["code"].as_str()), (409, Some("already_approved")), "{error}");
+
+    // A request made now waits one second only.
+    let (status, short) = w.certify(&put("/v1/flags/short", json!(1)));
+    assert_eq!(status, 202, "{short}");
+    let short = short["request_id"].as_str().unwrap().to_string();
+
+    // The second of two approvals, after the restart: issued, with both in its evidence.
+    let (code, done) = w.sab.cli("seb://approver/bob", &["approve", &id]);
+    assert_eq!((code, done["status"].as_str()), (0, Some("issued")), "{done}");
+    let approvers: Vec<&str> =
+        done["approvals"].as_array().unwrap().iter().map(|a| a["approver"].as_str().unwrap()).collect();
+    assert_eq!(approvers, ["seb://approver/alice", "seb://approver/bob"]);
+    let (_, state) = w.sab.call(&w.agent, "GET", &format!("/v1/requests/{id}"), None);
+    let decision = w.propose_from("workload", state["certificate"].as_str().unwrap(), &request);
+    assert_eq!(decision["admitted"], true, "{decision}");
+    assert_eq!(w.stored("/v1/flags/restart"), Some(json!(true)));
+
+    // Its deadline passes while the SAB is stopped: after the restart it is expired, and stays refused.
+    w.sab.stop().unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    w.sab.launch().unwrap();
+    let (status, error) = w.sab.call("seb://approver/alice", "POST", &format!("/v1/requests/{short}/approve"), None);
+    assert_eq!((status, error["error"]["code"].as_str()), (409, Some("expired")), "{error}");
+    let (_, state) = w.sab.call(&w.agent, "GET", &format!("/v1/requests/{short}"), None);
+    assert_eq!(state["status"], "expired", "{state}");
+    assert!(state.get("certificate").is_none());
+    // Its expiry is on record: a restart does not bring it back.
+    w.sab.stop().unwrap();
+    w.sab.launch().unwrap();
+    let (status, _) = w.sab.call("seb://approver/bob", "POST", &format!("/v1/requests/{short}/approve"), None);
+    assert_eq!(status, 404, "an expired request is no longer awaiting approvals");
+    let (_, listed) = w.sab.call("seb://approver/bob", "GET", "/v1/requests?status=pending", None);
+    assert_eq!(listed["requests"], json!([]), "{listed}");
+}
+
+#[test]
 fn a_policy_reload_bumps_the_epoch_and_the_broker_refuses_older_certificates() {
     let w = world("sabreload", "");
     let request = put("/v1/config", json!({"replicas": 5}));

@@ -87,6 +87,7 @@ fn propose_all(
     let lines: Vec<String> = certificates.iter().map(serde_json::to_string).collect::<Result<_, _>>()?;
     std::fs::write(&file, lines.join("\n"))?;
     let output = Command::new(load)
+        .arg("admission")
         .arg("--socket")
         .arg(&sandbox.socket)
         .arg("--certificates")

@@ -21,7 +21,7 @@ use crate::{
 };
 
 /// Every kind of record the broker and the SAB write.
-pub const KINDS: [&str; 16] = [
+pub const KINDS: [&str; 17] = [
     DECISION_KIND,
     OUTCOME_KIND,
     READ_KIND,
@@ -34,6 +34,7 @@ pub const KINDS: [&str; 16] = [
     CHECKPOINT_KIND,
     sab::records::CERTIFY_KIND,
     sab::records::DECISION_KIND,
+    sab::records::PENDING_KIND,
     sab::records::APPROVAL_KIND,
     sab::records::ISSUANCE_KIND,
     sab::records::EXPIRY_KIND,

@@ -11,3 +11,4 @@ pub mod pods;
 pub mod probe;
 pub mod sync;
 pub mod watch;
+pub mod writes;

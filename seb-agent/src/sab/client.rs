@@ -4,7 +4,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
@@ -17,6 +17,8 @@ use tokio_rustls::{
 };
 
 const TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest answer read from the SAB: a certificate, a request's state, or a list of them.
+pub const MAX_REPLY: usize = 32 << 20;
 
 pub struct SabClient {
     host: String,
@@ -71,6 +73,7 @@ impl SabClient {
         let stream = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
             .with_context(|| format!("connecting to the SAB at {}:{}", self.host, self.port))?;
+        stream.set_nodelay(true).context("setting TCP_NODELAY")?;
         let name = ServerName::try_from(self.host.clone())?;
         let tls = TlsConnector::from(self.tls.clone()).connect(name, stream).await.context("TLS with the SAB")?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
@@ -102,9 +105,58 @@ impl Session {
         self.sender.ready().await.context("the connection to the SAB")?;
         let response = self.sender.send_request(request).await.context("the SAB's answer")?;
         let status = response.status().as_u16();
-        let bytes = response.into_body().collect().await?.to_bytes();
+        let bytes = match Limited::new(response.into_body(), MAX_REPLY).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                bail!("the SAB answered {status} with a body over {} MiB; refusing to read more", MAX_REPLY >> 20)
+            }
+            Err(e) => return Err(anyhow::anyhow!("reading the SAB's answer ({status}): {e}")),
+        };
         let value = serde_json::from_slice(&bytes)
             .with_context(|| format!("the SAB answered {status} with a body that is not JSON"))?;
         Ok((status, value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+
+    use super::*;
+    use crate::sab::{config::TlsConfig, http::tls_config, pki};
+
+    /// A server (with the SAB's TLS) that answers every request with an endless body:
+    /// the client stops at its bound instead of buffering until memory runs out.
+    #[tokio::test]
+    async fn an_answer_over_the_bound_is_refused_not_buffered() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = pki::Layout::new(dir.path());
+        pki::init(&layout, &["127.0.0.1".into()]).unwrap();
+        let (certificate, key) = layout.server();
+        let tls = tls_config(&TlsConfig { certificate, key, client_ca: layout.tls_ca().cert }).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let tls = acceptor.accept(stream).await.unwrap();
+            let service = hyper::service::service_fn(|_| async {
+                let chunk = Bytes::from(vec![b' '; 1 << 16]);
+                let endless = futures::stream::repeat_with(move || Ok::<_, Infallible>(Frame::data(chunk.clone())));
+                Ok::<_, Infallible>(hyper::Response::new(StreamBody::new(endless)))
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await;
+        });
+        let out = dir.path().join("approver");
+        pki::client_certificate(&layout.tls_ca(), "seb://approver/a", Duration::from_secs(60), &out).unwrap();
+        let url = format!("https://127.0.0.1:{port}");
+        let client =
+            SabClient::new(&url, &out.with_extension("pem"), &out.with_extension("key"), &layout.tls_ca().cert)
+                .unwrap();
+        let error = format!("{:#}", client.call("GET", "/v1/requests", None).await.unwrap_err());
+        assert!(error.contains("body over 32 MiB"), "{error}");
     }
 }

@@ -85,7 +85,7 @@ impl ClusterEpochs {
     }
 
     async fn publish(&self, epoch: u64) -> Result<()> {
-        crate::cli::cluster::set_policy_epoch(self.client.clone(), &self.policy, epoch).await.map(|_| ())
+        crate::cluster::writes::set_policy_epoch(self.client.clone(), &self.policy, epoch).await.map(|_| ())
     }
 }
 

@@ -68,6 +68,10 @@ pub async fn serve(sab: Arc<Sab>, listener: TcpListener, tls: ServerConfig) -> R
                 continue;
             }
         };
+        // A reply goes out as soon as it is written, not after the client's delayed ACK.
+        if let Err(e) = stream.set_nodelay(true) {
+            warn!(%peer, error = %e, "TCP_NODELAY could not be set");
+        }
         let (acceptor, sab) = (acceptor.clone(), sab.clone());
         tokio::spawn(async move {
             let _permit = permit;

@@ -24,7 +24,7 @@ pub enum Caller {
 }
 
 /// An agent, as its certificate (and in cluster mode its ServiceAccount token) says.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Agent {
     pub uri: String,
     pub node: String,

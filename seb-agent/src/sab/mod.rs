@@ -12,6 +12,7 @@ pub mod evidence;
 pub mod http;
 pub mod identity;
 pub mod issuer;
+pub mod pending;
 pub mod pki;
 pub mod policy;
 pub mod records;

@@ -13,6 +13,13 @@
 //! When several permits apply they must agree on the identity; the request then needs
 //! the largest number of approvals any of them asks, from any approver they name, and
 //! gets the shortest validity.
+//!
+//! Evaluation looks only at the policies that can apply: those whose action scope can
+//! match the request's action and, among them, those whose resource scope is
+//! `resource == <the request's resource>` or does not name one resource (`resource`,
+//! `resource in`, `resource is`). Cedar's decision is a function of each policy's own
+//! result, so the answer is the one the whole set gives; its cost does not grow with
+//! policies about other actions or other resources.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -22,8 +29,8 @@ use std::{
 
 use anyhow::{Result, bail};
 use cedar_policy::{
-    ActionConstraint, Authorizer, Decision, Effect, Entities, EntityUid, Policy, PolicyId, PolicySet, Request, Schema,
-    ValidationMode, Validator,
+    ActionConstraint, Authorizer, Decision, Effect, Entities, EntityUid, Policy, PolicyId, PolicySet, Request,
+    ResourceConstraint, Schema, ValidationMode, Validator,
 };
 use sha2::{Digest, Sha256};
 
@@ -48,7 +55,7 @@ pub struct Grant {
     pub ttl: Option<Duration>,
 }
 
-/// A loaded, validated policy set, indexed by action.
+/// A loaded, validated policy set, indexed by action and resource.
 pub struct PolicyBook {
     /// `sha256:` over the files' names and contents: which policies these are.
     pub digest: String,
@@ -56,10 +63,20 @@ pub struct PolicyBook {
     pub policies: usize,
     schema: Schema,
     actions: Entities,
-    /// Per action, the policies whose action scope can match it: evaluation looks at
-    /// those alone, so its cost does not grow with policies for other actions.
-    by_action: HashMap<EntityUid, PolicySet>,
+    /// Per action, the policies whose action scope can match it, by resource scope.
+    by_action: HashMap<EntityUid, Scoped>,
     grants: HashMap<PolicyId, Grant>,
+    /// Every policy, unindexed: what the index must agree with.
+    #[cfg(test)]
+    all: PolicySet,
+}
+
+/// The policies of one action, split by their resource scope.
+struct Scoped {
+    /// `resource`, `resource in ..`, `resource is ..`: evaluated for every request.
+    any_resource: Option<PolicySet>,
+    /// `resource == X`: evaluated only for requests on X.
+    by_resource: HashMap<EntityUid, PolicySet>,
 }
 
 /// The policies' answer.
@@ -170,52 +187,83 @@ impl PolicyBook {
             actions,
             by_action,
             grants,
+            #[cfg(test)]
+            all: set,
         })
     }
 
     /// Evaluate a certify request from `agent`. Deny by default; a forbid wins; a policy
     /// that fails to evaluate refuses the request (Cedar would skip it: that could skip a forbid).
     pub fn evaluate(&self, agent: &Agent, facts: &Facts<'_>) -> Verdict {
-        let refuse = |reason: String| Verdict::Refuse { reasons: vec![reason] };
         let action = schema::action(facts.request);
-        let Some(policies) = self.by_action.get(&action) else {
+        let Some(scoped) = self.by_action.get(&action) else {
             return refuse(format!(
                 "unknown_action: {} is not an action of the schema (provider::operation)",
                 action.id().unescaped()
             ));
         };
-        let (resource, resource_entity) = match schema::resource(facts.request) {
-            Ok(resource) => resource,
-            Err(e) => return refuse(format!("malformed_target: {e:#}")),
+        let (request, entities) = match self.request(agent, facts, action) {
+            Ok(prepared) => prepared,
+            Err(verdict) => return verdict,
         };
+        let sets = scoped.any_resource.iter().chain(request.resource().and_then(|r| scoped.by_resource.get(r)));
+        self.decide(&request, &entities, sets)
+    }
+
+    /// The same over every policy, without the index.
+    #[cfg(test)]
+    fn evaluate_unindexed(&self, agent: &Agent, facts: &Facts<'_>) -> Verdict {
+        let action = schema::action(facts.request);
+        if !self.by_action.contains_key(&action) {
+            return refuse("unknown_action".into());
+        }
+        match self.request(agent, facts, action) {
+            Ok((request, entities)) => self.decide(&request, &entities, std::iter::once(&self.all)),
+            Err(verdict) => verdict,
+        }
+    }
+
+    /// The Cedar request and the entities it is evaluated with.
+    fn request(&self, agent: &Agent, facts: &Facts<'_>, action: EntityUid) -> Result<(Request, Entities), Verdict> {
+        let (resource, resource_entity) =
+            schema::resource(facts.request).map_err(|e| refuse(format!("malformed_target: {e:#}")))?;
         let (principal, mut entities) = schema::principal(agent);
         entities.push(resource_entity);
-        let context = match schema::context(facts) {
-            Ok(context) => context,
-            Err(e) => return refuse(format!("internal: {e:#}")),
-        };
-        let request = match Request::new(principal, action, resource, context, Some(&self.schema)) {
-            Ok(request) => request,
-            Err(e) => return refuse(format!("invalid_request: {e}")),
-        };
-        let entities = match self.actions.clone().add_entities(entities, None) {
-            Ok(entities) => entities,
-            Err(e) => return refuse(format!("internal: {e}")),
-        };
-        let response = Authorizer::new().is_authorized(&request, policies, &entities);
-        let errors: Vec<String> = response.diagnostics().errors().map(ToString::to_string).collect();
-        if !errors.is_empty() {
-            return Verdict::Refuse { reasons: errors.into_iter().map(|e| format!("policy_error: {e}")).collect() };
-        }
-        let determining: Vec<PolicyId> = response.diagnostics().reason().cloned().collect();
-        if response.decision() == Decision::Deny {
-            if determining.is_empty() {
-                return refuse("no_permit: no policy permits this request (deny by default)".into());
+        let context = schema::context(facts).map_err(|e| refuse(format!("internal: {e:#}")))?;
+        let request = Request::new(principal, action, resource, context, Some(&self.schema))
+            .map_err(|e| refuse(format!("invalid_request: {e}")))?;
+        let entities =
+            self.actions.clone().add_entities(entities, None).map_err(|e| refuse(format!("internal: {e}")))?;
+        Ok((request, entities))
+    }
+
+    /// Cedar's decision over the union of `sets` (disjoint): any error refuses; any
+    /// satisfied forbid refuses, naming every one; else the satisfied permits grant.
+    fn decide<'a>(&self, request: &Request, entities: &Entities, sets: impl Iterator<Item = &'a PolicySet>) -> Verdict {
+        let authorizer = Authorizer::new();
+        let (mut errors, mut forbids, mut permits) = (Vec::new(), BTreeSet::new(), BTreeSet::new());
+        for set in sets {
+            let response = authorizer.is_authorized(request, set, entities);
+            errors.extend(response.diagnostics().errors().map(|e| format!("policy_error: {e}")));
+            let determining = response.diagnostics().reason().cloned();
+            match response.decision() {
+                Decision::Deny => forbids.extend(determining),
+                Decision::Allow => permits.extend(determining),
             }
-            return Verdict::Refuse { reasons: determining.iter().map(|id| format!("forbidden_by: {id}")).collect() };
         }
-        match self.combine(&determining) {
-            Ok(grant) => Verdict::Permit { policies: determining.iter().map(ToString::to_string).collect(), grant },
+        if !errors.is_empty() {
+            errors.sort();
+            return Verdict::Refuse { reasons: errors };
+        }
+        if !forbids.is_empty() {
+            return Verdict::Refuse { reasons: forbids.iter().map(|id| format!("forbidden_by: {id}")).collect() };
+        }
+        if permits.is_empty() {
+            return refuse("no_permit: no policy permits this request (deny by default)".into());
+        }
+        let permits: Vec<PolicyId> = permits.into_iter().collect();
+        match self.combine(&permits) {
+            Ok(grant) => Verdict::Permit { policies: permits.iter().map(ToString::to_string).collect(), grant },
             Err(e) => refuse(format!("ambiguous_grant: {e}")),
         }
     }
@@ -241,8 +289,12 @@ impl PolicyBook {
     }
 }
 
-/// For each action of the schema, the policies that can apply to it.
-fn index(set: &PolicySet, schema: &Schema, actions: &Entities) -> Result<HashMap<EntityUid, PolicySet>> {
+fn refuse(reason: String) -> Verdict {
+    Verdict::Refuse { reasons: vec![reason] }
+}
+
+/// For each action of the schema, the policies that can apply to it, by resource scope.
+fn index(set: &PolicySet, schema: &Schema, actions: &Entities) -> Result<HashMap<EntityUid, Scoped>> {
     let mut by_action = HashMap::new();
     for action in schema.actions() {
         let is_in = |group: &EntityUid| {
@@ -253,8 +305,23 @@ fn index(set: &PolicySet, schema: &Schema, actions: &Entities) -> Result<HashMap
             ActionConstraint::Eq(uid) => &uid == action,
             ActionConstraint::In(groups) => groups.iter().any(is_in),
         });
-        let subset = PolicySet::from_policies(applies.cloned()).map_err(|e| anyhow::anyhow!("{e}"))?;
-        by_action.insert(action.clone(), subset);
+        let mut any_resource = Vec::new();
+        let mut by_resource: HashMap<EntityUid, Vec<Policy>> = HashMap::new();
+        for policy in applies {
+            match policy.resource_constraint() {
+                ResourceConstraint::Eq(uid) => by_resource.entry(uid).or_default().push(policy.clone()),
+                _ => any_resource.push(policy.clone()),
+            }
+        }
+        let set_of = |policies: Vec<Policy>| PolicySet::from_policies(policies).map_err(|e| anyhow::anyhow!("{e}"));
+        let scoped = Scoped {
+            any_resource: if any_resource.is_empty() { None } else { Some(set_of(any_resource)?) },
+            by_resource: by_resource
+                .into_iter()
+                .map(|(resource, policies)| Ok((resource, set_of(policies)?)))
+                .collect::<Result<_>>()?,
+        };
+        by_action.insert(action.clone(), scoped);
     }
     Ok(by_action)
 }
@@ -436,5 +503,98 @@ when { resource.host == "127.0.0.3" && resource.path like "/v1/*" };
         let book = book(&[("a.cedar", PERMIT), ("b.cedar", strict)]).unwrap();
         let Verdict::Permit { grant, .. } = evaluate(&book, &put("https://127.0.0.3:9443/v1/config")) else { panic!() };
         assert_eq!((grant.approvals, grant.approvers.len(), grant.ttl), (2, 3, Some(Duration::from_secs(30))));
+    }
+
+    /// Cedar text of one generated policy.
+    fn policy_text(index: usize, shape: (u8, u8, u8, u8, u8, u8)) -> String {
+        let (effect, principal, action, resource, condition, grant) = shape;
+        let endpoint = |i: u8| format!("Seb::HttpsEndpoint::\"https://127.0.0.3:9443/v1/r{}\"", i % 4);
+        // Every action but the HTTP ones has resources without a path.
+        let condition = if action % 5 == 0 && matches!(condition % 5, 1 | 4) { 2 } else { condition };
+        let principal =
+            ["principal", "principal in Seb::Node::\"n1\"", "principal in Seb::Node::\"n2\""][principal as usize % 3];
+        let action = [
+            "action",
+            "action == Seb::Action::\"http::PUT\"",
+            "action == Seb::Action::\"http::POST\"",
+            "action in Seb::Action::\"http\"",
+            "action in [Seb::Action::\"http::PUT\", Seb::Action::\"http::PATCH\"]",
+        ][action as usize % 5];
+        let resource = match resource % 6 {
+            0 => "resource".to_string(),
+            1 => "resource is Seb::HttpsEndpoint".to_string(),
+            2 => format!("resource in {}", endpoint(resource / 6)),
+            _ => format!("resource == {}", endpoint(resource / 6)),
+        };
+        let condition = [
+            "",
+            "when { resource.path like \"/v1/r1*\" }",
+            "when { context.hour_utc >= 0 }",
+            // Overflows at evaluation: a policy error, which refuses the request.
+            "when { context.now * 9223372036854775807 > 1 }",
+            "unless { resource.path == \"/v1/r2\" }",
+        ][condition as usize % 5];
+        let annotations = if effect % 3 == 0 {
+            String::new()
+        } else {
+            match grant % 4 {
+                0 | 1 => "@identity(\"x509_client:a\")".into(),
+                2 => "@identity(\"x509_client:a\") @approvals(\"1\") @approvers(\"seb://approver/x\") @ttl(\"30\")"
+                    .into(),
+                _ => "@identity(\"x509_client:b\")".into(),
+            }
+        };
+        let effect = if effect % 3 == 0 { "forbid" } else { "permit" };
+        format!("@id(\"p{index}\") {annotations}\n{effect} ({principal}, {action}, {resource}) {condition};\n")
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 300, ..Default::default() })]
+
+        /// The index by action and resource gives the answer of the whole set: forbids,
+        /// errors, permits and their grants (approvals included).
+        #[test]
+        fn the_index_answers_as_the_whole_set(
+            shapes in proptest::collection::vec(proptest::prelude::any::<(u8, u8, u8, u8, u8, u8)>(), 1..12),
+            requests in proptest::collection::vec((0u8..4, 0u8..5), 1..8),
+        ) {
+            let text: String = shapes.iter().enumerate().map(|(i, shape)| policy_text(i, *shape)).collect();
+            let book = match book(&[("p.cedar", &text)]) {
+                Ok(book) => book,
+                Err(e) => panic!("generated policies must validate: {e:#}\n{text}"),
+            };
+            for (operation, target) in requests {
+                let operation = ["PUT", "POST", "PATCH", "DELETE"][operation as usize];
+                let request: MutationRequest = serde_json::from_value(serde_json::json!({
+                    "provider": "http", "operation": operation,
+                    "target": format!("https://127.0.0.3:9443/v1/r{target}"), "params": {"body": 1},
+                }))
+                .unwrap();
+                let facts = Facts { request: &request, precondition: "sha256:00", intent: "t", live_state_digest: None, now: SystemTime::now() };
+                let indexed = book.evaluate(&agent(), &facts);
+                let whole = book.evaluate_unindexed(&agent(), &facts);
+                proptest::prop_assert_eq!(&indexed, &whole, "{} {}\n{}", operation, target, text);
+            }
+        }
+    }
+
+    #[test]
+    fn policies_naming_one_resource_are_evaluated_for_that_resource_alone() {
+        let text = "@id(\"r1\") @identity(\"x509_client:a\")\n\
+                    permit (principal, action == Seb::Action::\"http::PUT\", resource == Seb::HttpsEndpoint::\"https://127.0.0.3:9443/v1/r1\");\n\
+                    @id(\"r1-forbid\")\n\
+                    forbid (principal, action, resource == Seb::HttpsEndpoint::\"https://127.0.0.3:9443/v1/r1\") when { context.hour_utc > 24 };\n\
+                    @id(\"all\") @identity(\"x509_client:a\") @approvals(\"1\") @approvers(\"seb://approver/x\")\n\
+                    permit (principal, action == Seb::Action::\"http::PUT\", resource is Seb::HttpsEndpoint) when { resource.path like \"/v1/r*\" };\n";
+        let book = book(&[("a.cedar", text)]).unwrap();
+        let scoped = &book.by_action[&schema::action(&put("https://127.0.0.3:9443/v1/r1"))];
+        assert_eq!(scoped.by_resource.len(), 1);
+        assert_eq!(scoped.any_resource.as_ref().map(|s| s.policies().count()), Some(1));
+        let Verdict::Permit { policies, grant } = evaluate(&book, &put("https://127.0.0.3:9443/v1/r1")) else {
+            panic!()
+        };
+        assert_eq!((policies, grant.approvals), (vec!["all".to_string(), "r1".to_string()], 1));
+        let Verdict::Permit { policies, .. } = evaluate(&book, &put("https://127.0.0.3:9443/v1/r2")) else { panic!() };
+        assert_eq!(policies, vec!["all"]);
     }
 }

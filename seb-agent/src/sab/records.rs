@@ -1,20 +1,24 @@
 //! The SAB's records in its own signed, hash-chained log (the audit ledger): every
-//! certify request, decision, approval (accepted or refused), issuance, expiry and policy load.
+//! certify request, decision, request awaiting approvals, approval (accepted or refused),
+//! issuance, expiry and policy load.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use super::evidence::Evidence;
+use super::{evidence::Evidence, identity::Agent};
 use crate::cert::{ExecutionContract, MutationRequest};
 
 pub const CERTIFY_KIND: &str = "sab_certify";
 pub const DECISION_KIND: &str = "sab_decision";
+pub const PENDING_KIND: &str = "sab_pending";
 pub const APPROVAL_KIND: &str = "sab_approval";
 pub const ISSUANCE_KIND: &str = "sab_issuance";
 pub const EXPIRY_KIND: &str = "sab_expiry";
 pub const POLICY_KIND: &str = "sab_policy";
 
 /// Every kind the SAB writes.
-pub const KINDS: [&str; 6] = [CERTIFY_KIND, DECISION_KIND, APPROVAL_KIND, ISSUANCE_KIND, EXPIRY_KIND, POLICY_KIND];
+pub const KINDS: [&str; 7] =
+    [CERTIFY_KIND, DECISION_KIND, PENDING_KIND, APPROVAL_KIND, ISSUANCE_KIND, EXPIRY_KIND, POLICY_KIND];
 
 /// A certify request as received (the live state by digest; the issuance holds it whole).
 #[derive(Debug, Serialize)]
@@ -40,6 +44,22 @@ pub struct DecisionRecord<'a> {
     pub approvers: &'a [String],
 }
 
+/// A request that awaits approvals: all it takes to resume it, after a restart too
+/// (the requester as authenticated, the draft with its live state, the deadline).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PendingRecord {
+    pub request_id: String,
+    pub requester: Agent,
+    pub request: MutationRequest,
+    pub precondition: String,
+    pub live_state: Option<Value>,
+    pub intent: String,
+    /// RFC 3339, to the nanosecond.
+    pub expires_at: String,
+    pub approvals_required: u32,
+    pub approvers: Vec<String>,
+}
+
 /// An approve or deny call: accepted, or refused with its error code.
 #[derive(Debug, Serialize)]
 pub struct ApprovalRecord<'a> {
@@ -52,6 +72,9 @@ pub struct ApprovalRecord<'a> {
     pub refused: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'a str>,
+    /// An accepted approval's time as the evidence holds it (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at: Option<&'a str>,
 }
 
 /// A certificate issued: its serial, the contract it binds and the evidence behind it.

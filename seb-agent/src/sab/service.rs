@@ -18,14 +18,17 @@ use super::{
     evidence::{self, Approval, Evidence, PolicyDecision},
     identity::Caller,
     issuer::Issuer,
+    pending,
     policy::{Grant, PolicyBook, Verdict},
-    records::{self, ApprovalRecord, CertifyRecord, DecisionRecord, ExpiryRecord, IssuanceRecord, PolicyRecord},
+    records::{
+        self, ApprovalRecord, CertifyRecord, DecisionRecord, ExpiryRecord, IssuanceRecord, PendingRecord, PolicyRecord,
+    },
     requests::{Draft, Entry, Issued, Requests, Status},
     schema::Facts,
     token_review::TokenReviewer,
 };
 use crate::{
-    audit::{Derived, Ledger, LedgerFiles, is_busy, keys, now_ns, store},
+    audit::{Ledger, LedgerFiles, is_busy, keys, now_ns, store},
     cert::{
         ExecutionContract, MutationRequest,
         ca::CaFiles,
@@ -34,8 +37,6 @@ use crate::{
     },
 };
 
-/// The SAB keeps no state derived from its log beyond what it holds in memory.
-const NO_DERIVED: Derived = Derived { schema: "", apply: |_, _| Ok(()) };
 const MAX_INTENT: usize = 4096;
 
 /// An answer: HTTP status and JSON body.
@@ -132,7 +133,7 @@ impl Sab {
         };
         let key = keys::load_or_create(&config.audit.signing_key)?;
         let files = LedgerFiles::new(&config.audit.database, &config.audit.signing_key);
-        let (ledger, thread) = Ledger::start(&files, key, NO_DERIVED).context("opening the SAB log")?;
+        let (ledger, thread) = Ledger::start(&files, key, pending::DERIVED).context("opening the SAB log")?;
         let issuer = Issuer::load(&CaFiles { cert: config.issuer.ca_cert.clone(), key: config.issuer.ca_key.clone() })?;
         let book = PolicyBook::load_dir(&config.policies, config.certificate_ttl())?;
         let last: Option<PolicyRecord> = ledger
@@ -153,7 +154,14 @@ impl Sab {
             }
         };
         info!(epoch, policies = book.policies, digest = %book.digest, "SAB policies loaded");
-        let requests = Requests::new(config.max_requests, config.max_pending);
+        let mut requests = Requests::new(config.max_requests, config.max_pending);
+        let awaiting = ledger.run(|batch| pending::load(batch.conn())).await.context("the pending requests")?;
+        if !awaiting.is_empty() {
+            info!(requests = awaiting.len(), "requests awaiting approvals resumed from the SAB log");
+        }
+        for entry in awaiting {
+            requests.insert(entry);
+        }
         let sab = Self {
             node,
             reviewer,
@@ -274,14 +282,28 @@ impl Sab {
                     return Reply::error(503, "too_many_pending", "too many requests await approval; try again later");
                 }
                 let decision = decision_record(&id, "pending", &loaded, &policies, &[], Some(&grant));
-                if let Err(e) =
-                    self.write(vec![(records::CERTIFY_KIND, certify), (records::DECISION_KIND, decision)]).await
-                {
-                    return ledger_error(e);
-                }
                 entry.status = Status::Pending;
                 entry.approvals_required = grant.approvals;
                 entry.approvers = grant.approvers.clone();
+                let waiting = json!(PendingRecord {
+                    request_id: id.clone(),
+                    requester: entry.requester.clone(),
+                    request: entry.draft.request.clone(),
+                    precondition: entry.draft.precondition.clone(),
+                    live_state: entry.draft.live_state.clone(),
+                    intent: entry.draft.intent.clone(),
+                    expires_at: pending::format_deadline(entry.expires),
+                    approvals_required: entry.approvals_required,
+                    approvers: entry.approvers.clone(),
+                });
+                let records = vec![
+                    (records::CERTIFY_KIND, certify),
+                    (records::DECISION_KIND, decision),
+                    (records::PENDING_KIND, waiting),
+                ];
+                if let Err(e) = self.write(records).await {
+                    return ledger_error(e);
+                }
                 requests.insert(entry);
                 Reply::ok(
                     202,
@@ -439,6 +461,7 @@ impl Sab {
         } else {
             None
         };
+        let at = rfc3339(SystemTime::now());
         let mut record = ApprovalRecord {
             request_id: id,
             approver: uri,
@@ -446,6 +469,7 @@ impl Sab {
             accepted: refusal.is_none(),
             refused: None,
             reason: reason.as_deref(),
+            at: (refusal.is_none() && verdict == Answer::Approve).then_some(at.as_str()),
         };
         if let Some(refusal) = refusal {
             record.refused = refusal.body["error"]["code"].as_str();
@@ -467,7 +491,7 @@ impl Sab {
                 }];
             }
             Answer::Approve => {
-                entry.approvals.push(Approval { approver: uri.into(), at: rfc3339(SystemTime::now()), reason });
+                entry.approvals.push(Approval { approver: uri.into(), at, reason });
                 if entry.approvals.len() as u32 >= entry.approvals_required
                     && let Err(reply) = self.conclude(&mut entry, &mut writes).await
                 {
@@ -546,13 +570,15 @@ impl Sab {
         Ok(())
     }
 
-    /// Append records, in order, in one commit.
+    /// Append records, in order, in one commit (shared with concurrent writes: the
+    /// ledger's group commit), keeping the requests awaiting approvals current with them.
     async fn write(&self, writes: Vec<(&'static str, Value)>) -> Result<()> {
         self.ledger
             .try_run(move |batch| {
                 let time_ns = now_ns();
                 for (kind, body) in &writes {
-                    batch.append(kind, time_ns, body)?;
+                    let record = batch.append_record(kind, time_ns, body)?;
+                    (pending::DERIVED.apply)(batch.conn(), &record)?;
                 }
                 Ok(())
             })
