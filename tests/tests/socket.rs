@@ -404,8 +404,9 @@ fn a_caller_that_execs_or_moves_cgroup_after_connecting_is_not_admitted_as_befor
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout);
-        serde_json::from_str(&stdout)
-            .unwrap_or_else(|e| panic!("{e}: {stdout}{}", String::from_utf8_lossy(&output.stderr)))
+        serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!("{contract_id}: {e} ({}): {stdout}{}", output.status, String::from_utf8_lossy(&output.stderr))
+        })
     };
 
     let unchanged = propose("c-unchanged", &[]);
@@ -417,12 +418,14 @@ fn a_caller_that_execs_or_moves_cgroup_after_connecting_is_not_admitted_as_befor
     assert_eq!(exec["reply"]["reason"], "caller_mismatch", "{exec}");
     assert!(exec["reply"]["message"].as_str().unwrap().contains(probe.to_str().unwrap()), "{exec}");
 
-    // Moved out of the contract's cgroup after connecting.
-    let elsewhere = f.sandbox.cgroup.join("exempt");
+    // Moved out of the contract's cgroup after connecting (within the enforcement scope:
+    // a process leaving it is killed).
+    let elsewhere = f.sandbox.cgroup.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
     let moved = propose("c-moved", &["--move-to", elsewhere.to_str().unwrap()]);
     assert_eq!(moved["reply"]["admitted"], false, "{moved}");
     assert_eq!(moved["reply"]["reason"], "caller_mismatch", "{moved}");
-    assert!(moved["reply"]["message"].as_str().unwrap().contains("/exempt"), "{moved}");
+    assert!(moved["reply"]["message"].as_str().unwrap().contains("/elsewhere"), "{moved}");
 }
 
 #[test]
