@@ -79,7 +79,7 @@ pub struct AdmissionConfig {
     /// Clock difference tolerated at both ends of the validity window, in seconds.
     #[serde(default = "default_clock_skew")]
     pub clock_skew_seconds: u64,
-    /// Certificate verifications running at once, off the async workers; omitted means
+    /// Certificate verifications running at once; omitted means
     /// one per CPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_parallel_verifications: Option<usize>,

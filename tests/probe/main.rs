@@ -101,6 +101,32 @@ enum Command {
         #[arg(long)]
         control: bool,
     },
+    /// Connect to the broker, then change what the broker binds (move to the cgroup
+    /// `--move-to`, or execve `--exec`, which proposes on the inherited connection), then
+    /// propose (certificate and request from files) and print the broker's reply. With
+    /// neither, it proposes as it connected.
+    ProposeAfterChange {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        request: PathBuf,
+        #[arg(long)]
+        move_to: Option<PathBuf>,
+        #[arg(long)]
+        exec: Option<PathBuf>,
+    },
+    /// Propose on the connected broker socket at descriptor `fd` (inherited across execve);
+    /// prints the reply.
+    ProposeOnFd {
+        #[arg(long)]
+        fd: i32,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        request: PathBuf,
+    },
     /// clone3 with CLONE_INTO_CGROUP: a child created straight into `cgroup` tries once;
     /// prints the child's outcome, or how it died.
     CloneInto {
@@ -223,6 +249,16 @@ fn run(command: Command) -> Result<()> {
         Command::Hold { socket, count } => hold(&socket, count),
         Command::ProposeAfterPidReuse { socket, cert, request, control } => {
             propose_after_pid_reuse(&socket, &cert, &request, control)
+        }
+        Command::ProposeAfterChange { socket, cert, request, move_to, exec } => {
+            propose_after_change(&socket, &cert, &request, move_to.as_deref(), exec.as_deref())
+        }
+        Command::ProposeOnFd { fd, cert, request } => {
+            use std::os::fd::FromRawFd;
+            // SAFETY: the descriptor was left open across execve for this process to use.
+            let stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+            println!("{}", json!({"reply": propose_on(stream, &cert, &request)?}));
+            Ok(())
         }
         Command::CloneInto { cgroup, method, addr } => clone_into(&cgroup, method, addr),
         Command::AfterMovedTo { cgroup, method, addr } => after_moved_to(&cgroup, method, addr),
@@ -565,6 +601,54 @@ fn hold(socket: &std::path::Path, count: usize) -> Result<()> {
 /// child (C) that keeps the connection. P exits and Q reaps it, so its PID is free; Q
 /// gives it to a new process (I) running this same program. Then C proposes over P's
 /// connection: a broker that looks the PID up afresh finds I, alive, same executable.
+/// One proposal on `stream`; the broker's reply.
+fn propose_on(
+    mut stream: std::os::unix::net::UnixStream,
+    cert: &std::path::Path,
+    request: &std::path::Path,
+) -> Result<Value> {
+    use std::io::Read;
+    let certificate = std::fs::read_to_string(cert)?;
+    let request: Value = serde_json::from_str(&std::fs::read_to_string(request)?)?;
+    let body = serde_json::to_vec(&json!({"v": 1, "type": "propose", "certificate": certificate, "request": request}))?;
+    stream.write_all(&(body.len() as u32).to_be_bytes())?;
+    stream.write_all(&body)?;
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len)?;
+    let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut reply)?;
+    Ok(serde_json::from_slice(&reply)?)
+}
+
+fn propose_after_change(
+    socket: &std::path::Path,
+    cert: &std::path::Path,
+    request: &std::path::Path,
+    move_to: Option<&std::path::Path>,
+    exec: Option<&std::path::Path>,
+) -> Result<()> {
+    let stream = std::os::unix::net::UnixStream::connect(socket).context("connecting to the broker")?;
+    if let Some(cgroup) = move_to {
+        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("moving into {}", cgroup.display()))?;
+    }
+    let Some(program) = exec else {
+        println!("{}", json!({"reply": propose_on(stream, cert, request)?}));
+        return Ok(());
+    };
+    use std::os::unix::process::CommandExt;
+    let fd = stream.as_raw_fd();
+    // Keep the connection open across execve.
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
+    let error = std::process::Command::new(program)
+        .args(["propose-on-fd", "--fd", &fd.to_string(), "--cert"])
+        .arg(cert)
+        .arg("--request")
+        .arg(request)
+        .exec();
+    bail!("exec {}: {error}", program.display())
+}
+
 fn propose_after_pid_reuse(
     socket: &std::path::Path,
     cert: &std::path::Path,

@@ -1,6 +1,7 @@
 //! The broker socket under attack, through the real socket: floods of idle connections,
 //! slow large requests, descriptor exhaustion, a caller whose PID is reused behind its
-//! connection, and SIGTERM with clients still connected.
+//! connection, a caller that execs or changes cgroup after connecting, and SIGTERM with
+//! clients still connected.
 
 use std::{
     io::{ErrorKind, Read, Write},
@@ -364,6 +365,67 @@ fn a_caller_whose_pid_is_reused_behind_its_connection_is_refused_and_recorded() 
     let record: Value = serde_json::from_str(&record).unwrap();
     assert_eq!(record["body"]["reason"], "caller_changed", "{record}");
     assert_eq!(record["body"]["caller"]["pid"], reused["caller_pid"], "{record}");
+}
+
+/// The broker keeps from accept only what cannot change while a connection lives (the
+/// pidfd, the PID, the credentials); what a process can change afterwards, and a contract
+/// binds, is read again for each request.
+#[test]
+fn a_caller_that_execs_or_moves_cgroup_after_connecting_is_not_admitted_as_before() {
+    let f = broker("callerchange", "", "");
+    let probe = f.sandbox.tools.probe.canonicalize().unwrap();
+    // The agent: a copy of the probe at a path of its own, in the workload cgroup.
+    let agent_exe = f.sandbox.dir.join("seb-agent-under-test");
+    std::fs::copy(&probe, &agent_exe).unwrap();
+    let workload = format!("{}/workload", f.sandbox.cgroup_relative);
+    let agent = AgentIdentity {
+        uid: Some(0),
+        exe: Some(agent_exe.to_string_lossy().into_owned()),
+        cgroup: Some(workload),
+        ..Default::default()
+    };
+    let role = ScopedIdentity::AwsRole { role_arn: "arn:aws:iam::123456789012:role/seb-demo".into() };
+    let request_file = f.sandbox.dir.join("request.json");
+    std::fs::write(&request_file, serde_json::to_string(&request()).unwrap()).unwrap();
+    let propose = |contract_id: &str, change: &[&str]| -> Value {
+        let contract: ExecutionContract = certified(contract_id, agent.clone(), &request(), "sha256:00", role.clone());
+        let cert = f.sandbox.dir.join(format!("{contract_id}.pem"));
+        std::fs::write(&cert, f.issue(&contract, &Default::default())).unwrap();
+        let output = std::process::Command::new(&agent_exe)
+            .arg("--cgroup")
+            .arg(f.sandbox.cgroup.join("workload"))
+            .args(["--netns", &f.sandbox.netns, "propose-after-change", "--socket"])
+            .arg(&f.sandbox.socket)
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--request")
+            .arg(&request_file)
+            .args(change)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!("{contract_id}: {e} ({}): {stdout}{}", output.status, String::from_utf8_lossy(&output.stderr))
+        })
+    };
+
+    let unchanged = propose("c-unchanged", &[]);
+    assert_eq!(unchanged["reply"]["admitted"], true, "{unchanged}");
+
+    // execve of another program on the same connection: the contract's executable is gone.
+    let exec = propose("c-exec", &["--exec", probe.to_str().unwrap()]);
+    assert_eq!(exec["reply"]["admitted"], false, "{exec}");
+    assert_eq!(exec["reply"]["reason"], "caller_mismatch", "{exec}");
+    assert!(exec["reply"]["message"].as_str().unwrap().contains(probe.to_str().unwrap()), "{exec}");
+
+    // Moved out of the contract's cgroup after connecting (within the enforcement scope:
+    // a process leaving it is killed).
+    let elsewhere = f.sandbox.cgroup.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let moved = propose("c-moved", &["--move-to", elsewhere.to_str().unwrap()]);
+    assert_eq!(moved["reply"]["admitted"], false, "{moved}");
+    assert_eq!(moved["reply"]["reason"], "caller_mismatch", "{moved}");
+    assert!(moved["reply"]["message"].as_str().unwrap().contains("/elsewhere"), "{moved}");
 }
 
 #[test]

@@ -2,12 +2,13 @@
 //!
 //! At accept, SO_PEERCRED names the connecting process and SO_PEERPIDFD pins it: the
 //! pidfd refers to that very process for the life of the connection, even once its PID
-//! names another process. For each request its identity (exe, cgroup, pod) is read from
-//! /proc/<pid>, and only then is the pidfd checked to still refer to a live process: if
-//! it does, the PID was that process's throughout the read (a PID is not reused while
-//! its process, zombie or not, still exists). A caller that has exited is refused. The
-//! check is made again before a decision is recorded, with the start time (field 22 of
-//! /proc/<pid>/stat) as a second witness.
+//! names another process. What cannot change while the connection lives is kept from
+//! accept: the PID and the credentials the socket recorded at connect. What can change
+//! (the executable, by execve; the cgroup, by a move; so the pod) is read from
+//! /proc/<pid> for each request, and only then is the pidfd checked to still refer to a
+//! live process: if it does, the PID was that process's throughout the read (a PID is
+//! not reused while its process, zombie or not, still exists). A caller that has exited
+//! is refused. The pidfd is checked again before a decision is recorded.
 
 use std::{
     os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
@@ -88,7 +89,6 @@ impl Peer {
     /// Read the process's identity from /proc, then check it is still the pinned one.
     pub fn identify(&self) -> Result<Caller> {
         let pid = self.pid;
-        let start_time = start_time(pid);
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| p.to_string_lossy().into_owned());
         let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
             .ok()
@@ -98,10 +98,9 @@ impl Peer {
                 "the process that opened this connection (pid {pid}) has exited; what /proc/{pid} shows now is not the caller"
             );
         }
-        let start_time = start_time?;
         let pod_uid = cgroup.as_deref().and_then(pod_uid_of);
         let identity = CallerIdentity { uid: self.uid, gid: self.gid, pid, exe, cgroup, pod_uid };
-        Ok(Caller { identity, start_time, peer: self.clone() })
+        Ok(Caller { identity, peer: self.clone() })
     }
 
     /// What SO_PEERCRED alone says.
@@ -130,7 +129,6 @@ fn getsockopt<T: Copy>(socket: BorrowedFd<'_>, option: libc::c_int) -> std::io::
 #[derive(Debug)]
 pub struct Caller {
     pub identity: CallerIdentity,
-    start_time: u64,
     peer: Peer,
 }
 
@@ -140,9 +138,10 @@ impl Caller {
         Peer::of_pid(uid, gid, pid)?.identify()
     }
 
-    /// Still the same live process as when identified.
+    /// Still the same live process as when identified (the pidfd pins it: its PID
+    /// cannot name another process while it lives).
     pub fn still_same(&self) -> bool {
-        self.peer.alive() && start_time(self.identity.pid).is_ok_and(|t| t == self.start_time)
+        self.peer.alive()
     }
 
     /// Whether the caller is the agent the contract names; `Err` says what differs.
@@ -182,23 +181,9 @@ impl Caller {
     }
 }
 
-/// Field 22 of /proc/<pid>/stat: start time in clock ticks since boot.
 /// A caller's attribute in a message: what was read, or that it could not be.
 fn known(value: Option<&str>) -> &str {
     value.unwrap_or("(unknown)")
-}
-
-fn start_time(pid: i32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name (field 2) may contain spaces and parentheses: skip past its last ')'.
-    let after_comm = stat.rsplit_once(')').map(|(_, rest)| rest).context("malformed /proc/<pid>/stat")?;
-    // after_comm starts at field 3; field 22 is the 20th from there.
-    let field = after_comm.split_whitespace().nth(19).context("short /proc/<pid>/stat")?;
-    let ticks = field.parse().context("non-numeric start time")?;
-    if ticks == 0 {
-        bail!("process {pid} has no start time");
-    }
-    Ok(ticks)
 }
 
 /// The pod UID in a kubelet cgroup path: `.../pod<uid>/...` (cgroupfs driver) or

@@ -26,7 +26,7 @@ use tracing::{error, info};
 
 use super::{
     chain::{Head, StoredRecord},
-    head::{self, Flush},
+    head::{self, Flush, HeadFile},
     now_ns,
     store::{self, OpenFiles},
     verify::{self, Signatures},
@@ -169,7 +169,7 @@ struct Writer {
     conn: Connection,
     key: SigningKey,
     head: Head,
-    files: LedgerFiles,
+    head_file: HeadFile,
     open_files: OpenFiles,
     since_checkpoint: u64,
     last_checkpoint: Instant,
@@ -205,11 +205,12 @@ impl Ledger {
         let LedgerOptions { queue, on_commit } = options;
         let (conn, head) = open_verified(files, &key, derived)?;
         let open_files = OpenFiles::pin(&files.database)?;
+        let head_file = HeadFile::create(&files.head, &head, &key)?;
         let writer = Writer {
             conn,
             key,
             head,
-            files: files.clone(),
+            head_file,
             open_files,
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
@@ -329,9 +330,6 @@ fn open_verified(files: &LedgerFiles, key: &SigningKey, derived: Derived) -> Res
         elapsed_ms = started.elapsed().as_millis() as u64,
         "audit store verified against its head file; admission state rebuilt from it"
     );
-    if verified.head != trusted {
-        head::write(&files.head, &verified.head, key, Flush::Now)?;
-    }
     Ok((conn, verified.head))
 }
 
@@ -353,7 +351,7 @@ fn run_ledger(mut writer: Writer, mut queue: mpsc::Receiver<Job>) {
             completion(result.clone());
         }
     }
-    if let Err(e) = head::write(&writer.files.head, &writer.head, &writer.key, Flush::Now) {
+    if let Err(e) = writer.head_file.record(&writer.head, &writer.key, Flush::Now) {
         error!(error = %format!("{e:#}"), "the audit head file could not be flushed at stop");
     }
 }
@@ -422,7 +420,7 @@ impl Writer {
         if moved {
             // Before anyone hears of the records: a later truncation is then detectable.
             let flush = if due { Flush::Now } else { Flush::Later };
-            head::write(&self.files.head, &head, &self.key, flush)?;
+            self.head_file.record(&head, &self.key, flush)?;
             if let Some(on_commit) = &self.on_commit {
                 on_commit(&commit);
             }

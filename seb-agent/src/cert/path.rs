@@ -6,7 +6,7 @@
 //! verification may check a bounded number of signatures and consider a bounded number of
 //! candidate issuers; past either bound it is refused, whatever paths remain untried.
 
-use x509_parser::prelude::*;
+use x509_parser::{oid_registry::OID_SIG_ED25519, prelude::*};
 
 use super::{
     profile,
@@ -126,14 +126,34 @@ impl Search<'_, '_> {
         self.budget.spend_candidate()?;
         profile::check_issuer(issuer, below)?;
         self.budget.spend_signature()?;
-        current
-            .verify_signature(Some(issuer.public_key()))
-            .map_err(|_| reject(Reason::UntrustedIssuer, format!("the signature does not verify against {what}")))?;
+        if !signature_verifies(current, issuer) {
+            return Err(reject(Reason::UntrustedIssuer, format!("the signature does not verify against {what}")));
+        }
         if !issuer.validity().is_valid_at(self.now) {
             return Err(reject(Reason::UntrustedIssuer, format!("{what} is outside its validity window")));
         }
         Ok(())
     }
+}
+
+/// Whether `issuer`'s key signed `current`. Ed25519 (what the SAB signs with) is checked
+/// with ed25519-dalek, strictly (canonical encodings, no small-order keys), which uses the
+/// CPU's vector units; ECDSA with x509-parser (ring).
+fn signature_verifies(current: &X509Certificate<'_>, issuer: &X509Certificate<'_>) -> bool {
+    if current.signature_algorithm.algorithm != OID_SIG_ED25519 {
+        return current.verify_signature(Some(issuer.public_key())).is_ok();
+    }
+    let key = issuer.public_key();
+    let (Ok(key), Ok(signature)) = (
+        <[u8; 32]>::try_from(&key.subject_public_key.data[..]),
+        ed25519_dalek::Signature::from_slice(&current.signature_value.data),
+    ) else {
+        return false;
+    };
+    issuer.public_key().algorithm.algorithm == OID_SIG_ED25519
+        && current.signature_algorithm.parameters.is_none()
+        && ed25519_dalek::VerifyingKey::from_bytes(&key)
+            .is_ok_and(|key| key.verify_strict(current.tbs_certificate.as_ref(), &signature).is_ok())
 }
 
 fn keep_most_specific(failure: &mut Option<Rejection>, rejection: Rejection) {
