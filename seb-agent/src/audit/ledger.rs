@@ -174,6 +174,8 @@ struct Writer {
     since_checkpoint: u64,
     last_checkpoint: Instant,
     on_commit: Option<OnCommit>,
+    /// Dropped with the writer, which stops the WAL checkpointer.
+    _checkpointer: std::sync::mpsc::Sender<()>,
 }
 
 impl Ledger {
@@ -204,6 +206,7 @@ impl Ledger {
     ) -> Result<(Self, JoinHandle<()>)> {
         let LedgerOptions { queue, on_commit } = options;
         let (conn, head) = open_verified(files, &key, derived)?;
+        let checkpointer = store::start_wal_checkpointer(&conn, &files.database)?;
         let open_files = OpenFiles::pin(&files.database)?;
         let head_file = HeadFile::create(&files.head, &head, &key)?;
         let writer = Writer {
@@ -215,6 +218,7 @@ impl Ledger {
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
             on_commit,
+            _checkpointer: checkpointer,
         };
         let (jobs, queue) = mpsc::channel::<Job>(queue);
         let thread = std::thread::Builder::new()

@@ -82,6 +82,33 @@ pub fn open_writable(path: &Path, create: bool) -> Result<Connection> {
     Ok(conn)
 }
 
+/// How often the WAL is copied back into the database.
+const WAL_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Move WAL checkpoints off the commit path: SQLite's automatic checkpoint runs inside
+/// the COMMIT that crosses its threshold (about every 60 certifies here), copying and
+/// syncing pages while that commit's callers wait. A thread with its own connection
+/// checkpoints instead (PASSIVE: it never blocks the writer) until the returned sender
+/// is dropped. Durability is the WAL's either way: a commit is synced there first.
+pub fn start_wal_checkpointer(writer: &Connection, path: &Path) -> Result<std::sync::mpsc::Sender<()>> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .with_context(|| format!("opening audit store {} for checkpoints", path.display()))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    writer.pragma_update(None, "wal_autocheckpoint", 0)?;
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("seb-wal-ckpt".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(WAL_CHECKPOINT_EVERY) {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "a WAL checkpoint of the audit store failed; retried");
+                }
+            }
+        })
+        .context("starting the WAL checkpoint thread")?;
+    Ok(stop)
+}
+
 /// The body of the newest record of `kind`.
 pub fn last_body(conn: &Connection, kind: &str) -> Result<Option<String>> {
     Ok(conn
