@@ -83,7 +83,7 @@ pub fn open_writable(path: &Path, create: bool) -> Result<Connection> {
 }
 
 /// How often the WAL is copied back into the database.
-const WAL_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+const WAL_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Move WAL checkpoints off the commit path: SQLite's automatic checkpoint runs inside
 /// the COMMIT that crosses its threshold (about every 60 certifies here), copying and
