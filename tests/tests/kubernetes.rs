@@ -31,6 +31,10 @@ struct World {
 }
 
 fn world(label: &str) -> World {
+    world_with(label, "")
+}
+
+fn world_with(label: &str, more: &str) -> World {
     let sandbox = Sandbox::new(label, tools()).unwrap();
     let cluster = kube_standin::start(&sandbox.netns, API.parse().unwrap(), &sandbox.dir).unwrap();
     cluster.put_object(
@@ -43,7 +47,7 @@ fn world(label: &str) -> World {
     std::fs::write(&token, BROKER_TOKEN).unwrap();
     let extra = format!(
         "[[enforcement.protected]]\ncidr = \"127.0.0.4\"\nport = 6443\nprotocol = \"tcp\"\n\n\
-         [kubernetes]\napi_server = \"https://{API}\"\nca_file = \"{}\"\ntoken_file = \"{}\"\n",
+         [kubernetes]\napi_server = \"https://{API}\"\nca_file = \"{}\"\ntoken_file = \"{}\"\n{more}",
         cluster.ca.display(),
         token.display()
     );
@@ -67,6 +71,49 @@ fn scale(replicas: i64) -> MutationRequest {
 
 fn deployer() -> ScopedIdentity {
     ScopedIdentity::KubernetesServiceAccount { namespace: "prod".into(), name: "deployer".into() }
+}
+
+/// A passthrough read (no certificate): a bound token for the configured reader, one
+/// GET with it, the token's Secret deleted; the answer carries the digest a SAB
+/// certifies as the precondition, for an object that exists and for one that does not.
+#[test]
+fn a_passthrough_read_uses_a_short_lived_reader_token_and_returns_the_precondition_digest() {
+    use seb_agent::protocol::{Request, Response};
+    let w = world_with("kuberead", "\n[passthrough]\nkubernetes_reader = \"seb-system/reader\"\n");
+    let read = |operation: &str, target: &str| {
+        let request =
+            serde_json::from_value(json!({"provider": "kubernetes", "operation": operation, "target": target}));
+        w.broker.call(Request::Read { request: request.unwrap() })
+    };
+    let Response::Read(result) = read("get", "apps/v1/Deployment/prod/web") else { panic!("expected a read result") };
+    assert_eq!(result.status, 200);
+    let body: serde_json::Value = serde_json::from_str(result.body.as_deref().unwrap()).unwrap();
+    assert_eq!(body["spec"]["replicas"], 2, "{body}");
+    assert_eq!(result.state_digest, w.state(), "the digest a SAB certifies as precondition");
+
+    let seen = w.cluster.seen();
+    let summary: Vec<(&str, &str)> = seen.iter().map(|s| (s.method.as_str(), s.path.as_str())).collect();
+    assert_eq!(
+        summary[..2],
+        [
+            ("POST", "/api/v1/namespaces/seb-system/secrets"),
+            ("POST", "/api/v1/namespaces/seb-system/serviceaccounts/reader/token")
+        ]
+    );
+    assert_eq!(summary[2], ("GET", DEPLOYMENT));
+    assert_ne!(seen[2].authorization, format!("Bearer {BROKER_TOKEN}"), "read with the reader's token");
+    assert_eq!(summary[3].0, "DELETE");
+    assert!(w.cluster.live_secrets().is_empty(), "the reader's token dies with the read");
+
+    let Response::Read(absent) = read("get", "apps/v1/Deployment/prod/gone") else { panic!("expected a read result") };
+    assert_eq!((absent.status, absent.body.as_deref()), (404, None));
+    assert_eq!(absent.state_digest, digest_of(&canonical_state(None)));
+
+    let Response::Error { message, .. } = read("scale", "apps/v1/Deployment/prod/web") else {
+        panic!("a mutation must not pass through");
+    };
+    assert!(message.contains("only `get`"), "{message}");
+    assert_eq!(w.cluster.object(DEPLOYMENT).unwrap()["spec"]["replicas"], 2);
 }
 
 #[test]

@@ -207,6 +207,15 @@ impl KubernetesExecutor {
         Ok(digest_of(&canonical_state(object.as_ref())))
     }
 
+    /// A passthrough read of the target: its status (200, or 404 when it does not exist),
+    /// the object as the API server returned it, and the digest of its canonical state.
+    pub async fn read(&self, target: &KubeTarget, session: &KubeSession) -> Result<(u16, Option<String>, String)> {
+        let object = target.api(&session.client).get_opt(&target.name).await?;
+        let digest = digest_of(&canonical_state(object.as_ref()));
+        let body = object.as_ref().map(serde_json::to_string).transpose()?;
+        Ok((if object.is_some() { 200 } else { 404 }, body, digest))
+    }
+
     /// Perform the mutation with the drift check's resourceVersion as precondition. The
     /// caller revokes the token (`revoke`) once it has read the resulting state.
     pub async fn mutate(&self, operation: &KubeOperation, session: &KubeSession) -> Result<(u16, Option<String>)> {

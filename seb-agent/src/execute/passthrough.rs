@@ -14,6 +14,7 @@ use super::{
         request::{CertifiedRead, StateRead},
     },
     https::target_url,
+    kubernetes::KubeTarget,
 };
 use crate::cert::{MutationRequest, Provider};
 
@@ -32,6 +33,10 @@ pub struct PassthroughConfig {
     /// URL prefixes HTTPS reads (GET) may address.
     #[serde(default)]
     pub http_prefixes: Vec<String>,
+    /// `<namespace>/<name>` of the read-only ServiceAccount a Kubernetes read mints a
+    /// bound token for (its RBAC decides what it may get); the token dies after the read.
+    #[serde(default)]
+    pub kubernetes_reader: Option<String>,
 }
 
 /// What a read returned.
@@ -74,7 +79,7 @@ pub fn state_read_for(mutation: &MutationRequest) -> Result<MutationRequest> {
             .map(|(read, _)| *read)
             .with_context(|| format!("no live-state read is known for `{}`", mutation.operation))?,
         Provider::Http => "GET",
-        Provider::Kubernetes => bail!("Kubernetes reads are not supported yet"),
+        Provider::Kubernetes => "get",
     };
     Ok(MutationRequest {
         provider: mutation.provider,
@@ -124,7 +129,21 @@ pub async fn read(
             let (status, body, digest) = executor.get(&target_url(&request.target)?, &session).await?;
             Ok(result(status, &body, digest))
         }
-        Provider::Kubernetes => bail!("Kubernetes reads are not supported yet"),
+        Provider::Kubernetes => {
+            if request.operation != "get" {
+                bail!("only `get` is a Kubernetes passthrough read, not `{}`", request.operation);
+            }
+            let reader = config.kubernetes_reader.as_deref().context("passthrough.kubernetes_reader is not set")?;
+            let (namespace, service_account) =
+                reader.split_once('/').context("passthrough.kubernetes_reader is <namespace>/<ServiceAccount name>")?;
+            let target = KubeTarget::parse(&request.target)?;
+            let executor = executors.kubernetes.as_ref().context("this broker has no Kubernetes executor")?;
+            let session = executor.mint(namespace, service_account, read_id).await?;
+            let read = executor.read(&target, &session).await;
+            executor.revoke(&session).await;
+            let (status, body, state_digest) = read?;
+            Ok(ReadResult { status, body, body_hex: None, state_digest })
+        }
     }
 }
 
@@ -174,6 +193,6 @@ mod tests {
         assert_eq!(state_read_for(&request("http", "PUT")).unwrap().operation, "GET");
         let unknown = state_read_for(&request("aws", "s3:CreateBucket")).unwrap_err().to_string();
         assert!(unknown.contains("s3:CreateBucket"), "{unknown}");
-        assert!(state_read_for(&request("kubernetes", "patch")).is_err());
+        assert_eq!(state_read_for(&request("kubernetes", "patch")).unwrap().operation, "get");
     }
 }
