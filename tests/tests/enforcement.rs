@@ -245,20 +245,7 @@ fn the_syscall_tracepoints_alone_refuse_packet_sockets_and_escapes() {
     }
     assert_eq!(sandbox.received().unwrap(), 0);
 
-    let mut waiting = Command::new(&sandbox.tools.probe)
-        .arg("--cgroup")
-        .arg(sandbox.cgroup.join("workload"))
-        .args(["--netns", &sandbox.netns, "after-moved-to", "--cgroup"])
-        .arg(sandbox.cgroup.join("broker"))
-        .args(["tcp", "127.0.0.2:8443"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(waiting.stdout.take().unwrap()).lines();
-    let hello: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    std::fs::write(sandbox.cgroup.join("broker/cgroup.procs"), hello["waiting"].to_string()).unwrap();
-    assert!(lines.next().is_none(), "the moved process reported an outcome");
-    assert_eq!(waiting.wait().unwrap().signal(), Some(9), "moved out of the scope by an operator");
+    killed_once_an_operator_moves_it_out(&sandbox);
     assert_eq!(sandbox.received().unwrap(), 0);
 
     if seb_agent::enforcement::compat_syscalls::run_here() {
@@ -308,18 +295,7 @@ fn a_process_that_has_been_in_the_scope_escapes_nothing_by_leaving_it() {
     assert_eq!(sandbox.received().unwrap(), 0, "nothing reached the endpoint");
 
     // Moved into the exempt cgroup by an operator (this test, outside the scope).
-    let mut waiting = Command::new(&sandbox.tools.probe)
-        .arg("--cgroup")
-        .arg(sandbox.cgroup.join("workload"))
-        .args(["--netns", &sandbox.netns, "after-moved-to", "--cgroup"])
-        .arg(sandbox.cgroup.join("exempt"))
-        .args(["tcp", "127.0.0.2:8443"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(waiting.stdout.take().unwrap()).lines();
-    let hello: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    std::fs::write(sandbox.cgroup.join("exempt/cgroup.procs"), hello["waiting"].to_string()).unwrap();
+    let (mut waiting, mut lines, _) = moved_by_an_operator(&sandbox, "exempt");
     let outcome: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
     waiting.wait().unwrap();
     assert_eq!(outcome["result"], "EPERM", "a scoped process moved into the exempt cgroup: {outcome}");
@@ -329,21 +305,7 @@ fn a_process_that_has_been_in_the_scope_escapes_nothing_by_leaving_it() {
 
     // Moved out of the scope altogether by an operator: no hook would judge a socket
     // made there, so its first socket() kills it.
-    let mut waiting = Command::new(&sandbox.tools.probe)
-        .arg("--cgroup")
-        .arg(sandbox.cgroup.join("workload"))
-        .args(["--netns", &sandbox.netns, "after-moved-to", "--cgroup"])
-        .arg(sandbox.cgroup.join("broker"))
-        .args(["tcp", "127.0.0.2:8443"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(waiting.stdout.take().unwrap()).lines();
-    let hello: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    let pid = hello["waiting"].as_u64().unwrap();
-    std::fs::write(sandbox.cgroup.join("broker/cgroup.procs"), pid.to_string()).unwrap();
-    assert!(lines.next().is_none(), "the moved process reported an outcome");
-    assert_eq!(waiting.wait().unwrap().signal(), Some(9), "moved out of the scope by an operator");
+    let pid = killed_once_an_operator_moves_it_out(&sandbox);
     let record = wait_for(&sandbox, |d| d["hook"] == "cgroup_migration" && d["tgid"] == pid);
     assert_eq!(record["action"], "killed", "{record}");
     assert_eq!(record["cgroup_path"], format!("{root}/workload"), "where it was scoped: {record}");
@@ -352,6 +314,37 @@ fn a_process_that_has_been_in_the_scope_escapes_nothing_by_leaving_it() {
 
     let outcome = sandbox.attempt("exempt", "tcp", "127.0.0.2:8443").unwrap();
     assert_eq!(outcome["result"], "ok", "a process that never was in the scope, in the exempt cgroup: {outcome}");
+}
+
+type ProbeLines = std::io::Lines<BufReader<std::process::ChildStdout>>;
+
+/// A probe in `<root>/workload` that waits until this test (an operator, never in the
+/// scope) moves it to `<root>/<to>`, then tries TCP to the protected endpoint. Returns
+/// the probe, its remaining output and its pid, once moved.
+fn moved_by_an_operator(sandbox: &Sandbox, to: &str) -> (std::process::Child, ProbeLines, u64) {
+    let mut waiting = Command::new(&sandbox.tools.probe)
+        .arg("--cgroup")
+        .arg(sandbox.cgroup.join("workload"))
+        .args(["--netns", &sandbox.netns, "after-moved-to", "--cgroup"])
+        .arg(sandbox.cgroup.join(to))
+        .args(["tcp", "127.0.0.2:8443"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(waiting.stdout.take().unwrap()).lines();
+    let hello: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let pid = hello["waiting"].as_u64().unwrap();
+    std::fs::write(sandbox.cgroup.join(to).join("cgroup.procs"), pid.to_string()).unwrap();
+    (waiting, lines, pid)
+}
+
+/// Moved out of the scope (to `<root>/broker`, unenforced) by an operator, the probe is
+/// killed at its first socket(), before it reports anything. Returns its pid.
+fn killed_once_an_operator_moves_it_out(sandbox: &Sandbox) -> u64 {
+    let (mut waiting, mut lines, pid) = moved_by_an_operator(sandbox, "broker");
+    assert!(lines.next().is_none(), "the moved process reported an outcome");
+    assert_eq!(waiting.wait().unwrap().signal(), Some(9), "moved out of the scope by an operator");
+    pid
 }
 
 /// A registration is worth nothing once its broker is gone: not through a duplicate of
