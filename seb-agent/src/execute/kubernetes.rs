@@ -207,13 +207,20 @@ impl KubernetesExecutor {
         Ok(digest_of(&canonical_state(object.as_ref())))
     }
 
-    /// A passthrough read of the target: its status (200, or 404 when it does not exist),
-    /// the object as the API server returned it, and the digest of its canonical state.
-    pub async fn read(&self, target: &KubeTarget, session: &KubeSession) -> Result<(u16, Option<String>, String)> {
-        let object = target.api(&session.client).get_opt(&target.name).await?;
-        let digest = digest_of(&canonical_state(object.as_ref()));
-        let body = object.as_ref().map(serde_json::to_string).transpose()?;
-        Ok((if object.is_some() { 200 } else { 404 }, body, digest))
+    /// Mint a token for `namespace/service_account`, get the target with it, and revoke
+    /// the token whatever the get did: the minted identity and the object (`None` when it
+    /// does not exist).
+    pub async fn read_with_fresh_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        target: &KubeTarget,
+        read_id: &str,
+    ) -> Result<(MintedIdentity, Option<DynamicObject>)> {
+        let session = self.mint(namespace, service_account, read_id).await?;
+        let object = target.api(&session.client).get_opt(&target.name).await;
+        self.revoke(&session).await;
+        Ok((session.identity, object?))
     }
 
     /// Perform the mutation with the drift check's resourceVersion as precondition. The
@@ -338,10 +345,8 @@ impl Executor for KubernetesExecutor {
                 bail!("a Kubernetes target needs a kubernetes_service_account")
             };
             let target = KubeTarget::parse(&request.target)?;
-            let mut session = self.mint(namespace, name, decision_id).await?;
-            let state = self.live_state(&target, &mut session).await;
-            self.revoke(&session).await;
-            Ok((session.identity, state?))
+            let (identity, object) = self.read_with_fresh_token(namespace, name, &target, decision_id).await?;
+            Ok((identity, digest_of(&canonical_state(object.as_ref()))))
         })
     }
 }

@@ -14,9 +14,9 @@ use super::{
         request::{CertifiedRead, StateRead},
     },
     https::target_url,
-    kubernetes::KubeTarget,
+    kubernetes::{KubeTarget, canonical_state},
 };
-use crate::cert::{MutationRequest, Provider};
+use crate::cert::{MutationRequest, Provider, contract::digest_of};
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -138,11 +138,10 @@ pub async fn read(
                 reader.split_once('/').context("passthrough.kubernetes_reader is <namespace>/<ServiceAccount name>")?;
             let target = KubeTarget::parse(&request.target)?;
             let executor = executors.kubernetes.as_ref().context("this broker has no Kubernetes executor")?;
-            let session = executor.mint(namespace, service_account, read_id).await?;
-            let read = executor.read(&target, &session).await;
-            executor.revoke(&session).await;
-            let (status, body, state_digest) = read?;
-            Ok(ReadResult { status, body, body_hex: None, state_digest })
+            let (_, object) = executor.read_with_fresh_token(namespace, service_account, &target, read_id).await?;
+            let state_digest = digest_of(&canonical_state(object.as_ref()));
+            let body = object.as_ref().map(serde_json::to_string).transpose()?;
+            Ok(ReadResult { status: if object.is_some() { 200 } else { 404 }, body, body_hex: None, state_digest })
         }
     }
 }
