@@ -45,8 +45,7 @@ fn sandbox(label: &str) -> Sandbox {
 /// Links of a sandbox agent: one per program (one scope cgroup, one exempt cgroup).
 /// The links one agent pins: one per program this node attaches (one scope cgroup).
 fn attached_links() -> usize {
-    let (programs, tables) = (seb_agent::enforcement::loader::PROGRAMS, SyscallTables::Auto);
-    programs.iter().filter(|(program, _)| seb_agent::enforcement::loader::supported(program, tables)).count()
+    seb_agent::enforcement::loader::attached_programs(SyscallTables::Auto).count()
 }
 
 fn cookie(outcome: &Value) -> u64 {

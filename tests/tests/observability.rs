@@ -58,10 +58,7 @@ fn metrics_health_and_status_report_what_the_agent_sees() {
     let status: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(status["ready"], true);
     // One link per program: the sandbox has one scope and one exempt cgroup.
-    let programs = seb_agent::enforcement::loader::PROGRAMS;
-    let tables = seb_agent::config::SyscallTables::Auto;
-    let attached =
-        programs.iter().filter(|(program, _)| seb_agent::enforcement::loader::supported(program, tables)).count();
+    let attached = seb_agent::enforcement::loader::attached_programs(seb_agent::config::SyscallTables::Auto).count();
     assert_eq!(status["links"].as_array().unwrap().len(), attached);
     assert_eq!(status["integrity"]["intact"], true, "{status}");
     assert_eq!(status["map_entries"]["SEB_PROTECTED_V4"], 2);

@@ -101,13 +101,18 @@ fn syscall_tracepoint(program: &str) -> Option<&'static str> {
 /// calls (x86_64 unless booted with `ia32_emulation=0`), `seb_sys_enter` watches both
 /// tables in place of the three syscall tracepoints, which see the 64-bit table only
 /// (unless the config asks for the native table alone).
-pub fn supported(program: &str, tables: SyscallTables) -> bool {
+fn supported(program: &str, tables: SyscallTables) -> bool {
     let both_tables = tables == SyscallTables::Auto && compat_syscalls::run_here();
     match program {
         "seb_sys_enter" => both_tables,
         _ if syscall_tracepoint(program).is_some() => !both_tables,
         _ => true,
     }
+}
+
+/// The programs attached on this node, and where each goes.
+pub fn attached_programs(tables: SyscallTables) -> impl Iterator<Item = &'static (&'static str, AttachTo)> + Clone {
+    PROGRAMS.iter().filter(move |(program, _)| supported(program, tables))
 }
 
 /// The cgroups programs are attached to.
@@ -194,7 +199,7 @@ pub fn attach_all(
     let map_ids = pinned_map_ids(layout)?;
     let mut states = Vec::new();
     let mut wanted = BTreeSet::new();
-    let programs = PROGRAMS.iter().filter(|(program, _)| supported(program, targets.syscall_tables));
+    let programs = attached_programs(targets.syscall_tables);
     for (program, _) in programs.clone() {
         load_program(ebpf, program)?;
     }
