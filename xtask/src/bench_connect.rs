@@ -104,8 +104,6 @@ fn syscall_cost(tools: &Tools) -> Result<Value> {
             std::thread::sleep(std::time::Duration::from_millis(500));
         }
     }
-    let added =
-        |config: &[f64], baseline: &[f64]| median(&config.iter().zip(baseline).map(|(c, b)| c - b).collect::<Vec<_>>());
     let [baseline, auto, native] = &samples;
     Ok(json!({
         "what": "getppid in the caller's CPU time, best of five runs of 2,000,000; added = median of per-round differences",
@@ -151,8 +149,6 @@ fn measure(tools: &Tools, cidrs: usize) -> Result<Value> {
         samples[6].push(sample(&plain, "workload", &enforced.netns, &udp(REMOTE_UDP))?);
         samples[7].push(sample(&enforced, "workload", &enforced.netns, &udp(REMOTE_UDP))?);
     }
-    let added =
-        |config: &[f64], baseline: &[f64]| median(&config.iter().zip(baseline).map(|(c, b)| c - b).collect::<Vec<_>>());
     let [udp_base, udp_miss, udp_allowed, tcp_base, tcp_bpf, tcp_nft, remote_base, remote_miss] = &samples;
     Ok(json!({
         "protected_cidrs": cidrs,
@@ -215,4 +211,9 @@ fn load_nft(netns: &str, count: usize) -> Result<()> {
     let status = Command::new("ip").args(["netns", "exec", netns, "nft", "-f"]).arg(&path).status()?;
     ensure!(status.success(), "loading the nftables rule set into {netns}");
     Ok(())
+}
+
+/// What a configuration adds: the median of its per-round differences to the baseline.
+fn added(config: &[f64], baseline: &[f64]) -> f64 {
+    median(&config.iter().zip(baseline).map(|(c, b)| c - b).collect::<Vec<_>>())
 }
