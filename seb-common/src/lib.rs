@@ -18,7 +18,6 @@ pub mod map_names {
     pub const CUT_PENDING: &str = "SEB_CUT_PENDING";
     pub const BROKER_PROCESSES: &str = "SEB_BROKER_PROCESSES";
     pub const EXEMPT_SOCKETS: &str = "SEB_EXEMPT_SOCKETS";
-    pub const SOCKET_ORIGINS: &str = "SEB_SOCKET_ORIGINS";
     pub const SCOPE_CGROUPS: &str = "SEB_SCOPE_CGROUPS";
     pub const LOCAL_PROTECTED: &str = "SEB_LOCAL_PROTECTED";
     pub const SCOPED_TASKS: &str = "SEB_SCOPED_TASKS";
@@ -38,10 +37,6 @@ pub const MAX_BROKER_PROCESSES: u32 = 64;
 /// socket, not the task that happens to use it. Removed when the socket closes; a full
 /// map exempts no new socket, which fails closed.
 pub const MAX_EXEMPT_SOCKETS: u32 = 65_536;
-/// Sockets created in the scope: cookie -> the cgroup they were created in, so a denial
-/// names the socket's cgroup as well as the task's. Removed when the socket closes; past
-/// a full map a denial names the task's cgroup alone.
-pub const MAX_SOCKET_ORIGINS: u32 = 65_536;
 /// Network namespaces with a protected endpoint on a local address.
 pub const MAX_LOCAL_NAMESPACES: u32 = 64;
 /// Local address prefixes tracked per family.
@@ -85,7 +80,18 @@ pub mod layout {
     /// `task_struct.thread_info.status` (x86_64: `TS_COMPAT` marks a 32-bit system call);
     /// `u32::MAX` where the architecture has none.
     pub const TASK_THREAD_STATUS: u32 = 13;
-    pub const LEN: u32 = 14;
+    /// `bpf_sock_addr_kern.sk`: the socket behind a sock_addr program's context.
+    pub const SOCK_ADDR_KERN_SK: u32 = 14;
+    /// `sock.sk_cgrp_data.cgroup`: the cgroup a socket was made in.
+    pub const SOCK_CGROUP: u32 = 15;
+    /// `io_kiocb.opcode`; this and the next two are `u32::MAX` on a kernel without
+    /// io_uring.
+    pub const IO_KIOCB_OPCODE: u32 = 16;
+    /// `io_kiocb.cmd` + `io_socket.domain`: the family an `IORING_OP_SOCKET` asks for.
+    pub const IO_SOCKET_DOMAIN: u32 = 17;
+    /// `io_kiocb.cmd` + `io_socket.type`.
+    pub const IO_SOCKET_TYPE: u32 = 18;
+    pub const LEN: u32 = 19;
 }
 /// Size of the denial ring buffer in bytes (a power of two, a multiple of the page size).
 pub const DENIAL_RING_BYTES: u32 = 1 << 20;

@@ -19,7 +19,7 @@ use seb_common::{
 
 use crate::{
     ALLOW, BROKER_PROCESSES, BROKER_SOCKETS, COUNTERS, CUT_PENDING, CUT_SOCKETS, DENIALS, DENY, EXEMPT_CGROUPS,
-    EXEMPT_SOCKETS, PROTECTED_V4, PROTECTED_V6, SCOPE_CGROUPS, SOCKET_ORIGINS, lineage, local, task,
+    EXEMPT_SOCKETS, PROTECTED_V4, PROTECTED_V6, SCOPE_CGROUPS, lineage, local, task,
 };
 
 /// Where a connection or packet is going.
@@ -116,7 +116,7 @@ pub fn judge_sock_addr(ctx: &SockAddrContext, dest: Destination, hook: Hook) -> 
     }
     // SAFETY: plain helper call; the origin is only read.
     let task_cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let socket_cgroup_id = unsafe { SOCKET_ORIGINS.get(&cookie) }.copied().unwrap_or(0);
+    let socket_cgroup_id = task::socket_cgroup_id(ctx.as_ptr());
     let report_to = Report { cookie, pid_tgid: bpf_get_current_pid_tgid(), uid_gid: bpf_get_current_uid_gid() };
     report_to.send(&judged, hook, task_cgroup_id, socket_cgroup_id, true);
     DENY
@@ -158,17 +158,6 @@ fn protected_destination(ctx: &SockAddrContext, dest: Destination, hook: Hook) -
 #[inline(always)]
 fn task_and_socket_exempt(tgid: u32, cookie: u64) -> bool {
     current_task_is_exempt() && socket_is_exempt(cookie) && !lineage::is_scoped(tgid)
-}
-
-/// Remember the cgroup a socket of the scope is made in, so a later denial names the
-/// socket's cgroup as well as the task's.
-#[inline(always)]
-pub fn remember_origin(ctx: &SockContext) -> i32 {
-    // SAFETY: plain helper calls.
-    let (cookie, cgroup_id) = unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), bpf_get_current_cgroup_id()) };
-    // A full map takes no more; a denial then names the task's cgroup only.
-    let _ = SOCKET_ORIGINS.insert(&cookie, &cgroup_id, 0);
-    ALLOW
 }
 
 /// At `sock_release`: drop the closed socket's entry from `sockets`.

@@ -49,7 +49,7 @@ use aya_ebpf::{
 use seb_common::{
     BrokerSocket, DENIAL_RING_BYTES, EndpointRules, FAMILY_V4, Hook, MAX_BROKER_PROCESSES, MAX_BROKER_SOCKETS,
     MAX_DOOMED_TASKS, MAX_EXEMPT_CGROUPS, MAX_EXEMPT_SOCKETS, MAX_LOCAL_NAMESPACES, MAX_PROTECTED_PREFIXES,
-    MAX_SCOPE_CGROUPS, MAX_SCOPED_TASKS, MAX_SOCKET_ORIGINS, counters, layout,
+    MAX_SCOPE_CGROUPS, MAX_SCOPED_TASKS, counters, layout,
 };
 
 use crate::decision::Destination;
@@ -82,10 +82,6 @@ static EXEMPT_SOCKETS: HashMap<u64, u64> = HashMap::pinned(MAX_EXEMPT_SOCKETS, 0
 /// The enforced cgroups, for the hooks that are not attached to a cgroup (LSM).
 #[map(name = "SEB_SCOPE_CGROUPS")]
 static SCOPE_CGROUPS: HashMap<u64, u8> = HashMap::pinned(MAX_SCOPE_CGROUPS, 0);
-
-/// Cookie -> cgroup id of the scope's sockets, taken at creation.
-#[map(name = "SEB_SOCKET_ORIGINS")]
-static SOCKET_ORIGINS: HashMap<u64, u64> = HashMap::pinned(MAX_SOCKET_ORIGINS, 0);
 
 /// Per network namespace (by cookie): the rules of protected endpoints whose address is
 /// local there, so a wildcard listener serving them answers on every local address.
@@ -151,19 +147,8 @@ pub fn seb_egress(ctx: SkBuffContext) -> i32 {
     egress(&ctx)
 }
 
-#[cgroup_sock(sock_create)]
-pub fn seb_sock_create(ctx: SockContext) -> i32 {
-    decision::remember_origin(&ctx)
-}
-
-/// Forget a closed socket of the scope. Entries are removed here rather than evicted,
-/// which keeps `sock_create` to one plain hash insert.
-#[cgroup_sock(sock_release)]
-pub fn seb_sock_release(ctx: SockContext) -> i32 {
-    decision::forget_socket(&ctx, &SOCKET_ORIGINS)
-}
-
-/// Forget a closed socket of an exempt cgroup.
+/// Forget a closed socket of an exempt cgroup. Entries are removed here rather than
+/// evicted, which keeps `sock_create` to one plain hash insert.
 #[cgroup_sock(sock_release)]
 pub fn seb_exempt_release(ctx: SockContext) -> i32 {
     decision::forget_socket(&ctx, &EXEMPT_SOCKETS)
@@ -213,6 +198,24 @@ pub fn seb_uring_setup(_ctx: TracePointContext) -> i32 {
 pub fn seb_uring_enter(_ctx: TracePointContext) -> i32 {
     lineage::kill_if_escaped();
     0
+}
+
+/// `io_uring_submit_req`: every request a ring submits, in the submitting task (the
+/// caller of `io_uring_enter()`, or a ring's SQPOLL thread, which submits without any
+/// system call). A process that left the scope is killed here, and so is a task of the
+/// scope whose `IORING_OP_SOCKET` asks for a link-layer family: that request makes a
+/// socket without `socket()`. The kill comes before the request runs; requests already
+/// in the same submission may still run before the process dies (see the README).
+#[btf_tracepoint(function = "io_uring_submit_req")]
+pub fn seb_uring_submit(ctx: BtfTracePointContext) -> i32 {
+    if lineage::kill_if_escaped() {
+        return 0;
+    }
+    let req: u64 = ctx.arg(0);
+    match task::uring_socket_request(req) {
+        Some((family, kind)) => decision::judge_socket_call(family, kind, false),
+        None => 0,
+    }
 }
 
 /// `sys_enter`, attached instead of the three syscall tracepoints above where the kernel

@@ -81,6 +81,29 @@ pub fn ancestor_cgroup_id(cgroup: u64, level: i32) -> u64 {
     cgroup_id(ancestor)
 }
 
+/// The id of the cgroup a socket was made in, from a sock_addr program's context (the
+/// kernel's `bpf_sock_addr_kern`); 0 if unreadable. Those programs may not call
+/// `bpf_sk_cgroup_id`, and reading it here costs nothing until a denial.
+#[inline(always)]
+pub fn socket_cgroup_id(ctx: *mut core::ffi::c_void) -> u64 {
+    let Some(sk) = read::<u64>(ctx as u64, layout::SOCK_ADDR_KERN_SK) else { return 0 };
+    read::<u64>(sk, layout::SOCK_CGROUP).map_or(0, cgroup_id)
+}
+
+/// `IORING_OP_SOCKET` in `enum io_uring_op` (uapi).
+const IORING_OP_SOCKET: u8 = 45;
+
+/// The family and type an io_uring request (`struct io_kiocb *`) asks for if it is an
+/// `IORING_OP_SOCKET`; `None` for any other request. Read after the kernel prepared the
+/// request from its submission entry, so the submitter cannot change them any more.
+#[inline(always)]
+pub fn uring_socket_request(req: u64) -> Option<(u32, u32)> {
+    if read::<u8>(req, layout::IO_KIOCB_OPCODE)? != IORING_OP_SOCKET {
+        return None;
+    }
+    Some((read::<i32>(req, layout::IO_SOCKET_DOMAIN)? as u32, read::<i32>(req, layout::IO_SOCKET_TYPE)? as u32))
+}
+
 /// Write the current task's executable into `out`: the names of `mm->exe_file`'s dentry
 /// and its parents, leaf first, up to the filesystem's root or `EXE_COMPONENTS` names.
 /// A kernel thread, or a layout not yet filled, leaves `out` as it is.

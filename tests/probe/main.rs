@@ -14,6 +14,7 @@ use std::{
 };
 
 mod packet;
+mod uring;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -143,6 +144,14 @@ enum Command {
         method: Method,
         addr: SocketAddr,
     },
+    /// Set up an io_uring with a kernel submission thread (SQPOLL), wait (up to 10 s)
+    /// until another process has moved this one into `cgroup`, then have the ring's thread
+    /// make a TCP socket and connect it to `addr`, with no system call; prints the outcome.
+    SqpollAfterMovedTo {
+        #[arg(long)]
+        cgroup: PathBuf,
+        addr: SocketAddr,
+    },
     /// Time `connect()` on one UDP socket, repeated; prints nanoseconds per call.
     BenchUdpConnect {
         addr: SocketAddr,
@@ -188,6 +197,8 @@ enum Method {
     PacketCompat,
     /// `Packet`, the socket made by i386 `socketcall(SYS_SOCKET)`, its arguments in memory.
     PacketSocketcall,
+    /// `Packet`, the socket made by an io_uring `IORING_OP_SOCKET`, without `socket()`.
+    PacketUring,
 }
 
 /// What to do between creating the socket and using it.
@@ -262,6 +273,10 @@ fn run(command: Command) -> Result<()> {
         }
         Command::CloneInto { cgroup, method, addr } => clone_into(&cgroup, method, addr),
         Command::AfterMovedTo { cgroup, method, addr } => after_moved_to(&cgroup, method, addr),
+        Command::SqpollAfterMovedTo { cgroup, addr } => {
+            let outcome = uring::sqpoll_connect_after(|| wait_until_moved_to(&cgroup), addr);
+            print(json!({"result": outcome.map_or_else(|e| format!("{e:#}"), |()| "ok".into()), "pid": std::process::id()}))
+        }
         Command::BenchUdpConnect { addr, iterations, register } => bench_udp_connect(addr, iterations, register),
         Command::BenchTcpConnect { addr, iterations } => bench_tcp_connect(addr, iterations),
         Command::BenchSyscall { iterations } => bench_syscall(iterations),
@@ -302,10 +317,12 @@ fn attempt_with(method: Method, addr: SocketAddr, setup: &Setup) -> Value {
     let result = match method {
         Method::Tcp | Method::UdpConnect => socket.connect_timeout(&addr.into(), Duration::from_secs(2)),
         Method::UdpSendto => socket.send_to(b"seb", &addr.into()).map(drop),
-        Method::IoUring => io_uring_connect(&socket, addr),
+        Method::IoUring => uring::connect(&socket, addr),
         Method::Raw => socket.send_to(&udp_datagram(addr.port()), &SocketAddr::new(addr.ip(), 0).into()).map(drop),
         Method::PacketDgram => packet::send(&socket, false, addr),
-        Method::Packet | Method::PacketCompat | Method::PacketSocketcall => packet::send(&socket, true, addr),
+        Method::Packet | Method::PacketCompat | Method::PacketSocketcall | Method::PacketUring => {
+            packet::send(&socket, true, addr)
+        }
     };
     json!({"result": outcome(result), "stage": "use", "cookie": cookie, "pid": std::process::id()})
 }
@@ -320,6 +337,7 @@ fn new_socket(method: Method, addr: SocketAddr) -> std::io::Result<Socket> {
         Method::PacketDgram => packet::socket(Type::DGRAM),
         Method::PacketCompat => packet::compat_socket(false),
         Method::PacketSocketcall => packet::compat_socket(true),
+        Method::PacketUring => packet::uring_socket(),
     }
 }
 
@@ -342,26 +360,6 @@ fn udp_datagram(port: u16) -> Vec<u8> {
     datagram.extend_from_slice(&0u16.to_be_bytes());
     datagram.extend_from_slice(payload);
     datagram
-}
-
-fn io_uring_connect(socket: &Socket, addr: SocketAddr) -> std::io::Result<()> {
-    let mut ring = io_uring::IoUring::new(4)?;
-    let sockaddr = socket2::SockAddr::from(addr);
-    let entry = io_uring::opcode::Connect::new(
-        io_uring::types::Fd(socket.as_raw_fd()),
-        sockaddr.as_ptr().cast(),
-        sockaddr.len(),
-    )
-    .build()
-    .user_data(1);
-    // SAFETY: the sockaddr outlives the submission, which completes before we return.
-    unsafe { ring.submission().push(&entry).map_err(std::io::Error::other)? };
-    ring.submit_and_wait(1)?;
-    let completion = ring.completion().next().ok_or_else(|| std::io::Error::other("no completion"))?;
-    match completion.result() {
-        result if result >= 0 => Ok(()),
-        errno => Err(std::io::Error::from_raw_os_error(-errno)),
-    }
 }
 
 fn exec(command: &[String]) -> std::io::Error {
@@ -557,6 +555,12 @@ fn clone_into(cgroup: &std::path::Path, method: Method, addr: SocketAddr) -> Res
 
 /// See `Command::AfterMovedTo`.
 fn after_moved_to(cgroup: &std::path::Path, method: Method, addr: SocketAddr) -> Result<()> {
+    wait_until_moved_to(cgroup)?;
+    print(attempt(method, addr))
+}
+
+/// Print `{"waiting": pid}`, then wait (up to 10 s) until this process is in `cgroup`.
+fn wait_until_moved_to(cgroup: &std::path::Path) -> Result<()> {
     let mount = seb_agent::cgroupfs::cgroup2_mount()?;
     let wanted = format!("0::/{}", cgroup.strip_prefix(&mount)?.display());
     print(json!({"waiting": std::process::id()}))?;
@@ -567,7 +571,7 @@ fn after_moved_to(cgroup: &std::path::Path, method: Method, addr: SocketAddr) ->
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    print(attempt(method, addr))
+    Ok(())
 }
 
 /// clone3 with `set_tid`: the child gets exactly `pid` (it must be free), as a process

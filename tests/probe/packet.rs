@@ -12,6 +12,11 @@ pub fn socket(kind: Type) -> std::io::Result<Socket> {
     Socket::new(Domain::PACKET, kind, Some((ETH_P_IP.to_be() as i32).into()))
 }
 
+/// An AF_PACKET SOCK_RAW socket made by an io_uring `IORING_OP_SOCKET` request.
+pub fn uring_socket() -> std::io::Result<Socket> {
+    crate::uring::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(ETH_P_IP.to_be()))
+}
+
 /// An AF_PACKET SOCK_RAW socket made through the 32-bit system call gate: i386
 /// `socket` (359), or `socketcall(SYS_SOCKET)` (102) with its arguments in low memory.
 #[cfg(target_arch = "x86_64")]

@@ -190,7 +190,8 @@ fn link_layer_sockets_are_refused_in_the_scope() {
         } else {
             &[]
         };
-        for &method in ["packet", "packet-dgram"].iter().chain(compat) {
+        // And by an io_uring IORING_OP_SOCKET request, which makes it without socket().
+        for &method in ["packet", "packet-dgram", "packet-uring"].iter().chain(compat) {
             let try_args = ["try", method, "127.0.0.2:8443"];
             let args = match uid {
                 Some(uid) => [&["--uid", uid][..], &try_args].concat(),
@@ -244,7 +245,7 @@ fn the_syscall_tracepoints_alone_refuse_packet_sockets_and_escapes() {
     }
     assert_eq!(sandbox.received().unwrap(), 0);
 
-    killed_once_an_operator_moves_it_out(&sandbox);
+    killed_once_an_operator_moves_it_out(&sandbox, AfterMove::Tcp);
     assert_eq!(sandbox.received().unwrap(), 0);
 
     if seb_agent::enforcement::compat_syscalls::run_here() {
@@ -294,7 +295,7 @@ fn a_process_that_has_been_in_the_scope_escapes_nothing_by_leaving_it() {
     assert_eq!(sandbox.received().unwrap(), 0, "nothing reached the endpoint");
 
     // Moved into the exempt cgroup by an operator (this test, outside the scope).
-    let (mut waiting, mut lines, _) = moved_by_an_operator(&sandbox, "exempt");
+    let (mut waiting, mut lines, _) = moved_by_an_operator(&sandbox, "exempt", AfterMove::Tcp);
     let outcome: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
     waiting.wait().unwrap();
     assert_eq!(outcome["result"], "EPERM", "a scoped process moved into the exempt cgroup: {outcome}");
@@ -304,12 +305,16 @@ fn a_process_that_has_been_in_the_scope_escapes_nothing_by_leaving_it() {
 
     // Moved out of the scope altogether by an operator: no hook would judge a socket
     // made there, so its first socket() kills it.
-    let pid = killed_once_an_operator_moves_it_out(&sandbox);
-    let record = wait_for(&sandbox, |d| d["hook"] == "cgroup_migration" && d["tgid"] == pid);
-    assert_eq!(record["action"], "killed", "{record}");
-    assert_eq!(record["cgroup_path"], format!("{root}/workload"), "where it was scoped: {record}");
-    assert_eq!(record["task_cgroup_path"], format!("{root}/broker"), "where it was moved: {record}");
-    assert_eq!(sandbox.received().unwrap(), 0);
+    // Nor does a ring whose kernel thread submits without any system call: its first
+    // request after the move kills it.
+    for how in [AfterMove::Tcp, AfterMove::SqpollRing] {
+        let pid = killed_once_an_operator_moves_it_out(&sandbox, how);
+        let record = wait_for(&sandbox, |d| d["hook"] == "cgroup_migration" && d["tgid"] == pid);
+        assert_eq!(record["action"], "killed", "{record}");
+        assert_eq!(record["cgroup_path"], format!("{root}/workload"), "where it was scoped: {record}");
+        assert_eq!(record["task_cgroup_path"], format!("{root}/broker"), "where it was moved: {record}");
+        assert_eq!(sandbox.received().unwrap(), 0);
+    }
 
     let outcome = sandbox.attempt("exempt", "tcp", "127.0.0.2:8443").unwrap();
     assert_eq!(outcome["result"], "ok", "a process that never was in the scope, in the exempt cgroup: {outcome}");
@@ -317,16 +322,31 @@ fn a_process_that_has_been_in_the_scope_escapes_nothing_by_leaving_it() {
 
 type ProbeLines = std::io::Lines<BufReader<std::process::ChildStdout>>;
 
+/// How a moved probe tries the protected endpoint.
+#[derive(Clone, Copy)]
+enum AfterMove {
+    /// `socket()` and `connect()`.
+    Tcp,
+    /// An io_uring set up before the move whose kernel thread (SQPOLL) makes and connects
+    /// the socket afterwards, with no system call.
+    SqpollRing,
+}
+
 /// A probe in `<root>/workload` that waits until this test (an operator, never in the
 /// scope) moves it to `<root>/<to>`, then tries TCP to the protected endpoint. Returns
 /// the probe, its remaining output and its pid, once moved.
-fn moved_by_an_operator(sandbox: &Sandbox, to: &str) -> (std::process::Child, ProbeLines, u64) {
+fn moved_by_an_operator(sandbox: &Sandbox, to: &str, how: AfterMove) -> (std::process::Child, ProbeLines, u64) {
+    let (command, method): (&str, &[&str]) = match how {
+        AfterMove::Tcp => ("after-moved-to", &["tcp"]),
+        AfterMove::SqpollRing => ("sqpoll-after-moved-to", &[]),
+    };
     let mut waiting = Command::new(&sandbox.tools.probe)
         .arg("--cgroup")
         .arg(sandbox.cgroup.join("workload"))
-        .args(["--netns", &sandbox.netns, "after-moved-to", "--cgroup"])
+        .args(["--netns", &sandbox.netns, command, "--cgroup"])
         .arg(sandbox.cgroup.join(to))
-        .args(["tcp", "127.0.0.2:8443"])
+        .args(method)
+        .arg("127.0.0.2:8443")
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -338,10 +358,13 @@ fn moved_by_an_operator(sandbox: &Sandbox, to: &str) -> (std::process::Child, Pr
 }
 
 /// Moved out of the scope (to `<root>/broker`, unenforced) by an operator, the probe is
-/// killed at its first socket(), before it reports anything. Returns its pid.
-fn killed_once_an_operator_moves_it_out(sandbox: &Sandbox) -> u64 {
-    let (mut waiting, mut lines, pid) = moved_by_an_operator(sandbox, "broker");
-    assert!(lines.next().is_none(), "the moved process reported an outcome");
+/// killed at its first socket() or io_uring request, before it reports anything. Returns
+/// its pid.
+fn killed_once_an_operator_moves_it_out(sandbox: &Sandbox, how: AfterMove) -> u64 {
+    let (mut waiting, mut lines, pid) = moved_by_an_operator(sandbox, "broker", how);
+    if let Some(line) = lines.next() {
+        panic!("the moved process reported an outcome: {line:?}");
+    }
     assert_eq!(waiting.wait().unwrap().signal(), Some(9), "moved out of the scope by an operator");
     pid
 }

@@ -17,8 +17,8 @@ const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
 const KIND_TYPE_TAG: u32 = 18;
 
-/// The fields, as `struct` and a member path, in `seb_common::layout` order.
-const FIELDS: [(u32, &str, &[&str]); layout::VALID as usize] = [
+/// The fields every architecture has, as `struct` and a member path.
+const FIELDS: [(u32, &str, &[&str]); 14] = [
     (layout::TASK_TGID, "task_struct", &["tgid"]),
     (layout::TASK_MM, "task_struct", &["mm"]),
     (layout::TASK_CGROUPS, "task_struct", &["cgroups"]),
@@ -31,6 +31,8 @@ const FIELDS: [(u32, &str, &[&str]); layout::VALID as usize] = [
     (layout::CGROUP_ANCESTORS, "cgroup", &["ancestors"]),
     (layout::CGROUP_KN, "cgroup", &["kn"]),
     (layout::KERNFS_NODE_ID, "kernfs_node", &["id"]),
+    (layout::SOCK_ADDR_KERN_SK, "bpf_sock_addr_kern", &["sk"]),
+    (layout::SOCK_CGROUP, "sock", &["sk_cgrp_data", "cgroup"]),
 ];
 
 /// The values of `SEB_KERNEL_LAYOUT` for the running kernel, `VALID` set.
@@ -51,8 +53,30 @@ pub fn kernel_layout() -> Result<[u32; layout::LEN as usize]> {
     } else {
         u32::MAX
     };
+    // io_uring's request layout, where the kernel has io_uring (`seb_uring_submit`).
+    let uring = [
+        (layout::IO_KIOCB_OPCODE, "io_kiocb", &["opcode"][..], None),
+        (layout::IO_SOCKET_DOMAIN, "io_socket", &["domain"], Some(("io_kiocb", &["cmd"][..]))),
+        (layout::IO_SOCKET_TYPE, "io_socket", &["type"], Some(("io_kiocb", &["cmd"]))),
+    ];
+    for (index, structure, path, inside) in uring {
+        let within = match inside {
+            Some((outer, outer_path)) => btf.offset_of(outer, outer_path).ok(),
+            None => Some(0),
+        };
+        values[index as usize] = match (within, btf.offset_of(structure, path).ok()) {
+            (Some(base), Some(offset)) => base + offset,
+            _ => u32::MAX,
+        };
+    }
     values[layout::VALID as usize] = 1;
     Ok(values)
+}
+
+/// Whether the running kernel has io_uring (its request layout is in the BTF).
+pub fn has_io_uring() -> bool {
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PRESENT.get_or_init(|| kernel_layout().is_ok_and(|values| values[layout::IO_KIOCB_OPCODE as usize] != u32::MAX))
 }
 
 struct Type {
@@ -199,5 +223,14 @@ mod tests {
         // x86_64's thread_info opens task_struct: flags, syscall_work, then status.
         #[cfg(target_arch = "x86_64")]
         assert_eq!(values[layout::TASK_THREAD_STATUS as usize], 16);
+        // A sock_addr program's context opens with the socket; a socket's cgroup sits
+        // well inside `struct sock`.
+        assert_eq!(values[layout::SOCK_ADDR_KERN_SK as usize], 0);
+        assert!(values[layout::SOCK_CGROUP as usize] > 0);
+        // An io_uring request's command area opens the request; `io_socket` starts with
+        // its file pointer, then domain and type.
+        assert_eq!(values[layout::IO_SOCKET_DOMAIN as usize], 8);
+        assert_eq!(values[layout::IO_SOCKET_TYPE as usize], 12);
+        assert!(has_io_uring());
     }
 }

@@ -29,7 +29,7 @@ use aya::{
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use super::{compat_syscalls, link_info::pinned_link};
+use super::{compat_syscalls, kernel_btf, link_info::pinned_link};
 use crate::{bpffs, cgroupfs, config::SyscallTables, tracefs};
 
 /// The kernel programs, built from `seb-ebpf` by `cargo xtask build`.
@@ -47,14 +47,12 @@ pub enum AttachTo {
 }
 
 /// The programs in the object and where each attaches.
-pub const PROGRAMS: [(&str, AttachTo); 17] = [
+pub const PROGRAMS: [(&str, AttachTo); 16] = [
     ("seb_connect4", AttachTo::Scope),
     ("seb_connect6", AttachTo::Scope),
     ("seb_sendmsg4", AttachTo::Scope),
     ("seb_sendmsg6", AttachTo::Scope),
     ("seb_egress", AttachTo::Scope),
-    ("seb_sock_create", AttachTo::Scope),
-    ("seb_sock_release", AttachTo::Scope),
     ("seb_exempt_origin", AttachTo::Exempt),
     ("seb_exempt_release", AttachTo::Exempt),
     ("seb_process_exit", AttachTo::Global),
@@ -65,6 +63,7 @@ pub const PROGRAMS: [(&str, AttachTo); 17] = [
     ("seb_uring_setup", AttachTo::Global),
     ("seb_uring_enter", AttachTo::Global),
     ("seb_sys_enter", AttachTo::Global),
+    ("seb_uring_submit", AttachTo::Global),
 ];
 
 /// The BTF tracepoint each such program attaches to.
@@ -72,6 +71,7 @@ fn btf_tracepoint(program: &str) -> Option<&'static str> {
     match program {
         "seb_sys_enter" => Some("sys_enter"),
         "seb_cgroup_migrate" => Some("cgroup_attach_task"),
+        "seb_uring_submit" => Some("io_uring_submit_req"),
         _ => None,
     }
 }
@@ -100,11 +100,13 @@ fn syscall_tracepoint(program: &str) -> Option<&'static str> {
 /// Whether a program is attached on this node. Where the kernel takes 32-bit system
 /// calls (x86_64 unless booted with `ia32_emulation=0`), `seb_sys_enter` watches both
 /// tables in place of the three syscall tracepoints, which see the 64-bit table only
-/// (unless the config asks for the native table alone).
+/// (unless the config asks for the native table alone). `seb_uring_submit` needs a
+/// kernel with io_uring.
 fn supported(program: &str, tables: SyscallTables) -> bool {
     let both_tables = tables == SyscallTables::Auto && compat_syscalls::run_here();
     match program {
         "seb_sys_enter" => both_tables,
+        "seb_uring_submit" => kernel_btf::has_io_uring(),
         _ if syscall_tracepoint(program).is_some() => !both_tables,
         _ => true,
     }
