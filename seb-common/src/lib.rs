@@ -91,7 +91,10 @@ pub mod layout {
     pub const IO_SOCKET_DOMAIN: u32 = 17;
     /// `io_kiocb.cmd` + `io_socket.type`.
     pub const IO_SOCKET_TYPE: u32 = 18;
-    pub const LEN: u32 = 19;
+    pub const TASK_SIGNAL: u32 = 19;
+    /// `signal_struct.live`: the threads of a process not yet exiting.
+    pub const SIGNAL_LIVE: u32 = 20;
+    pub const LEN: u32 = 21;
 }
 /// Size of the denial ring buffer in bytes (a power of two, a multiple of the page size).
 pub const DENIAL_RING_BYTES: u32 = 1 << 20;

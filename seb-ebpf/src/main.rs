@@ -99,7 +99,7 @@ static CUT_SOCKETS: HashMap<u64, u8> = HashMap::pinned(MAX_BROKER_SOCKETS, 0);
 static CUT_PENDING: Array<u64> = Array::pinned(1, 0);
 
 /// Processes that have been in the scope: tgid -> the cgroup they were scoped in.
-/// Entries leave when the process exits.
+/// Entries leave when the process's last thread exits.
 #[map(name = "SEB_SCOPED_TASKS")]
 static SCOPED_TASKS: HashMap<u32, u64> = HashMap::pinned(MAX_SCOPED_TASKS, NO_PREALLOC);
 
@@ -232,13 +232,15 @@ pub fn seb_sys_enter(ctx: BtfTracePointContext) -> i32 {
     decision::judge_sys_enter(id, regs)
 }
 
-/// `sched_process_exit` runs in the exiting task; the thread-group leader's exit ends
-/// the process, and with it any broker registration it held and its scoping.
+/// `sched_process_exit` runs in each exiting thread; the last one ends the process, and
+/// with it any broker registration it held and its scoping. (Not the leader's exit: a
+/// leader can end alone with `exit()` while its other threads go on, and a process must
+/// not shed its scoping that way.)
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn seb_process_exit(_ctx: RawTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, pid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    if tgid != pid {
+    if !task::current_process_is_gone().unwrap_or(tgid == pid) {
         return 0;
     }
     // SAFETY: the values are only tested for presence.

@@ -38,6 +38,16 @@ pub fn tgid(task: u64) -> Option<u32> {
     read::<i32>(task, layout::TASK_TGID).map(|tgid| tgid as u32)
 }
 
+/// Whether the exiting current task is the last thread of its process: `do_exit` has
+/// counted it out of `signal->live` before `sched_process_exit`. `None` if unreadable.
+#[inline(always)]
+pub fn current_process_is_gone() -> Option<bool> {
+    // SAFETY: plain helper call.
+    let task = unsafe { bpf_get_current_task() };
+    let signal = read::<u64>(task, layout::TASK_SIGNAL)?;
+    read::<i32>(signal, layout::SIGNAL_LIVE).map(|live| live == 0)
+}
+
 /// x86_64's `TS_COMPAT`: the current system call came through the 32-bit gate.
 const TS_COMPAT: u32 = 0x0002;
 

@@ -141,6 +141,10 @@ enum Command {
     AfterMovedTo {
         #[arg(long)]
         cgroup: PathBuf,
+        /// Once moved, the thread-group leader ends (`exit()` of its thread alone) and
+        /// another thread of the process tries.
+        #[arg(long)]
+        leader_exits: bool,
         method: Method,
         addr: SocketAddr,
     },
@@ -272,10 +276,26 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::CloneInto { cgroup, method, addr } => clone_into(&cgroup, method, addr),
-        Command::AfterMovedTo { cgroup, method, addr } => after_moved_to(&cgroup, method, addr),
+        Command::AfterMovedTo { cgroup, leader_exits: false, method, addr } => after_moved_to(&cgroup, method, addr),
+        Command::AfterMovedTo { cgroup, leader_exits: true, method, addr } => {
+            wait_until_moved_to(&cgroup)?;
+            let leader = std::process::id();
+            std::thread::spawn(move || {
+                if let Err(e) = leader_gone(leader).and_then(|()| print(attempt(method, addr))) {
+                    eprintln!("seb-probe: {e:#}");
+                    std::process::exit(2);
+                }
+                std::process::exit(0)
+            });
+            // SAFETY: ends this thread alone; the process goes on in the other one.
+            unsafe { libc::syscall(libc::SYS_exit, 0) };
+            unreachable!("the leader's thread has exited")
+        }
         Command::SqpollAfterMovedTo { cgroup, addr } => {
             let outcome = uring::sqpoll_connect_after(|| wait_until_moved_to(&cgroup), addr);
-            print(json!({"result": outcome.map_or_else(|e| format!("{e:#}"), |()| "ok".into()), "pid": std::process::id()}))
+            print(
+                json!({"result": outcome.map_or_else(|e| format!("{e:#}"), |()| "ok".into()), "pid": std::process::id()}),
+            )
         }
         Command::BenchUdpConnect { addr, iterations, register } => bench_udp_connect(addr, iterations, register),
         Command::BenchTcpConnect { addr, iterations } => bench_tcp_connect(addr, iterations),
@@ -559,15 +579,41 @@ fn after_moved_to(cgroup: &std::path::Path, method: Method, addr: SocketAddr) ->
     print(attempt(method, addr))
 }
 
+/// Wait (up to 5 s) until the thread-group leader `tgid` is a zombie: its thread ended.
+fn leader_gone(tgid: u32) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tgid}/stat"))?;
+        // The state follows the parenthesised command name.
+        if stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the leader never exited");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Print `{"waiting": pid}`, then wait (up to 10 s) until this process is in `cgroup`.
 fn wait_until_moved_to(cgroup: &std::path::Path) -> Result<()> {
+    wait_until_in(&cgroup_line(cgroup)?)
+}
+
+/// The line `/proc/<pid>/cgroup` shows for a process in `cgroup`.
+fn cgroup_line(cgroup: &std::path::Path) -> Result<String> {
     let mount = seb_agent::cgroupfs::cgroup2_mount()?;
-    let wanted = format!("0::/{}", cgroup.strip_prefix(&mount)?.display());
+    Ok(format!("0::/{}", cgroup.strip_prefix(&mount)?.display()))
+}
+
+/// Print `{"waiting": pid}`, then wait (up to 10 s) until this thread's cgroup line is
+/// `wanted`.
+fn wait_until_in(wanted: &str) -> Result<()> {
     print(json!({"waiting": std::process::id()}))?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string("/proc/self/cgroup")?.lines().all(|line| line != wanted) {
+    while std::fs::read_to_string("/proc/thread-self/cgroup")?.lines().all(|line| line != wanted) {
         if Instant::now() > deadline {
-            bail!("never moved to {}", cgroup.display());
+            bail!("never moved to {wanted}");
         }
         std::thread::sleep(Duration::from_millis(5));
     }

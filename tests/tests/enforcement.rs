@@ -294,14 +294,18 @@ fn a_process_that_has_been_in_the_scope_escapes_nothing_by_leaving_it() {
     }
     assert_eq!(sandbox.received().unwrap(), 0, "nothing reached the endpoint");
 
-    // Moved into the exempt cgroup by an operator (this test, outside the scope).
-    let (mut waiting, mut lines, _) = moved_by_an_operator(&sandbox, "exempt", AfterMove::Tcp);
-    let outcome: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    waiting.wait().unwrap();
-    assert_eq!(outcome["result"], "EPERM", "a scoped process moved into the exempt cgroup: {outcome}");
-    let denial = sandbox.wait_for_denial(cookie(&outcome)).unwrap();
-    assert_eq!(denial["cgroup_path"], format!("{root}/exempt"), "its socket was made there: {denial}");
-    assert_eq!(sandbox.received().unwrap(), 0);
+    // Moved into the exempt cgroup by an operator (this test, outside the scope); also
+    // once its first thread (the leader) has ended alone: the process stays scoped until
+    // its last thread ends.
+    for how in [AfterMove::Tcp, AfterMove::TcpAfterLeaderExit] {
+        let (mut waiting, mut lines, _) = moved_by_an_operator(&sandbox, "exempt", how);
+        let outcome: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        waiting.wait().unwrap();
+        assert_eq!(outcome["result"], "EPERM", "a scoped process moved into the exempt cgroup: {outcome}");
+        let denial = sandbox.wait_for_denial(cookie(&outcome)).unwrap();
+        assert_eq!(denial["cgroup_path"], format!("{root}/exempt"), "its socket was made there: {denial}");
+        assert_eq!(sandbox.received().unwrap(), 0);
+    }
 
     // Moved out of the scope altogether by an operator: no hook would judge a socket
     // made there, so its first socket() kills it.
@@ -327,6 +331,9 @@ type ProbeLines = std::io::Lines<BufReader<std::process::ChildStdout>>;
 enum AfterMove {
     /// `socket()` and `connect()`.
     Tcp,
+    /// The same from a second thread, once moved and once the process's first thread (its
+    /// leader) has ended alone.
+    TcpAfterLeaderExit,
     /// An io_uring set up before the move whose kernel thread (SQPOLL) makes and connects
     /// the socket afterwards, with no system call.
     SqpollRing,
@@ -338,6 +345,7 @@ enum AfterMove {
 fn moved_by_an_operator(sandbox: &Sandbox, to: &str, how: AfterMove) -> (std::process::Child, ProbeLines, u64) {
     let (command, method): (&str, &[&str]) = match how {
         AfterMove::Tcp => ("after-moved-to", &["tcp"]),
+        AfterMove::TcpAfterLeaderExit => ("after-moved-to", &["--leader-exits", "tcp"]),
         AfterMove::SqpollRing => ("sqpoll-after-moved-to", &[]),
     };
     let mut waiting = Command::new(&sandbox.tools.probe)

@@ -18,7 +18,7 @@ const KIND_RESTRICT: u32 = 11;
 const KIND_TYPE_TAG: u32 = 18;
 
 /// The fields every architecture has, as `struct` and a member path.
-const FIELDS: [(u32, &str, &[&str]); 14] = [
+const FIELDS: [(u32, &str, &[&str]); 16] = [
     (layout::TASK_TGID, "task_struct", &["tgid"]),
     (layout::TASK_MM, "task_struct", &["mm"]),
     (layout::TASK_CGROUPS, "task_struct", &["cgroups"]),
@@ -33,6 +33,8 @@ const FIELDS: [(u32, &str, &[&str]); 14] = [
     (layout::KERNFS_NODE_ID, "kernfs_node", &["id"]),
     (layout::SOCK_ADDR_KERN_SK, "bpf_sock_addr_kern", &["sk"]),
     (layout::SOCK_CGROUP, "sock", &["sk_cgrp_data", "cgroup"]),
+    (layout::TASK_SIGNAL, "task_struct", &["signal"]),
+    (layout::SIGNAL_LIVE, "signal_struct", &["live"]),
 ];
 
 /// The values of `SEB_KERNEL_LAYOUT` for the running kernel, `VALID` set.
