@@ -54,7 +54,7 @@ pub async fn run(config: Config) -> Result<()> {
     let (ledger, ledger_thread) = Ledger::start_with(&files, key, crate::admission::state::DERIVED, options)?;
 
     let layout = PinLayout::new(&config.bpf.pin_path);
-    let mut enforcer = Enforcer::load(layout.clone(), mount.clone())?;
+    let mut enforcer = Enforcer::load(layout.clone(), mount.clone(), config.enforcement.max_scoped_processes)?;
     enforcer.apply(&sources)?;
     let adopted = enforcer.links().iter().filter(|l| l.origin == loader::LinkOrigin::Adopted).count();
     info!(links = enforcer.links().len(), adopted, pin_path = %layout.root.display(), "kernel enforcement active");

@@ -135,6 +135,15 @@ pub struct EnforcementConfig {
     /// Which system call tables are watched for sockets the IP hooks never see.
     #[serde(default)]
     pub syscall_tables: SyscallTables,
+    /// How many live processes that have been in the scope the kernel can follow
+    /// (`SEB_SCOPED_TASKS`). Past it, a new one is killed at its first `socket()` or
+    /// io_uring call rather than go unfollowed. Changing it takes effect after `unload`.
+    #[serde(default = "default_max_scoped_processes")]
+    pub max_scoped_processes: u32,
+}
+
+fn default_max_scoped_processes() -> u32 {
+    seb_common::MAX_SCOPED_TASKS
 }
 
 /// `auto` watches every table the kernel takes calls through. `native` watches only the
@@ -285,6 +294,7 @@ impl Default for EnforcementConfig {
             protected_hosts: Vec::new(),
             resolver: None,
             syscall_tables: SyscallTables::Auto,
+            max_scoped_processes: default_max_scoped_processes(),
         }
     }
 }
@@ -366,6 +376,12 @@ impl Config {
             if cluster.staleness_seconds == 0 {
                 return Err(invalid("cluster.staleness_seconds", "must be at least 1"));
             }
+        }
+        if !(MIN_SCOPED_PROCESSES..=MAX_SCOPED_PROCESSES).contains(&self.enforcement.max_scoped_processes) {
+            return Err(invalid(
+                "enforcement.max_scoped_processes",
+                format!("must be between {MIN_SCOPED_PROCESSES} and {MAX_SCOPED_PROCESSES}"),
+            ));
         }
         for (i, path) in self.enforcement.scope.iter().enumerate() {
             check_cgroup_path(&format!("enforcement.scope[{i}]"), path)?;
@@ -457,6 +473,10 @@ impl BrokerConfig {
 /// The largest `broker.max_connections` accepted (each connection holds two descriptors:
 /// its socket and its caller's pidfd).
 pub const MAX_CONNECTIONS: usize = 65_536;
+/// Bounds of `enforcement.max_scoped_processes`: the kernel's own ceiling on process ids
+/// (`PID_MAX_LIMIT` on 64-bit), and a floor no real scope is below.
+const MIN_SCOPED_PROCESSES: u32 = 16;
+const MAX_SCOPED_PROCESSES: u32 = 4_194_304;
 
 impl ProtectedEndpoint {
     /// Validate the entry at `list[index]`; errors name that field.
@@ -588,6 +608,7 @@ mod tests {
         let cases = [
             ("[bpf]\npin_path = \"relative\"", "bpf.pin_path"),
             ("[enforcement]\nscope = []", "enforcement.scope"),
+            ("[enforcement]\nmax_scoped_processes = 1", "enforcement.max_scoped_processes"),
             ("[enforcement]\nscope = [\"kubepods\"]", "enforcement.scope[0]"),
             ("[enforcement]\nexempt_cgroups = [\"/a/../b\"]", "enforcement.exempt_cgroups[0]"),
             ("[[enforcement.protected]]\ncidr = \"10.0.0.300/32\"", "enforcement.protected[0].cidr"),

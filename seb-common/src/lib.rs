@@ -206,6 +206,9 @@ pub enum Hook {
     /// A process that had been in the scope moved itself out of it (or into an exempt
     /// cgroup), or moved another such process out.
     Migrate = 8,
+    /// A process of the scope the kernel could not follow (`SEB_SCOPED_TASKS` was full),
+    /// killed at its first `socket()` or io_uring call.
+    Unfollowed = 9,
 }
 
 impl Hook {
@@ -219,6 +222,7 @@ impl Hook {
             6 => Self::Egress6,
             7 => Self::SockCreate,
             8 => Self::Migrate,
+            9 => Self::Unfollowed,
             _ => return None,
         })
     }
@@ -234,6 +238,7 @@ impl Hook {
             Self::Egress6 => "egress6",
             Self::SockCreate => "socket_syscall",
             Self::Migrate => "cgroup_migration",
+            Self::Unfollowed => "scope_table_full",
         }
     }
 }

@@ -403,10 +403,10 @@ impl Report {
     }
 
     #[inline(always)]
-    fn send_migration(&self, cgroup_id: u64, scoped_in: u64) {
+    fn send_migration(&self, hook: Hook, cgroup_id: u64, scoped_in: u64) {
         let mut dest = Destination::v4([0; 4], 0, 0);
         dest.family = FAMILY_NONE;
-        self.write(&dest, Hook::Migrate, cgroup_id, scoped_in, (0, 0), true);
+        self.write(&dest, hook, cgroup_id, scoped_in, (0, 0), true);
     }
 
     /// Send a denial to the agent; a full ring buffer is counted, never silent.
@@ -460,8 +460,19 @@ impl Report {
 /// cgroup the moved process had been scoped in.
 #[inline(always)]
 pub fn report_migration(scoped_in: u64) {
+    report_kill(Hook::Migrate, scoped_in);
+}
+
+/// Report a process of the scope killed because the kernel could not follow it.
+#[inline(always)]
+pub fn report_unfollowed(scoped_in: u64) {
+    report_kill(Hook::Unfollowed, scoped_in);
+}
+
+#[inline(always)]
+fn report_kill(hook: Hook, scoped_in: u64) {
     // SAFETY: plain helper call.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let report_to = Report { cookie: 0, pid_tgid: bpf_get_current_pid_tgid(), uid_gid: bpf_get_current_uid_gid() };
-    report_to.send_migration(cgroup_id, scoped_in);
+    report_to.send_migration(hook, cgroup_id, scoped_in);
 }

@@ -23,6 +23,10 @@ use crate::{DOOMED_TASKS, SCOPED_TASKS, decision, task};
 
 const SIGKILL: u32 = 9;
 
+/// Marks a `SEB_DOOMED_TASKS` value: the process was doomed because `SEB_SCOPED_TASKS`
+/// was full, not for leaving the scope. (Cgroup ids never reach the top bit.)
+const UNFOLLOWED: u64 = 1 << 63;
+
 /// Whether the process `tgid` has been in the scope.
 #[inline(always)]
 pub fn is_scoped(tgid: u32) -> bool {
@@ -30,11 +34,23 @@ pub fn is_scoped(tgid: u32) -> bool {
     unsafe { SCOPED_TASKS.get(&tgid) }.is_some()
 }
 
+/// Follow `tgid`, scoped in `cgroup_id`. A full map cannot take it, and a process that
+/// is not followed could leave the scope unseen: it is doomed instead (killed at its first
+/// `socket()` or io_uring call), and if even that map is full, the calling process is
+/// killed now when it is of the scope itself (never an operator moving a process in).
+/// Fail closed; `enforcement.max_scoped_processes` sizes the map.
 #[inline(always)]
 fn mark_scoped(tgid: u32, cgroup_id: u64) {
-    // A full map cannot take the process: it is then only enforced while it stays in the
-    // scope. The agent sizes the map far above the scope's process count.
-    let _ = SCOPED_TASKS.insert(&tgid, &cgroup_id, 0);
+    if SCOPED_TASKS.insert(&tgid, &cgroup_id, 0).is_ok() {
+        return;
+    }
+    if DOOMED_TASKS.insert(&tgid, &(cgroup_id | UNFOLLOWED), 0).is_err()
+        && (current_in_enforced_cgroup() || is_scoped(current_tgid()))
+    {
+        // SAFETY: the signal goes to the calling process.
+        unsafe { bpf_send_signal(SIGKILL) };
+        decision::report_unfollowed(cgroup_id);
+    }
 }
 
 /// The current task is in an enforced cgroup that is not exempt.
@@ -134,7 +150,11 @@ pub fn kill_if_escaped() -> bool {
     if doomed.is_some() {
         let _ = DOOMED_TASKS.remove(&tgid);
     }
-    decision::report_migration(scoped_in);
+    if scoped_in & UNFOLLOWED != 0 {
+        decision::report_unfollowed(scoped_in & !UNFOLLOWED);
+    } else {
+        decision::report_migration(scoped_in);
+    }
     true
 }
 

@@ -136,6 +136,14 @@ enum Command {
         method: Method,
         addr: SocketAddr,
     },
+    /// Fork `count` children that all live at once, then let each try once; prints the
+    /// pids of the children that were killed and of those that exited.
+    Fork {
+        #[arg(long)]
+        count: usize,
+        method: Method,
+        addr: SocketAddr,
+    },
     /// Wait (up to 10 s) until another process has moved this one into `cgroup`, then try
     /// once from there.
     AfterMovedTo {
@@ -276,6 +284,7 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::CloneInto { cgroup, method, addr } => clone_into(&cgroup, method, addr),
+        Command::Fork { count, method, addr } => fork_children(count, method, addr),
         Command::AfterMovedTo { cgroup, leader_exits: false, method, addr } => after_moved_to(&cgroup, method, addr),
         Command::AfterMovedTo { cgroup, leader_exits: true, method, addr } => {
             wait_until_moved_to(&cgroup)?;
@@ -571,6 +580,36 @@ fn clone_into(cgroup: &std::path::Path, method: Method, addr: SocketAddr) -> Res
     value["child"] = json!(ret);
     value["child_status"] = json!(format!("{status:?}"));
     print(value)
+}
+
+/// See `Command::Fork`.
+fn fork_children(count: usize, method: Method, addr: SocketAddr) -> Result<()> {
+    use nix::{sys::wait::WaitStatus, unistd::ForkResult};
+    // Every child waits until the parent closes the pipe, so all are alive at once.
+    let (read, write) = nix::unistd::pipe()?;
+    let mut children = Vec::with_capacity(count);
+    for _ in 0..count {
+        // SAFETY: the probe is single-threaded here; the child only reads, tries, exits.
+        match unsafe { nix::unistd::fork() }? {
+            ForkResult::Child => {
+                drop(write);
+                let _ = std::io::read_to_string(File::from(read));
+                attempt(method, addr);
+                // SAFETY: leave without running the parent's destructors.
+                unsafe { libc::_exit(0) };
+            }
+            ForkResult::Parent { child } => children.push(child),
+        }
+    }
+    drop((read, write));
+    let (mut killed, mut exited) = (Vec::new(), Vec::new());
+    for child in children {
+        match nix::sys::wait::waitpid(child, None)? {
+            WaitStatus::Signaled(pid, nix::sys::signal::Signal::SIGKILL, _) => killed.push(pid.as_raw()),
+            status => exited.push(json!(format!("{status:?}"))),
+        }
+    }
+    print(json!({"killed": killed, "exited": exited}))
 }
 
 /// See `Command::AfterMovedTo`.

@@ -70,7 +70,7 @@ impl Rig {
         sandbox.listen(ENDPOINT.parse()?)?;
         let mount = cgroupfs::cgroup2_mount()?;
         let layout = PinLayout::new(&sandbox.pin_path);
-        let mut enforcer = Enforcer::load(layout.clone(), mount.clone())?;
+        let mut enforcer = Enforcer::load(layout.clone(), mount.clone(), seb_common::MAX_SCOPED_TASKS)?;
         let sources = Sources {
             endpoints: [(
                 EndpointSource::Config,

@@ -324,6 +324,39 @@ fn a_process_that_has_been_in_the_scope_escapes_nothing_by_leaving_it() {
     assert_eq!(outcome["result"], "ok", "a process that never was in the scope, in the exempt cgroup: {outcome}");
 }
 
+/// The kernel follows at most `enforcement.max_scoped_processes` live processes of the
+/// scope; past it, each new one is killed at its first socket() (and recorded), never left
+/// unfollowed, while the ones it follows work on.
+#[test]
+fn processes_the_kernel_cannot_follow_are_killed_not_let_go() {
+    let mut sandbox = Sandbox::new("full", tools()).unwrap();
+    sandbox.write_config(&format!("max_scoped_processes = 16\n{POLICY}")).unwrap();
+    sandbox.start_agent().unwrap();
+    let report = sandbox.probe("workload", &["fork", "--count", "40", "tcp", "127.0.0.3:9"]).unwrap();
+    let killed = report["killed"].as_array().unwrap();
+    let exited = report["exited"].as_array().unwrap();
+    // The agent, the probe and (a few) others of the scope hold entries too.
+    assert!(killed.len() >= 40 - 16, "past the table, children are killed: {report}");
+    assert!(exited.len() >= 8, "the followed children work on: {report}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let records = loop {
+        let denials = sandbox.denials().unwrap();
+        let records: Vec<&Value> = killed
+            .iter()
+            .filter_map(|pid| denials.iter().find(|d| d["hook"] == "scope_table_full" && d["tgid"] == *pid))
+            .collect();
+        if records.len() == killed.len() {
+            break records.into_iter().cloned().collect::<Vec<_>>();
+        }
+        assert!(std::time::Instant::now() < deadline, "a kill went unrecorded: {report} {denials:?}");
+        thread::sleep(Duration::from_millis(100));
+    };
+    for record in records {
+        assert_eq!(record["action"], "killed", "{record}");
+        assert_eq!(record["cgroup_path"], format!("{}/workload", sandbox.cgroup_relative), "{record}");
+    }
+}
+
 type ProbeLines = std::io::Lines<BufReader<std::process::ChildStdout>>;
 
 /// How a moved probe tries the protected endpoint.

@@ -63,7 +63,8 @@ pub struct KernelDenial {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_type: Option<u8>,
     /// The kernel hook that denied: connect4, connect6, sendmsg4, sendmsg6, egress4,
-    /// egress6, socket_syscall or cgroup_migration (the caller was killed: see `action`).
+    /// egress6, socket_syscall, cgroup_migration or scope_table_full (the caller was killed:
+    /// see `action`).
     pub hook: String,
     /// What the kernel did: `refused` (the call failed with EPERM, or the packet was
     /// dropped) or `killed` (the caller was killed before the call returned).

@@ -127,9 +127,9 @@ pub struct Enforcer {
 
 impl Enforcer {
     /// Load (reusing pinned maps) without touching what is enforced yet.
-    pub fn load(layout: PinLayout, mount: PathBuf) -> Result<Self> {
+    pub fn load(layout: PinLayout, mount: PathBuf, max_scoped_processes: u32) -> Result<Self> {
         let kernel_layout = kernel_btf::kernel_layout()?;
-        let mut ebpf = loader::load(&layout)?;
+        let mut ebpf = loader::load(&layout, max_scoped_processes)?;
         maps::write_kernel_layout(&mut ebpf, &kernel_layout)?;
         Ok(Self { ebpf, layout, mount, links: Vec::new(), applied: None, kernel_layout })
     }

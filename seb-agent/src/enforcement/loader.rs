@@ -175,18 +175,23 @@ pub fn object_hash() -> String {
     hex::encode(&Sha256::digest(OBJECT)[..6])
 }
 
-/// Load the object, reusing pinned maps.
-pub fn load(layout: &PinLayout) -> Result<Ebpf> {
+/// Load the object, reusing pinned maps; a new `SEB_SCOPED_TASKS` gets
+/// `max_scoped_processes` entries.
+pub fn load(layout: &PinLayout, max_scoped_processes: u32) -> Result<Ebpf> {
     bpffs::ensure_mounted(&layout.root)?;
     fs::create_dir_all(layout.maps()).with_context(|| format!("creating {}", layout.maps().display()))?;
     fs::create_dir_all(layout.links()).with_context(|| format!("creating {}", layout.links().display()))?;
-    EbpfLoader::new().default_map_pin_directory(layout.maps()).load(OBJECT).with_context(|| {
-        format!(
-            "loading the kernel programs with the maps pinned in {}; if they were pinned by an \
+    EbpfLoader::new()
+        .default_map_pin_directory(layout.maps())
+        .map_max_entries(seb_common::map_names::SCOPED_TASKS, max_scoped_processes)
+        .load(OBJECT)
+        .with_context(|| {
+            format!(
+                "loading the kernel programs with the maps pinned in {}; if they were pinned by an \
              incompatible seb version, run `seb-agent unload` first (enforcement stays as it is until then)",
-            layout.maps().display()
-        )
-    })
+                layout.maps().display()
+            )
+        })
 }
 
 /// Attach every program where it belongs, adopting valid pinned links, then unpin links
