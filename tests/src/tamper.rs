@@ -33,6 +33,16 @@ pub fn detach_pinned_link(pin: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Write `value` at `index` of the pinned kernel layout (the offsets the programs read
+/// kernel structures at).
+pub fn write_kernel_layout(pin_path: &Path, index: u32, value: u32) -> Result<()> {
+    use aya::maps::{Array, Map, MapData};
+    let data = MapData::from_pin(pin_path.join("maps").join(seb_common::map_names::KERNEL_LAYOUT))?;
+    let mut array: Array<MapData, u32> = Array::try_from(Map::Array(data))?;
+    array.set(index, value, 0)?;
+    Ok(())
+}
+
 /// Remove one IPv4 prefix from the pinned protected-endpoint trie.
 pub fn remove_protected_v4(pin_path: &Path, addr: [u8; 4], prefix_len: u32) -> Result<()> {
     use aya::maps::{LpmTrie, Map, MapData, lpm_trie::Key};

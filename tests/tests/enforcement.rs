@@ -11,6 +11,7 @@ use std::{
 };
 
 use seb_agent::config::SyscallTables;
+use seb_common::layout;
 use seb_sandbox::{Sandbox, Tools, parse_json_output, wait_gone};
 use serde_json::Value;
 
@@ -647,6 +648,12 @@ fn a_detached_link_is_noticed_reported_repaired_and_recorded() {
     }
     let outcome = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
     assert_eq!(outcome["result"], "EPERM", "after the map repair: {outcome}");
+
+    // The offsets the programs read kernel structures at are frozen: not even root can
+    // point them elsewhere (here: where 32-bit system calls are told apart).
+    let error = seb_sandbox::tamper::write_kernel_layout(&sandbox.pin_path, layout::TASK_THREAD_STATUS, 0)
+        .expect_err("the kernel layout took a write");
+    assert!(format!("{error:?}").contains("Operation not permitted"), "{error:?}");
 }
 
 /// A link detached while the agent was down is not adopted as enforcement: the agent

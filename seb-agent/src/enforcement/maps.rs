@@ -3,7 +3,10 @@
 //! Updates add and replace entries first and delete stale ones last, so a change never
 //! opens a window in which a still-protected endpoint is unprotected.
 
-use std::collections::HashSet;
+use std::{
+    collections::HashSet,
+    os::fd::{AsFd, AsRawFd},
+};
 
 use anyhow::{Context, Result, anyhow};
 use aya::{
@@ -95,12 +98,44 @@ fn write_cgroup_set(ebpf: &mut Ebpf, name: &str, cgroup_ids: &[u64], keep_stale:
 }
 
 /// Field offsets for the tracing programs; written before any of them is attached.
+///
+/// Then the map is frozen (`BPF_MAP_FREEZE`): no system call can change it any more, root's
+/// included, while the programs go on reading it. A wrong offset there would make them
+/// misread tasks and requests (a 32-bit call taken for a 64-bit one, say). A map already
+/// holding these values (pins adopted by a restart) is only frozen.
 pub fn write_kernel_layout(ebpf: &mut Ebpf, values: &[u32; layout::LEN as usize]) -> Result<()> {
+    let unchanged = read_kernel_layout(ebpf)? == values;
     let mut array: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, map_names::KERNEL_LAYOUT)?)?;
-    for (index, value) in values.iter().enumerate() {
-        array.set(index as u32, value, 0).context("writing the kernel layout")?;
+    if !unchanged {
+        for (index, value) in values.iter().enumerate() {
+            array.set(index as u32, value, 0).with_context(|| {
+                format!(
+                    "writing the kernel layout into {} (frozen with other values? run `seb-agent unload`)",
+                    map_names::KERNEL_LAYOUT
+                )
+            })?;
+        }
     }
-    Ok(())
+    match freeze(aya::maps::IterableMap::map(&array)) {
+        Ok(()) => Ok(()),
+        // Frozen before (a restart, or the agent's own earlier call): the kernel refuses to
+        // freeze it again, and refuses this write of the value it already holds.
+        Err(_) if array.set(0, &values[0], 0).is_err() => Ok(()),
+        Err(e) => Err(e).context("freezing the kernel layout"),
+    }
+}
+
+/// `BPF_MAP_FREEZE`.
+fn freeze(map: &MapData) -> std::io::Result<()> {
+    const BPF_MAP_FREEZE: libc::c_long = 22;
+    #[repr(C)]
+    struct MapFd {
+        map_fd: u32,
+    }
+    let attr = MapFd { map_fd: map.fd().as_fd().as_raw_fd() as u32 };
+    // SAFETY: BPF_MAP_FREEZE reads `map_fd` only, from an attribute of the size given.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_FREEZE, &attr as *const MapFd, size_of::<MapFd>()) };
+    if ret == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 /// The kernel layout as the map holds it.
