@@ -120,7 +120,7 @@ pub fn write_kernel_layout(ebpf: &mut Ebpf, values: &[u32; layout::LEN as usize]
         Ok(()) => Ok(()),
         // Frozen before (a restart, or the agent's own earlier call): the kernel refuses to
         // freeze it again, and refuses this write of the value it already holds.
-        Err(_) if array.set(0, &values[0], 0).is_err() => Ok(()),
+        Err(_) if array.set(0, values[0], 0).is_err() => Ok(()),
         Err(e) => Err(e).context("freezing the kernel layout"),
     }
 }
