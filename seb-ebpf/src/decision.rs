@@ -403,7 +403,7 @@ impl Report {
     }
 
     #[inline(always)]
-    fn send_migration(&self, hook: Hook, cgroup_id: u64, scoped_in: u64) {
+    fn send_kill(&self, hook: Hook, cgroup_id: u64, scoped_in: u64) {
         let mut dest = Destination::v4([0; 4], 0, 0);
         dest.family = FAMILY_NONE;
         self.write(&dest, hook, cgroup_id, scoped_in, (0, 0), true);
@@ -474,5 +474,5 @@ fn report_kill(hook: Hook, scoped_in: u64) {
     // SAFETY: plain helper call.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let report_to = Report { cookie: 0, pid_tgid: bpf_get_current_pid_tgid(), uid_gid: bpf_get_current_uid_gid() };
-    report_to.send_migration(hook, cgroup_id, scoped_in);
+    report_to.send_kill(hook, cgroup_id, scoped_in);
 }

@@ -1,6 +1,7 @@
 //! Enforcement follows a process out of the scope. A process is *scoped* once it has been
 //! in an enforced, non-exempt cgroup: created there (or by a scoped parent, which covers
-//! `CLONE_INTO_CGROUP`), exec'd there, or moved there. From then on, until its last thread exits:
+//! `CLONE_INTO_CGROUP`), exec'd there, or moved there. From then on, until its last
+//! thread exits:
 //! - an exempt cgroup exempts none of its sockets or connections;
 //! - moving itself out of the scope or into an exempt cgroup kills it; moving another
 //!   scoped process there, or creating a process there (`CLONE_INTO_CGROUP`) from inside
