@@ -205,11 +205,24 @@ pub async fn read_body<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> Resu
     Ok(body)
 }
 
+/// Write one frame in one write, so that the peer wakes once for it, not once for the
+/// length and again for the body.
 pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, body: &[u8]) -> std::io::Result<()> {
     let len = u32::try_from(body.len()).map_err(|_| std::io::Error::other("message too large"))?;
-    writer.write_all(&len.to_be_bytes()).await?;
-    writer.write_all(body).await?;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(body);
+    writer.write_all(&frame).await?;
     writer.flush().await
+}
+
+/// `message` as one frame (length prefix and JSON), encoded in place.
+pub fn encode_frame<T: Serialize>(message: &T) -> std::io::Result<Vec<u8>> {
+    let mut frame = vec![0; 4];
+    serde_json::to_writer(&mut frame, message).map_err(std::io::Error::other)?;
+    let len = u32::try_from(frame.len() - 4).map_err(|_| std::io::Error::other("message too large"))?;
+    frame[..4].copy_from_slice(&len.to_be_bytes());
+    Ok(frame)
 }
 
 /// One request, one response: the client side used by the CLI.
@@ -262,5 +275,45 @@ mod tests {
         assert!(body.capacity() < payload.len() * 2);
         assert_eq!(read_body(&mut server, 1).await.unwrap(), payload[payload.len() - 1..]);
         writer.await.unwrap();
+    }
+
+    /// Counts the writes it is given.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.0.push(buf.to_vec());
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_is_written_in_one_write_and_encoded_frames_read_back() {
+        let mut writes = Writes::default();
+        write_frame(&mut writes, b"{\"v\":1}").await.unwrap();
+        assert_eq!(writes.0, [b"\0\0\0\x07{\"v\":1}".to_vec()], "one write: the peer wakes once per frame");
+
+        let ping = Envelope { v: VERSION, body: Request::Ping };
+        let frame = encode_frame(&ping).unwrap();
+        let body = read_frame(&mut &frame[..]).await.unwrap();
+        assert_eq!(serde_json::from_slice::<Envelope<Request>>(&body).unwrap().body, Request::Ping);
+        assert_eq!(body.len() + 4, frame.len());
     }
 }
