@@ -26,6 +26,12 @@ use seb_agent::{
     protocol::{Request, Response},
 };
 
+/// Requests are allocated on the runtime's workers and freed on the ledger thread, and
+/// the other way round: glibc's per-thread arenas then contend on their locks. mimalloc
+/// frees to the owning thread's heap without a lock.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEFAULT_CONFIG: &str = "/etc/seb/agent.toml";
 const DEFAULT_SOCKET: &str = "/run/seb/broker.sock";
 

@@ -143,13 +143,47 @@ pub struct RequestError {
     pub message: String,
 }
 
+/// What is read of a message before the request: its protocol version, so that a
+/// message of another version is told so rather than found invalid. Only an object has
+/// one (a derived struct would also read `[1]` as version 1); the last `v` counts.
+struct Versioned {
+    v: Option<serde_json::Value>,
+}
+
+impl<'de> Deserialize<'de> for Versioned {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = Versioned;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Versioned, A::Error> {
+                let mut v = None;
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == "v" {
+                        v = Some(map.next_value()?);
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(Versioned { v })
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
+}
+
 /// A frame's body as the broker reads it: JSON, protocol version [`VERSION`], a known
-/// request.
+/// request. Read from the bytes twice (the version, then the request), never through a
+/// `serde_json::Value`.
 pub fn parse_request(frame: &[u8]) -> Result<Request, RequestError> {
     let error = |code, message: String| RequestError { code, message };
-    let value: serde_json::Value = serde_json::from_slice(frame)
-        .map_err(|e| error(ErrorCode::Malformed, format!("the message is not JSON: {e}")))?;
-    match value.get("v").and_then(serde_json::Value::as_u64) {
+    let versioned: Versioned = serde_json::from_slice(frame).map_err(|e| {
+        let what = if e.is_data() { "a versioned JSON object" } else { "JSON" };
+        error(ErrorCode::Malformed, format!("the message is not {what}: {e}"))
+    })?;
+    match versioned.v.as_ref().and_then(serde_json::Value::as_u64) {
         Some(v) if v == u64::from(VERSION) => {}
         Some(v) => {
             return Err(error(
@@ -160,7 +194,7 @@ pub fn parse_request(frame: &[u8]) -> Result<Request, RequestError> {
         None => return Err(error(ErrorCode::Malformed, "the message has no protocol version field `v`".into())),
     }
     let envelope: Envelope<Request> =
-        serde_json::from_value(value).map_err(|e| error(ErrorCode::Malformed, format!("invalid request: {e}")))?;
+        serde_json::from_slice(frame).map_err(|e| error(ErrorCode::Malformed, format!("invalid request: {e}")))?;
     Ok(envelope.body)
 }
 
@@ -205,11 +239,24 @@ pub async fn read_body<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> Resu
     Ok(body)
 }
 
+/// Write one frame in one write, so that the peer wakes once for it, not once for the
+/// length and again for the body.
 pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, body: &[u8]) -> std::io::Result<()> {
     let len = u32::try_from(body.len()).map_err(|_| std::io::Error::other("message too large"))?;
-    writer.write_all(&len.to_be_bytes()).await?;
-    writer.write_all(body).await?;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(body);
+    writer.write_all(&frame).await?;
     writer.flush().await
+}
+
+/// `message` as one frame (length prefix and JSON), encoded in place.
+pub fn encode_frame<T: Serialize>(message: &T) -> std::io::Result<Vec<u8>> {
+    let mut frame = vec![0; 4];
+    serde_json::to_writer(&mut frame, message).map_err(std::io::Error::other)?;
+    let len = u32::try_from(frame.len() - 4).map_err(|_| std::io::Error::other("message too large"))?;
+    frame[..4].copy_from_slice(&len.to_be_bytes());
+    Ok(frame)
 }
 
 /// One request, one response: the client side used by the CLI.
@@ -241,6 +288,28 @@ mod tests {
         assert_eq!(ping.body, Request::Ping);
     }
 
+    #[test]
+    fn a_request_is_read_with_its_version_checked_first() {
+        let refused = |frame: &[u8]| parse_request(frame).unwrap_err();
+        assert_eq!(parse_request(br#"{"type":"ping","v":1}"#).unwrap(), Request::Ping);
+        let propose = parse_request(
+            br#"{"v":1,"type":"propose","certificate":"PEM","request":{"provider":"aws","operation":"o","target":"t","params":{}}}"#,
+        )
+        .unwrap();
+        assert!(matches!(propose, Request::Propose { certificate, .. } if certificate == "PEM"));
+        let not_json = refused(b"{not json");
+        assert_eq!(not_json.code, ErrorCode::Malformed);
+        assert!(not_json.message.starts_with("the message is not JSON"), "{}", not_json.message);
+        assert!(refused(b"[1]").message.contains("not a versioned JSON object"));
+        assert!(refused(br#"{"type":"ping"}"#).message.contains("no protocol version"));
+        assert_eq!(refused(br#"{"type":"launch","v":99}"#).code, ErrorCode::UnsupportedVersion);
+        let unknown = refused(br#"{"v":1,"type":"launch_missiles"}"#);
+        assert_eq!(unknown.code, ErrorCode::Malformed);
+        assert!(unknown.message.starts_with("invalid request"), "{}", unknown.message);
+        let unknown_field = br#"{"v":1,"type":"propose","certificate":"PEM","x":1,"request":{"provider":"aws","operation":"o","target":"t","params":{}}}"#;
+        assert_eq!(refused(unknown_field).code, ErrorCode::Malformed);
+    }
+
     #[tokio::test]
     async fn oversized_and_truncated_frames_are_errors() {
         let mut oversized: &[u8] = &(MAX_MESSAGE as u32 + 1).to_be_bytes();
@@ -262,5 +331,45 @@ mod tests {
         assert!(body.capacity() < payload.len() * 2);
         assert_eq!(read_body(&mut server, 1).await.unwrap(), payload[payload.len() - 1..]);
         writer.await.unwrap();
+    }
+
+    /// Counts the writes it is given.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.0.push(buf.to_vec());
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_is_written_in_one_write_and_encoded_frames_read_back() {
+        let mut writes = Writes::default();
+        write_frame(&mut writes, b"{\"v\":1}").await.unwrap();
+        assert_eq!(writes.0, [b"\0\0\0\x07{\"v\":1}".to_vec()], "one write: the peer wakes once per frame");
+
+        let ping = Envelope { v: VERSION, body: Request::Ping };
+        let frame = encode_frame(&ping).unwrap();
+        let body = read_frame(&mut &frame[..]).await.unwrap();
+        assert_eq!(serde_json::from_slice::<Envelope<Request>>(&body).unwrap().body, Request::Ping);
+        assert_eq!(body.len() + 4, frame.len());
     }
 }

@@ -190,12 +190,14 @@ impl Admission {
         anchors.verify(certificate, self.validity, now)
     }
 
-    /// The predicates that need no broker state. The verified certificate is returned
+    /// The predicates that need no broker state; `request` is the proposal's request
+    /// summarised (its digest computed once). The verified certificate is returned
     /// whenever it verified, so a later denial still names its serial and contract.
-    pub async fn precheck(
+    async fn precheck(
         &self,
         caller: &Caller,
         proposal: &Proposal,
+        request: &RequestSummary,
         now: SystemTime,
     ) -> (Option<Verified>, Result<(), Rejection>) {
         let verified = match self.verify(&proposal.certificate, now).await {
@@ -206,19 +208,20 @@ impl Admission {
             .matches(&verified.contract.agent)
             .map_err(|message| Rejection { reason: Reason::CallerMismatch, message })
             .and_then(|()| self.check_cluster(&verified.contract.agent))
-            .and_then(|()| check_request(&verified, &proposal.request));
+            .and_then(|()| check_request(&verified, &proposal.request, &request.digest));
         (Some(verified), verdict)
     }
 
     /// Start a decision: the stateless predicates.
     pub async fn begin(&self, caller: &Caller, proposal: &Proposal) -> Pending {
-        let (verified, verdict) = self.precheck(caller, proposal, SystemTime::now()).await;
+        let request = RequestSummary::of(&proposal.request);
+        let (verified, verdict) = self.precheck(caller, proposal, &request, SystemTime::now()).await;
         Pending {
             decision_id: uuid::Uuid::new_v4().to_string(),
             verified,
             verdict,
             caller: caller.identity.clone(),
-            request: RequestSummary::of(&proposal.request),
+            request,
         }
     }
 
@@ -367,8 +370,8 @@ pub async fn record_then(
 }
 
 /// The presented request must be exactly the certified one, and have a digest that names
-/// it alone.
-fn check_request(verified: &Verified, request: &MutationRequest) -> Result<(), Rejection> {
+/// it alone. `digest` is the request's.
+fn check_request(verified: &Verified, request: &MutationRequest, digest: &str) -> Result<(), Rejection> {
     let contract = &verified.contract;
     let mismatch = |reason, message: String| Err(Rejection { reason, message });
     request.check_numbers().map_err(Rejection::from)?;
@@ -390,7 +393,6 @@ fn check_request(verified: &Verified, request: &MutationRequest) -> Result<(), R
             format!("request target {}, certified {}", request.target, contract.target),
         );
     }
-    let digest = request.digest();
     if digest != contract.request_digest {
         return mismatch(
             Reason::RequestMismatch,

@@ -77,6 +77,10 @@ pub fn open_writable(path: &Path, create: bool) -> Result<Connection> {
         Connection::open_with_flags(path, flags).with_context(|| format!("opening audit store {}", path.display()))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
+    // The derived admission state lives in temporary tables: in memory, since it is
+    // rebuilt from the chain at each start. On a file, each group commit would also open,
+    // write and truncate a journal for the temporary database.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.execute_batch(SCHEMA).context("creating the audit schema")?;
     Ok(conn)
@@ -224,5 +228,18 @@ impl OpenFiles {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_derived_state_of_the_writer_is_kept_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_writable(&dir.path().join("audit.db"), true).unwrap();
+        let temp_store: i64 = conn.query_row("PRAGMA temp_store", [], |row| row.get(0)).unwrap();
+        assert_eq!(temp_store, 2, "temporary tables in memory (2), not in a file");
     }
 }

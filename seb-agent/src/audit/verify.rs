@@ -388,6 +388,11 @@ mod tests {
         }
         drop(ledger);
         thread.join().unwrap();
+        // The WAL checkpointer's thread may still be closing: copy everything into the
+        // database file itself, which `verify_tampered` copies alone.
+        let conn = Connection::open(&files.database).unwrap();
+        conn.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
         files.database
     }
 

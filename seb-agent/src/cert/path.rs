@@ -22,10 +22,41 @@ pub const MAX_SIGNATURE_CHECKS: u32 = 16;
 /// signature was checked.
 pub const MAX_ISSUER_CANDIDATES: u32 = 32;
 
-/// A trust anchor: its DER, and its subject's DER to find it by without parsing.
+self_cell::self_cell!(
+    /// A trust anchor's DER and the certificate parsed from it.
+    struct ParsedAnchor {
+        owner: Vec<u8>,
+        #[covariant]
+        dependent: X509Certificate,
+    }
+);
+
+/// A trust anchor, decoded once when loaded: its certificate, and its Ed25519 key (a
+/// point decompression otherwise repeated on every signature check).
 pub struct Anchor {
-    pub der: Vec<u8>,
-    pub subject: Vec<u8>,
+    parsed: ParsedAnchor,
+    ed25519: Option<ed25519_dalek::VerifyingKey>,
+}
+
+impl Anchor {
+    /// From a certificate's DER.
+    pub fn from_der(der: Vec<u8>) -> anyhow::Result<Self> {
+        let parsed = ParsedAnchor::try_new(der, |der| match X509Certificate::from_der(der) {
+            Ok(([], cert)) => Ok(cert),
+            Ok((rest, _)) => Err(anyhow::anyhow!("a trust anchor is followed by {} stray bytes", rest.len())),
+            Err(e) => Err(anyhow::anyhow!("a trust anchor is not an X.509 certificate: {e}")),
+        })?;
+        let ed25519 = ed25519_key(parsed.borrow_dependent());
+        Ok(Self { parsed, ed25519 })
+    }
+
+    pub fn der(&self) -> &[u8] {
+        self.parsed.borrow_owner()
+    }
+
+    pub fn certificate(&self) -> &X509Certificate<'_> {
+        self.parsed.borrow_dependent()
+    }
 }
 
 struct Budget {
@@ -87,9 +118,9 @@ impl Search<'_, '_> {
         // name no one answers to.
         let mut failure: Option<Rejection> = None;
         let (anchors, intermediates) = (self.anchors, self.intermediates);
-        for anchor in anchors.iter().filter(|a| a.subject == wanted) {
-            let (_, anchor) = X509Certificate::from_der(&anchor.der).expect("anchors parsed when loaded");
-            match self.signed_by(current, &anchor, below, "the trusted SAB anchor") {
+        for anchor in anchors.iter().filter(|a| a.certificate().subject().as_raw() == wanted) {
+            let issuer = Issuer { cert: anchor.certificate(), ed25519: anchor.ed25519 };
+            match self.signed_by(current, issuer, below, "the trusted SAB anchor") {
                 Ok(()) => return Ok(()),
                 Err(e) if e.reason == Reason::ChainBudgetExceeded => return Err(e),
                 Err(e) => keep_most_specific(&mut failure, e),
@@ -100,7 +131,7 @@ impl Search<'_, '_> {
                 continue;
             }
             let step = self
-                .signed_by(current, issuer, below, &format!("intermediate `{}`", issuer.subject()))
+                .signed_by(current, Issuer::of(issuer), below, &format!("intermediate `{}`", issuer.subject()))
                 .and_then(|()| self.from(issuer, below + 1, used | (1 << index)));
             match step {
                 Ok(()) => return Ok(()),
@@ -119,41 +150,59 @@ impl Search<'_, '_> {
     fn signed_by(
         &mut self,
         current: &X509Certificate<'_>,
-        issuer: &X509Certificate<'_>,
+        issuer: Issuer<'_, '_>,
         below: usize,
         what: &str,
     ) -> Result<(), Rejection> {
         self.budget.spend_candidate()?;
-        profile::check_issuer(issuer, below)?;
+        profile::check_issuer(issuer.cert, below)?;
         self.budget.spend_signature()?;
         if !signature_verifies(current, issuer) {
             return Err(reject(Reason::UntrustedIssuer, format!("the signature does not verify against {what}")));
         }
-        if !issuer.validity().is_valid_at(self.now) {
+        if !issuer.cert.validity().is_valid_at(self.now) {
             return Err(reject(Reason::UntrustedIssuer, format!("{what} is outside its validity window")));
         }
         Ok(())
     }
 }
 
+/// A candidate issuer, with its Ed25519 key if it has a valid one.
+#[derive(Clone, Copy)]
+struct Issuer<'s, 'c> {
+    cert: &'s X509Certificate<'c>,
+    ed25519: Option<ed25519_dalek::VerifyingKey>,
+}
+
+impl<'s, 'c> Issuer<'s, 'c> {
+    /// An intermediate, its key decoded now.
+    fn of(cert: &'s X509Certificate<'c>) -> Self {
+        Self { cert, ed25519: ed25519_key(cert) }
+    }
+}
+
+/// The certificate's Ed25519 public key, if it holds a valid one.
+fn ed25519_key(cert: &X509Certificate<'_>) -> Option<ed25519_dalek::VerifyingKey> {
+    let key = cert.public_key();
+    if key.algorithm.algorithm != OID_SIG_ED25519 {
+        return None;
+    }
+    let bytes = <[u8; 32]>::try_from(&key.subject_public_key.data[..]).ok()?;
+    ed25519_dalek::VerifyingKey::from_bytes(&bytes).ok()
+}
+
 /// Whether `issuer`'s key signed `current`. Ed25519 (what the SAB signs with) is checked
 /// with ed25519-dalek, strictly (canonical encodings, no small-order keys), which uses the
 /// CPU's vector units; ECDSA with x509-parser (ring).
-fn signature_verifies(current: &X509Certificate<'_>, issuer: &X509Certificate<'_>) -> bool {
+fn signature_verifies(current: &X509Certificate<'_>, issuer: Issuer<'_, '_>) -> bool {
     if current.signature_algorithm.algorithm != OID_SIG_ED25519 {
-        return current.verify_signature(Some(issuer.public_key())).is_ok();
+        return current.verify_signature(Some(issuer.cert.public_key())).is_ok();
     }
-    let key = issuer.public_key();
-    let (Ok(key), Ok(signature)) = (
-        <[u8; 32]>::try_from(&key.subject_public_key.data[..]),
-        ed25519_dalek::Signature::from_slice(&current.signature_value.data),
-    ) else {
+    let Ok(signature) = ed25519_dalek::Signature::from_slice(&current.signature_value.data) else {
         return false;
     };
-    issuer.public_key().algorithm.algorithm == OID_SIG_ED25519
-        && current.signature_algorithm.parameters.is_none()
-        && ed25519_dalek::VerifyingKey::from_bytes(&key)
-            .is_ok_and(|key| key.verify_strict(current.tbs_certificate.as_ref(), &signature).is_ok())
+    current.signature_algorithm.parameters.is_none()
+        && issuer.ed25519.is_some_and(|key| key.verify_strict(current.tbs_certificate.as_ref(), &signature).is_ok())
 }
 
 fn keep_most_specific(failure: &mut Option<Rejection>, rejection: Rejection) {

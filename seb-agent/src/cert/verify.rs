@@ -91,13 +91,12 @@ impl TrustAnchors {
     pub fn from_pem(text: &str) -> anyhow::Result<Self> {
         let mut anchors = Vec::new();
         for pem in Pem::iter_from_buffer(text.as_bytes()) {
-            let pem = pem?;
-            let (_, cert) = X509Certificate::from_der(&pem.contents)?;
-            extensions::read(&pem.contents).map_err(|e| anyhow::anyhow!("trust anchor `{}`: {e}", cert.subject()))?;
-            profile::check_issuer(&cert, 0)
+            let anchor = Anchor::from_der(pem?.contents)?;
+            let cert = anchor.certificate();
+            extensions::read(anchor.der()).map_err(|e| anyhow::anyhow!("trust anchor `{}`: {e}", cert.subject()))?;
+            profile::check_issuer(cert, 0)
                 .map_err(|e| anyhow::anyhow!("trust anchor `{}` cannot be an anchor: {e}", cert.subject()))?;
-            let subject = cert.subject().as_raw().to_vec();
-            anchors.push(Anchor { der: pem.contents, subject });
+            anchors.push(anchor);
         }
         anyhow::ensure!(!anchors.is_empty(), "no certificate in the trust anchor file");
         Ok(Self { anchors })
@@ -274,5 +273,39 @@ mod tests {
         assert!(format!("{:#}", not_ca.err().unwrap()).contains("is not a CA"));
         let no_usage = TrustAnchors::from_pem(&anchor_pem(ca, vec![KeyUsagePurpose::DigitalSignature]));
         assert!(format!("{:#}", no_usage.err().unwrap()).contains("keyCertSign"));
+    }
+
+    fn contract() -> ExecutionContract {
+        serde_json::from_value(serde_json::json!({
+            "contract_id": "c-1", "agent": {"uid": 0}, "provider": "aws", "operation": "s3:PutObject",
+            "target": "arn:aws:s3:::b/k", "request_digest": "sha256:00", "precondition": "sha256:00",
+            "policy_epoch": 1, "revocation_epoch": 1, "evidence_digest": "sha256:00",
+            "identity": {"kind": "aws_role", "role_arn": "arn:aws:iam::1:role/r"}
+        }))
+        .unwrap()
+    }
+
+    /// The anchor's key is decoded once, when loaded: each verification must still check
+    /// the signature against that anchor's key, of either algorithm, and no other.
+    #[test]
+    fn a_loaded_anchor_verifies_its_own_leaves_and_not_those_of_a_namesake() {
+        use crate::cert::dev_sab::{self, Algorithm, IssueOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let policy = ValidityPolicy { max_ttl: Duration::from_secs(3600), clock_skew: Duration::from_secs(60) };
+        for algorithm in [Algorithm::Ed25519, Algorithm::P256] {
+            let options = IssueOptions { algorithm, ..IssueOptions::default() };
+            let ours = dev_sab::create_ca(&dir.path().join(format!("{algorithm:?}-ours")), "SAB", algorithm).unwrap();
+            let theirs =
+                dev_sab::create_ca(&dir.path().join(format!("{algorithm:?}-theirs")), "SAB", algorithm).unwrap();
+            let anchors = TrustAnchors::from_pem(&std::fs::read_to_string(&ours.cert).unwrap()).unwrap();
+            for _ in 0..2 {
+                let leaf = dev_sab::issue(&ours, &contract(), &options).unwrap();
+                let verified = anchors.verify(&leaf, policy, SystemTime::now());
+                assert!(verified.is_ok(), "{algorithm:?}: {verified:?}");
+                let forged = dev_sab::issue(&theirs, &contract(), &options).unwrap();
+                let refused = anchors.verify(&forged, policy, SystemTime::now()).unwrap_err();
+                assert_eq!(refused.reason, Reason::UntrustedIssuer, "{algorithm:?}: {refused}");
+            }
+        }
     }
 }

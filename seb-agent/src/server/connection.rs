@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, LazyLock};
 
-use tokio::{net::UnixStream, time::timeout};
+use tokio::{io::AsyncWriteExt, net::UnixStream, time::timeout};
 use tracing::debug;
 
 use super::{
@@ -13,7 +13,7 @@ use super::{
 use crate::{
     admission::Peer,
     metrics::Limit,
-    protocol::{Envelope, ErrorCode, FrameError, Response, VERSION, parse_request, read_body, read_len, write_frame},
+    protocol::{Envelope, ErrorCode, FrameError, Response, VERSION, encode_frame, parse_request, read_body, read_len},
 };
 
 /// What a waiting connection is told when it is closed to make room or on shutdown;
@@ -101,8 +101,7 @@ async fn read_request(stream: &mut UnixStream, broker: &Broker) -> Result<(Vec<u
 
 /// A response as one frame: length prefix and body.
 fn frame(response: Response) -> std::io::Result<Vec<u8>> {
-    let body = serde_json::to_vec(&Envelope { v: VERSION, body: response }).map_err(std::io::Error::other)?;
-    Ok([&(body.len() as u32).to_be_bytes()[..], &body].concat())
+    encode_frame(&Envelope { v: VERSION, body: response })
 }
 
 /// Write a reply now if the socket has room for it, else not at all.
@@ -112,8 +111,8 @@ pub fn try_reply(stream: &UnixStream, response: Response) -> std::io::Result<()>
 
 /// Write a reply; a peer that does not take it within the frame timeout is cut.
 async fn reply(stream: &mut UnixStream, broker: &Broker, response: Response) -> std::io::Result<()> {
-    let body = serde_json::to_vec(&Envelope { v: VERSION, body: response }).map_err(std::io::Error::other)?;
-    match timeout(broker.limits.frame_timeout, write_frame(stream, &body)).await {
+    let frame = frame(response)?;
+    match timeout(broker.limits.frame_timeout, stream.write_all(&frame)).await {
         Ok(written) => written,
         Err(_) => {
             broker.metrics.count_limit(Limit::FrameTimeout);
