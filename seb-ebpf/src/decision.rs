@@ -169,8 +169,7 @@ pub fn forget_socket(ctx: &SockContext, sockets: &HashMap<u64, u64>) -> i32 {
     ALLOW
 }
 
-/// x86_64 syscall numbers and the offset of the first argument (`di`) in `pt_regs`; the
-/// agent attaches the program on x86_64 only.
+/// Socket families and types `socket()` is judged by.
 const AF_INET: u32 = 2;
 const SOCK_PACKET: u32 = 10;
 const SOCK_TYPE_MASK: u32 = 0xf;

@@ -636,23 +636,13 @@ fn leader_gone(tgid: u32) -> Result<()> {
 
 /// Print `{"waiting": pid}`, then wait (up to 10 s) until this process is in `cgroup`.
 fn wait_until_moved_to(cgroup: &std::path::Path) -> Result<()> {
-    wait_until_in(&cgroup_line(cgroup)?)
-}
-
-/// The line `/proc/<pid>/cgroup` shows for a process in `cgroup`.
-fn cgroup_line(cgroup: &std::path::Path) -> Result<String> {
     let mount = seb_agent::cgroupfs::cgroup2_mount()?;
-    Ok(format!("0::/{}", cgroup.strip_prefix(&mount)?.display()))
-}
-
-/// Print `{"waiting": pid}`, then wait (up to 10 s) until this thread's cgroup line is
-/// `wanted`.
-fn wait_until_in(wanted: &str) -> Result<()> {
+    let wanted = format!("0::/{}", cgroup.strip_prefix(&mount)?.display());
     print(json!({"waiting": std::process::id()}))?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string("/proc/thread-self/cgroup")?.lines().all(|line| line != wanted) {
+    while std::fs::read_to_string("/proc/self/cgroup")?.lines().all(|line| line != wanted) {
         if Instant::now() > deadline {
-            bail!("never moved to {wanted}");
+            bail!("never moved to {}", cgroup.display());
         }
         std::thread::sleep(Duration::from_millis(5));
     }
