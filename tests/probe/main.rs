@@ -78,6 +78,10 @@ enum Command {
     DeadBroker {
         #[arg(long)]
         pin_path: PathBuf,
+        /// The broker's leader thread ends first; a second thread connects through a
+        /// second registered socket (reported as `live`), then ends the process.
+        #[arg(long)]
+        leader_exits_first: bool,
         addr: SocketAddr,
     },
     /// Open `count` connections to a Unix socket and hold them, idle, until stdin closes;
@@ -268,7 +272,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::AsBroker { pin_path, addr } => as_broker(&pin_path, addr),
         Command::ReusePid { pid, method, addr } => reuse_pid(pid, method, addr),
-        Command::DeadBroker { pin_path, addr } => dead_broker(&pin_path, addr),
+        Command::DeadBroker { pin_path, leader_exits_first, addr } => dead_broker(&pin_path, leader_exits_first, addr),
         Command::Hold { socket, count } => hold(&socket, count),
         Command::ProposeAfterPidReuse { socket, cert, request, control } => {
             propose_after_pid_reuse(&socket, &cert, &request, control)
@@ -467,9 +471,10 @@ struct CloneArgs {
 }
 
 /// The dead-broker scenario; see `Command::DeadBroker`.
-fn dead_broker(pin_path: &std::path::Path, addr: SocketAddr) -> Result<()> {
+fn dead_broker(pin_path: &std::path::Path, leader_exits_first: bool, addr: SocketAddr) -> Result<()> {
     let (report_read, report_write) = nix::unistd::pipe()?;
     let (go_read, go_write) = nix::unistd::pipe()?;
+    let (live_read, live_write) = nix::unistd::pipe()?;
     // SAFETY: the children only use what they inherit, then _exit.
     let broker = match unsafe { nix::unistd::fork()? } {
         nix::unistd::ForkResult::Parent { child } => child,
@@ -482,6 +487,8 @@ fn dead_broker(pin_path: &std::path::Path, addr: SocketAddr) -> Result<()> {
                 let broker_pid = std::process::id() as i32;
                 // SAFETY: the holder only waits, clones and reports.
                 if let nix::unistd::ForkResult::Child = unsafe { nix::unistd::fork()? } {
+                    // Only the broker reports on this pipe; the parent reads it to its end.
+                    let _ = nix::unistd::close(live_write.as_raw_fd());
                     let mut go = [0u8; 1];
                     let _ = nix::unistd::read(go_read.as_raw_fd(), &mut go);
                     let value = in_process_with_pid(
@@ -495,22 +502,42 @@ fn dead_broker(pin_path: &std::path::Path, addr: SocketAddr) -> Result<()> {
                     unsafe { libc::_exit(0) };
                 }
                 std::mem::forget(socket);
+                if leader_exits_first {
+                    let second = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+                    std::mem::forget(sockets.register(second.as_fd())?);
+                    let leader = std::process::id();
+                    std::thread::spawn(move || {
+                        let live = match leader_gone(leader) {
+                            Ok(()) => outcome(second.connect_timeout(&addr.into(), Duration::from_secs(2))),
+                            Err(e) => format!("{e:#}"),
+                        };
+                        let _ = File::from(live_write).write_all(live.as_bytes());
+                        // SAFETY: the last thread ends the process, as a crash would.
+                        unsafe { libc::_exit(0) };
+                    });
+                    // SAFETY: ends the leader's thread alone; the process goes on in the other.
+                    unsafe { libc::syscall(libc::SYS_exit, 0) };
+                }
                 Ok(())
             })();
             // SAFETY: as above; the broker dies without deregistering anything.
             unsafe { libc::_exit(i32::from(result.is_err())) };
         }
     };
-    drop(report_write);
-    drop(go_read);
+    drop((report_write, go_read, live_write));
     nix::sys::wait::waitpid(broker, None)?; // reaped: its PID is free again
+    let live = std::io::read_to_string(File::from(live_read))?;
     nix::unistd::write(&go_write, b"g")?;
     let text = std::io::read_to_string(File::from(report_read))?;
     let report: Value = serde_json::from_str(&text).with_context(|| format!("holder said {text:?}"))?;
     if !report.is_object() {
         bail!("the holder failed: {report}");
     }
-    print(json!({"broker_pid": broker.as_raw(), "pid": report["pid"], "result": report["result"]}))
+    let mut summary = json!({"broker_pid": broker.as_raw(), "pid": report["pid"], "result": report["result"]});
+    if leader_exits_first {
+        summary["live"] = json!(live);
+    }
+    print(summary)
 }
 
 /// Fork-like clone3 whose child gets exactly `pid` (it must be free): 0 in the child,

@@ -333,11 +333,12 @@ fn processes_the_kernel_cannot_follow_are_killed_not_let_go() {
     let mut sandbox = Sandbox::new("full", tools()).unwrap();
     sandbox.write_config(&format!("max_scoped_processes = 16\n{POLICY}")).unwrap();
     sandbox.start_agent().unwrap();
-    let report = sandbox.probe("workload", &["fork", "--count", "40", "tcp", "127.0.0.3:9"]).unwrap();
+    // Fewer than the two tables hold (16, and 16 doomed).
+    let report = sandbox.probe("workload", &["fork", "--count", "24", "tcp", "127.0.0.3:9"]).unwrap();
     let killed = report["killed"].as_array().unwrap();
     let exited = report["exited"].as_array().unwrap();
     // The agent, the probe and (a few) others of the scope hold entries too.
-    assert!(killed.len() >= 40 - 16, "past the table, children are killed: {report}");
+    assert!(killed.len() >= 24 - 16, "past the table, children are killed: {report}");
     assert!(exited.len() >= 8, "the followed children work on: {report}");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let records = loop {
@@ -355,6 +356,35 @@ fn processes_the_kernel_cannot_follow_are_killed_not_let_go() {
     for record in records {
         assert_eq!(record["action"], "killed", "{record}");
         assert_eq!(record["cgroup_path"], format!("{}/workload", sandbox.cgroup_relative), "{record}");
+    }
+}
+
+/// With the table of doomed processes full as well (a sixteenth of the scope table, here
+/// 16), the process of the scope that creates one more is killed at once, and recorded.
+#[test]
+fn a_process_that_creates_more_than_the_kernel_can_follow_is_killed() {
+    let mut sandbox = Sandbox::new("fullest", tools()).unwrap();
+    sandbox.write_config(&format!("max_scoped_processes = 16\n{POLICY}")).unwrap();
+    sandbox.start_agent().unwrap();
+    let forking = Command::new(&sandbox.tools.probe)
+        .arg("--cgroup")
+        .arg(sandbox.cgroup.join("workload"))
+        .args(["--netns", &sandbox.netns, "fork", "--count", "60", "tcp", "127.0.0.3:9"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = forking.id();
+    let output = forking.wait_with_output().unwrap();
+    assert_eq!(output.status.signal(), Some(9), "{}", String::from_utf8_lossy(&output.stdout));
+    let record = wait_for(&sandbox, |d| d["hook"] == "scope_table_full" && d["tgid"] == pid);
+    assert_eq!(record["action"], "killed", "{record}");
+    assert_eq!(record["cgroup_path"], format!("{}/workload", sandbox.cgroup_relative), "{record}");
+    // Its orphaned children go on, try and end (or are killed): none may outlive the test.
+    let procs = sandbox.cgroup.join("workload").join("cgroup.procs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&procs).unwrap().trim().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "children left behind");
+        thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -413,7 +443,7 @@ fn killed_once_an_operator_moves_it_out(sandbox: &Sandbox, how: AfterMove) -> u6
 
 /// A registration is worth nothing once its broker is gone: not through a duplicate of
 /// the socket kept by another process, not from a process created with the dead
-/// broker's PID.
+/// broker's PID, also when the broker's leader thread ended before its others.
 #[test]
 fn a_dead_brokers_registration_is_refused_even_under_its_pid() {
     let mut sandbox = sandbox("deadbroker");
@@ -423,6 +453,17 @@ fn a_dead_brokers_registration_is_refused_even_under_its_pid() {
     assert_eq!(report["pid"], report["broker_pid"], "clone3 set_tid must reproduce the PID: {report}");
     assert_eq!(report["result"], "EPERM", "the dead broker's socket, from its PID: {report}");
     assert_eq!(sandbox.received().unwrap(), 0);
+
+    // A broker whose first thread ends before the others stays a broker until its last
+    // thread ends, and not a moment longer.
+    let report = sandbox
+        .probe("broker", &["dead-broker", "--leader-exits-first", "--pin-path", &pin_path, "127.0.0.2:8443"])
+        .unwrap();
+    assert_eq!(report["live"], "ok", "its second thread, once its leader has exited: {report}");
+    assert_eq!(report["pid"], report["broker_pid"], "clone3 set_tid must reproduce the PID: {report}");
+    assert_eq!(report["result"], "EPERM", "the dead broker's socket, from its PID: {report}");
+    assert_eq!(sandbox.received().unwrap(), 1, "only the live broker's connection");
+
     // The running broker is unaffected.
     let probe = sandbox.agent_cli(&["probe-egress", "127.0.0.2:8443", "--json"]).unwrap();
     assert_eq!(parse_json_output(&probe, "probe-egress").unwrap()["connected"], true);

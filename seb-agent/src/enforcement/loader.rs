@@ -176,7 +176,7 @@ pub fn object_hash() -> String {
 }
 
 /// Load the object, reusing pinned maps; a new `SEB_SCOPED_TASKS` gets
-/// `max_scoped_processes` entries.
+/// `max_scoped_processes` entries, and `SEB_DOOMED_TASKS` a share of that.
 pub fn load(layout: &PinLayout, max_scoped_processes: u32) -> Result<Ebpf> {
     bpffs::ensure_mounted(&layout.root)?;
     fs::create_dir_all(layout.maps()).with_context(|| format!("creating {}", layout.maps().display()))?;
@@ -184,6 +184,7 @@ pub fn load(layout: &PinLayout, max_scoped_processes: u32) -> Result<Ebpf> {
     EbpfLoader::new()
         .default_map_pin_directory(layout.maps())
         .map_max_entries(seb_common::map_names::SCOPED_TASKS, max_scoped_processes)
+        .map_max_entries(seb_common::map_names::DOOMED_TASKS, doomed_capacity(max_scoped_processes))
         .load(OBJECT)
         .with_context(|| {
             format!(
@@ -192,6 +193,13 @@ pub fn load(layout: &PinLayout, max_scoped_processes: u32) -> Result<Ebpf> {
                 layout.maps().display()
             )
         })
+}
+
+/// Room for processes to be killed at their next call: those moved out of the scope by
+/// another, and those the scope table could not take. A sixteenth of the scope table
+/// (4,096 for the default), at least 16.
+fn doomed_capacity(max_scoped_processes: u32) -> u32 {
+    (max_scoped_processes / 16).clamp(16, seb_common::MAX_DOOMED_TASKS)
 }
 
 /// Attach every program where it belongs, adopting valid pinned links, then unpin links
