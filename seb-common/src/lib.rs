@@ -39,6 +39,14 @@ pub const MAX_BROKER_PROCESSES: u32 = 64;
 pub const MAX_EXEMPT_SOCKETS: u32 = 65_536;
 /// Network namespaces with a protected endpoint on a local address.
 pub const MAX_LOCAL_NAMESPACES: u32 = 64;
+/// A local prefix only its own network namespace reaches (loopback).
+pub const LOCAL_LOOPBACK: u8 = 1;
+/// A local prefix other namespaces reach too, by routing (a node address, a broadcast or
+/// multicast address).
+pub const LOCAL_ROUTED: u8 = 2;
+/// `SEB_LOCAL_PROTECTED` key of the rules that hold for callers in any other network
+/// namespace (no namespace has cookie 0).
+pub const ANY_OTHER_NAMESPACE: u64 = 0;
 /// Local address prefixes tracked per family.
 /// How many cgroups may be enforced (the scope, and the pods selected in cluster mode).
 pub const MAX_SCOPE_CGROUPS: u32 = 16_384;
@@ -135,6 +143,7 @@ pub struct EndpointRules {
     pub count: u8,
     /// Non-zero when the prefix is an address local to the agent's network namespace
     /// while a protected endpoint is local there too: a wildcard listener may answer.
+    /// [`LOCAL_LOOPBACK`] or [`LOCAL_ROUTED`].
     pub local: u8,
     pub _pad: [u8; 2],
     pub rules: [PortRule; MAX_RULES_PER_PREFIX],

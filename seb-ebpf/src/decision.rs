@@ -129,7 +129,7 @@ pub fn judge_sock_addr(ctx: &SockAddrContext, dest: Destination, hook: Hook) -> 
 fn protected_destination(ctx: &SockAddrContext, dest: Destination, hook: Hook) -> Option<Destination> {
     let Some(candidates) = local::resolve_unspecified(ctx, &dest, hook) else {
         let rules = dest.entry()?;
-        if dest.covered_by(rules) || (rules.local != 0 && local::reaches_local_protected(ctx, &dest)) {
+        if dest.covered_by(rules) || (rules.local != 0 && local::reaches_local_protected(ctx, &dest, rules.local)) {
             return Some(dest);
         }
         return None;
@@ -143,8 +143,8 @@ fn protected_destination(ctx: &SockAddrContext, dest: Destination, hook: Hook) -
     // source, loopback); judge what answers there.
     for candidate in candidates {
         if !candidate.is_unspecified() {
-            let local = candidate.entry().is_some_and(|rules| rules.local != 0);
-            if local && local::reaches_local_protected(ctx, &candidate) {
+            let local = candidate.entry().map_or(0, |rules| rules.local);
+            if local != 0 && local::reaches_local_protected(ctx, &candidate, local) {
                 return Some(candidate);
             }
             return None;
@@ -270,7 +270,8 @@ pub fn judge_sys_enter(id: i64, regs: *const u8) -> i32 {
 /// may leave from another task's context (softirq, a retransmit timer).
 #[inline(always)]
 pub fn judge_packet<C: EbpfContext>(ctx: &C, skb: *mut __sk_buff, dest: &Destination, hook: Hook) -> i32 {
-    if !dest.is_protected() {
+    let Some(rules) = dest.entry() else { return ALLOW };
+    if !dest.covered_by(rules) && (rules.local == 0 || !local::packet_reaches_local_protected(ctx, dest)) {
         return ALLOW;
     }
     // SAFETY: helpers valid in cgroup_skb programs, on this program's own skb.

@@ -6,8 +6,15 @@
 //!   reaches.
 //! - A listener bound to the wildcard address answers on every local address. Where a
 //!   protected endpoint's address is local to the caller's network namespace, reaching
-//!   its port through any other local address (loopback, the node's own IP) reaches the
-//!   protected service: such a destination is judged as that service.
+//!   its port through any other local address (loopback, the node's own IP, a broadcast
+//!   or multicast address) reaches the protected service: such a destination is judged
+//!   as that service, unless the socket that would answer is bound to that very address.
+//!   When no socket is found (one bound to a device is invisible to the lookup), the
+//!   destination is judged as the service: fail closed; a connect to a port where nothing
+//!   listens loses nothing.
+//! - From another network namespace (a pod), the agent's routed local addresses are
+//!   reached too, and what answers there cannot be looked up from the caller's namespace:
+//!   such a destination on a port of a local protected endpoint is judged as the service.
 
 use aya_ebpf::{
     EbpfContext,
@@ -15,7 +22,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
     programs::SockAddrContext,
 };
-use seb_common::{FAMILY_V4, Hook};
+use seb_common::{ANY_OTHER_NAMESPACE, FAMILY_V4, Hook, LOCAL_ROUTED};
 
 use crate::{LOCAL_PROTECTED, decision::Destination};
 
@@ -70,27 +77,46 @@ pub fn resolve_unspecified(ctx: &SockAddrContext, dest: &Destination, hook: Hook
     Some(candidates)
 }
 
-/// Whether a wildcard listener that also serves a local protected endpoint answers at
-/// `dest`, an address the trie marks as local to the agent's network namespace. Costs
-/// one hash lookup unless the caller is in that namespace with such an endpoint on the
-/// port.
+/// Whether a listener that also serves a local protected endpoint may answer at `dest`,
+/// an address the trie marks local (`local` is its kind). Costs one hash lookup unless
+/// the port is one of a local protected endpoint.
 #[inline(always)]
-pub fn reaches_local_protected(ctx: &SockAddrContext, dest: &Destination) -> bool {
+pub fn reaches_local_protected(ctx: &SockAddrContext, dest: &Destination, local: u8) -> bool {
     let Some(port) = dest.port else { return false };
     // SAFETY: helper valid in sock_addr programs.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only use within this program run.
-    let Some(rules) = (unsafe { LOCAL_PROTECTED.get(&netns) }) else { return false };
-    if !rules.matches(dest.protocol, port) {
-        return false;
+    if let Some(rules) = unsafe { LOCAL_PROTECTED.get(&netns) } {
+        return rules.matches(dest.protocol, port) && !answered_by_its_own_address(ctx, dest, port);
     }
-    answered_by_wildcard(ctx, dest, port)
+    // Another namespace: its loopback is its own; the rest is the agent's, by routing.
+    local == LOCAL_ROUTED && on_local_protected_port(dest)
+}
+
+/// Whether a packet to `dest`, a local address, may reach a local protected endpoint.
+/// The sender's namespace is not known here: its own sockets are looked up, and a
+/// destination of another namespace's address is judged as the service (fail closed).
+#[inline(always)]
+pub fn packet_reaches_local_protected<C: EbpfContext>(ctx: &C, dest: &Destination) -> bool {
+    on_local_protected_port(dest) && !dest.port.is_some_and(|port| answered_by_its_own_address(ctx, dest, port))
+}
+
+/// Whether `dest` is on a port of any local protected endpoint; without a port (a later
+/// fragment), any rule of its protocol counts.
+#[inline(always)]
+fn on_local_protected_port(dest: &Destination) -> bool {
+    // SAFETY: read-only use within this program run.
+    let Some(rules) = (unsafe { LOCAL_PROTECTED.get(&ANY_OTHER_NAMESPACE) }) else { return false };
+    match dest.port {
+        Some(port) => rules.matches(dest.protocol, port),
+        None => rules.matches_protocol(dest.protocol),
+    }
 }
 
 /// Look up the socket that would take a connection to `dest` and tell whether it is
-/// bound to the wildcard address.
+/// bound to that address itself (not the wildcard). No socket found is no such socket.
 #[inline(always)]
-fn answered_by_wildcard(ctx: &SockAddrContext, dest: &Destination, port: u16) -> bool {
+fn answered_by_its_own_address<C: EbpfContext>(ctx: &C, dest: &Destination, port: u16) -> bool {
     // SAFETY: an all-zero tuple is valid; only the family's half is read by the kernel.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     let size = if dest.family == FAMILY_V4 {
@@ -132,13 +158,15 @@ fn answered_by_wildcard(ctx: &SockAddrContext, dest: &Destination, port: u16) ->
     let wildcard = unsafe {
         match (*sk).family {
             AF_INET => (*sk).src_ip4 == 0,
-            AF_INET6 => {
-                (*sk).src_ip6[0] == 0 && (*sk).src_ip6[1] == 0 && (*sk).src_ip6[2] == 0 && (*sk).src_ip6[3] == 0
-            }
+            // One test of all four words: a chain of tests ending in a load like the
+            // IPv4 arm's lets the compiler merge the two loads into one at a computed
+            // offset, which the verifier refuses on a socket pointer.
+            AF_INET6 => ((*sk).src_ip6[0] | (*sk).src_ip6[1] | (*sk).src_ip6[2] | (*sk).src_ip6[3]) == 0,
+            // Never found by an inet lookup.
             _ => false,
         }
     };
     // SAFETY: releases the reference taken by the lookup.
     unsafe { bpf_sk_release(sk.cast()) };
-    wildcard
+    !wildcard
 }

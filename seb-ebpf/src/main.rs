@@ -304,16 +304,22 @@ fn port_from_ctx(port: u32) -> u16 {
 #[inline(always)]
 fn egress(ctx: &SkBuffContext) -> i32 {
     let skb: *mut __sk_buff = ctx.skb.skb;
-    if packet::socket_has_address_hooks(skb) {
-        // TCP and UDP sockets were already judged at connect() or sendmsg(), except a
-        // broker connection cut since.
-        return decision::judge_cut(ctx, skb);
-    }
     let Some(dest) = packet::destination(ctx) else {
-        return ALLOW;
+        // Not IP: the cgroup egress hook sees IP only. A cut broker socket stays cut.
+        return decision::judge_cut(ctx, skb);
     };
-    let hook = if dest.family == FAMILY_V4 { Hook::Egress4 } else { Hook::Egress6 };
-    decision::judge_packet(ctx, skb, &dest, hook)
+    let judged = packet::judged_before(skb, &dest);
+    if judged != packet::Judged::AtConnect {
+        let hook = if dest.family == FAMILY_V4 { Hook::Egress4 } else { Hook::Egress6 };
+        if decision::judge_packet(ctx, skb, &dest, hook) == DENY {
+            return DENY;
+        }
+    }
+    if judged == packet::Judged::Never {
+        return ALLOW;
+    }
+    // A TCP or UDP socket, judged before: only a broker connection cut since is dropped.
+    decision::judge_cut(ctx, skb)
 }
 
 #[cfg(not(test))]

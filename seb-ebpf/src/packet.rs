@@ -6,7 +6,7 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 
-use seb_common::ANY_PROTOCOL;
+use seb_common::{ANY_PROTOCOL, FAMILY_V4};
 
 use crate::decision::Destination;
 
@@ -16,24 +16,56 @@ const IPPROTO_ICMPV6: u8 = 58;
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 
-/// TCP stream and UDP datagram sockets pass connect4/6 or sendmsg4/6 before any packet
-/// leaves, so the backstop leaves them (and their replies to accepted peers) alone.
+/// What judged a packet's destination before it reached the backstop.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Judged {
+    /// A TCP or UDP socket sending to the peer it connected to: connect4/6 judged it.
+    AtConnect,
+    /// A TCP or UDP socket sending elsewhere: an unconnected datagram (sendmsg4/6 judged
+    /// the address asked for), or a destination that NAT rewrote after the hook.
+    Elsewhere,
+    /// Nothing: another kind of socket (raw, ICMP), or none.
+    Never,
+}
+
+/// Whether the packet's socket passed an address hook for this destination. The
+/// connected peer is compared with the packet's header, so a packet NAT sent elsewhere
+/// than where connect() was judged is judged again here.
 #[inline(always)]
-pub fn socket_has_address_hooks(skb: *mut __sk_buff) -> bool {
+pub fn judged_before(skb: *mut __sk_buff, dest: &Destination) -> Judged {
     // SAFETY: `sk` is a readable context field in cgroup_skb programs; the pointer is
     // only dereferenced after bpf_sk_fullsock vouches for it.
     unsafe {
         let sk: *mut bpf_sock = (*skb).__bindgen_anon_2.sk;
         if sk.is_null() {
-            return false;
+            return Judged::Never;
         }
         let full = bpf_sk_fullsock(sk);
         if full.is_null() {
-            return false;
+            return Judged::Never;
         }
         let (kind, protocol) = ((*full).type_, (*full).protocol);
-        (kind == SOCK_STREAM && protocol == IPPROTO_TCP as u32)
-            || (kind == SOCK_DGRAM && protocol == IPPROTO_UDP as u32)
+        let hooked = (kind == SOCK_STREAM && protocol == IPPROTO_TCP as u32)
+            || (kind == SOCK_DGRAM && protocol == IPPROTO_UDP as u32);
+        if !hooked {
+            return Judged::Never;
+        }
+        let Some(port) = dest.port else { return Judged::Elsewhere };
+        if (*full).dst_port != port.to_be() {
+            return Judged::Elsewhere;
+        }
+        let a = &dest.addr;
+        // An IPv4 packet of an IPv6 socket connected to a mapped address: the kernel keeps
+        // the IPv4 peer in `dst_ip4` as well.
+        let same_peer = if dest.family == FAMILY_V4 {
+            (*full).dst_ip4 == u32::from_ne_bytes([a[0], a[1], a[2], a[3]])
+        } else {
+            (*full).dst_ip6[0] == u32::from_ne_bytes([a[0], a[1], a[2], a[3]])
+                && (*full).dst_ip6[1] == u32::from_ne_bytes([a[4], a[5], a[6], a[7]])
+                && (*full).dst_ip6[2] == u32::from_ne_bytes([a[8], a[9], a[10], a[11]])
+                && (*full).dst_ip6[3] == u32::from_ne_bytes([a[12], a[13], a[14], a[15]])
+        };
+        if same_peer { Judged::AtConnect } else { Judged::Elsewhere }
     }
 }
 

@@ -177,18 +177,41 @@ impl Sandbox {
     /// Listen on `addr` (TCP and UDP) inside the namespace. An IPv6 wildcard accepts
     /// IPv4 (and IPv4-mapped) connections too.
     pub fn listen(&mut self, addr: SocketAddr) -> Result<()> {
+        self.listen_on(addr, None)
+    }
+
+    /// The same, the sockets bound to `device` (`SO_BINDTODEVICE`) when given.
+    pub fn listen_on(&mut self, addr: SocketAddr, device: Option<&str>) -> Result<()> {
         let netns = self.netns.clone();
+        let device = device.map(|name| name.as_bytes().to_vec());
         let (tcp, udp) = thread::spawn(move || -> Result<(TcpListener, UdpSocket)> {
             let ns = fs::File::open(format!("/run/netns/{netns}"))?;
             // setns(CLONE_NEWNET) moves only this thread; its sockets stay in the namespace.
             nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-            Ok((TcpListener::bind(addr)?, UdpSocket::bind(addr)?))
+            let socket = |kind: socket2::Type| -> Result<socket2::Socket> {
+                let socket = socket2::Socket::new(socket2::Domain::for_address(addr), kind, None)?;
+                if addr.is_ipv6() {
+                    socket.set_only_v6(false)?;
+                }
+                socket.bind_device(device.as_deref())?;
+                socket.bind(&addr.into())?;
+                Ok(socket)
+            };
+            let tcp = socket(socket2::Type::STREAM)?;
+            tcp.set_reuse_address(true)?;
+            tcp.listen(128)?;
+            Ok((tcp.into(), socket(socket2::Type::DGRAM)?.into()))
         })
         .join()
         .expect("listener thread")?;
         self.listeners.push(Listener::Tcp(tcp));
         self.listeners.push(Listener::Udp(udp));
         Ok(())
+    }
+
+    /// Run `ip <args>` in the sandbox's network namespace.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        run(Command::new("ip").args(["-n", &self.netns]).args(args))
     }
 
     /// Set sysctls inside the sandbox's network namespace (it is the sandbox's own).
@@ -335,10 +358,15 @@ impl Sandbox {
 
     /// Run the probe in `<root>/<cgroup>` and the namespace.
     pub fn probe(&self, cgroup: &str, args: &[&str]) -> Result<Value> {
+        self.probe_in(&self.netns, cgroup, args)
+    }
+
+    /// The same in another network namespace.
+    pub fn probe_in(&self, netns: &str, cgroup: &str, args: &[&str]) -> Result<Value> {
         let output = Command::new(&self.tools.probe)
             .arg("--cgroup")
             .arg(self.cgroup.join(cgroup))
-            .args(["--netns", &self.netns])
+            .args(["--netns", netns])
             .args(args)
             .output()?;
         parse_json_output(&output, "seb-probe")

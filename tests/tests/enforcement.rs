@@ -121,14 +121,18 @@ fn the_kernel_denies_every_egress_path_to_a_protected_endpoint() {
 #[test]
 fn wildcard_and_unspecified_destinations_are_judged_as_what_they_reach() {
     let mut sandbox = Sandbox::new("local", tools()).unwrap();
-    let policy = ["tcp", "udp"].map(|protocol| {
-        format!("[[enforcement.protected]]\ncidr = \"127.0.0.2/32\"\nport = 8443\nprotocol = \"{protocol}\"\n")
+    let policy = [("tcp", 8443), ("udp", 8443), ("tcp", 7443)].map(|(protocol, port)| {
+        format!("[[enforcement.protected]]\ncidr = \"127.0.0.2/32\"\nport = {port}\nprotocol = \"{protocol}\"\n")
     });
     sandbox.write_config(&policy.concat()).unwrap();
     // One dual-stack wildcard listener serves the protected 127.0.0.2:8443 and every
-    // other local address on 8443; 9443 is not protected anywhere.
+    // other local address on 8443; 9443 is not protected anywhere. On 7443, a wildcard
+    // listener bound to `lo`, which a socket lookup without a device never finds.
     sandbox.listen("[::]:8443".parse().unwrap()).unwrap();
     sandbox.listen("[::]:9443".parse().unwrap()).unwrap();
+    sandbox.listen_on("[::]:7443".parse().unwrap(), Some("lo")).unwrap();
+    // A pod-like namespace routed to this one, whose side holds 198.51.100.1/24.
+    let pod = Pod::new(&sandbox);
     sandbox.start_agent().unwrap();
 
     // (method, destination, bound source, the address the record must name, unspecified?)
@@ -142,6 +146,11 @@ fn wildcard_and_unspecified_destinations_are_judged_as_what_they_reach() {
         ("tcp", "127.0.0.1:8443", None, "127.0.0.1", false),
         ("tcp", "127.0.0.9:8443", None, "127.0.0.9", false),
         ("udp-sendto", "[::1]:8443", None, "::1", false),
+        // Broadcast and multicast datagrams reach wildcard listeners too.
+        ("udp-sendto", "198.51.100.255:8443", None, "198.51.100.255", false),
+        ("udp-sendto", "255.255.255.255:8443", None, "255.255.255.255", false),
+        ("udp-sendto", "224.0.0.1:8443", None, "224.0.0.1", false),
+        ("udp-connect", "[ff05::1]:8443", None, "ff05::1", false),
     ];
     for uid in [None, Some("65534")] {
         for (method, addr, bind, judged, unspecified) in denied {
@@ -161,7 +170,27 @@ fn wildcard_and_unspecified_destinations_are_judged_as_what_they_reach() {
             assert_eq!(denial["uid"].as_u64(), Some(uid.map_or(0, |u| u.parse().unwrap())), "{denial}");
         }
     }
+
+    // (namespace, method, destination, the address and port the record must name)
+    let also_denied = [
+        // The device-bound listener: no socket found is judged as the service.
+        (&sandbox.netns, "tcp", "127.0.0.1:7443", "127.0.0.1", 7443),
+        // A raw IP datagram to a local address, judged by the egress program.
+        (&sandbox.netns, "raw", "127.0.0.1:8443", "127.0.0.1", 8443),
+        // From another namespace, a node address routes to the same wildcard listener.
+        (&pod.netns, "tcp", "198.51.100.1:8443", "198.51.100.1", 8443),
+        (&pod.netns, "udp-sendto", "198.51.100.1:8443", "198.51.100.1", 8443),
+    ];
+    for (netns, method, addr, judged, port) in also_denied {
+        let outcome = sandbox.probe_in(netns, "workload", &["try", method, addr, "--linger-ms", "300"]).unwrap();
+        assert_eq!(outcome["result"], "EPERM", "{method} to {addr} from {netns}: {outcome}");
+        let denial = sandbox.wait_for_denial(cookie(&outcome)).unwrap();
+        assert_eq!((&denial["address"], &denial["port"]), (&Value::from(judged), &Value::from(port)), "{denial}");
+    }
     assert_eq!(sandbox.received().unwrap(), 0, "a denied attempt reached the wildcard listener");
+    // The pod's own loopback is its own: nothing of this namespace answers there.
+    let outcome = sandbox.probe_in(&pod.netns, "workload", &["try", "tcp", "127.0.0.1:8443"]).unwrap();
+    assert_ne!(outcome["result"], "EPERM", "the pod's own loopback: {outcome}");
 
     // Ports no protected endpoint uses stay reachable through the same addresses.
     for (method, addr) in [("tcp", "127.0.0.1:9443"), ("tcp", "0.0.0.0:9443"), ("tcp", "[::]:9443")] {
@@ -169,6 +198,73 @@ fn wildcard_and_unspecified_destinations_are_judged_as_what_they_reach() {
         assert_eq!(outcome["result"], "ok", "{method} to {addr}: {outcome}");
     }
     assert_eq!(sandbox.received().unwrap(), 3);
+}
+
+/// connect() is judged at the address asked for, and NAT in the caller's namespace (root
+/// there, as in a pod with CAP_NET_ADMIN) may send the connection elsewhere afterwards.
+/// The egress program compares each packet with the peer its socket connected to, and
+/// judges one that differs where it really goes.
+#[test]
+fn a_connection_nat_sends_elsewhere_is_judged_where_it_goes() {
+    let mut sandbox = sandbox("dnat");
+    sandbox.ip(&["route", "add", "10.99.0.0/24", "dev", "lo"]).unwrap();
+    let nft = |rule: &str| {
+        let status = Command::new("ip").args(["netns", "exec", &sandbox.netns, "nft", rule]).status().unwrap();
+        assert!(status.success(), "nft {rule}");
+    };
+    nft("add table ip seb_test");
+    nft("add chain ip seb_test out { type nat hook output priority -100; }");
+    nft("add rule ip seb_test out ip daddr 10.99.0.9 tcp dport 8443 dnat to 127.0.0.2:8443");
+    nft("add rule ip seb_test out ip daddr 10.99.0.8 tcp dport 8443 dnat to 127.0.0.3:8443");
+    sandbox.start_agent().unwrap();
+
+    let outcome = sandbox.attempt("workload", "tcp", "10.99.0.9:8443").unwrap();
+    assert_ne!(outcome["result"], "ok", "rewritten to the protected 127.0.0.2:8443: {outcome}");
+    let denial = sandbox.wait_for_denial(cookie(&outcome)).unwrap();
+    assert_eq!(denial["hook"], "egress4", "{denial}");
+    assert_eq!((&denial["address"], &denial["port"]), (&Value::from("127.0.0.2"), &Value::from(8443)), "{denial}");
+    assert_eq!(sandbox.received().unwrap(), 0, "the protected listener received the rewritten connection");
+
+    // Rewritten to an unprotected address, the connection goes through.
+    let outcome = sandbox.attempt("workload", "tcp", "10.99.0.8:8443").unwrap();
+    assert_eq!(outcome["result"], "ok", "rewritten to 127.0.0.3:8443: {outcome}");
+    assert_eq!(sandbox.received().unwrap(), 1);
+}
+
+/// A network namespace like a pod's, joined to the sandbox's by a veth pair
+/// (198.51.100.1 on the sandbox's side, .2 on its own, its default route through .1).
+/// Removed when dropped.
+struct Pod {
+    netns: String,
+}
+
+impl Pod {
+    fn new(sandbox: &Sandbox) -> Self {
+        let pod = Pod { netns: format!("{}-pod", sandbox.netns) };
+        let ip = |args: &[&str]| {
+            let status = Command::new("ip").args(args).status().unwrap();
+            assert!(status.success(), "ip {args:?}");
+        };
+        ip(&["netns", "add", &pod.netns]);
+        sandbox.ip(&["link", "add", "seb-v0", "type", "veth", "peer", "name", "seb-v1", "netns", &pod.netns]).unwrap();
+        sandbox.ip(&["addr", "add", "198.51.100.1/24", "dev", "seb-v0"]).unwrap();
+        sandbox.ip(&["link", "set", "seb-v0", "up"]).unwrap();
+        for args in [
+            &["addr", "add", "198.51.100.2/24", "dev", "seb-v1"][..],
+            &["link", "set", "seb-v1", "up"],
+            &["link", "set", "lo", "up"],
+            &["route", "add", "default", "via", "198.51.100.1"],
+        ] {
+            ip(&[&["-n", pod.netns.as_str()][..], args].concat());
+        }
+        pod
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+    }
 }
 
 /// AF_PACKET sockets hand frames to the device: no routing, no netfilter, no cgroup
@@ -366,15 +462,7 @@ fn a_process_that_creates_more_than_the_kernel_can_follow_is_killed() {
     let mut sandbox = Sandbox::new("fullest", tools()).unwrap();
     sandbox.write_config(&format!("max_scoped_processes = 16\n{POLICY}")).unwrap();
     sandbox.start_agent().unwrap();
-    let forking = Command::new(&sandbox.tools.probe)
-        .arg("--cgroup")
-        .arg(sandbox.cgroup.join("workload"))
-        .args(["--netns", &sandbox.netns, "fork", "--count", "60", "tcp", "127.0.0.3:9"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = forking.id();
-    let output = forking.wait_with_output().unwrap();
+    let (output, pid) = sandbox.probe_raw("workload", &["fork", "--count", "60", "tcp", "127.0.0.3:9"]).unwrap();
     assert_eq!(output.status.signal(), Some(9), "{}", String::from_utf8_lossy(&output.stdout));
     let record = wait_for(&sandbox, |d| d["hook"] == "scope_table_full" && d["tgid"] == pid);
     assert_eq!(record["action"], "killed", "{record}");

@@ -121,7 +121,7 @@ fn build(check: bool, ebpf_only: bool) -> Result<()> {
 
 fn test() -> Result<()> {
     require_root()?;
-    toolchain::ensure_packages(&[("ip", "iproute2")])?;
+    toolchain::ensure_packages(&[("ip", "iproute2"), ("nft", "nftables")])?;
     toolchain::ensure_moto()?;
     toolchain::ensure_python_test_packages()?;
     // In CI the committed object must be what the sources build; locally it is refreshed.

@@ -8,8 +8,12 @@
 //!
 //! Local addresses are read with getifaddrs: an address on a loopback interface makes
 //! its whole prefix local (Linux routes all of 127.0.0.0/8 to `lo`), any other address
-//! only itself. This is the agent's own network namespace: the node's, for a
-//! host-network DaemonSet, which is where a protected endpoint can be local.
+//! only itself, and an interface's broadcast address too. Datagrams to the limited
+//! broadcast address, to multicast groups (every interface joins the all-hosts group)
+//! and to the IPv6 anycast addresses the kernel answers (`/proc/net/anycast6`, a
+//! router's subnet anycast) reach a wildcard listener as well: all are local. This is
+//! the agent's own network namespace: the node's, for a host-network DaemonSet, which is
+//! where a protected endpoint can be local.
 
 use std::net::IpAddr;
 
@@ -37,9 +41,17 @@ pub fn current(endpoints: &[Endpoint]) -> Result<LocalProtection> {
     Ok(LocalProtection { netns_cookie: own_netns_cookie()?, rules: local_rules(endpoints, &prefixes), prefixes })
 }
 
+/// Destinations every namespace delivers locally, whatever its addresses: the limited
+/// broadcast address and the multicast ranges.
+const ALWAYS_LOCAL: [&str; 3] = ["255.255.255.255/32", "224.0.0.0/4", "ff00::/8"];
+
 fn local_prefixes() -> Result<Vec<IpNet>> {
-    let mut prefixes = BTreeSet::new();
+    let mut prefixes: BTreeSet<IpNet> = ALWAYS_LOCAL.iter().map(|net| net.parse().expect("a valid prefix")).collect();
+    prefixes.extend(anycast_v6()?);
     for interface in getifaddrs().context("listing local addresses (getifaddrs)")? {
+        if let Some(broadcast) = interface.broadcast.as_ref().and_then(|b| b.as_sockaddr_in()) {
+            prefixes.insert(IpNet::from(IpAddr::from(broadcast.ip())));
+        }
         let Some(address) = interface.address.as_ref() else { continue };
         let ip: IpAddr = if let Some(v4) = address.as_sockaddr_in() {
             v4.ip().into()
@@ -48,16 +60,49 @@ fn local_prefixes() -> Result<Vec<IpNet>> {
         } else {
             continue;
         };
-        let prefix_len = if interface.flags.contains(InterfaceFlags::IFF_LOOPBACK) {
-            interface.netmask.as_ref().and_then(netmask_len).unwrap_or(host_len(ip))
-        } else {
-            host_len(ip)
-        };
+        let mask_len = interface.netmask.as_ref().and_then(netmask_len).unwrap_or(host_len(ip));
+        let prefix_len = if interface.flags.contains(InterfaceFlags::IFF_LOOPBACK) { mask_len } else { host_len(ip) };
+        if let Some(broadcast) = subnet_broadcast(ip, mask_len) {
+            prefixes.insert(broadcast);
+        }
         if let Ok(net) = IpNet::new(ip, prefix_len) {
             prefixes.insert(net.trunc());
         }
     }
     Ok(prefixes.into_iter().collect())
+}
+
+/// The IPv6 anycast addresses the kernel answers in this namespace (`/proc/net/anycast6`:
+/// index, interface, address in 32 hex digits, users); none where IPv6 is off.
+fn anycast_v6() -> Result<Vec<IpNet>> {
+    let text = match std::fs::read_to_string("/proc/net/anycast6") {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).context("reading /proc/net/anycast6"),
+    };
+    Ok(text
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(2))
+        .filter_map(parse_hex_v6)
+        .map(IpNet::from)
+        .collect())
+}
+
+fn parse_hex_v6(hex: &str) -> Option<IpAddr> {
+    let bits = u128::from_str_radix(hex, 16).ok().filter(|_| hex.len() == 32)?;
+    Some(IpAddr::from(std::net::Ipv6Addr::from(bits)))
+}
+
+/// The broadcast address Linux routes locally for an IPv4 subnet shorter than /31,
+/// whether or not the address was given one.
+fn subnet_broadcast(ip: IpAddr, prefix_len: u8) -> Option<IpNet> {
+    match ip {
+        IpAddr::V4(v4) if prefix_len < 31 && !v4.is_loopback() => {
+            let net = ipnet::Ipv4Net::new(v4, prefix_len).ok()?;
+            Some(IpNet::from(IpAddr::from(net.broadcast())))
+        }
+        _ => None,
+    }
 }
 
 fn host_len(ip: IpAddr) -> u8 {
@@ -117,6 +162,30 @@ mod tests {
 
     fn endpoint(net: &str, port: Option<u16>) -> Endpoint {
         Endpoint { net: net.parse().unwrap(), port, protocol: Protocol::Tcp }
+    }
+
+    #[test]
+    fn anycast_addresses_are_read_from_procfs_lines() {
+        assert_eq!(parse_hex_v6("20010db8000100000000000000000000"), Some("2001:db8:1::".parse::<IpAddr>().unwrap()));
+        assert_eq!(parse_hex_v6("2001"), None);
+        assert_eq!(parse_hex_v6("zz010db8000100000000000000000000"), None);
+    }
+
+    #[test]
+    fn a_subnets_broadcast_address_is_local() {
+        let ip: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(subnet_broadcast(ip, 24), Some("198.51.100.255/32".parse().unwrap()));
+        assert_eq!(subnet_broadcast(ip, 31), None);
+        assert_eq!(subnet_broadcast("127.0.0.1".parse().unwrap(), 8), None, "loopback's prefix is local whole");
+        assert_eq!(subnet_broadcast("2001:db8::1".parse().unwrap(), 64), None);
+    }
+
+    #[test]
+    fn broadcast_and_multicast_are_always_local() {
+        let prefixes = local_prefixes().unwrap();
+        for net in ALWAYS_LOCAL {
+            assert!(prefixes.contains(&net.parse().unwrap()), "{net} in {prefixes:?}");
+        }
     }
 
     #[test]

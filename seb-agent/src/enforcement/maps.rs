@@ -54,18 +54,22 @@ where
     Ok(())
 }
 
-/// Write which protected rules are local to the agent's network namespace; entries of
-/// other namespaces, or stale ones, are removed last. The local addresses themselves are
-/// marked in the protected-endpoint tries (see `policy::compile`).
+/// Write which protected rules are local to the agent's network namespace, and the same
+/// under `ANY_OTHER_NAMESPACE` for callers elsewhere (a pod reaching a node address);
+/// entries of other namespaces, or stale ones, are removed last. The local addresses
+/// themselves are marked in the protected-endpoint tries (see `policy::compile`).
 pub fn write_local(ebpf: &mut Ebpf, local: &LocalProtection) -> Result<()> {
     let mut rules: HashMap<&mut MapData, u64, EndpointRules> =
         HashMap::try_from(map_mut(ebpf, map_names::LOCAL_PROTECTED)?)?;
     let stale: Vec<u64> = rules.keys().collect::<Result<_, _>>()?;
+    let keys = [local.netns_cookie, seb_common::ANY_OTHER_NAMESPACE];
     if let Some(local_rules) = &local.rules {
-        rules.insert(local.netns_cookie, local_rules, 0).context("writing the local protected rules")?;
+        for key in keys {
+            rules.insert(key, local_rules, 0).context("writing the local protected rules")?;
+        }
     }
     for cookie in stale {
-        if local.rules.is_none() || cookie != local.netns_cookie {
+        if local.rules.is_none() || !keys.contains(&cookie) {
             rules.remove(&cookie)?;
         }
     }

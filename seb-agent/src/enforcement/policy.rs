@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
-use seb_common::{ANY_PORT, ANY_PROTOCOL, EndpointRules, MAX_RULES_PER_PREFIX, PortRule};
+use seb_common::{ANY_PORT, ANY_PROTOCOL, EndpointRules, LOCAL_LOOPBACK, LOCAL_ROUTED, MAX_RULES_PER_PREFIX, PortRule};
 
 use crate::config::Endpoint;
 
@@ -53,7 +53,7 @@ pub fn compile(endpoints: &[Endpoint], local: &[IpNet]) -> Result<CompiledPolicy
     for net in &nets {
         let rules = inherited_rules(net, &own);
         let mut rules = encode(*net, rules)?;
-        rules.local = u8::from(local.iter().any(|local| local.contains(net)));
+        rules.local = local_kind(net, local);
         match net {
             IpNet::V4(v4) => {
                 policy.v4.push(TrieEntry { prefix_len: v4.prefix_len().into(), addr: v4.network().octets(), rules })
@@ -64,6 +64,18 @@ pub fn compile(endpoints: &[Endpoint], local: &[IpNet]) -> Result<CompiledPolicy
         }
     }
     Ok(policy)
+}
+
+/// How `net` is local: not at all, on loopback (reached from this namespace alone), or
+/// at an address other namespaces reach by routing.
+fn local_kind(net: &IpNet, local: &[IpNet]) -> u8 {
+    if !local.iter().any(|local| local.contains(net)) {
+        0
+    } else if net.network().is_loopback() {
+        LOCAL_LOOPBACK
+    } else {
+        LOCAL_ROUTED
+    }
 }
 
 /// The rules of `net` and of every configured prefix that contains it: at most one
@@ -146,10 +158,10 @@ mod tests {
             [endpoint("127.0.0.2/32", None, Protocol::Any), endpoint("10.0.0.0/8", Some(443), Protocol::Tcp)];
         let policy = compile(&endpoints, &local).unwrap();
         let entry = |len: u32, addr: [u8; 4]| policy.v4.iter().find(|e| e.prefix_len == len && e.addr == addr).unwrap();
-        assert_eq!((entry(8, [127, 0, 0, 0]).rules.local, entry(8, [127, 0, 0, 0]).rules.count), (1, 0));
-        assert_eq!(entry(32, [127, 0, 0, 2]).rules.local, 1, "protected and local");
+        assert_eq!((entry(8, [127, 0, 0, 0]).rules.local, entry(8, [127, 0, 0, 0]).rules.count), (LOCAL_LOOPBACK, 0));
+        assert_eq!(entry(32, [127, 0, 0, 2]).rules.local, LOCAL_LOOPBACK, "protected and local");
         let node = entry(32, [10, 1, 2, 3]);
-        assert_eq!(node.rules.local, 1);
+        assert_eq!(node.rules.local, LOCAL_ROUTED, "other namespaces reach a node address");
         assert!(kernel_denies(&policy, [10, 1, 2, 3], 6, 443), "the covering /8's rule still applies");
         assert_eq!(entry(8, [10, 0, 0, 0]).rules.local, 0, "remote");
         assert_eq!(compile_remote(&endpoints).unwrap().v4.len(), 2, "no local protection, no local entries");
