@@ -102,7 +102,9 @@ pub mod layout {
     pub const TASK_SIGNAL: u32 = 19;
     /// `signal_struct.live`: the threads of a process not yet exiting.
     pub const SIGNAL_LIVE: u32 = 20;
-    pub const LEN: u32 = 21;
+    /// `task_struct.files`: a process's descriptor table, shared by `CLONE_FILES`.
+    pub const TASK_FILES: u32 = 21;
+    pub const LEN: u32 = 22;
 }
 /// Size of the denial ring buffer in bytes (a power of two, a multiple of the page size).
 pub const DENIAL_RING_BYTES: u32 = 1 << 20;
@@ -218,6 +220,12 @@ pub enum Hook {
     /// A process of the scope the kernel could not follow (`SEB_SCOPED_TASKS` was full),
     /// killed at its first `socket()` or io_uring call.
     Unfollowed = 9,
+    /// A process of the scope that took another process's descriptor (`pidfd_getfd`),
+    /// attached to one (`ptrace`) or wrote into its memory (`process_vm_writev`).
+    ProcessAccess = 10,
+    /// A process of the scope that made another process sharing its descriptor table
+    /// (`CLONE_FILES` without `CLONE_THREAD`); the other is killed at its first socket call.
+    SharedDescriptors = 11,
 }
 
 impl Hook {
@@ -232,6 +240,8 @@ impl Hook {
             7 => Self::SockCreate,
             8 => Self::Migrate,
             9 => Self::Unfollowed,
+            10 => Self::ProcessAccess,
+            11 => Self::SharedDescriptors,
             _ => return None,
         })
     }
@@ -248,6 +258,8 @@ impl Hook {
             Self::SockCreate => "socket_syscall",
             Self::Migrate => "cgroup_migration",
             Self::Unfollowed => "scope_table_full",
+            Self::ProcessAccess => "process_access",
+            Self::SharedDescriptors => "shared_descriptors",
         }
     }
 }

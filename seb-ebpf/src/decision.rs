@@ -204,13 +204,45 @@ pub fn judge_socket_call(family: u32, kind: u32, any_family: bool) -> i32 {
     0
 }
 
-/// System call numbers (x86_64, then i386; io_uring's are the same in both tables), and
-/// where their arguments sit in `struct pt_regs`.
+/// `ptrace` requests that take control of another process.
+const PTRACE_ATTACH: u64 = 16;
+const PTRACE_SEIZE: u64 = 0x4206;
+
+/// Whether a `ptrace(request, ...)` takes control of another process.
+#[inline(always)]
+pub fn ptrace_attaches(request: u64) -> bool {
+    request == PTRACE_ATTACH || request == PTRACE_SEIZE
+}
+
+/// Decision at `pidfd_getfd()`, `ptrace()` attach and `process_vm_writev()`: a process of
+/// the scope reaching into another is killed before the call returns. The other may be
+/// outside the scope (its sockets are never judged, and it could be made to connect), or
+/// a child killed for a link-layer socket whose descriptor outlives it until it returns
+/// to user space. The target is not resolved: these calls have no place in the scope.
+/// (`process_vm_writev` has written by the time its caller dies; BPF-LSM, which could
+/// refuse it, is refused by this kernel.)
+#[inline(always)]
+pub fn judge_process_access() {
+    if current_task_is_judged() {
+        // SAFETY: the signal goes to the calling process.
+        unsafe { bpf_send_signal(SIGKILL) };
+        // SAFETY: plain helper call.
+        report_kill(Hook::ProcessAccess, unsafe { bpf_get_current_cgroup_id() });
+    }
+}
+
+/// System call numbers (x86_64, then i386; io_uring's and `pidfd_getfd`'s are the same in
+/// both tables), and where their arguments sit in `struct pt_regs`.
 const NR_SOCKET: i64 = 41;
 const IA32_SOCKETCALL: i64 = 102;
 const IA32_SOCKET: i64 = 359;
 const NR_IO_URING_SETUP: i64 = 425;
 const NR_IO_URING_ENTER: i64 = 426;
+const NR_PTRACE: i64 = 101;
+const IA32_PTRACE: i64 = 26;
+const NR_PROCESS_VM_WRITEV: i64 = 311;
+const IA32_PROCESS_VM_WRITEV: i64 = 348;
+const NR_PIDFD_GETFD: i64 = 438;
 /// `socketcall()`'s `SYS_SOCKET`.
 const SOCKETCALL_SOCKET: u32 = 1;
 const PT_REGS_BX: usize = 40;
@@ -218,27 +250,38 @@ const PT_REGS_CX: usize = 88;
 const PT_REGS_SI: usize = 104;
 const PT_REGS_DI: usize = 112;
 
-/// Whether `id`, in either table, may make a socket or submit io_uring work: the only
-/// test most system calls meet.
+/// Whether `id`, in either table, may make a socket, submit io_uring work or reach into
+/// another process: the only test most system calls meet.
 #[inline(always)]
-pub fn is_socket_call(id: i64) -> bool {
-    id == NR_SOCKET || id == IA32_SOCKETCALL || id == IA32_SOCKET || id == NR_IO_URING_SETUP || id == NR_IO_URING_ENTER
+pub fn is_watched_call(id: i64) -> bool {
+    id == NR_SOCKET
+        || id == IA32_SOCKETCALL
+        || id == IA32_SOCKET
+        || id == NR_IO_URING_SETUP
+        || id == NR_IO_URING_ENTER
+        || id == NR_PTRACE
+        || id == IA32_PTRACE
+        || id == NR_PROCESS_VM_WRITEV
+        || id == IA32_PROCESS_VM_WRITEV
+        || id == NR_PIDFD_GETFD
 }
 
-/// A system call that `is_socket_call`, from either table: the decisions the syscall
-/// tracepoints make for `socket()`, `io_uring_setup()` and `io_uring_enter()`.
+/// A system call that `is_watched_call`, from either table: the decisions the syscall
+/// tracepoints make for `socket()`, io_uring, `ptrace()`, `process_vm_writev()` and
+/// `pidfd_getfd()`.
 #[inline(always)]
 pub fn judge_sys_enter(id: i64, regs: *const u8) -> i32 {
     if id == NR_IO_URING_SETUP || id == NR_IO_URING_ENTER {
         lineage::kill_if_escaped();
         return 0;
     }
-    // The same number means another call in the other table (41 is i386 `dup`, 102 is
-    // x86_64 `getuid`).
-    let compat = task::current_syscall_is_compat();
-    if (id == NR_SOCKET) == compat {
+    if id == NR_PIDFD_GETFD {
+        judge_process_access();
         return 0;
     }
+    // The same number means another call in the other table (41 is i386 `dup`, 102 is
+    // x86_64 `getuid`, 26 x86_64 `msync`, 101 i386 `ioperm`, 311 i386 `set_robust_list`).
+    let compat = task::current_syscall_is_compat();
     // SAFETY: `regs` is the kernel's BTF-typed `struct pt_regs *`; the verifier checks
     // each load against its layout.
     let (first, second) = unsafe {
@@ -248,6 +291,19 @@ pub fn judge_sys_enter(id: i64, regs: *const u8) -> i32 {
             (*(regs.add(PT_REGS_DI) as *const u64), *(regs.add(PT_REGS_SI) as *const u64))
         }
     };
+    if id == if compat { IA32_PTRACE } else { NR_PTRACE } {
+        if ptrace_attaches(first) {
+            judge_process_access();
+        }
+        return 0;
+    }
+    if id == if compat { IA32_PROCESS_VM_WRITEV } else { NR_PROCESS_VM_WRITEV } {
+        judge_process_access();
+        return 0;
+    }
+    if (id == NR_SOCKET) == compat {
+        return 0;
+    }
     if id == IA32_SOCKETCALL && first as u32 != SOCKETCALL_SOCKET {
         return 0;
     }
@@ -469,8 +525,9 @@ pub fn report_unfollowed(scoped_in: u64) {
     report_kill(Hook::Unfollowed, scoped_in);
 }
 
+/// Report the calling process killed: `scoped_in` is the cgroup it was scoped in.
 #[inline(always)]
-fn report_kill(hook: Hook, scoped_in: u64) {
+pub fn report_kill(hook: Hook, scoped_in: u64) {
     // SAFETY: plain helper call.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let report_to = Report { cookie: 0, pid_tgid: bpf_get_current_pid_tgid(), uid_gid: bpf_get_current_uid_gid() };

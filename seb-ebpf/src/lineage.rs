@@ -20,13 +20,18 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 
+use seb_common::Hook;
+
 use crate::{DOOMED_TASKS, SCOPED_TASKS, decision, task};
 
 const SIGKILL: u32 = 9;
 
 /// Marks a `SEB_DOOMED_TASKS` value: the process was doomed because `SEB_SCOPED_TASKS`
-/// was full, not for leaving the scope. (Cgroup ids never reach the top bit.)
+/// was full, not for leaving the scope. (Cgroup ids never reach the top bits.)
 const UNFOLLOWED: u64 = 1 << 63;
+/// Marks a `SEB_DOOMED_TASKS` value: the process shares a descriptor table with a
+/// process of the scope.
+const SHARES_DESCRIPTORS: u64 = 1 << 62;
 
 /// Whether the process `tgid` has been in the scope.
 #[inline(always)]
@@ -87,6 +92,18 @@ pub fn on_fork(ctx: &RawTracePointContext) -> i32 {
     if current_in_enforced_cgroup() && !task_in_enforced_cgroup(child) {
         doom(child_tgid, cgroup_id);
         kill_current(child_tgid);
+        return 0;
+    }
+    // A new process sharing the parent's descriptor table (CLONE_FILES): a socket either
+    // makes is the other's at once, so one killed for its socket would leave the socket
+    // to the other. Neither may go on.
+    // SAFETY: plain helper call.
+    let parent_files = task::files(unsafe { bpf_get_current_task() });
+    if parent_files.is_some() && parent_files == task::files(child) {
+        doom(child_tgid, cgroup_id | SHARES_DESCRIPTORS);
+        // SAFETY: the signal goes to the calling process, before it returns to user space.
+        unsafe { bpf_send_signal(SIGKILL) };
+        decision::report_kill(Hook::SharedDescriptors, cgroup_id);
     }
     0
 }
@@ -151,11 +168,15 @@ pub fn kill_if_escaped() -> bool {
     if doomed.is_some() {
         let _ = DOOMED_TASKS.remove(&tgid);
     }
-    if scoped_in & UNFOLLOWED != 0 {
-        decision::report_unfollowed(scoped_in & !UNFOLLOWED);
+    // One report call: each is a large inlined body.
+    let hook = if scoped_in & UNFOLLOWED != 0 {
+        Hook::Unfollowed
+    } else if scoped_in & SHARES_DESCRIPTORS != 0 {
+        Hook::SharedDescriptors
     } else {
-        decision::report_migration(scoped_in);
-    }
+        Hook::Migrate
+    };
+    decision::report_kill(hook, scoped_in & !(UNFOLLOWED | SHARES_DESCRIPTORS));
     true
 }
 

@@ -200,6 +200,29 @@ pub fn seb_uring_enter(_ctx: TracePointContext) -> i32 {
     0
 }
 
+/// `pidfd_getfd()`, `ptrace()` and `process_vm_writev()`: a process of the scope that
+/// reaches into another is killed (see `decision::judge_process_access`).
+#[tracepoint(category = "syscalls", name = "sys_enter_pidfd_getfd")]
+pub fn seb_getfd_call(_ctx: TracePointContext) -> i32 {
+    decision::judge_process_access();
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_ptrace")]
+pub fn seb_ptrace_call(ctx: TracePointContext) -> i32 {
+    // SAFETY: the first argument's slot, as for `socket()` above.
+    if unsafe { ctx.read_at::<u64>(16) }.is_ok_and(decision::ptrace_attaches) {
+        decision::judge_process_access();
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_process_vm_writev")]
+pub fn seb_vm_write_call(_ctx: TracePointContext) -> i32 {
+    decision::judge_process_access();
+    0
+}
+
 /// `io_uring_submit_req`: every request a ring submits, in the submitting task (the
 /// caller of `io_uring_enter()`, or a ring's SQPOLL thread, which submits without any
 /// system call). A process that left the scope is killed here, and so is a task of the
@@ -223,9 +246,12 @@ pub fn seb_uring_submit(ctx: BtfTracePointContext) -> i32 {
 /// and io_uring through the i386 table, which the syscall tracepoints never see. One
 /// program for both tables costs less than the tracepoints plus a second program.
 #[btf_tracepoint(function = "sys_enter")]
+// The body goes into the program itself: kept out of line, it would be a function named
+// after the crate's build, and the object must build byte for byte anywhere.
+#[inline(always)]
 pub fn seb_sys_enter(ctx: BtfTracePointContext) -> i32 {
     let id: i64 = ctx.arg(1);
-    if !decision::is_socket_call(id) {
+    if !decision::is_watched_call(id) {
         return 0;
     }
     let regs: *const u8 = ctx.arg(0);

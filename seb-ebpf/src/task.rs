@@ -38,6 +38,12 @@ pub fn tgid(task: u64) -> Option<u32> {
     read::<i32>(task, layout::TASK_TGID).map(|tgid| tgid as u32)
 }
 
+/// A task's descriptor table (`files_struct *`).
+#[inline(always)]
+pub fn files(task: u64) -> Option<u64> {
+    read::<u64>(task, layout::TASK_FILES).filter(|files| *files != 0)
+}
+
 /// Whether the exiting current task is the last thread of its process: `do_exit` has
 /// counted it out of `signal->live` before `sched_process_exit`. `None` if unreadable.
 #[inline(always)]

@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod access;
 mod packet;
 mod uring;
 
@@ -168,6 +169,9 @@ enum Command {
         cgroup: PathBuf,
         addr: SocketAddr,
     },
+    /// Reach into a child process (see `access::Access`); prints `{"result": "ok"}` if
+    /// this process lives through it.
+    Access { how: access::Access, addr: SocketAddr },
     /// Time `connect()` on one UDP socket, repeated; prints nanoseconds per call.
     BenchUdpConnect {
         addr: SocketAddr,
@@ -272,6 +276,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::AsBroker { pin_path, addr } => as_broker(&pin_path, addr),
         Command::ReusePid { pid, method, addr } => reuse_pid(pid, method, addr),
+        Command::Access { how, addr } => print(access::reach_into_child(how, addr)?),
         Command::DeadBroker { pin_path, leader_exits_first, addr } => dead_broker(&pin_path, leader_exits_first, addr),
         Command::Hold { socket, count } => hold(&socket, count),
         Command::ProposeAfterPidReuse { socket, cert, request, control } => {

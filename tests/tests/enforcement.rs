@@ -200,6 +200,35 @@ fn wildcard_and_unspecified_destinations_are_judged_as_what_they_reach() {
     assert_eq!(sandbox.received().unwrap(), 3);
 }
 
+/// A process of the scope that reaches into another process is killed before the call
+/// returns, and recorded: it could take a socket made outside the scope (or one a child
+/// was killed for), or make a process outside the scope connect for it. A process sharing
+/// its descriptor table with a new one is killed with it. Outside the scope, the same
+/// calls go through.
+#[test]
+fn reaching_into_another_process_from_the_scope_kills_the_caller() {
+    let mut sandbox = sandbox("access");
+    sandbox.start_agent().unwrap();
+    for how in ["getfd", "ptrace", "vm-write", "shared-files"] {
+        let (output, pid) = sandbox.probe_raw("workload", &["access", how, "127.0.0.2:8443"]).unwrap();
+        assert_eq!(output.status.signal(), Some(9), "{how}: {}", String::from_utf8_lossy(&output.stdout));
+        let hook = if how == "shared-files" { "shared_descriptors" } else { "process_access" };
+        let record = wait_for(&sandbox, |d| d["hook"] == hook && d["tgid"] == pid);
+        assert_eq!(record["action"], "killed", "{record}");
+        assert_eq!(record["cgroup_path"], format!("{}/workload", sandbox.cgroup_relative), "{record}");
+        if how == "shared-files" {
+            // The child sharing the table dies at its first socket() once its parent is gone.
+            let child = wait_for(&sandbox, |d| d["hook"] == hook && d["tgid"] != pid);
+            assert_eq!(child["action"], "killed", "{child}");
+        }
+        // Nothing listens at 127.0.0.9:9, where the exempt child sharing the table goes.
+        let (output, _) = sandbox.probe_raw("exempt", &["access", how, "127.0.0.9:9"]).unwrap();
+        let first = String::from_utf8_lossy(&output.stdout).lines().next().unwrap_or_default().to_string();
+        assert!(output.status.success() && first.contains(r#""result":"ok""#), "{how} outside the scope: {first}");
+    }
+    assert_eq!(sandbox.received().unwrap(), 0);
+}
+
 /// connect() is judged at the address asked for, and NAT in the caller's namespace (root
 /// there, as in a pod with CAP_NET_ADMIN) may send the connection elsewhere afterwards.
 /// The egress program compares each packet with the peer its socket connected to, and

@@ -18,7 +18,7 @@ const KIND_RESTRICT: u32 = 11;
 const KIND_TYPE_TAG: u32 = 18;
 
 /// The fields every architecture has, as `struct` and a member path.
-const FIELDS: [(u32, &str, &[&str]); 16] = [
+const FIELDS: [(u32, &str, &[&str]); 17] = [
     (layout::TASK_TGID, "task_struct", &["tgid"]),
     (layout::TASK_MM, "task_struct", &["mm"]),
     (layout::TASK_CGROUPS, "task_struct", &["cgroups"]),
@@ -35,6 +35,7 @@ const FIELDS: [(u32, &str, &[&str]); 16] = [
     (layout::SOCK_CGROUP, "sock", &["sk_cgrp_data", "cgroup"]),
     (layout::TASK_SIGNAL, "task_struct", &["signal"]),
     (layout::SIGNAL_LIVE, "signal_struct", &["live"]),
+    (layout::TASK_FILES, "task_struct", &["files"]),
 ];
 
 /// The values of `SEB_KERNEL_LAYOUT` for the running kernel, `VALID` set.
