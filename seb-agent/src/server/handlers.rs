@@ -5,7 +5,7 @@
 //! caller that has exited (its PID perhaps another process's by now) is refused, and the
 //! refusal recorded.
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Broker, error};
 use crate::{
@@ -80,13 +80,20 @@ async fn handle_propose(proposal: Proposal, peer: &Peer, broker: &Broker) -> Res
         broker.metrics.count_limit(Limit::LedgerQueue);
         return busy();
     };
-    info!(
-        decision_id = %decision.decision_id,
-        admitted = decision.admitted,
-        reason = %decision.reason,
-        pid = peer.pid,
-        "admission decision"
-    );
+    // The ledger holds every decision. A denial is also logged, for operators who watch
+    // the log; an admission only at debug level: formatting and writing a line for each
+    // would cost the broker, and its log reader, more than the admission's other work.
+    if decision.admitted {
+        debug!(decision_id = %decision.decision_id, pid = peer.pid, "admission decision: admitted");
+    } else {
+        info!(
+            decision_id = %decision.decision_id,
+            admitted = false,
+            reason = %decision.reason,
+            pid = peer.pid,
+            "admission decision"
+        );
+    }
     Response::Decision(Box::new(decision))
 }
 
