@@ -4,21 +4,17 @@
 //! pidfd refers to that very process for the life of the connection, even once its PID
 //! names another process. What cannot change while the connection lives is kept from
 //! accept: the PID and the credentials the socket recorded at connect. What can change
-//! (the executable, by execve; the cgroup, by a move; so the pod) is read for each
-//! request, through a descriptor of the /proc/<pid> directory opened at accept (no path
-//! lookup per request), and only then is the pidfd checked to still refer to a live
-//! process: if it does, the PID was that process's throughout, from the directory's
-//! opening to the read (a PID is not reused while its process, zombie or not, still
-//! exists). A caller that has exited is refused. The pidfd is checked again before a
-//! decision is recorded.
+//! (the executable, by execve; the cgroup, by a move; so the pod) is read from
+//! /proc/<pid> for each request, and only then is the pidfd checked to still refer to a
+//! live process: if it does, the PID was that process's throughout the read (a PID is
+//! not reused while its process, zombie or not, still exists). A caller that has exited
+//! is refused. The pidfd is checked again before a decision is recorded.
 
 use std::{
     io::Read,
     os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     sync::Arc,
 };
-
-use nix::{fcntl::OFlag, sys::stat::Mode};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -48,41 +44,7 @@ pub struct Peer {
     pub uid: u32,
     pub gid: u32,
     pub pid: i32,
-    pinned: Arc<Pinned>,
-}
-
-/// What holds on to the process: its pidfd, and its /proc directory (`None` if it could
-/// not be opened: the process is then known by its credentials alone).
-#[derive(Debug)]
-struct Pinned {
-    pidfd: OwnedFd,
-    proc_dir: Option<OwnedFd>,
-}
-
-impl Pinned {
-    fn new(pidfd: OwnedFd, pid: i32) -> Arc<Self> {
-        let proc_dir = nix::fcntl::open(
-            format!("/proc/{pid}").as_str(),
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .ok()
-        // SAFETY: a descriptor just opened, owned here alone.
-        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
-        Arc::new(Self { pidfd, proc_dir })
-    }
-
-    /// The executable and the cgroup v2 path, as /proc shows them now.
-    fn read_exe_and_cgroup(&self) -> (Option<String>, Option<String>) {
-        let Some(dir) = &self.proc_dir else { return (None, None) };
-        let exe = nix::fcntl::readlinkat(Some(dir.as_raw_fd()), "exe").ok().map(|p| p.to_string_lossy().into_owned());
-        let cgroup =
-            nix::fcntl::openat(Some(dir.as_raw_fd()), "cgroup", OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
-                .ok()
-                // SAFETY: a descriptor just opened, owned by the file alone.
-                .and_then(|fd| unified_cgroup(unsafe { std::fs::File::from_raw_fd(fd) }));
-        (exe, cgroup)
-    }
+    pidfd: Arc<OwnedFd>,
 }
 
 /// A /proc/<pid>/cgroup file longer than this is not read on (it cannot be: the kernel
@@ -119,7 +81,7 @@ impl Peer {
         let fd: libc::c_int = getsockopt(socket, SO_PEERPIDFD).context("SO_PEERPIDFD (needs Linux 6.5 or later)")?;
         // SAFETY: the kernel just created this descriptor for us.
         let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self { uid: cred.uid, gid: cred.gid, pid: cred.pid, pinned: Pinned::new(pidfd, cred.pid) })
+        Ok(Self { uid: cred.uid, gid: cred.gid, pid: cred.pid, pidfd: Arc::new(pidfd) })
     }
 
     /// A process named by its PID (pinned now, so only as good as the PID is now): this
@@ -132,7 +94,7 @@ impl Peer {
         }
         // SAFETY: fd is a fresh, valid descriptor.
         let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        Ok(Self { uid, gid, pid, pinned: Pinned::new(pidfd, pid) })
+        Ok(Self { uid, gid, pid, pidfd: Arc::new(pidfd) })
     }
 
     /// The pinned process still exists, so its PID is still its own.
@@ -141,7 +103,7 @@ impl Peer {
         unsafe {
             libc::syscall(
                 libc::SYS_pidfd_send_signal,
-                self.pinned.pidfd.as_raw_fd(),
+                self.pidfd.as_raw_fd(),
                 0,
                 std::ptr::null::<libc::siginfo_t>(),
                 0,
@@ -152,7 +114,8 @@ impl Peer {
     /// Read the process's identity from /proc, then check it is still the pinned one.
     pub fn identify(&self) -> Result<Caller> {
         let pid = self.pid;
-        let (exe, cgroup) = self.pinned.read_exe_and_cgroup();
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| p.to_string_lossy().into_owned());
+        let cgroup = std::fs::File::open(format!("/proc/{pid}/cgroup")).ok().and_then(unified_cgroup);
         if !self.alive() {
             bail!(
                 "the process that opened this connection (pid {pid}) has exited; what /proc/{pid} shows now is not the caller"
