@@ -215,7 +215,12 @@ pub async fn read_len<R: AsyncRead + Unpin>(reader: &mut R) -> Result<usize, Fra
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
         Err(e) => return Err(FrameError::Truncated(e)),
     }
-    let len = u32::from_be_bytes(len) as usize;
+    frame_len(len)
+}
+
+/// The length a frame's prefix announces, checked against [`MAX_MESSAGE`].
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(prefix) as usize;
     if len > MAX_MESSAGE {
         return Err(FrameError::TooLarge(len));
     }
@@ -224,7 +229,15 @@ pub async fn read_len<R: AsyncRead + Unpin>(reader: &mut R) -> Result<usize, Fra
 
 /// A frame's body of `len` bytes; memory is taken as the bytes arrive.
 pub async fn read_body<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> Result<Vec<u8>, FrameError> {
-    let mut body = Vec::new();
+    read_body_from(reader, len, Vec::new()).await
+}
+
+/// The same, `body` holding the bytes of it already read (at most `len`).
+pub async fn read_body_from<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    len: usize,
+    mut body: Vec<u8>,
+) -> Result<Vec<u8>, FrameError> {
     while body.len() < len {
         if body.capacity() == body.len() {
             // Double, from one chunk, up to the announced length: at most twice what arrived.

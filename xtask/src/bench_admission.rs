@@ -45,10 +45,13 @@ pub fn run() -> Result<()> {
         (0..total).map(|_| dev_sab::issue(&ca, &contract, &IssueOptions::default())).collect::<Result<_>>()?;
     let (first, rest) = certificates.split_at(SEQUENTIAL);
 
+    let broker = sandbox.agent_pid().context("the broker is not running")?;
     eprintln!("xtask: {SEQUENTIAL} admissions from one client");
     let (sequential, _) = propose_all(&load, &sandbox, first, 1, &request_file)?;
     eprintln!("xtask: {} admissions from {CLIENTS} concurrent clients", rest.len());
+    let cpu_before = cpu_seconds(broker)?;
     let (concurrent_latencies, seconds) = propose_all(&load, &sandbox, rest, CLIENTS, &request_file)?;
+    let broker_cpu = cpu_seconds(broker)? - cpu_before;
     let per_second = concurrent_latencies.len() as f64 / seconds;
     let verify = sandbox.agent_cli(&["audit", "verify", "--json"])?;
     ensure!(verify.status.success(), "the audit chain must verify after the run");
@@ -65,6 +68,8 @@ pub fn run() -> Result<()> {
             "seconds": seconds,
             "admissions_per_second": per_second,
             "latency": summary(&concurrent_latencies),
+            // What the rate needs of the CPUs, however busy the machine was otherwise.
+            "broker_cpu_us_per_admission": broker_cpu * 1e6 / concurrent_latencies.len() as f64,
         },
         "targets": {"p99_us": TARGET_P99_US, "admissions_per_second": TARGET_PER_SECOND},
         "meets_p99_target": percentile(&sequential, 0.99) < TARGET_P99_US,
@@ -101,6 +106,20 @@ fn propose_all(
     let result: serde_json::Value = serde_json::from_slice(&output.stdout)?;
     let latencies = serde_json::from_value(result["latencies_us"].clone())?;
     Ok((latencies, result["seconds"].as_f64().context("seb-load reported no wall time")?))
+}
+
+/// CPU time (user and system, every thread) that process `pid` has used, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces:
+    // utime and stime are the 14th and 15th fields, in clock ticks.
+    let after_name = stat.rsplit_once(')').context("/proc/<pid>/stat has no command name")?.1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> { Ok(fields.get(i).context("/proc/<pid>/stat is short")?.parse::<f64>()?) };
+    // SAFETY: sysconf reads a constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ticks(11)? + ticks(12)?) / per_second)
 }
 
 fn bench_request() -> MutationRequest {

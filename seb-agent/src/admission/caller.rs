@@ -11,6 +11,7 @@
 //! is refused. The pidfd is checked again before a decision is recorded.
 
 use std::{
+    io::Read,
     os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     sync::Arc,
 };
@@ -44,6 +45,30 @@ pub struct Peer {
     pub gid: u32,
     pub pid: i32,
     pidfd: Arc<OwnedFd>,
+}
+
+/// A /proc/<pid>/cgroup file longer than this is not read on (it cannot be: the kernel
+/// bounds each hierarchy's line by the path length).
+const CGROUP_FILE_MAX: usize = 64 * 1024;
+
+/// The cgroup v2 path in a /proc/<pid>/cgroup file (its `0::` line), read as far as that
+/// line: one system call unless the v1 hierarchies before it fill a page.
+fn unified_cgroup(mut file: std::fs::File) -> Option<String> {
+    let mut text = Vec::new();
+    let mut chunk = [0; 4096];
+    while text.len() < CGROUP_FILE_MAX {
+        let read = file.read(&mut chunk).ok()?;
+        text.extend_from_slice(&chunk[..read]);
+        // Whole lines only: the last may be cut by the read's end.
+        let whole = text.iter().rposition(|&b| b == b'\n').map_or(&text[..0], |end| &text[..end]);
+        if let Some(path) = whole.split(|&b| b == b'\n').find_map(|line| line.strip_prefix(b"0::")) {
+            return String::from_utf8(path.to_vec()).ok();
+        }
+        if read == 0 {
+            return None;
+        }
+    }
+    None
 }
 
 /// `SO_PEERPIDFD` (Linux 6.5): a pidfd for the peer process, taken at connect time.
@@ -90,9 +115,7 @@ impl Peer {
     pub fn identify(&self) -> Result<Caller> {
         let pid = self.pid;
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| p.to_string_lossy().into_owned());
-        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .ok()
-            .and_then(|text| text.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string)));
+        let cgroup = std::fs::File::open(format!("/proc/{pid}/cgroup")).ok().and_then(unified_cgroup);
         if !self.alive() {
             bail!(
                 "the process that opened this connection (pid {pid}) has exited; what /proc/{pid} shows now is not the caller"
@@ -220,6 +243,32 @@ mod tests {
     }
 
     #[test]
+    fn the_cgroup_v2_line_is_found_among_v1_lines_and_cut_reads() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let cases: [(&[u8], Option<&str>); 5] = [
+            (b"12:cpuacct:/\n1:cpu:/\n0::/kubepods/pod1\n", Some("/kubepods/pod1")),
+            (b"0::/a\n", Some("/a")),
+            (b"1:cpu:/\n", None),
+            (b"0::/not-ended", None),
+            (b"0::/\xff\n", None),
+        ];
+        for (i, (content, expected)) in cases.into_iter().enumerate() {
+            let path = dir.path().join(i.to_string());
+            std::fs::File::create(&path).unwrap().write_all(content).unwrap();
+            assert_eq!(unified_cgroup(std::fs::File::open(&path).unwrap()).as_deref(), expected, "{content:?}");
+        }
+        // Longer than one read: a v2 line after 8 KiB of v1 lines.
+        let long = [b"9:x:/".repeat(2000), b"\n0::/far\n".to_vec()].concat();
+        let path = dir.path().join("long");
+        std::fs::write(&path, &long).unwrap();
+        assert_eq!(unified_cgroup(std::fs::File::open(&path).unwrap()).as_deref(), Some("/far"));
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let own = own.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_string);
+        assert_eq!(unified_cgroup(std::fs::File::open("/proc/self/cgroup").unwrap()), own);
+    }
+
+    #[test]
     fn the_caller_is_this_process_and_matches_only_its_own_identity() {
         let me = Caller::identify(0, 0, std::process::id() as i32).unwrap();
         assert!(me.still_same());
@@ -246,6 +295,32 @@ mod tests {
         child.wait().unwrap();
         let error = peer.identify().unwrap_err().to_string();
         assert!(error.contains("has exited"), "{error}");
+    }
+
+    #[test]
+    fn the_executable_is_read_again_for_each_request() {
+        use std::io::Write;
+        // A shell that replaces itself with `sleep` once told to: same PID, new executable.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read go; exec sleep 5"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let peer = Peer::of_pid(0, 0, child.id() as i32).unwrap();
+        let before = peer.identify().unwrap().identity.exe.unwrap();
+        assert!(!before.ends_with("/sleep"), "{before}");
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let after = loop {
+            let exe = peer.identify().unwrap().identity.exe.unwrap();
+            if exe != before || std::time::Instant::now() > deadline {
+                break exe;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(after.ends_with("/sleep"), "after execve the caller runs {after}, not sleep");
     }
 
     #[test]

@@ -7,13 +7,15 @@ use tokio::{io::AsyncWriteExt, net::UnixStream, time::timeout};
 use tracing::debug;
 
 use super::{
-    Broker, error, handlers,
+    Broker, error,
+    frames::FrameReader,
+    handlers,
     limits::{ConnectionSlot, FrameShare},
 };
 use crate::{
     admission::Peer,
     metrics::Limit,
-    protocol::{Envelope, ErrorCode, FrameError, Response, VERSION, encode_frame, parse_request, read_body, read_len},
+    protocol::{Envelope, ErrorCode, FrameError, Response, VERSION, encode_frame, parse_request},
 };
 
 /// What a waiting connection is told when it is closed to make room or on shutdown;
@@ -27,6 +29,7 @@ static DISPLACED: LazyLock<Vec<u8>> = LazyLock::new(|| {
 /// Serve `stream` until the peer closes it, a limit cuts it, it is displaced, or the
 /// broker drains (a request under way is still answered).
 pub async fn serve(mut stream: UnixStream, peer: Peer, broker: Arc<Broker>, slot: ConnectionSlot) {
+    let mut frames = FrameReader::default();
     loop {
         slot.waiting();
         let read = tokio::select! {
@@ -36,7 +39,7 @@ pub async fn serve(mut stream: UnixStream, peer: Peer, broker: Arc<Broker>, slot
                 let _ = stream.try_write(&DISPLACED);
                 return;
             }
-            read = read_request(&mut stream, &broker) => read,
+            read = read_request(&mut frames, &mut stream, &broker) => read,
         };
         let (frame, _share) = match read {
             Ok(frame) => frame,
@@ -63,9 +66,13 @@ pub async fn serve(mut stream: UnixStream, peer: Peer, broker: Arc<Broker>, slot
 
 /// The next request's bytes, with its share of the frame memory. `Err(Some(_))` is the
 /// error to answer before closing; `Err(None)` closes without one.
-async fn read_request(stream: &mut UnixStream, broker: &Broker) -> Result<(Vec<u8>, FrameShare), Option<Response>> {
+async fn read_request(
+    frames: &mut FrameReader,
+    stream: &mut UnixStream,
+    broker: &Broker,
+) -> Result<(Vec<u8>, FrameShare), Option<Response>> {
     let limits = &broker.limits;
-    let len = match timeout(limits.idle_timeout, read_len(stream)).await {
+    let len = match timeout(limits.idle_timeout, frames.read_len(stream)).await {
         Err(_) => {
             broker.metrics.count_limit(Limit::IdleTimeout);
             return Err(None);
@@ -85,7 +92,7 @@ async fn read_request(stream: &mut UnixStream, broker: &Broker) -> Result<(Vec<u
         );
         return Err(Some(error(ErrorCode::Busy, message)));
     };
-    match timeout(limits.frame_timeout, read_body(stream, len)).await {
+    match timeout(limits.frame_timeout, frames.read_body(stream, len)).await {
         Err(_) => {
             broker.metrics.count_limit(Limit::FrameTimeout);
             let message = format!("the {len}-byte request did not arrive within {} s", limits.frame_timeout.as_secs());

@@ -5,7 +5,7 @@
 //! caller that has exited (its PID perhaps another process's by now) is refused, and the
 //! refusal recorded.
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Broker, error};
 use crate::{
@@ -80,14 +80,25 @@ async fn handle_propose(proposal: Proposal, peer: &Peer, broker: &Broker) -> Res
         broker.metrics.count_limit(Limit::LedgerQueue);
         return busy();
     };
-    info!(
-        decision_id = %decision.decision_id,
-        admitted = decision.admitted,
-        reason = %decision.reason,
-        pid = peer.pid,
-        "admission decision"
-    );
+    log_decision(&decision, peer.pid);
     Response::Decision(Box::new(decision))
+}
+
+/// The ledger holds every decision. A denial is also logged, for operators who watch the
+/// log; an admission only at debug level: formatting and writing a line for each would
+/// cost the broker, and its log reader, more than the admission's other work.
+fn log_decision(decision: &admission::Decision, pid: i32) {
+    if decision.admitted {
+        debug!(decision_id = %decision.decision_id, pid, "admission decision: admitted");
+    } else {
+        info!(
+            decision_id = %decision.decision_id,
+            admitted = false,
+            reason = %decision.reason,
+            pid,
+            "admission decision"
+        );
+    }
 }
 
 async fn handle_read(request: MutationRequest, peer: &Peer, broker: &Broker) -> Response {
@@ -236,4 +247,53 @@ fn ledger_error(broker: &Broker, e: anyhow::Error) -> Response {
 
 fn busy() -> Response {
     error(ErrorCode::Busy, crate::audit::LedgerBusy.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Where the test's log lines go.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn decision(id: &str, admitted: bool) -> admission::Decision {
+        admission::Decision {
+            decision_id: id.into(),
+            admitted,
+            reason: if admitted { admission::Reason::Admitted } else { admission::Reason::Replayed },
+            message: String::new(),
+            record_seq: 1,
+            serial: None,
+            contract_id: None,
+            outcome: None,
+        }
+    }
+
+    #[test]
+    fn at_the_default_level_denials_are_logged_and_admissions_are_not() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber =
+            tracing_subscriber::fmt().with_max_level(tracing::Level::INFO).with_writer(move || writer.clone()).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            log_decision(&decision("admitted-one", true), 7);
+            log_decision(&decision("denied-one", false), 7);
+        });
+        let lines = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(lines.contains("denied-one") && lines.contains("replayed"), "{lines}");
+        assert!(!lines.contains("admitted-one"), "{lines}");
+    }
 }

@@ -7,6 +7,7 @@
 
 mod accept;
 mod connection;
+mod frames;
 pub mod handlers;
 pub mod limits;
 
