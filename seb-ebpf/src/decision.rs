@@ -325,9 +325,15 @@ pub fn judge_sys_enter(id: i64, regs: *const u8) -> i32 {
 /// Decision for an egress packet: the caller is the socket's owner, since the packet
 /// may leave from another task's context (softirq, a retransmit timer).
 #[inline(always)]
-pub fn judge_packet<C: EbpfContext>(ctx: &C, skb: *mut __sk_buff, dest: &Destination, hook: Hook) -> i32 {
+pub fn judge_packet<C: EbpfContext>(
+    ctx: &C,
+    skb: *mut __sk_buff,
+    dest: &Destination,
+    hook: Hook,
+    local_rule: bool,
+) -> i32 {
     let Some(rules) = dest.entry() else { return ALLOW };
-    if !dest.covered_by(rules) && (rules.local == 0 || !local::packet_reaches_local_protected(ctx, dest)) {
+    if !dest.covered_by(rules) && !(local_rule && rules.local != 0 && local::packet_reaches_local_protected(ctx, dest)) {
         return ALLOW;
     }
     // SAFETY: helpers valid in cgroup_skb programs, on this program's own skb.

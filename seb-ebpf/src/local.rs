@@ -105,8 +105,11 @@ pub fn packet_reaches_local_protected<C: EbpfContext>(ctx: &C, dest: &Destinatio
 /// fragment), any rule of its protocol counts.
 #[inline(always)]
 fn on_local_protected_port(dest: &Destination) -> bool {
+    // A key on the stack: a reference to the constant itself would be read from
+    // `.rodata`, an extra map the pinned links do not hold.
+    let key = ANY_OTHER_NAMESPACE;
     // SAFETY: read-only use within this program run.
-    let Some(rules) = (unsafe { LOCAL_PROTECTED.get(&ANY_OTHER_NAMESPACE) }) else { return false };
+    let Some(rules) = (unsafe { LOCAL_PROTECTED.get(&key) }) else { return false };
     match dest.port {
         Some(port) => rules.matches(dest.protocol, port),
         None => rules.matches_protocol(dest.protocol),

@@ -337,11 +337,14 @@ fn egress(ctx: &SkBuffContext) -> i32 {
     let judged = packet::judged_before(skb, &dest);
     if judged != packet::Judged::AtConnect {
         let hook = if dest.family == FAMILY_V4 { Hook::Egress4 } else { Hook::Egress6 };
-        if decision::judge_packet(ctx, skb, &dest, hook) == DENY {
+        // The kernel's replies answer a peer that connected here: the address, not what
+        // listens behind it, is judged.
+        let local_rule = judged != packet::Judged::Kernel;
+        if decision::judge_packet(ctx, skb, &dest, hook, local_rule) == DENY {
             return DENY;
         }
     }
-    if judged == packet::Judged::Never {
+    if judged == packet::Judged::Never || judged == packet::Judged::Kernel {
         return ALLOW;
     }
     // A TCP or UDP socket, judged before: only a broker connection cut since is dropped.

@@ -15,6 +15,7 @@ const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMPV6: u8 = 58;
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
+const TCP_LISTEN: u32 = 10;
 
 /// What judged a packet's destination before it reached the backstop.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -24,8 +25,12 @@ pub enum Judged {
     /// A TCP or UDP socket sending elsewhere: an unconnected datagram (sendmsg4/6 judged
     /// the address asked for), or a destination that NAT rewrote after the hook.
     Elsewhere,
-    /// Nothing: another kind of socket (raw, ICMP), or none.
+    /// Nothing: another kind of socket (raw, ICMP).
     Never,
+    /// A reply the kernel makes for a connection a peer opened: a SYN-ACK (from the
+    /// listener or its request socket), an ACK or RST from a time-wait socket; or no
+    /// socket at all.
+    Kernel,
 }
 
 /// Whether the packet's socket passed an address hook for this destination. The
@@ -38,17 +43,20 @@ pub fn judged_before(skb: *mut __sk_buff, dest: &Destination) -> Judged {
     unsafe {
         let sk: *mut bpf_sock = (*skb).__bindgen_anon_2.sk;
         if sk.is_null() {
-            return Judged::Never;
+            return Judged::Kernel;
         }
         let full = bpf_sk_fullsock(sk);
         if full.is_null() {
-            return Judged::Never;
+            return Judged::Kernel;
         }
         let (kind, protocol) = ((*full).type_, (*full).protocol);
         let hooked = (kind == SOCK_STREAM && protocol == IPPROTO_TCP as u32)
             || (kind == SOCK_DGRAM && protocol == IPPROTO_UDP as u32);
         if !hooked {
             return Judged::Never;
+        }
+        if kind == SOCK_STREAM && (*full).state == TCP_LISTEN {
+            return Judged::Kernel;
         }
         let Some(port) = dest.port else { return Judged::Elsewhere };
         if (*full).dst_port != port.to_be() {

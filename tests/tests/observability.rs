@@ -37,8 +37,9 @@ fn metrics_health_and_status_report_what_the_agent_sees() {
         // Bounded labels: the destination and the cgroup are in the denial record only.
         r#"seb_kernel_denials_total{hook="connect4",namespace="",pod=""} 1"#.to_string(),
         r#"seb_admissions_total{decision="denied",reason="untrusted_issuer"} 1"#.to_string(),
-        // The protected /32, and loopback's 127.0.0.0/8 marked local (127.0.0.2 is local).
-        r#"seb_map_entries{map="SEB_PROTECTED_V4"} 2"#.to_string(),
+        // The protected /32, and marked local (127.0.0.2 is local): loopback's
+        // 127.0.0.0/8, the limited broadcast address and the multicast range.
+        r#"seb_map_entries{map="SEB_PROTECTED_V4"} 4"#.to_string(),
     ];
     let deadline = Instant::now() + Duration::from_secs(15);
     let metrics = loop {
@@ -61,7 +62,7 @@ fn metrics_health_and_status_report_what_the_agent_sees() {
     let attached = seb_agent::enforcement::loader::attached_programs(seb_agent::config::SyscallTables::Auto).count();
     assert_eq!(status["links"].as_array().unwrap().len(), attached);
     assert_eq!(status["integrity"]["intact"], true, "{status}");
-    assert_eq!(status["map_entries"]["SEB_PROTECTED_V4"], 2);
+    assert_eq!(status["map_entries"]["SEB_PROTECTED_V4"], 4);
     assert_eq!(status["last_denial"]["socket_cookie"], denied["cookie"]);
 
     // A link unpinned behind the agent's back: no longer ready.
