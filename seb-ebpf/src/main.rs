@@ -330,24 +330,27 @@ fn port_from_ctx(port: u32) -> u16 {
 #[inline(always)]
 fn egress(ctx: &SkBuffContext) -> i32 {
     let skb: *mut __sk_buff = ctx.skb.skb;
+    let sender = packet::sender(skb);
+    if sender == packet::Sender::TcpConnected {
+        // Judged at connect(); only a broker connection cut since is dropped.
+        return decision::judge_cut(ctx, skb);
+    }
     let Some(dest) = packet::destination(ctx) else {
         // Not IP: the cgroup egress hook sees IP only. A cut broker socket stays cut.
-        return decision::judge_cut(ctx, skb);
+        return if sender == packet::Sender::Hooked { decision::judge_cut(ctx, skb) } else { ALLOW };
     };
-    let judged = packet::judged_before(skb, &dest);
-    if judged != packet::Judged::AtConnect {
-        let hook = if dest.family == FAMILY_V4 { Hook::Egress4 } else { Hook::Egress6 };
+    let hook = if dest.family == FAMILY_V4 { Hook::Egress4 } else { Hook::Egress6 };
+    match sender {
+        packet::Sender::Hooked => {
+            if !packet::sent_to_connected_peer(skb, &dest) && decision::judge_packet(ctx, skb, &dest, hook, true) == DENY {
+                return DENY;
+            }
+        }
         // The kernel's replies answer a peer that connected here: the address, not what
         // listens behind it, is judged.
-        let local_rule = judged != packet::Judged::Kernel;
-        if decision::judge_packet(ctx, skb, &dest, hook, local_rule) == DENY {
-            return DENY;
-        }
+        packet::Sender::Kernel => return decision::judge_packet(ctx, skb, &dest, hook, false),
+        _ => return decision::judge_packet(ctx, skb, &dest, hook, true),
     }
-    if judged == packet::Judged::Never || judged == packet::Judged::Kernel {
-        return ALLOW;
-    }
-    // A TCP or UDP socket, judged before: only a broker connection cut since is dropped.
     decision::judge_cut(ctx, skb)
 }
 

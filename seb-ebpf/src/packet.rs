@@ -15,72 +15,128 @@ const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMPV6: u8 = 58;
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
+const TCP_SYN_SENT: u32 = 2;
 const TCP_LISTEN: u32 = 10;
 
-/// What judged a packet's destination before it reached the backstop.
+/// The socket an egress packet leaves from, as far as the backstop cares.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Judged {
-    /// A TCP or UDP socket sending to the peer it connected to: connect4/6 judged it.
-    AtConnect,
-    /// A TCP or UDP socket sending elsewhere: an unconnected datagram (sendmsg4/6 judged
-    /// the address asked for), or a destination that NAT rewrote after the hook.
-    Elsewhere,
-    /// Nothing: another kind of socket (raw, ICMP).
-    Never,
+pub enum Sender {
+    /// A TCP socket past its SYN: connect4/6 judged its peer, and NAT maps a connection
+    /// at its first packet, which was judged below (a mapping changed mid-stream would
+    /// hand the other end segments of a connection it never accepted).
+    TcpConnected,
+    /// A TCP socket sending its SYN, or a UDP socket: connect4/6 or sendmsg4/6 judged the
+    /// address asked for; NAT may have sent the packet elsewhere since.
+    Hooked,
+    /// Another kind of socket (raw, ICMP): nothing judged it.
+    Unhooked,
     /// A reply the kernel makes for a connection a peer opened: a SYN-ACK (from the
     /// listener or its request socket), an ACK or RST from a time-wait socket; or no
     /// socket at all.
     Kernel,
 }
 
-/// Whether the packet's socket passed an address hook for this destination. The
-/// connected peer is compared with the packet's header, so a packet NAT sent elsewhere
-/// than where connect() was judged is judged again here.
+/// Which kind of socket sends the packet: one field test for established TCP, which
+/// skips reading the header at all.
 #[inline(always)]
-pub fn judged_before(skb: *mut __sk_buff, dest: &Destination) -> Judged {
+pub fn sender(skb: *mut __sk_buff) -> Sender {
+    let Some(full) = full_socket(skb) else { return Sender::Kernel };
+    // SAFETY: `full` is a full socket bpf_sk_fullsock vouched for.
+    let (kind, protocol, state) = unsafe { ((*full).type_, (*full).protocol, (*full).state) };
+    if kind == SOCK_STREAM && protocol == IPPROTO_TCP as u32 {
+        return match state {
+            TCP_LISTEN => Sender::Kernel,
+            TCP_SYN_SENT => Sender::Hooked,
+            _ => Sender::TcpConnected,
+        };
+    }
+    if kind == SOCK_DGRAM && protocol == IPPROTO_UDP as u32 { Sender::Hooked } else { Sender::Unhooked }
+}
+
+#[inline(always)]
+fn full_socket(skb: *mut __sk_buff) -> Option<*mut bpf_sock> {
     // SAFETY: `sk` is a readable context field in cgroup_skb programs; the pointer is
     // only dereferenced after bpf_sk_fullsock vouches for it.
     unsafe {
         let sk: *mut bpf_sock = (*skb).__bindgen_anon_2.sk;
         if sk.is_null() {
-            return Judged::Kernel;
+            return None;
         }
         let full = bpf_sk_fullsock(sk);
-        if full.is_null() {
-            return Judged::Kernel;
-        }
-        let (kind, protocol) = ((*full).type_, (*full).protocol);
-        let hooked = (kind == SOCK_STREAM && protocol == IPPROTO_TCP as u32)
-            || (kind == SOCK_DGRAM && protocol == IPPROTO_UDP as u32);
-        if !hooked {
-            return Judged::Never;
-        }
-        if kind == SOCK_STREAM && (*full).state == TCP_LISTEN {
-            return Judged::Kernel;
-        }
-        let Some(port) = dest.port else { return Judged::Elsewhere };
-        if (*full).dst_port != port.to_be() {
-            return Judged::Elsewhere;
-        }
-        let a = &dest.addr;
-        // An IPv4 packet of an IPv6 socket connected to a mapped address: the kernel keeps
-        // the IPv4 peer in `dst_ip4` as well.
-        let same_peer = if dest.family == FAMILY_V4 {
-            (*full).dst_ip4 == u32::from_ne_bytes([a[0], a[1], a[2], a[3]])
-        } else {
-            (*full).dst_ip6[0] == u32::from_ne_bytes([a[0], a[1], a[2], a[3]])
-                && (*full).dst_ip6[1] == u32::from_ne_bytes([a[4], a[5], a[6], a[7]])
-                && (*full).dst_ip6[2] == u32::from_ne_bytes([a[8], a[9], a[10], a[11]])
-                && (*full).dst_ip6[3] == u32::from_ne_bytes([a[12], a[13], a[14], a[15]])
-        };
-        if same_peer { Judged::AtConnect } else { Judged::Elsewhere }
+        if full.is_null() { None } else { Some(full) }
     }
+}
+
+/// Whether a `Sender::Hooked` socket's packet goes to the peer it connected to (which
+/// connect4/6 judged); false for an unconnected datagram or one NAT rewrote.
+#[inline(always)]
+pub fn sent_to_connected_peer(skb: *mut __sk_buff, dest: &Destination) -> bool {
+    let Some(full) = full_socket(skb) else { return false };
+    let Some(port) = dest.port else { return false };
+    let a = &dest.addr;
+    // SAFETY: as in `sender`.
+    unsafe {
+        if (*full).dst_port != port.to_be() {
+            return false;
+        }
+        // An IPv4 packet of an IPv6 socket connected to a mapped address: the kernel
+        // keeps the IPv4 peer in `dst_ip4` as well.
+        if dest.family == FAMILY_V4 {
+            return (*full).dst_ip4 == u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+        }
+        (*full).dst_ip6[0] == u32::from_ne_bytes([a[0], a[1], a[2], a[3]])
+            && (*full).dst_ip6[1] == u32::from_ne_bytes([a[4], a[5], a[6], a[7]])
+            && (*full).dst_ip6[2] == u32::from_ne_bytes([a[8], a[9], a[10], a[11]])
+            && (*full).dst_ip6[3] == u32::from_ne_bytes([a[12], a[13], a[14], a[15]])
+    }
+}
+
+/// The smallest IP header: a bounds test for a field inside it tests for all of it. (A
+/// one-byte read at offset 0 would be tested as `data < data_end`, which the verifier
+/// does not take as a bound.)
+const MIN_IP_HEADER: usize = 20;
+
+/// `T` at a constant `offset` inside the IP header: read in place where the linear data
+/// holds the header (no helper call), else copied out by `bpf_skb_load_bytes`.
+#[inline(always)]
+fn read<T: Copy>(ctx: &SkBuffContext, offset: usize) -> Option<T> {
+    let skb = ctx.skb.skb;
+    let window = if offset + core::mem::size_of::<T>() < MIN_IP_HEADER {
+        MIN_IP_HEADER
+    } else {
+        offset + core::mem::size_of::<T>()
+    };
+    // SAFETY: `data` and `data_end` are readable context fields of cgroup_skb programs;
+    // the verifier checks the bounds test below before the load.
+    unsafe {
+        let (data, end) = ((*skb).data as usize, (*skb).data_end as usize);
+        if data + window <= end {
+            return Some(((data + offset) as *const T).read_unaligned());
+        }
+    }
+    ctx.load(offset).ok()
+}
+
+/// `T` at an `offset` known only at run time (past the IP header): the bounds test is
+/// made on the field's own address, which is what the verifier follows.
+#[inline(always)]
+fn read_past_header<T: Copy>(ctx: &SkBuffContext, offset: usize) -> Option<T> {
+    let skb = ctx.skb.skb;
+    // SAFETY: as in `read`.
+    unsafe {
+        let (data, end) = ((*skb).data as usize, (*skb).data_end as usize);
+        let field = data + offset;
+        if field + core::mem::size_of::<T>() <= end {
+            return Some((field as *const T).read_unaligned());
+        }
+    }
+    ctx.load(offset).ok()
 }
 
 /// The destination from the IP header; the skb starts at the network header here.
 #[inline(always)]
 pub fn destination(ctx: &SkBuffContext) -> Option<Destination> {
-    let first: u8 = ctx.load(0).ok()?;
+    let first: u8 = read(ctx, 0)?;
     match first >> 4 {
         4 => destination_v4(ctx, first),
         6 => destination_v6(ctx),
@@ -91,9 +147,9 @@ pub fn destination(ctx: &SkBuffContext) -> Option<Destination> {
 #[inline(always)]
 fn destination_v4(ctx: &SkBuffContext, first: u8) -> Option<Destination> {
     let header_len = ((first & 0x0f) as usize) * 4;
-    let frag: u16 = u16::from_be(ctx.load(6).ok()?);
-    let protocol: u8 = ctx.load(9).ok()?;
-    let addr: [u8; 4] = ctx.load(16).ok()?;
+    let frag: u16 = u16::from_be(read(ctx, 6)?);
+    let protocol: u8 = read(ctx, 9)?;
+    let addr: [u8; 4] = read(ctx, 16)?;
     let mut dest = Destination::v4(addr, 0, protocol);
     // Only the first fragment carries ports; a later one matches any port (fail closed).
     let first_fragment = frag & 0x1fff == 0;
@@ -103,8 +159,8 @@ fn destination_v4(ctx: &SkBuffContext, first: u8) -> Option<Destination> {
 
 #[inline(always)]
 fn destination_v6(ctx: &SkBuffContext) -> Option<Destination> {
-    let next_header: u8 = ctx.load(6).ok()?;
-    let addr: [u8; 16] = ctx.load(24).ok()?;
+    let next_header: u8 = read(ctx, 6)?;
+    let addr: [u8; 16] = read(ctx, 24)?;
     let words = [
         u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]),
         u32::from_ne_bytes([addr[4], addr[5], addr[6], addr[7]]),
@@ -127,6 +183,6 @@ fn transport_port(ctx: &SkBuffContext, protocol: u8, offset: usize) -> Option<u1
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return None;
     }
-    let port: u16 = ctx.load(offset + 2).ok()?;
+    let port: u16 = read_past_header(ctx, offset + 2)?;
     Some(u16::from_be(port))
 }
