@@ -69,7 +69,13 @@ struct World {
 /// cgroups (default: the whole sandbox). The probe reads the resources every third of
 /// `staleness` seconds; anything a test sees sooner came through a watch.
 fn world(label: &str, scope: Option<&[String]>, staleness: u64, seed: impl FnOnce(&KubeStandIn, &Sandbox)) -> World {
-    let sandbox = Sandbox::new(label, tools()).unwrap();
+    let mut sandbox = Sandbox::new(label, tools()).unwrap();
+    // Listeners bound to the policies' endpoints: where nothing listens, a local address
+    // on a locally protected port is judged as the protected service (fail closed), so an
+    // unprotected endpoint is told from a protected one by a listener that answers.
+    for addr in ["127.0.0.71:80", "127.0.0.72:80"] {
+        sandbox.listen(addr.parse().unwrap()).unwrap();
+    }
     let cluster = kube_standin::start(&sandbox.netns, API.parse().unwrap(), &sandbox.dir).unwrap();
     {
         let mut store = cluster.store.lock().unwrap();
