@@ -177,6 +177,9 @@ enum Command {
         addr: SocketAddr,
         #[arg(long)]
         iterations: u32,
+        /// Bind a UDP socket at `addr` first: the service that answers there.
+        #[arg(long)]
+        listen: bool,
         /// Register the socket as the broker does (pins of that agent).
         #[arg(long)]
         register: Option<PathBuf>,
@@ -315,7 +318,9 @@ fn run(command: Command) -> Result<()> {
                 json!({"result": outcome.map_or_else(|e| format!("{e:#}"), |()| "ok".into()), "pid": std::process::id()}),
             )
         }
-        Command::BenchUdpConnect { addr, iterations, register } => bench_udp_connect(addr, iterations, register),
+        Command::BenchUdpConnect { addr, iterations, listen, register } => {
+            bench_udp_connect(addr, iterations, listen, register)
+        }
         Command::BenchTcpConnect { addr, iterations } => bench_tcp_connect(addr, iterations),
         Command::BenchSyscall { iterations } => bench_syscall(iterations),
     }
@@ -860,7 +865,9 @@ fn bench_syscall(iterations: u32) -> Result<()> {
     print(json!({"ns_per_op": best}))
 }
 
-fn bench_udp_connect(addr: SocketAddr, iterations: u32, register: Option<PathBuf>) -> Result<()> {
+fn bench_udp_connect(addr: SocketAddr, iterations: u32, listen: bool, register: Option<PathBuf>) -> Result<()> {
+    let _service =
+        listen.then(|| std::net::UdpSocket::bind(addr).with_context(|| format!("binding {addr}"))).transpose()?;
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     let sockets = register.map(|pin| BrokerSockets::open_at(&pin)).transpose()?;
     let _registration = sockets.as_ref().map(|s| s.register(socket.as_fd())).transpose()?;

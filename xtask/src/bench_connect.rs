@@ -137,11 +137,16 @@ fn measure(tools: &Tools, cidrs: usize) -> Result<Value> {
             value["ns_per_op"].as_f64().context("no ns_per_op")
         };
         let udp = |addr| vec!["bench-udp-connect", addr, "--iterations", UDP_ITERATIONS];
+        // A local destination on a locally protected port is judged as the protected
+        // service unless a socket bound to that address answers there: the miss path
+        // has one, as a local service would.
+        let mut local_miss = udp(UNPROTECTED_UDP);
+        local_miss.push("--listen");
         let tcp = vec!["bench-tcp-connect", UNPROTECTED_TCP, "--iterations", TCP_ITERATIONS];
         let mut allowed = udp(PROTECTED_ADDR);
         allowed.extend(["--register", pin.as_str()]);
-        samples[0].push(sample(&plain, "workload", &enforced.netns, &udp(UNPROTECTED_UDP))?);
-        samples[1].push(sample(&enforced, "workload", &enforced.netns, &udp(UNPROTECTED_UDP))?);
+        samples[0].push(sample(&plain, "workload", &enforced.netns, &local_miss)?);
+        samples[1].push(sample(&enforced, "workload", &enforced.netns, &local_miss)?);
         samples[2].push(sample(&enforced, "broker", &enforced.netns, &allowed)?);
         samples[3].push(sample(&plain, "workload", &enforced.netns, &tcp)?);
         samples[4].push(sample(&enforced, "workload", &enforced.netns, &tcp)?);
