@@ -488,6 +488,16 @@ fn run(command: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Copy an SQLite store through SQLite (`VACUUM INTO`): committed records may still be
+/// in the WAL file beside it (the agent checkpoints once a second), which a copy of the
+/// database file alone would leave behind.
+pub fn snapshot_store(from: &Path, to: &Path) -> Result<()> {
+    let source = rusqlite::Connection::open(from).with_context(|| format!("opening {}", from.display()))?;
+    let target = to.to_str().context("a store path that is not UTF-8")?;
+    source.execute("VACUUM INTO ?1", [target]).with_context(|| format!("copying {} to {target}", from.display()))?;
+    Ok(())
+}
+
 /// Wait until `path` no longer exists (a reaped process's /proc entry).
 pub fn wait_gone(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -61,7 +61,7 @@ fn verify(sandbox: &Sandbox, database: &Path) -> (i32, Value) {
 /// A copy of the store with `tamper` applied directly to the file.
 fn tampered(sandbox: &Sandbox, name: &str, tamper: impl FnOnce(&Connection)) -> std::path::PathBuf {
     let copy = sandbox.dir.join(format!("{name}.db"));
-    std::fs::copy(&sandbox.database, &copy).unwrap();
+    seb_sandbox::snapshot_store(&sandbox.database, &copy).unwrap();
     let conn = Connection::open(&copy).unwrap();
     tamper(&conn);
     drop(conn);
@@ -248,7 +248,7 @@ fn state_tampering_is_refused_at_start_and_never_admits_a_certificate_twice() {
     assert_eq!(f.propose(&certificate, &request).reason, Reason::Replayed);
     f.sandbox.stop_agent().unwrap();
     let pristine = f.sandbox.dir.join("pristine.db");
-    std::fs::copy(&f.sandbox.database, &pristine).unwrap();
+    seb_sandbox::snapshot_store(&f.sandbox.database, &pristine).unwrap();
     let restore = |f: &Broker| {
         remove_store(&f.sandbox.database);
         std::fs::copy(&pristine, &f.sandbox.database).unwrap();

@@ -408,7 +408,7 @@ fn the_sab_log_holds_every_step_verifies_and_names_a_tampered_record() {
     // A refusal rewritten as an issuance: the chain names that record.
     let seq = records.iter().find(|r| r.kind == "sab_decision" && r.body.contains("\"refused\"")).unwrap().seq;
     let copy = w.sab.dir.join("tampered.db");
-    std::fs::copy(&w.sab.database, &copy).unwrap();
+    seb_sandbox::snapshot_store(&w.sab.database, &copy).unwrap();
     let conn = rusqlite::Connection::open(&copy).unwrap();
     let changed = conn
         .execute("UPDATE records SET body = replace(body, '\"refused\"', '\"issued\"') WHERE seq = ?1", [seq])
