@@ -292,7 +292,8 @@ pub fn judge_sys_enter(id: i64, regs: *const u8) -> i32 {
         }
     };
     if id == if compat { IA32_PTRACE } else { NR_PTRACE } {
-        if ptrace_attaches(first) {
+        // A 32-bit call's argument is the register's low half: the kernel ignores the rest.
+        if ptrace_attaches(if compat { first as u32 as u64 } else { first }) {
             judge_process_access();
         }
         return 0;
@@ -301,7 +302,8 @@ pub fn judge_sys_enter(id: i64, regs: *const u8) -> i32 {
         judge_process_access();
         return 0;
     }
-    if (id == NR_SOCKET) == compat {
+    let socket_call = if compat { id == IA32_SOCKET || id == IA32_SOCKETCALL } else { id == NR_SOCKET };
+    if !socket_call {
         return 0;
     }
     if id == IA32_SOCKETCALL && first as u32 != SOCKETCALL_SOCKET {
