@@ -330,7 +330,8 @@ fn port_from_ctx(port: u32) -> u16 {
 #[inline(always)]
 fn egress(ctx: &SkBuffContext) -> i32 {
     let skb: *mut __sk_buff = ctx.skb.skb;
-    let sender = packet::sender(skb);
+    let full = packet::full_socket(skb);
+    let sender = packet::sender(full);
     if sender == packet::Sender::TcpConnected {
         // Judged at connect(); only a broker connection cut since is dropped.
         return decision::judge_cut(ctx, skb);
@@ -342,7 +343,7 @@ fn egress(ctx: &SkBuffContext) -> i32 {
     let hook = if dest.family == FAMILY_V4 { Hook::Egress4 } else { Hook::Egress6 };
     match sender {
         packet::Sender::Hooked => {
-            if !packet::sent_to_connected_peer(skb, &dest) && decision::judge_packet(ctx, skb, &dest, hook, true) == DENY {
+            if !packet::sent_to_connected_peer(full, &dest) && decision::judge_packet(ctx, skb, &dest, hook, true) == DENY {
                 return DENY;
             }
         }

@@ -36,11 +36,11 @@ pub enum Sender {
     Kernel,
 }
 
-/// Which kind of socket sends the packet: one field test for established TCP, which
-/// skips reading the header at all.
+/// Which kind of socket sends the packet (`full`, from `full_socket`): one field test for
+/// established TCP, which skips reading the header at all.
 #[inline(always)]
-pub fn sender(skb: *mut __sk_buff) -> Sender {
-    let Some(full) = full_socket(skb) else { return Sender::Kernel };
+pub fn sender(full: Option<*mut bpf_sock>) -> Sender {
+    let Some(full) = full else { return Sender::Kernel };
     // SAFETY: `full` is a full socket bpf_sk_fullsock vouched for.
     let (kind, protocol, state) = unsafe { ((*full).type_, (*full).protocol, (*full).state) };
     if kind == SOCK_STREAM && protocol == IPPROTO_TCP as u32 {
@@ -53,8 +53,9 @@ pub fn sender(skb: *mut __sk_buff) -> Sender {
     if kind == SOCK_DGRAM && protocol == IPPROTO_UDP as u32 { Sender::Hooked } else { Sender::Unhooked }
 }
 
+/// The packet's full socket; none for a request or time-wait socket, or no socket.
 #[inline(always)]
-fn full_socket(skb: *mut __sk_buff) -> Option<*mut bpf_sock> {
+pub fn full_socket(skb: *mut __sk_buff) -> Option<*mut bpf_sock> {
     // SAFETY: `sk` is a readable context field in cgroup_skb programs; the pointer is
     // only dereferenced after bpf_sk_fullsock vouches for it.
     unsafe {
@@ -70,8 +71,8 @@ fn full_socket(skb: *mut __sk_buff) -> Option<*mut bpf_sock> {
 /// Whether a `Sender::Hooked` socket's packet goes to the peer it connected to (which
 /// connect4/6 judged); false for an unconnected datagram or one NAT rewrote.
 #[inline(always)]
-pub fn sent_to_connected_peer(skb: *mut __sk_buff, dest: &Destination) -> bool {
-    let Some(full) = full_socket(skb) else { return false };
+pub fn sent_to_connected_peer(full: Option<*mut bpf_sock>, dest: &Destination) -> bool {
+    let Some(full) = full else { return false };
     let Some(port) = dest.port else { return false };
     let a = &dest.addr;
     // SAFETY: as in `sender`.
