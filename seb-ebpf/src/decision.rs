@@ -520,19 +520,6 @@ impl Report {
     }
 }
 
-/// Report a process killed for a cgroup migration out of the scope: `scoped_in` is the
-/// cgroup the moved process had been scoped in.
-#[inline(always)]
-pub fn report_migration(scoped_in: u64) {
-    report_kill(Hook::Migrate, scoped_in);
-}
-
-/// Report a process of the scope killed because the kernel could not follow it.
-#[inline(always)]
-pub fn report_unfollowed(scoped_in: u64) {
-    report_kill(Hook::Unfollowed, scoped_in);
-}
-
 /// Report the calling process killed: `scoped_in` is the cgroup it was scoped in.
 #[inline(always)]
 pub fn report_kill(hook: Hook, scoped_in: u64) {

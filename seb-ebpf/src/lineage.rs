@@ -55,7 +55,7 @@ fn mark_scoped(tgid: u32, cgroup_id: u64) {
     {
         // SAFETY: the signal goes to the calling process.
         unsafe { bpf_send_signal(SIGKILL) };
-        decision::report_unfollowed(cgroup_id);
+        decision::report_kill(Hook::Unfollowed, cgroup_id);
     }
 }
 
@@ -233,5 +233,5 @@ fn kill_current(moved: u32) {
     unsafe { bpf_send_signal(SIGKILL) };
     // SAFETY: the value is only read.
     let scoped_in = unsafe { SCOPED_TASKS.get(&moved) }.copied().unwrap_or(0);
-    decision::report_migration(scoped_in);
+    decision::report_kill(Hook::Migrate, scoped_in);
 }
