@@ -2,7 +2,7 @@
 
 use std::{fs::File, io::Write, os::fd::AsRawFd};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result};
 use clap::ValueEnum;
 use nix::unistd::{ForkResult, Pid, fork, pipe, read};
 use serde_json::{Value, json};
@@ -82,11 +82,7 @@ fn reach(how: Access, child: Pid, fd: i32) -> std::io::Result<()> {
 fn share_descriptors_with_child(addr: std::net::SocketAddr) -> Result<Value> {
     let parent = std::process::id();
     let args = CloneArgs { flags: libc::CLONE_FILES as u64, exit_signal: libc::SIGCHLD as u64, ..Default::default() };
-    // SAFETY: fork-like clone3 (no CLONE_VM): the child waits, tries once and exits.
-    let ret = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, size_of::<CloneArgs>()) };
-    if ret < 0 {
-        bail!("clone3(CLONE_FILES): {}", std::io::Error::last_os_error());
-    }
+    let ret = crate::fork_like_clone3(&args).context("clone3(CLONE_FILES)")?;
     if ret == 0 {
         // The parent's death is seen as the parent pid changing (it may be dead already).
         while std::os::unix::process::parent_id() == parent {

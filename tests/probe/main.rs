@@ -560,10 +560,16 @@ fn clone_with_pid(pid: i32) -> Result<i32> {
         set_tid_size: 1,
         ..Default::default()
     };
-    // SAFETY: fork-like clone3 (no CLONE_VM); callers' children only act and exit.
-    let ret = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, size_of::<CloneArgs>()) };
+    fork_like_clone3(&args).with_context(|| format!("clone3 with set_tid={pid}"))
+}
+
+/// clone3 without `CLONE_VM`, as fork: 0 in the child, its pid in the parent. Callers'
+/// children only act and exit.
+fn fork_like_clone3(args: &CloneArgs) -> std::io::Result<i32> {
+    // SAFETY: the arguments describe a fork-like clone (no shared memory, no new stack).
+    let ret = unsafe { libc::syscall(libc::SYS_clone3, args as *const CloneArgs, size_of::<CloneArgs>()) };
     if ret < 0 {
-        bail!("clone3 with set_tid={pid}: {}", std::io::Error::last_os_error());
+        return Err(std::io::Error::last_os_error());
     }
     Ok(ret as i32)
 }
@@ -598,11 +604,7 @@ fn clone_into(cgroup: &std::path::Path, method: Method, addr: SocketAddr) -> Res
         cgroup: dir.as_raw_fd() as u64,
         ..Default::default()
     };
-    // SAFETY: fork-like clone3 (no CLONE_VM); the child only tries, reports and exits.
-    let ret = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, size_of::<CloneArgs>()) };
-    if ret < 0 {
-        bail!("clone3 into {}: {}", cgroup.display(), std::io::Error::last_os_error());
-    }
+    let ret = fork_like_clone3(&args).with_context(|| format!("clone3 into {}", cgroup.display()))?;
     if ret == 0 {
         drop(read);
         let value = attempt(method, addr);
