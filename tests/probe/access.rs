@@ -15,6 +15,9 @@ pub enum Access {
     Getfd,
     /// `ptrace(PTRACE_SEIZE)` of a child.
     Ptrace,
+    /// `ptrace(PTRACE_SEIZE)` of a child through the 32-bit entry (`int 0x80`), the
+    /// request register's high half set: the kernel reads only its low half.
+    Ptrace32,
     /// `process_vm_writev()` into a child's memory.
     VmWrite,
     /// A child made with `CLONE_FILES`, sharing this process's descriptor table; it waits
@@ -66,6 +69,12 @@ fn reach(how: Access, child: Pid, fd: i32) -> std::io::Result<()> {
             Access::Ptrace => {
                 check(libc::ptrace(libc::PTRACE_SEIZE, child.as_raw(), 0, 0))?;
             }
+            Access::Ptrace32 => {
+                let ret = ptrace_through_int80(libc::PTRACE_SEIZE as u64 | 1 << 32, child.as_raw());
+                if ret < 0 {
+                    return Err(std::io::Error::from_raw_os_error(-ret as i32));
+                }
+            }
             Access::VmWrite => {
                 let value: u64 = 1;
                 let local = libc::iovec { iov_base: (&value as *const u64).cast_mut().cast(), iov_len: 8 };
@@ -76,6 +85,31 @@ fn reach(how: Access, child: Pid, fd: i32) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `ptrace(request, pid, 0, 0)` as i386 system call 26; returns the kernel's result
+/// (a negative errno on failure).
+///
+/// # Safety
+/// A plain system call; `request` must not ask the kernel to write through a pointer.
+unsafe fn ptrace_through_int80(request: u64, pid: i32) -> i64 {
+    let ret: i64;
+    // SAFETY: rbx is LLVM's, so it is swapped in and out around the call; the 32-bit
+    // entry may clobber r8-r11.
+    unsafe {
+        std::arch::asm!(
+            "xchg {request}, rbx",
+            "int 0x80",
+            "xchg {request}, rbx",
+            request = inout(reg) request => _,
+            inlateout("rax") 26i64 => ret,
+            in("rcx") i64::from(pid),
+            in("rdx") 0i64,
+            in("rsi") 0i64,
+            out("r8") _, out("r9") _, out("r10") _, out("r11") _,
+        );
+    }
+    ret
 }
 
 /// See `Access::SharedFiles`. The child prints its own outcome if it gets one.

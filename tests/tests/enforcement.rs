@@ -203,13 +203,14 @@ fn wildcard_and_unspecified_destinations_are_judged_as_what_they_reach() {
 /// A process of the scope that reaches into another process is killed before the call
 /// returns, and recorded: it could take a socket made outside the scope (or one a child
 /// was killed for), or make a process outside the scope connect for it. A process sharing
-/// its descriptor table with a new one is killed with it. Outside the scope, the same
+/// its descriptor table with a new one is killed with it. A 32-bit `ptrace` is judged by
+/// the request the kernel reads (its register's low half). Outside the scope, the same
 /// calls go through.
 #[test]
 fn reaching_into_another_process_from_the_scope_kills_the_caller() {
     let mut sandbox = sandbox("access");
     sandbox.start_agent().unwrap();
-    for how in ["getfd", "ptrace", "vm-write", "shared-files"] {
+    for how in ["getfd", "ptrace", "ptrace32", "vm-write", "shared-files"] {
         let (output, pid) = sandbox.probe_raw("workload", &["access", how, "127.0.0.2:8443"]).unwrap();
         assert_eq!(output.status.signal(), Some(9), "{how}: {}", String::from_utf8_lossy(&output.stdout));
         let hook = if how == "shared-files" { "shared_descriptors" } else { "process_access" };
