@@ -226,6 +226,9 @@ pub enum Hook {
     /// A process of the scope that made another process sharing its descriptor table
     /// (`CLONE_FILES` without `CLONE_THREAD`); the other is killed at its first socket call.
     SharedDescriptors = 11,
+    /// A process of the scope that made or attached to a tun/tap device (`TUNSETIFF`):
+    /// what it writes there enters the stack as received, past every egress hook.
+    TunDevice = 12,
 }
 
 impl Hook {
@@ -242,6 +245,7 @@ impl Hook {
             9 => Self::Unfollowed,
             10 => Self::ProcessAccess,
             11 => Self::SharedDescriptors,
+            12 => Self::TunDevice,
             _ => return None,
         })
     }
@@ -260,6 +264,7 @@ impl Hook {
             Self::Unfollowed => "scope_table_full",
             Self::ProcessAccess => "process_access",
             Self::SharedDescriptors => "shared_descriptors",
+            Self::TunDevice => "tun_device",
         }
     }
 }

@@ -223,11 +223,28 @@ pub fn ptrace_attaches(request: u64) -> bool {
 /// refuse it, is refused by this kernel.)
 #[inline(always)]
 pub fn judge_process_access() {
+    kill_judged_caller(Hook::ProcessAccess);
+}
+
+/// `ioctl(TUNSETIFF)`: makes a tun/tap device or attaches to one.
+pub const TUNSETIFF: u32 = 0x4004_54ca;
+
+/// Decision at `ioctl(TUNSETIFF)`: a process of the scope is killed before the call
+/// returns. What it would write to the device enters the stack as a received packet,
+/// which no egress hook sees, and is delivered locally or forwarded.
+#[inline(always)]
+pub fn judge_tun_device() {
+    kill_judged_caller(Hook::TunDevice);
+}
+
+/// Kill the calling process if it is judged, with a record naming `hook`.
+#[inline(always)]
+fn kill_judged_caller(hook: Hook) {
     if current_task_is_judged() {
         // SAFETY: the signal goes to the calling process.
         unsafe { bpf_send_signal(SIGKILL) };
         // SAFETY: plain helper call.
-        report_kill(Hook::ProcessAccess, unsafe { bpf_get_current_cgroup_id() });
+        report_kill(hook, unsafe { bpf_get_current_cgroup_id() });
     }
 }
 
@@ -243,6 +260,8 @@ const IA32_PTRACE: i64 = 26;
 const NR_PROCESS_VM_WRITEV: i64 = 311;
 const IA32_PROCESS_VM_WRITEV: i64 = 348;
 const NR_PIDFD_GETFD: i64 = 438;
+const NR_IOCTL: i64 = 16;
+const IA32_IOCTL: i64 = 54;
 /// `socketcall()`'s `SYS_SOCKET`.
 const SOCKETCALL_SOCKET: u32 = 1;
 const PT_REGS_BX: usize = 40;
@@ -264,6 +283,8 @@ pub fn is_watched_call(id: i64) -> bool {
         || id == NR_PROCESS_VM_WRITEV
         || id == IA32_PROCESS_VM_WRITEV
         || id == NR_PIDFD_GETFD
+        || id == NR_IOCTL
+        || id == IA32_IOCTL
 }
 
 /// A system call that `is_watched_call`, from either table: the decisions the syscall
@@ -280,7 +301,8 @@ pub fn judge_sys_enter(id: i64, regs: *const u8) -> i32 {
         return 0;
     }
     // The same number means another call in the other table (41 is i386 `dup`, 102 is
-    // x86_64 `getuid`, 26 x86_64 `msync`, 101 i386 `ioperm`, 311 i386 `set_robust_list`).
+    // x86_64 `getuid`, 26 x86_64 `msync`, 101 i386 `ioperm`, 311 i386 `set_robust_list`,
+    // 16 i386 `lchown`, 54 x86_64 `setsockopt`).
     let compat = task::current_syscall_is_compat();
     // SAFETY: `regs` is the kernel's BTF-typed `struct pt_regs *`; the verifier checks
     // each load against its layout.
@@ -300,6 +322,13 @@ pub fn judge_sys_enter(id: i64, regs: *const u8) -> i32 {
     }
     if id == if compat { IA32_PROCESS_VM_WRITEV } else { NR_PROCESS_VM_WRITEV } {
         judge_process_access();
+        return 0;
+    }
+    if id == if compat { IA32_IOCTL } else { NR_IOCTL } {
+        // The request is 32 bits in either table.
+        if second as u32 == TUNSETIFF {
+            judge_tun_device();
+        }
         return 0;
     }
     let socket_call = if compat { id == IA32_SOCKET || id == IA32_SOCKETCALL } else { id == NR_SOCKET };

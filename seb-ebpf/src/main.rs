@@ -223,6 +223,17 @@ pub fn seb_vm_write_call(_ctx: TracePointContext) -> i32 {
     0
 }
 
+/// `ioctl()`: `TUNSETIFF` from a process of the scope kills it (see
+/// `decision::judge_tun_device`). Every other request costs one comparison.
+#[tracepoint(category = "syscalls", name = "sys_enter_ioctl")]
+pub fn seb_ioctl_call(ctx: TracePointContext) -> i32 {
+    // SAFETY: the second argument's slot, as for `socket()` above.
+    if unsafe { ctx.read_at::<u64>(24) }.is_ok_and(|request| request as u32 == decision::TUNSETIFF) {
+        decision::judge_tun_device();
+    }
+    0
+}
+
 /// `io_uring_submit_req`: every request a ring submits, in the submitting task (the
 /// caller of `io_uring_enter()`, or a ring's SQPOLL thread, which submits without any
 /// system call). A process that left the scope is killed here, and so is a task of the

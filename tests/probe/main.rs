@@ -172,6 +172,9 @@ enum Command {
     /// Reach into a child process (see `access::Access`); prints `{"result": "ok"}` if
     /// this process lives through it.
     Access { how: access::Access, addr: SocketAddr },
+    /// Make a tun device named `name` (`ioctl(TUNSETIFF)`), held until this process
+    /// exits; prints `{"result": "ok"}` if this process lives through it.
+    Tun { name: String },
     /// Time `connect()` on one UDP socket, repeated; prints nanoseconds per call.
     BenchUdpConnect {
         addr: SocketAddr,
@@ -280,6 +283,7 @@ fn run(command: Command) -> Result<()> {
         Command::AsBroker { pin_path, addr } => as_broker(&pin_path, addr),
         Command::ReusePid { pid, method, addr } => reuse_pid(pid, method, addr),
         Command::Access { how, addr } => print(access::reach_into_child(how, addr)?),
+        Command::Tun { name } => print(json!({"result": outcome(make_tun(&name))})),
         Command::DeadBroker { pin_path, leader_exits_first, addr } => dead_broker(&pin_path, leader_exits_first, addr),
         Command::Hold { socket, count } => hold(&socket, count),
         Command::ProposeAfterPidReuse { socket, cert, request, control } => {
@@ -382,6 +386,28 @@ fn new_socket(method: Method, addr: SocketAddr) -> std::io::Result<Socket> {
         Method::PacketSocketcall => packet::compat_socket(true),
         Method::PacketUring => packet::uring_socket(),
     }
+}
+
+/// `TUNSETIFF` and the flags of a layer-3 tun device without packet information.
+const TUNSETIFF: u64 = 0x4004_54ca;
+const IFF_TUN: u16 = 0x0001;
+const IFF_NO_PI: u16 = 0x1000;
+
+/// See `Command::Tun`. The descriptor is leaked so the device lives as long as the
+/// process.
+fn make_tun(name: &str) -> std::io::Result<()> {
+    let file = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
+    // struct ifreq: the name (at most 15 bytes and a NUL), then the flags.
+    let mut request = [0u8; 40];
+    let len = name.len().min(15);
+    request[..len].copy_from_slice(&name.as_bytes()[..len]);
+    request[16..18].copy_from_slice(&(IFF_TUN | IFF_NO_PI).to_ne_bytes());
+    // SAFETY: `request` is a whole `struct ifreq` that outlives the call.
+    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, request.as_mut_ptr()) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    std::mem::forget(file);
+    Ok(())
 }
 
 fn outcome(result: std::io::Result<()>) -> String {

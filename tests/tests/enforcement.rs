@@ -204,8 +204,8 @@ fn wildcard_and_unspecified_destinations_are_judged_as_what_they_reach() {
 /// returns, and recorded: it could take a socket made outside the scope (or one a child
 /// was killed for), or make a process outside the scope connect for it. A process sharing
 /// its descriptor table with a new one is killed with it. A 32-bit `ptrace` is judged by
-/// the request the kernel reads (its register's low half). Outside the scope, the same
-/// calls go through.
+/// the request the kernel reads (its register's low half). So is one that makes a tun
+/// device. Outside the scope, the same calls go through.
 #[test]
 fn reaching_into_another_process_from_the_scope_kills_the_caller() {
     let mut sandbox = sandbox("access");
@@ -228,6 +228,22 @@ fn reaching_into_another_process_from_the_scope_kills_the_caller() {
         assert!(output.status.success() && first.contains(r#""result":"ok""#), "{how} outside the scope: {first}");
     }
     assert_eq!(sandbox.received().unwrap(), 0);
+    making_a_tun_device_kills(&sandbox);
+}
+
+/// A process of the scope that makes (or attaches to) a tun device is killed before
+/// `ioctl(TUNSETIFF)` returns, and recorded: what it wrote there would enter the stack as
+/// received, past every egress hook. Its device, not persistent, leaves with it. Outside
+/// the scope the same call works.
+fn making_a_tun_device_kills(sandbox: &Sandbox) {
+    let (output, pid) = sandbox.probe_raw("workload", &["tun", "seb-ptun"]).unwrap();
+    assert_eq!(output.status.signal(), Some(9), "tun: {}", String::from_utf8_lossy(&output.stdout));
+    let record = wait_for(sandbox, |d| d["hook"] == "tun_device" && d["tgid"] == pid);
+    assert_eq!(record["action"], "killed", "{record}");
+    assert!(sandbox.ip(&["link", "show", "seb-ptun"]).is_err(), "the killed process's tun device is still there");
+    let (output, _) = sandbox.probe_raw("exempt", &["tun", "seb-ptun"]).unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success() && stdout.contains(r#""result":"ok""#), "tun outside the scope: {stdout}");
 }
 
 /// connect() is judged at the address asked for, and NAT in the caller's namespace (root
@@ -348,8 +364,9 @@ fn link_layer_sockets_are_refused_in_the_scope() {
 }
 
 /// `syscall_tables = "native"`: the syscall tracepoints alone (what a kernel without
-/// 32-bit system calls gets). They refuse the 64-bit `socket()` of a packet socket and
-/// kill a process an operator moved out of the scope at its first `socket()`; where the
+/// 32-bit system calls gets). They refuse the 64-bit `socket()` of a packet socket, kill
+/// a process an operator moved out of the scope at its first `socket()` and one that
+/// makes a tun device; where the
 /// kernel does take 32-bit calls, the door the setting leaves (and warns of) is real.
 #[test]
 fn the_syscall_tracepoints_alone_refuse_packet_sockets_and_escapes() {
@@ -374,6 +391,7 @@ fn the_syscall_tracepoints_alone_refuse_packet_sockets_and_escapes() {
 
     killed_once_an_operator_moves_it_out(&sandbox, AfterMove::Tcp);
     assert_eq!(sandbox.received().unwrap(), 0);
+    making_a_tun_device_kills(&sandbox);
 
     if seb_agent::enforcement::compat_syscalls::run_here() {
         let outcome = sandbox.attempt("workload", "packet-compat", "127.0.0.2:8443").unwrap();

@@ -47,7 +47,7 @@ pub enum AttachTo {
 }
 
 /// The programs in the object and where each attaches.
-pub const PROGRAMS: [(&str, AttachTo); 19] = [
+pub const PROGRAMS: [(&str, AttachTo); 20] = [
     ("seb_connect4", AttachTo::Scope),
     ("seb_connect6", AttachTo::Scope),
     ("seb_sendmsg4", AttachTo::Scope),
@@ -65,6 +65,7 @@ pub const PROGRAMS: [(&str, AttachTo); 19] = [
     ("seb_getfd_call", AttachTo::Global),
     ("seb_ptrace_call", AttachTo::Global),
     ("seb_vm_write_call", AttachTo::Global),
+    ("seb_ioctl_call", AttachTo::Global),
     ("seb_sys_enter", AttachTo::Global),
     ("seb_uring_submit", AttachTo::Global),
 ];
@@ -99,13 +100,14 @@ fn syscall_tracepoint(program: &str) -> Option<&'static str> {
         "seb_getfd_call" => Some("sys_enter_pidfd_getfd"),
         "seb_ptrace_call" => Some("sys_enter_ptrace"),
         "seb_vm_write_call" => Some("sys_enter_process_vm_writev"),
+        "seb_ioctl_call" => Some("sys_enter_ioctl"),
         _ => None,
     }
 }
 
 /// Whether a program is attached on this node. Where the kernel takes 32-bit system
 /// calls (x86_64 unless booted with `ia32_emulation=0`), `seb_sys_enter` watches both
-/// tables in place of the six syscall tracepoints, which see the 64-bit table only
+/// tables in place of the seven syscall tracepoints, which see the 64-bit table only
 /// (unless the config asks for the native table alone). `seb_uring_submit` needs a
 /// kernel with io_uring.
 fn supported(program: &str, tables: SyscallTables) -> bool {
