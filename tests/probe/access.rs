@@ -70,10 +70,9 @@ fn reach(how: Access, child: Pid, fd: i32) -> std::io::Result<()> {
                 check(libc::ptrace(libc::PTRACE_SEIZE, child.as_raw(), 0, 0))?;
             }
             Access::Ptrace32 => {
-                let ret = ptrace_through_int80(libc::PTRACE_SEIZE as u64 | 1 << 32, child.as_raw());
-                if ret < 0 {
-                    return Err(std::io::Error::from_raw_os_error(-ret as i32));
-                }
+                // i386 `ptrace` (26): request, pid, address, data.
+                let request = libc::PTRACE_SEIZE as u64 | 1 << 32;
+                crate::compat::int80(26, [request, child.as_raw() as u64, 0, 0])?;
             }
             Access::VmWrite => {
                 let value: u64 = 1;
@@ -85,31 +84,6 @@ fn reach(how: Access, child: Pid, fd: i32) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// `ptrace(request, pid, 0, 0)` as i386 system call 26; returns the kernel's result
-/// (a negative errno on failure).
-///
-/// # Safety
-/// A plain system call; `request` must not ask the kernel to write through a pointer.
-unsafe fn ptrace_through_int80(request: u64, pid: i32) -> i64 {
-    let ret: i64;
-    // SAFETY: rbx is LLVM's, so it is swapped in and out around the call; the 32-bit
-    // entry may clobber r8-r11.
-    unsafe {
-        std::arch::asm!(
-            "xchg {request}, rbx",
-            "int 0x80",
-            "xchg {request}, rbx",
-            request = inout(reg) request => _,
-            inlateout("rax") 26i64 => ret,
-            in("rcx") i64::from(pid),
-            in("rdx") 0i64,
-            in("rsi") 0i64,
-            out("r8") _, out("r9") _, out("r10") _, out("r11") _,
-        );
-    }
-    ret
 }
 
 /// See `Access::SharedFiles`. The child prints its own outcome if it gets one.

@@ -14,6 +14,7 @@ use std::{
 };
 
 mod access;
+mod compat;
 mod packet;
 mod uring;
 
@@ -174,7 +175,12 @@ enum Command {
     Access { how: access::Access, addr: SocketAddr },
     /// Make a tun device named `name` (`ioctl(TUNSETIFF)`), held until this process
     /// exits; prints `{"result": "ok"}` if this process lives through it.
-    Tun { name: String },
+    Tun {
+        name: String,
+        /// Through the 32-bit gate (i386 `ioctl`).
+        #[arg(long)]
+        compat: bool,
+    },
     /// Time `connect()` on one UDP socket, repeated; prints nanoseconds per call.
     BenchUdpConnect {
         addr: SocketAddr,
@@ -192,6 +198,10 @@ enum Command {
         addr: SocketAddr,
         #[arg(long)]
         iterations: u32,
+        /// Run the listener in this network namespace (`/run/netns/<name>`), so `addr` is
+        /// reached by routing rather than being local.
+        #[arg(long)]
+        listen_netns: Option<String>,
     },
     /// Time the cheapest system call (getppid), in this thread's CPU time: what a
     /// program watching system calls adds to every one on the node.
@@ -283,7 +293,7 @@ fn run(command: Command) -> Result<()> {
         Command::AsBroker { pin_path, addr } => as_broker(&pin_path, addr),
         Command::ReusePid { pid, method, addr } => reuse_pid(pid, method, addr),
         Command::Access { how, addr } => print(access::reach_into_child(how, addr)?),
-        Command::Tun { name } => print(json!({"result": outcome(make_tun(&name))})),
+        Command::Tun { name, compat } => print(json!({"result": outcome(make_tun(&name, compat))})),
         Command::DeadBroker { pin_path, leader_exits_first, addr } => dead_broker(&pin_path, leader_exits_first, addr),
         Command::Hold { socket, count } => hold(&socket, count),
         Command::ProposeAfterPidReuse { socket, cert, request, control } => {
@@ -325,7 +335,9 @@ fn run(command: Command) -> Result<()> {
         Command::BenchUdpConnect { addr, iterations, listen, register } => {
             bench_udp_connect(addr, iterations, listen, register)
         }
-        Command::BenchTcpConnect { addr, iterations } => bench_tcp_connect(addr, iterations),
+        Command::BenchTcpConnect { addr, iterations, listen_netns } => {
+            bench_tcp_connect(addr, iterations, listen_netns.as_deref())
+        }
         Command::BenchSyscall { iterations } => bench_syscall(iterations),
     }
 }
@@ -395,15 +407,22 @@ const IFF_NO_PI: u16 = 0x1000;
 
 /// See `Command::Tun`. The descriptor is leaked so the device lives as long as the
 /// process.
-fn make_tun(name: &str) -> std::io::Result<()> {
+fn make_tun(name: &str, compat: bool) -> std::io::Result<()> {
     let file = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
-    // struct ifreq: the name (at most 15 bytes and a NUL), then the flags.
-    let mut request = [0u8; 40];
+    // struct ifreq (40 bytes; 32 for a 32-bit caller): the name (at most 15 bytes and a
+    // NUL), then the flags.
+    let request = compat::low_page()?;
+    // SAFETY: the page is this function's alone and larger than a `struct ifreq`.
+    let ifreq = unsafe { std::slice::from_raw_parts_mut(request, 40) };
     let len = name.len().min(15);
-    request[..len].copy_from_slice(&name.as_bytes()[..len]);
-    request[16..18].copy_from_slice(&(IFF_TUN | IFF_NO_PI).to_ne_bytes());
-    // SAFETY: `request` is a whole `struct ifreq` that outlives the call.
-    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, request.as_mut_ptr()) } < 0 {
+    ifreq[..len].copy_from_slice(&name.as_bytes()[..len]);
+    ifreq[16..18].copy_from_slice(&(IFF_TUN | IFF_NO_PI).to_ne_bytes());
+    let fd = file.as_raw_fd();
+    if compat {
+        // SAFETY: i386 `ioctl` (54) on this process's descriptor; the request is in the low page.
+        unsafe { compat::int80(54, [fd as u64, TUNSETIFF, request as u64, 0]) }?;
+    // SAFETY: the same through the 64-bit table.
+    } else if unsafe { libc::ioctl(fd, TUNSETIFF as _, request) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     std::mem::forget(file);
@@ -909,8 +928,21 @@ fn bench_udp_connect(addr: SocketAddr, iterations: u32, listen: bool, register: 
     print(json!({"ns_per_op": ns}))
 }
 
-fn bench_tcp_connect(addr: SocketAddr, iterations: u32) -> Result<()> {
-    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+fn bench_tcp_connect(addr: SocketAddr, iterations: u32, listen_netns: Option<&str>) -> Result<()> {
+    let listener = match listen_netns {
+        None => std::net::TcpListener::bind(addr),
+        // setns moves only the thread; the listener stays in that namespace.
+        Some(netns) => {
+            let path = format!("/run/netns/{netns}");
+            std::thread::spawn(move || {
+                setns(File::open(path)?.as_fd(), CloneFlags::CLONE_NEWNET)?;
+                std::net::TcpListener::bind(addr)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the listening thread panicked"))?
+        }
+    }
+    .with_context(|| format!("listening on {addr}"))?;
     let target = socket2::SockAddr::from(addr);
     // Connect, accept and close in one thread: on loopback the handshake completes inside
     // connect(), so no accept queue can fill up and no SYN is ever retransmitted.

@@ -23,47 +23,16 @@ pub fn uring_socket() -> std::io::Result<Socket> {
 pub fn compat_socket(socketcall: bool) -> std::io::Result<Socket> {
     use std::os::fd::FromRawFd;
     let (family, kind, protocol) = (libc::AF_PACKET as u32, libc::SOCK_RAW as u32, u32::from(ETH_P_IP.to_be()));
-    let (number, first, second): (u64, u64, u64) = if socketcall {
-        // The 32-bit gate takes 32-bit pointers: the arguments go below 4 GiB.
-        // SAFETY: a fresh anonymous mapping, written before use.
-        let args = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_32BIT,
-                -1,
-                0,
-            )
-        };
-        if args == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: the mapping holds at least three u32s.
+    let (number, first, second) = if socketcall {
+        let args = crate::compat::low_page()?;
+        // SAFETY: the page holds far more than three u32s.
         unsafe { std::ptr::copy_nonoverlapping([family, kind, protocol].as_ptr(), args.cast::<u32>(), 3) };
         (102, 1, args as u64)
     } else {
         (359, u64::from(family), u64::from(kind))
     };
-    let result: i64;
-    // SAFETY: a socket-creating system call; the registers the gate may change are declared.
-    unsafe {
-        // rbx is LLVM's own: swap the first argument in and out around the call.
-        std::arch::asm!(
-            "xchg {first}, rbx",
-            "int 0x80",
-            "xchg {first}, rbx",
-            first = inout(reg) first => _,
-            inlateout("rax") number as i64 => result,
-            in("rcx") second,
-            in("rdx") u64::from(protocol),
-            lateout("r8") _, lateout("r9") _, lateout("r10") _, lateout("r11") _,
-            options(nostack),
-        );
-    }
-    if result < 0 {
-        return Err(std::io::Error::from_raw_os_error(-result as i32));
-    }
+    // SAFETY: a socket-creating system call; its only pointer is in the low page.
+    let result = unsafe { crate::compat::int80(number, [first, second, u64::from(protocol), 0]) }?;
     // SAFETY: a new descriptor owned by nobody else.
     Ok(unsafe { Socket::from_raw_fd(result as i32) })
 }

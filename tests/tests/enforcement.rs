@@ -228,22 +228,25 @@ fn reaching_into_another_process_from_the_scope_kills_the_caller() {
         assert!(output.status.success() && first.contains(r#""result":"ok""#), "{how} outside the scope: {first}");
     }
     assert_eq!(sandbox.received().unwrap(), 0);
-    making_a_tun_device_kills(&sandbox);
+    making_a_tun_device_kills(&sandbox, seb_agent::enforcement::compat_syscalls::run_here());
 }
 
 /// A process of the scope that makes (or attaches to) a tun device is killed before
 /// `ioctl(TUNSETIFF)` returns, and recorded: what it wrote there would enter the stack as
 /// received, past every egress hook. Its device, not persistent, leaves with it. Outside
-/// the scope the same call works.
-fn making_a_tun_device_kills(sandbox: &Sandbox) {
-    let (output, pid) = sandbox.probe_raw("workload", &["tun", "seb-ptun"]).unwrap();
-    assert_eq!(output.status.signal(), Some(9), "tun: {}", String::from_utf8_lossy(&output.stdout));
-    let record = wait_for(sandbox, |d| d["hook"] == "tun_device" && d["tgid"] == pid);
-    assert_eq!(record["action"], "killed", "{record}");
-    assert!(sandbox.ip(&["link", "show", "seb-ptun"]).is_err(), "the killed process's tun device is still there");
-    let (output, _) = sandbox.probe_raw("exempt", &["tun", "seb-ptun"]).unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success() && stdout.contains(r#""result":"ok""#), "tun outside the scope: {stdout}");
+/// the scope the same call works. With `both_tables`, the 32-bit `ioctl` is tried too.
+fn making_a_tun_device_kills(sandbox: &Sandbox, both_tables: bool) {
+    let tun = ["tun", "seb-ptun", "--compat"];
+    for call in [&tun[..2], &tun[..]].into_iter().take(if both_tables { 2 } else { 1 }) {
+        let (output, pid) = sandbox.probe_raw("workload", call).unwrap();
+        assert_eq!(output.status.signal(), Some(9), "{call:?}: {}", String::from_utf8_lossy(&output.stdout));
+        let record = wait_for(sandbox, |d| d["hook"] == "tun_device" && d["tgid"] == pid);
+        assert_eq!(record["action"], "killed", "{record}");
+        assert!(sandbox.ip(&["link", "show", "seb-ptun"]).is_err(), "{call:?}: the killed process's device stayed");
+        let (output, _) = sandbox.probe_raw("exempt", call).unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success() && stdout.contains(r#""result":"ok""#), "{call:?} outside the scope: {stdout}");
+    }
 }
 
 /// connect() is judged at the address asked for, and NAT in the caller's namespace (root
@@ -391,7 +394,7 @@ fn the_syscall_tracepoints_alone_refuse_packet_sockets_and_escapes() {
 
     killed_once_an_operator_moves_it_out(&sandbox, AfterMove::Tcp);
     assert_eq!(sandbox.received().unwrap(), 0);
-    making_a_tun_device_kills(&sandbox);
+    making_a_tun_device_kills(&sandbox, false);
 
     if seb_agent::enforcement::compat_syscalls::run_here() {
         let outcome = sandbox.attempt("workload", "packet-compat", "127.0.0.2:8443").unwrap();
