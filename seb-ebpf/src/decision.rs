@@ -269,8 +269,8 @@ const PT_REGS_CX: usize = 88;
 const PT_REGS_SI: usize = 104;
 const PT_REGS_DI: usize = 112;
 
-/// Whether `id`, in either table, may make a socket, submit io_uring work or reach into
-/// another process: the only test most system calls meet.
+/// Whether `id`, in either table, may make a socket, submit io_uring work, reach into
+/// another process or make a tun device: the only test most system calls meet.
 #[inline(always)]
 pub fn is_watched_call(id: i64) -> bool {
     id == NR_SOCKET
@@ -288,8 +288,8 @@ pub fn is_watched_call(id: i64) -> bool {
 }
 
 /// A system call that `is_watched_call`, from either table: the decisions the syscall
-/// tracepoints make for `socket()`, io_uring, `ptrace()`, `process_vm_writev()` and
-/// `pidfd_getfd()`.
+/// tracepoints make for `socket()`, io_uring, `ptrace()`, `process_vm_writev()`,
+/// `pidfd_getfd()` and `ioctl()`.
 #[inline(always)]
 pub fn judge_sys_enter(id: i64, regs: *const u8) -> i32 {
     if id == NR_IO_URING_SETUP || id == NR_IO_URING_ENTER {
