@@ -421,9 +421,11 @@ fn make_tun(name: &str, compat: bool) -> std::io::Result<()> {
     if compat {
         // SAFETY: i386 `ioctl` (54) on this process's descriptor; the request is in the low page.
         unsafe { compat::int80(54, [fd as u64, TUNSETIFF, request as u64, 0]) }?;
-    // SAFETY: the same through the 64-bit table.
-    } else if unsafe { libc::ioctl(fd, TUNSETIFF as _, request) } < 0 {
-        return Err(std::io::Error::last_os_error());
+    } else {
+        // SAFETY: the same through the 64-bit table.
+        if unsafe { libc::ioctl(fd, TUNSETIFF as _, request) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     std::mem::forget(file);
     Ok(())
