@@ -180,6 +180,9 @@ enum Command {
         /// Through the 32-bit gate (i386 `ioctl`).
         #[arg(long)]
         compat: bool,
+        /// The tun character device to open.
+        #[arg(long, default_value = "/dev/net/tun")]
+        device: PathBuf,
     },
     /// Time `connect()` on one UDP socket, repeated; prints nanoseconds per call.
     BenchUdpConnect {
@@ -293,7 +296,7 @@ fn run(command: Command) -> Result<()> {
         Command::AsBroker { pin_path, addr } => as_broker(&pin_path, addr),
         Command::ReusePid { pid, method, addr } => reuse_pid(pid, method, addr),
         Command::Access { how, addr } => print(access::reach_into_child(how, addr)?),
-        Command::Tun { name, compat } => print(json!({"result": outcome(make_tun(&name, compat))})),
+        Command::Tun { name, compat, device } => print(json!({"result": outcome(make_tun(&device, &name, compat))})),
         Command::DeadBroker { pin_path, leader_exits_first, addr } => dead_broker(&pin_path, leader_exits_first, addr),
         Command::Hold { socket, count } => hold(&socket, count),
         Command::ProposeAfterPidReuse { socket, cert, request, control } => {
@@ -407,8 +410,8 @@ const IFF_NO_PI: u16 = 0x1000;
 
 /// See `Command::Tun`. The descriptor is leaked so the device lives as long as the
 /// process.
-fn make_tun(name: &str, compat: bool) -> std::io::Result<()> {
-    let file = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
+fn make_tun(device: &std::path::Path, name: &str, compat: bool) -> std::io::Result<()> {
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(device)?;
     // struct ifreq (40 bytes; 32 for a 32-bit caller): the name (at most 15 bytes and a
     // NUL), then the flags.
     let request = compat::low_page()?;

@@ -3,7 +3,7 @@
 
 use std::{
     io::{BufRead, BufReader},
-    os::unix::process::ExitStatusExt,
+    os::unix::{fs::PermissionsExt, process::ExitStatusExt},
     path::Path,
     process::{Command, Stdio},
     thread,
@@ -234,7 +234,8 @@ fn reaching_into_another_process_from_the_scope_kills_the_caller() {
 /// A process of the scope that makes (or attaches to) a tun device is killed before
 /// `ioctl(TUNSETIFF)` returns, and recorded: what it wrote there would enter the stack as
 /// received, past every egress hook. Its device, not persistent, leaves with it. Outside
-/// the scope the same call works. With `both_tables`, the 32-bit `ioctl` is tried too.
+/// the scope the same call works. With `both_tables`, the 32-bit `ioctl` is tried too. So
+/// is an unprivileged uid attaching to a persistent device an operator made it owner of.
 fn making_a_tun_device_kills(sandbox: &Sandbox, both_tables: bool) {
     let tun = ["tun", "seb-ptun", "--compat"];
     for call in [&tun[..2], &tun[..]].into_iter().take(if both_tables { 2 } else { 1 }) {
@@ -247,6 +248,26 @@ fn making_a_tun_device_kills(sandbox: &Sandbox, both_tables: bool) {
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(output.status.success() && stdout.contains(r#""result":"ok""#), "{call:?} outside the scope: {stdout}");
     }
+    sandbox.ip(&["tuntap", "add", "dev", "seb-utun", "mode", "tun", "user", "65534"]).unwrap();
+    // The machine's /dev/net/tun may be root's alone (distributions make it 0666): a node
+    // of the sandbox's own that the uid may open.
+    let device = sandbox.dir.join("tun");
+    if !device.exists() {
+        let makedev = nix::sys::stat::makedev(10, 200);
+        nix::sys::stat::mknod(&device, nix::sys::stat::SFlag::S_IFCHR, nix::sys::stat::Mode::empty(), makedev).unwrap();
+        std::fs::set_permissions(&device, std::fs::Permissions::from_mode(0o666)).unwrap();
+        std::fs::set_permissions(&sandbox.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let device = device.to_string_lossy();
+    let attach = ["--uid", "65534", "tun", "seb-utun", "--device", &device];
+    let (output, pid) = sandbox.probe_raw("workload", &attach).unwrap();
+    assert_eq!(output.status.signal(), Some(9), "uid 65534 attaching: {}", String::from_utf8_lossy(&output.stdout));
+    let record = wait_for(sandbox, |d| d["hook"] == "tun_device" && d["tgid"] == pid);
+    assert_eq!((&record["action"], &record["uid"]), (&Value::from("killed"), &Value::from(65534)), "{record}");
+    let (output, _) = sandbox.probe_raw("exempt", &attach).unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains(r#""result":"ok""#), "uid 65534 attaching outside the scope: {stdout}");
+    sandbox.ip(&["tuntap", "del", "dev", "seb-utun", "mode", "tun"]).unwrap();
 }
 
 /// connect() is judged at the address asked for, and NAT in the caller's namespace (root
