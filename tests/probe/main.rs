@@ -218,6 +218,9 @@ enum Command {
 enum Method {
     /// TCP connect(); IPv4, IPv6 or IPv4-mapped by the address given.
     Tcp,
+    /// connect() on a Multipath TCP socket (`IPPROTO_MPTCP`), whose subflows are
+    /// kernel TCP sockets; it falls back to plain TCP against a plain listener.
+    Mptcp,
     /// connect() on a UDP socket.
     UdpConnect,
     /// sendto() on an unconnected UDP socket.
@@ -377,7 +380,9 @@ fn attempt_with(method: Method, addr: SocketAddr, setup: &Setup) -> Value {
         return json!({"result": format!("moving to {}: {e}", cgroup.display())});
     }
     let result = match method {
-        Method::Tcp | Method::UdpConnect => socket.connect_timeout(&addr.into(), Duration::from_secs(2)),
+        Method::Tcp | Method::Mptcp | Method::UdpConnect => {
+            socket.connect_timeout(&addr.into(), Duration::from_secs(2))
+        }
         Method::UdpSendto => socket.send_to(b"seb", &addr.into()).map(drop),
         Method::IoUring => uring::connect(&socket, addr),
         Method::Raw => socket.send_to(&udp_datagram(addr.port()), &SocketAddr::new(addr.ip(), 0).into()).map(drop),
@@ -393,6 +398,7 @@ fn new_socket(method: Method, addr: SocketAddr) -> std::io::Result<Socket> {
     let domain = Domain::for_address(addr);
     match method {
         Method::Tcp | Method::IoUring => Socket::new(domain, Type::STREAM, Some(Protocol::TCP)),
+        Method::Mptcp => Socket::new(domain, Type::STREAM, Some(Protocol::MPTCP)),
         Method::UdpConnect | Method::UdpSendto => Socket::new(domain, Type::DGRAM, Some(Protocol::UDP)),
         Method::Raw => Socket::new(domain, Type::RAW, Some(Protocol::UDP)),
         Method::Packet => packet::socket(Type::RAW),

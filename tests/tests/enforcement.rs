@@ -63,6 +63,8 @@ fn the_kernel_denies_every_egress_path_to_a_protected_endpoint() {
         ("tcp", "127.0.0.2:8443", "connect4"),
         ("tcp", "[::1]:8443", "connect6"),
         ("tcp", "[::ffff:127.0.0.2]:8443", "connect6"),
+        ("mptcp", "127.0.0.2:8443", "connect4"),
+        ("mptcp", "[::1]:8443", "connect6"),
         ("udp-connect", "127.0.0.2:8443", "connect4"),
         ("udp-sendto", "127.0.0.2:8443", "sendmsg4"),
         ("io-uring", "127.0.0.2:8443", "connect4"),
@@ -72,7 +74,12 @@ fn the_kernel_denies_every_egress_path_to_a_protected_endpoint() {
         // Lingering keeps /proc/<pid>/exe readable until the agent has recorded the denial.
         let outcome = sandbox.probe("workload", &["try", method, addr, "--linger-ms", "500"]).unwrap();
         assert_eq!(outcome["result"], "EPERM", "{method} to {addr} from a workload: {outcome}");
-        let denial = sandbox.wait_for_denial(cookie(&outcome)).unwrap();
+        let denial = if method == "mptcp" {
+            // The hook sees the first subflow, a kernel TCP socket with a cookie of its own.
+            wait_for(&sandbox, |d| d["tgid"] == outcome["pid"] && d["hook"] == hook)
+        } else {
+            sandbox.wait_for_denial(cookie(&outcome)).unwrap()
+        };
         assert_eq!(denial["hook"], hook, "{method} to {addr}: {denial}");
         let expected_address = addr.rsplit_once(':').unwrap().0.trim_matches(['[', ']']).trim_start_matches("::ffff:");
         assert_eq!(denial["address"], expected_address, "{denial}");
@@ -98,6 +105,7 @@ fn the_kernel_denies_every_egress_path_to_a_protected_endpoint() {
     for (method, addr) in [
         ("tcp", "127.0.0.3:8443"),
         ("tcp", "[::1]:9443"),
+        ("mptcp", "127.0.0.3:8443"),
         ("udp-connect", "127.0.0.3:8443"),
         ("udp-sendto", "127.0.0.3:8443"),
         ("io-uring", "127.0.0.3:8443"),
