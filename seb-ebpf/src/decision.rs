@@ -300,6 +300,10 @@ pub fn judge_sys_enter(id: i64, regs: *const u8) -> i32 {
         judge_process_access();
         return 0;
     }
+    if (id == NR_IOCTL || id == IA32_IOCTL) && !tunsetiff_in_either_table(regs) {
+        // Nearly every ioctl on the node ends here, before the table is looked up.
+        return 0;
+    }
     // The same number means another call in the other table (41 is i386 `dup`, 102 is
     // x86_64 `getuid`, 26 x86_64 `msync`, 101 i386 `ioperm`, 311 i386 `set_robust_list`,
     // 16 i386 `lchown`, 54 x86_64 `setsockopt`).
@@ -351,6 +355,15 @@ pub fn judge_sys_enter(id: i64, regs: *const u8) -> i32 {
     // SAFETY: a probing read of user memory; a bad address makes the helper fail.
     let [family, kind] = unsafe { bpf_probe_read_user((second as u32 as u64) as *const [u32; 2]) }.unwrap_or([0, 0]);
     judge_socket_call(family, kind, true)
+}
+
+/// Whether the request register of an `ioctl` in either table (rsi for x86_64, ecx for
+/// i386) holds `TUNSETIFF`.
+#[inline(always)]
+fn tunsetiff_in_either_table(regs: *const u8) -> bool {
+    // SAFETY: as in `judge_sys_enter`.
+    let (native, compat) = unsafe { (*(regs.add(PT_REGS_SI) as *const u64), *(regs.add(PT_REGS_CX) as *const u64)) };
+    native as u32 == TUNSETIFF || compat as u32 == TUNSETIFF
 }
 
 /// Decision for an egress packet: the caller is the socket's owner, since the packet
