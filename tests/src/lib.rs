@@ -488,6 +488,42 @@ fn run(command: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// A network namespace of its own joined to a sandbox's by a veth pair, like a pod's or
+/// a remote host's: `near` (a CIDR address) on `seb-peer0`, the sandbox's side; `far` on
+/// `seb-peer1`, this side, whose default route goes through `near`. Removed when dropped
+/// (the pair goes with it).
+pub struct PeerNamespace {
+    pub name: String,
+}
+
+impl PeerNamespace {
+    /// Named `<netns>-<suffix>`.
+    pub fn new(netns: &str, suffix: &str, near: &str, far: &str) -> Result<Self> {
+        let peer = PeerNamespace { name: format!("{netns}-{suffix}") };
+        run(Command::new("ip").args(["netns", "add", &peer.name]))?;
+        let ip = |netns: &str, args: &[&str]| run(Command::new("ip").args(["-n", netns]).args(args));
+        ip(netns, &["link", "add", "seb-peer0", "type", "veth", "peer", "name", "seb-peer1", "netns", &peer.name])?;
+        ip(netns, &["addr", "add", near, "dev", "seb-peer0"])?;
+        ip(netns, &["link", "set", "seb-peer0", "up"])?;
+        let gateway = near.split_once('/').map_or(near, |(address, _)| address);
+        for args in [
+            &["addr", "add", far, "dev", "seb-peer1"][..],
+            &["link", "set", "seb-peer1", "up"],
+            &["link", "set", "lo", "up"],
+            &["route", "add", "default", "via", gateway],
+        ] {
+            ip(&peer.name, args)?;
+        }
+        Ok(peer)
+    }
+}
+
+impl Drop for PeerNamespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
 /// Copy an SQLite store through SQLite (`VACUUM INTO`): committed records may still be
 /// in the WAL file beside it (the agent checkpoints once a second), which a copy of the
 /// database file alone would leave behind.

@@ -12,7 +12,7 @@ use std::{
 
 use seb_agent::config::SyscallTables;
 use seb_common::layout;
-use seb_sandbox::{Sandbox, Tools, parse_json_output, wait_gone};
+use seb_sandbox::{PeerNamespace, Sandbox, Tools, parse_json_output, wait_gone};
 use serde_json::Value;
 
 fn tools() -> Tools {
@@ -140,7 +140,7 @@ fn wildcard_and_unspecified_destinations_are_judged_as_what_they_reach() {
     sandbox.listen("[::]:9443".parse().unwrap()).unwrap();
     sandbox.listen_on("[::]:7443".parse().unwrap(), Some("lo")).unwrap();
     // A pod-like namespace routed to this one, whose side holds 198.51.100.1/24.
-    let pod = Pod::new(&sandbox);
+    let pod = pod(&sandbox);
     sandbox.start_agent().unwrap();
 
     // (method, destination, bound source, the address the record must name, unspecified?)
@@ -186,8 +186,8 @@ fn wildcard_and_unspecified_destinations_are_judged_as_what_they_reach() {
         // A raw IP datagram to a local address, judged by the egress program.
         (&sandbox.netns, "raw", "127.0.0.1:8443", "127.0.0.1", 8443),
         // From another namespace, a node address routes to the same wildcard listener.
-        (&pod.netns, "tcp", "198.51.100.1:8443", "198.51.100.1", 8443),
-        (&pod.netns, "udp-sendto", "198.51.100.1:8443", "198.51.100.1", 8443),
+        (&pod.name, "tcp", "198.51.100.1:8443", "198.51.100.1", 8443),
+        (&pod.name, "udp-sendto", "198.51.100.1:8443", "198.51.100.1", 8443),
     ];
     for (netns, method, addr, judged, port) in also_denied {
         let outcome = sandbox.probe_in(netns, "workload", &["try", method, addr, "--linger-ms", "300"]).unwrap();
@@ -197,7 +197,7 @@ fn wildcard_and_unspecified_destinations_are_judged_as_what_they_reach() {
     }
     assert_eq!(sandbox.received().unwrap(), 0, "a denied attempt reached the wildcard listener");
     // The pod's own loopback is its own: nothing of this namespace answers there.
-    let outcome = sandbox.probe_in(&pod.netns, "workload", &["try", "tcp", "127.0.0.1:8443"]).unwrap();
+    let outcome = sandbox.probe_in(&pod.name, "workload", &["try", "tcp", "127.0.0.1:8443"]).unwrap();
     assert_ne!(outcome["result"], "EPERM", "the pod's own loopback: {outcome}");
 
     // Ports no protected endpoint uses stay reachable through the same addresses.
@@ -311,38 +311,8 @@ fn a_connection_nat_sends_elsewhere_is_judged_where_it_goes() {
 
 /// A network namespace like a pod's, joined to the sandbox's by a veth pair
 /// (198.51.100.1 on the sandbox's side, .2 on its own, its default route through .1).
-/// Removed when dropped.
-struct Pod {
-    netns: String,
-}
-
-impl Pod {
-    fn new(sandbox: &Sandbox) -> Self {
-        let pod = Pod { netns: format!("{}-pod", sandbox.netns) };
-        let ip = |args: &[&str]| {
-            let status = Command::new("ip").args(args).status().unwrap();
-            assert!(status.success(), "ip {args:?}");
-        };
-        ip(&["netns", "add", &pod.netns]);
-        sandbox.ip(&["link", "add", "seb-v0", "type", "veth", "peer", "name", "seb-v1", "netns", &pod.netns]).unwrap();
-        sandbox.ip(&["addr", "add", "198.51.100.1/24", "dev", "seb-v0"]).unwrap();
-        sandbox.ip(&["link", "set", "seb-v0", "up"]).unwrap();
-        for args in [
-            &["addr", "add", "198.51.100.2/24", "dev", "seb-v1"][..],
-            &["link", "set", "seb-v1", "up"],
-            &["link", "set", "lo", "up"],
-            &["route", "add", "default", "via", "198.51.100.1"],
-        ] {
-            ip(&[&["-n", pod.netns.as_str()][..], args].concat());
-        }
-        pod
-    }
-}
-
-impl Drop for Pod {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
-    }
+fn pod(sandbox: &Sandbox) -> PeerNamespace {
+    PeerNamespace::new(&sandbox.netns, "pod", "198.51.100.1/24", "198.51.100.2/24").unwrap()
 }
 
 /// AF_PACKET sockets hand frames to the device: no routing, no netfilter, no cgroup

@@ -20,7 +20,7 @@
 use std::{fmt::Write as _, process::Command};
 
 use anyhow::{Context, Result, ensure};
-use seb_sandbox::{Sandbox, Tools};
+use seb_sandbox::{PeerNamespace, Sandbox, Tools};
 use serde_json::{Value, json};
 
 use crate::{stats::median, toolchain};
@@ -121,12 +121,12 @@ fn syscall_cost(tools: &Tools) -> Result<Value> {
 
 fn measure(tools: &Tools, cidrs: usize) -> Result<Value> {
     let mut enforced = Sandbox::new(&format!("bench{cidrs}"), tools.clone())?;
-    let enforced_far = FarNamespace::new(&enforced.netns)?;
+    let enforced_far = far_namespace(&enforced.netns)?;
     enforced.write_config(&protected_toml(cidrs))?;
     enforced.start_agent()?;
     // An unenforced cgroup and a second namespace that carries the nftables rule set.
     let plain = Sandbox::new(&format!("bench{cidrs}nft"), tools.clone())?;
-    let plain_far = FarNamespace::new(&plain.netns)?;
+    let plain_far = far_namespace(&plain.netns)?;
     load_nft(&plain.netns, cidrs)?;
     let pin = enforced.pin_path.to_string_lossy().into_owned();
 
@@ -210,36 +210,14 @@ fn measure(tools: &Tools, cidrs: usize) -> Result<Value> {
 }
 
 /// A full TCP connect to REMOTE_TCP, whose listener runs in `far`.
-fn remote_tcp_args(far: &FarNamespace) -> [&str; 6] {
+fn remote_tcp_args(far: &PeerNamespace) -> [&str; 6] {
     ["bench-tcp-connect", REMOTE_TCP, "--iterations", TCP_ITERATIONS, "--listen-netns", far.name.as_str()]
 }
 
-/// A namespace of its own behind a veth pair from `netns` (192.0.2.1/24 on that side,
-/// 192.0.2.9/24 on this one): the remote destinations. Removed when dropped (the pair
-/// goes with it).
-struct FarNamespace {
-    name: String,
-}
-
-impl FarNamespace {
-    fn new(netns: &str) -> Result<Self> {
-        let far = FarNamespace { name: format!("{netns}-far") };
-        crate::run(Command::new("ip").args(["netns", "add", &far.name]))?;
-        let ip = |netns: &str, args: &[&str]| crate::run(Command::new("ip").args(["-n", netns]).args(args));
-        ip(netns, &["link", "add", "seb-bench0", "type", "veth", "peer", "name", "seb-bench1", "netns", &far.name])?;
-        ip(netns, &["addr", "add", "192.0.2.1/24", "dev", "seb-bench0"])?;
-        ip(netns, &["link", "set", "seb-bench0", "up"])?;
-        ip(&far.name, &["addr", "add", "192.0.2.9/24", "dev", "seb-bench1"])?;
-        ip(&far.name, &["link", "set", "seb-bench1", "up"])?;
-        ip(&far.name, &["link", "set", "lo", "up"])?;
-        Ok(far)
-    }
-}
-
-impl Drop for FarNamespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
+/// The remote destinations' namespace, behind a veth pair from `netns` (192.0.2.1 on
+/// that side, 192.0.2.9 on its own).
+fn far_namespace(netns: &str) -> Result<PeerNamespace> {
+    PeerNamespace::new(netns, "far", "192.0.2.1/24", "192.0.2.9/24")
 }
 
 /// 127.0.0.2 plus `count - 1` distinct /24s (map entries only; nothing is sent there).
