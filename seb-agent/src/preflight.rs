@@ -14,7 +14,7 @@ use crate::{
     cert::{TrustAnchors, ValidityPolicy},
     cgroupfs,
     config::{Config, SyscallTables},
-    enforcement::{EndpointSource, Sources, compat_syscalls, policy},
+    enforcement::{EndpointSource, Sources, compat_syscalls, judges_fixed_file_writes, policy},
     execute::broker_http::roots_from_pem_file,
     server,
 };
@@ -65,6 +65,12 @@ pub fn check(config: &Config) -> Result<Checked> {
         warn!(
             "enforcement.syscall_tables = \"native\" on a kernel that takes 32-bit system calls: a process in the \
              scope can make packet sockets through int 0x80 unseen (boot with ia32_emulation=0, or use \"auto\")"
+        );
+    }
+    if !judges_fixed_file_writes() {
+        warn!(
+            "this kernel's io_uring fixed-file table has a layout the programs do not read: an io_uring write \
+             to another process's memory (/proc/<pid>/mem) through a fixed file is not judged"
         );
     }
     Ok(Checked { mount, sources, admission, socket_gid, descriptors })

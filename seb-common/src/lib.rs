@@ -104,7 +104,25 @@ pub mod layout {
     pub const SIGNAL_LIVE: u32 = 20;
     /// `task_struct.files`: a process's descriptor table, shared by `CLONE_FILES`.
     pub const TASK_FILES: u32 = 21;
-    pub const LEN: u32 = 22;
+    /// `files_struct.fdt`, `fdtable.max_fds`, `fdtable.fd`: from a descriptor to its file.
+    pub const FILES_FDT: u32 = 22;
+    pub const FDTABLE_MAX_FDS: u32 = 23;
+    pub const FDTABLE_FD: u32 = 24;
+    /// `dentry.d_sb` and `super_block.s_magic`: which filesystem a file is on.
+    pub const DENTRY_SB: u32 = 25;
+    pub const SUPER_MAGIC: u32 = 26;
+    /// `io_kiocb.flags`, `io_kiocb.cqe.fd` (the descriptor or fixed-file index until the
+    /// request completes) and `io_kiocb.ctx`: which file an io_uring request names.
+    /// These and the next three are `u32::MAX` where the kernel lacks them.
+    pub const IO_KIOCB_FLAGS: u32 = 27;
+    pub const IO_KIOCB_FD: u32 = 28;
+    pub const IO_KIOCB_CTX: u32 = 29;
+    /// `io_ring_ctx.file_table.data.{nr,nodes}`: a ring's fixed files (kernel 6.13 on).
+    pub const IO_CTX_FILES_NR: u32 = 30;
+    pub const IO_CTX_FILES_NODES: u32 = 31;
+    /// `io_rsrc_node.file_ptr`: a fixed file, its two low bits flags.
+    pub const IO_RSRC_NODE_FILE: u32 = 32;
+    pub const LEN: u32 = 33;
 }
 /// Size of the denial ring buffer in bytes (a power of two, a multiple of the page size).
 pub const DENIAL_RING_BYTES: u32 = 1 << 20;

@@ -214,16 +214,27 @@ pub fn ptrace_attaches(request: u64) -> bool {
     request == PTRACE_ATTACH || request == PTRACE_SEIZE
 }
 
-/// Decision at `pidfd_getfd()`, `ptrace()` attach and `process_vm_writev()`: a process of
-/// the scope reaching into another is killed before the call returns. The other may be
-/// outside the scope (its sockets are never judged, and it could be made to connect), or
-/// a child killed for a link-layer socket whose descriptor outlives it until it returns
-/// to user space. The target is not resolved: these calls have no place in the scope.
-/// (`process_vm_writev` has written by the time its caller dies; BPF-LSM, which could
-/// refuse it, is refused by this kernel.)
+/// Decision at `pidfd_getfd()`, `ptrace()` attach, `process_vm_writev()` and a write to
+/// `/proc/<pid>/mem`: a process of the scope reaching into another is killed before the
+/// call returns. The other may be outside the scope (its sockets are never judged, and it
+/// could be made to connect), or a child killed for a link-layer socket whose descriptor
+/// outlives it until it returns to user space. The target is not resolved: these calls
+/// have no place in the scope. The kill is pending before the kernel pins the target's
+/// pages, and pinning stops at a pending kill, so the memory writes write nothing.
 #[inline(always)]
 pub fn judge_process_access() {
     kill_judged_caller(Hook::ProcessAccess);
+}
+
+/// Decision at a write to descriptor `fd` (`write`, `pwrite64`, `writev`, `pwritev`,
+/// `pwritev2`): if it is another process's memory (procfs `mem`), as
+/// `judge_process_access`. The file comes first: nearly every write on the node ends
+/// there, without a scope lookup.
+#[inline(always)]
+pub fn judge_write(fd: u64) {
+    if task::current_fd_is_process_memory(fd) {
+        judge_process_access();
+    }
 }
 
 /// `ioctl(TUNSETIFF)`: makes a tun/tap device or attaches to one.
@@ -262,6 +273,18 @@ const IA32_PROCESS_VM_WRITEV: i64 = 348;
 const NR_PIDFD_GETFD: i64 = 438;
 const NR_IOCTL: i64 = 16;
 const IA32_IOCTL: i64 = 54;
+/// `write`, `pwrite64`, `writev`, `pwritev`, `pwritev2`: the descriptor is the first
+/// argument of each.
+const NR_WRITE: i64 = 1;
+const NR_PWRITE64: i64 = 18;
+const NR_WRITEV: i64 = 20;
+const NR_PWRITEV: i64 = 296;
+const NR_PWRITEV2: i64 = 328;
+const IA32_WRITE: i64 = 4;
+const IA32_PWRITE64: i64 = 181;
+const IA32_WRITEV: i64 = 146;
+const IA32_PWRITEV: i64 = 334;
+const IA32_PWRITEV2: i64 = 379;
 /// `socketcall()`'s `SYS_SOCKET`.
 const SOCKETCALL_SOCKET: u32 = 1;
 const PT_REGS_BX: usize = 40;
@@ -270,9 +293,26 @@ const PT_REGS_SI: usize = 104;
 const PT_REGS_DI: usize = 112;
 
 /// Whether `id`, in either table, may make a socket, submit io_uring work, reach into
-/// another process or make a tun device: the only test most system calls meet.
+/// another process (a write may be to its memory) or make a tun device: the only test
+/// most system calls meet.
 #[inline(always)]
 pub fn is_watched_call(id: i64) -> bool {
+    is_write_call(id, false) || is_write_call(id, true) || is_other_watched_call(id)
+}
+
+/// A write in the table the task uses (`compat`: i386).
+#[inline(always)]
+fn is_write_call(id: i64, compat: bool) -> bool {
+    if compat {
+        id == IA32_WRITE || id == IA32_PWRITE64 || id == IA32_WRITEV || id == IA32_PWRITEV || id == IA32_PWRITEV2
+    } else {
+        id == NR_WRITE || id == NR_PWRITE64 || id == NR_WRITEV || id == NR_PWRITEV || id == NR_PWRITEV2
+    }
+}
+
+/// The watched calls that are not writes.
+#[inline(always)]
+fn is_other_watched_call(id: i64) -> bool {
     id == NR_SOCKET
         || id == IA32_SOCKETCALL
         || id == IA32_SOCKET
@@ -326,6 +366,11 @@ pub fn judge_sys_enter(id: i64, regs: *const u8) -> i32 {
     }
     if id == if compat { IA32_PROCESS_VM_WRITEV } else { NR_PROCESS_VM_WRITEV } {
         judge_process_access();
+        return 0;
+    }
+    if is_write_call(id, compat) {
+        // A 32-bit descriptor is the register's low half.
+        judge_write(if compat { first as u32 as u64 } else { first });
         return 0;
     }
     if id == if compat { IA32_IOCTL } else { NR_IOCTL } {

@@ -223,6 +223,42 @@ pub fn seb_vm_write_call(_ctx: TracePointContext) -> i32 {
     0
 }
 
+/// The writes: one to another process's memory (`/proc/<pid>/mem`) from a process of the
+/// scope kills it (see `decision::judge_write`).
+#[tracepoint(category = "syscalls", name = "sys_enter_write")]
+pub fn seb_write_call(ctx: TracePointContext) -> i32 {
+    judge_write_at(&ctx)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_pwrite64")]
+pub fn seb_pwrite_call(ctx: TracePointContext) -> i32 {
+    judge_write_at(&ctx)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_writev")]
+pub fn seb_writev_call(ctx: TracePointContext) -> i32 {
+    judge_write_at(&ctx)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_pwritev")]
+pub fn seb_pwritev_call(ctx: TracePointContext) -> i32 {
+    judge_write_at(&ctx)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_pwritev2")]
+pub fn seb_pwritev2_call(ctx: TracePointContext) -> i32 {
+    judge_write_at(&ctx)
+}
+
+#[inline(always)]
+fn judge_write_at(ctx: &TracePointContext) -> i32 {
+    // SAFETY: the first argument's slot, as for `socket()` above.
+    if let Ok(fd) = unsafe { ctx.read_at::<u64>(16) } {
+        decision::judge_write(fd);
+    }
+    0
+}
+
 /// `ioctl()`: `TUNSETIFF` from a process of the scope kills it (see
 /// `decision::judge_tun_device`). Every other request costs one comparison.
 #[tracepoint(category = "syscalls", name = "sys_enter_ioctl")]
@@ -237,15 +273,20 @@ pub fn seb_ioctl_call(ctx: TracePointContext) -> i32 {
 /// `io_uring_submit_req`: every request a ring submits, in the submitting task (the
 /// caller of `io_uring_enter()`, or a ring's SQPOLL thread, which submits without any
 /// system call). A process that left the scope is killed here, and so is a task of the
-/// scope whose `IORING_OP_SOCKET` asks for a link-layer family: that request makes a
-/// socket without `socket()`. The kill comes before the request runs; requests already
-/// in the same submission may still run before the process dies (see the README).
+/// scope whose `IORING_OP_SOCKET` asks for a link-layer family (that request makes a
+/// socket without `socket()`) or whose write goes to another process's memory. The kill
+/// comes before the request runs; requests already in the same submission may still run
+/// before the process dies (see the README).
 #[btf_tracepoint(function = "io_uring_submit_req")]
 pub fn seb_uring_submit(ctx: BtfTracePointContext) -> i32 {
     if lineage::kill_if_escaped() {
         return 0;
     }
     let req: u64 = ctx.arg(0);
+    if task::uring_request_writes_process_memory(req) {
+        decision::judge_process_access();
+        return 0;
+    }
     match task::uring_socket_request(req) {
         Some((family, kind)) => decision::judge_socket_call(family, kind, false),
         None => 0,

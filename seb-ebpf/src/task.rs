@@ -44,6 +44,102 @@ pub fn files(task: u64) -> Option<u64> {
     read::<u64>(task, layout::TASK_FILES).filter(|files| *files != 0)
 }
 
+/// procfs's `s_magic`.
+const PROC_SUPER_MAGIC: u64 = 0x9fa0;
+/// "mem" and its NUL as one word, compared as an immediate.
+const MEM_NAME: u32 = u32::from_le_bytes(*b"mem\0");
+
+/// Whether descriptor `fd` of the current task is another process's memory (see
+/// `file_is_process_memory`).
+#[inline(always)]
+pub fn current_fd_is_process_memory(fd: u64) -> bool {
+    // SAFETY: plain helper call.
+    let task = unsafe { bpf_get_current_task() };
+    files(task).and_then(|files| descriptor_file(files, fd)).is_some_and(file_is_process_memory)
+}
+
+/// The file behind descriptor `fd` of a descriptor table (`files_struct *`).
+#[inline(always)]
+fn descriptor_file(files: u64, fd: u64) -> Option<u64> {
+    let fdt = read::<u64>(files, layout::FILES_FDT)?;
+    if fd >= u64::from(read::<u32>(fdt, layout::FDTABLE_MAX_FDS)?) {
+        return None;
+    }
+    let slots = read::<u64>(fdt, layout::FDTABLE_FD)?;
+    // SAFETY: a probing read of the descriptor's slot, within `max_fds`.
+    unsafe { bpf_probe_read_kernel((slots + fd * 8) as *const u64) }.ok().filter(|file| *file != 0)
+}
+
+/// Whether a `struct file *` is another process's memory: a file named `mem` on procfs
+/// (`/proc/<pid>/mem`, `/proc/<pid>/task/<tid>/mem`; procfs has no other file of that
+/// name, and no one can make one there). The file is the one the kernel will use, so a
+/// symlink, a bind mount or a renamed path changes nothing.
+#[inline(always)]
+fn file_is_process_memory(file: u64) -> bool {
+    let Some(dentry) = read::<u64>(file, layout::FILE_DENTRY) else { return false };
+    let on_procfs = read::<u64>(dentry, layout::DENTRY_SB).and_then(|sb| read::<u64>(sb, layout::SUPER_MAGIC));
+    if on_procfs != Some(PROC_SUPER_MAGIC) {
+        return false;
+    }
+    let Some(name) = read::<u64>(dentry, layout::DENTRY_NAME) else { return false };
+    // SAFETY: a probing read; a shorter name has its NUL where "mem" has a letter.
+    unsafe { bpf_probe_read_kernel(name as *const u32) }.is_ok_and(|word| word == MEM_NAME)
+}
+
+/// io_uring's writes to a file (`enum io_uring_op`, uapi): `WRITEV`, `WRITE_FIXED`,
+/// `WRITE` and `WRITEV_FIXED`.
+const IORING_OP_WRITEV: u8 = 2;
+const IORING_OP_WRITE_FIXED: u8 = 5;
+const IORING_OP_WRITE: u8 = 23;
+const IORING_OP_WRITEV_FIXED: u8 = 61;
+/// `REQ_F_FIXED_FILE`: the request names a fixed file by index (uapi `IOSQE_FIXED_FILE`).
+const REQ_F_FIXED_FILE: u64 = 1;
+/// The flag bits in a fixed file's pointer (`FFS_NOWAIT`, `FFS_ISREG`).
+const FIXED_FILE_FLAGS: u64 = 3;
+
+/// Whether an io_uring request (`struct io_kiocb *`), as it is submitted, writes to
+/// another process's memory. Its file is not yet taken: it is found from the descriptor
+/// in the submitting task's table, or from the index in the ring's fixed files, which
+/// cannot change while the ring submits (both hold the ring's lock).
+#[inline(always)]
+pub fn uring_request_writes_process_memory(req: u64) -> bool {
+    let Some(opcode) = read::<u8>(req, layout::IO_KIOCB_OPCODE) else { return false };
+    let writes = opcode == IORING_OP_WRITE
+        || opcode == IORING_OP_WRITEV
+        || opcode == IORING_OP_WRITE_FIXED
+        || opcode == IORING_OP_WRITEV_FIXED;
+    if !writes {
+        return false;
+    }
+    let (Some(flags), Some(fd)) = (read::<u64>(req, layout::IO_KIOCB_FLAGS), read::<i32>(req, layout::IO_KIOCB_FD))
+    else {
+        return false;
+    };
+    if fd < 0 {
+        return false;
+    }
+    let file = if flags & REQ_F_FIXED_FILE != 0 {
+        fixed_file(req, fd as u64)
+    } else {
+        // SAFETY: plain helper call.
+        files(unsafe { bpf_get_current_task() }).and_then(|files| descriptor_file(files, fd as u64))
+    };
+    file.is_some_and(file_is_process_memory)
+}
+
+/// The file at `index` in the fixed files of a request's ring.
+#[inline(always)]
+fn fixed_file(req: u64, index: u64) -> Option<u64> {
+    let ring = read::<u64>(req, layout::IO_KIOCB_CTX)?;
+    if index >= u64::from(read::<u32>(ring, layout::IO_CTX_FILES_NR)?) {
+        return None;
+    }
+    let nodes = read::<u64>(ring, layout::IO_CTX_FILES_NODES)?;
+    // SAFETY: a probing read of the slot, within the table's size.
+    let node = unsafe { bpf_probe_read_kernel((nodes + index * 8) as *const u64) }.ok().filter(|n| *n != 0)?;
+    read::<u64>(node, layout::IO_RSRC_NODE_FILE).map(|file| file & !FIXED_FILE_FLAGS).filter(|file| *file != 0)
+}
+
 /// Whether the exiting current task is the last thread of its process: `do_exit` has
 /// counted it out of `signal->live` before `sched_process_exit`. `None` if unreadable.
 #[inline(always)]

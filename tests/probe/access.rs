@@ -18,8 +18,22 @@ pub enum Access {
     /// `ptrace(PTRACE_SEIZE)` of a child through the 32-bit entry (`int 0x80`), the
     /// request register's high half set: the kernel reads only its low half.
     Ptrace32,
-    /// `process_vm_writev()` into a child's memory.
+    /// `process_vm_writev()` of a 1 into a word of a child's memory; the child prints the
+    /// word (`{"target_word": n}`) once this process is done with it or dead.
     VmWrite,
+    /// A write of a 1 into the same word through `/proc/<child>/mem`, with `write()`; the
+    /// child prints the word as for `vm-write`. The variants below use the other calls.
+    MemWrite,
+    MemPwrite,
+    MemWritev,
+    MemPwritev,
+    MemPwritev2,
+    /// `write()` through the 32-bit gate.
+    MemWrite32,
+    /// io_uring `IORING_OP_WRITE` to the descriptor, and to the file registered with the
+    /// ring (a fixed file).
+    MemUring,
+    MemUringFixed,
     /// A child made with `CLONE_FILES`, sharing this process's descriptor table; it waits
     /// for this process to end, then tries TCP to `addr`.
     SharedFiles,
@@ -43,6 +57,11 @@ pub fn reach_into_child(how: Access, addr: std::net::SocketAddr) -> Result<Value
             let fd = socket.as_ref().map_or(-1, |s| s.as_raw_fd());
             let _ = File::from(ready_write).write_all(&fd.to_ne_bytes());
             let _ = read(hold_read.as_raw_fd(), &mut [0u8; 1]);
+            if how.writes_memory() {
+                // What the parent's write left here, seen once the parent is done or dead.
+                let word = TARGET_WORD.load(std::sync::atomic::Ordering::SeqCst);
+                let _ = crate::print(json!({"target_word": word}));
+            }
             // SAFETY: leave without running the parent's destructors.
             unsafe { libc::_exit(0) };
         }
@@ -80,7 +99,57 @@ fn reach(how: Access, child: Pid, fd: i32) -> std::io::Result<()> {
                 let remote = libc::iovec { iov_base: TARGET_WORD.as_ptr().cast(), iov_len: 8 };
                 check(libc::process_vm_writev(child.as_raw(), &local, 1, &remote, 1, 0) as libc::c_long)?;
             }
+            Access::MemWrite
+            | Access::MemPwrite
+            | Access::MemWritev
+            | Access::MemPwritev
+            | Access::MemPwritev2
+            | Access::MemWrite32
+            | Access::MemUring
+            | Access::MemUringFixed => write_through_proc_mem(how, child)?,
             Access::SharedFiles => unreachable!("handled by share_descriptors_with_child"),
+        }
+    }
+    Ok(())
+}
+
+impl Access {
+    /// Whether this way writes a 1 into the child's `TARGET_WORD`.
+    fn writes_memory(self) -> bool {
+        !matches!(self, Access::Getfd | Access::Ptrace | Access::Ptrace32 | Access::SharedFiles)
+    }
+}
+
+/// Write a 1 into the child's `TARGET_WORD` through its `/proc/<pid>/mem`, as `how` says.
+fn write_through_proc_mem(how: Access, child: Pid) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::OpenOptions::new().read(true).write(true).open(format!("/proc/{child}/mem"))?;
+    let (fd, at) = (mem.as_raw_fd(), TARGET_WORD.as_ptr() as u64);
+    let value: u64 = 1;
+    let iov = libc::iovec { iov_base: (&value as *const u64).cast_mut().cast(), iov_len: 8 };
+    let check = |rc: isize| if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
+    // SAFETY: plain system calls on a descriptor this function owns; the buffers outlive them.
+    unsafe {
+        match how {
+            Access::MemPwrite => mem.write_all_at(&value.to_ne_bytes(), at)?,
+            Access::MemPwritev => check(libc::pwritev(fd, &iov, 1, at as i64))?,
+            Access::MemPwritev2 => check(libc::pwritev2(fd, &iov, 1, at as i64, 0))?,
+            Access::MemUring | Access::MemUringFixed => {
+                crate::uring::write_at(&mem, how == Access::MemUringFixed, &value.to_ne_bytes(), at)?
+            }
+            _ => {
+                check(libc::lseek(fd, at as i64, libc::SEEK_SET) as isize)?;
+                match how {
+                    Access::MemWritev => check(libc::writev(fd, &iov, 1))?,
+                    Access::MemWrite32 => {
+                        let buffer = crate::compat::low_page()?;
+                        buffer.cast::<u64>().write(value);
+                        // i386 `write` (4): descriptor, buffer, length.
+                        crate::compat::int80(4, [fd as u64, buffer as u64, 8, 0])?;
+                    }
+                    _ => check(libc::write(fd, iov.iov_base, 8))?,
+                }
+            }
         }
     }
     Ok(())

@@ -206,12 +206,21 @@ enum Command {
         #[arg(long)]
         listen_netns: Option<String>,
     },
-    /// Time the cheapest system call (getppid), in this thread's CPU time: what a
-    /// program watching system calls adds to every one on the node.
+    /// Time a system call in this thread's CPU time: the cheapest one (getppid), for
+    /// what a program watching system calls adds to every one on the node, or an 8-byte
+    /// `write()` to /dev/null, for what judging each write adds.
     BenchSyscall {
         #[arg(long)]
         iterations: u32,
+        #[arg(long, value_enum, default_value = "getppid")]
+        call: TimedCall,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TimedCall {
+    Getppid,
+    Write,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -344,7 +353,7 @@ fn run(command: Command) -> Result<()> {
         Command::BenchTcpConnect { addr, iterations, listen_netns } => {
             bench_tcp_connect(addr, iterations, listen_netns.as_deref())
         }
-        Command::BenchSyscall { iterations } => bench_syscall(iterations),
+        Command::BenchSyscall { iterations, call } => bench_syscall(iterations, call),
     }
 }
 
@@ -909,14 +918,22 @@ fn propose_after_pid_reuse(
 }
 
 /// The best of five runs: the least disturbed by the other work on the machine.
-fn bench_syscall(iterations: u32) -> Result<()> {
+fn bench_syscall(iterations: u32, call: TimedCall) -> Result<()> {
     let cpu_time = || nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).map(Duration::from);
+    let null = File::options().write(true).open("/dev/null")?;
+    let (fd, word) = (null.as_raw_fd(), 0u64);
     let mut best = f64::MAX;
     for _ in 0..5 {
         let start = cpu_time()?;
         for _ in 0..iterations {
-            // SAFETY: getppid takes nothing and cannot fail.
-            unsafe { libc::syscall(libc::SYS_getppid) };
+            // SAFETY: getppid takes nothing and cannot fail; the write's buffer is a live
+            // local and its descriptor open.
+            unsafe {
+                match call {
+                    TimedCall::Getppid => libc::syscall(libc::SYS_getppid),
+                    TimedCall::Write => libc::write(fd, (&word as *const u64).cast(), 8) as libc::c_long,
+                }
+            };
         }
         best = best.min((cpu_time()? - start).as_nanos() as f64 / f64::from(iterations));
     }

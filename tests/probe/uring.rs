@@ -7,7 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use io_uring::{IoUring, cqueue, opcode, squeue, types::Fd};
+use io_uring::{
+    IoUring, cqueue, opcode, squeue,
+    types::{self, Fd},
+};
 use socket2::Socket;
 
 /// An `IORING_OP_CONNECT` of `socket` to `addr`.
@@ -49,6 +52,20 @@ fn connect_polled(ring: &mut IoUring, socket: &Socket, addr: SocketAddr) -> anyh
     let entry = opcode::Connect::new(Fd(socket.as_raw_fd()), sockaddr.as_ptr().cast(), sockaddr.len()).build();
     result(submit_polled(ring, &entry)?)?;
     Ok(())
+}
+
+/// An `IORING_OP_WRITE` of `bytes` at `offset` of `file`; with `fixed`, the file is
+/// registered with the ring first and named by its index there.
+pub fn write_at(file: &std::fs::File, fixed: bool, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    let mut ring = IoUring::new(4)?;
+    let entry = if fixed {
+        ring.submitter().register_files(&[file.as_raw_fd()])?;
+        opcode::Write::new(types::Fixed(0), bytes.as_ptr(), bytes.len() as u32).offset(offset).build()
+    } else {
+        opcode::Write::new(Fd(file.as_raw_fd()), bytes.as_ptr(), bytes.len() as u32).offset(offset).build()
+    };
+    // The buffer outlives the request, which completes before this returns.
+    result(run(&mut ring, &entry)?).map(drop)
 }
 
 /// Submit one request and wait for it with system calls.

@@ -230,13 +230,51 @@ fn reaching_into_another_process_from_the_scope_kills_the_caller() {
             let child = wait_for(&sandbox, |d| d["hook"] == hook && d["tgid"] != pid);
             assert_eq!(child["action"], "killed", "{child}");
         }
+        if how == "vm-write" {
+            // The kill is pending before the kernel pins the target's pages, and pinning
+            // stops at a pending kill: nothing was written.
+            assert_eq!(target_word(&output), Some(0), "the killed caller's write landed");
+        }
         // Nothing listens at 127.0.0.9:9, where the exempt child sharing the table goes.
         let (output, _) = sandbox.probe_raw("exempt", &["access", how, "127.0.0.9:9"]).unwrap();
-        let first = String::from_utf8_lossy(&output.stdout).lines().next().unwrap_or_default().to_string();
-        assert!(output.status.success() && first.contains(r#""result":"ok""#), "{how} outside the scope: {first}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success() && stdout.contains(r#""result":"ok""#), "{how} outside the scope: {stdout}");
+        if how == "vm-write" {
+            assert_eq!(target_word(&output), Some(1), "the exempt write did not land: {stdout}");
+        }
     }
     assert_eq!(sandbox.received().unwrap(), 0);
-    making_a_tun_device_kills(&sandbox, seb_agent::enforcement::compat_syscalls::run_here());
+    let both_tables = seb_agent::enforcement::compat_syscalls::run_here();
+    writing_another_process_memory_kills(&sandbox, both_tables);
+    making_a_tun_device_kills(&sandbox, both_tables);
+}
+
+/// A process of the scope that writes into another process's memory through
+/// `/proc/<pid>/mem` (the door `ptrace` and `process_vm_writev` leave otherwise) is killed
+/// and recorded, with every write call and io_uring write (to a descriptor and to a fixed
+/// file), and nothing it wrote lands. With `both_tables`, the 32-bit `write` too. Outside
+/// the scope the same writes land.
+fn writing_another_process_memory_kills(sandbox: &Sandbox, both_tables: bool) {
+    let calls =
+        ["mem-write", "mem-pwrite", "mem-writev", "mem-pwritev", "mem-pwritev2", "mem-uring", "mem-uring-fixed"];
+    let compat = both_tables.then_some("mem-write32");
+    for how in calls.into_iter().chain(compat) {
+        let (output, pid) = sandbox.probe_raw("workload", &["access", how, "127.0.0.2:8443"]).unwrap();
+        assert_eq!(output.status.signal(), Some(9), "{how}: {}", String::from_utf8_lossy(&output.stdout));
+        let record = wait_for(sandbox, |d| d["hook"] == "process_access" && d["tgid"] == pid);
+        assert_eq!(record["action"], "killed", "{how}: {record}");
+        assert_eq!(target_word(&output), Some(0), "{how}: the killed caller's write landed");
+        let (output, _) = sandbox.probe_raw("exempt", &["access", how, "127.0.0.9:9"]).unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success() && stdout.contains(r#""result":"ok""#), "{how} outside the scope: {stdout}");
+        assert_eq!(target_word(&output), Some(1), "{how}: the exempt write did not land: {stdout}");
+    }
+}
+
+/// The word the `access vm-write` probe's child found at the target address.
+fn target_word(output: &std::process::Output) -> Option<u64> {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout.lines().filter_map(|line| serde_json::from_str::<Value>(line).ok()).find_map(|v| v["target_word"].as_u64())
 }
 
 /// A process of the scope that makes (or attaches to) a tun device is killed before
@@ -367,8 +405,8 @@ fn link_layer_sockets_are_refused_in_the_scope() {
 
 /// `syscall_tables = "native"`: the syscall tracepoints alone (what a kernel without
 /// 32-bit system calls gets). They refuse the 64-bit `socket()` of a packet socket, kill
-/// a process an operator moved out of the scope at its first `socket()` and one that
-/// makes a tun device; where the
+/// a process an operator moved out of the scope at its first `socket()`, one that
+/// makes a tun device and one that writes another's memory; where the
 /// kernel does take 32-bit calls, the door the setting leaves (and warns of) is real.
 #[test]
 fn the_syscall_tracepoints_alone_refuse_packet_sockets_and_escapes() {
@@ -394,6 +432,7 @@ fn the_syscall_tracepoints_alone_refuse_packet_sockets_and_escapes() {
     killed_once_an_operator_moves_it_out(&sandbox, AfterMove::Tcp);
     assert_eq!(sandbox.received().unwrap(), 0);
     making_a_tun_device_kills(&sandbox, false);
+    writing_another_process_memory_kills(&sandbox, false);
 
     if seb_agent::enforcement::compat_syscalls::run_here() {
         let outcome = sandbox.attempt("workload", "packet-compat", "127.0.0.2:8443").unwrap();

@@ -13,9 +13,10 @@
 //! Each with 1 and with 10,000 protected CIDRs. Everything runs in sandboxes: a test
 //! cgroup subtree, network namespaces, loopback addresses.
 //!
-//! And what watching system calls for packet sockets adds to every system call on the
-//! node (the cheapest one, getppid): with both tables watched (`sys_enter`, where the
-//! kernel takes 32-bit calls) and with the 64-bit table's syscall tracepoints alone.
+//! And what watching system calls adds to every system call on the node (the cheapest
+//! one, getppid) and to every write (checked for another process's memory): with both
+//! tables watched (`sys_enter`, where the kernel takes 32-bit calls) and with the 64-bit
+//! table's syscall tracepoints alone.
 
 use std::{fmt::Write as _, process::Command};
 
@@ -86,22 +87,34 @@ pub fn run() -> Result<()> {
     crate::stats::publish("connect", &report)
 }
 
-/// getppid's cost with no programs, with the agent's as `auto` sets them up on this
-/// kernel, and with `syscall_tables = "native"`; the agent is unloaded between runs.
+/// The timed calls: getppid (what every system call pays) and a write (what each write,
+/// checked for another process's memory, pays).
+const TIMED_CALLS: [&str; 2] = ["getppid", "write"];
+
+/// Each timed call's cost with no programs, with the agent's as `auto` sets them up on
+/// this kernel, and with `syscall_tables = "native"`; the agent is unloaded between runs.
 fn syscall_cost(tools: &Tools) -> Result<Value> {
     let mut sandbox = Sandbox::new("benchsys", tools.clone())?;
-    let measure = || -> Result<f64> {
-        let output = Command::new(&tools.probe).args(["bench-syscall", "--iterations", SYSCALL_ITERATIONS]).output()?;
+    let measure = |call: &str| -> Result<f64> {
+        let args = ["bench-syscall", "--iterations", SYSCALL_ITERATIONS, "--call", call];
+        let output = Command::new(&tools.probe).args(args).output()?;
         let value = seb_sandbox::parse_json_output(&output, "seb-probe bench-syscall")?;
         value["ns_per_op"].as_f64().context("no ns_per_op")
     };
-    let mut samples: [Vec<f64>; 3] = Default::default();
+    // [configuration][call]: none, auto, native.
+    let mut samples: [[Vec<f64>; 2]; 3] = Default::default();
+    let mut measure_all = |slot: usize| -> Result<()> {
+        for (i, call) in TIMED_CALLS.iter().enumerate() {
+            samples[slot][i].push(measure(call)?);
+        }
+        Ok(())
+    };
     for _ in 0..SYSCALL_ROUNDS {
-        samples[0].push(measure()?);
+        measure_all(0)?;
         for (slot, tables) in [(1, "auto"), (2, "native")] {
             sandbox.write_config(&format!("syscall_tables = \"{tables}\"\n{}", protected_toml(1)))?;
             sandbox.start_agent()?;
-            samples[slot].push(measure()?);
+            measure_all(slot)?;
             sandbox.kill_agent()?;
             let unload = sandbox.agent_cli(&["unload"])?;
             ensure!(unload.status.success(), "seb-agent unload: {}", String::from_utf8_lossy(&unload.stderr));
@@ -109,14 +122,19 @@ fn syscall_cost(tools: &Tools) -> Result<Value> {
             std::thread::sleep(std::time::Duration::from_millis(500));
         }
     }
-    let [baseline, auto, native] = &samples;
-    Ok(json!({
-        "what": "getppid in the caller's CPU time, best of five runs of 2,000,000; added = median of per-round differences",
-        "baseline_ns": median(baseline),
-        "added_auto_ns": added(auto, baseline),
+    let mut report = json!({
+        "what": "each call in the caller's CPU time (getppid; an 8-byte write to /dev/null), best of five runs of 2,000,000; added = median of per-round differences",
         "auto_watches_32_bit_calls": seb_agent::enforcement::compat_syscalls::run_here(),
-        "added_native_table_only_ns": added(native, baseline),
-    }))
+    });
+    for (i, call) in TIMED_CALLS.iter().enumerate() {
+        let [baseline, auto, native] = [&samples[0][i], &samples[1][i], &samples[2][i]];
+        report[call] = json!({
+            "baseline_ns": median(baseline),
+            "added_auto_ns": added(auto, baseline),
+            "added_native_table_only_ns": added(native, baseline),
+        });
+    }
+    Ok(report)
 }
 
 fn measure(tools: &Tools, cidrs: usize) -> Result<Value> {

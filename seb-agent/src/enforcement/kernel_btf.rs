@@ -18,7 +18,7 @@ const KIND_RESTRICT: u32 = 11;
 const KIND_TYPE_TAG: u32 = 18;
 
 /// The fields every architecture has, as `struct` and a member path.
-const FIELDS: [(u32, &str, &[&str]); 17] = [
+const FIELDS: [(u32, &str, &[&str]); 22] = [
     (layout::TASK_TGID, "task_struct", &["tgid"]),
     (layout::TASK_MM, "task_struct", &["mm"]),
     (layout::TASK_CGROUPS, "task_struct", &["cgroups"]),
@@ -36,6 +36,11 @@ const FIELDS: [(u32, &str, &[&str]); 17] = [
     (layout::TASK_SIGNAL, "task_struct", &["signal"]),
     (layout::SIGNAL_LIVE, "signal_struct", &["live"]),
     (layout::TASK_FILES, "task_struct", &["files"]),
+    (layout::FILES_FDT, "files_struct", &["fdt"]),
+    (layout::FDTABLE_MAX_FDS, "fdtable", &["max_fds"]),
+    (layout::FDTABLE_FD, "fdtable", &["fd"]),
+    (layout::DENTRY_SB, "dentry", &["d_sb"]),
+    (layout::SUPER_MAGIC, "super_block", &["s_magic"]),
 ];
 
 /// The values of `SEB_KERNEL_LAYOUT` for the running kernel, `VALID` set.
@@ -61,6 +66,12 @@ pub fn kernel_layout() -> Result<[u32; layout::LEN as usize]> {
         (layout::IO_KIOCB_OPCODE, "io_kiocb", &["opcode"][..], None),
         (layout::IO_SOCKET_DOMAIN, "io_socket", &["domain"], Some(("io_kiocb", &["cmd"][..]))),
         (layout::IO_SOCKET_TYPE, "io_socket", &["type"], Some(("io_kiocb", &["cmd"]))),
+        (layout::IO_KIOCB_FLAGS, "io_kiocb", &["flags"], None),
+        (layout::IO_KIOCB_FD, "io_kiocb", &["cqe", "fd"], None),
+        (layout::IO_KIOCB_CTX, "io_kiocb", &["ctx"], None),
+        (layout::IO_CTX_FILES_NR, "io_ring_ctx", &["file_table", "data", "nr"], None),
+        (layout::IO_CTX_FILES_NODES, "io_ring_ctx", &["file_table", "data", "nodes"], None),
+        (layout::IO_RSRC_NODE_FILE, "io_rsrc_node", &["file_ptr"], None),
     ];
     for (index, structure, path, inside) in uring {
         let within = match inside {
@@ -80,6 +91,14 @@ pub fn kernel_layout() -> Result<[u32; layout::LEN as usize]> {
 pub fn has_io_uring() -> bool {
     static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *PRESENT.get_or_init(|| kernel_layout().is_ok_and(|values| values[layout::IO_KIOCB_OPCODE as usize] != u32::MAX))
+}
+
+/// Whether an io_uring write to a fixed file can be judged: the kernel's fixed-file table
+/// has the layout the programs read (kernel 6.13 on). True without io_uring.
+pub fn judges_fixed_file_writes() -> bool {
+    let fixed_files = [layout::IO_CTX_FILES_NR, layout::IO_CTX_FILES_NODES, layout::IO_RSRC_NODE_FILE];
+    !has_io_uring()
+        || kernel_layout().is_ok_and(|values| fixed_files.iter().all(|field| values[*field as usize] != u32::MAX))
 }
 
 struct Type {
@@ -234,6 +253,15 @@ mod tests {
         // its file pointer, then domain and type.
         assert_eq!(values[layout::IO_SOCKET_DOMAIN as usize], 8);
         assert_eq!(values[layout::IO_SOCKET_TYPE as usize], 12);
+        // A request's flags (64 bits) come just before its completion, whose descriptor
+        // follows `user_data` and `res`; a fixed file follows a node's type, refs and tag.
+        let at = |field: u32| values[field as usize];
+        assert_eq!(at(layout::IO_KIOCB_FD), at(layout::IO_KIOCB_FLAGS) + 8 + 12);
+        assert_eq!(at(layout::IO_CTX_FILES_NODES), at(layout::IO_CTX_FILES_NR) + 8);
+        assert_eq!(at(layout::IO_RSRC_NODE_FILE), 16);
+        // A descriptor table's size precedes its array of files.
+        assert_eq!(at(layout::FDTABLE_FD), at(layout::FDTABLE_MAX_FDS) + 8);
         assert!(has_io_uring());
+        assert!(judges_fixed_file_writes());
     }
 }

@@ -47,7 +47,7 @@ pub enum AttachTo {
 }
 
 /// The programs in the object and where each attaches.
-pub const PROGRAMS: [(&str, AttachTo); 20] = [
+pub const PROGRAMS: [(&str, AttachTo); 25] = [
     ("seb_connect4", AttachTo::Scope),
     ("seb_connect6", AttachTo::Scope),
     ("seb_sendmsg4", AttachTo::Scope),
@@ -66,6 +66,11 @@ pub const PROGRAMS: [(&str, AttachTo); 20] = [
     ("seb_ptrace_call", AttachTo::Global),
     ("seb_vm_write_call", AttachTo::Global),
     ("seb_ioctl_call", AttachTo::Global),
+    ("seb_write_call", AttachTo::Global),
+    ("seb_pwrite_call", AttachTo::Global),
+    ("seb_writev_call", AttachTo::Global),
+    ("seb_pwritev_call", AttachTo::Global),
+    ("seb_pwritev2_call", AttachTo::Global),
     ("seb_sys_enter", AttachTo::Global),
     ("seb_uring_submit", AttachTo::Global),
 ];
@@ -101,13 +106,18 @@ fn syscall_tracepoint(program: &str) -> Option<&'static str> {
         "seb_ptrace_call" => Some("sys_enter_ptrace"),
         "seb_vm_write_call" => Some("sys_enter_process_vm_writev"),
         "seb_ioctl_call" => Some("sys_enter_ioctl"),
+        "seb_write_call" => Some("sys_enter_write"),
+        "seb_pwrite_call" => Some("sys_enter_pwrite64"),
+        "seb_writev_call" => Some("sys_enter_writev"),
+        "seb_pwritev_call" => Some("sys_enter_pwritev"),
+        "seb_pwritev2_call" => Some("sys_enter_pwritev2"),
         _ => None,
     }
 }
 
 /// Whether a program is attached on this node. Where the kernel takes 32-bit system
 /// calls (x86_64 unless booted with `ia32_emulation=0`), `seb_sys_enter` watches both
-/// tables in place of the seven syscall tracepoints, which see the 64-bit table only
+/// tables in place of the twelve syscall tracepoints, which see the 64-bit table only
 /// (unless the config asks for the native table alone). `seb_uring_submit` needs a
 /// kernel with io_uring.
 fn supported(program: &str, tables: SyscallTables) -> bool {

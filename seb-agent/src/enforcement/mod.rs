@@ -14,4 +14,5 @@ pub mod policy;
 
 pub use broker_sockets::BrokerSockets;
 pub use enforcer::{EndpointSource, Enforcer, SharedEnforcer, Sources};
+pub use kernel_btf::judges_fixed_file_writes;
 pub use loader::{LinkOrigin, LinkState, PinLayout};
