@@ -23,8 +23,13 @@ pub mod map_names {
     pub const SCOPED_TASKS: &str = "SEB_SCOPED_TASKS";
     pub const KERNEL_LAYOUT: &str = "SEB_KERNEL_LAYOUT";
     pub const DOOMED_TASKS: &str = "SEB_DOOMED_TASKS";
-    pub const DOOMED_COUNT: &str = "SEB_DOOMED_COUNT";
+    pub const UNFOLLOWED_SEEN: &str = "SEB_UNFOLLOWED_SEEN";
+    pub const TAP_MAJORS: &str = "SEB_TAP_MAJORS";
 }
+
+/// Slots of `SEB_TAP_MAJORS`: the character-device majors of macvtap and ipvtap devices
+/// on this node (`/proc/devices`), 0 where the kernel has none.
+pub const TAP_MAJOR_SLOTS: u32 = 2;
 
 /// Capacity of the protected-endpoint tries (per address family).
 pub const MAX_PROTECTED_PREFIXES: u32 = 65_536;
@@ -122,7 +127,11 @@ pub mod layout {
     pub const IO_CTX_FILES_NODES: u32 = 31;
     /// `io_rsrc_node.file_ptr`: a fixed file, its two low bits flags.
     pub const IO_RSRC_NODE_FILE: u32 = 32;
-    pub const LEN: u32 = 33;
+    /// `file.f_inode`, `inode.i_mode` and `inode.i_rdev`: which device a file is.
+    pub const FILE_INODE: u32 = 33;
+    pub const INODE_MODE: u32 = 34;
+    pub const INODE_RDEV: u32 = 35;
+    pub const LEN: u32 = 36;
 }
 /// Size of the denial ring buffer in bytes (a power of two, a multiple of the page size).
 pub const DENIAL_RING_BYTES: u32 = 1 << 20;
@@ -244,8 +253,9 @@ pub enum Hook {
     /// A process of the scope that made another process sharing its descriptor table
     /// (`CLONE_FILES` without `CLONE_THREAD`); the other is killed at its first socket call.
     SharedDescriptors = 11,
-    /// A process of the scope that made or attached to a tun/tap device (`TUNSETIFF`):
-    /// what it writes there enters the stack as received, past every egress hook.
+    /// A process of the scope that made or attached to a tun/tap device (`TUNSETIFF`),
+    /// wrote to a packet device (tun/tap, macvtap, ipvtap) or opened one: what it writes
+    /// there enters the stack as received, or leaves below it, past every egress hook.
     TunDevice = 12,
 }
 
@@ -293,6 +303,9 @@ pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 /// `DenialEvent::family` for a socket creation denial (no destination).
 pub const FAMILY_NONE: u8 = 0;
+/// `DenialEvent::family` for a refused open (or `mknod`) of a character device: `daddr`
+/// holds its major, then its minor, as native-endian 32-bit words.
+pub const FAMILY_DEVICE: u8 = 1;
 
 /// Socket families that emit frames without passing the IP stack's hooks: denied at
 /// socket creation in the enforced scope.

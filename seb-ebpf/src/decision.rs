@@ -11,10 +11,11 @@ use aya_ebpf::{
         },
     },
     maps::{HashMap, lpm_trie::Key},
-    programs::{SockAddrContext, SockContext},
+    programs::{DeviceContext, SockAddrContext, SockContext},
 };
 use seb_common::{
-    AF_PACKET, AF_XDP, DenialEvent, EndpointRules, FAMILY_NONE, FAMILY_V4, FAMILY_V6, Hook, MAX_CGROUP_DEPTH, counters,
+    AF_PACKET, AF_XDP, DenialEvent, EndpointRules, FAMILY_DEVICE, FAMILY_NONE, FAMILY_V4, FAMILY_V6, Hook,
+    MAX_CGROUP_DEPTH, counters,
 };
 
 use crate::{
@@ -227,25 +228,69 @@ pub fn judge_process_access() {
 }
 
 /// Decision at a write to descriptor `fd` (`write`, `pwrite64`, `writev`, `pwritev`,
-/// `pwritev2`): if it is another process's memory (procfs `mem`), as
-/// `judge_process_access`. The file comes first: nearly every write on the node ends
-/// there, without a scope lookup.
+/// `pwritev2`); see `judge_write_to`.
 #[inline(always)]
 pub fn judge_write(fd: u64) {
-    if task::current_fd_is_process_memory(fd) {
-        judge_process_access();
+    // Nearly every write on the node is by a process outside the scope: one map lookup,
+    // not the several reads that find the file.
+    if lineage::current_may_be_judged() {
+        judge_write_to(task::current_fd_sink(fd));
+    }
+}
+
+/// Decision at a write to `sink`: to another process's memory (procfs `mem`), as
+/// `judge_process_access`; to a packet device, as `judge_tun_device`: a macvtap or
+/// ipvtap device is opened and written without any `ioctl`, and a tun descriptor may
+/// have been made outside the scope.
+#[inline(always)]
+pub fn judge_write_to(sink: Option<task::Sink>) {
+    match sink {
+        Some(task::Sink::ProcessMemory) => judge_process_access(),
+        Some(task::Sink::PacketDevice) => judge_tun_device(),
+        None => {}
     }
 }
 
 /// `ioctl(TUNSETIFF)`: makes a tun/tap device or attaches to one.
 pub const TUNSETIFF: u32 = 0x4004_54ca;
 
-/// Decision at `ioctl(TUNSETIFF)`: a process of the scope is killed before the call
-/// returns. What it would write to the device enters the stack as a received packet,
-/// which no egress hook sees, and is delivered locally or forwarded.
+/// Decision at `ioctl(TUNSETIFF)` and at a write to a packet device: a process of the
+/// scope is killed before the call returns. What it would write to a tun device enters
+/// the stack as a received packet, which no egress hook sees, and is delivered locally or
+/// forwarded; what it writes to a macvtap or ipvtap device leaves through the device
+/// under it.
 #[inline(always)]
 pub fn judge_tun_device() {
     kill_judged_caller(Hook::TunDevice);
+}
+
+/// `bpf_cgroup_dev_ctx.access_type`'s low half for a character device.
+const BPF_DEVCG_DEV_CHAR: u32 = 2;
+
+/// Decision at an open or `mknod` of a device by a task of an enforced cgroup (a cgroup
+/// device program, which can refuse): a packet device (tun/tap, macvtap, ipvtap) is
+/// refused with EPERM for a judged task, and recorded. Refused at the open, no descriptor
+/// of it reaches the scope, so no write, aio or io_uring request can follow. A scoped
+/// process outside the enforced cgroups meets the `TUNSETIFF` and write checks instead.
+#[inline(always)]
+pub fn judge_device(ctx: &DeviceContext) -> i32 {
+    // SAFETY: the context the kernel passes a cgroup device program.
+    let (access, major, minor) = unsafe { ((*ctx.device).access_type, (*ctx.device).major, (*ctx.device).minor) };
+    if access & 0xffff != BPF_DEVCG_DEV_CHAR || !task::is_packet_device(major << 20 | minor) {
+        return ALLOW;
+    }
+    if !current_task_is_judged() {
+        return ALLOW;
+    }
+    let mut device = Destination::v4([0; 4], 0, 0);
+    device.family = FAMILY_DEVICE;
+    device.addr[..4].copy_from_slice(&major.to_ne_bytes());
+    device.addr[4..8].copy_from_slice(&minor.to_ne_bytes());
+    // SAFETY: plain helper call.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let report_to = Report { cookie: 0, pid_tgid: bpf_get_current_pid_tgid(), uid_gid: bpf_get_current_uid_gid() };
+    report_to.send(&device, Hook::TunDevice, cgroup_id, cgroup_id, true);
+    DENY
 }
 
 /// Kill the calling process if it is judged, with a record naming `hook`.

@@ -22,7 +22,7 @@ use aya_ebpf::{
 
 use seb_common::Hook;
 
-use crate::{DOOMED_TASKS, SCOPED_TASKS, decision, task};
+use crate::{DOOMED_TASKS, SCOPED_TASKS, UNFOLLOWED_SEEN, decision, task};
 
 const SIGKILL: u32 = 9;
 
@@ -40,6 +40,19 @@ pub fn is_scoped(tgid: u32) -> bool {
     unsafe { SCOPED_TASKS.get(&tgid) }.is_some()
 }
 
+/// Whether the current process may be of the scope: scoped, or (once any process went
+/// unfollowed) doomed. A cheap first test for checks on calls every process makes; what
+/// it lets through is judged in full.
+#[inline(always)]
+pub fn current_may_be_judged() -> bool {
+    let tgid = current_tgid();
+    if is_scoped(tgid) {
+        return true;
+    }
+    // SAFETY: the values are only tested.
+    UNFOLLOWED_SEEN.get(0).is_some_and(|seen| *seen != 0) && unsafe { DOOMED_TASKS.get(&tgid) }.is_some()
+}
+
 /// Follow `tgid`, scoped in `cgroup_id`. A full map cannot take it, and a process that
 /// is not followed could leave the scope unseen: it is doomed instead (killed at its first
 /// `socket()` or io_uring call), and if even that map is full, the calling process is
@@ -49,6 +62,10 @@ pub fn is_scoped(tgid: u32) -> bool {
 fn mark_scoped(tgid: u32, cgroup_id: u64) {
     if SCOPED_TASKS.insert(&tgid, &cgroup_id, 0).is_ok() {
         return;
+    }
+    if let Some(seen) = UNFOLLOWED_SEEN.get_ptr_mut(0) {
+        // SAFETY: the map's own slot; a racing writer writes the same value.
+        unsafe { *seen = 1 };
     }
     if DOOMED_TASKS.insert(&tgid, &(cgroup_id | UNFOLLOWED), 0).is_err()
         && (current_in_enforced_cgroup() || is_scoped(current_tgid()))

@@ -40,16 +40,17 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid,
         generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
     },
-    macros::{btf_tracepoint, cgroup_skb, cgroup_sock, cgroup_sock_addr, map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, cgroup_device, cgroup_skb, cgroup_sock, cgroup_sock_addr, map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
     programs::{
-        BtfTracePointContext, RawTracePointContext, SkBuffContext, SockAddrContext, SockContext, TracePointContext,
+        BtfTracePointContext, DeviceContext, RawTracePointContext, SkBuffContext, SockAddrContext, SockContext,
+        TracePointContext,
     },
 };
 use seb_common::{
     BrokerSocket, DENIAL_RING_BYTES, EndpointRules, FAMILY_V4, Hook, MAX_BROKER_PROCESSES, MAX_BROKER_SOCKETS,
     MAX_DOOMED_TASKS, MAX_EXEMPT_CGROUPS, MAX_EXEMPT_SOCKETS, MAX_LOCAL_NAMESPACES, MAX_PROTECTED_PREFIXES,
-    MAX_SCOPE_CGROUPS, MAX_SCOPED_TASKS, counters, layout,
+    MAX_SCOPE_CGROUPS, MAX_SCOPED_TASKS, TAP_MAJOR_SLOTS, counters, layout,
 };
 
 use crate::decision::Destination;
@@ -107,6 +108,15 @@ static SCOPED_TASKS: HashMap<u32, u64> = HashMap::pinned(MAX_SCOPED_TASKS, NO_PR
 /// scoped in. Killed at their first `socket()` or io_uring call.
 #[map(name = "SEB_DOOMED_TASKS")]
 static DOOMED_TASKS: HashMap<u32, u64> = HashMap::pinned(MAX_DOOMED_TASKS, 0);
+
+/// Slot 0 is 1 once any process of the scope went unfollowed (`SEB_SCOPED_TASKS` full):
+/// until then a check that needs every process of the scope looks in one map, not two.
+#[map(name = "SEB_UNFOLLOWED_SEEN")]
+static UNFOLLOWED_SEEN: Array<u32> = Array::pinned(1, 0);
+
+/// The character-device majors of macvtap and ipvtap on this node (0: none).
+#[map(name = "SEB_TAP_MAJORS")]
+static TAP_MAJORS: Array<u32> = Array::pinned(TAP_MAJOR_SLOTS, 0);
 
 /// Field offsets of kernel structures (`seb_common::layout`), from the kernel's BTF.
 #[map(name = "SEB_KERNEL_LAYOUT")]
@@ -223,8 +233,9 @@ pub fn seb_vm_write_call(_ctx: TracePointContext) -> i32 {
     0
 }
 
-/// The writes: one to another process's memory (`/proc/<pid>/mem`) from a process of the
-/// scope kills it (see `decision::judge_write`).
+/// The writes: one to another process's memory (`/proc/<pid>/mem`) or to a packet device
+/// (tun/tap, macvtap, ipvtap) from a process of the scope kills it (see
+/// `decision::judge_write_to`).
 #[tracepoint(category = "syscalls", name = "sys_enter_write")]
 pub fn seb_write_call(ctx: TracePointContext) -> i32 {
     judge_write_at(&ctx)
@@ -259,6 +270,13 @@ fn judge_write_at(ctx: &TracePointContext) -> i32 {
     0
 }
 
+/// Opening (or making) a character device from an enforced cgroup: a packet device is
+/// refused with EPERM (see `decision::judge_device`).
+#[cgroup_device]
+pub fn seb_device(ctx: DeviceContext) -> i32 {
+    decision::judge_device(&ctx)
+}
+
 /// `ioctl()`: `TUNSETIFF` from a process of the scope kills it (see
 /// `decision::judge_tun_device`). Every other request costs one comparison.
 #[tracepoint(category = "syscalls", name = "sys_enter_ioctl")]
@@ -274,7 +292,8 @@ pub fn seb_ioctl_call(ctx: TracePointContext) -> i32 {
 /// caller of `io_uring_enter()`, or a ring's SQPOLL thread, which submits without any
 /// system call). A process that left the scope is killed here, and so is a task of the
 /// scope whose `IORING_OP_SOCKET` asks for a link-layer family (that request makes a
-/// socket without `socket()`) or whose write goes to another process's memory. The kill
+/// socket without `socket()`) or whose write goes to another process's memory or a
+/// packet device. The kill
 /// comes before the request runs; requests already in the same submission may still run
 /// before the process dies (see the README).
 #[btf_tracepoint(function = "io_uring_submit_req")]
@@ -283,8 +302,10 @@ pub fn seb_uring_submit(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let req: u64 = ctx.arg(0);
-    if task::uring_request_writes_process_memory(req) {
-        decision::judge_process_access();
+    if task::uring_request_writes(req) {
+        if lineage::current_may_be_judged() {
+            decision::judge_write_to(task::uring_write_sink(req));
+        }
         return 0;
     }
     match task::uring_socket_request(req) {

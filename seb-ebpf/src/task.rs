@@ -9,7 +9,7 @@ use aya_ebpf::helpers::{
 };
 use seb_common::{EXE_COMPONENT_LEN, EXE_COMPONENTS, MAX_CGROUP_DEPTH, layout};
 
-use crate::KERNEL_LAYOUT;
+use crate::{KERNEL_LAYOUT, TAP_MAJORS};
 
 /// The offset of a field, or `None` until the agent has filled the layout.
 #[inline(always)]
@@ -49,13 +49,55 @@ const PROC_SUPER_MAGIC: u64 = 0x9fa0;
 /// "mem" and its NUL as one word, compared as an immediate.
 const MEM_NAME: u32 = u32::from_le_bytes(*b"mem\0");
 
-/// Whether descriptor `fd` of the current task is another process's memory (see
-/// `file_is_process_memory`).
+/// What a write from the scope must not reach.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Sink {
+    /// Another process's memory (`/proc/<pid>/mem`).
+    ProcessMemory,
+    /// A tun/tap, macvtap or ipvtap device: a frame written there enters the stack as
+    /// received, or leaves through the device under it, past every egress hook.
+    PacketDevice,
+}
+
+/// `S_IFMT` and the two kinds of file a sink can be.
+const S_IFMT: u16 = 0o170_000;
+const S_IFREG: u16 = 0o100_000;
+const S_IFCHR: u16 = 0o020_000;
+/// `/dev/net/tun` (character 10:200, fixed by the kernel), as the kernel's `dev_t`: the
+/// major above 20 bits of minor.
+const TUN_DEVICE: u32 = 10 << 20 | 200;
+
+/// The sink behind descriptor `fd` of the current task, if it is one.
 #[inline(always)]
-pub fn current_fd_is_process_memory(fd: u64) -> bool {
+pub fn current_fd_sink(fd: u64) -> Option<Sink> {
     // SAFETY: plain helper call.
     let task = unsafe { bpf_get_current_task() };
-    files(task).and_then(|files| descriptor_file(files, fd)).is_some_and(file_is_process_memory)
+    files(task).and_then(|files| descriptor_file(files, fd)).and_then(file_sink)
+}
+
+/// The sink a `struct file *` is, if any: the inode says which kind of file first, so a
+/// pipe, a socket or a terminal ends after two reads.
+#[inline(always)]
+fn file_sink(file: u64) -> Option<Sink> {
+    let inode = read::<u64>(file, layout::FILE_INODE)?;
+    let mode = read::<u16>(inode, layout::INODE_MODE)?;
+    if mode & S_IFMT == S_IFCHR {
+        let device = read::<u32>(inode, layout::INODE_RDEV)?;
+        return is_packet_device(device).then_some(Sink::PacketDevice);
+    }
+    (mode & S_IFMT == S_IFREG && file_is_process_memory(file)).then_some(Sink::ProcessMemory)
+}
+
+/// Whether a character device (`dev_t`) is tun/tap or a macvtap/ipvtap device, whose
+/// majors the agent reads from `/proc/devices` (assigned at boot or module load).
+#[inline(always)]
+pub fn is_packet_device(device: u32) -> bool {
+    if device == TUN_DEVICE {
+        return true;
+    }
+    let major = device >> 20;
+    let tap = |slot: u32| TAP_MAJORS.get(slot).is_some_and(|tap| *tap != 0 && *tap == major);
+    tap(0) || tap(1)
 }
 
 /// The file behind descriptor `fd` of a descriptor table (`files_struct *`).
@@ -70,7 +112,7 @@ fn descriptor_file(files: u64, fd: u64) -> Option<u64> {
     unsafe { bpf_probe_read_kernel((slots + fd * 8) as *const u64) }.ok().filter(|file| *file != 0)
 }
 
-/// Whether a `struct file *` is another process's memory: a file named `mem` on procfs
+/// Whether a regular file is another process's memory: a file named `mem` on procfs
 /// (`/proc/<pid>/mem`, `/proc/<pid>/task/<tid>/mem`; procfs has no other file of that
 /// name, and no one can make one there). The file is the one the kernel will use, so a
 /// symlink, a bind mount or a renamed path changes nothing.
@@ -97,34 +139,32 @@ const REQ_F_FIXED_FILE: u64 = 1;
 /// The flag bits in a fixed file's pointer (`FFS_NOWAIT`, `FFS_ISREG`).
 const FIXED_FILE_FLAGS: u64 = 3;
 
-/// Whether an io_uring request (`struct io_kiocb *`), as it is submitted, writes to
-/// another process's memory. Its file is not yet taken: it is found from the descriptor
-/// in the submitting task's table, or from the index in the ring's fixed files, which
-/// cannot change while the ring submits (both hold the ring's lock).
+/// Whether an io_uring request (`struct io_kiocb *`) writes to a file.
 #[inline(always)]
-pub fn uring_request_writes_process_memory(req: u64) -> bool {
-    let Some(opcode) = read::<u8>(req, layout::IO_KIOCB_OPCODE) else { return false };
-    let writes = opcode == IORING_OP_WRITE
-        || opcode == IORING_OP_WRITEV
-        || opcode == IORING_OP_WRITE_FIXED
-        || opcode == IORING_OP_WRITEV_FIXED;
-    if !writes {
-        return false;
-    }
-    let (Some(flags), Some(fd)) = (read::<u64>(req, layout::IO_KIOCB_FLAGS), read::<i32>(req, layout::IO_KIOCB_FD))
-    else {
-        return false;
-    };
-    if fd < 0 {
-        return false;
-    }
+pub fn uring_request_writes(req: u64) -> bool {
+    read::<u8>(req, layout::IO_KIOCB_OPCODE).is_some_and(|opcode| {
+        opcode == IORING_OP_WRITE
+            || opcode == IORING_OP_WRITEV
+            || opcode == IORING_OP_WRITE_FIXED
+            || opcode == IORING_OP_WRITEV_FIXED
+    })
+}
+
+/// The sink a writing io_uring request (`uring_request_writes`) writes to, as it is
+/// submitted, if it is one. Its file is not yet taken: it is found from the descriptor in
+/// the submitting task's table, or from the index in the ring's fixed files, which cannot
+/// change while the ring submits (both hold the ring's lock).
+#[inline(always)]
+pub fn uring_write_sink(req: u64) -> Option<Sink> {
+    let flags = read::<u64>(req, layout::IO_KIOCB_FLAGS)?;
+    let fd = u64::try_from(read::<i32>(req, layout::IO_KIOCB_FD)?).ok()?;
     let file = if flags & REQ_F_FIXED_FILE != 0 {
-        fixed_file(req, fd as u64)
+        fixed_file(req, fd)
     } else {
         // SAFETY: plain helper call.
-        files(unsafe { bpf_get_current_task() }).and_then(|files| descriptor_file(files, fd as u64))
+        files(unsafe { bpf_get_current_task() }).and_then(|files| descriptor_file(files, fd))
     };
-    file.is_some_and(file_is_process_memory)
+    file.and_then(file_sink)
 }
 
 /// The file at `index` in the fixed files of a request's ring.

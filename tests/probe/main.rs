@@ -9,7 +9,7 @@ use std::{
     io::Write,
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -170,6 +170,15 @@ enum Command {
         cgroup: PathBuf,
         addr: SocketAddr,
     },
+    /// Wait (up to 10 s) until another process has moved this one into `cgroup`, then
+    /// make a tun device as `tun` does; prints the outcome if this process lives.
+    TunAfterMovedTo {
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[arg(long)]
+        compat: bool,
+        name: String,
+    },
     /// Reach into a child process (see `access::Access`); prints `{"result": "ok"}` if
     /// this process lives through it.
     Access { how: access::Access, addr: SocketAddr },
@@ -183,6 +192,21 @@ enum Command {
         /// The tun character device to open.
         #[arg(long, default_value = "/dev/net/tun")]
         device: PathBuf,
+    },
+    /// Write one frame (a UDP datagram from `--source` to `addr`, for link address
+    /// `--mac`) to a tap character device such as a macvtap device's.
+    TapWrite {
+        device: PathBuf,
+        addr: SocketAddr,
+        #[arg(long)]
+        source: std::net::Ipv4Addr,
+        /// The destination's link address, `aa:bb:cc:dd:ee:ff`.
+        #[arg(long)]
+        mac: String,
+        /// Open the device, then move into this cgroup (writing `cgroup.procs`), then
+        /// write: a descriptor carried into the scope.
+        #[arg(long)]
+        enter: Option<PathBuf>,
     },
     /// Time `connect()` on one UDP socket, repeated; prints nanoseconds per call.
     BenchUdpConnect {
@@ -309,6 +333,11 @@ fn run(command: Command) -> Result<()> {
         Command::ReusePid { pid, method, addr } => reuse_pid(pid, method, addr),
         Command::Access { how, addr } => print(access::reach_into_child(how, addr)?),
         Command::Tun { name, compat, device } => print(json!({"result": outcome(make_tun(&device, &name, compat))})),
+        Command::TapWrite { device, addr, source, mac, enter } => {
+            let mac = parse_mac(&mac)?;
+            let enter = |_: &File| enter.as_ref().map_or(Ok(()), |cgroup| move_into(cgroup));
+            print(json!({"result": outcome(packet::write_to_tap(&device, mac, source, addr, enter))}))
+        }
         Command::DeadBroker { pin_path, leader_exits_first, addr } => dead_broker(&pin_path, leader_exits_first, addr),
         Command::Hold { socket, count } => hold(&socket, count),
         Command::ProposeAfterPidReuse { socket, cert, request, control } => {
@@ -340,6 +369,10 @@ fn run(command: Command) -> Result<()> {
             // SAFETY: ends this thread alone; the process goes on in the other one.
             unsafe { libc::syscall(libc::SYS_exit, 0) };
             unreachable!("the leader's thread has exited")
+        }
+        Command::TunAfterMovedTo { cgroup, compat, name } => {
+            wait_until_moved_to(&cgroup)?;
+            print(json!({"result": outcome(make_tun(Path::new("/dev/net/tun"), &name, compat))}))
         }
         Command::SqpollAfterMovedTo { cgroup, addr } => {
             let outcome = uring::sqpoll_connect_after(|| wait_until_moved_to(&cgroup), addr);
@@ -425,6 +458,17 @@ const IFF_NO_PI: u16 = 0x1000;
 
 /// See `Command::Tun`. The descriptor is leaked so the device lives as long as the
 /// process.
+/// Move this process into `cgroup`.
+fn move_into(cgroup: &Path) -> std::io::Result<()> {
+    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+}
+
+/// `aa:bb:cc:dd:ee:ff` as six bytes.
+fn parse_mac(text: &str) -> Result<[u8; 6]> {
+    let bytes: Vec<u8> = text.split(':').map(|part| u8::from_str_radix(part, 16)).collect::<Result<_, _>>()?;
+    bytes.try_into().map_err(|_| anyhow::anyhow!("a link address has six bytes: {text}"))
+}
+
 fn make_tun(device: &std::path::Path, name: &str, compat: bool) -> std::io::Result<()> {
     let file = std::fs::OpenOptions::new().read(true).write(true).open(device)?;
     // struct ifreq (40 bytes; 32 for a 32-bit caller): the name (at most 15 bytes and a

@@ -1,7 +1,7 @@
-//! Link-layer egress: AF_PACKET sockets, which hand frames to the device without
-//! passing the IP stack, its routing or any cgroup socket-address hook.
+//! Link-layer egress: AF_PACKET sockets and tap devices, which hand frames to the device
+//! without passing the IP stack, its routing or any cgroup socket-address hook.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use socket2::{Domain, Socket, Type};
 
@@ -43,7 +43,7 @@ pub fn send(socket: &Socket, ethernet: bool, addr: SocketAddr) -> std::io::Resul
     let IpAddr::V4(destination) = addr.ip() else {
         return Err(std::io::Error::other("the packet probe speaks IPv4 only"));
     };
-    let mut packet = ipv4_udp(destination.octets(), addr.port());
+    let mut packet = ipv4_udp([127, 0, 0, 1], destination.octets(), addr.port());
     if ethernet {
         // Loopback frames: zero MACs, then the ethertype.
         let mut frame = vec![0u8; 12];
@@ -72,12 +72,38 @@ pub fn send(socket: &Socket, ethernet: bool, addr: SocketAddr) -> std::io::Resul
     if sent < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
-/// 127.0.0.1 -> `destination`, UDP from port 40000, payload "seb".
-fn ipv4_udp(destination: [u8; 4], port: u16) -> Vec<u8> {
+/// Write one Ethernet frame to a tap character device (macvtap, ipvtap): a UDP datagram
+/// from `source` to `addr`, to the link address `mac`. No ioctl is needed to use one.
+/// `opened` runs between the open and the write.
+pub fn write_to_tap(
+    device: &std::path::Path,
+    mac: [u8; 6],
+    source: Ipv4Addr,
+    addr: SocketAddr,
+    opened: impl FnOnce(&std::fs::File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let IpAddr::V4(destination) = addr.ip() else {
+        return Err(std::io::Error::other("the packet probe speaks IPv4 only"));
+    };
+    // A tap device opens with IFF_VNET_HDR on: each frame follows a `virtio_net_hdr`
+    // (10 bytes; zero asks for no offload).
+    let mut frame = vec![0u8; 10];
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0x5e, 0xb0]); // a locally administered source
+    frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
+    frame.append(&mut ipv4_udp(source.octets(), destination.octets(), addr.port()));
+    let mut file = std::fs::OpenOptions::new().read(true).write(true).open(device)?;
+    opened(&file)?;
+    std::io::Write::write_all(&mut file, &frame)
+}
+
+/// `source` -> `destination`, UDP from port 40000, payload "seb".
+fn ipv4_udp(source: [u8; 4], destination: [u8; 4], port: u16) -> Vec<u8> {
     let payload = b"seb";
     let udp_len = 8 + payload.len() as u16;
     let total = 20 + udp_len;
-    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 127, 0, 0, 1];
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    ip.extend_from_slice(&source);
     ip[2..4].copy_from_slice(&total.to_be_bytes());
     ip.extend_from_slice(&destination);
     let checksum = !ones_complement_sum(&ip);

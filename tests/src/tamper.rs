@@ -33,14 +33,22 @@ pub fn detach_pinned_link(pin: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Write `value` at `index` of the pinned kernel layout (the offsets the programs read
-/// kernel structures at).
-pub fn write_kernel_layout(pin_path: &Path, index: u32, value: u32) -> Result<()> {
-    use aya::maps::{Array, Map, MapData};
-    let data = MapData::from_pin(pin_path.join("maps").join(seb_common::map_names::KERNEL_LAYOUT))?;
-    let mut array: Array<MapData, u32> = Array::try_from(Map::Array(data))?;
-    array.set(index, value, 0)?;
+/// Write `value` at `index` of a pinned array of 32-bit words (`map`, a name from
+/// `seb_common::map_names`), such as the kernel layout.
+pub fn write_array_slot(pin_path: &Path, map: &str, index: u32, value: u32) -> Result<()> {
+    pinned_array(pin_path, map)?.set(index, value, 0)?;
     Ok(())
+}
+
+/// The word at `index` of such an array.
+pub fn read_array_slot(pin_path: &Path, map: &str, index: u32) -> Result<u32> {
+    Ok(pinned_array(pin_path, map)?.get(&index, 0)?)
+}
+
+fn pinned_array(pin_path: &Path, map: &str) -> Result<aya::maps::Array<aya::maps::MapData, u32>> {
+    use aya::maps::{Array, Map, MapData};
+    let data = MapData::from_pin(pin_path.join("maps").join(map))?;
+    Ok(Array::try_from(Map::Array(data))?)
 }
 
 /// Remove one IPv4 prefix from the pinned protected-endpoint trie.

@@ -217,6 +217,9 @@ fn wildcard_and_unspecified_destinations_are_judged_as_what_they_reach() {
 #[test]
 fn reaching_into_another_process_from_the_scope_kills_the_caller() {
     let mut sandbox = sandbox("access");
+    // <root>/broker outside the scope: somewhere an operator can move a process out to.
+    let root = sandbox.cgroup_relative.clone();
+    sandbox.write_config_scoped(&[format!("{root}/workload"), format!("{root}/exempt")], POLICY).unwrap();
     sandbox.start_agent().unwrap();
     for how in ["getfd", "ptrace", "ptrace32", "vm-write", "shared-files"] {
         let (output, pid) = sandbox.probe_raw("workload", &["access", how, "127.0.0.2:8443"]).unwrap();
@@ -246,7 +249,8 @@ fn reaching_into_another_process_from_the_scope_kills_the_caller() {
     assert_eq!(sandbox.received().unwrap(), 0);
     let both_tables = seb_agent::enforcement::compat_syscalls::run_here();
     writing_another_process_memory_kills(&sandbox, both_tables);
-    making_a_tun_device_kills(&sandbox, both_tables);
+    opening_a_tun_device_is_refused(&sandbox, both_tables);
+    a_macvtap_device_is_refused_and_its_writes_kill(&mut sandbox);
 }
 
 /// A process of the scope that writes into another process's memory through
@@ -277,23 +281,92 @@ fn target_word(output: &std::process::Output) -> Option<u64> {
     stdout.lines().filter_map(|line| serde_json::from_str::<Value>(line).ok()).find_map(|v| v["target_word"].as_u64())
 }
 
-/// A process of the scope that makes (or attaches to) a tun device is killed before
-/// `ioctl(TUNSETIFF)` returns, and recorded: what it wrote there would enter the stack as
-/// received, past every egress hook. Its device, not persistent, leaves with it. Outside
-/// the scope the same call works. With `both_tables`, the 32-bit `ioctl` is tried too. So
-/// is an unprivileged uid attaching to a persistent device an operator made it owner of.
-fn making_a_tun_device_kills(sandbox: &Sandbox, both_tables: bool) {
-    let tun = ["tun", "seb-ptun", "--compat"];
-    for call in [&tun[..2], &tun[..]].into_iter().take(if both_tables { 2 } else { 1 }) {
-        let (output, pid) = sandbox.probe_raw("workload", call).unwrap();
-        assert_eq!(output.status.signal(), Some(9), "{call:?}: {}", String::from_utf8_lossy(&output.stdout));
-        let record = wait_for(sandbox, |d| d["hook"] == "tun_device" && d["tgid"] == pid);
-        assert_eq!(record["action"], "killed", "{record}");
-        assert!(sandbox.ip(&["link", "show", "seb-ptun"]).is_err(), "{call:?}: the killed process's device stayed");
-        let (output, _) = sandbox.probe_raw("exempt", call).unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(output.status.success() && stdout.contains(r#""result":"ok""#), "{call:?} outside the scope: {stdout}");
+/// A macvtap device is used without any `ioctl`: whoever opens its node writes frames
+/// that leave through the device under it, past every egress hook. From an enforced
+/// cgroup the open is refused with EPERM and recorded, and no frame leaves. A descriptor
+/// opened outside the scope and carried in (the process then moves into it) kills the
+/// writer at its first write, and is recorded. From the exempt cgroup the frame goes out
+/// and reaches a listener across a veth pair.
+fn a_macvtap_device_is_refused_and_its_writes_kill(sandbox: &mut Sandbox) {
+    let links: [&[&str]; 6] = [
+        &["link", "add", "seb-mva", "type", "veth", "peer", "name", "seb-mvb"],
+        &["link", "set", "seb-mva", "up"],
+        &["link", "set", "seb-mvb", "up"],
+        &["addr", "add", "10.77.0.2/24", "dev", "seb-mvb"],
+        &["link", "add", "link", "seb-mva", "name", "seb-mvt", "type", "macvtap", "mode", "bridge"],
+        &["link", "set", "seb-mvt", "up"],
+    ];
+    for args in links {
+        sandbox.ip(args).unwrap();
     }
+    sandbox.listen("10.77.0.2:9999".parse().unwrap()).unwrap();
+    // The namespace's own sysfs (`ip netns exec` mounts it) names the device's numbers.
+    let read = |path: &str| {
+        let shell = ["netns", "exec", &sandbox.netns, "sh", "-c", &format!("cat {path}")];
+        String::from_utf8(Command::new("ip").args(shell).output().unwrap().stdout).unwrap().trim().to_string()
+    };
+    let mac = read("/sys/class/net/seb-mvb/address");
+    let numbers = read("/sys/class/net/seb-mvt/tap*/dev");
+    let (major, minor) = numbers.split_once(':').unwrap_or_else(|| panic!("macvtap device numbers: {numbers:?}"));
+    let device = sandbox.dir.join("macvtap");
+    let makedev = nix::sys::stat::makedev(major.parse().unwrap(), minor.parse().unwrap());
+    nix::sys::stat::mknod(&device, nix::sys::stat::SFlag::S_IFCHR, nix::sys::stat::Mode::empty(), makedev).unwrap();
+    let device = device.to_string_lossy();
+    let write = ["tap-write", &device, "10.77.0.2:9999", "--source", "10.77.0.1", "--mac", &mac];
+
+    let (output, pid) = sandbox.probe_raw("workload", &write).unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains(r#""result":"EPERM""#), "opening the macvtap device in the scope: {stdout}");
+    let record = wait_for(sandbox, |d| d["hook"] == "tun_device" && d["tgid"] == pid);
+    assert_eq!((&record["action"], &record["device"]), (&Value::from("refused"), &Value::from(numbers.clone())));
+
+    let workload = sandbox.cgroup.join("workload").to_string_lossy().into_owned();
+    let carried = [&write[..], &["--enter", &workload]].concat();
+    let (output, pid) = sandbox.probe_raw("broker", &carried).unwrap();
+    assert_eq!(output.status.signal(), Some(9), "a carried-in descriptor: {}", String::from_utf8_lossy(&output.stdout));
+    let record = wait_for(sandbox, |d| d["hook"] == "tun_device" && d["tgid"] == pid);
+    assert_eq!(record["action"], "killed", "{record}");
+    // That one frame leaves: a tap device's write path does not stop at a pending kill
+    // (unlike another process's memory). The writer writes no second one.
+    thread::sleep(Duration::from_millis(100));
+    sandbox.received().unwrap();
+
+    let (output, _) = sandbox.probe_raw("exempt", &write).unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains(r#""result":"ok""#),
+        "macvtap write outside the scope: {stdout}"
+    );
+    // The exempt frame arrives (received without waiting: allow it a moment).
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut received = 0;
+    while received == 0 && std::time::Instant::now() < deadline {
+        received += sandbox.received().unwrap();
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(received, 1, "the exempt frame arrives");
+    sandbox.ip(&["link", "del", "seb-mvt"]).unwrap();
+    sandbox.ip(&["link", "del", "seb-mva"]).unwrap();
+}
+
+/// A process of an enforced cgroup cannot open a tun device: the device program refuses
+/// any node of its numbers (10:200) with EPERM, and it is recorded; no device is made.
+/// So is uid 65534 opening a private node to attach to a persistent device an operator
+/// made it owner of. Outside the scope the same calls work. A process of the scope that
+/// an operator moved out, where no device program runs, opens it and is killed at
+/// `TUNSETIFF`, with `both_tables` through the 32-bit gate too.
+fn opening_a_tun_device_is_refused(sandbox: &Sandbox, both_tables: bool) {
+    let make = ["tun", "seb-ptun"];
+    let (output, pid) = sandbox.probe_raw("workload", &make).unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success() && stdout.contains(r#""result":"EPERM""#), "opening /dev/net/tun: {stdout}");
+    let record = wait_for(sandbox, |d| d["hook"] == "tun_device" && d["tgid"] == pid);
+    assert_eq!((&record["action"], &record["device"]), (&Value::from("refused"), &Value::from("10:200")), "{record}");
+    assert!(sandbox.ip(&["link", "show", "seb-ptun"]).is_err(), "a device was made");
+    let (output, _) = sandbox.probe_raw("exempt", &make).unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success() && stdout.contains(r#""result":"ok""#), "tun outside the scope: {stdout}");
+
     sandbox.ip(&["tuntap", "add", "dev", "seb-utun", "mode", "tun", "user", "65534"]).unwrap();
     // The machine's /dev/net/tun may be root's alone (distributions make it 0666): a node
     // of the sandbox's own that the uid may open.
@@ -307,13 +380,22 @@ fn making_a_tun_device_kills(sandbox: &Sandbox, both_tables: bool) {
     let device = device.to_string_lossy();
     let attach = ["--uid", "65534", "tun", "seb-utun", "--device", &device];
     let (output, pid) = sandbox.probe_raw("workload", &attach).unwrap();
-    assert_eq!(output.status.signal(), Some(9), "uid 65534 attaching: {}", String::from_utf8_lossy(&output.stdout));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains(r#""result":"EPERM""#), "uid 65534 opening a node of its own: {stdout}");
     let record = wait_for(sandbox, |d| d["hook"] == "tun_device" && d["tgid"] == pid);
-    assert_eq!((&record["action"], &record["uid"]), (&Value::from("killed"), &Value::from(65534)), "{record}");
+    assert_eq!((&record["action"], &record["uid"]), (&Value::from("refused"), &Value::from(65534)), "{record}");
     let (output, _) = sandbox.probe_raw("exempt", &attach).unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains(r#""result":"ok""#), "uid 65534 attaching outside the scope: {stdout}");
     sandbox.ip(&["tuntap", "del", "dev", "seb-utun", "mode", "tun"]).unwrap();
+
+    let moves = [AfterMove::Tun { compat: false }, AfterMove::Tun { compat: true }];
+    for how in moves.into_iter().take(if both_tables { 2 } else { 1 }) {
+        let pid = killed_once_an_operator_moves_it_out(sandbox, how);
+        let record = wait_for(sandbox, |d| d["hook"] == "tun_device" && d["tgid"] == pid);
+        assert_eq!(record["action"], "killed", "{record}");
+        assert!(sandbox.ip(&["link", "show", "seb-mtun"]).is_err(), "the killed process's device stayed");
+    }
 }
 
 /// connect() is judged at the address asked for, and NAT in the caller's namespace (root
@@ -405,9 +487,10 @@ fn link_layer_sockets_are_refused_in_the_scope() {
 
 /// `syscall_tables = "native"`: the syscall tracepoints alone (what a kernel without
 /// 32-bit system calls gets). They refuse the 64-bit `socket()` of a packet socket, kill
-/// a process an operator moved out of the scope at its first `socket()`, one that
-/// makes a tun device and one that writes another's memory; where the
-/// kernel does take 32-bit calls, the door the setting leaves (and warns of) is real.
+/// a process an operator moved out of the scope at its first `socket()` or `TUNSETIFF`,
+/// and one that writes another's memory (the device program refuses tun opens in the
+/// scope either way); where the kernel does take 32-bit calls, the door the setting
+/// leaves (and warns of) is real.
 #[test]
 fn the_syscall_tracepoints_alone_refuse_packet_sockets_and_escapes() {
     let mut sandbox = Sandbox::new("tables", tools()).unwrap();
@@ -431,7 +514,7 @@ fn the_syscall_tracepoints_alone_refuse_packet_sockets_and_escapes() {
 
     killed_once_an_operator_moves_it_out(&sandbox, AfterMove::Tcp);
     assert_eq!(sandbox.received().unwrap(), 0);
-    making_a_tun_device_kills(&sandbox, false);
+    opening_a_tun_device_is_refused(&sandbox, false);
     writing_another_process_memory_kills(&sandbox, false);
 
     if seb_agent::enforcement::compat_syscalls::run_here() {
@@ -578,24 +661,27 @@ enum AfterMove {
     /// An io_uring set up before the move whose kernel thread (SQPOLL) makes and connects
     /// the socket afterwards, with no system call.
     SqpollRing,
+    /// No connection: a tun device (`TUNSETIFF`), through the 32-bit gate with `compat`.
+    Tun { compat: bool },
 }
 
 /// A probe in `<root>/workload` that waits until this test (an operator, never in the
-/// scope) moves it to `<root>/<to>`, then tries TCP to the protected endpoint. Returns
-/// the probe, its remaining output and its pid, once moved.
+/// scope) moves it to `<root>/<to>`, then tries the protected endpoint (or a tun device)
+/// as `how` says. Returns the probe, its remaining output and its pid, once moved.
 fn moved_by_an_operator(sandbox: &Sandbox, to: &str, how: AfterMove) -> (std::process::Child, ProbeLines, u64) {
-    let (command, method): (&str, &[&str]) = match how {
-        AfterMove::Tcp => ("after-moved-to", &["tcp"]),
-        AfterMove::TcpAfterLeaderExit => ("after-moved-to", &["--leader-exits", "tcp"]),
-        AfterMove::SqpollRing => ("sqpoll-after-moved-to", &[]),
+    let (command, arguments): (&str, &[&str]) = match how {
+        AfterMove::Tcp => ("after-moved-to", &["tcp", "127.0.0.2:8443"]),
+        AfterMove::TcpAfterLeaderExit => ("after-moved-to", &["--leader-exits", "tcp", "127.0.0.2:8443"]),
+        AfterMove::SqpollRing => ("sqpoll-after-moved-to", &["127.0.0.2:8443"]),
+        AfterMove::Tun { compat: false } => ("tun-after-moved-to", &["seb-mtun"]),
+        AfterMove::Tun { compat: true } => ("tun-after-moved-to", &["--compat", "seb-mtun"]),
     };
     let mut waiting = Command::new(&sandbox.tools.probe)
         .arg("--cgroup")
         .arg(sandbox.cgroup.join("workload"))
         .args(["--netns", &sandbox.netns, command, "--cgroup"])
         .arg(sandbox.cgroup.join(to))
-        .args(method)
-        .arg("127.0.0.2:8443")
+        .args(arguments)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -869,9 +955,23 @@ fn a_detached_link_is_noticed_reported_repaired_and_recorded() {
 
     // The offsets the programs read kernel structures at are frozen: not even root can
     // point them elsewhere (here: where 32-bit system calls are told apart).
-    let error = seb_sandbox::tamper::write_kernel_layout(&sandbox.pin_path, layout::TASK_THREAD_STATUS, 0)
+    let layout_map = seb_common::map_names::KERNEL_LAYOUT;
+    let error = seb_sandbox::tamper::write_array_slot(&sandbox.pin_path, layout_map, layout::TASK_THREAD_STATUS, 0)
         .expect_err("the kernel layout took a write");
     assert!(format!("{error:?}").contains("Operation not permitted"), "{error:?}");
+
+    // The macvtap major zeroed (writes to such devices would go unjudged) is noticed and
+    // written again from /proc/devices.
+    let majors = seb_common::map_names::TAP_MAJORS;
+    let major = seb_sandbox::tamper::read_array_slot(&sandbox.pin_path, majors, 0).unwrap();
+    assert_ne!(major, 0, "this kernel registers macvtap");
+    seb_sandbox::tamper::write_array_slot(&sandbox.pin_path, majors, 0, 0).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !audit_records(&sandbox, "tamper").iter().any(|r| r["body"]["findings"][0]["object"] == majors) {
+        assert!(std::time::Instant::now() < deadline, "the zeroed major was never noticed");
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(seb_sandbox::tamper::read_array_slot(&sandbox.pin_path, majors, 0).unwrap(), major, "not repaired");
 }
 
 /// A link detached while the agent was down is not adopted as enforcement: the agent

@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use seb_common::{AF_PACKET, AF_XDP, DenialEvent, FAMILY_NONE, FAMILY_V4, Hook};
+use seb_common::{AF_PACKET, AF_XDP, DenialEvent, FAMILY_DEVICE, FAMILY_NONE, FAMILY_V4, Hook};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Protocol;
@@ -62,6 +62,9 @@ pub struct KernelDenial {
     pub socket_family: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_type: Option<u8>,
+    /// For a refused device open: the character device, `major:minor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// The kernel hook that denied: connect4, connect6, sendmsg4, sendmsg6, egress4,
     /// egress6, socket_syscall, cgroup_migration or scope_table_full (the caller was killed:
     /// see `action`).
@@ -125,7 +128,7 @@ impl KernelDenial {
     /// From a ring-buffer event; `time_ns` already converted from boot time.
     pub fn from_event(event: &DenialEvent, time_ns: u64) -> Self {
         let address = match event.family {
-            FAMILY_NONE => String::new(),
+            FAMILY_NONE | FAMILY_DEVICE => String::new(),
             FAMILY_V4 => {
                 IpAddr::from(Ipv4Addr::new(event.daddr[0], event.daddr[1], event.daddr[2], event.daddr[3])).to_string()
             }
@@ -165,6 +168,10 @@ impl KernelDenial {
                 other => format!("family-{other}"),
             }),
             socket_type: socket_creation.then_some(event.socket_type),
+            device: (event.family == FAMILY_DEVICE).then(|| {
+                let word = |at: usize| u32::from_ne_bytes([0, 1, 2, 3].map(|i| event.daddr[at + i]));
+                format!("{}:{}", word(0), word(4))
+            }),
             hook: Hook::from_u8(event.hook).map_or_else(|| format!("hook-{}", event.hook), |h| h.name().into()),
             action: if killed { "killed".into() } else { refused() },
             socket_cookie: event.socket_cookie,
@@ -201,6 +208,19 @@ mod tests {
             Some(".../a/b/c/d/e/f/g/h"),
             "truncated, and says so"
         );
+    }
+
+    #[test]
+    fn a_refused_device_open_names_the_device_and_no_address() {
+        let mut event = event_with_exe(&[]);
+        event.family = FAMILY_DEVICE;
+        event.hook = Hook::TunDevice as u8;
+        event.daddr[..4].copy_from_slice(&246u32.to_ne_bytes());
+        event.daddr[4..8].copy_from_slice(&1u32.to_ne_bytes());
+        let denial = KernelDenial::from_event(&event, 0);
+        assert_eq!(denial.device.as_deref(), Some("246:1"));
+        assert_eq!((denial.address.as_str(), denial.action.as_str()), ("", "refused"));
+        assert_eq!(KernelDenial::from_event(&event_with_exe(&[]), 0).device, None, "a kill names no device");
     }
 
     #[test]

@@ -23,6 +23,7 @@ use super::{
     loader::{self, AttachTargets},
     local::{self, LocalProtection},
     maps, policy,
+    tap_devices::{self, TapMajors},
 };
 use crate::{
     cgroupfs,
@@ -65,6 +66,9 @@ pub struct Desired {
     pub scope_ids: Vec<u64>,
     pub exempt_ids: Vec<u64>,
     pub local: LocalProtection,
+    /// The macvtap and ipvtap majors, read again at each check: a module loaded later
+    /// registers its major then.
+    pub tap_majors: TapMajors,
     pub keep_previous: bool,
 }
 
@@ -110,6 +114,7 @@ impl Sources {
             targets: AttachTargets { scopes, exempt, syscall_tables: self.syscall_tables },
             exempt_ids,
             local,
+            tap_majors: tap_devices::current()?,
             keep_previous: self.keep_previous,
         })
     }
@@ -151,6 +156,7 @@ impl Enforcer {
         }
         maps::write_policy(&mut self.ebpf, &desired.policy, desired.keep_previous)?;
         maps::write_local(&mut self.ebpf, &desired.local)?;
+        maps::write_tap_majors(&mut self.ebpf, &desired.tap_majors)?;
         maps::write_exemptions(&mut self.ebpf, &desired.exempt_ids)?;
         let scope_ids =
             desired.targets.scopes.iter().map(|dir| cgroupfs::cgroup_id(dir)).collect::<Result<Vec<_>>>()?;

@@ -17,7 +17,7 @@ use aya::{
 use seb_common::{EndpointRules, map_names};
 use serde::{Deserialize, Serialize};
 
-use super::{LinkState, PinLayout, enforcer::Desired, loader, policy::TrieEntry};
+use super::{LinkState, PinLayout, enforcer::Desired, loader, policy::TrieEntry, tap_devices::TapMajors};
 
 /// One way the kernel differs from what the agent installed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,7 +49,18 @@ pub fn check(ebpf: &mut Ebpf, layout: &PinLayout, links: &[LinkState], desired: 
     findings.extend(check_trie(ebpf, map_names::PROTECTED_V6, &desired.policy.v6, exact));
     findings.extend(check_set(ebpf, map_names::EXEMPT_CGROUPS, &desired.exempt_ids, true));
     findings.extend(check_set(ebpf, map_names::SCOPE_CGROUPS, &desired.scope_ids, exact));
+    findings.extend(check_tap_majors(ebpf, &desired.tap_majors));
     findings
+}
+
+/// A zeroed or rewritten major would let writes to macvtap or ipvtap devices through.
+fn check_tap_majors(ebpf: &mut Ebpf, wanted: &TapMajors) -> Option<Finding> {
+    let name = map_names::TAP_MAJORS;
+    match super::maps::read_tap_majors(ebpf) {
+        Ok(actual) if actual == *wanted => None,
+        Ok(actual) => Some(Finding::map(name, format!("holds majors {actual:?}, /proc/devices says {wanted:?}"))),
+        Err(e) => Some(Finding::map(name, format!("cannot be read: {e:#}"))),
+    }
 }
 
 fn check_trie<const N: usize>(ebpf: &mut Ebpf, name: &str, wanted: &[TrieEntry<N>], exact: bool) -> Option<Finding>

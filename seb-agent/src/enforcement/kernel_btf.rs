@@ -18,7 +18,7 @@ const KIND_RESTRICT: u32 = 11;
 const KIND_TYPE_TAG: u32 = 18;
 
 /// The fields every architecture has, as `struct` and a member path.
-const FIELDS: [(u32, &str, &[&str]); 22] = [
+const FIELDS: [(u32, &str, &[&str]); 25] = [
     (layout::TASK_TGID, "task_struct", &["tgid"]),
     (layout::TASK_MM, "task_struct", &["mm"]),
     (layout::TASK_CGROUPS, "task_struct", &["cgroups"]),
@@ -41,6 +41,9 @@ const FIELDS: [(u32, &str, &[&str]); 22] = [
     (layout::FDTABLE_FD, "fdtable", &["fd"]),
     (layout::DENTRY_SB, "dentry", &["d_sb"]),
     (layout::SUPER_MAGIC, "super_block", &["s_magic"]),
+    (layout::FILE_INODE, "file", &["f_inode"]),
+    (layout::INODE_MODE, "inode", &["i_mode"]),
+    (layout::INODE_RDEV, "inode", &["i_rdev"]),
 ];
 
 /// The values of `SEB_KERNEL_LAYOUT` for the running kernel, `VALID` set.

@@ -17,6 +17,7 @@
 use std::{
     collections::BTreeSet,
     fs::{self, File},
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
@@ -29,7 +30,7 @@ use aya::{
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use super::{compat_syscalls, kernel_btf, link_info::pinned_link};
+use super::{compat_syscalls, device_link, kernel_btf, link_info::pinned_link};
 use crate::{bpffs, cgroupfs, config::SyscallTables, tracefs};
 
 /// The kernel programs, built from `seb-ebpf` by `cargo xtask build`.
@@ -47,12 +48,13 @@ pub enum AttachTo {
 }
 
 /// The programs in the object and where each attaches.
-pub const PROGRAMS: [(&str, AttachTo); 25] = [
+pub const PROGRAMS: [(&str, AttachTo); 26] = [
     ("seb_connect4", AttachTo::Scope),
     ("seb_connect6", AttachTo::Scope),
     ("seb_sendmsg4", AttachTo::Scope),
     ("seb_sendmsg6", AttachTo::Scope),
     ("seb_egress", AttachTo::Scope),
+    ("seb_device", AttachTo::Scope),
     ("seb_exempt_origin", AttachTo::Exempt),
     ("seb_exempt_release", AttachTo::Exempt),
     ("seb_process_exit", AttachTo::Global),
@@ -283,6 +285,7 @@ fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
         aya::programs::Program::CgroupSkb(program) => program.load(),
         aya::programs::Program::CgroupSockAddr(program) => program.load(),
         aya::programs::Program::CgroupSock(program) => program.load(),
+        aya::programs::Program::CgroupDevice(program) => program.load(),
         aya::programs::Program::RawTracePoint(program) => program.load(),
         aya::programs::Program::TracePoint(program) => program.load(),
         aya::programs::Program::BtfTracePoint(program) => {
@@ -368,6 +371,9 @@ fn attach_and_pin(ebpf: &mut Ebpf, name: &str, cgroup: Option<&Path>, pin: &Path
         aya::programs::Program::CgroupSock(program) => {
             let id = program.attach(open_cgroup()?, mode)?;
             program.take_link(id)?.try_into()?
+        }
+        aya::programs::Program::CgroupDevice(program) => {
+            return device_link::attach_and_pin(program.fd()?.as_fd(), open_cgroup()?.as_fd(), pin);
         }
         aya::programs::Program::RawTracePoint(program) => {
             let tracepoint =

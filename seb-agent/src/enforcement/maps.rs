@@ -18,6 +18,7 @@ use seb_common::{EndpointRules, counters, layout, map_names};
 use super::{
     local::LocalProtection,
     policy::{CompiledPolicy, TrieEntry},
+    tap_devices::TapMajors,
 };
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
@@ -99,6 +100,25 @@ fn write_cgroup_set(ebpf: &mut Ebpf, name: &str, cgroup_ids: &[u64], keep_stale:
         map.remove(id)?;
     }
     Ok(())
+}
+
+/// The macvtap and ipvtap majors (0: none), for the programs that judge writes.
+pub fn write_tap_majors(ebpf: &mut Ebpf, majors: &TapMajors) -> Result<()> {
+    let mut array: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, map_names::TAP_MAJORS)?)?;
+    for (slot, major) in majors.iter().enumerate() {
+        array.set(slot as u32, major, 0).with_context(|| format!("writing {}", map_names::TAP_MAJORS))?;
+    }
+    Ok(())
+}
+
+/// The macvtap and ipvtap majors as the map holds them.
+pub fn read_tap_majors(ebpf: &mut Ebpf) -> Result<TapMajors> {
+    let array: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, map_names::TAP_MAJORS)?)?;
+    let mut majors = TapMajors::default();
+    for (slot, major) in majors.iter_mut().enumerate() {
+        *major = array.get(&(slot as u32), 0)?;
+    }
+    Ok(majors)
 }
 
 /// Field offsets for the tracing programs; written before any of them is attached.

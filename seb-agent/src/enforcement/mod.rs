@@ -2,6 +2,7 @@
 
 pub mod broker_sockets;
 pub mod compat_syscalls;
+mod device_link;
 pub mod enforcer;
 pub mod hostnames;
 pub mod integrity;
@@ -11,6 +12,7 @@ pub mod loader;
 pub mod local;
 pub mod maps;
 pub mod policy;
+mod tap_devices;
 
 pub use broker_sockets::BrokerSockets;
 pub use enforcer::{EndpointSource, Enforcer, SharedEnforcer, Sources};
