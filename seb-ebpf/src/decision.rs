@@ -234,8 +234,14 @@ pub fn judge_write(fd: u64) {
     // Nearly every write on the node is by a process outside the scope: one map lookup,
     // not the several reads that find the file.
     if lineage::current_may_be_judged() {
-        judge_write_to(task::current_fd_sink(fd));
+        judge_written_fd(fd);
     }
+}
+
+/// `judge_write` once the caller is known to be of the scope, maybe.
+#[inline(always)]
+fn judge_written_fd(fd: u64) {
+    judge_write_to(task::current_fd_sink(fd));
 }
 
 /// Decision at a write to `sink`: to another process's memory (procfs `mem`), as
@@ -389,6 +395,10 @@ pub fn judge_sys_enter(id: i64, regs: *const u8) -> i32 {
         // Nearly every ioctl on the node ends here, before the table is looked up.
         return 0;
     }
+    if (is_write_call(id, false) || is_write_call(id, true)) && !lineage::current_may_be_judged() {
+        // So does nearly every write, whichever table it came through.
+        return 0;
+    }
     // The same number means another call in the other table (41 is i386 `dup`, 102 is
     // x86_64 `getuid`, 26 x86_64 `msync`, 101 i386 `ioperm`, 311 i386 `set_robust_list`,
     // 16 i386 `lchown`, 54 x86_64 `setsockopt`).
@@ -414,8 +424,8 @@ pub fn judge_sys_enter(id: i64, regs: *const u8) -> i32 {
         return 0;
     }
     if is_write_call(id, compat) {
-        // A 32-bit descriptor is the register's low half.
-        judge_write(if compat { first as u32 as u64 } else { first });
+        // A 32-bit descriptor is the register's low half; the caller passed the scope test.
+        judge_written_fd(if compat { first as u32 as u64 } else { first });
         return 0;
     }
     if id == if compat { IA32_IOCTL } else { NR_IOCTL } {
