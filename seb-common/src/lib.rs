@@ -27,6 +27,16 @@ pub mod map_names {
     pub const TAP_MAJORS: &str = "SEB_TAP_MAJORS";
 }
 
+/// Values of `SEB_UNFOLLOWED_SEEN`: where the processes of the scope are tracked.
+pub mod unfollowed {
+    /// Every one in `SEB_SCOPED_TASKS`.
+    pub const NONE: u32 = 0;
+    /// Some only in `SEB_DOOMED_TASKS` (the first map was full).
+    pub const SOME_DOOMED: u32 = 1;
+    /// Some in neither (both were full, or the agent could not mark one at start).
+    pub const SOME_UNMARKED: u32 = 2;
+}
+
 /// Slots of `SEB_TAP_MAJORS`: the character-device majors of macvtap and ipvtap devices
 /// on this node (`/proc/devices`), 0 where the kernel has none.
 pub const TAP_MAJOR_SLOTS: u32 = 2;
@@ -131,7 +141,10 @@ pub mod layout {
     pub const FILE_INODE: u32 = 33;
     pub const INODE_MODE: u32 = 34;
     pub const INODE_RDEV: u32 = 35;
-    pub const LEN: u32 = 36;
+    /// `io_ring_ctx.submit_state.link.head`: set while a ring submits a chain of linked
+    /// requests, whose later members are issued after the earlier complete.
+    pub const IO_CTX_LINK_HEAD: u32 = 36;
+    pub const LEN: u32 = 37;
 }
 /// Size of the denial ring buffer in bytes (a power of two, a multiple of the page size).
 pub const DENIAL_RING_BYTES: u32 = 1 << 20;

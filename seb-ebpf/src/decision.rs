@@ -251,7 +251,7 @@ fn judge_written_fd(fd: u64) {
 #[inline(always)]
 pub fn judge_write_to(sink: Option<task::Sink>) {
     match sink {
-        Some(task::Sink::ProcessMemory) => judge_process_access(),
+        Some(task::Sink::ProcessMemory | task::Sink::Unknown) => judge_process_access(),
         Some(task::Sink::PacketDevice) => judge_tun_device(),
         None => {}
     }
@@ -424,8 +424,9 @@ pub fn judge_sys_enter(id: i64, regs: *const u8) -> i32 {
         return 0;
     }
     if is_write_call(id, compat) {
-        // A 32-bit descriptor is the register's low half; the caller passed the scope test.
-        judge_written_fd(if compat { first as u32 as u64 } else { first });
+        // The kernel reads the descriptor's low 32 bits in either table (an `unsigned int`,
+        // or an `int` in the vectored calls); the caller passed the scope test.
+        judge_written_fd(first as u32 as u64);
         return 0;
     }
     if id == if compat { IA32_IOCTL } else { NR_IOCTL } {

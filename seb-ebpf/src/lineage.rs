@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 
-use seb_common::Hook;
+use seb_common::{Hook, unfollowed};
 
 use crate::{DOOMED_TASKS, SCOPED_TASKS, UNFOLLOWED_SEEN, decision, task};
 
@@ -40,17 +40,34 @@ pub fn is_scoped(tgid: u32) -> bool {
     unsafe { SCOPED_TASKS.get(&tgid) }.is_some()
 }
 
+
 /// Whether the current process may be of the scope: scoped, or (once any process went
-/// unfollowed) doomed. A cheap first test for checks on calls every process makes; what
-/// it lets through is judged in full.
+/// unfollowed) doomed, or (once one could not even be doomed) in an enforced cgroup. A
+/// cheap first test for checks on calls every process makes; what it lets through is
+/// judged in full.
 #[inline(always)]
 pub fn current_may_be_judged() -> bool {
     let tgid = current_tgid();
     if is_scoped(tgid) {
         return true;
     }
-    // SAFETY: the values are only tested.
-    UNFOLLOWED_SEEN.get(0).is_some_and(|seen| *seen != 0) && unsafe { DOOMED_TASKS.get(&tgid) }.is_some()
+    let seen = UNFOLLOWED_SEEN.get(0).copied().unwrap_or(unfollowed::SOME_UNMARKED);
+    // SAFETY: the value is only tested for presence.
+    (seen != unfollowed::NONE && unsafe { DOOMED_TASKS.get(&tgid) }.is_some())
+        || (seen >= unfollowed::SOME_UNMARKED && current_in_enforced_cgroup())
+}
+
+/// Raise `SEB_UNFOLLOWED_SEEN` to `level` (it never goes down).
+#[inline(always)]
+fn note_unfollowed(level: u32) {
+    if let Some(seen) = UNFOLLOWED_SEEN.get_ptr_mut(0) {
+        // SAFETY: the map's own slot; a racing writer raises it as well.
+        unsafe {
+            if *seen < level {
+                *seen = level;
+            }
+        }
+    }
 }
 
 /// Follow `tgid`, scoped in `cgroup_id`. A full map cannot take it, and a process that
@@ -63,13 +80,12 @@ fn mark_scoped(tgid: u32, cgroup_id: u64) {
     if SCOPED_TASKS.insert(&tgid, &cgroup_id, 0).is_ok() {
         return;
     }
-    if let Some(seen) = UNFOLLOWED_SEEN.get_ptr_mut(0) {
-        // SAFETY: the map's own slot; a racing writer writes the same value.
-        unsafe { *seen = 1 };
+    if DOOMED_TASKS.insert(&tgid, &(cgroup_id | UNFOLLOWED), 0).is_ok() {
+        note_unfollowed(unfollowed::SOME_DOOMED);
+        return;
     }
-    if DOOMED_TASKS.insert(&tgid, &(cgroup_id | UNFOLLOWED), 0).is_err()
-        && (current_in_enforced_cgroup() || is_scoped(current_tgid()))
-    {
+    note_unfollowed(unfollowed::SOME_UNMARKED);
+    if current_in_enforced_cgroup() || is_scoped(current_tgid()) {
         // SAFETY: the signal goes to the calling process.
         unsafe { bpf_send_signal(SIGKILL) };
         decision::report_kill(Hook::Unfollowed, cgroup_id);
@@ -92,13 +108,18 @@ fn current_tgid() -> u32 {
 #[inline(always)]
 pub fn on_fork(ctx: &RawTracePointContext) -> i32 {
     let parent = current_tgid();
-    if !is_scoped(parent) && !current_in_enforced_cgroup() {
-        return 0;
-    }
     // SAFETY: raw tracepoint arguments are the tracepoint's own (parent, child).
     let child: u64 = unsafe { *(ctx.as_ptr() as *const u64).add(1) };
     let Some(child_tgid) = task::tgid(child) else { return 0 };
     if child_tgid == parent {
+        return 0;
+    }
+    if !is_scoped(parent) && !current_in_enforced_cgroup() {
+        // A parent outside the scope may still place the child inside it (clone3
+        // `CLONE_INTO_CGROUP`), where no exec or move would mark it.
+        if let Some(cgroup) = task::default_cgroup(child).filter(|cgroup| cgroup_is_enforced(*cgroup)) {
+            mark_scoped(child_tgid, task::cgroup_id(cgroup));
+        }
         return 0;
     }
     // SAFETY: plain helper call.

@@ -109,8 +109,10 @@ static SCOPED_TASKS: HashMap<u32, u64> = HashMap::pinned(MAX_SCOPED_TASKS, NO_PR
 #[map(name = "SEB_DOOMED_TASKS")]
 static DOOMED_TASKS: HashMap<u32, u64> = HashMap::pinned(MAX_DOOMED_TASKS, 0);
 
-/// Slot 0 is 1 once any process of the scope went unfollowed (`SEB_SCOPED_TASKS` full):
-/// until then a check that needs every process of the scope looks in one map, not two.
+/// Slot 0 says where the processes of the scope are: 0, all in `SEB_SCOPED_TASKS`; 1,
+/// some only in `SEB_DOOMED_TASKS` (the first map was full); 2, some in neither (both were
+/// full, or the agent could not mark one at start). Until it is 0 no more, a check that
+/// needs every process of the scope looks in one map, not two, and no cgroup walk.
 #[map(name = "SEB_UNFOLLOWED_SEEN")]
 static UNFOLLOWED_SEEN: Array<u32> = Array::pinned(1, 0);
 
@@ -264,8 +266,10 @@ pub fn seb_pwritev2_call(ctx: TracePointContext) -> i32 {
 #[inline(always)]
 fn judge_write_at(ctx: &TracePointContext) -> i32 {
     // SAFETY: the first argument's slot, as for `socket()` above.
+    // The kernel takes the descriptor's low 32 bits (`unsigned int`, or an `int` in the
+    // vectored calls), so only those may be judged.
     if let Ok(fd) = unsafe { ctx.read_at::<u64>(16) } {
-        decision::judge_write(fd);
+        decision::judge_write(fd as u32 as u64);
     }
     0
 }
@@ -304,7 +308,7 @@ pub fn seb_uring_submit(ctx: BtfTracePointContext) -> i32 {
     let req: u64 = ctx.arg(0);
     if task::uring_request_writes(req) {
         if lineage::current_may_be_judged() {
-            decision::judge_write_to(task::uring_write_sink(req));
+            decision::judge_write_to(task::uring_fixed_write_sink(req));
         }
         return 0;
     }
@@ -312,6 +316,22 @@ pub fn seb_uring_submit(ctx: BtfTracePointContext) -> i32 {
         Some((family, kind)) => decision::judge_socket_call(family, kind, false),
         None => 0,
     }
+}
+
+/// `io_uring_file_get`: a request takes the file behind its descriptor, when it is issued
+/// (at once, or later: linked, drained, forced async, by an io-wq worker). A write from a
+/// process of the scope to a sink is judged here, on the file it takes, not at submission
+/// when the descriptor may not even be open yet.
+#[btf_tracepoint(function = "io_uring_file_get")]
+pub fn seb_uring_file_get(ctx: BtfTracePointContext) -> i32 {
+    let req: u64 = ctx.arg(0);
+    let fd: u64 = ctx.arg(1);
+    // The issuing task (the submitter, an io-wq worker, a polling thread) shares the
+    // process's descriptor table; the descriptor is an `int`.
+    if task::uring_request_writes(req) && lineage::current_may_be_judged() {
+        decision::judge_write_to(task::current_fd_sink(fd as u32 as u64));
+    }
+    0
 }
 
 /// `sys_enter`, attached instead of the three syscall tracepoints above where the kernel

@@ -57,6 +57,9 @@ pub enum Sink {
     /// A tun/tap, macvtap or ipvtap device: a frame written there enters the stack as
     /// received, or leaves through the device under it, past every egress hook.
     PacketDevice,
+    /// A file that cannot be known when the write is judged (an io_uring request that
+    /// takes its fixed file later): judged as the stricter, another process's memory.
+    Unknown,
 }
 
 /// `S_IFMT` and the two kinds of file a sink can be.
@@ -66,6 +69,8 @@ const S_IFCHR: u16 = 0o020_000;
 /// `/dev/net/tun` (character 10:200, fixed by the kernel), as the kernel's `dev_t`: the
 /// major above 20 bits of minor.
 const TUN_DEVICE: u32 = 10 << 20 | 200;
+/// `/dev/vhost-net` (10:238): given a tap descriptor, its worker sends the frames.
+const VHOST_NET_DEVICE: u32 = 10 << 20 | 238;
 
 /// The sink behind descriptor `fd` of the current task, if it is one.
 #[inline(always)]
@@ -88,11 +93,12 @@ fn file_sink(file: u64) -> Option<Sink> {
     (mode & S_IFMT == S_IFREG && file_is_process_memory(file)).then_some(Sink::ProcessMemory)
 }
 
-/// Whether a character device (`dev_t`) is tun/tap or a macvtap/ipvtap device, whose
-/// majors the agent reads from `/proc/devices` (assigned at boot or module load).
+/// Whether a character device (`dev_t`) is tun/tap, vhost-net or a macvtap/ipvtap
+/// device, whose majors the agent reads from `/proc/devices` (assigned at boot or module
+/// load).
 #[inline(always)]
 pub fn is_packet_device(device: u32) -> bool {
-    if device == TUN_DEVICE {
+    if device == TUN_DEVICE || device == VHOST_NET_DEVICE {
         return true;
     }
     let major = device >> 20;
@@ -136,6 +142,10 @@ const IORING_OP_WRITE: u8 = 23;
 const IORING_OP_WRITEV_FIXED: u8 = 61;
 /// `REQ_F_FIXED_FILE`: the request names a fixed file by index (uapi `IOSQE_FIXED_FILE`).
 const REQ_F_FIXED_FILE: u64 = 1;
+/// `REQ_F_IO_DRAIN`, `REQ_F_LINK`, `REQ_F_HARDLINK`, `REQ_F_FORCE_ASYNC` (uapi
+/// `IOSQE_IO_DRAIN`, `IOSQE_IO_LINK`, `IOSQE_IO_HARDLINK`, `IOSQE_ASYNC`): the request is
+/// issued later than its submission, or holds back a chain that is.
+const REQ_F_ISSUED_LATER: u64 = 1 << 1 | 1 << 2 | 1 << 3 | 1 << 4;
 /// The flag bits in a fixed file's pointer (`FFS_NOWAIT`, `FFS_ISREG`).
 const FIXED_FILE_FLAGS: u64 = 3;
 
@@ -150,27 +160,31 @@ pub fn uring_request_writes(req: u64) -> bool {
     })
 }
 
-/// The sink a writing io_uring request (`uring_request_writes`) writes to, as it is
-/// submitted, if it is one. Its file is not yet taken: it is found from the descriptor in
-/// the submitting task's table, or from the index in the ring's fixed files, which cannot
-/// change while the ring submits (both hold the ring's lock).
+/// For a writing io_uring request (`uring_request_writes`) that names a fixed file, as
+/// it is submitted: the sink it writes to, if it is one. The request takes its file when
+/// it is issued; issued at once, that is under the ring's lock the submission holds, so
+/// the slot read here is the one it takes. Issued later (linked behind another request,
+/// holding back a chain, `IOSQE_ASYNC`, `IOSQE_IO_DRAIN`), the slot may have changed by
+/// then, and the request is `Sink::Unknown`. (A request naming a descriptor is judged
+/// when it takes its file: `io_uring_file_get`.)
 #[inline(always)]
-pub fn uring_write_sink(req: u64) -> Option<Sink> {
+pub fn uring_fixed_write_sink(req: u64) -> Option<Sink> {
     let flags = read::<u64>(req, layout::IO_KIOCB_FLAGS)?;
-    let fd = u64::try_from(read::<i32>(req, layout::IO_KIOCB_FD)?).ok()?;
-    let file = if flags & REQ_F_FIXED_FILE != 0 {
-        fixed_file(req, fd)
-    } else {
-        // SAFETY: plain helper call.
-        files(unsafe { bpf_get_current_task() }).and_then(|files| descriptor_file(files, fd))
-    };
-    file.and_then(file_sink)
+    if flags & REQ_F_FIXED_FILE == 0 {
+        return None;
+    }
+    let ring = read::<u64>(req, layout::IO_KIOCB_CTX)?;
+    if flags & REQ_F_ISSUED_LATER != 0 || read::<u64>(ring, layout::IO_CTX_LINK_HEAD)? != 0 {
+        return Some(Sink::Unknown);
+    }
+    let index = u64::try_from(read::<i32>(req, layout::IO_KIOCB_FD)?).ok()?;
+    fixed_file(ring, index).and_then(file_sink)
 }
 
-/// The file at `index` in the fixed files of a request's ring.
+
+/// The file at `index` in the fixed files of a ring (`struct io_ring_ctx *`).
 #[inline(always)]
-fn fixed_file(req: u64, index: u64) -> Option<u64> {
-    let ring = read::<u64>(req, layout::IO_KIOCB_CTX)?;
+fn fixed_file(ring: u64, index: u64) -> Option<u64> {
     if index >= u64::from(read::<u32>(ring, layout::IO_CTX_FILES_NR)?) {
         return None;
     }

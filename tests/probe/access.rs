@@ -7,7 +7,7 @@ use clap::ValueEnum;
 use nix::unistd::{ForkResult, Pid, fork, pipe, read};
 use serde_json::{Value, json};
 
-use crate::{CloneArgs, Method, attempt, outcome};
+use crate::{CloneArgs, Method, attempt, outcome, uring::UringWrite};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Access {
@@ -31,9 +31,17 @@ pub enum Access {
     /// `write()` through the 32-bit gate.
     MemWrite32,
     /// io_uring `IORING_OP_WRITE` to the descriptor, and to the file registered with the
-    /// ring (a fixed file).
+    /// ring (a fixed file); each also with `IOSQE_ASYNC` (an io-wq worker takes the file
+    /// later); to the descriptor an `OPENAT` linked before it returns; to the fixed slot
+    /// a `FILES_UPDATE` linked before it fills (with /dev/null there at submission).
     MemUring,
     MemUringFixed,
+    MemUringAsync,
+    MemUringFixedAsync,
+    MemUringAfterOpen,
+    MemUringFixedLinked,
+    /// `write()` with the descriptor's register high half set (the kernel reads 32 bits).
+    MemWriteHighFd,
     /// A child made with `CLONE_FILES`, sharing this process's descriptor table; it waits
     /// for this process to end, then tries TCP to `addr`.
     SharedFiles,
@@ -106,7 +114,12 @@ fn reach(how: Access, child: Pid, fd: i32) -> std::io::Result<()> {
             | Access::MemPwritev2
             | Access::MemWrite32
             | Access::MemUring
-            | Access::MemUringFixed => write_through_proc_mem(how, child)?,
+            | Access::MemUringFixed
+            | Access::MemUringAsync
+            | Access::MemUringFixedAsync
+            | Access::MemUringAfterOpen
+            | Access::MemUringFixedLinked
+            | Access::MemWriteHighFd => write_through_proc_mem(how, child)?,
             Access::SharedFiles => unreachable!("handled by share_descriptors_with_child"),
         }
     }
@@ -123,7 +136,20 @@ impl Access {
 /// Write a 1 into the child's `TARGET_WORD` through its `/proc/<pid>/mem`, as `how` says.
 fn write_through_proc_mem(how: Access, child: Pid) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let mem = std::fs::OpenOptions::new().read(true).write(true).open(format!("/proc/{child}/mem"))?;
+    let path = std::path::PathBuf::from(format!("/proc/{child}/mem"));
+    let through_ring = match how {
+        Access::MemUring => Some(UringWrite::Descriptor),
+        Access::MemUringFixed => Some(UringWrite::Fixed),
+        Access::MemUringAsync => Some(UringWrite::DescriptorAsync),
+        Access::MemUringFixedAsync => Some(UringWrite::FixedAsync),
+        Access::MemUringAfterOpen => Some(UringWrite::AfterLinkedOpen),
+        Access::MemUringFixedLinked => Some(UringWrite::FixedAfterLinkedUpdate),
+        _ => None,
+    };
+    if let Some(ring) = through_ring {
+        return crate::uring::write_to(&path, ring, &1u64.to_ne_bytes(), TARGET_WORD.as_ptr() as u64);
+    }
+    let mem = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
     let (fd, at) = (mem.as_raw_fd(), TARGET_WORD.as_ptr() as u64);
     let value: u64 = 1;
     let iov = libc::iovec { iov_base: (&value as *const u64).cast_mut().cast(), iov_len: 8 };
@@ -134,8 +160,10 @@ fn write_through_proc_mem(how: Access, child: Pid) -> std::io::Result<()> {
             Access::MemPwrite => mem.write_all_at(&value.to_ne_bytes(), at)?,
             Access::MemPwritev => check(libc::pwritev(fd, &iov, 1, at as i64))?,
             Access::MemPwritev2 => check(libc::pwritev2(fd, &iov, 1, at as i64, 0))?,
-            Access::MemUring | Access::MemUringFixed => {
-                crate::uring::write_at(&mem, how == Access::MemUringFixed, &value.to_ne_bytes(), at)?
+            Access::MemWriteHighFd => {
+                check(libc::lseek(fd, at as i64, libc::SEEK_SET) as isize)?;
+                let high = fd as i64 | 1 << 32;
+                check(libc::syscall(libc::SYS_write, high, (&value as *const u64).cast::<u8>(), 8) as isize)?
             }
             _ => {
                 check(libc::lseek(fd, at as i64, libc::SEEK_SET) as isize)?;

@@ -54,18 +54,79 @@ fn connect_polled(ring: &mut IoUring, socket: &Socket, addr: SocketAddr) -> anyh
     Ok(())
 }
 
-/// An `IORING_OP_WRITE` of `bytes` at `offset` of `file`; with `fixed`, the file is
-/// registered with the ring first and named by its index there.
-pub fn write_at(file: &std::fs::File, fixed: bool, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+/// How an io_uring write names its file and when the kernel takes it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum UringWrite {
+    /// The descriptor.
+    Descriptor,
+    /// The file registered with the ring, by its index.
+    Fixed,
+    /// The descriptor, `IOSQE_ASYNC`: an io-wq worker takes the file later.
+    DescriptorAsync,
+    /// The same with the fixed file.
+    FixedAsync,
+    /// The descriptor an `IORING_OP_OPENAT` linked before it will return (the lowest
+    /// free one): at submission it is not open yet.
+    AfterLinkedOpen,
+    /// The fixed file, linked behind an `IORING_OP_FILES_UPDATE` that puts it there: at
+    /// submission the slot holds /dev/null.
+    FixedAfterLinkedUpdate,
+}
+
+/// An `IORING_OP_WRITE` of `bytes` at `offset` of the file at `path`, as `how` says.
+pub fn write_to(path: &std::path::Path, how: UringWrite, bytes: &[u8], offset: u64) -> std::io::Result<()> {
     let mut ring = IoUring::new(4)?;
+    let write = |fd: squeue::Entry| {
+        fd.flags(if matches!(how, UringWrite::DescriptorAsync | UringWrite::FixedAsync) {
+            squeue::Flags::ASYNC
+        } else {
+            squeue::Flags::empty()
+        })
+    };
+    if how == UringWrite::AfterLinkedOpen {
+        let next = lowest_free_descriptor()?;
+        let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+        let open = opcode::OpenAt::new(Fd(libc::AT_FDCWD), path.as_ptr()).flags(libc::O_RDWR).build();
+        let entry =
+            opcode::Write::new(Fd(next), bytes.as_ptr(), bytes.len() as u32).offset(offset).build().user_data(1);
+        return run_linked(&mut ring, &open.flags(squeue::Flags::IO_LINK), &entry);
+    }
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let fixed = matches!(how, UringWrite::Fixed | UringWrite::FixedAsync | UringWrite::FixedAfterLinkedUpdate);
+    let null = std::fs::File::options().write(true).open("/dev/null")?;
     let entry = if fixed {
-        ring.submitter().register_files(&[file.as_raw_fd()])?;
+        let registered = if how == UringWrite::FixedAfterLinkedUpdate { &null } else { &file };
+        ring.submitter().register_files(&[registered.as_raw_fd()])?;
         opcode::Write::new(types::Fixed(0), bytes.as_ptr(), bytes.len() as u32).offset(offset).build()
     } else {
         opcode::Write::new(Fd(file.as_raw_fd()), bytes.as_ptr(), bytes.len() as u32).offset(offset).build()
     };
+    if how == UringWrite::FixedAfterLinkedUpdate {
+        let update = [file.as_raw_fd()];
+        let swap = opcode::FilesUpdate::new(update.as_ptr(), 1).build().flags(squeue::Flags::IO_LINK);
+        return run_linked(&mut ring, &swap, &entry.user_data(1));
+    }
     // The buffer outlives the request, which completes before this returns.
-    result(run(&mut ring, &entry)?).map(drop)
+    result(run(&mut ring, &write(entry))?).map(drop)
+}
+
+/// Submit `first`, linked to `then` (user data 1), and wait for both: `then`'s outcome.
+fn run_linked(ring: &mut IoUring, first: &squeue::Entry, then: &squeue::Entry) -> std::io::Result<()> {
+    // SAFETY: every buffer the requests name outlives their completions, awaited here.
+    unsafe {
+        let mut queue = ring.submission();
+        queue.push(first).map_err(std::io::Error::other)?;
+        queue.push(then).map_err(std::io::Error::other)?;
+    }
+    ring.submit_and_wait(2)?;
+    let done = ring.completion().find(|entry| entry.user_data() == 1);
+    result(done.ok_or_else(|| std::io::Error::other("no completion"))?).map(drop)
+}
+
+/// The descriptor the next open will get: the lowest free one.
+fn lowest_free_descriptor() -> std::io::Result<i32> {
+    let probe = std::fs::File::open("/dev/null")?;
+    Ok(probe.as_raw_fd())
 }
 
 /// Submit one request and wait for it with system calls.

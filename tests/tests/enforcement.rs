@@ -255,12 +255,26 @@ fn reaching_into_another_process_from_the_scope_kills_the_caller() {
 
 /// A process of the scope that writes into another process's memory through
 /// `/proc/<pid>/mem` (the door `ptrace` and `process_vm_writev` leave otherwise) is killed
-/// and recorded, with every write call and io_uring write (to a descriptor and to a fixed
-/// file), and nothing it wrote lands. With `both_tables`, the 32-bit `write` too. Outside
-/// the scope the same writes land.
+/// and recorded, and nothing it wrote lands: with every write call (also with the
+/// descriptor's register high half set, which the kernel ignores) and io_uring write (to
+/// a descriptor or a fixed file, at once, forced async, or linked behind another request,
+/// even an `OPENAT` that makes the descriptor). With `both_tables`, the 32-bit `write`
+/// too. Outside the scope the same writes land.
 fn writing_another_process_memory_kills(sandbox: &Sandbox, both_tables: bool) {
-    let calls =
-        ["mem-write", "mem-pwrite", "mem-writev", "mem-pwritev", "mem-pwritev2", "mem-uring", "mem-uring-fixed"];
+    let calls = [
+        "mem-write",
+        "mem-pwrite",
+        "mem-writev",
+        "mem-pwritev",
+        "mem-pwritev2",
+        "mem-write-high-fd",
+        "mem-uring",
+        "mem-uring-fixed",
+        "mem-uring-async",
+        "mem-uring-fixed-async",
+        "mem-uring-after-open",
+        "mem-uring-fixed-linked",
+    ];
     let compat = both_tables.then_some("mem-write32");
     for how in calls.into_iter().chain(compat) {
         let (output, pid) = sandbox.probe_raw("workload", &["access", how, "127.0.0.2:8443"]).unwrap();
@@ -329,7 +343,7 @@ fn a_macvtap_device_is_refused_and_its_writes_kill(sandbox: &mut Sandbox) {
     // That one frame leaves: a tap device's write path does not stop at a pending kill
     // (unlike another process's memory). The writer writes no second one.
     thread::sleep(Duration::from_millis(100));
-    sandbox.received().unwrap();
+    assert_eq!(sandbox.received().unwrap(), 1, "the carried-in write's one frame");
 
     let (output, _) = sandbox.probe_raw("exempt", &write).unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -75,6 +75,7 @@ pub fn kernel_layout() -> Result<[u32; layout::LEN as usize]> {
         (layout::IO_CTX_FILES_NR, "io_ring_ctx", &["file_table", "data", "nr"], None),
         (layout::IO_CTX_FILES_NODES, "io_ring_ctx", &["file_table", "data", "nodes"], None),
         (layout::IO_RSRC_NODE_FILE, "io_rsrc_node", &["file_ptr"], None),
+        (layout::IO_CTX_LINK_HEAD, "io_ring_ctx", &["submit_state", "link", "head"], None),
     ];
     for (index, structure, path, inside) in uring {
         let within = match inside {
@@ -99,7 +100,8 @@ pub fn has_io_uring() -> bool {
 /// Whether an io_uring write to a fixed file can be judged: the kernel's fixed-file table
 /// has the layout the programs read (kernel 6.13 on). True without io_uring.
 pub fn judges_fixed_file_writes() -> bool {
-    let fixed_files = [layout::IO_CTX_FILES_NR, layout::IO_CTX_FILES_NODES, layout::IO_RSRC_NODE_FILE];
+    let fixed_files =
+        [layout::IO_CTX_FILES_NR, layout::IO_CTX_FILES_NODES, layout::IO_RSRC_NODE_FILE, layout::IO_CTX_LINK_HEAD];
     !has_io_uring()
         || kernel_layout().is_ok_and(|values| fixed_files.iter().all(|field| values[*field as usize] != u32::MAX))
 }

@@ -48,7 +48,7 @@ pub enum AttachTo {
 }
 
 /// The programs in the object and where each attaches.
-pub const PROGRAMS: [(&str, AttachTo); 26] = [
+pub const PROGRAMS: [(&str, AttachTo); 27] = [
     ("seb_connect4", AttachTo::Scope),
     ("seb_connect6", AttachTo::Scope),
     ("seb_sendmsg4", AttachTo::Scope),
@@ -75,6 +75,7 @@ pub const PROGRAMS: [(&str, AttachTo); 26] = [
     ("seb_pwritev2_call", AttachTo::Global),
     ("seb_sys_enter", AttachTo::Global),
     ("seb_uring_submit", AttachTo::Global),
+    ("seb_uring_file_get", AttachTo::Global),
 ];
 
 /// The BTF tracepoint each such program attaches to.
@@ -83,6 +84,7 @@ fn btf_tracepoint(program: &str) -> Option<&'static str> {
         "seb_sys_enter" => Some("sys_enter"),
         "seb_cgroup_migrate" => Some("cgroup_attach_task"),
         "seb_uring_submit" => Some("io_uring_submit_req"),
+        "seb_uring_file_get" => Some("io_uring_file_get"),
         _ => None,
     }
 }
@@ -126,7 +128,7 @@ fn supported(program: &str, tables: SyscallTables) -> bool {
     let both_tables = tables == SyscallTables::Auto && compat_syscalls::run_here();
     match program {
         "seb_sys_enter" => both_tables,
-        "seb_uring_submit" => kernel_btf::has_io_uring(),
+        "seb_uring_submit" | "seb_uring_file_get" => kernel_btf::has_io_uring(),
         _ if syscall_tracepoint(program).is_some() => !both_tables,
         _ => true,
     }

@@ -8,12 +8,12 @@ use std::{
     os::fd::{AsFd, AsRawFd},
 };
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, Pod,
     maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
 };
-use seb_common::{EndpointRules, counters, layout, map_names};
+use seb_common::{EndpointRules, counters, layout, map_names, unfollowed};
 
 use super::{
     local::LocalProtection,
@@ -170,10 +170,16 @@ pub fn read_kernel_layout(ebpf: &mut Ebpf) -> Result<Vec<u32>> {
 
 /// Mark processes already in the scope as scoped (those created, exec'd or moved there
 /// later are marked by the kernel itself): tgid -> the cgroup they are in.
+///
+/// One that cannot be marked (the map is full) raises `SEB_UNFOLLOWED_SEEN` first,
+/// so the checks that look only in the map fall back to the cgroup walk.
 pub fn mark_scoped(ebpf: &mut Ebpf, processes: &[(u32, u64)]) -> Result<()> {
     let mut map: HashMap<&mut MapData, u32, u64> = HashMap::try_from(map_mut(ebpf, map_names::SCOPED_TASKS)?)?;
-    for (tgid, cgroup_id) in processes {
-        map.insert(tgid, cgroup_id, 0).with_context(|| format!("marking process {tgid} as scoped"))?;
+    let unmarked = processes.iter().find(|(tgid, cgroup_id)| map.insert(tgid, cgroup_id, 0).is_err());
+    if let Some((tgid, _)) = unmarked {
+        let mut seen: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, map_names::UNFOLLOWED_SEEN)?)?;
+        seen.set(0, unfollowed::SOME_UNMARKED, 0).context("noting an unmarked process of the scope")?;
+        bail!("marking process {tgid} as scoped: {} is full", map_names::SCOPED_TASKS);
     }
     Ok(())
 }
