@@ -104,7 +104,8 @@ fn current_tgid() -> u32 {
 }
 
 /// `sched_process_fork(parent, child)`, in the parent: a new process of a scoped or
-/// enforced parent is scoped, wherever it was placed.
+/// enforced parent is scoped, wherever it was placed; so is one any parent placed in an
+/// enforced cgroup.
 #[inline(always)]
 pub fn on_fork(ctx: &RawTracePointContext) -> i32 {
     let parent = current_tgid();

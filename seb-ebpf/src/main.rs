@@ -373,7 +373,8 @@ pub fn seb_process_exit(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// `sched_process_fork`: a process created by a scoped parent is scoped.
+/// `sched_process_fork`: a process created by a scoped parent, or placed in the scope
+/// by any parent, is scoped.
 #[raw_tracepoint(tracepoint = "sched_process_fork")]
 pub fn seb_process_fork(ctx: RawTracePointContext) -> i32 {
     lineage::on_fork(&ctx)

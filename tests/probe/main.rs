@@ -139,6 +139,9 @@ enum Command {
     CloneInto {
         #[arg(long)]
         cgroup: PathBuf,
+        /// The child first moves itself into this cgroup.
+        #[arg(long)]
+        then_move_to: Option<PathBuf>,
         method: Method,
         addr: SocketAddr,
     },
@@ -353,7 +356,9 @@ fn run(command: Command) -> Result<()> {
             println!("{}", json!({"reply": propose_on(stream, &cert, &request)?}));
             Ok(())
         }
-        Command::CloneInto { cgroup, method, addr } => clone_into(&cgroup, method, addr),
+        Command::CloneInto { cgroup, then_move_to, method, addr } => {
+            clone_into(&cgroup, then_move_to.as_deref(), method, addr)
+        }
         Command::Fork { count, method, addr } => fork_children(count, method, addr),
         Command::AfterMovedTo { cgroup, leader_exits: false, method, addr } => after_moved_to(&cgroup, method, addr),
         Command::AfterMovedTo { cgroup, leader_exits: true, method, addr } => {
@@ -703,7 +708,7 @@ fn in_process_with_pid(pid: i32, f: impl FnOnce() -> Value) -> Result<Value> {
 }
 
 /// See `Command::CloneInto`.
-fn clone_into(cgroup: &std::path::Path, method: Method, addr: SocketAddr) -> Result<()> {
+fn clone_into(cgroup: &Path, then_move_to: Option<&Path>, method: Method, addr: SocketAddr) -> Result<()> {
     let dir = File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
     let (read, write) = nix::unistd::pipe()?;
     const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
@@ -716,7 +721,8 @@ fn clone_into(cgroup: &std::path::Path, method: Method, addr: SocketAddr) -> Res
     let ret = fork_like_clone3(&args).with_context(|| format!("clone3 into {}", cgroup.display()))?;
     if ret == 0 {
         drop(read);
-        let value = attempt(method, addr);
+        let moved = then_move_to.map_or(Ok(()), move_into);
+        let value = if let Err(e) = moved { json!({"result": format!("moving: {e}")}) } else { attempt(method, addr) };
         let _ = File::from(write).write_all(value.to_string().as_bytes());
         // SAFETY: leave without running the parent's destructors.
         unsafe { libc::_exit(0) };

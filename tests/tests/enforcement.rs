@@ -577,6 +577,18 @@ fn a_process_that_has_been_in_the_scope_escapes_nothing_by_leaving_it() {
     }
     assert_eq!(sandbox.received().unwrap(), 0, "nothing reached the endpoint");
 
+    // A child placed in the scope by a parent outside it (clone3 `CLONE_INTO_CGROUP` from
+    // <root>/broker), which no exec or move marks, is scoped all the same: moving itself
+    // back out kills it.
+    let (workload, broker) = (sandbox.cgroup.join("workload"), sandbox.cgroup.join("broker"));
+    let (workload, broker) = (workload.to_str().unwrap(), broker.to_str().unwrap());
+    let args = ["clone-into", "--cgroup", workload, "--then-move-to", broker, "tcp", "127.0.0.2:8443"];
+    let report = sandbox.probe("broker", &args).unwrap();
+    assert!(report["child_status"].as_str().unwrap_or_default().contains("SIGKILL"), "{report}");
+    let child = wait_for(&sandbox, |d| d["hook"] == "cgroup_migration" && d["tgid"] == report["child"]);
+    assert_eq!(child["action"], "killed", "{child}");
+    assert_eq!(sandbox.received().unwrap(), 0, "the child placed in the scope reached the endpoint");
+
     // Moved into the exempt cgroup by an operator (this test, outside the scope); also
     // once its first thread (the leader) has ended alone: the process stays scoped until
     // its last thread ends.
