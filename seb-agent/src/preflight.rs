@@ -70,7 +70,7 @@ pub fn check(config: &Config) -> Result<Checked> {
     if !judges_fixed_file_writes() {
         warn!(
             "this kernel's io_uring fixed-file table has a layout the programs do not read: an io_uring write \
-             to another process's memory (/proc/<pid>/mem) through a fixed file is not judged"
+             through a fixed file to another process's memory (/proc/<pid>/mem) or a packet device is not judged"
         );
     }
     Ok(Checked { mount, sources, admission, socket_gid, descriptors })

@@ -40,7 +40,6 @@ pub fn is_scoped(tgid: u32) -> bool {
     unsafe { SCOPED_TASKS.get(&tgid) }.is_some()
 }
 
-
 /// Whether the current process may be of the scope: scoped, or (once any process went
 /// unfollowed) doomed, or (once one could not even be doomed) in an enforced cgroup. A
 /// cheap first test for checks on calls every process makes; what it lets through is

@@ -40,7 +40,9 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid,
         generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
     },
-    macros::{btf_tracepoint, cgroup_device, cgroup_skb, cgroup_sock, cgroup_sock_addr, map, raw_tracepoint, tracepoint},
+    macros::{
+        btf_tracepoint, cgroup_device, cgroup_skb, cgroup_sock, cgroup_sock_addr, map, raw_tracepoint, tracepoint,
+    },
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
     programs::{
         BtfTracePointContext, DeviceContext, RawTracePointContext, SkBuffContext, SockAddrContext, SockContext,

@@ -54,8 +54,8 @@ const MEM_NAME: u32 = u32::from_le_bytes(*b"mem\0");
 pub enum Sink {
     /// Another process's memory (`/proc/<pid>/mem`).
     ProcessMemory,
-    /// A tun/tap, macvtap or ipvtap device: a frame written there enters the stack as
-    /// received, or leaves through the device under it, past every egress hook.
+    /// A tun/tap, vhost-net, macvtap or ipvtap device: a frame written there enters the
+    /// stack as received, or leaves through the device under it, past every egress hook.
     PacketDevice,
     /// A file that cannot be known when the write is judged (an io_uring request that
     /// takes its fixed file later): judged as the stricter, another process's memory.
@@ -180,7 +180,6 @@ pub fn uring_fixed_write_sink(req: u64) -> Option<Sink> {
     let index = u64::try_from(read::<i32>(req, layout::IO_KIOCB_FD)?).ok()?;
     fixed_file(ring, index).and_then(file_sink)
 }
-
 
 /// The file at `index` in the fixed files of a ring (`struct io_ring_ctx *`).
 #[inline(always)]

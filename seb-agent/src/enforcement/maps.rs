@@ -179,7 +179,7 @@ pub fn mark_scoped(ebpf: &mut Ebpf, processes: &[(u32, u64)]) -> Result<()> {
     if let Some((tgid, _)) = unmarked {
         let mut seen: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, map_names::UNFOLLOWED_SEEN)?)?;
         seen.set(0, unfollowed::SOME_UNMARKED, 0).context("noting an unmarked process of the scope")?;
-        bail!("marking process {tgid} as scoped: {} is full", map_names::SCOPED_TASKS);
+        bail!("marking process {tgid} as scoped: {} refused it (full?)", map_names::SCOPED_TASKS);
     }
     Ok(())
 }
