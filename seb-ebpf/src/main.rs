@@ -308,13 +308,14 @@ pub fn seb_uring_submit(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let req: u64 = ctx.arg(0);
-    if task::uring_request_writes(req) {
+    let Some(opcode) = task::uring_opcode(req) else { return 0 };
+    if task::uring_opcode_writes(opcode) {
         if lineage::current_may_be_judged() {
             decision::judge_write_to(task::uring_fixed_write_sink(req));
         }
         return 0;
     }
-    match task::uring_socket_request(req) {
+    match task::uring_socket_request(req, opcode) {
         Some((family, kind)) => decision::judge_socket_call(family, kind, false),
         None => 0,
     }
@@ -330,7 +331,7 @@ pub fn seb_uring_file_get(ctx: BtfTracePointContext) -> i32 {
     let fd: u64 = ctx.arg(1);
     // The issuing task (the submitter, an io-wq worker, a polling thread) shares the
     // process's descriptor table; the descriptor is an `int`.
-    if task::uring_request_writes(req) && lineage::current_may_be_judged() {
+    if task::uring_opcode(req).is_some_and(task::uring_opcode_writes) && lineage::current_may_be_judged() {
         decision::judge_write_to(task::current_fd_sink(fd as u32 as u64));
     }
     0

@@ -149,18 +149,22 @@ const REQ_F_ISSUED_LATER: u64 = 1 << 1 | 1 << 2 | 1 << 3 | 1 << 4;
 /// The flag bits in a fixed file's pointer (`FFS_NOWAIT`, `FFS_ISREG`).
 const FIXED_FILE_FLAGS: u64 = 3;
 
-/// Whether an io_uring request (`struct io_kiocb *`) writes to a file.
+/// An io_uring request's (`struct io_kiocb *`) opcode.
 #[inline(always)]
-pub fn uring_request_writes(req: u64) -> bool {
-    read::<u8>(req, layout::IO_KIOCB_OPCODE).is_some_and(|opcode| {
-        opcode == IORING_OP_WRITE
-            || opcode == IORING_OP_WRITEV
-            || opcode == IORING_OP_WRITE_FIXED
-            || opcode == IORING_OP_WRITEV_FIXED
-    })
+pub fn uring_opcode(req: u64) -> Option<u8> {
+    read::<u8>(req, layout::IO_KIOCB_OPCODE)
 }
 
-/// For a writing io_uring request (`uring_request_writes`) that names a fixed file, as
+/// Whether an io_uring opcode writes to a file.
+#[inline(always)]
+pub fn uring_opcode_writes(opcode: u8) -> bool {
+    opcode == IORING_OP_WRITE
+        || opcode == IORING_OP_WRITEV
+        || opcode == IORING_OP_WRITE_FIXED
+        || opcode == IORING_OP_WRITEV_FIXED
+}
+
+/// For a writing io_uring request (`uring_opcode_writes`) that names a fixed file, as
 /// it is submitted: the sink it writes to, if it is one. The request takes its file when
 /// it is issued; issued at once, that is under the ring's lock the submission holds, so
 /// the slot read here is the one it takes. Issued later (linked behind another request,
@@ -258,12 +262,12 @@ pub fn socket_cgroup_id(ctx: *mut core::ffi::c_void) -> u64 {
 /// `IORING_OP_SOCKET` in `enum io_uring_op` (uapi).
 const IORING_OP_SOCKET: u8 = 45;
 
-/// The family and type an io_uring request (`struct io_kiocb *`) asks for if it is an
-/// `IORING_OP_SOCKET`; `None` for any other request. Read after the kernel prepared the
+/// The family and type an io_uring request (`struct io_kiocb *`, whose `opcode` the
+/// caller read) asks for if it is an `IORING_OP_SOCKET`; `None` for any other request. Read after the kernel prepared the
 /// request from its submission entry, so the submitter cannot change them any more.
 #[inline(always)]
-pub fn uring_socket_request(req: u64) -> Option<(u32, u32)> {
-    if read::<u8>(req, layout::IO_KIOCB_OPCODE)? != IORING_OP_SOCKET {
+pub fn uring_socket_request(req: u64, opcode: u8) -> Option<(u32, u32)> {
+    if opcode != IORING_OP_SOCKET {
         return None;
     }
     Some((read::<i32>(req, layout::IO_SOCKET_DOMAIN)? as u32, read::<i32>(req, layout::IO_SOCKET_TYPE)? as u32))
