@@ -651,6 +651,14 @@ fn processes_the_kernel_cannot_follow_are_killed_not_let_go() {
         assert_eq!(record["action"], "killed", "{record}");
         assert_eq!(record["cgroup_path"], format!("{}/workload", sandbox.cgroup_relative), "{record}");
     }
+    // The kernel noted that some processes of the scope are only in the doomed table, so
+    // the checks that look in one table look in both.
+    assert_eq!(unfollowed_seen(&sandbox), seb_common::unfollowed::SOME_DOOMED);
+}
+
+/// Where the kernel says the processes of the scope are tracked (`SEB_UNFOLLOWED_SEEN`).
+fn unfollowed_seen(sandbox: &Sandbox) -> u32 {
+    seb_sandbox::tamper::read_array_slot(&sandbox.pin_path, seb_common::map_names::UNFOLLOWED_SEEN, 0).unwrap()
 }
 
 /// With the table of doomed processes full as well (a sixteenth of the scope table, here
@@ -665,6 +673,9 @@ fn a_process_that_creates_more_than_the_kernel_can_follow_is_killed() {
     let record = wait_for(&sandbox, |d| d["hook"] == "scope_table_full" && d["tgid"] == pid);
     assert_eq!(record["action"], "killed", "{record}");
     assert_eq!(record["cgroup_path"], format!("{}/workload", sandbox.cgroup_relative), "{record}");
+    // Some process of the scope is now in neither table: the checks that look in the
+    // tables fall back to walking the caller's cgroups.
+    assert_eq!(unfollowed_seen(&sandbox), seb_common::unfollowed::SOME_UNMARKED);
     // Its orphaned children go on, try and end (or are killed): none may outlive the test.
     let procs = sandbox.cgroup.join("workload").join("cgroup.procs");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
