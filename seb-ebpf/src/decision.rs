@@ -200,7 +200,7 @@ pub fn judge_socket_call(family: u32, kind: u32, any_family: bool) -> i32 {
     unsafe { bpf_send_signal(SIGKILL) };
     let mut dest = Destination::v4([0; 4], 0, 0);
     dest.family = FAMILY_NONE;
-    let report_to = Report { cookie: 0, pid_tgid: bpf_get_current_pid_tgid(), uid_gid: bpf_get_current_uid_gid() };
+    let report_to = Report::current_task();
     report_to.send_socket(&dest, family as u8, (kind & SOCK_TYPE_MASK) as u8, cgroup_id);
     0
 }
@@ -234,14 +234,8 @@ pub fn judge_write(fd: u64) {
     // Nearly every write on the node is by a process outside the scope: one map lookup,
     // not the several reads that find the file.
     if lineage::current_may_be_judged() {
-        judge_written_fd(fd);
+        judge_write_to(task::current_fd_sink(fd));
     }
-}
-
-/// `judge_write` once the caller is known to be of the scope, maybe.
-#[inline(always)]
-fn judge_written_fd(fd: u64) {
-    judge_write_to(task::current_fd_sink(fd));
 }
 
 /// Decision at a write to `sink`: to another process's memory (procfs `mem`), as
@@ -274,10 +268,11 @@ pub fn judge_tun_device() {
 const BPF_DEVCG_DEV_CHAR: u32 = 2;
 
 /// Decision at an open or `mknod` of a device by a task of an enforced cgroup (a cgroup
-/// device program, which can refuse): a packet device (tun/tap, macvtap, ipvtap) is
-/// refused with EPERM for a judged task, and recorded. Refused at the open, no descriptor
-/// of it reaches the scope, so no write, aio or io_uring request can follow. A scoped
-/// process outside the enforced cgroups meets the `TUNSETIFF` and write checks instead.
+/// device program, which can refuse): a packet device (tun/tap, vhost-net, macvtap,
+/// ipvtap) is refused with EPERM for a judged task, and recorded. Refused at the open, no
+/// descriptor of it reaches the scope, so no write, aio or io_uring request can follow. A
+/// scoped process outside the enforced cgroups meets the `TUNSETIFF` and write checks
+/// instead.
 #[inline(always)]
 pub fn judge_device(ctx: &DeviceContext) -> i32 {
     // SAFETY: the context the kernel passes a cgroup device program.
@@ -294,7 +289,7 @@ pub fn judge_device(ctx: &DeviceContext) -> i32 {
     device.addr[4..8].copy_from_slice(&minor.to_ne_bytes());
     // SAFETY: plain helper call.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let report_to = Report { cookie: 0, pid_tgid: bpf_get_current_pid_tgid(), uid_gid: bpf_get_current_uid_gid() };
+    let report_to = Report::current_task();
     report_to.send(&device, Hook::TunDevice, cgroup_id, cgroup_id, true);
     DENY
 }
@@ -426,7 +421,7 @@ pub fn judge_sys_enter(id: i64, regs: *const u8) -> i32 {
     if is_write_call(id, compat) {
         // The kernel reads the descriptor's low 32 bits in either table (an `unsigned int`,
         // or an `int` in the vectored calls); the caller passed the scope test.
-        judge_written_fd(first as u32 as u64);
+        judge_write_to(task::current_fd_sink(first as u32 as u64));
         return 0;
     }
     if id == if compat { IA32_IOCTL } else { NR_IOCTL } {
@@ -599,6 +594,12 @@ struct Report {
 }
 
 impl Report {
+    /// For a decision in the calling task's context, about no socket.
+    #[inline(always)]
+    fn current_task() -> Self {
+        Self { cookie: 0, pid_tgid: bpf_get_current_pid_tgid(), uid_gid: bpf_get_current_uid_gid() }
+    }
+
     #[inline(always)]
     fn send(&self, dest: &Destination, hook: Hook, cgroup_id: u64, socket_cgroup_id: u64, task_context: bool) {
         self.write(dest, hook, cgroup_id, socket_cgroup_id, (0, 0), task_context);
@@ -668,6 +669,6 @@ impl Report {
 pub fn report_kill(hook: Hook, scoped_in: u64) {
     // SAFETY: plain helper call.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let report_to = Report { cookie: 0, pid_tgid: bpf_get_current_pid_tgid(), uid_gid: bpf_get_current_uid_gid() };
+    let report_to = Report::current_task();
     report_to.send_kill(hook, cgroup_id, scoped_in);
 }

@@ -238,7 +238,7 @@ pub fn seb_vm_write_call(_ctx: TracePointContext) -> i32 {
 }
 
 /// The writes: one to another process's memory (`/proc/<pid>/mem`) or to a packet device
-/// (tun/tap, macvtap, ipvtap) from a process of the scope kills it (see
+/// (tun/tap, vhost-net, macvtap, ipvtap) from a process of the scope kills it (see
 /// `decision::judge_write_to`).
 #[tracepoint(category = "syscalls", name = "sys_enter_write")]
 pub fn seb_write_call(ctx: TracePointContext) -> i32 {
@@ -298,10 +298,9 @@ pub fn seb_ioctl_call(ctx: TracePointContext) -> i32 {
 /// caller of `io_uring_enter()`, or a ring's SQPOLL thread, which submits without any
 /// system call). A process that left the scope is killed here, and so is a task of the
 /// scope whose `IORING_OP_SOCKET` asks for a link-layer family (that request makes a
-/// socket without `socket()`) or whose write goes to another process's memory or a
-/// packet device. The kill
-/// comes before the request runs; requests already in the same submission may still run
-/// before the process dies (see the README).
+/// socket without `socket()`) or whose write to a fixed file goes to another process's
+/// memory or a packet device. The kill comes before the request runs; requests already in
+/// the same submission may still run before the process dies (see the README).
 #[btf_tracepoint(function = "io_uring_submit_req")]
 pub fn seb_uring_submit(ctx: BtfTracePointContext) -> i32 {
     if lineage::kill_if_escaped() {
