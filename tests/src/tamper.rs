@@ -3,18 +3,94 @@
 
 use std::{
     ffi::CString,
-    os::{fd::FromRawFd, fd::OwnedFd, unix::ffi::OsStrExt},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
     path::Path,
 };
 
 use anyhow::{Context, Result, bail};
 
+const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 
 /// `BPF_LINK_DETACH` on a pinned link, as `bpftool link detach pinned <path>` does: the
 /// link stays pinned, with its program, but is attached to nothing.
 pub fn detach_pinned_link(pin: &Path) -> Result<()> {
+    let fd = open_pinned(pin)?;
+    let detach: [u32; 2] = [fd.as_raw_fd() as u32, 0];
+    // SAFETY: BPF_LINK_DETACH reads the link fd.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, detach.as_ptr(), 8usize) };
+    if rc != 0 {
+        bail!("detaching {}: {}", pin.display(), std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `BPF_LINK_UPDATE` on a pinned `connect4` link: it stays attached where it was, but
+/// runs a program of root's that allows every connect.
+pub fn replace_connect4_program(pin: &Path) -> Result<()> {
+    let link = open_pinned(pin)?;
+    let program = load_allow_all_connect4()?;
+    let update: [u32; 4] = [link.as_raw_fd() as u32, program.as_raw_fd() as u32, 0, 0];
+    // SAFETY: BPF_LINK_UPDATE reads the two fds.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, update.as_ptr(), 16usize) };
+    if rc != 0 {
+        bail!("replacing the program of {}: {}", pin.display(), std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `r0 = 1; exit`: a cgroup `connect4` program that lets everything through.
+fn load_allow_all_connect4() -> Result<OwnedFd> {
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    // BPF_ALU64|BPF_MOV|BPF_K into r0 with 1, then BPF_JMP|BPF_EXIT.
+    let insns: [u64; 2] =
+        [u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]), u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0])];
+    let license = c"GPL";
+    let attr = ProgLoad {
+        prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: *b"allow_all\0\0\0\0\0\0\0",
+        prog_ifindex: 0,
+        expected_attach_type: BPF_CGROUP_INET4_CONNECT,
+    };
+    // SAFETY: BPF_PROG_LOAD reads the attribute and the instructions it points to.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &attr as *const ProgLoad, size_of::<ProgLoad>()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("loading an allow-all connect4 program");
+    }
+    // SAFETY: a fresh fd owned here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn open_pinned(pin: &Path) -> Result<OwnedFd> {
     let path = CString::new(pin.as_os_str().as_bytes())?;
     let get: [u64; 2] = [path.as_ptr() as u64, 0];
     // SAFETY: BPF_OBJ_GET reads the NUL-terminated path.
@@ -23,14 +99,7 @@ pub fn detach_pinned_link(pin: &Path) -> Result<()> {
         return Err(std::io::Error::last_os_error()).with_context(|| format!("opening {}", pin.display()));
     }
     // SAFETY: a fresh fd owned here.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let detach: [u32; 2] = [std::os::fd::AsRawFd::as_raw_fd(&fd) as u32, 0];
-    // SAFETY: BPF_LINK_DETACH reads the link fd.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, detach.as_ptr(), 8usize) };
-    if rc != 0 {
-        bail!("detaching {}: {}", pin.display(), std::io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Write `value` at `index` of a pinned array of 32-bit words (`map`, a name from

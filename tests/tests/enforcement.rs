@@ -1035,6 +1035,41 @@ fn a_restart_never_adopts_a_detached_link() {
     assert_eq!(outcome["result"], "EPERM", "{outcome}");
 }
 
+/// Root swaps the program of one of seb's links (`BPF_LINK_UPDATE`) for one that allows
+/// every connect: the link is still attached where it was made, so only the program's
+/// tag tells. The agent notices within a second, attaches its own program again, and a
+/// restart does not adopt such a link.
+#[test]
+fn a_link_whose_program_was_replaced_is_noticed_repaired_and_never_adopted() {
+    let mut sandbox = sandbox("swap");
+    sandbox.start_agent().unwrap();
+    let pin = pin_of(&sandbox, "seb_connect4");
+    let names_the_swap = |record: &Value| {
+        record["body"]["findings"].as_array().unwrap().iter().any(|f| {
+            f["object"] == pin.to_str().unwrap() && f["problem"].as_str().unwrap().contains("program was replaced")
+        })
+    };
+
+    seb_sandbox::tamper::replace_connect4_program(&pin).unwrap();
+    let through = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
+    assert_eq!(through["result"], "ok", "the swapped program lets the connect through (the attack is real): {through}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !audit_records(&sandbox, "tamper").iter().any(names_the_swap) {
+        assert!(std::time::Instant::now() < deadline, "the swapped program was never noticed");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let outcome = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
+    assert_eq!(outcome["result"], "EPERM", "after the repair: {outcome}");
+
+    sandbox.kill_agent().unwrap();
+    seb_sandbox::tamper::replace_connect4_program(&pin).unwrap();
+    let logs = sandbox.start_agent().unwrap();
+    let active = logs.iter().find(|line| line["fields"]["message"] == "kernel enforcement active").unwrap();
+    assert_eq!(active["fields"]["adopted"], attached_links() - 1, "the swapped link is not adopted: {active}");
+    let outcome = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
+    assert_eq!(outcome["result"], "EPERM", "{outcome}");
+}
+
 fn pin_of(sandbox: &Sandbox, program: &str) -> std::path::PathBuf {
     let name = sandbox.pinned_links().unwrap().into_iter().find(|name| name.starts_with(program)).unwrap();
     sandbox.pin_path.join("links").join(name)

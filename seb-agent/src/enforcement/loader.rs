@@ -184,6 +184,9 @@ pub struct LinkState {
     pub cgroup_id: u64,
     pub pin: PathBuf,
     pub origin: LinkOrigin,
+    /// The kernel's tag for the program the link must run.
+    #[serde(default)]
+    pub program_tag: u64,
 }
 
 impl LinkState {
@@ -241,6 +244,7 @@ pub fn attach_all(
         load_program(ebpf, program)?;
     }
     for &(program, attach_to) in programs {
+        let program_tag = program_tag(ebpf, program)?;
         let cgroups: Vec<Option<&PathBuf>> = match attach_to {
             AttachTo::Scope => targets.scopes.iter().map(Some).collect(),
             AttachTo::Exempt => targets.exempt.iter().map(Some).collect(),
@@ -255,7 +259,7 @@ pub fn attach_all(
             };
             let pin = layout.links().join(&name);
             wanted.insert(name);
-            let expected = Expected { cgroup_id: cgroup.map(|_| cgroup_id), map_ids: &map_ids };
+            let expected = Expected { cgroup_id: cgroup.map(|_| cgroup_id), program_tag, map_ids: &map_ids };
             let origin = match adopt(&pin, &expected) {
                 Ok(()) => LinkOrigin::Adopted,
                 Err(why) => {
@@ -268,13 +272,19 @@ pub fn attach_all(
             };
             let cgroup = cgroup.cloned().unwrap_or_default();
             info!(program, cgroup = %cgroup.display(), ?origin, "enforcing");
-            states.push(LinkState { program: program.into(), cgroup, cgroup_id, pin, origin });
+            states.push(LinkState { program: program.into(), cgroup, cgroup_id, pin, origin, program_tag });
         }
     }
     if !keep_others {
         unpin_unwanted(layout, &wanted)?;
     }
     Ok(states)
+}
+
+/// The kernel's tag for the program this agent loaded as `name`.
+fn program_tag(ebpf: &Ebpf, name: &str) -> Result<u64> {
+    let program = ebpf.program(name).ok_or_else(|| anyhow!("program {name} is missing from the object"))?;
+    Ok(program.info().with_context(|| format!("reading the kernel's information on program {name}"))?.tag())
 }
 
 fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
@@ -305,12 +315,16 @@ fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
 struct Expected<'a> {
     /// The cgroup it must still be attached to; `None` for the global tracepoint.
     cgroup_id: Option<u64>,
+    /// The tag (a hash of the instructions) of the program this agent loaded for it.
+    program_tag: u64,
     map_ids: &'a BTreeSet<u32>,
 }
 
-/// A pinned link is adopted when the kernel says it is attached where it belongs and
-/// its program still uses the pinned maps: a program bound to maps that are no longer
-/// pinned would ignore every policy update, and a detached link enforces nothing.
+/// A pinned link is adopted when the kernel says it is attached where it belongs, runs
+/// this object's program, and that program still uses the pinned maps: a detached link
+/// enforces nothing, root can swap a link's program (`BPF_LINK_UPDATE`) for one that
+/// allows everything, and a program bound to maps that are no longer pinned would ignore
+/// every policy update.
 fn adopt(pin: &Path, expected: &Expected<'_>) -> Result<()> {
     if !pin.exists() {
         bail!("not pinned");
@@ -328,6 +342,14 @@ fn adopt(pin: &Path, expected: &Expected<'_>) -> Result<()> {
         .filter_map(Result::ok)
         .find(|program| program.id() == kernel.program_id)
         .ok_or_else(|| anyhow!("the link's program {} is gone", kernel.program_id))?;
+    if program.tag() != expected.program_tag {
+        bail!(
+            "the link runs program {} with tag {:016x}, not this agent's (tag {:016x}): its program was replaced",
+            kernel.program_id,
+            program.tag(),
+            expected.program_tag
+        );
+    }
     let used: BTreeSet<u32> = program.map_ids()?.unwrap_or_default().into_iter().collect();
     if !used.is_subset(map_ids) {
         bail!("the link's program uses maps {used:?} but the pinned maps are {map_ids:?}");
@@ -347,7 +369,8 @@ pub fn verify_links<'a>(layout: &PinLayout, links: &'a [LinkState]) -> Vec<(&'a 
         .iter()
         .filter_map(|state| {
             let cgroup_id = (!state.is_global()).then_some(state.cgroup_id);
-            adopt(&state.pin, &Expected { cgroup_id, map_ids: &map_ids }).err().map(|why| (state, why))
+            let expected = Expected { cgroup_id, program_tag: state.program_tag, map_ids: &map_ids };
+            adopt(&state.pin, &expected).err().map(|why| (state, why))
         })
         .collect()
 }
