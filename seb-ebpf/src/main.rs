@@ -426,8 +426,7 @@ fn port_from_ctx(port: u32) -> u16 {
 #[inline(always)]
 fn egress(ctx: &SkBuffContext) -> i32 {
     let skb: *mut __sk_buff = ctx.skb.skb;
-    let full = packet::full_socket(skb);
-    let sender = packet::sender(full);
+    let sender = packet::sender(packet::full_socket(skb));
     if sender == packet::Sender::TcpConnected {
         // Judged at connect(); only a broker connection cut since is dropped.
         return decision::judge_cut(ctx, skb);
@@ -438,8 +437,11 @@ fn egress(ctx: &SkBuffContext) -> i32 {
     };
     let hook = if dest.family == FAMILY_V4 { Hook::Egress4 } else { Hook::Egress6 };
     match sender {
+        // Judged where it really goes, even when that is the peer connect4/6 saw: a
+        // connect program of an ancestor cgroup runs after seb's and may have rewritten
+        // the address it judged (a socket load balancer does exactly that).
         packet::Sender::Hooked => {
-            if !packet::sent_to_connected_peer(full, &dest) && decision::judge_packet(ctx, skb, &dest, hook, true) == DENY {
+            if decision::judge_packet(ctx, skb, &dest, hook, true) == DENY {
                 return DENY;
             }
         }

@@ -6,7 +6,7 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 
-use seb_common::{ANY_PROTOCOL, FAMILY_V4};
+use seb_common::ANY_PROTOCOL;
 
 use crate::decision::Destination;
 
@@ -26,7 +26,8 @@ pub enum Sender {
     /// hand the other end segments of a connection it never accepted).
     TcpConnected,
     /// A TCP socket sending its SYN, or a UDP socket: connect4/6 or sendmsg4/6 judged the
-    /// address asked for; NAT may have sent the packet elsewhere since.
+    /// address asked for; NAT, or an ancestor cgroup's connect program, may have sent the
+    /// packet elsewhere since.
     Hooked,
     /// Another kind of socket (raw, ICMP): nothing judged it.
     Unhooked,
@@ -65,30 +66,6 @@ pub fn full_socket(skb: *mut __sk_buff) -> Option<*mut bpf_sock> {
         }
         let full = bpf_sk_fullsock(sk);
         if full.is_null() { None } else { Some(full) }
-    }
-}
-
-/// Whether a `Sender::Hooked` socket's packet goes to the peer it connected to (which
-/// connect4/6 judged); false for an unconnected datagram or one NAT rewrote.
-#[inline(always)]
-pub fn sent_to_connected_peer(full: Option<*mut bpf_sock>, dest: &Destination) -> bool {
-    let Some(full) = full else { return false };
-    let Some(port) = dest.port else { return false };
-    let a = &dest.addr;
-    // SAFETY: as in `sender`.
-    unsafe {
-        if (*full).dst_port != port.to_be() {
-            return false;
-        }
-        // An IPv4 packet of an IPv6 socket connected to a mapped address: the kernel
-        // keeps the IPv4 peer in `dst_ip4` as well.
-        if dest.family == FAMILY_V4 {
-            return (*full).dst_ip4 == u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
-        }
-        (*full).dst_ip6[0] == u32::from_ne_bytes([a[0], a[1], a[2], a[3]])
-            && (*full).dst_ip6[1] == u32::from_ne_bytes([a[4], a[5], a[6], a[7]])
-            && (*full).dst_ip6[2] == u32::from_ne_bytes([a[8], a[9], a[10], a[11]])
-            && (*full).dst_ip6[3] == u32::from_ne_bytes([a[12], a[13], a[14], a[15]])
     }
 }
 

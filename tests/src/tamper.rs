@@ -3,6 +3,7 @@
 
 use std::{
     ffi::CString,
+    net::Ipv4Addr,
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::ffi::OsStrExt,
@@ -14,6 +15,7 @@ use anyhow::{Context, Result, bail};
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
@@ -48,6 +50,41 @@ pub fn replace_connect4_program(pin: &Path) -> Result<()> {
 
 /// `r0 = 1; exit`: a cgroup `connect4` program that lets everything through.
 fn load_allow_all_connect4() -> Result<OwnedFd> {
+    load_connect4(&[insn(0xb7, 0, 0, 0, 1), insn(0x95, 0, 0, 0, 0)])
+}
+
+/// A cgroup `connect4` program, as a socket load balancer installs one on a cgroup above
+/// the pods: a connect to `from` is sent to `to` (same port). The link detaches when the
+/// returned descriptor is closed.
+pub fn attach_connect4_redirect(cgroup: &Path, from: Ipv4Addr, to: Ipv4Addr) -> Result<OwnedFd> {
+    let (from, to) = (u32::from_ne_bytes(from.octets()) as i32, u32::from_ne_bytes(to.octets()) as i32);
+    let program = load_connect4(&[
+        insn(0x61, 2, 1, 4, 0),    // r2 = ctx->user_ip4
+        insn(0x56, 2, 0, 2, from), // if w2 != from goto +2
+        insn(0xb4, 2, 0, 0, to),   // w2 = to
+        insn(0x63, 1, 2, 4, 0),    // ctx->user_ip4 = r2
+        insn(0xb7, 0, 0, 0, 1),    // r0 = 1 (allow)
+        insn(0x95, 0, 0, 0, 0),    // exit
+    ])?;
+    let dir = std::fs::File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
+    let create: [u32; 4] = [program.as_raw_fd() as u32, dir.as_raw_fd() as u32, BPF_CGROUP_INET4_CONNECT, 0];
+    // SAFETY: BPF_LINK_CREATE reads the program and cgroup fds; it returns a new fd.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_CREATE, create.as_ptr(), 16usize) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("attaching to {}", cgroup.display()));
+    }
+    // SAFETY: a fresh fd owned here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// One instruction: opcode, destination and source registers, offset, immediate.
+fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    let [o0, o1] = off.to_le_bytes();
+    let [i0, i1, i2, i3] = imm.to_le_bytes();
+    u64::from_le_bytes([code, (src << 4) | dst, o0, o1, i0, i1, i2, i3])
+}
+
+fn load_connect4(insns: &[u64]) -> Result<OwnedFd> {
     #[repr(C)]
     struct ProgLoad {
         prog_type: u32,
@@ -63,9 +100,6 @@ fn load_allow_all_connect4() -> Result<OwnedFd> {
         prog_ifindex: u32,
         expected_attach_type: u32,
     }
-    // BPF_ALU64|BPF_MOV|BPF_K into r0 with 1, then BPF_JMP|BPF_EXIT.
-    let insns: [u64; 2] =
-        [u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]), u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0])];
     let license = c"GPL";
     let attr = ProgLoad {
         prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
@@ -77,14 +111,14 @@ fn load_allow_all_connect4() -> Result<OwnedFd> {
         log_buf: 0,
         kern_version: 0,
         prog_flags: 0,
-        prog_name: *b"allow_all\0\0\0\0\0\0\0",
+        prog_name: *b"root_connect4\0\0\0",
         prog_ifindex: 0,
         expected_attach_type: BPF_CGROUP_INET4_CONNECT,
     };
     // SAFETY: BPF_PROG_LOAD reads the attribute and the instructions it points to.
     let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &attr as *const ProgLoad, size_of::<ProgLoad>()) };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("loading an allow-all connect4 program");
+        return Err(std::io::Error::last_os_error()).context("loading a connect4 program");
     }
     // SAFETY: a fresh fd owned here.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })

@@ -929,8 +929,9 @@ fn a_denial_from_a_pod_cgroup_names_the_pod_and_container() {
 }
 
 /// Root detaches one of seb's links (the guard that would refuse it needs BPF-LSM,
-/// which this kernel does not load): connects get through for a moment; within a
-/// second the agent notices, reports not ready, re-attaches, and records it.
+/// which this kernel does not load): connect4 refuses nothing for a moment (the egress
+/// program still drops the SYN); within a second the agent notices, reports not ready,
+/// re-attaches, and records it.
 #[test]
 fn a_detached_link_is_noticed_reported_repaired_and_recorded() {
     let mut sandbox = sandbox("tamper");
@@ -939,23 +940,30 @@ fn a_detached_link_is_noticed_reported_repaired_and_recorded() {
 
     seb_sandbox::tamper::detach_pinned_link(&pin).unwrap();
     let detached_at = std::time::Instant::now();
-    let through = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
-    let (mut saw_unready, mut noticed_after) = (false, None);
-    while detached_at.elapsed() < Duration::from_secs(5) {
-        let status = sandbox.status().unwrap();
-        saw_unready |= status["ready"] == false;
-        if noticed_after.is_none() && status["integrity"]["tampered_checks"].as_u64() >= Some(1) {
-            noticed_after = Some(detached_at.elapsed());
+    // The connect runs alongside: it waits out its timeout, and the agent is watched
+    // meanwhile.
+    let (through, saw_unready, noticed_after) = thread::scope(|scope| {
+        let through = scope.spawn(|| sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap());
+        let (mut saw_unready, mut noticed_after) = (false, None);
+        while detached_at.elapsed() < Duration::from_secs(5) {
+            let status = sandbox.status().unwrap();
+            saw_unready |= status["ready"] == false;
+            if noticed_after.is_none() && status["integrity"]["tampered_checks"].as_u64() >= Some(1) {
+                noticed_after = Some(detached_at.elapsed());
+            }
+            if noticed_after.is_some() && status["ready"] == true {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
         }
-        if noticed_after.is_some() && status["ready"] == true {
-            break;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+        (through.join().unwrap(), saw_unready, noticed_after)
+    });
     let noticed_after = noticed_after.expect("the agent never noticed the detached link");
     assert!(noticed_after < Duration::from_secs(1), "noticed after {noticed_after:?}");
     assert!(saw_unready, "status never reported not ready while the link was detached");
-    assert_eq!(through["result"], "ok", "while detached, the connect got through (the attack is real): {through}");
+    // connect4 refused nothing (the attack is real); the egress program still dropped the
+    // SYN, so the connect times out instead.
+    assert_eq!(through["result"], "timed out", "while detached: {through}");
 
     let status = sandbox.status().unwrap();
     assert_eq!(status["ready"], true, "ready again once repaired: {status}");
@@ -1021,7 +1029,10 @@ fn a_restart_never_adopts_a_detached_link() {
     sandbox.kill_agent().unwrap();
     seb_sandbox::tamper::detach_pinned_link(&pin).unwrap();
     let through = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
-    assert_eq!(through["result"], "ok", "detached and nobody watching: {through}");
+    assert_eq!(
+        through["result"], "timed out",
+        "detached and nobody watching, only the egress program drops it: {through}"
+    );
 
     let logs = sandbox.start_agent().unwrap();
     let active = logs.iter().find(|line| line["fields"]["message"] == "kernel enforcement active").unwrap();
@@ -1052,7 +1063,9 @@ fn a_link_whose_program_was_replaced_is_noticed_repaired_and_never_adopted() {
 
     seb_sandbox::tamper::replace_connect4_program(&pin).unwrap();
     let through = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
-    assert_eq!(through["result"], "ok", "the swapped program lets the connect through (the attack is real): {through}");
+    // The swapped program refuses nothing (the attack is real); the egress program still
+    // drops the SYN, so the connect times out instead.
+    assert_eq!(through["result"], "timed out", "under the swapped program: {through}");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !audit_records(&sandbox, "tamper").iter().any(names_the_swap) {
         assert!(std::time::Instant::now() < deadline, "the swapped program was never noticed");
@@ -1068,6 +1081,43 @@ fn a_link_whose_program_was_replaced_is_noticed_repaired_and_never_adopted() {
     assert_eq!(active["fields"]["adopted"], attached_links() - 1, "the swapped link is not adopted: {active}");
     let outcome = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
     assert_eq!(outcome["result"], "EPERM", "{outcome}");
+}
+
+/// A connect4 program on a cgroup above the scope runs after seb's (the kernel runs a
+/// cgroup's own programs first, then its ancestors'), as a socket load balancer's does:
+/// it sends a connect seb judged as allowed to a protected address. The SYN is judged by
+/// where it really goes, so the connect fails and the protected listener hears nothing.
+#[test]
+fn a_connect_redirected_after_seb_judged_it_is_refused() {
+    let mut sandbox = sandbox("redirect");
+    let root = sandbox.cgroup_relative.clone();
+    sandbox.write_config_scoped(&[format!("{root}/workload")], POLICY).unwrap();
+    sandbox.start_agent().unwrap();
+    let (from, to) = ("127.0.0.3".parse().unwrap(), "127.0.0.2".parse().unwrap());
+    let redirect = seb_sandbox::tamper::attach_connect4_redirect(&sandbox.cgroup, from, to).unwrap();
+    let outcome = sandbox.attempt("workload", "tcp", "127.0.0.3:8443").unwrap();
+    assert_ne!(outcome["result"], "ok", "redirected to the protected 127.0.0.2:8443: {outcome}");
+    let denial = sandbox.wait_for_denial(cookie(&outcome)).unwrap();
+    assert_eq!(denial["hook"], "egress4", "{denial}");
+    assert_eq!((&denial["address"], &denial["port"]), (&Value::from("127.0.0.2"), &Value::from(8443)), "{denial}");
+    assert_eq!(sandbox.received().unwrap(), 0, "the protected listener received the redirected connection");
+    drop(redirect);
+    let outcome = sandbox.attempt("workload", "tcp", "127.0.0.3:8443").unwrap();
+    assert_eq!(outcome["result"], "ok", "not protected without the redirect: {outcome}");
+}
+
+/// Behind DNS64 and a NAT64 gateway, an IPv6-only pod reaches a protected IPv4 address
+/// at `64:ff9b::<address>`, past every IPv4 hook: connect6 refuses it there too.
+#[test]
+fn a_protected_ipv4_address_is_refused_through_the_nat64_prefix() {
+    let mut sandbox = sandbox("nat64");
+    sandbox.start_agent().unwrap();
+    let outcome = sandbox.attempt("workload", "tcp", "[64:ff9b::7f00:2]:8443").unwrap();
+    assert_eq!(outcome["result"], "EPERM", "{outcome}");
+    let denial = sandbox.wait_for_denial(cookie(&outcome)).unwrap();
+    assert_eq!((&denial["hook"], &denial["address"]), (&Value::from("connect6"), &Value::from("64:ff9b::7f00:2")));
+    let outcome = sandbox.attempt("workload", "tcp", "[64:ff9b::7f00:3]:8443").unwrap();
+    assert_ne!(outcome["result"], "EPERM", "127.0.0.3 is not protected: {outcome}");
 }
 
 fn pin_of(sandbox: &Sandbox, program: &str) -> std::path::PathBuf {

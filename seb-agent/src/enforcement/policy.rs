@@ -5,9 +5,12 @@
 //! that covers it: with `10.0.0.0/8 any` and `10.1.2.3/32 tcp:443`, a connect to
 //! 10.1.2.3:80 matches the /32 and must still be denied by the /8's rule.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv6Addr,
+};
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use seb_common::{ANY_PORT, ANY_PROTOCOL, EndpointRules, LOCAL_LOOPBACK, LOCAL_ROUTED, MAX_RULES_PER_PREFIX, PortRule};
 
 use crate::config::Endpoint;
@@ -37,7 +40,19 @@ pub struct TooManyRules {
     pub max: usize,
 }
 
-/// Compile `endpoints`; `local` are the prefixes local to the agent's network namespace
+/// The well-known NAT64 prefix (RFC 6052, section 2.1). Behind DNS64, an IPv6-only pod
+/// reaches IPv4 address `a.b.c.d` at `64:ff9b::a.b.c.d`, through a NAT64 gateway the
+/// IPv4 hooks never see; so every protected IPv4 prefix is protected there too.
+pub const NAT64_WELL_KNOWN: Ipv6Addr = Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0);
+
+/// `v4` as reached through the well-known NAT64 prefix: its address in the last 32 bits.
+fn through_nat64(v4: Ipv4Net) -> IpNet {
+    let mut octets = NAT64_WELL_KNOWN.octets();
+    octets[12..].copy_from_slice(&v4.network().octets());
+    IpNet::V6(Ipv6Net::new(Ipv6Addr::from(octets), 96 + v4.prefix_len()).expect("a prefix of at most 128 bits"))
+}
+
+/// Compile `endpoints`, each IPv4 one also as reached through NAT64; `local` are the prefixes local to the agent's network namespace
 /// when a protected endpoint is local there (else empty). Each becomes an entry too,
 /// marked local, so one lookup tells a destination that may reach a wildcard listener
 /// serving a protected endpoint from one that cannot.
@@ -45,7 +60,11 @@ pub fn compile(endpoints: &[Endpoint], local: &[IpNet]) -> Result<CompiledPolicy
     let mut own: BTreeMap<IpNet, BTreeSet<PortRule>> = BTreeMap::new();
     for endpoint in endpoints {
         let rule = PortRule { port: endpoint.port.unwrap_or(ANY_PORT), protocol: endpoint.protocol.number(), _pad: 0 };
-        own.entry(endpoint.net.trunc()).or_default().insert(rule);
+        let net = endpoint.net.trunc();
+        own.entry(net).or_default().insert(rule);
+        if let IpNet::V4(v4) = net {
+            own.entry(through_nat64(v4)).or_default().insert(rule);
+        }
     }
     let mut nets: BTreeSet<IpNet> = own.keys().copied().collect();
     nets.extend(local.iter().map(IpNet::trunc));
@@ -178,6 +197,16 @@ mod tests {
         assert!(kernel_denies(&policy, [192, 0, 2, 10], 6, 6443));
         assert!(!kernel_denies(&policy, [192, 0, 2, 10], 17, 443));
         assert!(!kernel_denies(&policy, [192, 0, 2, 11], 6, 6443));
+    }
+
+    #[test]
+    fn ipv4_prefixes_are_protected_through_nat64_too() {
+        let policy = compile_remote(&[endpoint("10.1.0.0/16", Some(443), Protocol::Tcp)]).unwrap();
+        assert_eq!(policy.v6.len(), 1);
+        let entry = &policy.v6[0];
+        assert_eq!(entry.prefix_len, 96 + 16);
+        assert_eq!(entry.addr, "64:ff9b::a01:0".parse::<Ipv6Addr>().unwrap().octets());
+        assert_eq!(entry.rules, policy.v4[0].rules);
     }
 
     #[test]
