@@ -51,7 +51,7 @@ pub enum Access {
 static TARGET_WORD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Reach into a child as `how` says; `{"result": "ok"}` if this process lived through it.
-pub fn reach_into_child(how: Access, addr: std::net::SocketAddr) -> Result<Value> {
+pub fn reach_into_child(how: Access, addr: std::net::SocketAddr, wait: bool) -> Result<Value> {
     if how == Access::SharedFiles {
         return share_descriptors_with_child(addr);
     }
@@ -78,6 +78,10 @@ pub fn reach_into_child(how: Access, addr: std::net::SocketAddr) -> Result<Value
     drop((ready_write, hold_read));
     let mut fd = [0u8; 4];
     read(ready_read.as_raw_fd(), &mut fd)?;
+    if wait {
+        crate::print(json!({"waiting": std::process::id()}))?;
+        std::io::stdin().read_line(&mut String::new())?;
+    }
     let result = reach(how, child, i32::from_ne_bytes(fd));
     drop(hold_write);
     nix::sys::wait::waitpid(child, None)?;

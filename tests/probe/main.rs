@@ -184,7 +184,14 @@ enum Command {
     },
     /// Reach into a child process (see `access::Access`); prints `{"result": "ok"}` if
     /// this process lives through it.
-    Access { how: access::Access, addr: SocketAddr },
+    Access {
+        how: access::Access,
+        addr: SocketAddr,
+        /// Once the child is ready, print `{"waiting": pid}` and reach into it only after a
+        /// line arrives on stdin.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Make a tun device named `name` (`ioctl(TUNSETIFF)`), held until this process
     /// exits; prints `{"result": "ok"}` if this process lives through it.
     Tun {
@@ -334,7 +341,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::AsBroker { pin_path, addr } => as_broker(&pin_path, addr),
         Command::ReusePid { pid, method, addr } => reuse_pid(pid, method, addr),
-        Command::Access { how, addr } => print(access::reach_into_child(how, addr)?),
+        Command::Access { how, addr, wait } => print(access::reach_into_child(how, addr, wait)?),
         Command::Tun { name, compat, device } => print(json!({"result": outcome(make_tun(&device, &name, compat))})),
         Command::TapWrite { device, addr, source, mac, enter } => {
             let mac = parse_mac(&mac)?;

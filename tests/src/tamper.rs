@@ -154,6 +154,16 @@ fn pinned_array(pin_path: &Path, map: &str) -> Result<aya::maps::Array<aya::maps
     Ok(Array::try_from(Map::Array(data))?)
 }
 
+/// Remove process `tgid` from the pinned table of processes of the scope, as if the
+/// kernel had never been able to track it (the table was full).
+pub fn forget_scoped_task(pin_path: &Path, tgid: u32) -> Result<()> {
+    use aya::maps::{HashMap, Map, MapData};
+    let data = MapData::from_pin(pin_path.join("maps").join(seb_common::map_names::SCOPED_TASKS))?;
+    let mut tasks: HashMap<MapData, u32, u64> = HashMap::try_from(Map::HashMap(data))?;
+    tasks.remove(&tgid)?;
+    Ok(())
+}
+
 /// Remove one IPv4 prefix from the pinned protected-endpoint trie.
 pub fn remove_protected_v4(pin_path: &Path, addr: [u8; 4], prefix_len: u32) -> Result<()> {
     use aya::maps::{LpmTrie, Map, MapData, lpm_trie::Key};

@@ -2,7 +2,7 @@
 //! connects from processes in it, answers straight from the kernel.
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
     os::unix::{fs::PermissionsExt, process::ExitStatusExt},
     path::Path,
     process::{Command, Stdio},
@@ -654,6 +654,47 @@ fn processes_the_kernel_cannot_follow_are_killed_not_let_go() {
     // The kernel noted that some processes of the scope are only in the doomed table, so
     // the checks that look in one table look in both.
     assert_eq!(unfollowed_seen(&sandbox), seb_common::unfollowed::SOME_DOOMED);
+}
+
+/// A process of the scope the kernel does not track (its table was full) is still judged
+/// at a write into another process's memory: once the kernel has noted that some process
+/// went untracked (`SEB_UNFOLLOWED_SEEN`), the writes' cheap pre-check walks the caller's
+/// cgroups instead. The probe's entry is removed by hand: with the flag clear the write
+/// lands (the pre-check is what decides); with it raised, as an overflow raises it, the
+/// writer is killed and the write lands nowhere.
+#[test]
+fn an_untracked_process_of_the_scope_is_judged_at_its_writes() {
+    let mut sandbox = sandbox("untracked");
+    sandbox.start_agent().unwrap();
+    let flag = seb_common::map_names::UNFOLLOWED_SEEN;
+    for (seen, killed) in [(seb_common::unfollowed::NONE, false), (seb_common::unfollowed::SOME_UNMARKED, true)] {
+        let mut probe = Command::new(&sandbox.tools.probe)
+            .arg("--cgroup")
+            .arg(sandbox.cgroup.join("workload"))
+            .args(["--netns", &sandbox.netns, "access", "--wait", "mem-write", "127.0.0.2:8443"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(probe.stdout.take().unwrap()).lines();
+        let hello: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        let pid = hello["waiting"].as_u64().unwrap() as u32;
+        seb_sandbox::tamper::forget_scoped_task(&sandbox.pin_path, pid).unwrap();
+        seb_sandbox::tamper::write_array_slot(&sandbox.pin_path, flag, 0, seen).unwrap();
+        probe.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let status = probe.wait().unwrap();
+        let reports: Vec<Value> = lines.map(|line| serde_json::from_str(&line.unwrap()).unwrap()).collect();
+        let word = reports.iter().find_map(|r| r["target_word"].as_u64());
+        if killed {
+            assert_eq!(status.signal(), Some(9), "untracked, flag raised: {reports:?}");
+            assert_eq!(word, Some(0), "the killed writer wrote nothing: {reports:?}");
+            let record = wait_for(&sandbox, |d| d["hook"] == "process_access" && d["tgid"] == pid);
+            assert_eq!(record["action"], "killed", "{record}");
+        } else {
+            assert!(status.success(), "untracked, flag clear: the pre-check let it by: {reports:?}");
+            assert_eq!(word, Some(1), "so the write landed (the attack is real): {reports:?}");
+        }
+    }
 }
 
 /// Where the kernel says the processes of the scope are tracked (`SEB_UNFOLLOWED_SEEN`).
