@@ -1058,6 +1058,21 @@ fn a_detached_link_is_noticed_reported_repaired_and_recorded() {
         thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(seb_sandbox::tamper::read_array_slot(&sandbox.pin_path, majors, 0).unwrap(), major, "not repaired");
+
+    // The flag that sends the write pre-check to the cgroup walk once a process of the
+    // scope went untracked only rises in the kernel: lowered, it is noticed and raised
+    // again.
+    let flag = seb_common::map_names::UNFOLLOWED_SEEN;
+    seb_sandbox::tamper::write_array_slot(&sandbox.pin_path, flag, 0, seb_common::unfollowed::SOME_UNMARKED).unwrap();
+    thread::sleep(Duration::from_millis(1500));
+    seb_sandbox::tamper::write_array_slot(&sandbox.pin_path, flag, 0, seb_common::unfollowed::NONE).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !audit_records(&sandbox, "tamper").iter().any(|r| r["body"]["findings"][0]["object"] == flag) {
+        assert!(std::time::Instant::now() < deadline, "the lowered flag was never noticed");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let level = seb_sandbox::tamper::read_array_slot(&sandbox.pin_path, flag, 0).unwrap();
+    assert_eq!(level, seb_common::unfollowed::SOME_UNMARKED, "not raised again");
 }
 
 /// A link detached while the agent was down is not adopted as enforcement: the agent

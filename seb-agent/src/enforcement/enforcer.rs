@@ -128,6 +128,8 @@ pub struct Enforcer {
     links: Vec<LinkState>,
     applied: Option<Desired>,
     kernel_layout: [u32; seb_common::layout::LEN as usize],
+    /// The highest `SEB_UNFOLLOWED_SEEN` level seen: the kernel never lowers it.
+    unfollowed_seen: u32,
 }
 
 impl Enforcer {
@@ -136,7 +138,8 @@ impl Enforcer {
         let kernel_layout = kernel_btf::kernel_layout()?;
         let mut ebpf = loader::load(&layout, max_scoped_processes)?;
         maps::write_kernel_layout(&mut ebpf, &kernel_layout)?;
-        Ok(Self { ebpf, layout, mount, links: Vec::new(), applied: None, kernel_layout })
+        let unfollowed_seen = maps::read_unfollowed_seen(&mut ebpf)?;
+        Ok(Self { ebpf, layout, mount, links: Vec::new(), applied: None, kernel_layout, unfollowed_seen })
     }
 
     pub fn ebpf_mut(&mut self) -> &mut aya::Ebpf {
@@ -186,6 +189,7 @@ impl Enforcer {
             Some(desired) => {
                 let mut findings = integrity::check(&mut self.ebpf, &self.layout, &self.links, desired);
                 findings.extend(integrity::check_kernel_layout(&mut self.ebpf, &self.kernel_layout));
+                findings.extend(integrity::check_unfollowed_seen(&mut self.ebpf, &mut self.unfollowed_seen));
                 findings
             }
             None => Vec::new(),
@@ -194,6 +198,9 @@ impl Enforcer {
 
     /// Write and attach everything again, whatever was applied before.
     pub fn reapply(&mut self, sources: &Sources) -> Result<()> {
+        if maps::read_unfollowed_seen(&mut self.ebpf)? < self.unfollowed_seen {
+            maps::write_unfollowed_seen(&mut self.ebpf, self.unfollowed_seen)?;
+        }
         self.applied = None;
         self.apply(sources).map(drop)
     }

@@ -124,6 +124,21 @@ pub fn check_kernel_layout(ebpf: &mut Ebpf, wanted: &[u32]) -> Option<Finding> {
     }
 }
 
+/// `SEB_UNFOLLOWED_SEEN` only ever rises in the kernel: lowered, it would let processes
+/// of the scope the kernel could not track pass the write pre-check unjudged. `highest`
+/// is the highest level seen so far, raised to the current one.
+pub fn check_unfollowed_seen(ebpf: &mut Ebpf, highest: &mut u32) -> Option<Finding> {
+    let name = map_names::UNFOLLOWED_SEEN;
+    match super::maps::read_unfollowed_seen(ebpf) {
+        Ok(level) if level >= *highest => {
+            *highest = level;
+            None
+        }
+        Ok(level) => Some(Finding::map(name, format!("lowered from {highest} to {level}; the kernel only raises it"))),
+        Err(e) => Some(Finding::map(name, format!("cannot be read: {e:#}"))),
+    }
+}
+
 /// What the last check found, for `status` and `/readyz`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Integrity {

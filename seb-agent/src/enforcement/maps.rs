@@ -177,11 +177,21 @@ pub fn mark_scoped(ebpf: &mut Ebpf, processes: &[(u32, u64)]) -> Result<()> {
     let mut map: HashMap<&mut MapData, u32, u64> = HashMap::try_from(map_mut(ebpf, map_names::SCOPED_TASKS)?)?;
     let unmarked = processes.iter().find(|(tgid, cgroup_id)| map.insert(tgid, cgroup_id, 0).is_err());
     if let Some((tgid, _)) = unmarked {
-        let mut seen: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, map_names::UNFOLLOWED_SEEN)?)?;
-        seen.set(0, unfollowed::SOME_UNMARKED, 0).context("noting an unmarked process of the scope")?;
+        write_unfollowed_seen(ebpf, unfollowed::SOME_UNMARKED).context("noting an unmarked process of the scope")?;
         bail!("marking process {tgid} as scoped: {} refused it (full?)", map_names::SCOPED_TASKS);
     }
     Ok(())
+}
+
+/// `SEB_UNFOLLOWED_SEEN`: how far the kernel lost track of processes of the scope.
+pub fn read_unfollowed_seen(ebpf: &mut Ebpf) -> Result<u32> {
+    let seen: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, map_names::UNFOLLOWED_SEEN)?)?;
+    Ok(seen.get(&0, 0)?)
+}
+
+pub fn write_unfollowed_seen(ebpf: &mut Ebpf, level: u32) -> Result<()> {
+    let mut seen: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, map_names::UNFOLLOWED_SEEN)?)?;
+    Ok(seen.set(0, level, 0)?)
 }
 
 /// The kernel's per-CPU counters, summed.
