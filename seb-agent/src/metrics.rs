@@ -145,6 +145,8 @@ pub struct Metrics {
     pub execution_seconds: Family<ExecutionLabels, Histogram>,
     pub kernel_denials: DenialCounter,
     pub ring_lost: Counter,
+    /// Kernel denials past the recording budget: counted in a summary record instead.
+    pub denials_suppressed: Counter,
     pub map_entries: Family<MapLabels, Gauge>,
     pub epochs: Family<EpochLabels, Gauge>,
     /// From a revocation being written to the API to this node applying it.
@@ -179,6 +181,7 @@ impl Metrics {
         build_info.get_or_create(&BuildLabels::THIS).set(1);
         let kernel_denials = DenialCounter::default();
         let ring_lost = Counter::default();
+        let denials_suppressed = Counter::default();
         let map_entries = Family::<MapLabels, Gauge>::default();
         let epochs = Family::<EpochLabels, Gauge>::default();
         let revocation_propagation =
@@ -221,6 +224,11 @@ impl Metrics {
             kernel_denials.family(),
         );
         registry.register("ringbuf_lost_events", "Kernel denials lost to a full ring buffer", ring_lost.clone());
+        registry.register(
+            "denials_suppressed",
+            "Kernel denials past the recording budget, counted in a summary record",
+            denials_suppressed.clone(),
+        );
         registry.register("map_entries", "Entries in the kernel maps", map_entries.clone());
         registry.register("active_epoch", "The active policy and revocation epochs", epochs.clone());
         registry.register(
@@ -255,6 +263,7 @@ impl Metrics {
             execution_seconds,
             kernel_denials,
             ring_lost,
+            denials_suppressed,
             map_entries,
             epochs,
             revocation_propagation,

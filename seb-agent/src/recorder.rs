@@ -1,7 +1,9 @@
 //! Draining kernel denials from the ring buffer into the audit store.
 //!
 //! Runs on its own thread: poll the ring buffer, drain it, enrich each event (executable,
-//! cgroup path, wall-clock time) and write the batch in one durable transaction. Events
+//! cgroup path, wall-clock time) and write the batch in one durable transaction. Every
+//! denial is counted in the metrics; past a per-second budget, denials are summed into
+//! one record per second rather than recorded one by one (see `denial_budget`). Events
 //! the kernel could not queue (ring full) are counted in a kernel counter; every increase
 //! becomes a `ring_loss` record, so a loss is never silent.
 
@@ -28,6 +30,7 @@ use crate::{
     audit::{KernelDenial, Ledger, denial, now_ns, store},
     cgroupfs::CgroupNames,
     cluster::directory::SharedDirectory,
+    denial_budget::{DenialBudget, SUPPRESSED_KIND, Suppressed},
     enforcement::maps::Counters,
     metrics::Metrics,
 };
@@ -51,6 +54,7 @@ pub struct Recorder {
     recorded_losses: u64,
     metrics: Arc<Metrics>,
     directory: SharedDirectory,
+    budget: DenialBudget,
 }
 
 const POLL_TIMEOUT_MS: i32 = 200;
@@ -68,7 +72,8 @@ impl Recorder {
         let ring = RingBuf::try_from(ring)?;
         let counters = Counters::take(ebpf)?;
         let recorded_losses = ledger.run_blocking(|batch| recorded_loss_total(batch.conn()))?;
-        Ok(Self { ring, counters, ledger, names, recorded_losses, metrics, directory })
+        let budget = DenialBudget::default();
+        Ok(Self { ring, counters, ledger, names, recorded_losses, metrics, directory, budget })
     }
 
     /// Run until `stop` is set; drains once more before returning.
@@ -79,7 +84,7 @@ impl Recorder {
                 let mut last_loss_check = Instant::now() - LOSS_CHECK_INTERVAL;
                 loop {
                     let stopping = stop.load(Ordering::Acquire);
-                    if let Err(e) = self.drain() {
+                    if let Err(e) = self.drain().and_then(|_| self.close_budget(stopping)) {
                         error!(error = %format!("{e:#}"), "recording kernel denials failed");
                     }
                     if last_loss_check.elapsed() >= LOSS_CHECK_INTERVAL || stopping {
@@ -118,42 +123,71 @@ impl Recorder {
             return Ok(0);
         }
         let clock = BootClock::now();
-        let records: Vec<(i64, KernelDenial)> = events
-            .iter()
-            .map(|event| {
-                let time_ns = clock.wall_ns(event.boot_ns);
-                let mut denial = KernelDenial::from_event(event, time_ns);
-                if let Some(tgid) = denial.tgid {
-                    let proc_exe =
-                        std::fs::read_link(format!("/proc/{tgid}/exe")).ok().map(|p| p.to_string_lossy().into_owned());
-                    denial.exe = crate::audit::denial::best_exe(denial.exe.take(), proc_exe);
-                }
-                denial.cgroup_path = self.names.path_of(denial.cgroup_id);
-                denial.task_cgroup_path = denial.task_cgroup_id.and_then(|id| self.names.path_of(id));
-                if let Ok(directory) = self.directory.read() {
-                    denial.attribute(&directory);
-                }
-                (time_ns as i64, denial)
-            })
-            .collect();
-        let logged: Vec<(i64, KernelDenial)> = records.clone();
+        let directory = self.directory.read().ok();
+        let mut records: Vec<(i64, KernelDenial)> = Vec::new();
+        let mut summaries = Vec::new();
+        for event in &events {
+            let time_ns = clock.wall_ns(event.boot_ns);
+            let mut denial = KernelDenial::from_event(event, time_ns);
+            denial.cgroup_path = self.names.path_of(denial.cgroup_id);
+            denial.task_cgroup_path = denial.task_cgroup_id.and_then(|id| self.names.path_of(id));
+            if let Some(directory) = &directory {
+                denial.attribute(directory);
+            }
+            // Counted under the directory's read lock: a pod cannot leave the directory
+            // (and have its series removed) between being found and being counted.
+            let pod = denial.pod_uid.as_deref().zip(directory.as_ref()).and_then(|(uid, directory)| directory.pod(uid));
+            self.metrics.kernel_denials.count(&denial.hook, pod);
+            let (admitted, closed) = self.budget.admit(&denial);
+            summaries.extend(closed);
+            if !admitted {
+                continue;
+            }
+            if let Some(tgid) = denial.tgid {
+                let proc_exe =
+                    std::fs::read_link(format!("/proc/{tgid}/exe")).ok().map(|p| p.to_string_lossy().into_owned());
+                denial.exe = crate::audit::denial::best_exe(denial.exe.take(), proc_exe);
+            }
+            info!(hook = %denial.hook, address = %denial.address, port = denial.port, tgid = denial.tgid, comm = denial.comm.as_deref(), "kernel denied egress");
+            records.push((time_ns as i64, denial));
+        }
+        drop(directory);
+        let written = records.len();
+        self.write(records, summaries)?;
+        Ok(written)
+    }
+
+    /// Write the summary of a second of denials that has ended, if it suppressed any
+    /// (`all`: the current one too, when stopping).
+    fn close_budget(&mut self, all: bool) -> Result<()> {
+        let summary = if all { self.budget.close() } else { self.budget.close_if_past(now_ns() as u64) };
+        self.write(Vec::new(), summary.into_iter().collect())
+    }
+
+    /// Full records and summaries of suppressed ones, in one durable transaction.
+    fn write(&mut self, records: Vec<(i64, KernelDenial)>, summaries: Vec<Suppressed>) -> Result<()> {
+        if records.is_empty() && summaries.is_empty() {
+            return Ok(());
+        }
+        for summary in &summaries {
+            warn!(
+                suppressed = summary.suppressed,
+                largest = summary.kinds.first().map_or(0, |kind| kind.count),
+                "kernel denials past the recording budget were counted, not recorded in full"
+            );
+            self.metrics.denials_suppressed.inc_by(summary.suppressed);
+        }
         self.ledger
             .run_blocking(move |batch| {
                 for (time_ns, denial) in &records {
                     batch.append(denial::KIND, *time_ns, denial)?;
                 }
+                for summary in &summaries {
+                    batch.append(SUPPRESSED_KIND, summary.second_ns as i64, summary)?;
+                }
                 Ok(())
             })
-            .context("writing kernel denials")?;
-        // Counted under the directory's read lock: a pod cannot leave the directory (and
-        // have its series removed) between being found and being counted.
-        let directory = self.directory.read().ok();
-        for (_, denial) in &logged {
-            let pod = denial.pod_uid.as_deref().zip(directory.as_ref()).and_then(|(uid, directory)| directory.pod(uid));
-            self.metrics.kernel_denials.count(&denial.hook, pod);
-            info!(hook = %denial.hook, address = %denial.address, port = denial.port, tgid = denial.tgid, comm = denial.comm.as_deref(), "kernel denied egress");
-        }
-        Ok(logged.len())
+            .context("writing kernel denials")
     }
 
     fn record_losses(&mut self) -> Result<()> {

@@ -13,6 +13,7 @@ use crate::{
         state::{EPOCH_KIND, REVOCATION_KIND},
     },
     audit::{AuditStore, Record, denial, format_time, head, keys, ledger::CHECKPOINT_KIND, verify},
+    denial_budget::SUPPRESSED_KIND,
     execute::OUTCOME_KIND,
     recorder::RING_LOSS_KIND,
     sab,
@@ -21,7 +22,7 @@ use crate::{
 };
 
 /// Every kind of record the broker and the SAB write.
-pub const KINDS: [&str; 17] = [
+pub const KINDS: [&str; 18] = [
     DECISION_KIND,
     OUTCOME_KIND,
     READ_KIND,
@@ -29,6 +30,7 @@ pub const KINDS: [&str; 17] = [
     EPOCH_KIND,
     REVOCATION_KIND,
     denial::KIND,
+    SUPPRESSED_KIND,
     RING_LOSS_KIND,
     tamper::KIND,
     CHECKPOINT_KIND,

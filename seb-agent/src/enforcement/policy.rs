@@ -52,10 +52,11 @@ fn through_nat64(v4: Ipv4Net) -> IpNet {
     IpNet::V6(Ipv6Net::new(Ipv6Addr::from(octets), 96 + v4.prefix_len()).expect("a prefix of at most 128 bits"))
 }
 
-/// Compile `endpoints`, each IPv4 one also as reached through NAT64; `local` are the prefixes local to the agent's network namespace
-/// when a protected endpoint is local there (else empty). Each becomes an entry too,
-/// marked local, so one lookup tells a destination that may reach a wildcard listener
-/// serving a protected endpoint from one that cannot.
+/// Compile `endpoints`, each IPv4 one also as reached through NAT64; `local` are the
+/// prefixes local to the agent's network namespace when a protected endpoint is local
+/// there (else empty). Each becomes an entry too, marked local, so one lookup tells a
+/// destination that may reach a wildcard listener serving a protected endpoint from one
+/// that cannot.
 pub fn compile(endpoints: &[Endpoint], local: &[IpNet]) -> Result<CompiledPolicy, TooManyRules> {
     let mut own: BTreeMap<IpNet, BTreeSet<PortRule>> = BTreeMap::new();
     for endpoint in endpoints {

@@ -1,0 +1,182 @@
+//! A bound on how many kernel denials become audit records.
+//!
+//! Any process of the scope can be denied as fast as it can call `connect()`: hundreds of
+//! thousands of times a second, each one a signed audit row and a log line, until the
+//! disk that also holds the admission decisions is full. So in each second of denial
+//! time, each kind of denial (same process, hook, destination, action) is recorded in
+//! full at most `PER_KEY` times, and at most `PER_SECOND` denials are recorded in all.
+//! The rest are counted, never dropped: each second that suppressed any ends in one
+//! `denials_suppressed` record with the total and the largest counts by kind.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::audit::KernelDenial;
+
+/// Record kind of the per-second summary of denials not recorded in full.
+pub const SUPPRESSED_KIND: &str = "denials_suppressed";
+/// Full records per kind of denial per second.
+pub const PER_KEY: u32 = 5;
+/// Full records per second, all kinds together.
+pub const PER_SECOND: u32 = 200;
+/// Kinds named in a summary; the rest are summed into `others`.
+pub const NAMED_IN_SUMMARY: usize = 16;
+
+const NANOS_PER_SECOND: u64 = 1_000_000_000;
+
+/// What makes two denials the same kind.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DenialKind {
+    pub tgid: Option<u32>,
+    pub comm: Option<String>,
+    pub hook: String,
+    pub address: String,
+    pub port: u16,
+    pub action: String,
+}
+
+impl DenialKind {
+    fn of(denial: &KernelDenial) -> Self {
+        Self {
+            tgid: denial.tgid,
+            comm: denial.comm.clone(),
+            hook: denial.hook.clone(),
+            address: denial.address.clone(),
+            port: denial.port,
+            action: denial.action.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuppressedKind {
+    #[serde(flatten)]
+    pub kind: DenialKind,
+    pub count: u64,
+}
+
+/// One second's denials that were counted but not recorded in full.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Suppressed {
+    /// The second, as nanoseconds since the Unix epoch at its start.
+    pub second_ns: u64,
+    pub suppressed: u64,
+    /// The largest counts, largest first.
+    pub kinds: Vec<SuppressedKind>,
+    /// Suppressed denials of kinds not named above.
+    pub others: u64,
+}
+
+/// The budget of the current second.
+#[derive(Default)]
+pub struct DenialBudget {
+    second: Option<u64>,
+    recorded: u32,
+    recorded_by_kind: HashMap<DenialKind, u32>,
+    suppressed: HashMap<DenialKind, u64>,
+}
+
+impl DenialBudget {
+    /// Whether `denial` is recorded in full. A denial of a later second first closes the
+    /// current one, whose summary is returned; one stamped earlier (another CPU's, a
+    /// little late) counts against the current second.
+    pub fn admit(&mut self, denial: &KernelDenial) -> (bool, Option<Suppressed>) {
+        let second = denial.time_ns / NANOS_PER_SECOND;
+        let closed = if self.second.is_some_and(|current| second > current) { self.close() } else { None };
+        self.second.get_or_insert(second);
+        let kind = DenialKind::of(denial);
+        let by_kind = self.recorded_by_kind.get(&kind).copied().unwrap_or(0);
+        let admitted = self.recorded < PER_SECOND && by_kind < PER_KEY;
+        if admitted {
+            self.recorded += 1;
+            self.recorded_by_kind.insert(kind, by_kind + 1);
+        } else {
+            *self.suppressed.entry(kind).or_default() += 1;
+        }
+        (admitted, closed)
+    }
+
+    /// Close the current second if `now_ns` is past it; its summary, if it suppressed any.
+    pub fn close_if_past(&mut self, now_ns: u64) -> Option<Suppressed> {
+        let current = self.second?;
+        (now_ns / NANOS_PER_SECOND > current).then(|| self.close()).flatten()
+    }
+
+    /// End the current second: its summary if it suppressed any, and a fresh budget.
+    pub fn close(&mut self) -> Option<Suppressed> {
+        let second = self.second.take()?;
+        self.recorded = 0;
+        self.recorded_by_kind.clear();
+        if self.suppressed.is_empty() {
+            return None;
+        }
+        let mut kinds: Vec<SuppressedKind> =
+            self.suppressed.drain().map(|(kind, count)| SuppressedKind { kind, count }).collect();
+        kinds.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.kind.cmp(&b.kind)));
+        let suppressed = kinds.iter().map(|k| k.count).sum();
+        let others = kinds.iter().skip(NAMED_IN_SUMMARY).map(|k| k.count).sum();
+        kinds.truncate(NAMED_IN_SUMMARY);
+        Some(Suppressed { second_ns: second * NANOS_PER_SECOND, suppressed, kinds, others })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use seb_common::{DenialEvent, FAMILY_V4, Hook};
+
+    use super::*;
+
+    fn denial(time_ns: u64, tgid: u32, port: u16) -> KernelDenial {
+        // SAFETY: DenialEvent is plain old data; all zeroes is a valid value.
+        let mut event: DenialEvent = unsafe { std::mem::zeroed() };
+        event.family = FAMILY_V4;
+        event.daddr[..4].copy_from_slice(&[192, 0, 2, 1]);
+        event.dport = port;
+        event.hook = Hook::Connect4 as u8;
+        event.pid_tgid = (u64::from(tgid) << 32) | u64::from(tgid);
+        KernelDenial::from_event(&event, time_ns)
+    }
+
+    #[test]
+    fn each_kind_is_recorded_a_few_times_a_second_and_the_rest_counted() {
+        let mut budget = DenialBudget::default();
+        let admitted = (0..1000).filter(|i| budget.admit(&denial(5 * NANOS_PER_SECOND + i, 7, 443)).0).count();
+        assert_eq!(admitted, PER_KEY as usize);
+        // Another kind still has its own budget.
+        assert!(budget.admit(&denial(5 * NANOS_PER_SECOND, 8, 443)).0);
+        let (admitted, closed) = budget.admit(&denial(6 * NANOS_PER_SECOND, 7, 443));
+        assert!(admitted, "a new second, a new budget");
+        let closed = closed.expect("the first second suppressed denials");
+        assert_eq!(closed.second_ns, 5 * NANOS_PER_SECOND);
+        assert_eq!(closed.suppressed, 1000 - u64::from(PER_KEY));
+        assert_eq!(closed.kinds.len(), 1);
+        assert_eq!((closed.kinds[0].kind.tgid, closed.kinds[0].count), (Some(7), closed.suppressed));
+        assert_eq!(budget.close(), None, "nothing suppressed in the second second");
+    }
+
+    #[test]
+    fn all_kinds_together_are_bounded_and_the_summary_names_the_largest() {
+        let mut budget = DenialBudget::default();
+        let total = 10 * PER_SECOND as u64;
+        let admitted = (0..total).filter(|i| budget.admit(&denial(NANOS_PER_SECOND, 1, *i as u16)).0).count();
+        assert_eq!(admitted, PER_SECOND as usize);
+        let summary = budget.close_if_past(2 * NANOS_PER_SECOND).unwrap();
+        assert_eq!(summary.suppressed, total - u64::from(PER_SECOND));
+        assert_eq!(summary.kinds.len(), NAMED_IN_SUMMARY);
+        let named: u64 = summary.kinds.iter().map(|k| k.count).sum();
+        assert_eq!(named + summary.others, summary.suppressed, "every suppressed denial is counted once");
+    }
+
+    #[test]
+    fn a_late_stamp_counts_against_the_current_second() {
+        let mut budget = DenialBudget::default();
+        for _ in 0..PER_KEY {
+            assert!(budget.admit(&denial(9 * NANOS_PER_SECOND, 3, 80)).0);
+        }
+        let (admitted, closed) = budget.admit(&denial(8 * NANOS_PER_SECOND, 3, 80));
+        assert!(!admitted && closed.is_none());
+        assert_eq!(budget.close_if_past(9 * NANOS_PER_SECOND + 1), None, "the second is not over");
+        assert_eq!(budget.close().unwrap().suppressed, 1);
+    }
+}
