@@ -5,7 +5,7 @@ use std::{
     ffi::CString,
     net::Ipv4Addr,
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
+        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
         unix::ffi::OsStrExt,
     },
     path::Path,
@@ -40,6 +40,36 @@ pub fn replace_connect4_program(pin: &Path) -> Result<()> {
     let link = open_pinned(pin)?;
     let program = load_allow_all_connect4()?;
     let update: [u32; 4] = [link.as_raw_fd() as u32, program.as_raw_fd() as u32, 0, 0];
+    // SAFETY: BPF_LINK_UPDATE reads the two fds.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, update.as_ptr(), 16usize) };
+    if rc != 0 {
+        bail!("replacing the program of {}: {}", pin.display(), std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `BPF_LINK_UPDATE` on a pinned `connect4` link with seb's own `connect4` program
+/// (same instructions, same tag) loaded again on maps root made: empty, so nothing is
+/// protected. The new maps are pinned beside seb's, under `maps/ROGUE_<name>`.
+pub fn replace_connect4_with_seb_on_other_maps(pin: &Path, pin_path: &Path) -> Result<()> {
+    let staging = pin_path.join("rogue");
+    std::fs::create_dir_all(&staging)?;
+    let mut ebpf = aya::EbpfLoader::new()
+        .default_map_pin_directory(&staging)
+        .load(seb_agent::enforcement::loader::OBJECT)
+        .context("loading seb's object on new maps")?;
+    for (name, map) in ebpf.maps() {
+        map.pin(pin_path.join("maps").join(format!("ROGUE_{name}")))?;
+    }
+    for entry in std::fs::read_dir(&staging)? {
+        std::fs::remove_file(entry?.path())?;
+    }
+    std::fs::remove_dir(&staging)?;
+    let program: &mut aya::programs::CgroupSockAddr =
+        ebpf.program_mut("seb_connect4").context("no seb_connect4 in the object")?.try_into()?;
+    program.load()?;
+    let link = open_pinned(pin)?;
+    let update: [u32; 4] = [link.as_raw_fd() as u32, program.fd()?.as_fd().as_raw_fd() as u32, 0, 0];
     // SAFETY: BPF_LINK_UPDATE reads the two fds.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, update.as_ptr(), 16usize) };
     if rc != 0 {

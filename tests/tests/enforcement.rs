@@ -1117,9 +1117,10 @@ fn a_restart_never_adopts_a_detached_link() {
 }
 
 /// Root swaps the program of one of seb's links (`BPF_LINK_UPDATE`) for one that allows
-/// every connect: the link is still attached where it was made, so only the program's
-/// tag tells. The agent notices within a second, attaches its own program again, and a
-/// restart does not adopt such a link.
+/// every connect, or for seb's own program bound to maps root made: the link is still
+/// attached where it was made, so only the program's tag and maps tell. The agent
+/// notices within a second, attaches its own program again, and a restart does not adopt
+/// such a link.
 #[test]
 fn a_link_whose_program_was_replaced_is_noticed_repaired_and_never_adopted() {
     let mut sandbox = sandbox("swap");
@@ -1139,6 +1140,23 @@ fn a_link_whose_program_was_replaced_is_noticed_repaired_and_never_adopted() {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !audit_records(&sandbox, "tamper").iter().any(names_the_swap) {
         assert!(std::time::Instant::now() < deadline, "the swapped program was never noticed");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let outcome = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
+    assert_eq!(outcome["result"], "EPERM", "after the repair: {outcome}");
+
+    // The same program (same tag) bound to maps root made and pinned beside seb's.
+    seb_sandbox::tamper::replace_connect4_with_seb_on_other_maps(&pin, &sandbox.pin_path).unwrap();
+    let through = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
+    assert_eq!(through["result"], "timed out", "seb's program on empty maps: {through}");
+    let names_other_maps = |record: &Value| {
+        record["body"]["findings"].as_array().unwrap().iter().any(|f| {
+            f["object"] == pin.to_str().unwrap() && f["problem"].as_str().unwrap().contains("this agent's uses maps")
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !audit_records(&sandbox, "tamper").iter().any(names_other_maps) {
+        assert!(std::time::Instant::now() < deadline, "seb's program on other maps was never noticed");
         thread::sleep(Duration::from_millis(50));
     }
     let outcome = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();

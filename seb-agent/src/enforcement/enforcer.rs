@@ -187,7 +187,7 @@ impl Enforcer {
     pub fn verify(&mut self) -> Vec<Finding> {
         match &self.applied {
             Some(desired) => {
-                let mut findings = integrity::check(&mut self.ebpf, &self.layout, &self.links, desired);
+                let mut findings = integrity::check(&mut self.ebpf, &self.links, desired);
                 findings.extend(integrity::check_kernel_layout(&mut self.ebpf, &self.kernel_layout));
                 findings.extend(integrity::check_unfollowed_seen(&mut self.ebpf, &mut self.unfollowed_seen));
                 findings

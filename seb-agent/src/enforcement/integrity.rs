@@ -3,7 +3,7 @@
 //! Root can detach a link (`BPF_LINK_DETACH`), unpin it, or rewrite a map entry; a
 //! detached cgroup link keeps its pin and its program but enforces nothing. So the agent
 //! asks the kernel, at least once a second, for each link: is it pinned, attached to
-//! the cgroup it was made for, running a program on the pinned maps; and for each map
+//! the cgroup it was made for, running this agent's program on its maps; and for each map
 //! that holds policy: does it hold exactly what was written. Any divergence is a
 //! finding: the caller records it, reports not ready, and repairs by writing and
 //! attaching everything again.
@@ -17,7 +17,7 @@ use aya::{
 use seb_common::{EndpointRules, map_names};
 use serde::{Deserialize, Serialize};
 
-use super::{LinkState, PinLayout, enforcer::Desired, loader, policy::TrieEntry, tap_devices::TapMajors};
+use super::{LinkState, enforcer::Desired, loader, policy::TrieEntry, tap_devices::TapMajors};
 
 /// One way the kernel differs from what the agent installed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,11 +39,9 @@ impl Finding {
 }
 
 /// Every divergence between the kernel and `desired`, as installed through `links`.
-pub fn check(ebpf: &mut Ebpf, layout: &PinLayout, links: &[LinkState], desired: &Desired) -> Vec<Finding> {
-    let mut findings: Vec<Finding> = loader::verify_links(layout, links)
-        .into_iter()
-        .map(|(link, why)| Finding::link(link, format!("{why:#}")))
-        .collect();
+pub fn check(ebpf: &mut Ebpf, links: &[LinkState], desired: &Desired) -> Vec<Finding> {
+    let mut findings: Vec<Finding> =
+        loader::verify_links(links).into_iter().map(|(link, why)| Finding::link(link, format!("{why:#}"))).collect();
     let exact = !desired.keep_previous;
     findings.extend(check_trie(ebpf, map_names::PROTECTED_V4, &desired.policy.v4, exact));
     findings.extend(check_trie(ebpf, map_names::PROTECTED_V6, &desired.policy.v6, exact));

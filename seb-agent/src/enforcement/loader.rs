@@ -24,7 +24,6 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::MapData,
     programs::{CgroupAttachMode, CgroupSkbAttachType, links::FdLink, loaded_programs},
 };
 use sha2::{Digest, Sha256};
@@ -184,9 +183,19 @@ pub struct LinkState {
     pub cgroup_id: u64,
     pub pin: PathBuf,
     pub origin: LinkOrigin,
-    /// The kernel's tag for the program the link must run.
-    #[serde(default)]
-    pub program_tag: u64,
+    /// The program the link must run: this agent's.
+    #[serde(skip)]
+    pub identity: ProgramIdentity,
+}
+
+/// What tells this agent's program from any other: the kernel's tag (a hash of its
+/// instructions, map references left out) and the maps it is bound to. A program of the
+/// same instructions bound to maps root made and pinned beside seb's would enforce what
+/// those maps hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProgramIdentity {
+    pub tag: u64,
+    pub maps: BTreeSet<u32>,
 }
 
 impl LinkState {
@@ -236,7 +245,6 @@ pub fn attach_all(
     keep_others: bool,
 ) -> Result<Vec<LinkState>> {
     let hash = object_hash();
-    let map_ids = pinned_map_ids(layout)?;
     let mut states = Vec::new();
     let mut wanted = BTreeSet::new();
     let programs = attached_programs(targets.syscall_tables);
@@ -244,7 +252,7 @@ pub fn attach_all(
         load_program(ebpf, program)?;
     }
     for &(program, attach_to) in programs {
-        let program_tag = program_tag(ebpf, program)?;
+        let identity = loaded_identity(ebpf, program)?;
         let cgroups: Vec<Option<&PathBuf>> = match attach_to {
             AttachTo::Scope => targets.scopes.iter().map(Some).collect(),
             AttachTo::Exempt => targets.exempt.iter().map(Some).collect(),
@@ -259,7 +267,7 @@ pub fn attach_all(
             };
             let pin = layout.links().join(&name);
             wanted.insert(name);
-            let expected = Expected { cgroup_id: cgroup.map(|_| cgroup_id), program_tag, map_ids: &map_ids };
+            let expected = Expected { cgroup_id: cgroup.map(|_| cgroup_id), program: &identity };
             let origin = match adopt(&pin, &expected) {
                 Ok(()) => LinkOrigin::Adopted,
                 Err(why) => {
@@ -272,7 +280,14 @@ pub fn attach_all(
             };
             let cgroup = cgroup.cloned().unwrap_or_default();
             info!(program, cgroup = %cgroup.display(), ?origin, "enforcing");
-            states.push(LinkState { program: program.into(), cgroup, cgroup_id, pin, origin, program_tag });
+            states.push(LinkState {
+                program: program.into(),
+                cgroup,
+                cgroup_id,
+                pin,
+                origin,
+                identity: identity.clone(),
+            });
         }
     }
     if !keep_others {
@@ -281,10 +296,11 @@ pub fn attach_all(
     Ok(states)
 }
 
-/// The kernel's tag for the program this agent loaded as `name`.
-fn program_tag(ebpf: &Ebpf, name: &str) -> Result<u64> {
+/// The identity of the program this agent loaded as `name`.
+fn loaded_identity(ebpf: &Ebpf, name: &str) -> Result<ProgramIdentity> {
     let program = ebpf.program(name).ok_or_else(|| anyhow!("program {name} is missing from the object"))?;
-    Ok(program.info().with_context(|| format!("reading the kernel's information on program {name}"))?.tag())
+    let info = program.info().with_context(|| format!("reading the kernel's information on program {name}"))?;
+    Ok(ProgramIdentity { tag: info.tag(), maps: info.map_ids()?.unwrap_or_default().into_iter().collect() })
 }
 
 fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
@@ -315,21 +331,20 @@ fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
 struct Expected<'a> {
     /// The cgroup it must still be attached to; `None` for the global tracepoint.
     cgroup_id: Option<u64>,
-    /// The tag (a hash of the instructions) of the program this agent loaded for it.
-    program_tag: u64,
-    map_ids: &'a BTreeSet<u32>,
+    /// The program this agent loaded for it.
+    program: &'a ProgramIdentity,
 }
 
-/// A pinned link is adopted when the kernel says it is attached where it belongs, runs
-/// this object's program, and that program still uses the pinned maps: a detached link
-/// enforces nothing, root can swap a link's program (`BPF_LINK_UPDATE`) for one that
-/// allows everything, and a program bound to maps that are no longer pinned would ignore
-/// every policy update.
+/// A pinned link is adopted when the kernel says it is attached where it belongs and
+/// runs this agent's program: the same instructions on the same maps. A detached link
+/// enforces nothing; root can swap a link's program (`BPF_LINK_UPDATE`) for one that
+/// allows everything, or for seb's own bound to maps it made; and a program bound to
+/// maps that are no longer pinned would ignore every policy update.
 fn adopt(pin: &Path, expected: &Expected<'_>) -> Result<()> {
     if !pin.exists() {
         bail!("not pinned");
     }
-    let (cgroup_id, map_ids) = (expected.cgroup_id, expected.map_ids);
+    let cgroup_id = expected.cgroup_id;
     let kernel = pinned_link(pin)?;
     if kernel.cgroup_id != cgroup_id {
         match kernel.cgroup_id {
@@ -342,35 +357,30 @@ fn adopt(pin: &Path, expected: &Expected<'_>) -> Result<()> {
         .filter_map(Result::ok)
         .find(|program| program.id() == kernel.program_id)
         .ok_or_else(|| anyhow!("the link's program {} is gone", kernel.program_id))?;
-    if program.tag() != expected.program_tag {
+    if program.tag() != expected.program.tag {
         bail!(
             "the link runs program {} with tag {:016x}, not this agent's (tag {:016x}): its program was replaced",
             kernel.program_id,
             program.tag(),
-            expected.program_tag
+            expected.program.tag
         );
     }
     let used: BTreeSet<u32> = program.map_ids()?.unwrap_or_default().into_iter().collect();
-    if !used.is_subset(map_ids) {
-        bail!("the link's program uses maps {used:?} but the pinned maps are {map_ids:?}");
+    if used != expected.program.maps {
+        bail!("the link's program uses maps {used:?}; this agent's uses maps {:?}", expected.program.maps);
     }
     Ok(())
 }
 
 /// Check the links this agent holds against the kernel: still pinned, still attached
-/// where they were, still running a program on the pinned maps. Returns each link that
-/// fails, with why; the pinned maps are read once for all of them.
-pub fn verify_links<'a>(layout: &PinLayout, links: &'a [LinkState]) -> Vec<(&'a LinkState, anyhow::Error)> {
-    let map_ids = match pinned_map_ids(layout) {
-        Ok(map_ids) => map_ids,
-        Err(why) => return links.iter().map(|link| (link, anyhow!("reading the pinned maps: {why:#}"))).collect(),
-    };
+/// where they were, still running this agent's program. Returns each link that fails,
+/// with why.
+pub fn verify_links(links: &[LinkState]) -> Vec<(&LinkState, anyhow::Error)> {
     links
         .iter()
         .filter_map(|state| {
             let cgroup_id = (!state.is_global()).then_some(state.cgroup_id);
-            let expected = Expected { cgroup_id, program_tag: state.program_tag, map_ids: &map_ids };
-            adopt(&state.pin, &expected).err().map(|why| (state, why))
+            adopt(&state.pin, &Expected { cgroup_id, program: &state.identity }).err().map(|why| (state, why))
         })
         .collect()
 }
@@ -438,16 +448,6 @@ fn unpin_unwanted(layout: &PinLayout, wanted: &BTreeSet<String>) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn pinned_map_ids(layout: &PinLayout) -> Result<BTreeSet<u32>> {
-    let mut ids = BTreeSet::new();
-    for entry in fs::read_dir(layout.maps())? {
-        let path = entry?.path();
-        let map = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
-        ids.insert(map.info()?.id());
-    }
-    Ok(ids)
 }
 
 /// Remove every pin: the programs detach as soon as no process holds their links.
