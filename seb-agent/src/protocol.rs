@@ -263,9 +263,14 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, body: &[u8]) -> 
     writer.flush().await
 }
 
+/// Room for a usual frame (a decision with its outcome), so that encoding one does not
+/// grow the buffer step by step.
+const USUAL_FRAME: usize = 2 * 1024;
+
 /// `message` as one frame (length prefix and JSON), encoded in place.
 pub fn encode_frame<T: Serialize>(message: &T) -> std::io::Result<Vec<u8>> {
-    let mut frame = vec![0; 4];
+    let mut frame = Vec::with_capacity(USUAL_FRAME);
+    frame.extend_from_slice(&[0; 4]);
     serde_json::to_writer(&mut frame, message).map_err(std::io::Error::other)?;
     let len = u32::try_from(frame.len() - 4).map_err(|_| std::io::Error::other("message too large"))?;
     frame[..4].copy_from_slice(&len.to_be_bytes());

@@ -311,8 +311,9 @@ pub async fn record_then(
     let id = decision_id.clone();
     let recorded = ledger
         .try_run(move |batch| {
+            let active_epochs = state::epochs(batch.conn())?;
             let verdict = match (&verified, precheck) {
-                (Some(verified), Ok(())) => state::check(batch.conn(), verified)?,
+                (Some(verified), Ok(())) => state::check_under(batch.conn(), active_epochs, verified)?,
                 (_, Err(rejection)) => Err(rejection),
                 (None, Ok(())) => {
                     Err(Rejection { reason: Reason::Internal, message: "no verified certificate".into() })
@@ -335,7 +336,7 @@ pub async fn record_then(
                 contract_id: contract_id.clone(),
                 request,
                 identity: verified.as_ref().map(|v| v.contract.identity.clone()),
-                active_epochs: state::epochs(batch.conn())?,
+                active_epochs,
             };
             let seq = state::record_decision(batch, &record)?;
             let mut decision = Decision {

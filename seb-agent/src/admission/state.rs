@@ -233,9 +233,15 @@ fn is_revoked(conn: &Connection, target: RevocationTarget, value: &str) -> Resul
 
 /// The stateful predicates, in order. Unknown state denies (fail closed).
 pub fn check(conn: &Connection, verified: &Verified) -> Result<Result<(), Rejection>> {
+    check_under(conn, epochs(conn)?, verified)
+}
+
+/// The same, with `active` the epochs just read from `conn` (for a caller that records
+/// them too).
+pub fn check_under(conn: &Connection, active: Epochs, verified: &Verified) -> Result<Result<(), Rejection>> {
     let contract = &verified.contract;
     let reject = |reason, message: String| Ok(Err(Rejection { reason, message }));
-    let Epochs { policy: Some(policy), revocation: Some(revocation) } = epochs(conn)? else {
+    let Epochs { policy: Some(policy), revocation: Some(revocation) } = active else {
         return reject(
             Reason::EpochsUnset,
             "the broker has no active policy and revocation epochs (seb-agent epoch)".into(),

@@ -37,6 +37,9 @@ pub const CHECKPOINT_KIND: &str = "checkpoint";
 const CHECKPOINT_RECORDS: u64 = 1024;
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
 const MAX_BATCH: usize = 512;
+/// Room for a usual record body (a decision), so that serialising one does not grow
+/// the buffer step by step.
+const USUAL_RECORD: usize = 1024;
 /// Jobs waiting for the ledger thread, at most.
 pub const QUEUE: usize = 4096;
 
@@ -137,7 +140,9 @@ impl Batch<'_> {
     /// The same, returning the record as stored (to derive state from it). Its signature
     /// is empty: the commit signs the last record of the group.
     pub fn append_record<T: Serialize + ?Sized>(&mut self, kind: &str, time_ns: i64, body: &T) -> Result<StoredRecord> {
-        let body = serde_json::to_string(body)?;
+        let mut json = Vec::with_capacity(USUAL_RECORD);
+        serde_json::to_writer(&mut json, body)?;
+        let body = String::from_utf8(json)?;
         let prev = self.head;
         let next = prev.next(kind, time_ns, &body);
         self.conn

@@ -168,10 +168,14 @@ impl ExecutionContract {
         canonical_json(self)
     }
 
-    /// Every number (uid, epochs) is an integer within the I-JSON range.
+    /// Every number (uid, epochs) is an integer within the I-JSON range: the same check,
+    /// and error, as on the contract's JSON, field by field in its order.
     pub fn check_numbers(&self) -> Result<(), NumberError> {
-        let value = serde_json::to_value(self).expect("contract types serialise to JSON");
-        ijson::check(&value, Numbers::Integers, "contract")
+        if let Some(uid) = self.agent.uid {
+            ijson::check_integer(uid.into(), "contract.agent.uid")?;
+        }
+        ijson::check_integer(self.policy_epoch, "contract.policy_epoch")?;
+        ijson::check_integer(self.revocation_epoch, "contract.revocation_epoch")
     }
 }
 
@@ -203,6 +207,41 @@ mod tests {
         let mut c = a.clone();
         c.params["body"] = "y".into();
         assert_ne!(a.digest(), c.digest());
+    }
+
+    /// `check_numbers` reads the numeric fields directly: it must find what the walk over
+    /// the contract's JSON finds, and every number in that JSON must be one it reads.
+    #[test]
+    fn a_contract_s_numbers_are_checked_as_its_json_would_be() {
+        let mut contract: ExecutionContract = serde_json::from_value(serde_json::json!({
+            "contract_id": "c-1", "agent": {"uid": 0}, "provider": "aws", "operation": "s3:PutObject",
+            "target": "arn:aws:s3:::b/k", "request_digest": "sha256:00", "precondition": "sha256:00",
+            "policy_epoch": 1, "revocation_epoch": 1, "evidence_digest": "sha256:00",
+            "identity": {"kind": "aws_role", "role_arn": "arn:aws:iam::1:role/r"}
+        }))
+        .unwrap();
+        let max = ijson::MAX_SAFE_INTEGER;
+        for (uid, policy, revocation) in
+            [(Some(u32::MAX), max, max), (None, max + 1, 1), (Some(0), 1, max + 1), (Some(7), u64::MAX, u64::MAX)]
+        {
+            (contract.agent.uid, contract.policy_epoch, contract.revocation_epoch) = (uid, policy, revocation);
+            let walked = ijson::check(&serde_json::to_value(&contract).unwrap(), Numbers::Integers, "contract");
+            assert_eq!(contract.check_numbers(), walked, "{uid:?} {policy} {revocation}");
+        }
+
+        fn numbers(value: &serde_json::Value, path: String, found: &mut Vec<String>) {
+            match value {
+                serde_json::Value::Number(_) => found.push(path),
+                serde_json::Value::Object(fields) => {
+                    fields.iter().for_each(|(key, item)| numbers(item, format!("{path}.{key}"), found))
+                }
+                _ => {}
+            }
+        }
+        let mut found = Vec::new();
+        numbers(&serde_json::to_value(&contract).unwrap(), "contract".into(), &mut found);
+        found.sort();
+        assert_eq!(found, ["contract.agent.uid", "contract.policy_epoch", "contract.revocation_epoch"]);
     }
 
     #[test]

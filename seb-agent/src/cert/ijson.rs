@@ -31,19 +31,45 @@ pub enum NumberError {
 
 /// Check every number in `value`; `path` names `value` itself in the error.
 pub fn check(value: &Value, numbers: Numbers, path: &str) -> Result<(), NumberError> {
+    check_at(value, numbers, &Path::Root(path))
+}
+
+/// Check an integer field; `path` names it in the error.
+pub fn check_integer(value: u64, path: &str) -> Result<(), NumberError> {
+    check_number(&Number::from(value), Numbers::Integers, &Path::Root(path))
+}
+
+/// Where a value is, spelt out only for an error: a check that passes allocates nothing.
+enum Path<'a> {
+    Root(&'a str),
+    Key(&'a Path<'a>, &'a str),
+    Index(&'a Path<'a>, usize),
+}
+
+impl std::fmt::Display for Path<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Root(root) => f.write_str(root),
+            Self::Key(parent, key) => write!(f, "{parent}.{key}"),
+            Self::Index(parent, i) => write!(f, "{parent}[{i}]"),
+        }
+    }
+}
+
+fn check_at(value: &Value, numbers: Numbers, path: &Path<'_>) -> Result<(), NumberError> {
     match value {
         Value::Number(number) => check_number(number, numbers, path),
         Value::Array(items) => {
-            items.iter().enumerate().try_for_each(|(i, item)| check(item, numbers, &format!("{path}[{i}]")))
+            items.iter().enumerate().try_for_each(|(i, item)| check_at(item, numbers, &Path::Index(path, i)))
         }
         Value::Object(fields) => {
-            fields.iter().try_for_each(|(key, item)| check(item, numbers, &format!("{path}.{key}")))
+            fields.iter().try_for_each(|(key, item)| check_at(item, numbers, &Path::Key(path, key)))
         }
         Value::Null | Value::Bool(_) | Value::String(_) => Ok(()),
     }
 }
 
-fn check_number(number: &Number, numbers: Numbers, path: &str) -> Result<(), NumberError> {
+fn check_number(number: &Number, numbers: Numbers, path: &Path<'_>) -> Result<(), NumberError> {
     let in_range = if let Some(n) = number.as_u64() {
         n <= MAX_SAFE_INTEGER
     } else if let Some(n) = number.as_i64() {

@@ -233,11 +233,15 @@ pub fn contract_of(extensions: &[Extension<'_>]) -> Result<ExecutionContract, Re
             format!("the contract extension's value is not a strict DER UTF8String: {detail}"),
         )
     })?;
-    let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| reject(Reason::MalformedContract, format!("the contract is not JSON: {e}")))?;
-    ijson::check(&value, Numbers::Integers, "contract")?;
-    let contract: ExecutionContract = serde_json::from_value(value)
-        .map_err(|e| reject(Reason::MalformedContract, format!("the contract is not valid: {e}")))?;
+    let contract = match serde_json::from_str::<ExecutionContract>(text) {
+        // The usual case: one pass, straight into the contract, then its numbers.
+        Ok(contract) => {
+            contract.check_numbers()?;
+            contract
+        }
+        // Otherwise the JSON value, checked step by step, names what is wrong.
+        Err(_) => contract_from_value(text)?,
+    };
     if contract.canonical_json() != text {
         return Err(reject(Reason::MalformedContract, "the contract is not in RFC 8785 canonical form"));
     }
@@ -245,6 +249,16 @@ pub fn contract_of(extensions: &[Extension<'_>]) -> Result<ExecutionContract, Re
         return Err(reject(Reason::MalformedContract, "the contract names no agent identity"));
     }
     Ok(contract)
+}
+
+/// The contract in `text` through a JSON value: whether it is JSON, then its numbers
+/// (I-JSON, integers), then its fields; the first that fails is the rejection.
+fn contract_from_value(text: &str) -> Result<ExecutionContract, Rejection> {
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| reject(Reason::MalformedContract, format!("the contract is not JSON: {e}")))?;
+    ijson::check(&value, Numbers::Integers, "contract")?;
+    serde_json::from_value(value)
+        .map_err(|e| reject(Reason::MalformedContract, format!("the contract is not valid: {e}")))
 }
 
 fn asn1_time(now: SystemTime) -> ASN1Time {
