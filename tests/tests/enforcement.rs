@@ -1041,15 +1041,7 @@ fn a_detached_link_is_noticed_reported_repaired_and_recorded() {
 
     // A policy entry removed behind the agent's back is written again too.
     seb_sandbox::tamper::remove_protected_v4(&sandbox.pin_path, [127, 0, 0, 2], 32).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let records = audit_records(&sandbox, "tamper");
-        if records.iter().any(|r| r["body"]["findings"][0]["object"] == "SEB_PROTECTED_V4") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the removed prefix was never noticed: {records:?}");
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_tamper(&sandbox, "the removed prefix", |r| r["body"]["findings"][0]["object"] == "SEB_PROTECTED_V4");
     let outcome = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
     assert_eq!(outcome["result"], "EPERM", "after the map repair: {outcome}");
 
@@ -1066,11 +1058,7 @@ fn a_detached_link_is_noticed_reported_repaired_and_recorded() {
     let major = seb_sandbox::tamper::read_array_slot(&sandbox.pin_path, majors, 0).unwrap();
     assert_ne!(major, 0, "this kernel registers macvtap");
     seb_sandbox::tamper::write_array_slot(&sandbox.pin_path, majors, 0, 0).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !audit_records(&sandbox, "tamper").iter().any(|r| r["body"]["findings"][0]["object"] == majors) {
-        assert!(std::time::Instant::now() < deadline, "the zeroed major was never noticed");
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_tamper(&sandbox, "the zeroed major", |r| r["body"]["findings"][0]["object"] == majors);
     assert_eq!(seb_sandbox::tamper::read_array_slot(&sandbox.pin_path, majors, 0).unwrap(), major, "not repaired");
 
     // The flag that sends the write pre-check to the cgroup walk once a process of the
@@ -1080,11 +1068,7 @@ fn a_detached_link_is_noticed_reported_repaired_and_recorded() {
     seb_sandbox::tamper::write_array_slot(&sandbox.pin_path, flag, 0, seb_common::unfollowed::SOME_UNMARKED).unwrap();
     thread::sleep(Duration::from_millis(1500));
     seb_sandbox::tamper::write_array_slot(&sandbox.pin_path, flag, 0, seb_common::unfollowed::NONE).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !audit_records(&sandbox, "tamper").iter().any(|r| r["body"]["findings"][0]["object"] == flag) {
-        assert!(std::time::Instant::now() < deadline, "the lowered flag was never noticed");
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_tamper(&sandbox, "the lowered flag", |r| r["body"]["findings"][0]["object"] == flag);
     let level = seb_sandbox::tamper::read_array_slot(&sandbox.pin_path, flag, 0).unwrap();
     assert_eq!(level, seb_common::unfollowed::SOME_UNMARKED, "not raised again");
 }
@@ -1137,11 +1121,7 @@ fn a_link_whose_program_was_replaced_is_noticed_repaired_and_never_adopted() {
     // The swapped program refuses nothing (the attack is real); the egress program still
     // drops the SYN, so the connect times out instead.
     assert_eq!(through["result"], "timed out", "under the swapped program: {through}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !audit_records(&sandbox, "tamper").iter().any(names_the_swap) {
-        assert!(std::time::Instant::now() < deadline, "the swapped program was never noticed");
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_tamper(&sandbox, "the swapped program", names_the_swap);
     let outcome = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
     assert_eq!(outcome["result"], "EPERM", "after the repair: {outcome}");
 
@@ -1154,11 +1134,7 @@ fn a_link_whose_program_was_replaced_is_noticed_repaired_and_never_adopted() {
             f["object"] == pin.to_str().unwrap() && f["problem"].as_str().unwrap().contains("this agent's uses maps")
         })
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !audit_records(&sandbox, "tamper").iter().any(names_other_maps) {
-        assert!(std::time::Instant::now() < deadline, "seb's program on other maps was never noticed");
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_tamper(&sandbox, "seb's program on other maps", names_other_maps);
     let outcome = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
     assert_eq!(outcome["result"], "EPERM", "after the repair: {outcome}");
 
@@ -1211,6 +1187,19 @@ fn a_protected_ipv4_address_is_refused_through_the_nat64_prefix() {
 fn pin_of(sandbox: &Sandbox, program: &str) -> std::path::PathBuf {
     let name = sandbox.pinned_links().unwrap().into_iter().find(|name| name.starts_with(program)).unwrap();
     sandbox.pin_path.join("links").join(name)
+}
+
+/// Wait up to 5 s for a `tamper` record that `matches`; `what` names the tampering.
+fn wait_for_tamper(sandbox: &Sandbox, what: &str, matches: impl Fn(&Value) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let records = audit_records(sandbox, "tamper");
+        if records.iter().any(&matches) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} was never noticed: {records:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn audit_records(sandbox: &Sandbox, kind: &str) -> Vec<Value> {
