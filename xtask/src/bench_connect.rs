@@ -261,7 +261,9 @@ fn load_nft(netns: &str, count: usize) -> Result<()> {
     );
     let path = std::env::temp_dir().join(format!("{netns}.nft"));
     std::fs::write(&path, rules)?;
-    let status = Command::new("ip").args(["netns", "exec", netns, "nft", "-f"]).arg(&path).status()?;
+    let status = Command::new("ip").args(["netns", "exec", netns, "nft", "-f"]).arg(&path).status();
+    let _ = std::fs::remove_file(&path);
+    let status = status?;
     ensure!(status.success(), "loading the nftables rule set into {netns}");
     Ok(())
 }
