@@ -22,6 +22,9 @@ pub const PER_KEY: u32 = 5;
 pub const PER_SECOND: u32 = 200;
 /// Kinds named in a summary; the rest are summed into `others`.
 pub const NAMED_IN_SUMMARY: usize = 16;
+/// Kinds counted one by one in a second; denials of further kinds go straight to
+/// `others` (a scan of many ports makes a kind per port).
+pub const COUNTED_KINDS: usize = 1024;
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
 
@@ -75,6 +78,8 @@ pub struct DenialBudget {
     recorded: u32,
     recorded_by_kind: HashMap<DenialKind, u32>,
     suppressed: HashMap<DenialKind, u64>,
+    /// Suppressed denials of kinds past `COUNTED_KINDS`.
+    uncounted: u64,
 }
 
 impl DenialBudget {
@@ -91,8 +96,12 @@ impl DenialBudget {
         if admitted {
             self.recorded += 1;
             self.recorded_by_kind.insert(kind, by_kind + 1);
+        } else if let Some(count) = self.suppressed.get_mut(&kind) {
+            *count += 1;
+        } else if self.suppressed.len() < COUNTED_KINDS {
+            self.suppressed.insert(kind, 1);
         } else {
-            *self.suppressed.entry(kind).or_default() += 1;
+            self.uncounted += 1;
         }
         (admitted, closed)
     }
@@ -108,14 +117,15 @@ impl DenialBudget {
         let second = self.second.take()?;
         self.recorded = 0;
         self.recorded_by_kind.clear();
+        let uncounted = std::mem::take(&mut self.uncounted);
         if self.suppressed.is_empty() {
             return None;
         }
         let mut kinds: Vec<SuppressedKind> =
             self.suppressed.drain().map(|(kind, count)| SuppressedKind { kind, count }).collect();
         kinds.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.kind.cmp(&b.kind)));
-        let suppressed = kinds.iter().map(|k| k.count).sum();
-        let others = kinds.iter().skip(NAMED_IN_SUMMARY).map(|k| k.count).sum();
+        let suppressed = kinds.iter().map(|k| k.count).sum::<u64>() + uncounted;
+        let others = kinds.iter().skip(NAMED_IN_SUMMARY).map(|k| k.count).sum::<u64>() + uncounted;
         kinds.truncate(NAMED_IN_SUMMARY);
         Some(Suppressed { second_ns: second * NANOS_PER_SECOND, suppressed, kinds, others })
     }
@@ -166,6 +176,21 @@ mod tests {
         assert_eq!(summary.kinds.len(), NAMED_IN_SUMMARY);
         let named: u64 = summary.kinds.iter().map(|k| k.count).sum();
         assert_eq!(named + summary.others, summary.suppressed, "every suppressed denial is counted once");
+    }
+
+    #[test]
+    fn kinds_past_the_counted_ones_are_summed_not_kept() {
+        let mut budget = DenialBudget::default();
+        let total = PER_SECOND as usize + COUNTED_KINDS + 500;
+        for port in 0..total {
+            budget.admit(&denial(NANOS_PER_SECOND, 1, port as u16));
+        }
+        assert_eq!(budget.suppressed.len(), COUNTED_KINDS, "memory stays bounded");
+        let summary = budget.close().unwrap();
+        assert_eq!(summary.suppressed, (total - PER_SECOND as usize) as u64);
+        let named: u64 = summary.kinds.iter().map(|k| k.count).sum();
+        assert_eq!(named + summary.others, summary.suppressed, "every suppressed denial is counted once");
+        assert_eq!(budget.uncounted, 0, "a fresh second");
     }
 
     #[test]
