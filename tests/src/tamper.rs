@@ -37,8 +37,12 @@ pub fn detach_pinned_link(pin: &Path) -> Result<()> {
 /// `BPF_LINK_UPDATE` on a pinned `connect4` link: it stays attached where it was, but
 /// runs a program of root's that allows every connect.
 pub fn replace_connect4_program(pin: &Path) -> Result<()> {
+    update_pinned_link(pin, load_allow_all_connect4()?.as_fd())
+}
+
+/// `BPF_LINK_UPDATE`: the link pinned at `pin` runs `program` from now on.
+fn update_pinned_link(pin: &Path, program: std::os::fd::BorrowedFd<'_>) -> Result<()> {
     let link = open_pinned(pin)?;
-    let program = load_allow_all_connect4()?;
     let update: [u32; 4] = [link.as_raw_fd() as u32, program.as_raw_fd() as u32, 0, 0];
     // SAFETY: BPF_LINK_UPDATE reads the two fds.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, update.as_ptr(), 16usize) };
@@ -68,14 +72,7 @@ pub fn replace_connect4_with_seb_on_other_maps(pin: &Path, pin_path: &Path) -> R
     let program: &mut aya::programs::CgroupSockAddr =
         ebpf.program_mut("seb_connect4").context("no seb_connect4 in the object")?.try_into()?;
     program.load()?;
-    let link = open_pinned(pin)?;
-    let update: [u32; 4] = [link.as_raw_fd() as u32, program.fd()?.as_fd().as_raw_fd() as u32, 0, 0];
-    // SAFETY: BPF_LINK_UPDATE reads the two fds.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, update.as_ptr(), 16usize) };
-    if rc != 0 {
-        bail!("replacing the program of {}: {}", pin.display(), std::io::Error::last_os_error());
-    }
-    Ok(())
+    update_pinned_link(pin, program.fd()?.as_fd())
 }
 
 /// `r0 = 1; exit`: a cgroup `connect4` program that lets everything through.
