@@ -113,7 +113,13 @@ pub async fn run(config: Config) -> Result<()> {
     // Before serving: every admitted decision gets its outcome, even across a crash.
     reconcile(&ledger, &executors).await?;
     let passthrough = config.passthrough.clone();
-    tasks.push(tokio::spawn(tamper::watch(enforcer.clone(), ledger.clone(), metrics.clone(), shutdown_rx.clone())));
+    tasks.push(tokio::spawn(tamper::watch(
+        enforcer.clone(),
+        sockets.clone(),
+        ledger.clone(),
+        metrics.clone(),
+        shutdown_rx.clone(),
+    )));
     let readiness = Readiness { enforcer: enforcer.clone(), cluster: freshness.clone() };
     let broker = Arc::new(Broker {
         sockets,

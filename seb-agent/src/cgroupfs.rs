@@ -36,6 +36,27 @@ pub fn resolve(mount: &Path, relative: &str) -> PathBuf {
     mount.join(relative.trim_start_matches('/'))
 }
 
+/// The processes (tgids) in one cgroup directory, not in its descendants.
+pub fn processes_in(dir: &Path) -> Result<Vec<u32>> {
+    let procs = fs::read_to_string(dir.join("cgroup.procs"))
+        .with_context(|| format!("reading {}", dir.join("cgroup.procs").display()))?;
+    Ok(procs.lines().filter_map(|line| line.trim().parse().ok()).collect())
+}
+
+/// A process's cgroup v2 path relative to the mount (its `0::` line in
+/// /proc/<process>/cgroup); `process` is a tgid or `self`.
+pub fn cgroup_of(process: &str) -> Result<String> {
+    let file = format!("/proc/{process}/cgroup");
+    let lines = fs::read_to_string(&file).with_context(|| format!("reading {file}"))?;
+    let path = lines.lines().find_map(|line| line.strip_prefix("0::"));
+    path.map(str::to_string).with_context(|| format!("no cgroup v2 line in {file}"))
+}
+
+/// This process's cgroup v2 directory.
+pub fn own_cgroup_dir(mount: &Path) -> Result<PathBuf> {
+    Ok(resolve(mount, &cgroup_of("self")?))
+}
+
 /// The cgroup id of a cgroup2 directory.
 pub fn cgroup_id(dir: &Path) -> Result<u64> {
     let meta = fs::metadata(dir).with_context(|| format!("cgroup {} does not exist", dir.display()))?;

@@ -1,5 +1,6 @@
-//! Watching the kernel for tampering: a check of every link and policy map, at least
-//! once a second, each divergence repaired, recorded in the audit log and counted.
+//! Watching the kernel for tampering: a check of every link, policy map and broker
+//! registration, at least once a second, each divergence repaired, recorded in the audit
+//! log and counted.
 
 use std::{sync::Arc, time::Duration};
 
@@ -9,7 +10,7 @@ use tracing::{error, warn};
 
 use crate::{
     audit::{Ledger, now_ns},
-    enforcement::{SharedEnforcer, integrity::Finding},
+    enforcement::{BrokerSockets, SharedEnforcer, integrity::Finding},
     metrics::{Metrics, TamperLabels},
 };
 
@@ -31,6 +32,7 @@ struct TamperRecord<'a> {
 /// Check until `shutdown` flips.
 pub async fn watch(
     enforcer: SharedEnforcer,
+    sockets: BrokerSockets,
     ledger: Ledger,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
@@ -40,8 +42,8 @@ pub async fn watch(
             _ = tokio::time::sleep(INTERVAL) => {}
             _ = shutdown.changed() => return,
         }
-        let checker = enforcer.clone();
-        let checked = match tokio::task::spawn_blocking(move || checker.check_integrity()).await {
+        let (checker, registry) = (enforcer.clone(), sockets.clone());
+        let checked = match tokio::task::spawn_blocking(move || checker.check_integrity(&registry)).await {
             Ok(checked) => checked,
             Err(e) => {
                 error!(error = %e, "the kernel integrity check panicked");

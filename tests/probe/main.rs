@@ -72,6 +72,17 @@ enum Command {
         pin_path: PathBuf,
         addr: SocketAddr,
     },
+    /// A child enters itself as a broker and registers a socket by writing the pinned
+    /// maps directly, as root with CAP_BPF could; it connects and sends `before`. Up to
+    /// `--wait-ms` later (or once the child is killed) this process checks the
+    /// registration and sends `after` on its duplicate of the socket.
+    ForgeRegistration {
+        #[arg(long)]
+        pin_path: PathBuf,
+        #[arg(long, default_value_t = 3000)]
+        wait_ms: u64,
+        addr: SocketAddr,
+    },
     /// Create a process with exactly this PID (clone3 set_tid) and try from it.
     ReusePid { pid: i32, method: Method, addr: SocketAddr },
     /// A broker that registers a socket and dies without cleaning up, while a helper
@@ -340,6 +351,7 @@ fn run(command: Command) -> Result<()> {
             bail!("exec {command:?}: {error}")
         }
         Command::AsBroker { pin_path, addr } => as_broker(&pin_path, addr),
+        Command::ForgeRegistration { pin_path, wait_ms, addr } => forge_registration(&pin_path, wait_ms, addr),
         Command::ReusePid { pid, method, addr } => reuse_pid(pid, method, addr),
         Command::Access { how, addr, wait } => print(access::reach_into_child(how, addr, wait)?),
         Command::Tun { name, compat, device } => print(json!({"result": outcome(make_tun(&device, &name, compat))})),
@@ -599,6 +611,73 @@ struct CloneArgs {
     set_tid: u64,
     set_tid_size: u64,
     cgroup: u64,
+}
+
+/// See `Command::ForgeRegistration`.
+fn forge_registration(pin_path: &std::path::Path, wait_ms: u64, addr: SocketAddr) -> Result<()> {
+    let forged = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let cookie = socket_cookie(forged.as_fd())?;
+    let (report_read, report_write) = nix::unistd::pipe()?;
+    // SAFETY: the child only forges, connects, reports and waits to be killed.
+    let forger = match unsafe { nix::unistd::fork()? } {
+        nix::unistd::ForkResult::Parent { child } => child,
+        nix::unistd::ForkResult::Child => {
+            drop(report_read);
+            let report = (|| -> Result<Value> {
+                let sockets = BrokerSockets::open_at(pin_path)?;
+                std::mem::forget(sockets.register(forged.as_fd())?);
+                let forged_connect = outcome(forged.connect_timeout(&addr.into(), Duration::from_secs(2)));
+                let sent_before = outcome(forged.send(b"before").map(drop));
+                Ok(json!({"forged_connect": forged_connect, "sent_before": sent_before}))
+            })()
+            .unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+            let _ = File::from(report_write).write_all(report.to_string().as_bytes());
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    };
+    drop(report_write);
+    let mut report: Value = serde_json::from_str(&std::io::read_to_string(File::from(report_read))?)?;
+    let waited = Instant::now();
+    let mut killed = None;
+    while killed.is_none() && waited.elapsed() < Duration::from_millis(wait_ms) {
+        match nix::sys::wait::waitpid(forger, Some(nix::sys::wait::WaitPidFlag::WNOHANG))? {
+            nix::sys::wait::WaitStatus::Signaled(_, signal, _) => killed = Some(signal),
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    let killed_after_ms = waited.elapsed().as_millis() as u64;
+    let still_registered = pinned_registry_holds(pin_path, cookie)?;
+    // Its duplicate, here: is anything more of the connection let out?
+    let sent_after = outcome(forged.send(b"after").map(drop));
+    // Time for the kernel to send (and resend) `after`, were it let through.
+    std::thread::sleep(Duration::from_millis(500));
+    if killed.is_none() {
+        nix::sys::signal::kill(forger, nix::sys::signal::Signal::SIGKILL)?;
+        nix::sys::wait::waitpid(forger, None)?;
+    }
+    report["pid"] = forger.as_raw().into();
+    report["cookie"] = cookie.into();
+    report["killed"] = killed.map(|signal| signal.as_str()).into();
+    report["killed_after_ms"] = killed_after_ms.into();
+    report["still_registered"] = still_registered.into();
+    report["sent_after"] = sent_after.into();
+    print(report)
+}
+
+/// Whether the pinned registry holds `cookie`, read without entering this process as a
+/// broker (as `BrokerSockets` would).
+fn pinned_registry_holds(pin_path: &std::path::Path, cookie: u64) -> Result<bool> {
+    let path = seb_agent::enforcement::PinLayout::new(pin_path).map(seb_common::map_names::BROKER_SOCKETS);
+    let data = aya::maps::MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let registry: aya::maps::HashMap<_, u64, seb_common::BrokerSocket> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
+    match registry.get(&cookie, 0) {
+        Ok(_) => Ok(true),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The dead-broker scenario; see `Command::DeadBroker`.

@@ -32,6 +32,19 @@ pub mod tls_server;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
+/// What [`Sandbox::record_tcp`] received, per connection in accept order.
+pub struct TcpRecorder {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reader: thread::JoinHandle<Vec<Vec<u8>>>,
+}
+
+impl TcpRecorder {
+    pub fn stop(self) -> Vec<Vec<u8>> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.reader.join().expect("the TCP recorder panicked")
+    }
+}
+
 /// The binaries a sandbox runs.
 #[derive(Debug, Clone)]
 pub struct Tools {
@@ -182,12 +195,8 @@ impl Sandbox {
 
     /// The same, the sockets bound to `device` (`SO_BINDTODEVICE`) when given.
     pub fn listen_on(&mut self, addr: SocketAddr, device: Option<&str>) -> Result<()> {
-        let netns = self.netns.clone();
         let device = device.map(|name| name.as_bytes().to_vec());
-        let (tcp, udp) = thread::spawn(move || -> Result<(TcpListener, UdpSocket)> {
-            let ns = fs::File::open(format!("/run/netns/{netns}"))?;
-            // setns(CLONE_NEWNET) moves only this thread; its sockets stay in the namespace.
-            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let (tcp, udp) = self.in_netns(move || -> Result<(TcpListener, UdpSocket)> {
             let socket = |kind: socket2::Type| -> Result<socket2::Socket> {
                 let socket = socket2::Socket::new(socket2::Domain::for_address(addr), kind, None)?;
                 if addr.is_ipv6() {
@@ -201,12 +210,54 @@ impl Sandbox {
             tcp.set_reuse_address(true)?;
             tcp.listen(128)?;
             Ok((tcp.into(), socket(socket2::Type::DGRAM)?.into()))
-        })
-        .join()
-        .expect("listener thread")?;
+        })?;
         self.listeners.push(Listener::Tcp(tcp));
         self.listeners.push(Listener::Udp(udp));
         Ok(())
+    }
+
+    /// Accept TCP connections on `addr` inside the namespace and keep what each sends,
+    /// until [`TcpRecorder::stop`]: which bytes of a connection got through.
+    pub fn record_tcp(&self, addr: SocketAddr) -> Result<TcpRecorder> {
+        let listener = self.in_netns(move || Ok(TcpListener::bind(addr)?))?;
+        listener.set_nonblocking(true)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let reader = thread::spawn(move || {
+            let mut connections: Vec<(std::net::TcpStream, Vec<u8>)> = Vec::new();
+            loop {
+                let last = stopped.load(Ordering::SeqCst);
+                while let Ok((stream, _)) = listener.accept() {
+                    let _ = stream.set_nonblocking(true);
+                    connections.push((stream, Vec::new()));
+                }
+                for (stream, received) in &mut connections {
+                    let mut buffer = [0u8; 4096];
+                    while let Ok(n @ 1..) = std::io::Read::read(stream, &mut buffer) {
+                        received.extend_from_slice(&buffer[..n]);
+                    }
+                }
+                if last {
+                    return connections.into_iter().map(|(_, received)| received).collect();
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Ok(TcpRecorder { stop, reader })
+    }
+
+    /// Run `make` on a thread inside the sandbox's network namespace: the sockets it
+    /// creates belong to the namespace, wherever they are used afterwards.
+    fn in_netns<T: Send + 'static>(&self, make: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+        let netns = self.netns.clone();
+        thread::spawn(move || -> Result<T> {
+            let ns = fs::File::open(format!("/run/netns/{netns}"))?;
+            // setns(CLONE_NEWNET) moves only this thread.
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+            make()
+        })
+        .join()
+        .expect("namespace thread")
     }
 
     /// Run `ip <args>` in the sandbox's network namespace.

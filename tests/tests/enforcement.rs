@@ -1184,6 +1184,57 @@ fn a_protected_ipv4_address_is_refused_through_the_nat64_prefix() {
     assert_ne!(outcome["result"], "EPERM", "127.0.0.3 is not protected: {outcome}");
 }
 
+/// Root in the scope with CAP_BPF can write the pinned maps (this kernel loads no
+/// BPF-LSM program to stop it): it enters itself as a live broker and registers its own
+/// socket, and the kernel lets that socket through. Within a check or two the agent
+/// kills each process entered as a broker that is neither the agent nor in its cgroup,
+/// cuts its sockets (nothing more of an open connection leaves, not even through a
+/// duplicate another process holds) and records who it was. A process in the agent's
+/// own cgroup keeps its registration.
+#[test]
+fn a_forged_broker_registration_is_killed_cut_and_recorded() {
+    let mut sandbox = sandbox("forged");
+    sandbox.start_agent().unwrap();
+    let pin_path = sandbox.pin_path.to_string_lossy().into_owned();
+    let forge = |cgroup: &str, wait_ms: &str| {
+        let recorder = sandbox.record_tcp("127.0.0.2:9000".parse().unwrap()).unwrap();
+        let args = ["forge-registration", "--pin-path", &pin_path, "--wait-ms", wait_ms, "127.0.0.2:9000"];
+        let report = sandbox.probe(cgroup, &args).unwrap();
+        (report, recorder.stop())
+    };
+
+    let (forged, received) = forge("workload", "3000");
+    assert_eq!(forged["killed"], "SIGKILL", "the forger was never killed: {forged}");
+    assert!(forged["killed_after_ms"].as_u64().unwrap() < 1_500, "{forged}");
+    assert_eq!(forged["still_registered"], false, "{forged}");
+    // Until the agent's check the forgery works (detection, not prevention); then the
+    // connection is cut: `after`, sent through the duplicate, never arrives.
+    let expected: &[&[u8]] = if forged["forged_connect"] == "ok" { &[b"before"] } else { &[] };
+    assert_eq!(received, expected, "{forged}");
+    let pid = forged["pid"].as_u64().unwrap();
+    let names = |object: &str, record: &Value| {
+        record["body"]["findings"].as_array().unwrap().iter().any(|f| {
+            f["kind"] == "registration"
+                && f["object"] == object
+                && f["problem"].as_str().unwrap().contains(&format!("tgid {pid} ("))
+        })
+    };
+    wait_for_tamper(&sandbox, "the forged broker", |record| {
+        names("SEB_BROKER_PROCESSES", record) && names("SEB_BROKER_SOCKETS", record)
+    });
+    let status = sandbox.status().unwrap();
+    assert!(
+        status["integrity"]["last_findings"].as_array().unwrap().iter().any(|f| f["kind"] == "registration"),
+        "{status}"
+    );
+
+    // Beside the agent, in its own cgroup: a broker as the agent is, through three checks.
+    let (beside, received) = forge("broker", "1500");
+    assert_eq!((&beside["killed"], &beside["still_registered"]), (&Value::Null, &Value::Bool(true)), "{beside}");
+    assert_eq!(beside["forged_connect"], "ok", "{beside}");
+    assert_eq!(received, [b"beforeafter"], "{beside}");
+}
+
 fn pin_of(sandbox: &Sandbox, program: &str) -> std::path::PathBuf {
     let name = sandbox.pinned_links().unwrap().into_iter().find(|name| name.starts_with(program)).unwrap();
     sandbox.pin_path.join("links").join(name)

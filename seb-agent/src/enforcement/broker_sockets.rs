@@ -22,7 +22,7 @@ use std::{
     collections::HashMap as StdHashMap,
     future::Future,
     net::SocketAddr,
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd},
     path::Path,
     sync::{Arc, Mutex},
 };
@@ -33,7 +33,8 @@ use seb_common::{BrokerSocket, map_names};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::PinLayout;
+use super::{PinLayout, integrity::Finding};
+use crate::cgroupfs;
 
 type Registry = HashMap<MapData, u64, BrokerSocket>;
 
@@ -209,13 +210,14 @@ impl BrokerSockets {
             bail!("decision {} was revoked while it executed: no further connection is opened for it", tag.decision_id);
         }
         let cookie = socket_cookie(socket)?;
-        self.lock()?
-            .registry
+        // Both under the registry's lock: the registration check sees the kernel's entry
+        // and this process's record of it together.
+        let mut maps = self.lock()?;
+        let mut tags = self.tags.lock().map_err(|_| anyhow!("broker socket tags poisoned"))?;
+        maps.registry
             .insert(cookie, BrokerSocket { tgid: self.tgid, _pad: 0, generation: self.generation }, 0)
             .context("registering a broker socket (is the registry full?)")?;
-        if let Ok(mut tags) = self.tags.lock() {
-            tags.insert(cookie, tag);
-        }
+        tags.insert(cookie, tag);
         Ok(Registration { sockets: self.clone(), cookie })
     }
 
@@ -244,6 +246,118 @@ impl BrokerSockets {
             tags.insert(*cookie, None);
         }
         Ok(cookies)
+    }
+
+    /// Hold the kernel's registry to the brokers that really exist. Without BPF-LSM, root
+    /// with CAP_BPF can write the pinned maps: enter its own process as a live broker and
+    /// its socket as registered, and the kernel lets that socket through. A broker is this
+    /// process, or a process in its own cgroup (which could take this one over anyway).
+    /// Any other process entered as a broker is killed and its entry removed; a socket
+    /// registered for it, under another generation, or under this process without its
+    /// knowledge is cut (an open connection sends nothing more) and removed. Returns what
+    /// was found, and whether the repair succeeded.
+    pub fn check_registrations(&self, mount: &Path) -> (Vec<Finding>, Result<()>) {
+        let mut findings = Vec::new();
+        let repaired = self.hold_registrations(mount, &mut findings);
+        (findings, repaired)
+    }
+
+    fn hold_registrations(&self, mount: &Path, findings: &mut Vec<Finding>) -> Result<()> {
+        let mut maps = self.lock()?;
+        let tags = self.tags.lock().map_err(|_| anyhow!("broker socket tags poisoned"))?;
+        let brokers = self.classify_brokers(&maps, mount)?;
+        if brokers.own_entry != Some(self.generation) {
+            let what = if brokers.own_entry.is_some() { "holds another generation" } else { "was removed" };
+            findings.push(Finding::registration(
+                map_names::BROKER_PROCESSES,
+                format!(
+                    "this agent's own entry (tgid {}) {what}: its connections were refused; written again",
+                    self.tgid
+                ),
+            ));
+            maps.processes.insert(self.tgid, self.generation, 0).context("entering this process as a broker again")?;
+        }
+        // Cut first, kill second: nothing of a forged connection leaves in between.
+        self.cut_forged_sockets(&mut maps, &tags, &brokers, findings)?;
+        kill_strangers(&mut maps, &brokers.strangers, findings)
+    }
+
+    /// The entries of `SEB_BROKER_PROCESSES`: this process's, the live brokers beside it
+    /// (in its cgroup), and strangers.
+    fn classify_brokers(&self, maps: &Maps, mount: &Path) -> Result<Brokers> {
+        let processes: Vec<(u32, u64)> = maps
+            .processes
+            .iter()
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("reading {}", map_names::BROKER_PROCESSES))?;
+        let mut brokers =
+            Brokers { live: StdHashMap::from([(self.tgid, self.generation)]), strangers: Vec::new(), own_entry: None };
+        let mut beside_me: Option<Vec<u32>> = None;
+        for (tgid, generation) in processes {
+            if tgid == self.tgid {
+                brokers.own_entry = Some(generation);
+                continue;
+            }
+            if beside_me.is_none() {
+                beside_me = Some(cgroupfs::own_cgroup_dir(mount).and_then(|dir| cgroupfs::processes_in(&dir))?);
+            }
+            if beside_me.as_ref().is_some_and(|procs| procs.contains(&tgid)) {
+                brokers.live.insert(tgid, generation);
+            } else {
+                brokers.strangers.push(tgid);
+            }
+        }
+        Ok(brokers)
+    }
+
+    /// Cut and remove every registration no live broker made; quietly drop those left by
+    /// brokers that died (the kernel refuses them already).
+    fn cut_forged_sockets(
+        &self,
+        maps: &mut Maps,
+        tags: &StdHashMap<u64, Option<ExecutionTag>>,
+        brokers: &Brokers,
+        findings: &mut Vec<Finding>,
+    ) -> Result<()> {
+        let entries: Vec<(u64, BrokerSocket)> = maps
+            .registry
+            .iter()
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("reading {}", map_names::BROKER_SOCKETS))?;
+        let mut forged = Vec::new();
+        for (cookie, registered) in entries {
+            let tgid = registered.tgid;
+            if brokers.live.get(&tgid) == Some(&registered.generation)
+                && (tgid != self.tgid || tags.contains_key(&cookie))
+            {
+                continue;
+            }
+            if brokers.live.contains_key(&tgid) || brokers.strangers.contains(&tgid) {
+                forged.push((cookie, tgid));
+            } else {
+                maps.registry.remove(&cookie).with_context(|| format!("removing stale broker socket {cookie}"))?;
+            }
+        }
+        if forged.is_empty() {
+            return Ok(());
+        }
+        let mut owners: Vec<u32> = forged.iter().map(|(_, tgid)| *tgid).collect();
+        owners.sort_unstable();
+        owners.dedup();
+        findings.push(Finding::registration(
+            map_names::BROKER_SOCKETS,
+            format!(
+                "{} sockets registered by no broker, claimed for {}; cut and removed",
+                forged.len(),
+                describe_processes(&owners)
+            ),
+        ));
+        maps.cut_pending.set(0, 1, 0).context("marking cuts pending")?;
+        for (cookie, _) in &forged {
+            maps.cut.insert(cookie, 1, 0).with_context(|| format!("cutting forged broker socket {cookie}"))?;
+            maps.registry.remove(cookie).with_context(|| format!("removing forged broker socket {cookie}"))?;
+        }
+        Ok(())
     }
 
     /// Whether the kernel holds a registration for this socket cookie.
@@ -275,10 +389,11 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        let maps = self.sockets.lock();
         if let Ok(mut tags) = self.sockets.tags.lock() {
             tags.remove(&self.cookie);
         }
-        if let Ok(mut maps) = self.sockets.lock() {
+        if let Ok(mut maps) = maps {
             // One of the two is already gone; the socket is closed, so neither is needed.
             let _ = maps.registry.remove(&self.cookie);
             let _ = maps.cut.remove(&self.cookie);
@@ -303,6 +418,93 @@ impl BrokerStream {
     pub fn into_parts(self) -> (TcpStream, Registration) {
         (self.stream, self._registration)
     }
+}
+
+/// Who `SEB_BROKER_PROCESSES` names.
+struct Brokers {
+    /// This process and the live brokers beside it, with their generations.
+    live: StdHashMap<u32, u64>,
+    /// Processes entered as brokers that are neither.
+    strangers: Vec<u32>,
+    /// This process's own entry, if it is there.
+    own_entry: Option<u64>,
+}
+
+/// Kill every stranger and remove its entry. Killed, not only removed: whoever wrote the
+/// entry could write it again, and each time have until the next check.
+fn kill_strangers(maps: &mut Maps, strangers: &[u32], findings: &mut Vec<Finding>) -> Result<()> {
+    if strangers.is_empty() {
+        return Ok(());
+    }
+    // Described before they are killed, while /proc still shows them.
+    let described = describe_processes(strangers);
+    let killed = strangers.iter().filter(|tgid| kill_holder(&maps.processes, **tgid)).count();
+    findings.push(Finding::registration(
+        map_names::BROKER_PROCESSES,
+        format!(
+            "{} processes entered as brokers that are neither this agent nor in its cgroup: {described}; {killed} \
+             killed, every entry removed",
+            strangers.len(),
+        ),
+    ));
+    for tgid in strangers {
+        match maps.processes.remove(tgid) {
+            // The exit tracepoint removed a killed process's entry first.
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing broker process {tgid}")),
+        }?;
+    }
+    Ok(())
+}
+
+/// SIGKILL the process `tgid` while it still holds its entry in the broker processes: it
+/// is pinned by a pidfd first, so a PID reused after it exited (the exit tracepoint
+/// removes its entry) is never hit. Whether it was killed.
+fn kill_holder(processes: &HashMap<MapData, u32, u64>, tgid: u32) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, tgid, 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: a new descriptor this function owns.
+    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    if processes.get(&tgid, 0).is_err() {
+        return false;
+    }
+    // SAFETY: a valid pidfd, no siginfo.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        ) == 0
+    }
+}
+
+/// At most this many processes are named in a finding; the rest are counted.
+const NAMED_PROCESSES: usize = 4;
+
+/// Who the processes are, for the tamper record: tgid, executable and cgroup, while they
+/// run.
+fn describe_processes(tgids: &[u32]) -> String {
+    let mut named: Vec<String> = tgids
+        .iter()
+        .take(NAMED_PROCESSES)
+        .map(|tgid| {
+            let exe = std::fs::read_link(format!("/proc/{tgid}/exe"));
+            let cgroup = cgroupfs::cgroup_of(&tgid.to_string()).unwrap_or_else(|_| "unknown".into());
+            match exe {
+                Ok(exe) => format!("tgid {tgid} ({}, cgroup {cgroup})", exe.display()),
+                Err(_) => format!("tgid {tgid} (not running)"),
+            }
+        })
+        .collect();
+    if tgids.len() > NAMED_PROCESSES {
+        named.push(format!("and {} more", tgids.len() - NAMED_PROCESSES));
+    }
+    named.join(", ")
 }
 
 /// `SO_COOKIE`: the kernel's unique, never-reused id of a socket.

@@ -17,7 +17,7 @@ use anyhow::{Context, Result, anyhow};
 use tracing::{info, warn};
 
 use super::{
-    LinkState, PinLayout,
+    BrokerSockets, LinkState, PinLayout,
     integrity::{self, Finding, Integrity},
     kernel_btf,
     loader::{self, AttachTargets},
@@ -223,12 +223,15 @@ impl SharedEnforcer {
     /// Check the kernel against what was applied, and repair what differs. Returns the
     /// findings; the kernel counts as intact again only after a later check finds none.
     /// Changes of the node itself (a new local address) are applied first, quietly.
-    pub fn check_integrity(&self) -> Result<Vec<Finding>> {
+    pub fn check_integrity(&self, sockets: &BrokerSockets) -> Result<Vec<Finding>> {
         let mut guard = self.inner.lock().map_err(|_| anyhow!("the enforcer lock is poisoned"))?;
         let (enforcer, sources) = &mut *guard;
         enforcer.apply(sources)?;
-        let findings = enforcer.verify();
+        let mut findings = enforcer.verify();
         let repaired = if findings.is_empty() { Ok(()) } else { enforcer.reapply(sources) };
+        let (registrations, registrations_held) = sockets.check_registrations(&enforcer.mount);
+        findings.extend(registrations);
+        let repaired = repaired.and(registrations_held);
         let mut integrity = self.integrity.lock().map_err(|_| anyhow!("the integrity state is poisoned"))?;
         let now = crate::audit::format_time(crate::audit::now_ns());
         integrity.checked_at = now.clone();
@@ -280,8 +283,8 @@ fn scoped_processes(scopes: &[PathBuf], exempt: &[PathBuf]) -> Vec<(u32, u64)> {
             continue;
         }
         let Ok(cgroup_id) = cgroupfs::cgroup_id(&dir) else { continue };
-        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-            found.extend(procs.lines().filter_map(|line| line.trim().parse().ok()).map(|tgid| (tgid, cgroup_id)));
+        if let Ok(procs) = cgroupfs::processes_in(&dir) {
+            found.extend(procs.into_iter().map(|tgid| (tgid, cgroup_id)));
         }
         if let Ok(entries) = std::fs::read_dir(&dir) {
             pending.extend(entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
