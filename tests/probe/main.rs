@@ -97,6 +97,9 @@ enum Command {
         leader_exits_first: bool,
         addr: SocketAddr,
     },
+    /// Bind UDP sockets to `[::]:0` (IPv4 too) until the kernel has no ephemeral port
+    /// left; print `{"held": n}` and hold them until stdin closes.
+    HoldPorts,
     /// Open `count` connections to a Unix socket and hold them, idle, until stdin closes;
     /// prints `{"opened": n}` once they are open.
     Hold {
@@ -362,6 +365,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::DeadBroker { pin_path, leader_exits_first, addr } => dead_broker(&pin_path, leader_exits_first, addr),
         Command::Hold { socket, count } => hold(&socket, count),
+        Command::HoldPorts => hold_ports(),
         Command::ProposeAfterPidReuse { socket, cert, request, control } => {
             propose_after_pid_reuse(&socket, &cert, &request, control)
         }
@@ -912,6 +916,22 @@ fn hold(socket: &std::path::Path, count: usize) -> Result<()> {
         held.push(stream);
     }
     print(json!({"opened": held.len()}))?;
+    std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
+    Ok(())
+}
+
+/// See `Command::HoldPorts`.
+fn hold_ports() -> Result<()> {
+    let mut held = Vec::new();
+    let stopped_by = loop {
+        let socket = Socket::new(Domain::IPV6, Type::DGRAM, None)?;
+        socket.set_only_v6(false)?;
+        match socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)).into()) {
+            Ok(()) => held.push(socket),
+            Err(e) => break e.to_string(),
+        }
+    };
+    print(json!({"held": held.len(), "stopped_by": stopped_by}))?;
     std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
     Ok(())
 }

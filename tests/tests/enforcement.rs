@@ -1100,6 +1100,38 @@ fn a_restart_never_adopts_a_detached_link() {
     assert_eq!(outcome["result"], "EPERM", "{outcome}");
 }
 
+/// Any process in the agent's network namespace may take every ephemeral port. The
+/// agent's check must not depend on a free one: with all of them held, a detached link
+/// is still noticed and repaired.
+#[test]
+fn tamper_checks_go_on_when_every_ephemeral_port_is_taken() {
+    let mut sandbox = sandbox("ports");
+    sandbox.sysctl(&["net.ipv4.ip_local_port_range=40000 40099"]).unwrap();
+    sandbox.start_agent().unwrap();
+    let mut holder = Command::new(&sandbox.tools.probe)
+        .arg("--cgroup")
+        .arg(sandbox.cgroup.join("workload"))
+        .args(["--netns", &sandbox.netns, "hold-ports"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let held: Value = serde_json::from_str(&line).unwrap();
+    assert!(held["stopped_by"].as_str().unwrap().contains("in use"), "{held}");
+
+    let pin = pin_of(&sandbox, "seb_connect4");
+    seb_sandbox::tamper::detach_pinned_link(&pin).unwrap();
+    wait_for_tamper(&sandbox, "the detached link", |record| {
+        record["body"]["findings"][0]["object"] == pin.to_str().unwrap() && record["body"]["repaired"] == true
+    });
+    let outcome = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
+    assert_eq!(outcome["result"], "EPERM", "after the repair: {outcome}");
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+}
+
 /// Root swaps the program of one of seb's links (`BPF_LINK_UPDATE`) for one that allows
 /// every connect, or for seb's own program bound to maps root made: the link is still
 /// attached where it was made, so only the program's tag and maps tell. The agent

@@ -226,8 +226,13 @@ impl SharedEnforcer {
     pub fn check_integrity(&self, sockets: &BrokerSockets) -> Result<Vec<Finding>> {
         let mut guard = self.inner.lock().map_err(|_| anyhow!("the enforcer lock is poisoned"))?;
         let (enforcer, sources) = &mut *guard;
-        enforcer.apply(sources)?;
+        // Not applied is not enforced: a finding like any divergence, and the kernel is
+        // still checked against what was applied before.
+        let applied = enforcer.apply(sources);
         let mut findings = enforcer.verify();
+        if let Err(e) = applied {
+            findings.push(Finding::not_applied(&e));
+        }
         let repaired = if findings.is_empty() { Ok(()) } else { enforcer.reapply(sources) };
         let (registrations, registrations_held) = sockets.check_registrations(&enforcer.mount);
         findings.extend(registrations);

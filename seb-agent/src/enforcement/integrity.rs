@@ -22,7 +22,7 @@ use super::{LinkState, enforcer::Desired, loader, policy::TrieEntry, tap_devices
 /// One way the kernel differs from what the agent installed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finding {
-    /// `link`, `map` or `registration`: a bounded label for metrics.
+    /// `link`, `map`, `registration` or `apply`: a bounded label for metrics.
     pub kind: String,
     /// The link's pin, or the map's name.
     pub object: String,
@@ -35,6 +35,10 @@ impl Finding {
     }
     fn map(name: &str, problem: impl Into<String>) -> Self {
         Self { kind: "map".into(), object: name.into(), problem: problem.into() }
+    }
+    /// What the agent means to enforce could not be written to the kernel.
+    pub(super) fn not_applied(error: &anyhow::Error) -> Self {
+        Self { kind: "apply".into(), object: "enforcement".into(), problem: format!("{error:#}") }
     }
     /// A broker process or socket registration the agent did not make.
     pub(super) fn registration(name: &str, problem: impl Into<String>) -> Self {

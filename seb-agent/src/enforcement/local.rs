@@ -146,13 +146,21 @@ pub fn local_rules(endpoints: &[Endpoint], prefixes: &[IpNet]) -> Option<Endpoin
     Some(encoded)
 }
 
-/// `SO_NETNS_COOKIE` of a socket made here: the id `bpf_get_netns_cookie` returns.
+/// `SO_NETNS_COOKIE` of a socket made here: the id `bpf_get_netns_cookie` returns. Read
+/// once (the agent never changes namespace) from an unbound socket: binding one would
+/// need a free port, and whoever shares the namespace can take them all.
 fn own_netns_cookie() -> Result<u64> {
+    static COOKIE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    if let Some(cookie) = COOKIE.get() {
+        return Ok(*cookie);
+    }
     use std::os::fd::AsFd;
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
-        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+        .or_else(|_| socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None))
         .context("opening a socket to read the network namespace cookie")?;
-    super::broker_sockets::socket_u64(socket.as_fd(), libc::SO_NETNS_COOKIE).context("getsockopt(SO_NETNS_COOKIE)")
+    let cookie = super::broker_sockets::socket_u64(socket.as_fd(), libc::SO_NETNS_COOKIE)
+        .context("getsockopt(SO_NETNS_COOKIE)")?;
+    Ok(*COOKIE.get_or_init(|| cookie))
 }
 
 #[cfg(test)]
