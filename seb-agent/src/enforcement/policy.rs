@@ -52,6 +52,18 @@ fn through_nat64(v4: Ipv4Net) -> IpNet {
     IpNet::V6(Ipv6Net::new(Ipv6Addr::from(octets), 96 + v4.prefix_len()).expect("a prefix of at most 128 bits"))
 }
 
+/// An IPv4-mapped prefix (`::ffff:a.b.c.d/n`, n ≥ 96) as the IPv4 prefix it is: the
+/// kernel judges a connect to a mapped address as IPv4, so a v6 entry would never match.
+fn unmapped(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => IpNet::V4(Ipv4Net::new(v4, v6.prefix_len() - 96).expect("a prefix of at most 32 bits")),
+            None => net,
+        },
+        _ => net,
+    }
+}
+
 /// Compile `endpoints`, each IPv4 one also as reached through NAT64; `local` are the
 /// prefixes local to the agent's network namespace when a protected endpoint is local
 /// there (else empty). Each becomes an entry too, marked local, so one lookup tells a
@@ -61,7 +73,7 @@ pub fn compile(endpoints: &[Endpoint], local: &[IpNet]) -> Result<CompiledPolicy
     let mut own: BTreeMap<IpNet, BTreeSet<PortRule>> = BTreeMap::new();
     for endpoint in endpoints {
         let rule = PortRule { port: endpoint.port.unwrap_or(ANY_PORT), protocol: endpoint.protocol.number(), _pad: 0 };
-        let net = endpoint.net.trunc();
+        let net = unmapped(endpoint.net.trunc());
         own.entry(net).or_default().insert(rule);
         if let IpNet::V4(v4) = net {
             own.entry(through_nat64(v4)).or_default().insert(rule);
@@ -167,6 +179,22 @@ mod tests {
         // The /32 inherited "any", which covers its own tcp:443, so one rule remains.
         let host = policy.v4.iter().find(|e| e.prefix_len == 32).unwrap();
         assert_eq!(host.rules.count, 1);
+    }
+
+    /// `::ffff:127.0.0.2` (as `ss` prints a dual-stack peer) is the IPv4 host it maps:
+    /// the kernel judges mapped destinations as IPv4, so only an IPv4 entry can match.
+    #[test]
+    fn an_ipv4_mapped_prefix_is_compiled_as_ipv4() {
+        let policy = compile_remote(&[
+            endpoint("::ffff:127.0.0.2/128", Some(8443), Protocol::Tcp),
+            endpoint("::ffff:10.0.0.0/104", None, Protocol::Any),
+        ])
+        .unwrap();
+        assert!(kernel_denies(&policy, [127, 0, 0, 2], 6, 8443));
+        assert!(kernel_denies(&policy, [10, 200, 0, 1], 17, 53));
+        assert!(!kernel_denies(&policy, [127, 0, 0, 3], 6, 8443));
+        // Only the NAT64 forms of the two IPv4 prefixes remain in the IPv6 trie.
+        assert!(policy.v6.iter().all(|e| e.addr[..12] == NAT64_WELL_KNOWN.octets()[..12]), "{:?}", policy.v6);
     }
 
     /// Local prefixes become entries marked local, carrying the rules of the protected
