@@ -3,10 +3,13 @@
 //! Any process of the scope can be denied as fast as it can call `connect()`: hundreds of
 //! thousands of times a second, each one a signed audit row and a log line, until the
 //! disk that also holds the admission decisions is full. So in each second of denial
-//! time, each kind of denial (same process, hook, destination, action) is recorded in
-//! full at most `PER_KEY` times, and at most `PER_SECOND` denials are recorded in all.
-//! The rest are counted, never dropped: each second that suppressed any ends in one
-//! `denials_suppressed` record with the total and the largest counts by kind.
+//! time, each kind of denial (same cgroup, process, hook, destination, action) is
+//! recorded in full at most `PER_KEY` times, each cgroup at most `PER_CGROUP` times, and
+//! at most `PER_SECOND` denials are recorded in all. Kills have a budget of their own:
+//! a flood of refused connects from one pod can hide neither another pod's denials nor
+//! a process killed. The rest are counted, never dropped: each second that suppressed
+//! any ends in one `denials_suppressed` record with the total and the largest counts by
+//! kind.
 
 use std::collections::HashMap;
 
@@ -18,7 +21,9 @@ use crate::audit::KernelDenial;
 pub const SUPPRESSED_KIND: &str = "denials_suppressed";
 /// Full records per kind of denial per second.
 pub const PER_KEY: u32 = 5;
-/// Full records per second, all kinds together.
+/// Full records per cgroup per second (the judged cgroup: a pod's container).
+pub const PER_CGROUP: u32 = 50;
+/// Full records per second, all kinds together: as many again for kills.
 pub const PER_SECOND: u32 = 200;
 /// Kinds named in a summary; the rest are summed into `others`.
 pub const NAMED_IN_SUMMARY: usize = 16;
@@ -31,6 +36,7 @@ const NANOS_PER_SECOND: u64 = 1_000_000_000;
 /// What makes two denials the same kind.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct DenialKind {
+    pub cgroup_id: u64,
     pub tgid: Option<u32>,
     pub comm: Option<String>,
     pub hook: String,
@@ -42,6 +48,7 @@ pub struct DenialKind {
 impl DenialKind {
     fn of(denial: &KernelDenial) -> Self {
         Self {
+            cgroup_id: denial.cgroup_id,
             tgid: denial.tgid,
             comm: denial.comm.clone(),
             hook: denial.hook.clone(),
@@ -71,11 +78,32 @@ pub struct Suppressed {
     pub others: u64,
 }
 
+/// Full records of one second, refusals or kills.
+#[derive(Default)]
+struct Pool {
+    recorded: u32,
+    /// At most `PER_SECOND` cgroups: only recorded denials enter.
+    by_cgroup: HashMap<u64, u32>,
+}
+
+impl Pool {
+    fn take(&mut self, cgroup_id: u64) -> bool {
+        let by_cgroup = self.by_cgroup.entry(cgroup_id).or_insert(0);
+        if self.recorded >= PER_SECOND || *by_cgroup >= PER_CGROUP {
+            return false;
+        }
+        *by_cgroup += 1;
+        self.recorded += 1;
+        true
+    }
+}
+
 /// The budget of the current second.
 #[derive(Default)]
 pub struct DenialBudget {
     second: Option<u64>,
-    recorded: u32,
+    refusals: Pool,
+    kills: Pool,
     recorded_by_kind: HashMap<DenialKind, u32>,
     suppressed: HashMap<DenialKind, u64>,
     /// Suppressed denials of kinds past `COUNTED_KINDS`.
@@ -92,9 +120,9 @@ impl DenialBudget {
         self.second.get_or_insert(second);
         let kind = DenialKind::of(denial);
         let by_kind = self.recorded_by_kind.get(&kind).copied().unwrap_or(0);
-        let admitted = self.recorded < PER_SECOND && by_kind < PER_KEY;
+        let pool = if denial.action == "killed" { &mut self.kills } else { &mut self.refusals };
+        let admitted = by_kind < PER_KEY && pool.take(denial.cgroup_id);
         if admitted {
-            self.recorded += 1;
             self.recorded_by_kind.insert(kind, by_kind + 1);
         } else if let Some(count) = self.suppressed.get_mut(&kind) {
             *count += 1;
@@ -115,7 +143,7 @@ impl DenialBudget {
     /// End the current second: its summary if it suppressed any, and a fresh budget.
     pub fn close(&mut self) -> Option<Suppressed> {
         let second = self.second.take()?;
-        self.recorded = 0;
+        (self.refusals, self.kills) = Default::default();
         self.recorded_by_kind.clear();
         let uncounted = std::mem::take(&mut self.uncounted);
         if self.suppressed.is_empty() {
@@ -145,6 +173,8 @@ mod tests {
         event.dport = port;
         event.hook = Hook::Connect4 as u8;
         event.pid_tgid = (u64::from(tgid) << 32) | u64::from(tgid);
+        // Each process in a cgroup of its own.
+        event.cgroup_id = u64::from(tgid);
         KernelDenial::from_event(&event, time_ns)
     }
 
@@ -169,7 +199,8 @@ mod tests {
     fn all_kinds_together_are_bounded_and_the_summary_names_the_largest() {
         let mut budget = DenialBudget::default();
         let total = 10 * PER_SECOND as u64;
-        let admitted = (0..total).filter(|i| budget.admit(&denial(NANOS_PER_SECOND, 1, *i as u16)).0).count();
+        let admitted =
+            (0..total).filter(|i| budget.admit(&denial(NANOS_PER_SECOND, (*i % 16) as u32, *i as u16)).0).count();
         assert_eq!(admitted, PER_SECOND as usize);
         let summary = budget.close_if_past(2 * NANOS_PER_SECOND).unwrap();
         assert_eq!(summary.suppressed, total - u64::from(PER_SECOND));
@@ -183,7 +214,7 @@ mod tests {
         let mut budget = DenialBudget::default();
         let total = PER_SECOND as usize + COUNTED_KINDS + 500;
         for port in 0..total {
-            budget.admit(&denial(NANOS_PER_SECOND, 1, port as u16));
+            budget.admit(&denial(NANOS_PER_SECOND, (port % 16) as u32, port as u16));
         }
         assert_eq!(budget.suppressed.len(), COUNTED_KINDS, "memory stays bounded");
         let summary = budget.close().unwrap();
@@ -191,6 +222,22 @@ mod tests {
         let named: u64 = summary.kinds.iter().map(|k| k.count).sum();
         assert_eq!(named + summary.others, summary.suppressed, "every suppressed denial is counted once");
         assert_eq!(budget.uncounted, 0, "a fresh second");
+    }
+
+    /// One pod flooding refused connects (many kinds, to escape the per-kind bound)
+    /// spends its cgroup's share, not the second's: another pod's denial and a kill in
+    /// the flooding pod are still recorded in full.
+    #[test]
+    fn a_flood_from_one_cgroup_hides_neither_other_cgroups_nor_kills() {
+        let mut budget = DenialBudget::default();
+        let flood = (0..1000u16).filter(|port| budget.admit(&denial(NANOS_PER_SECOND, 7, *port)).0).count();
+        assert_eq!(flood, PER_CGROUP as usize);
+        assert!(budget.admit(&denial(NANOS_PER_SECOND, 8, 443)).0, "another cgroup's denial");
+        let mut kill = denial(NANOS_PER_SECOND, 7, 0);
+        kill.action = "killed".into();
+        assert!(budget.admit(&kill).0, "a kill in the flooding cgroup");
+        let summary = budget.close().unwrap();
+        assert_eq!(summary.kinds[0].kind.cgroup_id, 7, "the summary names the flooding cgroup");
     }
 
     #[test]
