@@ -44,11 +44,25 @@ pub struct RingLoss {
     pub lost: u64,
     /// The kernel's running total of lost denials.
     pub lost_total: u64,
+    /// Which counter `lost_total` is of (boot id and map id): a reboot or a reinstall
+    /// starts a new one at zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counter: Option<String>,
+}
+
+impl RingLoss {
+    /// Where counting resumes for `counter`: the recorded total if this record is of
+    /// the same counter, else zero (a fresh counter; its every loss is new).
+    fn baseline(last: Option<&RingLoss>, counter: &str) -> u64 {
+        last.filter(|loss| loss.counter.as_deref() == Some(counter)).map_or(0, |loss| loss.lost_total)
+    }
 }
 
 pub struct Recorder {
     ring: RingBuf<MapData>,
     counters: Counters,
+    /// The counter's instance, stamped on each `ring_loss` record.
+    counter: String,
     ledger: Ledger,
     names: CgroupNames,
     recorded_losses: u64,
@@ -71,9 +85,11 @@ impl Recorder {
         let ring = ebpf.take_map(map_names::DENIALS).ok_or_else(|| anyhow!("map {} is missing", map_names::DENIALS))?;
         let ring = RingBuf::try_from(ring)?;
         let counters = Counters::take(ebpf)?;
-        let recorded_losses = ledger.run_blocking(|batch| recorded_loss_total(batch.conn()))?;
+        let counter = counters.instance()?;
+        let last = ledger.run_blocking(|batch| last_ring_loss(batch.conn()))?;
+        let recorded_losses = RingLoss::baseline(last.as_ref(), &counter);
         let budget = DenialBudget::default();
-        Ok(Self { ring, counters, ledger, names, recorded_losses, metrics, directory, budget })
+        Ok(Self { ring, counters, counter, ledger, names, recorded_losses, metrics, directory, budget })
     }
 
     /// Run until `stop` is set; drains once more before returning.
@@ -193,7 +209,8 @@ impl Recorder {
     fn record_losses(&mut self) -> Result<()> {
         let total = self.counters.read()?.ring_drops;
         if total > self.recorded_losses {
-            let loss = RingLoss { lost: total - self.recorded_losses, lost_total: total };
+            let loss =
+                RingLoss { lost: total - self.recorded_losses, lost_total: total, counter: Some(self.counter.clone()) };
             warn!(lost = loss.lost, "kernel denials were lost to a full ring buffer");
             let lost_total = loss.lost_total;
             self.metrics.ring_lost.inc_by(loss.lost);
@@ -207,10 +224,11 @@ impl Recorder {
 
 /// The kernel's running loss total as last recorded (0 before any loss).
 pub fn recorded_loss_total(conn: &rusqlite::Connection) -> Result<u64> {
-    match store::last_body(conn, RING_LOSS_KIND)? {
-        Some(body) => Ok(serde_json::from_str::<RingLoss>(&body)?.lost_total),
-        None => Ok(0),
-    }
+    Ok(last_ring_loss(conn)?.map_or(0, |loss| loss.lost_total))
+}
+
+fn last_ring_loss(conn: &rusqlite::Connection) -> Result<Option<RingLoss>> {
+    store::last_body(conn, RING_LOSS_KIND)?.map(|body| Ok(serde_json::from_str(&body)?)).transpose()
 }
 
 /// Converts `bpf_ktime_get_boot_ns` stamps to wall-clock time.
@@ -228,5 +246,23 @@ impl BootClock {
 
     fn wall_ns(&self, boot_ns: u64) -> u64 {
         self.wall_ns.saturating_sub(self.boot_ns.saturating_sub(boot_ns))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After a reboot or a reinstall the kernel counts losses from zero again: taking
+    /// the last recorded total as the baseline would leave that many losses unrecorded.
+    #[test]
+    fn losses_are_counted_from_zero_on_a_new_counter() {
+        let last = RingLoss { lost: 5, lost_total: 1_000_000, counter: Some("boot-a/17".into()) };
+        assert_eq!(RingLoss::baseline(Some(&last), "boot-a/17"), 1_000_000, "the same counter resumes");
+        assert_eq!(RingLoss::baseline(Some(&last), "boot-b/17"), 0, "rebooted");
+        assert_eq!(RingLoss::baseline(Some(&last), "boot-a/42"), 0, "reinstalled");
+        let unstamped = RingLoss { counter: None, ..last };
+        assert_eq!(RingLoss::baseline(Some(&unstamped), "boot-a/17"), 0, "unknown counter: every loss is new");
+        assert_eq!(RingLoss::baseline(None, "boot-a/17"), 0);
     }
 }

@@ -212,6 +212,14 @@ impl Counters {
         Ok(Self { array: PerCpuArray::try_from(map)? })
     }
 
+    /// Which counter this is: the boot and the map's kernel id. A reboot or a reinstall
+    /// makes a new one, counting from zero.
+    pub fn instance(&self) -> Result<String> {
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").context("reading the boot id")?;
+        let map = aya::maps::IterableMap::map(&self.array).info()?.id();
+        Ok(format!("{}/{map}", boot.trim()))
+    }
+
     pub fn read(&self) -> Result<CounterValues> {
         let sum = |index| -> Result<u64> { Ok(self.array.get(&index, 0)?.iter().sum()) };
         Ok(CounterValues { denials: sum(counters::DENIALS)?, ring_drops: sum(counters::RING_DROPS)? })
