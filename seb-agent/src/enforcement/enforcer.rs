@@ -23,6 +23,7 @@ use super::{
     loader::{self, AttachTargets},
     local::{self, LocalProtection},
     maps, policy,
+    scope_walk::{self, Walked},
     tap_devices::{self, TapMajors},
 };
 use crate::{
@@ -130,6 +131,9 @@ pub struct Enforcer {
     kernel_layout: [u32; seb_common::layout::LEN as usize],
     /// The highest `SEB_UNFOLLOWED_SEEN` level seen: the kernel never lowers it.
     unfollowed_seen: u32,
+    /// Processes marked by the last walk of the scope, still running when it was
+    /// settled; settled once more at the next check.
+    unsettled: Vec<Walked>,
 }
 
 impl Enforcer {
@@ -139,7 +143,16 @@ impl Enforcer {
         let mut ebpf = loader::load(&layout, max_scoped_processes)?;
         maps::write_kernel_layout(&mut ebpf, &kernel_layout)?;
         let unfollowed_seen = maps::read_unfollowed_seen(&mut ebpf)?;
-        Ok(Self { ebpf, layout, mount, links: Vec::new(), applied: None, kernel_layout, unfollowed_seen })
+        Ok(Self {
+            ebpf,
+            layout,
+            mount,
+            links: Vec::new(),
+            applied: None,
+            kernel_layout,
+            unfollowed_seen,
+            unsettled: Vec::new(),
+        })
     }
 
     pub fn ebpf_mut(&mut self) -> &mut aya::Ebpf {
@@ -168,10 +181,13 @@ impl Enforcer {
         self.links = loader::attach_all(&mut self.ebpf, &self.layout, &desired.targets, desired.keep_previous)?;
         // After the fork, exec and migration hooks are attached, so no process slips
         // between this walk and them.
-        let scoped = scoped_processes(&desired.targets.scopes, &desired.targets.exempt);
+        let scoped = scope_walk::scoped_processes(&desired.targets.scopes, &desired.targets.exempt);
         maps::mark_scoped(&mut self.ebpf, &scoped)?;
+        let walked = scoped.len();
+        // Settled now, and the rest again at the next check.
+        self.unsettled = maps::settle_scoped(&mut self.ebpf, scoped)?;
         info!(
-            scoped_processes = scoped.len(),
+            scoped_processes = walked,
             prefixes_v4 = desired.policy.v4.len(),
             prefixes_v6 = desired.policy.v6.len(),
             exempt = desired.exempt_ids.len(),
@@ -185,6 +201,10 @@ impl Enforcer {
 
     /// Every way the kernel differs from what was last applied.
     pub fn verify(&mut self) -> Vec<Finding> {
+        let unsettled = std::mem::take(&mut self.unsettled);
+        if let Err(e) = maps::settle_scoped(&mut self.ebpf, unsettled) {
+            warn!(error = %format!("{e:#}"), "settling the marks of processes that left the scope's walk");
+        }
         match &self.applied {
             Some(desired) => {
                 let mut findings = integrity::check(&mut self.ebpf, &self.links, desired);
@@ -276,24 +296,4 @@ impl SharedEnforcer {
     pub fn links(&self) -> Vec<LinkState> {
         self.inner.lock().map(|guard| guard.0.links().to_vec()).unwrap_or_default()
     }
-}
-
-/// The processes in the enforced cgroups and their descendants, outside exempt ones:
-/// tgid and cgroup id. A cgroup that vanishes during the walk is skipped.
-fn scoped_processes(scopes: &[PathBuf], exempt: &[PathBuf]) -> Vec<(u32, u64)> {
-    let mut found = Vec::new();
-    let mut pending: Vec<PathBuf> = scopes.to_vec();
-    while let Some(dir) = pending.pop() {
-        if exempt.contains(&dir) {
-            continue;
-        }
-        let Ok(cgroup_id) = cgroupfs::cgroup_id(&dir) else { continue };
-        if let Ok(procs) = cgroupfs::processes_in(&dir) {
-            found.extend(procs.into_iter().map(|tgid| (tgid, cgroup_id)));
-        }
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            pending.extend(entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
-        }
-    }
-    found
 }

@@ -18,6 +18,7 @@ use seb_common::{EndpointRules, counters, layout, map_names, unfollowed};
 use super::{
     local::LocalProtection,
     policy::{CompiledPolicy, TrieEntry},
+    scope_walk::{Fate, Walked},
     tap_devices::TapMajors,
 };
 
@@ -173,14 +174,34 @@ pub fn read_kernel_layout(ebpf: &mut Ebpf) -> Result<Vec<u32>> {
 ///
 /// One that cannot be marked (the map is full) raises `SEB_UNFOLLOWED_SEEN` first,
 /// so the checks that look only in the map fall back to the cgroup walk.
-pub fn mark_scoped(ebpf: &mut Ebpf, processes: &[(u32, u64)]) -> Result<()> {
+pub fn mark_scoped(ebpf: &mut Ebpf, processes: &[Walked]) -> Result<()> {
     let mut map: HashMap<&mut MapData, u32, u64> = HashMap::try_from(map_mut(ebpf, map_names::SCOPED_TASKS)?)?;
-    let unmarked = processes.iter().find(|(tgid, cgroup_id)| map.insert(tgid, cgroup_id, 0).is_err());
-    if let Some((tgid, _)) = unmarked {
+    let unmarked = processes.iter().find(|walked| map.insert(walked.tgid, walked.cgroup_id, 0).is_err());
+    if let Some(Walked { tgid, .. }) = unmarked {
         write_unfollowed_seen(ebpf, unfollowed::SOME_UNMARKED).context("noting an unmarked process of the scope")?;
         bail!("marking process {tgid} as scoped: {} refused it (full?)", map_names::SCOPED_TASKS);
     }
     Ok(())
+}
+
+/// Remove the marks of walked processes that have gone since (see `scope_walk`);
+/// the rest are returned, still to be settled. A mark the kernel has since changed (the
+/// PID's new holder, forked in the scope) is left alone.
+pub fn settle_scoped(ebpf: &mut Ebpf, walked: Vec<Walked>) -> Result<Vec<Walked>> {
+    let mut map: HashMap<&mut MapData, u32, u64> = HashMap::try_from(map_mut(ebpf, map_names::SCOPED_TASKS)?)?;
+    let mut running = Vec::new();
+    for process in walked {
+        match process.fate() {
+            Fate::Running => running.push(process),
+            Fate::Replaced => {}
+            Fate::Gone => match map.get(&process.tgid, 0) {
+                Ok(cgroup_id) if cgroup_id == process.cgroup_id => map.remove(&process.tgid)?,
+                Ok(_) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            },
+        }
+    }
+    Ok(running)
 }
 
 /// `SEB_UNFOLLOWED_SEEN`: how far the kernel lost track of processes of the scope.

@@ -12,6 +12,7 @@ pub mod loader;
 pub mod local;
 pub mod maps;
 pub mod policy;
+mod scope_walk;
 mod tap_devices;
 
 pub use broker_sockets::BrokerSockets;
