@@ -199,3 +199,24 @@ pub fn remove_protected_v4(pin_path: &Path, addr: [u8; 4], prefix_len: u32) -> R
     trie.remove(&Key::new(prefix_len, addr))?;
     Ok(())
 }
+
+/// Remove every entry of the pinned local-protection rules; how many there were.
+pub fn clear_local_protected(pin_path: &Path) -> Result<usize> {
+    let mut rules = local_protected(pin_path)?;
+    let keys: Vec<u64> = rules.keys().collect::<Result<_, _>>()?;
+    for key in &keys {
+        rules.remove(key)?;
+    }
+    Ok(keys.len())
+}
+
+/// Entries of the pinned local-protection rules.
+pub fn local_protected_entries(pin_path: &Path) -> Result<usize> {
+    Ok(local_protected(pin_path)?.keys().count())
+}
+
+fn local_protected(pin_path: &Path) -> Result<aya::maps::HashMap<aya::maps::MapData, u64, seb_common::EndpointRules>> {
+    use aya::maps::{HashMap, Map, MapData};
+    let data = MapData::from_pin(pin_path.join("maps").join(seb_common::map_names::LOCAL_PROTECTED))?;
+    Ok(HashMap::try_from(Map::HashMap(data))?)
+}

@@ -1100,6 +1100,22 @@ fn a_restart_never_adopts_a_detached_link() {
     assert_eq!(outcome["result"], "EPERM", "{outcome}");
 }
 
+/// Root empties the rules for protected endpoints on local addresses (what stops a
+/// wildcard listener serving one from answering at any local address): noticed,
+/// written back and recorded.
+#[test]
+fn emptied_local_protection_is_noticed_and_written_back() {
+    let mut sandbox = sandbox("local");
+    sandbox.start_agent().unwrap();
+    let written = seb_sandbox::tamper::local_protected_entries(&sandbox.pin_path).unwrap();
+    assert_eq!(written, 2, "this namespace's rules and every other namespace's");
+    assert_eq!(seb_sandbox::tamper::clear_local_protected(&sandbox.pin_path).unwrap(), 2);
+    wait_for_tamper(&sandbox, "the emptied local rules", |record| {
+        record["body"]["findings"][0]["object"] == "SEB_LOCAL_PROTECTED" && record["body"]["repaired"] == true
+    });
+    assert_eq!(seb_sandbox::tamper::local_protected_entries(&sandbox.pin_path).unwrap(), 2);
+}
+
 /// Any process in the agent's network namespace may take every ephemeral port. The
 /// agent's check must not depend on a free one: with all of them held, a detached link
 /// is still noticed and repaired.

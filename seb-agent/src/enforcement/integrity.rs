@@ -4,7 +4,8 @@
 //! detached cgroup link keeps its pin and its program but enforces nothing. So the agent
 //! asks the kernel, at least once a second, for each link: is it pinned, attached to
 //! the cgroup it was made for, running this agent's program on its maps; and for each map
-//! that holds policy: does it hold exactly what was written. Any divergence is a
+//! that holds policy (local-address rules included): does it hold exactly what was
+//! written. Any divergence is a
 //! finding: the caller records it, reports not ready, and repairs by writing and
 //! attaching everything again.
 
@@ -14,10 +15,10 @@ use aya::{
     Ebpf, Pod,
     maps::{HashMap, LpmTrie, MapData},
 };
-use seb_common::{EndpointRules, map_names};
+use seb_common::{ANY_OTHER_NAMESPACE, EndpointRules, map_names};
 use serde::{Deserialize, Serialize};
 
-use super::{LinkState, enforcer::Desired, loader, policy::TrieEntry, tap_devices::TapMajors};
+use super::{LinkState, enforcer::Desired, loader, local::LocalProtection, policy::TrieEntry, tap_devices::TapMajors};
 
 /// One way the kernel differs from what the agent installed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,7 +57,34 @@ pub fn check(ebpf: &mut Ebpf, links: &[LinkState], desired: &Desired) -> Vec<Fin
     findings.extend(check_set(ebpf, map_names::EXEMPT_CGROUPS, &desired.exempt_ids, true));
     findings.extend(check_set(ebpf, map_names::SCOPE_CGROUPS, &desired.scope_ids, exact));
     findings.extend(check_tap_majors(ebpf, &desired.tap_majors));
+    findings.extend(check_local(ebpf, &desired.local));
     findings
+}
+
+/// Without its entries a wildcard or device-bound listener serving a protected endpoint
+/// on a local address would answer connects to any local address.
+fn check_local(ebpf: &mut Ebpf, wanted: &LocalProtection) -> Option<Finding> {
+    let name = map_names::LOCAL_PROTECTED;
+    let map = ebpf.map_mut(name)?;
+    let entries: Vec<(u64, EndpointRules)> =
+        match HashMap::<&mut MapData, u64, EndpointRules>::try_from(map).map(|m| m.iter().collect::<Result<_, _>>()) {
+            Ok(Ok(entries)) => entries,
+            Ok(Err(e)) => return Some(Finding::map(name, format!("cannot be read: {e}"))),
+            Err(e) => return Some(Finding::map(name, format!("cannot be read: {e}"))),
+        };
+    let actual: BTreeSet<(u64, _)> = entries.iter().map(|(key, rules)| (*key, rules_key(rules))).collect();
+    let expected: BTreeSet<(u64, _)> = match &wanted.rules {
+        Some(rules) => {
+            [wanted.netns_cookie, ANY_OTHER_NAMESPACE].into_iter().map(|key| (key, rules_key(rules))).collect()
+        }
+        None => BTreeSet::new(),
+    };
+    (actual != expected).then(|| {
+        Finding::map(
+            name,
+            format!("holds {} entries, {} of them as written", actual.len(), actual.intersection(&expected).count()),
+        )
+    })
 }
 
 /// A zeroed or rewritten major would let writes to macvtap or ipvtap devices through.
