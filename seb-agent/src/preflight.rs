@@ -96,7 +96,7 @@ fn check_cgroups(config: &Config) -> Result<PathBuf> {
 /// The config's share of what is enforced.
 fn config_sources(config: &Config) -> Result<Sources> {
     let endpoints = config.endpoints()?;
-    policy::compile(&endpoints, &[]).context("config field `enforcement.protected`")?;
+    policy::compile(&endpoints, &[], &[]).context("config field `enforcement.protected`")?;
     Ok(Sources {
         endpoints: [(EndpointSource::Config, endpoints)].into(),
         scope: config.enforcement.scope.iter().cloned().collect(),

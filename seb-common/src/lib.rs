@@ -56,9 +56,12 @@ pub const MAX_EXEMPT_SOCKETS: u32 = 65_536;
 pub const MAX_LOCAL_NAMESPACES: u32 = 64;
 /// A local prefix only its own network namespace reaches (loopback).
 pub const LOCAL_LOOPBACK: u8 = 1;
-/// A local prefix other namespaces reach too, by routing (a node address, a broadcast or
-/// multicast address).
+/// A local prefix other namespaces reach too, by routing (a node address).
 pub const LOCAL_ROUTED: u8 = 2;
+/// A local group address (broadcast, multicast): the kernel delivers what is sent there
+/// to every socket on the port, so no one socket's address decides; reached from other
+/// namespaces too.
+pub const LOCAL_GROUP: u8 = 3;
 /// `SEB_LOCAL_PROTECTED` key of the rules that hold for callers in any other network
 /// namespace (no namespace has cookie 0).
 pub const ANY_OTHER_NAMESPACE: u64 = 0;
@@ -185,7 +188,7 @@ pub struct EndpointRules {
     pub count: u8,
     /// Non-zero when the prefix is an address local to the agent's network namespace
     /// while a protected endpoint is local there too: a wildcard listener may answer.
-    /// [`LOCAL_LOOPBACK`] or [`LOCAL_ROUTED`].
+    /// [`LOCAL_LOOPBACK`], [`LOCAL_ROUTED`] or [`LOCAL_GROUP`].
     pub local: u8,
     pub _pad: [u8; 2],
     pub rules: [PortRule; MAX_RULES_PER_PREFIX],

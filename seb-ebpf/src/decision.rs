@@ -473,7 +473,9 @@ pub fn judge_packet<C: EbpfContext>(
     local_rule: bool,
 ) -> i32 {
     let Some(rules) = dest.entry() else { return ALLOW };
-    if !dest.covered_by(rules) && !(local_rule && rules.local != 0 && local::packet_reaches_local_protected(ctx, dest)) {
+    if !dest.covered_by(rules)
+        && !(local_rule && rules.local != 0 && local::packet_reaches_local_protected(ctx, dest, rules.local))
+    {
         return ALLOW;
     }
     // SAFETY: helpers valid in cgroup_skb programs, on this program's own skb.

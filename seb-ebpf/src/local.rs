@@ -8,7 +8,9 @@
 //!   protected endpoint's address is local to the caller's network namespace, reaching
 //!   its port through any other local address (loopback, the node's own IP, a broadcast
 //!   or multicast address) reaches the protected service: such a destination is judged
-//!   as that service, unless the socket that would answer is bound to that very address.
+//!   as that service, unless the socket that would answer is bound to that very address
+//!   (never at a broadcast or multicast address, where every socket on the port gets
+//!   the datagram).
 //!   When no socket is found (one bound to a device is invisible to the lookup), the
 //!   destination is judged as the service: fail closed; a connect to a port where nothing
 //!   listens loses nothing.
@@ -22,7 +24,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
     programs::SockAddrContext,
 };
-use seb_common::{ANY_OTHER_NAMESPACE, FAMILY_V4, Hook, LOCAL_ROUTED};
+use seb_common::{ANY_OTHER_NAMESPACE, FAMILY_V4, Hook, LOCAL_GROUP, LOCAL_ROUTED};
 
 use crate::{LOCAL_PROTECTED, decision::Destination};
 
@@ -87,18 +89,30 @@ pub fn reaches_local_protected(ctx: &SockAddrContext, dest: &Destination, local:
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only use within this program run.
     if let Some(rules) = unsafe { LOCAL_PROTECTED.get(&netns) } {
-        return rules.matches(dest.protocol, port) && !answered_by_its_own_address(ctx, dest, port);
+        return rules.matches(dest.protocol, port) && !answered_only_by_its_own_address(ctx, dest, port, local);
     }
-    // Another namespace: its loopback is its own; the rest is the agent's, by routing.
-    local == LOCAL_ROUTED && on_local_protected_port(dest)
+    // Another namespace: its loopback is its own; the rest is the agent's, by routing
+    // (a group address: a datagram crosses into the agent's namespace with the link's).
+    (local == LOCAL_ROUTED || local == LOCAL_GROUP) && on_local_protected_port(dest)
 }
 
-/// Whether a packet to `dest`, a local address, may reach a local protected endpoint.
-/// The sender's namespace is not known here: its own sockets are looked up, and a
-/// destination of another namespace's address is judged as the service (fail closed).
+/// Whether a packet to `dest`, a local address of kind `local`, may reach a local
+/// protected endpoint. The sender's namespace is not known here: its own sockets are
+/// looked up, and a destination of another namespace's address is judged as the service
+/// (fail closed).
 #[inline(always)]
-pub fn packet_reaches_local_protected<C: EbpfContext>(ctx: &C, dest: &Destination) -> bool {
-    on_local_protected_port(dest) && !dest.port.is_some_and(|port| answered_by_its_own_address(ctx, dest, port))
+pub fn packet_reaches_local_protected<C: EbpfContext>(ctx: &C, dest: &Destination, local: u8) -> bool {
+    on_local_protected_port(dest)
+        && !dest.port.is_some_and(|port| answered_only_by_its_own_address(ctx, dest, port, local))
+}
+
+/// Whether only a socket bound to `dest` itself would take what is sent there. Never at
+/// a group address: the kernel delivers a broadcast or multicast datagram to every
+/// socket on the port (a wildcard listener too), while the lookup finds one, which the
+/// sender may have bound there as a decoy.
+#[inline(always)]
+fn answered_only_by_its_own_address<C: EbpfContext>(ctx: &C, dest: &Destination, port: u16, local: u8) -> bool {
+    local != LOCAL_GROUP && answered_by_its_own_address(ctx, dest, port)
 }
 
 /// Whether `dest` is on a port of any local protected endpoint; without a port (a later

@@ -469,7 +469,13 @@ fn new_socket(method: Method, addr: SocketAddr) -> std::io::Result<Socket> {
     match method {
         Method::Tcp | Method::IoUring => Socket::new(domain, Type::STREAM, Some(Protocol::TCP)),
         Method::Mptcp => Socket::new(domain, Type::STREAM, Some(Protocol::MPTCP)),
-        Method::UdpConnect | Method::UdpSendto => Socket::new(domain, Type::DGRAM, Some(Protocol::UDP)),
+        Method::UdpConnect | Method::UdpSendto => {
+            let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+            // Free to send to a broadcast address, and to bind a port a listener holds.
+            socket.set_broadcast(true)?;
+            socket.set_reuse_address(true)?;
+            Ok(socket)
+        }
         Method::Raw => Socket::new(domain, Type::RAW, Some(Protocol::UDP)),
         Method::Packet => packet::socket(Type::RAW),
         Method::PacketDgram => packet::socket(Type::DGRAM),

@@ -203,11 +203,13 @@ impl Sandbox {
                     socket.set_only_v6(false)?;
                 }
                 socket.bind_device(device.as_deref())?;
+                // As many UDP services do: a socket bound to a broadcast or multicast
+                // address may then share the port.
+                socket.set_reuse_address(true)?;
                 socket.bind(&addr.into())?;
                 Ok(socket)
             };
             let tcp = socket(socket2::Type::STREAM)?;
-            tcp.set_reuse_address(true)?;
             tcp.listen(128)?;
             Ok((tcp.into(), socket(socket2::Type::DGRAM)?.into()))
         })?;

@@ -159,6 +159,11 @@ fn wildcard_and_unspecified_destinations_are_judged_as_what_they_reach() {
         ("udp-sendto", "255.255.255.255:8443", None, "255.255.255.255", false),
         ("udp-sendto", "224.0.0.1:8443", None, "224.0.0.1", false),
         ("udp-connect", "[ff05::1]:8443", None, "ff05::1", false),
+        // Bound to the group address itself, as a decoy: the lookup would find that
+        // socket, but the kernel delivers to the wildcard listener too.
+        ("udp-sendto", "127.255.255.255:8443", Some("127.255.255.255:8443"), "127.255.255.255", false),
+        ("udp-sendto", "198.51.100.255:8443", Some("198.51.100.255:8443"), "198.51.100.255", false),
+        ("udp-sendto", "224.0.0.1:8443", Some("224.0.0.1:8443"), "224.0.0.1", false),
     ];
     for uid in [None, Some("65534")] {
         for (method, addr, bind, judged, unspecified) in denied {

@@ -284,7 +284,7 @@ pub fn validate_policy(object: &SebPolicy) -> Result<Vec<crate::config::Endpoint
             endpoint.parse("spec.protected", i).with_context(|| format!("SebPolicy {name}"))
         })
         .collect::<Result<Vec<_>>>()?;
-    crate::enforcement::policy::compile(&endpoints, &[]).with_context(|| format!("SebPolicy {name}"))?;
+    crate::enforcement::policy::compile(&endpoints, &[], &[]).with_context(|| format!("SebPolicy {name}"))?;
     let cgroups = spec.scope.cgroups.iter().enumerate().map(|(i, path)| (format!("spec.scope.cgroups[{i}]"), path));
     let exempt = spec.exempt_cgroups.iter().enumerate().map(|(i, path)| (format!("spec.exemptCgroups[{i}]"), path));
     for (field, path) in cgroups.chain(exempt) {

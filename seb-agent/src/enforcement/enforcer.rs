@@ -80,8 +80,13 @@ impl Sources {
     pub fn desired(&self, mount: &std::path::Path) -> Result<Desired> {
         let endpoints: Vec<Endpoint> = self.endpoints.values().flatten().copied().collect();
         let local = local::current(&endpoints).context("finding the protected endpoints local to this node")?;
-        let local_prefixes = if local.rules.is_some() { local.prefixes.as_slice() } else { &[] };
-        let policy = policy::compile(&endpoints, local_prefixes).context("compiling the protected endpoints")?;
+        let (local_prefixes, groups) = if local.rules.is_some() {
+            (local.prefixes.as_slice(), local.groups.as_slice())
+        } else {
+            (&[][..], &[][..])
+        };
+        let policy =
+            policy::compile(&endpoints, local_prefixes, groups).context("compiling the protected endpoints")?;
         let mut scopes: Vec<PathBuf> = Vec::new();
         let relative = self.scope.iter().chain(&self.cluster_scope).map(|relative| cgroupfs::resolve(mount, relative));
         for dir in relative.chain(self.pod_scopes.iter().cloned()) {

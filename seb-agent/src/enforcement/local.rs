@@ -31,26 +31,35 @@ pub struct LocalProtection {
     pub netns_cookie: u64,
     /// Local address prefixes.
     pub prefixes: Vec<IpNet>,
+    /// Those of them the kernel delivers to every socket on the port (broadcast and
+    /// multicast): no one socket answers there, so none is looked up.
+    pub groups: Vec<IpNet>,
     /// Rules of protected endpoints on a local address; `None` when there are none.
     pub rules: Option<EndpointRules>,
 }
 
 /// Read this namespace's local addresses and pick the protected endpoints among them.
 pub fn current(endpoints: &[Endpoint]) -> Result<LocalProtection> {
-    let prefixes = local_prefixes()?;
-    Ok(LocalProtection { netns_cookie: own_netns_cookie()?, rules: local_rules(endpoints, &prefixes), prefixes })
+    let (prefixes, groups) = local_prefixes()?;
+    Ok(LocalProtection {
+        netns_cookie: own_netns_cookie()?,
+        rules: local_rules(endpoints, &prefixes),
+        prefixes,
+        groups,
+    })
 }
 
 /// Destinations every namespace delivers locally, whatever its addresses: the limited
 /// broadcast address and the multicast ranges.
 const ALWAYS_LOCAL: [&str; 3] = ["255.255.255.255/32", "224.0.0.0/4", "ff00::/8"];
 
-fn local_prefixes() -> Result<Vec<IpNet>> {
-    let mut prefixes: BTreeSet<IpNet> = ALWAYS_LOCAL.iter().map(|net| net.parse().expect("a valid prefix")).collect();
-    prefixes.extend(anycast_v6()?);
+/// Every local prefix, and the group prefixes among them.
+fn local_prefixes() -> Result<(Vec<IpNet>, Vec<IpNet>)> {
+    let mut groups: BTreeSet<IpNet> = ALWAYS_LOCAL.iter().map(|net| net.parse().expect("a valid prefix")).collect();
+    let mut prefixes: BTreeSet<IpNet> = anycast_v6()?.into_iter().collect();
     for interface in getifaddrs().context("listing local addresses (getifaddrs)")? {
         if let Some(broadcast) = interface.broadcast.as_ref().and_then(|b| b.as_sockaddr_in()) {
-            prefixes.insert(IpNet::from(IpAddr::from(broadcast.ip())));
+            groups.insert(IpNet::from(IpAddr::from(broadcast.ip())));
         }
         let Some(address) = interface.address.as_ref() else { continue };
         let ip: IpAddr = if let Some(v4) = address.as_sockaddr_in() {
@@ -63,13 +72,14 @@ fn local_prefixes() -> Result<Vec<IpNet>> {
         let mask_len = interface.netmask.as_ref().and_then(netmask_len).unwrap_or(host_len(ip));
         let prefix_len = if interface.flags.contains(InterfaceFlags::IFF_LOOPBACK) { mask_len } else { host_len(ip) };
         if let Some(broadcast) = subnet_broadcast(ip, mask_len) {
-            prefixes.insert(broadcast);
+            groups.insert(broadcast);
         }
         if let Ok(net) = IpNet::new(ip, prefix_len) {
             prefixes.insert(net.trunc());
         }
     }
-    Ok(prefixes.into_iter().collect())
+    prefixes.extend(&groups);
+    Ok((prefixes.into_iter().collect(), groups.into_iter().collect()))
 }
 
 /// The IPv6 anycast addresses the kernel answers in this namespace (`/proc/net/anycast6`:
@@ -94,10 +104,10 @@ fn parse_hex_v6(hex: &str) -> Option<IpAddr> {
 }
 
 /// The broadcast address Linux routes locally for an IPv4 subnet shorter than /31,
-/// whether or not the address was given one.
+/// whether or not the address was given one (loopback's `127.255.255.255` too).
 fn subnet_broadcast(ip: IpAddr, prefix_len: u8) -> Option<IpNet> {
     match ip {
-        IpAddr::V4(v4) if prefix_len < 31 && !v4.is_loopback() => {
+        IpAddr::V4(v4) if prefix_len < 31 => {
             let net = ipnet::Ipv4Net::new(v4, prefix_len).ok()?;
             Some(IpNet::from(IpAddr::from(net.broadcast())))
         }
@@ -184,16 +194,18 @@ mod tests {
         let ip: IpAddr = "198.51.100.1".parse().unwrap();
         assert_eq!(subnet_broadcast(ip, 24), Some("198.51.100.255/32".parse().unwrap()));
         assert_eq!(subnet_broadcast(ip, 31), None);
-        assert_eq!(subnet_broadcast("127.0.0.1".parse().unwrap(), 8), None, "loopback's prefix is local whole");
+        assert_eq!(subnet_broadcast("127.0.0.1".parse().unwrap(), 8), Some("127.255.255.255/32".parse().unwrap()));
         assert_eq!(subnet_broadcast("2001:db8::1".parse().unwrap(), 64), None);
     }
 
     #[test]
-    fn broadcast_and_multicast_are_always_local() {
-        let prefixes = local_prefixes().unwrap();
+    fn broadcast_and_multicast_are_always_local_groups() {
+        let (prefixes, groups) = local_prefixes().unwrap();
         for net in ALWAYS_LOCAL {
             assert!(prefixes.contains(&net.parse().unwrap()), "{net} in {prefixes:?}");
+            assert!(groups.contains(&net.parse().unwrap()), "{net} in {groups:?}");
         }
+        assert!(groups.iter().all(|group| prefixes.contains(group)));
     }
 
     #[test]

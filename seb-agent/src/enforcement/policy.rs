@@ -11,7 +11,9 @@ use std::{
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use seb_common::{ANY_PORT, ANY_PROTOCOL, EndpointRules, LOCAL_LOOPBACK, LOCAL_ROUTED, MAX_RULES_PER_PREFIX, PortRule};
+use seb_common::{
+    ANY_PORT, ANY_PROTOCOL, EndpointRules, LOCAL_GROUP, LOCAL_LOOPBACK, LOCAL_ROUTED, MAX_RULES_PER_PREFIX, PortRule,
+};
 
 use crate::config::Endpoint;
 
@@ -69,7 +71,7 @@ fn unmapped(net: IpNet) -> IpNet {
 /// there (else empty). Each becomes an entry too, marked local, so one lookup tells a
 /// destination that may reach a wildcard listener serving a protected endpoint from one
 /// that cannot.
-pub fn compile(endpoints: &[Endpoint], local: &[IpNet]) -> Result<CompiledPolicy, TooManyRules> {
+pub fn compile(endpoints: &[Endpoint], local: &[IpNet], groups: &[IpNet]) -> Result<CompiledPolicy, TooManyRules> {
     let mut own: BTreeMap<IpNet, BTreeSet<PortRule>> = BTreeMap::new();
     for endpoint in endpoints {
         let rule = PortRule { port: endpoint.port.unwrap_or(ANY_PORT), protocol: endpoint.protocol.number(), _pad: 0 };
@@ -85,7 +87,7 @@ pub fn compile(endpoints: &[Endpoint], local: &[IpNet]) -> Result<CompiledPolicy
     for net in &nets {
         let rules = inherited_rules(net, &own);
         let mut rules = encode(*net, rules)?;
-        rules.local = local_kind(net, local);
+        rules.local = local_kind(net, local, groups);
         match net {
             IpNet::V4(v4) => {
                 policy.v4.push(TrieEntry { prefix_len: v4.prefix_len().into(), addr: v4.network().octets(), rules })
@@ -98,11 +100,14 @@ pub fn compile(endpoints: &[Endpoint], local: &[IpNet]) -> Result<CompiledPolicy
     Ok(policy)
 }
 
-/// How `net` is local: not at all, on loopback (reached from this namespace alone), or
-/// at an address other namespaces reach by routing.
-fn local_kind(net: &IpNet, local: &[IpNet]) -> u8 {
+/// How `net` is local: not at all, a group address (every socket on the port gets what
+/// is sent there), on loopback (reached from this namespace alone), or at an address
+/// other namespaces reach by routing.
+fn local_kind(net: &IpNet, local: &[IpNet], groups: &[IpNet]) -> u8 {
     if !local.iter().any(|local| local.contains(net)) {
         0
+    } else if groups.iter().any(|group| group.contains(net)) {
+        LOCAL_GROUP
     } else if net.network().is_loopback() {
         LOCAL_LOOPBACK
     } else {
@@ -146,7 +151,7 @@ mod tests {
     use crate::config::Protocol;
 
     fn compile_remote(endpoints: &[Endpoint]) -> Result<CompiledPolicy, TooManyRules> {
-        compile(endpoints, &[])
+        compile(endpoints, &[], &[])
     }
 
     fn endpoint(cidr: &str, port: Option<u16>, protocol: Protocol) -> Endpoint {
@@ -204,7 +209,7 @@ mod tests {
         let local: Vec<IpNet> = vec!["127.0.0.0/8".parse().unwrap(), "10.1.2.3/32".parse().unwrap()];
         let endpoints =
             [endpoint("127.0.0.2/32", None, Protocol::Any), endpoint("10.0.0.0/8", Some(443), Protocol::Tcp)];
-        let policy = compile(&endpoints, &local).unwrap();
+        let policy = compile(&endpoints, &local, &[]).unwrap();
         let entry = |len: u32, addr: [u8; 4]| policy.v4.iter().find(|e| e.prefix_len == len && e.addr == addr).unwrap();
         assert_eq!((entry(8, [127, 0, 0, 0]).rules.local, entry(8, [127, 0, 0, 0]).rules.count), (LOCAL_LOOPBACK, 0));
         assert_eq!(entry(32, [127, 0, 0, 2]).rules.local, LOCAL_LOOPBACK, "protected and local");
