@@ -1,7 +1,8 @@
 //! Whether this kernel takes 32-bit system calls from 64-bit processes (`int 0x80`).
 //! Where it does, `socket()` has a second door the syscall tracepoints do not watch, and
 //! the agent watches `sys_enter` (`seb_sys_enter`) to cover it. Asked of the kernel itself, once: a
-//! child process tries the gate (a kernel booted with `ia32_emulation=0` kills it).
+//! child process tries the gate (a kernel booted with `ia32_emulation=0` kills it); under
+//! a seccomp filter of its own the agent cannot tell, and assumes the gate open.
 
 use std::sync::OnceLock;
 
@@ -9,7 +10,15 @@ use std::sync::OnceLock;
 /// gate the programs know of).
 pub fn run_here() -> bool {
     static ANSWER: OnceLock<bool> = OnceLock::new();
-    *ANSWER.get_or_init(probe)
+    // Under a seccomp filter the agent's own try says nothing of the pods', whose
+    // filters may let the gate through: assume it open, and watch it.
+    *ANSWER.get_or_init(|| under_seccomp(&std::fs::read_to_string("/proc/self/status").unwrap_or_default()) || probe())
+}
+
+/// Whether a /proc/<pid>/status text shows a seccomp mode (strict or filter). Unreadable
+/// counts as filtered.
+fn under_seccomp(status: &str) -> bool {
+    status.lines().find_map(|line| line.strip_prefix("Seccomp:")).is_none_or(|mode| mode.trim() != "0")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -49,6 +58,13 @@ fn probe() -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_seccomp_filter_or_an_unreadable_status_counts_as_filtered() {
+        assert!(!super::under_seccomp("Name:\tseb-agent\nSeccomp:\t0\nSeccomp_filters:\t0\n"));
+        assert!(super::under_seccomp("Name:\tseb-agent\nSeccomp:\t2\nSeccomp_filters:\t1\n"));
+        assert!(super::under_seccomp(""));
+    }
+
     /// The probe agrees with what the kernel says of itself, where it says it.
     #[test]
     fn the_gate_is_found_open_where_the_kernel_runs_32_bit_calls() {
