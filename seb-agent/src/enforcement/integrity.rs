@@ -15,10 +15,17 @@ use aya::{
     Ebpf, Pod,
     maps::{HashMap, LpmTrie, MapData},
 };
-use seb_common::{ANY_OTHER_NAMESPACE, ANY_PORT, ANY_PROTOCOL, EndpointRules, map_names};
+use seb_common::{ANY_OTHER_NAMESPACE, EndpointRules, map_names};
 use serde::{Deserialize, Serialize};
 
-use super::{LinkState, enforcer::Desired, loader, local::LocalProtection, policy::TrieEntry, tap_devices::TapMajors};
+use super::{
+    LinkState,
+    enforcer::Desired,
+    loader,
+    local::LocalProtection,
+    policy::{TrieEntry, TrieKey, rules_key, weakens},
+    tap_devices::TapMajors,
+};
 
 /// One way the kernel differs from what the agent installed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,44 +138,6 @@ where
     })
 }
 
-/// A trie entry as compared: prefix length, address bytes, rules and local mark.
-type TrieKey = (u32, Vec<u8>, RulesKey);
-type RulesKey = (Vec<(u16, u8)>, u8);
-
-/// The rules an entry really holds (slots past `count` are ignored by the kernel), and
-/// its local mark.
-fn rules_key(rules: &EndpointRules) -> RulesKey {
-    let count = (rules.count as usize).min(rules.rules.len());
-    (rules.rules[..count].iter().map(|rule| (rule.port, rule.protocol)).collect(), rules.local)
-}
-
-/// Whether `entry`, more specific than the wanted prefixes covering it, would let the
-/// longest-prefix match allow what the longest of them denies: a rule of it not covered
-/// by the entry's, or its local mark changed.
-fn weakens(entry: &TrieKey, wanted: &BTreeSet<TrieKey>) -> bool {
-    let (len, addr, (rules, local)) = entry;
-    let covering = (0..*len).rev().find_map(|shorter| {
-        let masked = masked(addr, shorter);
-        wanted.iter().find(|(l, a, _)| *l == shorter && *a == masked)
-    });
-    let Some((_, _, (covering_rules, covering_local))) = covering else { return false };
-    let covered = |(port, protocol): &(u16, u8)| {
-        rules.iter().any(|(p, pr)| (*pr == ANY_PROTOCOL || pr == protocol) && (*p == ANY_PORT || p == port))
-    };
-    !covering_rules.iter().all(covered) || (*covering_local != 0 && covering_local != local)
-}
-
-/// `addr` with only its first `len` bits kept.
-fn masked(addr: &[u8], len: u32) -> Vec<u8> {
-    addr.iter()
-        .enumerate()
-        .map(|(i, byte)| {
-            let kept = len.saturating_sub(8 * i as u32).min(8);
-            if kept == 0 { 0 } else { byte & (0xffu8 << (8 - kept)) }
-        })
-        .collect()
-}
-
 fn check_set(ebpf: &mut Ebpf, name: &str, wanted: &[u64], exact: bool) -> Option<Finding> {
     let map = ebpf.map_mut(name)?;
     let set: HashMap<&mut MapData, u64, u8> = match HashMap::try_from(map) {
@@ -225,29 +194,4 @@ pub struct Integrity {
     pub repaired: bool,
     /// Checks that found a divergence since the agent started.
     pub tampered_checks: u64,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(len: u32, addr: [u8; 4], rules: &[(u16, u8)], local: u8) -> TrieKey {
-        (len, addr.to_vec(), (rules.to_vec(), local))
-    }
-
-    /// Kept from an earlier policy, a /32 with no rules under a protected /8 would make
-    /// the longest-prefix match allow the /32: a finding; one that protects more is not.
-    #[test]
-    fn an_extra_entry_is_a_finding_only_when_it_weakens_the_prefix_covering_it() {
-        let wanted: BTreeSet<TrieKey> = [entry(8, [10, 0, 0, 0], &[(443, 6)], 0)].into();
-        assert!(weakens(&entry(32, [10, 1, 2, 3], &[], 0), &wanted), "no rules under tcp:443");
-        assert!(weakens(&entry(32, [10, 1, 2, 3], &[(80, 6)], 0), &wanted), "another port only");
-        assert!(!weakens(&entry(32, [10, 1, 2, 3], &[(443, 6), (53, 17)], 0), &wanted), "more");
-        assert!(!weakens(&entry(32, [10, 1, 2, 3], &[(ANY_PORT, ANY_PROTOCOL)], 0), &wanted), "everything");
-        assert!(!weakens(&entry(32, [11, 1, 2, 3], &[], 0), &wanted), "under no wanted prefix");
-        let local: BTreeSet<TrieKey> = [entry(8, [127, 0, 0, 0], &[], 1)].into();
-        assert!(weakens(&entry(32, [127, 0, 0, 9], &[], 0), &local), "the local mark dropped");
-        assert_eq!(masked(&[10, 1, 2, 3], 12), [10, 0, 0, 0]);
-        assert_eq!(masked(&[192, 168, 255, 3], 20), [192, 168, 240, 0]);
-    }
 }

@@ -4,7 +4,7 @@
 //! opens a window in which a still-protected endpoint is unprotected.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeSet, HashSet},
     os::fd::{AsFd, AsRawFd},
 };
 
@@ -17,7 +17,7 @@ use seb_common::{EndpointRules, counters, layout, map_names, unfollowed};
 
 use super::{
     local::LocalProtection,
-    policy::{CompiledPolicy, TrieEntry},
+    policy::{CompiledPolicy, TrieEntry, TrieKey, rules_key, weakens},
     scope_walk::{Fate, Walked},
     tap_devices::TapMajors,
 };
@@ -40,16 +40,20 @@ where
     [u8; N]: Pod,
 {
     let mut trie: LpmTrie<&mut MapData, [u8; N], EndpointRules> = LpmTrie::try_from(map)?;
-    let existing: Vec<Key<[u8; N]>> = trie.keys().collect::<Result<_, _>>()?;
+    let existing: Vec<(Key<[u8; N]>, EndpointRules)> = trie.iter().collect::<Result<_, _>>()?;
     for entry in entries {
         trie.insert(&Key::new(entry.prefix_len, entry.addr), entry.rules, 0)?;
     }
-    if keep_stale {
-        return Ok(());
-    }
     let wanted: HashSet<(u32, [u8; N])> = entries.iter().map(|e| (e.prefix_len, e.addr)).collect();
-    for key in existing {
-        if !wanted.contains(&(key.prefix_len(), key.data())) {
+    let wanted_keys: BTreeSet<TrieKey> =
+        entries.iter().map(|e| (e.prefix_len, e.addr.to_vec(), rules_key(&e.rules))).collect();
+    for (key, rules) in existing {
+        if wanted.contains(&(key.prefix_len(), key.data())) {
+            continue;
+        }
+        // A stale entry kept may protect more than wanted, never less.
+        let stale = (key.prefix_len(), key.data().to_vec(), rules_key(&rules));
+        if !keep_stale || weakens(&stale, &wanted_keys) {
             trie.remove(&key)?;
         }
     }

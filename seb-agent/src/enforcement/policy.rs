@@ -145,6 +145,46 @@ fn encode(net: IpNet, rules: BTreeSet<PortRule>) -> Result<EndpointRules, TooMan
     Ok(packed)
 }
 
+/// A trie entry as compared: prefix length, address bytes, rules and local mark.
+pub type TrieKey = (u32, Vec<u8>, RulesKey);
+pub type RulesKey = (Vec<(u16, u8)>, u8);
+
+/// The rules an entry really holds (slots past `count` are ignored by the kernel), and
+/// its local mark.
+pub fn rules_key(rules: &EndpointRules) -> RulesKey {
+    let count = (rules.count as usize).min(rules.rules.len());
+    (rules.rules[..count].iter().map(|rule| (rule.port, rule.protocol)).collect(), rules.local)
+}
+
+/// Whether `entry`, more specific than the wanted prefixes covering it, would let the
+/// longest-prefix match allow what the longest of them denies: a rule of it not covered
+/// by the entry's, or its local mark changed.
+pub fn weakens(entry: &TrieKey, wanted: &BTreeSet<TrieKey>) -> bool {
+    let (len, addr, (rules, local)) = entry;
+    // The set is ordered by prefix length, then address: the first entry at or after
+    // (length, address, the least rules) is the one at that prefix, if any.
+    let covering = (0..*len).rev().find_map(|shorter| {
+        let lowest: TrieKey = (shorter, masked(addr, shorter), (Vec::new(), 0));
+        wanted.range(&lowest..).next().filter(|(l, a, _)| *l == shorter && *a == lowest.1)
+    });
+    let Some((_, _, (covering_rules, covering_local))) = covering else { return false };
+    let covered = |(port, protocol): &(u16, u8)| {
+        rules.iter().any(|(p, pr)| (*pr == ANY_PROTOCOL || pr == protocol) && (*p == ANY_PORT || p == port))
+    };
+    !covering_rules.iter().all(covered) || (*covering_local != 0 && covering_local != local)
+}
+
+/// `addr` with only its first `len` bits kept.
+fn masked(addr: &[u8], len: u32) -> Vec<u8> {
+    addr.iter()
+        .enumerate()
+        .map(|(i, byte)| {
+            let kept = len.saturating_sub(8 * i as u32).min(8);
+            if kept == 0 { 0 } else { byte & (0xffu8 << (8 - kept)) }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,5 +309,25 @@ mod tests {
             .collect();
         let policy = compile_remote(&endpoints).unwrap();
         assert_eq!(policy.v4.len(), 10_000);
+    }
+
+    fn entry(len: u32, addr: [u8; 4], rules: &[(u16, u8)], local: u8) -> TrieKey {
+        (len, addr.to_vec(), (rules.to_vec(), local))
+    }
+
+    /// Kept from an earlier policy, a /32 with no rules under a protected /8 would make
+    /// the longest-prefix match allow the /32: a finding; one that protects more is not.
+    #[test]
+    fn an_extra_entry_is_a_finding_only_when_it_weakens_the_prefix_covering_it() {
+        let wanted: BTreeSet<TrieKey> = [entry(8, [10, 0, 0, 0], &[(443, 6)], 0)].into();
+        assert!(weakens(&entry(32, [10, 1, 2, 3], &[], 0), &wanted), "no rules under tcp:443");
+        assert!(weakens(&entry(32, [10, 1, 2, 3], &[(80, 6)], 0), &wanted), "another port only");
+        assert!(!weakens(&entry(32, [10, 1, 2, 3], &[(443, 6), (53, 17)], 0), &wanted), "more");
+        assert!(!weakens(&entry(32, [10, 1, 2, 3], &[(ANY_PORT, ANY_PROTOCOL)], 0), &wanted), "everything");
+        assert!(!weakens(&entry(32, [11, 1, 2, 3], &[], 0), &wanted), "under no wanted prefix");
+        let local: BTreeSet<TrieKey> = [entry(8, [127, 0, 0, 0], &[], 1)].into();
+        assert!(weakens(&entry(32, [127, 0, 0, 9], &[], 0), &local), "the local mark dropped");
+        assert_eq!(masked(&[10, 1, 2, 3], 12), [10, 0, 0, 0]);
+        assert_eq!(masked(&[192, 168, 255, 3], 20), [192, 168, 240, 0]);
     }
 }
