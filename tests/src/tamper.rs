@@ -18,6 +18,7 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 
@@ -111,7 +112,26 @@ fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
     u64::from_le_bytes([code, (src << 4) | dst, o0, o1, i0, i1, i2, i3])
 }
 
+/// A socket filter program, attached nowhere, that refers to seb's pinned map `map` (a
+/// name from `seb_common::map_names`): what root loads to write seb's maps from inside
+/// the kernel. It stays loaded while the descriptor is open.
+pub fn load_program_using_map(pin_path: &Path, map: &str) -> Result<OwnedFd> {
+    let map = open_pinned(&pin_path.join("maps").join(map))?;
+    const BPF_PSEUDO_MAP_FD: u8 = 1;
+    let insns = [
+        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, map.as_raw_fd()), // r1 = &map (two words)
+        insn(0x00, 0, 0, 0, 0),
+        insn(0xb7, 0, 0, 0, 0), // r0 = 0
+        insn(0x95, 0, 0, 0, 0), // exit
+    ];
+    load(BPF_PROG_TYPE_SOCKET_FILTER, 0, *b"root_map_user\0\0\0", &insns)
+}
+
 fn load_connect4(insns: &[u64]) -> Result<OwnedFd> {
+    load(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT, *b"root_connect4\0\0\0", insns)
+}
+
+fn load(prog_type: u32, expected_attach_type: u32, prog_name: [u8; 16], insns: &[u64]) -> Result<OwnedFd> {
     #[repr(C)]
     struct ProgLoad {
         prog_type: u32,
@@ -129,7 +149,7 @@ fn load_connect4(insns: &[u64]) -> Result<OwnedFd> {
     }
     let license = c"GPL";
     let attr = ProgLoad {
-        prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        prog_type,
         insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
@@ -138,14 +158,14 @@ fn load_connect4(insns: &[u64]) -> Result<OwnedFd> {
         log_buf: 0,
         kern_version: 0,
         prog_flags: 0,
-        prog_name: *b"root_connect4\0\0\0",
+        prog_name,
         prog_ifindex: 0,
-        expected_attach_type: BPF_CGROUP_INET4_CONNECT,
+        expected_attach_type,
     };
     // SAFETY: BPF_PROG_LOAD reads the attribute and the instructions it points to.
     let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &attr as *const ProgLoad, size_of::<ProgLoad>()) };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("loading a connect4 program");
+        return Err(std::io::Error::last_os_error()).context("loading a program");
     }
     // SAFETY: a fresh fd owned here.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })

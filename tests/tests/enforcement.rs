@@ -1105,6 +1105,32 @@ fn a_restart_never_adopts_a_detached_link() {
     assert_eq!(outcome["result"], "EPERM", "{outcome}");
 }
 
+/// Root loads a program of its own bound to seb's maps (from inside the kernel it could
+/// forge registrations or swallow denials, with no system call on the maps): a finding
+/// for as long as it is loaded, not repairable by the agent, and gone once it is.
+#[test]
+fn a_foreign_program_bound_to_sebs_maps_is_reported_while_it_is_loaded() {
+    let mut sandbox = sandbox("foreign");
+    sandbox.start_agent().unwrap();
+    let program =
+        seb_sandbox::tamper::load_program_using_map(&sandbox.pin_path, seb_common::map_names::BROKER_SOCKETS).unwrap();
+    wait_for_tamper(&sandbox, "the foreign program", |record| {
+        record["body"]["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["kind"] == "program" && f["object"].as_str().unwrap().contains("root_map_user"))
+            && record["body"]["repaired"] == false
+    });
+    assert_eq!(sandbox.status().unwrap()["ready"], false);
+    drop(program);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sandbox.status().unwrap()["ready"] != true {
+        assert!(std::time::Instant::now() < deadline, "still not ready once the program was unloaded");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Root empties the rules for protected endpoints on local addresses (what stops a
 /// wildcard listener serving one from answering at any local address): noticed,
 /// written back and recorded.

@@ -38,8 +38,9 @@ fn metrics_health_and_status_report_what_the_agent_sees() {
         r#"seb_kernel_denials_total{hook="connect4",namespace="",pod=""} 1"#.to_string(),
         r#"seb_admissions_total{decision="denied",reason="untrusted_issuer"} 1"#.to_string(),
         // The protected /32, and marked local (127.0.0.2 is local): loopback's
-        // 127.0.0.0/8, the limited broadcast address and the multicast range.
-        r#"seb_map_entries{map="SEB_PROTECTED_V4"} 4"#.to_string(),
+        // 127.0.0.0/8 and its broadcast address, the limited broadcast address and the
+        // multicast range.
+        r#"seb_map_entries{map="SEB_PROTECTED_V4"} 5"#.to_string(),
     ];
     let deadline = Instant::now() + Duration::from_secs(15);
     let metrics = loop {

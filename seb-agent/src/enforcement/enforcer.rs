@@ -261,7 +261,10 @@ impl SharedEnforcer {
         let repaired = if findings.is_empty() { Ok(()) } else { enforcer.reapply(sources) };
         let (registrations, registrations_held) = sockets.check_registrations(&enforcer.mount);
         findings.extend(registrations);
-        let repaired = repaired.and(registrations_held);
+        let mut repaired = repaired.and(registrations_held);
+        if findings.iter().any(|finding| finding.kind == "program") {
+            repaired = repaired.and(Err(anyhow!("the agent cannot unload another's program")));
+        }
         let mut integrity = self.integrity.lock().map_err(|_| anyhow!("the integrity state is poisoned"))?;
         let now = crate::audit::format_time(crate::audit::now_ns());
         integrity.checked_at = now.clone();

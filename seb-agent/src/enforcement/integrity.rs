@@ -30,7 +30,7 @@ use super::{
 /// One way the kernel differs from what the agent installed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finding {
-    /// `link`, `map`, `registration` or `apply`: a bounded label for metrics.
+    /// `link`, `map`, `program`, `registration` or `apply`: a bounded label for metrics.
     pub kind: String,
     /// The link's pin, or the map's name.
     pub object: String,
@@ -56,8 +56,12 @@ impl Finding {
 
 /// Every divergence between the kernel and `desired`, as installed through `links`.
 pub fn check(ebpf: &mut Ebpf, links: &[LinkState], desired: &Desired) -> Vec<Finding> {
-    let mut findings: Vec<Finding> =
-        loader::verify_links(links).into_iter().map(|(link, why)| Finding::link(link, format!("{why:#}"))).collect();
+    let loaded = loader::LoadedPrograms::read();
+    let mut findings: Vec<Finding> = loader::verify_links(links, &loaded)
+        .into_iter()
+        .map(|(link, why)| Finding::link(link, format!("{why:#}")))
+        .collect();
+    findings.extend(foreign_programs(links, &loaded));
     let exact = !desired.keep_previous;
     findings.extend(check_trie(ebpf, map_names::PROTECTED_V4, &desired.policy.v4, exact));
     findings.extend(check_trie(ebpf, map_names::PROTECTED_V6, &desired.policy.v6, exact));
@@ -66,6 +70,33 @@ pub fn check(ebpf: &mut Ebpf, links: &[LinkState], desired: &Desired) -> Vec<Fin
     findings.extend(check_tap_majors(ebpf, &desired.tap_majors));
     findings.extend(check_local(ebpf, &desired.local));
     findings
+}
+
+/// Programs bound to this agent's maps that are not its own (another tag): root can load
+/// one to write the maps from inside the kernel (a forged broker registration, a forged
+/// or swallowed denial) without a system call on them. The agent cannot unload another's
+/// program: each is a finding while it lasts.
+fn foreign_programs(links: &[LinkState], loaded: &loader::LoadedPrograms) -> Vec<Finding> {
+    let own_tags: BTreeSet<u64> = links.iter().map(|link| link.identity.tag).collect();
+    let own_maps: BTreeSet<u32> = links.iter().flat_map(|link| link.identity.maps.iter().copied()).collect();
+    let mut foreign: Vec<Finding> = loaded
+        .0
+        .iter()
+        .filter(|(_, program)| !own_tags.contains(&program.identity.tag))
+        .filter_map(|(id, program)| {
+            let shared: Vec<u32> = program.identity.maps.intersection(&own_maps).copied().collect();
+            (!shared.is_empty()).then(|| Finding {
+                kind: "program".into(),
+                object: format!("program {id} ({})", program.name),
+                problem: format!(
+                    "uses this agent's maps {shared:?} and is not one of its programs (tag {:016x})",
+                    program.identity.tag
+                ),
+            })
+        })
+        .collect();
+    foreign.sort_by(|a, b| a.object.cmp(&b.object));
+    foreign
 }
 
 /// Without its entries a wildcard or device-bound listener serving a protected endpoint

@@ -251,6 +251,7 @@ pub fn attach_all(
     for (program, _) in programs.clone() {
         load_program(ebpf, program)?;
     }
+    let loaded = LoadedPrograms::read();
     for &(program, attach_to) in programs {
         let identity = loaded_identity(ebpf, program)?;
         let cgroups: Vec<Option<&PathBuf>> = match attach_to {
@@ -268,7 +269,7 @@ pub fn attach_all(
             let pin = layout.links().join(&name);
             wanted.insert(name);
             let expected = Expected { cgroup_id: cgroup.map(|_| cgroup_id), program: &identity };
-            let origin = match adopt(&pin, &expected) {
+            let origin = match adopt(&pin, &expected, &loaded) {
                 Ok(()) => LinkOrigin::Adopted,
                 Err(why) => {
                     if pin.exists() {
@@ -340,7 +341,7 @@ struct Expected<'a> {
 /// enforces nothing; root can swap a link's program (`BPF_LINK_UPDATE`) for one that
 /// allows everything, or for seb's own bound to maps it made; and a program bound to
 /// maps that are no longer pinned would ignore every policy update.
-fn adopt(pin: &Path, expected: &Expected<'_>) -> Result<()> {
+fn adopt(pin: &Path, expected: &Expected<'_>, loaded: &LoadedPrograms) -> Result<()> {
     if !pin.exists() {
         bail!("not pinned");
     }
@@ -353,34 +354,56 @@ fn adopt(pin: &Path, expected: &Expected<'_>) -> Result<()> {
             None => bail!("the link is not a cgroup link"),
         }
     }
-    let program = loaded_programs()
-        .filter_map(Result::ok)
-        .find(|program| program.id() == kernel.program_id)
-        .ok_or_else(|| anyhow!("the link's program {} is gone", kernel.program_id))?;
-    if program.tag() != expected.program.tag {
+    let program =
+        loaded.0.get(&kernel.program_id).ok_or_else(|| anyhow!("the link's program {} is gone", kernel.program_id))?;
+    if program.identity.tag != expected.program.tag {
         bail!(
             "the link runs program {} with tag {:016x}, not this agent's (tag {:016x}): its program was replaced",
             kernel.program_id,
-            program.tag(),
+            program.identity.tag,
             expected.program.tag
         );
     }
-    let used: BTreeSet<u32> = program.map_ids()?.unwrap_or_default().into_iter().collect();
-    if used != expected.program.maps {
-        bail!("the link's program uses maps {used:?}; this agent's uses maps {:?}", expected.program.maps);
+    if program.identity.maps != expected.program.maps {
+        bail!(
+            "the link's program uses maps {:?}; this agent's uses maps {:?}",
+            program.identity.maps,
+            expected.program.maps
+        );
     }
     Ok(())
+}
+
+/// A program loaded in the kernel, anyone's.
+pub struct LoadedProgram {
+    pub name: String,
+    pub identity: ProgramIdentity,
+}
+
+/// Every program loaded in the kernel, by id: read once per check (each program costs
+/// three system calls), not once per link.
+pub struct LoadedPrograms(pub std::collections::HashMap<u32, LoadedProgram>);
+
+impl LoadedPrograms {
+    pub fn read() -> Self {
+        let programs = loaded_programs().filter_map(Result::ok).filter_map(|info| {
+            let maps = info.map_ids().ok()?.unwrap_or_default().into_iter().collect();
+            let name = info.name_as_str().unwrap_or("").to_string();
+            Some((info.id(), LoadedProgram { name, identity: ProgramIdentity { tag: info.tag(), maps } }))
+        });
+        Self(programs.collect())
+    }
 }
 
 /// Check the links this agent holds against the kernel: still pinned, still attached
 /// where they were, still running this agent's program. Returns each link that fails,
 /// with why.
-pub fn verify_links(links: &[LinkState]) -> Vec<(&LinkState, anyhow::Error)> {
+pub fn verify_links<'a>(links: &'a [LinkState], loaded: &LoadedPrograms) -> Vec<(&'a LinkState, anyhow::Error)> {
     links
         .iter()
         .filter_map(|state| {
             let cgroup_id = (!state.is_global()).then_some(state.cgroup_id);
-            adopt(&state.pin, &Expected { cgroup_id, program: &state.identity }).err().map(|why| (state, why))
+            adopt(&state.pin, &Expected { cgroup_id, program: &state.identity }, loaded).err().map(|why| (state, why))
         })
         .collect()
 }
