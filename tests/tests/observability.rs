@@ -63,7 +63,7 @@ fn metrics_health_and_status_report_what_the_agent_sees() {
     let attached = seb_agent::enforcement::loader::attached_programs(seb_agent::config::SyscallTables::Auto).count();
     assert_eq!(status["links"].as_array().unwrap().len(), attached);
     assert_eq!(status["integrity"]["intact"], true, "{status}");
-    assert_eq!(status["map_entries"]["SEB_PROTECTED_V4"], 4);
+    assert_eq!(status["map_entries"]["SEB_PROTECTED_V4"], 5);
     assert_eq!(status["last_denial"]["socket_cookie"], denied["cookie"]);
 
     // A link unpinned behind the agent's back: no longer ready.
