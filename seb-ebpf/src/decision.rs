@@ -478,6 +478,12 @@ pub fn judge_packet<C: EbpfContext>(
     {
         return ALLOW;
     }
+    refuse_packet(ctx, skb, dest, hook)
+}
+
+/// Drop and report a packet, unless its socket is a live broker's or exempt.
+#[inline(always)]
+pub fn refuse_packet<C: EbpfContext>(ctx: &C, skb: *mut __sk_buff, dest: &Destination, hook: Hook) -> i32 {
     // SAFETY: helpers valid in cgroup_skb programs, on this program's own skb.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // The socket's cgroup is exempt and so was its creator when it made it.

@@ -448,6 +448,10 @@ fn egress(ctx: &SkBuffContext) -> i32 {
         // The kernel's replies answer a peer that connected here: the address, not what
         // listens behind it, is judged.
         packet::Sender::Kernel => return decision::judge_packet(ctx, skb, &dest, hook, false),
+        // A raw socket's tunnel packet (IP in IP, GRE, ...) carries another packet that
+        // a tunnel device where it arrives (the node's own, another node's) sends on,
+        // unjudged: refused wherever it goes.
+        _ if packet::is_tunnel(ctx) => return decision::refuse_packet(ctx, skb, &dest, hook),
         _ => return decision::judge_packet(ctx, skb, &dest, hook, true),
     }
     decision::judge_cut(ctx, skb)

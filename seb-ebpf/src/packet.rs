@@ -156,6 +156,20 @@ fn destination_v6(ctx: &SkBuffContext) -> Option<Destination> {
     Some(dest)
 }
 
+/// Whether the packet's IP header says it carries another packet: IP in IP (4, 94),
+/// IPv6 in IP (41), GRE (47), EtherIP (97), L2TP (115), MPLS in IP (137). An IPv6
+/// extension header before one is not walked.
+#[inline(always)]
+pub fn is_tunnel(ctx: &SkBuffContext) -> bool {
+    let Some(first) = read::<u8>(ctx, 0) else { return false };
+    let protocol = match first >> 4 {
+        4 => read::<u8>(ctx, 9),
+        6 => read::<u8>(ctx, 6),
+        _ => None,
+    };
+    matches!(protocol, Some(4 | 41 | 47 | 94 | 97 | 115 | 137))
+}
+
 #[inline(always)]
 fn transport_port(ctx: &SkBuffContext, protocol: u8, offset: usize) -> Option<u16> {
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {

@@ -286,6 +286,9 @@ enum Method {
     IoUring,
     /// sendto() on a raw IP socket (a UDP header built by hand).
     Raw,
+    /// sendto() on a raw IP-in-IP socket (protocol 4) to the address given; the packet it
+    /// carries, built by hand, is UDP from 127.0.0.1 to 127.0.0.2 on the port given.
+    Ipip,
     /// An AF_PACKET SOCK_RAW socket on loopback: a whole frame, IP and UDP headers built
     /// by hand, that never passes the IP stack's hooks.
     Packet,
@@ -456,6 +459,10 @@ fn attempt_with(method: Method, addr: SocketAddr, setup: &Setup) -> Value {
         Method::UdpSendto => socket.send_to(b"seb", &addr.into()).map(drop),
         Method::IoUring => uring::connect(&socket, addr),
         Method::Raw => socket.send_to(&udp_datagram(addr.port()), &SocketAddr::new(addr.ip(), 0).into()).map(drop),
+        Method::Ipip => {
+            let inner = packet::ipv4_udp([127, 0, 0, 1], [127, 0, 0, 2], addr.port());
+            socket.send_to(&inner, &SocketAddr::new(addr.ip(), 0).into()).map(drop)
+        }
         Method::PacketDgram => packet::send(&socket, false, addr),
         Method::Packet | Method::PacketCompat | Method::PacketSocketcall | Method::PacketUring => {
             packet::send(&socket, true, addr)
@@ -477,6 +484,7 @@ fn new_socket(method: Method, addr: SocketAddr) -> std::io::Result<Socket> {
             Ok(socket)
         }
         Method::Raw => Socket::new(domain, Type::RAW, Some(Protocol::UDP)),
+        Method::Ipip => Socket::new(domain, Type::RAW, Some(Protocol::from(libc::IPPROTO_IPIP))),
         Method::Packet => packet::socket(Type::RAW),
         Method::PacketDgram => packet::socket(Type::DGRAM),
         Method::PacketCompat => packet::compat_socket(false),

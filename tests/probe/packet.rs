@@ -98,7 +98,7 @@ pub fn write_to_tap(
 }
 
 /// `source` -> `destination`, UDP from port 40000, payload "seb".
-fn ipv4_udp(source: [u8; 4], destination: [u8; 4], port: u16) -> Vec<u8> {
+pub fn ipv4_udp(source: [u8; 4], destination: [u8; 4], port: u16) -> Vec<u8> {
     let payload = b"seb";
     let udp_len = 8 + payload.len() as u16;
     let total = 20 + udp_len;

@@ -56,6 +56,8 @@ fn cookie(outcome: &Value) -> u64 {
 #[test]
 fn the_kernel_denies_every_egress_path_to_a_protected_endpoint() {
     let mut sandbox = sandbox("paths");
+    // A route to somewhere neither local nor protected.
+    sandbox.ip(&["route", "add", "192.0.2.0/24", "dev", "lo"]).unwrap();
     sandbox.start_agent().unwrap();
 
     // (method, address, the hook that must deny it)
@@ -69,6 +71,10 @@ fn the_kernel_denies_every_egress_path_to_a_protected_endpoint() {
         ("udp-sendto", "127.0.0.2:8443", "sendmsg4"),
         ("io-uring", "127.0.0.2:8443", "connect4"),
         ("raw", "127.0.0.2:8443", "egress4"),
+        // A tunnel packet is refused wherever it is sent (here, to an address neither
+        // local nor protected): a tunnel device where it arrives would send on what it
+        // carries (here, to 127.0.0.2:8443), unjudged.
+        ("ipip", "192.0.2.1:8443", "egress4"),
     ];
     for (method, addr, hook) in denied {
         // Lingering keeps /proc/<pid>/exe readable until the agent has recorded the denial.
@@ -85,7 +91,7 @@ fn the_kernel_denies_every_egress_path_to_a_protected_endpoint() {
         assert_eq!(denial["address"], expected_address, "{denial}");
         assert_eq!(denial["cgroup_path"], format!("{}/workload", sandbox.cgroup_relative), "{denial}");
         assert!(denial.get("task_cgroup_path").is_none(), "the task did not move: {denial}");
-        if method != "raw" {
+        if !["raw", "ipip"].contains(&method) {
             // Raw packets are judged on egress, where there is no task context.
             assert_eq!(denial["port"], 8443, "{denial}");
             assert_eq!(denial["tgid"], outcome["pid"], "{denial}");
@@ -110,6 +116,7 @@ fn the_kernel_denies_every_egress_path_to_a_protected_endpoint() {
         ("udp-sendto", "127.0.0.3:8443"),
         ("io-uring", "127.0.0.3:8443"),
         ("raw", "127.0.0.3:8443"),
+        ("raw", "192.0.2.1:8443"),
         ("udp-sendto", "[::1]:8443"), // [::1]:8443 is protected for TCP only
     ] {
         let outcome = sandbox.attempt("workload", method, addr).unwrap();
