@@ -1275,8 +1275,8 @@ fn a_protected_ipv4_address_is_refused_through_the_nat64_prefix() {
 /// socket, and the kernel lets that socket through. Within a check or two the agent
 /// kills each process entered as a broker that is neither the agent nor in its cgroup,
 /// cuts its sockets (nothing more of an open connection leaves, not even through a
-/// duplicate another process holds) and records who it was. A process in the agent's
-/// own cgroup keeps its registration.
+/// duplicate another process holds) and records who it was. One outside the scope loses
+/// its entry and lives; a process in the agent's own cgroup keeps its registration.
 #[test]
 fn a_forged_broker_registration_is_killed_cut_and_recorded() {
     let mut sandbox = sandbox("forged");
@@ -1313,6 +1313,11 @@ fn a_forged_broker_registration_is_killed_cut_and_recorded() {
         status["integrity"]["last_findings"].as_array().unwrap().iter().any(|f| f["kind"] == "registration"),
         "{status}"
     );
+
+    // Outside the scope (an exempt cgroup): nothing refused it to begin with, and its
+    // tgid could be a victim's root wrote there: the entry goes, the process stays.
+    let (outside, _) = forge("exempt", "1500");
+    assert_eq!((&outside["killed"], &outside["still_registered"]), (&Value::Null, &Value::Bool(false)), "{outside}");
 
     // Beside the agent, in its own cgroup: a broker as the agent is, through three checks.
     let (beside, received) = forge("broker", "1500");

@@ -39,13 +39,15 @@ use crate::cgroupfs;
 type Registry = HashMap<MapData, u64, BrokerSocket>;
 
 /// The pinned maps: registered sockets, those cut by a revocation (whose packets the
-/// egress program drops), and the live broker processes.
+/// egress program drops), the live broker processes, and the processes of the scope.
 struct Maps {
     registry: Registry,
     cut: HashMap<MapData, u64, u8>,
     /// Set before the first cut, cleared when none is left (see the egress program).
     cut_pending: Array<MapData, u64>,
     processes: HashMap<MapData, u32, u64>,
+    /// The processes of the scope the kernel follows.
+    scoped: HashMap<MapData, u32, u64>,
 }
 
 /// The decision a socket is opened for.
@@ -133,6 +135,7 @@ impl BrokerSockets {
                 Array::try_from(aya::maps::Map::Array(data))?
             },
             processes: HashMap::try_from(open(map_names::BROKER_PROCESSES)?)?,
+            scoped: HashMap::try_from(open(map_names::SCOPED_TASKS)?)?,
         };
         let tgid = std::process::id();
         // One generation per process, however often it opens the registry.
@@ -252,7 +255,8 @@ impl BrokerSockets {
     /// with CAP_BPF can write the pinned maps: enter its own process as a live broker and
     /// its socket as registered, and the kernel lets that socket through. A broker is this
     /// process, or a process in its own cgroup (which could take this one over anyway).
-    /// Any other process entered as a broker is killed and its entry removed; a socket
+    /// Any other process entered as a broker is killed if it is of the scope, and its entry
+    /// removed; a socket
     /// registered for it, under another generation, or under this process without its
     /// knowledge is cut (an open connection sends nothing more) and removed. Returns what
     /// was found, and whether the repair succeeded.
@@ -430,15 +434,20 @@ struct Brokers {
     own_entry: Option<u64>,
 }
 
-/// Kill every stranger and remove its entry. Killed, not only removed: whoever wrote the
-/// entry could write it again, and each time have until the next check.
+/// Remove every stranger's entry, and kill those of the scope. Killed, not only removed:
+/// whoever wrote the entry could write it again, and each time have until the next
+/// check. A process outside the scope gains nothing from an entry (nothing refuses it to
+/// begin with), and its tgid may be a victim's that root wrote: it is left alone.
 fn kill_strangers(maps: &mut Maps, strangers: &[u32], findings: &mut Vec<Finding>) -> Result<()> {
     if strangers.is_empty() {
         return Ok(());
     }
     // Described before they are killed, while /proc still shows them.
     let described = describe_processes(strangers);
-    let killed = strangers.iter().filter(|tgid| kill_holder(&maps.processes, **tgid)).count();
+    let killed = strangers
+        .iter()
+        .filter(|tgid| maps.scoped.get(tgid, 0).is_ok() && kill_holder(&maps.processes, **tgid))
+        .count();
     findings.push(Finding::registration(
         map_names::BROKER_PROCESSES,
         format!(
