@@ -11,6 +11,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, anyhow};
@@ -30,6 +31,9 @@ use crate::{
     cgroupfs,
     config::{Endpoint, SyscallTables},
 };
+
+/// How long after the walk its marks are settled a second time.
+const SETTLE_AGAIN_AFTER: Duration = Duration::from_millis(400);
 
 /// Where the protected endpoints came from; each source replaces only its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -136,9 +140,9 @@ pub struct Enforcer {
     kernel_layout: [u32; seb_common::layout::LEN as usize],
     /// The highest `SEB_UNFOLLOWED_SEEN` level seen: the kernel never lowers it.
     unfollowed_seen: u32,
-    /// Processes marked by the last walk of the scope, still running when it was
-    /// settled; settled once more at the next check.
-    unsettled: Vec<Walked>,
+    /// Processes marked by the last walk of the scope (and when), still running when it
+    /// was settled; settled once more at a later check.
+    unsettled: (Instant, Vec<Walked>),
 }
 
 impl Enforcer {
@@ -156,7 +160,7 @@ impl Enforcer {
             applied: None,
             kernel_layout,
             unfollowed_seen,
-            unsettled: Vec::new(),
+            unsettled: (Instant::now(), Vec::new()),
         })
     }
 
@@ -190,7 +194,7 @@ impl Enforcer {
         maps::mark_scoped(&mut self.ebpf, &scoped)?;
         let walked = scoped.len();
         // Settled now, and the rest again at the next check.
-        self.unsettled = maps::settle_scoped(&mut self.ebpf, scoped)?;
+        self.unsettled = (Instant::now(), maps::settle_scoped(&mut self.ebpf, scoped)?);
         info!(
             scoped_processes = walked,
             prefixes_v4 = desired.policy.v4.len(),
@@ -206,9 +210,13 @@ impl Enforcer {
 
     /// Every way the kernel differs from what was last applied.
     pub fn verify(&mut self) -> Vec<Finding> {
-        let unsettled = std::mem::take(&mut self.unsettled);
-        if let Err(e) = maps::settle_scoped(&mut self.ebpf, unsettled) {
-            warn!(error = %format!("{e:#}"), "settling the marks of processes that left the scope's walk");
+        // A process may take a while to end once past the exit tracepoint: not settled
+        // again in the check that walked it, but in a later one.
+        if self.unsettled.0.elapsed() >= SETTLE_AGAIN_AFTER {
+            let unsettled = std::mem::take(&mut self.unsettled.1);
+            if let Err(e) = maps::settle_scoped(&mut self.ebpf, unsettled) {
+                warn!(error = %format!("{e:#}"), "settling the marks of processes that left the scope's walk");
+            }
         }
         match &self.applied {
             Some(desired) => {
