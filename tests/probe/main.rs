@@ -656,6 +656,15 @@ fn forge_registration(pin_path: &std::path::Path, wait_ms: u64, addr: SocketAddr
         }
     };
     drop(report_write);
+    // Whatever happens here, the forger does not outlive this process.
+    struct Reaper(nix::unistd::Pid);
+    impl Drop for Reaper {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(self.0, None);
+        }
+    }
+    let reaper = Reaper(forger);
     let mut report: Value = serde_json::from_str(&std::io::read_to_string(File::from(report_read))?)?;
     let waited = Instant::now();
     let mut killed = None;
@@ -671,9 +680,9 @@ fn forge_registration(pin_path: &std::path::Path, wait_ms: u64, addr: SocketAddr
     let sent_after = outcome(forged.send(b"after").map(drop));
     // Time for the kernel to send (and resend) `after`, were it let through.
     std::thread::sleep(Duration::from_millis(500));
-    if killed.is_none() {
-        nix::sys::signal::kill(forger, nix::sys::signal::Signal::SIGKILL)?;
-        nix::sys::wait::waitpid(forger, None)?;
+    if killed.is_some() {
+        // Already reaped by the wait above.
+        std::mem::forget(reaper);
     }
     report["pid"] = forger.as_raw().into();
     report["cookie"] = cookie.into();
