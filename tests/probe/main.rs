@@ -81,6 +81,9 @@ enum Command {
         pin_path: PathBuf,
         #[arg(long, default_value_t = 3000)]
         wait_ms: u64,
+        /// The child first deletes its own entry from the processes of the scope.
+        #[arg(long)]
+        unscope: bool,
         addr: SocketAddr,
     },
     /// Create a process with exactly this PID (clone3 set_tid) and try from it.
@@ -357,7 +360,9 @@ fn run(command: Command) -> Result<()> {
             bail!("exec {command:?}: {error}")
         }
         Command::AsBroker { pin_path, addr } => as_broker(&pin_path, addr),
-        Command::ForgeRegistration { pin_path, wait_ms, addr } => forge_registration(&pin_path, wait_ms, addr),
+        Command::ForgeRegistration { pin_path, wait_ms, unscope, addr } => {
+            forge_registration(&pin_path, wait_ms, unscope, addr)
+        }
         Command::ReusePid { pid, method, addr } => reuse_pid(pid, method, addr),
         Command::Access { how, addr, wait } => print(access::reach_into_child(how, addr, wait)?),
         Command::Tun { name, compat, device } => print(json!({"result": outcome(make_tun(&device, &name, compat))})),
@@ -632,7 +637,7 @@ struct CloneArgs {
 }
 
 /// See `Command::ForgeRegistration`.
-fn forge_registration(pin_path: &std::path::Path, wait_ms: u64, addr: SocketAddr) -> Result<()> {
+fn forge_registration(pin_path: &std::path::Path, wait_ms: u64, unscope: bool, addr: SocketAddr) -> Result<()> {
     let forged = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     let cookie = socket_cookie(forged.as_fd())?;
     let (report_read, report_write) = nix::unistd::pipe()?;
@@ -642,6 +647,13 @@ fn forge_registration(pin_path: &std::path::Path, wait_ms: u64, addr: SocketAddr
         nix::unistd::ForkResult::Child => {
             drop(report_read);
             let report = (|| -> Result<Value> {
+                if unscope {
+                    let path =
+                        seb_agent::enforcement::PinLayout::new(pin_path).map(seb_common::map_names::SCOPED_TASKS);
+                    let mut scoped: aya::maps::HashMap<_, u32, u64> =
+                        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(aya::maps::MapData::from_pin(&path)?))?;
+                    scoped.remove(&std::process::id())?;
+                }
                 let sockets = BrokerSockets::open_at(pin_path)?;
                 std::mem::forget(sockets.register(forged.as_fd())?);
                 let forged_connect = outcome(forged.connect_timeout(&addr.into(), Duration::from_secs(2)));

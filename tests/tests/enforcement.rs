@@ -1282,14 +1282,19 @@ fn a_forged_broker_registration_is_killed_cut_and_recorded() {
     let mut sandbox = sandbox("forged");
     sandbox.start_agent().unwrap();
     let pin_path = sandbox.pin_path.to_string_lossy().into_owned();
-    let forge = |cgroup: &str, wait_ms: &str| {
+    let forge = |cgroup: &str, wait_ms: &str, unscope: bool| {
         let recorder = sandbox.record_tcp("127.0.0.2:9000".parse().unwrap()).unwrap();
-        let args = ["forge-registration", "--pin-path", &pin_path, "--wait-ms", wait_ms, "127.0.0.2:9000"];
+        let mut args = vec!["forge-registration", "--pin-path", &pin_path, "--wait-ms", wait_ms, "127.0.0.2:9000"];
+        if unscope {
+            args.push("--unscope");
+        }
         let report = sandbox.probe(cgroup, &args).unwrap();
         (report, recorder.stop())
     };
 
-    let (forged, received) = forge("workload", "3000");
+    // It also deleted its own entry from the processes the kernel follows in the scope:
+    // its cgroup still tells.
+    let (forged, received) = forge("workload", "3000", true);
     assert_eq!(forged["killed"], "SIGKILL", "the forger was never killed: {forged}");
     assert!(forged["killed_after_ms"].as_u64().unwrap() < 1_500, "{forged}");
     assert_eq!(forged["still_registered"], false, "{forged}");
@@ -1316,11 +1321,11 @@ fn a_forged_broker_registration_is_killed_cut_and_recorded() {
 
     // Outside the scope (an exempt cgroup): nothing refused it to begin with, and its
     // tgid could be a victim's root wrote there: the entry goes, the process stays.
-    let (outside, _) = forge("exempt", "1500");
+    let (outside, _) = forge("exempt", "1500", false);
     assert_eq!((&outside["killed"], &outside["still_registered"]), (&Value::Null, &Value::Bool(false)), "{outside}");
 
     // Beside the agent, in its own cgroup: a broker as the agent is, through three checks.
-    let (beside, received) = forge("broker", "1500");
+    let (beside, received) = forge("broker", "1500", false);
     assert_eq!((&beside["killed"], &beside["still_registered"]), (&Value::Null, &Value::Bool(true)), "{beside}");
     assert_eq!(beside["forged_connect"], "ok", "{beside}");
     assert_eq!(received, [b"beforeafter"], "{beside}");

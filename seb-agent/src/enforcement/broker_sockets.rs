@@ -33,7 +33,7 @@ use seb_common::{BrokerSocket, map_names};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::{PinLayout, integrity::Finding};
+use super::{PinLayout, integrity::Finding, loader::AttachTargets};
 use crate::cgroupfs;
 
 type Registry = HashMap<MapData, u64, BrokerSocket>;
@@ -260,13 +260,13 @@ impl BrokerSockets {
     /// registered for it, under another generation, or under this process without its
     /// knowledge is cut (an open connection sends nothing more) and removed. Returns what
     /// was found, and whether the repair succeeded.
-    pub fn check_registrations(&self, mount: &Path) -> (Vec<Finding>, Result<()>) {
+    pub fn check_registrations(&self, mount: &Path, scope: &AttachTargets) -> (Vec<Finding>, Result<()>) {
         let mut findings = Vec::new();
-        let repaired = self.hold_registrations(mount, &mut findings);
+        let repaired = self.hold_registrations(mount, scope, &mut findings);
         (findings, repaired)
     }
 
-    fn hold_registrations(&self, mount: &Path, findings: &mut Vec<Finding>) -> Result<()> {
+    fn hold_registrations(&self, mount: &Path, scope: &AttachTargets, findings: &mut Vec<Finding>) -> Result<()> {
         let mut maps = self.lock()?;
         let tags = self.tags.lock().map_err(|_| anyhow!("broker socket tags poisoned"))?;
         let brokers = self.classify_brokers(&maps, mount)?;
@@ -283,7 +283,9 @@ impl BrokerSockets {
         }
         // Cut first, kill second: nothing of a forged connection leaves in between.
         self.cut_forged_sockets(&mut maps, &tags, &brokers, findings)?;
-        kill_strangers(&mut maps, &brokers.strangers, findings)
+        let of_the_scope: Vec<u32> =
+            brokers.strangers.iter().copied().filter(|tgid| of_the_scope(&maps.scoped, mount, scope, *tgid)).collect();
+        kill_strangers(&mut maps, &brokers.strangers, &of_the_scope, findings)
     }
 
     /// The entries of `SEB_BROKER_PROCESSES`: this process's, the live brokers beside it
@@ -438,16 +440,13 @@ struct Brokers {
 /// whoever wrote the entry could write it again, and each time have until the next
 /// check. A process outside the scope gains nothing from an entry (nothing refuses it to
 /// begin with), and its tgid may be a victim's that root wrote: it is left alone.
-fn kill_strangers(maps: &mut Maps, strangers: &[u32], findings: &mut Vec<Finding>) -> Result<()> {
+fn kill_strangers(maps: &mut Maps, strangers: &[u32], of_the_scope: &[u32], findings: &mut Vec<Finding>) -> Result<()> {
     if strangers.is_empty() {
         return Ok(());
     }
     // Described before they are killed, while /proc still shows them.
     let described = describe_processes(strangers);
-    let killed = strangers
-        .iter()
-        .filter(|tgid| maps.scoped.get(tgid, 0).is_ok() && kill_holder(&maps.processes, **tgid))
-        .count();
+    let killed = of_the_scope.iter().filter(|tgid| kill_holder(&maps.processes, **tgid)).count();
     findings.push(Finding::registration(
         map_names::BROKER_PROCESSES,
         format!(
@@ -464,6 +463,18 @@ fn kill_strangers(maps: &mut Maps, strangers: &[u32], findings: &mut Vec<Finding
         }?;
     }
     Ok(())
+}
+
+/// Whether `tgid` is a process of the scope: followed by the kernel, or (should root have
+/// deleted its entry) in an enforced cgroup outside the exempt ones.
+fn of_the_scope(scoped: &HashMap<MapData, u32, u64>, mount: &Path, scope: &AttachTargets, tgid: u32) -> bool {
+    if scoped.get(&tgid, 0).is_ok() {
+        return true;
+    }
+    let Ok(cgroup) = cgroupfs::cgroup_of(&tgid.to_string()) else { return false };
+    let dir = cgroupfs::resolve(mount, &cgroup);
+    scope.scopes.iter().any(|enforced| dir.starts_with(enforced))
+        && !scope.exempt.iter().any(|exempt| dir.starts_with(exempt))
 }
 
 /// SIGKILL the process `tgid` while it still holds its entry in the broker processes: it

@@ -267,7 +267,9 @@ impl SharedEnforcer {
             findings.push(Finding::not_applied(&e));
         }
         let repaired = if findings.is_empty() { Ok(()) } else { enforcer.reapply(sources) };
-        let (registrations, registrations_held) = sockets.check_registrations(&enforcer.mount);
+        let nothing_applied = AttachTargets::default();
+        let scope = enforcer.applied.as_ref().map_or(&nothing_applied, |desired| &desired.targets);
+        let (registrations, registrations_held) = sockets.check_registrations(&enforcer.mount, scope);
         findings.extend(registrations);
         let mut repaired = repaired.and(registrations_held);
         if findings.iter().any(|finding| finding.kind == "program") {

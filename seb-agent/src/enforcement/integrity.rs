@@ -104,12 +104,12 @@ fn foreign_programs(links: &[LinkState], loaded: &loader::LoadedPrograms) -> Vec
 fn check_local(ebpf: &mut Ebpf, wanted: &LocalProtection) -> Option<Finding> {
     let name = map_names::LOCAL_PROTECTED;
     let map = ebpf.map_mut(name)?;
-    let entries: Vec<(u64, EndpointRules)> =
-        match HashMap::<&mut MapData, u64, EndpointRules>::try_from(map).map(|m| m.iter().collect::<Result<_, _>>()) {
-            Ok(Ok(entries)) => entries,
-            Ok(Err(e)) => return Some(Finding::map(name, format!("cannot be read: {e}"))),
-            Err(e) => return Some(Finding::map(name, format!("cannot be read: {e}"))),
-        };
+    let entries: Result<Vec<(u64, EndpointRules)>, _> =
+        HashMap::<&mut MapData, u64, EndpointRules>::try_from(map).and_then(|m| m.iter().collect());
+    let entries = match entries {
+        Ok(entries) => entries,
+        Err(e) => return Some(Finding::map(name, format!("cannot be read: {e}"))),
+    };
     let actual: BTreeSet<(u64, _)> = entries.iter().map(|(key, rules)| (*key, rules_key(rules))).collect();
     let expected: BTreeSet<(u64, _)> = match &wanted.rules {
         Some(rules) => {
