@@ -11,9 +11,7 @@ use std::{
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use seb_common::{
-    ANY_PORT, ANY_PROTOCOL, EndpointRules, LOCAL_GROUP, LOCAL_LOOPBACK, LOCAL_ROUTED, MAX_RULES_PER_PREFIX, PortRule,
-};
+use seb_common::{ANY_PORT, EndpointRules, LOCAL_GROUP, LOCAL_LOOPBACK, LOCAL_ROUTED, MAX_RULES_PER_PREFIX, PortRule};
 
 use crate::config::Endpoint;
 
@@ -130,11 +128,7 @@ fn inherited_rules(net: &IpNet, own: &BTreeMap<IpNet, BTreeSet<PortRule>>) -> BT
 
 /// Pack a rule set, dropping rules another one already covers.
 fn encode(net: IpNet, rules: BTreeSet<PortRule>) -> Result<EndpointRules, TooManyRules> {
-    let covers = |wide: &PortRule, narrow: &PortRule| {
-        wide != narrow
-            && (wide.protocol == ANY_PROTOCOL || wide.protocol == narrow.protocol)
-            && (wide.port == ANY_PORT || wide.port == narrow.port)
-    };
+    let covers = |wide: &PortRule, narrow: &PortRule| wide != narrow && wide.matches(narrow.protocol, narrow.port);
     let kept: Vec<PortRule> =
         rules.iter().filter(|rule| !rules.iter().any(|other| covers(other, rule))).copied().collect();
     if kept.len() > MAX_RULES_PER_PREFIX {
@@ -169,7 +163,7 @@ pub fn weakens(entry: &TrieKey, wanted: &BTreeSet<TrieKey>) -> bool {
     });
     let Some((_, _, (covering_rules, covering_local))) = covering else { return false };
     let covered = |(port, protocol): &(u16, u8)| {
-        rules.iter().any(|(p, pr)| (*pr == ANY_PROTOCOL || pr == protocol) && (*p == ANY_PORT || p == port))
+        rules.iter().any(|(p, pr)| PortRule { port: *p, protocol: *pr, _pad: 0 }.matches(*protocol, *port))
     };
     !covering_rules.iter().all(covered) || (*covering_local != 0 && covering_local != local)
 }
@@ -189,6 +183,7 @@ fn masked(addr: &[u8], len: u32) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::config::Protocol;
+    use seb_common::ANY_PROTOCOL;
 
     fn compile_remote(endpoints: &[Endpoint]) -> Result<CompiledPolicy, TooManyRules> {
         compile(endpoints, &[], &[])
