@@ -4,6 +4,7 @@
 use std::{
     collections::HashMap,
     fs,
+    io::Read,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -47,9 +48,32 @@ pub fn processes_in(dir: &Path) -> Result<Vec<u32>> {
 /// /proc/<process>/cgroup); `process` is a tgid or `self`.
 pub fn cgroup_of(process: &str) -> Result<String> {
     let file = format!("/proc/{process}/cgroup");
-    let lines = fs::read_to_string(&file).with_context(|| format!("reading {file}"))?;
-    let path = lines.lines().find_map(|line| line.strip_prefix("0::"));
-    path.map(str::to_string).with_context(|| format!("no cgroup v2 line in {file}"))
+    let opened = fs::File::open(&file).with_context(|| format!("reading {file}"))?;
+    unified_cgroup(opened).with_context(|| format!("no cgroup v2 line in {file}"))
+}
+
+/// A /proc/<pid>/cgroup file longer than this is not read on (it cannot be: the kernel
+/// bounds each hierarchy's line by the path length).
+const CGROUP_FILE_MAX: usize = 64 * 1024;
+
+/// The cgroup v2 path in a /proc/<pid>/cgroup file (its `0::` line), read as far as that
+/// line: one system call unless the v1 hierarchies before it fill a page.
+pub fn unified_cgroup(mut file: std::fs::File) -> Option<String> {
+    let mut text = Vec::new();
+    let mut chunk = [0; 4096];
+    while text.len() < CGROUP_FILE_MAX {
+        let read = file.read(&mut chunk).ok()?;
+        text.extend_from_slice(&chunk[..read]);
+        // Whole lines only: the last may be cut by the read's end.
+        let whole = text.iter().rposition(|&b| b == b'\n').map_or(&text[..0], |end| &text[..end]);
+        if let Some(path) = whole.split(|&b| b == b'\n').find_map(|line| line.strip_prefix(b"0::")) {
+            return String::from_utf8(path.to_vec()).ok();
+        }
+        if read == 0 {
+            return None;
+        }
+    }
+    None
 }
 
 /// This process's cgroup v2 directory.
@@ -114,6 +138,32 @@ impl CgroupNames {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cgroup_v2_line_is_found_among_v1_lines_and_cut_reads() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let cases: [(&[u8], Option<&str>); 5] = [
+            (b"12:cpuacct:/\n1:cpu:/\n0::/kubepods/pod1\n", Some("/kubepods/pod1")),
+            (b"0::/a\n", Some("/a")),
+            (b"1:cpu:/\n", None),
+            (b"0::/not-ended", None),
+            (b"0::/\xff\n", None),
+        ];
+        for (i, (content, expected)) in cases.into_iter().enumerate() {
+            let path = dir.path().join(i.to_string());
+            std::fs::File::create(&path).unwrap().write_all(content).unwrap();
+            assert_eq!(unified_cgroup(std::fs::File::open(&path).unwrap()).as_deref(), expected, "{content:?}");
+        }
+        // Longer than one read: a v2 line after 8 KiB of v1 lines.
+        let long = [b"9:x:/".repeat(2000), b"\n0::/far\n".to_vec()].concat();
+        let path = dir.path().join("long");
+        std::fs::write(&path, &long).unwrap();
+        assert_eq!(unified_cgroup(std::fs::File::open(&path).unwrap()).as_deref(), Some("/far"));
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let own = own.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_string);
+        assert_eq!(unified_cgroup(std::fs::File::open("/proc/self/cgroup").unwrap()), own);
+    }
 
     #[test]
     fn finds_the_cgroup2_mount_among_v1_hierarchies() {

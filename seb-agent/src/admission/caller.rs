@@ -11,7 +11,6 @@
 //! is refused. The pidfd is checked again before a decision is recorded.
 
 use std::{
-    io::Read,
     os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     sync::Arc,
 };
@@ -19,7 +18,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::cert::contract::AgentIdentity;
+use crate::{cert::contract::AgentIdentity, cgroupfs};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CallerIdentity {
@@ -45,30 +44,6 @@ pub struct Peer {
     pub gid: u32,
     pub pid: i32,
     pidfd: Arc<OwnedFd>,
-}
-
-/// A /proc/<pid>/cgroup file longer than this is not read on (it cannot be: the kernel
-/// bounds each hierarchy's line by the path length).
-const CGROUP_FILE_MAX: usize = 64 * 1024;
-
-/// The cgroup v2 path in a /proc/<pid>/cgroup file (its `0::` line), read as far as that
-/// line: one system call unless the v1 hierarchies before it fill a page.
-fn unified_cgroup(mut file: std::fs::File) -> Option<String> {
-    let mut text = Vec::new();
-    let mut chunk = [0; 4096];
-    while text.len() < CGROUP_FILE_MAX {
-        let read = file.read(&mut chunk).ok()?;
-        text.extend_from_slice(&chunk[..read]);
-        // Whole lines only: the last may be cut by the read's end.
-        let whole = text.iter().rposition(|&b| b == b'\n').map_or(&text[..0], |end| &text[..end]);
-        if let Some(path) = whole.split(|&b| b == b'\n').find_map(|line| line.strip_prefix(b"0::")) {
-            return String::from_utf8(path.to_vec()).ok();
-        }
-        if read == 0 {
-            return None;
-        }
-    }
-    None
 }
 
 /// `SO_PEERPIDFD` (Linux 6.5): a pidfd for the peer process, taken at connect time.
@@ -115,7 +90,7 @@ impl Peer {
     pub fn identify(&self) -> Result<Caller> {
         let pid = self.pid;
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| p.to_string_lossy().into_owned());
-        let cgroup = std::fs::File::open(format!("/proc/{pid}/cgroup")).ok().and_then(unified_cgroup);
+        let cgroup = std::fs::File::open(format!("/proc/{pid}/cgroup")).ok().and_then(cgroupfs::unified_cgroup);
         if !self.alive() {
             bail!(
                 "the process that opened this connection (pid {pid}) has exited; what /proc/{pid} shows now is not the caller"
@@ -240,32 +215,6 @@ mod tests {
         );
         assert_eq!(pod_uid_of(&systemd).as_deref(), Some(uid));
         assert_eq!(pod_uid_of("/system.slice/kubelet.service"), None);
-    }
-
-    #[test]
-    fn the_cgroup_v2_line_is_found_among_v1_lines_and_cut_reads() {
-        use std::io::Write;
-        let dir = tempfile::tempdir().unwrap();
-        let cases: [(&[u8], Option<&str>); 5] = [
-            (b"12:cpuacct:/\n1:cpu:/\n0::/kubepods/pod1\n", Some("/kubepods/pod1")),
-            (b"0::/a\n", Some("/a")),
-            (b"1:cpu:/\n", None),
-            (b"0::/not-ended", None),
-            (b"0::/\xff\n", None),
-        ];
-        for (i, (content, expected)) in cases.into_iter().enumerate() {
-            let path = dir.path().join(i.to_string());
-            std::fs::File::create(&path).unwrap().write_all(content).unwrap();
-            assert_eq!(unified_cgroup(std::fs::File::open(&path).unwrap()).as_deref(), expected, "{content:?}");
-        }
-        // Longer than one read: a v2 line after 8 KiB of v1 lines.
-        let long = [b"9:x:/".repeat(2000), b"\n0::/far\n".to_vec()].concat();
-        let path = dir.path().join("long");
-        std::fs::write(&path, &long).unwrap();
-        assert_eq!(unified_cgroup(std::fs::File::open(&path).unwrap()).as_deref(), Some("/far"));
-        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-        let own = own.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_string);
-        assert_eq!(unified_cgroup(std::fs::File::open("/proc/self/cgroup").unwrap()), own);
     }
 
     #[test]
