@@ -25,6 +25,15 @@ pub mod map_names {
     pub const DOOMED_TASKS: &str = "SEB_DOOMED_TASKS";
     pub const UNFOLLOWED_SEEN: &str = "SEB_UNFOLLOWED_SEEN";
     pub const TAP_MAJORS: &str = "SEB_TAP_MAJORS";
+    pub const AGENT: &str = "SEB_AGENT";
+}
+
+/// Slots of `SEB_AGENT`: the running agent, whose `bpf()` calls (and those of processes
+/// in its cgroup) are its own business. Zero while no agent runs.
+pub mod agent_slots {
+    pub const TGID: u32 = 0;
+    pub const CGROUP: u32 = 1;
+    pub const LEN: u32 = 2;
 }
 
 /// Values of `SEB_UNFOLLOWED_SEEN`: where the processes of the scope are tracked.
@@ -273,6 +282,9 @@ pub enum Hook {
     /// wrote to a packet device (tun/tap, macvtap, ipvtap) or opened one: what it writes
     /// there enters the stack as received, or leaves below it, past every egress hook.
     TunDevice = 12,
+    /// A process of the scope that made a `bpf()` call: with CAP_BPF it could edit seb's
+    /// maps or detach its links (this kernel loads no BPF-LSM program to refuse that).
+    Bpf = 13,
 }
 
 impl Hook {
@@ -290,6 +302,7 @@ impl Hook {
             10 => Self::ProcessAccess,
             11 => Self::SharedDescriptors,
             12 => Self::TunDevice,
+            13 => Self::Bpf,
             _ => return None,
         })
     }
@@ -309,6 +322,7 @@ impl Hook {
             Self::ProcessAccess => "process_access",
             Self::SharedDescriptors => "shared_descriptors",
             Self::TunDevice => "tun_device",
+            Self::Bpf => "bpf_syscall",
         }
     }
 }

@@ -15,11 +15,11 @@ use aya_ebpf::{
 };
 use seb_common::{
     AF_PACKET, AF_XDP, DenialEvent, EndpointRules, FAMILY_DEVICE, FAMILY_NONE, FAMILY_V4, FAMILY_V6, Hook,
-    MAX_CGROUP_DEPTH, counters,
+    LOCAL_LOOPBACK, MAX_CGROUP_DEPTH, agent_slots, counters,
 };
 
 use crate::{
-    ALLOW, BROKER_PROCESSES, BROKER_SOCKETS, COUNTERS, CUT_PENDING, CUT_SOCKETS, DENIALS, DENY, EXEMPT_CGROUPS,
+    AGENT, ALLOW, BROKER_PROCESSES, BROKER_SOCKETS, COUNTERS, CUT_PENDING, CUT_SOCKETS, DENIALS, DENY, EXEMPT_CGROUPS,
     EXEMPT_SOCKETS, PROTECTED_V4, PROTECTED_V6, SCOPE_CGROUPS, lineage, local, task,
 };
 
@@ -227,6 +227,41 @@ pub fn judge_process_access() {
     kill_judged_caller(Hook::ProcessAccess);
 }
 
+/// Decision at a `bpf()` call: while the agent runs, a process of the scope outside the
+/// agent's cgroup is killed before the call returns, whatever the command. With CAP_BPF
+/// (root in a privileged pod) it could otherwise take seb's maps and links by id or by pin
+/// and edit them: delete its own entry from the processes followed out of the scope,
+/// enter itself as a broker, detach a link. Without BPF-LSM the call itself is not
+/// refused: it completes, and the process dies before it runs again, so a descriptor it
+/// took is never used. Agents have no use for `bpf()`. The agent may run in the scope
+/// (a pod of the DaemonSet); while none runs, the one starting must open its pins.
+#[inline(always)]
+pub fn judge_bpf_call() {
+    // Slot keys on the stack: a reference to a constant would be read from `.rodata`.
+    let (tgid_slot, cgroup_slot) = (agent_slots::TGID, agent_slots::CGROUP);
+    if AGENT.get(tgid_slot).copied().unwrap_or(0) == 0 {
+        return;
+    }
+    let agent_cgroup = AGENT.get(cgroup_slot).copied().unwrap_or(0);
+    // SAFETY: plain helper call.
+    if unsafe { bpf_get_current_cgroup_id() } == agent_cgroup {
+        return;
+    }
+    kill_judged_caller(Hook::Bpf);
+}
+
+/// The agent's process ended: no agent runs until the next one enters itself.
+#[inline(always)]
+pub fn forget_agent(tgid: u32) {
+    let (tgid_slot, cgroup_slot) = (agent_slots::TGID, agent_slots::CGROUP);
+    if AGENT.get(tgid_slot).copied() == Some(u64::from(tgid)) {
+        // A value on the stack, not a constant in `.rodata`.
+        let none: u64 = 0;
+        let _ = AGENT.set(cgroup_slot, &none, 0);
+        let _ = AGENT.set(tgid_slot, &none, 0);
+    }
+}
+
 /// Decision at a write to descriptor `fd` (`write`, `pwrite64`, `writev`, `pwritev`,
 /// `pwritev2`); see `judge_write_to`.
 #[inline(always)]
@@ -317,6 +352,8 @@ const IA32_PTRACE: i64 = 26;
 const NR_PROCESS_VM_WRITEV: i64 = 311;
 const IA32_PROCESS_VM_WRITEV: i64 = 348;
 const NR_PIDFD_GETFD: i64 = 438;
+const NR_BPF: i64 = 321;
+const IA32_BPF: i64 = 357;
 const NR_IOCTL: i64 = 16;
 const IA32_IOCTL: i64 = 54;
 /// `write`, `pwrite64`, `writev`, `pwritev`, `pwritev2`: the descriptor is the first
@@ -371,11 +408,13 @@ fn is_other_watched_call(id: i64) -> bool {
         || id == NR_PIDFD_GETFD
         || id == NR_IOCTL
         || id == IA32_IOCTL
+        || id == NR_BPF
+        || id == IA32_BPF
 }
 
 /// A system call that `is_watched_call`, from either table: the decisions the syscall
 /// tracepoints make for `socket()`, io_uring, `ptrace()`, `process_vm_writev()`,
-/// `pidfd_getfd()` and `ioctl()`.
+/// `pidfd_getfd()`, `ioctl()` and `bpf()`.
 #[inline(always)]
 pub fn judge_sys_enter(id: i64, regs: *const u8) -> i32 {
     if id == NR_IO_URING_SETUP || id == NR_IO_URING_ENTER {
@@ -396,8 +435,12 @@ pub fn judge_sys_enter(id: i64, regs: *const u8) -> i32 {
     }
     // The same number means another call in the other table (41 is i386 `dup`, 102 is
     // x86_64 `getuid`, 26 x86_64 `msync`, 101 i386 `ioperm`, 311 i386 `set_robust_list`,
-    // 16 i386 `lchown`, 54 x86_64 `setsockopt`).
+    // 16 i386 `lchown`, 54 x86_64 `setsockopt`, 321 i386 `signalfd`).
     let compat = task::current_syscall_is_compat();
+    if id == if compat { IA32_BPF } else { NR_BPF } {
+        judge_bpf_call();
+        return 0;
+    }
     // SAFETY: `regs` is the kernel's BTF-typed `struct pt_regs *`; the verifier checks
     // each load against its layout.
     let (first, second) = unsafe {
@@ -472,13 +515,18 @@ pub fn judge_packet<C: EbpfContext>(
     hook: Hook,
     local_rule: bool,
 ) -> i32 {
-    let Some(rules) = dest.entry() else { return ALLOW };
-    if !dest.covered_by(rules)
-        && !(local_rule && rules.local != 0 && local::packet_reaches_local_protected(ctx, dest, rules.local))
-    {
-        return ALLOW;
+    // Out through loopback, any address is local: what takes the packet is a listener
+    // here, judged as at a local address.
+    let local = match dest.entry() {
+        Some(rules) if dest.covered_by(rules) => return refuse_packet(ctx, skb, dest, hook),
+        Some(rules) if rules.local != 0 => rules.local,
+        _ if crate::packet::leaves_through_loopback(skb) => LOCAL_LOOPBACK,
+        _ => 0,
+    };
+    if local_rule && local != 0 && local::packet_reaches_local_protected(ctx, dest, local) {
+        return refuse_packet(ctx, skb, dest, hook);
     }
-    refuse_packet(ctx, skb, dest, hook)
+    ALLOW
 }
 
 /// Drop and report a packet, unless its socket is a live broker's or exempt.

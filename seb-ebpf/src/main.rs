@@ -52,7 +52,7 @@ use aya_ebpf::{
 use seb_common::{
     BrokerSocket, DENIAL_RING_BYTES, EndpointRules, FAMILY_V4, Hook, MAX_BROKER_PROCESSES, MAX_BROKER_SOCKETS,
     MAX_DOOMED_TASKS, MAX_EXEMPT_CGROUPS, MAX_EXEMPT_SOCKETS, MAX_LOCAL_NAMESPACES, MAX_PROTECTED_PREFIXES,
-    MAX_SCOPE_CGROUPS, MAX_SCOPED_TASKS, TAP_MAJOR_SLOTS, counters, layout,
+    MAX_SCOPE_CGROUPS, MAX_SCOPED_TASKS, TAP_MAJOR_SLOTS, agent_slots, counters, layout,
 };
 
 use crate::decision::Destination;
@@ -122,6 +122,11 @@ static UNFOLLOWED_SEEN: Array<u32> = Array::pinned(1, 0);
 #[map(name = "SEB_TAP_MAJORS")]
 static TAP_MAJORS: Array<u32> = Array::pinned(TAP_MAJOR_SLOTS, 0);
 
+/// The running agent's tgid and cgroup (`seb_common::agent_slots`), written by the agent,
+/// cleared when its process ends.
+#[map(name = "SEB_AGENT")]
+static AGENT: Array<u64> = Array::pinned(agent_slots::LEN, 0);
+
 /// Field offsets of kernel structures (`seb_common::layout`), from the kernel's BTF.
 #[map(name = "SEB_KERNEL_LAYOUT")]
 static KERNEL_LAYOUT: Array<u32> = Array::pinned(layout::LEN, 0);
@@ -157,6 +162,8 @@ pub fn seb_sendmsg6(ctx: SockAddrContext) -> i32 {
 }
 
 #[cgroup_skb(egress)]
+// In the program itself, as `seb_sys_enter`'s body is.
+#[inline(always)]
 pub fn seb_egress(ctx: SkBuffContext) -> i32 {
     egress(&ctx)
 }
@@ -234,6 +241,14 @@ pub fn seb_ptrace_call(ctx: TracePointContext) -> i32 {
 #[tracepoint(category = "syscalls", name = "sys_enter_process_vm_writev")]
 pub fn seb_vm_write_call(_ctx: TracePointContext) -> i32 {
     decision::judge_process_access();
+    0
+}
+
+/// `bpf()`: a process of the scope that makes any call is killed (see
+/// `decision::judge_bpf_call`).
+#[tracepoint(category = "syscalls", name = "sys_enter_bpf")]
+pub fn seb_bpf_call(_ctx: TracePointContext) -> i32 {
+    decision::judge_bpf_call();
     0
 }
 
@@ -372,6 +387,7 @@ pub fn seb_process_exit(_ctx: RawTracePointContext) -> i32 {
         let _ = SCOPED_TASKS.remove(&tgid);
     }
     lineage::forget_doomed(tgid);
+    decision::forget_agent(tgid);
     0
 }
 

@@ -54,6 +54,18 @@ pub fn sender(full: Option<*mut bpf_sock>) -> Sender {
     if kind == SOCK_DGRAM && protocol == IPPROTO_UDP as u32 { Sender::Hooked } else { Sender::Unhooked }
 }
 
+/// Loopback's interface index, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Whether the packet leaves through the loopback device: it is then delivered in this
+/// network namespace whatever address it carries (a socket bound to `lo`, `IP_UNICAST_IF`
+/// or `IP_PKTINFO` naming it, a source bound with `IP_TRANSPARENT` sent to `0.0.0.0`).
+#[inline(always)]
+pub fn leaves_through_loopback(skb: *mut __sk_buff) -> bool {
+    // SAFETY: `ifindex` is a readable field of the context in cgroup_skb programs.
+    unsafe { (*skb).ifindex == LOOPBACK_IFINDEX }
+}
+
 /// The packet's full socket; none for a request or time-wait socket, or no socket.
 #[inline(always)]
 pub fn full_socket(skb: *mut __sk_buff) -> Option<*mut bpf_sock> {

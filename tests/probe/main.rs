@@ -55,6 +55,12 @@ enum Command {
         /// After creating the socket, move this process into this cgroup, then try.
         #[arg(long)]
         move_to: Option<PathBuf>,
+        /// Bind the socket to this device (`SO_BINDTODEVICE`).
+        #[arg(long)]
+        device: Option<String>,
+        /// Send through the device with this index (`IP_UNICAST_IF`, IPv4).
+        #[arg(long)]
+        unicast_if: Option<u32>,
     },
     /// Try repeatedly for a while; print how many attempts got each outcome.
     Repeat {
@@ -81,9 +87,23 @@ enum Command {
         pin_path: PathBuf,
         #[arg(long, default_value_t = 3000)]
         wait_ms: u64,
-        /// The child first deletes its own entry from the processes of the scope.
+        /// The child enters this cgroup once it has forged (a process of the scope is
+        /// killed at its first `bpf()` call: it forges outside, then comes in).
         #[arg(long)]
-        unscope: bool,
+        enter: Option<PathBuf>,
+        addr: SocketAddr,
+    },
+    /// Take `SEB_SCOPED_TASKS` by its pin (a `bpf()` call), then (after entering
+    /// `--then-enter`, with the descriptor already held) delete this process's own entry,
+    /// move to `--escape-to` and connect there and send `escaped`: an escape from the
+    /// scope, were the process not followed.
+    BpfCall {
+        #[arg(long)]
+        pin_path: PathBuf,
+        #[arg(long)]
+        then_enter: Option<PathBuf>,
+        #[arg(long)]
+        escape_to: Option<PathBuf>,
         addr: SocketAddr,
     },
     /// Create a process with exactly this PID (clone3 set_tid) and try from it.
@@ -311,6 +331,8 @@ enum Method {
 struct Setup {
     bind: Option<SocketAddr>,
     move_to: Option<PathBuf>,
+    device: Option<String>,
+    unicast_if: Option<u32>,
 }
 
 fn main() {
@@ -340,8 +362,8 @@ fn enter(cli: &Cli) -> Result<()> {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Try { method, addr, linger_ms, bind, move_to } => {
-            let setup = Setup { bind, move_to };
+        Command::Try { method, addr, linger_ms, bind, move_to, device, unicast_if } => {
+            let setup = Setup { bind, move_to, device, unicast_if };
             print(attempt_with(method, addr, &setup))?;
             std::thread::sleep(Duration::from_millis(linger_ms));
             Ok(())
@@ -360,8 +382,11 @@ fn run(command: Command) -> Result<()> {
             bail!("exec {command:?}: {error}")
         }
         Command::AsBroker { pin_path, addr } => as_broker(&pin_path, addr),
-        Command::ForgeRegistration { pin_path, wait_ms, unscope, addr } => {
-            forge_registration(&pin_path, wait_ms, unscope, addr)
+        Command::ForgeRegistration { pin_path, wait_ms, enter, addr } => {
+            forge_registration(&pin_path, wait_ms, enter.as_deref(), addr)
+        }
+        Command::BpfCall { pin_path, then_enter, escape_to, addr } => {
+            print(bpf_call(&pin_path, then_enter.as_deref(), escape_to.as_deref(), addr)?)
         }
         Command::ReusePid { pid, method, addr } => reuse_pid(pid, method, addr),
         Command::Access { how, addr, wait } => print(access::reach_into_child(how, addr, wait)?),
@@ -447,6 +472,16 @@ fn attempt_with(method: Method, addr: SocketAddr, setup: &Setup) -> Value {
         Err(e) => return json!({"result": format!("socket: {e}")}),
     };
     let cookie = socket_cookie(socket.as_fd()).ok();
+    if let Some(device) = &setup.device
+        && let Err(e) = socket.bind_device(Some(device.as_bytes()))
+    {
+        return json!({"result": format!("binding to device {device}: {e}")});
+    }
+    if let Some(index) = setup.unicast_if
+        && let Err(e) = set_unicast_if(&socket, index)
+    {
+        return json!({"result": format!("IP_UNICAST_IF {index}: {e}")});
+    }
     if let Some(local) = setup.bind
         && let Err(e) = socket.bind(&local.into())
     {
@@ -474,6 +509,23 @@ fn attempt_with(method: Method, addr: SocketAddr, setup: &Setup) -> Value {
         }
     };
     json!({"result": outcome(result), "stage": "use", "cookie": cookie, "pid": std::process::id()})
+}
+
+/// `IP_UNICAST_IF`: send through the device with this index, whatever the route says.
+fn set_unicast_if(socket: &Socket, index: u32) -> std::io::Result<()> {
+    // The IPv4 option takes the index in network byte order.
+    let value = index.to_be();
+    // SAFETY: a valid descriptor and a 4-byte option value that outlives the call.
+    let done = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_UNICAST_IF,
+            (&raw const value).cast(),
+            size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if done == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 fn new_socket(method: Method, addr: SocketAddr) -> std::io::Result<Socket> {
@@ -637,7 +689,7 @@ struct CloneArgs {
 }
 
 /// See `Command::ForgeRegistration`.
-fn forge_registration(pin_path: &std::path::Path, wait_ms: u64, unscope: bool, addr: SocketAddr) -> Result<()> {
+fn forge_registration(pin_path: &Path, wait_ms: u64, enter: Option<&Path>, addr: SocketAddr) -> Result<()> {
     let forged = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     let cookie = socket_cookie(forged.as_fd())?;
     let (report_read, report_write) = nix::unistd::pipe()?;
@@ -647,15 +699,11 @@ fn forge_registration(pin_path: &std::path::Path, wait_ms: u64, unscope: bool, a
         nix::unistd::ForkResult::Child => {
             drop(report_read);
             let report = (|| -> Result<Value> {
-                if unscope {
-                    let path =
-                        seb_agent::enforcement::PinLayout::new(pin_path).map(seb_common::map_names::SCOPED_TASKS);
-                    let mut scoped: aya::maps::HashMap<_, u32, u64> =
-                        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(aya::maps::MapData::from_pin(&path)?))?;
-                    scoped.remove(&std::process::id())?;
-                }
                 let sockets = BrokerSockets::open_at(pin_path)?;
                 std::mem::forget(sockets.register(forged.as_fd())?);
+                if let Some(cgroup) = enter {
+                    move_into(cgroup).with_context(|| format!("entering {}", cgroup.display()))?;
+                }
                 let forged_connect = outcome(forged.connect_timeout(&addr.into(), Duration::from_secs(2)));
                 let sent_before = outcome(forged.send(b"before").map(drop));
                 Ok(json!({"forged_connect": forged_connect, "sent_before": sent_before}))
@@ -703,6 +751,26 @@ fn forge_registration(pin_path: &std::path::Path, wait_ms: u64, unscope: bool, a
     report["still_registered"] = still_registered.into();
     report["sent_after"] = sent_after.into();
     print(report)
+}
+
+/// See `Command::BpfCall`.
+fn bpf_call(pin_path: &Path, then_enter: Option<&Path>, escape_to: Option<&Path>, addr: SocketAddr) -> Result<Value> {
+    let path = seb_agent::enforcement::PinLayout::new(pin_path).map(seb_common::map_names::SCOPED_TASKS);
+    let data = aya::maps::MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let mut scoped: aya::maps::HashMap<_, u32, u64> = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
+    if let Some(cgroup) = then_enter {
+        move_into(cgroup).with_context(|| format!("entering {}", cgroup.display()))?;
+    }
+    let deleted = match scoped.remove(&std::process::id()) {
+        Ok(()) => "ok".to_string(),
+        Err(e) => e.to_string(),
+    };
+    let Some(cgroup) = escape_to else { return Ok(json!({"result": "ok", "deleted": deleted})) };
+    move_into(cgroup).with_context(|| format!("moving to {}", cgroup.display()))?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let connected = outcome(socket.connect_timeout(&addr.into(), Duration::from_secs(2)));
+    let sent = outcome(socket.send(b"escaped").map(drop));
+    Ok(json!({"result": "ok", "deleted": deleted, "connect": connected, "sent": sent}))
 }
 
 /// Whether the pinned registry holds `cookie`, read without entering this process as a

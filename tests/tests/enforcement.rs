@@ -56,8 +56,13 @@ fn cookie(outcome: &Value) -> u64 {
 #[test]
 fn the_kernel_denies_every_egress_path_to_a_protected_endpoint() {
     let mut sandbox = sandbox("paths");
-    // A route to somewhere neither local nor protected.
-    sandbox.ip(&["route", "add", "192.0.2.0/24", "dev", "lo"]).unwrap();
+    // A route to somewhere neither local nor protected: out of a veth pair whose other
+    // end, here too, drops what it receives (not loopback, which would deliver it here).
+    sandbox.ip(&["link", "add", "seb-out", "type", "veth", "peer", "name", "seb-drop"]).unwrap();
+    for device in ["seb-out", "seb-drop"] {
+        sandbox.ip(&["link", "set", device, "up"]).unwrap();
+    }
+    sandbox.ip(&["route", "add", "192.0.2.0/24", "dev", "seb-out"]).unwrap();
     sandbox.start_agent().unwrap();
 
     // (method, address, the hook that must deny it)
@@ -189,6 +194,30 @@ fn wildcard_and_unspecified_destinations_are_judged_as_what_they_reach() {
             assert_eq!(denial["unspecified"].as_bool().unwrap_or(false), unspecified, "{denial}");
             assert_eq!(denial["uid"].as_u64(), Some(uid.map_or(0, |u| u.parse().unwrap())), "{denial}");
         }
+    }
+
+    // Out through loopback (a socket bound to `lo`, or `IP_UNICAST_IF` naming it), a
+    // datagram to any address, here one neither local nor protected, is delivered here,
+    // to the wildcard listener: judged as local, by the egress program. (As uid 65534; a
+    // raw socket, as root, the same.) On an unprotected port it goes through.
+    let via_loopback =
+        [("udp-sendto", "--device", "lo"), ("udp-sendto", "--unicast-if", "1"), ("raw", "--device", "lo")];
+    for (method, option, value) in via_loopback {
+        let uid = if method == "raw" { "0" } else { "65534" };
+        let args = ["--uid", uid, "try", method, "192.0.2.1:8443", option, value, "--linger-ms", "300"];
+        let outcome = sandbox.probe("workload", &args).unwrap();
+        assert_eq!(outcome["result"], "EPERM", "{method} via loopback ({option} {value}): {outcome}");
+        let denial = sandbox.wait_for_denial(cookie(&outcome)).unwrap();
+        assert_eq!(
+            (&denial["hook"], &denial["address"], &denial["port"]),
+            (&Value::from("egress4"), &Value::from("192.0.2.1"), &Value::from(8443))
+        );
+        assert_eq!(sandbox.received().unwrap(), 0, "{method} via loopback ({option} {value}) reached the listener");
+        let args = ["--uid", uid, "try", method, "192.0.2.1:9443", option, value];
+        let outcome = sandbox.probe("workload", &args).unwrap();
+        assert_eq!(outcome["result"], "ok", "{method} via loopback to an unprotected port: {outcome}");
+        thread::sleep(Duration::from_millis(100));
+        assert_eq!(sandbox.received().unwrap(), 1, "{method} via loopback: the unprotected port heard nothing");
     }
 
     // (namespace, method, destination, the address and port the record must name)
@@ -1130,6 +1159,14 @@ fn a_foreign_program_bound_to_sebs_maps_is_reported_while_it_is_loaded() {
             && record["body"]["repaired"] == false
     });
     assert_eq!(sandbox.status().unwrap()["ready"], false);
+    // Every check finds it again; the audit store holds it once until it changes
+    // (or a minute passes), not twice a second.
+    thread::sleep(seb_agent::tamper::INTERVAL * 5);
+    let recorded = audit_records(&sandbox, "tamper")
+        .into_iter()
+        .filter(|record| record["body"]["findings"].as_array().unwrap().iter().any(|f| f["kind"] == "program"))
+        .count();
+    assert_eq!(recorded, 1, "the unrepaired divergence is recorded at every check");
     drop(program);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while sandbox.status().unwrap()["ready"] != true {
@@ -1270,31 +1307,32 @@ fn a_protected_ipv4_address_is_refused_through_the_nat64_prefix() {
     assert_ne!(outcome["result"], "EPERM", "127.0.0.3 is not protected: {outcome}");
 }
 
-/// Root in the scope with CAP_BPF can write the pinned maps (this kernel loads no
-/// BPF-LSM program to stop it): it enters itself as a live broker and registers its own
-/// socket, and the kernel lets that socket through. Within a check or two the agent
-/// kills each process entered as a broker that is neither the agent nor in its cgroup,
-/// cuts its sockets (nothing more of an open connection leaves, not even through a
-/// duplicate another process holds) and records who it was. One outside the scope loses
-/// its entry and lives; a process in the agent's own cgroup keeps its registration.
+/// Root with CAP_BPF can write the pinned maps (this kernel loads no BPF-LSM program to
+/// stop it): it enters itself as a live broker and registers its own socket, and the
+/// kernel lets that socket through. In the scope a `bpf()` call kills it, so it forges
+/// outside (in an exempt cgroup) and then comes in. Within a check or two the agent
+/// kills each process of the scope entered as a broker that is neither the agent nor in
+/// its cgroup, cuts its sockets (nothing more of an open connection leaves, not even
+/// through a duplicate another process holds) and records who it was. One outside the
+/// scope loses its entry and lives; a process in the agent's own cgroup keeps its
+/// registration.
 #[test]
 fn a_forged_broker_registration_is_killed_cut_and_recorded() {
     let mut sandbox = sandbox("forged");
     sandbox.start_agent().unwrap();
     let pin_path = sandbox.pin_path.to_string_lossy().into_owned();
-    let forge = |cgroup: &str, wait_ms: &str, unscope: bool| {
+    let workload = sandbox.cgroup.join("workload").to_string_lossy().into_owned();
+    let forge = |cgroup: &str, wait_ms: &str, enter: Option<&str>| {
         let recorder = sandbox.record_tcp("127.0.0.2:9000".parse().unwrap()).unwrap();
         let mut args = vec!["forge-registration", "--pin-path", &pin_path, "--wait-ms", wait_ms, "127.0.0.2:9000"];
-        if unscope {
-            args.push("--unscope");
+        if let Some(cgroup) = enter {
+            args.extend(["--enter", cgroup]);
         }
         let report = sandbox.probe(cgroup, &args).unwrap();
         (report, recorder.stop())
     };
 
-    // It also deleted its own entry from the processes the kernel follows in the scope:
-    // its cgroup still tells.
-    let (forged, received) = forge("workload", "3000", true);
+    let (forged, received) = forge("exempt", "3000", Some(&workload));
     assert_eq!(forged["killed"], "SIGKILL", "the forger was never killed: {forged}");
     assert!(forged["killed_after_ms"].as_u64().unwrap() < 1_500, "{forged}");
     assert_eq!(forged["still_registered"], false, "{forged}");
@@ -1321,14 +1359,48 @@ fn a_forged_broker_registration_is_killed_cut_and_recorded() {
 
     // Outside the scope (an exempt cgroup): nothing refused it to begin with, and its
     // tgid could be a victim's root wrote there: the entry goes, the process stays.
-    let (outside, _) = forge("exempt", "1500", false);
+    let (outside, _) = forge("exempt", "1500", None);
     assert_eq!((&outside["killed"], &outside["still_registered"]), (&Value::Null, &Value::Bool(false)), "{outside}");
 
     // Beside the agent, in its own cgroup: a broker as the agent is, through three checks.
-    let (beside, received) = forge("broker", "1500", false);
+    let (beside, received) = forge("broker", "1500", None);
     assert_eq!((&beside["killed"], &beside["still_registered"]), (&Value::Null, &Value::Bool(true)), "{beside}");
     assert_eq!(beside["forged_connect"], "ok", "{beside}");
     assert_eq!(received, [b"beforeafter"], "{beside}");
+}
+
+/// A process of the scope is killed at its first `bpf()` call, as root or not, with a
+/// record: with CAP_BPF it could edit seb's maps. The deadliest such edit: a process
+/// that took `SEB_SCOPED_TASKS` before it entered the scope deletes its own entry (the
+/// call completes; no BPF-LSM refuses it), then moves to an exempt cgroup, no longer
+/// followed, and connects to a protected endpoint. It dies at the delete; the listener
+/// hears nothing. Outside the scope the same calls work.
+#[test]
+fn a_bpf_call_from_the_scope_kills_the_caller() {
+    let mut sandbox = sandbox("bpfcall");
+    sandbox.start_agent().unwrap();
+    let pin_path = sandbox.pin_path.to_string_lossy().into_owned();
+    let [workload, exempt] = ["workload", "exempt"].map(|c| sandbox.cgroup.join(c).to_string_lossy().into_owned());
+    let bpf_call = ["bpf-call", "--pin-path", &pin_path];
+    for uid in ["0", "65534"] {
+        let args = [&["--uid", uid][..], &bpf_call, &["127.0.0.2:9000"]].concat();
+        let (output, pid) = sandbox.probe_raw("workload", &args).unwrap();
+        assert_eq!(output.status.signal(), Some(9), "uid {uid}: {}", String::from_utf8_lossy(&output.stdout));
+        let record = wait_for(&sandbox, |d| d["hook"] == "bpf_syscall" && d["tgid"] == pid);
+        assert_eq!(record["action"], "killed", "{record}");
+    }
+
+    let recorder = sandbox.record_tcp("127.0.0.2:9000".parse().unwrap()).unwrap();
+    let escape = [&bpf_call[..], &["--then-enter", &workload, "--escape-to", &exempt, "127.0.0.2:9000"]].concat();
+    let (output, pid) = sandbox.probe_raw("exempt", &escape).unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(output.status.signal(), Some(9), "the escape went on: {stdout}");
+    assert_eq!(recorder.stop(), Vec::<Vec<u8>>::new(), "the protected listener heard the escaped process: {stdout}");
+    wait_for(&sandbox, |d| d["hook"] == "bpf_syscall" && d["tgid"] == pid);
+
+    let (output, _) = sandbox.probe_raw("exempt", &[&bpf_call[..], &["127.0.0.2:9000"]].concat()).unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success() && stdout.contains(r#""result":"ok""#), "outside the scope: {stdout}");
 }
 
 fn pin_of(sandbox: &Sandbox, program: &str) -> std::path::PathBuf {

@@ -197,6 +197,20 @@ pub fn check_kernel_layout(ebpf: &mut Ebpf, wanted: &[u32]) -> Option<Finding> {
     }
 }
 
+/// `SEB_AGENT` names this process and its cgroup: changed, the kernel would let another
+/// process of the scope make `bpf()` calls, or kill the agent at its next one.
+pub fn check_agent(ebpf: &mut Ebpf, wanted: &super::maps::AgentIdentity) -> Option<Finding> {
+    let name = map_names::AGENT;
+    match super::maps::read_agent(ebpf) {
+        Ok(found) if found == *wanted => None,
+        Ok([tgid, cgroup]) => Some(Finding::map(
+            name,
+            format!("names tgid {tgid} in cgroup {cgroup}, not this agent (tgid {}, cgroup {})", wanted[0], wanted[1]),
+        )),
+        Err(e) => Some(Finding::map(name, format!("cannot be read: {e:#}"))),
+    }
+}
+
 /// `SEB_UNFOLLOWED_SEEN` only ever rises in the kernel: lowered, it would let processes
 /// of the scope the kernel could not track pass the write pre-check unjudged. `highest`
 /// is the highest level seen so far, raised to the current one.

@@ -47,7 +47,7 @@ pub enum AttachTo {
 }
 
 /// The programs in the object and where each attaches.
-pub const PROGRAMS: [(&str, AttachTo); 27] = [
+pub const PROGRAMS: [(&str, AttachTo); 28] = [
     ("seb_connect4", AttachTo::Scope),
     ("seb_connect6", AttachTo::Scope),
     ("seb_sendmsg4", AttachTo::Scope),
@@ -66,6 +66,7 @@ pub const PROGRAMS: [(&str, AttachTo); 27] = [
     ("seb_getfd_call", AttachTo::Global),
     ("seb_ptrace_call", AttachTo::Global),
     ("seb_vm_write_call", AttachTo::Global),
+    ("seb_bpf_call", AttachTo::Global),
     ("seb_ioctl_call", AttachTo::Global),
     ("seb_write_call", AttachTo::Global),
     ("seb_pwrite_call", AttachTo::Global),
@@ -108,6 +109,7 @@ fn syscall_tracepoint(program: &str) -> Option<&'static str> {
         "seb_getfd_call" => Some("sys_enter_pidfd_getfd"),
         "seb_ptrace_call" => Some("sys_enter_ptrace"),
         "seb_vm_write_call" => Some("sys_enter_process_vm_writev"),
+        "seb_bpf_call" => Some("sys_enter_bpf"),
         "seb_ioctl_call" => Some("sys_enter_ioctl"),
         "seb_write_call" => Some("sys_enter_write"),
         "seb_pwrite_call" => Some("sys_enter_pwrite64"),
@@ -120,7 +122,7 @@ fn syscall_tracepoint(program: &str) -> Option<&'static str> {
 
 /// Whether a program is attached on this node. Where the kernel takes 32-bit system
 /// calls (x86_64 unless booted with `ia32_emulation=0`), `seb_sys_enter` watches both
-/// tables in place of the twelve syscall tracepoints, which see the 64-bit table only
+/// tables in place of the thirteen syscall tracepoints, which see the 64-bit table only
 /// (unless the config asks for the native table alone). `seb_uring_submit` needs a
 /// kernel with io_uring.
 fn supported(program: &str, tables: SyscallTables) -> bool {

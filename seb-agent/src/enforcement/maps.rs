@@ -13,7 +13,7 @@ use aya::{
     Ebpf, Pod,
     maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
 };
-use seb_common::{EndpointRules, counters, layout, map_names, unfollowed};
+use seb_common::{EndpointRules, agent_slots, counters, layout, map_names, unfollowed};
 
 use super::{
     local::LocalProtection,
@@ -209,6 +209,28 @@ pub fn settle_scoped(ebpf: &mut Ebpf, walked: Vec<Walked>) -> Result<Vec<Walked>
 }
 
 /// `SEB_UNFOLLOWED_SEEN`: how far the kernel lost track of processes of the scope.
+/// The running agent as the kernel knows it: `[tgid, cgroup id]` (`seb_common::agent_slots`).
+pub type AgentIdentity = [u64; agent_slots::LEN as usize];
+
+/// This process and its cgroup: the agent, whose `bpf()` calls the kernel lets through.
+pub fn this_agent(mount: &std::path::Path) -> Result<AgentIdentity> {
+    let cgroup = crate::cgroupfs::cgroup_id(&crate::cgroupfs::own_cgroup_dir(mount)?)?;
+    Ok([u64::from(std::process::id()), cgroup])
+}
+
+pub fn write_agent(ebpf: &mut Ebpf, agent: &AgentIdentity) -> Result<()> {
+    let mut array: Array<&mut MapData, u64> = Array::try_from(map_mut(ebpf, map_names::AGENT)?)?;
+    // The cgroup first: the tgid is what tells the kernel an agent runs.
+    array.set(agent_slots::CGROUP, agent[agent_slots::CGROUP as usize], 0)?;
+    array.set(agent_slots::TGID, agent[agent_slots::TGID as usize], 0)?;
+    Ok(())
+}
+
+pub fn read_agent(ebpf: &mut Ebpf) -> Result<AgentIdentity> {
+    let array: Array<&mut MapData, u64> = Array::try_from(map_mut(ebpf, map_names::AGENT)?)?;
+    Ok([array.get(&agent_slots::TGID, 0)?, array.get(&agent_slots::CGROUP, 0)?])
+}
+
 pub fn read_unfollowed_seen(ebpf: &mut Ebpf) -> Result<u32> {
     let seen: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, map_names::UNFOLLOWED_SEEN)?)?;
     Ok(seen.get(&0, 0)?)
