@@ -228,7 +228,8 @@ pub fn judge_process_access() {
 }
 
 /// Decision at a `bpf()` call: while the agent runs, a process of the scope outside the
-/// agent's cgroup is killed before the call returns, whatever the command. With CAP_BPF
+/// agent's cgroup that is not a live broker is killed before the call returns, whatever
+/// the command. With CAP_BPF
 /// (root in a privileged pod) it could otherwise take seb's maps and links by id or by pin
 /// and edit them: delete its own entry from the processes followed out of the scope,
 /// enter itself as a broker, detach a link. Without BPF-LSM the call itself is not
@@ -245,6 +246,13 @@ pub fn judge_bpf_call() {
     let agent_cgroup = AGENT.get(cgroup_slot).copied().unwrap_or(0);
     // SAFETY: plain helper call.
     if unsafe { bpf_get_current_cgroup_id() } == agent_cgroup {
+        return;
+    }
+    // A live broker (the agent is one) is spared too: a rewritten `SEB_AGENT` alone does
+    // not kill the agent at its next call, and its check writes the entry back.
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: the value is only tested for presence.
+    if unsafe { BROKER_PROCESSES.get(&tgid) }.is_some() {
         return;
     }
     kill_judged_caller(Hook::Bpf);

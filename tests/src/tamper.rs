@@ -240,3 +240,23 @@ fn local_protected(pin_path: &Path) -> Result<aya::maps::HashMap<aya::maps::MapD
     let data = MapData::from_pin(pin_path.join("maps").join(seb_common::map_names::LOCAL_PROTECTED))?;
     Ok(HashMap::try_from(Map::HashMap(data))?)
 }
+
+/// The pinned `SEB_AGENT`: the running agent's tgid and cgroup id, zero while none runs.
+pub fn agent_entry(pin_path: &Path) -> Result<[u64; 2]> {
+    let array = agent_array(pin_path)?;
+    Ok([array.get(&seb_common::agent_slots::TGID, 0)?, array.get(&seb_common::agent_slots::CGROUP, 0)?])
+}
+
+/// Name another process and cgroup in `SEB_AGENT`, as root with CAP_BPF could.
+pub fn write_agent_entry(pin_path: &Path, entry: [u64; 2]) -> Result<()> {
+    let mut array = agent_array(pin_path)?;
+    array.set(seb_common::agent_slots::CGROUP, entry[1], 0)?;
+    array.set(seb_common::agent_slots::TGID, entry[0], 0)?;
+    Ok(())
+}
+
+fn agent_array(pin_path: &Path) -> Result<aya::maps::Array<aya::maps::MapData, u64>> {
+    use aya::maps::{Array, Map, MapData};
+    let data = MapData::from_pin(pin_path.join("maps").join(seb_common::map_names::AGENT))?;
+    Ok(Array::try_from(Map::Array(data))?)
+}

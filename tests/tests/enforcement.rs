@@ -3,7 +3,10 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    os::unix::{fs::PermissionsExt, process::ExitStatusExt},
+    os::unix::{
+        fs::{MetadataExt, PermissionsExt},
+        process::ExitStatusExt,
+    },
     path::Path,
     process::{Command, Stdio},
     thread,
@@ -1173,6 +1176,31 @@ fn a_foreign_program_bound_to_sebs_maps_is_reported_while_it_is_loaded() {
         assert!(std::time::Instant::now() < deadline, "still not ready once the program was unloaded");
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The kernel lets the agent (and its cgroup) make `bpf()` calls in the scope by what
+/// `SEB_AGENT` names: this agent while it runs, nobody once it has ended, so that the
+/// next one can start. Rewritten by root, it is noticed, recorded and written back.
+#[test]
+fn the_agent_is_named_to_the_kernel_while_it_runs_and_only_then() {
+    let mut sandbox = sandbox("agentmap");
+    sandbox.start_agent().unwrap();
+    let broker_cgroup = std::fs::metadata(sandbox.cgroup.join("broker")).unwrap().ino();
+    let named = [u64::from(sandbox.agent_pid().unwrap()), broker_cgroup];
+    assert_eq!(seb_sandbox::tamper::agent_entry(&sandbox.pin_path).unwrap(), named);
+
+    let workload = std::fs::metadata(sandbox.cgroup.join("workload")).unwrap().ino();
+    seb_sandbox::tamper::write_agent_entry(&sandbox.pin_path, [1, workload]).unwrap();
+    wait_for_tamper(&sandbox, "the rewritten agent entry", |record| {
+        record["body"]["findings"][0]["object"] == "SEB_AGENT" && record["body"]["repaired"] == true
+    });
+    assert_eq!(seb_sandbox::tamper::agent_entry(&sandbox.pin_path).unwrap(), named);
+
+    sandbox.kill_agent().unwrap();
+    assert_eq!(seb_sandbox::tamper::agent_entry(&sandbox.pin_path).unwrap(), [0, 0], "still named once it ended");
+    sandbox.start_agent().unwrap();
+    let restarted = [u64::from(sandbox.agent_pid().unwrap()), broker_cgroup];
+    assert_eq!(seb_sandbox::tamper::agent_entry(&sandbox.pin_path).unwrap(), restarted);
 }
 
 /// Root empties the rules for protected endpoints on local addresses (what stops a
