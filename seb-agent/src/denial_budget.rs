@@ -5,9 +5,10 @@
 //! disk that also holds the admission decisions is full. So in each second of denial
 //! time, each kind of denial (same cgroup, process, hook, destination, action) is
 //! recorded in full at most `PER_KEY` times, each cgroup at most `PER_CGROUP` times, and
-//! at most `PER_SECOND` denials are recorded in all. Kills have a budget of their own:
-//! a flood of refused connects from one pod can hide neither another pod's denials nor
-//! a process killed. The rest are counted, never dropped: each second that suppressed
+//! at most `PER_SECOND` denials are recorded in all, but for the first `RESERVED_PER_CGROUP`
+//! of each cgroup (of up to `RESERVED_CGROUPS`), which are recorded even then. Kills have
+//! a budget of their own: floods of refused connects from a few pods can hide neither
+//! another pod's first denials nor a process killed. The rest are counted, never dropped: each second that suppressed
 //! any ends in one `denials_suppressed` record with the total and the largest counts by
 //! kind.
 
@@ -25,6 +26,12 @@ pub const PER_KEY: u32 = 5;
 pub const PER_CGROUP: u32 = 50;
 /// Full records per second, all kinds together: as many again for kills.
 pub const PER_SECOND: u32 = 200;
+/// Full records each cgroup gets per second even once `PER_SECOND` is spent: four
+/// flooding cgroups would spend it all.
+pub const RESERVED_PER_CGROUP: u32 = 2;
+/// Cgroups whose reserve a second serves, at most (a node's pods, with room): the bound
+/// in all is `PER_SECOND + RESERVED_PER_CGROUP * RESERVED_CGROUPS` per pool.
+pub const RESERVED_CGROUPS: usize = 256;
 /// Kinds named in a summary; the rest are summed into `others`.
 pub const NAMED_IN_SUMMARY: usize = 16;
 /// Kinds counted one by one in a second; denials of further kinds go straight to
@@ -82,17 +89,18 @@ pub struct Suppressed {
 #[derive(Default)]
 struct Pool {
     recorded: u32,
-    /// At most `PER_SECOND` cgroups: only recorded denials enter.
+    /// At most `PER_SECOND` or `RESERVED_CGROUPS` cgroups: only recorded denials enter.
     by_cgroup: HashMap<u64, u32>,
 }
 
 impl Pool {
     fn take(&mut self, cgroup_id: u64) -> bool {
-        let by_cgroup = self.by_cgroup.entry(cgroup_id).or_insert(0);
-        if self.recorded >= PER_SECOND || *by_cgroup >= PER_CGROUP {
+        let taken = self.by_cgroup.get(&cgroup_id).copied().unwrap_or(0);
+        let reserved = taken < RESERVED_PER_CGROUP && (taken > 0 || self.by_cgroup.len() < RESERVED_CGROUPS);
+        if taken >= PER_CGROUP || (self.recorded >= PER_SECOND && !reserved) {
             return false;
         }
-        *by_cgroup += 1;
+        self.by_cgroup.insert(cgroup_id, taken + 1);
         self.recorded += 1;
         true
     }
@@ -238,6 +246,29 @@ mod tests {
         assert!(budget.admit(&kill).0, "a kill in the flooding cgroup");
         let summary = budget.close().unwrap();
         assert_eq!(summary.kinds[0].kind.cgroup_id, 7, "the summary names the flooding cgroup");
+    }
+
+    /// Four cgroups flooding at their own bound spend the second's: a fifth cgroup's
+    /// first denials are still recorded in full, and the reserve itself is bounded.
+    #[test]
+    fn floods_from_a_few_cgroups_leave_every_other_cgroup_its_first_records() {
+        let mut budget = DenialBudget::default();
+        for flooder in 1..=4 {
+            let admitted = (0..100u16).filter(|port| budget.admit(&denial(NANOS_PER_SECOND, flooder, *port)).0).count();
+            assert_eq!(admitted, PER_CGROUP as usize);
+        }
+        assert!(!budget.admit(&denial(NANOS_PER_SECOND, 1, 9999)).0, "a flooder past its own bound");
+        let quiet: Vec<bool> = (0..3).map(|port| budget.admit(&denial(NANOS_PER_SECOND, 5, port)).0).collect();
+        assert_eq!(quiet, [true, true, false], "the reserve, then the spent second");
+        let others = (6..6 + 2 * RESERVED_CGROUPS as u32)
+            .filter(|cgroup| budget.admit(&denial(NANOS_PER_SECOND, *cgroup, 443)).0)
+            .count();
+        assert_eq!(others, RESERVED_CGROUPS - 5, "cgroups the reserve serves, at most");
+        assert_eq!(
+            budget.refusals.recorded,
+            PER_SECOND + RESERVED_PER_CGROUP + (RESERVED_CGROUPS as u32 - 5),
+            "the bound in all"
+        );
     }
 
     #[test]
