@@ -229,33 +229,45 @@ pub fn judge_process_access() {
 
 /// Decision at a `bpf()` call: while the agent runs, a process of the scope outside the
 /// agent's cgroup that is not a live broker is killed before the call returns, whatever
-/// the command. With CAP_BPF
-/// (root in a privileged pod) it could otherwise take seb's maps and links by id or by pin
-/// and edit them: delete its own entry from the processes followed out of the scope,
-/// enter itself as a broker, detach a link. Without BPF-LSM the call itself is not
-/// refused: it completes, and the process dies before it runs again, so a descriptor it
-/// took is never used. Agents have no use for `bpf()`. The agent may run in the scope
-/// (a pod of the DaemonSet); while none runs, the one starting must open its pins.
+/// the command. With CAP_BPF (root in a privileged pod) it could otherwise take seb's
+/// maps and links by id or by pin and edit them: delete its own entry from the processes
+/// followed out of the scope, enter itself as a broker, detach a link. Without BPF-LSM
+/// the call itself is not refused: it completes, and the process dies before it runs
+/// again, so a descriptor it took is never used. Agents have no use for `bpf()`. The
+/// agent may run in the scope (a pod of the DaemonSet); while none runs, the one starting
+/// must open its pins. (Entering the agent's cgroup from the scope kills, see
+/// `lineage::on_migrate`.)
 #[inline(always)]
 pub fn judge_bpf_call() {
-    // Slot keys on the stack: a reference to a constant would be read from `.rodata`.
-    let (tgid_slot, cgroup_slot) = (agent_slots::TGID, agent_slots::CGROUP);
-    if AGENT.get(tgid_slot).copied().unwrap_or(0) == 0 {
-        return;
-    }
-    let agent_cgroup = AGENT.get(cgroup_slot).copied().unwrap_or(0);
-    // SAFETY: plain helper call.
-    if unsafe { bpf_get_current_cgroup_id() } == agent_cgroup {
-        return;
-    }
-    // A live broker (the agent is one) is spared too: a rewritten `SEB_AGENT` alone does
-    // not kill the agent at its next call, and its check writes the entry back.
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: the value is only tested for presence.
-    if unsafe { BROKER_PROCESSES.get(&tgid) }.is_some() {
+    let Some(agent_cgroup) = running_agent_cgroup() else { return };
+    // SAFETY: plain helper calls.
+    let (cgroup_id, tgid) = unsafe { (bpf_get_current_cgroup_id(), (bpf_get_current_pid_tgid() >> 32) as u32) };
+    // One moved into the agent's cgroup by a process of the scope is doomed, not spared.
+    if (cgroup_id == agent_cgroup || current_is_live_broker()) && !lineage::is_doomed(tgid) {
         return;
     }
     kill_judged_caller(Hook::Bpf);
+}
+
+/// The running agent's cgroup; none while no agent runs.
+#[inline(always)]
+pub fn running_agent_cgroup() -> Option<u64> {
+    // Slot keys on the stack: a reference to a constant would be read from `.rodata`.
+    let (tgid_slot, cgroup_slot) = (agent_slots::TGID, agent_slots::CGROUP);
+    if AGENT.get(tgid_slot).copied().unwrap_or(0) == 0 {
+        return None;
+    }
+    AGENT.get(cgroup_slot).copied()
+}
+
+/// Whether the calling process is a live broker (the agent is one): spared where the
+/// agent's cgroup is, so that a rewritten `SEB_AGENT` alone does not kill the agent at
+/// its next call, before its check writes the entry back.
+#[inline(always)]
+pub fn current_is_live_broker() -> bool {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: the value is only tested for presence.
+    unsafe { BROKER_PROCESSES.get(&tgid) }.is_some()
 }
 
 /// The agent's process ended: no agent runs until the next one enters itself.

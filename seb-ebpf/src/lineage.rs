@@ -180,6 +180,13 @@ fn doom(tgid: u32, scoped_in: u64) {
     let _ = DOOMED_TASKS.insert(&tgid, &scoped_in, 0);
 }
 
+/// Whether `tgid` was doomed (killed at its next watched call).
+#[inline(always)]
+pub fn is_doomed(tgid: u32) -> bool {
+    // SAFETY: the value is only tested for presence.
+    unsafe { DOOMED_TASKS.get(&tgid) }.is_some()
+}
+
 /// Forget an exiting process's doom.
 #[inline(always)]
 pub fn forget_doomed(tgid: u32) {
@@ -239,7 +246,12 @@ pub fn on_migrate(ctx: &BtfTracePointContext) -> i32 {
         let tgid = current_tgid();
         if current_in_enforced_cgroup() {
             // SAFETY: plain helper call.
-            mark_scoped(tgid, unsafe { bpf_get_current_cgroup_id() });
+            let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+            if is_scoped(tgid) && enters_agent_cgroup(cgroup_id) {
+                kill_current(tgid);
+                return 0;
+            }
+            mark_scoped(tgid, cgroup_id);
         } else if is_scoped(tgid) {
             kill_current(tgid);
         }
@@ -248,7 +260,13 @@ pub fn on_migrate(ctx: &BtfTracePointContext) -> i32 {
     let Some(moved_tgid) = task::tgid(moved) else { return 0 };
     let Some(cgroup) = task::default_cgroup(moved) else { return 0 };
     if cgroup_is_enforced(cgroup) {
-        mark_scoped(moved_tgid, task::cgroup_id(cgroup));
+        let cgroup_id = task::cgroup_id(cgroup);
+        mark_scoped(moved_tgid, cgroup_id);
+        if (is_scoped(current_tgid()) || current_in_enforced_cgroup()) && enters_agent_cgroup(cgroup_id) {
+            // The other dies at its first `bpf()`, `socket()` or io_uring call.
+            doom(moved_tgid, cgroup_id);
+            kill_current(moved_tgid);
+        }
         return 0;
     }
     // A scoped process moved out by another: the process stays scoped (so an exempt
@@ -263,8 +281,20 @@ pub fn on_migrate(ctx: &BtfTracePointContext) -> i32 {
     0
 }
 
+/// Whether a move by the calling process into `cgroup_id` puts a process in the running
+/// agent's cgroup. A process there is a broker's peer: its `bpf()` calls are spared, and
+/// it could take the agent over. So a process of the scope that is not a live broker
+/// entering it, or moving another there, is killed: with write access to `cgroup.procs`
+/// (a privileged pod), it would otherwise pass every `bpf()` check from there. Whoever
+/// puts the agent there (its container runtime) is not of the scope.
+#[inline(always)]
+fn enters_agent_cgroup(cgroup_id: u64) -> bool {
+    decision::running_agent_cgroup() == Some(cgroup_id) && !decision::current_is_live_broker()
+}
+
 /// Kill the calling process for moving `moved` (itself or another scoped process) out of
-/// the scope, and report it with the cgroup `moved` was scoped in.
+/// the scope or into the agent's cgroup, and report it with the cgroup `moved` was
+/// scoped in.
 #[inline(always)]
 fn kill_current(moved: u32) {
     // SAFETY: the signal goes to the calling process, before it returns to user space.

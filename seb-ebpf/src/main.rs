@@ -407,6 +407,8 @@ pub fn seb_process_exec(_ctx: RawTracePointContext) -> i32 {
 /// `cgroup_attach_task`: a move into the scope scopes the process; a scoped process
 /// moving out is killed.
 #[btf_tracepoint(function = "cgroup_attach_task")]
+// In the program itself, as `seb_sys_enter`'s body is.
+#[inline(always)]
 pub fn seb_cgroup_migrate(ctx: BtfTracePointContext) -> i32 {
     lineage::on_migrate(&ctx)
 }

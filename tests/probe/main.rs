@@ -96,10 +96,12 @@ enum Command {
     /// Take `SEB_SCOPED_TASKS` by its pin (a `bpf()` call), then (after entering
     /// `--then-enter`, with the descriptor already held) delete this process's own entry,
     /// move to `--escape-to` and connect there and send `escaped`: an escape from the
-    /// scope, were the process not followed.
+    /// scope, were the process not followed. `--first-enter` is joined before anything.
     BpfCall {
         #[arg(long)]
         pin_path: PathBuf,
+        #[arg(long)]
+        first_enter: Option<PathBuf>,
         #[arg(long)]
         then_enter: Option<PathBuf>,
         #[arg(long)]
@@ -385,7 +387,10 @@ fn run(command: Command) -> Result<()> {
         Command::ForgeRegistration { pin_path, wait_ms, enter, addr } => {
             forge_registration(&pin_path, wait_ms, enter.as_deref(), addr)
         }
-        Command::BpfCall { pin_path, then_enter, escape_to, addr } => {
+        Command::BpfCall { pin_path, first_enter, then_enter, escape_to, addr } => {
+            if let Some(cgroup) = first_enter {
+                move_into(&cgroup).with_context(|| format!("entering {}", cgroup.display()))?;
+            }
             print(bpf_call(&pin_path, then_enter.as_deref(), escape_to.as_deref(), addr)?)
         }
         Command::ReusePid { pid, method, addr } => reuse_pid(pid, method, addr),

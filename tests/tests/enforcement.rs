@@ -1426,6 +1426,19 @@ fn a_bpf_call_from_the_scope_kills_the_caller() {
     assert_eq!(recorder.stop(), Vec::<Vec<u8>>::new(), "the protected listener heard the escaped process: {stdout}");
     wait_for(&sandbox, |d| d["hook"] == "bpf_syscall" && d["tgid"] == pid);
 
+    // The agent's cgroup is spared (the agent may run in the scope): entering it from
+    // the scope, to call from there, kills at the move.
+    let broker = sandbox.cgroup.join("broker").to_string_lossy().into_owned();
+    let recorder = sandbox.record_tcp("127.0.0.2:9000".parse().unwrap()).unwrap();
+    let via_agent =
+        ["bpf-call", "--first-enter", &broker, "--pin-path", &pin_path, "--escape-to", &exempt, "127.0.0.2:9000"];
+    let (output, pid) = sandbox.probe_raw("workload", &via_agent).unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(output.status.signal(), Some(9), "the escape through the agent's cgroup went on: {stdout}");
+    assert_eq!(recorder.stop(), Vec::<Vec<u8>>::new(), "the protected listener heard it: {stdout}");
+    let record = wait_for(&sandbox, |d| d["hook"] == "cgroup_migration" && d["tgid"] == pid);
+    assert!(record["task_cgroup_path"].as_str().unwrap().ends_with("/broker"), "{record}");
+
     let (output, _) = sandbox.probe_raw("exempt", &[&bpf_call[..], &["127.0.0.2:9000"]].concat()).unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success() && stdout.contains(r#""result":"ok""#), "outside the scope: {stdout}");
