@@ -132,6 +132,15 @@ pub fn on_fork(ctx: &RawTracePointContext) -> i32 {
         kill_current(child_tgid);
         return 0;
     }
+    // Or placed in the running agent's cgroup from outside it, as a move there would.
+    let child_cgroup = task::default_cgroup(child).map(task::cgroup_id);
+    if let Some(child_cgroup) = child_cgroup.filter(|child_cgroup| *child_cgroup != cgroup_id)
+        && enters_agent_cgroup(child_cgroup)
+    {
+        doom(child_tgid, cgroup_id);
+        kill_current(child_tgid);
+        return 0;
+    }
     // A new process sharing the parent's descriptor table (CLONE_FILES): a socket either
     // makes is the other's at once, so one killed for its socket would leave the socket
     // to the other. Neither may go on.

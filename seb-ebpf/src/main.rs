@@ -394,6 +394,8 @@ pub fn seb_process_exit(_ctx: RawTracePointContext) -> i32 {
 /// `sched_process_fork`: a process created by a scoped parent, or placed in the scope
 /// by any parent, is scoped.
 #[raw_tracepoint(tracepoint = "sched_process_fork")]
+// In the program itself, as `seb_sys_enter`'s body is.
+#[inline(always)]
 pub fn seb_process_fork(ctx: RawTracePointContext) -> i32 {
     lineage::on_fork(&ctx)
 }

@@ -1438,6 +1438,11 @@ fn a_bpf_call_from_the_scope_kills_the_caller() {
     assert_eq!(recorder.stop(), Vec::<Vec<u8>>::new(), "the protected listener heard it: {stdout}");
     let record = wait_for(&sandbox, |d| d["hook"] == "cgroup_migration" && d["tgid"] == pid);
     assert!(record["task_cgroup_path"].as_str().unwrap().ends_with("/broker"), "{record}");
+    // Nor may it place a child there (clone3 `CLONE_INTO_CGROUP`): killed for it, and the
+    // child at its first socket() or bpf() call.
+    let (output, _) =
+        sandbox.probe_raw("workload", &["clone-into", "--cgroup", &broker, "udp-sendto", "127.0.0.3:9"]).unwrap();
+    assert_eq!(output.status.signal(), Some(9), "cloned a child into the agent's cgroup: {output:?}");
 
     let (output, _) = sandbox.probe_raw("exempt", &[&bpf_call[..], &["127.0.0.2:9000"]].concat()).unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
