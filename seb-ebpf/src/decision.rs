@@ -239,17 +239,39 @@ pub fn judge_process_access() {
 /// `lineage::on_migrate`.)
 #[inline(always)]
 pub fn judge_bpf_call() {
-    let Some(agent_cgroup) = running_agent_cgroup() else { return };
+    // Slot keys on the stack: a reference to a constant would be read from `.rodata`.
+    let (tgid_slot, cgroup_slot) = (agent_slots::TGID, agent_slots::CGROUP);
+    let agent = AGENT.get(tgid_slot).copied().unwrap_or(0);
+    if agent == 0 {
+        return;
+    }
     // SAFETY: plain helper calls.
     let (cgroup_id, tgid) = unsafe { (bpf_get_current_cgroup_id(), (bpf_get_current_pid_tgid() >> 32) as u32) };
-    // One moved into the agent's cgroup by a process of the scope is doomed, not spared.
-    if (cgroup_id == agent_cgroup || current_is_live_broker()) && !lineage::is_doomed(tgid) {
+    if u64::from(tgid) == agent {
+        // The agent's cgroup as the kernel sees it: inside its container (a cgroup
+        // namespace) the agent cannot name it. Written again at each of its calls, so a
+        // rewrite lasts until its next one.
+        let _ = AGENT.set(cgroup_slot, &cgroup_id, 0);
+        return;
+    }
+    let agent_cgroup = AGENT.get(cgroup_slot).copied().unwrap_or(0);
+    // One moved into the agent's cgroup by a process of the scope is doomed, not spared;
+    // so is one the kernel could not follow (it may have left the scope unjudged).
+    let doomed = lineage::is_doomed(tgid);
+    if (cgroup_id == agent_cgroup || current_is_live_broker()) && !doomed {
+        return;
+    }
+    if doomed {
+        // SAFETY: the signal goes to the calling process.
+        unsafe { bpf_send_signal(SIGKILL) };
+        report_kill(Hook::Bpf, cgroup_id);
         return;
     }
     kill_judged_caller(Hook::Bpf);
 }
 
-/// The running agent's cgroup; none while no agent runs.
+/// The running agent's cgroup; none while no agent runs, or before its first `bpf()`
+/// call named its cgroup.
 #[inline(always)]
 pub fn running_agent_cgroup() -> Option<u64> {
     // Slot keys on the stack: a reference to a constant would be read from `.rodata`.
@@ -257,7 +279,7 @@ pub fn running_agent_cgroup() -> Option<u64> {
     if AGENT.get(tgid_slot).copied().unwrap_or(0) == 0 {
         return None;
     }
-    AGENT.get(cgroup_slot).copied()
+    AGENT.get(cgroup_slot).copied().filter(|cgroup| *cgroup != 0)
 }
 
 /// Whether the calling process is a live broker (the agent is one): spared where the
@@ -540,7 +562,7 @@ pub fn judge_packet<C: EbpfContext>(
     let local = match dest.entry() {
         Some(rules) if dest.covered_by(rules) => return refuse_packet(ctx, skb, dest, hook),
         Some(rules) if rules.local != 0 => rules.local,
-        _ if crate::packet::leaves_through_loopback(skb) => LOCAL_LOOPBACK,
+        _ if local_rule && crate::packet::leaves_through_loopback(skb) => LOCAL_LOOPBACK,
         _ => 0,
     };
     if local_rule && local != 0 && local::packet_reaches_local_protected(ctx, dest, local) {

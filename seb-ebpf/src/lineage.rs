@@ -270,11 +270,19 @@ pub fn on_migrate(ctx: &BtfTracePointContext) -> i32 {
     let Some(cgroup) = task::default_cgroup(moved) else { return 0 };
     if cgroup_is_enforced(cgroup) {
         let cgroup_id = task::cgroup_id(cgroup);
+        let was_scoped = is_scoped(moved_tgid);
         mark_scoped(moved_tgid, cgroup_id);
-        if (is_scoped(current_tgid()) || current_in_enforced_cgroup()) && enters_agent_cgroup(cgroup_id) {
-            // The other dies at its first `bpf()`, `socket()` or io_uring call.
-            doom(moved_tgid, cgroup_id);
-            kill_current(moved_tgid);
+        if enters_agent_cgroup(cgroup_id) {
+            let mover_of_the_scope = is_scoped(current_tgid()) || current_in_enforced_cgroup();
+            // Whoever moved it (systemd asked over D-Bus, say), one that was of the scope
+            // dies at its first `bpf()`, `socket()` or io_uring call; a mover of the scope
+            // at once.
+            if was_scoped || mover_of_the_scope {
+                doom(moved_tgid, cgroup_id);
+            }
+            if mover_of_the_scope {
+                kill_current(moved_tgid);
+            }
         }
         return 0;
     }

@@ -96,14 +96,24 @@ pub fn reaches_local_protected(ctx: &SockAddrContext, dest: &Destination, local:
     (local == LOCAL_ROUTED || local == LOCAL_GROUP) && on_local_protected_port(dest)
 }
 
-/// Whether a packet to `dest`, a local address of kind `local`, may reach a local
-/// protected endpoint. The sender's namespace is not known here: its own sockets are
-/// looked up, and a destination of another namespace's address is judged as the service
-/// (fail closed).
+/// Whether a packet to `dest`, a local address of kind `local` (loopback for any address
+/// a packet out through loopback carries), may reach a local protected endpoint: as
+/// `reaches_local_protected` judges a connect, in the packet's network namespace.
 #[inline(always)]
 pub fn packet_reaches_local_protected<C: EbpfContext>(ctx: &C, dest: &Destination, local: u8) -> bool {
-    on_local_protected_port(dest)
-        && !dest.port.is_some_and(|port| answered_only_by_its_own_address(ctx, dest, port, local))
+    // SAFETY: helper valid in cgroup_skb programs, on this program's own skb.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only use within this program run.
+    if let Some(rules) = unsafe { LOCAL_PROTECTED.get(&netns) } {
+        let on_port = match dest.port {
+            Some(port) => rules.matches(dest.protocol, port),
+            None => rules.matches_protocol(dest.protocol),
+        };
+        return on_port && !dest.port.is_some_and(|port| answered_only_by_its_own_address(ctx, dest, port, local));
+    }
+    // Another namespace: its loopback is its own, and so is whatever it sends out through
+    // it; the rest is the agent's, by routing.
+    (local == LOCAL_ROUTED || local == LOCAL_GROUP) && on_local_protected_port(dest)
 }
 
 /// Whether only a socket bound to `dest` itself would take what is sent there. Never at

@@ -221,6 +221,15 @@ enum Command {
         compat: bool,
         name: String,
     },
+    /// Wait until moved to `--cgroup`, then take `SEB_SCOPED_TASKS` by its pin and delete
+    /// this process's own entry (see `BpfCall`).
+    BpfAfterMovedTo {
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[arg(long)]
+        pin_path: PathBuf,
+        addr: SocketAddr,
+    },
     /// Reach into a child process (see `access::Access`); prints `{"result": "ok"}` if
     /// this process lives through it.
     Access {
@@ -435,6 +444,10 @@ fn run(command: Command) -> Result<()> {
             // SAFETY: ends this thread alone; the process goes on in the other one.
             unsafe { libc::syscall(libc::SYS_exit, 0) };
             unreachable!("the leader's thread has exited")
+        }
+        Command::BpfAfterMovedTo { cgroup, pin_path, addr } => {
+            wait_until_moved_to(&cgroup)?;
+            print(bpf_call(&pin_path, None, None, addr)?)
         }
         Command::TunAfterMovedTo { cgroup, compat, name } => {
             wait_until_moved_to(&cgroup)?;

@@ -240,9 +240,14 @@ fn wildcard_and_unspecified_destinations_are_judged_as_what_they_reach() {
         assert_eq!((&denial["address"], &denial["port"]), (&Value::from(judged), &Value::from(port)), "{denial}");
     }
     assert_eq!(sandbox.received().unwrap(), 0, "a denied attempt reached the wildcard listener");
-    // The pod's own loopback is its own: nothing of this namespace answers there.
-    let outcome = sandbox.probe_in(&pod.name, "workload", &["try", "tcp", "127.0.0.1:8443"]).unwrap();
-    assert_ne!(outcome["result"], "EPERM", "the pod's own loopback: {outcome}");
+    // The pod's own loopback is its own: nothing of this namespace answers there. So is
+    // what it sends to its own address (out through its own loopback).
+    for (method, addr) in
+        [("tcp", "127.0.0.1:8443"), ("udp-sendto", "127.0.0.1:8443"), ("udp-sendto", "198.51.100.2:8443")]
+    {
+        let outcome = sandbox.probe_in(&pod.name, "workload", &["try", method, addr]).unwrap();
+        assert_ne!(outcome["result"], "EPERM", "{method} to the pod's own {addr}: {outcome}");
+    }
 
     // Ports no protected endpoint uses stay reachable through the same addresses.
     for (method, addr) in [("tcp", "127.0.0.1:9443"), ("tcp", "0.0.0.0:9443"), ("tcp", "[::]:9443")] {
@@ -1189,12 +1194,23 @@ fn the_agent_is_named_to_the_kernel_while_it_runs_and_only_then() {
     let named = [u64::from(sandbox.agent_pid().unwrap()), broker_cgroup];
     assert_eq!(seb_sandbox::tamper::agent_entry(&sandbox.pin_path).unwrap(), named);
 
+    // The kernel names the agent's cgroup itself, at each of the agent's calls: a
+    // rewritten cgroup lasts until the next one; a rewritten tgid is the check's.
     let workload = std::fs::metadata(sandbox.cgroup.join("workload")).unwrap().ino();
+    let named_again = || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while seb_sandbox::tamper::agent_entry(&sandbox.pin_path).unwrap() != named {
+            assert!(std::time::Instant::now() < deadline, "SEB_AGENT never named the agent again");
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    seb_sandbox::tamper::write_agent_entry(&sandbox.pin_path, [named[0], workload]).unwrap();
+    named_again();
     seb_sandbox::tamper::write_agent_entry(&sandbox.pin_path, [1, workload]).unwrap();
     wait_for_tamper(&sandbox, "the rewritten agent entry", |record| {
         record["body"]["findings"][0]["object"] == "SEB_AGENT" && record["body"]["repaired"] == true
     });
-    assert_eq!(seb_sandbox::tamper::agent_entry(&sandbox.pin_path).unwrap(), named);
+    named_again();
 
     sandbox.kill_agent().unwrap();
     assert_eq!(seb_sandbox::tamper::agent_entry(&sandbox.pin_path).unwrap(), [0, 0], "still named once it ended");
@@ -1443,6 +1459,24 @@ fn a_bpf_call_from_the_scope_kills_the_caller() {
     let (output, _) =
         sandbox.probe_raw("workload", &["clone-into", "--cgroup", &broker, "udp-sendto", "127.0.0.3:9"]).unwrap();
     assert_eq!(output.status.signal(), Some(9), "cloned a child into the agent's cgroup: {output:?}");
+
+    // Moved there by a process outside the scope (this test, as systemd asked over D-Bus
+    // would), a process of the scope is not spared either: it dies at its first `bpf()`.
+    let mut waiting = Command::new(&sandbox.tools.probe)
+        .arg("--cgroup")
+        .arg(sandbox.cgroup.join("workload"))
+        .args(["--netns", &sandbox.netns, "bpf-after-moved-to", "--cgroup", &broker, "--pin-path", &pin_path])
+        .arg("127.0.0.2:9000")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(waiting.stdout.take().unwrap()).lines();
+    let hello: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let pid = hello["waiting"].as_u64().unwrap();
+    std::fs::write(sandbox.cgroup.join("broker").join("cgroup.procs"), pid.to_string()).unwrap();
+    let status = waiting.wait().unwrap();
+    assert_eq!(status.signal(), Some(9), "moved into the agent's cgroup by an operator: {:?}", lines.next());
+    wait_for(&sandbox, |d| d["hook"] == "bpf_syscall" && d["tgid"] == pid);
 
     let (output, _) = sandbox.probe_raw("exempt", &[&bpf_call[..], &["127.0.0.2:9000"]].concat()).unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -138,8 +138,8 @@ pub struct Enforcer {
     links: Vec<LinkState>,
     applied: Option<Desired>,
     kernel_layout: [u32; seb_common::layout::LEN as usize],
-    /// This process and its cgroup, as `SEB_AGENT` must name them.
-    agent: maps::AgentIdentity,
+    /// This process, as `SEB_AGENT` must name it.
+    agent: u32,
     /// The highest `SEB_UNFOLLOWED_SEEN` level seen: the kernel never lowers it.
     unfollowed_seen: u32,
     /// Processes marked by the last walk of the scope (and when), still running when it
@@ -153,8 +153,8 @@ impl Enforcer {
         let kernel_layout = kernel_btf::kernel_layout()?;
         let mut ebpf = loader::load(&layout, max_scoped_processes)?;
         maps::write_kernel_layout(&mut ebpf, &kernel_layout)?;
-        let agent = maps::this_agent(&mount)?;
-        maps::write_agent(&mut ebpf, &agent).context("entering this process as the agent")?;
+        let agent = std::process::id();
+        maps::write_agent(&mut ebpf, agent).context("entering this process as the agent")?;
         let unfollowed_seen = maps::read_unfollowed_seen(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -192,7 +192,7 @@ impl Enforcer {
             desired.targets.scopes.iter().map(|dir| cgroupfs::cgroup_id(dir)).collect::<Result<Vec<_>>>()?;
         maps::write_scope(&mut self.ebpf, &scope_ids, desired.keep_previous)?;
         maps::write_kernel_layout(&mut self.ebpf, &self.kernel_layout)?;
-        maps::write_agent(&mut self.ebpf, &self.agent)?;
+        maps::write_agent(&mut self.ebpf, self.agent)?;
         self.links = loader::attach_all(&mut self.ebpf, &self.layout, &desired.targets, desired.keep_previous)?;
         // After the fork, exec and migration hooks are attached, so no process slips
         // between this walk and them.
@@ -228,7 +228,7 @@ impl Enforcer {
             Some(desired) => {
                 let mut findings = integrity::check(&mut self.ebpf, &self.links, desired);
                 findings.extend(integrity::check_kernel_layout(&mut self.ebpf, &self.kernel_layout));
-                findings.extend(integrity::check_agent(&mut self.ebpf, &self.agent));
+                findings.extend(integrity::check_agent(&mut self.ebpf, self.agent));
                 findings.extend(integrity::check_unfollowed_seen(&mut self.ebpf, &mut self.unfollowed_seen));
                 findings
             }

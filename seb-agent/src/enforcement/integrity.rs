@@ -197,16 +197,14 @@ pub fn check_kernel_layout(ebpf: &mut Ebpf, wanted: &[u32]) -> Option<Finding> {
     }
 }
 
-/// `SEB_AGENT` names this process and its cgroup: changed, the kernel would let another
-/// process of the scope make `bpf()` calls, or kill the agent at its next one.
-pub fn check_agent(ebpf: &mut Ebpf, wanted: &super::maps::AgentIdentity) -> Option<Finding> {
+/// `SEB_AGENT` names this process: changed, the kernel would let another process of the
+/// scope make `bpf()` calls. (Its cgroup the kernel writes again at each of the agent's
+/// calls, this check's among them.)
+pub fn check_agent(ebpf: &mut Ebpf, agent: u32) -> Option<Finding> {
     let name = map_names::AGENT;
     match super::maps::read_agent(ebpf) {
-        Ok(found) if found == *wanted => None,
-        Ok([tgid, cgroup]) => Some(Finding::map(
-            name,
-            format!("names tgid {tgid} in cgroup {cgroup}, not this agent (tgid {}, cgroup {})", wanted[0], wanted[1]),
-        )),
+        Ok(tgid) if tgid == u64::from(agent) => None,
+        Ok(tgid) => Some(Finding::map(name, format!("names tgid {tgid}, not this agent (tgid {agent})"))),
         Err(e) => Some(Finding::map(name, format!("cannot be read: {e:#}"))),
     }
 }

@@ -209,26 +209,18 @@ pub fn settle_scoped(ebpf: &mut Ebpf, walked: Vec<Walked>) -> Result<Vec<Walked>
 }
 
 /// `SEB_UNFOLLOWED_SEEN`: how far the kernel lost track of processes of the scope.
-/// The running agent as the kernel knows it: `[tgid, cgroup id]` (`seb_common::agent_slots`).
-pub type AgentIdentity = [u64; agent_slots::LEN as usize];
-
-/// This process and its cgroup: the agent, whose `bpf()` calls the kernel lets through.
-pub fn this_agent(mount: &std::path::Path) -> Result<AgentIdentity> {
-    let cgroup = crate::cgroupfs::cgroup_id(&crate::cgroupfs::own_cgroup_dir(mount)?)?;
-    Ok([u64::from(std::process::id()), cgroup])
-}
-
-pub fn write_agent(ebpf: &mut Ebpf, agent: &AgentIdentity) -> Result<()> {
+/// Name `tgid` as the running agent, whose `bpf()` calls (and those of processes in its
+/// cgroup) the kernel lets through. The kernel fills in the cgroup itself at the agent's
+/// next call: inside a container's cgroup namespace the agent cannot name it.
+pub fn write_agent(ebpf: &mut Ebpf, tgid: u32) -> Result<()> {
     let mut array: Array<&mut MapData, u64> = Array::try_from(map_mut(ebpf, map_names::AGENT)?)?;
-    // The cgroup first: the tgid is what tells the kernel an agent runs.
-    array.set(agent_slots::CGROUP, agent[agent_slots::CGROUP as usize], 0)?;
-    array.set(agent_slots::TGID, agent[agent_slots::TGID as usize], 0)?;
-    Ok(())
+    Ok(array.set(agent_slots::TGID, u64::from(tgid), 0)?)
 }
 
-pub fn read_agent(ebpf: &mut Ebpf) -> Result<AgentIdentity> {
+/// The tgid `SEB_AGENT` names (0: none).
+pub fn read_agent(ebpf: &mut Ebpf) -> Result<u64> {
     let array: Array<&mut MapData, u64> = Array::try_from(map_mut(ebpf, map_names::AGENT)?)?;
-    Ok([array.get(&agent_slots::TGID, 0)?, array.get(&agent_slots::CGROUP, 0)?])
+    Ok(array.get(&agent_slots::TGID, 0)?)
 }
 
 pub fn read_unfollowed_seen(ebpf: &mut Ebpf) -> Result<u32> {
