@@ -803,6 +803,18 @@ fn moved_by_an_operator(sandbox: &Sandbox, to: &str, how: AfterMove) -> (std::pr
         AfterMove::Tun { compat: false } => ("tun-after-moved-to", &["seb-mtun"]),
         AfterMove::Tun { compat: true } => ("tun-after-moved-to", &["--compat", "seb-mtun"]),
     };
+    moved_by_an_operator_running(sandbox, to, command, arguments)
+}
+
+/// A probe in `<root>/workload` running `command --cgroup <root>/<to> arguments`, which
+/// waits until this test moves it there; the probe, its remaining output and its pid,
+/// once moved.
+fn moved_by_an_operator_running(
+    sandbox: &Sandbox,
+    to: &str,
+    command: &str,
+    arguments: &[&str],
+) -> (std::process::Child, ProbeLines, u64) {
     let mut waiting = Command::new(&sandbox.tools.probe)
         .arg("--cgroup")
         .arg(sandbox.cgroup.join("workload"))
@@ -1462,18 +1474,9 @@ fn a_bpf_call_from_the_scope_kills_the_caller() {
 
     // Moved there by a process outside the scope (this test, as systemd asked over D-Bus
     // would), a process of the scope is not spared either: it dies at its first `bpf()`.
-    let mut waiting = Command::new(&sandbox.tools.probe)
-        .arg("--cgroup")
-        .arg(sandbox.cgroup.join("workload"))
-        .args(["--netns", &sandbox.netns, "bpf-after-moved-to", "--cgroup", &broker, "--pin-path", &pin_path])
-        .arg("127.0.0.2:9000")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(waiting.stdout.take().unwrap()).lines();
-    let hello: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    let pid = hello["waiting"].as_u64().unwrap();
-    std::fs::write(sandbox.cgroup.join("broker").join("cgroup.procs"), pid.to_string()).unwrap();
+    let arguments = ["--pin-path", &pin_path, "127.0.0.2:9000"];
+    let (mut waiting, mut lines, pid) =
+        moved_by_an_operator_running(&sandbox, "broker", "bpf-after-moved-to", &arguments);
     let status = waiting.wait().unwrap();
     assert_eq!(status.signal(), Some(9), "moved into the agent's cgroup by an operator: {:?}", lines.next());
     wait_for(&sandbox, |d| d["hook"] == "bpf_syscall" && d["tgid"] == pid);
