@@ -1231,6 +1231,27 @@ fn the_agent_is_named_to_the_kernel_while_it_runs_and_only_then() {
     assert_eq!(seb_sandbox::tamper::agent_entry(&sandbox.pin_path).unwrap(), restarted);
 }
 
+/// Root removes a link's pin (an `unlink` on bpffs, which no `bpf()` check sees): the
+/// agent holds a descriptor of every link, so the link stays attached and enforcing;
+/// the check notices the missing pin, records it and pins the link again.
+#[test]
+fn a_removed_link_pin_leaves_the_link_enforcing_until_it_is_pinned_again() {
+    let mut sandbox = sandbox("unpinned");
+    sandbox.start_agent().unwrap();
+    let pin = pin_of(&sandbox, "seb_connect4");
+    std::fs::remove_file(&pin).unwrap();
+    let outcome = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
+    assert_eq!(outcome["result"], "EPERM", "just after the pin was removed: {outcome}");
+    wait_for_tamper(&sandbox, "the removed pin", |record| {
+        record["body"]["findings"].as_array().unwrap().iter().any(|f| f["kind"] == "link")
+            && record["body"]["repaired"] == true
+    });
+    assert!(pin_of(&sandbox, "seb_connect4").exists(), "pinned again");
+    let outcome = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
+    assert_eq!(outcome["result"], "EPERM", "after the repair: {outcome}");
+    assert_eq!(sandbox.received().unwrap(), 0);
+}
+
 /// Root empties the rules for protected endpoints on local addresses (what stops a
 /// wildcard listener serving one from answering at any local address): noticed,
 /// written back and recorded.

@@ -59,6 +59,11 @@ struct ObjGetAttr {
 
 /// The link pinned at `pin`, as the kernel reports it.
 pub fn pinned_link(pin: &Path) -> Result<KernelLink> {
+    kernel_link(open_pinned_link(pin)?.as_fd())
+}
+
+/// A descriptor of the link pinned at `pin` (`BPF_OBJ_GET`).
+pub fn open_pinned_link(pin: &Path) -> Result<OwnedFd> {
     let path = CString::new(pin.as_os_str().as_bytes()).context("a pin path with a NUL byte")?;
     let attr = ObjGetAttr { pathname: path.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
     // SAFETY: BPF_OBJ_GET reads the NUL-terminated path and returns a new fd.
@@ -67,8 +72,7 @@ pub fn pinned_link(pin: &Path) -> Result<KernelLink> {
         return Err(std::io::Error::last_os_error()).with_context(|| format!("opening pinned link {}", pin.display()));
     }
     // SAFETY: a fresh fd owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    kernel_link(fd.as_fd())
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 fn kernel_link(fd: BorrowedFd<'_>) -> Result<KernelLink> {

@@ -188,6 +188,33 @@ pub struct LinkState {
     /// The program the link must run: this agent's.
     #[serde(skip)]
     pub identity: ProgramIdentity,
+    #[serde(skip)]
+    pub held: HeldLink,
+}
+
+/// A descriptor of a link, held while the agent runs. A link lives while its pin or a
+/// descriptor holds it: without one, removing the pin (an `unlink` on bpffs, no `bpf()`
+/// call) would detach it until the next check attached it again.
+#[derive(Clone, Default)]
+pub struct HeldLink(Option<std::sync::Arc<std::os::fd::OwnedFd>>);
+
+impl HeldLink {
+    fn of(pin: &Path) -> Result<Self> {
+        Ok(Self(Some(std::sync::Arc::new(super::link_info::open_pinned_link(pin)?))))
+    }
+}
+
+/// A state is what the link is, not which descriptor holds it.
+impl PartialEq for HeldLink {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for HeldLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "held" } else { "not held" })
+    }
 }
 
 /// What tells this agent's program from any other: the kernel's tag (a hash of its
@@ -283,6 +310,7 @@ pub fn attach_all(
             };
             let cgroup = cgroup.cloned().unwrap_or_default();
             info!(program, cgroup = %cgroup.display(), ?origin, "enforcing");
+            let held = HeldLink::of(&pin)?;
             states.push(LinkState {
                 program: program.into(),
                 cgroup,
@@ -290,6 +318,7 @@ pub fn attach_all(
                 pin,
                 origin,
                 identity: identity.clone(),
+                held,
             });
         }
     }
