@@ -235,8 +235,8 @@ pub fn judge_process_access() {
 /// the call itself is not refused: it completes, and the process dies before it runs
 /// again, so a descriptor it took is never used. Agents have no use for `bpf()`. The
 /// agent may run in the scope (a pod of the DaemonSet); while none runs, the one starting
-/// must open its pins. (Entering the agent's cgroup from the scope kills, see
-/// `lineage::on_migrate`.)
+/// must open its pins. A doomed process is killed wherever it is. (Entering the agent's
+/// cgroup from the scope kills, see `lineage::on_migrate`.)
 #[inline(always)]
 pub fn judge_bpf_call() {
     // Slot keys on the stack: a reference to a constant would be read from `.rodata`.

@@ -244,8 +244,8 @@ pub fn seb_vm_write_call(_ctx: TracePointContext) -> i32 {
     0
 }
 
-/// `bpf()`: a process of the scope that makes any call is killed (see
-/// `decision::judge_bpf_call`).
+/// `bpf()`: a process of the scope that makes any call while the agent runs is killed,
+/// but for the agent's cgroup and live brokers (see `decision::judge_bpf_call`).
 #[tracepoint(category = "syscalls", name = "sys_enter_bpf")]
 pub fn seb_bpf_call(_ctx: TracePointContext) -> i32 {
     decision::judge_bpf_call();
@@ -407,7 +407,7 @@ pub fn seb_process_exec(_ctx: RawTracePointContext) -> i32 {
 }
 
 /// `cgroup_attach_task`: a move into the scope scopes the process; a scoped process
-/// moving out is killed.
+/// moving out, or into the running agent's cgroup, is killed.
 #[btf_tracepoint(function = "cgroup_attach_task")]
 // In the program itself, as `seb_sys_enter`'s body is.
 #[inline(always)]
