@@ -248,10 +248,13 @@ pub fn judge_bpf_call() {
     // SAFETY: plain helper calls.
     let (cgroup_id, tgid) = unsafe { (bpf_get_current_cgroup_id(), (bpf_get_current_pid_tgid() >> 32) as u32) };
     if u64::from(tgid) == agent {
-        // The agent's cgroup as the kernel sees it: inside its container (a cgroup
-        // namespace) the agent cannot name it. Written again at each of its calls, so a
-        // rewrite lasts until its next one.
-        let _ = AGENT.set(cgroup_slot, &cgroup_id, 0);
+        // The agent's cgroup as the kernel sees it at its first call: inside its
+        // container (a cgroup namespace) the agent cannot name it. Only while unnamed:
+        // moved elsewhere by another, the agent must not take that cgroup's processes
+        // with it into the spared set (its check keeps the first value).
+        if AGENT.get(cgroup_slot).copied().unwrap_or(0) == 0 {
+            let _ = AGENT.set(cgroup_slot, &cgroup_id, 0);
+        }
         return;
     }
     let agent_cgroup = AGENT.get(cgroup_slot).copied().unwrap_or(0);
@@ -290,6 +293,13 @@ pub fn current_is_live_broker() -> bool {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: the value is only tested for presence.
     unsafe { BROKER_PROCESSES.get(&tgid) }.is_some()
+}
+
+/// Whether `tgid` is the running agent.
+#[inline(always)]
+pub fn is_running_agent(tgid: u32) -> bool {
+    let tgid_slot = agent_slots::TGID;
+    AGENT.get(tgid_slot).copied().is_some_and(|agent| agent != 0 && agent == u64::from(tgid))
 }
 
 /// The agent's process ended: no agent runs until the next one enters itself.
@@ -559,13 +569,14 @@ pub fn judge_packet<C: EbpfContext>(
 ) -> i32 {
     // Out through loopback, any address is local: what takes the packet is a listener
     // here, judged as at a local address.
+    let looped = local_rule && crate::packet::leaves_through_loopback(skb);
     let local = match dest.entry() {
         Some(rules) if dest.covered_by(rules) => return refuse_packet(ctx, skb, dest, hook),
         Some(rules) if rules.local != 0 => rules.local,
-        _ if local_rule && crate::packet::leaves_through_loopback(skb) => LOCAL_LOOPBACK,
+        _ if looped => LOCAL_LOOPBACK,
         _ => 0,
     };
-    if local_rule && local != 0 && local::packet_reaches_local_protected(ctx, dest, local) {
+    if local_rule && local != 0 && local::packet_reaches_local_protected(ctx, dest, local, looped) {
         return refuse_packet(ctx, skb, dest, hook);
     }
     ALLOW

@@ -268,12 +268,18 @@ pub fn on_migrate(ctx: &BtfTracePointContext) -> i32 {
     }
     let Some(moved_tgid) = task::tgid(moved) else { return 0 };
     let Some(cgroup) = task::default_cgroup(moved) else { return 0 };
+    let mover_of_the_scope = is_scoped(current_tgid()) || current_in_enforced_cgroup();
+    if decision::is_running_agent(moved_tgid) && mover_of_the_scope && !decision::current_is_live_broker() {
+        // Moving the agent (into a frozen cgroup, one with no memory, its own) is the
+        // agent's container runtime's business, never a process of the scope's.
+        kill_current(moved_tgid);
+        return 0;
+    }
     if cgroup_is_enforced(cgroup) {
         let cgroup_id = task::cgroup_id(cgroup);
         let was_scoped = is_scoped(moved_tgid);
         mark_scoped(moved_tgid, cgroup_id);
         if enters_agent_cgroup(cgroup_id) {
-            let mover_of_the_scope = is_scoped(current_tgid()) || current_in_enforced_cgroup();
             // Whoever moved it (systemd asked over D-Bus, say), one that was of the scope
             // dies at its first `bpf()`, `socket()` or io_uring call; a mover of the scope
             // at once.
@@ -287,9 +293,15 @@ pub fn on_migrate(ctx: &BtfTracePointContext) -> i32 {
         return 0;
     }
     // A scoped process moved out by another: the process stays scoped (so an exempt
-    // cgroup exempts nothing of it); a mover that is itself scoped is killed for it.
-    let mover = current_tgid();
-    if is_scoped(moved_tgid) && (is_scoped(mover) || current_in_enforced_cgroup()) {
+    // cgroup exempts nothing of it); a mover that is itself scoped is killed for it. Into
+    // the agent's cgroup (exempt, or outside the scope), whoever moved it, it is doomed:
+    // its `bpf()` calls would be spared there.
+    if is_scoped(moved_tgid) && decision::running_agent_cgroup() == Some(task::cgroup_id(cgroup)) {
+        // SAFETY: the value is only read.
+        let scoped_in = unsafe { SCOPED_TASKS.get(&moved_tgid) }.copied().unwrap_or(0);
+        doom(moved_tgid, scoped_in);
+    }
+    if is_scoped(moved_tgid) && mover_of_the_scope {
         // SAFETY: the value is only read.
         let scoped_in = unsafe { SCOPED_TASKS.get(&moved_tgid) }.copied().unwrap_or(0);
         doom(moved_tgid, scoped_in);

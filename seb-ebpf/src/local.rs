@@ -24,7 +24,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
     programs::SockAddrContext,
 };
-use seb_common::{ANY_OTHER_NAMESPACE, FAMILY_V4, Hook, LOCAL_GROUP, LOCAL_ROUTED};
+use seb_common::{ANY_OTHER_NAMESPACE, FAMILY_V4, Hook, LOCAL_GROUP, LOCAL_LOOPBACK, LOCAL_ROUTED};
 
 use crate::{LOCAL_PROTECTED, decision::Destination};
 
@@ -99,8 +99,9 @@ pub fn reaches_local_protected(ctx: &SockAddrContext, dest: &Destination, local:
 /// Whether a packet to `dest`, a local address of kind `local` (loopback for any address
 /// a packet out through loopback carries), may reach a local protected endpoint: as
 /// `reaches_local_protected` judges a connect, in the packet's network namespace.
+/// `looped`: the packet leaves through loopback.
 #[inline(always)]
-pub fn packet_reaches_local_protected<C: EbpfContext>(ctx: &C, dest: &Destination, local: u8) -> bool {
+pub fn packet_reaches_local_protected<C: EbpfContext>(ctx: &C, dest: &Destination, local: u8, looped: bool) -> bool {
     // SAFETY: helper valid in cgroup_skb programs, on this program's own skb.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only use within this program run.
@@ -112,8 +113,10 @@ pub fn packet_reaches_local_protected<C: EbpfContext>(ctx: &C, dest: &Destinatio
         return on_port && !dest.port.is_some_and(|port| answered_only_by_its_own_address(ctx, dest, port, local));
     }
     // Another namespace: its loopback is its own, and so is whatever it sends out through
-    // it; the rest is the agent's, by routing.
-    (local == LOCAL_ROUTED || local == LOCAL_GROUP) && on_local_protected_port(dest)
+    // it; the rest is the agent's, by routing (a loopback address too, routed out of an
+    // interface by a namespace's administrator, to a node that takes it).
+    (local == LOCAL_ROUTED || local == LOCAL_GROUP || (local == LOCAL_LOOPBACK && !looped))
+        && on_local_protected_port(dest)
 }
 
 /// Whether only a socket bound to `dest` itself would take what is sent there. Never at

@@ -1206,8 +1206,8 @@ fn the_agent_is_named_to_the_kernel_while_it_runs_and_only_then() {
     let named = [u64::from(sandbox.agent_pid().unwrap()), broker_cgroup];
     assert_eq!(seb_sandbox::tamper::agent_entry(&sandbox.pin_path).unwrap(), named);
 
-    // The kernel names the agent's cgroup itself, at each of the agent's calls: a
-    // rewritten cgroup lasts until the next one; a rewritten tgid is the check's.
+    // The kernel names the agent's cgroup itself, at the agent's first call; the agent's
+    // check keeps that and writes back either part rewritten.
     let workload = std::fs::metadata(sandbox.cgroup.join("workload")).unwrap().ino();
     let named_again = || {
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
@@ -1216,13 +1216,35 @@ fn the_agent_is_named_to_the_kernel_while_it_runs_and_only_then() {
             thread::sleep(Duration::from_millis(20));
         }
     };
+    let rewritten = |part: &'static str| {
+        move |record: &Value| {
+            record["body"]["findings"].as_array().unwrap().iter().any(|f| {
+                f["object"] == "SEB_AGENT" && f["problem"].as_str().unwrap().starts_with(&format!("names {part}"))
+            }) && record["body"]["repaired"] == true
+        }
+    };
     seb_sandbox::tamper::write_agent_entry(&sandbox.pin_path, [named[0], workload]).unwrap();
+    wait_for_tamper(&sandbox, "the rewritten agent cgroup", rewritten("cgroup"));
     named_again();
     seb_sandbox::tamper::write_agent_entry(&sandbox.pin_path, [1, workload]).unwrap();
-    wait_for_tamper(&sandbox, "the rewritten agent entry", |record| {
-        record["body"]["findings"][0]["object"] == "SEB_AGENT" && record["body"]["repaired"] == true
-    });
+    wait_for_tamper(&sandbox, "the rewritten agent tgid", rewritten("tgid"));
     named_again();
+
+    // A process of the scope that moves the agent (into its own cgroup, whose processes
+    // would then be spared) is killed for it, and the agent's cgroup stays named.
+    let procs = sandbox.cgroup.join("workload").join("cgroup.procs");
+    let move_agent = format!("echo {} > {}", named[0], procs.display());
+    let (output, _) = sandbox.probe_raw("workload", &["exec", "--", "sh", "-c", &move_agent]).unwrap();
+    assert_eq!(output.status.signal(), Some(9), "moved the agent: {output:?}");
+    thread::sleep(seb_agent::tamper::INTERVAL * 3);
+    assert_eq!(
+        seb_sandbox::tamper::agent_entry(&sandbox.pin_path).unwrap(),
+        named,
+        "the moved agent renamed its cgroup"
+    );
+    let pin_path = sandbox.pin_path.to_string_lossy().into_owned();
+    let (output, _) = sandbox.probe_raw("workload", &["bpf-call", "--pin-path", &pin_path, "127.0.0.2:9000"]).unwrap();
+    assert_eq!(output.status.signal(), Some(9), "bpf() from the agent's new cgroup: {output:?}");
 
     sandbox.kill_agent().unwrap();
     assert_eq!(seb_sandbox::tamper::agent_entry(&sandbox.pin_path).unwrap(), [0, 0], "still named once it ended");

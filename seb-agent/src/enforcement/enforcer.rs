@@ -138,8 +138,9 @@ pub struct Enforcer {
     links: Vec<LinkState>,
     applied: Option<Desired>,
     kernel_layout: [u32; seb_common::layout::LEN as usize],
-    /// This process, as `SEB_AGENT` must name it.
+    /// This process, as `SEB_AGENT` must name it, and its cgroup once the kernel named it.
     agent: u32,
+    agent_cgroup: Option<u64>,
     /// The highest `SEB_UNFOLLOWED_SEEN` level seen: the kernel never lowers it.
     unfollowed_seen: u32,
     /// Processes marked by the last walk of the scope (and when), still running when it
@@ -154,7 +155,7 @@ impl Enforcer {
         let mut ebpf = loader::load(&layout, max_scoped_processes)?;
         maps::write_kernel_layout(&mut ebpf, &kernel_layout)?;
         let agent = std::process::id();
-        maps::write_agent(&mut ebpf, agent).context("entering this process as the agent")?;
+        maps::write_agent(&mut ebpf, agent, None).context("entering this process as the agent")?;
         let unfollowed_seen = maps::read_unfollowed_seen(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -164,6 +165,7 @@ impl Enforcer {
             applied: None,
             kernel_layout,
             agent,
+            agent_cgroup: None,
             unfollowed_seen,
             unsettled: (Instant::now(), Vec::new()),
         })
@@ -192,8 +194,13 @@ impl Enforcer {
             desired.targets.scopes.iter().map(|dir| cgroupfs::cgroup_id(dir)).collect::<Result<Vec<_>>>()?;
         maps::write_scope(&mut self.ebpf, &scope_ids, desired.keep_previous)?;
         maps::write_kernel_layout(&mut self.ebpf, &self.kernel_layout)?;
-        maps::write_agent(&mut self.ebpf, self.agent)?;
+        maps::write_agent(&mut self.ebpf, self.agent, self.agent_cgroup)?;
         self.links = loader::attach_all(&mut self.ebpf, &self.layout, &desired.targets, desired.keep_previous)?;
+        if self.agent_cgroup.is_none() {
+            // With `seb_bpf_call` attached, the kernel names this process's cgroup at its
+            // next `bpf()` call: this read's. Kept from now on, and compared.
+            self.agent_cgroup = Some(maps::read_agent(&mut self.ebpf)?.1).filter(|cgroup| *cgroup != 0);
+        }
         // After the fork, exec and migration hooks are attached, so no process slips
         // between this walk and them.
         let scoped = scope_walk::scoped_processes(&desired.targets.scopes, &desired.targets.exempt);
@@ -228,7 +235,7 @@ impl Enforcer {
             Some(desired) => {
                 let mut findings = integrity::check(&mut self.ebpf, &self.links, desired);
                 findings.extend(integrity::check_kernel_layout(&mut self.ebpf, &self.kernel_layout));
-                findings.extend(integrity::check_agent(&mut self.ebpf, self.agent));
+                findings.extend(integrity::check_agent(&mut self.ebpf, self.agent, &mut self.agent_cgroup));
                 findings.extend(integrity::check_unfollowed_seen(&mut self.ebpf, &mut self.unfollowed_seen));
                 findings
             }

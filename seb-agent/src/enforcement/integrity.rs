@@ -197,16 +197,26 @@ pub fn check_kernel_layout(ebpf: &mut Ebpf, wanted: &[u32]) -> Option<Finding> {
     }
 }
 
-/// `SEB_AGENT` names this process: changed, the kernel would let another process of the
-/// scope make `bpf()` calls. (Its cgroup the kernel writes again at each of the agent's
-/// calls, this check's among them.)
-pub fn check_agent(ebpf: &mut Ebpf, agent: u32) -> Option<Finding> {
+/// `SEB_AGENT` names this process and, once the kernel wrote it at the agent's first
+/// call, its cgroup (`known`, learned then and kept): changed, the kernel would spare
+/// another process's or cgroup's `bpf()` calls.
+pub fn check_agent(ebpf: &mut Ebpf, agent: u32, known: &mut Option<u64>) -> Option<Finding> {
     let name = map_names::AGENT;
-    match super::maps::read_agent(ebpf) {
-        Ok(tgid) if tgid == u64::from(agent) => None,
-        Ok(tgid) => Some(Finding::map(name, format!("names tgid {tgid}, not this agent (tgid {agent})"))),
-        Err(e) => Some(Finding::map(name, format!("cannot be read: {e:#}"))),
+    let (tgid, cgroup) = match super::maps::read_agent(ebpf) {
+        Ok(entry) => entry,
+        Err(e) => return Some(Finding::map(name, format!("cannot be read: {e:#}"))),
+    };
+    if tgid != u64::from(agent) {
+        return Some(Finding::map(name, format!("names tgid {tgid}, not this agent (tgid {agent})")));
     }
+    match *known {
+        None if cgroup != 0 => *known = Some(cgroup),
+        Some(first) if cgroup != first => {
+            return Some(Finding::map(name, format!("names cgroup {cgroup}, not this agent's ({first})")));
+        }
+        _ => {}
+    }
+    None
 }
 
 /// `SEB_UNFOLLOWED_SEEN` only ever rises in the kernel: lowered, it would let processes
