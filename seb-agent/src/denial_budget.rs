@@ -5,12 +5,12 @@
 //! disk that also holds the admission decisions is full. So in each second of denial
 //! time, each kind of denial (same cgroup, process, hook, destination, action) is
 //! recorded in full at most `PER_KEY` times, each cgroup at most `PER_CGROUP` times, and
-//! at most `PER_SECOND` denials are recorded in all, but for the first `RESERVED_PER_CGROUP`
-//! of each cgroup (of up to `RESERVED_CGROUPS`), which are recorded even then. Kills have
-//! a budget of their own: floods of refused connects from a few pods can hide neither
-//! another pod's first denials nor a process killed. The rest are counted, never dropped: each second that suppressed
-//! any ends in one `denials_suppressed` record with the total and the largest counts by
-//! kind.
+//! at most `PER_SECOND` denials are recorded in all, but for the first
+//! `RESERVED_PER_CGROUP` of each cgroup (of up to `RESERVED_CGROUPS`), which are recorded
+//! even then. Kills have a budget of their own: floods of refused connects from a few
+//! pods can hide neither another pod's first denials nor a process killed. The rest are
+//! counted, never dropped: each second that suppressed any ends in one
+//! `denials_suppressed` record with the total and the largest counts by kind.
 
 use std::collections::HashMap;
 

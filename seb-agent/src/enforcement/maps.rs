@@ -208,7 +208,6 @@ pub fn settle_scoped(ebpf: &mut Ebpf, walked: Vec<Walked>) -> Result<Vec<Walked>
     Ok(running)
 }
 
-/// `SEB_UNFOLLOWED_SEEN`: how far the kernel lost track of processes of the scope.
 /// Name `tgid` as the running agent, whose `bpf()` calls (and those of processes in its
 /// cgroup) the kernel lets through. Without `cgroup`, the kernel fills it in at the
 /// agent's next call: inside a container's cgroup namespace the agent cannot name it.
@@ -224,6 +223,7 @@ pub fn read_agent(ebpf: &mut Ebpf) -> Result<(u64, u64)> {
     Ok((array.get(&agent_slots::TGID, 0)?, array.get(&agent_slots::CGROUP, 0)?))
 }
 
+/// `SEB_UNFOLLOWED_SEEN`: how far the kernel lost track of processes of the scope.
 pub fn read_unfollowed_seen(ebpf: &mut Ebpf) -> Result<u32> {
     let seen: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, map_names::UNFOLLOWED_SEEN)?)?;
     Ok(seen.get(&0, 0)?)
