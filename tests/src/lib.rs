@@ -451,6 +451,14 @@ impl Sandbox {
         Ok(command.output()?)
     }
 
+    /// Start a program in `<root>/<cgroup>` and the namespace, without waiting (the child
+    /// is the program itself: the probe execs it in place).
+    pub fn spawn_in(&self, cgroup: &str, program: &str, args: &[&str]) -> Result<Child> {
+        let mut command = Command::new(&self.tools.probe);
+        command.arg("--cgroup").arg(self.cgroup.join(cgroup)).args(["--netns", &self.netns, "exec", "--"]);
+        Ok(command.arg(program).args(args).spawn()?)
+    }
+
     /// Try one egress method from a workload process.
     pub fn attempt(&self, cgroup: &str, method: &str, addr: &str) -> Result<Value> {
         self.probe(cgroup, &["try", method, addr])
@@ -511,8 +519,24 @@ impl Drop for Sandbox {
         self.listeners.clear();
         let _ = seb_agent::enforcement::loader::unload(&seb_agent::enforcement::PinLayout::new(&self.pin_path));
         let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+        // Whatever a failed test left running in the sandbox's cgroups ends with it.
+        kill_cgroup_tree(&self.cgroup);
         remove_cgroup_tree(&self.cgroup);
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// SIGKILL every process in a cgroup and below it (`cgroup.kill`), and wait (up to 2 s)
+/// until they are gone, so the directories can be removed.
+fn kill_cgroup_tree(dir: &Path) {
+    if fs::write(dir.join("cgroup.kill"), "1").is_err() {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while fs::read_to_string(dir.join("cgroup.events")).is_ok_and(|events| events.contains("populated 1"))
+        && Instant::now() < deadline
+    {
+        thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -204,11 +204,23 @@ fn pinned_array(pin_path: &Path, map: &str) -> Result<aya::maps::Array<aya::maps
 /// Remove process `tgid` from the pinned table of processes of the scope, as if the
 /// kernel had never been able to track it (the table was full).
 pub fn forget_scoped_task(pin_path: &Path, tgid: u32) -> Result<()> {
+    scoped_tasks(pin_path)?.remove(&tgid)?;
+    Ok(())
+}
+
+/// The cgroup id the pinned table of processes of the scope holds for `tgid`, if any.
+pub fn scoped_entry(pin_path: &Path, tgid: u32) -> Result<Option<u64>> {
+    match scoped_tasks(pin_path)?.get(&tgid, 0) {
+        Ok(cgroup) => Ok(Some(cgroup)),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn scoped_tasks(pin_path: &Path) -> Result<aya::maps::HashMap<aya::maps::MapData, u32, u64>> {
     use aya::maps::{HashMap, Map, MapData};
     let data = MapData::from_pin(pin_path.join("maps").join(seb_common::map_names::SCOPED_TASKS))?;
-    let mut tasks: HashMap<MapData, u32, u64> = HashMap::try_from(Map::HashMap(data))?;
-    tasks.remove(&tgid)?;
-    Ok(())
+    Ok(HashMap::try_from(Map::HashMap(data))?)
 }
 
 /// Remove one IPv4 prefix from the pinned protected-endpoint trie.

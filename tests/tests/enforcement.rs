@@ -1253,6 +1253,53 @@ fn the_agent_is_named_to_the_kernel_while_it_runs_and_only_then() {
     assert_eq!(seb_sandbox::tamper::agent_entry(&sandbox.pin_path).unwrap(), restarted);
 }
 
+/// A process of the scope put into the agent's cgroup while no agent ran (a restart)
+/// would be spared there, at `bpf()` and as a broker, once the next agent is named: that
+/// agent kills it at start and records it. A process that never was of the scope stays
+/// (the agent's cgroup is outside the scope here, as a node agent's usually is).
+#[test]
+fn a_process_of_the_scope_put_in_the_agents_cgroup_while_none_ran_is_killed_at_start() {
+    let mut sandbox = sandbox("entrant");
+    let workload = format!("{}/workload", sandbox.cgroup_relative);
+    sandbox.write_config_scoped(&[workload], "").unwrap();
+    sandbox.start_agent().unwrap();
+    let mut entrant = sandbox.spawn_in("workload", "sleep", &["600"]).unwrap();
+    let mut bystander = sandbox.spawn_in("broker", "sleep", &["600"]).unwrap();
+    let (pid, bystander_pid) = (entrant.id(), bystander.id());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while seb_sandbox::tamper::scoped_entry(&sandbox.pin_path, pid).unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "the kernel never followed the process in the workload");
+        thread::sleep(Duration::from_millis(20));
+    }
+    sandbox.stop_agent().unwrap();
+    // Moved by an operator (this test) while no agent runs: no rule judges the move.
+    std::fs::write(sandbox.cgroup.join("broker").join("cgroup.procs"), pid.to_string()).unwrap();
+    thread::sleep(Duration::from_millis(200));
+    assert!(entrant.try_wait().unwrap().is_none(), "moved while no agent ran, it died at once");
+
+    sandbox.start_agent().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = entrant.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "the process put in the agent's cgroup lives on");
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.signal(), Some(9), "{status:?}");
+    wait_for_tamper(&sandbox, "the process in the agent's cgroup", |record| {
+        record["body"]["findings"].as_array().unwrap().iter().any(|f| {
+            f["kind"] == "process"
+                && f["object"].as_str().unwrap().ends_with("/broker")
+                && f["problem"].as_str().unwrap().contains(&format!("tgid {pid} ("))
+                && !f["problem"].as_str().unwrap().contains(&format!("tgid {bystander_pid} ("))
+        })
+    });
+    assert!(bystander.try_wait().unwrap().is_none(), "the process that never was of the scope was killed");
+    bystander.kill().unwrap();
+    bystander.wait().unwrap();
+}
+
 /// Root removes a link's pin (an `unlink` on bpffs, which no `bpf()` check sees): the
 /// agent holds a descriptor of every link, so the link stays attached and enforcing;
 /// the check notices the missing pin, records it and pins the link again.

@@ -22,7 +22,7 @@ use std::{
     collections::HashMap as StdHashMap,
     future::Future,
     net::SocketAddr,
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::Path,
     sync::{Arc, Mutex},
 };
@@ -33,7 +33,7 @@ use seb_common::{BrokerSocket, map_names};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::{PinLayout, integrity::Finding, loader::AttachTargets};
+use super::{PinLayout, integrity::Finding, loader::AttachTargets, processes};
 use crate::cgroupfs;
 
 type Registry = HashMap<MapData, u64, BrokerSocket>;
@@ -260,16 +260,28 @@ impl BrokerSockets {
     /// registered for it, under another generation, or under this process without its
     /// knowledge is cut (an open connection sends nothing more) and removed. Returns what
     /// was found, and whether the repair succeeded.
-    pub fn check_registrations(&self, mount: &Path, scope: &AttachTargets) -> (Vec<Finding>, Result<()>) {
+    /// `agent_cgroup` is this process's cgroup directory, when the kernel has named it.
+    pub fn check_registrations(
+        &self,
+        mount: &Path,
+        scope: &AttachTargets,
+        agent_cgroup: Option<&Path>,
+    ) -> (Vec<Finding>, Result<()>) {
         let mut findings = Vec::new();
-        let repaired = self.hold_registrations(mount, scope, &mut findings);
+        let repaired = self.hold_registrations(mount, scope, agent_cgroup, &mut findings);
         (findings, repaired)
     }
 
-    fn hold_registrations(&self, mount: &Path, scope: &AttachTargets, findings: &mut Vec<Finding>) -> Result<()> {
+    fn hold_registrations(
+        &self,
+        mount: &Path,
+        scope: &AttachTargets,
+        agent_cgroup: Option<&Path>,
+        findings: &mut Vec<Finding>,
+    ) -> Result<()> {
         let mut maps = self.lock()?;
         let tags = self.tags.lock().map_err(|_| anyhow!("broker socket tags poisoned"))?;
-        let brokers = self.classify_brokers(&maps, mount)?;
+        let brokers = self.classify_brokers(&maps, mount, agent_cgroup)?;
         if brokers.own_entry != Some(self.generation) {
             let what = if brokers.own_entry.is_some() { "holds another generation" } else { "was removed" };
             findings.push(Finding::registration(
@@ -283,14 +295,18 @@ impl BrokerSockets {
         }
         // Cut first, kill second: nothing of a forged connection leaves in between.
         self.cut_forged_sockets(&mut maps, &tags, &brokers, findings)?;
-        let of_the_scope: Vec<u32> =
-            brokers.strangers.iter().copied().filter(|tgid| of_the_scope(&maps.scoped, mount, scope, *tgid)).collect();
+        let of_the_scope: Vec<u32> = brokers
+            .strangers
+            .iter()
+            .copied()
+            .filter(|tgid| processes::of_the_scope(&maps.scoped, mount, scope, *tgid))
+            .collect();
         kill_strangers(&mut maps, &brokers.strangers, &of_the_scope, findings)
     }
 
     /// The entries of `SEB_BROKER_PROCESSES`: this process's, the live brokers beside it
     /// (in its cgroup), and strangers.
-    fn classify_brokers(&self, maps: &Maps, mount: &Path) -> Result<Brokers> {
+    fn classify_brokers(&self, maps: &Maps, mount: &Path, agent_cgroup: Option<&Path>) -> Result<Brokers> {
         let processes: Vec<(u32, u64)> = maps
             .processes
             .iter()
@@ -305,7 +321,13 @@ impl BrokerSockets {
                 continue;
             }
             if beside_me.is_none() {
-                beside_me = Some(cgroupfs::own_cgroup_dir(mount).and_then(|dir| cgroupfs::processes_in(&dir))?);
+                // Found by the id the kernel named (inside a cgroup namespace, this
+                // process's own /proc entry names its cgroup relative to the namespace).
+                let dir = match agent_cgroup {
+                    Some(dir) => dir.to_path_buf(),
+                    None => cgroupfs::own_cgroup_dir(mount)?,
+                };
+                beside_me = Some(cgroupfs::processes_in(&dir)?);
             }
             if beside_me.as_ref().is_some_and(|procs| procs.contains(&tgid)) {
                 brokers.live.insert(tgid, generation);
@@ -355,7 +377,7 @@ impl BrokerSockets {
             format!(
                 "{} sockets registered by no broker, claimed for {}; cut and removed",
                 forged.len(),
-                describe_processes(&owners)
+                processes::describe(&owners)
             ),
         ));
         maps.cut_pending.set(0, 1, 0).context("marking cuts pending")?;
@@ -445,7 +467,7 @@ fn kill_strangers(maps: &mut Maps, strangers: &[u32], of_the_scope: &[u32], find
         return Ok(());
     }
     // Described before they are killed, while /proc still shows them.
-    let described = describe_processes(strangers);
+    let described = processes::describe(strangers);
     let killed = of_the_scope.iter().filter(|tgid| kill_holder(&maps.processes, **tgid)).count();
     findings.push(Finding::registration(
         map_names::BROKER_PROCESSES,
@@ -465,66 +487,10 @@ fn kill_strangers(maps: &mut Maps, strangers: &[u32], of_the_scope: &[u32], find
     Ok(())
 }
 
-/// Whether `tgid` is a process of the scope: followed by the kernel, or (should root have
-/// deleted its entry) in an enforced cgroup outside the exempt ones.
-fn of_the_scope(scoped: &HashMap<MapData, u32, u64>, mount: &Path, scope: &AttachTargets, tgid: u32) -> bool {
-    if scoped.get(&tgid, 0).is_ok() {
-        return true;
-    }
-    let Ok(cgroup) = cgroupfs::cgroup_of(&tgid.to_string()) else { return false };
-    let dir = cgroupfs::resolve(mount, &cgroup);
-    scope.scopes.iter().any(|enforced| dir.starts_with(enforced))
-        && !scope.exempt.iter().any(|exempt| dir.starts_with(exempt))
-}
-
-/// SIGKILL the process `tgid` while it still holds its entry in the broker processes: it
-/// is pinned by a pidfd first, so a PID reused after it exited (the exit tracepoint
-/// removes its entry) is never hit. Whether it was killed.
+/// SIGKILL the process `tgid` while it still holds its entry in the broker processes (the
+/// exit tracepoint removes a dead process's entry). Whether it was killed.
 fn kill_holder(processes: &HashMap<MapData, u32, u64>, tgid: u32) -> bool {
-    // SAFETY: pidfd_open takes a pid and flags; the result is checked.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, tgid, 0) };
-    if fd < 0 {
-        return false;
-    }
-    // SAFETY: a new descriptor this function owns.
-    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-    if processes.get(&tgid, 0).is_err() {
-        return false;
-    }
-    // SAFETY: a valid pidfd, no siginfo.
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        ) == 0
-    }
-}
-
-/// At most this many processes are named in a finding; the rest are counted.
-const NAMED_PROCESSES: usize = 4;
-
-/// Who the processes are, for the tamper record: tgid, executable and cgroup, while they
-/// run.
-fn describe_processes(tgids: &[u32]) -> String {
-    let mut named: Vec<String> = tgids
-        .iter()
-        .take(NAMED_PROCESSES)
-        .map(|tgid| {
-            let exe = std::fs::read_link(format!("/proc/{tgid}/exe"));
-            let cgroup = cgroupfs::cgroup_of(&tgid.to_string()).unwrap_or_else(|_| "unknown".into());
-            match exe {
-                Ok(exe) => format!("tgid {tgid} ({}, cgroup {cgroup})", exe.display()),
-                Err(_) => format!("tgid {tgid} (not running)"),
-            }
-        })
-        .collect();
-    if tgids.len() > NAMED_PROCESSES {
-        named.push(format!("and {} more", tgids.len() - NAMED_PROCESSES));
-    }
-    named.join(", ")
+    processes::kill_pinned(tgid, || processes.get(&tgid, 0).is_ok())
 }
 
 /// `SO_COOKIE`: the kernel's unique, never-reused id of a socket.

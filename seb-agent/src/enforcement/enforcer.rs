@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use super::{
     BrokerSockets, LinkState, PinLayout,
+    agent_cgroup::AgentEntry,
     integrity::{self, Finding, Integrity},
     kernel_btf,
     loader::{self, AttachTargets},
@@ -138,9 +139,10 @@ pub struct Enforcer {
     links: Vec<LinkState>,
     applied: Option<Desired>,
     kernel_layout: [u32; seb_common::layout::LEN as usize],
-    /// This process, as `SEB_AGENT` must name it, and its cgroup once the kernel named it.
-    agent: u32,
-    agent_cgroup: Option<u64>,
+    agent: AgentEntry,
+    /// Found outside a check (processes expelled from the agent's cgroup at start), for
+    /// the next check to report.
+    pending_findings: Vec<Finding>,
     /// The highest `SEB_UNFOLLOWED_SEEN` level seen: the kernel never lowers it.
     unfollowed_seen: u32,
     /// Processes marked by the last walk of the scope (and when), still running when it
@@ -154,8 +156,8 @@ impl Enforcer {
         let kernel_layout = kernel_btf::kernel_layout()?;
         let mut ebpf = loader::load(&layout, max_scoped_processes)?;
         maps::write_kernel_layout(&mut ebpf, &kernel_layout)?;
-        let agent = std::process::id();
-        maps::write_agent(&mut ebpf, agent, None).context("entering this process as the agent")?;
+        let agent = AgentEntry::this_process();
+        maps::write_agent(&mut ebpf, agent.tgid, None).context("entering this process as the agent")?;
         let unfollowed_seen = maps::read_unfollowed_seen(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -165,7 +167,7 @@ impl Enforcer {
             applied: None,
             kernel_layout,
             agent,
-            agent_cgroup: None,
+            pending_findings: Vec::new(),
             unfollowed_seen,
             unsettled: (Instant::now(), Vec::new()),
         })
@@ -194,13 +196,9 @@ impl Enforcer {
             desired.targets.scopes.iter().map(|dir| cgroupfs::cgroup_id(dir)).collect::<Result<Vec<_>>>()?;
         maps::write_scope(&mut self.ebpf, &scope_ids, desired.keep_previous)?;
         maps::write_kernel_layout(&mut self.ebpf, &self.kernel_layout)?;
-        maps::write_agent(&mut self.ebpf, self.agent, self.agent_cgroup)?;
+        maps::write_agent(&mut self.ebpf, self.agent.tgid, self.agent.cgroup)?;
         self.links = loader::attach_all(&mut self.ebpf, &self.layout, &desired.targets, desired.keep_previous)?;
-        if self.agent_cgroup.is_none() {
-            // With `seb_bpf_call` attached, the kernel names this process's cgroup at its
-            // next `bpf()` call: this read's. Kept from now on, and compared.
-            self.agent_cgroup = Some(maps::read_agent(&mut self.ebpf)?.1).filter(|cgroup| *cgroup != 0);
-        }
+        self.pending_findings.extend(self.agent.learn_cgroup(&mut self.ebpf, &self.mount, &desired.targets)?);
         // After the fork, exec and migration hooks are attached, so no process slips
         // between this walk and them.
         let scoped = scope_walk::scoped_processes(&desired.targets.scopes, &desired.targets.exempt);
@@ -231,16 +229,14 @@ impl Enforcer {
                 warn!(error = %format!("{e:#}"), "settling the marks of processes that left the scope's walk");
             }
         }
-        match &self.applied {
-            Some(desired) => {
-                let mut findings = integrity::check(&mut self.ebpf, &self.links, desired);
-                findings.extend(integrity::check_kernel_layout(&mut self.ebpf, &self.kernel_layout));
-                findings.extend(integrity::check_agent(&mut self.ebpf, self.agent, &mut self.agent_cgroup));
-                findings.extend(integrity::check_unfollowed_seen(&mut self.ebpf, &mut self.unfollowed_seen));
-                findings
-            }
-            None => Vec::new(),
+        let mut findings = std::mem::take(&mut self.pending_findings);
+        if let Some(desired) = &self.applied {
+            findings.extend(integrity::check(&mut self.ebpf, &self.links, desired));
+            findings.extend(integrity::check_kernel_layout(&mut self.ebpf, &self.kernel_layout));
+            findings.extend(integrity::check_agent(&mut self.ebpf, &mut self.agent, &self.mount, &desired.targets));
+            findings.extend(integrity::check_unfollowed_seen(&mut self.ebpf, &mut self.unfollowed_seen));
         }
+        findings
     }
 
     /// Write and attach everything again, whatever was applied before.
@@ -283,7 +279,8 @@ impl SharedEnforcer {
         let repaired = if findings.is_empty() { Ok(()) } else { enforcer.reapply(sources) };
         let nothing_applied = AttachTargets::default();
         let scope = enforcer.applied.as_ref().map_or(&nothing_applied, |desired| &desired.targets);
-        let (registrations, registrations_held) = sockets.check_registrations(&enforcer.mount, scope);
+        let (registrations, registrations_held) =
+            sockets.check_registrations(&enforcer.mount, scope, enforcer.agent.dir.as_deref());
         findings.extend(registrations);
         let mut repaired = repaired.and(registrations_held);
         if findings.iter().any(|finding| finding.kind == "program") {

@@ -9,7 +9,7 @@
 //! finding: the caller records it, reports not ready, and repairs by writing and
 //! attaching everything again.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, path::Path};
 
 use aya::{
     Ebpf, Pod,
@@ -20,8 +20,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     LinkState,
+    agent_cgroup::AgentEntry,
     enforcer::Desired,
-    loader,
+    loader::{self, AttachTargets},
     local::LocalProtection,
     policy::{TrieEntry, TrieKey, rules_key, weakens},
     tap_devices::TapMajors,
@@ -30,7 +31,8 @@ use super::{
 /// One way the kernel differs from what the agent installed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finding {
-    /// `link`, `map`, `program`, `registration` or `apply`: a bounded label for metrics.
+    /// `link`, `map`, `program`, `registration`, `process` or `apply`: a bounded label for
+    /// metrics.
     pub kind: String,
     /// The link's pin, or the map's name.
     pub object: String,
@@ -47,6 +49,10 @@ impl Finding {
     /// What the agent means to enforce could not be written to the kernel.
     pub(super) fn not_applied(error: &anyhow::Error) -> Self {
         Self { kind: "apply".into(), object: "enforcement".into(), problem: format!("{error:#}") }
+    }
+    /// Processes the agent killed for where they were (`object`: that cgroup).
+    pub(super) fn process(object: &str, problem: impl Into<String>) -> Self {
+        Self { kind: "process".into(), object: object.into(), problem: problem.into() }
     }
     /// A broker process or socket registration the agent did not make.
     pub(super) fn registration(name: &str, problem: impl Into<String>) -> Self {
@@ -198,25 +204,27 @@ pub fn check_kernel_layout(ebpf: &mut Ebpf, wanted: &[u32]) -> Option<Finding> {
 }
 
 /// `SEB_AGENT` names this process and, once the kernel wrote it at the agent's first
-/// call, its cgroup (`known`, learned then and kept): changed, the kernel would spare
-/// another process's or cgroup's `bpf()` calls.
-pub fn check_agent(ebpf: &mut Ebpf, agent: u32, known: &mut Option<u64>) -> Option<Finding> {
+/// call, its cgroup (learnt then and kept): changed, the kernel would spare another
+/// process's or cgroup's `bpf()` calls.
+pub fn check_agent(ebpf: &mut Ebpf, agent: &mut AgentEntry, mount: &Path, scope: &AttachTargets) -> Vec<Finding> {
     let name = map_names::AGENT;
+    // Named by the kernel at the agent's first `bpf()` call after its links: learnt at
+    // apply, or here should that read have come first.
+    let mut findings = match agent.learn_cgroup(ebpf, mount, scope) {
+        Ok(found) => found.into_iter().collect(),
+        Err(e) => vec![Finding::map(name, format!("cannot be read: {e:#}"))],
+    };
     let (tgid, cgroup) = match super::maps::read_agent(ebpf) {
         Ok(entry) => entry,
-        Err(e) => return Some(Finding::map(name, format!("cannot be read: {e:#}"))),
+        Err(e) => return vec![Finding::map(name, format!("cannot be read: {e:#}"))],
     };
-    if tgid != u64::from(agent) {
-        return Some(Finding::map(name, format!("names tgid {tgid}, not this agent (tgid {agent})")));
+    if tgid != u64::from(agent.tgid) {
+        findings.push(Finding::map(name, format!("names tgid {tgid}, not this agent (tgid {})", agent.tgid)));
     }
-    match *known {
-        None if cgroup != 0 => *known = Some(cgroup),
-        Some(first) if cgroup != first => {
-            return Some(Finding::map(name, format!("names cgroup {cgroup}, not this agent's ({first})")));
-        }
-        _ => {}
+    if let Some(first) = agent.cgroup.filter(|first| cgroup != *first) {
+        findings.push(Finding::map(name, format!("names cgroup {cgroup}, not this agent's ({first})")));
     }
-    None
+    findings
 }
 
 /// `SEB_UNFOLLOWED_SEEN` only ever rises in the kernel: lowered, it would let processes

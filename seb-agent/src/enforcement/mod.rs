@@ -1,5 +1,6 @@
 //! The kernel enforcement layer, user side: programs, maps and broker registrations.
 
+mod agent_cgroup;
 pub mod broker_sockets;
 pub mod compat_syscalls;
 mod device_link;
@@ -12,6 +13,7 @@ pub mod loader;
 pub mod local;
 pub mod maps;
 pub mod policy;
+mod processes;
 mod scope_walk;
 mod tap_devices;
 

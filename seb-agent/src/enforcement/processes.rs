@@ -1,0 +1,128 @@
+//! Processes the agent acts on by itself (forged brokers, entrants of its own cgroup):
+//! whether one is of the scope, killing one without hitting a later holder of its PID,
+//! and naming them in a finding.
+
+use std::{
+    borrow::Borrow,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::Path,
+};
+
+use aya::maps::{HashMap, MapData};
+
+use super::loader::AttachTargets;
+use crate::cgroupfs;
+
+/// Whether `tgid` is a process of the scope: followed by the kernel, or (should root have
+/// deleted its entry) in an enforced cgroup outside the exempt ones.
+pub fn of_the_scope<T: Borrow<MapData>>(
+    scoped: &HashMap<T, u32, u64>,
+    mount: &Path,
+    scope: &AttachTargets,
+    tgid: u32,
+) -> bool {
+    if scoped.get(&tgid, 0).is_ok() {
+        return true;
+    }
+    let Ok(cgroup) = cgroupfs::cgroup_of(&tgid.to_string()) else { return false };
+    in_scope(scope, &cgroupfs::resolve(mount, &cgroup))
+}
+
+/// Whether the cgroup directory `dir` is enforced: under a scope, not under an exemption.
+pub fn in_scope(scope: &AttachTargets, dir: &Path) -> bool {
+    scope.scopes.iter().any(|enforced| dir.starts_with(enforced))
+        && !scope.exempt.iter().any(|exempt| dir.starts_with(exempt))
+}
+
+/// SIGKILL the process `tgid` if `still` holds once it is pinned by a pidfd: `still`
+/// checks what made it a target, so a PID reused after the target exited is never hit
+/// (the signal goes to the pinned process, which is either the one checked or gone).
+/// Whether it was killed.
+pub fn kill_pinned(tgid: u32, still: impl FnOnce() -> bool) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, tgid, 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: a new descriptor this function owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    if !still() {
+        return false;
+    }
+    // SAFETY: a valid pidfd, no siginfo.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        ) == 0
+    }
+}
+
+/// The processes that started this one (parent, grandparent, ... up to the PID
+/// namespace's first), as far as /proc shows them.
+pub fn ancestors_of_this_process() -> Vec<u32> {
+    let mut found: Vec<u32> = Vec::new();
+    let mut pid = std::process::id();
+    while let Some(parent) = parent_of(pid).filter(|parent| *parent != 0 && !found.contains(parent)) {
+        found.push(parent);
+        pid = parent;
+    }
+    found
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parent_in_stat(&stat)
+}
+
+/// `ppid`, the fourth field of /proc/<pid>/stat.
+fn parent_in_stat(stat: &str) -> Option<u32> {
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let mut fields = stat.get(stat.rfind(')')? + 2..)?.split(' ');
+    fields.nth(1)?.parse().ok()
+}
+
+/// At most this many processes are named in a finding; the rest are counted.
+const NAMED_PROCESSES: usize = 4;
+
+/// Who the processes are, for a tamper record: tgid, executable and cgroup, while they
+/// run.
+pub fn describe(tgids: &[u32]) -> String {
+    let mut named: Vec<String> = tgids
+        .iter()
+        .take(NAMED_PROCESSES)
+        .map(|tgid| {
+            let exe = std::fs::read_link(format!("/proc/{tgid}/exe"));
+            let cgroup = cgroupfs::cgroup_of(&tgid.to_string()).unwrap_or_else(|_| "unknown".into());
+            match exe {
+                Ok(exe) => format!("tgid {tgid} ({}, cgroup {cgroup})", exe.display()),
+                Err(_) => format!("tgid {tgid} (not running)"),
+            }
+        })
+        .collect();
+    if tgids.len() > NAMED_PROCESSES {
+        named.push(format!("and {} more", tgids.len() - NAMED_PROCESSES));
+    }
+    named.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parent_is_read_past_a_command_name_with_spaces_and_parentheses() {
+        assert_eq!(parent_in_stat("42 (a) b) (c) S 7 42 42 0 -1"), Some(7));
+        assert_eq!(parent_in_stat("42 (x"), None);
+    }
+
+    #[test]
+    fn this_process_descends_from_its_parent() {
+        let ancestors = ancestors_of_this_process();
+        assert_eq!(ancestors.first(), Some(&std::os::unix::process::parent_id()));
+        assert!(!ancestors.contains(&std::process::id()));
+    }
+}
