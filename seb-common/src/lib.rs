@@ -32,8 +32,14 @@ pub mod map_names {
 /// in its cgroup) are its own business. Zero while no agent runs.
 pub mod agent_slots {
     pub const TGID: u32 = 0;
+    /// The agent's cgroup id, named by the kernel at the agent's first `bpf()` call with
+    /// [`UNARMED`] set: moves into it are judged from then on, but its processes are
+    /// spared only once the agent, having killed those that got there before it, clears
+    /// the bit.
     pub const CGROUP: u32 = 1;
     pub const LEN: u32 = 2;
+    /// Set in the cgroup slot until the agent arms it (cgroup ids never reach bit 63).
+    pub const UNARMED: u64 = 1 << 63;
 }
 
 /// Values of `SEB_UNFOLLOWED_SEEN`: where the processes of the scope are tracked.

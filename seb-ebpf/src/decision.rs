@@ -252,11 +252,15 @@ pub fn judge_bpf_call() {
         // container (a cgroup namespace) the agent cannot name it. Only while unnamed:
         // moved elsewhere by another, the agent must not take that cgroup's processes
         // with it into the spared set (its check keeps the first value).
+        // Named unarmed: processes already there are spared only once the agent has
+        // killed those that entered while no agent ran, and armed it.
         if AGENT.get(cgroup_slot).copied().unwrap_or(0) == 0 {
-            let _ = AGENT.set(cgroup_slot, &cgroup_id, 0);
+            let unarmed = cgroup_id | agent_slots::UNARMED;
+            let _ = AGENT.set(cgroup_slot, &unarmed, 0);
         }
         return;
     }
+    // Unarmed, it matches no cgroup.
     let agent_cgroup = AGENT.get(cgroup_slot).copied().unwrap_or(0);
     // One moved into the agent's cgroup by a process of the scope is doomed, not spared;
     // so is one the kernel could not follow (it may have left the scope unjudged).
@@ -273,16 +277,17 @@ pub fn judge_bpf_call() {
     kill_judged_caller(Hook::Bpf);
 }
 
-/// The running agent's cgroup; none while no agent runs, or before its first `bpf()`
-/// call named its cgroup.
+/// Whether `cgroup_id` is the running agent's cgroup, armed or not; never while no agent
+/// runs, or before its first `bpf()` call named its cgroup.
 #[inline(always)]
-pub fn running_agent_cgroup() -> Option<u64> {
+pub fn is_running_agent_cgroup(cgroup_id: u64) -> bool {
     // Slot keys on the stack: a reference to a constant would be read from `.rodata`.
     let (tgid_slot, cgroup_slot) = (agent_slots::TGID, agent_slots::CGROUP);
     if AGENT.get(tgid_slot).copied().unwrap_or(0) == 0 {
-        return None;
+        return false;
     }
-    AGENT.get(cgroup_slot).copied().filter(|cgroup| *cgroup != 0)
+    let named = AGENT.get(cgroup_slot).copied().unwrap_or(0) & !agent_slots::UNARMED;
+    named != 0 && named == cgroup_id
 }
 
 /// Whether the calling process is a live broker (the agent is one): spared where the

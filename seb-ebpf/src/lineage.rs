@@ -114,6 +114,13 @@ pub fn on_fork(ctx: &RawTracePointContext) -> i32 {
     if child_tgid == parent {
         return 0;
     }
+    // A doomed process's children are doomed with it: forked before its first watched
+    // call, a child would otherwise go on unjudged (spared at `bpf()` in the agent's
+    // cgroup it was moved into, say).
+    // SAFETY: the value is only read.
+    if let Some(doomed) = unsafe { DOOMED_TASKS.get(&parent) }.copied() {
+        doom(child_tgid, doomed);
+    }
     if !is_scoped(parent) && !current_in_enforced_cgroup() {
         // A parent outside the scope may still place the child inside it (clone3
         // `CLONE_INTO_CGROUP`), where no exec or move would mark it.
@@ -296,7 +303,7 @@ pub fn on_migrate(ctx: &BtfTracePointContext) -> i32 {
     // cgroup exempts nothing of it); a mover that is itself scoped is killed for it. Into
     // the agent's cgroup (exempt, or outside the scope), whoever moved it, it is doomed:
     // its `bpf()` calls would be spared there.
-    if is_scoped(moved_tgid) && decision::running_agent_cgroup() == Some(task::cgroup_id(cgroup)) {
+    if is_scoped(moved_tgid) && decision::is_running_agent_cgroup(task::cgroup_id(cgroup)) {
         // SAFETY: the value is only read.
         let scoped_in = unsafe { SCOPED_TASKS.get(&moved_tgid) }.copied().unwrap_or(0);
         doom(moved_tgid, scoped_in);
@@ -318,7 +325,7 @@ pub fn on_migrate(ctx: &BtfTracePointContext) -> i32 {
 /// puts the agent there (its container runtime) is not of the scope.
 #[inline(always)]
 fn enters_agent_cgroup(cgroup_id: u64) -> bool {
-    decision::running_agent_cgroup() == Some(cgroup_id) && !decision::current_is_live_broker()
+    decision::is_running_agent_cgroup(cgroup_id) && !decision::current_is_live_broker()
 }
 
 /// Kill the calling process for moving `moved` (itself or another scoped process) out of

@@ -228,6 +228,10 @@ enum Command {
         cgroup: PathBuf,
         #[arg(long)]
         pin_path: PathBuf,
+        /// Make the call from a child forked once moved, and report how the child ended
+        /// (`{"child_signal": n}`, null if it exited) after anything the child printed.
+        #[arg(long)]
+        in_child: bool,
         addr: SocketAddr,
     },
     /// Reach into a child process (see `access::Access`); prints `{"result": "ok"}` if
@@ -445,9 +449,27 @@ fn run(command: Command) -> Result<()> {
             unsafe { libc::syscall(libc::SYS_exit, 0) };
             unreachable!("the leader's thread has exited")
         }
-        Command::BpfAfterMovedTo { cgroup, pin_path, addr } => {
+        Command::BpfAfterMovedTo { cgroup, pin_path, in_child, addr } => {
             wait_until_moved_to(&cgroup)?;
-            print(bpf_call(&pin_path, None, None, addr)?)
+            if !in_child {
+                return print(bpf_call(&pin_path, None, None, addr)?);
+            }
+            // SAFETY: the child only makes the call, prints what came of it and exits.
+            match unsafe { nix::unistd::fork()? } {
+                nix::unistd::ForkResult::Child => {
+                    let outcome = bpf_call(&pin_path, None, None, addr).unwrap_or_else(|e| json!(format!("{e:#}")));
+                    let _ = print(outcome);
+                    // SAFETY: leave without running the parent's destructors twice.
+                    unsafe { libc::_exit(0) };
+                }
+                nix::unistd::ForkResult::Parent { child } => {
+                    let signal = match nix::sys::wait::waitpid(child, None)? {
+                        nix::sys::wait::WaitStatus::Signaled(_, signal, _) => Some(signal as i32),
+                        _ => None,
+                    };
+                    print(json!({"child": child.as_raw(), "child_signal": signal}))
+                }
+            }
         }
         Command::TunAfterMovedTo { cgroup, compat, name } => {
             wait_until_moved_to(&cgroup)?;

@@ -81,24 +81,25 @@ impl MutationRequest {
     }
 }
 
-/// Who may present the certificate. Every field given must match the caller.
+/// Who may present the certificate. Every field given must match the caller. Fields in
+/// canonical order (see [`ExecutionContract::is_in_canonical_form`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentIdentity {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uid: Option<u32>,
-    /// Absolute path of the caller's executable.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exe: Option<String>,
     /// The caller's cgroup v2 path (relative to the mount), or an ancestor of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<String>,
-    /// The Kubernetes pod UID the caller runs in.
+    /// Absolute path of the caller's executable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod_uid: Option<String>,
+    pub exe: Option<String>,
     /// The node whose broker may admit it (cluster mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The Kubernetes pod UID the caller runs in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
 }
 
 impl AgentIdentity {
@@ -111,14 +112,15 @@ impl AgentIdentity {
     }
 }
 
-/// The identity the broker mints to execute the mutation.
+/// The identity the broker mints to execute the mutation. `kind` comes first, then each
+/// variant's fields in canonical order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ScopedIdentity {
     /// STS AssumeRole with a session policy for exactly this mutation.
     AwsRole { role_arn: String },
     /// A TokenRequest token for this ServiceAccount.
-    KubernetesServiceAccount { namespace: String, name: String },
+    KubernetesServiceAccount { name: String, namespace: String },
     /// A short-lived client certificate from the broker's issuing CA.
     X509Client { subject: String },
 }
@@ -134,24 +136,24 @@ impl ScopedIdentity {
     }
 }
 
-/// The execution contract.
+/// The execution contract. Fields in canonical order (see [`Self::is_in_canonical_form`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecutionContract {
-    pub contract_id: String,
     pub agent: AgentIdentity,
-    pub provider: Provider,
-    pub operation: String,
-    pub target: String,
-    /// `sha256:<hex>` of the certified request's canonical JSON.
-    pub request_digest: String,
-    /// `sha256:<hex>` of the certified live state of the target (checked for drift).
-    pub precondition: String,
-    pub policy_epoch: u64,
-    pub revocation_epoch: u64,
+    pub contract_id: String,
     /// `sha256:<hex>` of the evidence the SAB assessed.
     pub evidence_digest: String,
     pub identity: ScopedIdentity,
+    pub operation: String,
+    pub policy_epoch: u64,
+    /// `sha256:<hex>` of the certified live state of the target (checked for drift).
+    pub precondition: String,
+    pub provider: Provider,
+    /// `sha256:<hex>` of the certified request's canonical JSON.
+    pub request_digest: String,
+    pub revocation_epoch: u64,
+    pub target: String,
 }
 
 impl ExecutionContract {
@@ -166,6 +168,17 @@ impl ExecutionContract {
     /// RFC 8785 canonical JSON: the bytes embedded in the certificate.
     pub fn canonical_json(&self) -> String {
         canonical_json(self)
+    }
+
+    /// Whether `text`, which this contract was read from, is its canonical JSON. Once
+    /// [`Self::check_numbers`] has passed, the contract holds only strings, integers in
+    /// the I-JSON range and objects whose keys are declared in canonical (UTF-16 code
+    /// unit) order; for such a value serde_json's compact output is RFC 8785's, so one
+    /// plain serialisation decides (a property test holds it to `serde_jcs`). This runs
+    /// for every admission, where `serde_jcs` (which re-parses each key) cost about 8% of
+    /// the broker's CPU.
+    pub fn is_in_canonical_form(&self, text: &str) -> bool {
+        serde_json::to_string(self).is_ok_and(|json| json == text)
     }
 
     /// Every number (uid, epochs) is an integer within the I-JSON range: the same check,
@@ -242,6 +255,99 @@ mod tests {
         numbers(&serde_json::to_value(&contract).unwrap(), "contract".into(), &mut found);
         found.sort();
         assert_eq!(found, ["contract.agent.uid", "contract.policy_epoch", "contract.revocation_epoch"]);
+    }
+
+    /// Any string: ASCII, control characters, quotes and backslashes, any Unicode scalar.
+    fn any_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![".*", "[\\x00-\\x1f\"\\\\a-z\\x7f]{0,12}", any::<String>()]
+    }
+
+    fn any_contract() -> impl proptest::strategy::Strategy<Value = ExecutionContract> {
+        use proptest::prelude::*;
+        let integer = 0..=ijson::MAX_SAFE_INTEGER;
+        let agent = (
+            proptest::option::of(any_text()),
+            proptest::option::of(any_text()),
+            proptest::option::of(any_text()),
+            proptest::option::of(any_text()),
+            proptest::option::of(any::<u32>()),
+        )
+            .prop_map(|(cgroup, exe, node, pod_uid, uid)| AgentIdentity { cgroup, exe, node, pod_uid, uid });
+        let identity = prop_oneof![
+            any_text().prop_map(|role_arn| ScopedIdentity::AwsRole { role_arn }),
+            (any_text(), any_text())
+                .prop_map(|(name, namespace)| ScopedIdentity::KubernetesServiceAccount { name, namespace }),
+            any_text().prop_map(|subject| ScopedIdentity::X509Client { subject }),
+        ];
+        let provider = prop_oneof![Just(Provider::Aws), Just(Provider::Kubernetes), Just(Provider::Http)];
+        (
+            (agent, any_text(), any_text(), identity, any_text()),
+            (integer.clone(), any_text(), provider, any_text(), integer, any_text()),
+        )
+            .prop_map(
+                |(
+                    (agent, contract_id, evidence_digest, identity, operation),
+                    (policy_epoch, precondition, provider, request_digest, revocation_epoch, target),
+                )| ExecutionContract {
+                    agent,
+                    contract_id,
+                    evidence_digest,
+                    identity,
+                    operation,
+                    policy_epoch,
+                    precondition,
+                    provider,
+                    request_digest,
+                    revocation_epoch,
+                    target,
+                },
+            )
+    }
+
+    proptest::proptest! {
+        /// The admission's canonical-form check is RFC 8785's, as `serde_jcs` writes it,
+        /// on any contract whose numbers pass the I-JSON check: its own form passes, and
+        /// that form with anything changed (a key out of order, a space, an escape
+        /// written another way) fails.
+        #[test]
+        fn the_canonical_form_check_is_rfc_8785s(contract in any_contract()) {
+            let canonical = contract.canonical_json();
+            proptest::prop_assert!(contract.is_in_canonical_form(&canonical), "{}", canonical);
+            let spaced = canonical.replacen(':', ": ", 1);
+            proptest::prop_assert!(!contract.is_in_canonical_form(&spaced));
+            let value: serde_json::Value = serde_json::from_str(&canonical).unwrap();
+            let pretty = serde_json::to_string_pretty(&value).unwrap();
+            proptest::prop_assert!(!contract.is_in_canonical_form(&pretty));
+        }
+    }
+
+    #[test]
+    fn a_contract_out_of_canonical_order_or_escaped_otherwise_is_not_canonical() {
+        let contract = ExecutionContract {
+            agent: AgentIdentity { uid: Some(7), exe: Some("/bin/é\u{1f}".into()), ..AgentIdentity::default() },
+            contract_id: "c".into(),
+            evidence_digest: "e".into(),
+            identity: ScopedIdentity::KubernetesServiceAccount { name: "n".into(), namespace: "ns".into() },
+            operation: "o".into(),
+            policy_epoch: 1,
+            precondition: "p".into(),
+            provider: Provider::Kubernetes,
+            request_digest: "r".into(),
+            revocation_epoch: 2,
+            target: "t".into(),
+        };
+        let canonical = contract.canonical_json();
+        assert!(contract.is_in_canonical_form(&canonical));
+        let swapped = canonical.replace(r#""name":"n","namespace":"ns""#, r#""namespace":"ns","name":"n""#);
+        assert_ne!(swapped, canonical);
+        assert!(!contract.is_in_canonical_form(&swapped));
+        let escaped = canonical.replace('é', "\\u00e9");
+        assert_ne!(escaped, canonical);
+        assert!(!contract.is_in_canonical_form(&escaped));
+        let upper_hex = canonical.replace("\\u001f", "\\u001F");
+        assert_ne!(upper_hex, canonical);
+        assert!(!contract.is_in_canonical_form(&upper_hex));
     }
 
     #[test]

@@ -242,7 +242,7 @@ pub fn contract_of(extensions: &[Extension<'_>]) -> Result<ExecutionContract, Re
         // Otherwise the JSON value, checked step by step, names what is wrong.
         Err(_) => contract_from_value(text)?,
     };
-    if contract.canonical_json() != text {
+    if !contract.is_in_canonical_form(text) {
         return Err(reject(Reason::MalformedContract, "the contract is not in RFC 8785 canonical form"));
     }
     if contract.agent.is_empty() {

@@ -490,7 +490,7 @@ fn kill_strangers(maps: &mut Maps, strangers: &[u32], of_the_scope: &[u32], find
 /// SIGKILL the process `tgid` while it still holds its entry in the broker processes (the
 /// exit tracepoint removes a dead process's entry). Whether it was killed.
 fn kill_holder(processes: &HashMap<MapData, u32, u64>, tgid: u32) -> bool {
-    processes::kill_pinned(tgid, || processes.get(&tgid, 0).is_ok())
+    processes::kill_pinned(tgid, || processes.get(&tgid, 0).is_ok()).is_some()
 }
 
 /// `SO_COOKIE`: the kernel's unique, never-reused id of a socket.

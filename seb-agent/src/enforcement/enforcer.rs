@@ -198,7 +198,7 @@ impl Enforcer {
         maps::write_kernel_layout(&mut self.ebpf, &self.kernel_layout)?;
         maps::write_agent(&mut self.ebpf, self.agent.tgid, self.agent.cgroup)?;
         self.links = loader::attach_all(&mut self.ebpf, &self.layout, &desired.targets, desired.keep_previous)?;
-        self.pending_findings.extend(self.agent.learn_cgroup(&mut self.ebpf, &self.mount, &desired.targets)?);
+        self.pending_findings.extend(self.agent.learn_cgroup(&mut self.ebpf, &self.mount));
         // After the fork, exec and migration hooks are attached, so no process slips
         // between this walk and them.
         let scoped = scope_walk::scoped_processes(&desired.targets.scopes, &desired.targets.exempt);
@@ -233,7 +233,7 @@ impl Enforcer {
         if let Some(desired) = &self.applied {
             findings.extend(integrity::check(&mut self.ebpf, &self.links, desired));
             findings.extend(integrity::check_kernel_layout(&mut self.ebpf, &self.kernel_layout));
-            findings.extend(integrity::check_agent(&mut self.ebpf, &mut self.agent, &self.mount, &desired.targets));
+            findings.extend(integrity::check_agent(&mut self.ebpf, &mut self.agent, &self.mount));
             findings.extend(integrity::check_unfollowed_seen(&mut self.ebpf, &mut self.unfollowed_seen));
         }
         findings

@@ -22,7 +22,7 @@ use super::{
     LinkState,
     agent_cgroup::AgentEntry,
     enforcer::Desired,
-    loader::{self, AttachTargets},
+    loader,
     local::LocalProtection,
     policy::{TrieEntry, TrieKey, rules_key, weakens},
     tap_devices::TapMajors,
@@ -203,17 +203,14 @@ pub fn check_kernel_layout(ebpf: &mut Ebpf, wanted: &[u32]) -> Option<Finding> {
     }
 }
 
-/// `SEB_AGENT` names this process and, once the kernel wrote it at the agent's first
-/// call, its cgroup (learnt then and kept): changed, the kernel would spare another
-/// process's or cgroup's `bpf()` calls.
-pub fn check_agent(ebpf: &mut Ebpf, agent: &mut AgentEntry, mount: &Path, scope: &AttachTargets) -> Vec<Finding> {
+/// `SEB_AGENT` names this process and, once the agent armed it, its cgroup (learnt
+/// then and kept): changed, the kernel would spare another process's or cgroup's
+/// `bpf()` calls.
+pub fn check_agent(ebpf: &mut Ebpf, agent: &mut AgentEntry, mount: &Path) -> Vec<Finding> {
     let name = map_names::AGENT;
-    // Named by the kernel at the agent's first `bpf()` call after its links: learnt at
-    // apply, or here should that read have come first.
-    let mut findings = match agent.learn_cgroup(ebpf, mount, scope) {
-        Ok(found) => found.into_iter().collect(),
-        Err(e) => vec![Finding::map(name, format!("cannot be read: {e:#}"))],
-    };
+    // Named by the kernel at the agent's first `bpf()` call after its links: armed at
+    // apply, or here should that have failed or come first.
+    let mut findings: Vec<Finding> = agent.learn_cgroup(ebpf, mount).into_iter().collect();
     let (tgid, cgroup) = match super::maps::read_agent(ebpf) {
         Ok(entry) => entry,
         Err(e) => return vec![Finding::map(name, format!("cannot be read: {e:#}"))],
@@ -221,8 +218,8 @@ pub fn check_agent(ebpf: &mut Ebpf, agent: &mut AgentEntry, mount: &Path, scope:
     if tgid != u64::from(agent.tgid) {
         findings.push(Finding::map(name, format!("names tgid {tgid}, not this agent (tgid {})", agent.tgid)));
     }
-    if let Some(first) = agent.cgroup.filter(|first| cgroup != *first) {
-        findings.push(Finding::map(name, format!("names cgroup {cgroup}, not this agent's ({first})")));
+    if let Some(armed) = agent.cgroup.filter(|armed| cgroup != *armed) {
+        findings.push(Finding::map(name, format!("names cgroup {cgroup:#x}, not this agent's ({armed:#x}, armed)")));
     }
     findings
 }

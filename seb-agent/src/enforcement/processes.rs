@@ -25,11 +25,7 @@ pub fn of_the_scope<T: Borrow<MapData>>(
         return true;
     }
     let Ok(cgroup) = cgroupfs::cgroup_of(&tgid.to_string()) else { return false };
-    in_scope(scope, &cgroupfs::resolve(mount, &cgroup))
-}
-
-/// Whether the cgroup directory `dir` is enforced: under a scope, not under an exemption.
-pub fn in_scope(scope: &AttachTargets, dir: &Path) -> bool {
+    let dir = cgroupfs::resolve(mount, &cgroup);
     scope.scopes.iter().any(|enforced| dir.starts_with(enforced))
         && !scope.exempt.iter().any(|exempt| dir.starts_with(exempt))
 }
@@ -37,20 +33,20 @@ pub fn in_scope(scope: &AttachTargets, dir: &Path) -> bool {
 /// SIGKILL the process `tgid` if `still` holds once it is pinned by a pidfd: `still`
 /// checks what made it a target, so a PID reused after the target exited is never hit
 /// (the signal goes to the pinned process, which is either the one checked or gone).
-/// Whether it was killed.
-pub fn kill_pinned(tgid: u32, still: impl FnOnce() -> bool) -> bool {
+/// The pidfd of the killed process, which becomes readable once it has exited.
+pub fn kill_pinned(tgid: u32, still: impl FnOnce() -> bool) -> Option<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags; the result is checked.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, tgid, 0) };
     if fd < 0 {
-        return false;
+        return None;
     }
     // SAFETY: a new descriptor this function owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     if !still() {
-        return false;
+        return None;
     }
     // SAFETY: a valid pidfd, no siginfo.
-    unsafe {
+    let sent = unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
             pidfd.as_raw_fd(),
@@ -58,8 +54,37 @@ pub fn kill_pinned(tgid: u32, still: impl FnOnce() -> bool) -> bool {
             std::ptr::null::<libc::siginfo_t>(),
             0,
         ) == 0
+    };
+    sent.then_some(pidfd)
+}
+
+/// Wait until every process behind `pidfds` has exited, for at most `limit`.
+pub fn wait_exited(pidfds: &[OwnedFd], limit: std::time::Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    for pidfd in pidfds {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut poll = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd; the result is not needed (a timeout ends the wait).
+        unsafe { libc::poll(&mut poll, 1, left.as_millis().min(i32::MAX as u128) as i32) };
     }
 }
+
+/// Whether process `tgid` descends from process `ancestor`, as far as /proc shows.
+pub fn descends_from(tgid: u32, ancestor: u32) -> bool {
+    let mut pid = tgid;
+    for _ in 0..MAX_GENERATIONS {
+        match parent_of(pid) {
+            Some(parent) if parent == ancestor => return true,
+            Some(parent) if parent > 1 => pid = parent,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// How far a process's ancestry is followed (a PID namespace's processes are rarely
+/// more than a few generations deep).
+const MAX_GENERATIONS: usize = 64;
 
 /// The processes that started this one (parent, grandparent, ... up to the PID
 /// namespace's first), as far as /proc shows them.
@@ -69,6 +94,9 @@ pub fn ancestors_of_this_process() -> Vec<u32> {
     while let Some(parent) = parent_of(pid).filter(|parent| *parent != 0 && !found.contains(parent)) {
         found.push(parent);
         pid = parent;
+        if found.len() == MAX_GENERATIONS {
+            break;
+        }
     }
     found
 }
@@ -120,9 +148,16 @@ mod tests {
     }
 
     #[test]
-    fn this_process_descends_from_its_parent() {
+    fn this_process_descends_from_its_parent_and_its_child_from_it() {
         let ancestors = ancestors_of_this_process();
         assert_eq!(ancestors.first(), Some(&std::os::unix::process::parent_id()));
         assert!(!ancestors.contains(&std::process::id()));
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        assert!(descends_from(child.id(), std::process::id()));
+        assert!(descends_from(child.id(), std::os::unix::process::parent_id()));
+        assert!(!descends_from(std::process::id(), child.id()));
+        let pidfd = kill_pinned(child.id(), || true).expect("killed");
+        wait_exited(&[pidfd], std::time::Duration::from_secs(5));
+        assert!(child.try_wait().unwrap().is_some(), "the pidfd was readable before the child exited");
     }
 }
