@@ -76,11 +76,6 @@ pub fn unified_cgroup(mut file: std::fs::File) -> Option<String> {
     None
 }
 
-/// This process's cgroup v2 directory.
-pub fn own_cgroup_dir(mount: &Path) -> Result<PathBuf> {
-    Ok(resolve(mount, &cgroup_of("self")?))
-}
-
 /// The cgroup id of a cgroup2 directory.
 pub fn cgroup_id(dir: &Path) -> Result<u64> {
     let meta = fs::metadata(dir).with_context(|| format!("cgroup {} does not exist", dir.display()))?;

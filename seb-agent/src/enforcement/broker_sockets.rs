@@ -260,7 +260,8 @@ impl BrokerSockets {
     /// registered for it, under another generation, or under this process without its
     /// knowledge is cut (an open connection sends nothing more) and removed. Returns what
     /// was found, and whether the repair succeeded.
-    /// `agent_cgroup` is this process's cgroup directory, when the kernel has named it.
+    /// `agent_cgroup` is this process's cgroup directory, once the kernel named it and
+    /// the agent armed it.
     pub fn check_registrations(
         &self,
         mount: &Path,
@@ -281,7 +282,7 @@ impl BrokerSockets {
     ) -> Result<()> {
         let mut maps = self.lock()?;
         let tags = self.tags.lock().map_err(|_| anyhow!("broker socket tags poisoned"))?;
-        let brokers = self.classify_brokers(&maps, mount, agent_cgroup)?;
+        let brokers = self.classify_brokers(&maps, agent_cgroup)?;
         if brokers.own_entry != Some(self.generation) {
             let what = if brokers.own_entry.is_some() { "holds another generation" } else { "was removed" };
             findings.push(Finding::registration(
@@ -306,7 +307,7 @@ impl BrokerSockets {
 
     /// The entries of `SEB_BROKER_PROCESSES`: this process's, the live brokers beside it
     /// (in its cgroup), and strangers.
-    fn classify_brokers(&self, maps: &Maps, mount: &Path, agent_cgroup: Option<&Path>) -> Result<Brokers> {
+    fn classify_brokers(&self, maps: &Maps, agent_cgroup: Option<&Path>) -> Result<Brokers> {
         let processes: Vec<(u32, u64)> = maps
             .processes
             .iter()
@@ -321,13 +322,14 @@ impl BrokerSockets {
                 continue;
             }
             if beside_me.is_none() {
-                // Found by the id the kernel named (inside a cgroup namespace, this
-                // process's own /proc entry names its cgroup relative to the namespace).
-                let dir = match agent_cgroup {
-                    Some(dir) => dir.to_path_buf(),
-                    None => cgroupfs::own_cgroup_dir(mount)?,
-                };
-                beside_me = Some(cgroupfs::processes_in(&dir)?);
+                // The cgroup the kernel named and the agent armed (inside a cgroup
+                // namespace, this process's own /proc entry names its cgroup relative to
+                // the namespace). Not armed yet, it holds no live broker: the kernel
+                // spares nothing there either.
+                beside_me = Some(match agent_cgroup {
+                    Some(dir) => cgroupfs::processes_in(dir)?,
+                    None => Vec::new(),
+                });
             }
             if beside_me.as_ref().is_some_and(|procs| procs.contains(&tgid)) {
                 brokers.live.insert(tgid, generation);
