@@ -254,18 +254,22 @@ pub fn judge_bpf_call() {
         // with it into the spared set (its check keeps the first value).
         // Named unarmed: processes already there are spared only once the agent has
         // killed those that entered while no agent ran, and armed it.
-        if AGENT.get(cgroup_slot).copied().unwrap_or(0) == 0 {
+        // An empty slot, or the bare bit the agent writes at start (so that an older
+        // program, which names only an empty slot, names nothing).
+        let slot = AGENT.get(cgroup_slot).copied().unwrap_or(0);
+        if slot == 0 || slot == agent_slots::UNARMED {
             let unarmed = cgroup_id | agent_slots::UNARMED;
             let _ = AGENT.set(cgroup_slot, &unarmed, 0);
         }
         return;
     }
-    // Unarmed, it matches no cgroup.
+    // Unarmed, it matches no cgroup; once a doom was lost, the cgroup spares nobody.
     let agent_cgroup = AGENT.get(cgroup_slot).copied().unwrap_or(0);
+    let in_agent_cgroup = cgroup_id == agent_cgroup && lineage::all_dooms_held();
     // One moved into the agent's cgroup by a process of the scope is doomed, not spared;
     // so is one the kernel could not follow (it may have left the scope unjudged).
     let doomed = lineage::is_doomed(tgid);
-    if (cgroup_id == agent_cgroup || current_is_live_broker()) && !doomed {
+    if (in_agent_cgroup || current_is_live_broker()) && !doomed {
         return;
     }
     if doomed {

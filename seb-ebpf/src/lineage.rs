@@ -119,7 +119,8 @@ pub fn on_fork(ctx: &RawTracePointContext) -> i32 {
     // cgroup it was moved into, say).
     // SAFETY: the value is only read.
     if let Some(doomed) = unsafe { DOOMED_TASKS.get(&parent) }.copied() {
-        doom(child_tgid, doomed);
+        // The child's own record names the cgroup, not why its parent was doomed.
+        doom(child_tgid, doomed & !(UNFOLLOWED | SHARES_DESCRIPTORS));
     }
     if !is_scoped(parent) && !current_in_enforced_cgroup() {
         // A parent outside the scope may still place the child inside it (clone3
@@ -191,9 +192,21 @@ fn cgroup_is_enforced(cgroup: u64) -> bool {
 }
 
 /// Kill `tgid` at its first `socket()` or io_uring call: it cannot be signalled from here.
+/// A doom the full table refuses is lost: from then on every process in an enforced
+/// cgroup is judged, and the agent's cgroup spares nobody at `bpf()` (see
+/// [`all_dooms_held`]).
 #[inline(always)]
 fn doom(tgid: u32, scoped_in: u64) {
-    let _ = DOOMED_TASKS.insert(&tgid, &scoped_in, 0);
+    if DOOMED_TASKS.insert(&tgid, &scoped_in, 0).is_err() {
+        note_unfollowed(unfollowed::SOME_UNMARKED);
+    }
+}
+
+/// No process the kernel meant to follow or doom was lost (`SEB_UNFOLLOWED_SEEN` below
+/// `SOME_UNMARKED`).
+#[inline(always)]
+pub fn all_dooms_held() -> bool {
+    UNFOLLOWED_SEEN.get(0).copied().unwrap_or(unfollowed::SOME_UNMARKED) < unfollowed::SOME_UNMARKED
 }
 
 /// Whether `tgid` was doomed (killed at its next watched call).

@@ -4,11 +4,10 @@
 //! broker registrations (the integrity check keeps the agent's peers). While an agent
 //! runs, a process of the scope entering it is killed at the move. One put there while
 //! no agent ran (between a crash and the restart) must not be spared from the moment
-//! this agent is named: so the kernel names the cgroup *unarmed* (moves into it judged,
-//! nothing there spared), the agent kills every process there but itself, those that
-//! started it (a supervisor) and those it started, and only then arms the name. Whether
-//! such a process is of the scope is not asked: it could have deleted its own entry in
-//! `SEB_SCOPED_TASKS` while no agent judged its `bpf()` calls.
+//! this agent is named. So the kernel names the cgroup *unarmed* (moves into it judged,
+//! nothing there spared); the agent checks that the name is the cgroup it is in, kills
+//! every process of the scope there but itself, those that started it (a supervisor)
+//! and those it started, and only then arms the name.
 
 use std::{
     os::fd::OwnedFd,
@@ -16,45 +15,62 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
-use aya::Ebpf;
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData},
+};
 use seb_common::{agent_slots, map_names};
 use tracing::warn;
 
-use super::{integrity::Finding, maps, processes};
+use super::{integrity::Finding, loader::AttachTargets, maps, processes};
 use crate::cgroupfs::{self, CgroupNames};
 
 /// Killing and listing again, at most this many times, until the cgroup holds no other
-/// process (each pass takes the children the last one's processes forked meanwhile).
+/// process of the scope (each pass takes the children the last one's forked meanwhile).
 const EXPEL_PASSES: usize = 8;
 
 /// How long one pass waits for the processes it killed to exit.
 const EXIT_WAIT: Duration = Duration::from_secs(2);
 
-/// This process as `SEB_AGENT` must name it, and its cgroup once named and armed.
+/// This process as `SEB_AGENT` must name it, and its cgroup as the kernel named it.
 pub struct AgentEntry {
     pub tgid: u32,
-    /// The cgroup's id, once armed; kept and compared from then on.
-    pub cgroup: Option<u64>,
-    /// Its directory under the mount.
+    /// The cgroup the kernel named first: kept, so that the agent moved elsewhere later
+    /// never has that cgroup named instead.
+    pub named: Option<u64>,
+    /// Whether the agent armed it.
+    pub armed: bool,
+    /// Its directory under the mount, once armed.
     pub dir: Option<PathBuf>,
 }
 
 impl AgentEntry {
     pub fn this_process() -> Self {
-        Self { tgid: std::process::id(), cgroup: None, dir: None }
+        Self { tgid: std::process::id(), named: None, armed: false, dir: None }
     }
 
-    /// With `seb_bpf_call` attached, the kernel names this process's cgroup, unarmed, at
-    /// its next `bpf()` call (this read's). Once it has, the processes there that are not
-    /// this agent's own are killed and the name armed. Until that has all succeeded the
-    /// name stays unarmed (nothing there is spared), a finding says why, and the next
-    /// check tries again.
-    pub fn learn_cgroup(&mut self, ebpf: &mut Ebpf, mount: &Path) -> Option<Finding> {
-        if self.cgroup.is_some() {
+    /// What `SEB_AGENT`'s cgroup slot must hold: the armed cgroup, the named one unarmed,
+    /// or (not named yet) the bare unarmed bit, which the kernel names at this agent's
+    /// next `bpf()` call.
+    pub fn cgroup_slot(&self) -> u64 {
+        match (self.named, self.armed) {
+            (Some(cgroup), true) => cgroup,
+            (Some(cgroup), false) => cgroup | agent_slots::UNARMED,
+            (None, _) => agent_slots::UNARMED,
+        }
+    }
+
+    /// Learn the cgroup the kernel named (unarmed, at this agent's first `bpf()` call
+    /// with `seb_bpf_call` attached), kill the processes of the scope found there that
+    /// are not this agent's own, and arm it. Until that has all succeeded the name stays
+    /// unarmed (nothing there is spared), a finding says why, and the next check tries
+    /// again.
+    pub fn learn_cgroup(&mut self, ebpf: &mut Ebpf, mount: &Path, scope: &AttachTargets) -> Option<Finding> {
+        if self.armed {
             return None;
         }
-        self.arm(ebpf, mount).unwrap_or_else(|(object, e)| {
+        self.arm(ebpf, mount, scope).unwrap_or_else(|(object, e)| {
             Some(Finding::process(
                 &object,
                 format!("{e:#}: not armed, so nothing there is spared; tried again at the next check"),
@@ -62,21 +78,30 @@ impl AgentEntry {
         })
     }
 
-    /// Learn, expel and arm; on failure, the object concerned and why.
-    fn arm(&mut self, ebpf: &mut Ebpf, mount: &Path) -> Result<Option<Finding>, (String, anyhow::Error)> {
-        let (_, named) = maps::read_agent(ebpf).map_err(|e| (map_names::AGENT.to_string(), e))?;
-        let cgroup = named & !agent_slots::UNARMED;
-        if cgroup == 0 {
-            return Ok(None);
+    /// Learn, check, expel and arm; on failure, the object concerned and why.
+    fn arm(
+        &mut self,
+        ebpf: &mut Ebpf,
+        mount: &Path,
+        scope: &AttachTargets,
+    ) -> Result<Option<Finding>, (String, anyhow::Error)> {
+        if self.named.is_none() {
+            let (_, slot) = maps::read_agent(ebpf).map_err(|e| (map_names::AGENT.to_string(), e))?;
+            let cgroup = slot & !agent_slots::UNARMED;
+            if cgroup == 0 {
+                return Ok(None);
+            }
+            self.named = Some(cgroup);
         }
+        let cgroup = self.named.expect("named above");
         let object = format!("cgroup {cgroup}");
-        let dir = directory(mount, cgroup).map_err(|e| (object.clone(), e))?;
-        let expelled = expel_others(&dir).map_err(|e| (object.clone(), e))?;
+        let dir = own_directory(mount, cgroup).map_err(|e| (object.clone(), e))?;
+        let expelled = expel_others(ebpf, mount, scope, &dir).map_err(|e| (object.clone(), e))?;
         if expelled.remaining == 0 {
-            maps::write_agent(ebpf, self.tgid, Some(cgroup))
+            self.armed = true;
+            maps::write_agent(ebpf, self.tgid, self.cgroup_slot())
                 .context("arming the agent's cgroup")
                 .map_err(|e| (object, e))?;
-            self.cgroup = Some(cgroup);
             self.dir = Some(dir.clone());
         }
         Ok(expelled.finding(&dir))
@@ -84,13 +109,21 @@ impl AgentEntry {
 }
 
 /// The directory of the cgroup with id `id` (the kernel's name for the agent's cgroup),
-/// found under the mount: inside a container's cgroup namespace, /proc/self/cgroup names
-/// it relative to the namespace, not to the mount the agent enforces through.
-fn directory(mount: &Path, id: u64) -> Result<PathBuf> {
+/// found under the mount, and checked to be the one this process is in now: a process
+/// of the scope that moved the agent before it was named (into its own cgroup, to have
+/// that armed) must not have it armed. Inside a container's cgroup namespace,
+/// /proc/self/cgroup reads `/` where the namespace began (the container's cgroup); moved
+/// out of it, a path up and out.
+fn own_directory(mount: &Path, id: u64) -> Result<PathBuf> {
     let relative = CgroupNames::new(mount.to_path_buf())
         .path_of(id)
         .with_context(|| format!("no cgroup with id {id} under {}", mount.display()))?;
-    Ok(cgroupfs::resolve(mount, &relative))
+    let dir = cgroupfs::resolve(mount, &relative);
+    let own = cgroupfs::cgroup_of("self")?;
+    if own != "/" && cgroupfs::cgroup_id(&cgroupfs::resolve(mount, &own)).ok() != Some(id) {
+        bail!("the kernel named cgroup {} for the agent, which is now in {own}", dir.display());
+    }
+    Ok(dir)
 }
 
 /// What [`expel_others`] did.
@@ -110,8 +143,8 @@ impl Expelled {
             return None;
         }
         let mut problem = format!(
-            "{} other processes were in the agent's cgroup when it started (they would be spared at bpf() and as \
-             brokers): {}; {} killed",
+            "{} processes of the scope were in the agent's cgroup when it started (they would be spared at bpf() and \
+             as brokers): {}; {} killed",
             self.found,
             self.described.join(", "),
             self.killed
@@ -127,31 +160,44 @@ impl Expelled {
     }
 }
 
-/// Kill every process in `dir` but this one, those that started it and those it
-/// started, each pinned by a pidfd while it is still there; list again once they have
-/// exited, until none is left or the passes run out.
-fn expel_others(dir: &Path) -> Result<Expelled> {
+/// Kill every process of the scope in `dir` but this one, those that started it and
+/// those it started, each pinned by a pidfd while it is still there and of the scope;
+/// list again once they have exited, until none is left or the passes run out.
+fn expel_others(ebpf: &Ebpf, mount: &Path, scope: &AttachTargets, dir: &Path) -> Result<Expelled> {
+    let scoped: HashMap<&MapData, u32, u64> = HashMap::try_from(
+        ebpf.map(map_names::SCOPED_TASKS).with_context(|| format!("map {} missing", map_names::SCOPED_TASKS))?,
+    )?;
+    // The whole cgroup is of the scope when it is enforced (the DaemonSet's pod may be).
+    let enforced = processes::in_scope(scope, dir);
     let agent = std::process::id();
     let ancestors = processes::ancestors_of_this_process();
-    let is_own = |tgid: u32| tgid == agent || ancestors.contains(&tgid) || processes::descends_from(tgid, agent);
-    let others =
-        || -> Result<Vec<u32>> { Ok(cgroupfs::processes_in(dir)?.into_iter().filter(|tgid| !is_own(*tgid)).collect()) };
+    let target = |tgid: u32| {
+        // 0: a process outside this agent's PID namespace, which it cannot pin.
+        tgid != 0
+            && tgid != agent
+            && !ancestors.contains(&tgid)
+            && !processes::descends_from(tgid, agent)
+            && (enforced || processes::of_the_scope(&scoped, mount, scope, tgid))
+    };
+    let targets =
+        || -> Result<Vec<u32>> { Ok(cgroupfs::processes_in(dir)?.into_iter().filter(|t| target(*t)).collect()) };
     let mut expelled = Expelled::default();
     for _ in 0..EXPEL_PASSES {
-        let found = others()?;
+        let found = targets()?;
         if found.is_empty() {
             return Ok(expelled);
         }
         // Described before they are killed, while /proc still shows them.
         expelled.described.push(processes::describe(&found));
         expelled.found += found.len();
-        warn!(cgroup = %dir.display(), processes = ?found, "killing processes found in the agent's cgroup at start");
-        let still_there = |tgid: u32| cgroupfs::processes_in(dir).is_ok_and(|procs| procs.contains(&tgid));
+        warn!(cgroup = %dir.display(), processes = ?found, "killing processes of the scope found in the agent's cgroup");
+        let still_a_target =
+            |tgid: u32| cgroupfs::processes_in(dir).is_ok_and(|procs| procs.contains(&tgid)) && target(tgid);
         let killed: Vec<OwnedFd> =
-            found.iter().filter_map(|tgid| processes::kill_pinned(*tgid, || still_there(*tgid))).collect();
+            found.iter().filter_map(|tgid| processes::kill_pinned(*tgid, || still_a_target(*tgid))).collect();
         expelled.killed += killed.len();
         processes::wait_exited(&killed, EXIT_WAIT);
     }
-    expelled.remaining = others()?.len();
+    expelled.remaining = targets()?.len();
     Ok(expelled)
 }

@@ -157,7 +157,7 @@ impl Enforcer {
         let mut ebpf = loader::load(&layout, max_scoped_processes)?;
         maps::write_kernel_layout(&mut ebpf, &kernel_layout)?;
         let agent = AgentEntry::this_process();
-        maps::write_agent(&mut ebpf, agent.tgid, None).context("entering this process as the agent")?;
+        maps::write_agent(&mut ebpf, agent.tgid, agent.cgroup_slot()).context("entering this process as the agent")?;
         let unfollowed_seen = maps::read_unfollowed_seen(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -196,9 +196,9 @@ impl Enforcer {
             desired.targets.scopes.iter().map(|dir| cgroupfs::cgroup_id(dir)).collect::<Result<Vec<_>>>()?;
         maps::write_scope(&mut self.ebpf, &scope_ids, desired.keep_previous)?;
         maps::write_kernel_layout(&mut self.ebpf, &self.kernel_layout)?;
-        maps::write_agent(&mut self.ebpf, self.agent.tgid, self.agent.cgroup)?;
+        maps::write_agent(&mut self.ebpf, self.agent.tgid, self.agent.cgroup_slot())?;
         self.links = loader::attach_all(&mut self.ebpf, &self.layout, &desired.targets, desired.keep_previous)?;
-        self.pending_findings.extend(self.agent.learn_cgroup(&mut self.ebpf, &self.mount));
+        self.pending_findings.extend(self.agent.learn_cgroup(&mut self.ebpf, &self.mount, &desired.targets));
         // After the fork, exec and migration hooks are attached, so no process slips
         // between this walk and them.
         let scoped = scope_walk::scoped_processes(&desired.targets.scopes, &desired.targets.exempt);
@@ -233,7 +233,7 @@ impl Enforcer {
         if let Some(desired) = &self.applied {
             findings.extend(integrity::check(&mut self.ebpf, &self.links, desired));
             findings.extend(integrity::check_kernel_layout(&mut self.ebpf, &self.kernel_layout));
-            findings.extend(integrity::check_agent(&mut self.ebpf, &mut self.agent, &self.mount));
+            findings.extend(integrity::check_agent(&mut self.ebpf, &mut self.agent, &self.mount, &desired.targets));
             findings.extend(integrity::check_unfollowed_seen(&mut self.ebpf, &mut self.unfollowed_seen));
         }
         findings

@@ -22,7 +22,7 @@ use super::{
     LinkState,
     agent_cgroup::AgentEntry,
     enforcer::Desired,
-    loader,
+    loader::{self, AttachTargets},
     local::LocalProtection,
     policy::{TrieEntry, TrieKey, rules_key, weakens},
     tap_devices::TapMajors,
@@ -203,14 +203,13 @@ pub fn check_kernel_layout(ebpf: &mut Ebpf, wanted: &[u32]) -> Option<Finding> {
     }
 }
 
-/// `SEB_AGENT` names this process and, once the agent armed it, its cgroup (learnt
-/// then and kept): changed, the kernel would spare another process's or cgroup's
-/// `bpf()` calls.
-pub fn check_agent(ebpf: &mut Ebpf, agent: &mut AgentEntry, mount: &Path) -> Vec<Finding> {
+/// `SEB_AGENT` names this process and, once the kernel named it, its cgroup (kept, then
+/// armed): changed, the kernel would spare another process's or cgroup's `bpf()` calls.
+pub fn check_agent(ebpf: &mut Ebpf, agent: &mut AgentEntry, mount: &Path, scope: &AttachTargets) -> Vec<Finding> {
     let name = map_names::AGENT;
     // Named by the kernel at the agent's first `bpf()` call after its links: armed at
     // apply, or here should that have failed or come first.
-    let mut findings: Vec<Finding> = agent.learn_cgroup(ebpf, mount).into_iter().collect();
+    let mut findings: Vec<Finding> = agent.learn_cgroup(ebpf, mount, scope).into_iter().collect();
     let (tgid, cgroup) = match super::maps::read_agent(ebpf) {
         Ok(entry) => entry,
         Err(e) => return vec![Finding::map(name, format!("cannot be read: {e:#}"))],
@@ -218,8 +217,11 @@ pub fn check_agent(ebpf: &mut Ebpf, agent: &mut AgentEntry, mount: &Path) -> Vec
     if tgid != u64::from(agent.tgid) {
         findings.push(Finding::map(name, format!("names tgid {tgid}, not this agent (tgid {})", agent.tgid)));
     }
-    if let Some(armed) = agent.cgroup.filter(|armed| cgroup != *armed) {
-        findings.push(Finding::map(name, format!("names cgroup {cgroup:#x}, not this agent's ({armed:#x}, armed)")));
+    if agent.named.is_some() && cgroup != agent.cgroup_slot() {
+        findings.push(Finding::map(
+            name,
+            format!("names cgroup slot {cgroup:#x}, not this agent's ({:#x})", agent.cgroup_slot()),
+        ));
     }
     findings
 }

@@ -211,13 +211,15 @@ pub fn settle_scoped(ebpf: &mut Ebpf, walked: Vec<Walked>) -> Result<Vec<Walked>
 /// Name `tgid` as the running agent, whose `bpf()` calls (and those of processes in its
 /// cgroup) the kernel lets through. Without `cgroup`, the kernel fills it in at the
 /// agent's next call: inside a container's cgroup namespace the agent cannot name it.
-pub fn write_agent(ebpf: &mut Ebpf, tgid: u32, cgroup: Option<u64>) -> Result<()> {
+pub fn write_agent(ebpf: &mut Ebpf, tgid: u32, cgroup_slot: u64) -> Result<()> {
     let mut array: Array<&mut MapData, u64> = Array::try_from(map_mut(ebpf, map_names::AGENT)?)?;
-    array.set(agent_slots::CGROUP, cgroup.unwrap_or(0), 0)?;
+    array.set(agent_slots::CGROUP, cgroup_slot, 0)?;
     Ok(array.set(agent_slots::TGID, u64::from(tgid), 0)?)
 }
 
-/// `SEB_AGENT`: the tgid it names (0: none) and that agent's cgroup (0: not known yet).
+/// `SEB_AGENT`: the tgid it names (0: none) and that agent's cgroup slot (the cgroup id,
+/// with `agent_slots::UNARMED` set until the agent arms it; the bare bit before the
+/// kernel named it).
 pub fn read_agent(ebpf: &mut Ebpf) -> Result<(u64, u64)> {
     let array: Array<&mut MapData, u64> = Array::try_from(map_mut(ebpf, map_names::AGENT)?)?;
     Ok((array.get(&agent_slots::TGID, 0)?, array.get(&agent_slots::CGROUP, 0)?))

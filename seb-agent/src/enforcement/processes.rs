@@ -25,7 +25,11 @@ pub fn of_the_scope<T: Borrow<MapData>>(
         return true;
     }
     let Ok(cgroup) = cgroupfs::cgroup_of(&tgid.to_string()) else { return false };
-    let dir = cgroupfs::resolve(mount, &cgroup);
+    in_scope(scope, &cgroupfs::resolve(mount, &cgroup))
+}
+
+/// Whether the cgroup directory `dir` is enforced: under a scope, not under an exemption.
+pub fn in_scope(scope: &AttachTargets, dir: &Path) -> bool {
     scope.scopes.iter().any(|enforced| dir.starts_with(enforced))
         && !scope.exempt.iter().any(|exempt| dir.starts_with(exempt))
 }
