@@ -43,6 +43,11 @@ pub async fn run(config: Config) -> Result<()> {
     report_sigbus()?;
     // Nothing reaches the kernel before the config's files, cgroups and audit store check out.
     let Checked { mount, sources, mut admission, socket_gid, descriptors } = preflight::check(&config)?;
+    // Named to the kernel first (`SEB_AGENT`): from then on a process of the scope moving
+    // this one dies for it, and the cgroup the kernel names is the one it started in. The
+    // ledger's start (verifying the whole store) can take seconds.
+    let layout = PinLayout::new(&config.bpf.pin_path);
+    let mut enforcer = Enforcer::load(layout.clone(), mount.clone(), config.enforcement.max_scoped_processes)?;
     let key = keys::load_or_create(&config.audit.signing_key)?;
     let files = LedgerFiles::new(&config.audit.database, &config.audit.signing_key);
     let metrics = Arc::new(Metrics::new());
@@ -53,8 +58,6 @@ pub async fn run(config: Config) -> Result<()> {
     let options = LedgerOptions { on_commit: Some(on_commit), ..LedgerOptions::default() };
     let (ledger, ledger_thread) = Ledger::start_with(&files, key, crate::admission::state::DERIVED, options)?;
 
-    let layout = PinLayout::new(&config.bpf.pin_path);
-    let mut enforcer = Enforcer::load(layout.clone(), mount.clone(), config.enforcement.max_scoped_processes)?;
     enforcer.apply(&sources)?;
     let adopted = enforcer.links().iter().filter(|l| l.origin == loader::LinkOrigin::Adopted).count();
     info!(links = enforcer.links().len(), adopted, pin_path = %layout.root.display(), "kernel enforcement active");

@@ -117,6 +117,17 @@ fn run_overlay(overlay: &str) {
     }
     // It read the rendered config: its pins are where that config put them, on the node's bpffs.
     assert!(bpffs.join("seb").join("links").read_dir().unwrap().next().is_some(), "{overlay}: nothing pinned");
+    // Inside its cgroup namespace it found the cgroup the kernel named for it as its own,
+    // and armed it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let [tgid, cgroup] = seb_sandbox::tamper::agent_entry(&bpffs.join("seb")).unwrap();
+        if tgid != 0 && cgroup != 0 && cgroup & seb_common::agent_slots::UNARMED == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{overlay}: the agent's cgroup was never armed ({cgroup:#x}):\n{}", logs());
+        thread::sleep(Duration::from_millis(100));
+    }
 
     // The example agent pod, from the socket's PersistentVolume, as uid 10000.
     let agents = deploy::render(&deploy::deploy_dir().join("agent-pod")).unwrap();

@@ -5,9 +5,9 @@
 //! runs, a process of the scope entering it is killed at the move. One put there while
 //! no agent ran (between a crash and the restart) must not be spared from the moment
 //! this agent is named. So the kernel names the cgroup *unarmed* (moves into it judged,
-//! nothing there spared); the agent checks that the name is the cgroup it is in, kills
-//! every process of the scope there but itself, those that started it (a supervisor)
-//! and those it started, and only then arms the name.
+//! nothing there spared); the agent kills every process of the scope there but itself,
+//! those that started it (a supervisor) and those it started, and only then arms the
+//! name.
 
 use std::{
     os::fd::OwnedFd,
@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use aya::{
     Ebpf,
     maps::{HashMap, MapData},
@@ -95,7 +95,7 @@ impl AgentEntry {
         }
         let cgroup = self.named.expect("named above");
         let object = format!("cgroup {cgroup}");
-        let dir = own_directory(mount, cgroup).map_err(|e| (object.clone(), e))?;
+        let dir = directory(mount, cgroup).map_err(|e| (object.clone(), e))?;
         let expelled = expel_others(ebpf, mount, scope, &dir).map_err(|e| (object.clone(), e))?;
         if expelled.remaining == 0 {
             self.armed = true;
@@ -109,21 +109,13 @@ impl AgentEntry {
 }
 
 /// The directory of the cgroup with id `id` (the kernel's name for the agent's cgroup),
-/// found under the mount, and checked to be the one this process is in now: a process
-/// of the scope that moved the agent before it was named (into its own cgroup, to have
-/// that armed) must not have it armed. Inside a container's cgroup namespace,
-/// /proc/self/cgroup reads `/` where the namespace began (the container's cgroup); moved
-/// out of it, a path up and out.
-fn own_directory(mount: &Path, id: u64) -> Result<PathBuf> {
+/// found under the mount: /proc/self/cgroup names it relative to the agent's cgroup
+/// namespace, which need not be where the mount begins.
+fn directory(mount: &Path, id: u64) -> Result<PathBuf> {
     let relative = CgroupNames::new(mount.to_path_buf())
         .path_of(id)
         .with_context(|| format!("no cgroup with id {id} under {}", mount.display()))?;
-    let dir = cgroupfs::resolve(mount, &relative);
-    let own = cgroupfs::cgroup_of("self")?;
-    if own != "/" && cgroupfs::cgroup_id(&cgroupfs::resolve(mount, &own)).ok() != Some(id) {
-        bail!("the kernel named cgroup {} for the agent, which is now in {own}", dir.display());
-    }
-    Ok(dir)
+    Ok(cgroupfs::resolve(mount, &relative))
 }
 
 /// What [`expel_others`] did.
