@@ -1306,6 +1306,44 @@ fn a_process_put_in_the_agents_cgroup_while_none_ran_is_killed_before_it_is_spar
     bystander.wait().unwrap();
 }
 
+/// A doom the full table of doomed processes refuses is not lost silently: the kernel
+/// raises `SEB_UNFOLLOWED_SEEN` to its top level, and from then on the agent's cgroup
+/// spares nobody at `bpf()`. Here 16 processes of the scope moved into the agent's
+/// cgroup by an operator fill the table (a sixteenth of 256); the next one, moved there
+/// the same way, would have been spared there: it is killed at its `bpf()` call.
+#[test]
+fn a_doom_the_full_table_refuses_leaves_the_agents_cgroup_sparing_nobody() {
+    let mut sandbox = Sandbox::new("doomfull", tools()).unwrap();
+    sandbox.write_config(&format!("max_scoped_processes = 256\n{POLICY}")).unwrap();
+    sandbox.start_agent().unwrap();
+    let procs = sandbox.cgroup.join("broker").join("cgroup.procs");
+    let mut sleepers = Vec::new();
+    for _ in 0..16 {
+        let sleeper = sandbox.spawn_in("workload", "sleep", &["600"]).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while seb_sandbox::tamper::scoped_entry(&sandbox.pin_path, sleeper.id()).unwrap().is_none() {
+            assert!(std::time::Instant::now() < deadline, "the kernel never followed a sleeper");
+            thread::sleep(Duration::from_millis(10));
+        }
+        std::fs::write(&procs, sleeper.id().to_string()).unwrap();
+        sleepers.push(sleeper);
+    }
+    assert_eq!(unfollowed_seen(&sandbox), seb_common::unfollowed::NONE, "the table was full before the last");
+
+    let pin_path = sandbox.pin_path.to_string_lossy().into_owned();
+    let arguments = ["--pin-path", &pin_path, "127.0.0.2:9000"];
+    let (mut waiting, mut lines, pid) =
+        moved_by_an_operator_running(&sandbox, "broker", "bpf-after-moved-to", &arguments);
+    let status = waiting.wait().unwrap();
+    assert_eq!(status.signal(), Some(9), "spared in the agent's cgroup with its doom lost: {:?}", lines.next());
+    wait_for(&sandbox, |d| d["hook"] == "bpf_syscall" && d["tgid"] == pid);
+    assert_eq!(unfollowed_seen(&sandbox), seb_common::unfollowed::SOME_UNMARKED);
+    for mut sleeper in sleepers {
+        sleeper.kill().unwrap();
+        sleeper.wait().unwrap();
+    }
+}
+
 /// Root removes a link's pin (an `unlink` on bpffs, which no `bpf()` check sees): the
 /// agent holds a descriptor of every link, so the link stays attached and enforcing;
 /// the check notices the missing pin, records it and pins the link again.
