@@ -112,9 +112,13 @@ fn parent_of(pid: u32) -> Option<u32> {
 
 /// `ppid`, the fourth field of /proc/<pid>/stat.
 fn parent_in_stat(stat: &str) -> Option<u32> {
-    // The command name may hold spaces and parentheses: fields start after the last ')'.
-    let mut fields = stat.get(stat.rfind(')')? + 2..)?.split(' ');
-    fields.nth(1)?.parse().ok()
+    stat_fields_from_state(stat)?.nth(1)?.parse().ok()
+}
+
+/// The fields of a /proc/<pid>/stat text from the third (`state`) on: the command name
+/// before them may hold spaces and parentheses, so they start after the last ')'.
+pub fn stat_fields_from_state(stat: &str) -> Option<std::str::Split<'_, char>> {
+    Some(stat.get(stat.rfind(')')? + 2..)?.split(' '))
 }
 
 /// At most this many processes are named in a finding; the rest are counted.

@@ -81,8 +81,7 @@ fn stat(tgid: u32) -> Option<(u64, bool)> {
 }
 
 fn parse_stat(text: &str) -> Option<(u64, bool)> {
-    // The command name may hold spaces and parentheses: fields start after the last ')'.
-    let mut fields = text.get(text.rfind(')')? + 2..)?.split(' ');
+    let mut fields = super::processes::stat_fields_from_state(text)?;
     let state = fields.next()?;
     // `starttime` is field 22; `state` was field 3.
     let start = fields.nth(18)?.parse().ok()?;
