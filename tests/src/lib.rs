@@ -336,16 +336,8 @@ impl Sandbox {
 
     /// `seb-agent run` inside `<root>/broker` and the namespace, not yet started.
     pub fn agent_command(&self) -> Command {
-        let mut command = Command::new(&self.tools.probe);
-        command
-            .arg("--cgroup")
-            .arg(self.cgroup.join("broker"))
-            .args(["--netns", &self.netns, "exec", "--"])
-            .arg(&self.tools.agent)
-            .arg("run")
-            .arg("--config")
-            .arg(&self.config)
-            .env("SEB_LOG_FORMAT", "json");
+        let mut command = self.exec_in("broker");
+        command.arg(&self.tools.agent).arg("run").arg("--config").arg(&self.config).env("SEB_LOG_FORMAT", "json");
         command
     }
 
@@ -442,8 +434,7 @@ impl Sandbox {
 
     /// Run a program in `<root>/<cgroup>` and the namespace, with extra environment.
     pub fn run_in(&self, cgroup: &str, program: &Path, args: &[&str], env: &[(&str, &Path)]) -> Result<Output> {
-        let mut command = Command::new(&self.tools.probe);
-        command.arg("--cgroup").arg(self.cgroup.join(cgroup)).args(["--netns", &self.netns, "exec", "--"]);
+        let mut command = self.exec_in(cgroup);
         command.arg(program).args(args);
         for (name, value) in env {
             command.env(name, value);
@@ -454,9 +445,14 @@ impl Sandbox {
     /// Start a program in `<root>/<cgroup>` and the namespace, without waiting (the child
     /// is the program itself: the probe execs it in place).
     pub fn spawn_in(&self, cgroup: &str, program: &str, args: &[&str]) -> Result<Child> {
+        Ok(self.exec_in(cgroup).arg(program).args(args).spawn()?)
+    }
+
+    /// The probe, set to exec what follows in `<root>/<cgroup>` and the namespace.
+    fn exec_in(&self, cgroup: &str) -> Command {
         let mut command = Command::new(&self.tools.probe);
         command.arg("--cgroup").arg(self.cgroup.join(cgroup)).args(["--netns", &self.netns, "exec", "--"]);
-        Ok(command.arg(program).args(args).spawn()?)
+        command
     }
 
     /// Try one egress method from a workload process.
