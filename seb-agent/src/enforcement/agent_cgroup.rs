@@ -162,12 +162,13 @@ fn expel_others(ebpf: &Ebpf, mount: &Path, scope: &AttachTargets, dir: &Path) ->
     // The whole cgroup is of the scope when it is enforced (the DaemonSet's pod may be).
     let enforced = processes::in_scope(scope, dir);
     let agent = std::process::id();
-    let ancestors = processes::ancestors_of_this_process();
     let target = |tgid: u32| {
-        // 0: a process outside this agent's PID namespace, which it cannot pin.
+        // 0: a process outside this agent's PID namespace, which it cannot pin. Ancestry is
+        // read at each call, so the check made once `tgid` is pinned sees its process, not
+        // an ancestor that held the PID before it exited.
         tgid != 0
             && tgid != agent
-            && !ancestors.contains(&tgid)
+            && !processes::ancestors_of_this_process().contains(&tgid)
             && !processes::descends_from(tgid, agent)
             && (enforced || processes::of_the_scope(&scoped, mount, scope, tgid))
     };
