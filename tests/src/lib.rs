@@ -24,6 +24,7 @@ pub mod kube_store;
 pub mod kubelet;
 pub mod moto;
 pub mod mtls;
+pub mod poll;
 pub mod revocation;
 pub mod sab;
 pub mod tamper;

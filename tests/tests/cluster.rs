@@ -6,8 +6,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use seb_agent::{
@@ -32,15 +31,8 @@ const SLICE_ADDRESS: &str = "127.0.0.63";
 const NODE: &str = "node-a";
 
 /// Poll `check` for up to 20 s.
-fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(100));
-    }
+fn eventually<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
+    seb_sandbox::poll::eventually(Duration::from_secs(20), check, || format!("waiting for {what}"))
 }
 
 fn policy(epoch: u64, extra: Value) -> Value {

@@ -15,7 +15,11 @@ use std::{
 
 use seb_agent::config::SyscallTables;
 use seb_common::layout;
-use seb_sandbox::{PeerNamespace, Sandbox, Tools, parse_json_output, wait_gone};
+use seb_sandbox::{
+    PeerNamespace, Sandbox, Tools, parse_json_output,
+    poll::{eventually, until},
+    wait_gone,
+};
 use serde_json::Value;
 
 fn tools() -> Tools {
@@ -541,11 +545,7 @@ fn link_layer_sockets_are_refused_in_the_scope() {
     // vector is real, and exemption still works.
     let outcome = sandbox.attempt("exempt", "packet", "127.0.0.2:8443").unwrap();
     assert_eq!(outcome["result"], "ok", "{outcome}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while sandbox.received().unwrap() == 0 {
-        assert!(std::time::Instant::now() < deadline, "the exempt frame never arrived");
-        thread::sleep(Duration::from_millis(50));
-    }
+    until(Duration::from_secs(5), || sandbox.received().unwrap() > 0, || "the exempt frame never arrived".into());
 }
 
 /// `syscall_tables = "native"`: the syscall tracepoints alone (what a kernel without
@@ -683,19 +683,19 @@ fn processes_the_kernel_cannot_follow_are_killed_not_let_go() {
     // The agent, the probe and (a few) others of the scope hold entries too.
     assert!(killed.len() >= 24 - 16, "past the table, children are killed: {report}");
     assert!(exited.len() >= 8, "the followed children work on: {report}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let records = loop {
-        let denials = sandbox.denials().unwrap();
-        let records: Vec<&Value> = killed
-            .iter()
-            .filter_map(|pid| denials.iter().find(|d| d["hook"] == "scope_table_full" && d["tgid"] == *pid))
-            .collect();
-        if records.len() == killed.len() {
-            break records.into_iter().cloned().collect::<Vec<_>>();
-        }
-        assert!(std::time::Instant::now() < deadline, "a kill went unrecorded: {report} {denials:?}");
-        thread::sleep(Duration::from_millis(100));
-    };
+    let records = eventually(
+        Duration::from_secs(10),
+        || {
+            let denials = sandbox.denials().unwrap();
+            let records: Vec<Value> = killed
+                .iter()
+                .filter_map(|pid| denials.iter().find(|d| d["hook"] == "scope_table_full" && d["tgid"] == *pid))
+                .cloned()
+                .collect();
+            (records.len() == killed.len()).then_some(records)
+        },
+        || format!("a kill went unrecorded: {report} {:?}", sandbox.denials().unwrap()),
+    );
     for record in records {
         assert_eq!(record["action"], "killed", "{record}");
         assert_eq!(record["cgroup_path"], format!("{}/workload", sandbox.cgroup_relative), "{record}");
@@ -768,11 +768,11 @@ fn a_process_that_creates_more_than_the_kernel_can_follow_is_killed() {
     assert_eq!(unfollowed_seen(&sandbox), seb_common::unfollowed::SOME_UNMARKED);
     // Its orphaned children go on, try and end (or are killed): none may outlive the test.
     let procs = sandbox.cgroup.join("workload").join("cgroup.procs");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&procs).unwrap().trim().is_empty() {
-        assert!(std::time::Instant::now() < deadline, "children left behind");
-        thread::sleep(Duration::from_millis(50));
-    }
+    until(
+        Duration::from_secs(10),
+        || std::fs::read_to_string(&procs).unwrap().trim().is_empty(),
+        || "children left behind".into(),
+    );
 }
 
 type ProbeLines = std::io::Lines<BufReader<std::process::ChildStdout>>;
@@ -873,14 +873,11 @@ fn a_dead_brokers_registration_is_refused_even_under_its_pid() {
 
 /// Wait for a denial record that `matches`.
 fn wait_for(sandbox: &Sandbox, matches: impl Fn(&Value) -> bool) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(found) = sandbox.denials().unwrap().into_iter().find(&matches) {
-            return found;
-        }
-        assert!(std::time::Instant::now() < deadline, "no matching denial: {:?}", sandbox.denials().unwrap());
-        thread::sleep(Duration::from_millis(100));
-    }
+    eventually(
+        Duration::from_secs(10),
+        || sandbox.denials().unwrap().into_iter().find(&matches),
+        || format!("no matching denial: {:?}", sandbox.denials().unwrap()),
+    )
 }
 
 #[test]
@@ -996,17 +993,11 @@ fn denials_lost_to_a_full_ring_buffer_are_counted_never_silent() {
     let denied = hammered["denied"].as_u64().unwrap();
 
     sandbox.start_agent().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let lost_total = loop {
-        let listing = sandbox.agent_cli(&["audit", "list", "--kind", "ring_loss", "--json"]).unwrap();
-        let losses: Vec<Value> =
-            String::from_utf8(listing.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        if let Some(last) = losses.last() {
-            break last["body"]["lost_total"].as_u64().unwrap();
-        }
-        assert!(std::time::Instant::now() < deadline, "no ring_loss record after the overflow");
-        thread::sleep(Duration::from_millis(200));
-    };
+    let lost_total = eventually(
+        Duration::from_secs(60),
+        || Some(audit_records(&sandbox, "ring_loss").last()?["body"]["lost_total"].as_u64().unwrap()),
+        || "no ring_loss record after the overflow".into(),
+    );
     // What the ring held is drained: a few denials of each second in full, the rest
     // summed per second (one process denied as fast as it can call must not fill the
     // disk), and the summaries come in once each second is over.
@@ -1188,11 +1179,11 @@ fn a_foreign_program_bound_to_sebs_maps_is_reported_while_it_is_loaded() {
         .count();
     assert_eq!(recorded, 1, "the unrepaired divergence is recorded at every check");
     drop(program);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while sandbox.status().unwrap()["ready"] != true {
-        assert!(std::time::Instant::now() < deadline, "still not ready once the program was unloaded");
-        thread::sleep(Duration::from_millis(50));
-    }
+    until(
+        Duration::from_secs(5),
+        || sandbox.status().unwrap()["ready"] == true,
+        || "still not ready once the program was unloaded".into(),
+    );
 }
 
 /// The kernel lets the agent (and its cgroup) make `bpf()` calls in the scope by what
@@ -1210,11 +1201,11 @@ fn the_agent_is_named_to_the_kernel_while_it_runs_and_only_then() {
     // check keeps that and writes back either part rewritten.
     let workload = std::fs::metadata(sandbox.cgroup.join("workload")).unwrap().ino();
     let named_again = || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while seb_sandbox::tamper::agent_entry(&sandbox.pin_path).unwrap() != named {
-            assert!(std::time::Instant::now() < deadline, "SEB_AGENT never named the agent again");
-            thread::sleep(Duration::from_millis(20));
-        }
+        until(
+            Duration::from_secs(2),
+            || seb_sandbox::tamper::agent_entry(&sandbox.pin_path).unwrap() == named,
+            || "SEB_AGENT never named the agent again".into(),
+        );
     };
     let rewritten = |part: &'static str| {
         move |record: &Value| {
@@ -1267,11 +1258,11 @@ fn a_process_put_in_the_agents_cgroup_while_none_ran_is_killed_before_it_is_spar
     let mut entrant = sandbox.spawn_in("workload", "sleep", &["600"]).unwrap();
     let mut bystander = sandbox.spawn_in("broker", "sleep", &["600"]).unwrap();
     let (pid, bystander_pid) = (entrant.id(), bystander.id());
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while seb_sandbox::tamper::scoped_entry(&sandbox.pin_path, pid).unwrap().is_none() {
-        assert!(std::time::Instant::now() < deadline, "the kernel never followed the process in the workload");
-        thread::sleep(Duration::from_millis(20));
-    }
+    until(
+        Duration::from_secs(5),
+        || seb_sandbox::tamper::scoped_entry(&sandbox.pin_path, pid).unwrap().is_some(),
+        || "the kernel never followed the process in the workload".into(),
+    );
     sandbox.stop_agent().unwrap();
     // Moved by an operator (this test) while no agent runs: no rule judges the move.
     std::fs::write(sandbox.cgroup.join("broker").join("cgroup.procs"), pid.to_string()).unwrap();
@@ -1279,14 +1270,11 @@ fn a_process_put_in_the_agents_cgroup_while_none_ran_is_killed_before_it_is_spar
     assert!(entrant.try_wait().unwrap().is_none(), "moved while no agent ran, it died at once");
 
     sandbox.start_agent().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let status = loop {
-        if let Some(status) = entrant.try_wait().unwrap() {
-            break status;
-        }
-        assert!(std::time::Instant::now() < deadline, "the process put in the agent's cgroup lives on");
-        thread::sleep(Duration::from_millis(20));
-    };
+    let status = eventually(
+        Duration::from_secs(5),
+        || entrant.try_wait().unwrap(),
+        || "the process put in the agent's cgroup lives on".into(),
+    );
     assert_eq!(status.signal(), Some(9), "{status:?}");
     wait_for_tamper(&sandbox, "the process in the agent's cgroup", |record| {
         record["body"]["findings"].as_array().unwrap().iter().any(|f| {
@@ -1320,11 +1308,11 @@ fn a_doom_the_full_table_refuses_leaves_the_agents_cgroup_sparing_nobody() {
     let mut sleepers = Vec::new();
     for _ in 0..16 {
         let sleeper = sandbox.spawn_in("workload", "sleep", &["600"]).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while seb_sandbox::tamper::scoped_entry(&sandbox.pin_path, sleeper.id()).unwrap().is_none() {
-            assert!(std::time::Instant::now() < deadline, "the kernel never followed a sleeper");
-            thread::sleep(Duration::from_millis(10));
-        }
+        until(
+            Duration::from_secs(5),
+            || seb_sandbox::tamper::scoped_entry(&sandbox.pin_path, sleeper.id()).unwrap().is_some(),
+            || "the kernel never followed a sleeper".into(),
+        );
         std::fs::write(&procs, sleeper.id().to_string()).unwrap();
         sleepers.push(sleeper);
     }
@@ -1633,15 +1621,11 @@ fn pin_of(sandbox: &Sandbox, program: &str) -> std::path::PathBuf {
 
 /// Wait up to 5 s for a `tamper` record that `matches`; `what` names the tampering.
 fn wait_for_tamper(sandbox: &Sandbox, what: &str, matches: impl Fn(&Value) -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let records = audit_records(sandbox, "tamper");
-        if records.iter().any(&matches) {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "{what} was never noticed: {records:?}");
-        thread::sleep(Duration::from_millis(50));
-    }
+    until(
+        Duration::from_secs(5),
+        || audit_records(sandbox, "tamper").iter().any(&matches),
+        || format!("{what} was never noticed: {:?}", audit_records(sandbox, "tamper")),
+    );
 }
 
 fn audit_records(sandbox: &Sandbox, kind: &str) -> Vec<Value> {
