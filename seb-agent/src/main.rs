@@ -138,8 +138,13 @@ fn kube_client() -> Result<(tokio::runtime::Runtime, kube::Client)> {
 }
 
 /// A request file (JSON).
+/// A request from a JSON file, or from standard input for `-`.
 fn read_request(path: &PathBuf) -> Result<MutationRequest> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading the request from standard input")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    };
     serde_json::from_str(&text).with_context(|| format!("{} is not a valid request", path.display()))
 }
 
@@ -192,7 +197,7 @@ enum Command {
         /// The SAB certificate (PEM).
         #[arg(long)]
         cert: PathBuf,
-        /// The request it certifies (JSON).
+        /// The request it certifies (JSON; `-` for standard input).
         #[arg(long)]
         request: PathBuf,
     },
@@ -200,7 +205,7 @@ enum Command {
     Read {
         #[command(flatten)]
         socket: SocketArg,
-        /// `{"provider", "operation", "target"}` (JSON).
+        /// `{"provider", "operation", "target"}` (JSON; `-` for standard input).
         #[arg(long)]
         request: PathBuf,
     },

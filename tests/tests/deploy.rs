@@ -146,6 +146,27 @@ fn run_overlay(overlay: &str) {
     if overlay == "cluster" {
         assert_eq!(epochs["policy"], 1, "{overlay}: the SebPolicy's epoch was not applied: {epochs}");
     }
+    // A request that identifies its caller (a passthrough read), from the same pod: the
+    // broker, root without CAP_KILL, still tells a live caller of another uid from one
+    // that exited, and answers what it asked (refused: no such passthrough read here).
+    container["args"] = json!(["read", "--request", "-", "--json"]);
+    let mut reader = node
+        .container_command(&agent_pod, &container, &sandbox.dir.join("agent-pod"), "workload")
+        .unwrap()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let request = json!({"provider": "http", "operation": "get", "target": "https://127.0.0.1/status"});
+    std::io::Write::write_all(&mut reader.stdin.take().unwrap(), request.to_string().as_bytes()).unwrap();
+    let output = reader.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("passthrough") && !stderr.contains("has exited"),
+        "{overlay}: the read from uid 10000 was not judged on what it asked: {stderr}\n{}",
+        logs()
+    );
 
     // SIGTERM, as the kubelet stops a pod.
     let mut child = agent.0.take().unwrap();

@@ -72,18 +72,14 @@ impl Peer {
         Ok(Self { uid, gid, pid, pidfd: Arc::new(pidfd) })
     }
 
-    /// The pinned process still exists, so its PID is still its own.
+    /// The pinned process has not exited, so its PID is still its own. A pidfd becomes
+    /// readable when its process exits; polling it needs no permission over the process
+    /// (signal 0 would: without CAP_KILL it fails with EPERM for every caller of another
+    /// uid, as in the DaemonSet). Anything but "not readable" counts as gone.
     pub fn alive(&self) -> bool {
-        // SAFETY: signal 0 only checks that the process exists.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                0,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            ) == 0
-        }
+        let mut poll = libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, no wait.
+        unsafe { libc::poll(&mut poll, 1, 0) == 0 }
     }
 
     /// Read the process's identity from /proc, then check it is still the pinned one.
