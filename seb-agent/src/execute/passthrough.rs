@@ -109,6 +109,10 @@ pub async fn read(
             if read.action != request.operation {
                 bail!("the read performs {}, the request names {}", read.action, request.operation);
             }
+            // The session reads the target the record names, nothing beside it.
+            if read.resources.as_ref().is_some_and(|resources| resources[..] != [request.target.clone()]) {
+                bail!("a passthrough read's session reads its target `{}` alone (params.resources)", request.target);
+            }
             let read = StateRead::new(&read, &request.target)?;
             let role = config.aws_role_arn.as_deref().context("passthrough.aws_role_arn is not set")?;
             let executor = executors.aws.as_ref().context("this broker has no AWS executor")?;

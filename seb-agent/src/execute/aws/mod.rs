@@ -80,7 +80,7 @@ pub struct AwsExecutor {
     config: AwsConfig,
     base: AwsCredentials,
     /// The read role's session and when to renew it.
-    reader: tokio::sync::Mutex<Option<(std::sync::Arc<AwsCredentials>, Instant)>>,
+    reader: tokio::sync::Mutex<Option<(std::sync::Arc<AwsCredentials>, MintedIdentity, Instant)>>,
 }
 
 /// A minted session, ready to act.
@@ -153,9 +153,9 @@ impl Executor for AwsExecutor {
                 request.state_read.clone().context("the decision record names no precondition read")?,
             )?;
             let read = StateRead::new(&read, &request.target)?;
-            let session = self.mint(role_arn, decision_id, Some(&read.policy())).await?;
-            let response = self.call(&read.call, &session.credentials).await?;
-            Ok((session.identity, read.digest(&response)?))
+            let (credentials, identity) = self.read_session(&read, role_arn, decision_id).await?;
+            let response = self.call(&read.call, &credentials).await?;
+            Ok((identity, read.digest(&response)?))
         })
     }
 }
@@ -239,32 +239,32 @@ impl AwsExecutor {
         Ok(Session { credentials, identity })
     }
 
-    /// Credentials for `read`: the read role's kept session, or a session of `role_arn`
-    /// allowing this read alone.
-    async fn read_credentials(
+    /// A session for `read`, and who it is: the read role's kept session, or a session of
+    /// `role_arn` allowing this read alone.
+    async fn read_session(
         &self,
         read: &StateRead,
         role_arn: &str,
         decision_id: &str,
-    ) -> Result<std::sync::Arc<AwsCredentials>> {
+    ) -> Result<(std::sync::Arc<AwsCredentials>, MintedIdentity)> {
         let Some(reader) = &self.config.read_role_arn else {
             let session = self.mint(role_arn, decision_id, Some(&read.policy())).await?;
-            return Ok(std::sync::Arc::new(session.credentials));
+            return Ok((std::sync::Arc::new(session.credentials), session.identity));
         };
         let mut kept = self.reader.lock().await;
-        if let Some((credentials, _)) = kept.as_ref().filter(|(_, renew_at)| Instant::now() < *renew_at) {
-            return Ok(credentials.clone());
+        if let Some((credentials, identity, _)) = kept.as_ref().filter(|(_, _, renew_at)| Instant::now() < *renew_at) {
+            return Ok((credentials.clone(), identity.clone()));
         }
         let session = self.mint(reader, "broker-reader", None).await.context("assuming aws.read_role_arn")?;
         let credentials = std::sync::Arc::new(session.credentials);
         let renew_at = Instant::now() + Duration::from_secs(SESSION_SECONDS.into()) - RENEW_BEFORE;
-        *kept = Some((credentials.clone(), renew_at));
-        Ok(credentials)
+        *kept = Some((credentials.clone(), session.identity.clone(), renew_at));
+        Ok((credentials, session.identity))
     }
 
     /// The digest of the canonical state `read` shows now.
     pub async fn read_state(&self, read: &StateRead, role_arn: &str, decision_id: &str) -> Result<String> {
-        let credentials = self.read_credentials(read, role_arn, decision_id).await?;
+        let (credentials, _) = self.read_session(read, role_arn, decision_id).await?;
         let response = self.call(&read.call, &credentials).await?;
         read.digest(&response)
     }

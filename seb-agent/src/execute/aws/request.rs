@@ -172,12 +172,26 @@ impl AwsOperation {
             "AWS params are {protocol, request: {method, path, headers?, body?}, precondition: {action, request, \
              volatile?}, service?, resources?, condition?, postcondition?}",
         )?;
+        let target = request.target.as_str();
+        // The target is what the assurance authority's policy judged and what the records
+        // name; the session may act on it alone. An IAM wildcard in it would let the
+        // session reach resources that an exact-match rule never saw.
+        ensure!(
+            target.starts_with("arn:") && !target.contains(['*', '?']),
+            "the target `{target}` is not one exact ARN (IAM wildcards `*` and `?` are not certified for a mutation)"
+        );
+        if let Some(resources) = &params.resources {
+            ensure!(
+                resources.len() == 1 && resources[0] == target,
+                "params.resources: a mutation's session acts on its target `{target}` alone, not on {resources:?}"
+            );
+        }
         let mutation = AwsCall::new(
             &request.operation,
             params.service.as_deref(),
             params.protocol,
             &params.request,
-            params.resources.clone().unwrap_or_else(|| vec![request.target.clone()]),
+            vec![target.to_string()],
             params.condition.clone(),
         )
         .context("params.request")?;
@@ -201,9 +215,7 @@ impl StateRead {
         let protocol = read.protocol;
         let resources = read.resources.clone().unwrap_or_else(|| vec![target.to_string()]);
         let call = AwsCall::new(&read.action, read.service.as_deref(), protocol, &read.request, resources, None)?;
-        if !matches!(call.request.method, Method::GET | Method::HEAD | Method::POST) {
-            bail!("a read is a GET, HEAD or POST, not {}", call.request.method);
-        }
+        ensure_a_read(&call, protocol)?;
         ensure!(read.volatile.len() + read.unordered.len() <= MAX_POINTERS, "more than {MAX_POINTERS} pointers");
         ensure!(read.headers.len() <= MAX_HEADERS, "more than {MAX_HEADERS} headers");
         let pointers = |list: &[String]| list.iter().map(|p| Pointer::parse(p)).collect::<Result<Vec<_>>>();
@@ -251,6 +263,32 @@ impl StateRead {
     /// `sha256:<hex>` of the canonical state.
     pub fn digest(&self, response: &Response<Bytes>) -> Result<String> {
         Ok(digest_of(&self.canonical_state(response)?))
+    }
+}
+
+/// Operation names AWS gives its read and list calls (IAM's Read and List access levels).
+const READ_VERBS: &[&str] = &["Get", "List", "Describe", "Head", "BatchGet", "Query", "Scan"];
+
+/// A certified read must be one: it runs before the drift check, and a drift denial does
+/// not use up the certificate, so a write certified as a "read" could be repeated at will.
+/// Its action is a read verb (`GetObject`, `DescribeSecurityGroups`; not `sts:`, whose
+/// `Get...Token` calls mint credentials), and on the REST protocols, where the method is
+/// what the service acts on, a GET or HEAD. The query and JSON protocols carry the
+/// operation on the wire, already checked against the action.
+fn ensure_a_read(call: &AwsCall, protocol: Protocol) -> Result<()> {
+    let (service, operation) = call.action.split_once(':').unwrap_or_default();
+    let is_read_verb = READ_VERBS.iter().any(|verb| {
+        operation.strip_prefix(verb).is_some_and(|rest| rest.is_empty() || rest.starts_with(|c: char| c.is_ascii_uppercase()))
+    });
+    ensure!(
+        is_read_verb && service != "sts",
+        "`{}` is not a read: a certified read's operation starts with one of {READ_VERBS:?}",
+        call.action
+    );
+    match call.request.method {
+        Method::GET | Method::HEAD => Ok(()),
+        Method::POST if matches!(protocol, Protocol::Query | Protocol::Json) => Ok(()),
+        ref method => bail!("a read is a GET or HEAD (or a POST of the query or JSON protocol), not {method}"),
     }
 }
 
@@ -470,6 +508,51 @@ mod tests {
         params["precondition"]["volatile"] = json!(["ConsumedCapacity"]);
         let e = format!("{:#}", AwsOperation::parse(&request(params)).unwrap_err());
         assert!(e.contains("params.precondition") && e.contains("must start with `/`"), "{e}");
+    }
+
+    #[test]
+    fn a_certified_read_must_be_a_read() {
+        let refused = |precondition: Value| {
+            let mut params = put_item();
+            params["precondition"] = precondition;
+            format!("{:#}", AwsOperation::parse(&request(params)).unwrap_err())
+        };
+        // A delete dressed as the precondition's read: REST, the action says so.
+        let e = refused(json!({"action": "s3:DeleteObject", "protocol": "rest-xml",
+            "resources": ["arn:aws:s3:::prod/*"], "request": {"method": "POST", "path": "/prod?delete", "body": "<Delete/>"}}));
+        assert!(e.contains("`s3:DeleteObject` is not a read"), "{e}");
+        // A read verb on a REST write method.
+        let e = refused(json!({"action": "s3:GetObject", "protocol": "rest-xml",
+            "request": {"method": "DELETE", "path": "/prod/app.json"}}));
+        assert!(e.contains("a read is a GET or HEAD"), "{e}");
+        // JSON protocol: the operation on the wire is the action's, and a read's.
+        let e = refused(json!({"action": "dynamodb:DeleteTable", "protocol": "json", "request": {"method": "POST",
+            "path": "/", "headers": {"x-amz-target": "DynamoDB_20120810.DeleteTable"}, "body": "{}"}}));
+        assert!(e.contains("`dynamodb:DeleteTable` is not a read"), "{e}");
+        // Credentials are not state.
+        let e = refused(json!({"action": "sts:GetSessionToken", "protocol": "query",
+            "request": {"method": "POST", "path": "/", "body": "Action=GetSessionToken"}}));
+        assert!(e.contains("is not a read"), "{e}");
+        // A verb must be the whole first word: `Getaway` is not `Get`.
+        let e = refused(json!({"action": "x:Getaway", "protocol": "rest-json", "request": {"method": "GET", "path": "/"}}));
+        assert!(e.contains("is not a read"), "{e}");
+    }
+
+    #[test]
+    fn a_mutation_acts_on_its_exact_target_alone() {
+        let mut params = put_item();
+        params["resources"] = json!(["arn:aws:dynamodb:us-east-1:1:table/prod"]);
+        let e = format!("{:#}", AwsOperation::parse(&request(params)).unwrap_err());
+        assert!(e.contains("acts on its target `arn:aws:dynamodb:us-east-1:1:table/t` alone"), "{e}");
+        let mut params = put_item();
+        params["resources"] = json!(["arn:aws:dynamodb:us-east-1:1:table/t"]);
+        AwsOperation::parse(&request(params)).unwrap();
+        for target in ["arn:aws:dynamodb:us-east-1:1:table/*", "arn:aws:dynamodb:us-east-1:1:table/?", "*"] {
+            let mut wildcard = request(put_item());
+            wildcard.target = target.into();
+            let e = format!("{:#}", AwsOperation::parse(&wildcard).unwrap_err());
+            assert!(e.contains("is not one exact ARN"), "{target}: {e}");
+        }
     }
 
     #[test]
