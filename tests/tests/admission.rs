@@ -182,6 +182,28 @@ fn epoch_revocation_and_replay_predicates_each_admit_and_deny() {
     assert_admitted(&f.decide(&ahead, &request));
     let backwards = f.call(Request::SetEpochs { policy: None, revocation: Some(1) });
     assert!(matches!(backwards, Response::Error { .. }), "the revocation epoch must not go back: {backwards:?}");
+    // Nor the policy epoch (that would revive certificates of a retired policy), and
+    // neither goes past what a contract can carry (every certificate stale for good).
+    let backwards = f.call(Request::SetEpochs { policy: Some(0), revocation: None });
+    assert!(matches!(backwards, Response::Error { .. }), "the policy epoch must not go back: {backwards:?}");
+    let beyond = f.call(Request::SetEpochs { policy: None, revocation: Some(1 << 53) });
+    assert!(matches!(beyond, Response::Error { .. }), "past 2^53-1: {beyond:?}");
+
+    // Root in the enforced scope (a pod's root is uid 0 on the node) is no administrator.
+    let socket = f.sandbox.socket.to_string_lossy().into_owned();
+    for admin in [&["epoch", "--revocation", "99"][..], &["revoke", "--contract", "c-live"], &["status"]] {
+        let mut args = admin.to_vec();
+        args.extend(["--socket", &socket]);
+        let output = f.sandbox.run_in("workload", &f.sandbox.tools.agent, &args, &[]).unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains("is a process of the enforced scope"),
+            "{admin:?} from the scope: {stderr}"
+        );
+    }
+    let Response::Epochs(epochs) = f.call(Request::GetEpochs) else { panic!("no epochs") };
+    assert_eq!(epochs.revocation, Some(2), "the scope's root moved the revocation epoch");
+    assert_admitted(&f.decide(&ahead, &request));
 }
 
 fn dev_serial(pem: &str) -> String {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::{DECISION_KIND, Reason, Rejection};
 use crate::{
     audit::{Batch, chain::StoredRecord, ledger::Derived, now_ns},
-    cert::Verified,
+    cert::{Verified, ijson::MAX_SAFE_INTEGER},
 };
 
 pub const EPOCH_KIND: &str = "epoch_change";
@@ -123,14 +123,22 @@ pub fn epochs(conn: &Connection) -> Result<Epochs> {
     Ok(Epochs { policy: get("policy")?, revocation: get("revocation")? })
 }
 
-/// Set epochs. The revocation epoch only moves forward: going back would revive
-/// certificates the SAB retired.
+/// Set epochs. Both only move forward: going back would revive certificates the SAB
+/// retired (a revocation epoch they are behind, a policy epoch since changed). Both stay
+/// within what a contract can carry (I-JSON integers): one past it would make every
+/// certificate stale for good.
 pub fn set_epochs(batch: &mut Batch<'_>, policy: Option<u64>, revocation: Option<u64>) -> Result<Epochs> {
     let current = epochs(batch.conn())?;
-    if let (Some(new), Some(old)) = (revocation, current.revocation)
-        && new < old
-    {
-        bail!("the revocation epoch only moves forward: it is {old}, {new} was asked");
+    for (name, new, old) in [("policy", policy, current.policy), ("revocation", revocation, current.revocation)] {
+        let Some(new) = new else { continue };
+        if new > MAX_SAFE_INTEGER {
+            bail!("the {name} epoch {new} is beyond what a contract can carry ({MAX_SAFE_INTEGER})");
+        }
+        if let Some(old) = old
+            && new < old
+        {
+            bail!("the {name} epoch only moves forward: it is {old}, {new} was asked");
+        }
     }
     let next = Epochs { policy: policy.or(current.policy), revocation: revocation.or(current.revocation) };
     append_applied(batch, EPOCH_KIND, &EpochChange { previous: current, current: next })?;

@@ -325,4 +325,20 @@ impl SharedEnforcer {
     pub fn links(&self) -> Vec<LinkState> {
         self.inner.lock().map(|guard| guard.0.links().to_vec()).unwrap_or_default()
     }
+
+    /// Whether process `tgid` is of the enforced scope (followed by the kernel, or in an
+    /// enforced cgroup). When that cannot be told (a poisoned lock, a missing map), it is
+    /// taken to be: what depends on the answer refuses the scope's processes.
+    pub fn is_of_the_scope(&self, tgid: u32) -> bool {
+        let Ok(guard) = self.inner.lock() else { return true };
+        let enforcer = &guard.0;
+        let nothing_applied = AttachTargets::default();
+        let scope = enforcer.applied.as_ref().map_or(&nothing_applied, |desired| &desired.targets);
+        let Some(Ok(scoped)) =
+            enforcer.ebpf.map(seb_common::map_names::SCOPED_TASKS).map(aya::maps::HashMap::<_, u32, u64>::try_from)
+        else {
+            return true;
+        };
+        super::processes::of_the_scope(&scoped, &enforcer.mount, scope, tgid)
+    }
 }

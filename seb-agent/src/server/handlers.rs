@@ -214,20 +214,31 @@ async fn handle_probe_egress(addr: String, broker: &Broker) -> Response {
     Response::ProbeEgress { addr, connected: result.is_ok(), error: result.err().map(|e| format!("{e:#}")) }
 }
 
-/// Administrator requests: uid 0, and the process that connected is still alive (a
-/// refusal of the latter is recorded).
+/// Administrator requests: uid 0 outside the enforced scope, and the process that
+/// connected is still alive (a refusal of either of the latter is recorded). Root in a
+/// pod of the scope is uid 0 here too (no user namespace), and must not move epochs,
+/// revoke others' certificates or probe protected endpoints through the broker.
 async fn administrator(peer: &Peer, broker: &Broker, what: &str) -> Result<(), Response> {
     if peer.uid != 0 {
         return Err(error(ErrorCode::Forbidden, format!("{what} is for the node's administrator (uid 0)")));
     }
-    if peer.alive() {
+    let (reason, message) = if !peer.alive() {
+        (
+            admission::Reason::CallerChanged,
+            format!("the process that opened this connection (pid {}) has exited", peer.pid),
+        )
+    } else if u32::try_from(peer.pid).map_or(true, |tgid| broker.enforcer.is_of_the_scope(tgid)) {
+        (
+            admission::Reason::CallerMismatch,
+            format!("{what} is for the node's administrator: the caller (pid {}) is a process of the enforced scope", peer.pid),
+        )
+    } else {
         return Ok(());
-    }
-    let message = format!("the process that opened this connection (pid {}) has exited", peer.pid);
+    };
     let record = serde_json::json!({
         "request": what,
         "caller": peer.unidentified(),
-        "reason": admission::Reason::CallerChanged,
+        "reason": reason,
         "message": message,
     });
     if let Err(e) = broker.ledger.try_run(move |batch| batch.append(REFUSAL_KIND, now_ns(), &record)).await {
