@@ -20,7 +20,7 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use base64::Engine;
 use futures::future::BoxFuture;
 use k8s_openapi::api::{
@@ -86,6 +86,9 @@ impl KubeTarget {
             _ => bail!(usage()),
         };
         let (group, version) = api_version.rsplit_once('/').map_or(("", api_version.as_str()), |(g, v)| (g, v));
+        check_kind(kind).with_context(|| format!("Kubernetes target `{target}`"))?;
+        check_namespace(namespace).with_context(|| format!("Kubernetes target `{target}`"))?;
+        check_name(name).with_context(|| format!("Kubernetes target `{target}`"))?;
         Ok(Self { gvk: GroupVersionKind::gvk(group, version, kind), namespace: namespace.into(), name: name.into() })
     }
 
@@ -94,22 +97,130 @@ impl KubeTarget {
     }
 }
 
+/// Kinds of the core API whose spelling is known: a target must spell them so. The API
+/// server finds the resource by the lower-cased kind's plural, so `SECRET` is `secrets`
+/// there while a policy comparing `resource.kind == "Secret"` never matches it.
+const KNOWN_KINDS: &[&str] = &[
+    "ConfigMap",
+    "CronJob",
+    "DaemonSet",
+    "Deployment",
+    "EndpointSlice",
+    "Endpoints",
+    "Event",
+    "HorizontalPodAutoscaler",
+    "Ingress",
+    "Job",
+    "Lease",
+    "LimitRange",
+    "NetworkPolicy",
+    "PersistentVolumeClaim",
+    "Pod",
+    "PodDisruptionBudget",
+    "ReplicaSet",
+    "ResourceQuota",
+    "Role",
+    "RoleBinding",
+    "Secret",
+    "Service",
+    "ServiceAccount",
+    "StatefulSet",
+];
+
+/// A kind is an identifier in UpperCamelCase (`Deployment`, `CSIStorageCapacity`): it has
+/// a lower-case letter, so no all-capitals alias of another, and a known kind is spelt as
+/// the API spells it.
+fn check_kind(kind: &str) -> Result<()> {
+    ensure!(
+        kind.starts_with(|c: char| c.is_ascii_uppercase())
+            && kind.bytes().all(|b| b.is_ascii_alphanumeric())
+            && kind.bytes().any(|b| b.is_ascii_lowercase()),
+        "the kind `{kind}` is not an UpperCamelCase identifier"
+    );
+    if let Some(known) = KNOWN_KINDS.iter().find(|known| known.eq_ignore_ascii_case(kind)) {
+        ensure!(*known == kind, "the kind `{kind}` is spelt `{known}`");
+    }
+    Ok(())
+}
+
+/// A namespace name is a DNS-1123 label (apimachinery `ValidateNamespaceName`,
+/// `validation.IsDNS1123Label`): lower-case letters, digits and `-`, at most 63. So no
+/// escape (`kube%2Dsystem`) or query (`?`) gives one namespace two spellings.
+fn check_namespace(namespace: &str) -> Result<()> {
+    let bytes = namespace.as_bytes();
+    ensure!(
+        (1..=63).contains(&bytes.len())
+            && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+            && bytes[0] != b'-'
+            && bytes[bytes.len() - 1] != b'-',
+        "the namespace `{namespace}` is not a DNS-1123 label"
+    );
+    Ok(())
+}
+
+/// An object name as the URL carries it unescaped: a DNS-1123 subdomain's characters
+/// (apimachinery `NameIsDNSSubdomain`) plus `:`, which RBAC names use
+/// (`path.IsValidPathSegmentName`); never `.` or `..`, at most 253. No `%`, `/`, `?` or
+/// `#`, which would address another object than the name says.
+fn check_name(name: &str) -> Result<()> {
+    ensure!(
+        (1..=253).contains(&name.len())
+            && name != "."
+            && name != ".."
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:_".contains(&b)),
+        "the name `{name}` is not an object name (letters, digits, `-`, `.`, `_`, `:`)"
+    );
+    Ok(())
+}
+
 impl KubeOperation {
     pub fn parse(request: &MutationRequest) -> Result<Self> {
         let target = KubeTarget::parse(&request.target)?;
         let params = &request.params;
+        let object = |verb: &str| -> Result<Value> {
+            let object = params.get("object").cloned().with_context(|| format!("{verb} needs params.object"))?;
+            check_object_names(&object, &target, verb)?;
+            Ok(object)
+        };
         let verb = match request.operation.as_str() {
-            "create" => Verb::Create(params.get("object").cloned().context("create needs params.object")?),
+            "create" => Verb::Create(object("create")?),
             "patch" => {
-                Verb::Patch(params.get("patch").cloned().context("patch needs params.patch (a JSON merge patch)")?)
+                let patch = params.get("patch").cloned().context("patch needs params.patch (a JSON merge patch)")?;
+                ensure!(patch.is_object(), "params.patch is a JSON merge patch (an object)");
+                ensure!(patch.get("metadata").is_none_or(Value::is_object), "params.patch.metadata must be an object");
+                Verb::Patch(patch)
             }
-            "apply" => Verb::Apply(params.get("object").cloned().context("apply needs params.object")?),
+            "apply" => Verb::Apply(object("apply")?),
             "scale" => Verb::Scale(params["replicas"].as_i64().context("scale needs params.replicas")?),
             "delete" => Verb::Delete,
             other => bail!("Kubernetes operation `{other}` is not one of create, patch, apply, scale, delete"),
         };
         Ok(Self { verb, target })
     }
+}
+
+/// A created or applied object is the target: its `metadata.name` is the target's name
+/// (what the API server creates is the body's name, not the URL's), no `generateName`,
+/// and its namespace, if named, the target's.
+fn check_object_names(object: &Value, target: &KubeTarget, verb: &str) -> Result<()> {
+    let metadata = object
+        .get("metadata")
+        .and_then(Value::as_object)
+        .with_context(|| format!("params.object.metadata must be an object naming `{}` ({verb})", target.name))?;
+    ensure!(
+        metadata.get("name").and_then(Value::as_str) == Some(target.name.as_str()),
+        "params.object.metadata.name must be the target's name `{}`",
+        target.name
+    );
+    ensure!(metadata.get("generateName").is_none(), "params.object.metadata.generateName is not certified");
+    if let Some(namespace) = metadata.get("namespace") {
+        ensure!(
+            namespace.as_str() == Some(target.namespace.as_str()),
+            "params.object.metadata.namespace must be the target's `{}`",
+            target.namespace
+        );
+    }
+    Ok(())
 }
 
 /// The object's state without the fields the API server changes on its own.
@@ -381,6 +492,57 @@ mod tests {
         assert_eq!(core.target.gvk, GroupVersionKind::gvk("", "v1", "ConfigMap"));
         assert!(KubeOperation::parse(&request("delete", "Deployment/web", Value::Null)).is_err());
         assert!(KubeOperation::parse(&request("exec", "v1/Pod/prod/x", Value::Null)).is_err());
+    }
+
+    #[test]
+    fn one_object_has_one_spelling() {
+        let refused =
+            |target: &str| format!("{:#}", KubeOperation::parse(&request("delete", target, Value::Null)).unwrap_err());
+        assert!(refused("v1/SECRET/prod/db").contains("not an UpperCamelCase identifier"));
+        assert!(refused("v1/secret/prod/db").contains("not an UpperCamelCase identifier"));
+        assert!(refused("v1/SeCret/prod/db").contains("is spelt `Secret`"));
+        assert!(refused("v1/Secret/kube%2Dsystem/db").contains("not a DNS-1123 label"));
+        assert!(refused("v1/Secret/Prod/db").contains("not a DNS-1123 label"));
+        for name in ["web?x", "web%2F..", "web#x", ".", "..", "a b"] {
+            assert!(refused(&format!("v1/Secret/prod/{name}")).contains("is not an object name"), "{name}");
+        }
+        // What real names look like passes: subdomains, RBAC names with `:`, long kinds.
+        for target in [
+            "rbac.authorization.k8s.io/v1/Role/prod/system:leader-locking",
+            "storage.k8s.io/v1/CSIStorageCapacity/prod/cap-1.a",
+            "seb.dev/v1/SebPolicy/prod/default",
+        ] {
+            KubeOperation::parse(&request("delete", target, Value::Null)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_created_or_applied_object_is_the_target() {
+        let object =
+            |metadata: Value| json!({"object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata}});
+        let parse = |operation: &str, params: Value| {
+            KubeOperation::parse(&request(operation, "v1/ConfigMap/prod/settings", params))
+                .map_err(|e| format!("{e:#}"))
+        };
+        parse("create", object(json!({"name": "settings"}))).unwrap();
+        parse("apply", object(json!({"name": "settings", "namespace": "prod"}))).unwrap();
+        assert!(parse("create", object(json!({"name": "other"}))).unwrap_err().contains("the target's name"));
+        assert!(
+            parse("create", object(json!({"generateName": "s-", "name": "settings"})))
+                .unwrap_err()
+                .contains("generateName")
+        );
+        assert!(
+            parse("apply", object(json!({"name": "settings", "namespace": "kube-system"})))
+                .unwrap_err()
+                .contains("the target's `prod`")
+        );
+        assert!(parse("create", object(json!("settings"))).unwrap_err().contains("must be an object"));
+        // A patch whose metadata is not an object would have the executor panic after the
+        // decision was recorded.
+        let e = parse("patch", json!({"patch": {"metadata": "x"}})).unwrap_err();
+        assert!(e.contains("metadata must be an object"), "{e}");
+        assert!(parse("patch", json!({"patch": [1]})).unwrap_err().contains("(an object)"));
     }
 
     #[test]

@@ -17,7 +17,10 @@ use anyhow::{Context as _, Result, bail};
 use cedar_policy::{Context, Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression, Schema};
 
 use super::identity::Agent;
-use crate::cert::{MutationRequest, Provider, contract::canonical_json};
+use crate::{
+    cert::{MutationRequest, Provider, contract::canonical_json},
+    execute::kubernetes::KubeTarget,
+};
 
 /// The operations each executor performs: the actions policies may name.
 const AWS_OPERATIONS: &[&str] = &["s3:PutObject", "s3:DeleteObject", "s3:PutBucketPolicy"];
@@ -156,21 +159,16 @@ pub fn resource(request: &MutationRequest) -> Result<(EntityUid, Entity)> {
             ("Seb::AwsResource", attrs)
         }
         Provider::Kubernetes => {
-            let parts: Vec<&str> = target.split('/').collect();
-            let (group, version, kind, namespace, name) = match parts.as_slice() {
-                [version, kind, ns, name] => ("", *version, *kind, *ns, *name),
-                [group, version, kind, ns, name] => (*group, *version, *kind, *ns, *name),
-                _ => bail!("a Kubernetes target is [<group>/]<version>/<Kind>/<namespace>/<name>, not `{target}`"),
-            };
-            if [version, kind, namespace, name].iter().any(|part| part.is_empty()) {
-                bail!("the Kubernetes target `{target}` has an empty part");
-            }
+            // As the executor reads it: one spelling per object (no kind in another case,
+            // no escaped or queried namespace or name), so each rule sees the object the
+            // API server will act on.
+            let object = KubeTarget::parse(target)?;
             let attrs = vec![
-                ("group", string(group)),
-                ("version", string(version)),
-                ("kind", string(kind)),
-                ("namespace", string(namespace)),
-                ("name", string(name)),
+                ("group", string(&object.gvk.group)),
+                ("version", string(&object.gvk.version)),
+                ("kind", string(&object.gvk.kind)),
+                ("namespace", string(&object.namespace)),
+                ("name", string(&object.name)),
             ];
             ("Seb::KubernetesObject", attrs)
         }
