@@ -96,6 +96,12 @@ fn certificate_predicates_each_admit_and_deny() {
     assert_denied(&f.propose(&f.issue(&contract, &missing), &request), Reason::MissingContract);
     let not_critical = IssueOptions { contract_critical: false, ..Default::default() };
     assert_denied(&f.propose(&f.issue(&contract, &not_critical), &request), Reason::MalformedContract);
+    // A contract naming only a node binds no caller: any process there could use it.
+    let anyone = ExecutionContract {
+        agent: AgentIdentity { node: Some("node-a".into()), ..AgentIdentity::default() },
+        ..contract.clone()
+    };
+    assert_denied(&f.decide(&anyone, &request), Reason::MalformedContract);
     assert_denied(
         &f.propose("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n", &request),
         Reason::MalformedCertificate,

@@ -133,7 +133,7 @@ pub fn certificate(data: &[u8]) -> bool {
     match ANCHORS.verify(&pem, policy, *NOW) {
         Ok(verified) => {
             assert!(!verified.serial.is_empty());
-            assert!(!verified.contract.agent.is_empty(), "a verified contract names an agent");
+            assert!(verified.contract.agent.binds_a_caller(), "a verified contract binds a caller");
             assert_eq!(verified.contract.check_numbers(), Ok(()));
             true
         }
@@ -157,7 +157,7 @@ pub fn contract(data: &[u8]) -> bool {
         Ok(contract) => {
             assert_eq!(contract_extension_value(&contract).expect("a contract encodes"), data, "accepted ⇒ canonical");
             assert_eq!(contract.check_numbers(), Ok(()));
-            assert!(!contract.agent.is_empty());
+            assert!(contract.agent.binds_a_caller());
             true
         }
         Err(rejection) => {

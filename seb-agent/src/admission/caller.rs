@@ -92,7 +92,7 @@ impl Peer {
                 "the process that opened this connection (pid {pid}) has exited; what /proc/{pid} shows now is not the caller"
             );
         }
-        let pod_uid = cgroup.as_deref().and_then(pod_uid_of);
+        let pod_uid = cgroup.as_deref().and_then(pod_uid_of_caller);
         let identity = CallerIdentity { uid: self.uid, gid: self.gid, pid, exe, cgroup, pod_uid };
         Ok(Caller { identity, peer: self.clone() })
     }
@@ -180,7 +180,9 @@ fn known(value: Option<&str>) -> &str {
     value.unwrap_or("(unknown)")
 }
 
-/// The pod UID in a kubelet cgroup path: `.../pod<uid>/...` (cgroupfs driver) or
+/// The pod UID a kubelet cgroup path's shape names, wherever it is: for naming what a
+/// cgroup holds (denials, the cluster's pod cgroups); what decides who a caller is uses
+/// [`pod_uid_of_caller`]. The pod UID in a kubelet cgroup path: `.../pod<uid>/...` (cgroupfs driver) or
 /// `...-pod<uid_with_underscores>.slice` (systemd driver).
 pub fn pod_uid_of(cgroup: &str) -> Option<String> {
     // "kubepods" itself contains "pod": try every occurrence.
@@ -197,6 +199,55 @@ pub fn pod_uid_of(cgroup: &str) -> Option<String> {
     )
 }
 
+/// The caller's pod UID, only where the kubelet puts pods: under the
+/// hierarchy's own `kubepods` (cgroupfs driver: `/kubepods[/burstable|/besteffort]/pod<uid>`)
+/// or `kubepods.slice` (systemd driver: `/kubepods.slice[/kubepods-<qos>.slice]/
+/// kubepods[-<qos>]-pod<uid_with_underscores>.slice`). Seen from inside a cgroup namespace
+/// (a path starting with `..`, the namespace's root being in that hierarchy), from the
+/// QoS level or the pod itself. Anywhere else (a user's delegated subtree, where anyone
+/// may make `kubepods/pod<uid>`, or `systemd-run --user --unit=pod<uid>`), none.
+pub fn pod_uid_of_caller(cgroup: &str) -> Option<String> {
+    let segments: Vec<&str> = cgroup.split('/').filter(|s| !s.is_empty()).collect();
+    let above = segments.iter().take_while(|s| **s == "..").count();
+    let path = &segments[above..];
+    let (root, mut rest) = match path.first() {
+        Some(&"kubepods") => (Some("kubepods"), &path[1..]),
+        Some(&"kubepods.slice") => (Some("kubepods.slice"), &path[1..]),
+        _ if above > 0 => (None, path),
+        _ => return None,
+    };
+    let systemd = root.map_or_else(|| rest.first().is_some_and(|s| s.ends_with(".slice")), |r| r.ends_with(".slice"));
+    let qos = |segment: &str| {
+        if systemd {
+            ["kubepods-burstable.slice", "kubepods-besteffort.slice"].contains(&segment)
+        } else {
+            ["burstable", "besteffort"].contains(&segment)
+        }
+    };
+    // The pod's own slice repeats its parent's name: `kubepods[-<qos>]-pod<uid>.slice`.
+    let mut prefixes =
+        if root.is_some() { vec!["kubepods"] } else { vec!["kubepods", "kubepods-burstable", "kubepods-besteffort"] };
+    if let Some(level) = rest.first().filter(|s| qos(s)) {
+        prefixes = vec![level.trim_end_matches(".slice")];
+        rest = &rest[1..];
+    }
+    let pod = rest.first()?;
+    let uid = if systemd {
+        prefixes
+            .iter()
+            .find_map(|prefix| pod.strip_prefix(prefix)?.strip_prefix("-pod")?.strip_suffix(".slice"))?
+            .replace('_', "-")
+    } else {
+        pod.strip_prefix("pod")?.to_string()
+    };
+    let well_formed = uid.len() == 36
+        && uid
+            .chars()
+            .enumerate()
+            .all(|(i, c)| if [8, 13, 18, 23].contains(&i) { c == '-' } else { c.is_ascii_hexdigit() });
+    well_formed.then_some(uid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,13 +255,41 @@ mod tests {
     #[test]
     fn pod_uids_are_found_under_both_cgroup_drivers() {
         let uid = "0f3c2a1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b";
-        assert_eq!(pod_uid_of(&format!("/kubepods/burstable/pod{uid}/abc123")).as_deref(), Some(uid));
+        assert_eq!(pod_uid_of_caller(&format!("/kubepods/burstable/pod{uid}/abc123")).as_deref(), Some(uid));
         let systemd = format!(
             "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-1.scope",
             uid.replace('-', "_")
         );
-        assert_eq!(pod_uid_of(&systemd).as_deref(), Some(uid));
-        assert_eq!(pod_uid_of("/system.slice/kubelet.service"), None);
+        assert_eq!(pod_uid_of_caller(&systemd).as_deref(), Some(uid));
+        assert_eq!(pod_uid_of_caller(&format!("/kubepods/pod{uid}/abc")).as_deref(), Some(uid));
+        let guaranteed = format!("/kubepods.slice/kubepods-pod{}.slice/cri-containerd-1.scope", uid.replace('-', "_"));
+        assert_eq!(pod_uid_of_caller(&guaranteed).as_deref(), Some(uid));
+        // Seen from a cgroup namespace whose root is a container of another pod.
+        let relative = format!("/../../kubepods-besteffort-pod{}.slice/cri-containerd-2.scope", uid.replace('-', "_"));
+        assert_eq!(pod_uid_of_caller(&relative).as_deref(), Some(uid));
+        assert_eq!(pod_uid_of_caller("/system.slice/kubelet.service"), None);
+        // Naming what a cgroup holds takes the shape anywhere (a nested kubelet root).
+        assert_eq!(pod_uid_of(&format!("/nested/kubepods/burstable/pod{uid}/abc")).as_deref(), Some(uid));
+    }
+
+    #[test]
+    fn a_pod_uid_is_not_taken_from_outside_the_kubelets_hierarchy() {
+        let uid = "0f3c2a1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b";
+        let forged = [
+            // systemd-run --user --scope --unit=pod<uid>
+            format!("/user.slice/user-1000.slice/user@1000.service/app.slice/pod{uid}.scope"),
+            // mkdir in a user's delegated subtree
+            format!("/user.slice/user-1000.slice/user@1000.service/kubepods/pod{uid}/x"),
+            format!(
+                "/user.slice/user-1000.slice/user@1000.service/kubepods.slice/kubepods-pod{}.slice/x",
+                uid.replace('-', "_")
+            ),
+            format!("/../../../user.slice/user-1000.slice/user@1000.service/kubepods/pod{uid}"),
+            format!("/kubepods/burstable/notapod{uid}/x"),
+        ];
+        for path in forged {
+            assert_eq!(pod_uid_of_caller(&path), None, "{path}");
+        }
     }
 
     #[test]

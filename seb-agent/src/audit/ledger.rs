@@ -149,7 +149,9 @@ impl Batch<'_> {
             .prepare_cached(
                 "INSERT INTO records (seq, kind, time_ns, body, prev_hash, hash, signature) VALUES (?1, ?2, ?3, ?4, ?5, ?6, X'')",
             )?
-            .execute(params![next.seq, kind, time_ns, body, &prev.hash[..], &next.hash[..]])?;
+            .execute(params![next.seq, kind, time_ns, body, &prev.hash[..], &next.hash[..]])
+            .and_then(store::one_row)
+            .context("appending a record")?;
         self.head = next;
         self.appended += 1;
         Ok(StoredRecord {
@@ -414,6 +416,7 @@ impl Writer {
             // One signature for the group: on its last record, covering every record before.
             tx.prepare_cached("UPDATE records SET signature = ?1 WHERE seq = ?2")?
                 .execute(params![&head.sign(&self.key)[..], head.seq])
+                .and_then(store::one_row)
                 .context("signing the group's head")?;
         }
         self.open_files.check()?;

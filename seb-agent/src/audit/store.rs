@@ -83,7 +83,28 @@ pub fn open_writable(path: &Path, create: bool) -> Result<Connection> {
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.execute_batch(SCHEMA).context("creating the audit schema")?;
+    refuse_triggers(&conn)?;
     Ok(conn)
+}
+
+/// The store holds no trigger: seb creates none, and one planted in the file (while the
+/// broker was down) could drop or rewrite chosen records as they are appended.
+fn refuse_triggers(conn: &Connection) -> Result<()> {
+    let mut query = conn.prepare("SELECT name FROM sqlite_master WHERE type = 'trigger'")?;
+    let names = query.query_map([], |row| row.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+    if !names.is_empty() {
+        bail!(
+            "the audit store holds triggers seb did not create ({}); refusing to write through them",
+            names.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// A statement that must change exactly one row did (a trigger added while the broker
+/// runs could make an INSERT do nothing).
+pub fn one_row(rows: usize) -> rusqlite::Result<()> {
+    if rows == 1 { Ok(()) } else { Err(rusqlite::Error::StatementChangedRows(rows)) }
 }
 
 /// How often the WAL is copied back into the database.
@@ -234,6 +255,33 @@ impl OpenFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trigger_planted_in_the_store_is_refused_and_one_added_later_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        drop(open_writable(&path, true).unwrap());
+        let planted = Connection::open(&path).unwrap();
+        planted
+            .execute_batch(
+                "CREATE TRIGGER hide BEFORE INSERT ON records WHEN new.kind = 'kernel_denial' \
+                 BEGIN SELECT RAISE(IGNORE); END;",
+            )
+            .unwrap();
+        let error = open_writable(&path, false).err().unwrap().to_string();
+        assert!(error.contains("triggers seb did not create (hide)"), "{error}");
+        // Added under a running writer: the INSERT it swallows changes no row.
+        planted.execute_batch("DROP TRIGGER hide").unwrap();
+        let conn = open_writable(&path, false).unwrap();
+        planted.execute_batch("CREATE TRIGGER hide BEFORE INSERT ON records BEGIN SELECT RAISE(IGNORE); END;").unwrap();
+        let rows = conn
+            .execute(
+                "INSERT INTO records (seq, kind, time_ns, body, prev_hash, hash, signature) VALUES (1, 'k', 0, '{}', X'', X'', X'')",
+                [],
+            )
+            .unwrap();
+        assert!(one_row(rows).is_err(), "{rows} rows");
+    }
 
     #[test]
     fn the_derived_state_of_the_writer_is_kept_in_memory() {

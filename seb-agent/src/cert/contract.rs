@@ -103,12 +103,10 @@ pub struct AgentIdentity {
 }
 
 impl AgentIdentity {
-    pub fn is_empty(&self) -> bool {
-        self.uid.is_none()
-            && self.exe.is_none()
-            && self.cgroup.is_none()
-            && self.pod_uid.is_none()
-            && self.node.is_none()
+    /// Whether it names the caller at all: `node` only says where, so a contract naming
+    /// nothing else would serve any process there.
+    pub fn binds_a_caller(&self) -> bool {
+        self.uid.is_some() || self.exe.is_some() || self.cgroup.is_some() || self.pod_uid.is_some()
     }
 }
 

@@ -245,8 +245,11 @@ pub fn contract_of(extensions: &[Extension<'_>]) -> Result<ExecutionContract, Re
     if !contract.is_in_canonical_form(text) {
         return Err(reject(Reason::MalformedContract, "the contract is not in RFC 8785 canonical form"));
     }
-    if contract.agent.is_empty() {
-        return Err(reject(Reason::MalformedContract, "the contract names no agent identity"));
+    if !contract.agent.binds_a_caller() {
+        return Err(reject(
+            Reason::MalformedContract,
+            "the contract binds no caller: its agent names none of uid, exe, cgroup, pod_uid",
+        ));
     }
     Ok(contract)
 }

@@ -230,7 +230,10 @@ async fn administrator(peer: &Peer, broker: &Broker, what: &str) -> Result<(), R
     } else if u32::try_from(peer.pid).map_or(true, |tgid| broker.enforcer.is_of_the_scope(tgid)) {
         (
             admission::Reason::CallerMismatch,
-            format!("{what} is for the node's administrator: the caller (pid {}) is a process of the enforced scope", peer.pid),
+            format!(
+                "{what} is for the node's administrator: the caller (pid {}) is a process of the enforced scope",
+                peer.pid
+            ),
         )
     } else {
         return Ok(());

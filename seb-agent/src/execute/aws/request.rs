@@ -278,7 +278,9 @@ const READ_VERBS: &[&str] = &["Get", "List", "Describe", "Head", "BatchGet", "Qu
 fn ensure_a_read(call: &AwsCall, protocol: Protocol) -> Result<()> {
     let (service, operation) = call.action.split_once(':').unwrap_or_default();
     let is_read_verb = READ_VERBS.iter().any(|verb| {
-        operation.strip_prefix(verb).is_some_and(|rest| rest.is_empty() || rest.starts_with(|c: char| c.is_ascii_uppercase()))
+        operation
+            .strip_prefix(verb)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(|c: char| c.is_ascii_uppercase()))
     });
     ensure!(
         is_read_verb && service != "sts",
@@ -534,7 +536,8 @@ mod tests {
             "request": {"method": "POST", "path": "/", "body": "Action=GetSessionToken"}}));
         assert!(e.contains("is not a read"), "{e}");
         // A verb must be the whole first word: `Getaway` is not `Get`.
-        let e = refused(json!({"action": "x:Getaway", "protocol": "rest-json", "request": {"method": "GET", "path": "/"}}));
+        let e =
+            refused(json!({"action": "x:Getaway", "protocol": "rest-json", "request": {"method": "GET", "path": "/"}}));
         assert!(e.contains("is not a read"), "{e}");
     }
 
