@@ -32,13 +32,25 @@ pub fn load(path: &Path) -> Result<SigningKey> {
 }
 
 /// A new key, with a head file for its (empty) store written first: from then on, a
-/// key without a head file means the head file was removed.
+/// key without a head file means the head file was removed. A head file without its key
+/// means the key was removed: refused, since a new key and an empty head written over
+/// the old one would let whoever deleted the key and the store start the node afresh
+/// (used serials forgotten, node-local revocations gone).
 fn create(path: &Path) -> Result<SigningKey> {
+    let head = head::path_for(path);
+    if head.exists() {
+        anyhow::bail!(
+            "the audit signing key {} is missing while its head file {} exists: the key was removed. Restore it; \
+             to start this node's audit log afresh on purpose, remove the head file (and the store) as well",
+            path.display(),
+            head.display()
+        );
+    }
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;
     }
     let key = SigningKey::generate(&mut rand_core::OsRng);
-    head::write(&head::path_for(path), &Head::EMPTY, &key, head::Flush::Now)?;
+    head::write(&head, &Head::EMPTY, &key, head::Flush::Now)?;
     let pem = key.to_pkcs8_pem(LineEnding::LF)?;
     let mut file = fs::OpenOptions::new()
         .write(true)
@@ -60,4 +72,22 @@ pub fn public_key_path(key_path: &Path) -> std::path::PathBuf {
 pub fn load_public(path: &Path) -> Result<VerifyingKey> {
     let pem = fs::read_to_string(path).with_context(|| format!("reading public key {}", path.display()))?;
     VerifyingKey::from_public_key_pem(&pem).with_context(|| format!("{} is not an Ed25519 public key", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_removed_key_is_not_replaced_while_its_head_file_remains() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("broker.key");
+        let first = load_or_create(&key).unwrap();
+        assert_eq!(load_or_create(&key).unwrap().to_bytes(), first.to_bytes(), "the same key again");
+        fs::remove_file(&key).unwrap();
+        let error = load_or_create(&key).err().unwrap().to_string();
+        assert!(error.contains("is missing while its head file"), "{error}");
+        fs::remove_file(head::path_for(&key)).unwrap();
+        assert_ne!(load_or_create(&key).unwrap().to_bytes(), first.to_bytes(), "a deliberate fresh start");
+    }
 }
