@@ -106,9 +106,18 @@ where
     collect(start_exchange(stream, request.map(Full::new), ()).await?).await
 }
 
+/// The largest response body the broker takes: an API answer is kilobytes, and one
+/// that is not (a multi-gigabyte object read through a passthrough, which needs no
+/// certificate) would otherwise be held whole, then copied, in the broker's memory.
+pub const MAX_RESPONSE: usize = 16 << 20;
+
 async fn collect(response: Response<Incoming>) -> Result<Response<Bytes>> {
     let (parts, body) = response.into_parts();
-    Ok(Response::from_parts(parts, body.collect().await?.to_bytes()))
+    let body = http_body_util::Limited::new(body, MAX_RESPONSE)
+        .collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("the response body could not be read whole within {MAX_RESPONSE} bytes: {e}"))?;
+    Ok(Response::from_parts(parts, body.to_bytes()))
 }
 
 /// Send one HTTP/1.1 request on a connected stream. The connection task owns `keep` (the
@@ -147,4 +156,39 @@ async fn resolve(host: &str, port: u16) -> Result<SocketAddr> {
         .with_context(|| format!("resolving {host}"))?
         .next()
         .with_context(|| format!("{host} has no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A server on the other end of an in-memory stream answering with a `len`-byte body.
+    async fn answer_with(len: usize) -> Result<Response<Bytes>> {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut request = [0; 1024];
+            let _ = server.read(&mut request).await;
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+            server.write_all(head.as_bytes()).await?;
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                server.write_all(&chunk[..n]).await?;
+                left -= n;
+            }
+            std::io::Result::Ok(())
+        });
+        let request = Request::get("http://api.test/object").header("host", "api.test").body(Bytes::new())?;
+        exchange(client, request).await
+    }
+
+    #[tokio::test]
+    async fn a_response_larger_than_the_bound_is_refused_not_held() {
+        assert_eq!(answer_with(MAX_RESPONSE).await.unwrap().body().len(), MAX_RESPONSE);
+        let error = format!("{:#}", answer_with(MAX_RESPONSE + 1).await.unwrap_err());
+        assert!(error.contains("could not be read whole within"), "{error}");
+    }
 }

@@ -83,13 +83,35 @@ impl HttpOperation {
     }
 }
 
-/// The https:// URL a request targets.
+/// The https:// URL a request targets, in one spelling: policies and prefixes compare
+/// its text, while the server resolves dot segments and escapes. So no user info (`a@b`
+/// names host b), no `.` or `..` segment, and no escaped `.`, `/` or `\` in the path.
 pub fn target_url(target: &str) -> Result<Uri> {
     let url: Uri = target.parse().with_context(|| format!("`{target}` is not a URL"))?;
     if url.scheme_str() != Some("https") {
         bail!("HTTP targets must be https:// URLs (mutual TLS with a minted client certificate)");
     }
+    if url.authority().is_some_and(|authority| authority.as_str().contains('@')) {
+        bail!("the URL `{target}` carries user info before its host");
+    }
+    let path = url.path();
+    let lower = path.to_ascii_lowercase();
+    if path.split('/').any(|segment| segment == "." || segment == "..")
+        || path.contains('\\')
+        || ["%2e", "%2f", "%5c"].iter().any(|escape| lower.contains(escape))
+    {
+        bail!(
+            "the URL `{target}` has a dot segment or an escaped `.`, `/` or `\\` in its path: name the resource plainly"
+        );
+    }
     Ok(url)
+}
+
+/// Whether `url` is under `prefix` (a URL, from the config) at a segment boundary:
+/// `https://api/v1` covers `https://api/v1/x` and `https://api/v1?q`, not `https://api/v1x`.
+pub fn is_under(url: &str, prefix: &str) -> bool {
+    url.strip_prefix(prefix)
+        .is_some_and(|rest| prefix.ends_with('/') || rest.is_empty() || rest.starts_with(['/', '?']))
 }
 
 fn http_request(url: &Uri, method: Method, body: Option<Bytes>) -> Result<Request<Bytes>> {
@@ -168,10 +190,17 @@ impl HttpsExecutor {
         let request = http_request(&operation.url, operation.method.clone(), operation.body.clone())?;
         let response = self.http.send_with(request, session.tls.clone()).await?;
         let status = response.status();
-        let error = (!status.is_success())
-            .then(|| format!("HTTP {}: {}", status.as_u16(), String::from_utf8_lossy(response.body())));
+        let error = (!status.is_success()).then(|| format!("HTTP {}: {}", status.as_u16(), excerpt(response.body())));
         Ok((status.as_u16(), error))
     }
+}
+
+/// What a signed outcome record keeps of an error response: its first bytes (an internal
+/// API's error page may be large, or echo what it should not), and how long it was.
+fn excerpt(body: &[u8]) -> String {
+    const KEPT: usize = 512;
+    let text = String::from_utf8_lossy(&body[..body.len().min(KEPT)]).into_owned();
+    if body.len() > KEPT { format!("{text}… ({} bytes)", body.len()) } else { text }
 }
 
 /// A minted client certificate and the mutation it may perform.
@@ -248,6 +277,34 @@ fn canonical_state(status: u16, body: &[u8]) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_body_is_kept_in_part() {
+        assert_eq!(excerpt(b"not found"), "not found");
+        let long = excerpt(&vec![b'e'; 10_000]);
+        assert!(long.len() < 600 && long.ends_with("… (10000 bytes)"), "{long}");
+    }
+
+    #[test]
+    fn a_url_has_one_spelling_and_prefixes_end_at_a_segment() {
+        for url in [
+            "https://api/v1/../admin/keys",
+            "https://api/v1/%2e%2e/admin/keys",
+            "https://api/v1/%2E%2E%2Fadmin",
+            "https://api/v1/./x",
+            "https://api/v1/a%2fb",
+            "https://api/v1/a\\b",
+            "https://api@other/v1/x",
+        ] {
+            assert!(target_url(url).is_err(), "{url}");
+        }
+        target_url("https://api/v1/config.json?version=2").unwrap();
+        assert!(is_under("https://api/v1/x", "https://api/v1"));
+        assert!(is_under("https://api/v1?q=1", "https://api/v1"));
+        assert!(is_under("https://api/v1/x", "https://api/v1/"));
+        assert!(!is_under("https://api/v1x/admin", "https://api/v1"));
+        assert!(!is_under("https://api.evil/v1", "https://api"));
+    }
 
     #[test]
     fn only_https_mutations_are_accepted() {

@@ -13,7 +13,7 @@ use super::{
         preset,
         request::{CertifiedRead, StateRead},
     },
-    https::target_url,
+    https::{is_under, target_url},
     kubernetes::{KubeTarget, canonical_state},
 };
 use crate::cert::{MutationRequest, Provider, contract::digest_of};
@@ -122,15 +122,16 @@ pub async fn read(
             Ok(result(response.status().as_u16(), response.body(), digest))
         }
         Provider::Http => {
+            let url = target_url(&request.target)?;
             if request.operation != "GET"
-                || !config.http_prefixes.iter().any(|prefix| request.target.starts_with(prefix))
+                || !config.http_prefixes.iter().any(|prefix| is_under(&request.target, prefix))
             {
                 bail!("only GET under passthrough.http_prefixes is a passthrough read on this broker");
             }
             let subject = config.http_subject.as_deref().context("passthrough.http_subject is not set")?;
             let executor = executors.https.as_ref().context("this broker has no HTTPS executor")?;
             let session = executor.mint(subject, read_id)?;
-            let (status, body, digest) = executor.get(&target_url(&request.target)?, &session).await?;
+            let (status, body, digest) = executor.get(&url, &session).await?;
             Ok(result(status, &body, digest))
         }
         Provider::Kubernetes => {

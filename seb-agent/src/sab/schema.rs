@@ -19,7 +19,7 @@ use cedar_policy::{Context, Entity, EntityId, EntityTypeName, EntityUid, Restric
 use super::identity::Agent;
 use crate::{
     cert::{MutationRequest, Provider, contract::canonical_json},
-    execute::kubernetes::KubeTarget,
+    execute::{https::target_url, kubernetes::KubeTarget},
 };
 
 /// The operations each executor performs: the actions policies may name.
@@ -173,10 +173,9 @@ pub fn resource(request: &MutationRequest) -> Result<(EntityUid, Entity)> {
             ("Seb::KubernetesObject", attrs)
         }
         Provider::Http => {
-            let url: http::Uri = target.parse().with_context(|| format!("`{target}` is not a URL"))?;
-            if url.scheme_str() != Some("https") {
-                bail!("an HTTP target is an https:// URL, not `{target}`");
-            }
+            // As the executor reads it: one spelling (no dot segments, escapes or user
+            // info), so a rule on `path` sees the resource the server will act on.
+            let url = target_url(target)?;
             let host = url.host().with_context(|| format!("`{target}` names no host"))?;
             let attrs = vec![
                 ("url", string(target)),
