@@ -280,6 +280,42 @@ fn slow_large_requests_cannot_take_the_brokers_memory() {
     assert!(metric(&f.sandbox, r#"seb_broker_limited_total{limit="frame_timeout"} "#) > 0);
 }
 
+/// A read request whose params are `values` zeros: 2 bytes each on the wire, over a
+/// hundred each once parsed.
+fn read_of_values(values: usize) -> Vec<u8> {
+    let zeros = vec!["0"; values].join(",");
+    format!(
+        r#"{{"v":1,"type":"read","request":{{"provider":"http","operation":"GET","target":"https://127.0.0.1/x","params":[{zeros}]}}}}"#
+    )
+    .into_bytes()
+}
+
+#[test]
+fn requests_of_many_small_values_cannot_take_the_brokers_memory() {
+    // Default request memory (64 MiB).
+    let f = broker("values", "", "");
+    let (socket, pid) = (f.sandbox.socket.clone(), f.sandbox.agent_pid().unwrap());
+    let baseline = memory_mib(pid, "VmHWM");
+    // 32 callers at once, each sending 1 MiB of `[0,0,...]` four times: parsed, one is
+    // tens of MiB.
+    let wide = std::sync::Arc::new(read_of_values((1 << 20) / 2 - 100));
+    let callers: Vec<_> = (0..32)
+        .map(|_| {
+            let (socket, wide) = (socket.clone(), wide.clone());
+            std::thread::spawn(move || (0..4).map(|_| call(&socket, &wide).1["code"].clone()).collect::<Vec<_>>())
+        })
+        .collect();
+    let codes: Vec<Value> = callers.into_iter().flat_map(|caller| caller.join().unwrap()).collect();
+    let peak = memory_mib(pid, "VmHWM");
+    eprintln!("128 requests of 524,188 values: broker peak RSS {baseline} -> {peak} MiB; answers {:?}", &codes[..4]);
+    assert!(codes.iter().all(|code| code == "busy"), "more values than the whole budget: {codes:?}");
+    assert!(peak < baseline + 160, "the broker's peak RSS went from {baseline} MiB to {peak} MiB");
+    // A request of many values that fits is parsed and answered (refused: no passthrough).
+    let (_, answer) = call(&socket, &read_of_values(20_000));
+    assert_eq!(answer["code"], "forbidden", "{answer}");
+    assert!(metric(&f.sandbox, r#"seb_broker_limited_total{limit="frame_memory"} "#) > 0);
+}
+
 /// The lowest descriptor number the process does not use: a limit there leaves it none.
 fn lowest_free_descriptor(pid: u32) -> u64 {
     let used: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))

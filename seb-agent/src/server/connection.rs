@@ -10,7 +10,7 @@ use super::{
     Broker, error,
     frames::FrameReader,
     handlers,
-    limits::{ConnectionSlot, FrameShare},
+    limits::{self, ConnectionSlot, FrameShare},
 };
 use crate::{
     admission::Peer,
@@ -48,6 +48,20 @@ pub async fn serve(mut stream: UnixStream, peer: Peer, broker: Arc<Broker>, slot
                 return;
             }
             Err(None) => return,
+        };
+        // Parsed, the request may take far more than its bytes: that is metered too.
+        let _parsed_share = match broker.frame_memory.take(limits::parsed_cost(&frame)) {
+            Some(share) => share,
+            None => {
+                broker.metrics.count_limit(Limit::FrameMemory);
+                let message = format!(
+                    "the broker is parsing too many large requests (broker.frame_memory_mib); a request of {} \
+                     JSON values does not fit now",
+                    limits::parsed_cost(&frame) / limits::PARSED_VALUE_BYTES
+                );
+                let _ = reply(&mut stream, &broker, error(ErrorCode::Busy, message)).await;
+                return;
+            }
         };
         slot.busy();
         let response = match parse_request(&frame) {

@@ -217,6 +217,35 @@ impl FrameMemory {
     }
 }
 
+/// What one JSON value of a request may take once parsed, at most: a `serde_json::Value`
+/// (with its map entry and key when it is a member), held twice (the parsed request and
+/// what the handlers copy from it). A request of `[0,0,...]` is 2 bytes per value on the
+/// wire and over a hundred in memory, so its bytes alone would not bound it.
+pub const PARSED_VALUE_BYTES: usize = 256;
+
+/// The memory a request's body may take once parsed: its values (counted by their
+/// separators and openings outside strings) times [`PARSED_VALUE_BYTES`].
+pub fn parsed_cost(body: &[u8]) -> usize {
+    let (mut values, mut in_string, mut escaped) = (1usize, false, false);
+    for &byte in body {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else {
+            match byte {
+                b'"' => in_string = true,
+                b',' | b':' | b'[' | b'{' => values += 1,
+                _ => {}
+            }
+        }
+    }
+    values.saturating_mul(PARSED_VALUE_BYTES)
+}
+
 /// Descriptors kept for everything but connections: the store, kernel maps and links,
 /// executors' and the cluster watchers' sockets.
 pub const RESERVED_DESCRIPTORS: u64 = 512;
@@ -316,5 +345,15 @@ mod tests {
         assert!(memory.take(UNMETERED_FRAME).is_some(), "a small request always gets through");
         drop(first);
         assert!(memory.take(MAX_MESSAGE).is_some());
+    }
+
+    #[test]
+    fn a_request_costs_what_its_values_take_once_parsed() {
+        assert_eq!(parsed_cost(b"7"), PARSED_VALUE_BYTES);
+        assert_eq!(parsed_cost(br#"{"a":[1,2]}"#), 5 * PARSED_VALUE_BYTES);
+        // Separators inside strings (escaped quotes included) are text, not values.
+        assert_eq!(parsed_cost(br#"{"a":"x,y:[{\",z"}"#), 3 * PARSED_VALUE_BYTES);
+        let wide = [b"[".as_slice(), &b"0,".repeat(1000), b"0]"].concat();
+        assert_eq!(parsed_cost(&wide), 1002 * PARSED_VALUE_BYTES);
     }
 }
