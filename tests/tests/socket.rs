@@ -316,6 +316,30 @@ fn requests_of_many_small_values_cannot_take_the_brokers_memory() {
     assert!(metric(&f.sandbox, r#"seb_broker_limited_total{limit="frame_memory"} "#) > 0);
 }
 
+/// A refused request is recorded (anyone on the socket can have one written), but what
+/// it sent is kept in part: 1 MiB requests must not become 1 MiB records.
+#[test]
+fn refused_requests_are_recorded_in_part() {
+    let f = broker("clipped", "", "");
+    let long_target = format!("https://127.0.0.1/{}", "a".repeat(600_000));
+    let read = serde_json::json!({"v": 1, "type": "read",
+        "request": {"provider": "http", "operation": "GET", "target": long_target}});
+    let (_, answer) = call(&f.sandbox.socket, read.to_string().as_bytes());
+    assert_eq!(answer["code"], "forbidden", "{answer}");
+    let propose = serde_json::json!({"v": 1, "type": "propose", "certificate": "not a certificate",
+        "request": {"provider": "http", "operation": "PUT", "target": long_target,
+                    "params": {"precondition": "x".repeat(300_000)}}});
+    let (_, answer) = call(&f.sandbox.socket, propose.to_string().as_bytes());
+    assert_eq!(answer["type"], "decision", "{answer}");
+    for kind in ["read", "decision"] {
+        let listing = f.sandbox.agent_cli(&["audit", "list", "--kind", kind, "--json"]).unwrap();
+        let records = String::from_utf8(listing.stdout).unwrap();
+        let last = records.lines().last().unwrap_or_else(|| panic!("no {kind} record"));
+        assert!(last.len() < 8 * 1024, "a {kind} record of {} bytes", last.len());
+        assert!(last.contains("bytes)"), "the record says how long the field was: {last}");
+    }
+}
+
 /// The lowest descriptor number the process does not use: a limit there leaves it none.
 fn lowest_free_descriptor(pid: u32) -> u64 {
     let used: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -78,7 +78,22 @@ pub struct RequestSummary {
     pub state_read: Option<serde_json::Value>,
 }
 
+/// Of a field a refused request brings, a record keeps at most this many bytes.
+const RECORDED_FIELD: usize = 1024;
+
 impl RequestSummary {
+    /// What the record of a denial keeps: the request's fields clipped, its state read
+    /// left out (only an admitted decision is read again); the digest still covers the
+    /// whole request. An admitted request is the certified one, kept whole.
+    fn clipped(self) -> Self {
+        Self {
+            operation: crate::audit::clipped(&self.operation, RECORDED_FIELD),
+            target: crate::audit::clipped(&self.target, RECORDED_FIELD),
+            state_read: None,
+            ..self
+        }
+    }
+
     pub fn of(request: &MutationRequest) -> Self {
         Self {
             provider: request.provider,
@@ -330,11 +345,11 @@ pub async fn record_then(
                 decision_id: id.clone(),
                 admitted,
                 reason,
-                message: message.clone(),
+                message: crate::audit::clipped(&message, 4 * RECORDED_FIELD),
                 caller: identity,
                 serial: serial.clone(),
                 contract_id: contract_id.clone(),
-                request,
+                request: if admitted { request } else { request.clipped() },
                 identity: verified.as_ref().map(|v| v.contract.identity.clone()),
                 active_epochs,
             };

@@ -24,3 +24,26 @@ pub fn format_time(time_ns: i64) -> String {
     let time = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(time_ns.max(0) as u64);
     humantime::format_rfc3339_nanos(time).to_string()
 }
+
+/// `text` as a record keeps what a caller sent: at most `max` bytes (cut at a character),
+/// then how long it was. Records of refused requests are written for anyone who can
+/// reach the socket; without a bound each could carry a whole 1 MiB request to disk.
+pub fn clipped(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let cut = (0..=max).rev().find(|at| text.is_char_boundary(*at)).unwrap_or(0);
+    format!("{}… ({} bytes)", &text[..cut], text.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_field_is_clipped_at_a_character_and_says_how_long_it_was() {
+        assert_eq!(clipped("short", 8), "short");
+        assert_eq!(clipped("aaaaaaaaaa", 4), "aaaa… (10 bytes)");
+        assert_eq!(clipped("ééé", 3), "é… (6 bytes)");
+    }
+}

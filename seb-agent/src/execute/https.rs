@@ -198,9 +198,7 @@ impl HttpsExecutor {
 /// What a signed outcome record keeps of an error response: its first bytes (an internal
 /// API's error page may be large, or echo what it should not), and how long it was.
 fn excerpt(body: &[u8]) -> String {
-    const KEPT: usize = 512;
-    let text = String::from_utf8_lossy(&body[..body.len().min(KEPT)]).into_owned();
-    if body.len() > KEPT { format!("{text}… ({} bytes)", body.len()) } else { text }
+    crate::audit::clipped(&String::from_utf8_lossy(body), 512)
 }
 
 /// A minted client certificate and the mutation it may perform.

@@ -110,15 +110,17 @@ async fn handle_read(request: MutationRequest, peer: &Peer, broker: &Broker) -> 
         }
         Err(e) => (peer.unidentified(), Err(e)),
     };
+    // Anyone who reaches the socket has a read recorded: what it sent is kept in part.
+    let field = |text: &str| crate::audit::clipped(text, 1024);
     let record = serde_json::json!({
         "read_id": read_id,
         "caller": caller,
         "provider": request.provider,
-        "operation": request.operation,
-        "target": request.target,
+        "operation": field(&request.operation),
+        "target": field(&request.target),
         "status": result.as_ref().ok().map(|r| r.status),
         "state_digest": result.as_ref().ok().map(|r| r.state_digest.clone()),
-        "error": result.as_ref().err().map(|e| format!("{e:#}")),
+        "error": result.as_ref().err().map(|e| crate::audit::clipped(&format!("{e:#}"), 4096)),
     });
     // Recorded, refused or not, before the caller hears anything.
     if let Err(e) = broker.ledger.try_run(move |batch| batch.append(READ_KIND, now_ns(), &record)).await {
