@@ -524,6 +524,19 @@ fn run(command: Command, output: Output) -> Result<Exit> {
     match command {
         Command::Run(config) => {
             let config = config.load()?;
+            match seb_agent::enforcement::processes::join_host_cgroup_namespace() {
+                Ok(Some(pid)) => tracing::info!(
+                    pid,
+                    "joined the cgroup namespace of the outermost process it sees: cgroup paths are read as the host \
+                     names them"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "cgroup paths are read relative to this process's cgroup namespace: callers' cgroups will not \
+                     match contracts that bind a cgroup"
+                ),
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let result = runtime.block_on(agent::run(config));
             // A blocking task still running (a certificate being verified) does not hold the exit.

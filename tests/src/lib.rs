@@ -100,6 +100,8 @@ pub struct Sandbox {
     pub socket: PathBuf,
     /// More `[broker]` settings (TOML lines) for the next config written.
     pub broker_settings: String,
+    /// A command the agent is started through (`unshare --cgroup`), empty for none.
+    pub agent_wrapper: Vec<String>,
     agent: Option<Child>,
     listeners: Vec<Listener>,
 }
@@ -138,6 +140,7 @@ impl Sandbox {
             cgroup,
             dir,
             broker_settings: String::new(),
+            agent_wrapper: Vec::new(),
             agent: None,
             listeners: Vec::new(),
         })
@@ -338,7 +341,13 @@ impl Sandbox {
     /// `seb-agent run` inside `<root>/broker` and the namespace, not yet started.
     pub fn agent_command(&self) -> Command {
         let mut command = self.exec_in("broker");
-        command.arg(&self.tools.agent).arg("run").arg("--config").arg(&self.config).env("SEB_LOG_FORMAT", "json");
+        command
+            .args(&self.agent_wrapper)
+            .arg(&self.tools.agent)
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("SEB_LOG_FORMAT", "json");
         command
     }
 

@@ -154,6 +154,39 @@ fn own_cgroup() -> String {
     text.lines().find_map(|l| l.strip_prefix("0::")).unwrap().to_string()
 }
 
+/// Started in a cgroup namespace of its own (as a container is), the broker still reads
+/// a caller's cgroup as the host names it, so a contract bound to that cgroup matches:
+/// it joins PID 1's cgroup namespace first. Without, it read the caller in `workload` as
+/// `/../workload` and refused it.
+#[test]
+fn a_broker_in_its_own_cgroup_namespace_reads_callers_cgroups_as_the_host_does() {
+    let mut sandbox = Sandbox::new("cgroupns", tools()).unwrap();
+    sandbox.agent_wrapper = vec!["unshare".into(), "--cgroup".into()];
+    let f = Broker::start(sandbox, "", true).unwrap();
+    let propose_from_workload = |cgroup: String| {
+        let contract =
+            ExecutionContract { agent: AgentIdentity { cgroup: Some(cgroup), ..Default::default() }, ..contract() };
+        let certificate = f.sandbox.dir.join("cgroup-bound.pem");
+        std::fs::write(&certificate, f.issue(&contract, &IssueOptions::default())).unwrap();
+        let request_file = f.sandbox.dir.join("cgroup-bound.json");
+        std::fs::write(&request_file, serde_json::to_string(&request()).unwrap()).unwrap();
+        let (socket, certificate, request_file) = (
+            f.sandbox.socket.to_string_lossy().into_owned(),
+            certificate.to_string_lossy().into_owned(),
+            request_file.to_string_lossy().into_owned(),
+        );
+        let args = ["--json", "propose", "--socket", &socket, "--cert", &certificate, "--request", &request_file];
+        let output = f.sandbox.run_in("workload", &f.sandbox.tools.agent, &args, &[]).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&output.stdout)
+            .unwrap_or_else(|_| panic!("no decision: {}", String::from_utf8_lossy(&output.stderr)))
+    };
+    let workload = format!("/{}/workload", f.sandbox.cgroup_relative.trim_start_matches('/'));
+    let decision = propose_from_workload(workload);
+    assert_eq!(decision["admitted"], true, "{decision}");
+    let decision = propose_from_workload(format!("/{}/exempt", f.sandbox.cgroup_relative.trim_start_matches('/')));
+    assert_eq!(decision["reason"], "caller_mismatch", "{decision}");
+}
+
 #[test]
 fn epoch_revocation_and_replay_predicates_each_admit_and_deny() {
     let f = broker("state", false);

@@ -13,7 +13,7 @@ pub mod loader;
 pub mod local;
 pub mod maps;
 pub mod policy;
-mod processes;
+pub mod processes;
 mod scope_walk;
 mod tap_devices;
 

@@ -105,6 +105,34 @@ pub fn ancestors_of_this_process() -> Vec<u32> {
     found
 }
 
+/// Read cgroup paths as the host does: join the cgroup namespace of the outermost
+/// process this one can see of PID 1 and its own ancestors (the host's init, with the
+/// host's PIDs as the DaemonSet has them; else the outermost ancestor whose namespace
+/// can be opened: a container's parent, the runtime's shim, is the host's) when this
+/// process is in another. Inside a container's own cgroup namespace /proc shows every
+/// cgroup relative to the container's (`/../../kubepods-…/…`), so a caller's cgroup
+/// would never match a contract's. Called before any thread starts: threads created
+/// after inherit it. Returns the process whose namespace was joined, if one was.
+pub fn join_host_cgroup_namespace() -> anyhow::Result<Option<u32>> {
+    use std::os::unix::fs::MetadataExt;
+    let own = std::fs::metadata("/proc/self/ns/cgroup")?;
+    let mut outermost = ancestors_of_this_process();
+    outermost.reverse();
+    let reference = std::iter::once(1).chain(outermost).find_map(|pid| {
+        let path = format!("/proc/{pid}/ns/cgroup");
+        Some((pid, std::fs::metadata(&path).ok()?, std::fs::File::open(&path).ok()?))
+    });
+    let Some((pid, theirs, namespace)) = reference else {
+        anyhow::bail!("no cgroup namespace of PID 1 or of an ancestor can be opened");
+    };
+    if (own.dev(), own.ino()) == (theirs.dev(), theirs.ino()) {
+        return Ok(None);
+    }
+    nix::sched::setns(namespace, nix::sched::CloneFlags::CLONE_NEWCGROUP)
+        .map_err(|e| anyhow::anyhow!("joining the cgroup namespace of process {pid} (needs CAP_SYS_ADMIN): {e}"))?;
+    Ok(Some(pid))
+}
+
 fn parent_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parent_in_stat(&stat)
