@@ -524,18 +524,14 @@ fn run(command: Command, output: Output) -> Result<Exit> {
     match command {
         Command::Run(config) => {
             let config = config.load()?;
-            match seb_agent::enforcement::processes::join_host_cgroup_namespace() {
-                Ok(Some(pid)) => tracing::info!(
+            // Fails the start when a join was needed and failed: cgroup paths read from the
+            // container's own namespace would decide scope and callers wrongly.
+            if let Some(pid) = seb_agent::enforcement::processes::join_host_cgroup_namespace()? {
+                tracing::info!(
                     pid,
                     "joined the cgroup namespace of the outermost process it sees: cgroup paths are read as the host \
                      names them"
-                ),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(
-                    error = %format!("{e:#}"),
-                    "cgroup paths are read relative to this process's cgroup namespace: callers' cgroups will not \
-                     match contracts that bind a cgroup"
-                ),
+                );
             }
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let result = runtime.block_on(agent::run(config));

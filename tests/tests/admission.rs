@@ -132,11 +132,13 @@ fn caller_and_request_predicates_each_admit_and_deny() {
         ..contract.clone()
     };
     assert_denied(&f.decide(&other_exe, &request), Reason::CallerMismatch);
-    let my_cgroup = ExecutionContract {
-        agent: AgentIdentity { cgroup: Some(own_cgroup()), ..Default::default() },
+    // The root cgroup holds every process: bound to it alone, a contract binds no caller.
+    // (A caller bound by its own cgroup: the cgroup-namespace test below.)
+    let everyone = ExecutionContract {
+        agent: AgentIdentity { cgroup: Some("/".into()), ..Default::default() },
         ..contract.clone()
     };
-    assert_admitted(&f.decide(&my_cgroup, &request));
+    assert_denied(&f.decide(&everyone, &request), Reason::MalformedContract);
 
     let k8s = MutationRequest { provider: Provider::Kubernetes, ..request.clone() };
     assert_denied(&f.decide(&contract, &k8s), Reason::ProviderMismatch);
@@ -147,11 +149,6 @@ fn caller_and_request_predicates_each_admit_and_deny() {
     let mut tampered = request.clone();
     tampered.params["body"] = "replicas=300".into();
     assert_denied(&f.decide(&contract, &tampered), Reason::RequestMismatch);
-}
-
-fn own_cgroup() -> String {
-    let text = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-    text.lines().find_map(|l| l.strip_prefix("0::")).unwrap().to_string()
 }
 
 /// Started in a cgroup namespace of its own (as a container is), the broker still reads

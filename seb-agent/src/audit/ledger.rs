@@ -181,6 +181,9 @@ struct Writer {
     since_checkpoint: u64,
     last_checkpoint: Instant,
     on_commit: Option<OnCommit>,
+    /// The store's schema cookie when it was verified: a trigger or table added to the
+    /// file since (by another writer) changes it, and no commit goes through then.
+    schema_version: i64,
     /// Dropped with the writer, which stops the WAL checkpointer.
     _checkpointer: std::sync::mpsc::Sender<()>,
 }
@@ -216,6 +219,7 @@ impl Ledger {
         let checkpointer = store::start_wal_checkpointer(&conn, &files.database)?;
         let open_files = OpenFiles::pin(&files.database)?;
         let head_file = HeadFile::create(&files.head, &head, &key)?;
+        let schema_version = store::schema_version(&conn)?;
         let writer = Writer {
             conn,
             key,
@@ -225,6 +229,7 @@ impl Ledger {
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
             on_commit,
+            schema_version,
             _checkpointer: checkpointer,
         };
         let (jobs, queue) = mpsc::channel::<Job>(queue);
@@ -420,6 +425,9 @@ impl Writer {
                 .context("signing the group's head")?;
         }
         self.open_files.check()?;
+        if store::schema_version(&tx)? != self.schema_version {
+            bail!("the audit store's schema changed while the broker ran (a trigger or table added to its file)");
+        }
         let committing = Instant::now();
         tx.commit().context("committing")?;
         let commit = Commit { duration: committing.elapsed(), records: (head.seq - self.head.seq) as u64 };
@@ -502,6 +510,26 @@ mod tests {
             let error = format!("{:#}", result.blocking_recv().expect("every job is answered").unwrap_err());
             assert!(error.contains("was deleted while the broker ran"), "{error}");
         }
+        let key = SigningKey::from_bytes(&[5; 32]).verifying_key();
+        assert_eq!(head::read(&files.head, &key).unwrap().unwrap().seq, 1, "nothing more was committed");
+    }
+
+    #[test]
+    fn a_trigger_added_under_the_ledger_fails_every_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, _thread, files) = start(dir.path());
+        assert_eq!(append(&ledger, false).blocking_recv().unwrap().unwrap(), 1);
+        // AFTER INSERT: the insert still changes one row (and so does the group's
+        // signature), the trigger then rewrites what the record says.
+        let other = Connection::open(&files.database).unwrap();
+        other
+            .execute_batch(
+                "CREATE TRIGGER rewrite AFTER INSERT ON records BEGIN \
+                 UPDATE records SET body = '\"nothing happened\"' WHERE seq = new.seq; END;",
+            )
+            .unwrap();
+        let error = format!("{:#}", append(&ledger, false).blocking_recv().unwrap().unwrap_err());
+        assert!(error.contains("schema changed while the broker ran"), "{error}");
         let key = SigningKey::from_bytes(&[5; 32]).verifying_key();
         assert_eq!(head::read(&files.head, &key).unwrap().unwrap().seq, 1, "nothing more was committed");
     }

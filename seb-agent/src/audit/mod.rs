@@ -26,14 +26,18 @@ pub fn format_time(time_ns: i64) -> String {
 }
 
 /// `text` as a record keeps what a caller sent: at most `max` bytes (cut at a character),
-/// then how long it was. Records of refused requests are written for anyone who can
-/// reach the socket; without a bound each could carry a whole 1 MiB request to disk.
+/// then how long it was and its SHA-256, so the whole can still be matched against what
+/// the caller kept (and a marker typed into the text cannot pass for a clip). Records of
+/// refused requests are written for anyone who can reach the socket; without a bound
+/// each could carry a whole 1 MiB request to disk.
 pub fn clipped(text: &str, max: usize) -> String {
+    use sha2::Digest;
     if text.len() <= max {
         return text.to_string();
     }
     let cut = (0..=max).rev().find(|at| text.is_char_boundary(*at)).unwrap_or(0);
-    format!("{}… ({} bytes)", &text[..cut], text.len())
+    let digest = hex::encode(sha2::Sha256::digest(text.as_bytes()));
+    format!("{}… ({} bytes, sha256:{digest})", &text[..cut], text.len())
 }
 
 #[cfg(test)]
@@ -43,7 +47,11 @@ mod tests {
     #[test]
     fn a_long_field_is_clipped_at_a_character_and_says_how_long_it_was() {
         assert_eq!(clipped("short", 8), "short");
-        assert_eq!(clipped("aaaaaaaaaa", 4), "aaaa… (10 bytes)");
-        assert_eq!(clipped("ééé", 3), "é… (6 bytes)");
+        let ten = "a".repeat(10);
+        assert_eq!(
+            clipped(&ten, 4),
+            "aaaa… (10 bytes, sha256:bf2cb58a68f684d95a3b78ef8f661c9a4e5b09e82cc8f9cc88cce90528caeb27)"
+        );
+        assert!(clipped("ééé", 3).starts_with("é… (6 bytes, sha256:"));
     }
 }

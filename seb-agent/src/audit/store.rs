@@ -101,6 +101,11 @@ fn refuse_triggers(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
+/// The main database's schema cookie, which every change to its schema moves.
+pub fn schema_version(conn: &Connection) -> Result<i64> {
+    Ok(conn.query_row("PRAGMA main.schema_version", [], |row| row.get(0))?)
+}
+
 /// A statement that must change exactly one row did (a trigger added while the broker
 /// runs could make an INSERT do nothing).
 pub fn one_row(rows: usize) -> rusqlite::Result<()> {

@@ -103,10 +103,11 @@ pub struct AgentIdentity {
 }
 
 impl AgentIdentity {
-    /// Whether it names the caller at all: `node` only says where, so a contract naming
-    /// nothing else would serve any process there.
+    /// Whether it names the caller at all: `node` only says where, and the root cgroup
+    /// holds every process, so a contract naming nothing else would serve any process.
     pub fn binds_a_caller(&self) -> bool {
-        self.uid.is_some() || self.exe.is_some() || self.cgroup.is_some() || self.pod_uid.is_some()
+        let cgroup = self.cgroup.as_deref().is_some_and(|cgroup| !cgroup.trim_matches('/').is_empty());
+        self.uid.is_some() || self.exe.is_some() || cgroup || self.pod_uid.is_some()
     }
 }
 

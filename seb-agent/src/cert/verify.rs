@@ -248,7 +248,7 @@ pub fn contract_of(extensions: &[Extension<'_>]) -> Result<ExecutionContract, Re
     if !contract.agent.binds_a_caller() {
         return Err(reject(
             Reason::MalformedContract,
-            "the contract binds no caller: its agent names none of uid, exe, cgroup, pod_uid",
+            "the contract binds no caller: its agent names none of uid, exe, cgroup (other than `/`), pod_uid",
         ));
     }
     Ok(contract)

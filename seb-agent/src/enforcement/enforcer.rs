@@ -326,9 +326,11 @@ impl SharedEnforcer {
         self.inner.lock().map(|guard| guard.0.links().to_vec()).unwrap_or_default()
     }
 
-    /// Whether process `tgid` is of the enforced scope (followed by the kernel, or in an
-    /// enforced cgroup). When that cannot be told (a poisoned lock, a missing map), it is
-    /// taken to be: what depends on the answer refuses the scope's processes.
+    /// Whether process `tgid` may be of the enforced scope: followed by the kernel, in an
+    /// enforced cgroup, or not known to be neither (a poisoned lock, a missing map, a
+    /// cgroup that cannot be read: a process that exited). What depends on the answer
+    /// refuses the scope's processes, so it fails towards "of the scope"; check that the
+    /// pinned process is still alive after asking, so the answer was about it.
     pub fn is_of_the_scope(&self, tgid: u32) -> bool {
         let Ok(guard) = self.inner.lock() else { return true };
         let enforcer = &guard.0;
@@ -339,6 +341,10 @@ impl SharedEnforcer {
         else {
             return true;
         };
-        super::processes::of_the_scope(&scoped, &enforcer.mount, scope, tgid)
+        if scoped.get(&tgid, 0).is_ok() {
+            return true;
+        }
+        let Ok(cgroup) = cgroupfs::cgroup_of(&tgid.to_string()) else { return true };
+        super::processes::in_scope(scope, &cgroupfs::resolve(&enforcer.mount, &cgroup))
     }
 }

@@ -102,6 +102,7 @@ impl KubeTarget {
 /// there while a policy comparing `resource.kind == "Secret"` never matches it.
 const KNOWN_KINDS: &[&str] = &[
     "ConfigMap",
+    "ControllerRevision",
     "CronJob",
     "DaemonSet",
     "Deployment",
@@ -117,7 +118,9 @@ const KNOWN_KINDS: &[&str] = &[
     "PersistentVolumeClaim",
     "Pod",
     "PodDisruptionBudget",
+    "PodTemplate",
     "ReplicaSet",
+    "ReplicationController",
     "ResourceQuota",
     "Role",
     "RoleBinding",
@@ -140,7 +143,18 @@ fn check_kind(kind: &str) -> Result<()> {
     if let Some(known) = KNOWN_KINDS.iter().find(|known| known.eq_ignore_ascii_case(kind)) {
         ensure!(*known == kind, "the kind `{kind}` is spelt `{known}`");
     }
+    // The URL names the resource by the kind's plural, which other words share
+    // (`PodMetrics` and `Pod` are both `pods`; `Endpoint` is `endpoints`).
+    let plural = plural_of(kind);
+    if let Some(known) = KNOWN_KINDS.iter().find(|known| **known != kind && plural_of(known) == plural) {
+        bail!("the kind `{kind}` names the resource `{plural}`, whose kind is `{known}`");
+    }
     Ok(())
+}
+
+/// The resource a kind's URL names, as the executor derives it.
+fn plural_of(kind: &str) -> String {
+    ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", kind)).plural
 }
 
 /// A namespace name is a DNS-1123 label (apimachinery `ValidateNamespaceName`,
@@ -159,16 +173,16 @@ fn check_namespace(namespace: &str) -> Result<()> {
 }
 
 /// An object name as the URL carries it unescaped: a DNS-1123 subdomain's characters
-/// (apimachinery `NameIsDNSSubdomain`) plus `:`, which RBAC names use
-/// (`path.IsValidPathSegmentName`); never `.` or `..`, at most 253. No `%`, `/`, `?` or
+/// (apimachinery `NameIsDNSSubdomain`) plus `:`, `@`, `+`, `~` and `=`, which RBAC names
+/// may use (`path.IsValidPathSegmentName` refuses only `/`, `%`, `.` and `..`); never `.` or `..`, at most 253. No `%`, `/`, `?` or
 /// `#`, which would address another object than the name says.
 fn check_name(name: &str) -> Result<()> {
     ensure!(
         (1..=253).contains(&name.len())
             && name != "."
             && name != ".."
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:_".contains(&b)),
-        "the name `{name}` is not an object name (letters, digits, `-`, `.`, `_`, `:`)"
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:_@+~=".contains(&b)),
+        "the name `{name}` is not an object name (letters, digits, `-`, `.`, `_`, `:`, `@`, `+`, `~`, `=`)"
     );
     Ok(())
 }
@@ -501,6 +515,13 @@ mod tests {
         assert!(refused("v1/SECRET/prod/db").contains("not an UpperCamelCase identifier"));
         assert!(refused("v1/secret/prod/db").contains("not an UpperCamelCase identifier"));
         assert!(refused("v1/SeCret/prod/db").contains("is spelt `Secret`"));
+        // Other words with a known kind's plural: the URL would name that resource.
+        for (alias, kind) in
+            [("PodMetrics", "Pod"), ("Endpoint", "Endpoints"), ("NetworkPolicie", "NetworkPolicy"), ("Leas", "Lease")]
+        {
+            let e = refused(&format!("v1/{alias}/prod/db"));
+            assert!(e.contains(&format!("whose kind is `{kind}`")), "{alias}: {e}");
+        }
         assert!(refused("v1/Secret/kube%2Dsystem/db").contains("not a DNS-1123 label"));
         assert!(refused("v1/Secret/Prod/db").contains("not a DNS-1123 label"));
         for name in ["web?x", "web%2F..", "web#x", ".", "..", "a b"] {

@@ -100,18 +100,24 @@ pub async fn read(
             if !config.aws_operations.contains(&request.operation) {
                 bail!("`{}` is not a passthrough read on this broker (passthrough.aws_operations)", request.operation);
             }
-            // A full read, as a precondition certifies it, or a preset read by name.
+            // A full read, as a precondition certifies it, or a preset read by name (the
+            // broker's own, which may need `*`: EC2's Describe calls take no resource).
             let read: CertifiedRead = if request.params.is_null() {
                 preset::read(&request.operation, &request.target)?
             } else {
-                serde_json::from_value(request.params.clone()).context("params is a certified read")?
+                let read: CertifiedRead =
+                    serde_json::from_value(request.params.clone()).context("params is a certified read")?;
+                // The caller's session reads the target the record names, nothing beside it.
+                if read.resources.as_ref().is_some_and(|resources| resources[..] != [request.target.clone()]) {
+                    bail!(
+                        "a passthrough read's session reads its target `{}` alone (params.resources)",
+                        request.target
+                    );
+                }
+                read
             };
             if read.action != request.operation {
                 bail!("the read performs {}, the request names {}", read.action, request.operation);
-            }
-            // The session reads the target the record names, nothing beside it.
-            if read.resources.as_ref().is_some_and(|resources| resources[..] != [request.target.clone()]) {
-                bail!("a passthrough read's session reads its target `{}` alone (params.resources)", request.target);
             }
             let read = StateRead::new(&read, &request.target)?;
             let role = config.aws_role_arn.as_deref().context("passthrough.aws_role_arn is not set")?;

@@ -50,14 +50,24 @@ pub async fn serve(mut stream: UnixStream, peer: Peer, broker: Arc<Broker>, slot
             Err(None) => return,
         };
         // Parsed, the request may take far more than its bytes: that is metered too.
-        let _parsed_share = match broker.frame_memory.take(limits::parsed_cost(&frame)) {
+        let cost = limits::parsed_cost(&frame);
+        let _parsed_share = match broker.frame_memory.take(cost) {
             Some(share) => share,
+            None if !broker.frame_memory.could_take(cost) => {
+                broker.metrics.count_limit(Limit::FrameMemory);
+                let message = format!(
+                    "the request would take {cost} bytes once parsed, more than the broker's request memory \
+                     (broker.frame_memory_mib) holds"
+                );
+                let _ = reply(&mut stream, &broker, error(ErrorCode::TooLarge, message)).await;
+                return;
+            }
             None => {
                 broker.metrics.count_limit(Limit::FrameMemory);
                 let message = format!(
                     "the broker is parsing too many large requests (broker.frame_memory_mib); a request of {} \
                      JSON values does not fit now",
-                    limits::parsed_cost(&frame) / limits::PARSED_VALUE_BYTES
+                    cost / limits::PARSED_VALUE_BYTES
                 );
                 let _ = reply(&mut stream, &broker, error(ErrorCode::Busy, message)).await;
                 return;

@@ -224,12 +224,15 @@ async fn administrator(peer: &Peer, broker: &Broker, what: &str) -> Result<(), R
     if peer.uid != 0 {
         return Err(error(ErrorCode::Forbidden, format!("{what} is for the node's administrator (uid 0)")));
     }
+    // The scope first, then liveness: a process that exits in between (its cgroup no
+    // longer readable) is refused as of the scope or as gone, never let through.
+    let of_the_scope = u32::try_from(peer.pid).map_or(true, |tgid| broker.enforcer.is_of_the_scope(tgid));
     let (reason, message) = if !peer.alive() {
         (
             admission::Reason::CallerChanged,
             format!("the process that opened this connection (pid {}) has exited", peer.pid),
         )
-    } else if u32::try_from(peer.pid).map_or(true, |tgid| broker.enforcer.is_of_the_scope(tgid)) {
+    } else if of_the_scope {
         (
             admission::Reason::CallerMismatch,
             format!(

@@ -195,6 +195,7 @@ impl Drop for ConnectionSlot {
 /// Memory for large requests while they arrive, shared by every connection.
 pub struct FrameMemory {
     budget: Arc<Semaphore>,
+    total: usize,
 }
 
 /// A request's share of [`FrameMemory`], given back on drop.
@@ -203,7 +204,14 @@ pub struct FrameShare(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
 impl FrameMemory {
     pub fn new(bytes: usize) -> Self {
         // At least one largest message fits, whatever the config says.
-        Self { budget: Arc::new(Semaphore::new(bytes.max(MAX_MESSAGE))) }
+        let total = bytes.max(MAX_MESSAGE);
+        Self { budget: Arc::new(Semaphore::new(total)), total }
+    }
+
+    /// Whether `len` bytes could ever be taken (a request costing more is too large, not
+    /// one to retry).
+    pub fn could_take(&self, len: usize) -> bool {
+        len <= self.total
     }
 
     /// Take `len` bytes for a request of that announced length, or `None` when that much
@@ -224,7 +232,8 @@ impl FrameMemory {
 pub const PARSED_VALUE_BYTES: usize = 256;
 
 /// The memory a request's body may take once parsed: its values (counted by their
-/// separators and openings outside strings) times [`PARSED_VALUE_BYTES`].
+/// separators and openings outside strings) times [`PARSED_VALUE_BYTES`], and its text
+/// twice over (the parsed strings, and the copies the handlers make).
 pub fn parsed_cost(body: &[u8]) -> usize {
     let (mut values, mut in_string, mut escaped) = (1usize, false, false);
     for &byte in body {
@@ -243,7 +252,7 @@ pub fn parsed_cost(body: &[u8]) -> usize {
             }
         }
     }
-    values.saturating_mul(PARSED_VALUE_BYTES)
+    values.saturating_mul(PARSED_VALUE_BYTES).saturating_add(2 * body.len())
 }
 
 /// Descriptors kept for everything but connections: the store, kernel maps and links,
@@ -349,11 +358,14 @@ mod tests {
 
     #[test]
     fn a_request_costs_what_its_values_take_once_parsed() {
-        assert_eq!(parsed_cost(b"7"), PARSED_VALUE_BYTES);
-        assert_eq!(parsed_cost(br#"{"a":[1,2]}"#), 5 * PARSED_VALUE_BYTES);
+        let text = |body: &[u8]| 2 * body.len();
+        assert_eq!(parsed_cost(b"7"), PARSED_VALUE_BYTES + text(b"7"));
+        let object = br#"{"a":[1,2]}"#;
+        assert_eq!(parsed_cost(object), 5 * PARSED_VALUE_BYTES + text(object));
         // Separators inside strings (escaped quotes included) are text, not values.
-        assert_eq!(parsed_cost(br#"{"a":"x,y:[{\",z"}"#), 3 * PARSED_VALUE_BYTES);
+        let string = br#"{"a":"x,y:[{\",z"}"#;
+        assert_eq!(parsed_cost(string), 3 * PARSED_VALUE_BYTES + text(string));
         let wide = [b"[".as_slice(), &b"0,".repeat(1000), b"0]"].concat();
-        assert_eq!(parsed_cost(&wide), 1002 * PARSED_VALUE_BYTES);
+        assert_eq!(parsed_cost(&wide), 1002 * PARSED_VALUE_BYTES + text(&wide));
     }
 }

@@ -251,6 +251,14 @@ impl AwsExecutor {
             let session = self.mint(role_arn, decision_id, Some(&read.policy())).await?;
             return Ok((std::sync::Arc::new(session.credentials), session.identity));
         };
+        // The kept session has no per-read policy: it serves only calls whose operation
+        // on the wire is known to be the one checked. Others get the read role narrowed
+        // to this read.
+        if !read.protocol_known {
+            let session =
+                self.mint(reader, decision_id, Some(&read.policy())).await.context("assuming aws.read_role_arn")?;
+            return Ok((std::sync::Arc::new(session.credentials), session.identity));
+        }
         let mut kept = self.reader.lock().await;
         if let Some((credentials, identity, _)) = kept.as_ref().filter(|(_, _, renew_at)| Instant::now() < *renew_at) {
             return Ok((credentials.clone(), identity.clone()));

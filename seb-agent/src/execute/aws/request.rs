@@ -140,6 +140,10 @@ pub struct CheckedHttp {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StateRead {
     pub call: AwsCall,
+    /// Whether the call's protocol is the one its service speaks (a known service):
+    /// only then is the operation on the wire the one the labels name, and a session
+    /// without a per-read policy may make it.
+    pub protocol_known: bool,
     decode: Decode,
     headers: Vec<String>,
     volatile: Vec<Pointer>,
@@ -177,8 +181,9 @@ impl AwsOperation {
         // name; the session may act on it alone. An IAM wildcard in it would let the
         // session reach resources that an exact-match rule never saw.
         ensure!(
-            target.starts_with("arn:") && !target.contains(['*', '?']),
-            "the target `{target}` is not one exact ARN (IAM wildcards `*` and `?` are not certified for a mutation)"
+            target.starts_with("arn:") && !target.contains(['*', '?', '$', '{', '}']),
+            "the target `{target}` is not one exact ARN (IAM wildcards `*`, `?` and policy variables `${{...}}` are \
+             not certified for a mutation)"
         );
         if let Some(resources) = &params.resources {
             ensure!(
@@ -216,11 +221,13 @@ impl StateRead {
         let resources = read.resources.clone().unwrap_or_else(|| vec![target.to_string()]);
         let call = AwsCall::new(&read.action, read.service.as_deref(), protocol, &read.request, resources, None)?;
         ensure_a_read(&call, protocol)?;
+        let protocol_known = service_protocols(&call.service).is_some();
         ensure!(read.volatile.len() + read.unordered.len() <= MAX_POINTERS, "more than {MAX_POINTERS} pointers");
         ensure!(read.headers.len() <= MAX_HEADERS, "more than {MAX_HEADERS} headers");
         let pointers = |list: &[String]| list.iter().map(|p| Pointer::parse(p)).collect::<Result<Vec<_>>>();
         Ok(Self {
             call,
+            protocol_known,
             decode: read.decode.unwrap_or(protocol.decode()),
             headers: read.headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
             volatile: pointers(&read.volatile)?,
@@ -266,6 +273,30 @@ impl StateRead {
     }
 }
 
+/// The protocols of services whose protocol is known here. Naming another protocol for
+/// them (`json` for S3, so that a POST passes as a read labelled by `x-amz-target`)
+/// would let the labels the broker checks differ from what the service does.
+fn service_protocols(service: &str) -> Option<&'static [Protocol]> {
+    use Protocol::*;
+    Some(match service {
+        "s3" => &[RestXml],
+        "ec2"
+        | "iam"
+        | "sts"
+        | "sns"
+        | "rds"
+        | "elasticloadbalancing"
+        | "cloudformation"
+        | "autoscaling"
+        | "monitoring" => &[Query],
+        "sqs" => &[Query, Json],
+        "dynamodb" | "ssm" | "secretsmanager" | "kms" | "logs" | "ecr" | "ecs" | "events" => &[Json],
+        "lambda" | "apigateway" | "eks" => &[RestJson],
+        "route53" | "cloudfront" => &[RestXml],
+        _ => return None,
+    })
+}
+
 /// Operation names AWS gives its read and list calls (IAM's Read and List access levels).
 const READ_VERBS: &[&str] = &["Get", "List", "Describe", "Head", "BatchGet", "Query", "Scan"];
 
@@ -283,8 +314,8 @@ fn ensure_a_read(call: &AwsCall, protocol: Protocol) -> Result<()> {
             .is_some_and(|rest| rest.is_empty() || rest.starts_with(|c: char| c.is_ascii_uppercase()))
     });
     ensure!(
-        is_read_verb && service != "sts",
-        "`{}` is not a read: a certified read's operation starts with one of {READ_VERBS:?}",
+        is_read_verb && service != "sts" && call.service != "sts",
+        "`{}` is not a read: a certified read's operation starts with one of {READ_VERBS:?} (not of STS)",
         call.action
     );
     match call.request.method {
@@ -325,6 +356,12 @@ impl AwsCall {
         }
         if let Some(condition) = &condition {
             ensure!(condition.is_object(), "the condition is an IAM condition block (an object)");
+        }
+        if let Some(spoken) = service_protocols(&service) {
+            ensure!(
+                spoken.contains(&protocol),
+                "`{service}` speaks {spoken:?}, not {protocol:?}: the protocol decides which operation the wire names"
+            );
         }
         let request = CheckedHttp::new(call)?;
         match protocol {
@@ -495,11 +532,19 @@ mod tests {
         let e = format!("{:#}", AwsOperation::parse(&request(params)).unwrap_err());
         assert!(e.contains("certified action names PutItem"), "{e}");
 
+        // Query protocol, on a service whose protocol is not known here.
         let mut params = put_item();
         params["protocol"] = json!("query");
+        params["service"] = json!("example");
         params["request"]["body"] = json!("Action=DeleteTable&Version=1");
         let e = format!("{:#}", AwsOperation::parse(&request(params)).unwrap_err());
         assert!(e.contains("certified action names PutItem"), "{e}");
+        // And not the protocol the service speaks.
+        let mut params = put_item();
+        params["protocol"] = json!("query");
+        params["request"]["body"] = json!("Action=PutItem&Version=1");
+        let e = format!("{:#}", AwsOperation::parse(&request(params)).unwrap_err());
+        assert!(e.contains("`dynamodb` speaks [Json], not Query"), "{e}");
 
         let mut params = put_item();
         params["request"]["headers"]["x-amz-security-token"] = json!("t");
@@ -535,6 +580,14 @@ mod tests {
         let e = refused(json!({"action": "sts:GetSessionToken", "protocol": "query",
             "request": {"method": "POST", "path": "/", "body": "Action=GetSessionToken"}}));
         assert!(e.contains("is not a read"), "{e}");
+        // S3 labelled as the JSON protocol, so that a POST would pass as a read.
+        let e = refused(json!({"action": "s3:GetObject", "protocol": "json", "request": {"method": "POST",
+            "path": "/prod?delete", "headers": {"x-amz-target": "X.GetObject"}, "body": "<Delete/>"}}));
+        assert!(e.contains("`s3` speaks [RestXml]"), "{e}");
+        // Another service's label sent to STS.
+        let e = refused(json!({"action": "x:GetThing", "service": "sts", "protocol": "query",
+            "request": {"method": "POST", "path": "/", "body": "Action=GetThing"}}));
+        assert!(e.contains("is not a read"), "{e}");
         // A verb must be the whole first word: `Getaway` is not `Get`.
         let e =
             refused(json!({"action": "x:Getaway", "protocol": "rest-json", "request": {"method": "GET", "path": "/"}}));
@@ -550,7 +603,12 @@ mod tests {
         let mut params = put_item();
         params["resources"] = json!(["arn:aws:dynamodb:us-east-1:1:table/t"]);
         AwsOperation::parse(&request(params)).unwrap();
-        for target in ["arn:aws:dynamodb:us-east-1:1:table/*", "arn:aws:dynamodb:us-east-1:1:table/?", "*"] {
+        for target in [
+            "arn:aws:dynamodb:us-east-1:1:table/*",
+            "arn:aws:dynamodb:us-east-1:1:table/?",
+            "arn:aws:dynamodb:${aws:RequestedRegion}:1:table/prod",
+            "*",
+        ] {
             let mut wildcard = request(put_item());
             wildcard.target = target.into();
             let e = format!("{:#}", AwsOperation::parse(&wildcard).unwrap_err());
