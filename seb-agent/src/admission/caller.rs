@@ -186,17 +186,10 @@ fn known(value: Option<&str>) -> &str {
 /// `...-pod<uid_with_underscores>.slice` (systemd driver).
 pub fn pod_uid_of(cgroup: &str) -> Option<String> {
     // "kubepods" itself contains "pod": try every occurrence.
-    cgroup.split('/').flat_map(|segment| segment.match_indices("pod").map(move |(at, _)| &segment[at + 3..])).find_map(
-        |rest| {
-            let uid: String = rest.chars().take(36).collect::<String>().replace('_', "-");
-            let well_formed = uid.len() == 36
-                && uid
-                    .chars()
-                    .enumerate()
-                    .all(|(i, c)| if [8, 13, 18, 23].contains(&i) { c == '-' } else { c.is_ascii_hexdigit() });
-            well_formed.then_some(uid)
-        },
-    )
+    cgroup
+        .split('/')
+        .flat_map(|segment| segment.match_indices("pod").map(move |(at, _)| &segment[at + 3..]))
+        .find_map(|rest| well_formed_uid(rest.chars().take(36).collect::<String>().replace('_', "-")))
 }
 
 /// The caller's pod UID, only where the kubelet puts pods: under the
@@ -240,6 +233,11 @@ pub fn pod_uid_of_caller(cgroup: &str) -> Option<String> {
     } else {
         pod.strip_prefix("pod")?.to_string()
     };
+    well_formed_uid(uid)
+}
+
+/// `uid` if it is a UUID in its hyphenated form, as the kubelet names pods.
+fn well_formed_uid(uid: String) -> Option<String> {
     let well_formed = uid.len() == 36
         && uid
             .chars()
