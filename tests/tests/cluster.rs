@@ -227,6 +227,18 @@ fn the_cluster_resources_set_epochs_endpoints_and_revocations_and_admission_fail
         &[("KUBECONFIG", &w.kubeconfig)],
     );
     assert!(!backwards.unwrap().status.success(), "the revocation epoch does not move back");
+    // A SebPolicy whose epoch is behind this node's is refused whole: neither the epoch
+    // nor the kernel takes any of it (the endpoint it adds stays reachable).
+    let current = w.cluster.store.lock().unwrap().get(SEB_POLICIES, "default").unwrap();
+    let mut behind = current.clone();
+    behind["spec"]["policyEpoch"] = json!(2);
+    behind["spec"]["protected"] = json!([{"cidr": "127.0.0.72", "port": 80, "protocol": "tcp"}]);
+    w.cluster.store.lock().unwrap().put(SEB_POLICIES, behind);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(w.epochs(), (Some(4), Some(5)), "a policy epoch behind this node's was recorded");
+    assert_ne!(w.attempt("workload", "127.0.0.72:80"), "EPERM", "the refused policy reached the kernel");
+    w.cluster.store.lock().unwrap().put(SEB_POLICIES, current);
+    eventually("the valid policy again", || (w.attempt("workload", "127.0.0.71:80") == "EPERM").then_some(()));
 
     // The API server goes away: within the staleness bound, admissions are denied.
     w.cluster.set_offline(true);

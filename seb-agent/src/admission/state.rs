@@ -130,14 +130,8 @@ pub fn epochs(conn: &Connection) -> Result<Epochs> {
 pub fn set_epochs(batch: &mut Batch<'_>, policy: Option<u64>, revocation: Option<u64>) -> Result<Epochs> {
     let current = epochs(batch.conn())?;
     for (name, new, old) in [("policy", policy, current.policy), ("revocation", revocation, current.revocation)] {
-        let Some(new) = new else { continue };
-        if new > MAX_SAFE_INTEGER {
-            bail!("the {name} epoch {new} is beyond what a contract can carry ({MAX_SAFE_INTEGER})");
-        }
-        if let Some(old) = old
-            && new < old
-        {
-            bail!("the {name} epoch only moves forward: it is {old}, {new} was asked");
+        if let Some(new) = new {
+            check_epoch(name, old, new)?;
         }
     }
     let next = Epochs { policy: policy.or(current.policy), revocation: revocation.or(current.revocation) };
@@ -210,6 +204,25 @@ pub fn apply_revocations(batch: &mut Batch<'_>, state: &RevocationState) -> Resu
         }
     }
     Ok(applied)
+}
+
+/// Whether epoch `name` may go from `old` to `new`: forward only, within what a contract
+/// can carry.
+fn check_epoch(name: &str, old: Option<u64>, new: u64) -> Result<()> {
+    if new > MAX_SAFE_INTEGER {
+        bail!("the {name} epoch {new} is beyond what a contract can carry ({MAX_SAFE_INTEGER})");
+    }
+    if let Some(old) = old
+        && new < old
+    {
+        bail!("the {name} epoch only moves forward: it is {old}, {new} was asked");
+    }
+    Ok(())
+}
+
+/// Whether the policy epoch may become `policy` (see [`set_epochs`]).
+pub fn check_policy_epoch(current: Epochs, policy: u64) -> Result<()> {
+    check_epoch("policy", current.policy, policy)
 }
 
 /// Set the policy epoch if it differs; returns the epochs in force.

@@ -11,6 +11,36 @@ use serde_json::{Number, Value};
 /// The largest integer a double holds exactly, and its neighbours do not share.
 pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
 
+/// Values a live state's response may decode into, at most (about 64 MiB as `serde_json`
+/// values): a state is an API answer, not a data set, and a passthrough read needs no
+/// certificate. A larger JSON answer is digested as bytes, or refused, by its reader.
+pub const MAX_STATE_VALUES: usize = 256 * 1024;
+
+/// How many values a JSON text holds, at most, counted without parsing it: one, plus one
+/// per separator (`,` `:`) and opening (`[` `{`) outside strings. Parsing JSON costs
+/// memory per value, not per byte (`[0,0,…]` is two bytes a value on the wire and over a
+/// hundred once parsed), so what bounds the parse is this count.
+pub fn values_in(text: &[u8]) -> usize {
+    let (mut values, mut in_string, mut escaped) = (1usize, false, false);
+    for &byte in text {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else {
+            match byte {
+                b'"' => in_string = true,
+                b',' | b':' | b'[' | b'{' => values += 1,
+                _ => {}
+            }
+        }
+    }
+    values
+}
+
 /// Where numbers may appear.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Numbers {

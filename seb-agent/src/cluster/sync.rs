@@ -198,6 +198,11 @@ impl ClusterSync {
     pub async fn policy(&self, object: &SebPolicy) -> Result<()> {
         let spec = object.spec.clone();
         let endpoints = validate_policy(object)?;
+        // An epoch the ledger would refuse (behind this node's, or past what a contract
+        // carries) refuses the whole policy before the kernel sees any of it.
+        let epoch = spec.policy_epoch;
+        let current = self.inner.ledger.run(|batch| state::epochs(batch.conn())).await?;
+        state::check_policy_epoch(current, epoch).with_context(|| format!("SebPolicy {}", object.name_any()))?;
         {
             // Held while pods are chosen and applied, so a pod change racing this policy
             // change sees either both old or both new.
@@ -217,7 +222,6 @@ impl ClusterSync {
             *current = spec.scope.clone();
         }
         // As for revocations: the kernel first, the durable record second.
-        let epoch = spec.policy_epoch;
         let cut = self.inner.sockets.cut(&Retired { policy_epoch: Some(epoch), ..Default::default() })?;
         self.inner.metrics.sockets_cut.inc_by(cut.len() as u64);
         self.inner

@@ -235,24 +235,7 @@ pub const PARSED_VALUE_BYTES: usize = 256;
 /// separators and openings outside strings) times [`PARSED_VALUE_BYTES`], and its text
 /// twice over (the parsed strings, and the copies the handlers make).
 pub fn parsed_cost(body: &[u8]) -> usize {
-    let (mut values, mut in_string, mut escaped) = (1usize, false, false);
-    for &byte in body {
-        if in_string {
-            match byte {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-        } else {
-            match byte {
-                b'"' => in_string = true,
-                b',' | b':' | b'[' | b'{' => values += 1,
-                _ => {}
-            }
-        }
-    }
-    values.saturating_mul(PARSED_VALUE_BYTES).saturating_add(2 * body.len())
+    crate::cert::ijson::values_in(body).saturating_mul(PARSED_VALUE_BYTES).saturating_add(2 * body.len())
 }
 
 /// Descriptors kept for everything but connections: the store, kernel maps and links,

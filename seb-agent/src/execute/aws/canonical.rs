@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::cert::ijson::MAX_STATE_VALUES;
+
 /// How the body of a read's response is decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -35,6 +37,17 @@ const MAX_DEPTH: usize = 128;
 
 /// Decode a response body into the JSON document that is compared.
 pub fn decode(body: &[u8], decode: Decode) -> Result<Value> {
+    // JSON values are counted by their separators, XML ones by their tags.
+    let values = match decode {
+        Decode::Json => crate::cert::ijson::values_in(body),
+        Decode::Xml => body.iter().filter(|b| **b == b'<').count(),
+        Decode::Sha256 => 0,
+    };
+    anyhow::ensure!(
+        values <= MAX_STATE_VALUES,
+        "the response holds about {values} values, more than the {MAX_STATE_VALUES} a state may decode into \
+         (read it with `decode: \"sha256\"`)"
+    );
     match decode {
         Decode::Json if body.iter().all(u8::is_ascii_whitespace) => Ok(Value::Object(Map::new())),
         Decode::Json => serde_json::from_slice(body).context("the response body is not JSON"),
@@ -235,6 +248,18 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_response_of_more_values_than_a_state_holds_is_not_decoded() {
+        let wide = [b"[".as_slice(), &b"0,".repeat(MAX_STATE_VALUES), b"0]"].concat();
+        let e = format!("{:#}", decode(&wide, Decode::Json).unwrap_err());
+        assert!(e.contains("more than the 262144 a state may decode into"), "{e}");
+        let tags = b"<a/>".repeat(MAX_STATE_VALUES + 1);
+        assert!(decode(&tags, Decode::Xml).is_err());
+        assert!(decode(&wide, Decode::Sha256).is_ok(), "a digest of the bytes holds no values");
+        let narrow = [b"[".as_slice(), &b"0,".repeat(1000), b"0]"].concat();
+        assert_eq!(decode(&narrow, Decode::Json).unwrap().as_array().unwrap().len(), 1001);
+    }
 
     #[test]
     fn aws_xml_maps_to_json_with_lists_and_decoded_references() {
