@@ -234,11 +234,14 @@ pub fn apply_policy_epoch(batch: &mut Batch<'_>, policy: u64) -> Result<Epochs> 
     set_epochs(batch, Some(policy), None)
 }
 
-/// Serials compare as lower-case hex without separators.
+/// Serials compare as lower-case hex without separators or a `0x` prefix (whose `0`
+/// would otherwise stay and name another serial).
 pub fn normalise(target: RevocationTarget, value: &str) -> String {
     match target {
         RevocationTarget::Serial => {
-            value.chars().filter(char::is_ascii_hexdigit).collect::<String>().to_ascii_lowercase()
+            let trimmed = value.trim();
+            let digits = trimmed.strip_prefix("0x").or_else(|| trimmed.strip_prefix("0X")).unwrap_or(trimmed);
+            digits.chars().filter(char::is_ascii_hexdigit).collect::<String>().to_ascii_lowercase()
         }
         RevocationTarget::ContractId => value.to_string(),
     }
@@ -311,4 +314,17 @@ pub fn check_under(conn: &Connection, active: Epochs, verified: &Verified) -> Re
 /// Record a decision; an admission consumes its serial, in the same savepoint.
 pub fn record_decision<T: Serialize>(batch: &mut Batch<'_>, decision: &T) -> Result<i64> {
     append_applied(batch, DECISION_KIND, decision)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_serial_is_named_one_way_whatever_its_prefix_separators_or_case() {
+        for written in ["0a0b0c", "0x0a0b0c", "0X0A:0B:0C", " 0a:0b:0c "] {
+            assert_eq!(normalise(RevocationTarget::Serial, written), "0a0b0c", "{written}");
+        }
+        assert_eq!(normalise(RevocationTarget::ContractId, "0xC-1"), "0xC-1", "contract ids are as written");
+    }
 }

@@ -78,7 +78,9 @@ impl HttpOperation {
             other => bail!("HTTP operation `{other}` is not a mutation (PUT, POST, PATCH or DELETE)"),
         };
         let url = target_url(&request.target)?;
-        let body = request.params.get("body").map(|body| Bytes::from(body.to_string()));
+        // Sent in its canonical form, the bytes the request digest covers (`1.0` and `1`
+        // digest alike; the server receives the one form).
+        let body = request.params.get("body").map(|body| Bytes::from(canonical_json(body)));
         Ok(Self { method, url, body })
     }
 }
