@@ -137,7 +137,6 @@ fn kube_client() -> Result<(tokio::runtime::Runtime, kube::Client)> {
     Ok((runtime, client))
 }
 
-/// A request file (JSON).
 /// A request from a JSON file, or from standard input for `-`.
 fn read_request(path: &PathBuf) -> Result<MutationRequest> {
     let text = if path.as_os_str() == "-" {
