@@ -11,7 +11,7 @@ use super::{
     Executors,
     aws::{
         preset,
-        request::{CertifiedRead, StateRead},
+        request::{self, CertifiedRead, StateRead},
     },
     https::{is_under, target_url},
     kubernetes::{KubeTarget, canonical_state},
@@ -100,6 +100,7 @@ pub async fn read(
             if !config.aws_operations.contains(&request.operation) {
                 bail!("`{}` is not a passthrough read on this broker (passthrough.aws_operations)", request.operation);
             }
+            request::ensure_exact_arn(&request.target)?;
             // A full read, as a precondition certifies it, or a preset read by name (the
             // broker's own, which may need `*`: EC2's Describe calls take no resource).
             let read: CertifiedRead = if request.params.is_null() {
@@ -173,6 +174,18 @@ mod tests {
             "provider": provider, "operation": operation, "target": "arn:aws:s3:::b/k", "params": {"body": "x"}
         }))
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_passthrough_read_names_one_exact_resource() {
+        let config = PassthroughConfig { aws_operations: vec!["s3:GetObject".into()], ..Default::default() };
+        for target in ["arn:aws:s3:::b/*", "arn:aws:s3:::b/k?", "arn:aws:s3:::${aws:username}/k"] {
+            let request: MutationRequest = serde_json::from_value(serde_json::json!({
+                "provider": "aws", "operation": "s3:GetObject", "target": target}))
+            .unwrap();
+            let error = format!("{:#}", read(&config, &Executors::default(), &request, "r-1").await.unwrap_err());
+            assert!(error.contains("is not one exact ARN"), "{target}: {error}");
+        }
     }
 
     #[test]

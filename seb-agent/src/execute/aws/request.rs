@@ -177,14 +177,7 @@ impl AwsOperation {
              volatile?}, service?, resources?, condition?, postcondition?}",
         )?;
         let target = request.target.as_str();
-        // The target is what the assurance authority's policy judged and what the records
-        // name; the session may act on it alone. An IAM wildcard in it would let the
-        // session reach resources that an exact-match rule never saw.
-        ensure!(
-            target.starts_with("arn:") && !target.contains(['*', '?', '$', '{', '}']),
-            "the target `{target}` is not one exact ARN (IAM wildcards `*`, `?` and policy variables `${{...}}` are \
-             not certified for a mutation)"
-        );
+        ensure_exact_arn(target)?;
         if let Some(resources) = &params.resources {
             ensure!(
                 resources.len() == 1 && resources[0] == target,
@@ -271,6 +264,18 @@ impl StateRead {
     pub fn digest(&self, response: &Response<Bytes>) -> Result<String> {
         Ok(digest_of(&self.canonical_state(response)?))
     }
+}
+
+/// The target is what the assurance authority's policy judged and what the records name;
+/// a session may act on it alone. An IAM wildcard or policy variable in it would let the
+/// session reach resources that an exact-match rule (or a reader of the record) never saw.
+pub fn ensure_exact_arn(target: &str) -> Result<()> {
+    ensure!(
+        target.starts_with("arn:") && !target.contains(['*', '?', '$', '{', '}']),
+        "the target `{target}` is not one exact ARN (IAM wildcards `*`, `?` and policy variables `${{...}}` are not \
+         taken)"
+    );
+    Ok(())
 }
 
 /// The protocols of services whose protocol is known here. Naming another protocol for
