@@ -244,7 +244,16 @@ fn a_decision_left_without_an_outcome_by_a_crash_is_reconciled_on_restart() {
         identity: Some(ScopedIdentity::AwsRole { role_arn: w.aws.role_arn.clone() }),
         active_epochs: Epochs { policy: Some(1), revocation: Some(1) },
     };
+    // The same decision as a short-form preset records it (what the Python client and
+    // `seb-agent mcp` certify): no read in the record; the preset names it.
+    let short = DecisionRecord {
+        decision_id: "d-crashed-short".into(),
+        serial: Some("0badc0df".into()),
+        request: RequestSummary { state_read: None, ..decision.request.clone() },
+        ..decision.clone()
+    };
     let seq = ledger.run_blocking(move |batch| batch.append(DECISION_KIND, now_ns(), &decision)).unwrap();
+    let short_seq = ledger.run_blocking(move |batch| batch.append(DECISION_KIND, now_ns(), &short)).unwrap();
     drop(ledger);
     thread.join().unwrap();
 
@@ -261,7 +270,10 @@ fn a_decision_left_without_an_outcome_by_a_crash_is_reconciled_on_restart() {
         "the live state was read: {reconciled}"
     );
     assert_eq!(reconciled["body"]["identity"]["role_session_name"], "seb-d-crashed");
-    assert_eq!(outcomes.len(), 2, "exactly one outcome per admitted decision");
+    let short =
+        outcomes.iter().find(|o| o["body"]["decision_seq"] == short_seq).expect("an outcome for the short form");
+    assert_eq!(short["body"]["resulting_state_digest"], w.live_digest(&request), "read again: {short}");
+    assert_eq!(outcomes.len(), 3, "exactly one outcome per admitted decision");
     let verify = w.broker.sandbox.agent_cli(&["audit", "verify"]).unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
 }

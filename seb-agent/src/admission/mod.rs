@@ -50,7 +50,7 @@ pub struct Decision {
 }
 
 /// The decision record: what a security team reads.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DecisionRecord {
     pub decision_id: String,
     pub admitted: bool,
@@ -67,7 +67,7 @@ pub struct DecisionRecord {
     pub active_epochs: state::Epochs,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RequestSummary {
     pub provider: crate::cert::Provider,
     pub operation: String,

@@ -149,9 +149,12 @@ impl Executor for AwsExecutor {
     ) -> BoxFuture<'a, Result<(MintedIdentity, String)>> {
         Box::pin(async move {
             let ScopedIdentity::AwsRole { role_arn } = identity else { bail!("an AWS target needs an aws_role") };
-            let read: CertifiedRead = serde_json::from_value(
-                request.state_read.clone().context("the decision record names no precondition read")?,
-            )?;
+            // A short-form preset's decision records no read: the preset names it.
+            let read: CertifiedRead = match request.state_read.clone() {
+                Some(read) => serde_json::from_value(read)?,
+                None => preset::precondition_read(&request.operation, &request.target)
+                    .context("the decision record names no precondition read")?,
+            };
             let read = StateRead::new(&read, &request.target)?;
             let (credentials, identity) = self.read_session(&read, role_arn, decision_id).await?;
             let response = self.call(&read.call, &credentials).await?;

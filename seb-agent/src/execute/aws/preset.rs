@@ -35,7 +35,7 @@ struct IpPermission {
 /// The certified request the preset `operation` builds for `target` and `params`.
 pub fn request(operation: &str, target: &str, params: &Value) -> Result<MutationRequest> {
     let postcondition = params.get("postcondition").and_then(Value::as_bool).unwrap_or(false);
-    let (protocol, call, resources, condition, read_action) = match operation {
+    let (protocol, call, condition) = match operation {
         "s3:PutObject" | "s3:DeleteObject" => {
             let (bucket, key) = s3_object(target)?;
             let path = s3_path(&bucket, Some(&key));
@@ -45,7 +45,7 @@ pub fn request(operation: &str, target: &str, params: &Value) -> Result<Mutation
             } else {
                 http("DELETE", &path, &[], "")
             };
-            (Protocol::RestXml, call, None, None, "s3:GetObject")
+            (Protocol::RestXml, call, None)
         }
         "s3:PutBucketPolicy" => {
             let bucket = s3_bucket(target)?;
@@ -53,7 +53,7 @@ pub fn request(operation: &str, target: &str, params: &Value) -> Result<Mutation
                 params.get("policy").filter(|p| p.is_object()).context("s3:PutBucketPolicy needs params.policy")?;
             let path = format!("{}?policy", s3_path(&bucket, None));
             let call = http("PUT", &path, &[("content-type", "application/json")], &canonical_json(policy));
-            (Protocol::RestXml, call, None, None, "s3:GetBucketPolicy")
+            (Protocol::RestXml, call, None)
         }
         "ec2:AuthorizeSecurityGroupIngress"
         | "ec2:RevokeSecurityGroupIngress"
@@ -85,12 +85,12 @@ pub fn request(operation: &str, target: &str, params: &Value) -> Result<Mutation
                     form.push((format!("IpPermissions.{n}.Ipv6Ranges.{}.CidrIpv6", j + 1), cidr.clone()));
                 }
             }
-            (Protocol::Query, query_call(&form), None, None, "ec2:DescribeSecurityGroups")
+            (Protocol::Query, query_call(&form), None)
         }
         "ec2:TerminateInstances" => {
             let instance = ec2_resource(target, "instance/")?;
             let form = [("Action", "TerminateInstances"), ("Version", EC2_VERSION), ("InstanceId.1", &instance)];
-            (Protocol::Query, query_call(&form), None, None, "ec2:DescribeInstances")
+            (Protocol::Query, query_call(&form), None)
         }
         "iam:AttachRolePolicy" | "iam:DetachRolePolicy" => {
             let role = iam_role(target)?;
@@ -98,18 +98,16 @@ pub fn request(operation: &str, target: &str, params: &Value) -> Result<Mutation
             let action = operation.trim_start_matches("iam:");
             let form = [("Action", action), ("Version", IAM_VERSION), ("RoleName", &role), ("PolicyArn", policy_arn)];
             let condition = json!({"ArnEquals": {"iam:PolicyARN": policy_arn}});
-            (Protocol::Query, query_call(&form), None, Some(condition), "iam:ListAttachedRolePolicies")
+            (Protocol::Query, query_call(&form), Some(condition))
         }
-        other => {
-            bail!("`{other}` is not a preset; certify the full request (service, protocol, request, precondition)")
-        }
+        other => return Err(not_a_preset(other)),
     };
-    let precondition = read(read_action, target)?;
+    let precondition = precondition_read(operation, target)?;
     let params = AwsParams {
         service: None,
         protocol,
         request: call,
-        resources,
+        resources: None,
         condition,
         postcondition: postcondition.then(|| precondition.clone()),
         precondition,
@@ -120,6 +118,30 @@ pub fn request(operation: &str, target: &str, params: &Value) -> Result<Mutation
         target: target.into(),
         params: serde_json::to_value(params).expect("params serialise"),
     })
+}
+
+fn not_a_preset(operation: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "`{operation}` is not a preset; certify the full request (service, protocol, request, precondition)"
+    )
+}
+
+/// The read that shows the live state the preset `operation` changes on `target`: its
+/// precondition (and postcondition). Reconciliation reads it again for a decision that
+/// recorded the short form.
+pub fn precondition_read(operation: &str, target: &str) -> Result<CertifiedRead> {
+    let action = match operation {
+        "s3:PutObject" | "s3:DeleteObject" => "s3:GetObject",
+        "s3:PutBucketPolicy" => "s3:GetBucketPolicy",
+        "ec2:AuthorizeSecurityGroupIngress"
+        | "ec2:RevokeSecurityGroupIngress"
+        | "ec2:AuthorizeSecurityGroupEgress"
+        | "ec2:RevokeSecurityGroupEgress" => "ec2:DescribeSecurityGroups",
+        "ec2:TerminateInstances" => "ec2:DescribeInstances",
+        "iam:AttachRolePolicy" | "iam:DetachRolePolicy" => "iam:ListAttachedRolePolicies",
+        other => return Err(not_a_preset(other)),
+    };
+    read(action, target)
 }
 
 /// The preset read `action` of `target`.
