@@ -341,10 +341,6 @@ impl SharedEnforcer {
         else {
             return true;
         };
-        if scoped.get(&tgid, 0).is_ok() {
-            return true;
-        }
-        let Ok(cgroup) = cgroupfs::cgroup_of(&tgid.to_string()) else { return true };
-        super::processes::in_scope(scope, &cgroupfs::resolve(&enforcer.mount, &cgroup))
+        super::processes::scope_membership(&scoped, &enforcer.mount, scope, tgid).unwrap_or(true)
     }
 }

@@ -14,18 +14,31 @@ use super::loader::AttachTargets;
 use crate::cgroupfs;
 
 /// Whether `tgid` is a process of the scope: followed by the kernel, or (should root have
-/// deleted its entry) in an enforced cgroup outside the exempt ones.
+/// deleted its entry) in an enforced cgroup outside the exempt ones. `None` when that
+/// cannot be told (its cgroup is unreadable: it exited); each caller decides which way
+/// that fails (a kill spares it, an administrator check refuses it).
+pub fn scope_membership<T: Borrow<MapData>>(
+    scoped: &HashMap<T, u32, u64>,
+    mount: &Path,
+    scope: &AttachTargets,
+    tgid: u32,
+) -> Option<bool> {
+    if scoped.get(&tgid, 0).is_ok() {
+        return Some(true);
+    }
+    let cgroup = cgroupfs::cgroup_of(&tgid.to_string()).ok()?;
+    Some(in_scope(scope, &cgroupfs::resolve(mount, &cgroup)))
+}
+
+/// [`scope_membership`], a process that cannot be told counted as not of the scope (what
+/// is killed for being of the scope must be known to be).
 pub fn of_the_scope<T: Borrow<MapData>>(
     scoped: &HashMap<T, u32, u64>,
     mount: &Path,
     scope: &AttachTargets,
     tgid: u32,
 ) -> bool {
-    if scoped.get(&tgid, 0).is_ok() {
-        return true;
-    }
-    let Ok(cgroup) = cgroupfs::cgroup_of(&tgid.to_string()) else { return false };
-    in_scope(scope, &cgroupfs::resolve(mount, &cgroup))
+    scope_membership(scoped, mount, scope, tgid).unwrap_or(false)
 }
 
 /// Whether the cgroup directory `dir` is enforced: under a scope, not under an exemption.

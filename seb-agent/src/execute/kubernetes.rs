@@ -146,11 +146,17 @@ fn check_kind(kind: &str) -> Result<()> {
     // The URL names the resource by the kind's plural, which other words share
     // (`PodMetrics` and `Pod` are both `pods`; `Endpoint` is `endpoints`).
     let plural = plural_of(kind);
-    if let Some(known) = KNOWN_KINDS.iter().find(|known| **known != kind && plural_of(known) == plural) {
+    if let Some((_, known)) =
+        KNOWN_PLURALS.iter().find(|(known_plural, known)| *known != kind && *known_plural == plural)
+    {
         bail!("the kind `{kind}` names the resource `{plural}`, whose kind is `{known}`");
     }
     Ok(())
 }
+
+/// The known kinds' plurals, derived once rather than at each target's parse.
+static KNOWN_PLURALS: std::sync::LazyLock<Vec<(String, &'static str)>> =
+    std::sync::LazyLock::new(|| KNOWN_KINDS.iter().map(|kind| (plural_of(kind), *kind)).collect());
 
 /// The resource a kind's URL names, as the executor derives it.
 fn plural_of(kind: &str) -> String {
