@@ -4,8 +4,9 @@
 //! 1. stateless predicates (certificate, caller, request);
 //! 2. broker-state predicates, read only, so a replayed or revoked certificate never
 //!    costs an identity;
-//! 3. mint the scoped identity and read the target's live state: a digest other than the
-//!    contract's precondition is `drift`, and nothing is executed;
+//! 3. wait until no other execution on the target runs here, mint the scoped identity
+//!    and read the target's live state: a digest other than the contract's
+//!    precondition is `drift`, and nothing is executed;
 //! 4. record the decision (state checked again, serial consumed), durable before anything
 //!    is sent to the production API;
 //! 5. perform the mutation with the minted identity, then record the outcome chained to
@@ -45,8 +46,13 @@ pub async fn propose(
     });
     let mut timings = Timings::default();
     let mut prepared = None;
+    // Held to the outcome, so the drift read sees any earlier execution's result.
+    let mut _target_held = None;
     if executors.handles(proposal.request.provider) && pending.admissible() {
         pending.check_state(ledger).await?;
+        if pending.admissible() {
+            _target_held = Some(executors.targets.hold(&proposal.request).await);
+        }
         if let Some(verified) = pending.verified.clone().filter(|_| pending.admissible()) {
             let contract = &verified.contract;
             let preparing = executors.prepare(contract, &proposal.request, &pending.decision_id, &mut timings);

@@ -7,6 +7,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::Result;
@@ -38,6 +39,9 @@ pub struct InternalApi {
     pub client_ca: CaFiles,
     pub store: Arc<Mutex<HashMap<String, Bytes>>>,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// How long a GET's answer is held back (it is read on arrival): widens the window
+    /// between a drift read and the write after it.
+    pub read_delay: Arc<Mutex<Duration>>,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -55,12 +59,17 @@ pub fn start(netns: &str, addr: SocketAddr, dir: &Path) -> Result<InternalApi> {
     let tls = tls_server::config(cert, key, Some(verifier))?;
     let store = Arc::new(Mutex::new(HashMap::new()));
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let (store2, seen2) = (store.clone(), seen.clone());
+    let read_delay = Arc::new(Mutex::new(Duration::ZERO));
+    let (store2, seen2, read_delay2) = (store.clone(), seen.clone(), read_delay.clone());
     let stop = tls_server::spawn(netns, addr, tls, move |request, peer| {
+        let delay = if request.method() == hyper::Method::GET { *read_delay2.lock().unwrap() } else { Duration::ZERO };
         let response = handle(request, &store2, &seen2, peer);
-        async move { response }
+        async move {
+            tokio::time::sleep(delay).await;
+            response
+        }
     })?;
-    Ok(InternalApi { server_ca: server_ca.cert, client_ca, store, seen, _stop: stop })
+    Ok(InternalApi { server_ca: server_ca.cert, client_ca, store, seen, read_delay, _stop: stop })
 }
 
 fn handle(

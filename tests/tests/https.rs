@@ -94,6 +94,37 @@ fn a_certified_change_goes_through_with_a_client_certificate_minted_for_it() {
 }
 
 #[test]
+fn two_certificates_for_one_target_proposed_at_once_execute_one_after_the_other() {
+    let w = world("httpsrace");
+    let role = ScopedIdentity::X509Client { subject: SUBJECT.into() };
+    let changes = [put(json!({"replicas": 3})), put(json!({"replicas": 5}))];
+    let certificates: Vec<String> = changes
+        .iter()
+        .enumerate()
+        .map(|(i, change)| {
+            let contract = certified(&format!("c-http-race-{i}"), this_process(), change, &state(None), role.clone());
+            w.broker.issue(&contract, &Default::default())
+        })
+        .collect();
+    // Each drift read answered 400 ms late: without one execution at a time, both reads
+    // see the certified (empty) state and both writes land.
+    *w.api.read_delay.lock().unwrap() = std::time::Duration::from_millis(400);
+    let decisions: Vec<_> = std::thread::scope(|s| {
+        let proposing: Vec<_> = certificates
+            .iter()
+            .zip(&changes)
+            .map(|(certificate, change)| s.spawn(|| w.broker.propose(certificate, change)))
+            .collect();
+        proposing.into_iter().map(|p| p.join().unwrap()).collect()
+    });
+    let executed: Vec<_> = decisions.iter().filter(|d| d.admitted).collect();
+    assert_eq!(executed.len(), 1, "one executes, the other sees its result: {decisions:?}");
+    let refused = decisions.iter().find(|d| !d.admitted).unwrap();
+    assert_eq!(refused.reason, Reason::Drift, "{refused:?}");
+    assert_eq!(w.api.seen.lock().unwrap().iter().filter(|s| s.method == "PUT").count(), 1);
+}
+
+#[test]
 fn the_agent_can_neither_connect_nor_authenticate_on_its_own() {
     let w = world("httpsagent");
     let outcome = w.broker.sandbox.attempt("workload", "tcp", API).unwrap();

@@ -7,6 +7,7 @@ pub mod https;
 pub mod kubernetes;
 pub mod passthrough;
 pub mod reconcile;
+pub mod target_locks;
 
 use std::time::Instant;
 
@@ -185,6 +186,8 @@ pub struct Executors {
     pub aws: Option<aws::AwsExecutor>,
     pub https: Option<https::HttpsExecutor>,
     pub kubernetes: Option<kubernetes::KubernetesExecutor>,
+    /// One execution at a time per target.
+    pub targets: target_locks::TargetLocks,
 }
 
 /// What executing a prepared mutation did.
