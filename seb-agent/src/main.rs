@@ -466,9 +466,13 @@ enum AuditCommand {
         #[arg(long)]
         public_key: Option<PathBuf>,
         /// The broker's head file, to detect removed newest records (default, when the
-        /// public key comes from the config: `audit.signing_key` + ".head").
-        #[arg(long)]
+        /// public key comes from the config: `audit.signing_key` + ".head"). With
+        /// `--public-key`, give it or say `--no-head`.
+        #[arg(long, conflicts_with = "no_head")]
         head: Option<PathBuf>,
+        /// Verify without a head file: records removed from the end go unnoticed.
+        #[arg(long)]
+        no_head: bool,
     },
     /// Verify the store fully and record its head in the head file, as the one the broker
     /// trusts from now on: for a store written by a version without head files, or a
@@ -476,6 +480,10 @@ enum AuditCommand {
     Adopt {
         #[command(flatten)]
         config: ConfigArg,
+        /// Adopt a store that does not hold the head already trusted (a deliberate
+        /// rollback: certificates used since then can be admitted again).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -807,9 +815,16 @@ fn audit(command: AuditCommand, output: Output) -> Result<Exit> {
         }
         AuditCommand::Show { database, seq } => cli::audit::show(&database.path()?, seq, output)?,
         AuditCommand::Export { database } => cli::audit::export(&database.path()?)?,
-        AuditCommand::Verify { database, public_key, head } => {
+        AuditCommand::Verify { database, public_key, head, no_head } => {
             let (public_key, head) = match public_key {
+                // A key given by hand with no head would quietly skip the check for removed
+                // newest records: the operator says which.
+                Some(_) if head.is_none() && !no_head => anyhow::bail!(
+                    "--public-key needs --head <the head file kept with the key>, or --no-head to verify without \
+                     detecting removed newest records"
+                ),
                 Some(path) => (path, head),
+                None if no_head => (keys::public_key_path(&database.config.load()?.audit.signing_key), None),
                 None => {
                     let signing_key = database.config.load()?.audit.signing_key;
                     (
@@ -821,9 +836,9 @@ fn audit(command: AuditCommand, output: Output) -> Result<Exit> {
             let ok = cli::audit::verify(&database.path()?, &public_key, head.as_deref(), output)?;
             return Ok(Exit::ok_or_denied(ok));
         }
-        AuditCommand::Adopt { config } => {
+        AuditCommand::Adopt { config, force } => {
             let audit = config.load()?.audit;
-            cli::audit::adopt(&audit.database, &audit.signing_key)?;
+            cli::audit::adopt(&audit.database, &audit.signing_key, force)?;
         }
     }
     Ok(Exit::Success)

@@ -50,6 +50,7 @@ fn verify(sandbox: &Sandbox, database: &Path) -> (i32, Value) {
         .arg(database)
         .arg("--public-key")
         .arg(sandbox.public_key())
+        .arg("--no-head")
         .output()
         .unwrap();
     let report = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {

@@ -134,6 +134,8 @@ fn the_python_client_and_an_mcp_client_reach_production_only_through_the_broker(
         .arg(&world.sab.database)
         .arg("--public-key")
         .arg(&public_key)
+        .arg("--head")
+        .arg(world.sab.signing_key.with_extension("key.head"))
         .output()
         .unwrap();
     assert!(

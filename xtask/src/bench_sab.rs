@@ -76,6 +76,8 @@ pub fn run() -> Result<()> {
             .arg(&sab.database)
             .arg("--public-key")
             .arg(sab.signing_key.with_extension("key.pub"))
+            .arg("--head")
+            .arg(sab.signing_key.with_extension("key.head"))
             .output()?;
         ensure!(verify.status.success(), "the SAB log must verify after the run");
         results.push(json!({

@@ -19,7 +19,7 @@
 use std::{
     fs::{self, File},
     io::Write,
-    os::unix::fs::FileExt,
+    os::unix::fs::{FileExt, OpenOptionsExt},
     path::{Path, PathBuf},
 };
 
@@ -91,7 +91,7 @@ pub fn write(path: &Path, head: &Head, key: &SigningKey, flush: Flush) -> Result
     temporary.push(".tmp");
     let temporary = PathBuf::from(temporary);
     let write = || -> std::io::Result<()> {
-        let mut out = File::create(&temporary)?;
+        let mut out = super::create_fresh(&temporary, 0o644)?;
         out.write_all(&[slot, slot].concat())?;
         if flush == Flush::Now {
             out.sync_all()?;
@@ -120,6 +120,7 @@ impl HeadFile {
         write(path, head, key, Flush::Now)?;
         let file = fs::OpenOptions::new()
             .write(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(path)
             .with_context(|| format!("opening the audit head file {}", path.display()))?;
         Ok(Self { file, path: path.to_path_buf(), next: 0 })

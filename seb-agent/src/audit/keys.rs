@@ -21,7 +21,10 @@ pub fn load_or_create(path: &Path) -> Result<SigningKey> {
         Err(e) => return Err(e),
     };
     let public = key.verifying_key().to_public_key_pem(LineEnding::LF)?;
-    fs::write(public_key_path(path), public)?;
+    let public_path = public_key_path(path);
+    super::create_fresh(&public_path, 0o644)
+        .and_then(|mut file| file.write_all(public.as_bytes()))
+        .with_context(|| format!("writing {}", public_path.display()))?;
     Ok(key)
 }
 
@@ -71,7 +74,16 @@ pub fn public_key_path(key_path: &Path) -> std::path::PathBuf {
 
 pub fn load_public(path: &Path) -> Result<VerifyingKey> {
     let pem = fs::read_to_string(path).with_context(|| format!("reading public key {}", path.display()))?;
-    VerifyingKey::from_public_key_pem(&pem).with_context(|| format!("{} is not an Ed25519 public key", path.display()))
+    let key = VerifyingKey::from_public_key_pem(&pem)
+        .with_context(|| format!("{} is not an Ed25519 public key", path.display()))?;
+    // A small-order point verifies forged signatures (`01 00…` with a zero scalar).
+    if key.is_weak() {
+        anyhow::bail!(
+            "{} is a weak Ed25519 public key (a small-order point): no signature can be trusted to it",
+            path.display()
+        );
+    }
+    Ok(key)
 }
 
 #[cfg(test)]
@@ -89,5 +101,27 @@ mod tests {
         assert!(error.contains("is missing while its head file"), "{error}");
         fs::remove_file(head::path_for(&key)).unwrap();
         assert_ne!(load_or_create(&key).unwrap().to_bytes(), first.to_bytes(), "a deliberate fresh start");
+    }
+
+    #[test]
+    fn symlinks_planted_for_the_public_key_and_the_head_file_are_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("broker.key");
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "precious").unwrap();
+        load_or_create(&key).unwrap();
+        let head = head::path_for(&key);
+        let mut temporary = head.clone().into_os_string();
+        temporary.push(".tmp");
+        for planted in [public_key_path(&key), std::path::PathBuf::from(temporary)] {
+            let _ = fs::remove_file(&planted);
+            std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        }
+        let signing = load_or_create(&key).unwrap();
+        head::write(&head, &Head::EMPTY, &signing, head::Flush::Now).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious", "written through a planted symlink");
+        assert!(!fs::symlink_metadata(public_key_path(&key)).unwrap().is_symlink());
+        assert!(!fs::symlink_metadata(&head).unwrap().is_symlink());
+        load_public(&public_key_path(&key)).unwrap();
     }
 }

@@ -215,11 +215,10 @@ impl Ledger {
         options: LedgerOptions,
     ) -> Result<(Self, JoinHandle<()>)> {
         let LedgerOptions { queue, on_commit } = options;
-        let (conn, head) = open_verified(files, &key, derived)?;
+        let (conn, head, schema_version) = open_verified(files, &key, derived)?;
         let checkpointer = store::start_wal_checkpointer(&conn, &files.database)?;
         let open_files = OpenFiles::pin(&files.database)?;
         let head_file = HeadFile::create(&files.head, &head, &key)?;
-        let schema_version = store::schema_version(&conn)?;
         let writer = Writer {
             conn,
             key,
@@ -306,8 +305,9 @@ impl Ledger {
 }
 
 /// The store, checked against the head file and verified, with the derived state rebuilt
-/// from it; and its head.
-fn open_verified(files: &LedgerFiles, key: &SigningKey, derived: Derived) -> Result<(Connection, Head)> {
+/// from it; its head, and the schema version it was verified under (any change after
+/// fails the next commit).
+fn open_verified(files: &LedgerFiles, key: &SigningKey, derived: Derived) -> Result<(Connection, Head, i64)> {
     let database = files.database.display();
     let public = key.verifying_key();
     let Some(trusted) = head::read(&files.head, &public)? else {
@@ -330,6 +330,11 @@ fn open_verified(files: &LedgerFiles, key: &SigningKey, derived: Derived) -> Res
     let mut conn = store::open_writable(&files.database, trusted.seq == 0)?;
     let started = Instant::now();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Checked again under the write lock, with the index rebuilt from the table the walk
+    // reads and the schema version taken here: nothing can slip in between.
+    store::check_schema(&tx)?;
+    store::rebuild_index(&tx)?;
+    let schema_version = store::schema_version(&tx)?;
     tx.execute_batch(derived.schema).context("creating the derived state")?;
     let verified = verify::walk(&tx, &public, Some(trusted), Signatures::PastHead, |record| {
         (derived.apply)(&tx, record).with_context(|| format!("record {}: deriving the admission state", record.seq))
@@ -346,7 +351,7 @@ fn open_verified(files: &LedgerFiles, key: &SigningKey, derived: Derived) -> Res
         elapsed_ms = started.elapsed().as_millis() as u64,
         "audit store verified against its head file; admission state rebuilt from it"
     );
-    Ok((conn, verified.head))
+    Ok((conn, verified.head, schema_version))
 }
 
 fn run_ledger(mut writer: Writer, mut queue: mpsc::Receiver<Job>) {

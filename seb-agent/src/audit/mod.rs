@@ -14,6 +14,18 @@ pub use denial::KernelDenial;
 pub use ledger::{Batch, Commit, Derived, Ledger, LedgerBusy, LedgerFiles, LedgerOptions, is_busy};
 pub use store::{AuditStore, Record};
 
+/// A fresh file at `path` for the broker's own writes: whatever is there (a symlink
+/// planted to aim the broker's writes, as root, at another file) is removed, never
+/// followed.
+pub fn create_fresh(path: &std::path::Path, mode: u32) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).custom_flags(nix::libc::O_NOFOLLOW).open(path)
+}
+
 /// Nanoseconds since the Unix epoch, now.
 pub fn now_ns() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)

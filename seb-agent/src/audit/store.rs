@@ -83,22 +83,55 @@ pub fn open_writable(path: &Path, create: bool) -> Result<Connection> {
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.execute_batch(SCHEMA).context("creating the audit schema")?;
-    refuse_triggers(&conn)?;
+    check_schema(&conn)?;
     Ok(conn)
 }
 
-/// The store holds no trigger: seb creates none, and one planted in the file (while the
-/// broker was down) could drop or rewrite chosen records as they are appended.
-fn refuse_triggers(conn: &Connection) -> Result<()> {
-    let mut query = conn.prepare("SELECT name FROM sqlite_master WHERE type = 'trigger'")?;
-    let names = query.query_map([], |row| row.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
-    if !names.is_empty() {
+/// The store holds exactly seb's schema: the records table and its index, as seb
+/// creates them. Anything else planted in the file while the broker was down could work
+/// on what a query returns: a trigger drops or rewrites records as they are appended; an
+/// index pointed at the table (`writable_schema`) answers the queries that use it
+/// (the newest record of a kind, the decisions without an outcome) from rows the verified
+/// walk, a table scan, never sees; a view takes the table's name.
+pub fn check_schema(conn: &Connection) -> Result<()> {
+    let found = schema_of(conn)?;
+    let expected = EXPECTED_SCHEMA.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let unexpected: Vec<String> = found
+        .iter()
+        .filter(|object| !expected.contains(object))
+        .map(|(kind, name, _)| format!("{kind} {name}"))
+        .collect();
+    if !unexpected.is_empty() {
         bail!(
-            "the audit store holds triggers seb did not create ({}); refusing to write through them",
-            names.join(", ")
+            "the audit store holds schema objects seb did not create, or changed ({}); refusing to use it",
+            unexpected.join(", ")
         );
     }
+    if let Some((kind, name, _)) = expected.iter().find(|object| !found.contains(object)) {
+        bail!("the audit store lacks its {kind} {name}; refusing to use it");
+    }
     Ok(())
+}
+
+/// (type, name, sql) of every object in the main schema.
+fn schema_of(conn: &Connection) -> Result<Vec<(String, String, Option<String>)>> {
+    let mut query = conn.prepare("SELECT type, name, sql FROM main.sqlite_master ORDER BY type, name")?;
+    let rows = query.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The schema as SQLite records it for [`SCHEMA`], read from a scratch database.
+static EXPECTED_SCHEMA: std::sync::LazyLock<Result<Vec<(String, String, Option<String>)>, String>> =
+    std::sync::LazyLock::new(|| {
+        let scratch = Connection::open_in_memory().map_err(|e| e.to_string())?;
+        scratch.execute_batch(SCHEMA).map_err(|e| e.to_string())?;
+        schema_of(&scratch).map_err(|e| format!("{e:#}"))
+    });
+
+/// Rebuild the index from the table, under the verifying transaction: what it answers
+/// is then what the verified walk read.
+pub fn rebuild_index(conn: &Connection) -> Result<()> {
+    conn.execute_batch("REINDEX records_by_kind").context("rebuilding the audit store's index")
 }
 
 /// The main database's schema cookie, which every change to its schema moves.
@@ -155,6 +188,7 @@ impl AuditStore {
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .with_context(|| format!("opening audit store {} (does it exist?)", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        check_schema(&conn)?;
         Ok(Self { conn })
     }
 
@@ -274,7 +308,7 @@ mod tests {
             )
             .unwrap();
         let error = open_writable(&path, false).err().unwrap().to_string();
-        assert!(error.contains("triggers seb did not create (hide)"), "{error}");
+        assert!(error.contains("schema objects seb did not create, or changed (trigger hide)"), "{error}");
         // Added under a running writer: the INSERT it swallows changes no row.
         planted.execute_batch("DROP TRIGGER hide").unwrap();
         let conn = open_writable(&path, false).unwrap();
@@ -286,6 +320,75 @@ mod tests {
             )
             .unwrap();
         assert!(one_row(rows).is_err(), "{rows} rows");
+    }
+
+    #[test]
+    fn an_index_or_view_planted_in_the_store_is_refused_by_the_writer_and_the_verifier() {
+        let dir = tempfile::tempdir().unwrap();
+        for (label, planting) in [
+            ("index evil", "CREATE INDEX evil ON records(kind, seq, body)"),
+            ("table shadow", "CREATE TABLE shadow(seq INTEGER PRIMARY KEY, body TEXT)"),
+            ("view last", "CREATE VIEW last AS SELECT * FROM records"),
+            (
+                "index records_by_kind",
+                "DROP INDEX records_by_kind; CREATE INDEX records_by_kind ON records(kind, seq, body)",
+            ),
+        ] {
+            let path = dir.path().join(format!("{}.db", label.replace(' ', "-")));
+            drop(open_writable(&path, true).unwrap());
+            Connection::open(&path).unwrap().execute_batch(planting).unwrap();
+            for error in [
+                open_writable(&path, false).err().map(|e| e.to_string()),
+                AuditStore::open_read_only(&path).err().map(|e| e.to_string()),
+            ] {
+                let error = error.unwrap_or_else(|| panic!("{label}: opened"));
+                assert!(error.contains(&format!("did not create, or changed ({label})")), "{label}: {error}");
+            }
+        }
+        // A records table seb did not make (a view in its place) is missing its table.
+        let path = dir.path().join("view.db");
+        Connection::open(&path).unwrap().execute_batch("CREATE VIEW records AS SELECT 1 AS seq").unwrap();
+        let error = AuditStore::open_read_only(&path).err().unwrap().to_string();
+        assert!(error.contains("view records"), "{error}");
+    }
+
+    #[test]
+    fn an_index_whose_pages_were_swapped_for_a_shadow_is_rebuilt_from_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let conn = open_writable(&path, true).unwrap();
+        for seq in 1..=3 {
+            conn.execute(
+                "INSERT INTO records (seq, kind, time_ns, body, prev_hash, hash, signature) VALUES (?1, 'decision', 0, '{}', X'', X'', X'')",
+                [seq],
+            )
+            .unwrap();
+        }
+        drop(conn);
+        // The index's name and text are seb's, its pages a shadow table's that lacks record 2.
+        let planted = Connection::open(&path).unwrap();
+        planted
+            .execute_batch(
+                "DROP INDEX records_by_kind;
+                 CREATE TABLE shadow(seq INTEGER PRIMARY KEY, kind TEXT);
+                 INSERT INTO shadow VALUES (1, 'decision'), (3, 'decision');
+                 CREATE INDEX shadow_by_kind ON shadow(kind, seq);
+                 PRAGMA writable_schema = ON;
+                 UPDATE sqlite_master SET name = 'records_by_kind', tbl_name = 'records',
+                     sql = 'CREATE INDEX records_by_kind ON records(kind, seq)' WHERE name = 'shadow_by_kind';
+                 DELETE FROM sqlite_master WHERE name = 'shadow';
+                 PRAGMA writable_schema = OFF;",
+            )
+            .unwrap();
+        drop(planted);
+        let conn = open_writable(&path, false).unwrap();
+        let decisions = |conn: &Connection| -> Vec<i64> {
+            let mut query = conn.prepare("SELECT seq FROM records WHERE kind = 'decision' ORDER BY seq").unwrap();
+            query.query_map([], |row| row.get(0)).unwrap().collect::<Result<_, _>>().unwrap()
+        };
+        assert_eq!(decisions(&conn), vec![1, 3], "the planted index answers (the attack as reproduced)");
+        rebuild_index(&conn).unwrap();
+        assert_eq!(decisions(&conn), vec![1, 2, 3], "rebuilt from the table");
     }
 
     #[test]

@@ -215,7 +215,7 @@ pub fn verify(database: &Path, public_key: &Path, head_file: Option<&Path>, outp
         Ok(verified) => json!({
             "ok": true, "records": verified.records, "checkpoints": verified.checkpoints,
             "signed_heads": verified.signed_heads, "head_hash": verified.head_hash,
-            "head_file_seq": verified.head_file_seq,
+            "head_file_seq": verified.head_file_seq, "newest_records_checked": verified.head_file_seq.is_some(),
         }),
         Err(failure) => json!({"ok": false, "first_bad_record": failure.seq, "problem": failure.problem()}),
     };
@@ -236,8 +236,10 @@ pub fn verify(database: &Path, public_key: &Path, head_file: Option<&Path>, outp
     Ok(outcome.is_ok())
 }
 
-/// Verify the store fully and record its head as the trusted one.
-pub fn adopt(database: &Path, signing_key: &Path) -> Result<()> {
+/// Verify the store fully and record its head as the trusted one. A store that does not
+/// hold the head already trusted (cut, or another store) is adopted only with `force`:
+/// adopting it would complete a rollback (used serials and revocations forgotten).
+pub fn adopt(database: &Path, signing_key: &Path, force: bool) -> Result<()> {
     let key = keys::load(signing_key)?;
     let path = head::path_for(signing_key);
     let previous = head::read(&path, &key.verifying_key()).ok().flatten();
@@ -246,6 +248,16 @@ pub fn adopt(database: &Path, signing_key: &Path) -> Result<()> {
         Ok(verified) => verified,
         Err(failure) => bail!("the audit store {} fails verification at {failure}: not adopted", database.display()),
     };
+    if let Some(previous) = previous.filter(|_| !force)
+        && let Err(failure) = verify::verify(&store, &key.verifying_key(), Some(previous))?
+    {
+        bail!(
+            "the audit store {} does not hold the head the broker trusts (record {}): {failure}. Adopting it would \
+             roll the node back (used serials and revocations forgotten); not adopted. `--force` adopts it anyway",
+            database.display(),
+            previous.seq
+        );
+    }
     head::write(&path, &verified.head, &key, head::Flush::Now)?;
     let replaced = previous.map_or("none".into(), |h| format!("record {} ({})", h.seq, hex::encode(h.hash)));
     warn!(
@@ -262,6 +274,29 @@ pub fn adopt(database: &Path, signing_key: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_cut_behind_the_trusted_head_is_adopted_only_with_force() {
+        use crate::audit::{Derived, Ledger, LedgerFiles};
+        let dir = tempfile::tempdir().unwrap();
+        let signing_key = dir.path().join("broker.key");
+        let key = keys::load_or_create(&signing_key).unwrap();
+        let files = LedgerFiles { database: dir.path().join("audit.db"), head: head::path_for(&signing_key) };
+        head::write(&files.head, &crate::audit::chain::Head::EMPTY, &key, head::Flush::Now).unwrap();
+        let (ledger, thread) = Ledger::start(&files, key, Derived { schema: "", apply: |_, _| Ok(()) }).unwrap();
+        for i in 0..3 {
+            ledger.run_blocking(move |batch| batch.append("test", 1, &i)).unwrap();
+        }
+        drop(ledger);
+        thread.join().unwrap();
+        adopt(&files.database, &signing_key, false).expect("a store holding its head is adopted");
+        let conn = rusqlite::Connection::open(&files.database).unwrap();
+        conn.execute("DELETE FROM records WHERE seq = 3", []).unwrap();
+        drop(conn);
+        let error = format!("{:#}", adopt(&files.database, &signing_key, false).unwrap_err());
+        assert!(error.contains("does not hold the head the broker trusts (record 3)"), "{error}");
+        adopt(&files.database, &signing_key, true).expect("--force adopts it");
+    }
 
     #[test]
     fn since_is_a_sequence_number_or_a_time() {
