@@ -365,6 +365,7 @@ enum SabCommand {
         #[command(flatten)]
         client: SabClientArgs,
         /// The request id.
+        #[arg(value_parser = seb_agent::sab::client::request_id)]
         id: String,
         /// Why, recorded in the SAB's log.
         #[arg(long)]
@@ -375,6 +376,7 @@ enum SabCommand {
         #[command(flatten)]
         client: SabClientArgs,
         /// The request id.
+        #[arg(value_parser = seb_agent::sab::client::request_id)]
         id: String,
         /// Why, recorded in the SAB's log.
         #[arg(long)]
@@ -390,6 +392,7 @@ enum SabCommand {
         #[command(flatten)]
         client: SabClientArgs,
         /// The request id.
+        #[arg(value_parser = seb_agent::sab::client::request_id)]
         id: String,
     },
     /// Validate a policy directory against the schema, as the SAB would load it.

@@ -78,9 +78,7 @@ impl AgentSab {
 
     /// `GET /v1/requests/{id}`: the request's state as the SAB reports it.
     pub async fn request(&self, request_id: &str) -> Result<Value> {
-        if request_id.is_empty() || !request_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            bail!("`{request_id}` is not a request id");
-        }
+        let request_id = crate::sab::client::request_id(request_id)?;
         let (status, body) = self.client.call("GET", &format!("/v1/requests/{request_id}"), None).await?;
         if status != 200 {
             bail!(api_error(status, &body));

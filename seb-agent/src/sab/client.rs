@@ -20,6 +20,15 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest answer read from the SAB: a certificate, a request's state, or a list of them.
 pub const MAX_REPLY: usize = 32 << 20;
 
+/// A request id as the SAB issues them (letters, digits, `-`): anything else is refused
+/// before it is put in a path, where `R/approve?` would turn a deny into an approval.
+pub fn request_id(text: &str) -> Result<String> {
+    if text.is_empty() || text.len() > 64 || !text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        bail!("`{text}` is not a request id (letters, digits and `-`)");
+    }
+    Ok(text.to_owned())
+}
+
 pub struct SabClient {
     host: String,
     port: u16,

@@ -701,23 +701,50 @@ pub async fn watch_policies(sab: Arc<Sab>) {
     }
 }
 
-fn fingerprint(dir: &std::path::Path) -> Vec<(String, u64, Option<SystemTime>)> {
+/// What the policy files hold, by name: their contents' digests, read through symlinks.
+/// A ConfigMap volume changes a file by swapping the `..data` link its entry points
+/// through, which leaves the entry's own metadata as it was.
+fn fingerprint(dir: &std::path::Path) -> Vec<(String, Option<[u8; 32]>)> {
+    use sha2::Digest;
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .flatten()
                 .filter(|e| e.path().extension().is_some_and(|ext| ext == "cedar"))
                 .map(|e| {
-                    let meta = e.metadata().ok();
-                    (
-                        e.file_name().to_string_lossy().into_owned(),
-                        meta.as_ref().map_or(0, |m| m.len()),
-                        meta.and_then(|m| m.modified().ok()),
-                    )
+                    let contents = std::fs::read(e.path()).ok();
+                    (e.file_name().to_string_lossy().into_owned(), contents.map(|c| sha2::Sha256::digest(c).into()))
                 })
                 .collect()
         })
         .unwrap_or_default();
     files.sort();
     files
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_policy_changed_behind_a_configmap_link_changes_the_fingerprint() {
+        // A ConfigMap volume: `a.cedar -> ..data/a.cedar`, `..data -> ..v1`; an update
+        // writes `..v2` and swaps `..data`. Same length, same entry metadata.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for (version, text) in
+            [("..v1", "permit(principal, action, resource);"), ("..v2", "forbid(principal, action, resource);")]
+        {
+            std::fs::create_dir(root.join(version)).unwrap();
+            std::fs::write(root.join(version).join("a.cedar"), text).unwrap();
+        }
+        std::os::unix::fs::symlink("..v1", root.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/a.cedar", root.join("a.cedar")).unwrap();
+        let before = fingerprint(root);
+        std::os::unix::fs::symlink("..v2", root.join("..data_tmp")).unwrap();
+        std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+        let after = fingerprint(root);
+        assert_eq!(before.len(), 1);
+        assert_ne!(before, after, "the swapped policy went unnoticed");
+    }
 }
