@@ -137,6 +137,14 @@ mod tests {
     use super::*;
     use crate::sab::{config::TlsConfig, http::tls_config, pki};
 
+    #[test]
+    fn a_request_id_cannot_carry_a_path() {
+        assert!(request_id("0b5e3f0c-6f1e-4c3a-9d57-2f8b1c9e4a10").is_ok());
+        for forged in ["R/approve?", "R%2Fapprove", "../x", "", "a b", "R#"] {
+            assert!(request_id(forged).is_err(), "{forged}");
+        }
+    }
+
     /// A server (with the SAB's TLS) that answers every request with an endless body:
     /// the client stops at its bound instead of buffering until memory runs out.
     #[tokio::test]
