@@ -106,7 +106,54 @@ pub fn target_url(target: &str) -> Result<Uri> {
             "the URL `{target}` has a dot segment or an escaped `.`, `/` or `\\` in its path: name the resource plainly"
         );
     }
+    check_path_spelling(target, path)?;
+    let canonical = canonical_url(&url)?;
+    if canonical != target {
+        bail!("the URL `{target}` is not in its one spelling; write it `{canonical}`");
+    }
     Ok(url)
+}
+
+/// Path spellings servers commonly read as another path: empty segments (merged by
+/// nginx), `;` (Tomcat and Jetty drop `..;` to `..`), an escaped unreserved character
+/// (`%73ecrets` is `secrets` to most routers) and lower-case escapes (`%c3` = `%C3`).
+fn check_path_spelling(target: &str, path: &str) -> Result<()> {
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    // The last may be empty: `/items/7/` is its own resource to some frameworks.
+    if segments.iter().rev().skip(1).any(|segment| segment.is_empty()) {
+        bail!("the URL `{target}` has an empty path segment (`//`)");
+    }
+    if path.contains(';') {
+        bail!("the URL `{target}` has a `;` in its path, which some servers read as a parameter and drop");
+    }
+    let bytes = path.as_bytes();
+    for (at, _) in path.match_indices('%') {
+        let hex = bytes.get(at + 1..at + 3).unwrap_or_default();
+        let value = std::str::from_utf8(hex).ok().and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match value {
+            None => bail!("the URL `{target}` has a `%` that starts no escape"),
+            Some(byte) if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) => {
+                bail!("the URL `{target}` escapes `{}`, which must be written plainly", byte as char)
+            }
+            Some(_) if hex.iter().any(u8::is_ascii_lowercase) => {
+                bail!("the URL `{target}` has an escape in lower case; write escapes in upper case")
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The URL as one text: `https://`, the host in lower case without a trailing dot, the
+/// port unless 443, the path, and the query unless empty. A target must be written so,
+/// because the SAB's rules compare the text (`resource == ...`, `url`) and the host.
+fn canonical_url(url: &Uri) -> Result<String> {
+    let host = url.host().context("the URL names no host")?;
+    let host = host.to_ascii_lowercase();
+    let host = host.strip_suffix('.').unwrap_or(&host);
+    let port = url.port_u16().filter(|port| *port != 443).map(|port| format!(":{port}")).unwrap_or_default();
+    let query = url.query().filter(|query| !query.is_empty()).map(|query| format!("?{query}")).unwrap_or_default();
+    Ok(format!("https://{host}{port}{}{query}", url.path()))
 }
 
 /// Whether `url` is under `prefix` (a URL, from the config) at a segment boundary:
@@ -301,10 +348,28 @@ mod tests {
             "https://api/v1/a%2fb",
             "https://api/v1/a\\b",
             "https://api@other/v1/x",
+            // Spellings servers or the SAB's text rules would read as another.
+            "https://api/v1/%73ecrets/x",
+            "https://api/v1//secrets",
+            "https://api/v1/..;/admin",
+            "https://api/v1/x;jsessionid=1",
+            "https://api/v1/caf%c3%a9",
+            "https://api/v1/100%",
+            "https://API/v1/x",
+            "HTTPS://api/v1/x",
+            "https://api./v1/x",
+            "https://api:443/v1/x",
+            "https://api/v1/x?",
+            "https://api",
         ] {
             assert!(target_url(url).is_err(), "{url}");
         }
         target_url("https://api/v1/config.json?version=2").unwrap();
+        target_url("https://api:8443/v1/caf%C3%A9%20menu").unwrap();
+        target_url("https://api/").unwrap();
+        target_url("https://api/v1/items/7/").unwrap();
+        let error = format!("{:#}", target_url("https://API:443/v1/x").unwrap_err());
+        assert!(error.contains("write it `https://api/v1/x`"), "{error}");
         assert!(is_under("https://api/v1/x", "https://api/v1"));
         assert!(is_under("https://api/v1?q=1", "https://api/v1"));
         assert!(is_under("https://api/v1/x", "https://api/v1/"));

@@ -86,6 +86,7 @@ impl KubeTarget {
             _ => bail!(usage()),
         };
         let (group, version) = api_version.rsplit_once('/').map_or(("", api_version.as_str()), |(g, v)| (g, v));
+        check_api_version(group, version, parts.len() == 5).with_context(|| format!("Kubernetes target `{target}`"))?;
         check_kind(kind).with_context(|| format!("Kubernetes target `{target}`"))?;
         check_namespace(namespace).with_context(|| format!("Kubernetes target `{target}`"))?;
         check_name(name).with_context(|| format!("Kubernetes target `{target}`"))?;
@@ -166,6 +167,33 @@ fn plural_of(kind: &str) -> String {
 /// A namespace name is a DNS-1123 label (apimachinery `ValidateNamespaceName`,
 /// `validation.IsDNS1123Label`): lower-case letters, digits and `-`, at most 63. So no
 /// escape (`kube%2Dsystem`) or query (`?`) gives one namespace two spellings.
+/// A version as the API serves them (`v1`, `v2beta1`), and in the five-part form a
+/// named group, a DNS-1123 subdomain: `/v1/Secret/...` (an empty group) reaches the core
+/// `v1/Secret/...` under another spelling.
+fn check_api_version(group: &str, version: &str, grouped: bool) -> Result<()> {
+    let numbered = |text: &str| !text.is_empty() && !text.starts_with('0') && text.bytes().all(|b| b.is_ascii_digit());
+    let stable = version.strip_prefix('v').unwrap_or_default();
+    let (major, level) = match stable.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => stable.split_at(at),
+        None => (stable, ""),
+    };
+    let level_ok =
+        level.is_empty() || ["alpha", "beta"].iter().any(|name| level.strip_prefix(name).is_some_and(numbered));
+    ensure!(numbered(major) && level_ok, "the API version `{version}` is not one the API serves (v1, v2beta1, ...)");
+    if grouped {
+        let labels_ok = group.len() <= 253
+            && group.split('.').all(|label| {
+                let bytes = label.as_bytes();
+                (1..=63).contains(&bytes.len())
+                    && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+                    && bytes[0] != b'-'
+                    && bytes[bytes.len() - 1] != b'-'
+            });
+        ensure!(labels_ok, "the API group `{group}` is not a DNS-1123 subdomain (the core group is written `v1/...`)");
+    }
+    Ok(())
+}
+
 fn check_namespace(namespace: &str) -> Result<()> {
     let bytes = namespace.as_bytes();
     ensure!(
@@ -528,6 +556,15 @@ mod tests {
             let e = refused(&format!("v1/{alias}/prod/db"));
             assert!(e.contains(&format!("whose kind is `{kind}`")), "{alias}: {e}");
         }
+        // The core group spelt with an empty group, or versions and groups the API never
+        // serves under that text.
+        assert!(refused("/v1/Secret/prod/db").contains("not a DNS-1123 subdomain"));
+        assert!(refused("Apps/v1/Deployment/prod/web").contains("not a DNS-1123 subdomain"));
+        assert!(refused("apps./v1/Deployment/prod/web").contains("not a DNS-1123 subdomain"));
+        for version in ["V1", "v01", "v1beta", "v1gamma1", "1", "v", "v1beta01"] {
+            assert!(refused(&format!("{version}/Secret/prod/db")).contains("is not one the API serves"), "{version}");
+        }
+        KubeOperation::parse(&request("delete", "batch/v1beta1/CronJob/prod/x", Value::Null)).unwrap();
         assert!(refused("v1/Secret/kube%2Dsystem/db").contains("not a DNS-1123 label"));
         assert!(refused("v1/Secret/Prod/db").contains("not a DNS-1123 label"));
         for name in ["web?x", "web%2F..", "web#x", ".", "..", "a b"] {
