@@ -113,20 +113,22 @@ pub fn check_schema(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-/// (type, name, sql) of every object in the main schema.
-fn schema_of(conn: &Connection) -> Result<Vec<(String, String, Option<String>)>> {
+/// (type, name, sql) of one object of a schema.
+type SchemaObject = (String, String, Option<String>);
+
+/// Every object in the main schema.
+fn schema_of(conn: &Connection) -> Result<Vec<SchemaObject>> {
     let mut query = conn.prepare("SELECT type, name, sql FROM main.sqlite_master ORDER BY type, name")?;
     let rows = query.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// The schema as SQLite records it for [`SCHEMA`], read from a scratch database.
-static EXPECTED_SCHEMA: std::sync::LazyLock<Result<Vec<(String, String, Option<String>)>, String>> =
-    std::sync::LazyLock::new(|| {
-        let scratch = Connection::open_in_memory().map_err(|e| e.to_string())?;
-        scratch.execute_batch(SCHEMA).map_err(|e| e.to_string())?;
-        schema_of(&scratch).map_err(|e| format!("{e:#}"))
-    });
+static EXPECTED_SCHEMA: std::sync::LazyLock<Result<Vec<SchemaObject>, String>> = std::sync::LazyLock::new(|| {
+    let scratch = Connection::open_in_memory().map_err(|e| e.to_string())?;
+    scratch.execute_batch(SCHEMA).map_err(|e| e.to_string())?;
+    schema_of(&scratch).map_err(|e| format!("{e:#}"))
+});
 
 /// Rebuild the index from the table, under the verifying transaction: what it answers
 /// is then what the verified walk read.
