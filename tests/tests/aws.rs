@@ -29,6 +29,9 @@ struct World {
     aws: AwsWorld,
     /// Each session minted, with the session policy it must have carried.
     minted: std::cell::RefCell<Vec<(String, Value)>>,
+    /// The policy of each agent-written (full-form) precondition read: the read role's
+    /// session for it must be narrowed to the target.
+    narrowed_reads: std::cell::RefCell<Vec<Value>>,
 }
 
 fn world() -> World {
@@ -43,7 +46,13 @@ fn world() -> World {
         credentials.display(),
         aws.reader_role_arn
     );
-    World { _moto: moto, broker: Broker::start(sandbox, &extra, true).unwrap(), aws, minted: Default::default() }
+    World {
+        _moto: moto,
+        broker: Broker::start(sandbox, &extra, true).unwrap(),
+        aws,
+        minted: Default::default(),
+        narrowed_reads: Default::default(),
+    }
 }
 
 impl World {
@@ -76,6 +85,15 @@ impl World {
         }
         let policy = json!({"Version": "2012-10-17", "Statement": [statement]});
         self.minted.borrow_mut().push((format!("seb-{}", decision.decision_id), policy));
+        let read = request.params.get("precondition").filter(|read| {
+            // The broker's own (preset) reads may use the kept session; the agent's may not.
+            let preset = read["action"].as_str().and_then(|action| preset::read(action, &request.target).ok());
+            preset.is_none_or(|preset| serde_json::to_value(preset).unwrap() != **read)
+        });
+        if let Some(read) = read {
+            let statement = json!({"Effect": "Allow", "Action": [read["action"]], "Resource": [request.target]});
+            self.narrowed_reads.borrow_mut().push(json!({"Version": "2012-10-17", "Statement": [statement]}));
+        }
     }
 
     /// The session policy STS received for each mutation is exactly the certified action
@@ -91,6 +109,17 @@ impl World {
             );
         }
         assert_eq!(self.minted.borrow().len(), 6);
+        // An agent's read names its own path: the read role serves it only narrowed to
+        // the target (a read aimed at another resource is IAM's to refuse; moto does not
+        // apply session policies, so what the broker asked for is what is checked).
+        let readers: Vec<_> = received.iter().filter(|(name, _)| name.starts_with("seb-reader-")).collect();
+        for expected in self.narrowed_reads.borrow().iter() {
+            assert!(
+                readers.iter().any(|(_, policy)| policy.as_ref() == Some(expected)),
+                "no read-role session narrowed to {expected}: {readers:?}"
+            );
+        }
+        assert!(self.narrowed_reads.borrow().len() >= 3, "the full-form services' reads were checked");
     }
 
     /// Certify `request` against the live state, let `change` alter the target by another

@@ -11,7 +11,7 @@ use super::{
     Executors,
     aws::{
         preset,
-        request::{self, CertifiedRead, StateRead},
+        request::{self, CertifiedRead, ReadOrigin, StateRead},
     },
     https::{is_under, target_url},
     kubernetes::{KubeTarget, canonical_state},
@@ -103,24 +103,19 @@ pub async fn read(
             request::ensure_exact_arn(&request.target)?;
             // A full read, as a precondition certifies it, or a preset read by name (the
             // broker's own, which may need `*`: EC2's Describe calls take no resource).
-            let read: CertifiedRead = if request.params.is_null() {
-                preset::read(&request.operation, &request.target)?
+            let (read, origin): (CertifiedRead, _) = if request.params.is_null() {
+                (preset::read(&request.operation, &request.target)?, ReadOrigin::Preset)
             } else {
-                let read: CertifiedRead =
-                    serde_json::from_value(request.params.clone()).context("params is a certified read")?;
                 // The caller's session reads the target the record names, nothing beside it.
-                if read.resources.as_ref().is_some_and(|resources| resources[..] != [request.target.clone()]) {
-                    bail!(
-                        "a passthrough read's session reads its target `{}` alone (params.resources)",
-                        request.target
-                    );
-                }
-                read
+                (
+                    serde_json::from_value(request.params.clone()).context("params is a certified read")?,
+                    ReadOrigin::Agent,
+                )
             };
             if read.action != request.operation {
                 bail!("the read performs {}, the request names {}", read.action, request.operation);
             }
-            let read = StateRead::new(&read, &request.target)?;
+            let read = StateRead::new(&read, &request.target, origin)?;
             let role = config.aws_role_arn.as_deref().context("passthrough.aws_role_arn is not set")?;
             let executor = executors.aws.as_ref().context("this broker has no AWS executor")?;
             let session = executor.mint(role, read_id, Some(&read.policy())).await?;

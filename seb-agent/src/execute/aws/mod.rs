@@ -21,9 +21,10 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 pub use request::AwsOperation;
-use request::{AwsCall, CertifiedRead, StateRead, api_error};
+use request::{AwsCall, CertifiedRead, ReadOrigin, StateRead, api_error};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::Digest;
 pub use sign::AwsCredentials;
 
 use super::{
@@ -40,6 +41,8 @@ pub const SESSION_SECONDS: u32 = 900;
 const STS_VERSION: &str = "2011-06-15";
 /// A cached read session is renewed this long before it expires.
 const RENEW_BEFORE: Duration = Duration::from_secs(300);
+/// Read-role sessions kept at once: the unnarrowed one and those narrowed to one read.
+const MAX_READ_SESSIONS: usize = 256;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -79,9 +82,12 @@ pub struct AwsExecutor {
     http: BrokerHttp,
     config: AwsConfig,
     base: AwsCredentials,
-    /// The read role's session and when to renew it.
-    reader: tokio::sync::Mutex<Option<(std::sync::Arc<AwsCredentials>, MintedIdentity, Instant)>>,
+    /// The read role's sessions, by session policy (`None`: unnarrowed), and when to
+    /// renew each.
+    readers: tokio::sync::Mutex<std::collections::HashMap<Option<String>, KeptSession>>,
 }
+
+type KeptSession = (std::sync::Arc<AwsCredentials>, MintedIdentity, Instant);
 
 /// A minted session, ready to act.
 pub struct Session {
@@ -150,12 +156,15 @@ impl Executor for AwsExecutor {
         Box::pin(async move {
             let ScopedIdentity::AwsRole { role_arn } = identity else { bail!("an AWS target needs an aws_role") };
             // A short-form preset's decision records no read: the preset names it.
-            let read: CertifiedRead = match request.state_read.clone() {
-                Some(read) => serde_json::from_value(read)?,
-                None => preset::precondition_read(&request.operation, &request.target)
-                    .context("the decision record names no precondition read")?,
+            let (read, origin): (CertifiedRead, _) = match request.state_read.clone() {
+                Some(read) => (serde_json::from_value(read)?, ReadOrigin::Agent),
+                None => (
+                    preset::precondition_read(&request.operation, &request.target)
+                        .context("the decision record names no precondition read")?,
+                    ReadOrigin::Preset,
+                ),
             };
-            let read = StateRead::new(&read, &request.target)?;
+            let read = StateRead::new(&read, &request.target, origin)?;
             let (credentials, identity) = self.read_session(&read, role_arn, decision_id).await?;
             let response = self.call(&read.call, &credentials).await?;
             Ok((identity, read.digest(&response)?))
@@ -166,7 +175,7 @@ impl Executor for AwsExecutor {
 impl AwsExecutor {
     pub fn new(config: AwsConfig, http: BrokerHttp) -> Result<Self> {
         let base = config.base_credentials()?;
-        Ok(Self { http, config, base, reader: tokio::sync::Mutex::new(None) })
+        Ok(Self { http, config, base, readers: Default::default() })
     }
 
     fn endpoint(&self, service: &str) -> String {
@@ -242,8 +251,9 @@ impl AwsExecutor {
         Ok(Session { credentials, identity })
     }
 
-    /// A session for `read`, and who it is: the read role's kept session, or a session of
-    /// `role_arn` allowing this read alone.
+    /// A session for `read`, and who it is: a kept session of the read role (unnarrowed
+    /// for the broker's own reads of known protocols, else narrowed to this read), or a
+    /// session of `role_arn` allowing this read alone.
     async fn read_session(
         &self,
         read: &StateRead,
@@ -254,22 +264,32 @@ impl AwsExecutor {
             let session = self.mint(role_arn, decision_id, Some(&read.policy())).await?;
             return Ok((std::sync::Arc::new(session.credentials), session.identity));
         };
-        // The kept session has no per-read policy: it serves only calls whose operation
-        // on the wire is known to be the one checked. Others get the read role narrowed
-        // to this read.
-        if !read.protocol_known {
-            let session =
-                self.mint(reader, decision_id, Some(&read.policy())).await.context("assuming aws.read_role_arn")?;
-            return Ok((std::sync::Arc::new(session.credentials), session.identity));
-        }
-        let mut kept = self.reader.lock().await;
-        if let Some((credentials, identity, _)) = kept.as_ref().filter(|(_, _, renew_at)| Instant::now() < *renew_at) {
+        let policy = (!read.unnarrowed_ok).then(|| read.policy());
+        let key = policy.as_ref().map(Value::to_string);
+        let now = Instant::now();
+        if let Some((credentials, identity, _)) =
+            self.readers.lock().await.get(&key).filter(|(_, _, renew_at)| now < *renew_at)
+        {
             return Ok((credentials.clone(), identity.clone()));
         }
-        let session = self.mint(reader, "broker-reader", None).await.context("assuming aws.read_role_arn")?;
+        // Named for what it may read, not for the decision that first needed it.
+        let name = match &key {
+            None => "broker-reader".to_string(),
+            Some(policy) => format!("reader-{}", &hex::encode(sha2::Sha256::digest(policy))[..16]),
+        };
+        let session = self.mint(reader, &name, policy.as_ref()).await.context("assuming aws.read_role_arn")?;
         let credentials = std::sync::Arc::new(session.credentials);
         let renew_at = Instant::now() + Duration::from_secs(SESSION_SECONDS.into()) - RENEW_BEFORE;
-        *kept = Some((credentials.clone(), session.identity.clone(), renew_at));
+        let mut kept = self.readers.lock().await;
+        if kept.len() >= MAX_READ_SESSIONS {
+            kept.retain(|_, (_, _, renew_at)| now < *renew_at);
+        }
+        if kept.len() >= MAX_READ_SESSIONS
+            && let Some(oldest) = kept.iter().min_by_key(|(_, (_, _, renew_at))| *renew_at).map(|(k, _)| k.clone())
+        {
+            kept.remove(&oldest);
+        }
+        kept.insert(key, (credentials.clone(), session.identity.clone(), renew_at));
         Ok((credentials, session.identity))
     }
 

@@ -140,10 +140,11 @@ pub struct CheckedHttp {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StateRead {
     pub call: AwsCall,
-    /// Whether the call's protocol is the one its service speaks (a known service):
-    /// only then is the operation on the wire the one the labels name, and a session
-    /// without a per-read policy may make it.
-    pub protocol_known: bool,
+    /// Whether a session without a per-read policy (the read role's kept one) may make
+    /// it: a read the broker built from the target (a preset's), of a service whose
+    /// protocol is known, so the operation on the wire is the one the labels name. An
+    /// agent's read names any path: only a session narrowed to the target may make it.
+    pub unnarrowed_ok: bool,
     decode: Decode,
     headers: Vec<String>,
     volatile: Vec<Pointer>,
@@ -166,12 +167,12 @@ impl AwsOperation {
         if request.params.get("protocol").is_none() {
             let full = super::preset::request(&request.operation, &request.target, &request.params)
                 .context("params are neither a full AWS request (they have no `protocol`) nor a preset's short form")?;
-            return Self::parse_full(&full);
+            return Self::parse_full(&full, ReadOrigin::Preset);
         }
-        Self::parse_full(request)
+        Self::parse_full(request, ReadOrigin::Agent)
     }
 
-    fn parse_full(request: &MutationRequest) -> Result<Self> {
+    fn parse_full(request: &MutationRequest, origin: ReadOrigin) -> Result<Self> {
         let params: AwsParams = serde_json::from_value(request.params.clone()).context(
             "AWS params are {protocol, request: {method, path, headers?, body?}, precondition: {action, request, \
              volatile?}, service?, resources?, condition?, postcondition?}",
@@ -194,7 +195,7 @@ impl AwsOperation {
         )
         .context("params.request")?;
         let read = |read: &CertifiedRead, field: &str| {
-            StateRead::new(read, &request.target).with_context(|| format!("params.{field}"))
+            StateRead::new(read, &request.target, origin).with_context(|| format!("params.{field}"))
         };
         let precondition = read(&params.precondition, "precondition")?;
         let postcondition = params.postcondition.as_ref().map(|r| read(r, "postcondition")).transpose()?;
@@ -207,20 +208,43 @@ impl AwsOperation {
     }
 }
 
+/// Who wrote a read: the broker (a preset, built from the target) or the agent (a full
+/// request, whose path and body the SAB's rules see only as text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadOrigin {
+    Preset,
+    Agent,
+}
+
 impl StateRead {
-    /// The read `read` of `target`.
-    pub fn new(read: &CertifiedRead, target: &str) -> Result<Self> {
+    /// The read `read` of `target`. An agent's read acts on the target alone: its
+    /// session is narrowed to it, so a read aimed elsewhere (another bucket's object,
+    /// whose digest a drift denial would name) is refused by IAM.
+    pub fn new(read: &CertifiedRead, target: &str, origin: ReadOrigin) -> Result<Self> {
         let protocol = read.protocol;
+        // Written out in full, the broker's own read of the target is still the broker's
+        // (`seb-agent aws-preset` prints full requests).
+        let origin = match origin {
+            ReadOrigin::Agent if super::preset::read(&read.action, target).is_ok_and(|preset| preset == *read) => {
+                ReadOrigin::Preset
+            }
+            origin => origin,
+        };
+        if origin == ReadOrigin::Agent
+            && read.resources.as_ref().is_some_and(|resources| resources[..] != [target.to_string()])
+        {
+            bail!("a read's session reads its target `{target}` alone (resources)");
+        }
         let resources = read.resources.clone().unwrap_or_else(|| vec![target.to_string()]);
         let call = AwsCall::new(&read.action, read.service.as_deref(), protocol, &read.request, resources, None)?;
         ensure_a_read(&call, protocol)?;
-        let protocol_known = service_protocols(&call.service).is_some();
+        let unnarrowed_ok = origin == ReadOrigin::Preset && service_protocols(&call.service).is_some();
         ensure!(read.volatile.len() + read.unordered.len() <= MAX_POINTERS, "more than {MAX_POINTERS} pointers");
         ensure!(read.headers.len() <= MAX_HEADERS, "more than {MAX_HEADERS} headers");
         let pointers = |list: &[String]| list.iter().map(|p| Pointer::parse(p)).collect::<Result<Vec<_>>>();
         Ok(Self {
             call,
-            protocol_known,
+            unnarrowed_ok,
             decode: read.decode.unwrap_or(protocol.decode()),
             headers: read.headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
             volatile: pointers(&read.volatile)?,
@@ -517,6 +541,34 @@ mod tests {
     }
 
     #[test]
+    fn an_agents_read_acts_on_the_target_alone_and_never_unnarrowed() {
+        // Aimed at another table by its own resources: refused.
+        let mut params = put_item();
+        params["precondition"]["resources"] = json!(["arn:aws:dynamodb:us-east-1:1:table/other"]);
+        let error = format!("{:#}", AwsOperation::parse(&request(params)).unwrap_err());
+        assert!(error.contains("reads its target `arn:aws:dynamodb:us-east-1:1:table/t` alone"), "{error}");
+        // Its path and body are its own: the kept, unnarrowed session never serves it.
+        let operation = AwsOperation::parse(&request(put_item())).unwrap();
+        assert!(!operation.precondition.unnarrowed_ok);
+        assert_eq!(
+            operation.precondition.policy()["Statement"][0]["Resource"],
+            json!(["arn:aws:dynamodb:us-east-1:1:table/t"])
+        );
+        // The broker's preset reads may, in their short form or written out in full.
+        let target = "arn:aws:ec2:us-east-1:1:security-group/sg-1";
+        let rule =
+            json!({"ip_permissions": [{"protocol": "tcp", "from_port": 1, "to_port": 1, "cidrs": ["10.0.0.0/8"]}]});
+        let full = super::super::preset::request("ec2:AuthorizeSecurityGroupIngress", target, &rule).unwrap();
+        assert!(AwsOperation::parse(&full).unwrap().precondition.unnarrowed_ok, "a preset's read written out in full");
+        let short = MutationRequest { params: rule, ..full.clone() };
+        assert!(AwsOperation::parse(&short).unwrap().precondition.unnarrowed_ok);
+        // The same read with its path changed is the agent's again.
+        let mut changed = full;
+        changed.params["precondition"]["request"]["path"] = json!("/?x=1");
+        assert!(AwsOperation::parse(&changed).map_or(true, |operation| !operation.precondition.unnarrowed_ok));
+    }
+
+    #[test]
     fn the_session_policy_is_the_certified_action_on_the_certified_resources() {
         let operation = AwsOperation::parse(&request(put_item())).unwrap();
         assert_eq!(
@@ -571,7 +623,7 @@ mod tests {
         };
         // A delete dressed as the precondition's read: REST, the action says so.
         let e = refused(json!({"action": "s3:DeleteObject", "protocol": "rest-xml",
-            "resources": ["arn:aws:s3:::prod/*"], "request": {"method": "POST", "path": "/prod?delete", "body": "<Delete/>"}}));
+            "request": {"method": "POST", "path": "/prod?delete", "body": "<Delete/>"}}));
         assert!(e.contains("`s3:DeleteObject` is not a read"), "{e}");
         // A read verb on a REST write method.
         let e = refused(json!({"action": "s3:GetObject", "protocol": "rest-xml",
