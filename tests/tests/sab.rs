@@ -419,6 +419,93 @@ fn the_sab_log_holds_every_step_verifies_and_names_a_tampered_record() {
     assert_eq!((code, report["first_bad_record"].as_i64()), (1, Some(seq)), "{report}");
 }
 
+/// A request whose headers announce a body that never comes, on a TLS connection of
+/// `cert` (files from `Sab::identity_cert`): what the SAB answers, as raw HTTP.
+fn stalled_body(sab: &Sab, cert: &Path) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls::{
+        ClientConfig, RootCertStore,
+        pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
+    };
+    let mut roots = RootCertStore::empty();
+    for der in CertificateDer::pem_file_iter(sab.dir.join("tls-ca.pem")).unwrap() {
+        roots.add(der.unwrap()).unwrap();
+    }
+    let chain = CertificateDer::pem_file_iter(cert.with_extension("pem")).unwrap().collect::<Result<Vec<_>, _>>();
+    let key = PrivateKeyDer::from_pem_file(cert.with_extension("key")).unwrap();
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let tls = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain.unwrap(), key)
+        .unwrap();
+    let address = sab.url.trim_start_matches("https://").to_string();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async move {
+        let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls)).connect(name, stream).await.unwrap();
+        tls.write_all(b"POST /v1/certify HTTP/1.1\r\nhost: sab\r\ncontent-length: 100\r\n\r\n{").await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "the SAB held the stalled request for 30 s");
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+}
+
+#[test]
+fn one_caller_holds_neither_the_sabs_connections_nor_its_time_nor_its_approval_queue() {
+    // 8 connections: 2 per caller.
+    let w = world("sabbounds", "max_connections = 8\nmax_pending_per_requester = 2\n");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let alice = w.sab.identity_cert("seb://approver/alice").unwrap();
+    let client = w.sab.client(&alice).unwrap();
+    // Two kept-alive connections of alice's, each answered once (so the SAB holds both).
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            runtime.block_on(async {
+                let mut session = client.session().await.unwrap();
+                let (status, _) = session.call("GET", "/v1/healthz", None).await.unwrap();
+                assert_eq!(status, 200);
+                session
+            })
+        })
+        .collect();
+    let third = runtime.block_on(client.call("GET", "/v1/healthz", None));
+    assert!(third.is_err(), "a third connection of alice's was served: {third:?}");
+    let (status, _) = w.sab.call("seb://approver/bob", "GET", "/v1/healthz", None);
+    assert_eq!(status, 200, "another caller is still served");
+    drop(held);
+    seb_sandbox::poll::eventually(
+        Duration::from_secs(5),
+        || runtime.block_on(client.call("GET", "/v1/healthz", None)).ok(),
+        || "alice is served again once her connections close".into(),
+    );
+
+    // A body announced and never sent is answered 408 once its time is up.
+    let started = std::time::Instant::now();
+    let answer = stalled_body(&w.sab, &alice);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+
+    // One requester's requests awaiting approval are bounded; another's still queue.
+    for (flag, expected) in [("a", 202), ("b", 202), ("c", 503)] {
+        let (status, answer) = w.certify(&put(&format!("/v1/flags/{flag}"), json!(true)));
+        assert_eq!(status, expected, "{flag}: {answer}");
+    }
+    let other = w.sab.agent_identity(&w.broker.sandbox, "other");
+    let (status, answer) =
+        w.sab.call(&other, "POST", "/v1/certify", Some(&certify_body(&put("/v1/flags/d", json!(true)))));
+    assert_eq!(status, 202, "{answer}");
+
+    // A body of many small values, which would take tens of MiB parsed.
+    let mut body = certify_body(&put("/v1/config", json!(1)));
+    body["live_state"] = json!(vec![0; 70_000]);
+    let (status, answer) = w.sab.call(&w.agent, "POST", "/v1/certify", Some(&body));
+    assert_eq!((status, answer["error"]["code"].as_str()), (413, Some("too_large")), "{answer}");
+}
+
 #[test]
 fn only_clients_with_a_certificate_from_the_sabs_tls_ca_and_an_identity_get_an_answer() {
     let w = world("sabtls", "");

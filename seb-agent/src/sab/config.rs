@@ -32,6 +32,10 @@ pub struct SabConfig {
     /// Pending requests at once, at most; more are refused until some are decided.
     #[serde(default = "default_max_pending")]
     pub max_pending: usize,
+    /// Pending requests of one requester at once, at most: one agent cannot fill the
+    /// queue every other agent's approvals wait in.
+    #[serde(default = "default_max_pending_per_requester")]
+    pub max_pending_per_requester: usize,
     /// HTTPS connections served at once, at most.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -114,6 +118,9 @@ fn default_max_requests() -> usize {
 fn default_max_pending() -> usize {
     1_000
 }
+fn default_max_pending_per_requester() -> usize {
+    50
+}
 fn default_max_connections() -> usize {
     256
 }
@@ -154,6 +161,7 @@ impl SabConfig {
             ("reload_interval_ms", self.reload_interval_ms as usize),
             ("max_requests", self.max_requests),
             ("max_pending", self.max_pending),
+            ("max_pending_per_requester", self.max_pending_per_requester),
             ("max_connections", self.max_connections),
         ] {
             if value == 0 {

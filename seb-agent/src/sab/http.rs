@@ -1,6 +1,7 @@
 //! The HTTPS API (v1): TLS 1.3 with client certificates from the SAB's client CA
-//! required; the caller is the certificate's identity URI. Bounded: connections at once,
-//! handshake and header time, body size.
+//! required; the caller is the certificate's identity URI. Bounded: handshakes and
+//! connections at once (and connections per caller), handshake, header and body time,
+//! body size.
 
 use std::{sync::Arc, time::Duration};
 
@@ -32,6 +33,50 @@ use super::{
 pub const MAX_BODY: usize = 1 << 20;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A body announced in the headers must have arrived this long after them.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections of one caller (client certificate) at once: a share of `max_connections`,
+/// so one caller holding connections open cannot keep the others out.
+pub fn per_caller(max_connections: usize) -> usize {
+    (max_connections / 4).max(1)
+}
+
+/// Established connections by caller; an entry goes with its last connection.
+#[derive(Default)]
+struct CallerConnections {
+    open: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// One established connection of a caller, counted until dropped.
+struct CallerSlot {
+    connections: Arc<CallerConnections>,
+    caller: String,
+}
+
+impl CallerConnections {
+    fn take(self: &Arc<Self>, caller: &str, limit: usize) -> Option<CallerSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = open.entry(caller.to_owned()).or_default();
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(CallerSlot { connections: self.clone(), caller: caller.to_owned() })
+    }
+}
+
+impl Drop for CallerSlot {
+    fn drop(&mut self) {
+        let mut open = self.connections.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = open.get_mut(&self.caller) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.caller);
+            }
+        }
+    }
+}
 
 /// TLS 1.3, a client certificate from `client_ca` required.
 pub fn tls_config(tls: &TlsConfig) -> Result<ServerConfig> {
@@ -56,10 +101,16 @@ pub fn tls_config(tls: &TlsConfig) -> Result<ServerConfig> {
 /// Serve the API on `listener` until the task is dropped.
 pub async fn serve(sab: Arc<Sab>, listener: TcpListener, tls: ServerConfig) -> Result<()> {
     let acceptor = TlsAcceptor::from(Arc::new(tls));
-    let slots = Arc::new(tokio::sync::Semaphore::new(sab.config().max_connections));
+    let max_connections = sab.config().max_connections;
+    // Handshakes (anyone who can reach the port) and established connections (callers
+    // with a certificate) take from separate pools: a flood of stalled handshakes delays
+    // new connections, never the ones established.
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let established = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let callers = Arc::new(CallerConnections::default());
     info!(addr = %listener.local_addr()?, "SAB ready");
     loop {
-        let permit = slots.clone().acquire_owned().await?;
+        let handshake = handshakes.clone().acquire_owned().await?;
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -72,14 +123,15 @@ pub async fn serve(sab: Arc<Sab>, listener: TcpListener, tls: ServerConfig) -> R
         if let Err(e) = stream.set_nodelay(true) {
             warn!(%peer, error = %e, "TCP_NODELAY could not be set");
         }
-        let (acceptor, sab) = (acceptor.clone(), sab.clone());
+        let (acceptor, sab, established, callers) =
+            (acceptor.clone(), sab.clone(), established.clone(), callers.clone());
         tokio::spawn(async move {
-            let _permit = permit;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => return warn!(%peer, error = %e, "TLS handshake refused"),
                 Err(_) => return warn!(%peer, "TLS handshake timed out"),
             };
+            drop(handshake);
             let caller = tls
                 .get_ref()
                 .1
@@ -87,6 +139,13 @@ pub async fn serve(sab: Arc<Sab>, listener: TcpListener, tls: ServerConfig) -> R
                 .and_then(|chain| chain.first())
                 .map(|der| Caller::of_certificate(der).map_err(|e| format!("{e:#}")))
                 .unwrap_or_else(|| Err("no client certificate".into()));
+            let Ok(_connection) = established.try_acquire_owned() else {
+                return warn!(%peer, "connection refused: {max_connections} connections are open");
+            };
+            let name = caller.as_ref().map_or_else(|_| String::new(), |caller| caller.uri().to_owned());
+            let Some(_caller_slot) = callers.take(&name, per_caller(max_connections)) else {
+                return warn!(%peer, caller = %name, "connection refused: the caller has its share of connections open");
+            };
             let caller = Arc::new(caller);
             let service = service_fn(move |request| {
                 let (sab, caller) = (sab.clone(), caller.clone());
@@ -177,7 +236,15 @@ async fn reviewed(reviewer: &TokenReviewer, caller: &Caller, token: Option<&str>
 }
 
 async fn read_body(request: Request<Incoming>) -> Result<Bytes, Reply> {
-    match Limited::new(request.into_body(), MAX_BODY).collect().await {
+    let reading = tokio::time::timeout(BODY_TIMEOUT, Limited::new(request.into_body(), MAX_BODY).collect()).await;
+    let Ok(read) = reading else {
+        return Err(Reply::error(
+            408,
+            "timeout",
+            format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
+        ));
+    };
+    match read {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             Err(Reply::error(413, "too_large", format!("the body exceeds {MAX_BODY} bytes")))

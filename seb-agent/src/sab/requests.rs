@@ -113,9 +113,11 @@ impl Requests {
         self.entries.values().filter(|e| e.status == Status::Pending).count()
     }
 
-    /// Room for one more pending request.
-    pub fn has_room_for_pending(&self) -> bool {
-        self.pending() < self.max_pending
+    /// Room for one more pending request, in all and of `requester` (at most `per_requester`).
+    pub fn has_room_for_pending(&self, requester: &str, per_requester: usize) -> bool {
+        let of_requester =
+            self.entries.values().filter(|e| e.status == Status::Pending && e.requester.uri == requester).count();
+        self.pending() < self.max_pending && of_requester < per_requester
     }
 
     /// Keep `entry`, forgetting the oldest decided requests beyond the bound.

@@ -237,6 +237,14 @@ impl Sab {
             }
             _ => {}
         }
+        let values = crate::cert::ijson::values_in(body);
+        if values > MAX_CERTIFY_VALUES {
+            return Reply::error(
+                413,
+                "too_large",
+                format!("the body holds about {values} JSON values; at most {MAX_CERTIFY_VALUES}"),
+            );
+        }
         let draft = match parse_draft(body) {
             Ok(draft) => draft,
             Err(e) => return Reply::error(400, "malformed", format!("{e:#}")),
@@ -278,8 +286,12 @@ impl Sab {
             }
             Verdict::Permit { policies, grant } if grant.approvals > 0 => {
                 let mut requests = self.requests.lock().await;
-                if !requests.has_room_for_pending() {
-                    return Reply::error(503, "too_many_pending", "too many requests await approval; try again later");
+                if !requests.has_room_for_pending(&agent.uri, self.config.max_pending_per_requester) {
+                    return Reply::error(
+                        503,
+                        "too_many_pending",
+                        "too many requests (of all, or of this requester) await approval; try again later",
+                    );
                 }
                 let decision = decision_record(&id, "pending", &loaded, &policies, &[], Some(&grant));
                 entry.status = Status::Pending;
@@ -432,12 +444,11 @@ impl Sab {
         if let Err(e) = self.expire_overdue(&mut requests).await {
             return ledger_error(e);
         }
-        let views: Vec<Value> = requests
-            .iter()
-            .filter(|e| e.visible_to(caller.uri()) && wanted.is_none_or(|s| e.status == s))
-            .map(|e| e.view(false))
-            .collect();
-        Reply::ok(200, json!({"requests": views}))
+        // Bounded: each view carries its request (up to a body's size).
+        let visible: Vec<&Entry> =
+            requests.iter().filter(|e| e.visible_to(caller.uri()) && wanted.is_none_or(|s| e.status == s)).collect();
+        let views: Vec<Value> = visible.iter().take(MAX_LISTED).map(|e| e.view(false)).collect();
+        Reply::ok(200, json!({"requests": views, "more": visible.len().saturating_sub(MAX_LISTED)}))
     }
 
     /// `POST /v1/requests/{id}/approve|deny`.
@@ -640,6 +651,13 @@ fn facts(draft: &Draft, now: SystemTime) -> Facts<'_> {
         now,
     }
 }
+
+/// Requests one list answer carries at most (`more` counts the rest).
+pub const MAX_LISTED: usize = 100;
+
+/// JSON values a certify body may hold: parsed, each takes a hundred bytes or more, so a
+/// 1 MiB body of `[0,0,...]` would take tens of MiB.
+pub const MAX_CERTIFY_VALUES: usize = 65_536;
 
 /// The certify body, checked: numbers exact, digests well-formed, intent bounded.
 fn parse_draft(body: &[u8]) -> Result<Draft> {
