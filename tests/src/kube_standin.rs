@@ -30,6 +30,8 @@ use crate::{
 };
 
 /// The broker's own ServiceAccount token, as the stand-in knows it.
+/// The audience of tokens the API server issues for itself.
+pub const API_SERVER_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
 pub const BROKER_TOKEN: &str = "broker-sa-token";
 
 /// One request as the stand-in saw it.
@@ -48,8 +50,9 @@ struct State {
     /// Live Secrets by name, and minted tokens by the Secret they are bound to.
     secrets: HashMap<String, String>,
     tokens: HashMap<String, String>,
-    /// Pod-bound ServiceAccount tokens TokenReview knows: namespace, account, pod UID, node.
-    pod_tokens: HashMap<String, [String; 4]>,
+    /// Pod-bound ServiceAccount tokens TokenReview knows: namespace, account, pod UID,
+    /// node, and the audiences each was issued for.
+    pod_tokens: HashMap<String, ([String; 4], Vec<String>)>,
     seen: Vec<Seen>,
 }
 
@@ -72,10 +75,11 @@ impl KubeStandIn {
     pub fn object(&self, path: &str) -> Option<Value> {
         self.state.lock().unwrap().objects.get(path).cloned()
     }
-    /// A pod-bound ServiceAccount token that TokenReview will authenticate.
-    pub fn add_pod_token(&self, token: &str, namespace: &str, account: &str, pod_uid: &str, node: &str) {
-        let pod = [namespace, account, pod_uid, node].map(String::from);
-        self.state.lock().unwrap().pod_tokens.insert(token.into(), pod);
+    /// A pod-bound ServiceAccount token, issued for `audiences`, that TokenReview will
+    /// authenticate for a review naming one of them.
+    pub fn add_pod_token(&self, token: &str, pod: [&str; 4], audiences: &[&str]) {
+        let audiences = audiences.iter().map(|a| a.to_string()).collect();
+        self.state.lock().unwrap().pod_tokens.insert(token.into(), (pod.map(String::from), audiences));
     }
     pub fn seen(&self) -> Vec<Seen> {
         self.state.lock().unwrap().seen.clone()
@@ -153,10 +157,25 @@ fn handle(request: Request<Bytes>, state: &Mutex<State>, race: &AtomicBool) -> R
             return status(403, "Forbidden", "only the reviewer's ServiceAccount may create TokenReviews here");
         }
         let reviewed = seen.body["spec"]["token"].as_str().unwrap_or_default();
+        // As the API server does: a review without audiences means its own; a token is
+        // authenticated only for an audience it was issued for, which the status names
+        // (k8s.io/apiserver pkg/authentication/authenticator `Audiences.Intersect`).
+        let wanted: Vec<String> = match seen.body["spec"]["audiences"].as_array() {
+            Some(list) if !list.is_empty() => list.iter().filter_map(|a| a.as_str().map(String::from)).collect(),
+            _ => vec![API_SERVER_AUDIENCE.to_string()],
+        };
         let result = match state.pod_tokens.get(reviewed) {
-            Some([namespace, account, pod_uid, node]) => json!({"authenticated": true, "user": {
-                "username": format!("system:serviceaccount:{namespace}:{account}"),
-                "extra": {"authentication.kubernetes.io/pod-uid": [pod_uid], "authentication.kubernetes.io/node-name": [node]}}}),
+            Some(([namespace, account, pod_uid, node], issued_for)) => {
+                let common: Vec<&String> = wanted.iter().filter(|a| issued_for.contains(a)).collect();
+                if common.is_empty() {
+                    json!({"authenticated": false, "error": format!(
+                        "[invalid bearer token, token audiences {issued_for:?} is invalid for the target audiences {wanted:?}]")})
+                } else {
+                    json!({"authenticated": true, "audiences": common, "user": {
+                        "username": format!("system:serviceaccount:{namespace}:{account}"),
+                        "extra": {"authentication.kubernetes.io/pod-uid": [pod_uid], "authentication.kubernetes.io/node-name": [node]}}})
+                }
+            }
             None => json!({"authenticated": false, "error": "invalid bearer token"}),
         };
         return reply(

@@ -283,9 +283,15 @@ impl Node<'_> {
             for (key, value) in secret["stringData"].as_object().into_iter().flatten() {
                 data.insert(key.clone(), value.as_str().unwrap_or_default().as_bytes().to_vec());
             }
-        } else if wrapped.get("serviceAccountToken").is_some() {
-            let (_, token) = self.service_account.as_ref().context("no ServiceAccount token on this node")?;
-            files.insert(source["path"].as_str().unwrap_or("token").into(), token.as_bytes().to_vec());
+        } else if let Some(projected) = wrapped.get("serviceAccountToken") {
+            // A token for another audience than the API server's (the SAB's) is the
+            // kubelet's TokenRequest; no API server here, so a stand-in naming what it is.
+            let token = match (projected["audience"].as_str(), &self.service_account) {
+                (Some(audience), _) => format!("stand-in-token:{}:{audience}", pod.name),
+                (None, Some((_, token))) => token.clone(),
+                (None, None) => bail!("no ServiceAccount token on this node"),
+            };
+            files.insert(source["path"].as_str().unwrap_or("token").into(), token.into_bytes());
             return Ok(());
         } else if wrapped.get("downwardAPI").is_some() {
             for item in source["items"].as_array().into_iter().flatten() {
@@ -441,6 +447,11 @@ fn find<'a>(objects: &'a [Value], kind: &str, name: &str, namespace: Option<&str
 /// The kubelet's atomic writer layout: the files in a timestamped directory, `..data`
 /// pointing at it, and each file name a link through `..data`.
 fn write_atomic(dir: &Path, files: &BTreeMap<String, Vec<u8>>) -> Result<()> {
+    // A second container of the same pod (or a rerun) writes the volume afresh.
+    if dir.join("..data").is_symlink() {
+        std::fs::remove_dir_all(dir)?;
+        std::fs::create_dir_all(dir)?;
+    }
     let data = dir.join("..2026_01_01_00_00_00.000000000");
     std::fs::create_dir_all(&data)?;
     for (path, content) in files {

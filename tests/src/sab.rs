@@ -204,7 +204,10 @@ impl Sab {
         body: Option<&Value>,
     ) -> (u16, Value) {
         let cert = self.identity_cert(identity).expect("a client certificate");
-        let client = self.client(&cert).expect("a client").with_bearer(token);
+        // From a file, as a pod's projected token is read (and as `seb-agent mcp` reads it).
+        let file = self.dir.join(format!("token-{}", uuid_like()));
+        std::fs::write(&file, format!("{token}\n")).expect("writing the token file");
+        let client = self.client(&cert).expect("a client").with_bearer_file(&file);
         self.call_with(client, method, path, body).expect("the SAB answers")
     }
 

@@ -538,7 +538,9 @@ fn in_cluster_mode_an_agent_is_its_pod_by_tokenreview_and_epochs_live_in_the_clu
         SEB_REVOCATIONS,
         json!({"metadata": {"name": "default"}, "spec": {"revocationEpoch": 3, "serials": [], "contractIds": []}}),
     );
-    cluster.add_pod_token("pod-token", "agents", "planner", POD, "node-a");
+    cluster.add_pod_token("pod-token", ["agents", "planner", POD, "node-a"], &["seb-sab"]);
+    // The same pod's token for the API server (what every pod has mounted by default).
+    cluster.add_pod_token("api-token", ["agents", "planner", POD, "node-a"], &[kube_standin::API_SERVER_AUDIENCE]);
     let kubeconfig = sandbox.dir.join("kubeconfig");
     std::fs::write(
         &kubeconfig,
@@ -553,7 +555,8 @@ fn in_cluster_mode_an_agent_is_its_pod_by_tokenreview_and_epochs_live_in_the_clu
     let issuing = sandbox.dir.join("issuing");
     seb_agent::cert::dev_sab::create_ca(&issuing, "seb test SAB", seb_agent::cert::dev_sab::Algorithm::Ed25519)
         .unwrap();
-    let agent = "seb://node/node-a/cgroup/kubepods.slice/agents";
+    // The agent's container, in the token's pod (systemd driver).
+    let agent = "seb://node/node-a/cgroup/kubepods.slice/kubepods-pod0f3c2a1e_5b6d_4e7f_8a9b_0c1d2e3f4a5b.slice/cri-containerd-1.scope";
     let sab = Sab::start_cluster(&sandbox, &issuing, &policies(agent), &kubeconfig).unwrap();
 
     // Its first policy load became the SebPolicy's epoch.
@@ -567,14 +570,26 @@ fn in_cluster_mode_an_agent_is_its_pod_by_tokenreview_and_epochs_live_in_the_clu
     assert_eq!((status, error["error"]["code"].as_str()), (401, Some("token_required")), "{error}");
     let (status, error) = sab.call_with_token(agent, "stolen", "POST", "/v1/certify", Some(&body));
     assert_eq!((status, error["error"]["code"].as_str()), (401, Some("token_refused")), "{error}");
-    let elsewhere = "seb://node/node-b/cgroup/kubepods.slice/agents";
+    let elsewhere = "seb://node/node-b/cgroup/kubepods.slice/kubepods-pod0f3c2a1e_5b6d_4e7f_8a9b_0c1d2e3f4a5b.slice/x";
     let (status, error) = sab.call_with_token(elsewhere, "pod-token", "POST", "/v1/certify", Some(&body));
     assert_eq!((status, error["error"]["code"].as_str()), (403, Some("wrong_node")), "{error}");
+    // Another pod's certificate with this pod's token.
+    let other_pod = "seb://node/node-a/cgroup/kubepods.slice/kubepods-pod11111111_2222_3333_4444_555555555555.slice/x";
+    let (status, error) = sab.call_with_token(other_pod, "pod-token", "POST", "/v1/certify", Some(&body));
+    assert_eq!((status, error["error"]["code"].as_str()), (403, Some("wrong_pod")), "{error}");
+    assert!(
+        error["error"]["message"].as_str().unwrap().contains("is not in the ServiceAccount token's pod"),
+        "{error}"
+    );
+    // The pod's token for the API server, not for the SAB.
+    let (status, error) = sab.call_with_token(agent, "api-token", "POST", "/v1/certify", Some(&body));
+    assert_eq!((status, error["error"]["code"].as_str()), (401, Some("token_refused")), "{error}");
 
     let (status, issued) = sab.call_with_token(agent, "pod-token", "POST", "/v1/certify", Some(&body));
     assert_eq!(status, 200, "{issued}");
     let contract = &issued["contract"];
-    assert_eq!(contract["agent"], json!({"cgroup": "/kubepods.slice/agents", "node": "node-a", "pod_uid": POD}));
+    let cgroup = agent.trim_start_matches("seb://node/node-a/cgroup");
+    assert_eq!(contract["agent"], json!({"cgroup": cgroup, "node": "node-a", "pod_uid": POD}));
     assert_eq!((contract["policy_epoch"].as_u64(), contract["revocation_epoch"].as_u64()), (Some(1), Some(3)));
 
     // A policy change moves the cluster's epoch.

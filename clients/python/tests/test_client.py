@@ -15,6 +15,8 @@ from seb_client import (
     BrokerError,
     DirectEgressRefused,
     Request,
+    Sab,
+    SabError,
     SabRefused,
     SebDenied,
     broker_only,
@@ -157,3 +159,31 @@ def test_other_connection_errors_are_not_called_kernel_refusals():
         with broker_only():
             urllib.request.urlopen("http://127.0.0.1:9/", timeout=5)
     assert not isinstance(failed.value, DirectEgressRefused)
+
+
+def test_in_cluster_mode_the_projected_token_is_read_for_each_request(tmp_path, monkeypatch):
+    # The kubelet rotates a projected token in place: each request reads the file again.
+    from seb_client import sab as sab_module
+
+    sent = []
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def request(self, method, path, body=None, headers=None):
+            sent.append(dict(headers or {}))
+            raise OSError("recorded, not sent")
+
+        def close(self):
+            pass
+
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    client = Sab(token_file=str(token))
+    monkeypatch.setattr(sab_module.http.client, "HTTPSConnection", Recording)
+    for rotated in ("first", "second"):
+        token.write_text(rotated + "\n")
+        with pytest.raises(SabError):
+            client.healthz()
+    assert [h.get("Authorization") for h in sent] == ["Bearer first", "Bearer second"]

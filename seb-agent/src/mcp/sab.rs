@@ -24,6 +24,10 @@ pub struct SabOptions {
     /// The CA certificates the SAB's server certificate chains to (PEM).
     #[arg(long = "sab-ca", env = "SEB_SAB_CA")]
     pub ca: PathBuf,
+    /// Cluster mode: this pod's ServiceAccount token for the SAB (a projected token with
+    /// the SAB's audience), sent with each request and read again each time.
+    #[arg(long = "sab-token-file", env = "SEB_SAB_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// The body of `POST /v1/certify`: what the agent wants, on what state, and why.
@@ -63,7 +67,12 @@ pub struct AgentSab {
 
 impl AgentSab {
     pub fn new(options: &SabOptions) -> Result<Self> {
-        Ok(Self { client: SabClient::new(&options.url, &options.cert, &options.key, &options.ca)? })
+        let client = SabClient::new(&options.url, &options.cert, &options.key, &options.ca)?;
+        let client = match &options.token_file {
+            Some(file) => client.with_bearer_file(file),
+            None => client,
+        };
+        Ok(Self { client })
     }
 
     pub async fn certify(&self, draft: &Draft) -> Result<Certified> {

@@ -33,7 +33,15 @@ pub struct SabClient {
     host: String,
     port: u16,
     tls: Arc<ClientConfig>,
-    bearer: Option<String>,
+    bearer: Option<Bearer>,
+}
+
+/// The ServiceAccount token sent in cluster mode: given, or read from its file at each
+/// connection (a projected token is rotated in place).
+#[derive(Debug, Clone)]
+enum Bearer {
+    Token(String),
+    File(std::path::PathBuf),
 }
 
 impl SabClient {
@@ -62,7 +70,14 @@ impl SabClient {
 
     /// Also send `Authorization: Bearer <token>` (cluster mode: the pod's ServiceAccount token).
     pub fn with_bearer(mut self, token: &str) -> Self {
-        self.bearer = Some(token.into());
+        self.bearer = Some(Bearer::Token(token.into()));
+        self
+    }
+
+    /// Also send the token in `file` (a projected ServiceAccount token for the SAB's
+    /// audience), read again for each connection.
+    pub fn with_bearer_file(mut self, file: &Path) -> Self {
+        self.bearer = Some(Bearer::File(file.to_path_buf()));
         self
     }
 
@@ -87,7 +102,17 @@ impl SabClient {
         let tls = TlsConnector::from(self.tls.clone()).connect(name, stream).await.context("TLS with the SAB")?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
         tokio::spawn(connection);
-        Ok(Session { sender, host: self.host.clone(), bearer: self.bearer.clone() })
+        let bearer = match &self.bearer {
+            None => None,
+            Some(Bearer::Token(token)) => Some(token.clone()),
+            Some(Bearer::File(file)) => Some(
+                std::fs::read_to_string(file)
+                    .with_context(|| format!("reading the ServiceAccount token {}", file.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+        };
+        Ok(Session { sender, host: self.host.clone(), bearer })
     }
 }
 

@@ -98,6 +98,15 @@ pub struct ClusterConfig {
     /// The SebRevocation object whose epoch certificates carry.
     #[serde(default = "default_object")]
     pub revocation: String,
+    /// The audience an agent's ServiceAccount token must be issued for (a projected
+    /// token): a token made for the API server, or for another service the pod talks
+    /// to, is refused.
+    #[serde(default = "default_token_audience")]
+    pub token_audience: String,
+}
+
+fn default_token_audience() -> String {
+    "seb-sab".into()
 }
 
 fn default_listen() -> SocketAddr {

@@ -26,7 +26,7 @@ use super::{
     config::TlsConfig,
     identity::Caller,
     service::{Answer, Reply, Sab},
-    token_review::TokenReviewer,
+    token_review::{Mismatch, TokenReviewer},
 };
 
 /// Largest request body accepted.
@@ -232,7 +232,10 @@ async fn reviewed(reviewer: &TokenReviewer, caller: &Caller, token: Option<&str>
         ));
     };
     let pod = reviewer.review(token).await.map_err(|e| Reply::error(401, "token_refused", format!("{e:#}")))?;
-    pod.bind(agent.clone()).map(Caller::Agent).map_err(|e| Reply::error(403, "wrong_node", format!("{e:#}")))
+    pod.bind(agent.clone()).map(Caller::Agent).map_err(|mismatch| match mismatch {
+        Mismatch::Node(message) => Reply::error(403, "wrong_node", message),
+        Mismatch::Pod(message) => Reply::error(403, "wrong_pod", message),
+    })
 }
 
 async fn read_body(request: Request<Incoming>) -> Result<Bytes, Reply> {

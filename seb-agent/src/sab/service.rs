@@ -127,7 +127,7 @@ impl Sab {
                     .await
                     .context("connecting to the cluster (in-cluster ServiceAccount or KUBECONFIG)")?;
                 let epochs = ClusterEpochs::new(client.clone(), cluster.policy.clone(), cluster.revocation.clone());
-                (None, Some(TokenReviewer::new(client)), EpochSource::Cluster(epochs))
+                (None, Some(TokenReviewer::new(client, &cluster.token_audience)), EpochSource::Cluster(epochs))
             }
             (None, None) => anyhow::bail!("give [node] or [cluster]"),
         };

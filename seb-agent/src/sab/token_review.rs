@@ -9,6 +9,7 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInf
 use kube::{Api, Client, api::PostParams};
 
 use super::identity::Agent;
+use crate::admission::caller::pod_uid_of_caller;
 
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 const NODE_NAME: &str = "authentication.kubernetes.io/node-name";
@@ -27,14 +28,20 @@ pub struct PodIdentity {
 
 impl PodIdentity {
     /// The agent the client certificate names, bound to this pod: the certificate's node
-    /// must be the pod's.
-    pub fn bind(self, mut agent: Agent) -> Result<Agent> {
+    /// must be the pod's, and its cgroup one of the pod's (else one pod's token would
+    /// have another pod's certificate judged, and logged, as its ServiceAccount).
+    pub fn bind(self, mut agent: Agent) -> Result<Agent, Mismatch> {
         if agent.node != self.node {
-            bail!(
+            return Err(Mismatch::Node(format!(
                 "the client certificate is for node {}, the ServiceAccount token's pod runs on {}",
-                agent.node,
-                self.node
-            );
+                agent.node, self.node
+            )));
+        }
+        if pod_uid_of_caller(&agent.cgroup).as_deref() != Some(self.pod_uid.as_str()) {
+            return Err(Mismatch::Pod(format!(
+                "the client certificate's cgroup {} is not in the ServiceAccount token's pod {}",
+                agent.cgroup, self.pod_uid
+            )));
         }
         agent.pod_uid = Some(self.pod_uid);
         agent.service_account = Some(self.service_account);
@@ -43,13 +50,21 @@ impl PodIdentity {
     }
 }
 
+/// Why a token and a client certificate do not name one agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mismatch {
+    Node(String),
+    Pod(String),
+}
+
 pub struct TokenReviewer {
     api: Api<TokenReview>,
+    audience: String,
 }
 
 impl TokenReviewer {
-    pub fn new(client: Client) -> Self {
-        Self { api: Api::all(client) }
+    pub fn new(client: Client, audience: &str) -> Self {
+        Self { api: Api::all(client), audience: audience.into() }
     }
 
     /// Review `token`; anything but an authenticated, pod-bound ServiceAccount token is refused.
@@ -57,12 +72,19 @@ impl TokenReviewer {
         if token.is_empty() || token.len() > MAX_TOKEN {
             bail!("the bearer token is empty or longer than {MAX_TOKEN} bytes");
         }
+        let audiences = Some(vec![self.audience.clone()]);
         let review =
-            TokenReview { spec: TokenReviewSpec { token: Some(token.into()), audiences: None }, ..Default::default() };
+            TokenReview { spec: TokenReviewSpec { token: Some(token.into()), audiences }, ..Default::default() };
         let reviewed = self.api.create(&PostParams::default(), &review).await.context("TokenReview")?;
         let status = reviewed.status.context("the TokenReview has no status")?;
         if status.authenticated != Some(true) {
             bail!("the token is not authenticated: {}", status.error.unwrap_or_else(|| "no reason given".into()));
+        }
+        // A reviewer that sets spec.audiences must find one of them in status.audiences,
+        // else the authenticator ignored them (k8s.io/api authentication/v1
+        // `TokenReviewStatus.Audiences`).
+        if !status.audiences.as_ref().is_some_and(|found| found.contains(&self.audience)) {
+            bail!("the token is not issued for the audience `{}` (a projected token for the SAB is)", self.audience);
         }
         identity_of(&status.user.unwrap_or_default())
     }

@@ -20,10 +20,14 @@ MAX_RESPONSE = 1 << 20
 class Sab:
     """A SAB client. Every argument falls back to the environment: ``SEB_SAB_URL``,
     ``SEB_SAB_CERT`` and ``SEB_SAB_KEY`` (this agent's client certificate and key, PEM),
-    ``SEB_SAB_CA`` (the CA the SAB's server certificate chains to)."""
+    ``SEB_SAB_CA`` (the CA the SAB's server certificate chains to), and in cluster mode
+    ``SEB_SAB_TOKEN_FILE`` (this pod's projected ServiceAccount token for the SAB's
+    audience, sent as a bearer token and read again for each request, since the kubelet
+    rotates it)."""
 
     def __init__(self, url: Optional[str] = None, cert: Optional[str] = None, key: Optional[str] = None,
-                 ca: Optional[str] = None, timeout: float = 30.0) -> None:
+                 ca: Optional[str] = None, timeout: float = 30.0, token_file: Optional[str] = None) -> None:
+        self.token_file = token_file or os.environ.get("SEB_SAB_TOKEN_FILE") or None
         url = url or os.environ.get("SEB_SAB_URL")
         cert = cert or os.environ.get("SEB_SAB_CERT")
         key = key or os.environ.get("SEB_SAB_KEY")
@@ -75,6 +79,9 @@ class Sab:
         try:
             payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
             headers = {"Accept": "application/json"}
+            if self.token_file:
+                with open(self.token_file, encoding="utf-8") as token:
+                    headers["Authorization"] = "Bearer " + token.read().strip()
             if payload is not None:
                 headers["Content-Type"] = "application/json"
             connection.request(method, self.base + path, body=payload, headers=headers)
