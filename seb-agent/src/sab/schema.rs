@@ -22,8 +22,9 @@ use crate::{
     execute::{https::target_url, kubernetes::KubeTarget},
 };
 
-/// The operations each executor performs: the actions policies may name.
-const AWS_OPERATIONS: &[&str] = &["s3:PutObject", "s3:DeleteObject", "s3:PutBucketPolicy"];
+/// The operations each executor performs: the actions policies may name (for AWS, those
+/// with a preset, which clients and MCP offer).
+const AWS_OPERATIONS: &[&str] = crate::execute::aws::preset::OPERATIONS;
 const KUBERNETES_OPERATIONS: &[&str] = &["create", "patch", "apply", "scale", "delete"];
 const HTTP_OPERATIONS: &[&str] = &["PUT", "POST", "PATCH", "DELETE"];
 
@@ -234,7 +235,7 @@ mod tests {
     fn the_schema_declares_every_executor_operation() {
         let schema = load();
         let actions: Vec<String> = schema.actions().map(|a| a.id().unescaped().to_string()).collect();
-        for expected in ["aws::s3:PutObject", "kubernetes::scale", "http::PUT", "http"] {
+        for expected in ["aws::s3:PutObject", "aws::ec2:TerminateInstances", "kubernetes::scale", "http::PUT", "http"] {
             assert!(actions.contains(&expected.to_string()), "{expected} in {actions:?}");
         }
     }

@@ -32,6 +32,20 @@ struct IpPermission {
     cidrs: Vec<String>,
 }
 
+/// The operations with a preset: a short form the broker expands, and a read it names.
+pub const OPERATIONS: &[&str] = &[
+    "s3:PutObject",
+    "s3:DeleteObject",
+    "s3:PutBucketPolicy",
+    "ec2:AuthorizeSecurityGroupIngress",
+    "ec2:RevokeSecurityGroupIngress",
+    "ec2:AuthorizeSecurityGroupEgress",
+    "ec2:RevokeSecurityGroupEgress",
+    "ec2:TerminateInstances",
+    "iam:AttachRolePolicy",
+    "iam:DetachRolePolicy",
+];
+
 /// The certified request the preset `operation` builds for `target` and `params`.
 pub fn request(operation: &str, target: &str, params: &Value) -> Result<MutationRequest> {
     let postcondition = params.get("postcondition").and_then(Value::as_bool).unwrap_or(false);
@@ -309,6 +323,21 @@ fn iam_role(target: &str) -> Result<String> {
 mod tests {
     use super::*;
     use crate::execute::aws::request::AwsOperation;
+
+    #[test]
+    fn every_listed_operation_has_a_preset_read() {
+        for operation in OPERATIONS {
+            let target = match operation.split(':').next() {
+                _ if *operation == "s3:PutBucketPolicy" => "arn:aws:s3:::bucket",
+                _ if *operation == "ec2:TerminateInstances" => "arn:aws:ec2:us-east-1:1:instance/i-1",
+                Some("s3") => "arn:aws:s3:::bucket/key",
+                Some("ec2") => "arn:aws:ec2:us-east-1:1:security-group/sg-1",
+                _ => "arn:aws:iam::1:role/r",
+            };
+            precondition_read(operation, target).unwrap_or_else(|e| panic!("{operation}: {e:#}"));
+        }
+        assert!(precondition_read("s3:GetObject", "arn:aws:s3:::b/k").is_err(), "a read is no preset mutation");
+    }
 
     #[test]
     fn presets_build_certified_requests_the_broker_accepts() {
