@@ -12,11 +12,14 @@
 //! counted, never dropped: each second that suppressed any ends in one
 //! `denials_suppressed` record with the total and the largest counts by kind.
 
-use std::collections::HashMap;
-
 use serde::{Deserialize, Serialize};
 
-use crate::audit::KernelDenial;
+#[cfg(test)]
+use crate::record_budget::{COUNTED_KINDS, NAMED_IN_SUMMARY, NANOS_PER_SECOND};
+use crate::{
+    audit::KernelDenial,
+    record_budget::{Limits, Pool, RecordBudget},
+};
 
 /// Record kind of the per-second summary of denials not recorded in full.
 pub const SUPPRESSED_KIND: &str = "denials_suppressed";
@@ -32,13 +35,14 @@ pub const RESERVED_PER_CGROUP: u32 = 2;
 /// Cgroups whose reserve a second serves, at most (a node's pods, with room): the bound
 /// in all is `PER_SECOND + RESERVED_PER_CGROUP * RESERVED_CGROUPS` per pool.
 pub const RESERVED_CGROUPS: usize = 256;
-/// Kinds named in a summary; the rest are summed into `others`.
-pub const NAMED_IN_SUMMARY: usize = 16;
-/// Kinds counted one by one in a second; denials of further kinds go straight to
-/// `others` (a scan of many ports makes a kind per port).
-pub const COUNTED_KINDS: usize = 1024;
 
-const NANOS_PER_SECOND: u64 = 1_000_000_000;
+const LIMITS: Limits = Limits {
+    per_kind: PER_KEY,
+    per_group: PER_CGROUP,
+    per_second: PER_SECOND,
+    reserved_per_group: RESERVED_PER_CGROUP,
+    reserved_groups: RESERVED_CGROUPS,
+};
 
 /// What makes two denials the same kind.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -66,104 +70,34 @@ impl DenialKind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SuppressedKind {
-    #[serde(flatten)]
-    pub kind: DenialKind,
-    pub count: u64,
-}
-
+pub type SuppressedKind = crate::record_budget::SuppressedKind<DenialKind>;
 /// One second's denials that were counted but not recorded in full.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Suppressed {
-    /// The second, as nanoseconds since the Unix epoch at its start.
-    pub second_ns: u64,
-    pub suppressed: u64,
-    /// The largest counts, largest first.
-    pub kinds: Vec<SuppressedKind>,
-    /// Suppressed denials of kinds not named above.
-    pub others: u64,
-}
+pub type Suppressed = crate::record_budget::Suppressed<DenialKind>;
 
-/// Full records of one second, refusals or kills.
-#[derive(Default)]
-struct Pool {
-    recorded: u32,
-    /// At most `PER_SECOND` or `RESERVED_CGROUPS` cgroups: only recorded denials enter.
-    by_cgroup: HashMap<u64, u32>,
-}
+/// The budget of the current second: refusals draw on one pool, kills on the other.
+pub struct DenialBudget(RecordBudget<DenialKind>);
 
-impl Pool {
-    fn take(&mut self, cgroup_id: u64) -> bool {
-        let taken = self.by_cgroup.get(&cgroup_id).copied().unwrap_or(0);
-        let reserved = taken < RESERVED_PER_CGROUP && (taken > 0 || self.by_cgroup.len() < RESERVED_CGROUPS);
-        if taken >= PER_CGROUP || (self.recorded >= PER_SECOND && !reserved) {
-            return false;
-        }
-        self.by_cgroup.insert(cgroup_id, taken + 1);
-        self.recorded += 1;
-        true
+impl Default for DenialBudget {
+    fn default() -> Self {
+        Self(RecordBudget::new(LIMITS))
     }
 }
 
-/// The budget of the current second.
-#[derive(Default)]
-pub struct DenialBudget {
-    second: Option<u64>,
-    refusals: Pool,
-    kills: Pool,
-    recorded_by_kind: HashMap<DenialKind, u32>,
-    suppressed: HashMap<DenialKind, u64>,
-    /// Suppressed denials of kinds past `COUNTED_KINDS`.
-    uncounted: u64,
-}
-
 impl DenialBudget {
-    /// Whether `denial` is recorded in full. A denial of a later second first closes the
-    /// current one, whose summary is returned; one stamped earlier (another CPU's, a
-    /// little late) counts against the current second.
+    /// Whether `denial` is recorded in full, and the summary of a second it closed.
     pub fn admit(&mut self, denial: &KernelDenial) -> (bool, Option<Suppressed>) {
-        let second = denial.time_ns / NANOS_PER_SECOND;
-        let closed = if self.second.is_some_and(|current| second > current) { self.close() } else { None };
-        self.second.get_or_insert(second);
-        let kind = DenialKind::of(denial);
-        let by_kind = self.recorded_by_kind.get(&kind).copied().unwrap_or(0);
-        let pool = if denial.action == "killed" { &mut self.kills } else { &mut self.refusals };
-        let admitted = by_kind < PER_KEY && pool.take(denial.cgroup_id);
-        if admitted {
-            self.recorded_by_kind.insert(kind, by_kind + 1);
-        } else if let Some(count) = self.suppressed.get_mut(&kind) {
-            *count += 1;
-        } else if self.suppressed.len() < COUNTED_KINDS {
-            self.suppressed.insert(kind, 1);
-        } else {
-            self.uncounted += 1;
-        }
-        (admitted, closed)
+        let pool = if denial.action == "killed" { Pool::Second } else { Pool::First };
+        self.0.admit(denial.time_ns, denial.cgroup_id, pool, DenialKind::of(denial))
     }
 
     /// Close the current second if `now_ns` is past it; its summary, if it suppressed any.
     pub fn close_if_past(&mut self, now_ns: u64) -> Option<Suppressed> {
-        let current = self.second?;
-        (now_ns / NANOS_PER_SECOND > current).then(|| self.close()).flatten()
+        self.0.close_if_past(now_ns)
     }
 
     /// End the current second: its summary if it suppressed any, and a fresh budget.
     pub fn close(&mut self) -> Option<Suppressed> {
-        let second = self.second.take()?;
-        (self.refusals, self.kills) = Default::default();
-        self.recorded_by_kind.clear();
-        let uncounted = std::mem::take(&mut self.uncounted);
-        if self.suppressed.is_empty() {
-            return None;
-        }
-        let mut kinds: Vec<SuppressedKind> =
-            self.suppressed.drain().map(|(kind, count)| SuppressedKind { kind, count }).collect();
-        kinds.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.kind.cmp(&b.kind)));
-        let suppressed = kinds.iter().map(|k| k.count).sum::<u64>() + uncounted;
-        let others = kinds.iter().skip(NAMED_IN_SUMMARY).map(|k| k.count).sum::<u64>() + uncounted;
-        kinds.truncate(NAMED_IN_SUMMARY);
-        Some(Suppressed { second_ns: second * NANOS_PER_SECOND, suppressed, kinds, others })
+        self.0.close()
     }
 }
 
@@ -224,12 +158,12 @@ mod tests {
         for port in 0..total {
             budget.admit(&denial(NANOS_PER_SECOND, (port % 16) as u32, port as u16));
         }
-        assert_eq!(budget.suppressed.len(), COUNTED_KINDS, "memory stays bounded");
+        assert_eq!(budget.0.suppressed.len(), COUNTED_KINDS, "memory stays bounded");
         let summary = budget.close().unwrap();
         assert_eq!(summary.suppressed, (total - PER_SECOND as usize) as u64);
         let named: u64 = summary.kinds.iter().map(|k| k.count).sum();
         assert_eq!(named + summary.others, summary.suppressed, "every suppressed denial is counted once");
-        assert_eq!(budget.uncounted, 0, "a fresh second");
+        assert_eq!(budget.0.uncounted, 0, "a fresh second");
     }
 
     /// One pod flooding refused connects (many kinds, to escape the per-kind bound)
@@ -265,7 +199,7 @@ mod tests {
             .count();
         assert_eq!(others, RESERVED_CGROUPS - 5, "cgroups the reserve serves, at most");
         assert_eq!(
-            budget.refusals.recorded,
+            budget.0.first.recorded,
             PER_SECOND + RESERVED_PER_CGROUP + (RESERVED_CGROUPS as u32 - 5),
             "the bound in all"
         );

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod preflight;
 pub mod propose;
 pub mod protocol;
+pub mod record_budget;
 pub mod recorder;
 pub mod sab;
 pub mod server;

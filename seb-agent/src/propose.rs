@@ -74,6 +74,10 @@ pub async fn propose(
     }
     pending.require_same_caller(caller);
     pending.require_fresh(admission);
+    if let Some(unrecorded) = pending.past_budget(&admission.refusals) {
+        metrics.decided(&unrecorded, started.elapsed());
+        return Ok(unrecorded);
+    }
     let Some(prepared) = prepared else {
         // Nothing to execute: an admission's outcome (not executed, no executor) is
         // recorded with the decision, in the same commit.

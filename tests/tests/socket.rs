@@ -340,6 +340,49 @@ fn refused_requests_are_recorded_in_part() {
     }
 }
 
+#[test]
+fn a_flood_of_refused_requests_is_counted_not_recorded_one_by_one() {
+    let f = broker("refusalflood", "", "");
+    let propose = serde_json::json!({"v": 1, "type": "propose", "certificate": "not a certificate",
+        "request": {"provider": "http", "operation": "PUT", "target": "https://127.0.0.1/x", "params": {}}});
+    let floods = 300;
+    let mut unrecorded = 0;
+    for _ in 0..floods {
+        let (_, answer) = call(&f.sandbox.socket, propose.to_string().as_bytes());
+        assert_eq!(answer["type"], "decision", "{answer}");
+        assert_eq!(answer["admitted"], false, "{answer}");
+        if answer["record_seq"] == 0 {
+            assert!(answer["message"].as_str().unwrap().contains("refusals_suppressed"), "{answer}");
+            unrecorded += 1;
+        }
+    }
+    let records = |kind: &str| -> Vec<Value> {
+        let listing = f.sandbox.agent_cli(&["audit", "list", "--kind", kind, "--json"]).unwrap();
+        String::from_utf8(listing.stdout).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+    };
+    // Each second's first 10 of one uid and reason are recorded; the flood takes a few.
+    let decisions = records("decision").len();
+    assert!(decisions <= 10 * 4, "{decisions} decision records of {floods} refusals");
+    assert_eq!(decisions + unrecorded, floods);
+    // Within a second of the flood's end, every unrecorded refusal is in a summary.
+    let suppressed = seb_sandbox::poll::eventually(
+        Duration::from_secs(5),
+        || {
+            let summaries = records("refusals_suppressed");
+            let counted: u64 = summaries.iter().map(|r| r["body"]["suppressed"].as_u64().unwrap_or(0)).sum();
+            (counted == unrecorded as u64).then_some(summaries)
+        },
+        || {
+            format!(
+                "the summaries never counted the {unrecorded} unrecorded refusals: {:?}",
+                records("refusals_suppressed")
+            )
+        },
+    );
+    let named = &suppressed[0]["body"]["kinds"][0];
+    assert_eq!((named["uid"].as_u64(), named["reason"].as_str()), (Some(0), Some("malformed_certificate")), "{named}");
+}
+
 /// The lowest descriptor number the process does not use: a limit there leaves it none.
 fn lowest_free_descriptor(pid: u32) -> u64 {
     let used: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -7,6 +7,7 @@
 
 pub mod caller;
 pub mod reason;
+pub mod refusals;
 pub mod state;
 
 use std::{sync::Arc, time::SystemTime};
@@ -111,6 +112,8 @@ pub struct Admission {
     cluster: Option<ClusterGate>,
     /// Certificate verifications running at once, at most.
     verifications: Arc<tokio::sync::Semaphore>,
+    /// How many refusals a second each caller uid has recorded in full.
+    pub refusals: refusals::RefusalBudget,
 }
 
 /// What cluster mode adds to admission.
@@ -132,6 +135,7 @@ impl Admission {
             validity,
             cluster: None,
             verifications: Arc::new(tokio::sync::Semaphore::new(cpus)),
+            refusals: Default::default(),
         }
     }
 
@@ -245,6 +249,9 @@ impl Admission {
         let mut pending = self.begin(caller, proposal).await;
         pending.require_same_caller(caller);
         pending.require_fresh(self);
+        if let Some(unrecorded) = pending.past_budget(&self.refusals) {
+            return Ok(unrecorded);
+        }
         record(ledger, pending).await
     }
 }
@@ -298,6 +305,32 @@ impl Pending {
         if let Err(rejection) = admission.require_fresh() {
             self.reject(rejection.reason, rejection.message);
         }
+    }
+
+    /// A refusal past its caller uid's record budget: answered as any other, counted in
+    /// the second's `refusals_suppressed` record, not recorded one by one.
+    pub fn past_budget(&self, budget: &refusals::RefusalBudget) -> Option<Decision> {
+        let Err(rejection) = &self.verdict else { return None };
+        let now = crate::audit::now_ns() as u64;
+        if budget.admit(self.caller.uid, "propose", rejection.reason.as_str(), now) {
+            return None;
+        }
+        let verified = self.verified.as_ref();
+        Some(Decision {
+            decision_id: self.decision_id.clone(),
+            admitted: false,
+            reason: rejection.reason,
+            message: format!(
+                "{} (not recorded one by one: this uid's refusals are past their per-second record budget, and \
+                 are counted in a {} record)",
+                rejection.message,
+                refusals::SUPPRESSED_KIND
+            ),
+            record_seq: 0,
+            serial: verified.map(|v| v.serial.clone()),
+            contract_id: verified.map(|v| v.contract.contract_id.clone()),
+            outcome: None,
+        })
     }
 
     /// The caller must still be the process that connected, right before recording.

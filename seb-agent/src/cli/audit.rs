@@ -22,7 +22,7 @@ use crate::{
 };
 
 /// Every kind of record the broker and the SAB write.
-pub const KINDS: [&str; 18] = [
+pub const KINDS: [&str; 19] = [
     DECISION_KIND,
     OUTCOME_KIND,
     READ_KIND,
@@ -31,6 +31,7 @@ pub const KINDS: [&str; 18] = [
     REVOCATION_KIND,
     denial::KIND,
     SUPPRESSED_KIND,
+    crate::admission::refusals::SUPPRESSED_KIND,
     RING_LOSS_KIND,
     tamper::KIND,
     CHECKPOINT_KIND,

@@ -69,7 +69,10 @@ async fn handle_propose(proposal: Proposal, peer: &Peer, broker: &Broker) -> Res
         // Still a decision: denied, and recorded before the answer.
         Err(e) => {
             let pending = Pending::unidentified(peer.unidentified(), &proposal, format!("{e:#}"));
-            let decision = admission::record(&broker.ledger, pending).await;
+            let decision = match pending.past_budget(&broker.admission.refusals) {
+                Some(unrecorded) => Ok(unrecorded),
+                None => admission::record(&broker.ledger, pending).await,
+            };
             if let Ok(decision) = &decision {
                 broker.metrics.decided(decision, started.elapsed());
             }
@@ -122,13 +125,23 @@ async fn handle_read(request: MutationRequest, peer: &Peer, broker: &Broker) -> 
         "state_digest": result.as_ref().ok().map(|r| r.state_digest.clone()),
         "error": result.as_ref().err().map(|e| crate::audit::clipped(&format!("{e:#}"), 4096)),
     });
-    // Recorded, refused or not, before the caller hears anything.
-    if let Err(e) = broker.ledger.try_run(move |batch| batch.append(READ_KIND, now_ns(), &record)).await {
+    // Recorded, refused or not, before the caller hears anything; a refusal past the
+    // uid's record budget is counted instead.
+    let recorded = result.is_ok() || broker.admission.refusals.admit(caller.uid, "read", "forbidden", now_ns() as u64);
+    if recorded && let Err(e) = broker.ledger.try_run(move |batch| batch.append(READ_KIND, now_ns(), &record)).await {
         return ledger_error(broker, e.context("the read could not be recorded"));
     }
     match result {
         Ok(read) => Response::Read(read),
-        Err(e) => error(ErrorCode::Forbidden, format!("{e:#}")),
+        Err(e) if recorded => error(ErrorCode::Forbidden, format!("{e:#}")),
+        Err(e) => error(
+            ErrorCode::Forbidden,
+            format!(
+                "{e:#} (not recorded one by one: this uid's refusals are past their per-second record budget, and are \
+                 counted in a {} record)",
+                admission::refusals::SUPPRESSED_KIND
+            ),
+        ),
     }
 }
 

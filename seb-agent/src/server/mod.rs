@@ -92,6 +92,7 @@ pub fn socket_gid(group: &str) -> Result<nix::unistd::Gid> {
 pub async fn serve(listener: UnixListener, broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
     let connections = Connections::new(broker.limits, broker.metrics.clone());
     let drain = CancellationToken::new();
+    let summaries = tokio::spawn(record_suppressed_refusals_each_second(broker.clone(), drain.clone()));
     let mut tasks = JoinSet::new();
     let mut backoff = accept::AcceptBackoff::default();
     loop {
@@ -130,7 +131,35 @@ pub async fn serve(listener: UnixListener, broker: Arc<Broker>, mut shutdown: wa
         );
         tasks.shutdown().await;
     }
+    let _ = summaries.await;
+    record_suppressed_refusals(&broker, true).await;
     info!("broker socket closed");
+}
+
+/// Each second, the summary of the refusals past their budget (see
+/// `admission::refusals`), until the socket drains.
+async fn record_suppressed_refusals_each_second(broker: Arc<Broker>, drain: CancellationToken) {
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => record_suppressed_refusals(&broker, false).await,
+            _ = drain.cancelled() => return,
+        }
+    }
+}
+
+async fn record_suppressed_refusals(broker: &Broker, all: bool) {
+    for summary in broker.admission.refusals.summaries(crate::audit::now_ns() as u64, all) {
+        warn!(
+            suppressed = summary.suppressed,
+            "refused requests past their uid's record budget were counted, not recorded one by one"
+        );
+        let kind = crate::admission::refusals::SUPPRESSED_KIND;
+        let written = broker.ledger.run(move |batch| batch.append(kind, crate::audit::now_ns(), &summary)).await;
+        if let Err(e) = written {
+            warn!(error = %format!("{e:#}"), "a summary of refused requests could not be recorded");
+        }
+    }
 }
 
 /// Pin the caller and find the connection a place; `None` if it is refused.
