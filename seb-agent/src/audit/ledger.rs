@@ -314,7 +314,7 @@ fn open_verified(files: &LedgerFiles, key: &SigningKey, derived: Derived) -> Res
         bail!(
             "the audit head file {} is missing although the signing key exists, so the store {database} cannot be \
              checked for removed records; refusing to start. If the store is known to be intact (written by a version \
-             without head files), `seb-agent audit adopt` verifies it and records its head",
+             without head files), `seb-agent audit adopt --force` verifies it and records its head",
             files.head.display()
         );
     };

@@ -239,11 +239,33 @@ pub fn verify(database: &Path, public_key: &Path, head_file: Option<&Path>, outp
 
 /// Verify the store fully and record its head as the trusted one. A store that does not
 /// hold the head already trusted (cut, or another store) is adopted only with `force`:
-/// adopting it would complete a rollback (used serials and revocations forgotten).
+/// adopting it would complete a rollback (used serials and revocations forgotten). So
+/// is any store when no head can be read (missing or damaged): nothing then says it was
+/// not cut.
 pub fn adopt(database: &Path, signing_key: &Path, force: bool) -> Result<()> {
     let key = keys::load(signing_key)?;
     let path = head::path_for(signing_key);
-    let previous = head::read(&path, &key.verifying_key()).ok().flatten();
+    let previous = match head::read(&path, &key.verifying_key()) {
+        Ok(Some(head)) => Some(head),
+        Ok(None) if force => None,
+        Ok(None) => bail!(
+            "there is no head file {}, so nothing shows that the store {} was not cut: not adopted. For a store \
+             written by a version without head files, or a deliberate recovery, `--force` adopts it",
+            path.display(),
+            database.display()
+        ),
+        Err(e) if force => {
+            warn!(head_file = %path.display(), error = %format!("{e:#}"), "the head file is unreadable; adopting anyway");
+            None
+        }
+        Err(e) => {
+            return Err(e.context(format!(
+                "the head file {} cannot be trusted, so nothing shows that the store was not cut: not adopted \
+                 (`--force` adopts it anyway)",
+                path.display()
+            )));
+        }
+    };
     let store = AuditStore::open_read_only(database)?;
     let verified = match verify::verify(&store, &key.verifying_key(), None)? {
         Ok(verified) => verified,
@@ -297,6 +319,15 @@ mod tests {
         let error = format!("{:#}", adopt(&files.database, &signing_key, false).unwrap_err());
         assert!(error.contains("does not hold the head the broker trusts (record 3)"), "{error}");
         adopt(&files.database, &signing_key, true).expect("--force adopts it");
+        // No head file (deleted, as the broker's own refusal would then suggest adopt).
+        std::fs::remove_file(&files.head).unwrap();
+        let error = format!("{:#}", adopt(&files.database, &signing_key, false).unwrap_err());
+        assert!(error.contains("there is no head file"), "{error}");
+        adopt(&files.database, &signing_key, true).expect("--force adopts it");
+        // A damaged one.
+        std::fs::write(&files.head, b"garbage").unwrap();
+        let error = format!("{:#}", adopt(&files.database, &signing_key, false).unwrap_err());
+        assert!(error.contains("cannot be trusted"), "{error}");
     }
 
     #[test]
