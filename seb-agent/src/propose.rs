@@ -24,6 +24,9 @@ use crate::{
     metrics::{ExecutionLabels, Metrics},
 };
 
+/// How long a proposal waits for another execution on its target to end.
+const TARGET_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// `started` is when the proposal arrived; `metrics` sees the decision when it is
 /// recorded and the execution when it returns.
 pub async fn propose(
@@ -51,7 +54,21 @@ pub async fn propose(
     if executors.handles(proposal.request.provider) && pending.admissible() {
         pending.check_state(ledger).await?;
         if pending.admissible() {
-            _target_held = Some(executors.targets.hold(&proposal.request).await);
+            match tokio::time::timeout(TARGET_WAIT, executors.targets.hold(&proposal.request)).await {
+                Ok(held) => {
+                    _target_held = Some(held);
+                    // Again: the wait may have outlasted a revocation, or the serial's use
+                    // by a twin of this proposal that was ahead of it.
+                    pending.check_state(ledger).await?;
+                }
+                Err(_) => pending.reject(
+                    Reason::LiveStateUnavailable,
+                    format!(
+                        "another execution on this target has run for {} s; nothing was read or executed, try again",
+                        TARGET_WAIT.as_secs()
+                    ),
+                ),
+            }
         }
         if let Some(verified) = pending.verified.clone().filter(|_| pending.admissible()) {
             let contract = &verified.contract;

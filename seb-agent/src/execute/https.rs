@@ -114,9 +114,18 @@ pub fn target_url(target: &str) -> Result<Uri> {
     Ok(url)
 }
 
+/// Characters a path may hold as they are (RFC 3986 `pchar` and `/`, less `;`): any
+/// other is written escaped, and these never are, so each character has one spelling.
+fn plain_in_path(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"-._~!$&'()*+,=:@/".contains(&byte)
+}
+
 /// Path spellings servers commonly read as another path: empty segments (merged by
-/// nginx), `;` (Tomcat and Jetty drop `..;` to `..`), an escaped unreserved character
-/// (`%73ecrets` is `secrets` to most routers) and lower-case escapes (`%c3` = `%C3`).
+/// nginx), `;` (Tomcat and Jetty drop `..;` to `..`), an escaped character that has a
+/// plain form (`%73ecrets` is `secrets` to most routers, `%2C` is `,`), a character
+/// written plainly that has to be escaped (`café` is `caf%C3%A9`), an escaped control
+/// character (`%00` ends the path for some back ends) and lower-case escapes (`%c3` =
+/// `%C3`).
 fn check_path_spelling(target: &str, path: &str) -> Result<()> {
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     // The last may be empty: `/items/7/` is its own resource to some frameworks.
@@ -127,13 +136,19 @@ fn check_path_spelling(target: &str, path: &str) -> Result<()> {
         bail!("the URL `{target}` has a `;` in its path, which some servers read as a parameter and drop");
     }
     let bytes = path.as_bytes();
+    if let Some(byte) = bytes.iter().find(|byte| !plain_in_path(**byte) && **byte != b'%') {
+        bail!("the URL `{target}` has `{}` written plainly in its path; write it escaped", byte.escape_ascii());
+    }
     for (at, _) in path.match_indices('%') {
         let hex = bytes.get(at + 1..at + 3).unwrap_or_default();
         let value = std::str::from_utf8(hex).ok().and_then(|hex| u8::from_str_radix(hex, 16).ok());
         match value {
             None => bail!("the URL `{target}` has a `%` that starts no escape"),
-            Some(byte) if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) => {
+            Some(byte) if plain_in_path(byte) => {
                 bail!("the URL `{target}` escapes `{}`, which must be written plainly", byte as char)
+            }
+            Some(byte) if byte.is_ascii_control() => {
+                bail!("the URL `{target}` escapes a control character ({byte:#04x})")
             }
             Some(_) if hex.iter().any(u8::is_ascii_lowercase) => {
                 bail!("the URL `{target}` has an escape in lower case; write escapes in upper case")
@@ -151,6 +166,16 @@ fn canonical_url(url: &Uri) -> Result<String> {
     let host = url.host().context("the URL names no host")?;
     let host = host.to_ascii_lowercase();
     let host = host.strip_suffix('.').unwrap_or(&host);
+    // An address in its one text (`[::1]`, not `[0::1]`); a name of digits and dots
+    // only is an address some resolvers read another way (`127.000.000.001`, octal).
+    let host = match host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(address)) => format!("[{address}]"),
+        Ok(address) => address.to_string(),
+        Err(_) if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') => {
+            bail!("the host `{host}` is neither a name nor an address in its usual form")
+        }
+        Err(_) => host.to_owned(),
+    };
     let port = url.port_u16().filter(|port| *port != 443).map(|port| format!(":{port}")).unwrap_or_default();
     let query = url.query().filter(|query| !query.is_empty()).map(|query| format!("?{query}")).unwrap_or_default();
     Ok(format!("https://{host}{port}{}{query}", url.path()))
@@ -361,6 +386,13 @@ mod tests {
             "https://api:443/v1/x",
             "https://api/v1/x?",
             "https://api",
+            "https://api/v1/café",
+            "https://api/v1/a%2Cb",
+            "https://api/v1/a%40b",
+            "https://api/v1/x%00.json",
+            "https://api/v1/a\"b",
+            "https://[0::1]/v1/x",
+            "https://127.000.000.001/v1/x",
         ] {
             assert!(target_url(url).is_err(), "{url}");
         }
@@ -368,6 +400,8 @@ mod tests {
         target_url("https://api:8443/v1/caf%C3%A9%20menu").unwrap();
         target_url("https://api/").unwrap();
         target_url("https://api/v1/items/7/").unwrap();
+        target_url("https://[::1]:8443/v1/a,b@c:d").unwrap();
+        target_url("https://127.0.0.1/v1/a%3Bb").unwrap();
         let error = format!("{:#}", target_url("https://API:443/v1/x").unwrap_err());
         assert!(error.contains("write it `https://api/v1/x`"), "{error}");
         assert!(is_under("https://api/v1/x", "https://api/v1"));

@@ -63,7 +63,8 @@ pub enum OutcomeStatus {
     Failed,
     /// Admitted, but this broker has no executor for the provider: nothing was done.
     NotExecuted,
-    /// The broker stopped between decision and outcome; recorded after checking live state.
+    /// The broker stopped between decision and outcome (recorded after checking live
+    /// state), or the API gave no answer within [`STAGE_DEADLINE`].
     Unknown,
 }
 
@@ -200,6 +201,11 @@ pub struct Executed {
     pub execute_ms: f64,
 }
 
+/// How long preparing, and then executing, one mutation may take: a stalled API server
+/// (a Kubernetes response that stops mid-body) must not hold the target, or the caller's
+/// connection, for good.
+pub const STAGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
 pub(crate) fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
@@ -230,7 +236,11 @@ impl Executors {
         let executor = self.get(request.provider).ok_or_else(|| {
             (Reason::UnsupportedOperation, format!("this broker has no executor for provider {}", request.provider))
         })?;
-        let (prepared, digest, taken) = executor.prepare(&contract.identity, request, decision_id).await?;
+        let preparing = executor.prepare(&contract.identity, request, decision_id);
+        let (prepared, digest, taken) = tokio::time::timeout(STAGE_DEADLINE, preparing).await.map_err(|_| {
+            let message = format!("minting and reading the live state took over {} s", STAGE_DEADLINE.as_secs());
+            (Reason::LiveStateUnavailable, message)
+        })??;
         *timings = taken;
         Ok((prepared, digest))
     }
@@ -239,7 +249,20 @@ impl Executors {
     pub async fn execute(&self, prepared: Prepared<'_>) -> Executed {
         let clock = Instant::now();
         let identity = prepared.identity().clone();
-        let (result, resulting_state_digest) = prepared.perform().await;
+        let Ok((result, resulting_state_digest)) = tokio::time::timeout(STAGE_DEADLINE, prepared.perform()).await
+        else {
+            // Sent, perhaps applied: what became of it is not known.
+            let error =
+                format!("no answer within {} s: the change may or may not have been made", STAGE_DEADLINE.as_secs());
+            return Executed {
+                status: OutcomeStatus::Unknown,
+                api_status: None,
+                error: Some(error),
+                identity,
+                resulting_state_digest: None,
+                execute_ms: ms(clock),
+            };
+        };
         let (status, api_status, error) = match result {
             Ok((code, None)) => (OutcomeStatus::Succeeded, Some(code), None),
             Ok((code, Some(error))) => (OutcomeStatus::Failed, Some(code), Some(error)),

@@ -60,14 +60,17 @@ impl Drop for TargetHeld<'_> {
     }
 }
 
-/// One key per resource, erring towards sharing: ARNs and Kubernetes paths compared
-/// without case, a URL by its host, port and path (not its query), so spellings of one
-/// resource wait for each other. Sharing a key only serialises more.
+/// One key per resource, erring towards sharing: ARNs compared without case, Kubernetes
+/// objects by group, kind, namespace and name (not version: an object is served at
+/// each of its versions), a URL by its host (an address by its value), port and path
+/// (not its query), so spellings of one resource wait for each other. Sharing a key
+/// only serialises more.
 fn lock_key(request: &MutationRequest) -> String {
     let target = request.target.to_ascii_lowercase();
     let resource = match request.provider {
         Provider::Http => http_resource(&target),
-        Provider::Aws | Provider::Kubernetes => target,
+        Provider::Kubernetes => kubernetes_object(&request.target).unwrap_or(target),
+        Provider::Aws => target,
     };
     format!("{}:{resource}", request.provider.as_str())
 }
@@ -75,9 +78,24 @@ fn lock_key(request: &MutationRequest) -> String {
 fn http_resource(url: &str) -> String {
     let Ok(uri) = url.parse::<http::Uri>() else { return url.to_owned() };
     let host = uri.host().unwrap_or_default().trim_end_matches('.');
+    let host = match host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>() {
+        Ok(address) => address.to_canonical().to_string(),
+        Err(_) => host.to_owned(),
+    };
     let port = uri.port_u16().unwrap_or(443);
     let path = uri.path().trim_end_matches('/');
     format!("{host}:{port}{path}")
+}
+
+/// `group/kind/namespace/name`, without case; core Events are also `events.k8s.io` ones.
+fn kubernetes_object(target: &str) -> Option<String> {
+    let object = super::kubernetes::KubeTarget::parse(target).ok()?;
+    let kind = object.gvk.kind.to_ascii_lowercase();
+    let group = match object.gvk.group.as_str() {
+        "events.k8s.io" if kind == "event" => "",
+        group => group,
+    };
+    Some(format!("{group}/{kind}/{}/{}", object.namespace, object.name).to_ascii_lowercase())
 }
 
 #[cfg(test)]
@@ -100,6 +118,14 @@ mod tests {
         let arn = |target| lock_key(&request(Provider::Aws, target));
         assert_eq!(arn("arn:aws:s3:::Bucket/Key"), arn("arn:aws:s3:::bucket/key"));
         assert_ne!(arn("arn:aws:s3:::bucket/key"), lock_key(&request(Provider::Http, "arn:aws:s3:::bucket/key")));
+        assert_eq!(key("https://[::1]/v1/x"), key("https://[0:0:0:0:0:0:0:1]/v1/x"));
+        let object = |target| lock_key(&request(Provider::Kubernetes, target));
+        assert_eq!(
+            object("autoscaling/v1/HorizontalPodAutoscaler/prod/web"),
+            object("autoscaling/v2/HorizontalPodAutoscaler/prod/web")
+        );
+        assert_eq!(object("v1/Event/prod/e1"), object("events.k8s.io/v1/Event/prod/e1"));
+        assert_ne!(object("v1/ConfigMap/prod/a"), object("v1/ConfigMap/prod/b"));
     }
 
     #[tokio::test]
