@@ -238,7 +238,14 @@ impl StateRead {
         let resources = read.resources.clone().unwrap_or_else(|| vec![target.to_string()]);
         let call = AwsCall::new(&read.action, read.service.as_deref(), protocol, &read.request, resources, None)?;
         ensure_a_read(&call, protocol)?;
-        let unnarrowed_ok = origin == ReadOrigin::Preset && service_protocols(&call.service).is_some();
+        // Even the broker's own read runs narrowed where the request does not name the
+        // whole ARN: IAM's `RoleName` is read in the broker's account, whatever account
+        // the target names. Unnarrowed only where narrowing adds nothing: S3 (a bucket
+        // name is global, so the path is the ARN) and reads IAM lets name no resource
+        // (`*`: EC2's Describe calls, which take the target's id).
+        let names_the_whole_target = call.service == "s3" || call.resources.iter().any(|r| r == "*");
+        let unnarrowed_ok =
+            origin == ReadOrigin::Preset && names_the_whole_target && service_protocols(&call.service).is_some();
         ensure!(read.volatile.len() + read.unordered.len() <= MAX_POINTERS, "more than {MAX_POINTERS} pointers");
         ensure!(read.headers.len() <= MAX_HEADERS, "more than {MAX_HEADERS} headers");
         let pointers = |list: &[String]| list.iter().map(|p| Pointer::parse(p)).collect::<Result<Vec<_>>>();
@@ -562,6 +569,16 @@ mod tests {
         assert!(AwsOperation::parse(&full).unwrap().precondition.unnarrowed_ok, "a preset's read written out in full");
         let short = MutationRequest { params: rule, ..full.clone() };
         assert!(AwsOperation::parse(&short).unwrap().precondition.unnarrowed_ok);
+        // IAM's preset read names the role, not its account: narrowed to the target's ARN.
+        let attach = MutationRequest {
+            provider: crate::cert::Provider::Aws,
+            operation: "iam:AttachRolePolicy".into(),
+            target: "arn:aws:iam::222222222222:role/admin".into(),
+            params: json!({"policy_arn": "arn:aws:iam::aws:policy/ReadOnlyAccess"}),
+        };
+        let read = AwsOperation::parse(&attach).unwrap().precondition;
+        assert!(!read.unnarrowed_ok);
+        assert_eq!(read.policy()["Statement"][0]["Resource"], json!(["arn:aws:iam::222222222222:role/admin"]));
         // The same read with its path changed is the agent's again.
         let mut changed = full;
         changed.params["precondition"]["request"]["path"] = json!("/?x=1");
