@@ -382,10 +382,13 @@ enum SabCommand {
         #[arg(long)]
         reason: Option<String>,
     },
-    /// List the pending requests we may see.
+    /// List the pending requests we may see, oldest first, 100 at a time.
     Pending {
         #[command(flatten)]
         client: SabClientArgs,
+        /// Skip this many (the answer's `more` says how many follow).
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
     },
     /// Show one request's state.
     Show {
@@ -774,7 +777,9 @@ fn sab(command: SabCommand, output: Output) -> Result<Exit> {
             let body = serde_json::json!({ "reason": reason });
             answer(call(&client, "POST", &format!("/v1/requests/{id}/deny"), Some(body))?)
         }
-        SabCommand::Pending { client } => answer(call(&client, "GET", "/v1/requests?status=pending", None)?),
+        SabCommand::Pending { client, offset } => {
+            answer(call(&client, "GET", &format!("/v1/requests?status=pending&offset={offset}"), None)?)
+        }
         SabCommand::Show { client, id } => answer(call(&client, "GET", &format!("/v1/requests/{id}"), None)?),
         SabCommand::Check { policies } => {
             let book = sab::policy::PolicyBook::load_dir(&policies, sab::config::MAX_CERTIFICATE_TTL)?;

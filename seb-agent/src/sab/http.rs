@@ -200,10 +200,18 @@ async fn route(sab: &Sab, caller: &Result<Caller, String>, request: Request<Inco
             },
         },
         (&Method::GET, ["v1", "requests"]) => {
-            let status = query
-                .as_deref()
-                .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("status=")).map(str::to_string));
-            sab.list(caller, status.as_deref()).await
+            let param = |name: &str| {
+                let prefix = format!("{name}=");
+                query
+                    .as_deref()
+                    .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix(&prefix)).map(str::to_string))
+            };
+            let offset = match param("offset").map(|text| text.parse::<usize>()) {
+                None => 0,
+                Some(Ok(offset)) => offset,
+                Some(Err(_)) => return Reply::error(400, "malformed", "offset is a count of requests to skip"),
+            };
+            sab.list(caller, param("status").as_deref(), offset).await
         }
         (&Method::GET, ["v1", "requests", id]) => sab.get(caller, id).await,
         (&Method::POST, ["v1", "requests", id, action @ ("approve" | "deny")]) => {

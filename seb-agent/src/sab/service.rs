@@ -286,6 +286,10 @@ impl Sab {
             }
             Verdict::Permit { policies, grant } if grant.approvals > 0 => {
                 let mut requests = self.requests.lock().await;
+                // Requests past their deadline hold no room (nothing else expires them).
+                if let Err(e) = self.expire_overdue(&mut requests).await {
+                    return ledger_error(e);
+                }
                 if !requests.has_room_for_pending(&agent.uri, self.config.max_pending_per_requester) {
                     return Reply::error(
                         503,
@@ -426,7 +430,8 @@ impl Sab {
     }
 
     /// `GET /v1/requests[?status=..]`: those the caller may see, without certificates.
-    pub async fn list(&self, caller: &Caller, status: Option<&str>) -> Reply {
+    /// `GET /v1/requests[?status=..][&offset=N]`: oldest first, [`MAX_LISTED`] at a time.
+    pub async fn list(&self, caller: &Caller, status: Option<&str>, offset: usize) -> Reply {
         let wanted = match status {
             None => None,
             Some(text) => match serde_json::from_value::<Status>(json!(text)) {
@@ -447,8 +452,9 @@ impl Sab {
         // Bounded: each view carries its request (up to a body's size).
         let visible: Vec<&Entry> =
             requests.iter().filter(|e| e.visible_to(caller.uri()) && wanted.is_none_or(|s| e.status == s)).collect();
-        let views: Vec<Value> = visible.iter().take(MAX_LISTED).map(|e| e.view(false)).collect();
-        Reply::ok(200, json!({"requests": views, "more": visible.len().saturating_sub(MAX_LISTED)}))
+        let views: Vec<Value> = visible.iter().skip(offset).take(MAX_LISTED).map(|e| e.view(false)).collect();
+        let more = visible.len().saturating_sub(offset.saturating_add(MAX_LISTED));
+        Reply::ok(200, json!({"requests": views, "more": more}))
     }
 
     /// `POST /v1/requests/{id}/approve|deny`.
@@ -652,7 +658,7 @@ fn facts(draft: &Draft, now: SystemTime) -> Facts<'_> {
     }
 }
 
-/// Requests one list answer carries at most (`more` counts the rest).
+/// Requests one list answer carries at most (`more` counts those after them).
 pub const MAX_LISTED: usize = 100;
 
 /// JSON values a certify body may hold: parsed, each takes a hundred bytes or more, so a
@@ -694,7 +700,8 @@ pub enum ReloadError {
     NotPublished(anyhow::Error),
 }
 
-/// Reload whenever the policy directory's files change (names, sizes, modification times).
+/// Reload whenever the policy directory's files change (names, or contents: see
+/// [`fingerprint`]).
 pub async fn watch_policies(sab: Arc<Sab>) {
     let interval = std::time::Duration::from_millis(sab.config.reload_interval_ms);
     let mut seen = fingerprint(&sab.config.policies);
