@@ -108,6 +108,16 @@ impl KubeApi {
     /// opens its own broker socket. The decision being executed, if any, goes with every
     /// request, since kube runs them on a worker task of its own.
     pub fn client(&self, token: Token, namespace: &str) -> Client {
+        self.client_reading(token, namespace, usize::MAX)
+    }
+
+    /// The same, reading at most `max_response` bytes of each response (not for
+    /// watches): an executor's object or token, never a body without end.
+    pub fn bounded_client(&self, token: Token, namespace: &str) -> Client {
+        self.client_reading(token, namespace, crate::execute::broker_http::MAX_RESPONSE)
+    }
+
+    fn client_reading(&self, token: Token, namespace: &str, max_response: usize) -> Client {
         let api = self.clone();
         let tag = ExecutionTag::current();
         let service = tower::service_fn(move |request: Request<kube::client::Body>| {
@@ -123,7 +133,7 @@ impl KubeApi {
                 let body = body.collect().await?.to_bytes();
                 parts.headers.insert(http::header::CONTENT_LENGTH, body.len().into());
                 let response = api.http.open(Request::from_parts(parts, Full::new(body)), api.tls.clone()).await?;
-                Ok::<_, tower::BoxError>(response)
+                Ok::<_, tower::BoxError>(response.map(|body| http_body_util::Limited::new(body, max_response)))
             })
         });
         Client::new(service, namespace)

@@ -190,6 +190,22 @@ fn drift_and_a_concurrent_write_are_both_refused_and_leave_no_token_behind() {
     assert!(w.cluster.live_secrets().is_empty());
 }
 
+/// An object whose answer is larger than the executor reads (a stand-in for a response
+/// without end): the drift read fails and nothing is written, instead of the broker
+/// reading on.
+#[test]
+fn a_response_larger_than_the_executor_reads_is_refused_not_read_whole() {
+    let w = world("kubehuge");
+    let mut object = w.cluster.object(DEPLOYMENT).unwrap();
+    object["metadata"]["annotations"] = json!({"filler": "x".repeat(17 << 20)});
+    w.cluster.put_object(DEPLOYMENT, object);
+    let request = scale(3);
+    let decision =
+        w.broker.decide(&certified("c-k8s-huge", this_process(), &request, &w.state(), deployer()), &request);
+    assert_eq!(decision.reason, Reason::LiveStateUnavailable, "{decision:?}");
+    assert_eq!(w.cluster.object(DEPLOYMENT).unwrap()["spec"]["replicas"], 2, "nothing was written");
+}
+
 fn request(operation: &str, params: serde_json::Value) -> MutationRequest {
     serde_json::from_value(json!({
         "provider": "kubernetes", "operation": operation, "target": "v1/ConfigMap/prod/settings", "params": params

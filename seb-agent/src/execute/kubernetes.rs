@@ -310,7 +310,7 @@ impl KubernetesExecutor {
 
     /// Secret, then a TokenRequest bound to it, for the contract's ServiceAccount.
     pub async fn mint(&self, namespace: &str, service_account: &str, decision_id: &str) -> Result<KubeSession> {
-        let base = self.api.client(Token::Broker, namespace);
+        let base = self.api.bounded_client(Token::Broker, namespace);
         let secret_name = format!(
             "seb-token-{}",
             decision_id.chars().filter(char::is_ascii_alphanumeric).take(20).collect::<String>().to_lowercase()
@@ -350,7 +350,7 @@ impl KubernetesExecutor {
             bound_secret: secret_name.clone(),
         };
         Ok(KubeSession {
-            client: self.api.client(Token::Minted(status.token), namespace),
+            client: self.api.bounded_client(Token::Minted(status.token), namespace),
             base,
             secret: secret_name,
             namespace: namespace.into(),
