@@ -154,3 +154,36 @@ impl<K: Clone + Eq + Hash + Ord> RecordBudget<K> {
         Some(Suppressed { second_ns: second * NANOS_PER_SECOND, suppressed, kinds, others })
     }
 }
+
+/// A budget shared by the tasks that answer callers, whose closed seconds wait for the
+/// next flush to be recorded.
+pub struct SharedBudget<K> {
+    budget: std::sync::Mutex<RecordBudget<K>>,
+    closed: std::sync::Mutex<Vec<Suppressed<K>>>,
+}
+
+impl<K: Clone + Eq + Hash + Ord> SharedBudget<K> {
+    pub fn new(limits: Limits) -> Self {
+        Self { budget: std::sync::Mutex::new(RecordBudget::new(limits)), closed: std::sync::Mutex::new(Vec::new()) }
+    }
+
+    /// Whether a record of `kind`, in `group`, now, is written in full.
+    pub fn admit(&self, group: u64, kind: K, now_ns: u64) -> bool {
+        let (admitted, closed) =
+            self.budget.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).admit(now_ns, group, Pool::First, kind);
+        if let Some(closed) = closed {
+            self.closed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(closed);
+        }
+        admitted
+    }
+
+    /// The summaries to record: seconds closed since the last call, and the current one
+    /// if `now_ns` is past it (or in any case, with `all`, at shutdown).
+    pub fn summaries(&self, now_ns: u64, all: bool) -> Vec<Suppressed<K>> {
+        let mut budget = self.budget.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let current = if all { budget.close() } else { budget.close_if_past(now_ns) };
+        let mut closed = std::mem::take(&mut *self.closed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        closed.extend(current);
+        closed
+    }
+}

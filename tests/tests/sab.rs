@@ -499,6 +499,38 @@ fn one_caller_holds_neither_the_sabs_connections_nor_its_time_nor_its_approval_q
         w.sab.call(&other, "POST", "/v1/certify", Some(&certify_body(&put("/v1/flags/d", json!(true)))));
     assert_eq!(status, 202, "{answer}");
 
+    // A flood of refused requests from one requester is counted, not logged one by one.
+    let forbidden = certify_body(&put("/v1/secrets/x", json!("x".repeat(100_000))));
+    let mut unlogged = 0;
+    for _ in 0..60 {
+        let (status, answer) = w.sab.call(&w.agent, "POST", "/v1/certify", Some(&forbidden));
+        assert_eq!(status, 403, "{answer}");
+        unlogged += usize::from(answer.get("logged").is_some());
+    }
+    let list = |kind: &str| -> Vec<Value> {
+        let output = std::process::Command::new(&w.broker.sandbox.tools.agent)
+            .args(["audit", "list", "--json", "--kind", kind, "--database"])
+            .arg(&w.sab.database)
+            .output()
+            .unwrap();
+        String::from_utf8(output.stdout).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+    };
+    let refused_logged = list("sab_decision").iter().filter(|r| r["body"]["decision"] == "refused").count();
+    assert!(unlogged >= 30, "{unlogged} of 60 refusals unlogged");
+    assert_eq!(refused_logged + unlogged, 60);
+    seb_sandbox::poll::eventually(
+        Duration::from_secs(5),
+        || {
+            let counted: u64 =
+                list("sab_refusals_suppressed").iter().map(|r| r["body"]["suppressed"].as_u64().unwrap_or(0)).sum();
+            (counted == unlogged as u64).then_some(())
+        },
+        || format!("the summaries never counted the {unlogged} unlogged refusals"),
+    );
+    // What a refused request carried is not kept in memory either.
+    let (_, listed) = w.sab.call(&w.agent, "GET", "/v1/requests?status=refused", None);
+    assert_eq!(listed["requests"][0]["request"]["params"], Value::Null, "{}", listed["requests"][0]);
+
     // A body of many small values, which would take tens of MiB parsed.
     let mut body = certify_body(&put("/v1/config", json!(1)));
     body["live_state"] = json!(vec![0; 70_000]);

@@ -6,24 +6,17 @@
 //! counted, and each second that suppressed any ends in one `refusals_suppressed` record
 //! naming the largest counts by uid, request and reason.
 
-use std::sync::Mutex;
-
 use serde::{Deserialize, Serialize};
 
-use crate::record_budget::{Limits, Pool, RecordBudget, Suppressed};
+use crate::record_budget::{Limits, SharedBudget, Suppressed};
 
 /// Record kind of the per-second summary of refusals not recorded in full.
 pub const SUPPRESSED_KIND: &str = "refusals_suppressed";
 
-const LIMITS: Limits = Limits {
-    // Of one uid, request and reason.
-    per_kind: 10,
-    // Of one uid.
-    per_group: 20,
-    per_second: 200,
-    reserved_per_group: 2,
-    reserved_groups: 256,
-};
+/// The bounds of a second's full records: of one kind (one uid, request and reason), of
+/// one group (a uid), in all, and each group's reserve.
+pub const LIMITS: Limits =
+    Limits { per_kind: 10, per_group: 20, per_second: 200, reserved_per_group: 2, reserved_groups: 256 };
 
 /// What makes two refusals the same kind.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -37,42 +30,23 @@ pub struct RefusalKind {
 /// Summaries of seconds past, waiting to be recorded.
 pub type RefusalsSuppressed = Suppressed<RefusalKind>;
 
-pub struct RefusalBudget {
-    budget: Mutex<RecordBudget<RefusalKind>>,
-    /// Seconds closed by a later refusal, until the next flush records them.
-    closed: Mutex<Vec<RefusalsSuppressed>>,
-}
+pub struct RefusalBudget(SharedBudget<RefusalKind>);
 
 impl Default for RefusalBudget {
     fn default() -> Self {
-        Self { budget: Mutex::new(RecordBudget::new(LIMITS)), closed: Mutex::new(Vec::new()) }
+        Self(SharedBudget::new(LIMITS))
     }
 }
 
 impl RefusalBudget {
     /// Whether a refusal of `uid`'s `request`, for `reason`, now, is recorded in full.
     pub fn admit(&self, uid: u32, request: &str, reason: &str, now_ns: u64) -> bool {
-        let kind = RefusalKind { uid, request: request.into(), reason: reason.into() };
-        let (admitted, closed) = self.budget.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).admit(
-            now_ns,
-            uid.into(),
-            Pool::First,
-            kind,
-        );
-        if let Some(closed) = closed {
-            self.closed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(closed);
-        }
-        admitted
+        self.0.admit(uid.into(), RefusalKind { uid, request: request.into(), reason: reason.into() }, now_ns)
     }
 
-    /// The summaries to record: seconds closed since the last call, and the current one
-    /// if `now_ns` is past it (or in any case, with `all`, at shutdown).
+    /// See [`SharedBudget::summaries`].
     pub fn summaries(&self, now_ns: u64, all: bool) -> Vec<RefusalsSuppressed> {
-        let mut budget = self.budget.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let current = if all { budget.close() } else { budget.close_if_past(now_ns) };
-        let mut closed = std::mem::take(&mut *self.closed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
-        closed.extend(current);
-        closed
+        self.0.summaries(now_ns, all)
     }
 }
 

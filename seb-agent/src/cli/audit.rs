@@ -22,7 +22,7 @@ use crate::{
 };
 
 /// Every kind of record the broker and the SAB write.
-pub const KINDS: [&str; 19] = [
+pub const KINDS: [&str; 20] = [
     DECISION_KIND,
     OUTCOME_KIND,
     READ_KIND,
@@ -42,6 +42,7 @@ pub const KINDS: [&str; 19] = [
     sab::records::ISSUANCE_KIND,
     sab::records::EXPIRY_KIND,
     sab::records::POLICY_KIND,
+    sab::records::REFUSALS_SUPPRESSED_KIND,
 ];
 
 /// A `--kind` the broker never writes would list nothing, silently: refuse it.

@@ -15,10 +15,28 @@ pub const APPROVAL_KIND: &str = "sab_approval";
 pub const ISSUANCE_KIND: &str = "sab_issuance";
 pub const EXPIRY_KIND: &str = "sab_expiry";
 pub const POLICY_KIND: &str = "sab_policy";
+/// The per-second summary of refused certify requests not recorded one by one.
+pub const REFUSALS_SUPPRESSED_KIND: &str = "sab_refusals_suppressed";
 
 /// Every kind the SAB writes.
-pub const KINDS: [&str; 7] =
-    [CERTIFY_KIND, DECISION_KIND, PENDING_KIND, APPROVAL_KIND, ISSUANCE_KIND, EXPIRY_KIND, POLICY_KIND];
+pub const KINDS: [&str; 8] = [
+    CERTIFY_KIND,
+    DECISION_KIND,
+    PENDING_KIND,
+    APPROVAL_KIND,
+    ISSUANCE_KIND,
+    EXPIRY_KIND,
+    POLICY_KIND,
+    REFUSALS_SUPPRESSED_KIND,
+];
+
+/// What makes two refused certify requests the same kind, for the record budget.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RefusalKind {
+    pub requester: String,
+    /// The policy's first reason.
+    pub reason: String,
+}
 
 /// A certify request as received (the live state by digest; the issuance holds it whole).
 #[derive(Debug, Serialize)]

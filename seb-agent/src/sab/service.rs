@@ -73,6 +73,8 @@ pub struct Sab {
     ledger: Ledger,
     requests: tokio::sync::Mutex<Requests>,
     epochs: EpochSource,
+    /// How many refused certify requests a second each requester has logged in full.
+    refusals: crate::record_budget::SharedBudget<records::RefusalKind>,
 }
 
 /// The body of `POST /v1/certify`.
@@ -170,6 +172,7 @@ impl Sab {
             ledger,
             requests: tokio::sync::Mutex::new(requests),
             epochs,
+            refusals: crate::record_budget::SharedBudget::new(crate::admission::refusals::LIMITS),
             config,
         };
         Ok((Arc::new(sab), thread))
@@ -274,15 +277,35 @@ impl Sab {
         };
         match verdict {
             Verdict::Refuse { reasons } => {
-                let decision = decision_record(&id, "refused", &loaded, &[], &reasons, None);
-                if let Err(e) =
-                    self.write(vec![(records::CERTIFY_KIND, certify), (records::DECISION_KIND, decision)]).await
-                {
-                    return ledger_error(e);
+                // Anyone with a client certificate can be refused as fast as it can ask:
+                // past its share of the second, a refusal is counted, not logged whole.
+                let kind = records::RefusalKind {
+                    requester: agent.uri.clone(),
+                    reason: reasons.first().cloned().unwrap_or_default(),
+                };
+                let logged = self.refusals.admit(requester_group(&agent.uri), kind, now_ns() as u64);
+                if logged {
+                    let decision = decision_record(&id, "refused", &loaded, &[], &reasons, None);
+                    if let Err(e) =
+                        self.write(vec![(records::CERTIFY_KIND, certify), (records::DECISION_KIND, decision)]).await
+                    {
+                        return ledger_error(e);
+                    }
                 }
                 entry.reasons = reasons.clone();
+                // Remembered for reading back, without what it carried.
+                entry.draft.request.params = Value::Null;
+                entry.draft.live_state = None;
                 self.requests.lock().await.insert(entry);
-                Reply::ok(403, json!({"status": "refused", "request_id": id, "reasons": reasons}))
+                let mut reply = json!({"status": "refused", "request_id": id, "reasons": reasons});
+                if !logged {
+                    reply["logged"] = json!(format!(
+                        "counted in a {} record, not logged one by one: this requester's refusals are past their \
+                         per-second budget",
+                        records::REFUSALS_SUPPRESSED_KIND
+                    ));
+                }
+                Reply::ok(403, reply)
             }
             Verdict::Permit { policies, grant } if grant.approvals > 0 => {
                 let mut requests = self.requests.lock().await;
@@ -655,6 +678,35 @@ fn facts(draft: &Draft, now: SystemTime) -> Facts<'_> {
         intent: &draft.intent,
         live_state_digest: draft.live_state_digest.as_deref(),
         now,
+    }
+}
+
+/// A requester's group in the refusal budget: the first 8 bytes of its URI's SHA-256.
+fn requester_group(uri: &str) -> u64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(uri.as_bytes());
+    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+impl Sab {
+    /// Record each second's summary of the refusals not logged one by one, until dropped.
+    pub async fn record_suppressed_refusals_each_second(self: Arc<Self>) {
+        let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            ticks.tick().await;
+            self.record_suppressed_refusals(false).await;
+        }
+    }
+
+    /// Log the seconds closed (and with `all`, the current one: at shutdown).
+    pub async fn record_suppressed_refusals(&self, all: bool) {
+        for summary in self.refusals.summaries(now_ns() as u64, all) {
+            let written =
+                self.ledger.run(move |batch| batch.append(records::REFUSALS_SUPPRESSED_KIND, now_ns(), &summary)).await;
+            if let Err(e) = written {
+                error!(error = %format!("{e:#}"), "a summary of refused certify requests could not be logged");
+            }
+        }
     }
 }
 
