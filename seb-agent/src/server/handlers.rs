@@ -253,6 +253,15 @@ async fn administrator(peer: &Peer, broker: &Broker, what: &str) -> Result<(), R
                 peer.pid
             ),
         )
+    } else if let Some(pod) = another_pod(peer) {
+        (
+            admission::Reason::CallerMismatch,
+            format!(
+                "{what} is for the node's administrator: the caller (pid {}) runs in pod {pod}, neither on the node \
+                 nor in the broker's own pod",
+                peer.pid
+            ),
+        )
     } else {
         return Ok(());
     };
@@ -266,6 +275,25 @@ async fn administrator(peer: &Peer, broker: &Broker, what: &str) -> Result<(), R
         warn!(error = %format!("{e:#}"), "a refused administrator request could not be recorded");
     }
     Err(error(ErrorCode::Forbidden, message))
+}
+
+/// The pod the caller runs in, when it is a pod other than the broker's own: root in any
+/// pod that can reach the socket (one not enforced, a labelled one before its
+/// enforcement is attached) is uid 0 here. An unreadable cgroup counts as another pod.
+fn another_pod(peer: &Peer) -> Option<String> {
+    static OWN_POD: std::sync::LazyLock<Option<String>> = std::sync::LazyLock::new(|| {
+        let cgroup = std::fs::File::open("/proc/self/cgroup").ok().and_then(crate::cgroupfs::unified_cgroup);
+        cgroup.as_deref().and_then(admission::caller::pod_uid_of_caller)
+    });
+    let cgroup =
+        std::fs::File::open(format!("/proc/{}/cgroup", peer.pid)).ok().and_then(crate::cgroupfs::unified_cgroup);
+    let Some(cgroup) = cgroup else { return Some("(cgroup unreadable)".into()) };
+    pod_other_than(admission::caller::pod_uid_of_caller(&cgroup), OWN_POD.as_deref())
+}
+
+/// `caller`'s pod, unless it is `own` (or no pod: the node).
+fn pod_other_than(caller: Option<String>, own: Option<&str>) -> Option<String> {
+    caller.filter(|pod| Some(pod.as_str()) != own)
 }
 
 /// A ledger failure as an answer: `busy` for a full queue (counted), else `internal`.
@@ -286,6 +314,22 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
+
+    #[test]
+    fn administrators_are_on_the_node_or_in_the_brokers_own_pod() {
+        let pod = |uid: &str| {
+            format!(
+                "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-1.scope",
+                uid.replace('-', "_")
+            )
+        };
+        let (broker, tenant) = ("11111111-2222-3333-4444-555555555555", "99999999-2222-3333-4444-555555555555");
+        let of = |cgroup: &str| admission::caller::pod_uid_of_caller(cgroup);
+        assert_eq!(pod_other_than(of(&pod(tenant)), Some(broker)).as_deref(), Some(tenant), "root in a tenant's pod");
+        assert_eq!(pod_other_than(of(&pod(broker)), Some(broker)), None, "kubectl exec into the broker's pod");
+        assert_eq!(pod_other_than(of("/system.slice/sshd.service"), Some(broker)), None, "the node");
+        assert_eq!(pod_other_than(of(&pod(tenant)), None).as_deref(), Some(tenant), "a broker outside any pod");
+    }
 
     /// Where the test's log lines go.
     #[derive(Clone, Default)]
