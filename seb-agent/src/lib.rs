@@ -9,6 +9,7 @@ pub mod cgroupfs;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod connection_shares;
 pub mod denial_budget;
 pub mod denial_metric;
 pub mod denials;

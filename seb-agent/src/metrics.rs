@@ -324,6 +324,15 @@ impl Readiness {
     }
 }
 
+/// Scrape and probe connections open at once, at most, and per source address (more are
+/// closed at accept).
+pub const MAX_SCRAPE_CONNECTIONS: usize = 256;
+pub const SCRAPE_CONNECTIONS_PER_SOURCE: usize = 8;
+/// Time for a request's headers.
+const SCRAPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// A connection's whole life: a scraper that keeps one alive reconnects.
+const SCRAPE_CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Serve `/metrics`, `/healthz` and `/readyz` until `shutdown` flips.
 pub async fn serve(
     addr: SocketAddr,
@@ -334,19 +343,36 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("config field `metrics.listen`: binding {addr}"))?;
+    // Anyone who reaches the port (every pod, with hostNetwork and 0.0.0.0) may connect:
+    // connections are few and short, so holding them open costs the broker nothing it
+    // needs (its descriptors, its memory).
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPE_CONNECTIONS));
+    let sources = Arc::new(crate::connection_shares::Shares::<std::net::IpAddr>::default());
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
+                    let Ok((stream, peer)) = accepted else { continue };
+                    // Per source first: one pod holding connections leaves the kubelet's
+                    // probes and the scraper theirs.
+                    let Some(share) = sources.take(&peer.ip().to_canonical(), SCRAPE_CONNECTIONS_PER_SOURCE) else {
+                        continue;
+                    };
+                    let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
                     let (metrics, readiness) = (metrics.clone(), readiness.clone());
                     tokio::spawn(async move {
+                        let _held = (slot, share);
                         let service = service_fn(move |request: Request<Incoming>| {
                             let response = respond(request.uri().path(), &metrics, &readiness);
                             async move { Ok::<_, Infallible>(response) }
                         });
-                        if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
-                            warn!(error = %e, "metrics connection failed");
+                        let serving = hyper::server::conn::http1::Builder::new()
+                            .timer(hyper_util::rt::TokioTimer::new())
+                            .header_read_timeout(SCRAPE_TIMEOUT)
+                            .serve_connection(TokioIo::new(stream), service);
+                        match tokio::time::timeout(SCRAPE_CONNECTION_LIFETIME, serving).await {
+                            Ok(Err(e)) => warn!(error = %e, "metrics connection failed"),
+                            Ok(Ok(())) | Err(_) => {}
                         }
                     });
                 }

@@ -66,6 +66,36 @@ fn metrics_health_and_status_report_what_the_agent_sees() {
     assert_eq!(status["map_entries"]["SEB_PROTECTED_V4"], 5);
     assert_eq!(status["last_denial"]["socket_cookie"], denied["cookie"]);
 
+    // One source holding connections open gets 8; the kubelet's probe (another source)
+    // is still answered.
+    let netns = sandbox.netns.clone();
+    let (ninth, probe) = seb_sandbox::moto::in_netns(&netns, || async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let from = |source: &str| {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+            socket.connect("127.0.0.1:9464".parse().unwrap())
+        };
+        let mut held = Vec::new();
+        for _ in 0..seb_agent::metrics::SCRAPE_CONNECTIONS_PER_SOURCE {
+            held.push(from("127.0.0.5").await?);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let get = |mut stream: tokio::net::TcpStream| async move {
+            stream.write_all(b"GET /healthz HTTP/1.0\r\nhost: x\r\n\r\n").await?;
+            let mut answer = String::new();
+            let _ = stream.read_to_string(&mut answer).await;
+            anyhow::Ok(answer)
+        };
+        let ninth = get(from("127.0.0.5").await?).await?;
+        let probe = get(from("127.0.0.1").await?).await?;
+        drop(held);
+        Ok((ninth, probe))
+    })
+    .unwrap();
+    assert_eq!(ninth, "", "a ninth connection of one source was served");
+    assert!(probe.starts_with("HTTP/1.0 200") || probe.starts_with("HTTP/1.1 200"), "{probe}");
+
     // A link unpinned behind the agent's back: no longer ready.
     let pin = status["links"][0]["pin"].as_str().unwrap().to_string();
     std::fs::remove_file(&pin).unwrap();

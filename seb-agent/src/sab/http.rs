@@ -42,42 +42,6 @@ pub fn per_caller(max_connections: usize) -> usize {
     (max_connections / 4).max(1)
 }
 
-/// Established connections by caller; an entry goes with its last connection.
-#[derive(Default)]
-struct CallerConnections {
-    open: std::sync::Mutex<std::collections::HashMap<String, usize>>,
-}
-
-/// One established connection of a caller, counted until dropped.
-struct CallerSlot {
-    connections: Arc<CallerConnections>,
-    caller: String,
-}
-
-impl CallerConnections {
-    fn take(self: &Arc<Self>, caller: &str, limit: usize) -> Option<CallerSlot> {
-        let mut open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let count = open.entry(caller.to_owned()).or_default();
-        if *count >= limit {
-            return None;
-        }
-        *count += 1;
-        Some(CallerSlot { connections: self.clone(), caller: caller.to_owned() })
-    }
-}
-
-impl Drop for CallerSlot {
-    fn drop(&mut self) {
-        let mut open = self.connections.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(count) = open.get_mut(&self.caller) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(&self.caller);
-            }
-        }
-    }
-}
-
 /// TLS 1.3, a client certificate from `client_ca` required.
 pub fn tls_config(tls: &TlsConfig) -> Result<ServerConfig> {
     let chain = CertificateDer::pem_file_iter(&tls.certificate)
@@ -107,7 +71,7 @@ pub async fn serve(sab: Arc<Sab>, listener: TcpListener, tls: ServerConfig) -> R
     // new connections, never the ones established.
     let handshakes = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let established = Arc::new(tokio::sync::Semaphore::new(max_connections));
-    let callers = Arc::new(CallerConnections::default());
+    let callers = Arc::new(crate::connection_shares::Shares::<String>::default());
     info!(addr = %listener.local_addr()?, "SAB ready");
     loop {
         let handshake = handshakes.clone().acquire_owned().await?;
