@@ -370,9 +370,8 @@ pub async fn serve(
                             .timer(hyper_util::rt::TokioTimer::new())
                             .header_read_timeout(SCRAPE_TIMEOUT)
                             .serve_connection(TokioIo::new(stream), service);
-                        match tokio::time::timeout(SCRAPE_CONNECTION_LIFETIME, serving).await {
-                            Ok(Err(e)) => warn!(error = %e, "metrics connection failed"),
-                            Ok(Ok(())) | Err(_) => {}
+                        if let Ok(Err(e)) = tokio::time::timeout(SCRAPE_CONNECTION_LIFETIME, serving).await {
+                            warn!(error = %e, "metrics connection failed");
                         }
                     });
                 }
