@@ -570,6 +570,11 @@ fn in_cluster_mode_an_agent_is_its_pod_by_tokenreview_and_epochs_live_in_the_clu
         SEB_REVOCATIONS,
         json!({"metadata": {"name": "default"}, "spec": {"revocationEpoch": 3, "serials": [], "contractIds": []}}),
     );
+    cluster
+        .store
+        .lock()
+        .unwrap()
+        .put(SEB_POLICIES, json!({"metadata": {"name": "default"}, "spec": {"policyEpoch": 0}}));
     cluster.add_pod_token("pod-token", ["agents", "planner", POD, "node-a"], &["seb-sab"]);
     // The same pod's token for the API server (what every pod has mounted by default).
     cluster.add_pod_token("api-token", ["agents", "planner", POD, "node-a"], &[kube_standin::API_SERVER_AUDIENCE]);
@@ -591,7 +596,8 @@ fn in_cluster_mode_an_agent_is_its_pod_by_tokenreview_and_epochs_live_in_the_clu
     let agent = "seb://node/node-a/cgroup/kubepods.slice/kubepods-pod0f3c2a1e_5b6d_4e7f_8a9b_0c1d2e3f4a5b.slice/cri-containerd-1.scope";
     let sab = Sab::start_cluster(&sandbox, &issuing, &policies(agent), &kubeconfig).unwrap();
 
-    // Its first policy load became the SebPolicy's epoch.
+    // Its first policy load became the SebPolicy's epoch (the object is never created by
+    // the SAB: an empty one would protect nothing).
     let policy_epoch = |cluster: &kube_standin::KubeStandIn| {
         cluster.store.lock().unwrap().get(SEB_POLICIES, "default").map(|p| p["spec"]["policyEpoch"].as_u64().unwrap())
     };

@@ -15,7 +15,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use crate::{
     admission::state::{self, RevocationTarget},
     cluster::{
-        crd::{SebPolicy, SebPolicySpec, SebRevocation, SebRevocationSpec},
+        crd::{SebPolicy, SebRevocation, SebRevocationSpec},
         sync::WRITTEN_AT,
     },
 };
@@ -136,14 +136,18 @@ pub async fn set_revocation_epoch(client: Client, name: &str, epoch: u64) -> Res
     Ok(written_revocation(&object))
 }
 
-/// Set the policy epoch, creating the object (with no endpoints yet) if needed.
+/// Set the policy epoch of the existing SebPolicy. Never created here: one made with no
+/// endpoints, scope or exemptions would lift every node's protection as the newest policy.
 pub async fn set_policy_epoch(client: Client, name: &str, epoch: u64) -> Result<Written> {
     let object = write(&Api::<SebPolicy>::all(client), name, |current| match current {
         Some(mut object) => {
             object.spec.policy_epoch = epoch;
             Ok(object)
         }
-        None => Ok(SebPolicy::new(name, SebPolicySpec { policy_epoch: epoch, ..Default::default() })),
+        None => bail!(
+            "SebPolicy {name} does not exist: create it with its endpoints and scope (deploy/cluster-state) \
+             before epochs are set in it; an empty one would protect nothing"
+        ),
     })
     .await?;
     Ok(Written {
