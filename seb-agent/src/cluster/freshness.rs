@@ -1,7 +1,9 @@
 //! How current this node's copy of the cluster state is. Admissions fail closed until
-//! both resources have been read once, and again whenever the API server has not been
-//! heard from within the staleness bound: a revocation this broker cannot see must not
-//! be outrun.
+//! both resources have been read once, and again whenever either has not been read
+//! within the staleness bound: a revocation this broker cannot see must not be outrun.
+//! Each is counted as read by its own watcher's events or a probe's GET of it, never by
+//! another watcher's (a tenant restarting pods on this node must not keep a stalled
+//! SebRevocation watch looking current).
 
 use std::{
     sync::{
@@ -26,8 +28,9 @@ pub struct Freshness {
 struct Inner {
     origin: Instant,
     bound: Duration,
-    /// Milliseconds after `origin` of the last answer from the API server; `u64::MAX`: never.
-    last_contact_ms: AtomicU64,
+    /// Milliseconds after `origin` each resource was last read; `u64::MAX`: never.
+    policy_read_ms: AtomicU64,
+    revocation_read_ms: AtomicU64,
     policy_synced: AtomicBool,
     revocation_synced: AtomicBool,
     /// Every watcher has listed once: what the kernel enforces is the cluster's, not a
@@ -41,7 +44,8 @@ impl Freshness {
             inner: Arc::new(Inner {
                 origin: Instant::now(),
                 bound,
-                last_contact_ms: AtomicU64::new(u64::MAX),
+                policy_read_ms: AtomicU64::new(u64::MAX),
+                revocation_read_ms: AtomicU64::new(u64::MAX),
                 policy_synced: AtomicBool::new(false),
                 revocation_synced: AtomicBool::new(false),
                 settled: AtomicBool::new(false),
@@ -49,10 +53,14 @@ impl Freshness {
         }
     }
 
-    /// The API server answered.
-    pub fn contact(&self) {
+    /// The API server answered with `resource`'s state (an event of its watcher, or the
+    /// probe's read of it).
+    pub fn read(&self, resource: Resource) {
         let now = self.inner.origin.elapsed().as_millis() as u64;
-        self.inner.last_contact_ms.store(now, Ordering::Release);
+        match resource {
+            Resource::Policy => self.inner.policy_read_ms.store(now, Ordering::Release),
+            Resource::Revocation => self.inner.revocation_read_ms.store(now, Ordering::Release),
+        }
     }
 
     /// A resource's full state has been read and applied.
@@ -61,7 +69,7 @@ impl Freshness {
             Resource::Policy => self.inner.policy_synced.store(true, Ordering::Release),
             Resource::Revocation => self.inner.revocation_synced.store(true, Ordering::Release),
         }
-        self.contact();
+        self.read(resource);
     }
 
     /// A resource is gone or could not be applied: admissions wait until it is back.
@@ -85,10 +93,13 @@ impl Freshness {
         self.inner.settled.load(Ordering::Acquire)
     }
 
-    /// Time since the API server last answered, if it ever did.
+    /// Time since the staler of the two resources was last read, if both ever were.
     pub fn age(&self) -> Option<Duration> {
-        let last = self.inner.last_contact_ms.load(Ordering::Acquire);
-        (last != u64::MAX).then(|| self.inner.origin.elapsed().saturating_sub(Duration::from_millis(last)))
+        let policy = self.inner.policy_read_ms.load(Ordering::Acquire);
+        let revocation = self.inner.revocation_read_ms.load(Ordering::Acquire);
+        let last = policy.min(revocation);
+        (policy != u64::MAX && revocation != u64::MAX)
+            .then(|| self.inner.origin.elapsed().saturating_sub(Duration::from_millis(last)))
     }
 
     /// Why admissions must be denied now, if they must.
@@ -103,7 +114,7 @@ impl Freshness {
         match self.age() {
             Some(age) if age <= self.inner.bound => None,
             Some(age) => Some(format!(
-                "the API server was last heard from {:.1} s ago, beyond the staleness bound of {} s",
+                "the cluster's SebPolicy or SebRevocation was last read {:.1} s ago, beyond the staleness bound of {} s",
                 age.as_secs_f64(),
                 self.inner.bound.as_secs()
             )),
@@ -126,7 +137,10 @@ mod tests {
         assert_eq!(freshness.stale(), None);
         std::thread::sleep(Duration::from_millis(80));
         assert!(freshness.stale().unwrap().contains("staleness bound"), "{:?}", freshness.stale());
-        freshness.contact();
+        // Hearing of the policy alone does not make a revocation view current.
+        freshness.read(Resource::Policy);
+        assert!(freshness.stale().unwrap().contains("staleness bound"), "{:?}", freshness.stale());
+        freshness.read(Resource::Revocation);
         assert_eq!(freshness.stale(), None);
         freshness.unsynced(Resource::Revocation);
         assert!(freshness.stale().unwrap().contains("SebRevocation"));

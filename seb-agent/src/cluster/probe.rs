@@ -13,6 +13,7 @@ use tracing::warn;
 use super::{
     config::ClusterConfig,
     crd::{SebPolicy, SebRevocation},
+    freshness::Resource,
     order::{Observed, Outcome, Source},
     sync::ClusterSync,
 };
@@ -28,7 +29,8 @@ pub async fn run(client: Client, config: ClusterConfig, sync: ClusterSync, mut s
         let policy = Api::<SebPolicy>::all(client.clone()).get_opt(&config.policy).await;
         match (revocation, policy) {
             (Ok(revocation), Ok(policy)) => {
-                sync.freshness().contact();
+                sync.freshness().read(Resource::Revocation);
+                sync.freshness().read(Resource::Policy);
                 // A missing object is the watcher's to report: a 404 carries no version to
                 // order it against what the watcher has seen.
                 if let Some(object) = revocation {

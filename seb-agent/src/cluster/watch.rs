@@ -73,7 +73,12 @@ async fn follow<K, F, Fut>(
                 continue;
             }
             Some(Ok(event)) => {
-                sync.freshness().contact();
+                // Only the followed objects' own events count as having read them.
+                match kind.as_str() {
+                    "SebPolicy" => sync.freshness().read(super::freshness::Resource::Policy),
+                    "SebRevocation" => sync.freshness().read(super::freshness::Resource::Revocation),
+                    _ => {}
+                }
                 match event {
                     watcher::Event::Init => {
                         listed.clear();
