@@ -55,6 +55,8 @@ pub fn run_check() -> Result<()> {
         count += objects.len();
     }
 
+    check_admission_policy(&deploy::render_text(&deploy_dir.join("cluster"))?)?;
+
     let state = deploy_dir.join("cluster-state");
     let mut check = Command::new(&agent);
     check.arg("check-cluster-state");
@@ -100,11 +102,31 @@ fn check_agent_config(name: &str, objects: &[Value], agent: &std::path::Path, sc
 }
 
 fn ensure_validator() -> Result<()> {
-    if Command::new("kubernetes-validate").arg("--version").output().is_ok_and(|o| o.status.success()) {
-        return Ok(());
+    let installed = |probe: &[&str]| Command::new("python3").args(probe).output().is_ok_and(|o| o.status.success());
+    if !installed(&["-m", "kubernetes_validate", "--version"]) {
+        eprintln!("xtask: installing kubernetes-validate (offline Kubernetes schemas)");
+        run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "kubernetes-validate"]))?;
     }
-    eprintln!("xtask: installing kubernetes-validate (offline Kubernetes schemas)");
-    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "kubernetes-validate"]))
+    if !installed(&["-c", "import celpy"]) {
+        eprintln!("xtask: installing cel-python (the admission policy's CEL, evaluated offline)");
+        run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "cel-python"]))?;
+    }
+    Ok(())
+}
+
+/// The brokers' admission policy (deploy/cluster) admits what the executor sends and
+/// refuses what a stolen broker token would do instead, its CEL evaluated offline.
+fn check_admission_policy(rendered: &str) -> Result<()> {
+    use std::io::Write;
+    let script = workspace_root().join("xtask/scripts/admission_policy_check.py");
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", script.display()))?;
+    child.stdin.take().context("the check's stdin")?.write_all(rendered.as_bytes())?;
+    ensure!(child.wait()?.success(), "deploy/cluster's admission policy for the brokers fails its cases");
+    Ok(())
 }
 
 fn tempdir() -> Result<PathBuf> {
