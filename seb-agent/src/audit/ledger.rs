@@ -217,8 +217,11 @@ impl Ledger {
         let LedgerOptions { queue, on_commit } = options;
         let (conn, head, schema_version) = open_verified(files, &key, derived)?;
         let checkpointer = store::start_wal_checkpointer(&conn, &files.database)?;
-        let open_files = OpenFiles::pin(&files.database)?;
+        let mut open_files = OpenFiles::pin(&files.database)?;
         let head_file = HeadFile::create(&files.head, &head, &key)?;
+        // A head file renamed over the one the ledger writes would go unwritten (the
+        // ledger writing to the unlinked one) while an old head stood at its path.
+        open_files.watch(&files.head)?;
         let writer = Writer {
             conn,
             key,
@@ -502,6 +505,20 @@ mod tests {
         // A restart verifies the store against the head file and goes on from it.
         let (ledger, _thread, _) = start(dir.path());
         assert_eq!(append(&ledger, false).blocking_recv().unwrap().unwrap(), 3);
+    }
+
+    #[test]
+    fn a_head_file_replaced_under_the_ledger_fails_the_next_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, _thread, files) = start(dir.path());
+        assert_eq!(append(&ledger, false).blocking_recv().unwrap().unwrap(), 1);
+        // An old copy put back at the head file's path.
+        let old = dir.path().join("old.head");
+        std::fs::copy(&files.head, &old).unwrap();
+        assert_eq!(append(&ledger, false).blocking_recv().unwrap().unwrap(), 2);
+        std::fs::rename(&old, &files.head).unwrap();
+        let error = format!("{:#}", append(&ledger, false).blocking_recv().unwrap().unwrap_err());
+        assert!(error.contains("broker.key.head was replaced while the broker ran"), "{error}");
     }
 
     #[test]

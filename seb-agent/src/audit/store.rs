@@ -282,15 +282,22 @@ impl OpenFiles {
         Ok(Self { files })
     }
 
+    /// Also watch `path` (the head file, once written).
+    pub fn watch(&mut self, path: &Path) -> Result<()> {
+        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        self.files.push((path.to_path_buf(), file));
+        Ok(())
+    }
+
     /// Fails if a file was deleted, or its path now names another file.
     pub fn check(&self) -> Result<()> {
         for (path, file) in &self.files {
             let open = file.metadata().with_context(|| format!("checking {}", path.display()))?;
             match std::fs::metadata(path) {
                 Ok(now) if (now.dev(), now.ino()) == (open.dev(), open.ino()) => {}
-                Ok(_) => bail!("the audit store file {} was replaced while the broker ran", path.display()),
+                Ok(_) => bail!("the audit file {} was replaced while the broker ran", path.display()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    bail!("the audit store file {} was deleted while the broker ran", path.display())
+                    bail!("the audit file {} was deleted while the broker ran", path.display())
                 }
                 Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
             }
