@@ -56,10 +56,12 @@ pub async fn propose(
         if pending.admissible() {
             match tokio::time::timeout(TARGET_WAIT, executors.targets.hold(&proposal.request)).await {
                 Ok(held) => {
+                    // Again after a wait: it may have outlasted a revocation, or the
+                    // serial's use by a twin of this proposal that was ahead of it.
+                    if held.waited() {
+                        pending.check_state(ledger).await?;
+                    }
                     _target_held = Some(held);
-                    // Again: the wait may have outlasted a revocation, or the serial's use
-                    // by a twin of this proposal that was ahead of it.
-                    pending.check_state(ledger).await?;
                 }
                 Err(_) => pending.reject(
                     Reason::LiveStateUnavailable,
@@ -92,6 +94,10 @@ pub async fn propose(
     pending.require_same_caller(caller);
     pending.require_fresh(admission);
     if let Some(unrecorded) = pending.past_budget(&admission.refusals) {
+        // Refused after it was prepared (the caller changed, the cluster state went stale).
+        if let Some(prepared) = prepared {
+            executors.discard(prepared).await;
+        }
         metrics.decided(&unrecorded, started.elapsed());
         return Ok(unrecorded);
     }

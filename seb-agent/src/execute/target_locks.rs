@@ -27,6 +27,7 @@ pub struct TargetHeld<'a> {
     key: String,
     lock: Option<Arc<AsyncMutex<()>>>,
     guard: Option<OwnedMutexGuard<()>>,
+    waited: bool,
 }
 
 impl TargetLocks {
@@ -37,14 +38,27 @@ impl TargetLocks {
             let mut targets = self.targets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             targets.entry(key.clone()).or_default().clone()
         };
-        let mut held = TargetHeld { locks: self, key, lock: Some(lock.clone()), guard: None };
-        held.guard = Some(lock.lock_owned().await);
+        let mut held = TargetHeld { locks: self, key, lock: Some(lock.clone()), guard: None, waited: false };
+        held.guard = Some(match lock.clone().try_lock_owned() {
+            Ok(guard) => guard,
+            Err(_) => {
+                held.waited = true;
+                lock.lock_owned().await
+            }
+        });
         held
     }
 
     /// Targets with a holder or a waiter.
     pub fn in_use(&self) -> usize {
         self.targets.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len()
+    }
+}
+
+impl TargetHeld<'_> {
+    /// Another execution held the target first: what was read before may be old.
+    pub fn waited(&self) -> bool {
+        self.waited
     }
 }
 
@@ -133,6 +147,7 @@ mod tests {
         let locks = TargetLocks::default();
         let target = request(Provider::Aws, "arn:aws:s3:::bucket/key");
         let first = locks.hold(&target).await;
+        assert!(!first.waited());
         let waiting = tokio::time::timeout(Duration::from_millis(50), locks.hold(&target)).await;
         assert!(waiting.is_err(), "a second holder got the target while the first held it");
         let other = tokio::time::timeout(
@@ -145,9 +160,15 @@ mod tests {
         drop(first);
         let second = tokio::time::timeout(Duration::from_millis(50), locks.hold(&target)).await;
         assert!(second.is_ok(), "the target stayed held after its holder left");
+        // One that had to wait says so (what it read before may be old).
+        let mut third = Box::pin(locks.hold(&target));
+        assert!(futures::poll!(&mut third).is_pending());
+        drop(second);
+        let third = third.await;
+        assert!(third.waited());
         let cancelled = tokio::time::timeout(Duration::from_millis(50), locks.hold(&target)).await;
         assert!(cancelled.is_err());
-        drop(second);
+        drop(third);
         assert_eq!(locks.in_use(), 0, "entries outlive their holders or cancelled waiters");
         // A waiter dropped after its holder left, before it ran again.
         let first = locks.hold(&target).await;
