@@ -177,6 +177,25 @@ impl<K: Clone + Eq + Hash + Ord> SharedBudget<K> {
         admitted
     }
 
+    /// Record each summary due (see [`Self::summaries`]) as a `kind` record in `ledger`,
+    /// waiting for room in its queue: what was counted is not lost.
+    pub async fn record_summaries(&self, ledger: &crate::audit::Ledger, kind: &'static str, all: bool)
+    where
+        K: Serialize + Send + 'static,
+    {
+        for summary in self.summaries(crate::audit::now_ns() as u64, all) {
+            tracing::warn!(
+                kind,
+                suppressed = summary.suppressed,
+                "records past their budget were counted, not written one by one"
+            );
+            let written = ledger.run(move |batch| batch.append(kind, crate::audit::now_ns(), &summary)).await;
+            if let Err(e) = written {
+                tracing::error!(kind, error = %format!("{e:#}"), "a summary of records past their budget could not be recorded");
+            }
+        }
+    }
+
     /// The summaries to record: seconds closed since the last call, and the current one
     /// if `now_ns` is past it (or in any case, with `all`, at shutdown).
     pub fn summaries(&self, now_ns: u64, all: bool) -> Vec<Suppressed<K>> {

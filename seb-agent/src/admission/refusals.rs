@@ -48,6 +48,11 @@ impl RefusalBudget {
     pub fn summaries(&self, now_ns: u64, all: bool) -> Vec<RefusalsSuppressed> {
         self.0.summaries(now_ns, all)
     }
+
+    /// Record the summaries due as `refusals_suppressed` records.
+    pub async fn record_summaries(&self, ledger: &crate::audit::Ledger, all: bool) {
+        self.0.record_summaries(ledger, SUPPRESSED_KIND, all).await
+    }
 }
 
 #[cfg(test)]

@@ -700,13 +700,7 @@ impl Sab {
 
     /// Log the seconds closed (and with `all`, the current one: at shutdown).
     pub async fn record_suppressed_refusals(&self, all: bool) {
-        for summary in self.refusals.summaries(now_ns() as u64, all) {
-            let written =
-                self.ledger.run(move |batch| batch.append(records::REFUSALS_SUPPRESSED_KIND, now_ns(), &summary)).await;
-            if let Err(e) = written {
-                error!(error = %format!("{e:#}"), "a summary of refused certify requests could not be logged");
-            }
-        }
+        self.refusals.record_summaries(&self.ledger, records::REFUSALS_SUPPRESSED_KIND, all).await
     }
 }
 

@@ -149,17 +149,7 @@ async fn record_suppressed_refusals_each_second(broker: Arc<Broker>, drain: Canc
 }
 
 async fn record_suppressed_refusals(broker: &Broker, all: bool) {
-    for summary in broker.admission.refusals.summaries(crate::audit::now_ns() as u64, all) {
-        warn!(
-            suppressed = summary.suppressed,
-            "refused requests past their uid's record budget were counted, not recorded one by one"
-        );
-        let kind = crate::admission::refusals::SUPPRESSED_KIND;
-        let written = broker.ledger.run(move |batch| batch.append(kind, crate::audit::now_ns(), &summary)).await;
-        if let Err(e) = written {
-            warn!(error = %format!("{e:#}"), "a summary of refused requests could not be recorded");
-        }
-    }
+    broker.admission.refusals.record_summaries(&broker.ledger, all).await
 }
 
 /// Pin the caller and find the connection a place; `None` if it is refused.
