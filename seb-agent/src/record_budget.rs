@@ -196,6 +196,25 @@ impl<K: Clone + Eq + Hash + Ord> SharedBudget<K> {
         }
     }
 
+    /// Record the summaries due each second until `stop` (never in the middle of a write:
+    /// what was taken from the budget is recorded).
+    pub async fn record_summaries_each_second(
+        &self,
+        ledger: &crate::audit::Ledger,
+        kind: &'static str,
+        stop: &tokio_util::sync::CancellationToken,
+    ) where
+        K: Serialize + Send + 'static,
+    {
+        let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => self.record_summaries(ledger, kind, false).await,
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
     /// The summaries to record: seconds closed since the last call, and the current one
     /// if `now_ns` is past it (or in any case, with `all`, at shutdown).
     pub fn summaries(&self, now_ns: u64, all: bool) -> Vec<Suppressed<K>> {

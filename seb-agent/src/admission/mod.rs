@@ -320,12 +320,7 @@ impl Pending {
             decision_id: self.decision_id.clone(),
             admitted: false,
             reason: rejection.reason,
-            message: format!(
-                "{} (not recorded one by one: this uid's refusals are past their per-second record budget, and \
-                 are counted in a {} record)",
-                rejection.message,
-                refusals::SUPPRESSED_KIND
-            ),
+            message: refusals::unrecorded(&rejection.message),
             record_seq: 0,
             serial: verified.map(|v| v.serial.clone()),
             contract_id: verified.map(|v| v.contract.contract_id.clone()),

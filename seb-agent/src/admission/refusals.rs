@@ -49,10 +49,28 @@ impl RefusalBudget {
         self.0.summaries(now_ns, all)
     }
 
-    /// Record the summaries due as `refusals_suppressed` records.
+    /// Record the summaries due as `refusals_suppressed` records (with `all`, the current
+    /// second's too: at shutdown).
     pub async fn record_summaries(&self, ledger: &crate::audit::Ledger, all: bool) {
         self.0.record_summaries(ledger, SUPPRESSED_KIND, all).await
     }
+
+    /// The same each second, until `stop`.
+    pub async fn record_summaries_each_second(
+        &self,
+        ledger: &crate::audit::Ledger,
+        stop: &tokio_util::sync::CancellationToken,
+    ) {
+        self.0.record_summaries_each_second(ledger, SUPPRESSED_KIND, stop).await
+    }
+}
+
+/// What a caller is told of a refusal its budget left unrecorded, after why it was refused.
+pub fn unrecorded(message: &str) -> String {
+    format!(
+        "{message} (not recorded one by one: this uid's refusals are past their per-second record budget, and are \
+         counted in a {SUPPRESSED_KIND} record)"
+    )
 }
 
 #[cfg(test)]

@@ -36,14 +36,16 @@ pub async fn serve(config: SabConfig) -> Result<std::thread::JoinHandle<()>> {
         .with_context(|| format!("listening on {}", config.listen))?;
     let (sab, ledger_thread) = Sab::start(config).await?;
     let watcher = tokio::spawn(service::watch_policies(sab.clone()));
-    let summaries = tokio::spawn(sab.clone().record_suppressed_refusals_each_second());
+    let stop_summaries = tokio_util::sync::CancellationToken::new();
+    let summaries = tokio::spawn(sab.clone().record_suppressed_refusals_each_second(stop_summaries.clone()));
     let result = tokio::select! {
         result = http::serve(sab.clone(), listener, tls) => result,
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = terminated() => Ok(()),
     };
     watcher.abort();
-    summaries.abort();
+    stop_summaries.cancel();
+    let _ = summaries.await;
     sab.record_suppressed_refusals(true).await;
     result.map(|()| ledger_thread)
 }

@@ -689,13 +689,9 @@ fn requester_group(uri: &str) -> u64 {
 }
 
 impl Sab {
-    /// Record each second's summary of the refusals not logged one by one, until dropped.
-    pub async fn record_suppressed_refusals_each_second(self: Arc<Self>) {
-        let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
-        loop {
-            ticks.tick().await;
-            self.record_suppressed_refusals(false).await;
-        }
+    /// Record each second's summary of the refusals not logged one by one, until `stop`.
+    pub async fn record_suppressed_refusals_each_second(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        self.refusals.record_summaries_each_second(&self.ledger, records::REFUSALS_SUPPRESSED_KIND, &stop).await
     }
 
     /// Log the seconds closed (and with `all`, the current one: at shutdown).

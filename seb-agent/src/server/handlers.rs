@@ -134,14 +134,7 @@ async fn handle_read(request: MutationRequest, peer: &Peer, broker: &Broker) -> 
     match result {
         Ok(read) => Response::Read(read),
         Err(e) if recorded => error(ErrorCode::Forbidden, format!("{e:#}")),
-        Err(e) => error(
-            ErrorCode::Forbidden,
-            format!(
-                "{e:#} (not recorded one by one: this uid's refusals are past their per-second record budget, and are \
-                 counted in a {} record)",
-                admission::refusals::SUPPRESSED_KIND
-            ),
-        ),
+        Err(e) => error(ErrorCode::Forbidden, admission::refusals::unrecorded(&format!("{e:#}"))),
     }
 }
 

@@ -132,24 +132,14 @@ pub async fn serve(listener: UnixListener, broker: Arc<Broker>, mut shutdown: wa
         tasks.shutdown().await;
     }
     let _ = summaries.await;
-    record_suppressed_refusals(&broker, true).await;
+    broker.admission.refusals.record_summaries(&broker.ledger, true).await;
     info!("broker socket closed");
 }
 
 /// Each second, the summary of the refusals past their budget (see
 /// `admission::refusals`), until the socket drains.
 async fn record_suppressed_refusals_each_second(broker: Arc<Broker>, drain: CancellationToken) {
-    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => record_suppressed_refusals(&broker, false).await,
-            _ = drain.cancelled() => return,
-        }
-    }
-}
-
-async fn record_suppressed_refusals(broker: &Broker, all: bool) {
-    broker.admission.refusals.record_summaries(&broker.ledger, all).await
+    broker.admission.refusals.record_summaries_each_second(&broker.ledger, &drain).await
 }
 
 /// Pin the caller and find the connection a place; `None` if it is refused.
