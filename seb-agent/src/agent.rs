@@ -65,8 +65,10 @@ pub async fn run(config: Config) -> Result<()> {
     // Start-up reads the ledger synchronously; allowed on a runtime worker this way.
     let names = CgroupNames::new(mount.clone());
     let directory = SharedDirectory::default();
+    // Denials name a pod only in the kubelet's hierarchy (a configured one, or the default).
+    let kubepods = config.cluster.as_ref().and_then(|cluster| cluster.kubepods_cgroup.clone());
     let recorder = tokio::task::block_in_place(|| {
-        Recorder::new(enforcer.ebpf_mut(), ledger.clone(), names, metrics.clone(), directory.clone())
+        Recorder::new(enforcer.ebpf_mut(), ledger.clone(), names, metrics.clone(), (directory.clone(), kubepods))
     })?;
     let stop_recorder = Arc::new(AtomicBool::new(false));
     let recorder = recorder.spawn(stop_recorder.clone());
@@ -85,6 +87,7 @@ pub async fn run(config: Config) -> Result<()> {
             node_name: node.clone(),
             require_node_binding: cluster.require_node_binding,
             freshness: fresh.clone(),
+            pods: directory.clone(),
         });
         let api = KubeApi::new(kubernetes, BrokerHttp::new(sockets.clone()))?;
         let sync = ClusterSync::new(

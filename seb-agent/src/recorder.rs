@@ -68,6 +68,8 @@ pub struct Recorder {
     recorded_losses: u64,
     metrics: Arc<Metrics>,
     directory: SharedDirectory,
+    /// The kubelet's pod cgroup, relative to the mount (None: the default places).
+    kubepods: Option<String>,
     budget: DenialBudget,
 }
 
@@ -80,7 +82,7 @@ impl Recorder {
         ledger: Ledger,
         names: CgroupNames,
         metrics: Arc<Metrics>,
-        directory: SharedDirectory,
+        (directory, kubepods): (SharedDirectory, Option<String>),
     ) -> Result<Self> {
         let ring = ebpf.take_map(map_names::DENIALS).ok_or_else(|| anyhow!("map {} is missing", map_names::DENIALS))?;
         let ring = RingBuf::try_from(ring)?;
@@ -89,7 +91,7 @@ impl Recorder {
         let last = ledger.run_blocking(|batch| last_ring_loss(batch.conn()))?;
         let recorded_losses = RingLoss::baseline(last.as_ref(), &counter);
         let budget = DenialBudget::default();
-        Ok(Self { ring, counters, counter, ledger, names, recorded_losses, metrics, directory, budget })
+        Ok(Self { ring, counters, counter, ledger, names, recorded_losses, metrics, directory, kubepods, budget })
     }
 
     /// Run until `stop` is set; drains once more before returning.
@@ -148,7 +150,7 @@ impl Recorder {
             denial.cgroup_path = self.names.path_of(denial.cgroup_id);
             denial.task_cgroup_path = denial.task_cgroup_id.and_then(|id| self.names.path_of(id));
             if let Some(directory) = &directory {
-                denial.attribute(directory);
+                denial.attribute(directory, self.kubepods.as_deref());
             }
             // Counted under the directory's read lock: a pod cannot leave the directory
             // (and have its series removed) between being found and being counted.

@@ -180,18 +180,6 @@ fn known(value: Option<&str>) -> &str {
     value.unwrap_or("(unknown)")
 }
 
-/// The pod UID a kubelet cgroup path's shape names, wherever it is: for naming what a
-/// cgroup holds (denials, the cluster's pod cgroups); what decides who a caller is uses
-/// [`pod_uid_of_caller`]. The pod UID in a kubelet cgroup path: `.../pod<uid>/...` (cgroupfs driver) or
-/// `...-pod<uid_with_underscores>.slice` (systemd driver).
-pub fn pod_uid_of(cgroup: &str) -> Option<String> {
-    // "kubepods" itself contains "pod": try every occurrence.
-    cgroup
-        .split('/')
-        .flat_map(|segment| segment.match_indices("pod").map(move |(at, _)| &segment[at + 3..]))
-        .find_map(|rest| well_formed_uid(rest.chars().take(36).collect::<String>().replace('_', "-")))
-}
-
 /// The caller's pod UID, only where the kubelet puts pods: under the
 /// hierarchy's own `kubepods` (cgroupfs driver: `/kubepods[/burstable|/besteffort]/pod<uid>`)
 /// or `kubepods.slice` (systemd driver: `/kubepods.slice[/kubepods-<qos>.slice]/
@@ -203,32 +191,46 @@ pub fn pod_uid_of_caller(cgroup: &str) -> Option<String> {
     let segments: Vec<&str> = cgroup.split('/').filter(|s| !s.is_empty()).collect();
     let above = segments.iter().take_while(|s| **s == "..").count();
     let path = &segments[above..];
-    let (root, mut rest) = match path.first() {
-        Some(&"kubepods") => (Some("kubepods"), &path[1..]),
-        Some(&"kubepods.slice") => (Some("kubepods.slice"), &path[1..]),
-        _ if above > 0 => (None, path),
-        _ => return None,
-    };
+    match path.first() {
+        Some(&root @ ("kubepods" | "kubepods.slice")) => pod_below(Some(root), &path[1..]),
+        _ if above > 0 => pod_below(None, path),
+        _ => None,
+    }
+}
+
+/// The pod UID of `cgroup` where it lies in the kubelet's pod hierarchy `kubepods` (both
+/// relative to the mount, as the kernel names cgroups): `<kubepods>[/<qos>]/<pod>[/...]`.
+/// For naming what a cgroup holds (denials, this node's pod cgroups) under a kubelet
+/// root that may be configured (`cluster.kubepods_cgroup`); nowhere else (a delegated
+/// subtree's `pod<uid>` names no pod).
+pub fn pod_uid_in(kubepods: &str, cgroup: &str) -> Option<String> {
+    let root: Vec<&str> = kubepods.split('/').filter(|s| !s.is_empty()).collect();
+    let segments: Vec<&str> = cgroup.split('/').filter(|s| !s.is_empty()).collect();
+    let rest = segments.strip_prefix(root.as_slice())?;
+    pod_below(Some(root.last()?), rest)
+}
+
+/// The pod named by `rest`, the segments below the kubepods cgroup `root` (None: below
+/// a cgroup namespace's root inside the hierarchy, at the QoS level or the pod).
+fn pod_below(root: Option<&str>, mut rest: &[&str]) -> Option<String> {
     let systemd = root.map_or_else(|| rest.first().is_some_and(|s| s.ends_with(".slice")), |r| r.ends_with(".slice"));
-    let qos = |segment: &str| {
-        if systemd {
-            ["kubepods-burstable.slice", "kubepods-besteffort.slice"].contains(&segment)
-        } else {
-            ["burstable", "besteffort"].contains(&segment)
-        }
+    // A systemd slice repeats its parent's name: `<root>-<qos>.slice`, `<root>[-<qos>]-pod<uid>.slice`.
+    let root_name = root.map_or("kubepods", |r| r.trim_end_matches(".slice"));
+    let levels =
+        ["burstable", "besteffort"].map(|qos| if systemd { format!("{root_name}-{qos}.slice") } else { qos.into() });
+    let mut prefixes: Vec<String> = match root {
+        Some(_) => vec![root_name.into()],
+        None => ["", "-burstable", "-besteffort"].iter().map(|qos| format!("kubepods{qos}")).collect(),
     };
-    // The pod's own slice repeats its parent's name: `kubepods[-<qos>]-pod<uid>.slice`.
-    let mut prefixes =
-        if root.is_some() { vec!["kubepods"] } else { vec!["kubepods", "kubepods-burstable", "kubepods-besteffort"] };
-    if let Some(level) = rest.first().filter(|s| qos(s)) {
-        prefixes = vec![level.trim_end_matches(".slice")];
+    if let Some(level) = rest.first().filter(|s| levels.iter().any(|l| l == *s)) {
+        prefixes = vec![level.trim_end_matches(".slice").into()];
         rest = &rest[1..];
     }
     let pod = rest.first()?;
     let uid = if systemd {
         prefixes
             .iter()
-            .find_map(|prefix| pod.strip_prefix(prefix)?.strip_prefix("-pod")?.strip_suffix(".slice"))?
+            .find_map(|prefix| pod.strip_prefix(prefix.as_str())?.strip_prefix("-pod")?.strip_suffix(".slice"))?
             .replace('_', "-")
     } else {
         pod.strip_prefix("pod")?.to_string()
@@ -266,8 +268,18 @@ mod tests {
         let relative = format!("/../../kubepods-besteffort-pod{}.slice/cri-containerd-2.scope", uid.replace('-', "_"));
         assert_eq!(pod_uid_of_caller(&relative).as_deref(), Some(uid));
         assert_eq!(pod_uid_of_caller("/system.slice/kubelet.service"), None);
-        // Naming what a cgroup holds takes the shape anywhere (a nested kubelet root).
-        assert_eq!(pod_uid_of(&format!("/nested/kubepods/burstable/pod{uid}/abc")).as_deref(), Some(uid));
+        // Naming what a cgroup holds, under a configured kubelet root.
+        assert_eq!(
+            pod_uid_in("/nested/kubepods", &format!("/nested/kubepods/burstable/pod{uid}/abc")).as_deref(),
+            Some(uid)
+        );
+        assert_eq!(pod_uid_in("nested/kubepods/", &format!("/nested/kubepods/pod{uid}")).as_deref(), Some(uid));
+        // kind's kubelet: `--cgroup-root=/kubelet` under the systemd driver.
+        let kind = format!(
+            "/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{}.slice/x",
+            uid.replace('-', "_")
+        );
+        assert_eq!(pod_uid_in("/kubelet.slice/kubelet-kubepods.slice", &kind).as_deref(), Some(uid));
     }
 
     #[test]
@@ -285,9 +297,18 @@ mod tests {
             format!("/../../../user.slice/user-1000.slice/user@1000.service/kubepods/pod{uid}"),
             format!("/kubepods/burstable/notapod{uid}/x"),
         ];
-        for path in forged {
-            assert_eq!(pod_uid_of_caller(&path), None, "{path}");
+        for path in &forged {
+            assert_eq!(pod_uid_of_caller(path), None, "{path}");
         }
+        // Nor for naming a denied cgroup, under the default or a configured root.
+        for root in ["/kubepods", "/kubepods.slice", "/nested/kubepods", "/user.slice"] {
+            for path in &forged {
+                assert_eq!(pod_uid_in(root, path), None, "{root} {path}");
+            }
+        }
+        let outside = format!("/nested/kubepodsx/pod{uid}");
+        assert_eq!(pod_uid_in("/nested/kubepods", &outside), None);
+        assert_eq!(pod_uid_in("/nested/kubepods", &format!("/nested/kubepods/burstable/x/pod{uid}")), None);
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub use reason::Reason;
 use crate::{
     audit::{Batch, Ledger, LedgerBusy, is_busy},
     cert::{MutationRequest, Rejection, TrustAnchors, ValidityPolicy, Verified},
-    cluster::freshness::Freshness,
+    cluster::{directory::SharedDirectory, freshness::Freshness},
 };
 
 /// Record kind of admission decisions.
@@ -124,6 +124,10 @@ pub struct ClusterGate {
     /// node only, where the node-local used-serial record stops a replay).
     pub require_node_binding: bool,
     pub freshness: Freshness,
+    /// This node's pods, as its pod watch sees them: a contract bound to a pod is
+    /// refused unless that pod runs here (a pod-shaped cgroup made on another node
+    /// names no pod of this one).
+    pub pods: SharedDirectory,
 }
 
 impl Admission {
@@ -184,6 +188,18 @@ impl Admission {
                 );
             }
             _ => {}
+        }
+        if let Some(pod) = &agent.pod_uid {
+            let on_this_node = gate.pods.read().is_ok_and(|pods| pods.pod(pod).is_some());
+            if !on_this_node {
+                return reject(
+                    Reason::CallerMismatch,
+                    format!(
+                        "the contract is bound to pod {pod}, which this broker's pod watch does not place on node {}",
+                        gate.node_name
+                    ),
+                );
+            }
         }
         self.require_fresh()
     }
@@ -444,4 +460,42 @@ fn check_request(verified: &Verified, request: &MutationRequest, digest: &str) -
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::cert::contract::AgentIdentity;
+
+    const POD: &str = "0f3c2a1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b";
+
+    #[test]
+    fn a_contract_bound_to_a_pod_is_refused_unless_the_pod_runs_on_this_node() {
+        let pods = SharedDirectory::default();
+        let validity = ValidityPolicy { max_ttl: Duration::from_secs(3600), clock_skew: Duration::from_secs(60) };
+        let admission = Admission::new(None, validity).with_cluster(ClusterGate {
+            node_name: "node-a".into(),
+            require_node_binding: true,
+            freshness: Freshness::new(Duration::from_secs(30)),
+            pods: pods.clone(),
+        });
+        for node in [None, Some("node-a".to_string())] {
+            let agent = AgentIdentity { pod_uid: Some(POD.into()), node, ..Default::default() };
+            let refused = admission.check_cluster(&agent).unwrap_err();
+            assert_eq!(refused.reason, Reason::CallerMismatch, "{refused:?}");
+            assert!(refused.message.contains(POD) && refused.message.contains("node-a"), "{refused:?}");
+        }
+        let pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"uid": POD, "namespace": "agents", "name": "agent-0"},
+            "spec": {"nodeName": "node-a", "containers": []}
+        }))
+        .unwrap();
+        pods.write().unwrap().upsert_pod(&pod);
+        let agent = AgentIdentity { pod_uid: Some(POD.into()), ..Default::default() };
+        // Past the pod check, to the next one: this test's cluster state never synced.
+        let next = admission.check_cluster(&agent).unwrap_err();
+        assert_eq!(next.reason, Reason::ClusterStateStale, "{next:?}");
+    }
 }

@@ -114,10 +114,12 @@ pub fn best_exe(kernel: Option<String>, proc_exe: Option<String>) -> Option<Stri
 }
 
 impl KernelDenial {
-    /// Name the pod and container the denied cgroup belongs to, as far as they are known.
-    pub fn attribute(&mut self, directory: &crate::cluster::directory::PodDirectory) {
+    /// Name the pod and container the denied cgroup belongs to, as far as they are known:
+    /// only a cgroup in the kubelet's hierarchy (`kubepods`, relative to the mount, or
+    /// the default places) names a pod.
+    pub fn attribute(&mut self, directory: &crate::cluster::directory::PodDirectory, kubepods: Option<&str>) {
         let Some(path) = &self.cgroup_path else { return };
-        (self.pod_uid, self.container_id) = crate::cluster::pods::pod_of_cgroup(path);
+        (self.pod_uid, self.container_id) = crate::cluster::pods::pod_of_cgroup(kubepods, path);
         if let Some(pod) = self.pod_uid.as_deref().and_then(|uid| directory.pod(uid)) {
             self.pod_namespace = Some(pod.namespace.clone());
             self.pod_name = Some(pod.name.clone());

@@ -14,7 +14,7 @@ use std::{
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::{admission::caller::pod_uid_of, cgroupfs};
+use crate::{admission::caller::pod_uid_in, cgroupfs};
 
 /// A pod's cgroups on this node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -55,12 +55,12 @@ pub fn find_pod(root: &Path, pod_uid: &str) -> Result<Option<PodCgroups>> {
             candidates.push(entry.path());
         }
     }
+    let root_name = root.to_string_lossy();
     for parent in candidates {
         for entry in fs::read_dir(&parent)?.flatten() {
             let path = entry.path();
-            let name = entry.file_name().to_string_lossy().into_owned();
             if !entry.file_type().is_ok_and(|t| t.is_dir())
-                || pod_uid_of(&format!("/{name}")).as_deref() != Some(pod_uid)
+                || pod_uid_in(&root_name, &path.to_string_lossy()).as_deref() != Some(pod_uid)
             {
                 continue;
             }
@@ -89,10 +89,16 @@ pub fn container_id_of(name: &str) -> Option<String> {
     (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_ascii_lowercase())
 }
 
-/// Pod UID and container id of a cgroup path, where it belongs to a pod.
-pub fn pod_of_cgroup(path: &str) -> (Option<String>, Option<String>) {
-    let container = path.rsplit('/').next().and_then(container_id_of);
-    (pod_uid_of(path), container)
+/// Pod UID and container id of a cgroup path (relative to the mount), where it is in
+/// the kubelet's pod hierarchy: `kubepods` (relative to the mount), or by default the
+/// mount's own `kubepods` or `kubepods.slice`.
+pub fn pod_of_cgroup(kubepods: Option<&str>, path: &str) -> (Option<String>, Option<String>) {
+    let pod = match kubepods {
+        Some(root) => pod_uid_in(root, path),
+        None => ["/kubepods", "/kubepods.slice"].iter().find_map(|root| pod_uid_in(root, path)),
+    };
+    let container = pod.as_ref().and(path.rsplit('/').next()).and_then(container_id_of);
+    (pod, container)
 }
 
 #[cfg(test)]
@@ -148,8 +154,14 @@ mod tests {
     #[test]
     fn a_cgroup_path_names_its_pod_and_container() {
         let path = format!("/kubepods/burstable/pod{POD}/{}", container(3));
-        assert_eq!(pod_of_cgroup(&path), (Some(POD.to_string()), Some(container(3))));
-        assert_eq!(pod_of_cgroup("/system.slice/kubelet.service"), (None, None));
+        assert_eq!(pod_of_cgroup(None, &path), (Some(POD.to_string()), Some(container(3))));
+        let nested = format!("/nested{path}");
+        assert_eq!(pod_of_cgroup(Some("/nested/kubepods"), &nested), (Some(POD.to_string()), Some(container(3))));
+        assert_eq!(pod_of_cgroup(None, &nested), (None, None), "a pod-shaped path outside the kubelet's root");
+        let delegated =
+            format!("/user.slice/user-1000.slice/user@1000.service/app.slice/pod{POD}.scope/{}", container(3));
+        assert_eq!(pod_of_cgroup(None, &delegated), (None, None));
+        assert_eq!(pod_of_cgroup(None, "/system.slice/kubelet.service"), (None, None));
         assert_eq!(container_id_of("docker-short.scope"), None);
     }
 }
