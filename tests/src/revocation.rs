@@ -48,6 +48,8 @@ pub struct Rig {
     pub ledger: Ledger,
     pub admission: Arc<Admission>,
     pub ca: dev_sab::CaFiles,
+    /// What arrived at [`ENDPOINT`], per connection.
+    endpoint: Option<crate::TcpRecorder>,
     counters: Counters,
     home: PathBuf,
 }
@@ -66,8 +68,8 @@ fn move_to(cgroup: &Path) -> Result<()> {
 
 impl Rig {
     pub fn new(label: &str, tools: Tools) -> Result<Self> {
-        let mut sandbox = Sandbox::new(label, tools)?;
-        sandbox.listen(ENDPOINT.parse()?)?;
+        let sandbox = Sandbox::new(label, tools)?;
+        let endpoint = Some(sandbox.record_tcp(ENDPOINT.parse()?)?);
         let mount = cgroupfs::cgroup2_mount()?;
         let layout = PinLayout::new(&sandbox.pin_path);
         let mut enforcer = Enforcer::load(layout.clone(), mount.clone(), seb_common::MAX_SCOPED_TASKS)?;
@@ -112,9 +114,16 @@ impl Rig {
             ledger,
             admission: Arc::new(Admission::new(Some(anchors), validity)),
             ca,
+            endpoint,
             counters,
             home,
         })
+    }
+
+    /// What each connection to [`ENDPOINT`] delivered, in the order they were accepted;
+    /// the endpoint stops listening.
+    pub fn received(&mut self) -> Vec<Vec<u8>> {
+        self.endpoint.take().map(crate::TcpRecorder::stop).unwrap_or_default()
     }
 
     /// Kernel denials so far (every hook, this rig's programs).

@@ -196,6 +196,7 @@ fn a_minted_session_carries_the_certified_session_policy_and_stays_within_its_ro
     let dir = w.broker.sandbox.dir.clone();
     let (aws, netns) = (w.aws.clone(), w.netns().to_string());
     let other = put_object(&aws.other_bucket, "anything", "x");
+    let certified = policy.clone();
     let status = moto::in_netns(&netns, move || async move {
         let credentials = dir.join("aws-broker.json");
         let config = AwsConfig {
@@ -205,12 +206,17 @@ fn a_minted_session_carries_the_certified_session_policy_and_stays_within_its_ro
             read_role_arn: None,
         };
         let executor = AwsExecutor::new(config, BrokerHttp::new(BrokerSockets::open_at(&pin_path)?))?;
-        let session = executor.mint(&aws.role_arn, "d-test", Some(&policy)).await?;
+        let session = executor.mint(&aws.role_arn, "d-test", Some(&certified)).await?;
         let (status, _) = executor.mutate(&AwsOperation::parse(&other)?, &session).await?;
         Ok(status)
     })
     .unwrap();
     assert_eq!(status, 403, "the minted session must not write outside the executor role");
+    // moto applies the role's policy, not a session policy: what STS was sent for the
+    // session is what shows the session carries the certified one.
+    let sent = moto::session_policies(w.netns(), &w.aws.endpoint).unwrap();
+    let (_, sent) = sent.iter().find(|(name, _)| name == "seb-d-test").expect("the session seb-d-test was minted");
+    assert_eq!(sent.as_ref(), Some(&policy), "the session policy STS received");
 }
 
 #[test]

@@ -21,7 +21,7 @@ use seb_sandbox::{
 
 #[test]
 fn a_cluster_revocation_reaches_the_admission_state_and_the_kernel_maps() {
-    let rig = Rig::new("revoke", Tools::for_tests(env!("CARGO_BIN_EXE_seb-probe"))).unwrap();
+    let mut rig = Rig::new("revoke", Tools::for_tests(env!("CARGO_BIN_EXE_seb-probe"))).unwrap();
     let (sync, sockets, ledger, admission) =
         (rig.sync.clone(), rig.sockets.clone(), rig.ledger.clone(), rig.admission.clone());
     let revoked_proposal = rig.proposal("c-revoked").unwrap();
@@ -47,10 +47,11 @@ fn a_cluster_revocation_reaches_the_admission_state_and_the_kernel_maps() {
         let error = format!("{:#}", refused.err().expect("a revoked decision opens no connection"));
         assert!(error.contains("was revoked"), "{error}");
         let (stream, registration) = revoked.into_parts();
-        Ok((stream.into_std()?, registration, revoked_cookie, kept, kept_cookie))
+        let (kept, kept_registration) = kept.into_parts();
+        Ok(((stream.into_std()?, registration), (kept.into_std()?, kept_registration), revoked_cookie, kept_cookie))
     })
     .unwrap();
-    let (mut stream, _registration, revoked_cookie, _kept, kept_cookie) = in_flight;
+    let ((mut stream, _registration), (mut kept, _kept_registration), revoked_cookie, kept_cookie) = in_flight;
     // Its next packet is the kernel's to drop: the egress program denies it.
     let denials_before = rig.kernel_denials().unwrap();
     stream.set_nonblocking(false).unwrap();
@@ -61,6 +62,11 @@ fn a_cluster_revocation_reaches_the_admission_state_and_the_kernel_maps() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_ne!(revoked_cookie, kept_cookie);
+    // The kept decision's connection still delivers; the cut one delivered nothing,
+    // retransmissions included.
+    kept.set_nonblocking(false).unwrap();
+    kept.write_all(b"kept").unwrap();
+    std::thread::sleep(Duration::from_secs(1));
 
     // The admission state: the revoked contract is denied, the other one admitted.
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
@@ -100,4 +106,8 @@ fn a_cluster_revocation_reaches_the_admission_state_and_the_kernel_maps() {
     assert!(!rig.sockets.is_registered(current_cookie).unwrap(), "certified under policy epoch 1, now 2");
     let epochs = ledger.run_blocking(|batch| admission::state::epochs(batch.conn())).unwrap();
     assert_eq!((epochs.policy, epochs.revocation), (Some(2), Some(2)));
+    // Per connection, in order: the one cut at the revocation, the kept one (written to
+    // after that revocation), the one opened under the new epoch.
+    let received = rig.received();
+    assert_eq!(received, [b"".to_vec(), b"kept".to_vec(), b"".to_vec()], "what reached the endpoint");
 }

@@ -88,7 +88,8 @@ pub fn run() -> Result<()> {
     }
     let report = json!({
         "bench": "execution",
-        "machine": "2-core VM; moto (AWS API emulator) on loopback, SigV4 and IAM enforced",
+        "cpus": std::thread::available_parallelism().map(usize::from).unwrap_or(0),
+        "api": "moto (AWS API emulator) on loopback, SigV4 and IAM enforced",
         "mutations_each": ROUNDS * PER_ROUND,
         "target": "broker overhead p50 <= 1.2 x the direct call's p50",
         "cases": reports,
@@ -150,14 +151,15 @@ fn measure(
     }
     let direct_p50 = percentile(&direct_ms, 0.5);
     let overhead_p50 = percentile(&broker_ms, 0.5) - direct_p50;
-    let overhead_p99 = percentile(&broker_ms, 0.99) - percentile(&direct_ms, 0.99);
+    // A difference of two distributions' p99s, not the p99 of a per-call overhead.
+    let p99_difference = percentile(&broker_ms, 0.99) - percentile(&direct_ms, 0.99);
     let median_of =
         |f: fn(&seb_agent::execute::Timings) -> f64| percentile(&stages.iter().map(f).collect::<Vec<_>>(), 0.5);
     Ok(json!({
         "operation": case.name,
         "direct_static_credentials_ms": {"p50": direct_p50, "p99": percentile(&direct_ms, 0.99)},
         "through_broker_ms": {"p50": percentile(&broker_ms, 0.5), "p99": percentile(&broker_ms, 0.99)},
-        "broker_overhead_ms": {"p50": overhead_p50, "p99": overhead_p99},
+        "broker_overhead_ms": {"p50": overhead_p50, "p99_difference": p99_difference},
         "overhead_p50_over_direct_p50": overhead_p50 / direct_p50,
         "target_met": overhead_p50 <= 1.2 * direct_p50,
         "broker_stage_medians_ms": {

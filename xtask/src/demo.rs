@@ -140,14 +140,22 @@ impl Demo {
         let direct = self.sandbox.attempt("workload", "tcp", API)?;
         self.say(&format!("connect({API}) from the agent's cgroup -> {}", direct["result"]));
         ensure!(direct["result"] == "EPERM", "the kernel must refuse the agent: {direct}");
+        let cookie = direct["cookie"].as_u64().with_context(|| format!("no socket cookie in {direct}"))?;
+        let denial = self.sandbox.wait_for_denial(cookie)?;
+        self.say(&format!("recorded: kernel denial ({}) of {}:{}", denial["hook"], denial["address"], denial["port"]));
         let put = put_object(&self.aws.bucket, "config/app.json", "replicas=3");
         let response =
             moto::call(&self.sandbox.netns, &self.aws.endpoint, &AwsOperation::parse(&put)?.mutation, &self.aws.agent)?;
+        let body = String::from_utf8_lossy(response.body());
+        ensure!(
+            response.status() == 403 && body.contains("AccessDenied"),
+            "the agent's credentials must be refused (AccessDenied): HTTP {} {body}",
+            response.status().as_u16()
+        );
         self.say(&format!(
             "and even where it could connect, its own credentials are refused: HTTP {} (AccessDenied)",
             response.status().as_u16()
         ));
-        ensure!(response.status() == 403, "the agent's credentials must be refused");
 
         self.title("The agent's MCP host starts seb-agent mcp, in the agent's cgroup");
         let mcp = self.start_mcp(&authority)?;

@@ -68,13 +68,16 @@ mod tests {
     /// The probe agrees with what the kernel says of itself, where it says it.
     #[test]
     fn the_gate_is_found_open_where_the_kernel_runs_32_bit_calls() {
-        let config = std::process::Command::new("sh").args(["-c", "zcat /proc/config.gz 2>/dev/null"]).output();
-        let config = config.map(|out| String::from_utf8_lossy(&out.stdout).into_owned()).unwrap_or_default();
-        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-        if !cfg!(target_arch = "x86_64") || config.is_empty() {
-            eprintln!("the kernel's configuration is not readable here");
+        if !cfg!(target_arch = "x86_64") {
             return;
         }
+        let config = std::process::Command::new("sh")
+            .args(["-c", "zcat /proc/config.gz 2>/dev/null || cat \"/boot/config-$(uname -r)\" 2>/dev/null"])
+            .output();
+        let config = config.map(|out| String::from_utf8_lossy(&out.stdout).into_owned()).unwrap_or_default();
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        // Never skipped: the privileged tests of the 32-bit gate run or not by this probe.
+        assert!(!config.is_empty(), "the kernel's configuration is readable neither in /proc/config.gz nor in /boot");
         let emulated = config.contains("CONFIG_IA32_EMULATION=y")
             && !config.contains("CONFIG_IA32_EMULATION_DEFAULT_DISABLED=y")
             && !cmdline.split_whitespace().any(|word| ["ia32_emulation=0", "ia32_emulation=false"].contains(&word));
