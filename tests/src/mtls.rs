@@ -42,6 +42,9 @@ pub struct InternalApi {
     /// How long a GET's answer is held back (it is read on arrival): widens the window
     /// between a drift read and the write after it.
     pub read_delay: Arc<Mutex<Duration>>,
+    /// When set, a write is made and then answered with a body this long (past what the
+    /// broker reads): the exchange fails after the server took the request.
+    pub write_answer_bytes: Arc<Mutex<Option<usize>>>,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -60,16 +63,23 @@ pub fn start(netns: &str, addr: SocketAddr, dir: &Path) -> Result<InternalApi> {
     let store = Arc::new(Mutex::new(HashMap::new()));
     let seen = Arc::new(Mutex::new(Vec::new()));
     let read_delay = Arc::new(Mutex::new(Duration::ZERO));
-    let (store2, seen2, read_delay2) = (store.clone(), seen.clone(), read_delay.clone());
+    let write_answer_bytes = Arc::new(Mutex::new(None));
+    let (store2, seen2, read_delay2, answer2) =
+        (store.clone(), seen.clone(), read_delay.clone(), write_answer_bytes.clone());
     let stop = tls_server::spawn(netns, addr, tls, move |request, peer| {
-        let delay = if request.method() == hyper::Method::GET { *read_delay2.lock().unwrap() } else { Duration::ZERO };
-        let response = handle(request, &store2, &seen2, peer);
+        let read = request.method() == hyper::Method::GET;
+        let delay = if read { *read_delay2.lock().unwrap() } else { Duration::ZERO };
+        let answer = if read { None } else { *answer2.lock().unwrap() };
+        let mut response = handle(request, &store2, &seen2, peer);
+        if let Some(bytes) = answer {
+            *response.body_mut() = Full::new(Bytes::from(vec![b'x'; bytes]));
+        }
         async move {
             tokio::time::sleep(delay).await;
             response
         }
     })?;
-    Ok(InternalApi { server_ca: server_ca.cert, client_ca, store, seen, read_delay, _stop: stop })
+    Ok(InternalApi { server_ca: server_ca.cert, client_ca, store, seen, read_delay, write_answer_bytes, _stop: stop })
 }
 
 fn handle(

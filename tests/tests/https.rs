@@ -88,9 +88,20 @@ fn a_certified_change_goes_through_with_a_client_certificate_minted_for_it() {
 
     // Certified against the state before that change: drift, and the API is not called.
     let stale = put(json!({"replicas": 5}));
-    let decision = w.broker.decide(&certified("c-http-2", this_process(), &stale, &state(None), role), &stale);
+    let decision = w.broker.decide(&certified("c-http-2", this_process(), &stale, &state(None), role.clone()), &stale);
     assert_eq!(decision.reason, Reason::Drift, "{decision:?}");
     assert_eq!(w.api.seen.lock().unwrap().iter().filter(|s| s.method == "PUT").count(), 1);
+
+    // The API takes a write and then answers past what the broker reads: the change was
+    // made, so the outcome is `unknown`, never `failed` (which an agent would retry).
+    *w.api.write_answer_bytes.lock().unwrap() = Some(17 << 20);
+    let change = put(json!({"replicas": 7}));
+    let decision = w.broker.decide(&certified("c-http-3", this_process(), &change, &state(Some(&body)), role), &change);
+    let outcome = decision.outcome.clone().unwrap_or_else(|| panic!("{decision:?}"));
+    assert_eq!(outcome.status, OutcomeStatus::Unknown, "{outcome:?}");
+    assert!(outcome.error.as_deref().is_some_and(|e| e.contains("may or may not")), "{outcome:?}");
+    let stored = w.api.store.lock().unwrap().get("/v1/config").cloned().unwrap();
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&stored).unwrap(), json!({"replicas": 7}));
 }
 
 #[test]

@@ -254,5 +254,12 @@ fn create_merge_patch_server_side_apply_and_delete_each_carry_their_precondition
     assert_eq!(delete.method, "DELETE");
     assert_eq!(delete.body["preconditions"]["resourceVersion"], "3");
     assert!(w.cluster.object(path).is_none());
+
+    // An apply certified against "does not exist" creates: a POST, which an object made
+    // meanwhile would answer with a conflict (an apply would update it).
+    let absent = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings", "namespace": "prod"}, "data": {"mode": "d"}});
+    let created = run("c-apply-absent", &request("apply", json!({"object": absent})));
+    assert_eq!((created.method.as_str(), created.path.as_str()), ("POST", "/api/v1/namespaces/prod/configmaps"));
+    assert_eq!(w.cluster.object(path).unwrap()["data"]["mode"], "d");
     assert!(w.cluster.live_secrets().is_empty());
 }

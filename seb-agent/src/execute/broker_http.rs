@@ -83,19 +83,32 @@ impl BrokerHttp {
         tls_config: Arc<ClientConfig>,
     ) -> Result<Response<Incoming>> {
         let uri = request.uri().clone();
-        let (host, port, tls) = endpoint_of(&uri)?;
-        let addr = resolve(&host, port).await?;
-        let (stream, registration) = self.sockets.connect_tcp(addr).await?.into_parts();
+        let (host, port, tls) = endpoint_of(&uri).context(NotSent)?;
+        let addr = resolve(&host, port).await.context(NotSent)?;
+        let (stream, registration) = self.sockets.connect_tcp(addr).await.context(NotSent)?.into_parts();
         let response = if tls {
             let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.clone())
-                .with_context(|| format!("`{host}` is not a valid TLS server name"))?;
-            let stream = tokio_rustls::TlsConnector::from(tls_config).connect(name, stream).await?;
+                .with_context(|| format!("`{host}` is not a valid TLS server name"))
+                .context(NotSent)?;
+            let stream = tokio_rustls::TlsConnector::from(tls_config).connect(name, stream).await.context(NotSent)?;
             start_exchange(stream, request, registration).await
         } else {
             start_exchange(stream, request, registration).await
         };
         response.with_context(|| format!("request to {uri}"))
     }
+}
+
+/// Context of an error that came before any of the request was written: it was not
+/// sent. Any other error of an exchange (a timeout, a reset, an answer too large) may
+/// come after the server took the request.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the request was not sent")]
+pub struct NotSent;
+
+/// Whether `error` came before its request was sent (see [`NotSent`]).
+pub fn was_not_sent(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<NotSent>().is_some()
 }
 
 /// One HTTP/1.1 exchange on an already connected stream, the response read whole.
@@ -127,7 +140,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     K: Send + 'static,
 {
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.context(NotSent)?;
     tokio::spawn(async move {
         let _ = connection.await;
         drop(keep);

@@ -107,6 +107,9 @@ pub fn target_url(target: &str) -> Result<Uri> {
         );
     }
     check_path_spelling(target, path)?;
+    if let Some(query) = url.query() {
+        check_escapes(target, "query", query, plain_in_query, |byte| b"&=".contains(&byte))?;
+    }
     let canonical = canonical_url(&url)?;
     if canonical != target {
         bail!("the URL `{target}` is not in its one spelling; write it `{canonical}`");
@@ -118,6 +121,13 @@ pub fn target_url(target: &str) -> Result<Uri> {
 /// other is written escaped, and these never are, so each character has one spelling.
 fn plain_in_path(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || b"-._~!$&'()*+,=:@/".contains(&byte)
+}
+
+/// Characters a query may hold as they are and never escaped: the path's and `?`, less
+/// `&` and `=`, which divide it and are data when escaped (so either spelling is its
+/// own), and `+`, a space to form decoders and a plus to others (write `%20` or `%2B`).
+fn plain_in_query(byte: u8) -> bool {
+    !b"&=+".contains(&byte) && (plain_in_path(byte) || byte == b'?')
 }
 
 /// Path spellings servers commonly read as another path: empty segments (merged by
@@ -135,17 +145,24 @@ fn check_path_spelling(target: &str, path: &str) -> Result<()> {
     if path.contains(';') {
         bail!("the URL `{target}` has a `;` in its path, which some servers read as a parameter and drop");
     }
-    let bytes = path.as_bytes();
-    if let Some(byte) = bytes.iter().find(|byte| !plain_in_path(**byte) && **byte != b'%') {
-        bail!("the URL `{target}` has `{}` written plainly in its path; write it escaped", byte.escape_ascii());
+    check_escapes(target, "path", path, plain_in_path, |_| false)
+}
+
+/// One spelling per character in `text`, the URL's `part`: each byte `plain` or
+/// `either` as it is, every other one escaped, in upper case, never a control character
+/// or a `plain` one.
+fn check_escapes(target: &str, part: &str, text: &str, plain: fn(u8) -> bool, either: fn(u8) -> bool) -> Result<()> {
+    let bytes = text.as_bytes();
+    if let Some(byte) = bytes.iter().find(|byte| !plain(**byte) && !either(**byte) && **byte != b'%') {
+        bail!("the URL `{target}` has `{}` written plainly in its {part}; write it escaped", byte.escape_ascii());
     }
-    for (at, _) in path.match_indices('%') {
+    for (at, _) in text.match_indices('%') {
         let hex = bytes.get(at + 1..at + 3).unwrap_or_default();
         let value = std::str::from_utf8(hex).ok().and_then(|hex| u8::from_str_radix(hex, 16).ok());
         match value {
             None => bail!("the URL `{target}` has a `%` that starts no escape"),
-            Some(byte) if plain_in_path(byte) => {
-                bail!("the URL `{target}` escapes `{}`, which must be written plainly", byte as char)
+            Some(byte) if plain(byte) => {
+                bail!("the URL `{target}` escapes `{}` in its {part}, which must be written plainly", byte as char)
             }
             Some(byte) if byte.is_ascii_control() => {
                 bail!("the URL `{target}` escapes a control character ({byte:#04x})")
@@ -253,8 +270,8 @@ impl HttpsExecutor {
     pub async fn get(&self, url: &Uri, session: &ClientSession) -> Result<(u16, Bytes, String)> {
         let response = self.http.send_with(http_request(url, Method::GET, None)?, session.tls.clone()).await?;
         let status = response.status().as_u16();
-        if status >= 500 {
-            bail!("reading {url} failed: HTTP {status}");
+        if !is_state(status) {
+            bail!("reading {url} answered HTTP {status}, which is no state of the target (2xx, 404 and 410 are)");
         }
         let digest = crate::cert::contract::digest_of(&canonical_state(status, response.body()));
         Ok((status, response.into_body(), digest))
@@ -338,6 +355,13 @@ impl Executor for HttpsExecutor {
     }
 }
 
+/// Whether a GET's answer is the target's state: a 2xx, or 404/410 (it does not
+/// exist). A redirect, an authorization failure, a rate limit or a server error says
+/// nothing of the target, and its digest would match whatever the target holds.
+fn is_state(status: u16) -> bool {
+    (200..300).contains(&status) || status == 404 || status == 410
+}
+
 fn canonical_state(status: u16, body: &[u8]) -> Value {
     // A JSON body of more values than a state decodes into is digested as bytes.
     let parsed = if crate::cert::ijson::values_in(body) > crate::cert::ijson::MAX_STATE_VALUES {
@@ -355,6 +379,16 @@ fn canonical_state(status: u16, body: &[u8]) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_success_or_an_absence_is_a_state() {
+        for status in [200, 204, 404, 410] {
+            assert!(is_state(status), "{status}");
+        }
+        for status in [301, 304, 401, 403, 405, 429, 500, 503] {
+            assert!(!is_state(status), "{status}");
+        }
+    }
 
     #[test]
     fn an_error_body_is_kept_in_part() {
@@ -393,9 +427,19 @@ mod tests {
             "https://api/v1/a\"b",
             "https://[0::1]/v1/x",
             "https://127.000.000.001/v1/x",
+            // The query, likewise: one spelling per character.
+            "https://api/v1/x?_method=%44ELETE",
+            "https://api/v1/x?id=%37",
+            "https://api/v1/x?a=b+c",
+            "https://api/v1/x?a=%c3%a9",
+            "https://api/v1/x?a=caf\u{e9}",
+            "https://api/v1/x?a=%00",
+            "https://api/v1/x?a;b=c",
+            "https://api/v1/x?a=\"b\"",
         ] {
             assert!(target_url(url).is_err(), "{url}");
         }
+        target_url("https://api/v1/x?a=1&b=%26%3D%2B%20&c=/d?e").unwrap();
         target_url("https://api/v1/config.json?version=2").unwrap();
         target_url("https://api:8443/v1/caf%C3%A9%20menu").unwrap();
         target_url("https://api/").unwrap();

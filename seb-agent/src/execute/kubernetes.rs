@@ -228,6 +228,13 @@ impl KubeOperation {
         let object = |verb: &str| -> Result<Value> {
             let object = params.get("object").cloned().with_context(|| format!("{verb} needs params.object"))?;
             check_object_names(&object, &target, verb)?;
+            // The token controller fills such a Secret with a token that never expires:
+            // a credential beyond any decision, for whoever can read or mount it.
+            let core_secret = target.gvk.group.is_empty() && target.gvk.kind == "Secret";
+            ensure!(
+                !(core_secret && object["type"] == "kubernetes.io/service-account-token"),
+                "a Secret of type kubernetes.io/service-account-token (a ServiceAccount token that never expires) is not made through seb"
+            );
             Ok(object)
         };
         let verb = match request.operation.as_str() {
@@ -271,19 +278,36 @@ fn check_object_names(object: &Value, target: &KubeTarget, verb: &str) -> Result
     Ok(())
 }
 
-/// The object's state without the fields the API server changes on its own.
+/// The object's state without the fields the API server changes on its own, and with
+/// the fields seb's own server-side applies own (`applied_by_seb`, when there are any):
+/// an apply removes those of them it leaves out, so a certificate names them too.
 pub fn canonical_state(object: Option<&DynamicObject>) -> Value {
     let Some(object) = object else { return json!({"exists": false}) };
     let mut value = serde_json::to_value(object).unwrap_or_default();
+    let mut applied_by_seb = Vec::new();
     if let Some(metadata) = value.get_mut("metadata").and_then(Value::as_object_mut) {
-        for volatile in ["resourceVersion", "uid", "creationTimestamp", "generation", "managedFields"] {
+        for volatile in ["resourceVersion", "uid", "creationTimestamp", "generation"] {
             metadata.remove(volatile);
         }
+        // Other managers' entries and every entry's time change with writes that
+        // change nothing an apply of seb's would remove.
+        let managed = metadata.remove("managedFields").unwrap_or_default();
+        applied_by_seb = managed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|entry| entry["manager"] == FIELD_MANAGER && entry["operation"] == "Apply")
+            .map(|entry| json!({"apiVersion": entry["apiVersion"], "fieldsV1": entry["fieldsV1"]}))
+            .collect();
     }
     if let Some(object) = value.as_object_mut() {
         object.remove("status");
     }
-    json!({"exists": true, "object": canonical_json(&value)})
+    if applied_by_seb.is_empty() {
+        json!({"exists": true, "object": canonical_json(&value)})
+    } else {
+        json!({"exists": true, "object": canonical_json(&value), "applied_by_seb": canonical_json(&json!(applied_by_seb))})
+    }
 }
 
 /// A minted token, as a client, and what it was bound to.
@@ -409,6 +433,13 @@ impl KubernetesExecutor {
             }
             Verb::Patch(patch) => {
                 api.patch(name, &PatchParams::default(), &Patch::Merge(with_version(patch.clone()))).await.map(drop)
+            }
+            // Certified as absent: created, so that an object made meanwhile is a
+            // conflict (an apply without a resourceVersion creates or updates).
+            Verb::Apply(object) if version.is_none() => {
+                let object: DynamicObject = serde_json::from_value(object.clone()).map_err(kube::Error::SerdeError)?;
+                let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+                api.create(&params, &object).await.map(drop)
             }
             Verb::Apply(object) => {
                 let params = PatchParams::apply(FIELD_MANAGER).force();
@@ -581,6 +612,23 @@ mod tests {
     }
 
     #[test]
+    fn no_long_lived_service_account_token_is_made() {
+        let secret = |kind: &str| {
+            json!({"object": {"apiVersion": "v1", "kind": "Secret", "type": kind,
+                              "metadata": {"name": "s", "annotations": {"kubernetes.io/service-account.name": "admin"}}}})
+        };
+        for operation in ["create", "apply"] {
+            let refused = KubeOperation::parse(&request(
+                operation,
+                "v1/Secret/prod/s",
+                secret("kubernetes.io/service-account-token"),
+            ));
+            assert!(format!("{:#}", refused.unwrap_err()).contains("never expires"), "{operation}");
+            KubeOperation::parse(&request(operation, "v1/Secret/prod/s", secret("Opaque"))).unwrap();
+        }
+    }
+
+    #[test]
     fn a_created_or_applied_object_is_the_target() {
         let object =
             |metadata: Value| json!({"object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata}});
@@ -622,6 +670,40 @@ mod tests {
         assert_eq!(canonical_state(Some(&object("1", 3))), canonical_state(Some(&object("2", 3))));
         assert_ne!(canonical_state(Some(&object("1", 3))), canonical_state(Some(&object("1", 4))));
         assert_eq!(canonical_state(None), json!({"exists": false}));
+    }
+
+    /// What seb's applies own is state (an apply that leaves a field out removes it);
+    /// other managers' entries and every entry's time are not.
+    #[test]
+    fn canonical_state_holds_what_sebs_applies_own() {
+        const T1: &str = "2026-01-01T00:00:00Z";
+        const T2: &str = "2026-01-02T00:00:00Z";
+        let object = |entries: Value| -> DynamicObject {
+            serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "c", "namespace": "prod", "managedFields": entries},
+                "data": {"a": "1", "b": "2"}
+            }))
+            .unwrap()
+        };
+        let entry = |manager: &str, operation: &str, fields: Value, time: &str| {
+            json!({"manager": manager, "operation": operation, "apiVersion": "v1", "time": time,
+                   "fieldsType": "FieldsV1", "fieldsV1": fields})
+        };
+        let (a, ab) = (json!({"f:data": {"f:a": {}}}), json!({"f:data": {"f:a": {}, "f:b": {}}}));
+        let owning = |fields: &Value, time: &str| {
+            canonical_state(Some(&object(json!([
+                entry(FIELD_MANAGER, "Apply", fields.clone(), time),
+                entry("kubectl", "Update", ab.clone(), time)
+            ]))))
+        };
+        assert_ne!(owning(&a, T1), owning(&ab, T1), "seb's applies owning b is part of the state");
+        assert_eq!(owning(&a, T1), owning(&a, T2), "an entry's time is not");
+        let others_only = canonical_state(Some(&object(json!([entry("kubectl", "Update", ab.clone(), T1)]))));
+        assert_eq!(others_only, canonical_state(Some(&object(json!([])))), "nor another manager's entry");
+        assert!(others_only.get("applied_by_seb").is_none());
+        let seb_update = canonical_state(Some(&object(json!([entry(FIELD_MANAGER, "Update", ab.clone(), T1)]))));
+        assert_eq!(seb_update, others_only, "seb's creates (updates) remove nothing later");
     }
 
     #[test]

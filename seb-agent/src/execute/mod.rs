@@ -266,7 +266,14 @@ impl Executors {
         let (status, api_status, error) = match result {
             Ok((code, None)) => (OutcomeStatus::Succeeded, Some(code), None),
             Ok((code, Some(error))) => (OutcomeStatus::Failed, Some(code), Some(error)),
-            Err(e) => (OutcomeStatus::Failed, None, Some(format!("{e:#}"))),
+            Err(e) if broker_http::was_not_sent(&e) => (OutcomeStatus::Failed, None, Some(format!("{e:#}"))),
+            // Perhaps taken by the API before the exchange broke: an agent told `failed`
+            // would try again, and the change might be made twice.
+            Err(e) => {
+                let error =
+                    format!("{e:#}; the request may have reached the API: the change may or may not have been made");
+                (OutcomeStatus::Unknown, None, Some(error))
+            }
         };
         Executed { status, api_status, error, identity, resulting_state_digest, execute_ms: ms(clock) }
     }
