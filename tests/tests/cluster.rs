@@ -371,4 +371,15 @@ fn pods_the_policy_selects_are_enforced_as_they_come_and_go_and_denials_name_the
     eventually("the pod of the labelled namespace to be enforced", || {
         (w.attempt(&cgroups.2, "127.0.0.71:80") == "EPERM").then_some(())
     });
+
+    // Selected, and listed before the kubelet made its cgroup: enforced as soon as the
+    // cgroup is there, without waiting for another pod event or the probe (30 s here).
+    const LATE: &str = "55555555-2222-3333-4444-555555555555";
+    let c4 = format!("{:064x}", 4);
+    w.cluster.store.lock().unwrap().put(PODS, pod(LATE, "late-0", NODE, json!({"seb.io/enforce": "true"}), &c4));
+    std::thread::sleep(Duration::from_secs(1));
+    let late = pod_cgroups(&w.broker.sandbox.cgroup, LATE, &c4);
+    let made = std::time::Instant::now();
+    eventually("the late pod to be enforced", || (w.attempt(&late, "127.0.0.71:80") == "EPERM").then_some(()));
+    assert!(made.elapsed() < Duration::from_secs(5), "enforced {:?} after its cgroup appeared", made.elapsed());
 }

@@ -22,6 +22,9 @@ pub struct PodInfo {
     /// Container names by container id (without the runtime prefix).
     #[serde(skip)]
     pub containers: BTreeMap<String, String>,
+    /// Its phase is Succeeded or Failed: its containers will not run again.
+    #[serde(skip)]
+    pub finished: bool,
 }
 
 impl PodInfo {
@@ -46,6 +49,11 @@ impl PodInfo {
             name: metadata.name.clone()?,
             labels: metadata.labels.clone().unwrap_or_default(),
             containers,
+            finished: pod
+                .status
+                .as_ref()
+                .and_then(|status| status.phase.as_deref())
+                .is_some_and(|phase| phase == "Succeeded" || phase == "Failed"),
         })
     }
 }

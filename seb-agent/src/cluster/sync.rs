@@ -60,7 +60,15 @@ struct Inner {
     revocation_gate: Gate,
     /// Kinds whose watchers have listed once, and those that must have.
     listed: Mutex<(BTreeSet<String>, BTreeSet<String>)>,
+    /// Selected pods whose cgroup was not found at the last choice (the kubelet has not
+    /// made it yet): looked for again every [`UNRESOLVED_RETRY`] until found.
+    unresolved: std::sync::atomic::AtomicUsize,
 }
+
+/// How soon a selected pod's cgroup is looked for again: its first process runs
+/// unjudged until the links are on it, and the kubelet makes the pod cgroup before any
+/// container of the pod starts.
+pub const UNRESOLVED_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl ClusterSync {
     pub fn new(
@@ -84,6 +92,7 @@ impl ClusterSync {
             scope: Mutex::default(),
             kubepods: Box::new(kubepods),
             listed: Mutex::default(),
+            unresolved: Default::default(),
         };
         Self { inner: Arc::new(inner) }
     }
@@ -242,29 +251,45 @@ impl ClusterSync {
         tokio::task::block_in_place(|| enforcer.update(|sources| sources.pod_scopes = pod_scopes))
     }
 
+    /// Whether a selected pod's cgroup was missing at the last choice.
+    pub fn has_unresolved_pods(&self) -> bool {
+        self.inner.unresolved.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+
     /// The pod-level cgroups of the selected pods that exist on this node.
     fn selected_pod_cgroups(&self, scope: &EnforcementScopeSpec) -> BTreeSet<std::path::PathBuf> {
         let Ok(directory) = self.inner.directory.read() else { return BTreeSet::new() };
         let selected = directory.selected(scope);
+        let unresolved = |count: usize| self.inner.unresolved.store(count, std::sync::atomic::Ordering::Relaxed);
+        unresolved(0);
         if selected.is_empty() {
             return BTreeSet::new();
         }
         let Some(root) = (self.inner.kubepods)() else {
             warn!(pods = selected.len(), "pods are selected, but this node has no kubepods cgroup");
+            unresolved(selected.len());
             return BTreeSet::new();
         };
-        selected
+        let mut missing = 0;
+        let found = selected
             .into_iter()
             .filter_map(|pod| match super::pods::find_pod(&root, &pod.uid) {
                 Ok(Some(cgroups)) => Some(cgroups.pod.path),
-                // The kubelet has not made its cgroup yet; the periodic refresh retries.
-                Ok(None) => None,
+                // The kubelet has not made its cgroup yet: looked for again shortly
+                // (a finished pod's is gone for good).
+                Ok(None) => {
+                    missing += usize::from(!pod.finished);
+                    None
+                }
                 Err(e) => {
                     warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e, "resolving a pod's cgroup");
+                    missing += 1;
                     None
                 }
             })
-            .collect()
+            .collect();
+        unresolved(missing);
+        found
     }
 }
 

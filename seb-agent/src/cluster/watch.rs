@@ -22,7 +22,7 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 use tokio::{sync::watch as signal, task::JoinHandle};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{
     config::{self, ClusterConfig},
@@ -154,6 +154,23 @@ async fn offer_policy(sync: ClusterSync, observed: Observed<SebPolicy>) -> Resul
     sync.offer_policy(Source::Watcher, observed).await
 }
 
+/// Look again for the cgroups of selected pods the kubelet had not made yet, every
+/// [`super::sync::UNRESOLVED_RETRY`] while any is missing, rather than at the next pod
+/// event or probe (seconds later, while the pod's first containers may already run).
+async fn resolve_selected_pods(sync: ClusterSync, mut shutdown: signal::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(super::sync::UNRESOLVED_RETRY) => {}
+            _ = shutdown.changed() => return,
+        }
+        if sync.has_unresolved_pods()
+            && let Err(e) = sync.pods_changed()
+        {
+            warn!(error = %format!("{e:#}"), "choosing the selected pods' cgroups again");
+        }
+    }
+}
+
 /// Start every watcher; they run until `shutdown` flips.
 pub fn spawn(
     client: Client,
@@ -194,6 +211,7 @@ pub fn spawn(
             record_namespaces,
         )),
         tokio::spawn(probe::run(client.clone(), config.clone(), sync.clone(), shutdown.clone())),
+        tokio::spawn(resolve_selected_pods(sync.clone(), shutdown.clone())),
     ];
     if config.discover_api_server {
         tasks.extend(discover_api_server(client, sync, shutdown));
