@@ -448,8 +448,15 @@ fn egress(ctx: &SkBuffContext) -> i32 {
     let skb: *mut __sk_buff = ctx.skb.skb;
     let sender = packet::sender(packet::full_socket(skb));
     if sender == packet::Sender::TcpConnected {
-        // Judged at connect(); only a broker connection cut since is dropped.
-        return decision::judge_cut(ctx, skb);
+        // Judged at connect() (its SYN too, below), so only a protected destination can
+        // be refused now: a broker connection cut since, or a connection opened before
+        // seb watched this cgroup or protected this address, which nothing judged.
+        if decision::judge_cut(ctx, skb) == DENY {
+            return DENY;
+        }
+        let Some(dest) = packet::destination(ctx) else { return ALLOW };
+        let hook = if dest.family == FAMILY_V4 { Hook::Egress4 } else { Hook::Egress6 };
+        return decision::judge_packet(ctx, skb, &dest, hook, false);
     }
     let Some(dest) = packet::destination(ctx) else {
         // Not IP: the cgroup egress hook sees IP only. A cut broker socket stays cut.

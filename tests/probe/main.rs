@@ -125,6 +125,10 @@ enum Command {
     /// Bind UDP sockets to `[::]:0` (IPv4 too) until the kernel has no ephemeral port
     /// left; print `{"held": n}` and hold them until stdin closes.
     HoldPorts,
+    /// Connect over TCP and send `before`; print `{"connected", "cookie", "pid"}`; at a
+    /// line on stdin send `after` on the same connection and print `{"after"}`; exit
+    /// when stdin closes.
+    ConnectThenSend { addr: SocketAddr },
     /// Open `count` connections to a Unix socket and hold them, idle, until stdin closes;
     /// prints `{"opened": n}` once they are open.
     Hold {
@@ -417,6 +421,7 @@ fn run(command: Command) -> Result<()> {
         Command::DeadBroker { pin_path, leader_exits_first, addr } => dead_broker(&pin_path, leader_exits_first, addr),
         Command::Hold { socket, count } => hold(&socket, count),
         Command::HoldPorts => hold_ports(),
+        Command::ConnectThenSend { addr } => connect_then_send(addr),
         Command::ProposeAfterPidReuse { socket, cert, request, control } => {
             propose_after_pid_reuse(&socket, &cert, &request, control)
         }
@@ -1064,6 +1069,22 @@ fn hold(socket: &std::path::Path, count: usize) -> Result<()> {
 }
 
 /// See `Command::HoldPorts`.
+fn connect_then_send(addr: SocketAddr) -> Result<()> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    let connected = socket.connect_timeout(&addr.into(), Duration::from_secs(2)).and_then(|()| {
+        socket.send(b"before")?;
+        Ok(())
+    });
+    let cookie = socket_cookie(socket.as_fd())?;
+    print(json!({"connected": outcome(connected), "cookie": cookie, "pid": std::process::id()}))?;
+    let mut line = String::new();
+    while std::io::stdin().read_line(&mut line)? > 0 {
+        print(json!({"after": outcome(socket.send(b"after").map(drop))}))?;
+        line.clear();
+    }
+    Ok(())
+}
+
 fn hold_ports() -> Result<()> {
     let mut held = Vec::new();
     let stopped_by = loop {

@@ -1382,6 +1382,42 @@ fn emptied_local_protection_is_noticed_and_written_back() {
     assert_eq!(seb_sandbox::tamper::local_protected_entries(&sandbox.pin_path).unwrap(), 2);
 }
 
+/// A connection opened to a protected endpoint before seb watched its cgroup (seb not
+/// yet installed, a pod found late, an address protected later) was never judged at
+/// connect: its packets are judged as they leave, so nothing more of it arrives.
+#[test]
+fn a_connection_opened_before_enforcement_is_cut_once_it_is_enforced() {
+    let mut sandbox = Sandbox::new("preexisting", tools()).unwrap();
+    sandbox.write_config(POLICY).unwrap();
+    let endpoint = sandbox.record_tcp("127.0.0.2:8443".parse().unwrap()).unwrap();
+    let mut early = Command::new(&sandbox.tools.probe)
+        .arg("--cgroup")
+        .arg(sandbox.cgroup.join("workload"))
+        .args(["--netns", &sandbox.netns, "connect-then-send", "127.0.0.2:8443"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(early.stdout.take().unwrap()).lines();
+    let connected: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(connected["connected"], "ok", "before the agent: {connected}");
+
+    sandbox.start_agent().unwrap();
+    let mut stdin = early.stdin.take().unwrap();
+    writeln!(stdin).unwrap();
+    let after: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(after["after"], "ok", "queued by the kernel: {after}");
+    let denial = sandbox.wait_for_denial(cookie(&connected)).unwrap();
+    assert_eq!((&denial["hook"], &denial["address"]), (&Value::from("egress4"), &Value::from("127.0.0.2")), "{denial}");
+    // A connection made now, from an exempt cgroup, is answered (the endpoint works).
+    let exempt = sandbox.attempt("exempt", "tcp", "127.0.0.2:8443").unwrap();
+    assert_eq!(exempt["result"], "ok", "{exempt}");
+    drop(stdin);
+    early.wait().unwrap();
+    let received = endpoint.stop();
+    assert_eq!(received, [b"before".to_vec(), Vec::new()], "per connection: the early one, the exempt one");
+}
+
 /// Any process in the agent's network namespace may take every ephemeral port. The
 /// agent's check must not depend on a free one: with all of them held, a detached link
 /// is still noticed and repaired.
