@@ -4,8 +4,9 @@
 //! cgroup path, wall-clock time) and write the batch in one durable transaction. Every
 //! denial is counted in the metrics; past a per-second budget, denials are summed into
 //! one record per second rather than recorded one by one (see `denial_budget`). Events
-//! the kernel could not queue (ring full) are counted in a kernel counter; every increase
-//! becomes a `ring_loss` record, so a loss is never silent.
+//! the kernel could not queue (ring full), and refusals it did not queue (their cgroup
+//! past its rate in the kernel), are counted in kernel counters; every increase becomes
+//! a `ring_loss` record, so neither is ever silent.
 
 use std::{
     os::fd::AsRawFd,
@@ -44,6 +45,13 @@ pub struct RingLoss {
     pub lost: u64,
     /// The kernel's running total of lost denials.
     pub lost_total: u64,
+    /// Refusals the kernel counted but did not queue since the previous record, their
+    /// cgroup being past its rate (`seb_common::DENIALS_PER_CGROUP_SECOND`), and the
+    /// kernel's running total of them.
+    #[serde(default)]
+    pub over_rate: u64,
+    #[serde(default)]
+    pub over_rate_total: u64,
     /// Which counter `lost_total` is of (boot id and map id): a reboot or a reinstall
     /// starts a new one at zero.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -51,10 +59,11 @@ pub struct RingLoss {
 }
 
 impl RingLoss {
-    /// Where counting resumes for `counter`: the recorded total if this record is of
-    /// the same counter, else zero (a fresh counter; its every loss is new).
-    fn baseline(last: Option<&RingLoss>, counter: &str) -> u64 {
-        last.filter(|loss| loss.counter.as_deref() == Some(counter)).map_or(0, |loss| loss.lost_total)
+    /// Where counting resumes for `counter` (lost, over rate): the recorded totals if
+    /// this record is of the same counter, else zero (a fresh counter; all of it is new).
+    fn baseline(last: Option<&RingLoss>, counter: &str) -> (u64, u64) {
+        last.filter(|loss| loss.counter.as_deref() == Some(counter))
+            .map_or((0, 0), |loss| (loss.lost_total, loss.over_rate_total))
     }
 }
 
@@ -65,7 +74,8 @@ pub struct Recorder {
     counter: String,
     ledger: Ledger,
     names: CgroupNames,
-    recorded_losses: u64,
+    /// The kernel's totals (lost, over rate) as last recorded.
+    recorded_losses: (u64, u64),
     metrics: Arc<Metrics>,
     directory: SharedDirectory,
     /// The kubelet's pod cgroup, relative to the mount (None: the default places).
@@ -209,22 +219,36 @@ impl Recorder {
     }
 
     fn record_losses(&mut self) -> Result<()> {
-        let total = self.counters.read()?.ring_drops;
-        if total > self.recorded_losses {
-            let loss =
-                RingLoss { lost: total - self.recorded_losses, lost_total: total, counter: Some(self.counter.clone()) };
-            warn!(lost = loss.lost, "kernel denials were lost to a full ring buffer");
-            let lost_total = loss.lost_total;
-            self.metrics.ring_lost.inc_by(loss.lost);
-            let time_ns = now_ns();
-            self.ledger.run_blocking(move |batch| batch.append(RING_LOSS_KIND, time_ns, &loss).map(drop))?;
-            self.recorded_losses = lost_total;
+        let counters = self.counters.read()?;
+        let (lost_total, over_rate_total) = (counters.ring_drops, counters.over_rate);
+        let (recorded_lost, recorded_over_rate) = self.recorded_losses;
+        if lost_total <= recorded_lost && over_rate_total <= recorded_over_rate {
+            return Ok(());
         }
+        let loss = RingLoss {
+            lost: lost_total.saturating_sub(recorded_lost),
+            lost_total,
+            over_rate: over_rate_total.saturating_sub(recorded_over_rate),
+            over_rate_total,
+            counter: Some(self.counter.clone()),
+        };
+        if loss.lost > 0 {
+            warn!(lost = loss.lost, "kernel denials were lost to a full ring buffer");
+        }
+        if loss.over_rate > 0 {
+            warn!(over_rate = loss.over_rate, "kernel refusals past their cgroup's rate were counted, not queued");
+        }
+        self.metrics.ring_lost.inc_by(loss.lost);
+        self.metrics.denials_suppressed.inc_by(loss.over_rate);
+        let time_ns = now_ns();
+        self.ledger.run_blocking(move |batch| batch.append(RING_LOSS_KIND, time_ns, &loss).map(drop))?;
+        self.recorded_losses = (lost_total.max(recorded_lost), over_rate_total.max(recorded_over_rate));
         Ok(())
     }
 }
 
-/// The kernel's running loss total as last recorded (0 before any loss).
+/// The kernel's running total of denials lost to a full ring as last recorded (0 before
+/// any loss).
 pub fn recorded_loss_total(conn: &rusqlite::Connection) -> Result<u64> {
     Ok(last_ring_loss(conn)?.map_or(0, |loss| loss.lost_total))
 }
@@ -259,12 +283,21 @@ mod tests {
     /// the last recorded total as the baseline would leave that many losses unrecorded.
     #[test]
     fn losses_are_counted_from_zero_on_a_new_counter() {
-        let last = RingLoss { lost: 5, lost_total: 1_000_000, counter: Some("boot-a/17".into()) };
-        assert_eq!(RingLoss::baseline(Some(&last), "boot-a/17"), 1_000_000, "the same counter resumes");
-        assert_eq!(RingLoss::baseline(Some(&last), "boot-b/17"), 0, "rebooted");
-        assert_eq!(RingLoss::baseline(Some(&last), "boot-a/42"), 0, "reinstalled");
+        let last = RingLoss {
+            lost: 5,
+            lost_total: 1_000_000,
+            over_rate: 3,
+            over_rate_total: 70,
+            counter: Some("boot-a/17".into()),
+        };
+        assert_eq!(RingLoss::baseline(Some(&last), "boot-a/17"), (1_000_000, 70), "the same counter resumes");
+        assert_eq!(RingLoss::baseline(Some(&last), "boot-b/17"), (0, 0), "rebooted");
+        assert_eq!(RingLoss::baseline(Some(&last), "boot-a/42"), (0, 0), "reinstalled");
         let unstamped = RingLoss { counter: None, ..last };
-        assert_eq!(RingLoss::baseline(Some(&unstamped), "boot-a/17"), 0, "unknown counter: every loss is new");
-        assert_eq!(RingLoss::baseline(None, "boot-a/17"), 0);
+        assert_eq!(RingLoss::baseline(Some(&unstamped), "boot-a/17"), (0, 0), "unknown counter: every loss is new");
+        assert_eq!(RingLoss::baseline(None, "boot-a/17"), (0, 0));
+        // A record from before the rate was counted reads as none over it.
+        let older: RingLoss = serde_json::from_str(r#"{"lost": 1, "lost_total": 9, "counter": "boot-a/17"}"#).unwrap();
+        assert_eq!(RingLoss::baseline(Some(&older), "boot-a/17"), (9, 0));
     }
 }

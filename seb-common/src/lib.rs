@@ -26,6 +26,7 @@ pub mod map_names {
     pub const UNFOLLOWED_SEEN: &str = "SEB_UNFOLLOWED_SEEN";
     pub const TAP_MAJORS: &str = "SEB_TAP_MAJORS";
     pub const AGENT: &str = "SEB_AGENT";
+    pub const DENIAL_RATE: &str = "SEB_DENIAL_RATE";
 }
 
 /// Slots of `SEB_AGENT`: the running agent, whose `bpf()` calls (and those of processes
@@ -166,6 +167,24 @@ pub mod layout {
 }
 /// Size of the denial ring buffer in bytes (a power of two, a multiple of the page size).
 pub const DENIAL_RING_BYTES: u32 = 1 << 20;
+
+/// Refusals (not kills) of one cgroup the kernel puts in the ring buffer per second;
+/// the rest are only counted (`counters::OVER_RATE`), so one flooding cgroup cannot
+/// fill the ring (about 2,200 events) that every other cgroup's denials and kills share.
+/// Above the recorder's per-cgroup budget, which decides what is recorded in full.
+pub const DENIALS_PER_CGROUP_SECOND: u32 = 256;
+/// Cgroups whose rate the kernel follows at once (least recently denied forgotten first).
+pub const MAX_RATED_CGROUPS: u32 = 4_096;
+
+/// A cgroup's refusals in the current second, in `SEB_DENIAL_RATE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DenialRate {
+    /// Boot time in whole seconds.
+    pub second: u64,
+    pub sent: u32,
+    pub _pad: u32,
+}
 
 /// Port/protocol rules attached to one prefix in a protected-endpoint trie.
 pub const MAX_RULES_PER_PREFIX: usize = 8;
@@ -391,7 +410,10 @@ pub mod counters {
     pub const RING_DROPS: u32 = 0;
     /// All denials, delivered or not.
     pub const DENIALS: u32 = 1;
-    pub const LEN: u32 = 2;
+    /// Refusals not put in the ring buffer: their cgroup was past its rate
+    /// ([`super::DENIALS_PER_CGROUP_SECOND`]).
+    pub const OVER_RATE: u32 = 2;
+    pub const LEN: u32 = 3;
 }
 
 #[cfg(feature = "user")]

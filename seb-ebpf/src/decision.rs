@@ -14,13 +14,13 @@ use aya_ebpf::{
     programs::{DeviceContext, SockAddrContext, SockContext},
 };
 use seb_common::{
-    AF_PACKET, AF_XDP, DenialEvent, EndpointRules, FAMILY_DEVICE, FAMILY_NONE, FAMILY_V4, FAMILY_V6, Hook,
-    LOCAL_LOOPBACK, MAX_CGROUP_DEPTH, agent_slots, counters,
+    AF_PACKET, AF_XDP, DENIALS_PER_CGROUP_SECOND, DenialEvent, DenialRate, EndpointRules, FAMILY_DEVICE, FAMILY_NONE,
+    FAMILY_V4, FAMILY_V6, Hook, LOCAL_LOOPBACK, MAX_CGROUP_DEPTH, agent_slots, counters,
 };
 
 use crate::{
-    AGENT, ALLOW, BROKER_PROCESSES, BROKER_SOCKETS, COUNTERS, CUT_PENDING, CUT_SOCKETS, DENIALS, DENY, EXEMPT_CGROUPS,
-    EXEMPT_SOCKETS, PROTECTED_V4, PROTECTED_V6, SCOPE_CGROUPS, lineage, local, task,
+    AGENT, ALLOW, BROKER_PROCESSES, BROKER_SOCKETS, COUNTERS, CUT_PENDING, CUT_SOCKETS, DENIAL_RATE, DENIALS, DENY,
+    EXEMPT_CGROUPS, EXEMPT_SOCKETS, PROTECTED_V4, PROTECTED_V6, SCOPE_CGROUPS, lineage, local, task,
 };
 
 /// Where a connection or packet is going.
@@ -704,6 +704,34 @@ fn bump(index: u32) {
     }
 }
 
+/// Whether `cgroup` may put one more refusal in the ring buffer this second. Kills are
+/// not rated: each is sent. Two CPUs may count one refusal each over the rate at once.
+#[inline(always)]
+fn within_rate(cgroup: u64) -> bool {
+    // SAFETY: plain helper call.
+    let second = unsafe { bpf_ktime_get_boot_ns() } / 1_000_000_000;
+    match DENIAL_RATE.get_ptr_mut(cgroup) {
+        // SAFETY: the map's own value, written only through this pointer here.
+        Some(rate) => unsafe {
+            if (*rate).second != second {
+                (*rate).second = second;
+                (*rate).sent = 1;
+                true
+            } else if (*rate).sent < DENIALS_PER_CGROUP_SECOND {
+                (*rate).sent += 1;
+                true
+            } else {
+                false
+            }
+        },
+        None => {
+            // A full map forgets its least recently denied cgroup.
+            let _ = DENIAL_RATE.insert(cgroup, DenialRate { second, sent: 1, _pad: 0 }, 0);
+            true
+        }
+    }
+}
+
 /// Who a denial is reported for.
 struct Report {
     cookie: u64,
@@ -718,8 +746,14 @@ impl Report {
         Self { cookie: 0, pid_tgid: bpf_get_current_pid_tgid(), uid_gid: bpf_get_current_uid_gid() }
     }
 
+    /// A refusal: put in the ring buffer within its cgroup's rate, else only counted.
     #[inline(always)]
     fn send(&self, dest: &Destination, hook: Hook, cgroup_id: u64, socket_cgroup_id: u64, task_context: bool) {
+        if !within_rate(socket_cgroup_id) {
+            bump(counters::DENIALS);
+            bump(counters::OVER_RATE);
+            return;
+        }
         self.write(dest, hook, cgroup_id, socket_cgroup_id, (0, 0), task_context);
     }
 

@@ -43,16 +43,17 @@ use aya_ebpf::{
     macros::{
         btf_tracepoint, cgroup_device, cgroup_skb, cgroup_sock, cgroup_sock_addr, map, raw_tracepoint, tracepoint,
     },
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::{
         BtfTracePointContext, DeviceContext, RawTracePointContext, SkBuffContext, SockAddrContext, SockContext,
         TracePointContext,
     },
 };
 use seb_common::{
-    BrokerSocket, DENIAL_RING_BYTES, EndpointRules, FAMILY_V4, Hook, MAX_BROKER_PROCESSES, MAX_BROKER_SOCKETS,
-    MAX_DOOMED_TASKS, MAX_EXEMPT_CGROUPS, MAX_EXEMPT_SOCKETS, MAX_LOCAL_NAMESPACES, MAX_PROTECTED_PREFIXES,
-    MAX_SCOPE_CGROUPS, MAX_SCOPED_TASKS, TAP_MAJOR_SLOTS, agent_slots, counters, layout,
+    BrokerSocket, DENIAL_RING_BYTES, DenialRate, EndpointRules, FAMILY_V4, Hook, MAX_BROKER_PROCESSES,
+    MAX_BROKER_SOCKETS, MAX_DOOMED_TASKS, MAX_EXEMPT_CGROUPS, MAX_EXEMPT_SOCKETS, MAX_LOCAL_NAMESPACES,
+    MAX_PROTECTED_PREFIXES, MAX_RATED_CGROUPS, MAX_SCOPE_CGROUPS, MAX_SCOPED_TASKS, TAP_MAJOR_SLOTS, agent_slots,
+    counters, layout,
 };
 
 use crate::decision::Destination;
@@ -136,6 +137,10 @@ static DENIALS: RingBuf = RingBuf::pinned(DENIAL_RING_BYTES, 0);
 
 #[map(name = "SEB_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::LEN, 0);
+
+/// Each denied cgroup's refusals this second (`decision::Report::send`).
+#[map(name = "SEB_DENIAL_RATE")]
+static DENIAL_RATE: LruHashMap<u64, DenialRate> = LruHashMap::pinned(MAX_RATED_CGROUPS, 0);
 
 /// Verdicts of cgroup programs.
 const ALLOW: i32 = 1;

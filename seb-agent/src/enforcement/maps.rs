@@ -245,6 +245,8 @@ pub struct Counters {
 pub struct CounterValues {
     pub denials: u64,
     pub ring_drops: u64,
+    /// Refusals the kernel did not queue: their cgroup was past its rate.
+    pub over_rate: u64,
 }
 
 impl Counters {
@@ -264,7 +266,11 @@ impl Counters {
 
     pub fn read(&self) -> Result<CounterValues> {
         let sum = |index| -> Result<u64> { Ok(self.array.get(&index, 0)?.iter().sum()) };
-        Ok(CounterValues { denials: sum(counters::DENIALS)?, ring_drops: sum(counters::RING_DROPS)? })
+        Ok(CounterValues {
+            denials: sum(counters::DENIALS)?,
+            ring_drops: sum(counters::RING_DROPS)?,
+            over_rate: sum(counters::OVER_RATE)?,
+        })
     }
 }
 
