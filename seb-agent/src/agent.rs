@@ -139,6 +139,7 @@ pub async fn run(config: Config) -> Result<()> {
         readiness: readiness.clone(),
         limits,
         frame_memory: FrameMemory::new(limits.frame_memory),
+        reads: crate::server::read_records::budget(),
     });
     if config.metrics.enabled {
         metrics::serve(config.metrics.listen, metrics.clone(), readiness, shutdown_rx.clone()).await?;

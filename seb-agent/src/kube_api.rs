@@ -108,18 +108,24 @@ impl KubeApi {
     /// opens its own broker socket. The decision being executed, if any, goes with every
     /// request, since kube runs them on a worker task of its own.
     pub fn client(&self, token: Token, namespace: &str) -> Client {
-        self.client_reading(token, namespace, usize::MAX)
+        self.client_reading(token, namespace, usize::MAX, ExecutionTag::current())
     }
 
     /// The same, reading at most `max_response` bytes of each response (not for
     /// watches): an executor's object or token, never a body without end.
     pub fn bounded_client(&self, token: Token, namespace: &str) -> Client {
-        self.client_reading(token, namespace, crate::execute::broker_http::MAX_RESPONSE)
+        self.client_reading(token, namespace, crate::execute::broker_http::MAX_RESPONSE, ExecutionTag::current())
     }
 
-    fn client_reading(&self, token: Token, namespace: &str, max_response: usize) -> Client {
+    /// As [`Self::bounded_client`], its connections carrying no decision's tag: for what
+    /// must still be done once the decision is revoked (deleting its token's Secret),
+    /// which the revocation would otherwise refuse a connection.
+    pub fn client_outside_decision(&self, token: Token, namespace: &str) -> Client {
+        self.client_reading(token, namespace, crate::execute::broker_http::MAX_RESPONSE, None)
+    }
+
+    fn client_reading(&self, token: Token, namespace: &str, max_response: usize, tag: Option<ExecutionTag>) -> Client {
         let api = self.clone();
-        let tag = ExecutionTag::current();
         let service = tower::service_fn(move |request: Request<kube::client::Body>| {
             let (api, token, tag) = (api.clone(), token.clone(), tag.clone());
             ExecutionTag::within(tag, async move {

@@ -16,6 +16,7 @@ pub mod denials;
 pub mod enforcement;
 pub mod execute;
 pub mod kube_api;
+pub mod kubelet_cgroups;
 pub mod mcp;
 pub mod metrics;
 pub mod preflight;

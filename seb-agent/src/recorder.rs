@@ -2,7 +2,7 @@
 //!
 //! Runs on its own thread: poll the ring buffer, drain it, enrich each event (executable,
 //! cgroup path, wall-clock time) and write the batch in one durable transaction. Every
-//! denial is counted in the metrics; past a per-second budget, denials are summed into
+//! denial drained is counted in the metrics; past a per-second budget, denials are summed into
 //! one record per second rather than recorded one by one (see `denial_budget`). Events
 //! the kernel could not queue (ring full), and refusals it did not queue (their cgroup
 //! past its rate in the kernel), are counted in kernel counters; every increase becomes

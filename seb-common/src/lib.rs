@@ -26,7 +26,6 @@ pub mod map_names {
     pub const UNFOLLOWED_SEEN: &str = "SEB_UNFOLLOWED_SEEN";
     pub const TAP_MAJORS: &str = "SEB_TAP_MAJORS";
     pub const AGENT: &str = "SEB_AGENT";
-    pub const DENIAL_RATE: &str = "SEB_DENIAL_RATE";
 }
 
 /// Slots of `SEB_AGENT`: the running agent, whose `bpf()` calls (and those of processes

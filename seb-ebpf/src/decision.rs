@@ -600,6 +600,31 @@ pub fn refuse_packet<C: EbpfContext>(ctx: &C, skb: *mut __sk_buff, dest: &Destin
     if is_live_broker_socket(cookie, None) || (socket_cgroup_is_exempt(skb) && socket_is_exempt(cookie)) {
         return ALLOW;
     }
+    report_dropped(cookie, skb, dest, hook)
+}
+
+/// Decision for a packet of an established TCP connection to `dest`: connect4/6 let it
+/// through, unless it was opened before seb watched its cgroup or protected `dest`. A
+/// live broker's passes, and so does one whose socket was made in an exempt cgroup
+/// (`EXEMPT_SOCKETS` knows only those made since seb ran; a socket made in the scope
+/// and then carried into an exempt cgroup keeps its own cgroup, and is refused).
+#[inline(always)]
+pub fn judge_established<C: EbpfContext>(ctx: &C, skb: *mut __sk_buff, dest: &Destination, hook: Hook) -> i32 {
+    if !dest.is_protected() {
+        return ALLOW;
+    }
+    // SAFETY: helper valid in cgroup_skb programs, on this program's own skb.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if is_live_broker_socket(cookie, None) || socket_cgroup_is_exempt(skb) {
+        return ALLOW;
+    }
+    report_dropped(cookie, skb, dest, hook)
+}
+
+/// Report a dropped packet of socket `cookie`, as its owner's.
+#[inline(always)]
+fn report_dropped(cookie: u64, skb: *mut __sk_buff, dest: &Destination, hook: Hook) -> i32 {
+    // SAFETY: helpers valid in cgroup_skb programs, on this program's own skb.
     let (uid, cgroup_id) = unsafe { (bpf_get_socket_uid(skb) as u64, bpf_skb_cgroup_id(skb)) };
     Report { cookie, pid_tgid: 0, uid_gid: uid | (uid << 32) }.send(dest, hook, 0, cgroup_id, false);
     DENY
@@ -705,24 +730,25 @@ fn bump(index: u32) {
 }
 
 /// Whether `cgroup` may put one more refusal in the ring buffer this second. Kills are
-/// not rated: each is sent. Two CPUs may count one refusal each over the rate at once.
+/// not rated: each is sent. The count is taken atomically; only at a second's turn may
+/// CPUs racing to start it let a few more through.
 #[inline(always)]
 fn within_rate(cgroup: u64) -> bool {
     // SAFETY: plain helper call.
     let second = unsafe { bpf_ktime_get_boot_ns() } / 1_000_000_000;
     match DENIAL_RATE.get_ptr_mut(cgroup) {
-        // SAFETY: the map's own value, written only through this pointer here.
+        // SAFETY: the map's own value, shared by every CPU: the count changes atomically.
         Some(rate) => unsafe {
             if (*rate).second != second {
                 (*rate).second = second;
                 (*rate).sent = 1;
-                true
-            } else if (*rate).sent < DENIALS_PER_CGROUP_SECOND {
-                (*rate).sent += 1;
-                true
-            } else {
-                false
+                return true;
             }
+            // `core` has no atomic types for BPF; the add is the kernel's atomic `xadd`
+            // (its old value unused, so no BPF_FETCH is needed), the read after it plain.
+            let sent = core::ptr::addr_of_mut!((*rate).sent);
+            core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(sent, 1);
+            sent.read_volatile() <= DENIALS_PER_CGROUP_SECOND
         },
         None => {
             // A full map forgets its least recently denied cgroup.
@@ -749,7 +775,8 @@ impl Report {
     /// A refusal: put in the ring buffer within its cgroup's rate, else only counted.
     #[inline(always)]
     fn send(&self, dest: &Destination, hook: Hook, cgroup_id: u64, socket_cgroup_id: u64, task_context: bool) {
-        if !within_rate(socket_cgroup_id) {
+        // The judged cgroup; the caller's where the socket's could not be read.
+        if !within_rate(if socket_cgroup_id != 0 { socket_cgroup_id } else { cgroup_id }) {
             bump(counters::DENIALS);
             bump(counters::OVER_RATE);
             return;

@@ -26,6 +26,8 @@
 //! The fast path, a destination that is neither protected nor local where a protected
 //! endpoint is, is one LPM-trie lookup that finds nothing.
 #![no_std]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 #![no_main]
 
 mod decision;
@@ -461,7 +463,7 @@ fn egress(ctx: &SkBuffContext) -> i32 {
         }
         let Some(dest) = packet::destination(ctx) else { return ALLOW };
         let hook = if dest.family == FAMILY_V4 { Hook::Egress4 } else { Hook::Egress6 };
-        return decision::judge_packet(ctx, skb, &dest, hook, false);
+        return decision::judge_established(ctx, skb, &dest, hook);
     }
     let Some(dest) = packet::destination(ctx) else {
         // Not IP: the cgroup egress hook sees IP only. A cut broker socket stays cut.

@@ -23,7 +23,9 @@ const TCP_LISTEN: u32 = 10;
 pub enum Sender {
     /// A TCP socket past its SYN: connect4/6 judged its peer, and NAT maps a connection
     /// at its first packet, which was judged below (a mapping changed mid-stream would
-    /// hand the other end segments of a connection it never accepted).
+    /// hand the other end segments of a connection it never accepted). Only one opened
+    /// before seb watched its cgroup was judged by neither, so its destination is
+    /// looked up again (`decision::judge_established`).
     TcpConnected,
     /// A TCP socket sending its SYN, or a UDP socket: connect4/6 or sendmsg4/6 judged the
     /// address asked for; NAT, or an ancestor cgroup's connect program, may have sent the
@@ -37,8 +39,7 @@ pub enum Sender {
     Kernel,
 }
 
-/// Which kind of socket sends the packet (`full`, from `full_socket`): one field test for
-/// established TCP, which skips reading the header at all.
+/// Which kind of socket sends the packet (`full`, from `full_socket`).
 #[inline(always)]
 pub fn sender(full: Option<*mut bpf_sock>) -> Sender {
     let Some(full) = full else { return Sender::Kernel };

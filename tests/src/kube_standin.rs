@@ -29,6 +29,10 @@ use crate::{
     tls_server,
 };
 
+/// A ServiceAccount the stand-in does not have: a TokenRequest for it is a 404, as the
+/// API server answers for an absent ServiceAccount (after the broker made the Secret).
+pub const MISSING_SERVICE_ACCOUNT: &str = "no-such-account";
+
 /// The broker's own ServiceAccount token, as the stand-in knows it.
 /// The audience of tokens the API server issues for itself.
 pub const API_SERVER_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
@@ -207,6 +211,9 @@ fn handle(request: Request<Bytes>, state: &Mutex<State>, race: &AtomicBool) -> R
                 ),
                 None => status(404, "NotFound", "no such secret"),
             },
+            ("serviceaccounts", "POST", [MISSING_SERVICE_ACCOUNT, "token"]) => {
+                status(404, "NotFound", &format!("serviceaccounts \"{MISSING_SERVICE_ACCOUNT}\" not found"))
+            }
             ("serviceaccounts", "POST", [service_account, "token"]) => {
                 let bound = &seen.body["spec"]["boundObjectRef"];
                 let secret = bound["name"].as_str().unwrap_or_default().to_string();

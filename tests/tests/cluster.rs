@@ -233,8 +233,18 @@ fn the_cluster_resources_set_epochs_endpoints_and_revocations_and_admission_fail
     let mut behind = current.clone();
     behind["spec"]["policyEpoch"] = json!(2);
     behind["spec"]["protected"] = json!([{"cidr": "127.0.0.72", "port": 80, "protocol": "tcp"}]);
+    let refusals = || {
+        let metrics = w.broker.sandbox.http_get("/metrics").unwrap().1;
+        metrics
+            .lines()
+            .find(|line| line.starts_with(r#"seb_cluster_sync_errors_total{resource="SebPolicy"}"#))
+            .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let refused_before = refusals();
     w.cluster.store.lock().unwrap().put(SEB_POLICIES, behind);
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    // The agent saw it (and refused it) before anything is concluded from its absence.
+    eventually("the policy behind to be refused", || (refusals() > refused_before).then_some(()));
     assert_eq!(w.epochs(), (Some(4), Some(5)), "a policy epoch behind this node's was recorded");
     assert_eq!(w.attempt("workload", "127.0.0.72:80"), "ok", "the refused policy reached the kernel");
     w.cluster.store.lock().unwrap().put(SEB_POLICIES, current);

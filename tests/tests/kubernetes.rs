@@ -188,6 +188,17 @@ fn drift_and_a_concurrent_write_are_both_refused_and_leave_no_token_behind() {
     assert_eq!(outcome.api_status, Some(409));
     assert_eq!(w.cluster.object(DEPLOYMENT).unwrap()["spec"]["replicas"], 99, "the concurrent write stands");
     assert!(w.cluster.live_secrets().is_empty());
+
+    // The Secret is made, then the TokenRequest fails (no such ServiceAccount): the
+    // Secret made for a token that never was is deleted too.
+    let missing = ScopedIdentity::KubernetesServiceAccount {
+        namespace: "prod".into(),
+        name: seb_sandbox::kube_standin::MISSING_SERVICE_ACCOUNT.into(),
+    };
+    let decision = w.broker.decide(&certified("c-k8s-d", this_process(), &again, &w.state(), missing), &again);
+    assert_eq!(decision.reason, Reason::LiveStateUnavailable, "{decision:?}");
+    assert!(decision.message.contains("minting"), "{decision:?}");
+    assert!(w.cluster.live_secrets().is_empty(), "the Secret of a token that was never minted is left");
 }
 
 /// An object whose answer is larger than the executor reads (a stand-in for a response

@@ -483,6 +483,24 @@ fn one_caller_holds_neither_the_sabs_connections_nor_its_time_nor_its_approval_q
         || "alice is served again once her connections close".into(),
     );
 
+    // Handshakes begun and never finished, as many as the whole pool, from one address
+    // (each would hold a place for 10 s): another address is answered at once.
+    let address: std::net::SocketAddr = w.sab.url.trim_start_matches("https://").parse().unwrap();
+    let stalled: Vec<socket2::Socket> = (0..8)
+        .map(|_| {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 9], 0)).into()).unwrap();
+            socket.connect(&address.into()).unwrap();
+            socket
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let (status, _) = w.sab.call("seb://approver/bob", "GET", "/v1/healthz", None);
+    assert_eq!(status, 200);
+    assert!(started.elapsed() < Duration::from_secs(5), "answered after {:?}", started.elapsed());
+    drop(stalled);
+
     // A body announced and never sent is answered 408 once its time is up.
     let started = std::time::Instant::now();
     let answer = stalled_body(&w.sab, &alice);

@@ -189,7 +189,11 @@ impl Admission {
             }
             _ => {}
         }
+        self.require_fresh()?;
         if let Some(pod) = &agent.pod_uid {
+            if !gate.freshness.is_settled() {
+                return reject(Reason::ClusterStateStale, "this broker has not listed this node's pods yet".into());
+            }
             let on_this_node = gate.pods.read().is_ok_and(|pods| pods.pod(pod).is_some());
             if !on_this_node {
                 return reject(
@@ -201,7 +205,7 @@ impl Admission {
                 );
             }
         }
-        self.require_fresh()
+        Ok(())
     }
 
     /// Fail closed while the node's cluster state is missing or stale.
@@ -475,12 +479,20 @@ mod tests {
     fn a_contract_bound_to_a_pod_is_refused_unless_the_pod_runs_on_this_node() {
         let pods = SharedDirectory::default();
         let validity = ValidityPolicy { max_ttl: Duration::from_secs(3600), clock_skew: Duration::from_secs(60) };
+        let freshness = Freshness::new(Duration::from_secs(30));
         let admission = Admission::new(None, validity).with_cluster(ClusterGate {
             node_name: "node-a".into(),
             require_node_binding: true,
-            freshness: Freshness::new(Duration::from_secs(30)),
+            freshness: freshness.clone(),
             pods: pods.clone(),
         });
+        let agent = AgentIdentity { pod_uid: Some(POD.into()), ..Default::default() };
+        // Stale, or the pods not listed yet: a retryable refusal, not a verdict on the pod.
+        assert_eq!(admission.check_cluster(&agent).unwrap_err().reason, Reason::ClusterStateStale);
+        freshness.synced(crate::cluster::freshness::Resource::Policy);
+        freshness.synced(crate::cluster::freshness::Resource::Revocation);
+        assert_eq!(admission.check_cluster(&agent).unwrap_err().reason, Reason::ClusterStateStale);
+        freshness.settle();
         for node in [None, Some("node-a".to_string())] {
             let agent = AgentIdentity { pod_uid: Some(POD.into()), node, ..Default::default() };
             let refused = admission.check_cluster(&agent).unwrap_err();
@@ -493,9 +505,6 @@ mod tests {
         }))
         .unwrap();
         pods.write().unwrap().upsert_pod(&pod);
-        let agent = AgentIdentity { pod_uid: Some(POD.into()), ..Default::default() };
-        // Past the pod check, to the next one: this test's cluster state never synced.
-        let next = admission.check_cluster(&agent).unwrap_err();
-        assert_eq!(next.reason, Reason::ClusterStateStale, "{next:?}");
+        admission.check_cluster(&agent).unwrap();
     }
 }

@@ -14,7 +14,10 @@ use std::{
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::{admission::caller::pod_uid_in, cgroupfs};
+use crate::{
+    cgroupfs,
+    kubelet_cgroups::{DEFAULT_KUBEPODS, pod_uid_in},
+};
 
 /// A pod's cgroups on this node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -39,7 +42,7 @@ pub struct ContainerCgroup {
 /// Where the kubelet keeps pods: the first of `kubepods.slice` or `kubepods` under the
 /// mount (a kubelet with another `--cgroup-root` is configured with `cluster.kubepods_cgroup`).
 pub fn kubepods(mount: &Path) -> Option<PathBuf> {
-    ["kubepods.slice", "kubepods"].iter().map(|name| mount.join(name)).find(|dir| dir.is_dir())
+    DEFAULT_KUBEPODS.iter().map(|name| crate::cgroupfs::resolve(mount, name)).find(|dir| dir.is_dir())
 }
 
 /// The cgroups of the pod with `pod_uid` under `root` (the kubepods cgroup), or None if
@@ -95,7 +98,7 @@ pub fn container_id_of(name: &str) -> Option<String> {
 pub fn pod_of_cgroup(kubepods: Option<&str>, path: &str) -> (Option<String>, Option<String>) {
     let pod = match kubepods {
         Some(root) => pod_uid_in(root, path),
-        None => ["/kubepods", "/kubepods.slice"].iter().find_map(|root| pod_uid_in(root, path)),
+        None => DEFAULT_KUBEPODS.iter().find_map(|root| pod_uid_in(root, path)),
     };
     let container = pod.as_ref().and(path.rsplit('/').next()).and_then(container_id_of);
     (pod, container)

@@ -60,15 +60,19 @@ struct Inner {
     revocation_gate: Gate,
     /// Kinds whose watchers have listed once, and those that must have.
     listed: Mutex<(BTreeSet<String>, BTreeSet<String>)>,
-    /// Selected pods whose cgroup was not found at the last choice (the kubelet has not
-    /// made it yet): looked for again every [`UNRESOLVED_RETRY`] until found.
-    unresolved: std::sync::atomic::AtomicUsize,
+    /// Selected pods (by UID) whose cgroup was not there at the last choice, since when:
+    /// looked for again every [`UNRESOLVED_RETRY`] for [`UNRESOLVED_FAST_FOR`].
+    unresolved: Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 /// How soon a selected pod's cgroup is looked for again: its first process runs
 /// unjudged until the links are on it, and the kubelet makes the pod cgroup before any
 /// container of the pod starts.
 pub const UNRESOLVED_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+/// For how long: a pod still without its cgroup then (finished, or a static pod, whose
+/// cgroup is named by another UID than its mirror's) waits for the next pod event or
+/// probe like any change.
+pub const UNRESOLVED_FAST_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl ClusterSync {
     pub fn new(
@@ -251,44 +255,54 @@ impl ClusterSync {
         tokio::task::block_in_place(|| enforcer.update(|sources| sources.pod_scopes = pod_scopes))
     }
 
-    /// Whether a selected pod's cgroup was missing at the last choice.
+    /// Whether a selected pod's cgroup was missing at the last choice, for less than
+    /// [`UNRESOLVED_FAST_FOR`].
     pub fn has_unresolved_pods(&self) -> bool {
-        self.inner.unresolved.load(std::sync::atomic::Ordering::Relaxed) > 0
+        let Ok(unresolved) = self.inner.unresolved.lock() else { return false };
+        unresolved.values().any(|since| since.elapsed() < UNRESOLVED_FAST_FOR)
     }
 
     /// The pod-level cgroups of the selected pods that exist on this node.
     fn selected_pod_cgroups(&self, scope: &EnforcementScopeSpec) -> BTreeSet<std::path::PathBuf> {
         let Ok(directory) = self.inner.directory.read() else { return BTreeSet::new() };
         let selected = directory.selected(scope);
-        let unresolved = |count: usize| self.inner.unresolved.store(count, std::sync::atomic::Ordering::Relaxed);
-        unresolved(0);
-        if selected.is_empty() {
-            return BTreeSet::new();
-        }
-        let Some(root) = (self.inner.kubepods)() else {
-            warn!(pods = selected.len(), "pods are selected, but this node has no kubepods cgroup");
-            unresolved(selected.len());
-            return BTreeSet::new();
+        let mut missing = Vec::new();
+        let found = match (self.inner.kubepods)() {
+            _ if selected.is_empty() => BTreeSet::new(),
+            None => {
+                warn!(pods = selected.len(), "pods are selected, but this node has no kubepods cgroup");
+                BTreeSet::new()
+            }
+            Some(root) => selected
+                .into_iter()
+                .filter_map(|pod| match super::pods::find_pod(&root, &pod.uid) {
+                    Ok(Some(cgroups)) => Some(cgroups.pod.path),
+                    // The kubelet has not made its cgroup yet: looked for again shortly
+                    // (a finished pod's is gone for good).
+                    Ok(None) => {
+                        if !pod.finished {
+                            missing.push(pod.uid.clone());
+                        }
+                        None
+                    }
+                    Err(e) => {
+                        warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e, "resolving a pod's cgroup");
+                        None
+                    }
+                })
+                .collect(),
         };
-        let mut missing = 0;
-        let found = selected
-            .into_iter()
-            .filter_map(|pod| match super::pods::find_pod(&root, &pod.uid) {
-                Ok(Some(cgroups)) => Some(cgroups.pod.path),
-                // The kubelet has not made its cgroup yet: looked for again shortly
-                // (a finished pod's is gone for good).
-                Ok(None) => {
-                    missing += usize::from(!pod.finished);
-                    None
-                }
-                Err(e) => {
-                    warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e, "resolving a pod's cgroup");
-                    missing += 1;
-                    None
-                }
-            })
-            .collect();
-        unresolved(missing);
+        if let Ok(mut unresolved) = self.inner.unresolved.lock() {
+            let now = std::time::Instant::now();
+            let previous = std::mem::take(&mut *unresolved);
+            *unresolved = missing
+                .into_iter()
+                .map(|uid| {
+                    let since = previous.get(&uid).copied().unwrap_or(now);
+                    (uid, since)
+                })
+                .collect();
+        }
         found
     }
 }

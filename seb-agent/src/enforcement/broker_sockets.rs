@@ -404,6 +404,10 @@ impl BrokerSockets {
         let socket =
             Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).context("creating a socket")?;
         socket.set_nonblocking(true)?;
+        // Closed with a reset: the registration goes when the stream is dropped, and a
+        // closed socket that went on sending (its FIN, the last ACKs) would be an
+        // unregistered connection to a protected endpoint, which the kernel refuses.
+        socket.set_linger(Some(std::time::Duration::ZERO))?;
         let registration = self.register(socket.as_fd())?;
         let socket = TcpSocket::from_std_stream(socket.into());
         let stream = socket.connect(addr).await.with_context(|| format!("connecting to {addr}"))?;

@@ -21,7 +21,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{CgroupAttachMode, CgroupSkbAttachType, links::FdLink, loaded_programs},
@@ -244,7 +244,7 @@ pub fn load(layout: &PinLayout, max_scoped_processes: u32) -> Result<Ebpf> {
     bpffs::ensure_mounted(&layout.root)?;
     fs::create_dir_all(layout.maps()).with_context(|| format!("creating {}", layout.maps().display()))?;
     fs::create_dir_all(layout.links()).with_context(|| format!("creating {}", layout.links().display()))?;
-    EbpfLoader::new()
+    let ebpf = EbpfLoader::new()
         .default_map_pin_directory(layout.maps())
         .map_max_entries(seb_common::map_names::SCOPED_TASKS, max_scoped_processes)
         .map_max_entries(seb_common::map_names::DOOMED_TASKS, doomed_capacity(max_scoped_processes))
@@ -255,7 +255,25 @@ pub fn load(layout: &PinLayout, max_scoped_processes: u32) -> Result<Ebpf> {
              incompatible seb version, run `seb-agent unload` first (enforcement stays as it is until then)",
                 layout.maps().display()
             )
-        })
+        })?;
+    check_pinned_counters(&ebpf, layout)?;
+    Ok(ebpf)
+}
+
+/// A pinned map is reused as it is, whatever size this version defines: counters an
+/// older version pinned fewer of would leave this one's uncounted, and unread.
+fn check_pinned_counters(ebpf: &Ebpf, layout: &PinLayout) -> Result<()> {
+    let name = seb_common::map_names::COUNTERS;
+    let Some(aya::maps::Map::PerCpuArray(map)) = ebpf.map(name) else { bail!("map {name} is missing") };
+    let entries = map.info()?.max_entries();
+    ensure!(
+        entries == seb_common::counters::LEN,
+        "the map {name} pinned in {} holds {entries} counters, this version keeps {}: it was pinned by an \
+         incompatible seb version; run `seb-agent unload` first (enforcement stays as it is until then)",
+        layout.maps().display(),
+        seb_common::counters::LEN
+    );
+    Ok(())
 }
 
 /// Room for processes to be killed at their next call: those moved out of the scope by

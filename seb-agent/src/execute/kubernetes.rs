@@ -314,13 +314,48 @@ pub fn canonical_state(object: Option<&DynamicObject>) -> Value {
 pub struct KubeSession {
     /// The minted token's client: reads and the mutation.
     client: Client,
-    /// The broker's own client: the Secret's lifecycle.
-    base: Client,
-    secret: String,
-    namespace: String,
+    /// Deleting it ends the token.
+    bound: BoundSecret,
     pub identity: MintedIdentity,
     /// The target's resourceVersion at the drift check.
     resource_version: Option<String>,
+}
+
+/// The Secret a minted token is bound to. Deleted once, as the broker, with connections
+/// outside the decision (a revoked decision's are refused, and its token must still
+/// end); one dropped undeleted (a stage's deadline, a panic) is deleted on the runtime.
+struct BoundSecret {
+    client: Client,
+    namespace: String,
+    name: String,
+    deleted: bool,
+}
+
+impl BoundSecret {
+    async fn delete(&mut self) {
+        if !std::mem::replace(&mut self.deleted, true) {
+            delete_secret(self.client.clone(), &self.namespace, &self.name).await;
+        }
+    }
+}
+
+impl Drop for BoundSecret {
+    fn drop(&mut self) {
+        if self.deleted {
+            return;
+        }
+        let (client, namespace, name) = (self.client.clone(), self.namespace.clone(), self.name.clone());
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(async move { delete_secret(client, &namespace, &name).await })),
+            Err(_) => tracing::warn!(secret = %name, "a token's Secret was left; the token expires on its own"),
+        }
+    }
+}
+
+async fn delete_secret(client: Client, namespace: &str, name: &str) {
+    if let Err(e) = Api::<Secret>::namespaced(client, namespace).delete(name, &DeleteParams::default()).await {
+        tracing::warn!(secret = %name, error = %e, "deleting the token's Secret failed; the token expires on its own");
+    }
 }
 
 pub struct KubernetesExecutor {
@@ -349,6 +384,12 @@ impl KubernetesExecutor {
             ..Default::default()
         };
         let secret = Api::<Secret>::namespaced(base.clone(), namespace).create(&PostParams::default(), &secret).await?;
+        let mut bound = BoundSecret {
+            client: self.api.client_outside_decision(Token::Broker, namespace),
+            namespace: namespace.into(),
+            name: secret_name.clone(),
+            deleted: false,
+        };
         let request = TokenRequest {
             spec: TokenRequestSpec {
                 audiences: Vec::new(),
@@ -362,22 +403,30 @@ impl KubernetesExecutor {
             },
             ..Default::default()
         };
-        let token = Api::<ServiceAccount>::namespaced(base.clone(), namespace)
-            .create_token_request(service_account, &PostParams::default(), &request)
-            .await?;
-        let status = token.status.context("the TokenRequest has no status")?;
+        let minted = async {
+            let token = Api::<ServiceAccount>::namespaced(base, namespace)
+                .create_token_request(service_account, &PostParams::default(), &request)
+                .await?;
+            token.status.context("the TokenRequest has no status")
+        };
+        let status = match minted.await {
+            Ok(status) => status,
+            Err(e) => {
+                // The Secret was made for a token that never was.
+                bound.delete().await;
+                return Err(e);
+            }
+        };
         let identity = MintedIdentity::KubernetesToken {
             namespace: namespace.into(),
             service_account: service_account.into(),
             credential_id: jti(&status.token).unwrap_or_default(),
             expiration: status.expiration_timestamp.0.to_string(),
-            bound_secret: secret_name.clone(),
+            bound_secret: secret_name,
         };
         Ok(KubeSession {
             client: self.api.bounded_client(Token::Minted(status.token), namespace),
-            base,
-            secret: secret_name,
-            namespace: namespace.into(),
+            bound,
             identity,
             resource_version: None,
         })
@@ -400,9 +449,9 @@ impl KubernetesExecutor {
         target: &KubeTarget,
         read_id: &str,
     ) -> Result<(MintedIdentity, Option<DynamicObject>)> {
-        let session = self.mint(namespace, service_account, read_id).await?;
+        let mut session = self.mint(namespace, service_account, read_id).await?;
         let object = target.api(&session.client).get_opt(&target.name).await;
-        self.revoke(&session).await;
+        self.revoke(&mut session).await;
         Ok((session.identity, object?))
     }
 
@@ -460,11 +509,8 @@ impl KubernetesExecutor {
     }
 
     /// Delete the bound Secret, as the broker: the token stops authenticating.
-    pub async fn revoke(&self, session: &KubeSession) {
-        let api = Api::<Secret>::namespaced(session.base.clone(), &session.namespace);
-        if let Err(e) = api.delete(&session.secret, &DeleteParams::default()).await {
-            tracing::warn!(secret = %session.secret, error = %e, "deleting the token's Secret failed; the token expires on its own");
-        }
+    pub async fn revoke(&self, session: &mut KubeSession) {
+        session.bound.delete().await
     }
 }
 
@@ -485,13 +531,13 @@ impl<'a> Mutation<'a> for KubeMutation<'a> {
             let result = self.executor.mutate(&self.operation, &self.session).await;
             let resulting = self.executor.live_state(&self.operation.target, &mut self.session).await.ok();
             // The state is read: the token can stop authenticating now.
-            self.executor.revoke(&self.session).await;
+            self.executor.revoke(&mut self.session).await;
             (result, resulting)
         })
     }
 
-    fn discard(self: Box<Self>) -> BoxFuture<'a, ()> {
-        Box::pin(async move { self.executor.revoke(&self.session).await })
+    fn discard(mut self: Box<Self>) -> BoxFuture<'a, ()> {
+        Box::pin(async move { self.executor.revoke(&mut self.session).await })
     }
 }
 
@@ -514,7 +560,7 @@ impl Executor for KubernetesExecutor {
             let digest = match self.live_state(&operation.target, &mut session).await {
                 Ok(digest) => digest,
                 Err(e) => {
-                    self.revoke(&session).await;
+                    self.revoke(&mut session).await;
                     return Err(read_failed(e));
                 }
             };

@@ -20,7 +20,7 @@ use tokio_rustls::{
         version::TLS13,
     },
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     config::TlsConfig,
@@ -72,6 +72,9 @@ pub async fn serve(sab: Arc<Sab>, listener: TcpListener, tls: ServerConfig) -> R
     let handshakes = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let established = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let callers = Arc::new(crate::connection_shares::Shares::<String>::default());
+    // One address's handshakes take at most a caller's share of their pool: handshakes
+    // begun and never finished from one host delay no other host's.
+    let sources = Arc::new(crate::connection_shares::Shares::<std::net::IpAddr>::default());
     info!(addr = %listener.local_addr()?, "SAB ready");
     loop {
         let handshake = handshakes.clone().acquire_owned().await?;
@@ -82,6 +85,10 @@ pub async fn serve(sab: Arc<Sab>, listener: TcpListener, tls: ServerConfig) -> R
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        let Some(source_share) = sources.take(&peer.ip(), per_caller(max_connections)) else {
+            debug!(%peer, "connection closed: its address has its share of handshakes under way");
+            continue;
         };
         // A reply goes out as soon as it is written, not after the client's delayed ACK.
         if let Err(e) = stream.set_nodelay(true) {
@@ -95,7 +102,7 @@ pub async fn serve(sab: Arc<Sab>, listener: TcpListener, tls: ServerConfig) -> R
                 Ok(Err(e)) => return warn!(%peer, error = %e, "TLS handshake refused"),
                 Err(_) => return warn!(%peer, "TLS handshake timed out"),
             };
-            drop(handshake);
+            drop((handshake, source_share));
             let caller = tls
                 .get_ref()
                 .1

@@ -9,7 +9,7 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInf
 use kube::{Api, Client, api::PostParams};
 
 use super::identity::Agent;
-use crate::admission::caller::pod_uid_of_caller;
+use crate::kubelet_cgroups::pod_uid_of_caller;
 
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 const NODE_NAME: &str = "authentication.kubernetes.io/node-name";

@@ -7,7 +7,7 @@
 
 use tracing::{debug, info, warn};
 
-use super::{Broker, error};
+use super::{Broker, error, read_records};
 use crate::{
     admission::{
         self, Caller, Peer, Pending, Proposal,
@@ -125,9 +125,12 @@ async fn handle_read(request: MutationRequest, peer: &Peer, broker: &Broker) -> 
         "state_digest": result.as_ref().ok().map(|r| r.state_digest.clone()),
         "error": result.as_ref().err().map(|e| crate::audit::clipped(&format!("{e:#}"), 4096)),
     });
-    // Recorded, refused or not, before the caller hears anything; a refusal past the
-    // uid's record budget is counted instead.
-    let recorded = result.is_ok() || broker.admission.refusals.admit(caller.uid, "read", "forbidden", now_ns() as u64);
+    // Recorded, served or refused, before the caller hears anything; past the uid's
+    // record budget (its reads of that target, or its refusals) it is counted instead.
+    let recorded = match &result {
+        Ok(_) => read_records::admit(&broker.reads, caller.uid, &request.target, now_ns() as u64),
+        Err(_) => broker.admission.refusals.admit(caller.uid, "read", "forbidden", now_ns() as u64),
+    };
     if recorded && let Err(e) = broker.ledger.try_run(move |batch| batch.append(READ_KIND, now_ns(), &record)).await {
         return ledger_error(broker, e.context("the read could not be recorded"));
     }
@@ -276,12 +279,12 @@ async fn administrator(peer: &Peer, broker: &Broker, what: &str) -> Result<(), R
 fn another_pod(peer: &Peer) -> Option<String> {
     static OWN_POD: std::sync::LazyLock<Option<String>> = std::sync::LazyLock::new(|| {
         let cgroup = std::fs::File::open("/proc/self/cgroup").ok().and_then(crate::cgroupfs::unified_cgroup);
-        cgroup.as_deref().and_then(admission::caller::pod_uid_of_caller)
+        cgroup.as_deref().and_then(crate::kubelet_cgroups::pod_uid_of_caller)
     });
     let cgroup =
         std::fs::File::open(format!("/proc/{}/cgroup", peer.pid)).ok().and_then(crate::cgroupfs::unified_cgroup);
     let Some(cgroup) = cgroup else { return Some("(cgroup unreadable)".into()) };
-    pod_other_than(admission::caller::pod_uid_of_caller(&cgroup), OWN_POD.as_deref())
+    pod_other_than(crate::kubelet_cgroups::pod_uid_of_caller(&cgroup), OWN_POD.as_deref())
 }
 
 /// `caller`'s pod, unless it is `own` (or no pod: the node).
@@ -317,7 +320,7 @@ mod tests {
             )
         };
         let (broker, tenant) = ("11111111-2222-3333-4444-555555555555", "99999999-2222-3333-4444-555555555555");
-        let of = |cgroup: &str| admission::caller::pod_uid_of_caller(cgroup);
+        let of = |cgroup: &str| crate::kubelet_cgroups::pod_uid_of_caller(cgroup);
         assert_eq!(pod_other_than(of(&pod(tenant)), Some(broker)).as_deref(), Some(tenant), "root in a tenant's pod");
         assert_eq!(pod_other_than(of(&pod(broker)), Some(broker)), None, "kubectl exec into the broker's pod");
         assert_eq!(pod_other_than(of("/system.slice/sshd.service"), Some(broker)), None, "the node");

@@ -10,6 +10,7 @@ mod connection;
 mod frames;
 pub mod handlers;
 pub mod limits;
+pub mod read_records;
 
 use std::{
     os::{fd::AsFd, unix::fs::PermissionsExt},
@@ -51,6 +52,8 @@ pub struct Broker {
     pub readiness: Readiness,
     pub limits: SocketLimits,
     pub frame_memory: FrameMemory,
+    /// Full records of successful reads, bounded per uid and target.
+    pub reads: read_records::ReadBudget,
 }
 
 /// Bind the socket: mode 0660, owned by `group` when given.
@@ -92,7 +95,7 @@ pub fn socket_gid(group: &str) -> Result<nix::unistd::Gid> {
 pub async fn serve(listener: UnixListener, broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
     let connections = Connections::new(broker.limits, broker.metrics.clone());
     let drain = CancellationToken::new();
-    let summaries = tokio::spawn(record_suppressed_refusals_each_second(broker.clone(), drain.clone()));
+    let summaries = tokio::spawn(record_suppressed_each_second(broker.clone(), drain.clone()));
     let mut tasks = JoinSet::new();
     let mut backoff = accept::AcceptBackoff::default();
     loop {
@@ -133,13 +136,17 @@ pub async fn serve(listener: UnixListener, broker: Arc<Broker>, mut shutdown: wa
     }
     let _ = summaries.await;
     broker.admission.refusals.record_summaries(&broker.ledger, true).await;
+    broker.reads.record_summaries(&broker.ledger, read_records::SUPPRESSED_KIND, true).await;
     info!("broker socket closed");
 }
 
-/// Each second, the summary of the refusals past their budget (see
-/// `admission::refusals`), until the socket drains.
-async fn record_suppressed_refusals_each_second(broker: Arc<Broker>, drain: CancellationToken) {
-    broker.admission.refusals.record_summaries_each_second(&broker.ledger, &drain).await
+/// Each second, the summaries of the refusals and the reads past their budgets (see
+/// `admission::refusals` and `read_records`), until the socket drains.
+async fn record_suppressed_each_second(broker: Arc<Broker>, drain: CancellationToken) {
+    tokio::join!(
+        broker.admission.refusals.record_summaries_each_second(&broker.ledger, &drain),
+        broker.reads.record_summaries_each_second(&broker.ledger, read_records::SUPPRESSED_KIND, &drain),
+    );
 }
 
 /// Pin the caller and find the connection a place; `None` if it is refused.
