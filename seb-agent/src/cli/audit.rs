@@ -22,10 +22,11 @@ use crate::{
 };
 
 /// Every kind of record the broker and the SAB write.
-pub const KINDS: [&str; 20] = [
+pub const KINDS: [&str; 21] = [
     DECISION_KIND,
     OUTCOME_KIND,
     READ_KIND,
+    crate::server::read_records::SUPPRESSED_KIND,
     REFUSAL_KIND,
     EPOCH_KIND,
     REVOCATION_KIND,
@@ -329,6 +330,16 @@ mod tests {
         std::fs::write(&files.head, b"garbage").unwrap();
         let error = format!("{:#}", adopt(&files.database, &signing_key, false).unwrap_err());
         assert!(error.contains("cannot be trusted"), "{error}");
+    }
+
+    #[test]
+    fn every_summary_kind_can_be_listed_and_no_kind_twice() {
+        for kind in ["denials_suppressed", "refusals_suppressed", "reads_suppressed", "sab_refusals_suppressed"] {
+            check_kind(kind).unwrap();
+        }
+        assert!(check_kind("suppressed").is_err());
+        let distinct: std::collections::BTreeSet<_> = KINDS.iter().collect();
+        assert_eq!(distinct.len(), KINDS.len());
     }
 
     #[test]
