@@ -70,6 +70,13 @@ impl Tools {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut build = Command::new(cargo);
             build.args(["build", "--quiet", "-p", "seb-agent", "--bin", "seb-agent"]);
+            // What cargo sets for this test crate would mark build scripts that watch
+            // it (ring's) changed, and the next `cargo test` would rebuild them.
+            for (name, _) in std::env::vars_os() {
+                if name.to_str().is_some_and(is_per_crate_cargo_variable) {
+                    build.env_remove(&name);
+                }
+            }
             if dir.ends_with("release") {
                 build.arg("--release");
             }
@@ -77,6 +84,22 @@ impl Tools {
         });
         Self::in_dir(&dir)
     }
+}
+
+/// Variables cargo sets for the crate it is building or running, not for the build.
+fn is_per_crate_cargo_variable(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || name.starts_with("CARGO_BIN_EXE_")
+        || matches!(
+            name,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_RUSTC_CURRENT_DIR"
+        )
 }
 
 /// Sandboxes load eBPF programs and create cgroups and namespaces: they need root.
