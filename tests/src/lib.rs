@@ -441,26 +441,28 @@ impl Sandbox {
 
     /// The same in another network namespace.
     pub fn probe_in(&self, netns: &str, cgroup: &str, args: &[&str]) -> Result<Value> {
-        let output = Command::new(&self.tools.probe)
-            .arg("--cgroup")
-            .arg(self.cgroup.join(cgroup))
-            .args(["--netns", netns])
-            .args(args)
-            .output()?;
+        let output = self.probe_command(netns, cgroup).args(args).output()?;
         parse_json_output(&output, "seb-probe")
+    }
+
+    /// The probe, to run in `<root>/<cgroup>` and the network namespace `netns`.
+    fn probe_command(&self, netns: &str, cgroup: &str) -> Command {
+        let mut command = Command::new(&self.tools.probe);
+        command.arg("--cgroup").arg(self.cgroup.join(cgroup)).args(["--netns", netns]);
+        command
+    }
+
+    /// Start the probe in `<root>/<cgroup>` and the namespace, its stdin and stdout piped:
+    /// for a probe that reports, then waits for the test.
+    pub fn spawn_probe(&self, cgroup: &str, args: &[&str]) -> Result<Child> {
+        Ok(self.probe_command(&self.netns, cgroup).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?)
     }
 
     /// Run the probe in `<root>/<cgroup>` and the namespace; its raw output and pid, for
     /// a probe that may not live to print anything.
     pub fn probe_raw(&self, cgroup: &str, args: &[&str]) -> Result<(Output, u32)> {
-        let child = Command::new(&self.tools.probe)
-            .arg("--cgroup")
-            .arg(self.cgroup.join(cgroup))
-            .args(["--netns", &self.netns])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
+        let child =
+            self.probe_command(&self.netns, cgroup).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
         let pid = child.id();
         Ok((child.wait_with_output()?, pid))
     }
@@ -483,8 +485,8 @@ impl Sandbox {
 
     /// The probe, set to exec what follows in `<root>/<cgroup>` and the namespace.
     fn exec_in(&self, cgroup: &str) -> Command {
-        let mut command = Command::new(&self.tools.probe);
-        command.arg("--cgroup").arg(self.cgroup.join(cgroup)).args(["--netns", &self.netns, "exec", "--"]);
+        let mut command = self.probe_command(&self.netns, cgroup);
+        command.args(["exec", "--"]);
         command
     }
 

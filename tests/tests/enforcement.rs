@@ -8,7 +8,7 @@ use std::{
         process::ExitStatusExt,
     },
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     thread,
     time::Duration,
 };
@@ -723,14 +723,7 @@ fn an_untracked_process_of_the_scope_is_judged_at_its_writes() {
     sandbox.start_agent().unwrap();
     let flag = seb_common::map_names::UNFOLLOWED_SEEN;
     for (seen, killed) in [(seb_common::unfollowed::NONE, false), (seb_common::unfollowed::SOME_UNMARKED, true)] {
-        let mut probe = Command::new(&sandbox.tools.probe)
-            .arg("--cgroup")
-            .arg(sandbox.cgroup.join("workload"))
-            .args(["--netns", &sandbox.netns, "access", "--wait", "mem-write", "127.0.0.2:8443"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut probe = sandbox.spawn_probe("workload", &["access", "--wait", "mem-write", "127.0.0.2:8443"]).unwrap();
         let mut lines = BufReader::new(probe.stdout.take().unwrap()).lines();
         let hello: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
         let pid = hello["waiting"].as_u64().unwrap() as u32;
@@ -821,15 +814,9 @@ fn moved_by_an_operator_running(
     command: &str,
     arguments: &[&str],
 ) -> (std::process::Child, ProbeLines, u64) {
-    let mut waiting = Command::new(&sandbox.tools.probe)
-        .arg("--cgroup")
-        .arg(sandbox.cgroup.join("workload"))
-        .args(["--netns", &sandbox.netns, command, "--cgroup"])
-        .arg(sandbox.cgroup.join(to))
-        .args(arguments)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let destination = sandbox.cgroup.join(to);
+    let moved_to = destination.to_str().unwrap();
+    let mut waiting = sandbox.spawn_probe("workload", &[&[command, "--cgroup", moved_to], arguments].concat()).unwrap();
     let mut lines = BufReader::new(waiting.stdout.take().unwrap()).lines();
     let hello: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
     let pid = hello["waiting"].as_u64().unwrap();
@@ -1445,14 +1432,7 @@ fn a_connection_opened_before_enforcement_is_cut_once_it_is_enforced() {
     let mut early: Vec<_> = ["workload", "exempt"]
         .iter()
         .map(|cgroup| {
-            let mut child = Command::new(&sandbox.tools.probe)
-                .arg("--cgroup")
-                .arg(sandbox.cgroup.join(cgroup))
-                .args(["--netns", &sandbox.netns, "connect-then-send", "127.0.0.2:8443"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap();
+            let mut child = sandbox.spawn_probe(cgroup, &["connect-then-send", "127.0.0.2:8443"]).unwrap();
             let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
             let connected: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
             assert_eq!(connected["connected"], "ok", "{cgroup}, before the agent: {connected}");
@@ -1492,14 +1472,7 @@ fn tamper_checks_go_on_when_every_ephemeral_port_is_taken() {
     let mut sandbox = sandbox("ports");
     sandbox.sysctl(&["net.ipv4.ip_local_port_range=40000 40099"]).unwrap();
     sandbox.start_agent().unwrap();
-    let mut holder = Command::new(&sandbox.tools.probe)
-        .arg("--cgroup")
-        .arg(sandbox.cgroup.join("workload"))
-        .args(["--netns", &sandbox.netns, "hold-ports"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut holder = sandbox.spawn_probe("workload", &["hold-ports"]).unwrap();
     let mut line = String::new();
     BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let held: Value = serde_json::from_str(&line).unwrap();

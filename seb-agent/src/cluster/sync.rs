@@ -267,7 +267,9 @@ impl ClusterSync {
         let Ok(directory) = self.inner.directory.read() else { return BTreeSet::new() };
         let selected = directory.selected(scope);
         let mut missing = Vec::new();
-        let found = match (self.inner.kubepods)() {
+        // The kubepods root is looked for (in the cgroup filesystem) only when a pod is selected.
+        let root = if selected.is_empty() { None } else { (self.inner.kubepods)() };
+        let found = match root {
             _ if selected.is_empty() => BTreeSet::new(),
             None => {
                 warn!(pods = selected.len(), "pods are selected, but this node has no kubepods cgroup");
