@@ -265,36 +265,38 @@ pub fn for_each_stored(
 /// it: SQLite would go on writing into the unlinked file, and the records would vanish
 /// with the process.
 pub struct OpenFiles {
-    files: Vec<(PathBuf, File)>,
+    /// Each path, its file held open (so its inode number cannot be reused by another
+    /// file while watched) and that file's device and inode, read once.
+    files: Vec<(PathBuf, File, (u64, u64))>,
 }
 
 impl OpenFiles {
     /// The database and its `-wal` (once SQLite created it, on the first read).
     pub fn pin(database: &Path) -> Result<Self> {
-        let mut files = Vec::new();
+        let mut watched = Self { files: Vec::new() };
         for path in [database.to_path_buf(), sibling(database, "-wal")] {
-            match File::open(&path) {
-                Ok(file) => files.push((path, file)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !files.is_empty() => {}
-                Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+            match watched.watch(&path) {
+                Err(e) if watched.files.len() == 1 && is_not_found(&e) => {}
+                result => result?,
             }
         }
-        Ok(Self { files })
+        Ok(watched)
     }
 
     /// Also watch `path` (the head file, once written).
     pub fn watch(&mut self, path: &Path) -> Result<()> {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        self.files.push((path.to_path_buf(), file));
+        let open = file.metadata().with_context(|| format!("checking {}", path.display()))?;
+        self.files.push((path.to_path_buf(), file, (open.dev(), open.ino())));
         Ok(())
     }
 
-    /// Fails if a file was deleted, or its path now names another file.
+    /// Fails if a file was deleted, or its path now names another file. One `stat` of
+    /// each path: what a batch of records costs the ledger thread, twice.
     pub fn check(&self) -> Result<()> {
-        for (path, file) in &self.files {
-            let open = file.metadata().with_context(|| format!("checking {}", path.display()))?;
+        for (path, _, open) in &self.files {
             match std::fs::metadata(path) {
-                Ok(now) if (now.dev(), now.ino()) == (open.dev(), open.ino()) => {}
+                Ok(now) if (now.dev(), now.ino()) == *open => {}
                 Ok(_) => bail!("the audit file {} was replaced while the broker ran", path.display()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     bail!("the audit file {} was deleted while the broker ran", path.display())
@@ -304,6 +306,10 @@ impl OpenFiles {
         }
         Ok(())
     }
+}
+
+fn is_not_found(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
 }
 
 #[cfg(test)]
