@@ -24,7 +24,7 @@ pub mod map_names {
     pub const KERNEL_LAYOUT: &str = "SEB_KERNEL_LAYOUT";
     pub const DOOMED_TASKS: &str = "SEB_DOOMED_TASKS";
     pub const UNFOLLOWED_SEEN: &str = "SEB_UNFOLLOWED_SEEN";
-    pub const TAP_MAJORS: &str = "SEB_TAP_MAJORS";
+    pub const DEVICE_MAJORS: &str = "SEB_DEVICE_MAJORS";
     pub const AGENT: &str = "SEB_AGENT";
 }
 
@@ -52,9 +52,11 @@ pub mod unfollowed {
     pub const SOME_UNMARKED: u32 = 2;
 }
 
-/// Slots of `SEB_TAP_MAJORS`: the character-device majors of macvtap and ipvtap devices
-/// on this node (`/proc/devices`), 0 where the kernel has none.
-pub const TAP_MAJOR_SLOTS: u32 = 2;
+/// Slots of `SEB_DEVICE_MAJORS`: the character-device majors, on this node
+/// (`/proc/devices`), of drivers whose devices send packets past the egress hooks
+/// (macvtap, ipvtap, VFIO, RDMA verbs beyond the fixed ones, vhost-vdpa), 0 where the
+/// kernel has none.
+pub const DEVICE_MAJOR_SLOTS: u32 = 6;
 
 /// Capacity of the protected-endpoint tries (per address family).
 pub const MAX_PROTECTED_PREFIXES: u32 = 65_536;

@@ -52,9 +52,9 @@ use aya_ebpf::{
     },
 };
 use seb_common::{
-    BrokerSocket, DENIAL_RING_BYTES, DenialRate, EndpointRules, FAMILY_V4, Hook, MAX_BROKER_PROCESSES,
-    MAX_BROKER_SOCKETS, MAX_DOOMED_TASKS, MAX_EXEMPT_CGROUPS, MAX_EXEMPT_SOCKETS, MAX_LOCAL_NAMESPACES,
-    MAX_PROTECTED_PREFIXES, MAX_RATED_CGROUPS, MAX_SCOPE_CGROUPS, MAX_SCOPED_TASKS, TAP_MAJOR_SLOTS, agent_slots,
+    BrokerSocket, DENIAL_RING_BYTES, DEVICE_MAJOR_SLOTS, DenialRate, EndpointRules, FAMILY_V4, Hook,
+    MAX_BROKER_PROCESSES, MAX_BROKER_SOCKETS, MAX_DOOMED_TASKS, MAX_EXEMPT_CGROUPS, MAX_EXEMPT_SOCKETS,
+    MAX_LOCAL_NAMESPACES, MAX_PROTECTED_PREFIXES, MAX_RATED_CGROUPS, MAX_SCOPE_CGROUPS, MAX_SCOPED_TASKS, agent_slots,
     counters, layout,
 };
 
@@ -121,9 +121,10 @@ static DOOMED_TASKS: HashMap<u32, u64> = HashMap::pinned(MAX_DOOMED_TASKS, 0);
 #[map(name = "SEB_UNFOLLOWED_SEEN")]
 static UNFOLLOWED_SEEN: Array<u32> = Array::pinned(1, 0);
 
-/// The character-device majors of macvtap and ipvtap on this node (0: none).
-#[map(name = "SEB_TAP_MAJORS")]
-static TAP_MAJORS: Array<u32> = Array::pinned(TAP_MAJOR_SLOTS, 0);
+/// The character-device majors of the packet-device drivers on this node (0: none;
+/// `seb_common::DEVICE_MAJOR_SLOTS`).
+#[map(name = "SEB_DEVICE_MAJORS")]
+static DEVICE_MAJORS: Array<u32> = Array::pinned(DEVICE_MAJOR_SLOTS, 0);
 
 /// The running agent's tgid and cgroup (`seb_common::agent_slots`), written by the agent,
 /// cleared when its process ends.

@@ -7,9 +7,9 @@ use aya_ebpf::helpers::{
     bpf_probe_read_kernel,
     generated::{bpf_get_current_task, bpf_probe_read_kernel_str},
 };
-use seb_common::{EXE_COMPONENT_LEN, EXE_COMPONENTS, MAX_CGROUP_DEPTH, layout};
+use seb_common::{DEVICE_MAJOR_SLOTS, EXE_COMPONENT_LEN, EXE_COMPONENTS, MAX_CGROUP_DEPTH, layout};
 
-use crate::{KERNEL_LAYOUT, TAP_MAJORS};
+use crate::{DEVICE_MAJORS, KERNEL_LAYOUT};
 
 /// The offset of a field, or `None` until the agent has filled the layout.
 #[inline(always)]
@@ -71,6 +71,11 @@ const S_IFCHR: u16 = 0o020_000;
 const TUN_DEVICE: u32 = 10 << 20 | 200;
 /// `/dev/vhost-net` (10:238): given a tap descriptor, its worker sends the frames.
 const VHOST_NET_DEVICE: u32 = 10 << 20 | 238;
+/// RDMA verbs, `/dev/infiniband/uverbs0` to `uverbs31` (231:192 to 231:223, fixed by the
+/// kernel; more devices get a dynamic major, read from `/proc/devices`): a raw-packet
+/// queue pair sends frames from the adapter itself, past the kernel's stack.
+const UVERBS_MAJOR: u32 = 231;
+const UVERBS_FIXED_MINORS: core::ops::Range<u32> = 192..224;
 
 /// The sink behind descriptor `fd` of the current task, if it is one.
 #[inline(always)]
@@ -93,17 +98,26 @@ fn file_sink(file: u64) -> Option<Sink> {
     (mode & S_IFMT == S_IFREG && file_is_process_memory(file)).then_some(Sink::ProcessMemory)
 }
 
-/// Whether a character device (`dev_t`) is tun/tap, vhost-net or a macvtap/ipvtap
-/// device, whose majors the agent reads from `/proc/devices` (assigned at boot or module
-/// load).
+/// Whether a character device (`dev_t`) sends packets past the egress hooks: tun/tap,
+/// vhost-net, RDMA verbs, or a driver whose major the agent reads from `/proc/devices`
+/// (assigned at boot or module load; `seb_common::DEVICE_MAJOR_SLOTS`).
 #[inline(always)]
 pub fn is_packet_device(device: u32) -> bool {
+    let (major, minor) = (device >> 20, device & 0xf_ffff);
     if device == TUN_DEVICE || device == VHOST_NET_DEVICE {
         return true;
     }
-    let major = device >> 20;
-    let tap = |slot: u32| TAP_MAJORS.get(slot).is_some_and(|tap| *tap != 0 && *tap == major);
-    tap(0) || tap(1)
+    if major == UVERBS_MAJOR && UVERBS_FIXED_MINORS.contains(&minor) {
+        return true;
+    }
+    let mut slot = 0;
+    while slot < DEVICE_MAJOR_SLOTS {
+        if DEVICE_MAJORS.get(slot).is_some_and(|driver| *driver != 0 && *driver == major) {
+            return true;
+        }
+        slot += 1;
+    }
+    false
 }
 
 /// The file behind descriptor `fd` of a descriptor table (`files_struct *`).

@@ -259,6 +259,9 @@ enum Command {
         #[arg(long, default_value = "/dev/net/tun")]
         device: PathBuf,
     },
+    /// Open a device node for reading and writing; prints `{"result": "ok"}`, `"EPERM"`
+    /// or the error.
+    OpenDevice { path: PathBuf },
     /// Write one frame (a UDP datagram from `--source` to `addr`, for link address
     /// `--mac`) to a tap character device such as a macvtap device's.
     TapWrite {
@@ -412,6 +415,10 @@ fn run(command: Command) -> Result<()> {
         }
         Command::ReusePid { pid, method, addr } => reuse_pid(pid, method, addr),
         Command::Access { how, addr, wait } => print(access::reach_into_child(how, addr, wait)?),
+        Command::OpenDevice { path } => {
+            let opened = std::fs::OpenOptions::new().read(true).write(true).open(&path);
+            print(json!({"result": outcome(opened.map(drop))}))
+        }
         Command::Tun { name, compat, device } => print(json!({"result": outcome(make_tun(&device, &name, compat))})),
         Command::TapWrite { device, addr, source, mac, enter } => {
             let mac = parse_mac(&mac)?;

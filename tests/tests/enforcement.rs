@@ -310,6 +310,53 @@ fn reaching_into_another_process_from_the_scope_kills_the_caller() {
     writing_another_process_memory_kills(&sandbox, both_tables);
     opening_a_tun_device_is_refused(&sandbox, both_tables);
     a_macvtap_device_is_refused_and_its_writes_kill(&mut sandbox);
+    kernel_bypass_devices_are_refused_at_open(&sandbox);
+}
+
+/// Devices that send from the adapter or from user space, past every egress hook, are
+/// refused at open like tun: RDMA verbs (a raw-packet queue pair), here at the kernel's
+/// fixed numbers, whatever the node has loaded (with no driver the open fails with
+/// ENXIO, which is what the exempt cgroup meets: the device program let it through);
+/// the `umad` minors of the same major carry no IP and are not judged. The drivers with
+/// majors assigned at load (VFIO, vhost-vdpa, the verbs past 32 devices) are in the map
+/// the agent fills from /proc/devices, as macvtap's.
+fn kernel_bypass_devices_are_refused_at_open(sandbox: &Sandbox) {
+    let node = |name: &str, major: u32, minor: u32| {
+        let path = sandbox.dir.join(name);
+        if !path.exists() {
+            let numbers = nix::sys::stat::makedev(major.into(), minor.into());
+            nix::sys::stat::mknod(&path, nix::sys::stat::SFlag::S_IFCHR, nix::sys::stat::Mode::empty(), numbers)
+                .unwrap();
+        }
+        path.to_string_lossy().into_owned()
+    };
+    for (name, minor) in [("uverbs0", 192), ("uverbs31", 223)] {
+        let path = node(name, 231, minor);
+        let (output, pid) = sandbox.probe_raw("workload", &["open-device", &path]).unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.contains(r#""result":"EPERM""#), "opening {name} in the scope: {stdout}");
+        let record = wait_for(sandbox, |d| d["hook"] == "tun_device" && d["tgid"] == pid);
+        assert_eq!(
+            (&record["action"], &record["device"]),
+            (&Value::from("refused"), &Value::from(format!("231:{minor}")))
+        );
+        let (output, _) = sandbox.probe_raw("exempt", &["open-device", &path]).unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.contains("No such device"), "opening {name} outside the scope: {stdout}");
+    }
+    let umad = node("umad0", 231, 0);
+    let (output, _) = sandbox.probe_raw("workload", &["open-device", &umad]).unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("No such device"), "umad in the scope is left to the node's device policy: {stdout}");
+
+    // The map holds what /proc/devices names, slot for slot.
+    let devices = std::fs::read_to_string("/proc/devices").unwrap();
+    let majors = seb_common::map_names::DEVICE_MAJORS;
+    for (slot, driver) in ["macvtap", "ipvtap", "vfio", "vfio-dev"].into_iter().enumerate() {
+        let major = seb_sandbox::tamper::read_array_slot(&sandbox.pin_path, majors, slot as u32).unwrap();
+        let listed = devices.lines().any(|line| line.split_whitespace().nth(1) == Some(driver));
+        assert_eq!(major != 0, listed, "{driver}: slot {slot} holds {major}");
+    }
 }
 
 /// A process of the scope that writes into another process's memory through
@@ -1157,7 +1204,7 @@ fn a_detached_link_is_noticed_reported_repaired_and_recorded() {
 
     // The macvtap major zeroed (writes to such devices would go unjudged) is noticed and
     // written again from /proc/devices.
-    let majors = seb_common::map_names::TAP_MAJORS;
+    let majors = seb_common::map_names::DEVICE_MAJORS;
     let major = seb_sandbox::tamper::read_array_slot(&sandbox.pin_path, majors, 0).unwrap();
     assert_ne!(major, 0, "this kernel registers macvtap");
     seb_sandbox::tamper::write_array_slot(&sandbox.pin_path, majors, 0, 0).unwrap();

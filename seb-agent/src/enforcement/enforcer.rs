@@ -24,9 +24,10 @@ use super::{
     kernel_btf,
     loader::{self, AttachTargets},
     local::{self, LocalProtection},
-    maps, policy,
+    maps,
+    packet_devices::{self, DeviceMajors},
+    policy,
     scope_walk::{self, Walked},
-    tap_devices::{self, TapMajors},
 };
 use crate::{
     cgroupfs,
@@ -72,9 +73,9 @@ pub struct Desired {
     pub scope_ids: Vec<u64>,
     pub exempt_ids: Vec<u64>,
     pub local: LocalProtection,
-    /// The macvtap and ipvtap majors, read again at each check: a module loaded later
+    /// The packet-device drivers' majors, read again at each check: a module loaded later
     /// registers its major then.
-    pub tap_majors: TapMajors,
+    pub device_majors: DeviceMajors,
     pub keep_previous: bool,
 }
 
@@ -125,7 +126,7 @@ impl Sources {
             targets: AttachTargets { scopes, exempt, syscall_tables: self.syscall_tables },
             exempt_ids,
             local,
-            tap_majors: tap_devices::current()?,
+            device_majors: packet_devices::current()?,
             keep_previous: self.keep_previous,
         })
     }
@@ -190,7 +191,7 @@ impl Enforcer {
         }
         maps::write_policy(&mut self.ebpf, &desired.policy, desired.keep_previous)?;
         maps::write_local(&mut self.ebpf, &desired.local)?;
-        maps::write_tap_majors(&mut self.ebpf, &desired.tap_majors)?;
+        maps::write_device_majors(&mut self.ebpf, &desired.device_majors)?;
         maps::write_exemptions(&mut self.ebpf, &desired.exempt_ids)?;
         let scope_ids =
             desired.targets.scopes.iter().map(|dir| cgroupfs::cgroup_id(dir)).collect::<Result<Vec<_>>>()?;

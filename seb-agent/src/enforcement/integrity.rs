@@ -24,8 +24,8 @@ use super::{
     enforcer::Desired,
     loader::{self, AttachTargets},
     local::LocalProtection,
+    packet_devices::DeviceMajors,
     policy::{TrieEntry, TrieKey, rules_key, weakens},
-    tap_devices::TapMajors,
 };
 
 /// One way the kernel differs from what the agent installed.
@@ -73,7 +73,7 @@ pub fn check(ebpf: &mut Ebpf, links: &[LinkState], desired: &Desired) -> Vec<Fin
     findings.extend(check_trie(ebpf, map_names::PROTECTED_V6, &desired.policy.v6, exact));
     findings.extend(check_set(ebpf, map_names::EXEMPT_CGROUPS, &desired.exempt_ids, true));
     findings.extend(check_set(ebpf, map_names::SCOPE_CGROUPS, &desired.scope_ids, exact));
-    findings.extend(check_tap_majors(ebpf, &desired.tap_majors));
+    findings.extend(check_device_majors(ebpf, &desired.device_majors));
     findings.extend(check_local(ebpf, &desired.local));
     findings
 }
@@ -131,10 +131,10 @@ fn check_local(ebpf: &mut Ebpf, wanted: &LocalProtection) -> Option<Finding> {
     })
 }
 
-/// A zeroed or rewritten major would let writes to macvtap or ipvtap devices through.
-fn check_tap_majors(ebpf: &mut Ebpf, wanted: &TapMajors) -> Option<Finding> {
-    let name = map_names::TAP_MAJORS;
-    match super::maps::read_tap_majors(ebpf) {
+/// A zeroed or rewritten major would let opens of and writes to packet devices through.
+fn check_device_majors(ebpf: &mut Ebpf, wanted: &DeviceMajors) -> Option<Finding> {
+    let name = map_names::DEVICE_MAJORS;
+    match super::maps::read_device_majors(ebpf) {
         Ok(actual) if actual == *wanted => None,
         Ok(actual) => Some(Finding::map(name, format!("holds majors {actual:?}, /proc/devices says {wanted:?}"))),
         Err(e) => Some(Finding::map(name, format!("cannot be read: {e:#}"))),

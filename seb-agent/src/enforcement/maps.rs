@@ -17,9 +17,9 @@ use seb_common::{EndpointRules, agent_slots, counters, layout, map_names, unfoll
 
 use super::{
     local::LocalProtection,
+    packet_devices::DeviceMajors,
     policy::{CompiledPolicy, TrieEntry, TrieKey, rules_key, weakens},
     scope_walk::{Fate, Walked},
-    tap_devices::TapMajors,
 };
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
@@ -107,19 +107,19 @@ fn write_cgroup_set(ebpf: &mut Ebpf, name: &str, cgroup_ids: &[u64], keep_stale:
     Ok(())
 }
 
-/// The macvtap and ipvtap majors (0: none), for the programs that judge writes.
-pub fn write_tap_majors(ebpf: &mut Ebpf, majors: &TapMajors) -> Result<()> {
-    let mut array: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, map_names::TAP_MAJORS)?)?;
+/// The packet-device drivers' majors (0: none), for the programs that judge opens and writes.
+pub fn write_device_majors(ebpf: &mut Ebpf, majors: &DeviceMajors) -> Result<()> {
+    let mut array: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, map_names::DEVICE_MAJORS)?)?;
     for (slot, major) in majors.iter().enumerate() {
-        array.set(slot as u32, major, 0).with_context(|| format!("writing {}", map_names::TAP_MAJORS))?;
+        array.set(slot as u32, major, 0).with_context(|| format!("writing {}", map_names::DEVICE_MAJORS))?;
     }
     Ok(())
 }
 
-/// The macvtap and ipvtap majors as the map holds them.
-pub fn read_tap_majors(ebpf: &mut Ebpf) -> Result<TapMajors> {
-    let array: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, map_names::TAP_MAJORS)?)?;
-    let mut majors = TapMajors::default();
+/// The packet-device drivers' majors as the map holds them.
+pub fn read_device_majors(ebpf: &mut Ebpf) -> Result<DeviceMajors> {
+    let array: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, map_names::DEVICE_MAJORS)?)?;
+    let mut majors = DeviceMajors::default();
     for (slot, major) in majors.iter_mut().enumerate() {
         *major = array.get(&(slot as u32), 0)?;
     }

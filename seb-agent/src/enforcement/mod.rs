@@ -12,10 +12,10 @@ mod link_info;
 pub mod loader;
 pub mod local;
 pub mod maps;
+mod packet_devices;
 pub mod policy;
 pub mod processes;
 mod scope_walk;
-mod tap_devices;
 
 pub use broker_sockets::BrokerSockets;
 pub use enforcer::{EndpointSource, Enforcer, SharedEnforcer, Sources};
