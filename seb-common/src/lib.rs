@@ -164,7 +164,9 @@ pub mod layout {
     /// `io_ring_ctx.submit_state.link.head`: set while a ring submits a chain of linked
     /// requests, whose later members are issued after the earlier complete.
     pub const IO_CTX_LINK_HEAD: u32 = 36;
-    pub const LEN: u32 = 37;
+    /// `cgroup.root`: the hierarchy a cgroup belongs to (v1 controllers beside v2).
+    pub const CGROUP_ROOT: u32 = 37;
+    pub const LEN: u32 = 38;
 }
 /// Size of the denial ring buffer in bytes (a power of two, a multiple of the page size).
 pub const DENIAL_RING_BYTES: u32 = 1 << 20;

@@ -265,29 +265,36 @@ pub fn on_exec() -> i32 {
 }
 
 /// `cgroup_attach_task(dst_cgrp, path, task, threadgroup)`, after the move, in the task
-/// that wrote to `cgroup.procs`.
+/// that wrote to `cgroup.procs` (or `cgroup.threads`). `task` is the process's leader,
+/// which may have exited alone and stayed where it was while its threads moved: the
+/// destination is `dst_cgrp`, never the leader's cgroup, and a move by any thread of the
+/// moved process is the process moving itself.
 #[inline(always)]
 pub fn on_migrate(ctx: &BtfTracePointContext) -> i32 {
+    let cgroup: u64 = ctx.arg(0);
     let moved: u64 = ctx.arg(2);
-    // SAFETY: plain helper call.
-    let current = unsafe { bpf_get_current_task() };
-    if moved == current {
-        let tgid = current_tgid();
-        if current_in_enforced_cgroup() {
-            // SAFETY: plain helper call.
-            let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-            if is_scoped(tgid) && enters_agent_cgroup(cgroup_id) {
-                kill_current(tgid);
-                return 0;
-            }
-            mark_scoped(tgid, cgroup_id);
-        } else if is_scoped(tgid) {
-            kill_current(tgid);
-        }
+    if !task::is_unified_hierarchy(cgroup) {
         return 0;
     }
     let Some(moved_tgid) = task::tgid(moved) else { return 0 };
-    let Some(cgroup) = task::default_cgroup(moved) else { return 0 };
+    // A zombie is not moved (the kernel skips exiting tasks): marking its pid would judge
+    // whatever process gets that pid next.
+    if task::process_is_gone(moved) != Some(false) {
+        return 0;
+    }
+    let cgroup_id = task::cgroup_id(cgroup);
+    if moved_tgid == current_tgid() {
+        if cgroup_is_enforced(cgroup) {
+            if is_scoped(moved_tgid) && enters_agent_cgroup(cgroup_id) {
+                kill_current(moved_tgid);
+                return 0;
+            }
+            mark_scoped(moved_tgid, cgroup_id);
+        } else if is_scoped(moved_tgid) {
+            kill_current(moved_tgid);
+        }
+        return 0;
+    }
     let mover_of_the_scope = is_scoped(current_tgid()) || current_in_enforced_cgroup();
     if decision::is_running_agent(moved_tgid) && mover_of_the_scope && !decision::current_is_live_broker() {
         // Moving the agent (into a frozen cgroup, one with no memory, its own) is the
@@ -296,7 +303,6 @@ pub fn on_migrate(ctx: &BtfTracePointContext) -> i32 {
         return 0;
     }
     if cgroup_is_enforced(cgroup) {
-        let cgroup_id = task::cgroup_id(cgroup);
         let was_scoped = is_scoped(moved_tgid);
         mark_scoped(moved_tgid, cgroup_id);
         if enters_agent_cgroup(cgroup_id) {
@@ -316,7 +322,7 @@ pub fn on_migrate(ctx: &BtfTracePointContext) -> i32 {
     // cgroup exempts nothing of it); a mover that is itself scoped is killed for it. Into
     // the agent's cgroup (exempt, or outside the scope), whoever moved it, it is doomed:
     // its `bpf()` calls would be spared there.
-    if is_scoped(moved_tgid) && decision::is_running_agent_cgroup(task::cgroup_id(cgroup)) {
+    if is_scoped(moved_tgid) && decision::is_running_agent_cgroup(cgroup_id) {
         // SAFETY: the value is only read.
         let scoped_in = unsafe { SCOPED_TASKS.get(&moved_tgid) }.copied().unwrap_or(0);
         doom(moved_tgid, scoped_in);

@@ -216,9 +216,7 @@ fn fixed_file(ring: u64, index: u64) -> Option<u64> {
 #[inline(always)]
 pub fn current_process_is_gone() -> Option<bool> {
     // SAFETY: plain helper call.
-    let task = unsafe { bpf_get_current_task() };
-    let signal = read::<u64>(task, layout::TASK_SIGNAL)?;
-    read::<i32>(signal, layout::SIGNAL_LIVE).map(|live| live == 0)
+    process_is_gone(unsafe { bpf_get_current_task() })
 }
 
 /// x86_64's `TS_COMPAT`: the current system call came through the 32-bit gate.
@@ -241,6 +239,25 @@ pub fn current_syscall_is_compat() -> bool {
 pub fn default_cgroup(task: u64) -> Option<u64> {
     let css_set = read::<u64>(task, layout::TASK_CGROUPS)?;
     read::<u64>(css_set, layout::CSS_SET_DFL_CGROUP)
+}
+
+/// Whether `cgroup` is of the unified (v2) hierarchy, the one the current task's default
+/// cgroup is of: on a hybrid node a move between v1 cgroups changes nothing judged here.
+#[inline(always)]
+pub fn is_unified_hierarchy(cgroup: u64) -> bool {
+    // SAFETY: plain helper call.
+    let current = unsafe { bpf_get_current_task() };
+    let unified = default_cgroup(current).and_then(|own| read::<u64>(own, layout::CGROUP_ROOT));
+    let root = read::<u64>(cgroup, layout::CGROUP_ROOT);
+    root.is_some() && root == unified
+}
+
+/// Whether every thread of `task`'s process has exited (`signal->live` counted down to
+/// 0): a zombie, which no move takes. `None` if unreadable.
+#[inline(always)]
+pub fn process_is_gone(task: u64) -> Option<bool> {
+    let signal = read::<u64>(task, layout::TASK_SIGNAL)?;
+    read::<i32>(signal, layout::SIGNAL_LIVE).map(|live| live == 0)
 }
 
 /// The id of a `struct cgroup *` (its kernfs node's), 0 if unreadable.

@@ -208,6 +208,15 @@ enum Command {
         method: Method,
         addr: SocketAddr,
     },
+    /// The thread-group leader ends alone (`exit()` of its thread); another thread then
+    /// moves the process into `cgroup` (its leader, exiting, stays where it was) and tries
+    /// once from there.
+    MoveAfterLeaderExit {
+        #[arg(long)]
+        cgroup: PathBuf,
+        method: Method,
+        addr: SocketAddr,
+    },
     /// Set up an io_uring with a kernel submission thread (SQPOLL), wait (up to 10 s)
     /// until another process has moved this one into `cgroup`, then have the ring's thread
     /// make a TCP socket and connect it to `addr`, with no system call; prints the outcome.
@@ -452,6 +461,22 @@ fn run(command: Command) -> Result<()> {
             let leader = std::process::id();
             std::thread::spawn(move || {
                 if let Err(e) = leader_gone(leader).and_then(|()| print(attempt(method, addr))) {
+                    eprintln!("seb-probe: {e:#}");
+                    std::process::exit(2);
+                }
+                std::process::exit(0)
+            });
+            // SAFETY: ends this thread alone; the process goes on in the other one.
+            unsafe { libc::syscall(libc::SYS_exit, 0) };
+            unreachable!("the leader's thread has exited")
+        }
+        Command::MoveAfterLeaderExit { cgroup, method, addr } => {
+            let leader = std::process::id();
+            std::thread::spawn(move || {
+                let moved = leader_gone(leader)
+                    .and_then(|()| Ok(std::fs::write(cgroup.join("cgroup.procs"), "0")?))
+                    .and_then(|()| print(attempt(method, addr)));
+                if let Err(e) = moved {
                     eprintln!("seb-probe: {e:#}");
                     std::process::exit(2);
                 }

@@ -679,6 +679,19 @@ fn a_process_that_has_been_in_the_scope_escapes_nothing_by_leaving_it() {
     }
     assert_eq!(sandbox.received().unwrap(), 0, "nothing reached the endpoint");
 
+    // Once its leader has ended alone, another thread moves the process out (the exiting
+    // leader stays behind in the scope's cgroup): the move is still the process's own,
+    // judged where the threads went, and kills it.
+    for target in ["exempt", "broker"] {
+        let dir = sandbox.cgroup.join(target);
+        let args = ["move-after-leader-exit", "--cgroup", dir.to_str().unwrap(), "tcp", "127.0.0.2:8443"];
+        let (output, pid) = sandbox.probe_raw("workload", &args).unwrap();
+        assert_eq!(output.status.signal(), Some(9), "moved to {target} by a thread after its leader: {output:?}");
+        let record = wait_for(&sandbox, |d| d["hook"] == "cgroup_migration" && d["tgid"] == pid);
+        assert_eq!(record["action"], "killed", "{record}");
+    }
+    assert_eq!(sandbox.received().unwrap(), 0, "a thread moved out after its leader reached the endpoint");
+
     // A child placed in the scope by a parent outside it (clone3 `CLONE_INTO_CGROUP` from
     // <root>/broker), which no exec or move marks, is scoped all the same: moving itself
     // back out kills it.
@@ -719,6 +732,21 @@ fn a_process_that_has_been_in_the_scope_escapes_nothing_by_leaving_it() {
 
     let outcome = sandbox.attempt("exempt", "tcp", "127.0.0.2:8443").unwrap();
     assert_eq!(outcome["result"], "ok", "a process that never was in the scope, in the exempt cgroup: {outcome}");
+
+    // A zombie "moved" into the scope moves nowhere (the kernel skips exiting tasks): its
+    // pid is not marked, where it would judge whatever process gets that pid next.
+    let mut zombie = sandbox.spawn_in("broker", "/bin/true", &[]).unwrap();
+    let pid = zombie.id();
+    let state = || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !state().contains(") Z ") {
+        assert!(std::time::Instant::now() < deadline, "no zombie: {}", state());
+        thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::write(sandbox.cgroup.join("workload").join("cgroup.procs"), pid.to_string()).unwrap();
+    let entry = seb_sandbox::tamper::scoped_entry(&sandbox.pin_path, pid).unwrap();
+    zombie.wait().unwrap();
+    assert_eq!(entry, None, "a zombie's pid was marked as of the scope");
 }
 
 /// The kernel follows at most `enforcement.max_scoped_processes` live processes of the

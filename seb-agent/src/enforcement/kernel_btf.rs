@@ -18,7 +18,7 @@ const KIND_RESTRICT: u32 = 11;
 const KIND_TYPE_TAG: u32 = 18;
 
 /// The fields every architecture has, as `struct` and a member path.
-const FIELDS: [(u32, &str, &[&str]); 25] = [
+const FIELDS: [(u32, &str, &[&str]); 26] = [
     (layout::TASK_TGID, "task_struct", &["tgid"]),
     (layout::TASK_MM, "task_struct", &["mm"]),
     (layout::TASK_CGROUPS, "task_struct", &["cgroups"]),
@@ -31,6 +31,7 @@ const FIELDS: [(u32, &str, &[&str]); 25] = [
     (layout::CGROUP_ANCESTORS, "cgroup", &["ancestors"]),
     (layout::CGROUP_KN, "cgroup", &["kn"]),
     (layout::KERNFS_NODE_ID, "kernfs_node", &["id"]),
+    (layout::CGROUP_ROOT, "cgroup", &["root"]),
     (layout::SOCK_ADDR_KERN_SK, "bpf_sock_addr_kern", &["sk"]),
     (layout::SOCK_CGROUP, "sock", &["sk_cgrp_data", "cgroup"]),
     (layout::TASK_SIGNAL, "task_struct", &["signal"]),

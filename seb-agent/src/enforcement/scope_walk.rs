@@ -75,9 +75,20 @@ impl Walked {
 }
 
 /// A process's start time, and whether it is still running (not a zombie), from
-/// /proc/<tgid>/stat; `None` when no process has that PID.
+/// /proc/<tgid>/stat; `None` when no process has that PID. A leader that ended alone is
+/// a zombie while its other threads run: the process runs while any of its threads do.
 fn stat(tgid: u32) -> Option<(u64, bool)> {
-    parse_stat(&std::fs::read_to_string(format!("/proc/{tgid}/stat")).ok()?)
+    let (start, leader_running) = parse_stat(&std::fs::read_to_string(format!("/proc/{tgid}/stat")).ok()?)?;
+    Some((start, leader_running || any_thread_running(tgid)))
+}
+
+/// Whether a thread of `tgid` other than an exited leader is still running.
+fn any_thread_running(tgid: u32) -> bool {
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{tgid}/task")) else { return false };
+    threads.flatten().any(|thread| {
+        let stat = std::fs::read_to_string(thread.path().join("stat")).unwrap_or_default();
+        parse_stat(&stat).is_some_and(|(_, running)| running)
+    })
 }
 
 fn parse_stat(text: &str) -> Option<(u64, bool)> {
@@ -112,6 +123,39 @@ mod tests {
         let later = Walked { start: start.wrapping_sub(1), ..walked };
         let me = Walked { tgid: std::process::id(), ..later };
         assert_eq!(me.fate(), Fate::Replaced, "another start time under the PID");
+    }
+
+    /// A process whose first thread (its leader) ended alone shows a zombie leader while
+    /// its other threads run: it is running, until they end too.
+    #[test]
+    fn a_process_whose_leader_ended_alone_runs_on() {
+        // The main thread ends alone (`exit`, not `exit_group`); a thread sleeps on.
+        let script = format!(
+            "import ctypes, sys, threading, time\n\
+             threading.Thread(target=time.sleep, args=(30,)).start()\n\
+             print('ready', flush=True)\n\
+             ctypes.CDLL(None).syscall({}, 0)\n",
+            libc::SYS_exit
+        );
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        let pid = child.id();
+        let leader = || parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap()).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while leader().1 {
+            assert!(std::time::Instant::now() < deadline, "the leader never ended");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let walked = Walked { tgid: pid, cgroup_id: 1, start: leader().0 };
+        assert_eq!(walked.fate(), Fate::Running, "its other thread runs");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(walked.fate(), Fate::Gone, "reaped");
     }
 
     #[test]
