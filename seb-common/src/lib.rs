@@ -23,6 +23,7 @@ pub mod map_names {
     pub const SCOPED_TASKS: &str = "SEB_SCOPED_TASKS";
     pub const KERNEL_LAYOUT: &str = "SEB_KERNEL_LAYOUT";
     pub const DOOMED_TASKS: &str = "SEB_DOOMED_TASKS";
+    pub const DOOMED_RINGS: &str = "SEB_DOOMED_RINGS";
     pub const UNFOLLOWED_SEEN: &str = "SEB_UNFOLLOWED_SEEN";
     pub const DEVICE_MAJORS: &str = "SEB_DEVICE_MAJORS";
     pub const AGENT: &str = "SEB_AGENT";
@@ -94,6 +95,9 @@ pub const MAX_SCOPED_TASKS: u32 = 65_536;
 /// Scoped processes placed outside the scope by another process, killed at their next
 /// system call.
 pub const MAX_DOOMED_TASKS: u32 = 4_096;
+/// io_uring rings that made a link-layer socket for the scope, remembered at once (least
+/// recently used forgotten first; a ring is forgotten when its address is reused).
+pub const MAX_DOOMED_RINGS: u32 = 4_096;
 
 /// The executable's path is reported as up to this many path components, leaf first,
 /// each truncated to `EXE_COMPONENT_LEN - 1` bytes.

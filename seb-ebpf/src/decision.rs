@@ -20,7 +20,7 @@ use seb_common::{
 
 use crate::{
     AGENT, ALLOW, BROKER_PROCESSES, BROKER_SOCKETS, COUNTERS, CUT_PENDING, CUT_SOCKETS, DENIAL_RATE, DENIALS, DENY,
-    EXEMPT_CGROUPS, EXEMPT_SOCKETS, PROTECTED_V4, PROTECTED_V6, SCOPE_CGROUPS, lineage, local, task,
+    DOOMED_RINGS, EXEMPT_CGROUPS, EXEMPT_SOCKETS, PROTECTED_V4, PROTECTED_V6, SCOPE_CGROUPS, lineage, local, task,
 };
 
 /// Where a connection or packet is going.
@@ -189,10 +189,7 @@ fn current_task_is_judged() -> bool {
 /// makes no link-layer socket: the packet and XDP families refuse it.)
 #[inline(always)]
 pub fn judge_socket_call(family: u32, kind: u32, any_family: bool) -> i32 {
-    // socket(AF_INET, SOCK_PACKET) is turned into a packet socket by the kernel.
-    let link_layer =
-        family == AF_PACKET || family == AF_XDP || (family == AF_INET && kind & SOCK_TYPE_MASK == SOCK_PACKET);
-    if !(link_layer || any_family) || !current_task_is_judged() {
+    if !(is_link_layer(family, kind) || any_family) || !current_task_is_judged() {
         return 0;
     }
     // SAFETY: plain helper calls; the signal goes to the calling process.
@@ -203,6 +200,46 @@ pub fn judge_socket_call(family: u32, kind: u32, any_family: bool) -> i32 {
     let report_to = Report::current_task();
     report_to.send_socket(&dest, family as u8, (kind & SOCK_TYPE_MASK) as u8, cgroup_id);
     0
+}
+
+/// Whether `socket(family, kind)` makes a link-layer socket.
+#[inline(always)]
+pub fn is_link_layer(family: u32, kind: u32) -> bool {
+    // socket(AF_INET, SOCK_PACKET) is turned into a packet socket by the kernel.
+    family == AF_PACKET || family == AF_XDP || (family == AF_INET && kind & SOCK_TYPE_MASK == SOCK_PACKET)
+}
+
+/// Decision at an io_uring request (`req`) that a ring submits. An `IORING_OP_SOCKET` for
+/// a link-layer family from the scope kills the submitter as `socket()` does, but the
+/// request still runs (the kill is pending until the submitter returns to user space):
+/// made into the ring's fixed-file table, the socket outlives the submitter in a ring
+/// another process may hold. So the ring is remembered, and every later request a task of
+/// the scope submits to it (using the socket, installing it as a descriptor) is judged as
+/// that socket request again. Whether the request was judged so.
+#[inline(always)]
+pub fn judge_uring_socket(req: u64, request: Option<(u32, u32)>) -> bool {
+    let ring = task::uring_ring(req);
+    // SAFETY: the value is copied out at once.
+    let doomed = ring.and_then(|ring| unsafe { DOOMED_RINGS.get(&ring) }.copied());
+    let (family, kind) = match (request, doomed) {
+        (Some((family, kind)), _) if is_link_layer(family, kind) => (family, kind),
+        (_, Some(socket)) => ((socket >> 32) as u32, socket as u32),
+        _ => return false,
+    };
+    if !current_task_is_judged() {
+        return false;
+    }
+    if let (Some(ring), None) = (ring, doomed) {
+        let _ = DOOMED_RINGS.insert(&ring, &(u64::from(family) << 32 | u64::from(kind)), 0);
+    }
+    judge_socket_call(family, kind, false);
+    true
+}
+
+/// `io_uring_create`: a ring made at `ring` is not one remembered at that address before.
+#[inline(always)]
+pub fn forget_ring(ring: u64) {
+    let _ = DOOMED_RINGS.remove(&ring);
 }
 
 /// `ptrace` requests that take control of another process.

@@ -53,9 +53,9 @@ use aya_ebpf::{
 };
 use seb_common::{
     BrokerSocket, DENIAL_RING_BYTES, DEVICE_MAJOR_SLOTS, DenialRate, EndpointRules, FAMILY_V4, Hook,
-    MAX_BROKER_PROCESSES, MAX_BROKER_SOCKETS, MAX_DOOMED_TASKS, MAX_EXEMPT_CGROUPS, MAX_EXEMPT_SOCKETS,
-    MAX_LOCAL_NAMESPACES, MAX_PROTECTED_PREFIXES, MAX_RATED_CGROUPS, MAX_SCOPE_CGROUPS, MAX_SCOPED_TASKS, agent_slots,
-    counters, layout,
+    MAX_BROKER_PROCESSES, MAX_BROKER_SOCKETS, MAX_DOOMED_RINGS, MAX_DOOMED_TASKS, MAX_EXEMPT_CGROUPS,
+    MAX_EXEMPT_SOCKETS, MAX_LOCAL_NAMESPACES, MAX_PROTECTED_PREFIXES, MAX_RATED_CGROUPS, MAX_SCOPE_CGROUPS,
+    MAX_SCOPED_TASKS, agent_slots, counters, layout,
 };
 
 use crate::decision::Destination;
@@ -111,6 +111,11 @@ static SCOPED_TASKS: HashMap<u32, u64> = HashMap::pinned(MAX_SCOPED_TASKS, NO_PR
 
 /// Scoped processes placed outside the scope by another: tgid -> the cgroup they were
 /// scoped in. Killed at their first `socket()` or io_uring call.
+/// io_uring rings (`struct io_ring_ctx *`) that made a link-layer socket for the scope:
+/// the family and type asked for (`decision::judge_uring_socket`).
+#[map(name = "SEB_DOOMED_RINGS")]
+static DOOMED_RINGS: LruHashMap<u64, u64> = LruHashMap::pinned(MAX_DOOMED_RINGS, 0);
+
 #[map(name = "SEB_DOOMED_TASKS")]
 static DOOMED_TASKS: HashMap<u32, u64> = HashMap::pinned(MAX_DOOMED_TASKS, 0);
 
@@ -321,8 +326,8 @@ pub fn seb_ioctl_call(ctx: TracePointContext) -> i32 {
 /// caller of `io_uring_enter()`, or a ring's SQPOLL thread, which submits without any
 /// system call). A process that left the scope is killed here, and so is a task of the
 /// scope whose `IORING_OP_SOCKET` asks for a link-layer family (that request makes a
-/// socket without `socket()`) or whose write to a fixed file goes to another process's
-/// memory or a packet device. The kill comes before the request runs; requests already in
+/// socket without `socket()`), or that submits to a ring which made one, or whose write
+/// to a fixed file goes to another process's memory or a packet device. The kill comes before the request runs; requests already in
 /// the same submission may still run before the process dies (see the README).
 #[btf_tracepoint(function = "io_uring_submit_req")]
 pub fn seb_uring_submit(ctx: BtfTracePointContext) -> i32 {
@@ -331,16 +336,21 @@ pub fn seb_uring_submit(ctx: BtfTracePointContext) -> i32 {
     }
     let req: u64 = ctx.arg(0);
     let Some(opcode) = task::uring_opcode(req) else { return 0 };
-    if task::uring_opcode_writes(opcode) {
-        if lineage::current_may_be_judged() {
-            decision::judge_write_to(task::uring_fixed_write_sink(req));
-        }
+    if decision::judge_uring_socket(req, task::uring_socket_request(req, opcode)) {
         return 0;
     }
-    match task::uring_socket_request(req, opcode) {
-        Some((family, kind)) => decision::judge_socket_call(family, kind, false),
-        None => 0,
+    if task::uring_opcode_writes(opcode) && lineage::current_may_be_judged() {
+        decision::judge_write_to(task::uring_fixed_write_sink(req));
     }
+    0
+}
+
+/// `io_uring_create`: a new ring, whose address may be a freed one's that made a
+/// link-layer socket (`SEB_DOOMED_RINGS`).
+#[btf_tracepoint(function = "io_uring_create")]
+pub fn seb_uring_create(ctx: BtfTracePointContext) -> i32 {
+    decision::forget_ring(ctx.arg(1));
+    0
 }
 
 /// `io_uring_file_get`: a request takes the file behind its descriptor, when it is issued

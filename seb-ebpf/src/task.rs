@@ -290,6 +290,12 @@ pub fn socket_cgroup_id(ctx: *mut core::ffi::c_void) -> u64 {
     read::<u64>(sk, layout::SOCK_CGROUP).map_or(0, cgroup_id)
 }
 
+/// The ring (`struct io_ring_ctx *`) an io_uring request was submitted to.
+#[inline(always)]
+pub fn uring_ring(req: u64) -> Option<u64> {
+    read::<u64>(req, layout::IO_KIOCB_CTX).filter(|ring| *ring != 0)
+}
+
 /// `IORING_OP_SOCKET` in `enum io_uring_op` (uapi).
 const IORING_OP_SOCKET: u8 = 45;
 

@@ -268,6 +268,10 @@ enum Command {
         #[arg(long, default_value = "/dev/net/tun")]
         device: PathBuf,
     },
+    /// A packet socket made by a forked child into a ring's fixed files (the child is
+    /// killed in the scope, the request still runs), then installed as a descriptor by
+    /// this process; prints the child's status and the descriptor.
+    RingKeepsPacketSocket,
     /// Open a device node for reading and writing; prints `{"result": "ok"}`, `"EPERM"`
     /// or the error.
     OpenDevice { path: PathBuf },
@@ -424,6 +428,10 @@ fn run(command: Command) -> Result<()> {
         }
         Command::ReusePid { pid, method, addr } => reuse_pid(pid, method, addr),
         Command::Access { how, addr, wait } => print(access::reach_into_child(how, addr, wait)?),
+        Command::RingKeepsPacketSocket => {
+            let (child, installed) = uring::packet_socket_left_in_a_shared_ring()?;
+            print(json!({"result": "ok", "child": child, "installed": installed}))
+        }
         Command::OpenDevice { path } => {
             let opened = std::fs::OpenOptions::new().read(true).write(true).open(&path);
             print(json!({"result": outcome(opened.map(drop))}))

@@ -129,6 +129,42 @@ fn lowest_free_descriptor() -> std::io::Result<i32> {
     Ok(probe.as_raw_fd())
 }
 
+/// A ring with a fixed-file table, shared with a forked child that makes a packet socket
+/// into its slot 0 (`IORING_OP_SOCKET` with a file index) and exits; then this process
+/// turns the slot into a descriptor of its own (`IORING_OP_FIXED_FD_INSTALL`). The child's
+/// wait status, and the descriptor.
+pub fn packet_socket_left_in_a_shared_ring() -> anyhow::Result<(String, i32)> {
+    let mut ring = IoUring::new(8)?;
+    ring.submitter().register_files_sparse(4)?;
+    // SAFETY: the child only submits one request and exits.
+    let child = match unsafe { nix::unistd::fork()? } {
+        nix::unistd::ForkResult::Child => {
+            let slot = types::DestinationSlot::try_from_slot_target(0).expect("slot 0");
+            let entry = opcode::Socket::new(libc::AF_PACKET, libc::SOCK_RAW, 0).file_index(Some(slot)).build();
+            let code = match run(&mut ring, &entry.user_data(1)).map(result) {
+                Ok(Ok(_)) => 0,
+                _ => 3,
+            };
+            // SAFETY: ends the child without running the parent's exit handlers.
+            unsafe { libc::_exit(code) }
+        }
+        nix::unistd::ForkResult::Parent { child } => child,
+    };
+    let status = format!("{:?}", nix::sys::wait::waitpid(child, None)?);
+    let install = opcode::FixedFdInstall::new(types::Fixed(0), 0).build().user_data(2);
+    // SAFETY: the request names no buffer.
+    unsafe { ring.submission().push(&install).map_err(std::io::Error::other)? };
+    // The child's completion may still be queued: wait for this one by its tag.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        ring.submit_and_wait(1)?;
+        if let Some(done) = ring.completion().find(|entry| entry.user_data() == 2) {
+            return Ok((status, result(done)?));
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no completion in 5 s");
+    }
+}
+
 /// Submit one request and wait for it with system calls.
 fn run(ring: &mut IoUring, entry: &squeue::Entry) -> std::io::Result<cqueue::Entry> {
     // SAFETY: every buffer the request names outlives its completion, awaited here.

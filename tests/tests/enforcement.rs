@@ -594,6 +594,23 @@ fn link_layer_sockets_are_refused_in_the_scope() {
     }
     assert_eq!(sandbox.received().unwrap(), 0);
 
+    // An io_uring request still runs once its submitter is killed: a packet socket made
+    // into a ring's fixed files outlives the submitter in a ring its parent holds. The
+    // parent's next request to that ring (installing the socket as a descriptor) kills it.
+    let (output, pid) = sandbox.probe_raw("workload", &["ring-keeps-packet-socket"]).unwrap();
+    assert_eq!(output.status.signal(), Some(9), "the ring's holder: killed, not {output:?}");
+    let denial = wait_for(&sandbox, |d| d["hook"] == "socket_syscall" && d["tgid"] == pid);
+    assert_eq!((&denial["action"], &denial["socket_family"]), (&Value::from("killed"), &Value::from("packet")));
+    let report = sandbox.probe("exempt", &["ring-keeps-packet-socket"]).unwrap();
+    assert!(report["installed"].as_i64().is_some_and(|fd| fd >= 0), "outside the scope the ring works: {report}");
+    // The rings are gone; new ones (likely at a freed ring's address) are not judged by
+    // what an old one made: an io_uring connect from the scope is refused by the connect
+    // program (a local address, every port of 127.0.0.2 protected), its process not killed.
+    for _ in 0..3 {
+        let outcome = sandbox.attempt("workload", "io-uring", "127.0.0.9:9").unwrap();
+        assert_eq!((&outcome["result"], &outcome["stage"]), (&Value::from("EPERM"), &Value::from("use")), "{outcome}");
+    }
+
     // The same frame from an exempt cgroup really reaches the protected listener: the
     // vector is real, and exemption still works.
     let outcome = sandbox.attempt("exempt", "packet", "127.0.0.2:8443").unwrap();

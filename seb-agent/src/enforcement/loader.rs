@@ -47,7 +47,7 @@ pub enum AttachTo {
 }
 
 /// The programs in the object and where each attaches.
-pub const PROGRAMS: [(&str, AttachTo); 28] = [
+pub const PROGRAMS: [(&str, AttachTo); 29] = [
     ("seb_connect4", AttachTo::Scope),
     ("seb_connect6", AttachTo::Scope),
     ("seb_sendmsg4", AttachTo::Scope),
@@ -76,6 +76,7 @@ pub const PROGRAMS: [(&str, AttachTo); 28] = [
     ("seb_sys_enter", AttachTo::Global),
     ("seb_uring_submit", AttachTo::Global),
     ("seb_uring_file_get", AttachTo::Global),
+    ("seb_uring_create", AttachTo::Global),
 ];
 
 /// The BTF tracepoint each such program attaches to.
@@ -85,6 +86,7 @@ fn btf_tracepoint(program: &str) -> Option<&'static str> {
         "seb_cgroup_migrate" => Some("cgroup_attach_task"),
         "seb_uring_submit" => Some("io_uring_submit_req"),
         "seb_uring_file_get" => Some("io_uring_file_get"),
+        "seb_uring_create" => Some("io_uring_create"),
         _ => None,
     }
 }
@@ -129,7 +131,7 @@ fn supported(program: &str, tables: SyscallTables) -> bool {
     let both_tables = tables == SyscallTables::Auto && compat_syscalls::run_here();
     match program {
         "seb_sys_enter" => both_tables,
-        "seb_uring_submit" | "seb_uring_file_get" => kernel_btf::has_io_uring(),
+        "seb_uring_submit" | "seb_uring_file_get" | "seb_uring_create" => kernel_btf::has_io_uring(),
         _ if syscall_tracepoint(program).is_some() => !both_tables,
         _ => true,
     }
