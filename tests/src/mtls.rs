@@ -45,6 +45,9 @@ pub struct InternalApi {
     /// When set, a write is made and then answered with a body this long (past what the
     /// broker reads): the exchange fails after the server took the request.
     pub write_answer_bytes: Arc<Mutex<Option<usize>>>,
+    /// When set, a write is made and then answered with this status (a gateway that lost
+    /// the answer, or an API refusing after the fact).
+    pub write_status: Arc<Mutex<Option<StatusCode>>>,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -64,8 +67,9 @@ pub fn start(netns: &str, addr: SocketAddr, dir: &Path) -> Result<InternalApi> {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let read_delay = Arc::new(Mutex::new(Duration::ZERO));
     let write_answer_bytes = Arc::new(Mutex::new(None));
-    let (store2, seen2, read_delay2, answer2) =
-        (store.clone(), seen.clone(), read_delay.clone(), write_answer_bytes.clone());
+    let write_status = Arc::new(Mutex::new(None));
+    let (store2, seen2, read_delay2, answer2, status2) =
+        (store.clone(), seen.clone(), read_delay.clone(), write_answer_bytes.clone(), write_status.clone());
     let stop = tls_server::spawn(netns, addr, tls, move |request, peer| {
         let read = request.method() == hyper::Method::GET;
         let delay = if read { *read_delay2.lock().unwrap() } else { Duration::ZERO };
@@ -74,12 +78,24 @@ pub fn start(netns: &str, addr: SocketAddr, dir: &Path) -> Result<InternalApi> {
         if let Some(bytes) = answer {
             *response.body_mut() = Full::new(Bytes::from(vec![b'x'; bytes]));
         }
+        if let Some(status) = (!read).then(|| *status2.lock().unwrap()).flatten() {
+            *response.status_mut() = status;
+        }
         async move {
             tokio::time::sleep(delay).await;
             response
         }
     })?;
-    Ok(InternalApi { server_ca: server_ca.cert, client_ca, store, seen, read_delay, write_answer_bytes, _stop: stop })
+    Ok(InternalApi {
+        server_ca: server_ca.cert,
+        client_ca,
+        store,
+        seen,
+        read_delay,
+        write_answer_bytes,
+        write_status,
+        _stop: stop,
+    })
 }
 
 fn handle(

@@ -135,6 +135,55 @@ fn two_certificates_for_one_target_proposed_at_once_execute_one_after_the_other(
     assert_eq!(w.api.seen.lock().unwrap().iter().filter(|s| s.method == "PUT").count(), 1);
 }
 
+/// An error answer after which the write may have been made (a gateway timeout: here the
+/// API did make it) is `unknown`, which an agent must not retry blindly; a refusal such as
+/// a conflict is `failed`.
+#[test]
+fn a_server_error_answer_is_unknown_and_a_refusal_failed() {
+    let w = world("https5xx");
+    let role = ScopedIdentity::X509Client { subject: SUBJECT.into() };
+    let mut current: Option<serde_json::Value> = None;
+    for (i, (status, expected)) in [
+        (hyper::StatusCode::GATEWAY_TIMEOUT, OutcomeStatus::Unknown),
+        (hyper::StatusCode::CONFLICT, OutcomeStatus::Failed),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        *w.api.write_status.lock().unwrap() = Some(status);
+        let body = json!({"replicas": 20 + i});
+        let change = put(body.clone());
+        let contract =
+            certified(&format!("c-http-5xx-{i}"), this_process(), &change, &state(current.as_ref()), role.clone());
+        let decision = w.broker.decide(&contract, &change);
+        let outcome = decision.outcome.clone().unwrap_or_else(|| panic!("{decision:?}"));
+        assert_eq!((outcome.status, outcome.api_status), (expected, Some(status.as_u16())), "{outcome:?}");
+        current = Some(body);
+    }
+}
+
+/// A certificate valid when its proposal arrived, expired by the time the live state was
+/// read (answered 3 s late), is not admitted: validity is checked again as the decision
+/// is recorded.
+#[test]
+fn a_certificate_that_expires_while_its_proposal_waits_is_not_admitted() {
+    let w = world("httpsexpiry");
+    let change = put(json!({"replicas": 9}));
+    let role = ScopedIdentity::X509Client { subject: SUBJECT.into() };
+    let contract = certified("c-http-expiry", this_process(), &change, &state(None), role);
+    // Valid, with the broker's 30 s of clock skew, until 2 s from now.
+    let ttl = std::time::Duration::from_secs(120);
+    let options =
+        seb_agent::cert::dev_sab::IssueOptions { ttl, start_offset_secs: -(120 + 30) + 2, ..Default::default() };
+    let certificate = w.broker.issue(&contract, &options);
+    *w.api.read_delay.lock().unwrap() = std::time::Duration::from_secs(3);
+    let decision = w.broker.propose(&certificate, &change);
+    assert!(!decision.admitted, "{decision:?}");
+    assert_eq!(decision.reason, Reason::Expired, "{decision:?}");
+    assert!(decision.message.contains("before the decision was recorded"), "{decision:?}");
+    assert_eq!(w.api.seen.lock().unwrap().iter().filter(|s| s.method == "PUT").count(), 0, "nothing was written");
+}
+
 #[test]
 fn the_agent_can_neither_connect_nor_authenticate_on_its_own() {
     let w = world("httpsagent");

@@ -257,6 +257,7 @@ impl Admission {
         let (verified, verdict) = self.precheck(caller, proposal, &request, SystemTime::now()).await;
         Pending {
             decision_id: uuid::Uuid::new_v4().to_string(),
+            valid_until: verified.as_ref().map(|v| v.not_after + self.validity.clock_skew),
             verified,
             verdict,
             caller: caller.identity.clone(),
@@ -279,6 +280,9 @@ impl Admission {
 /// A decision under way.
 pub struct Pending {
     pub decision_id: String,
+    /// The certificate's end, with the clock skew allowed: checked again as the decision
+    /// is recorded, after waits for the target and the live state.
+    valid_until: Option<SystemTime>,
     pub verified: Option<Verified>,
     pub verdict: Result<(), Rejection>,
     caller: CallerIdentity,
@@ -290,6 +294,7 @@ impl Pending {
     pub fn unidentified(caller: CallerIdentity, proposal: &Proposal, message: String) -> Self {
         Self {
             decision_id: uuid::Uuid::new_v4().to_string(),
+            valid_until: None,
             verified: None,
             verdict: Err(Rejection { reason: Reason::CallerChanged, message }),
             caller,
@@ -370,11 +375,12 @@ pub async fn record_then(
     pending: Pending,
     then: impl FnOnce(&mut Batch<'_>, &mut Decision) -> anyhow::Result<()> + Send + 'static,
 ) -> Result<Decision, LedgerBusy> {
-    let Pending { decision_id, verified, verdict: precheck, caller: identity, request } = pending;
+    let Pending { decision_id, valid_until, verified, verdict: precheck, caller: identity, request } = pending;
     let id = decision_id.clone();
     let recorded = ledger
         .try_run(move |batch| {
             let active_epochs = state::epochs(batch.conn())?;
+            let precheck = precheck.and_then(|()| still_valid(valid_until, SystemTime::now()));
             let verdict = match (&verified, precheck) {
                 (Some(verified), Ok(())) => state::check_under(batch.conn(), active_epochs, verified)?,
                 (_, Err(rejection)) => Err(rejection),
@@ -430,6 +436,20 @@ pub async fn record_then(
             contract_id: None,
             outcome: None,
         })),
+    }
+}
+
+/// A certificate valid when its proposal arrived may have expired while the proposal
+/// waited (for its target, the live state, the ledger): an admission is recorded only
+/// within its validity.
+fn still_valid(valid_until: Option<SystemTime>, now: SystemTime) -> Result<(), Rejection> {
+    match valid_until {
+        Some(until) if now > until => {
+            let ago = now.duration_since(until).unwrap_or_default();
+            let message = format!("the certificate expired {} ms before the decision was recorded", ago.as_millis());
+            Err(Rejection { reason: Reason::Expired, message })
+        }
+        _ => Ok(()),
     }
 }
 

@@ -265,6 +265,10 @@ impl Executors {
         };
         let (status, api_status, error) = match result {
             Ok((code, None)) => (OutcomeStatus::Succeeded, Some(code), None),
+            Ok((code, Some(error))) if may_have_applied(code) => {
+                let error = format!("{error}; the change may or may not have been made");
+                (OutcomeStatus::Unknown, Some(code), Some(error))
+            }
             Ok((code, Some(error))) => (OutcomeStatus::Failed, Some(code), Some(error)),
             Err(e) if broker_http::was_not_sent(&e) => (OutcomeStatus::Failed, None, Some(format!("{e:#}"))),
             // Perhaps taken by the API before the exchange broke: an agent told `failed`
@@ -295,4 +299,11 @@ impl Executors {
             .ok_or_else(|| anyhow::anyhow!("no executor on this broker can read this target"))?;
         executor.read_again(request, identity, decision_id).await
     }
+}
+
+/// An API error answer after which the change may still have been made: a server error
+/// or a gateway's (an API server past its timeout, a proxy that lost the upstream answer,
+/// AWS `InternalError`). Any other error answer refused the request.
+fn may_have_applied(status: u16) -> bool {
+    matches!(status, 500 | 502 | 503 | 504)
 }
