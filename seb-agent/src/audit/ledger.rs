@@ -177,6 +177,9 @@ struct Writer {
     key: SigningKey,
     head: Head,
     head_file: HeadFile,
+    /// The head file could not take the last committed head: the records are in the
+    /// store (their callers were told so), and nothing more commits until it does.
+    head_file_behind: bool,
     open_files: OpenFiles,
     since_checkpoint: u64,
     last_checkpoint: Instant,
@@ -227,6 +230,7 @@ impl Ledger {
             key,
             head,
             head_file,
+            head_file_behind: false,
             open_files,
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
@@ -393,8 +397,15 @@ impl Writer {
     }
 
     fn try_batch(&mut self, jobs: &mut impl Iterator<Item = Job>, completions: &mut Vec<Completion>) -> Result<()> {
-        // Fail closed rather than record into a store file nobody will see again.
+        // Fail closed rather than record into a store file nobody will see again, or past
+        // a head file that no longer follows the store (its truncation would go unseen).
         self.open_files.check()?;
+        if self.head_file_behind {
+            self.head_file
+                .record(&self.head, &self.key, Flush::Now)
+                .context("the audit head file is behind the store and still cannot be written")?;
+            self.head_file_behind = false;
+        }
         let mut tx =
             self.conn.transaction_with_behavior(TransactionBehavior::Immediate).context("beginning a transaction")?;
         let mut head = self.head;
@@ -448,7 +459,12 @@ impl Writer {
         if moved {
             // Before anyone hears of the records: a later truncation is then detectable.
             let flush = if due { Flush::Now } else { Flush::Later };
-            self.head_file.record(&head, &self.key, flush)?;
+            if let Err(e) = self.head_file.record(&head, &self.key, flush) {
+                // Committed all the same: this batch's callers hear the truth, the next
+                // batch fails unless the head file takes the head first.
+                error!(error = %format!("{e:#}"), seq = head.seq, "the audit head file fell behind the store");
+                self.head_file_behind = true;
+            }
             if let Some(on_commit) = &self.on_commit {
                 on_commit(&commit);
             }
@@ -505,6 +521,31 @@ mod tests {
         // A restart verifies the store against the head file and goes on from it.
         let (ledger, _thread, _) = start(dir.path());
         assert_eq!(append(&ledger, false).blocking_recv().unwrap().unwrap(), 3);
+    }
+
+    /// A head file that cannot be written after a commit: the committed records' callers
+    /// are told they were recorded (they were), the next batch is refused before it
+    /// commits, and once the file takes writes again the head is written first.
+    #[test]
+    fn a_head_file_write_failing_after_a_commit_stops_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, _thread, files) = start(dir.path());
+        let key = SigningKey::from_bytes(&[5; 32]).verifying_key();
+        assert_eq!(append(&ledger, false).blocking_recv().unwrap().unwrap(), 1);
+        let immutable = |on: bool| {
+            let flag = if on { "+i" } else { "-i" };
+            let status = std::process::Command::new("chattr").arg(flag).arg(&files.head).status().unwrap();
+            assert!(status.success(), "chattr {flag} (needs root)");
+        };
+        immutable(true);
+        assert_eq!(append(&ledger, false).blocking_recv().unwrap().unwrap(), 2, "committed, and told so");
+        let refused = append(&ledger, false).blocking_recv().unwrap();
+        immutable(false);
+        let error = format!("{:#}", refused.unwrap_err());
+        assert!(error.contains("head file is behind the store"), "{error}");
+        assert_eq!(head::read(&files.head, &key).unwrap().unwrap().seq, 1, "the head file could not follow");
+        assert_eq!(append(&ledger, false).blocking_recv().unwrap().unwrap(), 3, "the refused batch committed nothing");
+        assert_eq!(head::read(&files.head, &key).unwrap().unwrap().seq, 3);
     }
 
     #[test]
