@@ -138,6 +138,15 @@ impl Caller {
         self.peer.alive()
     }
 
+    /// Whether the caller sees the broker's mounts (its mount namespace is the broker's),
+    /// so that its executable's path names the file it names for the broker. Read when
+    /// a contract needs it; false if it cannot be read, or the caller is gone.
+    fn shares_mounts(&self) -> bool {
+        let namespace = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+        let theirs = namespace(&self.identity.pid.to_string());
+        theirs.is_some() && theirs == namespace("self") && self.still_same()
+    }
+
     /// Whether the caller is the agent the contract names; `Err` says what differs.
     pub fn matches(&self, wanted: &AgentIdentity) -> Result<(), String> {
         let me = &self.identity;
@@ -150,6 +159,14 @@ impl Caller {
             && me.exe.as_deref() != Some(exe)
         {
             return Err(format!("the contract is for executable {exe}, the caller runs {}", known(me.exe.as_deref())));
+        }
+        if wanted.exe.is_some() && wanted.cgroup.is_none() && wanted.pod_uid.is_none() && !self.shares_mounts() {
+            return Err(
+                "the contract binds the caller by its executable's path alone, and the caller runs in another \
+                        mount namespace, where that path names whatever that namespace mounts there (bind a cgroup or \
+                        a pod as well)"
+                    .into(),
+            );
         }
         if let Some(cgroup) = &wanted.cgroup {
             let inside = me
@@ -193,6 +210,37 @@ mod tests {
         assert!(me.matches(&AgentIdentity { uid: Some(0), exe: Some(exe), ..Default::default() }).is_ok());
         assert!(me.matches(&AgentIdentity { uid: Some(1000), ..Default::default() }).is_err());
         assert!(me.matches(&AgentIdentity { exe: Some("/usr/bin/other".into()), ..Default::default() }).is_err());
+    }
+
+    /// A caller in its own mount namespace may have anything mounted at the contract's
+    /// path: a contract binding the executable alone does not admit it, one binding a
+    /// cgroup as well does.
+    #[test]
+    fn an_executable_path_alone_binds_no_caller_in_another_mount_namespace() {
+        let mut child = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sleep", "30"])
+            .spawn()
+            .expect("unshare (util-linux)");
+        let pid = child.id() as i32;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let other = loop {
+            let caller = Caller::identify(0, 0, pid).unwrap();
+            if caller.identity.exe.as_deref().is_some_and(|exe| exe.ends_with("/sleep")) {
+                break caller;
+            }
+            assert!(std::time::Instant::now() < deadline, "unshare never ran sleep: {:?}", caller.identity);
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let exe = other.identity.exe.clone();
+        let refused = other.matches(&AgentIdentity { exe: exe.clone(), ..Default::default() }).unwrap_err();
+        assert!(refused.contains("another mount namespace"), "{refused}");
+        let cgroup = other.identity.cgroup.clone();
+        other.matches(&AgentIdentity { exe, cgroup, ..Default::default() }).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // The same binding for a caller in the broker's own mount namespace.
+        let me = Caller::identify(0, 0, std::process::id() as i32).unwrap();
+        me.matches(&AgentIdentity { exe: me.identity.exe.clone(), ..Default::default() }).unwrap();
     }
 
     #[test]
