@@ -216,7 +216,7 @@ fn executors_from(config: &Config, sockets: &BrokerSockets) -> Result<Executors>
     let https = config.http.clone().map(|config| HttpsExecutor::new(config, http.clone())).transpose()?;
     let kubernetes =
         config.kubernetes.clone().map(|config| KubernetesExecutor::new(config, http.clone())).transpose()?;
-    Ok(Executors { aws, https, kubernetes, targets: Default::default() })
+    Ok(Executors { aws, https, kubernetes, targets: Default::default(), retries: Default::default() })
 }
 
 /// A memory-mapped file cut short under the broker (SQLite's `-shm`, truncated while it

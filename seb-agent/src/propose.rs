@@ -6,7 +6,8 @@
 //!    costs an identity;
 //! 3. wait until no other execution on the target runs here, mint the scoped identity
 //!    and read the target's live state: a digest other than the contract's
-//!    precondition is `drift`, and nothing is executed;
+//!    precondition is `drift`, and nothing is executed (nor is that certificate prepared
+//!    again for a second: `execute::retry_pace`);
 //! 4. record the decision (state checked again, serial consumed), durable before anything
 //!    is sent to the production API;
 //! 5. perform the mutation with the minted identity, then record the outcome chained to
@@ -73,12 +74,24 @@ pub async fn propose(
             }
         }
         if let Some(verified) = pending.verified.clone().filter(|_| pending.admissible()) {
+            if let Some(left) = executors.retries.wait_for(&verified.serial, Instant::now()) {
+                let message = format!(
+                    "this certificate's live-state check failed under {} s ago; nothing was minted or read, try \
+                     again in {} ms",
+                    crate::execute::retry_pace::RETRY_AFTER.as_secs(),
+                    left.as_millis().max(1)
+                );
+                pending.reject(Reason::LiveStateUnavailable, message);
+            }
+        }
+        if let Some(verified) = pending.verified.clone().filter(|_| pending.admissible()) {
             let contract = &verified.contract;
             let preparing = executors.prepare(contract, &proposal.request, &pending.decision_id, &mut timings);
             match ExecutionTag::within(tag.clone(), preparing).await {
                 Ok((ready, live)) if live == contract.precondition => prepared = Some(ready),
                 Ok((ready, live)) => {
                     executors.discard(ready).await;
+                    executors.retries.failed(&verified.serial, Instant::now());
                     pending.reject(
                         Reason::Drift,
                         format!(
@@ -87,7 +100,10 @@ pub async fn propose(
                         ),
                     )
                 }
-                Err((reason, message)) => pending.reject(reason, message),
+                Err((reason, message)) => {
+                    executors.retries.failed(&verified.serial, Instant::now());
+                    pending.reject(reason, message)
+                }
             }
         }
     }

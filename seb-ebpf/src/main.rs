@@ -330,6 +330,7 @@ pub fn seb_ioctl_call(ctx: TracePointContext) -> i32 {
 /// to a fixed file goes to another process's memory or a packet device. The kill comes before the request runs; requests already in
 /// the same submission may still run before the process dies (see the README).
 #[btf_tracepoint(function = "io_uring_submit_req")]
+#[inline(always)]
 pub fn seb_uring_submit(ctx: BtfTracePointContext) -> i32 {
     if lineage::kill_if_escaped() {
         return 0;

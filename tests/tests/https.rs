@@ -135,6 +135,32 @@ fn two_certificates_for_one_target_proposed_at_once_execute_one_after_the_other(
     assert_eq!(w.api.seen.lock().unwrap().iter().filter(|s| s.method == "PUT").count(), 1);
 }
 
+/// A certificate refused for drift is not prepared again (minted for, read for) within
+/// a second: a caller re-proposing it in a loop spends one mint and one read a second,
+/// not as many as it can send.
+#[test]
+fn a_certificate_refused_for_drift_waits_a_second_before_it_is_prepared_again() {
+    let w = world("httpsretry");
+    let change = put(json!({"replicas": 4}));
+    let role = ScopedIdentity::X509Client { subject: SUBJECT.into() };
+    // Certified against a state the target is not in.
+    let stale = state(Some(&json!({"replicas": 1})));
+    let certificate =
+        w.broker.issue(&certified("c-http-retry", this_process(), &change, &stale, role), &Default::default());
+    let reads = || w.api.seen.lock().unwrap().iter().filter(|s| s.method == "GET").count();
+    assert_eq!(w.broker.propose(&certificate, &change).reason, Reason::Drift);
+    assert_eq!(reads(), 1);
+    for _ in 0..5 {
+        let again = w.broker.propose(&certificate, &change);
+        assert_eq!(again.reason, Reason::LiveStateUnavailable, "{again:?}");
+        assert!(again.message.contains("nothing was minted or read"), "{again:?}");
+    }
+    assert_eq!(reads(), 1, "re-proposed at once, the target was not read again");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(w.broker.propose(&certificate, &change).reason, Reason::Drift, "after a second it is checked again");
+    assert_eq!(reads(), 2);
+}
+
 /// An error answer after which the write may have been made (a gateway timeout: here the
 /// API did make it) is `unknown`, which an agent must not retry blindly; a refusal such as
 /// a conflict is `failed`.

@@ -43,6 +43,7 @@ pub fn build(mode: Mode) -> Result<()> {
     }
     run(&mut cargo).context("building seb-ebpf")?;
     let built = std::fs::read(dir.join("target/bpfel-unknown-none/release/seb"))?;
+    ensure_no_mangled_symbols(&built)?;
     let committed = std::fs::read(committed_object()).unwrap_or_default();
     if built == committed {
         eprintln!("xtask: eBPF object up to date ({} bytes)", built.len());
@@ -59,4 +60,19 @@ pub fn build(mode: Mode) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// A function the compiler did not inline keeps a mangled name, whose crate hash covers
+/// seb-common's absolute path (outside seb-ebpf's workspace): the object would differ
+/// between checkouts, and CI's byte comparison fail in a clean clone only.
+fn ensure_no_mangled_symbols(object: &[u8]) -> Result<()> {
+    let mangled = |prefix: &[u8]| object.windows(prefix.len()).any(|window| window == prefix);
+    if mangled(b"_RNv") || mangled(b"_ZN") {
+        bail!(
+            "the eBPF object holds a mangled function name (a program body or helper the compiler did not inline): \
+             its hash depends on where the checkout is; mark the function #[inline(always)] \
+             (llvm-objdump -t seb-ebpf/target/bpfel-unknown-none/release/seb names it)"
+        );
+    }
+    Ok(())
 }

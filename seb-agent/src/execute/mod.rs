@@ -7,6 +7,7 @@ pub mod https;
 pub mod kubernetes;
 pub mod passthrough;
 pub mod reconcile;
+pub mod retry_pace;
 pub mod target_locks;
 
 use std::time::Instant;
@@ -189,6 +190,8 @@ pub struct Executors {
     pub kubernetes: Option<kubernetes::KubernetesExecutor>,
     /// One execution at a time per target.
     pub targets: target_locks::TargetLocks,
+    /// One preparation a second for a certificate whose live-state check failed.
+    pub retries: retry_pace::RetryPace,
 }
 
 /// What executing a prepared mutation did.
