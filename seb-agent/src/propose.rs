@@ -73,16 +73,15 @@ pub async fn propose(
                 ),
             }
         }
-        if let Some(verified) = pending.verified.clone().filter(|_| pending.admissible()) {
-            if let Some(left) = executors.retries.wait_for(&verified.serial, Instant::now()) {
-                let message = format!(
-                    "this certificate's live-state check failed under {} s ago; nothing was minted or read, try \
-                     again in {} ms",
-                    crate::execute::retry_pace::RETRY_AFTER.as_secs(),
-                    left.as_millis().max(1)
-                );
-                pending.reject(Reason::LiveStateUnavailable, message);
-            }
+        let serial = pending.verified.as_ref().filter(|_| pending.admissible()).map(|v| v.serial.clone());
+        if let Some(left) = serial.and_then(|serial| executors.retries.wait_for(&serial, Instant::now())) {
+            let message = format!(
+                "this certificate's live-state check failed under {} s ago; nothing was minted or read, try again \
+                 in {} ms",
+                crate::execute::retry_pace::RETRY_AFTER.as_secs(),
+                left.as_millis().max(1)
+            );
+            pending.reject(Reason::LiveStateUnavailable, message);
         }
         if let Some(verified) = pending.verified.clone().filter(|_| pending.admissible()) {
             let contract = &verified.contract;

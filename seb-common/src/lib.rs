@@ -59,6 +59,16 @@ pub mod unfollowed {
 /// kernel has none.
 pub const DEVICE_MAJOR_SLOTS: u32 = 6;
 
+/// The drivers of `SEB_DEVICE_MAJORS`'s slots, in order, as `/proc/devices` names them.
+pub const DEVICE_MAJOR_DRIVERS: [&str; DEVICE_MAJOR_SLOTS as usize] =
+    ["macvtap", "ipvtap", "vfio", "vfio-dev", "infiniband_verbs", "vhost-vdpa"];
+
+/// RDMA verbs' fixed numbers (`IB_UVERBS_MAJOR`, minors from `IB_UVERBS_BASE_MINOR`, 32
+/// devices; more get a dynamic major, named `infiniband_verbs` in `/proc/devices`). The
+/// same major holds `umad`'s minors below, which carry no IP.
+pub const UVERBS_MAJOR: u32 = 231;
+pub const UVERBS_FIXED_MINORS: core::ops::Range<u32> = 192..224;
+
 /// Capacity of the protected-endpoint tries (per address family).
 pub const MAX_PROTECTED_PREFIXES: u32 = 65_536;
 /// How many broker sockets may be registered at once.

@@ -109,13 +109,13 @@ static CUT_PENDING: Array<u64> = Array::pinned(1, 0);
 #[map(name = "SEB_SCOPED_TASKS")]
 static SCOPED_TASKS: HashMap<u32, u64> = HashMap::pinned(MAX_SCOPED_TASKS, NO_PREALLOC);
 
-/// Scoped processes placed outside the scope by another: tgid -> the cgroup they were
-/// scoped in. Killed at their first `socket()` or io_uring call.
 /// io_uring rings (`struct io_ring_ctx *`) that made a link-layer socket for the scope:
 /// the family and type asked for (`decision::judge_uring_socket`).
 #[map(name = "SEB_DOOMED_RINGS")]
 static DOOMED_RINGS: LruHashMap<u64, u64> = LruHashMap::pinned(MAX_DOOMED_RINGS, 0);
 
+/// Scoped processes placed outside the scope by another: tgid -> the cgroup they were
+/// scoped in. Killed at their first `socket()` or io_uring call.
 #[map(name = "SEB_DOOMED_TASKS")]
 static DOOMED_TASKS: HashMap<u32, u64> = HashMap::pinned(MAX_DOOMED_TASKS, 0);
 

@@ -7,7 +7,9 @@ use aya_ebpf::helpers::{
     bpf_probe_read_kernel,
     generated::{bpf_get_current_task, bpf_probe_read_kernel_str},
 };
-use seb_common::{DEVICE_MAJOR_SLOTS, EXE_COMPONENT_LEN, EXE_COMPONENTS, MAX_CGROUP_DEPTH, layout};
+use seb_common::{
+    DEVICE_MAJOR_SLOTS, EXE_COMPONENT_LEN, EXE_COMPONENTS, MAX_CGROUP_DEPTH, UVERBS_FIXED_MINORS, UVERBS_MAJOR, layout,
+};
 
 use crate::{DEVICE_MAJORS, KERNEL_LAYOUT};
 
@@ -71,11 +73,6 @@ const S_IFCHR: u16 = 0o020_000;
 const TUN_DEVICE: u32 = 10 << 20 | 200;
 /// `/dev/vhost-net` (10:238): given a tap descriptor, its worker sends the frames.
 const VHOST_NET_DEVICE: u32 = 10 << 20 | 238;
-/// RDMA verbs, `/dev/infiniband/uverbs0` to `uverbs31` (231:192 to 231:223, fixed by the
-/// kernel; more devices get a dynamic major, read from `/proc/devices`): a raw-packet
-/// queue pair sends frames from the adapter itself, past the kernel's stack.
-const UVERBS_MAJOR: u32 = 231;
-const UVERBS_FIXED_MINORS: core::ops::Range<u32> = 192..224;
 
 /// The sink behind descriptor `fd` of the current task, if it is one.
 #[inline(always)]
@@ -107,6 +104,8 @@ pub fn is_packet_device(device: u32) -> bool {
     if device == TUN_DEVICE || device == VHOST_NET_DEVICE {
         return true;
     }
+    // RDMA verbs (`/dev/infiniband/uverbs0` to `uverbs31`): a raw-packet queue pair
+    // sends frames from the adapter itself, past the kernel's stack.
     if major == UVERBS_MAJOR && UVERBS_FIXED_MINORS.contains(&minor) {
         return true;
     }

@@ -163,19 +163,23 @@ fn a_certificate_refused_for_drift_waits_a_second_before_it_is_prepared_again() 
 
 /// An error answer after which the write may have been made (a gateway timeout: here the
 /// API did make it) is `unknown`, which an agent must not retry blindly; a refusal such as
-/// a conflict is `failed`.
+/// a conflict, or a method the server does not implement, is `failed`.
 #[test]
 fn a_server_error_answer_is_unknown_and_a_refusal_failed() {
     let w = world("https5xx");
     let role = ScopedIdentity::X509Client { subject: SUBJECT.into() };
     let mut current: Option<serde_json::Value> = None;
-    for (i, (status, expected)) in [
-        (hyper::StatusCode::GATEWAY_TIMEOUT, OutcomeStatus::Unknown),
-        (hyper::StatusCode::CONFLICT, OutcomeStatus::Failed),
+    // 524: a CDN's timeout after it forwarded the request; 501: the method not handled.
+    for (i, (code, expected)) in [
+        (504, OutcomeStatus::Unknown),
+        (524, OutcomeStatus::Unknown),
+        (501, OutcomeStatus::Failed),
+        (409, OutcomeStatus::Failed),
     ]
     .into_iter()
     .enumerate()
     {
+        let status = hyper::StatusCode::from_u16(code).unwrap();
         *w.api.write_status.lock().unwrap() = Some(status);
         let body = json!({"replicas": 20 + i});
         let change = put(body.clone());
@@ -189,7 +193,7 @@ fn a_server_error_answer_is_unknown_and_a_refusal_failed() {
 }
 
 /// A certificate valid when its proposal arrived, expired by the time the live state was
-/// read (answered 3 s late), is not admitted: validity is checked again as the decision
+/// read (answered 9 s late), is not admitted: validity is checked again as the decision
 /// is recorded.
 #[test]
 fn a_certificate_that_expires_while_its_proposal_waits_is_not_admitted() {
@@ -197,12 +201,13 @@ fn a_certificate_that_expires_while_its_proposal_waits_is_not_admitted() {
     let change = put(json!({"replicas": 9}));
     let role = ScopedIdentity::X509Client { subject: SUBJECT.into() };
     let contract = certified("c-http-expiry", this_process(), &change, &state(None), role);
-    // Valid, with the broker's 30 s of clock skew, until 2 s from now.
+    // Valid, with the broker's 30 s of clock skew, until 6 s from now (whole seconds:
+    // room for a loaded machine before the proposal arrives), read 9 s late.
     let ttl = std::time::Duration::from_secs(120);
     let options =
-        seb_agent::cert::dev_sab::IssueOptions { ttl, start_offset_secs: -(120 + 30) + 2, ..Default::default() };
+        seb_agent::cert::dev_sab::IssueOptions { ttl, start_offset_secs: -(120 + 30) + 6, ..Default::default() };
     let certificate = w.broker.issue(&contract, &options);
-    *w.api.read_delay.lock().unwrap() = std::time::Duration::from_secs(3);
+    *w.api.read_delay.lock().unwrap() = std::time::Duration::from_secs(9);
     let decision = w.broker.propose(&certificate, &change);
     assert!(!decision.admitted, "{decision:?}");
     assert_eq!(decision.reason, Reason::Expired, "{decision:?}");

@@ -258,22 +258,28 @@ pub fn load(layout: &PinLayout, max_scoped_processes: u32) -> Result<Ebpf> {
                 layout.maps().display()
             )
         })?;
-    check_pinned_counters(&ebpf, layout)?;
+    check_pinned_sizes(&ebpf, layout)?;
     Ok(ebpf)
 }
 
 /// A pinned map is reused as it is, whatever size this version defines: counters an
-/// older version pinned fewer of would leave this one's uncounted, and unread.
-fn check_pinned_counters(ebpf: &Ebpf, layout: &PinLayout) -> Result<()> {
-    let name = seb_common::map_names::COUNTERS;
-    let Some(aya::maps::Map::PerCpuArray(map)) = ebpf.map(name) else { bail!("map {name} is missing") };
-    let entries = map.info()?.max_entries();
+/// older version pinned fewer of would leave this one's uncounted, and unread; a kernel
+/// layout it froze shorter holds none of this version's newer offsets.
+fn check_pinned_sizes(ebpf: &Ebpf, layout: &PinLayout) -> Result<()> {
+    let counters = seb_common::map_names::COUNTERS;
+    let Some(aya::maps::Map::PerCpuArray(map)) = ebpf.map(counters) else { bail!("map {counters} is missing") };
+    check_size(counters, map.info()?.max_entries(), seb_common::counters::LEN, layout)?;
+    let kernel_layout = seb_common::map_names::KERNEL_LAYOUT;
+    let Some(aya::maps::Map::Array(map)) = ebpf.map(kernel_layout) else { bail!("map {kernel_layout} is missing") };
+    check_size(kernel_layout, map.info()?.max_entries(), seb_common::layout::LEN, layout)
+}
+
+fn check_size(name: &str, entries: u32, wanted: u32, layout: &PinLayout) -> Result<()> {
     ensure!(
-        entries == seb_common::counters::LEN,
-        "the map {name} pinned in {} holds {entries} counters, this version keeps {}: it was pinned by an \
+        entries == wanted,
+        "the map {name} pinned in {} holds {entries} entries, this version keeps {wanted}: it was pinned by an \
          incompatible seb version; run `seb-agent unload` first (enforcement stays as it is until then)",
         layout.maps().display(),
-        seb_common::counters::LEN
     );
     Ok(())
 }

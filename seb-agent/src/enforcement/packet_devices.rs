@@ -6,18 +6,7 @@
 //! are fixed and live in the programs.
 
 use anyhow::{Context, Result};
-use seb_common::DEVICE_MAJOR_SLOTS;
-
-/// The names `/proc/devices` gives them, in slot order: macvtap and ipvtap devices (a
-/// frame written leaves through the link under them), VFIO groups and VFIO device nodes
-/// (a device driven from user space, DPDK's way), RDMA verbs past the fixed minors (a
-/// raw-packet queue pair sends from the adapter), vhost-vdpa (a virtio data path in
-/// hardware).
-const DRIVERS: [&str; DEVICE_MAJOR_SLOTS as usize] =
-    ["macvtap", "ipvtap", "vfio", "vfio-dev", "infiniband_verbs", "vhost-vdpa"];
-
-/// The RDMA verbs' fixed major, known to the programs (`IB_UVERBS_MAJOR`).
-const UVERBS_FIXED_MAJOR: u32 = 231;
+use seb_common::{DEVICE_MAJOR_DRIVERS, DEVICE_MAJOR_SLOTS, UVERBS_MAJOR};
 
 /// Majors in slot order, 0 for a driver this kernel has not registered.
 pub type DeviceMajors = [u32; DEVICE_MAJOR_SLOTS as usize];
@@ -42,12 +31,12 @@ fn parse(text: &str) -> DeviceMajors {
         let mut fields = line.split_whitespace();
         let (Some(number), Some(name)) = (fields.next(), fields.next()) else { continue };
         let Ok(number) = number.parse() else { continue };
-        if name == "infiniband_verbs" && number == UVERBS_FIXED_MAJOR {
+        if name == "infiniband_verbs" && number == UVERBS_MAJOR {
             // The programs know it, and judge only its verbs minors: it also holds
             // `umad`'s, which carry no IP.
             continue;
         }
-        if let Some(slot) = DRIVERS.iter().position(|d| *d == name) {
+        if let Some(slot) = DEVICE_MAJOR_DRIVERS.iter().position(|d| *d == name) {
             majors[slot] = number;
         }
     }

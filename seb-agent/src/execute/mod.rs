@@ -304,9 +304,11 @@ impl Executors {
     }
 }
 
-/// An API error answer after which the change may still have been made: a server error
-/// or a gateway's (an API server past its timeout, a proxy that lost the upstream answer,
-/// AWS `InternalError`). Any other error answer refused the request.
+/// An API error answer after which the change may still have been made: any server or
+/// gateway error (an API server past its timeout, a proxy that lost the upstream answer,
+/// a CDN's 52x, AWS `InternalError`) but the two that say the request was not handled
+/// at all (501 Not Implemented, 505 HTTP Version Not Supported). Any other error answer
+/// refused the request.
 fn may_have_applied(status: u16) -> bool {
-    matches!(status, 500 | 502 | 503 | 504)
+    (500..600).contains(&status) && !matches!(status, 501 | 505)
 }
