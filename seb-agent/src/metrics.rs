@@ -304,7 +304,8 @@ impl Metrics {
 }
 
 /// Readiness: every link the agent attached is still pinned, and in cluster mode the
-/// cluster state has been read (where the policy selects no pod here, no link is needed).
+/// cluster state has been read and is not stale (a broker past its staleness bound
+/// refuses every admission; where the policy selects no pod here, no link is needed).
 #[derive(Clone)]
 pub struct Readiness {
     pub enforcer: SharedEnforcer,
@@ -319,7 +320,9 @@ impl Readiness {
         let attached = links.iter().all(|link| link.pin.exists()) && self.enforcer.integrity().intact;
         match &self.cluster {
             None => attached && !links.is_empty(),
-            Some(freshness) => attached && freshness.is_synced() && freshness.is_settled(),
+            Some(freshness) => {
+                attached && freshness.is_synced() && freshness.is_settled() && freshness.stale().is_none()
+            }
         }
     }
 }

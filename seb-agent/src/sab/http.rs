@@ -36,10 +36,11 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A body announced in the headers must have arrived this long after them.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connections of one caller (client certificate) at once: a share of `max_connections`,
-/// so one caller holding connections open cannot keep the others out.
+/// Connections of one caller (client certificate), and handshakes of one source address,
+/// at once: a quarter of `max_connections`, at most 16, so that one caller, or a few
+/// pods holding handshakes open, cannot keep the others out.
 pub fn per_caller(max_connections: usize) -> usize {
-    (max_connections / 4).max(1)
+    (max_connections / 4).clamp(1, 16)
 }
 
 /// TLS 1.3, a client certificate from `client_ca` required.

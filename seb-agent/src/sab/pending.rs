@@ -133,6 +133,7 @@ pub fn load(conn: &Connection) -> Result<Vec<Entry>> {
     for row in rows {
         let (seq, pending, approvals, approvals_required, approvers) = row?;
         let entry = (|| {
+            let bytes = pending.len();
             let pending: PendingRecord = serde_json::from_str(&pending)?;
             let expires = humantime::parse_rfc3339(&pending.expires_at)
                 .with_context(|| format!("expires_at `{}`", pending.expires_at))?;
@@ -146,6 +147,7 @@ pub fn load(conn: &Connection) -> Result<Vec<Entry>> {
                     live_state: pending.live_state,
                     intent: pending.intent,
                 },
+                bytes,
                 expires,
                 status: Status::Pending,
                 approvals: serde_json::from_str(&approvals)?,

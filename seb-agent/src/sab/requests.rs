@@ -48,6 +48,9 @@ pub struct Entry {
     pub id: String,
     pub requester: Agent,
     pub draft: Draft,
+    /// The bytes its request arrived in (or its pending record was read from): what a
+    /// pending entry holds in memory, parsed, is a few times that.
+    pub bytes: usize,
     pub expires: SystemTime,
     pub status: Status,
     pub approvals: Vec<Approval>,
@@ -97,6 +100,9 @@ impl Entry {
     }
 }
 
+/// The bytes of all pending requests together (a requester's: an eighth of it).
+pub const MAX_PENDING_BYTES: usize = 16 << 20;
+
 pub struct Requests {
     entries: HashMap<String, Entry>,
     order: VecDeque<String>,
@@ -113,11 +119,25 @@ impl Requests {
         self.entries.values().filter(|e| e.status == Status::Pending).count()
     }
 
-    /// Room for one more pending request, in all and of `requester` (at most `per_requester`).
-    pub fn has_room_for_pending(&self, requester: &str, per_requester: usize) -> bool {
-        let of_requester =
-            self.entries.values().filter(|e| e.status == Status::Pending && e.requester.uri == requester).count();
-        self.pending() < self.max_pending && of_requester < per_requester
+    /// Room for one more pending request of `bytes`, in all and of `requester` (at most
+    /// `per_requester` requests): counted, and in bytes ([`MAX_PENDING_BYTES`] in all, an
+    /// eighth of that per requester). Pending requests are kept whole, reloaded whole at a
+    /// restart, and expire only while the SAB runs: unbounded in bytes, a few requesters
+    /// could fill its memory for good.
+    pub fn has_room_for_pending(&self, requester: &str, per_requester: usize, bytes: usize) -> bool {
+        let pending = || self.entries.values().filter(|e| e.status == Status::Pending);
+        let (mut of_requester, mut requester_bytes, mut all_bytes) = (0, 0, 0);
+        for entry in pending() {
+            all_bytes += entry.bytes;
+            if entry.requester.uri == requester {
+                of_requester += 1;
+                requester_bytes += entry.bytes;
+            }
+        }
+        self.pending() < self.max_pending
+            && of_requester < per_requester
+            && all_bytes + bytes <= MAX_PENDING_BYTES
+            && requester_bytes + bytes <= MAX_PENDING_BYTES / 8
     }
 
     /// Keep `entry`, forgetting the oldest decided requests beyond the bound.
@@ -155,5 +175,48 @@ impl Requests {
 
     pub fn iter(&self) -> impl Iterator<Item = &Entry> {
         self.order.iter().filter_map(|id| self.entries.get(id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(id: &str, requester: &str, bytes: usize) -> Entry {
+        let request = serde_json::from_value(json!({"provider": "http", "operation": "PUT", "target": "https://a/"}));
+        Entry {
+            id: id.into(),
+            requester: serde_json::from_value(json!({"uri": requester, "node": "n", "cgroup": "/"})).unwrap(),
+            draft: Draft {
+                request: request.unwrap(),
+                precondition: String::new(),
+                live_state: None,
+                live_state_digest: None,
+                intent: String::new(),
+            },
+            bytes,
+            expires: SystemTime::now(),
+            status: Status::Pending,
+            approvals: Vec::new(),
+            approvals_required: 1,
+            approvers: Vec::new(),
+            reasons: Vec::new(),
+            issued: None,
+        }
+    }
+
+    #[test]
+    fn pending_requests_are_bounded_in_bytes_per_requester_and_in_all() {
+        let mut requests = Requests::new(10_000, 1_000);
+        let share = MAX_PENDING_BYTES / 8;
+        requests.insert(pending("a1", "spiffe://a", share - 10));
+        assert!(requests.has_room_for_pending("spiffe://a", 50, 10));
+        assert!(!requests.has_room_for_pending("spiffe://a", 50, 11), "past the requester's share");
+        assert!(requests.has_room_for_pending("spiffe://b", 50, share), "another requester's own share");
+        for i in 0..7 {
+            requests.insert(pending(&format!("b{i}"), &format!("spiffe://b{i}"), share));
+        }
+        assert!(!requests.has_room_for_pending("spiffe://c", 50, 11), "past the bytes of all");
+        assert!(requests.has_room_for_pending("spiffe://c", 50, 10));
     }
 }

@@ -38,6 +38,9 @@ use crate::{
 };
 
 const MAX_INTENT: usize = 4096;
+/// A request's operation and target, at most (an ARN, a URL, a Kubernetes path).
+const MAX_OPERATION: usize = 128;
+const MAX_TARGET: usize = 4096;
 
 /// An answer: HTTP status and JSON body.
 #[derive(Debug)]
@@ -267,6 +270,7 @@ impl Sab {
             id: id.clone(),
             requester: agent.clone(),
             draft,
+            bytes: body.len(),
             expires: SystemTime::now() + self.config.approval_timeout(),
             status: Status::Refused,
             approvals: Vec::new(),
@@ -313,11 +317,15 @@ impl Sab {
                 if let Err(e) = self.expire_overdue(&mut requests).await {
                     return ledger_error(e);
                 }
-                if !requests.has_room_for_pending(&agent.uri, self.config.max_pending_per_requester) {
+                if !requests.has_room_for_pending(&agent.uri, self.config.max_pending_per_requester, entry.bytes) {
                     return Reply::error(
                         503,
                         "too_many_pending",
-                        "too many requests (of all, or of this requester) await approval; try again later",
+                        format!(
+                            "too many requests, or too many bytes of them (of all, or of this requester; {} MiB in \
+                             all), await approval; try again later",
+                            super::requests::MAX_PENDING_BYTES >> 20
+                        ),
                     );
                 }
                 let decision = decision_record(&id, "pending", &loaded, &policies, &[], Some(&grant));
@@ -512,7 +520,17 @@ impl Sab {
             at: (refusal.is_none() && verdict == Answer::Approve).then_some(at.as_str()),
         };
         if let Some(refusal) = refusal {
+            // Anyone named in no request can be refused as fast as it can ask: within the
+            // caller's share of the second the refusal is logged (its reason left out),
+            // past it counted; and never while every other call waits for the lock.
+            drop(requests);
+            let code = refusal.body["error"]["code"].as_str().unwrap_or_default().to_string();
+            let kind = records::RefusalKind { requester: uri.to_string(), reason: code };
+            if !self.refusals.admit(requester_group(uri), kind, now_ns() as u64) {
+                return refusal;
+            }
             record.refused = refusal.body["error"]["code"].as_str();
+            record.reason = None;
             let record = json!(record);
             return match self.write(vec![(records::APPROVAL_KIND, record)]).await {
                 Ok(()) => refusal,
@@ -718,6 +736,16 @@ fn parse_draft(body: &[u8]) -> Result<Draft> {
     if body.intent.len() > MAX_INTENT {
         anyhow::bail!("intent is {} bytes; at most {MAX_INTENT}", body.intent.len());
     }
+    // Stored with every refusal, echoed in its reasons and keyed on in the refusal
+    // budget: bounded like the intent.
+    let (operation, target) = (&body.request.operation, &body.request.target);
+    if operation.len() > MAX_OPERATION || target.len() > MAX_TARGET {
+        anyhow::bail!(
+            "the operation is {} bytes and the target {}; at most {MAX_OPERATION} and {MAX_TARGET}",
+            operation.len(),
+            target.len()
+        );
+    }
     if let Some(state) = &body.live_state {
         ijson::check(state, Numbers::Any, "live_state")?;
     }
@@ -792,6 +820,23 @@ fn fingerprint(dir: &std::path::Path) -> Vec<(String, Option<[u8; 32]>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_target_or_operation_is_malformed() {
+        let body = |operation: &str, target: &str| {
+            serde_json::to_vec(&json!({
+                "request": {"provider": "http", "operation": operation, "target": target, "params": {}},
+                "precondition": format!("sha256:{}", "0".repeat(64)),
+                "intent": "",
+            }))
+            .unwrap()
+        };
+        parse_draft(&body("PUT", "https://api/v1/x")).unwrap();
+        let long = format!("https://api/{}", "x".repeat(MAX_TARGET));
+        let refused = format!("{:#}", parse_draft(&body("PUT", &long)).unwrap_err());
+        assert!(refused.contains("at most 128 and 4096"), "{refused}");
+        assert!(parse_draft(&body(&"P".repeat(MAX_OPERATION + 1), "https://api/v1/x")).is_err());
+    }
 
     #[test]
     fn a_policy_changed_behind_a_configmap_link_changes_the_fingerprint() {
