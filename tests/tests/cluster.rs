@@ -257,8 +257,11 @@ fn the_cluster_resources_set_epochs_endpoints_and_revocations_and_admission_fail
         (decision.reason == Reason::ClusterStateStale).then_some(decision)
     });
     assert!(stale.message.contains("staleness bound"), "{stale:?}");
+    // Refusing every admission, the node is not ready.
+    assert_eq!(w.broker.sandbox.http_get("/readyz").unwrap().0, 503, "ready while stale");
     w.cluster.set_offline(false);
     eventually("admissions to resume", || w.propose("c-back", Some(NODE), (4, 5)).0.admitted.then_some(()));
+    eventually("ready again", || (w.broker.sandbox.http_get("/readyz").unwrap().0 == 200).then_some(()));
 
     // Deleting the SebRevocation does not un-revoke anything: admissions wait for it.
     w.cluster.store.lock().unwrap().delete(SEB_REVOCATIONS, "default");
