@@ -669,4 +669,19 @@ fn in_cluster_mode_an_agent_is_its_pod_by_tokenreview_and_epochs_live_in_the_clu
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    // Healthy while it could issue; without the SebRevocation it cannot, and says so.
+    let (status, health) = sab.call(agent, "GET", "/v1/healthz", None);
+    assert_eq!((status, health["revocation_epoch"].as_u64()), (200, Some(3)), "{health}");
+    cluster.store.lock().unwrap().delete(SEB_REVOCATIONS, "default");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, health) = sab.call(agent, "GET", "/v1/healthz", None);
+        if status == 503 {
+            assert_eq!(health["error"]["code"], "epochs_unavailable", "{health}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "healthy without a SebRevocation: {health}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -163,7 +163,7 @@ async fn route(sab: &Sab, caller: &Result<Caller, String>, request: Request<Inco
         Err(reply) => return reply,
     };
     match (&method, segments.as_slice()) {
-        (&Method::GET, ["v1", "healthz"]) => sab.health(),
+        (&Method::GET, ["v1", "healthz"]) => sab.health().await,
         (&Method::POST, ["v1", "certify"]) => match sab.reviewer() {
             None => sab.certify(caller, &body).await,
             Some(reviewer) => match reviewed(reviewer, caller, bearer.as_deref()).await {

@@ -216,8 +216,20 @@ impl Sab {
         Ok(Some(epoch))
     }
 
-    pub fn health(&self) -> Reply {
-        Reply::ok(200, json!({"status": "ok", "policy_epoch": self.loaded().epoch}))
+    /// Healthy only while a certificate could be issued: the revocation epoch, which
+    /// every certificate carries, can be read (in cluster mode, the SebRevocation).
+    pub async fn health(&self) -> Reply {
+        match self.epochs.revocation().await {
+            Ok(revocation) => Reply::ok(
+                200,
+                json!({"status": "ok", "policy_epoch": self.loaded().epoch, "revocation_epoch": revocation}),
+            ),
+            Err(e) => Reply::error(
+                503,
+                "epochs_unavailable",
+                format!("the revocation epoch could not be read, so nothing can be issued: {e:#}"),
+            ),
+        }
     }
 
     /// `POST /v1/certify`.
