@@ -402,7 +402,8 @@ const BPF_DEVCG_DEV_CHAR: u32 = 2;
 
 /// Decision at an open or `mknod` of a device by a task of an enforced cgroup (a cgroup
 /// device program, which can refuse): a packet device (tun/tap, vhost-net, macvtap,
-/// ipvtap, VFIO, RDMA verbs, vhost-vdpa: `task::is_packet_device`) is refused with EPERM for a judged task, and recorded. Refused at the open, no
+/// ipvtap, VFIO, RDMA verbs, vhost-vdpa: `task::is_packet_device`) is refused with EPERM
+/// for a judged task, and recorded. Refused at the open, no
 /// descriptor of it reaches the scope, so no write, aio or io_uring request can follow. A
 /// scoped process outside the enforced cgroups meets the `TUNSETIFF` and write checks
 /// instead.

@@ -327,7 +327,8 @@ pub fn seb_ioctl_call(ctx: TracePointContext) -> i32 {
 /// system call). A process that left the scope is killed here, and so is a task of the
 /// scope whose `IORING_OP_SOCKET` asks for a link-layer family (that request makes a
 /// socket without `socket()`), or that submits to a ring which made one, or whose write
-/// to a fixed file goes to another process's memory or a packet device. The kill comes before the request runs; requests already in
+/// to a fixed file goes to another process's memory or a packet device. The kill comes
+/// before the request runs; requests already in
 /// the same submission may still run before the process dies (see the README).
 #[btf_tracepoint(function = "io_uring_submit_req")]
 #[inline(always)]
