@@ -235,6 +235,38 @@ fn approvals_need_n_distinct_named_approvers_other_than_the_requester() {
     assert!(denied["reasons"][0].as_str().unwrap().contains("not this week"), "{denied}");
     let (status, error) = w.sab.call("seb://approver/alice", "POST", &format!("/v1/requests/{id}/approve"), None);
     assert_eq!((status, error["error"]["code"].as_str()), (409, Some("already_decided")), "{error}");
+
+    // The requester approving its own request as fast as it can: every call refused, a
+    // few logged (their reason left out), the rest counted in a summary.
+    let reason = "x".repeat(4000);
+    for _ in 0..150 {
+        let (status, error) =
+            w.sab.call(&w.agent, "POST", &format!("/v1/requests/{id}/approve"), Some(&json!({"reason": reason})));
+        assert_eq!((status, error["error"]["code"].as_str()), (403, Some("self_approval")), "{error}");
+    }
+    let summarised = || {
+        let store = seb_agent::audit::AuditStore::open_read_only(&w.sab.database).unwrap();
+        let records = store.records_after(None, 0, 10_000).unwrap();
+        let logged: Vec<Value> = records
+            .iter()
+            .filter(|r| r.kind == "sab_approval")
+            .map(|r| r.parse::<Value>().unwrap())
+            .filter(|r| r["refused"] == "self_approval")
+            .collect();
+        let summaries = records.iter().filter(|r| r.kind == "sab_refusals_suppressed").count();
+        (logged, summaries)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (logged, _) = loop {
+        let (logged, summaries) = summarised();
+        if summaries > 0 {
+            break (logged, summaries);
+        }
+        assert!(std::time::Instant::now() < deadline, "no summary of the refusals past the budget");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(logged.len() < 75, "{} of 150 refused approvals logged one by one", logged.len());
+    assert!(logged.iter().all(|r| r["reason"].is_null()), "a refused approval's reason was logged");
 }
 
 #[test]
