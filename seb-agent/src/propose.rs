@@ -100,7 +100,11 @@ pub async fn propose(
                     )
                 }
                 Err((reason, message)) => {
-                    executors.retries.failed(&verified.serial, Instant::now());
+                    // Only a failure that a retry may end is paced; another reason (an
+                    // unsupported operation) is answered as itself each time.
+                    if reason == Reason::LiveStateUnavailable {
+                        executors.retries.failed(&verified.serial, Instant::now());
+                    }
                     pending.reject(reason, message)
                 }
             }

@@ -609,7 +609,7 @@ fn link_layer_sockets_are_refused_in_the_scope() {
     assert_eq!((&denial["action"], &denial["socket_family"]), (&Value::from("killed"), &Value::from("packet")));
     let report = sandbox.probe("exempt", &["ring-keeps-packet-socket"]).unwrap();
     assert!(report["installed"].as_i64().is_some_and(|fd| fd >= 0), "outside the scope the ring works: {report}");
-    // The rings are gone; new ones (likely at a freed ring's address) are not judged by
+    // The rings are gone; new ones (perhaps at a freed ring's address) are not judged by
     // what an old one made: an io_uring connect from the scope is refused by the connect
     // program (a local address, every port of 127.0.0.2 protected), its process not killed.
     for _ in 0..3 {
