@@ -320,9 +320,8 @@ impl Readiness {
         let attached = links.iter().all(|link| link.pin.exists()) && self.enforcer.integrity().intact;
         match &self.cluster {
             None => attached && !links.is_empty(),
-            Some(freshness) => {
-                attached && freshness.is_synced() && freshness.is_settled() && freshness.stale().is_none()
-            }
+            // `stale()` is also `Some` until both resources were read.
+            Some(freshness) => attached && freshness.is_settled() && freshness.stale().is_none(),
         }
     }
 }

@@ -125,16 +125,16 @@ impl Requests {
     /// restart, and expire only while the SAB runs: unbounded in bytes, a few requesters
     /// could fill its memory for good.
     pub fn has_room_for_pending(&self, requester: &str, per_requester: usize, bytes: usize) -> bool {
-        let pending = || self.entries.values().filter(|e| e.status == Status::Pending);
-        let (mut of_requester, mut requester_bytes, mut all_bytes) = (0, 0, 0);
-        for entry in pending() {
+        let (mut all, mut of_requester, mut all_bytes, mut requester_bytes) = (0, 0, 0, 0);
+        for entry in self.entries.values().filter(|e| e.status == Status::Pending) {
+            all += 1;
             all_bytes += entry.bytes;
             if entry.requester.uri == requester {
                 of_requester += 1;
                 requester_bytes += entry.bytes;
             }
         }
-        self.pending() < self.max_pending
+        all < self.max_pending
             && of_requester < per_requester
             && all_bytes + bytes <= MAX_PENDING_BYTES
             && requester_bytes + bytes <= MAX_PENDING_BYTES / 8
