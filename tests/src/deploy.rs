@@ -9,8 +9,8 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 
 /// Every kustomization under `deploy/`, in the order they are applied.
-pub const KUSTOMIZATIONS: [&str; 6] =
-    ["base", "node-local", "cluster", "cluster-state", "brokered-namespace", "agent-pod"];
+pub const KUSTOMIZATIONS: [&str; 7] =
+    ["base", "node-local", "cluster", "cluster-state", "sab", "brokered-namespace", "agent-pod"];
 
 /// The overlays that run the broker DaemonSet (and the base they share).
 pub const BROKER_OVERLAYS: [&str; 3] = ["base", "node-local", "cluster"];

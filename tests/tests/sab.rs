@@ -451,9 +451,10 @@ fn the_sab_log_holds_every_step_verifies_and_names_a_tampered_record() {
     assert_eq!((code, report["first_bad_record"].as_i64()), (1, Some(seq)), "{report}");
 }
 
-/// A request whose headers announce a body that never comes, on a TLS connection of
-/// `cert` (files from `Sab::identity_cert`): what the SAB answers, as raw HTTP.
-fn stalled_body(sab: &Sab, cert: &Path) -> String {
+/// What the SAB answers, as raw HTTP, to `request` sent on a TLS connection with the
+/// client certificate `cert` (files from `Sab::identity_cert`) or none, read until the
+/// SAB closes the connection (at most 30 s).
+fn exchange(sab: &Sab, cert: Option<&Path>, request: &[u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_rustls::rustls::{
         ClientConfig, RootCertStore,
@@ -463,25 +464,31 @@ fn stalled_body(sab: &Sab, cert: &Path) -> String {
     for der in CertificateDer::pem_file_iter(sab.dir.join("tls-ca.pem")).unwrap() {
         roots.add(der.unwrap()).unwrap();
     }
-    let chain = CertificateDer::pem_file_iter(cert.with_extension("pem")).unwrap().collect::<Result<Vec<_>, _>>();
-    let key = PrivateKeyDer::from_pem_file(cert.with_extension("key")).unwrap();
     let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let tls = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain.unwrap(), key)
-        .unwrap();
+        .with_root_certificates(roots);
+    let tls = match cert {
+        Some(cert) => {
+            let chain =
+                CertificateDer::pem_file_iter(cert.with_extension("pem")).unwrap().collect::<Result<Vec<_>, _>>();
+            let key = PrivateKeyDer::from_pem_file(cert.with_extension("key")).unwrap();
+            builder.with_client_auth_cert(chain.unwrap(), key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
     let address = sab.url.trim_start_matches("https://").to_string();
+    let request = request.to_vec();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async move {
         let stream = tokio::net::TcpStream::connect(address).await.unwrap();
         let name = ServerName::try_from("127.0.0.1").unwrap();
         let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls)).connect(name, stream).await.unwrap();
-        tls.write_all(b"POST /v1/certify HTTP/1.1\r\nhost: sab\r\ncontent-length: 100\r\n\r\n{").await.unwrap();
+        tls.write_all(&request).await.unwrap();
         let mut answer = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut answer)).await;
-        assert!(read.is_ok(), "the SAB held the stalled request for 30 s");
+        assert!(read.is_ok(), "the SAB held the connection for 30 s");
         String::from_utf8_lossy(&answer).into_owned()
     })
 }
@@ -535,7 +542,8 @@ fn one_caller_holds_neither_the_sabs_connections_nor_its_time_nor_its_approval_q
 
     // A body announced and never sent is answered 408 once its time is up.
     let started = std::time::Instant::now();
-    let answer = stalled_body(&w.sab, &alice);
+    let answer =
+        exchange(&w.sab, Some(&alice), b"POST /v1/certify HTTP/1.1\r\nhost: sab\r\ncontent-length: 100\r\n\r\n{");
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
 
@@ -609,6 +617,42 @@ fn only_clients_with_a_certificate_from_the_sabs_tls_ca_and_an_identity_get_an_a
     // Our CA, but the server certificate is no client certificate (no seb:// identity).
     let server = w.sab.dir.join("server");
     refused_in_the_handshake(w.sab.call_as(&server, "GET", "/v1/healthz", None));
+}
+
+#[test]
+fn a_probe_without_a_certificate_gets_the_health_answer_once_and_nothing_else() {
+    let w = world("sabprobe", "");
+    // What the SAB's Deployment asks of the kubelet.
+    let objects = seb_sandbox::deploy::render(&seb_sandbox::deploy::deploy_dir().join("sab")).unwrap();
+    let deployment = seb_sandbox::deploy::find(&objects, "Deployment", "seb-sab").unwrap();
+    let probe = &deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"];
+    assert_eq!((probe["scheme"].as_str(), probe["path"].as_str()), (Some("HTTPS"), Some("/v1/healthz")), "{probe}");
+
+    // Two requests on one connection: one answer, then the SAB closes it.
+    let healthz = b"GET /v1/healthz HTTP/1.1\r\nhost: sab\r\n\r\n";
+    let answer = exchange(&w.sab, None, &[&healthz[..], &healthz[..]].concat());
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1").count(), 1, "a second request was answered: {answer}");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(body).unwrap(),
+        json!({"status": "ok"}),
+        "no epochs without a certificate"
+    );
+
+    // Anything else is refused, naming why.
+    for request in [
+        "GET /v1/requests HTTP/1.1\r\nhost: sab\r\n\r\n".to_string(),
+        format!("POST /v1/certify HTTP/1.1\r\nhost: sab\r\ncontent-length: 2\r\n\r\n{{}}"),
+        "POST /v1/healthz HTTP/1.1\r\nhost: sab\r\ncontent-length: 0\r\n\r\n".to_string(),
+    ] {
+        let answer = exchange(&w.sab, None, request.as_bytes());
+        assert!(answer.starts_with("HTTP/1.1 401") && answer.contains("certificate_required"), "{request}: {answer}");
+    }
+    // The same call with a certificate carries the epochs.
+    let (status, health) = w.sab.call(&w.agent, "GET", "/v1/healthz", None);
+    assert_eq!(status, 200);
+    assert!(health["revocation_epoch"].is_u64(), "{health}");
 }
 
 #[test]

@@ -52,6 +52,9 @@ pub fn run_check() -> Result<()> {
         if BROKER_OVERLAYS.contains(&name) {
             check_agent_config(name, &objects, &agent, &scratch)?;
         }
+        if name == "sab" {
+            check_sab_config(&objects, &scratch)?;
+        }
         count += objects.len();
     }
 
@@ -99,6 +102,28 @@ fn check_agent_config(name: &str, objects: &[Value], agent: &std::path::Path, sc
         .arg(&file)
         .stdout(std::process::Stdio::null()))
     .with_context(|| format!("deploy/{name}: its agent.toml is not a valid agent config"))
+}
+
+/// The SAB's sab.toml and policies, as its ConfigMaps carry them: the config parses and
+/// validates, and the policies load against the schema as `seb-agent sab serve` would.
+fn check_sab_config(objects: &[Value], scratch: &std::path::Path) -> Result<()> {
+    let data_of = |key: &str| {
+        objects
+            .iter()
+            .find(|o| o["kind"] == "ConfigMap" && o["data"][key].is_string())
+            .map(|o| &o["data"])
+            .with_context(|| format!("deploy/sab renders no ConfigMap with {key}"))
+    };
+    let config = data_of("sab.toml")?["sab.toml"].as_str().unwrap_or_default();
+    seb_agent::sab::SabConfig::parse(config).context("deploy/sab: its sab.toml is not a valid SAB config")?;
+    let policies = scratch.join("sab-policies");
+    std::fs::create_dir_all(&policies)?;
+    for (file, text) in data_of("base.cedar")?.as_object().into_iter().flatten() {
+        std::fs::write(policies.join(file), text.as_str().unwrap_or_default())?;
+    }
+    seb_agent::sab::policy::PolicyBook::load_dir(&policies, seb_agent::sab::config::MAX_CERTIFICATE_TTL)
+        .context("deploy/sab: its policies do not load")?;
+    Ok(())
 }
 
 fn ensure_validator() -> Result<()> {

@@ -1,7 +1,8 @@
-//! The HTTPS API (v1): TLS 1.3 with client certificates from the SAB's client CA
-//! required; the caller is the certificate's identity URI. Bounded: handshakes and
-//! connections at once (and connections per caller), handshake, header and body time,
-//! body size.
+//! The HTTPS API (v1): TLS 1.3 with client certificates from the SAB's client CA; the
+//! caller is the certificate's identity URI. A client without a certificate (the
+//! kubelet's readiness probe) gets one answer per connection, and only to
+//! `GET /v1/healthz`, without the epochs. Bounded: handshakes and connections at once
+//! (and connections per caller), handshake, header and body time, body size.
 
 use std::{sync::Arc, time::Duration};
 
@@ -43,7 +44,7 @@ pub fn per_caller(max_connections: usize) -> usize {
     (max_connections / 4).clamp(1, 16)
 }
 
-/// TLS 1.3, a client certificate from `client_ca` required.
+/// TLS 1.3; a client certificate, when one is presented, must chain to `client_ca`.
 pub fn tls_config(tls: &TlsConfig) -> Result<ServerConfig> {
     let chain = CertificateDer::pem_file_iter(&tls.certificate)
         .with_context(|| format!("reading {}", tls.certificate.display()))?
@@ -56,7 +57,10 @@ pub fn tls_config(tls: &TlsConfig) -> Result<ServerConfig> {
         roots.add(der?)?;
     }
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    // Without a certificate a client reaches nothing but the health answer (`route`).
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()?;
     Ok(ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&TLS13])?
         .with_client_cert_verifier(verifier)
@@ -104,13 +108,12 @@ pub async fn serve(sab: Arc<Sab>, listener: TcpListener, tls: ServerConfig) -> R
                 Err(_) => return warn!(%peer, "TLS handshake timed out"),
             };
             drop((handshake, source_share));
-            let caller = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .map(|der| Caller::of_certificate(der).map_err(|e| format!("{e:#}")))
-                .unwrap_or_else(|| Err("no client certificate".into()));
+            let caller = match tls.get_ref().1.peer_certificates().and_then(|chain| chain.first()) {
+                Some(der) => Caller::of_certificate(der).map_err(|e| Refused::Identity(format!("{e:#}"))),
+                None => Err(Refused::NoCertificate),
+            };
+            // A client without a certificate (a probe) is answered once, then closed.
+            let keep_alive = !matches!(caller, Err(Refused::NoCertificate));
             let Ok(_connection) = established.try_acquire_owned() else {
                 return warn!(%peer, "connection refused: {max_connections} connections are open");
             };
@@ -126,6 +129,7 @@ pub async fn serve(sab: Arc<Sab>, listener: TcpListener, tls: ServerConfig) -> R
             let served = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(keep_alive)
                 .serve_connection(TokioIo::new(tls), service)
                 .await;
             if let Err(e) = served {
@@ -143,13 +147,32 @@ fn respond(reply: Reply) -> Response<Full<Bytes>> {
         .expect("a valid response")
 }
 
-async fn route(sab: &Sab, caller: &Result<Caller, String>, request: Request<Incoming>) -> Reply {
-    let caller = match caller {
-        Ok(caller) => caller,
-        Err(e) => return Reply::error(403, "bad_identity", format!("the client certificate names no caller: {e}")),
-    };
+/// Why a connection has no caller.
+enum Refused {
+    NoCertificate,
+    /// A certificate of the client CA that names no caller.
+    Identity(String),
+}
+
+async fn route(sab: &Sab, caller: &Result<Caller, Refused>, request: Request<Incoming>) -> Reply {
     let method = request.method().clone();
     let path = request.uri().path().to_string();
+    let caller = match caller {
+        Ok(caller) => caller,
+        Err(Refused::NoCertificate) if method == Method::GET && path == "/v1/healthz" => {
+            return sab.health(false).await;
+        }
+        Err(Refused::NoCertificate) => {
+            return Reply::error(
+                401,
+                "certificate_required",
+                "only GET /v1/healthz is answered without a client certificate",
+            );
+        }
+        Err(Refused::Identity(e)) => {
+            return Reply::error(403, "bad_identity", format!("the client certificate names no caller: {e}"));
+        }
+    };
     let query = request.uri().query().map(str::to_string);
     let bearer = request
         .headers()
@@ -163,7 +186,7 @@ async fn route(sab: &Sab, caller: &Result<Caller, String>, request: Request<Inco
         Err(reply) => return reply,
     };
     match (&method, segments.as_slice()) {
-        (&Method::GET, ["v1", "healthz"]) => sab.health().await,
+        (&Method::GET, ["v1", "healthz"]) => sab.health(true).await,
         (&Method::POST, ["v1", "certify"]) => match sab.reviewer() {
             None => sab.certify(caller, &body).await,
             Some(reviewer) => match reviewed(reviewer, caller, bearer.as_deref()).await {

@@ -31,10 +31,11 @@ pub use service::Sab;
 /// last handles) is shut down.
 pub async fn serve(config: SabConfig) -> Result<std::thread::JoinHandle<()>> {
     let tls = http::tls_config(&config.tls)?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listening on {}", config.listen))?;
+    let listen = config.listen;
+    // The port is bound only once the log is verified and the policies loaded: a TCP
+    // probe that connects finds a SAB that can answer.
     let (sab, ledger_thread) = Sab::start(config).await?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
     let watcher = tokio::spawn(service::watch_policies(sab.clone()));
     let stop_summaries = tokio_util::sync::CancellationToken::new();
     let summaries = tokio::spawn(sab.clone().record_suppressed_refusals_each_second(stop_summaries.clone()));
