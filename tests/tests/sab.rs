@@ -642,9 +642,9 @@ fn a_probe_without_a_certificate_gets_the_health_answer_once_and_nothing_else() 
 
     // Anything else is refused, naming why.
     for request in [
-        "GET /v1/requests HTTP/1.1\r\nhost: sab\r\n\r\n".to_string(),
-        format!("POST /v1/certify HTTP/1.1\r\nhost: sab\r\ncontent-length: 2\r\n\r\n{{}}"),
-        "POST /v1/healthz HTTP/1.1\r\nhost: sab\r\ncontent-length: 0\r\n\r\n".to_string(),
+        "GET /v1/requests HTTP/1.1\r\nhost: sab\r\n\r\n",
+        "POST /v1/certify HTTP/1.1\r\nhost: sab\r\ncontent-length: 2\r\n\r\n{}",
+        "POST /v1/healthz HTTP/1.1\r\nhost: sab\r\ncontent-length: 0\r\n\r\n",
     ] {
         let answer = exchange(&w.sab, None, request.as_bytes());
         assert!(answer.starts_with("HTTP/1.1 401") && answer.contains("certificate_required"), "{request}: {answer}");
