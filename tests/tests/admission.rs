@@ -237,8 +237,24 @@ fn epoch_revocation_and_replay_predicates_each_admit_and_deny() {
             "{admin:?} from the scope: {stderr}"
         );
     }
+    // Nor is root outside the scope in a pid namespace of its own (a container whose
+    // cgroup names no pod the broker knows: another runtime's, a kubelet's own root).
+    for admin in [&["epoch", "--revocation", "99"][..], &["revoke", "--contract", "c-live"], &["status"]] {
+        let output = std::process::Command::new("unshare")
+            .args(["--pid", "--fork"])
+            .arg(&f.sandbox.tools.agent)
+            .args(admin)
+            .args(["--socket", &socket])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains("runs in another pid namespace"),
+            "{admin:?} from another pid namespace: {stderr}"
+        );
+    }
     let Response::Epochs(epochs) = f.call(Request::GetEpochs) else { panic!("no epochs") };
-    assert_eq!(epochs.revocation, Some(2), "the scope's root moved the revocation epoch");
+    assert_eq!(epochs.revocation, Some(2), "the scope's root, or a container's, moved the revocation epoch");
     assert_admitted(&f.decide(&ahead, &request));
 }
 

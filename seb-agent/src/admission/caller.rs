@@ -97,6 +97,15 @@ impl Peer {
         Ok(Caller { identity, peer: self.clone() })
     }
 
+    /// Whether the process is in the broker's namespace of `kind` (`pid`, `mnt`): read
+    /// from /proc, then the process checked to be the pinned one. False if it cannot be
+    /// read, or the process is gone.
+    pub fn shares_namespace(&self, kind: &str) -> bool {
+        let namespace = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
+        let theirs = namespace(&self.pid.to_string());
+        theirs.is_some() && theirs == namespace("self") && self.alive()
+    }
+
     /// What SO_PEERCRED alone says.
     pub fn unidentified(&self) -> CallerIdentity {
         CallerIdentity::unidentified(self.uid, self.gid, self.pid)
@@ -142,9 +151,7 @@ impl Caller {
     /// so that its executable's path names the file it names for the broker. Read when
     /// a contract needs it; false if it cannot be read, or the caller is gone.
     fn shares_mounts(&self) -> bool {
-        let namespace = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
-        let theirs = namespace(&self.identity.pid.to_string());
-        theirs.is_some() && theirs == namespace("self") && self.still_same()
+        self.peer.shares_namespace("mnt")
     }
 
     /// Whether the caller is the agent the contract names; `Err` says what differs.

@@ -225,17 +225,24 @@ async fn handle_probe_egress(addr: String, broker: &Broker) -> Response {
     Response::ProbeEgress { addr, connected: result.is_ok(), error: result.err().map(|e| format!("{e:#}")) }
 }
 
-/// Administrator requests: uid 0 outside the enforced scope, and the process that
-/// connected is still alive (a refusal of either of the latter is recorded). Root in a
-/// pod of the scope is uid 0 here too (no user namespace), and must not move epochs,
-/// revoke others' certificates or probe protected endpoints through the broker.
+/// Administrator requests: uid 0 outside the enforced scope, in the broker's pid
+/// namespace and in no pod but the broker's own, and the process that connected is still
+/// alive (a refusal of any of these is recorded). Root in a pod of the scope is uid 0
+/// here too (no user namespace), and must not move epochs, revoke others' certificates
+/// or probe protected endpoints through the broker; nor may root in a container the
+/// kubelet's layout does not name (another runtime's, a kubelet with its own cgroup
+/// root): a container has its own pid namespace, the node's administrator has the
+/// broker's (the DaemonSet runs with the host's).
 async fn administrator(peer: &Peer, broker: &Broker, what: &str) -> Result<(), Response> {
     if peer.uid != 0 {
         return Err(error(ErrorCode::Forbidden, format!("{what} is for the node's administrator (uid 0)")));
     }
-    // The scope first, then liveness: a process that exits in between (its cgroup no
-    // longer readable) is refused as of the scope or as gone, never let through.
+    // Everything read first, then liveness: a process that exits in between (its PID
+    // reused by another) is refused as gone, never judged by what its successor shows.
     let of_the_scope = u32::try_from(peer.pid).map_or(true, |tgid| broker.enforcer.is_of_the_scope(tgid));
+    let cgroup =
+        std::fs::File::open(format!("/proc/{}/cgroup", peer.pid)).ok().and_then(crate::cgroupfs::unified_cgroup);
+    let pid_namespace_shared = peer.shares_namespace("pid");
     let (reason, message) = if !peer.alive() {
         (
             admission::Reason::CallerChanged,
@@ -249,12 +256,21 @@ async fn administrator(peer: &Peer, broker: &Broker, what: &str) -> Result<(), R
                 peer.pid
             ),
         )
-    } else if let Some(pod) = another_pod(peer) {
+    } else if let Some(pod) = another_pod(cgroup.as_deref()) {
         (
             admission::Reason::CallerMismatch,
             format!(
                 "{what} is for the node's administrator: the caller (pid {}) runs in pod {pod}, neither on the node \
                  nor in the broker's own pod",
+                peer.pid
+            ),
+        )
+    } else if !pid_namespace_shared {
+        (
+            admission::Reason::CallerMismatch,
+            format!(
+                "{what} is for the node's administrator: the caller (pid {}) runs in another pid namespace (a \
+                 container), not in the broker's",
                 peer.pid
             ),
         )
@@ -276,15 +292,13 @@ async fn administrator(peer: &Peer, broker: &Broker, what: &str) -> Result<(), R
 /// The pod the caller runs in, when it is a pod other than the broker's own: root in any
 /// pod that can reach the socket (one not enforced, a labelled one before its
 /// enforcement is attached) is uid 0 here. An unreadable cgroup counts as another pod.
-fn another_pod(peer: &Peer) -> Option<String> {
+fn another_pod(cgroup: Option<&str>) -> Option<String> {
     static OWN_POD: std::sync::LazyLock<Option<String>> = std::sync::LazyLock::new(|| {
         let cgroup = std::fs::File::open("/proc/self/cgroup").ok().and_then(crate::cgroupfs::unified_cgroup);
         cgroup.as_deref().and_then(crate::kubelet_cgroups::pod_uid_of_caller)
     });
-    let cgroup =
-        std::fs::File::open(format!("/proc/{}/cgroup", peer.pid)).ok().and_then(crate::cgroupfs::unified_cgroup);
     let Some(cgroup) = cgroup else { return Some("(cgroup unreadable)".into()) };
-    pod_other_than(crate::kubelet_cgroups::pod_uid_of_caller(&cgroup), OWN_POD.as_deref())
+    pod_other_than(crate::kubelet_cgroups::pod_uid_of_caller(cgroup), OWN_POD.as_deref())
 }
 
 /// `caller`'s pod, unless it is `own` (or no pod: the node).
