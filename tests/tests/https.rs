@@ -161,16 +161,18 @@ fn a_certificate_refused_for_drift_waits_a_second_before_it_is_prepared_again() 
     assert_eq!(reads(), 2);
 }
 
-/// An error answer after which the write may have been made (a gateway timeout: here the
-/// API did make it) is `unknown`, which an agent must not retry blindly; a refusal such as
+/// An answer after which the write may have been made (a gateway timeout, a redirection:
+/// here the API did make it) is `unknown`, which an agent must not retry blindly; a refusal such as
 /// a conflict, or a method the server does not implement, is `failed`.
 #[test]
 fn a_server_error_answer_is_unknown_and_a_refusal_failed() {
     let w = world("https5xx");
     let role = ScopedIdentity::X509Client { subject: SUBJECT.into() };
     let mut current: Option<serde_json::Value> = None;
-    // 524: a CDN's timeout after it forwarded the request; 501: the method not handled.
+    // 524: a CDN's timeout after it forwarded the request; 501: the method not handled;
+    // 303: "see other" for a POST taken (nothing follows redirects).
     for (i, (code, expected)) in [
+        (303, OutcomeStatus::Unknown),
         (504, OutcomeStatus::Unknown),
         (524, OutcomeStatus::Unknown),
         (501, OutcomeStatus::Failed),

@@ -78,6 +78,7 @@ impl HttpOperation {
             other => bail!("HTTP operation `{other}` is not a mutation (PUT, POST, PATCH or DELETE)"),
         };
         let url = target_url(&request.target)?;
+        super::only_params(&request.operation, &request.params, &["body"])?;
         // Sent in its canonical form, the bytes the request digest covers (`1.0` and `1`
         // digest alike; the server receives the one form).
         let body = request.params.get("body").map(|body| Bytes::from(canonical_json(body)));
@@ -467,5 +468,10 @@ mod tests {
         assert_eq!(op.body.as_deref(), Some(br#"{"replicas":3}"#.as_slice()));
         assert!(HttpOperation::parse(&request("GET", "https://api.internal/x")).is_err());
         assert!(HttpOperation::parse(&request("PUT", "http://api.internal/x")).is_err());
+        // A key nothing sends is no part of what is certified.
+        let decoy =
+            MutationRequest { params: json!({"body": 1, "ticket": "CHG-1"}), ..request("PUT", "https://api/x") };
+        let refused = format!("{:#}", HttpOperation::parse(&decoy).unwrap_err());
+        assert!(refused.contains("params.ticket means nothing to PUT (it takes params.body)"), "{refused}");
     }
 }

@@ -77,6 +77,11 @@ pub enum Verb {
 }
 
 impl KubeTarget {
+    /// A core (group "") Secret.
+    fn is_core_secret(&self) -> bool {
+        self.gvk.group.is_empty() && self.gvk.kind == "Secret"
+    }
+
     pub fn parse(target: &str) -> Result<Self> {
         let usage = || format!("Kubernetes targets are <apiVersion>/<Kind>/<namespace>/<name>, not `{target}`");
         let parts: Vec<&str> = target.split('/').collect();
@@ -225,16 +230,20 @@ impl KubeOperation {
     pub fn parse(request: &MutationRequest) -> Result<Self> {
         let target = KubeTarget::parse(&request.target)?;
         let params = &request.params;
+        check_params_keys(&request.operation, params)?;
+        let core_secret = target.is_core_secret();
         let object = |verb: &str| -> Result<Value> {
             let object = params.get("object").cloned().with_context(|| format!("{verb} needs params.object"))?;
             check_object_names(&object, &target, verb)?;
             // The token controller fills such a Secret with a token that never expires:
             // a credential beyond any decision, for whoever can read or mount it.
-            let core_secret = target.gvk.group.is_empty() && target.gvk.kind == "Secret";
             ensure!(
-                !(core_secret && object["type"] == "kubernetes.io/service-account-token"),
+                !(core_secret && object["type"] == SERVICE_ACCOUNT_TOKEN),
                 "a Secret of type kubernetes.io/service-account-token (a ServiceAccount token that never expires) is not made through seb"
             );
+            if core_secret {
+                check_no_token_annotations(&object)?;
+            }
             Ok(object)
         };
         let verb = match request.operation.as_str() {
@@ -243,6 +252,9 @@ impl KubeOperation {
                 let patch = params.get("patch").cloned().context("patch needs params.patch (a JSON merge patch)")?;
                 ensure!(patch.is_object(), "params.patch is a JSON merge patch (an object)");
                 ensure!(patch.get("metadata").is_none_or(Value::is_object), "params.patch.metadata must be an object");
+                if core_secret {
+                    check_no_token_annotations(&patch)?;
+                }
                 Verb::Patch(patch)
             }
             "apply" => Verb::Apply(object("apply")?),
@@ -253,6 +265,55 @@ impl KubeOperation {
         Ok(Self { verb, target })
     }
 }
+
+impl KubeOperation {
+    /// Whether the operation can be sent against the target as the drift check found it:
+    /// a patch, scale or delete only of an object that existed (its resourceVersion is
+    /// the write's precondition; without one, an object made meanwhile would take a write
+    /// nobody certified), and nothing but a delete to a ServiceAccount token Secret (the
+    /// token controller would fill it with a token of whatever ServiceAccount it names).
+    fn applies_to(&self, existed: bool, token_secret: bool) -> Result<()> {
+        let needs_existing = matches!(self.verb, Verb::Patch(_) | Verb::Scale(_) | Verb::Delete);
+        ensure!(
+            !needs_existing || existed,
+            "the target did not exist at the drift check: a patch, scale or delete of it is not sent (certify a create or an apply)"
+        );
+        ensure!(
+            !token_secret || self.verb == Verb::Delete,
+            "the target is a Secret of type {SERVICE_ACCOUNT_TOKEN}: only its delete is sent through seb"
+        );
+        Ok(())
+    }
+}
+
+/// The keys `params` may hold for `operation`.
+fn check_params_keys(operation: &str, params: &Value) -> Result<()> {
+    let allowed: &[&str] = match operation {
+        "create" | "apply" => &["object"],
+        "patch" => &["patch"],
+        "scale" => &["replicas"],
+        _ => &[],
+    };
+    super::only_params(operation, params, allowed)
+}
+
+/// The annotations by which the token controller fills a Secret of type
+/// `kubernetes.io/service-account-token` with a token of the ServiceAccount they name
+/// (`pkg/controller/serviceaccount/tokens_controller.go`): not written through seb.
+fn check_no_token_annotations(object: &Value) -> Result<()> {
+    let annotations = object.pointer("/metadata/annotations").and_then(Value::as_object);
+    if let Some(key) =
+        annotations.into_iter().flatten().map(|(key, _)| key).find(|key| key.starts_with(TOKEN_ANNOTATIONS))
+    {
+        bail!(
+            "the annotation {key} of a Secret (it names the ServiceAccount a token controller mints for) is not written through seb"
+        );
+    }
+    Ok(())
+}
+
+const TOKEN_ANNOTATIONS: &str = "kubernetes.io/service-account.";
+const SERVICE_ACCOUNT_TOKEN: &str = "kubernetes.io/service-account-token";
 
 /// A created or applied object is the target: its `metadata.name` is the target's name
 /// (what the API server creates is the body's name, not the URL's), no `generateName`,
@@ -319,6 +380,9 @@ pub struct KubeSession {
     pub identity: MintedIdentity,
     /// The target's resourceVersion at the drift check.
     resource_version: Option<String>,
+    /// The target, at the drift check, is a Secret of type
+    /// `kubernetes.io/service-account-token`.
+    live_token_secret: bool,
 }
 
 /// The Secret a minted token is bound to. Deleted once, as the broker, with connections
@@ -333,8 +397,10 @@ struct BoundSecret {
 
 impl BoundSecret {
     async fn delete(&mut self) {
-        if !std::mem::replace(&mut self.deleted, true) {
+        if !self.deleted {
             delete_secret(self.client.clone(), &self.namespace, &self.name).await;
+            // Only now: a delete cut short (a stage's deadline) is sent again on drop.
+            self.deleted = true;
         }
     }
 }
@@ -429,6 +495,7 @@ impl KubernetesExecutor {
             bound,
             identity,
             resource_version: None,
+            live_token_secret: false,
         })
     }
 
@@ -436,6 +503,8 @@ impl KubernetesExecutor {
     pub async fn live_state(&self, target: &KubeTarget, session: &mut KubeSession) -> Result<String> {
         let object = target.api(&session.client).get_opt(&target.name).await?;
         session.resource_version = object.as_ref().and_then(|o| o.metadata.resource_version.clone());
+        session.live_token_secret =
+            target.is_core_secret() && object.as_ref().is_some_and(|o| o.data["type"] == SERVICE_ACCOUNT_TOKEN);
         Ok(digest_of(&canonical_state(object.as_ref())))
     }
 
@@ -564,6 +633,10 @@ impl Executor for KubernetesExecutor {
                     return Err(read_failed(e));
                 }
             };
+            if let Err(e) = operation.applies_to(session.resource_version.is_some(), session.live_token_secret) {
+                self.revoke(&mut session).await;
+                return Err(unsupported(e));
+            }
             let timings = Timings { mint_ms, drift_check_ms: ms(clock), execute_ms: 0.0 };
             Ok((Box::new(KubeMutation { executor: self, operation, session }) as Prepared<'a>, digest, timings))
         })
@@ -659,19 +732,74 @@ mod tests {
 
     #[test]
     fn no_long_lived_service_account_token_is_made() {
-        let secret = |kind: &str| {
+        let secret = |kind: &str, annotations: Value| {
             json!({"object": {"apiVersion": "v1", "kind": "Secret", "type": kind,
-                              "metadata": {"name": "s", "annotations": {"kubernetes.io/service-account.name": "admin"}}}})
+                              "metadata": {"name": "s", "annotations": annotations}}})
         };
+        let names_admin = json!({"kubernetes.io/service-account.name": "admin"});
         for operation in ["create", "apply"] {
             let refused = KubeOperation::parse(&request(
                 operation,
                 "v1/Secret/prod/s",
-                secret("kubernetes.io/service-account-token"),
+                secret("kubernetes.io/service-account-token", json!({})),
             ));
             assert!(format!("{:#}", refused.unwrap_err()).contains("never expires"), "{operation}");
-            KubeOperation::parse(&request(operation, "v1/Secret/prod/s", secret("Opaque"))).unwrap();
+            KubeOperation::parse(&request(operation, "v1/Secret/prod/s", secret("Opaque", json!({"a": "b"})))).unwrap();
+            // The annotations that name the ServiceAccount, on a Secret whose type the
+            // body leaves out (an apply to an existing token Secret keeps its type).
+            let refused =
+                KubeOperation::parse(&request(operation, "v1/Secret/prod/s", secret("Opaque", names_admin.clone())));
+            assert!(
+                format!("{:#}", refused.unwrap_err()).contains("kubernetes.io/service-account.name"),
+                "{operation}"
+            );
         }
+        // A patch that would turn an existing token Secret into another ServiceAccount's.
+        let patch = json!({"patch": {"metadata": {"annotations": {"kubernetes.io/service-account.uid": null}}}});
+        let refused = KubeOperation::parse(&request("patch", "v1/Secret/prod/s", patch.clone())).unwrap_err();
+        assert!(format!("{refused:#}").contains("kubernetes.io/service-account.uid"), "{refused:#}");
+        // Other kinds may carry such annotations (the token controller reads only Secrets).
+        KubeOperation::parse(&request("patch", "v1/ConfigMap/prod/s", patch)).unwrap();
+        // Whatever the body says, a Secret the drift check found to be a token Secret
+        // takes nothing but a delete.
+        let patch =
+            KubeOperation::parse(&request("patch", "v1/Secret/prod/s", json!({"patch": {"data": {}}}))).unwrap();
+        assert!(format!("{:#}", patch.applies_to(true, true).unwrap_err()).contains("only its delete"));
+        patch.applies_to(true, false).unwrap();
+        KubeOperation::parse(&request("delete", "v1/Secret/prod/s", Value::Null))
+            .unwrap()
+            .applies_to(true, true)
+            .unwrap();
+    }
+
+    #[test]
+    fn patch_scale_and_delete_are_sent_only_to_an_object_that_existed() {
+        for (operation, params) in
+            [("patch", json!({"patch": {"data": {}}})), ("scale", json!({"replicas": 2})), ("delete", Value::Null)]
+        {
+            let op = KubeOperation::parse(&request(operation, "apps/v1/Deployment/prod/web", params)).unwrap();
+            let refused = format!("{:#}", op.applies_to(false, false).unwrap_err());
+            assert!(refused.contains("did not exist at the drift check"), "{operation}: {refused}");
+            op.applies_to(true, false).unwrap();
+        }
+        let object = json!({"object": {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}}});
+        for operation in ["create", "apply"] {
+            let op = KubeOperation::parse(&request(operation, "apps/v1/Deployment/prod/web", object.clone())).unwrap();
+            op.applies_to(false, false).unwrap();
+        }
+    }
+
+    #[test]
+    fn params_hold_only_what_the_operation_reads() {
+        let parse = |operation: &str, params: Value| {
+            KubeOperation::parse(&request(operation, "apps/v1/Deployment/prod/web", params))
+                .map_err(|e| format!("{e:#}"))
+        };
+        let decoy = parse("scale", json!({"replicas": 2, "approved_by": "cab"})).unwrap_err();
+        assert!(decoy.contains("params.approved_by means nothing to scale (it takes params.replicas)"), "{decoy}");
+        assert!(parse("delete", json!({"force": true})).unwrap_err().contains("it takes no params"));
+        assert!(parse("delete", json!([1])).unwrap_err().contains("params must be an object"));
+        parse("delete", json!({})).unwrap();
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod target_locks;
 
 use std::time::Instant;
 
+use anyhow::{Result, bail};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
@@ -168,6 +169,23 @@ pub fn identity_mismatch(provider: Provider, identity: &ScopedIdentity) -> Refus
 }
 
 /// The refusal for a request the provider cannot perform.
+/// `params` holds no key but `allowed` (or is absent): a key no executor reads would be
+/// certified, and judged by the SAB's rules, without meaning anything.
+pub fn only_params(operation: &str, params: &serde_json::Value, allowed: &[&str]) -> Result<()> {
+    match params {
+        serde_json::Value::Null => Ok(()),
+        serde_json::Value::Object(map) => match map.keys().find(|key| !allowed.contains(&key.as_str())) {
+            None => Ok(()),
+            Some(key) if allowed.is_empty() => bail!("params.{key} means nothing to {operation} (it takes no params)"),
+            Some(key) => bail!(
+                "params.{key} means nothing to {operation} (it takes {})",
+                allowed.iter().map(|k| format!("params.{k}")).collect::<Vec<_>>().join(", ")
+            ),
+        },
+        _ => bail!("params must be an object"),
+    }
+}
+
 pub fn unsupported(e: anyhow::Error) -> Refusal {
     (Reason::UnsupportedOperation, format!("{e:#}"))
 }
@@ -304,11 +322,12 @@ impl Executors {
     }
 }
 
-/// An API error answer after which the change may still have been made: any server or
-/// gateway error (an API server past its timeout, a proxy that lost the upstream answer,
-/// a CDN's 52x, AWS `InternalError`) but the two that say the request was not handled
-/// at all (501 Not Implemented, 505 HTTP Version Not Supported). Any other error answer
-/// refused the request.
+/// An answer other than a success after which the change may still have been made: any
+/// redirection (nothing follows one; `303 See Other` is how many APIs answer a POST they
+/// took), and any server or gateway error (an API server past its timeout, a proxy that
+/// lost the upstream answer, a CDN's 52x, AWS `InternalError`) but the two that say the
+/// request was not handled at all (501 Not Implemented, 505 HTTP Version Not Supported).
+/// Any other error answer refused the request.
 fn may_have_applied(status: u16) -> bool {
-    (500..600).contains(&status) && !matches!(status, 501 | 505)
+    (300..400).contains(&status) || ((500..600).contains(&status) && !matches!(status, 501 | 505))
 }

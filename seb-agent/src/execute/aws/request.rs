@@ -454,9 +454,13 @@ impl CheckedHttp {
             })
             .with_context(|| format!("`{}` is not an HTTP method AWS APIs use", call.method))?;
         ensure!(call.path.starts_with('/'), "the path `{}` must start with `/`", call.path);
-        call.path
+        let parsed = call
+            .path
             .parse::<http::uri::PathAndQuery>()
             .with_context(|| format!("`{}` is not a valid path and query", call.path))?;
+        // What is signed and sent is what was certified, byte for byte (a `#` fragment
+        // would be cut off).
+        ensure!(parsed.as_str() == call.path, "the path `{}` would not be sent as written (no `#`)", call.path);
         ensure!(call.headers.len() <= MAX_HEADERS, "more than {MAX_HEADERS} headers");
         let mut headers = Vec::new();
         for (name, value) in &call.headers {
@@ -624,6 +628,11 @@ mod tests {
         params["request"]["headers"]["x-amz-security-token"] = json!("t");
         let e = format!("{:#}", AwsOperation::parse(&request(params)).unwrap_err());
         assert!(e.contains("sets the `x-amz-security-token` header itself"), "{e}");
+
+        let mut params = put_item();
+        params["request"]["path"] = json!("/#fragment");
+        let e = format!("{:#}", AwsOperation::parse(&request(params)).unwrap_err());
+        assert!(e.contains("would not be sent as written"), "{e}");
 
         let mut params = put_item();
         params["precondition"]["volatile"] = json!(["ConsumedCapacity"]);
