@@ -51,7 +51,7 @@ pub async fn serve(mut stream: UnixStream, peer: Peer, broker: Arc<Broker>, slot
         };
         // Parsed, the request may take far more than its bytes: that is metered too.
         let cost = limits::parsed_cost(&frame);
-        let _parsed_share = match broker.frame_memory.take(cost) {
+        let _parsed_share = match broker.frame_memory.take(cost, false).await {
             Some(share) => share,
             None if !broker.frame_memory.could_take(cost) => {
                 broker.metrics.count_limit(Limit::FrameMemory);
@@ -109,20 +109,34 @@ async fn read_request(
             return Err(None);
         }
     };
-    let Some(share) = broker.frame_memory.take(len) else {
+    let Some(mut share) = broker.frame_memory.take(len, true).await else {
         broker.metrics.count_limit(Limit::FrameMemory);
         let message = format!(
             "the broker is receiving too many large requests (broker.frame_memory_mib); a {len}-byte request does not fit now"
         );
         return Err(Some(error(ErrorCode::Busy, message)));
     };
-    match timeout(limits.frame_timeout, frames.read_body(stream, len)).await {
+    let body = tokio::select! {
+        body = timeout(limits.frame_timeout, frames.read_body(stream, len)) => body,
+        () = share.displaced() => {
+            broker.metrics.count_limit(Limit::FrameMemory);
+            let message = format!(
+                "the {len}-byte request was still arriving when another needed the broker's request memory \
+                 (broker.frame_memory_mib): it arrived too slowly"
+            );
+            return Err(Some(error(ErrorCode::Busy, message)));
+        }
+    };
+    match body {
         Err(_) => {
             broker.metrics.count_limit(Limit::FrameTimeout);
             let message = format!("the {len}-byte request did not arrive within {} s", limits.frame_timeout.as_secs());
             Err(Some(error(ErrorCode::Timeout, message)))
         }
-        Ok(Ok(body)) => Ok((body, share)),
+        Ok(Ok(body)) => {
+            share.arrived();
+            Ok((body, share))
+        }
         Ok(Err(e)) => {
             debug!(error = %e, "dropping a connection with a truncated message");
             Err(None)

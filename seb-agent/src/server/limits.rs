@@ -21,8 +21,8 @@ use crate::{
     protocol::MAX_MESSAGE,
 };
 
-/// Requests up to this size need no share of `broker.frame_memory_mib`: small requests
-/// (a ping, a proposal with its certificate) get through even while it is taken.
+/// Requests up to this size need no share of `broker.frame_memory_mib` (a ping, most
+/// proposals); larger ones get theirs by displacing requests still arriving.
 pub const UNMETERED_FRAME: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Copy)]
@@ -192,20 +192,40 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// Memory for large requests while they arrive, shared by every connection.
+/// Memory for large requests while they arrive and while they are parsed, shared by
+/// every connection. When it is taken, a request that needs some displaces the requests
+/// that have been arriving longest (as connections displace the longest idle): a flood
+/// of requests announced large and sent slowly (or not finished) cannot hold it while
+/// others are refused. A request that has arrived whole is never displaced.
 pub struct FrameMemory {
     budget: Arc<Semaphore>,
     total: usize,
+    arriving: Arc<Mutex<Arriving>>,
+}
+
+/// Shares of requests still arriving, oldest first: sequence → (bytes, its displacement).
+#[derive(Default)]
+struct Arriving {
+    next: u64,
+    shares: BTreeMap<u64, (usize, CancellationToken)>,
 }
 
 /// A request's share of [`FrameMemory`], given back on drop.
-pub struct FrameShare(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
+pub struct FrameShare {
+    _permit: Option<OwnedSemaphorePermit>,
+    /// While the request arrives: its place among the displaceable shares.
+    arriving: Option<(Arc<Mutex<Arriving>>, u64)>,
+    displaced: CancellationToken,
+}
+
+/// How long a request waits for the memory the requests it displaced give back.
+const DISPLACEMENT_WAIT: Duration = Duration::from_secs(1);
 
 impl FrameMemory {
     pub fn new(bytes: usize) -> Self {
         // At least one largest message fits, whatever the config says.
         let total = bytes.max(MAX_MESSAGE);
-        Self { budget: Arc::new(Semaphore::new(total)), total }
+        Self { budget: Arc::new(Semaphore::new(total)), total, arriving: Arc::default() }
     }
 
     /// Whether `len` bytes could ever be taken (a request costing more is too large, not
@@ -214,14 +234,70 @@ impl FrameMemory {
         len <= self.total
     }
 
-    /// Take `len` bytes for a request of that announced length, or `None` when that much
-    /// is not free now. Small requests take nothing.
-    pub fn take(&self, len: usize) -> Option<FrameShare> {
+    /// Take `len` bytes for a request still to arrive (displaceable until
+    /// [`FrameShare::arrived`]), or for one being parsed; when they are not free,
+    /// displace the requests arriving longest until they would be, and wait (at most a
+    /// second) for them to let go. `None`: not even so. Small requests take nothing.
+    pub async fn take(&self, len: usize, arriving: bool) -> Option<FrameShare> {
+        let displaced = CancellationToken::new();
         if len <= UNMETERED_FRAME {
-            return Some(FrameShare(None));
+            return Some(FrameShare { _permit: None, arriving: None, displaced });
         }
-        let permits = u32::try_from(len).ok()?;
-        self.budget.clone().try_acquire_many_owned(permits).ok().map(|permit| FrameShare(Some(permit)))
+        let permits = u32::try_from(len).ok().filter(|_| self.could_take(len))?;
+        let permit = match self.budget.clone().try_acquire_many_owned(permits) {
+            Ok(permit) => permit,
+            Err(_) => {
+                if !self.displace(len.saturating_sub(self.budget.available_permits())) {
+                    return None;
+                }
+                let acquire = self.budget.clone().acquire_many_owned(permits);
+                tokio::time::timeout(DISPLACEMENT_WAIT, acquire).await.ok()?.ok()?
+            }
+        };
+        let arriving = arriving.then(|| {
+            let mut state = self.arriving.lock().expect("not poisoned");
+            state.next += 1;
+            let seq = state.next;
+            state.shares.insert(seq, (len, displaced.clone()));
+            (self.arriving.clone(), seq)
+        });
+        Some(FrameShare { _permit: Some(permit), arriving, displaced })
+    }
+
+    /// Displace the requests arriving longest until `wanted` bytes are theirs to give
+    /// back; false (displacing none) when all of them would not be enough.
+    fn displace(&self, wanted: usize) -> bool {
+        let mut state = self.arriving.lock().expect("not poisoned");
+        if state.shares.values().map(|(bytes, _)| bytes).sum::<usize>() < wanted {
+            return false;
+        }
+        let mut freed = 0;
+        while freed < wanted {
+            let Some((_, (bytes, displaced))) = state.shares.pop_first() else { break };
+            displaced.cancel();
+            freed += bytes;
+        }
+        true
+    }
+}
+
+impl FrameShare {
+    /// Resolves when another request has taken this one's memory.
+    pub async fn displaced(&self) {
+        self.displaced.cancelled().await
+    }
+
+    /// The request has arrived whole: it is no longer displaced.
+    pub fn arrived(&mut self) {
+        if let Some((arriving, seq)) = self.arriving.take() {
+            arriving.lock().expect("not poisoned").shares.remove(&seq);
+        }
+    }
+}
+
+impl Drop for FrameShare {
+    fn drop(&mut self) {
+        self.arrived();
     }
 }
 
