@@ -140,6 +140,7 @@ pub async fn run(config: Config) -> Result<()> {
         limits,
         frame_memory: FrameMemory::new(limits.frame_memory),
         reads: crate::server::read_records::budget(),
+        read_gate: Default::default(),
     });
     if config.metrics.enabled {
         metrics::serve(config.metrics.listen, metrics.clone(), readiness, shutdown_rx.clone()).await?;

@@ -104,6 +104,8 @@ pub enum Limit {
     LedgerQueue,
     /// The process ran out of file descriptors (EMFILE, ENFILE) accepting a connection.
     FileDescriptors,
+    /// Passthrough reads at once or per second (`server::read_gate`).
+    PassthroughReads,
 }
 
 impl Limit {
@@ -116,6 +118,7 @@ impl Limit {
             Self::FrameMemory => "frame_memory",
             Self::LedgerQueue => "ledger_queue",
             Self::FileDescriptors => "file_descriptors",
+            Self::PassthroughReads => "passthrough_reads",
         }
     }
 }

@@ -269,4 +269,30 @@ fn passthrough_gets_are_served_with_a_reader_certificate_and_only_under_their_pr
     let outside = w.broker.call(Request::Read { request: get(&format!("https://{API}/admin/keys")) });
     assert!(matches!(outside, Response::Error { .. }), "{outside:?}");
     assert_eq!(w.api.seen.lock().unwrap().len(), 1, "nothing outside the prefixes reached the API");
+
+    // An answer no reply can carry (1 MiB at most) is refused, not sent to be dropped.
+    let big = format!("\"{}\"", "\u{1}".repeat(200_000));
+    w.api.store.lock().unwrap().insert("/v1/big".into(), bytes::Bytes::from(big));
+    let refused = w.broker.call(Request::Read { request: get(&format!("https://{API}/v1/big")) });
+    assert!(format!("{refused:?}").contains("more than one carries"), "{refused:?}");
+
+    // Reads of one uid at once are bounded (each mints a credential): with the API
+    // answering a second late, two of three concurrent reads are served, one is busy.
+    *w.api.read_delay.lock().unwrap() = std::time::Duration::from_secs(1);
+    let socket = w.broker.sandbox.socket.clone();
+    let answers: Vec<Response> = std::thread::scope(|scope| {
+        let reads: Vec<_> = (0..3)
+            .map(|_| {
+                let (socket, request) = (socket.clone(), get(&format!("https://{API}/v1/config")));
+                scope.spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                    runtime.block_on(seb_agent::protocol::call(&socket, &Request::Read { request })).unwrap()
+                })
+            })
+            .collect();
+        reads.into_iter().map(|read| read.join().unwrap()).collect()
+    });
+    let served = answers.iter().filter(|a| matches!(a, Response::Read(_))).count();
+    let busy = answers.iter().filter(|a| format!("{a:?}").contains("passthrough reads under way")).count();
+    assert_eq!((served, busy), (2, 1), "{answers:?}");
 }

@@ -3,7 +3,7 @@
 //! is an audit record. The answer carries the target's canonical state digest, which is
 //! what a SAB certifies as a contract's precondition.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -121,7 +121,7 @@ pub async fn read(
             let session = executor.mint(role, read_id, Some(&read.policy())).await?;
             let response = executor.call(&read.call, &session.credentials).await?;
             let digest = read.digest(&response)?;
-            Ok(result(response.status().as_u16(), response.body(), digest))
+            result(response.status().as_u16(), response.body(), digest)
         }
         Provider::Http => {
             let url = target_url(&request.target)?;
@@ -134,7 +134,7 @@ pub async fn read(
             let executor = executors.https.as_ref().context("this broker has no HTTPS executor")?;
             let session = executor.mint(subject, read_id)?;
             let (status, body, digest) = executor.get(&url, &session).await?;
-            Ok(result(status, &body, digest))
+            result(status, &body, digest)
         }
         Provider::Kubernetes => {
             if request.operation != "get" {
@@ -147,22 +147,69 @@ pub async fn read(
             let executor = executors.kubernetes.as_ref().context("this broker has no Kubernetes executor")?;
             let (_, object) = executor.read_with_fresh_token(namespace, service_account, &target, read_id).await?;
             let state_digest = digest_of(&canonical_state(object.as_ref()));
-            let body = object.as_ref().map(serde_json::to_string).transpose()?;
-            Ok(ReadResult { status: if object.is_some() { 200 } else { 404 }, body, body_hex: None, state_digest })
+            match object {
+                Some(object) => result(200, &Bytes::from(serde_json::to_vec(&object)?), state_digest),
+                None => Ok(ReadResult { status: 404, body: None, body_hex: None, state_digest }),
+            }
         }
     }
 }
 
-fn result(status: u16, body: &Bytes, state_digest: String) -> ReadResult {
-    match std::str::from_utf8(body) {
-        Ok(text) => ReadResult { status, body: Some(text.to_string()), body_hex: None, state_digest },
-        Err(_) => ReadResult { status, body: None, body_hex: Some(hex::encode(body)), state_digest },
-    }
+/// What a read's body may take in its reply, as JSON text: a reply is one message of at
+/// most `MAX_MESSAGE`, and the rest of it (status, digest, framing) is small.
+const REPLY_BODY: usize = crate::protocol::MAX_MESSAGE - 4096;
+
+fn result(status: u16, body: &Bytes, state_digest: String) -> Result<ReadResult> {
+    let text = std::str::from_utf8(body).ok();
+    // Counted before anything is copied: escaped, a body of control characters is six
+    // times its size.
+    let in_reply = text.map_or(2 * body.len(), json_string_len);
+    ensure!(
+        in_reply <= REPLY_BODY,
+        "the answer's body takes {in_reply} bytes in a reply, more than one carries ({REPLY_BODY}); read a narrower target"
+    );
+    Ok(match text {
+        Some(text) => ReadResult { status, body: Some(text.to_string()), body_hex: None, state_digest },
+        None => ReadResult { status, body: None, body_hex: Some(hex::encode(body)), state_digest },
+    })
+}
+
+/// The length of `text` as a JSON string's contents, as serde_json escapes it.
+fn json_string_len(text: &str) -> usize {
+    text.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..0x20 => 6,
+            _ => 1,
+        })
+        .sum()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The reply-size count is what serde_json writes.
+        #[test]
+        fn a_body_is_counted_as_serde_json_escapes_it(text in "(?s).{0,64}", controls in proptest::collection::vec(0u8..0x20, 0..8)) {
+            let text = format!("{text}{}", String::from_utf8(controls).unwrap());
+            proptest::prop_assert_eq!(json_string_len(&text) + 2, serde_json::to_string(&text).unwrap().len());
+        }
+    }
+
+    #[test]
+    fn a_body_that_no_reply_carries_is_refused_before_it_is_copied() {
+        let fits = Bytes::from(vec![b'a'; REPLY_BODY]);
+        assert_eq!(result(200, &fits, "d".into()).unwrap().body.unwrap().len(), REPLY_BODY);
+        // A sixth of the size, six times as large escaped.
+        let controls = Bytes::from(vec![1u8; REPLY_BODY / 6 + 1]);
+        let e = format!("{:#}", result(200, &controls, "d".into()).unwrap_err());
+        assert!(e.contains("more than one carries"), "{e}");
+        // Not UTF-8: sent in hex, twice its size.
+        let binary = Bytes::from(vec![0xffu8; REPLY_BODY / 2 + 1]);
+        assert!(result(200, &binary, "d".into()).is_err());
+    }
 
     fn request(provider: &str, operation: &str) -> MutationRequest {
         serde_json::from_value(serde_json::json!({

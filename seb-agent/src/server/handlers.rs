@@ -105,6 +105,14 @@ fn log_decision(decision: &admission::Decision, pid: i32) {
 }
 
 async fn handle_read(request: MutationRequest, peer: &Peer, broker: &Broker) -> Response {
+    // Turned away before anything is minted or recorded: a caller may ask again.
+    let _pass = match broker.read_gate.enter(peer.uid) {
+        Ok(pass) => pass,
+        Err(why) => {
+            broker.metrics.count_limit(Limit::PassthroughReads);
+            return error(ErrorCode::Busy, format!("{why}; ask again shortly"));
+        }
+    };
     let read_id = uuid::Uuid::new_v4().to_string();
     // An unidentifiable reader is refused, and the refusal recorded like any other.
     let (caller, result) = match peer.identify() {

@@ -403,16 +403,25 @@ mod tests {
         assert!(second.is_cancelled());
     }
 
-    #[test]
-    fn large_requests_share_the_frame_memory_and_small_ones_need_none() {
+    #[tokio::test]
+    async fn large_requests_share_the_frame_memory_displacing_the_longest_arriving() {
         let memory = FrameMemory::new(3 << 20);
-        let first = memory.take(MAX_MESSAGE).unwrap();
-        let _second = memory.take(MAX_MESSAGE).unwrap();
-        let _third = memory.take(MAX_MESSAGE).unwrap();
-        assert!(memory.take(MAX_MESSAGE).is_none());
-        assert!(memory.take(UNMETERED_FRAME).is_some(), "a small request always gets through");
-        drop(first);
-        assert!(memory.take(MAX_MESSAGE).is_some());
+        let oldest = memory.take(MAX_MESSAGE, true).await.unwrap();
+        let mut whole = memory.take(MAX_MESSAGE, true).await.unwrap();
+        whole.arrived();
+        let newest = memory.take(MAX_MESSAGE, true).await.unwrap();
+        assert!(memory.take(UNMETERED_FRAME, false).await.is_some(), "a small request always gets through");
+        // Full: the next displaces the oldest still arriving, and gets its memory once
+        // that one lets go.
+        let next = tokio::spawn(async move { memory.take(MAX_MESSAGE, false).await.map(|share| (memory, share)) });
+        tokio::time::timeout(Duration::from_secs(1), oldest.displaced()).await.expect("the oldest displaced");
+        assert!(!newest.displaced.is_cancelled(), "only as many as needed are displaced");
+        drop(oldest);
+        let (memory, _parsed) = next.await.unwrap().expect("the memory of the displaced request");
+        // The one that arrived whole, and the parse, are never displaced: with only
+        // `newest` to give, two more do not fit, and nothing is displaced for them.
+        assert!(memory.take(2 * MAX_MESSAGE, false).await.is_none());
+        assert!(!newest.displaced.is_cancelled() && !whole.displaced.is_cancelled());
     }
 
     #[test]

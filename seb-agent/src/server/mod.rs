@@ -10,6 +10,7 @@ mod connection;
 mod frames;
 pub mod handlers;
 pub mod limits;
+pub mod read_gate;
 pub mod read_records;
 
 use std::{
@@ -54,6 +55,8 @@ pub struct Broker {
     pub frame_memory: FrameMemory,
     /// Full records of successful reads, bounded per uid and target.
     pub reads: read_records::ReadBudget,
+    /// Passthrough reads under way and started each second.
+    pub read_gate: read_gate::ReadGate,
 }
 
 /// Bind the socket: mode 0660, owned by `group` when given.
