@@ -252,15 +252,17 @@ impl AwsExecutor {
     }
 
     /// A session for `read`, and who it is: a kept session of the read role (unnarrowed
-    /// for the broker's own reads of known protocols, else narrowed to this read), or a
-    /// session of `role_arn` allowing this read alone.
+    /// for the broker's own reads of known protocols, else narrowed to this read) when
+    /// the target is in its account, or a session of `role_arn` allowing this read alone.
     async fn read_session(
         &self,
         read: &StateRead,
         role_arn: &str,
         decision_id: &str,
     ) -> Result<(std::sync::Arc<AwsCredentials>, MintedIdentity)> {
-        let Some(reader) = &self.config.read_role_arn else {
+        let reader =
+            self.config.read_role_arn.as_ref().filter(|reader| request::reader_reads(reader, &read.target_account));
+        let Some(reader) = reader else {
             let session = self.mint(role_arn, decision_id, Some(&read.policy())).await?;
             return Ok((std::sync::Arc::new(session.credentials), session.identity));
         };

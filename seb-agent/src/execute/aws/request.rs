@@ -145,6 +145,8 @@ pub struct StateRead {
     /// protocol is known, so the operation on the wire is the one the labels name. An
     /// agent's read names any path: only a session narrowed to the target may make it.
     pub unnarrowed_ok: bool,
+    /// The account the target's ARN names (empty for S3, whose names are global).
+    pub target_account: String,
     decode: Decode,
     headers: Vec<String>,
     volatile: Vec<Pointer>,
@@ -252,6 +254,7 @@ impl StateRead {
         Ok(Self {
             call,
             unnarrowed_ok,
+            target_account: account_of(target).to_string(),
             decode: read.decode.unwrap_or(protocol.decode()),
             headers: read.headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
             volatile: pointers(&read.volatile)?,
@@ -307,6 +310,20 @@ pub fn ensure_exact_arn(target: &str) -> Result<()> {
          taken)"
     );
     Ok(())
+}
+
+/// The account an ARN names (`arn:partition:service:region:account:resource`), empty
+/// where it names none.
+pub fn account_of(arn: &str) -> &str {
+    arn.split(':').nth(4).unwrap_or_default()
+}
+
+/// Whether the read role `reader` reads a target of `target_account`: only in its own
+/// account (or for a target that names none). A call naming a resource by its id alone
+/// (EC2's Describe calls) is answered in the caller's account, where another account's
+/// group or instance is "not found", the state an agent could have certified.
+pub fn reader_reads(reader: &str, target_account: &str) -> bool {
+    target_account.is_empty() || target_account == account_of(reader)
 }
 
 /// The protocols of services whose protocol is known here. Naming another protocol for
@@ -601,6 +618,25 @@ mod tests {
         let sent = operation.mutation.http_request("http://127.0.0.1:1").unwrap();
         assert_eq!(sent.headers()["x-amz-target"], "DynamoDB_20120810.PutItem");
         assert_eq!(sent.body().as_ref(), b"{\"TableName\":\"t\"}");
+    }
+
+    #[test]
+    fn the_read_role_reads_only_targets_of_its_own_account() {
+        let reader = "arn:aws:iam::111111111111:role/seb-reader";
+        assert!(reader_reads(reader, account_of("arn:aws:ec2:us-east-1:111111111111:security-group/sg-1")));
+        assert!(!reader_reads(reader, account_of("arn:aws:ec2:us-east-1:222222222222:security-group/sg-1")));
+        assert!(reader_reads(reader, account_of("arn:aws:s3:::bucket/key")), "S3 names no account");
+        let read = StateRead::new(
+            &super::super::preset::read(
+                "ec2:DescribeSecurityGroups",
+                "arn:aws:ec2:us-east-1:222222222222:security-group/sg-1",
+            )
+            .unwrap(),
+            "arn:aws:ec2:us-east-1:222222222222:security-group/sg-1",
+            ReadOrigin::Preset,
+        )
+        .unwrap();
+        assert_eq!(read.target_account, "222222222222");
     }
 
     #[test]
