@@ -156,7 +156,7 @@ impl RevocationTarget {
 }
 
 pub fn revoke(batch: &mut Batch<'_>, target: RevocationTarget, value: &str, reason: &str) -> Result<i64> {
-    let revocation = Revocation { target, value: normalise(target, value), reason: reason.into() };
+    let revocation = Revocation { target, value: normalise(target, value)?, reason: reason.into() };
     append_applied(batch, REVOCATION_KIND, &revocation)
 }
 
@@ -197,7 +197,14 @@ pub fn apply_revocations(batch: &mut Batch<'_>, state: &RevocationState) -> Resu
         .map(|serial| (RevocationTarget::Serial, serial))
         .chain(state.contract_ids.iter().map(|id| (RevocationTarget::ContractId, id)));
     for (target, value) in targets {
-        let value = normalise(target, value);
+        // A hand-written entry that names no serial revokes nothing; the others apply.
+        let value = match normalise(target, value) {
+            Ok(value) => value,
+            Err(e) => {
+                tracing::warn!(source = %state.source, error = %format!("{e:#}"), "a listed serial was skipped");
+                continue;
+            }
+        };
         if !is_revoked(batch.conn(), target, &value)? {
             revoke(batch, target, &value, &reason)?;
             applied.newly_revoked.push((target, value));
@@ -234,17 +241,29 @@ pub fn apply_policy_epoch(batch: &mut Batch<'_>, policy: u64) -> Result<Epochs> 
     set_epochs(batch, Some(policy), None)
 }
 
-/// Serials compare as lower-case hex without separators or a `0x` prefix (whose `0`
-/// would otherwise stay and name another serial).
-pub fn normalise(target: RevocationTarget, value: &str) -> String {
-    match target {
-        RevocationTarget::Serial => {
-            let trimmed = value.trim();
-            let digits = trimmed.strip_prefix("0x").or_else(|| trimmed.strip_prefix("0X")).unwrap_or(trimmed);
-            digits.chars().filter(char::is_ascii_hexdigit).collect::<String>().to_ascii_lowercase()
-        }
-        RevocationTarget::ContractId => value.to_string(),
+/// A serial as the broker compares it: the hex of its DER integer's content bytes, as a
+/// certificate's `raw_serial` is (lower case, minimal, with the `00` a leading byte of
+/// 0x80 or more takes), written with or without `0x`, `:` or spaces between bytes, the
+/// leading `00` or either case. Anything else is an error, never a serial: dropping
+/// what is not hex would have made `4660 (0x1234)` revoke `466001234`. Contract ids are
+/// as written.
+pub fn normalise(target: RevocationTarget, value: &str) -> Result<String> {
+    let RevocationTarget::Serial = target else { return Ok(value.to_string()) };
+    let trimmed = value.trim();
+    let digits = trimmed.strip_prefix("0x").or_else(|| trimmed.strip_prefix("0X")).unwrap_or(trimmed);
+    let digits: String = digits.chars().filter(|c| *c != ':' && !c.is_ascii_whitespace()).collect();
+    if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+        bail!("`{value}` is not a serial in hex (such as 0x1a2b or 1a:2b)");
     }
+    let digits = digits.to_ascii_lowercase();
+    let padded = if digits.len() % 2 == 1 { format!("0{digits}") } else { digits };
+    let mut bytes = hex::decode(&padded).expect("hex digits");
+    let leading_zeros = bytes.iter().take(bytes.len() - 1).take_while(|b| **b == 0).count();
+    bytes.drain(..leading_zeros);
+    if bytes[0] >= 0x80 {
+        bytes.insert(0, 0);
+    }
+    Ok(hex::encode(bytes))
 }
 
 fn is_revoked(conn: &Connection, target: RevocationTarget, value: &str) -> Result<bool> {
@@ -322,9 +341,26 @@ mod tests {
 
     #[test]
     fn a_serial_is_named_one_way_whatever_its_prefix_separators_or_case() {
-        for written in ["0a0b0c", "0x0a0b0c", "0X0A:0B:0C", " 0a:0b:0c "] {
-            assert_eq!(normalise(RevocationTarget::Serial, written), "0a0b0c", "{written}");
+        let serial = |written: &str| normalise(RevocationTarget::Serial, written).map_err(|e| e.to_string());
+        for written in ["0a0b0c", "0x0a0b0c", "0X0A:0B:0C", " 0a:0b:0c ", "a0b0c", "00:0a:0b:0c", "0a 0b 0c"] {
+            assert_eq!(serial(written).unwrap(), "0a0b0c", "{written}");
         }
-        assert_eq!(normalise(RevocationTarget::ContractId, "0xC-1"), "0xC-1", "contract ids are as written");
+        // As DER writes it: a leading byte of 0x80 or more takes a 00, with or without it.
+        for written in ["8f01", "008f01", "0x00:8F:01"] {
+            assert_eq!(serial(written).unwrap(), "008f01", "{written}");
+        }
+        assert_eq!(serial("00").unwrap(), "00");
+        for refused in ["4660 (0x1234)", "O1", "zz", "", "0x", "12-34"] {
+            assert!(serial(refused).unwrap_err().contains("is not a serial in hex"), "{refused}");
+        }
+        assert_eq!(normalise(RevocationTarget::ContractId, "0xC-1").unwrap(), "0xC-1", "contract ids are as written");
+    }
+
+    #[test]
+    fn a_serial_normalised_is_the_certificates_raw_serial() {
+        for bytes in [vec![0x01], vec![0x00, 0x80], vec![0x7f, 0xff, 0x00], vec![0x00, 0xff, 0x01, 0x02]] {
+            let raw = hex::encode(&bytes);
+            assert_eq!(normalise(RevocationTarget::Serial, &raw).unwrap(), raw);
+        }
     }
 }

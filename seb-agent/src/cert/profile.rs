@@ -18,6 +18,7 @@ use crate::admission::Reason;
 /// The leaf: not a CA, keyUsage digitalSignature, extendedKeyUsage with the SAB OID.
 pub fn check_leaf(leaf: &X509Certificate<'_>) -> Result<(), Rejection> {
     let malformed = |e: String| reject(Reason::MalformedCertificate, e);
+    check_serial(leaf.raw_serial()).map_err(malformed)?;
     if basic_constraints(leaf).map_err(malformed)?.is_some_and(|bc| bc.ca) {
         return Err(reject(
             Reason::LeafIsCa,
@@ -34,6 +35,24 @@ pub fn check_leaf(leaf: &X509Certificate<'_>) -> Result<(), Rejection> {
         return Err(reject(
             Reason::LeafLacksSabEku,
             format!("the certificate's extendedKeyUsage lacks the SAB purpose {sab}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A serial as RFC 5280 (4.1.2.2) and DER write it: a positive integer of at most 20
+/// octets, minimally encoded. Serials are compared as these bytes (replay, revocation),
+/// so a second encoding of one integer must not exist.
+fn check_serial(raw: &[u8]) -> Result<(), String> {
+    let minimal = match raw {
+        [] => false,
+        [0, next, ..] => *next >= 0x80,
+        [first, ..] => *first < 0x80,
+    };
+    if !minimal || raw.len() > 21 || (raw.len() == 21 && raw[0] != 0) {
+        return Err(format!(
+            "the serial {} is not a positive, minimally encoded integer of at most 20 octets",
+            hex::encode(raw)
         ));
     }
     Ok(())
@@ -75,5 +94,22 @@ fn basic_constraints<'c>(cert: &'c X509Certificate<'_>) -> Result<Option<&'c Bas
     match ext.parsed_extension() {
         ParsedExtension::BasicConstraints(bc) => Ok(Some(bc)),
         _ => Err(format!("the basicConstraints of `{}` do not parse", cert.subject())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_serial;
+
+    #[test]
+    fn a_serial_has_one_encoding() {
+        for minimal in
+            [&[0x01][..], &[0x00, 0x80], &[0x7f, 0x00], &[0x00; 1], &[[0x00].as_slice(), &[0xff; 20]].concat()]
+        {
+            check_serial(minimal).unwrap();
+        }
+        for other in [&[][..], &[0x00, 0x01], &[0x80], &[0x00, 0x00, 0x80], &[0x01; 21]] {
+            assert!(check_serial(other).unwrap_err().contains("minimally encoded"), "{other:02x?}");
+        }
     }
 }

@@ -162,7 +162,12 @@ impl ClusterSync {
         // Connections of decisions certified under an epoch older than the listed one go
         // too; an epoch behind this node's changes nothing (epochs only move forward).
         let cut = self.inner.sockets.cut(&Retired {
-            serials: object.spec.serials.iter().map(|s| state::normalise(state::RevocationTarget::Serial, s)).collect(),
+            serials: object
+                .spec
+                .serials
+                .iter()
+                .filter_map(|s| state::normalise(state::RevocationTarget::Serial, s).ok())
+                .collect(),
             contract_ids: object.spec.contract_ids.iter().cloned().collect(),
             revocation_epoch: Some(object.spec.revocation_epoch),
             policy_epoch: None,

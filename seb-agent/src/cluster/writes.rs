@@ -99,7 +99,7 @@ where
 
 /// Add a serial or contract id to the `SebRevocation`.
 pub async fn revoke(client: Client, name: &str, target: RevocationTarget, value: &str) -> Result<Written> {
-    let value = state::normalise(target, value);
+    let value = state::normalise(target, value)?;
     let object = write(&Api::<SebRevocation>::all(client), name, |current| {
         let Some(mut object) = current else {
             bail!(

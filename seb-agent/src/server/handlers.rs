@@ -150,7 +150,10 @@ async fn handle_read(request: MutationRequest, peer: &Peer, broker: &Broker) -> 
 }
 
 async fn handle_revoke(target: RevocationTarget, value: String, reason: String, broker: &Broker) -> Response {
-    let normalised = state::normalise(target, &value);
+    let normalised = match state::normalise(target, &value) {
+        Ok(normalised) => normalised,
+        Err(e) => return error(ErrorCode::Malformed, format!("{e:#}")),
+    };
     let logged_reason = reason.clone();
     let recorded = broker.ledger.try_run(move |batch| state::revoke(batch, target, &value, &reason)).await;
     let record_seq = match recorded {
