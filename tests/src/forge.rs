@@ -37,7 +37,16 @@ pub fn root(params: CertificateParams) -> Result<(Ca, String)> {
 
 /// A certificate from `params` signed by `issuer`; returns it as an issuer and its PEM.
 pub fn issued(params: CertificateParams, issuer: &Issuer<'_, impl SigningKey>) -> Result<(Ca, String)> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+    issued_with_key(params, issuer, &rcgen::PKCS_ED25519)
+}
+
+/// As [`issued`], its own key of `algorithm` (what it signs with as an issuer).
+pub fn issued_with_key(
+    params: CertificateParams,
+    issuer: &Issuer<'_, impl SigningKey>,
+    algorithm: &'static rcgen::SignatureAlgorithm,
+) -> Result<(Ca, String)> {
+    let key = KeyPair::generate_for(algorithm)?;
     let pem = params.signed_by(&key, issuer)?.pem();
     Ok((Issuer::new(params, key), pem))
 }

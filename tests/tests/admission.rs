@@ -486,6 +486,15 @@ fn the_path_is_validated_as_rfc_5280_asks() {
         &intermediate_pem,
     ]));
 
+    // An issuer whose key is not the SAB's algorithms' (P-384 here; RSA-8192 is the
+    // expensive case): refused before any signature is checked, naming why.
+    let (p384, p384_pem) =
+        forge::issued_with_key(forge::ca_params("seb test P-384 CA", Some(0)), &root, &rcgen::PKCS_ECDSA_P384_SHA384)
+            .unwrap();
+    let denied = propose(&[&forge::leaf(forge::leaf_params(&contract), &p384).unwrap(), &p384_pem]);
+    assert_denied(&denied, Reason::UntrustedIssuer);
+    assert!(denied.message.contains("only Ed25519, or ECDSA P-256 with SHA-256"), "{denied:?}");
+
     // The leaf: a CA certificate, no digitalSignature, no SAB extended key usage.
     let mut ca_leaf = forge::leaf_params(&contract);
     ca_leaf.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

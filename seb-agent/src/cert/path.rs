@@ -6,7 +6,10 @@
 //! verification may check a bounded number of signatures and consider a bounded number of
 //! candidate issuers; past either bound it is refused, whatever paths remain untried.
 
-use x509_parser::{oid_registry::OID_SIG_ED25519, prelude::*};
+use x509_parser::{
+    oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ED25519},
+    prelude::*,
+};
 
 use super::{
     profile,
@@ -156,6 +159,18 @@ impl Search<'_, '_> {
     ) -> Result<(), Rejection> {
         self.budget.spend_candidate()?;
         profile::check_issuer(issuer.cert, below)?;
+        // Before any signature is checked: RSA-8192 (which ring would check, at several
+        // milliseconds each) or any other algorithm than the SAB's is refused as such.
+        if !accepted_algorithm(current, issuer.cert) {
+            return Err(reject(
+                Reason::UntrustedIssuer,
+                format!(
+                    "{what} signed with {} under a key of {}: only Ed25519, or ECDSA P-256 with SHA-256, is accepted",
+                    current.signature_algorithm.algorithm,
+                    issuer.cert.public_key().algorithm.algorithm
+                ),
+            ));
+        }
         self.budget.spend_signature()?;
         if !signature_verifies(current, issuer) {
             return Err(reject(Reason::UntrustedIssuer, format!("the signature does not verify against {what}")));
@@ -189,6 +204,20 @@ fn ed25519_key(cert: &X509Certificate<'_>) -> Option<ed25519_dalek::VerifyingKey
     }
     let bytes = <[u8; 32]>::try_from(&key.subject_public_key.data[..]).ok()?;
     ed25519_dalek::VerifyingKey::from_bytes(&bytes).ok()
+}
+
+/// Whether `current` is signed with Ed25519 under an Ed25519 key, or ECDSA with SHA-256
+/// under a P-256 key: the SAB's algorithms, and the only ones worth a signature check.
+fn accepted_algorithm(current: &X509Certificate<'_>, issuer: &X509Certificate<'_>) -> bool {
+    let key = &issuer.public_key().algorithm;
+    match &current.signature_algorithm.algorithm {
+        oid if *oid == OID_SIG_ED25519 => key.algorithm == OID_SIG_ED25519,
+        oid if *oid == OID_SIG_ECDSA_WITH_SHA256 => {
+            key.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY
+                && key.parameters.as_ref().and_then(|p| p.as_oid().ok()).is_some_and(|curve| curve == OID_EC_P256)
+        }
+        _ => false,
+    }
 }
 
 /// Whether `issuer`'s key signed `current`. Ed25519 (what the SAB signs with) is checked
