@@ -109,7 +109,7 @@ impl<K: Clone + Eq + Hash + Ord> RecordBudget<K> {
     /// second.
     pub fn admit(&mut self, time_ns: u64, group: u64, pool: Pool, kind: K) -> (bool, Option<Suppressed<K>>) {
         let second = time_ns / NANOS_PER_SECOND;
-        let closed = if self.second.is_some_and(|current| second > current) { self.close() } else { None };
+        let closed = if self.second.is_some_and(|current| moved_on(current, second)) { self.close() } else { None };
         self.second.get_or_insert(second);
         let by_kind = self.recorded_by_kind.get(&kind).copied().unwrap_or(0);
         let limits = self.limits;
@@ -133,7 +133,7 @@ impl<K: Clone + Eq + Hash + Ord> RecordBudget<K> {
     /// Close the current second if `now_ns` is past it; its summary, if it suppressed any.
     pub fn close_if_past(&mut self, now_ns: u64) -> Option<Suppressed<K>> {
         let current = self.second?;
-        (now_ns / NANOS_PER_SECOND > current).then(|| self.close()).flatten()
+        moved_on(current, now_ns / NANOS_PER_SECOND).then(|| self.close()).flatten()
     }
 
     /// End the current second: its summary if it suppressed any, and a fresh budget.
@@ -153,6 +153,17 @@ impl<K: Clone + Eq + Hash + Ord> RecordBudget<K> {
         kinds.truncate(NAMED_IN_SUMMARY);
         Some(Suppressed { second_ns: second * NANOS_PER_SECOND, suppressed, kinds, others })
     }
+}
+
+/// Seconds a record may be stamped before the current one and still count against it
+/// (stamped on another CPU, a little late).
+const LATE_STAMP_SECONDS: u64 = 2;
+
+/// Whether `second` ends the current second `current`: later, or so much earlier that
+/// the clock stepped back (else every record would count against a second that does not
+/// end until the clock catches up, unrecorded and unsummarised until then).
+fn moved_on(current: u64, second: u64) -> bool {
+    second > current || second + LATE_STAMP_SECONDS < current
 }
 
 /// A budget shared by the tasks that answer callers, whose closed seconds wait for the
@@ -223,5 +234,30 @@ impl<K: Clone + Eq + Hash + Ord> SharedBudget<K> {
         let mut closed = std::mem::take(&mut *self.closed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
         closed.extend(current);
         closed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits =
+        Limits { per_kind: 1, per_group: 1, per_second: 1, reserved_per_group: 0, reserved_groups: 0 };
+
+    #[test]
+    fn a_clock_stepped_back_starts_a_new_second() {
+        let mut budget = RecordBudget::<u32>::new(LIMITS);
+        let at = |second: u64| second * NANOS_PER_SECOND;
+        assert!(budget.admit(at(10_000), 1, Pool::First, 1).0);
+        // A little late: counted against second 10,000, past its budget.
+        assert!(!budget.admit(at(9_999), 1, Pool::First, 1).0);
+        // The clock went back an hour: second 10,000 is closed and summarised, and the new
+        // second has its budget.
+        let (admitted, closed) = budget.admit(at(10_000 - 3600), 1, Pool::First, 1);
+        assert!(admitted);
+        assert_eq!(closed.map(|c| (c.second_ns, c.suppressed)), Some((at(10_000), 1)));
+        // And the periodic close sees the step as well.
+        assert!(!budget.admit(at(10_000 - 3600), 1, Pool::First, 1).0);
+        assert!(budget.close_if_past(at(10_000 - 3600 - 10)).is_some());
     }
 }
