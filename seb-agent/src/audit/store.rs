@@ -4,7 +4,7 @@
 
 use std::{
     fs::File,
-    os::unix::fs::MetadataExt,
+    os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -72,10 +72,26 @@ pub fn open_writable(path: &Path, create: bool) -> Result<Connection> {
     let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
     if create {
         flags |= OpenFlags::SQLITE_OPEN_CREATE;
+        // Made owner-only before SQLite writes anything (its `-wal` and `-shm` files take
+        // the database's mode): records name callers, their executables and cgroups,
+        // targets and minted identities, no business of other local users.
+        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("creating audit store {}", path.display())),
+        }
     }
     let conn =
         Connection::open_with_flags(path, flags).with_context(|| format!("opening audit store {}", path.display()))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
+    // A store made before that, or by a hand with another umask: owner-only from now on.
+    for file in [path.to_path_buf(), sibling(path, "-wal"), sibling(path, "-shm")] {
+        match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("making {} owner-only", file.display())),
+        }
+    }
     conn.pragma_update(None, "synchronous", "FULL")?;
     // The derived admission state lives in temporary tables: in memory, since it is
     // rebuilt from the chain at each start. On a file, each group commit would also open,
@@ -315,6 +331,27 @@ fn is_not_found(error: &anyhow::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_store_is_the_owners_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let mode = |file: &Path| std::fs::metadata(file).unwrap().permissions().mode() & 0o777;
+        let files = || [path.clone(), sibling(&path, "-wal"), sibling(&path, "-shm")];
+        let conn = open_writable(&path, true).unwrap();
+        for file in files() {
+            assert_eq!(mode(&file), 0o600, "{}", file.display());
+        }
+        // One left readable by everyone (an older version, another umask) is tightened.
+        drop(conn);
+        for file in files().iter().filter(|f| f.exists()) {
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let _conn = open_writable(&path, false).unwrap();
+        for file in files() {
+            assert_eq!(mode(&file), 0o600, "{}", file.display());
+        }
+    }
 
     #[test]
     fn a_trigger_planted_in_the_store_is_refused_and_one_added_later_is_caught() {
