@@ -179,6 +179,13 @@ fn s3(w: &World) {
     w.drifts(&request, "S3 user metadata", |w| {
         w.s3_put(&path, &[("content-type", "text/plain"), ("x-amz-meta-owner", "someone")], "replicas=4")
     });
+    w.drifts(&request, "S3 storage class", |w| {
+        w.s3_put(
+            &path,
+            &[("content-type", "text/plain"), ("x-amz-meta-owner", "someone"), ("x-amz-storage-class", "STANDARD_IA")],
+            "replicas=4",
+        )
+    });
 }
 
 fn ec2(w: &World) {

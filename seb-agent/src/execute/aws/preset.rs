@@ -189,6 +189,9 @@ pub fn read(action: &str, target: &str) -> Result<CertifiedRead> {
                     "x-amz-website-redirect-location",
                     "x-amz-server-side-encryption*",
                     "x-amz-tagging-count",
+                    "expires",
+                    "x-amz-storage-class",
+                    "x-amz-object-lock-*",
                 ]),
                 ..read(http("GET", &s3_path(&bucket, Some(&key)), &[], ""))
             }
