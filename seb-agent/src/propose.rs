@@ -91,12 +91,14 @@ pub async fn propose(
                 Ok((ready, live)) => {
                     executors.discard(ready).await;
                     executors.retries.failed(&verified.serial, Instant::now());
-                    pending.reject(
+                    pending.reject_recording(
                         Reason::Drift,
                         format!(
-                            "the target's live state is {live}, the certified precondition {}",
+                            "the target's live state differs from the certified precondition {} (its digest is in \
+                             the decision record, not in this answer)",
                             contract.precondition
                         ),
+                        format!("the live state's digest is {live}"),
                     )
                 }
                 Err((reason, message)) => {

@@ -128,11 +128,25 @@ impl World {
     fn drifts(&self, request: &MutationRequest, what: &str, change: impl FnOnce(&World)) {
         let contract = self.contract(request);
         change(self);
-        assert_ne!(self.live_digest(request), contract.precondition, "{what}: the digest must change");
+        let live = self.live_digest(request);
+        assert_ne!(live, contract.precondition, "{what}: the digest must change");
         let decision: Decision = self.broker.decide(&contract, request);
         assert!(!decision.admitted, "{what}: {decision:?}");
         assert_eq!(decision.reason, Reason::Drift, "{what}: {decision:?}");
         assert!(decision.outcome.is_none(), "{what}: nothing is executed on drift");
+        // The live digest is the record's, not the caller's (who may not read that state).
+        assert!(!decision.message.contains(&live), "{what}: the answer names the live digest: {}", decision.message);
+        if decision.record_seq == 0 {
+            return; // Past the uid's record budget for refusals: counted, not recorded.
+        }
+        let output = self.broker.sandbox.agent_cli(&["audit", "list", "--kind", "decision", "--json"]).unwrap();
+        let recorded = String::from_utf8(output.stdout).unwrap();
+        let record: Value = recorded
+            .lines()
+            .map(|line| serde_json::from_str::<Value>(line).unwrap())
+            .find(|r| r["body"]["decision_id"] == decision.decision_id)
+            .unwrap_or_else(|| panic!("{what}: no record of {}", decision.decision_id));
+        assert!(record["body"]["message"].as_str().unwrap().contains(&live), "{what}: {record}");
     }
 
     fn query(&self, service: &str, form: &[(&str, &str)]) -> Value {

@@ -260,6 +260,7 @@ impl Admission {
             valid_until: verified.as_ref().map(|v| v.not_after + self.validity.clock_skew),
             verified,
             verdict,
+            recorded_detail: None,
             caller: caller.identity.clone(),
             request,
         }
@@ -285,6 +286,9 @@ pub struct Pending {
     valid_until: Option<SystemTime>,
     pub verified: Option<Verified>,
     pub verdict: Result<(), Rejection>,
+    /// What the record says of the verdict beyond its message, and the caller is not
+    /// told (see [`Pending::reject_recording`]).
+    recorded_detail: Option<String>,
     caller: CallerIdentity,
     request: RequestSummary,
 }
@@ -297,6 +301,7 @@ impl Pending {
             valid_until: None,
             verified: None,
             verdict: Err(Rejection { reason: Reason::CallerChanged, message }),
+            recorded_detail: None,
             caller,
             request: RequestSummary::of(&proposal.request),
         }
@@ -309,6 +314,16 @@ impl Pending {
     pub fn reject(&mut self, reason: Reason, message: impl Into<String>) {
         if self.verdict.is_ok() {
             self.verdict = Err(Rejection { reason, message: message.into() });
+        }
+    }
+
+    /// As [`Self::reject`], with `detail` in the record alone: what the broker read with
+    /// the contract's identity (a live state's digest) is the auditor's, not the
+    /// caller's, who may not be allowed to read that state.
+    pub fn reject_recording(&mut self, reason: Reason, message: impl Into<String>, detail: String) {
+        if self.verdict.is_ok() {
+            self.reject(reason, message);
+            self.recorded_detail = Some(detail);
         }
     }
 
@@ -375,12 +390,15 @@ pub async fn record_then(
     pending: Pending,
     then: impl FnOnce(&mut Batch<'_>, &mut Decision) -> anyhow::Result<()> + Send + 'static,
 ) -> Result<Decision, LedgerBusy> {
-    let Pending { decision_id, valid_until, verified, verdict: precheck, caller: identity, request } = pending;
+    let Pending { decision_id, valid_until, verified, verdict: precheck, recorded_detail, caller: identity, request } =
+        pending;
     let id = decision_id.clone();
     let recorded = ledger
         .try_run(move |batch| {
             let active_epochs = state::epochs(batch.conn())?;
             let precheck = precheck.and_then(|()| still_valid(valid_until, SystemTime::now()));
+            // The detail goes with the rejection it was given with.
+            let detail = recorded_detail.filter(|_| precheck.is_err());
             let verdict = match (&verified, precheck) {
                 (Some(verified), Ok(())) => state::check_under(batch.conn(), active_epochs, verified)?,
                 (_, Err(rejection)) => Err(rejection),
@@ -399,7 +417,10 @@ pub async fn record_then(
                 decision_id: id.clone(),
                 admitted,
                 reason,
-                message: crate::audit::clipped(&message, 4 * RECORDED_FIELD),
+                message: match &detail {
+                    Some(detail) => crate::audit::clipped(&format!("{message}; {detail}"), 4 * RECORDED_FIELD),
+                    None => crate::audit::clipped(&message, 4 * RECORDED_FIELD),
+                },
                 caller: identity,
                 serial: serial.clone(),
                 contract_id: contract_id.clone(),
