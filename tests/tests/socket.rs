@@ -355,6 +355,14 @@ fn refused_requests_are_recorded_in_part() {
                     "params": {"precondition": "x".repeat(300_000)}}});
     let (_, answer) = call(&f.sandbox.socket, propose.to_string().as_bytes());
     assert_eq!(answer["type"], "decision", "{answer}");
+    // Nor is it echoed whole in an answer: an unknown request type's name, say.
+    let unknown = format!(r#"{{"v":1,"type":"{}"}}"#, "k".repeat(600_000));
+    let (_, refused) = call(&f.sandbox.socket, unknown.as_bytes());
+    assert_eq!(refused["type"], "error", "{refused}");
+    for answer in [&answer, &refused] {
+        let text = answer.to_string();
+        assert!(text.len() < 8 * 1024, "an answer of {} bytes: {}", text.len(), &text[..200]);
+    }
     for kind in ["read", "decision"] {
         let listing = f.sandbox.agent_cli(&["audit", "list", "--kind", kind, "--json"]).unwrap();
         let records = String::from_utf8(listing.stdout).unwrap();

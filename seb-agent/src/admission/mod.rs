@@ -409,7 +409,8 @@ pub async fn record_then(
             let admitted = verdict.is_ok();
             let (reason, message) = match verdict {
                 Ok(()) => (Reason::Admitted, "every admission predicate holds".to_string()),
-                Err(rejection) => (rejection.reason, rejection.message),
+                // Kept in part, in the answer as in the record: it may quote the request.
+                Err(rejection) => (rejection.reason, crate::audit::clipped(&rejection.message, 4 * RECORDED_FIELD)),
             };
             let serial = verified.as_ref().map(|v| v.serial.clone());
             let contract_id = verified.as_ref().map(|v| v.contract.contract_id.clone());
@@ -418,8 +419,8 @@ pub async fn record_then(
                 admitted,
                 reason,
                 message: match &detail {
-                    Some(detail) => crate::audit::clipped(&format!("{message}; {detail}"), 4 * RECORDED_FIELD),
-                    None => crate::audit::clipped(&message, 4 * RECORDED_FIELD),
+                    Some(detail) => format!("{message}; {detail}"),
+                    None => message.clone(),
                 },
                 caller: identity,
                 serial: serial.clone(),

@@ -181,6 +181,9 @@ fn open(
     }
 }
 
+/// An error answer. Its message may quote what the caller sent (serde names an unknown
+/// field or variant): kept to 4 KiB, as records keep it, so that a 1 MiB request is not
+/// echoed whole.
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
-    Response::Error { code, message: message.into() }
+    Response::Error { code, message: crate::audit::clipped(&message.into(), 4096) }
 }
