@@ -273,4 +273,20 @@ fn create_merge_patch_server_side_apply_and_delete_each_carry_their_precondition
     assert_eq!((created.method.as_str(), created.path.as_str()), ("POST", "/api/v1/namespaces/prod/configmaps"));
     assert_eq!(w.cluster.object(path).unwrap()["data"]["mode"], "d");
     assert!(w.cluster.live_secrets().is_empty());
+
+    // A patch certified against "does not exist" has no resourceVersion to carry: an
+    // object made meanwhile would take it. Refused after the read, nothing written, the
+    // token ended.
+    let other: MutationRequest = serde_json::from_value(json!({"provider": "kubernetes", "operation": "patch",
+        "target": "v1/ConfigMap/prod/absent", "params": {"patch": {"data": {"mode": "e"}}}}))
+    .unwrap();
+    let writes = || w.cluster.seen().iter().filter(|s| s.method != "GET" && s.path.contains("configmaps")).count();
+    let before = writes();
+    let absent_state = digest_of(&canonical_state(None));
+    let decision =
+        w.broker.decide(&certified("c-patch-absent", this_process(), &other, &absent_state, deployer()), &other);
+    assert_eq!(decision.reason, Reason::UnsupportedOperation, "{decision:?}");
+    assert!(decision.message.contains("did not exist at the drift check"), "{decision:?}");
+    assert_eq!(writes(), before, "nothing was written");
+    assert!(w.cluster.live_secrets().is_empty(), "the token's Secret was deleted");
 }
