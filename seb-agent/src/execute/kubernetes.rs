@@ -436,9 +436,12 @@ impl KubernetesExecutor {
     /// Secret, then a TokenRequest bound to it, for the contract's ServiceAccount.
     pub async fn mint(&self, namespace: &str, service_account: &str, decision_id: &str) -> Result<KubeSession> {
         let base = self.api.bounded_client(Token::Broker, namespace);
+        // The decision's id, and a part of its own: a reconcile after a crash reads again
+        // under the same decision, whose first Secret may still be there.
         let secret_name = format!(
-            "seb-token-{}",
-            decision_id.chars().filter(char::is_ascii_alphanumeric).take(20).collect::<String>().to_lowercase()
+            "seb-token-{}-{}",
+            decision_id.chars().filter(char::is_ascii_alphanumeric).take(20).collect::<String>().to_lowercase(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
         let secret = Secret {
             metadata: ObjectMeta {
