@@ -41,7 +41,7 @@ pub async fn serve(mut stream: UnixStream, peer: Peer, broker: Arc<Broker>, slot
             }
             read = read_request(&mut frames, &mut stream, &broker) => read,
         };
-        let (frame, _share) = match read {
+        let (frame, frame_share) = match read {
             Ok(frame) => frame,
             Err(Some(response)) => {
                 let _ = reply(&mut stream, &broker, response).await;
@@ -49,11 +49,15 @@ pub async fn serve(mut stream: UnixStream, peer: Peer, broker: Arc<Broker>, slot
             }
             Err(None) => return,
         };
+        // From here on the request is being served: no longer displaced by new
+        // connections (nor left running after being displaced while it waits below).
+        slot.busy();
         // Parsed, the request may take far more than its bytes: that is metered too.
         let cost = limits::parsed_cost(&frame);
-        let _parsed_share = match broker.frame_memory.take(cost, false).await {
+        let parsed_share = match broker.frame_memory.take(cost, false).await {
             Some(share) => share,
             None if !broker.frame_memory.could_take(cost) => {
+                drop(frame_share);
                 broker.metrics.count_limit(Limit::FrameMemory);
                 let message = format!(
                     "the request would take {cost} bytes once parsed, more than the broker's request memory \
@@ -63,6 +67,7 @@ pub async fn serve(mut stream: UnixStream, peer: Peer, broker: Arc<Broker>, slot
                 return;
             }
             None => {
+                drop(frame_share);
                 broker.metrics.count_limit(Limit::FrameMemory);
                 let message = format!(
                     "the broker is parsing too many large requests (broker.frame_memory_mib); a request of {} \
@@ -73,16 +78,15 @@ pub async fn serve(mut stream: UnixStream, peer: Peer, broker: Arc<Broker>, slot
                 return;
             }
         };
-        slot.busy();
-        let response = match parse_request(&frame) {
-            Ok(request) => handlers::handle(request, &peer, &broker).await,
-            Err(refused) => {
-                let _ = reply(&mut stream, &broker, error(refused.code, refused.message)).await;
-                return;
-            }
+        // A request that does not parse is answered, then its connection closed.
+        let (response, close) = match parse_request(&frame) {
+            Ok(request) => (handlers::handle(request, &peer, &broker).await, false),
+            Err(refused) => (error(refused.code, refused.message), true),
         };
-        drop(frame);
-        if reply(&mut stream, &broker, response).await.is_err() {
+        // The request's memory goes back before the reply is written: a caller that
+        // reads no reply holds nothing of it while the write waits.
+        drop((frame, frame_share, parsed_share));
+        if reply(&mut stream, &broker, response).await.is_err() || close {
             return;
         }
     }
@@ -133,10 +137,16 @@ async fn read_request(
             let message = format!("the {len}-byte request did not arrive within {} s", limits.frame_timeout.as_secs());
             Err(Some(error(ErrorCode::Timeout, message)))
         }
-        Ok(Ok(body)) => {
-            share.arrived();
-            Ok((body, share))
+        // Displaced in the moment it arrived: its memory is promised to another.
+        Ok(Ok(_)) if !share.arrived() => {
+            broker.metrics.count_limit(Limit::FrameMemory);
+            let message = format!(
+                "the {len}-byte request was displaced as it arrived: another needed the broker's request memory \
+                 (broker.frame_memory_mib)"
+            );
+            Err(Some(error(ErrorCode::Busy, message)))
         }
+        Ok(Ok(body)) => Ok((body, share)),
         Ok(Err(e)) => {
             debug!(error = %e, "dropping a connection with a truncated message");
             Err(None)

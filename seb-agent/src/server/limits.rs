@@ -12,7 +12,6 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -196,25 +195,38 @@ impl Drop for ConnectionSlot {
 /// every connection. When it is taken, a request that needs some displaces the requests
 /// that have been arriving longest (as connections displace the longest idle): a flood
 /// of requests announced large and sent slowly (or not finished) cannot hold it while
-/// others are refused. A request that has arrived whole is never displaced.
+/// others are refused. A request that has arrived whole is never displaced; its shares go
+/// back before its reply is written (a caller that reads no reply holds nothing here).
 pub struct FrameMemory {
-    budget: Arc<Semaphore>,
     total: usize,
-    arriving: Arc<Mutex<Arriving>>,
+    inner: Arc<Inner>,
 }
 
-/// Shares of requests still arriving, oldest first: sequence → (bytes, its displacement).
+struct Inner {
+    state: Mutex<Budget>,
+    /// Woken when memory comes back.
+    released: tokio::sync::Notify,
+}
+
 #[derive(Default)]
-struct Arriving {
+struct Budget {
+    free: usize,
+    /// Bytes of displaced requests not yet given back.
+    promised: usize,
+    /// Bytes the requests waiting for memory will take: free or promised memory beyond
+    /// this is anyone's, the rest is theirs.
+    owed: usize,
     next: u64,
-    shares: BTreeMap<u64, (usize, CancellationToken)>,
+    /// Requests still arriving, oldest first: sequence → (bytes, its displacement).
+    arriving: BTreeMap<u64, (usize, CancellationToken)>,
 }
 
 /// A request's share of [`FrameMemory`], given back on drop.
 pub struct FrameShare {
-    _permit: Option<OwnedSemaphorePermit>,
+    inner: Option<Arc<Inner>>,
+    bytes: usize,
     /// While the request arrives: its place among the displaceable shares.
-    arriving: Option<(Arc<Mutex<Arriving>>, u64)>,
+    arriving: Option<u64>,
     displaced: CancellationToken,
 }
 
@@ -225,7 +237,11 @@ impl FrameMemory {
     pub fn new(bytes: usize) -> Self {
         // At least one largest message fits, whatever the config says.
         let total = bytes.max(MAX_MESSAGE);
-        Self { budget: Arc::new(Semaphore::new(total)), total, arriving: Arc::default() }
+        let inner = Inner {
+            state: Mutex::new(Budget { free: total, ..Default::default() }),
+            released: tokio::sync::Notify::new(),
+        };
+        Self { total, inner: Arc::new(inner) }
     }
 
     /// Whether `len` bytes could ever be taken (a request costing more is too large, not
@@ -241,41 +257,85 @@ impl FrameMemory {
     pub async fn take(&self, len: usize, arriving: bool) -> Option<FrameShare> {
         let displaced = CancellationToken::new();
         if len <= UNMETERED_FRAME {
-            return Some(FrameShare { _permit: None, arriving: None, displaced });
+            return Some(FrameShare { inner: None, bytes: 0, arriving: None, displaced });
         }
-        let permits = u32::try_from(len).ok().filter(|_| self.could_take(len))?;
-        let permit = match self.budget.clone().try_acquire_many_owned(permits) {
-            Ok(permit) => permit,
-            Err(_) => {
-                if !self.displace(len.saturating_sub(self.budget.available_permits())) {
-                    return None;
+        if !self.could_take(len) {
+            return None;
+        }
+        let deadline = tokio::time::Instant::now() + DISPLACEMENT_WAIT;
+        let mut waiting: Option<Waiting<'_>> = None;
+        loop {
+            // Registered before looking, so that memory given back in between wakes us.
+            let released = self.inner.released.notified();
+            {
+                let mut budget = self.inner.state.lock().expect("not poisoned");
+                let unowed = (budget.free + budget.promised).saturating_sub(budget.owed);
+                // A waiter takes what it is owed; anyone else only what no waiter is
+                // owed (so a waiter holds back no more than its own need).
+                let may_take = if waiting.is_some() { budget.free >= len } else { budget.free >= len && unowed >= len };
+                if may_take {
+                    budget.free -= len;
+                    if let Some(waiting) = waiting.take() {
+                        waiting.settle(&mut budget);
+                    }
+                    let arriving = arriving.then(|| {
+                        budget.next += 1;
+                        let seq = budget.next;
+                        budget.arriving.insert(seq, (len, displaced.clone()));
+                        seq
+                    });
+                    return Some(FrameShare { inner: Some(self.inner.clone()), bytes: len, arriving, displaced });
                 }
-                let acquire = self.budget.clone().acquire_many_owned(permits);
-                tokio::time::timeout(DISPLACEMENT_WAIT, acquire).await.ok()?.ok()?
+                if waiting.is_none() {
+                    if !budget.displace(len.saturating_sub(unowed)) {
+                        return None;
+                    }
+                    budget.owed += len;
+                    waiting = Some(Waiting { memory: &self.inner, len });
+                }
             }
-        };
-        let arriving = arriving.then(|| {
-            let mut state = self.arriving.lock().expect("not poisoned");
-            state.next += 1;
-            let seq = state.next;
-            state.shares.insert(seq, (len, displaced.clone()));
-            (self.arriving.clone(), seq)
-        });
-        Some(FrameShare { _permit: Some(permit), arriving, displaced })
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return None;
+            }
+        }
     }
+}
 
-    /// Displace the requests arriving longest until `wanted` bytes are theirs to give
+/// A request waiting for memory it is owed; the debt is cancelled when it takes the
+/// memory, gives up, or its task is dropped.
+struct Waiting<'a> {
+    memory: &'a Inner,
+    len: usize,
+}
+
+impl Waiting<'_> {
+    fn settle(self, budget: &mut Budget) {
+        budget.owed -= self.len;
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.memory.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).owed -= self.len;
+        // What it was owed is anyone's now.
+        self.memory.released.notify_waiters();
+    }
+}
+
+impl Budget {
+    /// Displace the requests arriving longest until `wanted` bytes more are on their way
     /// back; false (displacing none) when all of them would not be enough.
-    fn displace(&self, wanted: usize) -> bool {
-        let mut state = self.arriving.lock().expect("not poisoned");
-        if state.shares.values().map(|(bytes, _)| bytes).sum::<usize>() < wanted {
+    fn displace(&mut self, wanted: usize) -> bool {
+        if self.arriving.values().map(|(bytes, _)| bytes).sum::<usize>() < wanted {
             return false;
         }
-        let mut freed = 0;
-        while freed < wanted {
-            let Some((_, (bytes, displaced))) = state.shares.pop_first() else { break };
+        let mut coming = 0;
+        while coming < wanted {
+            let Some((_, (bytes, displaced))) = self.arriving.pop_first() else { break };
             displaced.cancel();
-            freed += bytes;
+            self.promised += bytes;
+            coming += bytes;
         }
         true
     }
@@ -287,17 +347,33 @@ impl FrameShare {
         self.displaced.cancelled().await
     }
 
-    /// The request has arrived whole: it is no longer displaced.
-    pub fn arrived(&mut self) {
-        if let Some((arriving, seq)) = self.arriving.take() {
-            arriving.lock().expect("not poisoned").shares.remove(&seq);
+    /// The request has arrived whole and is no longer displaced, unless it was displaced
+    /// first (false: its memory is promised to another, and it must let go).
+    pub fn arrived(&mut self) -> bool {
+        let (Some(inner), Some(seq)) = (&self.inner, self.arriving) else { return true };
+        let mut budget = inner.state.lock().expect("not poisoned");
+        if self.displaced.is_cancelled() {
+            return false;
         }
+        budget.arriving.remove(&seq);
+        self.arriving = None;
+        true
     }
 }
 
 impl Drop for FrameShare {
     fn drop(&mut self) {
-        self.arrived();
+        let Some(inner) = self.inner.take() else { return };
+        {
+            let mut budget = inner.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            budget.free += self.bytes;
+            if self.displaced.is_cancelled() {
+                budget.promised -= self.bytes;
+            } else if let Some(seq) = self.arriving {
+                budget.arriving.remove(&seq);
+            }
+        }
+        inner.released.notify_waiters();
     }
 }
 
@@ -422,6 +498,32 @@ mod tests {
         // `newest` to give, two more do not fit, and nothing is displaced for them.
         assert!(memory.take(2 * MAX_MESSAGE, false).await.is_none());
         assert!(!newest.displaced.is_cancelled() && !whole.displaced.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn displacement_counts_what_is_on_its_way_back_and_queues_no_one() {
+        let memory = Arc::new(FrameMemory::new(4 * MAX_MESSAGE));
+        let mut arriving: Vec<FrameShare> = Vec::new();
+        for _ in 0..4 {
+            arriving.push(memory.take(MAX_MESSAGE, true).await.unwrap());
+        }
+        // Two requests needing one share's worth each, at once: each displaces one, not
+        // the second the same one and a third for good measure.
+        let (a, b) = (memory.clone(), memory.clone());
+        let first = tokio::spawn(async move { a.take(MAX_MESSAGE, false).await.is_some() });
+        let second = tokio::spawn(async move { b.take(MAX_MESSAGE, false).await.is_some() });
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let displaced: Vec<bool> = arriving.iter().map(|s| s.displaced.is_cancelled()).collect();
+        assert_eq!(displaced, [true, true, false, false]);
+        // One displaced that had just arrived whole learns it must let go.
+        assert!(!arriving[0].arrived());
+        assert!(arriving[3].arrived(), "one not displaced arrives");
+        // While those two wait, a smaller request that fits is not held behind them.
+        drop(arriving.remove(2));
+        assert!(memory.take(UNMETERED_FRAME + 1, false).await.is_some());
+        drop(arriving.drain(..2));
+        assert!(first.await.unwrap() && second.await.unwrap());
     }
 
     #[test]
