@@ -456,9 +456,28 @@ fn the_sab_log_holds_every_step_verifies_and_names_a_tampered_record() {
 /// SAB closes the connection (at most 30 s).
 fn exchange(sab: &Sab, cert: Option<&Path>, request: &[u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tls = tls_client(sab, cert);
+    let address = sab.url.trim_start_matches("https://").to_string();
+    let request = request.to_vec();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async move {
+        let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls)).connect(name, stream).await.unwrap();
+        tls.write_all(&request).await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "the SAB held the connection for 30 s");
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+}
+
+/// A TLS client of the SAB, with the client certificate `cert` (files from
+/// `Sab::identity_cert`) or none.
+fn tls_client(sab: &Sab, cert: Option<&Path>) -> tokio_rustls::rustls::ClientConfig {
     use tokio_rustls::rustls::{
         ClientConfig, RootCertStore,
-        pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
     };
     let mut roots = RootCertStore::empty();
     for der in CertificateDer::pem_file_iter(sab.dir.join("tls-ca.pem")).unwrap() {
@@ -469,7 +488,7 @@ fn exchange(sab: &Sab, cert: Option<&Path>, request: &[u8]) -> String {
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots);
-    let tls = match cert {
+    match cert {
         Some(cert) => {
             let chain =
                 CertificateDer::pem_file_iter(cert.with_extension("pem")).unwrap().collect::<Result<Vec<_>, _>>();
@@ -477,20 +496,7 @@ fn exchange(sab: &Sab, cert: Option<&Path>, request: &[u8]) -> String {
             builder.with_client_auth_cert(chain.unwrap(), key).unwrap()
         }
         None => builder.with_no_client_auth(),
-    };
-    let address = sab.url.trim_start_matches("https://").to_string();
-    let request = request.to_vec();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(async move {
-        let stream = tokio::net::TcpStream::connect(address).await.unwrap();
-        let name = ServerName::try_from("127.0.0.1").unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls)).connect(name, stream).await.unwrap();
-        tls.write_all(&request).await.unwrap();
-        let mut answer = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut answer)).await;
-        assert!(read.is_ok(), "the SAB held the connection for 30 s");
-        String::from_utf8_lossy(&answer).into_owned()
-    })
+    }
 }
 
 #[test]
@@ -627,6 +633,28 @@ fn a_probe_without_a_certificate_gets_the_health_answer_once_and_nothing_else() 
     let deployment = seb_sandbox::deploy::find(&objects, "Deployment", "seb-sab").unwrap();
     let probe = &deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"];
     assert_eq!((probe["scheme"].as_str(), probe["path"].as_str()), (Some("HTTPS"), Some("/v1/healthz")), "{probe}");
+
+    // Sixteen clients without a certificate from one address hold connections open and
+    // send nothing: the probe, from another address, is still answered.
+    let address: std::net::SocketAddr = w.sab.url.trim_start_matches("https://").parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls_client(&w.sab, None)));
+    let idle: Vec<_> = runtime.block_on(async {
+        let mut idle = Vec::new();
+        for _ in 0..16 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.9:0".parse().unwrap()).unwrap();
+            let stream = socket.connect(address).await.unwrap();
+            let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            if let Ok(tls) = connector.connect(name, stream).await {
+                idle.push(tls);
+            }
+        }
+        idle
+    });
+    let answer = exchange(&w.sab, None, b"GET /v1/healthz HTTP/1.1\r\nhost: sab\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(idle);
 
     // Two requests on one connection: one answer, then the SAB closes it.
     let healthz = b"GET /v1/healthz HTTP/1.1\r\nhost: sab\r\n\r\n";

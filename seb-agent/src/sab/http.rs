@@ -36,6 +36,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A body announced in the headers must have arrived this long after them.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client without a certificate (a probe) sends its one request at once.
+const UNIDENTIFIED_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+/// Connections at once of clients without an identity, per source address.
+const UNIDENTIFIED_PER_SOURCE: usize = 2;
 
 /// Connections of one caller (client certificate), and handshakes of one source address,
 /// at once: a quarter of `max_connections`, at most 16, so that one caller, or a few
@@ -117,8 +121,13 @@ pub async fn serve(sab: Arc<Sab>, listener: TcpListener, tls: ServerConfig) -> R
             let Ok(_connection) = established.try_acquire_owned() else {
                 return warn!(%peer, "connection refused: {max_connections} connections are open");
             };
-            let name = caller.as_ref().map_or_else(|_| String::new(), |caller| caller.uri().to_owned());
-            let Some(_caller_slot) = callers.take(&name, per_caller(max_connections)) else {
+            // Callers by their identity; clients without one (probes) by their address,
+            // a few each, so that no one holds the kubelet's probe out from elsewhere.
+            let (name, share) = match &caller {
+                Ok(caller) => (caller.uri().to_owned(), per_caller(max_connections)),
+                Err(_) => (format!("no identity from {}", peer.ip()), UNIDENTIFIED_PER_SOURCE),
+            };
+            let Some(_caller_slot) = callers.take(&name, share) else {
                 return warn!(%peer, caller = %name, "connection refused: the caller has its share of connections open");
             };
             let caller = Arc::new(caller);
@@ -128,7 +137,7 @@ pub async fn serve(sab: Arc<Sab>, listener: TcpListener, tls: ServerConfig) -> R
             });
             let served = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
+                .header_read_timeout(if keep_alive { HEADER_TIMEOUT } else { UNIDENTIFIED_HEADER_TIMEOUT })
                 .keep_alive(keep_alive)
                 .serve_connection(TokioIo::new(tls), service)
                 .await;
