@@ -295,4 +295,17 @@ fn passthrough_gets_are_served_with_a_reader_certificate_and_only_under_their_pr
     let served = answers.iter().filter(|a| matches!(a, Response::Read(_))).count();
     let busy = answers.iter().filter(|a| format!("{a:?}").contains("passthrough reads under way")).count();
     assert_eq!((served, busy), (2, 1), "{answers:?}");
+
+    // Five credentials a second are minted for one uid's reads; a read refused before its
+    // mint spends none.
+    *w.api.read_delay.lock().unwrap() = std::time::Duration::ZERO;
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let read = |target: &str| w.broker.call(Request::Read { request: get(&format!("https://{API}{target}")) });
+    for i in 0..20 {
+        let refused = read("/admin/keys");
+        assert!(format!("{refused:?}").contains("Forbidden"), "{i}: {refused:?}");
+    }
+    let answers: Vec<Response> = (0..6).map(|_| read("/v1/config")).collect();
+    assert!(answers[..5].iter().all(|a| matches!(a, Response::Read(_))), "{answers:?}");
+    assert!(format!("{:?}", answers[5]).contains("minted in the last second"), "{:?}", answers[5]);
 }

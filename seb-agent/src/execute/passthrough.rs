@@ -89,11 +89,14 @@ pub fn state_read_for(mutation: &MutationRequest) -> Result<MutationRequest> {
     })
 }
 
+/// `may_mint` is asked right before a credential is minted, once the read is known to be
+/// one this broker serves (the caller's rate of mints is bounded there).
 pub async fn read(
     config: &PassthroughConfig,
     executors: &Executors,
     request: &MutationRequest,
     read_id: &str,
+    may_mint: impl FnOnce() -> Result<()>,
 ) -> Result<ReadResult> {
     match request.provider {
         Provider::Aws => {
@@ -118,6 +121,7 @@ pub async fn read(
             let read = StateRead::new(&read, &request.target, origin)?;
             let role = config.aws_role_arn.as_deref().context("passthrough.aws_role_arn is not set")?;
             let executor = executors.aws.as_ref().context("this broker has no AWS executor")?;
+            may_mint()?;
             let session = executor.mint(role, read_id, Some(&read.policy())).await?;
             let response = executor.call(&read.call, &session.credentials).await?;
             let digest = read.digest(&response)?;
@@ -132,6 +136,7 @@ pub async fn read(
             }
             let subject = config.http_subject.as_deref().context("passthrough.http_subject is not set")?;
             let executor = executors.https.as_ref().context("this broker has no HTTPS executor")?;
+            may_mint()?;
             let session = executor.mint(subject, read_id)?;
             let (status, body, digest) = executor.get(&url, &session).await?;
             result(status, &body, digest)
@@ -145,6 +150,7 @@ pub async fn read(
                 reader.split_once('/').context("passthrough.kubernetes_reader is <namespace>/<ServiceAccount name>")?;
             let target = KubeTarget::parse(&request.target)?;
             let executor = executors.kubernetes.as_ref().context("this broker has no Kubernetes executor")?;
+            may_mint()?;
             let (_, object) = executor.read_with_fresh_token(namespace, service_account, &target, read_id).await?;
             let state_digest = digest_of(&canonical_state(object.as_ref()));
             match object {
@@ -225,7 +231,8 @@ mod tests {
             let request: MutationRequest = serde_json::from_value(serde_json::json!({
                 "provider": "aws", "operation": "s3:GetObject", "target": target}))
             .unwrap();
-            let error = format!("{:#}", read(&config, &Executors::default(), &request, "r-1").await.unwrap_err());
+            let error =
+                format!("{:#}", read(&config, &Executors::default(), &request, "r-1", || Ok(())).await.unwrap_err());
             assert!(error.contains("is not one exact ARN"), "{target}: {error}");
         }
     }

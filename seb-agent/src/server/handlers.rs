@@ -7,7 +7,7 @@
 
 use tracing::{debug, info, warn};
 
-use super::{Broker, error, read_records};
+use super::{Broker, error, read_gate, read_records};
 use crate::{
     admission::{
         self, Caller, Peer, Pending, Proposal,
@@ -106,7 +106,7 @@ fn log_decision(decision: &admission::Decision, pid: i32) {
 
 async fn handle_read(request: MutationRequest, peer: &Peer, broker: &Broker) -> Response {
     // Turned away before anything is minted or recorded: a caller may ask again.
-    let _pass = match broker.read_gate.enter(peer.uid) {
+    let pass = match broker.read_gate.enter(peer.uid) {
         Ok(pass) => pass,
         Err(why) => {
             broker.metrics.count_limit(Limit::PassthroughReads);
@@ -117,10 +117,15 @@ async fn handle_read(request: MutationRequest, peer: &Peer, broker: &Broker) -> 
     // An unidentifiable reader is refused, and the refusal recorded like any other.
     let (caller, result) = match peer.identify() {
         Ok(Caller { identity, .. }) => {
-            (identity, passthrough::read(&broker.passthrough, &broker.executors, &request, &read_id).await)
+            let may_mint = || pass.may_mint().inspect_err(|_| broker.metrics.count_limit(Limit::PassthroughReads));
+            (identity, passthrough::read(&broker.passthrough, &broker.executors, &request, &read_id, may_mint).await)
         }
         Err(e) => (peer.unidentified(), Err(e)),
     };
+    // Past the second's mints: busy, nothing minted or recorded, as at the gate.
+    if let Err(Some(spent)) = result.as_ref().map_err(|e| e.downcast_ref::<read_gate::MintsSpent>()) {
+        return error(ErrorCode::Busy, spent.to_string());
+    }
     // Anyone who reaches the socket has a read recorded: what it sent is kept in part.
     let field = |text: &str| crate::audit::clipped(text, 1024);
     let record = serde_json::json!({
