@@ -97,13 +97,28 @@ impl Peer {
         Ok(Caller { identity, peer: self.clone() })
     }
 
-    /// Whether the process is in the broker's namespace of `kind` (`pid`, `mnt`): read
-    /// from /proc, then the process checked to be the pinned one. False if it cannot be
-    /// read, or the process is gone.
-    pub fn shares_namespace(&self, kind: &str) -> bool {
-        let namespace = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
+    /// Whether the process is in the broker's mount namespace: read from /proc, then the
+    /// process checked to be the pinned one. False if it cannot be read (the link needs
+    /// ptrace access, which an AppArmor profile may deny), or the process is gone.
+    pub fn shares_mounts(&self) -> bool {
+        let namespace = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
         let theirs = namespace(&self.pid.to_string());
         theirs.is_some() && theirs == namespace("self") && self.alive()
+    }
+
+    /// Whether the process is in the broker's pid namespace: as deep below this /proc's
+    /// namespace as the broker (its `NSpid` line lists its pid in each namespace from
+    /// there down; `status` needs no ptrace access, unlike `ns/pid`), then checked to be
+    /// the pinned one. A process this /proc sees is in that namespace or below it, so at
+    /// the broker's depth of one it is in the broker's. False if it cannot be read, or the
+    /// process is gone.
+    pub fn shares_pid_namespace(&self) -> bool {
+        let depth = |pid: &str| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            status.lines().find_map(|line| line.strip_prefix("NSpid:")).map(|pids| pids.split_whitespace().count())
+        };
+        let theirs = depth(&self.pid.to_string());
+        theirs.is_some() && theirs == depth("self") && self.alive()
     }
 
     /// What SO_PEERCRED alone says.
@@ -151,7 +166,7 @@ impl Caller {
     /// so that its executable's path names the file it names for the broker. Read when
     /// a contract needs it; false if it cannot be read, or the caller is gone.
     fn shares_mounts(&self) -> bool {
-        self.peer.shares_namespace("mnt")
+        self.peer.shares_mounts()
     }
 
     /// Whether the caller is the agent the contract names; `Err` says what differs.

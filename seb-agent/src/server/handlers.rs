@@ -258,7 +258,7 @@ async fn administrator(peer: &Peer, broker: &Broker, what: &str) -> Result<(), R
     let of_the_scope = u32::try_from(peer.pid).map_or(true, |tgid| broker.enforcer.is_of_the_scope(tgid));
     let cgroup =
         std::fs::File::open(format!("/proc/{}/cgroup", peer.pid)).ok().and_then(crate::cgroupfs::unified_cgroup);
-    let pid_namespace_shared = peer.shares_namespace("pid");
+    let pid_namespace_shared = peer.shares_pid_namespace();
     let (reason, message) = if !peer.alive() {
         (
             admission::Reason::CallerChanged,
