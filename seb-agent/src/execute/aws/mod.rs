@@ -260,8 +260,11 @@ impl AwsExecutor {
         role_arn: &str,
         decision_id: &str,
     ) -> Result<(std::sync::Arc<AwsCredentials>, MintedIdentity)> {
-        let reader =
-            self.config.read_role_arn.as_ref().filter(|reader| request::reader_reads(reader, &read.target_account));
+        let reader = self
+            .config
+            .read_role_arn
+            .as_ref()
+            .filter(|reader| request::reader_reads(reader, &read.target_account, &read.call.service));
         let Some(reader) = reader else {
             let session = self.mint(role_arn, decision_id, Some(&read.policy())).await?;
             return Ok((std::sync::Arc::new(session.credentials), session.identity));

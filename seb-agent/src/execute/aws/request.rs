@@ -318,12 +318,14 @@ pub fn account_of(arn: &str) -> &str {
     arn.split(':').nth(4).unwrap_or_default()
 }
 
-/// Whether the read role `reader` reads a target of `target_account`: only in its own
-/// account (or for a target that names none). A call naming a resource by its id alone
-/// (EC2's Describe calls) is answered in the caller's account, where another account's
-/// group or instance is "not found", the state an agent could have certified.
-pub fn reader_reads(reader: &str, target_account: &str) -> bool {
-    target_account.is_empty() || target_account == account_of(reader)
+/// Whether the read role `reader` reads a target of `target_account` through `service`:
+/// only in its own account, or an S3 target (bucket names are global; other ARNs without
+/// an account, Route 53's, name what the caller's account holds). A call naming a
+/// resource by its id alone (EC2's Describe calls) is answered in the caller's account,
+/// where another account's group or instance is "not found", the state an agent could
+/// have certified.
+pub fn reader_reads(reader: &str, target_account: &str, service: &str) -> bool {
+    if target_account.is_empty() { service == "s3" } else { target_account == account_of(reader) }
 }
 
 /// The protocols of services whose protocol is known here. Naming another protocol for
@@ -623,9 +625,10 @@ mod tests {
     #[test]
     fn the_read_role_reads_only_targets_of_its_own_account() {
         let reader = "arn:aws:iam::111111111111:role/seb-reader";
-        assert!(reader_reads(reader, account_of("arn:aws:ec2:us-east-1:111111111111:security-group/sg-1")));
-        assert!(!reader_reads(reader, account_of("arn:aws:ec2:us-east-1:222222222222:security-group/sg-1")));
-        assert!(reader_reads(reader, account_of("arn:aws:s3:::bucket/key")), "S3 names no account");
+        assert!(reader_reads(reader, account_of("arn:aws:ec2:us-east-1:111111111111:security-group/sg-1"), "ec2"));
+        assert!(!reader_reads(reader, account_of("arn:aws:ec2:us-east-1:222222222222:security-group/sg-1"), "ec2"));
+        assert!(reader_reads(reader, account_of("arn:aws:s3:::bucket/key"), "s3"), "S3 names no account");
+        assert!(!reader_reads(reader, account_of("arn:aws:route53:::hostedzone/Z1"), "route53"));
         let read = StateRead::new(
             &super::super::preset::read(
                 "ec2:DescribeSecurityGroups",
