@@ -91,8 +91,11 @@ fn apply(conn: &Connection, record: &StoredRecord) -> Result<()> {
         }
         REVOCATION_KIND => {
             let revocation: Revocation = serde_json::from_str(&record.body).with_context(parse_error)?;
+            // In today's spelling: a serial recorded by an older version without the `00`
+            // DER gives a leading byte of 0x80 or more matched no certificate.
+            let value = normalise(revocation.target, &revocation.value).unwrap_or(revocation.value);
             conn.prepare_cached("INSERT OR IGNORE INTO revoked (kind, value, record_seq) VALUES (?1, ?2, ?3)")?
-                .execute(params![revocation.target.column(), revocation.value, record.seq])?;
+                .execute(params![revocation.target.column(), value, record.seq])?;
         }
         _ => {}
     }
@@ -260,6 +263,9 @@ pub fn normalise(target: RevocationTarget, value: &str) -> Result<String> {
     let mut bytes = hex::decode(&padded).expect("hex digits");
     let leading_zeros = bytes.iter().take(bytes.len() - 1).take_while(|b| **b == 0).count();
     bytes.drain(..leading_zeros);
+    if bytes == [0] {
+        bail!("`{value}` is serial 0, and serials are positive");
+    }
     if bytes[0] >= 0x80 {
         bytes.insert(0, 0);
     }
@@ -349,7 +355,7 @@ mod tests {
         for written in ["8f01", "008f01", "0x00:8F:01"] {
             assert_eq!(serial(written).unwrap(), "008f01", "{written}");
         }
-        assert_eq!(serial("00").unwrap(), "00");
+        assert!(serial("00").unwrap_err().contains("serials are positive"));
         for refused in ["4660 (0x1234)", "O1", "zz", "", "0x", "12-34"] {
             assert!(serial(refused).unwrap_err().contains("is not a serial in hex"), "{refused}");
         }

@@ -168,7 +168,6 @@ pub fn identity_mismatch(provider: Provider, identity: &ScopedIdentity) -> Refus
     )
 }
 
-/// The refusal for a request the provider cannot perform.
 /// `params` holds no key but `allowed` (or is absent): a key no executor reads would be
 /// certified, and judged by the SAB's rules, without meaning anything.
 pub fn only_params(operation: &str, params: &serde_json::Value, allowed: &[&str]) -> Result<()> {
@@ -186,6 +185,7 @@ pub fn only_params(operation: &str, params: &serde_json::Value, allowed: &[&str]
     }
 }
 
+/// The refusal for a request the provider cannot perform.
 pub fn unsupported(e: anyhow::Error) -> Refusal {
     (Reason::UnsupportedOperation, format!("{e:#}"))
 }
