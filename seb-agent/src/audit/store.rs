@@ -86,6 +86,10 @@ pub fn open_writable(path: &Path, create: bool) -> Result<Connection> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // A store made before that, or by a hand with another umask: owner-only from now on.
     for file in [path.to_path_buf(), sibling(path, "-wal"), sibling(path, "-shm")] {
+        if std::fs::metadata(&file).is_ok_and(|m| m.mode() & 0o077 != 0) {
+            // Tightening it does not close what others opened while they could.
+            tracing::warn!(file = %file.display(), "the audit store was readable by others; it is owner-only now");
+        }
         match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
