@@ -94,6 +94,11 @@ impl KubeStandIn {
             self.store.lock().unwrap().drop_watches();
         }
     }
+    /// Offline after telling every watch `410 Gone`: the clients' lists fail from then on.
+    pub fn expire_watches_and_go_offline(&self) {
+        self.offline.store(true, Ordering::SeqCst);
+        self.store.lock().unwrap().expire_watches();
+    }
     pub fn live_secrets(&self) -> Vec<String> {
         self.state.lock().unwrap().secrets.keys().cloned().collect()
     }

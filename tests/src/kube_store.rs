@@ -181,6 +181,17 @@ impl Store {
         self.watches.clear();
     }
 
+    /// End every watch with `410 Gone` (its resourceVersion too old): the client must
+    /// list again.
+    pub fn expire_watches(&mut self) {
+        let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "reason": "Expired", "code": 410, "message": "too old resource version"}});
+        let line = Bytes::from(gone.to_string() + "\n");
+        for watch in self.watches.drain(..) {
+            let _ = watch.sender.send(line.clone());
+        }
+    }
+
     fn commit(&mut self, collection: &'static str, event: &'static str, name: String, mut object: Value) -> String {
         self.version += 1;
         let version = self.version.to_string();

@@ -263,6 +263,16 @@ fn the_cluster_resources_set_epochs_endpoints_and_revocations_and_admission_fail
     eventually("admissions to resume", || w.propose("c-back", Some(NODE), (4, 5)).0.admitted.then_some(()));
     eventually("ready again", || (w.broker.sandbox.http_get("/readyz").unwrap().0 == 200).then_some(()));
 
+    // The same when the watches end with 410 Gone and every list fails after: the
+    // watchers' retries read nothing, and must not count as reads.
+    w.cluster.expire_watches_and_go_offline();
+    eventually("admissions to fail closed after 410 Gone", || {
+        let (decision, _) = w.propose("c-gone", Some(NODE), (4, 5));
+        (decision.reason == Reason::ClusterStateStale).then_some(())
+    });
+    w.cluster.set_offline(false);
+    eventually("admissions to resume", || w.propose("c-back-2", Some(NODE), (4, 5)).0.admitted.then_some(()));
+
     // Deleting the SebRevocation does not un-revoke anything: admissions wait for it.
     w.cluster.store.lock().unwrap().delete(SEB_REVOCATIONS, "default");
     eventually("admissions to wait for the SebRevocation", || {

@@ -29,8 +29,14 @@ pub async fn run(client: Client, config: ClusterConfig, sync: ClusterSync, mut s
         let policy = Api::<SebPolicy>::all(client.clone()).get_opt(&config.policy).await;
         match (revocation, policy) {
             (Ok(revocation), Ok(policy)) => {
-                sync.freshness().read(Resource::Revocation);
-                sync.freshness().read(Resource::Policy);
+                // Only an object read is a read of it: a deleted one must not stay
+                // "current" here while a stalled watcher never reports its deletion.
+                if revocation.is_some() {
+                    sync.freshness().read(Resource::Revocation);
+                }
+                if policy.is_some() {
+                    sync.freshness().read(Resource::Policy);
+                }
                 // A missing object is the watcher's to report: a 404 carries no version to
                 // order it against what the watcher has seen.
                 if let Some(object) = revocation {

@@ -73,10 +73,13 @@ async fn follow<K, F, Fut>(
                 continue;
             }
             Some(Ok(event)) => {
-                // Only the followed objects' own events count as having read them.
+                // Only the followed objects' own events count as having read them, and
+                // only those the API server sent: kube's watcher makes `Init` itself,
+                // before each list, also before each retry of a list that keeps failing.
+                let from_the_server = sent_by_the_server(&event);
                 match kind.as_str() {
-                    "SebPolicy" => sync.freshness().read(super::freshness::Resource::Policy),
-                    "SebRevocation" => sync.freshness().read(super::freshness::Resource::Revocation),
+                    "SebPolicy" if from_the_server => sync.freshness().read(super::freshness::Resource::Policy),
+                    "SebRevocation" if from_the_server => sync.freshness().read(super::freshness::Resource::Revocation),
                     _ => {}
                 }
                 match event {
@@ -105,6 +108,12 @@ async fn follow<K, F, Fut>(
             Err(e) => sync.error(&kind, &e),
         }
     }
+}
+
+/// Whether a watcher event carries what the API server sent: every one but `Init`, which
+/// kube's watcher makes itself before each list, the failed ones' retries included.
+fn sent_by_the_server<K>(event: &watcher::Event<K>) -> bool {
+    !matches!(event, watcher::Event::Init)
 }
 
 /// The one object of a kind this node follows: each change goes through its ordered
@@ -302,4 +311,22 @@ fn update_addresses<K: ResourceExt>(
     }
     let enforcer = sync.enforcer();
     tokio::task::block_in_place(|| enforcer.set_endpoints(EndpointSource::ApiServer, addresses.endpoints())).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_the_api_server_sent_counts_as_a_read() {
+        assert!(!sent_by_the_server::<()>(&watcher::Event::Init));
+        for event in [
+            watcher::Event::InitApply(()),
+            watcher::Event::InitDone,
+            watcher::Event::Apply(()),
+            watcher::Event::Delete(()),
+        ] {
+            assert!(sent_by_the_server(&event));
+        }
+    }
 }
