@@ -350,21 +350,45 @@ pub async fn serve(
         .with_context(|| format!("config field `metrics.listen`: binding {addr}"))?;
     // Anyone who reaches the port (every pod, with hostNetwork and 0.0.0.0) may connect:
     // connections are few and short, so holding them open costs the broker nothing it
-    // needs (its descriptors, its memory).
+    // needs (its descriptors, its memory). When all places are taken, a new connection
+    // displaces the oldest open one: connections held open from many addresses cannot
+    // keep the kubelet's probe out (it would restart a healthy agent).
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPE_CONNECTIONS));
     let sources = Arc::new(crate::connection_shares::Shares::<std::net::IpAddr>::default());
+    let open = Arc::new(std::sync::Mutex::new(OpenConnections::default()));
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
-                    let Ok((stream, peer)) = accepted else { continue };
+                    let (stream, peer) = match accepted {
+                        Ok(accepted) => accepted,
+                        Err(e) => {
+                            // Out of descriptors, say: the connection stays queued, so
+                            // retrying at once would spin.
+                            warn!(error = %e, "metrics accept failed");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
                     // Per source first: one pod holding connections leaves the kubelet's
                     // probes and the scraper theirs.
                     let Some(share) = sources.take(&peer.ip().to_canonical(), SCRAPE_CONNECTIONS_PER_SOURCE) else {
                         continue;
                     };
-                    let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+                    let slot = match slots.clone().try_acquire_owned() {
+                        Ok(slot) => slot,
+                        Err(_) => {
+                            open.lock().unwrap_or_else(|p| p.into_inner()).displace_oldest();
+                            let freed = slots.clone().acquire_owned();
+                            match tokio::time::timeout(std::time::Duration::from_millis(200), freed).await {
+                                Ok(Ok(slot)) => slot,
+                                _ => continue,
+                            }
+                        }
+                    };
                     let (metrics, readiness) = (metrics.clone(), readiness.clone());
+                    let (seq, displaced) = open.lock().unwrap_or_else(|p| p.into_inner()).add();
+                    let open = open.clone();
                     tokio::spawn(async move {
                         let _held = (slot, share);
                         let service = service_fn(move |request: Request<Incoming>| {
@@ -375,9 +399,15 @@ pub async fn serve(
                             .timer(hyper_util::rt::TokioTimer::new())
                             .header_read_timeout(SCRAPE_TIMEOUT)
                             .serve_connection(TokioIo::new(stream), service);
-                        if let Ok(Err(e)) = tokio::time::timeout(SCRAPE_CONNECTION_LIFETIME, serving).await {
-                            warn!(error = %e, "metrics connection failed");
+                        tokio::select! {
+                            served = tokio::time::timeout(SCRAPE_CONNECTION_LIFETIME, serving) => {
+                                if let Ok(Err(e)) = served {
+                                    warn!(error = %e, "metrics connection failed");
+                                }
+                            }
+                            () = displaced.cancelled() => {}
                         }
+                        open.lock().unwrap_or_else(|p| p.into_inner()).remove(seq);
                     });
                 }
                 _ = shutdown.changed() => return,
@@ -385,6 +415,32 @@ pub async fn serve(
         }
     });
     Ok(())
+}
+
+/// The open connections, oldest first.
+#[derive(Default)]
+struct OpenConnections {
+    next: u64,
+    by_age: std::collections::BTreeMap<u64, tokio_util::sync::CancellationToken>,
+}
+
+impl OpenConnections {
+    fn add(&mut self) -> (u64, tokio_util::sync::CancellationToken) {
+        self.next += 1;
+        let token = tokio_util::sync::CancellationToken::new();
+        self.by_age.insert(self.next, token.clone());
+        (self.next, token)
+    }
+
+    fn remove(&mut self, seq: u64) {
+        self.by_age.remove(&seq);
+    }
+
+    fn displace_oldest(&mut self) {
+        if let Some((_, token)) = self.by_age.pop_first() {
+            token.cancel();
+        }
+    }
 }
 
 fn respond(path: &str, metrics: &Metrics, readiness: &Readiness) -> Response<Full<Bytes>> {

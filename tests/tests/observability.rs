@@ -89,12 +89,24 @@ fn metrics_health_and_status_report_what_the_agent_sees() {
         };
         let ninth = get(from("127.0.0.5").await?).await?;
         let probe = get(from("127.0.0.1").await?).await?;
+        // Every place taken, from 32 more addresses: the probe displaces the oldest.
+        for source in 0..seb_agent::metrics::MAX_SCRAPE_CONNECTIONS / seb_agent::metrics::SCRAPE_CONNECTIONS_PER_SOURCE
+        {
+            for _ in 0..seb_agent::metrics::SCRAPE_CONNECTIONS_PER_SOURCE {
+                held.push(from(&format!("127.0.1.{}", source + 1)).await?);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let probe_when_full = get(from("127.0.0.1").await?).await?;
         drop(held);
-        Ok((ninth, probe))
+        Ok((ninth, (probe, probe_when_full)))
     })
     .unwrap();
+    let (probe, probe_when_full) = probe;
     assert_eq!(ninth, "", "a ninth connection of one source was served");
-    assert!(probe.starts_with("HTTP/1.0 200") || probe.starts_with("HTTP/1.1 200"), "{probe}");
+    for probe in [probe, probe_when_full] {
+        assert!(probe.starts_with("HTTP/1.0 200") || probe.starts_with("HTTP/1.1 200"), "{probe}");
+    }
 
     // A link unpinned behind the agent's back: no longer ready.
     let pin = status["links"][0]["pin"].as_str().unwrap().to_string();
