@@ -324,7 +324,9 @@ impl Readiness {
         match &self.cluster {
             None => attached && !links.is_empty(),
             // `stale()` is also `Some` until both resources were read.
-            Some(freshness) => attached && freshness.is_settled() && freshness.stale().is_none(),
+            Some(freshness) => {
+                attached && freshness.is_settled() && freshness.stale().is_none() && freshness.are_pods_enforced()
+            }
         }
     }
 }
@@ -451,7 +453,9 @@ fn respond(path: &str, metrics: &Metrics, readiness: &Readiness) -> Response<Ful
         "/readyz" => (
             503,
             "text/plain",
-            "not ready: kernel programs are not all attached, or the cluster state is not read\n".to_string(),
+            "not ready: kernel programs are not all attached, the cluster state is not read, or a selected pod is \
+             not enforced\n"
+                .to_string(),
         ),
         _ => (404, "text/plain", "not found\n".to_string()),
     };

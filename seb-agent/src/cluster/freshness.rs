@@ -36,6 +36,9 @@ struct Inner {
     /// Every watcher has listed once: what the kernel enforces is the cluster's, not a
     /// previous run's.
     settled: AtomicBool,
+    /// The last choice of the selected pods found each one's cgroup (or is waiting for
+    /// the kubelet to make it) and reached the kernel.
+    pods_enforced: AtomicBool,
 }
 
 impl Freshness {
@@ -49,6 +52,7 @@ impl Freshness {
                 policy_synced: AtomicBool::new(false),
                 revocation_synced: AtomicBool::new(false),
                 settled: AtomicBool::new(false),
+                pods_enforced: AtomicBool::new(true),
             }),
         }
     }
@@ -91,6 +95,15 @@ impl Freshness {
 
     pub fn is_settled(&self) -> bool {
         self.inner.settled.load(Ordering::Acquire)
+    }
+
+    /// Whether the selected pods were all enforced at the last choice of them.
+    pub fn pods_enforced(&self, enforced: bool) {
+        self.inner.pods_enforced.store(enforced, Ordering::Release);
+    }
+
+    pub fn are_pods_enforced(&self) -> bool {
+        self.inner.pods_enforced.load(Ordering::Acquire)
     }
 
     /// Time since the staler of the two resources was last read, if both ever were.

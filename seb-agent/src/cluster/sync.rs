@@ -225,18 +225,19 @@ impl ClusterSync {
             // Held while pods are chosen and applied, so a pod change racing this policy
             // change sees either both old or both new.
             let mut current = self.inner.scope.lock().map_err(|_| anyhow::anyhow!("the policy scope is poisoned"))?;
-            let pod_scopes = self.selected_pod_cgroups(&spec.scope);
+            let (pod_scopes, all_found) = self.selected_pod_cgroups(&spec.scope);
             let (scope, exempt) = (spec.scope.cgroups.clone(), spec.exempt_cgroups.clone());
             let enforcer = self.inner.enforcer.clone();
-            tokio::task::block_in_place(|| {
+            let applied = tokio::task::block_in_place(|| {
                 enforcer.update(|sources| {
                     sources.endpoints.insert(EndpointSource::Policy, endpoints);
                     sources.cluster_scope = scope.into_iter().collect();
                     sources.cluster_exempt = exempt.into_iter().collect();
                     sources.pod_scopes = pod_scopes;
                 })
-            })
-            .with_context(|| format!("applying SebPolicy {} to the kernel", object.name_any()))?;
+            });
+            self.freshness().pods_enforced(all_found && applied.is_ok());
+            applied.with_context(|| format!("applying SebPolicy {} to the kernel", object.name_any()))?;
             *current = spec.scope.clone();
         }
         // As for revocations: the kernel first, the durable record second.
@@ -255,9 +256,11 @@ impl ClusterSync {
     /// The pods on this node changed (or a namespace's labels): enforce the selected ones.
     pub fn pods_changed(&self) -> Result<bool> {
         let scope = self.inner.scope.lock().map_err(|_| anyhow::anyhow!("the policy scope is poisoned"))?;
-        let pod_scopes = self.selected_pod_cgroups(&scope);
+        let (pod_scopes, all_found) = self.selected_pod_cgroups(&scope);
         let enforcer = self.inner.enforcer.clone();
-        tokio::task::block_in_place(|| enforcer.update(|sources| sources.pod_scopes = pod_scopes))
+        let applied = tokio::task::block_in_place(|| enforcer.update(|sources| sources.pod_scopes = pod_scopes));
+        self.freshness().pods_enforced(all_found && applied.is_ok());
+        applied
     }
 
     /// Whether a selected pod's cgroup was missing at the last choice, for less than
@@ -267,9 +270,12 @@ impl ClusterSync {
         unresolved.values().any(|since| since.elapsed() < UNRESOLVED_FAST_FOR)
     }
 
-    /// The pod-level cgroups of the selected pods that exist on this node.
-    fn selected_pod_cgroups(&self, scope: &EnforcementScopeSpec) -> BTreeSet<std::path::PathBuf> {
-        let Ok(directory) = self.inner.directory.read() else { return BTreeSet::new() };
+    /// The pod-level cgroups of the selected pods that exist on this node, and whether
+    /// every selected pod's was found or is yet to be made (false: no kubepods cgroup, or
+    /// one could not be resolved, so a selected pod may run unenforced).
+    fn selected_pod_cgroups(&self, scope: &EnforcementScopeSpec) -> (BTreeSet<std::path::PathBuf>, bool) {
+        let Ok(directory) = self.inner.directory.read() else { return (BTreeSet::new(), false) };
+        let mut all_found = true;
         let selected = directory.selected(scope);
         let mut missing = Vec::new();
         // The kubepods root is looked for (in the cgroup filesystem) only when a pod is selected.
@@ -278,6 +284,7 @@ impl ClusterSync {
             _ if selected.is_empty() => BTreeSet::new(),
             None => {
                 warn!(pods = selected.len(), "pods are selected, but this node has no kubepods cgroup");
+                all_found = false;
                 BTreeSet::new()
             }
             Some(root) => selected
@@ -294,6 +301,7 @@ impl ClusterSync {
                     }
                     Err(e) => {
                         warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e, "resolving a pod's cgroup");
+                        all_found = false;
                         None
                     }
                 })
@@ -309,8 +317,10 @@ impl ClusterSync {
                     (uid, since)
                 })
                 .collect();
+            // A cgroup the kubelet has not made for so long is not one it is about to make.
+            all_found &= unresolved.values().all(|since| since.elapsed() < UNRESOLVED_FAST_FOR);
         }
-        found
+        (found, all_found)
     }
 }
 
