@@ -227,6 +227,18 @@ fn the_cluster_resources_set_epochs_endpoints_and_revocations_and_admission_fail
         &[("KUBECONFIG", &w.kubeconfig)],
     );
     assert!(!backwards.unwrap().status.success(), "the revocation epoch does not move back");
+    let backwards = w.broker.sandbox.run_in(
+        "exempt",
+        &w.broker.sandbox.tools.agent,
+        &["epoch", "--cluster", "--policy", "3"],
+        &[("KUBECONFIG", &w.kubeconfig)],
+    );
+    let backwards = backwards.unwrap();
+    assert!(
+        !backwards.status.success() && String::from_utf8_lossy(&backwards.stderr).contains("only moves forward"),
+        "the policy epoch does not move back: {}",
+        String::from_utf8_lossy(&backwards.stderr)
+    );
     // A SebPolicy whose epoch is behind this node's is refused whole: neither the epoch
     // nor the kernel takes any of it (the endpoint it adds stays reachable).
     let current = w.cluster.store.lock().unwrap().get(SEB_POLICIES, "default").unwrap();

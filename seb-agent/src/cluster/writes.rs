@@ -140,6 +140,12 @@ pub async fn set_revocation_epoch(client: Client, name: &str, epoch: u64) -> Res
 /// endpoints, scope or exemptions would lift every node's protection as the newest policy.
 pub async fn set_policy_epoch(client: Client, name: &str, epoch: u64) -> Result<Written> {
     let object = write(&Api::<SebPolicy>::all(client), name, |current| match current {
+        // Every broker refuses a policy whose epoch went back: one mistake would fail
+        // every node closed.
+        Some(object) if epoch < object.spec.policy_epoch => bail!(
+            "the policy epoch only moves forward: SebPolicy {name} is at {}, {epoch} was asked",
+            object.spec.policy_epoch
+        ),
         Some(mut object) => {
             object.spec.policy_epoch = epoch;
             Ok(object)
