@@ -119,6 +119,7 @@ pub async fn run(config: Config) -> Result<()> {
     // Before serving: every admitted decision gets its outcome, even across a crash.
     reconcile(&ledger, &executors).await?;
     let passthrough = config.passthrough.clone();
+    let passthrough_mints = (passthrough.mints_per_second, passthrough.mints_per_uid_per_second);
     tasks.push(tokio::spawn(tamper::watch(
         enforcer.clone(),
         sockets.clone(),
@@ -140,7 +141,7 @@ pub async fn run(config: Config) -> Result<()> {
         limits,
         frame_memory: FrameMemory::new(limits.frame_memory),
         reads: crate::server::read_records::budget(),
-        read_gate: Default::default(),
+        read_gate: crate::server::read_gate::ReadGate::new(passthrough_mints.0, passthrough_mints.1),
     });
     if config.metrics.enabled {
         metrics::serve(config.metrics.listen, metrics.clone(), readiness, shutdown_rx.clone()).await?;

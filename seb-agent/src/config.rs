@@ -404,6 +404,10 @@ impl Config {
             return Err(invalid("broker.socket", "must be an absolute path"));
         }
         self.broker.validate()?;
+        let passthrough = &self.passthrough;
+        if passthrough.mints_per_second == 0 || passthrough.mints_per_uid_per_second == 0 {
+            return Err(invalid("passthrough.mints_per_second", "and mints_per_uid_per_second must be at least 1"));
+        }
         if self.admission.max_parallel_verifications == Some(0) {
             return Err(invalid(
                 "admission.max_parallel_verifications",

@@ -119,8 +119,17 @@ pub async fn revoke(client: Client, name: &str, target: RevocationTarget, value:
     Ok(written_revocation(&object))
 }
 
+/// Past what a contract carries, every broker would refuse the epoch, and (epochs only
+/// moving forward) it could not be set back.
+fn within_a_contract(name: &str, epoch: u64) -> Result<()> {
+    let max = crate::cert::ijson::MAX_SAFE_INTEGER;
+    anyhow::ensure!(epoch <= max, "the {name} epoch {epoch} is beyond what a contract can carry ({max})");
+    Ok(())
+}
+
 /// Set the revocation epoch (it only moves forward), creating the object if needed.
 pub async fn set_revocation_epoch(client: Client, name: &str, epoch: u64) -> Result<Written> {
+    within_a_contract("revocation", epoch)?;
     let object = write(&Api::<SebRevocation>::all(client), name, |current| match current {
         Some(object) if epoch < object.spec.revocation_epoch => bail!(
             "the revocation epoch only moves forward: SebRevocation {name} is at {}, {epoch} was asked",
@@ -139,6 +148,7 @@ pub async fn set_revocation_epoch(client: Client, name: &str, epoch: u64) -> Res
 /// Set the policy epoch of the existing SebPolicy. Never created here: one made with no
 /// endpoints, scope or exemptions would lift every node's protection as the newest policy.
 pub async fn set_policy_epoch(client: Client, name: &str, epoch: u64) -> Result<Written> {
+    within_a_contract("policy", epoch)?;
     let object = write(&Api::<SebPolicy>::all(client), name, |current| match current {
         // Every broker refuses a policy whose epoch went back: one mistake would fail
         // every node closed.

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::cert::{MutationRequest, Provider, contract::digest_of};
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PassthroughConfig {
     /// Role assumed (with a read-only session policy) for AWS reads.
@@ -37,6 +37,34 @@ pub struct PassthroughConfig {
     /// bound token for (its RBAC decides what it may get); the token dies after the read.
     #[serde(default)]
     pub kubernetes_reader: Option<String>,
+    /// Credentials minted for reads in each second, in all and for one caller uid (each
+    /// read mints one: an STS session, a token, a client certificate).
+    #[serde(default = "default_mints_per_second")]
+    pub mints_per_second: u32,
+    #[serde(default = "default_mints_per_uid_per_second")]
+    pub mints_per_uid_per_second: u32,
+}
+
+impl Default for PassthroughConfig {
+    fn default() -> Self {
+        Self {
+            aws_role_arn: None,
+            aws_operations: Vec::new(),
+            http_subject: None,
+            http_prefixes: Vec::new(),
+            kubernetes_reader: None,
+            mints_per_second: default_mints_per_second(),
+            mints_per_uid_per_second: default_mints_per_uid_per_second(),
+        }
+    }
+}
+
+fn default_mints_per_second() -> u32 {
+    50
+}
+
+fn default_mints_per_uid_per_second() -> u32 {
+    20
 }
 
 /// What a read returned.

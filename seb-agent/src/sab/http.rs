@@ -40,6 +40,8 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 const UNIDENTIFIED_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 /// Connections at once of clients without an identity, per source address.
 const UNIDENTIFIED_PER_SOURCE: usize = 2;
+/// The key all connections without an identity share.
+const UNIDENTIFIED: &str = "(no identity)";
 
 /// Connections of one caller (client certificate), and handshakes of one source address,
 /// at once: a quarter of `max_connections`, at most 16, so that one caller, or a few
@@ -116,8 +118,8 @@ pub async fn serve(sab: Arc<Sab>, listener: TcpListener, tls: ServerConfig) -> R
                 Some(der) => Caller::of_certificate(der).map_err(|e| Refused::Identity(format!("{e:#}"))),
                 None => Err(Refused::NoCertificate),
             };
-            // A client without a certificate (a probe) is answered once, then closed.
-            let keep_alive = !matches!(caller, Err(Refused::NoCertificate));
+            // A client without an identity (a probe) is answered once, then closed.
+            let keep_alive = caller.is_ok();
             let Ok(_connection) = established.try_acquire_owned() else {
                 return warn!(%peer, "connection refused: {max_connections} connections are open");
             };
@@ -129,6 +131,15 @@ pub async fn serve(sab: Arc<Sab>, listener: TcpListener, tls: ServerConfig) -> R
             };
             let Some(_caller_slot) = callers.take(&name, share) else {
                 return warn!(%peer, caller = %name, "connection refused: the caller has its share of connections open");
+            };
+            // And all of them together no more than one caller's share of the pool that
+            // callers with an identity need.
+            let _unidentified_slot = match &caller {
+                Ok(_) => None,
+                Err(_) => match callers.take(&UNIDENTIFIED.to_string(), per_caller(max_connections)) {
+                    Some(slot) => Some(slot),
+                    None => return warn!(%peer, "connection refused: clients without an identity hold their share"),
+                },
             };
             let caller = Arc::new(caller);
             let service = service_fn(move |request| {
