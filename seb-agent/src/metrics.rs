@@ -373,9 +373,25 @@ pub async fn serve(
                         }
                     };
                     // Per source first: one pod holding connections leaves the kubelet's
-                    // probes and the scraper theirs.
-                    let Some(share) = sources.take(&peer.ip().to_canonical(), SCRAPE_CONNECTIONS_PER_SOURCE) else {
-                        continue;
+                    // probes and the scraper theirs. A source at its bound gives up its
+                    // oldest connection: one sharing the kubelet's address (a host-network
+                    // pod) cannot hold the probes out either.
+                    let source = peer.ip().to_canonical();
+                    let share = match sources.take(&source, SCRAPE_CONNECTIONS_PER_SOURCE) {
+                        Some(share) => share,
+                        None => {
+                            open.lock().unwrap_or_else(|p| p.into_inner()).displace_oldest_of(source);
+                            let mut share = None;
+                            for _ in 0..20 {
+                                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                                share = sources.take(&source, SCRAPE_CONNECTIONS_PER_SOURCE);
+                                if share.is_some() {
+                                    break;
+                                }
+                            }
+                            let Some(share) = share else { continue };
+                            share
+                        }
                     };
                     let slot = match slots.clone().try_acquire_owned() {
                         Ok(slot) => slot,
@@ -389,7 +405,7 @@ pub async fn serve(
                         }
                     };
                     let (metrics, readiness) = (metrics.clone(), readiness.clone());
-                    let (seq, displaced) = open.lock().unwrap_or_else(|p| p.into_inner()).add();
+                    let (seq, displaced) = open.lock().unwrap_or_else(|p| p.into_inner()).add(source);
                     let open = open.clone();
                     tokio::spawn(async move {
                         let _held = (slot, share);
@@ -419,19 +435,27 @@ pub async fn serve(
     Ok(())
 }
 
-/// The open connections, oldest first.
+/// The open connections, oldest first, with their source addresses.
 #[derive(Default)]
 struct OpenConnections {
     next: u64,
-    by_age: std::collections::BTreeMap<u64, tokio_util::sync::CancellationToken>,
+    by_age: std::collections::BTreeMap<u64, (std::net::IpAddr, tokio_util::sync::CancellationToken)>,
 }
 
 impl OpenConnections {
-    fn add(&mut self) -> (u64, tokio_util::sync::CancellationToken) {
+    fn add(&mut self, source: std::net::IpAddr) -> (u64, tokio_util::sync::CancellationToken) {
         self.next += 1;
         let token = tokio_util::sync::CancellationToken::new();
-        self.by_age.insert(self.next, token.clone());
+        self.by_age.insert(self.next, (source, token.clone()));
         (self.next, token)
+    }
+
+    /// Displace `source`'s oldest open connection.
+    fn displace_oldest_of(&mut self, source: std::net::IpAddr) {
+        let oldest = self.by_age.iter().find(|(_, (from, _))| *from == source).map(|(seq, _)| *seq);
+        if let Some((_, token)) = oldest.and_then(|seq| self.by_age.remove(&seq)) {
+            token.cancel();
+        }
     }
 
     fn remove(&mut self, seq: u64) {
@@ -439,7 +463,7 @@ impl OpenConnections {
     }
 
     fn displace_oldest(&mut self) {
-        if let Some((_, token)) = self.by_age.pop_first() {
+        if let Some((_, (_, token))) = self.by_age.pop_first() {
             token.cancel();
         }
     }

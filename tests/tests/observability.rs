@@ -66,8 +66,9 @@ fn metrics_health_and_status_report_what_the_agent_sees() {
     assert_eq!(status["map_entries"]["SEB_PROTECTED_V4"], 5);
     assert_eq!(status["last_denial"]["socket_cookie"], denied["cookie"]);
 
-    // One source holding connections open gets 8; the kubelet's probe (another source)
-    // is still answered.
+    // One source holding connections open gets 8: a ninth displaces its oldest (so one
+    // sharing the kubelet's address cannot hold the probe out); the kubelet's probe from
+    // another source is answered.
     let netns = sandbox.netns.clone();
     let (ninth, probe) = seb_sandbox::moto::in_netns(&netns, || async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -103,8 +104,7 @@ fn metrics_health_and_status_report_what_the_agent_sees() {
     })
     .unwrap();
     let (probe, probe_when_full) = probe;
-    assert_eq!(ninth, "", "a ninth connection of one source was served");
-    for probe in [probe, probe_when_full] {
+    for probe in [ninth, probe, probe_when_full] {
         assert!(probe.starts_with("HTTP/1.0 200") || probe.starts_with("HTTP/1.1 200"), "{probe}");
     }
 
