@@ -110,15 +110,16 @@ impl Peer {
     /// namespace as the broker (its `NSpid` line lists its pid in each namespace from
     /// there down; `status` needs no ptrace access, unlike `ns/pid`), then checked to be
     /// the pinned one. A process this /proc sees is in that namespace or below it, so at
-    /// the broker's depth of one it is in the broker's. False if it cannot be read, or the
-    /// process is gone.
+    /// the broker's depth of one it is in the broker's. False if it cannot be read, if the
+    /// broker is not at depth one itself, or the process is gone.
     pub fn shares_pid_namespace(&self) -> bool {
         let depth = |pid: &str| {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
             status.lines().find_map(|line| line.strip_prefix("NSpid:")).map(|pids| pids.split_whitespace().count())
         };
-        let theirs = depth(&self.pid.to_string());
-        theirs.is_some() && theirs == depth("self") && self.alive()
+        // The broker itself in this /proc's namespace (as with the host's, `hostPID`):
+        // deeper, a sibling namespace at its depth would compare equal.
+        depth("self") == Some(1) && depth(&self.pid.to_string()) == Some(1) && self.alive()
     }
 
     /// What SO_PEERCRED alone says.
