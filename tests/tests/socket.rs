@@ -304,6 +304,62 @@ fn slow_large_requests_cannot_take_the_brokers_memory() {
     assert!(metric(&f.sandbox, r#"seb_broker_limited_total{limit="frame_timeout"} "#) > 0);
 }
 
+/// A connection to `socket` made by a thread that takes `uid` first (only that thread:
+/// the raw system call, not libc's, which would change every thread's).
+fn connect_as(uid: u32, socket: &Path) -> UnixStream {
+    let socket = socket.to_path_buf();
+    std::thread::spawn(move || {
+        // SAFETY: changes this short-lived thread's credentials only.
+        let changed = unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) };
+        assert_eq!(changed, 0, "setresuid: {}", std::io::Error::last_os_error());
+        connect(&socket, Duration::from_secs(2)).expect("connecting")
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn a_uid_sending_large_requests_displaces_its_own_not_a_lighter_uids() {
+    // Room for 8 requests of 1 MiB while they arrive.
+    let f = broker("fair", "frame_memory_mib = 8\nframe_timeout_seconds = 10\n", "");
+    let socket = &f.sandbox.socket;
+    // uid 65534 reaches the socket (mode 0660, group root) through the sandbox's directory.
+    let directory = socket.parent().unwrap();
+    std::fs::set_permissions(directory, std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
+    const ANNOUNCED: usize = 1 << 20;
+    let mut large_ping = PING.to_vec();
+    large_ping.resize(ANNOUNCED, b' ');
+    let half = ANNOUNCED / 2;
+
+    // Another uid's large request starts arriving first (the longest arriving).
+    let mut light = connect_as(65534, socket);
+    light.write_all(&(ANNOUNCED as u32).to_be_bytes()).unwrap();
+    light.write_all(&large_ping[..half]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // Root then sends eight, slowly: the eighth needs memory held by the others.
+    let mut heavy: Vec<UnixStream> = (0..8)
+        .map(|_| {
+            let mut stream = connect(socket, Duration::from_secs(2)).expect("connecting");
+            stream.write_all(&(ANNOUNCED as u32).to_be_bytes()).unwrap();
+            stream.write_all(&large_ping[..half]).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            stream
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The lighter uid's request finishes and is answered (its parse, 2 MiB more, takes
+    // the memory of root's next oldest); root's own oldest made room for its eighth.
+    light.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    light.write_all(&large_ping[half..]).unwrap();
+    let pong = receive(&mut light).expect("an answer to the lighter uid's request");
+    assert_eq!(pong["type"], "pong", "{pong}");
+    heavy[0].set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let displaced = receive(&mut heavy[0]).expect("root's oldest request told why it was cut");
+    assert_eq!(displaced["code"], "busy", "{displaced}");
+    assert!(displaced["message"].as_str().unwrap().contains("arrived too slowly"), "{displaced}");
+}
+
 /// A read request whose params are `values` zeros: 2 bytes each on the wire, over a
 /// hundred each once parsed.
 fn read_of_values(values: usize) -> Vec<u8> {

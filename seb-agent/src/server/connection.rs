@@ -39,7 +39,7 @@ pub async fn serve(mut stream: UnixStream, peer: Peer, broker: Arc<Broker>, slot
                 let _ = stream.try_write(&DISPLACED);
                 return;
             }
-            read = read_request(&mut frames, &mut stream, &broker) => read,
+            read = read_request(&mut frames, &mut stream, &broker, peer.uid) => read,
         };
         let (frame, frame_share) = match read {
             Ok(frame) => frame,
@@ -54,7 +54,7 @@ pub async fn serve(mut stream: UnixStream, peer: Peer, broker: Arc<Broker>, slot
         slot.busy();
         // Parsed, the request may take far more than its bytes: that is metered too.
         let cost = limits::parsed_cost(&frame);
-        let parsed_share = match broker.frame_memory.take(cost, false).await {
+        let parsed_share = match broker.frame_memory.take(cost, peer.uid, false).await {
             Some(share) => share,
             None if !broker.frame_memory.could_take(cost) => {
                 drop(frame_share);
@@ -92,12 +92,13 @@ pub async fn serve(mut stream: UnixStream, peer: Peer, broker: Arc<Broker>, slot
     }
 }
 
-/// The next request's bytes, with its share of the frame memory. `Err(Some(_))` is the
-/// error to answer before closing; `Err(None)` closes without one.
+/// The next request's bytes (from a caller of `uid`), with its share of the frame memory.
+/// `Err(Some(_))` is the error to answer before closing; `Err(None)` closes without one.
 async fn read_request(
     frames: &mut FrameReader,
     stream: &mut UnixStream,
     broker: &Broker,
+    uid: u32,
 ) -> Result<(Vec<u8>, FrameShare), Option<Response>> {
     let limits = &broker.limits;
     let len = match timeout(limits.idle_timeout, frames.read_len(stream)).await {
@@ -113,7 +114,7 @@ async fn read_request(
             return Err(None);
         }
     };
-    let Some(mut share) = broker.frame_memory.take(len, true).await else {
+    let Some(mut share) = broker.frame_memory.take(len, uid, true).await else {
         broker.metrics.count_limit(Limit::FrameMemory);
         let message = format!(
             "the broker is receiving too many large requests (broker.frame_memory_mib); a {len}-byte request does not fit now"

@@ -197,6 +197,12 @@ impl Drop for ConnectionSlot {
 /// of requests announced large and sent slowly (or not finished) cannot hold it while
 /// others are refused. A request that has arrived whole is never displaced; its shares go
 /// back before its reply is written (a caller that reads no reply holds nothing here).
+///
+/// Displacement is fair between uids (max-min, as a fair queue shares a link): a request
+/// displaces its own uid's requests, or those of a uid that holds at least as much as its
+/// own will once it takes its share. So whoever holds least always gets memory from the
+/// heaviest holders, and one uid sending large requests without pause, arriving or being
+/// parsed, cannot keep displacing another uid's lighter ones.
 pub struct FrameMemory {
     total: usize,
     inner: Arc<Inner>,
@@ -217,14 +223,17 @@ struct Budget {
     /// this is anyone's, the rest is theirs.
     owed: usize,
     next: u64,
-    /// Requests still arriving, oldest first: sequence → (bytes, its displacement).
-    arriving: BTreeMap<u64, (usize, CancellationToken)>,
+    /// Requests still arriving, oldest first: sequence → (bytes, uid, its displacement).
+    arriving: BTreeMap<u64, (usize, u32, CancellationToken)>,
+    /// Bytes each uid holds (arriving or being parsed), displaced shares not counted.
+    held: HashMap<u32, usize>,
 }
 
 /// A request's share of [`FrameMemory`], given back on drop.
 pub struct FrameShare {
     inner: Option<Arc<Inner>>,
     bytes: usize,
+    uid: u32,
     /// While the request arrives: its place among the displaceable shares.
     arriving: Option<u64>,
     displaced: CancellationToken,
@@ -250,14 +259,15 @@ impl FrameMemory {
         len <= self.total
     }
 
-    /// Take `len` bytes for a request still to arrive (displaceable until
+    /// Take `len` bytes for a request of `uid` still to arrive (displaceable until
     /// [`FrameShare::arrived`]), or for one being parsed; when they are not free,
-    /// displace the requests arriving longest until they would be, and wait (at most a
-    /// second) for them to let go. `None`: not even so. Small requests take nothing.
-    pub async fn take(&self, len: usize, arriving: bool) -> Option<FrameShare> {
+    /// displace the requests arriving longest that it may displace (see [`FrameMemory`])
+    /// until they would be, and wait (at most a second) for them to let go. `None`: not
+    /// even so. Small requests take nothing.
+    pub async fn take(&self, len: usize, uid: u32, arriving: bool) -> Option<FrameShare> {
         let displaced = CancellationToken::new();
         if len <= UNMETERED_FRAME {
-            return Some(FrameShare { inner: None, bytes: 0, arriving: None, displaced });
+            return Some(FrameShare { inner: None, bytes: 0, uid, arriving: None, displaced });
         }
         if !self.could_take(len) {
             return None;
@@ -275,19 +285,21 @@ impl FrameMemory {
                 let may_take = if waiting.is_some() { budget.free >= len } else { budget.free >= len && unowed >= len };
                 if may_take {
                     budget.free -= len;
+                    *budget.held.entry(uid).or_default() += len;
                     if let Some(waiting) = waiting.take() {
                         waiting.settle(&mut budget);
                     }
                     let arriving = arriving.then(|| {
                         budget.next += 1;
                         let seq = budget.next;
-                        budget.arriving.insert(seq, (len, displaced.clone()));
+                        budget.arriving.insert(seq, (len, uid, displaced.clone()));
                         seq
                     });
-                    return Some(FrameShare { inner: Some(self.inner.clone()), bytes: len, arriving, displaced });
+                    let inner = Some(self.inner.clone());
+                    return Some(FrameShare { inner, bytes: len, uid, arriving, displaced });
                 }
                 if waiting.is_none() {
-                    if !budget.displace(len.saturating_sub(unowed)) {
+                    if !budget.displace(len.saturating_sub(unowed), uid, len) {
                         return None;
                     }
                     budget.owed += len;
@@ -324,18 +336,50 @@ impl Drop for Waiting<'_> {
 }
 
 impl Budget {
-    /// Displace the requests arriving longest until `wanted` bytes more are on their way
-    /// back; false (displacing none) when all of them would not be enough.
-    fn displace(&mut self, wanted: usize) -> bool {
-        if self.arriving.values().map(|(bytes, _)| bytes).sum::<usize>() < wanted {
+    fn held_by(&self, uid: u32) -> usize {
+        self.held.get(&uid).copied().unwrap_or(0)
+    }
+
+    /// Take `bytes` off what `uid` holds.
+    fn release(&mut self, uid: u32, bytes: usize) {
+        if let Some(held) = self.held.get_mut(&uid) {
+            *held -= bytes;
+            if *held == 0 {
+                self.held.remove(&uid);
+            }
+        }
+    }
+
+    /// Displace the requests arriving longest that a request of `uid` for `len` bytes
+    /// may displace (its own, and those of uids holding at least what it will) until
+    /// `wanted` bytes more are on their way back; false (displacing none) when all of
+    /// them would not be enough.
+    fn displace(&mut self, wanted: usize, uid: u32, len: usize) -> bool {
+        let will_hold = self.held_by(uid) + len;
+        // Chosen on what each victim's uid would still hold, so a heavy holder is
+        // displaced down to the requester's level and no further.
+        let mut after: HashMap<u32, usize> = HashMap::new();
+        let mut victims = Vec::new();
+        let mut coming = 0;
+        for (&seq, &(bytes, owner, _)) in &self.arriving {
+            if coming >= wanted {
+                break;
+            }
+            let owner_holds = after.entry(owner).or_insert_with(|| self.held_by(owner));
+            if owner == uid || *owner_holds >= will_hold {
+                *owner_holds -= bytes;
+                victims.push(seq);
+                coming += bytes;
+            }
+        }
+        if coming < wanted {
             return false;
         }
-        let mut coming = 0;
-        while coming < wanted {
-            let Some((_, (bytes, displaced))) = self.arriving.pop_first() else { break };
+        for seq in victims {
+            let (bytes, owner, displaced) = self.arriving.remove(&seq).expect("chosen from the map");
             displaced.cancel();
+            self.release(owner, bytes);
             self.promised += bytes;
-            coming += bytes;
         }
         true
     }
@@ -368,9 +412,13 @@ impl Drop for FrameShare {
             let mut budget = inner.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             budget.free += self.bytes;
             if self.displaced.is_cancelled() {
+                // Taken off its uid's holding when it was displaced.
                 budget.promised -= self.bytes;
-            } else if let Some(seq) = self.arriving {
-                budget.arriving.remove(&seq);
+            } else {
+                budget.release(self.uid, self.bytes);
+                if let Some(seq) = self.arriving {
+                    budget.arriving.remove(&seq);
+                }
             }
         }
         inner.released.notify_waiters();
@@ -482,21 +530,22 @@ mod tests {
     #[tokio::test]
     async fn large_requests_share_the_frame_memory_displacing_the_longest_arriving() {
         let memory = FrameMemory::new(3 << 20);
-        let oldest = memory.take(MAX_MESSAGE, true).await.unwrap();
-        let mut whole = memory.take(MAX_MESSAGE, true).await.unwrap();
+        let oldest = memory.take(MAX_MESSAGE, 1000, true).await.unwrap();
+        let mut whole = memory.take(MAX_MESSAGE, 1000, true).await.unwrap();
         whole.arrived();
-        let newest = memory.take(MAX_MESSAGE, true).await.unwrap();
-        assert!(memory.take(UNMETERED_FRAME, false).await.is_some(), "a small request always gets through");
+        let newest = memory.take(MAX_MESSAGE, 1000, true).await.unwrap();
+        assert!(memory.take(UNMETERED_FRAME, 1000, false).await.is_some(), "a small request always gets through");
         // Full: the next displaces the oldest still arriving, and gets its memory once
         // that one lets go.
-        let next = tokio::spawn(async move { memory.take(MAX_MESSAGE, false).await.map(|share| (memory, share)) });
+        let next =
+            tokio::spawn(async move { memory.take(MAX_MESSAGE, 1000, false).await.map(|share| (memory, share)) });
         tokio::time::timeout(Duration::from_secs(1), oldest.displaced()).await.expect("the oldest displaced");
         assert!(!newest.displaced.is_cancelled(), "only as many as needed are displaced");
         drop(oldest);
         let (memory, _parsed) = next.await.unwrap().expect("the memory of the displaced request");
         // The one that arrived whole, and the parse, are never displaced: with only
         // `newest` to give, two more do not fit, and nothing is displaced for them.
-        assert!(memory.take(2 * MAX_MESSAGE, false).await.is_none());
+        assert!(memory.take(2 * MAX_MESSAGE, 1000, false).await.is_none());
         assert!(!newest.displaced.is_cancelled() && !whole.displaced.is_cancelled());
     }
 
@@ -505,13 +554,13 @@ mod tests {
         let memory = Arc::new(FrameMemory::new(4 * MAX_MESSAGE));
         let mut arriving: Vec<FrameShare> = Vec::new();
         for _ in 0..4 {
-            arriving.push(memory.take(MAX_MESSAGE, true).await.unwrap());
+            arriving.push(memory.take(MAX_MESSAGE, 1000, true).await.unwrap());
         }
         // Two requests needing one share's worth each, at once: each displaces one, not
         // the second the same one and a third for good measure.
         let (a, b) = (memory.clone(), memory.clone());
-        let first = tokio::spawn(async move { a.take(MAX_MESSAGE, false).await.is_some() });
-        let second = tokio::spawn(async move { b.take(MAX_MESSAGE, false).await.is_some() });
+        let first = tokio::spawn(async move { a.take(MAX_MESSAGE, 1000, false).await.is_some() });
+        let second = tokio::spawn(async move { b.take(MAX_MESSAGE, 1000, false).await.is_some() });
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         let displaced: Vec<bool> = arriving.iter().map(|s| s.displaced.is_cancelled()).collect();
@@ -521,9 +570,55 @@ mod tests {
         assert!(arriving[3].arrived(), "one not displaced arrives");
         // While those two wait, a smaller request that fits is not held behind them.
         drop(arriving.remove(2));
-        assert!(memory.take(UNMETERED_FRAME + 1, false).await.is_some());
+        assert!(memory.take(UNMETERED_FRAME + 1, 1000, false).await.is_some());
         drop(arriving.drain(..2));
         assert!(first.await.unwrap() && second.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_uid_displaces_its_own_requests_or_heavier_holders_never_a_lighter_one() {
+        const HEAVY: u32 = 1000;
+        const LIGHT: u32 = 2000;
+        let memory = Arc::new(FrameMemory::new(4 * MAX_MESSAGE));
+        // The light uid's request has arrived longest; the heavy uid fills the rest.
+        let light = memory.take(MAX_MESSAGE, LIGHT, true).await.unwrap();
+        let mut heavy: Vec<FrameShare> = Vec::new();
+        for _ in 0..3 {
+            heavy.push(memory.take(MAX_MESSAGE, HEAVY, true).await.unwrap());
+        }
+        // The heavy uid parses another: it displaces its own oldest, not the lighter
+        // uid's older request.
+        let taker = memory.clone();
+        let parse = tokio::spawn(async move { taker.take(MAX_MESSAGE, HEAVY, false).await });
+        tokio::time::timeout(Duration::from_secs(1), heavy[0].displaced()).await.expect("its own displaced");
+        assert!(!light.displaced.is_cancelled(), "a lighter uid's request is not displaced");
+        drop(heavy.remove(0));
+        let _parsed = parse.await.unwrap().expect("the memory of its own displaced request");
+        // With its own arrived whole, it holds 3 and would hold 4: the lighter uid,
+        // holding 1, is not displaced for it, and it is refused.
+        assert!(heavy.iter_mut().all(FrameShare::arrived));
+        assert!(memory.take(MAX_MESSAGE, HEAVY, false).await.is_none());
+        assert!(!light.displaced.is_cancelled() && light.inner.is_some());
+
+        // A lighter uid displaces a heavier one's arriving requests, down to its level.
+        let memory = FrameMemory::new(4 * MAX_MESSAGE);
+        let mut heavy: Vec<FrameShare> = Vec::new();
+        for _ in 0..4 {
+            heavy.push(memory.take(MAX_MESSAGE, HEAVY, true).await.unwrap());
+        }
+        let taking = memory.take(MAX_MESSAGE, LIGHT, true);
+        tokio::pin!(taking);
+        assert!(tokio::time::timeout(Duration::from_millis(50), &mut taking).await.is_err(), "waits for the memory");
+        let displaced: Vec<bool> = heavy.iter().map(|s| s.displaced.is_cancelled()).collect();
+        assert_eq!(displaced, [true, false, false, false]);
+        drop(heavy.remove(0));
+        let light = taking.await.expect("the heavier uid's memory");
+        // Both then hold what they may: the heavy uid, holding 3, no longer displaces
+        // the light one (holding 1) but only its own.
+        let again = memory.take(MAX_MESSAGE, HEAVY, false);
+        tokio::pin!(again);
+        assert!(tokio::time::timeout(Duration::from_millis(50), &mut again).await.is_err());
+        assert!(heavy[0].displaced.is_cancelled() && !light.displaced.is_cancelled());
     }
 
     #[test]
