@@ -38,6 +38,11 @@ use crate::{
 /// Beyond the grace period, for the ledger to commit what is queued and the threads to stop.
 const SHUTDOWN_SLACK: Duration = Duration::from_secs(2);
 
+/// The broker's state derived from its ledger: the admission state, and at start the
+/// decisions to reconcile.
+pub const BROKER_STATE: crate::audit::Derived =
+    crate::audit::Derived { at_start: crate::execute::reconcile::ORPHANS_AT_START, ..crate::admission::state::DERIVED };
+
 pub async fn run(config: Config) -> Result<()> {
     let limits = SocketLimits::from_config(&config.broker);
     report_sigbus()?;
@@ -56,7 +61,7 @@ pub async fn run(config: Config) -> Result<()> {
         Box::new(move |commit: &Commit| metrics.committed(commit))
     };
     let options = LedgerOptions { on_commit: Some(on_commit), ..LedgerOptions::default() };
-    let (ledger, ledger_thread) = Ledger::start_with(&files, key, crate::admission::state::DERIVED, options)?;
+    let (ledger, ledger_thread) = Ledger::start_with(&files, key, BROKER_STATE, options)?;
 
     enforcer.apply(&sources)?;
     let adopted = enforcer.links().iter().filter(|l| l.origin == loader::LinkOrigin::Adopted).count();

@@ -4,7 +4,10 @@ use std::{io::Write, path::Path, time::Duration};
 
 use anyhow::Result;
 
-use crate::audit::{AuditStore, KernelDenial, denial};
+use crate::{
+    audit::{AuditStore, KernelDenial, denial},
+    cli::output::printable,
+};
 
 const PAGE: usize = 1000;
 const FOLLOW_INTERVAL: Duration = Duration::from_millis(200);
@@ -28,7 +31,7 @@ pub fn print(database: &Path, json: bool, follow: bool, out: &mut impl Write) ->
                 serde_json::to_writer(&mut *out, &denial)?;
                 writeln!(out)?;
             } else {
-                writeln!(out, "{}", table_row(&denial))?;
+                writeln!(out, "{}", printable(&table_row(&denial)))?;
             }
             after = record.seq;
         }

@@ -479,6 +479,11 @@ enum AuditCommand {
         /// Verify without a head file: records removed from the end go unnoticed.
         #[arg(long)]
         no_head: bool,
+        /// The public key (64 hex digits, as the report prints it) the records must be
+        /// signed with, kept apart from the node: whoever can write beside the store can
+        /// replace its `.pub` and re-sign the chain with a key of their own.
+        #[arg(long, value_name = "HEX")]
+        expect_key: Option<String>,
     },
     /// Verify the store fully and record its head in the head file, as the one the broker
     /// trusts from now on: for a store written by a version without head files, or a
@@ -823,7 +828,7 @@ fn audit(command: AuditCommand, output: Output) -> Result<Exit> {
         }
         AuditCommand::Show { database, seq } => cli::audit::show(&database.path()?, seq, output)?,
         AuditCommand::Export { database } => cli::audit::export(&database.path()?)?,
-        AuditCommand::Verify { database, public_key, head, no_head } => {
+        AuditCommand::Verify { database, public_key, head, no_head, expect_key } => {
             let (public_key, head) = match public_key {
                 // A key given by hand with no head would quietly skip the check for removed
                 // newest records: the operator says which.
@@ -841,7 +846,8 @@ fn audit(command: AuditCommand, output: Output) -> Result<Exit> {
                     )
                 }
             };
-            let ok = cli::audit::verify(&database.path()?, &public_key, head.as_deref(), output)?;
+            let ok =
+                cli::audit::verify(&database.path()?, &public_key, expect_key.as_deref(), head.as_deref(), output)?;
             return Ok(Exit::ok_or_denied(ok));
         }
         AuditCommand::Adopt { config, force } => {

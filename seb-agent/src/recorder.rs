@@ -98,7 +98,9 @@ impl Recorder {
         let ring = RingBuf::try_from(ring)?;
         let counters = Counters::take(ebpf)?;
         let counter = counters.instance()?;
-        let last = ledger.run_blocking(|batch| last_ring_loss(batch.conn()))?;
+        // As verified at start: a row written into the store since cannot move the baseline.
+        let last =
+            ledger.run_blocking(|batch| last_ring_loss(store::last_body_at_start(batch.conn(), RING_LOSS_KIND)?))?;
         let recorded_losses = RingLoss::baseline(last.as_ref(), &counter);
         let budget = DenialBudget::default();
         Ok(Self { ring, counters, counter, ledger, names, recorded_losses, metrics, directory, kubepods, budget })
@@ -250,11 +252,11 @@ impl Recorder {
 /// The kernel's running total of denials lost to a full ring as last recorded (0 before
 /// any loss).
 pub fn recorded_loss_total(conn: &rusqlite::Connection) -> Result<u64> {
-    Ok(last_ring_loss(conn)?.map_or(0, |loss| loss.lost_total))
+    Ok(last_ring_loss(store::last_body(conn, RING_LOSS_KIND)?)?.map_or(0, |loss| loss.lost_total))
 }
 
-fn last_ring_loss(conn: &rusqlite::Connection) -> Result<Option<RingLoss>> {
-    store::last_body(conn, RING_LOSS_KIND)?.map(|body| Ok(serde_json::from_str(&body)?)).transpose()
+fn last_ring_loss(body: Option<String>) -> Result<Option<RingLoss>> {
+    body.map(|body| Ok(serde_json::from_str(&body)?)).transpose()
 }
 
 /// Converts `bpf_ktime_get_boot_ns` stamps to wall-clock time.

@@ -76,6 +76,23 @@ fn verify_passes_untouched_and_names_the_first_tampered_record() {
     assert_eq!(code, 0, "{report}");
     let records = report["records"].as_i64().unwrap();
     assert!(records >= 7, "{report}");
+    // The report names the key it verified with; a key kept off the node can be demanded,
+    // and a `.pub` replaced beside the store is then refused.
+    let key = report["public_key"].as_str().expect("the key verified with").to_string();
+    let expecting = |expected: &str| {
+        std::process::Command::new(&sandbox.tools.agent)
+            .args(["audit", "verify", "--json", "--no-head", "--expect-key", expected, "--database"])
+            .arg(&sandbox.database)
+            .arg("--public-key")
+            .arg(sandbox.public_key())
+            .output()
+            .unwrap()
+    };
+    assert!(expecting(&key.to_uppercase()).status.success());
+    let other = expecting(&"ab".repeat(32));
+    let error = String::from_utf8_lossy(&other.stderr);
+    assert_eq!(other.status.code(), Some(2), "{error}");
+    assert!(error.contains(&format!("is {key}, not the expected {}", "ab".repeat(32))), "{error}");
 
     // A changed record: a denial rewritten as an admission.
     let changed = tampered(&sandbox, "changed", |c| {

@@ -41,7 +41,7 @@ CREATE TEMP TABLE epochs (
 ";
 
 /// The admission state, for [`crate::audit::Ledger::start`].
-pub const DERIVED: Derived = Derived { schema: SCHEMA, apply };
+pub const DERIVED: Derived = Derived { schema: SCHEMA, apply, at_start: "" };
 
 /// What an epoch change record holds.
 #[derive(Debug, Serialize, Deserialize)]

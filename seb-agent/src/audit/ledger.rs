@@ -72,7 +72,25 @@ pub struct Derived {
     pub schema: &'static str,
     /// How one record changes the state.
     pub apply: fn(&Connection, &StoredRecord) -> Result<()>,
+    /// Run at start in the transaction that verified the store, right after the walk:
+    /// temporary tables of what start-up work needs from the records (the decisions left
+    /// without an outcome), taken while the store is known to be the verified chain.
+    /// Read after that transaction, the store is whatever its writers made it since.
+    pub at_start: &'static str,
 }
+
+impl Derived {
+    /// No derived state.
+    pub const NOTHING: Derived = Derived { schema: "", apply: |_, _| Ok(()), at_start: "" };
+}
+
+/// The last record of each kind as verified at start (`temp.last_at_start`), for what
+/// start-up work resumes from: see [`store::last_body_at_start`].
+const LAST_AT_START: &str = "
+DROP TABLE IF EXISTS temp.last_at_start;
+CREATE TEMP TABLE last_at_start AS
+    SELECT kind, seq, body FROM main.records WHERE seq IN (SELECT max(seq) FROM main.records GROUP BY kind);
+";
 
 /// The ledger's files: the store, and the head file kept beside the signing key.
 #[derive(Debug, Clone)]
@@ -341,8 +359,10 @@ fn open_verified(files: &LedgerFiles, key: &SigningKey, derived: Derived) -> Res
     // reads and the schema version taken here: nothing can slip in between.
     store::check_schema(&tx)?;
     store::rebuild_index(&tx)?;
-    let schema_version = store::schema_version(&tx)?;
+    // The derived state's schema drops tables earlier versions left in the store, which
+    // moves the schema version: it is taken after.
     tx.execute_batch(derived.schema).context("creating the derived state")?;
+    let schema_version = store::schema_version(&tx)?;
     let verified = verify::walk(&tx, &public, Some(trusted), Signatures::PastHead, |record| {
         (derived.apply)(&tx, record).with_context(|| format!("record {}: deriving the admission state", record.seq))
     })?
@@ -352,6 +372,8 @@ fn open_verified(files: &LedgerFiles, key: &SigningKey, derived: Derived) -> Res
             files.head.display()
         )
     })?;
+    tx.execute_batch(LAST_AT_START).context("keeping the last record of each kind")?;
+    tx.execute_batch(derived.at_start).context("keeping what start-up work needs from the records")?;
     tx.commit()?;
     info!(
         records = verified.records,
@@ -485,7 +507,7 @@ fn append_checkpoint(tx: &Transaction<'_>, head: Head, since_previous: u64) -> R
 mod tests {
     use super::*;
 
-    const NOTHING_DERIVED: Derived = Derived { schema: "", apply: |_, _| Ok(()) };
+    const NOTHING_DERIVED: Derived = Derived::NOTHING;
 
     fn start(dir: &Path) -> (Ledger, JoinHandle<()>, LedgerFiles) {
         let key = SigningKey::from_bytes(&[5; 32]);
@@ -595,6 +617,20 @@ mod tests {
         assert!(error.contains("schema changed while the broker ran"), "{error}");
         let key = SigningKey::from_bytes(&[5; 32]).verifying_key();
         assert_eq!(head::read(&files.head, &key).unwrap().unwrap().seq, 1, "nothing more was committed");
+    }
+
+    #[test]
+    fn a_table_the_derived_state_drops_at_start_does_not_fail_the_commits_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, thread, files) = start(dir.path());
+        assert_eq!(append(&ledger, false).blocking_recv().unwrap().unwrap(), 1);
+        drop(ledger);
+        thread.join().unwrap();
+        // Left by an earlier version (or by anyone): the derived state drops it at start.
+        Connection::open(&files.database).unwrap().execute_batch("CREATE TABLE legacy (x)").unwrap();
+        let dropping = Derived { schema: "DROP TABLE IF EXISTS main.legacy;", ..Derived::NOTHING };
+        let (ledger, _thread) = Ledger::start(&files, SigningKey::from_bytes(&[5; 32]), dropping).unwrap();
+        assert_eq!(append(&ledger, false).blocking_recv().unwrap().unwrap(), 2);
     }
 
     #[test]

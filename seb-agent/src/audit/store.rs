@@ -207,6 +207,13 @@ pub fn last_body(conn: &Connection, kind: &str) -> Result<Option<String>> {
         .optional()?)
 }
 
+/// The body of the last record of `kind` as verified at the ledger's start (on the
+/// ledger's connection only): what start-up work resumes from, which a row written into
+/// the store since cannot change.
+pub fn last_body_at_start(conn: &Connection, kind: &str) -> Result<Option<String>> {
+    Ok(conn.query_row("SELECT body FROM temp.last_at_start WHERE kind = ?1", [kind], |row| row.get(0)).optional()?)
+}
+
 fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
     Ok(Record { seq: row.get(0)?, kind: row.get(1)?, time_ns: row.get(2)?, body: row.get(3)? })
 }

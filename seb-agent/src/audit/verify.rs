@@ -364,7 +364,7 @@ mod tests {
         head::{self, Flush},
     };
 
-    const NOTHING_DERIVED: Derived = Derived { schema: "", apply: |_, _| Ok(()) };
+    const NOTHING_DERIVED: Derived = Derived::NOTHING;
 
     fn key() -> SigningKey {
         SigningKey::from_bytes(&[9; 32])

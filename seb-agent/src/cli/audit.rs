@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::json;
 use tracing::warn;
 
-use super::output::{Output, Stdout};
+use super::output::{Output, Stdout, printable};
 use crate::{
     admission::{
         DECISION_KIND,
@@ -119,14 +119,14 @@ fn print_records(database: &Path, kind: Option<&str>, since: Since, follow: bool
             if output.json {
                 writeln!(out, "{}", record_json(record))?;
             } else {
-                writeln!(
-                    out,
+                let line = format!(
                     "{:>8}  {}  {:<14}  {}",
                     record.seq,
                     format_time(record.time_ns),
                     record.kind,
                     summary(record)
-                )?;
+                );
+                writeln!(out, "{}", printable(&line))?;
             }
         }
         out.flush()?;
@@ -177,7 +177,7 @@ pub fn show(database: &Path, seq: i64, output: Output) -> Result<()> {
     let Some(record) = store.get(seq)? else { bail!("there is no record {seq}") };
     let value = record_json(&record);
     output.show(&value, |out| {
-        writeln!(out, "record {} ({}) at {}", record.seq, record.kind, format_time(record.time_ns))?;
+        writeln!(out, "record {} ({}) at {}", record.seq, printable(&record.kind), format_time(record.time_ns))?;
         writeln!(out, "{}", serde_json::to_string_pretty(&value["body"]).map_err(std::io::Error::other)?)
     })
 }
@@ -203,9 +203,26 @@ pub fn export(database: &Path) -> Result<()> {
 }
 
 /// Verify the chain, and against the head file when given; `Ok(false)` when it is broken
-/// (the first bad record is printed).
-pub fn verify(database: &Path, public_key: &Path, head_file: Option<&Path>, output: Output) -> Result<bool> {
+/// (the first bad record is printed). The report names the key it verified with; with
+/// `expected_key`, any other key is refused before the store is read.
+pub fn verify(
+    database: &Path,
+    public_key: &Path,
+    expected_key: Option<&str>,
+    head_file: Option<&Path>,
+    output: Output,
+) -> Result<bool> {
     let key = keys::load_public(public_key)?;
+    let key_hex = hex::encode(key.to_bytes());
+    if let Some(expected) = expected_key
+        && !expected.trim().eq_ignore_ascii_case(&key_hex)
+    {
+        bail!(
+            "the public key {} is {key_hex}, not the expected {}: the records are not verified against a key              that is not the broker's",
+            public_key.display(),
+            expected.trim()
+        );
+    }
     let trusted = match head_file {
         Some(path) => {
             Some(head::read(path, &key)?.with_context(|| format!("the head file {} does not exist", path.display()))?)
@@ -216,7 +233,8 @@ pub fn verify(database: &Path, public_key: &Path, head_file: Option<&Path>, outp
     let outcome = verify::verify(&store, &key, trusted)?;
     let report = match &outcome {
         Ok(verified) => json!({
-            "ok": true, "records": verified.records, "checkpoints": verified.checkpoints,
+            "ok": true, "public_key": key_hex, "public_key_file": public_key, "key_expected": expected_key.is_some(),
+            "records": verified.records, "checkpoints": verified.checkpoints,
             "signed_heads": verified.signed_heads, "head_hash": verified.head_hash,
             "head_file_seq": verified.head_file_seq, "newest_records_checked": verified.head_file_seq.is_some(),
         }),
@@ -228,9 +246,17 @@ pub fn verify(database: &Path, public_key: &Path, head_file: Option<&Path>, outp
                 Some(seq) => format!("holds the head file's record {seq}"),
                 None => "no head file given: removal of the newest records is not checked".into(),
             };
+            let key = if expected_key.is_some() {
+                format!("the expected key {key_hex}")
+            } else {
+                format!(
+                    "key {key_hex} read from {} (check it against a copy kept off the node, or give --expect-key)",
+                    public_key.display()
+                )
+            };
             writeln!(
                 out,
-                "audit chain OK: {} records in {} signed groups, {} checkpoints, head {}; {newest}",
+                "audit chain OK: {} records in {} signed groups, {} checkpoints, head {}; {newest}; signed by {key}",
                 v.records, v.signed_heads, v.checkpoints, v.head_hash
             )
         }
@@ -308,7 +334,7 @@ mod tests {
         let key = keys::load_or_create(&signing_key).unwrap();
         let files = LedgerFiles { database: dir.path().join("audit.db"), head: head::path_for(&signing_key) };
         head::write(&files.head, &crate::audit::chain::Head::EMPTY, &key, head::Flush::Now).unwrap();
-        let (ledger, thread) = Ledger::start(&files, key, Derived { schema: "", apply: |_, _| Ok(()) }).unwrap();
+        let (ledger, thread) = Ledger::start(&files, key, Derived::NOTHING).unwrap();
         for i in 0..3 {
             ledger.run_blocking(move |batch| batch.append("test", 1, &i)).unwrap();
         }

@@ -91,3 +91,33 @@ mod tests {
         assert!(!is_stdout_closed(&other), "a broken socket is not a closed stdout");
     }
 }
+
+/// `text` safe to print on a terminal: control characters (newlines, escape sequences)
+/// and the marks that reorder text (bidirectional overrides) are written escaped, so a
+/// field an outsider chose (a refused request's target, a process's `comm`) cannot forge
+/// or erase lines of a listing.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let hidden = |c: char| {
+        c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(hidden) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| if hidden(c) { c.escape_default().to_string() } else { c.to_string() })
+        .collect::<String>()
+        .into()
+}
+
+#[cfg(test)]
+mod printable_tests {
+    use super::printable;
+
+    #[test]
+    fn control_and_reordering_characters_are_escaped() {
+        assert_eq!(printable("plain ümlaut text"), "plain ümlaut text");
+        assert_eq!(printable("x\n   999  decision ADMIT"), "x\\n   999  decision ADMIT");
+        assert_eq!(printable("\u{1b}[2K\r"), "\\u{1b}[2K\\r");
+        assert_eq!(printable("a\u{202e}b"), "a\\u{202e}b");
+    }
+}

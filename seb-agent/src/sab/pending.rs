@@ -22,7 +22,7 @@ use crate::{
 };
 
 /// The derived state the SAB's log is opened with.
-pub const DERIVED: Derived = Derived { schema: SCHEMA, apply };
+pub const DERIVED: Derived = Derived { schema: SCHEMA, apply, at_start: "" };
 
 const SCHEMA: &str = "
 CREATE TEMP TABLE IF NOT EXISTS sab_pending (

@@ -142,7 +142,8 @@ impl Sab {
         let issuer = Issuer::load(&CaFiles { cert: config.issuer.ca_cert.clone(), key: config.issuer.ca_key.clone() })?;
         let book = PolicyBook::load_dir(&config.policies, config.certificate_ttl())?;
         let last: Option<PolicyRecord> = ledger
-            .run(|batch| store::last_body(batch.conn(), records::POLICY_KIND))
+            // As verified at start: a row written into the log since cannot pass for it.
+            .run(|batch| store::last_body_at_start(batch.conn(), records::POLICY_KIND))
             .await?
             .map(|body| serde_json::from_str(&body))
             .transpose()
