@@ -277,24 +277,80 @@ pub fn encode_frame<T: Serialize>(message: &T) -> std::io::Result<Vec<u8>> {
     Ok(frame)
 }
 
+/// In the chain of a [`call`]'s error: the request was sent whole and no valid reply was
+/// read, so the broker may have acted on it (a proposal may have been executed).
+#[derive(Debug, thiserror::Error)]
+#[error("the request was sent whole, but no valid reply was read: the broker may have acted on it")]
+pub struct SentWithoutReply;
+
+/// Whether `error` (from [`call`]) came after the request was sent whole.
+pub fn sent_without_reply(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<SentWithoutReply>().is_some()
+}
+
 /// One request, one response: the client side used by the CLI.
 pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
+    let body = serde_json::to_vec(&Envelope { v: VERSION, body: request })?;
+    if body.len() > MAX_MESSAGE {
+        bail!("the request is {} bytes, more than the broker takes ({MAX_MESSAGE}); not sent", body.len());
+    }
     let mut stream = UnixStream::connect(socket)
         .await
         .with_context(|| format!("connecting to the broker at {}", socket.display()))?;
-    let body = serde_json::to_vec(&Envelope { v: VERSION, body: request })?;
-    write_frame(&mut stream, &body).await?;
-    let reply = read_frame(&mut stream).await.context("reading the broker's reply")?;
-    let envelope: Envelope<Response> = serde_json::from_slice(&reply).context("the broker's reply is not valid")?;
-    if envelope.v != VERSION {
-        bail!("the broker speaks protocol version {}, this client {VERSION}", envelope.v);
-    }
-    Ok(envelope.body)
+    write_frame(&mut stream, &body).await.context("sending the request")?;
+    let reply = async {
+        let reply = read_frame(&mut stream).await.context("reading the broker's reply")?;
+        let envelope: Envelope<Response> = serde_json::from_slice(&reply).context("the broker's reply is not valid")?;
+        if envelope.v != VERSION {
+            bail!("the broker speaks protocol version {}, this client {VERSION}", envelope.v);
+        }
+        Ok(envelope.body)
+    };
+    reply.await.map_err(|e| e.context(SentWithoutReply))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A proposal sent whole and left without a reply may have been executed: the error
+    /// says so, and one that was never sent does not.
+    #[tokio::test]
+    async fn an_error_after_the_request_was_sent_is_told_apart_from_one_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("broker.sock");
+        let ping = Request::Ping;
+        let unreachable = call(&socket, &ping).await.unwrap_err();
+        assert!(!sent_without_reply(&unreachable), "{unreachable:#}");
+
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let silent = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let len = read_frame_len(&mut stream).await;
+            read_body_from(&mut stream, len, Vec::new()).await.unwrap();
+            // Closed without a reply (a broker that stopped).
+        });
+        let unanswered = call(&socket, &ping).await.unwrap_err();
+        silent.await.unwrap();
+        assert!(sent_without_reply(&unanswered), "{unanswered:#}");
+        assert!(format!("{unanswered:#}").contains("may have acted on it"), "{unanswered:#}");
+
+        let huge = Request::Read {
+            request: serde_json::from_value(serde_json::json!({
+                "provider": "http", "operation": "GET", "target": "x".repeat(MAX_MESSAGE),
+            }))
+            .unwrap(),
+        };
+        let refused = call(&socket, &huge).await.unwrap_err();
+        assert!(!sent_without_reply(&refused) && format!("{refused:#}").contains("not sent"), "{refused:#}");
+    }
+
+    async fn read_frame_len(stream: &mut tokio::net::UnixStream) -> usize {
+        use tokio::io::AsyncReadExt;
+        let mut prefix = [0; 4];
+        stream.read_exact(&mut prefix).await.unwrap();
+        frame_len(prefix).unwrap()
+    }
 
     #[test]
     fn requests_have_a_stable_wire_form() {

@@ -12,8 +12,11 @@ import pytest
 from conftest import object_read
 from seb_client import (
     ApprovalPending,
+    Broker,
     BrokerError,
     DirectEgressRefused,
+    NotExecuted,
+    OutcomeUnknown,
     Request,
     Sab,
     SabError,
@@ -187,3 +190,52 @@ def test_in_cluster_mode_the_projected_token_is_read_for_each_request(tmp_path, 
         with pytest.raises(SabError):
             client.healthz()
     assert [h.get("Authorization") for h in sent] == ["Bearer first", "Bearer second"]
+
+
+def _one_shot_broker(path, reply):
+    """A socket at ``path`` that takes one request whole, then sends ``reply`` (a dict) or,
+    when ``None``, closes without answering."""
+    import json
+    import struct
+    import threading
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            (length,) = struct.unpack(">I", conn.recv(4, socket.MSG_WAITALL))
+            conn.recv(length, socket.MSG_WAITALL)
+            if reply is not None:
+                body = json.dumps(reply).encode()
+                conn.sendall(struct.pack(">I", len(body)) + body)
+        listener.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
+def test_a_proposal_whose_outcome_is_unknown_is_never_reported_as_not_made(tmp_path):
+    request = Request("http", "POST", "https://127.0.0.1/x")
+    # Sent whole, no reply (the broker stopped, or the client's timeout passed): the change
+    # may have been made. A read in the same case is only unreachable.
+    _one_shot_broker(tmp_path / "silent.sock", None)
+    with pytest.raises(OutcomeUnknown) as unknown:
+        Broker(str(tmp_path / "silent.sock")).propose("pem", request)
+    assert unknown.value.reason == "unknown" and "may or may not" in unknown.value.message
+    _one_shot_broker(tmp_path / "silent-read.sock", None)
+    with pytest.raises(BrokerError) as failed:
+        Broker(str(tmp_path / "silent-read.sock")).read(request)
+    assert not isinstance(failed.value, OutcomeUnknown)
+    # The broker recorded the outcome as unknown: OutcomeUnknown too; a failed one is not.
+    decision = {"v": 1, "type": "decision", "decision_id": "d", "admitted": True, "reason": "admitted",
+                "message": "", "outcome": {"status": "unknown", "error": "no answer within 120 s"}}
+    _one_shot_broker(tmp_path / "unknown.sock", decision)
+    with pytest.raises(OutcomeUnknown):
+        Broker(str(tmp_path / "unknown.sock")).propose("pem", request)
+    decision["outcome"] = {"status": "failed", "error": "403"}
+    _one_shot_broker(tmp_path / "failed.sock", decision)
+    with pytest.raises(NotExecuted) as failed:
+        Broker(str(tmp_path / "failed.sock")).propose("pem", request)
+    assert not isinstance(failed.value, OutcomeUnknown) and failed.value.reason == "failed"

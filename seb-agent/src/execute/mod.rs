@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     admission::{Reason, RequestSummary},
+    audit::clipped,
     cert::{ExecutionContract, MutationRequest, Provider, contract::ScopedIdentity},
 };
 
@@ -284,22 +285,7 @@ impl Executors {
                 execute_ms: ms(clock),
             };
         };
-        let (status, api_status, error) = match result {
-            Ok((code, None)) => (OutcomeStatus::Succeeded, Some(code), None),
-            Ok((code, Some(error))) if may_have_applied(code) => {
-                let error = format!("{error}; the change may or may not have been made");
-                (OutcomeStatus::Unknown, Some(code), Some(error))
-            }
-            Ok((code, Some(error))) => (OutcomeStatus::Failed, Some(code), Some(error)),
-            Err(e) if broker_http::was_not_sent(&e) => (OutcomeStatus::Failed, None, Some(format!("{e:#}"))),
-            // Perhaps taken by the API before the exchange broke: an agent told `failed`
-            // would try again, and the change might be made twice.
-            Err(e) => {
-                let error =
-                    format!("{e:#}; the request may have reached the API: the change may or may not have been made");
-                (OutcomeStatus::Unknown, None, Some(error))
-            }
-        };
+        let (status, api_status, error) = judged(result);
         Executed { status, api_status, error, identity, resulting_state_digest, execute_ms: ms(clock) }
     }
 
@@ -322,6 +308,33 @@ impl Executors {
     }
 }
 
+/// Of an API's error message, an outcome keeps this much: the API (or whatever answers at
+/// its address) chooses its length, and the decision carrying it must fit one reply.
+const OUTCOME_ERROR: usize = 4096;
+
+/// What the API's answer (or the exchange's failure) makes of the outcome.
+fn judged(result: anyhow::Result<(u16, Option<String>)>) -> (OutcomeStatus, Option<u16>, Option<String>) {
+    let (status, api_status, error) = match result {
+        Ok((code, None)) => (OutcomeStatus::Succeeded, Some(code), None),
+        Ok((code, Some(error))) if may_have_applied(code) => {
+            let error = format!("{}; the change may or may not have been made", clipped(&error, OUTCOME_ERROR));
+            (OutcomeStatus::Unknown, Some(code), Some(error))
+        }
+        Ok((code, Some(error))) => (OutcomeStatus::Failed, Some(code), Some(error)),
+        Err(e) if broker_http::was_not_sent(&e) => (OutcomeStatus::Failed, None, Some(format!("{e:#}"))),
+        // Perhaps taken by the API before the exchange broke: an agent told `failed`
+        // would try again, and the change might be made twice.
+        Err(e) => {
+            let error = format!(
+                "{}; the request may have reached the API: the change may or may not have been made",
+                clipped(&format!("{e:#}"), OUTCOME_ERROR)
+            );
+            (OutcomeStatus::Unknown, None, Some(error))
+        }
+    };
+    (status, api_status, error.map(|error| clipped(&error, 2 * OUTCOME_ERROR)))
+}
+
 /// An answer other than a success after which the change may still have been made: any
 /// redirection (nothing follows one; `303 See Other` is how many APIs answer a POST they
 /// took), and any server or gateway error (an API server past its timeout, a proxy that
@@ -330,4 +343,28 @@ impl Executors {
 /// Any other error answer refused the request.
 fn may_have_applied(status: u16) -> bool {
     (300..400).contains(&status) || ((500..600).contains(&status) && !matches!(status, 501 | 505))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An API's error message of any length: the outcome keeps a few KiB, whatever the
+    /// status, so the decision carrying it fits one reply.
+    #[test]
+    fn an_apis_error_message_is_clipped_in_the_outcome() {
+        let huge = "e".repeat(2 << 20);
+        for (result, status) in [
+            (Ok((400, Some(huge.clone()))), OutcomeStatus::Failed),
+            (Ok((503, Some(huge.clone()))), OutcomeStatus::Unknown),
+            (Err(anyhow::anyhow!("{huge}")), OutcomeStatus::Unknown),
+        ] {
+            let (judged_status, _, error) = judged(result);
+            let error = error.unwrap();
+            assert_eq!(judged_status, status);
+            assert!(error.len() < 3 * OUTCOME_ERROR, "{} bytes kept", error.len());
+            assert!(error.contains(&format!("{} bytes, sha256:", huge.len())), "says how long it was");
+        }
+        assert_eq!(judged(Ok((200, None))), (OutcomeStatus::Succeeded, Some(200), None));
+    }
 }

@@ -182,8 +182,35 @@ pub async fn read(
             let (_, object) = executor.read_with_fresh_token(namespace, service_account, &target, read_id).await?;
             let state_digest = digest_of(&canonical_state(object.as_ref()));
             match object {
-                Some(object) => result(200, &Bytes::from(serde_json::to_vec(&object)?), state_digest),
+                Some(mut object) => {
+                    if is_core_secret(&target) {
+                        withhold_secret_values(&mut object.data);
+                    }
+                    result(200, &Bytes::from(serde_json::to_vec(&object)?), state_digest)
+                }
                 None => Ok(ReadResult { status: 404, body: None, body_hex: None, state_digest }),
+            }
+        }
+    }
+}
+
+/// How long one passthrough read may take, minting included: reads hold one of a few
+/// places (`server::read_gate`), and a server that stalls mid-body would hold it.
+pub const READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A core Secret's values as a passthrough read returns them: withheld, keys kept. A read
+/// needs no certificate, so whatever the reader's ServiceAccount may read (a token
+/// Secret's non-expiring token, say) would reach any caller of the socket, and a model's
+/// context. The state digest is of the whole object, so a change can still be certified.
+fn is_core_secret(target: &KubeTarget) -> bool {
+    target.gvk.group.is_empty() && target.gvk.kind == "Secret"
+}
+
+fn withhold_secret_values(object: &mut serde_json::Value) {
+    for field in ["data", "stringData"] {
+        if let Some(values) = object.get_mut(field).and_then(serde_json::Value::as_object_mut) {
+            for value in values.values_mut() {
+                *value = serde_json::Value::String("(withheld by seb)".into());
             }
         }
     }
@@ -222,6 +249,27 @@ fn json_string_len(text: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_core_secrets_values_are_withheld_from_a_read_and_nothing_else() {
+        let secret = KubeTarget::parse("v1/Secret/prod/db").unwrap();
+        let lookalike = KubeTarget::parse("example.com/v1/Secret/prod/db").unwrap();
+        let config_map = KubeTarget::parse("v1/ConfigMap/prod/db").unwrap();
+        assert!(is_core_secret(&secret) && !is_core_secret(&lookalike) && !is_core_secret(&config_map));
+        let mut object = serde_json::json!({
+            "type": "kubernetes.io/service-account-token",
+            "data": {"token": "c2VjcmV0", "ca.crt": "Y2E="}, "stringData": {"password": "hunter2"},
+        });
+        withhold_secret_values(&mut object);
+        assert_eq!(
+            object,
+            serde_json::json!({
+                "type": "kubernetes.io/service-account-token",
+                "data": {"token": "(withheld by seb)", "ca.crt": "(withheld by seb)"},
+                "stringData": {"password": "(withheld by seb)"},
+            })
+        );
+    }
 
     proptest::proptest! {
         /// The reply-size count is what serde_json writes.

@@ -122,7 +122,9 @@ impl SebTools {
         with `request_id`; once it is `issued`, call this tool again with the same change and \
         `approved_request_id`), `refused` (policy forbids this change: `reasons` say why; do not retry it \
         unchanged), `denied` (the broker refused the certificate, e.g. `drift`: the resource changed since it \
-        was read; read it again and reconsider), or `not_executed` (admitted but the change failed).")]
+        was read; read it again and reconsider), `not_executed` (admitted but the change was not made), or \
+        `outcome_unknown` (it may or may not have been made: read the resource before anything else, and do not \
+        propose it again until you know).")]
     async fn propose_change(&self, Parameters(args): Parameters<ProposeArgs>) -> Result<CallToolResult, ErrorData> {
         let request = request(&args.provider, &args.operation, &args.target, args.params)?;
         let certificate = match &args.approved_request_id {
@@ -214,10 +216,19 @@ impl SebTools {
                 failure("broker_error", &format!("the broker refused the proposal ({code:?}): {message}"))
             }
             Ok(other) => failure("broker_error", &format!("the broker answered a proposal with {}", kind(&other))),
+            Err(e) if protocol::sent_without_reply(&e) => CallToolResult::structured_error(json!({
+                "status": "outcome_unknown", "request_id": request_id, "message": format!("{e:#}"),
+                "next": OUTCOME_UNKNOWN_NEXT,
+            })),
             Err(e) => failure("broker_unavailable", &format!("{e:#}")),
         }
     }
 }
+
+/// What the model is told when a change may or may not have been made.
+const OUTCOME_UNKNOWN_NEXT: &str = "The change may or may not have been made. Read the resource with read_resource \
+    before anything else, and do not propose this change again until you know it was not made: it could be made \
+    twice.";
 
 fn decided(request_id: &str, decision: &Decision) -> CallToolResult {
     let outcome = decision.outcome.as_ref();
@@ -232,10 +243,14 @@ fn decided(request_id: &str, decision: &Decision) -> CallToolResult {
     let status = match (decision.admitted, outcome.map(|o| o.status)) {
         (false, _) => "denied",
         (true, Some(OutcomeStatus::Succeeded)) => "executed",
+        (true, Some(OutcomeStatus::Unknown) | None) => "outcome_unknown",
         (true, _) => "not_executed",
     };
     let mut result = summary;
     result["status"] = json!(status);
+    if status == "outcome_unknown" {
+        result["next"] = json!(OUTCOME_UNKNOWN_NEXT);
+    }
     if status == "executed" { CallToolResult::structured(result) } else { CallToolResult::structured_error(result) }
 }
 
@@ -293,6 +308,8 @@ mod tests {
             (decision(false, "drift", None), "denied"),
             (decision(true, "admitted", Some("failed")), "not_executed"),
             (decision(true, "admitted", Some("not_executed")), "not_executed"),
+            (decision(true, "admitted", Some("unknown")), "outcome_unknown"),
+            (decision(true, "admitted", None), "outcome_unknown"),
         ] {
             let result = decided("r", &decision);
             let content = result.structured_content.unwrap();

@@ -167,7 +167,14 @@ pub fn try_reply(stream: &UnixStream, response: Response) -> std::io::Result<()>
 
 /// Write a reply; a peer that does not take it within the frame timeout is cut.
 async fn reply(stream: &mut UnixStream, broker: &Broker, response: Response) -> std::io::Result<()> {
-    let frame = frame(response)?;
+    let mut frame = frame(response)?;
+    if frame.len() - 4 > crate::protocol::MAX_MESSAGE {
+        // Clients refuse a larger message; every field is bounded, so this is a bug, and
+        // the caller is told so rather than given what it cannot read.
+        let message = format!("the broker's answer would be {} bytes, more than one message holds", frame.len() - 4);
+        tracing::error!(bytes = frame.len() - 4, "an answer larger than one message was not sent");
+        frame = self::frame(error(ErrorCode::Internal, message))?;
+    }
     match timeout(broker.limits.frame_timeout, stream.write_all(&frame)).await {
         Ok(written) => written,
         Err(_) => {

@@ -118,7 +118,12 @@ async fn handle_read(request: MutationRequest, peer: &Peer, broker: &Broker) -> 
     let (caller, result) = match peer.identify() {
         Ok(Caller { identity, .. }) => {
             let may_mint = || pass.may_mint().inspect_err(|_| broker.metrics.count_limit(Limit::PassthroughReads));
-            (identity, passthrough::read(&broker.passthrough, &broker.executors, &request, &read_id, may_mint).await)
+            let reading = passthrough::read(&broker.passthrough, &broker.executors, &request, &read_id, may_mint);
+            // A server that stalls mid-answer must not hold one of the few read places.
+            let read = tokio::time::timeout(passthrough::READ_DEADLINE, reading).await.unwrap_or_else(|_| {
+                Err(anyhow::anyhow!("the read took over {} s", passthrough::READ_DEADLINE.as_secs()))
+            });
+            (identity, read)
         }
         Err(e) => (peer.unidentified(), Err(e)),
     };

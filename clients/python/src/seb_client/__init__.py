@@ -9,6 +9,7 @@ from .errors import (
     BrokerError,
     DirectEgressRefused,
     NotExecuted,
+    OutcomeUnknown,
     SabError,
     SabRefused,
     SebDenied,
@@ -20,6 +21,6 @@ from .sab import Sab
 
 __all__ = [
     "ApprovalPending", "Broker", "BrokerError", "Certificate", "Decision", "DirectEgressRefused", "LiveState",
-    "NotExecuted", "Plan", "Request", "RequestState", "Sab", "SabError", "SabRefused", "Seb", "SebDenied",
+    "NotExecuted", "OutcomeUnknown", "Plan", "Request", "RequestState", "Sab", "SabError", "SabRefused", "Seb", "SebDenied",
     "SebError", "broker_only", "broker_only_call", "kernel_refusal", "state_read",
 ]

@@ -9,39 +9,53 @@ import socket
 import struct
 from typing import Any, Dict, Mapping, Optional
 
-from .errors import BrokerError, NotExecuted, SebDenied
+from .errors import BrokerError, NotExecuted, OutcomeUnknown, SebDenied
 from .models import Decision, LiveState, Request
 
 VERSION = 1
 #: Largest message either side accepts.
 MAX_MESSAGE = 1 << 20
 DEFAULT_SOCKET = "/run/seb/broker.sock"
+#: How long a reply may take: a proposal waits up to 60 s for another change to its
+#: target, then up to 120 s to mint and read and 120 s to execute, then is recorded.
+DEFAULT_TIMEOUT = 330.0
 
 
 class Broker:
     """A client of the broker socket (``$SEB_SOCKET``, else ``/run/seb/broker.sock``)."""
 
-    def __init__(self, socket_path: Optional[str] = None, timeout: float = 60.0) -> None:
+    def __init__(self, socket_path: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.socket_path = socket_path or os.environ.get("SEB_SOCKET") or DEFAULT_SOCKET
         self.timeout = timeout
 
     def call(self, message: Mapping[str, Any]) -> Dict[str, Any]:
-        """Send one request; return the reply, or raise ``BrokerError`` for an error reply."""
+        """Send one request; return the reply, or raise ``BrokerError`` for an error reply.
+        A proposal sent whole and left without a readable reply raises ``OutcomeUnknown``:
+        the broker may have executed it."""
         body = json.dumps({"v": VERSION, **message}, separators=(",", ":")).encode()
         if len(body) > MAX_MESSAGE:
             raise BrokerError("too_large", f"the request is {len(body)} bytes, the limit {MAX_MESSAGE}")
+        sent = False
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
                 conn.settimeout(self.timeout)
                 conn.connect(self.socket_path)
                 conn.sendall(struct.pack(">I", len(body)) + body)
+                sent = True
                 (length,) = struct.unpack(">I", _read_exactly(conn, 4))
                 if length > MAX_MESSAGE:
                     raise BrokerError("protocol", f"the broker announced a {length}-byte reply")
                 reply = json.loads(_read_exactly(conn, length))
-        except OSError as e:
-            raise BrokerError("unreachable", f"the broker at {self.socket_path}: {e}") from e
-        except ValueError as e:
+        except (OSError, ValueError, BrokerError) as e:
+            if sent and message.get("type") == "propose":
+                raise OutcomeUnknown(
+                    message=f"the proposal was sent to the broker at {self.socket_path} and no reply was read "
+                    f"({e}): the change may or may not have been made; read the target before proposing it again"
+                ) from e
+            if isinstance(e, BrokerError):
+                raise
+            if isinstance(e, OSError):
+                raise BrokerError("unreachable", f"the broker at {self.socket_path}: {e}") from e
             raise BrokerError("protocol", f"the broker's reply is not JSON: {e}") from e
         if not isinstance(reply, dict) or reply.get("v") != VERSION:
             raise BrokerError("protocol", f"the broker does not speak protocol version {VERSION}")
@@ -62,12 +76,16 @@ class Broker:
     def propose(self, certificate: str, request: Request) -> Decision:
         """Present a certificate and the request it certifies. Returns the decision when the
         change was admitted and executed; raises ``SebDenied`` (with the broker's reason code)
-        or ``NotExecuted`` (admitted, but the change did not succeed)."""
+        or ``NotExecuted`` (admitted, but the change was not made), or ``OutcomeUnknown``
+        (it may have been made: read the target before proposing it again)."""
         reply = self.call({"type": "propose", "certificate": certificate, "request": request.to_json()})
         decision = self._expect(reply, "decision")
         if not decision.get("admitted"):
             raise SebDenied(decision)
-        if (decision.get("outcome") or {}).get("status") != "succeeded":
+        status = (decision.get("outcome") or {}).get("status")
+        if status in (None, "unknown"):
+            raise OutcomeUnknown(decision)
+        if status != "succeeded":
             raise NotExecuted(decision)
         return Decision.from_json(decision)
 

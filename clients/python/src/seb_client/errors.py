@@ -40,6 +40,21 @@ class NotExecuted(SebError):
         self.decision = dict(decision)
 
 
+class OutcomeUnknown(NotExecuted):
+    """The proposal may or may not have changed the target: the broker recorded the
+    outcome ``unknown`` (no answer from the API in time, a server error or redirect after
+    the write), or it was sent and no reply came back (a timeout, a broker that stopped).
+    Read the target before anything else; proposing the change again could make it twice."""
+
+    def __init__(self, decision: Optional[Mapping[str, Any]] = None, message: Optional[str] = None) -> None:
+        if decision is not None:
+            super().__init__(decision)
+        else:
+            SebError.__init__(self, "unknown", message or "no reply to the proposal")
+            self.decision = {}
+        self.reason = "unknown"
+
+
 class SabError(SebError):
     """The SAB answered with an HTTP error (``reason`` is its error code, e.g.
     ``not_an_approver``), or could not be reached (``unreachable``)."""
