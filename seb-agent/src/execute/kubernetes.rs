@@ -78,7 +78,7 @@ pub enum Verb {
 
 impl KubeTarget {
     /// A core (group "") Secret.
-    fn is_core_secret(&self) -> bool {
+    pub fn is_core_secret(&self) -> bool {
         self.gvk.group.is_empty() && self.gvk.kind == "Secret"
     }
 

@@ -183,7 +183,7 @@ pub async fn read(
             let state_digest = digest_of(&canonical_state(object.as_ref()));
             match object {
                 Some(mut object) => {
-                    if is_core_secret(&target) {
+                    if target.is_core_secret() {
                         withhold_secret_values(&mut object.data);
                     }
                     result(200, &Bytes::from(serde_json::to_vec(&object)?), state_digest)
@@ -202,10 +202,6 @@ pub const READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60
 /// needs no certificate, so whatever the reader's ServiceAccount may read (a token
 /// Secret's non-expiring token, say) would reach any caller of the socket, and a model's
 /// context. The state digest is of the whole object, so a change can still be certified.
-fn is_core_secret(target: &KubeTarget) -> bool {
-    target.gvk.group.is_empty() && target.gvk.kind == "Secret"
-}
-
 fn withhold_secret_values(object: &mut serde_json::Value) {
     for field in ["data", "stringData"] {
         if let Some(values) = object.get_mut(field).and_then(serde_json::Value::as_object_mut) {
@@ -255,7 +251,7 @@ mod tests {
         let secret = KubeTarget::parse("v1/Secret/prod/db").unwrap();
         let lookalike = KubeTarget::parse("example.com/v1/Secret/prod/db").unwrap();
         let config_map = KubeTarget::parse("v1/ConfigMap/prod/db").unwrap();
-        assert!(is_core_secret(&secret) && !is_core_secret(&lookalike) && !is_core_secret(&config_map));
+        assert!(secret.is_core_secret() && !lookalike.is_core_secret() && !config_map.is_core_secret());
         let mut object = serde_json::json!({
             "type": "kubernetes.io/service-account-token",
             "data": {"token": "c2VjcmV0", "ca.crt": "Y2E="}, "stringData": {"password": "hunter2"},
