@@ -10,6 +10,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod connection_shares;
+pub mod denial_backlog;
 pub mod denial_budget;
 pub mod denial_metric;
 pub mod denials;

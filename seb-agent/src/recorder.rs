@@ -31,6 +31,7 @@ use crate::{
     audit::{KernelDenial, Ledger, denial, now_ns, store},
     cgroupfs::CgroupNames,
     cluster::directory::SharedDirectory,
+    denial_backlog::{Backlog, UNWRITTEN_KIND},
     denial_budget::{DenialBudget, SUPPRESSED_KIND, Suppressed},
     enforcement::maps::Counters,
     metrics::Metrics,
@@ -81,6 +82,8 @@ pub struct Recorder {
     /// The kubelet's pod cgroup, relative to the mount (None: the default places).
     kubepods: Option<String>,
     budget: DenialBudget,
+    /// Denials drained whose write failed, written with the next one.
+    backlog: Backlog,
 }
 
 const POLL_TIMEOUT_MS: i32 = 200;
@@ -103,7 +106,20 @@ impl Recorder {
             ledger.run_blocking(|batch| last_ring_loss(store::last_body_at_start(batch.conn(), RING_LOSS_KIND)?))?;
         let recorded_losses = RingLoss::baseline(last.as_ref(), &counter);
         let budget = DenialBudget::default();
-        Ok(Self { ring, counters, counter, ledger, names, recorded_losses, metrics, directory, kubepods, budget })
+        let backlog = Backlog::default();
+        Ok(Self {
+            ring,
+            counters,
+            counter,
+            ledger,
+            names,
+            recorded_losses,
+            metrics,
+            directory,
+            kubepods,
+            budget,
+            backlog,
+        })
     }
 
     /// Run until `stop` is set; drains once more before returning.
@@ -194,9 +210,11 @@ impl Recorder {
         self.write(Vec::new(), summary.into_iter().collect())
     }
 
-    /// Full records and summaries of suppressed ones, in one durable transaction.
+    /// Full records and summaries of suppressed ones, in one durable transaction, after
+    /// those of earlier writes that failed; if this one fails too, all of them are kept
+    /// for the next.
     fn write(&mut self, records: Vec<(i64, KernelDenial)>, summaries: Vec<Suppressed>) -> Result<()> {
-        if records.is_empty() && summaries.is_empty() {
+        if records.is_empty() && summaries.is_empty() && self.backlog.is_empty() {
             return Ok(());
         }
         for summary in &summaries {
@@ -207,17 +225,31 @@ impl Recorder {
             );
             self.metrics.denials_suppressed.inc_by(summary.suppressed);
         }
-        self.ledger
+        let pending = std::sync::Arc::new(self.backlog.with(records, summaries));
+        let writing = pending.clone();
+        let written = self
+            .ledger
             .run_blocking(move |batch| {
-                for (time_ns, denial) in &records {
+                for (time_ns, denial) in &writing.records {
                     batch.append(denial::KIND, *time_ns, denial)?;
                 }
-                for summary in &summaries {
+                for summary in &writing.summaries {
                     batch.append(SUPPRESSED_KIND, summary.second_ns as i64, summary)?;
+                }
+                if let Some(unwritten) = &writing.unwritten {
+                    batch.append(UNWRITTEN_KIND, now_ns() as i64, unwritten)?;
                 }
                 Ok(())
             })
-            .context("writing kernel denials")
+            .context("writing kernel denials");
+        if written.is_err() {
+            // The ledger is done with its copy once it has answered.
+            let pending = std::sync::Arc::try_unwrap(pending).unwrap_or_else(|shared| shared.as_ref().clone());
+            let kept = pending.records.len();
+            self.backlog.keep(pending, now_ns() as u64);
+            warn!(kept, "kernel denials not written are kept for the next write");
+        }
+        written
     }
 
     fn record_losses(&mut self) -> Result<()> {

@@ -507,3 +507,51 @@ fn a_record_of_a_group_commit_tampered_is_named_even_with_the_chain_rehashed() {
     let problem = report["problem"].as_str().unwrap();
     assert!(problem.contains(&format!("the signature on record {outcome_seq}")), "{report}");
 }
+
+/// The head file made immutable, then writable again, however the test ends.
+struct Immutable<'a>(&'a Path);
+
+impl<'a> Immutable<'a> {
+    fn set(path: &'a Path) -> Self {
+        let status = std::process::Command::new("chattr").arg("+i").arg(path).status().unwrap();
+        assert!(status.success(), "chattr +i (needs root)");
+        Self(path)
+    }
+}
+
+impl Drop for Immutable<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr").arg("-i").arg(self.0).status();
+    }
+}
+
+#[test]
+fn denials_drained_while_the_store_refuses_writes_are_written_once_it_takes_them_again() {
+    let mut sandbox = Sandbox::new("backlog", tools()).unwrap();
+    sandbox.write_config("[[enforcement.protected]]\ncidr = \"127.0.0.2/32\"\n").unwrap();
+    sandbox.start_agent().unwrap();
+    let head = sandbox.head_file();
+    let cookie = |outcome: Value| {
+        assert_eq!(outcome["result"], "EPERM", "{outcome}");
+        outcome["cookie"].as_u64().unwrap()
+    };
+    let ledger_refused_writes = {
+        // A head file that takes no write: the commit after the next one is refused
+        // (the ledger will not run ahead of its head file).
+        let _immutable = Immutable::set(&head);
+        let first = cookie(sandbox.attempt("workload", "tcp", "127.0.0.2:80").unwrap());
+        sandbox.wait_for_denial(first).unwrap();
+        let refused = cookie(sandbox.attempt("workload", "tcp", "127.0.0.2:81").unwrap());
+        // Drained, and its write refused (the recorder drains within 200 ms).
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        assert!(
+            !sandbox.denials().unwrap().iter().any(|d| d["socket_cookie"] == refused),
+            "written although the store refused writes"
+        );
+        refused
+    };
+    // Writable again: the kept denial is written with the recorder's next write.
+    let found = sandbox.wait_for_denial(ledger_refused_writes).expect("the denial drained while writes failed");
+    assert_eq!(found["port"], 81, "{found}");
+    sandbox.stop_agent().unwrap();
+}
