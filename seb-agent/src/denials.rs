@@ -5,7 +5,7 @@ use std::{io::Write, path::Path, time::Duration};
 use anyhow::Result;
 
 use crate::{
-    audit::{AuditStore, KernelDenial, denial},
+    audit::{AuditStore, CheckedReader, KernelDenial, Record, denial},
     cli::output::printable,
 };
 
@@ -22,25 +22,26 @@ pub fn print(database: &Path, json: bool, follow: bool, out: &mut impl Write) ->
             "TIME", "HOOK", "PID", "COMM", "DESTINATION", "PROTO", "CGROUP"
         )?;
     }
-    let mut after = 0;
+    // Every record is read, each checked to link to the one before it (see
+    // `CheckedReader`); the denials among them are printed.
+    let mut reader = CheckedReader::after(&store, 0)?;
     loop {
-        let records = store.records_after(Some(denial::KIND), after, PAGE)?;
-        for record in &records {
-            let denial: KernelDenial = record.parse()?;
+        let records = reader.next_page(PAGE)?;
+        for stored in records.iter().filter(|stored| stored.kind == denial::KIND) {
+            let denial: KernelDenial = Record::from(stored).parse()?;
             if json {
                 serde_json::to_writer(&mut *out, &denial)?;
                 writeln!(out)?;
             } else {
                 writeln!(out, "{}", printable(&table_row(&denial)))?;
             }
-            after = record.seq;
         }
         out.flush()?;
         if records.len() == PAGE {
             continue;
         }
         if !follow {
-            return Ok(());
+            return reader.intact();
         }
         std::thread::sleep(FOLLOW_INTERVAL);
     }

@@ -446,6 +446,51 @@ fn audit_follow_streams_records_and_resumes_after_restarts_without_gaps_or_repea
     assert!(seen.iter().any(|r| r["kind"] == "decision" && r["body"]["reason"] == "untrusted_issuer"));
 }
 
+#[test]
+fn a_record_planted_far_ahead_stops_a_follower_instead_of_blinding_it() {
+    let sandbox = populated_store();
+    let last = head(&sandbox);
+    // Written straight into the file: a reader that skips to it would read nothing after
+    // it, ever, and a forged record deleted later leaves `verify` clean.
+    let conn = Connection::open(&sandbox.database).unwrap();
+    conn.execute(
+        "INSERT INTO records (seq, kind, time_ns, body, prev_hash, hash, signature) \
+         VALUES (9223372036854775807, 'decision', 0, '{}', x'00', x'00', x'')",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let mut follow = std::process::Command::new(&sandbox.tools.agent)
+        .args(["audit", "follow", "--json", "--since", "0", "--config"])
+        .arg(&sandbox.config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while follow.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = follow.kill();
+            panic!("the follower went on past the planted record");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let output = follow.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains(&format!("record {} is missing", last + 1)), "{stderr}");
+    // Every real record was printed first, each with its chain fields.
+    let printed: Vec<Value> =
+        String::from_utf8(output.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(printed.last().unwrap()["seq"], last);
+    assert_eq!(printed.last().unwrap()["hash"].as_str().map(str::len), Some(64));
+    // A listing, and the denials, fail the same way.
+    let listed = sandbox.agent_cli(&["audit", "list"]).unwrap();
+    assert!(!listed.status.success() && String::from_utf8_lossy(&listed.stderr).contains("is missing"));
+    let denials = sandbox.agent_cli(&["denials"]).unwrap();
+    assert!(!denials.status.success() && String::from_utf8_lossy(&denials.stderr).contains("is missing"));
+}
+
 /// Recompute every link and hash from record `from` on, as an attacker without the key can.
 fn rehash_from(conn: &Connection, from: i64) {
     use seb_agent::audit::chain::Head;

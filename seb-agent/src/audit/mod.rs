@@ -12,7 +12,7 @@ pub mod verify;
 
 pub use denial::KernelDenial;
 pub use ledger::{Batch, Commit, Derived, Ledger, LedgerBusy, LedgerFiles, LedgerOptions, is_busy};
-pub use store::{AuditStore, Record};
+pub use store::{AuditStore, CheckedReader, Record};
 
 /// A fresh file at `path` for the broker's own writes: whatever is there (a symlink
 /// planted to aim the broker's writes, as root, at another file) is removed, never

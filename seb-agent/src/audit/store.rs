@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::de::DeserializeOwned;
 
-use super::chain::StoredRecord;
+use super::chain::{self, Head, StoredRecord};
 
 /// Read access to an audit store (a live one, or a copy a security team holds).
 pub struct AuditStore {
@@ -214,6 +214,24 @@ pub fn last_body_at_start(conn: &Connection, kind: &str) -> Result<Option<String
     Ok(conn.query_row("SELECT body FROM temp.last_at_start WHERE kind = ?1", [kind], |row| row.get(0)).optional()?)
 }
 
+impl From<&StoredRecord> for Record {
+    fn from(stored: &StoredRecord) -> Self {
+        Self { seq: stored.seq, kind: stored.kind.clone(), time_ns: stored.time_ns, body: stored.body.clone() }
+    }
+}
+
+fn stored_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredRecord> {
+    Ok(StoredRecord {
+        seq: row.get(0)?,
+        kind: row.get(1)?,
+        time_ns: row.get(2)?,
+        body: row.get(3)?,
+        prev_hash: row.get(4)?,
+        hash: row.get(5)?,
+        signature: row.get(6)?,
+    })
+}
+
 fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
     Ok(Record { seq: row.get(0)?, kind: row.get(1)?, time_ns: row.get(2)?, body: row.get(3)? })
 }
@@ -234,6 +252,25 @@ impl AuditStore {
         )?;
         let rows = query.query_map(params![kind, after, limit as i64], record_from_row)?;
         rows.collect::<Result<_, _>>().context("reading audit records")
+    }
+
+    /// Records above `after` with their chain fields, oldest first, for a reader that
+    /// checks each link as it goes.
+    pub fn stored_after(&self, after: i64, limit: usize) -> Result<Vec<StoredRecord>> {
+        let mut query = self.conn.prepare_cached(
+            "SELECT seq, kind, time_ns, body, prev_hash, hash, signature FROM records WHERE seq > ?1 ORDER BY seq \
+             LIMIT ?2",
+        )?;
+        let rows = query.query_map(params![after, limit as i64], stored_from_row)?;
+        rows.collect::<Result<_, _>>().context("reading audit records")
+    }
+
+    /// One record with its chain fields.
+    pub fn stored(&self, seq: i64) -> Result<Option<StoredRecord>> {
+        let mut query = self.conn.prepare_cached(
+            "SELECT seq, kind, time_ns, body, prev_hash, hash, signature FROM records WHERE seq = ?1",
+        )?;
+        Ok(query.query_row(params![seq], stored_from_row).optional()?)
     }
 
     pub fn get(&self, seq: i64) -> Result<Option<Record>> {
@@ -270,18 +307,7 @@ pub fn for_each_stored(
     while let Some(row) = rows.next().context("reading the audit records")? {
         // `seq` is the row id: always an integer.
         let seq: i64 = row.get(0)?;
-        let read = || -> rusqlite::Result<StoredRecord> {
-            Ok(StoredRecord {
-                seq,
-                kind: row.get(1)?,
-                time_ns: row.get(2)?,
-                body: row.get(3)?,
-                prev_hash: row.get(4)?,
-                hash: row.get(5)?,
-                signature: row.get(6)?,
-            })
-        };
-        if !f(read().map_err(|e| Unreadable { seq, problem: e.to_string() }))? {
+        if !f(stored_from_row(row).map_err(|e| Unreadable { seq, problem: e.to_string() }))? {
             break;
         }
     }
@@ -475,5 +501,64 @@ mod tests {
         let conn = open_writable(&dir.path().join("audit.db"), true).unwrap();
         let temp_store: i64 = conn.query_row("PRAGMA temp_store", [], |row| row.get(0)).unwrap();
         assert_eq!(temp_store, 2, "temporary tables in memory (2), not in a file");
+    }
+}
+
+/// Reads a store's records in order, each checked to link to the one before it and to
+/// match its hash: a reader shipping the log elsewhere (`audit follow`, `denials
+/// --follow`) stops, saying where, when the store is changed under it (a record
+/// rewritten, or one inserted far ahead to make it skip everything after), rather than
+/// passing on what it was handed. Signatures are `audit verify`'s.
+pub struct CheckedReader<'a> {
+    store: &'a AuditStore,
+    head: Head,
+    /// Where the chain broke, once it did: the records before it were handed out.
+    broken: Option<String>,
+}
+
+impl<'a> CheckedReader<'a> {
+    /// Reading from after record `after` (0: from the first), linked to that record.
+    pub fn after(store: &'a AuditStore, after: i64) -> Result<Self> {
+        let head = if after == 0 {
+            Head::EMPTY
+        } else {
+            let anchor = store.stored(after)?.with_context(|| format!("there is no record {after} to read on from"))?;
+            let hash = anchor.hash.try_into().map_err(|_| anyhow::anyhow!("record {after} has no readable hash"))?;
+            Head { seq: after, hash }
+        };
+        Ok(Self { store, head, broken: None })
+    }
+
+    /// An error naming the broken link, if the chain broke in what was read.
+    pub fn intact(&self) -> Result<()> {
+        match &self.broken {
+            Some(broken) => bail!("{broken}"),
+            None => Ok(()),
+        }
+    }
+
+    /// The next records, at most `limit`, each checked: those before a broken link, then
+    /// (at the next call) the error naming it.
+    pub fn next_page(&mut self, limit: usize) -> Result<Vec<StoredRecord>> {
+        self.intact()?;
+        let mut records = self.store.stored_after(self.head.seq, limit)?;
+        for (at, record) in records.iter().enumerate() {
+            match chain::check_link(record, &self.head) {
+                Ok(head) => self.head = head,
+                Err(fault) => {
+                    self.broken = Some(format!(
+                        "record {}: {fault}; the store no longer holds the chain read so far, so nothing more is \
+                         read (check it with `seb-agent audit verify`)",
+                        record.seq
+                    ));
+                    records.truncate(at);
+                    if records.is_empty() {
+                        bail!("{}", self.broken.as_deref().unwrap_or_default());
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(records)
     }
 }

@@ -12,7 +12,7 @@ use crate::{
         DECISION_KIND,
         state::{EPOCH_KIND, REVOCATION_KIND},
     },
-    audit::{AuditStore, Record, denial, format_time, head, keys, ledger::CHECKPOINT_KIND, verify},
+    audit::{AuditStore, CheckedReader, Record, denial, format_time, head, keys, ledger::CHECKPOINT_KIND, verify},
     denial_budget::SUPPRESSED_KIND,
     execute::OUTCOME_KIND,
     recorder::RING_LOSS_KIND,
@@ -98,26 +98,34 @@ pub fn follow(database: &Path, kind: Option<&str>, since: Since, output: Output)
     print_records(database, kind, since, true, output)
 }
 
+/// Print records as they are read, each checked to link to the one before it
+/// ([`CheckedReader`]). Signatures are `audit verify`'s.
 fn print_records(database: &Path, kind: Option<&str>, since: Since, follow: bool, output: Output) -> Result<()> {
     kind.map(check_kind).transpose()?;
     let store = AuditStore::open_read_only(database)?;
     let mut out = Stdout::lock();
-    let (mut after, mut from_time) = match since {
+    let (after, mut from_time) = match since {
         Since::Seq(seq) => (seq, None),
         Since::TimeNs(time_ns) => (0, Some(time_ns)),
     };
+    let mut reader = CheckedReader::after(&store, after)?;
     loop {
         // Sequence numbers are given in commit order by the one writer, so reading after the
         // last one printed misses nothing and repeats nothing.
-        let records = store.records_after(kind, after, PAGE)?;
-        for record in &records {
-            after = record.seq;
-            if from_time.is_some_and(|time_ns| record.time_ns < time_ns) {
+        let records = reader.next_page(PAGE)?;
+        for stored in &records {
+            if kind.is_some_and(|kind| stored.kind != kind) || from_time.is_some_and(|time_ns| stored.time_ns < time_ns)
+            {
                 continue;
             }
             from_time = None;
+            let record = &Record::from(stored);
             if output.json {
-                writeln!(out, "{}", record_json(record))?;
+                let mut line = record_json(record);
+                line["hash"] = json!(hex::encode(&stored.hash));
+                line["prev_hash"] = json!(hex::encode(&stored.prev_hash));
+                line["signature"] = json!(hex::encode(&stored.signature));
+                writeln!(out, "{line}")?;
             } else {
                 let line = format!(
                     "{:>8}  {}  {:<14}  {}",
@@ -134,7 +142,7 @@ fn print_records(database: &Path, kind: Option<&str>, since: Since, follow: bool
             continue;
         }
         if !follow {
-            return Ok(());
+            return reader.intact();
         }
         std::thread::sleep(FOLLOW_INTERVAL);
     }
