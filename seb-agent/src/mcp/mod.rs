@@ -4,7 +4,10 @@
 //! about a request awaiting approval. It runs as the agent's own process (an MCP host
 //! starts it), so the broker and the SAB see the agent's identity, not another one's.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
 use anyhow::Result;
 use rmcp::{
@@ -23,7 +26,9 @@ use crate::{
     protocol::{self, Request, Response},
 };
 
+mod presented;
 mod sab;
+use presented::Presented;
 pub use sab::SabOptions;
 use sab::{AgentSab, Certified, Draft};
 
@@ -89,12 +94,18 @@ pub struct StatusArgs {
 pub struct SebTools {
     socket: PathBuf,
     sab: Arc<AgentSab>,
+    presented: Arc<Mutex<Presented>>,
     tool_router: ToolRouter<Self>,
 }
 
 /// Serve MCP on standard input and output until the client goes away.
 pub async fn serve(socket: PathBuf, sab: &SabOptions) -> Result<()> {
-    let tools = SebTools { socket, sab: Arc::new(AgentSab::new(sab)?), tool_router: SebTools::tool_router() };
+    let tools = SebTools {
+        socket,
+        sab: Arc::new(AgentSab::new(sab)?),
+        presented: Arc::default(),
+        tool_router: SebTools::tool_router(),
+    };
     let service = tools.serve(rmcp::transport::stdio()).await?;
     service.waiting().await?;
     Ok(())
@@ -154,6 +165,7 @@ impl SebTools {
                     object.remove("certificate");
                     object.insert("certificate_ready".into(), json!(ready));
                 }
+                self.presented.lock().unwrap_or_else(|e| e.into_inner()).annotate(&args.request_id, &mut state);
                 CallToolResult::structured(state)
             }
             Err(e) => failure("sab_error", &format!("{e:#}")),
@@ -209,9 +221,24 @@ impl SebTools {
         }
     }
 
+    /// Present the certificate; what came of it is remembered for `request_status`, also
+    /// when the host cancels the call meanwhile (the presentation is a task of its own,
+    /// which dropping this call does not stop).
     async fn propose(&self, (request_id, certificate): (String, String), request: MutationRequest) -> CallToolResult {
+        self.presented.lock().unwrap_or_else(|e| e.into_inner()).started(&request_id);
+        let tools = self.clone();
+        let presenting = tokio::spawn(async move {
+            let result = tools.present(&request_id, certificate, request).await;
+            let summary = result.structured_content.clone().unwrap_or_default();
+            tools.presented.lock().unwrap_or_else(|e| e.into_inner()).finished(&request_id, summary);
+            result
+        });
+        presenting.await.unwrap_or_else(|e| failure("internal", &format!("presenting the certificate failed: {e}")))
+    }
+
+    async fn present(&self, request_id: &str, certificate: String, request: MutationRequest) -> CallToolResult {
         match protocol::call(&self.socket, &Request::Propose { certificate, request }).await {
-            Ok(Response::Decision(decision)) => decided(&request_id, &decision),
+            Ok(Response::Decision(decision)) => decided(request_id, &decision),
             Ok(Response::Error { code, message }) => {
                 failure("broker_error", &format!("the broker refused the proposal ({code:?}): {message}"))
             }
