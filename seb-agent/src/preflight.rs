@@ -61,6 +61,9 @@ pub fn check(config: &Config) -> Result<Checked> {
     if let Some(cluster) = &config.cluster {
         cluster.node_name()?;
     }
+    for weakened in weakened(config) {
+        warn!("protection turned off by the config: {weakened}");
+    }
     if config.enforcement.syscall_tables == SyscallTables::Native && compat_syscalls::run_here() {
         warn!(
             "enforcement.syscall_tables = \"native\" on a kernel that takes 32-bit system calls: a process in the \
@@ -74,6 +77,51 @@ pub fn check(config: &Config) -> Result<Checked> {
         );
     }
     Ok(Checked { mount, sources, admission, socket_gid, descriptors })
+}
+
+/// Each protection the config turns off, said plainly: every one is on by default, and
+/// turning one off is the operator's explicit choice, logged at each start.
+pub fn weakened(config: &Config) -> Vec<String> {
+    let mut weakened = Vec::new();
+    if let Some(cluster) = &config.cluster {
+        if !cluster.require_node_binding {
+            weakened.push(
+                "cluster.require_node_binding = false: a certificate that binds neither a node nor a pod is admitted \
+                 on every node, once on each"
+                    .to_string(),
+            );
+        }
+        if !cluster.discover_api_server {
+            weakened.push(
+                "cluster.discover_api_server = false: the API server's own addresses are protected only if the \
+                 SebPolicy or enforcement.protected lists them"
+                    .to_string(),
+            );
+        }
+    } else if config.enforcement.protected.is_empty() && config.enforcement.protected_hosts.is_empty() {
+        weakened.push(
+            "enforcement.protected and enforcement.protected_hosts are empty: no endpoint is protected".to_string(),
+        );
+    }
+    let within = |path: &str, ancestor: &str| {
+        ancestor == "/" || path == ancestor || path.strip_prefix(ancestor).is_some_and(|rest| rest.starts_with('/'))
+    };
+    for exempt in &config.enforcement.exempt_cgroups {
+        for scope in config.enforcement.scope.iter().filter(|scope| within(scope, exempt)) {
+            weakened.push(format!(
+                "enforcement.exempt_cgroups holds `{exempt}`: the whole of the scope `{scope}` is exempt"
+            ));
+        }
+    }
+    if let Some(endpoint) = config.aws.as_ref().and_then(|aws| aws.endpoint.as_deref())
+        && endpoint.get(..7).is_some_and(|scheme| scheme.eq_ignore_ascii_case("http://"))
+    {
+        weakened.push(format!(
+            "aws.endpoint = \"{endpoint}\" is plain HTTP: the minted sessions' credentials and every request cross \
+             the network readable"
+        ));
+    }
+    weakened
 }
 
 /// The cgroup2 mount, once every cgroup the config names is found under it. A missing
@@ -148,5 +196,32 @@ fn check_state_file(field: &str, path: &Path) -> Result<()> {
         Some(dir) if dir.is_dir() => Ok(()),
         Some(dir) => bail!("config field `{field}`: {} is not a directory", dir.display()),
         None => bail!("config field `{field}`: no directory of {} exists", path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_protection_turned_off_is_named() {
+        let strong = Config::parse("[[enforcement.protected]]\ncidr = \"10.0.0.0/8\"\n").unwrap();
+        assert_eq!(weakened(&strong), Vec::<String>::new());
+        let weak = Config::parse(
+            "[enforcement]\nscope = [\"/pods/a\", \"/other\"]\nexempt_cgroups = [\"/pods\"]\n\
+             [aws]\nendpoint = \"HTTP://127.0.0.1:5000\"\ncredentials_file = \"/c.json\"\n",
+        )
+        .unwrap();
+        let said = weakened(&weak);
+        assert_eq!(said.len(), 3, "{said:#?}");
+        assert!(said[0].contains("no endpoint is protected"));
+        assert!(said[1].contains("the whole of the scope `/pods/a`"));
+        assert!(said[2].contains("plain HTTP"));
+        // A sibling whose name merely starts the same is not within.
+        let sibling = Config::parse(
+            "[enforcement]\nscope = [\"/podsx\"]\nexempt_cgroups = [\"/pods\"]\n[[enforcement.protected]]\ncidr = \"10.0.0.0/8\"\n",
+        )
+        .unwrap();
+        assert_eq!(weakened(&sibling), Vec::<String>::new());
     }
 }
