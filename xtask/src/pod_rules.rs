@@ -202,8 +202,10 @@ fn pod_security_level(objects: &[Value], object: &Value) -> Option<String> {
 }
 
 /// Pod Security admission's `baseline` checks that concern our pods (policy/check_host*.go,
-/// check_privileged.go, check_capabilities_baseline.go), and for `restricted` also
-/// check_runAsNonRoot.go, check_allowPrivilegeEscalation.go, check_capabilities_restricted.go,
+/// check_privileged.go, check_capabilities_baseline.go, check_seccompProfile_baseline.go,
+/// check_appArmorProfile.go, check_seLinuxOptions.go, check_procMount.go), and for
+/// `restricted` also check_runAsNonRoot.go, check_runAsUser.go,
+/// check_allowPrivilegeEscalation.go, check_capabilities_restricted.go,
 /// check_seccompProfile_restricted.go and check_restrictedVolumes.go.
 fn check_pod_security(spec: &Value, level: &str, report: &mut impl FnMut(String, String)) {
     if level != "baseline" && level != "restricted" {
@@ -228,8 +230,19 @@ fn check_pod_security(spec: &Value, level: &str, report: &mut impl FnMut(String,
     }
     let pod_non_root = spec["securityContext"]["runAsNonRoot"] == true;
     let pod_seccomp = spec["securityContext"]["seccompProfile"]["type"].as_str();
+    check_confinement("securityContext", &spec["securityContext"], level, report);
+    if restricted && spec["securityContext"]["runAsUser"] == 0 {
+        report("securityContext.runAsUser".into(), "must not be 0 (restricted)".into());
+    }
     for (path, container) in containers(spec) {
         let context = &container["securityContext"];
+        check_confinement(&format!("{path}.securityContext"), context, level, report);
+        if restricted && context["runAsUser"] == 0 {
+            report(format!("{path}.securityContext.runAsUser"), "must not be 0 (restricted)".into());
+        }
+        if !matches!(context["procMount"].as_str(), None | Some("Default")) {
+            report(format!("{path}.securityContext.procMount"), format!("must be Default (Pod Security {level:?})"));
+        }
         if context["privileged"] == true {
             report(format!("{path}.securityContext.privileged"), format!("forbidden by Pod Security {level:?}"));
         }
@@ -281,6 +294,24 @@ fn check_pod_security(spec: &Value, level: &str, report: &mut impl FnMut(String,
                 "must be RuntimeDefault or Localhost (restricted)".into(),
             );
         }
+    }
+}
+
+/// `baseline`'s rules on a pod's or a container's confinement: no `Unconfined` seccomp or
+/// AppArmor profile, and SELinux options only of the container types, with no user or role.
+fn check_confinement(path: &str, context: &Value, level: &str, report: &mut impl FnMut(String, String)) {
+    for profile in ["seccompProfile", "appArmorProfile"] {
+        if context[profile]["type"] == "Unconfined" {
+            report(format!("{path}.{profile}"), format!("Unconfined forbidden by Pod Security {level:?}"));
+        }
+    }
+    let selinux = &context["seLinuxOptions"];
+    let allowed_type = matches!(
+        selinux["type"].as_str(),
+        None | Some("" | "container_t" | "container_init_t" | "container_kvm_t" | "container_engine_t")
+    );
+    if !allowed_type || !selinux["user"].is_null() || !selinux["role"].is_null() {
+        report(format!("{path}.seLinuxOptions"), format!("type, user or role forbidden by Pod Security {level:?}"));
     }
 }
 
@@ -341,5 +372,31 @@ mod tests {
         let pvc = json!({"kind": "Pod", "metadata": {"name": "p", "namespace": "n"}, "spec": {"containers": [{"name": "c"}],
             "volumes": [{"name": "s", "persistentVolumeClaim": {"claimName": "s"}}]}});
         assert!(violations(&[namespace, pvc]).is_empty());
+    }
+
+    #[test]
+    fn pod_security_refuses_unconfined_profiles_root_and_selinux_types() {
+        let namespace = |level: &str| json!({"kind": "Namespace", "metadata": {"name": "n", "labels": {"pod-security.kubernetes.io/enforce": level}}});
+        let pod = |container: Value, pod_context: Value| {
+            json!({"kind": "Pod", "metadata": {"name": "p", "namespace": "n"},
+                   "spec": {"containers": [container], "securityContext": pod_context}})
+        };
+        let unconfined = pod(
+            json!({"name": "c", "securityContext": {"appArmorProfile": {"type": "Unconfined"}, "procMount": "Unmasked"}}),
+            json!({"seccompProfile": {"type": "Unconfined"}, "seLinuxOptions": {"type": "spc_t"}}),
+        );
+        let bad = violations(&[namespace("baseline"), unconfined]);
+        for expected in ["appArmorProfile", "procMount", "securityContext.seccompProfile", "seLinuxOptions"] {
+            assert!(bad.iter().any(|v| v.contains(expected)), "{expected} not reported: {bad:?}");
+        }
+        let root = pod(
+            json!({"name": "c", "securityContext": {"runAsUser": 0, "runAsNonRoot": true, "allowPrivilegeEscalation": false,
+                   "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}}),
+            json!({}),
+        );
+        let bad = violations(&[namespace("restricted"), root.clone()]);
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert!(bad[0].contains("runAsUser"), "{bad:?}");
+        assert!(violations(&[namespace("baseline"), root]).is_empty());
     }
 }
