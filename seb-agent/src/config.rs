@@ -83,6 +83,11 @@ pub struct AdmissionConfig {
     /// one per CPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_parallel_verifications: Option<usize>,
+    /// This node's name, as certificates bind it (`agent.node`; a node-local SAB's `[node]
+    /// name`): a contract bound to another node is refused. Default: the host name. In
+    /// cluster mode, `cluster.node_name` is used instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
 }
 
 fn default_max_ttl() -> u64 {
@@ -99,6 +104,7 @@ impl Default for AdmissionConfig {
             max_ttl_seconds: default_max_ttl(),
             clock_skew_seconds: default_clock_skew(),
             max_parallel_verifications: None,
+            node_name: None,
         }
     }
 }

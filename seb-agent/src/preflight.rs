@@ -175,7 +175,17 @@ fn admission_from(config: &Config) -> Result<Admission> {
         max_ttl: Duration::from_secs(config.admission.max_ttl_seconds),
         clock_skew: Duration::from_secs(config.admission.clock_skew_seconds),
     };
-    let admission = Admission::new(anchors, validity);
+    let node_name = match &config.cluster {
+        Some(cluster) => cluster.node_name()?,
+        None => match &config.admission.node_name {
+            Some(name) => name.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .context("config field `admission.node_name` is not set, and the host name cannot be read")?
+                .trim()
+                .to_string(),
+        },
+    };
+    let admission = Admission::new(anchors, validity).with_node_name(node_name);
     Ok(match config.admission.max_parallel_verifications {
         Some(limit) => admission.with_parallel_verifications(limit),
         None => admission,

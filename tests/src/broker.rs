@@ -48,7 +48,11 @@ impl Broker {
         let ca = dev_sab::create_ca(&sandbox.dir.join("sab"), "seb test SAB", Algorithm::Ed25519)?;
         let anchors = sandbox.dir.join("trust-anchors.pem");
         std::fs::write(&anchors, std::fs::read_to_string(&ca.cert)? + extra_anchors)?;
-        let admission = format!("[admission]\ntrust_anchors = \"{}\"\nmax_ttl_seconds = 3600\n", anchors.display());
+        let admission = format!(
+            "[admission]\ntrust_anchors = \"{}\"\nmax_ttl_seconds = 3600\nnode_name = \"{}\"\n",
+            anchors.display(),
+            crate::NODE_NAME
+        );
         sandbox.write_config_scoped(scope, &format!("{extra}\n{admission}"))?;
         sandbox.start_agent()?;
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -30,6 +30,9 @@ pub mod sab;
 pub mod tamper;
 pub mod tls_server;
 
+/// The node the sandboxes' node-local SAB serves, and their brokers' `admission.node_name`.
+pub const NODE_NAME: &str = "node-a";
+
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 

@@ -68,7 +68,7 @@ impl Sab {
         std::fs::write(policy_dir.join("policy.cedar"), policies)?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let (database, signing_key) = (dir.join("sab.db"), dir.join("sab.key"));
-        let node = "node-a".to_string();
+        let node = crate::NODE_NAME;
         let config = dir.join("sab.toml");
         let mode = match &cluster {
             None => format!("[node]\nname = \"{node}\"\nbroker_socket = \"{}\"\n", sandbox.socket.display()),
@@ -99,7 +99,7 @@ impl Sab {
             database,
             signing_key,
             url: format!("https://127.0.0.1:{port}"),
-            node,
+            node: node.to_string(),
             agent: sandbox.tools.agent.clone(),
             cluster,
             child: None,

@@ -132,6 +132,15 @@ fn caller_and_request_predicates_each_admit_and_deny() {
         ..contract.clone()
     };
     assert_denied(&f.decide(&other_exe, &request), Reason::CallerMismatch);
+    // A contract bound to another node is refused, node-local mode included (this
+    // broker's `admission.node_name` is the sandbox SAB's node). Before, only cluster
+    // mode compared it: one certificate ran once on every node trusting its SAB.
+    let on = |node: &str| ExecutionContract {
+        agent: AgentIdentity { node: Some(node.into()), ..contract.agent.clone() },
+        ..contract.clone()
+    };
+    assert_admitted(&f.decide(&on(seb_sandbox::NODE_NAME), &request));
+    assert_denied(&f.decide(&on("node-b"), &request), Reason::CallerMismatch);
     // The root cgroup holds every process: bound to it alone, a contract binds no caller.
     // (A caller bound by its own cgroup: the cgroup-namespace test below.)
     let everyone = ExecutionContract {

@@ -35,7 +35,11 @@ pub fn run() -> Result<()> {
     let mut sandbox = Sandbox::new("benchsab", tools.clone())?;
     let issuing = sandbox.dir.join("sab-issuing");
     seb_agent::cert::dev_sab::create_ca(&issuing, "seb bench SAB", seb_agent::cert::dev_sab::Algorithm::Ed25519)?;
-    sandbox.write_config(&format!("[admission]\ntrust_anchors = \"{}\"\n", issuing.join("sab-ca.pem").display()))?;
+    sandbox.write_config(&format!(
+        "[admission]\ntrust_anchors = \"{}\"\nnode_name = \"{}\"\n",
+        issuing.join("sab-ca.pem").display(),
+        seb_sandbox::NODE_NAME
+    ))?;
     sandbox.start_agent()?;
     let epochs = sandbox.agent_cli(&["epoch", "--policy", "1", "--revocation", "1"])?;
     ensure!(epochs.status.success(), "setting epochs: {}", String::from_utf8_lossy(&epochs.stderr));

@@ -96,9 +96,10 @@ impl Demo {
         std::fs::write(&credentials, serde_json::to_string(&self.aws.broker)?)?;
         self.sandbox.write_config(&format!(
             "[[enforcement.protected]]\ncidr = \"127.0.0.2\"\nport = 8443\nprotocol = \"tcp\"\n\n\
-             [admission]\ntrust_anchors = \"{}\"\n\n[aws]\nendpoint = \"http://{API}\"\ncredentials_file = \"{}\"\n\n\
+             [admission]\ntrust_anchors = \"{}\"\nnode_name = \"{}\"\n\n[aws]\nendpoint = \"http://{API}\"\ncredentials_file = \"{}\"\n\n\
              [passthrough]\naws_role_arn = \"{}\"\naws_operations = [\"s3:GetObject\"]\n",
             self.sandbox.dir.join("sab/sab-ca.pem").display(),
+            seb_sandbox::NODE_NAME,
             credentials.display(),
             self.aws.reader_role_arn,
         ))?;

@@ -109,6 +109,9 @@ impl RequestSummary {
 pub struct Admission {
     anchors: Option<Arc<TrustAnchors>>,
     validity: ValidityPolicy,
+    /// This node's name: a contract bound to another node (`agent.node`) is refused, in
+    /// every mode. None: every node-bound contract is refused.
+    node_name: Option<String>,
     cluster: Option<ClusterGate>,
     /// Certificate verifications running at once, at most.
     verifications: Arc<tokio::sync::Semaphore>,
@@ -137,6 +140,7 @@ impl Admission {
         Self {
             anchors: anchors.map(Arc::new),
             validity,
+            node_name: None,
             cluster: None,
             verifications: Arc::new(tokio::sync::Semaphore::new(cpus)),
             refusals: Default::default(),
@@ -147,6 +151,22 @@ impl Admission {
     pub fn with_parallel_verifications(mut self, limit: usize) -> Self {
         self.verifications = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
         self
+    }
+
+    pub fn with_node_name(mut self, name: String) -> Self {
+        self.node_name = Some(name);
+        self
+    }
+
+    /// The contract's node, if it binds one, is this one.
+    fn check_node(&self, agent: &crate::cert::contract::AgentIdentity) -> Result<(), Rejection> {
+        let Some(node) = &agent.node else { return Ok(()) };
+        let message = match &self.node_name {
+            Some(own) if own == node => return Ok(()),
+            Some(own) => format!("the contract is for node {node}, this broker serves node {own}"),
+            None => format!("the contract is for node {node}, and this broker has no node name"),
+        };
+        Err(Rejection { reason: Reason::CallerMismatch, message })
     }
 
     pub fn with_cluster(mut self, gate: ClusterGate) -> Self {
@@ -174,20 +194,12 @@ impl Admission {
     fn check_cluster(&self, agent: &crate::cert::contract::AgentIdentity) -> Result<(), Rejection> {
         let Some(gate) = &self.cluster else { return Ok(()) };
         let reject = |reason, message: String| Err(Rejection { reason, message });
-        match &agent.node {
-            Some(node) if *node != gate.node_name => {
-                return reject(
-                    Reason::CallerMismatch,
-                    format!("the contract is for node {node}, this broker serves node {}", gate.node_name),
-                );
-            }
-            None if gate.require_node_binding && agent.pod_uid.is_none() => {
-                return reject(
-                    Reason::NotNodeBound,
-                    "in cluster mode a contract must bind agent.node or agent.pod_uid, so that it can be used on one node only".into(),
-                );
-            }
-            _ => {}
+        // The node itself is `check_node`'s.
+        if agent.node.is_none() && gate.require_node_binding && agent.pod_uid.is_none() {
+            return reject(
+                Reason::NotNodeBound,
+                "in cluster mode a contract must bind agent.node or agent.pod_uid, so that it can be used on one node only".into(),
+            );
         }
         self.require_fresh()?;
         if let Some(pod) = &agent.pod_uid {
@@ -246,6 +258,7 @@ impl Admission {
         let verdict = caller
             .matches(&verified.contract.agent)
             .map_err(|message| Rejection { reason: Reason::CallerMismatch, message })
+            .and_then(|()| self.check_node(&verified.contract.agent))
             .and_then(|()| self.check_cluster(&verified.contract.agent))
             .and_then(|()| check_request(&verified, &proposal.request, &request.digest));
         (Some(verified), verdict)
@@ -516,6 +529,20 @@ mod tests {
     use crate::cert::contract::AgentIdentity;
 
     const POD: &str = "0f3c2a1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b";
+
+    #[test]
+    fn a_contract_bound_to_another_node_is_refused_in_every_mode() {
+        let validity = ValidityPolicy { max_ttl: Duration::from_secs(3600), clock_skew: Duration::from_secs(60) };
+        let on = |node: &str| AgentIdentity { node: Some(node.into()), ..Default::default() };
+        let node_local = Admission::new(None, validity).with_node_name("node-b".into());
+        node_local.check_node(&on("node-b")).unwrap();
+        node_local.check_node(&AgentIdentity::default()).unwrap();
+        let refused = node_local.check_node(&on("node-a")).unwrap_err();
+        assert_eq!(refused.reason, Reason::CallerMismatch);
+        assert!(refused.message.contains("for node node-a, this broker serves node node-b"), "{refused:?}");
+        let nameless = Admission::new(None, validity);
+        assert_eq!(nameless.check_node(&on("node-b")).unwrap_err().reason, Reason::CallerMismatch);
+    }
 
     #[test]
     fn a_contract_bound_to_a_pod_is_refused_unless_the_pod_runs_on_this_node() {
