@@ -177,17 +177,19 @@ pub async fn read(
             let (namespace, service_account) =
                 reader.split_once('/').context("passthrough.kubernetes_reader is <namespace>/<ServiceAccount name>")?;
             let target = KubeTarget::parse(&request.target)?;
+            // A read needs no certificate: a Secret's values (a token Secret's
+            // non-expiring token), in its body, its annotations (kubectl's
+            // last-applied-configuration) or its digest (which lets a caller test guesses
+            // of them), would reach any caller of the socket, and a model's context.
+            if target.is_core_secret() {
+                bail!("a core Secret is not a passthrough read: its values are not for callers of the broker socket");
+            }
             let executor = executors.kubernetes.as_ref().context("this broker has no Kubernetes executor")?;
             may_mint()?;
             let (_, object) = executor.read_with_fresh_token(namespace, service_account, &target, read_id).await?;
             let state_digest = digest_of(&canonical_state(object.as_ref()));
             match object {
-                Some(mut object) => {
-                    if target.is_core_secret() {
-                        withhold_secret_values(&mut object.data);
-                    }
-                    result(200, &Bytes::from(serde_json::to_vec(&object)?), state_digest)
-                }
+                Some(object) => result(200, &Bytes::from(serde_json::to_vec(&object)?), state_digest),
                 None => Ok(ReadResult { status: 404, body: None, body_hex: None, state_digest }),
             }
         }
@@ -197,20 +199,6 @@ pub async fn read(
 /// How long one passthrough read may take, minting included: reads hold one of a few
 /// places (`server::read_gate`), and a server that stalls mid-body would hold it.
 pub const READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// A core Secret's values as a passthrough read returns them: withheld, keys kept. A read
-/// needs no certificate, so whatever the reader's ServiceAccount may read (a token
-/// Secret's non-expiring token, say) would reach any caller of the socket, and a model's
-/// context. The state digest is of the whole object, so a change can still be certified.
-fn withhold_secret_values(object: &mut serde_json::Value) {
-    for field in ["data", "stringData"] {
-        if let Some(values) = object.get_mut(field).and_then(serde_json::Value::as_object_mut) {
-            for value in values.values_mut() {
-                *value = serde_json::Value::String("(withheld by seb)".into());
-            }
-        }
-    }
-}
 
 /// What a read's body may take in its reply, as JSON text: a reply is one message of at
 /// most `MAX_MESSAGE`, and the rest of it (status, digest, framing) is small.
@@ -246,25 +234,34 @@ fn json_string_len(text: &str) -> usize {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_core_secrets_values_are_withheld_from_a_read_and_nothing_else() {
-        let secret = KubeTarget::parse("v1/Secret/prod/db").unwrap();
-        let lookalike = KubeTarget::parse("example.com/v1/Secret/prod/db").unwrap();
-        let config_map = KubeTarget::parse("v1/ConfigMap/prod/db").unwrap();
-        assert!(secret.is_core_secret() && !lookalike.is_core_secret() && !config_map.is_core_secret());
-        let mut object = serde_json::json!({
-            "type": "kubernetes.io/service-account-token",
-            "data": {"token": "c2VjcmV0", "ca.crt": "Y2E="}, "stringData": {"password": "hunter2"},
-        });
-        withhold_secret_values(&mut object);
-        assert_eq!(
-            object,
-            serde_json::json!({
-                "type": "kubernetes.io/service-account-token",
-                "data": {"token": "(withheld by seb)", "ca.crt": "(withheld by seb)"},
-                "stringData": {"password": "(withheld by seb)"},
-            })
-        );
+    #[tokio::test]
+    async fn a_core_secret_is_no_passthrough_read_but_a_lookalike_kind_is_judged_as_any() {
+        let config: PassthroughConfig =
+            serde_json::from_value(serde_json::json!({"kubernetes_reader": "seb-system/reader"})).unwrap();
+        let executors = Executors::default();
+        let read = |target: &str| {
+            let request: MutationRequest = serde_json::from_value(
+                serde_json::json!({"provider": "kubernetes", "operation": "get", "target": target}),
+            )
+            .unwrap();
+            let (config, executors) = (&config, &executors);
+            async move {
+                let minted = std::cell::Cell::new(false);
+                let error = read(config, executors, &request, "r", || {
+                    minted.set(true);
+                    Ok(())
+                })
+                .await
+                .unwrap_err();
+                (format!("{error:#}"), minted.get())
+            }
+        };
+        let (secret, minted) = read("v1/Secret/prod/db").await;
+        assert!(secret.contains("a core Secret is not a passthrough read") && !minted, "{secret}");
+        // Another group's kind named Secret is not the core Secret: it goes on (here, to the
+        // missing executor).
+        let (lookalike, _) = read("example.com/v1/Secret/prod/db").await;
+        assert!(lookalike.contains("no Kubernetes executor"), "{lookalike}");
     }
 
     proptest::proptest! {
