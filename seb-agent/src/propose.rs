@@ -76,8 +76,8 @@ pub async fn propose(
         let serial = pending.verified.as_ref().filter(|_| pending.admissible()).map(|v| v.serial.clone());
         if let Some(left) = serial.and_then(|serial| executors.retries.wait_for(&serial, Instant::now())) {
             let message = format!(
-                "this certificate's live-state check failed under {} s ago; nothing was minted or read, try again \
-                 in {} ms",
+                "this certificate's preparation (mint and live-state check) failed under {} s ago; nothing was \
+                 minted or read, try again in {} ms",
                 crate::execute::retry_pace::RETRY_AFTER.as_secs(),
                 left.as_millis().max(1)
             );
@@ -102,11 +102,11 @@ pub async fn propose(
                     )
                 }
                 Err((reason, message)) => {
-                    // Only a failure that a retry may end is paced; another reason (an
-                    // unsupported operation) is answered as itself each time.
-                    if reason == Reason::LiveStateUnavailable {
-                        executors.retries.failed(&verified.serial, Instant::now());
-                    }
+                    // Every failure is paced: preparing mints first (a Kubernetes token and
+                    // its Secret, an STS session), so a certificate refused after its mint
+                    // (a patch of an object that is not there) would otherwise mint on the
+                    // broker's credentials as fast as it is proposed.
+                    executors.retries.failed(&verified.serial, Instant::now());
                     pending.reject(reason, message)
                 }
             }

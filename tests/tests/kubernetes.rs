@@ -283,10 +283,19 @@ fn create_merge_patch_server_side_apply_and_delete_each_carry_their_precondition
     let writes = || w.cluster.seen().iter().filter(|s| s.method != "GET" && s.path.contains("configmaps")).count();
     let before = writes();
     let absent_state = digest_of(&canonical_state(None));
-    let decision =
-        w.broker.decide(&certified("c-patch-absent", this_process(), &other, &absent_state, deployer()), &other);
+    let patch_absent = certified("c-patch-absent", this_process(), &other, &absent_state, deployer());
+    let certificate = w.broker.issue(&patch_absent, &seb_agent::cert::dev_sab::IssueOptions::default());
+    let decision = w.broker.propose(&certificate, &other);
     assert_eq!(decision.reason, Reason::UnsupportedOperation, "{decision:?}");
     assert!(decision.message.contains("did not exist at the drift check"), "{decision:?}");
     assert_eq!(writes(), before, "nothing was written");
     assert!(w.cluster.live_secrets().is_empty(), "the token's Secret was deleted");
+    // Refused after its mint, the certificate is paced: proposed again at once, nothing
+    // is minted. Before (found by review), each proposal minted a token and its Secret.
+    let mints = || w.cluster.seen().iter().filter(|s| s.method == "POST" && s.path.ends_with("/token")).count();
+    let minted = mints();
+    let again = w.broker.propose(&certificate, &other);
+    assert_eq!(again.reason, Reason::LiveStateUnavailable, "{again:?}");
+    assert!(again.message.contains("failed under 1 s ago"), "{again:?}");
+    assert_eq!(mints(), minted, "nothing minted for the paced proposal");
 }
