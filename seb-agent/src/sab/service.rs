@@ -766,6 +766,17 @@ fn parse_draft(body: &[u8]) -> Result<Draft> {
     }
     if let Some(state) = &body.live_state {
         ijson::check(state, Numbers::Any, "live_state")?;
+        // The broker's read names its digest: one for another state is not this draft's
+        // evidence. (The rest of the read is the agent's word: the SAB cannot read it again.)
+        if let Some(digest) = state.get("state_digest")
+            && digest.as_str() != Some(body.precondition.as_str())
+        {
+            anyhow::bail!(
+                "live_state.state_digest {digest} is not the precondition {}: the live state given is not the \
+                 one certified",
+                body.precondition
+            );
+        }
     }
     let live_state_digest = body.live_state.as_ref().map(digest_of);
     Ok(Draft {
@@ -854,6 +865,23 @@ mod tests {
         let refused = format!("{:#}", parse_draft(&body("PUT", &long)).unwrap_err());
         assert!(refused.contains("at most 128 and 4096"), "{refused}");
         assert!(parse_draft(&body(&"P".repeat(MAX_OPERATION + 1), "https://api/v1/x")).is_err());
+    }
+
+    #[test]
+    fn a_live_state_naming_another_digest_than_the_precondition_is_malformed() {
+        let precondition = format!("sha256:{}", "0".repeat(64));
+        let body = |live_state: Value| {
+            serde_json::to_vec(&json!({
+                "request": {"provider": "http", "operation": "PUT", "target": "https://api/v1/x", "params": {}},
+                "precondition": precondition, "intent": "", "live_state": live_state,
+            }))
+            .unwrap()
+        };
+        parse_draft(&body(json!({"status": 200, "state_digest": precondition}))).unwrap();
+        parse_draft(&body(json!({"status": 404}))).unwrap();
+        let other = format!("sha256:{}", "1".repeat(64));
+        let refused = format!("{:#}", parse_draft(&body(json!({"status": 200, "state_digest": other}))).unwrap_err());
+        assert!(refused.contains("is not the precondition"), "{refused}");
     }
 
     #[test]
