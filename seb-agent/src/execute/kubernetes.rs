@@ -78,6 +78,22 @@ pub enum Verb {
 
 impl KubeTarget {
     /// A core (group "") Secret.
+    /// The target's kind is spelt as the API server spells the object it reached
+    /// (`served`, from the drift check's read). A custom resource's kind reaches its
+    /// resource in any letter case (the plural is lower-case), and the SAB's rules
+    /// compare the target as written: `Authorizationpolicy` would pass a rule forbidding
+    /// `AuthorizationPolicy`.
+    pub fn spelt_as_served(&self, served: Option<&str>) -> Result<()> {
+        match served {
+            Some(served) if served != self.gvk.kind => bail!(
+                "the API server spells this kind `{served}`, the target `{}`: certify the target as the API \
+                 server spells it",
+                self.gvk.kind
+            ),
+            _ => Ok(()),
+        }
+    }
+
     pub fn is_core_secret(&self) -> bool {
         self.gvk.group.is_empty() && self.gvk.kind == "Secret"
     }
@@ -383,6 +399,8 @@ pub struct KubeSession {
     /// The target, at the drift check, is a Secret of type
     /// `kubernetes.io/service-account-token`.
     live_token_secret: bool,
+    /// The kind as the API server spells the target, at the drift check.
+    live_kind: Option<String>,
 }
 
 /// The Secret a minted token is bound to. Deleted once, as the broker, with connections
@@ -499,6 +517,7 @@ impl KubernetesExecutor {
             identity,
             resource_version: None,
             live_token_secret: false,
+            live_kind: None,
         })
     }
 
@@ -508,6 +527,7 @@ impl KubernetesExecutor {
         session.resource_version = object.as_ref().and_then(|o| o.metadata.resource_version.clone());
         session.live_token_secret =
             target.is_core_secret() && object.as_ref().is_some_and(|o| o.data["type"] == SERVICE_ACCOUNT_TOKEN);
+        session.live_kind = object.as_ref().and_then(|o| o.types.as_ref()).map(|types| types.kind.clone());
         Ok(digest_of(&canonical_state(object.as_ref())))
     }
 
@@ -636,7 +656,10 @@ impl Executor for KubernetesExecutor {
                     return Err(read_failed(e));
                 }
             };
-            if let Err(e) = operation.applies_to(session.resource_version.is_some(), session.live_token_secret) {
+            let applies = operation
+                .applies_to(session.resource_version.is_some(), session.live_token_secret)
+                .and_then(|()| operation.target.spelt_as_served(session.live_kind.as_deref()));
+            if let Err(e) = applies {
                 self.revoke(&mut session).await;
                 return Err(unsupported(e));
             }
@@ -773,6 +796,15 @@ mod tests {
             .unwrap()
             .applies_to(true, true)
             .unwrap();
+    }
+
+    #[test]
+    fn a_kind_spelt_otherwise_than_the_api_server_spells_it_is_refused() {
+        let target = KubeTarget::parse("security.example.io/v1/Authorizationpolicy/prod/deny-all").unwrap();
+        let refused = format!("{:#}", target.spelt_as_served(Some("AuthorizationPolicy")).unwrap_err());
+        assert!(refused.contains("spells this kind `AuthorizationPolicy`"), "{refused}");
+        target.spelt_as_served(Some("Authorizationpolicy")).unwrap();
+        target.spelt_as_served(None).unwrap();
     }
 
     #[test]
