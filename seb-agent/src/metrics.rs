@@ -320,7 +320,11 @@ impl Readiness {
         let links = self.enforcer.links();
         // The last check of the kernel found everything as installed (a repaired
         // divergence counts only once a later check confirms the repair).
-        let attached = links.iter().all(|link| link.pin.exists()) && self.enforcer.integrity().intact;
+        // Protected host names not resolved yet are not protected yet (an earlier run's
+        // addresses are kept, but a first start has none).
+        let attached = links.iter().all(|link| link.pin.exists())
+            && self.enforcer.integrity().intact
+            && !self.enforcer.hosts_pending();
         match &self.cluster {
             None => attached && !links.is_empty(),
             // `stale()` is also `Some` until both resources were read.

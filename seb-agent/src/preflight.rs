@@ -151,6 +151,7 @@ fn config_sources(config: &Config) -> Result<Sources> {
         exempt: config.enforcement.exempt_cgroups.iter().cloned().collect(),
         // Until the cluster state is read, what an earlier run enforced stays enforced.
         keep_previous: config.cluster.is_some(),
+        hosts_pending: !config.enforcement.protected_hosts.is_empty(),
         syscall_tables: config.enforcement.syscall_tables,
         ..Default::default()
     })

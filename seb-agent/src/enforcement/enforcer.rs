@@ -61,6 +61,10 @@ pub struct Sources {
     /// Keep what an earlier run put in the kernel (links, protected prefixes) that the
     /// sources do not name (yet): in cluster mode, until every watcher has listed once.
     pub keep_previous: bool,
+    /// Protected host names are not resolved yet (at start): the protected prefixes an
+    /// earlier run put in the kernel (those names' addresses among them) are kept, and
+    /// the agent is not ready, until every name has been answered once.
+    pub hosts_pending: bool,
     pub syscall_tables: SyscallTables,
 }
 
@@ -77,6 +81,8 @@ pub struct Desired {
     /// registers its major then.
     pub device_majors: DeviceMajors,
     pub keep_previous: bool,
+    /// Protected prefixes no source names are kept (see `Sources::hosts_pending`).
+    pub keep_previous_endpoints: bool,
 }
 
 impl Sources {
@@ -128,6 +134,7 @@ impl Sources {
             local,
             device_majors: packet_devices::current()?,
             keep_previous: self.keep_previous,
+            keep_previous_endpoints: self.keep_previous || self.hosts_pending,
         })
     }
 }
@@ -189,7 +196,7 @@ impl Enforcer {
         if self.applied.as_ref() == Some(&desired) {
             return Ok(false);
         }
-        maps::write_policy(&mut self.ebpf, &desired.policy, desired.keep_previous)?;
+        maps::write_policy(&mut self.ebpf, &desired.policy, desired.keep_previous_endpoints)?;
         maps::write_local(&mut self.ebpf, &desired.local)?;
         maps::write_device_majors(&mut self.ebpf, &desired.device_majors)?;
         maps::write_exemptions(&mut self.ebpf, &desired.exempt_ids)?;
@@ -325,6 +332,11 @@ impl SharedEnforcer {
 
     pub fn links(&self) -> Vec<LinkState> {
         self.inner.lock().map(|guard| guard.0.links().to_vec()).unwrap_or_default()
+    }
+
+    /// Protected host names not yet resolved (see `Sources::hosts_pending`).
+    pub fn hosts_pending(&self) -> bool {
+        self.inner.lock().map_or(true, |guard| guard.1.hosts_pending)
     }
 
     /// Whether process `tgid` may be of the enforced scope: followed by the kernel, in an

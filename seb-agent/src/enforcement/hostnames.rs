@@ -43,6 +43,8 @@ pub struct ProtectedHost {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct HostAddresses {
     until: BTreeMap<IpAddr, Instant>,
+    /// Answered in both families at least once.
+    resolved: bool,
 }
 
 impl HostAddresses {
@@ -89,24 +91,47 @@ impl Hosts {
         Self { hosts, known }
     }
 
-    /// Resolve every host once; returns when to resolve again.
+    /// Resolve every host once, its A and its AAAA records each (a client takes either);
+    /// returns when to resolve again. A family the name has no records of is an empty
+    /// answer; any other failure keeps what is known and is retried soon. Whether every
+    /// host has been answered in both families at least once: see [`Self::resolved`].
     pub async fn refresh(&mut self, resolver: &TokioResolver) -> Instant {
         let now = Instant::now();
         let mut next = now + MAX_REFRESH;
         for (host, addresses) in self.hosts.iter().zip(self.known.iter_mut()) {
-            match resolver.lookup_ip(host.host.as_str()).await {
-                Ok(lookup) => {
-                    let valid_until = Instant::from_std(lookup.valid_until());
-                    addresses.answer(lookup.iter(), valid_until, now);
-                    next = next.min(valid_until);
-                }
-                Err(e) => {
-                    warn!(host = %host.host, error = %e, "resolving a protected host failed; its known addresses stay protected");
-                    next = next.min(now + RETRY);
+            let name = host.host.as_str();
+            let (v4, v6) = tokio::join!(resolver.ipv4_lookup(name), resolver.ipv6_lookup(name));
+            let answers = [
+                v4.map(|l| (l.iter().map(|a| IpAddr::V4(a.0)).collect::<Vec<_>>(), l.valid_until())),
+                v6.map(|l| (l.iter().map(|a| IpAddr::V6(a.0)).collect::<Vec<_>>(), l.valid_until())),
+            ];
+            let mut answered = 0;
+            for answer in answers {
+                match answer {
+                    Ok((found, valid_until)) => {
+                        let valid_until = Instant::from_std(valid_until);
+                        addresses.answer(found, valid_until, now);
+                        next = next.min(valid_until);
+                        answered += 1;
+                    }
+                    Err(e) if e.is_no_records_found() || e.is_nx_domain() => {
+                        addresses.answer([], now, now);
+                        answered += 1;
+                    }
+                    Err(e) => {
+                        warn!(host = %host.host, error = %e, "resolving a protected host failed; its known addresses stay protected");
+                        next = next.min(now + RETRY);
+                    }
                 }
             }
+            addresses.resolved |= answered == 2;
         }
         next.max(now + MIN_REFRESH).min(now + MAX_REFRESH)
+    }
+
+    /// Every host has been answered in both families at least once.
+    pub fn resolved(&self) -> bool {
+        self.known.iter().all(|addresses| addresses.resolved)
     }
 
     /// The protected endpoints: every known address with its host's port and protocol.
@@ -136,7 +161,16 @@ pub async fn follow(
     loop {
         let next = hosts.refresh(&resolver).await;
         let endpoints = hosts.endpoints();
-        match tokio::task::block_in_place(|| enforcer.set_endpoints(EndpointSource::HostNames, endpoints.clone())) {
+        // Once every name has been answered, the previous run's prefixes kept for them
+        // until now may go, in the same update.
+        let resolved = hosts.resolved();
+        let applied = tokio::task::block_in_place(|| {
+            enforcer.update(|sources| {
+                sources.endpoints.insert(EndpointSource::HostNames, endpoints.clone());
+                sources.hosts_pending &= !resolved;
+            })
+        });
+        match applied {
             Ok(true) => info!(addresses = endpoints.len(), "protected host names resolved"),
             Ok(false) => {}
             Err(e) => warn!(error = %format!("{e:#}"), "applying resolved host names"),
@@ -168,11 +202,14 @@ mod tests {
     /// A name server on loopback answering `sts.example.test` with the addresses and TTL
     /// the test sets, and counting the queries.
     async fn name_server(
-        answer: std::sync::Arc<std::sync::Mutex<(Vec<std::net::Ipv4Addr>, u32)>>,
+        answer: std::sync::Arc<std::sync::Mutex<(Vec<IpAddr>, u32)>>,
     ) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
         use hickory_proto::{
             op::{Message, MessageType},
-            rr::{RData, Record, rdata::A},
+            rr::{
+                RData, Record,
+                rdata::{A, AAAA},
+            },
         };
         let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
@@ -185,13 +222,18 @@ mod tests {
                 let mut reply = Message::new();
                 reply.set_id(query.id()).set_message_type(MessageType::Response).set_recursion_available(true);
                 reply.add_queries(query.queries().to_vec());
-                if let Some(question) = query.queries().first()
-                    && question.query_type() == hickory_proto::rr::RecordType::A
-                {
-                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if let Some(question) = query.queries().first() {
                     let (addresses, ttl) = answer.lock().unwrap().clone();
                     for address in addresses {
-                        reply.add_answer(Record::from_rdata(question.name().clone(), ttl, RData::A(A(address))));
+                        let rdata = match (question.query_type(), address) {
+                            (hickory_proto::rr::RecordType::A, IpAddr::V4(v4)) => RData::A(A(v4)),
+                            (hickory_proto::rr::RecordType::AAAA, IpAddr::V6(v6)) => RData::AAAA(AAAA(v6)),
+                            _ => continue,
+                        };
+                        reply.add_answer(Record::from_rdata(question.name().clone(), ttl, rdata));
+                    }
+                    if question.query_type() == hickory_proto::rr::RecordType::A {
+                        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     }
                 }
                 let _ = socket.send_to(&reply.to_vec().unwrap(), peer).await;
@@ -212,6 +254,7 @@ mod tests {
         let first = hosts.endpoints();
         assert_eq!(first.len(), 1);
         assert_eq!(first[0].net.to_string(), "192.0.2.7/32");
+        assert!(hosts.resolved(), "no AAAA records is an answer");
         assert_eq!((first[0].port, first[0].protocol), (Some(443), Protocol::Tcp));
         let wait = next.duration_since(started);
         assert!(
@@ -229,5 +272,25 @@ mod tests {
         let moved: Vec<String> = hosts.endpoints().iter().map(|e| e.net.to_string()).collect();
         assert_eq!(moved, ["192.0.2.8/32"]);
         assert!(queries.load(std::sync::atomic::Ordering::SeqCst) >= 3, "each refresh asked the server");
+    }
+
+    /// A dual-stack name: its AAAA addresses are protected as well as its A ones. Before
+    /// (found by review), only the A answer was asked for, and a client reached the
+    /// service over IPv6.
+    #[tokio::test]
+    async fn a_dual_stack_hosts_ipv6_addresses_are_protected_too() {
+        let answer = std::sync::Arc::new(std::sync::Mutex::new((
+            vec!["192.0.2.7".parse().unwrap(), "2001:db8::7".parse().unwrap()],
+            60,
+        )));
+        let (server, _) = name_server(answer).await;
+        let resolver = resolver(Some(server)).unwrap();
+        let host = ProtectedHost { host: "sts.example.test".into(), port: Some(443), protocol: Protocol::Tcp };
+        let mut hosts = Hosts::new(vec![host]);
+        assert!(!hosts.resolved());
+        hosts.refresh(&resolver).await;
+        let nets: Vec<String> = hosts.endpoints().iter().map(|e| e.net.to_string()).collect();
+        assert_eq!(nets, ["192.0.2.7/32", "2001:db8::7/128"]);
+        assert!(hosts.resolved());
     }
 }

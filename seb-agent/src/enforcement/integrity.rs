@@ -69,8 +69,9 @@ pub fn check(ebpf: &mut Ebpf, links: &[LinkState], desired: &Desired) -> Vec<Fin
         .collect();
     findings.extend(foreign_programs(links, &loaded));
     let exact = !desired.keep_previous;
-    findings.extend(check_trie(ebpf, map_names::PROTECTED_V4, &desired.policy.v4, exact));
-    findings.extend(check_trie(ebpf, map_names::PROTECTED_V6, &desired.policy.v6, exact));
+    let exact_endpoints = !desired.keep_previous_endpoints;
+    findings.extend(check_trie(ebpf, map_names::PROTECTED_V4, &desired.policy.v4, exact_endpoints));
+    findings.extend(check_trie(ebpf, map_names::PROTECTED_V6, &desired.policy.v6, exact_endpoints));
     findings.extend(check_set(ebpf, map_names::EXEMPT_CGROUPS, &desired.exempt_ids, true));
     findings.extend(check_set(ebpf, map_names::SCOPE_CGROUPS, &desired.scope_ids, exact));
     findings.extend(check_device_majors(ebpf, &desired.device_majors));
