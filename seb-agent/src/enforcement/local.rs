@@ -131,9 +131,10 @@ fn netmask_len(mask: &nix::sys::socket::SockaddrStorage) -> Option<u8> {
 /// never narrower.
 pub fn local_rules(endpoints: &[Endpoint], prefixes: &[IpNet]) -> Option<EndpointRules> {
     let overlaps = |a: &IpNet, b: &IpNet| a.contains(&b.network()) || b.contains(&a.network());
+    // A protected `::ffff:a.b.c.d` is the IPv4 address it maps (as the tries hold it).
     let rules: BTreeSet<PortRule> = endpoints
         .iter()
-        .filter(|endpoint| prefixes.iter().any(|local| overlaps(&endpoint.net, local)))
+        .filter(|endpoint| prefixes.iter().any(|local| overlaps(&super::policy::unmapped(endpoint.net.trunc()), local)))
         .map(|endpoint| PortRule {
             port: endpoint.port.unwrap_or(ANY_PORT),
             protocol: endpoint.protocol.number(),
@@ -220,6 +221,10 @@ mod tests {
         assert!(rules.matches(6, 8443) && rules.matches(6, 6443));
         assert!(!rules.matches(6, 443), "10.1.0.0/16 is not local");
         assert_eq!(local_rules(&[endpoint("192.0.2.0/24", None)], &local), None);
+        // An endpoint given in its IPv4-mapped form is the IPv4 address it maps (before,
+        // found by review, it was never local, and a local wildcard listener was reached).
+        let mapped = local_rules(&[endpoint("::ffff:127.0.0.2/128", Some(8443))], &local).unwrap();
+        assert!(mapped.matches(6, 8443));
     }
 
     #[test]

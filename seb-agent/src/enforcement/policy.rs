@@ -54,7 +54,7 @@ fn through_nat64(v4: Ipv4Net) -> IpNet {
 
 /// An IPv4-mapped prefix (`::ffff:a.b.c.d/n`, n ≥ 96) as the IPv4 prefix it is: the
 /// kernel judges a connect to a mapped address as IPv4, so a v6 entry would never match.
-fn unmapped(net: IpNet) -> IpNet {
+pub(crate) fn unmapped(net: IpNet) -> IpNet {
     match net {
         IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
             Some(v4) => IpNet::V4(Ipv4Net::new(v4, v6.prefix_len() - 96).expect("a prefix of at most 32 bits")),
