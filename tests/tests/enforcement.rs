@@ -1502,6 +1502,41 @@ fn a_removed_link_pin_leaves_the_link_enforcing_until_it_is_pinned_again() {
     assert_eq!(sandbox.received().unwrap(), 0);
 }
 
+/// Map pins removed on bpffs (an `unlink`, no `bpf()` call): noticed, pinned again to
+/// the agent's own maps, and recorded, so that the next start reuses them rather than
+/// making fresh ones (which would forget the processes followed out of the scope and the
+/// denials queued while no agent ran). Before (found by review), only link pins were
+/// checked.
+#[test]
+fn removed_map_pins_are_noticed_and_pinned_again() {
+    let mut sandbox = sandbox("mappins");
+    sandbox.start_agent().unwrap();
+    let maps = sandbox.pin_path.join("maps");
+    let id = |name: &str| aya::maps::MapData::from_pin(maps.join(name)).unwrap().info().unwrap().id();
+    let before = id(seb_common::map_names::SCOPED_TASKS);
+    for name in [seb_common::map_names::SCOPED_TASKS, seb_common::map_names::DENIALS] {
+        std::fs::remove_file(maps.join(name)).unwrap();
+    }
+    wait_for_tamper(&sandbox, "the removed map pins", |record| {
+        let findings = record["body"]["findings"].as_array().unwrap();
+        [seb_common::map_names::SCOPED_TASKS, seb_common::map_names::DENIALS].iter().all(|name| {
+            findings.iter().any(|f| {
+                f["kind"] == "map" && f["object"] == *name && f["problem"].as_str().unwrap().contains("pinned again")
+            })
+        })
+    });
+    for name in [seb_common::map_names::SCOPED_TASKS, seb_common::map_names::DENIALS] {
+        assert!(maps.join(name).exists(), "{name} pinned again");
+    }
+    assert_eq!(id(seb_common::map_names::SCOPED_TASKS), before, "the agent's own map, pinned again");
+    // A restart reuses it, and enforces as before.
+    sandbox.stop_agent().unwrap();
+    sandbox.start_agent().unwrap();
+    assert_eq!(id(seb_common::map_names::SCOPED_TASKS), before, "reused at the restart");
+    let outcome = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
+    assert_eq!(outcome["result"], "EPERM", "{outcome}");
+}
+
 /// Root empties the rules for protected endpoints on local addresses (what stops a
 /// wildcard listener serving one from answering at any local address): noticed,
 /// written back and recorded.

@@ -156,6 +156,8 @@ pub struct Enforcer {
     /// Processes marked by the last walk of the scope (and when), still running when it
     /// was settled; settled once more at a later check.
     unsettled: (Instant, Vec<Walked>),
+    /// The maps pinned at load, with the ids their pins must keep naming.
+    pinned_maps: Vec<(String, u32)>,
 }
 
 impl Enforcer {
@@ -167,6 +169,7 @@ impl Enforcer {
         let agent = AgentEntry::this_process();
         maps::write_agent(&mut ebpf, agent.tgid, agent.cgroup_slot()).context("entering this process as the agent")?;
         let unfollowed_seen = maps::read_unfollowed_seen(&mut ebpf)?;
+        let pinned_maps = integrity::pinned_map_ids(&ebpf, &layout.maps());
         Ok(Self {
             ebpf,
             layout,
@@ -178,6 +181,7 @@ impl Enforcer {
             pending_findings: Vec::new(),
             unfollowed_seen,
             unsettled: (Instant::now(), Vec::new()),
+            pinned_maps,
         })
     }
 
@@ -244,6 +248,7 @@ impl Enforcer {
             findings.extend(integrity::check_agent(&mut self.ebpf, &mut self.agent, &self.mount, &desired.targets));
             findings.extend(integrity::check_unfollowed_seen(&mut self.ebpf, &mut self.unfollowed_seen));
         }
+        findings.extend(integrity::check_map_pins(&self.layout.maps(), &self.pinned_maps));
         findings
     }
 

@@ -5,7 +5,8 @@
 //! asks the kernel, at least once a second, for each link: is it pinned, attached to
 //! the cgroup it was made for, running this agent's program on its maps; and for each map
 //! that holds policy (local-address rules included): does it hold exactly what was
-//! written. Any divergence is a
+//! written; and for each pinned map: does its pin still name the agent's map. Any
+//! divergence is a
 //! finding: the caller records it, reports not ready, and repairs by writing and
 //! attaching everything again.
 
@@ -58,6 +59,45 @@ impl Finding {
     pub(super) fn registration(name: &str, problem: impl Into<String>) -> Self {
         Self { kind: "registration".into(), object: name.into(), problem: problem.into() }
     }
+}
+
+/// The maps pinned in `dir` at load, by name, with the id of the map each pin named then
+/// (the map the agent holds: it reused that pin, or made the map and pinned it).
+pub fn pinned_map_ids(ebpf: &Ebpf, dir: &Path) -> Vec<(String, u32)> {
+    ebpf.maps().filter_map(|(name, _)| Some((name.to_string(), pinned_map_id(&dir.join(name))?))).collect()
+}
+
+fn pinned_map_id(pin: &Path) -> Option<u32> {
+    MapData::from_pin(pin).ok()?.info().ok().map(|info| info.id())
+}
+
+/// Each map pin still names the map the agent holds. A pin removed or replaced (an
+/// `unlink` on bpffs needs no `bpf()` call) would have the next start make fresh maps:
+/// the processes followed out of the scope, the denials queued while no agent ran and
+/// the loss counters forgotten. Such a pin is a finding, and is pinned again at once.
+pub fn check_map_pins(dir: &Path, pinned: &[(String, u32)]) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    for (name, id) in pinned {
+        let pin = dir.join(name);
+        let problem = match pinned_map_id(&pin) {
+            Some(found) if found == *id => continue,
+            Some(found) => format!("its pin names map {found}, not the agent's map {id}"),
+            None => "its pin was removed (or is no map)".to_string(),
+        };
+        let pinned_again = (|| -> anyhow::Result<()> {
+            if pin.symlink_metadata().is_ok() {
+                std::fs::remove_file(&pin)?;
+            }
+            MapData::from_id(*id)?.pin(&pin)?;
+            Ok(())
+        })();
+        let outcome = match pinned_again {
+            Ok(()) => "; pinned again".to_string(),
+            Err(e) => format!("; pinning it again failed: {e:#}"),
+        };
+        findings.push(Finding::map(name, format!("{problem}{outcome}")));
+    }
+    findings
 }
 
 /// Every divergence between the kernel and `desired`, as installed through `links`.
