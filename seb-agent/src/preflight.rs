@@ -14,7 +14,7 @@ use crate::{
     cert::{TrustAnchors, ValidityPolicy},
     cgroupfs,
     config::{Config, SyscallTables},
-    enforcement::{EndpointSource, Sources, compat_syscalls, judges_fixed_file_writes, policy},
+    enforcement::{EndpointSource, Sources, compat_syscalls, judges_fixed_file_writes, judges_uring_sockets, policy},
     execute::broker_http::roots_from_pem_file,
     server,
 };
@@ -68,6 +68,12 @@ pub fn check(config: &Config) -> Result<Checked> {
         warn!(
             "enforcement.syscall_tables = \"native\" on a kernel that takes 32-bit system calls: a process in the \
              scope can make packet sockets through int 0x80 unseen (boot with ia32_emulation=0, or use \"auto\")"
+        );
+    }
+    if !judges_uring_sockets() {
+        warn!(
+            "this kernel's io_uring request has a layout the programs do not read: a packet socket made by an \
+             io_uring IORING_OP_SOCKET request is not judged"
         );
     }
     if !judges_fixed_file_writes() {

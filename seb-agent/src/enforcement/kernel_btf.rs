@@ -98,6 +98,14 @@ pub fn has_io_uring() -> bool {
     *PRESENT.get_or_init(|| kernel_layout().is_ok_and(|values| values[layout::IO_KIOCB_OPCODE as usize] != u32::MAX))
 }
 
+/// Whether an io_uring `IORING_OP_SOCKET` request can be judged: the kernel has the
+/// request layout the programs read for its family and type. True without io_uring.
+pub fn judges_uring_sockets() -> bool {
+    let socket = [layout::IO_SOCKET_DOMAIN, layout::IO_SOCKET_TYPE, layout::IO_KIOCB_FLAGS];
+    !has_io_uring()
+        || kernel_layout().is_ok_and(|values| socket.iter().all(|field| values[*field as usize] != u32::MAX))
+}
+
 /// Whether an io_uring write to a fixed file can be judged: the kernel's fixed-file table
 /// has the layout the programs read (kernel 6.13 on). True without io_uring.
 pub fn judges_fixed_file_writes() -> bool {

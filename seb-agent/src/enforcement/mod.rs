@@ -19,5 +19,5 @@ mod scope_walk;
 
 pub use broker_sockets::BrokerSockets;
 pub use enforcer::{EndpointSource, Enforcer, SharedEnforcer, Sources};
-pub use kernel_btf::judges_fixed_file_writes;
+pub use kernel_btf::{judges_fixed_file_writes, judges_uring_sockets};
 pub use loader::{LinkOrigin, LinkState, PinLayout};
