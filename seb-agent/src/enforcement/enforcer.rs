@@ -97,8 +97,7 @@ impl Sources {
         } else {
             (&[][..], &[][..])
         };
-        let policy =
-            policy::compile(&endpoints, local_prefixes, groups).context("compiling the protected endpoints")?;
+        let policy = policy::compile_widening(&endpoints, local_prefixes, groups);
         let mut scopes: Vec<PathBuf> = Vec::new();
         let relative = self.scope.iter().chain(&self.cluster_scope).map(|relative| cgroupfs::resolve(mount, relative));
         for dir in relative.chain(self.pod_scopes.iter().cloned()) {

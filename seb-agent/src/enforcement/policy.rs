@@ -70,6 +70,31 @@ pub(crate) fn unmapped(net: IpNet) -> IpNet {
 /// destination that may reach a wildcard listener serving a protected endpoint from one
 /// that cannot.
 pub fn compile(endpoints: &[Endpoint], local: &[IpNet], groups: &[IpNet]) -> Result<CompiledPolicy, TooManyRules> {
+    compile_with(endpoints, local, groups, Overflow::Refuse)
+}
+
+/// [`compile`] for what is put in the kernel, where the sources combine (the config, the
+/// SebPolicy, the API server's addresses, host names): a prefix needing more rules than
+/// one entry holds is protected on every port and protocol, broader and never narrower,
+/// rather than refusing the whole update (which kept every later change of every source
+/// out: an EndpointSlice address with nine ports froze the API server's addresses).
+/// What an operator writes (the config, a SebPolicy) is still refused with the reason.
+pub fn compile_widening(endpoints: &[Endpoint], local: &[IpNet], groups: &[IpNet]) -> CompiledPolicy {
+    compile_with(endpoints, local, groups, Overflow::Widen).expect("widening never runs out of rules")
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Overflow {
+    Refuse,
+    Widen,
+}
+
+fn compile_with(
+    endpoints: &[Endpoint],
+    local: &[IpNet],
+    groups: &[IpNet],
+    overflow: Overflow,
+) -> Result<CompiledPolicy, TooManyRules> {
     let mut own: BTreeMap<IpNet, BTreeSet<PortRule>> = BTreeMap::new();
     for endpoint in endpoints {
         let rule = PortRule { port: endpoint.port.unwrap_or(ANY_PORT), protocol: endpoint.protocol.number(), _pad: 0 };
@@ -84,7 +109,7 @@ pub fn compile(endpoints: &[Endpoint], local: &[IpNet], groups: &[IpNet]) -> Res
     let mut policy = CompiledPolicy::default();
     for net in &nets {
         let rules = inherited_rules(net, &own);
-        let mut rules = encode(*net, rules)?;
+        let mut rules = encode(*net, rules, overflow)?;
         rules.local = local_kind(net, local, groups);
         match net {
             IpNet::V4(v4) => {
@@ -127,12 +152,19 @@ fn inherited_rules(net: &IpNet, own: &BTreeMap<IpNet, BTreeSet<PortRule>>) -> BT
 }
 
 /// Pack a rule set, dropping rules another one already covers.
-fn encode(net: IpNet, rules: BTreeSet<PortRule>) -> Result<EndpointRules, TooManyRules> {
+fn encode(net: IpNet, rules: BTreeSet<PortRule>, overflow: Overflow) -> Result<EndpointRules, TooManyRules> {
     let covers = |wide: &PortRule, narrow: &PortRule| wide != narrow && wide.matches(narrow.protocol, narrow.port);
-    let kept: Vec<PortRule> =
+    let mut kept: Vec<PortRule> =
         rules.iter().filter(|rule| !rules.iter().any(|other| covers(other, rule))).copied().collect();
     if kept.len() > MAX_RULES_PER_PREFIX {
-        return Err(TooManyRules { prefix: net, count: kept.len(), max: MAX_RULES_PER_PREFIX });
+        if overflow == Overflow::Refuse {
+            return Err(TooManyRules { prefix: net, count: kept.len(), max: MAX_RULES_PER_PREFIX });
+        }
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(prefix = %net, rules = kept.len(), "a protected prefix needs more port rules than one entry holds: it is protected on every port and protocol");
+        }
+        kept = vec![PortRule { port: ANY_PORT, protocol: seb_common::ANY_PROTOCOL, _pad: 0 }];
     }
     let mut packed = EndpointRules { count: kept.len() as u8, ..Default::default() };
     packed.rules[..kept.len()].copy_from_slice(&kept);
@@ -187,6 +219,17 @@ mod tests {
 
     fn compile_remote(endpoints: &[Endpoint]) -> Result<CompiledPolicy, TooManyRules> {
         compile(endpoints, &[], &[])
+    }
+
+    #[test]
+    fn too_many_rules_for_one_prefix_are_refused_or_widened_to_every_port() {
+        let many: Vec<Endpoint> =
+            (0..=MAX_RULES_PER_PREFIX as u16).map(|i| endpoint("10.0.0.1/32", Some(6443 + i), Protocol::Tcp)).collect();
+        assert!(compile_remote(&many).is_err(), "what an operator writes is refused");
+        let widened = compile_widening(&many, &[], &[]);
+        assert!(kernel_denies(&widened, [10, 0, 0, 1], 6, 6443));
+        assert!(kernel_denies(&widened, [10, 0, 0, 1], 17, 53), "every port and protocol");
+        assert!(!kernel_denies(&widened, [10, 0, 0, 2], 6, 6443));
     }
 
     fn endpoint(cidr: &str, port: Option<u16>, protocol: Protocol) -> Endpoint {
