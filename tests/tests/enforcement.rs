@@ -1537,6 +1537,42 @@ fn removed_map_pins_are_noticed_and_pinned_again() {
     assert_eq!(outcome["result"], "EPERM", "{outcome}");
 }
 
+/// A scope cgroup the config names is removed (a systemd unit restarting): reported, and
+/// the agent not ready, until it exists again and is enforced. Before (found by review),
+/// it was dropped with a log line, and made again it ran unenforced until the next check
+/// while the agent said ready.
+#[test]
+fn a_configured_scope_cgroup_that_disappears_is_reported_until_it_is_enforced_again() {
+    let mut sandbox = sandbox("scopegone");
+    let unit = format!("{}/unit", sandbox.cgroup_relative);
+    let unit_dir = sandbox.cgroup.join("unit");
+    std::fs::create_dir(&unit_dir).unwrap();
+    sandbox.write_config_scoped(&[sandbox.cgroup_relative.clone(), unit], POLICY).unwrap();
+    sandbox.start_agent().unwrap();
+    std::fs::remove_dir(&unit_dir).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let status = sandbox.status().unwrap();
+        let reported = status["integrity"]["last_findings"]
+            .as_array()
+            .is_some_and(|findings| findings.iter().any(|f| f["kind"] == "scope"));
+        if reported && status["ready"] == false {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "the missing scope cgroup was never reported: {status}");
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status["integrity"]["last_findings"].to_string().contains("/unit"), "{status}");
+    std::fs::create_dir(&unit_dir).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sandbox.status().unwrap()["ready"] != true {
+        assert!(std::time::Instant::now() < deadline, "not ready again once the cgroup was back");
+        thread::sleep(Duration::from_millis(50));
+    }
+    sandbox.stop_agent().unwrap();
+    std::fs::remove_dir(&unit_dir).unwrap();
+}
+
 /// Root empties the rules for protected endpoints on local addresses (what stops a
 /// wildcard listener serving one from answering at any local address): noticed,
 /// written back and recorded.

@@ -83,6 +83,8 @@ pub struct Desired {
     pub keep_previous: bool,
     /// Protected prefixes no source names are kept (see `Sources::hosts_pending`).
     pub keep_previous_endpoints: bool,
+    /// Scope cgroups the config names that do not exist.
+    pub missing_scopes: Vec<PathBuf>,
 }
 
 impl Sources {
@@ -99,11 +101,16 @@ impl Sources {
         };
         let policy = policy::compile_widening(&endpoints, local_prefixes, groups);
         let mut scopes: Vec<PathBuf> = Vec::new();
+        // The config's own scope cgroups were there at start; one gone (a systemd unit
+        // restarted) is made again with a new id, unenforced until a check attaches to
+        // it: reported by each check while it is missing (see `Enforcer::verify`).
+        let missing_scopes: Vec<PathBuf> =
+            self.scope.iter().map(|relative| cgroupfs::resolve(mount, relative)).filter(|dir| !dir.is_dir()).collect();
         let relative = self.scope.iter().chain(&self.cluster_scope).map(|relative| cgroupfs::resolve(mount, relative));
         for dir in relative.chain(self.pod_scopes.iter().cloned()) {
             if dir.is_dir() {
                 scopes.push(dir);
-            } else {
+            } else if !missing_scopes.contains(&dir) {
                 warn!(cgroup = %dir.display(), "an enforced cgroup does not exist on this node");
             }
         }
@@ -134,6 +141,7 @@ impl Sources {
             device_majors: packet_devices::current()?,
             keep_previous: self.keep_previous,
             keep_previous_endpoints: self.keep_previous || self.hosts_pending,
+            missing_scopes,
         })
     }
 }
@@ -248,6 +256,9 @@ impl Enforcer {
             findings.extend(integrity::check_unfollowed_seen(&mut self.ebpf, &mut self.unfollowed_seen));
         }
         findings.extend(integrity::check_map_pins(&self.layout.maps(), &self.pinned_maps));
+        if let Some(desired) = &self.applied {
+            findings.extend(desired.missing_scopes.iter().map(|dir| Finding::missing_scope(dir)));
+        }
         findings
     }
 
@@ -297,6 +308,9 @@ impl SharedEnforcer {
         let mut repaired = repaired.and(registrations_held);
         if findings.iter().any(|finding| finding.kind == "program") {
             repaired = repaired.and(Err(anyhow!("the agent cannot unload another's program")));
+        }
+        if findings.iter().any(|finding| finding.kind == "scope") {
+            repaired = repaired.and(Err(anyhow!("a scope cgroup the config names does not exist")));
         }
         let mut integrity = self.integrity.lock().map_err(|_| anyhow!("the integrity state is poisoned"))?;
         let now = crate::audit::format_time(crate::audit::now_ns());

@@ -32,7 +32,7 @@ use super::{
 /// One way the kernel differs from what the agent installed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finding {
-    /// `link`, `map`, `program`, `registration`, `process` or `apply`: a bounded label for
+    /// `link`, `map`, `program`, `registration`, `process`, `scope` or `apply`: a bounded label for
     /// metrics.
     pub kind: String,
     /// The link's pin, or the map's name.
@@ -54,6 +54,17 @@ impl Finding {
     /// Processes the agent killed for where they were (`object`: that cgroup).
     pub(super) fn process(object: &str, problem: impl Into<String>) -> Self {
         Self { kind: "process".into(), object: object.into(), problem: problem.into() }
+    }
+    /// A scope cgroup the config names is missing: made again, it is a new cgroup the
+    /// links are not attached to until a check finds it.
+    pub(super) fn missing_scope(dir: &Path) -> Self {
+        Self {
+            kind: "scope".into(),
+            object: dir.display().to_string(),
+            problem: "the configured scope cgroup does not exist; processes put in it when it is made again are \
+                      unenforced until the next check attaches to it"
+                .into(),
+        }
     }
     /// A broker process or socket registration the agent did not make.
     pub(super) fn registration(name: &str, problem: impl Into<String>) -> Self {
