@@ -237,7 +237,7 @@ impl Recorder {
                     batch.append(SUPPRESSED_KIND, summary.second_ns as i64, summary)?;
                 }
                 if let Some(unwritten) = &writing.unwritten {
-                    batch.append(UNWRITTEN_KIND, now_ns() as i64, unwritten)?;
+                    batch.append(UNWRITTEN_KIND, now_ns(), unwritten)?;
                 }
                 Ok(())
             })

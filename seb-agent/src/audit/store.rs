@@ -365,6 +365,65 @@ fn is_not_found(error: &anyhow::Error) -> bool {
     error.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
 }
 
+/// Reads a store's records in order, each checked to link to the one before it and to
+/// match its hash: a reader shipping the log elsewhere (`audit follow`, `denials
+/// --follow`) stops, saying where, when the store is changed under it (a record
+/// rewritten, or one inserted far ahead to make it skip everything after), rather than
+/// passing on what it was handed. Signatures are `audit verify`'s.
+pub struct CheckedReader<'a> {
+    store: &'a AuditStore,
+    head: Head,
+    /// Where the chain broke, once it did: the records before it were handed out.
+    broken: Option<String>,
+}
+
+impl<'a> CheckedReader<'a> {
+    /// Reading from after record `after` (0: from the first), linked to that record.
+    pub fn after(store: &'a AuditStore, after: i64) -> Result<Self> {
+        let head = if after == 0 {
+            Head::EMPTY
+        } else {
+            let anchor = store.stored(after)?.with_context(|| format!("there is no record {after} to read on from"))?;
+            let hash = anchor.hash.try_into().map_err(|_| anyhow::anyhow!("record {after} has no readable hash"))?;
+            Head { seq: after, hash }
+        };
+        Ok(Self { store, head, broken: None })
+    }
+
+    /// An error naming the broken link, if the chain broke in what was read.
+    pub fn intact(&self) -> Result<()> {
+        match &self.broken {
+            Some(broken) => bail!("{broken}"),
+            None => Ok(()),
+        }
+    }
+
+    /// The next records, at most `limit`, each checked: those before a broken link, then
+    /// (at the next call) the error naming it.
+    pub fn next_page(&mut self, limit: usize) -> Result<Vec<StoredRecord>> {
+        self.intact()?;
+        let mut records = self.store.stored_after(self.head.seq, limit)?;
+        for (at, record) in records.iter().enumerate() {
+            match chain::check_link(record, &self.head) {
+                Ok(head) => self.head = head,
+                Err(fault) => {
+                    self.broken = Some(format!(
+                        "record {}: {fault}; the store no longer holds the chain read so far, so nothing more is \
+                         read (check it with `seb-agent audit verify`)",
+                        record.seq
+                    ));
+                    records.truncate(at);
+                    if records.is_empty() {
+                        bail!("{}", self.broken.as_deref().unwrap_or_default());
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(records)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -501,64 +560,5 @@ mod tests {
         let conn = open_writable(&dir.path().join("audit.db"), true).unwrap();
         let temp_store: i64 = conn.query_row("PRAGMA temp_store", [], |row| row.get(0)).unwrap();
         assert_eq!(temp_store, 2, "temporary tables in memory (2), not in a file");
-    }
-}
-
-/// Reads a store's records in order, each checked to link to the one before it and to
-/// match its hash: a reader shipping the log elsewhere (`audit follow`, `denials
-/// --follow`) stops, saying where, when the store is changed under it (a record
-/// rewritten, or one inserted far ahead to make it skip everything after), rather than
-/// passing on what it was handed. Signatures are `audit verify`'s.
-pub struct CheckedReader<'a> {
-    store: &'a AuditStore,
-    head: Head,
-    /// Where the chain broke, once it did: the records before it were handed out.
-    broken: Option<String>,
-}
-
-impl<'a> CheckedReader<'a> {
-    /// Reading from after record `after` (0: from the first), linked to that record.
-    pub fn after(store: &'a AuditStore, after: i64) -> Result<Self> {
-        let head = if after == 0 {
-            Head::EMPTY
-        } else {
-            let anchor = store.stored(after)?.with_context(|| format!("there is no record {after} to read on from"))?;
-            let hash = anchor.hash.try_into().map_err(|_| anyhow::anyhow!("record {after} has no readable hash"))?;
-            Head { seq: after, hash }
-        };
-        Ok(Self { store, head, broken: None })
-    }
-
-    /// An error naming the broken link, if the chain broke in what was read.
-    pub fn intact(&self) -> Result<()> {
-        match &self.broken {
-            Some(broken) => bail!("{broken}"),
-            None => Ok(()),
-        }
-    }
-
-    /// The next records, at most `limit`, each checked: those before a broken link, then
-    /// (at the next call) the error naming it.
-    pub fn next_page(&mut self, limit: usize) -> Result<Vec<StoredRecord>> {
-        self.intact()?;
-        let mut records = self.store.stored_after(self.head.seq, limit)?;
-        for (at, record) in records.iter().enumerate() {
-            match chain::check_link(record, &self.head) {
-                Ok(head) => self.head = head,
-                Err(fault) => {
-                    self.broken = Some(format!(
-                        "record {}: {fault}; the store no longer holds the chain read so far, so nothing more is \
-                         read (check it with `seb-agent audit verify`)",
-                        record.seq
-                    ));
-                    records.truncate(at);
-                    if records.is_empty() {
-                        bail!("{}", self.broken.as_deref().unwrap_or_default());
-                    }
-                    break;
-                }
-            }
-        }
-        Ok(records)
     }
 }

@@ -22,7 +22,7 @@ use crate::{
 };
 
 /// Every kind of record the broker and the SAB write.
-pub const KINDS: [&str; 21] = [
+pub const KINDS: [&str; 22] = [
     DECISION_KIND,
     OUTCOME_KIND,
     READ_KIND,
@@ -32,6 +32,7 @@ pub const KINDS: [&str; 21] = [
     REVOCATION_KIND,
     denial::KIND,
     SUPPRESSED_KIND,
+    crate::denial_backlog::UNWRITTEN_KIND,
     crate::admission::refusals::SUPPRESSED_KIND,
     RING_LOSS_KIND,
     tamper::KIND,
