@@ -12,6 +12,10 @@
 //! [`IMAGE_ENTRYPOINT`] and, read-only, this machine's /usr (the test binary is dynamically
 //! linked; the image's is static).
 
+/// The cluster DNS the pods' /etc/resolv.conf names (nothing answers there unless a test
+/// starts a name server: `Sandbox::answer_dns_with_no_records`).
+pub const CLUSTER_DNS: &str = "127.0.0.10";
+
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -125,7 +129,7 @@ impl Node<'_> {
         writeln!(script, "mount -t sysfs sysfs {r}/sys")?;
         writeln!(script, "mount --rbind /dev {r}/dev")?;
         // The kubelet's /etc/resolv.conf (the cluster DNS, which does not answer here).
-        writeln!(script, "echo 'nameserver 127.0.0.10' > {r}/etc/resolv.conf")?;
+        writeln!(script, "echo 'nameserver {CLUSTER_DNS}' > {r}/etc/resolv.conf")?;
         writeln!(script, "echo {} > {r}/etc/hostname", quote(&self.name))?;
         let mut mounts = container["volumeMounts"].as_array().cloned().unwrap_or_default();
         if self.automounts_token(pod) {

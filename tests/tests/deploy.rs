@@ -70,6 +70,9 @@ fn run_overlay(overlay: &str) {
     let pod = Pod::of(daemon_set, &objects).unwrap();
     // What the kubelet (systemd cgroup driver) made on this node before any pod ran.
     std::fs::create_dir_all(sandbox.cgroup.join("kubepods.slice")).unwrap();
+    // The node's name server: the node-local config protects a host name, and the agent
+    // is not ready until it has been answered.
+    sandbox.answer_dns_with_no_records(seb_sandbox::kubelet::CLUSTER_DNS.parse().unwrap()).unwrap();
     let bpffs = std::path::PathBuf::from("/sys/fs/bpf").join(&sandbox.name);
     std::fs::create_dir_all(&bpffs).unwrap();
     let _cleanup = BpffsDir(bpffs.clone());

@@ -118,7 +118,11 @@ pub fn check(ebpf: &mut Ebpf, links: &[LinkState], desired: &Desired) -> Vec<Fin
         .into_iter()
         .map(|(link, why)| Finding::link(link, format!("{why:#}")))
         .collect();
-    findings.extend(foreign_programs(links, &loaded));
+    // Every program this agent loaded is its own, linked or not (the exempt programs are
+    // loaded whether or not a cgroup is exempt): by id, so a copy loaded by another is not.
+    let own_loaded: BTreeSet<u32> =
+        ebpf.programs().filter_map(|(_, program)| Some(program.info().ok()?.id())).collect();
+    findings.extend(foreign_programs(links, &own_loaded, &loaded));
     let exact = !desired.keep_previous;
     let exact_endpoints = !desired.keep_previous_endpoints;
     findings.extend(check_trie(ebpf, map_names::PROTECTED_V4, &desired.policy.v4, exact_endpoints));
@@ -134,13 +138,13 @@ pub fn check(ebpf: &mut Ebpf, links: &[LinkState], desired: &Desired) -> Vec<Fin
 /// one to write the maps from inside the kernel (a forged broker registration, a forged
 /// or swallowed denial) without a system call on them. The agent cannot unload another's
 /// program: each is a finding while it lasts.
-fn foreign_programs(links: &[LinkState], loaded: &loader::LoadedPrograms) -> Vec<Finding> {
+fn foreign_programs(links: &[LinkState], own_loaded: &BTreeSet<u32>, loaded: &loader::LoadedPrograms) -> Vec<Finding> {
     let own_tags: BTreeSet<u64> = links.iter().map(|link| link.identity.tag).collect();
     let own_maps: BTreeSet<u32> = links.iter().flat_map(|link| link.identity.maps.iter().copied()).collect();
     let mut foreign: Vec<Finding> = loaded
         .0
         .iter()
-        .filter(|(_, program)| !own_tags.contains(&program.identity.tag))
+        .filter(|(id, program)| !own_tags.contains(&program.identity.tag) && !own_loaded.contains(*id))
         .filter_map(|(id, program)| {
             let shared: Vec<u32> = program.identity.maps.intersection(&own_maps).copied().collect();
             (!shared.is_empty()).then(|| Finding {
