@@ -37,6 +37,9 @@ pub fn format_time(time_ns: i64) -> String {
     humantime::format_rfc3339_nanos(time).to_string()
 }
 
+/// Of a message (an error, a denial, an API's answer), what an answer or a record keeps.
+pub const MESSAGE_CLIP: usize = 4096;
+
 /// `text` as a record keeps what a caller sent: at most `max` bytes (cut at a character),
 /// then how long it was and its SHA-256, so the whole can still be matched against what
 /// the caller kept (and a marker typed into the text cannot pass for a clip). Records of

@@ -104,13 +104,15 @@ impl Sources {
         // The config's own scope cgroups were there at start; one gone (a systemd unit
         // restarted) is made again with a new id, unenforced until a check attaches to
         // it: reported by each check while it is missing (see `Enforcer::verify`).
-        let missing_scopes: Vec<PathBuf> =
-            self.scope.iter().map(|relative| cgroupfs::resolve(mount, relative)).filter(|dir| !dir.is_dir()).collect();
-        let relative = self.scope.iter().chain(&self.cluster_scope).map(|relative| cgroupfs::resolve(mount, relative));
-        for dir in relative.chain(self.pod_scopes.iter().cloned()) {
+        let mut missing_scopes: Vec<PathBuf> = Vec::new();
+        for dir in self.scope.iter().map(|relative| cgroupfs::resolve(mount, relative)) {
+            if dir.is_dir() { scopes.push(dir) } else { missing_scopes.push(dir) }
+        }
+        let cluster = self.cluster_scope.iter().map(|relative| cgroupfs::resolve(mount, relative));
+        for dir in cluster.chain(self.pod_scopes.iter().cloned()) {
             if dir.is_dir() {
                 scopes.push(dir);
-            } else if !missing_scopes.contains(&dir) {
+            } else {
                 warn!(cgroup = %dir.display(), "an enforced cgroup does not exist on this node");
             }
         }

@@ -101,18 +101,24 @@ pub fn has_io_uring() -> bool {
 /// Whether an io_uring `IORING_OP_SOCKET` request can be judged: the kernel has the
 /// request layout the programs read for its family and type. True without io_uring.
 pub fn judges_uring_sockets() -> bool {
-    let socket = [layout::IO_SOCKET_DOMAIN, layout::IO_SOCKET_TYPE, layout::IO_KIOCB_FLAGS];
-    !has_io_uring()
-        || kernel_layout().is_ok_and(|values| socket.iter().all(|field| values[*field as usize] != u32::MAX))
+    uring_layout_has(&[layout::IO_SOCKET_DOMAIN, layout::IO_SOCKET_TYPE, layout::IO_KIOCB_FLAGS])
 }
 
 /// Whether an io_uring write to a fixed file can be judged: the kernel's fixed-file table
 /// has the layout the programs read (kernel 6.13 on). True without io_uring.
 pub fn judges_fixed_file_writes() -> bool {
-    let fixed_files =
-        [layout::IO_CTX_FILES_NR, layout::IO_CTX_FILES_NODES, layout::IO_RSRC_NODE_FILE, layout::IO_CTX_LINK_HEAD];
+    uring_layout_has(&[
+        layout::IO_CTX_FILES_NR,
+        layout::IO_CTX_FILES_NODES,
+        layout::IO_RSRC_NODE_FILE,
+        layout::IO_CTX_LINK_HEAD,
+    ])
+}
+
+/// Whether the kernel's io_uring layout has every one of `fields`; true without io_uring.
+fn uring_layout_has(fields: &[u32]) -> bool {
     !has_io_uring()
-        || kernel_layout().is_ok_and(|values| fixed_files.iter().all(|field| values[*field as usize] != u32::MAX))
+        || kernel_layout().is_ok_and(|values| fields.iter().all(|field| values[*field as usize] != u32::MAX))
 }
 
 struct Type {

@@ -310,7 +310,7 @@ impl Executors {
 
 /// Of an API's error message, an outcome keeps this much: the API (or whatever answers at
 /// its address) chooses its length, and the decision carrying it must fit one reply.
-const OUTCOME_ERROR: usize = 4096;
+const OUTCOME_ERROR: usize = crate::audit::MESSAGE_CLIP;
 
 /// What the API's answer (or the exchange's failure) makes of the outcome.
 fn judged(result: anyhow::Result<(u16, Option<String>)>) -> (OutcomeStatus, Option<u16>, Option<String>) {

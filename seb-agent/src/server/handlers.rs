@@ -141,7 +141,7 @@ async fn handle_read(request: MutationRequest, peer: &Peer, broker: &Broker) -> 
         "target": field(&request.target),
         "status": result.as_ref().ok().map(|r| r.status),
         "state_digest": result.as_ref().ok().map(|r| r.state_digest.clone()),
-        "error": result.as_ref().err().map(|e| crate::audit::clipped(&format!("{e:#}"), 4096)),
+        "error": result.as_ref().err().map(|e| crate::audit::clipped(&format!("{e:#}"), crate::audit::MESSAGE_CLIP)),
     });
     // Recorded, served or refused, before the caller hears anything; past the uid's
     // record budget (its reads of that target, or its refusals) it is counted instead.

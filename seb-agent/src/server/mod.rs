@@ -185,5 +185,5 @@ fn open(
 /// field or variant): kept to 4 KiB, as records keep it, so that a 1 MiB request is not
 /// echoed whole.
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
-    Response::Error { code, message: crate::audit::clipped(&message.into(), 4096) }
+    Response::Error { code, message: crate::audit::clipped(&message.into(), crate::audit::MESSAGE_CLIP) }
 }
