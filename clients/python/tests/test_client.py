@@ -193,8 +193,8 @@ def test_in_cluster_mode_the_projected_token_is_read_for_each_request(tmp_path, 
 
 
 def _one_shot_broker(path, reply):
-    """A socket at ``path`` that takes one request whole, then sends ``reply`` (a dict) or,
-    when ``None``, closes without answering."""
+    """A socket at ``path`` that takes one request whole, then sends ``reply`` (a dict, or
+    bytes as they are) or, when ``None``, closes without answering."""
     import json
     import struct
     import threading
@@ -209,7 +209,7 @@ def _one_shot_broker(path, reply):
             (length,) = struct.unpack(">I", conn.recv(4, socket.MSG_WAITALL))
             conn.recv(length, socket.MSG_WAITALL)
             if reply is not None:
-                body = json.dumps(reply).encode()
+                body = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
                 conn.sendall(struct.pack(">I", len(body)) + body)
         listener.close()
 
@@ -239,3 +239,59 @@ def test_a_proposal_whose_outcome_is_unknown_is_never_reported_as_not_made(tmp_p
     with pytest.raises(NotExecuted) as failed:
         Broker(str(tmp_path / "failed.sock")).propose("pem", request)
     assert not isinstance(failed.value, OutcomeUnknown) and failed.value.reason == "failed"
+
+
+def test_a_malformed_answer_is_a_protocol_error_and_after_a_proposal_an_unknown_outcome(tmp_path, monkeypatch):
+    request = Request("http", "POST", "https://127.0.0.1/x")
+    nested = b'{"v":1,"type":"read","status":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    _one_shot_broker(tmp_path / "nested.sock", nested)
+    with pytest.raises(BrokerError) as failed:
+        Broker(str(tmp_path / "nested.sock")).read(request)
+    assert failed.value.reason == "protocol"
+    _one_shot_broker(tmp_path / "fieldless.sock", {"v": 1, "type": "read", "status": 200})
+    with pytest.raises(BrokerError) as failed:
+        Broker(str(tmp_path / "fieldless.sock")).read(request)
+    assert failed.value.reason == "protocol"
+    # Admitted and succeeded, but the rest cannot be read: the change may have been made.
+    for name, reply in (("no-id", {"v": 1, "type": "decision", "admitted": True, "outcome": {"status": "succeeded"}}),
+                        ("odd-outcome", {"v": 1, "type": "decision", "admitted": True, "outcome": "done"}),
+                        ("nested-decision", nested.replace(b'"read"', b'"decision"'))):
+        _one_shot_broker(tmp_path / f"{name}.sock", reply)
+        with pytest.raises(OutcomeUnknown):
+            Broker(str(tmp_path / f"{name}.sock")).propose("pem", request)
+
+    from seb_client import sab as sab_module
+
+    answers = iter([
+        (200, b'{"status":"issued"}'),
+        (202, b'{"status":"pending","approvals_required":"two"}'),
+        (200, b'{"status":"issued","request_id":"r","certificate":"c","contract":[1]}'),
+        (200, b"[" * 100_000 + b"]" * 100_000),
+        (200, b'{"status":"pending"}'),
+    ])
+
+    class Answering:
+        def __init__(self, *args, **kwargs):
+            self.status, self.body = next(answers)
+
+        def request(self, method, path, body=None, headers=None):
+            pass
+
+        def getresponse(self):
+            return self
+
+        def read(self, limit):
+            return self.body
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(sab_module.http.client, "HTTPSConnection", Answering)
+    client = Sab()
+    for _ in range(4):
+        with pytest.raises(SabError) as failed:
+            client.certify({"request": {}})
+        assert failed.value.reason == "protocol", failed.value
+    with pytest.raises(SabError) as failed:
+        client.request("r")
+    assert failed.value.reason == "protocol"

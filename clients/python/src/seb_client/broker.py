@@ -9,7 +9,7 @@ import socket
 import struct
 from typing import Any, Dict, Mapping, Optional
 
-from .errors import BrokerError, NotExecuted, OutcomeUnknown, SebDenied
+from .errors import MALFORMED, BrokerError, NotExecuted, OutcomeUnknown, SebDenied
 from .models import Decision, LiveState, Request
 
 VERSION = 1
@@ -46,7 +46,7 @@ class Broker:
                 if length > MAX_MESSAGE:
                     raise BrokerError("protocol", f"the broker announced a {length}-byte reply")
                 reply = json.loads(_read_exactly(conn, length))
-        except (OSError, ValueError, BrokerError) as e:
+        except (OSError, BrokerError, *MALFORMED) as e:
             if sent and message.get("type") == "propose":
                 raise OutcomeUnknown(
                     message=f"the proposal was sent to the broker at {self.socket_path} and no reply was read "
@@ -65,13 +65,20 @@ class Broker:
 
     def ping(self) -> str:
         """The broker's version."""
-        return str(self._expect(self.call({"type": "ping"}), "pong")["version"])
+        reply = self._expect(self.call({"type": "ping"}), "pong")
+        try:
+            return str(reply["version"])
+        except MALFORMED as e:
+            raise _malformed("pong", e) from e
 
     def read(self, request: Request) -> LiveState:
         """A passthrough read (no certificate): the target's live state and its digest.
         The broker serves only the reads its configuration names (else ``forbidden``)."""
-        reply = self.call({"type": "read", "request": _read_request(request)})
-        return LiveState.from_json(self._expect(reply, "read"))
+        reply = self._expect(self.call({"type": "read", "request": _read_request(request)}), "read")
+        try:
+            return LiveState.from_json(reply)
+        except MALFORMED as e:
+            raise _malformed("read", e) from e
 
     def propose(self, certificate: str, request: Request) -> Decision:
         """Present a certificate and the request it certifies. Returns the decision when the
@@ -79,21 +86,30 @@ class Broker:
         or ``NotExecuted`` (admitted, but the change was not made), or ``OutcomeUnknown``
         (it may have been made: read the target before proposing it again)."""
         reply = self.call({"type": "propose", "certificate": certificate, "request": request.to_json()})
-        decision = self._expect(reply, "decision")
-        if not decision.get("admitted"):
-            raise SebDenied(decision)
-        status = (decision.get("outcome") or {}).get("status")
-        if status in (None, "unknown"):
-            raise OutcomeUnknown(decision)
-        if status != "succeeded":
-            raise NotExecuted(decision)
-        return Decision.from_json(decision)
+        try:
+            decision = self._expect(reply, "decision")
+            if not decision.get("admitted"):
+                raise SebDenied(decision)
+            status = (decision.get("outcome") or {}).get("status")
+            if status in (None, "unknown"):
+                raise OutcomeUnknown(decision)
+            if status != "succeeded":
+                raise NotExecuted(decision)
+            return Decision.from_json(decision)
+        except (BrokerError, *MALFORMED) as e:
+            # The proposal was sent whole and its answer cannot be read: it may have run.
+            raise OutcomeUnknown(message=f"the broker's answer to the proposal cannot be read ({e}): the change "
+                                 "may or may not have been made; read the target before proposing it again") from e
 
     @staticmethod
     def _expect(reply: Dict[str, Any], kind: str) -> Dict[str, Any]:
         if reply.get("type") != kind:
             raise BrokerError("protocol", f"expected a {kind!r} reply, got {reply.get('type')!r}")
         return reply
+
+
+def _malformed(kind: str, error: BaseException) -> BrokerError:
+    return BrokerError("protocol", f"the broker's {kind!r} reply is malformed: {error!r}")
 
 
 def _read_request(request: Request) -> Dict[str, Any]:

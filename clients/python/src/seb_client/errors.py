@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Sequence
 
 
+#: What reading a malformed answer into this client's types raises: a missing field, a
+#: field of the wrong type, JSON nested past the parser's recursion limit.
+MALFORMED = (KeyError, TypeError, ValueError, AttributeError, RecursionError)
+
+
 class SebError(Exception):
     """Base of every error this client raises."""
 

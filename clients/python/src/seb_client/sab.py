@@ -10,7 +10,7 @@ import ssl
 from typing import Any, Dict, Mapping, Optional, Union
 from urllib.parse import quote, urlsplit
 
-from .errors import ApprovalPending, SabError, SabRefused
+from .errors import MALFORMED, ApprovalPending, SabError, SabRefused
 from .models import Certificate, Plan, RequestState
 
 #: Largest SAB answer read (a certificate chain and its contract fit many times over).
@@ -50,6 +50,13 @@ class Sab:
         (not raised) when policy wants a human first; raises ``SabRefused`` when policy forbids it."""
         draft = plan.draft() if isinstance(plan, Plan) else dict(plan)
         status, body = self._call("POST", "/v1/certify", draft)
+        try:
+            return self._certified(status, body)
+        except MALFORMED as e:
+            raise _malformed(status, e) from e
+
+    @staticmethod
+    def _certified(status: int, body: Dict[str, Any]) -> Union[Certificate, ApprovalPending]:
         if status == 200 and body.get("status") == "issued":
             return Certificate(str(body["request_id"]), str(body["certificate"]), dict(body.get("contract") or {}),
                                body.get("evidence_digest"), body.get("not_after"))
@@ -66,7 +73,10 @@ class Sab:
         status, body = self._call("GET", f"/v1/requests/{quote(request_id, safe='')}", None)
         if status != 200:
             raise _error(status, body)
-        return RequestState.from_json(body)
+        try:
+            return RequestState.from_json(body)
+        except MALFORMED as e:
+            raise _malformed(status, e) from e
 
     def healthz(self) -> Dict[str, Any]:
         status, body = self._call("GET", "/v1/healthz", None)
@@ -96,11 +106,15 @@ class Sab:
             raise SabError("protocol", f"the SAB's answer exceeds {MAX_RESPONSE} bytes", status)
         try:
             parsed = json.loads(raw) if raw else {}
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise SabError("protocol", f"the SAB's answer ({status}) is not JSON: {e}", status) from e
         if not isinstance(parsed, dict):
             raise SabError("protocol", f"the SAB's answer ({status}) is not a JSON object", status)
         return status, parsed
+
+
+def _malformed(status: int, error: BaseException) -> SabError:
+    return SabError("protocol", f"the SAB's answer ({status}) is malformed: {error!r}", status)
 
 
 def _error(status: int, body: Mapping[str, Any]) -> SabError:
