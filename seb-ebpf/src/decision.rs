@@ -767,9 +767,11 @@ fn bump(index: u32) {
     }
 }
 
-/// Whether `cgroup` may put one more refusal in the ring buffer this second. Kills are
-/// not rated: each is sent. The count is taken atomically; only at a second's turn may
-/// CPUs racing to start it let a few more through.
+/// Whether `cgroup` may put one more denial (a refusal or a kill) in the ring buffer this
+/// second. A kill past the rate still kills; only its record is counted instead (one
+/// process forking children that are killed at `socket(AF_PACKET)` filled the ring
+/// while kills were not rated). The count is taken atomically; only at a second's turn
+/// may CPUs racing to start it let a few more through.
 #[inline(always)]
 fn within_rate(cgroup: u64) -> bool {
     // SAFETY: plain helper call.
@@ -796,6 +798,17 @@ fn within_rate(cgroup: u64) -> bool {
     }
 }
 
+/// `within_rate`; past it, the denial is counted (`DENIALS`, `OVER_RATE`) instead.
+#[inline(always)]
+fn within_rate_or_counted(cgroup: u64) -> bool {
+    if within_rate(cgroup) {
+        return true;
+    }
+    bump(counters::DENIALS);
+    bump(counters::OVER_RATE);
+    false
+}
+
 /// Who a denial is reported for.
 struct Report {
     cookie: u64,
@@ -814,9 +827,7 @@ impl Report {
     #[inline(always)]
     fn send(&self, dest: &Destination, hook: Hook, cgroup_id: u64, socket_cgroup_id: u64, task_context: bool) {
         // The judged cgroup; the caller's where the socket's could not be read.
-        if !within_rate(if socket_cgroup_id != 0 { socket_cgroup_id } else { cgroup_id }) {
-            bump(counters::DENIALS);
-            bump(counters::OVER_RATE);
+        if !within_rate_or_counted(if socket_cgroup_id != 0 { socket_cgroup_id } else { cgroup_id }) {
             return;
         }
         self.write(dest, hook, cgroup_id, socket_cgroup_id, (0, 0), task_context);
@@ -824,11 +835,16 @@ impl Report {
 
     #[inline(always)]
     fn send_socket(&self, dest: &Destination, family: u8, kind: u8, cgroup_id: u64) {
-        self.write(dest, Hook::SockCreate, cgroup_id, cgroup_id, (family, kind), true);
+        if within_rate_or_counted(cgroup_id) {
+            self.write(dest, Hook::SockCreate, cgroup_id, cgroup_id, (family, kind), true);
+        }
     }
 
     #[inline(always)]
     fn send_kill(&self, hook: Hook, cgroup_id: u64, scoped_in: u64) {
+        if !within_rate_or_counted(cgroup_id) {
+            return;
+        }
         let mut dest = Destination::v4([0; 4], 0, 0);
         dest.family = FAMILY_NONE;
         self.write(&dest, hook, cgroup_id, scoped_in, (0, 0), true);

@@ -187,6 +187,10 @@ fn answered_by_its_own_address<C: EbpfContext>(ctx: &C, dest: &Destination, port
     // SAFETY: `sk` is a referenced full socket until released.
     let wildcard = unsafe {
         match (*sk).family {
+            // Found by an IPv4 lookup, a dual-stack socket is judged by its IPv4 address
+            // (`sk_rcv_saddr`): bound to `::` or to `::ffff:0.0.0.0`, whose IPv6 words
+            // are not all zero, it answers on every local IPv4 address.
+            _ if dest.family == FAMILY_V4 => (*sk).src_ip4 == 0,
             AF_INET => (*sk).src_ip4 == 0,
             // One test of all four words: a chain of tests ending in a load like the
             // IPv4 arm's lets the compiler merge the two loads into one at a computed

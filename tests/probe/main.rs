@@ -188,6 +188,13 @@ enum Command {
         method: Method,
         addr: SocketAddr,
     },
+    /// For `millis`, make children as fast as possible, each making an AF_PACKET socket
+    /// (the kernel kills a process of the scope for that); prints how many were killed
+    /// and how many were not.
+    KillStorm {
+        #[arg(long)]
+        millis: u64,
+    },
     /// Fork `count` children that all live at once, then let each try once; prints the
     /// pids of the children that were killed and of those that exited.
     Fork {
@@ -463,6 +470,7 @@ fn run(command: Command) -> Result<()> {
             clone_into(&cgroup, then_move_to.as_deref(), method, addr)
         }
         Command::Fork { count, method, addr } => fork_children(count, method, addr),
+        Command::KillStorm { millis } => kill_storm(millis),
         Command::AfterMovedTo { cgroup, leader_exits: false, method, addr } => after_moved_to(&cgroup, method, addr),
         Command::AfterMovedTo { cgroup, leader_exits: true, method, addr } => {
             wait_until_moved_to(&cgroup)?;
@@ -1015,6 +1023,45 @@ fn clone_into(cgroup: &Path, then_move_to: Option<&Path>, method: Method, addr: 
 }
 
 /// See `Command::Fork`.
+fn kill_storm(millis: u64) -> Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+    use nix::sys::wait::WaitStatus;
+    let until = Instant::now() + Duration::from_millis(millis);
+    let (killed, other) = (AtomicU64::new(0), AtomicU64::new(0));
+    // Each kill's socket is released as its process exits, which waits for an RCU grace
+    // period: many workers at once share them.
+    std::thread::scope(|scope| {
+        for _ in 0..KILL_STORM_WORKERS {
+            scope.spawn(|| -> Result<()> {
+                // Each child shares this process's memory (`CLONE_VM`, its worker waiting
+                // meanwhile, as vfork): copying the probe's page tables cost more.
+                let mut stack = vec![0u8; 64 * 1024];
+                while Instant::now() < until {
+                    let child = Box::new(|| {
+                        // SAFETY: plain system call; the child is killed at its entry.
+                        unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+                        0
+                    });
+                    let flags = CloneFlags::CLONE_VM | CloneFlags::CLONE_VFORK;
+                    // SAFETY: the child runs on its own stack and makes one system call;
+                    // its worker is suspended until it is gone.
+                    let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }?;
+                    match nix::sys::wait::waitpid(pid, None)? {
+                        WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGKILL, _) => killed.fetch_add(1, Relaxed),
+                        _ => other.fetch_add(1, Relaxed),
+                    };
+                }
+                Ok(())
+            });
+        }
+    });
+    print(json!({"killed": killed.into_inner(), "other": other.into_inner()}))
+}
+
+/// Workers of `kill-storm`, each making one child after another.
+const KILL_STORM_WORKERS: usize = 64;
+
 fn fork_children(count: usize, method: Method, addr: SocketAddr) -> Result<()> {
     use nix::{sys::wait::WaitStatus, unistd::ForkResult};
     // Every child waits until the parent closes the pipe, so all are alive at once.

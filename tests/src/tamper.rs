@@ -14,7 +14,10 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
@@ -33,6 +36,45 @@ pub fn detach_pinned_link(pin: &Path) -> Result<()> {
         bail!("detaching {}: {}", pin.display(), std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Root links seb's own raw tracepoint program (the one whose link is pinned at `pin`) to
+/// `tracepoint` instead, and pins that link in seb's place: the same program on the same
+/// maps, running where it judges nothing. seb's link lives on while the agent holds it.
+pub fn pin_on_other_raw_tracepoint(pin: &Path, tracepoint: &str) -> Result<()> {
+    let program_id = seb_agent::enforcement::link_info::pinned_link(pin)?.program_id;
+    let get: [u32; 3] = [program_id, 0, 0];
+    let program = bpf_fd(BPF_PROG_GET_FD_BY_ID, &get).context("opening seb's program")?;
+    #[repr(C)]
+    struct RawTracepointOpen {
+        name: u64,
+        prog_fd: u32,
+        _pad: u32,
+        cookie: u64,
+    }
+    let name = CString::new(tracepoint)?;
+    let open =
+        RawTracepointOpen { name: name.as_ptr() as u64, prog_fd: program.as_raw_fd() as u32, _pad: 0, cookie: 0 };
+    let link = bpf_fd(BPF_RAW_TRACEPOINT_OPEN, &open).with_context(|| format!("linking it to {tracepoint}"))?;
+    std::fs::remove_file(pin).with_context(|| format!("unpinning {}", pin.display()))?;
+    let path = CString::new(pin.as_os_str().as_bytes())?;
+    let pin_attr: [u64; 2] = [path.as_ptr() as u64, link.as_raw_fd() as u64];
+    // SAFETY: BPF_OBJ_PIN reads the NUL-terminated path and the link fd.
+    if unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, pin_attr.as_ptr(), 16usize) } != 0 {
+        bail!("pinning at {}: {}", pin.display(), std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A `bpf()` command that returns a new descriptor.
+fn bpf_fd<T>(command: libc::c_long, attr: &T) -> Result<OwnedFd> {
+    // SAFETY: the command reads `attr`, of its own layout, and returns a new fd.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, command, attr as *const T, size_of::<T>()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: a fresh fd owned here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// `BPF_LINK_UPDATE` on a pinned `connect4` link: it stays attached where it was, but

@@ -152,7 +152,7 @@ fn the_kernel_denies_every_egress_path_to_a_protected_endpoint() {
 #[test]
 fn wildcard_and_unspecified_destinations_are_judged_as_what_they_reach() {
     let mut sandbox = Sandbox::new("local", tools()).unwrap();
-    let policy = [("tcp", 8443), ("udp", 8443), ("tcp", 7443)].map(|(protocol, port)| {
+    let policy = [("tcp", 8443), ("udp", 8443), ("tcp", 7443), ("tcp", 6443)].map(|(protocol, port)| {
         format!("[[enforcement.protected]]\ncidr = \"127.0.0.2/32\"\nport = {port}\nprotocol = \"{protocol}\"\n")
     });
     sandbox.write_config(&policy.concat()).unwrap();
@@ -162,6 +162,8 @@ fn wildcard_and_unspecified_destinations_are_judged_as_what_they_reach() {
     sandbox.listen("[::]:8443".parse().unwrap()).unwrap();
     sandbox.listen("[::]:9443".parse().unwrap()).unwrap();
     sandbox.listen_on("[::]:7443".parse().unwrap(), Some("lo")).unwrap();
+    // On 6443, a dual-stack listener bound to `::ffff:0.0.0.0`: a wildcard for IPv4.
+    sandbox.listen("[::ffff:0.0.0.0]:6443".parse().unwrap()).unwrap();
     // A pod-like namespace routed to this one, whose side holds 198.51.100.1/24.
     let pod = pod(&sandbox);
     sandbox.start_agent().unwrap();
@@ -235,6 +237,9 @@ fn wildcard_and_unspecified_destinations_are_judged_as_what_they_reach() {
     let also_denied = [
         // The device-bound listener: no socket found is judged as the service.
         (&sandbox.netns, "tcp", "127.0.0.1:7443", "127.0.0.1", 7443),
+        // The listener bound to `::ffff:0.0.0.0` answers at 127.0.0.1 too (its IPv6
+        // address is not all zeros; it was taken for one bound to its own address).
+        (&sandbox.netns, "tcp", "127.0.0.1:6443", "127.0.0.1", 6443),
         // A raw IP datagram to a local address, judged by the egress program.
         (&sandbox.netns, "raw", "127.0.0.1:8443", "127.0.0.1", 8443),
         // From another namespace, a node address routes to the same wildcard listener.
@@ -1137,6 +1142,33 @@ fn denials_lost_to_a_full_ring_buffer_are_counted_never_silent() {
     assert!(delivered <= bound, "{delivered} recorded in full, more than {bound}");
 }
 
+/// Kills are rated like refusals: one cgroup whose processes are killed as fast as it
+/// can make them (each at `socket(AF_PACKET)`, which needs no privilege to be tried)
+/// does not fill the ring every cgroup shares; with the agent down, another cgroup's
+/// denial still finds room, and the kills past the rate are counted.
+#[test]
+fn one_cgroup_killed_as_fast_as_it_forks_cannot_fill_the_ring() {
+    let mut sandbox = sandbox("killflood");
+    for cgroup in ["storm", "second"] {
+        std::fs::create_dir_all(sandbox.cgroup.join(cgroup)).unwrap();
+    }
+    sandbox.start_agent().unwrap();
+    sandbox.kill_agent().unwrap();
+    let storm = sandbox.probe("storm", &["kill-storm", "--millis", "3000"]).unwrap();
+    assert_eq!(storm["other"], 0, "{storm}");
+    // More kills than the ring holds records (about 2,200).
+    assert!(storm["killed"].as_u64().unwrap() > 3000, "{storm}");
+    let second = sandbox.attempt("second", "tcp", "127.0.0.2:8443").unwrap();
+    assert_eq!(second["result"], "EPERM", "{second}");
+    sandbox.start_agent().unwrap();
+    let found = sandbox.wait_for_denial(cookie(&second)).unwrap();
+    assert_eq!(found["cgroup_path"], format!("{}/second", sandbox.cgroup_relative), "{found}");
+    let loss =
+        eventually(Duration::from_secs(30), || last_loss(&sandbox), || "no ring_loss record after the storm".into());
+    assert_eq!(loss["lost_total"], 0, "one cgroup's kills filled the ring: {loss}");
+    assert!(loss["over_rate_total"].as_u64().unwrap() > 0, "{loss}");
+}
+
 /// `repeat` refused connects from each of `cgroups` at once for `millis`; how many were
 /// refused in all (nothing else may happen to them).
 fn flood(sandbox: &Sandbox, cgroups: &[String], millis: &str) -> u64 {
@@ -1299,6 +1331,46 @@ fn a_restart_never_adopts_a_detached_link() {
     assert!(replaced["fields"]["why"].as_str().unwrap().contains("detached"), "{replaced}");
     let outcome = sandbox.attempt("workload", "tcp", "127.0.0.2:8443").unwrap();
     assert_eq!(outcome["result"], "EPERM", "{outcome}");
+}
+
+/// Root pins, in place of seb's link of its fork-following program, that same program
+/// (same instructions, same maps) linked to a tracepoint that never fires here: the
+/// program and maps match, but forks would no longer be followed into the scope. Noticed
+/// and repaired while the agent runs, and not adopted at a restart.
+#[test]
+fn a_tracepoint_link_pinned_on_another_tracepoint_is_noticed_and_not_adopted() {
+    use seb_agent::enforcement::link_info::{Tracepoint, pinned_link};
+    let fork_tracepoint = Tracepoint::Named("sched_process_fork".into());
+    let mut sandbox = sandbox("tracepoint");
+    sandbox.start_agent().unwrap();
+    let pin = pin_of(&sandbox, "seb_process_fork");
+    assert_eq!(pinned_link(&pin).unwrap().tracepoint, fork_tracepoint);
+
+    seb_sandbox::tamper::pin_on_other_raw_tracepoint(&pin, "sched_move_numa").unwrap();
+    assert_eq!(pinned_link(&pin).unwrap().tracepoint, Tracepoint::Named("sched_move_numa".into()));
+    wait_for_tamper(&sandbox, "the link on another tracepoint", |r| {
+        r["body"]["findings"].as_array().into_iter().flatten().any(|f| {
+            f["object"] == pin.to_str().unwrap()
+                && f["problem"].as_str().unwrap_or_default().contains("runs on tracepoint sched_move_numa")
+        })
+    });
+    until(
+        Duration::from_secs(5),
+        || pinned_link(&pin).is_ok_and(|link| link.tracepoint == fork_tracepoint),
+        || format!("not linked to sched_process_fork again: {:?}", pinned_link(&pin)),
+    );
+
+    sandbox.kill_agent().unwrap();
+    seb_sandbox::tamper::pin_on_other_raw_tracepoint(&pin, "sched_move_numa").unwrap();
+    let logs = sandbox.start_agent().unwrap();
+    let replaced = logs
+        .iter()
+        .find(|line| {
+            line["fields"]["message"] == "replacing a pinned link" && line["fields"]["pin"] == pin.to_str().unwrap()
+        })
+        .unwrap_or_else(|| panic!("no replacement logged: {logs:?}"));
+    assert!(replaced["fields"]["why"].as_str().unwrap().contains("sched_move_numa"), "{replaced}");
+    assert_eq!(pinned_link(&pin).unwrap().tracepoint, fork_tracepoint);
 }
 
 /// Root loads a program of its own bound to seb's maps (from inside the kernel it could

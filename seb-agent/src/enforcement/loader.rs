@@ -29,7 +29,10 @@ use aya::{
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use super::{compat_syscalls, device_link, kernel_btf, link_info::pinned_link};
+use super::{
+    compat_syscalls, device_link, kernel_btf,
+    link_info::{Tracepoint, pinned_link},
+};
 use crate::{bpffs, cgroupfs, config::SyscallTables, tracefs};
 
 /// The kernel programs, built from `seb-ebpf` by `cargo xtask build`.
@@ -323,7 +326,7 @@ pub fn attach_all(
             };
             let pin = layout.links().join(&name);
             wanted.insert(name);
-            let expected = Expected { cgroup_id: cgroup.map(|_| cgroup_id), program: &identity };
+            let expected = Expected::new(program, cgroup.map(|_| cgroup_id), &identity);
             let origin = match adopt(&pin, &expected, &loaded) {
                 Ok(()) => LinkOrigin::Adopted,
                 Err(why) => {
@@ -389,14 +392,25 @@ fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
 struct Expected<'a> {
     /// The cgroup it must still be attached to; `None` for the global tracepoint.
     cgroup_id: Option<u64>,
+    /// The raw or syscall tracepoint it must run on; `None` for other links (a BTF
+    /// tracepoint program is bound to its tracepoint when loaded).
+    tracepoint: Option<&'static str>,
     /// The program this agent loaded for it.
     program: &'a ProgramIdentity,
+}
+
+impl<'a> Expected<'a> {
+    fn new(program_name: &str, cgroup_id: Option<u64>, program: &'a ProgramIdentity) -> Self {
+        let tracepoint = raw_tracepoint(program_name).or_else(|| syscall_tracepoint(program_name));
+        Self { cgroup_id, tracepoint, program }
+    }
 }
 
 /// A pinned link is adopted when the kernel says it is attached where it belongs and
 /// runs this agent's program: the same instructions on the same maps. A detached link
 /// enforces nothing; root can swap a link's program (`BPF_LINK_UPDATE`) for one that
-/// allows everything, or for seb's own bound to maps it made; and a program bound to
+/// allows everything, or for seb's own bound to maps it made; can pin, in seb's place,
+/// seb's own tracepoint program linked to another tracepoint; and a program bound to
 /// maps that are no longer pinned would ignore every policy update.
 fn adopt(pin: &Path, expected: &Expected<'_>, loaded: &LoadedPrograms) -> Result<()> {
     if !pin.exists() {
@@ -409,6 +423,14 @@ fn adopt(pin: &Path, expected: &Expected<'_>, loaded: &LoadedPrograms) -> Result
             Some(0) => bail!("the link was detached from its cgroup"),
             Some(other) => bail!("the link is attached to cgroup {other}, not {cgroup_id:?}"),
             None => bail!("the link is not a cgroup link"),
+        }
+    }
+    if let Some(tracepoint) = expected.tracepoint {
+        match &kernel.tracepoint {
+            Tracepoint::Named(name) if name == tracepoint => {}
+            Tracepoint::Named(other) => bail!("the link runs on tracepoint {other}, not {tracepoint}"),
+            Tracepoint::Unreported => {}
+            Tracepoint::None => bail!("the link is not a tracepoint link"),
         }
     }
     let program =
@@ -460,7 +482,8 @@ pub fn verify_links<'a>(links: &'a [LinkState], loaded: &LoadedPrograms) -> Vec<
         .iter()
         .filter_map(|state| {
             let cgroup_id = (!state.is_global()).then_some(state.cgroup_id);
-            adopt(&state.pin, &Expected { cgroup_id, program: &state.identity }, loaded).err().map(|why| (state, why))
+            let expected = Expected::new(&state.program, cgroup_id, &state.identity);
+            adopt(&state.pin, &expected, loaded).err().map(|why| (state, why))
         })
         .collect()
 }

@@ -1,7 +1,8 @@
 //! Writing policy into the kernel maps and reading the kernel's counters.
 //!
-//! Updates add and replace entries first and delete stale ones last, so a change never
-//! opens a window in which a still-protected endpoint is unprotected.
+//! Updates write entries first, longest prefix first, and remove stale ones last,
+//! shortest first, so a change never opens a window in which an endpoint both the old
+//! and the new policy protect is unprotected (`trie_updates`).
 
 use std::{
     collections::{BTreeSet, HashSet},
@@ -40,24 +41,55 @@ where
     [u8; N]: Pod,
 {
     let mut trie: LpmTrie<&mut MapData, [u8; N], EndpointRules> = LpmTrie::try_from(map)?;
-    let existing: Vec<(Key<[u8; N]>, EndpointRules)> = trie.iter().collect::<Result<_, _>>()?;
-    for entry in entries {
-        trie.insert(&Key::new(entry.prefix_len, entry.addr), entry.rules, 0)?;
-    }
-    let wanted: HashSet<(u32, [u8; N])> = entries.iter().map(|e| (e.prefix_len, e.addr)).collect();
-    let wanted_keys: BTreeSet<TrieKey> =
-        entries.iter().map(|e| (e.prefix_len, e.addr.to_vec(), rules_key(&e.rules))).collect();
-    for (key, rules) in existing {
-        if wanted.contains(&(key.prefix_len(), key.data())) {
-            continue;
-        }
-        // A stale entry kept may protect more than wanted, never less.
-        let stale = (key.prefix_len(), key.data().to_vec(), rules_key(&rules));
-        if !keep_stale || weakens(&stale, &wanted_keys) {
-            trie.remove(&key)?;
+    let existing: Vec<TrieEntry<N>> = trie
+        .iter()
+        .map(|entry| entry.map(|(key, rules)| TrieEntry { prefix_len: key.prefix_len(), addr: key.data(), rules }))
+        .collect::<Result<_, _>>()?;
+    for update in trie_updates(&existing, entries, keep_stale) {
+        match update {
+            TrieUpdate::Write(entry) => trie.insert(&Key::new(entry.prefix_len, entry.addr), entry.rules, 0)?,
+            TrieUpdate::Remove(entry) => trie.remove(&Key::new(entry.prefix_len, entry.addr))?,
         }
     }
     Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TrieUpdate<const N: usize> {
+    Write(TrieEntry<N>),
+    Remove(TrieEntry<N>),
+}
+
+/// The writes and removals that take a trie holding `existing` to `entries` (keeping,
+/// with `keep_stale`, the stale entries that weaken nothing), ordered so that at no
+/// moment between them is an address allowed that both policies deny. Entries are
+/// written longest prefix first: an address whose longest match is an entry already
+/// written gets the new policy's answer (every longer entry of it is written), one
+/// matching an entry not yet written the old policy's. Stale entries are removed
+/// shortest first, by the same reasoning. In the other order, a covering prefix
+/// rewritten before the longer one that inherits its rules left the longer one's
+/// addresses judged by the narrower rules for a moment.
+fn trie_updates<const N: usize>(
+    existing: &[TrieEntry<N>],
+    entries: &[TrieEntry<N>],
+    keep_stale: bool,
+) -> Vec<TrieUpdate<N>> {
+    let mut writes: Vec<TrieEntry<N>> = entries.to_vec();
+    writes.sort_by_key(|entry| std::cmp::Reverse(entry.prefix_len));
+    let wanted: HashSet<(u32, [u8; N])> = entries.iter().map(|e| (e.prefix_len, e.addr)).collect();
+    let wanted_keys: BTreeSet<TrieKey> =
+        entries.iter().map(|e| (e.prefix_len, e.addr.to_vec(), rules_key(&e.rules))).collect();
+    let mut removals: Vec<TrieEntry<N>> = existing
+        .iter()
+        .filter(|entry| !wanted.contains(&(entry.prefix_len, entry.addr)))
+        // A stale entry kept may protect more than wanted, never less.
+        .filter(|entry| {
+            !keep_stale || weakens(&(entry.prefix_len, entry.addr.to_vec(), rules_key(&entry.rules)), &wanted_keys)
+        })
+        .cloned()
+        .collect();
+    removals.sort_by_key(|entry| entry.prefix_len);
+    writes.into_iter().map(TrieUpdate::Write).chain(removals.into_iter().map(TrieUpdate::Remove)).collect()
 }
 
 /// Write which protected rules are local to the agent's network namespace, and the same
@@ -292,4 +324,78 @@ pub fn entry_counts(layout: &super::PinLayout) -> Result<std::collections::BTree
     let cut: HashMap<MapData, u64, u8> = HashMap::try_from(Map::HashMap(open(map_names::CUT_SOCKETS)?))?;
     counts.insert(map_names::CUT_SOCKETS.to_string(), cut.keys().count() as u64);
     Ok(counts)
+}
+
+#[cfg(test)]
+mod trie_update_tests {
+    use seb_common::{ANY_PORT, ANY_PROTOCOL, MAX_RULES_PER_PREFIX, PortRule};
+
+    use super::*;
+
+    fn rules(list: &[(u8, u16)]) -> EndpointRules {
+        let mut rules = EndpointRules { count: list.len() as u8, ..Default::default() };
+        for (i, (protocol, port)) in list.iter().enumerate().take(MAX_RULES_PER_PREFIX) {
+            rules.rules[i] = PortRule { port: *port, protocol: *protocol, _pad: 0 };
+        }
+        rules
+    }
+
+    fn entry(addr: [u8; 4], prefix_len: u32, list: &[(u8, u16)]) -> TrieEntry<4> {
+        TrieEntry { prefix_len, addr, rules: rules(list) }
+    }
+
+    /// Whether the trie's longest match for `addr` protects `(protocol, port)`.
+    fn protects(trie: &[TrieEntry<4>], addr: [u8; 4], protocol: u8, port: u16) -> bool {
+        let matches = |e: &&TrieEntry<4>| {
+            let mask = if e.prefix_len == 0 { 0 } else { u32::MAX << (32 - e.prefix_len) };
+            u32::from_be_bytes(e.addr) & mask == u32::from_be_bytes(addr) & mask
+        };
+        trie.iter().filter(matches).max_by_key(|e| e.prefix_len).is_some_and(|e| e.rules.matches(protocol, port))
+    }
+
+    /// Replays the updates on a model of the trie: after each, everything both policies
+    /// protect is protected.
+    fn assert_no_window(old: Vec<TrieEntry<4>>, new: Vec<TrieEntry<4>>) {
+        let probes = [[10, 1, 2, 3], [10, 1, 5, 5], [10, 9, 9, 9], [11, 0, 0, 1]];
+        let services = [(6, 443), (6, 80), (17, 53)];
+        let mut trie = old.clone();
+        for update in trie_updates(&old, &new, false) {
+            match &update {
+                TrieUpdate::Write(e) => {
+                    trie.retain(|t| (t.prefix_len, t.addr) != (e.prefix_len, e.addr));
+                    trie.push(e.clone());
+                }
+                TrieUpdate::Remove(e) => trie.retain(|t| (t.prefix_len, t.addr) != (e.prefix_len, e.addr)),
+            }
+            for addr in probes {
+                for (protocol, port) in services {
+                    let both = protects(&old, addr, protocol, port) && protects(&new, addr, protocol, port);
+                    assert!(
+                        !both || protects(&trie, addr, protocol, port),
+                        "{addr:?} {protocol}/{port} unprotected after {update:?}"
+                    );
+                }
+            }
+        }
+        let sorted = |mut v: Vec<TrieEntry<4>>| {
+            v.sort_by_key(|e| (e.prefix_len, e.addr));
+            v
+        };
+        assert_eq!(sorted(trie), sorted(new));
+    }
+
+    #[test]
+    fn an_update_never_leaves_unprotected_what_both_policies_protect() {
+        let any = &[(ANY_PROTOCOL, ANY_PORT)];
+        // A covering prefix narrowed while a longer one inherits what it protected.
+        assert_no_window(
+            vec![entry([10, 0, 0, 0], 8, any)],
+            vec![entry([10, 0, 0, 0], 8, &[(6, 443)]), entry([10, 1, 0, 0], 16, any)],
+        );
+        // Longer prefixes folded into a covering one that protects everything.
+        assert_no_window(
+            vec![entry([10, 1, 0, 0], 16, &[(6, 80)]), entry([10, 1, 2, 0], 24, &[(6, 443)])],
+            vec![entry([10, 0, 0, 0], 8, any)],
+        );
+    }
 }

@@ -8,7 +8,7 @@ pub mod enforcer;
 pub mod hostnames;
 pub mod integrity;
 mod kernel_btf;
-mod link_info;
+pub mod link_info;
 pub mod loader;
 pub mod local;
 pub mod maps;
