@@ -127,6 +127,12 @@ fn a_permitted_change_is_certified_then_executed_and_forbidden_or_unpermitted_on
     assert_eq!(contract["policy_epoch"].as_u64(), epochs.policy, "the broker runs the SAB's policy epoch");
     assert_eq!(contract["revocation_epoch"].as_u64(), epochs.revocation);
     assert_eq!(contract["evidence_digest"], issued["evidence_digest"]);
+    // Kept for reading back without its parameters (the contract holds the request): one
+    // requester's thousands of 1 MiB requests would otherwise fill the SAB's memory.
+    let id = issued["request_id"].as_str().unwrap();
+    let (_, state) = w.sab.call(&w.agent, "GET", &format!("/v1/requests/{id}"), None);
+    assert_eq!((state["status"].as_str(), &state["request"]["params"]), (Some("issued"), &Value::Null), "{state}");
+    assert_eq!(state["certificate"], issued["certificate"]);
 
     let decision = w.propose_from("workload", issued["certificate"].as_str().unwrap(), &request);
     assert_eq!(decision["admitted"], true, "{decision}");
@@ -235,6 +241,18 @@ fn approvals_need_n_distinct_named_approvers_other_than_the_requester() {
     assert!(denied["reasons"][0].as_str().unwrap().contains("not this week"), "{denied}");
     let (status, error) = w.sab.call("seb://approver/alice", "POST", &format!("/v1/requests/{id}/approve"), None);
     assert_eq!((status, error["error"]["code"].as_str()), (409, Some("already_decided")), "{error}");
+
+    // An approver the policies no longer name decides nothing, even of a request that
+    // began waiting while they did.
+    let (_, pending) = w.certify(&put("/v1/flags/gamma", json!(true)));
+    let waiting = pending["request_id"].as_str().unwrap();
+    let (_, health) = w.sab.call(&w.agent, "GET", "/v1/healthz", None);
+    let without_carol = policies(&w.agent).replace(", seb://approver/carol", "");
+    w.sab.write_policy("policy.cedar", &without_carol, health["policy_epoch"].as_u64().unwrap()).unwrap();
+    let (status, error) = w.sab.call("seb://approver/carol", "POST", &format!("/v1/requests/{waiting}/deny"), None);
+    assert_eq!((status, error["error"]["code"].as_str()), (403, Some("not_an_approver")), "{error}");
+    let (_, state) = w.sab.call(&w.agent, "GET", &format!("/v1/requests/{waiting}"), None);
+    assert_eq!(state["status"], "pending", "{state}");
 
     // The requester approving its own request as fast as it can: every call refused, a
     // few logged (their reason left out), the rest counted in a summary.
@@ -398,7 +416,11 @@ fn a_policy_reload_bumps_the_epoch_and_the_broker_refuses_older_certificates() {
 fn the_sab_log_holds_every_step_verifies_and_names_a_tampered_record() {
     let mut w = world("sablog", "");
     let (_, issued) = w.certify(&put("/v1/config", json!({"replicas": 6})));
-    let (_, _refused) = w.certify(&put("/v1/secrets/x", json!(1)));
+    // A refused request (anyone with a client certificate can send one) is recorded
+    // without its body: by digest.
+    let refused_request = put("/v1/secrets/x", json!("x".repeat(200_000)));
+    let (_, refused) = w.certify(&refused_request);
+    assert_eq!(refused["status"], "refused", "{refused}");
     let (_, pending) = w.certify(&put("/v1/flags/y", json!(1)));
     let id = pending["request_id"].as_str().unwrap();
     w.sab.call("seb://approver/mallory", "POST", &format!("/v1/requests/{id}/approve"), None);
@@ -426,6 +448,12 @@ fn the_sab_log_holds_every_step_verifies_and_names_a_tampered_record() {
     for kind in ["sab_policy", "sab_certify", "sab_decision", "sab_issuance", "sab_approval"] {
         assert!(kinds.contains(&kind), "{kind} in {kinds:?}");
     }
+    let certify: Vec<Value> =
+        records.iter().filter(|r| r.kind == "sab_certify").map(|r| r.parse::<Value>().unwrap()).collect();
+    let refused_record = certify.iter().find(|r| r["request_id"] == refused["request_id"]).unwrap();
+    let request: seb_agent::cert::MutationRequest = serde_json::from_value(refused_request).unwrap();
+    assert_eq!(refused_record["request_digest"], request.digest(), "{refused_record}");
+    assert!(refused_record.to_string().len() < 2048, "{} bytes", refused_record.to_string().len());
     // The refused approval is on record, with why.
     let approval: Value = records.iter().find(|r| r.kind == "sab_approval").unwrap().parse().unwrap();
     assert_eq!((approval["accepted"].as_bool(), approval["refused"].as_str()), (Some(false), Some("not_an_approver")));
@@ -545,6 +573,34 @@ fn one_caller_holds_neither_the_sabs_connections_nor_its_time_nor_its_approval_q
     assert_eq!(status, 200);
     assert!(started.elapsed() < Duration::from_secs(5), "answered after {:?}", started.elapsed());
     drop(stalled);
+
+    // Two connections of alice's that pipeline requests and never read the answers: the
+    // SAB stops writing to each once it has waited 10 s, and alice is served again.
+    let flooded: Vec<_> = (0..2)
+        .map(|_| {
+            let tls = std::sync::Arc::new(tls_client(&w.sab, Some(&alice)));
+            runtime.block_on(async {
+                use tokio::io::AsyncWriteExt;
+                let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+                let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+                let mut tls = tokio_rustls::TlsConnector::from(tls).connect(name, stream).await.unwrap();
+                let requests = b"GET /v1/healthz HTTP/1.1\r\nhost: sab\r\n\r\n".repeat(100_000);
+                // Written until the SAB, its answers unread, stops reading too.
+                let _ = tokio::time::timeout(Duration::from_secs(2), tls.write_all(&requests)).await;
+                tls
+            })
+        })
+        .collect();
+    let flooded_at = std::time::Instant::now();
+    let third = runtime.block_on(client.call("GET", "/v1/healthz", None));
+    assert!(third.is_err(), "a third connection of alice's was served while two were flooded: {third:?}");
+    seb_sandbox::poll::eventually(
+        Duration::from_secs(20),
+        || runtime.block_on(client.call("GET", "/v1/healthz", None)).ok(),
+        || "alice is never served again: her unread connections hold their slots".into(),
+    );
+    assert!(flooded_at.elapsed() > Duration::from_secs(5), "served after {:?}", flooded_at.elapsed());
+    drop(flooded);
 
     // A body announced and never sent is answered 408 once its time is up.
     let started = std::time::Instant::now();

@@ -150,7 +150,7 @@ pub async fn serve(sab: Arc<Sab>, listener: TcpListener, tls: ServerConfig) -> R
                 .timer(TokioTimer::new())
                 .header_read_timeout(if keep_alive { HEADER_TIMEOUT } else { UNIDENTIFIED_HEADER_TIMEOUT })
                 .keep_alive(keep_alive)
-                .serve_connection(TokioIo::new(tls), service)
+                .serve_connection(TokioIo::new(super::write_stall::WriteStallLimit::new(tls)), service)
                 .await;
             if let Err(e) = served {
                 warn!(%peer, error = %e, "connection ended with an error");

@@ -20,6 +20,7 @@ pub mod requests;
 pub mod schema;
 pub mod service;
 pub mod token_review;
+mod write_stall;
 
 use anyhow::{Context, Result};
 

@@ -38,15 +38,48 @@ pub struct RefusalKind {
     pub reason: String,
 }
 
-/// A certify request as received (the live state by digest; the issuance holds it whole).
+/// Of a refused request's text (target, intent, a reason), what its records keep.
+/// Refusals are recorded for anyone holding a client certificate, within a budget of
+/// records a second, not of bytes.
+pub const REFUSED_TEXT_CLIP: usize = 256;
+
+/// A certify request as received, its parameters and live state by digest: the pending
+/// and issuance records hold a request the policy let through whole; a refused one
+/// (anyone with a client certificate can send one) would otherwise carry its whole 1 MiB
+/// body to disk, and its target and intent are clipped.
 #[derive(Debug, Serialize)]
 pub struct CertifyRecord<'a> {
     pub request_id: &'a str,
     pub requester: &'a str,
-    pub request: &'a MutationRequest,
+    pub provider: crate::cert::Provider,
+    pub operation: String,
+    pub target: String,
+    /// `sha256:` of the request's canonical JSON, parameters included.
+    pub request_digest: String,
     pub precondition: &'a str,
-    pub intent: &'a str,
+    pub intent: String,
     pub live_state_digest: Option<&'a str>,
+}
+
+impl<'a> CertifyRecord<'a> {
+    /// `refused`: clip the texts to [`REFUSED_TEXT_CLIP`].
+    pub fn of(request_id: &'a str, requester: &'a str, draft: &'a super::requests::Draft, refused: bool) -> Self {
+        let clip = |text: &str| match refused {
+            true => crate::audit::clipped(text, REFUSED_TEXT_CLIP),
+            false => text.to_string(),
+        };
+        Self {
+            request_id,
+            requester,
+            provider: draft.request.provider,
+            operation: clip(&draft.request.operation),
+            target: clip(&draft.request.target),
+            request_digest: draft.request.digest(),
+            precondition: &draft.precondition,
+            intent: clip(&draft.intent),
+            live_state_digest: draft.live_state_digest.as_deref(),
+        }
+    }
 }
 
 /// The policy decision on a request: issued at once, pending approvals, or refused.

@@ -43,6 +43,13 @@ pub struct Issued {
     pub not_after: String,
 }
 
+impl Issued {
+    /// About what it holds in memory: the certificate, and the contract it embeds.
+    fn bytes(&self) -> usize {
+        2 * self.certificate.len()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub id: String,
@@ -64,6 +71,20 @@ impl Entry {
     /// Who may read it: the requester and the approvers named.
     pub fn visible_to(&self, uri: &str) -> bool {
         self.requester.uri == uri || self.approvers.iter().any(|a| a == uri)
+    }
+
+    /// Decided, it is kept for reading back without what it carried (the issued
+    /// contract holds the request whole): one requester's decided requests of 1 MiB
+    /// each, thousands of them, would otherwise fill the SAB's memory.
+    pub fn forget_payload(&mut self) {
+        self.draft.request.params = Value::Null;
+        self.draft.live_state = None;
+        self.bytes = self.id.len()
+            + self.draft.request.operation.len()
+            + self.draft.request.target.len()
+            + self.draft.intent.len()
+            + self.reasons.iter().map(String::len).sum::<usize>()
+            + self.issued.as_ref().map_or(0, Issued::bytes);
     }
 
     /// Pending past its deadline.
@@ -102,6 +123,9 @@ impl Entry {
 
 /// The bytes of all pending requests together (a requester's: an eighth of it).
 pub const MAX_PENDING_BYTES: usize = 16 << 20;
+/// The bytes of all decided requests kept for reading back: past it, the oldest are
+/// forgotten.
+pub const MAX_DECIDED_BYTES: usize = 32 << 20;
 
 pub struct Requests {
     entries: HashMap<String, Entry>,
@@ -140,18 +164,23 @@ impl Requests {
             && requester_bytes + bytes <= MAX_PENDING_BYTES / 8
     }
 
-    /// Keep `entry`, forgetting the oldest decided requests beyond the bound.
+    /// Keep `entry`, forgetting the oldest decided requests beyond the bounds (in number,
+    /// and [`MAX_DECIDED_BYTES`]).
     pub fn insert(&mut self, entry: Entry) {
         self.order.push_back(entry.id.clone());
         self.entries.insert(entry.id.clone(), entry);
+        let mut decided_bytes: usize =
+            self.entries.values().filter(|e| e.status != Status::Pending).map(|e| e.bytes).sum();
         let mut kept = VecDeque::with_capacity(self.order.len());
-        while self.entries.len() > self.max_requests
+        while (self.entries.len() > self.max_requests || decided_bytes > MAX_DECIDED_BYTES)
             && let Some(id) = self.order.pop_front()
         {
             match self.entries.get(&id) {
                 Some(entry) if entry.status == Status::Pending => kept.push_back(id),
                 _ => {
-                    self.entries.remove(&id);
+                    if let Some(forgotten) = self.entries.remove(&id) {
+                        decided_bytes -= forgotten.bytes;
+                    }
                 }
             }
         }
@@ -218,5 +247,26 @@ mod tests {
         }
         assert!(!requests.has_room_for_pending("spiffe://c", 50, 11), "past the bytes of all");
         assert!(requests.has_room_for_pending("spiffe://c", 50, 10));
+    }
+
+    #[test]
+    fn decided_requests_are_kept_within_a_bound_of_bytes_and_without_their_payload() {
+        let mut requests = Requests::new(10_000, 100);
+        requests.insert(pending("waiting", "spiffe://a", 1 << 20));
+        let mut decided = pending("d", "spiffe://a", 0);
+        decided.draft.request.params = json!({"body": "x".repeat(1 << 20)});
+        decided.draft.live_state = Some(json!("y".repeat(1 << 20)));
+        decided.status = Status::Refused;
+        decided.forget_payload();
+        assert_eq!(decided.draft.request.params, Value::Null);
+        assert!(decided.draft.live_state.is_none() && decided.bytes < 1024, "{}", decided.bytes);
+        let share = MAX_DECIDED_BYTES / 8;
+        for i in 0..10 {
+            requests.insert(Entry { id: format!("d{i}"), bytes: share, ..decided.clone() });
+        }
+        // The oldest decided ones went; the pending one, older still, stays.
+        assert!(requests.get("waiting").is_some());
+        assert!(requests.get("d0").is_none() && requests.get("d1").is_none());
+        assert!((2..10).all(|i| requests.get(&format!("d{i}")).is_some()));
     }
 }

@@ -276,14 +276,6 @@ impl Sab {
         let id = uuid::Uuid::new_v4().to_string();
         let loaded = self.loaded();
         let verdict = loaded.book.evaluate(agent, &facts(&draft, SystemTime::now()));
-        let certify = json!(CertifyRecord {
-            request_id: &id,
-            requester: &agent.uri,
-            request: &draft.request,
-            precondition: &draft.precondition,
-            intent: &draft.intent,
-            live_state_digest: draft.live_state_digest.as_deref(),
-        });
         let mut entry = Entry {
             id: id.clone(),
             requester: agent.clone(),
@@ -300,24 +292,26 @@ impl Sab {
         match verdict {
             Verdict::Refuse { reasons } => {
                 // Anyone with a client certificate can be refused as fast as it can ask:
-                // past its share of the second, a refusal is counted, not logged whole.
+                // past its share of the second, a refusal is counted, not logged whole;
+                // and what is logged or kept of it is clipped (a reason can quote the target).
+                let clipped: Vec<String> =
+                    reasons.iter().map(|r| crate::audit::clipped(r, records::REFUSED_TEXT_CLIP)).collect();
                 let kind = records::RefusalKind {
                     requester: agent.uri.clone(),
-                    reason: reasons.first().cloned().unwrap_or_default(),
+                    reason: clipped.first().cloned().unwrap_or_default(),
                 };
                 let logged = self.refusals.admit(requester_group(&agent.uri), kind, now_ns() as u64);
                 if logged {
-                    let decision = decision_record(&id, "refused", &loaded, &[], &reasons, None);
+                    let certify = json!(CertifyRecord::of(&id, &agent.uri, &entry.draft, true));
+                    let decision = decision_record(&id, "refused", &loaded, &[], &clipped, None);
                     if let Err(e) =
                         self.write(vec![(records::CERTIFY_KIND, certify), (records::DECISION_KIND, decision)]).await
                     {
                         return ledger_error(e);
                     }
                 }
-                entry.reasons = reasons.clone();
-                // Remembered for reading back, without what it carried.
-                entry.draft.request.params = Value::Null;
-                entry.draft.live_state = None;
+                entry.reasons = clipped;
+                entry.forget_payload();
                 self.requests.lock().await.insert(entry);
                 let mut reply = json!({"status": "refused", "request_id": id, "reasons": reasons});
                 if !logged {
@@ -362,7 +356,7 @@ impl Sab {
                     approvers: entry.approvers.clone(),
                 });
                 let records = vec![
-                    (records::CERTIFY_KIND, certify),
+                    (records::CERTIFY_KIND, json!(CertifyRecord::of(&id, &agent.uri, &entry.draft, false))),
                     (records::DECISION_KIND, decision),
                     (records::PENDING_KIND, waiting),
                 ];
@@ -382,7 +376,7 @@ impl Sab {
                     Err(reply) => return reply,
                 };
                 let records = vec![
-                    (records::CERTIFY_KIND, certify),
+                    (records::CERTIFY_KIND, json!(CertifyRecord::of(&id, &agent.uri, &entry.draft, false))),
                     (records::DECISION_KIND, decision),
                     (records::ISSUANCE_KIND, issuance),
                 ];
@@ -392,6 +386,7 @@ impl Sab {
                 let reply = issued_reply(&id, &issued);
                 entry.status = Status::Issued;
                 entry.issued = Some(issued);
+                entry.forget_payload();
                 self.requests.lock().await.insert(entry);
                 Reply::ok(200, reply)
             }
@@ -524,6 +519,12 @@ impl Sab {
             Some(Reply::error(409, "already_decided", format!("the request is already {:?}", entry.status)))
         } else if verdict == Answer::Approve && entry.approvals.iter().any(|a| a.approver == uri) {
             Some(Reply::error(409, "already_approved", format!("{uri} has already approved this request")))
+        } else if !self.approver_now(entry, uri) {
+            Some(Reply::error(
+                403,
+                "not_an_approver",
+                format!("{uri} is no longer among this request's approvers under the policies in force"),
+            ))
         } else {
             None
         };
@@ -578,11 +579,24 @@ impl Sab {
         if let Err(e) = self.write(writes).await {
             return ledger_error(e);
         }
+        if entry.status != Status::Pending {
+            entry.forget_payload();
+        }
         let view = entry.view(true);
         if let Some(slot) = requests.get_mut(id) {
             *slot = entry;
         }
         Reply::ok(200, view)
+    }
+
+    /// Whether `uri` is among `entry`'s approvers under the policies in force now: one
+    /// removed from `@approvers` since the request began waiting decides it no more. (A
+    /// request the policies now refuse is refused at its last approval whoever gives it.)
+    fn approver_now(&self, entry: &Entry, uri: &str) -> bool {
+        match self.loaded().book.evaluate(&entry.requester, &facts(&entry.draft, SystemTime::now())) {
+            Verdict::Permit { grant, .. } => grant.approvers.iter().any(|a| a == uri),
+            Verdict::Refuse { .. } => true,
+        }
     }
 
     /// Enough approvals: evaluate again under the policies in force now (they may have
@@ -641,6 +655,7 @@ impl Sab {
             if let Some(entry) = requests.get_mut(&id) {
                 entry.status = Status::Expired;
                 entry.reasons = vec!["expired: not enough approvals before the deadline".into()];
+                entry.forget_payload();
             }
         }
         Ok(())
