@@ -242,6 +242,18 @@ fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// `metadata.managedFields` is the API server's record of which manager owns which
+/// field; the broker's forced apply (manager `seb-broker`) removes fields its entries say
+/// it owns and its object omits. A certified write that planted entries would have a
+/// later, unrelated apply remove fields nobody certified removing.
+fn check_no_managed_fields(body: &Value, what: &str) -> Result<()> {
+    ensure!(
+        body.pointer("/metadata/managedFields").is_none(),
+        "{what}.metadata.managedFields is the API server's record of field owners, not written through seb"
+    );
+    Ok(())
+}
+
 impl KubeOperation {
     pub fn parse(request: &MutationRequest) -> Result<Self> {
         let target = KubeTarget::parse(&request.target)?;
@@ -251,6 +263,7 @@ impl KubeOperation {
         let object = |verb: &str| -> Result<Value> {
             let object = params.get("object").cloned().with_context(|| format!("{verb} needs params.object"))?;
             check_object_names(&object, &target, verb)?;
+            check_no_managed_fields(&object, "params.object")?;
             // The token controller fills such a Secret with a token that never expires:
             // a credential beyond any decision, for whoever can read or mount it.
             ensure!(
@@ -268,6 +281,7 @@ impl KubeOperation {
                 let patch = params.get("patch").cloned().context("patch needs params.patch (a JSON merge patch)")?;
                 ensure!(patch.is_object(), "params.patch is a JSON merge patch (an object)");
                 ensure!(patch.get("metadata").is_none_or(Value::is_object), "params.patch.metadata must be an object");
+                check_no_managed_fields(&patch, "params.patch")?;
                 if core_secret {
                     check_no_token_annotations(&patch)?;
                 }
@@ -754,6 +768,22 @@ mod tests {
         ] {
             KubeOperation::parse(&request("delete", target, Value::Null)).unwrap();
         }
+    }
+
+    #[test]
+    fn no_write_plants_field_owners() {
+        let managed = json!([{"manager": "seb-broker", "operation": "Apply", "fieldsV1": {"f:data": {"f:x": {}}}}]);
+        let target = "v1/ConfigMap/prod/settings";
+        let patch = json!({"patch": {"metadata": {"managedFields": managed}}});
+        let e = format!("{:#}", KubeOperation::parse(&request("patch", target, patch)).unwrap_err());
+        assert!(e.contains("params.patch.metadata.managedFields"), "{e}");
+        let object = json!({"object": {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "settings", "namespace": "prod", "managedFields": managed}}});
+        for verb in ["create", "apply"] {
+            let e = format!("{:#}", KubeOperation::parse(&request(verb, target, object.clone())).unwrap_err());
+            assert!(e.contains("params.object.metadata.managedFields"), "{verb}: {e}");
+        }
+        KubeOperation::parse(&request("patch", target, json!({"patch": {"data": {"x": "1"}}}))).unwrap();
     }
 
     #[test]

@@ -34,13 +34,17 @@ pub enum Decode {
 
 /// Deepest XML nesting accepted (AWS responses are a dozen levels deep).
 const MAX_DEPTH: usize = 128;
+/// Most attributes an element may carry (AWS elements carry a few). The XML reader
+/// checks each attribute's name against every earlier one's: an object written as one
+/// element with 150,000 attributes took tens of seconds of a runtime thread to read.
+const MAX_ATTRIBUTES: usize = 64;
 
 /// Decode a response body into the JSON document that is compared.
 pub fn decode(body: &[u8], decode: Decode) -> Result<Value> {
-    // JSON values are counted by their separators, XML ones by their tags.
+    // JSON values are counted by their separators, XML ones by their tags and attributes.
     let values = match decode {
         Decode::Json => crate::cert::ijson::values_in(body),
-        Decode::Xml => body.iter().filter(|b| **b == b'<').count(),
+        Decode::Xml => body.iter().filter(|b| matches!(**b, b'<' | b'=')).count(),
         Decode::Sha256 => 0,
     };
     anyhow::ensure!(
@@ -67,7 +71,8 @@ impl Open {
     fn new(start: &BytesStart) -> Result<Self> {
         let name = String::from_utf8(start.local_name().as_ref().to_vec()).context("XML name is not UTF-8")?;
         let mut fields = Vec::new();
-        for attribute in start.attributes() {
+        for (n, attribute) in start.attributes().enumerate() {
+            anyhow::ensure!(n < MAX_ATTRIBUTES, "an XML element carries more than {MAX_ATTRIBUTES} attributes");
             let attribute = attribute.context("malformed XML attribute")?;
             let key = attribute.key;
             if key.as_ref() == b"xmlns" || key.prefix().is_some_and(|p| p.as_ref() == b"xmlns") {
@@ -259,6 +264,25 @@ mod tests {
         assert!(decode(&wide, Decode::Sha256).is_ok(), "a digest of the bytes holds no values");
         let narrow = [b"[".as_slice(), &b"0,".repeat(1000), b"0]"].concat();
         assert_eq!(decode(&narrow, Decode::Json).unwrap().as_array().unwrap().len(), 1001);
+    }
+
+    #[test]
+    fn attributes_count_as_values_and_an_element_carries_few() {
+        let element = |n: usize| {
+            let attributes: String = (0..n).map(|i| format!(" a{i}=\"\"")).collect();
+            format!("<a{attributes}/>").into_bytes()
+        };
+        // 150,000 attributes on one element: refused at once (it took tens of seconds).
+        let started = std::time::Instant::now();
+        let e = format!("{:#}", decode(&element(150_000), Decode::Xml).unwrap_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(1), "{:?}", started.elapsed());
+        assert!(e.contains("more than 64 attributes"), "{e}");
+        let attributed = b"<a b=\"\"/>".repeat(MAX_STATE_VALUES / 2 + 1);
+        let e = format!("{:#}", decode(&attributed, Decode::Xml).unwrap_err());
+        assert!(e.contains("more than the 262144"), "{e}");
+        let e = format!("{:#}", decode(&element(65), Decode::Xml).unwrap_err());
+        assert!(e.contains("more than 64 attributes"), "{e}");
+        assert_eq!(decode(&element(64), Decode::Xml).unwrap()["a"].as_object().unwrap().len(), 64);
     }
 
     #[test]

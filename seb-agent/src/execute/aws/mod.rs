@@ -10,6 +10,7 @@
 pub mod canonical;
 pub mod preset;
 pub mod request;
+mod rest_action;
 pub mod sign;
 
 use std::{

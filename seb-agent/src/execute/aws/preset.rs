@@ -282,7 +282,7 @@ fn uri_encode(text: &str) -> String {
 }
 
 /// Path-style S3 addressing, keys percent-encoded segment by segment.
-fn s3_path(bucket: &str, key: Option<&str>) -> String {
+pub(super) fn s3_path(bucket: &str, key: Option<&str>) -> String {
     match key {
         Some(key) => {
             format!("/{}/{}", uri_encode(bucket), key.split('/').map(uri_encode).collect::<Vec<_>>().join("/"))
@@ -291,7 +291,7 @@ fn s3_path(bucket: &str, key: Option<&str>) -> String {
     }
 }
 
-fn s3_object(target: &str) -> Result<(String, String)> {
+pub(super) fn s3_object(target: &str) -> Result<(String, String)> {
     let usage = "S3 objects are targeted as arn:aws:s3:::<bucket>/<key>";
     let rest = target.strip_prefix("arn:aws:s3:::").context(usage)?;
     let (bucket, key) = rest.split_once('/').context(usage)?;
@@ -301,7 +301,7 @@ fn s3_object(target: &str) -> Result<(String, String)> {
     Ok((bucket.into(), key.into()))
 }
 
-fn s3_bucket(target: &str) -> Result<String> {
+pub(super) fn s3_bucket(target: &str) -> Result<String> {
     let bucket = target.strip_prefix("arn:aws:s3:::").filter(|b| !b.contains('/') && !b.is_empty());
     Ok(bucket.context("S3 buckets are targeted as arn:aws:s3:::<bucket>")?.to_string())
 }

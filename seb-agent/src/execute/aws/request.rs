@@ -196,11 +196,33 @@ impl AwsOperation {
             params.condition.clone(),
         )
         .context("params.request")?;
+        mutation.ensure_rest_action(params.protocol).context("params.request")?;
         let read = |read: &CertifiedRead, field: &str| {
             StateRead::new(read, &request.target, origin).with_context(|| format!("params.{field}"))
         };
+        // A preset's operation is checked against the preset's read of its target: an
+        // agent's read of something else (a HEAD, a byte range, another item) would
+        // leave the drift check blind to the state the mutation changes.
+        if super::preset::OPERATIONS.contains(&request.operation.as_str()) {
+            let preset = super::preset::precondition_read(&request.operation, target)?;
+            ensure!(
+                params.precondition == preset,
+                "params.precondition: `{}` is checked against its preset's read of the target (`seb-agent                  aws-preset` prints it), not another",
+                request.operation
+            );
+        }
         let precondition = read(&params.precondition, "precondition")?;
         let postcondition = params.postcondition.as_ref().map(|r| read(r, "postcondition")).transpose()?;
+        // The resulting state's digest goes back to the caller: read by the precondition's
+        // read, whose state the caller certified, it tells nothing the caller could not
+        // read; another read could be aimed at state the caller may not read (another
+        // item's secret field) and its digest tested against guesses offline.
+        if let Some(postcondition) = &postcondition {
+            ensure!(
+                postcondition.call == precondition.call,
+                "params.postcondition reads what params.precondition reads (the same action, request and resources)"
+            );
+        }
         Ok(Self { mutation, precondition, postcondition })
     }
 
@@ -240,6 +262,7 @@ impl StateRead {
         let resources = read.resources.clone().unwrap_or_else(|| vec![target.to_string()]);
         let call = AwsCall::new(&read.action, read.service.as_deref(), protocol, &read.request, resources, None)?;
         ensure_a_read(&call, protocol)?;
+        call.ensure_rest_action(protocol)?;
         // Even the broker's own read runs narrowed where the request does not name the
         // whole ARN: IAM's `RoleName` is read in the broker's account, whatever account
         // the target names. Unnarrowed only where narrowing adds nothing: S3 (a bucket
@@ -398,7 +421,11 @@ impl AwsCall {
     ) -> Result<Self> {
         let (prefix, operation) = action
             .split_once(':')
-            .filter(|(s, o)| !s.is_empty() && !o.is_empty() && !o.contains(['*', '?']))
+            .filter(|(s, o)| {
+                let name =
+                    |text: &str| !text.is_empty() && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+                name(s) && name(o)
+            })
             .with_context(|| format!("the action `{action}` is not service:Operation"))?;
         let service = service.unwrap_or(prefix).to_string();
         ensure!(
@@ -436,9 +463,26 @@ impl AwsCall {
                     "the request's x-amz-target is {target}, the certified action names {operation}"
                 );
             }
+            // Checked by `ensure_rest_action`, once a read is known to be one.
             Protocol::RestJson | Protocol::RestXml => {}
         }
         Ok(Self { action: action.into(), service, resources, condition, request })
+    }
+
+    /// On the REST protocols, the request has the shape of the certified action on its
+    /// resource (see `rest_action`).
+    fn ensure_rest_action(&self, protocol: Protocol) -> Result<()> {
+        match protocol {
+            Protocol::RestJson | Protocol::RestXml => super::rest_action::ensure_performs(
+                &self.service,
+                &self.action,
+                &self.request.method,
+                &self.request.path,
+                &self.request.headers,
+                &self.resources[0],
+            ),
+            Protocol::Query | Protocol::Json => Ok(()),
+        }
     }
 
     /// Allow exactly this action on exactly these resources.
@@ -677,6 +721,44 @@ mod tests {
         params["precondition"]["volatile"] = json!(["ConsumedCapacity"]);
         let e = format!("{:#}", AwsOperation::parse(&request(params)).unwrap_err());
         assert!(e.contains("params.precondition") && e.contains("must start with `/`"), "{e}");
+    }
+
+    #[test]
+    fn a_preset_operation_written_out_is_its_preset_in_shape_and_in_read() {
+        let target = "arn:aws:s3:::b/cfg.json";
+        let full = super::super::preset::request("s3:PutObject", target, &json!({"body": "x"})).unwrap();
+        AwsOperation::parse(&full).unwrap();
+        let refused = |change: &dyn Fn(&mut Value)| {
+            let mut changed = full.clone();
+            change(&mut changed.params);
+            format!("{:#}", AwsOperation::parse(&changed).unwrap_err())
+        };
+        // A certified put carrying a delete of another key, or a copy of another object.
+        let e = refused(&|p| {
+            p["request"]["method"] = json!("DELETE");
+            p["request"]["path"] = json!("/b/other.json");
+        });
+        assert!(e.contains("not DELETE"), "{e}");
+        let e = refused(&|p| p["request"]["headers"]["x-amz-copy-source"] = json!("/b/secret.json"));
+        assert!(e.contains("x-amz-copy-source"), "{e}");
+        // Its drift check reads what the preset reads: not a HEAD, whose state any
+        // existing object shares.
+        let e = refused(&|p| p["precondition"]["request"]["method"] = json!("HEAD"));
+        assert!(e.contains("checked against its preset's read"), "{e}");
+        // The resulting state is read as the precondition was.
+        let mut params = put_item();
+        params["postcondition"] = params["precondition"].clone();
+        AwsOperation::parse(&request(params.clone())).unwrap();
+        params["postcondition"]["request"]["body"] = json!("{\"TableName\":\"t\",\"Key\":{\"id\":{\"S\":\"k2\"}}}");
+        let e = format!("{:#}", AwsOperation::parse(&request(params)).unwrap_err());
+        assert!(e.contains("params.postcondition reads what params.precondition reads"), "{e}");
+        // An action's service is a name, not an IAM wildcard.
+        let mut params = put_item();
+        params["service"] = json!("dynamodb");
+        let mut wild = request(params);
+        wild.operation = "*:PutItem".into();
+        let e = format!("{:#}", AwsOperation::parse(&wild).unwrap_err());
+        assert!(e.contains("is not service:Operation"), "{e}");
     }
 
     #[test]
