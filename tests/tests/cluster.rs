@@ -61,6 +61,18 @@ struct World {
 /// cgroups (default: the whole sandbox). The probe reads the resources every third of
 /// `staleness` seconds; anything a test sees sooner came through a watch.
 fn world(label: &str, scope: Option<&[String]>, staleness: u64, seed: impl FnOnce(&KubeStandIn, &Sandbox)) -> World {
+    let world = start_world(label, scope, staleness, seed);
+    eventually("the cluster state to be read", || world.status().cluster.filter(|c| c.synced && c.settled));
+    world
+}
+
+/// `world`, without waiting for the broker to read the cluster's state.
+fn start_world(
+    label: &str,
+    scope: Option<&[String]>,
+    staleness: u64,
+    seed: impl FnOnce(&KubeStandIn, &Sandbox),
+) -> World {
     let mut sandbox = Sandbox::new(label, tools()).unwrap();
     // Listeners bound to the policies' endpoints: where nothing listens, a local address
     // on a locally protected port is judged as the protected service (fail closed), so an
@@ -110,9 +122,23 @@ fn world(label: &str, scope: Option<&[String]>, staleness: u64, seed: impl FnOnc
         None => Broker::start(sandbox, &extra, false).unwrap(),
         Some(scope) => Broker::start_scoped(sandbox, scope, &extra).unwrap(),
     };
-    let world = World { cluster, broker, token, kubeconfig };
-    eventually("the cluster state to be read", || world.status().cluster.filter(|c| c.synced && c.settled));
-    world
+    World { cluster, broker, token, kubeconfig }
+}
+
+/// Installed in the README's order (the DaemonSet, then the cluster state), a broker's
+/// first list finds no SebPolicy: it settles once one is made. A watcher lists again
+/// only after an error, so a node waiting for its next list stayed unready for good.
+#[test]
+fn a_broker_that_first_lists_no_policy_settles_once_one_is_made() {
+    let w = start_world("late", Some(&[]), 90, |cluster, _| {
+        cluster.store.lock().unwrap().put(SEB_REVOCATIONS, revocation(2, &[], &[]));
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let cluster = w.status().cluster.unwrap();
+    assert!(!cluster.synced && !cluster.settled, "settled without a SebPolicy: {cluster:?}");
+    w.cluster.store.lock().unwrap().put(SEB_POLICIES, policy(1, json!({})));
+    eventually("the broker to settle", || w.status().cluster.filter(|c| c.synced && c.settled));
+    eventually("the broker to be ready", || (w.broker.sandbox.http_get("/readyz").unwrap().0 == 200).then_some(()));
 }
 
 impl World {
@@ -390,11 +416,20 @@ fn pods_the_policy_selects_are_enforced_as_they_come_and_go_and_denials_name_the
     });
     let links_before = w.broker.sandbox.pinned_links().unwrap().len();
     w.cluster.store.lock().unwrap().delete(PODS, "agent-0");
+    eventually("the deleted pod's denial series to go", || (!metrics().contains(series)).then_some(()));
+    // Deleted while its cgroup is there (a forced delete: its containers run out their
+    // grace period), it stays enforced: the sockets it opened while enforced would be
+    // judged by nothing once its links were off. (Given the time its links took to go.)
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(w.attempt(&cgroups.0, "127.0.0.71:80"), "EPERM", "a deleted pod whose cgroup is there");
+    assert_eq!(w.broker.sandbox.pinned_links().unwrap().len(), links_before);
+    // Once its cgroup is gone, so are its links.
+    let container = w.broker.sandbox.cgroup.join(&cgroups.0);
+    std::fs::remove_dir(&container).unwrap();
+    std::fs::remove_dir(container.parent().unwrap()).unwrap();
     eventually("the deleted pod's links to go", || {
         (w.broker.sandbox.pinned_links().unwrap().len() < links_before).then_some(())
     });
-    assert_eq!(w.attempt(&cgroups.0, "127.0.0.71:80"), "ok", "a pod no longer listed is not enforced");
-    eventually("the deleted pod's denial series to go", || (!metrics().contains(series)).then_some(()));
 
     // A pod without the label, once its namespace gets the namespace selector's label.
     assert_eq!(w.attempt(&cgroups.2, "127.0.0.71:80"), "ok", "its namespace is not selected yet");

@@ -60,7 +60,10 @@ pub fn find_pod(root: &Path, pod_uid: &str) -> Result<Option<PodCgroups>> {
     }
     let root_name = root.to_string_lossy();
     for parent in candidates {
-        for entry in fs::read_dir(&parent)?.flatten() {
+        // Another pod's directory removed (or unreadable) since the listing is not this
+        // pod's: skipped, not an error that would leave this pod unresolved.
+        let Ok(entries) = fs::read_dir(&parent) else { continue };
+        for entry in entries.flatten() {
             let path = entry.path();
             if !entry.file_type().is_ok_and(|t| t.is_dir())
                 || pod_uid_in(&root_name, &path.to_string_lossy()).as_deref() != Some(pod_uid)

@@ -63,6 +63,8 @@ struct Inner {
     /// Selected pods (by UID) whose cgroup was not there at the last choice, since when:
     /// looked for again every [`UNRESOLVED_RETRY`] for [`UNRESOLVED_FAST_FOR`].
     unresolved: Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// The pod cgroups enforced at the last choice: each stays enforced while it exists.
+    enforced_pods: Mutex<BTreeSet<std::path::PathBuf>>,
 }
 
 /// How soon a selected pod's cgroup is looked for again: its first process runs
@@ -97,6 +99,7 @@ impl ClusterSync {
             kubepods: Box::new(kubepods),
             listed: Mutex::default(),
             unresolved: Default::default(),
+            enforced_pods: Default::default(),
         };
         Self { inner: Arc::new(inner) }
     }
@@ -270,6 +273,12 @@ impl ClusterSync {
         unresolved.values().any(|since| since.elapsed() < UNRESOLVED_FAST_FOR)
     }
 
+    /// Whether an enforced pod cgroup is gone since the last choice (its links can go).
+    pub fn has_departed_pods(&self) -> bool {
+        let Ok(enforced) = self.inner.enforced_pods.lock() else { return false };
+        enforced.iter().any(|dir| !dir.is_dir())
+    }
+
     /// The pod-level cgroups of the selected pods that exist on this node, and whether
     /// every selected pod's was found or is yet to be made (false: no kubepods cgroup, or
     /// one could not be resolved, so a selected pod may run unenforced).
@@ -307,6 +316,15 @@ impl ClusterSync {
                 })
                 .collect(),
         };
+        // A pod once enforced stays enforced while its cgroup exists: deleted (a forced
+        // delete removes the object while its containers run out their grace period),
+        // no longer selected, or not found for a moment. Detached, the sockets its
+        // processes opened while enforced would be judged by nothing.
+        let mut found = found;
+        if let Ok(mut enforced) = self.inner.enforced_pods.lock() {
+            found.extend(enforced.iter().filter(|dir| dir.is_dir()).cloned());
+            enforced.clone_from(&found);
+        }
         if let Ok(mut unresolved) = self.inner.unresolved.lock() {
             let now = std::time::Instant::now();
             let previous = std::mem::take(&mut *unresolved);

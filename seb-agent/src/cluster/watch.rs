@@ -61,6 +61,8 @@ async fn follow<K, F, Fut>(
     let stream = watcher(api, config).default_backoff();
     pin_mut!(stream);
     let mut listed = Vec::new();
+    // Whether the last list, or a change since, was applied.
+    let mut applied_since_list = false;
     loop {
         let event = tokio::select! {
             event = stream.next() => event,
@@ -99,13 +101,21 @@ async fn follow<K, F, Fut>(
         };
         let relisted = matches!(change, Change::Relisted(_));
         match handle(change).await {
-            Ok(()) if relisted => {
+            // Listed once the first list, or the first change after a list that could
+            // not be applied (a followed object missing or invalid then, made later),
+            // is applied: a watcher relists only after an error, so waiting for the next
+            // list would leave the node unsettled for good.
+            Ok(()) if relisted || !applied_since_list => {
+                applied_since_list = true;
                 if let Err(e) = sync.listed(&kind) {
                     sync.error(&kind, &e);
                 }
             }
             Ok(()) => {}
-            Err(e) => sync.error(&kind, &e),
+            Err(e) => {
+                applied_since_list &= !relisted;
+                sync.error(&kind, &e)
+            }
         }
     }
 }
@@ -165,14 +175,15 @@ async fn offer_policy(sync: ClusterSync, observed: Observed<SebPolicy>) -> Resul
 
 /// Look again for the cgroups of selected pods the kubelet had not made yet, every
 /// [`super::sync::UNRESOLVED_RETRY`] while any is missing, rather than at the next pod
-/// event or probe (seconds later, while the pod's first containers may already run).
+/// event or probe (seconds later, while the pod's first containers may already run);
+/// and choose again once an enforced pod's cgroup is gone.
 async fn resolve_selected_pods(sync: ClusterSync, mut shutdown: signal::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(super::sync::UNRESOLVED_RETRY) => {}
             _ = shutdown.changed() => return,
         }
-        if sync.has_unresolved_pods()
+        if (sync.has_unresolved_pods() || sync.has_departed_pods())
             && let Err(e) = sync.pods_changed()
         {
             warn!(error = %format!("{e:#}"), "choosing the selected pods' cgroups again");
