@@ -32,6 +32,7 @@ pub struct Checked {
 }
 
 pub fn check(config: &Config) -> Result<Checked> {
+    check_host_pid_namespace()?;
     let descriptors = server::limits::ensure_descriptors(config.broker.max_connections)?;
     let mount = check_cgroups(config)?;
     let sources = config_sources(config)?;
@@ -83,6 +84,25 @@ pub fn check(config: &Config) -> Result<Checked> {
         );
     }
     Ok(Checked { mount, sources, admission, socket_gid, descriptors })
+}
+
+/// `/proc/self/ns/pid` in the initial PID namespace (`PROC_PID_INIT_INO`,
+/// `include/linux/proc_ns.h`).
+const INITIAL_PID_NAMESPACE: &str = "pid:[4026531836]";
+
+/// The kernel programs name processes by their pid in the initial PID namespace; the
+/// agent names itself and its brokers by its own. In a PID namespace of its own (a
+/// container without `hostPID`) those are other numbers: the broker's connections would
+/// be refused, and the agent's entry would exempt whichever host process has its pid.
+fn check_host_pid_namespace() -> Result<()> {
+    let namespace = std::fs::read_link("/proc/self/ns/pid").context("reading /proc/self/ns/pid")?;
+    if namespace.as_os_str() != INITIAL_PID_NAMESPACE {
+        bail!(
+            "the agent runs in a PID namespace of its own ({}), not the host's: the kernel programs name              processes by their host pid; run it in the host's PID namespace (hostPID: true)",
+            namespace.display()
+        );
+    }
+    Ok(())
 }
 
 /// Each protection the config turns off, said plainly: every one is on by default, and

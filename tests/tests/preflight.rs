@@ -80,3 +80,24 @@ fn a_config_naming_what_is_not_there_is_refused_before_the_kernel() {
         assert_eq!(pins(&sandbox), Vec::<String>::new(), "run pinned something with a bad `{field}`");
     }
 }
+
+/// The kernel programs name processes by their host pid: an agent in a PID namespace of
+/// its own (a container without `hostPID`) is refused before anything is attached.
+#[test]
+fn an_agent_in_a_pid_namespace_of_its_own_is_refused_before_the_kernel() {
+    let sandbox = Sandbox::new("pidns", tools()).unwrap();
+    sandbox.write_config("").unwrap();
+    for command in ["check-config", "run"] {
+        let output = std::process::Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc"])
+            .arg(&sandbox.tools.agent)
+            .args([command, "--config"])
+            .arg(&sandbox.config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{command} ran in a PID namespace of its own: {stderr}");
+        assert!(stderr.contains("PID namespace of its own"), "{command}: {stderr}");
+        assert_eq!(pins(&sandbox), Vec::<String>::new(), "{command} pinned something");
+    }
+}
