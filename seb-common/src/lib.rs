@@ -190,17 +190,20 @@ pub const DENIAL_RING_BYTES: u32 = 1 << 20;
 /// fill the ring (about 2,200 events) that every other cgroup's denials and kills share.
 /// Above the recorder's per-cgroup budget, which decides what is recorded in full.
 pub const DENIALS_PER_CGROUP_SECOND: u32 = 256;
+/// Kills of one cgroup a second put in the ring buffer, counted apart from its refusals:
+/// a process that first spends its cgroup's refusals is still named when it is killed.
+pub const KILLS_PER_CGROUP_SECOND: u32 = 64;
 /// Cgroups whose rate the kernel follows at once (least recently denied forgotten first).
 pub const MAX_RATED_CGROUPS: u32 = 4_096;
 
-/// A cgroup's refusals in the current second, in `SEB_DENIAL_RATE`.
+/// A cgroup's refusals and kills in the current second, in `SEB_DENIAL_RATE`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DenialRate {
     /// Boot time in whole seconds.
     pub second: u64,
     pub sent: u32,
-    pub _pad: u32,
+    pub kills: u32,
 }
 
 /// Port/protocol rules attached to one prefix in a protected-endpoint trie.

@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use seb_common::{
     AF_PACKET, AF_XDP, DENIALS_PER_CGROUP_SECOND, DenialEvent, DenialRate, EndpointRules, FAMILY_DEVICE, FAMILY_NONE,
-    FAMILY_V4, FAMILY_V6, Hook, LOCAL_LOOPBACK, MAX_CGROUP_DEPTH, agent_slots, counters,
+    FAMILY_V4, FAMILY_V6, Hook, KILLS_PER_CGROUP_SECOND, LOCAL_LOOPBACK, MAX_CGROUP_DEPTH, agent_slots, counters,
 };
 
 use crate::{
@@ -767,32 +767,38 @@ fn bump(index: u32) {
     }
 }
 
-/// Whether `cgroup` may put one more denial (a refusal or a kill) in the ring buffer this
-/// second. A kill past the rate still kills; only its record is counted instead (one
-/// process forking children that are killed at `socket(AF_PACKET)` filled the ring
-/// while kills were not rated). The count is taken atomically; only at a second's turn
-/// may CPUs racing to start it let a few more through.
+/// Whether `cgroup` may put one more refusal, or with `kill` one more kill, in the ring
+/// buffer this second: each within its own share, so that refusals spent first cannot
+/// keep a kill unnamed. A kill past the rate still kills; only its record is counted
+/// instead (one process making children that were killed at `socket(AF_PACKET)` filled
+/// the ring while kills were not rated). The count is taken atomically; only at a
+/// second's turn may CPUs racing to start it let a few more through.
 #[inline(always)]
-fn within_rate(cgroup: u64) -> bool {
+fn within_rate(cgroup: u64, kill: bool) -> bool {
     // SAFETY: plain helper call.
     let second = unsafe { bpf_ktime_get_boot_ns() } / 1_000_000_000;
     match DENIAL_RATE.get_ptr_mut(cgroup) {
-        // SAFETY: the map's own value, shared by every CPU: the count changes atomically.
+        // SAFETY: the map's own value, shared by every CPU: the counts change atomically.
         Some(rate) => unsafe {
             if (*rate).second != second {
                 (*rate).second = second;
-                (*rate).sent = 1;
+                (*rate).sent = u32::from(!kill);
+                (*rate).kills = u32::from(kill);
                 return true;
             }
+            let (count, bound) = match kill {
+                true => (core::ptr::addr_of_mut!((*rate).kills), KILLS_PER_CGROUP_SECOND),
+                false => (core::ptr::addr_of_mut!((*rate).sent), DENIALS_PER_CGROUP_SECOND),
+            };
             // `core` has no atomic types for BPF; the add is the kernel's atomic `xadd`
             // (its old value unused, so no BPF_FETCH is needed), the read after it plain.
-            let sent = core::ptr::addr_of_mut!((*rate).sent);
-            core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(sent, 1);
-            sent.read_volatile() <= DENIALS_PER_CGROUP_SECOND
+            core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(count, 1);
+            count.read_volatile() <= bound
         },
         None => {
             // A full map forgets its least recently denied cgroup.
-            let _ = DENIAL_RATE.insert(cgroup, DenialRate { second, sent: 1, _pad: 0 }, 0);
+            let rate = DenialRate { second, sent: u32::from(!kill), kills: u32::from(kill) };
+            let _ = DENIAL_RATE.insert(cgroup, rate, 0);
             true
         }
     }
@@ -800,8 +806,8 @@ fn within_rate(cgroup: u64) -> bool {
 
 /// `within_rate`; past it, the denial is counted (`DENIALS`, `OVER_RATE`) instead.
 #[inline(always)]
-fn within_rate_or_counted(cgroup: u64) -> bool {
-    if within_rate(cgroup) {
+fn within_rate_or_counted(cgroup: u64, kill: bool) -> bool {
+    if within_rate(cgroup, kill) {
         return true;
     }
     bump(counters::DENIALS);
@@ -827,7 +833,7 @@ impl Report {
     #[inline(always)]
     fn send(&self, dest: &Destination, hook: Hook, cgroup_id: u64, socket_cgroup_id: u64, task_context: bool) {
         // The judged cgroup; the caller's where the socket's could not be read.
-        if !within_rate_or_counted(if socket_cgroup_id != 0 { socket_cgroup_id } else { cgroup_id }) {
+        if !within_rate_or_counted(if socket_cgroup_id != 0 { socket_cgroup_id } else { cgroup_id }, false) {
             return;
         }
         self.write(dest, hook, cgroup_id, socket_cgroup_id, (0, 0), task_context);
@@ -835,14 +841,14 @@ impl Report {
 
     #[inline(always)]
     fn send_socket(&self, dest: &Destination, family: u8, kind: u8, cgroup_id: u64) {
-        if within_rate_or_counted(cgroup_id) {
+        if within_rate_or_counted(cgroup_id, true) {
             self.write(dest, Hook::SockCreate, cgroup_id, cgroup_id, (family, kind), true);
         }
     }
 
     #[inline(always)]
     fn send_kill(&self, hook: Hook, cgroup_id: u64, scoped_in: u64) {
-        if !within_rate_or_counted(cgroup_id) {
+        if !within_rate_or_counted(cgroup_id, true) {
             return;
         }
         let mut dest = Destination::v4([0; 4], 0, 0);
