@@ -255,6 +255,10 @@ def test_a_malformed_answer_is_a_protocol_error_and_after_a_proposal_an_unknown_
     # Admitted and succeeded, but the rest cannot be read: the change may have been made.
     for name, reply in (("no-id", {"v": 1, "type": "decision", "admitted": True, "outcome": {"status": "succeeded"}}),
                         ("odd-outcome", {"v": 1, "type": "decision", "admitted": True, "outcome": "done"}),
+                        ("no-admitted", {"v": 1, "type": "decision", "outcome": {"status": "succeeded"}}),
+                        ("no-version", {"type": "decision", "admitted": True, "outcome": {"status": "succeeded"}}),
+                        ("overflow", b'{"v":1,"type":"decision","decision_id":"d","admitted":true,"reason":"",'
+                                     b'"record_seq":1e999,"outcome":{"status":"succeeded"}}'),
                         ("nested-decision", nested.replace(b'"read"', b'"decision"'))):
         _one_shot_broker(tmp_path / f"{name}.sock", reply)
         with pytest.raises(OutcomeUnknown):

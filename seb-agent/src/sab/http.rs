@@ -108,6 +108,9 @@ pub async fn serve(sab: Arc<Sab>, listener: TcpListener, tls: ServerConfig) -> R
         let (acceptor, sab, established, callers) =
             (acceptor.clone(), sab.clone(), established.clone(), callers.clone());
         tokio::spawn(async move {
+            // Under TLS, where each write to the socket that moves any bytes is progress
+            // (rustls flushes its buffer in a loop that returns pending until all is out).
+            let stream = super::write_stall::WriteStallLimit::new(stream);
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => return warn!(%peer, error = %e, "TLS handshake refused"),
@@ -150,7 +153,7 @@ pub async fn serve(sab: Arc<Sab>, listener: TcpListener, tls: ServerConfig) -> R
                 .timer(TokioTimer::new())
                 .header_read_timeout(if keep_alive { HEADER_TIMEOUT } else { UNIDENTIFIED_HEADER_TIMEOUT })
                 .keep_alive(keep_alive)
-                .serve_connection(TokioIo::new(super::write_stall::WriteStallLimit::new(tls)), service)
+                .serve_connection(TokioIo::new(tls), service)
                 .await;
             if let Err(e) = served {
                 warn!(%peer, error = %e, "connection ended with an error");

@@ -79,6 +79,12 @@ impl Entry {
     pub fn forget_payload(&mut self) {
         self.draft.request.params = Value::Null;
         self.draft.live_state = None;
+        if self.status == Status::Refused {
+            // Anyone with a client certificate can be refused; kept as its record keeps it.
+            let clip = |text: &str| crate::audit::clipped(text, super::records::REFUSED_TEXT_CLIP);
+            self.draft.request.target = clip(&self.draft.request.target);
+            self.draft.intent = clip(&self.draft.intent);
+        }
         self.bytes = self.id.len()
             + self.draft.request.operation.len()
             + self.draft.request.target.len()
@@ -123,8 +129,8 @@ impl Entry {
 
 /// The bytes of all pending requests together (a requester's: an eighth of it).
 pub const MAX_PENDING_BYTES: usize = 16 << 20;
-/// The bytes of all decided requests kept for reading back: past it, the oldest are
-/// forgotten.
+/// The bytes of all decided requests kept for reading back (a requester's: an eighth of
+/// it): past it, the oldest are forgotten (the requester's own first).
 pub const MAX_DECIDED_BYTES: usize = 32 << 20;
 
 pub struct Requests {
@@ -167,8 +173,11 @@ impl Requests {
     /// Keep `entry`, forgetting the oldest decided requests beyond the bounds (in number,
     /// and [`MAX_DECIDED_BYTES`]).
     pub fn insert(&mut self, entry: Entry) {
+        let requester = entry.requester.uri.clone();
         self.order.push_back(entry.id.clone());
         self.entries.insert(entry.id.clone(), entry);
+        // One requester's large requests push out its own, not everyone's.
+        self.forget_oldest_decided(|e| e.requester.uri == requester, MAX_DECIDED_BYTES / 8);
         let mut decided_bytes: usize =
             self.entries.values().filter(|e| e.status != Status::Pending).map(|e| e.bytes).sum();
         let mut kept = VecDeque::with_capacity(self.order.len());
@@ -185,6 +194,29 @@ impl Requests {
             }
         }
         while let Some(id) = kept.pop_back() {
+            self.order.push_front(id);
+        }
+    }
+
+    /// Forget the oldest decided requests that `of` selects until theirs take at most
+    /// `bound` bytes.
+    fn forget_oldest_decided(&mut self, of: impl Fn(&Entry) -> bool, bound: usize) {
+        let decided = |e: &Entry| e.status != Status::Pending && of(e);
+        let mut bytes: usize = self.entries.values().filter(|e| decided(e)).map(|e| e.bytes).sum();
+        let mut passed = VecDeque::new();
+        while bytes > bound
+            && let Some(id) = self.order.pop_front()
+        {
+            match self.entries.get(&id) {
+                Some(entry) if decided(entry) => {
+                    bytes -= entry.bytes;
+                    self.entries.remove(&id);
+                }
+                Some(_) => passed.push_back(id),
+                None => {}
+            }
+        }
+        while let Some(id) = passed.pop_back() {
             self.order.push_front(id);
         }
     }
@@ -262,11 +294,32 @@ mod tests {
         assert!(decided.draft.live_state.is_none() && decided.bytes < 1024, "{}", decided.bytes);
         let share = MAX_DECIDED_BYTES / 8;
         for i in 0..10 {
-            requests.insert(Entry { id: format!("d{i}"), bytes: share, ..decided.clone() });
+            let mut entry = pending(&format!("d{i}"), &format!("spiffe://r{i}"), share);
+            entry.status = Status::Refused;
+            requests.insert(entry);
         }
         // The oldest decided ones went; the pending one, older still, stays.
         assert!(requests.get("waiting").is_some());
         assert!(requests.get("d0").is_none() && requests.get("d1").is_none());
         assert!((2..10).all(|i| requests.get(&format!("d{i}")).is_some()));
+        // One requester's large requests push out its own, not another's.
+        let other = |id: &str, uri: &str, bytes: usize| {
+            let mut entry = pending(id, uri, bytes);
+            entry.status = Status::Issued;
+            entry
+        };
+        let mut requests = Requests::new(10_000, 100);
+        requests.insert(other("theirs", "spiffe://b", 1024));
+        for i in 0..16 {
+            requests.insert(other(&format!("mine{i}"), "spiffe://a", 2 << 20));
+        }
+        assert!(requests.get("theirs").is_some(), "another requester's certificate was pushed out");
+        assert!(requests.get("mine15").is_some() && requests.get("mine0").is_none());
+        // A refused request's texts are kept clipped, as its record keeps them.
+        let mut refused = pending("r", "spiffe://a", 0);
+        refused.draft.intent = "x".repeat(4000);
+        refused.status = Status::Refused;
+        refused.forget_payload();
+        assert!(refused.draft.intent.len() < 400 && refused.bytes < 1024, "{}", refused.bytes);
     }
 }

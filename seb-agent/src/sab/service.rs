@@ -591,10 +591,12 @@ impl Sab {
 
     /// Whether `uri` is among `entry`'s approvers under the policies in force now: one
     /// removed from `@approvers` since the request began waiting decides it no more. (A
-    /// request the policies now refuse is refused at its last approval whoever gives it.)
+    /// request the policies now refuse is refused at its last approval, and one they
+    /// permit without approval issued, whichever named approver gives it.)
     fn approver_now(&self, entry: &Entry, uri: &str) -> bool {
         match self.loaded().book.evaluate(&entry.requester, &facts(&entry.draft, SystemTime::now())) {
-            Verdict::Permit { grant, .. } => grant.approvers.iter().any(|a| a == uri),
+            // Needing no approval now, the request is issued at the approval it waits on.
+            Verdict::Permit { grant, .. } => grant.approvals == 0 || grant.approvers.iter().any(|a| a == uri),
             Verdict::Refuse { .. } => true,
         }
     }

@@ -46,6 +46,8 @@ class Broker:
                 if length > MAX_MESSAGE:
                     raise BrokerError("protocol", f"the broker announced a {length}-byte reply")
                 reply = json.loads(_read_exactly(conn, length))
+                if not isinstance(reply, dict) or reply.get("v") != VERSION:
+                    raise BrokerError("protocol", f"the broker does not speak protocol version {VERSION}")
         except (OSError, BrokerError, *MALFORMED) as e:
             if sent and message.get("type") == "propose":
                 raise OutcomeUnknown(
@@ -57,8 +59,6 @@ class Broker:
             if isinstance(e, OSError):
                 raise BrokerError("unreachable", f"the broker at {self.socket_path}: {e}") from e
             raise BrokerError("protocol", f"the broker's reply is not JSON: {e}") from e
-        if not isinstance(reply, dict) or reply.get("v") != VERSION:
-            raise BrokerError("protocol", f"the broker does not speak protocol version {VERSION}")
         if reply.get("type") == "error":
             raise BrokerError(str(reply.get("code", "error")), str(reply.get("message", "")))
         return reply
@@ -88,7 +88,10 @@ class Broker:
         reply = self.call({"type": "propose", "certificate": certificate, "request": request.to_json()})
         try:
             decision = self._expect(reply, "decision")
-            if not decision.get("admitted"):
+            admitted = decision.get("admitted")
+            if not isinstance(admitted, bool):
+                raise TypeError(f"`admitted` is {admitted!r}, not true or false")
+            if not admitted:
                 raise SebDenied(decision)
             status = (decision.get("outcome") or {}).get("status")
             if status in (None, "unknown"):

@@ -6,8 +6,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 
 #: What reading a malformed answer into this client's types raises: a missing field, a
-#: field of the wrong type, JSON nested past the parser's recursion limit.
-MALFORMED = (KeyError, TypeError, ValueError, AttributeError, RecursionError)
+#: field of the wrong type, JSON nested past the parser's recursion limit, a number
+#: past a float's range (`1e999` read as an int).
+MALFORMED = (KeyError, TypeError, ValueError, AttributeError, RecursionError, OverflowError)
 
 
 class SebError(Exception):

@@ -219,8 +219,9 @@ impl AwsOperation {
         // item's secret field) and its digest tested against guesses offline.
         if let Some(postcondition) = &postcondition {
             ensure!(
-                postcondition.call == precondition.call,
-                "params.postcondition reads what params.precondition reads (the same action, request and resources)"
+                *postcondition == precondition,
+                "params.postcondition is params.precondition's read (the same request, decoding, headers and \
+                 volatile fields)"
             );
         }
         Ok(Self { mutation, precondition, postcondition })
@@ -432,6 +433,9 @@ impl AwsCall {
             !service.is_empty() && service.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
             "`{service}` is not an AWS service name"
         );
+        // S3's actions are judged by S3's request shapes: named as another service, an
+        // S3 action would be judged by labels the caller chose.
+        ensure!(prefix != "s3" || service == "s3", "an `s3:` action is sent to S3, not to `{service}`");
         ensure!(!resources.is_empty() && resources.len() <= MAX_RESOURCES, "1 to {MAX_RESOURCES} resources");
         for resource in &resources {
             ensure!(resource.starts_with("arn:") || resource == "*", "resource `{resource}` is not an ARN or `*`");
@@ -469,9 +473,20 @@ impl AwsCall {
         Ok(Self { action: action.into(), service, resources, condition, request })
     }
 
-    /// On the REST protocols, the request has the shape of the certified action on its
-    /// resource (see `rest_action`).
+    /// The request performs the certified action: on the REST protocols it has the
+    /// action's shape on its resource (see `rest_action`). Of a service whose protocol
+    /// is not known here, no label tells (a REST service ignores the `Action` or
+    /// `x-amz-target` a caller adds): only a GET or HEAD is taken.
     fn ensure_rest_action(&self, protocol: Protocol) -> Result<()> {
+        if service_protocols(&self.service).is_none() {
+            ensure!(
+                matches!(self.request.method, Method::GET | Method::HEAD),
+                "the broker does not know which protocol `{}` speaks, so it cannot tell which action a {} request \
+                 performs: of such services only reads by GET or HEAD are taken",
+                self.service,
+                self.request.method
+            );
+        }
         match protocol {
             Protocol::RestJson | Protocol::RestXml => super::rest_action::ensure_performs(
                 &self.service,
@@ -751,7 +766,26 @@ mod tests {
         AwsOperation::parse(&request(params.clone())).unwrap();
         params["postcondition"]["request"]["body"] = json!("{\"TableName\":\"t\",\"Key\":{\"id\":{\"S\":\"k2\"}}}");
         let e = format!("{:#}", AwsOperation::parse(&request(params)).unwrap_err());
-        assert!(e.contains("params.postcondition reads what params.precondition reads"), "{e}");
+        assert!(e.contains("params.postcondition is params.precondition's read"), "{e}");
+        let mut params = put_item();
+        params["postcondition"] = params["precondition"].clone();
+        params["postcondition"]["volatile"] = json!([]);
+        let e = format!("{:#}", AwsOperation::parse(&request(params)).unwrap_err());
+        assert!(e.contains("params.postcondition is params.precondition's read"), "{e}");
+        // A REST service's request labelled with a protocol whose labels it ignores.
+        let mut glacier = request(json!({"protocol": "json", "request": {"method": "POST",
+            "path": "/-/vaults/v/multipart-uploads", "headers": {"x-amz-target": "Glacier.InitiateJob"}},
+            "precondition": {"action": "glacier:DescribeVault", "protocol": "json", "request": {"method": "POST",
+            "path": "/", "headers": {"x-amz-target": "Glacier.DescribeVault"}}}}));
+        glacier.operation = "glacier:InitiateJob".into();
+        glacier.target = "arn:aws:glacier:us-east-1:1:vaults/v".into();
+        let e = format!("{:#}", AwsOperation::parse(&glacier).unwrap_err());
+        assert!(e.contains("does not know which protocol `glacier` speaks"), "{e}");
+        // An S3 action sent as another service's.
+        let mut s3 = super::super::preset::request("s3:PutObject", "arn:aws:s3:::b/k", &json!({"body": "x"})).unwrap();
+        s3.params["service"] = json!("s3x");
+        let e = format!("{:#}", AwsOperation::parse(&s3).unwrap_err());
+        assert!(e.contains("is sent to S3"), "{e}");
         // An action's service is a name, not an IAM wildcard.
         let mut params = put_item();
         params["service"] = json!("dynamodb");

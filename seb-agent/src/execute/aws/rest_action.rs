@@ -86,9 +86,22 @@ const S3: &[Shape] = &[
     shape("s3:GetBucketPublicAccessBlock", GET, false, Some("publicAccessBlock")),
 ];
 
-/// Headers that make a request another action: `x-amz-copy-source` makes a PUT a copy
-/// (reading the source).
-const OTHER_ACTION_HEADERS: &[&str] = &["x-amz-copy-source"];
+/// Headers (by prefix) that make a request also another action, which IAM judges as
+/// that action: a copy (`x-amz-copy-source`, reading the source), an ACL (`x-amz-acl`,
+/// `x-amz-grant-*`), tags, object lock and legal hold (an object nobody can delete),
+/// bucket ownership and object lock at creation, a governance bypass; and keys of the
+/// caller's own (SSE-C), after which the drift check cannot read the object again.
+const OTHER_ACTION_HEADERS: &[&str] = &[
+    "x-amz-copy-source",
+    "x-amz-acl",
+    "x-amz-grant-",
+    "x-amz-tagging",
+    "x-amz-object-lock-",
+    "x-amz-bucket-object-lock-",
+    "x-amz-object-ownership",
+    "x-amz-bypass-governance-retention",
+    "x-amz-server-side-encryption-customer-",
+];
 
 /// `method` `path` (query included) with `headers` performs `action` on `target`, for
 /// a REST request to `service`.
@@ -140,6 +153,13 @@ pub fn ensure_performs(
     for key in keys {
         if Some(key) == shape.subresource {
             named_subresource = true;
+        } else if key == "x-id" {
+            // What AWS SDKs add: the operation's name, which must be the action's.
+            let named = query.split('&').find_map(|p| p.strip_prefix("x-id=")).unwrap_or_default();
+            ensure!(
+                Some(named) == action.strip_prefix("s3:"),
+                "the query's x-id `{named}` names another operation than `{action}`"
+            );
         } else if !shape.parameters.contains(&key) {
             bail!("the query parameter `{key}` makes the request another action than `{action}`");
         }
@@ -176,6 +196,18 @@ mod tests {
         assert!(refused("s3:PutObject", Method::PUT, "/b/cfg.json?delete", &[]).contains("`delete`"));
         let copy = refused("s3:PutObject", Method::PUT, "/b/cfg.json", &[("x-amz-copy-source", "/b/secret.json")]);
         assert!(copy.contains("x-amz-copy-source"), "{copy}");
+        for header in [
+            ("x-amz-acl", "public-read"),
+            ("x-amz-grant-read", "id=x"),
+            ("x-amz-tagging", "a=b"),
+            ("x-amz-object-lock-mode", "COMPLIANCE"),
+            ("x-amz-server-side-encryption-customer-key", "k"),
+        ] {
+            let e = refused("s3:PutObject", Method::PUT, "/b/cfg.json", &[header]);
+            assert!(e.contains("makes the request another action"), "{header:?}: {e}");
+        }
+        check("s3:PutObject", Method::PUT, "/b/cfg.json?x-id=PutObject", &[], object).unwrap();
+        assert!(refused("s3:PutObject", Method::PUT, "/b/cfg.json?x-id=DeleteObject", &[]).contains("x-id"));
         assert!(refused("s3:PutObject", Method::PUT, "/b/cfg.json?tagging", &[]).contains("`tagging`"));
         assert!(refused("s3:PutObjectTagging", Method::PUT, "/b/cfg.json", &[]).contains("?tagging"));
         assert!(refused("s3:GetObject", Method::GET, "/b/cfg.json?versionId=1&versionId=2", &[]).contains("twice"));
