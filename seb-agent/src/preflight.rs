@@ -98,7 +98,8 @@ fn check_host_pid_namespace() -> Result<()> {
     let namespace = std::fs::read_link("/proc/self/ns/pid").context("reading /proc/self/ns/pid")?;
     if namespace.as_os_str() != INITIAL_PID_NAMESPACE {
         bail!(
-            "the agent runs in a PID namespace of its own ({}), not the host's: the kernel programs name              processes by their host pid; run it in the host's PID namespace (hostPID: true)",
+            "the agent runs in a PID namespace of its own ({}), not the host's: the kernel programs name \
+             processes by their host pid; run it in the host's PID namespace (hostPID: true)",
             namespace.display()
         );
     }

@@ -430,6 +430,9 @@ fn pods_the_policy_selects_are_enforced_as_they_come_and_go_and_denials_name_the
     eventually("the deleted pod's links to go", || {
         (w.broker.sandbox.pinned_links().unwrap().len() < links_before).then_some(())
     });
+    // Still listed and no longer selected: released at once (the policy's choice).
+    w.cluster.store.lock().unwrap().put(PODS, pod(OTHER, "web-0", NODE, json!({}), &c2));
+    eventually("the unlabelled pod to be released", || (w.attempt(&cgroups.1, "127.0.0.71:80") == "ok").then_some(()));
 
     // A pod without the label, once its namespace gets the namespace selector's label.
     assert_eq!(w.attempt(&cgroups.2, "127.0.0.71:80"), "ok", "its namespace is not selected yet");

@@ -253,6 +253,14 @@ fn approvals_need_n_distinct_named_approvers_other_than_the_requester() {
     assert_eq!((status, error["error"]["code"].as_str()), (403, Some("not_an_approver")), "{error}");
     let (_, state) = w.sab.call(&w.agent, "GET", &format!("/v1/requests/{waiting}"), None);
     assert_eq!(state["status"], "pending", "{state}");
+    // Relaxed to one approval while a request waits for two: its first approval issues it.
+    let (_, pending) = w.certify(&put("/v1/flags/delta", json!(true)));
+    let relaxed = pending["request_id"].as_str().unwrap();
+    let (_, health) = w.sab.call(&w.agent, "GET", "/v1/healthz", None);
+    let one = without_carol.replace("@approvals(\"2\")", "@approvals(\"1\")");
+    w.sab.write_policy("policy.cedar", &one, health["policy_epoch"].as_u64().unwrap()).unwrap();
+    let (status, done) = w.sab.call("seb://approver/alice", "POST", &format!("/v1/requests/{relaxed}/approve"), None);
+    assert_eq!((status, done["status"].as_str()), (200, Some("issued")), "{done}");
 
     // The requester approving its own request as fast as it can: every call refused, a
     // few logged (their reason left out), the rest counted in a summary.

@@ -60,9 +60,13 @@ pub fn find_pod(root: &Path, pod_uid: &str) -> Result<Option<PodCgroups>> {
     }
     let root_name = root.to_string_lossy();
     for parent in candidates {
-        // Another pod's directory removed (or unreadable) since the listing is not this
-        // pod's: skipped, not an error that would leave this pod unresolved.
-        let Ok(entries) = fs::read_dir(&parent) else { continue };
+        // Another pod's directory removed since the listing is not this pod's: skipped,
+        // not an error that would leave this pod unresolved. Any other error is one.
+        let entries = match fs::read_dir(&parent) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e.into()),
+        };
         for entry in entries.flatten() {
             let path = entry.path();
             if !entry.file_type().is_ok_and(|t| t.is_dir())
@@ -76,7 +80,14 @@ pub fn find_pod(root: &Path, pod_uid: &str) -> Result<Option<PodCgroups>> {
                 if let (true, Some(container_id)) =
                     (child.file_type().is_ok_and(|t| t.is_dir()), container_id_of(&child_name))
                 {
-                    let cgroup = CgroupRef { id: cgroupfs::cgroup_id(&child.path())?, path: child.path() };
+                    // A container that ended since the listing (an init container) is
+                    // not one of the pod's any more.
+                    let id = match cgroupfs::cgroup_id(&child.path()) {
+                        Ok(id) => id,
+                        Err(_) if !child.path().exists() => continue,
+                        Err(e) => return Err(e),
+                    };
+                    let cgroup = CgroupRef { id, path: child.path() };
                     containers.push(ContainerCgroup { container_id, cgroup });
                 }
             }

@@ -63,8 +63,9 @@ struct Inner {
     /// Selected pods (by UID) whose cgroup was not there at the last choice, since when:
     /// looked for again every [`UNRESOLVED_RETRY`] for [`UNRESOLVED_FAST_FOR`].
     unresolved: Mutex<std::collections::HashMap<String, std::time::Instant>>,
-    /// The pod cgroups enforced at the last choice: each stays enforced while it exists.
-    enforced_pods: Mutex<BTreeSet<std::path::PathBuf>>,
+    /// The pod cgroups enforced at the last choice, with their pods' UIDs: one whose pod
+    /// is no longer listed, or not found for a moment, stays enforced while it exists.
+    enforced_pods: Mutex<std::collections::BTreeMap<std::path::PathBuf, String>>,
 }
 
 /// How soon a selected pod's cgroup is looked for again: its first process runs
@@ -276,7 +277,7 @@ impl ClusterSync {
     /// Whether an enforced pod cgroup is gone since the last choice (its links can go).
     pub fn has_departed_pods(&self) -> bool {
         let Ok(enforced) = self.inner.enforced_pods.lock() else { return false };
-        enforced.iter().any(|dir| !dir.is_dir())
+        enforced.keys().any(|dir| !dir.is_dir())
     }
 
     /// The pod-level cgroups of the selected pods that exist on this node, and whether
@@ -286,20 +287,21 @@ impl ClusterSync {
         let Ok(directory) = self.inner.directory.read() else { return (BTreeSet::new(), false) };
         let mut all_found = true;
         let selected = directory.selected(scope);
+        let selected_uids: Vec<String> = selected.iter().map(|pod| pod.uid.clone()).collect();
         let mut missing = Vec::new();
         // The kubepods root is looked for (in the cgroup filesystem) only when a pod is selected.
         let root = if selected.is_empty() { None } else { (self.inner.kubepods)() };
         let found = match root {
-            _ if selected.is_empty() => BTreeSet::new(),
+            _ if selected.is_empty() => std::collections::BTreeMap::new(),
             None => {
                 warn!(pods = selected.len(), "pods are selected, but this node has no kubepods cgroup");
                 all_found = false;
-                BTreeSet::new()
+                std::collections::BTreeMap::new()
             }
             Some(root) => selected
-                .into_iter()
+                .iter()
                 .filter_map(|pod| match super::pods::find_pod(&root, &pod.uid) {
-                    Ok(Some(cgroups)) => Some(cgroups.pod.path),
+                    Ok(Some(cgroups)) => Some((cgroups.pod.path, pod.uid.clone())),
                     // The kubelet has not made its cgroup yet: looked for again shortly
                     // (a finished pod's is gone for good).
                     Ok(None) => {
@@ -316,15 +318,23 @@ impl ClusterSync {
                 })
                 .collect(),
         };
-        // A pod once enforced stays enforced while its cgroup exists: deleted (a forced
-        // delete removes the object while its containers run out their grace period),
-        // no longer selected, or not found for a moment. Detached, the sockets its
-        // processes opened while enforced would be judged by nothing.
+        // A pod once enforced stays enforced while its cgroup exists when it is no longer
+        // listed (a forced delete removes the object while its containers run out their
+        // grace period) or, still selected, was not found for a moment: detached, the
+        // sockets its processes opened while enforced would be judged by nothing. A pod
+        // still listed and no longer selected is released (the policy's choice).
         let mut found = found;
         if let Ok(mut enforced) = self.inner.enforced_pods.lock() {
-            found.extend(enforced.iter().filter(|dir| dir.is_dir()).cloned());
+            let selected_uids: BTreeSet<&str> = selected_uids.iter().map(String::as_str).collect();
+            for (dir, uid) in enforced.iter() {
+                let unlisted = directory.pod(uid).is_none();
+                if (unlisted || selected_uids.contains(uid.as_str())) && dir.is_dir() {
+                    found.entry(dir.clone()).or_insert_with(|| uid.clone());
+                }
+            }
             enforced.clone_from(&found);
         }
+        let found: BTreeSet<std::path::PathBuf> = found.into_keys().collect();
         if let Ok(mut unresolved) = self.inner.unresolved.lock() {
             let now = std::time::Instant::now();
             let previous = std::mem::take(&mut *unresolved);

@@ -105,12 +105,13 @@ async fn follow<K, F, Fut>(
             // not be applied (a followed object missing or invalid then, made later),
             // is applied: a watcher relists only after an error, so waiting for the next
             // list would leave the node unsettled for good.
-            Ok(()) if relisted || !applied_since_list => {
-                applied_since_list = true;
-                if let Err(e) = sync.listed(&kind) {
-                    sync.error(&kind, &e);
+            Ok(()) if relisted || !applied_since_list => match sync.listed(&kind) {
+                Ok(()) => applied_since_list = true,
+                Err(e) => {
+                    applied_since_list = false;
+                    sync.error(&kind, &e)
                 }
-            }
+            },
             Ok(()) => {}
             Err(e) => {
                 applied_since_list &= !relisted;

@@ -112,6 +112,18 @@ fn rfc3339(time: SystemTime) -> String {
     humantime::format_rfc3339_seconds(time).to_string()
 }
 
+/// Whether `uri`, among the approvers named when the request began waiting, still decides
+/// it under `now` (the grant the policies in force give it; none: they refuse it, and it
+/// is refused at its last approval whoever gives it): named there, or, for an approval,
+/// needing none any more (it is issued then). An approver removed from `@approvers`
+/// decides nothing.
+fn approver_now(now: Option<&Grant>, verdict: Answer, uri: &str) -> bool {
+    match now {
+        Some(grant) => grant.approvers.iter().any(|a| a == uri) || (grant.approvals == 0 && verdict == Answer::Approve),
+        None => true,
+    }
+}
+
 fn ledger_error(e: anyhow::Error) -> Reply {
     if is_busy(&e) {
         Reply::error(503, "busy", e.to_string())
@@ -509,6 +521,8 @@ impl Sab {
         }
         let Some(entry) = requests.get(id) else { return not_found(id) };
         let uri = caller.uri();
+        // What the policies in force now ask of a request still pending.
+        let now = (entry.status == Status::Pending).then(|| self.current_grant(entry)).flatten();
         let refusal = if entry.requester.uri == uri {
             Some(Reply::error(403, "self_approval", "the requester cannot approve or deny their own request"))
         } else if !entry.approvers.iter().any(|a| a == uri) {
@@ -519,7 +533,7 @@ impl Sab {
             Some(Reply::error(409, "already_decided", format!("the request is already {:?}", entry.status)))
         } else if verdict == Answer::Approve && entry.approvals.iter().any(|a| a.approver == uri) {
             Some(Reply::error(409, "already_approved", format!("{uri} has already approved this request")))
-        } else if !self.approver_now(entry, uri) {
+        } else if !approver_now(now.as_ref(), verdict, uri) {
             Some(Reply::error(
                 403,
                 "not_an_approver",
@@ -569,7 +583,9 @@ impl Sab {
             }
             Answer::Approve => {
                 entry.approvals.push(Approval { approver: uri.into(), at, reason });
-                if entry.approvals.len() as u32 >= entry.approvals_required
+                // Enough under the policies it began waiting under, or under those in force.
+                let required = now.as_ref().map_or(entry.approvals_required, |g| g.approvals);
+                if entry.approvals.len() as u32 >= entry.approvals_required.min(required)
                     && let Err(reply) = self.conclude(&mut entry, &mut writes).await
                 {
                     return reply;
@@ -589,15 +605,11 @@ impl Sab {
         Reply::ok(200, view)
     }
 
-    /// Whether `uri` is among `entry`'s approvers under the policies in force now: one
-    /// removed from `@approvers` since the request began waiting decides it no more. (A
-    /// request the policies now refuse is refused at its last approval, and one they
-    /// permit without approval issued, whichever named approver gives it.)
-    fn approver_now(&self, entry: &Entry, uri: &str) -> bool {
+    /// The grant the policies in force now give `entry` (none: they refuse it).
+    fn current_grant(&self, entry: &Entry) -> Option<Grant> {
         match self.loaded().book.evaluate(&entry.requester, &facts(&entry.draft, SystemTime::now())) {
-            // Needing no approval now, the request is issued at the approval it waits on.
-            Verdict::Permit { grant, .. } => grant.approvals == 0 || grant.approvers.iter().any(|a| a == uri),
-            Verdict::Refuse { .. } => true,
+            Verdict::Permit { grant, .. } => Some(grant),
+            Verdict::Refuse { .. } => None,
         }
     }
 

@@ -368,9 +368,31 @@ fn service_protocols(service: &str) -> Option<&'static [Protocol]> {
         | "cloudformation"
         | "autoscaling"
         | "monitoring" => &[Query],
+        "elasticache" | "redshift" | "elasticbeanstalk" => &[Query],
         "sqs" => &[Query, Json],
-        "dynamodb" | "ssm" | "secretsmanager" | "kms" | "logs" | "ecr" | "ecs" | "events" => &[Json],
-        "lambda" | "apigateway" | "eks" => &[RestJson],
+        "dynamodb"
+        | "ssm"
+        | "secretsmanager"
+        | "kms"
+        | "logs"
+        | "ecr"
+        | "ecs"
+        | "events"
+        | "kinesis"
+        | "firehose"
+        | "states"
+        | "sagemaker"
+        | "glue"
+        | "athena"
+        | "codebuild"
+        | "codepipeline"
+        | "cloudtrail"
+        | "acm"
+        | "organizations"
+        | "elasticmapreduce"
+        | "application-autoscaling"
+        | "cognito-idp" => &[Json],
+        "lambda" | "apigateway" | "eks" | "glacier" | "elasticfilesystem" | "batch" | "backup" | "kafka" => &[RestJson],
         "route53" | "cloudfront" => &[RestXml],
         _ => return None,
     })
@@ -475,18 +497,15 @@ impl AwsCall {
 
     /// The request performs the certified action: on the REST protocols it has the
     /// action's shape on its resource (see `rest_action`). Of a service whose protocol
-    /// is not known here, no label tells (a REST service ignores the `Action` or
-    /// `x-amz-target` a caller adds): only a GET or HEAD is taken.
+    /// is not known here, no label tells: a REST service ignores the `Action` or
+    /// `x-amz-target` a caller adds, and a query service takes a GET's `?Action=`.
     fn ensure_rest_action(&self, protocol: Protocol) -> Result<()> {
-        if service_protocols(&self.service).is_none() {
-            ensure!(
-                matches!(self.request.method, Method::GET | Method::HEAD),
-                "the broker does not know which protocol `{}` speaks, so it cannot tell which action a {} request \
-                 performs: of such services only reads by GET or HEAD are taken",
-                self.service,
-                self.request.method
-            );
-        }
+        ensure!(
+            service_protocols(&self.service).is_some(),
+            "the broker does not know which protocol `{}` speaks, so it cannot tell which action a request of it \
+             performs",
+            self.service
+        );
         match protocol {
             Protocol::RestJson | Protocol::RestXml => super::rest_action::ensure_performs(
                 &self.service,
@@ -780,7 +799,15 @@ mod tests {
         glacier.operation = "glacier:InitiateJob".into();
         glacier.target = "arn:aws:glacier:us-east-1:1:vaults/v".into();
         let e = format!("{:#}", AwsOperation::parse(&glacier).unwrap_err());
-        assert!(e.contains("does not know which protocol `glacier` speaks"), "{e}");
+        assert!(e.contains("`glacier` speaks [RestJson], not Json"), "{e}");
+        // A service whose protocol is not known here: no label is believed.
+        let mut unknown = glacier.clone();
+        unknown.operation = "example:DeleteThing".into();
+        unknown.params["request"]["headers"]["x-amz-target"] = json!("Example.DeleteThing");
+        unknown.params["precondition"]["action"] = json!("example:DescribeThing");
+        unknown.params["precondition"]["request"]["headers"]["x-amz-target"] = json!("Example.DescribeThing");
+        let e = format!("{:#}", AwsOperation::parse(&unknown).unwrap_err());
+        assert!(e.contains("does not know which protocol `example` speaks"), "{e}");
         // An S3 action sent as another service's.
         let mut s3 = super::super::preset::request("s3:PutObject", "arn:aws:s3:::b/k", &json!({"body": "x"})).unwrap();
         s3.params["service"] = json!("s3x");
