@@ -287,11 +287,11 @@ impl ClusterSync {
         let Ok(directory) = self.inner.directory.read() else { return (BTreeSet::new(), false) };
         let mut all_found = true;
         let selected = directory.selected(scope);
-        let selected_uids: Vec<String> = selected.iter().map(|pod| pod.uid.clone()).collect();
+        let selected_uids: BTreeSet<String> = selected.iter().map(|pod| pod.uid.clone()).collect();
         let mut missing = Vec::new();
         // The kubepods root is looked for (in the cgroup filesystem) only when a pod is selected.
         let root = if selected.is_empty() { None } else { (self.inner.kubepods)() };
-        let found = match root {
+        let mut found = match root {
             _ if selected.is_empty() => std::collections::BTreeMap::new(),
             None => {
                 warn!(pods = selected.len(), "pods are selected, but this node has no kubepods cgroup");
@@ -323,12 +323,10 @@ impl ClusterSync {
         // grace period) or, still selected, was not found for a moment: detached, the
         // sockets its processes opened while enforced would be judged by nothing. A pod
         // still listed and no longer selected is released (the policy's choice).
-        let mut found = found;
         if let Ok(mut enforced) = self.inner.enforced_pods.lock() {
-            let selected_uids: BTreeSet<&str> = selected_uids.iter().map(String::as_str).collect();
             for (dir, uid) in enforced.iter() {
                 let unlisted = directory.pod(uid).is_none();
-                if (unlisted || selected_uids.contains(uid.as_str())) && dir.is_dir() {
+                if (unlisted || selected_uids.contains(uid)) && dir.is_dir() {
                     found.entry(dir.clone()).or_insert_with(|| uid.clone());
                 }
             }
