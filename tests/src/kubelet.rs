@@ -12,10 +12,6 @@
 //! [`IMAGE_ENTRYPOINT`] and, read-only, this machine's /usr (the test binary is dynamically
 //! linked; the image's is static).
 
-/// The cluster DNS the pods' /etc/resolv.conf names (nothing answers there unless a test
-/// starts a name server: `Sandbox::answer_dns_with_no_records`).
-pub const CLUSTER_DNS: &str = "127.0.0.10";
-
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -29,6 +25,10 @@ use base64::Engine;
 use serde_json::Value;
 
 use crate::Sandbox;
+
+/// The cluster DNS the pods' /etc/resolv.conf names (nothing answers there unless a test
+/// starts a name server: `Sandbox::answer_dns_with_no_records`).
+pub const CLUSTER_DNS: &str = "127.0.0.10";
 
 /// Where the image puts the agent, and its entrypoint (`cargo xtask image`).
 pub const IMAGE_ENTRYPOINT: &str = "/seb-agent";

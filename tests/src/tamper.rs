@@ -138,13 +138,7 @@ pub fn attach_connect4_redirect(cgroup: &Path, from: Ipv4Addr, to: Ipv4Addr) -> 
     ])?;
     let dir = std::fs::File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
     let create: [u32; 4] = [program.as_raw_fd() as u32, dir.as_raw_fd() as u32, BPF_CGROUP_INET4_CONNECT, 0];
-    // SAFETY: BPF_LINK_CREATE reads the program and cgroup fds; it returns a new fd.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_CREATE, create.as_ptr(), 16usize) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("attaching to {}", cgroup.display()));
-    }
-    // SAFETY: a fresh fd owned here.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    bpf_fd(BPF_LINK_CREATE, &create).with_context(|| format!("attaching to {}", cgroup.display()))
 }
 
 /// One instruction: opcode, destination and source registers, offset, immediate.
@@ -204,25 +198,14 @@ fn load(prog_type: u32, expected_attach_type: u32, prog_name: [u8; 16], insns: &
         prog_ifindex: 0,
         expected_attach_type,
     };
-    // SAFETY: BPF_PROG_LOAD reads the attribute and the instructions it points to.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &attr as *const ProgLoad, size_of::<ProgLoad>()) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("loading a program");
-    }
-    // SAFETY: a fresh fd owned here.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    // The attribute and the instructions it points to outlive the call.
+    bpf_fd(BPF_PROG_LOAD, &attr).context("loading a program")
 }
 
 fn open_pinned(pin: &Path) -> Result<OwnedFd> {
     let path = CString::new(pin.as_os_str().as_bytes())?;
     let get: [u64; 2] = [path.as_ptr() as u64, 0];
-    // SAFETY: BPF_OBJ_GET reads the NUL-terminated path.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, get.as_ptr(), 16usize) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("opening {}", pin.display()));
-    }
-    // SAFETY: a fresh fd owned here.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    bpf_fd(BPF_OBJ_GET, &get).with_context(|| format!("opening {}", pin.display()))
 }
 
 /// Write `value` at `index` of a pinned array of 32-bit words (`map`, a name from
